@@ -1,0 +1,79 @@
+"""lagompy: event-sourced persistent entities, sharded on Ray, with SQL journals, CQRS read
+sides and circuit-broken service calls. A Lagom-style framework for Python."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from lagompy.entity import (
+    Command,
+    Effect,
+    PersistentEntity,
+    ShardedTag,
+    Tag,
+    sharded_tag,
+    stable_hash,
+    tag,
+)
+from lagompy.errors import (
+    CommandHandlerFailed,
+    CommandRejected,
+    ConcurrencyConflict,
+    ConfigurationError,
+    EventHandlerFailed,
+    InvalidCommand,
+    JournalError,
+    JournalUnavailable,
+    LagompyError,
+    NotFound,
+    SerializationError,
+    UnhandledCommand,
+    UnhandledEvent,
+)
+from lagompy.in_process import EntityRef, InProcessEntities, start_in_process
+from lagompy.journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.serialization import Serializer, serializable
+from lagompy.settings import JournalSettings
+from lagompy.snapshots import Snapshot, SnapshotStore
+from lagompy.storage import Storage, open_storage
+
+try:
+    __version__ = version("lagompy")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AtomicWrite",
+    "Command",
+    "CommandHandlerFailed",
+    "CommandRejected",
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "Effect",
+    "EntityRef",
+    "EventEnvelope",
+    "EventHandlerFailed",
+    "InProcessEntities",
+    "InvalidCommand",
+    "Journal",
+    "JournalError",
+    "JournalSettings",
+    "JournalUnavailable",
+    "LagompyError",
+    "NotFound",
+    "PersistentEntity",
+    "SerializationError",
+    "Serializer",
+    "ShardedTag",
+    "Snapshot",
+    "SnapshotStore",
+    "Storage",
+    "Tag",
+    "UnhandledCommand",
+    "UnhandledEvent",
+    "__version__",
+    "open_storage",
+    "serializable",
+    "sharded_tag",
+    "stable_hash",
+    "start_in_process",
+    "tag",
+]

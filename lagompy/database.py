@@ -1,0 +1,180 @@
+"""Connections to the journal's database: URL handling, engine set-up, transactions, errors.
+
+SQLite is written by several processes (shard hosts, read-side workers, the CLI), so every SQLite
+connection runs in WAL mode with a busy timeout, and write transactions start with
+``BEGIN IMMEDIATE``: a transaction that would read first and write later takes the write lock up
+front instead of failing with "database is locked" when it tries to upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from lagompy.errors import ConfigurationError, JournalError, JournalUnavailable, LagompyError
+from lagompy.settings import JournalSettings
+
+log = logging.getLogger("lagompy.database")
+
+Dialect = Literal["sqlite", "postgresql"]
+
+_BEGIN_OPTION = "lagompy_sqlite_begin"
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Pick the async driver for the URL's database and make SQLite file paths absolute.
+
+    ``sqlite:///x.db`` becomes ``sqlite+aiosqlite:////abs/path/x.db``; ``postgresql://`` (or
+    ``postgres://``) becomes ``postgresql+asyncpg://``. Other databases are refused.
+    """
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except exc.ArgumentError as e:
+        raise ConfigurationError(f"invalid database URL {str(url)!r}: {e}") from e
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            return parsed.set(database=database or ":memory:")
+        path = Path(database).expanduser()
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.parent.is_dir():
+            raise ConfigurationError(
+                f"SQLite database {str(path)!r}: directory {str(path.parent)!r} does not exist"
+            )
+        return parsed.set(database=str(path))
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ConfigurationError(
+        f"unsupported database {backend!r} in URL {parsed.render_as_string(hide_password=True)!r}: "
+        "lagompy's journal runs on sqlite:// or postgresql://"
+    )
+
+
+def dialect_of(url: URL) -> Dialect:
+    return "sqlite" if url.get_backend_name() == "sqlite" else "postgresql"
+
+
+class Database:
+    """An async SQLAlchemy engine set up for lagompy, with write and read transactions."""
+
+    def __init__(self, engine: AsyncEngine, settings: JournalSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.url: URL = engine.url
+        self.dialect: Dialect = dialect_of(engine.url)
+
+    @classmethod
+    def create(cls, settings: JournalSettings | None = None, **overrides: Any) -> Database:
+        """Build the engine (no connection is opened yet)."""
+        settings = settings or JournalSettings(**overrides)
+        url = normalize_url(settings.url)
+        kwargs: dict[str, Any] = {"echo": settings.echo}
+        if dialect_of(url) == "sqlite":
+            kwargs["connect_args"] = {"timeout": settings.sqlite_busy_timeout_ms / 1000}
+            if url.database == ":memory:":
+                kwargs["poolclass"] = StaticPool
+            else:
+                kwargs.update(pool_size=settings.pool_size, max_overflow=settings.max_overflow)
+                kwargs["pool_timeout"] = settings.pool_timeout
+        else:
+            server_settings = {"application_name": "lagompy"}
+            if settings.postgres_schema:
+                server_settings["search_path"] = settings.postgres_schema
+            kwargs["connect_args"] = {"server_settings": server_settings}
+            kwargs.update(
+                pool_size=settings.pool_size,
+                max_overflow=settings.max_overflow,
+                pool_timeout=settings.pool_timeout,
+                pool_pre_ping=True,
+            )
+        engine = create_async_engine(url, **kwargs)
+        if dialect_of(url) == "sqlite":
+            _configure_sqlite(engine, settings)
+        return cls(engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
+        with translate_errors("write transaction"):
+            async with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    conn = await conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+                async with conn.begin():
+                    yield conn
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction: one consistent view for all its statements."""
+        with translate_errors("read"):
+            async with self.engine.connect() as conn:
+                async with conn.begin():
+                    yield conn
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    def describe(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+
+def _configure_sqlite(engine: AsyncEngine, settings: JournalSettings) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event emit BEGIN itself (the driver's implicit BEGIN is
+        # deferred and only happens before DML).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if engine.url.database != ":memory:":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(settings.sqlite_busy_timeout_ms)}")
+            cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+_UNAVAILABLE_HINTS = (
+    "connection refused",
+    "could not connect",
+    "connection was closed",
+    "connection is closed",
+    "unable to open database",
+    "timeout",
+)
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn database and driver errors into lagompy's ``JournalError`` tree, cause attached."""
+    try:
+        yield
+    except LagompyError:
+        raise
+    except (OSError, ConnectionError) as e:
+        raise JournalUnavailable(f"{what}: the database cannot be reached: {e}") from e
+    except exc.DBAPIError as e:
+        message = str(e.orig) if e.orig is not None else str(e)
+        if e.connection_invalidated or any(h in message.lower() for h in _UNAVAILABLE_HINTS):
+            raise JournalUnavailable(f"{what}: the database cannot be reached: {message}") from e
+        raise JournalError(f"{what} failed: {message}") from e
+    except exc.SQLAlchemyError as e:
+        raise JournalError(f"{what} failed: {e}") from e

@@ -1,0 +1,208 @@
+"""Every error lagompy raises, in one tree.
+
+Catch ``LagompyError`` to catch them all; backend errors (SQLAlchemy, asyncpg, aiosqlite, msgpack)
+are translated into this tree with the original exception attached as ``__cause__``.
+
+    LagompyError
+    ├── ConfigurationError ......... a setting, URL or entity definition is wrong
+    ├── CommandRejected ............ the entity said no; nothing was persisted (http_status 400)
+    │   ├── InvalidCommand ......... the command does not fit the entity's state (400)
+    │   ├── NotFound ............... the entity (or what the command names) does not exist (404)
+    │   ├── UnhandledCommand ....... the command handler returned Effect.unhandled() (400)
+    │   └── (your own subclasses, each with its http_status)
+    ├── HandlerFailed .............. a bug: a handler raised something that is not a rejection
+    │   ├── CommandHandlerFailed ... on_command raised; nothing was persisted
+    │   └── EventHandlerFailed ..... on_event raised while applying an event
+    │       └── UnhandledEvent ..... on_event has no case for this (state, event) pair
+    ├── SerializationError ......... a value cannot be encoded or a payload cannot be decoded
+    │   ├── UnknownType ............ no registered class carries this stored type name
+    │   ├── EncodeError ............ a value does not fit its declared type
+    │   ├── DecodeError ............ a payload does not fit the class it names
+    │   └── EventDecodeError ....... a stored event cannot be decoded (names entity and seq nr)
+    └── JournalError ............... the journal or snapshot store failed
+        ├── ConcurrencyConflict .... another writer appended to this entity first
+        └── JournalUnavailable ..... the database cannot be reached
+
+Rejections (``CommandRejected`` and subclasses) are the entity's answer and travel back to the
+caller with their type and message. Everything else signals a failure of the system or a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LagompyError(Exception):
+    """Base class of every error lagompy raises."""
+
+
+class ConfigurationError(LagompyError):
+    """A setting, a URL or an entity definition is wrong."""
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+class CommandRejected(LagompyError):
+    """The entity rejected the command. Nothing was persisted.
+
+    Subclass it for your own rejections and set ``http_status`` on the class (or pass it to
+    the constructor) to choose the HTTP status the service layer answers with.
+    """
+
+    http_status: ClassVar[int] = 400
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if http_status is not None:
+            # An instance attribute shadows the class default for this rejection only.
+            self.__dict__["http_status"] = http_status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the per-instance status when rejections cross process boundaries (Ray).
+        return (_rebuild_rejection, (type(self), self.message, self.__dict__.copy()))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is type(self)
+            and isinstance(other, CommandRejected)
+            and other.message == self.message
+            and other.http_status == self.http_status
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.message))
+
+
+def _rebuild_rejection(
+    cls: type[CommandRejected], message: str, state: dict[str, Any]
+) -> CommandRejected:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    err.message = message
+    return err
+
+
+class InvalidCommand(CommandRejected):
+    """The command does not fit the entity's current state."""
+
+    http_status = 400
+
+
+class NotFound(CommandRejected):
+    """The entity, or something the command refers to, does not exist."""
+
+    http_status = 404
+
+
+class UnhandledCommand(CommandRejected):
+    """The command handler has no case for this command in this state."""
+
+    http_status = 400
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message, http_status=http_status)
+
+
+# --------------------------------------------------------------------------- handler bugs
+
+
+class HandlerFailed(LagompyError):
+    """A handler raised an exception that is not a rejection: a bug in the entity."""
+
+
+class CommandHandlerFailed(HandlerFailed):
+    """``on_command`` raised. Nothing was persisted."""
+
+
+class EventHandlerFailed(HandlerFailed):
+    """``on_event`` raised while applying an event."""
+
+
+class UnhandledEvent(EventHandlerFailed):
+    """``on_event`` has no case for this (state, event) pair."""
+
+
+# --------------------------------------------------------------------------- serialization
+
+
+class SerializationError(LagompyError):
+    """A value cannot be encoded, or a payload cannot be decoded."""
+
+
+class UnknownType(SerializationError):
+    """No registered class carries this stored type name."""
+
+    def __init__(self, type_name: str, message: str | None = None) -> None:
+        super().__init__(message or f"unknown type name {type_name!r}: no registered class")
+        self.type_name = type_name
+
+
+class EncodeError(SerializationError):
+    """A value does not fit the type it is declared with."""
+
+
+class DecodeError(SerializationError):
+    """A payload does not fit the class it names."""
+
+
+class EventDecodeError(SerializationError):
+    """A stored event cannot be decoded; names the entity, the sequence number and the type."""
+
+    def __init__(
+        self, *, entity_type: str, entity_id: str, seq_nr: int, type_name: str, reason: str
+    ) -> None:
+        super().__init__(
+            f"cannot decode event {type_name!r} at {entity_type}/{entity_id} "
+            f"sequence number {seq_nr}: {reason}"
+        )
+        self.entity_type = entity_type
+        self.entity_id = entity_id
+        self.seq_nr = seq_nr
+        self.type_name = type_name
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class JournalError(LagompyError):
+    """The journal or the snapshot store failed; the database error is the ``__cause__``."""
+
+
+class ConcurrencyConflict(JournalError):
+    """Another writer appended to this entity first; this write was not applied."""
+
+    def __init__(
+        self, *, entity_type: str, entity_id: str, expected_seq_nr: int, actual_seq_nr: int
+    ) -> None:
+        super().__init__(
+            f"concurrent write to {entity_type}/{entity_id}: expected highest sequence number "
+            f"{expected_seq_nr}, the journal has {actual_seq_nr}"
+        )
+        self.entity_type = entity_type
+        self.entity_id = entity_id
+        self.expected_seq_nr = expected_seq_nr
+        self.actual_seq_nr = actual_seq_nr
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_conflict,
+            (self.entity_type, self.entity_id, self.expected_seq_nr, self.actual_seq_nr),
+        )
+
+
+def _rebuild_conflict(
+    entity_type: str, entity_id: str, expected: int, actual: int
+) -> ConcurrencyConflict:
+    return ConcurrencyConflict(
+        entity_type=entity_type,
+        entity_id=entity_id,
+        expected_seq_nr=expected,
+        actual_seq_nr=actual,
+    )
+
+
+class JournalUnavailable(JournalError):
+    """The journal's database cannot be reached."""

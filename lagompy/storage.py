@@ -1,0 +1,86 @@
+"""Open the journal and snapshot store for a set of entity classes.
+
+::
+
+    async with await open_storage("sqlite:///users.db", entities=[UserEntity]) as storage:
+        await storage.journal.events("user", "42")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from lagompy.database import Database
+from lagompy.entity import PersistentEntity, reply_type_of, union_members
+from lagompy.journal import Journal
+from lagompy.serialization import Serializer
+from lagompy.settings import JournalSettings
+from lagompy.snapshots import SnapshotStore
+
+
+def serializer_for(entities: Iterable[type[PersistentEntity[Any, Any, Any]]]) -> Serializer:
+    """A serializer that knows every command, event, state and reply type of these entities."""
+    serializer = Serializer()
+    for cls in entities:
+        cls.validate()
+        command_t, event_t, state_t = cls.message_types()
+        serializer.register(command_t)
+        serializer.register(event_t)
+        serializer.register(state_t)
+        for command_cls in union_members(command_t):
+            if isinstance(command_cls, type):
+                serializer.register(reply_type_of(command_cls))
+    return serializer
+
+
+@dataclass
+class Storage:
+    """The journal and the snapshot store of one database, sharing its connection pool."""
+
+    database: Database
+    serializer: Serializer
+    journal: Journal
+    snapshots: SnapshotStore
+
+    async def close(self) -> None:
+        await self.database.dispose()
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def open_storage(
+    url: str | None = None,
+    *,
+    entities: Iterable[type[PersistentEntity[Any, Any, Any]]] = (),
+    serializer: Serializer | None = None,
+    settings: JournalSettings | None = None,
+    **overrides: Any,
+) -> Storage:
+    """Connect to the journal database (``url``, else ``LAGOMPY_JOURNAL_URL``, else
+    ``./lagompy.db``), creating lagompy's tables if they are missing."""
+    if settings is None:
+        if url is not None:
+            overrides["url"] = url
+        settings = JournalSettings(**overrides)
+    database = Database.create(settings)
+    serializer = serializer or serializer_for(entities)
+    journal = Journal(database, serializer)
+    try:
+        if settings.create_tables:
+            await journal.ensure_tables()
+    except BaseException:
+        await database.dispose()
+        raise
+    return Storage(database, serializer, journal, SnapshotStore(database, serializer))

@@ -1,0 +1,114 @@
+"""Shared fixtures: journal backends (SQLite files and PostgreSQL schemas) and Hypothesis profiles.
+
+PostgreSQL comes from ``LAGOMPY_TEST_POSTGRES_URL`` (default: the local server). Locally, tests
+that need it are skipped with the reason when it cannot be reached; under CI (``CI=true``) they
+fail instead, so a missing server can never turn into a green run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from lagompy.settings import JournalSettings
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+POSTGRES_URL = os.environ.get(
+    "LAGOMPY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_pg_status: tuple[bool, str] | None = None
+
+
+def _postgres_reachable() -> tuple[bool, str]:
+    global _pg_status
+    if _pg_status is None:
+        import asyncpg
+
+        async def probe() -> None:
+            conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
+            await conn.close()
+
+        try:
+            # In a thread of its own: this may be called while an event loop is running.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, probe()).result()
+            _pg_status = (True, "")
+        except Exception as e:  # any failure to connect means "unreachable"
+            _pg_status = (False, f"PostgreSQL at {POSTGRES_URL} is unreachable: {e!r}")
+    return _pg_status
+
+
+def require_postgres() -> None:
+    ok, reason = _postgres_reachable()
+    if not ok:
+        if UNDER_CI:
+            pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run)")
+        pytest.skip(reason)
+
+
+async def _create_schema() -> str:
+    import asyncpg
+
+    name = f"lagompy_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def _drop_schema(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def postgres_schema() -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema, dropped after the test."""
+    require_postgres()
+    name = await _create_schema()
+    yield name
+    await _drop_schema(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def journal_settings(backend: str, tmp_path: Path) -> AsyncIterator[JournalSettings]:
+    """Settings for a fresh, empty journal: a SQLite file, or a new PostgreSQL schema."""
+    if backend == "sqlite":
+        yield JournalSettings(url=f"sqlite:///{tmp_path / 'journal.db'}")
+        return
+    require_postgres()
+    name = await _create_schema()
+    try:
+        yield JournalSettings(url=POSTGRES_URL, postgres_schema=name)
+    finally:
+        await _drop_schema(name)
