@@ -27,7 +27,7 @@ HASH_VERSION = 1
 
 
 def stable_hash(value: str) -> int:
-    """A hash of ``value`` that is the same in every process and Python version (CRC-32 of UTF-8)."""
+    """A hash of ``value``, the same in every process and Python version (CRC-32 of UTF-8)."""
     return zlib.crc32(value.encode("utf-8"))
 
 

@@ -304,7 +304,12 @@ class Journal:
         ]
 
     async def replay(
-        self, entity_type: str, entity_id: str, *, from_seq_nr: int = 1, page_size: int = _REPLAY_PAGE
+        self,
+        entity_type: str,
+        entity_id: str,
+        *,
+        from_seq_nr: int = 1,
+        page_size: int = _REPLAY_PAGE,
     ) -> list[EventEnvelope[Any]]:
         """All of the entity's events from ``from_seq_nr``, read in pages."""
         out: list[EventEnvelope[Any]] = []
@@ -319,7 +324,7 @@ class Journal:
     async def events_by_tag(
         self, tag: str, *, after_offset: int = 0, limit: int = 1000
     ) -> list[EventEnvelope[Any]]:
-        """Events carrying exactly ``tag`` with an offset above ``after_offset``, in offset order."""
+        """Events carrying exactly ``tag``, with offsets above ``after_offset``, in offset order."""
         e, tg = schema.events, schema.event_tags
         stmt = (
             select(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lagompy.entity import Effect, PersistentEntity, union_members, unhandled_command
+from lagompy.entity import Effect, PersistentEntity, unhandled_command, union_members
 from lagompy.errors import (
     CommandHandlerFailed,
     CommandRejected,

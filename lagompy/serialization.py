@@ -59,7 +59,7 @@ import threading
 import types
 import typing
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from types import MappingProxyType, NoneType
 from typing import Any, Final, Literal, TypeVar, Union, cast, get_args, get_origin, overload
@@ -238,9 +238,8 @@ def _unpack(data: bytes) -> Any:
 
 
 _EPOCH: Final = datetime(1970, 1, 1)
-_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_ORDINAL: Final = _EPOCH.toordinal()
-_ONE_US: Final = timedelta(microseconds=1)
 _DAY_US: Final = 86_400_000_000
 _S_Q: Final = struct.Struct(">q")
 _S_QQ: Final = struct.Struct(">qq")
@@ -1200,6 +1199,14 @@ class Serializer:
         hit = self._by_id.get(id(annotation))
         if hit is not None and hit[0] is annotation:
             return hit[1]
+        # An equal annotation built anew (``list[Foo]`` written inline at each call): no
+        # registration round, and nothing remembered about this particular object.
+        try:
+            known = self._codecs.get(_ann_key(_unwrap(annotation)))
+        except TypeError:
+            known = None
+        if known is not None:
+            return known
         with self._lock:
             work = _Registry(
                 dict(self._classes), dict(self._by_name), dict(self._codecs), dict(self._by_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, tuple_
 
 from lagompy import schema
 from lagompy.database import Database
@@ -65,15 +65,12 @@ class SnapshotStore:
                 }
             )
         t = schema.snapshots
+        keys = [(s.entity_type, s.entity_id, s.seq_nr) for s in snapshots]
         async with self.database.write() as conn:
-            for s in snapshots:
-                await conn.execute(
-                    delete(t).where(
-                        t.c.entity_type == s.entity_type,
-                        t.c.entity_id == s.entity_id,
-                        t.c.seq_nr == s.seq_nr,
-                    )
-                )
+            # Replace any snapshot at the same sequence number, in one statement.
+            await conn.execute(
+                delete(t).where(tuple_(t.c.entity_type, t.c.entity_id, t.c.seq_nr).in_(keys))
+            )
             await conn.execute(insert(t), rows)
 
     async def load(

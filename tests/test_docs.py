@@ -24,7 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-PAGES = sorted(DOCS.rglob("*.md"))
+# Every page of the docs site, and the README, whose example must stay true as well.
+PAGES = [*sorted(DOCS.rglob("*.md")), REPO / "README.md"]
 SNIPPET_TIMEOUT = 120.0
 MKDOCS_TIMEOUT = 120.0
 
@@ -161,7 +162,7 @@ def _run(
     return status, stdout, stderr
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(DOCS).as_posix() for p in PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(REPO).as_posix() for p in PAGES])
 def test_python_examples_run(page: Path, tmp_path: Path) -> None:
     blocks = python_blocks(page)
     if not blocks:

@@ -192,7 +192,7 @@ def test_unhandled_command_and_unhandled_event() -> None:
     d = decide(CounterEntity("c"), Counter(), Add(0))
     assert isinstance(d.error, UnhandledEvent)
     assert "Weird" in str(d.error) and "Counter" in str(d.error)
-    with pytest.raises(UnhandledEvent, match="NameChanged.*NoUser"):
+    with pytest.raises(UnhandledEvent, match=r"NameChanged.*NoUser"):
         apply_event(UserEntity("1"), NoUser(), NameChanged("1", "x"))
 
 

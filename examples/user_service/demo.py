@@ -33,7 +33,8 @@ async def main() -> None:
 
         print(f"events of {UserEntity.type_name}/{user_id} in the journal:")
         for envelope in await entities.storage.journal.events(UserEntity.type_name, user_id):
-            print(f"  #{envelope.seq_nr} offset {envelope.offset} {envelope.tags}: {envelope.event}")
+            e = envelope
+            print(f"  #{e.seq_nr} offset {e.offset} tags {e.tags}: {e.event}")
 
     # A fresh process would recover the same state from the journal:
     async with await start_in_process(entities=[UserEntity], journal_url=url) as entities:
