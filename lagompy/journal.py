@@ -40,6 +40,21 @@ _APPEND_ATTEMPTS = 5
 _REPLAY_PAGE = 1000
 
 
+#: The columns ``Journal._envelope`` takes, in its parameter order.
+_ENVELOPE_COLUMNS = (
+    schema.events.c.entity_type,
+    schema.events.c.entity_id,
+    schema.events.c.seq_nr,
+    schema.events.c.global_offset,
+    schema.events.c.event_type,
+    schema.events.c.event_version,
+    schema.events.c.payload,
+    schema.events.c.tags,
+    schema.events.c.written_at_us,
+    schema.events.c.metadata,
+)
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -327,18 +342,7 @@ class Journal:
         """Events carrying exactly ``tag``, with offsets above ``after_offset``, in offset order."""
         e, tg = schema.events, schema.event_tags
         stmt = (
-            select(
-                e.c.entity_type,
-                e.c.entity_id,
-                e.c.seq_nr,
-                e.c.global_offset,
-                e.c.event_type,
-                e.c.event_version,
-                e.c.payload,
-                e.c.tags,
-                e.c.written_at_us,
-                e.c.metadata,
-            )
+            select(*_ENVELOPE_COLUMNS)
             .select_from(tg.join(e, e.c.global_offset == tg.c.global_offset))
             .where(tg.c.tag == tag, tg.c.global_offset > after_offset)
             .order_by(tg.c.global_offset)
@@ -352,18 +356,7 @@ class Journal:
         """Events of every entity with an offset above ``after_offset``, in offset order."""
         e = schema.events
         stmt = (
-            select(
-                e.c.entity_type,
-                e.c.entity_id,
-                e.c.seq_nr,
-                e.c.global_offset,
-                e.c.event_type,
-                e.c.event_version,
-                e.c.payload,
-                e.c.tags,
-                e.c.written_at_us,
-                e.c.metadata,
-            )
+            select(*_ENVELOPE_COLUMNS)
             .where(e.c.global_offset > after_offset)
             .order_by(e.c.global_offset)
             .limit(limit)
