@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: Modules whose ``register_cli(app)`` contributes commands to ``lagompy``, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("lagompy.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("lagompy.cli", "lagompy.migrate")
 
 PROG_NAME = "lagompy"
 

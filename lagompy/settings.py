@@ -42,7 +42,20 @@ class JournalSettings(BaseSettings):
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
         "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable."
     )
+    lock_timeout_ms: int = Field(
+        10_000,
+        ge=0,
+        description=(
+            "PostgreSQL lock_timeout for lagompy's connections: how long a write transaction "
+            "waits for the journal's ordering lock before failing (0 waits forever)."
+        ),
+    )
     echo: bool = Field(False, description="Log every SQL statement (SQLAlchemy echo).")
-    create_tables: bool = Field(
-        True, description="Create lagompy's tables on first connect if they are missing."
+    auto_migrate: bool | None = Field(
+        None,
+        description=(
+            "Create or upgrade lagompy's tables when the journal opens. None (the default) means "
+            "yes on SQLite and no on PostgreSQL, where `lagompy migrate` runs once per deploy and "
+            "a journal whose tables are missing or outdated refuses to start."
+        ),
     )

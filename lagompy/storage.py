@@ -16,6 +16,7 @@ from typing import Any
 from lagompy.database import Database
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.journal import Journal
+from lagompy.migrate import ensure_schema
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings
 from lagompy.snapshots import SnapshotStore
@@ -69,7 +70,12 @@ async def open_storage(
     **overrides: Any,
 ) -> Storage:
     """Connect to the journal database (``url``, else ``LAGOMPY_JOURNAL_URL``, else
-    ``./lagompy.db``), creating lagompy's tables if they are missing."""
+    ``./lagompy.db``) and check that lagompy's tables are at this version's revision.
+
+    With ``auto_migrate`` (by default on SQLite) missing or outdated tables are created or
+    upgraded here; otherwise (by default on PostgreSQL) they raise ``ConfigurationError`` naming
+    the ``lagompy migrate`` command to run. See :mod:`lagompy.migrate`.
+    """
     if settings is None:
         if url is not None:
             overrides["url"] = url
@@ -78,8 +84,7 @@ async def open_storage(
     serializer = serializer or serializer_for(entities)
     journal = Journal(database, serializer)
     try:
-        if settings.create_tables:
-            await journal.ensure_tables()
+        await ensure_schema(database)
     except BaseException:
         await database.dispose()
         raise

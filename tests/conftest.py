@@ -102,13 +102,14 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def journal_settings(backend: str, tmp_path: Path) -> AsyncIterator[JournalSettings]:
-    """Settings for a fresh, empty journal: a SQLite file, or a new PostgreSQL schema."""
+    """Settings for a fresh, empty journal: a SQLite file, or a new PostgreSQL schema (which
+    the journal migrates when it opens, like SQLite does by default)."""
     if backend == "sqlite":
         yield JournalSettings(url=f"sqlite:///{tmp_path / 'journal.db'}")
         return
     require_postgres()
     name = await _create_schema()
     try:
-        yield JournalSettings(url=POSTGRES_URL, postgres_schema=name)
+        yield JournalSettings(url=POSTGRES_URL, postgres_schema=name, auto_migrate=True)
     finally:
         await _drop_schema(name)

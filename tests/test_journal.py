@@ -262,10 +262,10 @@ async def test_unreachable_database_is_journal_unavailable() -> None:
 
 
 async def test_database_errors_are_journal_errors_with_the_cause(tmp_path: object) -> None:
-    s = await open_storage(
-        f"sqlite:///{tmp_path}/x.db", entities=[UserEntity], create_tables=False
-    )
+    s = await open_storage(f"sqlite:///{tmp_path}/x.db", entities=[UserEntity])
     try:
+        async with s.database.write() as conn:  # break the database under the journal
+            await conn.exec_driver_sql("DROP TABLE lagompy_events")
         with pytest.raises(JournalError) as info:
             await s.journal.events("user", "1")
         assert "no such table" in str(info.value)

@@ -1,0 +1,515 @@
+"""lagompy's Alembic migrations: they build exactly the tables of ``lagompy/schema.py``, run
+once however many migrators start together, commit all or nothing, back ``lagompy migrate``,
+and ship inside the wheel.
+
+PostgreSQL cases use fresh schemas (``journal_settings`` / ``postgres_schema`` from conftest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+from sqlalchemy import Column, Integer, MetaData, text
+from sqlalchemy.engine import Connection
+from typer.testing import CliRunner
+
+from lagompy import ConfigurationError, JournalError, JournalSettings, open_storage, schema
+from lagompy.cli import build_app
+from lagompy.database import Database
+from lagompy.migrate import (
+    ADVISORY_LOCK_KEY,
+    VERSION_TABLE,
+    current_revision,
+    ensure_schema,
+    head_revision,
+    script_location,
+    upgrade,
+    upgrade_sql,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TABLES = sorted(schema.metadata.tables)
+HEAD = head_revision()
+
+
+@pytest.fixture
+async def database(journal_settings: JournalSettings) -> AsyncIterator[Database]:
+    """A fresh, empty database (SQLite file or PostgreSQL schema), not migrated yet."""
+    db = Database.create(journal_settings)
+    yield db
+    await db.dispose()
+
+
+@pytest.fixture
+async def reference(backend: str, tmp_path: Path) -> AsyncIterator[Database]:
+    """Another fresh database, for tables made straight from ``schema.metadata``."""
+    if backend == "sqlite":
+        db = Database.create(url=f"sqlite:///{tmp_path / 'reference.db'}")
+        yield db
+        await db.dispose()
+        return
+    require_postgres()
+    name = await _create_schema()
+    db = Database.create(url=POSTGRES_URL, postgres_schema=name)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+        await _drop_schema(name)
+
+
+def _not_the_version_table(obj: Any, name: str | None, type_: str, *_: Any) -> bool:
+    return not (type_ == "table" and name == VERSION_TABLE)
+
+
+async def differences(database: Database, metadata: MetaData = schema.metadata) -> list[Any]:
+    """What Alembic's autogenerate would change to turn the database into ``metadata``."""
+
+    def compare(conn: Connection) -> list[Any]:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "include_object": _not_the_version_table}
+        )
+        return list(compare_metadata(context, metadata))
+
+    async with database.read() as conn:
+        return await conn.run_sync(compare)
+
+
+async def table_names(database: Database) -> list[str]:
+    def names(conn: Connection) -> list[str]:
+        from sqlalchemy import inspect
+
+        return sorted(inspect(conn).get_table_names())
+
+    async with database.read() as conn:
+        return await conn.run_sync(names)
+
+
+async def catalog(database: Database) -> list[tuple[Any, ...]]:
+    """The DDL of everything lagompy created (minus the version table), as the database keeps it."""
+    async with database.read() as conn:
+        if database.dialect == "sqlite":
+            rows = await conn.execute(
+                text(
+                    "SELECT type, name, tbl_name, sql FROM sqlite_master "
+                    "WHERE name LIKE 'lagompy%' AND tbl_name != :version ORDER BY name"
+                ),
+                {"version": VERSION_TABLE},
+            )
+            return [tuple(row) for row in rows]
+        here = await conn.scalar(text("SELECT current_schema()"))
+        queries = [
+            "SELECT table_name, column_name, ordinal_position, data_type, is_nullable, "
+            "column_default, character_maximum_length FROM information_schema.columns "
+            "WHERE table_schema = current_schema() ORDER BY 1, 3",
+            "SELECT conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid) "
+            "FROM pg_constraint WHERE connamespace = current_schema()::regnamespace ORDER BY 1, 2",
+            "SELECT tablename, indexname, indexdef FROM pg_indexes "
+            "WHERE schemaname = current_schema() ORDER BY 1, 2",
+            "SELECT sequencename, data_type, increment_by, cycle FROM pg_sequences "
+            "WHERE schemaname = current_schema() ORDER BY 1",
+        ]
+        found: list[tuple[Any, ...]] = []
+        for query in queries:
+            for row in await conn.execute(text(query)):
+                found.append(tuple(str(v).replace(f"{here}.", "<schema>.") for v in row))
+        return [row for row in found if VERSION_TABLE not in " ".join(row)]
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+async def test_migrations_build_exactly_the_tables_in_code(database: Database) -> None:
+    assert await current_revision(database) is None
+    result = await upgrade(database)
+    assert (result.before, result.after, result.changed) == (None, HEAD, True)
+    assert await current_revision(database) == HEAD
+    assert await table_names(database) == sorted([*TABLES, VERSION_TABLE])
+    assert await differences(database) == [], (
+        "the migrations and lagompy/schema.py differ: add a revision under migrations/versions/"
+    )
+
+
+async def test_the_comparison_notices_a_difference(database: Database) -> None:
+    # Guards the test above: a column in code that no migration creates must show up.
+    await upgrade(database)
+    changed = MetaData()
+    for table in schema.metadata.tables.values():
+        table.to_metadata(changed)
+    changed.tables["lagompy_snapshots"].append_column(Column("extra", Integer, nullable=True))
+    diff = await differences(database, changed)
+    assert [d[0] for d in diff] == ["add_column"], diff
+    assert diff[0][3].name == "extra"
+
+
+async def test_migrated_ddl_equals_create_all(database: Database, reference: Database) -> None:
+    # Down to the column types, defaults (the offset's sequence / AUTOINCREMENT), constraint and
+    # index definitions, as the database itself records them.
+    await upgrade(database)
+    async with reference.write() as conn:
+        await conn.run_sync(schema.metadata.create_all)
+    migrated = await catalog(database)
+    assert migrated == await catalog(reference)
+    assert migrated  # the catalog query found something at all
+    if database.dialect == "sqlite":
+        events_sql = next(row[3] for row in migrated if row[1] == "lagompy_events")
+        assert "INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT" in events_sql
+
+
+async def test_a_second_upgrade_changes_nothing_and_keeps_the_data(database: Database) -> None:
+    await upgrade(database)
+    async with database.write() as conn:
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    again = await upgrade(database)
+    assert (again.before, again.after, again.changed) == (HEAD, HEAD, False)
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+
+
+async def test_a_failed_upgrade_leaves_nothing_behind(database: Database) -> None:
+    # An unrelated index already has the name of one the migration creates (index names are
+    # per schema / per database), so the migration fails after creating two tables. All of it,
+    # version table included, is rolled back.
+    async with database.write() as conn:
+        await conn.execute(text("CREATE TABLE other (x INTEGER)"))
+        await conn.execute(text("CREATE INDEX ix_lagompy_event_tags_offset ON other (x)"))
+    with pytest.raises(JournalError):
+        await upgrade(database)
+    assert await table_names(database) == ["other"]
+    assert await current_revision(database) is None
+
+
+async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
+    # lagompy 0.1 created the tables with metadata.create_all and no version table.
+    async with database.write() as conn:
+        await conn.run_sync(schema.metadata.create_all)
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    result = await upgrade(database)
+    assert result.after == HEAD
+    assert await differences(database) == []
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+
+
+async def test_some_but_not_all_tables_is_a_configuration_error(database: Database) -> None:
+    async with database.write() as conn:
+        await conn.run_sync(schema.events.create)
+    with pytest.raises(ConfigurationError, match="lagompy_events"):
+        await upgrade(database)
+
+
+async def test_an_unknown_revision_is_a_configuration_error(database: Database) -> None:
+    await upgrade(database)
+    async with database.write() as conn:
+        await conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = 'fffffff'"))
+    with pytest.raises(ConfigurationError, match="does not know"):
+        await ensure_schema(database, auto_migrate=True)
+    with pytest.raises(ConfigurationError, match="fffffff"):
+        await upgrade(database)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+async def test_concurrent_upgrades_from_tasks(journal_settings: JournalSettings) -> None:
+    # Each task has its own engine (own connections), as separate processes would.
+    databases = [Database.create(journal_settings) for _ in range(5)]
+    try:
+        results = await asyncio.gather(*(upgrade(db) for db in databases))
+        assert sum(r.changed for r in results) == 1, results
+        assert {r.after for r in results} == {HEAD}
+        assert await differences(databases[0]) == []
+    finally:
+        for db in databases:
+            await db.dispose()
+
+
+async def test_concurrent_upgrades_of_different_databases_in_one_process(tmp_path: Path) -> None:
+    # No database lock orders these; Alembic's module-global `op` / `context` proxies would mix
+    # up the migrations if they interleaved (KeyError 'config', tables in the wrong file).
+    databases = [Database.create(url=f"sqlite:///{tmp_path / f'db{i}.db'}") for i in range(4)]
+    try:
+        results = await asyncio.gather(*(upgrade(db) for db in databases))
+        assert all(r.changed and r.after == HEAD for r in results), results
+        for db in databases:
+            assert await table_names(db) == sorted([*TABLES, VERSION_TABLE])
+    finally:
+        for db in databases:
+            await db.dispose()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lagompy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=cwd,
+    )
+
+
+def _finish(proc: Any) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+async def test_concurrent_upgrades_from_processes(journal_settings: JournalSettings) -> None:
+    args = ["migrate", "--url", journal_settings.url]
+    if journal_settings.postgres_schema:
+        args += ["--schema", journal_settings.postgres_schema]
+    procs = [_cli(*args) for _ in range(4)]
+    outcomes = [await asyncio.to_thread(_finish, p) for p in procs]
+    assert [code for code, _, _ in outcomes] == [0] * 4, outcomes
+    assert sum("upgraded lagompy's tables" in out for _, out, _ in outcomes) == 1, outcomes
+    assert sum("up to date" in out for _, out, _ in outcomes) == 3, outcomes
+    db = Database.create(journal_settings)
+    try:
+        assert await current_revision(db) == HEAD
+        assert await differences(db) == []
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_the_postgres_migration_holds_the_advisory_lock(postgres_schema: str) -> None:
+    # While another session holds the lock, an upgrade waits; it completes once the lock is free.
+    import asyncpg
+
+    holder = await asyncpg.connect(POSTGRES_URL)
+    db = Database.create(url=POSTGRES_URL, postgres_schema=postgres_schema)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
+        task = asyncio.create_task(upgrade(db))
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        await holder.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+        assert (await asyncio.wait_for(task, 30)).after == HEAD
+    finally:
+        await holder.close()
+        await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_upgrade_creates_a_missing_postgres_schema(postgres_schema: str) -> None:
+    name = postgres_schema + "_new"
+    db = Database.create(url=POSTGRES_URL, postgres_schema=name)
+    try:
+        assert await current_revision(db) is None
+        assert (await upgrade(db)).after == HEAD
+        assert await table_names(db) == sorted([*TABLES, VERSION_TABLE])
+    finally:
+        await db.dispose()
+        await _drop_schema(name)
+
+
+# --------------------------------------------------------------------------- open_storage
+
+
+async def test_sqlite_journals_migrate_themselves(tmp_path: Path) -> None:
+    async with await open_storage(f"sqlite:///{tmp_path / 'j.db'}") as storage:
+        assert await current_revision(storage.database) == HEAD
+
+
+async def test_without_auto_migrate_missing_tables_name_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    with pytest.raises(ConfigurationError) as info:
+        await open_storage(f"sqlite:///{path}", auto_migrate=False)
+    message = str(info.value)
+    assert "are missing" in message
+    assert f"run `lagompy migrate --url sqlite:///{path}`" in message
+    assert "\n" not in message
+
+
+@pytest.mark.postgres
+async def test_postgres_is_not_migrated_by_default_and_the_hint_works(
+    postgres_schema: str,
+) -> None:
+    with_password = POSTGRES_URL.replace("postgres@", "postgres:s3cret@", 1)
+    assert "s3cret" in with_password  # the server trusts local users: the password is ignored
+    with pytest.raises(ConfigurationError) as info:
+        await open_storage(with_password, postgres_schema=postgres_schema)
+    message = str(info.value)
+    assert "s3cret" not in message
+    command = re.search(r"run `([^`]+)`", message)
+    assert command is not None, message
+    words = shlex.split(command[1])
+    assert words[:2] == ["lagompy", "migrate"]
+    assert words[-2:] == ["--schema", postgres_schema]
+    # Doing what the message says fixes it.
+    code, out, err = _finish(_cli(*words[1:]))
+    assert code == 0, (out, err)
+    async with await open_storage(POSTGRES_URL, postgres_schema=postgres_schema) as storage:
+        assert await current_revision(storage.database) == HEAD
+
+
+async def test_outdated_tables_name_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'j.db'}"
+    async with await open_storage(url):  # migrated to this version's head
+        pass
+    import lagompy.migrate
+
+    monkeypatch.setattr(lagompy.migrate, "_revisions", lambda: ("9999", frozenset({HEAD, "9999"})))
+    expected = f"at revision {HEAD}, not 9999 and auto_migrate is off: run `lagompy migrate"
+    with pytest.raises(ConfigurationError, match=expected):
+        await open_storage(url, auto_migrate=False)
+
+
+# --------------------------------------------------------------------------- lagompy migrate
+
+
+def test_cli_migrates_a_fresh_sqlite_file_and_shows_current(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code, out, err = _finish(_cli("migrate", "current", "--url", url))
+    assert (code, out) == (0, f"none (head is {HEAD}: run lagompy migrate)\n"), err
+    code, out, err = _finish(_cli("migrate", "--url", url))
+    assert code == 0, err
+    assert "upgraded lagompy's tables" in out and f"from none to {HEAD}" in out
+    code, out, err = _finish(_cli("migrate", "current", "--url", url))
+    assert (code, out) == (0, f"{HEAD} (head)\n"), err
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "fresh.db") as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert set(TABLES) | {VERSION_TABLE} <= names
+
+
+def test_cli_url_defaults_to_the_journal_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LAGOMPY_JOURNAL_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    runner = CliRunner()
+    result = runner.invoke(build_app(), ["migrate"], prog_name="lagompy")
+    assert result.exit_code == 0, result.output
+    assert "env.db" in result.stdout
+    # Options given before the subcommand apply to it as well.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    result = runner.invoke(build_app(), ["migrate", "--url", other, "current"], prog_name="lagompy")
+    assert (result.exit_code, result.stdout) == (0, f"none (head is {HEAD}: run lagompy migrate)\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://postgres:pw@127.0.0.1:1/none", "the database cannot be reached"),
+        ("mysql://u@h/db", "unsupported database 'mysql'"),
+        ("sqlite:////no/such/directory/x.db", "does not exist"),
+        ("::not a url::", "invalid database URL"),
+    ],
+)
+def test_cli_errors_are_one_line(url: str, expected: str) -> None:
+    for args in (["migrate", "--url", url], ["migrate", "current", "--url", url]):
+        result = CliRunner().invoke(build_app(), args, prog_name="lagompy")
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert "pw@" not in result.stderr
+
+
+def test_cli_sql_prints_the_script_without_connecting() -> None:
+    # Port 1: nothing listens there, so any connection attempt would fail.
+    url = "postgresql://postgres@127.0.0.1:1/none"
+    result = CliRunner().invoke(
+        build_app(), ["migrate", "--sql", "--url", url, "--schema", "app"], prog_name="lagompy"
+    )
+    assert result.exit_code == 0, result.output
+    sql = result.stdout
+    assert sql.index("BEGIN;") < sql.index(f"pg_advisory_xact_lock({ADVISORY_LOCK_KEY})")
+    assert 'SET LOCAL search_path TO "app"' in sql
+    assert f"CREATE TABLE {VERSION_TABLE}" in sql
+    assert "CREATE TABLE lagompy_events" in sql and "BIGSERIAL" in sql
+    assert sql.rstrip().endswith("COMMIT;")
+    sqlite_sql = upgrade_sql(JournalSettings(url="sqlite:///x.db"))
+    assert "AUTOINCREMENT" in sqlite_sql and "pg_advisory" not in sqlite_sql
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_the_scripts_sit_at_the_repository_root() -> None:
+    assert script_location() == REPO / "migrations"  # the editable install maps the package
+    for name in ("env.py", "script.py.mako", "README.md", "versions"):
+        assert (REPO / "migrations" / name).exists(), name
+
+
+def _packages_under(root: Path, prefix: str) -> set[str]:
+    return {
+        ".".join([prefix, *init.parent.relative_to(root).parts])
+        for init in root.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+
+
+def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("lagompy", "migrations"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--no-index", "-q", "-w", str(wheels), str(src)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = wheels.glob("lagompy-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+
+    for path in ("env.py", "script.py.mako", "README.md", "versions/__init__.py"):
+        assert f"lagompy/migrations/{path}" in names, path
+    for version in (REPO / "migrations" / "versions").glob("*.py"):
+        assert f"lagompy/migrations/versions/{version.name}" in names, version.name
+    shipped = {
+        n[: -len("/__init__.py")].replace("/", ".") for n in names if n.endswith("/__init__.py")
+    }
+    expected = _packages_under(REPO / "lagompy", "lagompy") | {"lagompy.migrations"}
+    missing = expected - shipped
+    assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
+
+    # Installed as plain files (no editable finder, no repository on the path), the CLI finds
+    # its scripts inside the installed package and migrates a database.
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+         "--target", str(site), str(wheel)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    located = subprocess.run(
+        [sys.executable, "-c", "from lagompy.migrate import script_location as s; print(s())"],
+        capture_output=True, text=True, timeout=60, cwd=work, env=env, check=False,
+    )  # fmt: skip
+    assert located.returncode == 0, located.stderr
+    assert Path(located.stdout.strip()) == site / "lagompy" / "migrations"
+    code, out, err = _finish(_cli("migrate", "--url", "sqlite:///installed.db", env=env, cwd=work))
+    assert code == 0, err
+    assert f"from none to {HEAD}" in out
+    code, out, err = _finish(_cli("migrate", "current", "--url", "sqlite:///installed.db",
+                                  env=env, cwd=work))  # fmt: skip
+    assert (code, out) == (0, f"{HEAD} (head)\n"), err
