@@ -9,10 +9,13 @@ writes nothing, while the other entities of the batch commit. The unique constra
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property, lru_cache
 from typing import Any, Generic, TypeVar
 
 import msgpack
@@ -21,10 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy import schema
-from lagompy.database import Database, translate_errors
+from lagompy.database import Database
 from lagompy.errors import (
     ConcurrencyConflict,
     DecodeError,
+    EncodeError,
     EventDecodeError,
     JournalError,
     LagompyError,
@@ -53,6 +57,22 @@ _ENVELOPE_COLUMNS = (
     schema.events.c.written_at_us,
     schema.events.c.metadata,
 )
+
+
+def _event_tags(w: AtomicWrite, n: int) -> tuple[str, ...]:
+    """The tags of the write's n-th event, each once, in the order given."""
+    if not w.tags:
+        return ()
+    event_tags = tuple(w.tags[n])
+    if len(set(event_tags)) == len(event_tags):
+        return event_tags
+    return tuple(dict.fromkeys(event_tags))
+
+
+@lru_cache(maxsize=4096)
+def _packed_tags(tags: tuple[str, ...]) -> bytes:
+    packed: bytes = msgpack.packb(list(tags))
+    return packed
 
 
 def now_us() -> int:
@@ -100,15 +120,39 @@ class AtomicWrite:
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What happened to one :class:`AtomicWrite` of a batch."""
+    """What happened to one :class:`AtomicWrite` of a batch: the offsets its events got, or the
+    error that stopped it (``ConcurrencyConflict``, ``EncodeError``)."""
 
     write: AtomicWrite
-    envelopes: tuple[EventEnvelope[Any], ...] = ()
+    offsets: tuple[int, ...] = ()
+    written_at_us: int = 0
     error: LagompyError | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @cached_property
+    def envelopes(self) -> tuple[EventEnvelope[Any], ...]:
+        """The persisted events with their coordinates (built on first access)."""
+        if self.error is not None:
+            return ()
+        w = self.write
+        timestamp = from_us(self.written_at_us)
+        metadata = dict(w.metadata or {})
+        return tuple(
+            EventEnvelope(
+                entity_type=w.entity_type,
+                entity_id=w.entity_id,
+                seq_nr=w.expected_seq_nr + 1 + n,
+                offset=offset,
+                timestamp=timestamp,
+                event=event,
+                tags=_event_tags(w, n),
+                metadata=metadata,
+            )
+            for n, (event, offset) in enumerate(zip(w.events, self.offsets, strict=True))
+        )
 
     def unwrap(self) -> tuple[EventEnvelope[Any], ...]:
         if self.error is not None:
@@ -119,17 +163,103 @@ class WriteResult:
 @dataclass
 class _Encoded:
     write: AtomicWrite
-    rows: list[dict[str, Any]]
+    rows: list[tuple[Any, ...]]
     tags: list[tuple[str, ...]]
+
+
+_ROW_KEYS = (
+    "entity_type",
+    "entity_id",
+    "seq_nr",
+    "event_type",
+    "event_version",
+    "payload",
+    "tags",
+    "metadata",
+)
+
+#: Taken first in every PostgreSQL write transaction (see Journal.ordering_fence).
+_LOCK_EVENTS = "LOCK TABLE lagompy_events IN EXCLUSIVE MODE"
+#: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
+NOTIFY_CHANNEL = "lagompy_events"
+
+#: One round trip: the current highest sequence number of every entity in the batch (deletions
+#: included), offsets for every event, and the notification (delivered only if we commit).
+_PG_PREPARE = f"""
+WITH offs AS MATERIALIZED (
+    SELECT nextval($3::regclass) AS o FROM generate_series(1, $4)
+), agg AS (
+    SELECT array_agg(o ORDER BY o) AS offsets, max(o) AS top FROM offs
+)
+SELECT agg.offsets AS offsets,
+       pg_notify('{NOTIFY_CHANNEL}', agg.top::text) AS notified,
+       ARRAY(
+           SELECT GREATEST(
+               COALESCE((SELECT e.seq_nr FROM lagompy_events e
+                         WHERE e.entity_type = k.t AND e.entity_id = k.i
+                         ORDER BY e.seq_nr DESC LIMIT 1), 0),
+               COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
+                         WHERE d.entity_type = k.t AND d.entity_id = k.i), 0))
+           FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, n)
+           ORDER BY k.n
+       ) AS highest
+FROM agg
+"""
+
+#: The highest offset ever used (AUTOINCREMENT keeps it in sqlite_sequence, even after deletes),
+#: then the highest sequence number of each entity of the batch, deletions included.
+_SQLITE_CHECK = """
+SELECT NULL, NULL,
+       max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'lagompy_events'), 0),
+           COALESCE((SELECT max(global_offset) FROM lagompy_events), 0))
+UNION ALL
+SELECT * FROM (
+SELECT json_extract(k.value, '$[0]') AS t, json_extract(k.value, '$[1]') AS i,
+       max(COALESCE((SELECT max(e.seq_nr) FROM lagompy_events e
+                     WHERE e.entity_type = json_extract(k.value, '$[0]')
+                       AND e.entity_id = json_extract(k.value, '$[1]')), 0),
+           COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
+                     WHERE d.entity_type = json_extract(k.value, '$[0]')
+                       AND d.entity_id = json_extract(k.value, '$[1]')), 0))
+FROM json_each(?) AS k
+)
+"""
+_SQLITE_INSERT_EVENTS = (
+    "INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type, "
+    "event_version, payload, tags, metadata, written_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_INSERT_TAGS = "INSERT INTO lagompy_event_tags (tag, global_offset) VALUES (?, ?)"
+
+#: One round trip: every event and every tag row, as arrays.
+_PG_INSERT = """
+WITH ev AS (
+    INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type,
+                                event_version, payload, tags, metadata, written_at_us)
+    SELECT u.o, u.t, u.i, u.s, u.et, u.ev, u.p, u.tg, u.md, $10
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::int[],
+                $7::bytea[], $8::bytea[], $9::bytea[]) AS u(o, t, i, s, et, ev, p, tg, md)
+)
+INSERT INTO lagompy_event_tags (tag, global_offset)
+SELECT * FROM unnest($11::text[], $12::bigint[])
+"""
 
 
 class Journal:
     """Append and read events. Build one with :func:`lagompy.storage.open_storage` or directly
     from a :class:`~lagompy.database.Database` and a :class:`~lagompy.serialization.Serializer`."""
 
-    def __init__(self, database: Database, serializer: Serializer) -> None:
+    def __init__(
+        self, database: Database, serializer: Serializer, *, ordering_fence: bool = True
+    ) -> None:
         self.database = database
         self.serializer = serializer
+        #: On PostgreSQL, every write transaction first takes ``LOCK TABLE lagompy_events IN
+        #: EXCLUSIVE MODE`` (readers are not blocked). Writers then allocate offsets and commit
+        #: one after the other, so offsets become visible in order and a reader tailing by
+        #: offset can never skip an event that commits late. Turning it off exists only to
+        #: demonstrate, in the tests, the skips it prevents.
+        self.ordering_fence = ordering_fence
+        self._pg_sequence: str | None = None
 
     # ------------------------------------------------------------------ writing
 
@@ -171,24 +301,32 @@ class Journal:
         return result.unwrap()
 
     def _encode(self, w: AtomicWrite) -> _Encoded:
-        meta = msgpack.packb(dict(w.metadata), use_bin_type=True) if w.metadata else None
-        rows = []
+        try:
+            meta = msgpack.packb(dict(w.metadata), use_bin_type=True) if w.metadata else None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise EncodeError(
+                f"metadata of the write for {w.entity_type}/{w.entity_id} cannot be encoded "
+                f"(only msgpack-native values are allowed): {e}"
+            ) from e
+        rows: list[tuple[Any, ...]] = []
         tags: list[tuple[str, ...]] = []
         for n, evt in enumerate(w.events):
             type_name, version, payload = self.serializer.encode(evt)
-            event_tags = tuple(w.tags[n]) if w.tags else ()
+            event_tags = _event_tags(w, n)
             tags.append(event_tags)
+            packed_tags = _packed_tags(event_tags) if event_tags else None
+            # In the order of _ROW_KEYS.
             rows.append(
-                {
-                    "entity_type": w.entity_type,
-                    "entity_id": w.entity_id,
-                    "seq_nr": w.expected_seq_nr + 1 + n,
-                    "event_type": type_name,
-                    "event_version": version,
-                    "payload": payload,
-                    "tags": msgpack.packb(list(event_tags)) if event_tags else None,
-                    "metadata": meta,
-                }
+                (
+                    w.entity_type,
+                    w.entity_id,
+                    w.expected_seq_nr + 1 + n,
+                    type_name,
+                    version,
+                    payload,
+                    packed_tags,
+                    meta,
+                )
             )
         return _Encoded(w, rows, tags)
 
@@ -200,7 +338,7 @@ class Journal:
             try:
                 return await self._append_once(encoded)
             except JournalError as e:
-                if not isinstance(e.__cause__, IntegrityError):
+                if not _is_unique_violation(e.__cause__):
                     raise
                 # A concurrent writer committed between our check and our insert: check again.
                 last_error = e.__cause__
@@ -210,63 +348,74 @@ class Journal:
         ) from last_error
 
     async def _append_once(self, encoded: list[tuple[int, _Encoded]]) -> dict[int, WriteResult]:
-        results: dict[int, WriteResult] = {}
-        async with self.database.write() as conn:
-            highest = await _highest_many(conn, [enc.write.key for _, enc in encoded])
-            accepted: list[tuple[int, _Encoded]] = []
-            for i, enc in encoded:
-                w = enc.write
-                actual = highest.get(w.key, 0)
-                if actual != w.expected_seq_nr:
-                    results[i] = WriteResult(
-                        w,
-                        error=ConcurrencyConflict(
-                            entity_type=w.entity_type,
-                            entity_id=w.entity_id,
-                            expected_seq_nr=w.expected_seq_nr,
-                            actual_seq_nr=actual,
-                        ),
-                    )
-                else:
-                    accepted.append((i, enc))
+        if self.database.dialect == "postgresql":
+            return await self._append_postgres(encoded)
+        return await self._append_sql(encoded)
+
+    async def _append_sql(self, encoded: list[tuple[int, _Encoded]]) -> dict[int, WriteResult]:
+        # SQLite: the transaction starts with BEGIN IMMEDIATE, so writers take turns and offsets
+        # are committed in order without a further fence. Offsets are assigned here, under the
+        # write lock, so both tables are written with plain executemany.
+        keys = [enc.write.key for _, enc in encoded]
+        async with self.database.raw_transaction() as db:
+            # One call: the highest offset so far (first row), then each entity's highest seq nr.
+            found = await db.execute_fetchall(_SQLITE_CHECK, (json.dumps(keys),))
+            last = found[0][2]
+            highest = {(t, i): n for t, i, n in found[1:] if n}
+            results, accepted = _check_expected(encoded, highest)
             if not accepted:
                 return results
             written_at = now_us()
-            rows = []
-            for _, enc in accepted:
-                for row in enc.rows:
-                    row["written_at_us"] = written_at
-                    rows.append(row)
-            stmt = insert(schema.events).returning(
-                schema.events.c.global_offset, sort_by_parameter_order=True
+            rows = [r for _, enc in accepted for r in enc.rows]
+            offsets = range(last + 1, last + 1 + len(rows))
+            await db.executemany(
+                _SQLITE_INSERT_EVENTS,
+                [(o, *r, written_at) for o, r in zip(offsets, rows, strict=True)],
             )
-            offsets = list((await conn.execute(stmt, rows)).scalars())
-            tag_rows = []
-            pos = 0
-            timestamp = from_us(written_at)
-            for i, enc in accepted:
-                envelopes = []
-                w = enc.write
-                for n, evt in enumerate(w.events):
-                    offset = offsets[pos]
-                    pos += 1
-                    for t in enc.tags[n]:
-                        tag_rows.append({"tag": t, "global_offset": offset})
-                    envelopes.append(
-                        EventEnvelope(
-                            entity_type=w.entity_type,
-                            entity_id=w.entity_id,
-                            seq_nr=w.expected_seq_nr + 1 + n,
-                            offset=offset,
-                            timestamp=timestamp,
-                            event=evt,
-                            tags=enc.tags[n],
-                            metadata=dict(w.metadata or {}),
-                        )
-                    )
-                results[i] = WriteResult(w, envelopes=tuple(envelopes))
+            tag_rows = _record_offsets(accepted, offsets, written_at, results)
             if tag_rows:
-                await conn.execute(insert(schema.event_tags), tag_rows)
+                await db.executemany(_SQLITE_INSERT_TAGS, tag_rows)
+        return results
+
+    async def _append_postgres(
+        self, encoded: list[tuple[int, _Encoded]]
+    ) -> dict[int, WriteResult]:
+        # Four round trips, as many as a plain executemany of the same rows would take:
+        # BEGIN + the fence; check + offsets + notify; insert events and tags; COMMIT.
+        keys = [enc.write.key for _, enc in encoded]
+        count = sum(len(enc.rows) for _, enc in encoded)
+        async with self.database.raw_transaction(
+            _LOCK_EVENTS if self.ordering_fence else None
+        ) as pg:
+            if self._pg_sequence is None:
+                self._pg_sequence = await pg.fetchval(
+                    "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
+                )
+            row = await pg.fetchrow(
+                _PG_PREPARE,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                self._pg_sequence,
+                count,
+            )
+            offsets_all: list[int] = row["offsets"]
+            highest = {k: n for k, n in zip(keys, row["highest"], strict=True) if n}
+            results, accepted = _check_expected(encoded, highest)
+            if not accepted:
+                return results
+            written_at = now_us()
+            rows = [r for _, enc in accepted for r in enc.rows]
+            offsets = offsets_all[: len(rows)]
+            tag_rows = _record_offsets(accepted, offsets, written_at, results)
+            columns = list(zip(*rows, strict=True))
+            await pg.execute(
+                _PG_INSERT,
+                offsets,
+                *columns,
+                written_at,
+                [t for t, _ in tag_rows],
+                [o for _, o in tag_rows],
+            )
         return results
 
     # ------------------------------------------------------------------ reading
@@ -327,6 +476,8 @@ class Journal:
         page_size: int = _REPLAY_PAGE,
     ) -> list[EventEnvelope[Any]]:
         """All of the entity's events from ``from_seq_nr``, read in pages."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
         out: list[EventEnvelope[Any]] = []
         start = from_seq_nr
         while True:
@@ -440,11 +591,58 @@ class Journal:
                 )
         return int(deleted or 0)
 
-    async def ensure_tables(self) -> None:
-        """Create lagompy's tables if they are missing."""
-        with translate_errors("creating tables"):
-            async with self.database.engine.begin() as conn:
-                await conn.run_sync(schema.metadata.create_all)
+
+
+def _is_unique_violation(error: BaseException | None) -> bool:
+    import asyncpg
+
+    return isinstance(
+        error, (IntegrityError, asyncpg.UniqueViolationError, sqlite3.IntegrityError)
+    )
+
+
+def _check_expected(
+    encoded: list[tuple[int, _Encoded]], highest: Mapping[tuple[str, str], int]
+) -> tuple[dict[int, WriteResult], list[tuple[int, _Encoded]]]:
+    """Split writes into conflicts (results) and the ones whose expected seq nr is current."""
+    results: dict[int, WriteResult] = {}
+    accepted: list[tuple[int, _Encoded]] = []
+    for i, enc in encoded:
+        w = enc.write
+        actual = highest.get(w.key, 0)
+        if actual != w.expected_seq_nr:
+            results[i] = WriteResult(
+                w,
+                error=ConcurrencyConflict(
+                    entity_type=w.entity_type,
+                    entity_id=w.entity_id,
+                    expected_seq_nr=w.expected_seq_nr,
+                    actual_seq_nr=actual,
+                ),
+            )
+        else:
+            accepted.append((i, enc))
+    return results, accepted
+
+
+def _record_offsets(
+    accepted: list[tuple[int, _Encoded]],
+    offsets: Sequence[int],
+    written_at: int,
+    results: dict[int, WriteResult],
+) -> list[tuple[str, int]]:
+    """Give each accepted write its slice of ``offsets``; return the (tag, offset) rows."""
+    tag_rows: list[tuple[str, int]] = []
+    pos = 0
+    for i, enc in accepted:
+        n = len(enc.rows)
+        mine = tuple(offsets[pos : pos + n])
+        pos += n
+        for event_tags, offset in zip(enc.tags, mine, strict=True):
+            for t in event_tags:
+                tag_rows.append((t, offset))
+        results[i] = WriteResult(enc.write, offsets=mine, written_at_us=written_at)
+    return tag_rows
 
 
 async def _highest_many(

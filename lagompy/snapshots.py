@@ -49,6 +49,8 @@ class SnapshotStore:
         """Save several snapshots in one transaction (overwriting any at the same seq nr)."""
         if not snapshots:
             return
+        # One snapshot per (entity, seq nr): the last one given wins.
+        snapshots = list({(s.entity_type, s.entity_id, s.seq_nr): s for s in snapshots}.values())
         written_at = now_us()
         rows = []
         for s in snapshots:

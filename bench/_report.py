@@ -1,0 +1,36 @@
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone."""
+
+from __future__ import annotations
+
+import platform
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+_HEADER = """# Benchmarks
+
+Numbers measured on the project's 2-core development machine, each section with the command that
+produced it (run from the repository root with the virtual environment's Python). Ratios are
+measured in one run, contender beside baseline, because the machine is noisy. Rerun a benchmark
+to refresh its section.
+"""
+
+
+def write_section(key: str, title: str, body: str) -> None:
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    stamp = (
+        f"_Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node() or 'this machine'}"
+        f" ({platform.python_implementation()} {platform.python_version()})._"
+    )
+    section = f"{start}\n## {title}\n\n{stamp}\n\n{body}\n{end}"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    if not text.startswith("# Benchmarks\n\nNumbers measured"):
+        text = _HEADER
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    BENCHMARKS_MD.write_text(text)

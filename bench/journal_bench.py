@@ -1,0 +1,344 @@
+"""Journal benchmark: append throughput by batch size, and read-by-tag throughput, each beside a
+raw driver baseline measured in the same run, on SQLite and PostgreSQL.
+
+    .venv/bin/python bench/journal_bench.py            # writes its section of docs/benchmarks.md
+    .venv/bin/python bench/journal_bench.py --quick    # fewer rows, prints only
+
+The raw baselines insert the same rows (events and their tag rows) into tables with the same
+indexes, one transaction per batch, with precomputed offsets and no lock: the cheapest a plain
+driver can do. PostgreSQL runs with its default synchronous_commit. Rounds of ours and raw are
+interleaved and the median of each is reported, because this machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._report import write_section
+from lagompy import AtomicWrite, JournalSettings, open_storage
+from lagompy.entity import Command, Effect, PersistentEntity
+
+PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TAG = "bench-events3"
+
+
+@dataclass(frozen=True)
+class Nothing:
+    pass
+
+
+@dataclass(frozen=True)
+class Noop(Command[None]):
+    pass
+
+
+@dataclass(frozen=True)
+class ItemAdded:
+    cart_id: str
+    item: str
+    quantity: int
+
+
+class CartEntity(PersistentEntity[Noop, ItemAdded, Nothing]):
+    type_name = "cart"
+    initial_state = Nothing()
+
+    def on_command(self, state: Nothing, command: Noop) -> Effect[Nothing]:
+        return Effect.none()
+
+    def on_event(self, state: Nothing, event: ItemAdded) -> Nothing:
+        return state
+
+
+def make_batch(prefix: str, batch: int) -> list[AtomicWrite]:
+    # One event per entity: a batch of N events is N entities, as a shard host's group commit is.
+    return [
+        AtomicWrite("cart", f"{prefix}-{i}", 0, [ItemAdded(f"{prefix}-{i}", "apple", 3)], [(TAG,)])
+        for i in range(batch)
+    ]
+
+
+class RawRows:
+    """The rows our journal writes for a batch, precomputed, for the raw baselines."""
+
+    def __init__(self, serializer: object) -> None:
+        self.serializer = serializer
+        self.next_offset = 10_000_000
+
+    def rows(
+        self, prefix: str, batch: int
+    ) -> tuple[list[tuple[object, ...]], list[tuple[str, int]]]:
+        encode = self.serializer.encode  # type: ignore[attr-defined]
+        events, tags = [], []
+        for i in range(batch):
+            type_name, version, payload = encode(ItemAdded(f"{prefix}-{i}", "apple", 3))
+            self.next_offset += 1
+            events.append(
+                (
+                    self.next_offset,
+                    "cart",
+                    f"{prefix}-{i}",
+                    1,
+                    type_name,
+                    version,
+                    payload,
+                    b"\x91\xadbench-events3",
+                    None,
+                    time.time_ns() // 1000,
+                )
+            )
+            tags.append((TAG, self.next_offset))
+        return events, tags
+
+
+async def timed_rounds(
+    rounds: int, contenders: dict[str, Callable[[int], Awaitable[int]]]
+) -> dict[str, float]:
+    """Interleave the contenders round by round; median rows/s of each."""
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            rows = await run(r)
+            rates[name].append(rows / (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in rates.items()}
+
+
+INSERT_EVENTS = (
+    "INSERT INTO {t} (global_offset, entity_type, entity_id, seq_nr, event_type, event_version, "
+    "payload, tags, metadata, written_at_us) VALUES ({p})"
+)
+
+
+async def bench_postgres(rows_per_round: int, rounds: int) -> dict[str, object]:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(PG_URL)
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    await admin.close()
+    storage = await open_storage(
+        settings=JournalSettings(url=PG_URL, postgres_schema=schema, auto_migrate=True),
+        entities=[CartEntity],
+    )
+    raw = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    try:
+        await raw.execute("CREATE TABLE raw_events (LIKE lagompy_events INCLUDING ALL)")
+        await raw.execute("CREATE TABLE raw_tags (LIKE lagompy_event_tags INCLUDING ALL)")
+        raw_rows = RawRows(storage.serializer)
+        ins_events = INSERT_EVENTS.format(
+            t="raw_events", p=", ".join(f"${i}" for i in range(1, 11))
+        )
+        appends: dict[int, tuple[float, float]] = {}
+        for batch in (1, 10, 100, 1000):
+            txns = max(1, rows_per_round // batch)
+            if batch == 1:
+                txns = max(1, txns // 4)  # one row per transaction is slow; keep the run short
+
+            async def ours(r: int, batch: int = batch, txns: int = txns) -> int:
+                for t in range(txns):
+                    await storage.journal.append(make_batch(f"o{batch}-{r}-{t}", batch))
+                return batch * txns
+
+            async def plain(r: int, batch: int = batch, txns: int = txns) -> int:
+                for t in range(txns):
+                    events, tags = raw_rows.rows(f"r{batch}-{r}-{t}", batch)
+                    async with raw.transaction():
+                        await raw.executemany(ins_events, events)
+                        await raw.executemany(
+                            "INSERT INTO raw_tags (tag, global_offset) VALUES ($1, $2)", tags
+                        )
+                return batch * txns
+
+            medians = await timed_rounds(rounds, {"ours": ours, "raw": plain})
+            appends[batch] = (medians["ours"], medians["raw"])
+            print(
+                f"postgres append batch={batch}: ours {medians['ours']:.0f}/s raw "
+                f"{medians['raw']:.0f}/s ratio {medians['ours'] / medians['raw']:.2f}"
+            )
+
+        async def read_ours(r: int) -> int:
+            n, after = 0, 0
+            while True:
+                page = await storage.journal.events_by_tag(TAG, after_offset=after, limit=1000)
+                if not page:
+                    return n
+                n += len(page)
+                after = page[-1].offset
+
+        async def read_raw(r: int) -> int:
+            n, after = 0, 0
+            while True:
+                page = await raw.fetch(
+                    "SELECT e.* FROM lagompy_event_tags t JOIN lagompy_events e "
+                    "ON e.global_offset = t.global_offset WHERE t.tag = $1 AND "
+                    "t.global_offset > $2 ORDER BY t.global_offset LIMIT 1000",
+                    TAG,
+                    after,
+                )
+                if not page:
+                    return n
+                n += len(page)
+                after = page[-1]["global_offset"]
+
+        reads = await timed_rounds(max(3, rounds // 2), {"ours": read_ours, "raw": read_raw})
+        print(f"postgres read by tag: ours {reads['ours']:.0f}/s raw {reads['raw']:.0f}/s")
+        return {"appends": appends, "reads": (reads["ours"], reads["raw"])}
+    finally:
+        await raw.close()
+        await storage.close()
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        await admin.close()
+
+
+async def bench_sqlite(rows_per_round: int, rounds: int) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.db"
+        storage = await open_storage(f"sqlite:///{path}", entities=[CartEntity])
+        raw = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await raw.execute("PRAGMA journal_mode=WAL")
+            await raw.execute("PRAGMA synchronous=FULL")
+            # The same DDL as lagompy's tables (AUTOINCREMENT, unique and tag indexes included).
+            cursor = await raw.execute(
+                "SELECT sql FROM sqlite_master WHERE tbl_name IN "
+                "('lagompy_events', 'lagompy_event_tags') AND sql IS NOT NULL"
+            )
+            for (ddl,) in await cursor.fetchall():
+                ddl = ddl.replace("lagompy_event_tags", "raw_tags")
+                ddl = ddl.replace("lagompy_events", "raw_events")
+                await raw.execute(
+                    ddl.replace(" uq_", " raw_uq_")
+                    .replace(" ix_", " raw_ix_")
+                    .replace(" pk_", " raw_pk_")
+                )
+            raw_rows = RawRows(storage.serializer)
+            ins_events = INSERT_EVENTS.format(t="raw_events", p=", ".join("?" * 10))
+            appends: dict[int, tuple[float, float]] = {}
+            for batch in (1, 10, 100, 1000):
+                txns = max(1, rows_per_round // batch)
+                if batch == 1:
+                    txns = max(1, txns // 4)
+
+                async def ours(r: int, batch: int = batch, txns: int = txns) -> int:
+                    for t in range(txns):
+                        await storage.journal.append(make_batch(f"o{batch}-{r}-{t}", batch))
+                    return batch * txns
+
+                async def plain(r: int, batch: int = batch, txns: int = txns) -> int:
+                    for t in range(txns):
+                        events, tags = raw_rows.rows(f"r{batch}-{r}-{t}", batch)
+                        await raw.execute("BEGIN IMMEDIATE")
+                        await raw.executemany(ins_events, events)
+                        await raw.executemany("INSERT INTO raw_tags VALUES (?, ?)", tags)
+                        await raw.execute("COMMIT")
+                    return batch * txns
+
+                medians = await timed_rounds(rounds, {"ours": ours, "raw": plain})
+                appends[batch] = (medians["ours"], medians["raw"])
+                print(
+                    f"sqlite append batch={batch}: ours {medians['ours']:.0f}/s raw "
+                    f"{medians['raw']:.0f}/s ratio {medians['ours'] / medians['raw']:.2f}"
+                )
+
+            async def read_ours(r: int) -> int:
+                n, after = 0, 0
+                while True:
+                    page = await storage.journal.events_by_tag(TAG, after_offset=after, limit=1000)
+                    if not page:
+                        return n
+                    n += len(page)
+                    after = page[-1].offset
+
+            async def read_raw(r: int) -> int:
+                n, after = 0, 0
+                while True:
+                    cur = await raw.execute(
+                        "SELECT e.* FROM lagompy_event_tags t JOIN lagompy_events e "
+                        "ON e.global_offset = t.global_offset WHERE t.tag = ? AND "
+                        "t.global_offset > ? ORDER BY t.global_offset LIMIT 1000",
+                        (TAG, after),
+                    )
+                    page = list(await cur.fetchall())
+                    if not page:
+                        return n
+                    n += len(page)
+                    after = page[-1][0]
+
+            reads = await timed_rounds(max(3, rounds // 2), {"ours": read_ours, "raw": read_raw})
+            print(f"sqlite read by tag: ours {reads['ours']:.0f}/s raw {reads['raw']:.0f}/s")
+            return {"appends": appends, "reads": (reads["ours"], reads["raw"])}
+        finally:
+            await raw.close()
+            await storage.close()
+
+
+def render(results: dict[str, dict[str, object]], command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "Append throughput (events/s, one transaction per batch, one event per entity, each with",
+        "one tag), median of interleaved rounds. *raw* is the driver's own executemany of the same",
+        "event and tag rows into tables with the same indexes (asyncpg on PostgreSQL, aiosqlite",
+        "on SQLite), precomputed offsets, no ordering lock.",
+        "",
+        "| backend | events per transaction | lagompy | raw | lagompy / raw |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for backend, res in results.items():
+        appends = res["appends"]
+        assert isinstance(appends, dict)
+        for batch, (ours, raw) in appends.items():
+            lines.append(f"| {backend} | {batch} | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} |")
+    lines += [
+        "",
+        "Read by tag (events/s, pages of 1,000, in offset order). lagompy decodes every event into",
+        "its dataclass; raw fetches the same rows without decoding.",
+        "",
+        "| backend | lagompy | raw | lagompy / raw |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for backend, res in results.items():
+        ours, raw = res["reads"]  # type: ignore[misc]
+        lines.append(f"| {backend} | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} |")
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small run, print only")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rows", type=int, default=5000, help="rows per round per contender")
+    args = parser.parse_args()
+    rows, rounds = (1000, 3) if args.quick else (args.rows, args.rounds)
+    results = {
+        "PostgreSQL": await bench_postgres(rows, rounds),
+        "SQLite": await bench_sqlite(rows, rounds),
+    }
+    command = "python bench/journal_bench.py" + (
+        ""
+        if (args.rows, args.rounds) == (5000, 7)
+        else f" --rows {args.rows} --rounds {args.rounds}"
+    )
+    text = render(results, command)
+    print(text)
+    if not args.quick:
+        write_section("journal", "Journal: append and read throughput", text)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
