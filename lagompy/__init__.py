@@ -34,6 +34,7 @@ from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings
 from lagompy.snapshots import Snapshot, SnapshotStore
 from lagompy.storage import Storage, open_storage
+from lagompy.tailing import EventTailer, TailSettings, read_pages, tail
 
 try:
     __version__ = version("lagompy")
@@ -51,6 +52,7 @@ __all__ = [
     "EntityRef",
     "EventEnvelope",
     "EventHandlerFailed",
+    "EventTailer",
     "InProcessEntities",
     "InvalidCommand",
     "Journal",
@@ -66,14 +68,17 @@ __all__ = [
     "Snapshot",
     "SnapshotStore",
     "Storage",
+    "TailSettings",
     "Tag",
     "UnhandledCommand",
     "UnhandledEvent",
     "__version__",
     "open_storage",
+    "read_pages",
     "serializable",
     "sharded_tag",
     "stable_hash",
     "start_in_process",
     "tag",
+    "tail",
 ]
