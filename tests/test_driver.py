@@ -6,11 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from examples.user_service.entity import (
-    ChangeEmail,
     ChangeName,
     DeactivateUser,
     EmailChanged,
@@ -217,27 +214,6 @@ async def test_an_unreadable_snapshot_falls_back_to_a_full_replay(
         assert await driver.restart() == live
         assert not await driver.recovered_from_snapshot()
         assert "replaying all events instead" in caplog.text
-
-
-# A Hypothesis property: recovered state equals live state, for random command sequences.
-
-user_commands = st.one_of(
-    st.builds(RegisterUser, st.sampled_from(["Ada", "Bob", " "]), st.sampled_from(["a@b.io", "x"])),
-    st.builds(ChangeName, st.sampled_from(["Ada", "Cy", ""])),
-    st.builds(ChangeEmail, st.sampled_from(["c@d.io", "e@f.io", "bad"])),
-    st.just(DeactivateUser()),
-    st.just(GetUser()),
-)
-
-
-@given(commands=st.lists(user_commands, max_size=12))
-async def test_recovered_state_equals_live_state(commands: list[object], tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: E501
-    url = f"sqlite:///{tmp_path_factory.mktemp('prop')}/j.db"
-    async with EntityTestDriver(UserEntity, "p", journal_url=url) as driver:
-        outcome = await driver.run(*commands)  # type: ignore[arg-type]
-        assert outcome.issues == []
-        assert await driver.restart() == outcome.state
-        assert driver.all_issues == []
 
 
 # --------------------------------------------------------------------------- in-process runtime

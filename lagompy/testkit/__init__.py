@@ -1,8 +1,43 @@
-"""Test kit: drive entities against a real journal in tests.
+"""Test kit: drive entities against a real journal in tests, and the contract suites every
+journal and snapshot-store backend must pass.
 
-Nothing in the lagompy package imports this module; it may use every layer.
+Nothing in the lagompy package imports this module; it may use every layer. The contract suites
+(:mod:`lagompy.testkit.contracts`) need pytest and pytest-asyncio, so they are imported only
+when one of their names is first used.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from lagompy.testkit.driver import EntityTestDriver, Issue, Outcome
 
-__all__ = ["EntityTestDriver", "Issue", "Outcome"]
+if TYPE_CHECKING:
+    from lagompy.testkit.contracts import (
+        JournalContract,
+        SnapshotStoreContract,
+        StorageOpener,
+        contract_serializer,
+    )
+
+_CONTRACT_NAMES = frozenset(
+    {"JournalContract", "SnapshotStoreContract", "StorageOpener", "contract_serializer"}
+)
+
+__all__ = [
+    "EntityTestDriver",
+    "Issue",
+    "JournalContract",
+    "Outcome",
+    "SnapshotStoreContract",
+    "StorageOpener",
+    "contract_serializer",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONTRACT_NAMES:
+        from lagompy.testkit import contracts
+
+        return getattr(contracts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
