@@ -119,6 +119,13 @@ async def timed_rounds(
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
+#: The same query as Journal.events_by_tag (a page of offsets from the tag key, then the events).
+READ_BY_TAG = (
+    "SELECT e.* FROM (SELECT global_offset FROM lagompy_event_tags WHERE tag = ? AND "
+    "global_offset > ? ORDER BY global_offset LIMIT 1000) t JOIN lagompy_events e "
+    "ON e.global_offset = t.global_offset ORDER BY t.global_offset"
+)
+
 INSERT_EVENTS = (
     "INSERT INTO {t} (global_offset, entity_type, entity_id, seq_nr, event_type, event_version, "
     "payload, tags, metadata, written_at_us) VALUES ({p})"
@@ -179,13 +186,14 @@ async def bench_postgres(rows_per_round: int, rounds: int) -> dict[str, object]:
                 n += len(page)
                 after = page[-1].offset
 
+        # Fresh statistics, as autovacuum would have them.
+        await raw.execute("ANALYZE lagompy_events; ANALYZE lagompy_event_tags")
+
         async def read_raw(r: int) -> int:
             n, after = 0, 0
             while True:
                 page = await raw.fetch(
-                    "SELECT e.* FROM lagompy_event_tags t JOIN lagompy_events e "
-                    "ON e.global_offset = t.global_offset WHERE t.tag = $1 AND "
-                    "t.global_offset > $2 ORDER BY t.global_offset LIMIT 1000",
+                    READ_BY_TAG.replace("?", "$1", 1).replace("?", "$2", 1),
                     TAG,
                     after,
                 )
@@ -268,9 +276,7 @@ async def bench_sqlite(rows_per_round: int, rounds: int) -> dict[str, object]:
                 n, after = 0, 0
                 while True:
                     cur = await raw.execute(
-                        "SELECT e.* FROM lagompy_event_tags t JOIN lagompy_events e "
-                        "ON e.global_offset = t.global_offset WHERE t.tag = ? AND "
-                        "t.global_offset > ? ORDER BY t.global_offset LIMIT 1000",
+                        READ_BY_TAG,
                         (TAG, after),
                     )
                     page = list(await cur.fetchall())

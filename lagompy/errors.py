@@ -19,9 +19,15 @@ are translated into this tree with the original exception attached as ``__cause_
     │   ├── EncodeError ............ a value does not fit its declared type
     │   ├── DecodeError ............ a payload does not fit the class it names
     │   └── EventDecodeError ....... a stored event cannot be decoded (names entity and seq nr)
-    └── JournalError ............... the journal or snapshot store failed
-        ├── ConcurrencyConflict .... another writer appended to this entity first
-        └── JournalUnavailable ..... the database cannot be reached
+    ├── JournalError ............... the journal or snapshot store failed
+    │   ├── ConcurrencyConflict .... another writer appended to this entity first
+    │   └── JournalUnavailable ..... the database cannot be reached
+    └── RuntimeFailure ............. the entity runtime could not deliver a command
+        ├── Overloaded ............. queues are full: retry later (nothing was run)
+        ├── AskTimeout ............. no reply within the ask's timeout (outcome unknown)
+        └── OutcomeUnknown ......... a shard host failed mid-command, retries ran out:
+                                     the command may or may not have been applied;
+                                     ask again with the same command id to find out
 
 Rejections (``CommandRejected`` and subclasses) are the entity's answer and travel back to the
 caller with their type and message. Everything else signals a failure of the system or a bug.
@@ -139,6 +145,9 @@ class UnknownType(SerializationError):
         super().__init__(message or f"unknown type name {type_name!r}: no registered class")
         self.type_name = type_name
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
+
 
 class EncodeError(SerializationError):
     """A value does not fit the type it is declared with."""
@@ -162,6 +171,10 @@ class EventDecodeError(SerializationError):
         self.entity_id = entity_id
         self.seq_nr = seq_nr
         self.type_name = type_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: rebuild from the attributes (errors cross processes on Ray).
+        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
 
 
 # --------------------------------------------------------------------------- journal
@@ -206,3 +219,62 @@ def _rebuild_conflict(
 
 class JournalUnavailable(JournalError):
     """The journal's database cannot be reached."""
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class RuntimeFailure(LagompyError):
+    """The entity runtime could not deliver a command or its reply."""
+
+
+class Overloaded(RuntimeFailure):
+    """A bounded queue is full; the command was not run. Retry after a pause."""
+
+
+class AskTimeout(RuntimeFailure):
+    """No reply arrived within the ask's timeout; the command may or may not have run.
+    Asking again with the same command id is safe."""
+
+    def __init__(self, message: str, *, command_id: str | None = None) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_with_command_id, (type(self), str(self), self.command_id))
+
+
+class OutcomeUnknown(RuntimeFailure):
+    """A shard host failed while it held the command and every retry failed too: the command
+    may or may not have been applied. Ask again with the same ``command_id`` to find out (a
+    command that persisted events is never applied twice)."""
+
+    def __init__(self, command_id: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"the outcome of command {command_id} is unknown: its shard host failed and "
+            "retries ran out; ask again with the same command id"
+        )
+        self.command_id = command_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_outcome_unknown, (self.command_id, str(self)))
+
+
+def _rebuild_with_command_id(
+    cls: type[AskTimeout], message: str, command_id: str | None
+) -> AskTimeout:
+    return cls(message, command_id=command_id)
+
+
+def _rebuild_outcome_unknown(command_id: str, message: str) -> OutcomeUnknown:
+    return OutcomeUnknown(command_id, message)
+
+
+def _rebuild_from_state(
+    cls: type[LagompyError], message: str, state: dict[str, Any]
+) -> LagompyError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err

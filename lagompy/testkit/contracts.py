@@ -269,6 +269,27 @@ class JournalContract(StorageContract):
         assert _seqs(more) == [4]
         assert more[0].offset > envelopes[-1].offset
 
+    async def test_a_large_batch_for_many_entities_round_trips(self, storage: Storage) -> None:
+        # Large batches may take another path (PostgreSQL switches to COPY): same results.
+        j = storage.journal
+        await j.append_one(_write("e7", 0, Happened("e7", 1)))
+        writes = [
+            _write(f"e{n}", 1 if n == 7 else 0, *_happened(f"e{n}", 1, 3), tags=("big", "t"))
+            for n in range(150)
+        ]
+        results = await j.append(writes)
+        assert [r.ok for r in results] == [True] * 150
+        envelopes = [e for r in results for e in r.envelopes]
+        assert _strictly_increasing(_offsets(envelopes))
+        assert len(envelopes) == 450
+        assert await j.events(ENTITY_TYPE, "e7") == [
+            *(await j.events(ENTITY_TYPE, "e7", to_seq_nr=1)),
+            *results[7].envelopes,
+        ]
+        assert _seqs(results[7].envelopes) == [2, 3, 4]
+        assert await j.events_by_tag("big", limit=1000) == envelopes
+        assert len(await j.events_by_tag("t", limit=1000)) == 450
+
     async def test_a_write_with_an_unencodable_event_fails_alone_and_leaves_nothing_behind(
         self, storage: Storage
     ) -> None:
