@@ -321,6 +321,17 @@ def render(results: dict[str, dict[str, object]], command: str) -> str:
     for backend, res in results.items():
         ours, raw = res["reads"]  # type: ignore[misc]
         lines.append(f"| {backend} | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} |")
+    lines += [
+        "",
+        "What lagompy does that the raw rows do not, in every transaction: the ordering fence",
+        "(`LOCK TABLE ... IN EXCLUSIVE MODE`, PostgreSQL), one statement that checks every",
+        "entity's expected sequence number (deletions included), allocates the offsets and",
+        "sends the NOTIFY, and the encoding of every event. These are fixed costs per",
+        "transaction plus an index probe per entity, so the ratio is lowest for one event per",
+        "transaction; the runtime's group commit exists to keep batches large. The issue's floor",
+        "is 0.7 of the raw rate for 100-event batches on PostgreSQL. Large PostgreSQL batches",
+        "(64 events and up) are written with binary COPY.",
+    ]
     return "\n".join(lines)
 
 
@@ -335,7 +346,7 @@ async def main() -> None:
         "PostgreSQL": await bench_postgres(rows, rounds),
         "SQLite": await bench_sqlite(rows, rounds),
     }
-    command = "python bench/journal_bench.py" + (
+    command = ".venv/bin/python bench/journal_bench.py" + (
         ""
         if (args.rows, args.rounds) == (5000, 7)
         else f" --rows {args.rows} --rounds {args.rounds}"
