@@ -21,6 +21,7 @@ are translated into this tree with the original exception attached as ``__cause_
     │   └── EventDecodeError ....... a stored event cannot be decoded (names entity and seq nr)
     ├── JournalError ............... the journal or snapshot store failed
     │   ├── ConcurrencyConflict .... another writer appended to this entity first
+    │   ├── DuplicateCommandId ..... a reply is already stored under this entity's command id
     │   └── JournalUnavailable ..... the database cannot be reached
     └── RuntimeFailure ............. the entity runtime could not deliver a command
         ├── Overloaded ............. queues are full: retry later (nothing was run)
@@ -215,6 +216,19 @@ def _rebuild_conflict(
         expected_seq_nr=expected,
         actual_seq_nr=actual,
     )
+
+
+class DuplicateCommandId(JournalError):
+    """A write carried a reply under a command id that is already stored for its entity: the
+    command was applied before, so this write was not applied (the others of the batch were).
+    Ask with ``check_duplicate`` (a caller-given command id) to get the stored reply instead."""
+
+    def __init__(self, message: str, *, command_id: str | None = None) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
 
 
 class JournalUnavailable(JournalError):

@@ -14,12 +14,16 @@ one journal transaction. One batch runs at a time, so each entity has a single w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from lagompy.entity import Command, PersistentEntity
+from lagompy.errors import AskTimeout, ConfigurationError, Overloaded
+from lagompy.journal import check_command_id
 from lagompy.processing import EntityClass, EntityProcessor, Request
 from lagompy.storage import Storage, open_storage
 
@@ -27,6 +31,13 @@ log = logging.getLogger("lagompy.in_process")
 
 R = TypeVar("R")
 C = TypeVar("C")
+
+#: Defaults of the in-process runtime's settings (see :class:`InProcessEntities`).
+DEFAULT_MAX_ENTITIES = 100_000
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_MAX_PENDING = 10_000
+#: The passivation sweep runs every ``idle_timeout / 4`` seconds, but not more often than this.
+MIN_PASSIVATE_INTERVAL = 0.05
 
 
 class EntityRef(Generic[C]):
@@ -37,22 +48,51 @@ class EntityRef(Generic[C]):
         self.entity_type = entity_type
         self.entity_id = entity_id
 
-    async def ask(self, command: Command[R], *, timeout: float | None = None) -> R:
+    def _submit(self, command: Any, command_id: str | None) -> tuple[asyncio.Future[Any], str]:
+        # A generated id cannot have been seen before: only a caller's id is looked up.
+        given = command_id is not None
+        cid = check_command_id(command_id) if command_id is not None else uuid.uuid4().hex
+        request = Request(
+            self.entity_type, self.entity_id, command, command_id=cid, check_duplicate=given
+        )
+        return self._entities._submit(request), cid
+
+    async def ask(
+        self, command: Command[R], *, timeout: float | None = None, command_id: str | None = None
+    ) -> R:
         """Send a command and wait for the reply (returned only after its events committed).
 
+        Every ask carries a command id: ``command_id`` if given, else a new one. When the
+        command persists events its reply is stored with them, so asking again with the same
+        ``command_id`` (after a timeout, a crash, a restart) returns the stored reply instead of
+        applying the command twice. Rejected and read-only commands store nothing: they run
+        again.
+
         Raises the entity's rejection (a ``CommandRejected``), ``CommandHandlerFailed`` for a
-        handler bug, or a ``JournalError``; ``TimeoutError`` after ``timeout`` seconds.
+        handler bug, or a ``JournalError``; ``Overloaded`` at once when ``max_pending`` asks are
+        outstanding (the command is not run); ``AskTimeout`` (carrying the ``command_id``) after
+        ``timeout`` seconds; ``ValueError`` for a command id that is empty or too long.
         """
-        future = self._entities._submit(Request(self.entity_type, self.entity_id, command))
+        future, cid = self._submit(command, command_id)
         if timeout is None:
             result: R = await future
             return result
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            future.cancel()  # still queued: it will not run; in flight: its reply is dropped
+            raise AskTimeout(
+                f"no reply from {self.entity_type}/{self.entity_id} within {timeout} s; the "
+                f"command may or may not have run: ask again with command_id={cid!r}",
+                command_id=cid,
+            ) from None
 
-    def tell(self, command: Command[Any]) -> None:
-        """Send a command without waiting for its outcome (failures are logged)."""
-        future = self._entities._submit(Request(self.entity_type, self.entity_id, command))
+    def tell(self, command: Command[Any], *, command_id: str | None = None) -> str:
+        """Send a command without waiting for its outcome (failures are logged); returns its
+        command id. Raises ``Overloaded`` at once when ``max_pending`` asks are outstanding."""
+        future, cid = self._submit(command, command_id)
         future.add_done_callback(_log_failure)
+        return cid
 
     def __repr__(self) -> str:
         return f"EntityRef({self.entity_type!r}, {self.entity_id!r})"
@@ -64,7 +104,23 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 
 class InProcessEntities:
-    """Hosts entities in this process, on the given storage."""
+    """Hosts entities in this process, on the given storage.
+
+    Settings (keyword arguments):
+
+    ``max_batch`` (1000)
+        Most asks processed as one batch (one journal transaction).
+    ``max_entities`` (100,000; None: no bound)
+        Most entities kept in memory; after each batch the least recently used beyond it are
+        passivated (dropped from memory; their next command recovers them from the journal).
+    ``idle_timeout`` (600 s; None: never)
+        Entities without a command for this long are passivated, by a background sweep every
+        ``idle_timeout / 4`` seconds (at least 0.05 s) that runs while these entities are open,
+        whether or not asks arrive.
+    ``max_pending`` (10,000)
+        Most asks outstanding (queued or being processed); beyond it ``ask`` and ``tell`` raise
+        ``Overloaded`` at once and the command is not run.
+    """
 
     def __init__(
         self,
@@ -72,14 +128,30 @@ class InProcessEntities:
         entities: Iterable[EntityClass],
         *,
         max_batch: int = 1000,
+        max_entities: int | None = DEFAULT_MAX_ENTITIES,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_pending: int = DEFAULT_MAX_PENDING,
         owns_storage: bool = False,
     ) -> None:
+        if max_batch < 1:
+            raise ConfigurationError(f"max_batch must be at least 1, got {max_batch}")
+        if max_pending < 1:
+            raise ConfigurationError(f"max_pending must be at least 1, got {max_pending}")
         self.storage = storage
-        self.processor = EntityProcessor(entities, storage.journal, storage.snapshots)
+        self.processor = EntityProcessor(
+            entities,
+            storage.journal,
+            storage.snapshots,
+            max_entities=max_entities,
+            idle_timeout=idle_timeout,
+        )
         self.max_batch = max_batch
+        self.max_pending = max_pending
         self._owns_storage = owns_storage
         self._queue: list[tuple[Request, asyncio.Future[Any]]] = []
+        self._in_flight = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._passivator: asyncio.Task[None] | None = None
         self._closed = False
 
     def ref_for(
@@ -89,14 +161,27 @@ class InProcessEntities:
         self.processor.entity_class(type_name)  # fail fast on an unknown entity
         return EntityRef(self, type_name, str(entity_id))
 
+    @property
+    def pending(self) -> int:
+        """Asks outstanding: queued, or in the batch being processed."""
+        return len(self._queue) + self._in_flight
+
     def _submit(self, request: Request) -> asyncio.Future[Any]:
         if self._closed:
             raise RuntimeError("these entities are closed")
+        if self.pending >= self.max_pending:
+            raise Overloaded(
+                f"{self.pending} asks are outstanding, the limit (max_pending) is "
+                f"{self.max_pending}: {type(request.command).__qualname__} for "
+                f"{request.entity_type}/{request.entity_id} was not run; retry later"
+            )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((request, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
+        if self._passivator is None and self.processor.idle_timeout is not None:
+            self._passivator = loop.create_task(self._passivate_idle_entities())
         return future
 
     async def _flush(self) -> None:
@@ -104,6 +189,11 @@ class InProcessEntities:
         await asyncio.sleep(0)
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            # An ask that timed out before its batch left the queue is not run at all.
+            batch = [(req, future) for req, future in batch if not future.done()]
+            if not batch:
+                continue
+            self._in_flight = len(batch)
             try:
                 results = await self.processor.process([req for req, _ in batch])
             except Exception as e:  # a bug or an unexpected failure: answer everyone
@@ -111,6 +201,8 @@ class InProcessEntities:
                     if not future.done():
                         future.set_exception(e)
                 continue
+            finally:
+                self._in_flight = 0
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -119,11 +211,36 @@ class InProcessEntities:
                 else:
                     future.set_result(result.reply)
 
+    async def _passivate_idle_entities(self) -> None:
+        timeout = self.processor.idle_timeout
+        assert timeout is not None
+        interval = max(timeout / 4, MIN_PASSIVATE_INTERVAL)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                passivated = self.processor.passivate_idle()
+            except Exception:  # never let the sweep die silently
+                log.exception("passivating idle entities failed")
+            else:
+                if passivated:
+                    log.debug("passivated %d idle entities", passivated)
+
+    def stats(self) -> dict[str, int | float]:
+        """The processor's counters (see :meth:`EntityProcessor.stats`) plus ``pending``."""
+        counters = self.processor.stats()
+        counters["pending"] = self.pending
+        return counters
+
     async def close(self) -> None:
-        """Finish the asks already made, then release the storage if this object opened it."""
+        """Finish the asks already made, stop the passivation sweep, then release the storage
+        if this object opened it."""
         self._closed = True
         if self._flusher is not None:
             await self._flusher
+        if self._passivator is not None:
+            self._passivator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._passivator
         if self._owns_storage:
             await self.storage.close()
 
@@ -144,10 +261,25 @@ async def start_in_process(
     entities: Iterable[EntityClass],
     journal_url: str | None = None,
     max_batch: int = 1000,
+    max_entities: int | None = DEFAULT_MAX_ENTITIES,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    max_pending: int = DEFAULT_MAX_PENDING,
     **journal_settings: Any,
 ) -> InProcessEntities:
     """Open the journal (``journal_url``, else ``LAGOMPY_JOURNAL_URL``, else ``./lagompy.db``)
-    and host ``entities`` in this process."""
+    and host ``entities`` in this process (settings: see :class:`InProcessEntities`)."""
     entity_list = list(entities)
     storage = await open_storage(journal_url, entities=entity_list, **journal_settings)
-    return InProcessEntities(storage, entity_list, max_batch=max_batch, owns_storage=True)
+    try:
+        return InProcessEntities(
+            storage,
+            entity_list,
+            max_batch=max_batch,
+            max_entities=max_entities,
+            idle_timeout=idle_timeout,
+            max_pending=max_pending,
+            owns_storage=True,
+        )
+    except BaseException:
+        await storage.close()
+        raise

@@ -11,6 +11,17 @@ This is the heart of a shard: the Ray shard host and the in-process runtime both
 4. only then are replies released and ``then_run`` side effects run; an entity whose write
    failed is dropped from memory (it reloads from the journal next time) and its commands
    that depended on the write get the error.
+
+Safe retries: a request may carry a ``command_id``. The encoded reply of a command that
+persisted events is written with those events (same transaction) under ``(entity, command id)``.
+A request with ``check_duplicate`` whose id is already stored is answered with the stored reply
+and not run again; the same id twice in one batch runs once and both get its result. Rejected
+and read-only commands store nothing, so they simply run again.
+
+Passivation: live entities are kept in least-recently-used order. After each batch the least
+recently used beyond ``max_entities`` are dropped from memory, and :meth:`passivate_idle` drops
+those unused for ``idle_timeout`` seconds. Entities used by a batch in progress are never
+dropped; a dropped entity is recovered from the journal by its next command.
 """
 
 from __future__ import annotations
@@ -18,15 +29,25 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lagompy.entity import Effect, PersistentEntity, unhandled_command, union_members
+from lagompy.entity import (
+    Effect,
+    PersistentEntity,
+    reply_type_of,
+    unhandled_command,
+    union_members,
+)
 from lagompy.errors import (
     CommandHandlerFailed,
     CommandRejected,
+    ConcurrencyConflict,
     ConfigurationError,
+    EncodeError,
     EventHandlerFailed,
     HandlerFailed,
     LagompyError,
@@ -34,12 +55,16 @@ from lagompy.errors import (
     UnhandledCommand,
     UnhandledEvent,
 )
-from lagompy.journal import AtomicWrite, Journal
+from lagompy.journal import AtomicWrite, Journal, check_command_id
 from lagompy.snapshots import SnapshotStore, SnapshotToSave
 
 log = logging.getLogger("lagompy.processing")
 
 EntityClass = type[PersistentEntity[Any, Any, Any]]
+
+#: The stored reply ``None`` (msgpack nil), whatever the command's declared reply type: a
+#: command that persists events without ``then_reply`` replies ``None``.
+_NONE_REPLY = b"\xc0"
 
 
 # --------------------------------------------------------------------------- pure steps
@@ -152,6 +177,8 @@ class LiveEntity:
     #: set when recovery could not use the latest snapshot and replayed everything
     recovery_warning: str | None = None
     recovered_from_snapshot: bool = False
+    #: ``time.monotonic()`` of the last batch that used the entity
+    last_used: float = 0.0
 
 
 async def recover(
@@ -194,11 +221,19 @@ async def recover(
 
 @dataclass(frozen=True)
 class Request:
-    """One command for one entity."""
+    """One command for one entity.
+
+    ``command_id`` identifies the command for safe retries: when the command persists events,
+    its reply is stored with them under ``(entity, command_id)``. With ``check_duplicate`` the
+    processor first looks the id up and, when it is known, answers with the stored reply instead
+    of running the command again.
+    """
 
     entity_type: str
     entity_id: str
     command: Any
+    command_id: str | None = None
+    check_duplicate: bool = False
 
 
 @dataclass
@@ -237,7 +272,21 @@ class EntityProcessor:
         snapshots: SnapshotStore,
         *,
         max_concurrent_recoveries: int = 16,
+        max_entities: int | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
+        if max_entities is not None and max_entities < 1:
+            raise ConfigurationError(
+                f"max_entities must be at least 1 (or None), got {max_entities}"
+            )
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ConfigurationError(
+                f"idle_timeout must be a positive number of seconds (or None), got {idle_timeout}"
+            )
+        #: most entities kept in memory after a batch (None: no bound)
+        self.max_entities = max_entities
+        #: seconds without a command after which :meth:`passivate_idle` drops an entity
+        self.idle_timeout = idle_timeout
         self.entity_classes: dict[str, EntityClass] = {}
         for cls in entities:
             cls.validate()
@@ -253,8 +302,13 @@ class EntityProcessor:
         }
         self.journal = journal
         self.snapshots = snapshots
-        self.live: dict[tuple[str, str], LiveEntity] = {}
+        #: live entities, least recently used first
+        self.live: OrderedDict[tuple[str, str], LiveEntity] = OrderedDict()
         self._recoveries = asyncio.Semaphore(max_concurrent_recoveries)
+        #: entities a batch in progress uses (never passivated), with the number of such batches
+        self._in_use: Counter[tuple[str, str]] = Counter()
+        self._reply_types: dict[type, Any] = {}
+        self._stats: Counter[str] = Counter()
 
     def entity_class(self, entity_type: str) -> EntityClass:
         try:
@@ -265,10 +319,81 @@ class EntityProcessor:
                 f"(known: {sorted(self.entity_classes)})"
             ) from None
 
+    def passivate_idle(self, now: float | None = None) -> int:
+        """Drop the entities unused for more than ``idle_timeout`` seconds (``now`` defaults to
+        ``time.monotonic()``); return how many. Entities a batch in progress uses stay. Without
+        an ``idle_timeout`` nothing is dropped."""
+        if self.idle_timeout is None:
+            return 0
+        deadline = (time.monotonic() if now is None else now) - self.idle_timeout
+        idle: list[tuple[str, str]] = []
+        for key, live in self.live.items():  # least recently used first
+            if live.last_used > deadline:
+                break
+            if key not in self._in_use:
+                idle.append(key)
+        for key in idle:
+            del self.live[key]
+        self._stats["passivations"] += len(idle)
+        return len(idle)
+
+    def _passivate_beyond_max(self) -> int:
+        if self.max_entities is None or len(self.live) <= self.max_entities:
+            return 0
+        excess = len(self.live) - self.max_entities
+        victims: list[tuple[str, str]] = []
+        for key in self.live:  # least recently used first
+            if len(victims) == excess:
+                break
+            if key not in self._in_use:
+                victims.append(key)
+        for key in victims:
+            del self.live[key]
+        self._stats["passivations"] += len(victims)
+        return len(victims)
+
+    def stats(self) -> dict[str, int | float]:
+        """This processor's counters since it was made:
+
+        ``live_entities`` (in memory now), ``activations`` (recoveries from the journal),
+        ``passivations`` (entities dropped from memory by ``max_entities`` or ``idle_timeout``),
+        ``batches``, ``commands`` (requests received), ``events_persisted``, ``duplicates``
+        (requests answered with a stored reply or with the result of the same command id
+        earlier in the batch, without running), ``conflicts`` (writes refused because another
+        writer appended first) and ``failed_writes`` (writes that failed for any reason,
+        conflicts included).
+        """
+        counters: dict[str, int | float] = {
+            name: self._stats[name]
+            for name in (
+                "activations",
+                "passivations",
+                "batches",
+                "commands",
+                "events_persisted",
+                "duplicates",
+                "conflicts",
+                "failed_writes",
+            )
+        }
+        counters["live_entities"] = len(self.live)
+        return counters
+
     def evict(self, entity_type: str, entity_id: str) -> None:
+        """Drop the entity from memory (it is recovered from the journal when next used)."""
         self.live.pop((entity_type, entity_id), None)
 
+    def _reply_type(self, command: Any) -> Any:
+        cls = type(command)
+        try:
+            return self._reply_types[cls]
+        except KeyError:
+            reply_type = self._reply_types[cls] = reply_type_of(cls)
+            return reply_type
+
     async def activate(self, entity_type: str, entity_id: str) -> LiveEntity:
+        """The live entity, recovered from the journal first if it is not in memory; it becomes
+        the most recently used."""
         key = (entity_type, entity_id)
         live = self.live.get(key)
         if live is None:
@@ -278,27 +403,126 @@ class EntityProcessor:
                     cls = self.entity_class(entity_type)
                     live = await recover(cls, entity_id, self.journal, self.snapshots)
                     self.live[key] = live
+                    self._stats["activations"] += 1
+        live.last_used = time.monotonic()
+        if key in self.live:
+            self.live.move_to_end(key)
         return live
 
     async def process(self, requests: Sequence[Request]) -> list[Result]:
         """Process a batch; one result per request, in the same order. Replies are released
         only after the batch's events are committed."""
         results: list[Result | None] = [None] * len(requests)
+        self._stats["batches"] += 1
+        self._stats["commands"] += len(requests)
         groups: dict[tuple[str, str], list[int]] = {}
+        # Same (entity, command id) again in this batch: index of the first -> the later ones.
+        repeats: dict[int, list[int]] = {}
+        first_of: dict[tuple[str, str, str], int] = {}
+        to_check: list[int] = []
         for i, req in enumerate(requests):
             accepted = self._command_types.get(req.entity_type)
             if accepted is None:
                 results[i] = Result(error=_unknown_entity(req.entity_type, self.entity_classes))
-            elif accepted and not isinstance(req.command, accepted):
+                continue
+            if accepted and not isinstance(req.command, accepted):
                 results[i] = Result(
                     error=UnhandledCommand(
                         f"{self.entity_classes[req.entity_type].__qualname__} does not accept "
                         f"{type(req.command).__qualname__}: not one of its command types"
                     )
                 )
-            else:
-                groups.setdefault((req.entity_type, req.entity_id), []).append(i)
+                continue
+            if req.command_id is not None:
+                try:
+                    check_command_id(req.command_id)
+                except ValueError as e:
+                    results[i] = Result(error=e)
+                    continue
+                id_key = (req.entity_type, req.entity_id, req.command_id)
+                first = first_of.setdefault(id_key, i)
+                if first != i:
+                    repeats.setdefault(first, []).append(i)
+                    continue
+                if req.check_duplicate:
+                    to_check.append(i)
+            groups.setdefault((req.entity_type, req.entity_id), []).append(i)
 
+        if to_check:
+            await self._answer_stored(requests, to_check, groups, results)
+
+        self._in_use.update(list(groups))
+        try:
+            await self._run(requests, groups, results)
+        finally:
+            self._in_use.subtract(list(groups))
+            for key in groups:
+                if self._in_use[key] <= 0:
+                    del self._in_use[key]
+        self._passivate_beyond_max()
+
+        for first, later in repeats.items():
+            done = results[first]
+            assert done is not None
+            for i in later:
+                results[i] = Result(reply=done.reply, error=done.error, events=done.events)
+            self._stats["duplicates"] += len(later)
+        return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
+
+    async def _answer_stored(
+        self,
+        requests: Sequence[Request],
+        to_check: list[int],
+        groups: dict[tuple[str, str], list[int]],
+        results: list[Result | None],
+    ) -> None:
+        """Answer the requests whose command id has a stored reply (one journal query), and
+        take them out of ``groups``: they are not run again."""
+        keys = []
+        for i in to_check:
+            req = requests[i]
+            assert req.command_id is not None
+            keys.append((req.entity_type, req.entity_id, req.command_id))
+        try:
+            stored = await self.journal.stored_replies(keys)
+        except Exception as e:
+            # Without the answer, running the command could apply it twice: fail these alone.
+            answered = {i: Result(error=e) for i in to_check}
+        else:
+            answered = {}
+            for i, key in zip(to_check, keys, strict=True):
+                payload = stored.get(key)
+                if payload is None:
+                    continue
+                command = requests[i].command
+                try:
+                    reply = (
+                        None
+                        if payload == _NONE_REPLY
+                        else self.journal.serializer.decode_value(
+                            payload, self._reply_type(command)
+                        )
+                    )
+                except SerializationError as e:
+                    answered[i] = Result(error=e)
+                else:
+                    answered[i] = Result(reply=reply)
+                    self._stats["duplicates"] += 1
+        for i, result in answered.items():
+            results[i] = result
+            entity = (requests[i].entity_type, requests[i].entity_id)
+            remaining = [j for j in groups[entity] if j != i]
+            if remaining:
+                groups[entity] = remaining
+            else:
+                del groups[entity]
+
+    async def _run(
+        self,
+        requests: Sequence[Request],
+        groups: dict[tuple[str, str], list[int]],
+        results: list[Result | None],
+    ) -> None:
         batches: dict[tuple[str, str], _EntityBatch] = {}
         activations = await asyncio.gather(
             *(self.activate(t, i) for (t, i) in groups), return_exceptions=True
@@ -314,15 +538,40 @@ class EntityProcessor:
 
         writes: list[AtomicWrite] = []
         write_keys: list[tuple[str, str]] = []
+        serializer = self.journal.serializer
         for key, batch in batches.items():
             live = batch.live
             state = live.state
             events: list[Any] = []
+            replies: list[tuple[str, int, bytes]] = []
             for i in groups[key]:
-                decision = decide(live.entity, state, requests[i].command)
+                request = requests[i]
+                decision = decide(live.entity, state, request.command)
                 if decision.error is not None:
                     results[i] = Result(error=decision.error)
                     continue
+                payload = None
+                if request.command_id is not None and decision.events:
+                    try:
+                        payload = (
+                            _NONE_REPLY
+                            if decision.reply is None
+                            else serializer.encode_value(
+                                decision.reply, self._reply_type(request.command)
+                            )
+                        )
+                    except SerializationError as e:
+                        unstorable = EncodeError(
+                            f"the reply of {type(request.command).__qualname__} to "
+                            f"{key[0]}/{key[1]} cannot be stored for safe retries (does it fit "
+                            "the reply type the command declares?), so the command was not "
+                            f"applied: {e}"
+                        )
+                        unstorable.__cause__ = e
+                        results[i] = Result(error=unstorable)
+                        continue
+                    last_seq_nr = live.seq_nr + len(events) + len(decision.events)
+                    replies.append((request.command_id, last_seq_nr, payload))
                 state = decision.state_after
                 events.extend(decision.events)
                 batch.pending.append(_Pending(i, decision))
@@ -334,6 +583,7 @@ class EntityProcessor:
                         expected_seq_nr=live.seq_nr,
                         events=events,
                         tags=[live.entity.tags_for(evt) for evt in events],
+                        replies=replies,
                     )
                 )
                 write_keys.append(key)
@@ -356,6 +606,9 @@ class EntityProcessor:
                 for key, wr in zip(write_keys, write_results, strict=True):
                     if wr.error is not None:
                         failed[key] = wr.error
+                        if isinstance(wr.error, ConcurrencyConflict):
+                            self._stats["conflicts"] += 1
+        self._stats["failed_writes"] += len(failed)
 
         to_snapshot: list[SnapshotToSave] = []
         side_effects: list[tuple[Callable[[Any], Any], Any, tuple[str, str]]] = []
@@ -375,6 +628,7 @@ class EntityProcessor:
                 results[p.index] = Result(reply=p.decision.reply, events=p.decision.events)
                 for fn in p.decision.side_effects:
                     side_effects.append((fn, p.decision.state_after, key))
+            self._stats["events_persisted"] += live.seq_nr - previous_seq
             every = type(live.entity).snapshot_every
             if every and live.seq_nr // every > previous_seq // every:
                 to_snapshot.append(SnapshotToSave(key[0], key[1], live.seq_nr, live.state))
@@ -391,7 +645,6 @@ class EntityProcessor:
                     live_entity = self.live.get((snap.entity_type, snap.entity_id))
                     if live_entity is not None:
                         live_entity.snapshot_seq_nr = snap.seq_nr
-        return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
 
 
 async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str, str]) -> None:

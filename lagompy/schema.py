@@ -11,6 +11,12 @@
     the entity's highest sequence number.
 ``lagompy_snapshots``
     Saved states, one row per (entity, sequence number).
+``lagompy_command_replies``
+    The encoded reply of every command (with a command id) that persisted events, written in the
+    same transaction as its events and keyed by ``(entity_type, entity_id, command_id)``:
+    a retried command is answered from here instead of being applied twice. ``seq_nr`` is the
+    highest sequence number of the command's events; deleting events up to a sequence number
+    deletes the replies up to it too.
 """
 
 from __future__ import annotations
@@ -79,4 +85,17 @@ snapshots = Table(
     Column("state_version", Integer, nullable=False),
     Column("payload", LargeBinary, nullable=False),
     PrimaryKeyConstraint("entity_type", "entity_id", "seq_nr", name="pk_lagompy_snapshots"),
+)
+
+command_replies = Table(
+    "lagompy_command_replies",
+    metadata,
+    Column("entity_type", String(255), nullable=False),
+    Column("entity_id", String(255), nullable=False),
+    Column("command_id", String(255), nullable=False),
+    Column("seq_nr", BigInteger, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    PrimaryKeyConstraint(
+        "entity_type", "entity_id", "command_id", name="pk_lagompy_command_replies"
+    ),
 )

@@ -31,6 +31,7 @@ from lagompy import ConfigurationError, JournalError, JournalSettings, open_stor
 from lagompy.cli import build_app
 from lagompy.database import Database
 from lagompy.migrate import (
+    _FIRST_REVISION_TABLES,
     ADVISORY_LOCK_KEY,
     VERSION_TABLE,
     current_revision,
@@ -196,9 +197,11 @@ async def test_a_failed_upgrade_leaves_nothing_behind(database: Database) -> Non
 
 
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
-    # lagompy 0.1 created the tables with metadata.create_all and no version table.
+    # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
+    # version table; later revisions add tables that 0.1 never had.
+    first = [t for t in schema.metadata.sorted_tables if t.name in _FIRST_REVISION_TABLES]
     async with database.write() as conn:
-        await conn.run_sync(schema.metadata.create_all)
+        await conn.run_sync(lambda sync_conn: schema.metadata.create_all(sync_conn, tables=first))
         await conn.execute(
             schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
         )

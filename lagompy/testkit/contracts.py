@@ -56,6 +56,7 @@ import pytest_asyncio
 
 from lagompy.errors import (
     ConcurrencyConflict,
+    DuplicateCommandId,
     EventDecodeError,
     LagompyError,
     SerializationError,
@@ -698,6 +699,149 @@ class JournalContract(StorageContract):
         assert [e.metadata for e in await j.events_by_tag("t")] == [metadata, metadata]
         assert [e.metadata for e in await j.all_events()] == [metadata, metadata, {}]
         assert plain.metadata == {}
+
+    # ------------------------------------------------------------ command replies
+
+    async def test_command_replies_round_trip_with_their_events(self, storage: Storage) -> None:
+        j = storage.journal
+        write = AtomicWrite(
+            ENTITY_TYPE,
+            "r",
+            0,
+            _happened("r", 1, 3),
+            replies=[("cmd-1", 1, b"first"), ("cmd-2", 3, b"\x00second\xff")],
+        )
+        assert _seqs(await j.append_one(write)) == [1, 2, 3]
+        found = await j.stored_replies(
+            [
+                (ENTITY_TYPE, "r", "cmd-1"),
+                (ENTITY_TYPE, "r", "cmd-2"),
+                (ENTITY_TYPE, "r", "unknown"),
+                (ENTITY_TYPE, "other", "cmd-1"),  # command ids are per entity
+                (OTHER_ENTITY_TYPE, "r", "cmd-1"),  # ... and per entity type
+            ]
+        )
+        assert found == {
+            (ENTITY_TYPE, "r", "cmd-1"): b"first",
+            (ENTITY_TYPE, "r", "cmd-2"): b"\x00second\xff",
+        }
+        assert await j.stored_replies([]) == {}
+        # The same command id on another entity is another command.
+        await j.append_one(
+            AtomicWrite(
+                ENTITY_TYPE, "other", 0, [Happened("other", 1)], replies=[("cmd-1", 1, b"o")]
+            )
+        )
+        assert await j.stored_replies([(ENTITY_TYPE, "other", "cmd-1")]) == {
+            (ENTITY_TYPE, "other", "cmd-1"): b"o"
+        }
+
+    async def test_a_large_batch_stores_every_reply(self, storage: Storage) -> None:
+        # Large batches may take another path (PostgreSQL switches to COPY): same results.
+        j = storage.journal
+        writes = [
+            AtomicWrite(
+                ENTITY_TYPE,
+                f"e{n}",
+                0,
+                _happened(f"e{n}", 1, 2),
+                [("t",), ("t",)] if n % 2 else [],
+                replies=[(f"c{n}", 2, f"reply {n}".encode())],
+            )
+            for n in range(100)
+        ]
+        _ok(await j.append(writes))
+        keys = [(ENTITY_TYPE, f"e{n}", f"c{n}") for n in range(100)]
+        found = await j.stored_replies(keys)
+        assert found == {k: f"reply {n}".encode() for n, k in enumerate(keys)}
+        assert len(await j.events_by_tag("t", limit=1000)) == 100
+
+    async def test_a_write_that_fails_stores_no_reply(self, storage: Storage) -> None:
+        j = storage.journal
+        await j.append_one(_write("taken", 0, Happened("taken", 1)))
+        conflict, unencodable, good = await j.append(
+            [
+                AtomicWrite(
+                    ENTITY_TYPE, "taken", 0, [Happened("taken", 1)], replies=[("a", 1, b"a")]
+                ),
+                AtomicWrite(ENTITY_TYPE, "bad", 0, [NotSerializable(1)], replies=[("b", 1, b"b")]),
+                AtomicWrite(
+                    ENTITY_TYPE, "good", 0, [Happened("good", 1)], replies=[("c", 1, b"c")]
+                ),
+            ]
+        )
+        assert isinstance(conflict.error, ConcurrencyConflict)
+        assert isinstance(unencodable.error, SerializationError)
+        assert good.ok
+        assert await j.stored_replies(
+            [(ENTITY_TYPE, "taken", "a"), (ENTITY_TYPE, "bad", "b"), (ENTITY_TYPE, "good", "c")]
+        ) == {(ENTITY_TYPE, "good", "c"): b"c"}
+
+    async def test_a_command_id_already_stored_fails_that_write_alone(
+        self, storage: Storage
+    ) -> None:
+        j = storage.journal
+        await j.append_one(
+            AtomicWrite(ENTITY_TYPE, "d", 0, [Happened("d", 1)], replies=[("once", 1, b"1")])
+        )
+        again, other = await j.append(
+            [
+                AtomicWrite(ENTITY_TYPE, "d", 1, [Happened("d", 2)], replies=[("once", 2, b"2")]),
+                AtomicWrite(ENTITY_TYPE, "e", 0, [Happened("e", 1)], replies=[("once", 1, b"e")]),
+            ]
+        )
+        assert isinstance(again.error, DuplicateCommandId), again.error
+        assert again.error.command_id == "once" and "once" in str(again.error)
+        assert other.ok
+        assert _seqs(await j.events(ENTITY_TYPE, "d")) == [1]
+        assert await j.stored_replies([(ENTITY_TYPE, "d", "once")]) == {
+            (ENTITY_TYPE, "d", "once"): b"1"
+        }
+        # The entity is unharmed: the same write under a new command id commits.
+        await j.append_one(
+            AtomicWrite(ENTITY_TYPE, "d", 1, [Happened("d", 2)], replies=[("twice", 2, b"2")])
+        )
+        assert _seqs(await j.events(ENTITY_TYPE, "d")) == [1, 2]
+
+    async def test_replies_that_do_not_fit_their_write_are_refused(self, storage: Storage) -> None:
+        j = storage.journal
+        events = [Happened("v", 1), Happened("v", 2)]
+        bad_replies: list[list[tuple[Any, Any, Any]]] = [
+            [("same", 1, b"1"), ("same", 2, b"2")],  # one command id twice in a write
+            [("c", 0, b"")],  # not one of the write's sequence numbers
+            [("c", 3, b"")],
+            [("", 1, b"")],  # an empty command id
+            [("x" * 256, 1, b"")],  # longer than the column
+            [("c", 1, "not bytes")],
+        ]
+        for replies in bad_replies:
+            with pytest.raises(ValueError):
+                await j.append([AtomicWrite(ENTITY_TYPE, "v", 0, events, replies=replies)])
+        assert await j.all_events() == []
+        assert await j.stored_replies([(ENTITY_TYPE, "v", "same"), (ENTITY_TYPE, "v", "c")]) == {}
+
+    async def test_replies_are_deleted_with_their_events(self, storage: Storage) -> None:
+        j = storage.journal
+        await j.append_one(
+            AtomicWrite(
+                ENTITY_TYPE,
+                "x",
+                0,
+                _happened("x", 1, 4),
+                replies=[("c1", 1, b"1"), ("c3", 3, b"3"), ("c4", 4, b"4")],
+            )
+        )
+        await j.append_one(
+            AtomicWrite(ENTITY_TYPE, "y", 0, [Happened("y", 1)], replies=[("c1", 1, b"y")])
+        )
+        keys = [(ENTITY_TYPE, "x", c) for c in ("c1", "c3", "c4")] + [(ENTITY_TYPE, "y", "c1")]
+        assert await j.delete_events(ENTITY_TYPE, "x", 3) == 3
+        assert sorted(await j.stored_replies(keys)) == [
+            (ENTITY_TYPE, "x", "c4"),
+            (ENTITY_TYPE, "y", "c1"),
+        ]
+        assert await j.delete_events(ENTITY_TYPE, "x", 100) == 1
+        assert sorted(await j.stored_replies(keys)) == [(ENTITY_TYPE, "y", "c1")]
 
     # ------------------------------------------------------------ decoding and other readers
 

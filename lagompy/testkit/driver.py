@@ -31,9 +31,7 @@ C = TypeVar("C")
 E = TypeVar("E")
 S = TypeVar("S")
 
-IssueKind = Literal[
-    "serialization", "unhandled-command", "unhandled-event", "recovery-mismatch"
-]
+IssueKind = Literal["serialization", "unhandled-command", "unhandled-event", "recovery-mismatch"]
 
 
 @dataclass(frozen=True)
@@ -147,9 +145,7 @@ class EntityTestDriver(Generic[C, E, S]):
             if result.error is not None:
                 outcome.replies.append(result.error)
                 if isinstance(result.error, UnhandledCommand):
-                    outcome.issues.append(
-                        Issue("unhandled-command", str(result.error), command)
-                    )
+                    outcome.issues.append(Issue("unhandled-command", str(result.error), command))
                 elif isinstance(result.error, UnhandledEvent):
                     outcome.issues.append(Issue("unhandled-event", str(result.error), command))
                 elif isinstance(result.error, SerializationError):

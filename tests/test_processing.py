@@ -1,0 +1,406 @@
+"""Safe retries (command ids and stored replies), passivation and backpressure: the
+EntityProcessor and the in-process runtime, on both journal backends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from lagompy import (
+    Command,
+    Effect,
+    InvalidCommand,
+    JournalSettings,
+    PersistentEntity,
+    Storage,
+    open_storage,
+    start_in_process,
+)
+from lagompy.errors import AskTimeout, DuplicateCommandId, EncodeError, Overloaded
+from lagompy.journal import AtomicWrite, WriteResult
+from lagompy.processing import EntityProcessor, Request
+
+# --------------------------------------------------------------------------- a counter entity
+
+
+@dataclass(frozen=True)
+class Increment(Command[int]):
+    by: int = 1
+
+
+@dataclass(frozen=True)
+class Decrement(Command[int]):
+    """Rejected while the count is 0."""
+
+
+@dataclass(frozen=True)
+class GetCount(Command[int]):
+    pass
+
+
+@dataclass(frozen=True)
+class Reset(Command[int]):
+    """Persists without ``then_reply``: its reply is None, whatever ``Command[int]`` says."""
+
+
+@dataclass(frozen=True)
+class Mislabel(Command[int]):
+    """A bug: replies a str where it declares an int."""
+
+
+CounterCommand = Increment | Decrement | GetCount | Reset | Mislabel
+
+
+@dataclass(frozen=True)
+class Changed:
+    by: int
+
+
+@dataclass(frozen=True)
+class Count:
+    value: int = 0
+
+
+class CounterEntity(PersistentEntity[CounterCommand, Changed, Count]):
+    type_name = "counter"
+    initial_state = Count()
+
+    def on_command(self, state: Count, command: CounterCommand) -> Effect[Count]:
+        match command:
+            case Increment(by=by):
+                return Effect.persist(Changed(by)).then_reply(lambda s: s.value)
+            case Decrement():
+                if state.value == 0:
+                    raise InvalidCommand(f"counter {self.entity_id} is at 0")
+                return Effect.persist(Changed(-1)).then_reply(lambda s: s.value)
+            case GetCount():
+                return Effect.reply(state.value)
+            case Reset():
+                return Effect.persist(Changed(-state.value))
+            case Mislabel():
+                return Effect.persist(Changed(1)).then_reply("one")
+        return Effect.unhandled()
+
+    def on_event(self, state: Count, event: Changed) -> Count:
+        return Count(state.value + event.by)
+
+
+async def _events(storage: Storage, entity_id: str) -> list[Any]:
+    return [e.event for e in await storage.journal.events("counter", entity_id)]
+
+
+def _slow_appends(storage: Storage, delay: float) -> None:
+    """Make every journal append of ``storage`` take ``delay`` seconds longer."""
+    original = storage.journal.append
+
+    async def slow(writes: Sequence[AtomicWrite]) -> list[WriteResult]:
+        await asyncio.sleep(delay)
+        return await original(writes)
+
+    storage.journal.append = slow  # type: ignore[method-assign]
+
+
+@pytest.fixture
+async def storage(journal_settings: JournalSettings) -> AsyncIterator[Storage]:
+    async with await open_storage(settings=journal_settings, entities=[CounterEntity]) as s:
+        yield s
+
+
+# --------------------------------------------------------------------------- safe retries
+
+
+async def test_the_same_command_id_is_applied_once(journal_settings: JournalSettings) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "c")
+        assert await ref.ask(Increment(5), command_id="pay-1") == 5
+        assert await ref.ask(Increment(5), command_id="pay-1") == 5  # not 10
+        assert await ref.ask(Increment(1)) == 6  # no id: a new command
+        # The same id twice in one batch: run once, both get its reply.
+        both = await asyncio.gather(
+            ref.ask(Increment(10), command_id="pay-2"), ref.ask(Increment(10), command_id="pay-2")
+        )
+        assert list(both) == [16, 16]
+        assert await ref.ask(Increment(10), command_id="pay-2") == 16
+        assert await _events(ents.storage, "c") == [Changed(5), Changed(1), Changed(10)]
+        # Command ids are per entity: the same id on another entity is another command.
+        assert await ents.ref_for(CounterEntity, "d").ask(Increment(3), command_id="pay-1") == 3
+        stats = ents.stats()
+        assert stats["duplicates"] == 3 and stats["events_persisted"] == 4
+
+
+async def test_a_rejected_command_runs_again(journal_settings: JournalSettings) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "r")
+        with pytest.raises(InvalidCommand, match="at 0"):
+            await ref.ask(Decrement(), command_id="dec")
+        await ref.ask(Increment())
+        # Nothing was stored for the rejection: the retry runs, and now it is accepted.
+        assert await ref.ask(Decrement(), command_id="dec") == 0
+        assert await ref.ask(Decrement(), command_id="dec") == 0  # and now it is stored
+        assert await _events(ents.storage, "r") == [Changed(1), Changed(-1)]
+
+
+async def test_a_read_only_command_runs_again(journal_settings: JournalSettings) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "g")
+        assert await ref.ask(GetCount(), command_id="get") == 0
+        await ref.ask(Increment(2))
+        assert await ref.ask(GetCount(), command_id="get") == 2
+        assert ents.stats()["duplicates"] == 0
+
+
+async def test_a_retry_after_a_restart_is_still_answered_from_the_journal(
+    journal_settings: JournalSettings,
+) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        assert await ents.ref_for(CounterEntity, "p").ask(Increment(7), command_id="once") == 7
+        told = ents.ref_for(CounterEntity, "p").tell(Increment(1))  # a generated id
+        assert len(told) == 32
+    # A new runtime on the same database (a restarted process) knows both ids.
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "p")
+        assert await ref.ask(Increment(7), command_id="once") == 7
+        assert await ref.ask(Increment(1), command_id=told) == 8
+        assert ents.stats()["activations"] == 0  # answered without even recovering it
+        assert await ref.ask(GetCount()) == 8
+        assert await _events(ents.storage, "p") == [Changed(7), Changed(1)]
+
+
+async def test_replies_are_deleted_with_their_events(journal_settings: JournalSettings) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        journal = ents.storage.journal
+        ref = ents.ref_for(CounterEntity, "x")
+        await ref.ask(Increment(1), command_id="first")
+        await ref.ask(Increment(2), command_id="second")
+        keys = [("counter", "x", "first"), ("counter", "x", "second")]
+        assert sorted(await journal.stored_replies(keys)) == keys
+        assert await journal.delete_events("counter", "x", 1) == 1
+        assert sorted(await journal.stored_replies(keys)) == [("counter", "x", "second")]
+        # With its reply gone, the first command id is new again.
+        assert await ref.ask(Increment(1), command_id="first") == 4
+        assert await ref.ask(Increment(2), command_id="second") == 3  # still stored
+
+
+async def test_an_ask_timeout_carries_the_command_id(journal_settings: JournalSettings) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "t")
+        _slow_appends(ents.storage, 0.3)
+        with pytest.raises(AskTimeout) as info:
+            await ref.ask(Increment(1), timeout=0.05, command_id="slow")
+        assert info.value.command_id == "slow" and "slow" in str(info.value)
+        with pytest.raises(AskTimeout) as info:
+            await ref.ask(Increment(100), timeout=0.05)  # queued behind the slow batch
+        generated = info.value.command_id
+        assert generated is not None and len(generated) == 32
+        # Asking again with the id gives the outcome without applying the command twice.
+        assert await ref.ask(Increment(1), command_id="slow") == 1
+        # The ask that timed out while still queued never ran.
+        assert await _events(ents.storage, "t") == [Changed(1)]
+
+
+async def test_a_none_reply_is_stored_and_a_reply_that_cannot_be_is_an_error(
+    journal_settings: JournalSettings,
+) -> None:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
+        ref = ents.ref_for(CounterEntity, "n")
+        await ref.ask(Increment(4))
+        assert await ref.ask(Reset(), command_id="reset") is None
+        await ref.ask(Increment(1))
+        assert await ref.ask(Reset(), command_id="reset") is None  # stored: not applied again
+        assert await ref.ask(GetCount()) == 1
+        # A reply that does not fit the declared type cannot be stored: nothing is applied.
+        with pytest.raises(EncodeError, match=r"Mislabel.*cannot be stored"):
+            await ref.ask(Mislabel())
+        assert await ref.ask(GetCount()) == 1
+        assert await _events(ents.storage, "n") == [Changed(4), Changed(-4), Changed(1)]
+
+
+async def test_command_ids_must_be_non_empty_and_fit_the_column(tmp_path: object) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], journal_url=f"sqlite:///{tmp_path}/ids.db"
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "v")
+        for bad in ("", "x" * 256):
+            with pytest.raises(ValueError, match="command id"):
+                await ref.ask(Increment(), command_id=bad)
+        assert await ref.ask(Increment(), command_id="x" * 255) == 1
+
+
+async def test_the_processor_checks_stored_replies_once_per_batch(storage: Storage) -> None:
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    lookups = 0
+    original = storage.journal.stored_replies
+
+    async def counting(keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], bytes]:
+        nonlocal lookups
+        lookups += 1
+        return await original(keys)
+
+    storage.journal.stored_replies = counting  # type: ignore[method-assign]
+    first = await processor.process(
+        [Request("counter", f"e{i}", Increment(i), command_id=f"c{i}") for i in range(5)]
+    )
+    assert [r.unwrap() for r in first] == [0, 1, 2, 3, 4]
+    assert lookups == 0  # nothing asked to check
+    again = await processor.process(
+        [
+            Request("counter", f"e{i}", Increment(i), command_id=f"c{i}", check_duplicate=True)
+            for i in range(5)
+        ]
+        + [Request("counter", "e9", Increment(9), command_id="new", check_duplicate=True)]
+    )
+    assert lookups == 1
+    assert [r.unwrap() for r in again] == [0, 1, 2, 3, 4, 9]
+    assert [r.events for r in again] == [()] * 5 + [(Changed(9),)]
+    assert processor.stats()["duplicates"] == 5
+
+
+async def test_a_known_id_without_the_duplicate_check_fails_that_entity_alone(
+    storage: Storage,
+) -> None:
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    await processor.process([Request("counter", "k", Increment(), command_id="used")])
+    dup, other = await processor.process(
+        [
+            Request("counter", "k", Increment(), command_id="used"),
+            Request("counter", "m", Increment(), command_id="used"),
+        ]
+    )
+    assert isinstance(dup.error, DuplicateCommandId) and dup.error.command_id == "used"
+    assert other.unwrap() == 1
+    assert await _events(storage, "k") == [Changed(1)]
+    # The entity is fine: the next command applies.
+    (next_one,) = await processor.process([Request("counter", "k", Increment())])
+    assert next_one.unwrap() == 2
+
+
+# --------------------------------------------------------------------------- passivation
+
+
+async def test_the_lru_bound_holds_and_reactivation_restores_the_state(storage: Storage) -> None:
+    processor = EntityProcessor(
+        [CounterEntity], storage.journal, storage.snapshots, max_entities=3
+    )
+    for i in range(6):
+        await processor.process([Request("counter", f"e{i}", Increment(i + 1))])
+        assert len(processor.live) <= 3
+    await processor.process([Request("counter", "e3", GetCount())])  # e3 is used again
+    await processor.process([Request("counter", "e0", Increment(10))])  # reactivates e0
+    assert list(processor.live) == [("counter", "e5"), ("counter", "e3"), ("counter", "e0")]
+    stats = processor.stats()
+    assert stats["passivations"] == 4 and stats["activations"] == 7
+    assert stats["live_entities"] == 3
+    # A batch bigger than the bound keeps all of its entities until it is done.
+    results = await processor.process([Request("counter", f"e{i}", GetCount()) for i in range(6)])
+    assert [r.unwrap() for r in results] == [11, 2, 3, 4, 5, 6]
+    assert len(processor.live) == 3
+    for i in range(6):
+        assert len(await _events(storage, f"e{i}")) == (2 if i == 0 else 1)
+
+
+async def test_passivate_idle_drops_only_idle_entities(storage: Storage) -> None:
+    processor = EntityProcessor(
+        [CounterEntity], storage.journal, storage.snapshots, idle_timeout=10
+    )
+    await processor.process([Request("counter", "old", Increment(3))])
+    before = processor.live[("counter", "old")].state
+    now = time.monotonic()
+    await processor.process([Request("counter", "new", Increment())])
+    processor.live[("counter", "old")].last_used = now - 20
+    assert processor.passivate_idle(now) == 1
+    assert list(processor.live) == [("counter", "new")]
+    assert processor.passivate_idle(now + 5) == 0
+    assert processor.passivate_idle(now + 11) == 1
+    assert processor.stats()["passivations"] == 2
+    (again,) = await processor.process([Request("counter", "old", GetCount())])
+    assert again.unwrap() == 3
+    assert processor.live[("counter", "old")].state == before
+    assert await _events(storage, "old") == [Changed(3)]
+    # Without an idle timeout nothing is ever idle.
+    plain = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    await plain.process([Request("counter", "old", GetCount())])
+    assert plain.passivate_idle(time.monotonic() + 10**9) == 0
+
+
+async def test_an_entity_in_a_batch_in_progress_is_never_passivated(storage: Storage) -> None:
+    processor = EntityProcessor(
+        [CounterEntity], storage.journal, storage.snapshots, idle_timeout=0.01
+    )
+    _slow_appends(storage, 0.3)
+    batch = asyncio.create_task(processor.process([Request("counter", "busy", Increment())]))
+    deadline = time.monotonic() + 2
+    while ("counter", "busy") not in processor.live and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # until it is activated; then the batch waits on its write
+    assert not batch.done()
+    assert processor.passivate_idle(time.monotonic() + 100) == 0
+    assert ("counter", "busy") in processor.live
+    (result,) = await batch
+    assert result.unwrap() == 1
+    assert processor.live[("counter", "busy")].seq_nr == 1
+    assert processor.passivate_idle(time.monotonic() + 100) == 1
+
+
+async def test_idle_entities_are_passivated_without_any_call(
+    journal_settings: JournalSettings,
+) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings, idle_timeout=0.1
+    ) as ents:
+        await asyncio.gather(
+            ents.ref_for(CounterEntity, "a").ask(Increment(2)),
+            ents.ref_for(CounterEntity, "b").ask(Increment(3)),
+        )
+        assert ents.stats()["live_entities"] == 2
+        deadline = time.monotonic() + 2
+        while ents.stats()["live_entities"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # no asks: only the background sweep can passivate
+        assert ents.stats()["live_entities"] == 0
+        assert ents.stats()["passivations"] == 2
+        assert await ents.ref_for(CounterEntity, "a").ask(GetCount()) == 2
+        assert await ents.ref_for(CounterEntity, "b").ask(Increment()) == 4
+    assert ents._passivator is not None and ents._passivator.done()
+
+
+# --------------------------------------------------------------------------- backpressure
+
+
+async def test_asks_beyond_max_pending_are_overloaded_and_not_run(
+    journal_settings: JournalSettings,
+) -> None:
+    async with await start_in_process(
+        entities=[CounterEntity], settings=journal_settings, max_pending=3
+    ) as ents:
+        ref = ents.ref_for(CounterEntity, "o")
+        outcomes = await asyncio.gather(
+            *(ref.ask(Increment(), command_id=f"o{i}") for i in range(4)),
+            return_exceptions=True,
+        )
+        assert outcomes[:3] == [1, 2, 3]
+        assert isinstance(outcomes[3], Overloaded)
+        assert "max_pending" in str(outcomes[3]) and "3" in str(outcomes[3])
+        with pytest.raises(Overloaded):
+            for _ in range(4):
+                ref.tell(Increment())
+        await asyncio.sleep(0.05)
+        assert ents.pending == 0
+        assert len(await _events(ents.storage, "o")) == 6  # 3 asks + 3 tells, nothing more
+        assert await ref.ask(GetCount()) == 6  # room again once the batch is done
