@@ -30,8 +30,9 @@ from lagompy.errors import (
 )
 from lagompy.in_process import EntityRef, InProcessEntities, start_in_process
 from lagompy.journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.runtime import ShardedEntities, ShardedEntityRef, shutdown_app, start
 from lagompy.serialization import Serializer, serializable
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, RuntimeSettings
 from lagompy.snapshots import Snapshot, SnapshotStore
 from lagompy.storage import Storage, open_storage
 from lagompy.tailing import EventTailer, TailSettings, read_pages, tail
@@ -62,8 +63,11 @@ __all__ = [
     "LagompyError",
     "NotFound",
     "PersistentEntity",
+    "RuntimeSettings",
     "SerializationError",
     "Serializer",
+    "ShardedEntities",
+    "ShardedEntityRef",
     "ShardedTag",
     "Snapshot",
     "SnapshotStore",
@@ -77,7 +81,9 @@ __all__ = [
     "read_pages",
     "serializable",
     "sharded_tag",
+    "shutdown_app",
     "stable_hash",
+    "start",
     "start_in_process",
     "tag",
     "tail",

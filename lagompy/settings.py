@@ -59,3 +59,103 @@ class JournalSettings(BaseSettings):
             "a journal whose tables are missing or outdated refuses to start."
         ),
     )
+
+
+class RuntimeSettings(BaseSettings):
+    """How the sharded runtime on Ray is laid out and how its region clients batch. Environment
+    prefix ``LAGOMPY_RUNTIME_`` (e.g. ``LAGOMPY_RUNTIME_HOSTS``, ``LAGOMPY_RUNTIME_MAX_BATCH``).
+
+    ``shards`` and ``hosts`` are part of the app's recorded topology: every process attached
+    to the app must use the same values (``None`` adopts what the running app uses)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAGOMPY_RUNTIME_", frozen=True, extra="forbid")
+
+    shards: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Logical shards: an entity lives in shard stable_hash(entity_id) % shards. None "
+            "adopts the running app's value, else 256. Fixed for the life of the app's data "
+            "layout on hosts; changing it needs replace_hosts."
+        ),
+    )
+    hosts: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Shard host actors; shard s lives on host s % hosts. None adopts the running app's "
+            "value, else the number of CPUs of the Ray cluster."
+        ),
+    )
+    ray_address: str | None = Field(
+        None,
+        description=(
+            "Ray cluster to attach to when Ray is not initialized yet. None means the "
+            "RAY_ADDRESS environment variable if set, else a new local Ray started on demand "
+            "(and shut down by close())."
+        ),
+    )
+    object_store_memory: int = Field(
+        256 * 1024 * 1024,
+        ge=78 * 1024 * 1024,
+        description="Bytes of object store for a local Ray that start() starts itself.",
+    )
+    max_batch: int = Field(1000, ge=1, description="Most asks in one call to a shard host.")
+    max_in_flight: int = Field(
+        2,
+        ge=1,
+        description=(
+            "Calls in flight per shard host from one process; while they run, new asks "
+            "accumulate into the next batch."
+        ),
+    )
+    max_pending: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "Most asks outstanding (queued or in flight) in one process; beyond it ask() and "
+            "tell() raise Overloaded at once."
+        ),
+    )
+    retries: int = Field(
+        3,
+        ge=0,
+        description=(
+            "How often a batch is resent (same command ids, duplicate check on) after its host "
+            "died or was unreachable; then each of its asks raises OutcomeUnknown."
+        ),
+    )
+    retry_backoff: float = Field(
+        0.2, ge=0, description="Seconds before the first resend; doubled for each next one."
+    )
+    max_entities: int | None = Field(
+        100_000,
+        ge=1,
+        description="Most entities a shard host keeps in memory (least recently used go first).",
+    )
+    idle_timeout: float | None = Field(
+        600.0, gt=0, description="Seconds an entity stays in memory without a command."
+    )
+    passivate_interval: float = Field(
+        10.0, gt=0, description="Seconds between two passivation sweeps in each shard host."
+    )
+    host_pool_size: int = Field(
+        2, ge=1, description="Journal connections each shard host keeps open."
+    )
+    host_max_overflow: int = Field(
+        2, ge=0, description="Extra journal connections a shard host may open under load."
+    )
+    host_max_restarts: int = Field(
+        -1, ge=-1, description="Restarts of a crashed shard host (-1: always restart)."
+    )
+    host_num_cpus: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "CPUs each shard host reserves in Ray's scheduler. 0 (the default) never waits for "
+            "free CPUs; set 1 on a cluster to spread hosts over nodes."
+        ),
+    )
+    start_timeout: float = Field(
+        60.0, gt=0, description="Seconds start() waits for the shard hosts to answer."
+    )

@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -113,3 +113,37 @@ async def journal_settings(backend: str, tmp_path: Path) -> AsyncIterator[Journa
         yield JournalSettings(url=POSTGRES_URL, postgres_schema=name, auto_migrate=True)
     finally:
         await _drop_schema(name)
+
+
+# --------------------------------------------------------------------------- Ray
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
+    """One Ray for the whole test session: a fresh local one (``RAY_ADDRESS`` attaches to a
+    running cluster instead), shut down at the end. Ray workers start with the repository root
+    on their path, so they import ``examples`` and ``tests`` modules like the tests do."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
+    if address:
+        ray.init(address=address, runtime_env=env, include_dashboard=False)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=2,
+            object_store_memory=150 * 1024 * 1024,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=False,
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,214 @@
+"""The region client: routes asks to shard hosts, in batches, from the calling process.
+
+Every ask is queued for the host that runs its entity's shard. At the end of the current tick of
+the event loop (``loop.call_soon``: no timer) each host's queue is sent as one call of at most
+``max_batch`` asks. At most ``max_in_flight`` calls per host are outstanding; while they run, new
+asks accumulate and leave as the next batch as soon as a call returns, so batches grow with the
+load by themselves. Replies come back in order and resolve each ask's future; an error in a
+reply is raised by that ask only.
+
+When a call fails because its host died or could not be reached (the batch may or may not have
+run), the batch is sent again, up to ``retries`` times, with the same command ids and the
+duplicate check on: a command that already persisted its events answers with its stored reply
+instead of running twice. When the retries run out, each ask raises ``OutcomeUnknown``.
+
+This module does not import Ray: hosts are reached through :class:`HostLink` objects (see
+:mod:`lagompy.runtime` for the Ray one), so the batching logic is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lagompy.errors import OutcomeUnknown, Overloaded, RuntimeFailure
+from lagompy.processing import Request
+from lagompy.sharding import host_of
+
+log = logging.getLogger("lagompy.region")
+
+#: (reply, None) or (None, error), one per request.
+Outcome = tuple[Any, BaseException | None]
+
+
+class HostUnreachable(Exception):
+    """Raised by a :class:`HostLink` when a call failed in a way that leaves its outcome
+    unknown (the host died or could not be reached): the region resends the batch."""
+
+
+class HostLink(Protocol):
+    """How the region reaches one shard host."""
+
+    async def call(self, requests: list[Request]) -> list[Outcome]:
+        """Process a batch on the host; raise :class:`HostUnreachable` when the outcome is
+        unknown."""
+        ...
+
+    async def reconnect(self) -> None:
+        """Called before a resend: look the host up again (it may have been restarted)."""
+        ...
+
+
+@dataclass(eq=False)
+class _Ask:
+    request: Request
+    future: asyncio.Future[Any]
+
+
+class Region:
+    """Pending asks of this process, grouped per shard host."""
+
+    def __init__(
+        self,
+        links: Sequence[HostLink],
+        *,
+        shards: int,
+        max_batch: int = 1000,
+        max_in_flight: int = 2,
+        max_pending: int = 10_000,
+        retries: int = 3,
+        retry_backoff: float = 0.2,
+    ) -> None:
+        self.links = list(links)
+        self.shards = shards
+        self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
+        self.max_pending = max_pending
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self._queues: list[list[_Ask]] = [[] for _ in self.links]
+        self._in_flight = [0] * len(self.links)
+        self._outstanding = 0
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.counters = {
+            "asks": 0,
+            "batches": 0,
+            "resends": 0,
+            "outcome_unknown": 0,
+            "overloaded": 0,
+        }
+
+    @property
+    def outstanding(self) -> int:
+        """Asks queued or in flight."""
+        return self._outstanding
+
+    def submit(self, request: Request) -> asyncio.Future[Any]:
+        """Queue one request; its future resolves with the reply or the error."""
+        if self._closed:
+            raise RuntimeFailure("these entities are closed")
+        if self._outstanding >= self.max_pending:
+            self.counters["overloaded"] += 1
+            raise Overloaded(
+                f"{self._outstanding} asks are outstanding in this process (max_pending "
+                f"{self.max_pending}); command {request.command_id} was not sent"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        host = host_of(request.entity_id, self.shards, len(self.links))
+        self._queues[host].append(_Ask(request, future))
+        self._outstanding += 1
+        self.counters["asks"] += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for host in range(len(self.links)):
+            self._dispatch(host)
+
+    def _dispatch(self, host: int) -> None:
+        queue = self._queues[host]
+        while queue and self._in_flight[host] < self.max_in_flight:
+            batch = queue[: self.max_batch]
+            del queue[: self.max_batch]
+            live = [ask for ask in batch if not ask.future.done()]
+            self._outstanding -= len(batch) - len(live)  # abandoned before they were sent
+            if not live:
+                continue
+            self._in_flight[host] += 1
+            task = asyncio.get_running_loop().create_task(self._send(host, live))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, host: int, batch: list[_Ask]) -> None:
+        try:
+            await self._deliver(host, batch)
+        except BaseException as e:  # a bug here must not leave asks hanging
+            for ask in batch:
+                if not ask.future.done():
+                    ask.future.set_exception(
+                        e if isinstance(e, Exception) else RuntimeFailure("delivery cancelled")
+                    )
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._in_flight[host] -= 1
+            self._outstanding -= len(batch)
+            if not self._closed or self._queues[host]:
+                self._dispatch(host)
+
+    async def _deliver(self, host: int, batch: list[_Ask]) -> None:
+        link = self.links[host]
+        requests = [ask.request for ask in batch]
+        attempt = 0
+        while True:
+            self.counters["batches"] += 1
+            try:
+                outcomes = await link.call(requests)
+                break
+            except HostUnreachable as e:
+                if attempt >= self.retries:
+                    log.warning("shard host %d unreachable, retries exhausted: %s", host, e)
+                    for ask in batch:
+                        if not ask.future.done():
+                            self.counters["outcome_unknown"] += 1
+                            assert ask.request.command_id is not None
+                            ask.future.set_exception(OutcomeUnknown(ask.request.command_id))
+                    return
+                attempt += 1
+                self.counters["resends"] += 1
+                log.info("shard host %d unreachable (%s); resend %d", host, e, attempt)
+                await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1))
+                await link.reconnect()
+                # Asks abandoned meanwhile (timed out) are not resent.
+                batch = [ask for ask in batch if not ask.future.done()]
+                if not batch:
+                    return
+                requests = [dataclasses.replace(ask.request, check_duplicate=True) for ask in batch]
+            except Exception as e:  # not a host failure: the call itself failed (a bug)
+                for ask in batch:
+                    if not ask.future.done():
+                        ask.future.set_exception(e)
+                return
+        if len(outcomes) != len(batch):
+            mismatch = RuntimeFailure(
+                f"shard host {host} answered {len(outcomes)} results for {len(batch)} commands"
+            )
+            outcomes = [(None, mismatch)] * len(batch)
+        for ask, (reply, error) in zip(batch, outcomes, strict=True):
+            if ask.future.done():
+                continue
+            if error is not None:
+                ask.future.set_exception(error)
+            else:
+                ask.future.set_result(reply)
+
+    async def close(self) -> None:
+        """Stop taking asks; wait until every ask already made is answered."""
+        self._closed = True
+        while True:
+            for host, queue in enumerate(self._queues):
+                if queue:
+                    self._dispatch(host)
+            if not self._tasks:
+                break
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

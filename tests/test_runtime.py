@@ -1,0 +1,470 @@
+"""The sharded runtime on a real (local) Ray: shard hosts, region clients, topology, retries.
+
+One Ray serves the whole session (``ray_session``); each test uses an app name of its own and
+stops the app's detached actors when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter as Tally
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray_entities import Add, AddThenCrash, CounterEntity, GetValue, LimitExceeded, SlowAdd
+
+from examples.user_service.entity import GetUser, RegisterUser, UserEntity
+from lagompy import (
+    ConfigurationError,
+    InProcessEntities,
+    InvalidCommand,
+    NotFound,
+    RuntimeSettings,
+    ShardedEntities,
+    start,
+)
+from lagompy.errors import AskTimeout, OutcomeUnknown, Overloaded
+from lagompy.processing import Request
+from lagompy.region import HostUnreachable, Outcome, Region
+from lagompy.runtime import shutdown_app
+from lagompy.settings import JournalSettings
+from lagompy.storage import open_storage
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+async def app(ray_session: Any) -> AsyncIterator[str]:
+    """A unique app name; the app's actors are stopped after the test."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    yield name
+    await shutdown_app(name)
+
+
+async def _start(app: str, js: JournalSettings, **kw: Any) -> ShardedEntities:
+    kw.setdefault("hosts", 1)
+    kw.setdefault("shards", 16)
+    return await start(app=app, entities=[UserEntity, CounterEntity], journal_settings=js, **kw)
+
+
+async def _journal_tokens(js: JournalSettings) -> list[str]:
+    storage = await open_storage(settings=js, entities=[CounterEntity, UserEntity])
+    try:
+        tokens: list[str] = []
+        after = 0
+        while batch := await storage.journal.all_events(after_offset=after, limit=1000):
+            tokens += [e.event.token for e in batch if e.entity_type == "counter"]
+            after = batch[-1].offset
+        return tokens
+    finally:
+        await storage.close()
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+async def test_ask_tell_rejections_order_and_group_commit(
+    app: str, journal_settings: JournalSettings
+) -> None:
+    entities = await _start(app, journal_settings, hosts=2)
+    try:
+        ada = entities.ref_for(UserEntity, "42")
+        user = await ada.ask(RegisterUser("Ada", "ada@example.org"), timeout=30)
+        assert (user.name, user.email) == ("Ada", "ada@example.org")
+        with pytest.raises(InvalidCommand) as rejected:
+            await ada.ask(RegisterUser("Ada", "ada@example.org"))
+        assert rejected.value.http_status == 400
+        assert "already registered" in str(rejected.value)
+        with pytest.raises(NotFound) as missing:
+            await entities.ref_for(UserEntity, "nobody").ask(GetUser())
+        assert missing.value.http_status == 404
+
+        counter = entities.ref_for(CounterEntity, "c")
+        with pytest.raises(LimitExceeded) as custom:  # the test's own rejection class
+            await counter.ask(Add(-1))
+        assert (custom.value.http_status, custom.value.message) == (
+            409,
+            "negative amounts are refused",
+        )
+
+        counter.tell(Add(5))
+        assert await counter.ask(GetValue()) == 5  # same entity: after the tell
+
+        # One entity: commands in arrival order. Many entities concurrently.
+        replies = await asyncio.gather(*(counter.ask(Add(1)) for _ in range(50)))
+        assert replies == list(range(6, 56))
+        before = sum(h["write_transactions"] for h in await entities.host_stats())
+        n = 600
+        many = await asyncio.gather(
+            *(entities.ref_for(CounterEntity, f"m{i}").ask(Add(i)) for i in range(n))
+        )
+        assert many == list(range(n))
+        after = sum(h["write_transactions"] for h in await entities.host_stats())
+        # Group commit: 600 asks made in one tick -> a handful of transactions per host.
+        assert after - before <= 8, after - before
+    finally:
+        await entities.close()
+
+
+async def test_second_process_reaches_the_same_entities(
+    app: str, tmp_path: Path, ray_session: Any
+) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities = await _start(app, js, hosts=2)
+    try:
+        assert await entities.ref_for(CounterEntity, "shared").ask(Add(7)) == 7
+        script = textwrap.dedent(f"""
+            import asyncio
+            from lagompy import start
+            from ray_entities import Add, CounterEntity
+            from examples.user_service.entity import UserEntity
+
+            async def main():
+                entities = await start(app={app!r}, entities=[UserEntity, CounterEntity],
+                                       journal_url={js.url!r})
+                print("topology", entities.topology.hosts, entities.topology.shards)
+                print("value", await entities.ref_for(CounterEntity, "shared").ask(Add(1)))
+                await entities.close()
+
+            asyncio.run(main())
+        """)
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]),
+        }
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # It adopted the running topology (hosts=2, shards=16) and hit the same entity.
+        assert "topology 2 16" in proc.stdout
+        assert "value 8" in proc.stdout
+        assert await entities.ref_for(CounterEntity, "shared").ask(GetValue()) == 8
+    finally:
+        await entities.close()
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+async def test_topology_mismatch_names_what_differs(app: str, tmp_path: Path) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities = await _start(app, js, hosts=1)
+    try:
+        with pytest.raises(
+            ConfigurationError, match="hosts: the app runs with 1, this process has 2"
+        ):
+            await _start(app, js, hosts=2)
+        with pytest.raises(ConfigurationError, match="shards"):
+            await _start(app, js, shards=32)
+        other = JournalSettings(url=f"sqlite:///{tmp_path / 'other.db'}")
+        with pytest.raises(ConfigurationError, match="journal"):
+            await _start(app, other)
+        with pytest.raises(ConfigurationError, match=r"entities.*code_fingerprint"):
+            await start(app=app, entities=[UserEntity], journal_settings=js, hosts=1, shards=16)
+        # Rolling onto new settings: replace the hosts; the old client is refused, not misrouted.
+        replaced = await _start(app, js, hosts=2, replace_hosts=True)
+        try:
+            assert replaced.topology.hosts == 2
+            assert await replaced.ref_for(CounterEntity, "x").ask(Add(2)) == 2
+            with pytest.raises((ConfigurationError, OutcomeUnknown)):
+                await entities.ref_for(CounterEntity, "x").ask(Add(1), timeout=30)
+        finally:
+            await replaced.close()
+    finally:
+        await entities.close()
+
+
+async def test_entity_classes_must_be_importable(app: str, tmp_path: Path) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+
+    class LocalCounter(CounterEntity):
+        type_name = "local-counter"
+
+    with pytest.raises(ConfigurationError, match="inside a function"):
+        await start(app=app, entities=[LocalCounter], journal_settings=js)
+
+    class MainCounter(CounterEntity):
+        type_name = "main-counter"
+
+    MainCounter.__module__ = "__main__"
+    MainCounter.__qualname__ = "MainCounter"
+    with pytest.raises(ConfigurationError, match="defined in __main__"):
+        await start(app=app, entities=[MainCounter], journal_settings=js)
+
+
+async def test_a_host_that_cannot_import_the_entity_fails_start_clearly(
+    app: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Importable here, gone by the time the host's worker imports it.
+    package = tmp_path / "vanishing"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from ray_entities import CounterEntity\n\n"
+        "class VanishingCounter(CounterEntity):\n    type_name = 'vanishing'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from vanishing import VanishingCounter  # type: ignore[import-not-found]
+
+    (package / "__init__.py").unlink()
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match=r"could not start.*vanishing"):
+        await start(app=app, entities=[VanishingCounter], journal_settings=js, hosts=1)
+    assert time.monotonic() - started < 30
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("kills", [1])
+async def test_host_killed_mid_load_never_applies_a_command_twice(
+    app: str, journal_settings: JournalSettings, ray_session: Any, kills: int
+) -> None:
+    entities = await _start(app, journal_settings, hosts=1, retries=6, retry_backoff=0.1)
+    ray = ray_session
+    try:
+        await entities.ref_for(CounterEntity, "warm").ask(Add(1), timeout=30)
+        host = ray.get_actor("host-0", namespace=entities.namespace)
+        pid_before = (await host.ping.remote())["pid"]
+
+        async def one(i: int) -> tuple[str, Any]:
+            ref = entities.ref_for(CounterEntity, f"k{i % 40}")
+            cid = uuid.uuid4().hex
+            try:
+                return cid, await ref.ask(Add(1, token=cid), command_id=cid, timeout=60)
+            except OutcomeUnknown as e:
+                assert e.command_id == cid
+                return cid, e
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(400)]
+        for _ in range(100):  # until the first batch is on its way to the host
+            if entities.region.outstanding and entities.stats()["batches"]:
+                break
+            await asyncio.sleep(0)
+        for _ in range(kills):
+            ray.kill(host, no_restart=False)
+        tasks += [asyncio.ensure_future(one(i)) for i in range(400, 600)]
+        results = await asyncio.gather(*tasks)
+        pid_after = (await host.ping.remote())["pid"]
+        assert pid_after != pid_before  # the host really restarted
+
+        assert entities.stats()["resends"] >= 1  # the kill hit batches in flight
+        unknown = [cid for cid, r in results if isinstance(r, OutcomeUnknown)]
+        # Asking again with the same id reveals the outcome, never applies it twice.
+        for cid in unknown:
+            i = next(j for j, (c, _) in enumerate(results) if c == cid)
+            await entities.ref_for(CounterEntity, f"k{i % 40}").ask(
+                Add(1, token=cid), command_id=cid, timeout=60
+            )
+        tokens = Tally(await _journal_tokens(journal_settings))
+        twice = [t for t, n in tokens.items() if n > 1 and t]
+        assert not twice, f"commands persisted twice: {twice[:5]}"
+        for cid, _ in results:
+            assert tokens[cid] == 1
+        # Every entity's value equals its number of commands.
+        for e in range(40):
+            expected = sum(1 for i in range(600) if i % 40 == e)
+            got = await entities.ref_for(CounterEntity, f"k{e}").ask(GetValue(), timeout=30)
+            assert got == expected
+    finally:
+        await entities.close()
+
+
+async def test_crash_after_commit_is_answered_from_the_stored_reply(
+    app: str, journal_settings: JournalSettings, ray_session: Any
+) -> None:
+    # The host commits the event, then dies before replying. The region resends the batch
+    # with the same command id and the duplicate check: the restarted host answers with the
+    # stored reply and does not apply (nor crash on) the command again.
+    entities = await _start(app, journal_settings, retries=5, retry_backoff=0.1)
+    try:
+        ref = entities.ref_for(CounterEntity, "crashy")
+        assert await ref.ask(Add(1, token="first"), timeout=30) == 1
+        assert await ref.ask(AddThenCrash("boom"), timeout=60) == 2
+        assert entities.stats()["resends"] >= 1
+        assert await ref.ask(GetValue(), timeout=30) == 2
+        assert Tally(await _journal_tokens(journal_settings))["boom"] == 1
+        (stats,) = await entities.host_stats()
+        assert stats["duplicates"] >= 1
+    finally:
+        await entities.close()
+
+
+async def test_ask_timeout_carries_the_command_id(app: str, tmp_path: Path) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities = await _start(app, js)
+    try:
+        ref = entities.ref_for(CounterEntity, "slow")
+        with pytest.raises(AskTimeout) as timed_out:
+            await ref.ask(SlowAdd(1.0), timeout=0.2, command_id="slow-1")
+        assert timed_out.value.command_id == "slow-1"
+        assert "slow-1" in str(timed_out.value)
+        # Asking again with the same id returns the stored reply: applied once.
+        assert await ref.ask(SlowAdd(1.0), command_id="slow-1", timeout=30) == 1
+        assert await ref.ask(GetValue(), timeout=30) == 1
+    finally:
+        await entities.close()
+
+
+async def test_overloaded_fails_fast(app: str, tmp_path: Path) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities = await _start(app, js, max_pending=10)
+    try:
+        refs = [entities.ref_for(CounterEntity, f"o{i}") for i in range(30)]
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(r.ask(Add(1)) for r in refs), return_exceptions=True)
+        overloaded = [o for o in outcomes if isinstance(o, Overloaded)]
+        assert len(overloaded) == 20
+        assert [o for o in outcomes if not isinstance(o, Exception)] == [1] * 10
+        assert time.perf_counter() - started < 5
+        assert entities.stats()["overloaded"] == 20
+    finally:
+        await entities.close()
+
+
+async def test_hosts_passivate_idle_entities_without_calls(app: str, tmp_path: Path) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities = await _start(app, js, idle_timeout=0.2, passivate_interval=0.1)
+    try:
+        await asyncio.gather(
+            *(entities.ref_for(CounterEntity, f"p{i}").ask(Add(1)) for i in range(20))
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            (stats,) = await entities.host_stats()
+            if stats["live_entities"] == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert stats["live_entities"] == 0
+        assert stats["passivations"] >= 20
+        # Passivated entities recover from the journal.
+        assert await entities.ref_for(CounterEntity, "p3").ask(Add(1)) == 2
+    finally:
+        await entities.close()
+
+
+async def test_start_without_ray_runs_in_process(tmp_path: Path) -> None:
+    entities = await start(
+        entities=[CounterEntity], journal_url=f"sqlite:///{tmp_path / 'j.db'}", ray=False
+    )
+    try:
+        assert isinstance(entities, InProcessEntities)
+        assert await entities.ref_for(CounterEntity, "a").ask(Add(3)) == 3
+    finally:
+        await entities.close()
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAGOMPY_RUNTIME_MAX_BATCH", "77")
+    settings = RuntimeSettings(hosts=3)
+    assert (settings.max_batch, settings.hosts, settings.shards) == (77, 3, None)
+
+
+# --------------------------------------------------------------------------- region, no Ray
+
+
+@dataclass
+class FlakyLink:
+    """Fails the first ``failures`` calls as a dead host would; records every batch."""
+
+    failures: int
+    calls: list[list[Request]]
+
+    async def call(self, requests: list[Request]) -> list[Outcome]:
+        self.calls.append(requests)
+        await asyncio.sleep(0)
+        if self.failures:
+            self.failures -= 1
+            raise HostUnreachable("host died")
+        return [(r.command.amount, None) for r in requests]
+
+    async def reconnect(self) -> None:
+        pass
+
+
+async def test_region_resends_with_same_ids_then_outcome_unknown() -> None:
+    link = FlakyLink(failures=2, calls=[])
+    region = Region([link], shards=4, retries=3, retry_backoff=0)
+    futures = [
+        region.submit(Request("counter", str(i), Add(i), command_id=f"c{i}")) for i in range(5)
+    ]
+    assert await asyncio.gather(*futures) == [0, 1, 2, 3, 4]
+    assert len(link.calls) == 3  # one batch, sent three times
+    assert [r.command_id for r in link.calls[2]] == [f"c{i}" for i in range(5)]
+    assert not any(r.check_duplicate for r in link.calls[0])
+    assert all(r.check_duplicate for r in link.calls[2])
+
+    dead = FlakyLink(failures=100, calls=[])
+    region = Region([dead], shards=4, retries=2, retry_backoff=0)
+    future = region.submit(Request("counter", "x", Add(1), command_id="lost"))
+    with pytest.raises(OutcomeUnknown) as unknown:
+        await future
+    assert unknown.value.command_id == "lost"
+    assert len(dead.calls) == 3
+    await region.close()
+
+
+async def test_region_batches_per_tick_and_caps_calls_in_flight() -> None:
+    link = FlakyLink(failures=0, calls=[])
+    region = Region([link], shards=4, max_batch=100, max_in_flight=1)
+    futures = [
+        region.submit(Request("counter", str(i), Add(i), command_id=str(i))) for i in range(250)
+    ]
+    await asyncio.gather(*futures)
+    assert [len(c) for c in link.calls] == [100, 100, 50]
+    await region.close()
+
+
+# --------------------------------------------------------------------------- hosts, no Ray
+
+
+def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> None:
+    # Two copies of the same shard host (a restarted host and its not-yet-dead predecessor)
+    # both hold entity "z". The journal accepts only the writer that knows the latest sequence
+    # number; the other gets ConcurrencyConflict, drops the entity and reloads it next time.
+    from lagompy.errors import ConcurrencyConflict
+    from lagompy.host import ShardHost
+    from lagompy.sharding import topology_for
+
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    topology = topology_for("zombie", [CounterEntity], js, shards=1, hosts=1)
+    paths = ["ray_entities:CounterEntity"]
+    old = ShardHost(topology.to_dict(), 0, paths, js.model_dump())
+    new = ShardHost(topology.to_dict(), 0, paths, js.model_dump())
+    try:
+
+        def add(host: ShardHost, token: str) -> Outcome:
+            request = Request("counter", "z", Add(1, token=token), command_id=token)
+            (outcome,) = host._process(topology.key, [request])
+            return outcome
+
+        assert add(old, "a") == (1, None)
+        assert add(new, "b") == (2, None)  # the new copy recovers seq 1 and appends seq 2
+        reply, error = add(old, "c")  # the zombie still believes seq 1 is the latest
+        assert reply is None and isinstance(error, ConcurrencyConflict)
+        assert add(old, "d") == (3, None)  # it reloaded from the journal: no forked history
+        wrong = old.process("another-topology", [Request("counter", "z", GetValue())])
+        assert isinstance(wrong, list) and isinstance(wrong[0][1], ConfigurationError)
+    finally:
+        old.close()
+        new.close()
+    tokens = asyncio.run(_journal_tokens(js))
+    assert tokens == ["a", "b", "d"]
