@@ -28,8 +28,9 @@ from lagompy.errors import (
     UnhandledCommand,
     UnhandledEvent,
 )
-from lagompy.in_process import EntityRef, InProcessEntities, start_in_process
+from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.refs import EntityRef
 from lagompy.runtime import ShardedEntities, ShardedEntityRef, shutdown_app, start
 from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings, RuntimeSettings

@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
-from lagompy.entity import Command, PersistentEntity
-from lagompy.errors import AskTimeout, ConfigurationError, Overloaded
-from lagompy.journal import check_command_id
+from lagompy.entity import PersistentEntity
+from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.processing import EntityClass, EntityProcessor, Request
+from lagompy.refs import EntityRef
 from lagompy.storage import Storage, open_storage
 
 log = logging.getLogger("lagompy.in_process")
@@ -38,69 +37,6 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_MAX_PENDING = 10_000
 #: The passivation sweep runs every ``idle_timeout / 4`` seconds, but not more often than this.
 MIN_PASSIVATE_INTERVAL = 0.05
-
-
-class EntityRef(Generic[C]):
-    """A handle on one entity: send it commands with :meth:`ask` or :meth:`tell`."""
-
-    def __init__(self, entities: InProcessEntities, entity_type: str, entity_id: str) -> None:
-        self._entities = entities
-        self.entity_type = entity_type
-        self.entity_id = entity_id
-
-    def _submit(self, command: Any, command_id: str | None) -> tuple[asyncio.Future[Any], str]:
-        # A generated id cannot have been seen before: only a caller's id is looked up.
-        given = command_id is not None
-        cid = check_command_id(command_id) if command_id is not None else uuid.uuid4().hex
-        request = Request(
-            self.entity_type, self.entity_id, command, command_id=cid, check_duplicate=given
-        )
-        return self._entities._submit(request), cid
-
-    async def ask(
-        self, command: Command[R], *, timeout: float | None = None, command_id: str | None = None
-    ) -> R:
-        """Send a command and wait for the reply (returned only after its events committed).
-
-        Every ask carries a command id: ``command_id`` if given, else a new one. When the
-        command persists events its reply is stored with them, so asking again with the same
-        ``command_id`` (after a timeout, a crash, a restart) returns the stored reply instead of
-        applying the command twice. Rejected and read-only commands store nothing: they run
-        again.
-
-        Raises the entity's rejection (a ``CommandRejected``), ``CommandHandlerFailed`` for a
-        handler bug, or a ``JournalError``; ``Overloaded`` at once when ``max_pending`` asks are
-        outstanding (the command is not run); ``AskTimeout`` (carrying the ``command_id``) after
-        ``timeout`` seconds; ``ValueError`` for a command id that is empty or too long.
-        """
-        future, cid = self._submit(command, command_id)
-        if timeout is None:
-            result: R = await future
-            return result
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            future.cancel()  # still queued: it will not run; in flight: its reply is dropped
-            raise AskTimeout(
-                f"no reply from {self.entity_type}/{self.entity_id} within {timeout} s; the "
-                f"command may or may not have run: ask again with command_id={cid!r}",
-                command_id=cid,
-            ) from None
-
-    def tell(self, command: Command[Any], *, command_id: str | None = None) -> str:
-        """Send a command without waiting for its outcome (failures are logged); returns its
-        command id. Raises ``Overloaded`` at once when ``max_pending`` asks are outstanding."""
-        future, cid = self._submit(command, command_id)
-        future.add_done_callback(_log_failure)
-        return cid
-
-    def __repr__(self) -> str:
-        return f"EntityRef({self.entity_type!r}, {self.entity_id!r})"
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("told command failed: %s", future.exception())
 
 
 class InProcessEntities:
@@ -159,7 +95,7 @@ class InProcessEntities:
     ) -> EntityRef[C]:
         type_name = entity if isinstance(entity, str) else entity.type_name
         self.processor.entity_class(type_name)  # fail fast on an unknown entity
-        return EntityRef(self, type_name, str(entity_id))
+        return EntityRef(self._submit, type_name, str(entity_id))
 
     @property
     def pending(self) -> int:

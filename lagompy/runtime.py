@@ -22,13 +22,14 @@ import pickle
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
-from lagompy.entity import Command, PersistentEntity
-from lagompy.errors import AskTimeout, ConfigurationError
+from lagompy.entity import PersistentEntity
+from lagompy.errors import ConfigurationError
 from lagompy.host import Coordinator, ShardHost
 from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.processing import EntityClass, Request
+from lagompy.refs import EntityRef
 from lagompy.region import HostUnreachable, Outcome, Region
 from lagompy.settings import JournalSettings, RuntimeSettings
 from lagompy.sharding import (
@@ -62,73 +63,8 @@ def host_name(index: int) -> str:
 # --------------------------------------------------------------------------- refs
 
 
-class ShardedEntityRef(Generic[C]):
-    """A handle on one entity hosted on a shard host: :meth:`ask` it or :meth:`tell` it."""
-
-    def __init__(self, entities: ShardedEntities, entity_type: str, entity_id: str) -> None:
-        self._entities = entities
-        self.entity_type = entity_type
-        self.entity_id = entity_id
-
-    def _submit(self, command: Any, command_id: str | None) -> tuple[asyncio.Future[Any], str]:
-        given = command_id is not None
-        cid = command_id if command_id is not None else os.urandom(16).hex()
-        request = Request(
-            self.entity_type, self.entity_id, command, command_id=cid, check_duplicate=given
-        )
-        return self._entities.region.submit(request), cid
-
-    async def ask(
-        self, command: Command[R], *, timeout: float | None = None, command_id: str | None = None
-    ) -> R:
-        """Send a command and wait for its reply (returned only after its events committed).
-
-        Raises the entity's rejection (a ``CommandRejected``, with its type, message and
-        ``http_status``), ``Overloaded`` at once when too many asks are outstanding,
-        ``AskTimeout`` after ``timeout`` seconds, and ``OutcomeUnknown`` when its host failed
-        and resends ran out. Pass the ``command_id`` of an earlier ask to learn its outcome
-        without applying it twice.
-        """
-        future, cid = self._submit(command, command_id)
-        if timeout is None:
-            result: R = await future
-            return result
-        # A timer on the ask's own future (cheaper than wait_for's extra task per ask). An
-        # expired ask that was not sent yet is never sent.
-        timer = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout, self, cid)
-        try:
-            reply: R = await future
-            return reply
-        finally:
-            timer.cancel()
-
-    def tell(self, command: Command[Any], *, command_id: str | None = None) -> str:
-        """Send a command without waiting for its outcome (failures are logged); returns its
-        command id."""
-        future, cid = self._submit(command, command_id)
-        future.add_done_callback(_log_failure)
-        return cid
-
-    def __repr__(self) -> str:
-        return f"ShardedEntityRef({self.entity_type!r}, {self.entity_id!r})"
-
-
-def _expire(
-    future: asyncio.Future[Any], timeout: float, ref: ShardedEntityRef[Any], cid: str
-) -> None:
-    if not future.done():
-        future.set_exception(
-            AskTimeout(
-                f"no reply from {ref.entity_type}/{ref.entity_id} within {timeout} s; the "
-                f"command may or may not have run: ask again with command_id={cid!r}",
-                command_id=cid,
-            )
-        )
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("told command failed: %s", future.exception())
+#: The sharded runtime's refs are the same class as the in-process runtime's.
+ShardedEntityRef = EntityRef
 
 
 # --------------------------------------------------------------------------- Ray links
@@ -201,14 +137,14 @@ class ShardedEntities:
 
     def ref_for(
         self, entity: type[PersistentEntity[C, Any, Any]] | str, entity_id: str
-    ) -> ShardedEntityRef[C]:
+    ) -> EntityRef[C]:
         type_name = entity if isinstance(entity, str) else entity.type_name
         if type_name not in self._types:
             raise ConfigurationError(
                 f"no entity with type_name {type_name!r} is registered in app {self.app!r} "
                 f"(known: {sorted(self._types)})"
             )
-        return ShardedEntityRef(self, type_name, str(entity_id))
+        return EntityRef(self.region.submit, type_name, str(entity_id))
 
     async def host_stats(self) -> list[dict[str, Any]]:
         """Counters of every shard host: batches, requests, write transactions, events, live
