@@ -195,6 +195,8 @@ _UNAVAILABLE_HINTS = (
     "connection is closed",
     "unable to open database",
     "timeout",
+    "accepting connections",
+    "terminating connection",
 )
 
 
@@ -223,6 +225,8 @@ def translate_errors(what: str) -> Iterator[None]:
     except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as e:
         raise JournalUnavailable(f"{what}: the database connection failed: {e}") from e
     except asyncpg.PostgresError as e:
+        if any(h in str(e).lower() for h in _UNAVAILABLE_HINTS):
+            raise JournalUnavailable(f"{what}: the database cannot be reached: {e}") from e
         raise JournalError(f"{what} failed: {e}") from e
     except sqlite3.Error as e:
         if any(h in str(e).lower() for h in _UNAVAILABLE_HINTS):
