@@ -77,10 +77,15 @@ async def test_asks_fail_clearly_while_the_journal_is_out_and_recover_after(
         async def round_of_asks(tag: str) -> list[BaseException | int]:
             tokens = [f"{tag}-{i}" for i in range(len(refs))]
             results = await asyncio.gather(
-                *(ref.ask(Add(1, token), timeout=20) for ref, token in zip(refs, tokens)),
+                *(
+                    ref.ask(Add(1, token), timeout=20)
+                    for ref, token in zip(refs, tokens, strict=True)
+                ),
                 return_exceptions=True,
             )
-            acknowledged.extend(t for t, r in zip(tokens, results) if isinstance(r, int))
+            acknowledged.extend(
+                t for t, r in zip(tokens, results, strict=True) if isinstance(r, int)
+            )
             return results
 
         assert all(isinstance(r, int) for r in await round_of_asks("before"))
