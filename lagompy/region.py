@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -57,6 +59,24 @@ class HostLink(Protocol):
 class _Ask:
     request: Request
     future: asyncio.Future[Any]
+    submitted: float = 0.0
+
+
+#: How many recent ask latencies the percentiles are computed from.
+LATENCY_WINDOW = 10_000
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 / max (milliseconds) of latency samples in seconds; zeros when empty."""
+    if not samples:
+        return {"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    ordered = sorted(samples)
+    last = len(ordered) - 1
+    return {
+        "p50_ms": ordered[round(0.50 * last)] * 1000,
+        "p99_ms": ordered[round(0.99 * last)] * 1000,
+        "max_ms": ordered[last] * 1000,
+    }
 
 
 class Region:
@@ -93,6 +113,25 @@ class Region:
             "outcome_unknown": 0,
             "overloaded": 0,
         }
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._batch_sizes: deque[int] = deque(maxlen=1000)
+        self._started = time.monotonic()
+
+    def stats(self) -> dict[str, Any]:
+        """This process's view: counters, outstanding asks, queue depth per host, batch sizes,
+        asks/s since start, and ask latency percentiles over the last asks."""
+        sizes = list(self._batch_sizes)
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        return {
+            **self.counters,
+            "outstanding": self._outstanding,
+            "queue_depth": [len(q) for q in self._queues],
+            "in_flight": list(self._in_flight),
+            "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0,
+            "max_batch_seen": max(sizes, default=0),
+            "asks_per_second": self.counters["asks"] / elapsed,
+            "latency": percentiles(list(self._latencies)),
+        }
 
     @property
     def outstanding(self) -> int:
@@ -112,7 +151,7 @@ class Region:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         host = host_of(request.entity_id, self.shards, len(self.links))
-        self._queues[host].append(_Ask(request, future))
+        self._queues[host].append(_Ask(request, future, time.perf_counter()))
         self._outstanding += 1
         self.counters["asks"] += 1
         if not self._flush_scheduled:
@@ -159,6 +198,7 @@ class Region:
     async def _deliver(self, host: int, batch: list[_Ask]) -> None:
         link = self.links[host]
         requests = [ask.request for ask in batch]
+        self._batch_sizes.append(len(batch))
         attempt = 0
         while True:
             self.counters["batches"] += 1
@@ -194,9 +234,12 @@ class Region:
                 f"shard host {host} answered {len(outcomes)} results for {len(batch)} commands"
             )
             outcomes = [(None, mismatch)] * len(batch)
+        now = time.perf_counter()
+        record = self._latencies.append
         for ask, (reply, error) in zip(batch, outcomes, strict=True):
             if ask.future.done():
                 continue
+            record(now - ask.submitted)
             if error is not None:
                 ask.future.set_exception(error)
             else:

@@ -151,9 +151,11 @@ class ShardedEntities:
         entities, passivated entities..."""
         return list(await asyncio.gather(*(h.stats.remote() for h in self._hosts)))
 
-    def stats(self) -> dict[str, int]:
-        """Counters of this process's region client."""
-        return {**self.region.counters, "outstanding": self.region.outstanding}
+    def stats(self) -> dict[str, Any]:
+        """This process's region client: asks, batches, resends, outcome_unknown, overloaded,
+        outstanding asks, queue depth and calls in flight per host, batch sizes, asks/s, and ask
+        latency percentiles (p50/p99/max over the last 10,000 asks)."""
+        return self.region.stats()
 
     async def close(self, *, shutdown: bool = False) -> None:
         """Wait for the asks already made, then detach. With ``shutdown=True`` also stop the
