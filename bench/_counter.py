@@ -42,3 +42,17 @@ class CounterEntity(PersistentEntity[Increment | Read, Incremented, Count]):
 
     def on_event(self, state: Count, event: Incremented) -> Count:
         return Count(state.value + event.by)
+
+
+class UnsnapshottedCounterEntity(CounterEntity):
+    """The same counter without snapshots (recovery replays every event)."""
+
+    type_name = "bench-counter-nosnap"
+    snapshot_every = None
+
+
+class NoopActor:
+    """A Ray actor that does nothing: the cost of one actor call."""
+
+    def ping(self, value: object = None) -> object:
+        return value

@@ -146,40 +146,45 @@ class Effect(Generic[S]):
         """Persist these events atomically (all or none); then reply ``None`` unless told."""
         if not events:
             raise ValueError("Effect.persist needs at least one event; use Effect.reply instead")
-        return Effect(events=tuple(events))
+        return _effect({"events": events})
 
     @staticmethod
     def persist_all(events: Iterable[Any]) -> Effect[Any]:
         """Persist a sequence of events atomically (an empty one persists nothing)."""
-        return Effect(events=tuple(events))
+        return _effect({"events": tuple(events)})
 
     @staticmethod
     def reply(value: Any = None) -> Effect[Any]:
         """Reply without persisting anything (a read-only command)."""
-        return Effect(reply_value=value)
+        return _effect({"reply_value": value})
 
     @staticmethod
     def none() -> Effect[Any]:
         """Persist nothing and reply ``None``."""
-        return Effect()
+        return _effect({})
 
     @staticmethod
     def reject(rejection: CommandRejected) -> Effect[Any]:
         """Reject the command: nothing is persisted; the caller gets ``rejection``."""
         if not isinstance(rejection, CommandRejected):
             raise TypeError("Effect.reject takes a CommandRejected (or a subclass)")
-        return Effect(rejection=rejection)
+        return _effect({"rejection": rejection})
 
     @staticmethod
     def unhandled() -> Effect[Any]:
         """The handler has no case for this command in this state (-> UnhandledCommand)."""
-        return Effect(is_unhandled=True)
+        return _effect({"is_unhandled": True})
 
     def then_reply(self, reply: Callable[[S], Any] | Any) -> Effect[S]:
         """Reply once the events are durable: a value, or a function of the new state."""
+        fields = self.__dict__.copy()
         if callable(reply):
-            return _replace(self, reply_fn=reply, reply_value=None)
-        return _replace(self, reply_fn=None, reply_value=reply)
+            fields["reply_fn"] = reply
+            fields["reply_value"] = None
+        else:
+            fields["reply_fn"] = None
+            fields["reply_value"] = reply
+        return _effect(fields)
 
     def then_run(self, side_effect: Callable[[S], Any]) -> Effect[S]:
         """Run ``side_effect(new_state)`` after the events are durable (at most once).
@@ -187,13 +192,22 @@ class Effect(Generic[S]):
         An exception it raises is logged; it does not undo the events or fail the command.
         A coroutine function is awaited by the runtime.
         """
-        return _replace(self, side_effects=(*self.side_effects, side_effect))
+        fields = self.__dict__.copy()
+        fields["side_effects"] = (*self.side_effects, side_effect)
+        return _effect(fields)
 
 
-def _replace(effect: Effect[Any], **changes: Any) -> Effect[Any]:
-    import dataclasses
+_new_effect = object.__new__
 
-    return dataclasses.replace(effect, **changes)
+
+def _effect(fields: dict[str, Any]) -> Effect[Any]:
+    """An Effect with ``fields`` set and the other fields at their defaults, built without the
+    frozen dataclass ``__init__`` (one ``object.__setattr__`` per field): this runs once or
+    twice per command. The defaults are the dataclass's class attributes, so an unset field
+    reads as its default, and ``==``, ``repr`` and ``dataclasses.replace`` behave as usual."""
+    effect: Effect[Any] = _new_effect(Effect)
+    effect.__dict__.update(fields)
+    return effect
 
 
 # --------------------------------------------------------------------------- entities

@@ -13,6 +13,7 @@ entities. Nothing here imports Ray, so the host also runs (and is tested) in-pro
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -28,6 +29,14 @@ from lagompy.sharding import Topology, host_of, resolve_class
 from lagompy.storage import Storage, open_storage
 
 log = logging.getLogger("lagompy.host")
+
+#: The host process's first-generation garbage collection threshold. Every command allocates a
+#: few container objects (effect, decision, result, event); with Python's default (700) the
+#: collector ran every couple of dozen commands and, measured on a batch of 500 commands on 500
+#: live entities, took 15-25% of the processing time. The host is a process of its own (a Ray
+#: actor), so it collects less often instead; objects that exist once the journal is open are
+#: frozen out of the collector's way (``gc.freeze``).
+GC_THRESHOLD = 50_000
 
 #: What a host returns per request: (reply, None) or (None, error).
 Outcome = tuple[Any, BaseException | None]
@@ -59,6 +68,9 @@ class ShardHost:
         self.storage: Storage = self._loop.run_until_complete(
             open_storage(entities=classes, settings=JournalSettings(**journal))
         )
+        gc.freeze()
+        threshold = gc.get_threshold()
+        gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
         self.processor = EntityProcessor(
             classes,
             self.storage.journal,
@@ -112,7 +124,11 @@ class ShardHost:
             )
             return [(None, error)] * len(requests)
         shards, hosts = self.topology.shards, self.topology.hosts
-        wrong = [r for r in requests if host_of(r.entity_id, shards, hosts) != self.index]
+        wrong = (
+            [r for r in requests if host_of(r.entity_id, shards, hosts) != self.index]
+            if hosts > 1
+            else []  # one host runs every shard
+        )
         if wrong:
             error = WrongTopology(
                 f"entity {wrong[0].entity_id!r} does not live on shard host {self.index}"
@@ -122,13 +138,23 @@ class ShardHost:
             started = time.perf_counter()
             results = self._loop.run_until_complete(self.processor.process(requests))
             self.counters["busy_seconds"] += time.perf_counter() - started
-        self.counters["batches"] += 1
-        self.counters["requests"] += len(requests)
-        events = sum(len(r.events) for r in results)
+        counters = self.counters
+        counters["batches"] += 1
+        counters["requests"] += len(requests)
+        events = 0
+        outcomes: list[Outcome] = []
+        append = outcomes.append
+        for r in results:
+            if r.error is None:
+                append((r.reply, None))
+                if r.events:
+                    events += len(r.events)
+            else:
+                append(_outcome(r))
         if events:
-            self.counters["write_transactions"] += 1
-            self.counters["events"] += events
-        return [_outcome(r) for r in results]
+            counters["write_transactions"] += 1
+            counters["events"] += events
+        return outcomes
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

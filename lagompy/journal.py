@@ -195,8 +195,20 @@ def check_command_id(command_id: object) -> str:
 def _check_replies(w: AtomicWrite) -> None:
     """Refuse replies that cannot belong to the write (ValueError, before anything is written)."""
     first, last = w.expected_seq_nr + 1, w.expected_seq_nr + len(w.events)
+    replies = w.replies
+    if len(replies) == 1:
+        # The usual case (one command per entity per batch), checked without building anything.
+        command_id, seq_nr, payload = replies[0]
+        if (
+            command_id.__class__ is str
+            and 0 < len(command_id) <= MAX_COMMAND_ID_LENGTH
+            and seq_nr.__class__ is int
+            and first <= seq_nr <= last
+            and payload.__class__ is bytes
+        ):
+            return
     seen: set[str] = set()
-    for reply in w.replies:
+    for reply in replies:
         command_id, seq_nr, payload = reply
         where = f"write for {w.entity_type}/{w.entity_id}"
         try:
@@ -418,9 +430,10 @@ class Journal:
         """
         seen: set[tuple[str, str]] = set()
         for w in writes:
-            if w.key in seen:
+            key = (w.entity_type, w.entity_id)
+            if key in seen:
                 raise ValueError(f"two writes for {w.entity_type}/{w.entity_id} in one batch")
-            seen.add(w.key)
+            seen.add(key)
             if w.tags and len(w.tags) != len(w.events):
                 raise ValueError(
                     f"write for {w.entity_type}/{w.entity_id}: {len(w.events)} events but "

@@ -31,7 +31,7 @@ import inspect
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ from lagompy.errors import (
     UnhandledCommand,
     UnhandledEvent,
 )
-from lagompy.journal import AtomicWrite, Journal, check_command_id
+from lagompy.journal import MAX_COMMAND_ID_LENGTH, AtomicWrite, Journal, check_command_id
 from lagompy.snapshots import SnapshotStore, SnapshotToSave
 
 log = logging.getLogger("lagompy.processing")
@@ -91,7 +91,7 @@ def apply_event(entity: PersistentEntity[Any, Any, Any], state: Any, event: Any)
     return new_state
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """The outcome of one command on a tentative state (nothing is durable yet)."""
 
@@ -236,7 +236,7 @@ class Request:
     check_duplicate: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     """The reply to one request, or the error that answers it."""
 
@@ -250,16 +250,29 @@ class Result:
         return self.reply
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     index: int
     decision: Decision
 
 
-@dataclass
+@dataclass(slots=True)
 class _EntityBatch:
     live: LiveEntity
     pending: list[_Pending] = field(default_factory=list)
+
+
+_MISSING: Any = object()
+
+
+def _unstorable(command: Any, key: tuple[str, str], cause: SerializationError) -> EncodeError:
+    error = EncodeError(
+        f"the reply of {type(command).__qualname__} to {key[0]}/{key[1]} cannot be stored for "
+        "safe retries (does it fit the reply type the command declares?), so the command was "
+        f"not applied: {cause}"
+    )
+    error.__cause__ = cause
+    return error
 
 
 class EntityProcessor:
@@ -305,8 +318,9 @@ class EntityProcessor:
         #: live entities, least recently used first
         self.live: OrderedDict[tuple[str, str], LiveEntity] = OrderedDict()
         self._recoveries = asyncio.Semaphore(max_concurrent_recoveries)
-        #: entities a batch in progress uses (never passivated), with the number of such batches
-        self._in_use: Counter[tuple[str, str]] = Counter()
+        #: the entities of each batch in progress (never passivated): one entry per batch, so
+        #: starting and ending a batch costs nothing per entity
+        self._in_use: list[Mapping[tuple[str, str], Any]] = []
         self._reply_types: dict[type, Any] = {}
         self._stats: Counter[str] = Counter()
 
@@ -330,7 +344,7 @@ class EntityProcessor:
         for key, live in self.live.items():  # least recently used first
             if live.last_used > deadline:
                 break
-            if key not in self._in_use:
+            if not self._used(key):
                 idle.append(key)
         for key in idle:
             del self.live[key]
@@ -345,12 +359,16 @@ class EntityProcessor:
         for key in self.live:  # least recently used first
             if len(victims) == excess:
                 break
-            if key not in self._in_use:
+            if not self._used(key):
                 victims.append(key)
         for key in victims:
             del self.live[key]
         self._stats["passivations"] += len(victims)
         return len(victims)
+
+    def _used(self, key: tuple[str, str]) -> bool:
+        """Whether a batch in progress uses the entity."""
+        return any(key in batch for batch in self._in_use)
 
     def stats(self) -> dict[str, int | float]:
         """This processor's counters since it was made:
@@ -412,53 +430,65 @@ class EntityProcessor:
     async def process(self, requests: Sequence[Request]) -> list[Result]:
         """Process a batch; one result per request, in the same order. Replies are released
         only after the batch's events are committed."""
-        results: list[Result | None] = [None] * len(requests)
-        self._stats["batches"] += 1
-        self._stats["commands"] += len(requests)
+        n = len(requests)
+        results: list[Result | None] = [None] * n
+        stats = self._stats
+        stats["batches"] += 1
+        stats["commands"] += n
+        command_types = self._command_types
         groups: dict[tuple[str, str], list[int]] = {}
         # Same (entity, command id) again in this batch: index of the first -> the later ones.
         repeats: dict[int, list[int]] = {}
         first_of: dict[tuple[str, str, str], int] = {}
         to_check: list[int] = []
         for i, req in enumerate(requests):
-            accepted = self._command_types.get(req.entity_type)
+            entity_type = req.entity_type
+            accepted = command_types.get(entity_type)
             if accepted is None:
-                results[i] = Result(error=_unknown_entity(req.entity_type, self.entity_classes))
+                results[i] = Result(error=_unknown_entity(entity_type, self.entity_classes))
                 continue
             if accepted and not isinstance(req.command, accepted):
                 results[i] = Result(
                     error=UnhandledCommand(
-                        f"{self.entity_classes[req.entity_type].__qualname__} does not accept "
+                        f"{self.entity_classes[entity_type].__qualname__} does not accept "
                         f"{type(req.command).__qualname__}: not one of its command types"
                     )
                 )
                 continue
-            if req.command_id is not None:
-                try:
-                    check_command_id(req.command_id)
-                except ValueError as e:
-                    results[i] = Result(error=e)
-                    continue
-                id_key = (req.entity_type, req.entity_id, req.command_id)
+            key = (entity_type, req.entity_id)
+            command_id = req.command_id
+            if command_id is not None:
+                if (
+                    command_id.__class__ is not str
+                    or not command_id
+                    or len(command_id) > MAX_COMMAND_ID_LENGTH
+                ):
+                    try:
+                        check_command_id(command_id)
+                    except ValueError as e:
+                        results[i] = Result(error=e)
+                        continue
+                id_key = (entity_type, req.entity_id, command_id)
                 first = first_of.setdefault(id_key, i)
                 if first != i:
                     repeats.setdefault(first, []).append(i)
                     continue
                 if req.check_duplicate:
                     to_check.append(i)
-            groups.setdefault((req.entity_type, req.entity_id), []).append(i)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [i]
+            else:
+                group.append(i)
 
         if to_check:
             await self._answer_stored(requests, to_check, groups, results)
 
-        self._in_use.update(list(groups))
+        self._in_use.append(groups)
         try:
             await self._run(requests, groups, results)
         finally:
-            self._in_use.subtract(list(groups))
-            for key in groups:
-                if self._in_use[key] <= 0:
-                    del self._in_use[key]
+            self._in_use.remove(groups)
         self._passivate_beyond_max()
 
         for first, later in repeats.items():
@@ -466,7 +496,7 @@ class EntityProcessor:
             assert done is not None
             for i in later:
                 results[i] = Result(reply=done.reply, error=done.error, events=done.events)
-            self._stats["duplicates"] += len(later)
+            stats["duplicates"] += len(later)
         return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
 
     async def _answer_stored(
@@ -523,75 +553,91 @@ class EntityProcessor:
         groups: dict[tuple[str, str], list[int]],
         results: list[Result | None],
     ) -> None:
-        batches: dict[tuple[str, str], _EntityBatch] = {}
-        activations = await asyncio.gather(
-            *(self.activate(t, i) for (t, i) in groups), return_exceptions=True
-        )
-        for key, activated in zip(groups, activations, strict=True):
-            if isinstance(activated, BaseException):
-                if not isinstance(activated, Exception):
-                    raise activated
-                for i in groups[key]:
-                    results[i] = Result(error=activated)
-                continue
-            batches[key] = _EntityBatch(activated)
+        live_map = self.live
+        lives: dict[tuple[str, str], LiveEntity] = {}
+        missing: list[tuple[str, str]] = []
+        now = time.monotonic()
+        move_to_end = live_map.move_to_end
+        for key in groups:
+            live = live_map.get(key)
+            if live is None:
+                missing.append(key)
+            else:
+                # Already in memory (the usual case): no task, no await.
+                live.last_used = now
+                move_to_end(key)
+                lives[key] = live
+        if missing:
+            # Recover only the missing ones, concurrently (bounded by the semaphore).
+            activations = await asyncio.gather(
+                *(self.activate(t, i) for (t, i) in missing), return_exceptions=True
+            )
+            for key, activated in zip(missing, activations, strict=True):
+                if isinstance(activated, BaseException):
+                    if not isinstance(activated, Exception):
+                        raise activated
+                    for i in groups[key]:
+                        results[i] = Result(error=activated)
+                    continue
+                lives[key] = activated
 
+        batches: dict[tuple[str, str], _EntityBatch] = {}
         writes: list[AtomicWrite] = []
         write_keys: list[tuple[str, str]] = []
         serializer = self.journal.serializer
-        for key, batch in batches.items():
-            live = batch.live
+        reply_types = self._reply_types
+        for key, indices in groups.items():
+            live = lives.get(key)
+            if live is None:
+                continue  # its activation failed: answered above
+            entity = live.entity
             state = live.state
             events: list[Any] = []
             replies: list[tuple[str, int, bytes]] = []
-            for i in groups[key]:
+            pending: list[_Pending] = []
+            for i in indices:
                 request = requests[i]
-                decision = decide(live.entity, state, request.command)
+                command = request.command
+                decision = decide(entity, state, command)
                 if decision.error is not None:
                     results[i] = Result(error=decision.error)
                     continue
-                payload = None
-                if request.command_id is not None and decision.events:
-                    try:
-                        payload = (
-                            _NONE_REPLY
-                            if decision.reply is None
-                            else serializer.encode_value(
-                                decision.reply, self._reply_type(request.command)
-                            )
-                        )
-                    except SerializationError as e:
-                        unstorable = EncodeError(
-                            f"the reply of {type(request.command).__qualname__} to "
-                            f"{key[0]}/{key[1]} cannot be stored for safe retries (does it fit "
-                            "the reply type the command declares?), so the command was not "
-                            f"applied: {e}"
-                        )
-                        unstorable.__cause__ = e
-                        results[i] = Result(error=unstorable)
-                        continue
-                    last_seq_nr = live.seq_nr + len(events) + len(decision.events)
-                    replies.append((request.command_id, last_seq_nr, payload))
+                decided = decision.events
+                command_id = request.command_id
+                if command_id is not None and decided:
+                    reply = decision.reply
+                    if reply is None:
+                        payload = _NONE_REPLY
+                    else:
+                        reply_type = reply_types.get(command.__class__, _MISSING)
+                        if reply_type is _MISSING:
+                            reply_type = self._reply_type(command)
+                        try:
+                            payload = serializer.encode_value(reply, reply_type)
+                        except SerializationError as e:
+                            results[i] = Result(error=_unstorable(command, key, e))
+                            continue
+                    replies.append((command_id, live.seq_nr + len(events) + len(decided), payload))
                 state = decision.state_after
-                events.extend(decision.events)
-                batch.pending.append(_Pending(i, decision))
+                events.extend(decided)
+                pending.append(_Pending(i, decision))
             if events:
+                batches[key] = _EntityBatch(live, pending)
                 writes.append(
                     AtomicWrite(
                         entity_type=key[0],
                         entity_id=key[1],
                         expected_seq_nr=live.seq_nr,
                         events=events,
-                        tags=[live.entity.tags_for(evt) for evt in events],
+                        tags=[entity.tags_for(evt) for evt in events],
                         replies=replies,
                     )
                 )
                 write_keys.append(key)
             else:
                 # Read-only commands: nothing to wait for.
-                for p in batch.pending:
+                for p in pending:
                     results[p.index] = Result(reply=p.decision.reply)
-                batch.pending.clear()
 
         failed: dict[tuple[str, str], BaseException] = {}
         if writes:
@@ -612,26 +658,33 @@ class EntityProcessor:
 
         to_snapshot: list[SnapshotToSave] = []
         side_effects: list[tuple[Callable[[Any], Any], Any, tuple[str, str]]] = []
+        persisted = 0
         for key in write_keys:
             batch = batches[key]
-            if key in failed:
+            if failed and key in failed:
                 self.evict(*key)
                 error = failed[key]
                 for p in batch.pending:
                     results[p.index] = Result(error=error)
                 continue
             live = batch.live
-            previous_seq = live.seq_nr
+            previous_seq = seq_nr = live.seq_nr
+            last: Decision | None = None
             for p in batch.pending:
-                live.state = p.decision.state_after
-                live.seq_nr += len(p.decision.events)
-                results[p.index] = Result(reply=p.decision.reply, events=p.decision.events)
-                for fn in p.decision.side_effects:
-                    side_effects.append((fn, p.decision.state_after, key))
-            self._stats["events_persisted"] += live.seq_nr - previous_seq
+                last = p.decision
+                seq_nr += len(last.events)
+                results[p.index] = Result(last.reply, None, last.events)
+                if last.side_effects:
+                    for fn in last.side_effects:
+                        side_effects.append((fn, last.state_after, key))
+            assert last is not None
+            live.state = last.state_after
+            live.seq_nr = seq_nr
+            persisted += seq_nr - previous_seq
             every = type(live.entity).snapshot_every
-            if every and live.seq_nr // every > previous_seq // every:
-                to_snapshot.append(SnapshotToSave(key[0], key[1], live.seq_nr, live.state))
+            if every and seq_nr // every > previous_seq // every:
+                to_snapshot.append(SnapshotToSave(key[0], key[1], seq_nr, live.state))
+        self._stats["events_persisted"] += persisted
 
         for fn, state, key in side_effects:
             await _run_side_effect(fn, state, key)
