@@ -598,48 +598,24 @@ _SCALARS: Final[dict[type, _Codec]] = {
     float: _scalar(float, "float", _enc_float, _dec_float, native=True),
     str: _scalar(str, "str", _enc_str, _exact_decoder(str, "str"), native=True),
     bytes: _scalar(bytes, "bytes", _enc_bytes, _exact_decoder(bytes, "bytes"), native=True),
-    datetime: _scalar(
-        datetime,
-        "datetime",
-        _ext_encoder(datetime, "datetime", _enc_datetime),
-        _exact_decoder(datetime, "datetime"),
-        native=False,
-    ),
-    date: _scalar(
-        date,
-        "date",
-        _ext_encoder(date, "date", _enc_date, exclude=datetime),
-        _exact_decoder(date, "date"),
-        native=False,
-    ),
-    time: _scalar(
-        time,
-        "time",
-        _ext_encoder(time, "time", _enc_time),
-        _exact_decoder(time, "time"),
-        native=False,
-    ),
-    timedelta: _scalar(
-        timedelta,
-        "timedelta",
-        _ext_encoder(timedelta, "timedelta", _enc_timedelta),
-        _exact_decoder(timedelta, "timedelta"),
-        native=False,
-    ),
-    UUID: _scalar(
-        UUID,
-        "UUID",
-        _ext_encoder(UUID, "UUID", _enc_uuid),
-        _exact_decoder(UUID, "UUID"),
-        native=False,
-    ),
-    Decimal: _scalar(
-        Decimal,
-        "Decimal",
-        _ext_encoder(Decimal, "Decimal", _enc_decimal),
-        _exact_decoder(Decimal, "Decimal"),
-        native=False,
-    ),
+    # Self-describing ExtType values, decoded by the ExtType hook and checked by exact type.
+    **{
+        cls: _scalar(
+            cls,
+            cls.__name__,
+            _ext_encoder(cls, cls.__name__, encode, exclude),
+            _exact_decoder(cls, cls.__name__),
+            native=False,
+        )
+        for cls, encode, exclude in (
+            (datetime, _enc_datetime, None),
+            (date, _enc_date, datetime),  # a datetime is a date: keep it out of date fields
+            (time, _enc_time, None),
+            (timedelta, _enc_timedelta, None),
+            (UUID, _enc_uuid, None),
+            (Decimal, _enc_decimal, None),
+        )
+    },
 }
 
 _WIRE_SCALARS: Final = frozenset({NoneType, bool, int, float, str, bytes})
