@@ -40,7 +40,14 @@ from typing import Any, ClassVar
 
 
 class LagompyError(Exception):
-    """Base class of every error lagompy raises."""
+    """Base class of every error lagompy raises.
+
+    Errors cross process boundaries (Ray): every one pickles as its message plus its
+    attributes, whatever its constructor takes.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
 
 
 class ConfigurationError(LagompyError):
@@ -66,10 +73,6 @@ class CommandRejected(LagompyError):
             # An instance attribute shadows the class default for this rejection only.
             self.__dict__["http_status"] = http_status
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the per-instance status when rejections cross process boundaries (Ray).
-        return (_rebuild_rejection, (type(self), self.message, self.__dict__.copy()))
-
     def __eq__(self, other: object) -> bool:
         return (
             type(other) is type(self)
@@ -80,16 +83,6 @@ class CommandRejected(LagompyError):
 
     def __hash__(self) -> int:
         return hash((type(self), self.message))
-
-
-def _rebuild_rejection(
-    cls: type[CommandRejected], message: str, state: dict[str, Any]
-) -> CommandRejected:
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    err.__dict__.update(state)
-    err.message = message
-    return err
 
 
 class InvalidCommand(CommandRejected):
@@ -146,9 +139,6 @@ class UnknownType(SerializationError):
         super().__init__(message or f"unknown type name {type_name!r}: no registered class")
         self.type_name = type_name
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
-
 
 class EncodeError(SerializationError):
     """A value does not fit the type it is declared with."""
@@ -173,10 +163,6 @@ class EventDecodeError(SerializationError):
         self.seq_nr = seq_nr
         self.type_name = type_name
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only arguments: rebuild from the attributes (errors cross processes on Ray).
-        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
-
 
 # --------------------------------------------------------------------------- journal
 
@@ -200,23 +186,6 @@ class ConcurrencyConflict(JournalError):
         self.expected_seq_nr = expected_seq_nr
         self.actual_seq_nr = actual_seq_nr
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild_conflict,
-            (self.entity_type, self.entity_id, self.expected_seq_nr, self.actual_seq_nr),
-        )
-
-
-def _rebuild_conflict(
-    entity_type: str, entity_id: str, expected: int, actual: int
-) -> ConcurrencyConflict:
-    return ConcurrencyConflict(
-        entity_type=entity_type,
-        entity_id=entity_id,
-        expected_seq_nr=expected,
-        actual_seq_nr=actual,
-    )
-
 
 class DuplicateCommandId(JournalError):
     """A write carried a reply under a command id that is already stored for its entity: the
@@ -226,9 +195,6 @@ class DuplicateCommandId(JournalError):
     def __init__(self, message: str, *, command_id: str | None = None) -> None:
         super().__init__(message)
         self.command_id = command_id
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_from_state, (type(self), str(self), self.__dict__.copy()))
 
 
 class JournalUnavailable(JournalError):
@@ -254,9 +220,6 @@ class AskTimeout(RuntimeFailure):
         super().__init__(message)
         self.command_id = command_id
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_with_command_id, (type(self), str(self), self.command_id))
-
 
 class OutcomeUnknown(RuntimeFailure):
     """A shard host failed while it held the command and every retry failed too: the command
@@ -270,19 +233,6 @@ class OutcomeUnknown(RuntimeFailure):
             "retries ran out; ask again with the same command id"
         )
         self.command_id = command_id
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_outcome_unknown, (self.command_id, str(self)))
-
-
-def _rebuild_with_command_id(
-    cls: type[AskTimeout], message: str, command_id: str | None
-) -> AskTimeout:
-    return cls(message, command_id=command_id)
-
-
-def _rebuild_outcome_unknown(command_id: str, message: str) -> OutcomeUnknown:
-    return OutcomeUnknown(command_id, message)
 
 
 def _rebuild_from_state(
