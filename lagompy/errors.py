@@ -102,9 +102,6 @@ class UnhandledCommand(CommandRejected):
 
     http_status = 400
 
-    def __init__(self, message: str, *, http_status: int | None = None) -> None:
-        super().__init__(message, http_status=http_status)
-
 
 # --------------------------------------------------------------------------- handler bugs
 
