@@ -44,6 +44,20 @@ E = TypeVar("E")
 _APPEND_ATTEMPTS = 5
 _REPLAY_PAGE = 1000
 
+#: Column order of the event rows the append paths write (COPY and executemany).
+_EVENT_COLUMNS = (
+    "global_offset",
+    "entity_type",
+    "entity_id",
+    "seq_nr",
+    "event_type",
+    "event_version",
+    "payload",
+    "tags",
+    "metadata",
+    "written_at_us",
+)
+
 
 #: The columns ``Journal._envelope`` takes, in its parameter order.
 _ENVELOPE_COLUMNS = (
@@ -195,22 +209,9 @@ def check_command_id(command_id: object) -> str:
 def _check_replies(w: AtomicWrite) -> None:
     """Refuse replies that cannot belong to the write (ValueError, before anything is written)."""
     first, last = w.expected_seq_nr + 1, w.expected_seq_nr + len(w.events)
-    replies = w.replies
-    if len(replies) == 1:
-        # The usual case (one command per entity per batch), checked without building anything.
-        command_id, seq_nr, payload = replies[0]
-        if (
-            command_id.__class__ is str
-            and 0 < len(command_id) <= MAX_COMMAND_ID_LENGTH
-            and seq_nr.__class__ is int
-            and first <= seq_nr <= last
-            and payload.__class__ is bytes
-        ):
-            return
+    where = f"write for {w.entity_type}/{w.entity_id}"
     seen: set[str] = set()
-    for reply in replies:
-        command_id, seq_nr, payload = reply
-        where = f"write for {w.entity_type}/{w.entity_id}"
+    for command_id, seq_nr, payload in w.replies:
         try:
             check_command_id(command_id)
         except ValueError as e:
@@ -230,32 +231,23 @@ def _check_replies(w: AtomicWrite) -> None:
             )
 
 
-_ROW_KEYS = (
-    "entity_type",
-    "entity_id",
-    "seq_nr",
-    "event_type",
-    "event_version",
-    "payload",
-    "tags",
-    "metadata",
-)
-
 #: Taken first in every PostgreSQL write transaction (see Journal.ordering_fence).
 _LOCK_EVENTS = "LOCK TABLE lagompy_events IN EXCLUSIVE MODE"
 #: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
 NOTIFY_CHANNEL = "lagompy_events"
 
 #: One round trip: the current highest sequence number of every entity in the batch (deletions
-#: included), offsets for every event, and the notification (delivered only if we commit).
-_PG_PREPARE_TEMPLATE = """
+#: included), offsets for every event, the notification (delivered only if we commit), and the
+#: ordinals ($5..$7, 1-based) of the given command replies already stored (empty arrays, except
+#: on a retry after a replies key violation).
+_PG_PREPARE = f"""
 WITH offs AS MATERIALIZED (
     SELECT nextval($3::regclass) AS o FROM generate_series(1, $4)
 ), agg AS (
     SELECT array_agg(o ORDER BY o) AS offsets, max(o) AS top FROM offs
 )
 SELECT agg.offsets AS offsets,
-       pg_notify('{channel}', agg.top::text) AS notified,
+       pg_notify('{NOTIFY_CHANNEL}', agg.top::text) AS notified,
        ARRAY(
            SELECT GREATEST(
                COALESCE((SELECT e.seq_nr FROM lagompy_events e
@@ -265,24 +257,15 @@ SELECT agg.offsets AS offsets,
                          WHERE d.entity_type = k.t AND d.entity_id = k.i), 0))
            FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, n)
            ORDER BY k.n
-       ) AS highest{extra}
-FROM agg
-"""
-_PG_PREPARE = _PG_PREPARE_TEMPLATE.format(channel=NOTIFY_CHANNEL, extra="")
-
-#: The same, when the batch carries command replies: also the ordinals ($5..$7, 1-based) of the
-#: replies whose (entity, command id) is already stored. Batches without replies use the
-#: statement above unchanged.
-_PG_PREPARE_REPLIES = _PG_PREPARE_TEMPLATE.format(
-    channel=NOTIFY_CHANNEL,
-    extra=""",
+       ) AS highest,
        ARRAY(
            SELECT r.n
            FROM unnest($5::text[], $6::text[], $7::text[]) WITH ORDINALITY AS r(t, i, c, n)
            WHERE EXISTS (SELECT 1 FROM lagompy_command_replies x
                          WHERE x.entity_type = r.t AND x.entity_id = r.i AND x.command_id = r.c)
-       ) AS known""",
-)
+       ) AS known
+FROM agg
+"""
 
 #: The highest offset ever used (AUTOINCREMENT keeps it in sqlite_sequence, even after deletes),
 #: then the highest sequence number of each entity of the batch, deletions included.
@@ -303,19 +286,10 @@ FROM json_each(?) AS k
 )
 """
 _SQLITE_INSERT_EVENTS = (
-    "INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type, "
-    "event_version, payload, tags, metadata, written_at_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO lagompy_events ({', '.join(_EVENT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})"
 )
 _SQLITE_INSERT_TAGS = "INSERT INTO lagompy_event_tags (tag, global_offset) VALUES (?, ?)"
-#: Which of the given (entity type, entity id, command id) already have a stored reply.
-_SQLITE_KNOWN_REPLIES = """
-SELECT r.entity_type, r.entity_id, r.command_id
-FROM json_each(?) AS k
-JOIN lagompy_command_replies r
-  ON r.entity_type = json_extract(k.value, '$[0]')
- AND r.entity_id = json_extract(k.value, '$[1]')
- AND r.command_id = json_extract(k.value, '$[2]')
-"""
 _SQLITE_INSERT_REPLIES = (
     "INSERT INTO lagompy_command_replies (entity_type, entity_id, command_id, seq_nr, payload) "
     "VALUES (?, ?, ?, ?, ?)"
@@ -324,24 +298,9 @@ _SQLITE_INSERT_REPLIES = (
 #: From this many events in one append, PostgreSQL events are written with COPY.
 _PG_COPY_FROM = 64
 
-#: Small batches: every event and every tag row, as arrays, in one statement.
+#: Small batches: every event, tag row ($11, $12) and command reply ($13..$17), as arrays, in
+#: one statement (empty arrays insert nothing).
 _PG_INSERT = """
-WITH ev AS (
-    INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type,
-                                event_version, payload, tags, metadata, written_at_us)
-    SELECT u.o, u.t, u.i, u.s, u.et, u.ev, u.p, u.tg, u.md, $10
-    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::int[],
-                $7::bytea[], $8::bytea[], $9::bytea[]) AS u(o, t, i, s, et, ev, p, tg, md)
-)
-INSERT INTO lagompy_event_tags (tag, global_offset)
-SELECT * FROM unnest($11::text[], $12::bigint[])
-"""
-_PG_INSERT_TAGS = (
-    "INSERT INTO lagompy_event_tags (tag, global_offset) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[])"
-)
-#: _PG_INSERT plus the command replies ($13..$17): still one statement.
-_PG_INSERT_REPLIES = """
 WITH ev AS (
     INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type,
                                 event_version, payload, tags, metadata, written_at_us)
@@ -381,19 +340,6 @@ JOIN lagompy_command_replies r
  AND r.command_id = json_extract(k.value, '$[2]')
 """
 
-#: Column order of the rows written by COPY.
-_EVENT_COLUMNS = (
-    "global_offset",
-    "entity_type",
-    "entity_id",
-    "seq_nr",
-    "event_type",
-    "event_version",
-    "payload",
-    "tags",
-    "metadata",
-    "written_at_us",
-)
 
 
 class Journal:
@@ -475,7 +421,7 @@ class Journal:
             event_tags = _event_tags(w, n)
             tags.append(event_tags)
             packed_tags = _packed_tags(event_tags) if event_tags else None
-            # In the order of _ROW_KEYS.
+            # In the order of _EVENT_COLUMNS, between global_offset and written_at_us.
             rows.append(
                 (
                     w.entity_type,
@@ -539,8 +485,10 @@ class Journal:
             known: set[tuple[str, str, str]] = set()
             reply_keys = [r[:3] for _, enc in encoded for r in enc.replies] if check_replies else []
             if reply_keys:
-                stored = await db.execute_fetchall(_SQLITE_KNOWN_REPLIES, (json.dumps(reply_keys),))
-                known = {(t, i, c) for t, i, c in stored}
+                stored = await db.execute_fetchall(
+                    _SQLITE_STORED_REPLIES, {"keys": json.dumps(reply_keys)}
+                )
+                known = {(t, i, c) for t, i, c, _ in stored}
             results, accepted = _check_expected(encoded, highest, known)
             if not accepted:
                 return results
@@ -575,19 +523,10 @@ class Journal:
                 self._pg_sequence = await pg.fetchval(
                     "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
                 )
-            key_arrays = ([k[0] for k in keys], [k[1] for k in keys])
-            if reply_keys:
-                row = await pg.fetchrow(
-                    _PG_PREPARE_REPLIES,
-                    *key_arrays,
-                    self._pg_sequence,
-                    count,
-                    *_columns(reply_keys, 3),
-                )
-                known = {reply_keys[n - 1] for n in row["known"]}
-            else:
-                row = await pg.fetchrow(_PG_PREPARE, *key_arrays, self._pg_sequence, count)
-                known = set()
+            row = await pg.fetchrow(
+                _PG_PREPARE, *_columns(keys, 2), self._pg_sequence, count, *_columns(reply_keys, 3)
+            )
+            known = {reply_keys[n - 1] for n in row["known"]}
             offsets_all: list[int] = row["offsets"]
             highest = {k: n for k, n in zip(keys, row["highest"], strict=True) if n}
             results, accepted = _check_expected(encoded, highest, known)
@@ -600,20 +539,15 @@ class Journal:
             tags_arrays = ([t for t, _ in tag_rows], [o for _, o in tag_rows])
             reply_rows = [r for _, enc in accepted for r in enc.replies]
             if len(rows) < _PG_COPY_FROM:
-                # Small batches: events, tags (and replies) in one statement, as arrays.
-                if reply_rows:
-                    await pg.execute(
-                        _PG_INSERT_REPLIES,
-                        offsets,
-                        *zip(*rows, strict=True),
-                        written_at,
-                        *tags_arrays,
-                        *_columns(reply_rows, 5),
-                    )
-                else:
-                    await pg.execute(
-                        _PG_INSERT, offsets, *zip(*rows, strict=True), written_at, *tags_arrays
-                    )
+                # Small batches: events, tags and replies in one statement, as arrays.
+                await pg.execute(
+                    _PG_INSERT,
+                    offsets,
+                    *zip(*rows, strict=True),
+                    written_at,
+                    *tags_arrays,
+                    *_columns(reply_rows, 5),
+                )
             else:
                 # Large batches: binary COPY of the events (two round trips, but measured 1.5x
                 # faster than the arrays at 1,000 events), then the tags as arrays.
@@ -622,12 +556,10 @@ class Journal:
                     records=[(o, *r, written_at) for o, r in zip(offsets, rows, strict=True)],
                     columns=_EVENT_COLUMNS,
                 )
-                if reply_rows:
+                if tag_rows or reply_rows:
                     await pg.execute(
                         _PG_INSERT_TAGS_REPLIES, *tags_arrays, *_columns(reply_rows, 5)
                     )
-                elif tag_rows:
-                    await pg.execute(_PG_INSERT_TAGS, *tags_arrays)
         return results
 
     # ------------------------------------------------------------------ reading
@@ -654,16 +586,7 @@ class Journal:
             return []
         t = schema.events
         stmt = (
-            select(
-                t.c.seq_nr,
-                t.c.global_offset,
-                t.c.event_type,
-                t.c.event_version,
-                t.c.payload,
-                t.c.tags,
-                t.c.written_at_us,
-                t.c.metadata,
-            )
+            select(*_ENVELOPE_COLUMNS)
             .where(t.c.entity_type == entity_type, t.c.entity_id == entity_id)
             .where(t.c.seq_nr >= from_seq_nr)
             .order_by(t.c.seq_nr)
@@ -672,12 +595,7 @@ class Journal:
             stmt = stmt.where(t.c.seq_nr <= to_seq_nr)
         if limit is not None:
             stmt = stmt.limit(limit)
-        async with self.database.read() as conn:
-            rows = (await conn.execute(stmt)).all()
-        return [
-            self._envelope(entity_type, entity_id, seq, off, et, ev, payload, tags, ts, meta)
-            for (seq, off, et, ev, payload, tags, ts, meta) in rows
-        ]
+        return await self._read_envelopes(stmt)
 
     async def replay(
         self,
