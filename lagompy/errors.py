@@ -12,8 +12,13 @@ are translated into this tree with the original exception attached as ``__cause_
     │   └── (your own subclasses, each with its http_status)
     ├── HandlerFailed .............. a bug: a handler raised something that is not a rejection
     │   ├── CommandHandlerFailed ... on_command raised; nothing was persisted
-    │   └── EventHandlerFailed ..... on_event raised while applying an event
-    │       └── UnhandledEvent ..... on_event has no case for this (state, event) pair
+    │   ├── EventHandlerFailed ..... on_event raised while applying an event
+    │   │   └── UnhandledEvent ..... on_event has no case for this (state, event) pair
+    │   └── ReadSideHandlerFailed .. a read-side handler raised (names processor, tag,
+    │                                offset, entity and sequence number)
+    ├── ReadSideError .............. a read-side worker cannot go on
+    │   └── LeaseLost .............. another worker took the (processor, tag) lease:
+    │                                this worker's batch was rolled back
     ├── SerializationError ......... a value cannot be encoded or a payload cannot be decoded
     │   ├── UnknownType ............ no registered class carries this stored type name
     │   ├── EncodeError ............ a value does not fit its declared type
@@ -23,12 +28,17 @@ are translated into this tree with the original exception attached as ``__cause_
     │   ├── ConcurrencyConflict .... another writer appended to this entity first
     │   ├── DuplicateCommandId ..... a reply is already stored under this entity's command id
     │   └── JournalUnavailable ..... the database cannot be reached
-    └── RuntimeFailure ............. the entity runtime could not deliver a command
-        ├── Overloaded ............. queues are full: retry later (nothing was run)
-        ├── AskTimeout ............. no reply within the ask's timeout (outcome unknown)
-        └── OutcomeUnknown ......... a shard host failed mid-command, retries ran out:
-                                     the command may or may not have been applied;
-                                     ask again with the same command id to find out
+    ├── RuntimeFailure ............. the entity runtime could not deliver a command
+    │   ├── Overloaded ............. queues are full: retry later (nothing was run)
+    │   ├── AskTimeout ............. no reply within the ask's timeout (outcome unknown)
+    │   └── OutcomeUnknown ......... a shard host failed mid-command, retries ran out:
+    │                                the command may or may not have been applied;
+    │                                ask again with the same command id to find out
+    └── ServiceCallError ........... a call to another service (a ServiceClient) failed
+        ├── CircuitBreakerOpen ..... its circuit breaker is open: the call was not made
+        ├── ServiceCallTimeout ..... no response within the call timeout (counts as a failure)
+        ├── ServiceUnavailable ..... the service cannot be reached (no URL, connection failed)
+        └── ServiceCallFailed ...... the service answered 4xx or 5xx (carries status and body)
 
 Rejections (``CommandRejected`` and subclasses) are the entity's answer and travel back to the
 caller with their type and message. Everything else signals a failure of the system or a bug.
@@ -120,6 +130,53 @@ class EventHandlerFailed(HandlerFailed):
 
 class UnhandledEvent(EventHandlerFailed):
     """``on_event`` has no case for this (state, event) pair."""
+
+
+class ReadSideHandlerFailed(HandlerFailed):
+    """A read-side processor's handler (or its ``prepare``) raised; the handler's writes were
+    rolled back. Names the processor, the tag, and the event's offset, entity and sequence
+    number (None where it is not about one event); the handler's exception is the cause."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        processor: str | None = None,
+        tag: str | None = None,
+        offset: int | None = None,
+        entity_type: str | None = None,
+        entity_id: str | None = None,
+        seq_nr: int | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.processor = processor
+        self.tag = tag
+        self.offset = offset
+        self.entity_type = entity_type
+        self.entity_id = entity_id
+        self.seq_nr = seq_nr
+        self.attempts = attempts
+
+
+# --------------------------------------------------------------------------- read side
+
+
+class ReadSideError(LagompyError):
+    """A read-side worker cannot go on (see the subclasses)."""
+
+
+class LeaseLost(ReadSideError):
+    """Another worker took the lease of this (processor, tag): the batch this worker was
+    committing was rolled back, its offset untouched. The worker stops handling events and
+    waits to get the lease again."""
+
+    def __init__(
+        self, message: str, *, processor: str | None = None, tag: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.processor = processor
+        self.tag = tag
 
 
 # --------------------------------------------------------------------------- serialization
@@ -230,6 +287,66 @@ class OutcomeUnknown(RuntimeFailure):
             "retries ran out; ask again with the same command id"
         )
         self.command_id = command_id
+
+
+# --------------------------------------------------------------------------- service calls
+
+
+class ServiceCallError(LagompyError):
+    """A call to another service, made through a ``ServiceClient``, failed."""
+
+    def __init__(self, message: str, *, service: str | None = None) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+class CircuitBreakerOpen(ServiceCallError):
+    """The call's circuit breaker is open (or half-open with its one trial call in flight):
+    the call was not made. ``retry_after`` is the number of seconds until the breaker lets a
+    trial call through."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        breaker_id: str = "",
+        retry_after: float = 0.0,
+        service: str | None = None,
+    ) -> None:
+        super().__init__(message, service=service)
+        self.breaker_id = breaker_id
+        self.retry_after = retry_after
+
+
+class ServiceCallTimeout(ServiceCallError):
+    """No response arrived within the call timeout; the call may or may not have had an
+    effect. Counts as a failure of the call's circuit breaker."""
+
+
+class ServiceUnavailable(ServiceCallError):
+    """The service cannot be reached: no URL is configured for it, or connecting (or sending
+    the request) failed."""
+
+
+class ServiceCallFailed(ServiceCallError):
+    """The service answered with an error status (4xx or 5xx). ``status`` is the HTTP status,
+    ``body`` the decoded JSON body (or the text when it is not JSON)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 500,
+        body: Any = None,
+        method: str | None = None,
+        url: str | None = None,
+        service: str | None = None,
+    ) -> None:
+        super().__init__(message, service=service)
+        self.status = status
+        self.body = body
+        self.method = method
+        self.url = url
 
 
 def _rebuild_from_state(
