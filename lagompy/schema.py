@@ -17,13 +17,24 @@
     a retried command is answered from here instead of being applied twice. ``seq_nr`` is the
     highest sequence number of the command's events; deleting events up to a sequence number
     deletes the replies up to it too.
+``lagompy_readside_offsets``
+    One row per (read-side processor, tag) in the *projection* database: the offset of the last
+    event the processor's handlers committed, and the lease that lets one worker at a time
+    commit there (``owner``, ``epoch``, ``lease_expires_us``). Every batch updates the offset
+    only where ``epoch`` is still the worker's own, in the same transaction as the handlers'
+    writes. Also the persisted pause flag, the state a worker reports (``running``, ``paused``,
+    ``failed``...), its events/s, and the last handler failure (error, offset, entity, sequence
+    number, attempts). The row with tag ``*`` is the processor's own lease, held while its
+    ``global_prepare`` runs.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -31,6 +42,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -98,4 +110,28 @@ command_replies = Table(
     PrimaryKeyConstraint(
         "entity_type", "entity_id", "command_id", name="pk_lagompy_command_replies"
     ),
+)
+
+readside_offsets = Table(
+    "lagompy_readside_offsets",
+    metadata,
+    Column("processor", String(255), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("owner", String(255), nullable=True),
+    Column("epoch", BigInteger, nullable=False),
+    Column("lease_expires_us", BigInteger, nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("events_per_s", Float, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    Column("skipped", BigInteger, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("error_offset", BigInteger, nullable=True),
+    Column("error_entity_type", String(255), nullable=True),
+    Column("error_entity_id", String(255), nullable=True),
+    Column("error_seq_nr", BigInteger, nullable=True),
+    Column("error_attempts", Integer, nullable=True),
+    Column("error_at_us", BigInteger, nullable=True),
+    PrimaryKeyConstraint("processor", "tag", name="pk_lagompy_readside_offsets"),
 )

@@ -19,16 +19,21 @@ if TYPE_CHECKING:
         StorageOpener,
         contract_serializer,
     )
+    from lagompy.testkit.readside import ReadSideContract, ReadSideTestDriver
 
 _CONTRACT_NAMES = frozenset(
     {"JournalContract", "SnapshotStoreContract", "StorageOpener", "contract_serializer"}
 )
+#: The read-side driver and contract (lagompy.testkit.readside), imported on first use too.
+_READSIDE_NAMES = frozenset({"ReadSideContract", "ReadSideTestDriver"})
 
 __all__ = [
     "EntityTestDriver",
     "Issue",
     "JournalContract",
     "Outcome",
+    "ReadSideContract",
+    "ReadSideTestDriver",
     "SnapshotStoreContract",
     "StorageOpener",
     "contract_serializer",
@@ -40,4 +45,8 @@ def __getattr__(name: str) -> Any:
         from lagompy.testkit import contracts
 
         return getattr(contracts, name)
+    if name in _READSIDE_NAMES:
+        from lagompy.testkit import readside
+
+        return getattr(readside, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,104 @@
+"""The ``users`` projection: one row per user, built from the User entity's events.
+
+Set-based: each transaction's events are grouped into runs of the same event type, and each run
+is one executemany (an INSERT for registrations, an UPDATE for the changes), in offset order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import groupby
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    insert,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from examples.user_service.entity import (
+    EmailChanged,
+    NameChanged,
+    UserDeactivated,
+    UserEntity,
+    UserRegistered,
+)
+from lagompy import EventEnvelope
+from lagompy.readside import SqlReadSideProcessor
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("user_id", String(255), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("updated_offset", BigInteger, nullable=False),
+)
+
+
+def _set(column: str) -> Any:
+    """UPDATE users SET <column> = :v, updated_offset = :o WHERE user_id = :uid"""
+    return (
+        update(users)
+        .where(users.c.user_id == bindparam("uid"))
+        .values({column: bindparam("v"), "updated_offset": bindparam("o")})
+    )
+
+
+_SET = {NameChanged: _set("name"), EmailChanged: _set("email"), UserDeactivated: _set("active")}
+
+
+def _update_row(envelope: EventEnvelope[Any]) -> dict[str, Any]:
+    event = envelope.event
+    match event:
+        case NameChanged(name=value) | EmailChanged(email=value):
+            pass
+        case UserDeactivated():
+            value = False
+        case _:
+            raise TypeError(f"not an update event: {event!r}")
+    return {"uid": envelope.entity_id, "v": value, "o": envelope.offset}
+
+
+class UsersProjection(SqlReadSideProcessor):
+    name = "users"
+    tag = UserEntity.tag  # sharded in 4: four workers
+    entities = (UserEntity,)
+
+    async def global_prepare(self, conn: AsyncConnection) -> None:
+        await conn.run_sync(metadata.create_all)  # CREATE TABLE IF NOT EXISTS
+
+    async def handle_batch(
+        self, conn: AsyncConnection, envelopes: Sequence[EventEnvelope[Any]]
+    ) -> None:
+        for kind, run in groupby(envelopes, key=lambda e: type(e.event)):
+            batch = list(run)
+            if kind is UserRegistered:
+                await conn.execute(
+                    insert(users),
+                    [
+                        {
+                            "user_id": e.entity_id,
+                            "name": e.event.name,
+                            "email": e.event.email,
+                            "active": True,
+                            "updated_offset": e.offset,
+                        }
+                        for e in batch
+                    ],
+                )
+            elif kind in _SET:
+                await conn.execute(_SET[kind], [_update_row(e) for e in batch])
+
+    async def reset(self, conn: AsyncConnection) -> None:
+        await conn.execute(users.delete())

@@ -1,0 +1,373 @@
+"""The read side's bookkeeping in the projection database: offsets, leases, pause flags, failures.
+
+One row of ``lagompy_readside_offsets`` per (processor, tag) (see :mod:`lagompy.schema`). A worker
+*acquires* the row's lease: the row gets its name as ``owner``, ``epoch + 1`` and an expiry. From
+then on every write the worker makes to the row is conditioned on ``epoch`` still being the one
+it got, and the offset update runs in the same transaction as the handlers' writes::
+
+    BEGIN
+      handler writes ...
+      UPDATE lagompy_readside_offsets SET last_offset = :o, lease_expires_us = :now + ttl, ...
+       WHERE processor = :p AND tag = :t AND epoch = :mine  RETURNING paused
+      -- no row: another worker took the lease -> LeaseLost, ROLLBACK (handler writes too)
+    COMMIT
+
+A worker whose lease was taken (it stalled past the expiry, or an operator forced a rebuild or a
+new offset) therefore cannot commit anything any more, whatever it still believes: fencing by
+epoch, not a lock held on a pooled connection. The expiry only decides when another worker may
+*take* the lease, so clocks that disagree cost time, never correctness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy import schema
+from lagompy.database import Database
+from lagompy.errors import ConfigurationError, LeaseLost
+from lagompy.journal import now_us
+
+__all__ = ["GLOBAL_TAG", "Lease", "OffsetRow", "OffsetStore"]
+
+#: The tag of a processor's own row: its lease is held while ``global_prepare`` runs.
+GLOBAL_TAG = "*"
+
+_T = schema.readside_offsets
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on one (processor, tag): valid while the row's epoch is ``epoch``."""
+
+    processor: str
+    tag: str
+    owner: str
+    epoch: int
+    #: The stored offset when the lease was taken: the worker resumes after it.
+    offset: int
+    paused: bool
+
+
+@dataclass(frozen=True)
+class OffsetRow:
+    """One (processor, tag) row as stored."""
+
+    processor: str
+    tag: str
+    offset: int
+    owner: str | None
+    epoch: int
+    lease_expires_us: int
+    paused: bool
+    state: str
+    events_per_s: float
+    updated_us: int
+    skipped: int
+    error: str | None
+    error_offset: int | None
+    error_entity_type: str | None
+    error_entity_id: str | None
+    error_seq_nr: int | None
+    error_attempts: int | None
+    error_at_us: int | None
+
+    @property
+    def leased(self) -> bool:
+        """True while some worker holds an unexpired lease."""
+        return self.owner is not None and self.lease_expires_us > now_us()
+
+
+def _fresh_row(processor: str, tag: str) -> dict[str, Any]:
+    return {
+        "processor": processor,
+        "tag": tag,
+        "last_offset": 0,
+        "owner": None,
+        "epoch": 0,
+        "lease_expires_us": 0,
+        "paused": False,
+        "state": "idle",
+        "events_per_s": 0.0,
+        "updated_us": now_us(),
+        "skipped": 0,
+    }
+
+
+def _check_name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ConfigurationError(
+            f"a read-side {what} must be a non-empty string of at most 255 characters, "
+            f"got {value!r}"
+        )
+    return value
+
+
+class OffsetStore:
+    """Reads and writes ``lagompy_readside_offsets`` in one projection database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # ------------------------------------------------------------------ rows
+
+    async def ensure(self, processor: str, tags: list[str]) -> None:
+        """Create the missing rows (offset 0, no lease, not paused)."""
+        _check_name("processor name", processor)
+        for t in tags:
+            _check_name("tag", t)
+        insert = postgresql.insert if self.database.dialect == "postgresql" else sqlite.insert
+        rows = [_fresh_row(processor, t) for t in tags]
+        if not rows:
+            return
+        async with self.database.write() as conn:
+            await conn.execute(insert(_T).on_conflict_do_nothing(), rows)
+
+    async def rows(self, processor: str | None = None) -> list[OffsetRow]:
+        """Every row (of ``processor``), ordered by processor and tag; not the ``*`` rows."""
+        stmt = select(_T).where(_T.c.tag != GLOBAL_TAG).order_by(_T.c.processor, _T.c.tag)
+        if processor is not None:
+            stmt = stmt.where(_T.c.processor == processor)
+        async with self.database.read() as conn:
+            result = (await conn.execute(stmt)).mappings().all()
+        return [_row(r) for r in result]
+
+    async def row(self, processor: str, tag: str) -> OffsetRow | None:
+        stmt = select(_T).where(_T.c.processor == processor, _T.c.tag == tag)
+        async with self.database.read() as conn:
+            found = (await conn.execute(stmt)).mappings().first()
+        return None if found is None else _row(found)
+
+    # ------------------------------------------------------------------ leases
+
+    async def acquire(
+        self, processor: str, tag: str, owner: str, ttl: float, *, force: bool = False
+    ) -> Lease | None:
+        """Take the lease if it is free, expired or already ``owner``'s (``force``: whoever
+        holds it); None if another worker holds it. Bumps the epoch: every earlier holder's
+        commits are rejected from now on."""
+        _check_name("lease owner", owner)
+        now = now_us()
+        where = [_T.c.processor == processor, _T.c.tag == tag]
+        if not force:
+            where.append(
+                or_(_T.c.owner.is_(None), _T.c.owner == owner, _T.c.lease_expires_us < now)
+            )
+        stmt = (
+            update(_T)
+            .where(*where)
+            .values(
+                owner=owner,
+                epoch=_T.c.epoch + 1,
+                lease_expires_us=now + int(ttl * 1_000_000),
+                updated_us=now,
+            )
+            .returning(_T.c.epoch, _T.c.last_offset, _T.c.paused)
+        )
+        async with self.database.write() as conn:
+            got = (await conn.execute(stmt)).first()
+            if got is None:
+                exists = await conn.scalar(select(_T.c.epoch).where(*where[:2]))
+                if exists is None:
+                    raise ConfigurationError(
+                        f"no offset row for read-side processor {processor!r}, tag {tag!r}: "
+                        "start the processor (or ensure its rows) first"
+                    )
+                return None
+        epoch, offset, paused = got
+        return Lease(processor, tag, owner, int(epoch), int(offset), bool(paused))
+
+    async def commit(
+        self,
+        conn: AsyncConnection,
+        lease: Lease,
+        offset: int,
+        ttl: float,
+        *,
+        state: str = "running",
+        events_per_s: float | None = None,
+        skipped: int = 0,
+    ) -> bool:
+        """Inside the handlers' transaction: store ``offset`` and extend the lease, only where
+        the epoch is still the lease's; returns the pause flag. Raises ``LeaseLost`` otherwise
+        (the caller's transaction then rolls back)."""
+        now = now_us()
+        values: dict[str, Any] = {
+            "last_offset": offset,
+            "lease_expires_us": now + int(ttl * 1_000_000),
+            "updated_us": now,
+            "state": state,
+        }
+        if events_per_s is not None:
+            values["events_per_s"] = events_per_s
+        if skipped:
+            values["skipped"] = _T.c.skipped + skipped
+        return await self._fenced(conn, lease, values)
+
+    async def renew(
+        self, lease: Lease, ttl: float, *, state: str, events_per_s: float | None = None
+    ) -> bool:
+        """Extend the lease (own transaction); returns the pause flag, or raises LeaseLost."""
+        now = now_us()
+        values: dict[str, Any] = {
+            "lease_expires_us": now + int(ttl * 1_000_000),
+            "updated_us": now,
+            "state": state,
+        }
+        if events_per_s is not None:
+            values["events_per_s"] = events_per_s
+        async with self.database.write() as conn:
+            return await self._fenced(conn, lease, values)
+
+    async def record_failure(
+        self,
+        lease: Lease,
+        *,
+        error: str,
+        offset: int | None,
+        entity_type: str | None,
+        entity_id: str | None,
+        seq_nr: int | None,
+        attempts: int,
+        state: str,
+        pause: bool = False,
+    ) -> None:
+        """Store the failure (and the state, and the pause flag when ``pause``); fenced."""
+        values: dict[str, Any] = {
+            "error": error[:4000],
+            "error_offset": offset,
+            "error_entity_type": entity_type,
+            "error_entity_id": entity_id,
+            "error_seq_nr": seq_nr,
+            "error_attempts": attempts,
+            "error_at_us": now_us(),
+            "state": state,
+            "updated_us": now_us(),
+        }
+        if pause:
+            values["paused"] = True
+        async with self.database.write() as conn:
+            await self._fenced(conn, lease, values)
+
+    async def release(self, lease: Lease, *, state: str = "stopped") -> bool:
+        """Give the lease up (if it is still ours); True if it was."""
+        stmt = (
+            update(_T)
+            .where(*_fence(lease))
+            .values(owner=None, lease_expires_us=0, state=state, events_per_s=0.0)
+        )
+        async with self.database.write() as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
+    async def _fenced(self, conn: AsyncConnection, lease: Lease, values: dict[str, Any]) -> bool:
+        stmt = update(_T).where(*_fence(lease)).values(**values).returning(_T.c.paused)
+        paused = (await conn.execute(stmt)).scalar()
+        if paused is None:
+            raise LeaseLost(
+                f"read-side processor {lease.processor!r}, tag {lease.tag!r}: the lease of "
+                f"{lease.owner!r} (epoch {lease.epoch}) was taken by another worker; its batch "
+                "was rolled back",
+                processor=lease.processor,
+                tag=lease.tag,
+            )
+        return bool(paused)
+
+    # ------------------------------------------------------------------ operations
+
+    async def set_paused(self, processor: str, tag: str | None, paused: bool) -> int:
+        """Set the pause flag of every tag of ``processor`` (or of one tag); how many rows."""
+        where = [_T.c.processor == processor, _T.c.tag != GLOBAL_TAG]
+        if tag is not None:
+            where.append(_T.c.tag == tag)
+        values: dict[str, Any] = {"paused": paused, "updated_us": now_us()}
+        async with self.database.write() as conn:
+            count = (await conn.execute(update(_T).where(*where).values(**values))).rowcount
+        if not count:
+            raise ConfigurationError(_unknown(processor, tag))
+        return int(count)
+
+    async def set_offset(self, processor: str, tag: str, offset: int) -> None:
+        """Store ``offset`` for (processor, tag) and end the current lease (epoch + 1): the
+        worker that held it cannot commit any more; the next holder resumes after ``offset``."""
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ConfigurationError(f"an offset must be an integer >= 0, got {offset!r}")
+        stmt = (
+            update(_T)
+            .where(_T.c.processor == processor, _T.c.tag == tag, _T.c.tag != GLOBAL_TAG)
+            .values(
+                last_offset=offset,
+                epoch=_T.c.epoch + 1,
+                owner=None,
+                lease_expires_us=0,
+                updated_us=now_us(),
+            )
+        )
+        async with self.database.write() as conn:
+            if not (await conn.execute(stmt)).rowcount:
+                raise ConfigurationError(_unknown(processor, tag))
+
+    async def reset_offsets(self, conn: AsyncConnection, leases: list[Lease]) -> None:
+        """Inside a transaction: set every lease's offset to 0 (fenced), clear the failures."""
+        for lease in leases:
+            await self._fenced(
+                conn,
+                lease,
+                {
+                    "last_offset": 0,
+                    "skipped": 0,
+                    "error": None,
+                    "error_offset": None,
+                    "error_entity_type": None,
+                    "error_entity_id": None,
+                    "error_seq_nr": None,
+                    "error_attempts": None,
+                    "error_at_us": None,
+                    "state": "rebuilding",
+                    "updated_us": now_us(),
+                },
+            )
+
+
+def _fence(lease: Lease) -> tuple[Any, ...]:
+    return (
+        and_(
+            _T.c.processor == lease.processor,
+            _T.c.tag == lease.tag,
+            _T.c.epoch == lease.epoch,
+        ),
+    )
+
+
+def _unknown(processor: str, tag: str | None) -> str:
+    where = f"processor {processor!r}" + (f", tag {tag!r}" if tag is not None else "")
+    return (
+        f"no read-side offsets for {where}: a processor's rows appear when it first starts "
+        "(see `lagompy projections status` for the known ones)"
+    )
+
+
+def _row(r: Any) -> OffsetRow:
+    return OffsetRow(
+        processor=r["processor"],
+        tag=r["tag"],
+        offset=int(r["last_offset"]),
+        owner=r["owner"],
+        epoch=int(r["epoch"]),
+        lease_expires_us=int(r["lease_expires_us"]),
+        paused=bool(r["paused"]),
+        state=r["state"],
+        events_per_s=float(r["events_per_s"]),
+        updated_us=int(r["updated_us"]),
+        skipped=int(r["skipped"]),
+        error=r["error"],
+        error_offset=r["error_offset"],
+        error_entity_type=r["error_entity_type"],
+        error_entity_id=r["error_entity_id"],
+        error_seq_nr=r["error_seq_nr"],
+        error_attempts=r["error_attempts"],
+        error_at_us=r["error_at_us"],
+    )

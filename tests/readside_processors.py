@@ -1,0 +1,35 @@
+"""Read-side processors for the tests, in a module Ray workers can import by name."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy.journal import EventEnvelope
+from lagompy.testkit.readside import CreditsProjection
+
+
+class PoisonedCredits(CreditsProjection):
+    """CreditsProjection whose handler raises for the accounts in ``poison``."""
+
+    name = "poisoned-credits"
+    poison: ClassVar[set[str]] = set()
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        if envelope.entity_id in type(self).poison:
+            raise ValueError(f"account {envelope.entity_id} is poisoned")
+        await super().handle(conn, envelope)
+
+
+class ExitingCredits(CreditsProjection):
+    """Kills its process (no clean-up at all) right after handling the event of the account
+    named in LAGOMPY_TEST_DIE_AFTER, before the transaction commits."""
+
+    name = "contract-credits"
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        await super().handle(conn, envelope)
+        if envelope.entity_id == os.environ.get("LAGOMPY_TEST_DIE_AFTER"):
+            os._exit(17)
