@@ -73,6 +73,10 @@ THROUGHPUT_WINDOW = 60
 
 Exclusion = type[BaseException] | Callable[[BaseException], bool]
 
+#: Called with the breaker and what happened: ``"success"``, ``"failure"``, ``"excluded"``,
+#: ``"cancelled"``, ``"rejected"`` (failed fast) or ``"state"`` (the state changed).
+BreakerListener = Callable[["CircuitBreaker", str], None]
+
 
 class BreakerSettings(BaseSettings):
     """One circuit breaker's settings. Environment prefix ``LAGOMPY_BREAKER_`` for all breakers
@@ -179,6 +183,9 @@ class CircuitBreaker:
             name=breaker_id,
             throw_new_error_on_trip=False,
         )
+        self.listeners: list[BreakerListener] = []
+        #: The state this breaker last changed to (as told to listeners).
+        self.last_state = CLOSED
         self._generation = 0
         self._opened_at = 0.0
         self._trial_in_flight = False
@@ -215,10 +222,17 @@ class CircuitBreaker:
         return max(0.0, self._opened_at + self.settings.reset_timeout - self._clock())
 
     def _state_changed(self, new_state: str) -> None:
+        # pybreaker notifies before its storage holds the new state: remember it here.
+        self.last_state = new_state
         self._generation += 1
         if new_state == OPEN:
             self._opened_at = self._clock()
             self.counters["opened"] += 1
+        self._emit("state")
+
+    def _emit(self, event: str) -> None:
+        for listener in self.listeners:
+            listener(self, event)
 
     def open(self) -> None:
         """Open the breaker now (e.g. from an admin route)."""
@@ -261,6 +275,7 @@ class CircuitBreaker:
             self.counters["cancelled"] += 1
             if trial:
                 self._trial_in_flight = False
+            self._emit("cancelled")
             raise
         self._record(generation, trial, None, self._clock() - started)
         return result
@@ -272,6 +287,7 @@ class CircuitBreaker:
             wait = self.retry_after()
             if wait > 0:
                 self.counters["rejected"] += 1
+                self._emit("rejected")
                 raise CircuitBreakerOpen(
                     f"circuit breaker {self.id!r} is open after {self.settings.max_failures} "
                     f"failures; next trial call in {wait:.1f} s",
@@ -283,6 +299,7 @@ class CircuitBreaker:
         if state == HALF_OPEN:
             if self._trial_in_flight:
                 self.counters["rejected"] += 1
+                self._emit("rejected")
                 raise CircuitBreakerOpen(
                     f"circuit breaker {self.id!r} is half-open and its trial call is in flight",
                     breaker_id=self.id,
@@ -302,8 +319,10 @@ class CircuitBreaker:
         self._count_second()
         if error is not None and not self._machine.is_system_error(error):
             self.counters["excluded"] += 1
+            self._emit("excluded")
             return  # neither a failure nor a success
         self.counters["successes" if error is None else "failures"] += 1
+        self._emit("success" if error is None else "failure")
         if generation != self._generation:
             return  # admitted before the last state change: its outcome is stale
         if error is None:
@@ -375,18 +394,31 @@ class BreakerRegistry:
 
     def __init__(self) -> None:
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._listeners: list[BreakerListener] = []
 
     def get(self, breaker_id: str, **settings: Any) -> CircuitBreaker:
         """The breaker ``breaker_id``, made with ``settings`` if it does not exist yet."""
         breaker = self._breakers.get(breaker_id)
         if breaker is None:
-            breaker = self._breakers[breaker_id] = CircuitBreaker(breaker_id, **settings)
+            breaker = self.add(CircuitBreaker(breaker_id, **settings))
         return breaker
 
     def add(self, breaker: CircuitBreaker) -> CircuitBreaker:
-        """Register ``breaker`` (replacing one with the same id)."""
+        """Register ``breaker`` (replacing one with the same id); it gets the registry's
+        listeners."""
         self._breakers[breaker.id] = breaker
+        for listener in self._listeners:
+            if listener not in breaker.listeners:
+                breaker.listeners.append(listener)
         return breaker
+
+    def add_listener(self, listener: BreakerListener) -> None:
+        """Call ``listener`` on the events of every breaker, present and future (once)."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+        for breaker in self:
+            if listener not in breaker.listeners:
+                breaker.listeners.append(listener)
 
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return iter(list(self._breakers.values()))

@@ -1,0 +1,737 @@
+"""lagompy in a FastAPI app: lifespan, dependencies, errors as problem JSON, health and metrics.
+
+::
+
+    service = Service(name="users", entities=[UserEntity], journal_url="sqlite:///users.db")
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+
+    Users = Annotated[Refs[UserCommand], Depends(refs(UserEntity))]
+
+    @app.post("/users/{user_id}")
+    async def register(user_id: str, body: Registration, users: Users) -> UserOut:
+        user = await users(user_id).ask(RegisterUser(body.name, body.email))
+        return UserOut.from_state(user)
+
+* ``service.lifespan`` starts the entity runtime (or uses the one given), the service
+  clients and the components (read-side workers...), and stops them in reverse order.
+* ``service.install(app)`` adds the exception handlers, the request-id middleware and the
+  routes ``/health/live``, ``/health/ready``, ``/metrics`` and ``/_status/circuit-breakers``
+  (plus any router a component brings).
+* Dependencies: :func:`refs` (refs to an entity type whose asks use the request's
+  ``Idempotency-Key`` header as command id), :data:`EntitiesDep`, :func:`client`,
+  :data:`ServiceDep`.
+
+Errors become RFC 9457 problem documents (``application/problem+json``)::
+
+    CommandRejected (InvalidCommand, NotFound, yours) -> its http_status (400, 404, ...)
+    request validation                                -> 422, with the errors
+    ConcurrencyConflict, DuplicateCommandId           -> 409
+    Overloaded, JournalUnavailable                    -> 503 with Retry-After
+    CircuitBreakerOpen                                -> 503 with Retry-After (the breaker's)
+    ServiceUnavailable / ServiceCallFailed            -> 503 / 502
+    AskTimeout, OutcomeUnknown, ServiceCallTimeout    -> 504 (with the command id)
+    anything else                                     -> 500, no internals (logged)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lagompy import metrics
+from lagompy.breaker import BreakerRegistry, default_registry
+from lagompy.client import REQUEST_ID_HEADER, ServiceClient, ServiceLocator, current_request_id
+from lagompy.entity import Command, PersistentEntity
+from lagompy.errors import (
+    AskTimeout,
+    CircuitBreakerOpen,
+    CommandRejected,
+    ConcurrencyConflict,
+    ConfigurationError,
+    DuplicateCommandId,
+    JournalUnavailable,
+    LagompyError,
+    OutcomeUnknown,
+    Overloaded,
+    ServiceCallFailed,
+    ServiceCallTimeout,
+    ServiceUnavailable,
+)
+from lagompy.in_process import InProcessEntities
+from lagompy.journal import MAX_COMMAND_ID_LENGTH
+from lagompy.runtime import ShardedEntities
+from lagompy.settings import JournalSettings
+
+__all__ = [
+    "PROBLEM_CONTENT_TYPE",
+    "Component",
+    "EntitiesDep",
+    "IdempotencyKey",
+    "Refs",
+    "RequestRef",
+    "Service",
+    "ServiceDep",
+    "ServiceSettings",
+    "client",
+    "problem_for",
+    "refs",
+]
+
+log = logging.getLogger("lagompy.service")
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+#: Environment variable ``lagompy run`` sets to the number of uvicorn worker processes.
+WORKERS_ENV = "LAGOMPY_WORKERS"
+
+Entities = ShardedEntities | InProcessEntities
+
+
+class ServiceSettings(BaseSettings):
+    """HTTP side settings. Environment prefix ``LAGOMPY_HTTP_``."""
+
+    model_config = SettingsConfigDict(env_prefix="LAGOMPY_HTTP_", frozen=True, extra="forbid")
+
+    ask_timeout: float = Field(
+        10.0, gt=0, description="Seconds a route's ask waits for its reply (then 504)."
+    )
+    retry_after: int = Field(
+        1, ge=0, description="Retry-After seconds sent with 503 for Overloaded and outages."
+    )
+    ready_timeout: float = Field(
+        2.0, gt=0, description="Seconds each /health/ready check may take."
+    )
+    metrics: bool = Field(True, description="Serve /metrics.")
+    status_routes: bool = Field(True, description="Serve /_status/circuit-breakers.")
+
+
+@runtime_checkable
+class Component(Protocol):
+    """Something the service starts and stops with itself, e.g. read-side workers.
+
+    Optional extras are looked up by name: ``ready() -> bool`` (awaitable; part of
+    ``/health/ready``), ``router`` (an APIRouter mounted by ``install``) and
+    ``metric_samples() -> list[metrics.Sample]`` (awaitable; pulled at scrape time)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Service:
+    """The lagompy side of one FastAPI app (see the module docs).
+
+    ``entities`` and ``journal_url``/``journal_settings``/``ray``/``runtime_options`` start
+    the app's entity runtime in the lifespan (``lagompy.start``); ``runtime`` attaches an
+    already started one instead (then the caller closes it). ``clients`` are service names
+    (or ``ServiceClient`` objects) made available through :func:`client`. With
+    ``stop_runtime=True`` stopping the service also stops the app's shard hosts (for tests
+    and single-process deployments; by default they outlive it, for the next start)."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "default",
+        entities: Iterable[type[PersistentEntity[Any, Any, Any]]] = (),
+        journal_url: str | None = None,
+        journal_settings: JournalSettings | None = None,
+        ray: bool = True,
+        runtime: Entities | None = None,
+        runtime_options: Mapping[str, Any] | None = None,
+        clients: Iterable[str | ServiceClient] = (),
+        components: Iterable[Component] = (),
+        locator: ServiceLocator | None = None,
+        breakers: BreakerRegistry | None = None,
+        settings: ServiceSettings | None = None,
+        stop_runtime: bool = False,
+    ) -> None:
+        self.name = name
+        self.stop_runtime = stop_runtime
+        self.entity_classes = list(entities)
+        self.ray = ray
+        self.runtime_options = dict(runtime_options or {})
+        if journal_settings is not None and journal_url is not None:
+            raise ConfigurationError("pass journal_settings or journal_url, not both")
+        journal: dict[str, Any] = {} if journal_url is None else {"url": journal_url}
+        #: Where the journal is (default: JournalSettings from the environment).
+        self.journal_settings = journal_settings or JournalSettings(**journal)
+        self._given_runtime = runtime
+        self._runtime: Entities | None = runtime
+        self.locator = locator or ServiceLocator()
+        self.breakers = breakers or default_registry
+        self._client_specs = list(clients)
+        self.clients: dict[str, ServiceClient] = {}
+        self.components = list(components)
+        no_overrides: dict[str, Any] = {}
+        self.settings = settings or ServiceSettings(**no_overrides)
+        self._started: list[Component] = []
+        self._probe: Any = None  # a small Database for the journal check of /health/ready
+        self.started = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def entities(self) -> Entities:
+        """The entity runtime (after the lifespan started it)."""
+        if self._runtime is None:
+            raise ConfigurationError(
+                f"service {self.name!r} has no entity runtime: give it entities (or a runtime) "
+                "and run the app with service.lifespan"
+            )
+        return self._runtime
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """The app's lifespan: ``FastAPI(lifespan=service.lifespan)``."""
+        app.state.lagompy = self
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Start the runtime, the clients and the components (the lifespan calls this)."""
+        self.breakers.add_listener(metrics.breaker_listener)
+        for breaker in self.breakers:
+            metrics.breaker_listener(breaker, "state")
+        workers = int(os.environ.get(WORKERS_ENV, "1") or 1)
+        try:
+            if self._runtime is None and self.entity_classes:
+                if not self.ray and workers > 1:
+                    raise ConfigurationError(
+                        f"service {self.name!r} hosts its entities in-process (ray=False) but "
+                        f"runs in {workers} worker processes: each entity would have {workers} "
+                        "writers. Use ray=True, or one worker"
+                    )
+                from lagompy.runtime import start
+
+                common: dict[str, Any] = {
+                    "app": self.name,
+                    "entities": self.entity_classes,
+                    "journal_settings": self.journal_settings,
+                    **self.runtime_options,
+                }
+                if self.ray:
+                    self._runtime = await start(ray=True, **common)
+                else:
+                    self._runtime = await start(ray=False, **common)
+            if self.entity_classes and isinstance(self._runtime, ShardedEntities):
+                from lagompy.database import Database
+
+                self._probe = Database.create(self.journal_settings, pool_size=1, max_overflow=0)
+            for spec in self._client_specs:
+                made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
+                self.clients[made.service] = made
+            for component in self.components:
+                await component.start()
+                self._started.append(component)
+        except BaseException:
+            await self.stop()
+            raise
+        self.started = True
+
+    def _make_client(self, name: str) -> ServiceClient:
+        return ServiceClient(name, locator=self.locator, registry=self.breakers)
+
+    async def stop(self) -> None:
+        """Stop what ``start`` started, in reverse order."""
+        self.started = False
+        while self._started:
+            component = self._started.pop()
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %r failed", component)
+        for made in self.clients.values():
+            await made.aclose()
+        self.clients.clear()
+        if self._probe is not None:
+            await self._probe.dispose()
+            self._probe = None
+        if self._runtime is not None and self._runtime is not self._given_runtime:
+            if isinstance(self._runtime, ShardedEntities):
+                await self._runtime.close(shutdown=self.stop_runtime)
+            else:
+                await self._runtime.close()
+            self._runtime = None
+        metrics.mark_process_dead()
+
+    # ----------------------------------------------------------------- install
+
+    def install(self, app: FastAPI) -> FastAPI:
+        """Add the exception handlers, the request-id middleware and lagompy's routes."""
+        app.state.lagompy = self
+        app.add_exception_handler(LagompyError, _lagompy_error_handler)
+        app.add_exception_handler(RequestValidationError, _validation_handler)
+        app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+        app.add_middleware(RequestIdMiddleware)
+        app.include_router(self.router())
+        for component in self.components:
+            router = getattr(component, "router", None)
+            if isinstance(router, APIRouter):
+                app.include_router(router)
+        return app
+
+    def router(self) -> APIRouter:
+        """lagompy's own routes (health, metrics, status), kept out of the OpenAPI schema."""
+        router = APIRouter(include_in_schema=False)
+        router.add_api_route("/health/live", _live, methods=["GET"])
+        router.add_api_route("/health/ready", _ready, methods=["GET"])
+        if self.settings.metrics:
+            router.add_api_route("/metrics", _metrics, methods=["GET"])
+        if self.settings.status_routes:
+            router.add_api_route("/_status/circuit-breakers", _breaker_status, methods=["GET"])
+        return router
+
+    # ----------------------------------------------------------------- health
+
+    async def readiness(self) -> dict[str, str]:
+        """Each check's result: ``"ok"`` or why it failed."""
+        checks: dict[str, Callable[[], Awaitable[Any]]] = {}
+        runtime = self._runtime
+        if self.entity_classes or self._given_runtime is not None:
+            if runtime is None:
+                checks["runtime"] = _fail("not started")
+            elif isinstance(runtime, ShardedEntities):
+                checks["runtime"] = runtime.host_stats
+            else:
+                checks["journal"] = lambda: _select_one(runtime.storage.database)
+        if self._probe is not None:
+            checks["journal"] = lambda: _select_one(self._probe)
+        for component in self.components:
+            ready = getattr(component, "ready", None)
+            if callable(ready):
+                checks[_component_name(component)] = _expect_true(ready)
+        results: dict[str, str] = {"service": "ok" if self.started else "not started"}
+        for name, check in checks.items():
+            try:
+                await asyncio.wait_for(check(), self.settings.ready_timeout)
+                results[name] = "ok"
+            except TimeoutError:
+                results[name] = f"no answer within {self.settings.ready_timeout} s"
+            except Exception as e:
+                results[name] = f"{type(e).__name__}: {e}"[:300]
+        return results
+
+    async def pulled_metrics(self) -> list[metrics.Sample]:
+        """Figures from other processes, pulled at scrape time."""
+        samples: list[metrics.Sample] = []
+        runtime = self._runtime
+        if isinstance(runtime, ShardedEntities):
+            try:
+                hosts = await asyncio.wait_for(runtime.host_stats(), self.settings.ready_timeout)
+                samples += metrics.host_samples(hosts)
+            except Exception as e:  # a scrape must still answer
+                log.warning("could not pull the shard hosts' stats: %s", e)
+        elif isinstance(runtime, InProcessEntities):
+            samples += metrics.host_samples([runtime.stats()])
+        for component in self.components:
+            pull = getattr(component, "metric_samples", None)
+            if callable(pull):
+                try:
+                    samples += await pull()
+                except Exception as e:
+                    log.warning("could not pull metrics of %r: %s", component, e)
+        return samples
+
+
+def _component_name(component: object) -> str:
+    return str(getattr(component, "name", None) or type(component).__name__)
+
+
+def _fail(reason: str) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        raise RuntimeError(reason)
+
+    return check
+
+
+def _expect_true(ready: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        if not await ready():
+            raise RuntimeError("not ready")
+
+    return check
+
+
+async def _select_one(database: Any) -> None:
+    from sqlalchemy import text
+
+    async with database.read() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _service_of(request: Request) -> Service:
+    service = getattr(request.app.state, "lagompy", None)
+    if not isinstance(service, Service):
+        raise ConfigurationError(
+            "this app has no lagompy Service: call service.install(app) and use "
+            "FastAPI(lifespan=service.lifespan)"
+        )
+    return service
+
+
+async def _live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+async def _ready(request: Request) -> JSONResponse:
+    service = _service_of(request)
+    checks = await service.readiness()
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "not ready", "checks": checks},
+        status_code=200 if ok else 503,
+    )
+
+
+async def _metrics(request: Request) -> Response:
+    service = _service_of(request)
+    body = metrics.render(await service.pulled_metrics())
+    return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
+
+
+async def _breaker_status(request: Request) -> list[dict[str, Any]]:
+    return _service_of(request).breakers.status()
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+async def get_service(request: Request) -> Service:
+    """Dependency: the app's :class:`Service`."""
+    return _service_of(request)
+
+
+async def get_entities(request: Request) -> Entities:
+    """Dependency: the app's entity runtime."""
+    return _service_of(request).entities
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+EntitiesDep = Annotated[Entities, Depends(get_entities)]
+
+
+async def _idempotency_key(
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_COMMAND_ID_LENGTH - 8,
+            pattern=r"^[\x21-\x7e]+$",
+            description=(
+                "Makes the request safe to retry: a command that persisted events is applied "
+                "once per key, and a retry gets the first reply."
+            ),
+        ),
+    ] = None,
+) -> str | None:
+    return idempotency_key
+
+
+#: Dependency: the request's ``Idempotency-Key`` header (None without one).
+IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
+
+
+class RequestRef(Generic[C]):
+    """A ref to one entity, for one request: its asks carry the request's idempotency key
+    as command id, time out after the service's ``ask_timeout`` and are counted in
+    ``/metrics``."""
+
+    __slots__ = ("_refs", "entity_id")
+
+    def __init__(self, refs: Refs[C], entity_id: str) -> None:
+        self._refs = refs
+        self.entity_id = entity_id
+
+    async def ask(
+        self, command: Command[R], *, timeout: float | None = None, command_id: str | None = None
+    ) -> R:
+        refs = self._refs
+        if command_id is None:
+            command_id = refs._command_id_for(self.entity_id)
+        ref = refs.entities.ref_for(refs.entity, self.entity_id)
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            reply = await ref.ask(
+                command,
+                timeout=refs.ask_timeout if timeout is None else timeout,
+                command_id=command_id,
+            )
+            outcome = "ok"
+            return reply
+        except CommandRejected:
+            outcome = "rejected"
+            raise
+        finally:
+            metrics.ASKS.labels(refs.entity.type_name, outcome).inc()
+            metrics.ASK_SECONDS.labels(refs.entity.type_name).observe(time.perf_counter() - started)
+
+
+class Refs(Generic[C]):
+    """Refs to the entities of one type, for one request: ``refs(entity_id).ask(cmd)``.
+
+    With an ``Idempotency-Key`` header the first ask to an entity uses the key as command id,
+    later asks to the same entity in the same request ``key/2``, ``key/3``... so that a retried
+    request maps onto the same command ids."""
+
+    def __init__(
+        self,
+        entities: Entities,
+        entity: type[PersistentEntity[C, Any, Any]],
+        idempotency_key: str | None,
+        ask_timeout: float,
+    ) -> None:
+        self.entities = entities
+        self.entity = entity
+        self.idempotency_key = idempotency_key
+        self.ask_timeout = ask_timeout
+        self._asks: dict[str, int] = {}
+
+    def __call__(self, entity_id: str) -> RequestRef[C]:
+        return RequestRef(self, str(entity_id))
+
+    def _command_id_for(self, entity_id: str) -> str | None:
+        if self.idempotency_key is None:
+            return None
+        n = self._asks[entity_id] = self._asks.get(entity_id, 0) + 1
+        return self.idempotency_key if n == 1 else f"{self.idempotency_key}/{n}"
+
+
+def refs(
+    entity: type[PersistentEntity[C, Any, Any]],
+) -> Callable[[Request, str | None], Awaitable[Refs[C]]]:
+    """Dependency factory: ``Annotated[Refs[UserCommand], Depends(refs(UserEntity))]``."""
+
+    async def dependency(request: Request, idempotency_key: IdempotencyKey) -> Refs[C]:
+        service = _service_of(request)
+        return Refs(service.entities, entity, idempotency_key, service.settings.ask_timeout)
+
+    dependency.__name__ = f"refs_{entity.type_name}"
+    return dependency
+
+
+def client(name: str) -> Callable[[Request], Awaitable[ServiceClient]]:
+    """Dependency factory: ``Annotated[ServiceClient, Depends(client("inventory"))]`` gives
+    the service's client of that name (listed in ``Service(clients=...)``)."""
+
+    async def dependency(request: Request) -> ServiceClient:
+        service = _service_of(request)
+        try:
+            return service.clients[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"service {service.name!r} has no client {name!r} (clients: "
+                f"{sorted(service.clients)}); list it in Service(clients=...)"
+            ) from None
+
+    dependency.__name__ = f"client_{name}"
+    return dependency
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def _words(name: str) -> list[str]:
+    return [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+", name)]
+
+
+def _problem(
+    status: int,
+    title: str,
+    detail: str | None,
+    *,
+    type_: str = "about:blank",
+    instance: str | None = None,
+    **extensions: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    body.update({k: v for k, v in extensions.items() if v is not None})
+    return body
+
+
+def _error_type(exc: BaseException) -> tuple[str, str]:
+    words = _words(type(exc).__name__)
+    return "urn:lagompy:problem:" + "-".join(words), " ".join(words).capitalize()
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def problem_for(
+    exc: LagompyError, *, retry_after: int = 1
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The status, problem body and headers a lagompy error is answered with."""
+    type_, title = _error_type(exc)
+    headers: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    detail: str | None = str(exc)
+    if isinstance(exc, CommandRejected):
+        status = int(exc.http_status)
+    elif isinstance(exc, (ConcurrencyConflict, DuplicateCommandId)):
+        status = 409
+        extra["command_id"] = getattr(exc, "command_id", None)
+    elif isinstance(exc, CircuitBreakerOpen):
+        status = 503
+        headers = _retry_after(exc.retry_after)
+        extra["breaker_id"] = exc.breaker_id
+    elif isinstance(exc, (Overloaded, JournalUnavailable)):
+        status = 503
+        headers = _retry_after(retry_after)
+        if isinstance(exc, JournalUnavailable):
+            detail = "the journal's database cannot be reached"
+    elif isinstance(exc, (AskTimeout, OutcomeUnknown)):
+        status = 504
+        extra["command_id"] = exc.command_id
+    elif isinstance(exc, ServiceCallTimeout):
+        status = 504
+    elif isinstance(exc, ServiceUnavailable):
+        status = 503
+        headers = _retry_after(retry_after)
+    elif isinstance(exc, ServiceCallFailed):
+        status = 502
+        extra["upstream_status"] = exc.status
+    else:
+        status, type_, title, detail = 500, "about:blank", "Internal Server Error", None
+    return status, _problem(status, title, detail, type_=type_, **extra), headers
+
+
+def _problem_response(
+    request: Request, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body.setdefault("instance", request.url.path)
+    request_id = current_request_id.get()
+    if request_id:
+        body.setdefault("request_id", request_id)
+    return JSONResponse(
+        jsonable_encoder(body),
+        status_code=status,
+        headers=dict(headers or {}),
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+async def _lagompy_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LagompyError)
+    service = getattr(request.app.state, "lagompy", None)
+    retry_after = service.settings.retry_after if isinstance(service, Service) else 1
+    status, body, headers = problem_for(exc, retry_after=retry_after)
+    if status >= 500:
+        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    if status == 500:
+        log.error("unexpected error", exc_info=exc)
+    return _problem_response(request, status, body, headers)
+
+
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {k: v for k, v in e.items() if k in ("loc", "msg", "type")}
+        for e in exc.errors()
+        if isinstance(e, dict)
+    ]
+    body = _problem(
+        422,
+        "Request validation failed",
+        "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)[:1000],
+        type_="urn:lagompy:problem:validation",
+        errors=errors,
+    )
+    return _problem_response(request, 422, body)
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    from http import HTTPStatus
+
+    try:
+        title = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        title = "Error"
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+    body = _problem(exc.status_code, title, detail)
+    return _problem_response(request, exc.status_code, body, exc.headers)
+
+
+# --------------------------------------------------------------------------- middleware
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+class RequestIdMiddleware:
+    """Takes the request's ``X-Request-ID`` (or makes one), makes it the current request id
+    (sent along by service clients), returns it in the response, and counts the request.
+    An exception no handler took is logged and answered with a 500 problem document that
+    says nothing of it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                given = value.decode("latin-1")
+                break
+        request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = current_request_id.set(request_id)
+        status = 500
+        started = False
+        header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            log.error("%s %s failed", scope["method"], scope["path"], exc_info=exc)
+            if started:
+                raise
+            body = _problem(500, "Internal Server Error", None, instance=scope["path"])
+            body["request_id"] = request_id
+            response = JSONResponse(body, status_code=500, media_type=PROBLEM_CONTENT_TYPE)
+            await response(scope, receive, send_with_id)
+        finally:
+            current_request_id.reset(token)
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            metrics.HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
