@@ -41,7 +41,12 @@ __all__ = [
 ]
 
 #: Modules whose ``register_cli(app)`` contributes commands to ``lagompy``, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("lagompy.cli", "lagompy.migrate")
+COMMAND_MODULES: tuple[str, ...] = (
+    "lagompy.cli",
+    "lagompy.migrate",
+    "lagompy.projections_cli",
+    "lagompy.service_cli",
+)
 
 PROG_NAME = "lagompy"
 

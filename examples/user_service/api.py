@@ -1,7 +1,8 @@
 """The user service over HTTP: a small FastAPI app on the User entity.
 
 Run it with ``lagompy run examples.user_service.api:app`` (journal from LAGOMPY_JOURNAL_URL,
-default ./lagompy.db; entities in-process unless LAGOMPY_EXAMPLE_RAY=1), or build one with
+default ./lagompy.db; entities in-process unless LAGOMPY_EXAMPLE_RAY=1; app name from
+LAGOMPY_EXAMPLE_APP, default users), or build one with
 :func:`create_app` in tests.
 """
 
@@ -58,12 +59,14 @@ def create_app(
     *,
     journal_settings: JournalSettings | None = None,
     ray: bool | None = None,
-    name: str = "users",
+    name: str | None = None,
     runtime_options: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The user service's FastAPI app; its lifespan starts the entities."""
     if ray is None:
         ray = os.environ.get("LAGOMPY_EXAMPLE_RAY", "0") == "1"
+    if name is None:
+        name = os.environ.get("LAGOMPY_EXAMPLE_APP", "users")
     service = Service(
         name=name,
         entities=[UserEntity],
