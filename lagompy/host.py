@@ -59,6 +59,7 @@ class ShardHost:
         max_entities: int | None = None,
         idle_timeout: float | None = None,
         passivate_interval: float = 10.0,
+        conflict_retries: int = 2,
     ) -> None:
         self.topology = Topology.from_dict(topology)
         self.index = index
@@ -77,6 +78,7 @@ class ShardHost:
             self.storage.snapshots,
             max_entities=max_entities,
             idle_timeout=idle_timeout,
+            conflict_retries=conflict_retries,
         )
         self._lock = threading.Lock()
         self._closed = threading.Event()

@@ -34,6 +34,7 @@ C = TypeVar("C")
 #: Defaults of the in-process runtime's settings (see :class:`InProcessEntities`).
 DEFAULT_MAX_ENTITIES = 100_000
 DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_CONFLICT_RETRIES = 2
 DEFAULT_MAX_PENDING = 10_000
 #: The passivation sweep runs every ``idle_timeout / 4`` seconds, but not more often than this.
 MIN_PASSIVATE_INTERVAL = 0.05
@@ -53,6 +54,10 @@ class InProcessEntities:
         Entities without a command for this long are passivated, by a background sweep every
         ``idle_timeout / 4`` seconds (at least 0.05 s) that runs while these entities are open,
         whether or not asks arrive.
+    ``conflict_retries`` (2)
+        When the journal refuses a write because another writer appended to the entity first,
+        the entity reloads and the refused commands run again on its new state, up to this many
+        times; then they get ``ConcurrencyConflict``.
     ``max_pending`` (10,000)
         Most asks outstanding (queued or being processed); beyond it ``ask`` and ``tell`` raise
         ``Overloaded`` at once and the command is not run.
@@ -66,6 +71,7 @@ class InProcessEntities:
         max_batch: int = 1000,
         max_entities: int | None = DEFAULT_MAX_ENTITIES,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
         max_pending: int = DEFAULT_MAX_PENDING,
         owns_storage: bool = False,
     ) -> None:
@@ -80,6 +86,7 @@ class InProcessEntities:
             storage.snapshots,
             max_entities=max_entities,
             idle_timeout=idle_timeout,
+            conflict_retries=conflict_retries,
         )
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -199,6 +206,7 @@ async def start_in_process(
     max_batch: int = 1000,
     max_entities: int | None = DEFAULT_MAX_ENTITIES,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
     max_pending: int = DEFAULT_MAX_PENDING,
     **journal_settings: Any,
 ) -> InProcessEntities:
@@ -213,6 +221,7 @@ async def start_in_process(
             max_batch=max_batch,
             max_entities=max_entities,
             idle_timeout=idle_timeout,
+            conflict_retries=conflict_retries,
             max_pending=max_pending,
             owns_storage=True,
         )

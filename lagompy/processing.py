@@ -287,6 +287,7 @@ class EntityProcessor:
         max_concurrent_recoveries: int = 16,
         max_entities: int | None = None,
         idle_timeout: float | None = None,
+        conflict_retries: int = 2,
     ) -> None:
         if max_entities is not None and max_entities < 1:
             raise ConfigurationError(
@@ -296,8 +297,13 @@ class EntityProcessor:
             raise ConfigurationError(
                 f"idle_timeout must be a positive number of seconds (or None), got {idle_timeout}"
             )
+        if conflict_retries < 0:
+            raise ConfigurationError(f"conflict_retries must be 0 or more, got {conflict_retries}")
         #: most entities kept in memory after a batch (None: no bound)
         self.max_entities = max_entities
+        #: times the commands of an entity whose write met ConcurrencyConflict are run again,
+        #: on the state reloaded from the journal, before the conflict is their answer
+        self.conflict_retries = conflict_retries
         #: seconds without a command after which :meth:`passivate_idle` drops an entity
         self.idle_timeout = idle_timeout
         self.entity_classes: dict[str, EntityClass] = {}
@@ -378,7 +384,8 @@ class EntityProcessor:
         ``batches``, ``commands`` (requests received), ``events_persisted``, ``duplicates``
         (requests answered with a stored reply or with the result of the same command id
         earlier in the batch, without running), ``conflicts`` (writes refused because another
-        writer appended first) and ``failed_writes`` (writes that failed for any reason,
+        writer appended first), ``conflict_retries`` (commands run again on the reloaded state
+        after such a refusal) and ``failed_writes`` (writes that failed for any reason,
         conflicts included).
         """
         counters: dict[str, int | float] = {
@@ -391,6 +398,7 @@ class EntityProcessor:
                 "events_persisted",
                 "duplicates",
                 "conflicts",
+                "conflict_retries",
                 "failed_writes",
             )
         }
@@ -487,6 +495,9 @@ class EntityProcessor:
         self._in_use.append(groups)
         try:
             await self._run(requests, groups, results)
+            for _ in range(self.conflict_retries):
+                if not await self._rerun_conflicts(requests, results):
+                    break
         finally:
             self._in_use.remove(groups)
         self._passivate_beyond_max()
@@ -498,6 +509,34 @@ class EntityProcessor:
                 results[i] = Result(reply=done.reply, error=done.error, events=done.events)
             stats["duplicates"] += len(later)
         return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
+
+    async def _rerun_conflicts(
+        self, requests: Sequence[Request], results: list[Result | None]
+    ) -> bool:
+        """Run again, in arrival order, the commands of the entities whose write another writer
+        refused (a zombie copy of this host, or its successor): they were decided on a state
+        that was not the latest. The entities were evicted, so they reload from the journal
+        first; a command with an id is answered from the journal if the other writer already
+        applied it. Return whether anything was run again."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        to_check: list[int] = []
+        for i, result in enumerate(results):
+            if result is not None and isinstance(result.error, ConcurrencyConflict):
+                req = requests[i]
+                groups.setdefault((req.entity_type, req.entity_id), []).append(i)
+                if req.command_id is not None:
+                    to_check.append(i)
+        if not groups:
+            return False
+        self._stats["conflict_retries"] += sum(len(g) for g in groups.values())
+        if to_check:
+            await self._answer_stored(requests, to_check, groups, results)
+        self._in_use.append(groups)
+        try:
+            await self._run(requests, groups, results)
+        finally:
+            self._in_use.remove(groups)
+        return True
 
     async def _answer_stored(
         self,

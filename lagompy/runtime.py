@@ -301,6 +301,7 @@ async def start(
             max_batch=settings.max_batch,
             max_entities=settings.max_entities,
             idle_timeout=settings.idle_timeout,
+            conflict_retries=settings.conflict_retries,
             max_pending=settings.max_pending,
             settings=journal_settings,
         )
@@ -397,6 +398,7 @@ async def _start_on_ray(
             journal,
             max_entities=settings.max_entities,
             idle_timeout=settings.idle_timeout,
+            conflict_retries=settings.conflict_retries,
             passivate_interval=settings.passivate_interval,
         )
         for i in range(hosts)

@@ -136,6 +136,16 @@ class RuntimeSettings(BaseSettings):
     idle_timeout: float | None = Field(
         600.0, gt=0, description="Seconds an entity stays in memory without a command."
     )
+    conflict_retries: int = Field(
+        2,
+        ge=0,
+        description=(
+            "When the journal refuses a host's write because another writer appended to the "
+            "entity first (a zombie copy of the host), the host reloads the entity and runs "
+            "the refused commands again, up to this many times; then they get "
+            "ConcurrencyConflict."
+        ),
+    )
     passivate_interval: float = Field(
         10.0, gt=0, description="Seconds between two passivation sweeps in each shard host."
     )

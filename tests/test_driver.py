@@ -31,6 +31,7 @@ from lagompy import (
 )
 from lagompy.errors import CommandHandlerFailed, ConcurrencyConflict, UnhandledCommand
 from lagompy.journal import AtomicWrite
+from lagompy.processing import Request
 from lagompy.testkit import EntityTestDriver
 
 
@@ -252,7 +253,9 @@ async def test_in_process_asks_in_one_tick_are_group_committed(
             await a.ask(RegisterUser("x", "x@example.org"))
 
 
-async def test_in_process_conflict_reloads_the_entity(journal_settings: JournalSettings) -> None:
+async def test_in_process_conflict_reloads_the_entity_and_runs_the_command_again(
+    journal_settings: JournalSettings,
+) -> None:
     async with await start_in_process(entities=[UserEntity], settings=journal_settings) as ents:
         ref = ents.ref_for(UserEntity, "c")
         await ref.ask(RegisterUser("A", "a@example.org"))
@@ -260,13 +263,47 @@ async def test_in_process_conflict_reloads_the_entity(journal_settings: JournalS
         await ents.storage.journal.append_one(
             AtomicWrite("user", "c", 1, [EmailChanged("c", "z@example.org")])
         )
+        # Our write of NameChanged is refused (seq 2 is taken); the entity reloads, sees the
+        # other writer's event, and the command runs again on that state.
+        state = await ref.ask(ChangeName("B"))
+        assert state == User("c", "B", "z@example.org")
+        stats = ents.processor.stats()
+        assert (stats["conflicts"], stats["conflict_retries"]) == (1, 1)
+        # The other writer applies a command with an id while our copy decides the same
+        # command (a resend): after the conflict the id is found in the journal, and the
+        # stored reply is the answer; the command is not applied a second time.
+        stored = User("c", "C", "z@example.org")
+        encoded = ents.storage.journal.serializer.encode_value(stored, User)
+        await ents.storage.journal.append_one(
+            AtomicWrite("user", "c", 3, [NameChanged("c", "C")], replies=[("cmd-9", 4, encoded)])
+        )
+        (result,) = await ents.processor.process(
+            [Request("user", "c", ChangeName("D"), command_id="cmd-9")]
+        )
+        assert (result.reply, result.error) == (stored, None)
+        events = await ents.storage.journal.events("user", "c")
+        assert [type(e.event) for e in events] == [
+            UserRegistered, EmailChanged, NameChanged, NameChanged
+        ]
+        assert await ref.ask(DeactivateUser()) == User("c", "C", "z@example.org", active=False)
+        assert isinstance(UserDeactivated("c"), UserDeactivated)
+
+
+async def test_a_conflict_is_the_answer_when_retries_are_off(
+    journal_settings: JournalSettings,
+) -> None:
+    async with await start_in_process(
+        entities=[UserEntity], settings=journal_settings, conflict_retries=0
+    ) as ents:
+        ref = ents.ref_for(UserEntity, "c")
+        await ref.ask(RegisterUser("A", "a@example.org"))
+        await ents.storage.journal.append_one(
+            AtomicWrite("user", "c", 1, [EmailChanged("c", "z@example.org")])
+        )
         with pytest.raises(ConcurrencyConflict):
             await ref.ask(ChangeName("B"))
         # The entity reloaded: it now sees the other writer's event and accepts commands.
-        state = await ref.ask(ChangeName("B"))
-        assert state == User("c", "B", "z@example.org")
-        assert await ref.ask(DeactivateUser()) == User("c", "B", "z@example.org", active=False)
-        assert isinstance(UserDeactivated("c"), UserDeactivated)
+        assert await ref.ask(ChangeName("B")) == User("c", "B", "z@example.org")
 
 
 async def test_then_run_runs_after_the_events_are_durable(tmp_path: object) -> None:

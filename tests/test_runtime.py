@@ -439,7 +439,9 @@ async def test_region_batches_per_tick_and_caps_calls_in_flight() -> None:
 def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> None:
     # Two copies of the same shard host (a restarted host and its not-yet-dead predecessor)
     # both hold entity "z". The journal accepts only the writer that knows the latest sequence
-    # number; the other gets ConcurrencyConflict, drops the entity and reloads it next time.
+    # number; the other's write is refused (ConcurrencyConflict): it drops the entity, reloads
+    # it and runs the command again on the reloaded state, or, with retries off, answers with
+    # the conflict.
     from lagompy.errors import ConcurrencyConflict
     from lagompy.host import ShardHost
     from lagompy.sharding import topology_for
@@ -458,13 +460,17 @@ def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> No
 
         assert add(old, "a") == (1, None)
         assert add(new, "b") == (2, None)  # the new copy recovers seq 1 and appends seq 2
-        reply, error = add(old, "c")  # the zombie still believes seq 1 is the latest
+        assert add(old, "c") == (3, None)  # refused at seq 2, reloaded, appended at seq 3
+        assert old.processor.stats()["conflicts"] == 1
+        old.processor.conflict_retries = 0
+        assert add(new, "d") == (4, None)  # refused at seq 3, reloaded, appended at seq 4
+        reply, error = add(old, "e")  # the zombie believes seq 3 is the latest; no retry
         assert reply is None and isinstance(error, ConcurrencyConflict)
-        assert add(old, "d") == (3, None)  # it reloaded from the journal: no forked history
+        assert add(old, "f") == (5, None)  # it reloaded from the journal: no forked history
         wrong = old.process("another-topology", [Request("counter", "z", GetValue())])
         assert isinstance(wrong, list) and isinstance(wrong[0][1], ConfigurationError)
     finally:
         old.close()
         new.close()
     tokens = asyncio.run(_journal_tokens(js))
-    assert tokens == ["a", "b", "d"]
+    assert tokens == ["a", "b", "c", "d", "f"]
