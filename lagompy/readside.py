@@ -485,7 +485,7 @@ class ReadSideWorker:
                     trouble = 0
                     await self._consume(lease)
                 except LeaseLost as e:
-                    log.warning("%s: %s; waiting to get it back", self.where(), e)
+                    log.warning("%s; waiting to get it back", e)
                     self.state = "standby"
                     lease = None
                 except _Stopped:

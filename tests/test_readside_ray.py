@@ -78,7 +78,6 @@ async def test_workers_on_ray_survive_crashes_and_leave_nothing_behind(
         async with readside.projections.projection.read() as conn:
             rows = (await conn.execute(text("SELECT user_id, name FROM users"))).all()
         names = dict(rows)
-        # Each registration inserted once (a second insert would have failed the handler).
         assert len(rows) == 40
         assert all(names[f"u{i}"] == (f"V{i}" if i % 3 == 0 else f"U{i}") for i in range(40))
         assert {s.state for s in await readside.status()} == {"running"}

@@ -1,7 +1,8 @@
 """The ``users`` projection: one row per user, built from the User entity's events.
 
 Set-based: each transaction's events are grouped into runs of the same event type, and each run
-is one executemany (an INSERT for registrations, an UPDATE for the changes), in offset order.
+is one executemany (an upserting INSERT for registrations, an UPDATE for the changes), in offset
+order. Replaying events (after a set-offset) is harmless: every write sets values, none adds.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
-    insert,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from examples.user_service.entity import (
@@ -58,6 +59,15 @@ def _set(column: str) -> Any:
 _SET = {NameChanged: _set("name"), EmailChanged: _set("email"), UserDeactivated: _set("active")}
 
 
+def _register(dialect: str) -> Any:
+    """INSERT a user; a replay (after set-offset) overwrites the row instead of failing."""
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(users)
+    return stmt.on_conflict_do_update(
+        index_elements=[users.c.user_id],
+        set_={c: stmt.excluded[c] for c in ("name", "email", "active", "updated_offset")},
+    )
+
+
 def _update_row(envelope: EventEnvelope[Any]) -> dict[str, Any]:
     event = envelope.event
     match event:
@@ -85,7 +95,7 @@ class UsersProjection(SqlReadSideProcessor):
             batch = list(run)
             if kind is UserRegistered:
                 await conn.execute(
-                    insert(users),
+                    _register(conn.dialect.name),
                     [
                         {
                             "user_id": e.entity_id,

@@ -1,0 +1,282 @@
+"""``lagompy projections``: status, pause, resume, rebuild and set-offset of read sides.
+
+Every command works on the projection database (``--url``, default ``LAGOMPY_READSIDE_URL``, else
+the journal's database) and, for lag and rebuilds, on the journal (``--journal-url``, default
+``LAGOMPY_JOURNAL_URL``, else ``sqlite:///lagompy.db``)::
+
+    lagompy projections status [PROCESSOR] [--json]
+    lagompy projections pause PROCESSOR [--tag TAG]
+    lagompy projections resume PROCESSOR [--tag TAG]
+    lagompy projections set-offset PROCESSOR TAG OFFSET
+    lagompy projections rebuild package.module:ProcessorClass [--yes]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from lagompy.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from lagompy.readside import Projections, WorkerStatus
+
+__all__ = ["format_status", "register_cli"]
+
+T = TypeVar("T")
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        help="Projection database URL (default: LAGOMPY_READSIDE_URL, else the journal's).",
+        show_default=False,
+    ),
+]
+SchemaOption = Annotated[
+    str | None,
+    typer.Option(
+        "--schema", help="PostgreSQL schema of the projection database.", show_default=False
+    ),
+]
+JournalUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--journal-url",
+        help="Journal database URL (default: LAGOMPY_JOURNAL_URL, else sqlite:///lagompy.db).",
+        show_default=False,
+    ),
+]
+JournalSchemaOption = Annotated[
+    str | None,
+    typer.Option("--journal-schema", help="PostgreSQL schema of the journal.", show_default=False),
+]
+TagOption = Annotated[
+    str | None,
+    typer.Option("--tag", help="Only this tag (default: every tag).", show_default=False),
+]
+
+
+def _run(
+    url: str | None,
+    schema: str | None,
+    journal_url: str | None,
+    journal_schema: str | None,
+    action: Callable[[Projections], Awaitable[T]],
+) -> T:
+    from pydantic import ValidationError
+
+    from lagompy.readside import ReadSideSettings, open_projections
+    from lagompy.settings import JournalSettings
+
+    journal: dict[str, Any] = {"url": journal_url, "postgres_schema": journal_schema}
+    readside: dict[str, Any] = {"url": url, "postgres_schema": schema}
+    try:
+        journal_settings = JournalSettings(**{k: v for k, v in journal.items() if v is not None})
+        settings = ReadSideSettings(**{k: v for k, v in readside.items() if v is not None})
+    except ValidationError as e:
+        raise ConfigurationError(f"invalid settings: {e}") from e
+
+    async def main() -> T:
+        async with await open_projections(
+            journal_settings=journal_settings, settings=settings
+        ) as projections:
+            return await action(projections)
+
+    return asyncio.run(main())
+
+
+def format_status(statuses: list[WorkerStatus]) -> str:
+    """The status as an aligned text table, one line per (processor, tag), failures below."""
+    header = ("PROCESSOR", "TAG", "STATE", "OFFSET", "LAG", "LAG S", "EVENTS/S", "SKIPPED", "OWNER")
+    rows = [
+        (
+            s.processor,
+            s.tag,
+            s.state,
+            str(s.offset),
+            "-" if s.lag_events is None else str(s.lag_events),
+            "-" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
+            f"{s.events_per_s:.1f}",
+            str(s.skipped),
+            s.owner or "-",
+        )
+        for s in statuses
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    for s in statuses:
+        f = s.failure
+        if f is not None:
+            lines.append(
+                f"{s.processor} {s.tag}: last failure at offset {f.offset} "
+                f"({f.entity_type}/{f.entity_id} #{f.seq_nr}, {f.attempts} attempts): {f.error}"
+            )
+    return "\n".join(lines)
+
+
+def status(
+    processor: Annotated[
+        str | None, typer.Argument(help="Only this processor.", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Show every processor and tag: state, offset, lag in events and seconds, events/s."""
+
+    async def action(p: Projections) -> list[WorkerStatus]:
+        return await p.status(processor)
+
+    statuses = _run(url, schema, journal_url, journal_schema, action)
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
+    elif not statuses:
+        typer.echo("no read-side processors yet")
+    else:
+        typer.echo(format_status(statuses))
+
+
+def pause(
+    processor: Annotated[str, typer.Argument(help="The processor's name.")],
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Pause a processor's workers (persisted: it stays paused across restarts)."""
+
+    async def action(p: Projections) -> int:
+        return await p.pause(processor, tag)
+
+    n = _run(url, schema, journal_url, journal_schema, action)
+    typer.echo(f"paused {processor} ({n} tag{'s' if n != 1 else ''})")
+
+
+def resume(
+    processor: Annotated[str, typer.Argument(help="The processor's name.")],
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Resume a paused processor; a worker stopped by a failing handler retries the event."""
+
+    async def action(p: Projections) -> int:
+        return await p.resume(processor, tag)
+
+    n = _run(url, schema, journal_url, journal_schema, action)
+    typer.echo(f"resumed {processor} ({n} tag{'s' if n != 1 else ''})")
+
+
+def set_offset(
+    processor: Annotated[str, typer.Argument(help="The processor's name.")],
+    tag: Annotated[str, typer.Argument(help="The tag.")],
+    offset: Annotated[int, typer.Argument(help="Resume after this offset (0: from the start).")],
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Make a processor's tag resume after OFFSET; its running worker loses its lease."""
+
+    async def action(p: Projections) -> None:
+        await p.set_offset(processor, tag, offset)
+
+    _run(url, schema, journal_url, journal_schema, action)
+    typer.echo(f"{processor} {tag}: resumes after offset {offset}")
+
+
+def _processor_class(path: str) -> Any:
+    from lagompy.readside import SqlReadSideProcessor
+    from lagompy.sharding import resolve_class
+
+    if ":" not in path:
+        raise ConfigurationError(
+            f"name the processor class as package.module:ClassName, got {path!r}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules beside the caller
+    cls = resolve_class(path)
+    if not (isinstance(cls, type) and issubclass(cls, SqlReadSideProcessor)):
+        raise ConfigurationError(f"{path} is not a SqlReadSideProcessor subclass")
+    return cls
+
+
+def rebuild(
+    processor: Annotated[
+        str, typer.Argument(help="The processor class, as package.module:ClassName.")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Empty a projection (its reset hook) and replay every event of its tags, with a progress
+    bar. Running workers are fenced off meanwhile and go on live afterwards."""
+    cls = _processor_class(processor)
+    if not yes:
+        typer.confirm(f"Empty projection {cls.name!r} and replay every event?", abort=True)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from lagompy.readside import serializer_for_processors
+    from lagompy.storage import open_storage
+
+    instance = cls()
+
+    async def action(p: Projections) -> int:
+        assert p.journal is not None
+        settings = p.journal.settings
+        serializer = serializer_for_processors([instance])
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as bar:
+            task = bar.add_task(f"rebuilding {cls.name}", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            async with await open_storage(settings=settings, serializer=serializer) as storage:
+                return await p.rebuild(instance, journal=storage.journal, progress=progress)
+
+    n = _run(url, schema, journal_url, journal_schema, action)
+    typer.echo(f"rebuilt {cls.name} from {n} events")
+
+
+_HELP = (
+    "Inspect and operate read-side processors: status, pause, resume, rebuild, set-offset.\n\n"
+    "Offsets, leases and pause flags live in the projection database (--url, default "
+    "LAGOMPY_READSIDE_URL, else the journal's); the lag is measured against the journal "
+    "(--journal-url, default LAGOMPY_JOURNAL_URL)."
+)
+
+
+def register_cli(app: typer.Typer) -> None:
+    """Add ``lagompy projections ...`` to ``app``."""
+    sub = typer.Typer(
+        help=_HELP, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]}
+    )
+    sub.command("status")(status)
+    sub.command("pause")(pause)
+    sub.command("resume")(resume)
+    sub.command("rebuild")(rebuild)
+    sub.command("set-offset")(set_offset)
+    app.add_typer(sub, name="projections")

@@ -1,0 +1,192 @@
+"""Operating read sides from outside: ``lagompy projections ...`` (typer's CliRunner, and one
+real subprocess) and the status route, on SQLite files and PostgreSQL schemas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
+from examples.user_service.projection import UsersProjection
+from lagompy import JournalSettings, start_in_process
+from lagompy.cli import build_app
+from lagompy.readside import ReadSide, open_projections, start_readside
+from lagompy.readside_http import readside_router
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"lease_ttl": 2.0, "renew_interval": 0.05, "poll_interval": 0.02}
+
+
+def cli_args(journal_settings: JournalSettings) -> list[str]:
+    args = ["--journal-url", journal_settings.url]
+    if journal_settings.postgres_schema:
+        args += ["--journal-schema", journal_settings.postgres_schema]
+    return args
+
+
+@pytest.fixture
+async def users_readside(journal_settings: JournalSettings) -> AsyncIterator[ReadSide]:
+    """The users projection of 12 users (3 renamed), caught up, workers stopped."""
+    async with await start_in_process(entities=[UserEntity], settings=journal_settings) as ents:
+        for i in range(12):
+            await ents.ref_for(UserEntity, f"u{i}").ask(RegisterUser(f"U{i}", f"u{i}@x.org"))
+        for i in range(3):
+            await ents.ref_for(UserEntity, f"u{i}").ask(ChangeName(f"V{i}"))
+    async with await start_readside(
+        [UsersProjection], journal_settings=journal_settings, **FAST
+    ) as rs:
+        await rs.wait_until_caught_up()
+        yield rs
+
+
+async def user_count(rs: ReadSide) -> int:
+    async with rs.projection.read() as conn:
+        return int(await conn.scalar(text("SELECT count(*) FROM users")) or 0)
+
+
+async def test_cli_status_pause_resume_set_offset(
+    users_readside: ReadSide, journal_settings: JournalSettings
+) -> None:
+    app = build_app()
+    runner = CliRunner()
+    args = cli_args(journal_settings)
+
+    async def run(*words: str) -> Any:
+        # The command runs its own event loop (asyncio.run): in a thread, while the workers
+        # go on in this one.
+        return await asyncio.to_thread(runner.invoke, app, ["projections", *words, *args])
+
+    result = await run("status")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:5] == ["PROCESSOR", "TAG", "STATE", "OFFSET", "LAG"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["users", f"user-events{i}", "running"] for i in range(4)
+    ]
+
+    result = await run("pause", "users", "--tag", "user-events1")
+    assert (result.exit_code, result.stdout) == (0, "paused users (1 tag)\n")
+    statuses = json.loads((await run("status", "users", "--json")).stdout)
+    assert [s["paused"] for s in statuses] == [False, True, False, False]
+
+    result = await run("resume", "users")
+    assert (result.exit_code, result.stdout) == (0, "resumed users (4 tags)\n")
+
+    async with users_readside.projection.write() as conn:
+        await conn.execute(text("UPDATE users SET name = 'broken'"))
+    result = await run("set-offset", "users", "user-events0", "0")
+    assert result.exit_code == 0 and "resumes after offset 0" in result.stdout
+    # The running worker of user-events0 loses its lease; the next holder replays the tag.
+    shard0 = {f"u{i}" for i in range(12) if UserEntity.tag.shard_of(f"u{i}") == 0}
+    assert shard0 and len(shard0) < 12
+    deadline = time.monotonic() + 10
+    while True:
+        async with users_readside.projection.read() as conn:
+            rows = (await conn.execute(text("SELECT user_id, name FROM users"))).all()
+        fixed = {u for u, name in rows if name != "broken"}
+        if fixed == shard0 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert fixed == shard0
+
+    result = await run("pause", "nobody")
+    assert result.exit_code == 1
+    assert "error: no read-side offsets for processor 'nobody'" in result.stderr
+    result = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["projections", "set-offset", *args, "--", "users", "user-events0", "-5"],
+    )
+    assert result.exit_code == 1 and "an offset must be an integer >= 0" in result.stderr
+
+
+async def test_cli_rebuild_with_a_progress_bar(
+    users_readside: ReadSide, journal_settings: JournalSettings
+) -> None:
+    rs = users_readside
+    async with rs.projection.write() as conn:  # damage the projection
+        await conn.execute(text("UPDATE users SET name = 'broken'"))
+    # In a real process: the command line as users run it.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in env.items() if not k.startswith("LAGOMPY_")}
+    # In a thread: the workers of this process go on (and release their SQLite locks).
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "lagompy",
+            "projections",
+            "rebuild",
+            "examples.user_service.projection:UsersProjection",
+            "--yes",
+            *cli_args(journal_settings),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt users from 15 events" in done.stdout
+    assert "15/15" in done.stdout  # the progress bar's last state
+    async with rs.projection.read() as conn:
+        names = dict((await conn.execute(text("SELECT user_id, name FROM users"))).all())
+    assert len(names) == 12
+    assert all(names[f"u{i}"] == (f"V{i}" if i < 3 else f"U{i}") for i in range(12))
+
+    runner = CliRunner()
+    refused = await asyncio.to_thread(
+        runner.invoke,
+        build_app(),
+        ["projections", "rebuild", "examples.user_service.entity:UserEntity", "--yes"],
+    )
+    assert refused.exit_code == 1 and "is not a SqlReadSideProcessor subclass" in refused.stderr
+    aborted = await asyncio.to_thread(
+        runner.invoke,
+        build_app(),
+        [
+            "projections",
+            "rebuild",
+            "examples.user_service.projection:UsersProjection",
+            *cli_args(journal_settings),
+        ],
+        input="n\n",
+    )
+    assert aborted.exit_code == 1 and await user_count(rs) == 12
+
+
+async def test_status_route(users_readside: ReadSide, journal_settings: JournalSettings) -> None:
+    async with await open_projections(journal_settings=journal_settings) as projections:
+        app = FastAPI()
+        app.include_router(readside_router(projections))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            everything = await client.get("/readside")
+            assert everything.status_code == 200
+            body = everything.json()
+            assert [(s["processor"], s["tag"], s["state"]) for s in body] == [
+                ("users", f"user-events{i}", "running") for i in range(4)
+            ]
+            assert sum(s["offset"] > 0 for s in body) >= 2 and all(
+                s["lag_events"] == 0 for s in body
+            )
+            one = await client.get("/readside/users")
+            assert one.status_code == 200 and len(one.json()) == 4
+            missing = await client.get("/readside/nobody")
+            assert missing.status_code == 404
+            assert "no read-side processor 'nobody'" in missing.json()["detail"]
