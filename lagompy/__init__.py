@@ -14,6 +14,7 @@ from lagompy.entity import (
     tag,
 )
 from lagompy.errors import (
+    CircuitBreakerOpen,
     CommandHandlerFailed,
     CommandRejected,
     ConcurrencyConflict,
@@ -25,6 +26,10 @@ from lagompy.errors import (
     LagompyError,
     NotFound,
     SerializationError,
+    ServiceCallError,
+    ServiceCallFailed,
+    ServiceCallTimeout,
+    ServiceUnavailable,
     UnhandledCommand,
     UnhandledEvent,
 )
@@ -45,6 +50,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "AtomicWrite",
+    "CircuitBreakerOpen",
     "Command",
     "CommandHandlerFailed",
     "CommandRejected",
@@ -67,6 +73,10 @@ __all__ = [
     "RuntimeSettings",
     "SerializationError",
     "Serializer",
+    "ServiceCallError",
+    "ServiceCallFailed",
+    "ServiceCallTimeout",
+    "ServiceUnavailable",
     "ShardedEntities",
     "ShardedEntityRef",
     "ShardedTag",
