@@ -11,6 +11,9 @@ When a call fails because its host died or could not be reached (the batch may o
 run), the batch is sent again, up to ``retries`` times, with the same command ids and the
 duplicate check on: a command that already persisted its events answers with its stored reply
 instead of running twice. When the retries run out, each ask raises ``OutcomeUnknown``.
+While a host's failed batches wait to be resent, no new batch goes to that host: the resends go
+first, in the order the batches were first sent, so an entity's commands keep their order
+across the failure.
 
 This module does not import Ray: hosts are reached through :class:`HostLink` objects (see
 :mod:`lagompy.runtime` for the Ray one), so the batching logic is tested without a cluster.
@@ -102,6 +105,15 @@ class Region:
         self.retry_backoff = retry_backoff
         self._queues: list[list[_Ask]] = [[] for _ in self.links]
         self._in_flight = [0] * len(self.links)
+        #: per host: batches whose call failed, by the order they were first sent
+        self._failed: list[list[tuple[int, list[_Ask]]]] = [[] for _ in self.links]
+        #: per host: the task resending its failed batches (None: the host is healthy)
+        self._resender: list[asyncio.Task[None] | None] = [None] * len(self.links)
+        #: per host: set when no call to it is in flight
+        self._settled = [asyncio.Event() for _ in self.links]
+        for event in self._settled:
+            event.set()
+        self._sent = 0
         self._outstanding = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,6 +177,8 @@ class Region:
             self._dispatch(host)
 
     def _dispatch(self, host: int) -> None:
+        if self._resender[host] is not None:
+            return  # the host's failed batches are resent first; the queue waits behind them
         queue = self._queues[host]
         while queue and self._in_flight[host] < self.max_in_flight:
             batch = queue[: self.max_batch]
@@ -174,61 +188,120 @@ class Region:
             if not live:
                 continue
             self._in_flight[host] += 1
-            task = asyncio.get_running_loop().create_task(self._send(host, live))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._settled[host].clear()
+            self._sent += 1
+            self._start(self._send(host, self._sent, live))
 
-    async def _send(self, host: int, batch: list[_Ask]) -> None:
+    def _start(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, host: int, order: int, batch: list[_Ask]) -> None:
+        handed_over = False
         try:
-            await self._deliver(host, batch)
+            self._batch_sizes.append(len(batch))
+            self.counters["batches"] += 1
+            try:
+                outcomes = await self.links[host].call([ask.request for ask in batch])
+            except HostUnreachable as e:
+                if self.retries == 0:
+                    self._outcome_unknown(batch)
+                    return
+                log.info("shard host %d unreachable (%s); its batches will be resent", host, e)
+                self._failed[host].append((order, batch))
+                handed_over = True
+                if self._resender[host] is None:
+                    task = asyncio.get_running_loop().create_task(self._resend(host))
+                    self._resender[host] = task
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                return
+            self._answer(host, batch, outcomes)
         except BaseException as e:  # a bug here must not leave asks hanging
-            for ask in batch:
-                if not ask.future.done():
-                    ask.future.set_exception(
-                        e if isinstance(e, Exception) else RuntimeFailure("delivery cancelled")
-                    )
+            self._fail(batch, e)
             if not isinstance(e, Exception):
                 raise
         finally:
             self._in_flight[host] -= 1
-            self._outstanding -= len(batch)
+            if not self._in_flight[host]:
+                self._settled[host].set()
+            if not handed_over:
+                self._outstanding -= len(batch)
             if not self._closed or self._queues[host]:
                 self._dispatch(host)
 
-    async def _deliver(self, host: int, batch: list[_Ask]) -> None:
+    async def _resend(self, host: int) -> None:
+        """Resend the host's failed batches, oldest first, until they are answered or the
+        retries run out; new batches for the host wait meanwhile."""
         link = self.links[host]
-        requests = [ask.request for ask in batch]
-        self._batch_sizes.append(len(batch))
-        attempt = 0
-        while True:
-            self.counters["batches"] += 1
-            try:
-                outcomes = await link.call(requests)
-                break
-            except HostUnreachable as e:
-                if attempt >= self.retries:
-                    log.warning("shard host %d unreachable, retries exhausted: %s", host, e)
-                    for ask in batch:
-                        if not ask.future.done():
-                            self.counters["outcome_unknown"] += 1
-                            assert ask.request.command_id is not None
-                            ask.future.set_exception(OutcomeUnknown(ask.request.command_id))
-                    return
-                attempt += 1
-                self.counters["resends"] += 1
-                log.info("shard host %d unreachable (%s); resend %d", host, e, attempt)
+        failed = self._failed[host]
+        try:
+            for attempt in range(1, self.retries + 1):
                 await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1))
+                # Calls still in flight to the host fail or succeed first, so that every
+                # failed batch is resent in this round, in the order they were first sent.
+                await self._settled[host].wait()
                 await link.reconnect()
-                # Asks abandoned meanwhile (timed out) are not resent.
-                batch = [ask for ask in batch if not ask.future.done()]
-                if not batch:
+                failed.sort(key=lambda entry: entry[0])
+                asks = [ask for _, batch in failed for ask in batch]
+                failed.clear()
+                live = [ask for ask in asks if not ask.future.done()]
+                self._outstanding -= len(asks) - len(live)  # abandoned (timed out) meanwhile
+                for start in range(0, len(live), self.max_batch):
+                    chunk = live[start : start + self.max_batch]
+                    self.counters["resends"] += 1
+                    self.counters["batches"] += 1
+                    log.info("resending %d asks to shard host %d (%d)", len(chunk), host, attempt)
+                    requests = [
+                        dataclasses.replace(ask.request, check_duplicate=True) for ask in chunk
+                    ]
+                    try:
+                        outcomes = await link.call(requests)
+                    except HostUnreachable as e:
+                        log.info("shard host %d still unreachable: %s", host, e)
+                        failed.append((-1, live[start:]))  # first in the next round
+                        break
+                    except Exception as e:
+                        self._fail(chunk, e)
+                    else:
+                        self._answer(host, chunk, outcomes)
+                    self._outstanding -= len(chunk)
+                if not failed:
                     return
-                requests = [dataclasses.replace(ask.request, check_duplicate=True) for ask in batch]
-            except Exception as e:  # not a host failure: the call itself failed (a bug)
-                for ask in batch:
-                    if not ask.future.done():
-                        ask.future.set_exception(e)
-                return
+            log.warning("shard host %d unreachable, retries exhausted", host)
+            for _, batch in failed:
+                self._outcome_unknown(batch)
+                self._outstanding -= len(batch)
+            failed.clear()
+        except BaseException as e:  # a bug here must not leave asks hanging
+            for _, batch in failed:
+                self._fail(batch, e)
+                self._outstanding -= len(batch)
+            failed.clear()
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._resender[host] = None
+            if not self._closed or self._queues[host]:
+                self._dispatch(host)
+
+    def _outcome_unknown(self, batch: list[_Ask]) -> None:
+        for ask in batch:
+            if not ask.future.done():
+                self.counters["outcome_unknown"] += 1
+                assert ask.request.command_id is not None
+                ask.future.set_exception(OutcomeUnknown(ask.request.command_id))
+
+    @staticmethod
+    def _fail(batch: list[_Ask], error: BaseException) -> None:
+        if not isinstance(error, Exception):
+            error = RuntimeFailure("delivery cancelled")
+        for ask in batch:
+            if not ask.future.done():
+                ask.future.set_exception(error)
+
+    def _answer(self, host: int, batch: list[_Ask], outcomes: list[Outcome]) -> None:
         if len(outcomes) != len(batch):
             mismatch = RuntimeFailure(
                 f"shard host {host} answered {len(outcomes)} results for {len(batch)} commands"

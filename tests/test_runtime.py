@@ -422,6 +422,26 @@ async def test_region_resends_with_same_ids_then_outcome_unknown() -> None:
     await region.close()
 
 
+async def test_region_resends_failed_batches_before_newer_asks_in_their_order() -> None:
+    # Two batches are in flight to a host that dies; both fail. While they wait to be resent,
+    # newer asks for the same entity arrive. The resends go first, oldest batch first, and the
+    # newer asks after them: the entity's commands keep their order across the failure.
+    link = FlakyLink(failures=2, calls=[])
+    region = Region([link], shards=1, max_batch=1, max_in_flight=3, retry_backoff=0.05)
+    first = [region.submit(Request("counter", "x", Add(i), command_id=f"c{i}")) for i in (1, 2)]
+    await asyncio.sleep(0.01)  # both calls failed; the resend waits for its backoff
+    assert [[r.command.amount for r in c] for c in link.calls] == [[1], [2]]
+    later = [region.submit(Request("counter", "x", Add(i), command_id=f"c{i}")) for i in (3, 4)]
+    await asyncio.sleep(0)
+    assert len(link.calls) == 2  # held behind the resends
+    assert await asyncio.gather(*first, *later) == [1, 2, 3, 4]
+    sent = [r.command.amount for c in link.calls[2:] for r in c]
+    assert sent == [1, 2, 3, 4]
+    assert [r.check_duplicate for c in link.calls[2:] for r in c] == [True, True, False, False]
+    assert region.stats()["resends"] == 2 and region.outstanding == 0
+    await region.close()
+
+
 async def test_region_batches_per_tick_and_caps_calls_in_flight() -> None:
     link = FlakyLink(failures=0, calls=[])
     region = Region([link], shards=4, max_batch=100, max_in_flight=1)
