@@ -35,6 +35,13 @@ from lagompy.errors import (
 )
 from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.readside import (
+    ReadSideProcessor,
+    ReadSideSettings,
+    SqlReadSideProcessor,
+    open_projections,
+    start_readside,
+)
 from lagompy.refs import EntityRef
 from lagompy.runtime import ShardedEntities, ShardedEntityRef, shutdown_app, start
 from lagompy.serialization import Serializer, serializable
@@ -70,6 +77,8 @@ __all__ = [
     "LagompyError",
     "NotFound",
     "PersistentEntity",
+    "ReadSideProcessor",
+    "ReadSideSettings",
     "RuntimeSettings",
     "SerializationError",
     "Serializer",
@@ -82,12 +91,14 @@ __all__ = [
     "ShardedTag",
     "Snapshot",
     "SnapshotStore",
+    "SqlReadSideProcessor",
     "Storage",
     "Tag",
     "TailSettings",
     "UnhandledCommand",
     "UnhandledEvent",
     "__version__",
+    "open_projections",
     "open_storage",
     "read_pages",
     "serializable",
@@ -96,6 +107,7 @@ __all__ = [
     "stable_hash",
     "start",
     "start_in_process",
+    "start_readside",
     "tag",
     "tail",
 ]

@@ -229,7 +229,7 @@ class ReadSideProcessor:
     starts from scratch), ``tag`` (a :func:`~lagompy.tag`, a :func:`~lagompy.sharded_tag`, whose
     shards get one worker each, or a tag name), and ``entities`` (the entity classes whose
     events it reads, for decoding). ``event_types``, when set, limits the events handed to the
-    handlers; the others only move the offset."""
+    handlers (the others only move the offset); they are registered for decoding too."""
 
     name: ClassVar[str]
     tag: ClassVar[Tag | ShardedTag | str]
@@ -344,18 +344,24 @@ def _instance(processor: ProcessorArg) -> SqlReadSideProcessor:
 
 
 def serializer_for_processors(processors: Iterable[ReadSideProcessor]) -> Serializer:
-    """A serializer for the events of every processor's ``entities``."""
+    """A serializer for the events of every processor: those of its ``entities``, and its
+    ``event_types``."""
     from lagompy.storage import serializer_for
 
     entities: list[type[PersistentEntity[Any, Any, Any]]] = []
+    extra: list[type] = []
     for p in processors:
-        if not p.entities:
+        if not p.entities and not p.event_types:
             raise ConfigurationError(
                 f"read-side processor {p.name!r} declares no entities (the entity classes "
-                "whose events it reads); declare them or pass serializer="
+                "whose events it reads) and no event_types; declare them or pass serializer="
             )
         entities += [e for e in p.entities if e not in entities]
-    return serializer_for(entities)
+        extra += [t for t in p.event_types or () if t not in extra]
+    serializer = serializer_for(entities)
+    for t in extra:
+        serializer.register(t)
+    return serializer
 
 
 def default_owner() -> str:

@@ -46,7 +46,6 @@ from lagompy.readside import (
     run_global_prepare,
     serializer_for_processors,
 )
-from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, RuntimeSettings
 from lagompy.sharding import check_importable, import_roots, resolve_class
 
@@ -77,7 +76,6 @@ class ReadSideWorkerActor:
         tag: str,
         journal: dict[str, Any],
         readside: dict[str, Any],
-        serializer: Serializer | None,
         owner: str,
     ) -> None:
         cls = resolve_class(processor_path)
@@ -88,9 +86,7 @@ class ReadSideWorkerActor:
         )
         self._thread.start()
         self.worker: ReadSideWorker = self._call(
-            self._open(
-                JournalSettings(**journal), ReadSideSettings(**readside), serializer, tag, owner
-            )
+            self._open(JournalSettings(**journal), ReadSideSettings(**readside), tag, owner)
         )
         self._running: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
             self.worker.run(), self._loop
@@ -103,13 +99,12 @@ class ReadSideWorkerActor:
         self,
         journal: JournalSettings,
         settings: ReadSideSettings,
-        serializer: Serializer | None,
         tag: str,
         owner: str,
     ) -> ReadSideWorker:
         from lagompy.storage import open_storage
 
-        serializer = serializer or serializer_for_processors([self.processor])
+        serializer = serializer_for_processors([self.processor])
         self._storage = await open_storage(settings=journal, serializer=serializer)
         self._projection = Database.create(projection_settings(journal, settings))
         await ensure_schema(self._projection)
@@ -284,7 +279,6 @@ async def start_readside_on_ray(
     app: str = "default",
     journal_url: str | None = None,
     journal_settings: JournalSettings | None = None,
-    serializer: Serializer | None = None,
     settings: ReadSideSettings | None = None,
     runtime_settings: RuntimeSettings | None = None,
     supervise_interval: float | None = 5.0,
@@ -293,7 +287,8 @@ async def start_readside_on_ray(
 ) -> RayReadSide:
     """Run ``global_prepare`` of each processor here, then get or create one worker actor per
     (processor, tag) in the app's namespace, and wait until they answer. Processor classes must
-    be importable by module name in Ray's workers (not defined in ``__main__``)."""
+    be importable by module name in Ray's workers (not defined in ``__main__``); each worker
+    decodes events with the processor's ``entities`` and ``event_types``."""
     classes = list(processors)
     if not classes:
         raise ConfigurationError("start_readside_on_ray() needs at least one processor class")
@@ -311,8 +306,7 @@ async def start_readside_on_ray(
     settings = _settings(settings, overrides)
     journal_settings = _journal_settings(journal_url, journal_settings)
     instances = [cls() for cls in classes]
-    if serializer is None:
-        serializer_for_processors(instances)  # fail here, not in the actors
+    serializer_for_processors(instances)  # fail here, not in the actors
     projection = Database.create(projection_settings(journal_settings, settings))
     journal_db = Database.create(journal_settings)
     projections = Projections(
@@ -353,7 +347,7 @@ async def start_readside_on_ray(
                 max_task_retries=0,
                 num_cpus=0,
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
-            ).remote(by_name[processor], tag, journal, readside, serializer, f"ray:{app}/{name}")
+            ).remote(by_name[processor], tag, journal, readside, f"ray:{app}/{name}")
 
         specs = [(c.name, t, actor_name(c.name, t)) for c in classes for t in c.tags()]
         handles = [create(p, t) for p, t, _ in specs]
