@@ -529,14 +529,24 @@ class ReadSideWorker:
         try:
             await self._prepare(lease)
             self.state = "running"
-            while True:
-                page = await self._read()
-                if page:
+            page = await self._read()
+            while page:
+                # Read the next page while this one's transaction runs (the journal read and
+                # the decoding overlap the projection's writes).
+                ahead = None
+                if len(page) == self.settings.max_batch:
+                    ahead = asyncio.create_task(self._read(after=page[-1].offset))
+                try:
                     await self._handle_page(lease, page, ignore_pause=True)
-                    if progress is not None:
-                        progress(len(page))
-                if len(page) < self.settings.max_batch:
-                    return self.offset
+                except BaseException:
+                    if ahead is not None:
+                        ahead.cancel()
+                        await asyncio.gather(ahead, return_exceptions=True)
+                    raise
+                if progress is not None:
+                    progress(len(page))
+                page = [] if ahead is None else await ahead
+            return self.offset
         except _Stopped:
             return self.offset
         finally:
@@ -576,12 +586,14 @@ class ReadSideWorker:
                 )
                 await self._sleep(self._backoff(attempt))
 
-    async def _read(self) -> list[EventEnvelope[Any]]:
+    async def _read(self, after: int | None = None) -> list[EventEnvelope[Any]]:
         attempt = 0
         while True:
             try:
                 return await self.journal.events_by_tag(
-                    self.tag, after_offset=self.offset, limit=self.settings.max_batch
+                    self.tag,
+                    after_offset=self.offset if after is None else after,
+                    limit=self.settings.max_batch,
                 )
             except LagompyError as e:
                 attempt += 1
@@ -1046,7 +1058,7 @@ class Projections:
         """Empty the projection (``reset``) and replay every event of the processor's tags.
 
         Takes every lease of the processor (running workers can no longer commit), runs
-        ``reset`` and zeroes the offsets in one transaction, runs ``global_prepare``, replays
+        ``global_prepare`` and ``reset`` and zeroes the offsets in one transaction, replays
         the tags concurrently, then releases the leases: running workers take them back and
         go on live. ``progress(done, total)`` is called as events are handled. Returns the
         number of events replayed."""
@@ -1067,9 +1079,9 @@ class Projections:
             leases.append(lease)
         try:
             async with self.projection.write() as conn:
+                await p.global_prepare(conn)  # the tables exist even if it never ran
                 await p.reset(conn)
                 await self.store.reset_offsets(conn, leases[1:])
-                await p.global_prepare(conn)
                 await self.store.commit(conn, leases[0], 0, s.lease_ttl, state="prepared")
         finally:
             await self.store.release(leases[0], state="prepared")

@@ -480,8 +480,15 @@ async def test_bad_processors_and_settings_are_refused_with_the_reason(
         await start_readside([NoHandler], journal_settings=journal_settings)
     with pytest.raises(ConfigurationError, match="NoTag needs a tag"):
         await start_readside([NoTag], journal_settings=journal_settings)
-    with pytest.raises(ConfigurationError, match="declares no entities"):
-        await start_readside([CreditsProjection], journal_settings=journal_settings)
+    class Undecodable(SqlReadSideProcessor):
+        name = "undecodable"
+        tag = "t"
+
+        async def handle(self, conn: Any, envelope: EventEnvelope[Any]) -> None:
+            pass
+
+    with pytest.raises(ConfigurationError, match="declares no entities .* and no event_types"):
+        await start_readside([Undecodable], journal_settings=journal_settings)
     with pytest.raises(ConfigurationError, match="renew_interval"):
         await start_readside(
             [UsersProjection], journal_settings=journal_settings, lease_ttl=1, renew_interval=2
