@@ -95,6 +95,7 @@ class Region:
         max_pending: int = 10_000,
         retries: int = 3,
         retry_backoff: float = 0.2,
+        retry_backoff_max: float = 2.0,
     ) -> None:
         self.links = list(links)
         self.shards = shards
@@ -103,6 +104,7 @@ class Region:
         self.max_pending = max_pending
         self.retries = retries
         self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
         self._queues: list[list[_Ask]] = [[] for _ in self.links]
         self._in_flight = [0] * len(self.links)
         #: per host: batches whose call failed, by the order they were first sent
@@ -238,7 +240,9 @@ class Region:
         failed = self._failed[host]
         try:
             for attempt in range(1, self.retries + 1):
-                await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(
+                    min(self.retry_backoff * 2 ** (attempt - 1), self.retry_backoff_max)
+                )
                 # Calls still in flight to the host fail or succeed first, so that every
                 # failed batch is resent in this round, in the order they were first sent.
                 await self._settled[host].wait()

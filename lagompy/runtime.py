@@ -131,6 +131,7 @@ class ShardedEntities:
             max_pending=settings.max_pending,
             retries=settings.retries,
             retry_backoff=settings.retry_backoff,
+            retry_backoff_max=settings.retry_backoff_max,
         )
         self._owns_ray = owns_ray
         self._closed = False

@@ -128,6 +128,9 @@ class RuntimeSettings(BaseSettings):
     retry_backoff: float = Field(
         0.2, ge=0, description="Seconds before the first resend; doubled for each next one."
     )
+    retry_backoff_max: float = Field(
+        2.0, gt=0, description="Longest wait between two resends (the doubling stops there)."
+    )
     max_entities: int | None = Field(
         100_000,
         ge=1,
