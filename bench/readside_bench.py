@@ -199,7 +199,12 @@ async def lag(schema: str, seconds: float, rate: int) -> dict[str, float]:
     await listener.add_listener(CHANNEL, on_notify)
     try:
         async with await open_storage(settings=settings, entities=[UserEntity]) as storage:
-            await asyncio.sleep(3.0)  # the worker starts and catches up
+            # The worker starts and catches up with the journal first (the rebuild's events):
+            # the load starts once a marker written now is visible.
+            (marker,) = await storage.journal.append(user_writes(9_999_999, 1))
+            deadline = time.perf_counter() + 120
+            while visible < marker.offsets[-1] and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
             tick, per_tick = 0.01, max(1, int(rate * 0.01))
             first = 10_000_000
             started = time.perf_counter()
