@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import math
+import os
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +27,70 @@ C = TypeVar("C")
 #: Takes a request, returns the future its reply or error arrives on (or raises Overloaded).
 Submit = Callable[[Request], "asyncio.Future[Any]"]
 
+#: Ask timeouts expire in steps of this many seconds (an ask may wait up to this much longer
+#: than its timeout): all the asks whose deadlines fall in one step share one timer.
+DEADLINE_STEP = 0.01
+
+
+class _Bucket:
+    __slots__ = ("asks", "timer")
+
+    def __init__(self) -> None:
+        self.asks: dict[asyncio.Future[Any], tuple[EntityRef[Any], float, str]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Deadlines:
+    """The ask timeouts of one event loop, one timer per :data:`DEADLINE_STEP`.
+
+    One ``call_later`` per ask made the loop's timer heap the driver's largest cost under load
+    (a handle, a heap push and a pop among a thousand others per ask); with buckets, a thousand
+    outstanding asks at 20,000 asks/s need about a hundred timers per second.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, _Bucket] = {}
+
+    def add(
+        self, future: asyncio.Future[Any], timeout: float, ref: EntityRef[Any], cid: str
+    ) -> tuple[int, _Bucket]:
+        step = math.ceil((self.loop.time() + timeout) / DEADLINE_STEP)
+        bucket = self.buckets.get(step)
+        if bucket is None:
+            bucket = self.buckets[step] = _Bucket()
+            bucket.timer = self.loop.call_at(step * DEADLINE_STEP, self._expire, step, bucket)
+        bucket.asks[future] = (ref, timeout, cid)
+        return step, bucket
+
+    def remove(self, entry: tuple[int, _Bucket], future: asyncio.Future[Any]) -> None:
+        step, bucket = entry
+        asks = bucket.asks
+        asks.pop(future, None)
+        if not asks and self.buckets.get(step) is bucket:
+            del self.buckets[step]
+            assert bucket.timer is not None
+            bucket.timer.cancel()
+
+    def _expire(self, step: int, bucket: _Bucket) -> None:
+        if self.buckets.get(step) is bucket:
+            del self.buckets[step]
+        for future, (ref, timeout, cid) in list(bucket.asks.items()):
+            ref._expire(future, timeout, cid)
+        bucket.asks.clear()
+
+
+_deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    deadlines = _deadlines.get(loop)
+    if deadlines is None:
+        deadlines = _deadlines[loop] = _Deadlines(loop)
+    return deadlines
+
 
 class EntityRef(Generic[C]):
     """A handle on one entity: send it commands with :meth:`ask` or :meth:`tell`."""
@@ -39,7 +105,8 @@ class EntityRef(Generic[C]):
     def _submit(self, command: Any, command_id: str | None) -> tuple[asyncio.Future[Any], str]:
         # A generated id cannot have been seen before: only a caller's id is looked up.
         given = command_id is not None
-        cid = check_command_id(command_id) if given else uuid.uuid4().hex
+        # 128 random bits, like uuid4().hex, at a quarter of its cost.
+        cid = check_command_id(command_id) if given else os.urandom(16).hex()
         request = Request(
             self.entity_type, self.entity_id, command, command_id=cid, check_duplicate=given
         )
@@ -67,14 +134,15 @@ class EntityRef(Generic[C]):
         if timeout is None:
             result: R = await future
             return result
-        # A timer on the ask's own future (cheaper than wait_for's extra task per ask). An ask
-        # that expires before it is sent is never sent: runtimes skip done futures.
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire, future, timeout, cid)
+        # A shared timer fails the ask's own future (no extra task per ask, as wait_for would
+        # make). An ask that expires before it is sent is never sent: runtimes skip done futures.
+        deadlines = _deadlines_of(asyncio.get_running_loop())
+        entry = deadlines.add(future, timeout, self, cid)
         try:
             reply: R = await future
             return reply
         finally:
-            timer.cancel()
+            deadlines.remove(entry, future)
 
     def _expire(self, future: asyncio.Future[Any], timeout: float, cid: str) -> None:
         if not future.done():
