@@ -27,7 +27,9 @@ are translated into this tree with the original exception attached as ``__cause_
     ├── JournalError ............... the journal or snapshot store failed
     │   ├── ConcurrencyConflict .... another writer appended to this entity first
     │   ├── DuplicateCommandId ..... a reply is already stored under this entity's command id
-    │   └── JournalUnavailable ..... the database cannot be reached
+    │   ├── JournalUnavailable ..... the database cannot be reached
+    │   └── EventsMissing .......... an entity's events were deleted with no snapshot
+    │                                covering them: its state cannot be recovered
     ├── RuntimeFailure ............. the entity runtime could not deliver a command
     │   ├── Overloaded ............. queues are full: retry later (nothing was run)
     │   ├── AskTimeout ............. no reply within the ask's timeout (outcome unknown)
@@ -253,6 +255,11 @@ class DuplicateCommandId(JournalError):
 
 class JournalUnavailable(JournalError):
     """The journal's database cannot be reached."""
+
+
+class EventsMissing(JournalError):
+    """Recovering an entity needs events that were deleted, and no readable snapshot covers
+    them: replaying what is left would give a wrong state, so the entity refuses to start."""
 
 
 # --------------------------------------------------------------------------- runtime

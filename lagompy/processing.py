@@ -49,6 +49,7 @@ from lagompy.errors import (
     ConfigurationError,
     EncodeError,
     EventHandlerFailed,
+    EventsMissing,
     HandlerFailed,
     LagompyError,
     SerializationError,
@@ -187,7 +188,10 @@ async def recover(
     """Rebuild an entity from its latest snapshot and the events after it.
 
     A snapshot that cannot be read is skipped with a warning: the events are replayed from the
-    start instead (they are the source of truth).
+    start instead (they are the source of truth). When the events after the snapshot (or from
+    the start) do not follow on from it because some were deleted, ``EventsMissing`` is raised:
+    the state would be wrong. An entity whose every event was deleted starts again from its
+    initial state (it was forgotten).
     """
     entity = entity_cls(entity_id)
     state = entity_cls.initial_state
@@ -207,12 +211,31 @@ async def recover(
         if snapshot is not None:
             state, seq_nr, from_snapshot = snapshot.state, snapshot.seq_nr, True
     snapshot_seq = seq_nr
-    for envelope in await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=seq_nr + 1):
+    envelopes = await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=seq_nr + 1)
+    if envelopes and envelopes[0].seq_nr != snapshot_seq + 1:
+        raise EventsMissing(
+            f"{entity_cls.type_name}/{entity_id} cannot be recovered: its events "
+            f"{snapshot_seq + 1}..{envelopes[0].seq_nr - 1} were deleted and "
+            + (
+                f"its snapshot covers only up to {snapshot_seq}"
+                if from_snapshot
+                else "no readable snapshot covers them"
+            )
+            + " (save a snapshot before deleting events)"
+        )
+    for envelope in envelopes:
         state = apply_event(entity, state, envelope.event)
         seq_nr = envelope.seq_nr
-    if seq_nr == 0:
+    if not envelopes:
         # Nothing replayed: deleted events may still have advanced the sequence number.
-        seq_nr = await journal.highest_seq_nr(entity_cls.type_name, entity_id)
+        highest = await journal.highest_seq_nr(entity_cls.type_name, entity_id)
+        if from_snapshot and highest > snapshot_seq:
+            raise EventsMissing(
+                f"{entity_cls.type_name}/{entity_id} cannot be recovered: its events "
+                f"{snapshot_seq + 1}..{highest} were deleted and its snapshot covers only up to "
+                f"{snapshot_seq} (save a snapshot before deleting events)"
+            )
+        seq_nr = max(seq_nr, highest)
     return LiveEntity(entity, state, seq_nr, snapshot_seq, warning, from_snapshot)
 
 
