@@ -20,7 +20,7 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -341,7 +341,8 @@ async def _start_on_ray(
 
     namespace = namespace_of(app)
     if replace_hosts:
-        await shutdown_app(app)
+        # The shard hosts and the coordinator only: the app's read-side workers go on.
+        await _stop_actors(app, 5.0, _is_entity_actor)
     running = await _running_topology(app, settings.start_timeout)
     shards = settings.shards or (running.shards if running else DEFAULT_SHARDS)
     hosts = settings.hosts or (running.hosts if running else max(1, int(_cluster_cpus())))
@@ -458,17 +459,26 @@ async def _running_topology(app: str, timeout: float) -> Topology | None:
 
 
 async def shutdown_app(app: str, *, timeout: float = 5.0) -> int:
-    """Stop every actor of the app (its shard hosts and its coordinator): the next
-    ``start()`` records a new topology and starts hosts on the code on disk now. Hosts release
-    their journal connections first (within ``timeout`` seconds). Returns how many actors were
-    stopped. Needs Ray to be initialized (a ``start()`` in this process, or ``ray.init``)."""
+    """Stop every actor of the app (its shard hosts, its coordinator and its read-side
+    workers): the next ``start()`` records a new topology and starts hosts on the code on disk
+    now. Hosts release their journal connections first (within ``timeout`` seconds). Returns
+    how many actors were stopped. Needs Ray to be initialized (a ``start()`` in this process,
+    or ``ray.init``)."""
+    return await _stop_actors(app, timeout, lambda name: True)
+
+
+def _is_entity_actor(name: str) -> bool:
+    return name.startswith("host-") or name == COORDINATOR
+
+
+async def _stop_actors(app: str, timeout: float, which: Callable[[str], bool]) -> int:
     import ray
 
     namespace = namespace_of(app)
     actors = [
         entry["name"]
         for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == namespace
+        if entry["namespace"] == namespace and which(entry["name"])
     ]
     handles = []
     for name in actors:

@@ -179,9 +179,22 @@ async def test_topology_mismatch_names_what_differs(app: str, tmp_path: Path) ->
             await _start(app, other)
         with pytest.raises(ConfigurationError, match=r"entities.*code_fingerprint"):
             await start(app=app, entities=[UserEntity], journal_settings=js, hosts=1, shards=16)
+        # Another actor of the app (as a read-side worker is) survives the hosts' replacement.
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Bystander:
+            def ping(self) -> str:
+                return "here"
+
+        bystander = Bystander.options(  # type: ignore[attr-defined]
+            name="readside:bystander:t", namespace=entities.namespace, lifetime="detached"
+        ).remote()
+        assert await bystander.ping.remote() == "here"
         # Rolling onto new settings: replace the hosts; the old client is refused, not misrouted.
         replaced = await _start(app, js, hosts=2, replace_hosts=True)
         try:
+            assert await bystander.ping.remote() == "here"
             assert replaced.topology.hosts == 2
             assert await replaced.ref_for(CounterEntity, "x").ask(Add(2)) == 2
             with pytest.raises((ConfigurationError, OutcomeUnknown)):
@@ -190,6 +203,10 @@ async def test_topology_mismatch_names_what_differs(app: str, tmp_path: Path) ->
             await replaced.close()
     finally:
         await entities.close()
+    # shutdown_app stops every actor of the app, the bystander too.
+    assert await shutdown_app(app) == 4  # two hosts, the coordinator, the bystander
+    names = ray.util.list_named_actors(all_namespaces=True)
+    assert [a for a in names if a["namespace"] == entities.namespace] == []
 
 
 async def test_entity_classes_must_be_importable(app: str, tmp_path: Path) -> None:
