@@ -44,7 +44,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
@@ -233,7 +233,8 @@ class Service:
                     **self.runtime_options,
                 }
                 if self.ray:
-                    self._runtime = await start(ray=True, **common)
+                    with _keep_sigterm_handler():
+                        self._runtime = await start(ray=True, **common)
                 else:
                     self._runtime = await start(ray=False, **common)
             if self.entity_classes and isinstance(self._runtime, ShardedEntities):
@@ -354,6 +355,24 @@ class Service:
                 except Exception as e:
                     log.warning("could not pull metrics of %r: %s", component, e)
         return samples
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep the server's SIGTERM handler through ``ray.init``, which installs its own (a bare
+    ``sys.exit``): under uvicorn, SIGTERM must still shut the app down through its lifespan."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous):  # a handler of the server's: put it back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _component_name(component: object) -> str:

@@ -487,7 +487,7 @@ async def test_bad_processors_and_settings_are_refused_with_the_reason(
         async def handle(self, conn: Any, envelope: EventEnvelope[Any]) -> None:
             pass
 
-    with pytest.raises(ConfigurationError, match="declares no entities .* and no event_types"):
+    with pytest.raises(ConfigurationError, match=r"declares no entities .* and no event_types"):
         await start_readside([Undecodable], journal_settings=journal_settings)
     with pytest.raises(ConfigurationError, match="renew_interval"):
         await start_readside(
