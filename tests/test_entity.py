@@ -102,7 +102,7 @@ def test_decide_rejections_reach_the_caller_with_type_message_and_status() -> No
     assert isinstance(d.error, NotFound) and d.error.http_status == 404
     assert "user 7 is not registered" in str(d.error)
     d = decide(entity, User("7", "a", "a@b.c"), RegisterUser("a", "a@b.c"))
-    assert isinstance(d.error, InvalidCommand) and d.error.http_status == 400
+    assert isinstance(d.error, InvalidCommand) and d.error.http_status == 409  # a conflict
     assert d.events == ()
     d = decide(entity, NoUser(), RegisterUser("Ada", "not-an-email"))
     assert isinstance(d.error, InvalidCommand)

@@ -83,7 +83,7 @@ async def test_ask_tell_rejections_order_and_group_commit(
         assert (user.name, user.email) == ("Ada", "ada@example.org")
         with pytest.raises(InvalidCommand) as rejected:
             await ada.ask(RegisterUser("Ada", "ada@example.org"))
-        assert rejected.value.http_status == 400
+        assert rejected.value.http_status == 409  # UserConflict, across the Ray boundary
         assert "already registered" in str(rejected.value)
         with pytest.raises(NotFound) as missing:
             await entities.ref_for(UserEntity, "nobody").ask(GetUser())

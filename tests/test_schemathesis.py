@@ -61,10 +61,10 @@ def base_url(
 def test_every_operation_is_covered() -> None:
     operations = {op.ok().label for op in schema.get_all_operations()}
     assert operations == {
-        "POST /users/{user_id}",
+        "POST /users",
+        "GET /users",
         "GET /users/{user_id}",
-        "PUT /users/{user_id}/name",
-        "PUT /users/{user_id}/email",
+        "PATCH /users/{user_id}",
         "POST /users/{user_id}/deactivate",
     }
 

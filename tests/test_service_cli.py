@@ -110,7 +110,7 @@ def test_several_workers_share_one_ray_and_one_metrics_view(
         users = 24
         for i in range(users):  # a new connection each time: requests spread over the workers
             r = httpx.post(
-                f"{url}/users/w{i}", json={"name": f"W{i}", "email": "w@example.org"}, timeout=30
+                f"{url}/users", json={"name": f"W{i}", "email": "w@example.org"}, timeout=30
             )
             assert r.status_code == 201, r.text
         for _ in range(6):  # whichever worker answers, the figures are the whole service's

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# --8<-- [start:entity]
+import unicodedata
 from dataclasses import dataclass, replace
 
 from lagompy import (
@@ -51,6 +53,14 @@ class ChangeEmail(Command[User]):
 
 
 @dataclass(frozen=True)
+class ChangeDetails(Command[User]):
+    """Change the name, the email or both, all or nothing (``None``: keep it)."""
+
+    name: str | None = None
+    email: str | None = None
+
+
+@dataclass(frozen=True)
 class DeactivateUser(Command[User]):
     pass
 
@@ -60,7 +70,7 @@ class GetUser(Command[User]):
     pass
 
 
-UserCommand = RegisterUser | ChangeName | ChangeEmail | DeactivateUser | GetUser
+UserCommand = RegisterUser | ChangeName | ChangeEmail | ChangeDetails | DeactivateUser | GetUser
 
 # ----------------------------------------------------------------------------- events
 
@@ -92,7 +102,20 @@ class UserDeactivated:
 UserEvent = UserRegistered | NameChanged | EmailChanged | UserDeactivated
 
 
+class UserConflict(InvalidCommand):
+    """The command does not fit the user's state (already registered, deactivated)."""
+
+    http_status = 409  # Conflict: the request is well formed, the state forbids it
+
+
+def _check_text(what: str, value: str) -> None:
+    # Control characters and lone surrogates could not be stored in every projection database.
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise InvalidCommand(f"{what} must not contain control characters")
+
+
 def _check_name(name: str) -> None:
+    _check_text("name", name)
     if not name.strip():
         raise InvalidCommand("name must not be empty")
     if len(name) > 200:
@@ -100,6 +123,9 @@ def _check_name(name: str) -> None:
 
 
 def _check_email(email: str) -> None:
+    _check_text("email", email)
+    if len(email) > 320:
+        raise InvalidCommand("email must be at most 320 characters")
     local, at, domain = email.partition("@")
     if not (local and at and "." in domain):
         raise InvalidCommand(f"email {email!r} is not an email address")
@@ -125,11 +151,11 @@ class UserEntity(PersistentEntity[UserCommand, UserEvent, UserState]):
             case NoUser(), _:
                 raise NotFound(f"user {self.entity_id} is not registered")
             case User(), RegisterUser():
-                raise InvalidCommand(f"user {self.entity_id} is already registered")
+                raise UserConflict(f"user {self.entity_id} is already registered")
             case User(), GetUser():
                 return Effect.reply(state)
             case User(active=False), _:
-                raise InvalidCommand(f"user {self.entity_id} is deactivated")
+                raise UserConflict(f"user {self.entity_id} is deactivated")
             case User(), ChangeName(name=name):
                 _check_name(name)
                 if name == state.name:
@@ -139,9 +165,18 @@ class UserEntity(PersistentEntity[UserCommand, UserEvent, UserState]):
                 _check_email(email)
                 if email == state.email:
                     return Effect.reply(state)
-                return Effect.persist(EmailChanged(self.entity_id, email)).then_reply(
-                    lambda s: s
-                )
+                return Effect.persist(EmailChanged(self.entity_id, email)).then_reply(lambda s: s)
+            case User(), ChangeDetails(name=name, email=email):
+                events: list[UserEvent] = []
+                if name is not None:
+                    _check_name(name)
+                    if name != state.name:
+                        events.append(NameChanged(self.entity_id, name))
+                if email is not None:
+                    _check_email(email)
+                    if email != state.email:
+                        events.append(EmailChanged(self.entity_id, email))
+                return Effect.persist_all(events).then_reply(lambda s: s)
             case User(), DeactivateUser():
                 return Effect.persist(UserDeactivated(self.entity_id)).then_reply(lambda s: s)
         return Effect.unhandled()
@@ -157,3 +192,6 @@ class UserEntity(PersistentEntity[UserCommand, UserEvent, UserState]):
             case User(), UserDeactivated():
                 return replace(state, active=False)
         return self.unhandled_event(state, event)
+
+
+# --8<-- [end:entity]

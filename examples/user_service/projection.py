@@ -34,6 +34,7 @@ from examples.user_service.entity import (
 from lagompy import EventEnvelope
 from lagompy.readside import SqlReadSideProcessor
 
+# --8<-- [start:projection]
 metadata = MetaData()
 
 users = Table(
@@ -143,3 +144,6 @@ class UsersProjection(SqlReadSideProcessor):
 
     async def reset(self, conn: AsyncConnection) -> None:
         await conn.execute(users.delete())
+
+
+# --8<-- [end:projection]

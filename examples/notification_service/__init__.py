@@ -1,0 +1,1 @@
+"""A small service that records notifications; the user service calls it on registration."""
