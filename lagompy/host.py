@@ -104,11 +104,13 @@ class ShardHost:
         """Process one batch; one (reply, error) per request, in order, released only after
         the batch's events committed.
 
-        The region sends the batch pickled with the standard C pickler (much faster than the
-        per-object dispatch of Ray's cloudpickle for hundreds of small objects); the outcomes
-        come back pickled the same way. Batches that do not pickle that way travel as objects.
+        The region sends the requests as plain tuples pickled with the standard C pickler (much
+        faster than the per-object dispatch of Ray's cloudpickle for hundreds of small
+        objects); the outcomes come back pickled the same way. Batches that do not pickle that way travel as objects.
         """
-        requests: list[Request] = pickle.loads(batch) if isinstance(batch, bytes) else batch
+        requests: list[Request] = (
+            list(map(Request._make, pickle.loads(batch))) if isinstance(batch, bytes) else batch
+        )
         outcomes = self._process(topology_key, requests)
         if isinstance(batch, bytes):
             try:

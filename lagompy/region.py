@@ -22,7 +22,6 @@ This module does not import Ray: hosts are reached through :class:`HostLink` obj
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -258,7 +257,7 @@ class Region:
                     self.counters["batches"] += 1
                     log.info("resending %d asks to shard host %d (%d)", len(chunk), host, attempt)
                     requests = [
-                        dataclasses.replace(ask.request, check_duplicate=True) for ask in chunk
+                        ask.request._replace(check_duplicate=True) for ask in chunk
                     ]
                     try:
                         outcomes = await link.call(requests)

@@ -82,7 +82,8 @@ class _RayHostLink:
 
         batch: list[Request] | bytes
         try:
-            batch = pickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL)
+            # Plain tuples: the host rebuilds the named tuples (Request._make).
+            batch = pickle.dumps([tuple(r) for r in requests], protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # e.g. a command holding a lambda: let Ray's cloudpickle try
             batch = requests
         try:
