@@ -324,7 +324,7 @@ def render(results: dict[str, dict[str, object]], command: str) -> str:
     lines += [
         "",
         "What lagompy does that the raw rows do not, in every transaction: the ordering fence",
-        "(`LOCK TABLE ... IN EXCLUSIVE MODE`, PostgreSQL), one statement that checks every",
+        "(a transaction-level advisory lock, PostgreSQL), one statement that checks every",
         "entity's expected sequence number (deletions included), allocates the offsets and",
         "sends the NOTIFY, and the encoding of every event. These are fixed costs per",
         "transaction plus an index probe per entity, so the ratio is lowest for one event per",

@@ -419,7 +419,7 @@ per command together, and it varies by about 10% from run to run. Before this wo
 benchmark (with 10,000 entities) gave 13,100 (PostgreSQL) and 13,900 (SQLite) commands/s.
 
 The latency at 1 outstanding ask is one Ray call plus the host's batch: on PostgreSQL the
-journal's transaction takes four round trips (BEGIN + the ordering fence `LOCK TABLE`, the
+journal's transaction takes four round trips (BEGIN + the ordering fence (advisory lock), the
 check-and-allocate statement, the insert, COMMIT) against the raw baseline's three, plus the
 SQLAlchemy pool checkout around the driver connection, the pickling of the batch both ways and
 the region client's task; measured in process, one single-command batch takes about 1.2 ms

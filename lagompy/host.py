@@ -106,7 +106,8 @@ class ShardHost:
 
         The region sends the requests as plain tuples pickled with the standard C pickler (much
         faster than the per-object dispatch of Ray's cloudpickle for hundreds of small
-        objects); the outcomes come back pickled the same way. Batches that do not pickle that way travel as objects.
+        objects); the outcomes come back pickled the same way. Batches that do not pickle that
+        way travel as objects.
         """
         requests: list[Request] = (
             list(map(Request._make, pickle.loads(batch))) if isinstance(batch, bytes) else batch

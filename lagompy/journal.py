@@ -231,8 +231,18 @@ def _check_replies(w: AtomicWrite) -> None:
             )
 
 
-#: Taken first in every PostgreSQL write transaction (see Journal.ordering_fence).
-_LOCK_EVENTS = "LOCK TABLE lagompy_events IN EXCLUSIVE MODE"
+#: First key of the journal's write lock: b"lgmp" as a big-endian int4. The second key is the
+#: events table's oid (shifted into the int4 range), so journals in other schemas of the same
+#: database do not wait for each other.
+WRITE_LOCK_CLASS = int.from_bytes(b"lgmp", "big")
+#: Taken first in every PostgreSQL write transaction (see Journal.ordering_fence). A
+#: transaction-level advisory lock rather than ``LOCK TABLE ... IN EXCLUSIVE MODE``: it fences
+#: the journal's writers the same way, but does not conflict with VACUUM, ANALYZE and
+#: autovacuum, which the table lock blocked writers behind (or made autovacuum give up).
+_LOCK_EVENTS = (
+    f"SELECT pg_advisory_xact_lock({WRITE_LOCK_CLASS}, "
+    "('lagompy_events'::regclass::oid::bigint - 2147483648)::int)"
+)
 #: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
 NOTIFY_CHANNEL = "lagompy_events"
 
@@ -351,11 +361,11 @@ class Journal:
     ) -> None:
         self.database = database
         self.serializer = serializer
-        #: On PostgreSQL, every write transaction first takes ``LOCK TABLE lagompy_events IN
-        #: EXCLUSIVE MODE`` (readers are not blocked). Writers then allocate offsets and commit
-        #: one after the other, so offsets become visible in order and a reader tailing by
-        #: offset can never skip an event that commits late. Turning it off exists only to
-        #: demonstrate, in the tests, the skips it prevents.
+        #: On PostgreSQL, every write transaction first takes the journal's write lock (a
+        #: transaction-level advisory lock; readers are not blocked). Writers then allocate
+        #: offsets and commit one after the other, so offsets become visible in order and a
+        #: reader tailing by offset can never skip an event that commits late. Turning it off
+        #: exists only to demonstrate, in the tests, the skips it prevents.
         self.ordering_fence = ordering_fence
         self._pg_sequence: str | None = None
 

@@ -20,7 +20,8 @@ import pytest
 from conftest import POSTGRES_URL
 
 from lagompy import AtomicWrite, Command, Effect, JournalSettings, PersistentEntity, open_storage
-from lagompy.journal import Journal
+from lagompy.errors import JournalError
+from lagompy.journal import _LOCK_EVENTS, Journal
 from lagompy.storage import Storage
 
 pytestmark = pytest.mark.postgres
@@ -170,3 +171,35 @@ async def test_without_the_ordering_fence_the_same_tailer_skips_events(
             break
     assert missing, "no event was skipped without the fence: this test could not fail"
     print(f"without the fence the tailer skipped {len(missing)} of {len(committed)} events")
+
+
+async def test_the_write_lock_fences_writers_but_not_vacuum(postgres_schema: str) -> None:
+    """The fence is a transaction-level advisory lock: a writer waits while another journal
+    writer holds it (and fails after lock_timeout), but not behind the SHARE UPDATE EXCLUSIVE
+    lock that VACUUM, ANALYZE and autovacuum take on the events table (a LOCK TABLE ...
+    EXCLUSIVE fence conflicted with it)."""
+    settings = JournalSettings(
+        url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True, lock_timeout_ms=300
+    )
+    async with await open_storage(settings=settings, entities=[ClockEntity]) as s:
+        journal = s.journal
+        await journal.append_one(AtomicWrite("clock", "a", 0, [Ticked(0, 0)]))
+        other = await asyncpg.connect(
+            POSTGRES_URL, server_settings={"search_path": postgres_schema}
+        )
+        try:
+            # What VACUUM and ANALYZE hold for their whole run.
+            async with other.transaction():
+                await other.execute("LOCK TABLE lagompy_events IN SHARE UPDATE EXCLUSIVE MODE")
+                await asyncio.wait_for(
+                    journal.append_one(AtomicWrite("clock", "a", 1, [Ticked(0, 1)])), 5
+                )
+            # Another journal writer's transaction, holding the write lock.
+            async with other.transaction():
+                await other.execute(_LOCK_EVENTS)
+                with pytest.raises(JournalError, match="lock timeout"):
+                    await journal.append_one(AtomicWrite("clock", "a", 2, [Ticked(0, 2)]))
+            await journal.append_one(AtomicWrite("clock", "a", 2, [Ticked(0, 2)]))
+        finally:
+            await other.close()
+        assert [e.seq_nr for e in await journal.events("clock", "a")] == [1, 2, 3]
