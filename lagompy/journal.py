@@ -595,8 +595,9 @@ class Journal:
         if to_seq_nr is not None and to_seq_nr < from_seq_nr:
             return []
         t = schema.events
+        # The entity's type and id are known: not fetched again for every row.
         stmt = (
-            select(*_ENVELOPE_COLUMNS)
+            select(*_ENVELOPE_COLUMNS[2:])
             .where(t.c.entity_type == entity_type, t.c.entity_id == entity_id)
             .where(t.c.seq_nr >= from_seq_nr)
             .order_by(t.c.seq_nr)
@@ -605,7 +606,10 @@ class Journal:
             stmt = stmt.where(t.c.seq_nr <= to_seq_nr)
         if limit is not None:
             stmt = stmt.limit(limit)
-        return await self._read_envelopes(stmt)
+        async with self.database.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        envelope = self._envelope
+        return [envelope(entity_type, entity_id, *row) for row in rows]
 
     async def replay(
         self,
