@@ -253,6 +253,14 @@ async def ray_noop(calls: int) -> dict[str, float]:
     return _pcts(latencies)
 
 
+def cpu_reference() -> float:
+    """Milliseconds for sum(range(10**6)), best of 5: how fast this machine's CPU is right now
+    (a shared VM's varies from day to day), to compare runs made on different days."""
+    import timeit
+
+    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run, print only")
@@ -269,6 +277,8 @@ async def main() -> None:
     )
     results: dict[str, dict[str, Any]] = {}
     noop = await ray_noop(300 if quick else 2_000)
+    noop["cpu_ms"] = cpu_reference()
+    print(f"CPU reference, sum(range(10**6)): {noop['cpu_ms']:.1f} ms")
     print(f"no-op Ray actor call: p50 {noop['p50']:.2f} ms p99 {noop['p99']:.2f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         results["SQLite"] = await bench_backend(
@@ -366,6 +376,7 @@ def render(
         "",
         "| baseline | value |",
         "| --- | ---: |",
+        f"| CPU reference: `sum(range(10**6))`, best of 5 | {noop['cpu_ms']:.1f} ms |",
         f"| no-op Ray actor call, p50 / p99 | {noop['p50']:.2f} / {noop['p99']:.2f} ms |",
         f"| one-row asyncpg transaction (BEGIN, INSERT, COMMIT), p50 / p99 "
         f"| {raw['tx']['p50']:.2f} / {raw['tx']['p99']:.2f} ms |",
@@ -397,26 +408,30 @@ def render(
     ]
     for what, got, ok in floors["checks"]:
         lines.append(f"| {what} | {got} | {'yes' if ok else '**no**'} |")
-    lines += ["", NOTES]
+    pg_rate = results["PostgreSQL"]["levels"][1024]["rate"]
+    lines += ["", NOTES.format(ratio=pg_rate / raw["executemany"])]
     return "\n".join(lines)
 
 
 NOTES = """\
 What limits the rate at 1,024 outstanding asks is CPU on the 2 cores, shared by the shard host,
 the driver (load generator, region client, Ray's transport) and the database. Measured in
-process (`EntityProcessor.process` on batches of 500 commands to 500 live entities, no Ray,
-cProfile and wall clock), a command cost 41-47 us before this round of work and 25-35 us after
-it (the per-entity activation task, `dataclasses.replace` in `then_reply`, the per-key
-bookkeeping of entities in use and most cyclic garbage collections, 15-25% of the time with
-Python's default threshold, are gone). Of what remains, about half is the journal
-append (event encoding, the four-statement transaction and asyncpg's per-value array
-encoding) and the rest the handler, decide/apply, reply encoding and results. Behind Ray the
-host also unpickles each batch and pickles its outcomes; its busy share (table) times the run
-time, per command, is that full cost. The driver process (load generator, region client, one
-future and one timeout per ask, Ray's transport; not changed in this round) and PostgreSQL
-use the rest of the two cores, so the rate is bounded by the host's and the driver's costs
-per command together, and it varies by about 10% from run to run. Before this work the same
-benchmark (with 10,000 entities) gave 13,100 (PostgreSQL) and 13,900 (SQLite) commands/s.
+process (`EntityProcessor.process` on batches of 500 commands to 500 live entities, no Ray),
+a command costs the host 25-35 us on a quiet day; about half of it is the journal append
+(event encoding, the four-statement transaction, asyncpg's per-value array encoding), the rest
+the handler, decide/apply, reply encoding and results. Behind Ray the host also unpickles each
+batch and pickles its outcomes; its busy share (table) times the run time, per command, is that
+full cost. The driver's cost per ask, profiled with a link that only pickles, went from 46 to
+30 us in the last round of work (one shared timer per 10 ms of ask deadlines instead of one
+`call_later` per ask, cheaper command ids, requests sent as plain tuples). PostgreSQL uses the
+rest of the two cores, so the rate is bounded by the host's and the driver's costs per command
+together.
+
+The machine is a shared VM whose speed changes from day to day: compare runs by their ratios
+to the same run's baselines, and by the CPU reference. The previous run (2026-11-23, before
+the last round of work) measured 18,670 commands/s at 1,024 outstanding asks beside a raw
+executemany of 106,508 rows/s, 0.175 of it, with Ray's no-op call at 1.09 ms; this run:
+{ratio:.3f} of its own raw executemany, with the CPU reference above.
 
 The latency at 1 outstanding ask is one Ray call plus the host's batch: on PostgreSQL the
 journal's transaction takes four round trips (BEGIN + the ordering fence (advisory lock), the
