@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from lagompy.errors import ConfigurationError, JournalError, JournalUnavailable, LagompyError
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, make_settings
 
 log = logging.getLogger("lagompy.database")
 
@@ -79,7 +79,7 @@ class Database:
     @classmethod
     def create(cls, settings: JournalSettings | None = None, **overrides: Any) -> Database:
         """Build the engine (no connection is opened yet)."""
-        settings = settings or JournalSettings(**overrides)
+        settings = settings or make_settings(JournalSettings, **overrides)
         url = normalize_url(settings.url)
         kwargs: dict[str, Any] = {"echo": settings.echo}
         if dialect_of(url) == "sqlite":

@@ -31,7 +31,7 @@ from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.processing import EntityClass, Request
 from lagompy.refs import EntityRef
 from lagompy.region import HostUnreachable, Outcome, Region
-from lagompy.settings import JournalSettings, RuntimeSettings
+from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
 from lagompy.sharding import (
     DEFAULT_SHARDS,
     Topology,
@@ -288,13 +288,13 @@ async def start(
     if journal_settings is None:
         if journal_url is not None:
             journal_overrides["url"] = journal_url
-        journal_settings = JournalSettings(**journal_overrides)
+        journal_settings = make_settings(JournalSettings, **journal_overrides)
     elif journal_url is not None or journal_overrides:
         raise ConfigurationError("pass journal_settings or journal_url/journal keywords, not both")
     if settings is None:
-        settings = RuntimeSettings(**runtime_overrides)
+        settings = make_settings(RuntimeSettings, **runtime_overrides)
     elif runtime_overrides:
-        settings = RuntimeSettings.model_validate({**settings.model_dump(), **runtime_overrides})
+        settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
     for cls in entity_list:
         cls.validate()
     if not ray:

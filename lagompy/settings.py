@@ -9,10 +9,32 @@ code wins over the environment, which wins over the default::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lagompy.errors import ConfigurationError
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def make_settings(cls: type[S], base: S | None = None, **values: Any) -> S:
+    """``cls(**values)`` (or ``base`` with ``values`` changed), with a bad value raised as
+    ``ConfigurationError`` naming the setting, its environment variable and what was wrong,
+    instead of pydantic's ``ValidationError``."""
+    try:
+        if base is None:
+            return cls(**values)
+        return cls.model_validate({**base.model_dump(), **values})
+    except ValidationError as e:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = []
+        for err in e.errors():
+            name = ".".join(str(part) for part in err["loc"]) or "(settings)"
+            env = f" ({prefix}{name.upper()})" if prefix and err["loc"] else ""
+            problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigurationError(f"invalid {cls.__name__}: " + "; ".join(problems)) from None
 
 DEFAULT_JOURNAL_URL = "sqlite+aiosqlite:///lagompy.db"
 

@@ -18,7 +18,7 @@ from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.journal import Journal
 from lagompy.migrate import ensure_schema
 from lagompy.serialization import Serializer
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, make_settings
 from lagompy.snapshots import SnapshotStore
 
 
@@ -79,7 +79,7 @@ async def open_storage(
     if settings is None:
         if url is not None:
             overrides["url"] = url
-        settings = JournalSettings(**overrides)
+        settings = make_settings(JournalSettings, **overrides)
     database = Database.create(settings)
     serializer = serializer or serializer_for(entities)
     journal = Journal(database, serializer)

@@ -395,6 +395,22 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.max_batch, settings.hosts, settings.shards) == (77, 3, None)
 
 
+async def test_bad_settings_are_configuration_errors_naming_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LAGOMPY_RUNTIME_MAX_BATCH", "lots")
+    with pytest.raises(ConfigurationError, match=r"max_batch \(LAGOMPY_RUNTIME_MAX_BATCH\)"):
+        await start(entities=[CounterEntity], journal_url=f"sqlite:///{tmp_path / 'j.db'}")
+    monkeypatch.delenv("LAGOMPY_RUNTIME_MAX_BATCH")
+    with pytest.raises(ConfigurationError, match=r"pool_size .*greater than or equal to 1"):
+        await start(
+            entities=[CounterEntity],
+            journal_url=f"sqlite:///{tmp_path / 'j.db'}",
+            ray=False,
+            pool_size=0,
+        )
+
+
 # --------------------------------------------------------------------------- region, no Ray
 
 
