@@ -520,10 +520,14 @@ class EntityProcessor:
 
         self._in_use.append(groups)
         try:
+            conflicts = stats["conflicts"]
             await self._run(requests, groups, results)
+            # Only a batch whose writes met a conflict looks for commands to run again.
             for _ in range(self.conflict_retries):
-                if not await self._rerun_conflicts(requests, results):
+                if stats["conflicts"] == conflicts:
                     break
+                conflicts = stats["conflicts"]
+                await self._rerun_conflicts(requests, results)
         finally:
             self._in_use.remove(groups)
         self._passivate_beyond_max()
@@ -538,12 +542,12 @@ class EntityProcessor:
 
     async def _rerun_conflicts(
         self, requests: Sequence[Request], results: list[Result | None]
-    ) -> bool:
+    ) -> None:
         """Run again, in arrival order, the commands of the entities whose write another writer
         refused (a zombie copy of this host, or its successor): they were decided on a state
         that was not the latest. The entities were evicted, so they reload from the journal
         first; a command with an id is answered from the journal if the other writer already
-        applied it. Return whether anything was run again."""
+        applied it."""
         groups: dict[tuple[str, str], list[int]] = {}
         to_check: list[int] = []
         for i, result in enumerate(results):
@@ -553,7 +557,7 @@ class EntityProcessor:
                 if req.command_id is not None:
                     to_check.append(i)
         if not groups:
-            return False
+            return
         self._stats["conflict_retries"] += sum(len(g) for g in groups.values())
         if to_check:
             await self._answer_stored(requests, to_check, groups, results)
@@ -562,7 +566,6 @@ class EntityProcessor:
             await self._run(requests, groups, results)
         finally:
             self._in_use.remove(groups)
-        return True
 
     async def _answer_stored(
         self,
