@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, TypeVar
 
+from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.processing import EntityClass, EntityProcessor, Request
@@ -40,7 +40,7 @@ DEFAULT_MAX_PENDING = 10_000
 MIN_PASSIVATE_INTERVAL = 0.05
 
 
-class InProcessEntities:
+class InProcessEntities(AsyncClosing):
     """Hosts entities in this process, on the given storage.
 
     Settings (keyword arguments):
@@ -187,16 +187,7 @@ class InProcessEntities:
         if self._owns_storage:
             await self.storage.close()
 
-    async def __aenter__(self) -> InProcessEntities:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def start_in_process(

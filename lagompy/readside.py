@@ -43,7 +43,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, ValidationError, model_validator
@@ -52,6 +51,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy import schema
+from lagompy.closing import AsyncClosing
 from lagompy.database import Database
 from lagompy.entity import PersistentEntity, ShardedTag, Tag
 from lagompy.errors import (
@@ -955,7 +955,7 @@ async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, i
 # --------------------------------------------------------------------------- management
 
 
-class Projections:
+class Projections(AsyncClosing):
     """Manage read sides from Python (the CLI and the HTTP route use it too): status, pause,
     resume, set an offset, rebuild. ``journal`` is needed for the lag and for rebuilds."""
 
@@ -978,16 +978,7 @@ class Projections:
             await db.dispose()
         self._owns = []
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
         """Every (processor, tag) known in the projection database (or those of one
@@ -1150,7 +1141,7 @@ def _journal_settings(url: str | None, settings: JournalSettings | None) -> Jour
 # --------------------------------------------------------------------------- in process
 
 
-class ReadSide:
+class ReadSide(AsyncClosing):
     """Read-side workers running in this process (one asyncio task per (processor, tag)).
 
     Build it with :func:`start_readside`; close it (or use ``async with``) to stop the workers,
@@ -1249,16 +1240,7 @@ class ReadSide:
         for db in self._owned:
             await db.dispose()
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def start_readside(

@@ -28,9 +28,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from lagompy.closing import AsyncClosing
 from lagompy.database import Database, normalize_url
 from lagompy.errors import ConfigurationError
 from lagompy.migrate import ensure_schema
@@ -152,7 +152,7 @@ class ReadSideWorkerActor:
         await self._storage.close()
 
 
-class RayReadSide:
+class RayReadSide(AsyncClosing):
     """The read-side workers of some processors on Ray, as seen from this process."""
 
     def __init__(
@@ -261,16 +261,7 @@ class RayReadSide:
 
             _release_ray()
 
-    async def __aenter__(self) -> Self:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def start_readside_on_ray(

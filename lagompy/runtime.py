@@ -21,9 +21,9 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError
 from lagompy.host import Coordinator, ShardHost
@@ -105,7 +105,7 @@ class _RayHostLink:
 # --------------------------------------------------------------------------- entities
 
 
-class ShardedEntities:
+class ShardedEntities(AsyncClosing):
     """An app's entities on its shard hosts, as seen from this process."""
 
     def __init__(
@@ -172,16 +172,7 @@ class ShardedEntities:
         if self._owns_ray:
             _release_ray()
 
-    async def __aenter__(self) -> ShardedEntities:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 # --------------------------------------------------------------------------- start

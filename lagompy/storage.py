@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
+from lagompy.closing import AsyncClosing
 from lagompy.database import Database
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.journal import Journal
@@ -38,7 +38,7 @@ def serializer_for(entities: Iterable[type[PersistentEntity[Any, Any, Any]]]) ->
 
 
 @dataclass
-class Storage:
+class Storage(AsyncClosing):
     """The journal and the snapshot store of one database, sharing its connection pool."""
 
     database: Database
@@ -49,16 +49,7 @@ class Storage:
     async def close(self) -> None:
         await self.database.dispose()
 
-    async def __aenter__(self) -> Storage:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 async def open_storage(

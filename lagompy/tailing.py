@@ -41,13 +41,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
 from typing import Any, Self
 
 import asyncpg  # type: ignore[import-untyped,unused-ignore]
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lagompy.closing import AsyncClosing
 from lagompy.database import Database
 from lagompy.errors import ConfigurationError
 from lagompy.journal import NOTIFY_CHANNEL, EventEnvelope, Journal
@@ -528,7 +528,7 @@ def _check_arguments(after_offset: int, page_size: int) -> None:
         raise ValueError(f"page_size must be 1 or more, not {page_size}")
 
 
-class EventTailer:
+class EventTailer(AsyncClosing):
     """Every event after an offset, in offset order, each once, then the new ones as they
     commit; an endless async iterator. Build it with :func:`tail`.
 
@@ -663,13 +663,6 @@ class EventTailer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def wake(self) -> None:
         """Query now instead of waiting (for example right after this process wrote)."""

@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar
 
+from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity, reply_type_of
 from lagompy.errors import SerializationError, UnhandledCommand, UnhandledEvent
 from lagompy.processing import EntityProcessor, Request
@@ -54,7 +54,7 @@ class Outcome(Generic[E, S]):
     issues: list[Issue] = field(default_factory=list)
 
 
-class EntityTestDriver(Generic[C, E, S]):
+class EntityTestDriver(Generic[C, E, S], AsyncClosing):
     """Runs commands against one entity on a real journal (a temporary SQLite file unless
     ``journal_url`` or ``storage`` is given)."""
 
@@ -103,13 +103,6 @@ class EntityTestDriver(Generic[C, E, S]):
     async def __aenter__(self) -> EntityTestDriver[C, E, S]:
         return await self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def storage(self) -> Storage:

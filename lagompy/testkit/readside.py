@@ -25,7 +25,6 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import pytest
@@ -33,6 +32,7 @@ import pytest_asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from lagompy.closing import AsyncClosing
 from lagompy.database import Database
 from lagompy.entity import ShardedTag, Tag
 from lagompy.journal import AtomicWrite, EventEnvelope
@@ -65,7 +65,7 @@ __all__ = [
 # --------------------------------------------------------------------------- the driver
 
 
-class ReadSideTestDriver:
+class ReadSideTestDriver(AsyncClosing):
     """Feed events to one processor on a real journal and projection database."""
 
     def __init__(
@@ -105,13 +105,6 @@ class ReadSideTestDriver:
         await run_global_prepare(self.processor, self._projection, self.settings)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._projection is not None:
