@@ -802,12 +802,48 @@ def _fixed_tuple_codec(elems: list[_Codec], label: str) -> _Codec:
     )
 
 
+def _map_walk(
+    label: str,
+    key: _Fn,
+    value: _Fn,
+    key_fast: type | None,
+    value_fast: type | None,
+    *,
+    subclasses: bool,
+) -> _Fn:
+    """Encoder or decoder of a map: ``key`` and ``value`` convert each entry (the map is
+    returned as it is when every key and value already has its ``*_fast`` class); a mismatch
+    names the key it happened at. ``subclasses``: accept dict subclasses (encoding)."""
+
+    def walk(m: Any) -> Any:
+        if m.__class__ is not dict and not (subclasses and isinstance(m, dict)):
+            raise _expected(label, m)
+        if key_fast is not None and value_fast is not None:
+            for k, x in m.items():
+                if k.__class__ is not key_fast or x.__class__ is not value_fast:
+                    break
+            else:
+                return m
+        out: dict[Any, Any] = {}
+        for k, x in m.items():
+            try:
+                converted = key(k)
+            except _Mismatch as e:
+                e.path.append(f"<key {_short(k)}>")
+                raise
+            try:
+                out[converted] = value(x)
+            except _Mismatch as e:
+                e.path.append(f"[{_short(k)}]")
+                raise
+        return out
+
+    return walk
+
+
 def _dict_codec(kc: _Codec, vc: _Codec, label: str) -> _Codec:
     if not kc.hashable:
         raise _Unsupported(f"{kc.label} cannot be a map key (it is a list, set, map or dataclass)")
-    ve, vd = vc.enc, vc.dec
-    kd = kc.dec
-    kef, vef, kdf, vdf = kc.enc_fast, vc.enc_fast, kc.dec_fast, vc.dec_fast
     ke: _Fn
     if kc.array:
         key_enc = kc.enc
@@ -820,52 +856,8 @@ def _dict_codec(kc: _Codec, vc: _Codec, label: str) -> _Codec:
     else:
         ke = kc.enc
 
-    def enc(v: Any) -> Any:
-        if v.__class__ is not dict and not isinstance(v, dict):
-            raise _expected(label, v)
-        if kef is not None and vef is not None:
-            for k, x in v.items():
-                if k.__class__ is not kef or x.__class__ is not vef:
-                    break
-            else:
-                return v
-        out: dict[Any, Any] = {}
-        for k, x in v.items():
-            try:
-                wk = ke(k)
-            except _Mismatch as m:
-                m.path.append(f"<key {_short(k)}>")
-                raise
-            try:
-                out[wk] = ve(x)
-            except _Mismatch as m:
-                m.path.append(f"[{_short(k)}]")
-                raise
-        return out
-
-    def dec(raw: Any) -> Any:
-        if raw.__class__ is not dict:
-            raise _expected(label, raw)
-        if kdf is not None and vdf is not None:
-            for k, x in raw.items():
-                if k.__class__ is not kdf or x.__class__ is not vdf:
-                    break
-            else:
-                return raw
-        out: dict[Any, Any] = {}
-        for k, x in raw.items():
-            try:
-                dk = kd(k)
-            except _Mismatch as m:
-                m.path.append(f"<key {_short(k)}>")
-                raise
-            try:
-                out[dk] = vd(x)
-            except _Mismatch as m:
-                m.path.append(f"[{_short(k)}]")
-                raise
-        return out
-
+    enc = _map_walk(label, ke, vc.enc, kc.enc_fast, vc.enc_fast, subclasses=True)
+    dec = _map_walk(label, kc.dec, vc.dec, kc.dec_fast, vc.dec_fast, subclasses=False)
     return _Codec(label, enc, dec, py_types=(dict,), raw_types=(dict,), kind="map", hashable=False)
 
 
