@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import asyncpg
@@ -132,6 +133,27 @@ INSERT_EVENTS = (
 )
 
 
+async def drain(
+    fetch_page: Callable[[int], Awaitable[Sequence[Any]]], offset_of: Callable[[Any], int]
+) -> int:
+    """Read every page after offset 0 (``fetch_page(after)``) until an empty one; the count."""
+    n, after = 0, 0
+    while True:
+        page = await fetch_page(after)
+        if not page:
+            return n
+        n += len(page)
+        after = offset_of(page[-1])
+
+
+async def read_ours(journal: Any) -> int:
+    """The events of TAG through lagompy, in pages of 1,000 (decoded)."""
+    return await drain(
+        lambda after: journal.events_by_tag(TAG, after_offset=after, limit=1000),
+        lambda envelope: envelope.offset,
+    )
+
+
 async def bench_postgres(rows_per_round: int, rounds: int) -> dict[str, object]:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_URL)
@@ -177,32 +199,20 @@ async def bench_postgres(rows_per_round: int, rounds: int) -> dict[str, object]:
                 f"{medians['raw']:.0f}/s ratio {medians['ours'] / medians['raw']:.2f}"
             )
 
-        async def read_ours(r: int) -> int:
-            n, after = 0, 0
-            while True:
-                page = await storage.journal.events_by_tag(TAG, after_offset=after, limit=1000)
-                if not page:
-                    return n
-                n += len(page)
-                after = page[-1].offset
-
         # Fresh statistics, as autovacuum would have them.
         await raw.execute("ANALYZE lagompy_events; ANALYZE lagompy_event_tags")
 
-        async def read_raw(r: int) -> int:
-            n, after = 0, 0
-            while True:
-                page = await raw.fetch(
-                    READ_BY_TAG.replace("?", "$1", 1).replace("?", "$2", 1),
-                    TAG,
-                    after,
-                )
-                if not page:
-                    return n
-                n += len(page)
-                after = page[-1]["global_offset"]
+        pg_read = READ_BY_TAG.replace("?", "$1", 1).replace("?", "$2", 1)
 
-        reads = await timed_rounds(max(3, rounds // 2), {"ours": read_ours, "raw": read_raw})
+        async def read_raw(r: int) -> int:
+            return await drain(
+                lambda after: raw.fetch(pg_read, TAG, after), lambda row: row["global_offset"]
+            )
+
+        async def read_lagompy(r: int) -> int:
+            return await read_ours(storage.journal)
+
+        reads = await timed_rounds(max(3, rounds // 2), {"ours": read_lagompy, "raw": read_raw})
         print(f"postgres read by tag: ours {reads['ours']:.0f}/s raw {reads['raw']:.0f}/s")
         return {"appends": appends, "reads": (reads["ours"], reads["raw"])}
     finally:
@@ -263,29 +273,17 @@ async def bench_sqlite(rows_per_round: int, rounds: int) -> dict[str, object]:
                     f"{medians['raw']:.0f}/s ratio {medians['ours'] / medians['raw']:.2f}"
                 )
 
-            async def read_ours(r: int) -> int:
-                n, after = 0, 0
-                while True:
-                    page = await storage.journal.events_by_tag(TAG, after_offset=after, limit=1000)
-                    if not page:
-                        return n
-                    n += len(page)
-                    after = page[-1].offset
+            async def fetch_raw(after: int) -> list[Any]:
+                cursor = await raw.execute(READ_BY_TAG, (TAG, after))
+                return list(await cursor.fetchall())
 
             async def read_raw(r: int) -> int:
-                n, after = 0, 0
-                while True:
-                    cur = await raw.execute(
-                        READ_BY_TAG,
-                        (TAG, after),
-                    )
-                    page = list(await cur.fetchall())
-                    if not page:
-                        return n
-                    n += len(page)
-                    after = page[-1][0]
+                return await drain(fetch_raw, lambda row: row[0])
 
-            reads = await timed_rounds(max(3, rounds // 2), {"ours": read_ours, "raw": read_raw})
+            async def read_lagompy(r: int) -> int:
+                return await read_ours(storage.journal)
+
+            reads = await timed_rounds(max(3, rounds // 2), {"ours": read_lagompy, "raw": read_raw})
             print(f"sqlite read by tag: ours {reads['ours']:.0f}/s raw {reads['raw']:.0f}/s")
             return {"appends": appends, "reads": (reads["ours"], reads["raw"])}
         finally:
