@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -64,7 +64,7 @@ from lagompy.journal import EventEnvelope, Journal, from_us, now_us
 from lagompy.migrate import ensure_schema
 from lagompy.readside_store import GLOBAL_TAG, Lease, OffsetRow, OffsetStore
 from lagompy.serialization import Serializer
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, make_settings
 from lagompy.tailing import JournalNotifier, Subscription, TailSettings
 
 log = logging.getLogger("lagompy.readside")
@@ -188,14 +188,9 @@ class ReadSideSettings(BaseSettings):
 
 
 def _settings(settings: ReadSideSettings | None, overrides: dict[str, Any]) -> ReadSideSettings:
-    try:
-        if settings is None:
-            return ReadSideSettings(**overrides)
-        if overrides:
-            return ReadSideSettings.model_validate({**settings.model_dump(), **overrides})
-    except ValidationError as e:
-        raise ConfigurationError(f"invalid read-side settings: {e}") from e
-    return settings
+    if settings is not None and not overrides:
+        return settings
+    return make_settings(ReadSideSettings, settings, **overrides)
 
 
 def projection_settings(journal: JournalSettings, settings: ReadSideSettings) -> JournalSettings:
@@ -215,10 +210,7 @@ def projection_settings(journal: JournalSettings, settings: ReadSideSettings) ->
         "sqlite_busy_timeout_ms": journal.sqlite_busy_timeout_ms,
         "lock_timeout_ms": journal.lock_timeout_ms,
     }
-    try:
-        return JournalSettings(**values)
-    except ValidationError as e:
-        raise ConfigurationError(f"invalid projection database settings: {e}") from e
+    return make_settings(JournalSettings, **values)
 
 
 # --------------------------------------------------------------------------- processors
@@ -1131,11 +1123,7 @@ def _journal_settings(url: str | None, settings: JournalSettings | None) -> Jour
         if url is not None:
             raise ConfigurationError("pass journal_url or journal_settings, not both")
         return settings
-    try:
-        given: dict[str, Any] = {} if url is None else {"url": url}
-        return JournalSettings(**given)
-    except ValidationError as e:
-        raise ConfigurationError(f"invalid journal settings: {e}") from e
+    return make_settings(JournalSettings, **({} if url is None else {"url": url}))
 
 
 # --------------------------------------------------------------------------- in process

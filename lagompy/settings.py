@@ -19,7 +19,7 @@ from lagompy.errors import ConfigurationError
 S = TypeVar("S", bound=BaseSettings)
 
 
-def make_settings(cls: type[S], base: S | None = None, **values: Any) -> S:
+def make_settings(cls: type[S], base: S | None = None, /, **values: Any) -> S:
     """``cls(**values)`` (or ``base`` with ``values`` changed), with a bad value raised as
     ``ConfigurationError`` naming the setting, its environment variable and what was wrong,
     instead of pydantic's ``ValidationError``."""
