@@ -5,6 +5,7 @@ resuming from its stored offset with nothing lost or doubled; nothing left behin
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -81,7 +82,14 @@ async def test_workers_on_ray_survive_crashes_and_leave_nothing_behind(
         assert len(rows) == 40
         assert all(names[f"u{i}"] == (f"V{i}" if i % 3 == 0 else f"U{i}") for i in range(40))
         assert {s.state for s in await readside.status()} == {"running"}
-        stats = await readside.worker_stats()
+        # The replaced worker may still be starting (its table was caught up already by the
+        # one killed): wait, bounded, until every worker reports from memory that it runs.
+        deadline = time.monotonic() + 30
+        while True:
+            stats = await readside.worker_stats()
+            if all(s.get("state") == "running" for s in stats) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         assert len(stats) == 4 and all(s["state"] == "running" for s in stats)
     finally:
         await readside.close(stop=True)
