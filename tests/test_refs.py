@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from examples.user_service.entity import ChangeName
 from lagompy.errors import AskTimeout
 from lagompy.processing import Request
-from lagompy.refs import DEADLINE_STEP, EntityRef, _deadlines_of
+from lagompy.refs import DEADLINE_STEP, EntityRef, _command_ids, _deadlines_of
 
 
 class Pending:
@@ -69,3 +70,20 @@ async def test_an_answered_ask_does_not_time_out_later() -> None:
     assert _deadlines_of(asyncio.get_running_loop()).buckets == {}
     with pytest.raises(AskTimeout):
         await ref.ask(ChangeName("b"), timeout=0.01, command_id="y")
+
+
+def test_generated_command_ids_are_distinct_and_a_forked_child_draws_new_ones() -> None:
+    ids = [_command_ids.next() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids must not repeat the parent's next ones
+        os.write(write, "\n".join(_command_ids.next() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split("\n")
+    parent = [_command_ids.next() for _ in range(3)]
+    assert len(child) == 3 and not set(child) & set(parent + ids)
+    assert all(len(cid) <= 64 for cid in child + parent)
