@@ -136,11 +136,16 @@ async def recovery_times(js: JournalSettings, rounds: int) -> dict[str, float]:
         await storage.close()
 
 
-async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str, Any]:
+async def run_levels(
+    name: str, js: JournalSettings, quick: bool, hosts: int | None
+) -> tuple[int, dict[int, dict[str, float]]]:
+    """Every level of outstanding asks on a fresh app with ``hosts`` shard hosts (None: the
+    default, one per CPU of the cluster); returns the host count and the levels."""
     app = f"bench-{uuid.uuid4().hex[:6]}"
     entities = await start(
-        app=app, entities=[CounterEntity], journal_settings=js, hosts=1, max_pending=20_000
+        app=app, entities=[CounterEntity], journal_settings=js, hosts=hosts, max_pending=20_000
     )
+    count = len(await entities.host_stats())
     levels: dict[int, dict[str, float]] = {}
     try:
         # Warm-up: activate every entity (recovery reads), so the runs measure commands.
@@ -162,13 +167,26 @@ async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str
             run["asks"] = asks
             levels[outstanding] = run
             print(
-                f"{name} {outstanding:>5} outstanding: {run['rate']:,.0f} commands/s p50 "
-                f"{run['p50']:.2f} ms p99 {run['p99']:.2f} ms, mean batch {run['batch']:.0f}, "
-                f"host busy {run['busy']:.0%}"
+                f"{name}, {count} host(s), {outstanding:>5} outstanding: {run['rate']:,.0f} "
+                f"commands/s p50 {run['p50']:.2f} ms p99 {run['p99']:.2f} ms, mean batch "
+                f"{run['batch']:.0f}, host busy {run['busy']:.0%}"
             )
     finally:
         await entities.close(shutdown=True)
-    mean_batch = max(1, round(levels[1024]["batch"]))
+    return count, levels
+
+
+async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str, Any]:
+    runs: dict[int, dict[int, dict[str, float]]] = {}
+    # One shard host, then the default (one per CPU); the default is skipped when it is one.
+    count, levels = await run_levels(name, js, quick, hosts=1)
+    runs[count] = levels
+    default_hosts = int(ray_cpus())
+    if default_hosts > 1:
+        count, levels = await run_levels(name, js, quick, hosts=None)
+        runs[count] = levels
+    best = max(runs, key=lambda h: runs[h][1024]["rate"])
+    mean_batch = max(1, round(runs[best][1024]["batch"]))
     journal = await journal_rate(js, mean_batch, rounds=7)
     print(f"{name}: journal alone, {mean_batch} events per transaction: {journal:,.0f}/s")
     recovery = await recovery_times(js, rounds=3 if quick else 5)
@@ -176,7 +194,19 @@ async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str
         f"{name}: recovery of {RECOVERY_EVENTS:,} events: {recovery['events']:.1f} ms replayed, "
         f"{recovery['snapshots']:.1f} ms from a snapshot"
     )
-    return {"levels": levels, "batch": mean_batch, "journal": journal, "recovery": recovery}
+    return {
+        "runs": runs,
+        "best": best,
+        "batch": mean_batch,
+        "journal": journal,
+        "recovery": recovery,
+    }
+
+
+def ray_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
 
 
 async def postgres_baselines(schema: str, batch: int, rounds: int, single: int) -> dict[str, Any]:
@@ -305,7 +335,8 @@ async def main() -> None:
         f"{raw['executemany']:,.0f} rows/s; one-row transaction p50 {raw['tx']['p50']:.2f} ms "
         f"p99 {raw['tx']['p99']:.2f} ms"
     )
-    floors = check_floors(results["PostgreSQL"]["levels"], noop, raw["tx"])
+    pg = results["PostgreSQL"]
+    floors = check_floors(pg["runs"], noop, raw["tx"])
     for line in floors["lines"]:
         print(line)
     print(f"total {time.perf_counter() - started:.0f} s")
@@ -319,24 +350,28 @@ async def main() -> None:
 
 
 def check_floors(
-    levels: dict[int, dict[str, float]], noop: dict[str, float], tx: dict[str, float]
+    runs: dict[int, dict[int, dict[str, float]]], noop: dict[str, float], tx: dict[str, float]
 ) -> dict[str, Any]:
+    """The issue's floors, each against the host count that does best on it."""
     base = noop["p50"] + tx["p50"]
-    rate = levels[1024]["rate"]
-    one = levels[1]
+    fast = max(runs, key=lambda h: runs[h][1024]["rate"])
+    quick = min(runs, key=lambda h: runs[h][1]["p50"])
+    rate = runs[fast][1024]["rate"]
+    one = runs[quick][1]
     checks = [
         (
-            f">= {THROUGHPUT_FLOOR:,} commands/s at 1,024 outstanding asks",
+            f">= {THROUGHPUT_FLOOR:,} commands/s at 1,024 outstanding asks ({fast} host(s))",
             f"{rate:,.0f}",
             rate >= THROUGHPUT_FLOOR,
         ),
         (
-            f"p50 at 1 outstanding ask <= 1.5 x {base:.2f} = {1.5 * base:.2f} ms",
+            f"p50 at 1 outstanding ask <= 1.5 x {base:.2f} = {1.5 * base:.2f} ms "
+            f"({quick} host(s))",
             f"{one['p50']:.2f} ms",
             one["p50"] <= 1.5 * base,
         ),
         (
-            f"p99 at 1 outstanding ask <= 3 x {base:.2f} = {3 * base:.2f} ms",
+            f"p99 at 1 outstanding ask <= 3 x {base:.2f} = {3 * base:.2f} ms ({quick} host(s))",
             f"{one['p99']:.2f} ms",
             one["p99"] <= 3 * base,
         ),
@@ -355,21 +390,24 @@ def render(
     lines = [
         "Command: `.venv/bin/python bench/runtime_bench.py` (one run, all numbers below)",
         "",
-        f"Asks to random entities of {ENTITIES:,} (all activated by a warm-up pass), 1 shard host,",
-        "the load generator in the driver process, the database on the same 2-core machine.",
-        "Each ask persists one event and stores its reply under its command id. *Host busy* is",
-        "the share of the run the shard host spent inside `EntityProcessor.process`.",
+        f"Asks to random entities of {ENTITIES:,} (all activated by a warm-up pass), with one",
+        "shard host and with the default (one per CPU of the cluster), the load generator in the",
+        "driver process, the database on the same 2-core machine. Each ask persists one event",
+        "and stores its reply under its command id. *Host busy* is the share of the run the",
+        "busiest shard host spent inside `EntityProcessor.process`.",
         "",
-        "| backend | outstanding asks | asks | commands/s | p50 ms | p99 ms | mean batch "
-        "| host busy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | hosts | outstanding asks | asks | commands/s | p50 ms | p99 ms "
+        "| mean batch | host busy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for backend, r in results.items():
-        for outstanding, run in r["levels"].items():
-            lines.append(
-                f"| {backend} | {outstanding:,} | {run['asks']:,.0f} | {run['rate']:,.0f} "
-                f"| {run['p50']:.2f} | {run['p99']:.2f} | {run['batch']:.0f} | {run['busy']:.0%} |"
-            )
+        for hosts, levels in r["runs"].items():
+            for outstanding, run in levels.items():
+                lines.append(
+                    f"| {backend} | {hosts} | {outstanding:,} | {run['asks']:,.0f} "
+                    f"| {run['rate']:,.0f} | {run['p50']:.2f} | {run['p99']:.2f} "
+                    f"| {run['batch']:.0f} | {run['busy']:.0%} |"
+                )
     lines += [
         "",
         "Baselines, same run:",
@@ -408,7 +446,8 @@ def render(
     ]
     for what, got, ok in floors["checks"]:
         lines.append(f"| {what} | {got} | {'yes' if ok else '**no**'} |")
-    pg_rate = results["PostgreSQL"]["levels"][1024]["rate"]
+    pg = results["PostgreSQL"]
+    pg_rate = pg["runs"][pg["best"]][1024]["rate"]
     lines += ["", NOTES.format(ratio=pg_rate / raw["executemany"])]
     return "\n".join(lines)
 
