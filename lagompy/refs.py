@@ -47,7 +47,8 @@ class _CommandIds:
         self.counter = itertools.count()
 
     def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):x}"
+        # 32 hex characters (like uuid4().hex) for the first 2**32 asks of a process.
+        return f"{self.prefix}{next(self.counter):08x}"
 
 
 _command_ids = _CommandIds()

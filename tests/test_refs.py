@@ -86,4 +86,4 @@ def test_generated_command_ids_are_distinct_and_a_forked_child_draws_new_ones() 
         child = pipe.read().split("\n")
     parent = [_command_ids.next() for _ in range(3)]
     assert len(child) == 3 and not set(child) & set(parent + ids)
-    assert all(len(cid) <= 64 for cid in child + parent)
+    assert all(len(cid) == 32 for cid in child + parent)
