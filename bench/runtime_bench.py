@@ -453,31 +453,32 @@ def render(
 
 
 NOTES = """\
-What limits the rate at 1,024 outstanding asks is CPU on the 2 cores, shared by the shard host,
-the driver (load generator, region client, Ray's transport) and the database. Measured in
-process (`EntityProcessor.process` on batches of 500 commands to 500 live entities, no Ray),
-a command costs the host 25-35 us on a quiet day; about half of it is the journal append
-(event encoding, the four-statement transaction, asyncpg's per-value array encoding), the rest
-the handler, decide/apply, reply encoding and results. Behind Ray the host also unpickles each
-batch and pickles its outcomes; its busy share (table) times the run time, per command, is that
-full cost. The driver's cost per ask, profiled with a link that only pickles, went from 46 to
-30 us in the last round of work (one shared timer per 10 ms of ask deadlines instead of one
-`call_later` per ask, cheaper command ids, requests sent as plain tuples). PostgreSQL uses the
-rest of the two cores, so the rate is bounded by the host's and the driver's costs per command
-together.
+What limits the rate at 1,024 outstanding asks is CPU on the 2 cores, shared by the shard
+hosts, the driver (load generator, region client, Ray's transport) and the database: measured
+per process with /proc at about 12,000 commands/s with two hosts, a command cost the driver
+~35 us, the two hosts ~60 us together and PostgreSQL ~35 us, ~130 us in all, which puts the
+ceiling of two cores near 15,000 commands/s on that day. Beside the work per command, each
+batch has a fixed cost of its own (a Ray call, whose submission alone takes ~0.5 ms of the
+driver's Python, and three to five database round trips, each a few system calls that are slow
+on this VM): that is why small batches are expensive and why one host beats two at 64
+outstanding asks, where two hosts split the asks into batches of ~11 and take turns at the
+journal's fence.
 
-The machine is a shared VM whose speed changes from day to day: compare runs by their ratios
-to the same run's baselines, and by the CPU reference. The previous run (2026-11-23, before
-the last round of work) measured 18,670 commands/s at 1,024 outstanding asks beside a raw
-executemany of 106,508 rows/s, 0.175 of it, with Ray's no-op call at 1.09 ms; this run:
-{ratio:.3f} of its own raw executemany, with the CPU reference above.
+The machine is a shared VM whose speed changes from day to day and minute to minute (the same
+quick run's rate moved by a third between two runs a minute apart): compare runs by their
+ratios to the same run's baselines, and by the CPU reference. The runs of 2026-11-23 measured
+18,670 commands/s at 1,024 outstanding asks (one host) beside a raw executemany of 106,508
+rows/s, 0.175 of it, and 2026-11-24 8,840 commands/s at 0.30; this run: {ratio:.3f} of its own
+raw executemany, with the CPU reference above.
 
-The latency at 1 outstanding ask is one Ray call plus the host's batch: on PostgreSQL the
-journal's transaction takes four round trips (BEGIN + the ordering fence (advisory lock), the
-check-and-allocate statement, the insert, COMMIT) against the raw baseline's three, plus the
-SQLAlchemy pool checkout around the driver connection, the pickling of the batch both ways and
-the region client's task; measured in process, one single-command batch takes about 1.2 ms
-(p50) on PostgreSQL, about 0.7 ms of it waiting for the server."""
+The latency at 1 outstanding ask is one Ray call plus the host's batch. A PostgreSQL write now
+takes three round trips like the raw baseline (BEGIN + the ordering fence; one statement that
+checks, allocates offsets and inserts; COMMIT) instead of four, with generic plans (PostgreSQL
+re-planned the journal's array statements at every execution, ~0.4 ms each), and the host no
+longer hashes its topology per batch: measured in process (no Ray), a one-command batch went
+from ~2.4 ms to ~1.5 ms wall. What remains above the floor is the host's own fixed cost per
+batch (~0.8 ms of CPU in process: asyncio, asyncpg and the SQLAlchemy pool checkout around
+three round trips) plus Ray's task execution around it."""
 
 
 if __name__ == "__main__":
