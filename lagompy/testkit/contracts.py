@@ -375,6 +375,41 @@ class JournalContract(StorageContract):
         with pytest.raises(ConcurrencyConflict):
             await j.append_one(_write("stale", 0, Happened("stale", 1)))
 
+    async def test_tags_and_replies_of_a_mixed_batch_belong_to_the_writes_that_committed(
+        self, storage: Storage
+    ) -> None:
+        # Backends may check and insert in one statement: the refused writes' events must not
+        # shift the offsets, tags or replies of the writes after them.
+        j = storage.journal
+        await j.append_one(_write("old", 0, Happened("old", 1)))
+        stale = _write("old", 0, Happened("old", 1, "zombie"), Noted("z"), tags=("t", "z"))
+        first = AtomicWrite(
+            ENTITY_TYPE,
+            "m1",
+            0,
+            [Happened("m1", 1), Noted("m1-2")],
+            [("t",), ("t", "u")],
+            replies=[("r1", 2, b"m1")],
+        )
+        second = AtomicWrite(
+            ENTITY_TYPE, "m2", 0, [Noted("m2-1")], [("u",)], replies=[("r2", 1, b"m2")]
+        )
+        ahead = AtomicWrite(
+            ENTITY_TYPE, "m3", 5, [Noted("m3")], [("t",)], replies=[("r3", 6, b"m3")]
+        )
+        results = await j.append([stale, first, ahead, second])
+        assert [r.ok for r in results] == [False, True, False, True]
+        committed = [*results[1].unwrap(), *results[3].unwrap()]
+        assert _strictly_increasing(_offsets(committed))
+        assert [e.tags for e in committed] == [("t",), ("t", "u"), ("u",)]
+        assert await j.events_by_tag("t") == committed[:2]
+        assert await j.events_by_tag("u") == committed[1:]
+        assert await j.events_by_tag("z") == []
+        assert await j.all_events(after_offset=_offsets(committed)[0] - 1) == committed
+        assert await j.stored_replies(
+            [(ENTITY_TYPE, "m1", "r1"), (ENTITY_TYPE, "m2", "r2"), (ENTITY_TYPE, "m3", "r3")]
+        ) == {(ENTITY_TYPE, "m1", "r1"): b"m1", (ENTITY_TYPE, "m2", "r2"): b"m2"}
+
     async def test_concurrent_writers_for_one_entity_exactly_one_wins(
         self, storage: Storage
     ) -> None:
