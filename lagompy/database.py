@@ -8,6 +8,7 @@ front instead of failing with "database is locked" when it tries to upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -75,6 +76,10 @@ class Database:
         self.settings = settings
         self.url: URL = engine.url
         self.dialect: Dialect = dialect_of(engine.url)
+        #: PostgreSQL: the connection raw_transaction keeps checked out between transactions
+        #: (with its driver connection), and the lock that makes writers take turns on it
+        self._writer: tuple[AsyncConnection, Any, Any] | None = None
+        self._writer_lock: asyncio.Lock | None = None
 
     @classmethod
     def create(cls, settings: JournalSettings | None = None, **overrides: Any) -> Database:
@@ -122,32 +127,54 @@ class Database:
         """A write transaction on the pooled connection's own driver connection (asyncpg or
         aiosqlite), for hot paths that SQLAlchemy would slow down.
 
-        On PostgreSQL ``first_statement`` is sent with ``BEGIN`` in one round trip; on SQLite
-        the transaction is ``BEGIN IMMEDIATE``. Commits on exit, rolls back on error; errors are
-        translated into the ``JournalError`` tree.
+        On PostgreSQL ``first_statement`` is sent with ``BEGIN`` in one round trip, and the
+        connection stays checked out for the next write transaction (this database's writers
+        take turns on it): a pool checkout and return cost ~0.1-0.2 ms of CPU per
+        transaction, as much as a round trip. It is dropped when it fails or is cancelled mid
+        transaction, and released by :meth:`dispose`. On SQLite the transaction is
+        ``BEGIN IMMEDIATE`` on a connection from the pool. Commits on exit, rolls back on
+        error; errors are translated into the ``JournalError`` tree.
         """
+        if self.dialect == "sqlite":
+            with translate_errors("write transaction"):
+                async with self.engine.connect() as conn:
+                    fairy = await conn.get_raw_connection()
+                    async with _driver_transaction(fairy, "BEGIN IMMEDIATE") as driver:
+                        yield driver
+            return
+        begin = "BEGIN" if first_statement is None else f"BEGIN; {first_statement}"
+        if self._writer_lock is None:
+            self._writer_lock = asyncio.Lock()
         with translate_errors("write transaction"):
-            async with self.engine.connect() as conn:
-                fairy = await conn.get_raw_connection()
-                driver: Any = fairy.driver_connection
-                if self.dialect == "sqlite":
-                    begin = "BEGIN IMMEDIATE"
-                elif first_statement is None:
-                    begin = "BEGIN"
-                else:
-                    begin = f"BEGIN; {first_statement}"
+            async with self._writer_lock:
+                if self._writer is not None and self._writer[2].is_closed():
+                    # The server closed it since (a restart, an idle timeout, a terminated
+                    # backend): the pool must not hand it out again either.
+                    stale, self._writer = self._writer, None
+                    stale[1].invalidate()
+                    with contextlib.suppress(Exception):
+                        await stale[0].close()
+                if self._writer is None:
+                    conn = await self.engine.connect()
+                    try:
+                        fairy = await conn.get_raw_connection()
+                    except BaseException:
+                        await conn.close()
+                        raise
+                    self._writer = (conn, fairy, fairy.driver_connection)
+                conn, fairy, driver = self._writer
+                healthy = False
                 try:
-                    await driver.execute(begin)
-                    yield driver
-                    await driver.execute("COMMIT")
-                except BaseException as e:
-                    if _is_disconnect(e):
-                        # The pool must not hand this connection out again.
-                        fairy.invalidate(e if isinstance(e, Exception) else None)
-                    else:
+                    async with _driver_transaction(fairy, begin) as driver:
+                        yield driver
+                    healthy = True
+                finally:
+                    if not healthy:
+                        # Failed or cancelled: the next transaction takes a fresh connection
+                        # (from the pool, which keeps this one unless it was invalidated).
+                        self._writer = None
                         with contextlib.suppress(Exception):
-                            await driver.execute("ROLLBACK")
-                    raise
+                            await conn.close()
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -158,10 +185,33 @@ class Database:
                     yield conn
 
     async def dispose(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer[0].close()
         await self.engine.dispose()
 
     def describe(self) -> str:
         return self.url.render_as_string(hide_password=True)
+
+
+@contextlib.asynccontextmanager
+async def _driver_transaction(fairy: Any, begin: str) -> AsyncIterator[Any]:
+    """``begin`` ... COMMIT on the fairy's driver connection; ROLLBACK on error, or invalidate
+    the connection when the error says it is broken."""
+    driver: Any = fairy.driver_connection
+    try:
+        await driver.execute(begin)
+        yield driver
+        await driver.execute("COMMIT")
+    except BaseException as e:
+        if _is_disconnect(e):
+            # The pool must not hand this connection out again.
+            fairy.invalidate(e if isinstance(e, Exception) else None)
+        else:
+            with contextlib.suppress(Exception):
+                await driver.execute("ROLLBACK")
+        raise
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: JournalSettings) -> None:
@@ -209,6 +259,9 @@ def _is_disconnect(error: BaseException) -> bool:
             asyncpg.InterfaceError,
             asyncpg.ConnectionDoesNotExistError,
             asyncpg.PostgresConnectionError,
+            # The driver's protocol state is broken (seen when the server terminated the
+            # connection while it was idle and it is used before the close is noticed).
+            asyncpg.InternalClientError,
         ),
     )
 
@@ -222,7 +275,11 @@ def translate_errors(what: str) -> Iterator[None]:
         raise
     except (OSError, ConnectionError) as e:
         raise JournalUnavailable(f"{what}: the database cannot be reached: {e}") from e
-    except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as e:
+    except (
+        asyncpg.InterfaceError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InternalClientError,
+    ) as e:
         raise JournalUnavailable(f"{what}: the database connection failed: {e}") from e
     except asyncpg.PostgresError as e:
         if any(h in str(e).lower() for h in _UNAVAILABLE_HINTS):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 
@@ -99,3 +100,37 @@ async def test_database_errors_are_journal_errors_with_the_cause(tmp_path: objec
         assert info.value.__cause__ is not None
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+@pytest.mark.parametrize("noticed", [False, True], ids=["at-once", "after-the-close-is-seen"])
+async def test_a_write_connection_killed_between_writes_fails_one_write_then_recovers(
+    storage: Storage, noticed: bool
+) -> None:
+    # PostgreSQL writes keep their connection between transactions: when the server drops it,
+    # a write fails clearly (JournalUnavailable) and writes nothing, or runs on a new one.
+    import asyncpg
+
+    from tests.conftest import POSTGRES_URL
+
+    journal = storage.journal
+    await journal.append_one(write("k", 0, reg("k")))
+    held = storage.database._writer
+    assert held is not None, "the write connection is kept between transactions"
+    pid = held[2].get_server_pid()
+    admin = await asyncpg.connect(POSTGRES_URL)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    if noticed:  # the driver has seen the connection close: the write takes a new one
+        await asyncio.sleep(0.5)
+    try:  # fails if the driver has not noticed the close yet, else runs on a new connection
+        await journal.append_one(write("k", 1, reg("k")))
+    except JournalUnavailable:
+        assert not noticed
+        assert [e.seq_nr for e in await journal.events("user", "k")] == [1]
+        await journal.append_one(write("k", 1, reg("k")))
+    assert [e.seq_nr for e in await journal.events("user", "k")] == [1, 2]
+    assert storage.database._writer is not None
+    assert storage.database._writer[2].get_server_pid() != pid

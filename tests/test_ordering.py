@@ -1,18 +1,20 @@
 """The journal's ordering guarantee: a reader tailing by offset never skips an event, whatever
 order concurrent writers commit in, and without any built-in delay (invariant 3).
 
-On PostgreSQL, four writers append concurrently while a deferred constraint trigger sleeps a
-random few milliseconds inside every commit, so transactions that took their offsets first often
-become visible last. A tailer with a tiny page size must still see every event exactly once, in
-offset order. The twin runs the same load with the ordering fence switched off and must observe
-a skipped event, which shows the test can fail.
+On PostgreSQL, four writers, each on a storage of its own (as shard hosts are: the writers of
+one process take turns on its write connection), append concurrently while a deferred
+constraint trigger sleeps a random few milliseconds inside every commit, so transactions that
+took their offsets first often become visible last. A tailer with a tiny page size must still
+see every event exactly once, in offset order. The twin runs the same load with the ordering
+fence switched off and must observe a skipped event, which shows the test can fail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -95,8 +97,23 @@ async def storage(postgres_schema: str) -> AsyncIterator[Storage]:
         await s.close()
 
 
+@contextlib.asynccontextmanager
+async def writer_journals(storage: Storage, *, fence: bool) -> AsyncIterator[list[Journal]]:
+    """One journal per writer, each on its own database connections, like separate
+    processes."""
+    settings = storage.database.settings.model_copy(update={"pool_size": 1})
+    storages = [
+        await open_storage(settings=settings, entities=[ClockEntity]) for _ in range(WRITERS)
+    ]
+    try:
+        yield [Journal(s.database, s.serializer, ordering_fence=fence) for s in storages]
+    finally:
+        for s in storages:
+            await s.close()
+
+
 async def run_load(
-    writer_journal: Journal, reader: Journal, run: int = 0
+    writer_journals: Sequence[Journal], reader: Journal, run: int = 0
 ) -> tuple[list[int], list[int]]:
     """Concurrent writers and one tailer; returns (offsets the tailer saw, offsets committed)."""
     done = asyncio.Event()
@@ -119,7 +136,7 @@ async def run_load(
                 )
                 for i in range(size)
             ]
-            for result in await writer_journal.append(writes):
+            for result in await writer_journals[w].append(writes):
                 assert result.ok, result.error
 
     async def tailer() -> None:
@@ -148,8 +165,8 @@ async def run_load(
 async def test_tailer_sees_every_event_once_in_order_under_concurrent_slow_commits(
     storage: Storage,
 ) -> None:
-    assert storage.journal.ordering_fence
-    seen, committed = await run_load(storage.journal, storage.journal)
+    async with writer_journals(storage, fence=True) as journals:
+        seen, committed = await run_load(journals, storage.journal)
     assert len(committed) >= WRITERS * BATCHES_PER_WRITER
     assert seen == sorted(seen), "the tailer saw offsets out of order"
     assert len(seen) == len(set(seen)), "the tailer saw an event twice"
@@ -161,14 +178,14 @@ async def test_tailer_sees_every_event_once_in_order_under_concurrent_slow_commi
 async def test_without_the_ordering_fence_the_same_tailer_skips_events(
     storage: Storage,
 ) -> None:
-    unfenced = Journal(storage.database, storage.serializer, ordering_fence=False)
     # The writers' commits interleave at random; a skip shows up in (nearly) every run, but the
     # test allows a few runs so that it is not flaky.
-    for attempt in range(5):
-        seen, committed = await run_load(unfenced, storage.journal, run=attempt)
-        missing = set(committed) - set(seen)
-        if missing:
-            break
+    async with writer_journals(storage, fence=False) as unfenced:
+        for attempt in range(5):
+            seen, committed = await run_load(unfenced, storage.journal, run=attempt)
+            missing = set(committed) - set(seen)
+            if missing:
+                break
     assert missing, "no event was skipped without the fence: this test could not fail"
     print(f"without the fence the tailer skipped {len(missing)} of {len(committed)} events")
 
