@@ -475,10 +475,12 @@ The latency at 1 outstanding ask is one Ray call plus the host's batch. A Postgr
 takes three round trips like the raw baseline (BEGIN + the ordering fence; one statement that
 checks, allocates offsets and inserts; COMMIT) instead of four, with generic plans (PostgreSQL
 re-planned the journal's array statements at every execution, ~0.4 ms each), and the host no
-longer hashes its topology per batch: measured in process (no Ray), a one-command batch went
-from ~2.4 ms to ~1.5 ms wall. What remains above the floor is the host's own fixed cost per
-batch (~0.8 ms of CPU in process: asyncio, asyncpg and the SQLAlchemy pool checkout around
-three round trips) plus Ray's task execution around it."""
+longer hashes its topology per batch, nor checks a pooled connection out and in around every
+transaction (it keeps its write connection): measured in process (no Ray), a one-command batch
+went from ~2.4 ms to ~1.45 ms wall. What remains above the floor is the host's own fixed cost
+per batch (asyncio and asyncpg around three round trips, whose system calls are slow on this
+VM) plus Ray's task execution around it; at 1 outstanding ask the p50 of the same path moved
+between 4.3 and 8.4 ms in runs a few minutes apart."""
 
 
 if __name__ == "__main__":
