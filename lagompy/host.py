@@ -62,8 +62,6 @@ class ShardHost:
         conflict_retries: int = 2,
     ) -> None:
         self.topology = Topology.from_dict(topology)
-        #: computed once: every batch is checked against it (hashing it per batch cost ~0.1 ms)
-        self.topology_key = self.topology.key
         self.index = index
         self.started_at = time.time()
         classes = [resolve_class(path) for path in entity_paths]
@@ -100,7 +98,7 @@ class ShardHost:
 
     def ping(self) -> dict[str, Any]:
         """Who this host is: its index, process id and topology key."""
-        return {"index": self.index, "pid": os.getpid(), "topology_key": self.topology_key}
+        return {"index": self.index, "pid": os.getpid(), "topology_key": self.topology.key}
 
     def process(self, topology_key: str, batch: list[Request] | bytes) -> list[Outcome] | bytes:
         """Process one batch; one (reply, error) per request, in order, released only after
@@ -123,10 +121,10 @@ class ShardHost:
         return outcomes
 
     def _process(self, topology_key: str, requests: list[Request]) -> list[Outcome]:
-        if topology_key != self.topology_key:
+        if topology_key != self.topology.key:
             error = WrongTopology(
                 f"shard host {self.index} of app {self.topology.app!r} runs topology "
-                f"{self.topology_key}, the batch was routed with {topology_key}: the app's hosts "
+                f"{self.topology.key}, the batch was routed with {topology_key}: the app's hosts "
                 "were replaced; start() again in this process"
             )
             return [(None, error)] * len(requests)

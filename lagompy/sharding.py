@@ -14,6 +14,7 @@ import inspect
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,11 @@ class Topology:
     entities: tuple[str, ...]
     code_fingerprint: str
 
-    @property
+    @cached_property
     def key(self) -> str:
         """A short digest of the whole topology, sent with every batch so that a host refuses
-        batches routed by a client that uses another topology."""
+        batches routed by a client that uses another topology (computed once: hosts check it
+        on every batch)."""
         text = repr(sorted(asdict(self).items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
