@@ -149,7 +149,7 @@ async def breaker_fast_fail(calls: int = 20_000) -> dict[str, float]:
         except CircuitBreakerOpen:
             pass
     through_client = (time.perf_counter() - started) / calls
-    await client.aclose()
+    await client.close()
     return {"breaker_us": bare * 1e6, "client_us": through_client * 1e6}
 
 

@@ -33,7 +33,6 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -41,6 +40,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lagompy.breaker import BreakerRegistry, CircuitBreaker, default_registry
+from lagompy.closing import AsyncClosing
 from lagompy.errors import (
     ConfigurationError,
     ServiceCallFailed,
@@ -150,7 +150,7 @@ def _decode_body(response: httpx.Response) -> Any:
     return response.text
 
 
-class ServiceClient:
+class ServiceClient(AsyncClosing):
     """Calls the service ``service`` (a name for the locator, or a base URL).
 
     ``breaker`` is the client's circuit breaker: ``None`` (the default) takes the breaker named
@@ -261,19 +261,9 @@ class ServiceClient:
     async def delete(self, path: str, **kwargs: Any) -> httpx.Response:
         return await self.request("DELETE", path, **kwargs)
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
+        """Close the client's connections (``async with`` does it on leaving the block)."""
         await self._http.aclose()
-
-    async def __aenter__(self) -> ServiceClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"ServiceClient({self.service!r})"

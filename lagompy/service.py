@@ -265,7 +265,7 @@ class Service:
             except Exception:
                 log.exception("stopping %r failed", component)
         for made in self.clients.values():
-            await made.aclose()
+            await made.close()
         self.clients.clear()
         if self._probe is not None:
             await self._probe.dispose()
