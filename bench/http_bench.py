@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._report import write_section
+from lagompy.testkit.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -37,12 +37,6 @@ FLOOR = 0.6
 USERS = 1000
 CONCURRENCY = 32
 COMMAND = ".venv/bin/python bench/http_bench.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- load generator

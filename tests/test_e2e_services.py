@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 from examples.user_service.entity import UserEntity
 from lagompy import open_storage
 from lagompy.settings import JournalSettings
+from lagompy.testkit.server import free_port
 from tests.conftest import POSTGRES_URL, REPO_ROOT, _create_schema, _drop_schema, require_postgres
 
 T = TypeVar("T")
@@ -40,12 +40,6 @@ NOTIFICATIONS_APP = "examples.notification_service.api:app"
 MAX_FAILURES = 2
 RESET_TIMEOUT = 5.0
 PROBLEM = "application/problem+json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def eventually(check: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import httpx
 import pytest
 
 from lagompy.cli import build_app
+from lagompy.testkit.server import free_port
 from tests.test_service import sample
 
 REPO = Path(__file__).resolve().parent.parent
 LAGOMPY = [sys.executable, "-m", "lagompy"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_run_errors_are_one_line(tmp_path: Path) -> None:

@@ -16,7 +16,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["serve_in_thread"]
+__all__ = ["free_port", "serve_in_thread"]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now (for a server started in
+    another process, which binds it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
