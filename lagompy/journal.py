@@ -377,15 +377,10 @@ SELECT ARRAY(SELECT h FROM k ORDER BY n) AS highest,
        ARRAY(SELECT o FROM ev ORDER BY m) AS offsets,
        (SELECT pg_notify('{NOTIFY_CHANNEL}', max(o)::text) FROM ev HAVING count(*) > 0)
 """
-#: The tags ($1, $2) and the command replies ($3..$7) in one statement (after a COPY of the
-#: events, the replies are copied too and their arrays are empty).
-_PG_INSERT_TAGS_REPLIES = """
-WITH tg AS (
-    INSERT INTO lagompy_event_tags (tag, global_offset)
-    SELECT * FROM unnest($1::text[], $2::bigint[])
-)
-INSERT INTO lagompy_command_replies (entity_type, entity_id, command_id, seq_nr, payload)
-SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[], $7::bytea[])
+#: After a COPY of the events and replies: the tags, as arrays.
+_PG_INSERT_TAGS = """
+INSERT INTO lagompy_event_tags (tag, global_offset)
+SELECT * FROM unnest($1::text[], $2::bigint[])
 """
 
 #: The stored replies of the given (entity type, entity id, command id) triples, one query.
@@ -589,7 +584,7 @@ class Journal:
                     "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
                 )
             if count < _PG_COPY_FROM and not check_replies:
-                return await self._write_postgres(pg, encoded)
+                return await self._write_postgres(pg, encoded, keys)
             row = await pg.fetchrow(
                 _PG_PREPARE, *_columns(keys, 2), self._pg_sequence, count, *_columns(reply_keys, 3)
             )
@@ -630,14 +625,14 @@ class Journal:
                         "lagompy_command_replies", records=reply_rows, columns=_REPLY_COLUMNS
                     )
                 if tag_rows:
-                    await pg.execute(_PG_INSERT_TAGS_REPLIES, *tags_arrays, *_columns([], 5))
+                    await pg.execute(_PG_INSERT_TAGS, *tags_arrays)
         return results
 
     async def _write_postgres(
-        self, pg: Any, encoded: list[tuple[int, _Encoded]]
+        self, pg: Any, encoded: list[tuple[int, _Encoded]], keys: list[tuple[str, str]]
     ) -> dict[int, WriteResult]:
-        """A small batch in one statement (``_PG_WRITE``), inside the fenced transaction."""
-        keys: list[tuple[str, str]] = []
+        """A small batch in one statement (``_PG_WRITE``), inside the fenced transaction;
+        ``keys`` are the writes' (entity type, entity id), in order."""
         expected: list[int] = []
         events: list[list[Any]] = [[], [], [], [], [], [], []]
         w_col, s_col, et_col, ev_col, p_col, tg_col, md_col = events
@@ -645,9 +640,7 @@ class Journal:
         replies: list[list[Any]] = [[], [], [], []]
         m = 0
         for n, (_, enc) in enumerate(encoded, 1):
-            w = enc.write
-            keys.append(w.key)
-            expected.append(w.expected_seq_nr)
+            expected.append(enc.write.expected_seq_nr)
             for row, event_tags in zip(enc.rows, enc.tags, strict=True):
                 m += 1
                 w_col.append(n)
@@ -668,8 +661,7 @@ class Journal:
         written_at = now_us()
         row = await pg.fetchrow(
             _PG_WRITE,
-            [k[0] for k in keys],
-            [k[1] for k in keys],
+            *_columns(keys, 2),
             expected,
             self._pg_sequence,
             *events,
@@ -680,10 +672,10 @@ class Journal:
         highest = {k: h for k, h in zip(keys, row["highest"], strict=True) if h}
         results, accepted = _check_expected(encoded, highest)
         offsets: list[int] = row["offsets"]
-        if len(offsets) != sum(len(enc.rows) for _, enc in accepted):
+        wanted = sum(len(enc.rows) for _, enc in accepted)
+        if len(offsets) != wanted:
             raise JournalError(
-                f"the journal inserted {len(offsets)} events where "
-                f"{sum(len(enc.rows) for _, enc in accepted)} were expected"
+                f"the journal inserted {len(offsets)} events where {wanted} were expected"
             )
         _record_offsets(accepted, offsets, written_at, results)
         return results
