@@ -40,6 +40,7 @@ from bench._counter import (
 from bench._report import write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage, start
 from lagompy.processing import recover
+from lagompy.runtime import _cluster_cpus
 from lagompy.snapshots import SnapshotToSave
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -181,8 +182,7 @@ async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str
     # One shard host, then the default (one per CPU); the default is skipped when it is one.
     count, levels = await run_levels(name, js, quick, hosts=1)
     runs[count] = levels
-    default_hosts = int(ray_cpus())
-    if default_hosts > 1:
+    if int(_cluster_cpus()) > 1:  # what start() sizes the default host count by
         count, levels = await run_levels(name, js, quick, hosts=None)
         runs[count] = levels
     best = max(runs, key=lambda h: runs[h][1024]["rate"])
@@ -201,12 +201,6 @@ async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str
         "journal": journal,
         "recovery": recovery,
     }
-
-
-def ray_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 1))
 
 
 async def postgres_baselines(schema: str, batch: int, rounds: int, single: int) -> dict[str, Any]:
