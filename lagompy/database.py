@@ -143,9 +143,32 @@ class Database:
                         yield driver
             return
         begin = "BEGIN" if first_statement is None else f"BEGIN; {first_statement}"
+        async with self._kept_writer("write transaction") as fairy:
+            async with _driver_transaction(fairy, begin) as driver:
+                yield driver
+
+    @contextlib.asynccontextmanager
+    async def raw_writer(self) -> AsyncIterator[Any]:
+        """PostgreSQL only: the kept write connection of :meth:`raw_transaction` (asyncpg),
+        outside a transaction, for a statement that is a transaction of its own. It is dropped
+        when the statement fails or is cancelled; errors are translated into the
+        ``JournalError`` tree and a broken connection is invalidated."""
+        async with self._kept_writer("write") as fairy:
+            driver: Any = fairy.driver_connection
+            try:
+                yield driver
+            except BaseException as e:
+                if _is_disconnect(e):
+                    fairy.invalidate(e if isinstance(e, Exception) else None)
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _kept_writer(self, what: str) -> AsyncIterator[Any]:
+        """The PostgreSQL write connection kept between writes (its pool fairy), held by one
+        writer of this database at a time."""
         if self._writer_lock is None:
             self._writer_lock = asyncio.Lock()
-        with translate_errors("write transaction"):
+        with translate_errors(what):
             async with self._writer_lock:
                 if self._writer is not None and self._writer[2].is_closed():
                     # The server closed it since (a restart, an idle timeout, a terminated
@@ -162,16 +185,15 @@ class Database:
                         await conn.close()
                         raise
                     self._writer = (conn, fairy, fairy.driver_connection)
-                conn, fairy, driver = self._writer
+                conn, fairy, _ = self._writer
                 healthy = False
                 try:
-                    async with _driver_transaction(fairy, begin) as driver:
-                        yield driver
+                    yield fairy
                     healthy = True
                 finally:
                     if not healthy:
-                        # Failed or cancelled: the next transaction takes a fresh connection
-                        # (from the pool, which keeps this one unless it was invalidated).
+                        # Failed or cancelled: the next write takes a fresh connection (from
+                        # the pool, which keeps this one unless it was invalidated).
                         self._writer = None
                         with contextlib.suppress(Exception):
                             await conn.close()

@@ -249,6 +249,8 @@ _LOCK_EVENTS = (
 #: statement on a one-event write, as long as the statement itself. Their generic plan is the
 #: same plan; ``SET LOCAL`` keeps it to this transaction.
 _GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+#: The sequence that allocates offsets.
+_PG_SEQUENCE = "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
 #: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
 NOTIFY_CHANNEL = "lagompy_events"
 
@@ -331,52 +333,21 @@ WITH ev AS (
 INSERT INTO lagompy_event_tags (tag, global_offset)
 SELECT * FROM unnest($11::text[], $12::bigint[])
 """
-#: Small batches, first attempt: the whole write in one statement (its snapshot is taken after
-#: the fence, which an earlier statement of the transaction acquired). Per write ($1..$3: type,
-#: id, expected sequence number) the highest sequence number so far, deletions included; the
-#: events ($5..$11, ``w`` the 1-based write they belong to) of the writes that expect exactly
-#: that get offsets in their order ($4: the sequence) and are inserted with their tags ($13,
-#: $14: tag and 1-based event) and command replies ($15..$18); the notification goes out only
-#: when something was inserted. Returns every write's highest sequence number (the caller tells
-#: conflicts from it) and the offsets of the inserted events, in order. Three round trips in
-#: all: BEGIN + the fence, this, COMMIT.
-_PG_WRITE = f"""
-WITH k AS MATERIALIZED (
-    SELECT k.n, k.t, k.i, k.x,
-           GREATEST(
-               COALESCE((SELECT e.seq_nr FROM lagompy_events e
-                         WHERE e.entity_type = k.t AND e.entity_id = k.i
-                         ORDER BY e.seq_nr DESC LIMIT 1), 0),
-               COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
-                         WHERE d.entity_type = k.t AND d.entity_id = k.i), 0)) AS h
-    FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS k(t, i, x, n)
-), ev AS MATERIALIZED (
-    SELECT nextval($4::regclass) AS o, a.*
-    FROM (
-        SELECT u.m, k.t, k.i, u.s, u.et, u.ev, u.p, u.tg, u.md
-        FROM unnest($5::bigint[], $6::bigint[], $7::text[], $8::int[], $9::bytea[],
-                    $10::bytea[], $11::bytea[]) WITH ORDINALITY AS u(w, s, et, ev, p, tg, md, m)
-        JOIN k ON k.n = u.w AND k.h = k.x
-        ORDER BY u.m
-    ) AS a
-), ins AS (
-    INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type,
-                                event_version, payload, tags, metadata, written_at_us)
-    SELECT o, t, i, s, et, ev, p, tg, md, $12 FROM ev
-), tg AS (
-    INSERT INTO lagompy_event_tags (tag, global_offset)
-    SELECT x.tag, ev.o FROM unnest($13::text[], $14::bigint[]) AS x(tag, m)
-    JOIN ev ON ev.m = x.m
-), rp AS (
-    INSERT INTO lagompy_command_replies (entity_type, entity_id, command_id, seq_nr, payload)
-    SELECT k.t, k.i, r.c, r.s, r.p
-    FROM unnest($15::bigint[], $16::text[], $17::bigint[], $18::bytea[]) AS r(w, c, s, p)
-    JOIN k ON k.n = r.w AND k.h = k.x
+#: Small batches, first attempt: the whole write in one round trip, a call of the function that
+#: migration 0004 creates, outside a transaction (the statement is its own transaction). The
+#: function takes the fence ($1: whether to), then, per write ($2..$4: type, id, expected
+#: sequence number), reads the highest sequence number so far, deletions included, with a
+#: snapshot taken after the fence; the events ($6..$12, ``w`` the 1-based write they belong to)
+#: of the writes that expect exactly that get offsets in their order ($5: the sequence) and are
+#: inserted with their tags ($14, $15: tag and 1-based event) and command replies ($16..$19);
+#: the notification goes out only when something was inserted. Returns every write's highest
+#: sequence number (the caller tells conflicts from it) and the offsets of the inserted events,
+#: in order.
+_PG_WRITE = (
+    "SELECT highest, offsets FROM lagompy_write("
+    + ", ".join(f"${n}" for n in range(1, 20))
+    + ")"
 )
-SELECT ARRAY(SELECT h FROM k ORDER BY n) AS highest,
-       ARRAY(SELECT o FROM ev ORDER BY m) AS offsets,
-       (SELECT pg_notify('{NOTIFY_CHANNEL}', max(o)::text) FROM ev HAVING count(*) > 0)
-"""
 #: After a COPY of the events and replies: the tags, as arrays.
 _PG_INSERT_TAGS = """
 INSERT INTO lagompy_event_tags (tag, global_offset)
@@ -569,22 +540,23 @@ class Journal:
     async def _append_postgres(
         self, encoded: list[tuple[int, _Encoded]], check_replies: bool
     ) -> dict[int, WriteResult]:
-        # Small batches: three round trips (BEGIN + the fence; _PG_WRITE; COMMIT). Large
-        # batches, and a retry that must look command ids up first: BEGIN + the fence; check +
-        # offsets + notify (one statement); the events, tags and replies (one statement, or a
-        # COPY of the events and one statement for the rest); COMMIT.
+        # Small batches: one round trip (_PG_WRITE, a transaction of its own). Large batches,
+        # and a retry that must look command ids up first: BEGIN + the fence; check + offsets +
+        # notify (one statement); the events, tags and replies (one statement, or a COPY of the
+        # events and one statement for the rest); COMMIT.
         keys = [enc.write.key for _, enc in encoded]
         count = sum(len(enc.rows) for _, enc in encoded)
+        if count < _PG_COPY_FROM and not check_replies:
+            async with self.database.raw_writer() as pg:
+                if self._pg_sequence is None:
+                    self._pg_sequence = await pg.fetchval(_PG_SEQUENCE)
+                return await self._write_postgres(pg, encoded, keys)
         reply_keys = [r[:3] for _, enc in encoded for r in enc.replies] if check_replies else []
         async with self.database.raw_transaction(
             f"{_GENERIC_PLANS}; {_LOCK_EVENTS}" if self.ordering_fence else _GENERIC_PLANS
         ) as pg:
             if self._pg_sequence is None:
-                self._pg_sequence = await pg.fetchval(
-                    "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
-                )
-            if count < _PG_COPY_FROM and not check_replies:
-                return await self._write_postgres(pg, encoded, keys)
+                self._pg_sequence = await pg.fetchval(_PG_SEQUENCE)
             row = await pg.fetchrow(
                 _PG_PREPARE, *_columns(keys, 2), self._pg_sequence, count, *_columns(reply_keys, 3)
             )
@@ -631,7 +603,7 @@ class Journal:
     async def _write_postgres(
         self, pg: Any, encoded: list[tuple[int, _Encoded]], keys: list[tuple[str, str]]
     ) -> dict[int, WriteResult]:
-        """A small batch in one statement (``_PG_WRITE``), inside the fenced transaction;
+        """A small batch in one statement that is its own transaction (``_PG_WRITE``);
         ``keys`` are the writes' (entity type, entity id), in order."""
         expected: list[int] = []
         events: list[list[Any]] = [[], [], [], [], [], [], []]
@@ -661,6 +633,7 @@ class Journal:
         written_at = now_us()
         row = await pg.fetchrow(
             _PG_WRITE,
+            self.ordering_fence,
             *_columns(keys, 2),
             expected,
             self._pg_sequence,
