@@ -448,33 +448,38 @@ def render(
 
 NOTES = """\
 What limits the rate at 1,024 outstanding asks is CPU on the 2 cores, shared by the shard
-hosts, the driver (load generator, region client, Ray's transport) and the database: measured
-per process with /proc at about 12,000 commands/s with two hosts, a command cost the driver
-~35 us, the two hosts ~60 us together and PostgreSQL ~35 us, ~130 us in all, which puts the
-ceiling of two cores near 15,000 commands/s on that day. Beside the work per command, each
-batch has a fixed cost of its own (a Ray call, whose submission alone takes ~0.5 ms of the
-driver's Python, and three to five database round trips, each a few system calls that are slow
-on this VM): that is why small batches are expensive and why one host beats two at 64
-outstanding asks, where two hosts split the asks into batches of ~11 and take turns at the
-journal's fence.
+hosts, the driver (load generator, region client, Ray's transport) and the database, and, with
+one host, the host's batch cycle: the journal transaction of a 513-event batch (the check, the
+COPY of events and replies, and the encoding around them on the host's event loop) is ~80% of
+it, and the next batch cannot commit before it. Measured per process with /proc at about
+12,000 commands/s with two hosts on a slow day, a command cost the driver ~35 us, the two hosts
+~60 us together and PostgreSQL ~35 us; at 16,000-19,500 commands/s with one host on a faster
+one, ~60-70 us in all. Overlapping batches in the host (deciding the next batch, on the states
+the current one leaves, while the current one commits) was built and measured: no gain, in
+process or on Ray, because the commit that the next batch waits for is the larger part of the
+cycle and runs on the same event loop. Beside the work per command, each batch has a fixed cost
+(a Ray call, whose submission alone takes ~0.5 ms of the driver's Python, and the database round
+trips): that is why one host beats two at 64 outstanding asks, where two hosts split the asks
+into batches of ~11 and take turns at the journal's fence.
 
 The machine is a shared VM whose speed changes from day to day and minute to minute (the same
 quick run's rate moved by a third between two runs a minute apart): compare runs by their
 ratios to the same run's baselines, and by the CPU reference. The runs of 2026-11-23 measured
 18,670 commands/s at 1,024 outstanding asks (one host) beside a raw executemany of 106,508
-rows/s, 0.175 of it, and 2026-11-24 8,840 commands/s at 0.30; this run: {ratio:.3f} of its own
-raw executemany, with the CPU reference above.
+rows/s, 0.175 of it, and 2026-11-24 8,840 commands/s at 0.30 (CPU reference 28 ms), then 21,241
+with two hosts at 0.239 (one run before this one); this run: {ratio:.3f} of its own raw
+executemany, with the CPU reference above.
 
-The latency at 1 outstanding ask is one Ray call plus the host's batch. A PostgreSQL write now
-takes three round trips like the raw baseline (BEGIN + the ordering fence; one statement that
-checks, allocates offsets and inserts; COMMIT) instead of four, with generic plans (PostgreSQL
-re-planned the journal's array statements at every execution, ~0.4 ms each), and the host no
-longer hashes its topology per batch, nor checks a pooled connection out and in around every
-transaction (it keeps its write connection): measured in process (no Ray), a one-command batch
-went from ~2.4 ms to ~1.45 ms wall. What remains above the floor is the host's own fixed cost
-per batch (asyncio and asyncpg around three round trips, whose system calls are slow on this
-VM) plus Ray's task execution around it; at 1 outstanding ask the p50 of the same path moved
-between 4.3 and 8.4 ms in runs a few minutes apart."""
+The latency at 1 outstanding ask is one Ray call plus the host's batch. A PostgreSQL write of
+fewer than 64 events is one round trip (a call of the journal's `lagompy_write` function, a
+transaction of its own) where the raw baseline's transaction takes three, with generic plans,
+on a write connection the host keeps: measured in process (no Ray), a one-command batch takes
+~0.5 ms wall (~0.2 ms of CPU) when the CPU reference reads ~13 ms. In the run just before this
+one (CPU reference 19.5 ms, a no-op Ray call 3.18 ms) the latency floors were met: p50 1.81 ms
+against 5.40, p99 4.52 ms against 10.80. When the machine is fast (CPU reference ~12 ms, a no-op
+Ray call ~0.8 ms, the one-row transaction ~0.4 ms) they are missed by ~0.2 ms (p50) and ~1 ms
+(p99): the host's and the driver's own fixed costs per batch (asyncio steps, pickling, Ray's
+task execution around the call) shrink less than Ray's and PostgreSQL's."""
 
 
 if __name__ == "__main__":
