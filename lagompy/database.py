@@ -154,12 +154,10 @@ class Database:
         when the statement fails or is cancelled; errors are translated into the
         ``JournalError`` tree and a broken connection is invalidated."""
         async with self._kept_writer("write") as fairy:
-            driver: Any = fairy.driver_connection
             try:
-                yield driver
+                yield fairy.driver_connection
             except BaseException as e:
-                if _is_disconnect(e):
-                    fairy.invalidate(e if isinstance(e, Exception) else None)
+                _invalidate_if_broken(fairy, e)
                 raise
 
     @contextlib.asynccontextmanager
@@ -227,13 +225,19 @@ async def _driver_transaction(fairy: Any, begin: str) -> AsyncIterator[Any]:
         yield driver
         await driver.execute("COMMIT")
     except BaseException as e:
-        if _is_disconnect(e):
-            # The pool must not hand this connection out again.
-            fairy.invalidate(e if isinstance(e, Exception) else None)
-        else:
+        if not _invalidate_if_broken(fairy, e):
             with contextlib.suppress(Exception):
                 await driver.execute("ROLLBACK")
         raise
+
+
+def _invalidate_if_broken(fairy: Any, error: BaseException) -> bool:
+    """Invalidate the pooled connection when ``error`` says it is broken (the pool must not
+    hand it out again); return whether it did."""
+    if not _is_disconnect(error):
+        return False
+    fairy.invalidate(error if isinstance(error, Exception) else None)
+    return True
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: JournalSettings) -> None:

@@ -548,17 +548,17 @@ class Journal:
         count = sum(len(enc.rows) for _, enc in encoded)
         if count < _PG_COPY_FROM and not check_replies:
             async with self.database.raw_writer() as pg:
-                if self._pg_sequence is None:
-                    self._pg_sequence = await pg.fetchval(_PG_SEQUENCE)
                 return await self._write_postgres(pg, encoded, keys)
         reply_keys = [r[:3] for _, enc in encoded for r in enc.replies] if check_replies else []
         async with self.database.raw_transaction(
             f"{_GENERIC_PLANS}; {_LOCK_EVENTS}" if self.ordering_fence else _GENERIC_PLANS
         ) as pg:
-            if self._pg_sequence is None:
-                self._pg_sequence = await pg.fetchval(_PG_SEQUENCE)
             row = await pg.fetchrow(
-                _PG_PREPARE, *_columns(keys, 2), self._pg_sequence, count, *_columns(reply_keys, 3)
+                _PG_PREPARE,
+                *_columns(keys, 2),
+                await self._sequence(pg),
+                count,
+                *_columns(reply_keys, 3),
             )
             known = {reply_keys[n - 1] for n in row["known"]}
             offsets_all: list[int] = row["offsets"]
@@ -600,6 +600,12 @@ class Journal:
                     await pg.execute(_PG_INSERT_TAGS, *tags_arrays)
         return results
 
+    async def _sequence(self, pg: Any) -> str:
+        """The sequence that allocates offsets (looked up once)."""
+        if self._pg_sequence is None:
+            self._pg_sequence = await pg.fetchval(_PG_SEQUENCE)
+        return self._pg_sequence
+
     async def _write_postgres(
         self, pg: Any, encoded: list[tuple[int, _Encoded]], keys: list[tuple[str, str]]
     ) -> dict[int, WriteResult]:
@@ -636,7 +642,7 @@ class Journal:
             self.ordering_fence,
             *_columns(keys, 2),
             expected,
-            self._pg_sequence,
+            await self._sequence(pg),
             *events,
             written_at,
             *tags,
