@@ -375,6 +375,58 @@ class JournalContract(StorageContract):
         with pytest.raises(ConcurrencyConflict):
             await j.append_one(_write("stale", 0, Happened("stale", 1)))
 
+    async def test_every_kind_of_conflict_fails_alone_in_a_large_batch(
+        self, storage: Storage
+    ) -> None:
+        # Large batches may check differently (PostgreSQL looks up each write's expected event
+        # and leaves a stale writer to the (entity, seq_nr) key, then checks in full on a
+        # retry): the same writes must fail, with the journal's real highest number.
+        j = storage.journal
+        await j.append_one(_write("stale", 0, *_happened("stale", 1, 2)))
+        await j.append_one(_write("trimmed", 0, *_happened("trimmed", 1, 3)))
+        await j.delete_events(ENTITY_TYPE, "trimmed", 3)  # no events left, highest still 3
+        await j.append_one(_write("gone", 0, *_happened("gone", 1, 2)))
+        await j.delete_events(ENTITY_TYPE, "gone", 2)
+        await j.append_one(_write("half", 0, *_happened("half", 1, 4)))
+        await j.delete_events(ENTITY_TYPE, "half", 2)
+        # entity -> (expected, actual), per batch: each of these must fail with a
+        # ConcurrencyConflict. A stale writer whose next event is stored has a batch of its
+        # own: it sends PostgreSQL to the full check, which would hide the others' cases.
+        conflicts = [
+            {
+                "ahead": (3, 0),  # ahead of an entity that has no events
+                "gone": (0, 2),  # a new entity expected, but its events were deleted
+                "half": (1, 4),  # behind, and its expected event was deleted
+            },
+            {"stale": (1, 2)},  # behind the journal
+            {"gone": (1, 2)},  # behind, every event deleted
+        ]
+        for round_, odd in enumerate(conflicts):
+            writes = [
+                _write(f"f{round_}-{n}", 0, *_happened("f", 1, 2), tags=("big",))
+                for n in range(40)
+            ]
+            for entity, (expected, _) in odd.items():
+                writes.insert(20, _write(entity, expected, Happened(entity, 99)))
+            if round_ == 0:
+                writes.append(_write("trimmed", 3, Happened("trimmed", 4), tags=("big",)))
+                writes.append(_write("half-new", 0, Happened("half-new", 1), tags=("big",)))
+            results = await j.append(writes)
+            failed = {
+                r.write.entity_id: (r.error.expected_seq_nr, r.error.actual_seq_nr)
+                for r in results
+                if isinstance(r.error, ConcurrencyConflict)
+            }
+            assert failed == odd
+            assert all(r.ok for r in results if r.write.entity_id not in odd)
+        assert _seqs(await j.events(ENTITY_TYPE, "trimmed")) == [4]
+        assert _seqs(await j.events(ENTITY_TYPE, "half-new")) == [1]
+        assert len(await j.events_by_tag("big", limit=1000)) == 242
+        assert _seqs(await j.events(ENTITY_TYPE, "stale")) == [1, 2]
+        assert _seqs(await j.events(ENTITY_TYPE, "half")) == [3, 4]
+        assert await j.events(ENTITY_TYPE, "ahead") == []
+        assert await j.events(ENTITY_TYPE, "gone") == []
+
     async def test_tags_and_replies_of_a_mixed_batch_belong_to_the_writes_that_committed(
         self, storage: Storage
     ) -> None:
