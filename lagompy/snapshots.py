@@ -15,6 +15,21 @@ from lagompy.journal import from_us, now_us
 from lagompy.serialization import Serializer
 
 
+#: PostgreSQL: save snapshots ($2..$7, as arrays, in the order of ``_SNAPSHOT_ARRAYS``, written
+#: at $1), replacing any at the same (entity, seq_nr).
+_PG_SAVE = """
+INSERT INTO lagompy_snapshots (entity_type, entity_id, seq_nr, written_at_us, state_type,
+                               state_version, payload)
+SELECT u.t, u.i, u.s, $1, u.st, u.sv, u.p
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::int[], $7::bytea[])
+     AS u(t, i, s, st, sv, p)
+ON CONFLICT ON CONSTRAINT pk_lagompy_snapshots DO UPDATE
+SET written_at_us = EXCLUDED.written_at_us, state_type = EXCLUDED.state_type,
+    state_version = EXCLUDED.state_version, payload = EXCLUDED.payload
+"""
+_SNAPSHOT_ARRAYS = ("entity_type", "entity_id", "seq_nr", "state_type", "state_version", "payload")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A state of one entity as of sequence number ``seq_nr``."""
@@ -66,6 +81,14 @@ class SnapshotStore:
                     "payload": payload,
                 }
             )
+        if self.database.dialect == "postgresql":
+            # One statement on the journal's kept write connection, a transaction of its own:
+            # the shard hosts save snapshots after most batches, and SQLAlchemy's compiled
+            # DELETE + INSERT cost them ~2 ms of CPU and two round trips more each time.
+            columns = [[row[c] for row in rows] for c in _SNAPSHOT_ARRAYS]
+            async with self.database.raw_writer() as pg:
+                await pg.execute(_PG_SAVE, written_at, *columns)
+            return
         t = schema.snapshots
         keys = [(s.entity_type, s.entity_id, s.seq_nr) for s in snapshots]
         async with self.database.write() as conn:
