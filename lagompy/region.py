@@ -1,10 +1,10 @@
 """The region client: routes asks to shard hosts, in batches, from the calling process.
 
 Every ask is queued for the host that runs its entity's shard. At the end of the current tick of
-the event loop (``loop.call_soon``: no timer) each host's queue is sent as one call of at most
-``max_batch`` asks. At most ``max_in_flight`` calls per host are outstanding; while they run, new
-asks accumulate and leave as the next batch as soon as a call returns, so batches grow with the
-load by themselves. Replies come back in order and resolve each ask's future; an error in a
+the event loop (``loop.call_soon``: no timer) each host's queue is sent, shared evenly among the
+host's free calls, each of at most ``max_batch`` asks. At most ``max_in_flight`` calls per host
+are outstanding; while they run, new asks accumulate and leave as the next batch as soon as a
+call returns, so batches grow with the load by themselves. Replies come back in order and resolve each ask's future; an error in a
 reply is raised by that ask only.
 
 When a call fails because its host died or could not be reached (the batch may or may not have
@@ -182,8 +182,14 @@ class Region:
             return  # the host's failed batches are resent first; the queue waits behind them
         queue = self._queues[host]
         while queue and self._in_flight[host] < self.max_in_flight:
-            batch = queue[: self.max_batch]
-            del queue[: self.max_batch]
+            # The queue is shared evenly among the free calls, not cut at max_batch: 1,024
+            # queued asks with two free calls leave as 512 + 512, not 1,000 + 24. The host
+            # then always has a full batch waiting behind the one it runs, and the time this
+            # process takes to turn a batch's replies around into the next batch is hidden.
+            free = self.max_in_flight - self._in_flight[host]
+            size = min(self.max_batch, -(-len(queue) // free))
+            batch = queue[:size]
+            del queue[:size]
             live = [ask for ask in batch if not ask.future.done()]
             self._outstanding -= len(batch) - len(live)  # abandoned before they were sent
             if not live:

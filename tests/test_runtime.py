@@ -486,6 +486,24 @@ async def test_region_batches_per_tick_and_caps_calls_in_flight() -> None:
     await region.close()
 
 
+async def test_region_shares_a_tick_s_asks_evenly_among_free_calls() -> None:
+    # 1,024 asks and two free calls leave as 512 + 512, not max_batch + the rest: the host
+    # always has a full batch queued behind the one it runs.
+    link = FlakyLink(failures=0, calls=[])
+    region = Region([link], shards=4, max_batch=1000, max_in_flight=2)
+    futures = [
+        region.submit(Request("counter", str(i), Add(i), command_id=str(i))) for i in range(1024)
+    ]
+    assert await asyncio.gather(*futures) == list(range(1024))
+    assert [len(c) for c in link.calls] == [512, 512]
+    three = Region([link], shards=4, max_batch=300, max_in_flight=3)
+    link.calls.clear()
+    await asyncio.gather(*(three.submit(Request("counter", "x", Add(1))) for _ in range(1000)))
+    assert [len(c) for c in link.calls] == [300, 300, 300, 100]  # max_batch still caps
+    await region.close()
+    await three.close()
+
+
 # --------------------------------------------------------------------------- hosts, no Ray
 
 
