@@ -447,39 +447,45 @@ def render(
 
 
 NOTES = """\
-What limits the rate at 1,024 outstanding asks is CPU on the 2 cores, shared by the shard
-hosts, the driver (load generator, region client, Ray's transport) and the database, and, with
-one host, the host's batch cycle: the journal transaction of a 513-event batch (the check, the
-COPY of events and replies, and the encoding around them on the host's event loop) is ~80% of
-it, and the next batch cannot commit before it. Measured per process with /proc at about
-12,000 commands/s with two hosts on a slow day, a command cost the driver ~35 us, the two hosts
-~60 us together and PostgreSQL ~35 us; at 16,000-19,500 commands/s with one host on a faster
-one, ~60-70 us in all. Overlapping batches in the host (deciding the next batch, on the states
-the current one leaves, while the current one commits) was built and measured: no gain, in
-process or on Ray, because the commit that the next batch waits for is the larger part of the
-cycle and runs on the same event loop. Beside the work per command, each batch has a fixed cost
-(a Ray call, whose submission alone takes ~0.5 ms of the driver's Python, and the database round
-trips): that is why one host beats two at 64 outstanding asks, where two hosts split the asks
-into batches of ~11 and take turns at the journal's fence.
+What limits the rate at 1,024 outstanding asks, with one host, is the host's batch cycle: it
+runs one batch at a time and spends ~90% of the run inside `EntityProcessor.process` (the *host
+busy* column), about half of it deciding and encoding on its own CPU and half waiting for
+PostgreSQL to check the batch, copy its events and replies and commit. Measured per process
+with /proc at ~25,500 commands/s with one host, a command cost the host ~21 us of CPU,
+PostgreSQL ~15 us and the driver (load generator, region client, Ray's transport) ~13 us: the
+two cores are not saturated, the host's cycle is the bound. Three changes of 2026-11-24 moved it
+from ~22,000-24,000 to ~26,000-31,000 commands/s (one host, runs interleaved with the code
+before them): the region shares a tick's asks evenly among a host's free calls (it used to send
+1,000 + 24, and the host then waited for the driver between its large batches), a large batch
+checks each write with a point lookup instead of finding each entity's highest sequence number,
+and a batch's snapshots are saved in one statement. Two hosts overlap one host's deciding with
+the other's transaction, but take turns at the journal's fence with batches half the size:
+about as fast as one host here. Tried and not kept: overlapping batches inside one host
+(deciding the next batch on the states the current one leaves, while it commits): no gain, the
+commit it waits for is the larger part of the cycle and runs on the same event loop; and the
+reply stored on the command's event row instead of in its own table: 0.6-0.7 ms less per
+513-event batch (~3% of the cycle), not worth a migration. Beside the work per command, each
+batch has a fixed cost (a Ray call, whose submission alone takes ~0.5 ms of the driver's Python,
+and the database round trips): that is why one host beats two at 64 outstanding asks, where two
+hosts split the asks into batches of ~11.
 
 The machine is a shared VM whose speed changes from day to day and minute to minute (the same
 quick run's rate moved by a third between two runs a minute apart): compare runs by their
 ratios to the same run's baselines, and by the CPU reference. The runs of 2026-11-23 measured
 18,670 commands/s at 1,024 outstanding asks (one host) beside a raw executemany of 106,508
-rows/s, 0.175 of it, and 2026-11-24 8,840 commands/s at 0.30 (CPU reference 28 ms), then 21,241
-with two hosts at 0.239 (one run before this one); this run: {ratio:.3f} of its own raw
-executemany, with the CPU reference above.
+rows/s, 0.175 of it; 2026-11-24 before the changes above, 18,779 at 0.197 (one host) and 21,241
+at 0.239 (two hosts); this run: {ratio:.3f} of its own raw executemany, with the CPU reference
+above.
 
 The latency at 1 outstanding ask is one Ray call plus the host's batch. A PostgreSQL write of
 fewer than 64 events is one round trip (a call of the journal's `lagompy_write` function, a
 transaction of its own) where the raw baseline's transaction takes three, with generic plans,
 on a write connection the host keeps: measured in process (no Ray), a one-command batch takes
-~0.5 ms wall (~0.2 ms of CPU) when the CPU reference reads ~13 ms. In the run just before this
-one (CPU reference 19.5 ms, a no-op Ray call 3.18 ms) the latency floors were met: p50 1.81 ms
-against 5.40, p99 4.52 ms against 10.80. When the machine is fast (CPU reference ~12 ms, a no-op
-Ray call ~0.8 ms, the one-row transaction ~0.4 ms) they are missed by ~0.2 ms (p50) and ~1 ms
-(p99): the host's and the driver's own fixed costs per batch (asyncio steps, pickling, Ray's
-task execution around the call) shrink less than Ray's and PostgreSQL's."""
+~0.5 ms wall (~0.2 ms of CPU) when the CPU reference reads ~13 ms. The floors sit close to what
+this path takes: with the same code path, runs on 2026-11-24 measured a p50 of 1.51-2.01 ms
+and a p99 of 2.49-4.76 ms against floors of 1.81-1.83 and 3.62-3.67 ms, met in some runs and
+missed in others; the host's and the driver's own fixed costs per batch (asyncio steps,
+pickling, Ray's task execution around the call) are most of the difference from the baseline."""
 
 
 if __name__ == "__main__":
