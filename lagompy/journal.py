@@ -532,8 +532,8 @@ class Journal:
             except JournalError as e:
                 if not _is_unique_violation(e.__cause__):
                     raise
-                # A concurrent writer committed between our check and our insert, or a command
-                # id was known already: check again.
+                # A concurrent writer committed between our check and our insert, a command id
+                # was known already, or a large batch held a stale write: check in full.
                 last_error = e.__cause__
                 full_check = True
         raise JournalError(

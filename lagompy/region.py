@@ -4,8 +4,8 @@ Every ask is queued for the host that runs its entity's shard. At the end of the
 the event loop (``loop.call_soon``: no timer) each host's queue is sent, shared evenly among the
 host's free calls, each of at most ``max_batch`` asks. At most ``max_in_flight`` calls per host
 are outstanding; while they run, new asks accumulate and leave as the next batch as soon as a
-call returns, so batches grow with the load by themselves. Replies come back in order and resolve each ask's future; an error in a
-reply is raised by that ask only.
+call returns, so batches grow with the load by themselves. Replies come back in order and
+resolve each ask's future; an error in a reply is raised by that ask only.
 
 When a call fails because its host died or could not be reached (the batch may or may not have
 run), the batch is sent again, up to ``retries`` times, with the same command ids and the

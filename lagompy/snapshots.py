@@ -14,7 +14,6 @@ from lagompy.database import Database
 from lagompy.journal import from_us, now_us
 from lagompy.serialization import Serializer
 
-
 #: PostgreSQL: save snapshots ($2..$7, as arrays, in the order of ``_SNAPSHOT_ARRAYS``, written
 #: at $1), replacing any at the same (entity, seq_nr).
 _PG_SAVE = """

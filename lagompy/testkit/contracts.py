@@ -403,8 +403,7 @@ class JournalContract(StorageContract):
         ]
         for round_, odd in enumerate(conflicts):
             writes = [
-                _write(f"f{round_}-{n}", 0, *_happened("f", 1, 2), tags=("big",))
-                for n in range(40)
+                _write(f"f{round_}-{n}", 0, *_happened("f", 1, 2), tags=("big",)) for n in range(40)
             ]
             for entity, (expected, _) in odd.items():
                 writes.insert(20, _write(entity, expected, Happened(entity, 99)))
