@@ -254,11 +254,25 @@ _PG_SEQUENCE = "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')
 #: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
 NOTIFY_CHANNEL = "lagompy_events"
 
-#: One round trip: the current highest sequence number of every entity in the batch (deletions
-#: included), offsets for every event, the notification (delivered only if we commit), and the
-#: ordinals ($5..$7, 1-based) of the given command replies already stored (empty arrays, except
-#: on a retry after a replies key violation).
-_PG_PREPARE = f"""
+#: Every entity's highest sequence number, deletions included, in the order of the writes
+#: ($1, $2: their types and ids).
+_PG_HIGHEST_ARRAY = """ARRAY(
+    SELECT GREATEST(
+        COALESCE((SELECT e.seq_nr FROM lagompy_events e
+                  WHERE e.entity_type = k.t AND e.entity_id = k.i
+                  ORDER BY e.seq_nr DESC LIMIT 1), 0),
+        COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
+                  WHERE d.entity_type = k.t AND d.entity_id = k.i), 0))
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, n)
+    ORDER BY k.n
+)"""
+
+
+def _pg_prepare(checks: str) -> str:
+    """The first statement of a large batch's transaction, one round trip: offsets for every
+    event ($3: the sequence, $4: how many), the notification (delivered only if we commit),
+    and the ``checks`` columns."""
+    return f"""
 WITH offs AS MATERIALIZED (
     SELECT nextval($3::regclass) AS o FROM generate_series(1, $4)
 ), agg AS (
@@ -266,43 +280,33 @@ WITH offs AS MATERIALIZED (
 )
 SELECT agg.offsets AS offsets,
        pg_notify('{NOTIFY_CHANNEL}', agg.top::text) AS notified,
-       ARRAY(
-           SELECT GREATEST(
-               COALESCE((SELECT e.seq_nr FROM lagompy_events e
-                         WHERE e.entity_type = k.t AND e.entity_id = k.i
-                         ORDER BY e.seq_nr DESC LIMIT 1), 0),
-               COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
-                         WHERE d.entity_type = k.t AND d.entity_id = k.i), 0))
-           FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, n)
-           ORDER BY k.n
-       ) AS highest,
+       {checks}
+FROM agg
+"""
+
+
+#: The full check (a retry): every entity's highest sequence number, and the ordinals
+#: ($5..$7, 1-based) of the given command replies already stored.
+_PG_PREPARE = _pg_prepare(
+    f"""{_PG_HIGHEST_ARRAY} AS highest,
        ARRAY(
            SELECT r.n
            FROM unnest($5::text[], $6::text[], $7::text[]) WITH ORDINALITY AS r(t, i, c, n)
            WHERE EXISTS (SELECT 1 FROM lagompy_command_replies x
                          WHERE x.entity_type = r.t AND x.entity_id = r.i AND x.command_id = r.c)
-       ) AS known
-FROM agg
-"""
-
-#: Large batches, first attempt: like ``_PG_PREPARE``, but instead of each entity's highest
-#: sequence number (a backward index scan per entity, ~3x the time of a point lookup on these
-#: machines) it returns the 1-based ordinals of the *suspect* writes ($5: their expected
-#: sequence numbers): those whose expected event is not stored (a writer ahead of the journal,
-#: or a deletion that went that far) and those that expect a new entity that has a deletion.
-#: A write whose expected number is behind (a zombie's) is not suspect here: its first event
-#: collides with the stored one on the (entity, seq_nr) key, the batch rolls back and the next
-#: attempt runs the full check (``_PG_PREPARE``). Scalar subqueries with LIMIT keep the plan a
-#: point lookup per write whatever the statistics said when the generic plan was made.
-_PG_PREPARE_FAST = f"""
-WITH offs AS MATERIALIZED (
-    SELECT nextval($3::regclass) AS o FROM generate_series(1, $4)
-), agg AS (
-    SELECT array_agg(o ORDER BY o) AS offsets, max(o) AS top FROM offs
+       ) AS known"""
 )
-SELECT agg.offsets AS offsets,
-       pg_notify('{NOTIFY_CHANNEL}', agg.top::text) AS notified,
-       ARRAY(
+#: Large batches, first attempt: instead of each entity's highest sequence number (a backward
+#: index scan per entity, ~3x the time of a point lookup on these machines) the 1-based
+#: ordinals of the *suspect* writes ($5: their expected sequence numbers): those whose expected
+#: event is not stored (a writer ahead of the journal, or a deletion that went that far) and
+#: those that expect a new entity that has a deletion. A write whose expected number is behind
+#: (a zombie's) is not suspect here: its first event collides with the stored one on the
+#: (entity, seq_nr) key, the batch rolls back and the next attempt runs the full check
+#: (``_PG_PREPARE``). Scalar subqueries with LIMIT keep the plan a point lookup per write
+#: whatever the statistics said when the generic plan was made.
+_PG_PREPARE_FAST = _pg_prepare(
+    """ARRAY(
            SELECT k.n
            FROM unnest($1::text[], $2::text[], $5::bigint[]) WITH ORDINALITY AS k(t, i, x, n)
            WHERE CASE WHEN k.x > 0
@@ -313,22 +317,10 @@ SELECT agg.offsets AS offsets,
                      WHERE d.entity_type = k.t AND d.entity_id = k.i
                      LIMIT 1) IS NOT NULL
            END
-       ) AS suspect
-FROM agg
-"""
-#: The highest sequence number of each given entity, deletions included (suspect writes).
-_PG_HIGHEST = """
-SELECT ARRAY(
-    SELECT GREATEST(
-        COALESCE((SELECT e.seq_nr FROM lagompy_events e
-                  WHERE e.entity_type = k.t AND e.entity_id = k.i
-                  ORDER BY e.seq_nr DESC LIMIT 1), 0),
-        COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
-                  WHERE d.entity_type = k.t AND d.entity_id = k.i), 0))
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, n)
-    ORDER BY k.n
+       ) AS suspect"""
 )
-"""
+#: The highest sequence number of each suspect write's entity, deletions included.
+_PG_HIGHEST = f"SELECT {_PG_HIGHEST_ARRAY}"
 
 #: The highest offset ever used (AUTOINCREMENT keeps it in sqlite_sequence, even after deletes),
 #: then the highest sequence number of each entity of the batch, deletions included.
