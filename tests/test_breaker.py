@@ -335,11 +335,9 @@ async def test_round_robin_request_ids_and_errors() -> None:
 
 
 async def test_unreachable_service_counts_as_failure() -> None:
-    import socket
+    from lagompy.testkit.server import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens once the socket is closed
+    port = free_port()  # nothing listens on it
     client = client_for(f"http://127.0.0.1:{port}", max_failures=2)
     async with client:
         for _ in range(2):
