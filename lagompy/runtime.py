@@ -229,13 +229,13 @@ class ShardedEntities(AsyncClosing):
         if require_journal:
             closed = [s for s in stats if s.get("journal", JOURNAL_OPEN) != JOURNAL_OPEN]
             if closed:
+                which = ", ".join(
+                    f"{s['index']} ({s['journal']} after {s['journal_open_attempts']} attempts)"
+                    for s in closed
+                )
                 raise JournalUnavailable(
-                    f"shard host{'s' if len(closed) > 1 else ''} "
-                    + ", ".join(str(s["index"]) for s in closed)
-                    + f" of app {self.app!r} cannot open the journal yet (the database cannot "
-                    "be reached; "
-                    + ", ".join(f"{s['journal_open_attempts']} attempts" for s in closed)
-                    + "): asks to them answer JournalUnavailable until it can"
+                    f"shard hosts of app {self.app!r} have not opened the journal yet: {which}; "
+                    "their asks answer JournalUnavailable until they can reach the database"
                 )
         return stats
 
