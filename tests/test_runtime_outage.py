@@ -343,6 +343,64 @@ async def test_a_resend_the_journal_cannot_check_waits_for_it(
     }
 
 
+# --------------------------------------------------------------------------- hosts, no Ray
+
+
+def test_a_host_constructs_without_its_database_and_retries_with_backoff() -> None:
+    # Nothing listens on port 1: every attempt is refused at once. The host still constructs,
+    # refuses batches at once (nothing run, no address in the message), and does not spin.
+    from lagompy.host import ShardHost
+    from lagompy.sharding import topology_for
+
+    js = JournalSettings(url="postgresql://postgres@127.0.0.1:1/nowhere")
+    topology = topology_for("unreachable", [CounterEntity], js, shards=1, hosts=1)
+    started = time.monotonic()
+    host = ShardHost(topology.to_dict(), 0, ["ray_entities:CounterEntity"], js.model_dump())
+    try:
+        assert time.monotonic() - started < 5  # the first attempt failed; it did not wait more
+        assert host.ping()["journal"] == "unavailable"
+        outcomes = host._process(topology.key, [Request("counter", "x", Add(1), "c1")] * 3)
+        assert len(outcomes) == 3
+        for reply, error in outcomes:
+            assert reply is None and isinstance(error, JournalUnavailable)
+            assert "not run" in str(error) and "ConnectionRefusedError" in str(error)
+            assert "127.0.0.1" not in str(error) and "nowhere" not in str(error)
+        time.sleep(1.2)
+        stats = host.stats()
+        # 0.1 s doubling: attempts at about 0, 0.1, 0.3, 0.7 and 1.5 s; a spinning host would
+        # have made hundreds.
+        assert 2 <= stats["journal_open_attempts"] <= 6, stats
+        assert stats["journal"] == "unavailable" and stats["refused_batches"] == 1
+        assert stats["journal_error"].startswith("JournalUnavailable")  # for operators: in full
+    finally:
+        closing = time.monotonic()
+        host.close()
+        assert time.monotonic() - closing < 2
+    assert host.ping()["journal"] == "closed"
+
+
+@pytest.mark.postgres
+async def test_start_still_refuses_a_journal_whose_tables_are_missing(
+    ray_session: Any, postgres_schema: str
+) -> None:
+    # A wrong journal (not migrated, auto_migrate off) is not an outage: waiting will not fix
+    # it, so start() names the fix as before, and leaves no actor behind.
+    import ray
+
+    from lagompy import ConfigurationError
+
+    settings = JournalSettings(url=POSTGRES_URL, postgres_schema=postgres_schema)
+    app = f"outage-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ConfigurationError, match="lagompy migrate"):
+        await start(app=app, entities=[CounterEntity], journal_settings=settings, hosts=1)
+    names = [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == namespace_of(app)
+    ]
+    assert names == []
+
+
 # --------------------------------------------------------------------------- region, no Ray
 
 
