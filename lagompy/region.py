@@ -10,7 +10,12 @@ resolve each ask's future; an error in a reply is raised by that ask only.
 When a call fails because its host died or could not be reached (the batch may or may not have
 run), the batch is sent again, up to ``retries`` times, with the same command ids and the
 duplicate check on: a command that already persisted its events answers with its stored reply
-instead of running twice. When the retries run out, each ask raises ``OutcomeUnknown``.
+instead of running twice. A resent ask answered with ``JournalUnavailable`` could not be
+checked (its host cannot reach the journal, e.g. a host restarted during a database outage), so
+its first send's outcome is still unknown: it is resent again in the next round rather than
+answered with an error that would read as "not applied". When the retries run out, each ask
+raises ``OutcomeUnknown``. Before each round the link looks its host up again
+(:meth:`HostLink.reconnect`), which may create it again when it is gone for good.
 While a host's failed batches wait to be resent, no new batch goes to that host: the resends go
 first, in the order the batches were first sent, so an entity's commands keep their order
 across the failure.
@@ -29,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lagompy.errors import OutcomeUnknown, Overloaded, RuntimeFailure
+from lagompy.errors import JournalUnavailable, OutcomeUnknown, Overloaded, RuntimeFailure
 from lagompy.processing import Request
 from lagompy.sharding import host_of
 
@@ -53,7 +58,8 @@ class HostLink(Protocol):
         ...
 
     async def reconnect(self) -> None:
-        """Called before a resend: look the host up again (it may have been restarted)."""
+        """Called before a resend: look the host up again (it may have been restarted, or
+        need to be created again)."""
         ...
 
 
@@ -251,7 +257,10 @@ class Region:
                 # Calls still in flight to the host fail or succeed first, so that every
                 # failed batch is resent in this round, in the order they were first sent.
                 await self._settled[host].wait()
-                await link.reconnect()
+                try:
+                    await link.reconnect()
+                except Exception as e:  # the resend then fails (or not) by itself
+                    log.warning("looking up shard host %d again failed: %s", host, e)
                 failed.sort(key=lambda entry: entry[0])
                 asks = [ask for _, batch in failed for ask in batch]
                 failed.clear()
@@ -273,9 +282,12 @@ class Region:
                         break
                     except Exception as e:
                         self._fail(chunk, e)
+                        self._outstanding -= len(chunk)
                     else:
-                        self._answer(host, chunk, outcomes)
-                    self._outstanding -= len(chunk)
+                        unchecked = self._answer_resent(host, chunk, outcomes)
+                        if unchecked:
+                            failed.append((-1, unchecked))  # in their order, next round
+                        self._outstanding -= len(chunk) - len(unchecked)
                 if not failed:
                     return
             log.warning("shard host %d unreachable, retries exhausted", host)
@@ -309,6 +321,35 @@ class Region:
         for ask in batch:
             if not ask.future.done():
                 ask.future.set_exception(error)
+
+    def _answer_resent(self, host: int, chunk: list[_Ask], outcomes: list[Outcome]) -> list[_Ask]:
+        """Answer the asks of a resent chunk, except those answered ``JournalUnavailable``:
+        their duplicate check could not run, so whether their first send committed is still
+        unknown. Returns those, to be resent again."""
+        if len(outcomes) != len(chunk):
+            self._answer(host, chunk, outcomes)  # answers each with the mismatch
+            return []
+        unchecked = [
+            ask
+            for ask, (_, error) in zip(chunk, outcomes, strict=True)
+            if isinstance(error, JournalUnavailable) and not ask.future.done()
+        ]
+        if not unchecked:
+            self._answer(host, chunk, outcomes)
+            return []
+        log.info(
+            "shard host %d could not check %d resent asks (the journal is unavailable); "
+            "they will be resent",
+            host,
+            len(unchecked),
+        )
+        answered = [
+            (ask, outcome)
+            for ask, outcome in zip(chunk, outcomes, strict=True)
+            if not isinstance(outcome[1], JournalUnavailable)
+        ]
+        self._answer(host, [a for a, _ in answered], [o for _, o in answered])
+        return unchecked
 
     def _answer(self, host: int, batch: list[_Ask], outcomes: list[Outcome]) -> None:
         if len(outcomes) != len(batch):

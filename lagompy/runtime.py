@@ -25,8 +25,8 @@ from typing import Any, Literal, TypeVar, overload
 
 from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
-from lagompy.errors import ConfigurationError
-from lagompy.host import Coordinator, ShardHost
+from lagompy.errors import ConfigurationError, JournalUnavailable, RuntimeFailure
+from lagompy.host import JOURNAL_OPEN, Coordinator, ShardHost
 from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.processing import EntityClass, Request
 from lagompy.refs import EntityRef
@@ -70,12 +70,26 @@ ShardedEntityRef = EntityRef
 # --------------------------------------------------------------------------- Ray links
 
 
+#: How long a lookup of the app's coordinator may take before re-creating a host.
+COORDINATOR_TIMEOUT = 10.0
+
+
 class _RayHostLink:
-    def __init__(self, handle: Any, index: int, namespace: str, topology_key: str) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        index: int,
+        app: str,
+        topology_key: str,
+        create: Callable[[int], Any] | None = None,
+    ) -> None:
         self.handle = handle
         self.index = index
-        self.namespace = namespace
+        self.app = app
+        self.namespace = namespace_of(app)
         self.topology_key = topology_key
+        #: makes (or gets) the named host actor, with the options start() made it with
+        self._create = create
 
     async def call(self, requests: list[Request]) -> list[Outcome]:
         import ray.exceptions
@@ -94,12 +108,56 @@ class _RayHostLink:
         return outcomes
 
     async def reconnect(self) -> None:
+        await self.ensure()
+
+    async def ensure(self) -> bool:
+        """Look the host up again by name; when it is gone for good (killed without restart,
+        or its constructor failed), create it again, the way start() did. Returns whether it
+        was created.
+
+        A host is re-created only while the app's coordinator records this link's topology:
+        ``shutdown_app`` and ``replace_hosts`` stop the coordinator before the hosts, so a
+        process still attached to the old hosts never brings them back. Two processes that
+        re-create the same host at once get one actor: the name decides (``get_if_exists``)."""
         import ray
 
         try:
             self.handle = ray.get_actor(host_name(self.index), namespace=self.namespace)
+            return False
         except ValueError:
-            pass  # gone for good: the resend fails and the asks end in OutcomeUnknown
+            pass
+        if self._create is None:
+            return False
+        running = await _running_topology(self.app, COORDINATOR_TIMEOUT)
+        if running is None or running.key != self.topology_key:
+            log.warning(
+                "shard host %d of app %r is gone and the app no longer runs this process's "
+                "topology: not re-creating it",
+                self.index,
+                self.app,
+            )
+            return False
+        log.warning("shard host %d of app %r is gone: re-creating it", self.index, self.app)
+        self.handle = self._create(self.index)
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        """The host's stats; a host that does not answer is looked up (or re-created) and
+        asked once more."""
+        import ray.exceptions
+
+        for attempt in (1, 2):
+            try:
+                stats: dict[str, Any] = await self.handle.stats.remote()
+                return stats
+            except ray.exceptions.RayActorError as e:
+                if attempt == 2:
+                    raise RuntimeFailure(
+                        f"shard host {self.index} of app {self.app!r} does not answer "
+                        f"({type(e).__name__})"
+                    ) from e
+                await self.ensure()
+        raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- entities
@@ -117,15 +175,18 @@ class ShardedEntities(AsyncClosing):
         settings: RuntimeSettings,
         *,
         owns_ray: bool,
+        create_host: Callable[[int], Any] | None = None,
     ) -> None:
         self.app = app
         self.topology = topology
         self.settings = settings
         self.namespace = namespace_of(app)
         self._types = {cls.type_name: cls for cls in entity_classes}
-        self._hosts = list(hosts)
+        self._links = [
+            _RayHostLink(h, i, app, topology.key, create_host) for i, h in enumerate(hosts)
+        ]
         self.region = Region(
-            [_RayHostLink(h, i, self.namespace, topology.key) for i, h in enumerate(self._hosts)],
+            self._links,
             shards=topology.shards,
             max_batch=settings.max_batch,
             max_in_flight=settings.max_in_flight,
@@ -148,10 +209,44 @@ class ShardedEntities(AsyncClosing):
             )
         return EntityRef(self.region.submit, type_name, str(entity_id))
 
-    async def host_stats(self) -> list[dict[str, Any]]:
+    async def host_stats(self, *, require_journal: bool = True) -> list[dict[str, Any]]:
         """Counters of every shard host: batches, requests, write transactions, events, live
-        entities, passivated entities..."""
-        return list(await asyncio.gather(*(h.stats.remote() for h in self._hosts)))
+        entities, passivated entities..., and its journal's state (``journal``: ``open``,
+        ``opening``, ``unavailable``; ``journal_open_attempts``; ``journal_error``).
+
+        Raises ``RuntimeFailure`` naming a host that does not answer (a host gone for good is
+        re-created meanwhile) and, unless ``require_journal=False``, ``JournalUnavailable``
+        naming the hosts that have not opened the journal: a service's readiness check calls
+        this, so such a service reports itself not ready."""
+        results = await asyncio.gather(
+            *(link.stats() for link in self._links), return_exceptions=True
+        )
+        stats: list[dict[str, Any]] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            stats.append(result)
+        if require_journal:
+            closed = [s for s in stats if s.get("journal", JOURNAL_OPEN) != JOURNAL_OPEN]
+            if closed:
+                which = ", ".join(
+                    f"{s['index']} ({s['journal']} after {s['journal_open_attempts']} attempts)"
+                    for s in closed
+                )
+                raise JournalUnavailable(
+                    f"shard hosts of app {self.app!r} have not opened the journal yet: {which}; "
+                    "their asks answer JournalUnavailable until they can reach the database"
+                )
+        return stats
+
+    async def ensure_hosts(self) -> int:
+        """Create again every shard host that is gone for good (killed without restart, or
+        dead after its restarts ran out); returns how many. Asks do this by themselves for
+        the host they need (before they are resent); this brings them all back at once."""
+        created = 0
+        for link in self._links:
+            created += await link.ensure()
+        return created
 
     def stats(self) -> dict[str, Any]:
         """This process's region client: asks, batches, resends, outcome_unknown, overloaded,
@@ -364,39 +459,8 @@ async def _start_on_ray(
             f"replace_hosts=True) or lagompy.runtime.shutdown_app({app!r}) first"
         )
 
-    journal = journal_settings.model_dump()
-    from lagompy.database import normalize_url
-
-    journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)
-    journal["pool_size"] = settings.host_pool_size
-    journal["max_overflow"] = settings.host_max_overflow
-    roots = import_roots(entity_list)
-    existing = os.environ.get("PYTHONPATH")
-    pythonpath = os.pathsep.join([*roots, *([existing] if existing else [])])
-    host_cls: Any = ray.remote(ShardHost)
-    handles = [
-        host_cls.options(
-            name=host_name(i),
-            namespace=namespace,
-            lifetime="detached",
-            get_if_exists=True,
-            max_restarts=settings.host_max_restarts,
-            max_task_retries=0,
-            max_concurrency=1,
-            num_cpus=settings.host_num_cpus,
-            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
-        ).remote(
-            topology.to_dict(),
-            i,
-            paths,
-            journal,
-            max_entities=settings.max_entities,
-            idle_timeout=settings.idle_timeout,
-            conflict_retries=settings.conflict_retries,
-            passivate_interval=settings.passivate_interval,
-        )
-        for i in range(hosts)
-    ]
+    create_host = _host_factory(app, topology, entity_list, paths, journal_settings, settings)
+    handles = [create_host(i) for i in range(hosts)]
     try:
         pings = await asyncio.wait_for(
             asyncio.gather(*(h.ping.remote() for h in handles)), settings.start_timeout
@@ -419,7 +483,78 @@ async def _start_on_ray(
                 "one recorded (a host from an earlier start survived); start(..., "
                 "replace_hosts=True) to replace the hosts"
             )
-    return ShardedEntities(app, topology, entity_list, handles, settings, owns_ray=owns_ray)
+    for ping in pings:
+        if ping.get("journal_misconfigured"):
+            await shutdown_app(app)
+            raise ConfigurationError(
+                f"shard host {ping['index']} of app {app!r} cannot open the journal: "
+                f"{ping['journal_error']}"
+            )
+        if ping.get("journal", JOURNAL_OPEN) != JOURNAL_OPEN:
+            # A host never needs the database to start: it keeps trying in the background
+            # and its asks answer JournalUnavailable meanwhile.
+            log.warning(
+                "shard host %d of app %r started without its journal (%s): its asks answer "
+                "JournalUnavailable until it opens",
+                ping["index"],
+                app,
+                ping.get("journal_error") or ping.get("journal"),
+            )
+    return ShardedEntities(
+        app, topology, entity_list, handles, settings, owns_ray=owns_ray, create_host=create_host
+    )
+
+
+def _host_factory(
+    app: str,
+    topology: Topology,
+    entity_list: list[EntityClass],
+    paths: list[str],
+    journal_settings: JournalSettings,
+    settings: RuntimeSettings,
+) -> Callable[[int], Any]:
+    """A function that gets or creates shard host ``i`` of the app (a named, detached actor):
+    start() makes the hosts with it, and the app's region clients make a host again with it
+    when it is gone for good. ``get_if_exists`` makes every caller converge on one actor per
+    name, however many create it at once."""
+    import ray
+
+    from lagompy.database import normalize_url
+
+    journal = journal_settings.model_dump()
+    journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)
+    journal["pool_size"] = settings.host_pool_size
+    journal["max_overflow"] = settings.host_max_overflow
+    roots = import_roots(entity_list)
+    existing = os.environ.get("PYTHONPATH")
+    pythonpath = os.pathsep.join([*roots, *([existing] if existing else [])])
+    host_cls: Any = ray.remote(ShardHost)
+    namespace = namespace_of(app)
+    recorded = topology.to_dict()
+
+    def create(index: int) -> Any:
+        return host_cls.options(
+            name=host_name(index),
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=settings.host_max_restarts,
+            max_task_retries=0,
+            max_concurrency=1,
+            num_cpus=settings.host_num_cpus,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
+        ).remote(
+            recorded,
+            index,
+            paths,
+            journal,
+            max_entities=settings.max_entities,
+            idle_timeout=settings.idle_timeout,
+            conflict_retries=settings.conflict_retries,
+            passivate_interval=settings.passivate_interval,
+        )
+
+    return create
 
 
 def _cluster_cpus() -> float:
@@ -484,19 +619,32 @@ async def _stop_actors(app: str, timeout: float, which: Callable[[str], bool]) -
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout)
         except TimeoutError:
             log.warning("shard hosts of app %r did not close within %s s", app, timeout)
-    for _, handle in handles:
-        ray.kill(handle, no_restart=True)
-    # Wait until the names are free, so that a start() right after creates new actors
-    # instead of getting the dying ones.
+    # The coordinator goes first, and is gone before the hosts are killed: a region client
+    # that finds a host missing re-creates it only while the coordinator records its
+    # topology, so a process still attached to the old hosts does not bring them back.
+    # Each group's names are free before the next: a start() right after creates new
+    # actors instead of getting the dying ones.
     deadline = time.monotonic() + timeout
-    for name, _ in handles:
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=namespace)
-            except ValueError:
-                break
-            await asyncio.sleep(0.05)
+    for group in (
+        [entry for entry in handles if entry[0] == COORDINATOR],
+        [entry for entry in handles if entry[0] != COORDINATOR],
+    ):
+        for _, handle in group:
+            ray.kill(handle, no_restart=True)
+        for name, _ in group:
+            await _name_freed(name, namespace, deadline)
     return len(handles)
+
+
+async def _name_freed(name: str, namespace: str, deadline: float) -> None:
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        await asyncio.sleep(0.05)
 
 
 __all__ = [
