@@ -273,6 +273,9 @@ _UNAVAILABLE_HINTS = (
     "timeout",
     "accepting connections",
     "terminating connection",
+    # PostgreSQL starting, stopping or recovering (CannotConnectNowError, AdminShutdownError,
+    # CrashShutdownError): it will answer again, so the outcome is "unreachable", not a bug.
+    "the database system is",
 )
 
 
