@@ -6,6 +6,7 @@ Ray a command or an outcome that does not pickle fails its own ask only, never h
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,14 @@ from ray_blast_entities import (
 )
 from test_journal import refuse_poison
 
-from lagompy import CommandRejected, JournalSettings, open_storage, start, start_in_process
+from lagompy import (
+    CommandRejected,
+    JournalSettings,
+    ShardedEntities,
+    open_storage,
+    start,
+    start_in_process,
+)
 from lagompy.errors import (
     InvalidCommandId,
     InvalidEntityId,
@@ -252,61 +260,81 @@ async def app(ray_session: Any) -> AsyncIterator[str]:
     await shutdown_app(name)
 
 
-async def test_on_ray_what_does_not_pickle_fails_its_own_ask_and_never_hides_a_commit(
-    app: str, journal_settings: JournalSettings
-) -> None:
+@pytest.fixture
+async def on_ray(app: str, journal_settings: JournalSettings) -> AsyncIterator[ShardedEntities]:
+    """The blast entity on one shard host (so asks made in one tick travel in one batch)."""
     entities = await start(
         app=app, entities=[BlastEntity], journal_settings=journal_settings, hosts=1, shards=16
     )
     try:
         assert await entities.ref_for(BlastEntity, "w").ask(Bump(), timeout=60) == 1  # warm up
-
-        def ref(entity_id: str) -> Any:
-            return entities.ref_for(BlastEntity, entity_id)
-
-        # All in one tick, so one batch to the one host.
-        outcomes = await asyncio.gather(
-            ref("a").ask(Bump()),
-            ref("g").ask(Guarded(threading.Lock())),  # the command does not pickle
-            ref("b").ask(Bump(), command_id="b-1"),
-            ref("p").ask(Peek(), command_id="peek-1"),  # its reply does not pickle
-            ref("r").ask(Refuse(), command_id="refuse-1"),  # nor its rejection
-            ref("s").ask(Seal(), command_id="seal-1"),  # committed; its reply does not pickle
-            ref("a").ask(Bump()),
-            return_exceptions=True,
-        )
-        assert (outcomes[0], outcomes[2], outcomes[6]) == (1, 1, 2), outcomes
-
-        guarded = outcomes[1]
-        assert type(guarded) is SerializationError, guarded
-        assert "command Guarded for blast/g" in str(guarded) and "it was not run" in str(guarded)
-
-        peek, refuse, seal = outcomes[3], outcomes[4], outcomes[5]
-        for error, command_id in ((peek, "peek-1"), (refuse, "refuse-1"), (seal, "seal-1")):
-            assert isinstance(error, UndeliverableOutcome), error
-            assert error.command_id == command_id
-        assert isinstance(peek, UndeliverableOutcome) and not peek.committed
-        assert "reply to command Peek" in str(peek) and "persisted nothing" in str(peek)
-        assert isinstance(refuse, UndeliverableOutcome) and not refuse.committed
-        assert "the Locked that answered command Refuse" in str(refuse)
-        assert "refuses, holding a lock" in str(refuse)
-        # A committed command's caller is told that it WAS applied, with its command id.
-        assert isinstance(seal, UndeliverableOutcome) and seal.committed
-        assert "WAS applied" in str(seal)
-
-        assert await ref("g").ask(Value()) == 0  # the guarded command never ran
-        assert await ref("s").ask(Value()) == 1
-        # Asked again with its command id: answered from the stored reply, still committed,
-        # not applied twice.
-        with pytest.raises(UndeliverableOutcome) as again:
-            await ref("s").ask(Seal(), command_id="seal-1")
-        assert again.value.committed and again.value.command_id == "seal-1"
-        assert await ref("s").ask(Value()) == 1
+        yield entities
     finally:
         await entities.close()
+
+
+async def _entity_ids(journal_settings: JournalSettings) -> list[str]:
     storage = await open_storage(settings=journal_settings, entities=[BlastEntity])
     try:
-        events = await storage.journal.all_events()
-        assert sorted(e.entity_id for e in events) == ["a", "a", "b", "s", "w"]
+        return sorted(e.entity_id for e in await storage.journal.all_events())
     finally:
         await storage.close()
+
+
+async def test_on_ray_a_command_that_does_not_pickle_fails_alone(
+    on_ray: ShardedEntities, journal_settings: JournalSettings
+) -> None:
+    # Before: the batch's pickling failed, then Ray's, and every ask of the batch got a
+    # TypeError naming the others' requests.
+    ref = functools.partial(on_ray.ref_for, BlastEntity)
+    outcomes = await asyncio.gather(  # in one tick: one batch to the one host
+        ref("a").ask(Bump()),
+        ref("g").ask(Guarded(threading.Lock())),
+        ref("b").ask(Bump(), command_id="b-1"),
+        ref("a").ask(Bump()),
+        return_exceptions=True,
+    )
+    assert (outcomes[0], outcomes[2], outcomes[3]) == (1, 1, 2), outcomes
+    guarded = outcomes[1]
+    assert type(guarded) is SerializationError, guarded
+    assert "command Guarded for blast/g" in str(guarded) and "it was not run" in str(guarded)
+    assert await ref("g").ask(Value()) == 0
+    assert await _entity_ids(journal_settings) == ["a", "a", "b", "w"]
+
+
+async def test_on_ray_an_outcome_that_does_not_pickle_fails_alone_and_never_hides_a_commit(
+    on_ray: ShardedEntities, journal_settings: JournalSettings
+) -> None:
+    # Before: the whole batch became a RayTaskError(TypeError), the asks whose events were
+    # committed included, with no command id to retry.
+    ref = functools.partial(on_ray.ref_for, BlastEntity)
+    outcomes = await asyncio.gather(  # in one tick: one batch to the one host
+        ref("a").ask(Bump()),
+        ref("p").ask(Peek(), command_id="peek-1"),  # its reply does not pickle
+        ref("b").ask(Bump(), command_id="b-1"),
+        ref("r").ask(Refuse(), command_id="refuse-1"),  # nor its rejection
+        ref("s").ask(Seal(), command_id="seal-1"),  # committed; its reply does not pickle
+        ref("a").ask(Bump()),
+        return_exceptions=True,
+    )
+    assert (outcomes[0], outcomes[2], outcomes[5]) == (1, 1, 2), outcomes
+    peek, refuse, seal = outcomes[1], outcomes[3], outcomes[4]
+    for error, command_id in ((peek, "peek-1"), (refuse, "refuse-1"), (seal, "seal-1")):
+        assert isinstance(error, UndeliverableOutcome), error
+        assert error.command_id == command_id
+    assert isinstance(peek, UndeliverableOutcome) and not peek.committed
+    assert "reply to command Peek" in str(peek) and "persisted nothing" in str(peek)
+    assert isinstance(refuse, UndeliverableOutcome) and not refuse.committed
+    assert "the Locked that answered command Refuse" in str(refuse)
+    assert "refuses, holding a lock" in str(refuse)
+    # A committed command's caller is told that it WAS applied, with its command id.
+    assert isinstance(seal, UndeliverableOutcome) and seal.committed
+    assert "WAS applied" in str(seal)
+    assert await ref("s").ask(Value()) == 1
+    # Asked again with its command id: answered from the stored reply (still undeliverable),
+    # still said to be committed, and not applied twice.
+    with pytest.raises(UndeliverableOutcome) as again:
+        await ref("s").ask(Seal(), command_id="seal-1")
+    assert again.value.committed and again.value.command_id == "seal-1"
+    assert await ref("s").ask(Value()) == 1
+    assert await _entity_ids(journal_settings) == ["a", "a", "b", "s", "w"]
