@@ -115,15 +115,20 @@ class ShardHost:
         requests: list[Request] = (
             list(map(Request._make, pickle.loads(batch))) if isinstance(batch, bytes) else batch
         )
-        outcomes, results = self._process(topology_key, requests)
+        outcomes, results = self._run(topology_key, requests)
         try:
-            return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+            pickled = pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
-            # Some outcome does not pickle this way: check them one by one (rare; travels
+            # Some outcome does not pickle this way: check them one by one (rare; they travel
             # as objects, for Ray's cloudpickle).
             return _deliverable(outcomes, requests, results)
+        return pickled if isinstance(batch, bytes) else outcomes
 
-    def _process(
+    def _process(self, topology_key: str, requests: list[Request]) -> list[Outcome]:
+        """The outcomes of the batch, in order."""
+        return self._run(topology_key, requests)[0]
+
+    def _run(
         self, topology_key: str, requests: list[Request]
     ) -> tuple[list[Outcome], list[Result] | None]:
         """The outcomes of the batch, and the processor's results they came from (None when
