@@ -4,7 +4,10 @@ One call to :meth:`Journal.append` is one database transaction (group commit). E
 write carries the highest sequence number its writer has seen; an entity whose number is stale
 (another writer got there first) gets its own :class:`~lagompy.errors.ConcurrencyConflict` and
 writes nothing, while the other entities of the batch commit. The unique constraint on
-``(entity_type, entity_id, seq_nr)`` backs this up should two writers race.
+``(entity_type, entity_id, seq_nr)`` backs this up should two writers race. A write whose data
+breaks the id rules, or that the database refuses (a value too long, a constraint), fails alone
+with :class:`~lagompy.errors.WriteRefused` the same way: the batch is written again in parts
+down to the refused write (see :meth:`Journal._isolate`).
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ class AtomicWrite:
 @dataclass(frozen=True)
 class WriteResult:
     """What happened to one :class:`AtomicWrite` of a batch: the offsets its events got, or the
-    error that stopped it (``ConcurrencyConflict``, ``EncodeError``)."""
+    error that stopped it (``ConcurrencyConflict``, ``EncodeError``, ``WriteRefused``...)."""
 
     write: AtomicWrite
     offsets: tuple[int, ...] = ()
@@ -530,9 +533,12 @@ class Journal:
         """Append the writes of many entities in one transaction; one result per write.
 
         A write whose events cannot be encoded or whose expected sequence number is stale fails
-        alone (its result carries the error); the others commit. Two writes for the same entity
-        in one batch are refused (``ValueError``): merge them first. A database failure raises
-        a ``JournalError`` and nothing of the batch is committed.
+        alone (its result carries the error); the others commit. So does a write whose entity
+        type, entity id or tags break the id rules (:func:`id_problem`), or whose data the
+        database refuses (a value too long, a constraint, a trigger): ``WriteRefused``, naming
+        the entity and the reason. Two writes for the same entity in one batch are refused
+        (``ValueError``): merge them first. Any other database failure raises a
+        ``JournalError`` and nothing of the batch is committed.
 
         A write's ``replies`` are stored in the same transaction as its events. Two replies with
         one command id in a write, or a reply whose ``seq_nr`` is not one of the write's events,
