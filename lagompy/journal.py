@@ -1141,12 +1141,13 @@ def _refused_data(error: BaseException) -> bool:
 
 def _refusal(w: AtomicWrite, refused: BaseException) -> WriteRefused:
     cause = refused.__cause__ if isinstance(refused, JournalError) else refused
-    reason = str(cause if cause is not None else refused)
+    # The first line: PostgreSQL's DETAIL line repeats the whole refused row.
+    reason = str(cause if cause is not None else refused).strip().split("\n", 1)[0]
     if len(reason) > 300:
         reason = reason[:300] + "..."
     error = WriteRefused(
         f"write for {_where(w)} refused by the database: {reason}; the other writes of its "
-        "batch were committed",
+        "batch went ahead without it",
         entity_type=w.entity_type,
         entity_id=w.entity_id,
     )

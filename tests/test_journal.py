@@ -192,6 +192,7 @@ async def test_a_write_the_database_refuses_fails_alone_and_the_others_commit(
             assert (result.error.entity_type, result.error.entity_id) == ("user", uid)
             assert f"write for user/{uid} refused by the database" in str(result.error)
             assert "poison" in str(result.error.__cause__)
+            assert "\n" not in str(result.error)  # not the row the database repeats
             assert result.envelopes == ()
         else:
             assert result.ok, result
