@@ -9,6 +9,10 @@ are translated into this tree with the original exception attached as ``__cause_
     │   ├── InvalidCommand ......... the command does not fit the entity's state (400)
     │   ├── NotFound ............... the entity (or what the command names) does not exist (404)
     │   ├── UnhandledCommand ....... the command handler returned Effect.unhandled() (400)
+    │   ├── InvalidId .............. an entity id or command id breaks the rules: refused at
+    │   │   │                        the ask, before it is sent (400; also a ValueError)
+    │   │   ├── InvalidEntityId
+    │   │   └── InvalidCommandId
     │   └── (your own subclasses, each with its http_status)
     ├── HandlerFailed .............. a bug: a handler raised something that is not a rejection
     │   ├── CommandHandlerFailed ... on_command raised; nothing was persisted
@@ -23,11 +27,17 @@ are translated into this tree with the original exception attached as ``__cause_
     │   ├── UnknownType ............ no registered class carries this stored type name
     │   ├── EncodeError ............ a value does not fit its declared type
     │   ├── DecodeError ............ a payload does not fit the class it names
-    │   └── EventDecodeError ....... a stored event cannot be decoded (names entity and seq nr)
+    │   ├── EventDecodeError ....... a stored event cannot be decoded (names entity and seq nr)
+    │   └── UndeliverableOutcome ... a command's reply or rejection cannot travel back from its
+    │                                shard host (it does not pickle): that ask alone gets this;
+    │                                ``committed`` says whether the command was applied
     ├── JournalError ............... the journal or snapshot store failed
     │   ├── ConcurrencyConflict .... another writer appended to this entity first
     │   ├── DuplicateCommandId ..... a reply is already stored under this entity's command id
     │   ├── JournalUnavailable ..... the database cannot be reached
+    │   ├── WriteRefused ........... the database refused one write's data (a value too long,
+    │   │                            an invalid character, a constraint): that write alone
+    │   │                            failed, the rest of its batch committed
     │   └── EventsMissing .......... an entity's events were deleted with no snapshot
     │                                covering them: its state cannot be recovered
     ├── RuntimeFailure ............. the entity runtime could not deliver a command
@@ -113,6 +123,25 @@ class UnhandledCommand(CommandRejected):
     """The command handler has no case for this command in this state."""
 
     http_status = 400
+
+
+class InvalidId(CommandRejected, ValueError):
+    """An entity id or a command id breaks the rules every id must follow: a ``str`` of 1 to
+    255 characters, with no NUL character and no lone surrogate (it must encode as UTF-8).
+
+    Raised by ``ref_for`` and ``ask``/``tell`` before anything is sent, so the asks batched
+    with it are not affected; nothing was run. A ``ValueError`` too, and a rejection with
+    ``http_status`` 400, so that a service answers a bad id from a URL with a 400 problem."""
+
+    http_status = 400
+
+
+class InvalidEntityId(InvalidId):
+    """An entity id breaks the id rules (see :class:`InvalidId`)."""
+
+
+class InvalidCommandId(InvalidId):
+    """A command id breaks the id rules (see :class:`InvalidId`)."""
 
 
 # --------------------------------------------------------------------------- handler bugs
@@ -220,6 +249,23 @@ class EventDecodeError(SerializationError):
         self.type_name = type_name
 
 
+class UndeliverableOutcome(SerializationError):
+    """A command's outcome (its reply, or its rejection) cannot be sent back from its shard
+    host to the caller: it does not pickle. Only that ask gets this error; the others of its
+    batch get their own outcomes.
+
+    ``committed`` says whether the command's events were committed: when True the command
+    WAS applied (do not apply it again; its reply is what cannot travel), when False this ask
+    persisted nothing. ``command_id`` is the ask's command id."""
+
+    def __init__(
+        self, message: str, *, command_id: str | None = None, committed: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.committed = committed
+
+
 # --------------------------------------------------------------------------- journal
 
 
@@ -255,6 +301,18 @@ class DuplicateCommandId(JournalError):
 
 class JournalUnavailable(JournalError):
     """The journal's database cannot be reached."""
+
+
+class WriteRefused(JournalError):
+    """The journal refused one entity's write because of its data: an id or a tag that breaks
+    the id rules, or a value the database itself refused (too long, an invalid character, a
+    constraint or trigger). Nothing of that write was stored; the other writes of its batch
+    committed. Names the entity and the reason."""
+
+    def __init__(self, message: str, *, entity_type: str = "", entity_id: str = "") -> None:
+        super().__init__(message)
+        self.entity_type = entity_type
+        self.entity_id = entity_id
 
 
 class EventsMissing(JournalError):

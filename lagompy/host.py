@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import logging
 import os
 import pickle
@@ -37,6 +38,7 @@ from lagompy.errors import (
     JournalUnavailable,
     LagompyError,
     RuntimeFailure,
+    UndeliverableOutcome,
 )
 from lagompy.processing import EntityProcessor, Request, Result
 from lagompy.settings import JournalSettings
@@ -159,27 +161,38 @@ class ShardHost:
         The region sends the requests as plain tuples pickled with the standard C pickler (much
         faster than the per-object dispatch of Ray's cloudpickle for hundreds of small
         objects); the outcomes come back pickled the same way. Batches that do not pickle that
-        way travel as objects.
+        way travel as objects. An outcome that does not pickle at all (a reply or a rejection
+        holding a lock, say) is replaced with an ``UndeliverableOutcome`` for its ask alone:
+        the others of the batch, committed ones included, get theirs.
         """
         requests: list[Request] = (
             list(map(Request._make, pickle.loads(batch))) if isinstance(batch, bytes) else batch
         )
-        outcomes = self._process(topology_key, requests)
-        if isinstance(batch, bytes):
-            try:
-                return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                pass
-        return outcomes
+        outcomes, results = self._run(topology_key, requests)
+        try:
+            pickled = pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            # Some outcome does not pickle this way: check them one by one (rare; they travel
+            # as objects, for Ray's cloudpickle).
+            return _deliverable(outcomes, requests, results)
+        return pickled if isinstance(batch, bytes) else outcomes
 
     def _process(self, topology_key: str, requests: list[Request]) -> list[Outcome]:
+        """The outcomes of the batch, in order."""
+        return self._run(topology_key, requests)[0]
+
+    def _run(
+        self, topology_key: str, requests: list[Request]
+    ) -> tuple[list[Outcome], list[Result] | None]:
+        """The outcomes of the batch, and the processor's results they came from (None when
+        the batch was refused whole)."""
         if topology_key != self.topology.key:
             error = WrongTopology(
                 f"shard host {self.index} of app {self.topology.app!r} runs topology "
                 f"{self.topology.key}, the batch was routed with {topology_key}: the app's hosts "
                 "were replaced; start() again in this process"
             )
-            return [(None, error)] * len(requests)
+            return [(None, error)] * len(requests), None
         shards, hosts = self.topology.shards, self.topology.hosts
         wrong = (
             [r for r in requests if host_of(r.entity_id, shards, hosts) != self.index]
@@ -190,9 +203,9 @@ class ShardHost:
             error = WrongTopology(
                 f"entity {wrong[0].entity_id!r} does not live on shard host {self.index}"
             )
-            return [(None, error)] * len(requests)
+            return [(None, error)] * len(requests), None
         if self.processor is None:
-            return self._refuse(len(requests))
+            return self._refuse(len(requests)), None
         with self._lock:
             started = time.perf_counter()
             results = self._loop.run_until_complete(self.processor.process(requests))
@@ -213,7 +226,7 @@ class ShardHost:
         if events:
             counters["write_transactions"] += 1
             counters["events"] += events
-        return outcomes
+        return outcomes, results
 
     def stats(self) -> dict[str, Any]:
         """The host's counters, its processor's (once the journal is open) and the journal's
@@ -380,6 +393,78 @@ def _picklable(error: BaseException) -> BaseException:
     except Exception:
         return RuntimeFailure(f"{type(error).__qualname__}: {error}")
     return error
+
+
+def _deliverable(
+    outcomes: list[Outcome], requests: list[Request], results: list[Result] | None
+) -> list[Outcome]:
+    """The outcomes, each that pickles neither with the standard pickler nor with Ray's
+    cloudpickle (what Ray sends objects with) replaced with an ``UndeliverableOutcome`` for
+    its ask: the caller learns which command it answers and whether it was applied."""
+    fallback = _fallback_pickler()
+    deliverable: list[Outcome] = []
+    for n, outcome in enumerate(outcomes):
+        problem = _pickle_problem(outcome, fallback)
+        if problem is None:
+            deliverable.append(outcome)
+            continue
+        result = results[n] if results is not None else None
+        committed = result is not None and result.committed
+        deliverable.append((None, _undeliverable(outcome, requests[n], committed, problem)))
+    return deliverable
+
+
+def _fallback_pickler() -> Any:
+    """Ray's cloudpickle when Ray is installed (imported only when the standard pickler
+    failed: this module does not need Ray), else None."""
+    try:
+        return importlib.import_module("ray.cloudpickle")
+    except ImportError:
+        return None
+
+
+def _pickle_problem(value: Any, fallback: Any) -> str | None:
+    """None if ``value`` pickles (with the standard pickler or the fallback), else why not."""
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return None
+    except Exception as e:
+        problem = f"{type(e).__name__}: {e}"
+    if fallback is not None:
+        try:
+            fallback.dumps(value)
+            return None
+        except Exception as e:
+            problem = f"{type(e).__name__}: {e}"
+    return problem[:300]
+
+
+def _undeliverable(
+    outcome: Outcome, request: Request, committed: bool, problem: str
+) -> UndeliverableOutcome:
+    reply, error = outcome
+    what = (
+        f"command {type(request.command).__qualname__} for {request.entity_type}/"
+        f"{request.entity_id} (command id {request.command_id})"
+    )
+    if error is not None:
+        message = (
+            f"the {type(error).__qualname__} that answered {what} cannot be sent back from its "
+            f"shard host: it does not pickle ({problem}); the command persisted nothing. "
+            f"It said: {str(error)[:500]}"
+        )
+    elif committed:
+        message = (
+            f"{what} WAS applied (its events are committed), but its reply, a "
+            f"{type(reply).__qualname__}, cannot be sent back from its shard host: it does not "
+            f"pickle ({problem}). Do not apply the command again; make its reply picklable"
+        )
+    else:
+        message = (
+            f"the reply to {what}, a {type(reply).__qualname__}, cannot be sent back from its "
+            f"shard host: it does not pickle ({problem}); the command persisted nothing"
+        )
+    return UndeliverableOutcome(message, command_id=request.command_id, committed=committed)
 
 
 class Coordinator:

@@ -100,9 +100,13 @@ class InProcessEntities(AsyncClosing):
     def ref_for(
         self, entity: type[PersistentEntity[C, Any, Any]] | str, entity_id: str
     ) -> EntityRef[C]:
+        """A ref to the entity ``entity_id`` of this type. Raises ``InvalidEntityId`` (a
+        ``ValueError``) for an id that is not a ``str`` of 1 to 255 characters without NUL or
+        lone surrogates (other types are refused, never turned into text), and
+        ``ConfigurationError`` for an entity type that is not registered."""
         type_name = entity if isinstance(entity, str) else entity.type_name
         self.processor.entity_class(type_name)  # fail fast on an unknown entity
-        return EntityRef(self._submit, type_name, str(entity_id))
+        return EntityRef(self._submit, type_name, entity_id)
 
     @property
     def pending(self) -> int:

@@ -4,7 +4,10 @@ One call to :meth:`Journal.append` is one database transaction (group commit). E
 write carries the highest sequence number its writer has seen; an entity whose number is stale
 (another writer got there first) gets its own :class:`~lagompy.errors.ConcurrencyConflict` and
 writes nothing, while the other entities of the batch commit. The unique constraint on
-``(entity_type, entity_id, seq_nr)`` backs this up should two writers race.
+``(entity_type, entity_id, seq_nr)`` backs this up should two writers race. A write whose data
+breaks the id rules, or that the database refuses (a value too long, a constraint), fails alone
+with :class:`~lagompy.errors.WriteRefused` the same way: the batch is written again in parts
+down to the refused write (see :meth:`Journal._isolate`).
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from lagompy.errors import (
     DuplicateCommandId,
     EncodeError,
     EventDecodeError,
+    InvalidCommandId,
+    InvalidEntityId,
     JournalError,
     LagompyError,
     SerializationError,
     UnknownType,
+    WriteRefused,
 )
 from lagompy.serialization import Serializer
 
@@ -84,8 +90,18 @@ def _event_tags(w: AtomicWrite, n: int) -> tuple[str, ...]:
     return tuple(dict.fromkeys(event_tags))
 
 
+class _BadTag(ValueError):
+    """A tag breaks the id rules (see :func:`id_problem`)."""
+
+
 @lru_cache(maxsize=4096)
 def _packed_tags(tags: tuple[str, ...]) -> bytes:
+    """The tags, packed, once they are checked (the same few tuples come again and again: the
+    check costs nothing per event)."""
+    for t in tags:
+        problem = id_problem(t)
+        if problem is not None:
+            raise _BadTag(f"a tag {problem}")
     packed: bytes = msgpack.packb(list(tags))
     return packed
 
@@ -142,7 +158,7 @@ class AtomicWrite:
 @dataclass(frozen=True)
 class WriteResult:
     """What happened to one :class:`AtomicWrite` of a batch: the offsets its events got, or the
-    error that stopped it (``ConcurrencyConflict``, ``EncodeError``)."""
+    error that stopped it (``ConcurrencyConflict``, ``EncodeError``, ``WriteRefused``...)."""
 
     write: AtomicWrite
     offsets: tuple[int, ...] = ()
@@ -190,20 +206,84 @@ class _Encoded:
     replies: list[tuple[str, str, str, int, bytes]] = field(default_factory=list)
 
 
+#: The longest entity id, command id or tag the journal's tables hold (characters).
+MAX_ID_LENGTH = 255
 #: The longest command id the replies table holds.
-MAX_COMMAND_ID_LENGTH = 255
+MAX_COMMAND_ID_LENGTH = MAX_ID_LENGTH
+
+
+def id_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as an entity id, a command id or a tag, or None.
+
+    The rules, the same on every backend: a ``str`` of 1 to :data:`MAX_ID_LENGTH` characters,
+    with no NUL character and no lone surrogate (the text must encode as UTF-8: PostgreSQL
+    refuses both, and SQLite's driver the second). Costs a few C calls for an ASCII id.
+    """
+    if type(value) is not str:
+        if isinstance(value, str):
+            return id_problem(str.__str__(value))
+        return (
+            f"must be a str, got {type(value).__qualname__} {_shorten(value)} (lagompy never "
+            "turns another type into an id: pass str(...) if that is the id you mean)"
+        )
+    n = len(value)
+    if not n:
+        return "must not be empty"
+    if n > MAX_ID_LENGTH:
+        return f"may have at most {MAX_ID_LENGTH} characters, got {n} ({_shorten(value)})"
+    if "\x00" in value:
+        return f"must not contain a NUL character ({_shorten(value)})"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"must not contain a lone surrogate: it is not valid UTF-8 ({_shorten(value)})"
+    return None
+
+
+def _shorten(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 50 else f"{text[:40]}...{text[-5:]}"
+
+
+def _plain(value: str) -> str:
+    """A ``str`` subclass's value (a StrEnum member, say) as a plain ``str``."""
+    return value if value.__class__ is str else str.__str__(value)
+
+
+def check_entity_id(entity_id: object) -> str:
+    """``entity_id`` if it is a valid entity id (see :func:`id_problem`), as a plain ``str``;
+    else :class:`~lagompy.errors.InvalidEntityId` (a ``ValueError``) naming the rule."""
+    if (
+        type(entity_id) is str
+        and 0 < len(entity_id) <= MAX_ID_LENGTH
+        and "\x00" not in entity_id
+        and entity_id.isascii()
+    ):
+        return entity_id
+    problem = id_problem(entity_id)
+    if problem is not None:
+        raise InvalidEntityId(f"an entity id {problem}")
+    assert isinstance(entity_id, str)
+    return _plain(entity_id)
 
 
 def check_command_id(command_id: object) -> str:
-    """``command_id`` if it is a usable command id, else a ``ValueError`` saying why."""
-    if not isinstance(command_id, str) or not command_id:
-        raise ValueError(f"a command id must be a non-empty string, got {command_id!r}")
-    if len(command_id) > MAX_COMMAND_ID_LENGTH:
-        raise ValueError(
-            f"a command id may have at most {MAX_COMMAND_ID_LENGTH} characters, got "
-            f"{len(command_id)} ({command_id[:40]!r}...)"
-        )
-    return command_id
+    """``command_id`` if it is a valid command id (the rules of :func:`id_problem`), as a
+    plain ``str``; else :class:`~lagompy.errors.InvalidCommandId` (a ``ValueError``) naming
+    the rule."""
+    if (
+        type(command_id) is str
+        and 0 < len(command_id) <= MAX_ID_LENGTH
+        and "\x00" not in command_id
+        and command_id.isascii()
+    ):
+        return command_id
+    problem = id_problem(command_id)
+    if problem is not None:
+        raise InvalidCommandId(f"a command id {problem}")
+    assert isinstance(command_id, str)
+    return _plain(command_id)
 
 
 def _check_replies(w: AtomicWrite) -> None:
@@ -228,6 +308,27 @@ def _check_replies(w: AtomicWrite) -> None:
             raise ValueError(
                 f"{where}: the reply to command {command_id!r} must be encoded bytes, got "
                 f"{type(payload).__qualname__}"
+            )
+
+
+def _where(w: AtomicWrite) -> str:
+    """The write's entity, for messages (a long or odd id shortened and quoted)."""
+    entity_id = w.entity_id
+    if type(entity_id) is str and len(entity_id) <= 60 and entity_id.isprintable():
+        return f"{w.entity_type}/{entity_id}"
+    return f"{w.entity_type}/{_shorten(entity_id)}"
+
+
+def _check_write_ids(w: AtomicWrite) -> None:
+    """Refuse a write whose entity type or id breaks the id rules (WriteRefused): every
+    backend refuses the same writes, before the database sees them."""
+    for what, value in (("entity type", w.entity_type), ("entity id", w.entity_id)):
+        problem = id_problem(value)
+        if problem is not None:
+            raise WriteRefused(
+                f"write for {_where(w)} refused: an {what} {problem}",
+                entity_type=str(w.entity_type),
+                entity_id=str(w.entity_id),
             )
 
 
@@ -432,9 +533,12 @@ class Journal:
         """Append the writes of many entities in one transaction; one result per write.
 
         A write whose events cannot be encoded or whose expected sequence number is stale fails
-        alone (its result carries the error); the others commit. Two writes for the same entity
-        in one batch are refused (``ValueError``): merge them first. A database failure raises
-        a ``JournalError`` and nothing of the batch is committed.
+        alone (its result carries the error); the others commit. So does a write whose entity
+        type, entity id or tags break the id rules (:func:`id_problem`), or whose data the
+        database refuses (a value too long, a constraint, a trigger): ``WriteRefused``, naming
+        the entity and the reason. Two writes for the same entity in one batch are refused
+        (``ValueError``): merge them first. Any other database failure raises a
+        ``JournalError`` and nothing of the batch is committed.
 
         A write's ``replies`` are stored in the same transaction as its events. Two replies with
         one command id in a write, or a reply whose ``seq_nr`` is not one of the write's events,
@@ -462,7 +566,7 @@ class Journal:
                 continue
             try:
                 encoded.append((i, self._encode(w)))
-            except SerializationError as e:
+            except (SerializationError, WriteRefused) as e:
                 results[i] = WriteResult(w, error=e)
         if encoded:
             results.update(await self._append_encoded(encoded))
@@ -474,6 +578,15 @@ class Journal:
         return result.unwrap()
 
     def _encode(self, w: AtomicWrite) -> _Encoded:
+        entity_type, entity_id = w.entity_type, w.entity_id
+        if not (
+            type(entity_id) is str
+            and 0 < len(entity_id) <= MAX_ID_LENGTH
+            and "\x00" not in entity_id
+            and entity_id.isascii()
+            and type(entity_type) is str
+        ):
+            _check_write_ids(w)
         try:
             meta = msgpack.packb(dict(w.metadata), use_bin_type=True) if w.metadata else None
         except (TypeError, ValueError, OverflowError) as e:
@@ -487,7 +600,14 @@ class Journal:
             type_name, version, payload = self.serializer.encode(evt)
             event_tags = _event_tags(w, n)
             tags.append(event_tags)
-            packed_tags = _packed_tags(event_tags) if event_tags else None
+            try:
+                packed_tags = _packed_tags(event_tags) if event_tags else None
+            except _BadTag as e:
+                raise WriteRefused(
+                    f"write for {_where(w)} refused: event {n + 1} has {e}",
+                    entity_type=entity_type,
+                    entity_id=entity_id,
+                ) from None
             # In the order of _EVENT_COLUMNS, between global_offset and written_at_us.
             rows.append(
                 (
@@ -508,6 +628,53 @@ class Journal:
         return _Encoded(w, rows, tags, replies)
 
     async def _append_encoded(
+        self, encoded: list[tuple[int, _Encoded]]
+    ) -> dict[int, WriteResult]:
+        try:
+            return await self._append_checked(encoded)
+        except Exception as e:
+            if not _refused_data(e):
+                raise  # an outage, a bug: nothing of the batch committed, or its fate is unknown
+            refused = e
+        return await self._isolate(encoded, refused)
+
+    async def _isolate(
+        self, encoded: list[tuple[int, _Encoded]], refused: BaseException
+    ) -> dict[int, WriteResult]:
+        """The database refused the batch because of the data of some write (a value too long,
+        a character it does not take, a constraint or a trigger): its statement failed, so
+        nothing of the batch committed. Write the batch again in halves, each a transaction of
+        its own, down to the writes the database refuses: each of those fails alone with a
+        ``WriteRefused`` that names its entity and the database's reason; the others commit.
+        Rare, and about two transactions per halving: 2 x log2(n) for one bad write in n.
+
+        A part that fails for another reason (the database went away meanwhile) gets that
+        error in each of its writes' results, as a whole batch would; the parts written before
+        it stay committed and keep their results."""
+        if len(encoded) == 1:
+            ((i, enc),) = encoded
+            return {i: WriteResult(enc.write, error=_refusal(enc.write, refused))}
+        middle = len(encoded) // 2
+        results: dict[int, WriteResult] = {}
+        for part in (encoded[:middle], encoded[middle:]):
+            try:
+                results.update(await self._append_checked(part))
+            except Exception as e:
+                if _refused_data(e):
+                    results.update(await self._isolate(part, e))
+                    continue
+                error = (
+                    e
+                    if isinstance(e, LagompyError)
+                    else JournalError(f"write failed: {type(e).__name__}: {e}")
+                )
+                if error is not e:
+                    error.__cause__ = e
+                for i, enc in part:
+                    results[i] = WriteResult(enc.write, error=error)
+        return results
+
+    async def _append_checked(
         self, encoded: list[tuple[int, _Encoded]]
     ) -> dict[int, WriteResult]:
         last_error: BaseException | None = None
@@ -720,6 +887,22 @@ class Journal:
             highest = await _highest_many(conn, [(entity_type, entity_id)])
         return highest.get((entity_type, entity_id), 0)
 
+    async def deleted_to(self, entity_type: str, entity_id: str) -> int:
+        """The highest sequence number of the entity's events ever deleted (0: none ever was).
+
+        What recovery decides a deletion from: unlike :meth:`highest_seq_nr`, a concurrent
+        writer's new events never change it."""
+        d = schema.deletions
+        async with self.database.read() as conn:
+            deleted = (
+                await conn.execute(
+                    select(d.c.deleted_to).where(
+                        d.c.entity_type == entity_type, d.c.entity_id == entity_id
+                    )
+                )
+            ).scalar()
+        return int(deleted or 0)
+
     async def events(
         self,
         entity_type: str,
@@ -918,12 +1101,58 @@ class Journal:
 
 
 
+#: SQLite's extended result codes of a unique (or primary key) constraint violation.
+_SQLITE_UNIQUE_CODES = (2067, 1555)
+
+
 def _is_unique_violation(error: BaseException | None) -> bool:
     import asyncpg
 
-    return isinstance(
-        error, (IntegrityError, asyncpg.UniqueViolationError, sqlite3.IntegrityError)
+    if isinstance(error, sqlite3.IntegrityError):
+        # A CHECK constraint, a NOT NULL or a trigger's RAISE is an IntegrityError too: the
+        # write's data, not a race (see _refused_data).
+        code = getattr(error, "sqlite_errorcode", None)
+        return code in _SQLITE_UNIQUE_CODES if code is not None else "UNIQUE" in str(error)
+    return isinstance(error, (IntegrityError, asyncpg.UniqueViolationError))
+
+
+def _refused_data(error: BaseException) -> bool:
+    """Whether the database (or its driver) refused a batch because of the data of one of its
+    writes: a statement failed before anything committed, and writing the writes apart finds
+    the one it refuses. Not an outage, a lost connection or a race on the unique keys."""
+    import asyncpg
+
+    cause = error.__cause__ if isinstance(error, JournalError) else error
+    if cause is None:
+        return False
+    if isinstance(cause, asyncpg.PostgresError):
+        # Class 22: data exception (a value too long, an invalid byte sequence...); class 23:
+        # integrity constraint (a CHECK, a NOT NULL), the unique key aside (a race, retried
+        # with the full check); P0001: an exception a trigger raised.
+        state = str(getattr(cause, "sqlstate", "") or "")
+        return (state[:2] in ("22", "23") and state != "23505") or state == "P0001"
+    if isinstance(cause, asyncpg.InterfaceError):
+        # The driver could not encode a parameter (its DataError is also a ValueError).
+        return isinstance(cause, ValueError)
+    if isinstance(cause, sqlite3.IntegrityError):
+        return not _is_unique_violation(cause)
+    return isinstance(cause, (sqlite3.DataError, UnicodeEncodeError, OverflowError))
+
+
+def _refusal(w: AtomicWrite, refused: BaseException) -> WriteRefused:
+    cause = refused.__cause__ if isinstance(refused, JournalError) else refused
+    # The first line: PostgreSQL's DETAIL line repeats the whole refused row.
+    reason = str(cause if cause is not None else refused).strip().split("\n", 1)[0]
+    if len(reason) > 300:
+        reason = reason[:300] + "..."
+    error = WriteRefused(
+        f"write for {_where(w)} refused by the database: {reason}; the other writes of its "
+        "batch went ahead without it",
+        entity_type=w.entity_type,
+        entity_id=w.entity_id,
     )
+    error.__cause__ = cause
+    return error
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -51,12 +51,13 @@ from lagompy.errors import (
     EventHandlerFailed,
     EventsMissing,
     HandlerFailed,
+    InvalidEntityId,
     LagompyError,
     SerializationError,
     UnhandledCommand,
     UnhandledEvent,
 )
-from lagompy.journal import MAX_COMMAND_ID_LENGTH, AtomicWrite, Journal, check_command_id
+from lagompy.journal import MAX_ID_LENGTH, AtomicWrite, Journal, check_command_id, check_entity_id
 from lagompy.snapshots import SnapshotStore, SnapshotToSave
 
 log = logging.getLogger("lagompy.processing")
@@ -211,32 +212,41 @@ async def recover(
         if snapshot is not None:
             state, seq_nr, from_snapshot = snapshot.state, snapshot.seq_nr, True
     snapshot_seq = seq_nr
+    covered = snapshot_seq if from_snapshot else None
     envelopes = await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=seq_nr + 1)
-    if envelopes and envelopes[0].seq_nr != snapshot_seq + 1:
-        raise EventsMissing(
-            f"{entity_cls.type_name}/{entity_id} cannot be recovered: its events "
-            f"{snapshot_seq + 1}..{envelopes[0].seq_nr - 1} were deleted and "
-            + (
-                f"its snapshot covers only up to {snapshot_seq}"
-                if from_snapshot
-                else "no readable snapshot covers them"
-            )
-            + " (save a snapshot before deleting events)"
-        )
     for envelope in envelopes:
+        if envelope.seq_nr != seq_nr + 1:
+            # A gap: events were deleted (before this replay, or between two of its pages).
+            raise _events_missing(entity_cls, entity_id, seq_nr, envelope.seq_nr - 1, covered)
         state = apply_event(entity, state, envelope.event)
         seq_nr = envelope.seq_nr
     if not envelopes:
-        # Nothing replayed: deleted events may still have advanced the sequence number.
-        highest = await journal.highest_seq_nr(entity_cls.type_name, entity_id)
-        if from_snapshot and highest > snapshot_seq:
-            raise EventsMissing(
-                f"{entity_cls.type_name}/{entity_id} cannot be recovered: its events "
-                f"{snapshot_seq + 1}..{highest} were deleted and its snapshot covers only up to "
-                f"{snapshot_seq} (save a snapshot before deleting events)"
-            )
-        seq_nr = max(seq_nr, highest)
+        # Nothing to replay: deleted events may still have advanced the sequence number. The
+        # journal's record of deletions says how far, whatever another writer (a zombie copy
+        # of this host) commits meanwhile; the entity's highest sequence number, read now,
+        # would count events committed after the replay as deleted ones. Such events are not
+        # in this state: the entity's next write expects ``seq_nr``, meets a
+        # ConcurrencyConflict, and the entity reloads.
+        deleted = await journal.deleted_to(entity_cls.type_name, entity_id)
+        if deleted > snapshot_seq:
+            if from_snapshot:
+                raise _events_missing(entity_cls, entity_id, snapshot_seq, deleted, covered)
+            seq_nr = deleted  # every event was deleted: the entity starts again after them
     return LiveEntity(entity, state, seq_nr, snapshot_seq, warning, from_snapshot)
+
+
+def _events_missing(
+    entity_cls: EntityClass, entity_id: str, after: int, upto: int, snapshot_seq: int | None
+) -> EventsMissing:
+    covered = (
+        "no readable snapshot covers them"
+        if snapshot_seq is None
+        else f"its snapshot covers only up to {snapshot_seq}"
+    )
+    return EventsMissing(
+        f"{entity_cls.type_name}/{entity_id} cannot be recovered: its events "
+        f"{after + 1}..{upto} were deleted and {covered} (save a snapshot before deleting events)"
+    )
 
 
 # --------------------------------------------------------------------------- batches
@@ -264,11 +274,19 @@ class Request(NamedTuple):
 
 @dataclass(slots=True)
 class Result:
-    """The reply to one request, or the error that answers it."""
+    """The reply to one request, or the error that answers it. ``events`` are the events the
+    command committed in this batch; ``stored`` is set when the reply is the one stored when
+    the command was applied before (a retry with its command id)."""
 
     reply: Any = None
     error: BaseException | None = None
     events: tuple[Any, ...] = ()
+    stored: bool = False
+
+    @property
+    def committed(self) -> bool:
+        """Whether the command is applied: its events committed, in this batch or before."""
+        return self.error is None and (bool(self.events) or self.stored)
 
     def unwrap(self) -> Any:
         if self.error is not None:
@@ -490,12 +508,22 @@ class EntityProcessor:
                 )
                 continue
             key = (entity_type, req.entity_id)
+            group = groups.get(key)
+            if group is None:
+                refusal = _entity_id_refusal(req.entity_id)
+                if refusal is not None:
+                    results[i] = Result(error=refusal)
+                    continue
             command_id = req.command_id
             if command_id is not None:
-                if (
-                    command_id.__class__ is not str
-                    or not command_id
-                    or len(command_id) > MAX_COMMAND_ID_LENGTH
+                # Refs check ids before they are sent; a request made otherwise is checked
+                # here, so that a bad id (a NUL the database refuses, say) fails its request
+                # alone rather than the batch's reply lookup or write.
+                if not (
+                    command_id.__class__ is str
+                    and 0 < len(command_id) <= MAX_ID_LENGTH
+                    and "\x00" not in command_id
+                    and command_id.isascii()
                 ):
                     try:
                         check_command_id(command_id)
@@ -509,7 +537,6 @@ class EntityProcessor:
                     continue
                 if req.check_duplicate:
                     to_check.append(i)
-            group = groups.get(key)
             if group is None:
                 groups[key] = [i]
             else:
@@ -536,7 +563,7 @@ class EntityProcessor:
             done = results[first]
             assert done is not None
             for i in later:
-                results[i] = Result(reply=done.reply, error=done.error, events=done.events)
+                results[i] = Result(done.reply, done.error, done.events, done.stored)
             stats["duplicates"] += len(later)
         return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
 
@@ -604,7 +631,7 @@ class EntityProcessor:
                 except SerializationError as e:
                     answered[i] = Result(error=e)
                 else:
-                    answered[i] = Result(reply=reply)
+                    answered[i] = Result(reply=reply, stored=True)
                     self._stats["duplicates"] += 1
         for i, result in answered.items():
             results[i] = result
@@ -775,6 +802,23 @@ async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str,
             await outcome
     except Exception:
         log.exception("then_run side effect of %s/%s failed", *key)
+
+
+def _entity_id_refusal(entity_id: Any) -> LagompyError | None:
+    """None for a valid entity id, else the error that answers its requests (checked once per
+    entity and batch; refs check ids before they are sent)."""
+    if (
+        entity_id.__class__ is str
+        and 0 < len(entity_id) <= MAX_ID_LENGTH
+        and "\x00" not in entity_id
+        and entity_id.isascii()
+    ):
+        return None
+    try:
+        check_entity_id(entity_id)
+    except InvalidEntityId as e:
+        return e
+    return None
 
 
 def _unknown_entity(entity_type: str, known: dict[str, EntityClass]) -> ConfigurationError:

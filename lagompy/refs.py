@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from lagompy.entity import Command
 from lagompy.errors import AskTimeout
-from lagompy.journal import check_command_id
+from lagompy.journal import check_command_id, check_entity_id
 from lagompy.processing import Request
 
 log = logging.getLogger("lagompy.refs")
@@ -115,14 +115,21 @@ def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
 
 
 class EntityRef(Generic[C]):
-    """A handle on one entity: send it commands with :meth:`ask` or :meth:`tell`."""
+    """A handle on one entity: send it commands with :meth:`ask` or :meth:`tell`.
+
+    The entity id is checked once, here: a ``str`` of 1 to 255 characters, with no NUL
+    character and no lone surrogate; anything else raises
+    :class:`~lagompy.errors.InvalidEntityId` (a ``ValueError``, and a rejection answered with
+    400 by a service). Other types are refused rather than turned into text, so ``7`` and
+    ``"7"`` can never name one entity by accident.
+    """
 
     __slots__ = ("_submit_request", "entity_id", "entity_type")
 
     def __init__(self, submit: Submit, entity_type: str, entity_id: str) -> None:
         self._submit_request = submit
         self.entity_type = entity_type
-        self.entity_id = entity_id
+        self.entity_id = check_entity_id(entity_id)
 
     def _submit(self, command: Any, command_id: str | None) -> tuple[asyncio.Future[Any], str]:
         # A generated id cannot have been seen before: only a caller's id is looked up.
@@ -148,8 +155,12 @@ class EntityRef(Generic[C]):
         ``http_status``), ``CommandHandlerFailed`` for a handler bug, a ``JournalError``;
         ``Overloaded`` at once when too many asks are outstanding (the command is not run);
         ``AskTimeout`` (carrying the ``command_id``) after ``timeout`` seconds; on Ray,
-        ``OutcomeUnknown`` when the entity's host failed and resends ran out; ``ValueError`` for
-        a command id that is empty or too long.
+        ``OutcomeUnknown`` when the entity's host failed and resends ran out;
+        ``InvalidCommandId`` (a ``ValueError``, raised before anything is sent) for a command id
+        that breaks the id rules (a ``str`` of 1 to 255 characters, no NUL, no lone surrogate).
+        On Ray, ``SerializationError`` when the command does not pickle (it is not run), and
+        ``UndeliverableOutcome`` when its reply or rejection does not pickle (its
+        ``committed`` says whether the command was applied).
         """
         future, cid = self._submit(command, command_id)
         if timeout is None:

@@ -16,6 +16,7 @@ same hosts, hence the same entities.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import pickle
@@ -25,7 +26,12 @@ from typing import Any, Literal, TypeVar, overload
 
 from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
-from lagompy.errors import ConfigurationError, JournalUnavailable, RuntimeFailure
+from lagompy.errors import (
+    ConfigurationError,
+    JournalUnavailable,
+    RuntimeFailure,
+    SerializationError,
+)
 from lagompy.host import JOURNAL_OPEN, Coordinator, ShardHost
 from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.processing import EntityClass, Request
@@ -92,19 +98,55 @@ class _RayHostLink:
         self._create = create
 
     async def call(self, requests: list[Request]) -> list[Outcome]:
-        import ray.exceptions
-
-        batch: list[Request] | bytes
         try:
             # Plain tuples: the host rebuilds the named tuples (Request._make).
             batch = pickle.dumps([tuple(r) for r in requests], protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # e.g. a command holding a lambda: let Ray's cloudpickle try
-            batch = requests
+        except Exception:  # e.g. a command holding a lambda, or a lock
+            return await self._call_apart(requests)
+        return await self._send(batch)
+
+    async def _send(self, batch: list[Request] | bytes) -> list[Outcome]:
+        import ray.exceptions
+
         try:
             answer = await self.handle.process.remote(self.topology_key, batch)
         except ray.exceptions.RayActorError as e:  # ActorDiedError, ActorUnavailableError
             raise HostUnreachable(f"{type(e).__name__}: {str(e)[:300]}") from e
         outcomes: list[Outcome] = pickle.loads(answer) if isinstance(answer, bytes) else answer
+        return outcomes
+
+    async def _call_apart(self, requests: list[Request]) -> list[Outcome]:
+        """Some command of the batch does not pickle with the standard pickler: pickle each
+        request apart. A request that Ray's cloudpickle cannot pickle either is not sent (so
+        not run) and alone gets a ``SerializationError`` naming its command; the others go,
+        as objects for Ray's cloudpickle when one of them needs it."""
+        cloudpickle: Any = importlib.import_module("ray.cloudpickle")
+        outcomes: list[Outcome] = [(None, None)] * len(requests)
+        sent: list[int] = []
+        plain = True
+        for n, request in enumerate(requests):
+            try:
+                pickle.dumps(tuple(request), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                try:
+                    cloudpickle.dumps(request)
+                except Exception as e:
+                    outcomes[n] = (None, _unpicklable_command(request, e))
+                    continue
+                plain = False
+            sent.append(n)
+        if not sent:
+            return outcomes
+        chosen = [requests[n] for n in sent]
+        answered = await self._send(
+            pickle.dumps([tuple(r) for r in chosen], protocol=pickle.HIGHEST_PROTOCOL)
+            if plain
+            else chosen
+        )
+        if len(answered) != len(sent):
+            return answered  # the region reports the mismatch
+        for n, outcome in zip(sent, answered, strict=True):
+            outcomes[n] = outcome
         return outcomes
 
     async def reconnect(self) -> None:
@@ -160,6 +202,16 @@ class _RayHostLink:
         raise AssertionError("unreachable")
 
 
+def _unpicklable_command(request: Request, error: Exception) -> SerializationError:
+    reason = f"{type(error).__name__}: {error}"
+    return SerializationError(
+        f"command {type(request.command).__qualname__} for {request.entity_type}/"
+        f"{request.entity_id} (command id {request.command_id}) cannot be sent to its shard "
+        f"host: it does not pickle ({reason[:300]}); it was not run. Commands sent to entities "
+        "on Ray must pickle"
+    )
+
+
 # --------------------------------------------------------------------------- entities
 
 
@@ -201,13 +253,17 @@ class ShardedEntities(AsyncClosing):
     def ref_for(
         self, entity: type[PersistentEntity[C, Any, Any]] | str, entity_id: str
     ) -> EntityRef[C]:
+        """A ref to the entity ``entity_id`` of this type. Raises ``InvalidEntityId`` (a
+        ``ValueError``) for an id that is not a ``str`` of 1 to 255 characters without NUL or
+        lone surrogates (other types are refused, never turned into text), and
+        ``ConfigurationError`` for an entity type that is not registered."""
         type_name = entity if isinstance(entity, str) else entity.type_name
         if type_name not in self._types:
             raise ConfigurationError(
                 f"no entity with type_name {type_name!r} is registered in app {self.app!r} "
                 f"(known: {sorted(self._types)})"
             )
-        return EntityRef(self.region.submit, type_name, str(entity_id))
+        return EntityRef(self.region.submit, type_name, entity_id)
 
     async def host_stats(self, *, require_journal: bool = True) -> list[dict[str, Any]]:
         """Counters of every shard host: batches, requests, write transactions, events, live

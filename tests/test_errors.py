@@ -15,10 +15,13 @@ from lagompy.errors import (
     ConcurrencyConflict,
     EventDecodeError,
     InvalidCommand,
+    InvalidEntityId,
     LagompyError,
     NotFound,
     OutcomeUnknown,
+    UndeliverableOutcome,
     UnknownType,
+    WriteRefused,
 )
 
 SAMPLES: list[LagompyError] = [
@@ -28,6 +31,9 @@ SAMPLES: list[LagompyError] = [
     EventDecodeError(entity_type="user", entity_id="1", seq_nr=3, type_name="T", reason="r"),
     ConcurrencyConflict(entity_type="user", entity_id="1", expected_seq_nr=1, actual_seq_nr=2),
     OutcomeUnknown("cmd-1"),
+    InvalidEntityId("an entity id must not be empty"),
+    UndeliverableOutcome("the reply does not pickle", command_id="c-3", committed=True),
+    WriteRefused("refused", entity_type="user", entity_id="1"),
     AskTimeout("no reply in 5 s", command_id="cmd-2"),
 ]
 

@@ -134,3 +134,81 @@ async def test_a_write_connection_killed_between_writes_fails_one_write_then_rec
     assert [e.seq_nr for e in await journal.events("user", "k")] == [1, 2]
     assert storage.database._writer is not None
     assert storage.database._writer[2].get_server_pid() != pid
+
+
+# --------------------------------------------------------------------------- refused data
+
+
+async def refuse_poison(storage: Storage) -> None:
+    """Make the database itself refuse the events of entities whose id starts with "poison"
+    (a trigger on SQLite, a CHECK constraint on PostgreSQL): data the journal's own checks let
+    through, refused by the database in the middle of a batch."""
+    from sqlalchemy import text
+
+    if storage.database.dialect == "sqlite":
+        ddl = (
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON lagompy_events "
+            "WHEN NEW.entity_id LIKE 'poison%' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned entities are refused'); END"
+        )
+    else:
+        ddl = (
+            "ALTER TABLE lagompy_events ADD CONSTRAINT poisoned_entities_are_refused "
+            "CHECK (entity_id NOT LIKE 'poison%')"
+        )
+    async with storage.database.write() as conn:
+        await conn.execute(text(ddl))
+
+
+@pytest.mark.parametrize("events_per_write", [1, 3], ids=["small-batch", "large-batch"])
+async def test_a_write_the_database_refuses_fails_alone_and_the_others_commit(
+    storage: Storage, events_per_write: int
+) -> None:
+    # A small batch takes PostgreSQL's one-statement path, a large one (>= 64 events) its
+    # COPY path; SQLite has one path. Either way, the database refusing one entity's rows
+    # fails that write alone (WriteRefused, naming the entity and the reason): before, every
+    # write of the batch failed with the database's error.
+    from lagompy.errors import WriteRefused
+
+    journal = storage.journal
+    await refuse_poison(storage)
+    ids = [f"u{n}" for n in range(30)]
+    ids[3], ids[17], ids[29] = "poison-a", "poison-b", "poison-c"
+    writes = [
+        AtomicWrite(
+            "user",
+            uid,
+            0,
+            [reg(uid)] * events_per_write,
+            [("users",)] * events_per_write,
+            replies=[(f"cmd-{uid}", events_per_write, b"\xc0")],
+        )
+        for uid in ids
+    ]
+    results = await journal.append(writes)
+    for uid, result in zip(ids, results, strict=True):
+        if uid.startswith("poison"):
+            assert isinstance(result.error, WriteRefused), result
+            assert (result.error.entity_type, result.error.entity_id) == ("user", uid)
+            assert f"write for user/{uid} refused by the database" in str(result.error)
+            assert "poison" in str(result.error.__cause__)
+            assert "\n" not in str(result.error)  # not the row the database repeats
+            assert result.envelopes == ()
+        else:
+            assert result.ok, result
+            assert [e.seq_nr for e in result.envelopes] == list(range(1, events_per_write + 1))
+    good = [uid for uid in ids if not uid.startswith("poison")]
+    tagged = await journal.events_by_tag("users", limit=1000)
+    assert sorted({e.entity_id for e in tagged}) == sorted(good)
+    assert len(tagged) == len(good) * events_per_write
+    offsets = [e.offset for e in tagged]
+    assert offsets == sorted(set(offsets))
+    stored = await journal.stored_replies([("user", uid, f"cmd-{uid}") for uid in ids])
+    assert sorted(k[1] for k in stored) == sorted(good)
+    for uid in ("poison-a", "poison-b", "poison-c"):
+        assert await journal.highest_seq_nr("user", uid) == 0
+    # The journal goes on: a good write commits, a poisoned one is refused again, alone.
+    again = await journal.append(
+        [write("u0", events_per_write, reg("u0")), write("poison-a", 0, reg("p"))]
+    )
+    assert again[0].ok and isinstance(again[1].error, WriteRefused)

@@ -23,7 +23,7 @@ from lagompy import (
     start_in_process,
 )
 from lagompy.errors import AskTimeout, DuplicateCommandId, EncodeError, EventsMissing, Overloaded
-from lagompy.journal import AtomicWrite, WriteResult
+from lagompy.journal import AtomicWrite, EventEnvelope, Journal, WriteResult
 from lagompy.processing import EntityProcessor, Request, recover
 
 # --------------------------------------------------------------------------- a counter entity
@@ -444,3 +444,62 @@ async def test_recovery_refuses_to_skip_deleted_events(journal_settings: Journal
         with pytest.raises(EventsMissing):
             await ents.ref_for(CounterEntity, "gap").ask(Increment(1))
         assert [e.seq_nr for e in await journal.events("counter", "gap")] == [3, 4]
+
+
+class RacingJournal(Journal):
+    """A journal whose next replay of one entity lets a second, real writer (another storage
+    on the same database, with a connection pool of its own, as a zombie copy of a shard host
+    has) commit events right after the replay read the entity's events: the interleaving under
+    which recovery once claimed that events had been deleted."""
+
+    def __init__(self, journal: Journal, writer: Journal, key: tuple[str, str], events: int):
+        super().__init__(journal.database, journal.serializer)
+        self.writer = writer
+        self.race: tuple[tuple[str, str], int] | None = (key, events)
+
+    async def replay(
+        self, entity_type: str, entity_id: str, *, from_seq_nr: int = 1, page_size: int = 1000
+    ) -> list[EventEnvelope[Any]]:
+        envelopes = await super().replay(
+            entity_type, entity_id, from_seq_nr=from_seq_nr, page_size=page_size
+        )
+        if self.race is not None and self.race[0] == (entity_type, entity_id):
+            (_, count), self.race = self.race, None
+            seen = envelopes[-1].seq_nr if envelopes else from_seq_nr - 1
+            await self.writer.append_one(
+                AtomicWrite(entity_type, entity_id, seen, [Changed(1)] * count)
+            )
+        return envelopes
+
+
+@pytest.mark.parametrize("entity", [SnapshottedCounter, CounterEntity], ids=lambda c: c.type_name)
+async def test_recovery_never_takes_a_concurrent_write_for_deleted_events(
+    journal_settings: JournalSettings, entity: type[CounterEntity]
+) -> None:
+    """Recovery reads the events after the snapshot and finds none; another writer then
+    commits two. Before: with a snapshot, recovery saw the higher sequence number and raised
+    EventsMissing ("events 4..5 were deleted"); without one, it took the higher number on the
+    initial state and the next command committed on a state that missed those events. Now the
+    deletions decide: the entity starts at what it replayed, its write meets a conflict, it
+    reloads and the command runs again on the whole history."""
+    classes = [CounterEntity, SnapshottedCounter]
+    async with await start_in_process(entities=classes, settings=journal_settings) as ents:
+        before = 3 if entity is SnapshottedCounter else 0
+        for _ in range(before):  # SnapshottedCounter saves a snapshot at 3
+            await ents.ref_for(entity, "z").ask(Increment(1))
+        if before:
+            snapshot = await ents.storage.snapshots.load(entity.type_name, "z")
+            assert snapshot is not None and snapshot.seq_nr == 3
+        async with await open_storage(settings=journal_settings, entities=classes) as zombie:
+            journal = RacingJournal(
+                ents.storage.journal, zombie.journal, (entity.type_name, "z"), events=2
+            )
+            processor = EntityProcessor(classes, journal, ents.storage.snapshots)
+            (result,) = await processor.process(
+                [Request(entity.type_name, "z", Increment(1), "after-the-race", True)]
+            )
+        assert result.error is None, result.error
+        assert result.reply == before + 2 + 1
+        assert processor.stats()["conflicts"] == 1
+        events = await ents.storage.journal.events(entity.type_name, "z")
+        assert [e.seq_nr for e in events] == list(range(1, before + 4))

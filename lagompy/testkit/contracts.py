@@ -60,6 +60,7 @@ from lagompy.errors import (
     EventDecodeError,
     LagompyError,
     SerializationError,
+    WriteRefused,
 )
 from lagompy.journal import AtomicWrite, EventEnvelope, WriteResult
 from lagompy.serialization import Serializer, serializable
@@ -589,6 +590,34 @@ class JournalContract(StorageContract):
             assert envelope.entity_id == i and envelope.event == Happened(i, 1)
             assert await j.highest_seq_nr(ENTITY_TYPE, i) == 1
 
+    async def test_a_write_with_an_id_or_tag_that_breaks_the_rules_fails_alone(
+        self, storage: Storage
+    ) -> None:
+        # Every backend refuses the same writes, whatever its columns would take: an entity
+        # id or a tag must be a str of 1 to 255 characters, without NUL or lone surrogates.
+        # The other writes of the batch commit.
+        j = storage.journal
+        bad_ids: list[Any] = ["x" * 256, "", "a\x00b", "a\ud800b", 7]
+        bad_tags = ["t" * 256, "", "t\x00", "t\udfff"]
+        writes = [_write("good-0", 0, Happened("good-0", 1), tags=("t",))]
+        for n, bad in enumerate(bad_ids):
+            writes.append(_write(bad, 0, Happened("bad", 1), tags=("t",)))
+            writes.append(_write(f"good-{n + 1}", 0, Happened("good", 1), tags=("t",)))
+        for bad_tag in bad_tags:
+            writes.append(_write(f"tagged-{len(writes)}", 0, Happened("bad", 1), tags=(bad_tag,)))
+        results = await j.append(writes)
+        for write, result in zip(writes, results, strict=True):
+            if isinstance(write.entity_id, str) and write.entity_id.startswith("good-"):
+                assert result.ok, result
+                continue
+            assert isinstance(result.error, WriteRefused), result
+            assert result.envelopes == ()
+            tagged = str(write.entity_id).startswith("tagged-")
+            what = "tag" if tagged else "entity id"
+            assert f"{what} " in str(result.error)
+        assert sorted(_ids(await j.events_by_tag("t"))) == [f"good-{n}" for n in range(6)]
+        assert len(await j.all_events()) == 6
+
     # ------------------------------------------------------------ highest seq nr and deletion
 
     async def test_deleting_some_events_never_lowers_the_highest_seq_nr(
@@ -898,6 +927,8 @@ class JournalContract(StorageContract):
             [("c", 3, b"")],
             [("", 1, b"")],  # an empty command id
             [("x" * 256, 1, b"")],  # longer than the column
+            [("c\x00", 1, b"")],  # a NUL character
+            [("c\ud800", 1, b"")],  # a lone surrogate: not UTF-8
             [("c", 1, "not bytes")],
         ]
         for replies in bad_replies:
