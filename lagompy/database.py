@@ -280,6 +280,8 @@ _UNAVAILABLE_HINTS = (
 
 
 def _is_disconnect(error: BaseException) -> bool:
+    if isinstance(error, asyncpg.exceptions._base.DataError):
+        return False  # a parameter the driver could not encode: the connection is fine
     return isinstance(
         error,
         (
@@ -304,6 +306,10 @@ def translate_errors(what: str) -> Iterator[None]:
         raise
     except (OSError, ConnectionError) as e:
         raise JournalUnavailable(f"{what}: the database cannot be reached: {e}") from e
+    except asyncpg.exceptions._base.DataError as e:
+        # The driver could not encode a parameter: the data is wrong, the connection is fine
+        # (an InterfaceError too, which would otherwise read as an outage).
+        raise JournalError(f"{what} failed: {e}") from e
     except (
         asyncpg.InterfaceError,
         asyncpg.PostgresConnectionError,

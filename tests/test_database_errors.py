@@ -37,3 +37,12 @@ def test_other_database_errors_are_journal_errors() -> None:
         raise error
     assert not isinstance(info.value, JournalUnavailable)
     assert "write failed" in str(info.value)
+
+
+def test_a_value_the_driver_cannot_encode_is_not_an_outage() -> None:
+    from asyncpg.exceptions._base import DataError as ClientDataError
+
+    error = ClientDataError("invalid input for query argument $1: 'x' (an integer is required)")
+    with pytest.raises(JournalError) as info, translate_errors("write"):
+        raise error
+    assert not isinstance(info.value, JournalUnavailable)
