@@ -176,7 +176,7 @@ class ServiceClient(AsyncClosing):
     ) -> None:
         self.service = service
         self.locator = locator or ServiceLocator()
-        self.registry = registry or default_registry
+        self.registry = default_registry if registry is None else registry
         self.settings = settings or ClientSettings(**overrides)
         self.breaker = self._resolve_breaker(service if breaker is None else breaker)
         timeout = httpx.Timeout(self.settings.timeout, connect=self.settings.connect_timeout)

@@ -326,9 +326,9 @@ class CircuitBreakerOpen(ServiceCallError):
 
 
 class ServiceCallTimeout(ServiceCallError):
-    """No response arrived within the call timeout (``timeout`` seconds, when known); the
-    call may or may not have had an effect. Counts as a failure of the call's circuit
-    breaker."""
+    """No response arrived within the call timeout; the call may or may not have had an
+    effect. Counts as a failure of the call's circuit breaker. ``timeout`` is that timeout in
+    seconds, when known."""
 
     def __init__(
         self, message: str, *, service: str | None = None, timeout: float | None = None

@@ -187,7 +187,7 @@ class Service:
         self._given_runtime = runtime
         self._runtime: Entities | None = runtime
         self.locator = locator or ServiceLocator()
-        self.breakers = breakers or default_registry
+        self.breakers = default_registry if breakers is None else breakers
         self._client_specs = list(clients)
         self.clients: dict[str, ServiceClient] = {}
         self.components = list(components)
