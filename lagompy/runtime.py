@@ -16,7 +16,6 @@ same hosts, hence the same entities.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import os
 import pickle
@@ -190,6 +189,8 @@ def _ensure_ray(settings: RuntimeSettings) -> bool:
             _ray_users += 1
             return True
         return False
+    import atexit
+
     from lagompy import ray_cluster
 
     address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
