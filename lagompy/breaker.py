@@ -263,7 +263,8 @@ class CircuitBreaker:
                 raise
             self.counters["timeouts"] += 1
             error = ServiceCallTimeout(
-                f"call under circuit breaker {self.id!r} took longer than {limit} s"
+                f"call under circuit breaker {self.id!r} took longer than {limit} s",
+                timeout=limit,
             )
             self._record(generation, trial, error, self._clock() - started)
             raise error from e

@@ -14,7 +14,10 @@
 * **Errors**: a 4xx or 5xx answer raises :class:`~lagompy.errors.ServiceCallFailed` carrying the
   status and the body (decoded JSON, else text); a connection failure raises
   :class:`~lagompy.errors.ServiceUnavailable`; no answer in time raises
-  :class:`~lagompy.errors.ServiceCallTimeout`.
+  :class:`~lagompy.errors.ServiceCallTimeout`. Every one carries the ``service`` name; their
+  messages hold the URL (and the start of the body) for the logs. A lagompy route that lets
+  one escape answers with a problem document that names only the service and the kind of
+  failure (see :func:`lagompy.service.problem_for`).
 * **Circuit breaker**: every call runs under a :class:`~lagompy.breaker.CircuitBreaker`, by
   default one per client whose id is the service name (``breaker=`` per client or per call
   chooses another; ``breaker=False`` none). 5xx answers, connection failures and timeouts
@@ -43,6 +46,7 @@ from lagompy.breaker import BreakerRegistry, CircuitBreaker, default_registry
 from lagompy.closing import AsyncClosing
 from lagompy.errors import (
     ConfigurationError,
+    ServiceCallError,
     ServiceCallFailed,
     ServiceCallTimeout,
     ServiceUnavailable,
@@ -172,7 +176,7 @@ class ServiceClient(AsyncClosing):
     ) -> None:
         self.service = service
         self.locator = locator or ServiceLocator()
-        self.registry = registry or default_registry
+        self.registry = default_registry if registry is None else registry
         self.settings = settings or ClientSettings(**overrides)
         self.breaker = self._resolve_breaker(service if breaker is None else breaker)
         timeout = httpx.Timeout(self.settings.timeout, connect=self.settings.connect_timeout)
@@ -208,9 +212,16 @@ class ServiceClient(AsyncClosing):
         Returns the response when its status is below 400. ``breaker`` overrides the
         client's breaker for this call; ``timeout`` its call timeout (seconds)."""
         chosen = self.breaker if breaker is None else self._resolve_breaker(breaker)
-        if chosen is None:
-            return await self._send(method, path, timeout, kwargs)
-        return await chosen.call(lambda: self._send(method, path, timeout, kwargs), timeout=timeout)
+        try:
+            if chosen is None:
+                return await self._send(method, path, timeout, kwargs)
+            return await chosen.call(
+                lambda: self._send(method, path, timeout, kwargs), timeout=timeout
+            )
+        except ServiceCallError as e:
+            if e.service is None:  # raised by the breaker, which does not know the service
+                e.service = self.service
+            raise
 
     async def _send(
         self, method: str, path: str, timeout: float | None, kwargs: dict[str, Any]
@@ -226,8 +237,13 @@ class ServiceClient(AsyncClosing):
         try:
             response = await self._http.request(method, url, headers=headers, **kwargs)
         except httpx.TimeoutException as e:
+            limit = timeout if timeout is not None else self.settings.timeout
+            if isinstance(e, httpx.ConnectTimeout):
+                limit = min(limit, self.settings.connect_timeout)
             raise ServiceCallTimeout(
-                f"{method} {url}: no response in time ({type(e).__name__})", service=self.service
+                f"{method} {url}: no response in time ({type(e).__name__})",
+                service=self.service,
+                timeout=limit,
             ) from e
         except httpx.TransportError as e:
             raise ServiceUnavailable(

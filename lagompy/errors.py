@@ -385,7 +385,14 @@ class CircuitBreakerOpen(ServiceCallError):
 
 class ServiceCallTimeout(ServiceCallError):
     """No response arrived within the call timeout; the call may or may not have had an
-    effect. Counts as a failure of the call's circuit breaker."""
+    effect. Counts as a failure of the call's circuit breaker. ``timeout`` is that timeout in
+    seconds, when known."""
+
+    def __init__(
+        self, message: str, *, service: str | None = None, timeout: float | None = None
+    ) -> None:
+        super().__init__(message, service=service)
+        self.timeout = timeout
 
 
 class ServiceUnavailable(ServiceCallError):

@@ -220,7 +220,7 @@ def _current(connection: Connection) -> str | None:
 
 async def current_revision(database: Database) -> str | None:
     """The revision of lagompy's tables in ``database``; None if they were never migrated."""
-    with _alembic_errors(f"reading the revision of {database.describe()}"):
+    with _alembic_errors(f"reading the revision of {_place(database.settings)}"):
         async with database.read() as conn:
             return await conn.run_sync(_current)
 
@@ -233,7 +233,7 @@ async def upgrade(database: Database, revision: str = "head") -> UpgradeResult:
     the tables (and the version table) land in it.
     """
     settings = database.settings
-    with _alembic_errors(f"migrating {database.describe()}"):
+    with _alembic_errors(f"migrating {_place(settings)}"):
         async with _one_migration_per_process(), database.write() as conn:
             if database.dialect == "postgresql":
                 await _take_advisory_lock(conn)
@@ -306,8 +306,8 @@ async def ensure_schema(database: Database, *, auto_migrate: bool | None = None)
         return
     if current is not None and current not in known:
         raise ConfigurationError(
-            f"lagompy's tables in {database.describe()} are at revision {current!r}, which this "
-            f"version of lagompy does not know (its newest is {head!r}): a newer lagompy "
+            f"lagompy's tables in {_place(database.settings)} are at revision {current!r}, which "
+            f"this version of lagompy does not know (its newest is {head!r}): a newer lagompy "
             "migrated them; upgrade lagompy"
         )
     if auto_migrate:
@@ -315,19 +315,34 @@ async def ensure_schema(database: Database, *, auto_migrate: bool | None = None)
         return
     state = "are missing" if current is None else f"are at revision {current}, not {head}"
     raise ConfigurationError(
-        f"lagompy's tables in {database.describe()} {state} and auto_migrate is off: "
+        f"lagompy's tables in {_place(database.settings)} {state} and auto_migrate is off: "
         f"run `{migrate_command(database.settings)}`"
     )
 
 
-def migrate_command(settings: JournalSettings) -> str:
-    """The ``lagompy migrate`` command line for these settings, without the password."""
+def _shown_url(settings: JournalSettings) -> str:
+    """The database URL without its password (nor the async driver's name)."""
     url = normalize_url(settings.url)
     shown = URL.create(
         url.get_backend_name(), url.username, None, url.host, url.port, url.database, url.query
     )  # (URL.set(password=None) would keep the password)
-    words = ["lagompy", "migrate", "--url", shown.render_as_string(hide_password=False)]
-    if settings.postgres_schema and shown.get_backend_name() != "sqlite":
+    return shown.render_as_string(hide_password=False)
+
+
+def _place(settings: JournalSettings, schema: str | None = None) -> str:
+    """Where lagompy's tables are, for messages: the database without its password, and on
+    PostgreSQL the schema (``schema``, else the configured one)."""
+    schema = schema or settings.postgres_schema
+    url = _shown_url(settings)
+    if schema and dialect_of(normalize_url(settings.url)) == "postgresql":
+        return f"{url} (schema {schema})"
+    return url
+
+
+def migrate_command(settings: JournalSettings) -> str:
+    """The ``lagompy migrate`` command line for these settings, without the password."""
+    words = ["lagompy", "migrate", "--url", _shown_url(settings)]
+    if settings.postgres_schema and dialect_of(normalize_url(settings.url)) == "postgresql":
         words += ["--schema", settings.postgres_schema]
     return shlex.join(words)
 
@@ -387,6 +402,16 @@ async def _with_database(
         await database.dispose()
 
 
+async def _current_schema(database: Database) -> str | None:
+    """The PostgreSQL schema lagompy's tables are in (the first of the search path when no
+    schema is configured); None on SQLite."""
+    if database.dialect != "postgresql":
+        return None
+    async with database.read() as conn:
+        schema = await conn.scalar(text("SELECT current_schema()"))
+    return None if schema is None else str(schema)
+
+
 def _migrate(
     ctx: typer.Context,
     url: UrlOption = None,
@@ -410,7 +435,7 @@ def _migrate(
 
     async def run(database: Database) -> str:
         result = await upgrade(database, revision)
-        where = database.describe()
+        where = _place(settings, await _current_schema(database))
         if not result.changed:
             return f"lagompy's tables in {where} are up to date at revision {result.after}"
         before = result.before or "none"

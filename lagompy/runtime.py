@@ -340,17 +340,31 @@ def _ensure_ray(settings: RuntimeSettings) -> bool:
             _ray_users += 1
             return True
         return False
+    import atexit
+
+    from lagompy import ray_cluster
+
     address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
-        ray.init(
+        context: Any = ray.init(
             address="local",
             object_store_memory=settings.object_store_memory,
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=False,
         )
+        # Recorded so that `lagompy entities stats` finds this Ray without an address.
+        gcs_address = str(context.address_info["gcs_address"])
+        if ray_cluster.record_local_ray(gcs_address, os.environ.get("RAY_AUTH_MODE")):
+            atexit.register(ray_cluster.forget_local_ray)
+        log.info("started a local Ray at %s", gcs_address)
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        # Fails in seconds, saying why, where ray.init would retry for a minute.
+        ray_cluster.check_attach(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ConfigurationError(f"cannot attach to the Ray cluster at {address}: {e}") from e
     _ray_owned = True
     _ray_users += 1
     return True

@@ -22,7 +22,8 @@
   ``Idempotency-Key`` header as command id), :data:`EntitiesDep`, :func:`client`,
   :data:`ServiceDep`.
 
-Errors become RFC 9457 problem documents (``application/problem+json``)::
+Errors become RFC 9457 problem documents (``application/problem+json``) carrying the
+request's ``request_id``::
 
     CommandRejected (InvalidCommand, NotFound, yours) -> its http_status (400, 404, ...)
     request validation                                -> 422, with the errors
@@ -30,8 +31,15 @@ Errors become RFC 9457 problem documents (``application/problem+json``)::
     Overloaded, JournalUnavailable                    -> 503 with Retry-After
     CircuitBreakerOpen                                -> 503 with Retry-After (the breaker's)
     ServiceUnavailable / ServiceCallFailed            -> 503 / 502
-    AskTimeout, OutcomeUnknown, ServiceCallTimeout    -> 504 (with the command id)
-    anything else                                     -> 500, no internals (logged)
+    ServiceCallTimeout                                -> 504
+    AskTimeout, OutcomeUnknown                        -> 504 (with the command id)
+    anything else                                     -> 500, no detail
+
+No problem document leaks internals: a failed service call names the service and the kind of
+failure ("the inventory service answered 500", "... cannot be reached", "... did not answer
+within 2 s", "... is not called: its circuit breaker is open"), never its URL or the
+upstream's body; a journal outage says only that. Every 5xx is logged in full with the
+request id.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ from lagompy.errors import (
     LagompyError,
     OutcomeUnknown,
     Overloaded,
+    ServiceCallError,
     ServiceCallFailed,
     ServiceCallTimeout,
     ServiceUnavailable,
@@ -178,7 +187,7 @@ class Service:
         self._given_runtime = runtime
         self._runtime: Entities | None = runtime
         self.locator = locator or ServiceLocator()
-        self.breakers = breakers or default_registry
+        self.breakers = default_registry if breakers is None else breakers
         self._client_specs = list(clients)
         self.clients: dict[str, ServiceClient] = {}
         self.components = list(components)
@@ -608,10 +617,52 @@ def _retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+#: A service or breaker name shown to callers as it is; any other (a URL, a host name) is not.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+
+def _called(exc: ServiceCallError) -> str:
+    """The called service as a caller may see it: its name, never a URL or a host."""
+    name = exc.service
+    if name and _PLAIN_NAME.match(name):
+        return f"the {name} service"
+    return "a service this one depends on"
+
+
+def _service_call_problem(
+    exc: ServiceCallError, retry_after: int
+) -> tuple[int, str, dict[str, Any], dict[str, str]]:
+    """Status, detail, extensions and headers of a failed service call. The detail names the
+    service and the kind of failure only: the exception's message (URL, upstream body) is for
+    the log."""
+    called = _called(exc)
+    if isinstance(exc, CircuitBreakerOpen):
+        breaker = exc.breaker_id if _PLAIN_NAME.match(exc.breaker_id) else None
+        if exc.service is None and breaker is not None:
+            detail = f"circuit breaker {breaker!r} is open"
+        else:
+            detail = f"{called} is not called: its circuit breaker is open"
+        return 503, detail, {"breaker_id": breaker}, _retry_after(exc.retry_after)
+    if isinstance(exc, ServiceCallTimeout):
+        within = f"within {exc.timeout:g} s" if exc.timeout is not None else "in time"
+        return 504, f"{called} did not answer {within}", {}, {}
+    if isinstance(exc, ServiceUnavailable):
+        return 503, f"{called} cannot be reached", {}, _retry_after(retry_after)
+    if isinstance(exc, ServiceCallFailed):
+        status = exc.status
+        return 502, f"{called} answered {status}", {"upstream_status": status}, {}
+    return 502, f"the call to {called} failed", {}, {}
+
+
 def problem_for(
     exc: LagompyError, *, retry_after: int = 1
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """The status, problem body and headers a lagompy error is answered with."""
+    """The status, problem body and headers a lagompy error is answered with.
+
+    The body never carries internals: a rejection keeps the entity's own words, a failed
+    service call names the service and the kind of failure, a journal outage says only that,
+    and anything else (configuration, journal, serialization, handler bugs) is a bare 500.
+    The full message belongs in the log (the handler logs it with the request id)."""
     type_, title = _error_type(exc)
     headers: dict[str, str] = {}
     extra: dict[str, Any] = {}
@@ -621,10 +672,10 @@ def problem_for(
     elif isinstance(exc, (ConcurrencyConflict, DuplicateCommandId)):
         status = 409
         extra["command_id"] = getattr(exc, "command_id", None)
-    elif isinstance(exc, CircuitBreakerOpen):
-        status = 503
-        headers = _retry_after(exc.retry_after)
-        extra["breaker_id"] = exc.breaker_id
+    elif isinstance(exc, ServiceCallError):
+        status, detail, extra, headers = _service_call_problem(exc, retry_after)
+        if exc.service and _PLAIN_NAME.match(exc.service):
+            extra["service"] = exc.service
     elif isinstance(exc, (Overloaded, JournalUnavailable)):
         status = 503
         headers = _retry_after(retry_after)
@@ -633,14 +684,6 @@ def problem_for(
     elif isinstance(exc, (AskTimeout, OutcomeUnknown)):
         status = 504
         extra["command_id"] = exc.command_id
-    elif isinstance(exc, ServiceCallTimeout):
-        status = 504
-    elif isinstance(exc, ServiceUnavailable):
-        status = 503
-        headers = _retry_after(retry_after)
-    elif isinstance(exc, ServiceCallFailed):
-        status = 502
-        extra["upstream_status"] = exc.status
     else:
         status, type_, title, detail = 500, "about:blank", "Internal Server Error", None
     return status, _problem(status, title, detail, type_=type_, **extra), headers
@@ -667,9 +710,19 @@ async def _lagompy_error_handler(request: Request, exc: Exception) -> Response:
     retry_after = service.settings.retry_after if isinstance(service, Service) else 1
     status, body, headers = problem_for(exc, retry_after=retry_after)
     if status >= 500:
-        log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    if status == 500:
-        log.error("unexpected error", exc_info=exc)
+        # What the caller does not see (URLs, upstream bodies, database errors), under the
+        # request id the response carries.
+        log.log(
+            logging.ERROR if status == 500 else logging.WARNING,
+            "%s %s answered %d (request id %s): %s: %s",
+            request.method,
+            request.url.path,
+            status,
+            current_request_id.get(),
+            type(exc).__name__,
+            exc,
+            exc_info=exc if status == 500 else None,
+        )
     return _problem_response(request, status, body, headers)
 
 
@@ -742,7 +795,13 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            log.error("%s %s failed", scope["method"], scope["path"], exc_info=exc)
+            log.error(
+                "%s %s answered 500 (request id %s)",
+                scope["method"],
+                scope["path"],
+                request_id,
+                exc_info=exc,
+            )
             if started:
                 raise
             body = _problem(500, "Internal Server Error", None, instance=scope["path"])

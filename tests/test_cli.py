@@ -224,3 +224,47 @@ def test_every_listed_command_module_registers() -> None:
     result = CliRunner().invoke(app, ["--help"], prog_name="lagompy")
     assert result.exit_code == 0, result.output
     assert "version" in result.stdout
+
+
+# --------------------------------------------------------------------------- lagompy migrate
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_migrate_names_the_database_and_the_schema_it_migrated(
+    backend: str, tmp_path: Path
+) -> None:
+    """``lagompy migrate`` says where the tables are: the database without its password and,
+    on PostgreSQL, the schema."""
+    import asyncio
+
+    from sqlalchemy.engine import make_url
+
+    from lagompy.migrate import head_revision
+    from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+
+    schema = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+        args, place = ["--url", url], url
+    else:
+        require_postgres()
+        given = make_url(POSTGRES_URL).set(password="hunter2")  # trust: any password does
+        shown = f"postgresql://{given.username}@{given.host}:{given.port}/{given.database}"
+        schema = asyncio.run(_create_schema())
+        url = given.render_as_string(hide_password=False)
+        args, place = ["--url", url, "--schema", schema], f"{shown} (schema {schema})"
+    try:
+        runner = CliRunner()
+        first = runner.invoke(cli.build_app(), ["migrate", *args], prog_name="lagompy")
+        again = runner.invoke(cli.build_app(), ["migrate", *args], prog_name="lagompy")
+    finally:
+        if schema is not None:
+            asyncio.run(_drop_schema(schema))
+    head = head_revision()
+    assert first.exit_code == 0, first.output
+    assert first.stdout == f"upgraded lagompy's tables in {place} from none to {head}\n"
+    assert again.exit_code == 0, again.output
+    assert again.stdout == f"lagompy's tables in {place} are up to date at revision {head}\n"
+    assert "hunter2" not in first.stdout + again.stdout

@@ -1,26 +1,61 @@
-"""Bad input never gives a 500: schemathesis generates requests (valid and invalid) for every
-operation of the user service's OpenAPI schema and checks ``not_a_server_error`` against the
-real app on loopback, with its journal on SQLite and on PostgreSQL."""
+"""Bad input never gives a 500, and no error leaks internals: schemathesis generates requests
+(valid and invalid) for every operation of the user service's and the notification service's
+OpenAPI schemas and checks ``not_a_server_error`` and ``no_leaks`` (every 4xx and 5xx body and
+header scanned for URLs, hosts, ports, paths, database URLs and credentials: tests/leaks.py)
+against the real apps on loopback, with the user service's journal on SQLite and on PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
+from examples.notification_service.api import create_app as create_notifications
 from examples.user_service.api import create_app
+from lagompy.client import ServiceLocator
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 from tests.conftest import POSTGRES_URL, require_postgres
+from tests.leaks import path_and_query, request_text, scan
 
-#: The schema is the app's own; building the app starts nothing.
+#: The schemas are the apps' own; building an app starts nothing.
 schema = schemathesis.openapi.from_dict(create_app(ray=False).openapi())
+notifications_schema = schemathesis.openapi.from_dict(create_notifications().openapi())
+
+#: Strings no response may hold (the journal's URL and file, the schema's name), per backend.
+FORBIDDEN: list[str] = []
+#: (service, status) of every error response the scan looked at.
+SCANNED: set[tuple[str, int]] = set()
+
+
+def no_leaks(ctx: Any, response: Any, case: schemathesis.Case) -> None:
+    """A schemathesis check: an error response holds nothing the caller did not send."""
+    if response.status_code < 400:
+        return
+    request = response.request
+    sent = request_text(
+        path_and_query(str(request.url)),
+        request.body,
+        [str(v) for k, v in request.headers.items() if k.lower() != "host"],
+    )
+    headers = [(name, value) for name, values in response.headers.items() for value in values]
+    leaks = scan(response.content, headers, sent=sent, forbidden=FORBIDDEN)
+    SCANNED.add((case.operation.schema.raw_schema["info"]["title"], response.status_code))
+    if leaks:
+        raise AssertionError(
+            f"{case.operation.label} answered {response.status_code} with internals: "
+            + "; ".join(str(leak) for leak in leaks)
+        )
+
 
 EXAMPLES = 30
 
@@ -40,22 +75,26 @@ async def _schema_sql(statement: str) -> None:
 )
 def base_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    if request.param == "sqlite":
-        path: Path = tmp_path_factory.mktemp("schemathesis") / "journal.db"
-        journal = JournalSettings(url=f"sqlite:///{path}")
-        with serve_in_thread(create_app(journal_settings=journal, ray=False)) as url:
-            yield url
-        return
-    require_postgres()
-    name = f"lagompy_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_schema_sql(f'CREATE SCHEMA "{name}"'))
-    try:
-        journal = JournalSettings(url=POSTGRES_URL, postgres_schema=name, auto_migrate=True)
-        with serve_in_thread(create_app(journal_settings=journal, ray=False)) as url:
-            yield url
-    finally:
-        asyncio.run(_schema_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+) -> Iterator[dict[str, str]]:
+    """The base URLs of the user service (``users``) and of the notification service it calls
+    (``notifications``)."""
+    with contextlib.ExitStack() as stack:
+        notifications = stack.enter_context(serve_in_thread(create_notifications()))
+        locator = ServiceLocator({"notifications": notifications})
+        if request.param == "sqlite":
+            path: Path = tmp_path_factory.mktemp("schemathesis") / "journal.db"
+            journal = JournalSettings(url=f"sqlite:///{path}")
+            FORBIDDEN[:] = [journal.url, str(path)]
+        else:
+            require_postgres()
+            name = f"lagompy_test_{uuid.uuid4().hex[:12]}"
+            asyncio.run(_schema_sql(f'CREATE SCHEMA "{name}"'))
+            stack.callback(asyncio.run, _schema_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+            journal = JournalSettings(url=POSTGRES_URL, postgres_schema=name, auto_migrate=True)
+            FORBIDDEN[:] = [POSTGRES_URL, name, "postgres"]
+        app = create_app(journal_settings=journal, ray=False, locator=locator)
+        users = stack.enter_context(serve_in_thread(app))
+        yield {"users": users, "notifications": notifications}
 
 
 def test_every_operation_is_covered() -> None:
@@ -66,15 +105,39 @@ def test_every_operation_is_covered() -> None:
         "GET /users/{user_id}",
         "PATCH /users/{user_id}",
         "POST /users/{user_id}/deactivate",
+        "GET /users/{user_id}/notifications",
     }
+    operations = {op.ok().label for op in notifications_schema.get_all_operations()}
+    assert operations == {"POST /notifications", "GET /notifications"}
 
 
-@schema.parametrize()
-@settings(
+FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     suppress_health_check=list(HealthCheck),
 )
-def test_no_server_errors(case: schemathesis.Case, base_url: str) -> None:
-    case.call_and_validate(base_url=base_url, checks=[not_a_server_error])
+
+
+@schema.parametrize()
+@FUZZ
+def test_no_server_errors(case: schemathesis.Case, base_url: dict[str, str]) -> None:
+    case.call_and_validate(base_url=base_url["users"], checks=[not_a_server_error, no_leaks])
+
+
+@notifications_schema.parametrize()
+@FUZZ
+def test_notification_service_no_server_errors(
+    case: schemathesis.Case, base_url: dict[str, str]
+) -> None:
+    case.call_and_validate(
+        base_url=base_url["notifications"], checks=[not_a_server_error, no_leaks]
+    )
+
+
+def test_the_scan_saw_errors_of_both_services() -> None:
+    """Not vacuous: the runs above produced error responses, and ``no_leaks`` scanned them."""
+    if not SCANNED:
+        pytest.skip("run with the fuzzing tests above")
+    assert {status for service, status in SCANNED if service == "users"} >= {404, 422}
+    assert {status for service, status in SCANNED if service == "notifications"} >= {422}

@@ -1,42 +1,314 @@
 """``lagompy run`` with several uvicorn workers attached to one Ray cluster: every worker serves
 the same entities, /metrics adds up every worker's asks and counts the shard hosts' figures once,
-and ``lagompy entities stats`` shows the hosts' counters. Plus the one-line errors."""
+and ``lagompy entities stats`` shows the hosts' counters. Startup failures are one line and exit
+status 1, a clean SIGTERM exits 0, ``entities stats`` finds the local Ray a service started, and
+attaching to a Ray head started as docs/howto/ray-cluster.md says works (and fails fast, saying
+why, when the token is missing or wrong)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from lagompy.cli import build_app
 from lagompy.testkit.server import free_port
+from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
 from tests.test_service import sample
 
 REPO = Path(__file__).resolve().parent.parent
 LAGOMPY = [sys.executable, "-m", "lagompy"]
+USERS_APP = "examples.user_service.api:app"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without lagompy's and Ray's settings (nor a Ray the test session set
+    up), plus ``extra``."""
+    drop = ("LAGOMPY_", "RAY_ADDRESS", "RAY_AUTH_", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env | extra
+
+
+def lagompy(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAGOMPY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+class Server:
+    """``lagompy run`` in a session of its own, output to a file; stopped by PID."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                [*LAGOMPY, "run", *args, "--port", str(self.port)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                pytest.fail(f"exited with {self.popen.returncode}:\n{self.output()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health/ready", timeout=5).status_code == 200:
+                    return
+            time.sleep(0.2)
+        pytest.fail(f"not ready within {timeout} s:\n{self.output()[-3000:]}")
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM to the server's PID; its exit status."""
+        self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        """Whatever is left of its session (Ray's processes too), by its process group id."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
 
 
 def test_run_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken_app_module.py").write_text("raise ValueError('no such setting: X')\n")
+    env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
     for args, message in [
         (["run", "nocolon"], "error: 'nocolon' is not MODULE:APP"),
         (["run", "no_such_module_xyz:app"], "error: cannot import module 'no_such_module_xyz'"),
         (["run", "examples.user_service.api:nothing"], "has no attribute 'nothing'"),
-        (["entities", "stats", "--app", "x"], "error: no Ray cluster to attach to"),
-    ]:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        done = subprocess.run(
-            [*LAGOMPY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
-        )
+        (["run", "broken_app_module:app"],
+         "error: importing module 'broken_app_module' failed: ValueError: no such setting: X"),
+    ]:  # fmt: skip
+        done = lagompy(*args, env=env, timeout=60)
         assert done.returncode == 1, done
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_port_in_use_fails_before_anything_starts(tmp_path: Path) -> None:
+    rays = tmp_path / "rays"
+    env = clean_env(
+        LAGOMPY_EXAMPLE_RAY="1",  # a Ray would start in the lifespan, and record itself here
+        LAGOMPY_LOCAL_RAY_DIR=str(rays),
+        LAGOMPY_JOURNAL_URL=f"sqlite:///{tmp_path / 'journal.db'}",
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            started = time.monotonic()
+            done = lagompy("run", USERS_APP, "--port", str(port), "--workers", workers, env=env)
+            assert done.returncode == 1, done
+            assert done.stderr == (
+                f"error: cannot listen on 127.0.0.1:{port}: address already in use\n"
+            ), done.stderr
+            assert time.monotonic() - started < 30
+    assert not rays.exists()  # no Ray was started
+    assert not (tmp_path / "journal.db").exists()  # nor the journal opened
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_startup_failure_is_one_line(backend: str, tmp_path: Path) -> None:
+    env = clean_env(LAGOMPY_EXAMPLE_RAY="0")
+    schema = None
+    if backend == "sqlite":
+        env["LAGOMPY_JOURNAL_URL"] = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}"
+        expected = "does not exist"
+    else:
+        require_postgres()
+        schema = asyncio.run(_create_schema())  # empty, and auto_migrate is off
+        env |= {"LAGOMPY_JOURNAL_URL": POSTGRES_URL, "LAGOMPY_JOURNAL_POSTGRES_SCHEMA": schema}
+        expected = f"(schema {schema}) are missing and auto_migrate is off: run `lagompy migrate"
+    try:
+        done = lagompy("run", USERS_APP, "--port", str(free_port()), env=env)
+    finally:
+        if schema is not None:
+            asyncio.run(_drop_schema(schema))
+    assert done.returncode == 1, done
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("INFO:")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), done.stderr
+    assert f"error: {USERS_APP} did not start: " in errors[0] and expected in errors[0], errors
+    assert "Traceback" not in done.stderr and "ERROR:" not in done.stderr
+
+
+def test_sigterm_shuts_down_cleanly_and_exits_0(tmp_path: Path) -> None:
+    env = clean_env(LAGOMPY_EXAMPLE_RAY="0", LAGOMPY_JOURNAL_URL=f"sqlite:///{tmp_path / 'j.db'}")
+    server = Server([USERS_APP], env, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        assert f"Uvicorn running on {server.url}" in server.output()
+        assert server.terminate() == 0, server.output()
+        assert "Application shutdown complete." in server.output()
+    finally:
+        server.kill()
+
+
+def test_entities_stats_finds_the_local_ray_a_service_started(tmp_path: Path) -> None:
+    """The service starts a local Ray (no RAY_ADDRESS) and records where; ``entities stats``
+    with no address finds it, authenticating with the token that Ray made. SIGTERM then shuts
+    the service and its Ray down, with status 0, and the record is gone."""
+    rays = tmp_path / "rays"
+    app_name = f"stats-{uuid.uuid4().hex[:8]}"
+    env = clean_env(
+        LAGOMPY_EXAMPLE_RAY="1",
+        LAGOMPY_EXAMPLE_APP=app_name,
+        LAGOMPY_LOCAL_RAY_DIR=str(rays),
+        LAGOMPY_JOURNAL_URL=f"sqlite:///{tmp_path / 'j.db'}",
+        LAGOMPY_RUNTIME_HOSTS="1",
+        LAGOMPY_RUNTIME_SHARDS="8",
+    )
+    server = Server([USERS_APP], env, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        assert "The app's entities run on the Ray cluster at" in server.output()
+        (record,) = [json.loads(p.read_text()) for p in rays.glob("*.json")]
+        assert record["pid"] == server.popen.pid
+        r = httpx.post(f"{server.url}/users", json={"name": "Ada", "email": "a@example.org"})
+        assert r.status_code == 201, r.text
+        stats = lagompy("entities", "stats", "--app", app_name, "--json", env=env)
+        assert stats.returncode == 0, stats.stderr
+        (host,) = json.loads(stats.stdout)
+        assert host["commands"] == 1 and host["events_persisted"] == 1
+        missing = lagompy("entities", "stats", "--app", "no-such-app", env=env)
+        assert missing.returncode == 1, missing
+        assert "no app 'no-such-app' runs on the local Rays of this machine" in missing.stderr
+        assert app_name in missing.stderr  # the apps that do run there
+        assert server.terminate() == 0, server.output()[-3000:]
+        assert not list(rays.glob("*.json"))
+    finally:
+        server.kill()
+    nothing = lagompy("entities", "stats", "--app", app_name, env=env)
+    assert nothing.returncode == 1
+    assert nothing.stderr.startswith("error: no Ray cluster to attach to"), nothing.stderr
+
+
+@contextlib.contextmanager
+def ray_head(token: str, log: Path) -> Iterator[str]:
+    """``ray start --head`` on a free port with a temporary directory, as the how-to says,
+    with token authentication; yields its address; stopped by its PID (then its session)."""
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="lagompy-ray-", dir="/tmp")  # short: Ray's socket paths
+    ray = str(Path(sys.executable).parent / "ray")
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    command = [
+        ray, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=1",
+        "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=100000000",
+        "--block",
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        head = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert head.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_attach_to_a_ray_head_started_as_the_howto_says(tmp_path: Path) -> None:
+    token = secrets.token_hex(16)
+    app_name = f"howto-{uuid.uuid4().hex[:8]}"
+    with ray_head(token, tmp_path / "head.log") as address:
+        # Without the token, or with another one: one line, within seconds, saying why.
+        for auth, expected in [
+            ({}, "the cluster requires token authentication and this process sends no token: "
+                 "set RAY_AUTH_MODE=token"),
+            ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-" + token},
+             "the cluster rejected this process's token"),
+        ]:  # fmt: skip
+            started = time.monotonic()
+            env = clean_env(RAY_ADDRESS=address, HOME=str(tmp_path), **auth)  # no ~/.ray token
+            done = lagompy("entities", "stats", "--app", app_name, env=env, timeout=60)
+            assert done.returncode == 1, done
+            assert done.stderr.startswith(f"error: cannot attach to the Ray cluster at {address}")
+            assert expected in done.stderr, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert time.monotonic() - started < 30
+        # As the how-to says: the cluster's token, and RAY_AUTH_MODE=token.
+        env = clean_env(
+            RAY_ADDRESS=address,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=token,
+            LAGOMPY_EXAMPLE_RAY="1",
+            LAGOMPY_EXAMPLE_APP=app_name,
+            LAGOMPY_JOURNAL_URL=f"sqlite:///{tmp_path / 'j.db'}",
+            LAGOMPY_RUNTIME_HOSTS="1",
+            LAGOMPY_RUNTIME_SHARDS="8",
+        )
+        server = Server([USERS_APP], env, tmp_path / "server.log")
+        try:
+            server.wait_ready()
+            r = httpx.post(f"{server.url}/users", json={"name": "Ada", "email": "a@example.org"})
+            assert r.status_code == 201, r.text
+            stats = lagompy("entities", "stats", "--app", app_name, "--json", env=env)
+            assert stats.returncode == 0, stats.stderr
+            assert json.loads(stats.stdout)[0]["commands"] == 1
+            assert server.terminate() == 0, server.output()[-3000:]
+        finally:
+            server.kill()
+
+
+@pytest.mark.postgres
+def test_a_worker_that_cannot_start_is_one_line_too(ray_session: Any, postgres_schema: str) -> None:
+    """--workers 2: the workers' startup fails (the journal's tables are missing and
+    auto_migrate is off); ``run`` says so in one line and exits 1."""
+    address = ray_session.get_runtime_context().gcs_address
+    env = {
+        **clean_env(),
+        "RAY_ADDRESS": address,
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        "LAGOMPY_EXAMPLE_APP": f"nostart-{uuid.uuid4().hex[:8]}",
+        "LAGOMPY_JOURNAL_URL": POSTGRES_URL,
+        "LAGOMPY_JOURNAL_POSTGRES_SCHEMA": postgres_schema,
+        "LAGOMPY_RUNTIME_HOSTS": "1",
+    }
+    done = lagompy("run", USERS_APP, "--port", str(free_port()), "--workers", "2", env=env,
+                   timeout=180)  # fmt: skip
+    assert done.returncode == 1, done
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
+    assert f"{USERS_APP} did not start" in errors[0] and "auto_migrate is off" in errors[0]
+    assert "ERROR:" not in done.stderr, done.stderr
 
 
 def test_in_process_entities_refuse_several_workers(tmp_path: Path) -> None:
@@ -130,8 +402,11 @@ def test_several_workers_share_one_ray_and_one_metrics_view(
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert missing.returncode == 1 and "no app 'no-such-app'" in missing.stderr
-    finally:
         os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(60) == 0, (tmp_path / "server.log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:

@@ -230,6 +230,22 @@ def create_app(
         return UserOut.of(await users(user_id).ask(DeactivateUser()))
 
     # --8<-- [end:app]
+
+    # --8<-- [start:sent]
+    @app.get("/users/{user_id}/notifications")
+    async def sent_to_user(user_id: UserId, notifier: Notifier) -> dict[str, Any]:
+        """What the notification service sent to a user. Here the call to the other service is
+        the answer: when it fails, the route fails with it (502, 503 or 504 naming the service,
+        never its URL or what it answered)."""
+        async with readside.projection.read() as conn:
+            query = select(users_table.c.email).where(users_table.c.user_id == user_id)
+            email = (await conn.execute(query)).scalar()
+        if email is None:
+            raise NotFound(f"no user {user_id} in the users projection (yet)")
+        reply = await notifier.get("/notifications", params={"recipient": email})
+        return {"items": reply.json()["items"]}
+
+    # --8<-- [end:sent]
     return app
 
 
