@@ -310,6 +310,7 @@ def _every_error_class() -> list[type[LagompyError]]:
 PASSED_THROUGH = {
     "CommandRejected", "InvalidCommand", "NotFound", "UnhandledCommand",
     "ConcurrencyConflict", "DuplicateCommandId", "Overloaded", "AskTimeout", "OutcomeUnknown",
+    "InvalidId", "InvalidEntityId", "InvalidCommandId",
 }  # fmt: skip
 
 BAIT_MESSAGE = (
