@@ -318,8 +318,7 @@ def rebuild(
 
 
 _HELP = (
-    "Inspect and operate read-side processors: status, pause, resume, skip, rebuild, "
-    "set-offset.\n\n"
+    "Inspect and operate read-side processors: status, pause, resume, rebuild, set-offset.\n\n"
     "Offsets, leases and pause flags live in the projection database (--url, default "
     "LAGOMPY_READSIDE_URL, else the journal's); the lag is measured against the journal "
     "(--journal-url, default LAGOMPY_JOURNAL_URL)."

@@ -176,7 +176,13 @@ class ReadSideSettings(BaseSettings):
         2.0, gt=0, description="Safety-net query interval while LISTEN is up (PostgreSQL)."
     )
     max_attempts: int = Field(
-        5, ge=1, description="Tries of a failing handler before on_failure applies."
+        5,
+        ge=1,
+        description=(
+            "Tries of a failing handler (or of decoding an event) before on_failure applies; "
+            "also how many failed tries of reading the journal or of prepare make a worker "
+            "show as stalled."
+        ),
     )
     retry_initial_delay: float = Field(
         0.1, ge=0, description="Seconds before the second try; doubled for each next one."
@@ -185,9 +191,10 @@ class ReadSideSettings(BaseSettings):
     on_failure: Literal["stop", "skip"] = Field(
         "stop",
         description=(
-            "After max_attempts: 'stop' pauses the worker with the failure in its status "
-            "(resume retries the event); 'skip' moves the offset past the event without its "
-            "writes (counted as skipped in the status)."
+            "After max_attempts at one event (its handler keeps failing, or it cannot be "
+            "decoded): 'stop' marks the worker failed, with the failure in its status, until "
+            "an operator resumes (the event is retried) or skips it; 'skip' moves the offset "
+            "past the event without its writes (counted as skipped in the status)."
         ),
     )
     prepare_timeout: float = Field(
