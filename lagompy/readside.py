@@ -578,6 +578,7 @@ class ReadSideWorker:
         """Hold the lease and process events until :meth:`stop`."""
         await self._subscribe()
         trouble = 0
+        last_trouble = 0.0
         try:
             while True:
                 lease = None
@@ -585,7 +586,6 @@ class ReadSideWorker:
                     lease = await self._hold()
                     self.lease = lease
                     await self._prepare(lease)
-                    trouble = 0
                     await self._consume(lease)
                 except LeaseLost as e:
                     log.warning("%s; waiting to get it back", e)
@@ -594,6 +594,12 @@ class ReadSideWorker:
                 except _Stopped:
                     raise
                 except Exception as e:  # the database is unreachable, for instance
+                    # Consecutive troubles count towards `stalled`, even when the worker gets
+                    # as far as consuming in between; a quiet lease_ttl starts the count over.
+                    now = time.monotonic()
+                    if now - last_trouble > self.settings.lease_ttl + self.settings.retry_max_delay:
+                        trouble = 0
+                    last_trouble = now
                     trouble += 1
                     self.last_error = describe_error(e)
                     self.state = "retrying"

@@ -35,6 +35,7 @@ from lagompy import (
 from lagompy.errors import EncodeError, EventDecodeError, ReadSideHandlerFailed
 from lagompy.journal import EventEnvelope
 from lagompy.readside import (
+    Projections,
     ReadSide,
     ReadSideSettings,
     SqlReadSideProcessor,
@@ -354,6 +355,44 @@ async def test_a_prepare_that_keeps_failing_shows_as_stalled(
         await rs.wait_until_caught_up()
         (status,) = await rs.status()
         assert (status.state, status.failure, status.offset) == ("running", None, events[0].offset)
+
+
+async def test_a_journal_that_cannot_be_read_shows_as_stalled_until_it_can(
+    journal: Storage, journal_settings: JournalSettings
+) -> None:
+    accounts = Accounts(journal)
+    first = await accounts.credit("a", 1)
+    async with await start(journal_settings, CreditsProjection) as rs:
+        await rs.wait_until_caught_up()
+        # The journal's tag index goes away (a botched migration, say): reads fail.
+        async with journal.database.write() as conn:
+            await conn.execute(text("ALTER TABLE lagompy_event_tags RENAME TO tags_away"))
+        # The status without the journal (its lag query needs the missing table too).
+        projections = Projections(rs.projection)
+        try:
+
+            async def stalled() -> bool:
+                (s,) = await projections.status()
+                return s.state == "stalled"
+
+            await eventually(stalled)
+            (status,) = await projections.status()
+            assert status.failure is not None and status.failure.offset == first[0].offset
+            assert status.failure.error.startswith(
+                f"reading the journal after offset {first[0].offset} failed: "
+            )
+        finally:
+            async with journal.database.write() as conn:
+                await conn.execute(text("ALTER TABLE tags_away RENAME TO lagompy_event_tags"))
+        more = await accounts.credit("a", 2)
+        await rs.wait_until_caught_up()
+
+        async def running() -> bool:
+            (s,) = await rs.status()
+            return s.state == "running" and s.failure is None
+
+        await eventually(running)
+        assert offsets(await credits(rs)) == [first[0].offset, more[0].offset]
 
 
 # --------------------------------------------------------------------------- projection writes
