@@ -65,6 +65,7 @@ def _clean_processors() -> None:
     CreditsProjection.calls = []
     PoisonedCredits.poison = set()
     StallingCredits.prepare_fails = False
+    CreditsProjection.failing_global_prepares = 0
 
 
 def offsets(rows: list[tuple[int, str, int]]) -> list[int]:
@@ -517,3 +518,32 @@ async def test_a_nul_character_is_refused_at_the_ask(journal_settings: JournalSe
     async with await open_storage(settings=journal_settings, entities=[NotesEntity]) as storage:
         stored = await storage.journal.events("notes", "n1")
     assert [e.event.text for e in stored] == ["fine", "fine again"]  # nothing half-written
+
+
+async def test_readiness_names_a_global_prepare_that_keeps_failing(
+    journal_settings: JournalSettings,
+) -> None:
+    from lagompy.readside_service import ReadSideComponent
+
+    CreditsProjection.failing_global_prepares = 10_000
+    component = ReadSideComponent([CreditsProjection], journal_settings=journal_settings, **FAST)
+    await component.start()
+    try:
+
+        async def names_it() -> bool:
+            ready = await component.ready()
+            return isinstance(ready, str) and ready.startswith(
+                "read-side processor 'contract-credits': global_prepare failed (attempt "
+            )
+
+        await eventually(names_it)
+        assert "RuntimeError: global_prepare failed on purpose" in str(await component.ready())
+        CreditsProjection.failing_global_prepares = 0
+
+        async def ready() -> bool:
+            return await component.ready() is True
+
+        await eventually(ready)
+    finally:
+        CreditsProjection.failing_global_prepares = 0
+        await component.stop()
