@@ -21,8 +21,10 @@ are translated into this tree with the original exception attached as ``__cause_
     │   └── ReadSideHandlerFailed .. a read-side handler raised (names processor, tag,
     │                                offset, entity and sequence number)
     ├── ReadSideError .............. a read-side worker cannot go on
-    │   └── LeaseLost .............. another worker took the (processor, tag) lease:
-    │                                this worker's batch was rolled back
+    │   ├── LeaseLost .............. another worker took the (processor, tag) lease:
+    │   │                            this worker's batch was rolled back
+    │   └── ReadSideDecodeFailed ... an event of the worker's tag cannot be decoded (names
+    │                                processor, tag, offset, entity and sequence number)
     ├── SerializationError ......... a value cannot be encoded or a payload cannot be decoded
     │   ├── UnknownType ............ no registered class carries this stored type name
     │   ├── EncodeError ............ a value does not fit its declared type
@@ -210,6 +212,34 @@ class LeaseLost(ReadSideError):
         self.tag = tag
 
 
+class ReadSideDecodeFailed(ReadSideError):
+    """A read-side worker met an event of its tag that it cannot decode (its type is unknown
+    to the processor's serializer, or the payload does not fit the class), after
+    ``max_attempts`` tries. Names the processor, the tag, and the event's offset, entity and
+    sequence number; the ``EventDecodeError`` is the cause."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        processor: str | None = None,
+        tag: str | None = None,
+        offset: int | None = None,
+        entity_type: str | None = None,
+        entity_id: str | None = None,
+        seq_nr: int | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.processor = processor
+        self.tag = tag
+        self.offset = offset
+        self.entity_type = entity_type
+        self.entity_id = entity_id
+        self.seq_nr = seq_nr
+        self.attempts = attempts
+
+
 # --------------------------------------------------------------------------- serialization
 
 
@@ -234,10 +264,18 @@ class DecodeError(SerializationError):
 
 
 class EventDecodeError(SerializationError):
-    """A stored event cannot be decoded; names the entity, the sequence number and the type."""
+    """A stored event cannot be decoded; names the entity, the sequence number and the type
+    (and carries the event's journal ``offset`` when it is known)."""
 
     def __init__(
-        self, *, entity_type: str, entity_id: str, seq_nr: int, type_name: str, reason: str
+        self,
+        *,
+        entity_type: str,
+        entity_id: str,
+        seq_nr: int,
+        type_name: str,
+        reason: str,
+        offset: int | None = None,
     ) -> None:
         super().__init__(
             f"cannot decode event {type_name!r} at {entity_type}/{entity_id} "
@@ -247,6 +285,7 @@ class EventDecodeError(SerializationError):
         self.entity_id = entity_id
         self.seq_nr = seq_nr
         self.type_name = type_name
+        self.offset = offset
 
 
 class UndeliverableOutcome(SerializationError):

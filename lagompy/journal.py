@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
 from typing import Any, Generic, TypeVar
 
 import msgpack
-from sqlalchemy import func, insert, select, text, union_all
+from sqlalchemy import case, func, insert, null, select, text, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -957,9 +957,31 @@ class Journal:
     async def events_by_tag(
         self, tag: str, *, after_offset: int = 0, limit: int = 1000
     ) -> list[EventEnvelope[Any]]:
-        """Events carrying exactly ``tag``, with offsets above ``after_offset``, in offset order."""
+        """Events carrying exactly ``tag``, with offsets above ``after_offset``, in offset order
+        (``EventDecodeError`` if one cannot be decoded)."""
+        page = await self.read_tag(tag, after_offset=after_offset, limit=limit)
+        if page.error is not None:
+            raise page.error
+        return page.envelopes
+
+    async def read_tag(
+        self,
+        tag: str,
+        *,
+        after_offset: int = 0,
+        limit: int = 1000,
+        event_types: Collection[str] | None = None,
+    ) -> TagPage:
+        """The next page of up to ``limit`` events carrying exactly ``tag`` after
+        ``after_offset``, for a reader that moves its position past every event of the tag.
+
+        With ``event_types`` (stored type names, see ``Serializer.type_names_of``) only the
+        events of those types are decoded and returned (the others are not even fetched: their
+        payload stays in the database) while the page still covers ``limit`` events of the
+        tag. An event that cannot be decoded ends the page early: the page holds the events
+        before it and its ``error`` says which one it is."""
         if limit <= 0:
-            return []
+            return TagPage([], after_offset, 0, False)
         e, tg = schema.events, schema.event_tags
         # The page of offsets first, from the (tag, offset) key, then the events: the plan stays
         # an index range scan whatever the table statistics say (a join ordered by offset fell
@@ -971,12 +993,31 @@ class Journal:
             .limit(limit)
             .subquery("page")
         )
+        columns: list[Any] = list(_ENVELOPE_COLUMNS)
+        wanted = None if event_types is None else frozenset(event_types)
+        if wanted is not None:
+            payload = e.c.payload
+            columns[6] = case((e.c.event_type.in_(sorted(wanted)), payload), else_=null()).label(
+                "payload"
+            )
         stmt = (
-            select(*_ENVELOPE_COLUMNS)
+            select(*columns)
             .select_from(page.join(e, e.c.global_offset == page.c.global_offset))
             .order_by(page.c.global_offset)
         )
-        return await self._read_envelopes(stmt)
+        async with self.database.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        envelopes: list[EventEnvelope[Any]] = []
+        last = after_offset
+        envelope = self._envelope
+        for covered, row in enumerate(rows):
+            if wanted is None or row[4] in wanted:
+                try:
+                    envelopes.append(envelope(*row))
+                except EventDecodeError as error:
+                    return TagPage(envelopes, last, covered, False, error)
+            last = row[3]
+        return TagPage(envelopes, last, len(rows), len(rows) == limit)
 
     async def all_events(
         self, *, after_offset: int = 0, limit: int = 1000
@@ -1018,6 +1059,7 @@ class Journal:
                 seq_nr=seq_nr,
                 type_name=event_type,
                 reason=str(e),
+                offset=offset,
             ) from e
         return EventEnvelope(
             entity_type=entity_type,
@@ -1099,6 +1141,24 @@ class Journal:
                 )
         return int(deleted or 0)
 
+
+
+@dataclass(frozen=True)
+class TagPage:
+    """One page of a tag read by :meth:`Journal.read_tag`."""
+
+    #: The events wanted, decoded, in offset order.
+    envelopes: list[EventEnvelope[Any]]
+    #: The position the page reaches: the offset of its last event, wanted or not (or of the
+    #: last one before an undecodable event); the reader's ``after_offset`` if it is empty.
+    last_offset: int
+    #: How many events of the tag the page covers, up to ``last_offset`` (wanted or not).
+    scanned: int
+    #: True when the page is full: more events may follow at once.
+    full: bool
+    #: The first event of the page that could not be decoded (it carries its ``offset``):
+    #: the page ends before it.
+    error: EventDecodeError | None = None
 
 
 #: SQLite's extended result codes of a unique (or primary key) constraint violation.

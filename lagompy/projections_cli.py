@@ -7,8 +7,12 @@ the journal's database) and, for lag and rebuilds, on the journal (``--journal-u
     lagompy projections status [PROCESSOR] [--json]
     lagompy projections pause PROCESSOR [--tag TAG]
     lagompy projections resume PROCESSOR [--tag TAG]
-    lagompy projections set-offset PROCESSOR TAG OFFSET
+    lagompy projections skip PROCESSOR [--tag TAG]
+    lagompy projections set-offset PROCESSOR TAG OFFSET [--force]
     lagompy projections rebuild package.module:ProcessorClass [--yes]
+
+A SQLite database named by ``--url`` or ``--journal-url`` (or their defaults) that does not
+exist is refused (one ``error:`` line), never created.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -69,6 +74,8 @@ def _run(
     journal_url: str | None,
     journal_schema: str | None,
     action: Callable[[Projections], Awaitable[T]],
+    *,
+    with_journal: bool = True,
 ) -> T:
     from pydantic import ValidationError
 
@@ -82,24 +89,48 @@ def _run(
         settings = ReadSideSettings(**{k: v for k, v in readside.items() if v is not None})
     except ValidationError as e:
         raise ConfigurationError(f"invalid settings: {e}") from e
+    # An operator's typo must not leave an empty database behind (SQLite creates a missing
+    # file on first connect) nor report an empty one as "no read-side processors yet".
+    if settings.url is not None:
+        _require_existing(settings.url, "projection", "--url or LAGOMPY_READSIDE_URL")
+    if with_journal or settings.url is None:  # (the journal's is the projection database)
+        _require_existing(journal_settings.url, "journal", "--journal-url or LAGOMPY_JOURNAL_URL")
 
     async def main() -> T:
         async with await open_projections(
-            journal_settings=journal_settings, settings=settings
+            journal_settings=journal_settings, settings=settings, with_journal=with_journal
         ) as projections:
             return await action(projections)
 
     return asyncio.run(main())
 
 
+def _require_existing(url: str, what: str, option: str) -> None:
+    """Refuse a SQLite database file that does not exist."""
+    from lagompy.database import normalize_url
+
+    parsed = normalize_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return
+    if database.startswith("file:"):
+        return
+    if not Path(database).is_file():
+        raise ConfigurationError(
+            f"the {what} database {database} does not exist (check {option}); nothing was created"
+        )
+
+
 def format_status(statuses: list[WorkerStatus]) -> str:
-    """The status as an aligned text table, one line per (processor, tag), failures below."""
+    """The status as an aligned text table, one line per (processor, tag), failures below.
+    STATE is ``failed`` (stopped by an event it could not get past), ``paused`` (by an
+    operator; ``failed,paused`` when both), ``stalled``, ``stopped``, ``running``..."""
     header = ("PROCESSOR", "TAG", "STATE", "OFFSET", "LAG", "LAG S", "EVENTS/S", "SKIPPED", "OWNER")
     rows = [
         (
             s.processor,
             s.tag,
-            s.state,
+            s.state if not s.paused or s.state == "paused" else f"{s.state},paused",
             str(s.offset),
             "-" if s.lag_events is None else str(s.lag_events),
             "-" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
@@ -117,10 +148,8 @@ def format_status(statuses: list[WorkerStatus]) -> str:
     for s in statuses:
         f = s.failure
         if f is not None:
-            lines.append(
-                f"{s.processor} {s.tag}: last failure at offset {f.offset} "
-                f"({f.entity_type}/{f.entity_id} #{f.seq_nr}, {f.attempts} attempts): {f.error}"
-            )
+            label = s.state if s.state in ("failed", "stalled") else "last failure"
+            lines.append(f"{s.processor} {s.tag} {label}: {f.error}")
     return "\n".join(lines)
 
 
@@ -161,7 +190,7 @@ def pause(
     async def action(p: Projections) -> int:
         return await p.pause(processor, tag)
 
-    n = _run(url, schema, journal_url, journal_schema, action)
+    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
     typer.echo(f"paused {processor} ({n} tag{'s' if n != 1 else ''})")
 
 
@@ -173,30 +202,57 @@ def resume(
     journal_url: JournalUrlOption = None,
     journal_schema: JournalSchemaOption = None,
 ) -> None:
-    """Resume a paused processor; a worker stopped by a failing handler retries the event."""
+    """Resume a paused processor; a worker stopped by a failing event (failed) retries it."""
 
     async def action(p: Projections) -> int:
         return await p.resume(processor, tag)
 
-    n = _run(url, schema, journal_url, journal_schema, action)
+    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
     typer.echo(f"resumed {processor} ({n} tag{'s' if n != 1 else ''})")
+
+
+def skip(
+    processor: Annotated[str, typer.Argument(help="The processor's name.")],
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Move a failed processor past the event it is stopped at, without its writes (counted
+    as skipped); its worker goes on after it."""
+
+    async def action(p: Projections) -> int:
+        return await p.skip(processor, tag)
+
+    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
+    typer.echo(f"skipped the failing event of {processor} ({n} tag{'s' if n != 1 else ''})")
 
 
 def set_offset(
     processor: Annotated[str, typer.Argument(help="The processor's name.")],
     tag: Annotated[str, typer.Argument(help="The tag.")],
     offset: Annotated[int, typer.Argument(help="Resume after this offset (0: from the start).")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Accept an offset beyond the tag's head in the journal (the lag shows "
+            "negative until the journal gets there).",
+        ),
+    ] = False,
     url: UrlOption = None,
     schema: SchemaOption = None,
     journal_url: JournalUrlOption = None,
     journal_schema: JournalSchemaOption = None,
 ) -> None:
-    """Make a processor's tag resume after OFFSET; its running worker loses its lease."""
+    """Make a processor's tag resume after OFFSET; its running worker loses its lease. An
+    offset beyond the tag's head in the journal is refused unless --force."""
 
     async def action(p: Projections) -> None:
-        await p.set_offset(processor, tag, offset)
+        await p.set_offset(processor, tag, offset, force=force)
 
-    _run(url, schema, journal_url, journal_schema, action)
+    _run(url, schema, journal_url, journal_schema, action, with_journal=not force)
     typer.echo(f"{processor} {tag}: resumes after offset {offset}")
 
 
@@ -277,6 +333,7 @@ def register_cli(app: typer.Typer) -> None:
     sub.command("status")(status)
     sub.command("pause")(pause)
     sub.command("resume")(resume)
+    sub.command("skip")(skip)
     sub.command("rebuild")(rebuild)
     sub.command("set-offset")(set_offset)
     app.add_typer(sub, name="projections")

@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy import schema
@@ -56,13 +57,31 @@ from lagompy.database import Database
 from lagompy.entity import PersistentEntity, ShardedTag, Tag
 from lagompy.errors import (
     ConfigurationError,
+    EventDecodeError,
+    JournalError,
+    JournalUnavailable,
     LagompyError,
     LeaseLost,
+    ReadSideDecodeFailed,
     ReadSideHandlerFailed,
+    UnknownType,
 )
-from lagompy.journal import EventEnvelope, Journal, from_us, now_us
+from lagompy.journal import EventEnvelope, Journal, TagPage, from_us, now_us
 from lagompy.migrate import ensure_schema
-from lagompy.readside_store import GLOBAL_TAG, Lease, OffsetRow, OffsetStore
+from lagompy.readside_store import (
+    FAILED,
+    GLOBAL_TAG,
+    SET_OFFSET_OWNER,
+    SKIP_OWNER,
+    STALLED,
+    Flags,
+    Lease,
+    OffsetRow,
+    OffsetStore,
+    check_offset,
+    describe_owner,
+    unknown_offsets,
+)
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, make_settings
 from lagompy.tailing import JournalNotifier, Subscription, TailSettings
@@ -157,7 +176,13 @@ class ReadSideSettings(BaseSettings):
         2.0, gt=0, description="Safety-net query interval while LISTEN is up (PostgreSQL)."
     )
     max_attempts: int = Field(
-        5, ge=1, description="Tries of a failing handler before on_failure applies."
+        5,
+        ge=1,
+        description=(
+            "Tries of a failing handler (or of decoding an event) before on_failure applies; "
+            "also how many failed tries of reading the journal or of prepare make a worker "
+            "show as stalled."
+        ),
     )
     retry_initial_delay: float = Field(
         0.1, ge=0, description="Seconds before the second try; doubled for each next one."
@@ -166,9 +191,10 @@ class ReadSideSettings(BaseSettings):
     on_failure: Literal["stop", "skip"] = Field(
         "stop",
         description=(
-            "After max_attempts: 'stop' pauses the worker with the failure in its status "
-            "(resume retries the event); 'skip' moves the offset past the event without its "
-            "writes (counted as skipped in the status)."
+            "After max_attempts at one event (its handler keeps failing, or it cannot be "
+            "decoded): 'stop' marks the worker failed, with the failure in its status, until "
+            "an operator resumes (the event is retried) or skips it; 'skip' moves the offset "
+            "past the event without its writes (counted as skipped in the status)."
         ),
     )
     prepare_timeout: float = Field(
@@ -368,6 +394,69 @@ class _Stopped(Exception):
     """Internal: the worker was asked to stop."""
 
 
+class _HookFailed(LagompyError):
+    """Internal: a processor hook raised ``error`` inside a projection transaction. Raised
+    inside the transaction, so that the database layer (which passes lagompy errors through)
+    does not relabel the hook's own error as a failure of the transaction."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def describe_error(error: BaseException) -> str:
+    """An error of a hook or of a projection transaction as failures show it: a database
+    error by the driver's class, SQLSTATE and message (never the SQL text or its parameters,
+    nor lagompy's own wrapping); anything else as ``Class: message``."""
+    if isinstance(error, _HookFailed):
+        error = error.error
+    cause: BaseException = error
+    if isinstance(error, JournalError) and error.__cause__ is not None:
+        cause = error.__cause__  # the projection transaction itself failed (at commit)
+    if isinstance(cause, DBAPIError) and cause.orig is not None:
+        orig: BaseException = cause.orig
+        driver = orig.__cause__ if orig.__cause__ is not None else orig
+        code = getattr(orig, "sqlstate", None) or getattr(driver, "sqlstate", None)
+        sqlstate = f" (SQLSTATE {code})" if code else ""
+        return f"database error {type(driver).__name__}{sqlstate}: {orig}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _wanted_type_names(
+    processor: ReadSideProcessor, serializer: Serializer
+) -> frozenset[str] | None:
+    """The stored type names a processor with ``event_types`` wants (its classes and their
+    registered subclasses); None: every event."""
+    types = processor.event_types
+    if types is None:
+        return None
+    for t in types:
+        if not serializer.is_registered(t):
+            serializer.register(t)
+    return serializer.type_names_of(types)
+
+
+def _taken(lease: Lease) -> str:
+    """How a lease was taken, for the log."""
+    text = f"lease taken by {lease.owner!r} (epoch {lease.epoch})"
+    previous = lease.previous_owner
+    if previous is None or previous == lease.owner:
+        return text
+    if previous.startswith((SET_OFFSET_OWNER, SKIP_OWNER)):
+        return f"{text} after {describe_owner(previous)}"
+    if lease.previous_live:
+        return f"{text} from {describe_owner(previous)}, which still held it"
+    return f"{text} from {describe_owner(previous)}, whose lease had expired"
+
+
+def _operator(kind: str) -> str:
+    """The lease owner an operator's operation writes: ``set-offset:<host>:<pid>``..."""
+    return f"{kind}{socket.gethostname()}:{os.getpid()}"
+
+
+_EventFailure = ReadSideHandlerFailed | ReadSideDecodeFailed
+
+
 class _Rate:
     """Events per second over the last few seconds."""
 
@@ -400,6 +489,12 @@ class ReadSideWorker:
     :meth:`catch_up` handles what is in the journal now and returns (tests, rebuilds).
     Attributes for status: :attr:`state`, :attr:`offset`, :attr:`events_handled`,
     :attr:`transactions`, :attr:`failures`, :attr:`last_error`.
+
+    A worker never retries silently: an event it cannot get past (its handler keeps failing,
+    or it cannot be decoded) is retried ``max_attempts`` times, then ``on_failure`` applies
+    (``stop``: the row is ``failed`` until resumed or skipped); anything else that keeps
+    failing (reading the journal, ``prepare``) is retried on and, from ``max_attempts`` on,
+    stored as ``stalled`` with the error until it succeeds.
     """
 
     def __init__(
@@ -428,10 +523,20 @@ class ReadSideWorker:
         self.failures = 0
         self.last_error: str | None = None
         self._batch_mode = type(processor).batch_mode()
+        #: Stored type names of the events the processor wants (None: all): the others are
+        #: never decoded.
+        self._wanted = _wanted_type_names(processor, journal.serializer)
         self._rate = _Rate()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._failed = False
+        #: The row's flags as the last fenced write saw them.
+        self._flags = Flags(False, False)
+        #: The offset of the row's failure line (cleared once the worker commits past it).
+        self._error_offset: int | None = None
+        #: The row holds a stall (cleared once the failing step succeeds).
+        self._stalled = False
+        #: (offset, attempts) of the undecodable event being retried.
+        self._undecodable_at: tuple[int, int] | None = None
         self._notifier: JournalNotifier | None = None
         self._subscription: Subscription | None = None
 
@@ -473,6 +578,7 @@ class ReadSideWorker:
         """Hold the lease and process events until :meth:`stop`."""
         await self._subscribe()
         trouble = 0
+        last_trouble = 0.0
         try:
             while True:
                 lease = None
@@ -480,7 +586,6 @@ class ReadSideWorker:
                     lease = await self._hold()
                     self.lease = lease
                     await self._prepare(lease)
-                    trouble = 0
                     await self._consume(lease)
                 except LeaseLost as e:
                     log.warning("%s; waiting to get it back", e)
@@ -488,12 +593,28 @@ class ReadSideWorker:
                     lease = None
                 except _Stopped:
                     raise
-                except LagompyError as e:  # the database is unreachable, for instance
+                except Exception as e:  # the database is unreachable, for instance
+                    # Consecutive troubles count towards `stalled`, even when the worker gets
+                    # as far as consuming in between; a quiet lease_ttl starts the count over.
+                    now = time.monotonic()
+                    if now - last_trouble > self.settings.lease_ttl + self.settings.retry_max_delay:
+                        trouble = 0
+                    last_trouble = now
                     trouble += 1
-                    self.last_error = str(e)
+                    self.last_error = describe_error(e)
                     self.state = "retrying"
-                    log.warning("%s: %s (retrying)", self.where(), e)
-                    await self._release(lease, "retrying")
+                    log.warning(
+                        "%s: %s (attempt %d, retrying)",
+                        self.where(),
+                        self.last_error,
+                        trouble,
+                        exc_info=not isinstance(e, LagompyError),
+                    )
+                    state = "retrying"
+                    if trouble >= self.settings.max_attempts:
+                        state = STALLED
+                        await self._stall(lease, self.last_error, trouble)
+                    await self._release(lease, state)
                     await self._sleep(self._backoff(trouble))
         except _Stopped:
             await self._release(self.lease, "stopped")
@@ -514,31 +635,38 @@ class ReadSideWorker:
     async def catch_up(self, *, force: bool = False, progress: Progress | None = None) -> int:
         """Take the lease (``force``: from whoever holds it), run ``prepare``, handle every
         event in the journal now, release the lease; returns the offset reached. Ignores the
-        pause flag. A handler failing past ``max_attempts`` raises ``ReadSideHandlerFailed``
-        (``on_failure="stop"``)."""
+        pause flag and a ``failed`` state. An event that still fails after ``max_attempts``
+        raises ``ReadSideHandlerFailed`` (its handler) or ``ReadSideDecodeFailed`` (it cannot
+        be decoded) with ``on_failure="stop"``."""
         lease = await self._hold(force=force)
         self.lease = lease
         try:
             await self._prepare(lease)
             self.state = "running"
-            page = await self._read()
-            while page:
+            page = await self._read(lease)
+            while True:
                 # Read the next page while this one's transaction runs (the journal read and
                 # the decoding overlap the projection's writes).
                 ahead = None
-                if len(page) == self.settings.max_batch:
-                    ahead = asyncio.create_task(self._read(after=page[-1].offset))
+                if page.full:
+                    ahead = asyncio.create_task(self._read(lease, after=page.last_offset))
                 try:
                     await self._handle_page(lease, page, ignore_pause=True)
+                    if page.error is not None:
+                        await self._undecodable(lease, page.error)
                 except BaseException:
                     if ahead is not None:
                         ahead.cancel()
                         await asyncio.gather(ahead, return_exceptions=True)
                     raise
-                if progress is not None:
-                    progress(len(page))
-                page = [] if ahead is None else await ahead
-            return self.offset
+                if progress is not None and page.scanned:
+                    progress(page.scanned)
+                if ahead is not None:
+                    page = await ahead
+                elif page.error is not None:
+                    page = await self._read(lease)  # the undecodable event again, or past it
+                else:
+                    return self.offset
         except _Stopped:
             return self.offset
         finally:
@@ -551,7 +679,11 @@ class ReadSideWorker:
             )
             if lease is not None:
                 self.offset = lease.offset
-                log.info("%s: lease taken by %s (epoch %d)", self.where(), self.owner, lease.epoch)
+                self._flags = lease.flags
+                self._error_offset = lease.error_offset
+                self._stalled = lease.state == STALLED
+                level = logging.WARNING if lease.previous_live else logging.INFO
+                log.log(level, "%s: %s", self.where(), _taken(lease))
                 return lease
             self.state = "standby"
             await self._sleep(self.settings.renew_interval)
@@ -561,71 +693,118 @@ class ReadSideWorker:
         attempt = 0
         while True:
             try:
+                stalled = self._stalled
                 async with self.projection.write() as conn:
-                    await self.processor.prepare(conn, self.tag)
-                    await self.store.commit(
-                        conn, lease, self.offset, self.settings.lease_ttl, state="preparing"
+                    try:
+                        await self.processor.prepare(conn, self.tag)
+                    except Exception as e:
+                        raise _HookFailed(e) from e
+                    self._flags = await self.store.commit(
+                        conn,
+                        lease,
+                        self.offset,
+                        self.settings.lease_ttl,
+                        state="preparing",
+                        clear_failure=stalled,
                     )
+                if stalled:
+                    self._stalled = False
+                    self._error_offset = None
                 return
-            except (LeaseLost, _Stopped):
+            except (LeaseLost, _Stopped, JournalUnavailable):
                 raise
             except Exception as e:
                 attempt += 1
                 self.failures += 1
-                self.last_error = f"prepare failed: {e!r}"
-                log.error(
-                    "%s: prepare(%r) failed (attempt %d): %r", self.where(), self.tag, attempt, e
-                )
+                self.last_error = f"prepare({self.tag!r}) failed: {describe_error(e)}"
+                log.error("%s: %s (attempt %d)", self.where(), self.last_error, attempt)
+                if attempt >= self.settings.max_attempts:
+                    await self._stall(lease, self.last_error, attempt)
                 await self._sleep(self._backoff(attempt))
 
-    async def _read(self, after: int | None = None) -> list[EventEnvelope[Any]]:
+    async def _read(self, lease: Lease | None = None, after: int | None = None) -> TagPage:
         attempt = 0
         while True:
+            start = self.offset if after is None else after
             try:
-                return await self.journal.events_by_tag(
+                page = await self.journal.read_tag(
                     self.tag,
-                    after_offset=self.offset if after is None else after,
+                    after_offset=start,
                     limit=self.settings.max_batch,
+                    event_types=self._wanted,
                 )
-            except LagompyError as e:
+            except Exception as e:
                 attempt += 1
-                self.last_error = f"reading the journal failed: {e}"
-                log.warning(
-                    "%s: reading the journal after offset %d failed (attempt %d): %s",
-                    self.where(),
-                    self.offset,
-                    attempt,
-                    e,
+                self.last_error = (
+                    f"reading the journal after offset {start} failed: {describe_error(e)}"
                 )
+                log.warning(
+                    "%s: %s (attempt %d)",
+                    self.where(),
+                    self.last_error,
+                    attempt,
+                    exc_info=not isinstance(e, LagompyError),
+                )
+                if attempt >= self.settings.max_attempts:
+                    await self._stall(lease, self.last_error, attempt)
                 await self._sleep(self._backoff(attempt))
+                continue
+            if self._stalled and lease is not None and not self._flags.failed:
+                self._stalled = False
+                self._error_offset = None
+                self._flags = await self.store.clear_failure(lease, state="running")
+                log.info("%s: reads the journal again", self.where())
+            return page
+
+    async def _stall(self, lease: Lease | None, error: str, attempts: int) -> None:
+        """Store that the worker cannot make progress (``stalled``, with the error), unless
+        it is stopped by a failing event already. Best effort: the projection database may
+        be what fails."""
+        self.state = STALLED
+        if lease is None or self._flags.failed:
+            return
+        try:
+            self._flags = await self.store.record_failure(
+                lease,
+                error=error,
+                offset=self.offset,
+                entity_type=None,
+                entity_id=None,
+                seq_nr=None,
+                attempts=attempts,
+                state=STALLED,
+            )
+            self._stalled = True
+            self._error_offset = self.offset
+        except LagompyError as e:
+            log.warning("%s: could not store the stall: %s", self.where(), e)
 
     async def _consume(self, lease: Lease) -> None:
         s = self.settings
-        paused = lease.paused
         next_renew = time.monotonic() + s.renew_interval
         while True:
             if self._stop.is_set():
                 raise _Stopped
-            if paused:
-                self.state = "failed" if self._failed else "paused"
+            if self._flags.hold:
+                self.state = FAILED if self._flags.failed else "paused"
                 await self._sleep(min(s.renew_interval, max(0.0, next_renew - time.monotonic())))
-                paused = await self.store.renew(lease, s.lease_ttl, state=self.state)
+                state = "paused" if self._flags.paused else "running"
+                self._flags = await self.store.renew(lease, s.lease_ttl, state=state)
                 next_renew = time.monotonic() + s.renew_interval
-                if not paused:
-                    self._failed = False
                 continue
             self.state = "running"
             self._wake.clear()
-            page = await self._read()
-            if page:
-                try:
-                    paused = await self._handle_page(lease, page)
-                except ReadSideHandlerFailed:
-                    paused = True  # stored with the failure: `resume` retries the event
-                next_renew = time.monotonic() + s.renew_interval
-                if len(page) == s.max_batch:
+            page = await self._read(lease)
+            try:
+                if page.envelopes or page.last_offset > self.offset:
+                    await self._handle_page(lease, page)
+                    next_renew = time.monotonic() + s.renew_interval
+                if page.error is not None and not self._flags.hold:
+                    await self._undecodable(lease, page.error)
                     continue
-            if paused:
+            except (ReadSideHandlerFailed, ReadSideDecodeFailed):
+                continue  # stored as failed: `resume` or `skip` moves it on
+            if page.full or self._flags.hold:
                 continue
             timeout = max(0.0, min(next_renew - time.monotonic(), self._poll_interval()))
             if timeout > 0:
@@ -633,7 +812,7 @@ class ReadSideWorker:
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
             if time.monotonic() >= next_renew:
-                paused = await self.store.renew(
+                self._flags = await self.store.renew(
                     lease, s.lease_ttl, state="running", events_per_s=self._rate.value()
                 )
                 next_renew = time.monotonic() + s.renew_interval
@@ -662,112 +841,188 @@ class ReadSideWorker:
     # ------------------------------------------------------------------ batches
 
     async def _handle_page(
-        self, lease: Lease, page: list[EventEnvelope[Any]], *, ignore_pause: bool = False
-    ) -> bool:
-        """Commit the page in as few transactions as the bounds allow; returns the pause flag.
-        After a failing batch, the rest of the page goes one event per transaction, so that
-        the failing event is found and the ones before it commit."""
+        self, lease: Lease, page: TagPage, *, ignore_pause: bool = False
+    ) -> Flags:
+        """Commit the page in as few transactions as the bounds allow, up to its last offset
+        (past the events not wanted); returns the row's flags. After a failing batch, the rest
+        of the page goes one event per transaction, so that the failing event is found and the
+        ones before it commit."""
+        envelopes = page.envelopes
         pos = 0
-        paused = False
-        while pos < len(page):
-            if paused and not ignore_pause:
-                return True
+        flags = self._flags
+        while pos < len(envelopes):
+            if flags.hold and not ignore_pause:
+                return flags
             try:
-                done, paused = await self._commit_batch(lease, page[pos:])
+                done, flags = await self._commit_batch(
+                    lease, envelopes[pos:], upto=page.last_offset
+                )
                 pos += done
-            except (LeaseLost, _Stopped):
+            except (LeaseLost, _Stopped, JournalUnavailable):
                 raise
             except Exception as e:
                 log.warning(
-                    "%s: a batch of %d events from offset %d failed (%r); handling them one by one",
+                    "%s: a batch of %d events from offset %d failed (%s); handling them one by one",
                     self.where(),
-                    len(page) - pos,
-                    page[pos].offset,
-                    e,
+                    len(envelopes) - pos,
+                    envelopes[pos].offset,
+                    describe_error(e),
                 )
-                for envelope in page[pos:]:
-                    paused = await self._commit_one(lease, envelope)
-                    if paused and not ignore_pause:
-                        return True
-                return paused
-        return paused
+                for envelope in envelopes[pos:]:
+                    flags = await self._commit_one(lease, envelope)
+                    if flags.hold and not ignore_pause:
+                        return flags
+                pos = len(envelopes)
+        if self.offset < page.last_offset and (ignore_pause or not flags.hold):
+            flags = await self._commit_offset(lease, page.last_offset)
+        return flags
+
+    def _passes_failure(self, offset: int) -> bool:
+        return self._error_offset is not None and offset >= self._error_offset
 
     async def _commit_batch(
-        self, lease: Lease, envelopes: list[EventEnvelope[Any]]
-    ) -> tuple[int, bool]:
+        self, lease: Lease, envelopes: list[EventEnvelope[Any]], *, upto: int | None = None
+    ) -> tuple[int, Flags]:
+        """Handle ``envelopes`` (or as many as ``max_batch_seconds`` allows) and store the
+        offset in one transaction; ``upto``: the offset to store once all are handled (the
+        end of their page). Returns how many were handled and the row's flags."""
         s = self.settings
         processor = self.processor
         async with self.projection.write() as conn:
-            if self._batch_mode:
-                done = len(envelopes)
-                wanted = [e for e in envelopes if processor.wants(e)]
-                if wanted:
-                    await processor.handle_batch(conn, wanted)
-            else:
-                started = time.monotonic()
-                done = 0
-                for envelope in envelopes:
-                    if processor.wants(envelope):
-                        await processor.handle(conn, envelope)
-                    done += 1
-                    if time.monotonic() - started >= s.max_batch_seconds:
-                        break
+            try:
+                if self._batch_mode:
+                    done = len(envelopes)
+                    wanted = [e for e in envelopes if processor.wants(e)]
+                    if wanted:
+                        await processor.handle_batch(conn, wanted)
+                else:
+                    started = time.monotonic()
+                    done = 0
+                    for envelope in envelopes:
+                        if processor.wants(envelope):
+                            await processor.handle(conn, envelope)
+                        done += 1
+                        if time.monotonic() - started >= s.max_batch_seconds:
+                            break
+            except Exception as e:
+                raise _HookFailed(e) from e
+            offset = envelopes[done - 1].offset if upto is None or done < len(envelopes) else upto
             rate = self._rate.add(done)
-            paused = await self.store.commit(
-                conn, lease, envelopes[done - 1].offset, s.lease_ttl, events_per_s=rate
+            clear = self._passes_failure(offset)
+            flags = await self.store.commit(
+                conn, lease, offset, s.lease_ttl, events_per_s=rate, clear_failure=clear
             )
-        self.offset = envelopes[done - 1].offset
+        self._moved(offset, clear, flags)
         self.events_handled += done
         self.transactions += 1
-        return done, paused
+        return done, flags
 
-    async def _commit_one(self, lease: Lease, envelope: EventEnvelope[Any]) -> bool:
+    async def _commit_offset(self, lease: Lease, offset: int, *, skipped: int = 0) -> Flags:
+        """Store ``offset`` with no handler (events not wanted, or a skipped event)."""
+        clear = self._passes_failure(offset)
+        async with self.projection.write() as conn:
+            flags = await self.store.commit(
+                conn,
+                lease,
+                offset,
+                self.settings.lease_ttl,
+                skipped=skipped,
+                clear_failure=clear,
+            )
+        self._moved(offset, clear, flags)
+        return flags
+
+    def _moved(self, offset: int, cleared: bool, flags: Flags) -> None:
+        self.offset = offset
+        self._flags = flags
+        if cleared:
+            self._error_offset = None
+
+    async def _commit_one(self, lease: Lease, envelope: EventEnvelope[Any]) -> Flags:
         s = self.settings
         attempt = 0
         while True:
             attempt += 1
             try:
                 return (await self._commit_batch(lease, [envelope]))[1]
-            except (LeaseLost, _Stopped):
+            except (LeaseLost, _Stopped, JournalUnavailable):
                 raise
             except Exception as e:
                 self.failures += 1
                 failure = self._failure(envelope, e, attempt)
                 self.last_error = str(failure)
-                log.error("%s", failure, exc_info=attempt == 1)
+                # The hook's own traceback, once per event.
+                original = e.error if isinstance(e, _HookFailed) else e
+                log.error("%s", failure, exc_info=original if attempt == 1 else None)
                 if attempt < s.max_attempts:
-                    await self._record(lease, failure, envelope, "retrying")
+                    await self._record(lease, failure, "retrying")
                     await self._sleep(self._backoff(attempt))
                     continue
-                if s.on_failure == "skip":
-                    async with self.projection.write() as conn:
-                        paused = await self.store.commit(
-                            conn, lease, envelope.offset, s.lease_ttl, skipped=1
-                        )
-                    await self._record(lease, failure, envelope, "running")
-                    log.error(
-                        "%s: skipped the event at offset %d (%s/%s #%d) after %d attempts",
-                        self.where(),
-                        envelope.offset,
-                        envelope.entity_type,
-                        envelope.entity_id,
-                        envelope.seq_nr,
-                        attempt,
-                    )
-                    self.offset = envelope.offset
-                    return paused
-                await self._record(lease, failure, envelope, "failed", pause=True)
-                self._failed = True
-                self.state = "failed"
-                log.error(
-                    "%s: stopped at offset %d after %d attempts; `lagompy projections resume "
-                    "%s` retries it",
-                    self.where(),
-                    envelope.offset,
-                    attempt,
-                    self.name,
-                )
-                raise failure from e
+                return await self._give_up(lease, failure, e)
+
+    async def _undecodable(self, lease: Lease, error: EventDecodeError) -> Flags:
+        """The next event of the tag cannot be decoded: retried like a failing handler (the
+        caller reads it again), then ``on_failure`` applies."""
+        offset = error.offset
+        assert offset is not None  # read_tag sets it
+        previous = self._undecodable_at
+        attempt = previous[1] + 1 if previous is not None and previous[0] == offset else 1
+        self._undecodable_at = (offset, attempt)
+        self.failures += 1
+        hint = ""
+        if isinstance(error.__cause__, UnknownType):
+            hint = (
+                " (declare its entity in the processor's `entities`, or its class in "
+                "`event_types` if the processor handles it)"
+            )
+        failure = ReadSideDecodeFailed(
+            f"{self.where()}: the event at offset {offset} cannot be decoded, attempt "
+            f"{attempt}/{self.settings.max_attempts}: {error}{hint}",
+            processor=self.name,
+            tag=self.tag,
+            offset=offset,
+            entity_type=error.entity_type,
+            entity_id=error.entity_id,
+            seq_nr=error.seq_nr,
+            attempts=attempt,
+        )
+        self.last_error = str(failure)
+        log.error("%s", failure)
+        if attempt < self.settings.max_attempts:
+            flags = await self._record(lease, failure, "retrying")
+            await self._sleep(self._backoff(attempt))
+            return flags
+        self._undecodable_at = None
+        return await self._give_up(lease, failure, error)
+
+    async def _give_up(self, lease: Lease, failure: _EventFailure, cause: BaseException) -> Flags:
+        """``max_attempts`` ran out for the event of ``failure``: skip it or stop (raises
+        ``failure``)."""
+        assert failure.offset is not None
+        event = (
+            f"the event at offset {failure.offset} ({failure.entity_type}/{failure.entity_id} "
+            f"sequence number {failure.seq_nr})"
+        )
+        if self.settings.on_failure == "skip":
+            await self._commit_offset(lease, failure.offset, skipped=1)
+            flags = await self._record(
+                lease, failure, "running", prefix=f"skipped after {failure.attempts} attempts: "
+            )
+            log.error("%s: skipped %s after %d attempts", self.where(), event, failure.attempts)
+            return flags
+        await self._record(lease, failure, FAILED)
+        self.state = FAILED
+        log.error(
+            "%s: stopped at %s after %d attempts: fix the cause and `lagompy projections resume "
+            "%s` retries it, or `lagompy projections skip %s --tag %s` moves past it",
+            self.where(),
+            event,
+            failure.attempts,
+            self.name,
+            self.name,
+            self.tag,
+        )
+        raise failure from cause
 
     def _failure(
         self, envelope: EventEnvelope[Any], error: BaseException, attempt: int
@@ -775,7 +1030,7 @@ class ReadSideWorker:
         return ReadSideHandlerFailed(
             f"{self.where()}: handler failed at offset {envelope.offset} "
             f"({envelope.entity_type}/{envelope.entity_id} sequence number {envelope.seq_nr}), "
-            f"attempt {attempt}/{self.settings.max_attempts}: {type(error).__name__}: {error}",
+            f"attempt {attempt}/{self.settings.max_attempts}: {describe_error(error)}",
             processor=self.name,
             tag=self.tag,
             offset=envelope.offset,
@@ -786,25 +1041,24 @@ class ReadSideWorker:
         )
 
     async def _record(
-        self,
-        lease: Lease,
-        failure: ReadSideHandlerFailed,
-        envelope: EventEnvelope[Any],
-        state: str,
-        *,
-        pause: bool = False,
-    ) -> None:
-        await self.store.record_failure(
+        self, lease: Lease, failure: _EventFailure, state: str, *, prefix: str = ""
+    ) -> Flags:
+        """Store the failure line of ``failure`` (without the processor and tag, which the
+        row names) and ``state``."""
+        message = str(failure).removeprefix(f"{self.where()}: ")
+        flags = await self.store.record_failure(
             lease,
-            error=str(failure),
-            offset=envelope.offset,
-            entity_type=envelope.entity_type,
-            entity_id=envelope.entity_id,
-            seq_nr=envelope.seq_nr,
+            error=prefix + message,
+            offset=failure.offset,
+            entity_type=failure.entity_type,
+            entity_id=failure.entity_id,
+            seq_nr=failure.seq_nr,
             attempts=failure.attempts,
             state=state,
-            pause=pause,
         )
+        self._flags = flags
+        self._error_offset = failure.offset
+        return flags
 
 
 async def run_global_prepare(
@@ -815,10 +1069,12 @@ async def run_global_prepare(
     owner: str | None = None,
     timeout: float | None = None,
     stop: asyncio.Event | None = None,
+    on_stall: Callable[[str | None], None] | None = None,
 ) -> int:
     """Run ``processor.global_prepare`` under the processor's own lease, retried with backoff
     until it succeeds (or ``timeout`` seconds pass: ``ReadSideHandlerFailed``); returns the
-    number of attempts. Also creates the processor's offset rows."""
+    number of attempts. Also creates the processor's offset rows. ``on_stall(error)`` is
+    called after each failure from ``max_attempts`` on, and with None once it succeeds."""
     store = OffsetStore(projection)
     owner = owner or default_owner()
     name = processor.name
@@ -835,6 +1091,8 @@ async def run_global_prepare(
                 processor=name,
                 attempts=attempt,
             ) from last
+        if on_stall is not None and attempt >= settings.max_attempts and last is not None:
+            on_stall(f"global_prepare failed (attempt {attempt}): {describe_error(last)}")
         if stop is None:
             await asyncio.sleep(seconds)
             return
@@ -852,15 +1110,23 @@ async def run_global_prepare(
         try:
             attempt += 1
             async with projection.write() as conn:
-                await processor.global_prepare(conn)
+                try:
+                    await processor.global_prepare(conn)
+                except Exception as e:
+                    raise _HookFailed(e) from e
                 await store.commit(conn, lease, 0, settings.lease_ttl, state="prepared")
+            if on_stall is not None:
+                on_stall(None)
             return attempt
         except LeaseLost:
             continue
         except Exception as e:
-            last = e
+            last = e.error if isinstance(e, _HookFailed) else e
             log.error(
-                "read-side processor %r: global_prepare failed (attempt %d): %r", name, attempt, e
+                "read-side processor %r: global_prepare failed (attempt %d): %s",
+                name,
+                attempt,
+                describe_error(e),
             )
             await pause(
                 min(settings.retry_max_delay, settings.retry_initial_delay * 2 ** (attempt - 1))
@@ -875,9 +1141,11 @@ async def run_global_prepare(
 
 @dataclass(frozen=True)
 class Failure:
-    """The last handler failure of a worker."""
+    """The failure line of a (processor, tag): the last event it could not get past (or the
+    step it is stalled at), kept until the worker commits past ``offset``."""
 
     error: str
+    #: The failing event's offset (for a stall: the offset the worker is stuck after).
     offset: int | None
     entity_type: str | None
     entity_id: str | None
@@ -892,15 +1160,19 @@ class WorkerStatus:
 
     processor: str
     tag: str
-    #: running, paused, failed, stopped (no worker holds the lease), standby, retrying,
-    #: preparing, rebuilding
+    #: ``failed`` (stopped by an event it could not get past, until resumed or skipped: see
+    #: ``failure``), ``paused`` (by an operator), ``stalled`` (retrying something that keeps
+    #: failing: see ``failure``), ``stopped`` (no worker holds the lease), or what the worker
+    #: holding it does: ``running``, ``preparing``, ``retrying``, ``rebuilding``...
     state: str
     offset: int
     #: The highest offset of the tag in the journal (None: the journal was not consulted).
     head_offset: int | None
+    #: Events of the tag not handled yet; negative when the offset was forced past the head.
     lag_events: int | None
     #: Age of the oldest event not handled yet (0 when caught up).
     lag_seconds: float | None
+    #: An operator paused it (a failure does not set this: see ``state``).
     paused: bool
     owner: str | None
     epoch: int
@@ -916,11 +1188,19 @@ class WorkerStatus:
 
 
 def _state(row: OffsetRow) -> str:
+    if row.state == FAILED:
+        return FAILED
     if row.paused:
-        return "failed" if row.state == "failed" else "paused"
+        return "paused"
+    if row.state == STALLED:
+        return STALLED
     if not row.leased:
         return "stopped"
     return row.state
+
+
+#: The states in which a worker makes no progress by itself (readiness fails).
+STUCK_STATES = frozenset({FAILED, STALLED})
 
 
 async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, int, float]:
@@ -941,7 +1221,10 @@ async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, i
     async with journal.read() as conn:
         row = (await conn.execute(select(head, behind, oldest))).one()
     lag_s = 0.0 if row[2] is None else max(0.0, (now_us() - int(row[2])) / 1e6)
-    return int(row[0] or 0), int(row[1] or 0), round(lag_s, 3)
+    head_offset = int(row[0] or 0)
+    # An offset forced past the head: negative, never a reassuring 0.
+    lag = int(row[1] or 0) if offset <= head_offset else head_offset - offset
+    return head_offset, lag, round(lag_s, 3)
 
 
 # --------------------------------------------------------------------------- management
@@ -978,7 +1261,8 @@ class Projections(AsyncClosing):
         rows = await self.store.rows(processor)
         if processor is not None and not rows:
             raise ConfigurationError(
-                f"no read-side processor {processor!r} in {self.projection.describe()}"
+                f"no read-side processor {processor!r}: it has no offsets in the projection "
+                "database (a processor's rows appear when it first starts)"
             )
         out = []
         for row in rows:
@@ -1020,16 +1304,80 @@ class Projections(AsyncClosing):
     async def pause(self, processor: str, tag: str | None = None) -> int:
         """Pause every worker of ``processor`` (or one tag's): persisted, seen by the workers
         within ``renew_interval``; returns how many (processor, tag) rows were paused."""
-        return await self.store.set_paused(processor, tag, True)
+        count = await self.store.set_paused(processor, tag, True)
+        log.info("read-side processor %r%s: paused by an operator", processor, _of_tag(tag))
+        return count
 
     async def resume(self, processor: str, tag: str | None = None) -> int:
-        """Undo :meth:`pause`; a worker stopped by a failing handler retries the event."""
-        return await self.store.set_paused(processor, tag, False)
+        """Undo :meth:`pause`, and let a worker stopped by a failing event (``failed``) retry
+        it; returns how many (processor, tag) rows were resumed."""
+        count = await self.store.set_paused(processor, tag, False)
+        log.info("read-side processor %r%s: resumed by an operator", processor, _of_tag(tag))
+        return count
 
-    async def set_offset(self, processor: str, tag: str, offset: int) -> None:
+    async def skip(self, processor: str, tag: str | None = None) -> int:
+        """Move every ``failed`` worker of ``processor`` (or ``tag``'s) past the event it is
+        stopped at, without its writes (counted in ``skipped``; the failure line stays,
+        marked as skipped, until the worker commits past it); the worker holding the lease
+        loses it and the next holder resumes after the event. Returns how many were skipped;
+        ``ConfigurationError`` when none is failed."""
+        owner = _operator(SKIP_OWNER)
+        skipped = await self.store.skip(processor, tag, owner=owner)
+        for row in skipped:
+            log.warning(
+                "read-side processor %r, tag %r: %r skipped the event at offset %s "
+                "(%s/%s sequence number %s) that stopped it: %s",
+                processor,
+                row.tag,
+                owner,
+                row.error_offset,
+                row.error_entity_type,
+                row.error_entity_id,
+                row.error_seq_nr,
+                row.error,
+            )
+        return len(skipped)
+
+    async def set_offset(
+        self, processor: str, tag: str, offset: int, *, force: bool = False
+    ) -> None:
         """Make (processor, tag) resume after ``offset``. The worker holding its lease loses
-        it (it cannot commit any more) and the next holder starts from ``offset``."""
-        await self.store.set_offset(processor, tag, offset)
+        it (it cannot commit any more) and the next holder starts from ``offset``; a
+        ``failed`` worker retries from there.
+
+        An offset beyond the tag's head in the journal is refused (the worker would pass
+        over every event up to it as they are written) unless ``force``: the status then
+        shows a negative lag until the journal gets there."""
+        check_offset(offset)
+        if tag == GLOBAL_TAG or await self.store.row(processor, tag) is None:
+            raise ConfigurationError(unknown_offsets(processor, tag))
+        if not force:
+            if self.journal is None:
+                raise ConfigurationError(
+                    "set_offset checks the offset against the tag's head in the journal: open "
+                    "Projections with the journal, or pass force=True"
+                )
+            head = (await _journal_lag(self.journal, tag, 0))[0]
+            if offset > head:
+                raise ConfigurationError(
+                    f"offset {offset} is beyond the head of tag {tag!r} in the journal "
+                    f"(offset {head}): the worker would pass over every event up to it as they "
+                    "are written; set it anyway with force=True (`--force`), the status then "
+                    "shows a negative lag"
+                )
+        owner = _operator(SET_OFFSET_OWNER)
+        before = await self.store.set_offset(processor, tag, offset, owner=owner)
+        log.warning(
+            "read-side processor %r, tag %r: %r set the offset from %d to %d%s",
+            processor,
+            tag,
+            owner,
+            before.offset,
+            offset,
+            f"; the lease of {before.owner!r} (epoch {before.epoch}) ends"
+            if before.leased
+            else "",
+        )
 
     async def rebuild(
         self,
@@ -1059,6 +1407,8 @@ class Projections(AsyncClosing):
         for t in [GLOBAL_TAG, *tags]:
             lease = await self.store.acquire(p.name, t, owner, s.lease_ttl, force=True)
             assert lease is not None  # forced
+            level = logging.WARNING if lease.previous_live else logging.INFO
+            log.log(level, "read-side processor %r, tag %r: %s", p.name, t, _taken(lease))
             leases.append(lease)
         try:
             async with self.projection.write() as conn:
@@ -1118,6 +1468,10 @@ async def open_projections(
     return Projections(projection, journal_db, settings=settings, owns=owned)
 
 
+def _of_tag(tag: str | None) -> str:
+    return "" if tag is None else f", tag {tag!r}"
+
+
 def _journal_settings(url: str | None, settings: JournalSettings | None) -> JournalSettings:
     if settings is not None:
         if url is not None:
@@ -1151,6 +1505,8 @@ class ReadSide(AsyncClosing):
         self.projections = Projections(projection, journal.database, settings=settings)
         self.workers: list[ReadSideWorker] = []
         self.global_prepares: dict[str, int] = {}
+        #: Processors whose global_prepare keeps failing (from max_attempts on): the error.
+        self.prepare_stalls: dict[str, str] = {}
         self._owned = list(owned)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -1172,9 +1528,15 @@ class ReadSide(AsyncClosing):
     async def _run_processor(
         self, processor: SqlReadSideProcessor, workers: list[ReadSideWorker]
     ) -> None:
+        def stalled(error: str | None) -> None:
+            if error is None:
+                self.prepare_stalls.pop(processor.name, None)
+            else:
+                self.prepare_stalls[processor.name] = error
+
         try:
             attempts = await run_global_prepare(
-                processor, self.projection, self.settings, stop=self._stop
+                processor, self.projection, self.settings, stop=self._stop, on_stall=stalled
             )
         except _Stopped:
             return
@@ -1191,6 +1553,18 @@ class ReadSide(AsyncClosing):
 
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
         return await self.projections.status(processor)
+
+    def problems(self) -> list[str]:
+        """What keeps processors of this process from making progress that the projection
+        database cannot show: a global_prepare that keeps failing, a task that died."""
+        found = [
+            f"read-side processor {name!r}: {error}" for name, error in self.prepare_stalls.items()
+        ]
+        for task in self._tasks:
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                found.append(f"{task.get_name()} ended: {describe_error(error)}")
+        return found
 
     async def wait_until_caught_up(self, timeout: float = 30.0) -> None:
         """Wait until every worker has handled every event its tag had when called (raises

@@ -6,8 +6,8 @@
     app.include_router(readside_router(projections))     # GET /readside, GET /readside/{name}
 
 Each entry is :meth:`WorkerStatus.to_dict <lagompy.readside.WorkerStatus.to_dict>`: processor,
-tag, state, offset, head offset, lag in events and seconds, paused, owner, epoch, events/s,
-skipped events and the last failure.
+tag, state (``failed`` and ``paused`` apart), offset, head offset, lag in events and seconds,
+paused, owner, epoch, events/s, skipped events and the failure line.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def readside_router(
     tags: list[str] | None = None,
 ) -> APIRouter:
     """Routes ``GET {prefix}`` (every processor and tag) and ``GET {prefix}/{processor}`` (one
-    processor; 404 if unknown). ``projections`` may be a callable, called per request (for a
+    processor; 404 if unknown, naming the processor and nothing of the database).
+    ``projections`` may be a callable, called per request (for a
     :class:`~lagompy.readside.Projections` opened in the service's lifespan)."""
     router = APIRouter(prefix=prefix, tags=list(tags or ["read side"]))
 

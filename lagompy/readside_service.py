@@ -10,6 +10,11 @@ mounted, their lag in ``/metrics`` and their health in ``/health/ready``::
     async with readside.projection.read() as conn:      # in a route: query the projection
         ...
 
+``/health/ready`` fails while a worker of these processors is ``failed`` (stopped by an event
+it could not get past) or ``stalled``, naming the processor, tag, offset and error; ``/metrics``
+also carries ``lagompy_readside_paused``, ``lagompy_readside_failed`` and
+``lagompy_readside_state``, so that an operator's pause and a failure-stop look different.
+
 The workers run in the service's process (``ray=False``, the default: one asyncio task per
 (processor, tag)) or as detached actors on Ray (``ray=True``, :mod:`lagompy.readside_ray`).
 Either way the leases of the offset store keep one worker per (processor, tag): with several
@@ -26,10 +31,12 @@ from fastapi import APIRouter, HTTPException
 from lagompy.database import Database
 from lagompy.metrics import Sample
 from lagompy.readside import (
+    STUCK_STATES,
     Projections,
     ReadSide,
     ReadSideSettings,
     SqlReadSideProcessor,
+    WorkerStatus,
     start_readside,
 )
 from lagompy.readside_http import readside_router
@@ -53,6 +60,22 @@ LAG_METRICS: dict[str, tuple[str, str]] = {
         "The journal offset up to which the read-side processor has handled the tag.",
     ),
 }
+#: (name, help) of the flags and the state, per (processor, tag).
+PAUSED_METRIC = (
+    "lagompy_readside_paused",
+    "1 while an operator has paused the read-side processor's tag, else 0.",
+)
+FAILED_METRIC = (
+    "lagompy_readside_failed",
+    "1 while the read-side processor's worker of the tag makes no progress: stopped by an "
+    "event it could not get past (state failed, until resumed or skipped) or stalled "
+    "(retrying something that keeps failing), else 0.",
+)
+STATE_METRIC = (
+    "lagompy_readside_state",
+    "1 for the current state of the read-side processor's tag (label state: running, paused, "
+    "failed, stalled, stopped...).",
+)
 
 
 class ReadSideComponent:
@@ -132,21 +155,48 @@ class ReadSideComponent:
             raise RuntimeError("the read side is not running")
         await self._running.wait_until_caught_up(timeout)
 
-    async def ready(self) -> bool:
-        """Ready while the projection database answers and no worker is stopped by a failing
-        handler (a worker that stands by for another process's lease is fine)."""
-        statuses = await self._projections().status()
-        return not any(s.state == "failed" for s in statuses)
+    async def ready(self) -> bool | str:
+        """True while the projection database answers and every worker of these processors
+        can make progress; otherwise why not: each (processor, tag) that is ``failed`` (stopped
+        by an event it could not get past) or ``stalled`` (retrying something that keeps
+        failing), with its offset and error, and a ``global_prepare`` that keeps failing. A
+        worker that stands by for another process's lease, or that an operator paused, is
+        fine. The same truth whether the workers run here or on Ray: it is read from the
+        projection database."""
+        running = self._running
+        if running is None:
+            return "the read side is not running"
+        wanted = {p.name for p in self.processors}
+        problems = [
+            f"read-side processor {s.processor!r}, tag {s.tag!r}: {s.state} at offset "
+            f"{s.offset if s.failure is None else s.failure.offset}"
+            + ("" if s.failure is None else f": {s.failure.error}")
+            for s in await running.status()
+            if s.processor in wanted and s.state in STUCK_STATES
+        ]
+        if isinstance(running, ReadSide):
+            problems += running.problems()
+        if not problems:
+            return True
+        if len(problems) > _READY_PROBLEMS:
+            more = len(problems) - _READY_PROBLEMS
+            problems = [*problems[:_READY_PROBLEMS], f"and {more} more (see GET /readside)"]
+        return "; ".join(p if len(p) <= 600 else p[:597] + "..." for p in problems)
 
     async def metric_samples(self) -> list[Sample]:
-        """Lag in events and seconds, and the offset, of every (processor, tag)."""
+        """Lag in events and seconds, the offset, the pause and failure flags and the state
+        of every (processor, tag)."""
         if self._running is None:
             return []
         wanted = {p.name for p in self.processors}
         return _lag_samples([s for s in await self._running.status() if s.processor in wanted])
 
 
-def _lag_samples(statuses: Sequence[Any]) -> list[Sample]:
+#: How many stuck workers /health/ready names (the status route has them all).
+_READY_PROBLEMS = 5
+
+
+def _lag_samples(statuses: Sequence[WorkerStatus]) -> list[Sample]:
     samples: list[Sample] = []
     for status in statuses:
         labels = {"processor": status.processor, "tag": status.tag}
@@ -154,4 +204,11 @@ def _lag_samples(statuses: Sequence[Any]) -> list[Sample]:
             value = getattr(status, field)
             if value is not None:
                 samples.append((name, help_text, "gauge", labels, float(value)))
+        samples.append(
+            (*PAUSED_METRIC, "gauge", labels, 1.0 if status.paused else 0.0),
+        )
+        samples.append(
+            (*FAILED_METRIC, "gauge", labels, 1.0 if status.state in STUCK_STATES else 0.0),
+        )
+        samples.append((*STATE_METRIC, "gauge", {**labels, "state": status.state}, 1.0))
     return samples

@@ -40,6 +40,11 @@ Wire format
   that decodes wins; ``float`` accepts an ``int`` only after the members that take ints exactly,
   so ``int | float`` keeps ints as ints. Encoding prefers the member whose type is exactly the
   value's type, then members the value is an instance of, in declaration order.
+* Strings holding a NUL character (``\\x00``) are refused when encoding, wherever they sit
+  (a field, a list, a map key, ``Any``): PostgreSQL text columns cannot hold one, so an event
+  carrying one would stop every read side that writes it to such a column. The
+  ``EncodeError`` names the field; ``allow_nul`` (``SerializerSettings``,
+  ``LAGOMPY_SERIALIZER_ALLOW_NUL``) turns the check off. Decoding accepts them.
 * ``Any`` holds ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``list``, ``dict``,
   the extension scalars above and registered dataclasses (tagged). Tuples, sets and enums are
   refused there because they would come back as something else.
@@ -66,12 +71,15 @@ from typing import Any, Final, Literal, TypeVar, Union, cast, get_args, get_orig
 from uuid import UUID
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lagompy.errors import ConfigurationError, DecodeError, EncodeError, UnknownType
 
 __all__ = [
     "VERSION_KEY",
     "Serializer",
+    "SerializerSettings",
     "TaggedValue",
     "TypeInfo",
     "Upcaster",
@@ -443,7 +451,9 @@ class _Codec:
     """Encoder and decoder for one annotation, plus what union dispatch needs to know.
 
     ``enc_fast``/``dec_fast``: when a value's exact class is this type, encoding/decoding is the
-    identity (callers skip the call). ``py_types``: the Python classes the encoder accepts.
+    identity (callers skip the call), except that with ``nul_free`` a ``str`` holding a NUL
+    character still goes through ``enc``, which refuses it. ``py_types``: the Python classes
+    the encoder accepts.
     ``raw_types``/``raw_secondary``: decoded msgpack classes the decoder accepts, first choice /
     only if no other union member takes them. ``hashable``: the decoded wire value can be a map
     key. ``array``: the encoder may produce a tuple (map keys then need ``EXT_KEY_ARRAY``).
@@ -458,6 +468,7 @@ class _Codec:
         "hashable",
         "kind",
         "label",
+        "nul_free",
         "py_types",
         "raw_secondary",
         "raw_types",
@@ -477,6 +488,7 @@ class _Codec:
         kind: str = "plain",
         hashable: bool = True,
         array: bool = False,
+        nul_free: bool = False,
     ) -> None:
         self.label = label
         self.enc = enc
@@ -489,6 +501,7 @@ class _Codec:
         self.kind = kind
         self.hashable = hashable
         self.array = array
+        self.nul_free = nul_free
 
 
 def _expected(label: str, v: object) -> _Mismatch:
@@ -547,6 +560,25 @@ def _dec_float(raw: Any) -> Any:
 
 def _enc_str(v: Any) -> Any:
     if isinstance(v, str):
+        return str.__str__(v)
+    raise _expected("str", v)
+
+
+#: What refuses a string with a NUL character (``SerializerSettings.allow_nul`` is off).
+NUL_REFUSED: Final = (
+    "contains a NUL character (\\x00 at index {index}), which PostgreSQL text columns refuse "
+    "(a read side storing it there would stop): remove it, or store the value as bytes"
+)
+
+
+def _nul_mismatch(v: str) -> _Mismatch:
+    return _Mismatch(f"the string {_short(v)} " + NUL_REFUSED.format(index=v.index("\x00")))
+
+
+def _enc_str_nul_free(v: Any) -> Any:
+    if isinstance(v, str):
+        if "\x00" in v:
+            raise _nul_mismatch(v)
         return str.__str__(v)
     raise _expected("str", v)
 
@@ -619,6 +651,18 @@ _SCALARS: Final[dict[type, _Codec]] = {
 }
 
 _WIRE_SCALARS: Final = frozenset({NoneType, bool, int, float, str, bytes})
+
+#: ``str`` when strings holding a NUL character are refused (the default).
+_NUL_FREE_STR: Final = _Codec(
+    "str",
+    _enc_str_nul_free,
+    _exact_decoder(str, "str"),
+    py_types=(str,),
+    raw_types=(str,),
+    enc_fast=str,
+    dec_fast=str,
+    nul_free=True,
+)
 
 
 def _enum_codec(cls: type[enum.Enum]) -> _Codec:
@@ -698,13 +742,14 @@ def _seq_codec(kind: type[Any], elem: _Codec, label: str) -> _Codec:
     ef, df = elem.enc_fast, elem.dec_fast
     wire_tuple = kind is tuple or kind is frozenset  # hashable on the wire, for map keys
     as_is = kind is list or kind is tuple  # an exact list/tuple of fast elements is sent as is
+    nul = elem.nul_free
 
     def enc(v: Any) -> Any:
         if v.__class__ is not kind and not isinstance(v, kind):
             raise _expected(label, v)
         if ef is not None:
             for x in v:
-                if x.__class__ is not ef:
+                if x.__class__ is not ef or (nul and "\x00" in x):  # type: ignore[operator]
                     break
             else:
                 if as_is and v.__class__ is kind:
@@ -810,17 +855,25 @@ def _map_walk(
     value_fast: type | None,
     *,
     subclasses: bool,
+    nul_free: tuple[bool, bool] = (False, False),
 ) -> _Fn:
     """Encoder or decoder of a map: ``key`` and ``value`` convert each entry (the map is
-    returned as it is when every key and value already has its ``*_fast`` class); a mismatch
-    names the key it happened at. ``subclasses``: accept dict subclasses (encoding)."""
+    returned as it is when every key and value already has its ``*_fast`` class, and no
+    ``nul_free`` key or value string holds a NUL); a mismatch names the key it happened at.
+    ``subclasses``: accept dict subclasses (encoding)."""
+    key_nul, value_nul = nul_free
 
     def walk(m: Any) -> Any:
         if m.__class__ is not dict and not (subclasses and isinstance(m, dict)):
             raise _expected(label, m)
         if key_fast is not None and value_fast is not None:
             for k, x in m.items():
-                if k.__class__ is not key_fast or x.__class__ is not value_fast:
+                if (
+                    k.__class__ is not key_fast
+                    or x.__class__ is not value_fast
+                    or (key_nul and "\x00" in k)  # type: ignore[operator]
+                    or (value_nul and "\x00" in x)  # type: ignore[operator]
+                ):
                     break
             else:
                 return m
@@ -856,7 +909,15 @@ def _dict_codec(kc: _Codec, vc: _Codec, label: str) -> _Codec:
     else:
         ke = kc.enc
 
-    enc = _map_walk(label, ke, vc.enc, kc.enc_fast, vc.enc_fast, subclasses=True)
+    enc = _map_walk(
+        label,
+        ke,
+        vc.enc,
+        kc.enc_fast,
+        vc.enc_fast,
+        subclasses=True,
+        nul_free=(kc.nul_free, vc.nul_free),
+    )
     dec = _map_walk(label, kc.dec, vc.dec, kc.dec_fast, vc.dec_fast, subclasses=False)
     return _Codec(label, enc, dec, py_types=(dict,), raw_types=(dict,), kind="map", hashable=False)
 
@@ -898,7 +959,9 @@ def _generate_body(cls: type, specs: list[_FieldSpec]) -> tuple[_Fn, _Fn]:
         reraise = ["except _Mismatch as m:", f"    m.path.append({path})", "    raise"]
         if codec.enc_fast is not None:
             ns[f"te{i}"] = codec.enc_fast
-            body = [f"v = o.{name}", f"if v.__class__ is not te{i}:"]
+            # A NUL-free str field: one more C-level check, the encoder names the NUL.
+            nul = " or '\\x00' in v" if codec.nul_free else ""
+            body = [f"v = o.{name}", f"if v.__class__ is not te{i}{nul}:"]
             body += ["    " + s for s in ["try:", f"    v = e{i}(v)", *reraise]]
             body.append(f"f{i} = v")
         else:
@@ -1049,14 +1112,36 @@ def _is_dataclass_type(ann: Any) -> bool:
 # --------------------------------------------------------------------------- the serializer
 
 
+class SerializerSettings(BaseSettings):
+    """What every :class:`Serializer` accepts when it is built without saying so. Environment
+    prefix ``LAGOMPY_SERIALIZER_``; read where serializers are built (every process that
+    encodes commands, events or snapshots: the shard hosts too)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAGOMPY_SERIALIZER_", frozen=True, extra="forbid")
+
+    allow_nul: bool = Field(
+        False,
+        description=(
+            "Encode strings that hold a NUL character (\\x00). Off: encoding refuses them "
+            "with an EncodeError naming the field, so an event carrying one is never written "
+            "(PostgreSQL text columns refuse NUL: a read side writing it to one would stop)."
+        ),
+    )
+
+
 class Serializer:
     """Encodes registered dataclasses (and values of any supported annotation) to msgpack.
 
-    Thread-safe: registration takes a lock and publishes copy-on-write tables; encoding and
-    decoding only read them.
+    Strings holding a NUL character are refused when encoding (an :class:`EncodeError` naming
+    the field) unless ``allow_nul`` (default: :class:`SerializerSettings`); decoding accepts
+    them. Thread-safe: registration takes a lock and publishes copy-on-write tables; encoding
+    and decoding only read them.
     """
 
-    def __init__(self, types: Iterable[Any] = ()) -> None:
+    def __init__(self, types: Iterable[Any] = (), *, allow_nul: bool | None = None) -> None:
+        #: Encode strings holding a NUL character (None: ``SerializerSettings().allow_nul``,
+        #: from ``LAGOMPY_SERIALIZER_ALLOW_NUL``, off by default).
+        self.allow_nul = SerializerSettings(**{}).allow_nul if allow_nul is None else allow_nul
         self._lock = threading.RLock()
         self._classes: dict[type, _ClassCodec] = {}
         self._by_name: dict[str, _ClassCodec] = {}
@@ -1141,6 +1226,12 @@ class Serializer:
 
     def is_registered(self, cls: type) -> bool:
         return cls in self._classes
+
+    def type_names_of(self, classes: Iterable[type]) -> frozenset[str]:
+        """The stored names of every registered class that is one of ``classes`` or a
+        subclass of one: what a reader that wants only these classes needs to decode."""
+        wanted = tuple(classes)
+        return frozenset(cc.name for cls, cc in self._classes.items() if issubclass(cls, wanted))
 
     # ---------------------------------------------------------------- errors
 
@@ -1231,7 +1322,7 @@ class Serializer:
                 raise _Unsupported(f"{_label(ann)} is not a supported type")
             scalar = _SCALARS.get(ann)
             if scalar is not None:
-                return scalar
+                return _NUL_FREE_STR if ann is str and not self.allow_nul else scalar
             if issubclass(ann, enum.Enum):
                 return _enum_codec(ann)
             if dataclasses.is_dataclass(ann):
@@ -1492,10 +1583,13 @@ class Serializer:
         scalars = _WIRE_SCALARS
         ext_encoders = _EXT_ENCODERS
         tag, untag = self._tag, self._untag
+        nul_free = not self.allow_nul
 
         def enc(v: Any) -> Any:
             t = v.__class__
             if t in scalars:
+                if nul_free and t is str and "\x00" in v:
+                    raise _nul_mismatch(v)
                 return v
             if t is list:
                 out: list[Any] = []

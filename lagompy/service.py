@@ -138,8 +138,9 @@ class ServiceSettings(BaseSettings):
 class Component(Protocol):
     """Something the service starts and stops with itself, e.g. read-side workers.
 
-    Optional extras are looked up by name: ``ready() -> bool`` (awaitable; part of
-    ``/health/ready``), ``router`` (an APIRouter mounted by ``install``) and
+    Optional extras are looked up by name: ``ready() -> bool | str`` (awaitable; part of
+    ``/health/ready``: True when ready, else False or the reason, which the check shows),
+    ``router`` (an APIRouter mounted by ``install``) and
     ``metric_samples() -> list[metrics.Sample]`` (awaitable; pulled at scrape time)."""
 
     async def start(self) -> None: ...
@@ -340,6 +341,8 @@ class Service:
                 results[name] = "ok"
             except TimeoutError:
                 results[name] = f"no answer within {self.settings.ready_timeout} s"
+            except _NotReady as e:
+                results[name] = str(e)
             except Exception as e:
                 results[name] = f"{type(e).__name__}: {e}"[:300]
         return results
@@ -395,9 +398,16 @@ def _fail(reason: str) -> Callable[[], Awaitable[None]]:
     return check
 
 
-def _expect_true(ready: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[None]]:
+class _NotReady(Exception):
+    """A component's ``ready()`` said why it is not ready."""
+
+
+def _expect_true(ready: Callable[[], Awaitable[bool | str]]) -> Callable[[], Awaitable[None]]:
     async def check() -> None:
-        if not await ready():
+        result = await ready()
+        if isinstance(result, str):
+            raise _NotReady(result)
+        if not result:
             raise RuntimeError("not ready")
 
     return check

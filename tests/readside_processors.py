@@ -33,3 +33,27 @@ class ExitingCredits(CreditsProjection):
         await super().handle(conn, envelope)
         if envelope.entity_id == os.environ.get("LAGOMPY_TEST_DIE_AFTER"):
             os._exit(17)
+
+
+class PoisonOnRay(CreditsProjection):
+    """CreditsProjection whose handler always fails for the account named "poison" (Ray
+    workers import it afresh: no class state to set). Declares only ``Credited`` in
+    ``event_types``, like CreditsProjection: its serializer knows no other event type."""
+
+    name = "ray-credits"
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        if envelope.entity_id == "poison":
+            raise ValueError("account poison cannot be projected")
+        await super().handle(conn, envelope)
+
+
+class StallingCredits(CreditsProjection):
+    """CreditsProjection whose ``prepare`` fails while ``prepare_fails`` is set."""
+
+    name = "stalling-credits"
+    prepare_fails: ClassVar[bool] = False
+
+    async def prepare(self, conn: AsyncConnection, tag: str) -> None:
+        if type(self).prepare_fails:
+            raise RuntimeError("the projection's schema is being migrated")

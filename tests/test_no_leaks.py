@@ -277,11 +277,6 @@ def test_no_error_of_the_example_services_leaks_internals(
     assert "127.0.0.1" in logged  # the URL that could not be reached
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET /readside/{unknown} still names the projection database (the read side's "
-    "404 is fixed on another branch): remove this mark when it is merged",
-)
 def test_unknown_processor_404_leaks_nothing(tmp_path: Path) -> None:
     journal = JournalSettings(url=f"sqlite:///{tmp_path / 'journal.db'}")
     seen = Seen(_forbidden(journal))

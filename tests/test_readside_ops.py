@@ -190,3 +190,131 @@ async def test_status_route(users_readside: ReadSide, journal_settings: JournalS
             missing = await client.get("/readside/nobody")
             assert missing.status_code == 404
             assert "no read-side processor 'nobody'" in missing.json()["detail"]
+
+
+def test_cli_refuses_a_sqlite_database_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    existing = tmp_path / "journal.db"
+    existing.touch()
+    runner = CliRunner()
+    commands = [
+        ["status"],
+        ["status", "users", "--json"],
+        ["pause", "users"],
+        ["resume", "users"],
+        ["skip", "users"],
+        ["set-offset", "users", "t", "0"],
+        ["set-offset", "users", "t", "0", "--force"],
+    ]
+    hints = {
+        "projection": "--url or LAGOMPY_READSIDE_URL",
+        "journal": "--journal-url or LAGOMPY_JOURNAL_URL",
+    }
+    for words in commands:
+        apart = ["--url", f"sqlite:///{missing}", "--journal-url", f"sqlite:///{existing}"]
+        for urls, what in (
+            (apart, "projection"),
+            (["--journal-url", f"sqlite:///{missing}"], "journal"),  # also the projection db
+        ):
+            result = runner.invoke(build_app(), ["projections", *words, *urls])
+            assert result.exit_code == 1, (words, result.output)
+            assert result.stderr == (
+                f"error: the {what} database {missing} does not exist (check {hints[what]}); "
+                "nothing was created\n"
+            ), words
+            assert not missing.exists()
+    # The journal named apart from the projection database, where the command reads it.
+    result = runner.invoke(
+        build_app(),
+        ["projections", "status", "--url", f"sqlite:///{existing}", "--journal-url",
+         f"sqlite:///{missing}"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: the journal database {missing} does not exist")
+    assert not missing.exists()
+
+
+async def test_cli_shows_a_failure_apart_from_a_pause_and_skips_it(
+    journal_settings: JournalSettings,
+) -> None:
+    from readside_processors import PoisonedCredits
+
+    from lagompy.storage import open_storage
+    from lagompy.testkit.readside import CONTRACT_TAG, readside_contract_serializer
+    from tests.test_readside import Accounts
+
+    async with await open_storage(
+        settings=journal_settings, serializer=readside_contract_serializer()
+    ) as storage:
+        accounts = Accounts(storage)
+        ok = await accounts.credit("ok", 1)
+        bad = await accounts.credit("bad", 2)
+    PoisonedCredits.poison = {"bad"}
+    app = build_app()
+    runner = CliRunner()
+    args = cli_args(journal_settings)
+
+    async def run(*words: str) -> Any:
+        return await asyncio.to_thread(runner.invoke, app, ["projections", *words, *args])
+
+    async def table() -> list[list[str]]:
+        result = await run("status", "poisoned-credits")
+        assert result.exit_code == 0, result.output
+        return [line.split() for line in result.stdout.splitlines()]
+
+    try:
+        async with await start_readside(
+            [PoisonedCredits],
+            journal_settings=journal_settings,
+            serializer=readside_contract_serializer(),
+            max_attempts=1,
+            retry_initial_delay=0,
+            **FAST,
+        ) as rs:
+            deadline = time.monotonic() + 10
+            while (await rs.status())[0].state != "failed":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            lines = await table()
+            assert lines[1][:4] == ["poisoned-credits", CONTRACT_TAG, "failed", str(ok[0].offset)]
+            assert lines[2][:3] == ["poisoned-credits", CONTRACT_TAG, "failed:"]
+            assert " ".join(lines[2][3:]).startswith(
+                f"handler failed at offset {bad[0].offset} (contract-account/bad sequence number 1)"
+            )
+
+            assert (await run("pause", "poisoned-credits")).exit_code == 0
+            assert (await table())[1][2] == "failed,paused"
+            (as_json,) = json.loads((await run("status", "poisoned-credits", "--json")).stdout)
+            assert (as_json["state"], as_json["paused"]) == ("failed", True)
+            assert (await run("resume", "poisoned-credits")).exit_code == 0
+            deadline = time.monotonic() + 10
+            while (await rs.status())[0].state != "failed" or (await rs.status())[0].paused:
+                assert time.monotonic() < deadline  # resumed, retried, failed again
+                await asyncio.sleep(0.02)
+
+            skipped = await run("skip", "poisoned-credits")
+            assert (skipped.exit_code, skipped.stdout) == (
+                0,
+                "skipped the failing event of poisoned-credits (1 tag)\n",
+            )
+            deadline = time.monotonic() + 10
+            while (lines := await table())[1][2] != "running":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert lines[1][3] == str(bad[0].offset) and lines[1][7] == "1"  # OFFSET, SKIPPED
+            nothing = await run("skip", "poisoned-credits")
+            assert nothing.exit_code == 1 and "error: nothing to skip" in nothing.stderr
+
+            beyond = str(bad[0].offset + 5)
+            refused = await run("set-offset", "poisoned-credits", CONTRACT_TAG, beyond)
+            assert refused.exit_code == 1
+            assert f"error: offset {beyond} is beyond the head of tag" in refused.stderr
+            forced = await run("set-offset", "poisoned-credits", CONTRACT_TAG, beyond, "--force")
+            assert forced.exit_code == 0, forced.output
+            deadline = time.monotonic() + 10
+            while (lines := await table())[1][3] != beyond:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert lines[1][4] == "-5"  # LAG: negative, never 0
+    finally:
+        PoisonedCredits.poison = set()

@@ -111,3 +111,76 @@ async def test_processor_classes_must_be_importable_by_the_workers(ray_session: 
 
     with pytest.raises(ConfigurationError, match="read-side processor class"):
         await start_readside_on_ray([Local], app="never-started")
+
+
+async def test_on_ray_readiness_names_a_failure_and_event_types_read_a_mixed_tag(
+    ray_session: Any, journal_settings: JournalSettings
+) -> None:
+    from readside_processors import PoisonOnRay
+
+    from lagompy.journal import AtomicWrite
+    from lagompy.readside_service import ReadSideComponent
+    from lagompy.storage import open_storage
+    from lagompy.testkit.readside import (
+        CONTRACT_TAG,
+        Credited,
+        Noise,
+        readside_contract_serializer,
+    )
+
+    async with await open_storage(
+        settings=journal_settings, serializer=readside_contract_serializer()
+    ) as storage:
+        written = await storage.journal.append(
+            [
+                AtomicWrite("acct", "n", 0, [Noise("a"), Noise("b")], [(CONTRACT_TAG,)] * 2),
+                AtomicWrite("acct", "a", 0, [Credited("a", 1)], [(CONTRACT_TAG,)]),
+            ]
+        )
+        (poison,) = await storage.journal.append(
+            [AtomicWrite("acct", "poison", 0, [Credited("poison", 2)], [(CONTRACT_TAG,)])]
+        )
+        (last,) = await storage.journal.append(
+            [AtomicWrite("acct", "a", 1, [Credited("a", 3), Noise("c")], [(CONTRACT_TAG,)] * 2)]
+        )
+    first_credit = written[1].offsets[0]
+    app = f"rs-{uuid.uuid4().hex[:8]}"
+    # PoisonOnRay declares event_types = (Credited,): its workers' serializer knows no Noise.
+    component = ReadSideComponent(
+        [PoisonOnRay],
+        journal_settings=journal_settings,
+        ray=True,
+        app=app,
+        stop_on_close=True,
+        max_attempts=1,
+        **FAST,
+    )
+    await component.start()
+    try:
+        deadline = time.monotonic() + 60
+        while isinstance(ready := await component.ready(), bool):
+            assert time.monotonic() < deadline, "never reported the failure"
+            await asyncio.sleep(0.05)
+        at = poison.offsets[0]
+        assert ready.startswith(
+            f"read-side processor 'ray-credits', tag '{CONTRACT_TAG}': failed at offset {at}: "
+            f"handler failed at offset {at} (acct/poison sequence number 1)"
+        )
+        assert ready.endswith("ValueError: account poison cannot be projected")
+        projections = component._projections()
+        (status,) = await projections.status("ray-credits")
+        assert (status.state, status.offset) == ("failed", first_credit)  # past the Noise
+
+        assert await projections.skip("ray-credits") == 1
+        while (ready := await component.ready()) is not True:
+            assert time.monotonic() < deadline, f"not ready after the skip: {ready}"
+            await asyncio.sleep(0.05)
+        await component.wait_until_caught_up(timeout=60)
+        (status,) = await projections.status("ray-credits")
+        assert (status.state, status.offset, status.skipped) == ("running", last.offsets[-1], 1)
+        async with component.projection.read() as conn:
+            rows = (await conn.execute(text("SELECT event_offset FROM contract_credits"))).all()
+        assert sorted(r[0] for r in rows) == [first_credit, last.offsets[0]]
+    finally:
+        await component.stop()
+    assert actors_of(ray_session, app) == []

@@ -221,7 +221,8 @@ ALL_TYPES = [
 
 @pytest.fixture(scope="module")
 def ser() -> Serializer:
-    return Serializer(ALL_TYPES)
+    # Round trips of any string, NUL included: the refusal of NUL is tested on its own below.
+    return Serializer(ALL_TYPES, allow_nul=True)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -951,3 +952,87 @@ def test_register_annotation_registers_reachable_dataclasses() -> None:
     assert ser.type_name_of(Circle) == "shapes.Circle"
     with pytest.raises(ConfigurationError, match="complex"):
         ser.register(list[complex])
+
+
+# --------------------------------------------------------------------------- NUL characters
+
+STRICT = Serializer(ALL_TYPES)
+LENIENT = Serializer(ALL_TYPES, allow_nul=True)
+EVERYTHING = st.one_of(SCALARS, ENUMS, CONTAINERS, UNIONS, DRAWINGS, ADDRESSES)
+
+
+def holds_nul(value: Any) -> bool:
+    """True if a string with a NUL character sits anywhere in ``value``."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(holds_nul(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init)
+    if isinstance(value, dict):
+        return any(holds_nul(k) or holds_nul(x) for k, x in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(holds_nul(x) for x in value)
+    return False
+
+
+@given(EVERYTHING)
+def test_a_nul_anywhere_is_refused_and_nothing_else_changes(value: Any) -> None:
+    if holds_nul(value):
+        with pytest.raises(EncodeError, match="contains a NUL character"):
+            STRICT.encode(value)
+        round_trip(LENIENT, value)
+    else:
+        assert STRICT.encode(value) == LENIENT.encode(value)
+
+
+@dataclass(frozen=True)
+class Note:
+    title: str
+    lines: list[str]
+    labels: dict[str, str]
+    extra: Any
+    subtitle: str | None
+    pair: tuple[str, int]
+    either: str | int
+
+
+def note(**changes: Any) -> Note:
+    fine = Note("t", ["l"], {"k": "v"}, {"x": ["y"]}, None, ("p", 1), 1)
+    return dataclasses.replace(fine, **changes)
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        (note(title="ti\x00tle"), "Note.title: the string 'ti\\x00tle' contains a NUL character "
+         "(\\x00 at index 2)"),
+        (note(lines=["a", "b\x00"]), "Note.lines[1]: the string"),
+        (note(labels={"k\x00": "v"}), "Note.labels<key 'k\\x00'>: the string"),
+        (note(labels={"k": "\x00"}), "Note.labels['k']: the string"),
+        (note(extra={"z": ["w\x00"]}), "Note.extra['z'][0]: the string"),
+        (note(subtitle="\x00"), "Note.subtitle: the string"),
+        (note(pair=("\x00", 1)), "Note.pair[0]: the string"),
+        (note(either="\x00"), "Note.either: the string"),
+    ],
+)  # fmt: skip
+def test_a_nul_character_is_refused_naming_the_field(value: Note, path: str) -> None:
+    strict = Serializer([Note])
+    with pytest.raises(EncodeError) as refused:
+        strict.encode(value)
+    assert str(refused.value).startswith(path)
+    assert "PostgreSQL text columns refuse" in str(refused.value)
+    with pytest.raises(EncodeError, match=r"^str: the string 'a\\x00' contains a NUL"):
+        strict.encode_value("a\x00", str)
+    # Allowed, it round trips; data written so decodes with any serializer.
+    lenient = Serializer([Note], allow_nul=True)
+    encoded = lenient.encode(value)
+    assert lenient.decode(*encoded) == value == strict.decode(*encoded)
+
+
+def test_allow_nul_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lagompy.serialization import SerializerSettings
+
+    assert Serializer().allow_nul is False and SerializerSettings().allow_nul is False
+    monkeypatch.setenv("LAGOMPY_SERIALIZER_ALLOW_NUL", "true")
+    assert Serializer().allow_nul is True
+    assert Serializer(allow_nul=False).allow_nul is False  # a keyword argument wins
+    assert Serializer([Note]).encode(note(title="\x00"))[0] == "Note"
