@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from conftest import POSTGRES_URL
 from readside_processors import PoisonedCredits, StallingCredits
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -459,11 +460,14 @@ async def test_a_constraint_violation_is_a_handler_failure_naming_the_event(
         assert "unique" in str(failed.value).lower()
 
 
+@pytest.mark.postgres
 async def test_a_nul_in_a_postgres_text_column_is_a_handler_failure_naming_the_event(
-    backend: str, journal_settings: JournalSettings, monkeypatch: pytest.MonkeyPatch
+    postgres_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if backend == "sqlite":
-        pytest.skip("SQLite text columns hold NUL characters")
+    # PostgreSQL only: SQLite text columns hold NUL characters.
+    journal_settings = JournalSettings(
+        url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True
+    )
     # The journal takes NUL characters here (the serializer setting is off): the read side
     # must be the one to trip, and say so.
     monkeypatch.setenv("LAGOMPY_SERIALIZER_ALLOW_NUL", "true")
