@@ -28,6 +28,8 @@ are translated into this tree with the original exception attached as ``__cause_
     ├── SerializationError ......... a value cannot be encoded or a payload cannot be decoded
     │   ├── UnknownType ............ no registered class carries this stored type name
     │   ├── EncodeError ............ a value does not fit its declared type
+    │   │   └── RefusedValue ....... a value the journal refuses to store (a NUL character
+    │   │                            in a string): bad input (422 over HTTP)
     │   ├── DecodeError ............ a payload does not fit the class it names
     │   ├── EventDecodeError ....... a stored event cannot be decoded (names entity and seq nr)
     │   └── UndeliverableOutcome ... a command's reply or rejection cannot travel back from its
@@ -257,6 +259,12 @@ class UnknownType(SerializationError):
 
 class EncodeError(SerializationError):
     """A value does not fit the type it is declared with."""
+
+
+class RefusedValue(EncodeError):
+    """A value fits its type but is one the journal refuses to store: a string holding a NUL
+    character (PostgreSQL text columns refuse it, so a read side copying it would stop). Bad
+    input, not a bug: a service answers 422. Names the field."""
 
 
 class DecodeError(SerializationError):

@@ -53,6 +53,7 @@ from lagompy.errors import (
     HandlerFailed,
     InvalidEntityId,
     LagompyError,
+    RefusedValue,
     SerializationError,
     UnhandledCommand,
     UnhandledEvent,
@@ -310,11 +311,18 @@ _MISSING: Any = object()
 
 
 def _unstorable(command: Any, key: tuple[str, str], cause: SerializationError) -> EncodeError:
-    error = EncodeError(
-        f"the reply of {type(command).__qualname__} to {key[0]}/{key[1]} cannot be stored for "
-        "safe retries (does it fit the reply type the command declares?), so the command was "
-        f"not applied: {cause}"
-    )
+    where = f"the reply of {type(command).__qualname__} to {key[0]}/{key[1]}"
+    error: EncodeError
+    if isinstance(cause, RefusedValue):
+        # The command's own data (a NUL character), not a reply of the wrong type.
+        error = RefusedValue(
+            f"{where} holds a value the journal refuses, so the command was not applied: {cause}"
+        )
+    else:
+        error = EncodeError(
+            f"{where} cannot be stored for safe retries (does it fit the reply type the command "
+            f"declares?), so the command was not applied: {cause}"
+        )
     error.__cause__ = cause
     return error
 

@@ -74,7 +74,7 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lagompy.errors import ConfigurationError, DecodeError, EncodeError, UnknownType
+from lagompy.errors import ConfigurationError, DecodeError, EncodeError, RefusedValue, UnknownType
 
 __all__ = [
     "VERSION_KEY",
@@ -404,11 +404,19 @@ def _ext_hook(code: int, data: bytes) -> Any:
 class _Mismatch(Exception):
     """A value does not fit its annotation. ``path`` grows outwards ('.city', '[2]', '.address')."""
 
-    def __init__(self, message: str, *path: str, unknown_type: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *path: str,
+        unknown_type: str | None = None,
+        refused: bool = False,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.path = list(path)
         self.unknown_type = unknown_type
+        #: the value fits its type but the journal refuses it (a NUL): ``RefusedValue``
+        self.refused = refused
 
     def render(self, prefix: str) -> str:
         return f"{prefix}{''.join(reversed(self.path))}: {self.message}"
@@ -571,8 +579,15 @@ NUL_REFUSED: Final = (
 )
 
 
+def _encode_error(prefix: str, m: _Mismatch) -> EncodeError:
+    message = m.render(prefix)
+    return RefusedValue(message) if m.refused else EncodeError(message)
+
+
 def _nul_mismatch(v: str) -> _Mismatch:
-    return _Mismatch(f"the string {_short(v)} " + NUL_REFUSED.format(index=v.index("\x00")))
+    return _Mismatch(
+        f"the string {_short(v)} " + NUL_REFUSED.format(index=v.index("\x00")), refused=True
+    )
 
 
 def _enc_str_nul_free(v: Any) -> Any:
@@ -1171,7 +1186,7 @@ class Serializer:
         try:
             return cc.name, cc.version, _pack(cc.body_enc(value))
         except _Mismatch as m:
-            raise EncodeError(m.render(cc.name)) from m.__cause__
+            raise _encode_error(cc.name, m) from m.__cause__
         except Exception as exc:
             raise EncodeError(f"{cc.name}: cannot encode: {exc}") from exc
 
@@ -1199,7 +1214,7 @@ class Serializer:
         try:
             return _pack(codec.enc(value))
         except _Mismatch as m:
-            raise EncodeError(m.render(codec.label)) from m.__cause__
+            raise _encode_error(codec.label, m) from m.__cause__
         except Exception as exc:
             raise EncodeError(f"{codec.label}: cannot encode: {exc}") from exc
 

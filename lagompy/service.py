@@ -33,6 +33,9 @@ request's ``request_id``::
     ServiceUnavailable / ServiceCallFailed            -> 503 / 502
     ServiceCallTimeout                                -> 504
     AskTimeout, OutcomeUnknown                        -> 504 (with the command id)
+    InvalidId (a bad entity or command id)            -> 400 (a CommandRejected)
+    RefusedValue (a NUL in a string), WriteRefused    -> 422
+    UndeliverableOutcome                              -> 500 with command_id and committed
     anything else                                     -> 500, no detail
 
 No problem document leaks internals: a failed service call names the service and the kind of
@@ -79,10 +82,13 @@ from lagompy.errors import (
     LagompyError,
     OutcomeUnknown,
     Overloaded,
+    RefusedValue,
     ServiceCallError,
     ServiceCallFailed,
     ServiceCallTimeout,
     ServiceUnavailable,
+    UndeliverableOutcome,
+    WriteRefused,
 )
 from lagompy.in_process import InProcessEntities
 from lagompy.journal import MAX_COMMAND_ID_LENGTH
@@ -694,6 +700,25 @@ def problem_for(
     elif isinstance(exc, (AskTimeout, OutcomeUnknown)):
         status = 504
         extra["command_id"] = exc.command_id
+    elif isinstance(exc, RefusedValue):
+        status = 422  # the request's data (a NUL character): the message names the field
+    elif isinstance(exc, WriteRefused):
+        status = 422
+        detail = (
+            f"the journal refused the data of this command for {exc.entity_type}/"
+            f"{exc.entity_id}; nothing of it was stored"
+        )
+    elif isinstance(exc, UndeliverableOutcome):
+        # A bug (a reply that does not pickle), but the caller must learn whether the command
+        # was applied, and under which id to ask again.
+        status = 500
+        detail = (
+            "the command was applied, but its reply cannot be sent back"
+            if exc.committed
+            else "the command's outcome cannot be sent back; nothing was applied"
+        )
+        extra["command_id"] = exc.command_id
+        extra["committed"] = exc.committed
     else:
         status, type_, title, detail = 500, "about:blank", "Internal Server Error", None
     return status, _problem(status, title, detail, type_=type_, **extra), headers

@@ -1,0 +1,111 @@
+"""Bad input that only the journal's rules catch still gets a 4xx problem document, never a
+500, and nothing is written; an outcome that cannot travel back says whether it was applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
+
+from lagompy import Command, Effect, PersistentEntity
+from lagompy.errors import RefusedValue, UndeliverableOutcome, WriteRefused
+from lagompy.service import Refs, Service, problem_for, refs
+from lagompy.settings import JournalSettings
+from lagompy.storage import open_storage
+from lagompy.testkit.server import serve_in_thread
+
+
+@dataclass(frozen=True)
+class Notes:
+    texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AddNote(Command[Notes]):
+    text: str
+
+
+@dataclass(frozen=True)
+class NoteAdded:
+    text: str
+
+
+class NotesEntity(PersistentEntity[AddNote, NoteAdded, Notes]):
+    """Takes any text: only the journal's own rule (no NUL) can refuse it."""
+
+    type_name = "notes"
+    initial_state = Notes()
+
+    def on_command(self, state: Notes, command: AddNote) -> Effect[Notes]:
+        return Effect.persist(NoteAdded(command.text)).then_reply(lambda s: s)
+
+    def on_event(self, state: Notes, event: NoteAdded) -> Notes:
+        return replace(state, texts=(*state.texts, event.text))
+
+
+class Note(BaseModel):
+    text: str
+
+
+NotesRefs = Annotated[Refs[AddNote], Depends(refs(NotesEntity))]
+
+
+def notes_app(journal_settings: JournalSettings) -> FastAPI:
+    service = Service(entities=[NotesEntity], journal_settings=journal_settings, ray=False)
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+
+    @app.post("/notes/{notes_id}")
+    async def add(notes_id: str, note: Note, notes: NotesRefs) -> list[str]:
+        return list((await notes(notes_id).ask(AddNote(note.text))).texts)
+
+    return app
+
+
+async def test_a_nul_character_in_a_request_is_a_422_naming_the_field(
+    journal_settings: JournalSettings,
+) -> None:
+    with serve_in_thread(notes_app(journal_settings)) as url, httpx.Client(base_url=url) as http:
+        refused = http.post("/notes/n1", json={"text": "Ada\u0000Lovelace"})
+        assert refused.status_code == 422, refused.text
+        problem = refused.json()
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert problem["type"] == "urn:lagompy:problem:refused-value"
+        assert ".text" in problem["detail"] and "NUL character" in problem["detail"]
+        # The same request without the NUL goes through: nothing of the first was kept.
+        fine = http.post("/notes/n1", json={"text": "Ada Lovelace"})
+        assert fine.status_code == 200 and fine.json() == ["Ada Lovelace"], fine.text
+    async with await open_storage(settings=journal_settings, entities=[NotesEntity]) as storage:
+        events = await storage.journal.events("notes", "n1")
+    assert [e.event for e in events] == [NoteAdded("Ada Lovelace")]
+
+
+def test_a_refused_write_is_a_422_naming_the_entity_only() -> None:
+    error = WriteRefused(
+        "write for account/a1 refused: new row violates check constraint \"positive\"",
+        entity_type="account",
+        entity_id="a1",
+    )
+    status, body, _ = problem_for(error)
+    assert status == 422
+    assert body["detail"] == (
+        "the journal refused the data of this command for account/a1; nothing of it was stored"
+    )
+
+
+def test_an_undeliverable_outcome_says_whether_the_command_was_applied() -> None:
+    for committed, said in ((True, "was applied"), (False, "nothing was applied")):
+        error = UndeliverableOutcome("reply holds a lock", command_id="c-1", committed=committed)
+        status, body, _ = problem_for(error)
+        assert status == 500
+        assert body["command_id"] == "c-1" and body["committed"] is committed
+        assert said in body["detail"] and "lock" not in body["detail"]
+
+
+def test_refused_value_is_an_encode_error() -> None:
+    from lagompy.errors import EncodeError
+
+    assert issubclass(RefusedValue, EncodeError)
