@@ -83,6 +83,7 @@ from lagompy.errors import (
     OutcomeUnknown,
     Overloaded,
     RefusedValue,
+    RuntimeFailure,
     ServiceCallError,
     ServiceCallFailed,
     ServiceCallTimeout,
@@ -202,6 +203,8 @@ class Service:
         self.settings = settings or ServiceSettings(**no_overrides)
         self._started: list[Component] = []
         self._probe: Any = None  # a small Database for the journal check of /health/ready
+        #: the last failure of each readiness check (logged when it changes)
+        self._ready_failures: dict[str, str] = {}
         self.started = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -350,7 +353,15 @@ class Service:
             except _NotReady as e:
                 results[name] = str(e)
             except Exception as e:
-                results[name] = f"{type(e).__name__}: {e}"[:300]
+                results[name] = _public_reason(e)
+                text = f"{type(e).__name__}: {e}"
+                if self._ready_failures.get(name) != text:
+                    # The full text (it may name hosts and addresses) goes to the log only,
+                    # once per change: probes call this every few seconds.
+                    log.warning("readiness check %r failed: %s", name, text)
+                self._ready_failures[name] = text
+                continue
+            self._ready_failures.pop(name, None)
         return results
 
     async def pulled_metrics(self) -> list[metrics.Sample]:
@@ -359,7 +370,9 @@ class Service:
         runtime = self._runtime
         if isinstance(runtime, ShardedEntities):
             try:
-                hosts = await asyncio.wait_for(runtime.host_stats(), self.settings.ready_timeout)
+                hosts = await asyncio.wait_for(
+                    runtime.host_stats(require_journal=False), self.settings.ready_timeout
+                )
                 samples += metrics.host_samples(hosts)
             except Exception as e:  # a scrape must still answer
                 log.warning("could not pull the shard hosts' stats: %s", e)
@@ -397,9 +410,23 @@ def _component_name(component: object) -> str:
     return str(getattr(component, "name", None) or type(component).__name__)
 
 
+def _public_reason(error: Exception) -> str:
+    """Why a readiness check failed, in words that name no host, address or path: lagompy's
+    own messages about hosts and read sides as they are, a database outage as just that, and
+    anything else as its kind (the log has its text)."""
+    kind = type(error).__name__
+    if isinstance(error, JournalUnavailable):
+        if error.__cause__ is None:  # lagompy's own words (e.g. which hosts lack a journal)
+            return f"{kind}: {error}"[:300]
+        return f"{kind}: the journal's database cannot be reached"
+    if isinstance(error, RuntimeFailure):
+        return f"{kind}: {error}"[:300]
+    return f"{kind} (see the service's log)"
+
+
 def _fail(reason: str) -> Callable[[], Awaitable[None]]:
     async def check() -> None:
-        raise RuntimeError(reason)
+        raise _NotReady(reason)
 
     return check
 
@@ -414,7 +441,7 @@ def _expect_true(ready: Callable[[], Awaitable[bool | str]]) -> Callable[[], Awa
         if isinstance(result, str):
             raise _NotReady(result)
         if not result:
-            raise RuntimeError("not ready")
+            raise _NotReady("not ready")
 
     return check
 
