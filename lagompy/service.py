@@ -18,14 +18,15 @@
 * ``service.install(app)`` adds the exception handlers, the request-id middleware and the
   routes ``/health/live``, ``/health/ready``, ``/metrics`` and ``/_status/circuit-breakers``
   (plus any router a component brings).
-* Dependencies: :func:`refs` (refs to an entity type whose asks use the request's
-  ``Idempotency-Key`` header as command id), :data:`EntitiesDep`, :func:`client`,
-  :data:`ServiceDep`.
+* Dependencies: :func:`refs` (refs to an entity type whose asks take their command ids from
+  the request's ``Idempotency-Key``, bound to the request: see :mod:`lagompy.idempotency`),
+  :data:`IdempotencyKey`, :data:`EntitiesDep`, :func:`client`, :data:`ServiceDep`.
 
 Errors become RFC 9457 problem documents (``application/problem+json``)::
 
     CommandRejected (InvalidCommand, NotFound, yours) -> its http_status (400, 404, ...)
     request validation                                -> 422, with the errors
+    Idempotency-Key reused with another request       -> 422 (409 while the first is in flight)
     ConcurrencyConflict, DuplicateCommandId           -> 409
     Overloaded, JournalUnavailable                    -> 503 with Retry-After
     CircuitBreakerOpen                                -> 503 with Retry-After (the breaker's)
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -75,8 +77,17 @@ from lagompy.errors import (
     ServiceCallTimeout,
     ServiceUnavailable,
 )
+from lagompy.idempotency import (
+    KEY_HEADER,
+    MAX_KEY_LENGTH,
+    IdempotencyKeyReused,
+    KeyStore,
+    RequestKey,
+    bound,
+    fingerprint_of,
+    key_problem,
+)
 from lagompy.in_process import InProcessEntities
-from lagompy.journal import MAX_COMMAND_ID_LENGTH
 from lagompy.runtime import ShardedEntities
 from lagompy.settings import JournalSettings
 
@@ -123,6 +134,20 @@ class ServiceSettings(BaseSettings):
     )
     metrics: bool = Field(True, description="Serve /metrics.")
     status_routes: bool = Field(True, description="Serve /_status/circuit-breakers.")
+    idempotency_key_lifetime: float = Field(
+        86_400.0,
+        gt=0,
+        description=(
+            "Seconds an Idempotency-Key stays bound to the request it first came with (then "
+            "it may be used again, for any request)."
+        ),
+    )
+
+    @property
+    def idempotency_key_in_flight(self) -> float:
+        """Most seconds a keyed request counts as in flight (409 for another request with
+        its key) if it never answers: ``max(60, 3 * ask_timeout)``."""
+        return max(60.0, 3 * self.ask_timeout)
 
 
 @runtime_checkable
@@ -173,6 +198,7 @@ class Service:
         if journal_settings is not None and journal_url is not None:
             raise ConfigurationError("pass journal_settings or journal_url, not both")
         journal: dict[str, Any] = {} if journal_url is None else {"url": journal_url}
+        self._journal_given = journal_settings is not None or journal_url is not None
         #: Where the journal is (default: JournalSettings from the environment).
         self.journal_settings = journal_settings or JournalSettings(**journal)
         self._given_runtime = runtime
@@ -186,6 +212,7 @@ class Service:
         self.settings = settings or ServiceSettings(**no_overrides)
         self._started: list[Component] = []
         self._probe: Any = None  # a small Database for the journal check of /health/ready
+        self._keys: KeyStore | None = None  # where Idempotency-Keys are bound
         self.started = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -241,6 +268,7 @@ class Service:
                 from lagompy.database import Database
 
                 self._probe = Database.create(self.journal_settings, pool_size=1, max_overflow=0)
+            self._keys = self._key_store()
             for spec in self._client_specs:
                 made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
                 self.clients[made.service] = made
@@ -251,6 +279,23 @@ class Service:
             await self.stop()
             raise
         self.started = True
+
+    def _key_store(self) -> KeyStore | None:
+        """Idempotency-Keys are bound in the journal's database (no store without entities,
+        or for a runtime on Ray given without where its journal is)."""
+        runtime = self._runtime
+        if isinstance(runtime, InProcessEntities):
+            settings = runtime.storage.database.settings
+        elif isinstance(runtime, ShardedEntities) and (self.entity_classes or self._journal_given):
+            settings = self.journal_settings
+        else:
+            return None
+        return KeyStore(
+            settings,
+            self.name,
+            lifetime=self.settings.idempotency_key_lifetime,
+            in_flight=self.settings.idempotency_key_in_flight,
+        )
 
     def _make_client(self, name: str) -> ServiceClient:
         return ServiceClient(name, locator=self.locator, registry=self.breakers)
@@ -267,6 +312,9 @@ class Service:
         for made in self.clients.values():
             await made.close()
         self.clients.clear()
+        if self._keys is not None:
+            await self._keys.close()
+            self._keys = None
         if self._probe is not None:
             await self._probe.dispose()
             self._probe = None
@@ -284,6 +332,7 @@ class Service:
         """Add the exception handlers, the request-id middleware and lagompy's routes."""
         app.state.lagompy = self
         app.add_exception_handler(LagompyError, _lagompy_error_handler)
+        app.add_exception_handler(IdempotencyKeyReused, _key_reused_handler)
         app.add_exception_handler(RequestValidationError, _validation_handler)
         app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
         app.add_middleware(RequestIdMiddleware)
@@ -455,32 +504,77 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 EntitiesDep = Annotated[Entities, Depends(get_entities)]
 
 
-async def _idempotency_key(
+_KEY_DESCRIPTION = (
+    "Makes the request safe to retry: a retry with the same key and the same request gets the "
+    "first reply and applies nothing again. The key is bound to the request it first came "
+    f"with: another request with it gets 422 (409 while the first is in flight). 1 to "
+    f"{MAX_KEY_LENGTH} printable ASCII characters without spaces; bound for the service's "
+    "key lifetime (24 h by default)."
+)
+
+# Exit before the response is sent (FastAPI >= 0.121), so that a client that got the answer
+# finds the key's first request answered (not in flight).
+_BEFORE_RESPONSE: dict[str, Any] = (
+    {"scope": "function"} if "scope" in inspect.signature(Depends).parameters else {}
+)
+
+
+async def _request_key(
+    request: Request,
     idempotency_key: Annotated[
         str | None,
         Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=MAX_COMMAND_ID_LENGTH - 8,
-            pattern=r"^[\x21-\x7e]+$",
-            description=(
-                "Makes the request safe to retry: a command that persisted events is applied "
-                "once per key, and a retry gets the first reply."
-            ),
+            alias=KEY_HEADER,
+            description=_KEY_DESCRIPTION,
+            json_schema_extra={
+                "minLength": 1,
+                "maxLength": MAX_KEY_LENGTH,
+                "pattern": "^[\\x21-\\x7e]+$",
+            },
         ),
     ] = None,
-) -> str | None:
-    return idempotency_key
+) -> AsyncIterator[RequestKey | None]:
+    """The request's key, validated once and bound to the request for its length (one per
+    request, however many dependencies use it)."""
+    if idempotency_key is None:
+        yield None
+        return
+    problem = key_problem(idempotency_key)
+    if problem is not None:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "idempotency_key",
+                    "loc": ("header", KEY_HEADER),
+                    "msg": f"{KEY_HEADER} {problem}",
+                    "input": idempotency_key,
+                }
+            ]
+        )
+    store = _service_of(request)._keys
+    if store is None:  # no entities: nothing to bind, the key is only handed to the route
+        yield RequestKey(idempotency_key, None)
+        return
+    async with bound(store, idempotency_key, await fingerprint_of(request)) as key:
+        yield key
 
 
-#: Dependency: the request's ``Idempotency-Key`` header (None without one).
+_RequestKeyDep = Annotated[RequestKey | None, Depends(_request_key, **_BEFORE_RESPONSE)]
+
+
+async def _idempotency_key(key: _RequestKeyDep) -> str | None:
+    return None if key is None else key.key
+
+
+#: Dependency: the request's ``Idempotency-Key`` header (None without one), validated and
+#: bound to the request.
 IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
 
 
 class RequestRef(Generic[C]):
-    """A ref to one entity, for one request: its asks carry the request's idempotency key
-    as command id, time out after the service's ``ask_timeout`` and are counted in
-    ``/metrics``."""
+    """A ref to one entity, for one request: its asks carry command ids derived from the
+    request's idempotency key, time out after the service's ``ask_timeout`` and are counted
+    in ``/metrics``."""
 
     __slots__ = ("_refs", "entity_id")
 
@@ -492,8 +586,9 @@ class RequestRef(Generic[C]):
         self, command: Command[R], *, timeout: float | None = None, command_id: str | None = None
     ) -> R:
         refs = self._refs
-        if command_id is None:
-            command_id = refs._command_id_for(self.entity_id)
+        type_name = refs.entity.type_name
+        if command_id is None and refs.key is not None:
+            command_id = refs.key.command_id(type_name, self.entity_id, command)
         ref = refs.entities.ref_for(refs.entity, self.entity_id)
         started = time.perf_counter()
         outcome = "failed"
@@ -509,48 +604,47 @@ class RequestRef(Generic[C]):
             outcome = "rejected"
             raise
         finally:
-            metrics.ASKS.labels(refs.entity.type_name, outcome).inc()
-            metrics.ASK_SECONDS.labels(refs.entity.type_name).observe(time.perf_counter() - started)
+            metrics.ASKS.labels(type_name, outcome).inc()
+            metrics.ASK_SECONDS.labels(type_name).observe(time.perf_counter() - started)
 
 
 class Refs(Generic[C]):
     """Refs to the entities of one type, for one request: ``refs(entity_id).ask(cmd)``.
 
-    With an ``Idempotency-Key`` header the first ask to an entity uses the key as command id,
-    later asks to the same entity in the same request ``key/2``, ``key/3``... so that a retried
-    request maps onto the same command ids."""
+    With an ``Idempotency-Key`` header each ask's command id is derived from the key, the
+    key's binding, the command's type and how many asks of that type this request made to
+    the entity before (see :mod:`lagompy.idempotency`): a retried request maps onto the same
+    command ids, whatever its other asks."""
 
     def __init__(
         self,
         entities: Entities,
         entity: type[PersistentEntity[C, Any, Any]],
-        idempotency_key: str | None,
+        key: RequestKey | None,
         ask_timeout: float,
     ) -> None:
         self.entities = entities
         self.entity = entity
-        self.idempotency_key = idempotency_key
+        self.key = key
         self.ask_timeout = ask_timeout
-        self._asks: dict[str, int] = {}
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The request's ``Idempotency-Key`` (None without one)."""
+        return None if self.key is None else self.key.key
 
     def __call__(self, entity_id: str) -> RequestRef[C]:
         return RequestRef(self, str(entity_id))
 
-    def _command_id_for(self, entity_id: str) -> str | None:
-        if self.idempotency_key is None:
-            return None
-        n = self._asks[entity_id] = self._asks.get(entity_id, 0) + 1
-        return self.idempotency_key if n == 1 else f"{self.idempotency_key}/{n}"
-
 
 def refs(
     entity: type[PersistentEntity[C, Any, Any]],
-) -> Callable[[Request, str | None], Awaitable[Refs[C]]]:
+) -> Callable[[Request, RequestKey | None], Awaitable[Refs[C]]]:
     """Dependency factory: ``Annotated[Refs[UserCommand], Depends(refs(UserEntity))]``."""
 
-    async def dependency(request: Request, idempotency_key: IdempotencyKey) -> Refs[C]:
+    async def dependency(request: Request, key: _RequestKeyDep) -> Refs[C]:
         service = _service_of(request)
-        return Refs(service.entities, entity, idempotency_key, service.settings.ask_timeout)
+        return Refs(service.entities, entity, key, service.settings.ask_timeout)
 
     dependency.__name__ = f"refs_{entity.type_name}"
     return dependency
@@ -671,6 +765,19 @@ async def _lagompy_error_handler(request: Request, exc: Exception) -> Response:
     if status == 500:
         log.error("unexpected error", exc_info=exc)
     return _problem_response(request, status, body, headers)
+
+
+async def _key_reused_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, IdempotencyKeyReused)
+    body = _problem(
+        exc.http_status,
+        "Idempotency key reused",
+        str(exc),
+        type_="urn:lagompy:problem:idempotency-key-reused",
+        idempotency_key=exc.key,
+        in_flight=exc.in_flight,
+    )
+    return _problem_response(request, exc.http_status, body)
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
