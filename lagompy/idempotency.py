@@ -18,8 +18,10 @@ request it first came with, in ``lagompy_idempotency_keys`` (the journal's datab
 come while one statement runs are bound together by the next (one round trip for all of them
 on PostgreSQL). A later request with the key either repeats the request (same fingerprint: it
 goes ahead, with the same command ids) or is refused with :class:`IdempotencyKeyReused` (422,
-or 409 while the first request is in flight). A request that made no ask (its body failed
-validation, say) unbinds the key again when it ends, so the corrected request may use it.
+or 409 while the first request is in flight). :class:`KeyRelease` (an ASGI middleware that
+``service.install`` adds) marks the first request answered before its response starts; a
+request that made no ask (its body failed validation, say) unbinds the key instead, so the
+corrected request may use it.
 
 Derived command ids are ``"<key> <binding> <Command>"``, then ``"<key> <binding> <Command> 2"``
 for the second ask of the same command type to the same entity in the request, and so on:
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lagompy.database import Database, _driver_transaction, translate_errors
 from lagompy.errors import ConfigurationError, JournalError, LagompyError
@@ -53,14 +56,16 @@ from lagompy.journal import MAX_COMMAND_ID_LENGTH
 from lagompy.settings import JournalSettings
 
 __all__ = [
+    "HELD_SCOPE_KEY",
     "KEY_HEADER",
     "MAX_KEY_LENGTH",
     "Binding",
     "Fingerprint",
+    "Held",
     "IdempotencyKeyReused",
+    "KeyRelease",
     "KeyStore",
     "RequestKey",
-    "bound",
     "fingerprint_of",
     "key_problem",
 ]
@@ -671,16 +676,72 @@ class _SqliteKeys:
         return deleted
 
 
-@contextlib.asynccontextmanager
-async def bound(store: KeyStore, key: str, fingerprint: Fingerprint) -> AsyncIterator[RequestKey]:
-    """Bind ``key`` for the length of the block (a request); the block's :class:`RequestKey`
-    derives the command ids. A release that fails is logged: the in-flight bound ends it."""
-    binding = await store.claim(key, fingerprint)
-    request_key = RequestKey(key, binding.created_us)
-    try:
-        yield request_key
-    finally:
+# --------------------------------------------------------------------------- per request
+
+#: Where a keyed request's binding waits for its release, in the ASGI scope.
+HELD_SCOPE_KEY = "lagompy.idempotency_key"
+_HEADER_BYTES = KEY_HEADER.lower().encode()
+
+
+class Held:
+    """A keyed request's binding, released once: when its response starts, or when the
+    request ends (see :class:`KeyRelease`). A release that fails is logged (the in-flight
+    bound ends it)."""
+
+    __slots__ = ("_binding", "_store", "request_key")
+
+    def __init__(self) -> None:
+        self._store: KeyStore | None = None
+        self._binding: Binding | None = None
+        self.request_key: RequestKey | None = None
+
+    async def bind(self, store: KeyStore, key: str, fingerprint: Fingerprint) -> RequestKey:
+        """Bind ``key`` to the request (raises :class:`IdempotencyKeyReused`)."""
+        binding = await store.claim(key, fingerprint)
+        self._store, self._binding = store, binding
+        self.request_key = RequestKey(key, binding.created_us)
+        return self.request_key
+
+    async def response_started(self, status: int) -> None:
+        """Release now if the request asked (the key stays bound, its request answered) or
+        failed (an error response made no ask: the key is unbound). A success that asked
+        nothing yet may still ask while its body streams: it is released when it ends."""
+        request_key = self.request_key
+        if request_key is not None and (request_key.asked or status >= 400):
+            await self.release()
+
+    async def release(self) -> None:
+        store, binding, request_key = self._store, self._binding, self.request_key
+        if store is None or binding is None or request_key is None:
+            return
+        self._store = None
         try:
-            await store.release(key, binding, asked=request_key.asked)
+            await store.release(request_key.key, binding, asked=request_key.asked)
         except Exception as e:
-            log.warning("releasing Idempotency-Key %r failed: %s", key, e)
+            log.warning("releasing Idempotency-Key %r failed: %s", request_key.key, e)
+
+
+class KeyRelease:
+    """ASGI middleware: a request with an ``Idempotency-Key`` header gets a :class:`Held` in
+    its scope, which the key's dependency fills and this releases before the response starts
+    (so a client that has the answer finds the first request answered, not in flight), or
+    when the request ends. Requests without the header pass straight through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not any(k == _HEADER_BYTES for k, _ in scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        held = scope[HELD_SCOPE_KEY] = Held()
+
+        async def send_released(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await held.response_started(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_released)
+        finally:
+            await held.release()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -78,12 +77,14 @@ from lagompy.errors import (
     ServiceUnavailable,
 )
 from lagompy.idempotency import (
+    HELD_SCOPE_KEY,
     KEY_HEADER,
     MAX_KEY_LENGTH,
+    Held,
     IdempotencyKeyReused,
+    KeyRelease,
     KeyStore,
     RequestKey,
-    bound,
     fingerprint_of,
     key_problem,
 )
@@ -336,6 +337,7 @@ class Service:
         app.add_exception_handler(RequestValidationError, _validation_handler)
         app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
         app.add_middleware(RequestIdMiddleware)
+        app.add_middleware(KeyRelease)
         app.include_router(self.router())
         for component in self.components:
             router = getattr(component, "router", None)
@@ -507,15 +509,9 @@ EntitiesDep = Annotated[Entities, Depends(get_entities)]
 _KEY_DESCRIPTION = (
     "Makes the request safe to retry: a retry with the same key and the same request gets the "
     "first reply and applies nothing again. The key is bound to the request it first came "
-    f"with: another request with it gets 422 (409 while the first is in flight). 1 to "
+    "with: another request with it gets 422 (409 while the first is in flight). 1 to "
     f"{MAX_KEY_LENGTH} printable ASCII characters without spaces; bound for the service's "
     "key lifetime (24 h by default)."
-)
-
-# Exit before the response is sent (FastAPI >= 0.121), so that a client that got the answer
-# finds the key's first request answered (not in flight).
-_BEFORE_RESPONSE: dict[str, Any] = (
-    {"scope": "function"} if "scope" in inspect.signature(Depends).parameters else {}
 )
 
 
@@ -533,12 +529,11 @@ async def _request_key(
             },
         ),
     ] = None,
-) -> AsyncIterator[RequestKey | None]:
-    """The request's key, validated once and bound to the request for its length (one per
-    request, however many dependencies use it)."""
+) -> RequestKey | None:
+    """The request's key, validated once and bound to the request (one per request, however
+    many dependencies use it); :class:`~lagompy.idempotency.KeyRelease` releases it."""
     if idempotency_key is None:
-        yield None
-        return
+        return None
     problem = key_problem(idempotency_key)
     if problem is not None:
         raise RequestValidationError(
@@ -553,13 +548,16 @@ async def _request_key(
         )
     store = _service_of(request)._keys
     if store is None:  # no entities: nothing to bind, the key is only handed to the route
-        yield RequestKey(idempotency_key, None)
-        return
-    async with bound(store, idempotency_key, await fingerprint_of(request)) as key:
-        yield key
+        return RequestKey(idempotency_key, None)
+    held = request.scope.get(HELD_SCOPE_KEY)
+    if not isinstance(held, Held):
+        raise ConfigurationError(
+            "this app does not release Idempotency-Keys: call service.install(app)"
+        )
+    return await held.bind(store, idempotency_key, await fingerprint_of(request))
 
 
-_RequestKeyDep = Annotated[RequestKey | None, Depends(_request_key, **_BEFORE_RESPONSE)]
+_RequestKeyDep = Annotated[RequestKey | None, Depends(_request_key)]
 
 
 async def _idempotency_key(key: _RequestKeyDep) -> str | None:
