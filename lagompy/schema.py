@@ -26,6 +26,14 @@
     ``failed``...), its events/s, and the last handler failure (error, offset, entity, sequence
     number, attempts). The row with tag ``*`` is the processor's own lease, held while its
     ``global_prepare`` runs.
+``lagompy_idempotency_keys``
+    One row per (service, ``Idempotency-Key``): the request the key was first used with (its
+    ``method``, its route's path template and a ``fingerprint`` of the whole request: method,
+    route, path and query parameters, body), when it was bound (``created_us``, which also
+    makes the command ids of its asks unique to this binding), until when its first request
+    counts as in flight (``in_flight_until_us``, 0 once it answered) and how many later
+    requests repeated it (``repeats``). A key is bound for the service's key lifetime; expired
+    rows are taken over by the next request with the key, and swept.
 """
 
 from __future__ import annotations
@@ -135,3 +143,18 @@ readside_offsets = Table(
     Column("error_at_us", BigInteger, nullable=True),
     PrimaryKeyConstraint("processor", "tag", name="pk_lagompy_readside_offsets"),
 )
+
+idempotency_keys = Table(
+    "lagompy_idempotency_keys",
+    metadata,
+    Column("scope", String(255), nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("method", String(16), nullable=False),
+    Column("route", Text, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("in_flight_until_us", BigInteger, nullable=False),
+    Column("repeats", BigInteger, nullable=False),
+    PrimaryKeyConstraint("idempotency_key", "scope", name="pk_lagompy_idempotency_keys"),
+)
+Index("ix_lagompy_idempotency_keys_created", idempotency_keys.c.created_us)

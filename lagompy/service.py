@@ -18,15 +18,16 @@
 * ``service.install(app)`` adds the exception handlers, the request-id middleware and the
   routes ``/health/live``, ``/health/ready``, ``/metrics`` and ``/_status/circuit-breakers``
   (plus any router a component brings).
-* Dependencies: :func:`refs` (refs to an entity type whose asks use the request's
-  ``Idempotency-Key`` header as command id), :data:`EntitiesDep`, :func:`client`,
-  :data:`ServiceDep`.
+* Dependencies: :func:`refs` (refs to an entity type whose asks take their command ids from
+  the request's ``Idempotency-Key``, bound to the request: see :mod:`lagompy.idempotency`),
+  :data:`IdempotencyKey`, :data:`EntitiesDep`, :func:`client`, :data:`ServiceDep`.
 
 Errors become RFC 9457 problem documents (``application/problem+json``) carrying the
 request's ``request_id``::
 
     CommandRejected (InvalidCommand, NotFound, yours) -> its http_status (400, 404, ...)
     request validation                                -> 422, with the errors
+    Idempotency-Key reused with another request       -> 422 (409 while the first is in flight)
     ConcurrencyConflict, DuplicateCommandId           -> 409
     Overloaded, JournalUnavailable                    -> 503 with Retry-After
     CircuitBreakerOpen                                -> 503 with Retry-After (the breaker's)
@@ -91,8 +92,19 @@ from lagompy.errors import (
     UndeliverableOutcome,
     WriteRefused,
 )
+from lagompy.idempotency import (
+    HELD_SCOPE_KEY,
+    KEY_HEADER,
+    MAX_KEY_LENGTH,
+    Held,
+    IdempotencyKeyReused,
+    KeyRelease,
+    KeyStore,
+    RequestKey,
+    fingerprint_of,
+    key_problem,
+)
 from lagompy.in_process import InProcessEntities
-from lagompy.journal import MAX_COMMAND_ID_LENGTH
 from lagompy.runtime import ShardedEntities
 from lagompy.settings import JournalSettings
 
@@ -139,6 +151,20 @@ class ServiceSettings(BaseSettings):
     )
     metrics: bool = Field(True, description="Serve /metrics.")
     status_routes: bool = Field(True, description="Serve /_status/circuit-breakers.")
+    idempotency_key_lifetime: float = Field(
+        86_400.0,
+        gt=0,
+        description=(
+            "Seconds an Idempotency-Key stays bound to the request it first came with (then "
+            "it may be used again, for any request)."
+        ),
+    )
+
+    @property
+    def idempotency_key_in_flight(self) -> float:
+        """Most seconds a keyed request counts as in flight (409 for another request with
+        its key) if it never answers: ``max(60, 3 * ask_timeout)``."""
+        return max(60.0, 3 * self.ask_timeout)
 
 
 @runtime_checkable
@@ -190,6 +216,7 @@ class Service:
         if journal_settings is not None and journal_url is not None:
             raise ConfigurationError("pass journal_settings or journal_url, not both")
         journal: dict[str, Any] = {} if journal_url is None else {"url": journal_url}
+        self._journal_given = journal_settings is not None or journal_url is not None
         #: Where the journal is (default: JournalSettings from the environment).
         self.journal_settings = journal_settings or JournalSettings(**journal)
         self._given_runtime = runtime
@@ -205,6 +232,7 @@ class Service:
         self._probe: Any = None  # a small Database for the journal check of /health/ready
         #: the last failure of each readiness check (logged when it changes)
         self._ready_failures: dict[str, str] = {}
+        self._keys: KeyStore | None = None  # where Idempotency-Keys are bound
         self.started = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -260,6 +288,7 @@ class Service:
                 from lagompy.database import Database
 
                 self._probe = Database.create(self.journal_settings, pool_size=1, max_overflow=0)
+            self._keys = self._key_store()
             for spec in self._client_specs:
                 made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
                 self.clients[made.service] = made
@@ -270,6 +299,23 @@ class Service:
             await self.stop()
             raise
         self.started = True
+
+    def _key_store(self) -> KeyStore | None:
+        """Idempotency-Keys are bound in the journal's database (no store without entities,
+        or for a runtime on Ray given without where its journal is)."""
+        runtime = self._runtime
+        if isinstance(runtime, InProcessEntities):
+            settings = runtime.storage.database.settings
+        elif isinstance(runtime, ShardedEntities) and (self.entity_classes or self._journal_given):
+            settings = self.journal_settings
+        else:
+            return None
+        return KeyStore(
+            settings,
+            self.name,
+            lifetime=self.settings.idempotency_key_lifetime,
+            in_flight=self.settings.idempotency_key_in_flight,
+        )
 
     def _make_client(self, name: str) -> ServiceClient:
         return ServiceClient(name, locator=self.locator, registry=self.breakers)
@@ -286,6 +332,9 @@ class Service:
         for made in self.clients.values():
             await made.close()
         self.clients.clear()
+        if self._keys is not None:
+            await self._keys.close()
+            self._keys = None
         if self._probe is not None:
             await self._probe.dispose()
             self._probe = None
@@ -303,9 +352,11 @@ class Service:
         """Add the exception handlers, the request-id middleware and lagompy's routes."""
         app.state.lagompy = self
         app.add_exception_handler(LagompyError, _lagompy_error_handler)
+        app.add_exception_handler(IdempotencyKeyReused, _key_reused_handler)
         app.add_exception_handler(RequestValidationError, _validation_handler)
         app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
         app.add_middleware(RequestIdMiddleware)
+        app.add_middleware(KeyRelease)
         app.include_router(self.router())
         for component in self.components:
             router = getattr(component, "router", None)
@@ -507,32 +558,73 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 EntitiesDep = Annotated[Entities, Depends(get_entities)]
 
 
-async def _idempotency_key(
+_KEY_DESCRIPTION = (
+    "Makes the request safe to retry: a retry with the same key and the same request gets the "
+    "first reply and applies nothing again. The key is bound to the request it first came "
+    "with: another request with it gets 422 (409 while the first is in flight). 1 to "
+    f"{MAX_KEY_LENGTH} printable ASCII characters without spaces; bound for the service's "
+    "key lifetime (24 h by default)."
+)
+
+
+async def _request_key(
+    request: Request,
     idempotency_key: Annotated[
         str | None,
         Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=MAX_COMMAND_ID_LENGTH - 8,
-            pattern=r"^[\x21-\x7e]+$",
-            description=(
-                "Makes the request safe to retry: a command that persisted events is applied "
-                "once per key, and a retry gets the first reply."
-            ),
+            alias=KEY_HEADER,
+            description=_KEY_DESCRIPTION,
+            json_schema_extra={
+                "minLength": 1,
+                "maxLength": MAX_KEY_LENGTH,
+                "pattern": "^[\\x21-\\x7e]+$",
+            },
         ),
     ] = None,
-) -> str | None:
-    return idempotency_key
+) -> RequestKey | None:
+    """The request's key, validated once and bound to the request (one per request, however
+    many dependencies use it); :class:`~lagompy.idempotency.KeyRelease` releases it."""
+    if idempotency_key is None:
+        return None
+    problem = key_problem(idempotency_key)
+    if problem is not None:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "idempotency_key",
+                    "loc": ("header", KEY_HEADER),
+                    "msg": f"{KEY_HEADER} {problem}",
+                    "input": idempotency_key,
+                }
+            ]
+        )
+    store = _service_of(request)._keys
+    if store is None:  # no entities: nothing to bind, the key is only handed to the route
+        return RequestKey(idempotency_key, None)
+    held = request.scope.get(HELD_SCOPE_KEY)
+    if not isinstance(held, Held):
+        raise ConfigurationError(
+            "this app does not release Idempotency-Keys: call service.install(app)"
+        )
+    return await held.bind(store, idempotency_key, await fingerprint_of(request))
 
 
-#: Dependency: the request's ``Idempotency-Key`` header (None without one).
+_RequestKeyDep = Annotated[RequestKey | None, Depends(_request_key)]
+
+
+async def _idempotency_key(key: _RequestKeyDep) -> str | None:
+    return None if key is None else key.key
+
+
+#: Dependency: the request's ``Idempotency-Key`` header (None without one), validated and
+#: bound to the request.
 IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
 
 
 class RequestRef(Generic[C]):
-    """A ref to one entity, for one request: its asks carry the request's idempotency key
-    as command id, time out after the service's ``ask_timeout`` and are counted in
-    ``/metrics``."""
+    """A ref to one entity, for one request: its asks carry command ids derived from the
+    request's idempotency key, time out after the service's ``ask_timeout`` and are counted
+    in ``/metrics``."""
 
     __slots__ = ("_refs", "entity_id")
 
@@ -544,8 +636,9 @@ class RequestRef(Generic[C]):
         self, command: Command[R], *, timeout: float | None = None, command_id: str | None = None
     ) -> R:
         refs = self._refs
-        if command_id is None:
-            command_id = refs._command_id_for(self.entity_id)
+        type_name = refs.entity.type_name
+        if command_id is None and refs.key is not None:
+            command_id = refs.key.command_id(type_name, self.entity_id, command)
         ref = refs.entities.ref_for(refs.entity, self.entity_id)
         started = time.perf_counter()
         outcome = "failed"
@@ -561,48 +654,47 @@ class RequestRef(Generic[C]):
             outcome = "rejected"
             raise
         finally:
-            metrics.ASKS.labels(refs.entity.type_name, outcome).inc()
-            metrics.ASK_SECONDS.labels(refs.entity.type_name).observe(time.perf_counter() - started)
+            metrics.ASKS.labels(type_name, outcome).inc()
+            metrics.ASK_SECONDS.labels(type_name).observe(time.perf_counter() - started)
 
 
 class Refs(Generic[C]):
     """Refs to the entities of one type, for one request: ``refs(entity_id).ask(cmd)``.
 
-    With an ``Idempotency-Key`` header the first ask to an entity uses the key as command id,
-    later asks to the same entity in the same request ``key/2``, ``key/3``... so that a retried
-    request maps onto the same command ids."""
+    With an ``Idempotency-Key`` header each ask's command id is derived from the key, the
+    key's binding, the command's type and how many asks of that type this request made to
+    the entity before (see :mod:`lagompy.idempotency`): a retried request maps onto the same
+    command ids, whatever its other asks."""
 
     def __init__(
         self,
         entities: Entities,
         entity: type[PersistentEntity[C, Any, Any]],
-        idempotency_key: str | None,
+        key: RequestKey | None,
         ask_timeout: float,
     ) -> None:
         self.entities = entities
         self.entity = entity
-        self.idempotency_key = idempotency_key
+        self.key = key
         self.ask_timeout = ask_timeout
-        self._asks: dict[str, int] = {}
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The request's ``Idempotency-Key`` (None without one)."""
+        return None if self.key is None else self.key.key
 
     def __call__(self, entity_id: str) -> RequestRef[C]:
         return RequestRef(self, str(entity_id))
 
-    def _command_id_for(self, entity_id: str) -> str | None:
-        if self.idempotency_key is None:
-            return None
-        n = self._asks[entity_id] = self._asks.get(entity_id, 0) + 1
-        return self.idempotency_key if n == 1 else f"{self.idempotency_key}/{n}"
-
 
 def refs(
     entity: type[PersistentEntity[C, Any, Any]],
-) -> Callable[[Request, str | None], Awaitable[Refs[C]]]:
+) -> Callable[[Request, RequestKey | None], Awaitable[Refs[C]]]:
     """Dependency factory: ``Annotated[Refs[UserCommand], Depends(refs(UserEntity))]``."""
 
-    async def dependency(request: Request, idempotency_key: IdempotencyKey) -> Refs[C]:
+    async def dependency(request: Request, key: _RequestKeyDep) -> Refs[C]:
         service = _service_of(request)
-        return Refs(service.entities, entity, idempotency_key, service.settings.ask_timeout)
+        return Refs(service.entities, entity, key, service.settings.ask_timeout)
 
     dependency.__name__ = f"refs_{entity.type_name}"
     return dependency
@@ -786,6 +878,19 @@ async def _lagompy_error_handler(request: Request, exc: Exception) -> Response:
             exc_info=exc if status == 500 else None,
         )
     return _problem_response(request, status, body, headers)
+
+
+async def _key_reused_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, IdempotencyKeyReused)
+    body = _problem(
+        exc.http_status,
+        "Idempotency key reused",
+        str(exc),
+        type_="urn:lagompy:problem:idempotency-key-reused",
+        idempotency_key=exc.key,
+        in_flight=exc.in_flight,
+    )
+    return _problem_response(request, exc.http_status, body)
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:

@@ -196,6 +196,29 @@ async def test_a_failed_upgrade_leaves_nothing_behind(database: Database) -> Non
     assert await current_revision(database) is None
 
 
+async def test_0005_adds_the_idempotency_keys_to_a_database_at_0004(database: Database) -> None:
+    # A journal migrated by the previous release keeps its data and gains the key table.
+    assert (await upgrade(database, "0004")).after == "0004"
+    assert "lagompy_idempotency_keys" not in await table_names(database)
+    async with database.write() as conn:
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    result = await upgrade(database)
+    assert (result.before, result.after) == ("0004", HEAD)
+    assert await differences(database) == []
+    async with database.write() as conn:
+        await conn.execute(
+            schema.idempotency_keys.insert().values(
+                scope="s", idempotency_key="k", method="POST", route="/r", fingerprint="f" * 64,
+                created_us=1, in_flight_until_us=0, repeats=0,
+            )
+        )  # fmt: skip
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert len((await conn.execute(schema.idempotency_keys.select())).all()) == 1
+
+
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
     # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
     # version table; later revisions add tables that 0.1 never had.
