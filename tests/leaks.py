@@ -56,7 +56,10 @@ class Leak:
 def request_text(path_and_query: str, body: bytes | str | None, headers: Iterable[str]) -> str:
     """Everything a request carried, lower-cased, for the echo test: the path and query (not
     the scheme, host and port of the URL), the body (also JSON-decoded) and header values."""
-    parts = [unquote(path_and_query)]
+    path = unquote(path_and_query)
+    # The server may drop control characters from a path (a percent-encoded newline, say):
+    # what it echoes is then the path without them.
+    parts = [path, "".join(c for c in path if c.isprintable() or c == " ")]
     if body:
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         parts.append(text)
