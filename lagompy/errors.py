@@ -20,6 +20,9 @@ are translated into this tree with the original exception attached as ``__cause_
     │   │   └── UnhandledEvent ..... on_event has no case for this (state, event) pair
     │   └── ReadSideHandlerFailed .. a read-side handler raised (names processor, tag,
     │                                offset, entity and sequence number)
+    ├── IdempotencyKeyReused ....... an HTTP Idempotency-Key is bound to another request:
+    │                                nothing of this one ran (422, or 409 while the first
+    │                                request is in flight)
     ├── ReadSideError .............. a read-side worker cannot go on
     │   ├── LeaseLost .............. another worker took the (processor, tag) lease:
     │   │                            this worker's batch was rolled back
@@ -240,6 +243,41 @@ class ReadSideDecodeFailed(ReadSideError):
         self.entity_id = entity_id
         self.seq_nr = seq_nr
         self.attempts = attempts
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class IdempotencyKeyReused(LagompyError):
+    """The ``Idempotency-Key`` is bound to another request: 422, or 409 while that request is
+    still in flight. Nothing of this request ran."""
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        first_method: str,
+        first_route: str,
+        method: str,
+        route: str,
+        in_flight: bool,
+    ) -> None:
+        self.key = key
+        self.in_flight = in_flight
+        self.same_route = (first_method, first_route) == (method, route)
+        self.http_status = 409 if in_flight else 422
+        if self.same_route:
+            what = (
+                f"a different request to {method} {route} (its path or query parameters or "
+                "its body differ)"
+            )
+        else:
+            what = f"{first_method} {first_route}, not {method} {route}"
+        state = ", which is still in flight" if in_flight else ""
+        super().__init__(
+            f"Idempotency-Key {key!r} was first used with {what}{state}: a key belongs to one "
+            "request, and a retry must repeat it exactly; use a new key for a new request"
+        )
 
 
 # --------------------------------------------------------------------------- serialization

@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lagompy.database import Database, _driver_transaction, translate_errors
-from lagompy.errors import ConfigurationError, JournalError, LagompyError
+from lagompy.errors import ConfigurationError, IdempotencyKeyReused, JournalError
 from lagompy.journal import MAX_COMMAND_ID_LENGTH
 from lagompy.settings import JournalSettings
 
@@ -62,7 +62,6 @@ __all__ = [
     "Binding",
     "Fingerprint",
     "Held",
-    "IdempotencyKeyReused",
     "KeyRelease",
     "KeyStore",
     "RequestKey",
@@ -91,38 +90,6 @@ def key_problem(key: str) -> str | None:
     if not (key.isascii() and key.isprintable()) or _SEP in key:
         return "must be printable ASCII without spaces (characters \\x21 to \\x7e)"
     return None
-
-
-class IdempotencyKeyReused(LagompyError):
-    """The ``Idempotency-Key`` is bound to another request: 422, or 409 while that request is
-    still in flight. Nothing of this request ran."""
-
-    def __init__(
-        self,
-        key: str,
-        *,
-        first_method: str,
-        first_route: str,
-        method: str,
-        route: str,
-        in_flight: bool,
-    ) -> None:
-        self.key = key
-        self.in_flight = in_flight
-        self.same_route = (first_method, first_route) == (method, route)
-        self.http_status = 409 if in_flight else 422
-        if self.same_route:
-            what = (
-                f"a different request to {method} {route} (its path or query parameters or "
-                "its body differ)"
-            )
-        else:
-            what = f"{first_method} {first_route}, not {method} {route}"
-        state = ", which is still in flight" if in_flight else ""
-        super().__init__(
-            f"Idempotency-Key {key!r} was first used with {what}{state}: a key belongs to one "
-            "request, and a retry must repeat it exactly; use a new key for a new request"
-        )
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -36,6 +36,7 @@ request's ``request_id``::
     AskTimeout, OutcomeUnknown                        -> 504 (with the command id)
     InvalidId (a bad entity or command id)            -> 400 (a CommandRejected)
     RefusedValue (a NUL in a string), WriteRefused    -> 422
+    IdempotencyKeyReused                              -> 422, or 409 while the first is in flight
     UndeliverableOutcome                              -> 500 with command_id and committed
     anything else                                     -> 500, no detail
 
@@ -79,6 +80,7 @@ from lagompy.errors import (
     ConcurrencyConflict,
     ConfigurationError,
     DuplicateCommandId,
+    IdempotencyKeyReused,
     JournalUnavailable,
     LagompyError,
     OutcomeUnknown,
@@ -97,7 +99,6 @@ from lagompy.idempotency import (
     KEY_HEADER,
     MAX_KEY_LENGTH,
     Held,
-    IdempotencyKeyReused,
     KeyRelease,
     KeyStore,
     RequestKey,
@@ -352,7 +353,6 @@ class Service:
         """Add the exception handlers, the request-id middleware and lagompy's routes."""
         app.state.lagompy = self
         app.add_exception_handler(LagompyError, _lagompy_error_handler)
-        app.add_exception_handler(IdempotencyKeyReused, _key_reused_handler)
         app.add_exception_handler(RequestValidationError, _validation_handler)
         app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
         app.add_middleware(RequestIdMiddleware)
@@ -819,6 +819,10 @@ def problem_for(
     elif isinstance(exc, (AskTimeout, OutcomeUnknown)):
         status = 504
         extra["command_id"] = exc.command_id
+    elif isinstance(exc, IdempotencyKeyReused):
+        status = exc.http_status  # 422, or 409 while the first request is in flight
+        extra["idempotency_key"] = exc.key
+        extra["in_flight"] = exc.in_flight
     elif isinstance(exc, RefusedValue):
         status = 422  # the request's data (a NUL character): the message names the field
     elif isinstance(exc, WriteRefused):
@@ -878,19 +882,6 @@ async def _lagompy_error_handler(request: Request, exc: Exception) -> Response:
             exc_info=exc if status == 500 else None,
         )
     return _problem_response(request, status, body, headers)
-
-
-async def _key_reused_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, IdempotencyKeyReused)
-    body = _problem(
-        exc.http_status,
-        "Idempotency key reused",
-        str(exc),
-        type_="urn:lagompy:problem:idempotency-key-reused",
-        idempotency_key=exc.key,
-        in_flight=exc.in_flight,
-    )
-    return _problem_response(request, exc.http_status, body)
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:

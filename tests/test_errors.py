@@ -14,6 +14,7 @@ from lagompy.errors import (
     AskTimeout,
     ConcurrencyConflict,
     EventDecodeError,
+    IdempotencyKeyReused,
     InvalidCommand,
     InvalidEntityId,
     LagompyError,
@@ -35,6 +36,14 @@ SAMPLES: list[LagompyError] = [
     UndeliverableOutcome("the reply does not pickle", command_id="c-3", committed=True),
     WriteRefused("refused", entity_type="user", entity_id="1"),
     AskTimeout("no reply in 5 s", command_id="cmd-2"),
+    IdempotencyKeyReused(
+        "k-1",
+        first_method="POST",
+        first_route="/a/{id}/deposits",
+        method="POST",
+        route="/a/{id}/withdrawals",
+        in_flight=True,
+    ),
 ]
 
 
@@ -60,7 +69,8 @@ def test_every_error_class_is_drawn_in_the_tree(cls: type[LagompyError]) -> None
     assert re.search(rf"(^|[ │├└─]){cls.__name__}( |$)", errors.__doc__, re.M)
 
 
-STRUCTURED = {ConcurrencyConflict, EventDecodeError}  # keyword-only: covered by SAMPLES
+# keyword-only: covered by SAMPLES
+STRUCTURED = {ConcurrencyConflict, EventDecodeError, IdempotencyKeyReused}
 
 
 @pytest.mark.parametrize(

@@ -305,7 +305,7 @@ def _every_error_class() -> list[type[LagompyError]]:
 PASSED_THROUGH = {
     "CommandRejected", "InvalidCommand", "NotFound", "UnhandledCommand",
     "ConcurrencyConflict", "DuplicateCommandId", "Overloaded", "AskTimeout", "OutcomeUnknown",
-    "InvalidId", "InvalidEntityId", "InvalidCommandId", "RefusedValue",
+    "InvalidId", "InvalidEntityId", "InvalidCommandId", "RefusedValue", "IdempotencyKeyReused",
 }  # fmt: skip
 
 BAIT_MESSAGE = (
@@ -328,6 +328,9 @@ def test_no_problem_document_carries_internals(cls: type[LagompyError], service:
         "timeout": 2.0,
         "command_id": "cmd-1",
         "committed": True,
+        "key": "k-1",
+        "in_flight": False,
+        "http_status": 422,
         "entity_type": "account",
         "entity_id": "a1",
     }
