@@ -170,10 +170,10 @@ class UnhandledEvent(EventHandlerFailed):
     """``on_event`` has no case for this (state, event) pair."""
 
 
-class ReadSideHandlerFailed(HandlerFailed):
-    """A read-side processor's handler (or its ``prepare``) raised; the handler's writes were
-    rolled back. Names the processor, the tag, and the event's offset, entity and sequence
-    number (None where it is not about one event); the handler's exception is the cause."""
+class _AtEvent(Exception):
+    """What a read-side failure about one event carries: the processor, the tag, and the
+    event's offset, entity and sequence number (None where it is not about one event), and
+    how many attempts were made."""
 
     def __init__(
         self,
@@ -195,6 +195,12 @@ class ReadSideHandlerFailed(HandlerFailed):
         self.entity_id = entity_id
         self.seq_nr = seq_nr
         self.attempts = attempts
+
+
+class ReadSideHandlerFailed(_AtEvent, HandlerFailed):
+    """A read-side processor's handler (or its ``prepare``) raised; the handler's writes were
+    rolled back. Names the processor, the tag, and the event's offset, entity and sequence
+    number (None where it is not about one event); the handler's exception is the cause."""
 
 
 # --------------------------------------------------------------------------- read side
@@ -217,32 +223,11 @@ class LeaseLost(ReadSideError):
         self.tag = tag
 
 
-class ReadSideDecodeFailed(ReadSideError):
+class ReadSideDecodeFailed(_AtEvent, ReadSideError):
     """A read-side worker met an event of its tag that it cannot decode (its type is unknown
     to the processor's serializer, or the payload does not fit the class), after
     ``max_attempts`` tries. Names the processor, the tag, and the event's offset, entity and
     sequence number; the ``EventDecodeError`` is the cause."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        processor: str | None = None,
-        tag: str | None = None,
-        offset: int | None = None,
-        entity_type: str | None = None,
-        entity_id: str | None = None,
-        seq_nr: int | None = None,
-        attempts: int = 0,
-    ) -> None:
-        super().__init__(message)
-        self.processor = processor
-        self.tag = tag
-        self.offset = offset
-        self.entity_type = entity_type
-        self.entity_id = entity_id
-        self.seq_nr = seq_nr
-        self.attempts = attempts
 
 
 # --------------------------------------------------------------------------- requests
