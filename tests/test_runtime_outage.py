@@ -120,18 +120,7 @@ async def test_asks_fail_clearly_while_the_journal_is_out_and_recover_after(
         await entities.close()
         await shutdown_app(app)
 
-    storage = await open_storage(settings=settings, entities=[CounterEntity])
-    try:
-        stored: list[str] = []
-        after = 0
-        while page := await storage.journal.all_events(after_offset=after, limit=1000):
-            stored += [e.event.token for e in page]
-            after = page[-1].offset
-    finally:
-        await storage.close()
-    counts = Tally(stored)
-    assert all(counts[t] == 1 for t in acknowledged), "an acknowledged event is missing or twice"
-    assert max(counts.values()) == 1, "an event was persisted twice"
+    _assert_exactly_once(await _stored_tokens(settings, CounterEntity), acknowledged)
 
 
 # --------------------------------------------------------------------------- helpers
