@@ -43,7 +43,7 @@ __all__ = [
 #: Modules whose ``register_cli(app)`` contributes commands to ``lagompy``, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
-    "lagompy.migrate",
+    "lagompy.sql._migrate",
     "lagompy.projections_cli",
     "lagompy.service_cli",
 )

@@ -50,10 +50,10 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lagompy.database import Database, _driver_transaction, translate_errors
 from lagompy.errors import ConfigurationError, IdempotencyKeyReused, JournalError
 from lagompy.journal import MAX_COMMAND_ID_LENGTH
 from lagompy.settings import JournalSettings
+from lagompy.sql._database import Database, _driver_transaction, translate_errors
 
 __all__ = [
     "HELD_SCOPE_KEY",

@@ -26,8 +26,6 @@ from sqlalchemy import case, func, insert, null, select, text, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy import schema
-from lagompy.database import Database
 from lagompy.errors import (
     ConcurrencyConflict,
     DecodeError,
@@ -43,6 +41,8 @@ from lagompy.errors import (
     WriteRefused,
 )
 from lagompy.serialization import Serializer
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
 
 E = TypeVar("E")
 
@@ -512,7 +512,7 @@ JOIN lagompy_command_replies r
 
 class Journal:
     """Append and read events. Build one with :func:`lagompy.storage.open_storage` or directly
-    from a :class:`~lagompy.database.Database` and a :class:`~lagompy.serialization.Serializer`."""
+    from a :class:`~lagompy.sql.Database` and a :class:`~lagompy.serialization.Serializer`."""
 
     def __init__(
         self, database: Database, serializer: Serializer, *, ordering_fence: bool = True

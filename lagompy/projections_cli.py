@@ -107,7 +107,7 @@ def _run(
 
 def _require_existing(url: str, what: str, option: str) -> None:
     """Refuse a SQLite database file that does not exist."""
-    from lagompy.database import normalize_url
+    from lagompy.sql._database import normalize_url
 
     parsed = normalize_url(url)
     database = parsed.database or ""

@@ -51,9 +51,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy import schema
 from lagompy.closing import AsyncClosing
-from lagompy.database import Database
 from lagompy.entity import PersistentEntity, ShardedTag, Tag
 from lagompy.errors import (
     ConfigurationError,
@@ -67,7 +65,6 @@ from lagompy.errors import (
     UnknownType,
 )
 from lagompy.journal import EventEnvelope, Journal, TagPage, from_us, now_us
-from lagompy.migrate import ensure_schema
 from lagompy.readside_store import (
     FAILED,
     GLOBAL_TAG,
@@ -84,6 +81,9 @@ from lagompy.readside_store import (
 )
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, make_settings
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
 from lagompy.tailing import JournalNotifier, Subscription, TailSettings
 
 log = logging.getLogger("lagompy.readside")

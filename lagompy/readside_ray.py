@@ -31,9 +31,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lagompy.closing import AsyncClosing
-from lagompy.database import Database, normalize_url
 from lagompy.errors import ConfigurationError
-from lagompy.migrate import ensure_schema
 from lagompy.readside import (
     Projections,
     ReadSideSettings,
@@ -48,6 +46,8 @@ from lagompy.readside import (
 )
 from lagompy.settings import JournalSettings, RuntimeSettings
 from lagompy.sharding import check_importable, import_roots, resolve_class
+from lagompy.sql._database import Database, normalize_url
+from lagompy.sql._migrate import ensure_schema
 
 log = logging.getLogger("lagompy.readside_ray")
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
-from lagompy.database import Database
 from lagompy.metrics import Sample
 from lagompy.readside import (
     STUCK_STATES,
@@ -42,6 +41,7 @@ from lagompy.readside import (
 from lagompy.readside_http import readside_router
 from lagompy.readside_ray import RayReadSide, start_readside_on_ray
 from lagompy.settings import JournalSettings
+from lagompy.sql._database import Database
 
 __all__ = ["ReadSideComponent"]
 

@@ -1,9 +1,9 @@
 """The read side's bookkeeping in the projection database: offsets, leases, pause flags, failures.
 
-One row of ``lagompy_readside_offsets`` per (processor, tag) (see :mod:`lagompy.schema`). A worker
-*acquires* the row's lease: the row gets its name as ``owner``, ``epoch + 1`` and an expiry. From
-then on every write the worker makes to the row is conditioned on ``epoch`` still being the one
-it got, and the offset update runs in the same transaction as the handlers' writes::
+One row of ``lagompy_readside_offsets`` per (processor, tag) (see ``lagompy/sql/_schema.py``).
+A worker *acquires* the row's lease: the row gets its name as ``owner``, ``epoch + 1`` and an
+expiry. From then on every write the worker makes to the row is conditioned on ``epoch`` still
+being the one it got, and the offset update runs in the same transaction as the handlers' writes::
 
     BEGIN
       handler writes ...
@@ -37,10 +37,10 @@ from sqlalchemy import and_, case, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy import schema
-from lagompy.database import Database
 from lagompy.errors import ConfigurationError, LeaseLost
 from lagompy.journal import now_us
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
 
 __all__ = [
     "FAILED",

@@ -589,7 +589,7 @@ def _host_factory(
     name, however many create it at once."""
     import ray
 
-    from lagompy.database import normalize_url
+    from lagompy.sql._database import normalize_url
 
     journal = journal_settings.model_dump()
     journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)

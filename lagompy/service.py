@@ -286,7 +286,7 @@ class Service:
                 else:
                     self._runtime = await start(ray=False, **common)
             if self.entity_classes and isinstance(self._runtime, ShardedEntities):
-                from lagompy.database import Database
+                from lagompy.sql._database import Database
 
                 self._probe = Database.create(self.journal_settings, pool_size=1, max_overflow=0)
             self._keys = self._key_store()

@@ -18,10 +18,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from lagompy.database import normalize_url
 from lagompy.entity import HASH_VERSION, PersistentEntity, stable_hash, union_members
 from lagompy.errors import ConfigurationError
 from lagompy.settings import JournalSettings
+from lagompy.sql._database import normalize_url
 
 EntityClass = type[PersistentEntity[Any, Any, Any]]
 

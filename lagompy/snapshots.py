@@ -9,10 +9,10 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, tuple_
 
-from lagompy import schema
-from lagompy.database import Database
 from lagompy.journal import from_us, now_us
 from lagompy.serialization import Serializer
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
 
 #: PostgreSQL: save snapshots ($2..$7, as arrays, in the order of ``_SNAPSHOT_ARRAYS``, written
 #: at $1), replacing any at the same (entity, seq_nr).

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lagompy.closing import AsyncClosing
-from lagompy.database import Database
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.journal import Journal
-from lagompy.migrate import ensure_schema
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, make_settings
 from lagompy.snapshots import SnapshotStore
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
 
 
 def serializer_for(entities: Iterable[type[PersistentEntity[Any, Any, Any]]]) -> Serializer:
@@ -65,7 +65,7 @@ async def open_storage(
 
     With ``auto_migrate`` (by default on SQLite) missing or outdated tables are created or
     upgraded here; otherwise (by default on PostgreSQL) they raise ``ConfigurationError`` naming
-    the ``lagompy migrate`` command to run. See :mod:`lagompy.migrate`.
+    the ``lagompy migrate`` command to run. See :mod:`lagompy.sql`.
     """
     if settings is None:
         if url is not None:

@@ -48,9 +48,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lagompy.closing import AsyncClosing
-from lagompy.database import Database
 from lagompy.errors import ConfigurationError
 from lagompy.journal import NOTIFY_CHANNEL, EventEnvelope, Journal
+from lagompy.sql._database import Database
 
 log = logging.getLogger("lagompy.tailing")
 

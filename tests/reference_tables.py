@@ -156,7 +156,7 @@ def settings_classes() -> list[type[BaseSettings]]:
 
     found: dict[str, type[BaseSettings]] = {}
     for info in pkgutil.walk_packages(lagompy.__path__, "lagompy."):
-        if info.name == "lagompy.__main__" or info.name.startswith("lagompy.migrations"):
+        if info.name == "lagompy.__main__" or info.name.startswith("lagompy.sql.migrations"):
             continue
         module = importlib.import_module(info.name)
         for value in vars(module).values():

@@ -241,7 +241,7 @@ def test_migrate_names_the_database_and_the_schema_it_migrated(
 
     from sqlalchemy.engine import make_url
 
-    from lagompy.migrate import head_revision
+    from lagompy.sql import head_revision
     from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
 
     schema = None

@@ -208,7 +208,7 @@ async def test_an_unreadable_snapshot_falls_back_to_a_full_replay(
         live = await driver.state()
         from sqlalchemy import update
 
-        from lagompy import schema
+        from lagompy.sql import _schema as schema
 
         async with driver.storage.database.write() as conn:
             await conn.execute(update(schema.snapshots).values(state_type="NoSuchType"))

@@ -393,7 +393,7 @@ def _worker_script(journal_settings: JournalSettings) -> str:
         f"""
         import asyncio
         from lagompy import JournalSettings
-        from lagompy.database import Database
+        from lagompy.sql import Database
         from lagompy.readside import ReadSideSettings, ReadSideWorker, projection_settings
         from lagompy.storage import open_storage
         from lagompy.testkit.readside import CONTRACT_TAG, readside_contract_serializer

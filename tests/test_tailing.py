@@ -30,8 +30,8 @@ from lagompy import (
     Storage,
     open_storage,
 )
-from lagompy.database import Database
 from lagompy.journal import Journal
+from lagompy.sql import Database
 from lagompy.tailing import (
     EventTailer,
     JournalNotifier,

@@ -33,10 +33,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.closing import AsyncClosing
-from lagompy.database import Database
 from lagompy.entity import ShardedTag, Tag
 from lagompy.journal import AtomicWrite, EventEnvelope
-from lagompy.migrate import ensure_schema
 from lagompy.readside import (
     ProcessorArg,
     ReadSideSettings,
@@ -49,6 +47,8 @@ from lagompy.readside import (
 )
 from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
 from lagompy.storage import Storage, open_storage
 
 __all__ = [

@@ -6,7 +6,7 @@ Create Date: ${create_date}
 
 Runs on SQLite and PostgreSQL alike: change existing tables inside
 ``with op.batch_alter_table(...)`` (SQLite cannot ALTER most things), and describe what the
-revision does in this docstring. Change ``lagompy/schema.py`` to match in the same commit:
+revision does in this docstring. Change ``lagompy/sql/_schema.py`` to match in the same commit:
 tests/test_migrations.py fails while the two differ.
 """
 

@@ -1,8 +1,8 @@
 """lagompy's own tables under Alembic: upgrade them, see where a database stands, and the
 ``lagompy migrate`` command.
 
-The revisions live in ``migrations/`` at the repository root, shipped in the package as
-``lagompy.migrations``. Their version table is ``lagompy_alembic_version``, so they never meet an
+The revisions live in ``migrations/`` beside this module (the package ``lagompy.sql.migrations``,
+shipped in the wheel). Their version table is ``lagompy_alembic_version``, so they never meet an
 application's own Alembic history in the same database.
 
 ::
@@ -16,7 +16,7 @@ together, or nothing does. Concurrent migrators (several processes starting at o
 the transaction starts with ``BEGIN IMMEDIATE`` on SQLite (the database's write lock) and takes
 ``pg_advisory_xact_lock(ADVISORY_LOCK_KEY)`` on PostgreSQL, so the second one finds the work done.
 
-:func:`lagompy.storage.open_storage` calls :func:`ensure_schema`: the journal upgrades itself when
+:func:`lagompy.open_storage` calls :func:`ensure_schema`: the journal upgrades itself when
 ``JournalSettings.auto_migrate`` says so (by default on SQLite only), and otherwise refuses to
 start on missing or outdated tables with the command that fixes it.
 """
@@ -40,9 +40,9 @@ import typer
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL
 
-from lagompy.database import Database, Dialect, dialect_of, normalize_url
 from lagompy.errors import ConfigurationError
 from lagompy.settings import JournalSettings
+from lagompy.sql._database import Database, Dialect, dialect_of, normalize_url
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -83,7 +83,7 @@ _FIRST_REVISION_TABLES = frozenset(
     {"lagompy_events", "lagompy_event_tags", "lagompy_deletions", "lagompy_snapshots"}
 )
 
-_PACKAGE = "lagompy.migrations"
+_PACKAGE = "lagompy.sql.migrations"
 
 
 @dataclass(frozen=True)

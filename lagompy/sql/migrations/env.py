@@ -1,7 +1,7 @@
 """Alembic environment for lagompy's own tables.
 
 Run it through lagompy, not the ``alembic`` command: ``lagompy migrate`` or
-:func:`lagompy.migrate.upgrade`. lagompy opens the connection, starts the transaction
+:func:`lagompy.sql.upgrade`. lagompy opens the connection, starts the transaction
 (``BEGIN IMMEDIATE`` on SQLite), takes the migration lock (an advisory lock on PostgreSQL) and
 hands the connection over in ``config.attributes["connection"]``. Because that connection is
 already in a transaction, Alembic neither begins nor commits: every pending revision and the
@@ -17,8 +17,8 @@ from typing import Any
 
 from alembic import context
 
-from lagompy import schema
-from lagompy.migrate import VERSION_TABLE, offline_prelude
+from lagompy.sql import _schema as schema
+from lagompy.sql._migrate import VERSION_TABLE, offline_prelude
 
 config = context.config
 
@@ -54,7 +54,7 @@ def run_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
         raise RuntimeError(
-            "lagompy's migrations run through `lagompy migrate` or lagompy.migrate.upgrade(), "
+            "lagompy's migrations run through `lagompy migrate` or lagompy.sql.upgrade(), "
             "which pass the connection (and hold the migration lock); not through `alembic`"
         )
     context.configure(connection=connection, **OPTIONS)
