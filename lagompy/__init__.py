@@ -46,7 +46,10 @@ from lagompy.errors import (
     WriteRefused,
 )
 from lagompy.in_process import InProcessEntities, start_in_process
-from lagompy.journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.journal._journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.journal._snapshots import Snapshot, SnapshotStore
+from lagompy.journal._storage import Storage, open_storage
+from lagompy.journal._tailing import EventTailer, TailSettings, read_pages, tail
 from lagompy.readside import (
     ReadSideProcessor,
     ReadSideSettings,
@@ -58,9 +61,6 @@ from lagompy.refs import EntityRef
 from lagompy.runtime import ShardedEntities, ShardedEntityRef, shutdown_app, start
 from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings, RuntimeSettings
-from lagompy.snapshots import Snapshot, SnapshotStore
-from lagompy.storage import Storage, open_storage
-from lagompy.tailing import EventTailer, TailSettings, read_pages, tail
 
 try:
     __version__ = version("lagompy")

@@ -40,10 +40,10 @@ from lagompy.errors import (
     RuntimeFailure,
     UndeliverableOutcome,
 )
+from lagompy.journal._storage import Storage, open_storage
 from lagompy.processing import EntityProcessor, Request, Result
 from lagompy.settings import JournalSettings
 from lagompy.sharding import Topology, host_of, resolve_class
-from lagompy.storage import Storage, open_storage
 
 log = logging.getLogger("lagompy.host")
 

@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lagompy.errors import ConfigurationError, IdempotencyKeyReused, JournalError
-from lagompy.journal import MAX_COMMAND_ID_LENGTH
+from lagompy.journal._journal import MAX_COMMAND_ID_LENGTH
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database, _driver_transaction, translate_errors
 

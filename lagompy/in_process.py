@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
+from lagompy.journal._storage import Storage, open_storage
 from lagompy.processing import EntityClass, EntityProcessor, Request
 from lagompy.refs import EntityRef
-from lagompy.storage import Storage, open_storage
 
 log = logging.getLogger("lagompy.in_process")
 

@@ -58,8 +58,14 @@ from lagompy.errors import (
     UnhandledCommand,
     UnhandledEvent,
 )
-from lagompy.journal import MAX_ID_LENGTH, AtomicWrite, Journal, check_command_id, check_entity_id
-from lagompy.snapshots import SnapshotStore, SnapshotToSave
+from lagompy.journal._journal import (
+    MAX_ID_LENGTH,
+    AtomicWrite,
+    Journal,
+    check_command_id,
+    check_entity_id,
+)
+from lagompy.journal._snapshots import SnapshotStore, SnapshotToSave
 
 log = logging.getLogger("lagompy.processing")
 

@@ -289,8 +289,8 @@ def rebuild(
         typer.confirm(f"Empty projection {cls.name!r} and replay every event?", abort=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from lagompy.journal._storage import open_storage
     from lagompy.readside import serializer_for_processors
-    from lagompy.storage import open_storage
 
     instance = cls()
 

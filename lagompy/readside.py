@@ -21,7 +21,7 @@ projection database (:mod:`lagompy.readside_store`), reads the events after its 
 pages, and commits each batch of handler writes *and* the new offset in one transaction, fenced by
 the lease's epoch: a worker whose lease another took can never commit (at most one worker per
 (processor, tag), exactly-once effect across crashes). After the catch-up it waits for new events
-(PostgreSQL: the journal's NOTIFY through :class:`lagompy.tailing.JournalNotifier`; SQLite: a short
+(PostgreSQL: the journal's NOTIFY through :class:`lagompy.journal.JournalNotifier`; SQLite: a short
 poll) and reads on at once: no fixed delay.
 
 A handler that raises is retried with backoff; after ``max_attempts`` the worker either stops
@@ -64,7 +64,8 @@ from lagompy.errors import (
     ReadSideHandlerFailed,
     UnknownType,
 )
-from lagompy.journal import EventEnvelope, Journal, TagPage, from_us, now_us
+from lagompy.journal._journal import EventEnvelope, Journal, TagPage, from_us, now_us
+from lagompy.journal._tailing import JournalNotifier, Subscription, TailSettings
 from lagompy.readside_store import (
     FAILED,
     GLOBAL_TAG,
@@ -84,7 +85,6 @@ from lagompy.settings import JournalSettings, make_settings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
-from lagompy.tailing import JournalNotifier, Subscription, TailSettings
 
 log = logging.getLogger("lagompy.readside")
 
@@ -364,7 +364,7 @@ def _instance(processor: ProcessorArg) -> SqlReadSideProcessor:
 def serializer_for_processors(processors: Iterable[ReadSideProcessor]) -> Serializer:
     """A serializer for the events of every processor: those of its ``entities``, and its
     ``event_types``."""
-    from lagompy.storage import serializer_for
+    from lagompy.journal._storage import serializer_for
 
     entities: list[type[PersistentEntity[Any, Any, Any]]] = []
     extra: list[type] = []
@@ -1627,7 +1627,7 @@ async def start_readside(
     settings = _settings(settings, overrides)
     journal_settings = _journal_settings(journal_url, journal_settings)
     serializer = serializer or serializer_for_processors(instances)
-    from lagompy.storage import open_storage
+    from lagompy.journal._storage import open_storage
 
     storage = await open_storage(settings=journal_settings, serializer=serializer)
     projection = Database.create(projection_settings(journal_settings, settings))

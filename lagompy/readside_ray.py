@@ -102,7 +102,7 @@ class ReadSideWorkerActor:
         tag: str,
         owner: str,
     ) -> ReadSideWorker:
-        from lagompy.storage import open_storage
+        from lagompy.journal._storage import open_storage
 
         serializer = serializer_for_processors([self.processor])
         self._storage = await open_storage(settings=journal, serializer=serializer)

@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import ConfigurationError, LeaseLost
-from lagompy.journal import now_us
+from lagompy.journal._journal import now_us
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 

@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from lagompy import Command, Effect, InvalidCommand, PersistentEntity
 from lagompy.breaker import BreakerRegistry
 from lagompy.idempotency import MAX_KEY_LENGTH, RequestKey
-from lagompy.journal import MAX_COMMAND_ID_LENGTH
+from lagompy.journal._journal import MAX_COMMAND_ID_LENGTH
 from lagompy.service import IdempotencyKey, Refs, Service, ServiceSettings, refs
 from lagompy.settings import JournalSettings
 from lagompy.sql import Database

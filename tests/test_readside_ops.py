@@ -239,7 +239,7 @@ async def test_cli_shows_a_failure_apart_from_a_pause_and_skips_it(
 ) -> None:
     from readside_processors import PoisonedCredits
 
-    from lagompy.storage import open_storage
+    from lagompy.journal import open_storage
     from lagompy.testkit.readside import CONTRACT_TAG, readside_contract_serializer
     from tests.test_readside import Accounts
 

@@ -118,9 +118,8 @@ async def test_on_ray_readiness_names_a_failure_and_event_types_read_a_mixed_tag
 ) -> None:
     from readside_processors import PoisonOnRay
 
-    from lagompy.journal import AtomicWrite
+    from lagompy.journal import AtomicWrite, open_storage
     from lagompy.readside_service import ReadSideComponent
-    from lagompy.storage import open_storage
     from lagompy.testkit.readside import (
         CONTRACT_TAG,
         Credited,

@@ -34,7 +34,7 @@ from lagompy import (
     tag,
 )
 from lagompy.errors import EncodeError, EventDecodeError, ReadSideHandlerFailed
-from lagompy.journal import EventEnvelope
+from lagompy.journal import EventEnvelope, Storage, open_storage
 from lagompy.readside import (
     Projections,
     ReadSide,
@@ -45,7 +45,6 @@ from lagompy.readside import (
 )
 from lagompy.readside_store import OffsetStore
 from lagompy.serialization import Serializer
-from lagompy.storage import Storage, open_storage
 from lagompy.testkit import ReadSideTestDriver
 from lagompy.testkit.readside import CONTRACT_TAG, Credited, CreditsProjection, Noise
 from tests.test_readside import FAST, Accounts, credits, eventually, start

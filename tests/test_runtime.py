@@ -33,11 +33,11 @@ from lagompy import (
     start,
 )
 from lagompy.errors import AskTimeout, OutcomeUnknown, Overloaded
+from lagompy.journal import open_storage
 from lagompy.processing import Request
 from lagompy.region import HostUnreachable, Outcome, Region
 from lagompy.runtime import shutdown_app
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent

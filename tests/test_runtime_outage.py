@@ -25,12 +25,12 @@ from ray_entities import Add, CounterEntity
 from lagompy import JournalUnavailable, ShardedEntities, start
 from lagompy.entity import PersistentEntity
 from lagompy.errors import LagompyError, OutcomeUnknown
+from lagompy.journal import open_storage
 from lagompy.processing import Request
 from lagompy.region import HostUnreachable, Outcome, Region
 from lagompy.runtime import host_name, namespace_of, shutdown_app
 from lagompy.service import Service
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 
 ADMIN_URL = POSTGRES_URL
 

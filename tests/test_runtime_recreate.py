@@ -19,9 +19,9 @@ from ray_entities import Add, CounterEntity, GetValue
 
 from lagompy import ShardedEntities, start
 from lagompy.errors import OutcomeUnknown
+from lagompy.journal import open_storage
 from lagompy.runtime import host_name, namespace_of, shutdown_app
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 
 
 @pytest.fixture

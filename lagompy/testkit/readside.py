@@ -34,7 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.closing import AsyncClosing
 from lagompy.entity import ShardedTag, Tag
-from lagompy.journal import AtomicWrite, EventEnvelope
+from lagompy.journal._journal import AtomicWrite, EventEnvelope
+from lagompy.journal._storage import Storage, open_storage
 from lagompy.readside import (
     ProcessorArg,
     ReadSideSettings,
@@ -49,7 +50,6 @@ from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
-from lagompy.storage import Storage, open_storage
 
 __all__ = [
     "CONTRACT_TAG",

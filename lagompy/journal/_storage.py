@@ -14,10 +14,10 @@ from typing import Any
 
 from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
-from lagompy.journal import Journal
+from lagompy.journal._journal import Journal
+from lagompy.journal._snapshots import SnapshotStore
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, make_settings
-from lagompy.snapshots import SnapshotStore
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 

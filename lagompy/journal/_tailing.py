@@ -49,7 +49,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
-from lagompy.journal import NOTIFY_CHANNEL, EventEnvelope, Journal
+from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal
 from lagompy.sql._database import Database
 
 log = logging.getLogger("lagompy.tailing")

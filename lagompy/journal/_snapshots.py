@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, tuple_
 
-from lagompy.journal import from_us, now_us
+from lagompy.journal._journal import from_us, now_us
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
