@@ -45,7 +45,6 @@ from lagompy.errors import (
     UnhandledEvent,
     WriteRefused,
 )
-from lagompy.in_process import InProcessEntities, start_in_process
 from lagompy.journal._journal import AtomicWrite, EventEnvelope, Journal
 from lagompy.journal._snapshots import Snapshot, SnapshotStore
 from lagompy.journal._storage import Storage, open_storage
@@ -57,8 +56,9 @@ from lagompy.readside import (
     open_projections,
     start_readside,
 )
-from lagompy.refs import EntityRef
-from lagompy.runtime import ShardedEntities, ShardedEntityRef, shutdown_app, start
+from lagompy.runtime._in_process import InProcessEntities, start_in_process
+from lagompy.runtime._ray import ShardedEntities, ShardedEntityRef, shutdown_app, start
+from lagompy.runtime._refs import EntityRef
 from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings, RuntimeSettings
 

@@ -258,7 +258,7 @@ def set_offset(
 
 def _processor_class(path: str) -> Any:
     from lagompy.readside import SqlReadSideProcessor
-    from lagompy.sharding import resolve_class
+    from lagompy.runtime._loading import resolve_class
 
     if ":" not in path:
         raise ConfigurationError(

@@ -44,8 +44,8 @@ from lagompy.readside import (
     run_global_prepare,
     serializer_for_processors,
 )
+from lagompy.runtime._loading import check_importable, import_roots, resolve_class
 from lagompy.settings import JournalSettings, RuntimeSettings
-from lagompy.sharding import check_importable, import_roots, resolve_class
 from lagompy.sql._database import Database, normalize_url
 from lagompy.sql._migrate import ensure_schema
 
@@ -178,7 +178,7 @@ class RayReadSide(AsyncClosing):
 
     @property
     def namespace(self) -> str:
-        from lagompy.runtime import namespace_of
+        from lagompy.runtime._ray import namespace_of
 
         return namespace_of(self.app)
 
@@ -257,7 +257,7 @@ class RayReadSide(AsyncClosing):
             await stop_readside_on_ray(self.app, [p for p, _, _ in self.specs])
         await self.projections.close()
         if self._owns_ray:
-            from lagompy.runtime import _release_ray
+            from lagompy.runtime._ray import _release_ray
 
             _release_ray()
 
@@ -311,7 +311,7 @@ async def start_readside_on_ray(
         await projections.close()
         raise
 
-    from lagompy.runtime import _ensure_ray, _release_ray, namespace_of
+    from lagompy.runtime._ray import _ensure_ray, _release_ray, namespace_of
 
     owns_ray = _ensure_ray(runtime_settings or RuntimeSettings(**{}))
     try:
@@ -377,7 +377,7 @@ async def stop_readside_on_ray(
     releases its lease, then the actor is killed. Returns how many were stopped."""
     import ray
 
-    from lagompy.runtime import namespace_of
+    from lagompy.runtime._ray import namespace_of
 
     namespace = namespace_of(app)
     prefixes = [ACTOR_PREFIX] if processors is None else [f"{ACTOR_PREFIX}{p}:" for p in processors]

@@ -105,8 +105,8 @@ from lagompy.idempotency import (
     fingerprint_of,
     key_problem,
 )
-from lagompy.in_process import InProcessEntities
-from lagompy.runtime import ShardedEntities
+from lagompy.runtime._in_process import InProcessEntities
+from lagompy.runtime._ray import ShardedEntities
 from lagompy.settings import JournalSettings
 
 __all__ = [
@@ -272,7 +272,7 @@ class Service:
                         f"runs in {workers} worker processes: each entity would have {workers} "
                         "writers. Use ray=True, or one worker"
                     )
-                from lagompy.runtime import start
+                from lagompy.runtime._ray import start
 
                 common: dict[str, Any] = {
                     "app": self.name,

@@ -13,7 +13,7 @@ Ray of its own. It also turns on prometheus_client's multiprocess mode (a tempor
 ``PROMETHEUS_MULTIPROC_DIR``) so that ``/metrics`` adds up every worker's figures.
 
 ``entities stats`` attaches to ``--address``, else ``RAY_ADDRESS``, else the local Rays that
-lagompy processes of this machine started and recorded (see :mod:`lagompy.ray_cluster`).
+lagompy processes of this machine started and recorded (see :mod:`lagompy.runtime._ray_cluster`).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def run(
         if owns_ray:
             import ray
 
-            from lagompy.ray_cluster import forget_local_ray
+            from lagompy.runtime._ray_cluster import forget_local_ray
 
             ray.shutdown()
             forget_local_ray()
@@ -305,7 +305,7 @@ def _serve_many(
 def _start_ray_head() -> str:
     import ray
 
-    from lagompy.ray_cluster import record_local_ray
+    from lagompy.runtime._ray_cluster import record_local_ray
 
     context: Any = ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     address = str(context.address_info["gcs_address"])
@@ -325,7 +325,7 @@ def entities_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the counters of an app's shard hosts on a running Ray cluster."""
-    from lagompy.ray_cluster import local_rays
+    from lagompy.runtime._ray_cluster import local_rays
 
     given = address or os.environ.get("RAY_ADDRESS")
     if given:
@@ -373,8 +373,8 @@ def _host_stats(address: str, app: str, others: set[str]) -> list[dict[str, Any]
 
     import ray
 
-    from lagompy.ray_cluster import check_attach
-    from lagompy.runtime import namespace_of
+    from lagompy.runtime._ray import namespace_of
+    from lagompy.runtime._ray_cluster import check_attach
 
     check_attach(address)
     try:

@@ -44,7 +44,7 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
     from lagompy.errors import LagompyError, OutcomeUnknown
     from lagompy.journal import open_storage
     from lagompy.runtime import shutdown_app
-    from lagompy.sharding import host_of
+    from lagompy.runtime._sharding import host_of
     from tests.ray_entities import Add, CounterEntity, GetValue
 
     app = f"node-loss-{uuid.uuid4().hex[:8]}"

@@ -31,7 +31,7 @@ from lagompy import (
 )
 from lagompy.errors import CommandHandlerFailed, ConcurrencyConflict, UnhandledCommand
 from lagompy.journal import AtomicWrite
-from lagompy.processing import Request
+from lagompy.runtime._processing import Request
 from lagompy.testkit import EntityTestDriver
 
 

@@ -25,7 +25,7 @@ from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity, reply_type_of
 from lagompy.errors import SerializationError, UnhandledCommand, UnhandledEvent
 from lagompy.journal._storage import Storage, open_storage
-from lagompy.processing import EntityProcessor, Request
+from lagompy.runtime._processing import EntityProcessor, Request
 
 C = TypeVar("C")
 E = TypeVar("E")

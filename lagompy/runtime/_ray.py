@@ -3,7 +3,7 @@
 This is the only module that talks to Ray. ``start()`` attaches to Ray (starting a local one on
 demand), records or checks the app's topology, gets or creates the app's shard hosts (named,
 detached actors in the namespace ``lagompy-<app>``) and returns :class:`ShardedEntities`, whose
-refs send commands through a :class:`~lagompy.region.Region` client::
+refs send commands through a :class:`~lagompy.runtime._region.Region` client::
 
     entities = await start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db")
     user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
@@ -32,19 +32,14 @@ from lagompy.errors import (
     RuntimeFailure,
     SerializationError,
 )
-from lagompy.host import JOURNAL_OPEN, Coordinator, ShardHost
-from lagompy.in_process import InProcessEntities, start_in_process
-from lagompy.processing import EntityClass, Request
-from lagompy.refs import EntityRef
-from lagompy.region import HostUnreachable, Outcome, Region
+from lagompy.runtime._host import JOURNAL_OPEN, Coordinator, ShardHost
+from lagompy.runtime._in_process import InProcessEntities, start_in_process
+from lagompy.runtime._loading import check_entity_importable, import_roots
+from lagompy.runtime._processing import EntityClass, Request
+from lagompy.runtime._refs import EntityRef
+from lagompy.runtime._region import HostUnreachable, Outcome, Region
+from lagompy.runtime._sharding import DEFAULT_SHARDS, Topology, topology_for
 from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
-from lagompy.sharding import (
-    DEFAULT_SHARDS,
-    Topology,
-    check_entity_importable,
-    import_roots,
-    topology_for,
-)
 
 log = logging.getLogger("lagompy.runtime")
 
@@ -342,7 +337,7 @@ def _ensure_ray(settings: RuntimeSettings) -> bool:
         return False
     import atexit
 
-    from lagompy import ray_cluster
+    from lagompy.runtime import _ray_cluster as ray_cluster
 
     address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":

@@ -3,7 +3,7 @@
 A :class:`ShardHost` is a plain class; :mod:`lagompy.runtime` runs it as a named, detached Ray
 actor with ``max_concurrency=1``, so its batches run one at a time and each entity has exactly
 one writer. The host owns an asyncio event loop of its own and drives an
-:class:`~lagompy.processing.EntityProcessor` on it, one ``run_until_complete`` per batch.
+:class:`~lagompy.runtime._processing.EntityProcessor` on it, one ``run_until_complete`` per batch.
 
 Passivation does not need calls to arrive: a daemon thread started in ``__init__`` wakes every
 ``passivate_interval`` seconds and, holding the same lock that every batch holds, drops idle
@@ -41,9 +41,10 @@ from lagompy.errors import (
     UndeliverableOutcome,
 )
 from lagompy.journal._storage import Storage, open_storage
-from lagompy.processing import EntityProcessor, Request, Result
+from lagompy.runtime._loading import resolve_class
+from lagompy.runtime._processing import EntityProcessor, Request, Result
+from lagompy.runtime._sharding import Topology, host_of
 from lagompy.settings import JournalSettings
-from lagompy.sharding import Topology, host_of, resolve_class
 
 log = logging.getLogger("lagompy.host")
 

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from lagompy.entity import Command
 from lagompy.errors import AskTimeout
 from lagompy.journal._journal import check_command_id, check_entity_id
-from lagompy.processing import Request
+from lagompy.runtime._processing import Request
 
 log = logging.getLogger("lagompy.refs")
 

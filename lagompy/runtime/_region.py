@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lagompy.errors import JournalUnavailable, OutcomeUnknown, Overloaded, RuntimeFailure
-from lagompy.processing import Request
-from lagompy.sharding import host_of
+from lagompy.runtime._processing import Request
+from lagompy.runtime._sharding import host_of
 
 log = logging.getLogger("lagompy.region")
 

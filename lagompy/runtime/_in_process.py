@@ -23,8 +23,8 @@ from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.journal._storage import Storage, open_storage
-from lagompy.processing import EntityClass, EntityProcessor, Request
-from lagompy.refs import EntityRef
+from lagompy.runtime._processing import EntityClass, EntityProcessor, Request
+from lagompy.runtime._refs import EntityRef
 
 log = logging.getLogger("lagompy.in_process")
 

@@ -1,9 +1,11 @@
-"""Where an entity lives: logical shards, shard hosts and the app's recorded topology.
+"""Finding the entity code by name, in this process and in the worker processes.
 
-Pure code (no Ray): an entity id maps to one of ``shards`` logical shards by a stable hash, and
-a shard maps to one of ``hosts`` host actors. The :class:`Topology` of an app is recorded when
-its hosts are first started; every process that attaches to the app must compute the same one,
-or two processes could route one entity to two hosts.
+Ray workers import entity classes, their commands and read-side processors by module name
+(``module:qualname``): :func:`check_importable` and :func:`check_entity_importable` refuse, with
+the reason, a class they could not import (defined in ``__main__`` or in a function);
+:func:`resolve_class` imports one; :func:`import_roots` gives the directories to put on the
+workers' ``PYTHONPATH`` on a local cluster; :func:`code_fingerprint` digests the entity code, so
+that processes attached to one app can tell that they run the same code.
 """
 
 from __future__ import annotations
@@ -13,81 +15,13 @@ import importlib
 import inspect
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from lagompy.entity import HASH_VERSION, PersistentEntity, stable_hash, union_members
+from lagompy.entity import PersistentEntity, union_members
 from lagompy.errors import ConfigurationError
-from lagompy.settings import JournalSettings
-from lagompy.sql._database import normalize_url
 
 EntityClass = type[PersistentEntity[Any, Any, Any]]
-
-DEFAULT_SHARDS = 256
-
-
-def shard_of(entity_id: str, shards: int) -> int:
-    """The logical shard of an entity: ``stable_hash(entity_id) % shards``."""
-    return stable_hash(entity_id) % shards
-
-
-def host_of_shard(shard: int, hosts: int) -> int:
-    """The host actor that runs a logical shard."""
-    return shard % hosts
-
-
-def host_of(entity_id: str, shards: int, hosts: int) -> int:
-    return stable_hash(entity_id) % shards % hosts
-
-
-@dataclass(frozen=True)
-class Topology:
-    """What every process attached to an app must agree on."""
-
-    app: str
-    shards: int
-    hosts: int
-    hash_version: int
-    journal: str
-    entities: tuple[str, ...]
-    code_fingerprint: str
-
-    @cached_property
-    def key(self) -> str:
-        """A short digest of the whole topology, sent with every batch so that a host refuses
-        batches routed by a client that uses another topology (computed once: hosts check it
-        on every batch)."""
-        text = repr(sorted(asdict(self).items()))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Topology:
-        values: dict[str, Any] = {f.name: data.get(f.name) for f in fields(cls)}
-        values["entities"] = tuple(values["entities"] or ())
-        return cls(**values)
-
-    def differences(self, running: Topology) -> list[str]:
-        """Human-readable differences between this (asked) topology and the running one."""
-        out = []
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(running, f.name)
-            if mine != theirs:
-                out.append(f"{f.name}: the app runs with {theirs!r}, this process has {mine!r}")
-        return out
-
-
-def describe_journal(settings: JournalSettings) -> str:
-    """The journal's identity without its password: the URL (SQLite paths made absolute, the
-    async driver chosen) and the PostgreSQL schema."""
-    url = normalize_url(settings.url).render_as_string(hide_password=True)
-    if settings.postgres_schema:
-        url += f" (schema {settings.postgres_schema})"
-    return url
 
 
 def class_path(cls: type) -> str:
@@ -191,22 +125,3 @@ def _source(obj: type) -> str:
         return inspect.getsource(obj)
     except (OSError, TypeError):
         return ""
-
-
-def topology_for(
-    app: str,
-    entities: Sequence[EntityClass],
-    journal: JournalSettings,
-    *,
-    shards: int,
-    hosts: int,
-) -> Topology:
-    return Topology(
-        app=app,
-        shards=shards,
-        hosts=hosts,
-        hash_version=HASH_VERSION,
-        journal=describe_journal(journal),
-        entities=tuple(sorted(cls.type_name for cls in entities)),
-        code_fingerprint=code_fingerprint(entities),
-    )
