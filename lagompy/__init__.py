@@ -49,13 +49,9 @@ from lagompy.journal._journal import AtomicWrite, EventEnvelope, Journal
 from lagompy.journal._snapshots import Snapshot, SnapshotStore
 from lagompy.journal._storage import Storage, open_storage
 from lagompy.journal._tailing import EventTailer, TailSettings, read_pages, tail
-from lagompy.readside import (
-    ReadSideProcessor,
-    ReadSideSettings,
-    SqlReadSideProcessor,
-    open_projections,
-    start_readside,
-)
+from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
+from lagompy.readside._projections import open_projections, start_readside
+from lagompy.readside._settings import ReadSideSettings
 from lagompy.runtime._in_process import InProcessEntities, start_in_process
 from lagompy.runtime._ray import ShardedEntities, ShardedEntityRef, shutdown_app, start
 from lagompy.runtime._refs import EntityRef

@@ -44,7 +44,7 @@ __all__ = [
 COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
     "lagompy.sql._migrate",
-    "lagompy.projections_cli",
+    "lagompy.readside._cli",
     "lagompy.service_cli",
 )
 

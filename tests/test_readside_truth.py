@@ -43,7 +43,7 @@ from lagompy.readside import (
     open_projections,
     start_readside,
 )
-from lagompy.readside_store import OffsetStore
+from lagompy.readside._store import OffsetStore
 from lagompy.serialization import Serializer
 from lagompy.testkit import ReadSideTestDriver
 from lagompy.testkit.readside import CONTRACT_TAG, Credited, CreditsProjection, Noise
@@ -526,7 +526,7 @@ async def test_a_nul_character_is_refused_at_the_ask(journal_settings: JournalSe
 async def test_readiness_names_a_global_prepare_that_keeps_failing(
     journal_settings: JournalSettings,
 ) -> None:
-    from lagompy.readside_service import ReadSideComponent
+    from lagompy.readside import ReadSideComponent
 
     CreditsProjection.failing_global_prepares = 10_000
     component = ReadSideComponent([CreditsProjection], journal_settings=journal_settings, **FAST)

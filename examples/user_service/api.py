@@ -44,7 +44,7 @@ from lagompy import NotFound
 from lagompy.breaker import BreakerRegistry
 from lagompy.client import ServiceClient, ServiceLocator
 from lagompy.errors import ServiceCallError
-from lagompy.readside_service import ReadSideComponent
+from lagompy.readside import ReadSideComponent
 from lagompy.service import IdempotencyKey, Refs, Service, client, refs
 from lagompy.settings import JournalSettings
 

@@ -32,18 +32,15 @@ from typing import Any
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
-from lagompy.readside import (
-    Projections,
+from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
+from lagompy.readside._projections import Projections, WorkerStatus
+from lagompy.readside._settings import (
     ReadSideSettings,
-    ReadSideWorker,
-    SqlReadSideProcessor,
-    WorkerStatus,
     _journal_settings,
     _settings,
     projection_settings,
-    run_global_prepare,
-    serializer_for_processors,
 )
+from lagompy.readside._worker import ReadSideWorker, run_global_prepare
 from lagompy.runtime._loading import check_importable, import_roots, resolve_class
 from lagompy.settings import JournalSettings, RuntimeSettings
 from lagompy.sql._database import Database, normalize_url

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 
 from lagompy.errors import ConfigurationError
-from lagompy.readside import Projections
+from lagompy.readside._projections import Projections
 
 __all__ = ["readside_router"]
 

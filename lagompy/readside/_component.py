@@ -16,7 +16,7 @@ also carries ``lagompy_readside_paused``, ``lagompy_readside_failed`` and
 ``lagompy_readside_state``, so that an operator's pause and a failure-stop look different.
 
 The workers run in the service's process (``ray=False``, the default: one asyncio task per
-(processor, tag)) or as detached actors on Ray (``ray=True``, :mod:`lagompy.readside_ray`).
+(processor, tag)) or as detached actors on Ray (``ray=True``, ``_ray.py``).
 Either way the leases of the offset store keep one worker per (processor, tag): with several
 service processes, one holds each lease and the others stand by.
 """
@@ -29,17 +29,17 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 
 from lagompy.metrics import Sample
-from lagompy.readside import (
+from lagompy.readside._http import readside_router
+from lagompy.readside._processor import SqlReadSideProcessor
+from lagompy.readside._projections import (
     STUCK_STATES,
     Projections,
     ReadSide,
-    ReadSideSettings,
-    SqlReadSideProcessor,
     WorkerStatus,
     start_readside,
 )
-from lagompy.readside_http import readside_router
-from lagompy.readside_ray import RayReadSide, start_readside_on_ray
+from lagompy.readside._ray import RayReadSide, start_readside_on_ray
+from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 

@@ -30,7 +30,7 @@ import typer
 from lagompy.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from lagompy.readside import Projections, WorkerStatus
+    from lagompy.readside._projections import Projections, WorkerStatus
 
 __all__ = ["format_status", "register_cli"]
 
@@ -79,7 +79,8 @@ def _run(
 ) -> T:
     from pydantic import ValidationError
 
-    from lagompy.readside import ReadSideSettings, open_projections
+    from lagompy.readside._projections import open_projections
+    from lagompy.readside._settings import ReadSideSettings
     from lagompy.settings import JournalSettings
 
     journal: dict[str, Any] = {"url": journal_url, "postgres_schema": journal_schema}
@@ -257,7 +258,7 @@ def set_offset(
 
 
 def _processor_class(path: str) -> Any:
-    from lagompy.readside import SqlReadSideProcessor
+    from lagompy.readside._processor import SqlReadSideProcessor
     from lagompy.runtime._loading import resolve_class
 
     if ":" not in path:
@@ -290,7 +291,7 @@ def rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from lagompy.journal._storage import open_storage
-    from lagompy.readside import serializer_for_processors
+    from lagompy.readside._processor import serializer_for_processors
 
     instance = cls()
 
