@@ -45,7 +45,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
     "lagompy.sql._migrate",
     "lagompy.readside._cli",
-    "lagompy.service_cli",
+    "lagompy.service._cli",
 )
 
 PROG_NAME = "lagompy"

@@ -224,7 +224,7 @@ def metric_rows() -> list[list[str]]:
     """(exposed names, type, labels, where it is measured, help) of every lagompy metric."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from lagompy import metrics
+    from lagompy.service import _metrics as metrics
 
     rows: list[list[str]] = []
     for value in vars(metrics).values():

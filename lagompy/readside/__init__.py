@@ -96,4 +96,6 @@ if not TYPE_CHECKING:  # mypy sees the names above and flags any other
         module = _ON_FIRST_USE.get(name)
         if module is None:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(module), name)
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # found directly from now on
+        return value

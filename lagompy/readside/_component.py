@@ -28,7 +28,6 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
-from lagompy.metrics import Sample
 from lagompy.readside._http import readside_router
 from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.readside._projections import (
@@ -40,6 +39,7 @@ from lagompy.readside._projections import (
 )
 from lagompy.readside._ray import RayReadSide, start_readside_on_ray
 from lagompy.readside._settings import ReadSideSettings
+from lagompy.service._metrics import Sample
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 

@@ -39,7 +39,7 @@ from lagompy.errors import ConfigurationError, LagompyError
 
 __all__ = ["entities_stats", "register_cli", "run"]
 
-WORKERS_ENV = "LAGOMPY_WORKERS"  # the same name as lagompy.service.WORKERS_ENV
+WORKERS_ENV = "LAGOMPY_WORKERS"  # the same name as lagompy.service._service.WORKERS_ENV
 #: Set by ``run`` for its worker processes (``--workers`` above 1): the app to serve, the
 #: directory where a worker that fails to start writes why, and the URL served.
 TARGET_ENV = "LAGOMPY_RUN_TARGET"

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lagompy.errors import ConfigurationError, IdempotencyKeyReused, JournalError
 from lagompy.journal._journal import MAX_COMMAND_ID_LENGTH
@@ -62,7 +61,6 @@ __all__ = [
     "Binding",
     "Fingerprint",
     "Held",
-    "KeyRelease",
     "KeyStore",
     "RequestKey",
     "fingerprint_of",
@@ -686,29 +684,3 @@ class Held:
             await store.release(request_key.key, binding, asked=request_key.asked)
         except Exception as e:
             log.warning("releasing Idempotency-Key %r failed: %s", request_key.key, e)
-
-
-class KeyRelease:
-    """ASGI middleware: a request with an ``Idempotency-Key`` header gets a :class:`Held` in
-    its scope, which the key's dependency fills and this releases before the response starts
-    (so a client that has the answer finds the first request answered, not in flight), or
-    when the request ends. Requests without the header pass straight through."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not any(k == _HEADER_BYTES for k, _ in scope["headers"]):
-            await self.app(scope, receive, send)
-            return
-        held = scope[HELD_SCOPE_KEY] = Held()
-
-        async def send_released(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                await held.response_started(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_released)
-        finally:
-            await held.release()

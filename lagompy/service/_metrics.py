@@ -30,7 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lagompy.breaker import CircuitBreaker
+from lagompy.service._breaker import CircuitBreaker
 
 __all__ = [
     "ASKS",

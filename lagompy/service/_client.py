@@ -18,7 +18,7 @@
   messages hold the URL (and the start of the body) for the logs. A lagompy route that lets
   one escape answers with a problem document that names only the service and the kind of
   failure (see :func:`lagompy.service.problem_for`).
-* **Circuit breaker**: every call runs under a :class:`~lagompy.breaker.CircuitBreaker`, by
+* **Circuit breaker**: every call runs under a :class:`~lagompy.service.CircuitBreaker`, by
   default one per client whose id is the service name (``breaker=`` per client or per call
   chooses another; ``breaker=False`` none). 5xx answers, connection failures and timeouts
   count as failures; 4xx answers do not.
@@ -42,7 +42,6 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lagompy.breaker import BreakerRegistry, CircuitBreaker, default_registry
 from lagompy.closing import AsyncClosing
 from lagompy.errors import (
     ConfigurationError,
@@ -51,6 +50,7 @@ from lagompy.errors import (
     ServiceCallTimeout,
     ServiceUnavailable,
 )
+from lagompy.service._breaker import BreakerRegistry, CircuitBreaker, default_registry
 
 __all__ = [
     "REQUEST_ID_HEADER",
