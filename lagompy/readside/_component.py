@@ -24,7 +24,7 @@ service processes, one holds each lease and the others stand by.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 
@@ -39,9 +39,11 @@ from lagompy.readside._projections import (
 )
 from lagompy.readside._ray import RayReadSide, start_readside_on_ray
 from lagompy.readside._settings import ReadSideSettings
-from lagompy.service._metrics import Sample
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
+
+if TYPE_CHECKING:  # the service's type of a metric sample: the read side does not import it
+    from lagompy.service._metrics import Sample
 
 __all__ = ["ReadSideComponent"]
 

@@ -183,7 +183,6 @@ class Projections(AsyncClosing):
         self._owns = []
 
 
-
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
         """Every (processor, tag) known in the projection database (or those of one
         processor): offset, lag in events and seconds, state, events/s, last failure."""
@@ -527,8 +526,6 @@ class ReadSide(AsyncClosing):
                     log.error("a read-side task failed", exc_info=task.exception())
         for db in self._owned:
             await db.dispose()
-
-
 
 
 async def start_readside(

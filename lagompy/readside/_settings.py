@@ -150,7 +150,6 @@ def projection_settings(journal: JournalSettings, settings: ReadSideSettings) ->
     return make_settings(JournalSettings, **values)
 
 
-
 def _journal_settings(url: str | None, settings: JournalSettings | None) -> JournalSettings:
     if settings is not None:
         if url is not None:

@@ -72,7 +72,6 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-
 class _Stopped(Exception):
     """Internal: the worker was asked to stop."""
 
@@ -130,7 +129,6 @@ def _taken(lease: Lease) -> str:
     if lease.previous_live:
         return f"{text} from {describe_owner(previous)}, which still held it"
     return f"{text} from {describe_owner(previous)}, whose lease had expired"
-
 
 
 _EventFailure = ReadSideHandlerFailed | ReadSideDecodeFailed

@@ -162,8 +162,8 @@ class Refs(Generic[C]):
 
     With an ``Idempotency-Key`` header each ask's command id is derived from the key, the
     key's binding, the command's type and how many asks of that type this request made to
-    the entity before (see :mod:`lagompy.service._idempotency`): a retried request maps onto the same
-    command ids, whatever its other asks."""
+    the entity before (see :mod:`lagompy.service._idempotency`): a retried request maps onto
+    the same command ids, whatever its other asks."""
 
     def __init__(
         self,

@@ -421,7 +421,6 @@ async def _select_one(database: Any) -> None:
         await conn.execute(text("SELECT 1"))
 
 
-
 # --------------------------------------------------------------------------- routes
 
 
