@@ -118,9 +118,8 @@ def run_load(url: str, route: str, seconds: float) -> dict[str, float]:
 
 
 async def breaker_fast_fail(calls: int = 20_000) -> dict[str, float]:
-    from lagompy.breaker import BreakerRegistry, CircuitBreaker
-    from lagompy.client import ServiceClient
     from lagompy.errors import CircuitBreakerOpen
+    from lagompy.service import BreakerRegistry, CircuitBreaker, ServiceClient
 
     breaker = CircuitBreaker("bench", reset_timeout=600)
     breaker.open()

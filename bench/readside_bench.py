@@ -31,8 +31,8 @@ from bench._report import write_section
 from examples.user_service.entity import NameChanged, UserEntity, UserRegistered
 from examples.user_service.projection import UsersProjection
 from lagompy import AtomicWrite, EventEnvelope, JournalSettings, open_storage
+from lagompy.journal import read_pages
 from lagompy.readside import open_projections, start_readside
-from lagompy.tailing import read_pages
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CHANNEL = "lagompy_bench_visible"

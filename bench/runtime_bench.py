@@ -39,9 +39,9 @@ from bench._counter import (
 )
 from bench._report import write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage, start
-from lagompy.processing import recover
-from lagompy.runtime import _cluster_cpus
-from lagompy.snapshots import SnapshotToSave
+from lagompy.journal import SnapshotToSave
+from lagompy.runtime._processing import recover
+from lagompy.runtime._ray import _cluster_cpus
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ENTITIES = 1_000

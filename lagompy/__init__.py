@@ -1,5 +1,12 @@
 """lagompy: event-sourced persistent entities, sharded on Ray, with SQL journals, CQRS read
-sides and circuit-broken service calls. A Lagom-style framework for Python."""
+sides and circuit-broken service calls. A Lagom-style framework for Python.
+
+The package's own exports are the names most programs need. The rest lives in one subpackage
+per family, each one's ``__init__`` its public surface: :mod:`lagompy.sql` (connections, tables,
+migrations), :mod:`lagompy.journal` (events, snapshots, tailing), :mod:`lagompy.runtime`
+(entity refs, shards, hosts, Ray), :mod:`lagompy.readside` (processors, workers, projections),
+:mod:`lagompy.service` (FastAPI glue, clients, circuit breakers) and :mod:`lagompy.testkit`.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -45,8 +52,19 @@ from lagompy.errors import (
     UnhandledEvent,
     WriteRefused,
 )
-from lagompy.in_process import InProcessEntities, start_in_process
-from lagompy.journal import AtomicWrite, EventEnvelope, Journal
+from lagompy.journal import (
+    AtomicWrite,
+    EventEnvelope,
+    EventTailer,
+    Journal,
+    Snapshot,
+    SnapshotStore,
+    Storage,
+    TailSettings,
+    open_storage,
+    read_pages,
+    tail,
+)
 from lagompy.readside import (
     ReadSideProcessor,
     ReadSideSettings,
@@ -54,13 +72,17 @@ from lagompy.readside import (
     open_projections,
     start_readside,
 )
-from lagompy.refs import EntityRef
-from lagompy.runtime import ShardedEntities, ShardedEntityRef, shutdown_app, start
+from lagompy.runtime import (
+    EntityRef,
+    InProcessEntities,
+    ShardedEntities,
+    ShardedEntityRef,
+    shutdown_app,
+    start,
+    start_in_process,
+)
 from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings, RuntimeSettings
-from lagompy.snapshots import Snapshot, SnapshotStore
-from lagompy.storage import Storage, open_storage
-from lagompy.tailing import EventTailer, TailSettings, read_pages, tail
 
 try:
     __version__ = version("lagompy")

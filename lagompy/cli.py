@@ -43,9 +43,9 @@ __all__ = [
 #: Modules whose ``register_cli(app)`` contributes commands to ``lagompy``, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
-    "lagompy.migrate",
-    "lagompy.projections_cli",
-    "lagompy.service_cli",
+    "lagompy.sql._migrate",
+    "lagompy.readside._cli",
+    "lagompy.service._cli",
 )
 
 PROG_NAME = "lagompy"

@@ -42,9 +42,9 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
 
     import lagompy
     from lagompy.errors import LagompyError, OutcomeUnknown
+    from lagompy.journal import open_storage
     from lagompy.runtime import shutdown_app
-    from lagompy.sharding import host_of
-    from lagompy.storage import open_storage
+    from lagompy.runtime._sharding import host_of
     from tests.ray_entities import Add, CounterEntity, GetValue
 
     app = f"node-loss-{uuid.uuid4().hex[:8]}"

@@ -63,19 +63,30 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 # ----------------------------------------------------------------------------- the public API
 
-#: The modules whose public names the API page lists, in the page's order, with a heading.
-#: ``lagompy.errors`` has no ``__all__``: its public names are its exception classes.
+#: The modules whose public names the API page lists, in the page's order, with a heading: the
+#: package's own exports and the exception tree, then each subpackage's public surface (its
+#: ``__init__``). ``lagompy.errors`` has no ``__all__``: its public names are its exception
+#: classes.
 API_MODULES: list[tuple[str, str]] = [
     ("lagompy", "`lagompy`: the package's own exports"),
     ("lagompy.errors", "`lagompy.errors`: the exception tree"),
-    ("lagompy.service", "`lagompy.service`: FastAPI glue"),
-    ("lagompy.client", "`lagompy.client`: calling other services"),
-    ("lagompy.breaker", "`lagompy.breaker`: circuit breakers"),
-    ("lagompy.readside", "`lagompy.readside`: read sides"),
-    ("lagompy.readside_ray", "`lagompy.readside_ray`: read-side workers on Ray"),
-    ("lagompy.readside_http", "`lagompy.readside_http`: the read side's status route"),
+    ("lagompy.sql", "`lagompy.sql`: connections, lagompy's tables and their migrations"),
+    ("lagompy.journal", "`lagompy.journal`: events, snapshots, reading and tailing"),
+    ("lagompy.runtime", "`lagompy.runtime`: entity refs, in-process and on Ray"),
+    ("lagompy.readside", "`lagompy.readside`: read sides, in-process and on Ray"),
+    ("lagompy.service", "`lagompy.service`: FastAPI glue, service clients, circuit breakers"),
     ("lagompy.testkit", "`lagompy.testkit`: testing"),
 ]
+
+
+def public_home(module_name: str) -> str:
+    """Where a name is imported from: its module, up to the first private part
+    (``lagompy.readside._settings`` -> ``lagompy.readside``)."""
+    parts = module_name.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_"):
+            return ".".join(parts[:i])
+    return module_name
 
 
 def public_names(module_name: str) -> list[str]:
@@ -122,6 +133,7 @@ def api_tables() -> str:
         for name in public_names(module_name):
             value = getattr(module, name)
             home = getattr(value, "__module__", None) if _kind(value) != "value" else None
+            home = public_home(home) if home else None
             rows.append(
                 [
                     f"`{name}`",
@@ -142,11 +154,11 @@ def api_tables() -> str:
 SETTINGS_ORDER = [
     "lagompy.settings.JournalSettings",
     "lagompy.settings.RuntimeSettings",
-    "lagompy.tailing.TailSettings",
-    "lagompy.readside.ReadSideSettings",
-    "lagompy.service.ServiceSettings",
-    "lagompy.client.ClientSettings",
-    "lagompy.breaker.BreakerSettings",
+    "lagompy.journal._tailing.TailSettings",
+    "lagompy.readside._settings.ReadSideSettings",
+    "lagompy.service._service.ServiceSettings",
+    "lagompy.service._client.ClientSettings",
+    "lagompy.service._breaker.BreakerSettings",
 ]
 
 
@@ -156,7 +168,7 @@ def settings_classes() -> list[type[BaseSettings]]:
 
     found: dict[str, type[BaseSettings]] = {}
     for info in pkgutil.walk_packages(lagompy.__path__, "lagompy."):
-        if info.name == "lagompy.__main__" or info.name.startswith("lagompy.migrations"):
+        if info.name == "lagompy.__main__" or info.name.startswith("lagompy.sql.migrations"):
             continue
         module = importlib.import_module(info.name)
         for value in vars(module).values():
@@ -205,7 +217,7 @@ def settings_tables() -> str:
         ]
         parts.append(
             f"### `{cls.__name__}`\n\n"
-            f"`{cls.__module__}.{cls.__name__}`: {_first_sentence(cls)}\n\n"
+            f"`{public_home(cls.__module__)}.{cls.__name__}`: {_first_sentence(cls)}\n\n"
             + _table(["setting", "type", "default", "environment variable", "meaning"], rows)
         )
     return "\n\n".join(parts)
@@ -224,7 +236,7 @@ def metric_rows() -> list[list[str]]:
     """(exposed names, type, labels, where it is measured, help) of every lagompy metric."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from lagompy import metrics
+    from lagompy.service import _metrics as metrics
 
     rows: list[list[str]] = []
     for value in vars(metrics).values():

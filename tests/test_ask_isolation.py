@@ -43,9 +43,8 @@ from lagompy.errors import (
     UndeliverableOutcome,
     WriteRefused,
 )
-from lagompy.processing import Request
-from lagompy.refs import EntityRef
-from lagompy.runtime import shutdown_app
+from lagompy.runtime import EntityRef, shutdown_app
+from lagompy.runtime._processing import Request
 from lagompy.service import Refs, Service, refs
 from lagompy.testkit.server import serve_in_thread
 

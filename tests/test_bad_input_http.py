@@ -12,9 +12,9 @@ from pydantic import BaseModel
 
 from lagompy import Command, Effect, PersistentEntity
 from lagompy.errors import RefusedValue, UndeliverableOutcome, WriteRefused
+from lagompy.journal import open_storage
 from lagompy.service import Refs, Service, problem_for, refs
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 from lagompy.testkit.server import serve_in_thread
 
 

@@ -16,14 +16,20 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from lagompy.breaker import BreakerRegistry, CircuitBreaker, breaker_settings
-from lagompy.client import ServiceClient, ServiceLocator, current_request_id
 from lagompy.errors import (
     CircuitBreakerOpen,
     ConfigurationError,
     ServiceCallFailed,
     ServiceCallTimeout,
     ServiceUnavailable,
+)
+from lagompy.service import (
+    BreakerRegistry,
+    CircuitBreaker,
+    ServiceClient,
+    ServiceLocator,
+    breaker_settings,
+    current_request_id,
 )
 from lagompy.testkit.server import serve_in_thread
 

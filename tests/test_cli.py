@@ -120,6 +120,30 @@ def test_help_and_version_do_not_import_ray() -> None:
     )
 
 
+def test_help_and_import_lagompy_do_not_import_the_http_stack() -> None:
+    # `lagompy --help` imports every command module, lagompy.service._cli among them: the
+    # service package loads its names on first use, so that neither it nor `import lagompy`
+    # (every shard host and read-side actor) pays for FastAPI, httpx and prometheus_client.
+    script = textwrap.dedent(
+        """
+        import sys
+        from lagompy.cli import main
+
+        try:
+            main(["--help"])
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+        heavy = ("fastapi", "starlette", "httpx", "prometheus_client", "pybreaker")
+        print(sorted(m for m in heavy if m in sys.modules))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, _describe(proc)
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
 # --------------------------------------------------------------------------- in process
 
 
@@ -241,7 +265,7 @@ def test_migrate_names_the_database_and_the_schema_it_migrated(
 
     from sqlalchemy.engine import make_url
 
-    from lagompy.migrate import head_revision
+    from lagompy.sql import head_revision
     from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
 
     schema = None

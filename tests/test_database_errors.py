@@ -8,8 +8,8 @@ import sqlite3
 import asyncpg
 import pytest
 
-from lagompy.database import translate_errors
 from lagompy.errors import JournalError, JournalUnavailable
+from lagompy.sql import translate_errors
 
 
 @pytest.mark.parametrize(

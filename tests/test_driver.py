@@ -31,7 +31,7 @@ from lagompy import (
 )
 from lagompy.errors import CommandHandlerFailed, ConcurrencyConflict, UnhandledCommand
 from lagompy.journal import AtomicWrite
-from lagompy.processing import Request
+from lagompy.runtime._processing import Request
 from lagompy.testkit import EntityTestDriver
 
 
@@ -208,7 +208,7 @@ async def test_an_unreadable_snapshot_falls_back_to_a_full_replay(
         live = await driver.state()
         from sqlalchemy import update
 
-        from lagompy import schema
+        from lagompy.sql import _schema as schema
 
         async with driver.storage.database.write() as conn:
             await conn.execute(update(schema.snapshots).values(state_type="NoSuchType"))

@@ -35,7 +35,7 @@ from lagompy import (
 )
 from lagompy.entity import reply_type_of
 from lagompy.errors import CommandHandlerFailed, EventHandlerFailed, UnhandledEvent
-from lagompy.processing import apply_event, decide
+from lagompy.runtime._processing import apply_event, decide
 
 
 def test_stable_hash_is_crc32_of_utf8_and_never_changes() -> None:

@@ -30,13 +30,12 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 
 from lagompy import Command, Effect, InvalidCommand, PersistentEntity
-from lagompy.breaker import BreakerRegistry
-from lagompy.database import Database
-from lagompy.idempotency import MAX_KEY_LENGTH, RequestKey
-from lagompy.journal import MAX_COMMAND_ID_LENGTH
-from lagompy.schema import idempotency_keys
-from lagompy.service import IdempotencyKey, Refs, Service, ServiceSettings, refs
+from lagompy.journal._journal import MAX_COMMAND_ID_LENGTH
+from lagompy.service import BreakerRegistry, IdempotencyKey, Refs, Service, ServiceSettings, refs
+from lagompy.service._idempotency import MAX_KEY_LENGTH, RequestKey
 from lagompy.settings import JournalSettings
+from lagompy.sql import Database
+from lagompy.sql._schema import idempotency_keys
 from lagompy.testkit.server import serve_in_thread
 
 # --------------------------------------------------------------------------- an account

@@ -17,8 +17,8 @@ from lagompy import (
     Storage,
     open_storage,
 )
-from lagompy.database import normalize_url
 from lagompy.errors import JournalError
+from lagompy.sql import normalize_url
 
 
 @pytest.fixture

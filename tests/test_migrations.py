@@ -1,4 +1,4 @@
-"""lagompy's Alembic migrations: they build exactly the tables of ``lagompy/schema.py``, run
+"""lagompy's Alembic migrations: they build exactly the tables of ``lagompy/sql/_schema.py``, run
 once however many migrators start together, commit all or nothing, back ``lagompy migrate``,
 and ship inside the wheel.
 
@@ -27,13 +27,10 @@ from sqlalchemy import Column, Integer, MetaData, text
 from sqlalchemy.engine import Connection
 from typer.testing import CliRunner
 
-from lagompy import ConfigurationError, JournalError, JournalSettings, open_storage, schema
+from lagompy import ConfigurationError, JournalError, JournalSettings, open_storage
 from lagompy.cli import build_app
-from lagompy.database import Database
-from lagompy.migrate import (
-    _FIRST_REVISION_TABLES,
-    ADVISORY_LOCK_KEY,
-    VERSION_TABLE,
+from lagompy.sql import (
+    Database,
     current_revision,
     ensure_schema,
     head_revision,
@@ -41,6 +38,8 @@ from lagompy.migrate import (
     upgrade,
     upgrade_sql,
 )
+from lagompy.sql import _schema as schema
+from lagompy.sql._migrate import _FIRST_REVISION_TABLES, ADVISORY_LOCK_KEY, VERSION_TABLE
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = sorted(schema.metadata.tables)
@@ -141,7 +140,8 @@ async def test_migrations_build_exactly_the_tables_in_code(database: Database) -
     assert await current_revision(database) == HEAD
     assert await table_names(database) == sorted([*TABLES, VERSION_TABLE])
     assert await differences(database) == [], (
-        "the migrations and lagompy/schema.py differ: add a revision under migrations/versions/"
+        "the migrations and lagompy/sql/_schema.py differ: add a revision under "
+        "lagompy/sql/migrations/versions/"
     )
 
 
@@ -394,9 +394,9 @@ async def test_outdated_tables_name_the_fix(
     url = f"sqlite:///{tmp_path / 'j.db'}"
     async with await open_storage(url):  # migrated to this version's head
         pass
-    import lagompy.migrate
+    from lagompy.sql import _migrate
 
-    monkeypatch.setattr(lagompy.migrate, "_revisions", lambda: ("9999", frozenset({HEAD, "9999"})))
+    monkeypatch.setattr(_migrate, "_revisions", lambda: ("9999", frozenset({HEAD, "9999"})))
     expected = f"at revision {HEAD}, not 9999 and auto_migrate is off: run `lagompy migrate"
     with pytest.raises(ConfigurationError, match=expected):
         await open_storage(url, auto_migrate=False)
@@ -473,10 +473,13 @@ def test_cli_sql_prints_the_script_without_connecting() -> None:
 # --------------------------------------------------------------------------- packaging
 
 
-def test_the_scripts_sit_at_the_repository_root() -> None:
-    assert script_location() == REPO / "migrations"  # the editable install maps the package
+MIGRATIONS = REPO / "lagompy" / "sql" / "migrations"
+
+
+def test_the_scripts_sit_in_the_package() -> None:
+    assert script_location() == MIGRATIONS
     for name in ("env.py", "script.py.mako", "README.md", "versions"):
-        assert (REPO / "migrations" / name).exists(), name
+        assert (MIGRATIONS / name).exists(), name
 
 
 def _packages_under(root: Path, prefix: str) -> set[str]:
@@ -490,8 +493,7 @@ def _packages_under(root: Path, prefix: str) -> set[str]:
 def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -> None:
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("lagompy", "migrations"):
-        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    shutil.copytree(REPO / "lagompy", src / "lagompy", ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     wheels = tmp_path / "wheels"
@@ -505,15 +507,15 @@ def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -
     names = set(zipfile.ZipFile(wheel).namelist())
 
     for path in ("env.py", "script.py.mako", "README.md", "versions/__init__.py"):
-        assert f"lagompy/migrations/{path}" in names, path
-    for version in (REPO / "migrations" / "versions").glob("*.py"):
-        assert f"lagompy/migrations/versions/{version.name}" in names, version.name
+        assert f"lagompy/sql/migrations/{path}" in names, path
+    for version in (MIGRATIONS / "versions").glob("*.py"):
+        assert f"lagompy/sql/migrations/versions/{version.name}" in names, version.name
     shipped = {
         n[: -len("/__init__.py")].replace("/", ".") for n in names if n.endswith("/__init__.py")
     }
-    expected = _packages_under(REPO / "lagompy", "lagompy") | {"lagompy.migrations"}
+    expected = _packages_under(REPO / "lagompy", "lagompy")
     missing = expected - shipped
-    assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
+    assert not missing, f"the wheel lacks {sorted(missing)}: see pyproject.toml's [tool.setuptools]"
 
     # Installed as plain files (no editable finder, no repository on the path), the CLI finds
     # its scripts inside the installed package and migrates a database.
@@ -528,11 +530,11 @@ def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     located = subprocess.run(
-        [sys.executable, "-c", "from lagompy.migrate import script_location as s; print(s())"],
+        [sys.executable, "-c", "from lagompy.sql import script_location as s; print(s())"],
         capture_output=True, text=True, timeout=60, cwd=work, env=env, check=False,
     )  # fmt: skip
     assert located.returncode == 0, located.stderr
-    assert Path(located.stdout.strip()) == site / "lagompy" / "migrations"
+    assert Path(located.stdout.strip()) == site / "lagompy" / "sql" / "migrations"
     code, out, err = _finish(_cli("migrate", "--url", "sqlite:///installed.db", env=env, cwd=work))
     assert code == 0, err
     assert f"from none to {HEAD}" in out

@@ -29,10 +29,8 @@ from starlette.types import Receive, Scope, Send
 from examples.notification_service.api import create_app as create_notifications
 from examples.user_service.api import create_app as create_users
 from lagompy import errors
-from lagompy.breaker import BreakerRegistry, CircuitBreaker
-from lagompy.client import ServiceLocator
 from lagompy.errors import LagompyError, _rebuild_from_state
-from lagompy.service import problem_for
+from lagompy.service import BreakerRegistry, CircuitBreaker, ServiceLocator, problem_for
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import free_port, serve_in_thread
 from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres

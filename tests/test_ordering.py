@@ -23,8 +23,8 @@ from conftest import POSTGRES_URL
 
 from lagompy import AtomicWrite, Command, Effect, JournalSettings, PersistentEntity, open_storage
 from lagompy.errors import JournalError
-from lagompy.journal import _LOCK_EVENTS, Journal
-from lagompy.storage import Storage
+from lagompy.journal import Journal, Storage
+from lagompy.journal._journal import _LOCK_EVENTS
 
 pytestmark = pytest.mark.postgres
 

@@ -24,7 +24,7 @@ from lagompy import (
 )
 from lagompy.errors import AskTimeout, DuplicateCommandId, EncodeError, EventsMissing, Overloaded
 from lagompy.journal import AtomicWrite, EventEnvelope, Journal, WriteResult
-from lagompy.processing import EntityProcessor, Request, recover
+from lagompy.runtime._processing import EntityProcessor, Request, recover
 
 # --------------------------------------------------------------------------- a counter entity
 

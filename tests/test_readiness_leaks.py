@@ -9,9 +9,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from lagompy.breaker import BreakerRegistry
 from lagompy.errors import JournalUnavailable, RuntimeFailure
-from lagompy.service import Service
+from lagompy.service import BreakerRegistry, Service
 from lagompy.testkit.server import serve_in_thread
 from tests.leaks import path_and_query, request_text, scan
 

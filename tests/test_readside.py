@@ -22,7 +22,7 @@ from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
 from examples.user_service.projection import UsersProjection
 from lagompy import ConfigurationError, JournalSettings, start_in_process
 from lagompy.errors import ReadSideHandlerFailed
-from lagompy.journal import AtomicWrite, EventEnvelope
+from lagompy.journal import AtomicWrite, EventEnvelope, Storage, open_storage
 from lagompy.readside import (
     ReadSide,
     ReadSideSettings,
@@ -30,7 +30,6 @@ from lagompy.readside import (
     open_projections,
     start_readside,
 )
-from lagompy.storage import Storage, open_storage
 from lagompy.testkit import ReadSideTestDriver
 from lagompy.testkit.readside import (
     CONTRACT_TAG,
@@ -393,9 +392,9 @@ def _worker_script(journal_settings: JournalSettings) -> str:
         f"""
         import asyncio
         from lagompy import JournalSettings
-        from lagompy.database import Database
+        from lagompy.sql import Database
         from lagompy.readside import ReadSideSettings, ReadSideWorker, projection_settings
-        from lagompy.storage import open_storage
+        from lagompy.journal import open_storage
         from lagompy.testkit.readside import CONTRACT_TAG, readside_contract_serializer
         from readside_processors import ExitingCredits
 

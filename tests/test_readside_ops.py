@@ -23,8 +23,7 @@ from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
 from examples.user_service.projection import UsersProjection
 from lagompy import JournalSettings, start_in_process
 from lagompy.cli import build_app
-from lagompy.readside import ReadSide, open_projections, start_readside
-from lagompy.readside_http import readside_router
+from lagompy.readside import ReadSide, open_projections, readside_router, start_readside
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"lease_ttl": 2.0, "renew_interval": 0.05, "poll_interval": 0.02}
@@ -239,7 +238,7 @@ async def test_cli_shows_a_failure_apart_from_a_pause_and_skips_it(
 ) -> None:
     from readside_processors import PoisonedCredits
 
-    from lagompy.storage import open_storage
+    from lagompy.journal import open_storage
     from lagompy.testkit.readside import CONTRACT_TAG, readside_contract_serializer
     from tests.test_readside import Accounts
 

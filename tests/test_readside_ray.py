@@ -15,7 +15,8 @@ from sqlalchemy import text
 from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
 from examples.user_service.projection import UsersProjection
 from lagompy import JournalSettings, start_in_process
-from lagompy.readside_ray import actor_name, start_readside_on_ray, stop_readside_on_ray
+from lagompy.readside import start_readside_on_ray, stop_readside_on_ray
+from lagompy.readside._ray import actor_name
 from lagompy.runtime import namespace_of
 
 FAST = {"lease_ttl": 5.0, "renew_interval": 0.1, "poll_interval": 0.02}
@@ -118,9 +119,8 @@ async def test_on_ray_readiness_names_a_failure_and_event_types_read_a_mixed_tag
 ) -> None:
     from readside_processors import PoisonOnRay
 
-    from lagompy.journal import AtomicWrite
-    from lagompy.readside_service import ReadSideComponent
-    from lagompy.storage import open_storage
+    from lagompy.journal import AtomicWrite, open_storage
+    from lagompy.readside import ReadSideComponent
     from lagompy.testkit.readside import (
         CONTRACT_TAG,
         Credited,

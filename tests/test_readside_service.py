@@ -17,10 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from examples.user_service.entity import RegisterUser, UserEntity, UserRegistered
 from lagompy import EventEnvelope
-from lagompy.breaker import BreakerRegistry
-from lagompy.readside import SqlReadSideProcessor
-from lagompy.readside_service import ReadSideComponent
-from lagompy.service import Service
+from lagompy.readside import ReadSideComponent, SqlReadSideProcessor
+from lagompy.service import BreakerRegistry, Service
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 from tests.test_service import sample

@@ -34,7 +34,7 @@ from lagompy import (
     tag,
 )
 from lagompy.errors import EncodeError, EventDecodeError, ReadSideHandlerFailed
-from lagompy.journal import EventEnvelope
+from lagompy.journal import EventEnvelope, Storage, open_storage
 from lagompy.readside import (
     Projections,
     ReadSide,
@@ -43,9 +43,8 @@ from lagompy.readside import (
     open_projections,
     start_readside,
 )
-from lagompy.readside_store import OffsetStore
+from lagompy.readside._store import OffsetStore
 from lagompy.serialization import Serializer
-from lagompy.storage import Storage, open_storage
 from lagompy.testkit import ReadSideTestDriver
 from lagompy.testkit.readside import CONTRACT_TAG, Credited, CreditsProjection, Noise
 from tests.test_readside import FAST, Accounts, credits, eventually, start
@@ -527,7 +526,7 @@ async def test_a_nul_character_is_refused_at_the_ask(journal_settings: JournalSe
 async def test_readiness_names_a_global_prepare_that_keeps_failing(
     journal_settings: JournalSettings,
 ) -> None:
-    from lagompy.readside_service import ReadSideComponent
+    from lagompy.readside import ReadSideComponent
 
     CreditsProjection.failing_global_prepares = 10_000
     component = ReadSideComponent([CreditsProjection], journal_settings=journal_settings, **FAST)

@@ -4,7 +4,7 @@ without snapshots, and with a second writer appending behind the entity's back (
 A Hypothesis state machine drives a ``Wallet`` entity (several event types, rejections,
 read-only commands, commands that persist several events at once) on a SQLite file, through two
 hosts sharing the journal: an :class:`~lagompy.testkit.EntityTestDriver` (the entity's regular
-host) and a second :class:`~lagompy.processing.EntityProcessor` (a zombie host that still
+host) and a second :class:`~lagompy.runtime._processing.EntityProcessor` (a zombie host that still
 thinks it owns the entity). The model is the list of events the journal must hold; every state
 a host holds is checked against the fold of that list, and so is every recovery.
 
@@ -40,7 +40,7 @@ from lagompy import (
     PersistentEntity,
     sharded_tag,
 )
-from lagompy.processing import EntityProcessor, LiveEntity, Request, recover
+from lagompy.runtime._processing import EntityProcessor, LiveEntity, Request, recover
 from lagompy.testkit import EntityTestDriver
 
 T = TypeVar("T")

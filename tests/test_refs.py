@@ -11,8 +11,9 @@ import pytest
 
 from examples.user_service.entity import ChangeName
 from lagompy.errors import AskTimeout
-from lagompy.processing import Request
-from lagompy.refs import DEADLINE_STEP, EntityRef, _command_ids, _deadlines_of
+from lagompy.runtime import EntityRef
+from lagompy.runtime._processing import Request
+from lagompy.runtime._refs import DEADLINE_STEP, _command_ids, _deadlines_of
 
 
 class Pending:

@@ -33,11 +33,11 @@ from lagompy import (
     start,
 )
 from lagompy.errors import AskTimeout, OutcomeUnknown, Overloaded
-from lagompy.processing import Request
-from lagompy.region import HostUnreachable, Outcome, Region
+from lagompy.journal import open_storage
 from lagompy.runtime import shutdown_app
+from lagompy.runtime._processing import Request
+from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -514,8 +514,8 @@ def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> No
     # it and runs the command again on the reloaded state, or, with retries off, answers with
     # the conflict.
     from lagompy.errors import ConcurrencyConflict
-    from lagompy.host import ShardHost
-    from lagompy.sharding import topology_for
+    from lagompy.runtime._host import ShardHost
+    from lagompy.runtime._sharding import topology_for
 
     js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
     topology = topology_for("zombie", [CounterEntity], js, shards=1, hosts=1)

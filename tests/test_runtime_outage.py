@@ -25,12 +25,13 @@ from ray_entities import Add, CounterEntity
 from lagompy import JournalUnavailable, ShardedEntities, start
 from lagompy.entity import PersistentEntity
 from lagompy.errors import LagompyError, OutcomeUnknown
-from lagompy.processing import Request
-from lagompy.region import HostUnreachable, Outcome, Region
-from lagompy.runtime import host_name, namespace_of, shutdown_app
+from lagompy.journal import open_storage
+from lagompy.runtime import namespace_of, shutdown_app
+from lagompy.runtime._processing import Request
+from lagompy.runtime._ray import host_name
+from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.service import Service
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 
 ADMIN_URL = POSTGRES_URL
 
@@ -338,8 +339,8 @@ async def test_a_resend_the_journal_cannot_check_waits_for_it(
 def test_a_host_constructs_without_its_database_and_retries_with_backoff() -> None:
     # Nothing listens on port 1: every attempt is refused at once. The host still constructs,
     # refuses batches at once (nothing run, no address in the message), and does not spin.
-    from lagompy.host import ShardHost
-    from lagompy.sharding import topology_for
+    from lagompy.runtime._host import ShardHost
+    from lagompy.runtime._sharding import topology_for
 
     js = JournalSettings(url="postgresql://postgres@127.0.0.1:1/nowhere")
     topology = topology_for("unreachable", [CounterEntity], js, shards=1, hosts=1)

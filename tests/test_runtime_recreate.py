@@ -19,9 +19,10 @@ from ray_entities import Add, CounterEntity, GetValue
 
 from lagompy import ShardedEntities, start
 from lagompy.errors import OutcomeUnknown
-from lagompy.runtime import host_name, namespace_of, shutdown_app
+from lagompy.journal import open_storage
+from lagompy.runtime import namespace_of, shutdown_app
+from lagompy.runtime._ray import host_name
 from lagompy.settings import JournalSettings
-from lagompy.storage import open_storage
 
 
 @pytest.fixture

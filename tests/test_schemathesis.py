@@ -21,7 +21,7 @@ from schemathesis.checks import not_a_server_error
 
 from examples.notification_service.api import create_app as create_notifications
 from examples.user_service.api import create_app
-from lagompy.client import ServiceLocator
+from lagompy.service import ServiceLocator
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 from tests.conftest import POSTGRES_URL, require_postgres

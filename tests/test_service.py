@@ -17,8 +17,6 @@ from pydantic import BaseModel
 from examples.user_service.api import create_app
 from examples.user_service.entity import UserEntity
 from lagompy import open_storage
-from lagompy.breaker import BreakerRegistry, CircuitBreaker
-from lagompy.client import ServiceClient, ServiceLocator
 from lagompy.errors import (
     AskTimeout,
     CircuitBreakerOpen,
@@ -33,7 +31,14 @@ from lagompy.errors import (
     ServiceCallTimeout,
     ServiceUnavailable,
 )
-from lagompy.service import Service, client
+from lagompy.service import (
+    BreakerRegistry,
+    CircuitBreaker,
+    Service,
+    ServiceClient,
+    ServiceLocator,
+    client,
+)
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 

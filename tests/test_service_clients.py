@@ -7,9 +7,14 @@ import asyncio
 
 from fastapi import FastAPI
 
-from lagompy.breaker import BreakerRegistry, CircuitBreaker, default_registry
-from lagompy.client import ServiceClient, ServiceLocator
-from lagompy.service import Service
+from lagompy.service import (
+    BreakerRegistry,
+    CircuitBreaker,
+    Service,
+    ServiceClient,
+    ServiceLocator,
+    default_registry,
+)
 
 
 def test_an_empty_registry_given_is_the_one_used() -> None:

@@ -30,17 +30,9 @@ from lagompy import (
     Storage,
     open_storage,
 )
-from lagompy.database import Database
-from lagompy.journal import Journal
-from lagompy.tailing import (
-    EventTailer,
-    JournalNotifier,
-    TailSettings,
-    _listen_connect_args,
-    _notifiers,
-    read_pages,
-    tail,
-)
+from lagompy.journal import EventTailer, Journal, JournalNotifier, TailSettings, read_pages, tail
+from lagompy.journal._tailing import _listen_connect_args, _notifiers
+from lagompy.sql import Database
 
 REPO = Path(__file__).resolve().parent.parent
 #: Long enough that an event seen within a second cannot have come from polling.

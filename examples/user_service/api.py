@@ -41,11 +41,18 @@ from examples.user_service.entity import (
 from examples.user_service.projection import UsersProjection
 from examples.user_service.projection import users as users_table
 from lagompy import NotFound
-from lagompy.breaker import BreakerRegistry
-from lagompy.client import ServiceClient, ServiceLocator
 from lagompy.errors import ServiceCallError
-from lagompy.readside_service import ReadSideComponent
-from lagompy.service import IdempotencyKey, Refs, Service, client, refs
+from lagompy.readside import ReadSideComponent
+from lagompy.service import (
+    BreakerRegistry,
+    IdempotencyKey,
+    Refs,
+    Service,
+    ServiceClient,
+    ServiceLocator,
+    client,
+    refs,
+)
 from lagompy.settings import JournalSettings
 
 log = logging.getLogger("examples.user_service")

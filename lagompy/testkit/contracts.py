@@ -2,7 +2,7 @@
 
 They are plain pytest classes without the ``Test`` prefix, so pytest does not collect them
 itself. Subclass one under a ``Test...`` name and provide the ``storage`` fixture: a **fresh,
-empty** :class:`~lagompy.storage.Storage` opened with :func:`contract_serializer` (the suites
+empty** :class:`~lagompy.journal.Storage` opened with :func:`contract_serializer` (the suites
 write their own small event and state types, defined in this module)::
 
     import pytest
@@ -62,10 +62,10 @@ from lagompy.errors import (
     SerializationError,
     WriteRefused,
 )
-from lagompy.journal import AtomicWrite, EventEnvelope, WriteResult
+from lagompy.journal._journal import AtomicWrite, EventEnvelope, WriteResult
+from lagompy.journal._snapshots import Snapshot, SnapshotToSave
+from lagompy.journal._storage import Storage
 from lagompy.serialization import Serializer, serializable
-from lagompy.snapshots import Snapshot, SnapshotToSave
-from lagompy.storage import Storage
 
 __all__ = [
     "CONTRACT_TYPES",
@@ -220,7 +220,7 @@ class StorageContract:
         """Override: a fresh, empty storage opened with :func:`contract_serializer`."""
         pytest.fail(
             f"{type(self).__name__} must provide the `storage` fixture: a fresh, empty "
-            "lagompy.storage.Storage opened with lagompy.testkit.contract_serializer()",
+            "lagompy.journal.Storage opened with lagompy.testkit.contract_serializer()",
             pytrace=False,
         )
         yield  # pragma: no cover - a generator fixture, like the overrides
@@ -1011,7 +1011,7 @@ class JournalContract(StorageContract):
 
 
 class SnapshotStoreContract(StorageContract):
-    """What every :class:`~lagompy.snapshots.SnapshotStore` backend must do."""
+    """What every :class:`~lagompy.journal.SnapshotStore` backend must do."""
 
     async def test_an_unknown_entity_has_no_snapshot(self, storage: Storage) -> None:
         s = storage.snapshots

@@ -24,8 +24,8 @@ from typing import Any, Generic, Literal, TypeVar
 from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity, reply_type_of
 from lagompy.errors import SerializationError, UnhandledCommand, UnhandledEvent
-from lagompy.processing import EntityProcessor, Request
-from lagompy.storage import Storage, open_storage
+from lagompy.journal._storage import Storage, open_storage
+from lagompy.runtime._processing import EntityProcessor, Request
 
 C = TypeVar("C")
 E = TypeVar("E")

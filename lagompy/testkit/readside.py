@@ -33,23 +33,21 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.closing import AsyncClosing
-from lagompy.database import Database
 from lagompy.entity import ShardedTag, Tag
-from lagompy.journal import AtomicWrite, EventEnvelope
-from lagompy.migrate import ensure_schema
-from lagompy.readside import (
+from lagompy.journal._journal import AtomicWrite, EventEnvelope
+from lagompy.journal._storage import Storage, open_storage
+from lagompy.readside._processor import (
     ProcessorArg,
-    ReadSideSettings,
-    ReadSideWorker,
     SqlReadSideProcessor,
     _instance,
-    projection_settings,
-    run_global_prepare,
     serializer_for_processors,
 )
+from lagompy.readside._settings import ReadSideSettings, projection_settings
+from lagompy.readside._worker import ReadSideWorker, run_global_prepare
 from lagompy.serialization import Serializer, serializable
 from lagompy.settings import JournalSettings
-from lagompy.storage import Storage, open_storage
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
 
 __all__ = [
     "CONTRACT_TAG",
@@ -177,7 +175,7 @@ class ReadSideTestDriver(AsyncClosing):
 
     async def offset(self, tag: str | None = None) -> int:
         """The stored offset of ``tag`` (default: the processor's only tag)."""
-        from lagompy.readside_store import OffsetStore
+        from lagompy.readside._store import OffsetStore
 
         tags = self.processor.tags()
         if tag is None:
@@ -303,7 +301,7 @@ class _Env:
             return [(int(a), str(b), int(c), int(d)) for a, b, c, d in result.all()]
 
     async def stored_offset(self) -> int:
-        from lagompy.readside_store import OffsetStore
+        from lagompy.readside._store import OffsetStore
 
         row = await OffsetStore(self.projection).row(CreditsProjection.name, CONTRACT_TAG)
         return 0 if row is None else row.offset
@@ -371,7 +369,7 @@ class ReadSideContract:
     async def test_recovery_after_a_failing_global_prepare(
         self, env: _Env, journal_settings: JournalSettings
     ) -> None:
-        from lagompy.readside import start_readside
+        from lagompy.readside._projections import start_readside
 
         await env.append("a", Credited("a", 7))
         CreditsProjection.failing_global_prepares = 2

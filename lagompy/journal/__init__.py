@@ -1,0 +1,49 @@
+"""The event journal: events and snapshots in SQL, and reading them back by offset.
+
+* :class:`Journal` (``_journal.py``): appends batches of :class:`AtomicWrite` in one transaction
+  (group commit), reads an entity's events and a tag's events in offset order; SQLite and
+  PostgreSQL.
+* :class:`SnapshotStore` (``_snapshots.py``): saved states of entities.
+* :func:`open_storage` (``_storage.py``): the journal and the snapshot store of one database,
+  sharing its connections, with lagompy's tables checked (or upgraded) on open.
+* :func:`read_pages`, :func:`tail`, :class:`EventTailer` (``_tailing.py``): every event after an
+  offset, once each, then the new ones as they commit (woken by PostgreSQL's NOTIFY through a
+  :class:`JournalNotifier`).
+
+It builds on :mod:`lagompy.sql` and knows nothing of Ray, shards or read sides: the runtime
+(:mod:`lagompy.runtime`) writes through it, the read sides (:mod:`lagompy.readside`) read it.
+"""
+
+from lagompy.journal._journal import AtomicWrite, EventEnvelope, Journal, TagPage, WriteResult
+from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
+from lagompy.journal._storage import Storage, open_storage, serializer_for
+from lagompy.journal._tailing import (
+    EventTailer,
+    JournalNotifier,
+    Subscription,
+    TailSettings,
+    WakeReason,
+    read_pages,
+    tail,
+)
+
+__all__ = [
+    "AtomicWrite",
+    "EventEnvelope",
+    "EventTailer",
+    "Journal",
+    "JournalNotifier",
+    "Snapshot",
+    "SnapshotStore",
+    "SnapshotToSave",
+    "Storage",
+    "Subscription",
+    "TagPage",
+    "TailSettings",
+    "WakeReason",
+    "WriteResult",
+    "open_storage",
+    "read_pages",
+    "serializer_for",
+    "tail",
+]

@@ -1,0 +1,149 @@
+"""The snapshot store: saved entity states, so recovery replays only the later events."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select, tuple_
+
+from lagompy.journal._journal import from_us, now_us
+from lagompy.serialization import Serializer
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+
+#: PostgreSQL: save snapshots ($2..$7, as arrays, in the order of ``_SNAPSHOT_ARRAYS``, written
+#: at $1), replacing any at the same (entity, seq_nr).
+_PG_SAVE = """
+INSERT INTO lagompy_snapshots (entity_type, entity_id, seq_nr, written_at_us, state_type,
+                               state_version, payload)
+SELECT u.t, u.i, u.s, $1, u.st, u.sv, u.p
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::int[], $7::bytea[])
+     AS u(t, i, s, st, sv, p)
+ON CONFLICT ON CONSTRAINT pk_lagompy_snapshots DO UPDATE
+SET written_at_us = EXCLUDED.written_at_us, state_type = EXCLUDED.state_type,
+    state_version = EXCLUDED.state_version, payload = EXCLUDED.payload
+"""
+_SNAPSHOT_ARRAYS = ("entity_type", "entity_id", "seq_nr", "state_type", "state_version", "payload")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A state of one entity as of sequence number ``seq_nr``."""
+
+    entity_type: str
+    entity_id: str
+    seq_nr: int
+    timestamp: datetime
+    state: Any
+
+
+@dataclass(frozen=True)
+class SnapshotToSave:
+    entity_type: str
+    entity_id: str
+    seq_nr: int
+    state: Any
+
+
+class SnapshotStore:
+    """Save, load and delete snapshots. A snapshot saved again at the same sequence number
+    replaces the earlier one."""
+
+    def __init__(self, database: Database, serializer: Serializer) -> None:
+        self.database = database
+        self.serializer = serializer
+
+    async def save(self, entity_type: str, entity_id: str, seq_nr: int, state: Any) -> None:
+        await self.save_many([SnapshotToSave(entity_type, entity_id, seq_nr, state)])
+
+    async def save_many(self, snapshots: Sequence[SnapshotToSave]) -> None:
+        """Save several snapshots in one transaction (overwriting any at the same seq nr)."""
+        if not snapshots:
+            return
+        # One snapshot per (entity, seq nr): the last one given wins.
+        snapshots = list({(s.entity_type, s.entity_id, s.seq_nr): s for s in snapshots}.values())
+        written_at = now_us()
+        rows = []
+        for s in snapshots:
+            type_name, version, payload = self.serializer.encode(s.state)
+            rows.append(
+                {
+                    "entity_type": s.entity_type,
+                    "entity_id": s.entity_id,
+                    "seq_nr": s.seq_nr,
+                    "written_at_us": written_at,
+                    "state_type": type_name,
+                    "state_version": version,
+                    "payload": payload,
+                }
+            )
+        if self.database.dialect == "postgresql":
+            # One statement on the journal's kept write connection, a transaction of its own:
+            # the shard hosts save snapshots after most batches, and SQLAlchemy's compiled
+            # DELETE + INSERT cost them ~2 ms of CPU and two round trips more each time.
+            columns = [[row[c] for row in rows] for c in _SNAPSHOT_ARRAYS]
+            async with self.database.raw_writer() as pg:
+                await pg.execute(_PG_SAVE, written_at, *columns)
+            return
+        t = schema.snapshots
+        keys = [(s.entity_type, s.entity_id, s.seq_nr) for s in snapshots]
+        async with self.database.write() as conn:
+            # Replace any snapshot at the same sequence number, in one statement.
+            await conn.execute(
+                delete(t).where(tuple_(t.c.entity_type, t.c.entity_id, t.c.seq_nr).in_(keys))
+            )
+            await conn.execute(insert(t), rows)
+
+    async def load(
+        self,
+        entity_type: str,
+        entity_id: str,
+        *,
+        max_seq_nr: int | None = None,
+        max_timestamp: datetime | None = None,
+    ) -> Snapshot | None:
+        """The latest snapshot at or below ``max_seq_nr`` and ``max_timestamp``, or ``None``.
+
+        Raises a ``SerializationError`` if the stored state cannot be decoded (recovery then
+        falls back to a full replay).
+        """
+        t = schema.snapshots
+        stmt = (
+            select(t.c.seq_nr, t.c.written_at_us, t.c.state_type, t.c.state_version, t.c.payload)
+            .where(t.c.entity_type == entity_type, t.c.entity_id == entity_id)
+            .order_by(t.c.seq_nr.desc())
+            .limit(1)
+        )
+        if max_seq_nr is not None:
+            stmt = stmt.where(t.c.seq_nr <= max_seq_nr)
+        if max_timestamp is not None:
+            stmt = stmt.where(t.c.written_at_us <= int(max_timestamp.timestamp() * 1_000_000))
+        async with self.database.read() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            return None
+        seq_nr, written_at_us, state_type, state_version, payload = row
+        state = self.serializer.decode(state_type, state_version, payload)
+        return Snapshot(entity_type, entity_id, seq_nr, from_us(written_at_us), state)
+
+    async def delete(
+        self,
+        entity_type: str,
+        entity_id: str,
+        *,
+        max_seq_nr: int | None = None,
+        max_timestamp: datetime | None = None,
+    ) -> int:
+        """Delete the entity's snapshots at or below the bounds (all when none are given)."""
+        t = schema.snapshots
+        stmt = delete(t).where(t.c.entity_type == entity_type, t.c.entity_id == entity_id)
+        if max_seq_nr is not None:
+            stmt = stmt.where(t.c.seq_nr <= max_seq_nr)
+        if max_timestamp is not None:
+            stmt = stmt.where(t.c.written_at_us <= int(max_timestamp.timestamp() * 1_000_000))
+        async with self.database.write() as conn:
+            result = await conn.execute(stmt)
+        return int(result.rowcount or 0)

@@ -1,0 +1,82 @@
+"""Open the journal and snapshot store for a set of entity classes.
+
+::
+
+    async with await open_storage("sqlite:///users.db", entities=[UserEntity]) as storage:
+        await storage.journal.events("user", "42")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lagompy.closing import AsyncClosing
+from lagompy.entity import PersistentEntity, reply_type_of, union_members
+from lagompy.journal._journal import Journal
+from lagompy.journal._snapshots import SnapshotStore
+from lagompy.serialization import Serializer
+from lagompy.settings import JournalSettings, make_settings
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
+
+
+def serializer_for(entities: Iterable[type[PersistentEntity[Any, Any, Any]]]) -> Serializer:
+    """A serializer that knows every command, event, state and reply type of these entities."""
+    serializer = Serializer()
+    for cls in entities:
+        cls.validate()
+        command_t, event_t, state_t = cls.message_types()
+        serializer.register(command_t)
+        serializer.register(event_t)
+        serializer.register(state_t)
+        for command_cls in union_members(command_t):
+            if isinstance(command_cls, type):
+                serializer.register(reply_type_of(command_cls))
+    return serializer
+
+
+@dataclass
+class Storage(AsyncClosing):
+    """The journal and the snapshot store of one database, sharing its connection pool."""
+
+    database: Database
+    serializer: Serializer
+    journal: Journal
+    snapshots: SnapshotStore
+
+    async def close(self) -> None:
+        await self.database.dispose()
+
+
+
+
+async def open_storage(
+    url: str | None = None,
+    *,
+    entities: Iterable[type[PersistentEntity[Any, Any, Any]]] = (),
+    serializer: Serializer | None = None,
+    settings: JournalSettings | None = None,
+    **overrides: Any,
+) -> Storage:
+    """Connect to the journal database (``url``, else ``LAGOMPY_JOURNAL_URL``, else
+    ``./lagompy.db``) and check that lagompy's tables are at this version's revision.
+
+    With ``auto_migrate`` (by default on SQLite) missing or outdated tables are created or
+    upgraded here; otherwise (by default on PostgreSQL) they raise ``ConfigurationError`` naming
+    the ``lagompy migrate`` command to run. See :mod:`lagompy.sql`.
+    """
+    if settings is None:
+        if url is not None:
+            overrides["url"] = url
+        settings = make_settings(JournalSettings, **overrides)
+    database = Database.create(settings)
+    serializer = serializer or serializer_for(entities)
+    journal = Journal(database, serializer)
+    try:
+        await ensure_schema(database)
+    except BaseException:
+        await database.dispose()
+        raise
+    return Storage(database, serializer, journal, SnapshotStore(database, serializer))

@@ -1,0 +1,754 @@
+"""Read the journal by global offset, in pages, and tail it live.
+
+Two ways to read events after an offset, both thin layers over
+:meth:`Journal.all_events <lagompy.journal.Journal.all_events>` and
+:meth:`Journal.events_by_tag <lagompy.journal.Journal.events_by_tag>`:
+
+* :func:`read_pages` reads what is there now, page by page, and stops (catch-up, rebuilds);
+* :class:`EventTailer` (built by :func:`tail`) never stops: after reading everything it waits
+  for new events and reads on, yielding each event once, in offset order.
+
+How a tailer learns that there is something new::
+
+    PostgreSQL                                       SQLite
+    writer transaction: ... pg_notify(...) COMMIT    writer transaction: ... COMMIT
+            │ (delivered at commit)                          (nothing to deliver)
+            ▼
+    JournalNotifier: ONE raw asyncpg connection
+    per process and database, LISTEN lagompy_events
+            │ fan-out: wake every subscribed tailer
+            ▼                                                ▼
+    EventTailer: re-query after its offset          EventTailer: re-query every poll_interval
+
+A tailer queries, yields the page, and only when a page comes back short does it wait: for a
+wake-up from the notifier or for its poll interval, whichever comes first. On PostgreSQL the
+poll is a slow safety net (``listen_poll_interval``) while the LISTEN connection is healthy;
+the notifier reconnects with capped exponential backoff when the connection is lost, and wakes
+every tailer when it goes down (they poll every ``poll_interval`` meanwhile) and again when it
+is back (they re-query, so events committed while it was down are read at once). No wake-up is
+ever needed for correctness: the query by offset is the source of truth, a wake-up only makes
+it happen sooner. The journal's ordering fence guarantees that reading by offset never skips an
+event that commits late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Self
+
+import asyncpg  # type: ignore[import-untyped,unused-ignore]
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lagompy.closing import AsyncClosing
+from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal
+from lagompy.sql._database import Database
+
+log = logging.getLogger("lagompy.tailing")
+
+__all__ = [
+    "EventTailer",
+    "JournalNotifier",
+    "Subscription",
+    "TailSettings",
+    "WakeReason",
+    "read_pages",
+    "tail",
+]
+
+#: Keys SQLAlchemy's asyncpg dialect accepts in a URL for itself, which ``asyncpg.connect``
+#: does not know.
+_SQLALCHEMY_ONLY_ARGS = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_creator_fn",
+    "async_fallback",
+)
+
+
+class TailSettings(BaseSettings):
+    """How tailers wait for new events. Environment prefix ``LAGOMPY_TAIL_`` (for example
+    ``LAGOMPY_TAIL_POLL_INTERVAL``). A keyword argument wins over the environment, which wins
+    over the default.
+
+    The notifier of a database (one per process) takes the settings of the tailer that created
+    it; the per-tailer settings (``page_size`` and the two poll intervals) are each tailer's own.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LAGOMPY_TAIL_", frozen=True, extra="forbid")
+
+    page_size: int = Field(default=500, ge=1, description="Events read per query.")
+    poll_interval: float = Field(
+        default=0.1,
+        gt=0,
+        description=(
+            "Seconds between queries while nothing wakes the tailer: always on SQLite, and on "
+            "PostgreSQL while the LISTEN connection is down (or listen is off)."
+        ),
+    )
+    listen: bool = Field(
+        default=True,
+        description=(
+            "On PostgreSQL, wake tailers with LISTEN/NOTIFY over one extra connection per "
+            "process. Turn it off where LISTEN cannot work (PgBouncer in transaction mode): "
+            "tailers then poll every poll_interval."
+        ),
+    )
+    listen_poll_interval: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Seconds between safety-net queries on PostgreSQL while the LISTEN connection is "
+            "healthy (a notification, not this poll, is what normally wakes a tailer)."
+        ),
+    )
+    listen_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds to wait for the LISTEN connection to connect or to answer a check.",
+    )
+    health_check_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "Seconds between health checks (SELECT 1) on an idle LISTEN connection; catches a "
+            "connection that died without closing (a lost network path)."
+        ),
+    )
+    reconnect_initial_delay: float = Field(
+        default=0.1,
+        gt=0,
+        description="Seconds before the second attempt to reconnect (the first is at once).",
+    )
+    reconnect_max_delay: float = Field(
+        default=5.0,
+        gt=0,
+        description="Cap of the exponential backoff between reconnection attempts.",
+    )
+    application_name: str = Field(
+        default="lagompy-listen",
+        min_length=1,
+        description="application_name of the LISTEN connection, as pg_stat_activity shows it.",
+    )
+
+    @model_validator(mode="after")
+    def _check_delays(self) -> Self:
+        if self.reconnect_max_delay < self.reconnect_initial_delay:
+            raise ValueError(
+                f"reconnect_max_delay ({self.reconnect_max_delay}) is below "
+                f"reconnect_initial_delay ({self.reconnect_initial_delay})"
+            )
+        return self
+
+
+class WakeReason(enum.Enum):
+    """Why a subscriber was woken."""
+
+    #: A NOTIFY arrived: some writer committed events (or :meth:`EventTailer.wake` was called).
+    NOTIFICATION = "notification"
+    #: The LISTEN connection is up (first connect or reconnect): events committed while it was
+    #: down sent no notification that reached us, so query now.
+    CONNECTED = "connected"
+    #: The LISTEN connection was lost: switch to polling until it is back.
+    DISCONNECTED = "disconnected"
+
+
+WakeCallback = Callable[[WakeReason], None]
+
+
+class Subscription:
+    """A registration with a :class:`JournalNotifier`; :meth:`close` it when done."""
+
+    def __init__(self, notifier: JournalNotifier, callback: WakeCallback) -> None:
+        self._notifier: JournalNotifier | None = notifier
+        self.callback = callback
+
+    @property
+    def closed(self) -> bool:
+        return self._notifier is None
+
+    def close(self) -> None:
+        """Stop receiving wake-ups (idempotent)."""
+        if self._notifier is not None:
+            self._notifier._subscribers.discard(self)
+            self._notifier = None
+
+
+# --------------------------------------------------------------------------- the notifier
+
+#: One notifier per event loop and database. asyncpg connections belong to one event loop, so
+#: the key includes it; a process normally runs one loop, so this is one per process.
+_notifiers: dict[tuple[asyncio.AbstractEventLoop, str], JournalNotifier] = {}
+#: Shutdowns started where nobody can await them (a tailer garbage-collected unclosed).
+_background: set[asyncio.Task[None]] = set()
+
+
+def _listen_connect_args(database: Database, settings: TailSettings) -> dict[str, Any]:
+    """Keyword arguments for ``asyncpg.connect``, derived from the database URL exactly as
+    SQLAlchemy derives its own (user, password and query parameters unescaped, several hosts)."""
+    _, opts = database.engine.dialect.create_connect_args(database.url)
+    kwargs = {k: v for k, v in opts.items() if k not in _SQLALCHEMY_ONLY_ARGS}
+    server_settings = dict(kwargs.pop("server_settings", None) or {})
+    server_settings["application_name"] = settings.application_name
+    kwargs["server_settings"] = server_settings
+    kwargs["timeout"] = settings.listen_timeout
+    return kwargs
+
+
+class JournalNotifier:
+    """The one LISTEN connection of this process to a PostgreSQL journal, fanned out.
+
+    Get it with :meth:`acquire` (reference-counted: every ``acquire`` needs one
+    :meth:`release`), then :meth:`subscribe` a callback that each notification calls. A
+    background task holds a raw asyncpg connection (SQLAlchemy pools have no LISTEN API, and a
+    pooled connection would keep its listeners when handed to someone else) that runs
+    ``LISTEN lagompy_events``. The journal sends ``pg_notify('lagompy_events', <highest
+    offset>)`` inside every write transaction, so the notification arrives when the events have
+    committed. The payload is informational: every notification means "query again".
+
+    When the connection is lost (the termination callback, or a failed health check), every
+    subscriber is woken with :attr:`WakeReason.DISCONNECTED`; the task reconnects at once (after
+    a backoff if the lost connection had lived less than ``health_check_interval``), then with
+    capped exponential backoff while attempts fail; once ``LISTEN`` runs again every subscriber
+    is woken with :attr:`WakeReason.CONNECTED`, so nothing committed in between is left waiting.
+
+    The channel is database-wide: journals in other schemas of the same database wake these
+    subscribers too. That costs a query, never an event.
+    """
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        description: str,
+        connect_args: dict[str, Any],
+        settings: TailSettings,
+    ) -> None:
+        self._key = key
+        self.description = description
+        self.settings = settings
+        self._connect_args = connect_args
+        self._loop = asyncio.get_running_loop()
+        self._references = 0
+        self._subscribers: set[Subscription] = set()
+        self._connection: Any = None
+        self._lost = asyncio.Event()
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._shutting_down = False
+        #: Successful connections (LISTEN running), the first one included.
+        self.connects = 0
+        #: Connections lost (terminated, or failing their health check).
+        self.disconnects = 0
+        #: Notifications received.
+        self.notifications = 0
+        #: The payload of the latest notification (the highest offset a writer committed).
+        self.last_payload: str | None = None
+        #: The server process id of the current LISTEN connection, None while down.
+        self.backend_pid: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def acquire(
+        cls, database: Database, settings: TailSettings | None = None
+    ) -> JournalNotifier:
+        """The notifier of ``database`` for this process (created and started if needed).
+
+        Does not wait for the connection: until it is up, subscribers poll, and they are
+        woken once it is. ``settings`` apply when this call creates the notifier.
+        """
+        if database.dialect != "postgresql":
+            raise ConfigurationError(
+                f"LISTEN/NOTIFY needs PostgreSQL; {database.describe()} is {database.dialect}"
+            )
+        loop = asyncio.get_running_loop()
+        for stale in [k for k in _notifiers if k[0].is_closed()]:
+            del _notifiers[stale]
+        key = database.url.render_as_string(hide_password=False)
+        notifier = _notifiers.get((loop, key))
+        if notifier is None:
+            settings = settings or TailSettings()
+            notifier = cls(
+                key=key,
+                description=database.describe(),
+                connect_args=_listen_connect_args(database, settings),
+                settings=settings,
+            )
+            _notifiers[(loop, key)] = notifier
+            notifier._task = loop.create_task(
+                notifier._run(), name=f"lagompy-listen {notifier.description}"
+            )
+            notifier._task.add_done_callback(notifier._on_task_done)
+        notifier._references += 1
+        return notifier
+
+    async def release(self) -> None:
+        """Give back one :meth:`acquire`; the last release closes the connection."""
+        if self._drop_reference():
+            await self._shutdown()
+
+    def _drop_reference(self) -> bool:
+        """One reference fewer; True when it was the last (the notifier is then unregistered)."""
+        if self._references <= 0:
+            return False
+        self._references -= 1
+        if self._references > 0:
+            return False
+        self._shutting_down = True
+        if _notifiers.get((self._loop, self._key)) is self:
+            del _notifiers[(self._loop, self._key)]
+        return True
+
+    def _release_soon(self) -> None:
+        """:meth:`release` for callers that cannot await (finalizers); any thread."""
+        if not self._drop_reference() or self._loop.is_closed():
+            return
+
+        def start() -> None:
+            task = self._loop.create_task(self._shutdown())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(start)
+
+    async def _shutdown(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            # asyncio.wait never raises the task's exception, and lets our own cancellation
+            # through.
+            await asyncio.wait([task])
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not a lost connection (those are retried): tailers go on polling.
+            log.error(
+                "the LISTEN task for %s stopped; tailers poll from now on",
+                self.description,
+                exc_info=task.exception(),
+            )
+            self._up.clear()
+            self._wake_all(WakeReason.DISCONNECTED)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def references(self) -> int:
+        """How many :meth:`acquire` calls are not released yet."""
+        return self._references
+
+    @property
+    def connected(self) -> bool:
+        """True while the LISTEN connection is up and listening."""
+        return self._up.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until the LISTEN connection is up; False if ``timeout`` seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def subscribe(self, callback: WakeCallback) -> Subscription:
+        """Call ``callback(reason)`` on every notification and connection change.
+
+        The callback runs in the event loop and must be quick and must not raise (set an
+        ``asyncio.Event``, bump a counter).
+        """
+        subscription = Subscription(self, callback)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def _wake_all(self, reason: WakeReason) -> None:
+        for subscription in list(self._subscribers):
+            try:
+                subscription.callback(reason)
+            except Exception:
+                log.exception("a journal notification subscriber raised")
+
+    # ------------------------------------------------------------------ the connection task
+
+    async def _open_connection(self) -> Any:
+        """Connect and LISTEN; the connection's loss sets ``self._lost``."""
+        connection = await asyncpg.connect(**self._connect_args)
+        try:
+            connection.add_termination_listener(self._on_terminated)
+            await connection.add_listener(NOTIFY_CHANNEL, self._on_notification)
+        except BaseException:
+            connection.terminate()
+            raise
+        return connection
+
+    def _on_notification(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        self.last_payload = payload
+        self._wake_all(WakeReason.NOTIFICATION)
+
+    def _on_terminated(self, connection: Any) -> None:
+        if connection is self._connection:
+            self._lost.set()
+
+    async def _run(self) -> None:
+        failures = 0  # consecutive failed or short-lived connections
+        while True:
+            if failures:
+                s = self.settings
+                delay = min(s.reconnect_max_delay, s.reconnect_initial_delay * 2 ** (failures - 1))
+                await asyncio.sleep(delay)
+            try:
+                connection = await self._open_connection()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                failures += 1
+                log.warning(
+                    "LISTEN connection to %s failed (attempt %d): %r; tailers poll meanwhile",
+                    self.description,
+                    failures,
+                    e,
+                )
+                continue
+            started = time.monotonic()
+            self._connection = connection
+            self._lost = asyncio.Event()
+            self.backend_pid = connection.get_server_pid()
+            self.connects += 1
+            self._up.set()
+            if self.connects > 1:
+                log.info("LISTEN connection to %s is back", self.description)
+            self._wake_all(WakeReason.CONNECTED)
+            try:
+                await self._watch(connection)
+            except asyncio.CancelledError:
+                self._shutting_down = True  # released, or the event loop is closing
+                raise
+            finally:
+                self._connection = None
+                self.backend_pid = None
+                self._up.clear()
+                if not self._shutting_down:
+                    self.disconnects += 1
+                    log.warning("LISTEN connection to %s lost; reconnecting", self.description)
+                    self._wake_all(WakeReason.DISCONNECTED)
+                if self._shutting_down:
+                    await _close_quietly(connection, self.settings.listen_timeout)
+                else:
+                    connection.terminate()  # lost or not answering: nothing to say goodbye to
+            stable = time.monotonic() - started >= self.settings.health_check_interval
+            failures = 0 if stable else failures + 1
+
+    async def _watch(self, connection: Any) -> None:
+        """Return when the connection is lost or fails a health check."""
+        s = self.settings
+        while not connection.is_closed():
+            try:
+                async with asyncio.timeout(s.health_check_interval):
+                    await self._lost.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                await connection.fetchval("SELECT 1", timeout=s.listen_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning(
+                    "LISTEN connection to %s failed its health check: %r", self.description, e
+                )
+                return
+
+
+async def _close_quietly(connection: Any, timeout: float) -> None:
+    if connection.is_closed():
+        return
+    try:
+        await connection.close(timeout=timeout)
+    except asyncio.CancelledError:
+        connection.terminate()
+        raise
+    except Exception:
+        connection.terminate()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+_Read = Callable[[int, int], Awaitable[list[EventEnvelope[Any]]]]
+
+
+def _reader(journal: Journal, tag: str | None) -> _Read:
+    """Read a page after an offset: ``read(after_offset, limit)``."""
+    if tag is None:
+        return lambda after, limit: journal.all_events(after_offset=after, limit=limit)
+    return lambda after, limit: journal.events_by_tag(tag, after_offset=after, limit=limit)
+
+
+async def read_pages(
+    journal: Journal,
+    *,
+    tag: str | None = None,
+    after_offset: int = 0,
+    page_size: int = 500,
+) -> AsyncIterator[list[EventEnvelope[Any]]]:
+    """The events after ``after_offset`` (all of them, or those carrying exactly ``tag``), in
+    offset order, one page (a list of up to ``page_size`` envelopes) at a time.
+
+    Stops after the first page that is not full: this reads what was committed by then (for a
+    catch-up or a rebuild). Each page is one short read transaction; nothing is held between
+    pages. To go on reading as events arrive, use :func:`tail`.
+    """
+    _check_arguments(after_offset, page_size)
+    read = _reader(journal, tag)
+    after = after_offset
+    while True:
+        page = await read(after, page_size)
+        if page:
+            yield page
+            after = page[-1].offset
+        if len(page) < page_size:
+            return
+
+
+def _check_arguments(after_offset: int, page_size: int) -> None:
+    if after_offset < 0:
+        raise ValueError(f"after_offset must be 0 or more, not {after_offset}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be 1 or more, not {page_size}")
+
+
+class EventTailer(AsyncClosing):
+    """Every event after an offset, in offset order, each once, then the new ones as they
+    commit; an endless async iterator. Build it with :func:`tail`.
+
+    ::
+
+        async with tail(journal, tag="user-events-0", after_offset=saved) as events:
+            async for envelope in events:
+                ...  # handle it; remember envelope.offset to resume from there
+
+    Use it as an async context manager, or call :meth:`close`: that releases its
+    subscription to the process's LISTEN connection (the last tailer's close closes the
+    connection). :meth:`close` from another task also ends a pending ``async for``.
+
+    A failing query raises out of the iteration (``JournalUnavailable`` when the database
+    cannot be reached); :attr:`offset` is where to resume with a new tailer.
+
+    Attributes for metrics: :attr:`offset`, :attr:`events_yielded`, :attr:`pages_read`,
+    :attr:`notify_wakeups`, :attr:`poll_wakeups`, :attr:`reconnect_wakeups`, :attr:`waiting`.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        tag: str | None = None,
+        after_offset: int = 0,
+        page_size: int | None = None,
+        poll_interval: float | None = None,
+        listen_poll_interval: float | None = None,
+        settings: TailSettings | None = None,
+    ) -> None:
+        settings = settings or TailSettings()
+        self.journal = journal
+        self.tag = tag
+        self.settings = settings
+        self.page_size = settings.page_size if page_size is None else page_size
+        self.poll_interval = settings.poll_interval if poll_interval is None else poll_interval
+        self.listen_poll_interval = (
+            settings.listen_poll_interval if listen_poll_interval is None else listen_poll_interval
+        )
+        _check_arguments(after_offset, self.page_size)
+        if self.poll_interval <= 0 or self.listen_poll_interval <= 0:
+            raise ValueError("poll intervals must be above 0 seconds")
+        #: The offset of the last event yielded (``after_offset`` before the first): resume here.
+        self.offset = after_offset
+        #: Events yielded so far.
+        self.events_yielded = 0
+        #: Queries run so far.
+        self.pages_read = 0
+        #: Wait ends caused by a notification (a writer committed) or by :meth:`wake`.
+        self.notify_wakeups = 0
+        #: Wait ends caused by the poll interval running out.
+        self.poll_wakeups = 0
+        #: Wait ends caused by the LISTEN connection going down or coming back.
+        self.reconnect_wakeups = 0
+        self._read = _reader(journal, tag)
+        self._fetched = after_offset  # the highest offset read into the buffer
+        self._buffer: deque[EventEnvelope[Any]] = deque()
+        self._must_wait = False  # the last page was short: wait before the next query
+        self._woken = asyncio.Event()
+        self._reason: WakeReason | None = None
+        self._in_wait = False
+        self._started = False
+        self._closed = False
+        self._notifier: JournalNotifier | None = None
+        self._subscription: Subscription | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def notifier(self) -> JournalNotifier | None:
+        """The LISTEN connection this tailer is woken by (None on SQLite, or listen off)."""
+        return self._notifier
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def waiting(self) -> bool:
+        """True while the tailer has read everything and waits (no wake-up pending)."""
+        return self._in_wait and not self._woken.is_set()
+
+    async def start(self) -> None:
+        """Subscribe to wake-ups (done by the first iteration or ``async with`` otherwise)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        database = self.journal.database
+        if database.dialect != "postgresql" or not self.settings.listen:
+            return
+        notifier = await JournalNotifier.acquire(database, self.settings)
+        if self._closed:  # closed by another task while acquiring
+            await notifier.release()
+            return
+        self._notifier = notifier
+        # A weak reference: the notifier must not keep an abandoned tailer alive (its
+        # finalizer gives the reference back).
+        tailer = weakref.ref(self)
+
+        def wake(reason: WakeReason) -> None:
+            live = tailer()
+            if live is not None:
+                live._on_wake(reason)
+
+        self._subscription = notifier.subscribe(wake)
+
+    async def close(self) -> None:
+        """Stop: a pending or later iteration ends; the notifier subscription is released."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        self._woken.set()
+        notifier, self._notifier = self._notifier, None
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        if notifier is not None:
+            await notifier.release()
+
+    def __del__(self) -> None:
+        # An unclosed tailer (an `async for` left with `break`) still gives its reference back.
+        subscription = getattr(self, "_subscription", None)
+        notifier = getattr(self, "_notifier", None)
+        if subscription is not None:
+            subscription.close()
+        if notifier is not None:
+            notifier._release_soon()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+
+    def wake(self) -> None:
+        """Query now instead of waiting (for example right after this process wrote)."""
+        self._on_wake(WakeReason.NOTIFICATION)
+
+    def _on_wake(self, reason: WakeReason) -> None:
+        self._reason = reason
+        self._woken.set()
+
+    # ------------------------------------------------------------------ iteration
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> EventEnvelope[Any]:
+        if not self._started:
+            await self.start()
+        while not self._buffer:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._must_wait:
+                await self._wait()
+                if self._closed:
+                    raise StopAsyncIteration
+            await self._fetch()
+        envelope = self._buffer.popleft()
+        self.offset = envelope.offset
+        self.events_yielded += 1
+        return envelope
+
+    async def _fetch(self) -> None:
+        # Cleared before the query: a wake-up that arrives while it runs is kept, and ends the
+        # next wait at once.
+        self._woken.clear()
+        self._reason = None
+        page = await self._read(self._fetched, self.page_size)
+        self.pages_read += 1
+        if self._closed:
+            return
+        self._buffer.extend(page)
+        if page:
+            self._fetched = page[-1].offset
+        self._must_wait = len(page) < self.page_size
+
+    def _current_poll_interval(self) -> float:
+        if self._notifier is not None and self._notifier.connected:
+            return self.listen_poll_interval
+        return self.poll_interval
+
+    async def _wait(self) -> None:
+        self._in_wait = True
+        try:
+            async with asyncio.timeout(self._current_poll_interval()):
+                await self._woken.wait()
+        except TimeoutError:
+            self.poll_wakeups += 1
+        else:
+            if self._reason is WakeReason.NOTIFICATION:
+                self.notify_wakeups += 1
+            elif self._reason is not None:
+                self.reconnect_wakeups += 1
+        finally:
+            self._in_wait = False
+        self._must_wait = False
+
+
+def tail(
+    journal: Journal,
+    *,
+    tag: str | None = None,
+    after_offset: int = 0,
+    page_size: int | None = None,
+    poll_interval: float | None = None,
+    listen_poll_interval: float | None = None,
+    settings: TailSettings | None = None,
+) -> EventTailer:
+    """Tail the journal: every event after ``after_offset`` (those carrying exactly ``tag``,
+    or all of them), in offset order, then each new one as it commits. See
+    :class:`EventTailer`; arguments left out come from ``settings`` (default
+    :class:`TailSettings`, read from ``LAGOMPY_TAIL_*``)."""
+    return EventTailer(
+        journal,
+        tag=tag,
+        after_offset=after_offset,
+        page_size=page_size,
+        poll_interval=poll_interval,
+        listen_poll_interval=listen_poll_interval,
+        settings=settings,
+    )

@@ -1,0 +1,101 @@
+"""Read sides: processors that tail the journal by offset and build SQL projections, exactly once.
+
+You write a :class:`SqlReadSideProcessor`: a ``name`` (its offset key), the ``tag`` (or sharded
+tag) it reads, ``entities`` (whose events it decodes), and handlers that write with the SQLAlchemy
+async connection they are given::
+
+    class UsersProjection(SqlReadSideProcessor):
+        name = "users"
+        tag = UserEntity.tag                 # sharded: one worker per tag shard
+        entities = (UserEntity,)
+
+        async def global_prepare(self, conn): ...   # CREATE TABLE IF NOT EXISTS ...
+        async def handle(self, conn, envelope): ...  # INSERT / UPDATE
+        async def reset(self, conn): ...             # DELETE FROM ... (for rebuilds)
+
+    async with await start_readside([UsersProjection], journal_url="sqlite:///app.db") as rs:
+        ...
+
+The path of an event, module by module:
+
+* ``_processor.py``: what a processor declares (:class:`ReadSideProcessor`) and its SQL hooks
+  (:class:`SqlReadSideProcessor`).
+* ``_worker.py``: one :class:`ReadSideWorker` per (processor, tag) holds that pair's lease, reads
+  the events after its stored offset in pages and commits each batch of handler writes *and*
+  the new offset in one transaction, fenced by the lease's epoch (at most one worker per
+  (processor, tag), exactly-once effect across crashes); then it waits for new events
+  (PostgreSQL's NOTIFY, or a short poll on SQLite) and reads on at once.
+* ``_store.py``: the offsets, leases, pause flags and failures in the projection database.
+* ``_projections.py``: the workers of this process (:func:`start_readside`), their status
+  (:class:`WorkerStatus`) and the operators' actions (:class:`Projections`: pause, resume, skip,
+  set an offset, rebuild); ``_settings.py``: :class:`ReadSideSettings`, which all of them read.
+* ``_ray.py``: the same workers as detached Ray actors (:func:`start_readside_on_ray`).
+* ``_component.py`` and ``_http.py``: a service's part (:class:`ReadSideComponent`: started
+  with the service, in ``/health/ready`` and ``/metrics``) and its status route
+  (:func:`readside_router`); ``_cli.py``: ``lagompy projections``.
+
+A handler that raises is retried with backoff; after ``max_attempts`` the worker either stops
+(``on_failure="stop"``: the row is paused with the failure, ``resume`` retries) or skips the event
+(``"skip"``: the offset moves past it without its writes). Every failure is logged with the
+processor, tag, offset, entity and sequence number and shows in :meth:`Projections.status`.
+
+The read sides build on :mod:`lagompy.journal`; :mod:`lagompy.service` hosts them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
+from lagompy.readside._projections import (
+    Failure,
+    Projections,
+    ReadSide,
+    WorkerStatus,
+    open_projections,
+    start_readside,
+)
+from lagompy.readside._ray import RayReadSide, start_readside_on_ray, stop_readside_on_ray
+from lagompy.readside._settings import ReadSideSettings, projection_settings
+from lagompy.readside._worker import ReadSideWorker
+
+if TYPE_CHECKING:
+    from lagompy.readside._component import ReadSideComponent
+    from lagompy.readside._http import readside_router
+
+#: Names whose modules import FastAPI, imported on first use: ``import lagompy`` (hence every
+#: shard host, read-side actor and ``lagompy`` command) does not load FastAPI.
+_ON_FIRST_USE = {
+    "ReadSideComponent": "lagompy.readside._component",
+    "readside_router": "lagompy.readside._http",
+}
+
+__all__ = [
+    "Failure",
+    "Projections",
+    "RayReadSide",
+    "ReadSide",
+    "ReadSideComponent",
+    "ReadSideProcessor",
+    "ReadSideSettings",
+    "ReadSideWorker",
+    "SqlReadSideProcessor",
+    "WorkerStatus",
+    "open_projections",
+    "projection_settings",
+    "readside_router",
+    "start_readside",
+    "start_readside_on_ray",
+    "stop_readside_on_ray",
+]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+
+    def __getattr__(name: str) -> Any:
+        module = _ON_FIRST_USE.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # found directly from now on
+        return value

@@ -1,0 +1,574 @@
+"""Read sides as a whole: their status (:class:`WorkerStatus`), the operations on them
+(:class:`Projections`: pause, resume, skip, set an offset, rebuild) and the workers of a process
+(:class:`ReadSide`, from :func:`start_readside`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from lagompy.closing import AsyncClosing
+from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import Journal, from_us, now_us
+from lagompy.readside._processor import (
+    ProcessorArg,
+    SqlReadSideProcessor,
+    _instance,
+    serializer_for_processors,
+)
+from lagompy.readside._settings import (
+    ReadSideSettings,
+    _journal_settings,
+    _settings,
+    projection_settings,
+)
+from lagompy.readside._store import (
+    FAILED,
+    GLOBAL_TAG,
+    SET_OFFSET_OWNER,
+    SKIP_OWNER,
+    STALLED,
+    OffsetRow,
+    OffsetStore,
+    check_offset,
+    unknown_offsets,
+)
+from lagompy.readside._worker import (
+    ReadSideWorker,
+    _Stopped,
+    _taken,
+    default_owner,
+    describe_error,
+    run_global_prepare,
+)
+from lagompy.serialization import Serializer
+from lagompy.settings import JournalSettings
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
+
+log = logging.getLogger("lagompy.readside")
+
+__all__ = [
+    "STUCK_STATES",
+    "Failure",
+    "Projections",
+    "ReadSide",
+    "WorkerStatus",
+    "open_projections",
+    "start_readside",
+]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The failure line of a (processor, tag): the last event it could not get past (or the
+    step it is stalled at), kept until the worker commits past ``offset``."""
+
+    error: str
+    #: The failing event's offset (for a stall: the offset the worker is stuck after).
+    offset: int | None
+    entity_type: str | None
+    entity_id: str | None
+    seq_nr: int | None
+    attempts: int | None
+    at: datetime | None
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One (processor, tag) as the projection database and the journal see it now."""
+
+    processor: str
+    tag: str
+    #: ``failed`` (stopped by an event it could not get past, until resumed or skipped: see
+    #: ``failure``), ``paused`` (by an operator), ``stalled`` (retrying something that keeps
+    #: failing: see ``failure``), ``stopped`` (no worker holds the lease), or what the worker
+    #: holding it does: ``running``, ``preparing``, ``retrying``, ``rebuilding``...
+    state: str
+    offset: int
+    #: The highest offset of the tag in the journal (None: the journal was not consulted).
+    head_offset: int | None
+    #: Events of the tag not handled yet; negative when the offset was forced past the head.
+    lag_events: int | None
+    #: Age of the oldest event not handled yet (0 when caught up).
+    lag_seconds: float | None
+    #: An operator paused it (a failure does not set this: see ``state``).
+    paused: bool
+    owner: str | None
+    epoch: int
+    events_per_s: float
+    skipped: int
+    failure: Failure | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.failure is not None and self.failure.at is not None:
+            out["failure"]["at"] = self.failure.at.isoformat()
+        return out
+
+
+def _state(row: OffsetRow) -> str:
+    if row.state == FAILED:
+        return FAILED
+    if row.paused:
+        return "paused"
+    if row.state == STALLED:
+        return STALLED
+    if not row.leased:
+        return "stopped"
+    return row.state
+
+
+#: The states in which a worker makes no progress by itself (readiness fails).
+STUCK_STATES = frozenset({FAILED, STALLED})
+
+
+async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, int, float]:
+    tg, ev = schema.event_tags, schema.events
+    head = select(func.max(tg.c.global_offset)).where(tg.c.tag == tag).scalar_subquery()
+    behind = (
+        select(func.count())
+        .select_from(tg)
+        .where(tg.c.tag == tag, tg.c.global_offset > offset)
+        .scalar_subquery()
+    )
+    first = (
+        select(func.min(tg.c.global_offset))
+        .where(tg.c.tag == tag, tg.c.global_offset > offset)
+        .scalar_subquery()
+    )
+    oldest = select(ev.c.written_at_us).where(ev.c.global_offset == first).scalar_subquery()
+    async with journal.read() as conn:
+        row = (await conn.execute(select(head, behind, oldest))).one()
+    lag_s = 0.0 if row[2] is None else max(0.0, (now_us() - int(row[2])) / 1e6)
+    head_offset = int(row[0] or 0)
+    # An offset forced past the head: negative, never a reassuring 0.
+    lag = int(row[1] or 0) if offset <= head_offset else head_offset - offset
+    return head_offset, lag, round(lag_s, 3)
+
+
+# --------------------------------------------------------------------------- management
+
+
+class Projections(AsyncClosing):
+    """Manage read sides from Python (the CLI and the HTTP route use it too): status, pause,
+    resume, set an offset, rebuild. ``journal`` is needed for the lag and for rebuilds."""
+
+    def __init__(
+        self,
+        projection: Database,
+        journal: Database | None = None,
+        *,
+        settings: ReadSideSettings | None = None,
+        owns: Sequence[Database] = (),
+    ) -> None:
+        self.projection = projection
+        self.journal = journal
+        self.settings = settings or _settings(None, {})
+        self.store = OffsetStore(projection)
+        self._owns = list(owns)
+
+    async def close(self) -> None:
+        for db in self._owns:
+            await db.dispose()
+        self._owns = []
+
+
+    async def status(self, processor: str | None = None) -> list[WorkerStatus]:
+        """Every (processor, tag) known in the projection database (or those of one
+        processor): offset, lag in events and seconds, state, events/s, last failure."""
+        rows = await self.store.rows(processor)
+        if processor is not None and not rows:
+            raise ConfigurationError(
+                f"no read-side processor {processor!r}: it has no offsets in the projection "
+                "database (a processor's rows appear when it first starts)"
+            )
+        out = []
+        for row in rows:
+            head = lag = None
+            lag_s: float | None = None
+            if self.journal is not None:
+                head, lag, lag_s = await _journal_lag(self.journal, row.tag, row.offset)
+            failure = None
+            if row.error is not None:
+                failure = Failure(
+                    row.error,
+                    row.error_offset,
+                    row.error_entity_type,
+                    row.error_entity_id,
+                    row.error_seq_nr,
+                    row.error_attempts,
+                    None if row.error_at_us is None else from_us(row.error_at_us),
+                )
+            state = _state(row)
+            out.append(
+                WorkerStatus(
+                    processor=row.processor,
+                    tag=row.tag,
+                    state=state,
+                    offset=row.offset,
+                    head_offset=head,
+                    lag_events=lag,
+                    lag_seconds=lag_s,
+                    paused=row.paused,
+                    owner=row.owner if row.leased else None,
+                    epoch=row.epoch,
+                    events_per_s=row.events_per_s if state == "running" else 0.0,
+                    skipped=row.skipped,
+                    failure=failure,
+                )
+            )
+        return out
+
+    async def pause(self, processor: str, tag: str | None = None) -> int:
+        """Pause every worker of ``processor`` (or one tag's): persisted, seen by the workers
+        within ``renew_interval``; returns how many (processor, tag) rows were paused."""
+        count = await self.store.set_paused(processor, tag, True)
+        log.info("read-side processor %r%s: paused by an operator", processor, _of_tag(tag))
+        return count
+
+    async def resume(self, processor: str, tag: str | None = None) -> int:
+        """Undo :meth:`pause`, and let a worker stopped by a failing event (``failed``) retry
+        it; returns how many (processor, tag) rows were resumed."""
+        count = await self.store.set_paused(processor, tag, False)
+        log.info("read-side processor %r%s: resumed by an operator", processor, _of_tag(tag))
+        return count
+
+    async def skip(self, processor: str, tag: str | None = None) -> int:
+        """Move every ``failed`` worker of ``processor`` (or ``tag``'s) past the event it is
+        stopped at, without its writes (counted in ``skipped``; the failure line stays,
+        marked as skipped, until the worker commits past it); the worker holding the lease
+        loses it and the next holder resumes after the event. Returns how many were skipped;
+        ``ConfigurationError`` when none is failed."""
+        owner = _operator(SKIP_OWNER)
+        skipped = await self.store.skip(processor, tag, owner=owner)
+        for row in skipped:
+            log.warning(
+                "read-side processor %r, tag %r: %r skipped the event at offset %s "
+                "(%s/%s sequence number %s) that stopped it: %s",
+                processor,
+                row.tag,
+                owner,
+                row.error_offset,
+                row.error_entity_type,
+                row.error_entity_id,
+                row.error_seq_nr,
+                row.error,
+            )
+        return len(skipped)
+
+    async def set_offset(
+        self, processor: str, tag: str, offset: int, *, force: bool = False
+    ) -> None:
+        """Make (processor, tag) resume after ``offset``. The worker holding its lease loses
+        it (it cannot commit any more) and the next holder starts from ``offset``; a
+        ``failed`` worker retries from there.
+
+        An offset beyond the tag's head in the journal is refused (the worker would pass
+        over every event up to it as they are written) unless ``force``: the status then
+        shows a negative lag until the journal gets there."""
+        check_offset(offset)
+        if tag == GLOBAL_TAG or await self.store.row(processor, tag) is None:
+            raise ConfigurationError(unknown_offsets(processor, tag))
+        if not force:
+            if self.journal is None:
+                raise ConfigurationError(
+                    "set_offset checks the offset against the tag's head in the journal: open "
+                    "Projections with the journal, or pass force=True"
+                )
+            head = (await _journal_lag(self.journal, tag, 0))[0]
+            if offset > head:
+                raise ConfigurationError(
+                    f"offset {offset} is beyond the head of tag {tag!r} in the journal "
+                    f"(offset {head}): the worker would pass over every event up to it as they "
+                    "are written; set it anyway with force=True (`--force`), the status then "
+                    "shows a negative lag"
+                )
+        owner = _operator(SET_OFFSET_OWNER)
+        before = await self.store.set_offset(processor, tag, offset, owner=owner)
+        log.warning(
+            "read-side processor %r, tag %r: %r set the offset from %d to %d%s",
+            processor,
+            tag,
+            owner,
+            before.offset,
+            offset,
+            f"; the lease of {before.owner!r} (epoch {before.epoch}) ends"
+            if before.leased
+            else "",
+        )
+
+    async def rebuild(
+        self,
+        processor: ProcessorArg,
+        *,
+        journal: Journal,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Empty the projection (``reset``) and replay every event of the processor's tags.
+
+        Takes every lease of the processor (running workers can no longer commit), runs
+        ``global_prepare`` and ``reset`` and zeroes the offsets in one transaction, replays
+        the tags concurrently, then releases the leases: running workers take them back and
+        go on live. ``progress(done, total)`` is called as events are handled. Returns the
+        number of events replayed."""
+        p = _instance(processor)
+        if not type(p).can_reset():
+            raise ConfigurationError(
+                f"read-side processor {p.name!r} defines no reset(conn): a rebuild needs it to "
+                "empty the projection before replaying"
+            )
+        tags = list(p.tags())
+        s = self.settings
+        owner = f"rebuild:{default_owner()}"
+        await self.store.ensure(p.name, [GLOBAL_TAG, *tags])
+        leases = []
+        for t in [GLOBAL_TAG, *tags]:
+            lease = await self.store.acquire(p.name, t, owner, s.lease_ttl, force=True)
+            assert lease is not None  # forced
+            level = logging.WARNING if lease.previous_live else logging.INFO
+            log.log(level, "read-side processor %r, tag %r: %s", p.name, t, _taken(lease))
+            leases.append(lease)
+        try:
+            async with self.projection.write() as conn:
+                await p.global_prepare(conn)  # the tables exist even if it never ran
+                await p.reset(conn)
+                await self.store.reset_offsets(conn, leases[1:])
+                await self.store.commit(conn, leases[0], 0, s.lease_ttl, state="prepared")
+        finally:
+            await self.store.release(leases[0], state="prepared")
+        total = 0
+        for t in tags:
+            total += (await _journal_lag(journal.database, t, 0))[1]
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        if progress is not None:
+            progress(0, total)
+        workers = [
+            ReadSideWorker(
+                p, t, journal=journal, projection=self.projection, settings=s, owner=owner
+            )
+            for t in tags
+        ]
+        await asyncio.gather(*(w.catch_up(force=True, progress=step) for w in workers))
+        return done
+
+
+async def open_projections(
+    *,
+    journal_url: str | None = None,
+    journal_settings: JournalSettings | None = None,
+    settings: ReadSideSettings | None = None,
+    with_journal: bool = True,
+    **overrides: Any,
+) -> Projections:
+    """:class:`Projections` on the projection database of these settings (and the journal's,
+    for lag and rebuilds, unless ``with_journal=False``); close it when done."""
+    settings = _settings(settings, overrides)
+    journal_settings = _journal_settings(journal_url, journal_settings)
+    projection = Database.create(projection_settings(journal_settings, settings))
+    owned = [projection]
+    journal_db = None
+    try:
+        await ensure_schema(projection)
+        if with_journal:
+            journal_db = Database.create(journal_settings)
+            owned.append(journal_db)
+    except BaseException:
+        for db in owned:
+            await db.dispose()
+        raise
+    return Projections(projection, journal_db, settings=settings, owns=owned)
+
+
+def _of_tag(tag: str | None) -> str:
+    return "" if tag is None else f", tag {tag!r}"
+
+
+def _operator(kind: str) -> str:
+    """The lease owner an operator's operation writes: ``set-offset:<host>:<pid>``..."""
+    return f"{kind}{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- in process
+
+
+class ReadSide(AsyncClosing):
+    """Read-side workers running in this process (one asyncio task per (processor, tag)).
+
+    Build it with :func:`start_readside`; close it (or use ``async with``) to stop the workers,
+    which release their leases."""
+
+    def __init__(
+        self,
+        processors: list[SqlReadSideProcessor],
+        *,
+        journal: Journal,
+        projection: Database,
+        settings: ReadSideSettings,
+        owned: Sequence[Database] = (),
+    ) -> None:
+        self.processors = processors
+        self.journal = journal
+        self.projection = projection
+        self.settings = settings
+        self.projections = Projections(projection, journal.database, settings=settings)
+        self.workers: list[ReadSideWorker] = []
+        self.global_prepares: dict[str, int] = {}
+        #: Processors whose global_prepare keeps failing (from max_attempts on): the error.
+        self.prepare_stalls: dict[str, str] = {}
+        self._owned = list(owned)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    def _start(self) -> None:
+        for p in self.processors:
+            workers = [
+                ReadSideWorker(
+                    p, t, journal=self.journal, projection=self.projection, settings=self.settings
+                )
+                for t in p.tags()
+            ]
+            self.workers += workers
+            self._tasks.append(
+                asyncio.create_task(self._run_processor(p, workers), name=f"readside {p.name}")
+            )
+
+    async def _run_processor(
+        self, processor: SqlReadSideProcessor, workers: list[ReadSideWorker]
+    ) -> None:
+        def stalled(error: str | None) -> None:
+            if error is None:
+                self.prepare_stalls.pop(processor.name, None)
+            else:
+                self.prepare_stalls[processor.name] = error
+
+        try:
+            attempts = await run_global_prepare(
+                processor, self.projection, self.settings, stop=self._stop, on_stall=stalled
+            )
+        except _Stopped:
+            return
+        self.global_prepares[processor.name] = attempts
+        async with asyncio.TaskGroup() as group:
+            for w in workers:
+                group.create_task(w.run(), name=f"readside {w.name} {w.tag}")
+
+    def worker(self, processor: str, tag: str) -> ReadSideWorker:
+        for w in self.workers:
+            if w.name == processor and w.tag == tag:
+                return w
+        raise ConfigurationError(f"no worker for processor {processor!r}, tag {tag!r}")
+
+    async def status(self, processor: str | None = None) -> list[WorkerStatus]:
+        return await self.projections.status(processor)
+
+    def problems(self) -> list[str]:
+        """What keeps processors of this process from making progress that the projection
+        database cannot show: a global_prepare that keeps failing, a task that died."""
+        found = [
+            f"read-side processor {name!r}: {error}" for name, error in self.prepare_stalls.items()
+        ]
+        for task in self._tasks:
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                found.append(f"{task.get_name()} ended: {describe_error(error)}")
+        return found
+
+    async def wait_until_caught_up(self, timeout: float = 30.0) -> None:
+        """Wait until every worker has handled every event its tag had when called (raises
+        ``TimeoutError`` after ``timeout`` seconds)."""
+        targets = []
+        for w in self.workers:
+            head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
+            targets.append((w, head))
+        async with asyncio.timeout(timeout):
+            while any(w.offset < head for w, head in targets):
+                for task in self._tasks:
+                    error = task.exception() if task.done() and not task.cancelled() else None
+                    if error is not None:
+                        raise error
+                for w, _ in targets:
+                    w.wake()
+                await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        """Stop every worker (after its current transaction) and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for w in self.workers:
+            await w.stop()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=30)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("a read-side task failed", exc_info=task.exception())
+        for db in self._owned:
+            await db.dispose()
+
+
+async def start_readside(
+    processors: Iterable[ProcessorArg],
+    *,
+    journal_url: str | None = None,
+    journal_settings: JournalSettings | None = None,
+    serializer: Serializer | None = None,
+    settings: ReadSideSettings | None = None,
+    **overrides: Any,
+) -> ReadSide:
+    """Start the processors' workers in this process and return at once: each processor runs
+    ``global_prepare`` (retried until it succeeds), then one worker per tag. Keyword
+    ``overrides`` set fields of :class:`ReadSideSettings` (``url=`` for a separate projection
+    database, ``max_batch=``, ``on_failure=``...)."""
+    instances = [_instance(p) for p in processors]
+    if not instances:
+        raise ConfigurationError("start_readside() needs at least one processor")
+    names = [p.name for p in instances]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"two read-side processors share a name: {sorted(names)}")
+    settings = _settings(settings, overrides)
+    journal_settings = _journal_settings(journal_url, journal_settings)
+    serializer = serializer or serializer_for_processors(instances)
+    from lagompy.journal._storage import open_storage
+
+    storage = await open_storage(settings=journal_settings, serializer=serializer)
+    projection = Database.create(projection_settings(journal_settings, settings))
+    try:
+        await ensure_schema(projection)
+        store = OffsetStore(projection)
+        for p in instances:
+            await store.ensure(p.name, [GLOBAL_TAG, *p.tags()])
+    except BaseException:
+        await projection.dispose()
+        await storage.close()
+        raise
+    readside = ReadSide(
+        instances,
+        journal=storage.journal,
+        projection=projection,
+        settings=settings,
+        owned=[projection, storage.database],
+    )
+    readside._start()
+    return readside

@@ -1,0 +1,408 @@
+"""Read-side workers on Ray: one named, detached actor per (app, processor, tag), replaced when
+it dies.
+
+::
+
+    readside = await start_readside_on_ray([UsersProjection], app="users", journal_url=url)
+    await readside.wait_until_caught_up()
+    print(await readside.status())
+    await readside.close()                    # detach; the workers go on running
+    await stop_readside_on_ray("users")       # stop them (they release their leases)
+
+The actors live in the app's Ray namespace (``lagompy-<app>``, beside its shard hosts) under
+the names ``readside:<processor>:<tag>``, with ``max_restarts=-1``: Ray restarts a worker whose
+process died, and the restarted worker (same name, hence same lease owner) takes its lease back
+at once and resumes after the stored offset. An actor killed for good is created again by
+:meth:`RayReadSide.ensure` (which the handle runs every ``supervise_interval`` seconds) or by
+the next :func:`start_readside_on_ray`. Two copies of a worker can briefly coexist after a node
+failure: the lease epoch keeps the stale one from committing. ``global_prepare`` runs in the
+calling process, under the processor's lease, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lagompy.closing import AsyncClosing
+from lagompy.errors import ConfigurationError
+from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
+from lagompy.readside._projections import Projections, WorkerStatus
+from lagompy.readside._settings import (
+    ReadSideSettings,
+    _journal_settings,
+    _settings,
+    projection_settings,
+)
+from lagompy.readside._worker import ReadSideWorker, run_global_prepare
+from lagompy.runtime._loading import check_importable, import_roots, resolve_class
+from lagompy.settings import JournalSettings, RuntimeSettings
+from lagompy.sql._database import Database, normalize_url
+from lagompy.sql._migrate import ensure_schema
+
+log = logging.getLogger("lagompy.readside_ray")
+
+__all__ = [
+    "RayReadSide",
+    "ReadSideWorkerActor",
+    "actor_name",
+    "start_readside_on_ray",
+    "stop_readside_on_ray",
+]
+
+ACTOR_PREFIX = "readside:"
+
+
+def actor_name(processor: str, tag: str) -> str:
+    return f"{ACTOR_PREFIX}{processor}:{tag}"
+
+
+class ReadSideWorkerActor:
+    """A :class:`~lagompy.readside.ReadSideWorker` in an actor process, on an event loop of its
+    own (a thread), started in ``__init__`` so that a restart by Ray restarts the worker."""
+
+    def __init__(
+        self,
+        processor_path: str,
+        tag: str,
+        journal: dict[str, Any],
+        readside: dict[str, Any],
+        owner: str,
+    ) -> None:
+        cls = resolve_class(processor_path)
+        self.processor: SqlReadSideProcessor = cls()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="lagompy-readside", daemon=True
+        )
+        self._thread.start()
+        self.worker: ReadSideWorker = self._call(
+            self._open(JournalSettings(**journal), ReadSideSettings(**readside), tag, owner)
+        )
+        self._running: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
+            self.worker.run(), self._loop
+        )
+
+    def _call(self, coroutine: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _open(
+        self,
+        journal: JournalSettings,
+        settings: ReadSideSettings,
+        tag: str,
+        owner: str,
+    ) -> ReadSideWorker:
+        from lagompy.journal._storage import open_storage
+
+        serializer = serializer_for_processors([self.processor])
+        self._storage = await open_storage(settings=journal, serializer=serializer)
+        self._projection = Database.create(projection_settings(journal, settings))
+        await ensure_schema(self._projection)
+        return ReadSideWorker(
+            self.processor,
+            tag,
+            journal=self._storage.journal,
+            projection=self._projection,
+            settings=settings,
+            owner=owner,
+        )
+
+    def ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "owner": self.worker.owner}
+
+    def status(self) -> dict[str, Any]:
+        w = self.worker
+        error = None
+        if self._running.done() and not self._running.cancelled():
+            failure = self._running.exception()
+            error = None if failure is None else repr(failure)
+        return {
+            "processor": w.name,
+            "tag": w.tag,
+            "owner": w.owner,
+            "pid": os.getpid(),
+            "state": w.state,
+            "offset": w.offset,
+            "events_handled": w.events_handled,
+            "transactions": w.transactions,
+            "failures": w.failures,
+            "last_error": w.last_error or error,
+            "events_per_s": w.events_per_s,
+        }
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker (it releases its lease) and close its connections."""
+        self._call(self.worker.stop())
+        with contextlib.suppress(Exception):
+            self._running.result(timeout)
+        self._call(self._close())
+
+    async def _close(self) -> None:
+        await self._projection.dispose()
+        await self._storage.close()
+
+
+class RayReadSide(AsyncClosing):
+    """The read-side workers of some processors on Ray, as seen from this process."""
+
+    def __init__(
+        self,
+        app: str,
+        specs: list[tuple[str, str, str]],
+        create: Any,
+        projections: Projections,
+        *,
+        owns_ray: bool,
+        supervise_interval: float | None,
+    ) -> None:
+        self.app = app
+        #: (processor name, tag, actor name) of every worker.
+        self.specs = specs
+        self._create = create
+        self.projections = projections
+        self._owns_ray = owns_ray
+        self._closed = False
+        self._supervisor: asyncio.Task[None] | None = None
+        if supervise_interval is not None:
+            self._supervisor = asyncio.create_task(self._supervise(supervise_interval))
+
+    @property
+    def namespace(self) -> str:
+        from lagompy.runtime._ray import namespace_of
+
+        return namespace_of(self.app)
+
+    def handles(self) -> dict[str, Any]:
+        """The live actor handle of every worker (missing ones are left out)."""
+        import ray
+
+        out = {}
+        for _, _, name in self.specs:
+            with contextlib.suppress(ValueError):
+                out[name] = ray.get_actor(name, namespace=self.namespace)
+        return out
+
+    async def ensure(self) -> int:
+        """Create every worker actor that does not exist (killed for good); returns how many
+        were created."""
+        present = self.handles()
+        missing = [spec for spec in self.specs if spec[2] not in present]
+        for processor, tag, _ in missing:
+            log.warning(
+                "read-side worker %s/%s of app %r is gone: replacing it", processor, tag, self.app
+            )
+            handle = self._create(processor, tag)
+            await handle.ping.remote()
+        return len(missing)
+
+    async def _supervise(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ensure()
+            except Exception:
+                log.exception("supervising the read-side workers of app %r failed", self.app)
+
+    async def worker_stats(self) -> list[dict[str, Any]]:
+        """What each worker actor reports from memory (state, offset, events handled...)."""
+        handles = self.handles()
+        results = await asyncio.gather(
+            *(h.status.remote() for h in handles.values()), return_exceptions=True
+        )
+        return [
+            r if not isinstance(r, BaseException) else {"actor": n, "error": repr(r)}
+            for n, r in zip(handles, results, strict=True)
+        ]
+
+    async def status(self, processor: str | None = None) -> list[WorkerStatus]:
+        return await self.projections.status(processor)
+
+    async def wait_until_caught_up(self, timeout: float = 60.0) -> None:
+        """Wait until every worker's stored offset reaches its tag's head at the time of the
+        call (``TimeoutError`` after ``timeout`` seconds)."""
+        ours = {(p, t) for p, t, _ in self.specs}
+        targets = {
+            (s.processor, s.tag): s.head_offset or 0
+            for s in await self.projections.status()
+            if (s.processor, s.tag) in ours
+        }
+        async with asyncio.timeout(timeout):
+            while True:
+                rows = await self.projections.store.rows()
+                offsets = {(r.processor, r.tag): r.offset for r in rows}
+                if all(offsets.get(k, 0) >= head for k, head in targets.items()):
+                    return
+                await asyncio.sleep(0.02)
+
+    async def close(self, *, stop: bool = False) -> None:
+        """Detach from the workers (they go on running); ``stop=True`` stops them first."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if stop:
+            await stop_readside_on_ray(self.app, [p for p, _, _ in self.specs])
+        await self.projections.close()
+        if self._owns_ray:
+            from lagompy.runtime._ray import _release_ray
+
+            _release_ray()
+
+
+
+
+async def start_readside_on_ray(
+    processors: Iterable[type[SqlReadSideProcessor]],
+    *,
+    app: str = "default",
+    journal_url: str | None = None,
+    journal_settings: JournalSettings | None = None,
+    settings: ReadSideSettings | None = None,
+    runtime_settings: RuntimeSettings | None = None,
+    supervise_interval: float | None = 5.0,
+    start_timeout: float = 60.0,
+    **overrides: Any,
+) -> RayReadSide:
+    """Run ``global_prepare`` of each processor here, then get or create one worker actor per
+    (processor, tag) in the app's namespace, and wait until they answer. Processor classes must
+    be importable by module name in Ray's workers (not defined in ``__main__``); each worker
+    decodes events with the processor's ``entities`` and ``event_types``."""
+    classes = list(processors)
+    if not classes:
+        raise ConfigurationError("start_readside_on_ray() needs at least one processor class")
+    paths = []
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, SqlReadSideProcessor)):
+            raise ConfigurationError(
+                f"start_readside_on_ray() takes SqlReadSideProcessor classes, got {cls!r}"
+            )
+        cls.validate()
+        paths.append(check_importable(cls, "read-side processor class"))
+    names = [c.name for c in classes]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"two read-side processors share a name: {sorted(names)}")
+    settings = _settings(settings, overrides)
+    journal_settings = _journal_settings(journal_url, journal_settings)
+    instances = [cls() for cls in classes]
+    serializer_for_processors(instances)  # fail here, not in the actors
+    projection = Database.create(projection_settings(journal_settings, settings))
+    journal_db = Database.create(journal_settings)
+    projections = Projections(
+        projection, journal_db, settings=settings, owns=[projection, journal_db]
+    )
+    try:
+        await ensure_schema(projection)
+        for p in instances:
+            await run_global_prepare(p, projection, settings, timeout=settings.prepare_timeout)
+    except BaseException:
+        await projections.close()
+        raise
+
+    from lagompy.runtime._ray import _ensure_ray, _release_ray, namespace_of
+
+    owns_ray = _ensure_ray(runtime_settings or RuntimeSettings(**{}))
+    try:
+        import ray
+
+        namespace = namespace_of(app)
+        journal = journal_settings.model_dump()
+        journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)
+        readside = settings.model_dump()
+        roots = import_roots([*classes, *(e for c in classes for e in c.entities)])
+        existing = os.environ.get("PYTHONPATH")
+        pythonpath = os.pathsep.join([*roots, *([existing] if existing else [])])
+        by_name = {c.name: path for c, path in zip(classes, paths, strict=True)}
+        actor_cls: Any = ray.remote(ReadSideWorkerActor)
+
+        def create(processor: str, tag: str) -> Any:
+            name = actor_name(processor, tag)
+            return actor_cls.options(
+                name=name,
+                namespace=namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,
+                max_task_retries=0,
+                num_cpus=0,
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
+            ).remote(by_name[processor], tag, journal, readside, f"ray:{app}/{name}")
+
+        specs = [(c.name, t, actor_name(c.name, t)) for c in classes for t in c.tags()]
+        handles = [create(p, t) for p, t, _ in specs]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(h.ping.remote() for h in handles)), start_timeout
+            )
+        except TimeoutError:
+            raise ConfigurationError(
+                f"the read-side workers of app {app!r} did not answer within {start_timeout} s"
+            ) from None
+        except ray.exceptions.RayActorError as e:
+            await stop_readside_on_ray(app, names)
+            raise ConfigurationError(
+                f"a read-side worker of app {app!r} could not start: {e}"
+            ) from e
+    except BaseException:
+        await projections.close()
+        if owns_ray:
+            _release_ray()
+        raise
+    return RayReadSide(
+        app,
+        specs,
+        create,
+        projections,
+        owns_ray=owns_ray,
+        supervise_interval=supervise_interval,
+    )
+
+
+async def stop_readside_on_ray(
+    app: str, processors: Sequence[str] | None = None, *, timeout: float = 10.0
+) -> int:
+    """Stop the read-side worker actors of ``app`` (of the named processors, or all): each
+    releases its lease, then the actor is killed. Returns how many were stopped."""
+    import ray
+
+    from lagompy.runtime._ray import namespace_of
+
+    namespace = namespace_of(app)
+    prefixes = [ACTOR_PREFIX] if processors is None else [f"{ACTOR_PREFIX}{p}:" for p in processors]
+    names = [
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace and any(entry["name"].startswith(p) for p in prefixes)
+    ]
+    handles = []
+    for name in names:
+        with contextlib.suppress(ValueError):
+            handles.append((name, ray.get_actor(name, namespace=namespace)))
+    if handles:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(h.stop.remote() for _, h in handles), return_exceptions=True),
+                timeout,
+            )
+        except TimeoutError:
+            log.warning("read-side workers of app %r did not stop within %s s", app, timeout)
+    for _, handle in handles:
+        ray.kill(handle, no_restart=True)
+    deadline = asyncio.get_running_loop().time() + timeout
+    for name, _ in handles:
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break
+            await asyncio.sleep(0.05)
+    return len(handles)

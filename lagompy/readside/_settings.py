@@ -1,0 +1,158 @@
+"""Read-side settings (:class:`ReadSideSettings`) and where they come from: the projection
+database's connection settings (:func:`projection_settings`) and the journal's."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lagompy.errors import ConfigurationError
+from lagompy.settings import JournalSettings, make_settings
+
+__all__ = [
+    "ReadSideSettings",
+    "projection_settings",
+]
+
+
+class ReadSideSettings(BaseSettings):
+    """How read-side workers connect, batch, hold leases and handle failures. Environment prefix
+    ``LAGOMPY_READSIDE_`` (for example ``LAGOMPY_READSIDE_URL``, ``LAGOMPY_READSIDE_MAX_BATCH``).
+    A keyword argument wins over the environment, which wins over the default."""
+
+    model_config = SettingsConfigDict(env_prefix="LAGOMPY_READSIDE_", frozen=True, extra="forbid")
+
+    url: str | None = Field(
+        None,
+        description=(
+            "The projection database (sqlite:///... or postgresql://...): projections and the "
+            "read side's offsets live there. None: the journal's database."
+        ),
+    )
+    postgres_schema: str | None = Field(
+        None,
+        description="PostgreSQL schema of the projection database (None: the journal's, "
+        "when url is None).",
+    )
+    pool_size: int = Field(2, ge=1, description="Projection connections kept open per process.")
+    auto_migrate: bool | None = Field(
+        None,
+        description=(
+            "Create lagompy's tables in the projection database when it opens. None: as the "
+            "journal's auto_migrate (yes on SQLite, no on PostgreSQL: run `lagompy migrate "
+            "--url <projection db>`)."
+        ),
+    )
+    max_batch: int = Field(
+        500, ge=1, description="Most events read per query and committed per transaction."
+    )
+    max_batch_seconds: float = Field(
+        0.5,
+        gt=0,
+        description=(
+            "A transaction of per-event handlers commits once its handlers have run this long, "
+            "even short of max_batch events."
+        ),
+    )
+    lease_ttl: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Seconds a worker's lease lasts without renewal; then another worker may take it. "
+            "Every commit and every renewal extends it."
+        ),
+    )
+    renew_interval: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "Seconds between lease renewals of an idle worker; also how soon a worker sees a "
+            "pause or a resume, and how often a waiting worker tries to get a lease."
+        ),
+    )
+    poll_interval: float = Field(
+        0.05,
+        gt=0,
+        description=(
+            "Seconds between queries of an idle worker on SQLite (and on PostgreSQL while the "
+            "LISTEN connection is down)."
+        ),
+    )
+    listen: bool = Field(
+        True, description="On PostgreSQL, wake idle workers with the journal's NOTIFY."
+    )
+    listen_poll_interval: float = Field(
+        2.0, gt=0, description="Safety-net query interval while LISTEN is up (PostgreSQL)."
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Tries of a failing handler (or of decoding an event) before on_failure applies; "
+            "also how many failed tries of reading the journal or of prepare make a worker "
+            "show as stalled."
+        ),
+    )
+    retry_initial_delay: float = Field(
+        0.1, ge=0, description="Seconds before the second try; doubled for each next one."
+    )
+    retry_max_delay: float = Field(5.0, ge=0, description="Cap of the delay between tries.")
+    on_failure: Literal["stop", "skip"] = Field(
+        "stop",
+        description=(
+            "After max_attempts at one event (its handler keeps failing, or it cannot be "
+            "decoded): 'stop' marks the worker failed, with the failure in its status, until "
+            "an operator resumes (the event is retried) or skips it; 'skip' moves the offset "
+            "past the event without its writes (counted as skipped in the status)."
+        ),
+    )
+    prepare_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds start_readside_on_ray waits for global_prepare to succeed.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.renew_interval >= self.lease_ttl:
+            raise ValueError(
+                f"renew_interval ({self.renew_interval}) must be below lease_ttl "
+                f"({self.lease_ttl}), or leases expire between renewals"
+            )
+        return self
+
+
+def _settings(settings: ReadSideSettings | None, overrides: dict[str, Any]) -> ReadSideSettings:
+    if settings is not None and not overrides:
+        return settings
+    return make_settings(ReadSideSettings, settings, **overrides)
+
+
+def projection_settings(journal: JournalSettings, settings: ReadSideSettings) -> JournalSettings:
+    """Connection settings of the projection database: ``settings.url`` (and its schema), or
+    the journal's database when it is None."""
+    same = settings.url is None
+    values: dict[str, Any] = {
+        "url": journal.url if same else settings.url,
+        "postgres_schema": (settings.postgres_schema or journal.postgres_schema)
+        if same
+        else settings.postgres_schema,
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.pool_size,
+        "auto_migrate": (
+            journal.auto_migrate if settings.auto_migrate is None else settings.auto_migrate
+        ),
+        "sqlite_busy_timeout_ms": journal.sqlite_busy_timeout_ms,
+        "lock_timeout_ms": journal.lock_timeout_ms,
+    }
+    return make_settings(JournalSettings, **values)
+
+
+def _journal_settings(url: str | None, settings: JournalSettings | None) -> JournalSettings:
+    if settings is not None:
+        if url is not None:
+            raise ConfigurationError("pass journal_url or journal_settings, not both")
+        return settings
+    return make_settings(JournalSettings, **({} if url is None else {"url": url}))

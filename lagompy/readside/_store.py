@@ -1,0 +1,545 @@
+"""The read side's bookkeeping in the projection database: offsets, leases, pause flags, failures.
+
+One row of ``lagompy_readside_offsets`` per (processor, tag) (see ``lagompy/sql/_schema.py``).
+A worker *acquires* the row's lease: the row gets its name as ``owner``, ``epoch + 1`` and an
+expiry. From then on every write the worker makes to the row is conditioned on ``epoch`` still
+being the one it got, and the offset update runs in the same transaction as the handlers' writes::
+
+    BEGIN
+      handler writes ...
+      UPDATE lagompy_readside_offsets SET last_offset = :o, lease_expires_us = :now + ttl, ...
+       WHERE processor = :p AND tag = :t AND epoch = :mine  RETURNING paused
+      -- no row: another worker took the lease -> LeaseLost, ROLLBACK (handler writes too)
+    COMMIT
+
+A worker whose lease was taken (it stalled past the expiry, or an operator forced a rebuild or a
+new offset) therefore cannot commit anything any more, whatever it still believes: fencing by
+epoch, not a lock held on a pooled connection. The expiry only decides when another worker may
+*take* the lease, so clocks that disagree cost time, never correctness. Whoever takes a lease
+writes its name as the owner (operators' operations too: ``set-offset:<host>:<pid>``,
+``skip:...``, ``rebuild:...``), so the worker that lost it and the one that takes it next can
+say who it was.
+
+Two flags stop a worker, and they stay apart: ``paused`` is an operator's pause;
+``state = 'failed'`` is a worker stopped by an event it could not get past (its handler kept
+failing, or it cannot be decoded), with the failure in the ``error*`` columns. A worker's own
+writes never overwrite ``failed`` (only ``resume``, ``skip``, ``set-offset``, a rebuild, or a
+commit past the failing event clear it), so it survives restarts like a pause does. The
+``error*`` columns hold the last failure until the worker commits past its offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from sqlalchemy import and_, case, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy.errors import ConfigurationError, LeaseLost
+from lagompy.journal._journal import now_us
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+
+__all__ = [
+    "FAILED",
+    "GLOBAL_TAG",
+    "STALLED",
+    "Flags",
+    "Lease",
+    "OffsetRow",
+    "OffsetStore",
+    "check_offset",
+    "describe_owner",
+    "unknown_offsets",
+]
+
+#: The tag of a processor's own row: its lease is held while ``global_prepare`` runs.
+GLOBAL_TAG = "*"
+
+#: The state of a worker stopped by an event it could not get past (persisted until cleared).
+FAILED = "failed"
+#: The state of a worker that keeps failing at something that is not one event (reading the
+#: journal, ``prepare``) and retries on its own.
+STALLED = "stalled"
+
+#: Owner-name prefixes of the operations that take a lease from the worker holding it.
+SET_OFFSET_OWNER = "set-offset:"
+SKIP_OWNER = "skip:"
+REBUILD_OWNER = "rebuild:"
+
+_T = schema.readside_offsets
+
+#: The failure columns, cleared.
+_NO_FAILURE: dict[str, Any] = {
+    "error": None,
+    "error_offset": None,
+    "error_entity_type": None,
+    "error_entity_id": None,
+    "error_seq_nr": None,
+    "error_attempts": None,
+    "error_at_us": None,
+}
+
+
+def describe_owner(owner: str | None) -> str:
+    """Who a lease owner is, for logs and errors: an operator's set-offset or skip, a rebuild,
+    or another worker."""
+    if owner is None:
+        return "nobody (the lease was released)"
+    if owner.startswith(SET_OFFSET_OWNER):
+        return f"an operator's set-offset ({owner!r})"
+    if owner.startswith(SKIP_OWNER):
+        return f"an operator's skip ({owner!r})"
+    if owner.startswith(REBUILD_OWNER):
+        return f"a rebuild ({owner!r})"
+    return f"another worker ({owner!r})"
+
+
+class Flags(NamedTuple):
+    """What a fenced write of a worker learns from its row."""
+
+    #: An operator paused the worker.
+    paused: bool
+    #: The worker is stopped by a failing event (until resume, skip or set-offset).
+    failed: bool
+
+    @property
+    def hold(self) -> bool:
+        """True when the worker must not handle events."""
+        return self.paused or self.failed
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on one (processor, tag): valid while the row's epoch is ``epoch``."""
+
+    processor: str
+    tag: str
+    owner: str
+    epoch: int
+    #: The stored offset when the lease was taken: the worker resumes after it.
+    offset: int
+    paused: bool
+    #: The row's state when the lease was taken (``failed``: stopped by a failing event).
+    state: str = "idle"
+    #: The offset of the row's failure line, if it has one (it clears once committed past).
+    error_offset: int | None = None
+    #: Who held the lease before (None: nobody), and whether that lease was still live.
+    previous_owner: str | None = None
+    previous_live: bool = False
+
+    @property
+    def flags(self) -> Flags:
+        return Flags(self.paused, self.state == FAILED)
+
+
+@dataclass(frozen=True)
+class OffsetRow:
+    """One (processor, tag) row as stored."""
+
+    processor: str
+    tag: str
+    offset: int
+    owner: str | None
+    epoch: int
+    lease_expires_us: int
+    paused: bool
+    state: str
+    events_per_s: float
+    updated_us: int
+    skipped: int
+    error: str | None
+    error_offset: int | None
+    error_entity_type: str | None
+    error_entity_id: str | None
+    error_seq_nr: int | None
+    error_attempts: int | None
+    error_at_us: int | None
+
+    @property
+    def leased(self) -> bool:
+        """True while some worker holds an unexpired lease."""
+        return self.owner is not None and self.lease_expires_us > now_us()
+
+
+def _fresh_row(processor: str, tag: str) -> dict[str, Any]:
+    return {
+        "processor": processor,
+        "tag": tag,
+        "last_offset": 0,
+        "owner": None,
+        "epoch": 0,
+        "lease_expires_us": 0,
+        "paused": False,
+        "state": "idle",
+        "events_per_s": 0.0,
+        "updated_us": now_us(),
+        "skipped": 0,
+    }
+
+
+def check_offset(offset: object) -> int:
+    """``offset`` if it is a usable offset (an int >= 0), else a ``ConfigurationError``."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ConfigurationError(f"an offset must be an integer >= 0, got {offset!r}")
+    return offset
+
+
+def _check_name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise ConfigurationError(
+            f"a read-side {what} must be a non-empty string of at most 255 characters, "
+            f"got {value!r}"
+        )
+    return value
+
+
+class OffsetStore:
+    """Reads and writes ``lagompy_readside_offsets`` in one projection database."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # ------------------------------------------------------------------ rows
+
+    async def ensure(self, processor: str, tags: list[str]) -> None:
+        """Create the missing rows (offset 0, no lease, not paused)."""
+        _check_name("processor name", processor)
+        for t in tags:
+            _check_name("tag", t)
+        insert = postgresql.insert if self.database.dialect == "postgresql" else sqlite.insert
+        rows = [_fresh_row(processor, t) for t in tags]
+        if not rows:
+            return
+        async with self.database.write() as conn:
+            await conn.execute(insert(_T).on_conflict_do_nothing(), rows)
+
+    async def rows(self, processor: str | None = None) -> list[OffsetRow]:
+        """Every row (of ``processor``), ordered by processor and tag; not the ``*`` rows."""
+        stmt = select(_T).where(_T.c.tag != GLOBAL_TAG).order_by(_T.c.processor, _T.c.tag)
+        if processor is not None:
+            stmt = stmt.where(_T.c.processor == processor)
+        async with self.database.read() as conn:
+            result = (await conn.execute(stmt)).mappings().all()
+        return [_row(r) for r in result]
+
+    async def row(self, processor: str, tag: str) -> OffsetRow | None:
+        stmt = select(_T).where(_T.c.processor == processor, _T.c.tag == tag)
+        async with self.database.read() as conn:
+            found = (await conn.execute(stmt)).mappings().first()
+        return None if found is None else _row(found)
+
+    # ------------------------------------------------------------------ leases
+
+    async def acquire(
+        self, processor: str, tag: str, owner: str, ttl: float, *, force: bool = False
+    ) -> Lease | None:
+        """Take the lease if it is free, expired or already ``owner``'s (``force``: whoever
+        holds it); None if another worker holds it. Bumps the epoch: every earlier holder's
+        commits are rejected from now on."""
+        _check_name("lease owner", owner)
+        now = now_us()
+        where = [_T.c.processor == processor, _T.c.tag == tag]
+        if not force:
+            where.append(
+                or_(_T.c.owner.is_(None), _T.c.owner == owner, _T.c.lease_expires_us < now)
+            )
+        stmt = (
+            update(_T)
+            .where(*where)
+            .values(
+                owner=owner,
+                epoch=_T.c.epoch + 1,
+                lease_expires_us=now + int(ttl * 1_000_000),
+                updated_us=now,
+            )
+            .returning(_T.c.epoch, _T.c.last_offset, _T.c.paused, _T.c.state, _T.c.error_offset)
+        )
+        async with self.database.write() as conn:
+            before = (
+                await conn.execute(select(_T.c.owner, _T.c.lease_expires_us).where(*where[:2]))
+            ).first()
+            if before is None:
+                raise ConfigurationError(
+                    f"no offset row for read-side processor {processor!r}, tag {tag!r}: "
+                    "start the processor (or ensure its rows) first"
+                )
+            got = (await conn.execute(stmt)).first()
+            if got is None:
+                return None
+        epoch, offset, paused, state, error_offset = got
+        return Lease(
+            processor,
+            tag,
+            owner,
+            int(epoch),
+            int(offset),
+            bool(paused),
+            state=str(state),
+            error_offset=None if error_offset is None else int(error_offset),
+            previous_owner=before[0],
+            previous_live=before[0] is not None and int(before[1]) > now,
+        )
+
+    async def commit(
+        self,
+        conn: AsyncConnection,
+        lease: Lease,
+        offset: int,
+        ttl: float,
+        *,
+        state: str = "running",
+        events_per_s: float | None = None,
+        skipped: int = 0,
+        clear_failure: bool = False,
+    ) -> Flags:
+        """Inside the handlers' transaction: store ``offset`` and extend the lease, only where
+        the epoch is still the lease's; returns the row's flags. Raises ``LeaseLost`` otherwise
+        (the caller's transaction then rolls back). ``clear_failure``: the worker moved past
+        the failure line (it is cleared, and a ``failed`` state with it); otherwise a
+        ``failed`` state stays."""
+        now = now_us()
+        values: dict[str, Any] = {
+            "last_offset": offset,
+            "lease_expires_us": now + int(ttl * 1_000_000),
+            "updated_us": now,
+            "state": state if clear_failure else _keep_failed(state),
+        }
+        if clear_failure:
+            values.update(_NO_FAILURE)
+        if events_per_s is not None:
+            values["events_per_s"] = events_per_s
+        if skipped:
+            values["skipped"] = _T.c.skipped + skipped
+        return await self._fenced(conn, lease, values)
+
+    async def renew(
+        self, lease: Lease, ttl: float, *, state: str, events_per_s: float | None = None
+    ) -> Flags:
+        """Extend the lease (own transaction) and store ``state`` (unless the row is
+        ``failed``); returns the row's flags, or raises LeaseLost."""
+        now = now_us()
+        values: dict[str, Any] = {
+            "lease_expires_us": now + int(ttl * 1_000_000),
+            "updated_us": now,
+            "state": _keep_failed(state),
+        }
+        if events_per_s is not None:
+            values["events_per_s"] = events_per_s
+        async with self.database.write() as conn:
+            return await self._fenced(conn, lease, values)
+
+    async def record_failure(
+        self,
+        lease: Lease,
+        *,
+        error: str,
+        offset: int | None,
+        entity_type: str | None,
+        entity_id: str | None,
+        seq_nr: int | None,
+        attempts: int,
+        state: str,
+    ) -> Flags:
+        """Store the failure line and the state (``failed``: the worker stops until an
+        operator resumes, skips or sets the offset); fenced."""
+        values: dict[str, Any] = {
+            "error": error[:4000],
+            "error_offset": offset,
+            "error_entity_type": entity_type,
+            "error_entity_id": entity_id,
+            "error_seq_nr": seq_nr,
+            "error_attempts": attempts,
+            "error_at_us": now_us(),
+            "state": state,
+            "updated_us": now_us(),
+        }
+        async with self.database.write() as conn:
+            return await self._fenced(conn, lease, values)
+
+    async def clear_failure(self, lease: Lease, *, state: str) -> Flags:
+        """Clear the failure line (a stall is over); fenced."""
+        values: dict[str, Any] = {**_NO_FAILURE, "state": state, "updated_us": now_us()}
+        async with self.database.write() as conn:
+            return await self._fenced(conn, lease, values)
+
+    async def release(self, lease: Lease, *, state: str = "stopped") -> bool:
+        """Give the lease up (if it is still ours) and store ``state`` (unless the row is
+        ``failed``, which stays); True if it was ours."""
+        stmt = (
+            update(_T)
+            .where(*_fence(lease))
+            .values(owner=None, lease_expires_us=0, state=_keep_failed(state), events_per_s=0.0)
+        )
+        async with self.database.write() as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
+    async def _fenced(self, conn: AsyncConnection, lease: Lease, values: dict[str, Any]) -> Flags:
+        stmt = update(_T).where(*_fence(lease)).values(**values).returning(_T.c.paused, _T.c.state)
+        got = (await conn.execute(stmt)).first()
+        if got is None:
+            now = (
+                await conn.execute(
+                    select(_T.c.owner, _T.c.epoch).where(
+                        _T.c.processor == lease.processor, _T.c.tag == lease.tag
+                    )
+                )
+            ).first()
+            taker = "" if now is None else f" by {describe_owner(now[0])}, epoch {now[1]}"
+            raise LeaseLost(
+                f"read-side processor {lease.processor!r}, tag {lease.tag!r}: the lease of "
+                f"{lease.owner!r} (epoch {lease.epoch}) was taken{taker}; its batch was "
+                "rolled back",
+                processor=lease.processor,
+                tag=lease.tag,
+            )
+        return Flags(bool(got[0]), got[1] == FAILED)
+
+    # ------------------------------------------------------------------ operations
+
+    async def set_paused(self, processor: str, tag: str | None, paused: bool) -> int:
+        """Set the pause flag of every tag of ``processor`` (or of one tag); how many rows.
+        Unpausing also clears a ``failed`` state (the worker retries its failing event)."""
+        where = [_T.c.processor == processor, _T.c.tag != GLOBAL_TAG]
+        if tag is not None:
+            where.append(_T.c.tag == tag)
+        values: dict[str, Any] = {"paused": paused, "updated_us": now_us()}
+        if not paused:
+            values["state"] = case((_T.c.state == FAILED, "idle"), else_=_T.c.state)
+        async with self.database.write() as conn:
+            count = (await conn.execute(update(_T).where(*where).values(**values))).rowcount
+        if not count:
+            raise ConfigurationError(unknown_offsets(processor, tag))
+        return int(count)
+
+    async def set_offset(self, processor: str, tag: str, offset: int, *, owner: str) -> OffsetRow:
+        """Store ``offset`` for (processor, tag) and end the current lease (epoch + 1, owner
+        ``owner``, expired): the worker that held it cannot commit any more; the next holder
+        resumes after ``offset``. A ``failed`` state is cleared (the worker retries from
+        there), the failure line too when ``offset`` is at or past it. Returns the row as it
+        was."""
+        check_offset(offset)
+        _check_name("lease owner", owner)
+        where = (_T.c.processor == processor, _T.c.tag == tag, _T.c.tag != GLOBAL_TAG)
+        async with self.database.write() as conn:
+            found = (await conn.execute(select(_T).where(*where))).mappings().first()
+            if found is None:
+                raise ConfigurationError(unknown_offsets(processor, tag))
+            before = _row(found)
+            values: dict[str, Any] = {
+                "last_offset": offset,
+                "epoch": _T.c.epoch + 1,
+                "owner": owner,
+                "lease_expires_us": 0,
+                "updated_us": now_us(),
+            }
+            if before.state == FAILED:
+                values["state"] = "idle"
+            if before.error_offset is not None and offset >= before.error_offset:
+                values.update(_NO_FAILURE)
+            await conn.execute(update(_T).where(*where).values(**values))
+        return before
+
+    async def skip(self, processor: str, tag: str | None, *, owner: str) -> list[OffsetRow]:
+        """Move every ``failed`` tag of ``processor`` (or ``tag``) past its failing event,
+        counted in ``skipped``, and end its lease (epoch + 1, owner ``owner``): its worker
+        resumes after the event. The failure line stays, marked as skipped, until the worker
+        commits past it. Returns the rows as they were; ``ConfigurationError`` when there is
+        nothing to skip."""
+        _check_name("lease owner", owner)
+        where = [_T.c.processor == processor, _T.c.tag != GLOBAL_TAG]
+        if tag is not None:
+            where.append(_T.c.tag == tag)
+        async with self.database.write() as conn:
+            rows = [_row(r) for r in (await conn.execute(select(_T).where(*where))).mappings()]
+            if not rows:
+                raise ConfigurationError(unknown_offsets(processor, tag))
+            failed = [r for r in rows if r.state == FAILED and r.error_offset is not None]
+            if not failed:
+                where_text = f"processor {processor!r}" + (
+                    f", tag {tag!r}" if tag is not None else ""
+                )
+                raise ConfigurationError(
+                    f"nothing to skip: read-side {where_text} is not stopped by a failing "
+                    "event (see `lagompy projections status`)"
+                )
+            for row in failed:
+                assert row.error_offset is not None
+                await conn.execute(
+                    update(_T)
+                    .where(_T.c.processor == processor, _T.c.tag == row.tag, _T.c.state == FAILED)
+                    .values(
+                        last_offset=max(row.offset, row.error_offset),
+                        skipped=_T.c.skipped + 1,
+                        state="idle",
+                        error=literal("skipped by an operator: ") + _T.c.error,
+                        epoch=_T.c.epoch + 1,
+                        owner=owner,
+                        lease_expires_us=0,
+                        updated_us=now_us(),
+                    )
+                )
+        return failed
+
+    async def reset_offsets(self, conn: AsyncConnection, leases: list[Lease]) -> None:
+        """Inside a transaction: set every lease's offset to 0 (fenced), clear the failures."""
+        for lease in leases:
+            await self._fenced(
+                conn,
+                lease,
+                {
+                    "last_offset": 0,
+                    "skipped": 0,
+                    **_NO_FAILURE,
+                    "state": "rebuilding",
+                    "updated_us": now_us(),
+                },
+            )
+
+
+def _keep_failed(state: str) -> Any:
+    """``state``, unless the row is ``failed``: a worker's own writes never clear that."""
+    return case((_T.c.state == FAILED, _T.c.state), else_=literal(state))
+
+
+def _fence(lease: Lease) -> tuple[Any, ...]:
+    return (
+        and_(
+            _T.c.processor == lease.processor,
+            _T.c.tag == lease.tag,
+            _T.c.epoch == lease.epoch,
+        ),
+    )
+
+
+def unknown_offsets(processor: str, tag: str | None) -> str:
+    where = f"processor {processor!r}" + (f", tag {tag!r}" if tag is not None else "")
+    return (
+        f"no read-side offsets for {where}: a processor's rows appear when it first starts "
+        "(see `lagompy projections status` for the known ones)"
+    )
+
+
+def _row(r: Any) -> OffsetRow:
+    return OffsetRow(
+        processor=r["processor"],
+        tag=r["tag"],
+        offset=int(r["last_offset"]),
+        owner=r["owner"],
+        epoch=int(r["epoch"]),
+        lease_expires_us=int(r["lease_expires_us"]),
+        paused=bool(r["paused"]),
+        state=r["state"],
+        events_per_s=float(r["events_per_s"]),
+        updated_us=int(r["updated_us"]),
+        skipped=int(r["skipped"]),
+        error=r["error"],
+        error_offset=r["error_offset"],
+        error_entity_type=r["error_entity_type"],
+        error_entity_id=r["error_entity_id"],
+        error_seq_nr=r["error_seq_nr"],
+        error_attempts=r["error_attempts"],
+        error_at_us=r["error_at_us"],
+    )

@@ -1,0 +1,41 @@
+"""Where entities live and how a command reaches one: refs, shards, shard hosts, Ray.
+
+The path of a command, module by module:
+
+* ``_refs.py``: :class:`EntityRef`, what callers hold; ``ask`` checks the ids, stamps a command
+  id and a deadline, and hands the request on.
+* ``_region.py`` (Ray) or ``_in_process.py``: the caller's side. The region groups pending asks
+  per shard host, one Ray call per host per batch, and resends a batch whose host died.
+* ``_sharding.py``: which logical shard and which host an entity belongs to, and the app's
+  recorded topology that every attached process must share.
+* ``_host.py``: the shard host, a named Ray actor that runs ``_processing.py``'s
+  ``EntityProcessor`` on each batch: activate, decide, commit to the journal in one
+  transaction, reply (in-process, the processor runs in the caller's event loop).
+* ``_ray.py``: :func:`start`, :class:`ShardedEntities` and :func:`shutdown_app`, the only
+  module that drives Ray for entities; ``_ray_cluster.py`` attaches to (and records) the local
+  Ray cluster; ``_loading.py`` checks that worker processes can import the entity code.
+
+:func:`start_in_process` hosts the entities in this process instead (tests, scripts, one-process
+services). The runtime builds on :mod:`lagompy.journal`; the read sides and the services use it.
+"""
+
+from lagompy.runtime._in_process import InProcessEntities, start_in_process
+from lagompy.runtime._ray import (
+    ShardedEntities,
+    ShardedEntityRef,
+    namespace_of,
+    shutdown_app,
+    start,
+)
+from lagompy.runtime._refs import EntityRef
+
+__all__ = [
+    "EntityRef",
+    "InProcessEntities",
+    "ShardedEntities",
+    "ShardedEntityRef",
+    "namespace_of",
+    "shutdown_app",
+    "start",
+    "start_in_process",
+]

@@ -1,0 +1,225 @@
+"""Entities hosted in the calling process, without Ray: for scripts, unit tests and small tools.
+
+Asks are micro-batched exactly like the sharded runtime does it: asks made in the same tick of
+the event loop are processed as one batch, and the events of all their entities are committed in
+one journal transaction. One batch runs at a time, so each entity has a single writer.
+
+::
+
+    entities = await start_in_process(entities=[UserEntity], journal_url="sqlite:///users.db")
+    user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
+    await entities.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from lagompy.closing import AsyncClosing
+from lagompy.entity import PersistentEntity
+from lagompy.errors import ConfigurationError, Overloaded
+from lagompy.journal._storage import Storage, open_storage
+from lagompy.runtime._processing import EntityClass, EntityProcessor, Request
+from lagompy.runtime._refs import EntityRef
+
+log = logging.getLogger("lagompy.in_process")
+
+R = TypeVar("R")
+C = TypeVar("C")
+
+#: Defaults of the in-process runtime's settings (see :class:`InProcessEntities`).
+DEFAULT_MAX_ENTITIES = 100_000
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_CONFLICT_RETRIES = 2
+DEFAULT_MAX_PENDING = 10_000
+#: The passivation sweep runs every ``idle_timeout / 4`` seconds, but not more often than this.
+MIN_PASSIVATE_INTERVAL = 0.05
+
+
+class InProcessEntities(AsyncClosing):
+    """Hosts entities in this process, on the given storage.
+
+    Settings (keyword arguments):
+
+    ``max_batch`` (1000)
+        Most asks processed as one batch (one journal transaction).
+    ``max_entities`` (100,000; None: no bound)
+        Most entities kept in memory; after each batch the least recently used beyond it are
+        passivated (dropped from memory; their next command recovers them from the journal).
+    ``idle_timeout`` (600 s; None: never)
+        Entities without a command for this long are passivated, by a background sweep every
+        ``idle_timeout / 4`` seconds (at least 0.05 s) that runs while these entities are open,
+        whether or not asks arrive.
+    ``conflict_retries`` (2)
+        When the journal refuses a write because another writer appended to the entity first,
+        the entity reloads and the refused commands run again on its new state, up to this many
+        times; then they get ``ConcurrencyConflict``.
+    ``max_pending`` (10,000)
+        Most asks outstanding (queued or being processed); beyond it ``ask`` and ``tell`` raise
+        ``Overloaded`` at once and the command is not run.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        entities: Iterable[EntityClass],
+        *,
+        max_batch: int = 1000,
+        max_entities: int | None = DEFAULT_MAX_ENTITIES,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        owns_storage: bool = False,
+    ) -> None:
+        if max_batch < 1:
+            raise ConfigurationError(f"max_batch must be at least 1, got {max_batch}")
+        if max_pending < 1:
+            raise ConfigurationError(f"max_pending must be at least 1, got {max_pending}")
+        self.storage = storage
+        self.processor = EntityProcessor(
+            entities,
+            storage.journal,
+            storage.snapshots,
+            max_entities=max_entities,
+            idle_timeout=idle_timeout,
+            conflict_retries=conflict_retries,
+        )
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self._owns_storage = owns_storage
+        self._queue: list[tuple[Request, asyncio.Future[Any]]] = []
+        self._in_flight = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._passivator: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def ref_for(
+        self, entity: type[PersistentEntity[C, Any, Any]] | str, entity_id: str
+    ) -> EntityRef[C]:
+        """A ref to the entity ``entity_id`` of this type. Raises ``InvalidEntityId`` (a
+        ``ValueError``) for an id that is not a ``str`` of 1 to 255 characters without NUL or
+        lone surrogates (other types are refused, never turned into text), and
+        ``ConfigurationError`` for an entity type that is not registered."""
+        type_name = entity if isinstance(entity, str) else entity.type_name
+        self.processor.entity_class(type_name)  # fail fast on an unknown entity
+        return EntityRef(self._submit, type_name, entity_id)
+
+    @property
+    def pending(self) -> int:
+        """Asks outstanding: queued, or in the batch being processed."""
+        return len(self._queue) + self._in_flight
+
+    def _submit(self, request: Request) -> asyncio.Future[Any]:
+        if self._closed:
+            raise RuntimeError("these entities are closed")
+        if self.pending >= self.max_pending:
+            raise Overloaded(
+                f"{self.pending} asks are outstanding, the limit (max_pending) is "
+                f"{self.max_pending}: {type(request.command).__qualname__} for "
+                f"{request.entity_type}/{request.entity_id} was not run; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((request, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        if self._passivator is None and self.processor.idle_timeout is not None:
+            self._passivator = loop.create_task(self._passivate_idle_entities())
+        return future
+
+    async def _flush(self) -> None:
+        # Yield once so every ask made in this tick of the loop joins the batch.
+        await asyncio.sleep(0)
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            # An ask that timed out before its batch left the queue is not run at all.
+            batch = [(req, future) for req, future in batch if not future.done()]
+            if not batch:
+                continue
+            self._in_flight = len(batch)
+            try:
+                results = await self.processor.process([req for req, _ in batch])
+            except Exception as e:  # a bug or an unexpected failure: answer everyone
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            finally:
+                self._in_flight = 0
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if result.error is not None:
+                    future.set_exception(result.error)
+                else:
+                    future.set_result(result.reply)
+
+    async def _passivate_idle_entities(self) -> None:
+        timeout = self.processor.idle_timeout
+        assert timeout is not None
+        interval = max(timeout / 4, MIN_PASSIVATE_INTERVAL)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                passivated = self.processor.passivate_idle()
+            except Exception:  # never let the sweep die silently
+                log.exception("passivating idle entities failed")
+            else:
+                if passivated:
+                    log.debug("passivated %d idle entities", passivated)
+
+    def stats(self) -> dict[str, int | float]:
+        """The processor's counters (see :meth:`EntityProcessor.stats`) plus ``pending``."""
+        counters = self.processor.stats()
+        counters["pending"] = self.pending
+        return counters
+
+    async def close(self) -> None:
+        """Finish the asks already made, stop the passivation sweep, then release the storage
+        if this object opened it."""
+        self._closed = True
+        if self._flusher is not None:
+            await self._flusher
+        if self._passivator is not None:
+            self._passivator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._passivator
+        if self._owns_storage:
+            await self.storage.close()
+
+
+
+
+async def start_in_process(
+    *,
+    entities: Iterable[EntityClass],
+    journal_url: str | None = None,
+    max_batch: int = 1000,
+    max_entities: int | None = DEFAULT_MAX_ENTITIES,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
+    max_pending: int = DEFAULT_MAX_PENDING,
+    **journal_settings: Any,
+) -> InProcessEntities:
+    """Open the journal (``journal_url``, else ``LAGOMPY_JOURNAL_URL``, else ``./lagompy.db``)
+    and host ``entities`` in this process (settings: see :class:`InProcessEntities`)."""
+    entity_list = list(entities)
+    storage = await open_storage(journal_url, entities=entity_list, **journal_settings)
+    try:
+        return InProcessEntities(
+            storage,
+            entity_list,
+            max_batch=max_batch,
+            max_entities=max_entities,
+            idle_timeout=idle_timeout,
+            conflict_retries=conflict_retries,
+            max_pending=max_pending,
+            owns_storage=True,
+        )
+    except BaseException:
+        await storage.close()
+        raise

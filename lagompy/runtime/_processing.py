@@ -1,0 +1,841 @@
+"""Run commands against live entities: decide, apply, group-commit, reply.
+
+This is the heart of a shard: the Ray shard host and the in-process runtime both drive an
+:class:`EntityProcessor`. A batch of commands for many entities is processed like this:
+
+1. every entity named in the batch is activated if it is not in memory (latest snapshot plus
+   the events after it);
+2. per entity, in arrival order, each command goes through ``on_command`` and its events
+   through ``on_event``, on a tentative state;
+3. the events of all entities are appended in **one** journal transaction;
+4. only then are replies released and ``then_run`` side effects run; an entity whose write
+   failed is dropped from memory (it reloads from the journal next time) and its commands
+   that depended on the write get the error.
+
+Safe retries: a request may carry a ``command_id``. The encoded reply of a command that
+persisted events is written with those events (same transaction) under ``(entity, command id)``.
+A request with ``check_duplicate`` whose id is already stored is answered with the stored reply
+and not run again; the same id twice in one batch runs once and both get its result. Rejected
+and read-only commands store nothing, so they simply run again.
+
+Passivation: live entities are kept in least-recently-used order. After each batch the least
+recently used beyond ``max_entities`` are dropped from memory, and :meth:`passivate_idle` drops
+those unused for ``idle_timeout`` seconds. Entities used by a batch in progress are never
+dropped; a dropped entity is recovered from the journal by its next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from lagompy.entity import (
+    Effect,
+    PersistentEntity,
+    reply_type_of,
+    unhandled_command,
+    union_members,
+)
+from lagompy.errors import (
+    CommandHandlerFailed,
+    CommandRejected,
+    ConcurrencyConflict,
+    ConfigurationError,
+    EncodeError,
+    EventHandlerFailed,
+    EventsMissing,
+    HandlerFailed,
+    InvalidEntityId,
+    LagompyError,
+    RefusedValue,
+    SerializationError,
+    UnhandledCommand,
+    UnhandledEvent,
+)
+from lagompy.journal._journal import (
+    MAX_ID_LENGTH,
+    AtomicWrite,
+    Journal,
+    check_command_id,
+    check_entity_id,
+)
+from lagompy.journal._snapshots import SnapshotStore, SnapshotToSave
+
+log = logging.getLogger("lagompy.processing")
+
+EntityClass = type[PersistentEntity[Any, Any, Any]]
+
+#: The stored reply ``None`` (msgpack nil), whatever the command's declared reply type: a
+#: command that persists events without ``then_reply`` replies ``None``.
+_NONE_REPLY = b"\xc0"
+
+
+# --------------------------------------------------------------------------- pure steps
+
+
+def apply_event(entity: PersistentEntity[Any, Any, Any], state: Any, event: Any) -> Any:
+    """Fold one event into the state; handler errors become ``EventHandlerFailed``."""
+    try:
+        new_state = entity.on_event(state, event)
+    except HandlerFailed:
+        raise
+    except Exception as e:
+        raise EventHandlerFailed(
+            f"{type(entity).__qualname__}.on_event raised {type(e).__name__}: {e} "
+            f"(state {type(state).__qualname__}, event {type(event).__qualname__}, "
+            f"entity {entity.entity_id!r})"
+        ) from e
+    if new_state is None:
+        raise UnhandledEvent(
+            f"{type(entity).__qualname__}.on_event does not handle event "
+            f"{type(event).__qualname__} in state {type(state).__qualname__} "
+            f"(entity {entity.entity_id!r}): it returned None"
+        )
+    return new_state
+
+
+@dataclass(slots=True)
+class Decision:
+    """The outcome of one command on a tentative state (nothing is durable yet)."""
+
+    events: tuple[Any, ...] = ()
+    state_after: Any = None
+    reply: Any = None
+    side_effects: tuple[Callable[[Any], Any], ...] = ()
+    error: LagompyError | None = None
+
+
+def decide(entity: PersistentEntity[Any, Any, Any], state: Any, command: Any) -> Decision:
+    """Run the command handler and the event handler for its events. Never raises for
+    handler errors: they come back in ``Decision.error``."""
+    try:
+        effect = entity.on_command(state, command)
+    except CommandRejected as rejection:
+        return Decision(state_after=state, error=rejection)
+    except Exception as e:
+        return Decision(
+            state_after=state,
+            error=_handler_bug(entity, state, command, f"raised {type(e).__name__}: {e}", e),
+        )
+    if not isinstance(effect, Effect):
+        return Decision(
+            state_after=state,
+            error=_handler_bug(
+                entity, state, command, f"returned {type(effect).__qualname__}, not an Effect"
+            ),
+        )
+    if effect.is_unhandled:
+        return Decision(state_after=state, error=unhandled_command(entity, state, command))
+    if effect.rejection is not None:
+        return Decision(state_after=state, error=effect.rejection)
+    new_state = state
+    try:
+        for event in effect.events:
+            new_state = apply_event(entity, new_state, event)
+    except EventHandlerFailed as e:
+        return Decision(state_after=state, error=e)
+    try:
+        reply = effect.reply_fn(new_state) if effect.reply_fn is not None else effect.reply_value
+    except CommandRejected as rejection:
+        return Decision(state_after=state, error=rejection)
+    except Exception as e:
+        return Decision(
+            state_after=state,
+            error=_handler_bug(entity, state, command, f"reply raised {type(e).__name__}: {e}", e),
+        )
+    return Decision(
+        events=effect.events,
+        state_after=new_state,
+        reply=reply,
+        side_effects=effect.side_effects,
+    )
+
+
+def _handler_bug(
+    entity: PersistentEntity[Any, Any, Any],
+    state: Any,
+    command: Any,
+    what: str,
+    cause: BaseException | None = None,
+) -> CommandHandlerFailed:
+    err = CommandHandlerFailed(
+        f"{type(entity).__qualname__}.on_command {what} (command {type(command).__qualname__}, "
+        f"state {type(state).__qualname__}, entity {entity.entity_id!r})"
+    )
+    err.__cause__ = cause
+    return err
+
+
+# --------------------------------------------------------------------------- live entities
+
+
+@dataclass
+class LiveEntity:
+    """An entity in memory: its handler object, state and highest sequence number."""
+
+    entity: PersistentEntity[Any, Any, Any]
+    state: Any
+    seq_nr: int
+    snapshot_seq_nr: int = 0
+    #: set when recovery could not use the latest snapshot and replayed everything
+    recovery_warning: str | None = None
+    recovered_from_snapshot: bool = False
+    #: ``time.monotonic()`` of the last batch that used the entity
+    last_used: float = 0.0
+
+
+async def recover(
+    entity_cls: EntityClass, entity_id: str, journal: Journal, snapshots: SnapshotStore
+) -> LiveEntity:
+    """Rebuild an entity from its latest snapshot and the events after it.
+
+    A snapshot that cannot be read is skipped with a warning: the events are replayed from the
+    start instead (they are the source of truth). When the events after the snapshot (or from
+    the start) do not follow on from it because some were deleted, ``EventsMissing`` is raised:
+    the state would be wrong. An entity whose every event was deleted starts again from its
+    initial state (it was forgotten).
+    """
+    entity = entity_cls(entity_id)
+    state = entity_cls.initial_state
+    seq_nr = 0
+    warning = None
+    from_snapshot = False
+    if entity_cls.snapshot_every:
+        try:
+            snapshot = await snapshots.load(entity_cls.type_name, entity_id)
+        except SerializationError as e:
+            warning = (
+                f"snapshot of {entity_cls.type_name}/{entity_id} cannot be read ({e}); "
+                "replaying all events instead"
+            )
+            log.warning(warning)
+            snapshot = None
+        if snapshot is not None:
+            state, seq_nr, from_snapshot = snapshot.state, snapshot.seq_nr, True
+    snapshot_seq = seq_nr
+    covered = snapshot_seq if from_snapshot else None
+    envelopes = await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=seq_nr + 1)
+    for envelope in envelopes:
+        if envelope.seq_nr != seq_nr + 1:
+            # A gap: events were deleted (before this replay, or between two of its pages).
+            raise _events_missing(entity_cls, entity_id, seq_nr, envelope.seq_nr - 1, covered)
+        state = apply_event(entity, state, envelope.event)
+        seq_nr = envelope.seq_nr
+    if not envelopes:
+        # Nothing to replay: deleted events may still have advanced the sequence number. The
+        # journal's record of deletions says how far, whatever another writer (a zombie copy
+        # of this host) commits meanwhile; the entity's highest sequence number, read now,
+        # would count events committed after the replay as deleted ones. Such events are not
+        # in this state: the entity's next write expects ``seq_nr``, meets a
+        # ConcurrencyConflict, and the entity reloads.
+        deleted = await journal.deleted_to(entity_cls.type_name, entity_id)
+        if deleted > snapshot_seq:
+            if from_snapshot:
+                raise _events_missing(entity_cls, entity_id, snapshot_seq, deleted, covered)
+            seq_nr = deleted  # every event was deleted: the entity starts again after them
+    return LiveEntity(entity, state, seq_nr, snapshot_seq, warning, from_snapshot)
+
+
+def _events_missing(
+    entity_cls: EntityClass, entity_id: str, after: int, upto: int, snapshot_seq: int | None
+) -> EventsMissing:
+    covered = (
+        "no readable snapshot covers them"
+        if snapshot_seq is None
+        else f"its snapshot covers only up to {snapshot_seq}"
+    )
+    return EventsMissing(
+        f"{entity_cls.type_name}/{entity_id} cannot be recovered: its events "
+        f"{after + 1}..{upto} were deleted and {covered} (save a snapshot before deleting events)"
+    )
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Request(NamedTuple):
+    """One command for one entity.
+
+    ``command_id`` identifies the command for safe retries: when the command persists events,
+    its reply is stored with them under ``(entity, command_id)``. With ``check_duplicate`` the
+    processor first looks the id up and, when it is known, answers with the stored reply instead
+    of running the command again.
+
+    A named tuple rather than a dataclass: one is made per ask, and batches of them cross
+    processes as plain tuples (``tuple(request)`` / ``Request._make``), which pickle in about a
+    third of a dataclass's time.
+    """
+
+    entity_type: str
+    entity_id: str
+    command: Any
+    command_id: str | None = None
+    check_duplicate: bool = False
+
+
+@dataclass(slots=True)
+class Result:
+    """The reply to one request, or the error that answers it. ``events`` are the events the
+    command committed in this batch; ``stored`` is set when the reply is the one stored when
+    the command was applied before (a retry with its command id)."""
+
+    reply: Any = None
+    error: BaseException | None = None
+    events: tuple[Any, ...] = ()
+    stored: bool = False
+
+    @property
+    def committed(self) -> bool:
+        """Whether the command is applied: its events committed, in this batch or before."""
+        return self.error is None and (bool(self.events) or self.stored)
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+@dataclass(slots=True)
+class _Pending:
+    index: int
+    decision: Decision
+
+
+@dataclass(slots=True)
+class _EntityBatch:
+    live: LiveEntity
+    pending: list[_Pending] = field(default_factory=list)
+
+
+_MISSING: Any = object()
+
+
+def _unstorable(command: Any, key: tuple[str, str], cause: SerializationError) -> EncodeError:
+    where = f"the reply of {type(command).__qualname__} to {key[0]}/{key[1]}"
+    error: EncodeError
+    if isinstance(cause, RefusedValue):
+        # The command's own data (a NUL character), not a reply of the wrong type.
+        error = RefusedValue(
+            f"{where} holds a value the journal refuses, so the command was not applied: {cause}"
+        )
+    else:
+        error = EncodeError(
+            f"{where} cannot be stored for safe retries (does it fit the reply type the command "
+            f"declares?), so the command was not applied: {cause}"
+        )
+    error.__cause__ = cause
+    return error
+
+
+class EntityProcessor:
+    """Keeps live entities in memory and processes batches of commands against them."""
+
+    def __init__(
+        self,
+        entities: Iterable[EntityClass],
+        journal: Journal,
+        snapshots: SnapshotStore,
+        *,
+        max_concurrent_recoveries: int = 16,
+        max_entities: int | None = None,
+        idle_timeout: float | None = None,
+        conflict_retries: int = 2,
+    ) -> None:
+        if max_entities is not None and max_entities < 1:
+            raise ConfigurationError(
+                f"max_entities must be at least 1 (or None), got {max_entities}"
+            )
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ConfigurationError(
+                f"idle_timeout must be a positive number of seconds (or None), got {idle_timeout}"
+            )
+        if conflict_retries < 0:
+            raise ConfigurationError(f"conflict_retries must be 0 or more, got {conflict_retries}")
+        #: most entities kept in memory after a batch (None: no bound)
+        self.max_entities = max_entities
+        #: times the commands of an entity whose write met ConcurrencyConflict are run again,
+        #: on the state reloaded from the journal, before the conflict is their answer
+        self.conflict_retries = conflict_retries
+        #: seconds without a command after which :meth:`passivate_idle` drops an entity
+        self.idle_timeout = idle_timeout
+        self.entity_classes: dict[str, EntityClass] = {}
+        for cls in entities:
+            cls.validate()
+            if cls.type_name in self.entity_classes:
+                raise ConfigurationError(
+                    f"two entity classes share type_name {cls.type_name!r}: "
+                    f"{self.entity_classes[cls.type_name].__qualname__} and {cls.__qualname__}"
+                )
+            self.entity_classes[cls.type_name] = cls
+        self._command_types = {
+            name: tuple(t for t in union_members(cls.message_types()[0]) if isinstance(t, type))
+            for name, cls in self.entity_classes.items()
+        }
+        self.journal = journal
+        self.snapshots = snapshots
+        #: live entities, least recently used first
+        self.live: OrderedDict[tuple[str, str], LiveEntity] = OrderedDict()
+        self._recoveries = asyncio.Semaphore(max_concurrent_recoveries)
+        #: the entities of each batch in progress (never passivated): one entry per batch, so
+        #: starting and ending a batch costs nothing per entity
+        self._in_use: list[Mapping[tuple[str, str], Any]] = []
+        self._reply_types: dict[type, Any] = {}
+        self._stats: Counter[str] = Counter()
+
+    def entity_class(self, entity_type: str) -> EntityClass:
+        try:
+            return self.entity_classes[entity_type]
+        except KeyError:
+            raise ConfigurationError(
+                f"no entity with type_name {entity_type!r} is registered "
+                f"(known: {sorted(self.entity_classes)})"
+            ) from None
+
+    def passivate_idle(self, now: float | None = None) -> int:
+        """Drop the entities unused for more than ``idle_timeout`` seconds (``now`` defaults to
+        ``time.monotonic()``); return how many. Entities a batch in progress uses stay. Without
+        an ``idle_timeout`` nothing is dropped."""
+        if self.idle_timeout is None:
+            return 0
+        deadline = (time.monotonic() if now is None else now) - self.idle_timeout
+        idle: list[tuple[str, str]] = []
+        for key, live in self.live.items():  # least recently used first
+            if live.last_used > deadline:
+                break
+            if not self._used(key):
+                idle.append(key)
+        for key in idle:
+            del self.live[key]
+        self._stats["passivations"] += len(idle)
+        return len(idle)
+
+    def _passivate_beyond_max(self) -> int:
+        if self.max_entities is None or len(self.live) <= self.max_entities:
+            return 0
+        excess = len(self.live) - self.max_entities
+        victims: list[tuple[str, str]] = []
+        for key in self.live:  # least recently used first
+            if len(victims) == excess:
+                break
+            if not self._used(key):
+                victims.append(key)
+        for key in victims:
+            del self.live[key]
+        self._stats["passivations"] += len(victims)
+        return len(victims)
+
+    def _used(self, key: tuple[str, str]) -> bool:
+        """Whether a batch in progress uses the entity."""
+        return any(key in batch for batch in self._in_use)
+
+    def stats(self) -> dict[str, int | float]:
+        """This processor's counters since it was made:
+
+        ``live_entities`` (in memory now), ``activations`` (recoveries from the journal),
+        ``passivations`` (entities dropped from memory by ``max_entities`` or ``idle_timeout``),
+        ``batches``, ``commands`` (requests received), ``events_persisted``, ``duplicates``
+        (requests answered with a stored reply or with the result of the same command id
+        earlier in the batch, without running), ``conflicts`` (writes refused because another
+        writer appended first), ``conflict_retries`` (commands run again on the reloaded state
+        after such a refusal) and ``failed_writes`` (writes that failed for any reason,
+        conflicts included).
+        """
+        counters: dict[str, int | float] = {
+            name: self._stats[name]
+            for name in (
+                "activations",
+                "passivations",
+                "batches",
+                "commands",
+                "events_persisted",
+                "duplicates",
+                "conflicts",
+                "conflict_retries",
+                "failed_writes",
+            )
+        }
+        counters["live_entities"] = len(self.live)
+        return counters
+
+    def evict(self, entity_type: str, entity_id: str) -> None:
+        """Drop the entity from memory (it is recovered from the journal when next used)."""
+        self.live.pop((entity_type, entity_id), None)
+
+    def _reply_type(self, command: Any) -> Any:
+        cls = type(command)
+        try:
+            return self._reply_types[cls]
+        except KeyError:
+            reply_type = self._reply_types[cls] = reply_type_of(cls)
+            return reply_type
+
+    async def activate(self, entity_type: str, entity_id: str) -> LiveEntity:
+        """The live entity, recovered from the journal first if it is not in memory; it becomes
+        the most recently used."""
+        key = (entity_type, entity_id)
+        live = self.live.get(key)
+        if live is None:
+            async with self._recoveries:
+                live = self.live.get(key)
+                if live is None:
+                    cls = self.entity_class(entity_type)
+                    live = await recover(cls, entity_id, self.journal, self.snapshots)
+                    self.live[key] = live
+                    self._stats["activations"] += 1
+        live.last_used = time.monotonic()
+        if key in self.live:
+            self.live.move_to_end(key)
+        return live
+
+    async def process(self, requests: Sequence[Request]) -> list[Result]:
+        """Process a batch; one result per request, in the same order. Replies are released
+        only after the batch's events are committed."""
+        n = len(requests)
+        results: list[Result | None] = [None] * n
+        stats = self._stats
+        stats["batches"] += 1
+        stats["commands"] += n
+        command_types = self._command_types
+        groups: dict[tuple[str, str], list[int]] = {}
+        # Same (entity, command id) again in this batch: index of the first -> the later ones.
+        repeats: dict[int, list[int]] = {}
+        first_of: dict[tuple[str, str, str], int] = {}
+        to_check: list[int] = []
+        for i, req in enumerate(requests):
+            entity_type = req.entity_type
+            accepted = command_types.get(entity_type)
+            if accepted is None:
+                results[i] = Result(error=_unknown_entity(entity_type, self.entity_classes))
+                continue
+            if accepted and not isinstance(req.command, accepted):
+                results[i] = Result(
+                    error=UnhandledCommand(
+                        f"{self.entity_classes[entity_type].__qualname__} does not accept "
+                        f"{type(req.command).__qualname__}: not one of its command types"
+                    )
+                )
+                continue
+            key = (entity_type, req.entity_id)
+            group = groups.get(key)
+            if group is None:
+                refusal = _entity_id_refusal(req.entity_id)
+                if refusal is not None:
+                    results[i] = Result(error=refusal)
+                    continue
+            command_id = req.command_id
+            if command_id is not None:
+                # Refs check ids before they are sent; a request made otherwise is checked
+                # here, so that a bad id (a NUL the database refuses, say) fails its request
+                # alone rather than the batch's reply lookup or write.
+                if not (
+                    command_id.__class__ is str
+                    and 0 < len(command_id) <= MAX_ID_LENGTH
+                    and "\x00" not in command_id
+                    and command_id.isascii()
+                ):
+                    try:
+                        check_command_id(command_id)
+                    except ValueError as e:
+                        results[i] = Result(error=e)
+                        continue
+                id_key = (entity_type, req.entity_id, command_id)
+                first = first_of.setdefault(id_key, i)
+                if first != i:
+                    repeats.setdefault(first, []).append(i)
+                    continue
+                if req.check_duplicate:
+                    to_check.append(i)
+            if group is None:
+                groups[key] = [i]
+            else:
+                group.append(i)
+
+        if to_check:
+            await self._answer_stored(requests, to_check, groups, results)
+
+        self._in_use.append(groups)
+        try:
+            conflicts = stats["conflicts"]
+            await self._run(requests, groups, results)
+            # Only a batch whose writes met a conflict looks for commands to run again.
+            for _ in range(self.conflict_retries):
+                if stats["conflicts"] == conflicts:
+                    break
+                conflicts = stats["conflicts"]
+                await self._rerun_conflicts(requests, results)
+        finally:
+            self._in_use.remove(groups)
+        self._passivate_beyond_max()
+
+        for first, later in repeats.items():
+            done = results[first]
+            assert done is not None
+            for i in later:
+                results[i] = Result(done.reply, done.error, done.events, done.stored)
+            stats["duplicates"] += len(later)
+        return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
+
+    async def _rerun_conflicts(
+        self, requests: Sequence[Request], results: list[Result | None]
+    ) -> None:
+        """Run again, in arrival order, the commands of the entities whose write another writer
+        refused (a zombie copy of this host, or its successor): they were decided on a state
+        that was not the latest. The entities were evicted, so they reload from the journal
+        first; a command with an id is answered from the journal if the other writer already
+        applied it."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        to_check: list[int] = []
+        for i, result in enumerate(results):
+            if result is not None and isinstance(result.error, ConcurrencyConflict):
+                req = requests[i]
+                groups.setdefault((req.entity_type, req.entity_id), []).append(i)
+                if req.command_id is not None:
+                    to_check.append(i)
+        if not groups:
+            return
+        self._stats["conflict_retries"] += sum(len(g) for g in groups.values())
+        if to_check:
+            await self._answer_stored(requests, to_check, groups, results)
+        self._in_use.append(groups)
+        try:
+            await self._run(requests, groups, results)
+        finally:
+            self._in_use.remove(groups)
+
+    async def _answer_stored(
+        self,
+        requests: Sequence[Request],
+        to_check: list[int],
+        groups: dict[tuple[str, str], list[int]],
+        results: list[Result | None],
+    ) -> None:
+        """Answer the requests whose command id has a stored reply (one journal query), and
+        take them out of ``groups``: they are not run again."""
+        keys = []
+        for i in to_check:
+            req = requests[i]
+            assert req.command_id is not None
+            keys.append((req.entity_type, req.entity_id, req.command_id))
+        try:
+            stored = await self.journal.stored_replies(keys)
+        except Exception as e:
+            # Without the answer, running the command could apply it twice: fail these alone.
+            answered = {i: Result(error=e) for i in to_check}
+        else:
+            answered = {}
+            for i, key in zip(to_check, keys, strict=True):
+                payload = stored.get(key)
+                if payload is None:
+                    continue
+                command = requests[i].command
+                try:
+                    reply = (
+                        None
+                        if payload == _NONE_REPLY
+                        else self.journal.serializer.decode_value(
+                            payload, self._reply_type(command)
+                        )
+                    )
+                except SerializationError as e:
+                    answered[i] = Result(error=e)
+                else:
+                    answered[i] = Result(reply=reply, stored=True)
+                    self._stats["duplicates"] += 1
+        for i, result in answered.items():
+            results[i] = result
+            entity = (requests[i].entity_type, requests[i].entity_id)
+            remaining = [j for j in groups[entity] if j != i]
+            if remaining:
+                groups[entity] = remaining
+            else:
+                del groups[entity]
+
+    async def _run(
+        self,
+        requests: Sequence[Request],
+        groups: dict[tuple[str, str], list[int]],
+        results: list[Result | None],
+    ) -> None:
+        live_map = self.live
+        lives: dict[tuple[str, str], LiveEntity] = {}
+        missing: list[tuple[str, str]] = []
+        now = time.monotonic()
+        move_to_end = live_map.move_to_end
+        for key in groups:
+            live = live_map.get(key)
+            if live is None:
+                missing.append(key)
+            else:
+                # Already in memory (the usual case): no task, no await.
+                live.last_used = now
+                move_to_end(key)
+                lives[key] = live
+        if missing:
+            # Recover only the missing ones, concurrently (bounded by the semaphore).
+            activations = await asyncio.gather(
+                *(self.activate(t, i) for (t, i) in missing), return_exceptions=True
+            )
+            for key, activated in zip(missing, activations, strict=True):
+                if isinstance(activated, BaseException):
+                    if not isinstance(activated, Exception):
+                        raise activated
+                    for i in groups[key]:
+                        results[i] = Result(error=activated)
+                    continue
+                lives[key] = activated
+
+        batches: dict[tuple[str, str], _EntityBatch] = {}
+        writes: list[AtomicWrite] = []
+        write_keys: list[tuple[str, str]] = []
+        serializer = self.journal.serializer
+        reply_types = self._reply_types
+        for key, indices in groups.items():
+            live = lives.get(key)
+            if live is None:
+                continue  # its activation failed: answered above
+            entity = live.entity
+            state = live.state
+            events: list[Any] = []
+            replies: list[tuple[str, int, bytes]] = []
+            pending: list[_Pending] = []
+            for i in indices:
+                request = requests[i]
+                command = request.command
+                decision = decide(entity, state, command)
+                if decision.error is not None:
+                    results[i] = Result(error=decision.error)
+                    continue
+                decided = decision.events
+                command_id = request.command_id
+                if command_id is not None and decided:
+                    reply = decision.reply
+                    if reply is None:
+                        payload = _NONE_REPLY
+                    else:
+                        reply_type = reply_types.get(command.__class__, _MISSING)
+                        if reply_type is _MISSING:
+                            reply_type = self._reply_type(command)
+                        try:
+                            payload = serializer.encode_value(reply, reply_type)
+                        except SerializationError as e:
+                            results[i] = Result(error=_unstorable(command, key, e))
+                            continue
+                    replies.append((command_id, live.seq_nr + len(events) + len(decided), payload))
+                state = decision.state_after
+                events.extend(decided)
+                pending.append(_Pending(i, decision))
+            if events:
+                batches[key] = _EntityBatch(live, pending)
+                writes.append(
+                    AtomicWrite(
+                        entity_type=key[0],
+                        entity_id=key[1],
+                        expected_seq_nr=live.seq_nr,
+                        events=events,
+                        tags=[entity.tags_for(evt) for evt in events],
+                        replies=replies,
+                    )
+                )
+                write_keys.append(key)
+            else:
+                # Read-only commands: nothing to wait for.
+                for p in pending:
+                    results[p.index] = Result(reply=p.decision.reply)
+
+        failed: dict[tuple[str, str], BaseException] = {}
+        if writes:
+            try:
+                write_results = await self.journal.append(writes)
+            except Exception as e:
+                # The outcome of the transaction is unknown: forget these entities (they reload
+                # from the journal) and answer every command that waited on the write.
+                for key in write_keys:
+                    failed[key] = e
+            else:
+                for key, wr in zip(write_keys, write_results, strict=True):
+                    if wr.error is not None:
+                        failed[key] = wr.error
+                        if isinstance(wr.error, ConcurrencyConflict):
+                            self._stats["conflicts"] += 1
+        self._stats["failed_writes"] += len(failed)
+
+        to_snapshot: list[SnapshotToSave] = []
+        side_effects: list[tuple[Callable[[Any], Any], Any, tuple[str, str]]] = []
+        persisted = 0
+        for key in write_keys:
+            batch = batches[key]
+            if failed and key in failed:
+                self.evict(*key)
+                error = failed[key]
+                for p in batch.pending:
+                    results[p.index] = Result(error=error)
+                continue
+            live = batch.live
+            previous_seq = seq_nr = live.seq_nr
+            last: Decision | None = None
+            for p in batch.pending:
+                last = p.decision
+                seq_nr += len(last.events)
+                results[p.index] = Result(last.reply, None, last.events)
+                if last.side_effects:
+                    for fn in last.side_effects:
+                        side_effects.append((fn, last.state_after, key))
+            assert last is not None
+            live.state = last.state_after
+            live.seq_nr = seq_nr
+            persisted += seq_nr - previous_seq
+            every = type(live.entity).snapshot_every
+            if every and seq_nr // every > previous_seq // every:
+                to_snapshot.append(SnapshotToSave(key[0], key[1], seq_nr, live.state))
+        self._stats["events_persisted"] += persisted
+
+        for fn, state, key in side_effects:
+            await _run_side_effect(fn, state, key)
+        if to_snapshot:
+            try:
+                await self.snapshots.save_many(to_snapshot)
+            except Exception:
+                log.warning("saving %d snapshots failed", len(to_snapshot), exc_info=True)
+            else:
+                for snap in to_snapshot:
+                    live_entity = self.live.get((snap.entity_type, snap.entity_id))
+                    if live_entity is not None:
+                        live_entity.snapshot_seq_nr = snap.seq_nr
+
+
+async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str, str]) -> None:
+    try:
+        outcome = fn(state)
+        if inspect.isawaitable(outcome):
+            await outcome
+    except Exception:
+        log.exception("then_run side effect of %s/%s failed", *key)
+
+
+def _entity_id_refusal(entity_id: Any) -> LagompyError | None:
+    """None for a valid entity id, else the error that answers its requests (checked once per
+    entity and batch; refs check ids before they are sent)."""
+    if (
+        entity_id.__class__ is str
+        and 0 < len(entity_id) <= MAX_ID_LENGTH
+        and "\x00" not in entity_id
+        and entity_id.isascii()
+    ):
+        return None
+    try:
+        check_entity_id(entity_id)
+    except InvalidEntityId as e:
+        return e
+    return None
+
+
+def _unknown_entity(entity_type: str, known: dict[str, EntityClass]) -> ConfigurationError:
+    return ConfigurationError(
+        f"no entity with type_name {entity_type!r} is registered (known: {sorted(known)})"
+    )

@@ -1,0 +1,721 @@
+"""Entities sharded over Ray actors: ``start()``, entity refs, and the app's lifecycle.
+
+This is the only module that talks to Ray. ``start()`` attaches to Ray (starting a local one on
+demand), records or checks the app's topology, gets or creates the app's shard hosts (named,
+detached actors in the namespace ``lagompy-<app>``) and returns :class:`ShardedEntities`, whose
+refs send commands through a :class:`~lagompy.runtime._region.Region` client::
+
+    entities = await start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db")
+    user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
+    await entities.close()
+
+Any process attached to the same Ray cluster that calls ``start()`` for the same app reaches the
+same hosts, hence the same entities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar, overload
+
+from lagompy.closing import AsyncClosing
+from lagompy.entity import PersistentEntity
+from lagompy.errors import (
+    ConfigurationError,
+    JournalUnavailable,
+    RuntimeFailure,
+    SerializationError,
+)
+from lagompy.runtime._host import JOURNAL_OPEN, Coordinator, ShardHost
+from lagompy.runtime._in_process import InProcessEntities, start_in_process
+from lagompy.runtime._loading import check_entity_importable, import_roots
+from lagompy.runtime._processing import EntityClass, Request
+from lagompy.runtime._refs import EntityRef
+from lagompy.runtime._region import HostUnreachable, Outcome, Region
+from lagompy.runtime._sharding import DEFAULT_SHARDS, Topology, topology_for
+from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
+
+log = logging.getLogger("lagompy.runtime")
+
+R = TypeVar("R")
+C = TypeVar("C")
+
+COORDINATOR = "coordinator"
+
+_ray_owned = False  # start() initialized Ray in this process
+_ray_users = 0  # open ShardedEntities that rely on a Ray this process started
+
+
+def namespace_of(app: str) -> str:
+    """The Ray namespace that holds an app's coordinator and shard hosts."""
+    return f"lagompy-{app}"
+
+
+def host_name(index: int) -> str:
+    return f"host-{index}"
+
+
+# --------------------------------------------------------------------------- refs
+
+
+#: The sharded runtime's refs are the same class as the in-process runtime's.
+ShardedEntityRef = EntityRef
+
+
+# --------------------------------------------------------------------------- Ray links
+
+
+#: How long a lookup of the app's coordinator may take before re-creating a host.
+COORDINATOR_TIMEOUT = 10.0
+
+
+class _RayHostLink:
+    def __init__(
+        self,
+        handle: Any,
+        index: int,
+        app: str,
+        topology_key: str,
+        create: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.handle = handle
+        self.index = index
+        self.app = app
+        self.namespace = namespace_of(app)
+        self.topology_key = topology_key
+        #: makes (or gets) the named host actor, with the options start() made it with
+        self._create = create
+
+    async def call(self, requests: list[Request]) -> list[Outcome]:
+        try:
+            # Plain tuples: the host rebuilds the named tuples (Request._make).
+            batch = pickle.dumps([tuple(r) for r in requests], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # e.g. a command holding a lambda, or a lock
+            return await self._call_apart(requests)
+        return await self._send(batch)
+
+    async def _send(self, batch: list[Request] | bytes) -> list[Outcome]:
+        import ray.exceptions
+
+        try:
+            answer = await self.handle.process.remote(self.topology_key, batch)
+        except ray.exceptions.RayActorError as e:  # ActorDiedError, ActorUnavailableError
+            raise HostUnreachable(f"{type(e).__name__}: {str(e)[:300]}") from e
+        outcomes: list[Outcome] = pickle.loads(answer) if isinstance(answer, bytes) else answer
+        return outcomes
+
+    async def _call_apart(self, requests: list[Request]) -> list[Outcome]:
+        """Some command of the batch does not pickle with the standard pickler: pickle each
+        request apart. A request that Ray's cloudpickle cannot pickle either is not sent (so
+        not run) and alone gets a ``SerializationError`` naming its command; the others go,
+        as objects for Ray's cloudpickle when one of them needs it."""
+        cloudpickle: Any = importlib.import_module("ray.cloudpickle")
+        outcomes: list[Outcome] = [(None, None)] * len(requests)
+        sent: list[int] = []
+        plain = True
+        for n, request in enumerate(requests):
+            try:
+                pickle.dumps(tuple(request), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                try:
+                    cloudpickle.dumps(request)
+                except Exception as e:
+                    outcomes[n] = (None, _unpicklable_command(request, e))
+                    continue
+                plain = False
+            sent.append(n)
+        if not sent:
+            return outcomes
+        chosen = [requests[n] for n in sent]
+        answered = await self._send(
+            pickle.dumps([tuple(r) for r in chosen], protocol=pickle.HIGHEST_PROTOCOL)
+            if plain
+            else chosen
+        )
+        if len(answered) != len(sent):
+            return answered  # the region reports the mismatch
+        for n, outcome in zip(sent, answered, strict=True):
+            outcomes[n] = outcome
+        return outcomes
+
+    async def reconnect(self) -> None:
+        await self.ensure()
+
+    async def ensure(self) -> bool:
+        """Look the host up again by name; when it is gone for good (killed without restart,
+        or its constructor failed), create it again, the way start() did. Returns whether it
+        was created.
+
+        A host is re-created only while the app's coordinator records this link's topology:
+        ``shutdown_app`` and ``replace_hosts`` stop the coordinator before the hosts, so a
+        process still attached to the old hosts never brings them back. Two processes that
+        re-create the same host at once get one actor: the name decides (``get_if_exists``)."""
+        import ray
+
+        try:
+            self.handle = ray.get_actor(host_name(self.index), namespace=self.namespace)
+            return False
+        except ValueError:
+            pass
+        if self._create is None:
+            return False
+        running = await _running_topology(self.app, COORDINATOR_TIMEOUT)
+        if running is None or running.key != self.topology_key:
+            log.warning(
+                "shard host %d of app %r is gone and the app no longer runs this process's "
+                "topology: not re-creating it",
+                self.index,
+                self.app,
+            )
+            return False
+        log.warning("shard host %d of app %r is gone: re-creating it", self.index, self.app)
+        self.handle = self._create(self.index)
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        """The host's stats; a host that does not answer is looked up (or re-created) and
+        asked once more."""
+        import ray.exceptions
+
+        for attempt in (1, 2):
+            try:
+                stats: dict[str, Any] = await self.handle.stats.remote()
+                return stats
+            except ray.exceptions.RayActorError as e:
+                if attempt == 2:
+                    raise RuntimeFailure(
+                        f"shard host {self.index} of app {self.app!r} does not answer "
+                        f"({type(e).__name__})"
+                    ) from e
+                await self.ensure()
+        raise AssertionError("unreachable")
+
+
+def _unpicklable_command(request: Request, error: Exception) -> SerializationError:
+    reason = f"{type(error).__name__}: {error}"
+    return SerializationError(
+        f"command {type(request.command).__qualname__} for {request.entity_type}/"
+        f"{request.entity_id} (command id {request.command_id}) cannot be sent to its shard "
+        f"host: it does not pickle ({reason[:300]}); it was not run. Commands sent to entities "
+        "on Ray must pickle"
+    )
+
+
+# --------------------------------------------------------------------------- entities
+
+
+class ShardedEntities(AsyncClosing):
+    """An app's entities on its shard hosts, as seen from this process."""
+
+    def __init__(
+        self,
+        app: str,
+        topology: Topology,
+        entity_classes: Sequence[EntityClass],
+        hosts: Sequence[Any],
+        settings: RuntimeSettings,
+        *,
+        owns_ray: bool,
+        create_host: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.app = app
+        self.topology = topology
+        self.settings = settings
+        self.namespace = namespace_of(app)
+        self._types = {cls.type_name: cls for cls in entity_classes}
+        self._links = [
+            _RayHostLink(h, i, app, topology.key, create_host) for i, h in enumerate(hosts)
+        ]
+        self.region = Region(
+            self._links,
+            shards=topology.shards,
+            max_batch=settings.max_batch,
+            max_in_flight=settings.max_in_flight,
+            max_pending=settings.max_pending,
+            retries=settings.retries,
+            retry_backoff=settings.retry_backoff,
+            retry_backoff_max=settings.retry_backoff_max,
+        )
+        self._owns_ray = owns_ray
+        self._closed = False
+
+    def ref_for(
+        self, entity: type[PersistentEntity[C, Any, Any]] | str, entity_id: str
+    ) -> EntityRef[C]:
+        """A ref to the entity ``entity_id`` of this type. Raises ``InvalidEntityId`` (a
+        ``ValueError``) for an id that is not a ``str`` of 1 to 255 characters without NUL or
+        lone surrogates (other types are refused, never turned into text), and
+        ``ConfigurationError`` for an entity type that is not registered."""
+        type_name = entity if isinstance(entity, str) else entity.type_name
+        if type_name not in self._types:
+            raise ConfigurationError(
+                f"no entity with type_name {type_name!r} is registered in app {self.app!r} "
+                f"(known: {sorted(self._types)})"
+            )
+        return EntityRef(self.region.submit, type_name, entity_id)
+
+    async def host_stats(self, *, require_journal: bool = True) -> list[dict[str, Any]]:
+        """Counters of every shard host: batches, requests, write transactions, events, live
+        entities, passivated entities..., and its journal's state (``journal``: ``open``,
+        ``opening``, ``unavailable``; ``journal_open_attempts``; ``journal_error``).
+
+        Raises ``RuntimeFailure`` naming a host that does not answer (a host gone for good is
+        re-created meanwhile) and, unless ``require_journal=False``, ``JournalUnavailable``
+        naming the hosts that have not opened the journal: a service's readiness check calls
+        this, so such a service reports itself not ready."""
+        results = await asyncio.gather(
+            *(link.stats() for link in self._links), return_exceptions=True
+        )
+        stats: list[dict[str, Any]] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            stats.append(result)
+        if require_journal:
+            closed = [s for s in stats if s.get("journal", JOURNAL_OPEN) != JOURNAL_OPEN]
+            if closed:
+                which = ", ".join(
+                    f"{s['index']} ({s['journal']} after {s['journal_open_attempts']} attempts)"
+                    for s in closed
+                )
+                raise JournalUnavailable(
+                    f"shard hosts of app {self.app!r} have not opened the journal yet: {which}; "
+                    "their asks answer JournalUnavailable until they can reach the database"
+                )
+        return stats
+
+    async def ensure_hosts(self) -> int:
+        """Create again every shard host that is gone for good (killed without restart, or
+        dead after its restarts ran out); returns how many. Asks do this by themselves for
+        the host they need (before they are resent); this brings them all back at once."""
+        created = 0
+        for link in self._links:
+            created += await link.ensure()
+        return created
+
+    def stats(self) -> dict[str, Any]:
+        """This process's region client: asks, batches, resends, outcome_unknown, overloaded,
+        outstanding asks, queue depth and calls in flight per host, batch sizes, asks/s, and ask
+        latency percentiles (p50/p99/max over the last 10,000 asks)."""
+        return self.region.stats()
+
+    async def close(self, *, shutdown: bool = False) -> None:
+        """Wait for the asks already made, then detach. With ``shutdown=True`` also stop the
+        app's shard hosts (every process's asks to them fail). A local Ray that ``start()``
+        started is shut down when its last user closes."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.region.close()
+        if shutdown:
+            await shutdown_app(self.app)
+        if self._owns_ray:
+            _release_ray()
+
+
+
+
+# --------------------------------------------------------------------------- start
+
+
+def _ensure_ray(settings: RuntimeSettings) -> bool:
+    """Attach to Ray if needed; True if this call started or attached it (then close() shuts
+    it down)."""
+    global _ray_owned, _ray_users
+    import ray
+
+    if ray.is_initialized():
+        if _ray_owned:
+            _ray_users += 1
+            return True
+        return False
+    import atexit
+
+    from lagompy.runtime import _ray_cluster as ray_cluster
+
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        context: Any = ray.init(
+            address="local",
+            object_store_memory=settings.object_store_memory,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        # Recorded so that `lagompy entities stats` finds this Ray without an address.
+        gcs_address = str(context.address_info["gcs_address"])
+        if ray_cluster.record_local_ray(gcs_address, os.environ.get("RAY_AUTH_MODE")):
+            atexit.register(ray_cluster.forget_local_ray)
+        log.info("started a local Ray at %s", gcs_address)
+    else:
+        # Fails in seconds, saying why, where ray.init would retry for a minute.
+        ray_cluster.check_attach(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ConfigurationError(f"cannot attach to the Ray cluster at {address}: {e}") from e
+    _ray_owned = True
+    _ray_users += 1
+    return True
+
+
+def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    runtime: dict[str, Any] = {}
+    journal: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in RuntimeSettings.model_fields:
+            runtime[key] = value
+        elif key in JournalSettings.model_fields:
+            journal[key] = value
+        else:
+            raise ConfigurationError(
+                f"start() got an unknown setting {key!r}: not a field of RuntimeSettings or "
+                "JournalSettings"
+            )
+    return runtime, journal
+
+
+@overload
+async def start(
+    *,
+    app: str = ...,
+    entities: Iterable[EntityClass],
+    journal_url: str | None = ...,
+    ray: Literal[True] = ...,
+    settings: RuntimeSettings | None = ...,
+    journal_settings: JournalSettings | None = ...,
+    replace_hosts: bool = ...,
+    **overrides: Any,
+) -> ShardedEntities: ...
+
+
+@overload
+async def start(
+    *,
+    app: str = ...,
+    entities: Iterable[EntityClass],
+    journal_url: str | None = ...,
+    ray: Literal[False],
+    settings: RuntimeSettings | None = ...,
+    journal_settings: JournalSettings | None = ...,
+    replace_hosts: bool = ...,
+    **overrides: Any,
+) -> InProcessEntities: ...
+
+
+async def start(
+    *,
+    app: str = "default",
+    entities: Iterable[EntityClass],
+    journal_url: str | None = None,
+    ray: bool = True,
+    settings: RuntimeSettings | None = None,
+    journal_settings: JournalSettings | None = None,
+    replace_hosts: bool = False,
+    **overrides: Any,
+) -> ShardedEntities | InProcessEntities:
+    """Start (or attach to) the app's entities.
+
+    With ``ray=True`` (the default) the entities run on the app's shard hosts on Ray; with
+    ``ray=False`` they run in this process (:func:`lagompy.start_in_process`). Keyword
+    ``overrides`` set fields of :class:`~lagompy.settings.RuntimeSettings` (``hosts=2``) or of
+    :class:`~lagompy.settings.JournalSettings` (``pool_size=2``).
+
+    Raises ``ConfigurationError`` when an entity class cannot be imported by Ray's workers,
+    when the app already runs with another topology (the message names what differs; pass
+    ``replace_hosts=True`` to stop the old hosts and start new ones), or when a host cannot
+    start.
+    """
+    entity_list = list(entities)
+    if not entity_list:
+        raise ConfigurationError("start() needs at least one entity class")
+    runtime_overrides, journal_overrides = _split_overrides(overrides)
+    if journal_settings is None:
+        if journal_url is not None:
+            journal_overrides["url"] = journal_url
+        journal_settings = make_settings(JournalSettings, **journal_overrides)
+    elif journal_url is not None or journal_overrides:
+        raise ConfigurationError("pass journal_settings or journal_url/journal keywords, not both")
+    if settings is None:
+        settings = make_settings(RuntimeSettings, **runtime_overrides)
+    elif runtime_overrides:
+        settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
+    for cls in entity_list:
+        cls.validate()
+    if not ray:
+        return await start_in_process(
+            entities=entity_list,
+            max_batch=settings.max_batch,
+            max_entities=settings.max_entities,
+            idle_timeout=settings.idle_timeout,
+            conflict_retries=settings.conflict_retries,
+            max_pending=settings.max_pending,
+            settings=journal_settings,
+        )
+    paths = [check_entity_importable(cls) for cls in entity_list]
+    owns_ray = _ensure_ray(settings)
+    try:
+        return await _start_on_ray(
+            app, entity_list, paths, journal_settings, settings, replace_hosts, owns_ray
+        )
+    except BaseException:
+        if owns_ray:
+            _release_ray()
+        raise
+
+
+def _release_ray() -> None:
+    global _ray_users, _ray_owned
+    _ray_users -= 1
+    if _ray_users == 0 and _ray_owned:
+        import ray
+
+        ray.shutdown()
+        _ray_owned = False
+
+
+async def _start_on_ray(
+    app: str,
+    entity_list: list[EntityClass],
+    paths: list[str],
+    journal_settings: JournalSettings,
+    settings: RuntimeSettings,
+    replace_hosts: bool,
+    owns_ray: bool,
+) -> ShardedEntities:
+    import ray
+
+    namespace = namespace_of(app)
+    if replace_hosts:
+        # The shard hosts and the coordinator only: the app's read-side workers go on.
+        await _stop_actors(app, 5.0, _is_entity_actor)
+    running = await _running_topology(app, settings.start_timeout)
+    shards = settings.shards or (running.shards if running else DEFAULT_SHARDS)
+    hosts = settings.hosts or (running.hosts if running else max(1, int(_cluster_cpus())))
+    topology = topology_for(app, entity_list, journal_settings, shards=shards, hosts=hosts)
+
+    coordinator: Any = (
+        ray.remote(Coordinator)
+        .options(
+            name=COORDINATOR,
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+        )
+        .remote(topology.to_dict())
+    )
+    recorded = Topology.from_dict(
+        await asyncio.wait_for(coordinator.topology.remote(), settings.start_timeout)
+    )
+    differences = topology.differences(recorded)
+    if differences:
+        raise ConfigurationError(
+            f"app {app!r} already runs with another topology; "
+            + "; ".join(differences)
+            + f". To move the app onto these settings or this code, start(..., "
+            f"replace_hosts=True) or lagompy.runtime.shutdown_app({app!r}) first"
+        )
+
+    create_host = _host_factory(app, topology, entity_list, paths, journal_settings, settings)
+    handles = [create_host(i) for i in range(hosts)]
+    try:
+        pings = await asyncio.wait_for(
+            asyncio.gather(*(h.ping.remote() for h in handles)), settings.start_timeout
+        )
+    except TimeoutError:
+        raise ConfigurationError(
+            f"the shard hosts of app {app!r} did not answer within {settings.start_timeout} s"
+        ) from None
+    except ray.exceptions.RayActorError as e:
+        cause = str(e)
+        await shutdown_app(app)
+        raise ConfigurationError(
+            f"a shard host of app {app!r} could not start (entity classes {paths}): "
+            f"{_last_error_line(cause)}\n{cause}"
+        ) from e
+    for ping in pings:
+        if ping["topology_key"] != topology.key:
+            raise ConfigurationError(
+                f"shard host {ping['index']} of app {app!r} runs another topology than the "
+                "one recorded (a host from an earlier start survived); start(..., "
+                "replace_hosts=True) to replace the hosts"
+            )
+    for ping in pings:
+        if ping.get("journal_misconfigured"):
+            await shutdown_app(app)
+            raise ConfigurationError(
+                f"shard host {ping['index']} of app {app!r} cannot open the journal: "
+                f"{ping['journal_error']}"
+            )
+        if ping.get("journal", JOURNAL_OPEN) != JOURNAL_OPEN:
+            # A host never needs the database to start: it keeps trying in the background
+            # and its asks answer JournalUnavailable meanwhile.
+            log.warning(
+                "shard host %d of app %r started without its journal (%s): its asks answer "
+                "JournalUnavailable until it opens",
+                ping["index"],
+                app,
+                ping.get("journal_error") or ping.get("journal"),
+            )
+    return ShardedEntities(
+        app, topology, entity_list, handles, settings, owns_ray=owns_ray, create_host=create_host
+    )
+
+
+def _host_factory(
+    app: str,
+    topology: Topology,
+    entity_list: list[EntityClass],
+    paths: list[str],
+    journal_settings: JournalSettings,
+    settings: RuntimeSettings,
+) -> Callable[[int], Any]:
+    """A function that gets or creates shard host ``i`` of the app (a named, detached actor):
+    start() makes the hosts with it, and the app's region clients make a host again with it
+    when it is gone for good. ``get_if_exists`` makes every caller converge on one actor per
+    name, however many create it at once."""
+    import ray
+
+    from lagompy.sql._database import normalize_url
+
+    journal = journal_settings.model_dump()
+    journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)
+    journal["pool_size"] = settings.host_pool_size
+    journal["max_overflow"] = settings.host_max_overflow
+    roots = import_roots(entity_list)
+    existing = os.environ.get("PYTHONPATH")
+    pythonpath = os.pathsep.join([*roots, *([existing] if existing else [])])
+    host_cls: Any = ray.remote(ShardHost)
+    namespace = namespace_of(app)
+    recorded = topology.to_dict()
+
+    def create(index: int) -> Any:
+        return host_cls.options(
+            name=host_name(index),
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=settings.host_max_restarts,
+            max_task_retries=0,
+            max_concurrency=1,
+            num_cpus=settings.host_num_cpus,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
+        ).remote(
+            recorded,
+            index,
+            paths,
+            journal,
+            max_entities=settings.max_entities,
+            idle_timeout=settings.idle_timeout,
+            conflict_retries=settings.conflict_retries,
+            passivate_interval=settings.passivate_interval,
+        )
+
+    return create
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return resources.get("CPU", 1.0)
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line:
+            return line
+    return lines[-1] if lines else text
+
+
+async def _running_topology(app: str, timeout: float) -> Topology | None:
+    import ray
+
+    try:
+        coordinator = ray.get_actor(COORDINATOR, namespace=namespace_of(app))
+    except ValueError:
+        return None
+    try:
+        return Topology.from_dict(await asyncio.wait_for(coordinator.topology.remote(), timeout))
+    except ray.exceptions.RayActorError:
+        return None
+
+
+async def shutdown_app(app: str, *, timeout: float = 5.0) -> int:
+    """Stop every actor of the app (its shard hosts, its coordinator and its read-side
+    workers): the next ``start()`` records a new topology and starts hosts on the code on disk
+    now. Hosts release their journal connections first (within ``timeout`` seconds). Returns
+    how many actors were stopped. Needs Ray to be initialized (a ``start()`` in this process,
+    or ``ray.init``)."""
+    return await _stop_actors(app, timeout, lambda name: True)
+
+
+def _is_entity_actor(name: str) -> bool:
+    return name.startswith("host-") or name == COORDINATOR
+
+
+async def _stop_actors(app: str, timeout: float, which: Callable[[str], bool]) -> int:
+    import ray
+
+    namespace = namespace_of(app)
+    actors = [
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace and which(entry["name"])
+    ]
+    handles = []
+    for name in actors:
+        try:
+            handles.append((name, ray.get_actor(name, namespace=namespace)))
+        except ValueError:
+            continue
+    closing = [h.close.remote() for name, h in handles if name.startswith("host-")]
+    if closing:
+        try:
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout)
+        except TimeoutError:
+            log.warning("shard hosts of app %r did not close within %s s", app, timeout)
+    # The coordinator goes first, and is gone before the hosts are killed: a region client
+    # that finds a host missing re-creates it only while the coordinator records its
+    # topology, so a process still attached to the old hosts does not bring them back.
+    # Each group's names are free before the next: a start() right after creates new
+    # actors instead of getting the dying ones.
+    deadline = time.monotonic() + timeout
+    for group in (
+        [entry for entry in handles if entry[0] == COORDINATOR],
+        [entry for entry in handles if entry[0] != COORDINATOR],
+    ):
+        for _, handle in group:
+            ray.kill(handle, no_restart=True)
+        for name, _ in group:
+            await _name_freed(name, namespace, deadline)
+    return len(handles)
+
+
+async def _name_freed(name: str, namespace: str, deadline: float) -> None:
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        await asyncio.sleep(0.05)
+
+
+__all__ = [
+    "ShardedEntities",
+    "ShardedEntityRef",
+    "namespace_of",
+    "shutdown_app",
+    "start",
+]

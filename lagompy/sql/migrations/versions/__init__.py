@@ -1,0 +1,1 @@
+"""Revisions of lagompy's tables, applied in order by :mod:`lagompy.sql`."""

@@ -1,1 +1,0 @@
-"""Revisions of lagompy's tables, applied in order by :mod:`lagompy.migrate`."""
