@@ -150,7 +150,10 @@ class _StateListener(pybreaker.CircuitBreakerListener):
 
 
 class CircuitBreaker:
-    """An asyncio circuit breaker named ``breaker_id`` (see the module docs).
+    """An asyncio circuit breaker named ``breaker_id``: closed, then open after
+    ``max_failures`` consecutive failures (calls fail at once with ``CircuitBreakerOpen``),
+    then half-open after ``reset_timeout`` seconds with one trial call; each call limited to
+    ``call_timeout`` seconds (see docs/howto/circuit-breakers.md).
 
     Keyword arguments set :class:`BreakerSettings` fields; ``exclude`` adds exception classes
     or predicates whose exceptions the breaker ignores (by default, with

@@ -65,6 +65,7 @@ def normalize_url(url: str | URL) -> URL:
 
 
 def dialect_of(url: URL) -> Dialect:
+    """The journal backend a database URL names: ``"sqlite"`` or ``"postgresql"``."""
     return "sqlite" if url.get_backend_name() == "sqlite" else "postgresql"
 
 
