@@ -243,6 +243,7 @@ def metric_rows() -> list[list[str]]:
         if not isinstance(value, MetricWrapperBase):
             continue
         kind = value._type
+        assert kind is not None  # every metric class sets it ("counter", "gauge", ...)
         name = value._name
         if kind == "counter":
             exposed = [f"{name}_total"]
@@ -260,10 +261,10 @@ def metric_rows() -> list[list[str]]:
             ]
         )
     for name, kind, help_text in metrics.HOST_FIGURES.values():
-        exposed = f"{name}_total" if kind == "counter" else name
+        series = f"{name}_total" if kind == "counter" else name
         rows.append(
             [
-                f"`{exposed}`",
+                f"`{series}`",
                 kind,
                 "`host`",
                 "pulled from the shard hosts at scrape time",

@@ -220,7 +220,7 @@ class CreditsProjection(SqlReadSideProcessor):
 
     name = "contract-credits"
     tag = CONTRACT_TAG
-    event_types = (Credited,)
+    event_types: ClassVar[tuple[type, ...] | None] = (Credited,)
     calls: ClassVar[list[str]] = []
     #: How many of the next global_prepare calls fail.
     failing_global_prepares: ClassVar[int] = 0
