@@ -1135,7 +1135,7 @@ class SerializerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_SERIALIZER_", frozen=True, extra="forbid")
 
     allow_nul: bool = Field(
-        False,
+        default=False,
         description=(
             "Encode strings that hold a NUL character (\\x00). Off: encoding refuses them "
             "with an EncodeError naming the field, so an event carrying one is never written "
@@ -1156,7 +1156,7 @@ class Serializer:
     def __init__(self, types: Iterable[Any] = (), *, allow_nul: bool | None = None) -> None:
         #: Encode strings holding a NUL character (None: ``SerializerSettings().allow_nul``,
         #: from ``LAGOMPY_SERIALIZER_ALLOW_NUL``, off by default).
-        self.allow_nul = SerializerSettings(**{}).allow_nul if allow_nul is None else allow_nul
+        self.allow_nul = SerializerSettings().allow_nul if allow_nul is None else allow_nul
         self._lock = threading.RLock()
         self._classes: dict[type, _ClassCodec] = {}
         self._by_name: dict[str, _ClassCodec] = {}

@@ -310,7 +310,7 @@ async def start_readside_on_ray(
 
     from lagompy.runtime._ray import _ensure_ray, _release_ray, namespace_of
 
-    owns_ray = _ensure_ray(runtime_settings or RuntimeSettings(**{}))
+    owns_ray = _ensure_ray(runtime_settings or RuntimeSettings())
     try:
         import ray
 

@@ -84,18 +84,22 @@ class BreakerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_BREAKER_", frozen=True, extra="ignore")
 
-    enabled: bool = Field(True, description="False lets every call through, uncounted.")
+    enabled: bool = Field(default=True, description="False lets every call through, uncounted.")
     max_failures: int = Field(
-        10, ge=1, description="Consecutive failures that open a closed breaker."
+        default=10, ge=1, description="Consecutive failures that open a closed breaker."
     )
     call_timeout: float = Field(
-        10.0, gt=0, description="Seconds a call may take; a slower one is cancelled and fails."
+        default=10.0,
+        gt=0,
+        description="Seconds a call may take; a slower one is cancelled and fails.",
     )
     reset_timeout: float = Field(
-        15.0, gt=0, description="Seconds an open breaker waits before it lets one trial call."
+        default=15.0,
+        gt=0,
+        description="Seconds an open breaker waits before it lets one trial call.",
     )
     exclude_client_errors: bool = Field(
-        True,
+        default=True,
         description=(
             "Ignore 4xx answers (ServiceCallFailed with a status below 500): they neither count "
             "as failures nor close a half-open breaker."

@@ -79,10 +79,14 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_CLIENT_", frozen=True, extra="forbid")
 
     timeout: float = Field(
-        10.0, gt=0, description="httpx timeout (seconds) for connecting, reading and writing."
+        default=10.0,
+        gt=0,
+        description="httpx timeout (seconds) for connecting, reading and writing.",
     )
-    connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
-    max_connections: int = Field(100, ge=1, description="Connections open at once per client.")
+    connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to open a connection.")
+    max_connections: int = Field(
+        default=100, ge=1, description="Connections open at once per client."
+    )
 
 
 def _env_name(service: str) -> str:

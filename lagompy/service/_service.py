@@ -59,18 +59,18 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_HTTP_", frozen=True, extra="forbid")
 
     ask_timeout: float = Field(
-        10.0, gt=0, description="Seconds a route's ask waits for its reply (then 504)."
+        default=10.0, gt=0, description="Seconds a route's ask waits for its reply (then 504)."
     )
     retry_after: int = Field(
-        1, ge=0, description="Retry-After seconds sent with 503 for Overloaded and outages."
+        default=1, ge=0, description="Retry-After seconds sent with 503 for Overloaded and outages."
     )
     ready_timeout: float = Field(
-        2.0, gt=0, description="Seconds each /health/ready check may take."
+        default=2.0, gt=0, description="Seconds each /health/ready check may take."
     )
-    metrics: bool = Field(True, description="Serve /metrics.")
-    status_routes: bool = Field(True, description="Serve /_status/circuit-breakers.")
+    metrics: bool = Field(default=True, description="Serve /metrics.")
+    status_routes: bool = Field(default=True, description="Serve /_status/circuit-breakers.")
     idempotency_key_lifetime: float = Field(
-        86_400.0,
+        default=86_400.0,
         gt=0,
         description=(
             "Seconds an Idempotency-Key stays bound to the request it first came with (then "
@@ -144,8 +144,7 @@ class Service:
         self._client_specs = list(clients)
         self.clients: dict[str, ServiceClient] = {}
         self.components = list(components)
-        no_overrides: dict[str, Any] = {}
-        self.settings = settings or ServiceSettings(**no_overrides)
+        self.settings = settings or ServiceSettings()
         self._started: list[Component] = []
         self._probe: Any = None  # a small Database for the journal check of /health/ready
         #: the last failure of each readiness check (logged when it changes)

@@ -80,7 +80,7 @@ class ReadSideTestDriver(AsyncClosing):
         self._journal_url = journal_url
         self._journal_settings = journal_settings
         self.serializer = serializer or serializer_for_processors([self.processor])
-        self.settings = settings or ReadSideSettings(**{})
+        self.settings = settings or ReadSideSettings()
         entities = self.processor.entities
         self.entity_type = entity_type or (entities[0].type_name if entities else "test-entity")
         self._tmp: str | None = None
