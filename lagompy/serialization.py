@@ -72,9 +72,10 @@ from uuid import UUID
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from lagompy.errors import ConfigurationError, DecodeError, EncodeError, RefusedValue, UnknownType
+from lagompy.settings import LagompySettings
 
 __all__ = [
     "VERSION_KEY",
@@ -1127,7 +1128,7 @@ def _is_dataclass_type(ann: Any) -> bool:
 # --------------------------------------------------------------------------- the serializer
 
 
-class SerializerSettings(BaseSettings):
+class SerializerSettings(LagompySettings):
     """What every :class:`Serializer` accepts when it is built without saying so. Environment
     prefix ``LAGOMPY_SERIALIZER_``; read where serializers are built (every process that
     encodes commands, events or snapshots: the shard hosts too)."""

@@ -5,6 +5,17 @@ code wins over the environment, which wins over the default::
 
     JournalSettings()                          # url from LAGOMPY_JOURNAL_URL, else ./lagompy.db
     JournalSettings(url="postgresql://...")    # explicit
+
+A bad value, given in code or found in the environment, raises
+:class:`~lagompy.errors.ConfigurationError` naming the setting and its environment variable.
+
+**Settings object and keywords.** Every function that takes a settings object and keywords for
+its fields (``open_storage(url, settings=..., pool_size=...)``, ``start``, ``start_readside``,
+``Service(journal_url=..., journal_settings=...)``, ``ServiceClient``, ``CircuitBreaker``...)
+resolves them with :func:`make_settings`, by one rule: the settings object is the base, each
+keyword given explicitly replaces its field (``url`` included), and without a settings object
+the environment, then the defaults, fill the fields no keyword gives. Giving both never drops
+either.
 """
 
 from __future__ import annotations
@@ -16,31 +27,59 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lagompy.errors import ConfigurationError
 
-S = TypeVar("S", bound=BaseSettings)
+
+class LagompySettings(BaseSettings):
+    """The base of lagompy's settings classes: pydantic-settings, with a bad value (a keyword
+    or an environment variable) raised as :class:`~lagompy.errors.ConfigurationError` naming
+    the setting, its environment variable and what was wrong, instead of pydantic's
+    ``ValidationError``."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise settings_error(type(self), e) from None
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable that sets ``field``."""
+        return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
 
 
-def make_settings(cls: type[S], base: S | None = None, /, **values: Any) -> S:
-    """``cls(**values)`` (or ``base`` with ``values`` changed), with a bad value raised as
-    ``ConfigurationError`` naming the setting, its environment variable and what was wrong,
-    instead of pydantic's ``ValidationError``."""
-    try:
-        if base is None:
-            return cls(**values)
-        return cls.model_validate({**base.model_dump(), **values})
-    except ValidationError as e:
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        problems = []
-        for err in e.errors():
-            name = ".".join(str(part) for part in err["loc"]) or "(settings)"
-            env = f" ({prefix}{name.upper()})" if prefix and err["loc"] else ""
-            problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigurationError(f"invalid {cls.__name__}: " + "; ".join(problems)) from None
+S = TypeVar("S", bound=LagompySettings)
+
+
+def settings_error(cls: type[LagompySettings], error: ValidationError) -> ConfigurationError:
+    """``error`` as a ``ConfigurationError`` that names each bad setting of ``cls``, its
+    environment variable, what was wrong and the value given."""
+    problems = []
+    for err in error.errors():
+        name = ".".join(str(part) for part in err["loc"]) or "(settings)"
+        env = f" ({cls.env_name(name)})" if err["loc"] and name in cls.model_fields else ""
+        problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
+    return ConfigurationError(f"invalid {cls.__name__}: " + "; ".join(problems))
+
+
+def make_settings(cls: type[S], settings: S | None = None, /, **overrides: Any) -> S:
+    """The settings of class ``cls`` from a settings object and keyword overrides, by the one
+    rule of lagompy's functions that take both: ``settings`` (when given) is the base, each
+    keyword in ``overrides`` replaces its field, and without ``settings`` the environment, then
+    the defaults, fill the other fields. ``settings`` itself is returned when no keyword is
+    given. A bad value raises ``ConfigurationError`` naming the setting.
+
+    Callers pass only the keywords the user gave (a ``url=None`` parameter that means "not
+    given" is left out)."""
+    if settings is None:
+        return cls(**overrides)
+    if not overrides:
+        return settings
+    return cls(**{**settings.model_dump(), **overrides})
 
 
 DEFAULT_JOURNAL_URL = "sqlite+aiosqlite:///lagompy.db"
 
 
-class JournalSettings(BaseSettings):
+class JournalSettings(LagompySettings):
     """Where and how the journal and snapshot store connect. Environment prefix
     ``LAGOMPY_JOURNAL_`` (e.g. ``LAGOMPY_JOURNAL_URL``, ``LAGOMPY_JOURNAL_POOL_SIZE``)."""
 
@@ -88,7 +127,7 @@ class JournalSettings(BaseSettings):
     )
 
 
-class RuntimeSettings(BaseSettings):
+class RuntimeSettings(LagompySettings):
     """How the sharded runtime on Ray is laid out and how its region clients batch. Environment
     prefix ``LAGOMPY_RUNTIME_`` (e.g. ``LAGOMPY_RUNTIME_HOSTS``, ``LAGOMPY_RUNTIME_MAX_BATCH``).
 

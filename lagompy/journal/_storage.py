@@ -50,8 +50,6 @@ class Storage(AsyncClosing):
         await self.database.dispose()
 
 
-
-
 async def open_storage(
     url: str | None = None,
     *,
@@ -63,15 +61,17 @@ async def open_storage(
     """Connect to the journal database (``url``, else ``LAGOMPY_JOURNAL_URL``, else
     ``./lagompy.db``) and check that lagompy's tables are at this version's revision.
 
+    ``settings`` and keyword ``overrides`` (fields of :class:`~lagompy.settings.JournalSettings`)
+    combine by lagompy's one rule (:func:`~lagompy.settings.make_settings`): ``settings`` is the
+    base, ``url`` and each keyword replace their field.
+
     With ``auto_migrate`` (by default on SQLite) missing or outdated tables are created or
     upgraded here; otherwise (by default on PostgreSQL) they raise ``ConfigurationError`` naming
     the ``lagompy migrate`` command to run. See :mod:`lagompy.sql`.
     """
-    if settings is None:
-        if url is not None:
-            overrides["url"] = url
-        settings = make_settings(JournalSettings, **overrides)
-    database = Database.create(settings)
+    if url is not None:
+        overrides["url"] = url
+    database = Database.create(make_settings(JournalSettings, settings, **overrides))
     serializer = serializer or serializer_for(entities)
     journal = Journal(database, serializer)
     try:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from lagompy.errors import ConfigurationError
-from lagompy.settings import JournalSettings, make_settings
+from lagompy.settings import JournalSettings, LagompySettings, make_settings
 
 __all__ = [
     "ReadSideSettings",
@@ -17,7 +16,7 @@ __all__ = [
 ]
 
 
-class ReadSideSettings(BaseSettings):
+class ReadSideSettings(LagompySettings):
     """How read-side workers connect, batch, hold leases and handle failures. Environment prefix
     ``LAGOMPY_READSIDE_`` (for example ``LAGOMPY_READSIDE_URL``, ``LAGOMPY_READSIDE_MAX_BATCH``).
     A keyword argument wins over the environment, which wins over the default."""
@@ -127,8 +126,6 @@ class ReadSideSettings(BaseSettings):
 
 
 def _settings(settings: ReadSideSettings | None, overrides: dict[str, Any]) -> ReadSideSettings:
-    if settings is not None and not overrides:
-        return settings
     return make_settings(ReadSideSettings, settings, **overrides)
 
 
@@ -153,8 +150,4 @@ def projection_settings(journal: JournalSettings, settings: ReadSideSettings) ->
 
 
 def _journal_settings(url: str | None, settings: JournalSettings | None) -> JournalSettings:
-    if settings is not None:
-        if url is not None:
-            raise ConfigurationError("pass journal_url or journal_settings, not both")
-        return settings
-    return make_settings(JournalSettings, **({} if url is None else {"url": url}))
+    return make_settings(JournalSettings, settings, **({} if url is None else {"url": url}))

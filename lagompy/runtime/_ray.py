@@ -425,7 +425,9 @@ async def start(
     With ``ray=True`` (the default) the entities run on the app's shard hosts on Ray; with
     ``ray=False`` they run in this process (:func:`lagompy.start_in_process`). Keyword
     ``overrides`` set fields of :class:`~lagompy.settings.RuntimeSettings` (``hosts=2``) or of
-    :class:`~lagompy.settings.JournalSettings` (``pool_size=2``).
+    :class:`~lagompy.settings.JournalSettings` (``pool_size=2``); they, and ``journal_url``,
+    replace those fields of ``settings`` and ``journal_settings`` when these are given too
+    (:func:`~lagompy.settings.make_settings`).
 
     Raises ``ConfigurationError`` when an entity class cannot be imported by Ray's workers,
     when the app already runs with another topology (the message names what differs; pass
@@ -436,16 +438,10 @@ async def start(
     if not entity_list:
         raise ConfigurationError("start() needs at least one entity class")
     runtime_overrides, journal_overrides = _split_overrides(overrides)
-    if journal_settings is None:
-        if journal_url is not None:
-            journal_overrides["url"] = journal_url
-        journal_settings = make_settings(JournalSettings, **journal_overrides)
-    elif journal_url is not None or journal_overrides:
-        raise ConfigurationError("pass journal_settings or journal_url/journal keywords, not both")
-    if settings is None:
-        settings = make_settings(RuntimeSettings, **runtime_overrides)
-    elif runtime_overrides:
-        settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
+    if journal_url is not None:
+        journal_overrides["url"] = journal_url
+    journal_settings = make_settings(JournalSettings, journal_settings, **journal_overrides)
+    settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
     for cls in entity_list:
         cls.validate()
     if not ray:

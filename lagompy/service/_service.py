@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lagompy.entity import PersistentEntity
@@ -36,7 +36,7 @@ from lagompy.service._problems import (
     _lagompy_error_handler,
     _validation_handler,
 )
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, LagompySettings, make_settings
 
 __all__ = [
     "Component",
@@ -53,7 +53,7 @@ WORKERS_ENV = "LAGOMPY_WORKERS"
 Entities = ShardedEntities | InProcessEntities
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(LagompySettings):
     """HTTP side settings. Environment prefix ``LAGOMPY_HTTP_``."""
 
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_HTTP_", frozen=True, extra="forbid")
@@ -131,12 +131,11 @@ class Service:
         self.entity_classes = list(entities)
         self.ray = ray
         self.runtime_options = dict(runtime_options or {})
-        if journal_settings is not None and journal_url is not None:
-            raise ConfigurationError("pass journal_settings or journal_url, not both")
         journal: dict[str, Any] = {} if journal_url is None else {"url": journal_url}
         self._journal_given = journal_settings is not None or journal_url is not None
-        #: Where the journal is (default: JournalSettings from the environment).
-        self.journal_settings = journal_settings or JournalSettings(**journal)
+        #: Where the journal is: ``journal_settings`` with ``journal_url`` as its url, when
+        #: given (default: JournalSettings from the environment).
+        self.journal_settings = make_settings(JournalSettings, journal_settings, **journal)
         self._given_runtime = runtime
         self._runtime: Entities | None = runtime
         self.locator = locator or ServiceLocator()
