@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lagompy.errors import ConfigurationError
+from lagompy.errors import InvalidSettings
 
 
 class LagompySettings(BaseSettings):
@@ -49,15 +49,22 @@ class LagompySettings(BaseSettings):
 S = TypeVar("S", bound=LagompySettings)
 
 
-def settings_error(cls: type[LagompySettings], error: ValidationError) -> ConfigurationError:
-    """``error`` as a ``ConfigurationError`` that names each bad setting of ``cls``, its
-    environment variable, what was wrong and the value given."""
+def settings_error(cls: type[LagompySettings], error: ValidationError) -> InvalidSettings:
+    """``error`` as an ``InvalidSettings`` (a ``ConfigurationError``) that names each bad
+    setting of ``cls``, its environment variable, what was wrong and the value given."""
     problems = []
+    fields = []
     for err in error.errors():
-        name = ".".join(str(part) for part in err["loc"]) or "(settings)"
-        env = f" ({cls.env_name(name)})" if err["loc"] and name in cls.model_fields else ""
+        if not err["loc"]:  # a check of several fields together: its message names them
+            problems.append(err["msg"].removeprefix("Value error, "))
+            continue
+        name = ".".join(str(part) for part in err["loc"])
+        env = f" ({cls.env_name(name)})" if name in cls.model_fields else ""
         problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
-    return ConfigurationError(f"invalid {cls.__name__}: " + "; ".join(problems))
+        fields.append(name)
+    return InvalidSettings(
+        f"invalid {cls.__name__}: " + "; ".join(problems), fields=tuple(dict.fromkeys(fields))
+    )
 
 
 def make_settings(cls: type[S], settings: S | None = None, /, **overrides: Any) -> S:

@@ -8,6 +8,7 @@ settings object the environment, then the defaults, fill the rest. Giving both n
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic_settings import BaseSettings
 from ray_entities import CounterEntity
 
 from lagompy import ConfigurationError, JournalSettings, RuntimeSettings, open_storage, start
+from lagompy.errors import InvalidSettings, LagompyError
 from lagompy.readside import ReadSideSettings, open_projections
 from lagompy.service import (
     BreakerSettings,
@@ -208,8 +210,19 @@ def test_a_breaker_names_its_own_environment_variables(monkeypatch: pytest.Monke
         CircuitBreaker("user-service")
 
 
-def test_configuration_errors_stay_in_the_tree() -> None:
-    from lagompy.errors import LagompyError
-
-    with pytest.raises(LagompyError):
-        RuntimeSettings(max_batch=0)
+def test_invalid_settings_name_their_fields_and_stay_in_the_tree() -> None:
+    with pytest.raises(InvalidSettings) as caught:
+        RuntimeSettings(max_batch=0, retries=-1, hosts=2)
+    assert caught.value.fields == ("max_batch", "retries")
+    assert isinstance(caught.value, ConfigurationError)
+    assert isinstance(caught.value, LagompyError)
+    assert isinstance(caught.value, ValueError)  # as pydantic's ValidationError was
+    back = pickle.loads(pickle.dumps(caught.value))  # it crosses process boundaries
+    assert (type(back), str(back), back.fields) == (
+        InvalidSettings,
+        str(caught.value),
+        ("max_batch", "retries"),
+    )
+    # a check of several fields together is named by its message
+    with pytest.raises(InvalidSettings, match=r"^invalid ReadSideSettings: renew_interval \(2"):
+        ReadSideSettings(lease_ttl=1, renew_interval=2)

@@ -46,7 +46,7 @@ from pydantic_settings import SettingsConfigDict
 
 from lagompy.errors import (
     CircuitBreakerOpen,
-    ConfigurationError,
+    InvalidSettings,
     ServiceCallFailed,
     ServiceCallTimeout,
 )
@@ -129,9 +129,9 @@ def breaker_settings(breaker_id: str, **overrides: Any) -> BreakerSettings:
     }
     try:
         return BreakerSettings(**{**specific, **overrides})
-    except ConfigurationError as e:
+    except InvalidSettings as e:
         named = str(e).replace("<ID>", env_id(breaker_id))
-        raise ConfigurationError(f"circuit breaker {breaker_id!r}: {named}") from None
+        raise InvalidSettings(f"circuit breaker {breaker_id!r}: {named}", fields=e.fields) from None
 
 
 def is_client_error(exc: BaseException) -> bool:
