@@ -55,12 +55,12 @@ def user_module() -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_settings_classes_type_check_in_strict_user_code(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
+def strict_mypy_errors(source: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
+    """The errors ``mypy --strict`` reports in ``source``, a user's module that imports lagompy
+    (with no plugin: what a user's project sees)."""
     mypy_api = pytest.importorskip("mypy.api")
-    source = tmp_path / "user_code.py"
-    source.write_text(user_module(), encoding="utf-8")
+    module = tmp_path / "user_code.py"
+    module.write_text(source, encoding="utf-8")
     config = tmp_path / "mypy.ini"
     config.write_text(
         textwrap.dedent(
@@ -74,12 +74,19 @@ def test_settings_classes_type_check_in_strict_user_code(
         encoding="utf-8",
     )
     cached = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    cache = cached.mkdir("mypy-settings") if cached is not None else tmp_path / "mypy-cache"
+    cache = cached.mkdir("mypy-strict") if cached is not None else tmp_path / "mypy-cache"
     stdout, stderr, status = mypy_api.run(
-        ["--config-file", str(config), "--cache-dir", str(cache), str(source)]
+        ["--config-file", str(config), "--cache-dir", str(cache), str(module)]
     )
+    assert status in (0, 1), stderr
     # Only the user's module is judged (lagompy itself is checked by its own gate); by its
     # name, as errors replayed from the cache carry the path of the run that found them.
-    mine = [line for line in stdout.splitlines() if f"{source.name}:" in line]
-    assert mine == [], user_module() + "\n" + "\n".join(mine)
-    assert status in (0, 1), stderr
+    return [line for line in stdout.splitlines() if f"{module.name}:" in line]
+
+
+def test_settings_classes_type_check_in_strict_user_code(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    source = user_module()
+    errors = strict_mypy_errors(source, tmp_path, request)
+    assert errors == [], source + "\n" + "\n".join(errors)

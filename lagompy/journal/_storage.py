@@ -2,7 +2,7 @@
 
 ::
 
-    async with await open_storage("sqlite:///users.db", entities=[UserEntity]) as storage:
+    async with open_storage("sqlite:///users.db", entities=[UserEntity]) as storage:
         await storage.journal.events("user", "42")
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.journal._journal import Journal
 from lagompy.journal._snapshots import SnapshotStore
@@ -50,6 +50,7 @@ class Storage(AsyncClosing):
         await self.database.dispose()
 
 
+@opener
 async def open_storage(
     url: str | None = None,
     *,

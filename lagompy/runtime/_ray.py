@@ -5,9 +5,8 @@ demand), records or checks the app's topology, gets or creates the app's shard h
 detached actors in the namespace ``lagompy-<app>``) and returns :class:`ShardedEntities`, whose
 refs send commands through a :class:`~lagompy.runtime._region.Region` client::
 
-    entities = await start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db")
-    user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
-    await entities.close()
+    async with start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db") as entities:
+        user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
 
 Any process attached to the same Ray cluster that calls ``start()`` for the same app reaches the
 same hosts, hence the same entities.
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, Opening, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import (
     ConfigurationError,
@@ -382,7 +381,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 @overload
-async def start(
+def start(
     *,
     app: str = ...,
     entities: Iterable[EntityClass],
@@ -392,11 +391,11 @@ async def start(
     journal_settings: JournalSettings | None = ...,
     replace_hosts: bool = ...,
     **overrides: Any,
-) -> ShardedEntities: ...
+) -> Opening[ShardedEntities]: ...
 
 
 @overload
-async def start(
+def start(
     *,
     app: str = ...,
     entities: Iterable[EntityClass],
@@ -406,9 +405,10 @@ async def start(
     journal_settings: JournalSettings | None = ...,
     replace_hosts: bool = ...,
     **overrides: Any,
-) -> InProcessEntities: ...
+) -> Opening[InProcessEntities]: ...
 
 
+@opener
 async def start(
     *,
     app: str = "default",
