@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar
 
 
 class AsyncClosing:
@@ -46,10 +46,13 @@ R = TypeVar("R", bound=AsyncClosing, covariant=True)
 P = ParamSpec("P")
 
 
-class Opening(Generic[R]):
+class Opening(Coroutine[Any, Any, R]):
     """What an opener returns before it has run: ``await`` it for the opened object (then
     close it yourself), or ``async with`` it to have the object closed when the block ends,
-    on an exception too. Either way the opener runs once, when awaited or entered."""
+    on an exception too. Either way the opener runs once, when awaited or entered.
+
+    It is the opener's coroutine too (``asyncio.create_task``, ``asyncio.run`` and
+    ``asyncio.wait_for`` take it), so code written for the plain coroutine keeps working."""
 
     __slots__ = ("_coro", "_opened")
 
@@ -59,6 +62,15 @@ class Opening(Generic[R]):
 
     def __await__(self) -> Generator[Any, None, R]:
         return self._coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
 
     async def __aenter__(self) -> R:
         opened = await self._coro

@@ -9,6 +9,7 @@ and both forms type-check in a user's ``mypy --strict`` code.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,6 +147,12 @@ async def test_an_opening_runs_its_opener_once_and_enters_what_it_opened() -> No
     awaited = await open_resource("b")
     assert log == ["open b"]  # awaited: opened, not entered, not closed
     await awaited.close()
+
+    # what took the opener's coroutine takes its Opening
+    for wrap in (asyncio.create_task, asyncio.ensure_future, lambda c: asyncio.wait_for(c, 5)):
+        log.clear()
+        got = await wrap(open_resource("c"))
+        assert isinstance(got, Resource) and log == ["open c"]
 
     @opener
     async def fail_to_open() -> Resource:
