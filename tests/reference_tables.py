@@ -163,8 +163,9 @@ SETTINGS_ORDER = [
 
 
 def settings_classes() -> list[type[BaseSettings]]:
-    """Every pydantic-settings class defined in the lagompy package."""
+    """Every pydantic-settings class defined in the lagompy package (not their base class)."""
     import lagompy
+    from lagompy.settings import LagompySettings
 
     found: dict[str, type[BaseSettings]] = {}
     for info in pkgutil.walk_packages(lagompy.__path__, "lagompy."):
@@ -175,7 +176,7 @@ def settings_classes() -> list[type[BaseSettings]]:
             if (
                 inspect.isclass(value)
                 and issubclass(value, BaseSettings)
-                and value is not BaseSettings
+                and value not in (BaseSettings, LagompySettings)
                 and value.__module__ == info.name
             ):
                 found[f"{value.__module__}.{value.__qualname__}"] = value

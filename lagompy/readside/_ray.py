@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus
@@ -261,6 +261,7 @@ class RayReadSide(AsyncClosing):
 
 
 
+@opener
 async def start_readside_on_ray(
     processors: Iterable[type[SqlReadSideProcessor]],
     *,
@@ -310,7 +311,7 @@ async def start_readside_on_ray(
 
     from lagompy.runtime._ray import _ensure_ray, _release_ray, namespace_of
 
-    owns_ray = _ensure_ray(runtime_settings or RuntimeSettings(**{}))
+    owns_ray = _ensure_ray(runtime_settings or RuntimeSettings())
     try:
         import ray
 
