@@ -93,11 +93,12 @@ class TailSettings(BaseSettings):
 
     page_size: int = Field(default=500, ge=1, description="Events read per query.")
     poll_interval: float = Field(
-        default=0.1,
+        default=0.05,
         gt=0,
         description=(
             "Seconds between queries while nothing wakes the tailer: always on SQLite, and on "
-            "PostgreSQL while the LISTEN connection is down (or listen is off)."
+            "PostgreSQL while the LISTEN connection is down (or listen is off). The one default "
+            "of tailers and read-side workers."
         ),
     )
     listen: bool = Field(
