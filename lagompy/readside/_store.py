@@ -147,7 +147,9 @@ def _check_name(what: str, value: object) -> str:
 
 
 class OffsetStore:
-    """Reads and writes ``lagompy_readside_offsets`` in one projection database."""
+    """Reads and writes ``lagompy_readside_offsets`` in one projection database: the
+    :class:`~lagompy.consumer.LeaseStore` of read-side workers (the lease types, ``Lease`` and
+    ``Flags``, are the consumer core's)."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
