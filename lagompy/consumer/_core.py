@@ -74,7 +74,8 @@ __all__ = [
 
 
 class ConsumerStopped(Exception):
-    """Internal: the consumer was asked to stop (raised out of its waits)."""
+    """Raised out of a consumer's waits once :meth:`EventConsumer.stop` was called: the
+    consumer ends after its current transaction. Commit strategies let it through."""
 
 
 class ConsumerSettings(Protocol):
