@@ -201,7 +201,7 @@ async def test_the_core_runs_another_commit_strategy(journal_settings: JournalSe
         strategy = Collected(store, projection)
         checked: CommitStrategy = strategy  # it fits the protocol
         assert checked is strategy
-        settings = ReadSideSettings(**FAST, poll_interval=0.02)
+        settings = ReadSideSettings(tail=TailSettings(poll_interval=0.02), **FAST)
         consumer = EventConsumer(
             "collector",
             CONTRACT_TAG,
