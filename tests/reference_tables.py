@@ -72,6 +72,7 @@ API_MODULES: list[tuple[str, str]] = [
     ("lagompy.errors", "`lagompy.errors`: the exception tree"),
     ("lagompy.sql", "`lagompy.sql`: connections, lagompy's tables and their migrations"),
     ("lagompy.journal", "`lagompy.journal`: events, snapshots, reading and tailing"),
+    ("lagompy.consumer", "`lagompy.consumer`: the event-consumer core and its commit strategies"),
     ("lagompy.runtime", "`lagompy.runtime`: entity refs, in-process and on Ray"),
     ("lagompy.readside", "`lagompy.readside`: read sides, in-process and on Ray"),
     ("lagompy.service", "`lagompy.service`: FastAPI glue, service clients, circuit breakers"),

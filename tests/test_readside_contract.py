@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideSettings
 from lagompy.testkit import ReadSideContract
 
@@ -28,6 +29,6 @@ class TestReadSideSeparateDatabase(ReadSideContract):
             retry_initial_delay=0.01,
             retry_max_delay=0.05,
             max_attempts=2,
-            poll_interval=0.02,
+            tail=TailSettings(poll_interval=0.02),
             auto_migrate=True,
         )

@@ -8,7 +8,8 @@
   sharing its connections, with lagompy's tables checked (or upgraded) on open.
 * :func:`read_pages`, :func:`tail`, :class:`EventTailer` (``_tailing.py``): every event after an
   offset, once each, then the new ones as they commit (woken by PostgreSQL's NOTIFY through a
-  :class:`JournalNotifier`).
+  :class:`JournalNotifier`); :class:`PageTailer`, the same tail loop by pages, which the
+  consumer core (:mod:`lagompy.consumer`) drives.
 
 It builds on :mod:`lagompy.sql` and knows nothing of Ray, shards or read sides: the runtime
 (:mod:`lagompy.runtime`) writes through it, the read sides (:mod:`lagompy.readside`) read it.
@@ -20,6 +21,7 @@ from lagompy.journal._storage import Storage, open_storage, serializer_for
 from lagompy.journal._tailing import (
     EventTailer,
     JournalNotifier,
+    PageTailer,
     Subscription,
     TailSettings,
     WakeReason,
@@ -33,6 +35,7 @@ __all__ = [
     "EventTailer",
     "Journal",
     "JournalNotifier",
+    "PageTailer",
     "Snapshot",
     "SnapshotStore",
     "SnapshotToSave",

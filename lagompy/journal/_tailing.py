@@ -8,6 +8,11 @@ Two ways to read events after an offset, both thin layers over
 * :class:`EventTailer` (built by :func:`tail`) never stops: after reading everything it waits
   for new events and reads on, yielding each event once, in offset order.
 
+Both tail loops of lagompy are one: :class:`PageTailer` reads a page after an offset and, after a
+short page, waits; :class:`EventTailer` iterates over it event by event, and the consumer core
+(:mod:`lagompy.consumer`, hence every read-side worker) drives it page by page between its lease
+renewals. So one :class:`TailSettings` says how every reader of this process waits.
+
 How a tailer learns that there is something new::
 
     PostgreSQL                                       SQLite
@@ -18,7 +23,7 @@ How a tailer learns that there is something new::
     per process and database, LISTEN lagompy_events
             │ fan-out: wake every subscribed tailer
             ▼                                                ▼
-    EventTailer: re-query after its offset          EventTailer: re-query every poll_interval
+    PageTailer: re-query after its offset           PageTailer: re-query every poll_interval
 
 A tailer queries, yields the page, and only when a page comes back short does it wait: for a
 wake-up from the notifier or for its poll interval, whichever comes first. On PostgreSQL the
@@ -40,7 +45,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Self
 
 import asyncpg  # type: ignore[import-untyped,unused-ignore]
@@ -49,7 +54,7 @@ from pydantic_settings import SettingsConfigDict
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
-from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal
+from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal, TagPage
 from lagompy.settings import LagompySettings
 from lagompy.sql._database import Database
 
@@ -58,6 +63,7 @@ log = logging.getLogger("lagompy.tailing")
 __all__ = [
     "EventTailer",
     "JournalNotifier",
+    "PageTailer",
     "Subscription",
     "TailSettings",
     "WakeReason",
@@ -88,11 +94,12 @@ class TailSettings(LagompySettings):
 
     page_size: int = Field(default=500, ge=1, description="Events read per query.")
     poll_interval: float = Field(
-        default=0.1,
+        default=0.05,
         gt=0,
         description=(
             "Seconds between queries while nothing wakes the tailer: always on SQLite, and on "
-            "PostgreSQL while the LISTEN connection is down (or listen is off)."
+            "PostgreSQL while the LISTEN connection is down (or listen is off). The one default "
+            "of tailers and read-side workers."
         ),
     )
     listen: bool = Field(
@@ -529,25 +536,52 @@ def _check_arguments(after_offset: int, page_size: int) -> None:
         raise ValueError(f"page_size must be 1 or more, not {page_size}")
 
 
-class EventTailer(AsyncClosing):
-    """Every event after an offset, in offset order, each once, then the new ones as they
-    commit; an endless async iterator. Build it with :func:`tail`.
+_ReadPage = Callable[[int, int], Awaitable[TagPage]]
 
-    ::
 
-        async with tail(journal, tag="user-events-0", after_offset=saved) as events:
-            async for envelope in events:
-                ...  # handle it; remember envelope.offset to resume from there
+def _page_reader(
+    journal: Journal, tag: str | None, event_types: Collection[str] | None
+) -> _ReadPage:
+    """Read a page after an offset as a :class:`TagPage`: ``read(after_offset, limit)``."""
+    if tag is not None:
+        return lambda after, limit: journal.read_tag(
+            tag, after_offset=after, limit=limit, event_types=event_types
+        )
+    if event_types is not None:
+        raise ValueError("event_types needs a tag")
 
-    Use it as an async context manager, or call :meth:`close`: that releases its
-    subscription to the process's LISTEN connection (the last tailer's close closes the
-    connection). :meth:`close` from another task also ends a pending ``async for``.
+    async def read_all(after: int, limit: int) -> TagPage:
+        events = await journal.all_events(after_offset=after, limit=limit)
+        last = events[-1].offset if events else after
+        return TagPage(events, last, len(events), len(events) >= limit)
 
-    A failing query raises out of the iteration (``JournalUnavailable`` when the database
-    cannot be reached); :attr:`offset` is where to resume with a new tailer.
+    return read_all
 
-    Attributes for metrics: :attr:`offset`, :attr:`events_yielded`, :attr:`pages_read`,
-    :attr:`notify_wakeups`, :attr:`poll_wakeups`, :attr:`reconnect_wakeups`, :attr:`waiting`.
+
+class PageTailer(AsyncClosing):
+    """The tail loop, one page at a time: the one place that knows how to wait for new events.
+
+    :meth:`next_page` queries the page after an offset (it never waits); :meth:`wait` returns at
+    once after a full page, and after a short one waits for a wake-up (a NOTIFY through the
+    process's :class:`JournalNotifier`, or :meth:`wake`) or for the poll interval, whichever
+    comes first. A wake-up that arrives while a page is read or handled is kept: the next wait
+    ends at once. The caller keeps its own position (it may move back, after a failure, or
+    jump, after an operator's set-offset), and passes it to every :meth:`next_page`::
+
+        async with PageTailer(journal, tag="user-events-0") as pages:
+            while True:
+                page = await pages.next_page(position)
+                ...  # handle page.envelopes; position = page.last_offset
+                await pages.wait()
+
+    :class:`EventTailer` iterates over it event by event; the consumer core
+    (:mod:`lagompy.consumer`) drives it for read-side workers, between lease renewals. Pages
+    are :class:`~lagompy.journal.TagPage`: with a ``tag``, :meth:`Journal.read_tag
+    <lagompy.journal.Journal.read_tag>` (only the ``event_types`` wanted are decoded, the page
+    still moves past the others); without, every event.
+
+    Attributes for metrics: :attr:`pages_read`, :attr:`notify_wakeups`, :attr:`poll_wakeups`,
+    :attr:`reconnect_wakeups`, :attr:`waiting`.
     """
 
     def __init__(
@@ -555,7 +589,7 @@ class EventTailer(AsyncClosing):
         journal: Journal,
         *,
         tag: str | None = None,
-        after_offset: int = 0,
+        event_types: Collection[str] | None = None,
         page_size: int | None = None,
         poll_interval: float | None = None,
         listen_poll_interval: float | None = None,
@@ -570,13 +604,9 @@ class EventTailer(AsyncClosing):
         self.listen_poll_interval = (
             settings.listen_poll_interval if listen_poll_interval is None else listen_poll_interval
         )
-        _check_arguments(after_offset, self.page_size)
+        _check_arguments(0, self.page_size)
         if self.poll_interval <= 0 or self.listen_poll_interval <= 0:
             raise ValueError("poll intervals must be above 0 seconds")
-        #: The offset of the last event yielded (``after_offset`` before the first): resume here.
-        self.offset = after_offset
-        #: Events yielded so far.
-        self.events_yielded = 0
         #: Queries run so far.
         self.pages_read = 0
         #: Wait ends caused by a notification (a writer committed) or by :meth:`wake`.
@@ -585,9 +615,7 @@ class EventTailer(AsyncClosing):
         self.poll_wakeups = 0
         #: Wait ends caused by the LISTEN connection going down or coming back.
         self.reconnect_wakeups = 0
-        self._read = _reader(journal, tag)
-        self._fetched = after_offset  # the highest offset read into the buffer
-        self._buffer: deque[EventEnvelope[Any]] = deque()
+        self._read_page = _page_reader(journal, tag, event_types)
         self._must_wait = False  # the last page was short: wait before the next query
         self._woken = asyncio.Event()
         self._reason: WakeReason | None = None
@@ -614,7 +642,8 @@ class EventTailer(AsyncClosing):
         return self._in_wait and not self._woken.is_set()
 
     async def start(self) -> None:
-        """Subscribe to wake-ups (done by the first iteration or ``async with`` otherwise)."""
+        """Subscribe to wake-ups (done by the first iteration or ``async with`` otherwise).
+        Without it (or on SQLite, or with ``listen`` off) :meth:`wait` polls."""
         if self._started or self._closed:
             return
         self._started = True
@@ -638,11 +667,10 @@ class EventTailer(AsyncClosing):
         self._subscription = notifier.subscribe(wake)
 
     async def close(self) -> None:
-        """Stop: a pending or later iteration ends; the notifier subscription is released."""
+        """Stop: a pending :meth:`wait` ends; the notifier subscription is released."""
         if self._closed:
             return
         self._closed = True
-        self._buffer.clear()
         self._woken.set()
         notifier, self._notifier = self._notifier, None
         if self._subscription is not None:
@@ -664,7 +692,6 @@ class EventTailer(AsyncClosing):
         await self.start()
         return self
 
-
     def wake(self) -> None:
         """Query now instead of waiting (for example right after this process wrote)."""
         self._on_wake(WakeReason.NOTIFICATION)
@@ -672,6 +699,102 @@ class EventTailer(AsyncClosing):
     def _on_wake(self, reason: WakeReason) -> None:
         self._reason = reason
         self._woken.set()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def next_page(self, after: int) -> TagPage:
+        """The page after offset ``after``, read now (a failing query raises: call again)."""
+        # Cleared before the query: a wake-up that arrives while it runs (or while the page is
+        # handled) is kept, and ends the next wait at once.
+        self._woken.clear()
+        self._reason = None
+        page = await self._read_page(after, self.page_size)
+        self.pages_read += 1
+        self._must_wait = not page.full
+        return page
+
+    async def wait(self, limit: float | None = None) -> None:
+        """Before the next query: nothing after a full page; after a short one, wait for a
+        wake-up or the poll interval (at most ``limit`` seconds, for a caller with other
+        duties such as renewing a lease)."""
+        if not self._must_wait or self._closed:
+            return
+        interval = self._current_poll_interval()
+        timeout = interval if limit is None else max(0.0, min(interval, limit))
+        self._in_wait = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._woken.wait()
+        except TimeoutError:
+            self.poll_wakeups += 1
+        else:
+            if self._reason is WakeReason.NOTIFICATION:
+                self.notify_wakeups += 1
+            elif self._reason is not None:
+                self.reconnect_wakeups += 1
+        finally:
+            self._in_wait = False
+        self._must_wait = False
+
+    def _current_poll_interval(self) -> float:
+        if self._notifier is not None and self._notifier.connected:
+            return self.listen_poll_interval
+        return self.poll_interval
+
+
+class EventTailer(PageTailer):
+    """Every event after an offset, in offset order, each once, then the new ones as they
+    commit; an endless async iterator over a :class:`PageTailer`. Build it with :func:`tail`.
+
+    ::
+
+        async with tail(journal, tag="user-events-0", after_offset=saved) as events:
+            async for envelope in events:
+                ...  # handle it; remember envelope.offset to resume from there
+
+    Use it as an async context manager, or call :meth:`close`: that releases its
+    subscription to the process's LISTEN connection (the last tailer's close closes the
+    connection). :meth:`close` from another task also ends a pending ``async for``.
+
+    A failing query raises out of the iteration (``JournalUnavailable`` when the database
+    cannot be reached, ``EventDecodeError`` for an event that cannot be decoded);
+    :attr:`offset` is where to resume with a new tailer.
+
+    Attributes for metrics: :attr:`offset`, :attr:`events_yielded`, :attr:`pages_read`,
+    :attr:`notify_wakeups`, :attr:`poll_wakeups`, :attr:`reconnect_wakeups`, :attr:`waiting`.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        tag: str | None = None,
+        after_offset: int = 0,
+        page_size: int | None = None,
+        poll_interval: float | None = None,
+        listen_poll_interval: float | None = None,
+        settings: TailSettings | None = None,
+    ) -> None:
+        super().__init__(
+            journal,
+            tag=tag,
+            page_size=page_size,
+            poll_interval=poll_interval,
+            listen_poll_interval=listen_poll_interval,
+            settings=settings,
+        )
+        _check_arguments(after_offset, self.page_size)
+        #: The offset of the last event yielded (``after_offset`` before the first): resume here.
+        self.offset = after_offset
+        #: Events yielded so far.
+        self.events_yielded = 0
+        self._fetched = after_offset  # the highest offset read into the buffer
+        self._buffer: deque[EventEnvelope[Any]] = deque()
+
+    async def close(self) -> None:
+        """Stop: a pending or later iteration ends; the notifier subscription is released."""
+        self._buffer.clear()
+        await super().close()
 
     # ------------------------------------------------------------------ iteration
 
@@ -684,10 +807,9 @@ class EventTailer(AsyncClosing):
         while not self._buffer:
             if self._closed:
                 raise StopAsyncIteration
-            if self._must_wait:
-                await self._wait()
-                if self._closed:
-                    raise StopAsyncIteration
+            await self.wait()
+            if self._closed:
+                raise StopAsyncIteration
             await self._fetch()
         envelope = self._buffer.popleft()
         self.offset = envelope.offset
@@ -695,39 +817,14 @@ class EventTailer(AsyncClosing):
         return envelope
 
     async def _fetch(self) -> None:
-        # Cleared before the query: a wake-up that arrives while it runs is kept, and ends the
-        # next wait at once.
-        self._woken.clear()
-        self._reason = None
-        page = await self._read(self._fetched, self.page_size)
-        self.pages_read += 1
+        page = await self.next_page(self._fetched)
+        if page.error is not None:
+            self._must_wait = False  # the same query again on the next iteration
+            raise page.error
         if self._closed:
             return
-        self._buffer.extend(page)
-        if page:
-            self._fetched = page[-1].offset
-        self._must_wait = len(page) < self.page_size
-
-    def _current_poll_interval(self) -> float:
-        if self._notifier is not None and self._notifier.connected:
-            return self.listen_poll_interval
-        return self.poll_interval
-
-    async def _wait(self) -> None:
-        self._in_wait = True
-        try:
-            async with asyncio.timeout(self._current_poll_interval()):
-                await self._woken.wait()
-        except TimeoutError:
-            self.poll_wakeups += 1
-        else:
-            if self._reason is WakeReason.NOTIFICATION:
-                self.notify_wakeups += 1
-            elif self._reason is not None:
-                self.reconnect_wakeups += 1
-        finally:
-            self._in_wait = False
-        self._must_wait = False
+        self._buffer.extend(page.envelopes)
+        self._fetched = page.last_offset
 
 
 def tail(

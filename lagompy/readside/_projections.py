@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from lagompy.closing import AsyncClosing, opener
+from lagompy.consumer import ConsumerStopped, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
 from lagompy.readside._processor import (
@@ -43,8 +44,6 @@ from lagompy.readside._store import (
 )
 from lagompy.readside._worker import (
     ReadSideWorker,
-    _Stopped,
-    _taken,
     default_owner,
     describe_error,
     run_global_prepare,
@@ -336,7 +335,7 @@ class Projections(AsyncClosing):
             lease = await self.store.acquire(p.name, t, owner, s.lease_ttl, force=True)
             assert lease is not None  # forced
             level = logging.WARNING if lease.previous_live else logging.INFO
-            log.log(level, "read-side processor %r, tag %r: %s", p.name, t, _taken(lease))
+            log.log(level, "read-side processor %r, tag %r: %s", p.name, t, describe_taken(lease))
             leases.append(lease)
         try:
             async with self.projection.write() as conn:
@@ -464,7 +463,7 @@ class ReadSide(AsyncClosing):
             attempts = await run_global_prepare(
                 processor, self.projection, self.settings, stop=self._stop, on_stall=stalled
             )
-        except _Stopped:
+        except ConsumerStopped:
             return
         self.global_prepares[processor.name] = attempts
         async with asyncio.TaskGroup() as group:

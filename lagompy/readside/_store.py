@@ -31,12 +31,22 @@ commit past the failing event clear it), so it survives restarts like a pause do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import and_, case, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from lagompy.consumer._lease import (
+    FAILED,
+    REBUILD_OWNER,
+    SET_OFFSET_OWNER,
+    SKIP_OWNER,
+    STALLED,
+    Flags,
+    Lease,
+    describe_owner,
+)
 from lagompy.errors import ConfigurationError, LeaseLost
 from lagompy.journal._journal import now_us
 from lagompy.sql import _schema as schema
@@ -45,6 +55,9 @@ from lagompy.sql._database import Database
 __all__ = [
     "FAILED",
     "GLOBAL_TAG",
+    "REBUILD_OWNER",
+    "SET_OFFSET_OWNER",
+    "SKIP_OWNER",
     "STALLED",
     "Flags",
     "Lease",
@@ -58,17 +71,6 @@ __all__ = [
 #: The tag of a processor's own row: its lease is held while ``global_prepare`` runs.
 GLOBAL_TAG = "*"
 
-#: The state of a worker stopped by an event it could not get past (persisted until cleared).
-FAILED = "failed"
-#: The state of a worker that keeps failing at something that is not one event (reading the
-#: journal, ``prepare``) and retries on its own.
-STALLED = "stalled"
-
-#: Owner-name prefixes of the operations that take a lease from the worker holding it.
-SET_OFFSET_OWNER = "set-offset:"
-SKIP_OWNER = "skip:"
-REBUILD_OWNER = "rebuild:"
-
 _T = schema.readside_offsets
 
 #: The failure columns, cleared.
@@ -81,58 +83,6 @@ _NO_FAILURE: dict[str, Any] = {
     "error_attempts": None,
     "error_at_us": None,
 }
-
-
-def describe_owner(owner: str | None) -> str:
-    """Who a lease owner is, for logs and errors: an operator's set-offset or skip, a rebuild,
-    or another worker."""
-    if owner is None:
-        return "nobody (the lease was released)"
-    if owner.startswith(SET_OFFSET_OWNER):
-        return f"an operator's set-offset ({owner!r})"
-    if owner.startswith(SKIP_OWNER):
-        return f"an operator's skip ({owner!r})"
-    if owner.startswith(REBUILD_OWNER):
-        return f"a rebuild ({owner!r})"
-    return f"another worker ({owner!r})"
-
-
-class Flags(NamedTuple):
-    """What a fenced write of a worker learns from its row."""
-
-    #: An operator paused the worker.
-    paused: bool
-    #: The worker is stopped by a failing event (until resume, skip or set-offset).
-    failed: bool
-
-    @property
-    def hold(self) -> bool:
-        """True when the worker must not handle events."""
-        return self.paused or self.failed
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A worker's hold on one (processor, tag): valid while the row's epoch is ``epoch``."""
-
-    processor: str
-    tag: str
-    owner: str
-    epoch: int
-    #: The stored offset when the lease was taken: the worker resumes after it.
-    offset: int
-    paused: bool
-    #: The row's state when the lease was taken (``failed``: stopped by a failing event).
-    state: str = "idle"
-    #: The offset of the row's failure line, if it has one (it clears once committed past).
-    error_offset: int | None = None
-    #: Who held the lease before (None: nobody), and whether that lease was still live.
-    previous_owner: str | None = None
-    previous_live: bool = False
-
-    @property
-    def flags(self) -> Flags:
-        return Flags(self.paused, self.state == FAILED)
 
 
 @dataclass(frozen=True)
@@ -197,7 +147,9 @@ def _check_name(what: str, value: object) -> str:
 
 
 class OffsetStore:
-    """Reads and writes ``lagompy_readside_offsets`` in one projection database."""
+    """Reads and writes ``lagompy_readside_offsets`` in one projection database: the
+    :class:`~lagompy.consumer.LeaseStore` of read-side workers (the lease types, ``Lease`` and
+    ``Flags``, are the consumer core's)."""
 
     def __init__(self, database: Database) -> None:
         self.database = database

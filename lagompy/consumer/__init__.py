@@ -1,0 +1,47 @@
+"""Event consumers: one core for everything that follows the journal by offset.
+
+A consumer reads one tag (one partition of a sharded tag) for one name: it holds that pair's
+fenced lease, resumes after its stored position, catches up, then tails the journal live, and
+hands each page of events to its **commit strategy**, which applies them and records the new
+position as it promises::
+
+    EventConsumer (_core.py)                  CommitStrategy (a protocol)
+      lease, stored position                    prepare(consumer, lease)
+      catch-up, then the live tail  ── page ─▶  commit(consumer, lease, page)
+      (journal.PageTailer: NOTIFY or poll)      undecodable(consumer, lease, error)
+      pause, failed, backoff, stalls, status
+
+* ``_core.py``: :class:`EventConsumer`, :class:`CommitStrategy`, :class:`ConsumerSettings`.
+* ``_lease.py``: :class:`Lease`, :class:`Flags` and :class:`LeaseStore`, what the core needs of
+  the store of its leases and positions.
+
+Users today: the read side (:class:`lagompy.readside.ReadSideWorker`, whose strategy commits the
+handlers' SQL writes with the offset in one transaction: exactly once). The same core is meant
+for a topic producer (publish, then record the position) and a process manager (its state and
+the commands it sends, in one transaction): each is one more strategy, never another tail loop.
+"""
+
+from lagompy.consumer._core import (
+    CommitStrategy,
+    ConsumerSettings,
+    ConsumerStopped,
+    EventConsumer,
+    Progress,
+    describe_taken,
+)
+from lagompy.consumer._lease import FAILED, STALLED, Flags, Lease, LeaseStore, describe_owner
+
+__all__ = [
+    "FAILED",
+    "STALLED",
+    "CommitStrategy",
+    "ConsumerSettings",
+    "ConsumerStopped",
+    "EventConsumer",
+    "Flags",
+    "Lease",
+    "LeaseStore",
+    "Progress",
+    "describe_owner",
+    "describe_taken",
+]
