@@ -120,9 +120,6 @@ def sharded_tag(name: str, shards: int) -> ShardedTag:
 # --------------------------------------------------------------------------- effects
 
 
-_NO_REPLY: Any = object()
-
-
 @dataclass(frozen=True)
 class Effect(Generic[S]):
     """What a command handler decided. Build one with the static constructors::

@@ -182,9 +182,8 @@ class LiveEntity:
     entity: PersistentEntity[Any, Any, Any]
     state: Any
     seq_nr: int
+    #: the sequence number of the snapshot the entity was recovered from (0: none)
     snapshot_seq_nr: int = 0
-    #: set when recovery could not use the latest snapshot and replayed everything
-    recovery_warning: str | None = None
     recovered_from_snapshot: bool = False
     #: ``time.monotonic()`` of the last batch that used the entity
     last_used: float = 0.0
@@ -204,17 +203,17 @@ async def recover(
     entity = entity_cls(entity_id)
     state = entity_cls.initial_state
     seq_nr = 0
-    warning = None
     from_snapshot = False
     if entity_cls.snapshot_every:
         try:
             snapshot = await snapshots.load(entity_cls.type_name, entity_id)
         except SerializationError as e:
-            warning = (
-                f"snapshot of {entity_cls.type_name}/{entity_id} cannot be read ({e}); "
-                "replaying all events instead"
+            log.warning(
+                "snapshot of %s/%s cannot be read (%s); replaying all events instead",
+                entity_cls.type_name,
+                entity_id,
+                e,
             )
-            log.warning(warning)
             snapshot = None
         if snapshot is not None:
             state, seq_nr, from_snapshot = snapshot.state, snapshot.seq_nr, True
@@ -239,7 +238,7 @@ async def recover(
             if from_snapshot:
                 raise _events_missing(entity_cls, entity_id, snapshot_seq, deleted, covered)
             seq_nr = deleted  # every event was deleted: the entity starts again after them
-    return LiveEntity(entity, state, seq_nr, snapshot_seq, warning, from_snapshot)
+    return LiveEntity(entity, state, seq_nr, snapshot_seq, from_snapshot)
 
 
 def _events_missing(
@@ -802,11 +801,6 @@ class EntityProcessor:
                 await self.snapshots.save_many(to_snapshot)
             except Exception:
                 log.warning("saving %d snapshots failed", len(to_snapshot), exc_info=True)
-            else:
-                for snap in to_snapshot:
-                    live_entity = self.live.get((snap.entity_type, snap.entity_id))
-                    if live_entity is not None:
-                        live_entity.snapshot_seq_nr = snap.seq_nr
 
 
 async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str, str]) -> None:
