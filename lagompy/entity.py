@@ -120,9 +120,6 @@ def sharded_tag(name: str, shards: int) -> ShardedTag:
 # --------------------------------------------------------------------------- effects
 
 
-_NO_REPLY: Any = object()
-
-
 @dataclass(frozen=True)
 class Effect(Generic[S]):
     """What a command handler decided. Build one with the static constructors::
@@ -143,14 +140,16 @@ class Effect(Generic[S]):
 
     @staticmethod
     def persist(*events: Any) -> Effect[Any]:
-        """Persist these events atomically (all or none); then reply ``None`` unless told."""
-        if not events:
-            raise ValueError("Effect.persist needs at least one event; use Effect.reply instead")
+        """Persist these events atomically (all or none); then reply ``None`` unless told.
+
+        No events persists nothing, as ``Effect.persist_all([])``: the command is read-only
+        and ``then_reply`` gets the unchanged state."""
         return _effect({"events": events})
 
     @staticmethod
     def persist_all(events: Iterable[Any]) -> Effect[Any]:
-        """Persist a sequence of events atomically (an empty one persists nothing)."""
+        """Persist a sequence of events atomically, as ``Effect.persist(*events)``; an empty
+        one persists nothing (a handler that computes its events needs no special case)."""
         return _effect({"events": tuple(events)})
 
     @staticmethod

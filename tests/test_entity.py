@@ -36,6 +36,7 @@ from lagompy import (
 from lagompy.entity import reply_type_of
 from lagompy.errors import CommandHandlerFailed, EventHandlerFailed, UnhandledEvent
 from lagompy.runtime._processing import apply_event, decide
+from lagompy.testkit import EntityTestDriver
 
 
 def test_stable_hash_is_crc32_of_utf8_and_never_changes() -> None:
@@ -208,12 +209,54 @@ def test_event_handler_exception_is_event_handler_failed() -> None:
 def test_effect_constructors() -> None:
     assert Effect.reply(3).reply_value == 3 and Effect.reply(3).events == ()
     assert Effect.persist_all([]).events == ()
-    with pytest.raises(ValueError):
-        Effect.persist()
     with pytest.raises(TypeError):
         Effect.reject(ValueError("x"))  # type: ignore[arg-type]
     e = Effect.persist(Added(1)).then_reply(5).then_run(print)
     assert e.reply_value == 5 and e.side_effects == (print,)
+
+
+@dataclass(frozen=True)
+class AddAll(Command[int]):
+    amounts: tuple[int, ...]
+    spread: bool = False  # Effect.persist(*events) rather than Effect.persist_all(events)
+
+
+class ListCounterEntity(PersistentEntity[AddAll, Added, Counter]):
+    type_name = "list-counter"
+    initial_state = Counter()
+
+    def on_command(self, state: Counter, command: AddAll) -> Effect[Counter]:
+        events = [Added(a) for a in command.amounts]
+        effect = Effect.persist(*events) if command.spread else Effect.persist_all(events)
+        return effect.then_reply(lambda s: s.n)
+
+    def on_event(self, state: Counter, event: Added) -> Counter:
+        return Counter(state.n + event.amount)
+
+
+def test_persist_with_no_events_is_persist_all_of_none_a_read_only_command() -> None:
+    # One rule for both: no events persist nothing and reply as a read-only command would. A
+    # handler that computes its events (ChangeDetails in the example) needs no special case.
+    assert Effect.persist() == Effect.persist_all([]) == Effect.persist_all(iter(()))
+    assert Effect.persist().events == () and Effect.persist().then_reply(7).reply_value == 7
+    entity = ListCounterEntity("c")
+    for spread in (False, True):
+        d = decide(entity, Counter(3), AddAll((), spread))
+        assert d.error is None
+        assert (d.events, d.state_after, d.reply) == ((), Counter(3), 3)
+        d = decide(entity, Counter(3), AddAll((1, 2), spread))
+        assert (d.events, d.reply) == ((Added(1), Added(2)), 6)
+
+
+async def test_a_command_that_persists_no_events_writes_nothing() -> None:
+    async with EntityTestDriver(ListCounterEntity, "c") as driver:
+        outcome = await driver.run(
+            AddAll((1, 2)), AddAll((), spread=True), AddAll(()), AddAll((4,), spread=True)
+        )
+        assert outcome.replies == [3, 3, 3, 7]
+        assert outcome.events == [Added(1), Added(2), Added(4)]
+        assert outcome.issues == []
+        assert await driver.seq_nr() == 3
 
 
 def test_rejections_survive_pickling_with_their_status() -> None:

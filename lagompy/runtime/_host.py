@@ -101,7 +101,6 @@ class ShardHost:
     ) -> None:
         self.topology = Topology.from_dict(topology)
         self.index = index
-        self.started_at = time.time()
         self._classes = [resolve_class(path) for path in entity_paths]
         self._journal_settings = JournalSettings(**journal)
         self._processor_options: dict[str, Any] = {

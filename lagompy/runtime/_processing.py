@@ -3,14 +3,16 @@
 This is the heart of a shard: the Ray shard host and the in-process runtime both drive an
 :class:`EntityProcessor`. A batch of commands for many entities is processed like this:
 
-1. every entity named in the batch is activated if it is not in memory (latest snapshot plus
-   the events after it);
-2. per entity, in arrival order, each command goes through ``on_command`` and its events
-   through ``on_event``, on a tentative state;
-3. the events of all entities are appended in **one** journal transaction;
-4. only then are replies released and ``then_run`` side effects run; an entity whose write
-   failed is dropped from memory (it reloads from the journal next time) and its commands
-   that depended on the write get the error.
+1. activate: every entity named in the batch is recovered if it is not in memory (latest
+   snapshot plus the events after it);
+2. decide: per entity, in arrival order, each command goes through ``on_command`` and its
+   events through ``on_event``, on a tentative state;
+3. commit: the events of all entities are appended in **one** journal transaction;
+4. release: only then are replies released and ``then_run`` side effects run; an entity whose
+   write failed is dropped from memory (it reloads from the journal next time) and its
+   commands that depended on the write get the error.
+
+``EntityProcessor._run`` is these four steps, one method each.
 
 Safe retries: a request may carry a ``command_id``. The encoded reply of a command that
 persisted events is written with those events (same transaction) under ``(entity, command id)``.
@@ -182,9 +184,8 @@ class LiveEntity:
     entity: PersistentEntity[Any, Any, Any]
     state: Any
     seq_nr: int
+    #: the sequence number of the snapshot the entity was recovered from (0: none)
     snapshot_seq_nr: int = 0
-    #: set when recovery could not use the latest snapshot and replayed everything
-    recovery_warning: str | None = None
     recovered_from_snapshot: bool = False
     #: ``time.monotonic()`` of the last batch that used the entity
     last_used: float = 0.0
@@ -204,17 +205,17 @@ async def recover(
     entity = entity_cls(entity_id)
     state = entity_cls.initial_state
     seq_nr = 0
-    warning = None
     from_snapshot = False
     if entity_cls.snapshot_every:
         try:
             snapshot = await snapshots.load(entity_cls.type_name, entity_id)
         except SerializationError as e:
-            warning = (
-                f"snapshot of {entity_cls.type_name}/{entity_id} cannot be read ({e}); "
-                "replaying all events instead"
+            log.warning(
+                "snapshot of %s/%s cannot be read (%s); replaying all events instead",
+                entity_cls.type_name,
+                entity_id,
+                e,
             )
-            log.warning(warning)
             snapshot = None
         if snapshot is not None:
             state, seq_nr, from_snapshot = snapshot.state, snapshot.seq_nr, True
@@ -239,7 +240,7 @@ async def recover(
             if from_snapshot:
                 raise _events_missing(entity_cls, entity_id, snapshot_seq, deleted, covered)
             seq_nr = deleted  # every event was deleted: the entity starts again after them
-    return LiveEntity(entity, state, seq_nr, snapshot_seq, warning, from_snapshot)
+    return LiveEntity(entity, state, seq_nr, snapshot_seq, from_snapshot)
 
 
 def _events_missing(
@@ -311,6 +312,16 @@ class _Pending:
 class _EntityBatch:
     live: LiveEntity
     pending: list[_Pending] = field(default_factory=list)
+
+
+class _Decided(NamedTuple):
+    """What the decide step leaves for commit and release: the writes of the entities whose
+    commands persist events, in one order (``writes[n]`` is the write of ``write_keys[n]``),
+    and each such entity's pending commands."""
+
+    batches: dict[tuple[str, str], _EntityBatch]
+    writes: list[AtomicWrite]
+    write_keys: list[tuple[str, str]]
 
 
 _MISSING: Any = object()
@@ -662,6 +673,24 @@ class EntityProcessor:
         groups: dict[tuple[str, str], list[int]],
         results: list[Result | None],
     ) -> None:
+        """Run the commands of ``groups`` (entity -> indices of its requests, in arrival order)
+        in four steps: activate the entities (recovering those not in memory, awaited only
+        when there are some: a batch of live entities awaits nothing before its commit),
+        decide every command on a tentative state, commit all their events in one journal
+        transaction, then release the replies, the side effects and the snapshots. Fills
+        ``results``."""
+        lives, missing = self._activate(groups)
+        if missing:
+            await self._recover(missing, groups, lives, results)
+        decided = self._decide(requests, groups, lives, results)
+        failed = await self._commit(decided)
+        await self._release(decided, failed, results)
+
+    def _activate(
+        self, groups: dict[tuple[str, str], list[int]]
+    ) -> tuple[dict[tuple[str, str], LiveEntity], list[tuple[str, str]]]:
+        """The live entities of ``groups`` that are in memory (the usual case: no task, no
+        await), now the most recently used; and the keys of those to recover."""
         live_map = self.live
         lives: dict[tuple[str, str], LiveEntity] = {}
         missing: list[tuple[str, str]] = []
@@ -672,24 +701,43 @@ class EntityProcessor:
             if live is None:
                 missing.append(key)
             else:
-                # Already in memory (the usual case): no task, no await.
                 live.last_used = now
                 move_to_end(key)
                 lives[key] = live
-        if missing:
-            # Recover only the missing ones, concurrently (bounded by the semaphore).
-            activations = await asyncio.gather(
-                *(self.activate(t, i) for (t, i) in missing), return_exceptions=True
-            )
-            for key, activated in zip(missing, activations, strict=True):
-                if isinstance(activated, BaseException):
-                    if not isinstance(activated, Exception):
-                        raise activated
-                    for i in groups[key]:
-                        results[i] = Result(error=activated)
-                    continue
-                lives[key] = activated
+        return lives, missing
 
+    async def _recover(
+        self,
+        missing: list[tuple[str, str]],
+        groups: dict[tuple[str, str], list[int]],
+        lives: dict[tuple[str, str], LiveEntity],
+        results: list[Result | None],
+    ) -> None:
+        """Recover the ``missing`` entities from the journal, concurrently (bounded by the
+        semaphore), into ``lives``; an entity that cannot be recovered answers its requests
+        with the error and is left out."""
+        activations = await asyncio.gather(
+            *(self.activate(t, i) for (t, i) in missing), return_exceptions=True
+        )
+        for key, activated in zip(missing, activations, strict=True):
+            if isinstance(activated, BaseException):
+                if not isinstance(activated, Exception):
+                    raise activated
+                for i in groups[key]:
+                    results[i] = Result(error=activated)
+                continue
+            lives[key] = activated
+
+    def _decide(
+        self,
+        requests: Sequence[Request],
+        groups: dict[tuple[str, str], list[int]],
+        lives: dict[tuple[str, str], LiveEntity],
+        results: list[Result | None],
+    ) -> _Decided:
+        """Per entity, in arrival order, each command on the state its previous commands left
+        (nothing is durable yet): the writes to commit, with the replies to store for safe
+        retries. Rejections, and read-only entities' replies, are answered at once."""
         batches: dict[tuple[str, str], _EntityBatch] = {}
         writes: list[AtomicWrite] = []
         write_keys: list[tuple[str, str]] = []
@@ -698,7 +746,7 @@ class EntityProcessor:
         for key, indices in groups.items():
             live = lives.get(key)
             if live is None:
-                continue  # its activation failed: answered above
+                continue  # its activation failed: answered already
             entity = live.entity
             state = live.state
             events: list[Any] = []
@@ -747,11 +795,16 @@ class EntityProcessor:
                 # Read-only commands: nothing to wait for.
                 for p in pending:
                     results[p.index] = Result(reply=p.decision.reply)
+        return _Decided(batches, writes, write_keys)
 
+    async def _commit(self, decided: _Decided) -> dict[tuple[str, str], BaseException]:
+        """Append every write in one journal transaction; the entities whose write failed,
+        with the error that answers their commands."""
         failed: dict[tuple[str, str], BaseException] = {}
-        if writes:
+        write_keys = decided.write_keys
+        if decided.writes:
             try:
-                write_results = await self.journal.append(writes)
+                write_results = await self.journal.append(decided.writes)
             except Exception as e:
                 # The outcome of the transaction is unknown: forget these entities (they reload
                 # from the journal) and answer every command that waited on the write.
@@ -764,11 +817,22 @@ class EntityProcessor:
                         if isinstance(wr.error, ConcurrencyConflict):
                             self._stats["conflicts"] += 1
         self._stats["failed_writes"] += len(failed)
+        return failed
 
+    async def _release(
+        self,
+        decided: _Decided,
+        failed: dict[tuple[str, str], BaseException],
+        results: list[Result | None],
+    ) -> None:
+        """After the commit: the committed entities take their new state and their commands
+        get their replies, then the side effects run and the due snapshots are saved. An
+        entity whose write failed is dropped from memory and its commands get the error."""
         to_snapshot: list[SnapshotToSave] = []
         side_effects: list[tuple[Callable[[Any], Any], Any, tuple[str, str]]] = []
         persisted = 0
-        for key in write_keys:
+        batches = decided.batches
+        for key in decided.write_keys:
             batch = batches[key]
             if failed and key in failed:
                 self.evict(*key)
@@ -802,11 +866,6 @@ class EntityProcessor:
                 await self.snapshots.save_many(to_snapshot)
             except Exception:
                 log.warning("saving %d snapshots failed", len(to_snapshot), exc_info=True)
-            else:
-                for snap in to_snapshot:
-                    live_entity = self.live.get((snap.entity_type, snap.entity_id))
-                    if live_entity is not None:
-                        live_entity.snapshot_seq_nr = snap.seq_nr
 
 
 async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str, str]) -> None:

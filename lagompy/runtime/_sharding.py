@@ -28,11 +28,6 @@ def shard_of(entity_id: str, shards: int) -> int:
     return stable_hash(entity_id) % shards
 
 
-def host_of_shard(shard: int, hosts: int) -> int:
-    """The host actor that runs a logical shard."""
-    return shard % hosts
-
-
 def host_of(entity_id: str, shards: int, hosts: int) -> int:
     return stable_hash(entity_id) % shards % hosts
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -467,8 +467,3 @@ class ReadSideContract:
         with pytest.raises(LeaseLost):
             await old._commit_batch(lease, events)
         assert await env.credits() == []
-
-
-def contract_cases() -> Sequence[str]:
-    """The names of the contract's cases (for documentation and checks)."""
-    return [n for n in vars(ReadSideContract) if n.startswith("test_")]
