@@ -23,6 +23,7 @@ from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.journal._storage import Storage, open_storage
+from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._processing import EntityClass, EntityProcessor, Request
 from lagompy.runtime._refs import EntityRef
 
@@ -31,11 +32,6 @@ log = logging.getLogger("lagompy.in_process")
 R = TypeVar("R")
 C = TypeVar("C")
 
-#: Defaults of the in-process runtime's settings (see :class:`InProcessEntities`).
-DEFAULT_MAX_ENTITIES = 100_000
-DEFAULT_IDLE_TIMEOUT = 600.0
-DEFAULT_CONFLICT_RETRIES = 2
-DEFAULT_MAX_PENDING = 10_000
 #: The passivation sweep runs every ``idle_timeout / 4`` seconds, but not more often than this.
 MIN_PASSIVATE_INTERVAL = 0.05
 
@@ -43,7 +39,8 @@ MIN_PASSIVATE_INTERVAL = 0.05
 class InProcessEntities(AsyncClosing):
     """Hosts entities in this process, on the given storage.
 
-    Settings (keyword arguments):
+    Settings (keyword arguments; their defaults are those of
+    :class:`~lagompy.settings.RuntimeSettings`):
 
     ``max_batch`` (1000)
         Most asks processed as one batch (one journal transaction).
@@ -68,11 +65,11 @@ class InProcessEntities(AsyncClosing):
         storage: Storage,
         entities: Iterable[EntityClass],
         *,
-        max_batch: int = 1000,
-        max_entities: int | None = DEFAULT_MAX_ENTITIES,
-        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-        conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        max_batch: int = runtime_default("max_batch"),
+        max_entities: int | None = runtime_default("max_entities"),
+        idle_timeout: float | None = runtime_default("idle_timeout"),
+        conflict_retries: int = runtime_default("conflict_retries"),
+        max_pending: int = runtime_default("max_pending"),
         owns_storage: bool = False,
     ) -> None:
         if max_batch < 1:
@@ -198,11 +195,11 @@ async def start_in_process(
     *,
     entities: Iterable[EntityClass],
     journal_url: str | None = None,
-    max_batch: int = 1000,
-    max_entities: int | None = DEFAULT_MAX_ENTITIES,
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-    conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
-    max_pending: int = DEFAULT_MAX_PENDING,
+    max_batch: int = runtime_default("max_batch"),
+    max_entities: int | None = runtime_default("max_entities"),
+    idle_timeout: float | None = runtime_default("idle_timeout"),
+    conflict_retries: int = runtime_default("conflict_retries"),
+    max_pending: int = runtime_default("max_pending"),
     **journal_settings: Any,
 ) -> InProcessEntities:
     """Open the journal (``journal_url``, else ``LAGOMPY_JOURNAL_URL``, else ``./lagompy.db``)
