@@ -235,6 +235,11 @@ class RayReadSide(AsyncClosing):
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
         return await self.projections.status(processor)
 
+    def problems(self) -> list[str]:
+        """Nothing beyond what the projection database shows: each worker actor records its
+        state there (a replaced actor is the supervisor's job)."""
+        return []
+
     async def wait_until_caught_up(self, timeout: float = 60.0) -> None:
         """Wait until every worker's stored offset reaches its tag's head at the time of the
         call (``TimeoutError`` after ``timeout`` seconds)."""

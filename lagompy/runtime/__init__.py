@@ -17,12 +17,14 @@ The path of a command, module by module:
   processes can import the entity code.
 
 :func:`start_in_process` hosts the entities in this process instead (tests, scripts, one-process
-services). The defaults of both runtimes are the fields of
-:class:`~lagompy.settings.RuntimeSettings` (``_defaults.py``). The runtime builds on
-:mod:`lagompy.journal`; the read sides and the services use it.
+services). Both runtimes implement :class:`EntityRuntime` (``_protocol.py``), which is all a
+service needs of them; their defaults are the fields of :class:`~lagompy.settings.RuntimeSettings`
+(``_defaults.py``). The runtime builds on :mod:`lagompy.journal`; the read sides and the
+services use it.
 """
 
 from lagompy.runtime._in_process import InProcessEntities, start_in_process
+from lagompy.runtime._protocol import EntityRuntime
 from lagompy.runtime._ray import (
     ShardedEntities,
     ShardedEntityRef,
@@ -34,6 +36,7 @@ from lagompy.runtime._refs import EntityRef
 
 __all__ = [
     "EntityRef",
+    "EntityRuntime",
     "InProcessEntities",
     "ShardedEntities",
     "ShardedEntityRef",

@@ -19,6 +19,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from sqlalchemy import text
+
 from lagompy.closing import AsyncClosing
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
@@ -26,6 +28,7 @@ from lagompy.journal._storage import Storage, open_storage
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._processing import EntityClass, EntityProcessor, Request
 from lagompy.runtime._refs import EntityRef
+from lagompy.settings import JournalSettings
 
 log = logging.getLogger("lagompy.in_process")
 
@@ -59,6 +62,9 @@ class InProcessEntities(AsyncClosing):
         Most asks outstanding (queued or being processed); beyond it ``ask`` and ``tell`` raise
         ``Overloaded`` at once and the command is not run.
     """
+
+    #: ``/health/ready`` names the check "journal": entities in this process need nothing else.
+    check_name = "journal"
 
     def __init__(
         self,
@@ -175,9 +181,26 @@ class InProcessEntities(AsyncClosing):
         counters["pending"] = self.pending
         return counters
 
-    async def close(self) -> None:
+    async def host_stats(self, *, require_journal: bool = True) -> list[dict[str, Any]]:
+        """:meth:`stats` as the one host of these entities (no ``index``: ``/metrics`` labels
+        it ``host="local"``). ``require_journal`` is for the sharded runtime's hosts: this
+        process's journal is checked by :meth:`check`."""
+        return [dict(self.stats())]
+
+    @property
+    def local_journal(self) -> JournalSettings:
+        """The settings of the journal these entities write."""
+        return self.storage.database.settings
+
+    async def check(self) -> None:
+        """Return when the journal's database answers (raise its error if not)."""
+        async with self.storage.database.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self, *, shutdown: bool = False) -> None:
         """Finish the asks already made, stop the passivation sweep, then release the storage
-        if this object opened it."""
+        if this object opened it. The entities run in this process, so they stop here
+        whatever ``shutdown`` says (it is for the sharded runtime's shard hosts)."""
         self._closed = True
         if self._flusher is not None:
             await self._flusher

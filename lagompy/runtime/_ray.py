@@ -210,6 +210,11 @@ def _unpicklable_command(request: Request, error: Exception) -> SerializationErr
 class ShardedEntities(AsyncClosing):
     """An app's entities on its shard hosts, as seen from this process."""
 
+    #: ``/health/ready`` names the check "runtime": it asks the shard hosts.
+    check_name = "runtime"
+    #: The shard hosts write the journal, not this process.
+    local_journal: JournalSettings | None = None
+
     def __init__(
         self,
         app: str,
@@ -286,6 +291,12 @@ class ShardedEntities(AsyncClosing):
                     "their asks answer JournalUnavailable until they can reach the database"
                 )
         return stats
+
+    async def check(self) -> None:
+        """Return when every shard host answers and has its journal open; else raise
+        ``RuntimeFailure`` or ``JournalUnavailable`` naming the hosts (see
+        :meth:`host_stats`)."""
+        await self.host_stats()
 
     async def ensure_hosts(self) -> int:
         """Create again every shard host that is gone for good (killed without restart, or
