@@ -41,6 +41,7 @@ from lagompy.readside._settings import (
     projection_settings,
 )
 from lagompy.readside._worker import ReadSideWorker, run_global_prepare
+from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
     actor_journal,
@@ -145,11 +146,12 @@ class ReadSideWorkerActor:
             "events_per_s": w.events_per_s,
         }
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker (it releases its lease) and close its connections."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the worker (it releases its lease; its current transaction gets ``timeout``
+        seconds, default ``RuntimeSettings.stop_timeout``) and close its connections."""
         self._call(self.worker.stop())
         with contextlib.suppress(Exception):
-            self._running.result(timeout)
+            self._running.result(runtime_default("stop_timeout") if timeout is None else timeout)
         self._call(self._close())
 
     def close(self) -> None:

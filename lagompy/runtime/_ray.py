@@ -1,9 +1,11 @@
 """Entities sharded over Ray actors: ``start()``, entity refs, and the app's lifecycle.
 
-This is the only module that talks to Ray. ``start()`` attaches to Ray (starting a local one on
-demand), records or checks the app's topology, gets or creates the app's shard hosts (named,
-detached actors in the namespace ``lagompy-<app>``) and returns :class:`ShardedEntities`, whose
-refs send commands through a :class:`~lagompy.runtime._region.Region` client::
+The only module that makes and calls the entities' actors; attaching to Ray, releasing it and
+stopping an app's actors go through ``_ray_cluster.py``. ``start()`` attaches to Ray (starting a
+local one on demand), records or checks the app's topology, gets or creates the app's shard
+hosts (named, detached actors in the namespace ``lagompy-<app>``) and returns
+:class:`ShardedEntities`, whose refs send commands through a
+:class:`~lagompy.runtime._region.Region` client::
 
     entities = await start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db")
     user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
