@@ -105,10 +105,10 @@ class Service:
     ``entities`` and ``journal_url``/``journal_settings``/``ray``/``runtime_options`` start
     the app's entity runtime in the lifespan (``lagompy.start``); ``runtime`` attaches an
     already started one instead (any :class:`~lagompy.runtime.EntityRuntime`; then the caller
-    closes it). ``clients`` are service names
-    (or ``ServiceClient`` objects) made available through :func:`client`. With
-    ``stop_runtime=True`` stopping the service also stops the app's shard hosts (for tests
-    and single-process deployments; by default they outlive it, for the next start)."""
+    closes it). ``clients`` are service names (or ``ServiceClient`` objects) made available
+    through :func:`client`. With ``stop_runtime=True`` stopping the service also stops the
+    app's shard hosts (for tests and single-process deployments; by default they outlive it,
+    for the next start)."""
 
     def __init__(
         self,
