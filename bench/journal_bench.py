@@ -85,7 +85,8 @@ class RawRows:
         self, prefix: str, batch: int
     ) -> tuple[list[tuple[object, ...]], list[tuple[str, int]]]:
         encode = self.serializer.encode  # type: ignore[attr-defined]
-        events, tags = [], []
+        events: list[tuple[object, ...]] = []
+        tags: list[tuple[str, int]] = []
         for i in range(batch):
             type_name, version, payload = encode(ItemAdded(f"{prefix}-{i}", "apple", 3))
             self.next_offset += 1

@@ -81,7 +81,10 @@ async def drive(
 
 def _busy(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
     """Seconds the hosts spent processing batches (the busiest host)."""
-    return max(a["busy_seconds"] - b["busy_seconds"] for a, b in zip(after, before, strict=True))
+    busiest: float = max(
+        a["busy_seconds"] - b["busy_seconds"] for a, b in zip(after, before, strict=True)
+    )
+    return busiest
 
 
 async def journal_rate(js: JournalSettings, batch: int, rounds: int) -> float:
@@ -265,7 +268,8 @@ async def postgres_baselines(schema: str, batch: int, rounds: int, single: int) 
 async def ray_noop(calls: int) -> dict[str, float]:
     import ray
 
-    actor = ray.remote(NoopActor).options(max_concurrency=1).remote()
+    # Ray's typing of an actor class's handle does not follow its methods' .remote.
+    actor: Any = ray.remote(NoopActor).options(max_concurrency=1).remote()
     for _ in range(50):
         await actor.ping.remote(b"")
     latencies = []

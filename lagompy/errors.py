@@ -5,6 +5,9 @@ are translated into this tree with the original exception attached as ``__cause_
 
     LagompyError
     ├── ConfigurationError ......... a setting, URL or entity definition is wrong
+    │   └── InvalidSettings ........ a settings value (keyword or environment variable) is
+    │                                invalid: names each setting (``fields``) and its
+    │                                environment variable (also a ValueError)
     ├── CommandRejected ............ the entity said no; nothing was persisted (http_status 400)
     │   ├── InvalidCommand ......... the command does not fit the entity's state (400)
     │   ├── NotFound ............... the entity (or what the command names) does not exist (404)
@@ -81,6 +84,17 @@ class LagompyError(Exception):
 
 class ConfigurationError(LagompyError):
     """A setting, a URL or an entity definition is wrong."""
+
+
+class InvalidSettings(ConfigurationError, ValueError):
+    """A value of a settings class (``JournalSettings(pool_size=0)``, or
+    ``LAGOMPY_JOURNAL_POOL_SIZE=0`` in the environment) is invalid. The message names each bad
+    setting, its environment variable, what was wrong and the value given; ``fields`` lists the
+    settings' names. A ``ValueError`` too, as pydantic's ``ValidationError`` it replaces."""
+
+    def __init__(self, message: str, *, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 # --------------------------------------------------------------------------- rejections

@@ -72,9 +72,10 @@ from uuid import UUID
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from lagompy.errors import ConfigurationError, DecodeError, EncodeError, RefusedValue, UnknownType
+from lagompy.settings import LagompySettings
 
 __all__ = [
     "VERSION_KEY",
@@ -1127,7 +1128,7 @@ def _is_dataclass_type(ann: Any) -> bool:
 # --------------------------------------------------------------------------- the serializer
 
 
-class SerializerSettings(BaseSettings):
+class SerializerSettings(LagompySettings):
     """What every :class:`Serializer` accepts when it is built without saying so. Environment
     prefix ``LAGOMPY_SERIALIZER_``; read where serializers are built (every process that
     encodes commands, events or snapshots: the shard hosts too)."""
@@ -1135,7 +1136,7 @@ class SerializerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_SERIALIZER_", frozen=True, extra="forbid")
 
     allow_nul: bool = Field(
-        False,
+        default=False,
         description=(
             "Encode strings that hold a NUL character (\\x00). Off: encoding refuses them "
             "with an EncodeError naming the field, so an event carrying one is never written "
@@ -1156,7 +1157,7 @@ class Serializer:
     def __init__(self, types: Iterable[Any] = (), *, allow_nul: bool | None = None) -> None:
         #: Encode strings holding a NUL character (None: ``SerializerSettings().allow_nul``,
         #: from ``LAGOMPY_SERIALIZER_ALLOW_NUL``, off by default).
-        self.allow_nul = SerializerSettings(**{}).allow_nul if allow_nul is None else allow_nul
+        self.allow_nul = SerializerSettings().allow_nul if allow_nul is None else allow_nul
         self._lock = threading.RLock()
         self._classes: dict[type, _ClassCodec] = {}
         self._by_name: dict[str, _ClassCodec] = {}

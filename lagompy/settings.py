@@ -5,6 +5,17 @@ code wins over the environment, which wins over the default::
 
     JournalSettings()                          # url from LAGOMPY_JOURNAL_URL, else ./lagompy.db
     JournalSettings(url="postgresql://...")    # explicit
+
+A bad value, given in code or found in the environment, raises
+:class:`~lagompy.errors.ConfigurationError` naming the setting and its environment variable.
+
+**Settings object and keywords.** Every function that takes a settings object and keywords for
+its fields (``open_storage(url, settings=..., pool_size=...)``, ``start``, ``start_readside``,
+``Service(journal_url=..., journal_settings=...)``, ``ServiceClient``, ``CircuitBreaker``...)
+resolves them with :func:`make_settings`, by one rule: the settings object is the base, each
+keyword given explicitly replaces its field (``url`` included), and without a settings object
+the environment, then the defaults, fill the fields no keyword gives. Giving both never drops
+either.
 """
 
 from __future__ import annotations
@@ -14,67 +25,107 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from lagompy.errors import ConfigurationError
-
-S = TypeVar("S", bound=BaseSettings)
+from lagompy.errors import InvalidSettings
 
 
-def make_settings(cls: type[S], base: S | None = None, /, **values: Any) -> S:
-    """``cls(**values)`` (or ``base`` with ``values`` changed), with a bad value raised as
-    ``ConfigurationError`` naming the setting, its environment variable and what was wrong,
-    instead of pydantic's ``ValidationError``."""
-    try:
-        if base is None:
-            return cls(**values)
-        return cls.model_validate({**base.model_dump(), **values})
-    except ValidationError as e:
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        problems = []
-        for err in e.errors():
-            name = ".".join(str(part) for part in err["loc"]) or "(settings)"
-            env = f" ({prefix}{name.upper()})" if prefix and err["loc"] else ""
-            problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigurationError(f"invalid {cls.__name__}: " + "; ".join(problems)) from None
+class LagompySettings(BaseSettings):
+    """The base of lagompy's settings classes: pydantic-settings, with a bad value (a keyword
+    or an environment variable) raised as :class:`~lagompy.errors.ConfigurationError` naming
+    the setting, its environment variable and what was wrong, instead of pydantic's
+    ``ValidationError``."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise settings_error(type(self), e) from None
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable that sets ``field``."""
+        return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
+
+
+S = TypeVar("S", bound=LagompySettings)
+
+
+def settings_error(cls: type[LagompySettings], error: ValidationError) -> InvalidSettings:
+    """``error`` as an ``InvalidSettings`` (a ``ConfigurationError``) that names each bad
+    setting of ``cls``, its environment variable, what was wrong and the value given."""
+    problems = []
+    fields = []
+    for err in error.errors():
+        if not err["loc"]:  # a check of several fields together: its message names them
+            problems.append(err["msg"].removeprefix("Value error, "))
+            continue
+        name = ".".join(str(part) for part in err["loc"])
+        env = f" ({cls.env_name(name)})" if name in cls.model_fields else ""
+        problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
+        fields.append(name)
+    return InvalidSettings(
+        f"invalid {cls.__name__}: " + "; ".join(problems), fields=tuple(dict.fromkeys(fields))
+    )
+
+
+def make_settings(cls: type[S], settings: S | None = None, /, **overrides: Any) -> S:
+    """The settings of class ``cls`` from a settings object and keyword overrides, by the one
+    rule of lagompy's functions that take both: ``settings`` (when given) is the base, each
+    keyword in ``overrides`` replaces its field, and without ``settings`` the environment, then
+    the defaults, fill the other fields. ``settings`` itself is returned when no keyword is
+    given. A bad value raises ``ConfigurationError`` naming the setting.
+
+    Callers pass only the keywords the user gave (a ``url=None`` parameter that means "not
+    given" is left out)."""
+    if settings is None:
+        return cls(**overrides)
+    if not overrides:
+        return settings
+    return cls(**{**settings.model_dump(), **overrides})
+
 
 DEFAULT_JOURNAL_URL = "sqlite+aiosqlite:///lagompy.db"
 
 
-class JournalSettings(BaseSettings):
+class JournalSettings(LagompySettings):
     """Where and how the journal and snapshot store connect. Environment prefix
     ``LAGOMPY_JOURNAL_`` (e.g. ``LAGOMPY_JOURNAL_URL``, ``LAGOMPY_JOURNAL_POOL_SIZE``)."""
 
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_JOURNAL_", frozen=True, extra="forbid")
 
     url: str = Field(
-        DEFAULT_JOURNAL_URL,
+        default=DEFAULT_JOURNAL_URL,
         description=(
             "Database URL. sqlite:///path.db (made absolute against the working directory) or "
             "postgresql://user@host/db; the async drivers (aiosqlite, asyncpg) are chosen for you."
         ),
     )
-    pool_size: int = Field(5, ge=1, description="Connections kept open per process.")
-    max_overflow: int = Field(5, ge=0, description="Extra connections opened under load.")
-    pool_timeout: float = Field(30.0, gt=0, description="Seconds to wait for a free connection.")
+    pool_size: int = Field(default=5, ge=1, description="Connections kept open per process.")
+    max_overflow: int = Field(default=5, ge=0, description="Extra connections opened under load.")
+    pool_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds to wait for a free connection."
+    )
     postgres_schema: str | None = Field(
-        None, description="PostgreSQL schema for lagompy's tables (sets search_path)."
+        default=None, description="PostgreSQL schema for lagompy's tables (sets search_path)."
     )
     sqlite_busy_timeout_ms: int = Field(
-        30_000, ge=0, description="How long a SQLite writer waits for another writer's lock."
+        default=30_000,
+        ge=0,
+        description="How long a SQLite writer waits for another writer's lock.",
     )
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
-        "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable."
+        default="FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable."
     )
     lock_timeout_ms: int = Field(
-        10_000,
+        default=10_000,
         ge=0,
         description=(
             "PostgreSQL lock_timeout for lagompy's connections: how long a write transaction "
             "waits for the journal's ordering lock before failing (0 waits forever)."
         ),
     )
-    echo: bool = Field(False, description="Log every SQL statement (SQLAlchemy echo).")
+    echo: bool = Field(default=False, description="Log every SQL statement (SQLAlchemy echo).")
     auto_migrate: bool | None = Field(
-        None,
+        default=None,
         description=(
             "Create or upgrade lagompy's tables when the journal opens. None (the default) means "
             "yes on SQLite and no on PostgreSQL, where `lagompy migrate` runs once per deploy and "
@@ -83,7 +134,7 @@ class JournalSettings(BaseSettings):
     )
 
 
-class RuntimeSettings(BaseSettings):
+class RuntimeSettings(LagompySettings):
     """How the sharded runtime on Ray is laid out and how its region clients batch. Environment
     prefix ``LAGOMPY_RUNTIME_`` (e.g. ``LAGOMPY_RUNTIME_HOSTS``, ``LAGOMPY_RUNTIME_MAX_BATCH``).
 
@@ -93,7 +144,7 @@ class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_RUNTIME_", frozen=True, extra="forbid")
 
     shards: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description=(
             "Logical shards: an entity lives in shard stable_hash(entity_id) % shards. None "
@@ -102,7 +153,7 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     hosts: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description=(
             "Shard host actors; shard s lives on host s % hosts. None adopts the running app's "
@@ -110,7 +161,7 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     ray_address: str | None = Field(
-        None,
+        default=None,
         description=(
             "Ray cluster to attach to when Ray is not initialized yet. None means the "
             "RAY_ADDRESS environment variable if set, else a new local Ray started on demand "
@@ -118,13 +169,13 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     object_store_memory: int = Field(
-        256 * 1024 * 1024,
+        default=256 * 1024 * 1024,
         ge=78 * 1024 * 1024,
         description="Bytes of object store for a local Ray that start() starts itself.",
     )
-    max_batch: int = Field(1000, ge=1, description="Most asks in one call to a shard host.")
+    max_batch: int = Field(default=1000, ge=1, description="Most asks in one call to a shard host.")
     max_in_flight: int = Field(
-        2,
+        default=2,
         ge=1,
         description=(
             "Calls in flight per shard host from one process; while they run, new asks "
@@ -132,7 +183,7 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     max_pending: int = Field(
-        10_000,
+        default=10_000,
         ge=1,
         description=(
             "Most asks outstanding (queued or in flight) in one process; beyond it ask() and "
@@ -140,7 +191,7 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     retries: int = Field(
-        3,
+        default=3,
         ge=0,
         description=(
             "How often a batch is resent (same command ids, duplicate check on) after its host "
@@ -148,21 +199,23 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     retry_backoff: float = Field(
-        0.2, ge=0, description="Seconds before the first resend; doubled for each next one."
+        default=0.2, ge=0, description="Seconds before the first resend; doubled for each next one."
     )
     retry_backoff_max: float = Field(
-        2.0, gt=0, description="Longest wait between two resends (the doubling stops there)."
+        default=2.0,
+        gt=0,
+        description="Longest wait between two resends (the doubling stops there).",
     )
     max_entities: int | None = Field(
-        100_000,
+        default=100_000,
         ge=1,
         description="Most entities a shard host keeps in memory (least recently used go first).",
     )
     idle_timeout: float | None = Field(
-        600.0, gt=0, description="Seconds an entity stays in memory without a command."
+        default=600.0, gt=0, description="Seconds an entity stays in memory without a command."
     )
     conflict_retries: int = Field(
-        2,
+        default=2,
         ge=0,
         description=(
             "When the journal refuses a host's write because another writer appended to the "
@@ -172,19 +225,19 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     passivate_interval: float = Field(
-        10.0, gt=0, description="Seconds between two passivation sweeps in each shard host."
+        default=10.0, gt=0, description="Seconds between two passivation sweeps in each shard host."
     )
     host_pool_size: int = Field(
-        2, ge=1, description="Journal connections each shard host keeps open."
+        default=2, ge=1, description="Journal connections each shard host keeps open."
     )
     host_max_overflow: int = Field(
-        2, ge=0, description="Extra journal connections a shard host may open under load."
+        default=2, ge=0, description="Extra journal connections a shard host may open under load."
     )
     host_max_restarts: int = Field(
-        -1, ge=-1, description="Restarts of a crashed shard host (-1: always restart)."
+        default=-1, ge=-1, description="Restarts of a crashed shard host (-1: always restart)."
     )
     host_num_cpus: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         description=(
             "CPUs each shard host reserves in Ray's scheduler. 0 (the default) never waits for "
@@ -192,7 +245,7 @@ class RuntimeSettings(BaseSettings):
         ),
     )
     start_timeout: float = Field(
-        60.0,
+        default=60.0,
         gt=0,
         description=(
             "Seconds start() waits for the shard hosts to answer (start_readside_on_ray: for "

@@ -261,7 +261,7 @@ def main() -> int:
         return 1
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
     return 0
 
 

@@ -163,8 +163,9 @@ SETTINGS_ORDER = [
 
 
 def settings_classes() -> list[type[BaseSettings]]:
-    """Every pydantic-settings class defined in the lagompy package."""
+    """Every pydantic-settings class defined in the lagompy package (not their base class)."""
     import lagompy
+    from lagompy.settings import LagompySettings
 
     found: dict[str, type[BaseSettings]] = {}
     for info in pkgutil.walk_packages(lagompy.__path__, "lagompy."):
@@ -175,7 +176,7 @@ def settings_classes() -> list[type[BaseSettings]]:
             if (
                 inspect.isclass(value)
                 and issubclass(value, BaseSettings)
-                and value is not BaseSettings
+                and value not in (BaseSettings, LagompySettings)
                 and value.__module__ == info.name
             ):
                 found[f"{value.__module__}.{value.__qualname__}"] = value
@@ -243,6 +244,7 @@ def metric_rows() -> list[list[str]]:
         if not isinstance(value, MetricWrapperBase):
             continue
         kind = value._type
+        assert kind is not None  # every metric class sets it ("counter", "gauge", ...)
         name = value._name
         if kind == "counter":
             exposed = [f"{name}_total"]
@@ -260,10 +262,10 @@ def metric_rows() -> list[list[str]]:
             ]
         )
     for name, kind, help_text in metrics.HOST_FIGURES.values():
-        exposed = f"{name}_total" if kind == "counter" else name
+        series = f"{name}_total" if kind == "counter" else name
         rows.append(
             [
-                f"`{exposed}`",
+                f"`{series}`",
                 kind,
                 "`host`",
                 "pulled from the shard hosts at scrape time",

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -68,7 +69,7 @@ def downstream() -> Iterator[tuple[Downstream, str]]:
         yield d, url
 
 
-def client_for(url: str, **breaker: float) -> ServiceClient:
+def client_for(url: str, **breaker: Any) -> ServiceClient:
     b = CircuitBreaker("downstream", **breaker)
     return ServiceClient(url, breaker=b, registry=BreakerRegistry())
 
@@ -79,6 +80,7 @@ async def test_opens_after_max_failures_and_sends_nothing_while_open(
     d, url = downstream
     async with client_for(url, max_failures=3, reset_timeout=30) as client:
         assert (await client.get("/work")).json() == {"server": "a", "status": 200}
+        assert client.breaker is not None
         d.status = 500
         for i in range(3):
             assert client.breaker is not None and client.breaker.state == "closed"
@@ -126,8 +128,8 @@ async def test_half_open_lets_exactly_one_trial_call_then_closes(
         assert d.requests - before == 1, "half-open breaker let more than one call through"
         assert breaker.state == "closed" and breaker.failure_count == 0
         d.delay = 0
-        results = await asyncio.gather(*(client.get("/work") for _ in range(5)))
-        assert all(r.status_code == 200 for r in results)
+        healthy = await asyncio.gather(*(client.get("/work") for _ in range(5)))
+        assert all(r.status_code == 200 for r in healthy)
         assert d.requests - before == 6
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -30,7 +31,7 @@ from lagompy import (
     start_in_process,
 )
 from lagompy.errors import CommandHandlerFailed, ConcurrencyConflict, UnhandledCommand
-from lagompy.journal import AtomicWrite
+from lagompy.journal import AtomicWrite, WriteResult
 from lagompy.runtime._processing import Request
 from lagompy.testkit import EntityTestDriver
 
@@ -141,7 +142,7 @@ class BagEntity(PersistentEntity[BagCommand, BagEvent, Bag]):
             case Put(item=item):
                 return Effect.persist(Put2(item)).then_reply(lambda s: len(s.items))
             case Crash():
-                return {}["missing"]  # type: ignore[no-any-return]
+                return {}["missing"]  # type: ignore[index]
             case Put_():
                 return Effect.persist(Stray())
             case Dropped():
@@ -227,7 +228,7 @@ async def test_in_process_asks_in_one_tick_are_group_committed(
         appends = 0
         original = ents.storage.journal.append
 
-        async def counting_append(writes: list[AtomicWrite]) -> object:
+        async def counting_append(writes: Sequence[AtomicWrite]) -> list[WriteResult]:
             nonlocal appends
             appends += 1
             return await original(writes)
@@ -352,4 +353,4 @@ async def test_asking_with_a_foreign_command_is_rejected(tmp_path: object) -> No
         entities=[UserEntity], journal_url=f"sqlite:///{tmp_path}/f.db"
     ) as ents:
         with pytest.raises(UnhandledCommand, match="does not accept Put"):
-            await ents.ref_for(UserEntity, "x").ask(Put("a"))  # type: ignore[arg-type]
+            await ents.ref_for(UserEntity, "x").ask(Put("a"))

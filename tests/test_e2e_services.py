@@ -178,7 +178,7 @@ def services(
             "LAGOMPY_JOURNAL_AUTO_MIGRATE": "true",
             "LAGOMPY_EXAMPLE_RAY": "1",
             "LAGOMPY_EXAMPLE_APP": ray_app,
-            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # type: ignore[attr-defined]
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
             "LAGOMPY_RUNTIME_HOSTS": "1",
             "LAGOMPY_RUNTIME_SHARDS": "8",
         }

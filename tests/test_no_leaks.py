@@ -175,7 +175,10 @@ def test_no_error_of_the_example_services_leaks_internals(
 
         # ---- the notification service, directly: bad input, unknown routes
         n, u = seen.record, seen.record
-        not_json = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        not_json: dict[str, Any] = {
+            "content": b"{not json",
+            "headers": {"content-type": "application/json"},
+        }
         bad_id = {"id": "a b", "recipient": "r@example.org", "subject": "s"}
         n("notify: no body", notifications.post("/notifications", json={}))
         n("notify: bad id", notifications.post("/notifications", json=bad_id))
@@ -191,7 +194,7 @@ def test_no_error_of_the_example_services_leaks_internals(
         _until(lambda: users.get(f"/users/{uid}").status_code == 200, "the user projected")
         taken = {"name": "A", "email": "a@example.org", "user_id": uid}
         control = {"name": "a\x00b", "email": "x@example.org"}
-        keyed = {
+        keyed: dict[str, Any] = {
             "json": {"name": "K", "email": "k@example.org"},
             "headers": {"Idempotency-Key": "a b"},
         }

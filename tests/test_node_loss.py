@@ -45,7 +45,9 @@ async def test_a_lost_node_moves_its_host_and_loses_no_acknowledged_event(
             timeout=240,
         )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the node loss scenario did not finish in 240 s:\n{(e.stderr or '')[-3000:]}")
+        # What the child wrote so far: bytes here whatever text=True says.
+        stderr = (e.stderr or b"").decode(errors="replace")
+        pytest.fail(f"the node loss scenario did not finish in 240 s:\n{stderr[-3000:]}")
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0, (
         f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"

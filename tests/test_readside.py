@@ -41,7 +41,7 @@ from lagompy.testkit.readside import (
 
 REPO = Path(__file__).resolve().parent.parent
 
-FAST = {
+FAST: dict[str, Any] = {
     "lease_ttl": 2.0,
     "renew_interval": 0.05,
     "poll_interval": 0.02,

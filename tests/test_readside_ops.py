@@ -26,7 +26,7 @@ from lagompy.cli import build_app
 from lagompy.readside import ReadSide, open_projections, readside_router, start_readside
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = {"lease_ttl": 2.0, "renew_interval": 0.05, "poll_interval": 0.02}
+FAST: dict[str, Any] = {"lease_ttl": 2.0, "renew_interval": 0.05, "poll_interval": 0.02}
 
 
 def cli_args(journal_settings: JournalSettings) -> list[str]:
@@ -144,7 +144,8 @@ async def test_cli_rebuild_with_a_progress_bar(
     assert "rebuilt users from 15 events" in done.stdout
     assert "15/15" in done.stdout  # the progress bar's last state
     async with rs.projection.read() as conn:
-        names = dict((await conn.execute(text("SELECT user_id, name FROM users"))).all())
+        rows = (await conn.execute(text("SELECT user_id, name FROM users"))).all()
+        names: dict[str, str] = dict(rows)
     assert len(names) == 12
     assert all(names[f"u{i}"] == (f"V{i}" if i < 3 else f"U{i}") for i in range(12))
 

@@ -19,7 +19,7 @@ from lagompy.readside import start_readside_on_ray, stop_readside_on_ray
 from lagompy.readside._ray import actor_name
 from lagompy.runtime import namespace_of
 
-FAST = {"lease_ttl": 5.0, "renew_interval": 0.1, "poll_interval": 0.02}
+FAST: dict[str, Any] = {"lease_ttl": 5.0, "renew_interval": 0.1, "poll_interval": 0.02}
 
 
 def actors_of(ray: Any, app: str) -> list[str]:
@@ -79,7 +79,7 @@ async def test_workers_on_ray_survive_crashes_and_leave_nothing_behind(
 
         async with readside.projections.projection.read() as conn:
             rows = (await conn.execute(text("SELECT user_id, name FROM users"))).all()
-        names = dict(rows)
+        names: dict[str, str] = dict(rows)
         assert len(rows) == 40
         assert all(names[f"u{i}"] == (f"V{i}" if i % 3 == 0 else f"U{i}") for i in range(40))
         assert {s.state for s in await readside.status()} == {"running"}

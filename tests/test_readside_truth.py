@@ -106,7 +106,7 @@ async def test_a_failure_stop_survives_a_restart_apart_from_a_pause(
         (worker,) = rs.workers
 
         async def worker_failed() -> bool:
-            return worker.state == "failed"
+            return bool(worker.state == "failed")
 
         await eventually(worker_failed)
         await asyncio.sleep(0.3)  # several lease renewals: none of them turns it into a pause
@@ -195,7 +195,7 @@ async def test_set_offset_beyond_the_head_is_refused_or_forced_with_a_negative_l
 
         async def moved() -> bool:
             (s,) = await rs.status()
-            return s.offset == head + 10 and s.state == "running"
+            return bool(s.offset == head + 10 and s.state == "running")
 
         await eventually(moved)
         (status,) = await rs.status()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -35,11 +35,11 @@ async def test_asks_time_out_on_shared_timers_and_leave_none_behind() -> None:
     loop = asyncio.get_running_loop()
     deadlines = _deadlines_of(loop)
     started = time.monotonic()
-    short = [
+    short: list[asyncio.Future[Any]] = [
         asyncio.ensure_future(ref.ask(ChangeName("a"), timeout=0.05, command_id=f"s{i}"))
         for i in range(200)
     ]
-    long = [
+    long: list[asyncio.Future[Any]] = [
         asyncio.ensure_future(ref.ask(ChangeName("b"), timeout=30, command_id=f"l{i}"))
         for i in range(200)
     ]
@@ -50,9 +50,9 @@ async def test_asks_time_out_on_shared_timers_and_leave_none_behind() -> None:
         assert isinstance(outcome, AskTimeout)
     elapsed = time.monotonic() - started
     assert 0.05 <= elapsed < 0.05 + DEADLINE_STEP + 1.0
-    assert {e.command_id for e in await asyncio.gather(*short, return_exceptions=True)} == {
-        f"s{i}" for i in range(200)
-    }
+    assert {
+        cast(AskTimeout, e).command_id for e in await asyncio.gather(*short, return_exceptions=True)
+    } == {f"s{i}" for i in range(200)}
     # The long asks are answered before their deadline: their timer goes away with the last.
     for i in range(200):
         runtime.futures[f"l{i}"].set_result(i)
@@ -63,7 +63,9 @@ async def test_asks_time_out_on_shared_timers_and_leave_none_behind() -> None:
 async def test_an_answered_ask_does_not_time_out_later() -> None:
     runtime = Pending()
     ref: EntityRef[Any] = EntityRef(runtime.submit, "user", "1")
-    ask = asyncio.ensure_future(ref.ask(ChangeName("a"), timeout=0.02, command_id="x"))
+    ask: asyncio.Future[Any] = asyncio.ensure_future(
+        ref.ask(ChangeName("a"), timeout=0.02, command_id="x")
+    )
     await asyncio.sleep(0)
     runtime.futures["x"].set_result("done")
     assert await ask == "done"

@@ -54,7 +54,10 @@ async def app(ray_session: Any) -> AsyncIterator[str]:
 async def _start(app: str, js: JournalSettings, **kw: Any) -> ShardedEntities:
     kw.setdefault("hosts", 1)
     kw.setdefault("shards", 16)
-    return await start(app=app, entities=[UserEntity, CounterEntity], journal_settings=js, **kw)
+    entities: ShardedEntities = await start(
+        app=app, entities=[UserEntity, CounterEntity], journal_settings=js, **kw
+    )
+    return entities
 
 
 async def _journal_tokens(js: JournalSettings) -> list[str]:
@@ -532,6 +535,7 @@ def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> No
         assert add(old, "a") == (1, None)
         assert add(new, "b") == (2, None)  # the new copy recovers seq 1 and appends seq 2
         assert add(old, "c") == (3, None)  # refused at seq 2, reloaded, appended at seq 3
+        assert old.processor is not None
         assert old.processor.stats()["conflicts"] == 1
         old.processor.conflict_retries = 0
         assert add(new, "d") == (4, None)  # refused at seq 3, reloaded, appended at seq 4

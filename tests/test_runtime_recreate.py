@@ -35,7 +35,10 @@ async def app(ray_session: Any) -> AsyncIterator[str]:
 async def _start(app: str, js: JournalSettings, **kw: Any) -> ShardedEntities:
     kw.setdefault("hosts", 1)
     kw.setdefault("shards", 8)
-    return await start(app=app, entities=[CounterEntity], journal_settings=js, **kw)
+    entities: ShardedEntities = await start(
+        app=app, entities=[CounterEntity], journal_settings=js, **kw
+    )
+    return entities
 
 
 def _kill_for_good(app: str, index: int) -> None:

@@ -154,7 +154,7 @@ def create_app(
         ray = os.environ.get("LAGOMPY_EXAMPLE_RAY", "1") != "0"
     if name is None:
         name = os.environ.get("LAGOMPY_EXAMPLE_APP", "users")
-    journal = journal_settings or JournalSettings(**{})
+    journal = journal_settings or JournalSettings()
     # --8<-- [start:app]
     readside = ReadSideComponent([UsersProjection], journal_settings=journal)
     service = Service(

@@ -18,7 +18,7 @@ from lagompy import InvalidCommand, start_in_process
 async def main() -> None:
     url = os.environ.get("LAGOMPY_JOURNAL_URL", "sqlite:///user_service.db")
     user_id = f"user-{uuid.uuid4().hex[:8]}"
-    async with await start_in_process(entities=[UserEntity], journal_url=url) as entities:
+    async with start_in_process(entities=[UserEntity], journal_url=url) as entities:
         print(f"journal: {entities.storage.database.describe()}")
         user = entities.ref_for(UserEntity, user_id)
 
@@ -37,7 +37,7 @@ async def main() -> None:
             print(f"  #{e.seq_nr} offset {e.offset} tags {e.tags}: {e.event}")
 
     # A fresh process would recover the same state from the journal:
-    async with await start_in_process(entities=[UserEntity], journal_url=url) as entities:
+    async with start_in_process(entities=[UserEntity], journal_url=url) as entities:
         recovered = await entities.processor.activate(UserEntity.type_name, user_id)
         print(f"recovered:  {recovered.state} at sequence number {recovered.seq_nr}")
 

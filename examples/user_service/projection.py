@@ -71,6 +71,7 @@ def _register(dialect: str) -> Any:
 
 def _update_row(envelope: EventEnvelope[Any]) -> dict[str, Any]:
     event = envelope.event
+    value: str | bool
     match event:
         case NameChanged(name=value) | EmailChanged(email=value):
             pass

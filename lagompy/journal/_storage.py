@@ -2,7 +2,7 @@
 
 ::
 
-    async with await open_storage("sqlite:///users.db", entities=[UserEntity]) as storage:
+    async with open_storage("sqlite:///users.db", entities=[UserEntity]) as storage:
         await storage.journal.events("user", "42")
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.journal._journal import Journal
 from lagompy.journal._snapshots import SnapshotStore
@@ -50,8 +50,7 @@ class Storage(AsyncClosing):
         await self.database.dispose()
 
 
-
-
+@opener
 async def open_storage(
     url: str | None = None,
     *,
@@ -63,15 +62,17 @@ async def open_storage(
     """Connect to the journal database (``url``, else ``LAGOMPY_JOURNAL_URL``, else
     ``./lagompy.db``) and check that lagompy's tables are at this version's revision.
 
+    ``settings`` and keyword ``overrides`` (fields of :class:`~lagompy.settings.JournalSettings`)
+    combine by lagompy's one rule (:func:`~lagompy.settings.make_settings`): ``settings`` is the
+    base, ``url`` and each keyword replace their field.
+
     With ``auto_migrate`` (by default on SQLite) missing or outdated tables are created or
     upgraded here; otherwise (by default on PostgreSQL) they raise ``ConfigurationError`` naming
     the ``lagompy migrate`` command to run. See :mod:`lagompy.sql`.
     """
-    if settings is None:
-        if url is not None:
-            overrides["url"] = url
-        settings = make_settings(JournalSettings, **overrides)
-    database = Database.create(settings)
+    if url is not None:
+        overrides["url"] = url
+    database = Database.create(make_settings(JournalSettings, settings, **overrides))
     serializer = serializer or serializer_for(entities)
     journal = Journal(database, serializer)
     try:

@@ -45,11 +45,12 @@ from typing import Any, Self
 
 import asyncpg  # type: ignore[import-untyped,unused-ignore]
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal
+from lagompy.settings import LagompySettings
 from lagompy.sql._database import Database
 
 log = logging.getLogger("lagompy.tailing")
@@ -74,7 +75,7 @@ _SQLALCHEMY_ONLY_ARGS = (
 )
 
 
-class TailSettings(BaseSettings):
+class TailSettings(LagompySettings):
     """How tailers wait for new events. Environment prefix ``LAGOMPY_TAIL_`` (for example
     ``LAGOMPY_TAIL_POLL_INTERVAL``). A keyword argument wins over the environment, which wins
     over the default.

@@ -13,7 +13,7 @@ async connection they are given::
         async def handle(self, conn, envelope): ...  # INSERT / UPDATE
         async def reset(self, conn): ...             # DELETE FROM ... (for rebuilds)
 
-    async with await start_readside([UsersProjection], journal_url="sqlite:///app.db") as rs:
+    async with start_readside([UsersProjection], journal_url="sqlite:///app.db") as rs:
         ...
 
 The path of an event, module by module:

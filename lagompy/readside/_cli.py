@@ -77,19 +77,14 @@ def _run(
     *,
     with_journal: bool = True,
 ) -> T:
-    from pydantic import ValidationError
-
     from lagompy.readside._projections import open_projections
     from lagompy.readside._settings import ReadSideSettings
     from lagompy.settings import JournalSettings
 
     journal: dict[str, Any] = {"url": journal_url, "postgres_schema": journal_schema}
     readside: dict[str, Any] = {"url": url, "postgres_schema": schema}
-    try:
-        journal_settings = JournalSettings(**{k: v for k, v in journal.items() if v is not None})
-        settings = ReadSideSettings(**{k: v for k, v in readside.items() if v is not None})
-    except ValidationError as e:
-        raise ConfigurationError(f"invalid settings: {e}") from e
+    journal_settings = JournalSettings(**{k: v for k, v in journal.items() if v is not None})
+    settings = ReadSideSettings(**{k: v for k, v in readside.items() if v is not None})
     # An operator's typo must not leave an empty database behind (SQLite creates a missing
     # file on first connect) nor report an empty one as "no read-side processors yet".
     if settings.url is not None:

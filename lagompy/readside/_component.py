@@ -130,7 +130,7 @@ class ReadSideComponent:
         return self._projections().projection
 
     async def start(self) -> None:
-        journal = self.journal_settings or JournalSettings(**{})
+        journal = self.journal_settings or JournalSettings()
         if self.ray:
             self._running = await start_readside_on_ray(
                 self.processors,

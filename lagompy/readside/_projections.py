@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, opener
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
 from lagompy.readside._processor import (
@@ -369,6 +369,7 @@ class Projections(AsyncClosing):
         return done
 
 
+@opener
 async def open_projections(
     *,
     journal_url: str | None = None,
@@ -530,6 +531,7 @@ class ReadSide(AsyncClosing):
             await db.dispose()
 
 
+@opener
 async def start_readside(
     processors: Iterable[ProcessorArg],
     *,

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus
@@ -278,6 +278,7 @@ class RayReadSide(AsyncClosing):
 
 
 
+@opener
 async def start_readside_on_ray(
     processors: Iterable[type[SqlReadSideProcessor]],
     *,
@@ -326,7 +327,7 @@ async def start_readside_on_ray(
         await projections.close()
         raise
 
-    runtime_settings = runtime_settings or RuntimeSettings(**{})
+    runtime_settings = runtime_settings or RuntimeSettings()
     if start_timeout is None:
         start_timeout = runtime_settings.start_timeout
     owns_ray = attach(runtime_settings)

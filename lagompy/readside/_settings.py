@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from lagompy.errors import ConfigurationError
-from lagompy.settings import JournalSettings, make_settings
+from lagompy.settings import JournalSettings, LagompySettings, make_settings
 
 __all__ = [
     "ReadSideSettings",
@@ -17,7 +16,7 @@ __all__ = [
 ]
 
 
-class ReadSideSettings(BaseSettings):
+class ReadSideSettings(LagompySettings):
     """How read-side workers connect, batch, hold leases and handle failures. Environment prefix
     ``LAGOMPY_READSIDE_`` (for example ``LAGOMPY_READSIDE_URL``, ``LAGOMPY_READSIDE_MAX_BATCH``).
     A keyword argument wins over the environment, which wins over the default."""
@@ -25,20 +24,22 @@ class ReadSideSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_READSIDE_", frozen=True, extra="forbid")
 
     url: str | None = Field(
-        None,
+        default=None,
         description=(
             "The projection database (sqlite:///... or postgresql://...): projections and the "
             "read side's offsets live there. None: the journal's database."
         ),
     )
     postgres_schema: str | None = Field(
-        None,
+        default=None,
         description="PostgreSQL schema of the projection database (None: the journal's, "
         "when url is None).",
     )
-    pool_size: int = Field(2, ge=1, description="Projection connections kept open per process.")
+    pool_size: int = Field(
+        default=2, ge=1, description="Projection connections kept open per process."
+    )
     auto_migrate: bool | None = Field(
-        None,
+        default=None,
         description=(
             "Create lagompy's tables in the projection database when it opens. None: as the "
             "journal's auto_migrate (yes on SQLite, no on PostgreSQL: run `lagompy migrate "
@@ -46,10 +47,10 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     max_batch: int = Field(
-        500, ge=1, description="Most events read per query and committed per transaction."
+        default=500, ge=1, description="Most events read per query and committed per transaction."
     )
     max_batch_seconds: float = Field(
-        0.5,
+        default=0.5,
         gt=0,
         description=(
             "A transaction of per-event handlers commits once its handlers have run this long, "
@@ -57,7 +58,7 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     lease_ttl: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         description=(
             "Seconds a worker's lease lasts without renewal; then another worker may take it. "
@@ -65,7 +66,7 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     renew_interval: float = Field(
-        1.0,
+        default=1.0,
         gt=0,
         description=(
             "Seconds between lease renewals of an idle worker; also how soon a worker sees a "
@@ -73,7 +74,7 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     poll_interval: float = Field(
-        0.05,
+        default=0.05,
         gt=0,
         description=(
             "Seconds between queries of an idle worker on SQLite (and on PostgreSQL while the "
@@ -81,13 +82,13 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     listen: bool = Field(
-        True, description="On PostgreSQL, wake idle workers with the journal's NOTIFY."
+        default=True, description="On PostgreSQL, wake idle workers with the journal's NOTIFY."
     )
     listen_poll_interval: float = Field(
-        2.0, gt=0, description="Safety-net query interval while LISTEN is up (PostgreSQL)."
+        default=2.0, gt=0, description="Safety-net query interval while LISTEN is up (PostgreSQL)."
     )
     max_attempts: int = Field(
-        5,
+        default=5,
         ge=1,
         description=(
             "Tries of a failing handler (or of decoding an event) before on_failure applies; "
@@ -96,11 +97,11 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     retry_initial_delay: float = Field(
-        0.1, ge=0, description="Seconds before the second try; doubled for each next one."
+        default=0.1, ge=0, description="Seconds before the second try; doubled for each next one."
     )
-    retry_max_delay: float = Field(5.0, ge=0, description="Cap of the delay between tries.")
+    retry_max_delay: float = Field(default=5.0, ge=0, description="Cap of the delay between tries.")
     on_failure: Literal["stop", "skip"] = Field(
-        "stop",
+        default="stop",
         description=(
             "After max_attempts at one event (its handler keeps failing, or it cannot be "
             "decoded): 'stop' marks the worker failed, with the failure in its status, until "
@@ -109,7 +110,7 @@ class ReadSideSettings(BaseSettings):
         ),
     )
     prepare_timeout: float = Field(
-        60.0,
+        default=60.0,
         gt=0,
         description="Seconds start_readside_on_ray waits for global_prepare to succeed.",
     )
@@ -125,8 +126,6 @@ class ReadSideSettings(BaseSettings):
 
 
 def _settings(settings: ReadSideSettings | None, overrides: dict[str, Any]) -> ReadSideSettings:
-    if settings is not None and not overrides:
-        return settings
     return make_settings(ReadSideSettings, settings, **overrides)
 
 
@@ -151,8 +150,4 @@ def projection_settings(journal: JournalSettings, settings: ReadSideSettings) ->
 
 
 def _journal_settings(url: str | None, settings: JournalSettings | None) -> JournalSettings:
-    if settings is not None:
-        if url is not None:
-            raise ConfigurationError("pass journal_url or journal_settings, not both")
-        return settings
-    return make_settings(JournalSettings, **({} if url is None else {"url": url}))
+    return make_settings(JournalSettings, settings, **({} if url is None else {"url": url}))

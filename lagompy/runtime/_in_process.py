@@ -6,9 +6,8 @@ one journal transaction. One batch runs at a time, so each entity has a single w
 
 ::
 
-    entities = await start_in_process(entities=[UserEntity], journal_url="sqlite:///users.db")
-    user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
-    await entities.close()
+    async with start_in_process(entities=[UserEntity], journal_url="sqlite:///u.db") as entities:
+        user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.journal._storage import Storage, open_storage
@@ -214,6 +213,7 @@ class InProcessEntities(AsyncClosing):
 
 
 
+@opener
 async def start_in_process(
     *,
     entities: Iterable[EntityClass],

@@ -7,9 +7,8 @@ hosts (named, detached actors in the namespace ``lagompy-<app>``) and returns
 :class:`ShardedEntities`, whose refs send commands through a
 :class:`~lagompy.runtime._region.Region` client::
 
-    entities = await start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db")
-    user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
-    await entities.close()
+    async with start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db") as entities:
+        user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
 
 Any process attached to the same Ray cluster that calls ``start()`` for the same app reaches the
 same hosts, hence the same entities.
@@ -24,7 +23,7 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
-from lagompy.closing import AsyncClosing
+from lagompy.closing import AsyncClosing, Opening, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import (
     ConfigurationError,
@@ -351,7 +350,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
 
 
 @overload
-async def start(
+def start(
     *,
     app: str = ...,
     entities: Iterable[EntityClass],
@@ -361,11 +360,11 @@ async def start(
     journal_settings: JournalSettings | None = ...,
     replace_hosts: bool = ...,
     **overrides: Any,
-) -> ShardedEntities: ...
+) -> Opening[ShardedEntities]: ...
 
 
 @overload
-async def start(
+def start(
     *,
     app: str = ...,
     entities: Iterable[EntityClass],
@@ -375,9 +374,10 @@ async def start(
     journal_settings: JournalSettings | None = ...,
     replace_hosts: bool = ...,
     **overrides: Any,
-) -> InProcessEntities: ...
+) -> Opening[InProcessEntities]: ...
 
 
+@opener
 async def start(
     *,
     app: str = "default",
@@ -394,7 +394,9 @@ async def start(
     With ``ray=True`` (the default) the entities run on the app's shard hosts on Ray; with
     ``ray=False`` they run in this process (:func:`lagompy.start_in_process`). Keyword
     ``overrides`` set fields of :class:`~lagompy.settings.RuntimeSettings` (``hosts=2``) or of
-    :class:`~lagompy.settings.JournalSettings` (``pool_size=2``).
+    :class:`~lagompy.settings.JournalSettings` (``pool_size=2``); they, and ``journal_url``,
+    replace those fields of ``settings`` and ``journal_settings`` when these are given too
+    (:func:`~lagompy.settings.make_settings`).
 
     Raises ``ConfigurationError`` when an entity class cannot be imported by Ray's workers,
     when the app already runs with another topology (the message names what differs; pass
@@ -405,16 +407,10 @@ async def start(
     if not entity_list:
         raise ConfigurationError("start() needs at least one entity class")
     runtime_overrides, journal_overrides = _split_overrides(overrides)
-    if journal_settings is None:
-        if journal_url is not None:
-            journal_overrides["url"] = journal_url
-        journal_settings = make_settings(JournalSettings, **journal_overrides)
-    elif journal_url is not None or journal_overrides:
-        raise ConfigurationError("pass journal_settings or journal_url/journal keywords, not both")
-    if settings is None:
-        settings = make_settings(RuntimeSettings, **runtime_overrides)
-    elif runtime_overrides:
-        settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
+    if journal_url is not None:
+        journal_overrides["url"] = journal_url
+    journal_settings = make_settings(JournalSettings, journal_settings, **journal_overrides)
+    settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
     for cls in entity_list:
         cls.validate()
     if not ray:

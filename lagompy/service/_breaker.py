@@ -41,15 +41,16 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import pybreaker
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from lagompy.errors import (
     CircuitBreakerOpen,
-    ConfigurationError,
+    InvalidSettings,
     ServiceCallFailed,
     ServiceCallTimeout,
 )
+from lagompy.settings import LagompySettings, make_settings
 
 __all__ = [
     "BreakerRegistry",
@@ -78,29 +79,38 @@ Exclusion = type[BaseException] | Callable[[BaseException], bool]
 BreakerListener = Callable[["CircuitBreaker", str], None]
 
 
-class BreakerSettings(BaseSettings):
+class BreakerSettings(LagompySettings):
     """One circuit breaker's settings. Environment prefix ``LAGOMPY_BREAKER_`` for all breakers
     and ``LAGOMPY_BREAKER_<ID>_`` for the breaker ``<ID>`` (see :func:`breaker_settings`)."""
 
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_BREAKER_", frozen=True, extra="ignore")
 
-    enabled: bool = Field(True, description="False lets every call through, uncounted.")
+    enabled: bool = Field(default=True, description="False lets every call through, uncounted.")
     max_failures: int = Field(
-        10, ge=1, description="Consecutive failures that open a closed breaker."
+        default=10, ge=1, description="Consecutive failures that open a closed breaker."
     )
     call_timeout: float = Field(
-        10.0, gt=0, description="Seconds a call may take; a slower one is cancelled and fails."
+        default=10.0,
+        gt=0,
+        description="Seconds a call may take; a slower one is cancelled and fails.",
     )
     reset_timeout: float = Field(
-        15.0, gt=0, description="Seconds an open breaker waits before it lets one trial call."
+        default=15.0,
+        gt=0,
+        description="Seconds an open breaker waits before it lets one trial call.",
     )
     exclude_client_errors: bool = Field(
-        True,
+        default=True,
         description=(
             "Ignore 4xx answers (ServiceCallFailed with a status below 500): they neither count "
             "as failures nor close a half-open breaker."
         ),
     )
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variables that set ``field`` (``<ID>``: the breaker's id)."""
+        return f"LAGOMPY_BREAKER_<ID>_{field.upper()} or LAGOMPY_BREAKER_{field.upper()}"
 
 
 def env_id(breaker_id: str) -> str:
@@ -119,14 +129,9 @@ def breaker_settings(breaker_id: str, **overrides: Any) -> BreakerSettings:
     }
     try:
         return BreakerSettings(**{**specific, **overrides})
-    except ValidationError as e:
-        raise ConfigurationError(f"circuit breaker {breaker_id!r}: {_first_error(e)}") from None
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(part) for part in err["loc"])
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    except InvalidSettings as e:
+        named = str(e).replace("<ID>", env_id(breaker_id))
+        raise InvalidSettings(f"circuit breaker {breaker_id!r}: {named}", fields=e.fields) from None
 
 
 def is_client_error(exc: BaseException) -> bool:
@@ -155,8 +160,9 @@ class CircuitBreaker:
     then half-open after ``reset_timeout`` seconds with one trial call; each call limited to
     ``call_timeout`` seconds (see docs/howto/circuit-breakers.md).
 
-    Keyword arguments set :class:`BreakerSettings` fields; ``exclude`` adds exception classes
-    or predicates whose exceptions the breaker ignores (by default, with
+    Keyword arguments set :class:`BreakerSettings` fields (replacing those of ``settings``
+    when it is given too, :func:`~lagompy.settings.make_settings`); ``exclude`` adds exception
+    classes or predicates whose exceptions the breaker ignores (by default, with
     ``exclude_client_errors``, 4xx answers). ``clock`` (seconds, monotonic) is for tests."""
 
     def __init__(
@@ -171,8 +177,8 @@ class CircuitBreaker:
         self.id = breaker_id
         if settings is None:
             settings = breaker_settings(breaker_id, **overrides)
-        elif overrides:
-            raise ConfigurationError("pass settings or setting keywords, not both")
+        else:
+            settings = make_settings(BreakerSettings, settings, **overrides)
         self.settings = settings
         self._clock = clock
         exclusions: list[Callable[[BaseException], bool]] = [_as_predicate(e) for e in exclude]

@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import (
@@ -51,6 +51,7 @@ from lagompy.errors import (
     ServiceUnavailable,
 )
 from lagompy.service._breaker import BreakerRegistry, CircuitBreaker, default_registry
+from lagompy.settings import LagompySettings, make_settings
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -72,17 +73,21 @@ current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _MESSAGE_BODY_CHARS = 300
 
 
-class ClientSettings(BaseSettings):
+class ClientSettings(LagompySettings):
     """Service client settings. Environment prefix ``LAGOMPY_CLIENT_`` (e.g.
     ``LAGOMPY_CLIENT_TIMEOUT``)."""
 
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_CLIENT_", frozen=True, extra="forbid")
 
     timeout: float = Field(
-        10.0, gt=0, description="httpx timeout (seconds) for connecting, reading and writing."
+        default=10.0,
+        gt=0,
+        description="httpx timeout (seconds) for connecting, reading and writing.",
     )
-    connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
-    max_connections: int = Field(100, ge=1, description="Connections open at once per client.")
+    connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to open a connection.")
+    max_connections: int = Field(
+        default=100, ge=1, description="Connections open at once per client."
+    )
 
 
 def _env_name(service: str) -> str:
@@ -177,7 +182,7 @@ class ServiceClient(AsyncClosing):
         self.service = service
         self.locator = locator or ServiceLocator()
         self.registry = default_registry if registry is None else registry
-        self.settings = settings or ClientSettings(**overrides)
+        self.settings = make_settings(ClientSettings, settings, **overrides)
         self.breaker = self._resolve_breaker(service if breaker is None else breaker)
         timeout = httpx.Timeout(self.settings.timeout, connect=self.settings.connect_timeout)
         limits = httpx.Limits(

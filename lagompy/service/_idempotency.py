@@ -288,9 +288,7 @@ class KeyStore:
         self, settings: JournalSettings, scope: str, *, lifetime: float, in_flight: float
     ) -> None:
         self.database = Database.create(
-            settings.model_copy(
-                update={"pool_size": 1, "max_overflow": 1, "sqlite_synchronous": "NORMAL"}
-            )
+            settings, pool_size=1, max_overflow=1, sqlite_synchronous="NORMAL"
         )
         self.scope = scope
         self.lifetime_us = int(lifetime * 1_000_000)

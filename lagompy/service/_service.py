@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lagompy.entity import PersistentEntity
@@ -35,7 +35,7 @@ from lagompy.service._problems import (
     _lagompy_error_handler,
     _validation_handler,
 )
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, LagompySettings, make_settings
 
 __all__ = [
     "Component",
@@ -53,24 +53,24 @@ WORKERS_ENV = "LAGOMPY_WORKERS"
 Entities = EntityRuntime
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(LagompySettings):
     """HTTP side settings. Environment prefix ``LAGOMPY_HTTP_``."""
 
     model_config = SettingsConfigDict(env_prefix="LAGOMPY_HTTP_", frozen=True, extra="forbid")
 
     ask_timeout: float = Field(
-        10.0, gt=0, description="Seconds a route's ask waits for its reply (then 504)."
+        default=10.0, gt=0, description="Seconds a route's ask waits for its reply (then 504)."
     )
     retry_after: int = Field(
-        1, ge=0, description="Retry-After seconds sent with 503 for Overloaded and outages."
+        default=1, ge=0, description="Retry-After seconds sent with 503 for Overloaded and outages."
     )
     ready_timeout: float = Field(
-        2.0, gt=0, description="Seconds each /health/ready check may take."
+        default=2.0, gt=0, description="Seconds each /health/ready check may take."
     )
-    metrics: bool = Field(True, description="Serve /metrics.")
-    status_routes: bool = Field(True, description="Serve /_status/circuit-breakers.")
+    metrics: bool = Field(default=True, description="Serve /metrics.")
+    status_routes: bool = Field(default=True, description="Serve /_status/circuit-breakers.")
     idempotency_key_lifetime: float = Field(
-        86_400.0,
+        default=86_400.0,
         gt=0,
         description=(
             "Seconds an Idempotency-Key stays bound to the request it first came with (then "
@@ -132,12 +132,11 @@ class Service:
         self.entity_classes = list(entities)
         self.ray = ray
         self.runtime_options = dict(runtime_options or {})
-        if journal_settings is not None and journal_url is not None:
-            raise ConfigurationError("pass journal_settings or journal_url, not both")
         journal: dict[str, Any] = {} if journal_url is None else {"url": journal_url}
         self._journal_given = journal_settings is not None or journal_url is not None
-        #: Where the journal is (default: JournalSettings from the environment).
-        self.journal_settings = journal_settings or JournalSettings(**journal)
+        #: Where the journal is: ``journal_settings`` with ``journal_url`` as its url, when
+        #: given (default: JournalSettings from the environment).
+        self.journal_settings = make_settings(JournalSettings, journal_settings, **journal)
         self._given_runtime = runtime
         self._runtime: Entities | None = runtime
         self.locator = locator or ServiceLocator()
@@ -145,8 +144,7 @@ class Service:
         self._client_specs = list(clients)
         self.clients: dict[str, ServiceClient] = {}
         self.components = list(components)
-        no_overrides: dict[str, Any] = {}
-        self.settings = settings or ServiceSettings(**no_overrides)
+        self.settings = settings or ServiceSettings()
         self._started: list[Component] = []
         self._probe: Any = None  # a small Database for the journal check of /health/ready
         #: the last failure of each readiness check (logged when it changes)

@@ -84,8 +84,9 @@ class Database:
 
     @classmethod
     def create(cls, settings: JournalSettings | None = None, **overrides: Any) -> Database:
-        """Build the engine (no connection is opened yet)."""
-        settings = settings or make_settings(JournalSettings, **overrides)
+        """Build the engine (no connection is opened yet) for ``settings`` with ``overrides``
+        (:func:`~lagompy.settings.make_settings`: each keyword replaces its field)."""
+        settings = make_settings(JournalSettings, settings, **overrides)
         url = normalize_url(settings.url)
         kwargs: dict[str, Any] = {"echo": settings.echo}
         if dialect_of(url) == "sqlite":

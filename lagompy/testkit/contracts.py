@@ -16,7 +16,7 @@ write their own small event and state types, defined in this module)::
         @pytest_asyncio.fixture
         async def storage(self, tmp_path):
             url = f"sqlite:///{tmp_path}/journal.db"
-            async with await open_storage(url, serializer=contract_serializer()) as storage:
+            async with open_storage(url, serializer=contract_serializer()) as storage:
                 yield storage
 
         @pytest.fixture

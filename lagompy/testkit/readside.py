@@ -45,7 +45,7 @@ from lagompy.readside._processor import (
 from lagompy.readside._settings import ReadSideSettings, projection_settings
 from lagompy.readside._worker import ReadSideWorker, run_global_prepare
 from lagompy.serialization import Serializer, serializable
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, make_settings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 
@@ -80,7 +80,7 @@ class ReadSideTestDriver(AsyncClosing):
         self._journal_url = journal_url
         self._journal_settings = journal_settings
         self.serializer = serializer or serializer_for_processors([self.processor])
-        self.settings = settings or ReadSideSettings(**{})
+        self.settings = settings or ReadSideSettings()
         entities = self.processor.entities
         self.entity_type = entity_type or (entities[0].type_name if entities else "test-entity")
         self._tmp: str | None = None
@@ -89,14 +89,12 @@ class ReadSideTestDriver(AsyncClosing):
         self._seq: dict[tuple[str, str], int] = {}
 
     async def __aenter__(self) -> Self:
-        settings = self._journal_settings
-        if settings is None:
-            url = self._journal_url
-            if url is None:
-                self._tmp = tempfile.mkdtemp(prefix="lagompy-readside-")
-                url = f"sqlite:///{Path(self._tmp) / 'readside.db'}"
-            given: dict[str, Any] = {"url": url}
-            settings = JournalSettings(**given)
+        url = self._journal_url
+        if url is None and self._journal_settings is None:
+            self._tmp = tempfile.mkdtemp(prefix="lagompy-readside-")
+            url = f"sqlite:///{Path(self._tmp) / 'readside.db'}"
+        given = {} if url is None else {"url": url}
+        settings = make_settings(JournalSettings, self._journal_settings, **given)
         self._storage = await open_storage(settings=settings, serializer=self.serializer)
         self._projection = Database.create(projection_settings(settings, self.settings))
         await ensure_schema(self._projection)
@@ -220,7 +218,7 @@ class CreditsProjection(SqlReadSideProcessor):
 
     name = "contract-credits"
     tag = CONTRACT_TAG
-    event_types = (Credited,)
+    event_types: ClassVar[tuple[type, ...] | None] = (Credited,)
     calls: ClassVar[list[str]] = []
     #: How many of the next global_prepare calls fail.
     failing_global_prepares: ClassVar[int] = 0

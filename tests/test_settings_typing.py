@@ -1,0 +1,92 @@
+"""Settings classes type-check in users' ``mypy --strict`` code.
+
+Pydantic's classes look like dataclasses to mypy (``dataclass_transform``): a field whose default
+is given positionally (``Field(5, ...)``) counts as *required*, so ``JournalSettings(url=...)``
+failed a user's strict type check with one "missing named argument" per other field. This test
+type-checks a user's module that builds every settings class of the package with no argument,
+with every field as a keyword argument, and with one wrong keyword (which must be reported:
+the check really sees the classes' signatures).
+"""
+
+from __future__ import annotations
+
+import importlib
+import textwrap
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from tests.reference_tables import settings_classes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Where users import the settings classes from (the first that has the name wins).
+PUBLIC_MODULES = ["lagompy", "lagompy.journal", "lagompy.readside", "lagompy.service"]
+
+
+def _public_module(cls: type[BaseSettings]) -> str:
+    for name in [*PUBLIC_MODULES, cls.__module__]:
+        if getattr(importlib.import_module(name), cls.__name__, None) is cls:
+            return name
+    raise AssertionError(f"{cls.__name__} is not importable")  # pragma: no cover
+
+
+def _keywords(cls: type[BaseSettings]) -> str:
+    """Every field of ``cls`` as a keyword argument with its default (a literal)."""
+    return ", ".join(f"{name}={field.default!r}" for name, field in cls.model_fields.items())
+
+
+def user_module() -> str:
+    classes = settings_classes()
+    lines = ["from __future__ import annotations", ""]
+    lines += [f"from {_public_module(cls)} import {cls.__name__}" for cls in classes]
+    lines += ["", "", "def build() -> None:"]
+    lines.append('    JournalSettings(url="sqlite:///x.db")')
+    for cls in classes:
+        lines.append(f"    {cls.__name__}()")
+        lines.append(f"    {cls.__name__}({_keywords(cls)})")
+    # The control: a keyword that is no field must be an error, else the ignore is unused
+    # (strict mode warns about it) and the check fails.
+    lines.append("    JournalSettings(no_such_setting=1)  # type: ignore[call-arg]")
+    lines.append("    pool_size: int = JournalSettings().pool_size")
+    lines.append("    url: str = JournalSettings().url")
+    lines.append("    print(pool_size, url)")
+    return "\n".join(lines) + "\n"
+
+
+def strict_mypy_errors(source: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
+    """The errors ``mypy --strict`` reports in ``source``, a user's module that imports lagompy
+    (with no plugin: what a user's project sees)."""
+    mypy_api = pytest.importorskip("mypy.api")
+    module = tmp_path / "user_code.py"
+    module.write_text(source, encoding="utf-8")
+    config = tmp_path / "mypy.ini"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            [mypy]
+            strict = True
+            mypy_path = {ROOT}
+            ignore_missing_imports = True
+            """
+        ),
+        encoding="utf-8",
+    )
+    cached = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    cache = cached.mkdir("mypy-strict") if cached is not None else tmp_path / "mypy-cache"
+    stdout, stderr, status = mypy_api.run(
+        ["--config-file", str(config), "--cache-dir", str(cache), str(module)]
+    )
+    assert status in (0, 1), stderr
+    # Only the user's module is judged (lagompy itself is checked by its own gate); by its
+    # name, as errors replayed from the cache carry the path of the run that found them.
+    return [line for line in stdout.splitlines() if f"{module.name}:" in line]
+
+
+def test_settings_classes_type_check_in_strict_user_code(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    source = user_module()
+    errors = strict_mypy_errors(source, tmp_path, request)
+    assert errors == [], source + "\n" + "\n".join(errors)
