@@ -41,7 +41,7 @@ from bench._report import write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage, start
 from lagompy.journal import SnapshotToSave
 from lagompy.runtime._processing import recover
-from lagompy.runtime._ray import _cluster_cpus
+from lagompy.runtime._ray_cluster import cluster_cpus
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 ENTITIES = 1_000
@@ -185,7 +185,7 @@ async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str
     # One shard host, then the default (one per CPU); the default is skipped when it is one.
     count, levels = await run_levels(name, js, quick, hosts=1)
     runs[count] = levels
-    if int(_cluster_cpus()) > 1:  # what start() sizes the default host count by
+    if int(cluster_cpus()) > 1:  # what start() sizes the default host count by
         count, levels = await run_levels(name, js, quick, hosts=None)
         runs[count] = levels
     best = max(runs, key=lambda h: runs[h][1024]["rate"])

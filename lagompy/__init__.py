@@ -74,6 +74,7 @@ from lagompy.readside import (
 )
 from lagompy.runtime import (
     EntityRef,
+    EntityRuntime,
     InProcessEntities,
     ShardedEntities,
     ShardedEntityRef,
@@ -101,6 +102,7 @@ __all__ = [
     "DuplicateCommandId",
     "Effect",
     "EntityRef",
+    "EntityRuntime",
     "EventEnvelope",
     "EventHandlerFailed",
     "EventTailer",

@@ -245,5 +245,19 @@ class RuntimeSettings(LagompySettings):
         ),
     )
     start_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds start() waits for the shard hosts to answer."
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds start() waits for the shard hosts to answer (start_readside_on_ray: for "
+            "the read-side workers)."
+        ),
+    )
+    stop_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds the app's actors get to release what they hold (journal connections, "
+            "read-side leases) when shutdown_app, stop_readside_on_ray or replace_hosts stops "
+            "them; then they are killed."
+        ),
     )

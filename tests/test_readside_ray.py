@@ -184,3 +184,35 @@ async def test_on_ray_readiness_names_a_failure_and_event_types_read_a_mixed_tag
     finally:
         await component.stop()
     assert actors_of(ray_session, app) == []
+
+
+async def test_shutdown_app_releases_the_read_side_leases_at_once(
+    ray_session: Any, journal_settings: JournalSettings
+) -> None:
+    """``shutdown_app`` stops each read-side actor through its own stop: the leases are free
+    when it returns, not a lease_ttl later, so a worker elsewhere takes over at once."""
+    from lagompy.readside._store import OffsetStore
+    from lagompy.runtime import shutdown_app
+
+    app = f"rs-{uuid.uuid4().hex[:8]}"
+    readside = await start_readside_on_ray(
+        [UsersProjection],
+        app=app,
+        journal_settings=journal_settings,
+        supervise_interval=None,
+        **{**FAST, "lease_ttl": 120.0},
+    )
+    try:
+        store = OffsetStore(readside.projections.projection)
+        deadline = time.monotonic() + 60
+        while not all(r.leased for r in await store.rows("users")) or len(
+            await store.rows("users")
+        ) != len(UsersProjection.tags()):
+            assert time.monotonic() < deadline, "the workers never took their leases"
+            await asyncio.sleep(0.05)
+        assert await shutdown_app(app) == len(UsersProjection.tags())
+        rows = await store.rows("users")
+        assert [(r.owner, r.leased) for r in rows] == [(None, False)] * len(rows)
+        assert actors_of(ray_session, app) == []
+    finally:
+        await readside.close()

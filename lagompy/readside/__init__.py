@@ -29,7 +29,8 @@ The path of an event, module by module:
 * ``_projections.py``: the workers of this process (:func:`start_readside`), their status
   (:class:`WorkerStatus`) and the operators' actions (:class:`Projections`: pause, resume, skip,
   set an offset, rebuild); ``_settings.py``: :class:`ReadSideSettings`, which all of them read.
-* ``_ray.py``: the same workers as detached Ray actors (:func:`start_readside_on_ray`).
+* ``_ray.py``: the same workers as detached Ray actors (:func:`start_readside_on_ray`);
+  ``_runner.py``: :class:`ReadSideRunner`, what both ways of running workers offer.
 * ``_component.py`` and ``_http.py``: a service's part (:class:`ReadSideComponent`: started
   with the service, in ``/health/ready`` and ``/metrics``) and its status route
   (:func:`readside_router`); ``_cli.py``: ``lagompy projections``.
@@ -57,6 +58,7 @@ from lagompy.readside._projections import (
     start_readside,
 )
 from lagompy.readside._ray import RayReadSide, start_readside_on_ray, stop_readside_on_ray
+from lagompy.readside._runner import ReadSideRunner
 from lagompy.readside._settings import ReadSideSettings, projection_settings
 from lagompy.readside._worker import ReadSideWorker
 
@@ -78,6 +80,7 @@ __all__ = [
     "ReadSide",
     "ReadSideComponent",
     "ReadSideProcessor",
+    "ReadSideRunner",
     "ReadSideSettings",
     "ReadSideWorker",
     "SqlReadSideProcessor",

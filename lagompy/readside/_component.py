@@ -33,11 +33,11 @@ from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.readside._projections import (
     STUCK_STATES,
     Projections,
-    ReadSide,
     WorkerStatus,
     start_readside,
 )
-from lagompy.readside._ray import RayReadSide, start_readside_on_ray
+from lagompy.readside._ray import start_readside_on_ray
+from lagompy.readside._runner import ReadSideRunner
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
@@ -111,7 +111,7 @@ class ReadSideComponent:
         self.stop_on_close = stop_on_close
         self.settings = settings
         self.overrides = overrides
-        self._running: ReadSide | RayReadSide | None = None
+        self._running: ReadSideRunner | None = None
         #: ``GET {prefix}`` and ``GET {prefix}/{processor}``, out of the OpenAPI schema like
         #: the service's other status routes.
         self.router = APIRouter()
@@ -146,10 +146,8 @@ class ReadSideComponent:
 
     async def stop(self) -> None:
         running, self._running = self._running, None
-        if isinstance(running, RayReadSide):
+        if running is not None:
             await running.close(stop=self.stop_on_close)
-        elif running is not None:
-            await running.close()
 
     async def wait_until_caught_up(self, timeout: float = 30.0) -> None:
         """Wait until every worker has handled the events its tag had when called."""
@@ -176,8 +174,7 @@ class ReadSideComponent:
             for s in await running.status()
             if s.processor in wanted and s.state in STUCK_STATES
         ]
-        if isinstance(running, ReadSide):
-            problems += running.problems()
+        problems += running.problems()
         if not problems:
             return True
         if len(problems) > _READY_PROBLEMS:

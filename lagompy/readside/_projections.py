@@ -508,8 +508,10 @@ class ReadSide(AsyncClosing):
                     w.wake()
                 await asyncio.sleep(0.01)
 
-    async def close(self) -> None:
-        """Stop every worker (after its current transaction) and close the connections."""
+    async def close(self, *, stop: bool = True) -> None:
+        """Stop every worker (after its current transaction; each releases its lease) and
+        close the connections. The workers run in this process, so they stop whatever
+        ``stop`` says (it is for workers on Ray, see :class:`ReadSideRunner`)."""
         if self._closed:
             return
         self._closed = True

@@ -41,9 +41,18 @@ from lagompy.readside._settings import (
     projection_settings,
 )
 from lagompy.readside._worker import ReadSideWorker, run_global_prepare
-from lagompy.runtime._loading import check_importable, import_roots, resolve_class
-from lagompy.settings import JournalSettings, RuntimeSettings
-from lagompy.sql._database import Database, normalize_url
+from lagompy.runtime._defaults import runtime_default
+from lagompy.runtime._loading import check_importable, resolve_class
+from lagompy.runtime._ray_cluster import (
+    actor_journal,
+    actor_runtime_env,
+    attach,
+    namespace_of,
+    release,
+    stop_actors,
+)
+from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
+from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 
 log = logging.getLogger("lagompy.readside_ray")
@@ -137,12 +146,18 @@ class ReadSideWorkerActor:
             "events_per_s": w.events_per_s,
         }
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker (it releases its lease) and close its connections."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the worker (it releases its lease; its current transaction gets ``timeout``
+        seconds, default ``RuntimeSettings.stop_timeout``) and close its connections."""
         self._call(self.worker.stop())
         with contextlib.suppress(Exception):
-            self._running.result(timeout)
+            self._running.result(runtime_default("stop_timeout") if timeout is None else timeout)
         self._call(self._close())
+
+    def close(self) -> None:
+        """:meth:`stop`: what every actor of an app answers before it is stopped
+        (``shutdown_app``, :func:`stop_readside_on_ray`), so its lease is free at once."""
+        self.stop()
 
     async def _close(self) -> None:
         await self._projection.dispose()
@@ -175,8 +190,6 @@ class RayReadSide(AsyncClosing):
 
     @property
     def namespace(self) -> str:
-        from lagompy.runtime._ray import namespace_of
-
         return namespace_of(self.app)
 
     def handles(self) -> dict[str, Any]:
@@ -224,6 +237,11 @@ class RayReadSide(AsyncClosing):
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
         return await self.projections.status(processor)
 
+    def problems(self) -> list[str]:
+        """Nothing beyond what the projection database shows: each worker actor records its
+        state there (a replaced actor is the supervisor's job)."""
+        return []
+
     async def wait_until_caught_up(self, timeout: float = 60.0) -> None:
         """Wait until every worker's stored offset reaches its tag's head at the time of the
         call (``TimeoutError`` after ``timeout`` seconds)."""
@@ -242,7 +260,8 @@ class RayReadSide(AsyncClosing):
                 await asyncio.sleep(0.02)
 
     async def close(self, *, stop: bool = False) -> None:
-        """Detach from the workers (they go on running); ``stop=True`` stops them first."""
+        """Detach from the workers (they go on running); ``stop=True`` stops them first
+        (each releases its lease)."""
         if self._closed:
             return
         self._closed = True
@@ -254,9 +273,7 @@ class RayReadSide(AsyncClosing):
             await stop_readside_on_ray(self.app, [p for p, _, _ in self.specs])
         await self.projections.close()
         if self._owns_ray:
-            from lagompy.runtime._ray import _release_ray
-
-            _release_ray()
+            release()
 
 
 
@@ -271,13 +288,14 @@ async def start_readside_on_ray(
     settings: ReadSideSettings | None = None,
     runtime_settings: RuntimeSettings | None = None,
     supervise_interval: float | None = 5.0,
-    start_timeout: float = 60.0,
+    start_timeout: float | None = None,
     **overrides: Any,
 ) -> RayReadSide:
     """Run ``global_prepare`` of each processor here, then get or create one worker actor per
-    (processor, tag) in the app's namespace, and wait until they answer. Processor classes must
-    be importable by module name in Ray's workers (not defined in ``__main__``); each worker
-    decodes events with the processor's ``entities`` and ``event_types``."""
+    (processor, tag) in the app's namespace, and wait until they answer. They get
+    ``start_timeout`` seconds (None: ``runtime_settings.start_timeout``). Processor classes
+    must be importable by module name in Ray's workers (not defined in ``__main__``); each
+    worker decodes events with the processor's ``entities`` and ``event_types``."""
     classes = list(processors)
     if not classes:
         raise ConfigurationError("start_readside_on_ray() needs at least one processor class")
@@ -309,19 +327,17 @@ async def start_readside_on_ray(
         await projections.close()
         raise
 
-    from lagompy.runtime._ray import _ensure_ray, _release_ray, namespace_of
-
-    owns_ray = _ensure_ray(runtime_settings or RuntimeSettings())
+    runtime_settings = runtime_settings or RuntimeSettings()
+    if start_timeout is None:
+        start_timeout = runtime_settings.start_timeout
+    owns_ray = attach(runtime_settings)
     try:
         import ray
 
         namespace = namespace_of(app)
-        journal = journal_settings.model_dump()
-        journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)
+        journal = actor_journal(journal_settings)
         readside = settings.model_dump()
-        roots = import_roots([*classes, *(e for c in classes for e in c.entities)])
-        existing = os.environ.get("PYTHONPATH")
-        pythonpath = os.pathsep.join([*roots, *([existing] if existing else [])])
+        runtime_env = actor_runtime_env([*classes, *(e for c in classes for e in c.entities)])
         by_name = {c.name: path for c, path in zip(classes, paths, strict=True)}
         actor_cls: Any = ray.remote(ReadSideWorkerActor)
 
@@ -335,7 +351,7 @@ async def start_readside_on_ray(
                 max_restarts=-1,
                 max_task_retries=0,
                 num_cpus=0,
-                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
+                runtime_env=runtime_env,
             ).remote(by_name[processor], tag, journal, readside, f"ray:{app}/{name}")
 
         specs = [(c.name, t, actor_name(c.name, t)) for c in classes for t in c.tags()]
@@ -356,7 +372,7 @@ async def start_readside_on_ray(
     except BaseException:
         await projections.close()
         if owns_ray:
-            _release_ray()
+            release()
         raise
     return RayReadSide(
         app,
@@ -369,41 +385,14 @@ async def start_readside_on_ray(
 
 
 async def stop_readside_on_ray(
-    app: str, processors: Sequence[str] | None = None, *, timeout: float = 10.0
+    app: str, processors: Sequence[str] | None = None, *, timeout: float | None = None
 ) -> int:
     """Stop the read-side worker actors of ``app`` (of the named processors, or all): each
-    releases its lease, then the actor is killed. Returns how many were stopped."""
-    import ray
-
-    from lagompy.runtime._ray import namespace_of
-
-    namespace = namespace_of(app)
+    releases its lease (within ``timeout`` seconds; default: ``RuntimeSettings.stop_timeout``),
+    then the actor is killed. Returns how many were stopped."""
     prefixes = [ACTOR_PREFIX] if processors is None else [f"{ACTOR_PREFIX}{p}:" for p in processors]
-    names = [
-        entry["name"]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == namespace and any(entry["name"].startswith(p) for p in prefixes)
-    ]
-    handles = []
-    for name in names:
-        with contextlib.suppress(ValueError):
-            handles.append((name, ray.get_actor(name, namespace=namespace)))
-    if handles:
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(h.stop.remote() for _, h in handles), return_exceptions=True),
-                timeout,
-            )
-        except TimeoutError:
-            log.warning("read-side workers of app %r did not stop within %s s", app, timeout)
-    for _, handle in handles:
-        ray.kill(handle, no_restart=True)
-    deadline = asyncio.get_running_loop().time() + timeout
-    for name, _ in handles:
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                ray.get_actor(name, namespace=namespace)
-            except ValueError:
-                break
-            await asyncio.sleep(0.05)
-    return len(handles)
+    if timeout is None:
+        timeout = make_settings(RuntimeSettings).stop_timeout
+    return await stop_actors(
+        app, timeout, lambda name: any(name.startswith(p) for p in prefixes)
+    )

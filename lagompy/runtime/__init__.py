@@ -11,26 +11,32 @@ The path of a command, module by module:
 * ``_host.py``: the shard host, a named Ray actor that runs ``_processing.py``'s
   ``EntityProcessor`` on each batch: activate, decide, commit to the journal in one
   transaction, reply (in-process, the processor runs in the caller's event loop).
-* ``_ray.py``: :func:`start`, :class:`ShardedEntities` and :func:`shutdown_app`, the only
-  module that drives Ray for entities; ``_ray_cluster.py`` attaches to (and records) the local
-  Ray cluster; ``_loading.py`` checks that worker processes can import the entity code.
+* ``_ray.py``: :func:`start`, :class:`ShardedEntities` and :func:`shutdown_app`: the entities
+  on Ray; ``_ray_cluster.py``: everything that attaches this process to Ray, releases it and
+  stops an app's actors (the read sides on Ray use it too); ``_loading.py`` checks that worker
+  processes can import the entity code.
 
 :func:`start_in_process` hosts the entities in this process instead (tests, scripts, one-process
-services). The runtime builds on :mod:`lagompy.journal`; the read sides and the services use it.
+services). Both runtimes implement :class:`EntityRuntime` (``_protocol.py``), which is all a
+service needs of them; their defaults are the fields of :class:`~lagompy.settings.RuntimeSettings`
+(``_defaults.py``). The runtime builds on :mod:`lagompy.journal`; the read sides and the
+services use it.
 """
 
 from lagompy.runtime._in_process import InProcessEntities, start_in_process
+from lagompy.runtime._protocol import EntityRuntime
 from lagompy.runtime._ray import (
     ShardedEntities,
     ShardedEntityRef,
-    namespace_of,
     shutdown_app,
     start,
 )
+from lagompy.runtime._ray_cluster import namespace_of
 from lagompy.runtime._refs import EntityRef
 
 __all__ = [
     "EntityRef",
+    "EntityRuntime",
     "InProcessEntities",
     "ShardedEntities",
     "ShardedEntityRef",

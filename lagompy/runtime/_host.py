@@ -41,6 +41,7 @@ from lagompy.errors import (
     UndeliverableOutcome,
 )
 from lagompy.journal._storage import Storage, open_storage
+from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import resolve_class
 from lagompy.runtime._processing import EntityProcessor, Request, Result
 from lagompy.runtime._sharding import Topology, host_of
@@ -93,8 +94,8 @@ class ShardHost:
         *,
         max_entities: int | None = None,
         idle_timeout: float | None = None,
-        passivate_interval: float = 10.0,
-        conflict_retries: int = 2,
+        passivate_interval: float = runtime_default("passivate_interval"),
+        conflict_retries: int = runtime_default("conflict_retries"),
         open_backoff: float = OPEN_BACKOFF,
         open_backoff_max: float = OPEN_BACKOFF_MAX,
         first_open_wait: float = FIRST_OPEN_WAIT,
@@ -475,3 +476,7 @@ class Coordinator:
 
     def topology(self) -> dict[str, Any]:
         return self._topology
+
+    def close(self) -> None:
+        """Nothing to release (every actor of an app answers ``close()`` before it is
+        stopped)."""

@@ -18,23 +18,22 @@ import logging
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from sqlalchemy import text
+
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.journal._storage import Storage, open_storage
+from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._processing import EntityClass, EntityProcessor, Request
 from lagompy.runtime._refs import EntityRef
+from lagompy.settings import JournalSettings
 
 log = logging.getLogger("lagompy.in_process")
 
 R = TypeVar("R")
 C = TypeVar("C")
 
-#: Defaults of the in-process runtime's settings (see :class:`InProcessEntities`).
-DEFAULT_MAX_ENTITIES = 100_000
-DEFAULT_IDLE_TIMEOUT = 600.0
-DEFAULT_CONFLICT_RETRIES = 2
-DEFAULT_MAX_PENDING = 10_000
 #: The passivation sweep runs every ``idle_timeout / 4`` seconds, but not more often than this.
 MIN_PASSIVATE_INTERVAL = 0.05
 
@@ -42,7 +41,8 @@ MIN_PASSIVATE_INTERVAL = 0.05
 class InProcessEntities(AsyncClosing):
     """Hosts entities in this process, on the given storage.
 
-    Settings (keyword arguments):
+    Settings (keyword arguments; their defaults are those of
+    :class:`~lagompy.settings.RuntimeSettings`):
 
     ``max_batch`` (1000)
         Most asks processed as one batch (one journal transaction).
@@ -62,16 +62,19 @@ class InProcessEntities(AsyncClosing):
         ``Overloaded`` at once and the command is not run.
     """
 
+    #: ``/health/ready`` names the check "journal": entities in this process need nothing else.
+    check_name = "journal"
+
     def __init__(
         self,
         storage: Storage,
         entities: Iterable[EntityClass],
         *,
-        max_batch: int = 1000,
-        max_entities: int | None = DEFAULT_MAX_ENTITIES,
-        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-        conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        max_batch: int = runtime_default("max_batch"),
+        max_entities: int | None = runtime_default("max_entities"),
+        idle_timeout: float | None = runtime_default("idle_timeout"),
+        conflict_retries: int = runtime_default("conflict_retries"),
+        max_pending: int = runtime_default("max_pending"),
         owns_storage: bool = False,
     ) -> None:
         if max_batch < 1:
@@ -177,9 +180,26 @@ class InProcessEntities(AsyncClosing):
         counters["pending"] = self.pending
         return counters
 
-    async def close(self) -> None:
+    async def host_stats(self, *, require_journal: bool = True) -> list[dict[str, Any]]:
+        """:meth:`stats` as the one host of these entities (no ``index``: ``/metrics`` labels
+        it ``host="local"``). ``require_journal`` is for the sharded runtime's hosts: this
+        process's journal is checked by :meth:`check`."""
+        return [dict(self.stats())]
+
+    @property
+    def local_journal(self) -> JournalSettings:
+        """The settings of the journal these entities write."""
+        return self.storage.database.settings
+
+    async def check(self) -> None:
+        """Return when the journal's database answers (raise its error if not)."""
+        async with self.storage.database.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self, *, shutdown: bool = False) -> None:
         """Finish the asks already made, stop the passivation sweep, then release the storage
-        if this object opened it."""
+        if this object opened it. The entities run in this process, so they stop here
+        whatever ``shutdown`` says (it is for the sharded runtime's shard hosts)."""
         self._closed = True
         if self._flusher is not None:
             await self._flusher
@@ -198,11 +218,11 @@ async def start_in_process(
     *,
     entities: Iterable[EntityClass],
     journal_url: str | None = None,
-    max_batch: int = 1000,
-    max_entities: int | None = DEFAULT_MAX_ENTITIES,
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
-    conflict_retries: int = DEFAULT_CONFLICT_RETRIES,
-    max_pending: int = DEFAULT_MAX_PENDING,
+    max_batch: int = runtime_default("max_batch"),
+    max_entities: int | None = runtime_default("max_entities"),
+    idle_timeout: float | None = runtime_default("idle_timeout"),
+    conflict_retries: int = runtime_default("conflict_retries"),
+    max_pending: int = runtime_default("max_pending"),
     **journal_settings: Any,
 ) -> InProcessEntities:
     """Open the journal (``journal_url``, else ``LAGOMPY_JOURNAL_URL``, else ``./lagompy.db``)

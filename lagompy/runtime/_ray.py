@@ -1,9 +1,11 @@
 """Entities sharded over Ray actors: ``start()``, entity refs, and the app's lifecycle.
 
-This is the only module that talks to Ray. ``start()`` attaches to Ray (starting a local one on
-demand), records or checks the app's topology, gets or creates the app's shard hosts (named,
-detached actors in the namespace ``lagompy-<app>``) and returns :class:`ShardedEntities`, whose
-refs send commands through a :class:`~lagompy.runtime._region.Region` client::
+The only module that makes and calls the entities' actors; attaching to Ray, releasing it and
+stopping an app's actors go through ``_ray_cluster.py``. ``start()`` attaches to Ray (starting a
+local one on demand), records or checks the app's topology, gets or creates the app's shard
+hosts (named, detached actors in the namespace ``lagompy-<app>``) and returns
+:class:`ShardedEntities`, whose refs send commands through a
+:class:`~lagompy.runtime._region.Region` client::
 
     async with start(app="users", entities=[UserEntity], journal_url="sqlite:///u.db") as entities:
         user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
@@ -17,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import pickle
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
@@ -33,8 +33,18 @@ from lagompy.errors import (
 )
 from lagompy.runtime._host import JOURNAL_OPEN, Coordinator, ShardHost
 from lagompy.runtime._in_process import InProcessEntities, start_in_process
-from lagompy.runtime._loading import check_entity_importable, import_roots
+from lagompy.runtime._loading import check_entity_importable
 from lagompy.runtime._processing import EntityClass, Request
+from lagompy.runtime._ray_cluster import (
+    COORDINATOR,
+    actor_journal,
+    actor_runtime_env,
+    attach,
+    cluster_cpus,
+    namespace_of,
+    release,
+    stop_actors,
+)
 from lagompy.runtime._refs import EntityRef
 from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.runtime._sharding import DEFAULT_SHARDS, Topology, topology_for
@@ -44,17 +54,6 @@ log = logging.getLogger("lagompy.runtime")
 
 R = TypeVar("R")
 C = TypeVar("C")
-
-COORDINATOR = "coordinator"
-
-_ray_owned = False  # start() initialized Ray in this process
-_ray_users = 0  # open ShardedEntities that rely on a Ray this process started
-
-
-def namespace_of(app: str) -> str:
-    """The Ray namespace that holds an app's coordinator and shard hosts."""
-    return f"lagompy-{app}"
-
 
 def host_name(index: int) -> str:
     return f"host-{index}"
@@ -212,6 +211,11 @@ def _unpicklable_command(request: Request, error: Exception) -> SerializationErr
 class ShardedEntities(AsyncClosing):
     """An app's entities on its shard hosts, as seen from this process."""
 
+    #: ``/health/ready`` names the check "runtime": it asks the shard hosts.
+    check_name = "runtime"
+    #: The shard hosts write the journal, not this process.
+    local_journal: JournalSettings | None = None
+
     def __init__(
         self,
         app: str,
@@ -289,6 +293,12 @@ class ShardedEntities(AsyncClosing):
                 )
         return stats
 
+    async def check(self) -> None:
+        """Return when every shard host answers and has its journal open; else raise
+        ``RuntimeFailure`` or ``JournalUnavailable`` naming the hosts (see
+        :meth:`host_stats`)."""
+        await self.host_stats()
+
     async def ensure_hosts(self) -> int:
         """Create again every shard host that is gone for good (killed without restart, or
         dead after its restarts ran out); returns how many. Asks do this by themselves for
@@ -315,53 +325,12 @@ class ShardedEntities(AsyncClosing):
         if shutdown:
             await shutdown_app(self.app)
         if self._owns_ray:
-            _release_ray()
+            release()
 
 
 
 
 # --------------------------------------------------------------------------- start
-
-
-def _ensure_ray(settings: RuntimeSettings) -> bool:
-    """Attach to Ray if needed; True if this call started or attached it (then close() shuts
-    it down)."""
-    global _ray_owned, _ray_users
-    import ray
-
-    if ray.is_initialized():
-        if _ray_owned:
-            _ray_users += 1
-            return True
-        return False
-    import atexit
-
-    from lagompy.runtime import _ray_cluster as ray_cluster
-
-    address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        context: Any = ray.init(
-            address="local",
-            object_store_memory=settings.object_store_memory,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-        # Recorded so that `lagompy entities stats` finds this Ray without an address.
-        gcs_address = str(context.address_info["gcs_address"])
-        if ray_cluster.record_local_ray(gcs_address, os.environ.get("RAY_AUTH_MODE")):
-            atexit.register(ray_cluster.forget_local_ray)
-        log.info("started a local Ray at %s", gcs_address)
-    else:
-        # Fails in seconds, saying why, where ray.init would retry for a minute.
-        ray_cluster.check_attach(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise ConfigurationError(f"cannot attach to the Ray cluster at {address}: {e}") from e
-    _ray_owned = True
-    _ray_users += 1
-    return True
 
 
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -455,25 +424,15 @@ async def start(
             settings=journal_settings,
         )
     paths = [check_entity_importable(cls) for cls in entity_list]
-    owns_ray = _ensure_ray(settings)
+    owns_ray = attach(settings)
     try:
         return await _start_on_ray(
             app, entity_list, paths, journal_settings, settings, replace_hosts, owns_ray
         )
     except BaseException:
         if owns_ray:
-            _release_ray()
+            release()
         raise
-
-
-def _release_ray() -> None:
-    global _ray_users, _ray_owned
-    _ray_users -= 1
-    if _ray_users == 0 and _ray_owned:
-        import ray
-
-        ray.shutdown()
-        _ray_owned = False
 
 
 async def _start_on_ray(
@@ -490,10 +449,10 @@ async def _start_on_ray(
     namespace = namespace_of(app)
     if replace_hosts:
         # The shard hosts and the coordinator only: the app's read-side workers go on.
-        await _stop_actors(app, 5.0, _is_entity_actor)
+        await stop_actors(app, settings.stop_timeout, _is_entity_actor)
     running = await _running_topology(app, settings.start_timeout)
     shards = settings.shards or (running.shards if running else DEFAULT_SHARDS)
-    hosts = settings.hosts or (running.hosts if running else max(1, int(_cluster_cpus())))
+    hosts = settings.hosts or (running.hosts if running else max(1, int(cluster_cpus())))
     topology = topology_for(app, entity_list, journal_settings, shards=shards, hosts=hosts)
 
     coordinator: Any = (
@@ -580,15 +539,10 @@ def _host_factory(
     name, however many create it at once."""
     import ray
 
-    from lagompy.sql._database import normalize_url
-
-    journal = journal_settings.model_dump()
-    journal["url"] = normalize_url(journal_settings.url).render_as_string(hide_password=False)
+    journal = actor_journal(journal_settings)
     journal["pool_size"] = settings.host_pool_size
     journal["max_overflow"] = settings.host_max_overflow
-    roots = import_roots(entity_list)
-    existing = os.environ.get("PYTHONPATH")
-    pythonpath = os.pathsep.join([*roots, *([existing] if existing else [])])
+    runtime_env = actor_runtime_env(entity_list)
     host_cls: Any = ray.remote(ShardHost)
     namespace = namespace_of(app)
     recorded = topology.to_dict()
@@ -603,7 +557,7 @@ def _host_factory(
             max_task_retries=0,
             max_concurrency=1,
             num_cpus=settings.host_num_cpus,
-            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
+            runtime_env=runtime_env,
         ).remote(
             recorded,
             index,
@@ -616,13 +570,6 @@ def _host_factory(
         )
 
     return create
-
-
-def _cluster_cpus() -> float:
-    import ray
-
-    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-    return resources.get("CPU", 1.0)
 
 
 def _last_error_line(text: str) -> str:
@@ -646,66 +593,21 @@ async def _running_topology(app: str, timeout: float) -> Topology | None:
         return None
 
 
-async def shutdown_app(app: str, *, timeout: float = 5.0) -> int:
+async def shutdown_app(app: str, *, timeout: float | None = None) -> int:
     """Stop every actor of the app (its shard hosts, its coordinator and its read-side
     workers): the next ``start()`` records a new topology and starts hosts on the code on disk
-    now. Hosts release their journal connections first (within ``timeout`` seconds). Returns
-    how many actors were stopped. Needs Ray to be initialized (a ``start()`` in this process,
-    or ``ray.init``)."""
-    return await _stop_actors(app, timeout, lambda name: True)
+    now. Each actor is stopped through its own ``close()`` first, within ``timeout`` seconds
+    (default: ``RuntimeSettings.stop_timeout``): hosts release their journal connections and
+    read-side workers their leases, which another worker can take at once. Returns how many
+    actors were stopped. Needs Ray to be initialized (a ``start()`` in this process, or
+    ``ray.init``)."""
+    if timeout is None:
+        timeout = make_settings(RuntimeSettings).stop_timeout
+    return await stop_actors(app, timeout)
 
 
 def _is_entity_actor(name: str) -> bool:
     return name.startswith("host-") or name == COORDINATOR
-
-
-async def _stop_actors(app: str, timeout: float, which: Callable[[str], bool]) -> int:
-    import ray
-
-    namespace = namespace_of(app)
-    actors = [
-        entry["name"]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == namespace and which(entry["name"])
-    ]
-    handles = []
-    for name in actors:
-        try:
-            handles.append((name, ray.get_actor(name, namespace=namespace)))
-        except ValueError:
-            continue
-    closing = [h.close.remote() for name, h in handles if name.startswith("host-")]
-    if closing:
-        try:
-            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout)
-        except TimeoutError:
-            log.warning("shard hosts of app %r did not close within %s s", app, timeout)
-    # The coordinator goes first, and is gone before the hosts are killed: a region client
-    # that finds a host missing re-creates it only while the coordinator records its
-    # topology, so a process still attached to the old hosts does not bring them back.
-    # Each group's names are free before the next: a start() right after creates new
-    # actors instead of getting the dying ones.
-    deadline = time.monotonic() + timeout
-    for group in (
-        [entry for entry in handles if entry[0] == COORDINATOR],
-        [entry for entry in handles if entry[0] != COORDINATOR],
-    ):
-        for _, handle in group:
-            ray.kill(handle, no_restart=True)
-        for name, _ in group:
-            await _name_freed(name, namespace, deadline)
-    return len(handles)
-
-
-async def _name_freed(name: str, namespace: str, deadline: float) -> None:
-    import ray
-
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name, namespace=namespace)
-        except ValueError:
-            return
-        await asyncio.sleep(0.05)
 
 
 __all__ = [

@@ -15,30 +15,69 @@ connections, a token the cluster rejects (Ray 2.59 and later turn token authenti
 clusters started where a token exists, and a process attaching with an explicit address sends
 none unless ``RAY_AUTH_MODE=token``), or something that is not a Ray cluster each fail with a
 ``ConfigurationError`` that says which, within seconds.
+
+**This process's Ray.** :func:`attach` attaches this process to Ray (a new local Ray unless
+``RuntimeSettings.ray_address`` or ``RAY_ADDRESS`` names a cluster) for the entities' and the
+read sides' handles; each handle that relied on it calls :func:`release` when it closes, and the
+last one shuts down a Ray that :func:`attach` started. ``lagompy run`` starts (and stops) a
+head for its worker processes with :func:`start_head` and :func:`stop_head`; ``lagompy entities
+stats`` attaches for a moment with :func:`attached`.
+
+**An app's actors.** An app's actors are named, detached actors in its namespace
+(:func:`namespace_of`): the coordinator, the shard hosts, the read-side workers.
+:func:`stop_actors` stops them the one way: each is asked to ``close()`` (a shard host releases
+its journal connections, a read-side worker stops and releases its lease at once), then killed,
+the coordinator first; it returns once their names are free.
+
+Every other module reaches Ray's cluster through these functions; the actor classes and the calls
+to them stay with their owners (``_ray.py`` and ``_host.py`` for entities,
+``lagompy.readside._ray`` for read sides).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lagompy.errors import ConfigurationError
+from lagompy.runtime._loading import import_roots
+from lagompy.settings import JournalSettings, RuntimeSettings
 
 __all__ = [
+    "COORDINATOR",
     "LocalRay",
+    "actor_journal",
+    "actor_names",
+    "actor_runtime_env",
+    "app_names",
+    "attach",
+    "attached",
     "check_attach",
+    "cluster_cpus",
     "forget_local_ray",
     "local_ray_dir",
     "local_rays",
+    "namespace_of",
     "record_local_ray",
+    "release",
+    "start_head",
+    "stop_actors",
+    "stop_head",
 ]
+
+log = logging.getLogger("lagompy.runtime")
 
 #: Environment variable naming the directory of local Ray records.
 LOCAL_RAY_DIR_ENV = "LAGOMPY_LOCAL_RAY_DIR"
@@ -205,3 +244,212 @@ def check_attach(address: str) -> None:
             f"{where}: {answer.get('error')}: {' '.join(str(answer.get('message')).split())}"
         )
     # The probe itself failed (e.g. a broken interpreter): let ray.init have its say.
+
+
+# --------------------------------------------------------------------------- this process's Ray
+
+_owned = False  # attach() initialized Ray in this process
+_users = 0  # open handles (entities, read sides) that rely on a Ray this process started
+
+
+def attach(settings: RuntimeSettings) -> bool:
+    """Attach this process to Ray if it is not yet; True if the caller now relies on a Ray
+    this process started (it calls :func:`release` when it closes)."""
+    global _owned, _users
+    import ray
+
+    if ray.is_initialized():
+        if _owned:
+            _users += 1
+            return True
+        return False
+    import atexit
+
+    address = settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        context: Any = ray.init(
+            address="local",
+            object_store_memory=settings.object_store_memory,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        # Recorded so that `lagompy entities stats` finds this Ray without an address.
+        gcs_address = str(context.address_info["gcs_address"])
+        if record_local_ray(gcs_address, os.environ.get("RAY_AUTH_MODE")):
+            atexit.register(forget_local_ray)
+        log.info("started a local Ray at %s", gcs_address)
+    else:
+        # Fails in seconds, saying why, where ray.init would retry for a minute.
+        check_attach(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ConfigurationError(f"cannot attach to the Ray cluster at {address}: {e}") from e
+    _owned = True
+    _users += 1
+    return True
+
+
+def release() -> None:
+    """A handle that :func:`attach` returned True to is closed: the last one shuts down the
+    Ray this process started."""
+    global _users, _owned
+    _users -= 1
+    if _users == 0 and _owned:
+        import ray
+
+        ray.shutdown()
+        _owned = False
+
+
+def start_head() -> str:
+    """Start a local Ray head for other processes to attach to (``lagompy run`` with several
+    workers) and record it; returns its address."""
+    import ray
+
+    context: Any = ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    address = str(context.address_info["gcs_address"])
+    record_local_ray(address, os.environ.get("RAY_AUTH_MODE"))
+    return address
+
+
+def stop_head() -> None:
+    """Shut down the head :func:`start_head` started, and forget its record."""
+    import ray
+
+    ray.shutdown()
+    forget_local_ray()
+
+
+@contextlib.contextmanager
+def attached(address: str) -> Iterator[None]:
+    """This process attached to the Ray cluster at ``address`` for the block (checked first,
+    see :func:`check_attach`), detached after it."""
+    import ray
+
+    check_attach(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as e:
+        raise ConfigurationError(f"cannot attach to the Ray cluster at {address}: {e}") from e
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus() -> float:
+    """CPUs of the Ray cluster this process is attached to."""
+    import ray
+
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    return resources.get("CPU", 1.0)
+
+
+# --------------------------------------------------------------------------- an app's actors
+
+
+def actor_runtime_env(classes: Iterable[type]) -> dict[str, Any] | None:
+    """The ``runtime_env`` of an app's actors: the directories the classes are imported from
+    ahead of this process's ``PYTHONPATH`` (so that workers of a local cluster import them by
+    name); None when there is nothing to add."""
+    existing = os.environ.get("PYTHONPATH")
+    pythonpath = os.pathsep.join([*import_roots(classes), *([existing] if existing else [])])
+    return {"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None
+
+
+def actor_journal(settings: JournalSettings) -> dict[str, Any]:
+    """Journal settings to hand to an actor: its URL in full (the async driver chosen, a
+    SQLite path made absolute here, the password kept)."""
+    from lagompy.sql._database import normalize_url
+
+    journal = settings.model_dump()
+    journal["url"] = normalize_url(settings.url).render_as_string(hide_password=False)
+    return journal
+
+
+#: The name of an app's coordinator, which holds its recorded topology.
+COORDINATOR = "coordinator"
+
+
+def namespace_of(app: str) -> str:
+    """The Ray namespace that holds an app's coordinator, shard hosts and read-side workers."""
+    return f"lagompy-{app}"
+
+
+def actor_names(app: str, which: Callable[[str], bool] | None = None) -> list[str]:
+    """The names of the app's live named actors (those ``which`` accepts), sorted."""
+    import ray
+
+    namespace = namespace_of(app)
+    return sorted(
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace and (which is None or which(entry["name"]))
+    )
+
+
+def app_names() -> list[str]:
+    """The apps that have named actors on the cluster (from their namespaces), sorted."""
+    import ray
+
+    prefix = namespace_of("")
+    return sorted(
+        {
+            entry["namespace"].removeprefix(prefix)
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"].startswith(prefix)
+        }
+    )
+
+
+async def stop_actors(
+    app: str, timeout: float, which: Callable[[str], bool] | None = None
+) -> int:
+    """Stop the app's actors (those ``which`` accepts): ask each to ``close()`` (within
+    ``timeout`` seconds), then kill them, the coordinator first. Returns how many."""
+    import ray
+
+    namespace = namespace_of(app)
+    handles = []
+    for name in actor_names(app, which):
+        with contextlib.suppress(ValueError):
+            handles.append((name, ray.get_actor(name, namespace=namespace)))
+    closing: list[Any] = []
+    for _, handle in handles:
+        with contextlib.suppress(AttributeError):  # an actor of older code, without close()
+            closing.append(handle.close.remote())
+    if closing:
+        try:
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout)
+        except TimeoutError:
+            log.warning(
+                "actors of app %r did not release what they hold within %s s", app, timeout
+            )
+    # The coordinator goes first, and is gone before the hosts are killed: a region client
+    # that finds a host missing re-creates it only while the coordinator records its
+    # topology, so a process still attached to the old hosts does not bring them back.
+    # Each group's names are free before the next: a start() right after creates new
+    # actors instead of getting the dying ones.
+    deadline = time.monotonic() + timeout
+    for group in (
+        [entry for entry in handles if entry[0] == COORDINATOR],
+        [entry for entry in handles if entry[0] != COORDINATOR],
+    ):
+        for _, handle in group:
+            ray.kill(handle, no_restart=True)
+        for name, _ in group:
+            await _name_freed(name, namespace, deadline)
+    return len(handles)
+
+
+async def _name_freed(name: str, namespace: str, deadline: float) -> None:
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return
+        await asyncio.sleep(0.05)

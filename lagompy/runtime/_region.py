@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lagompy.errors import JournalUnavailable, OutcomeUnknown, Overloaded, RuntimeFailure
+from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._processing import Request
 from lagompy.runtime._sharding import host_of
 
@@ -95,12 +96,12 @@ class Region:
         links: Sequence[HostLink],
         *,
         shards: int,
-        max_batch: int = 1000,
-        max_in_flight: int = 2,
-        max_pending: int = 10_000,
-        retries: int = 3,
-        retry_backoff: float = 0.2,
-        retry_backoff_max: float = 2.0,
+        max_batch: int = runtime_default("max_batch"),
+        max_in_flight: int = runtime_default("max_in_flight"),
+        max_pending: int = runtime_default("max_pending"),
+        retries: int = runtime_default("retries"),
+        retry_backoff: float = runtime_default("retry_backoff"),
+        retry_backoff_max: float = runtime_default("retry_backoff_max"),
     ) -> None:
         self.links = list(links)
         self.shards = shards

@@ -237,7 +237,9 @@ def run(
         if service is None or service.ray:
             address = ray_address or os.environ.get("RAY_ADDRESS")
             if not address:
-                address, owns_ray = _start_ray_head(), True
+                from lagompy.runtime._ray_cluster import start_head
+
+                address, owns_ray = start_head(), True
                 typer.echo(f"started a Ray head for the workers at {address}", err=True)
             os.environ["RAY_ADDRESS"] = address
         owned_dirs.append(tempfile.mkdtemp(prefix="lagompy-run-"))
@@ -245,12 +247,9 @@ def run(
     finally:
         listener.close()
         if owns_ray:
-            import ray
+            from lagompy.runtime._ray_cluster import stop_head
 
-            from lagompy.runtime._ray_cluster import forget_local_ray
-
-            ray.shutdown()
-            forget_local_ray()
+            stop_head()
         for directory in owned_dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -300,17 +299,6 @@ def _serve_many(
         raise ConfigurationError(f"{target} did not start: {reasons[0]}")
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
         raise ConfigurationError(f"{target} did not start: a worker failed (see its log above)")
-
-
-def _start_ray_head() -> str:
-    import ray
-
-    from lagompy.runtime._ray_cluster import record_local_ray
-
-    context: Any = ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    address = str(context.address_info["gcs_address"])
-    record_local_ray(address, os.environ.get("RAY_AUTH_MODE"))
-    return address
 
 
 def entities_stats(
@@ -373,37 +361,19 @@ def _host_stats(address: str, app: str, others: set[str]) -> list[dict[str, Any]
 
     import ray
 
-    from lagompy.runtime._ray import namespace_of
-    from lagompy.runtime._ray_cluster import check_attach
+    from lagompy.runtime._ray_cluster import actor_names, app_names, attached, namespace_of
 
-    check_attach(address)
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except Exception as e:
-        raise ConfigurationError(f"cannot attach to the Ray cluster at {address}: {e}") from e
-    try:
-        namespace = namespace_of(app)
-        actors = ray.util.list_named_actors(all_namespaces=True)
-        names = sorted(
-            entry["name"]
-            for entry in actors
-            if entry["namespace"] == namespace and entry["name"].startswith("host-")
-        )
+    with attached(address):
+        names = actor_names(app, lambda name: name.startswith("host-"))
         if not names:
-            others.update(
-                entry["namespace"].removeprefix("lagompy-")
-                for entry in actors
-                if entry["namespace"].startswith("lagompy-")
-            )
+            others.update(app_names())
             return None
-        handles = [ray.get_actor(name, namespace=namespace) for name in names]
+        handles = [ray.get_actor(name, namespace=namespace_of(app)) for name in names]
 
         async def gather() -> list[dict[str, Any]]:
             return list(await asyncio.gather(*(h.stats.remote() for h in handles)))
 
         return asyncio.run(gather())
-    finally:
-        ray.shutdown()
 
 
 def _cell(value: Any) -> str:

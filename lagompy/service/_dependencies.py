@@ -49,7 +49,7 @@ async def get_service(request: Request) -> Service:
 
 
 async def get_entities(request: Request) -> Entities:
-    """Dependency: the app's entity runtime."""
+    """Dependency: the app's entity runtime (an :class:`~lagompy.runtime.EntityRuntime`)."""
     return _service_of(request).entities
 
 

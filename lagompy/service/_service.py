@@ -24,8 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, JournalUnavailable, LagompyError, RuntimeFailure
-from lagompy.runtime._in_process import InProcessEntities
-from lagompy.runtime._ray import ShardedEntities
+from lagompy.runtime import EntityRuntime, start
 from lagompy.service import _metrics as metrics
 from lagompy.service._breaker import BreakerRegistry, default_registry
 from lagompy.service._client import ServiceClient, ServiceLocator
@@ -50,7 +49,8 @@ log = logging.getLogger("lagompy.service")
 #: Environment variable ``lagompy run`` sets to the number of uvicorn worker processes.
 WORKERS_ENV = "LAGOMPY_WORKERS"
 
-Entities = ShardedEntities | InProcessEntities
+#: The type of :attr:`Service.entities`: either runtime, through the protocol they share.
+Entities = EntityRuntime
 
 
 class ServiceSettings(LagompySettings):
@@ -104,10 +104,11 @@ class Service:
 
     ``entities`` and ``journal_url``/``journal_settings``/``ray``/``runtime_options`` start
     the app's entity runtime in the lifespan (``lagompy.start``); ``runtime`` attaches an
-    already started one instead (then the caller closes it). ``clients`` are service names
-    (or ``ServiceClient`` objects) made available through :func:`client`. With
-    ``stop_runtime=True`` stopping the service also stops the app's shard hosts (for tests
-    and single-process deployments; by default they outlive it, for the next start)."""
+    already started one instead (any :class:`~lagompy.runtime.EntityRuntime`; then the caller
+    closes it). ``clients`` are service names (or ``ServiceClient`` objects) made available
+    through :func:`client`. With ``stop_runtime=True`` stopping the service also stops the
+    app's shard hosts (for tests and single-process deployments; by default they outlive it,
+    for the next start)."""
 
     def __init__(
         self,
@@ -187,8 +188,6 @@ class Service:
                         f"runs in {workers} worker processes: each entity would have {workers} "
                         "writers. Use ray=True, or one worker"
                     )
-                from lagompy.runtime._ray import start
-
                 common: dict[str, Any] = {
                     "app": self.name,
                     "entities": self.entity_classes,
@@ -200,7 +199,12 @@ class Service:
                         self._runtime = await start(ray=True, **common)
                 else:
                     self._runtime = await start(ray=False, **common)
-            if self.entity_classes and isinstance(self._runtime, ShardedEntities):
+            if (
+                self.entity_classes
+                and self._runtime is not None
+                and self._runtime.local_journal is None
+            ):
+                # The shard hosts write the journal: this process checks that it reaches it.
                 from lagompy.sql._database import Database
 
                 self._probe = Database.create(self.journal_settings, pool_size=1, max_overflow=0)
@@ -220,11 +224,12 @@ class Service:
         """Idempotency-Keys are bound in the journal's database (no store without entities,
         or for a runtime on Ray given without where its journal is)."""
         runtime = self._runtime
-        if isinstance(runtime, InProcessEntities):
-            settings = runtime.storage.database.settings
-        elif isinstance(runtime, ShardedEntities) and (self.entity_classes or self._journal_given):
+        if runtime is None:
+            return None
+        settings = runtime.local_journal
+        if settings is None and (self.entity_classes or self._journal_given):
             settings = self.journal_settings
-        else:
+        if settings is None:
             return None
         return KeyStore(
             settings,
@@ -255,10 +260,7 @@ class Service:
             await self._probe.dispose()
             self._probe = None
         if self._runtime is not None and self._runtime is not self._given_runtime:
-            if isinstance(self._runtime, ShardedEntities):
-                await self._runtime.close(shutdown=self.stop_runtime)
-            else:
-                await self._runtime.close()
+            await self._runtime.close(shutdown=self.stop_runtime)
             self._runtime = None
         metrics.mark_process_dead()
 
@@ -299,10 +301,8 @@ class Service:
         if self.entity_classes or self._given_runtime is not None:
             if runtime is None:
                 checks["runtime"] = _fail("not started")
-            elif isinstance(runtime, ShardedEntities):
-                checks["runtime"] = runtime.host_stats
             else:
-                checks["journal"] = lambda: _select_one(runtime.storage.database)
+                checks[runtime.check_name] = runtime.check
         if self._probe is not None:
             checks["journal"] = lambda: _select_one(self._probe)
         for component in self.components:
@@ -334,7 +334,7 @@ class Service:
         """Figures from other processes, pulled at scrape time."""
         samples: list[metrics.Sample] = []
         runtime = self._runtime
-        if isinstance(runtime, ShardedEntities):
+        if runtime is not None:
             try:
                 hosts = await asyncio.wait_for(
                     runtime.host_stats(require_journal=False), self.settings.ready_timeout
@@ -342,8 +342,6 @@ class Service:
                 samples += metrics.host_samples(hosts)
             except Exception as e:  # a scrape must still answer
                 log.warning("could not pull the shard hosts' stats: %s", e)
-        elif isinstance(runtime, InProcessEntities):
-            samples += metrics.host_samples([runtime.stats()])
         for component in self.components:
             pull = getattr(component, "metric_samples", None)
             if callable(pull):
