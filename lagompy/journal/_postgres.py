@@ -5,7 +5,7 @@ write lock (the ordering fence: writers allocate offsets and commit one after th
 reader tailing by offset never skips an event that commits late), and NOTIFYs the live tailers
 with the highest offset it allocated (delivered only if it commits). Lists travel as arrays
 (``unnest``), large batches as binary COPY. Writes and snapshot saves go through the kept write
-connection of :class:`~lagompy.sql.Database` (``raw_writer`` and ``raw_transaction``) on the
+connection of :class:`~lagompy.sql.Database` (``raw_writer`` and ``kept_transaction``) on the
 driver (asyncpg) itself: SQLAlchemy's compiled statements cost the hot path more than the
 database did.
 """
@@ -37,7 +37,7 @@ from lagompy.sql._database import Database
 #: events table's oid (shifted into the int4 range), so journals in other schemas of the same
 #: database do not wait for each other.
 WRITE_LOCK_CLASS = int.from_bytes(b"lgmp", "big")
-#: Taken first in every PostgreSQL write transaction (see :attr:`PostgresBackend.ordering_fence`). A
+#: Taken first in every write transaction (see :attr:`PostgresBackend.ordering_fence`): a
 #: transaction-level advisory lock rather than ``LOCK TABLE ... IN EXCLUSIVE MODE``: it fences
 #: the journal's writers the same way, but does not conflict with VACUUM, ANALYZE and
 #: autovacuum, which the table lock blocked writers behind (or made autovacuum give up).
@@ -45,12 +45,15 @@ _LOCK_EVENTS = (
     f"SELECT pg_advisory_xact_lock({WRITE_LOCK_CLASS}, "
     "('lagompy_events'::regclass::oid::bigint - 2147483648)::int)"
 )
-#: Sent with ``BEGIN`` in every PostgreSQL write transaction, before the fence. The journal's
+#: Sent with ``BEGIN`` in every write transaction, before the fence. The journal's
 #: statements take their row counts from arrays, so PostgreSQL re-planned them at every
 #: execution (a custom plan for each set of parameters): measured ~0.4 ms of planning per
 #: statement on a one-event write, as long as the statement itself. Their generic plan is the
 #: same plan; ``SET LOCAL`` keeps it to this transaction.
 _GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+#: A write transaction's first round trip, with the fence and without.
+_BEGIN_FENCED = f"BEGIN; {_GENERIC_PLANS}; {_LOCK_EVENTS}"
+_BEGIN = f"BEGIN; {_GENERIC_PLANS}"
 #: The sequence that allocates offsets.
 _PG_SEQUENCE = "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
 #: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
@@ -210,8 +213,8 @@ class PostgresBackend(JournalBackend):
             async with self.database.raw_writer() as pg:
                 return await self._write(pg, batch, keys)
         reply_keys = [r[:3] for _, enc in batch for r in enc.replies] if full_check else []
-        async with self.database.raw_transaction(
-            f"{_GENERIC_PLANS}; {_LOCK_EVENTS}" if self.ordering_fence else _GENERIC_PLANS
+        async with self.database.kept_transaction(
+            _BEGIN_FENCED if self.ordering_fence else _BEGIN
         ) as pg:
             known: set[tuple[str, str, str]] = set()
             if full_check:

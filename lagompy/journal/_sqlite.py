@@ -1,10 +1,10 @@
 """The journal on SQLite.
 
-Writers take turns: every write transaction starts with ``BEGIN IMMEDIATE`` (see
-:mod:`lagompy.sql`), so offsets are allocated here, under the write lock, and commit in order
-without a further fence; both tables are written with plain executemany. Lists of keys travel
-as one JSON parameter (``json_each``). The offsets come from ``AUTOINCREMENT``'s counter, so a
-deleted offset is never handed out again.
+Writers take turns: every write transaction starts with ``BEGIN IMMEDIATE``, which takes
+SQLite's write lock up front, so offsets are allocated here, under the lock, and commit in order
+without a further fence; both tables are written with plain executemany. Lists of keys travel as
+one JSON parameter (``json_each``). The offsets continue ``AUTOINCREMENT``'s counter, so an
+offset is never handed out again after a deletion.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class SqliteBackend(JournalBackend):
         # are committed in order without a further fence. Offsets are assigned here, under the
         # write lock, so both tables are written with plain executemany.
         keys = [enc.write.key for _, enc in batch]
-        async with self.database.raw_transaction() as db:
+        async with self.database.pooled_transaction("BEGIN IMMEDIATE") as db:
             # One call: the highest offset so far (first row), then each entity's highest seq nr.
             found = await db.execute_fetchall(_SQLITE_CHECK, (json.dumps(keys),))
             last = found[0][2]
