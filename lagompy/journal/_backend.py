@@ -65,9 +65,10 @@ class JournalBackend(Protocol):
     async def append(self, batch: Batch, full_check: bool) -> dict[int, WriteResult]:
         """Write the batch in one transaction: check every write's expected sequence number
         (and, with ``full_check``, its command ids against the stored replies), allocate the
-        offsets of the writes that pass, insert their events, tags and replies and wake the
-        live tailers. One result per write of the batch, by position. A race on the unique
-        keys raises (the front retries with ``full_check``); so does a refusal of the data."""
+        offsets of the writes that pass, insert their events, tags and replies and (where the
+        database can) wake the live tailers. One result per write of the batch, by its
+        position. A race on the unique keys raises (the front retries with ``full_check``); so
+        does a refusal of the data."""
         ...
 
     def is_unique_violation(self, error: BaseException | None) -> bool:
@@ -106,14 +107,14 @@ def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 def check_expected(
-    encoded: list[tuple[int, EncodedWrite]],
+    encoded: Batch,
     highest: Mapping[tuple[str, str], int],
     known_replies: set[tuple[str, str, str]] | frozenset[tuple[str, str, str]] = frozenset(),
-) -> tuple[dict[int, WriteResult], list[tuple[int, EncodedWrite]]]:
+) -> tuple[dict[int, WriteResult], Batch]:
     """Split writes into failures (results: a stale expected seq nr, or a command id whose reply
     is already stored) and the ones that can be written."""
     results: dict[int, WriteResult] = {}
-    accepted: list[tuple[int, EncodedWrite]] = []
+    accepted: Batch = []
     for i, enc in encoded:
         w = enc.write
         actual = highest.get(w.key, 0)
@@ -149,7 +150,7 @@ def check_expected(
 
 
 def record_offsets(
-    accepted: list[tuple[int, EncodedWrite]],
+    accepted: Batch,
     offsets: Sequence[int],
     written_at: int,
     results: dict[int, WriteResult],
