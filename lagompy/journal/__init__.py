@@ -1,8 +1,10 @@
 """The event journal: events and snapshots in SQL, and reading them back by offset.
 
 * :class:`Journal` (``_journal.py``): appends batches of :class:`AtomicWrite` in one transaction
-  (group commit), reads an entity's events and a tag's events in offset order; SQLite and
-  PostgreSQL.
+  (group commit), reads an entity's events and a tag's events in offset order. It is the front;
+  what each database does its own way is a ``JournalBackend`` (``_backend.py``), one module per
+  database (``_sqlite.py``, ``_postgres.py``), picked once when the journal is built. The values
+  both sides share are in ``_model.py``.
 * :class:`SnapshotStore` (``_snapshots.py``): saved states of entities.
 * :func:`open_storage` (``_storage.py``): the journal and the snapshot store of one database,
   sharing its connections, with lagompy's tables checked (or upgraded) on open.

@@ -7,26 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, tuple_
+from sqlalchemy import delete, select
 
-from lagompy.journal._journal import from_us, now_us
+from lagompy.journal._journal import backend_for
+from lagompy.journal._model import from_us, now_us
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
-
-#: PostgreSQL: save snapshots ($2..$7, as arrays, in the order of ``_SNAPSHOT_ARRAYS``, written
-#: at $1), replacing any at the same (entity, seq_nr).
-_PG_SAVE = """
-INSERT INTO lagompy_snapshots (entity_type, entity_id, seq_nr, written_at_us, state_type,
-                               state_version, payload)
-SELECT u.t, u.i, u.s, $1, u.st, u.sv, u.p
-FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::int[], $7::bytea[])
-     AS u(t, i, s, st, sv, p)
-ON CONFLICT ON CONSTRAINT pk_lagompy_snapshots DO UPDATE
-SET written_at_us = EXCLUDED.written_at_us, state_type = EXCLUDED.state_type,
-    state_version = EXCLUDED.state_version, payload = EXCLUDED.payload
-"""
-_SNAPSHOT_ARRAYS = ("entity_type", "entity_id", "seq_nr", "state_type", "state_version", "payload")
 
 
 @dataclass(frozen=True)
@@ -55,6 +42,8 @@ class SnapshotStore:
     def __init__(self, database: Database, serializer: Serializer) -> None:
         self.database = database
         self.serializer = serializer
+        #: How this database's flavour saves (``_sqlite.py``, ``_postgres.py``), chosen here once.
+        self.backend = backend_for(database)
 
     async def save(self, entity_type: str, entity_id: str, seq_nr: int, state: Any) -> None:
         await self.save_many([SnapshotToSave(entity_type, entity_id, seq_nr, state)])
@@ -80,22 +69,7 @@ class SnapshotStore:
                     "payload": payload,
                 }
             )
-        if self.database.dialect == "postgresql":
-            # One statement on the journal's kept write connection, a transaction of its own:
-            # the shard hosts save snapshots after most batches, and SQLAlchemy's compiled
-            # DELETE + INSERT cost them ~2 ms of CPU and two round trips more each time.
-            columns = [[row[c] for row in rows] for c in _SNAPSHOT_ARRAYS]
-            async with self.database.raw_writer() as pg:
-                await pg.execute(_PG_SAVE, written_at, *columns)
-            return
-        t = schema.snapshots
-        keys = [(s.entity_type, s.entity_id, s.seq_nr) for s in snapshots]
-        async with self.database.write() as conn:
-            # Replace any snapshot at the same sequence number, in one statement.
-            await conn.execute(
-                delete(t).where(tuple_(t.c.entity_type, t.c.entity_id, t.c.seq_nr).in_(keys))
-            )
-            await conn.execute(insert(t), rows)
+        await self.backend.save_snapshots(written_at, rows)
 
     async def load(
         self,

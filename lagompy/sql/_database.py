@@ -77,7 +77,11 @@ class Database:
         self.settings = settings
         self.url: URL = engine.url
         self.dialect: Dialect = dialect_of(engine.url)
-        #: PostgreSQL: the connection raw_transaction keeps checked out between transactions
+        #: What write() asks of its connection: SQLite's BEGIN IMMEDIATE (see _configure_sqlite)
+        self._write_options: dict[str, Any] = (
+            {_BEGIN_OPTION: "IMMEDIATE"} if self.dialect == "sqlite" else {}
+        )
+        #: PostgreSQL: the connection kept_transaction keeps checked out between transactions
         #: (with its driver connection), and the lock that makes writers take turns on it
         self._writer: tuple[AsyncConnection, Any, Any] | None = None
         self._writer_lock: asyncio.Lock | None = None
@@ -119,39 +123,40 @@ class Database:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
         with translate_errors("write transaction"):
             async with self.engine.connect() as conn:
-                if self.dialect == "sqlite":
-                    conn = await conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+                if self._write_options:
+                    conn = await conn.execution_options(**self._write_options)
                 async with conn.begin():
                     yield conn
 
     @contextlib.asynccontextmanager
-    async def raw_transaction(self, first_statement: str | None = None) -> AsyncIterator[Any]:
-        """A write transaction on the pooled connection's own driver connection (asyncpg or
-        aiosqlite), for hot paths that SQLAlchemy would slow down.
+    async def pooled_transaction(self, begin: str = "BEGIN") -> AsyncIterator[Any]:
+        """A transaction begun with ``begin`` (SQLite's journal: ``BEGIN IMMEDIATE``) on the
+        driver connection (aiosqlite or asyncpg) of a connection from the pool, for hot paths
+        that SQLAlchemy would slow down. Commits on exit, rolls back on error (or invalidates
+        the connection when the error says it is broken); errors are translated into the
+        ``JournalError`` tree."""
+        with translate_errors("write transaction"):
+            async with self.engine.connect() as conn:
+                fairy = await conn.get_raw_connection()
+                async with _driver_transaction(fairy, begin) as driver:
+                    yield driver
 
-        On PostgreSQL ``first_statement`` is sent with ``BEGIN`` in one round trip, and the
-        connection stays checked out for the next write transaction (this database's writers
-        take turns on it): a pool checkout and return cost ~0.1-0.2 ms of CPU per
-        transaction, as much as a round trip. It is dropped when it fails or is cancelled mid
-        transaction, and released by :meth:`dispose`. On SQLite the transaction is
-        ``BEGIN IMMEDIATE`` on a connection from the pool. Commits on exit, rolls back on
-        error; errors are translated into the ``JournalError`` tree.
-        """
-        if self.dialect == "sqlite":
-            with translate_errors("write transaction"):
-                async with self.engine.connect() as conn:
-                    fairy = await conn.get_raw_connection()
-                    async with _driver_transaction(fairy, "BEGIN IMMEDIATE") as driver:
-                        yield driver
-            return
-        begin = "BEGIN" if first_statement is None else f"BEGIN; {first_statement}"
+    @contextlib.asynccontextmanager
+    async def kept_transaction(self, begin: str = "BEGIN") -> AsyncIterator[Any]:
+        """A transaction begun with ``begin`` (which may carry further statements, sent in the
+        same round trip) on the kept write connection of :meth:`raw_writer` (asyncpg): the
+        connection stays checked out for the next write (this database's writers take turns
+        on it), as a pool checkout and return cost ~0.1-0.2 ms of CPU per transaction, as much
+        as a round trip. It is dropped when it fails or is cancelled mid transaction, and
+        released by :meth:`dispose`. Commits on exit, rolls back on error; errors are
+        translated into the ``JournalError`` tree."""
         async with self._kept_writer("write transaction") as fairy:
             async with _driver_transaction(fairy, begin) as driver:
                 yield driver
 
     @contextlib.asynccontextmanager
     async def raw_writer(self) -> AsyncIterator[Any]:
-        """PostgreSQL only: the kept write connection of :meth:`raw_transaction` (asyncpg),
+        """The kept write connection (asyncpg: PostgreSQL only, see :meth:`kept_transaction`),
         outside a transaction, for a statement that is a transaction of its own. It is dropped
         when the statement fails or is cancelled; errors are translated into the
         ``JournalError`` tree and a broken connection is invalidated."""

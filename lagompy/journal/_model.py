@@ -1,0 +1,120 @@
+"""The journal's values: an entity's events to write (:class:`AtomicWrite`), what became of
+them (:class:`WriteResult`) and a persisted event with its coordinates (:class:`EventEnvelope`).
+
+Shared by the :class:`~lagompy.journal.Journal` front and its backends (``_backend.py``); users
+import them from :mod:`lagompy.journal` (or :mod:`lagompy`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any, Generic, TypeVar
+
+from lagompy.errors import LagompyError
+
+E = TypeVar("E")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def from_us(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
+
+
+@dataclass(frozen=True)
+class EventEnvelope(Generic[E]):
+    """A persisted event with its coordinates in the journal."""
+
+    entity_type: str
+    entity_id: str
+    seq_nr: int
+    offset: int
+    timestamp: datetime
+    event: E
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AtomicWrite:
+    """Events for one entity, written all or none.
+
+    ``expected_seq_nr`` is the highest sequence number the writer has seen (0 for a new entity);
+    the events get ``expected_seq_nr + 1``, ``+ 2``, ... ``tags`` holds one tuple of tags per
+    event (or is empty for untagged events).
+
+    ``replies`` holds ``(command_id, seq_nr, encoded reply)`` for the commands whose events these
+    are: each is stored in the same transaction as the events, under ``(entity_type, entity_id,
+    command_id)``, until the events up to ``seq_nr`` (the highest sequence number of that
+    command's events) are deleted. See :meth:`~lagompy.journal.Journal.stored_replies`.
+    """
+
+    entity_type: str
+    entity_id: str
+    expected_seq_nr: int
+    events: Sequence[Any]
+    tags: Sequence[Sequence[str]] = ()
+    metadata: Mapping[str, Any] | None = None
+    replies: Sequence[tuple[str, int, bytes]] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.entity_type, self.entity_id)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What happened to one :class:`AtomicWrite` of a batch: the offsets its events got, or the
+    error that stopped it (``ConcurrencyConflict``, ``EncodeError``, ``WriteRefused``...)."""
+
+    write: AtomicWrite
+    offsets: tuple[int, ...] = ()
+    written_at_us: int = 0
+    error: LagompyError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @cached_property
+    def envelopes(self) -> tuple[EventEnvelope[Any], ...]:
+        """The persisted events with their coordinates (built on first access)."""
+        if self.error is not None:
+            return ()
+        w = self.write
+        timestamp = from_us(self.written_at_us)
+        metadata = dict(w.metadata or {})
+        return tuple(
+            EventEnvelope(
+                entity_type=w.entity_type,
+                entity_id=w.entity_id,
+                seq_nr=w.expected_seq_nr + 1 + n,
+                offset=offset,
+                timestamp=timestamp,
+                event=event,
+                tags=event_tags(w, n),
+                metadata=metadata,
+            )
+            for n, (event, offset) in enumerate(zip(w.events, self.offsets, strict=True))
+        )
+
+    def unwrap(self) -> tuple[EventEnvelope[Any], ...]:
+        if self.error is not None:
+            raise self.error
+        return self.envelopes
+
+
+def event_tags(w: AtomicWrite, n: int) -> tuple[str, ...]:
+    """The tags of the write's n-th event, each once, in the order given."""
+    if not w.tags:
+        return ()
+    tags = tuple(w.tags[n])
+    if len(set(tags)) == len(tags):
+        return tags
+    return tuple(dict.fromkeys(tags))
