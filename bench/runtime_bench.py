@@ -363,8 +363,7 @@ def check_floors(
             rate >= THROUGHPUT_FLOOR,
         ),
         (
-            f"p50 at 1 outstanding ask <= 1.5 x {base:.2f} = {1.5 * base:.2f} ms "
-            f"({quick} host(s))",
+            f"p50 at 1 outstanding ask <= 1.5 x {base:.2f} = {1.5 * base:.2f} ms ({quick} host(s))",
             f"{one['p50']:.2f} ms",
             one["p50"] <= 1.5 * base,
         ),

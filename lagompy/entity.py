@@ -122,7 +122,9 @@ def sharded_tag(name: str, shards: int) -> ShardedTag:
 
 @dataclass(frozen=True)
 class Effect(Generic[S]):
-    """What a command handler decided. Build one with the static constructors::
+    """What a command handler decided.
+
+    Build one with the static constructors::
 
         Effect.persist(UserRegistered(...)).then_reply(lambda state: state)
         Effect.persist(e1, e2)                 # atomically; the reply is None

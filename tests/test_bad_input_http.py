@@ -85,7 +85,7 @@ async def test_a_nul_character_in_a_request_is_a_422_naming_the_field(
 
 def test_a_refused_write_is_a_422_naming_the_entity_only() -> None:
     error = WriteRefused(
-        "write for account/a1 refused: new row violates check constraint \"positive\"",
+        'write for account/a1 refused: new row violates check constraint "positive"',
         entity_type="account",
         entity_id="a1",
     )

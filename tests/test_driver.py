@@ -284,7 +284,10 @@ async def test_in_process_conflict_reloads_the_entity_and_runs_the_command_again
         assert (result.reply, result.error) == (stored, None)
         events = await ents.storage.journal.events("user", "c")
         assert [type(e.event) for e in events] == [
-            UserRegistered, EmailChanged, NameChanged, NameChanged
+            UserRegistered,
+            EmailChanged,
+            NameChanged,
+            NameChanged,
         ]
         assert await ref.ask(DeactivateUser()) == User("c", "C", "z@example.org", active=False)
         assert isinstance(UserDeactivated("c"), UserDeactivated)

@@ -75,9 +75,8 @@ async def test_sqlite_runs_in_wal_mode_with_autoincrement(tmp_path: object) -> N
     con = sqlite3.connect(path)
     try:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        ddl = con.execute(
-            "SELECT sql FROM sqlite_master WHERE name = 'lagompy_events'"
-        ).fetchone()[0]
+        query = "SELECT sql FROM sqlite_master WHERE name = 'lagompy_events'"
+        ddl = con.execute(query).fetchone()[0]
         assert "AUTOINCREMENT" in ddl
     finally:
         con.close()

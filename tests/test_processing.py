@@ -116,9 +116,7 @@ async def storage(journal_settings: JournalSettings) -> AsyncIterator[Storage]:
 
 
 async def test_the_same_command_id_is_applied_once(journal_settings: JournalSettings) -> None:
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         ref = ents.ref_for(CounterEntity, "c")
         assert await ref.ask(Increment(5), command_id="pay-1") == 5
         assert await ref.ask(Increment(5), command_id="pay-1") == 5  # not 10
@@ -137,9 +135,7 @@ async def test_the_same_command_id_is_applied_once(journal_settings: JournalSett
 
 
 async def test_a_rejected_command_runs_again(journal_settings: JournalSettings) -> None:
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         ref = ents.ref_for(CounterEntity, "r")
         with pytest.raises(InvalidCommand, match="at 0"):
             await ref.ask(Decrement(), command_id="dec")
@@ -151,9 +147,7 @@ async def test_a_rejected_command_runs_again(journal_settings: JournalSettings) 
 
 
 async def test_a_read_only_command_runs_again(journal_settings: JournalSettings) -> None:
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         ref = ents.ref_for(CounterEntity, "g")
         assert await ref.ask(GetCount(), command_id="get") == 0
         await ref.ask(Increment(2))
@@ -164,16 +158,12 @@ async def test_a_read_only_command_runs_again(journal_settings: JournalSettings)
 async def test_a_retry_after_a_restart_is_still_answered_from_the_journal(
     journal_settings: JournalSettings,
 ) -> None:
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         assert await ents.ref_for(CounterEntity, "p").ask(Increment(7), command_id="once") == 7
         told = ents.ref_for(CounterEntity, "p").tell(Increment(1))  # a generated id
         assert re.fullmatch("[0-9a-f]{32}", told)
     # A new runtime on the same database (a restarted process) knows both ids.
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         ref = ents.ref_for(CounterEntity, "p")
         assert await ref.ask(Increment(7), command_id="once") == 7
         assert await ref.ask(Increment(1), command_id=told) == 8
@@ -183,9 +173,7 @@ async def test_a_retry_after_a_restart_is_still_answered_from_the_journal(
 
 
 async def test_replies_are_deleted_with_their_events(journal_settings: JournalSettings) -> None:
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         journal = ents.storage.journal
         ref = ents.ref_for(CounterEntity, "x")
         await ref.ask(Increment(1), command_id="first")
@@ -200,9 +188,7 @@ async def test_replies_are_deleted_with_their_events(journal_settings: JournalSe
 
 
 async def test_an_ask_timeout_carries_the_command_id(journal_settings: JournalSettings) -> None:
-    async with await start_in_process(
-        entities=[CounterEntity], settings=journal_settings
-    ) as ents:
+    async with await start_in_process(entities=[CounterEntity], settings=journal_settings) as ents:
         ref = ents.ref_for(CounterEntity, "t")
         _slow_appends(ents.storage, 0.3)
         with pytest.raises(AskTimeout) as info:
@@ -298,9 +284,7 @@ async def test_a_known_id_without_the_duplicate_check_fails_that_entity_alone(
 
 
 async def test_the_lru_bound_holds_and_reactivation_restores_the_state(storage: Storage) -> None:
-    processor = EntityProcessor(
-        [CounterEntity], storage.journal, storage.snapshots, max_entities=3
-    )
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots, max_entities=3)
     for i in range(6):
         await processor.process([Request("counter", f"e{i}", Increment(i + 1))])
         assert len(processor.live) <= 3

@@ -487,6 +487,7 @@ async def test_bad_processors_and_settings_are_refused_with_the_reason(
         await start_readside([NoHandler], journal_settings=journal_settings)
     with pytest.raises(ConfigurationError, match="NoTag needs a tag"):
         await start_readside([NoTag], journal_settings=journal_settings)
+
     class Undecodable(SqlReadSideProcessor):
         name = "undecodable"
         tag = "t"

@@ -212,9 +212,7 @@ async def test_set_offset_beyond_the_head_is_refused_or_forced_with_a_negative_l
         caplog.clear()
         assert await rs.projections.rebuild(CreditsProjection, journal=rs.journal) == 2
         messages = [r.getMessage() for r in caplog.records]
-        assert any(
-            "lease taken by 'rebuild:" in m and "from another worker" in m for m in messages
-        )
+        assert any("lease taken by 'rebuild:" in m and "from another worker" in m for m in messages)
         (status,) = await rs.status()
         assert status.lag_events == 0
 

@@ -76,9 +76,9 @@ async def test_the_next_asks_recreate_a_host_killed_for_good(
     entities = await _start(app, journal_settings)
     try:
         refs = [entities.ref_for(CounterEntity, f"k{i}") for i in range(4)]
-        assert await asyncio.gather(*(r.ask(Add(1, f"a{i}")) for i, r in enumerate(refs))) == [
-            1
-        ] * 4
+        assert (
+            await asyncio.gather(*(r.ask(Add(1, f"a{i}")) for i, r in enumerate(refs))) == [1] * 4
+        )
         (before,) = await entities.host_stats()
         _kill_for_good(app, 0)
         # With the default retries (3 resends from 0.2 s): the first resend finds the name

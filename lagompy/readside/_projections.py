@@ -181,7 +181,6 @@ class Projections(AsyncClosing):
             await db.dispose()
         self._owns = []
 
-
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
         """Every (processor, tag) known in the projection database (or those of one
         processor): offset, lag in events and seconds, state, events/s, last failure."""
@@ -301,9 +300,7 @@ class Projections(AsyncClosing):
             owner,
             before.offset,
             offset,
-            f"; the lease of {before.owner!r} (epoch {before.epoch}) ends"
-            if before.leased
-            else "",
+            f"; the lease of {before.owner!r} (epoch {before.epoch}) ends" if before.leased else "",
         )
 
     async def rebuild(

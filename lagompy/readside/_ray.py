@@ -276,8 +276,6 @@ class RayReadSide(AsyncClosing):
             release()
 
 
-
-
 @opener
 async def start_readside_on_ray(
     processors: Iterable[type[SqlReadSideProcessor]],
@@ -393,6 +391,4 @@ async def stop_readside_on_ray(
     prefixes = [ACTOR_PREFIX] if processors is None else [f"{ACTOR_PREFIX}{p}:" for p in processors]
     if timeout is None:
         timeout = make_settings(RuntimeSettings).stop_timeout
-    return await stop_actors(
-        app, timeout, lambda name: any(name.startswith(p) for p in prefixes)
-    )
+    return await stop_actors(app, timeout, lambda name: any(name.startswith(p) for p in prefixes))

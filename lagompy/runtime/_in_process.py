@@ -211,8 +211,6 @@ class InProcessEntities(AsyncClosing):
             await self.storage.close()
 
 
-
-
 @opener
 async def start_in_process(
     *,

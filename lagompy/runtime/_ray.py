@@ -55,6 +55,7 @@ log = logging.getLogger("lagompy.runtime")
 R = TypeVar("R")
 C = TypeVar("C")
 
+
 def host_name(index: int) -> str:
     return f"host-{index}"
 
@@ -326,8 +327,6 @@ class ShardedEntities(AsyncClosing):
             await shutdown_app(self.app)
         if self._owns_ray:
             release()
-
-
 
 
 # --------------------------------------------------------------------------- start

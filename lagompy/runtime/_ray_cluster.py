@@ -404,9 +404,7 @@ def app_names() -> list[str]:
     )
 
 
-async def stop_actors(
-    app: str, timeout: float, which: Callable[[str], bool] | None = None
-) -> int:
+async def stop_actors(app: str, timeout: float, which: Callable[[str], bool] | None = None) -> int:
     """Stop the app's actors (those ``which`` accepts): ask each to ``close()`` (within
     ``timeout`` seconds), then kill them, the coordinator first. Returns how many."""
     import ray
@@ -424,9 +422,7 @@ async def stop_actors(
         try:
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout)
         except TimeoutError:
-            log.warning(
-                "actors of app %r did not release what they hold within %s s", app, timeout
-            )
+            log.warning("actors of app %r did not release what they hold within %s s", app, timeout)
     # The coordinator goes first, and is gone before the hosts are killed: a region client
     # that finds a host missing re-creates it only while the coordinator records its
     # topology, so a process still attached to the old hosts does not bring them back.

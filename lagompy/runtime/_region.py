@@ -272,9 +272,7 @@ class Region:
                     self.counters["resends"] += 1
                     self.counters["batches"] += 1
                     log.info("resending %d asks to shard host %d (%d)", len(chunk), host, attempt)
-                    requests = [
-                        ask.request._replace(check_duplicate=True) for ask in chunk
-                    ]
+                    requests = [ask.request._replace(check_duplicate=True) for ask in chunk]
                     try:
                         outcomes = await link.call(requests)
                     except HostUnreachable as e:

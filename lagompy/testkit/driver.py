@@ -103,7 +103,6 @@ class EntityTestDriver(Generic[C, E, S], AsyncClosing):
     async def __aenter__(self) -> EntityTestDriver[C, E, S]:
         return await self.start()
 
-
     @property
     def storage(self) -> Storage:
         if self._storage is None:

@@ -101,7 +101,6 @@ class ReadSideTestDriver(AsyncClosing):
         await run_global_prepare(self.processor, self._projection, self.settings)
         return self
 
-
     async def close(self) -> None:
         if self._projection is not None:
             await self._projection.dispose()
