@@ -25,7 +25,8 @@ from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
 from lagompy.journal._storage import Storage, open_storage
 from lagompy.runtime._defaults import runtime_default
-from lagompy.runtime._processing import EntityClass, EntityProcessor, Request
+from lagompy.runtime._loading import EntityClass
+from lagompy.runtime._processing import EntityProcessor, Request
 from lagompy.runtime._refs import EntityRef
 from lagompy.settings import JournalSettings
 

@@ -68,10 +68,10 @@ from lagompy.journal._journal import (
     check_entity_id,
 )
 from lagompy.journal._snapshots import SnapshotStore, SnapshotToSave
+from lagompy.runtime._loading import EntityClass
 
 log = logging.getLogger("lagompy.processing")
 
-EntityClass = type[PersistentEntity[Any, Any, Any]]
 
 #: The stored reply ``None`` (msgpack nil), whatever the command's declared reply type: a
 #: command that persists events without ``then_reply`` replies ``None``.

@@ -33,8 +33,8 @@ from lagompy.errors import (
 )
 from lagompy.runtime._host import JOURNAL_OPEN, Coordinator, ShardHost
 from lagompy.runtime._in_process import InProcessEntities, start_in_process
-from lagompy.runtime._loading import check_entity_importable
-from lagompy.runtime._processing import EntityClass, Request
+from lagompy.runtime._loading import EntityClass, check_entity_importable
+from lagompy.runtime._processing import Request
 from lagompy.runtime._ray_cluster import (
     COORDINATOR,
     actor_journal,

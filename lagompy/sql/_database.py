@@ -138,7 +138,7 @@ class Database:
         with translate_errors("write transaction"):
             async with self.engine.connect() as conn:
                 fairy = await conn.get_raw_connection()
-                async with _driver_transaction(fairy, begin) as driver:
+                async with driver_transaction(fairy, begin) as driver:
                     yield driver
 
     @contextlib.asynccontextmanager
@@ -151,7 +151,7 @@ class Database:
         released by :meth:`dispose`. Commits on exit, rolls back on error; errors are
         translated into the ``JournalError`` tree."""
         async with self._kept_writer("write transaction") as fairy:
-            async with _driver_transaction(fairy, begin) as driver:
+            async with driver_transaction(fairy, begin) as driver:
                 yield driver
 
     @contextlib.asynccontextmanager
@@ -223,7 +223,7 @@ class Database:
 
 
 @contextlib.asynccontextmanager
-async def _driver_transaction(fairy: Any, begin: str) -> AsyncIterator[Any]:
+async def driver_transaction(fairy: Any, begin: str) -> AsyncIterator[Any]:
     """``begin`` ... COMMIT on the fairy's driver connection; ROLLBACK on error, or invalidate
     the connection when the error says it is broken."""
     driver: Any = fairy.driver_connection
