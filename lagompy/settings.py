@@ -53,12 +53,17 @@ def settings_error(cls: type[LagompySettings], error: ValidationError) -> Invali
     """``error`` as an ``InvalidSettings`` (a ``ConfigurationError``) that names each bad
     setting of ``cls``, its environment variable, what was wrong and the value given."""
     problems = []
-    fields = []
+    fields: list[str] = []
     for err in error.errors():
         if not err["loc"]:  # a check of several fields together: its message names them
             problems.append(err["msg"].removeprefix("Value error, "))
             continue
         name = ".".join(str(part) for part in err["loc"])
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, InvalidSettings):  # an embedded settings class named its own
+            problems.append(f"{name}: {inner}")
+            fields.extend(f"{name}.{field}" for field in inner.fields)
+            continue
         env = f" ({cls.env_name(name)})" if name in cls.model_fields else ""
         problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
         fields.append(name)

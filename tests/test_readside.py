@@ -22,7 +22,7 @@ from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
 from examples.user_service.projection import UsersProjection
 from lagompy import ConfigurationError, JournalSettings, start_in_process
 from lagompy.errors import ReadSideHandlerFailed
-from lagompy.journal import AtomicWrite, EventEnvelope, Storage, open_storage
+from lagompy.journal import AtomicWrite, EventEnvelope, Storage, TailSettings, open_storage
 from lagompy.readside import (
     ReadSide,
     ReadSideSettings,
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 FAST: dict[str, Any] = {
     "lease_ttl": 2.0,
     "renew_interval": 0.05,
-    "poll_interval": 0.02,
+    "tail": TailSettings(poll_interval=0.02),
     "retry_initial_delay": 0.01,
     "retry_max_delay": 0.02,
     "max_attempts": 2,

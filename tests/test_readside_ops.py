@@ -23,10 +23,15 @@ from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
 from examples.user_service.projection import UsersProjection
 from lagompy import JournalSettings, start_in_process
 from lagompy.cli import build_app
+from lagompy.journal import TailSettings
 from lagompy.readside import ReadSide, open_projections, readside_router, start_readside
 
 REPO = Path(__file__).resolve().parent.parent
-FAST: dict[str, Any] = {"lease_ttl": 2.0, "renew_interval": 0.05, "poll_interval": 0.02}
+FAST: dict[str, Any] = {
+    "lease_ttl": 2.0,
+    "renew_interval": 0.05,
+    "tail": TailSettings(poll_interval=0.02),
+}
 
 
 def cli_args(journal_settings: JournalSettings) -> list[str]:

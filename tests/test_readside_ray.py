@@ -15,11 +15,16 @@ from sqlalchemy import text
 from examples.user_service.entity import ChangeName, RegisterUser, UserEntity
 from examples.user_service.projection import UsersProjection
 from lagompy import JournalSettings, start_in_process
+from lagompy.journal import TailSettings
 from lagompy.readside import start_readside_on_ray, stop_readside_on_ray
 from lagompy.readside._ray import actor_name
 from lagompy.runtime import namespace_of
 
-FAST: dict[str, Any] = {"lease_ttl": 5.0, "renew_interval": 0.1, "poll_interval": 0.02}
+FAST: dict[str, Any] = {
+    "lease_ttl": 5.0,
+    "renew_interval": 0.1,
+    "tail": TailSettings(poll_interval=0.02),
+}
 
 
 def actors_of(ray: Any, app: str) -> list[str]:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from examples.user_service.entity import RegisterUser, UserEntity, UserRegistered
 from lagompy import EventEnvelope
+from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideComponent, SqlReadSideProcessor
 from lagompy.service import BreakerRegistry, Service
 from lagompy.settings import JournalSettings
@@ -28,7 +29,7 @@ FAST: dict[str, Any] = {
     "retry_initial_delay": 0,
     "lease_ttl": 2.0,
     "renew_interval": 0.1,
-    "poll_interval": 0.02,
+    "tail": TailSettings(poll_interval=0.02),
 }
 
 

@@ -226,3 +226,17 @@ def test_invalid_settings_name_their_fields_and_stay_in_the_tree() -> None:
     # a check of several fields together is named by its message
     with pytest.raises(InvalidSettings, match=r"^invalid ReadSideSettings: renew_interval \(2"):
         ReadSideSettings(lease_ttl=1, renew_interval=2)
+
+
+def test_a_bad_value_of_an_embedded_settings_class_names_its_own_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ReadSideSettings embeds TailSettings: a bad tail knob is named with the variable that
+    sets it, once, without a dump of the whole embedded settings."""
+    monkeypatch.setenv("LAGOMPY_READSIDE_TAIL", '{"poll_interval": -1}')
+    with pytest.raises(InvalidSettings) as caught:
+        ReadSideSettings()
+    message = str(caught.value)
+    assert "poll_interval (LAGOMPY_TAIL_POLL_INTERVAL)" in message
+    assert "page_size" not in message
+    assert caught.value.fields == ("tail.poll_interval",)

@@ -3,7 +3,6 @@ database's connection settings (:func:`projection_settings`) and the journal's."
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
@@ -16,9 +15,6 @@ __all__ = [
     "ReadSideSettings",
     "projection_settings",
 ]
-
-#: The tail knobs a ReadSideSettings also takes directly (they were its own fields once).
-_TAIL_KNOBS = ("poll_interval", "listen", "listen_poll_interval")
 
 
 class ReadSideSettings(LagompySettings):
@@ -84,10 +80,7 @@ class ReadSideSettings(LagompySettings):
             "How idle workers wait for new events, as every tailer does: poll_interval, listen, "
             "listen_poll_interval and the LISTEN connection's knobs (a TailSettings, read from "
             "the LAGOMPY_TAIL_* variables by default; its page_size is not used: max_batch is "
-            "a worker's page). poll_interval, listen and listen_poll_interval are also accepted "
-            "here directly, as keywords or LAGOMPY_READSIDE_POLL_INTERVAL, "
-            "LAGOMPY_READSIDE_LISTEN and LAGOMPY_READSIDE_LISTEN_POLL_INTERVAL, and then win "
-            "over tail's."
+            "a worker's page)."
         ),
     )
     max_attempts: int = Field(
@@ -117,27 +110,6 @@ class ReadSideSettings(LagompySettings):
         gt=0,
         description="Seconds start_readside_on_ray waits for global_prepare to succeed.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fold_tail_knobs(cls, data: Any) -> Any:
-        """``poll_interval=...`` (or ``LAGOMPY_READSIDE_POLL_INTERVAL``) sets ``tail``'s."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        flat = {k: data.pop(k) for k in _TAIL_KNOBS if k in data}
-        tail = data.get("tail")
-        if tail is None:  # a fresh ReadSideSettings(): the variables of the old names count
-            for knob in _TAIL_KNOBS:
-                value = os.environ.get(f"LAGOMPY_READSIDE_{knob.upper()}")
-                if value is not None:
-                    flat.setdefault(knob, value)
-        if flat:
-            if tail is None:
-                tail = TailSettings()
-            base = tail.model_dump() if isinstance(tail, TailSettings) else dict(tail)
-            data["tail"] = {**base, **flat}
-        return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:

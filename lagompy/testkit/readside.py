@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.closing import AsyncClosing
 from lagompy.entity import ShardedTag, Tag
+from lagompy.journal import TailSettings
 from lagompy.journal._journal import AtomicWrite, EventEnvelope
 from lagompy.journal._storage import Storage, open_storage
 from lagompy.readside._processor import (
@@ -317,7 +318,7 @@ class ReadSideContract:
             "retry_initial_delay": 0.01,
             "retry_max_delay": 0.05,
             "max_attempts": 2,
-            "poll_interval": 0.02,
+            "tail": TailSettings(poll_interval=0.02),
         }
         return ReadSideSettings(**fast)
 
