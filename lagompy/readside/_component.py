@@ -37,7 +37,7 @@ from lagompy.readside._projections import (
     start_readside,
 )
 from lagompy.readside._ray import start_readside_on_ray
-from lagompy.readside._runner import ReadSideRunner
+from lagompy.readside._runner import CAUGHT_UP_TIMEOUT, ReadSideRunner
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
@@ -149,7 +149,7 @@ class ReadSideComponent:
         if running is not None:
             await running.close(stop=self.stop_on_close)
 
-    async def wait_until_caught_up(self, timeout: float = 30.0) -> None:
+    async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
         """Wait until every worker has handled the events its tag had when called."""
         if self._running is None:
             raise RuntimeError("the read side is not running")

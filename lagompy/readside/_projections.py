@@ -25,6 +25,7 @@ from lagompy.readside._processor import (
     _instance,
     serializer_for_processors,
 )
+from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import (
     ReadSideSettings,
     _journal_settings,
@@ -488,7 +489,7 @@ class ReadSide(AsyncClosing):
                 found.append(f"{task.get_name()} ended: {describe_error(error)}")
         return found
 
-    async def wait_until_caught_up(self, timeout: float = 30.0) -> None:
+    async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
         """Wait until every worker has handled every event its tag had when called (raises
         ``TimeoutError`` after ``timeout`` seconds)."""
         targets = []

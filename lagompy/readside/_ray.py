@@ -34,6 +34,7 @@ from lagompy.closing import AsyncClosing, opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus
+from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import (
     ReadSideSettings,
     _journal_settings,
@@ -242,7 +243,7 @@ class RayReadSide(AsyncClosing):
         state there (a replaced actor is the supervisor's job)."""
         return []
 
-    async def wait_until_caught_up(self, timeout: float = 60.0) -> None:
+    async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
         """Wait until every worker's stored offset reaches its tag's head at the time of the
         call (``TimeoutError`` after ``timeout`` seconds)."""
         ours = {(p, t) for p, t, _ in self.specs}

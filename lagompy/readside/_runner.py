@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from lagompy.readside._projections import Projections, WorkerStatus
 
-__all__ = ["ReadSideRunner"]
+__all__ = ["CAUGHT_UP_TIMEOUT", "ReadSideRunner"]
+
+#: Seconds every runner's ``wait_until_caught_up`` waits by default (one default for both
+#: flavours: a worker on Ray answers through an actor call, so the longer of the two it had).
+CAUGHT_UP_TIMEOUT = 60.0
 
 
 @runtime_checkable
@@ -40,7 +44,7 @@ class ReadSideRunner(Protocol):
 
     async def wait_until_caught_up(self, timeout: float = ...) -> None:
         """Wait until every worker has handled the events its tag had when called (raise
-        ``TimeoutError`` after ``timeout`` seconds)."""
+        ``TimeoutError`` after ``timeout`` seconds, :data:`CAUGHT_UP_TIMEOUT` by default)."""
         ...
 
     async def close(self, *, stop: bool = ...) -> None:
