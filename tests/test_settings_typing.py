@@ -33,8 +33,14 @@ def _public_module(cls: type[BaseSettings]) -> str:
 
 
 def _keywords(cls: type[BaseSettings]) -> str:
-    """Every field of ``cls`` as a keyword argument with its default (a literal)."""
-    return ", ".join(f"{name}={field.default!r}" for name, field in cls.model_fields.items())
+    """Every field of ``cls`` as a keyword argument with its default: a literal, or a call of
+    the settings class that makes it (``tail=TailSettings()``: imported by the module too)."""
+    keywords = []
+    for name, field in cls.model_fields.items():
+        factory = field.default_factory
+        value = f"{factory.__name__}()" if isinstance(factory, type) else repr(field.default)
+        keywords.append(f"{name}={value}")
+    return ", ".join(keywords)
 
 
 def user_module() -> str:
