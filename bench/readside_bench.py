@@ -396,10 +396,13 @@ work done alone:
 | floor: 0.5 x the slower of the two halves | {floor:,.0f} |
 
 Rebuild / slower half (floor 0.5): simple {simple / slower:.2f}, set-based {fast / slower:.2f};
-set-based / simple: {fast / simple:.1f}. The simple way pays a round trip to PostgreSQL and
-SQLAlchemy's work per event; the set-based one per run of events. A library that commits one
-transaction per event runs at ~1,400 events/s here; PostgreSQL on this machine commits about
-2,900 one-row transactions/s.
+set-based / simple: {fast / simple:.1f}. Simple rebuild / raw executemany of the same rows
+(floor 0.5): PostgreSQL {simple / raw_rate:.2f}; SQLite {sqlite_simple:,.0f} /
+{sqlite_raw:,.0f} events/s (raw aiosqlite executemany, synchronous=FULL as the journal) =
+{sqlite_simple / sqlite_raw:.2f}. The simple way's writes are kept and sent as one executemany
+per run of one statement (docs/readside.md); what remains per event is the handler and
+SQLAlchemy's work. A library that commits one transaction per event runs at ~1,400 events/s
+here; PostgreSQL on this machine commits about 2,900 one-row transactions/s.
 
 Lag from commit to visible under live load: {lags["simple"]["rate"]:,.0f} events/s appended
 to the journal for {load_seconds:.0f} s (every 10 ms one transaction of

@@ -218,7 +218,19 @@ class DeferringConnection:
             statement, parameters, _ = pending[0]
             await conn.execute(statement, parameters)
             return
-        keyed = [(s, p, self._key(s, p)) for s, p, _ in pending]
+        keyed = []
+        last: Any = None
+        for statement, parameters, _ in pending:
+            if (
+                last is not None
+                and statement is last[0]
+                and (parameters or {}).keys() == (last[1] or {}).keys()
+            ):
+                key = last[2]  # the same statement again: the cache key is known
+            else:
+                key = self._key(statement, parameters)
+            last = (statement, parameters, key)
+            keyed.append(last)
         start = 0
         while start < len(keyed):
             key = keyed[start][2]
