@@ -80,7 +80,7 @@ class FastUsersProjection(UsersProjection):
                     for e in run
                     if isinstance(event := e.event, UserRegistered)  # all are; mypy needs to see it
                 ]
-                await conn.execute(insert_or_replace(conn), rows)
+                await conn.execute(insert_or_replace(conn.dialect.name), rows)
             elif kind in SET:
                 await conn.execute(SET[kind], [changed(e) for e in run])
 

@@ -43,6 +43,7 @@ from lagompy.errors import (
     UnknownType,
 )
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage
+from lagompy.readside._batching import deferring
 from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
 from lagompy.readside._settings import ReadSideSettings, _settings
 from lagompy.readside._store import (
@@ -138,6 +139,10 @@ class ProjectionCommit:
         self.store = store
         self.settings = settings
         self._batch_mode = type(processor).batch_mode()
+        #: Handlers of several events get a deferring connection (until one defeats it).
+        self._defer = True
+        #: Compiled runs of the deferring connection, kept from batch to batch.
+        self._groups: dict[Any, Any] = {}
         #: (offset, attempts) of the undecodable event being retried.
         self._undecodable_at: tuple[int, int] | None = None
 
@@ -243,25 +248,60 @@ class ProjectionCommit:
     ) -> tuple[int, Flags]:
         """Handle ``envelopes`` (or as many as ``max_batch_seconds`` allows) and store the
         offset in one transaction; ``upto``: the offset to store once all are handled (the
-        end of their page). Returns how many were handled and the row's flags."""
+        end of their page). Returns how many were handled and the row's flags.
+
+        Several events: the handlers get a :class:`~lagompy.readside._batching.DeferringConnection`
+        (writes sent as executemany runs at the end, or before a read). A handler that defeats
+        it (reads a deferred write's result...) gets the batch again with the plain connection,
+        and so do all its later batches."""
+        defer = self._defer and len(envelopes) > 1
+        try:
+            return await self._transaction(consumer, lease, envelopes, upto, defer=defer)
+        except _HookFailed:
+            if not defer or self._defer:
+                raise
+        return await self._transaction(consumer, lease, envelopes, upto, defer=False)
+
+    def _defeated(self, why: str) -> None:
+        self._defer = False
+        log.info(
+            "read-side processor %r: handlers run unbatched from now on: %s",
+            self.processor.name,
+            why,
+        )
+
+    async def _transaction(
+        self,
+        consumer: EventConsumer,
+        lease: Lease,
+        envelopes: list[EventEnvelope[Any]],
+        upto: int | None,
+        *,
+        defer: bool,
+    ) -> tuple[int, Flags]:
         s = self.settings
         processor = self.processor
         async with self.projection.write() as conn:
+            handler_conn, deferred = conn, None
+            if defer:
+                handler_conn, deferred = deferring(conn, self._groups, self._defeated)
             try:
                 if self._batch_mode:
                     done = len(envelopes)
                     wanted = [e for e in envelopes if processor.wants(e)]
                     if wanted:
-                        await processor.handle_batch(conn, wanted)
+                        await processor.handle_batch(handler_conn, wanted)
                 else:
                     started = time.monotonic()
                     done = 0
                     for envelope in envelopes:
                         if processor.wants(envelope):
-                            await processor.handle(conn, envelope)
+                            await processor.handle(handler_conn, envelope)
                         done += 1
                         if time.monotonic() - started >= s.max_batch_seconds:
                             break
+                if deferred is not None:
+                    await deferred.finish()
             except Exception as e:
                 raise _HookFailed(e) from e
             offset = envelopes[done - 1].offset if upto is None or done < len(envelopes) else upto

@@ -1,0 +1,254 @@
+"""Handlers' writes deferred and sent as executemany runs (lagompy.readside._batching) leave the
+same tables as one event per transaction, on SQLite and PostgreSQL.
+
+The property: random events, each a list of operations (Core and text inserts, upserts,
+updates whose result depends on the order, deletes, reads whose values feed later writes, a
+read of a write's ``rowcount``, a handler that catches its own insert's error, failures), run
+by a real worker twice: once one event per transaction (``max_batch=1``: the plain
+connection), once in batches (the deferring connection). Failing events are skipped
+(``on_failure="skip"``) both times; the final tables must be equal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Column, Integer, MetaData, Table, delete, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy import AtomicWrite, EventEnvelope, JournalSettings, open_storage
+from lagompy.journal import TailSettings
+from lagompy.readside import ReadSideSettings, SqlReadSideProcessor
+from lagompy.readside._settings import projection_settings
+from lagompy.readside._worker import ReadSideWorker, run_global_prepare
+from lagompy.serialization import Serializer, serializable
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
+from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+
+
+@serializable("tests.batching.Ops")
+@dataclass(frozen=True)
+class Ops:
+    """An event: the operations its handler runs, as JSON."""
+
+    ops: str
+
+
+metadata = MetaData()
+kv = Table("batching_kv", metadata, Column("k", Integer, primary_key=True), Column("v", Integer))
+seen = Table(
+    "batching_seen", metadata, Column("id", Integer, primary_key=True), Column("v", Integer)
+)
+UPSERT = text(
+    "INSERT INTO batching_kv (k, v) VALUES (:k, :v) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+)
+DOUBLE = text("UPDATE batching_kv SET v = v * 2 + :d WHERE k = :k")
+
+
+class Boom(Exception):
+    pass
+
+
+class OpsProjection(SqlReadSideProcessor):
+    name = "batching-ops"
+    tag = "batching"
+    event_types = (Ops,)
+
+    async def global_prepare(self, conn: AsyncConnection) -> None:
+        await conn.run_sync(metadata.create_all)
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        base = envelope.offset * 100
+        for i, (op, k, v) in enumerate(json.loads(envelope.event.ops)):
+            if op == "ins":  # fails on a duplicate key
+                await conn.execute(insert(kv).values(k=k, v=v))
+            elif op == "put":
+                await conn.execute(UPSERT, {"k": k, "v": v})
+            elif op == "add":
+                await conn.execute(update(kv).where(kv.c.k == k).values(v=kv.c.v + v))
+            elif op == "double":
+                await conn.execute(DOUBLE, {"k": k, "d": v})
+            elif op == "del":
+                await conn.execute(delete(kv).where(kv.c.k == k))
+            elif op == "read":  # what it reads is written on
+                found = await conn.scalar(select(kv.c.v).where(kv.c.k == k))
+                await conn.execute(insert(seen).values(id=base + i, v=found))
+            elif op == "readrow":
+                row = (await conn.execute(select(kv.c.v).where(kv.c.k == k))).first()
+                await conn.execute(UPSERT, {"k": k + 1, "v": -1 if row is None else row[0]})
+            elif op == "rowcount":  # the result of a write: not deferrable
+                result = await conn.execute(update(kv).where(kv.c.k == k).values(v=v))
+                if result.rowcount == 0:
+                    await conn.execute(insert(seen).values(id=base + i, v=v))
+            elif op == "tryins":  # its own error, caught (SQLite goes on, PostgreSQL cannot)
+                try:
+                    await conn.execute(insert(kv).values(k=k, v=v))
+                except IntegrityError:
+                    pass
+            elif op == "tryread":  # catches the error of any write sent before the read
+                try:
+                    await conn.scalar(select(kv.c.v).where(kv.c.k == k))
+                except IntegrityError:
+                    pass
+            elif op == "fail":
+                raise Boom(f"event {envelope.offset} fails")
+
+    async def reset(self, conn: AsyncConnection) -> None:
+        await conn.execute(delete(kv))
+        await conn.execute(delete(seen))
+
+
+keys = st.integers(0, 3)
+values = st.integers(-5, 5)
+write = st.tuples(st.sampled_from(["put", "add", "double", "del"]), keys, values)
+read = st.tuples(st.sampled_from(["read", "readrow"]), keys, st.just(0))
+failing = st.one_of(
+    st.tuples(st.sampled_from(["ins", "tryins"]), keys, values),
+    st.tuples(st.just("tryread"), keys, st.just(0)),
+    st.tuples(st.just("fail"), keys, st.just(0)),
+)
+#: Writes in long runs (what gets batched), reads whose values are written on.
+event = st.lists(st.one_of(write, write, write, read), max_size=4)
+#: The same, sometimes failing: a handler that raises, an insert of a key that may exist
+#: (whose error a handler may catch, at its own statement or at the read that sends it).
+risky_event = st.lists(st.one_of(write, write, write, read, failing), max_size=4)
+
+
+async def _tables(projection: Database) -> tuple[list[Any], list[Any], int]:
+    async with projection.read() as conn:
+        rows = (await conn.execute(select(kv).order_by(kv.c.k))).all()
+        logged = (await conn.execute(select(seen).order_by(seen.c.id))).all()
+    return [tuple(r) for r in rows], [tuple(r) for r in logged]
+
+
+async def _run(
+    journal_settings: JournalSettings, events: list[list[Any]], max_batch: int
+) -> tuple[list[Any], list[Any], int]:
+    rs = ReadSideSettings(
+        max_batch=max_batch,
+        max_attempts=1,
+        on_failure="skip",
+        retry_initial_delay=0.001,
+        retry_max_delay=0.001,
+        tail=TailSettings(poll_interval=0.02),
+    )
+    serializer = Serializer([Ops])
+    async with await open_storage(settings=journal_settings, serializer=serializer) as storage:
+        projection = Database.create(projection_settings(journal_settings, rs))
+        try:
+            await ensure_schema(projection)
+            processor = OpsProjection()
+            await run_global_prepare(processor, projection, rs)
+            async with projection.write() as conn:
+                await processor.reset(conn)
+            worker = ReadSideWorker(
+                processor, "batching", journal=storage.journal, projection=projection, settings=rs
+            )
+            await worker.catch_up(force=True)
+            assert worker.offset == len(events)
+            return (*await _tables(projection), worker.transactions)
+        finally:
+            await projection.dispose()
+
+
+async def _same_tables(
+    backend: str, events: list[list[Any]], max_batch: int, *, unbroken: bool = False
+) -> None:
+    """``unbroken``: no batch may fail or fall back (one transaction per page)."""
+    if backend == "sqlite":
+        tmp = tempfile.mkdtemp(prefix="lagompy-batching-")
+        js = JournalSettings(url=f"sqlite:///{Path(tmp) / 'j.db'}")
+        schema = None
+    else:
+        schema = await _create_schema()
+        js = JournalSettings(url=POSTGRES_URL, postgres_schema=schema, auto_migrate=True)
+    try:
+        async with await open_storage(settings=js, serializer=Serializer([Ops])) as storage:
+            await storage.journal.append(
+                [
+                    AtomicWrite("ops", f"e{i}", 0, [Ops(json.dumps(ops))], [("batching",)])
+                    for i, ops in enumerate(events)
+                ]
+            )
+        # The same journal twice: once one event per transaction, once in batches (the
+        # tables and the offsets emptied in between).
+        one_by_one = await _run(js, events, max_batch=1)
+        await _reset_offsets(js)
+        batched = await _run(js, events, max_batch=max_batch)
+        assert batched[:2] == one_by_one[:2]
+        if unbroken:
+            assert batched[2] == -(-len(events) // max_batch)
+    finally:
+        if schema is not None:
+            await _drop_schema(schema)
+
+
+async def _reset_offsets(js: JournalSettings) -> None:
+    database = Database.create(projection_settings(js, ReadSideSettings()))
+    try:
+        async with database.write() as conn:
+            await conn.execute(text("DELETE FROM lagompy_readside_offsets"))
+    finally:
+        await database.dispose()
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=30)
+@given(events=st.lists(event, min_size=1, max_size=30))
+def test_deferred_writes_leave_the_tables_of_one_by_one(
+    backend: str, events: list[list[Any]]
+) -> None:
+    """Writes and reads, no failure: every page commits in one transaction, and the tables are
+    those of one event per transaction."""
+    if backend == "postgres":
+        require_postgres()
+    asyncio.run(_same_tables(backend, events, 50, unbroken=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=30)
+@given(events=st.lists(risky_event, min_size=1, max_size=30))
+def test_failing_events_are_skipped_alone(backend: str, events: list[list[Any]]) -> None:
+    """With failures (a handler raising; an insert of an existing key, at the flush, possibly
+    caught by the handler): the failing event's writes never commit, the others do, as one
+    event per transaction has it. Pages of 5: the pages after a failing one batch again."""
+    if backend == "postgres":
+        require_postgres()
+    asyncio.run(_same_tables(backend, events, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_a_deferred_result_runs_the_batch_unbatched(backend: str) -> None:
+    """``rowcount`` of a deferred write cannot be known: the batch runs again with the plain
+    connection (and later ones too), with the tables of one event per transaction."""
+    if backend == "postgres":
+        require_postgres()
+    events = [
+        [["put", 1, 1], ["rowcount", 2, 7]],
+        [["add", 1, 2], ["rowcount", 1, 3], ["read", 1, 0]],
+        [["double", 1, 1], ["rowcount", 3, 4]],
+    ] * 4
+    asyncio.run(_same_tables(backend, events, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_failing_at_a_later_read_fails_the_batch(backend: str) -> None:
+    """The duplicate insert of the second event fails when the fourth event's read sends it
+    (with the third event's write after it), and the fourth event catches the error: the batch
+    must still fail and go one by one, or the third event's write would be lost."""
+    if backend == "postgres":
+        require_postgres()
+    events = [[["put", 1, 1]], [["ins", 1, 5]], [["put", 2, 2]], [["tryread", 1, 0]]]
+    asyncio.run(_same_tables(backend, events, 5))
