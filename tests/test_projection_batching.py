@@ -123,7 +123,7 @@ event = st.lists(st.one_of(write, write, write, read), max_size=4)
 risky_event = st.lists(st.one_of(write, write, write, read, failing), max_size=4)
 
 
-async def _tables(projection: Database) -> tuple[list[Any], list[Any], int]:
+async def _tables(projection: Database) -> tuple[list[Any], list[Any]]:
     async with projection.read() as conn:
         rows = (await conn.execute(select(kv).order_by(kv.c.k))).all()
         logged = (await conn.execute(select(seen).order_by(seen.c.id))).all()
