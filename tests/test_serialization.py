@@ -6,6 +6,7 @@ string that the serializer must resolve with ``typing.get_type_hints``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 import functools
@@ -1138,6 +1139,24 @@ def test_only_dataclasses_whose_init_just_stores_its_arguments_are_filled_direct
     class Described:
         a: int = Doubling()  # type: ignore[assignment]
 
+    class Counting(type):
+        built = 0
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            Counting.built += 1
+            return super().__call__(*args, **kwargs)
+
+    @dataclass(frozen=True)
+    class Counted(metaclass=Counting):
+        a: int
+
+    @dataclass(frozen=True)
+    class Abstract(abc.ABC):
+        a: int
+
+        @abc.abstractmethod
+        def area(self) -> int: ...
+
     @dataclass(frozen=True)
     class Derived(Plain):
         c: int = 0
@@ -1146,11 +1165,19 @@ def test_only_dataclasses_whose_init_just_stores_its_arguments_are_filled_direct
     assert plain(Plain) and plain(PlainMutable) and plain(Derived)
     assert not plain(Slotted) and not plain(Checked) and not plain(OwnInit)
     assert not plain(Watched) and not plain(Described) and not plain(Odd)
+    assert not plain(Counted) and plain(Abstract)
 
-    ser = Serializer([Checked, OwnInit, Watched, Described, Slotted])
+    ser = Serializer([Checked, OwnInit, Watched, Described, Slotted, Counted, Abstract])
     with pytest.raises(DecodeError, match="negative"):
         ser.decode(ser.type_name_of(Checked), 1, msgpack.packb({"a": -1}))
     assert ser.decode(ser.type_name_of(OwnInit), 1, msgpack.packb({"a": -3})) == OwnInit(3)
     assert ser.decode(ser.type_name_of(Watched), 1, msgpack.packb({"a": 2})).a == 4
     assert ser.decode(ser.type_name_of(Described), 1, msgpack.packb({"a": 2})).a == 4
     assert ser.decode(ser.type_name_of(Slotted), 1, msgpack.packb({"a": 2})) == Slotted(2)
+    assert ser.decode(ser.type_name_of(Counted), 1, msgpack.packb({"a": 2})) == Counted(2)
+    assert Counting.built == 2  # the decoded one and the one it is compared with
+    # Filled in directly or built by calling it, an abstract class is a DecodeError all the same.
+    with pytest.raises(
+        DecodeError, match=r"Abstract\(\.\.\.\) raised TypeError: Can't instantiate"
+    ):
+        ser.decode(ser.type_name_of(Abstract), 1, msgpack.packb({"a": 2}))
