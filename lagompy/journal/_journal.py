@@ -79,7 +79,12 @@ __all__ = [
 
 #: How many times a batch is re-checked and retried when the unique constraint caught a race.
 _APPEND_ATTEMPTS = 5
-_REPLAY_PAGE = 1000
+#: Events per read of a replay. A replay keeps every event it read anyway; each read is a
+#: transaction and a round trip (on SQLite, several hops to aiosqlite's thread). Recovery of
+#: 10,000 events, three runs interleaved, 2026-12-03 (CPU reference 11-15 ms), medians in ms:
+#: pages of 1,000: SQLite 47.4, 37.5, 60.4, PostgreSQL 33.4, 45.8, 61.4; pages of 5,000: SQLite
+#: 37.4, 35.1, 31.6, PostgreSQL 30.0, 33.4, 46.6.
+_REPLAY_PAGE = 5000
 
 
 class _MakeBackend(Protocol):
