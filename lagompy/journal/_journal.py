@@ -81,9 +81,9 @@ __all__ = [
 _APPEND_ATTEMPTS = 5
 #: Events per read of a replay. A replay keeps every event it read anyway; each read is a
 #: transaction and a round trip (on SQLite, several hops to aiosqlite's thread). Recovery of
-#: 10,000 events, three runs interleaved, 2026-12-03 (CPU reference 11-15 ms), medians in ms:
-#: pages of 1,000: SQLite 47.4, 37.5, 60.4, PostgreSQL 33.4, 45.8, 61.4; pages of 5,000: SQLite
-#: 37.4, 35.1, 31.6, PostgreSQL 30.0, 33.4, 46.6.
+#: 10,000 events (bench/runtime_bench.py --recovery), four runs interleaved, 2026-12-03, CPU
+#: reference 11.1-12.0 ms, medians: pages of 1,000: SQLite 41.4-52.8 ms, PostgreSQL 36.8-40.5;
+#: pages of 5,000: SQLite 35.5-38.1, PostgreSQL 31.8-35.2.
 _REPLAY_PAGE = 5000
 
 
