@@ -1017,15 +1017,73 @@ def _generate_body(cls: type, specs: list[_FieldSpec]) -> tuple[_Fn, _Fn]:
         dec += ["    " + s for s in body]
         kwargs.append(f"{name}=f{i}")
     enc.append("    return {" + ", ".join(out_items) + "}")
-    dec += [
-        "    try:",
-        f"        return _cls({', '.join(kwargs)})",
-        "    except Exception as exc:",
-        "        raise _ctor_failed(_cls, exc) from exc",
-    ]
+    if _plain_init(cls):
+        # The generated __init__ would only store each argument (object.__setattr__ when
+        # frozen): store them in the instance's __dict__ directly, as it would have. Measured
+        # 2026-12-03 (CPU reference 12 ms), per decoded value: 0.28 -> 0.14 us for one field,
+        # 0.85 -> 0.23 us for six; equal values (tests/test_serialization.py, property test).
+        ns["_new"] = object.__new__
+        dec += [
+            "    try:",
+            "        o = _new(_cls)",
+            "    except Exception as exc:",  # an abstract class, as calling it would
+            "        raise _ctor_failed(_cls, exc) from exc",
+        ]
+        dec.append("    dd = o.__dict__")
+        dec += [f"    dd[{spec.name!r}] = f{i}" for i, spec in enumerate(specs)]
+        dec.append("    return o")
+    else:
+        dec += [
+            "    try:",
+            f"        return _cls({', '.join(kwargs)})",
+            "    except Exception as exc:",
+            "        raise _ctor_failed(_cls, exc) from exc",
+        ]
     source = "\n".join(enc) + "\n\n" + "\n".join(dec) + "\n"
     exec(compile(source, f"<lagompy serializer of {_qual(cls)}>", "exec"), ns)
     return ns["enc"], ns["dec"]
+
+
+def _plain_init(cls: type) -> bool:
+    """Whether ``cls(**fields)`` only stores its arguments in the instance's ``__dict__``: a
+    dataclass whose ``__init__`` is the one ``@dataclass`` generated, with no ``__post_init__``,
+    no ``InitVar`` or ``init=False`` field, no ``__slots__`` or descriptor in a field's place,
+    no own ``__new__``, no metaclass ``__call__`` and (unless frozen) no own ``__setattr__``.
+    Anything else is built by calling the class, so whatever checks it makes still run."""
+    params = getattr(cls, "__dataclass_params__", None)
+    meta: Any = type(cls)
+    init = cls.__dict__.get("__init__")
+    code = getattr(init, "__code__", None)
+    if (
+        params is None
+        or not params.init
+        or code is None
+        # @dataclass compiles the __init__ it writes from a string, inside a __create_fn__
+        or code.co_filename != "<string>"
+        or getattr(code, "co_qualname", None) != "__create_fn__.<locals>.__init__"
+        or getattr(init, "__qualname__", None) != f"{cls.__qualname__}.__init__"
+        or hasattr(cls, "__post_init__")
+        or getattr(cls, "__new__", None) is not object.__new__
+        or meta.__call__ is not type.__call__  # a metaclass that builds instances its own way
+        or (not params.frozen and getattr(cls, "__setattr__", None) is not object.__setattr__)
+        or cls.__dictoffset__ == 0
+    ):
+        return False
+    all_fields: dict[str, dataclasses.Field[Any]] = cls.__dict__.get("__dataclass_fields__", {})
+    fields = dataclasses.fields(cls)
+    if len(fields) != len(all_fields) or not all(f.init for f in fields):
+        return False
+    params_names = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
+    if sorted(params_names) != sorted(f.name for f in fields):  # kw_only fields come last
+        return False
+    for f in fields:
+        for klass in cls.__mro__:
+            attr = klass.__dict__.get(f.name, _MISSING)
+            if attr is not _MISSING:
+                if hasattr(type(attr), "__set__") or hasattr(type(attr), "__delete__"):
+                    return False
+                break
+    return True
 
 
 def _unbuilt(_: Any) -> Any:  # pragma: no cover - replaced before any registration commits

@@ -6,8 +6,11 @@ string that the serializer must resolve with ``typing.get_type_hints``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
+import functools
+import pickle
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -19,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lagompy import serialization
 from lagompy.errors import (
     ConfigurationError,
     DecodeError,
@@ -1036,3 +1040,144 @@ def test_allow_nul_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert Serializer().allow_nul is True
     assert Serializer(allow_nul=False).allow_nul is False  # a keyword argument wins
     assert Serializer([Note]).encode(note(title="\x00"))[0] == "Note"
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@functools.cache
+def slow_serializer() -> Serializer:
+    """A serializer that builds every dataclass by calling it (no direct __dict__ fill)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(serialization, "_plain_init", lambda cls: False)
+        return Serializer(ALL_TYPES, allow_nul=True)
+
+
+def hash_of(value: Any) -> Any:
+    try:
+        return hash(value)
+    except TypeError as e:  # a frozen dataclass holding a list
+        return str(e)
+
+
+def assert_built_alike(fast: Any, slow: Any) -> None:
+    """Equal, same types down the tree, and every dataclass instance alike: the same instance
+    attributes, hash (frozen ones), repr and pickled round trip."""
+    assert_same(fast, slow)
+    if dataclasses.is_dataclass(slow) and not isinstance(slow, type):
+        assert vars(fast) == vars(slow)
+        assert list(vars(fast)) == list(vars(slow))
+        assert repr(fast) == repr(slow)
+        assert pickle.loads(pickle.dumps(fast)) == slow
+        assert hash_of(fast) == hash_of(slow)
+        for f in dataclasses.fields(slow):
+            assert_built_alike(getattr(fast, f.name), getattr(slow, f.name))
+    elif isinstance(slow, list | tuple):
+        for a, b in zip(fast, slow, strict=True):
+            assert_built_alike(a, b)
+    elif isinstance(slow, dict):
+        for k, v in slow.items():
+            assert_built_alike(fast[k], v)
+
+
+@given(st.one_of(EVERYTHING, TEMPORAL, IDENTIFIERS, TREES, st.builds(Odd, INT64)))
+def test_dataclasses_filled_directly_equal_those_built_by_their_init(value: Any) -> None:
+    name, version, payload = LENIENT.encode(value)
+    assert slow_serializer().encode(value) == (name, version, payload)
+    assert_built_alike(
+        LENIENT.decode(name, version, payload), slow_serializer().decode(name, version, payload)
+    )
+
+
+def test_only_dataclasses_whose_init_just_stores_its_arguments_are_filled_directly() -> None:
+    @dataclass(frozen=True)
+    class Plain:
+        a: int
+        b: list[int] = field(default_factory=list)
+
+    @dataclass
+    class PlainMutable:
+        a: int
+
+    @dataclass(frozen=True, slots=True)
+    class Slotted:
+        a: int
+
+    @dataclass(frozen=True)
+    class Checked:
+        a: int
+
+        def __post_init__(self) -> None:
+            if self.a < 0:
+                raise ValueError("negative")
+
+    @dataclass(frozen=True)
+    class OwnInit:
+        a: int
+
+        def __init__(self, a: int) -> None:
+            object.__setattr__(self, "a", abs(a))
+
+    @dataclass
+    class Watched:
+        a: int
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            object.__setattr__(self, name, value * 2)
+
+    class Doubling:
+        def __set_name__(self, owner: type, name: str) -> None:
+            self.name = "_" + name
+
+        def __get__(self, obj: Any, owner: type | None = None) -> Any:
+            return 0 if obj is None else getattr(obj, self.name)
+
+        def __set__(self, obj: Any, value: int) -> None:
+            object.__setattr__(obj, self.name, value * 2)
+
+    @dataclass
+    class Described:
+        a: int = Doubling()  # type: ignore[assignment]
+
+    class Counting(type):
+        built = 0
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            Counting.built += 1
+            return super().__call__(*args, **kwargs)
+
+    @dataclass(frozen=True)
+    class Counted(metaclass=Counting):
+        a: int
+
+    @dataclass(frozen=True)
+    class Abstract(abc.ABC):
+        a: int
+
+        @abc.abstractmethod
+        def area(self) -> int: ...
+
+    @dataclass(frozen=True)
+    class Derived(Plain):
+        c: int = 0
+
+    plain = serialization._plain_init
+    assert plain(Plain) and plain(PlainMutable) and plain(Derived)
+    assert not plain(Slotted) and not plain(Checked) and not plain(OwnInit)
+    assert not plain(Watched) and not plain(Described) and not plain(Odd)
+    assert not plain(Counted) and plain(Abstract)
+
+    ser = Serializer([Checked, OwnInit, Watched, Described, Slotted, Counted, Abstract])
+    with pytest.raises(DecodeError, match="negative"):
+        ser.decode(ser.type_name_of(Checked), 1, msgpack.packb({"a": -1}))
+    assert ser.decode(ser.type_name_of(OwnInit), 1, msgpack.packb({"a": -3})) == OwnInit(3)
+    assert ser.decode(ser.type_name_of(Watched), 1, msgpack.packb({"a": 2})).a == 4
+    assert ser.decode(ser.type_name_of(Described), 1, msgpack.packb({"a": 2})).a == 4
+    assert ser.decode(ser.type_name_of(Slotted), 1, msgpack.packb({"a": 2})) == Slotted(2)
+    assert ser.decode(ser.type_name_of(Counted), 1, msgpack.packb({"a": 2})) == Counted(2)
+    assert Counting.built == 2  # the decoded one and the one it is compared with
+    # Filled in directly or built by calling it, an abstract class is a DecodeError all the same.
+    with pytest.raises(
+        DecodeError, match=r"Abstract\(\.\.\.\) raised TypeError: Can't instantiate"
+    ):
+        ser.decode(ser.type_name_of(Abstract), 1, msgpack.packb({"a": 2}))
