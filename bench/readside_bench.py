@@ -144,14 +144,11 @@ async def read_and_decode(
     return sum(len(p) for p in pages) / elapsed, pages
 
 
-async def raw_executemany(schema: str, pages: list[list[EventEnvelope[Any]]]) -> float:
-    """The projection's rows, precomputed, written with asyncpg executemany, one transaction
-    per page (INSERT for registrations, UPDATE for renames)."""
-    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
-    await conn.execute(
-        "CREATE TABLE users_raw (user_id VARCHAR(255) PRIMARY KEY, name VARCHAR(200) NOT NULL, "
-        "email VARCHAR(320) NOT NULL, active BOOLEAN NOT NULL, updated_offset BIGINT NOT NULL)"
-    )
+def raw_rows(
+    pages: list[list[EventEnvelope[Any]]],
+) -> list[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    """Per page, the projection's rows precomputed: registrations (user_id, name, email,
+    active, offset) and renames (user_id, name, offset)."""
     work = []
     for page in pages:
         inserts = [
@@ -163,6 +160,18 @@ async def raw_executemany(schema: str, pages: list[list[EventEnvelope[Any]]]) ->
             (e.entity_id, e.event.name, e.offset) for e in page if isinstance(e.event, NameChanged)
         ]
         work.append((inserts, updates))
+    return work
+
+
+async def raw_executemany(schema: str, pages: list[list[EventEnvelope[Any]]]) -> float:
+    """The projection's rows, precomputed, written with asyncpg executemany, one transaction
+    per page (INSERT for registrations, UPDATE for renames)."""
+    conn = await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+    await conn.execute(
+        "CREATE TABLE users_raw (user_id VARCHAR(255) PRIMARY KEY, name VARCHAR(200) NOT NULL, "
+        "email VARCHAR(320) NOT NULL, active BOOLEAN NOT NULL, updated_offset BIGINT NOT NULL)"
+    )
+    work = raw_rows(pages)
     started = time.perf_counter()
     for inserts, updates in work:
         async with conn.transaction():
@@ -191,19 +200,7 @@ async def raw_executemany_sqlite(path: Path, pages: list[list[EventEnvelope[Any]
             "NULL, email VARCHAR(320) NOT NULL, active BOOLEAN NOT NULL, updated_offset BIGINT "
             "NOT NULL)"
         )
-        work = []
-        for page in pages:
-            inserts = [
-                (e.entity_id, e.event.name, e.event.email, True, e.offset)
-                for e in page
-                if isinstance(e.event, UserRegistered)
-            ]
-            updates = [
-                (e.event.name, e.offset, e.entity_id)
-                for e in page
-                if isinstance(e.event, NameChanged)
-            ]
-            work.append((inserts, updates))
+        work = raw_rows(pages)
         started = time.perf_counter()
         for inserts, updates in work:
             await conn.execute("BEGIN")
@@ -211,7 +208,8 @@ async def raw_executemany_sqlite(path: Path, pages: list[list[EventEnvelope[Any]
                 await conn.executemany("INSERT INTO users_raw VALUES (?, ?, ?, ?, ?)", inserts)
             if updates:
                 await conn.executemany(
-                    "UPDATE users_raw SET name = ?, updated_offset = ? WHERE user_id = ?", updates
+                    "UPDATE users_raw SET name = ?2, updated_offset = ?3 WHERE user_id = ?1",
+                    updates,
                 )
             await conn.execute("COMMIT")
         elapsed = time.perf_counter() - started

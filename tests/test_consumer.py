@@ -14,9 +14,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import asyncpg
 import pytest
 from conftest import POSTGRES_URL
+from test_tailing import listen_connections
 
 from lagompy import JournalSettings
 from lagompy.consumer import CommitStrategy, EventConsumer, Lease
@@ -36,19 +36,6 @@ from lagompy.testkit.readside import (
 NEVER = 30.0
 
 FAST: dict[str, Any] = {"lease_ttl": 2.0, "renew_interval": 0.05}
-
-
-async def listen_connections(application_name: str) -> int:
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        return int(
-            await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                application_name,
-            )
-        )
-    finally:
-        await conn.close()
 
 
 async def credit(storage: Storage, account: str, seq: int, amount: int) -> int:
