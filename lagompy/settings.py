@@ -20,6 +20,7 @@ either.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError
@@ -49,6 +50,10 @@ class LagompySettings(BaseSettings):
 S = TypeVar("S", bound=LagompySettings)
 
 
+#: The password of a URL (``scheme://user:password@host``), never shown in an error.
+_PASSWORD = re.compile(r"(//[^/:@\s]*:)[^@\s/]*@")
+
+
 def settings_error(cls: type[LagompySettings], error: ValidationError) -> InvalidSettings:
     """``error`` as an ``InvalidSettings`` (a ``ConfigurationError``) that names each bad
     setting of ``cls``, its environment variable, what was wrong and the value given."""
@@ -65,7 +70,8 @@ def settings_error(cls: type[LagompySettings], error: ValidationError) -> Invali
             fields.extend(f"{name}.{field}" for field in inner.fields)
             continue
         env = f" ({cls.env_name(name)})" if name in cls.model_fields else ""
-        problems.append(f"{name}{env}: {err['msg']} (got {err.get('input')!r})")
+        given = _PASSWORD.sub(r"\1***@", repr(err.get("input")))
+        problems.append(f"{name}{env}: {err['msg']} (got {given})")
         fields.append(name)
     return InvalidSettings(
         f"invalid {cls.__name__}: " + "; ".join(problems), fields=tuple(dict.fromkeys(fields))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydantic_settings import BaseSettings
@@ -240,3 +240,12 @@ def test_a_bad_value_of_an_embedded_settings_class_names_its_own_variable(
     assert "poll_interval (LAGOMPY_TAIL_POLL_INTERVAL)" in message
     assert "page_size" not in message
     assert caught.value.fields == ("tail.poll_interval",)
+
+
+def test_a_bad_value_never_shows_a_password() -> None:
+    """The value quoted in the error keeps a URL's user and host, never its password."""
+    with pytest.raises(InvalidSettings) as caught:
+        JournalSettings(url=cast(Any, ["postgresql://app:s3cret@db.internal/x"]))
+    message = str(caught.value)
+    assert "s3cret" not in message
+    assert "postgresql://app:***@db.internal/x" in message
