@@ -184,8 +184,10 @@ async def test_start_without_hosts_uses_the_default_rule(app: str, tmp_path: Pat
         app=app, entities=[UserEntity, CounterEntity], journal_settings=js, shards=16
     )
     try:
-        assert entities.topology.hosts == default_hosts(node_cpus())
-        assert entities.topology.hosts == 1  # the test session's Ray is one node
+        nodes = node_cpus()
+        assert entities.topology.hosts == default_hosts(nodes)
+        if len(nodes) == 1:  # a local Ray (the session's has 2 CPUs: one per CPU made 2)
+            assert entities.topology.hosts == 1
         assert await entities.ref_for(CounterEntity, "d").ask(Add(3)) == 3
     finally:
         await entities.close()
