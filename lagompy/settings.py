@@ -168,7 +168,8 @@ class RuntimeSettings(LagompySettings):
         ge=1,
         description=(
             "Shard host actors; shard s lives on host s % hosts. None adopts the running app's "
-            "value, else the number of CPUs of the Ray cluster."
+            "value, else one per node of the Ray cluster (every host writes through the "
+            "journal's one ordering fence: more hosts per node split batches, see docs/runtime.md)."
         ),
     )
     ray_address: str | None = Field(

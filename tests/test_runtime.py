@@ -35,7 +35,9 @@ from lagompy import (
 from lagompy.errors import AskTimeout, OutcomeUnknown, Overloaded
 from lagompy.journal import open_storage
 from lagompy.runtime import shutdown_app
+from lagompy.runtime._defaults import default_hosts
 from lagompy.runtime._processing import Request
+from lagompy.runtime._ray_cluster import node_cpus
 from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.settings import JournalSettings
 
@@ -165,6 +167,30 @@ async def test_second_process_reaches_the_same_entities(
 
 
 # --------------------------------------------------------------------------- configuration
+
+
+def test_default_host_count_is_one_per_node_with_cpus() -> None:
+    # Not one per CPU: hosts share the journal's one ordering fence (docs/runtime.md).
+    assert default_hosts([2.0]) == 1
+    assert default_hosts([64.0]) == 1
+    assert default_hosts([8.0, 8.0, 16.0]) == 3
+    assert default_hosts([4.0, 0.0]) == 1  # a node without CPUs hosts nothing
+    assert default_hosts([]) == 1
+
+
+async def test_start_without_hosts_uses_the_default_rule(app: str, tmp_path: Path) -> None:
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities: ShardedEntities = await start(
+        app=app, entities=[UserEntity, CounterEntity], journal_settings=js, shards=16
+    )
+    try:
+        nodes = node_cpus()
+        assert entities.topology.hosts == default_hosts(nodes)
+        if len(nodes) == 1:  # a local Ray (the session's has 2 CPUs: one per CPU made 2)
+            assert entities.topology.hosts == 1
+        assert await entities.ref_for(CounterEntity, "d").ask(Add(3)) == 3
+    finally:
+        await entities.close()
 
 
 async def test_topology_mismatch_names_what_differs(app: str, tmp_path: Path) -> None:

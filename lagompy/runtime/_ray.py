@@ -31,6 +31,7 @@ from lagompy.errors import (
     RuntimeFailure,
     SerializationError,
 )
+from lagompy.runtime._defaults import default_hosts
 from lagompy.runtime._host import JOURNAL_OPEN, Coordinator, ShardHost
 from lagompy.runtime._in_process import InProcessEntities, start_in_process
 from lagompy.runtime._loading import EntityClass, check_entity_importable
@@ -40,8 +41,8 @@ from lagompy.runtime._ray_cluster import (
     actor_journal,
     actor_runtime_env,
     attach,
-    cluster_cpus,
     namespace_of,
+    node_cpus,
     release,
     stop_actors,
 )
@@ -451,7 +452,7 @@ async def _start_on_ray(
         await stop_actors(app, settings.stop_timeout, _is_entity_actor)
     running = await _running_topology(app, settings.start_timeout)
     shards = settings.shards or (running.shards if running else DEFAULT_SHARDS)
-    hosts = settings.hosts or (running.hosts if running else max(1, int(cluster_cpus())))
+    hosts = settings.hosts or (running.hosts if running else default_hosts(node_cpus()))
     topology = topology_for(app, entity_list, journal_settings, shards=shards, hosts=hosts)
 
     coordinator: Any = (
@@ -556,6 +557,8 @@ def _host_factory(
             max_task_retries=0,
             max_concurrency=1,
             num_cpus=settings.host_num_cpus,
+            # Over the nodes, best effort: the default host count is one per node.
+            scheduling_strategy="SPREAD",
             runtime_env=runtime_env,
         ).remote(
             recorded,

@@ -70,6 +70,7 @@ __all__ = [
     "local_ray_dir",
     "local_rays",
     "namespace_of",
+    "node_cpus",
     "record_local_ray",
     "release",
     "start_head",
@@ -345,6 +346,14 @@ def cluster_cpus() -> float:
 
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     return resources.get("CPU", 1.0)
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the Ray cluster this process is attached to."""
+    import ray
+
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in nodes if n.get("Alive")]
 
 
 # --------------------------------------------------------------------------- an app's actors
