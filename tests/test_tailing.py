@@ -193,6 +193,39 @@ async def test_read_pages_reads_everything_once_in_offset_order_and_stops(storag
         tail(j, after_offset=-1)
 
 
+async def test_a_page_is_decoded_with_the_collector_paused_and_each_event_keeps_its_tags(
+    storage: Storage,
+) -> None:
+    """read_tag pauses the cyclic collector while it decodes a page (every envelope is built
+    with it off, and it is on again after), leaves a collector the application turned off
+    off, and gives every event its own tags although it reuses the tuple of a run of equal
+    ones."""
+    j = storage.journal
+    tag_sets = [("t1",), ("t1",), ("t1", "x"), ("t1",), ("t1", "y"), ("t1", "y"), ("t1",)]
+    await append_batch(j, [user_write(f"g{i}", 1, tags) for i, tags in enumerate(tag_sets)])
+    decode = j._envelope
+    collecting: list[bool] = []
+
+    def watched(*row: Any) -> Any:
+        collecting.append(gc.isenabled())
+        return decode(*row)
+
+    j._envelope = watched  # type: ignore[method-assign,assignment]
+    try:
+        page = await j.read_tag("t1", limit=100)
+        assert [e.tags for e in page.envelopes] == tag_sets
+        assert collecting == [False] * len(tag_sets) and gc.isenabled()
+        gc.disable()
+        try:
+            await j.read_tag("t1", limit=100)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        del j._envelope
+    assert [e.tags for e in (await j.read_tag("x", limit=100)).envelopes] == [("t1", "x")]
+
+
 # --------------------------------------------------------------------------- tailing
 
 

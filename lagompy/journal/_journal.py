@@ -288,6 +288,8 @@ class Journal:
         self.serializer = serializer
         #: the last (microseconds, datetime) an envelope's timestamp was made from
         self._last_timestamp: tuple[int, Any] = (-1, None)
+        #: the last (encoded tags, tuple of tags) an envelope's tags were made from
+        self._last_tags: tuple[bytes | None, tuple[str, ...]] = (None, ())
         #: What this database's flavour does (``_sqlite.py``, ``_postgres.py``), chosen here once.
         self.backend: JournalBackend = backend_for(database, ordering_fence=ordering_fence)
 
@@ -623,13 +625,21 @@ class Journal:
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
-        for covered, row in enumerate(rows):
-            if wanted is None or row[4] in wanted:
-                try:
-                    envelopes.append(envelope(*row))
-                except EventDecodeError as error:
-                    return TagPage(envelopes, last, covered, False, error)
-            last = row[3]
+        # The collector is paused while the page is decoded, as in ``events``.
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
+        try:
+            for covered, row in enumerate(rows):
+                if wanted is None or row[4] in wanted:
+                    try:
+                        envelopes.append(envelope(*row))
+                    except EventDecodeError as error:
+                        return TagPage(envelopes, last, covered, False, error)
+                last = row[3]
+        finally:
+            if collecting:
+                gc.enable()
         return TagPage(envelopes, last, len(rows), len(rows) == limit)
 
     async def all_events(
@@ -682,7 +692,13 @@ class Journal:
         else:
             timestamp = from_us(written_at_us)
             self._last_timestamp = (written_at_us, timestamp)
-        tag_tuple = tuple(msgpack.unpackb(tags)) if tags else ()
+        # Events of one tag mostly carry the same tags: one tuple for a run of them.
+        last_tags = self._last_tags
+        if tags == last_tags[0]:
+            tag_tuple = last_tags[1]
+        else:
+            tag_tuple = tuple(msgpack.unpackb(tags)) if tags else ()
+            self._last_tags = (tags, tag_tuple)
         metadata = msgpack.unpackb(meta, raw=False) if meta else {}
         if not _FAST_ENVELOPE:  # pragma: no cover - EventEnvelope is a plain frozen dataclass
             return EventEnvelope(
