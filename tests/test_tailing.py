@@ -226,6 +226,36 @@ async def test_a_page_is_decoded_with_the_collector_paused_and_each_event_keeps_
     assert [e.tags for e in (await j.read_tag("x", limit=100)).envelopes] == [("t1", "x")]
 
 
+async def test_a_page_is_read_as_plain_tuples_or_rows_where_sqlalchemy_lacks_them(
+    storage: Storage,
+) -> None:
+    """read_tag takes a page's rows as processed tuples (no Row each), or ``all()`` of a
+    result without ``_raw_all_tuples``: the same values either way."""
+    from sqlalchemy import select
+
+    from lagompy.journal._journal import _tuples
+    from lagompy.sql import _schema as schema
+
+    j = storage.journal
+    await append_batch(j, [user_write("p0", 2, ("t1",))])
+    stmt = select(schema.events.c.global_offset, schema.events.c.payload).order_by(
+        schema.events.c.global_offset
+    )
+    async with j.database.read() as conn:
+        fast = _tuples(await conn.execute(stmt))
+        rows = (await conn.execute(stmt)).all()
+
+    class Old:
+        def all(self) -> list[Any]:
+            return list(rows)
+
+    assert all(type(r) is tuple for r in fast)
+    assert (
+        [tuple(r) for r in fast] == [tuple(r) for r in rows] == [tuple(r) for r in _tuples(Old())]
+    )
+    assert len(rows) == 2 and isinstance(rows[0][1], bytes)
+
+
 # --------------------------------------------------------------------------- tailing
 
 

@@ -23,7 +23,7 @@ import gc
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgpack
 from sqlalchemy import case, func, insert, null, select, union_all
@@ -268,6 +268,16 @@ def _check_write_ids(w: AtomicWrite) -> None:
                 entity_type=str(w.entity_type),
                 entity_id=str(w.entity_id),
             )
+
+
+def _tuples(result: Any) -> Sequence[Any]:
+    """A result's rows as processed tuples, without a ``Row`` each: SQLAlchemy's
+    ``_raw_all_tuples`` (2.1; what its ORM loads with), or ``all()`` where it lacks it. A page
+    of 1,000 events read ~1 us per event faster, and the tuples of plain values are dropped
+    by the collector's first pass instead of aging with the page (2026-12-04, CPU reference
+    15 ms)."""
+    raw = getattr(result, "_raw_all_tuples", None)
+    return cast(Sequence[Any], result.all() if raw is None else raw())
 
 
 _new = object.__new__
@@ -621,7 +631,7 @@ class Journal:
             .order_by(page.c.global_offset)
         )
         async with self.database.read() as conn:
-            rows = (await conn.execute(stmt)).all()
+            rows = _tuples(await conn.execute(stmt))
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
