@@ -20,7 +20,18 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Column, Integer, MetaData, Table, delete, insert, select, text, update
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -52,6 +63,8 @@ UPSERT = text(
     "INSERT INTO batching_kv (k, v) VALUES (:k, :v) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
 )
 DOUBLE = text("UPDATE batching_kv SET v = v * 2 + :d WHERE k = :k")
+#: A Core statement built once, each event bringing its values (the docs' simple way).
+SET_V = update(kv).where(kv.c.k == bindparam("kk")).values(v=bindparam("vv"))
 
 
 class Boom(Exception):
@@ -77,6 +90,8 @@ class OpsProjection(SqlReadSideProcessor):
                 await conn.execute(update(kv).where(kv.c.k == k).values(v=kv.c.v + v))
             elif op == "double":
                 await conn.execute(DOUBLE, {"k": k, "d": v})
+            elif op == "set":
+                await conn.execute(SET_V, {"kk": k, "vv": v})
             elif op == "del":
                 await conn.execute(delete(kv).where(kv.c.k == k))
             elif op == "read":  # what it reads is written on
@@ -109,7 +124,7 @@ class OpsProjection(SqlReadSideProcessor):
 
 keys = st.integers(0, 3)
 values = st.integers(-5, 5)
-write = st.tuples(st.sampled_from(["put", "add", "double", "del"]), keys, values)
+write = st.tuples(st.sampled_from(["put", "add", "double", "set", "del"]), keys, values)
 read = st.tuples(st.sampled_from(["read", "readrow"]), keys, st.just(0))
 failing = st.one_of(
     st.tuples(st.sampled_from(["ins", "tryins"]), keys, values),
@@ -252,3 +267,57 @@ def test_a_write_failing_at_a_later_read_fails_the_batch(backend: str) -> None:
         require_postgres()
     events = [[["put", 1, 1]], [["ins", 1, 5]], [["put", 2, 2]], [["tryread", 1, 0]]]
     asyncio.run(_same_tables(backend, events, 5))
+
+
+class _Recording:
+    """A connection that records what a deferring connection sends."""
+
+    def __init__(self) -> None:
+        from sqlalchemy.dialects import sqlite
+
+        self.dialect = sqlite.dialect()
+        self.sent: list[tuple[Any, Any]] = []
+
+    async def execute(self, statement: Any, parameters: Any = None, **_: Any) -> None:
+        self.sent.append((statement, parameters))
+
+
+def test_runs_of_one_statement_object_need_no_work_per_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Consecutive writes of the same statement object with the same parameter names are one
+    executemany of the parameters as given; whether a statement object can be deferred is
+    checked once for all batches (remembered by identity); a change of parameter names starts
+    a new run; statements built per event with one cache key still join."""
+    from lagompy.readside import _batching
+
+    checked: list[Any] = []
+    check = _batching.deferrable
+
+    def counting(statement: Any) -> bool:
+        checked.append(statement)
+        return check(statement)
+
+    monkeypatch.setattr(_batching, "deferrable", counting)
+    learnt = _batching.Learnt()
+
+    async def batch(writes: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        recording = _Recording()
+        conn = _batching.DeferringConnection(recording, learnt, lambda _: None)  # type: ignore[arg-type]
+        for statement, parameters in writes:
+            await conn.execute(statement, parameters)
+        await conn.finish()
+        return recording.sent
+
+    first = [(SET_V, {"kk": i, "vv": i}) for i in range(3)]
+    sent = asyncio.run(batch([*first, (SET_V, {"kk": 9}), (SET_V, {"kk": 8})]))
+    assert sent == [
+        (SET_V, [{"kk": 0, "vv": 0}, {"kk": 1, "vv": 1}, {"kk": 2, "vv": 2}]),
+        (SET_V, [{"kk": 9}, {"kk": 8}]),
+    ]
+    assert checked == [SET_V]
+    assert asyncio.run(batch(first)) == sent[:1] and checked == [SET_V]  # the next batch
+    built = [update(kv).where(kv.c.k == i).values(v=i) for i in range(3)]
+    sent = asyncio.run(batch([(b, None) for b in built]))
+    assert len(sent) == 1 and sent[0][0] is built[0] and len(sent[0][1]) == 3
+    assert checked == [SET_V, *built]

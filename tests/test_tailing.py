@@ -193,6 +193,69 @@ async def test_read_pages_reads_everything_once_in_offset_order_and_stops(storag
         tail(j, after_offset=-1)
 
 
+async def test_a_page_is_decoded_with_the_collector_paused_and_each_event_keeps_its_tags(
+    storage: Storage,
+) -> None:
+    """read_tag pauses the cyclic collector while it decodes a page (every envelope is built
+    with it off, and it is on again after), leaves a collector the application turned off
+    off, and gives every event its own tags although it reuses the tuple of a run of equal
+    ones."""
+    j = storage.journal
+    tag_sets = [("t1",), ("t1",), ("t1", "x"), ("t1",), ("t1", "y"), ("t1", "y"), ("t1",)]
+    await append_batch(j, [user_write(f"g{i}", 1, tags) for i, tags in enumerate(tag_sets)])
+    decode = j._envelope
+    collecting: list[bool] = []
+
+    def watched(*row: Any) -> Any:
+        collecting.append(gc.isenabled())
+        return decode(*row)
+
+    j._envelope = watched  # type: ignore[method-assign,assignment]
+    try:
+        page = await j.read_tag("t1", limit=100)
+        assert [e.tags for e in page.envelopes] == tag_sets
+        assert collecting == [False] * len(tag_sets) and gc.isenabled()
+        gc.disable()
+        try:
+            await j.read_tag("t1", limit=100)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        del j._envelope
+    assert [e.tags for e in (await j.read_tag("x", limit=100)).envelopes] == [("t1", "x")]
+
+
+async def test_a_page_is_read_as_plain_tuples_or_rows_where_sqlalchemy_lacks_them(
+    storage: Storage,
+) -> None:
+    """read_tag takes a page's rows as processed tuples (no Row each), or ``all()`` of a
+    result without ``_raw_all_tuples``: the same values either way."""
+    from sqlalchemy import select
+
+    from lagompy.journal._journal import _tuples
+    from lagompy.sql import _schema as schema
+
+    j = storage.journal
+    await append_batch(j, [user_write("p0", 2, ("t1",))])
+    stmt = select(schema.events.c.global_offset, schema.events.c.payload).order_by(
+        schema.events.c.global_offset
+    )
+    async with j.database.read() as conn:
+        fast = _tuples(await conn.execute(stmt))
+        rows = (await conn.execute(stmt)).all()
+
+    class Old:
+        def all(self) -> list[Any]:
+            return list(rows)
+
+    assert all(type(r) is tuple for r in fast)
+    assert (
+        [tuple(r) for r in fast] == [tuple(r) for r in rows] == [tuple(r) for r in _tuples(Old())]
+    )
+    assert len(rows) == 2 and isinstance(rows[0][1], bytes)
+
+
 # --------------------------------------------------------------------------- tailing
 
 

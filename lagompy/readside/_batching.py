@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 
-__all__ = ["DeferralDefeated", "DeferringConnection", "deferrable"]
+__all__ = ["DeferralDefeated", "DeferringConnection", "Learnt", "deferrable", "deferring"]
 
 #: Attributes of the connection a handler may read without the pending writes being sent.
 _HARMLESS = frozenset({"dialect", "engine", "sync_engine", "info"})
@@ -85,8 +85,12 @@ class _DeferredResult:
         raise self._defeat("iteration")
 
 
-#: (statement's cache key, parameter names): one run of one executemany.
-_Key = tuple[Any, tuple[str, ...]]
+#: (statement's cache key, (its key tuple, parameter names)): writes with equal keys can go in
+#: one executemany; the second half names their compiled :class:`_Group`.
+_Key = tuple[Any, tuple[Any, tuple[str, ...]]]
+
+#: Statement objects remembered (by identity) before the memo starts again.
+_MEMO = 256
 
 
 class _Group:
@@ -112,19 +116,40 @@ class _Group:
             self.usable = again.string == self.compiled.string
 
 
+class Learnt:
+    """What deferring connections learn about statements, kept by a worker from batch to
+    batch: compiled groups (by cache key), and whether a statement object can be deferred
+    (by identity, the object held so that its id is not reused; SQLAlchemy statements are
+    immutable, every method returns a new one, so what is learnt of an object stays true).
+    That memo starts again past ``_MEMO`` entries (handlers that build a statement per
+    event)."""
+
+    __slots__ = ("deferrable", "groups")
+
+    def __init__(self) -> None:
+        self.groups: dict[Any, _Group] = {}
+        self.deferrable: dict[int, tuple[Any, bool]] = {}
+
+
 class DeferringConnection:
     """An ``AsyncConnection`` for the handlers of one batch that defers writes (see the
     module). :meth:`flush` sends the pending writes; :meth:`finish` flushes and raises the
     error of any failed flush, even one a handler caught."""
 
     def __init__(
-        self, conn: AsyncConnection, groups: dict[_Key, _Group], on_defeat: Callable[[str], None]
+        self,
+        conn: AsyncConnection,
+        learnt: Learnt,
+        on_defeat: Callable[[str], None],
     ) -> None:
         self._conn = conn
-        #: Compiled groups, kept across batches by the worker (keyed by cache key).
-        self._groups = groups
+        self._groups = learnt.groups
         self._on_defeat = on_defeat
-        self._pending: list[tuple[Any, Mapping[str, Any] | None, _Key | None]] = []
+        #: The pending writes: statements and their parameters, side by side.
+        self._statements: list[Any] = []
+        self._parameters: list[Mapping[str, Any] | None] = []
+        self._deferrable = learnt.deferrable
+        self._dialect = conn.dialect
         self._immediate = False
         self._failed: BaseException | None = None
         self._defeated: DeferralDefeated | None = None
@@ -133,7 +158,7 @@ class DeferringConnection:
 
     @property
     def dialect(self) -> Dialect:
-        return self._conn.dialect
+        return self._dialect
 
     async def execute(
         self,
@@ -142,17 +167,31 @@ class DeferringConnection:
         *,
         execution_options: Any = None,
     ) -> Any:
+        # What a statement object seen before is, remembered (see Learnt).
+        seen = self._deferrable.get(id(statement))
+        if seen is not None and seen[0] is statement:
+            can_defer = seen[1]
+        else:
+            can_defer = deferrable(statement)
+            if len(self._deferrable) >= _MEMO:
+                self._deferrable.clear()
+            self._deferrable[id(statement)] = (statement, can_defer)
         if (
-            self._immediate
+            not can_defer
+            or self._immediate
             or execution_options is not None
-            or not (parameters is None or isinstance(parameters, Mapping))
-            or not deferrable(statement)
+            or not (
+                parameters is None
+                or parameters.__class__ is dict
+                or isinstance(parameters, Mapping)
+            )
         ):
             await self.flush()
             return await self._conn.execute(
                 statement, parameters, execution_options=execution_options
             )
-        self._pending.append((statement, parameters, None))
+        self._statements.append(statement)
+        self._parameters.append(parameters)
         return _DeferredResult(self)
 
     async def scalar(self, *args: Any, **kwargs: Any) -> Any:
@@ -202,85 +241,117 @@ class DeferringConnection:
         """Send the pending writes, in order, each run of one statement as one executemany."""
         if self._failed is not None:
             raise self._failed
-        pending = self._pending
-        if not pending:
+        statements = self._statements
+        if not statements:
             return
-        self._pending = []
+        parameters = self._parameters
+        self._statements, self._parameters = [], []
         try:
-            await self._send(pending)
+            await self._send(statements, parameters)
         except BaseException as e:
             self._failed = e
             raise
 
-    async def _send(self, pending: list[tuple[Any, Mapping[str, Any] | None, _Key | None]]) -> None:
+    async def _send(
+        self, statements: list[Any], parameters: list[Mapping[str, Any] | None]
+    ) -> None:
+        """Send each run of one statement as one executemany: consecutive writes of the very
+        same statement object with the same parameter names (the handler built it once) form
+        a run with no work per write; neighbouring runs whose statements have the same cache
+        key (built anew for each event) join into one, sent through their compiled group."""
         conn = self._conn
-        if len(pending) == 1:
-            statement, parameters, _ = pending[0]
-            await conn.execute(statement, parameters)
+        n = len(statements)
+        if n == 1:
+            await conn.execute(statements[0], parameters[0])
             return
-        keyed = []
-        last: Any = None
-        for statement, parameters, _ in pending:
-            if (
-                last is not None
-                and statement is last[0]
-                and (parameters or {}).keys() == (last[1] or {}).keys()
-            ):
-                key = last[2]  # the same statement again: the cache key is known
-            else:
-                key = self._key(statement, parameters)
-            last = (statement, parameters, key)
-            keyed.append(last)
+        # Runs of the same object: (start, end, key); the key is None for a statement that
+        # cannot be cached (never joined with another run).
+        runs: list[tuple[int, int, Any]] = []
         start = 0
-        while start < len(keyed):
-            key = keyed[start][2]
+        while start < n:
+            first, given = statements[start], parameters[start]
             end = start + 1
-            if key is not None:
-                while end < len(keyed) and keyed[end][2] == key:
+            if given:
+                shape = given.keys()
+                while end < n and statements[end] is first:
+                    p = parameters[end]
+                    if not p or p.keys() != shape:
+                        break
                     end += 1
-            await self._send_run(keyed[start:end])
+            else:
+                while end < n and statements[end] is first and not parameters[end]:
+                    end += 1
+            runs.append((start, end, self._key(first, _names(given))))
             start = end
+        i = 0
+        while i < len(runs):
+            begin, stop, key = runs[i]
+            j = i + 1
+            if key is not None:
+                while j < len(runs) and runs[j][2] == key:
+                    j += 1
+            if j == i + 1:
+                await self._send_same(statements[begin], parameters[begin:stop])
+            else:
+                await self._send_joined(runs[i:j], statements, parameters, key)
+            i = j
 
-    def _key(self, statement: Any, parameters: Mapping[str, Any] | None) -> Any:
+    def _key(self, statement: Any, names: tuple[str, ...]) -> _Key | None:
+        """(statement's cache key, its group key); SQLAlchemy remembers an object's cache key."""
         cache_key = statement._generate_cache_key()
-        if cache_key is None:
-            return None
-        return (cache_key, (cache_key.key, tuple(sorted(parameters or ()))))
+        return None if cache_key is None else (cache_key, (cache_key.key, names))
 
-    async def _send_run(self, run: list[tuple[Any, Mapping[str, Any] | None, Any]]) -> None:
+    async def _send_same(self, statement: Any, parameters: list[Mapping[str, Any] | None]) -> None:
         conn = self._conn
-        first, parameters, key = run[0]
-        if len(run) == 1:
-            await conn.execute(first, parameters)
-            return
+        if len(parameters) == 1:
+            await conn.execute(statement, parameters[0])
+        elif parameters[0]:  # then every one: a run shares its parameter names
+            await conn.execute(statement, cast(list[Mapping[str, Any]], parameters))
+        else:  # the same statement again and again, nothing to vary
+            for _ in parameters:
+                await conn.execute(statement)
+
+    async def _send_joined(
+        self,
+        runs: list[tuple[int, int, Any]],
+        statements: list[Any],
+        parameters: list[Mapping[str, Any] | None],
+        key: _Key,
+    ) -> None:
+        """Runs of different statement objects with one cache key: one executemany of the
+        first one, each write's values (bound in its statement, or given) as its parameters."""
+        conn = self._conn
         cache_key, group_key = key
-        if all(s is first for s, _, _ in run):
-            if parameters:
-                await conn.execute(first, [p or {} for _, p, _ in run])
-            else:  # the same statement again and again, nothing to vary
-                for _ in run:
-                    await conn.execute(first)
-            return
         group = self._groups.get(group_key)
+        first = statements[runs[0][0]]
         if group is None:
             group = self._groups[group_key] = _Group(first, cache_key, group_key[1], conn.dialect)
         if not group.usable:
-            for statement, params, _ in run:
-                await conn.execute(statement, params)
+            for begin, stop, _ in runs:
+                for k in range(begin, stop):
+                    await conn.execute(statements[k], parameters[k])
             return
         construct = group.compiled.construct_params
-        await conn.execute(
-            first,
-            [
-                construct(p, extracted_parameters=k[0].bindparams, escape_names=False)
-                for _, p, k in run
-            ],
-        )
+        rows = []
+        for begin, stop, run_key in runs:
+            bound = run_key[0].bindparams
+            for k in range(begin, stop):
+                rows.append(
+                    construct(parameters[k], extracted_parameters=bound, escape_names=False)
+                )
+        await conn.execute(first, rows)
+
+
+def _names(parameters: Mapping[str, Any] | None) -> tuple[str, ...]:
+    return tuple(sorted(parameters)) if parameters else ()
 
 
 def deferring(
-    conn: AsyncConnection, groups: dict[Any, Any], on_defeat: Callable[[str], None]
+    conn: AsyncConnection,
+    learnt: Learnt,
+    on_defeat: Callable[[str], None],
 ) -> tuple[AsyncConnection, DeferringConnection]:
-    """The deferring connection, typed as the ``AsyncConnection`` handlers expect, and itself."""
-    wrapper = DeferringConnection(conn, groups, on_defeat)
+    """The deferring connection, typed as the ``AsyncConnection`` handlers expect, and itself
+    (``learnt``: kept by the caller across batches)."""
+    wrapper = DeferringConnection(conn, learnt, on_defeat)
     return cast(AsyncConnection, wrapper), wrapper

@@ -48,7 +48,9 @@ class ReadSideSettings(LagompySettings):
         ),
     )
     max_batch: int = Field(
-        default=500, ge=1, description="Most events read per query and committed per transaction."
+        default=1000,
+        ge=1,
+        description="Most events read per query and committed per transaction.",
     )
     max_batch_seconds: float = Field(
         default=0.5,

@@ -43,7 +43,7 @@ from lagompy.errors import (
     UnknownType,
 )
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage
-from lagompy.readside._batching import deferring
+from lagompy.readside._batching import Learnt, deferring
 from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
 from lagompy.readside._settings import ReadSideSettings, _settings
 from lagompy.readside._store import (
@@ -141,8 +141,8 @@ class ProjectionCommit:
         self._batch_mode = type(processor).batch_mode()
         #: Handlers of several events get a deferring connection (until one defeats it).
         self._defer = True
-        #: Compiled runs of the deferring connection, kept from batch to batch.
-        self._groups: dict[Any, Any] = {}
+        #: What the deferring connections learnt of the handlers' statements, batch to batch.
+        self._learnt = Learnt()
         #: (offset, attempts) of the undecodable event being retried.
         self._undecodable_at: tuple[int, int] | None = None
 
@@ -284,7 +284,7 @@ class ProjectionCommit:
         async with self.projection.write() as conn:
             handler_conn, deferred = conn, None
             if defer:
-                handler_conn, deferred = deferring(conn, self._groups, self._defeated)
+                handler_conn, deferred = deferring(conn, self._learnt, self._defeated)
             try:
                 if self._batch_mode:
                     done = len(envelopes)
