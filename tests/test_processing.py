@@ -430,6 +430,51 @@ async def test_recovery_refuses_to_skip_deleted_events(journal_settings: Journal
         assert [e.seq_nr for e in await journal.events("counter", "gap")] == [3, 4]
 
 
+async def test_recovery_reads_in_one_transaction(journal_settings: JournalSettings) -> None:
+    """Recovery reads the snapshot, the events after it and the deletions in one read
+    transaction (the journal's reads join it), with or without a snapshot; reads in another
+    task never join it, and each recovery opens its own."""
+    from sqlalchemy import event
+
+    async with await start_in_process(
+        entities=[CounterEntity, SnapshottedCounter], settings=journal_settings
+    ) as ents:
+        for _ in range(7):
+            await ents.ref_for(SnapshottedCounter, "s").ask(Increment(1))
+            await ents.ref_for(CounterEntity, "c").ask(Increment(1))
+        journal, snapshots = ents.storage.journal, ents.storage.snapshots
+        begun: list[object] = []
+        engine = journal.database.engine.sync_engine
+        listener = lambda conn: begun.append(conn)  # noqa: E731
+        event.listen(engine, "begin", listener)
+        try:
+            recovered = await recover(SnapshottedCounter, "s", journal, snapshots)
+            assert (recovered.state, recovered.seq_nr, recovered.snapshot_seq_nr) == (
+                Count(7),
+                7,
+                6,
+            )
+            assert len(begun) == 1
+            plain = await recover(CounterEntity, "c", journal, snapshots)
+            assert (plain.state, plain.seq_nr) == (Count(7), 7)
+            assert len(begun) == 2
+
+            async with journal.database.read() as outer:
+                inner_conns: list[object] = []
+                async with journal.database.read() as inner:
+                    inner_conns.append(inner)
+
+                async def elsewhere() -> object:
+                    async with journal.database.read() as conn:
+                        return conn
+
+                other = await asyncio.create_task(elsewhere())
+            assert inner_conns == [outer] and other is not outer
+            assert len(begun) == 4
+        finally:
+            event.remove(engine, "begin", listener)
+
+
 class RacingJournal(Journal):
     """A journal whose next replay of one entity lets a second, real writer (another storage
     on the same database, with a connection pool of its own, as a zombie copy of a shard host

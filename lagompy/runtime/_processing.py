@@ -201,7 +201,17 @@ async def recover(
     the start) do not follow on from it because some were deleted, ``EventsMissing`` is raised:
     the state would be wrong. An entity whose every event was deleted starts again from its
     initial state (it was forgotten).
+
+    The snapshot, the events and the deletions are read in one read transaction (the
+    journal's reads join it: ``Database.read``).
     """
+    async with journal.database.read():
+        return await _recover(entity_cls, entity_id, journal, snapshots)
+
+
+async def _recover(
+    entity_cls: EntityClass, entity_id: str, journal: Journal, snapshots: SnapshotStore
+) -> LiveEntity:
     entity = entity_cls(entity_id)
     state = entity_cls.initial_state
     seq_nr = 0

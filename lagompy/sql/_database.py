@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,11 @@ from lagompy.errors import ConfigurationError, JournalError, JournalUnavailable,
 from lagompy.settings import JournalSettings, make_settings
 
 log = logging.getLogger("lagompy.database")
+
+#: The read transaction the current task holds open, per database (see ``Database.read``).
+_HELD_READ: contextvars.ContextVar[tuple[Database, asyncio.Task[Any], AsyncConnection] | None] = (
+    contextvars.ContextVar("lagompy_held_read", default=None)
+)
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -205,11 +211,28 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read transaction: one consistent view for all its statements."""
+        """A read transaction for all its statements. A read opened inside another read of the
+        same database, by the same task, joins it: recovering an entity reads its snapshot, its
+        later events and its deletions in one transaction instead of three (each costs a pool
+        checkout, a BEGIN and a COMMIT; on SQLite through aiosqlite's thread). Recovery of an
+        entity of 10,000 events from a snapshot, medians of three runs interleaved with the
+        code before, 2026-12-04 (CPU reference 14.5 ms): SQLite 4.6 -> 3.5 ms, PostgreSQL
+        3.3 -> 2.3 ms. Only the task that opened it joins (tasks it spawns inherit the
+        context, not the connection)."""
+        task = asyncio.current_task()
+        held = _HELD_READ.get()
+        if held is not None and held[0] is self and held[1] is task and task is not None:
+            yield held[2]
+            return
         with translate_errors("read"):
             async with self.engine.connect() as conn:
                 async with conn.begin():
-                    yield conn
+                    token = _HELD_READ.set((self, task, conn)) if task is not None else None
+                    try:
+                        yield conn
+                    finally:
+                        if token is not None:
+                            _HELD_READ.reset(token)
 
     async def dispose(self) -> None:
         writer, self._writer = self._writer, None
