@@ -472,7 +472,11 @@ with the collector off), transactions and offsets ~8%, and the cyclic collector 
 full passes walk the heap, reached by the envelopes a page keeps alive). The raw baselines do
 none of the reading, decoding or handler work. On SQLite the floor (0.5 x raw aiosqlite, i.e.
 125,000-165,000 events/s here) is above the rate at which the events can be read and decoded
-alone, before any handler runs.
+alone, before any handler runs. Tried and not kept: pausing the collector for the whole of each
+projection transaction (the handlers and the executemany runs); four rebuilds each way,
+interleaved, PostgreSQL, 2026-12-04: 43,059-49,610 events/s with it running, 41,055-48,622
+paused, no gain beyond the noise (the pauses only move the work into one larger collection
+per transaction).
 
 Lag from commit to visible under live load: {lags["simple"]["rate"]:,.0f} events/s appended
 to the journal for {load_seconds:.0f} s (every 10 ms one transaction of
