@@ -686,7 +686,7 @@ def render(runs: list[dict[str, Any]], summary: dict[str, Any], count: int, host
 
 NOTES = """\
 **Host count.** The default is one host per node (here 1). Two hosts lost at 64 outstanding
-asks on both backends in every run of 2026-12-04 (fifteen runs in three sittings: each host gets
+asks on both backends in every run of 2026-12-04 (twenty runs in four sittings: each host gets
 half the asks, batches of ~10 instead of ~32, and a batch's transaction, Ray call and turn at
 the journal's fence cost about as much whatever its size); at 1,024 they were within ~10% of
 one host (in the first two sittings ahead on PostgreSQL in 7 of 10 runs by 3-8%, behind on
@@ -717,8 +717,8 @@ reply stored on the event row (~3% of the cycle, not worth a migration).
 the host's batch: one round trip of the journal's `lagompy_write` function (a transaction of
 its own, where the raw baseline's takes three) and ~0.2-0.35 ms of CPU; measured inside a Ray
 host a one-command batch took 0.75-0.79 ms p50 (0.56 ms in a plain process), and a Ray call
-that waits on I/O costs the driver ~0.2-0.3 ms more than the no-op one. In the fifteen runs
-of 2026-12-04 p50 was 1.18-2.18x the baseline (floor 1.5: met in 8 of 15) and p99 3.4-6.2x
+that waits on I/O costs the driver ~0.2-0.3 ms more than the no-op one. In the twenty runs
+of 2026-12-04 p50 was 1.18-2.18x the baseline (floor 1.5: met in 11 of 20) and p99 3.4-6.2x
 (floor 3: met in none). The tail is the shared 2 cores': the no-op call's own p99 moved
 between 1.85 and 5.51 ms from run to run, and in the slowest 2% of one-command calls measured
 apart, ~4-4.7 ms went outside the host's batch (Ray and the driver) and ~2-4 ms inside it
