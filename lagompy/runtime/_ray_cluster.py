@@ -65,7 +65,6 @@ __all__ = [
     "attach",
     "attached",
     "check_attach",
-    "cluster_cpus",
     "forget_local_ray",
     "local_ray_dir",
     "local_rays",
@@ -338,14 +337,6 @@ def attached(address: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def cluster_cpus() -> float:
-    """CPUs of the Ray cluster this process is attached to."""
-    import ray
-
-    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-    return resources.get("CPU", 1.0)
 
 
 def node_cpus() -> list[float]:
