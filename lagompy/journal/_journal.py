@@ -18,9 +18,10 @@ reads and upserts that need its own SQL) is a :class:`~lagompy.journal._backend.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, cast
@@ -278,6 +279,24 @@ def _tuples(result: Any) -> Sequence[Any]:
     15 ms)."""
     raw = getattr(result, "_raw_all_tuples", None)
     return cast(Sequence[Any], result.all() if raw is None else raw())
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic collector paused while a page of events is decoded (synchronous: nothing else
+    of this event loop runs meanwhile), so that it runs once per page instead of every 700
+    objects: the envelopes a replay or a read side keeps alive then reach the oldest generation
+    half as often, whose full collections walk the whole heap. Recovery of 10,000 events, 7 in
+    a row, 2026-12-03 (CPU reference 12 ms): full collections 6 -> 3, medians 67-74 -> 40-49 ms
+    (SQLite and PostgreSQL). A collector turned off by the application stays off."""
+    collecting = gc.isenabled()
+    if collecting:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 _new = object.__new__
@@ -544,20 +563,8 @@ class Journal:
         async with self.database.read() as conn:
             rows = (await conn.execute(stmt)).all()
         envelope = self._envelope
-        # The cyclic collector is paused while a page is decoded (synchronous: nothing else of
-        # this event loop runs meanwhile), so it runs once per page instead of every 700
-        # objects: the envelopes a replay keeps alive then reach the oldest generation half as
-        # often, whose full collections walk the whole heap. Recovery of 10,000 events, 7 in a
-        # row, 2026-12-03 (CPU reference 12 ms): full collections 6 -> 3, medians 67-74 ->
-        # 40-49 ms (SQLite and PostgreSQL). A collector turned off by the application stays off.
-        collecting = gc.isenabled()
-        if collecting:
-            gc.disable()
-        try:
+        with _collector_paused():
             return [envelope(entity_type, entity_id, *row) for row in rows]
-        finally:
-            if collecting:
-                gc.enable()
 
     async def replay(
         self,
@@ -635,11 +642,7 @@ class Journal:
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
-        # The collector is paused while the page is decoded, as in ``events``.
-        collecting = gc.isenabled()
-        if collecting:
-            gc.disable()
-        try:
+        with _collector_paused():
             for covered, row in enumerate(rows):
                 if wanted is None or row[4] in wanted:
                     try:
@@ -647,9 +650,6 @@ class Journal:
                     except EventDecodeError as error:
                         return TagPage(envelopes, last, covered, False, error)
                 last = row[3]
-        finally:
-            if collecting:
-                gc.enable()
         return TagPage(envelopes, last, len(rows), len(rows) == limit)
 
     async def all_events(
