@@ -219,6 +219,28 @@ async def test_0005_adds_the_idempotency_keys_to_a_database_at_0004(database: Da
         assert len((await conn.execute(schema.idempotency_keys.select())).all()) == 1
 
 
+async def test_0006_adds_the_console_audit_to_a_database_at_0005(database: Database) -> None:
+    # A journal migrated by the previous release keeps its data and gains the audit table,
+    # whose ids the database assigns.
+    assert (await upgrade(database, "0005")).after == "0005"
+    assert "lagompy_console_audit" not in await table_names(database)
+    async with database.write() as conn:
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    result = await upgrade(database)
+    assert (result.before, result.after) == ("0005", HEAD)
+    assert await differences(database) == []
+    row = {"at_us": 1, "service": "s", "actor": "a", "action": "pause", "target": "t",
+           "result": "ok", "detail": None}  # fmt: skip
+    async with database.write() as conn:
+        await conn.execute(schema.console_audit.insert(), [row, row])
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        ids = (await conn.execute(schema.console_audit.select())).scalars().all()
+        assert len(set(ids)) == 2
+
+
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
     # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
     # version table; later revisions add tables that 0.1 never had.
@@ -510,6 +532,10 @@ def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -
         assert f"lagompy/sql/migrations/{path}" in names, path
     for version in (MIGRATIONS / "versions").glob("*.py"):
         assert f"lagompy/sql/migrations/versions/{version.name}" in names, version.name
+    # The console's templates and script (package data too).
+    console = REPO / "lagompy" / "console"
+    for data in [*console.glob("templates/*.html"), *console.glob("static/*")]:
+        assert f"lagompy/console/{data.relative_to(console).as_posix()}" in names, data.name
     shipped = {
         n[: -len("/__init__.py")].replace("/", ".") for n in names if n.endswith("/__init__.py")
     }

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,9 @@ from lagompy.service._problems import (
     _validation_handler,
 )
 from lagompy.settings import JournalSettings, LagompySettings, make_settings
+
+if TYPE_CHECKING:
+    from lagompy.console import ConsoleSettings
 
 __all__ = [
     "Component",
@@ -266,8 +269,12 @@ class Service:
 
     # ----------------------------------------------------------------- install
 
-    def install(self, app: FastAPI) -> FastAPI:
-        """Add the exception handlers, the request-id middleware and lagompy's routes."""
+    def install(self, app: FastAPI, *, console: bool | ConsoleSettings | None = None) -> FastAPI:
+        """Add the exception handlers, the request-id middleware and lagompy's routes.
+
+        ``console``: mount the management console (``lagompy.console``): True (its settings
+        from the environment), a :class:`~lagompy.console.ConsoleSettings`, or None (the
+        default: mounted when ``LAGOMPY_CONSOLE_ENABLED`` says so)."""
         app.state.lagompy = self
         app.add_exception_handler(LagompyError, _lagompy_error_handler)
         app.add_exception_handler(RequestValidationError, _validation_handler)
@@ -279,7 +286,19 @@ class Service:
             router = getattr(component, "router", None)
             if isinstance(router, APIRouter):
                 app.include_router(router)
+        if console is not False:
+            self._install_console(app, console)
         return app
+
+    def _install_console(self, app: FastAPI, console: bool | ConsoleSettings | None) -> None:
+        from lagompy.console import Console, ConsoleSettings
+
+        settings = console if isinstance(console, ConsoleSettings) else ConsoleSettings()
+        if console is None and not settings.enabled:
+            return
+        made = Console(self, settings)
+        app.include_router(made.router())
+        self.components.append(made.backend)  # closes its connections with the service
 
     def router(self) -> APIRouter:
         """lagompy's own routes (health, metrics, status), kept out of the OpenAPI schema."""

@@ -34,6 +34,10 @@
     counts as in flight (``in_flight_until_us``, 0 once it answered) and how many later
     requests repeated it (``repeats``). A key is bound for the service's key lifetime; expired
     rows are taken over by the next request with the key, and swept.
+``lagompy_console_audit``
+    One row per action taken in the management console (``lagompy.console``): when (``at_us``),
+    in which service, by whom (``actor``), what (``action`` and its ``target``), and how it
+    ended (``result``: ``ok``, ``refused`` or ``failed``, with a ``detail``). ``id`` orders them.
 """
 
 from __future__ import annotations
@@ -158,3 +162,17 @@ idempotency_keys = Table(
     PrimaryKeyConstraint("idempotency_key", "scope", name="pk_lagompy_idempotency_keys"),
 )
 Index("ix_lagompy_idempotency_keys_created", idempotency_keys.c.created_us)
+
+console_audit = Table(
+    "lagompy_console_audit",
+    metadata,
+    Column("id", _OffsetType, primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger, nullable=False),
+    Column("service", String(255), nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("result", String(32), nullable=False),
+    Column("detail", Text, nullable=True),
+    sqlite_autoincrement=True,
+)

@@ -1,0 +1,411 @@
+"""What the console shows and does, as plain data: the service's health, hosts and breakers,
+the read sides' status and operations, an entity's events and snapshot, and the audit log.
+
+Every figure comes from an operation that exists anyway (``Service.readiness``, the runtime's
+``host_stats``, :class:`~lagompy.readside.Projections`, the journal's tables, the breakers'
+``status``): the pages and the JSON routes are two views of the same dicts."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from lagompy.console._audit import AuditEntry, AuditLog
+from lagompy.console._settings import ConsoleSettings
+from lagompy.errors import ConfigurationError, LagompyError
+from lagompy.journal._journal import check_entity_id
+from lagompy.journal._model import from_us
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
+
+if TYPE_CHECKING:
+    from lagompy.readside import Projections, WorkerStatus
+    from lagompy.serialization import Serializer
+    from lagompy.service import Service
+
+__all__ = ["MASK", "ActionError", "Backend", "error_class"]
+
+log = logging.getLogger("lagompy.console")
+
+#: What a masked value shows.
+MASK = "***"
+
+#: How many recent read-side failures the overview lists.
+RECENT_FAILURES = 10
+
+
+class ActionError(Exception):
+    """An action or lookup the console refuses: ``status`` is the HTTP status (404 unknown,
+    409 refused by the operation, 503 unavailable), ``detail`` says why in public words."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def error_class(error: str) -> str:
+    """The class of a read side's failure line: ``RuntimeError`` of ``handler failed at
+    offset 7 (user/42 sequence number 1), attempt 3/3: RuntimeError: boom``; a database error
+    as ``database error <driver class>``."""
+    for part in error.split(": ")[:-1]:
+        found = _ERROR_CLASS.match(part.strip())
+        if found is not None:
+            return found.group(1)
+    return "other"
+
+
+_ERROR_CLASS = re.compile(r"^([A-Za-z_][\w.]*|database error [\w.]+)(?: \(SQLSTATE \w+\))?$")
+
+
+def jsonable(value: Any, *, masked: bool) -> Any:
+    """``value`` (a decoded event or state) as JSON-able data: dataclasses and mappings by
+    field, sequences as lists; every leaf replaced by :data:`MASK` when ``masked``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: jsonable(getattr(value, f.name), masked=masked)
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, masked=masked) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v, masked=masked) for v in value]
+    if masked:
+        return MASK
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return jsonable(value.value, masked=False)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return repr(value)[:1000]
+
+
+class Backend:
+    """The console's view of one service (see the module docs)."""
+
+    def __init__(self, service: Service, settings: ConsoleSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self._database: Database | None = None
+        self._serializer: Serializer | None = None
+        self._audit: AuditLog | None = None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def name(self) -> str:
+        return "console"
+
+    async def start(self) -> None:
+        """Nothing to start: the journal's database is opened on first use."""
+
+    async def stop(self) -> None:
+        database, self._database, self._audit = self._database, None, None
+        if database is not None:
+            await database.dispose()
+
+    async def _journal(self) -> Database:
+        if self._database is None:
+            async with self._lock:
+                if self._database is None:
+                    runtime = self.service._runtime
+                    settings = None if runtime is None else runtime.local_journal
+                    self._database = Database.create(
+                        settings or self.service.journal_settings, pool_size=2, max_overflow=2
+                    )
+        return self._database
+
+    async def audit_log(self) -> AuditLog:
+        """The audit log, its table checked (or, where ``auto_migrate`` says so, created)."""
+        if self._audit is None:
+            database = await self._journal()
+            try:
+                await ensure_schema(database)
+            except ConfigurationError:
+                raise ActionError(
+                    503,
+                    "the console's audit table is missing or outdated in the journal's "
+                    "database: run `lagompy migrate` on it",
+                ) from None
+            self._audit = AuditLog(database, self.service.name)
+        return self._audit
+
+    def serializer(self) -> Serializer:
+        if self._serializer is None:
+            from lagompy.journal import serializer_for
+
+            self._serializer = serializer_for(self.service.entity_classes)
+        return self._serializer
+
+    # ------------------------------------------------------------------ read sides
+
+    def projections(self) -> list[Projections]:
+        """The :class:`~lagompy.readside.Projections` of the service's read-side components
+        that are running."""
+        from lagompy.readside import ReadSideComponent
+
+        found = []
+        for component in self.service.components:
+            if isinstance(component, ReadSideComponent) and component._running is not None:
+                found.append(component._running.projections)
+        return found
+
+    async def readsides(self) -> list[WorkerStatus]:
+        statuses: list[WorkerStatus] = []
+        for projections in self.projections():
+            statuses += await projections.status()
+        return statuses
+
+    async def failed(
+        self, processor: str | None = None, error: str | None = None
+    ) -> list[WorkerStatus]:
+        """The (processor, tag) stopped at an event (state ``failed``), filtered by processor
+        and by error class (see :func:`error_class`)."""
+        return [
+            s
+            for s in await self.readsides()
+            if s.state == "failed"
+            and s.failure is not None
+            and (not processor or s.processor == processor)
+            and (not error or error_class(s.failure.error) == error)
+        ]
+
+    async def _projections_of(self, processor: str, tag: str | None) -> Projections:
+        for projections in self.projections():
+            try:
+                statuses = await projections.status(processor)
+            except ConfigurationError:
+                continue
+            if tag is not None and tag not in {s.tag for s in statuses}:
+                raise ActionError(404, f"read-side processor {processor!r} has no tag {tag!r}")
+            return projections
+        if not self.projections():
+            raise ActionError(503, "this service runs no read side (or it is not running)")
+        raise ActionError(404, f"no read-side processor {processor!r} in this service")
+
+    async def pause(self, processor: str, tag: str | None) -> str:
+        count = await (await self._projections_of(processor, tag)).pause(processor, tag)
+        return f"paused {count} tag(s)"
+
+    async def resume(self, processor: str, tag: str | None) -> str:
+        count = await (await self._projections_of(processor, tag)).resume(processor, tag)
+        return f"resumed {count} tag(s)"
+
+    async def skip(self, processor: str, tag: str | None) -> str:
+        count = await (await self._projections_of(processor, tag)).skip(processor, tag)
+        return f"skipped the failing event of {count} tag(s)"
+
+    async def set_offset(self, processor: str, tag: str, offset: int, force: bool) -> str:
+        projections = await self._projections_of(processor, tag)
+        await projections.set_offset(processor, tag, offset, force=force)
+        return f"set the offset of tag {tag!r} to {offset}"
+
+    async def retry_failed(self, processor: str | None, error: str | None) -> str:
+        """Resume every failed (processor, tag) matching the filter: each retries its event."""
+        matching = await self.failed(processor, error)
+        if not matching:
+            raise ActionError(409, "no failed read-side tag matches the filter")
+        for s in matching:
+            await self.resume(s.processor, s.tag)
+        return f"retried {len(matching)} failed tag(s)"
+
+    async def skip_failed(self, processor: str | None, error: str | None) -> str:
+        """Skip the failing event of every failed (processor, tag) matching the filter."""
+        matching = await self.failed(processor, error)
+        if not matching:
+            raise ActionError(409, "no failed read-side tag matches the filter")
+        for s in matching:
+            await self.skip(s.processor, s.tag)
+        return f"skipped the failing event of {len(matching)} tag(s)"
+
+    # ------------------------------------------------------------------ overview
+
+    async def overview(self) -> dict[str, Any]:
+        service = self.service
+        checks = await service.readiness()
+        hosts: list[dict[str, Any]] = []
+        hosts_error = None
+        runtime = service._runtime
+        if runtime is not None:
+            try:
+                hosts = await asyncio.wait_for(
+                    runtime.host_stats(require_journal=False), service.settings.ready_timeout
+                )
+            except Exception as e:  # the page still answers
+                log.warning("console: could not read the shard hosts' stats: %s", e)
+                hosts_error = f"the hosts' stats are not available ({type(e).__name__})"
+            topology = getattr(runtime, "topology", None)
+            for host in hosts:
+                index = host.get("index")
+                if topology is not None and isinstance(index, int):
+                    host["shards"] = len(range(index, topology.shards, topology.hosts))
+        breakers = service.breakers.status()
+        readsides = await self.readsides()
+        failures = sorted(
+            (s for s in readsides if s.failure is not None),
+            key=lambda s: s.failure.at.isoformat() if s.failure and s.failure.at else "",
+            reverse=True,
+        )[:RECENT_FAILURES]
+        return {
+            "service": service.name,
+            "checks": checks,
+            "hosts": [_host(h) for h in sorted(hosts, key=lambda h: int(h.get("index") or 0))],
+            "hosts_error": hosts_error,
+            "entity_types": [cls.type_name for cls in service.entity_classes],
+            "breakers": {
+                "total": len(breakers),
+                "open": sum(1 for b in breakers if b["state"] != "closed"),
+                "not_closed": [b["id"] for b in breakers if b["state"] != "closed"],
+            },
+            "readsides": {
+                "tags": len(readsides),
+                "failed": sum(1 for s in readsides if s.state == "failed"),
+                "paused": sum(1 for s in readsides if s.state == "paused"),
+            },
+            "recent_failures": [s.to_dict() for s in failures],
+        }
+
+    def breakers(self) -> list[dict[str, Any]]:
+        return self.service.breakers.status()
+
+    # ------------------------------------------------------------------ entities
+
+    def entity_types(self) -> list[str]:
+        return [cls.type_name for cls in self.service.entity_classes]
+
+    async def entity(self, entity_type: str, entity_id: str, from_seq_nr: int) -> dict[str, Any]:
+        """An entity's events from ``from_seq_nr`` (one page) and its latest snapshot."""
+        known = self.entity_types()
+        if entity_type not in known:
+            raise ActionError(
+                404,
+                f"no entity type {entity_type!r} in this service (known: "
+                f"{', '.join(known) or 'none'})",
+            )
+        try:
+            check_entity_id(entity_id)
+        except LagompyError as e:
+            raise ActionError(400, str(e)) from None
+        if from_seq_nr < 1:
+            raise ActionError(400, "from_seq_nr must be 1 or more")
+        database = await self._journal()
+        t = schema.events
+        size = self.settings.page_size
+        stmt = (
+            select(
+                t.c.seq_nr,
+                t.c.global_offset,
+                t.c.written_at_us,
+                t.c.event_type,
+                t.c.event_version,
+                t.c.payload,
+            )
+            .where(t.c.entity_type == entity_type, t.c.entity_id == entity_id)
+            .where(t.c.seq_nr >= from_seq_nr)
+            .order_by(t.c.seq_nr)
+            .limit(size + 1)
+        )
+        s = schema.snapshots
+        snap_stmt = (
+            select(s.c.seq_nr, s.c.written_at_us, s.c.state_type, s.c.state_version, s.c.payload)
+            .where(s.c.entity_type == entity_type, s.c.entity_id == entity_id)
+            .order_by(s.c.seq_nr.desc())
+            .limit(1)
+        )
+        async with database.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+            snap = (await conn.execute(snap_stmt)).first()
+            highest = None
+            if rows or snap is not None:
+                highest = (
+                    await conn.execute(
+                        select(t.c.seq_nr)
+                        .where(t.c.entity_type == entity_type, t.c.entity_id == entity_id)
+                        .order_by(t.c.seq_nr.desc())
+                        .limit(1)
+                    )
+                ).scalar()
+        if not rows and snap is None and from_seq_nr == 1:
+            raise ActionError(404, f"entity {entity_type}/{entity_id} has no events")
+        masked = not self.settings.show_payloads
+        events = [
+            {
+                "seq_nr": int(seq_nr),
+                "offset": int(offset),
+                "time": from_us(int(at)).isoformat(),
+                "type": type_name,
+                "version": int(version),
+                "payload": self._decode(type_name, version, payload, masked),
+            }
+            for seq_nr, offset, at, type_name, version, payload in rows[:size]
+        ]
+        snapshot = None
+        if snap is not None:
+            seq_nr, at, type_name, version, payload = snap
+            snapshot = {
+                "seq_nr": int(seq_nr),
+                "time": from_us(int(at)).isoformat(),
+                "type": type_name,
+                "version": int(version),
+                "state": self._decode(type_name, version, payload, masked),
+            }
+        return {
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "highest_seq_nr": None if highest is None else int(highest),
+            "from_seq_nr": from_seq_nr,
+            "next_seq_nr": events[-1]["seq_nr"] + 1 if len(rows) > size else None,
+            "masked": masked,
+            "events": events,
+            "snapshot": snapshot,
+        }
+
+    def _decode(self, type_name: str, version: int, payload: bytes, masked: bool) -> Any:
+        try:
+            value = self.serializer().decode(type_name, version, payload)
+        except LagompyError as e:
+            return {"cannot decode": type(e).__name__}
+        return jsonable(value, masked=masked)
+
+    # ------------------------------------------------------------------ audit
+
+    async def audit(self, limit: int = 200) -> list[AuditEntry]:
+        return await (await self.audit_log()).recent(limit)
+
+
+#: The host figures the console shows, in order.
+HOST_FIELDS = (
+    "index",
+    "pid",
+    "shards",
+    "live_entities",
+    "commands",
+    "events_persisted",
+    "activations",
+    "passivations",
+    "conflicts",
+    "failed_writes",
+)
+
+
+def _host(stats: Mapping[str, Any]) -> dict[str, Any]:
+    host = {name: stats.get(name) for name in HOST_FIELDS}
+    if host["index"] is None:
+        host["index"] = "local"
+    journal = stats.get("journal")
+    if isinstance(journal, str):
+        host["journal"] = journal
+    return host
