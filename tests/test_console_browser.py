@@ -1,0 +1,158 @@
+"""The console in a real browser: the distribution's Chromium (``/usr/bin/chromium``), headless,
+driven by Playwright, against a service served by uvicorn on loopback. Opens every page (each
+loads nothing from anywhere else), checks that read-only mode renders no control, logs in,
+pauses and resumes a read side, watches the table refresh live, retries then skips a failed
+event through its confirmation, and finds each action on the Audit page.
+
+Skipped with a reason when Chromium or Playwright is missing here; under ``CI=true`` they must
+be there (``.ci/run`` installs Chromium). ``LAGOMPY_CONSOLE_SCREENSHOTS=<dir>`` also saves a
+screenshot of each page there (how ``docs/img/console/`` is made)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_console import TOKEN, console_app, tag_of
+
+from lagompy.console import ConsoleSettings
+from lagompy.settings import JournalSettings
+from lagompy.testkit.server import serve_in_thread
+
+CHROMIUM = Path("/usr/bin/chromium")
+NAV = ["Overview", "Read sides", "Failed", "Entities", "Circuit breakers", "Audit"]
+
+
+def _browser_or_skip() -> None:
+    missing = None
+    if not CHROMIUM.exists():
+        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            missing = "the playwright package is missing (pip install -e '.[dev]')"
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests must run under CI: {missing}")
+    pytest.skip(missing)
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(15_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def shoot(page: Any, name: str) -> None:
+    where = os.environ.get("LAGOMPY_CONSOLE_SCREENSHOTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(where) / f"{name}.png"), full_page=True)
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_the_console_in_chromium(browser_page: Any, tmp_path: Path) -> None:
+    page = browser_page
+    journal = JournalSettings(url=f"sqlite:///{tmp_path / 'read-only.db'}")
+
+    # Read-only: every page opens, shows the mode and no control; nothing comes from elsewhere.
+    with serve_in_thread(console_app(journal, ConsoleSettings())) as url:
+        origins: set[str] = set()
+        page.on("request", lambda r: origins.add(r.url.split("/console")[0]))
+        assert httpx.post(f"{url}/register/u1/Ada").status_code == 200
+        page.goto(f"{url}/console/")
+        for link in NAV:
+            page.get_by_role("link", name=link, exact=True).click()
+            page.wait_for_load_state()
+            assert page.locator("#mode").inner_text() == "read-only", link
+            assert page.locator("button[data-action]").count() == 0, link
+            assert page.locator("form[method=post]").count() == 0, link
+        assert origins == {url}
+
+    # With a token: log in, act, watch, audit.
+    journal = JournalSettings(url=f"sqlite:///{tmp_path / 'token.db'}")
+    console = ConsoleSettings(token=TOKEN, refresh_seconds=0.3)
+    with serve_in_thread(console_app(journal, console)) as url:
+        assert httpx.post(f"{url}/register/u1/Ada").status_code == 200
+        page.goto(f"{url}/console/readsides")
+        assert page.locator("button[data-action]").count() == 0
+        page.get_by_role("link", name="Log in to act").click()
+        page.fill("input[name=token]", "not the token, clearly wrong")
+        page.click("#login button")
+        assert page.locator("#login-error").inner_text() == "wrong token"
+        page.fill("input[name=token]", TOKEN)
+        page.click("#login button")
+        shoot(page, "overview")
+        assert page.get_by_role("button", name="Log out").is_visible()
+
+        tag = tag_of("u1")
+        row = f"#readside-rows tr[data-tag='{tag}']"
+        page.goto(f"{url}/console/readsides")
+        eventually(lambda: page.locator(f"{row} td").nth(3).inner_text() == "1", "handled")
+        page.click(f"{row} button[data-action=pause]")
+        assert page.locator(".flash").inner_text().startswith("pause: paused 1 tag")
+        assert page.locator(row).get_attribute("data-state") == "paused"
+        page.click(f"{row} button[data-action=resume]")
+        eventually(lambda: page.locator(row).get_attribute("data-state") != "paused", "resumed")
+
+        # A failing event shows up on the open page by itself (the live refresh).
+        assert httpx.post(f"{url}/register/u2/boom").status_code == 200
+        boom = f"#readside-rows tr[data-tag='{tag_of('u2')}']"
+        eventually(lambda: page.locator(boom).get_attribute("data-state") == "failed", "live")
+        shoot(page, "readsides")
+
+        page.get_by_role("link", name="Failed", exact=True).click()
+        assert "cannot project boom" in page.locator("#failed-rows").inner_text()
+        page.click("#failed-rows button[data-action=resume]")  # retry: it fails again
+        eventually(
+            lambda: (
+                page.reload() is not None and page.locator("#failed-rows tr[data-tag]").count() == 1
+            ),
+            "failed again",
+        )
+        shoot(page, "failed")
+        page.click("#failed-rows button[data-action=skip]")
+        assert "cannot be undone" in page.locator("#confirm-what").inner_text()
+        page.click("#confirm button")
+        assert page.locator(".flash").inner_text().startswith("skip: skipped the failing event")
+        eventually(
+            lambda: (
+                page.reload() is not None and page.locator("#failed-rows tr[data-tag]").count() == 0
+            ),
+            "skipped",
+        )
+
+        page.goto(f"{url}/console/entities?type=user&id=u1")
+        assert page.locator("#events tbody tr").count() == 1
+        assert "UserRegistered" in page.locator("#events").inner_text()
+        shoot(page, "entities")
+        page.get_by_role("link", name="Circuit breakers").click()
+        assert "inventory" in page.locator("#breakers").inner_text()
+        shoot(page, "breakers")
+        page.get_by_role("link", name="Audit").click()
+        audit = page.locator("#audit").inner_text()
+        for action in ("login", "pause", "resume", "skip"):
+            assert f"\t{action}\t" in audit, action
+        shoot(page, "audit")
