@@ -351,6 +351,21 @@ def test_the_console_is_mounted_only_when_asked(
     assert has_console()
 
 
+def test_links_and_the_cookie_carry_the_root_path_of_a_proxy() -> None:
+    app = FastAPI()
+    Service(name="s", breakers=BreakerRegistry()).install(app, console=ConsoleSettings())
+
+    async def page() -> httpx.Response:
+        transport = httpx.ASGITransport(app, root_path="/users")
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            return await http.get("/console/breakers")
+
+    response = asyncio.run(page())
+    assert response.status_code == 200
+    assert 'href="/users/console/audit"' in response.text
+    assert 'src="/users/console/static/console.js"' in response.text
+
+
 def test_masking_keeps_the_shape_and_hides_every_value() -> None:
     value = UserRegistered("u1", "Ada", "ada@example.org")
     assert jsonable(value, masked=True) == {"user_id": MASK, "name": MASK, "email": MASK}
