@@ -25,8 +25,10 @@ from lagompy.console import ACTIONS, ConsoleSettings
 from lagompy.console._backend import MASK, jsonable
 from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideComponent, SqlReadSideProcessor
+from lagompy.readside._store import OffsetStore
 from lagompy.service import BreakerRegistry, Service
 from lagompy.settings import JournalSettings
+from lagompy.sql import Database
 from lagompy.testkit.server import serve_in_thread
 
 TOKEN = "console-test-token-0123456789"
@@ -184,6 +186,24 @@ def test_read_only_console_shows_everything_and_refuses_every_action(
         assert overview["hosts"][0]["live_entities"] == 1
         assert overview["breakers"] == {"total": 1, "open": 0, "not_closed": []}
         assert "inventory" in http.get("/console/breakers").text
+
+        # Beyond 64 tags, one line per processor, each linking to its tags (with their lag).
+        async def many_tags() -> None:
+            database = Database.create(journal_settings)
+            try:
+                await OffsetStore(database).ensure("many", [f"t{i:02d}" for i in range(70)])
+            finally:
+                await database.dispose()
+
+        asyncio.run(many_tags())
+        page = http.get("/console/readsides").text
+        assert 'id="processors"' in page and "70 stopped" in page
+        assert 'href="/console/readsides?processor=many"' in page
+        detail = http.get("/console/readsides", params={"processor": "many"}).text
+        assert detail.count('data-processor="many"') == 70 and "console-names" not in detail
+        assert http.get("/console/readsides", params={"processor": "nope"}).status_code == 404
+        assert_problem(http.get("/console/api/readsides?processor=nope"), 404, "'nope'")
+        assert len(http.get("/console/api/readsides?lag=false").json()) == 74
 
 
 # --------------------------------------------------------------------------- actions

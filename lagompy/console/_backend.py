@@ -23,12 +23,13 @@ from lagompy.console._settings import ConsoleSettings
 from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import check_entity_id
 from lagompy.journal._model import from_us
+from lagompy.readside import Projections
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 
 if TYPE_CHECKING:
-    from lagompy.readside import Projections, WorkerStatus
+    from lagompy.readside import WorkerStatus
     from lagompy.serialization import Serializer
     from lagompy.service import Service
 
@@ -90,6 +91,38 @@ def jsonable(value: Any, *, masked: bool) -> Any:
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return repr(value)[:1000]
+
+
+def filter_failed(
+    statuses: list[WorkerStatus], processor: str | None, error: str | None
+) -> list[WorkerStatus]:
+    """The statuses stopped at an event (``failed``) of ``processor`` and error class ``error``
+    (either None: any)."""
+    return [
+        s
+        for s in statuses
+        if s.state == "failed"
+        and s.failure is not None
+        and (not processor or s.processor == processor)
+        and (not error or error_class(s.failure.error) == error)
+    ]
+
+
+def summarize(statuses: list[WorkerStatus]) -> list[dict[str, Any]]:
+    """One line per processor: its tags, how many are in each state, the lowest offset and
+    the events/s of all its tags."""
+    lines: dict[str, dict[str, Any]] = {}
+    for s in statuses:
+        line = lines.setdefault(
+            s.processor,
+            {"processor": s.processor, "tags": 0, "states": {}, "lowest_offset": s.offset,
+             "events_per_s": 0.0},
+        )  # fmt: skip
+        line["tags"] += 1
+        line["states"][s.state] = line["states"].get(s.state, 0) + 1
+        line["lowest_offset"] = min(line["lowest_offset"], s.offset)
+        line["events_per_s"] += s.events_per_s
+    return list(lines.values())
 
 
 class Backend:
@@ -163,10 +196,22 @@ class Backend:
                 found.append(component._running.projections)
         return found
 
-    async def readsides(self) -> list[WorkerStatus]:
+    async def readsides(
+        self, processor: str | None = None, *, lag: bool = True
+    ) -> list[WorkerStatus]:
+        """The status of every (processor, tag) (of ``processor``: 404 if unknown). Without
+        ``lag`` the journal is not consulted (``head_offset`` and the lags are None): the
+        status costs one query instead of one per tag."""
         statuses: list[WorkerStatus] = []
         for projections in self.projections():
-            statuses += await projections.status()
+            if not lag:
+                projections = Projections(projections.projection, settings=projections.settings)
+            try:
+                statuses += await projections.status(processor)
+            except ConfigurationError:
+                continue  # not this read side's processor
+        if processor is not None and not statuses:
+            raise ActionError(404, f"no read-side processor {processor!r} in this service")
         return statuses
 
     async def failed(
@@ -174,14 +219,7 @@ class Backend:
     ) -> list[WorkerStatus]:
         """The (processor, tag) stopped at an event (state ``failed``), filtered by processor
         and by error class (see :func:`error_class`)."""
-        return [
-            s
-            for s in await self.readsides()
-            if s.state == "failed"
-            and s.failure is not None
-            and (not processor or s.processor == processor)
-            and (not error or error_class(s.failure.error) == error)
-        ]
+        return filter_failed(await self.readsides(lag=False), processor, error)
 
     async def _projections_of(self, processor: str, tag: str | None) -> Projections:
         for projections in self.projections():
@@ -253,7 +291,7 @@ class Backend:
                 if topology is not None and isinstance(index, int):
                     host["shards"] = len(range(index, topology.shards, topology.hosts))
         breakers = service.breakers.status()
-        readsides = await self.readsides()
+        readsides = await self.readsides(lag=False)
         failures = sorted(
             (s for s in readsides if s.failure is not None),
             key=lambda s: s.failure.at.isoformat() if s.failure and s.failure.at else "",

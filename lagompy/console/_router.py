@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from lagompy.console._auth import COOKIE, Auth, Caller
-from lagompy.console._backend import ActionError, Backend, error_class
+from lagompy.console._backend import ActionError, Backend, error_class, filter_failed, summarize
 from lagompy.console._settings import ConsoleSettings
 from lagompy.errors import ConfigurationError
 
@@ -32,6 +32,10 @@ ACTIONS: dict[str, bool] = {
     "set-offset": True,
     "skip-failed": True,
 }
+
+#: Up to this many (processor, tag), the Read sides page shows them all with their lag (one
+#: query per tag); beyond, one line per processor, each linking to its tags.
+FULL_TABLE_TAGS = 64
 
 #: The largest action body read.
 MAX_BODY = 16_384
@@ -286,8 +290,13 @@ class Console:
             return await b.overview()
 
         @router.get("/api/readsides")
-        async def api_readsides() -> list[dict[str, Any]]:
-            return [s.to_dict() for s in await b.readsides()]
+        async def api_readsides(
+            processor: str | None = None, lag: bool = True
+        ) -> list[dict[str, Any]]:
+            try:
+                return [s.to_dict() for s in await b.readsides(processor or None, lag=lag)]
+            except ActionError as e:
+                raise problem(e) from None
 
         @router.get("/api/failed")
         async def api_failed(
@@ -332,10 +341,30 @@ class Console:
             return self._page(request, "overview.html", overview=await b.overview())
 
         @router.get("/readsides", response_class=HTMLResponse)
-        async def readsides(request: Request, fragment: str | None = None) -> Response:
-            statuses = await b.readsides()
+        async def readsides(
+            request: Request, processor: str | None = None, fragment: str | None = None
+        ) -> Response:
+            processor = processor or None
+            summary = None
+            try:
+                if processor is None:
+                    light = await b.readsides(lag=False)
+                    if len(light) > FULL_TABLE_TAGS:
+                        summary = summarize(light)
+                statuses = [] if summary is not None else await b.readsides(processor)
+            except ActionError as e:
+                return self._page(
+                    request, "error.html", e.status, action="show", target=processor,
+                    detail=e.detail,
+                )  # fmt: skip
             template = "_readside_rows.html" if fragment == "rows" else "readsides.html"
-            return self._page(request, template, statuses=statuses)
+            refresh_url = f"{self._base(request)}/readsides?" + urlencode(
+                {**({"processor": processor} if processor else {}), "fragment": "rows"}
+            )
+            return self._page(
+                request, template, statuses=statuses, summary=summary, processor=processor,
+                refresh_url=refresh_url,
+            )  # fmt: skip
 
         @router.get("/failed", response_class=HTMLResponse)
         async def failed(
@@ -345,8 +374,8 @@ class Console:
             fragment: str | None = None,
         ) -> Response:
             processor, error = processor or None, error or None
-            rows = await b.failed(processor, error)
             everything = await b.failed()
+            rows = filter_failed(everything, processor, error)
             template = "_failed_rows.html" if fragment == "rows" else "failed.html"
             return self._page(
                 request,
