@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,13 +67,18 @@ class ConsoleNames(SqlReadSideProcessor):
             )
 
 
-def console_app(journal: JournalSettings, console: ConsoleSettings) -> FastAPI:
-    """A service with users, a read side, a breaker and the console; POST /register/{id}/{name}."""
+def console_app(
+    journal: JournalSettings, console: ConsoleSettings, *, ray: bool = False
+) -> FastAPI:
+    """A service with users, a read side, a breaker and the console; POST /register/{id}/{name}.
+    With ``ray``, the users live on two shard hosts (8 shards), stopped with the service."""
     readside = ReadSideComponent([ConsoleNames], journal_settings=journal, **FAST)
     breakers = BreakerRegistry()
     breakers.get("inventory")
     service = Service(
-        name="console-test", entities=[UserEntity], journal_settings=journal, ray=False,
+        name=f"console-test-{uuid.uuid4().hex[:8]}" if ray else "console-test",
+        entities=[UserEntity], journal_settings=journal, ray=ray,
+        runtime_options={"hosts": 2, "shards": 8} if ray else None, stop_runtime=ray,
         components=[readside], breakers=breakers,
     )  # fmt: skip
     app = FastAPI(lifespan=service.lifespan)
@@ -89,9 +95,11 @@ def console_app(journal: JournalSettings, console: ConsoleSettings) -> FastAPI:
 
 
 @contextlib.contextmanager
-def serving(journal: JournalSettings, console: ConsoleSettings) -> Iterator[httpx.Client]:
+def serving(
+    journal: JournalSettings, console: ConsoleSettings, *, ray: bool = False
+) -> Iterator[httpx.Client]:
     with (
-        serve_in_thread(console_app(journal, console)) as url,
+        serve_in_thread(console_app(journal, console, ray=ray)) as url,
         httpx.Client(base_url=url, timeout=30) as http,
     ):
         yield http
@@ -204,6 +212,25 @@ def test_read_only_console_shows_everything_and_refuses_every_action(
         assert http.get("/console/readsides", params={"processor": "nope"}).status_code == 404
         assert_problem(http.get("/console/api/readsides?processor=nope"), 404, "'nope'")
         assert len(http.get("/console/api/readsides?lag=false").json()) == 74
+
+
+def test_the_overview_shows_the_shard_hosts_on_ray(
+    journal_settings: JournalSettings, ray_session: object
+) -> None:
+    with serving(journal_settings, ConsoleSettings(), ray=True) as http:
+        for user in ("u1", "u2", "u3"):
+            assert http.post(f"/register/{user}/Ada").status_code == 200
+        overview = http.get("/console/api/overview").json()
+        assert overview["checks"]["runtime"] == "ok"
+        hosts = overview["hosts"]
+        assert [(h["index"], h["shards"]) for h in hosts] == [(0, 4), (1, 4)]
+        assert sum(h["live_entities"] for h in hosts) == 3
+        assert all(isinstance(h["pid"], int) for h in hosts)
+        page = http.get("/console/").text
+        assert page.count("<tr><td>0</td>") + page.count("<tr><td>1</td>") >= 2
+        # The entity's events are read from the journal the hosts write.
+        found = http.get("/console/api/entities/user/u2").json()
+        assert [e["type"] for e in found["events"]] == ["UserRegistered"]
 
 
 # --------------------------------------------------------------------------- actions

@@ -1,5 +1,7 @@
 """The console in a real browser: the distribution's Chromium (``/usr/bin/chromium``), headless,
-driven by Playwright, against a service served by uvicorn on loopback. Opens every page (each
+driven by Playwright, against a service served by uvicorn on loopback: read-only with its
+entities in process on SQLite, then with a token, its entities on Ray shard hosts and its
+journal on PostgreSQL. Opens every page (each
 loads nothing from anywhere else), checks that read-only mode renders no control, logs in,
 pauses and resumes a read side, watches the table refresh live, retries then skips a failed
 event through its confirmation, and finds each action on the Audit page.
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import POSTGRES_URL
 from test_console import TOKEN, console_app, tag_of
 
 from lagompy.console import ConsoleSettings
@@ -73,7 +76,11 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 15) -> Non
         time.sleep(0.1)
 
 
-def test_the_console_in_chromium(browser_page: Any, tmp_path: Path) -> None:
+def test_the_console_in_chromium(
+    postgres_schema: str, ray_session: object, browser_page: Any, tmp_path: Path
+) -> None:
+    # postgres_schema before browser_page: Playwright's sync API holds the thread's event loop
+    # from its setup to its teardown, and the schema's async set-up needs it free.
     page = browser_page
     journal = JournalSettings(url=f"sqlite:///{tmp_path / 'read-only.db'}")
 
@@ -92,9 +99,9 @@ def test_the_console_in_chromium(browser_page: Any, tmp_path: Path) -> None:
         assert origins == {url}
 
     # With a token: log in, act, watch, audit.
-    journal = JournalSettings(url=f"sqlite:///{tmp_path / 'token.db'}")
+    journal = JournalSettings(url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True)
     console = ConsoleSettings(token=TOKEN, refresh_seconds=0.3)
-    with serve_in_thread(console_app(journal, console)) as url:
+    with serve_in_thread(console_app(journal, console, ray=True)) as url:
         assert httpx.post(f"{url}/register/u1/Ada").status_code == 200
         page.goto(f"{url}/console/readsides")
         assert page.locator("button[data-action]").count() == 0
@@ -144,6 +151,8 @@ def test_the_console_in_chromium(browser_page: Any, tmp_path: Path) -> None:
             "skipped",
         )
 
+        page.get_by_role("link", name="Overview").click()
+        assert page.locator("#hosts tbody tr").count() == 2  # the two shard hosts
         page.goto(f"{url}/console/entities?type=user&id=u1")
         assert page.locator("#events tbody tr").count() == 1
         assert "UserRegistered" in page.locator("#events").inner_text()
