@@ -58,6 +58,9 @@ class ConsoleNames(SqlReadSideProcessor):
     async def global_prepare(self, conn: AsyncConnection) -> None:
         await conn.execute(text("CREATE TABLE IF NOT EXISTS console_names (name TEXT)"))
 
+    async def reset(self, conn: AsyncConnection) -> None:
+        await conn.execute(text("DELETE FROM console_names"))
+
     async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
         if isinstance(envelope.event, UserRegistered):
             if envelope.event.name.startswith("boom"):
@@ -295,6 +298,28 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         assert_problem(http.post(act + "skip", json=body, headers=bearer), 400, "confirm=true")
         results = [(e["action"], e["result"]) for e in http.get("/console/api/audit").json()]
         assert results == [("set-offset", "refused"), ("pause", "refused"), ("pause", "ok")]
+
+        # A rebuild runs in the background; its progress reaches 100%, its end is audited.
+        assert_problem(http.post(act + "rebuild", json=body, headers=bearer), 400, "confirm")
+        rebuild = {"processor": "console-names", "confirm": True}
+        started = http.post(act + "rebuild", json=rebuild, headers=bearer)
+        assert started.json()["detail"] == "rebuild started", started.text
+
+        def rebuilt() -> dict[str, Any] | None:
+            (progress,) = http.get("/console/api/rebuilds").json()
+            return progress if progress["state"] != "running" else None
+
+        wait_for(rebuilt, "the rebuild done")
+        assert rebuilt() == {**(rebuilt() or {}), "state": "done", "percent": 100, "done": 1}
+        missing = {"processor": "nope", "confirm": True}
+        assert_problem(http.post(act + "rebuild", json=missing, headers=bearer), 404, "'nope'")
+        actions = [(e["action"], e["result"]) for e in http.get("/console/api/audit").json()]
+        assert actions[:3] == [
+            ("rebuild", "refused"),
+            ("rebuild-finished", "ok"),
+            ("rebuild", "ok"),
+        ]
+        handled(http, 1)
 
         # The browser: log in with the token (wrong first), a cookie for the console only.
         assert http.post("/console/login", data={"token": "wrong"}).status_code == 401

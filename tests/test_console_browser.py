@@ -3,8 +3,9 @@ driven by Playwright, against a service served by uvicorn on loopback: read-only
 entities in process on SQLite, then with a token, its entities on Ray shard hosts and its
 journal on PostgreSQL. Opens every page (each
 loads nothing from anywhere else), checks that read-only mode renders no control, logs in,
-pauses and resumes a read side, watches the table refresh live, retries then skips a failed
-event through its confirmation, and finds each action on the Audit page.
+pauses and resumes a read side, rebuilds it and watches the progress reach 100%, watches the
+table refresh live, retries then skips a failed event through its confirmation, and finds each
+action on the Audit page.
 
 Skipped with a reason when Chromium or Playwright is missing here; under ``CI=true`` they must
 be there (``.ci/run`` installs Chromium). ``LAGOMPY_CONSOLE_SCREENSHOTS=<dir>`` also saves a
@@ -124,6 +125,14 @@ def test_the_console_in_chromium(
         page.click(f"{row} button[data-action=resume]")
         eventually(lambda: page.locator(row).get_attribute("data-state") != "paused", "resumed")
 
+        # A rebuild, confirmed, watched until its progress reaches 100% (the live refresh).
+        page.click("#rebuild button[data-action=rebuild]")
+        assert "cannot be undone" in page.locator("#confirm-what").inner_text()
+        page.click("#confirm button")
+        progress = "#rebuild-rows tr[data-rebuild='console-names']"
+        eventually(lambda: page.locator(progress).get_attribute("data-percent") == "100", "100%")
+        assert page.locator(progress).get_attribute("data-state") == "done"
+
         # A failing event shows up on the open page by itself (the live refresh).
         assert httpx.post(f"{url}/register/u2/boom").status_code == 200
         boom = f"#readside-rows tr[data-tag='{tag_of('u2')}']"
@@ -162,6 +171,6 @@ def test_the_console_in_chromium(
         shoot(page, "breakers")
         page.get_by_role("link", name="Audit").click()
         audit = page.locator("#audit").inner_text()
-        for action in ("login", "pause", "resume", "skip"):
+        for action in ("login", "pause", "resume", "rebuild", "rebuild-finished", "skip"):
             assert f"\t{action}\t" in audit, action
         shoot(page, "audit")

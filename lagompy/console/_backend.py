@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import re
 from collections.abc import Mapping
-from datetime import date, datetime
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, date, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,28 @@ MASK = "***"
 
 #: How many recent read-side failures the overview lists.
 RECENT_FAILURES = 10
+
+
+@dataclass(frozen=True)
+class RebuildProgress:
+    """A rebuild started from the console (in this process): how far it got."""
+
+    processor: str
+    started_at: str
+    #: ``running``, ``done`` or ``failed``.
+    state: str = "running"
+    done: int = 0
+    total: int = 0
+    detail: str | None = None
+
+    @property
+    def percent(self) -> int:
+        if self.state == "done":
+            return 100
+        return 0 if self.total <= 0 else min(100, self.done * 100 // self.total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "percent": self.percent}
 
 
 class ActionError(Exception):
@@ -135,6 +158,9 @@ class Backend:
         self._serializer: Serializer | None = None
         self._audit: AuditLog | None = None
         self._lock = asyncio.Lock()
+        #: The rebuilds started here, by processor, and their tasks.
+        self.rebuilds: dict[str, RebuildProgress] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -146,6 +172,10 @@ class Backend:
         """Nothing to start: the journal's database is opened on first use."""
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         database, self._database, self._audit = self._database, None, None
         if database is not None:
             await database.dispose()
@@ -268,6 +298,78 @@ class Backend:
         for s in matching:
             await self.skip(s.processor, s.tag)
         return f"skipped the failing event of {len(matching)} tag(s)"
+
+    async def rebuild(self, processor: str, actor: str) -> str:
+        """Start rebuilding ``processor`` (``Projections.rebuild``) in the background; its
+        progress is in :attr:`rebuilds`, its end in the audit log."""
+        from lagompy.readside import ReadSideComponent
+
+        for component in self.service.components:
+            if not isinstance(component, ReadSideComponent) or component._running is None:
+                continue
+            for cls in component.processors:
+                if cls.name == processor:
+                    return self._start_rebuild(cls, component._running.projections, actor)
+        raise ActionError(404, f"no read-side processor {processor!r} runs in this service")
+
+    def _start_rebuild(self, cls: type[Any], projections: Projections, actor: str) -> str:
+        name = cls.name
+        if not cls.can_reset():
+            raise ActionError(
+                409, f"read-side processor {name!r} defines no reset(conn): it cannot be rebuilt"
+            )
+        if projections.journal is None:
+            raise ActionError(503, "the read side runs without its journal: it cannot rebuild")
+        current = self.rebuilds.get(name)
+        if current is not None and current.state == "running":
+            raise ActionError(409, f"a rebuild of {name!r} is already running")
+        self.rebuilds[name] = RebuildProgress(name, datetime.now(UTC).isoformat())
+        task = asyncio.create_task(self._run_rebuild(cls, projections, actor))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return "rebuild started"
+
+    async def _run_rebuild(self, cls: type[Any], projections: Projections, actor: str) -> None:
+        from lagompy.journal import open_storage
+        from lagompy.readside._processor import serializer_for_processors
+
+        name = cls.name
+        instance = cls()
+
+        def progress(done: int, total: int) -> None:
+            self.rebuilds[name] = replace(self.rebuilds[name], done=done, total=total)
+
+        assert projections.journal is not None
+        try:
+            async with await open_storage(
+                settings=projections.journal.settings,
+                serializer=serializer_for_processors([instance]),
+            ) as storage:
+                count = await projections.rebuild(
+                    instance, journal=storage.journal, progress=progress
+                )
+        except Exception as e:
+            log.exception("console: the rebuild of %r failed", name)
+            detail = f"{type(e).__name__} (see the service's log)"
+            self.rebuilds[name] = replace(self.rebuilds[name], state="failed", detail=detail)
+            result = "failed"
+        else:
+            detail = f"replayed {count} events"
+            self.rebuilds[name] = replace(
+                self.rebuilds[name], state="done", done=count, detail=detail
+            )
+            result = "ok"
+        try:
+            audit = await self.audit_log()
+            await audit.record(
+                actor=actor,
+                action="rebuild-finished",
+                target=f"read side {name}",
+                result=result,
+                detail=detail,
+            )
+        except Exception:
+            log.exception("console: could not audit the end of the rebuild of %r", name)
 
     # ------------------------------------------------------------------ overview
 

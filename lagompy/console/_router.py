@@ -31,6 +31,7 @@ ACTIONS: dict[str, bool] = {
     "skip": True,
     "set-offset": True,
     "skip-failed": True,
+    "rebuild": True,
 }
 
 #: Up to this many (processor, tag), the Read sides page shows them all with their lag (one
@@ -146,7 +147,7 @@ class Console:
 
     # ------------------------------------------------------------------ actions
 
-    def _prepare(self, action: str, params: dict[str, str]) -> tuple[str, Run]:
+    def _prepare(self, action: str, params: dict[str, str], actor: str) -> tuple[str, Run]:
         """The target (for the audit log) and the operation of an action, from its
         parameters; 400 naming the parameter that is wrong."""
         b = self.backend
@@ -159,6 +160,8 @@ class Console:
                 return target, lambda: b.retry_failed(processor, error)
             return target, lambda: b.skip_failed(processor, error)
         assert processor is not None
+        if action == "rebuild":
+            return f"read side {processor} (rebuild)", lambda: b.rebuild(processor, actor)
         target = f"read side {processor}, tag {tag or '*'}"
         if action == "pause":
             return target, lambda: b.pause(processor, tag)
@@ -187,7 +190,7 @@ class Console:
         ):
             raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
         try:
-            target, run = self._prepare(action, params)
+            target, run = self._prepare(action, params, caller.actor)
         except ActionError as e:
             raise HTTPException(e.status, e.detail) from None
         if ACTIONS[action] and params.get("confirm", "").lower() not in _YES:
@@ -316,6 +319,10 @@ class Console:
             except ActionError as e:
                 raise problem(e) from None
 
+        @router.get("/api/rebuilds")
+        async def api_rebuilds() -> list[dict[str, Any]]:
+            return [r.to_dict() for r in b.rebuilds.values()]
+
         @router.get("/api/breakers")
         async def api_breakers() -> list[dict[str, Any]]:
             return b.breakers()
@@ -357,13 +364,18 @@ class Console:
                     request, "error.html", e.status, action="show", target=processor,
                     detail=e.detail,
                 )  # fmt: skip
-            template = "_readside_rows.html" if fragment == "rows" else "readsides.html"
+            template = {"rows": "_readside_rows.html", "rebuilds": "_rebuild_rows.html"}.get(
+                fragment or "", "readsides.html"
+            )
             refresh_url = f"{self._base(request)}/readsides?" + urlencode(
                 {**({"processor": processor} if processor else {}), "fragment": "rows"}
             )
+            names = sorted(
+                {s.processor for s in statuses} | {x["processor"] for x in summary or []}
+            )
             return self._page(
                 request, template, statuses=statuses, summary=summary, processor=processor,
-                refresh_url=refresh_url,
+                refresh_url=refresh_url, rebuilds=list(b.rebuilds.values()), processors=names,
             )  # fmt: skip
 
         @router.get("/failed", response_class=HTMLResponse)
