@@ -288,10 +288,10 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         )  # fmt: skip
         unknown = http.post(act + "pause", json={"processor": "nope"}, headers=bearer)
         assert_problem(unknown, 404, "no read-side processor 'nope'")
-        bad_offset = {**body, "offset": "ten", "confirm": True}
-        assert_problem(
-            http.post(act + "set-offset", json=bad_offset, headers=bearer), 400, "offset"
-        )
+        for offset in ("ten", "-1", "²", "1e3", 10**20):
+            bad_offset = {**body, "offset": offset, "confirm": True}
+            response = http.post(act + "set-offset", json=bad_offset, headers=bearer)
+            assert_problem(response, 400, "offset")
         beyond = {**body, "offset": 10**9, "confirm": True}
         assert_problem(http.post(act + "set-offset", json=beyond, headers=bearer), 409, "beyond")
         # Destructive without confirmation: refused, nothing done.
@@ -334,6 +334,15 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         # The form without its CSRF token, or with another: refused.
         assert_problem(http.post(act + "resume", data=form), 403, "CSRF")
         assert_problem(http.post(act + "resume", data={**form, "csrf": "0" * 64}), 403, "CSRF")
+        assert_problem(http.post(act + "resume", data={**form, "csrf": "é"}), 403, "CSRF")
+        # A forged or mangled session cookie is no session.
+        with httpx.Client(base_url=str(http.base_url)) as other:
+            for raw in ("lagompy_console=x.é".encode("latin-1"), b"lagompy_console=abc.def"):
+                with_cookie = {b"Cookie": raw}
+                post = other.post(act + "resume", data={**form, "csrf": csrf}, headers=with_cookie)
+                assert_problem(post, 401)
+                page = other.get("/console/readsides", headers=with_cookie).text
+                assert "/actions/" not in page
         assert state(http, tag) == "paused"
         resumed = http.post(act + "resume", data={**form, "csrf": csrf}, follow_redirects=False)
         assert resumed.status_code == 303

@@ -58,7 +58,7 @@ class Auth:
             return None
         value = request.cookies.get(COOKIE, "")
         nonce, _, mac = value.partition(".")
-        if not nonce or not hmac.compare_digest(mac, self._mac("session", nonce)):
+        if not nonce or not hmac.compare_digest(mac.encode(), self._mac("session", nonce).encode()):
             return None
         return nonce
 

@@ -161,6 +161,8 @@ class Backend:
         #: The rebuilds started here, by processor, and their tasks.
         self.rebuilds: dict[str, RebuildProgress] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Held by an action from its start to its audit row, and by a rebuild's end.
+        self.audit_order = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -361,13 +363,14 @@ class Backend:
             result = "ok"
         try:
             audit = await self.audit_log()
-            await audit.record(
-                actor=actor,
-                action="rebuild-finished",
-                target=f"read side {name}",
-                result=result,
-                detail=detail,
-            )
+            async with self.audit_order:  # after the audit row of the rebuild's start
+                await audit.record(
+                    actor=actor,
+                    action="rebuild-finished",
+                    target=f"read side {name}",
+                    result=result,
+                    detail=detail,
+                )
         except Exception:
             log.exception("console: could not audit the end of the rebuild of %r", name)
 

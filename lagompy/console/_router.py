@@ -171,7 +171,7 @@ class Console:
             return target, lambda: b.skip(processor, tag)
         assert tag is not None
         raw = params.get("offset", "").strip()
-        if not raw.isdigit() or len(raw) > 18:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
             raise ActionError(400, f"offset must be a whole number of 0 or more (got {raw[:30]!r})")
         offset = int(raw)
         force = params.get("force", "").lower() in _YES
@@ -211,20 +211,23 @@ class Console:
             audit = await self.backend.audit_log()
         except ActionError as e:
             raise HTTPException(e.status, e.detail) from None
-        status, result = 200, "ok"
-        try:
-            detail = await run()
-        except ActionError as e:
-            status, result, detail = e.status, "refused", e.detail
-        except ConfigurationError as e:
-            status, result, detail = 409, "refused", str(e)
-        except Exception as e:
-            log.exception("console action %s on %s failed", action, target)
-            status, result = 500, "failed"
-            detail = f"{type(e).__name__} (see the service's log)"
-        await audit.record(
-            actor=caller.actor, action=action, target=target, result=result, detail=detail
-        )
+        # An action and its audit row under one lock: what it starts in the background (a
+        # rebuild) audits its end after its start.
+        async with self.backend.audit_order:
+            status, result = 200, "ok"
+            try:
+                detail = await run()
+            except ActionError as e:
+                status, result, detail = e.status, "refused", e.detail
+            except ConfigurationError as e:
+                status, result, detail = 409, "refused", str(e)
+            except Exception as e:
+                log.exception("console action %s on %s failed", action, target)
+                status, result = 500, "failed"
+                detail = f"{type(e).__name__} (see the service's log)"
+            await audit.record(
+                actor=caller.actor, action=action, target=target, result=result, detail=detail
+            )
         log.info("console: %s did %s on %s: %s (%s)", caller.actor, action, target, result, detail)
         if browser:
             if status != 200:
