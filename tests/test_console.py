@@ -190,6 +190,9 @@ def test_read_only_console_shows_everything_and_refuses_every_action(
             1, "UserRegistered", "Ada",
         )  # fmt: skip
         assert found["masked"] is False
+        assert found["state"] == {
+            "user_id": "u1", "name": "Ada", "email": "Ada@example.org", "active": True,
+        }  # fmt: skip
         assert "Ada@example.org" in http.get("/console/entities?type=user&id=u1").text
         overview = http.get("/console/api/overview").json()
         assert overview["checks"]["readside"] == "ok"
@@ -387,6 +390,7 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         # Entities: masked payloads by default; bad lookups are 4xx problems.
         found = http.get("/console/api/entities/user/u1").json()
         assert found["events"][0]["payload"] == {"user_id": MASK, "name": MASK, "email": MASK}
+        assert found["state"] == {"user_id": MASK, "name": MASK, "email": MASK, "active": MASK}
         assert "Ada@example.org" not in http.get("/console/entities?type=user&id=u1").text
         entity = "/console/api/entities/"
         assert_problem(http.get(entity + "robot/1"), 404, "no entity type 'robot'", "user")

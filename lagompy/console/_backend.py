@@ -508,6 +508,7 @@ class Backend:
         return {
             "entity_type": entity_type,
             "entity_id": entity_id,
+            "state": await self._current_state(entity_type, entity_id, masked),
             "highest_seq_nr": None if highest is None else int(highest),
             "from_seq_nr": from_seq_nr,
             "next_seq_nr": events[-1]["seq_nr"] + 1 if len(rows) > size else None,
@@ -515,6 +516,23 @@ class Backend:
             "events": events,
             "snapshot": snapshot,
         }
+
+    async def _current_state(self, entity_type: str, entity_id: str, masked: bool) -> Any:
+        """The entity's state now, recovered from its snapshot and later events exactly as a
+        shard host recovers it; what went wrong instead, when it cannot be."""
+        from lagompy.journal import Journal, SnapshotStore
+        from lagompy.runtime._processing import recover
+
+        (cls,) = [c for c in self.service.entity_classes if c.type_name == entity_type]
+        database = await self._journal()
+        serializer = self.serializer()
+        try:
+            live = await recover(
+                cls, entity_id, Journal(database, serializer), SnapshotStore(database, serializer)
+            )
+        except LagompyError as e:
+            return {"cannot recover": type(e).__name__}
+        return jsonable(live.state, masked=masked)
 
     def _decode(self, type_name: str, version: int, payload: bytes, masked: bool) -> Any:
         try:
