@@ -71,12 +71,16 @@ class ConsoleNames(SqlReadSideProcessor):
 
 
 def console_app(
-    journal: JournalSettings, console: ConsoleSettings, *, ray: bool = False
+    journal: JournalSettings,
+    console: ConsoleSettings,
+    *,
+    ray: bool = False,
+    breakers: BreakerRegistry | None = None,
 ) -> FastAPI:
     """A service with users, a read side, a breaker and the console; POST /register/{id}/{name}.
     With ``ray``, the users live on two shard hosts (8 shards), stopped with the service."""
     readside = ReadSideComponent([ConsoleNames], journal_settings=journal, **FAST)
-    breakers = BreakerRegistry()
+    breakers = BreakerRegistry() if breakers is None else breakers
     breakers.get("inventory")
     service = Service(
         name=f"console-test-{uuid.uuid4().hex[:8]}" if ray else "console-test",
@@ -99,10 +103,10 @@ def console_app(
 
 @contextlib.contextmanager
 def serving(
-    journal: JournalSettings, console: ConsoleSettings, *, ray: bool = False
+    journal: JournalSettings, console: ConsoleSettings, **options: Any
 ) -> Iterator[httpx.Client]:
     with (
-        serve_in_thread(console_app(journal, console, ray=ray)) as url,
+        serve_in_thread(console_app(journal, console, **options)) as url,
         httpx.Client(base_url=url, timeout=30) as http,
     ):
         yield http
@@ -155,7 +159,9 @@ def csrf_of(html: str) -> str:
 def test_read_only_console_shows_everything_and_refuses_every_action(
     journal_settings: JournalSettings,
 ) -> None:
-    with serving(journal_settings, ConsoleSettings(show_payloads=True)) as http:
+    breakers = BreakerRegistry()
+    console = ConsoleSettings(show_payloads=True)
+    with serving(journal_settings, console, breakers=breakers) as http:
         assert http.post("/register/u1/Ada").status_code == 200
         handled(http, 1)
         for page in PAGES:
@@ -200,6 +206,14 @@ def test_read_only_console_shows_everything_and_refuses_every_action(
         assert overview["hosts"][0]["live_entities"] == 1
         assert overview["breakers"] == {"total": 1, "open": 0, "not_closed": []}
         assert "inventory" in http.get("/console/breakers").text
+        # The breakers' state changes, newest first.
+        breakers.get("inventory").open()
+        breakers.get("inventory").close()
+        changes = http.get("/console/api/breaker-changes").json()
+        assert [(c["breaker"], c["state"]) for c in changes] == [
+            ("inventory", "closed"), ("inventory", "open"),
+        ]  # fmt: skip
+        assert "state-open" in http.get("/console/breakers").text
 
         # Beyond 64 tags, one line per processor, each linking to its tags (with their lag).
         async def many_tags() -> None:
@@ -367,10 +381,13 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         assert (failed["tag"], failed["error_class"]) == (boom, "RuntimeError")
         assert http.get("/console/api/failed", params={"error": "KeyError"}).json() == []
         assert http.get("/console/api/failed", params={"processor": "other"}).json() == []
+        for entity, count in (("user/u2", 1), ("user", 1), ("user/u1", 0), ("robot", 0)):
+            found = http.get("/console/api/failed", params={"entity": entity}).json()
+            assert len(found) == count, entity
         page = http.get("/console/failed", params={"error": "RuntimeError"}).text
         assert "cannot project boom" in page and "/actions/skip-failed" in page
         # Retry (resume): it fails again. Skip: the browser is asked to confirm first.
-        filt = {"error": "RuntimeError", "csrf": csrf, "next": "/console/failed"}
+        filt = {"error": "RuntimeError", "entity": "user", "csrf": csrf, "next": "/console/failed"}
         assert http.post(act + "retry-failed", data=filt, follow_redirects=False).status_code == 303
         wait_for(lambda: state(http, boom) == "failed", "failed again")
         confirm = http.post(act + "skip-failed", data=filt)

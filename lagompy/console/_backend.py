@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime
@@ -34,12 +35,15 @@ if TYPE_CHECKING:
     from lagompy.serialization import Serializer
     from lagompy.service import Service
 
-__all__ = ["MASK", "ActionError", "Backend", "error_class"]
+__all__ = ["MASK", "ActionError", "Backend", "FailedFilter", "error_class"]
 
 log = logging.getLogger("lagompy.console")
 
 #: What a masked value shows.
 MASK = "***"
+
+#: How many breaker state changes the console keeps (per process).
+BREAKER_CHANGES = 100
 
 #: How many recent read-side failures the overview lists.
 RECENT_FAILURES = 10
@@ -116,19 +120,39 @@ def jsonable(value: Any, *, masked: bool) -> Any:
     return repr(value)[:1000]
 
 
-def filter_failed(
-    statuses: list[WorkerStatus], processor: str | None, error: str | None
-) -> list[WorkerStatus]:
-    """The statuses stopped at an event (``failed``) of ``processor`` and error class ``error``
-    (either None: any)."""
-    return [
-        s
-        for s in statuses
-        if s.state == "failed"
-        and s.failure is not None
-        and (not processor or s.processor == processor)
-        and (not error or error_class(s.failure.error) == error)
-    ]
+@dataclass(frozen=True)
+class FailedFilter:
+    """Which failed tags: of a processor, an error class (see :func:`error_class`) and an
+    entity (``type`` or ``type/id``); None matches any."""
+
+    processor: str | None = None
+    error: str | None = None
+    entity: str | None = None
+
+    def matches(self, s: WorkerStatus) -> bool:
+        failure = s.failure
+        if s.state != "failed" or failure is None:
+            return False
+        if self.processor and s.processor != self.processor:
+            return False
+        if self.error and error_class(failure.error) != self.error:
+            return False
+        if self.entity:
+            kind, _, entity_id = self.entity.partition("/")
+            if failure.entity_type != kind or (entity_id and failure.entity_id != entity_id):
+                return False
+        return True
+
+    def describe(self) -> str:
+        return (
+            f"processor={self.processor or '*'}, error={self.error or '*'}, "
+            f"entity={self.entity or '*'}"
+        )
+
+
+def filter_failed(statuses: list[WorkerStatus], which: FailedFilter) -> list[WorkerStatus]:
+    """The statuses stopped at an event (``failed``) that ``which`` matches."""
+    return [s for s in statuses if which.matches(s)]
 
 
 def summarize(statuses: list[WorkerStatus]) -> list[dict[str, Any]]:
@@ -163,6 +187,16 @@ class Backend:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Held by an action from its start to its audit row, and by a rebuild's end.
         self.audit_order = asyncio.Lock()
+        #: The breakers' state changes seen by this process, newest last.
+        self.breaker_changes: deque[dict[str, Any]] = deque(maxlen=BREAKER_CHANGES)
+        service.breakers.add_listener(self._breaker_event)
+
+    def _breaker_event(self, breaker: Any, event: str) -> None:
+        if event == "state":
+            self.breaker_changes.append(
+                {"at": datetime.now(UTC).isoformat(), "breaker": breaker.id,
+                 "state": breaker.last_state}
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -246,12 +280,10 @@ class Backend:
             raise ActionError(404, f"no read-side processor {processor!r} in this service")
         return statuses
 
-    async def failed(
-        self, processor: str | None = None, error: str | None = None
-    ) -> list[WorkerStatus]:
-        """The (processor, tag) stopped at an event (state ``failed``), filtered by processor
-        and by error class (see :func:`error_class`)."""
-        return filter_failed(await self.readsides(lag=False), processor, error)
+    async def failed(self, which: FailedFilter = FailedFilter()) -> list[WorkerStatus]:
+        """The (processor, tag) stopped at an event (state ``failed``) that ``which``
+        matches."""
+        return filter_failed(await self.readsides(lag=False), which)
 
     async def _projections_of(self, processor: str, tag: str | None) -> Projections:
         for projections in self.projections():
@@ -283,18 +315,18 @@ class Backend:
         await projections.set_offset(processor, tag, offset, force=force)
         return f"set the offset of tag {tag!r} to {offset}"
 
-    async def retry_failed(self, processor: str | None, error: str | None) -> str:
+    async def retry_failed(self, which: FailedFilter) -> str:
         """Resume every failed (processor, tag) matching the filter: each retries its event."""
-        matching = await self.failed(processor, error)
+        matching = await self.failed(which)
         if not matching:
             raise ActionError(409, "no failed read-side tag matches the filter")
         for s in matching:
             await self.resume(s.processor, s.tag)
         return f"retried {len(matching)} failed tag(s)"
 
-    async def skip_failed(self, processor: str | None, error: str | None) -> str:
+    async def skip_failed(self, which: FailedFilter) -> str:
         """Skip the failing event of every failed (processor, tag) matching the filter."""
-        matching = await self.failed(processor, error)
+        matching = await self.failed(which)
         if not matching:
             raise ActionError(409, "no failed read-side tag matches the filter")
         for s in matching:

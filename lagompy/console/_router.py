@@ -15,7 +15,14 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from lagompy.console._auth import COOKIE, Auth, Caller
-from lagompy.console._backend import ActionError, Backend, error_class, filter_failed, summarize
+from lagompy.console._backend import (
+    ActionError,
+    Backend,
+    FailedFilter,
+    error_class,
+    filter_failed,
+    summarize,
+)
 from lagompy.console._settings import ConsoleSettings
 from lagompy.errors import ConfigurationError
 
@@ -154,11 +161,15 @@ class Console:
         processor = _name(params, "processor", required=action not in _FILTERED)
         tag = _name(params, "tag", required=action == "set-offset")
         if action in _FILTERED:
-            error = _name(params, "error", required=False)
-            target = f"failed tags (processor={processor or '*'}, error={error or '*'})"
+            which = FailedFilter(
+                processor,
+                _name(params, "error", required=False),
+                _name(params, "entity", required=False),
+            )
+            target = f"failed tags ({which.describe()})"
             if action == "retry-failed":
-                return target, lambda: b.retry_failed(processor, error)
-            return target, lambda: b.skip_failed(processor, error)
+                return target, lambda: b.retry_failed(which)
+            return target, lambda: b.skip_failed(which)
         assert processor is not None
         if action == "rebuild":
             return f"read side {processor} (rebuild)", lambda: b.rebuild(processor, actor)
@@ -306,11 +317,12 @@ class Console:
 
         @router.get("/api/failed")
         async def api_failed(
-            processor: str | None = None, error: str | None = None
+            processor: str | None = None, error: str | None = None, entity: str | None = None
         ) -> list[dict[str, Any]]:
+            which = FailedFilter(processor or None, error or None, entity or None)
             return [
                 {**s.to_dict(), "error_class": error_class(s.failure.error) if s.failure else None}
-                for s in await b.failed(processor, error)
+                for s in await b.failed(which)
             ]
 
         @router.get("/api/entities/{entity_type}/{entity_id}")
@@ -329,6 +341,10 @@ class Console:
         @router.get("/api/breakers")
         async def api_breakers() -> list[dict[str, Any]]:
             return b.breakers()
+
+        @router.get("/api/breaker-changes")
+        async def api_breaker_changes() -> list[dict[str, Any]]:
+            return list(reversed(b.breaker_changes))
 
         @router.get("/api/audit")
         async def api_audit(limit: int = Query(default=200, ge=1, le=1000)) -> list[dict[str, Any]]:
@@ -386,11 +402,12 @@ class Console:
             request: Request,
             processor: str | None = None,
             error: str | None = None,
+            entity: str | None = None,
             fragment: str | None = None,
         ) -> Response:
-            processor, error = processor or None, error or None
+            which = FailedFilter(processor or None, error or None, entity or None)
             everything = await b.failed()
-            rows = filter_failed(everything, processor, error)
+            rows = filter_failed(everything, which)
             template = "_failed_rows.html" if fragment == "rows" else "failed.html"
             return self._page(
                 request,
@@ -398,6 +415,7 @@ class Console:
                 rows=rows,
                 processor=processor or "",
                 error=error or "",
+                entity=entity or "",
                 processors=sorted({s.processor for s in everything}),
                 errors=sorted({error_class(s.failure.error) for s in everything if s.failure}),
             )
@@ -428,7 +446,12 @@ class Console:
 
         @router.get("/breakers", response_class=HTMLResponse)
         async def breakers(request: Request) -> Response:
-            return self._page(request, "breakers.html", breakers=b.breakers())
+            return self._page(
+                request,
+                "breakers.html",
+                breakers=b.breakers(),
+                changes=list(reversed(b.breaker_changes)),
+            )
 
         @router.get("/audit", response_class=HTMLResponse)
         async def audit(request: Request) -> Response:
