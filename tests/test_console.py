@@ -247,7 +247,16 @@ def test_the_overview_shows_the_shard_hosts_on_ray(
         assert sum(h["live_entities"] for h in hosts) == 3
         assert all(isinstance(h["pid"], int) for h in hosts)
         page = http.get("/console/").text
-        assert page.count("<tr><td>0</td>") + page.count("<tr><td>1</td>") >= 2
+        assert 'data-host="0"' in page and 'data-host="1"' in page
+        # Commands per second since the last reading (none at the first).
+        assert all(h["commands_per_s"] is None for h in hosts)
+        time.sleep(0.6)
+        for user in ("u4", "u5", "u6", "u7"):
+            assert http.post(f"/register/{user}/Ada").status_code == 200
+        hosts = http.get("/console/api/overview").json()["hosts"]
+        assert sum(h["commands_per_s"] for h in hosts) > 0
+        fragment = http.get("/console/?fragment=hosts").text
+        assert fragment.count("<tr data-host=") == 2 and "<html" not in fragment
         # The entity's events are read from the journal the hosts write.
         found = http.get("/console/api/entities/user/u2").json()
         assert [e["type"] for e in found["events"]] == ["UserRegistered"]

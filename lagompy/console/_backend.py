@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +42,9 @@ log = logging.getLogger("lagompy.console")
 
 #: What a masked value shows.
 MASK = "***"
+
+#: Seconds between two readings of a host's commands for a rate.
+MIN_RATE_INTERVAL = 0.5
 
 #: How many breaker state changes the console keeps (per process).
 BREAKER_CHANGES = 100
@@ -187,6 +191,8 @@ class Backend:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Held by an action from its start to its audit row, and by a rebuild's end.
         self.audit_order = asyncio.Lock()
+        #: The last stats read of each host: (monotonic time, commands, rate).
+        self._host_samples: dict[Any, tuple[float, float, float | None]] = {}
         #: The breakers' state changes seen by this process, newest last.
         self.breaker_changes: deque[dict[str, Any]] = deque(maxlen=BREAKER_CHANGES)
         service.breakers.add_listener(self._breaker_event)
@@ -427,6 +433,7 @@ class Backend:
                 index = host.get("index")
                 if topology is not None and isinstance(index, int):
                     host["shards"] = len(range(index, topology.shards, topology.hosts))
+                host["commands_per_s"] = self._rate(host)
         breakers = service.breakers.status()
         readsides = await self.readsides(lag=False)
         failures = sorted(
@@ -452,6 +459,25 @@ class Backend:
             },
             "recent_failures": [s.to_dict() for s in failures],
         }
+
+    def _rate(self, host: dict[str, Any]) -> float | None:
+        """Commands per second of a host since the console last read its stats (None the
+        first time, or after the host restarted)."""
+        key, commands, now = (
+            (host.get("index"), host.get("pid")),
+            host.get("commands"),
+            time.monotonic(),
+        )
+        if not isinstance(commands, int | float):
+            return None
+        before = self._host_samples.get(key)
+        if before is not None and now - before[0] < MIN_RATE_INTERVAL:
+            return before[2]  # too close to the last reading: its rate again
+        rate = None
+        if before is not None and commands >= before[1]:
+            rate = round((commands - before[1]) / (now - before[0]), 1)
+        self._host_samples[key] = (now, commands, rate)
+        return rate
 
     def breakers(self) -> list[dict[str, Any]]:
         return self.service.breakers.status()
@@ -586,6 +612,7 @@ HOST_FIELDS = (
     "shards",
     "live_entities",
     "commands",
+    "commands_per_s",
     "events_persisted",
     "activations",
     "passivations",

@@ -363,8 +363,9 @@ class Console:
             return RedirectResponse(self._base(request) + "/", status_code=307)
 
         @router.get("/", response_class=HTMLResponse)
-        async def overview(request: Request) -> Response:
-            return self._page(request, "overview.html", overview=await b.overview())
+        async def overview(request: Request, fragment: str | None = None) -> Response:
+            template = "_hosts.html" if fragment == "hosts" else "overview.html"
+            return self._page(request, template, overview=await b.overview())
 
         @router.get("/readsides", response_class=HTMLResponse)
         async def readsides(
