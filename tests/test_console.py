@@ -199,6 +199,8 @@ def test_read_only_console_shows_everything_and_refuses_every_action(
         assert found["state"] == {
             "user_id": "u1", "name": "Ada", "email": "Ada@example.org", "active": True,
         }  # fmt: skip
+        (command,) = found["commands"]  # the ask's reply, stored with its event
+        assert command["seq_nr"] == 1 and "Ada@example.org" in str(command["reply"])
         assert "Ada@example.org" in http.get("/console/entities?type=user&id=u1").text
         overview = http.get("/console/api/overview").json()
         assert overview["checks"]["readside"] == "ok"
@@ -417,6 +419,8 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         found = http.get("/console/api/entities/user/u1").json()
         assert found["events"][0]["payload"] == {"user_id": MASK, "name": MASK, "email": MASK}
         assert found["state"] == {"user_id": MASK, "name": MASK, "email": MASK, "active": MASK}
+        (command,) = found["commands"]
+        assert "Ada" not in str(command["reply"]) and MASK in str(command["reply"])
         assert "Ada@example.org" not in http.get("/console/entities?type=user&id=u1").text
         entity = "/console/api/entities/"
         assert_problem(http.get(entity + "robot/1"), 404, "no entity type 'robot'", "user")

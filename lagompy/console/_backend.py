@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from sqlalchemy import select
 
 from lagompy.console._audit import AuditEntry, AuditLog
@@ -48,6 +49,9 @@ MIN_RATE_INTERVAL = 0.5
 
 #: How many breaker state changes the console keeps (per process).
 BREAKER_CHANGES = 100
+
+#: How many of an entity's latest command replies the Entities page shows.
+RECENT_COMMANDS = 20
 
 #: How many recent read-side failures the overview lists.
 RECENT_FAILURES = 10
@@ -526,9 +530,17 @@ class Backend:
             .order_by(s.c.seq_nr.desc())
             .limit(1)
         )
+        r = schema.command_replies
+        replies_stmt = (
+            select(r.c.command_id, r.c.seq_nr, r.c.payload)
+            .where(r.c.entity_type == entity_type, r.c.entity_id == entity_id)
+            .order_by(r.c.seq_nr.desc())
+            .limit(RECENT_COMMANDS)
+        )
         async with database.read() as conn:
             rows = (await conn.execute(stmt)).all()
             snap = (await conn.execute(snap_stmt)).first()
+            replies = (await conn.execute(replies_stmt)).all()
             highest = None
             if rows or snap is not None:
                 highest = (
@@ -572,6 +584,14 @@ class Backend:
             "next_seq_nr": events[-1]["seq_nr"] + 1 if len(rows) > size else None,
             "masked": masked,
             "events": events,
+            "commands": [
+                {
+                    "command_id": command_id,
+                    "seq_nr": int(seq_nr),
+                    "reply": _plain_reply(payload, masked),
+                }
+                for command_id, seq_nr, payload in replies
+            ],
             "snapshot": snapshot,
         }
 
@@ -603,6 +623,16 @@ class Backend:
 
     async def audit(self, limit: int = 200) -> list[AuditEntry]:
         return await (await self.audit_log()).recent(limit)
+
+
+def _plain_reply(payload: bytes, masked: bool) -> Any:
+    """A stored reply as plain data: its bytes are msgpack (see ``Serializer.encode_value``),
+    read here without the reply's type (the row does not name the command)."""
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:  # any malformed payload: the page still answers
+        return {"cannot decode": type(e).__name__}
+    return jsonable(value, masked=masked)
 
 
 #: The host figures the console shows, in order.
