@@ -7,12 +7,16 @@ later ("a topic with no usable transport fails at start")."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from lagompy.closing import AsyncClosing, opener
+from lagompy.consumer import EventConsumer
 from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import Journal
+from lagompy.readside._projections import Projections, WorkerStatus
 from lagompy.topic._topic import Topic
 from lagompy.topic._transport import TopicProducer, TopicTransport
 
@@ -45,6 +49,28 @@ class Producers(AsyncClosing):
             self._tasks.append(
                 asyncio.create_task(producer.run(), name=f"topic producer {topic.name} {partition}")
             )
+
+    def producer(self, topic: str, partition: int) -> TopicProducer:
+        """The producer of ``topic``'s ``partition`` in this process."""
+        found = self.producers.get((topic, partition))
+        if found is None:
+            raise ConfigurationError(f"no producer of topic {topic!r} partition {partition}")
+        return found
+
+    async def status(self) -> list[WorkerStatus]:
+        """Every partition of the producers that run on the consumer core (the broker
+        transports'), as their rows in the journal's offset table show them: position, lag
+        behind the journal in events and seconds, state, owner, events/s, last failure."""
+        found: list[WorkerStatus] = []
+        names: dict[str, Journal] = {}
+        for producer in self.producers.values():
+            if isinstance(producer, EventConsumer) and producer.journal is not None:
+                names[producer.name] = producer.journal
+        for name, journal in names.items():
+            projections = Projections(journal.database, journal.database)
+            with contextlib.suppress(ConfigurationError):  # no row yet: not started anywhere
+                found += await projections.status(name)
+        return found
 
     def problems(self) -> list[str]:
         """Producers whose task ended with an error (they retry on their own otherwise)."""
