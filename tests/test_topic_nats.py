@@ -311,3 +311,26 @@ def test_bad_settings_name_the_setting() -> None:
         NatsTransport(url="nats://127.0.0.1:4222").producer(contract_topic, 0)
     with pytest.raises(ConfigurationError, match="partitions 0 to 1"):
         NatsTransport(url="nats://127.0.0.1:4222").feed(contract_topic, 5, group="g")
+
+
+@pytest.mark.asyncio
+async def test_the_feed_tells_the_lag_of_a_position(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    try:
+        await broker.start_producers()
+        written = await env.append(*(Deposited("lagging", i) for i in range(12)))
+        await broker.published_to_heads()
+        partition = contract_topic.partition_of("lagging")
+        feed = broker.transport().feed(contract_topic, partition, group="lag")
+        head, behind, seconds = await feed.lag(written[3].offset)
+        assert head == written[-1].offset
+        assert behind == 8
+        assert 0 <= seconds < 30
+        assert (await feed.lag(written[-1].offset))[1:] == (0, 0.0)
+        await feed.link.close()
+    finally:
+        await broker.close()
+        await env.close()

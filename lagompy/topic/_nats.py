@@ -730,6 +730,45 @@ class NatsFeed:
         last = await self.link.last_message(self.stream, self.subject)
         return 0 if last is None else _offset_of(last)
 
+    async def lag(self, after: int) -> tuple[int, int, float]:
+        """(head, messages behind, age in seconds of the oldest of them) of ``after``, as the
+        broker sees it: the head is the offset of the subject's last message; the count comes
+        from a consumer made for the question at the first message above ``after`` (its
+        pending count), then deleted."""
+        from nats.js import api
+
+        try:
+            last = await self.link.last_message(self.stream, self.subject)
+            head = 0 if last is None else _offset_of(last)
+            if head <= after:
+                return head, 0, 0.0
+            seq, first = await self.link.seek(
+                self.stream, self.subject, lambda m: _offset_of(m) > after
+            )
+            if first is None:
+                return head, 0, 0.0
+            js = await self.link.js()
+            name = f"{self._consumer_prefix}_lag_{uuid.uuid4().hex[:8]}"
+            info = await js.add_consumer(
+                self.stream,
+                api.ConsumerConfig(
+                    name=name,
+                    filter_subject=self.subject,
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=seq,
+                    ack_policy=api.AckPolicy.NONE,
+                    inactive_threshold=5.0,
+                ),
+            )
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(self.stream, name)
+        except (TopicError, ConfigurationError):
+            raise
+        except Exception as e:
+            raise _broker_error(f"{self.where()}: reading its lag", e) from None
+        age = time.time() - _time_of(dict(first.headers or {})).timestamp()
+        return head, int(info.num_pending or 0), max(0.0, round(age, 3))
+
     async def _drop_consumer(self) -> None:
         sub, name, self._sub, self._consumer = self._sub, self._consumer, None, None
         if sub is not None:
