@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -289,6 +290,7 @@ class _Link:
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
         self._streams: set[str] = set()
+        self._closing = False
 
     async def js(self) -> JetStreamContext:
         if self._js is not None:
@@ -301,7 +303,8 @@ class _Link:
                     log.debug("NATS connection: %s", type(e).__name__)
 
                 async def disconnected() -> None:
-                    log.warning("NATS connection lost; reconnecting")
+                    if not self._closing:
+                        log.warning("NATS connection lost; reconnecting")
 
                 async def reconnected() -> None:
                     log.info("NATS connection back")
@@ -333,12 +336,19 @@ class _Link:
                         f"the NATS broker cannot be reached ({type(e).__name__})"
                     ) from None
                 self._nc = nc
+                self._closing = False
                 self._js = nc.jetstream(
                     timeout=self.settings.ack_timeout,
                     publish_async_max_pending=self.settings.max_in_flight,
                 )
         assert self._js is not None
         return self._js
+
+    async def client(self) -> NatsClient:
+        """The connection (opened on first use)."""
+        await self.js()
+        assert self._nc is not None
+        return self._nc
 
     async def ensure_stream(self, topic: Topic[Any]) -> str:
         """Create the topic's stream if it is missing (idempotent); its name."""
@@ -422,6 +432,7 @@ class _Link:
         return lo, await self.next_message(stream, subj, lo)
 
     async def close(self) -> None:
+        self._closing = True
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -670,7 +681,16 @@ class NatsProducer(EventConsumer):
 
 class NatsFeed:
     """A :class:`~lagompy.topic.MessageFeed` of one partition, pulled from JetStream (see the
-    module's docs)."""
+    module's docs).
+
+    It reads with one standing pull request at a time (``batch`` messages, expiring after a
+    few long polls) on an inbox subscription of its own: the broker sends each message as soon
+    as it is stored, so a live message costs no round trip, and a request for the next batch
+    goes out as soon as one is used up. (nats-py's ``fetch`` waits for a whole batch or its
+    timeout, which put a floor of that timeout under every message's lag.)"""
+
+    #: Messages asked for per pull request.
+    PULL = 1000
 
     def __init__(self, link: _Link, topic: Topic[Any], partition: int, *, group: str) -> None:
         topic.partition_tag(partition)  # out of range: ConfigurationError now
@@ -683,8 +703,18 @@ class NatsFeed:
         self.subject = subject(prefix, topic, partition)
         safe_group = "".join(c if c in _NAME_CHARS else "-" for c in group)[:80]
         self._consumer_prefix = f"{safe_group}_{partition}"
-        self._sub: JetStreamContext.PullSubscription | None = None
         self._consumer: str | None = None
+        self._inbox: Any = None
+        self._next_subject = ""
+        #: Broker messages arrived (by the subscription's callback), not yet looked at.
+        self._incoming: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        #: Messages the current pull request may still bring (0: none is outstanding), and
+        #: when it expires.
+        self._outstanding = 0
+        self._request_until = 0.0
+        #: The consumer is gone (a status said so): position again.
+        self._lost: str | None = None
         #: What was fetched above the committed position, in offset order: (offset, message
         #: or None for a position marker, the broker's message to acknowledge).
         self._buffer: deque[tuple[int, Message[Any] | None, Msg]] = deque()
@@ -693,7 +723,6 @@ class NatsFeed:
         self._pos = 0
         self._positioned = False
         self._handed = 0
-        self._caught_up = False
         self._woken = asyncio.Event()
         self._silent_since = time.monotonic()
         #: Subscriptions found stopped and re-positioned.
@@ -769,23 +798,29 @@ class NatsFeed:
         age = time.time() - _time_of(dict(first.headers or {})).timestamp()
         return head, int(info.num_pending or 0), max(0.0, round(age, 3))
 
+    # ------------------------------------------------------------------ the consumer
+
     async def _drop_consumer(self) -> None:
-        sub, name, self._sub, self._consumer = self._sub, self._consumer, None, None
-        if sub is not None:
+        inbox, name, self._inbox, self._consumer = self._inbox, self._consumer, None, None
+        self._outstanding = 0
+        self._incoming.clear()
+        if inbox is not None:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await inbox.unsubscribe()
         if name is not None:
             with contextlib.suppress(Exception):
                 js = await self.link.js()
                 await js.delete_consumer(self.stream, name)
 
     async def _position(self, after: int) -> None:
-        """A fresh pull consumer from the first message above ``after``."""
+        """A fresh pull consumer from the first message above ``after``, and a fresh inbox
+        (nothing a former request still sends can reach the new position)."""
         from nats.js import api
 
         await self._drop_consumer()
         self._buffer.clear()
         self._positioned = False
+        self._lost = None
         await self.link.ensure_stream(self.topic)
         seq, _ = await self.link.seek(self.stream, self.subject, lambda m: _offset_of(m) > after)
         name = f"{self._consumer_prefix}_{uuid.uuid4().hex[:10]}"
@@ -804,30 +839,56 @@ class NatsFeed:
             ),
         )
         self._consumer = name
-        self._sub = await js.pull_subscribe_bind(name, stream=self.stream)
+        nc = await self.link.client()
+        self._inbox = await nc.subscribe(nc.new_inbox(), cb=self._received)
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}"
         self._base = self._pos = after
         self._positioned = True
-        self._caught_up = False
         self._silent_since = time.monotonic()
         log.info("%s: reading from stream sequence %d (after offset %d)", self.where(), seq, after)
 
-    async def _fetch(self, n: int, timeout: float) -> int:
-        """Fetch up to ``n`` messages into the buffer; how many new ones came."""
-        import nats.errors
+    async def _received(self, msg: Msg) -> None:
+        """The inbox subscription's callback: a message, or a status ending the request."""
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None or msg.data:
+            self._incoming.append(msg)
+            self._outstanding = max(0, self._outstanding - 1)
+        elif status == "100":  # an idle heartbeat
+            return
+        else:  # 404/408: the request ended; 409: it was cut; 503: no consumer any more
+            self._outstanding = 0
+            description = (headers or {}).get("Description", "")
+            if status == "503" or "Deleted" in description:
+                self._lost = f"status {status} {description}".strip()
+        self._arrived.set()
 
-        assert self._sub is not None
-        try:
-            msgs = await self._sub.fetch(n, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return 0
-        added = 0
-        for msg in msgs:
+    async def _request(self) -> None:
+        """Keep one pull request outstanding."""
+        now = time.monotonic()
+        if self._outstanding > 0 and now < self._request_until:
+            return
+        expires = max(1.0, self.link.settings.long_poll * 5)
+        nc = await self.link.client()
+        await nc.publish(
+            self._next_subject,
+            json.dumps({"batch": self.PULL, "expires": int(expires * 1e9)}).encode(),
+            reply=self._inbox.subject,
+        )
+        self._outstanding = self.PULL
+        self._request_until = now + expires + 1.0
+
+    async def _take(self) -> None:
+        """Move the arrived messages into the buffer (decoded, in order, without repeats)."""
+        incoming = self._incoming
+        while incoming:
+            msg = incoming.popleft()
             offset = _offset_of(msg)
             if offset <= self._pos:
                 if offset <= self._base:
-                    await msg.ack()  # committed: a redelivery
+                    await msg.ack()  # committed already: a redelivery
                 continue
-            headers = dict(msg.headers or {})
+            headers = msg.headers or {}
             message = None
             if H_MARKER not in headers:
                 try:
@@ -836,14 +897,19 @@ class NatsFeed:
                     raise TopicMessageInvalid(f"{self.where()}, offset {offset}: {e}") from None
             self._buffer.append((offset, message, msg))
             self._pos = offset
-            added += 1
-        if added:
             self._silent_since = time.monotonic()
-        return added
+
+    # ------------------------------------------------------------------ the feed
 
     async def next_batch(self, after: int, limit: int) -> MessageBatch:
         self._woken.clear()
+        self._arrived.clear()
         try:
+            if self._lost is not None:
+                self.restarts += 1
+                lost, self._lost = self._lost, None
+                self._positioned = False
+                raise TopicError(f"{self.where()}: the broker's consumer is gone ({lost})")
             if not self._positioned or after < self._base or after > self._pos:
                 await self._position(after)
             committed = None
@@ -852,9 +918,8 @@ class NatsFeed:
             if committed is not None:
                 await committed.ack()
             self._base = after
-            if len(self._buffer) < limit and not self._caught_up:
-                if not await self._fetch(limit - len(self._buffer), 0.05):
-                    self._caught_up = True
+            await self._take()
+            await self._request()
         except (TopicError, ConfigurationError):
             self._positioned = False
             raise
@@ -876,35 +941,29 @@ class NatsFeed:
         return MessageBatch(messages, last, full)
 
     async def wait(self, limit: float | None = None) -> None:
-        """Fetch (long poll) until a message comes, at most ``limit`` and ``long_poll``
-        seconds; :meth:`wake` ends it at once."""
-        if self._woken.is_set() or len(self._buffer) > self._handed or not self._positioned:
+        """Until messages arrive (the standing pull request brings them as they are stored),
+        at most ``limit`` and ``long_poll`` seconds; :meth:`wake` ends it at once."""
+        if (
+            self._woken.is_set()
+            or self._incoming
+            or len(self._buffer) > self._handed
+            or not self._positioned
+        ):
             return
         settings = self.link.settings
         seconds = settings.long_poll if limit is None else max(0.0, min(settings.long_poll, limit))
-        if seconds <= 0.01:
+        if seconds <= 0.001:
             return
-        # One message ends the long poll (a lingering pull for more waits out its expiry):
-        # next_batch then takes what else is there without waiting.
-        poll = asyncio.ensure_future(self._fetch(1, seconds))
+        arrived = asyncio.ensure_future(self._arrived.wait())
         woken = asyncio.ensure_future(self._woken.wait())
         try:
-            await asyncio.wait([poll, woken], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [arrived, woken], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
+            arrived.cancel()
             woken.cancel()
-            if not poll.done():
-                poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poll
-        if poll.cancelled():
-            return
-        error = poll.exception()
-        if error is not None:
-            self._positioned = False  # next_batch positions again, and says what is wrong
-            return
-        if poll.result():
-            self._caught_up = False
-        elif time.monotonic() - self._silent_since >= settings.stall_check:
+        if not self._incoming and time.monotonic() - self._silent_since >= settings.stall_check:
             await self._check_stall()
 
     async def _check_stall(self) -> None:
@@ -915,7 +974,7 @@ class NatsFeed:
         except Exception:
             self._positioned = False
             return
-        if last is not None and _offset_of(last) > self._pos:
+        if last is not None and _offset_of(last) > self._pos and not self._incoming:
             self.restarts += 1
             self._positioned = False
             log.warning(
