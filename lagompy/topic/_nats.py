@@ -43,6 +43,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -64,6 +65,7 @@ from lagompy.errors import (
     TopicMessageInvalid,
 )
 from lagompy.journal._journal import Journal, TagPage
+from lagompy.journal._tailing import PageTailer
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import default_owner
@@ -291,6 +293,10 @@ class _Link:
         self._lock = asyncio.Lock()
         self._streams: set[str] = set()
         self._closing = False
+        #: Counts the reconnections: a broker that restarted may have lost what it
+        #: acknowledged last, and the consumers it had (its pull requests certainly).
+        self.generation = 0
+        self._listeners: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
 
     async def js(self) -> JetStreamContext:
         if self._js is not None:
@@ -308,6 +314,9 @@ class _Link:
 
                 async def reconnected() -> None:
                     log.info("NATS connection back")
+                    self.generation += 1
+                    for event in list(self._listeners):
+                        event.set()
 
                 from nats.aio.client import Client
 
@@ -343,6 +352,10 @@ class _Link:
                 )
         assert self._js is not None
         return self._js
+
+    def listen(self, event: asyncio.Event) -> None:
+        """Set ``event`` at every reconnection."""
+        self._listeners.add(event)
 
     async def client(self) -> NatsClient:
         """The connection (opened on first use)."""
@@ -469,9 +482,12 @@ class _Publish:
         self._stored = 0
         #: Messages published (acknowledged) by this producer.
         self.published = 0
+        #: The connection's generation when the producer last resumed from the broker.
+        self.generation = -1
 
     async def prepare(self, consumer: EventConsumer, lease: Lease, *, clear_stall: bool) -> None:
         self._stored = lease.offset
+        self.generation = self.link.generation
         self.link.forget(self.stream)
         await self.link.ensure_stream(self.topic)
         try:
@@ -633,6 +649,49 @@ class _Publish:
         await self._stop_at(consumer, lease, offset, error, error)
 
 
+class _Watched:
+    """The producer's journal tailer, watching the broker's connection too: once it has been
+    re-established, the producer starts over from the broker's last message (a restarted
+    broker may have lost messages it had acknowledged) instead of waiting for new events."""
+
+    def __init__(self, tailer: PageTailer, strategy: _Publish) -> None:
+        self.tailer = tailer
+        self.strategy = strategy
+        self._reconnected = asyncio.Event()
+        strategy.link.listen(self._reconnected)
+
+    async def start(self) -> None:
+        await self.tailer.start()
+
+    async def next_page(self, after: int) -> TagPage:
+        return await self.tailer.next_page(after)
+
+    async def wait(self, limit: float | None = None) -> None:
+        self._reconnected.clear()
+        if self.strategy.generation == self.strategy.link.generation:
+            waiting = asyncio.ensure_future(self.tailer.wait(limit))
+            reconnected = asyncio.ensure_future(self._reconnected.wait())
+            try:
+                await asyncio.wait([waiting, reconnected], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reconnected.cancel()
+                if not waiting.done():
+                    waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if self.strategy.generation not in (-1, self.strategy.link.generation):
+            raise TopicError(
+                f"topic {self.strategy.topic.name!r}: the broker connection was re-established; "
+                "resuming after the broker's last message"
+            )
+
+    def wake(self) -> None:
+        self.tailer.wake()
+
+    async def close(self) -> None:
+        await self.tailer.close()
+
+
 class NatsProducer(EventConsumer):
     """Publishes one partition of a topic to JetStream (see the module's docs): a consumer of
     the partition's journal tag named :func:`producer_name`, whose status, pause, resume and
@@ -652,17 +711,23 @@ class NatsProducer(EventConsumer):
     ) -> None:
         store = OffsetStore(journal.database)
         self.offsets = store
+        strategy = _Publish(link, topic, partition, store, settings)
+        tag = topic.partition_tag(partition)
         super().__init__(
             producer_name(topic),
             topic.partition_tag(partition),
             journal=journal,
             store=store,
-            strategy=_Publish(link, topic, partition, store, settings),
+            strategy=strategy,
             settings=settings,
             owner=owner or default_owner(),
             kind="topic producer",
             describe_error=lambda e: f"{type(e).__name__}: {e}",
             logger=log,
+            pages=lambda: _Watched(
+                PageTailer(journal, tag=tag, page_size=settings.max_batch, settings=settings.tail),
+                strategy,
+            ),
         )
         self.topic = topic
         self.partition = partition
@@ -709,6 +774,8 @@ class NatsFeed:
         #: Broker messages arrived (by the subscription's callback), not yet looked at.
         self._incoming: deque[Msg] = deque()
         self._arrived = asyncio.Event()
+        link.listen(self._arrived)
+        self._generation = link.generation
         #: Messages the current pull request may still bring (0: none is outstanding), and
         #: when it expires.
         self._outstanding = 0
@@ -864,10 +931,15 @@ class NatsFeed:
         self._arrived.set()
 
     async def _request(self) -> None:
-        """Keep one pull request outstanding."""
+        """Keep one pull request outstanding (a reconnection loses the one there was)."""
         now = time.monotonic()
-        if self._outstanding > 0 and now < self._request_until:
+        if (
+            self._outstanding > 0
+            and now < self._request_until
+            and self._generation == self.link.generation
+        ):
             return
+        self._generation = self.link.generation
         expires = max(1.0, self.link.settings.long_poll * 5)
         nc = await self.link.client()
         await nc.publish(
