@@ -15,6 +15,8 @@ import pytest
 
 from lagompy.errors import ConfigurationError, InvalidSettings, TopicError
 from lagompy.readside import ReadSideSettings
+from lagompy.readside._settings import projection_settings
+from lagompy.sql._database import Database
 from lagompy.testkit.nats import NatsServer, find_server, nats_server
 from lagompy.testkit.topics import (
     Deposit,
@@ -333,4 +335,40 @@ async def test_the_feed_tells_the_lag_of_a_position(
         await feed.link.close()
     finally:
         await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_a_broker_url_selects_nats_for_the_services_components(
+    journal_settings: Any, broker_server: NatsServer, tmp_path: Any
+) -> None:
+    """TopicsComponent and SubscribersComponent given a broker (as LAGOMPY_BROKER_URL would):
+    the producing service's producers publish, the subscribing service (its own database)
+    reads from the broker, and both say they are ready."""
+    from lagompy.settings import JournalSettings
+    from lagompy.topic import SubscribersComponent, TopicsComponent
+
+    broker = BrokerSettings(url=broker_server.url, stream_prefix=f"c{uuid.uuid4().hex[:6]}")
+    topics = TopicsComponent([contract_topic], journal_settings=journal_settings, broker=broker)
+    own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
+    subscribers = SubscribersComponent(
+        [recorder("components")], broker=broker, journal_settings=own
+    )
+    env = await _open_env(journal_settings)
+    await env.database.dispose()
+    env.database = Database.create(projection_settings(own, env.settings))
+    await topics.start()
+    await subscribers.start()
+    try:
+        assert isinstance(subscribers.transport, NatsTransport)
+        written = await env.append(*(Deposited(f"c{i % 3}", i) for i in range(9)))
+        async with asyncio.timeout(20):
+            while len(await env.seen("components")) < len(written):
+                await asyncio.sleep(0.02)
+        assert [r[1] for r in await env.seen("components")] == [e.offset for e in written]
+        assert await topics.ready() is True
+        assert await subscribers.ready() is True
+    finally:
+        await subscribers.stop()
+        await topics.stop()
         await env.close()

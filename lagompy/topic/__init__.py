@@ -36,6 +36,7 @@ from lagompy.topic._codec import (
     messages_to_json,
 )
 from lagompy.topic._embedded import EmbeddedTransport, JournalFeed
+from lagompy.topic._nats import BrokerSettings, NatsFeed, NatsProducer, NatsTransport, producer_name
 from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._runner import Subscribers, start_subscribers
 from lagompy.topic._subscriber import Subscriber, offset_key
@@ -57,6 +58,7 @@ _ON_FIRST_USE = {
 }
 
 __all__ = [
+    "BrokerSettings",
     "EmbeddedTransport",
     "HttpFeed",
     "HttpTransport",
@@ -64,6 +66,9 @@ __all__ = [
     "Message",
     "MessageBatch",
     "MessageFeed",
+    "NatsFeed",
+    "NatsProducer",
+    "NatsTransport",
     "Producers",
     "StartFrom",
     "Subscriber",
@@ -81,6 +86,7 @@ __all__ = [
     "messages_from_json",
     "messages_to_json",
     "offset_key",
+    "producer_name",
     "start_producers",
     "start_subscribers",
     "topic_router",

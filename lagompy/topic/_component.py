@@ -31,6 +31,7 @@ from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.topic._http import _topics_by_name, topic_router
+from lagompy.topic._nats import BrokerSettings
 from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._topic import Topic
@@ -49,7 +50,11 @@ class TopicsComponent:
 
     ``transport``: a transport with producers (a broker's) that publishes the topics too: its
     producers run with the service (:func:`~lagompy.topic.start_producers`), and a topic it
-    cannot serve fails the start; the component closes it when the service stops."""
+    cannot serve fails the start; the component closes it when the service stops.
+
+    ``broker``: without a ``transport``, a broker URL (``BrokerSettings(url=...)``, or
+    ``LAGOMPY_BROKER_URL`` in the environment) selects the NATS JetStream transport: its
+    producers publish the topics from the service's journal (the HTTP routes stay)."""
 
     name = "topics"
 
@@ -60,10 +65,13 @@ class TopicsComponent:
         journal_settings: JournalSettings | None = None,
         prefix: str = "/topics",
         transport: TopicTransport | None = None,
+        broker: BrokerSettings | None = None,
     ) -> None:
         self.topics = list(_topics_by_name(topics).values())
         self.journal_settings = journal_settings
         self.transport = transport
+        self.broker = broker
+        self._broker_transport: TopicTransport | None = None
         self.producers: Producers | None = None
         self._storage: Storage | None = None
         self._notifier: JournalNotifier | None = None
@@ -98,12 +106,29 @@ class TopicsComponent:
             # Held for the component's life: the long polls share this process's LISTEN
             # connection instead of opening and closing it request by request.
             self._notifier = await JournalNotifier.acquire(self._storage.database, tail)
-        if self.transport is not None:
-            self.producers = await start_producers(self.topics, self.transport)
+        transport = self.transport
+        if transport is None:
+            broker = self.broker or BrokerSettings()
+            if broker.url is not None:
+                from lagompy.topic._nats import NatsTransport
+
+                transport = NatsTransport(broker, journal=self._storage.journal)
+                self._broker_transport = transport
+        if transport is not None:
+            self.producers = await start_producers(self.topics, transport)
 
     async def ready(self) -> bool | str:
-        """True unless a producer's task ended with an error."""
-        problems = [] if self.producers is None else self.producers.problems()
+        """True unless a producer's task ended with an error, or a producer cannot publish
+        (``stalled``: the broker is down, say) or is stopped by an event (``failed``)."""
+        if self.producers is None:
+            return True
+        problems = self.producers.problems()
+        problems += [
+            f"topic producer {s.processor!r}, partition tag {s.tag!r}: {s.state} at offset "
+            f"{s.offset}" + ("" if s.failure is None else f": {s.failure.error[:300]}")
+            for s in await self.producers.status()
+            if s.state in STUCK_STATES
+        ]
         return True if not problems else "; ".join(problems[:5])
 
     async def stop(self) -> None:
@@ -112,6 +137,9 @@ class TopicsComponent:
             await producers.close()
         if self.transport is not None:
             await self.transport.close()
+        made, self._broker_transport = self._broker_transport, None
+        if made is not None:
+            await made.close()
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             await notifier.release()
@@ -131,12 +159,21 @@ class SubscribersComponent:
         subscribers: Iterable[SubscriberArg],
         *,
         transport: TopicTransport | None = None,
+        broker: BrokerSettings | None = None,
         journal_settings: JournalSettings | None = None,
         prefix: str = "/topics/subscribers",
         settings: ReadSideSettings | None = None,
         **overrides: Any,
     ) -> None:
         self.subscribers = list(subscribers)
+        if transport is None:
+            # A broker URL (here, or LAGOMPY_BROKER_URL) selects NATS JetStream; else the
+            # embedded transport on the journal's database.
+            broker = broker or BrokerSettings()
+            if broker.url is not None:
+                from lagompy.topic._nats import NatsTransport
+
+                transport = NatsTransport(broker)
         self.transport = transport
         self.journal_settings = journal_settings
         self.settings = settings

@@ -111,7 +111,8 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 
 
 class BrokerSettings(LagompySettings):
-    """Where topics go when a broker carries them (environment: ``LAGOMPY_BROKER_*``)::
+    """Where topics go when a broker carries them: the NATS JetStream transport's settings
+    (environment: ``LAGOMPY_BROKER_*``)::
 
     BrokerSettings()                                   # LAGOMPY_BROKER_URL, else none
     BrokerSettings(url="nats://127.0.0.1:4222")
