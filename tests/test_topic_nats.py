@@ -372,3 +372,52 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
         await subscribers.stop()
         await topics.stop()
         await env.close()
+
+
+@pytest.mark.asyncio
+async def test_a_message_that_does_not_fit_stalls_the_group_naming_its_offset(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """Something else published on the partition's subject (a payload the message type
+    refuses): the group does not apply it, nor skip past it; its status names the offset."""
+    import nats
+
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    env.make_transport = broker.transport
+    try:
+        await broker.start_producers()
+        (first,) = await env.append(Deposited("odd", 1))
+        await broker.published_to_heads()
+        partition = contract_topic.partition_of("odd")
+        nc = await nats.connect(broker_server.url)
+        try:
+            headers = {
+                "Nats-Msg-Id": f"intruder:{first.offset + 1000}",
+                "Lagompy-Offset": str(first.offset + 1000),
+                "Lagompy-Key": "odd",
+                "Lagompy-Entity-Type": "x",
+                "Lagompy-Entity-Id": "odd",
+                "Lagompy-Seq-Nr": "9",
+                "Lagompy-Time": "2026-12-04T18:00:00+00:00",
+                "Lagompy-Type": contract_topic.type_name,
+                "Lagompy-Version": "1",
+            }
+            subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
+            await nc.jetstream().publish(subject, b'{"account": "odd"}', headers=headers)
+        finally:
+            await nc.close()
+        running = await env.start(recorder("strict"))
+        tag = contract_topic.partition_tag(partition)
+        async with asyncio.timeout(20):
+            while True:
+                (row,) = [s for s in await running.status("strict") if s.tag == tag]
+                if row.failure is not None and "does not fit" in row.failure.error:
+                    break
+                await asyncio.sleep(0.05)
+        assert f"offset {first.offset + 1000}" in row.failure.error
+        assert row.offset == first.offset  # the good message applied, the bad one not
+        assert [r[1] for r in await env.seen("strict")] == [first.offset]
+    finally:
+        await broker.close()
+        await env.close()

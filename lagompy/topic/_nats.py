@@ -70,7 +70,7 @@ from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import default_owner
 from lagompy.settings import LagompySettings, make_settings
-from lagompy.topic._codec import _adapter
+from lagompy.topic._codec import _adapter, _list_adapter
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch
 
@@ -273,6 +273,79 @@ def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: byt
         entity_id=unquote(headers.get(H_ENTITY_ID, "")),
         seq_nr=_int_header(headers, H_SEQ_NR),
     )
+
+
+_new = object.__new__
+
+
+def decode_batch(
+    topic: Topic[Any], partition: int, msgs: list[Msg], where: str
+) -> list[Message[Any] | None]:
+    """The messages of a run of broker messages (None for a position marker): the payloads
+    validated in one call into pydantic, the headers checked in one expression each; a
+    message that fails goes through :func:`decode`, which names what is wrong. (Per message,
+    pydantic's call and the named checks cost as much as nats-py's own parsing.)"""
+    type_name, newest = topic.type_name, topic.version
+    bodies: list[bytes] = []
+    checked: list[tuple[int, dict[str, str]] | None] = []
+    for msg in msgs:
+        headers = msg.headers or {}
+        if H_MARKER in headers:
+            checked.append(None)
+            continue
+        try:
+            version = int(headers[H_VERSION])
+            if headers[H_TYPE] != type_name or version > newest:
+                raise ValueError
+        except (KeyError, ValueError):
+            decode(topic, partition, dict(headers), msg.data)  # raises, naming the problem
+            raise AssertionError("unreachable") from None
+        checked.append((version, headers))
+        bodies.append(msg.data)
+    try:
+        payloads = iter(
+            _list_adapter(topic.message_type).validate_json(b"[" + b",".join(bodies) + b"]")
+        )
+    except ValidationError:
+        for msg, item in zip(msgs, checked, strict=True):
+            if item is not None:
+                try:
+                    decode(topic, partition, item[1], msg.data)
+                except TopicMessageInvalid as e:
+                    raise TopicMessageInvalid(f"{where}, offset {_offset_of(msg)}: {e}") from None
+        raise
+    out: list[Message[Any] | None] = []
+    times: tuple[str, datetime] | None = None
+    try:
+        for item in checked:
+            if item is None:
+                out.append(None)
+                continue
+            version, headers = item
+            stamp = headers[H_TIME]
+            if times is None or times[0] != stamp:  # a transaction's messages share it
+                times = (stamp, datetime.fromisoformat(stamp))
+            key, etype, eid = headers[H_KEY], headers[H_ENTITY_TYPE], headers[H_ENTITY_ID]
+            message: Message[Any] = _new(Message)
+            message.__dict__.update(
+                topic=topic.name,
+                payload=next(payloads),
+                key=unquote(key) if "%" in key else key,
+                partition=partition,
+                offset=int(headers[H_OFFSET]),
+                timestamp=times[1],
+                type_name=type_name,
+                version=version,
+                entity_type=unquote(etype) if "%" in etype else etype,
+                entity_id=unquote(eid) if "%" in eid else eid,
+                seq_nr=int(headers[H_SEQ_NR]),
+            )
+            out.append(message)
+    except (KeyError, ValueError) as e:
+        raise TopicMessageInvalid(
+            f"{where}: a message's headers are incomplete ({e!r:.80})"
+        ) from None
+    return out
 
 
 # --------------------------------------------------------------------------- the connection
@@ -783,6 +856,8 @@ class NatsFeed:
         self._request_until = 0.0
         #: The consumer is gone (a status said so): position again.
         self._lost: str | None = None
+        #: (offset, error) of a message that does not fit the topic: the feed stops before it.
+        self._bad: tuple[int, TopicMessageInvalid] | None = None
         #: What was fetched above the committed position, in offset order: (offset, message
         #: or None for a position marker, the broker's message to acknowledge).
         self._buffer: deque[tuple[int, Message[Any] | None, Msg]] = deque()
@@ -952,25 +1027,48 @@ class NatsFeed:
         self._request_until = now + expires + 1.0
 
     async def _take(self) -> None:
-        """Move the arrived messages into the buffer (decoded, in order, without repeats)."""
+        """Move the arrived messages into the buffer (decoded, in order, without repeats).
+        A message that does not fit the topic stops the taking there: the ones before it are
+        delivered, then :meth:`next_batch` raises its error until the position moves past it
+        (an operator's set-offset): nothing after it is taken meanwhile, so nothing is
+        skipped."""
+        if self._bad is not None:
+            return
         incoming = self._incoming
+        fresh: list[tuple[int, Msg]] = []
+        pos = self._pos
         while incoming:
             msg = incoming.popleft()
             offset = _offset_of(msg)
-            if offset <= self._pos:
+            if offset <= pos:
                 if offset <= self._base:
                     await msg.ack()  # committed already: a redelivery
                 continue
-            headers = msg.headers or {}
-            message = None
-            if H_MARKER not in headers:
+            fresh.append((offset, msg))
+            pos = offset
+        if not fresh:
+            return
+        try:
+            messages = decode_batch(self.topic, self.partition, [m for _, m in fresh], self.where())
+        except (TopicMessageInvalid, ValidationError):
+            messages = []
+            for offset, msg in fresh:
                 try:
-                    message = decode(self.topic, self.partition, headers, msg.data)
-                except TopicMessageInvalid as e:
-                    raise TopicMessageInvalid(f"{self.where()}, offset {offset}: {e}") from None
+                    one = decode_batch(self.topic, self.partition, [msg], self.where())
+                except (TopicMessageInvalid, ValidationError) as e:
+                    text = str(e).removeprefix(f"{self.where()}, offset {offset}: ")
+                    self._bad = (
+                        offset,
+                        TopicMessageInvalid(f"{self.where()}, offset {offset}: {text}"),
+                    )
+                    self._incoming.clear()
+                    break
+                messages += one
+            fresh = fresh[: len(messages)]
+        for (offset, msg), message in zip(fresh, messages, strict=True):
             self._buffer.append((offset, message, msg))
             self._pos = offset
-            self._silent_since = time.monotonic()
+        self._silent_since = time.monotonic()
 
     # ------------------------------------------------------------------ the feed
 
@@ -983,6 +1081,8 @@ class NatsFeed:
                 lost, self._lost = self._lost, None
                 self._positioned = False
                 raise TopicError(f"{self.where()}: the broker's consumer is gone ({lost})")
+            if self._bad is not None and after >= self._bad[0]:
+                self._bad = None  # moved past it (an operator's set-offset)
             if not self._positioned or after < self._base or after > self._pos:
                 await self._position(after)
             committed = None
@@ -992,7 +1092,11 @@ class NatsFeed:
                 await committed.ack()
             self._base = after
             await self._take()
+            if self._bad is not None and not self._buffer:
+                raise self._bad[1]
             await self._request()
+        except TopicMessageInvalid:
+            raise  # stays positioned before the message: raised again until moved past it
         except (TopicError, ConfigurationError):
             self._positioned = False
             raise
