@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -420,4 +421,86 @@ async def test_a_message_that_does_not_fit_stalls_the_group_naming_its_offset(
         assert [r[1] for r in await env.seen("strict")] == [first.offset]
     finally:
         await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_published_messages_fit_the_asyncapi_document(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """The service serves an AsyncAPI 3 document (listed in its OpenAPI docs) and a JSON
+    Schema per topic; what the producers publish to NATS, and what the HTTP route serves,
+    validate against them."""
+    import httpx
+    import jsonschema
+    import nats
+    from fastapi import FastAPI
+
+    from lagompy.service import Service
+    from lagompy.topic import TopicsComponent, envelope_schema
+
+    broker = BrokerSettings(url=broker_server.url, stream_prefix=f"s{uuid.uuid4().hex[:6]}")
+    topics = TopicsComponent([contract_topic], journal_settings=journal_settings, broker=broker)
+    service = Service(name="accounts", components=[topics])
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+    env = await _open_env(journal_settings)
+    try:
+        async with service.lifespan(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                openapi = (await client.get("/openapi.json")).json()
+                assert "/topics/asyncapi.json" in openapi["paths"]
+                document = (await client.get("/topics/asyncapi.json")).json()
+                assert document["asyncapi"] == "3.0.0"
+                channel = document["channels"][contract_topic.name]
+                assert (
+                    channel["address"]
+                    == f"{broker.stream_prefix}.{contract_topic.name}.{{partition}}"
+                )
+                assert channel["parameters"]["partition"]["enum"] == ["0", "1"]
+                (key,) = channel["messages"]
+                payload_schema = document["components"]["schemas"][key]
+                schema = (await client.get(f"/topics/{contract_topic.name}/schema")).json()
+                assert schema["x-lagompy-type"] == contract_topic.type_name
+                missing = await client.get("/topics/nope/schema")
+                assert missing.status_code == 404
+                assert missing.headers["content-type"].startswith("application/problem+json")
+
+                (written,) = await env.append(Deposited("schema", 5))
+                partition = contract_topic.partition_of("schema")
+                served = (
+                    await client.get(
+                        f"/topics/{contract_topic.name}/partitions/{partition}",
+                        params={"after": 0},
+                    )
+                ).json()
+                (message,) = served["messages"]
+                jsonschema.validate(message, envelope_schema(contract_topic))
+                with pytest.raises(jsonschema.ValidationError):
+                    jsonschema.validate(
+                        {**message, "payload": {"amount": "x"}}, envelope_schema(contract_topic)
+                    )
+
+            subject = f"{broker.stream_prefix}.{contract_topic.name}.{partition}"
+            stream = f"{broker.stream_prefix}_{contract_topic.name}"
+            nc = await nats.connect(broker_server.url)
+            try:
+                js = nc.jetstream()
+                async with asyncio.timeout(10):
+                    while True:
+                        with contextlib.suppress(Exception):
+                            published = await js.get_last_msg(stream, subject)
+                            break
+                        await asyncio.sleep(0.05)
+            finally:
+                await nc.close()
+            body = json.loads(published.data or b"")
+            jsonschema.validate(body, payload_schema)
+            jsonschema.validate(body, schema)
+            jsonschema.validate(
+                dict(published.headers or {}), document["components"]["messages"][key]["headers"]
+            )
+            assert int((published.headers or {})["Lagompy-Offset"]) == written.offset
+    finally:
         await env.close()

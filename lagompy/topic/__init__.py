@@ -47,9 +47,13 @@ from lagompy.topic._worker import SubscriberWorker
 if TYPE_CHECKING:
     from lagompy.topic._component import SubscribersComponent, TopicsComponent
     from lagompy.topic._http import HttpFeed, HttpTransport, topic_router
+    from lagompy.topic._schema import asyncapi_document, envelope_schema, message_schema
 
 #: Names whose modules import FastAPI, imported on first use (as in ``lagompy.readside``).
 _ON_FIRST_USE = {
+    "asyncapi_document": "lagompy.topic._schema",
+    "envelope_schema": "lagompy.topic._schema",
+    "message_schema": "lagompy.topic._schema",
     "HttpFeed": "lagompy.topic._http",
     "HttpTransport": "lagompy.topic._http",
     "topic_router": "lagompy.topic._http",
@@ -79,9 +83,12 @@ __all__ = [
     "TopicProducer",
     "TopicTransport",
     "TopicsComponent",
+    "asyncapi_document",
     "entity_key",
+    "envelope_schema",
     "message_command_id",
     "message_from_json",
+    "message_schema",
     "message_to_json",
     "messages_from_json",
     "messages_to_json",

@@ -31,9 +31,10 @@ from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.topic._http import _topics_by_name, topic_router
-from lagompy.topic._nats import BrokerSettings
+from lagompy.topic._nats import BrokerSettings, NatsTransport
 from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
+from lagompy.topic._schema import schema_router
 from lagompy.topic._topic import Topic
 from lagompy.topic._transport import TopicTransport
 
@@ -80,6 +81,13 @@ class TopicsComponent:
         self.router = APIRouter()
         self.router.include_router(
             topic_router(self.topics, self._journal, prefix=prefix), include_in_schema=False
+        )
+        # The AsyncAPI document (in the OpenAPI docs) and each topic's JSON Schema.
+        subjects = (broker or BrokerSettings()).stream_prefix
+        if isinstance(transport, NatsTransport):
+            subjects = transport.broker.stream_prefix
+        self.router.include_router(
+            schema_router(self.topics, prefix=prefix, subject_prefix=subjects)
         )
 
     def _journal(self) -> Journal:
