@@ -369,6 +369,15 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
         assert [r[1] for r in await env.seen("components")] == [e.offset for e in written]
         assert await topics.ready() is True
         assert await subscribers.ready() is True
+        async with asyncio.timeout(10):  # the producers store their positions after the acks
+            while True:
+                samples = await topics.metric_samples()
+                lags = [v for n, _, _, _, v in samples if n == "lagompy_topic_producer_lag_events"]
+                if lags == [0.0] * contract_topic.partitions:
+                    break
+                await asyncio.sleep(0.02)
+        published = sum(v for n, _, _, _, v in samples if n.endswith("published_total"))
+        assert published == len(written)
     finally:
         await subscribers.stop()
         await topics.stop()

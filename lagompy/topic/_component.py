@@ -125,6 +125,53 @@ class TopicsComponent:
         if transport is not None:
             self.producers = await start_producers(self.topics, transport)
 
+    async def metric_samples(self) -> list[Sample]:
+        """Per producer partition (a broker transport's): its position, its lag behind the
+        journal in events and seconds, its state, and the messages this process published."""
+        if self.producers is None:
+            return []
+        samples: list[Sample] = []
+        for s in await self.producers.status():
+            topic = s.processor.split(":", 1)[1]
+            labels = {"topic": topic, "partition": s.tag}
+            for name, value, text in (
+                ("lagompy_topic_producer_offset", s.offset, "The producer's stored position."),
+                (
+                    "lagompy_topic_producer_lag_events",
+                    s.lag_events,
+                    "Events of the partition not published yet.",
+                ),
+                (
+                    "lagompy_topic_producer_lag_seconds",
+                    s.lag_seconds,
+                    "Age in seconds of the oldest event not published yet.",
+                ),
+            ):
+                if value is not None:
+                    samples.append((name, text, "gauge", labels, float(value)))
+            samples.append(
+                (
+                    "lagompy_topic_producer_state",
+                    "1 for the current state of the producer's partition (label state).",
+                    "gauge",
+                    {**labels, "state": s.state},
+                    1.0,
+                )
+            )
+        for (topic, partition), producer in self.producers.producers.items():
+            published = getattr(producer, "published", None)
+            if isinstance(published, int):
+                samples.append(
+                    (
+                        "lagompy_topic_producer_published_total",
+                        "Messages this process published (acknowledged by the broker).",
+                        "counter",
+                        {"topic": topic, "partition": str(partition)},
+                        float(published),
+                    )
+                )
+        return samples
+
     async def ready(self) -> bool | str:
         """True unless a producer's task ended with an error, or a producer cannot publish
         (``stalled``: the broker is down, say) or is stopped by an event (``failed``)."""
