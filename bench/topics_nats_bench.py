@@ -1,0 +1,274 @@
+"""Topics over NATS JetStream, on PostgreSQL and SQLite, with default settings, on a nats-server
+of the bench's own (a free loopback port, a temporary file store), each figure beside its
+baseline measured in the same run:
+
+* producer throughput, journal -> JetStream (``start_producers`` with a ``NatsTransport``,
+  defaults: 1,000 events per page, 1,000 publications in flight): messages/s from start until
+  every partition's producer position reaches the journal's head, beside raw nats-py
+  ``publish_async`` of the same payloads and headers with the same in-flight bound into a
+  stream of the same shape (floor: >= 0.5);
+* catch-up of a new subscriber group over the published messages (a subscriber that writes
+  nothing but its positions), beside reading and decoding the same events from the journal
+  (floor: >= 0.5);
+* lag from commit to handled under 2,000 events/s of live load, through producers and broker
+  (floor: p99 <= 100 ms).
+
+    .venv/bin/python bench/topics_nats_bench.py                 # prints
+    .venv/bin/python bench/topics_nats_bench.py --runs 3 --write   # also writes docs/benchmarks.md
+    .venv/bin/python bench/topics_nats_bench.py --quick         # 10,000 events, 3 s of load
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._report import write_section
+from bench.topics_bench import Writer, backend, lag, probe, read_and_decode, serializer
+from lagompy import JournalSettings, open_storage
+from lagompy.journal import Journal
+from lagompy.testkit.nats import nats_server
+from lagompy.testkit.topics import contract_topic
+from lagompy.topic import start_subscribers
+from lagompy.topic._codec import _adapter
+from lagompy.topic._nats import BrokerSettings, NatsTransport, _headers
+from lagompy.topic._producers import start_producers
+
+
+def cpu_reference() -> float:
+    """Milliseconds of a fixed pure-Python loop: how fast this machine is right now."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i * i % 7
+    return (time.perf_counter() - started) * 1000
+
+
+async def raw_publish(url: str, journal: Journal, in_flight: int) -> tuple[float, float]:
+    """nats-py publish_async of the topic's messages (payloads and headers made beforehand),
+    at most ``in_flight`` unacknowledged, into a fresh stream; then nats-py reading them back
+    with pull requests of 1,000, doing nothing with them: (published/s, read/s)."""
+    import nats
+
+    messages = []
+    for p, tag in enumerate(contract_topic.tag.all_tags):
+        after = 0
+        while True:
+            page = await journal.read_tag(tag, after_offset=after, limit=1000)
+            for envelope in page.envelopes:
+                m = contract_topic.message(envelope, p)
+                if m is not None:
+                    data = _adapter(type(m.payload)).dump_json(m.payload)
+                    messages.append((f"raw.{contract_topic.name}.{p}", data, _headers(m)))
+            after = page.last_offset
+            if not page.full:
+                break
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream(publish_async_max_pending=in_flight)
+        name = f"raw_{uuid.uuid4().hex[:6]}"
+        await js.add_stream(name=name, subjects=[f"raw.{contract_topic.name}.*"])
+        started = time.perf_counter()
+        futures = [await js.publish_async(s, d, headers=h) for s, d, h in messages]
+        await asyncio.gather(*futures)
+        elapsed = time.perf_counter() - started
+        read = await _raw_read(nc, js, name, len(messages))
+        await js.delete_stream(name)
+    finally:
+        await nc.close()
+    return len(messages) / elapsed, read
+
+
+async def _raw_read(nc: Any, js: Any, stream: str, count: int) -> float:
+    from nats.js import api
+
+    await js.add_consumer(stream, api.ConsumerConfig(name="raw", ack_policy=api.AckPolicy.ALL))
+    inbox = nc.new_inbox()
+    ask = json.dumps({"batch": 1000, "expires": int(10e9)}).encode()
+    done = asyncio.Event()
+    got = 0
+
+    async def received(msg: Any) -> None:
+        nonlocal got
+        if msg.headers and msg.headers.get("Status"):
+            return
+        got += 1
+        if got % 1000 == 0:
+            await msg.ack()
+            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.raw", ask, reply=inbox)
+        if got >= count:
+            done.set()
+
+    sub = await nc.subscribe(inbox, cb=received)
+    started = time.perf_counter()
+    await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.raw", ask, reply=inbox)
+    await asyncio.wait_for(done.wait(), 600)
+    elapsed = time.perf_counter() - started
+    await sub.unsubscribe()
+    return count / elapsed
+
+
+async def produce(url: str, journal: Journal, events: int) -> tuple[float, NatsTransport]:
+    """Start the producers; messages/s until every partition's position is at the head."""
+    transport = NatsTransport(BrokerSettings(url=url), journal=journal)
+    started = time.perf_counter()
+    producers = await start_producers([contract_topic], transport)
+    try:
+        target = await _heads(journal)
+        while True:
+            at = {s.tag: s.offset for s in await producers.status()}
+            if all(at.get(t, -1) >= h for t, h in target.items()):
+                break
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+    except BaseException:
+        await producers.close()
+        raise
+    transport._producers = producers  # type: ignore[attr-defined]
+    return events / elapsed, transport
+
+
+async def _heads(journal: Journal) -> dict[str, int]:
+    from lagompy.topic._embedded import partition_position
+    from lagompy.topic._topic import StartFrom
+
+    return {
+        tag: await partition_position(journal.database, tag, StartFrom.latest())
+        for tag in contract_topic.tag.all_tags
+    }
+
+
+async def catch_up(settings: JournalSettings, url: str, events: int) -> float:
+    group = f"catch-up-{uuid.uuid4().hex[:6]}"
+    transport = NatsTransport(BrokerSettings(url=url))
+    started = time.perf_counter()
+    try:
+        async with start_subscribers(
+            [probe(group)], transport=transport, journal_settings=settings
+        ) as subscribers:
+            await subscribers.wait_until_caught_up(timeout=600)
+    finally:
+        await transport.close()
+    return events / (time.perf_counter() - started)
+
+
+async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
+        async with backend(name, Path(tmp)) as settings, nats_server() as server:
+            async with await open_storage(settings=settings, serializer=serializer()) as storage:
+                writer = Writer(storage.journal)
+                for first in range(0, events, 1000):
+                    await writer.append(first, min(1000, events - first))
+                cpu = cpu_reference()
+                decode = await read_and_decode(storage.journal)
+                raw, raw_read = await raw_publish(
+                    server.url, storage.journal, BrokerSettings().max_in_flight
+                )
+                produced, transport = await produce(server.url, storage.journal, events)
+                print(
+                    f"[{name}] producers {produced:,.0f} msg/s, raw publish_async {raw:,.0f} "
+                    f"msg/s: {produced / raw:.2f}",
+                    flush=True,
+                )
+                caught = await catch_up(settings, server.url, events)
+                print(
+                    f"[{name}] catch-up {caught:,.0f} msg/s, read and decode {decode:,.0f} "
+                    f"events/s: {caught / decode:.2f} (nats-py reading alone: {raw_read:,.0f} "
+                    f"msg/s, {raw_read / decode:.2f})",
+                    flush=True,
+                )
+                subscriber_transport = NatsTransport(BrokerSettings(url=server.url))
+                try:
+                    r = await lag(settings, writer, subscriber_transport, events, seconds, 2000)
+                finally:
+                    await subscriber_transport.close()
+                    await transport._producers.close()  # type: ignore[attr-defined]
+                    await transport.close()
+                print(
+                    f"[{name}] lag at {r['rate']:,.0f} events/s: p50 {r['p50']:.1f} ms, "
+                    f"p99 {r['p99']:.1f} ms ({r['events']:,} messages); CPU ref {cpu:.0f} ms",
+                    flush=True,
+                )
+                return {
+                    "backend": name,
+                    "cpu": cpu,
+                    "produced": produced,
+                    "raw": raw,
+                    "raw_read": raw_read,
+                    "caught": caught,
+                    "decode": decode,
+                    **r,
+                }
+
+
+HEADER = (
+    "| run | backend | CPU ref | producers / raw publish_async (msg/s) "
+    "| catch-up / read and decode (msg/s) | nats-py reading alone (msg/s, ratio) "
+    "| load (events/s) | lag p50 / p99 |\n"
+    "| ---: | --- | ---: | --- | --- | --- | ---: | --- |"
+)
+
+
+def _summary(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f}, worst {min(values):.2f}"
+
+
+async def main(runs: int, quick: bool, write: bool) -> None:
+    events, seconds = (10_000, 3.0) if quick else (100_000, 10.0)
+    rows: list[dict[str, Any]] = []
+    for run in range(runs):
+        for name in ("postgres", "sqlite"):
+            row = await run_backend(name, events, seconds)
+            row["run"] = run + 1
+            rows.append(row)
+    if not write:
+        return
+    table = "\n".join(
+        f"| {r['run']} | {r['backend']} | {r['cpu']:.0f} ms | {r['produced']:,.0f} / "
+        f"{r['raw']:,.0f} = **{r['produced'] / r['raw']:.2f}** | {r['caught']:,.0f} / "
+        f"{r['decode']:,.0f} = **{r['caught'] / r['decode']:.2f}** | {r['raw_read']:,.0f} "
+        f"({r['raw_read'] / r['decode']:.2f}) | {r['rate']:,.0f} | "
+        f"{r['p50']:.1f} / **{r['p99']:.1f}** ms |"
+        for r in rows
+    )
+    lines = []
+    for name in ("postgres", "sqlite"):
+        mine = [r for r in rows if r["backend"] == name]
+        lines.append(
+            f"- {name}: producers/raw {_summary([r['produced'] / r['raw'] for r in mine])}; "
+            f"catch-up/read {_summary([r['caught'] / r['decode'] for r in mine])}; lag p99 "
+            f"worst {max(r['p99'] for r in mine):.1f} ms"
+        )
+    flag = (" --quick" if quick else "") + (f" --runs {runs}" if runs != 1 else "")
+    body = f"""Command: `.venv/bin/python bench/topics_nats_bench.py{flag} --write`
+({events:,} events; {seconds:g} s of load at 2,000 events/s for the lag). A nats-server of the
+bench's own (file store, loopback); default settings everywhere. Floors: producers >= 0.5 of
+raw `publish_async` (same payloads, headers and in-flight bound, same run); catch-up of a new
+group >= 0.5 of reading and decoding the same events from the journal (same run); lag p99
+<= 100 ms. CPU ref: a fixed pure-Python loop, as in the other sections.
+
+{HEADER}
+{table}
+
+{chr(10).join(lines)}
+"""
+    write_section("topics-nats", "Topics over NATS JetStream", body)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.quick, args.write))

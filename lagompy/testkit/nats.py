@@ -1,0 +1,105 @@
+"""A NATS server with JetStream of a test's own, on a free loopback port with a temporary store,
+that a fault test may kill and restart (never the shared server a machine runs)::
+
+    async with nats_server() as server:          # nats-server -js, its own store
+        transport = NatsTransport(url=server.url, journal=journal)
+        ...
+        await server.kill()                       # SIGKILL: what a crash does
+        await server.start()                      # the same port and store
+
+The binary is ``nats-server`` on ``PATH`` (or ``/usr/sbin/nats-server``); :func:`find_server`
+returns None when there is none, so tests can skip (or fail under CI) with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from lagompy.testkit.server import free_port
+
+__all__ = ["NatsServer", "find_server", "nats_server"]
+
+
+def find_server() -> str | None:
+    """The nats-server binary, or None."""
+    found = shutil.which("nats-server")
+    if found is None and os.access("/usr/sbin/nats-server", os.X_OK):
+        found = "/usr/sbin/nats-server"
+    return found
+
+
+class NatsServer:
+    """One ``nats-server -js`` process on 127.0.0.1 (see the module's docs)."""
+
+    def __init__(self, binary: str, store: Path, port: int | None = None) -> None:
+        self.binary = binary
+        self.store = store
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start it (again: same port, same store) and wait until it accepts connections."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.process = subprocess.Popen(
+            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(timeout):
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"nats-server exited with {self.process.returncode}")
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+                ):
+                    break
+                await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL it (nothing flushed, like a crash) and wait for it to be gone."""
+        await self._end(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """Stop it cleanly (SIGTERM), or kill it after 5 s."""
+        await self._end(signal.SIGTERM)
+
+    async def _end(self, sig: int) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            await asyncio.to_thread(process.wait, 5.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+
+@contextlib.asynccontextmanager
+async def nats_server() -> AsyncIterator[NatsServer]:
+    """A started :class:`NatsServer` with a temporary store, stopped and removed at the end."""
+    binary = find_server()
+    if binary is None:
+        raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
+    with tempfile.TemporaryDirectory(prefix="lagompy-nats-") as store:
+        server = NatsServer(binary, Path(store))
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()

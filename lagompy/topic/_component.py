@@ -1,0 +1,317 @@
+"""Topics as parts of a service: :class:`TopicsComponent` publishes (serves the topic route),
+:class:`SubscribersComponent` subscribes (runs subscriber groups)::
+
+    # the producing service
+    topics = TopicsComponent([user_registrations], journal_settings=journal)
+    Service(name="users", ..., components=[topics])        # GET /topics/...
+
+    # a subscribing service (its own database), pulling over HTTP from "users"
+    subscribers = SubscribersComponent(
+        [WelcomeMails], transport=HttpTransport("users"), journal_settings=own_database
+    )
+    Service(name="notifications", components=[subscribers])
+
+``/health/ready`` fails while a group's partition is ``failed`` (stopped by a message it could
+not get past) or ``stalled`` (its transport keeps failing: the producer is down, say), naming
+the group, partition and error; ``GET /topics/subscribers`` shows every group's status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, HTTPException
+
+from lagompy.journal._journal import Journal
+from lagompy.journal._storage import Storage, open_storage, serializer_for
+from lagompy.journal._tailing import JournalNotifier, TailSettings
+from lagompy.readside._projections import STUCK_STATES
+from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
+from lagompy.readside._settings import ReadSideSettings
+from lagompy.settings import JournalSettings
+from lagompy.topic._http import _topics_by_name, topic_router
+from lagompy.topic._nats import BrokerSettings, NatsTransport
+from lagompy.topic._producers import Producers, start_producers
+from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
+from lagompy.topic._schema import schema_router
+from lagompy.topic._topic import Topic
+from lagompy.topic._transport import TopicTransport
+
+if TYPE_CHECKING:  # the service's type of a metric sample: topics do not import it
+    from lagompy.service._metrics import Sample
+
+__all__ = ["SubscribersComponent", "TopicsComponent"]
+
+
+class TopicsComponent:
+    """A :class:`~lagompy.service.Component` that publishes ``topics`` from the service's
+    journal over HTTP (the embedded transport: see :func:`~lagompy.topic.topic_router`).
+    ``journal_settings``: the journal (default: from the environment, like ``Service``'s).
+
+    ``transport``: a transport with producers (a broker's) that publishes the topics too: its
+    producers run with the service (:func:`~lagompy.topic.start_producers`), and a topic it
+    cannot serve fails the start; the component closes it when the service stops.
+
+    ``broker``: without a ``transport``, a broker URL (``BrokerSettings(url=...)``, or
+    ``LAGOMPY_BROKER_URL`` in the environment) selects the NATS JetStream transport: its
+    producers publish the topics from the service's journal (the HTTP routes stay)."""
+
+    name = "topics"
+
+    def __init__(
+        self,
+        topics: Iterable[Topic[Any]],
+        *,
+        journal_settings: JournalSettings | None = None,
+        prefix: str = "/topics",
+        transport: TopicTransport | None = None,
+        broker: BrokerSettings | None = None,
+    ) -> None:
+        self.topics = list(_topics_by_name(topics).values())
+        self.journal_settings = journal_settings
+        self.transport = transport
+        self.broker = broker
+        self._broker_transport: TopicTransport | None = None
+        self.producers: Producers | None = None
+        self._storage: Storage | None = None
+        self._notifier: JournalNotifier | None = None
+        #: The topic routes, out of the OpenAPI schema like lagompy's other routes (they are
+        #: lagompy's protocol between services, documented in docs/reference/http.md).
+        self.router = APIRouter()
+        self.router.include_router(
+            topic_router(self.topics, self._journal, prefix=prefix), include_in_schema=False
+        )
+        # The AsyncAPI document (in the OpenAPI docs) and each topic's JSON Schema.
+        subjects = (broker or BrokerSettings()).stream_prefix
+        if isinstance(transport, NatsTransport):
+            subjects = transport.broker.stream_prefix
+        self.router.include_router(
+            schema_router(self.topics, prefix=prefix, subject_prefix=subjects)
+        )
+
+    def _journal(self) -> Journal:
+        if self._storage is None:
+            raise HTTPException(status_code=503, detail="the topics are not served yet")
+        return self._storage.journal
+
+    @property
+    def journal(self) -> Journal:
+        """The journal the topics are read from, once started."""
+        if self._storage is None:
+            raise RuntimeError("the topics component is not started")
+        return self._storage.journal
+
+    async def start(self) -> None:
+        serializer = serializer_for(list({t.source for t in self.topics}))
+        for t in self.topics:
+            serializer.register(t.message_type)
+        self._storage = await open_storage(
+            settings=self.journal_settings or JournalSettings(), serializer=serializer
+        )
+        tail = TailSettings()
+        if self._storage.database.dialect == "postgresql" and tail.listen:
+            # Held for the component's life: the long polls share this process's LISTEN
+            # connection instead of opening and closing it request by request.
+            self._notifier = await JournalNotifier.acquire(self._storage.database, tail)
+        transport = self.transport
+        if transport is None:
+            broker = self.broker or BrokerSettings()
+            if broker.url is not None:
+                from lagompy.topic._nats import NatsTransport
+
+                transport = NatsTransport(broker, journal=self._storage.journal)
+                self._broker_transport = transport
+        if transport is not None:
+            self.producers = await start_producers(self.topics, transport)
+
+    async def metric_samples(self) -> list[Sample]:
+        """Per producer partition (a broker transport's): its position, its lag behind the
+        journal in events and seconds, its state, and the messages this process published."""
+        if self.producers is None:
+            return []
+        samples: list[Sample] = []
+        for s in await self.producers.status():
+            topic = s.processor.split(":", 1)[1]
+            labels = {"topic": topic, "partition": s.tag}
+            for name, value, text in (
+                ("lagompy_topic_producer_offset", s.offset, "The producer's stored position."),
+                (
+                    "lagompy_topic_producer_lag_events",
+                    s.lag_events,
+                    "Events of the partition not published yet.",
+                ),
+                (
+                    "lagompy_topic_producer_lag_seconds",
+                    s.lag_seconds,
+                    "Age in seconds of the oldest event not published yet.",
+                ),
+            ):
+                if value is not None:
+                    samples.append((name, text, "gauge", labels, float(value)))
+            samples.append(
+                (
+                    "lagompy_topic_producer_state",
+                    "1 for the current state of the producer's partition (label state).",
+                    "gauge",
+                    {**labels, "state": s.state},
+                    1.0,
+                )
+            )
+        for (topic, partition), producer in self.producers.producers.items():
+            published = getattr(producer, "published", None)
+            if isinstance(published, int):
+                samples.append(
+                    (
+                        "lagompy_topic_producer_published_total",
+                        "Messages this process published (acknowledged by the broker).",
+                        "counter",
+                        {"topic": topic, "partition": str(partition)},
+                        float(published),
+                    )
+                )
+        return samples
+
+    async def ready(self) -> bool | str:
+        """True unless a producer's task ended with an error, or a producer cannot publish
+        (``stalled``: the broker is down, say) or is stopped by an event (``failed``)."""
+        if self.producers is None:
+            return True
+        problems = self.producers.problems()
+        problems += [
+            f"topic producer {s.processor!r}, partition tag {s.tag!r}: {s.state} at offset "
+            f"{s.offset}" + ("" if s.failure is None else f": {s.failure.error[:300]}")
+            for s in await self.producers.status()
+            if s.state in STUCK_STATES
+        ]
+        return True if not problems else "; ".join(problems[:5])
+
+    async def stop(self) -> None:
+        producers, self.producers = self.producers, None
+        if producers is not None:
+            await producers.close()
+        if self.transport is not None:
+            await self.transport.close()
+        made, self._broker_transport = self._broker_transport, None
+        if made is not None:
+            await made.close()
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await notifier.release()
+        storage, self._storage = self._storage, None
+        if storage is not None:
+            await storage.close()
+
+
+class SubscribersComponent:
+    """A :class:`~lagompy.service.Component` that runs subscriber groups in the service's
+    process (see :func:`~lagompy.topic.start_subscribers`, whose arguments it takes)."""
+
+    name = "subscribers"
+
+    def __init__(
+        self,
+        subscribers: Iterable[SubscriberArg],
+        *,
+        transport: TopicTransport | None = None,
+        broker: BrokerSettings | None = None,
+        journal_settings: JournalSettings | None = None,
+        prefix: str = "/topics/subscribers",
+        settings: ReadSideSettings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.subscribers = list(subscribers)
+        if transport is None:
+            # A broker URL (here, or LAGOMPY_BROKER_URL) selects NATS JetStream; else the
+            # embedded transport on the journal's database.
+            broker = broker or BrokerSettings()
+            if broker.url is not None:
+                from lagompy.topic._nats import NatsTransport
+
+                transport = NatsTransport(broker)
+        self.transport = transport
+        self.journal_settings = journal_settings
+        self.settings = settings
+        self.overrides = overrides
+        self._running: Subscribers | None = None
+        self.router = APIRouter(include_in_schema=False)
+
+        @self.router.get(prefix)
+        async def status() -> list[dict[str, Any]]:
+            return [s.to_dict() for s in await self.running.status()]
+
+    @property
+    def running(self) -> Subscribers:
+        """The running subscribers (pause, resume, status...), once started."""
+        if self._running is None:
+            raise HTTPException(status_code=503, detail="the subscribers are not running")
+        return self._running
+
+    async def start(self) -> None:
+        self._running = await start_subscribers(
+            self.subscribers,
+            transport=self.transport,
+            journal_settings=self.journal_settings or JournalSettings(),
+            settings=self.settings,
+            **self.overrides,
+        )
+
+    async def stop(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            await running.close()
+        if self.transport is not None:
+            await self.transport.close()
+
+    async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
+        await self.running.wait_until_caught_up(timeout)
+
+    async def metric_samples(self) -> list[Sample]:
+        """Per (group, partition): position, lag in events and seconds (when known), and
+        state."""
+        if self._running is None:
+            return []
+        samples: list[Sample] = []
+        for s in await self._running.status():
+            _, topic, group = s.processor.split(":", 2)
+            labels = {"topic": topic, "group": group, "partition": s.tag}
+            for name, value, text in (
+                ("lagompy_topic_subscriber_offset", s.offset, "The group's stored position."),
+                (
+                    "lagompy_topic_subscriber_lag_events",
+                    s.lag_events,
+                    "Events of the partition after the group's position.",
+                ),
+                (
+                    "lagompy_topic_subscriber_lag_seconds",
+                    s.lag_seconds,
+                    "Age in seconds of the oldest event after the group's position.",
+                ),
+            ):
+                if value is not None:
+                    samples.append((name, text, "gauge", labels, float(value)))
+            samples.append(
+                (
+                    "lagompy_topic_subscriber_state",
+                    "1 for the current state of the group's partition (label state).",
+                    "gauge",
+                    {**labels, "state": s.state},
+                    1.0,
+                )
+            )
+        return samples
+
+    async def ready(self) -> bool | str:
+        """True while every group's partition can make progress; else which cannot, why."""
+        running = self._running
+        if running is None:
+            return "the subscribers are not running"
+        problems = [
+            f"subscriber {s.processor!r}, partition tag {s.tag!r}: {s.state} at offset "
+            f"{s.offset if s.failure is None else s.failure.offset}"
+            + ("" if s.failure is None else f": {s.failure.error[:300]}")
+            for s in await running.status()
+            if s.state in STUCK_STATES
+        ]
+        problems += running.problems()
+        return True if not problems else "; ".join(problems[:5])

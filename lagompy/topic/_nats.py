@@ -1,0 +1,1217 @@
+"""The NATS JetStream transport: topics published to a broker that other services (in any
+language) read.
+
+::
+
+    producing service                        NATS JetStream                 subscribing service
+    journal tag shard i ─▶ NatsProducer ─▶ stream <prefix>_<topic> ─▶ NatsFeed ─▶ handle + position
+       (consumer core, lease             subject <prefix>.<topic>.<i>     (pull consumer of the
+        topic-producer:<topic>)          message id topic:i:offset         subject, its own)
+
+**Producer** (:class:`NatsProducer`, one per partition, run by :func:`start_producers`): an
+:class:`~lagompy.consumer.EventConsumer` over the partition's journal tag whose commit strategy
+publishes each page's messages with ``publish_async`` (at most ``max_in_flight`` unacknowledged,
+bounded by nats-py's semaphore), waits for every acknowledgement, then stores the position. The
+message id ``topic:partition:offset`` makes a re-publication a duplicate the stream drops (within
+its ``duplicate_window``). Under a fresh lease it resumes after the offset in the *last message the
+broker holds* on its subject, not after its own stored position: the journal is the source of
+truth, and a message a crashed broker lost (its file store does not fsync every write) is
+published again. Headers carry the offset, key, entity, sequence number, time, message type and
+version; the body is the payload as JSON (:mod:`lagompy.topic._codec`'s form).
+
+**Feed** (:class:`NatsFeed`, one per subscriber group and partition): the position is lagompy's,
+stored with the subscriber's writes. The feed positions a pull consumer of its own (ephemeral,
+named ``<group>_<partition>_<random>``, removed by the server after ``inactive_threshold``) at the
+first stream message whose offset is above that position (a binary search over the stream's
+sequence with ``next_by_subj`` lookups), and again whenever the position moves somewhere the
+consumer is not (an operator's set-offset, a rollback) or the consumer failed (a broker
+restart). Messages at or below the position are dropped. It acknowledges (``AckPolicy.ALL``) the
+last message the subscriber committed. A subscription that stops delivering while its subject has
+newer messages (pull subscriptions can after a reconnect) is found by a check every
+``stall_check`` seconds of silence, reported (the subscriber's status shows the error) and
+re-positioned.
+
+Measured here (nats-server 2.9.10, loopback): raw ``publish_async`` of 100-byte payloads
+~15,000/s with 2,000 in flight; pull ``fetch`` of 500 with one ack per batch ~18,000/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from lagompy.consumer import EventConsumer, Lease
+from lagompy.errors import (
+    ConfigurationError,
+    EventDecodeError,
+    JournalUnavailable,
+    LeaseLost,
+    ReadSideDecodeFailed,
+    ReadSideHandlerFailed,
+    TopicError,
+    TopicMessageInvalid,
+)
+from lagompy.journal._journal import Journal, TagPage
+from lagompy.journal._tailing import PageTailer
+from lagompy.readside._settings import ReadSideSettings
+from lagompy.readside._store import OffsetStore
+from lagompy.readside._worker import default_owner
+from lagompy.settings import LagompySettings, make_settings
+from lagompy.topic._codec import _adapter, _list_adapter
+from lagompy.topic._topic import Message, StartFrom, Topic
+from lagompy.topic._transport import MessageBatch
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from nats.js.api import RawStreamMsg
+
+log = logging.getLogger("lagompy.topic")
+
+__all__ = [
+    "BrokerSettings",
+    "NatsFeed",
+    "NatsProducer",
+    "NatsTransport",
+    "producer_name",
+]
+
+#: Header names (the message id header is JetStream's own).
+MSG_ID = "Nats-Msg-Id"
+H_OFFSET = "Lagompy-Offset"
+H_KEY = "Lagompy-Key"
+H_ENTITY_TYPE = "Lagompy-Entity-Type"
+H_ENTITY_ID = "Lagompy-Entity-Id"
+H_SEQ_NR = "Lagompy-Seq-Nr"
+H_TIME = "Lagompy-Time"
+H_TYPE = "Lagompy-Type"
+H_VERSION = "Lagompy-Version"
+H_CONTENT_TYPE = "Content-Type"
+#: A position marker: no message, only "the partition's events up to this offset are
+#: published" (a page that ends with events the topic filters out), so that subscribers'
+#: positions move past filtered events as they do on the embedded transports.
+H_MARKER = "Lagompy-Position-Only"
+JSON = "application/json"
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+class BrokerSettings(LagompySettings):
+    """Where topics go when a broker carries them: the NATS JetStream transport's settings
+    (environment: ``LAGOMPY_BROKER_*``)::
+
+    BrokerSettings()                                   # LAGOMPY_BROKER_URL, else none
+    BrokerSettings(url="nats://127.0.0.1:4222")
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LAGOMPY_BROKER_", frozen=True, extra="forbid")
+
+    url: str | None = Field(
+        default=None,
+        description="The NATS server(s) (nats://host:port, several separated by commas). None: "
+        "no broker (topics use the embedded transport).",
+    )
+    stream_prefix: str = Field(
+        default="lagompy",
+        description="Streams are named <prefix>_<topic>, subjects <prefix>.<topic>.<partition>.",
+    )
+    max_in_flight: int = Field(
+        default=1000, ge=1, le=100_000, description="Unacknowledged publications per process."
+    )
+    ack_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a producer waits for the broker's acks."
+    )
+    duplicate_window: float = Field(
+        default=120.0, gt=0, description="Seconds the stream remembers message ids (dedup)."
+    )
+    long_poll: float = Field(
+        default=2.0, gt=0, le=30, description="Seconds a caught-up feed waits in one fetch."
+    )
+    stall_check: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds of silence after which a feed checks that its subject has "
+        "nothing newer (a pull subscription that stopped is re-positioned).",
+    )
+    connect_timeout: float = Field(default=2.0, gt=0, description="Seconds per connection try.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
+            raise ValueError("must be nats://host:port (or tls://), several separated by commas")
+        return value
+
+    @field_validator("stream_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or not set(value) <= _NAME_CHARS:
+            raise ValueError("must be letters, digits, '-' or '_'")
+        return value
+
+
+def producer_name(topic: Topic[Any]) -> str:
+    """The name of a topic's producers in the offset store (one row per partition)."""
+    return f"topic-producer:{topic.name}"
+
+
+def _broker_error(doing: str, error: BaseException) -> TopicError:
+    """A broker failure as callers see it: what was being done and the error's class (never
+    the server's address)."""
+    return TopicError(f"{doing}: the broker failed ({type(error).__name__})")
+
+
+# --------------------------------------------------------------------------- names and headers
+
+
+def stream_name(prefix: str, topic: Topic[Any]) -> str:
+    return f"{prefix}_{topic.name.replace('.', '_')}"
+
+
+def subject(prefix: str, topic: Topic[Any], partition: int) -> str:
+    return f"{prefix}.{topic.name}.{partition}"
+
+
+def _headers(message: Message[Any]) -> dict[str, str]:
+    return {
+        MSG_ID: message.position,
+        H_OFFSET: str(message.offset),
+        H_KEY: quote(message.key, safe=""),
+        H_ENTITY_TYPE: quote(message.entity_type, safe=""),
+        H_ENTITY_ID: quote(message.entity_id, safe=""),
+        H_SEQ_NR: str(message.seq_nr),
+        H_TIME: message.timestamp.isoformat(),
+        H_TYPE: message.type_name,
+        H_VERSION: str(message.version),
+        H_CONTENT_TYPE: JSON,
+    }
+
+
+def _int_header(headers: dict[str, str], name: str) -> int:
+    try:
+        return int(headers[name])
+    except (KeyError, ValueError):
+        raise TopicMessageInvalid(
+            f"header {name!r} is missing or not an integer: {headers.get(name)!r:.40}"
+        ) from None
+
+
+def _marker_headers(topic: Topic[Any], partition: int, offset: int, at: datetime) -> dict[str, str]:
+    return {
+        MSG_ID: f"{topic.name}:{partition}:{offset}",
+        H_OFFSET: str(offset),
+        H_TIME: at.isoformat(),
+        H_MARKER: "1",
+    }
+
+
+def _seq(msg: RawStreamMsg) -> int:
+    assert msg.seq is not None  # the server gives every stored message its sequence
+    return msg.seq
+
+
+def _offset_of(msg: Msg | RawStreamMsg) -> int:
+    return _int_header(dict(msg.headers or {}), H_OFFSET)
+
+
+def _time_of(headers: dict[str, str]) -> datetime:
+    try:
+        return datetime.fromisoformat(headers[H_TIME])
+    except (KeyError, ValueError):
+        raise TopicMessageInvalid(f"header {H_TIME!r} is missing or not a time") from None
+
+
+def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: bytes) -> Message[Any]:
+    """A message of ``topic``'s partition from a broker message (``TopicMessageInvalid`` naming
+    what does not fit)."""
+    type_name = headers.get(H_TYPE)
+    if type_name != topic.type_name:
+        raise TopicMessageInvalid(
+            f"message type {type_name!r:.100} is not this topic's ({topic.type_name!r})"
+        )
+    version = _int_header(headers, H_VERSION)
+    if version > topic.version:
+        raise TopicMessageInvalid(
+            f"message type {type_name!r} version {version} is newer than this side's "
+            f"{topic.message_type.__qualname__} (version {topic.version}): upgrade the "
+            "subscriber's message class"
+        )
+    try:
+        payload = _adapter(topic.message_type).validate_json(data)
+    except ValidationError as e:
+        raise TopicMessageInvalid(
+            f"the payload does not fit {topic.message_type.__qualname__}: "
+            f"{e.error_count()} error(s)"
+        ) from None
+    return Message(
+        topic=topic.name,
+        payload=payload,
+        key=unquote(headers.get(H_KEY, "")),
+        partition=partition,
+        offset=_int_header(headers, H_OFFSET),
+        timestamp=_time_of(headers),
+        type_name=type_name,
+        version=version,
+        entity_type=unquote(headers.get(H_ENTITY_TYPE, "")),
+        entity_id=unquote(headers.get(H_ENTITY_ID, "")),
+        seq_nr=_int_header(headers, H_SEQ_NR),
+    )
+
+
+_new = object.__new__
+
+
+def decode_batch(
+    topic: Topic[Any], partition: int, msgs: list[Msg], where: str
+) -> list[Message[Any] | None]:
+    """The messages of a run of broker messages (None for a position marker): the payloads
+    validated in one call into pydantic, the headers checked in one expression each; a
+    message that fails goes through :func:`decode`, which names what is wrong. (Per message,
+    pydantic's call and the named checks cost as much as nats-py's own parsing.)"""
+    type_name, newest = topic.type_name, topic.version
+    bodies: list[bytes] = []
+    checked: list[tuple[int, dict[str, str]] | None] = []
+    for msg in msgs:
+        headers = msg.headers or {}
+        if H_MARKER in headers:
+            checked.append(None)
+            continue
+        try:
+            version = int(headers[H_VERSION])
+            if headers[H_TYPE] != type_name or version > newest:
+                raise ValueError
+        except (KeyError, ValueError):
+            decode(topic, partition, dict(headers), msg.data)  # raises, naming the problem
+            raise AssertionError("unreachable") from None
+        checked.append((version, headers))
+        bodies.append(msg.data)
+    try:
+        payloads = iter(
+            _list_adapter(topic.message_type).validate_json(b"[" + b",".join(bodies) + b"]")
+        )
+    except ValidationError:
+        for msg, item in zip(msgs, checked, strict=True):
+            if item is not None:
+                try:
+                    decode(topic, partition, item[1], msg.data)
+                except TopicMessageInvalid as e:
+                    raise TopicMessageInvalid(f"{where}, offset {_offset_of(msg)}: {e}") from None
+        raise
+    out: list[Message[Any] | None] = []
+    times: tuple[str, datetime] | None = None
+    try:
+        for item in checked:
+            if item is None:
+                out.append(None)
+                continue
+            version, headers = item
+            stamp = headers[H_TIME]
+            if times is None or times[0] != stamp:  # a transaction's messages share it
+                times = (stamp, datetime.fromisoformat(stamp))
+            key, etype, eid = headers[H_KEY], headers[H_ENTITY_TYPE], headers[H_ENTITY_ID]
+            message: Message[Any] = _new(Message)
+            message.__dict__.update(
+                topic=topic.name,
+                payload=next(payloads),
+                key=unquote(key) if "%" in key else key,
+                partition=partition,
+                offset=int(headers[H_OFFSET]),
+                timestamp=times[1],
+                type_name=type_name,
+                version=version,
+                entity_type=unquote(etype) if "%" in etype else etype,
+                entity_id=unquote(eid) if "%" in eid else eid,
+                seq_nr=int(headers[H_SEQ_NR]),
+            )
+            out.append(message)
+    except (KeyError, ValueError) as e:
+        raise TopicMessageInvalid(
+            f"{where}: a message's headers are incomplete ({e!r:.80})"
+        ) from None
+    return out
+
+
+# --------------------------------------------------------------------------- the connection
+
+
+class _Link:
+    """One NATS connection of a transport, opened on first use, reconnecting on its own."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        if settings.url is None:
+            raise ConfigurationError(
+                "the NATS transport needs a broker URL (BrokerSettings(url=...) or "
+                "LAGOMPY_BROKER_URL=nats://host:port)"
+            )
+        self.settings = settings
+        self.servers = [s.strip() for s in settings.url.split(",") if s.strip()]
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._lock = asyncio.Lock()
+        self._streams: set[str] = set()
+        self._closing = False
+        #: Counts the reconnections: a broker that restarted may have lost what it
+        #: acknowledged last, and the consumers it had (its pull requests certainly).
+        self.generation = 0
+        self._listeners: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
+
+    async def js(self) -> JetStreamContext:
+        if self._js is not None:
+            return self._js
+        async with self._lock:
+            if self._js is None:
+
+                async def error(e: Exception) -> None:
+                    # Each reconnection attempt reports here: the disconnection said it once.
+                    log.debug("NATS connection: %s", type(e).__name__)
+
+                async def disconnected() -> None:
+                    if not self._closing:
+                        log.warning("NATS connection lost; reconnecting")
+
+                async def reconnected() -> None:
+                    log.info("NATS connection back")
+                    self.generation += 1
+                    for event in list(self._listeners):
+                        event.set()
+
+                from nats.aio.client import Client
+
+                nc = Client()
+                try:
+                    # nats-py retries the first connection as often as a reconnection
+                    # (forever here): bound it, so that a broker down at start is an error.
+                    async with asyncio.timeout(self.settings.connect_timeout * 2):
+                        await nc.connect(
+                            servers=self.servers,
+                            # Seconds, as floats (nats-py's hints say int; it awaits them).
+                            connect_timeout=self.settings.connect_timeout,  # type: ignore[arg-type]
+                            max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                            allow_reconnect=True,
+                            error_cb=error,
+                            disconnected_cb=disconnected,
+                            reconnected_cb=reconnected,
+                        )
+                except BaseException as e:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+                    if not isinstance(e, Exception):
+                        raise
+                    raise TopicError(
+                        f"the NATS broker cannot be reached ({type(e).__name__})"
+                    ) from None
+                self._nc = nc
+                self._closing = False
+                self._js = nc.jetstream(
+                    timeout=self.settings.ack_timeout,
+                    publish_async_max_pending=self.settings.max_in_flight,
+                )
+        assert self._js is not None
+        return self._js
+
+    def listen(self, event: asyncio.Event) -> None:
+        """Set ``event`` at every reconnection."""
+        self._listeners.add(event)
+
+    async def client(self) -> NatsClient:
+        """The connection (opened on first use)."""
+        await self.js()
+        assert self._nc is not None
+        return self._nc
+
+    async def ensure_stream(self, topic: Topic[Any]) -> str:
+        """Create the topic's stream if it is missing (idempotent); its name."""
+        from nats.js import api
+        from nats.js.errors import BadRequestError
+
+        name = stream_name(self.settings.stream_prefix, topic)
+        if name in self._streams:
+            return name
+        js = await self.js()
+        subjects = [f"{self.settings.stream_prefix}.{topic.name}.*"]
+        try:
+            await js.add_stream(
+                name=name,
+                subjects=subjects,
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                duplicate_window=self.settings.duplicate_window,
+            )
+        except BadRequestError:
+            info = await js.stream_info(name)  # exists with another configuration
+            if list(info.config.subjects or []) != subjects:
+                raise ConfigurationError(
+                    f"topic {topic.name!r}: the broker's stream {name!r} has subjects "
+                    f"{info.config.subjects!r}, not {subjects!r}"
+                ) from None
+        except Exception as e:
+            raise _broker_error(f"topic {topic.name!r}: creating its stream", e) from None
+        self._streams.add(name)
+        return name
+
+    def forget(self, name: str) -> None:
+        """The stream may have gone (a broker that lost its store): create it again."""
+        self._streams.discard(name)
+
+    async def last_message(self, stream: str, subj: str) -> RawStreamMsg | None:
+        from nats.js.errors import NotFoundError
+
+        js = await self.js()
+        try:
+            return await js.get_last_msg(stream, subj)
+        except NotFoundError:
+            return None
+
+    async def next_message(self, stream: str, subj: str, seq: int) -> RawStreamMsg | None:
+        """The first message of ``subj`` at or after stream sequence ``seq``."""
+        from nats.js.errors import NotFoundError
+
+        js = await self.js()
+        try:
+            return await js.get_msg(stream, seq=max(1, seq), subject=subj, next=True)
+        except NotFoundError:
+            return None
+
+    async def seek(
+        self, stream: str, subj: str, after: Callable[[RawStreamMsg], bool]
+    ) -> tuple[int, RawStreamMsg | None]:
+        """The stream sequence of the first message of ``subj`` for which ``after`` holds
+        (``after`` must be monotone along the subject: false, then true), with that message;
+        past the stream's end (and None) when there is none. A binary search: about
+        log2(messages) lookups."""
+        js = await self.js()
+        # The stream's end first: a message of the subject written after it is the subject's
+        # last (or before it), so either the search sees it or it lies past the end.
+        end = (await js.stream_info(stream)).state.last_seq
+        last = await self.last_message(stream, subj)
+        if last is None or not after(last):
+            return max(end, 0 if last is None else _seq(last)) + 1, None
+        first = await self.next_message(stream, subj, 1)
+        assert first is not None  # the subject has a last message
+        if after(first):
+            return _seq(first), first
+        lo, hi = _seq(first) + 1, _seq(last)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            probe = await self.next_message(stream, subj, mid)
+            if probe is None or after(probe):
+                hi = mid
+            else:
+                lo = _seq(probe) + 1
+        return lo, await self.next_message(stream, subj, lo)
+
+    async def close(self) -> None:
+        self._closing = True
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+# --------------------------------------------------------------------------- the producer
+
+
+class _Publish:
+    """The producer's :class:`~lagompy.consumer.CommitStrategy`: publish a page's messages,
+    wait for the broker's acks, then store the position (at least once, deduplicated by
+    message id)."""
+
+    def __init__(
+        self,
+        link: _Link,
+        topic: Topic[Any],
+        partition: int,
+        store: OffsetStore,
+        settings: ReadSideSettings,
+    ) -> None:
+        self.link = link
+        self.topic = topic
+        self.partition = partition
+        self.store = store
+        self.settings = settings
+        self.subject = subject(link.settings.stream_prefix, topic, partition)
+        self.stream = stream_name(link.settings.stream_prefix, topic)
+        #: The stored position when the lease was taken: events up to it that cannot be
+        #: mapped or decoded were skipped by an operator before (or got past) and stay skipped.
+        self._stored = 0
+        #: Messages published (acknowledged) by this producer.
+        self.published = 0
+        #: The connection's generation when the producer last resumed from the broker.
+        self.generation = -1
+
+    async def prepare(self, consumer: EventConsumer, lease: Lease, *, clear_stall: bool) -> None:
+        self._stored = lease.offset
+        self.generation = self.link.generation
+        self.link.forget(self.stream)
+        await self.link.ensure_stream(self.topic)
+        try:
+            last = await self.link.last_message(self.stream, self.subject)
+        except TopicError:
+            raise
+        except Exception as e:
+            raise _broker_error(f"topic {self.topic.name!r}: reading its last message", e) from None
+        held = 0 if last is None else _offset_of(last)
+        if held != lease.offset:
+            log.info(
+                "%s: the broker holds up to offset %d, the stored position is %d: resuming "
+                "after %d",
+                consumer.where(),
+                held,
+                lease.offset,
+                held,
+            )
+        async with self.store.database.write() as conn:
+            flags = await self.store.commit(
+                conn,
+                lease,
+                held,
+                self.settings.lease_ttl,
+                state="preparing",
+                clear_failure=clear_stall,
+            )
+        consumer.moved(held, clear_stall, flags)
+
+    async def commit(
+        self, consumer: EventConsumer, lease: Lease, page: TagPage, *, ignore_pause: bool
+    ) -> None:
+        if consumer.flags.hold and not ignore_pause:
+            return
+        js = await self.link.js()
+        pending: list[asyncio.Future[Any]] = []
+        reached = consumer.offset
+        published_to = consumer.offset
+        try:
+            for envelope in page.envelopes:
+                try:
+                    message = self.topic.message(envelope, self.partition)
+                except Exception as e:
+                    if envelope.offset <= self._stored:
+                        continue  # skipped before
+                    await self._settle(pending)
+                    if reached > consumer.offset:
+                        await self._store(consumer, lease, reached)
+                    await self._stop_at(consumer, lease, envelope.offset, envelope, e)
+                    raise AssertionError("unreachable") from None
+                reached = envelope.offset
+                if message is None:
+                    continue
+                data = _adapter(type(message.payload)).dump_json(message.payload)
+                pending.append(
+                    await js.publish_async(self.subject, data, headers=_headers(message))
+                )
+                published_to = envelope.offset
+            if page.last_offset > published_to:
+                at = page.envelopes[-1].timestamp if page.envelopes else datetime.now(UTC)
+                headers = _marker_headers(self.topic, self.partition, page.last_offset, at)
+                pending.append(await js.publish_async(self.subject, b"", headers=headers))
+            await self._settle(pending)
+        except (TopicError, LeaseLost, JournalUnavailable, ReadSideHandlerFailed):
+            raise
+        except Exception as e:
+            raise _broker_error(f"topic {self.topic.name!r}: publishing", e) from None
+        finally:
+            for f in pending:
+                f.cancel()
+        await self._store(consumer, lease, page.last_offset)
+
+    async def _settle(self, pending: list[asyncio.Future[Any]]) -> None:
+        if not pending:
+            return
+        try:
+            acks = await asyncio.wait_for(
+                asyncio.gather(*pending), timeout=self.link.settings.ack_timeout
+            )
+        except TimeoutError:
+            raise TopicError(
+                f"topic {self.topic.name!r}: the broker did not acknowledge "
+                f"{sum(not f.done() for f in pending)} of {len(pending)} messages within "
+                f"{self.link.settings.ack_timeout} s"
+            ) from None
+        except Exception as e:
+            raise _broker_error(f"topic {self.topic.name!r}: publishing", e) from None
+        for ack in acks:
+            if ack.stream != self.stream:
+                raise TopicError(
+                    f"topic {self.topic.name!r}: subject {self.subject!r} is stored by stream "
+                    f"{ack.stream!r}, not {self.stream!r}"
+                )
+        self.published += len(acks)
+        pending.clear()
+
+    async def _store(self, consumer: EventConsumer, lease: Lease, offset: int) -> None:
+        if offset <= consumer.offset:
+            return
+        clear = consumer.passes_failure(offset)
+        async with self.store.database.write() as conn:
+            flags = await self.store.commit(
+                conn,
+                lease,
+                offset,
+                self.settings.lease_ttl,
+                events_per_s=consumer.committed(0),
+                clear_failure=clear,
+            )
+        consumer.moved(offset, clear, flags)
+
+    async def _stop_at(
+        self,
+        consumer: EventConsumer,
+        lease: Lease,
+        offset: int,
+        envelope: Any,
+        error: BaseException,
+    ) -> None:
+        kind = (
+            ReadSideDecodeFailed if isinstance(error, EventDecodeError) else ReadSideHandlerFailed
+        )
+        failure = kind(
+            f"{consumer.where()}: the event at offset {offset} cannot be published: "
+            f"{type(error).__name__}: {error}",
+            processor=consumer.name,
+            tag=consumer.tag,
+            offset=offset,
+            entity_type=getattr(envelope, "entity_type", None),
+            entity_id=getattr(envelope, "entity_id", None),
+            seq_nr=getattr(envelope, "seq_nr", None),
+            attempts=1,
+        )
+        consumer.failures += 1
+        consumer.last_error = str(failure)
+        log.error("%s", failure)
+        flags = await self.store.record_failure(
+            lease,
+            error=str(failure),
+            offset=offset,
+            entity_type=failure.entity_type,
+            entity_id=failure.entity_id,
+            seq_nr=failure.seq_nr,
+            attempts=1,
+            state="failed",
+        )
+        consumer.failed_at(offset, flags)
+        consumer.state = "failed"
+        raise failure from error
+
+    async def undecodable(
+        self, consumer: EventConsumer, lease: Lease, error: EventDecodeError
+    ) -> None:
+        offset = error.offset
+        assert offset is not None
+        if offset <= self._stored:
+            await self._store(consumer, lease, offset)  # skipped before
+            return
+        await self._stop_at(consumer, lease, offset, error, error)
+
+
+class _Watched:
+    """The producer's journal tailer, watching the broker's connection too: once it has been
+    re-established, the producer starts over from the broker's last message (a restarted
+    broker may have lost messages it had acknowledged) instead of waiting for new events."""
+
+    def __init__(self, tailer: PageTailer, strategy: _Publish) -> None:
+        self.tailer = tailer
+        self.strategy = strategy
+        self._reconnected = asyncio.Event()
+        strategy.link.listen(self._reconnected)
+
+    async def start(self) -> None:
+        await self.tailer.start()
+
+    async def next_page(self, after: int) -> TagPage:
+        return await self.tailer.next_page(after)
+
+    async def wait(self, limit: float | None = None) -> None:
+        self._reconnected.clear()
+        if self.strategy.generation == self.strategy.link.generation:
+            waiting = asyncio.ensure_future(self.tailer.wait(limit))
+            reconnected = asyncio.ensure_future(self._reconnected.wait())
+            try:
+                await asyncio.wait([waiting, reconnected], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reconnected.cancel()
+                if not waiting.done():
+                    waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if self.strategy.generation not in (-1, self.strategy.link.generation):
+            raise TopicError(
+                f"topic {self.strategy.topic.name!r}: the broker connection was re-established; "
+                "resuming after the broker's last message"
+            )
+
+    def wake(self) -> None:
+        self.tailer.wake()
+
+    async def close(self) -> None:
+        await self.tailer.close()
+
+
+class NatsProducer(EventConsumer):
+    """Publishes one partition of a topic to JetStream (see the module's docs): a consumer of
+    the partition's journal tag named :func:`producer_name`, whose status, pause, resume and
+    skip are those of the offset store's rows in the journal's database."""
+
+    strategy: _Publish
+
+    def __init__(
+        self,
+        link: _Link,
+        topic: Topic[Any],
+        partition: int,
+        *,
+        journal: Journal,
+        settings: ReadSideSettings,
+        owner: str | None = None,
+    ) -> None:
+        store = OffsetStore(journal.database)
+        self.offsets = store
+        strategy = _Publish(link, topic, partition, store, settings)
+        tag = topic.partition_tag(partition)
+        super().__init__(
+            producer_name(topic),
+            topic.partition_tag(partition),
+            journal=journal,
+            store=store,
+            strategy=strategy,
+            settings=settings,
+            owner=owner or default_owner(),
+            kind="topic producer",
+            describe_error=lambda e: f"{type(e).__name__}: {e}",
+            logger=log,
+            pages=lambda: _Watched(
+                PageTailer(journal, tag=tag, page_size=settings.max_batch, settings=settings.tail),
+                strategy,
+            ),
+        )
+        self.topic = topic
+        self.partition = partition
+
+    @property
+    def published(self) -> int:
+        return self.strategy.published
+
+    async def run(self) -> None:
+        await self.offsets.ensure(self.name, [self.tag])
+        await super().run()
+
+
+# --------------------------------------------------------------------------- the feed
+
+
+class NatsFeed:
+    """A :class:`~lagompy.topic.MessageFeed` of one partition, pulled from JetStream (see the
+    module's docs).
+
+    It reads with one standing pull request at a time (``batch`` messages, expiring after a
+    few long polls) on an inbox subscription of its own: the broker sends each message as soon
+    as it is stored, so a live message costs no round trip, and a request for the next batch
+    goes out as soon as one is used up. (nats-py's ``fetch`` waits for a whole batch or its
+    timeout, which put a floor of that timeout under every message's lag.)"""
+
+    #: Messages asked for per pull request.
+    PULL = 1000
+
+    def __init__(self, link: _Link, topic: Topic[Any], partition: int, *, group: str) -> None:
+        topic.partition_tag(partition)  # out of range: ConfigurationError now
+        self.link = link
+        self.topic = topic
+        self.partition = partition
+        self.group = group
+        prefix = link.settings.stream_prefix
+        self.stream = stream_name(prefix, topic)
+        self.subject = subject(prefix, topic, partition)
+        safe_group = "".join(c if c in _NAME_CHARS else "-" for c in group)[:80]
+        self._consumer_prefix = f"{safe_group}_{partition}"
+        self._consumer: str | None = None
+        self._inbox: Any = None
+        self._next_subject = ""
+        #: Broker messages arrived (by the subscription's callback), not yet looked at.
+        self._incoming: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        link.listen(self._arrived)
+        self._generation = link.generation
+        #: Messages the current pull request may still bring (0: none is outstanding), and
+        #: when it expires.
+        self._outstanding = 0
+        self._request_until = 0.0
+        #: The consumer is gone (a status said so): position again.
+        self._lost: str | None = None
+        #: (offset, error) of a message that does not fit the topic: the feed stops before it.
+        self._bad: tuple[int, TopicMessageInvalid] | None = None
+        #: What was fetched above the committed position, in offset order: (offset, message
+        #: or None for a position marker, the broker's message to acknowledge).
+        self._buffer: deque[tuple[int, Message[Any] | None, Msg]] = deque()
+        #: The committed position the feed knows of, and the highest offset it fetched.
+        self._base = 0
+        self._pos = 0
+        self._positioned = False
+        self._handed = 0
+        self._woken = asyncio.Event()
+        self._silent_since = time.monotonic()
+        #: Subscriptions found stopped and re-positioned.
+        self.restarts = 0
+
+    def where(self) -> str:
+        return f"topic {self.topic.name!r} partition {self.partition} (group {self.group!r})"
+
+    async def start(self) -> None:
+        """Nothing until the first batch: the consumer is made under the group's lease."""
+
+    async def start_offset(self, start: StartFrom) -> int:
+        if start.kind == "earliest":
+            return 0
+        if start.kind == "offset":
+            assert start.offset is not None
+            return start.offset
+        try:
+            await self.link.ensure_stream(self.topic)
+            if start.kind == "latest":
+                last = await self.link.last_message(self.stream, self.subject)
+                return 0 if last is None else _offset_of(last)
+            assert start.time is not None
+            when = start.time
+            _, first = await self.link.seek(
+                self.stream, self.subject, lambda m: _time_of(dict(m.headers or {})) >= when
+            )
+        except (TopicError, ConfigurationError):
+            raise
+        except Exception as e:
+            raise _broker_error(f"{self.where()}: finding where to start", e) from None
+        if first is not None:
+            return max(0, _offset_of(first) - 1)
+        last = await self.link.last_message(self.stream, self.subject)
+        return 0 if last is None else _offset_of(last)
+
+    async def lag(self, after: int) -> tuple[int, int, float]:
+        """(head, messages behind, age in seconds of the oldest of them) of ``after``, as the
+        broker sees it: the head is the offset of the subject's last message; the count comes
+        from a consumer made for the question at the first message above ``after`` (its
+        pending count), then deleted."""
+        from nats.js import api
+
+        try:
+            last = await self.link.last_message(self.stream, self.subject)
+            head = 0 if last is None else _offset_of(last)
+            if head <= after:
+                return head, 0, 0.0
+            seq, first = await self.link.seek(
+                self.stream, self.subject, lambda m: _offset_of(m) > after
+            )
+            if first is None:
+                return head, 0, 0.0
+            js = await self.link.js()
+            name = f"{self._consumer_prefix}_lag_{uuid.uuid4().hex[:8]}"
+            info = await js.add_consumer(
+                self.stream,
+                api.ConsumerConfig(
+                    name=name,
+                    filter_subject=self.subject,
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=seq,
+                    ack_policy=api.AckPolicy.NONE,
+                    inactive_threshold=5.0,
+                ),
+            )
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(self.stream, name)
+        except (TopicError, ConfigurationError):
+            raise
+        except Exception as e:
+            raise _broker_error(f"{self.where()}: reading its lag", e) from None
+        age = time.time() - _time_of(dict(first.headers or {})).timestamp()
+        return head, int(info.num_pending or 0), max(0.0, round(age, 3))
+
+    # ------------------------------------------------------------------ the consumer
+
+    async def _drop_consumer(self) -> None:
+        inbox, name, self._inbox, self._consumer = self._inbox, self._consumer, None, None
+        self._outstanding = 0
+        self._incoming.clear()
+        if inbox is not None:
+            with contextlib.suppress(Exception):
+                await inbox.unsubscribe()
+        if name is not None:
+            with contextlib.suppress(Exception):
+                js = await self.link.js()
+                await js.delete_consumer(self.stream, name)
+
+    async def _position(self, after: int) -> None:
+        """A fresh pull consumer from the first message above ``after``, and a fresh inbox
+        (nothing a former request still sends can reach the new position)."""
+        from nats.js import api
+
+        await self._drop_consumer()
+        self._buffer.clear()
+        self._positioned = False
+        self._lost = None
+        await self.link.ensure_stream(self.topic)
+        seq, _ = await self.link.seek(self.stream, self.subject, lambda m: _offset_of(m) > after)
+        name = f"{self._consumer_prefix}_{uuid.uuid4().hex[:10]}"
+        js = await self.link.js()
+        await js.add_consumer(
+            self.stream,
+            api.ConsumerConfig(
+                name=name,
+                filter_subject=self.subject,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=seq,
+                ack_policy=api.AckPolicy.ALL,
+                ack_wait=300.0,
+                max_ack_pending=100_000,
+                inactive_threshold=60.0,
+            ),
+        )
+        self._consumer = name
+        nc = await self.link.client()
+        self._inbox = await nc.subscribe(nc.new_inbox(), cb=self._received)
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}"
+        self._base = self._pos = after
+        self._positioned = True
+        self._silent_since = time.monotonic()
+        log.info("%s: reading from stream sequence %d (after offset %d)", self.where(), seq, after)
+
+    async def _received(self, msg: Msg) -> None:
+        """The inbox subscription's callback: a message, or a status ending the request."""
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None or msg.data:
+            self._incoming.append(msg)
+            self._outstanding = max(0, self._outstanding - 1)
+        elif status == "100":  # an idle heartbeat
+            return
+        else:  # 404/408: the request ended; 409: it was cut; 503: no consumer any more
+            self._outstanding = 0
+            description = (headers or {}).get("Description", "")
+            if status == "503" or "Deleted" in description:
+                self._lost = f"status {status} {description}".strip()
+        self._arrived.set()
+
+    async def _request(self) -> None:
+        """Keep one pull request outstanding (a reconnection loses the one there was)."""
+        now = time.monotonic()
+        if (
+            self._outstanding > 0
+            and now < self._request_until
+            and self._generation == self.link.generation
+        ):
+            return
+        self._generation = self.link.generation
+        expires = max(1.0, self.link.settings.long_poll * 5)
+        nc = await self.link.client()
+        await nc.publish(
+            self._next_subject,
+            json.dumps({"batch": self.PULL, "expires": int(expires * 1e9)}).encode(),
+            reply=self._inbox.subject,
+        )
+        self._outstanding = self.PULL
+        self._request_until = now + expires + 1.0
+
+    async def _take(self) -> None:
+        """Move the arrived messages into the buffer (decoded, in order, without repeats).
+        A message that does not fit the topic stops the taking there: the ones before it are
+        delivered, then :meth:`next_batch` raises its error until the position moves past it
+        (an operator's set-offset): nothing after it is taken meanwhile, so nothing is
+        skipped."""
+        if self._bad is not None:
+            return
+        incoming = self._incoming
+        fresh: list[tuple[int, Msg]] = []
+        pos = self._pos
+        while incoming:
+            msg = incoming.popleft()
+            offset = _offset_of(msg)
+            if offset <= pos:
+                if offset <= self._base:
+                    await msg.ack()  # committed already: a redelivery
+                continue
+            fresh.append((offset, msg))
+            pos = offset
+        if not fresh:
+            return
+        try:
+            messages = decode_batch(self.topic, self.partition, [m for _, m in fresh], self.where())
+        except (TopicMessageInvalid, ValidationError):
+            messages = []
+            for offset, msg in fresh:
+                try:
+                    one = decode_batch(self.topic, self.partition, [msg], self.where())
+                except (TopicMessageInvalid, ValidationError) as e:
+                    text = str(e).removeprefix(f"{self.where()}, offset {offset}: ")
+                    self._bad = (
+                        offset,
+                        TopicMessageInvalid(f"{self.where()}, offset {offset}: {text}"),
+                    )
+                    self._incoming.clear()
+                    break
+                messages += one
+            fresh = fresh[: len(messages)]
+        for (offset, msg), message in zip(fresh, messages, strict=True):
+            self._buffer.append((offset, message, msg))
+            self._pos = offset
+        self._silent_since = time.monotonic()
+
+    # ------------------------------------------------------------------ the feed
+
+    async def next_batch(self, after: int, limit: int) -> MessageBatch:
+        self._woken.clear()
+        self._arrived.clear()
+        try:
+            if self._lost is not None:
+                self.restarts += 1
+                lost, self._lost = self._lost, None
+                self._positioned = False
+                raise TopicError(f"{self.where()}: the broker's consumer is gone ({lost})")
+            if self._bad is not None and after >= self._bad[0]:
+                self._bad = None  # moved past it (an operator's set-offset)
+            if not self._positioned or after < self._base or after > self._pos:
+                await self._position(after)
+            committed = None
+            while self._buffer and self._buffer[0][0] <= after:
+                committed = self._buffer.popleft()[2]
+            if committed is not None:
+                await committed.ack()
+            self._base = after
+            await self._take()
+            if self._bad is not None and not self._buffer:
+                raise self._bad[1]
+            await self._request()
+        except TopicMessageInvalid:
+            raise  # stays positioned before the message: raised again until moved past it
+        except (TopicError, ConfigurationError):
+            self._positioned = False
+            raise
+        except Exception as e:
+            self._positioned = False
+            raise _broker_error(f"{self.where()}: reading", e) from None
+        messages: list[Message[Any]] = []
+        last = after
+        handed = 0
+        for offset, message, _ in self._buffer:
+            if message is not None:
+                if len(messages) == limit:
+                    break
+                messages.append(message)
+            last = offset
+            handed += 1
+        self._handed = handed
+        full = len(self._buffer) > handed or len(messages) == limit
+        return MessageBatch(messages, last, full)
+
+    async def wait(self, limit: float | None = None) -> None:
+        """Until messages arrive (the standing pull request brings them as they are stored),
+        at most ``limit`` and ``long_poll`` seconds; :meth:`wake` ends it at once."""
+        if (
+            self._woken.is_set()
+            or self._incoming
+            or len(self._buffer) > self._handed
+            or not self._positioned
+        ):
+            return
+        settings = self.link.settings
+        seconds = settings.long_poll if limit is None else max(0.0, min(settings.long_poll, limit))
+        if seconds <= 0.001:
+            return
+        arrived = asyncio.ensure_future(self._arrived.wait())
+        woken = asyncio.ensure_future(self._woken.wait())
+        try:
+            await asyncio.wait(
+                [arrived, woken], timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            arrived.cancel()
+            woken.cancel()
+        if not self._incoming and time.monotonic() - self._silent_since >= settings.stall_check:
+            await self._check_stall()
+
+    async def _check_stall(self) -> None:
+        """Silence for ``stall_check`` seconds: is the subject really quiet?"""
+        self._silent_since = time.monotonic()
+        try:
+            last = await self.link.last_message(self.stream, self.subject)
+        except Exception:
+            self._positioned = False
+            return
+        if last is not None and _offset_of(last) > self._pos and not self._incoming:
+            self.restarts += 1
+            self._positioned = False
+            log.warning(
+                "%s: the subscription delivered nothing while the subject holds offset %d "
+                "(above %d): subscribing again (restart %d)",
+                self.where(),
+                _offset_of(last),
+                self._pos,
+                self.restarts,
+            )
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def close(self) -> None:
+        self._woken.set()
+        await self._drop_consumer()
+
+
+# --------------------------------------------------------------------------- the transport
+
+
+class NatsTransport:
+    """Topics carried by NATS JetStream (see the module's docs)::
+
+        transport = NatsTransport(BrokerSettings(url="nats://127.0.0.1:4222"), journal=journal)
+
+    ``journal``: the producing service's journal (producers read it and keep their positions in
+    its database); a service that only subscribes gives none. ``settings``: the producers'
+    consumer settings (page size, leases; default :class:`~lagompy.readside.ReadSideSettings`).
+    """
+
+    kind = "nats"
+
+    def __init__(
+        self,
+        broker: BrokerSettings | None = None,
+        *,
+        journal: Journal | None = None,
+        settings: ReadSideSettings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.broker = make_settings(BrokerSettings, broker, **overrides)
+        self.link = _Link(self.broker)
+        self.journal = journal
+        self.settings = settings or ReadSideSettings()
+
+    def producer(self, topic: Topic[Any], partition: int) -> NatsProducer:
+        topic.partition_tag(partition)
+        if self.journal is None:
+            raise ConfigurationError(
+                f"topic {topic.name!r}: publishing to NATS needs the producing service's "
+                "journal (NatsTransport(..., journal=...))"
+            )
+        return NatsProducer(
+            self.link, topic, partition, journal=self.journal, settings=self.settings
+        )
+
+    def feed(self, topic: Topic[Any], partition: int, *, group: str) -> NatsFeed:
+        return NatsFeed(self.link, topic, partition, group=group)
+
+    async def close(self) -> None:
+        await self.link.close()

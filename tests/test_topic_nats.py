@@ -1,0 +1,515 @@
+"""The NATS JetStream transport, on a nats-server of each test's own (a free loopback port, a
+temporary store; the shared server is never touched): the topic contract suite on SQLite and
+PostgreSQL, plus what only a broker can do wrong (a killed broker, a subscription gone behind
+the feed's back, bad messages, bad settings)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from lagompy.errors import ConfigurationError, InvalidSettings, TopicError
+from lagompy.readside import ReadSideSettings
+from lagompy.readside._settings import projection_settings
+from lagompy.sql._database import Database
+from lagompy.testkit.nats import NatsServer, find_server, nats_server
+from lagompy.testkit.topics import (
+    Deposit,
+    Deposited,
+    TopicContract,
+    TopicEnv,
+    contract_topic,
+    recorder,
+)
+from lagompy.topic import Subscriber, Subscribers, TopicTransport
+from lagompy.topic._nats import BrokerSettings, NatsFeed, NatsTransport
+from lagompy.topic._producers import Producers, start_producers
+from tests.conftest import UNDER_CI
+
+
+def _require_nats() -> None:
+    if find_server() is None:
+        reason = "nats-server is not installed"
+        if UNDER_CI:
+            pytest.fail(f"{reason} (CI=true: the NATS tests must run)")
+        pytest.skip(reason)
+
+
+def _producer_settings() -> ReadSideSettings:
+    return ReadSideSettings(
+        lease_ttl=1.0,
+        renew_interval=0.1,
+        retry_initial_delay=0.02,
+        retry_max_delay=0.2,
+        max_attempts=3,
+        max_batch=7,
+    )
+
+
+class _Broker:
+    """A test's broker and the producing side's running producers."""
+
+    def __init__(self, server: NatsServer, env: TopicEnv) -> None:
+        self.server = server
+        self.env = env
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.producing: NatsTransport | None = None
+        self.producers: Producers | None = None
+
+    def transport(self, **overrides: Any) -> NatsTransport:
+        return NatsTransport(
+            url=self.server.url,
+            stream_prefix=self.prefix,
+            long_poll=0.5,
+            stall_check=0.5,
+            **overrides,
+        )
+
+    async def start_producers(self) -> None:
+        self.producing = NatsTransport(
+            url=self.server.url,
+            stream_prefix=self.prefix,
+            journal=self.env.journal,
+            settings=_producer_settings(),
+        )
+        self.producers = await start_producers([contract_topic], self.producing)
+
+    async def kill_producers(self) -> None:
+        """Cancel the producers' tasks mid-publication (leases not released) and drop their
+        connection, as a crash would."""
+        assert self.producers is not None and self.producing is not None
+        for task in self.producers._tasks:
+            task.cancel()
+        await asyncio.gather(*self.producers._tasks, return_exceptions=True)
+        self.producers._tasks = []
+        await self.producing.close()
+
+    async def published_to_heads(self, timeout: float = 20) -> None:
+        """Wait until the producers' positions reach the journal's heads."""
+        heads = await self.env.heads()
+        async with asyncio.timeout(timeout):
+            while True:
+                assert self.producers is not None
+                at = {s.tag: s.offset for s in await self.producers.status()}
+                if all(
+                    at.get(t, -1) >= h
+                    for t, h in zip(contract_topic.tag.all_tags, heads, strict=True)
+                ):
+                    return
+                await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        if self.producers is not None:
+            await self.producers.close()
+        if self.producing is not None:
+            await self.producing.close()
+
+
+@pytest.fixture
+async def broker_server() -> AsyncIterator[NatsServer]:
+    _require_nats()
+    async with nats_server() as server:
+        yield server
+
+
+class TestNatsTopics(TopicContract):
+    """Producers publish the journal's tag to JetStream; subscribers pull from it."""
+
+    has_producer = True
+
+    @pytest.fixture(autouse=True)
+    def _server(self, broker_server: NatsServer) -> None:
+        self.server = broker_server
+
+    @contextlib.asynccontextmanager
+    async def transports(self, env: TopicEnv) -> AsyncIterator[Callable[[], TopicTransport]]:
+        broker = _Broker(self.server, env)
+        self.broker = broker
+        await broker.start_producers()
+        started = env.start
+
+        async def start(*subscribers: Subscriber[Any]) -> Subscribers:
+            # A broker's "latest" is what was published: let the producers get there first,
+            # as the contract's cases expect of the journal's head.
+            await broker.published_to_heads()
+            return await started(*subscribers)
+
+        env.start = start  # type: ignore[method-assign]
+        try:
+            yield broker.transport
+        finally:
+            await broker.close()
+
+    async def kill_producer(self, env: TopicEnv) -> None:
+        await self.broker.kill_producers()
+        await self.broker.start_producers()  # another process takes the expired leases
+
+    async def _caught_up(self, env: TopicEnv, *running: Subscribers, timeout: float = 20) -> None:
+        """The broker's head is what the producers published: wait for them first."""
+        await self.broker.published_to_heads(timeout)
+        await super()._caught_up(env, *running, timeout=timeout)
+
+
+async def _open_env(journal_settings: Any) -> TopicEnv:
+    from lagompy.journal._storage import open_storage, serializer_for
+
+    serializer = serializer_for([contract_topic.source])
+    serializer.register(Deposit)
+    storage = await open_storage(settings=journal_settings, serializer=serializer)
+    settings = ReadSideSettings(
+        lease_ttl=1.0,
+        renew_interval=0.1,
+        retry_initial_delay=0.02,
+        retry_max_delay=0.2,
+        max_attempts=3,
+        max_batch=50,
+    )
+    return TopicEnv(storage, journal_settings, settings)
+
+
+@pytest.mark.asyncio
+async def test_a_killed_broker_loses_nothing_and_applies_each_message_once(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """SIGKILL the broker while producers publish and a group consumes; after its restart
+    every message is applied exactly once (what the broker lost is published again)."""
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    env.make_transport = broker.transport
+    try:
+        await broker.start_producers()
+        running = await env.start(recorder("survivors"))
+        written = await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200)))
+        async with asyncio.timeout(20):
+            while len(await env.seen("survivors")) < 50:
+                await asyncio.sleep(0.01)
+        await broker_server.kill()
+        written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200, 300)))
+        await asyncio.sleep(0.5)  # producers and feeds fail and back off meanwhile
+        await broker_server.start()
+        written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(300, 350)))
+        async with asyncio.timeout(30):
+            while len(await env.seen("survivors")) < len(written):
+                await asyncio.sleep(0.05)
+        await running.wait_until_caught_up(timeout=20)
+        offsets = [r[1] for r in await env.seen("survivors")]
+        assert offsets == [e.offset for e in written], "every message once, in order"
+        status = {s.tag: s for s in await broker.producers.status()} if broker.producers else {}
+        assert sorted(status) == list(contract_topic.tag.all_tags)
+        heads = await env.heads()
+        for p, tag in enumerate(contract_topic.tag.all_tags):
+            assert status[tag].offset == heads[p]
+    finally:
+        await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_a_subscription_gone_behind_the_feed_is_found_and_restarted(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """The broker forgets a feed's consumer (a restart without its state, an operator's
+    delete): the feed notices within its stall check and reads on."""
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    env.make_transport = broker.transport
+    try:
+        await broker.start_producers()
+        running = await env.start(recorder("watched"))
+        written = await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20)))
+        async with asyncio.timeout(20):
+            while len(await env.seen("watched")) < len(written):
+                await asyncio.sleep(0.02)
+        feeds = [w.feed for w in running.workers]
+        assert all(isinstance(f, NatsFeed) for f in feeds)
+        async with asyncio.timeout(20):
+            while any(isinstance(f, NatsFeed) and f._consumer is None for f in feeds):
+                await asyncio.sleep(0.02)
+        import nats
+
+        nc = await nats.connect(broker_server.url)
+        js = nc.jetstream()
+        for f in feeds:
+            assert isinstance(f, NatsFeed) and f._consumer is not None
+            await js.delete_consumer(f.stream, f._consumer)
+        await nc.close()
+        written += await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20, 40)))
+        async with asyncio.timeout(20):
+            while len(await env.seen("watched")) < len(written):
+                await asyncio.sleep(0.05)
+        assert [r[1] for r in await env.seen("watched")] == [e.offset for e in written]
+    finally:
+        await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_messages_carry_the_journal_coordinates_in_headers(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """What another language's client reads: the JSON payload and lagompy's headers, with the
+    message id that deduplicates re-publications."""
+    import json
+
+    import nats
+
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    try:
+        await broker.start_producers()
+        (written,) = await env.append(Deposited("ada", 42))
+        partition = contract_topic.partition_of("ada")
+        subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
+        stream = f"{broker.prefix}_{contract_topic.name}"
+        nc = await nats.connect(broker_server.url)
+        try:
+            js = nc.jetstream()
+            async with asyncio.timeout(10):
+                while True:
+                    with contextlib.suppress(Exception):
+                        msg = await js.get_last_msg(stream, subject)
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await nc.close()
+        assert json.loads(msg.data or b"") == {"account": "ada", "amount": 42}
+        headers = msg.headers or {}
+        assert headers["Nats-Msg-Id"] == f"{contract_topic.name}:{partition}:{written.offset}"
+        assert headers["Lagompy-Offset"] == str(written.offset)
+        assert headers["Lagompy-Key"] == "ada"
+        assert headers["Lagompy-Entity-Id"] == "ada"
+        assert headers["Lagompy-Seq-Nr"] == "1"
+        assert headers["Lagompy-Type"] == contract_topic.type_name
+        assert headers["Lagompy-Version"] == str(contract_topic.version)
+        assert headers["Content-Type"] == "application/json"
+    finally:
+        await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_broker_is_an_error_without_its_address() -> None:
+    transport = NatsTransport(url="nats://127.0.0.1:1", connect_timeout=0.2)
+    feed = transport.feed(contract_topic, 0, group="nobody")
+    with pytest.raises(TopicError) as caught:
+        await feed.next_batch(0, 10)
+    assert "127.0.0.1" not in str(caught.value) and ":1" not in str(caught.value)
+    await transport.close()
+
+
+def test_bad_settings_name_the_setting() -> None:
+    with pytest.raises(InvalidSettings, match="url"):
+        BrokerSettings(url="http://example.org")
+    with pytest.raises(InvalidSettings, match="LAGOMPY_BROKER_MAX_IN_FLIGHT"):
+        BrokerSettings(url="nats://127.0.0.1:4222", max_in_flight=0)
+    with pytest.raises(ConfigurationError, match="broker URL"):
+        NatsTransport()
+    with pytest.raises(ConfigurationError, match="journal"):
+        NatsTransport(url="nats://127.0.0.1:4222").producer(contract_topic, 0)
+    with pytest.raises(ConfigurationError, match="partitions 0 to 1"):
+        NatsTransport(url="nats://127.0.0.1:4222").feed(contract_topic, 5, group="g")
+
+
+@pytest.mark.asyncio
+async def test_the_feed_tells_the_lag_of_a_position(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    try:
+        await broker.start_producers()
+        written = await env.append(*(Deposited("lagging", i) for i in range(12)))
+        await broker.published_to_heads()
+        partition = contract_topic.partition_of("lagging")
+        feed = broker.transport().feed(contract_topic, partition, group="lag")
+        head, behind, seconds = await feed.lag(written[3].offset)
+        assert head == written[-1].offset
+        assert behind == 8
+        assert 0 <= seconds < 30
+        assert (await feed.lag(written[-1].offset))[1:] == (0, 0.0)
+        await feed.link.close()
+    finally:
+        await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_a_broker_url_selects_nats_for_the_services_components(
+    journal_settings: Any, broker_server: NatsServer, tmp_path: Any
+) -> None:
+    """TopicsComponent and SubscribersComponent given a broker (as LAGOMPY_BROKER_URL would):
+    the producing service's producers publish, the subscribing service (its own database)
+    reads from the broker, and both say they are ready."""
+    from lagompy.settings import JournalSettings
+    from lagompy.topic import SubscribersComponent, TopicsComponent
+
+    broker = BrokerSettings(url=broker_server.url, stream_prefix=f"c{uuid.uuid4().hex[:6]}")
+    topics = TopicsComponent([contract_topic], journal_settings=journal_settings, broker=broker)
+    own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
+    subscribers = SubscribersComponent(
+        [recorder("components")], broker=broker, journal_settings=own
+    )
+    env = await _open_env(journal_settings)
+    await env.database.dispose()
+    env.database = Database.create(projection_settings(own, env.settings))
+    await topics.start()
+    await subscribers.start()
+    try:
+        assert isinstance(subscribers.transport, NatsTransport)
+        written = await env.append(*(Deposited(f"c{i % 3}", i) for i in range(9)))
+        async with asyncio.timeout(20):
+            while len(await env.seen("components")) < len(written):
+                await asyncio.sleep(0.02)
+        assert [r[1] for r in await env.seen("components")] == [e.offset for e in written]
+        assert await topics.ready() is True
+        assert await subscribers.ready() is True
+        async with asyncio.timeout(10):  # the producers store their positions after the acks
+            while True:
+                samples = await topics.metric_samples()
+                lags = [v for n, _, _, _, v in samples if n == "lagompy_topic_producer_lag_events"]
+                if lags == [0.0] * contract_topic.partitions:
+                    break
+                await asyncio.sleep(0.02)
+        published = sum(v for n, _, _, _, v in samples if n.endswith("published_total"))
+        assert published == len(written)
+    finally:
+        await subscribers.stop()
+        await topics.stop()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_a_message_that_does_not_fit_stalls_the_group_naming_its_offset(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """Something else published on the partition's subject (a payload the message type
+    refuses): the group does not apply it, nor skip past it; its status names the offset."""
+    import nats
+
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    env.make_transport = broker.transport
+    try:
+        await broker.start_producers()
+        (first,) = await env.append(Deposited("odd", 1))
+        await broker.published_to_heads()
+        partition = contract_topic.partition_of("odd")
+        nc = await nats.connect(broker_server.url)
+        try:
+            headers = {
+                "Nats-Msg-Id": f"intruder:{first.offset + 1000}",
+                "Lagompy-Offset": str(first.offset + 1000),
+                "Lagompy-Key": "odd",
+                "Lagompy-Entity-Type": "x",
+                "Lagompy-Entity-Id": "odd",
+                "Lagompy-Seq-Nr": "9",
+                "Lagompy-Time": "2026-12-04T18:00:00+00:00",
+                "Lagompy-Type": contract_topic.type_name,
+                "Lagompy-Version": "1",
+            }
+            subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
+            await nc.jetstream().publish(subject, b'{"account": "odd"}', headers=headers)
+        finally:
+            await nc.close()
+        running = await env.start(recorder("strict"))
+        tag = contract_topic.partition_tag(partition)
+        async with asyncio.timeout(20):
+            while True:
+                (row,) = [s for s in await running.status("strict") if s.tag == tag]
+                if row.failure is not None and "does not fit" in row.failure.error:
+                    break
+                await asyncio.sleep(0.05)
+        assert f"offset {first.offset + 1000}" in row.failure.error
+        assert row.offset == first.offset  # the good message applied, the bad one not
+        assert [r[1] for r in await env.seen("strict")] == [first.offset]
+    finally:
+        await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_published_messages_fit_the_asyncapi_document(
+    journal_settings: Any, broker_server: NatsServer
+) -> None:
+    """The service serves an AsyncAPI 3 document (listed in its OpenAPI docs) and a JSON
+    Schema per topic; what the producers publish to NATS, and what the HTTP route serves,
+    validate against them."""
+    import httpx
+    import jsonschema
+    import nats
+    from fastapi import FastAPI
+
+    from lagompy.service import Service
+    from lagompy.topic import TopicsComponent, envelope_schema
+
+    broker = BrokerSettings(url=broker_server.url, stream_prefix=f"s{uuid.uuid4().hex[:6]}")
+    topics = TopicsComponent([contract_topic], journal_settings=journal_settings, broker=broker)
+    service = Service(name="accounts", components=[topics])
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+    env = await _open_env(journal_settings)
+    try:
+        async with service.lifespan(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                openapi = (await client.get("/openapi.json")).json()
+                assert "/topics/asyncapi.json" in openapi["paths"]
+                document = (await client.get("/topics/asyncapi.json")).json()
+                assert document["asyncapi"] == "3.0.0"
+                channel = document["channels"][contract_topic.name]
+                assert (
+                    channel["address"]
+                    == f"{broker.stream_prefix}.{contract_topic.name}.{{partition}}"
+                )
+                assert channel["parameters"]["partition"]["enum"] == ["0", "1"]
+                (key,) = channel["messages"]
+                payload_schema = document["components"]["schemas"][key]
+                schema = (await client.get(f"/topics/{contract_topic.name}/schema")).json()
+                assert schema["x-lagompy-type"] == contract_topic.type_name
+                missing = await client.get("/topics/nope/schema")
+                assert missing.status_code == 404
+                assert missing.headers["content-type"].startswith("application/problem+json")
+
+                (written,) = await env.append(Deposited("schema", 5))
+                partition = contract_topic.partition_of("schema")
+                served = (
+                    await client.get(
+                        f"/topics/{contract_topic.name}/partitions/{partition}",
+                        params={"after": 0},
+                    )
+                ).json()
+                (message,) = served["messages"]
+                jsonschema.validate(message, envelope_schema(contract_topic))
+                with pytest.raises(jsonschema.ValidationError):
+                    jsonschema.validate(
+                        {**message, "payload": {"amount": "x"}}, envelope_schema(contract_topic)
+                    )
+
+            subject = f"{broker.stream_prefix}.{contract_topic.name}.{partition}"
+            stream = f"{broker.stream_prefix}_{contract_topic.name}"
+            nc = await nats.connect(broker_server.url)
+            try:
+                js = nc.jetstream()
+                async with asyncio.timeout(10):
+                    while True:
+                        with contextlib.suppress(Exception):
+                            published = await js.get_last_msg(stream, subject)
+                            break
+                        await asyncio.sleep(0.05)
+            finally:
+                await nc.close()
+            body = json.loads(published.data or b"")
+            jsonschema.validate(body, payload_schema)
+            jsonschema.validate(body, schema)
+            jsonschema.validate(
+                dict(published.headers or {}), document["components"]["messages"][key]["headers"]
+            )
+            assert int((published.headers or {})["Lagompy-Offset"]) == written.offset
+    finally:
+        await env.close()
