@@ -29,7 +29,7 @@ from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
-NAV = ["Overview", "Read sides", "Failed", "Entities", "Circuit breakers", "Audit"]
+NAV = ["Overview", "Read sides", "Topics", "Failed", "Entities", "Circuit breakers", "Audit"]
 
 
 def _browser_or_skip() -> None:

@@ -163,6 +163,12 @@ def filter_failed(statuses: list[WorkerStatus], which: FailedFilter) -> list[Wor
     return [s for s in statuses if which.matches(s)]
 
 
+def is_topic(processor: str) -> bool:
+    """True for the rows of topic subscriber groups and broker producers (the Topics page's),
+    which share the read sides' offset table."""
+    return processor.startswith(("topic:", "topic-producer:"))
+
+
 def summarize(statuses: list[WorkerStatus]) -> list[dict[str, Any]]:
     """One line per processor: its tags, how many are in each state, the lowest offset and
     the events/s of all its tags."""
@@ -265,11 +271,61 @@ class Backend:
         """The :class:`~lagompy.readside.Projections` of the service's read-side components
         that are running."""
         from lagompy.readside import ReadSideComponent
+        from lagompy.topic import SubscribersComponent, TopicsComponent
 
         found = []
         for component in self.service.components:
             if isinstance(component, ReadSideComponent) and component._running is not None:
                 found.append(component._running.projections)
+            # Topic subscribers and broker producers keep their rows in the same kind of
+            # offset table: the same status and operations apply (see the Topics page).
+            elif isinstance(component, SubscribersComponent) and component._running is not None:
+                found.append(component._running.projections)
+            elif isinstance(component, TopicsComponent) and component.producers is not None:
+                producing = component.producers.projections()
+                if producing is not None:
+                    found.append(producing)
+        return found
+
+    def topics(self) -> list[dict[str, Any]]:
+        """The topics this service publishes (name, partitions, message type and version, the
+        transport carrying them, messages its producers published) and the subscriber groups
+        it runs."""
+        from lagompy.topic import SubscribersComponent, TopicsComponent
+
+        found: list[dict[str, Any]] = []
+        for component in self.service.components:
+            if isinstance(component, TopicsComponent):
+                producers = component.producers
+                kind = "embedded" if producers is None else producers.transport.kind
+                for t in component.topics:
+                    found.append(
+                        {
+                            "role": "published",
+                            "topic": t.name,
+                            "partitions": t.partitions,
+                            "type": t.type_name,
+                            "version": t.version,
+                            "transport": kind,
+                            "published": None if producers is None else producers.published(t.name),
+                        }
+                    )
+            elif isinstance(component, SubscribersComponent):
+                kind = "embedded" if component.transport is None else component.transport.kind
+                for sub in component.subscribers:
+                    cls = sub if isinstance(sub, type) else type(sub)
+                    t = cls.topic
+                    found.append(
+                        {
+                            "role": f"subscribed (group {cls.group})",
+                            "topic": t.name,
+                            "partitions": t.partitions,
+                            "type": t.type_name,
+                            "version": t.version,
+                            "transport": kind,
+                            "published": None,
+                        }
+                    )
         return found
 
     async def readsides(

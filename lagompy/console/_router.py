@@ -21,6 +21,7 @@ from lagompy.console._backend import (
     FailedFilter,
     error_class,
     filter_failed,
+    is_topic,
     summarize,
 )
 from lagompy.console._settings import ConsoleSettings
@@ -375,10 +376,12 @@ class Console:
             summary = None
             try:
                 if processor is None:
-                    light = await b.readsides(lag=False)
+                    light = [s for s in await b.readsides(lag=False) if not is_topic(s.processor)]
                     if len(light) > FULL_TABLE_TAGS:
                         summary = summarize(light)
                 statuses = [] if summary is not None else await b.readsides(processor)
+                if processor is None:
+                    statuses = [s for s in statuses if not is_topic(s.processor)]
             except ActionError as e:
                 return self._page(
                     request, "error.html", e.status, action="show", target=processor,
@@ -397,6 +400,21 @@ class Console:
                 request, template, statuses=statuses, summary=summary, processor=processor,
                 refresh_url=refresh_url, rebuilds=list(b.rebuilds.values()), processors=names,
             )  # fmt: skip
+
+        @router.get("/topics", response_class=HTMLResponse)
+        async def topics(request: Request, fragment: str | None = None) -> Response:
+            statuses = [s for s in await b.readsides() if is_topic(s.processor)]
+            template = "_readside_rows.html" if fragment == "rows" else "topics.html"
+            return self._page(
+                request, template, statuses=statuses, topics=b.topics(), processor=None,
+                refresh_url=f"{self._base(request)}/topics?fragment=rows",
+                empty="No producer or subscriber group runs in this service.",
+            )  # fmt: skip
+
+        @router.get("/api/topics")
+        async def api_topics() -> dict[str, Any]:
+            statuses = [s for s in await b.readsides() if is_topic(s.processor)]
+            return {"topics": b.topics(), "partitions": [s.to_dict() for s in statuses]}
 
         @router.get("/failed", response_class=HTMLResponse)
         async def failed(

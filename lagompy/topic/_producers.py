@@ -57,6 +57,23 @@ class Producers(AsyncClosing):
             raise ConfigurationError(f"no producer of topic {topic!r} partition {partition}")
         return found
 
+    def projections(self) -> Projections | None:
+        """The operations and status of the producers' rows (in the journal's database), when
+        they run on the consumer core (a broker transport's); None otherwise."""
+        for producer in self.producers.values():
+            if isinstance(producer, EventConsumer) and producer.journal is not None:
+                database = producer.journal.database
+                return Projections(database, database)
+        return None
+
+    def published(self, topic: str) -> int:
+        """Messages this process's producers of ``topic`` published (acknowledged)."""
+        return sum(
+            int(getattr(producer, "published", 0))
+            for (name, _), producer in self.producers.items()
+            if name == topic
+        )
+
     async def status(self) -> list[WorkerStatus]:
         """Every partition of the producers that run on the consumer core (the broker
         transports'), as their rows in the journal's offset table show them: position, lag
