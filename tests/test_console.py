@@ -33,8 +33,8 @@ from lagompy.sql import Database
 from lagompy.testkit.server import serve_in_thread
 
 TOKEN = "console-test-token-0123456789"
-PAGES = ["/console/", "/console/readsides", "/console/topics", "/console/failed", "/console/entities",
-         "/console/breakers", "/console/audit", "/console/login"]  # fmt: skip
+PAGES = ["/console/", "/console/readsides", "/console/topics", "/console/failed",
+         "/console/entities", "/console/breakers", "/console/audit", "/console/login"]  # fmt: skip
 JSON_ROUTES = ["/console/api/overview", "/console/api/readsides", "/console/api/topics",
                "/console/api/failed",
                "/console/api/breakers", "/console/api/audit"]  # fmt: skip
