@@ -345,15 +345,19 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
 ) -> None:
     """TopicsComponent and SubscribersComponent given a broker (as LAGOMPY_BROKER_URL would):
     the producing service's producers publish, the subscribing service (its own database)
-    reads from the broker, and both say they are ready."""
+    reads from the broker, and both say they are ready; while the broker is down their
+    readiness says why (without its address), and once it is back nothing was lost."""
     from lagompy.settings import JournalSettings
     from lagompy.topic import SubscribersComponent, TopicsComponent
 
     broker = BrokerSettings(url=broker_server.url, stream_prefix=f"c{uuid.uuid4().hex[:6]}")
-    topics = TopicsComponent([contract_topic], journal_settings=journal_settings, broker=broker)
+    fast = _producer_settings()
+    topics = TopicsComponent(
+        [contract_topic], journal_settings=journal_settings, broker=broker, producer_settings=fast
+    )
     own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
     subscribers = SubscribersComponent(
-        [recorder("components")], broker=broker, journal_settings=own
+        [recorder("components")], broker=broker, journal_settings=own, settings=fast
     )
     env = await _open_env(journal_settings)
     await env.database.dispose()
@@ -378,6 +382,23 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
                 await asyncio.sleep(0.02)
         published = sum(v for n, _, _, _, v in samples if n.endswith("published_total"))
         assert published == len(written)
+
+        # The broker goes down: producers and subscribers retry, and readiness says so.
+        await broker_server.kill()
+        written += await env.append(*(Deposited(f"c{i % 3}", i) for i in range(9, 12)))
+        async with asyncio.timeout(30):
+            while (await topics.ready()) is True or (await subscribers.ready()) is True:
+                await asyncio.sleep(0.1)
+        said = f"{await topics.ready()} {await subscribers.ready()}"
+        assert "stalled" in said and "127.0.0.1" not in said, said
+        # Back: nothing was lost, each message applied once, ready again.
+        await broker_server.start()
+        async with asyncio.timeout(30):
+            while len(await env.seen("components")) < len(written):
+                await asyncio.sleep(0.05)
+            while (await topics.ready()) is not True or (await subscribers.ready()) is not True:
+                await asyncio.sleep(0.1)
+        assert [r[1] for r in await env.seen("components")] == [e.offset for e in written]
     finally:
         await subscribers.stop()
         await topics.stop()

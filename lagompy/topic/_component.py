@@ -55,7 +55,8 @@ class TopicsComponent:
 
     ``broker``: without a ``transport``, a broker URL (``BrokerSettings(url=...)``, or
     ``LAGOMPY_BROKER_URL`` in the environment) selects the NATS JetStream transport: its
-    producers publish the topics from the service's journal (the HTTP routes stay)."""
+    producers publish the topics from the service's journal (the HTTP routes stay), with
+    ``producer_settings`` (page size, leases, retries; default ``ReadSideSettings()``)."""
 
     name = "topics"
 
@@ -67,8 +68,10 @@ class TopicsComponent:
         prefix: str = "/topics",
         transport: TopicTransport | None = None,
         broker: BrokerSettings | None = None,
+        producer_settings: ReadSideSettings | None = None,
     ) -> None:
         self.topics = list(_topics_by_name(topics).values())
+        self.producer_settings = producer_settings
         self.journal_settings = journal_settings
         self.transport = transport
         self.broker = broker
@@ -120,7 +123,9 @@ class TopicsComponent:
             if broker.url is not None:
                 from lagompy.topic._nats import NatsTransport
 
-                transport = NatsTransport(broker, journal=self._storage.journal)
+                transport = NatsTransport(
+                    broker, journal=self._storage.journal, settings=self.producer_settings
+                )
                 self._broker_transport = transport
         if transport is not None:
             self.producers = await start_producers(self.topics, transport)

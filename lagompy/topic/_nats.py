@@ -374,6 +374,10 @@ class _Link:
 
     async def js(self) -> JetStreamContext:
         if self._js is not None:
+            if self._nc is not None and not self._nc.is_connected:
+                # Fail at once rather than after a request's timeout: the caller retries
+                # with backoff, and shows stalled from max_attempts on.
+                raise TopicError("the NATS broker cannot be reached (reconnecting)")
             return self._js
         async with self._lock:
             if self._js is None:
