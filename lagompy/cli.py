@@ -45,6 +45,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
     "lagompy.sql._migrate",
     "lagompy.readside._cli",
+    "lagompy.topic._cli",
     "lagompy.service._cli",
 )
 

@@ -1,0 +1,219 @@
+"""``lagompy topics``: status and operations of topic subscriber groups and broker producers.
+
+Their positions, leases and pause flags are rows of the read sides' offset table (a group's in
+the subscribing service's database, named ``topic:<topic>:<group>``; a NATS producer's in the
+producing service's journal database, ``topic-producer:<topic>``), so the options are those of
+``lagompy projections``::
+
+    lagompy topics status [TOPIC] [--json]
+    lagompy topics pause TOPIC [GROUP] [--tag TAG]       # no GROUP: the topic's producers
+    lagompy topics resume TOPIC [GROUP] [--tag TAG]
+    lagompy topics skip TOPIC GROUP [--tag TAG]
+    lagompy topics reset TOPIC GROUP (--to-offset N | --to-time ISO) [--tag TAG]
+
+``reset --to-time`` finds each partition's offset in the producing service's journal
+(``--journal-url``): the group then handles the messages written at or after that time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from lagompy.errors import ConfigurationError
+from lagompy.readside._cli import (
+    JournalSchemaOption,
+    JournalUrlOption,
+    SchemaOption,
+    TagOption,
+    UrlOption,
+    _run,
+    format_status,
+)
+
+if TYPE_CHECKING:
+    from lagompy.readside._projections import Projections, WorkerStatus
+
+__all__ = ["register_cli"]
+
+TopicArg = Annotated[str, typer.Argument(help="The topic's name.")]
+
+
+def _name(topic: str, group: str | None) -> str:
+    return f"topic:{topic}:{group}" if group is not None else f"topic-producer:{topic}"
+
+
+def _what(topic: str, group: str | None) -> str:
+    return f"group {group!r} of topic {topic!r}" if group else f"the producers of topic {topic!r}"
+
+
+def status(
+    topic: Annotated[
+        str | None, typer.Argument(help="Only this topic.", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Show groups' and producers' partitions: state, position, lag, owner, failure."""
+
+    async def action(p: Projections) -> list[WorkerStatus]:
+        found = [
+            s
+            for s in await p.status()
+            if s.processor.startswith(("topic:", "topic-producer:"))
+            and (topic is None or s.processor.split(":")[1] == topic)
+        ]
+        return found
+
+    statuses = _run(url, schema, journal_url, journal_schema, action)
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
+    elif not statuses:
+        typer.echo("no topic subscriber groups or producers here yet")
+    else:
+        typer.echo(format_status(statuses))
+
+
+def pause(
+    topic: TopicArg,
+    group: Annotated[
+        str | None, typer.Argument(help="The group (none: the topic's producers).")
+    ] = None,
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Pause a subscriber group, or a topic's producers (persisted across restarts)."""
+
+    async def action(p: Projections) -> int:
+        return await p.pause(_name(topic, group), tag)
+
+    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
+    typer.echo(f"paused {_what(topic, group)} ({n} partition{'s' if n != 1 else ''})")
+
+
+def resume(
+    topic: TopicArg,
+    group: Annotated[
+        str | None, typer.Argument(help="The group (none: the topic's producers).")
+    ] = None,
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Resume a paused group or producers; a partition stopped at a message retries it."""
+
+    async def action(p: Projections) -> int:
+        return await p.resume(_name(topic, group), tag)
+
+    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
+    typer.echo(f"resumed {_what(topic, group)} ({n} partition{'s' if n != 1 else ''})")
+
+
+def skip(
+    topic: TopicArg,
+    group: Annotated[str, typer.Argument(help="The group.")],
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Move a failed group's partition past the message it is stopped at."""
+
+    async def action(p: Projections) -> int:
+        return await p.skip(_name(topic, group), tag)
+
+    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
+    typer.echo(f"skipped the failing message of {_what(topic, group)} ({n} partition(s))")
+
+
+def reset(
+    topic: TopicArg,
+    group: Annotated[str, typer.Argument(help="The group.")],
+    to_offset: Annotated[
+        int | None,
+        typer.Option("--to-offset", help="Handle the messages after this journal offset.", min=0),
+    ] = None,
+    to_time: Annotated[
+        str | None,
+        typer.Option(
+            "--to-time",
+            help="Handle the messages written at or after this time (ISO 8601 with a zone); "
+            "needs the producing service's journal (--journal-url).",
+        ),
+    ] = None,
+    tag: TagOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Move a group's position back (replay) or forward, on every partition or one (--tag).
+
+    The workers holding the partitions lose their leases; the next resume from there."""
+    if (to_offset is None) == (to_time is None):
+        raise ConfigurationError("give exactly one of --to-offset and --to-time")
+    when: datetime | None = None
+    if to_time is not None:
+        try:
+            when = datetime.fromisoformat(to_time)
+        except ValueError:
+            raise ConfigurationError(f"--to-time must be ISO 8601, got {to_time!r}") from None
+        if when.tzinfo is None:
+            raise ConfigurationError(f"--to-time needs a zone (e.g. {to_time}Z), got {to_time!r}")
+    name = _name(topic, group)
+
+    async def action(p: Projections) -> list[tuple[str, int]]:
+        from lagompy.topic._embedded import partition_position
+        from lagompy.topic._topic import StartFrom
+
+        tags = [s.tag for s in await p.status(name) if tag is None or s.tag == tag]
+        if not tags:
+            raise ConfigurationError(f"{_what(topic, group)} has no partition {tag!r}")
+        done = []
+        for t in tags:
+            if when is not None:
+                assert p.journal is not None
+                offset = await partition_position(p.journal, t, StartFrom.at_time(when))
+            else:
+                assert to_offset is not None
+                offset = to_offset
+            await p.set_offset(name, t, offset, force=True)
+            done.append((t, offset))
+        return done
+
+    done = _run(url, schema, journal_url, journal_schema, action, with_journal=when is not None)
+    for t, offset in done:
+        typer.echo(f"{_what(topic, group)}, partition {t}: resumes after offset {offset}")
+
+
+_HELP = (
+    "Inspect and operate topic subscriber groups and broker producers: status, pause, resume, "
+    "skip, reset.\n\nA group's rows live in its service's database (--url, default "
+    "LAGOMPY_READSIDE_URL, else the journal's); a NATS producer's in the producing service's "
+    "journal database; lags and --to-time use the producing journal (--journal-url)."
+)
+
+
+def register_cli(app: typer.Typer) -> None:
+    """Add ``lagompy topics ...`` to ``app``."""
+    sub = typer.Typer(
+        help=_HELP, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]}
+    )
+    sub.command("status")(status)
+    sub.command("pause")(pause)
+    sub.command("resume")(resume)
+    sub.command("skip")(skip)
+    sub.command("reset")(reset)
+    app.add_typer(sub, name="topics")
