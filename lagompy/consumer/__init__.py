@@ -26,6 +26,7 @@ from lagompy.consumer._core import (
     ConsumerSettings,
     ConsumerStopped,
     EventConsumer,
+    PageSource,
     Progress,
     describe_taken,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Flags",
     "Lease",
     "LeaseStore",
+    "PageSource",
     "Progress",
     "describe_owner",
     "describe_taken",

@@ -143,6 +143,21 @@ class CommitStrategy(Protocol):
 Progress = Callable[[int], None]
 
 
+class PageSource(Protocol):
+    """Where a consumer's pages come from: a journal tag's :class:`~lagompy.journal.PageTailer`
+    by default; a topic subscriber's message feed (``lagompy.topic``) has the same shape."""
+
+    async def start(self) -> None: ...
+
+    async def next_page(self, after: int) -> TagPage: ...
+
+    async def wait(self, limit: float | None = None) -> None: ...
+
+    def wake(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 def describe_taken(lease: Lease) -> str:
     """How a lease was taken, for the log."""
     text = f"lease taken by {lease.owner!r} (epoch {lease.epoch})"
@@ -214,6 +229,7 @@ class EventConsumer:
         kind: str = "consumer",
         describe_error: ErrorText = repr,
         logger: logging.Logger = log,
+        pages: Callable[[], PageSource] | None = None,
     ) -> None:
         self.name = name
         self.tag = tag
@@ -239,8 +255,10 @@ class EventConsumer:
         self.event_types = event_types
         self.rate = _Rate()
         self._stop = asyncio.Event()
+        #: Makes the page sources (None: the journal's tag, through a PageTailer).
+        self._pages = pages
         #: The tailer of :meth:`run` (subscribed to wake-ups while it runs).
-        self._tailer: PageTailer | None = None
+        self._tailer: PageSource | None = None
         #: The row's flags as the last fenced write saw them.
         self._flags = Flags(False, False)
         #: The offset of the row's failure line (cleared once the consumer commits past it).
@@ -275,8 +293,10 @@ class EventConsumer:
 
     @property
     def tailer(self) -> PageTailer | None:
-        """The tailer :meth:`run` reads with (None when not running)."""
-        return self._tailer
+        """The journal tailer :meth:`run` reads with (None when not running, or when the
+        pages come from another source)."""
+        tailer = self._tailer
+        return tailer if isinstance(tailer, PageTailer) else None
 
     def where(self) -> str:
         return f"{self.kind} {self.name!r}, tag {self.tag!r}"
@@ -318,7 +338,9 @@ class EventConsumer:
         s = self.settings
         return float(min(s.retry_max_delay, s.retry_initial_delay * 2 ** max(0, attempt - 1)))
 
-    def _new_tailer(self) -> PageTailer:
+    def _new_tailer(self) -> PageSource:
+        if self._pages is not None:
+            return self._pages()
         return PageTailer(
             self.journal,
             tag=self.tag,
@@ -469,7 +491,7 @@ class EventConsumer:
                 await self.sleep(self.backoff(attempt))
 
     async def _read(
-        self, pages: PageTailer, lease: Lease | None = None, after: int | None = None
+        self, pages: PageSource, lease: Lease | None = None, after: int | None = None
     ) -> TagPage:
         attempt = 0
         while True:
@@ -521,7 +543,7 @@ class EventConsumer:
         except LagompyError as e:
             self.log.warning("%s: could not store the stall: %s", self.where(), e)
 
-    async def _consume(self, lease: Lease, tailer: PageTailer) -> None:
+    async def _consume(self, lease: Lease, tailer: PageSource) -> None:
         s = self.settings
         next_renew = time.monotonic() + s.renew_interval
         while True:

@@ -1,0 +1,288 @@
+"""What a topic is: :class:`Topic` (declared by the producing service), :class:`Message` (what a
+subscriber gets), :class:`StartFrom` (where a new group starts) and :func:`message_command_id`.
+
+A topic is a named, mapped view of an entity's sharded tag: partition ``i`` is the tag's shard
+``i``, a message's position is the journal offset of the event it was made from, and the
+message is ``to_message(event)``, or nothing (a filtered event: the position still moves past
+it). Per-entity order holds within a partition, since an entity's events all carry one shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from lagompy.entity import PersistentEntity, ShardedTag
+from lagompy.errors import ConfigurationError
+from lagompy.journal._model import EventEnvelope
+from lagompy.serialization import Serializer, type_info
+
+__all__ = [
+    "Message",
+    "StartFrom",
+    "Topic",
+    "entity_key",
+    "message_command_id",
+]
+
+M = TypeVar("M")
+
+#: A topic name: letters, digits, ``-``, ``_`` and ``.``, 1 to 100 characters (it appears in
+#: URLs, broker subjects and offset keys).
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def entity_key(envelope: EventEnvelope[Any]) -> str:
+    """The default message key: the id of the entity whose event made the message."""
+    return envelope.entity_id
+
+
+def _check_name(what: str, name: object, *, limit: int = 100) -> str:
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name) <= limit
+        or not set(name) <= _NAME_CHARS
+        or name.startswith(".")
+    ):
+        raise ConfigurationError(
+            f"a {what} must be 1 to {limit} letters, digits, '-', '_' or '.' (not first), "
+            f"got {name!r}"
+        )
+    return name
+
+
+@dataclass(frozen=True, eq=False)
+class Topic(Generic[M]):
+    """A topic, declared once by the producing service and imported by its subscribers::
+
+        @dataclass(frozen=True)
+        class UserRegistration:            # the public message: not the domain event
+            user_id: str
+            name: str
+            email: str
+
+        def registration(event: UserEvent) -> UserRegistration | None:
+            match event:
+                case UserRegistered(user_id=i, name=n, email=e):
+                    return UserRegistration(i, n, e)
+            return None                    # filtered out: the position still advances
+
+        user_registrations = Topic(
+            "user-registrations", UserRegistration, source=UserEntity, to_message=registration
+        )
+
+    * ``name``: letters, digits, ``-``, ``_``, ``.``; the HTTP route, broker subjects and
+      the subscribers' offset keys use it.
+    * ``message_type``: a frozen dataclass, stored and versioned like events
+      (:func:`lagompy.serializable` gives it a stable name, a version and upcasters).
+    * ``source``: the entity class whose events feed it; its ``tag`` must be a
+      :func:`~lagompy.sharded_tag`: partition ``i`` is shard ``i`` (so ``partitions`` is the
+      tag's shard count, and an entity's messages are in order in one partition).
+    * ``to_message(event) -> message | None``: the mapping (None filters the event out).
+    * ``key(envelope) -> str``: the message key (default :func:`entity_key`, the entity id).
+      Order is per partition, hence per entity: a key that is not a function of the entity
+      has no order of its own.
+    """
+
+    name: str
+    message_type: type[M]
+    source: type[PersistentEntity[Any, Any, Any]]
+    to_message: Callable[[Any], M | None]
+    key: Callable[[EventEnvelope[Any]], str] = entity_key
+
+    def __post_init__(self) -> None:
+        _check_name("topic name", self.name)
+        if not isinstance(self.message_type, type) or not dataclasses.is_dataclass(
+            self.message_type
+        ):
+            raise ConfigurationError(
+                f"topic {self.name!r}: message_type must be a dataclass (frozen, like events), "
+                f"got {self.message_type!r}"
+            )
+        params = getattr(self.message_type, "__dataclass_params__", None)
+        if params is None or not params.frozen:
+            raise ConfigurationError(
+                f"topic {self.name!r}: message_type {self.message_type.__qualname__} must be a "
+                "frozen dataclass (@dataclass(frozen=True))"
+            )
+        tag = getattr(self.source, "tag", None)
+        if not isinstance(self.source, type) or not issubclass(self.source, PersistentEntity):
+            raise ConfigurationError(
+                f"topic {self.name!r}: source must be a PersistentEntity class, got {self.source!r}"
+            )
+        if not isinstance(tag, ShardedTag):
+            raise ConfigurationError(
+                f"topic {self.name!r}: its source {self.source.__qualname__} needs a "
+                f"sharded_tag(...) as its tag (one partition per shard), got {tag!r}"
+            )
+        if not callable(self.to_message) or not callable(self.key):
+            raise ConfigurationError(f"topic {self.name!r}: to_message and key must be callable")
+
+    @property
+    def tag(self) -> ShardedTag:
+        """The source entity's sharded tag."""
+        tag = self.source.tag
+        assert isinstance(tag, ShardedTag)  # checked in __post_init__
+        return tag
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions: the source tag's shard count."""
+        return self.tag.shards
+
+    def partition_tag(self, partition: int) -> str:
+        """The journal tag of ``partition`` (``ConfigurationError`` when out of range)."""
+        if (
+            not isinstance(partition, int)
+            or isinstance(partition, bool)
+            or not 0 <= partition < self.partitions
+        ):
+            raise ConfigurationError(
+                f"topic {self.name!r} has partitions 0 to {self.partitions - 1}, got {partition!r}"
+            )
+        return self.tag.all_tags[partition]
+
+    def partition_of(self, entity_id: str) -> int:
+        """The partition an entity's messages go to."""
+        return self.tag.shard_of(entity_id)
+
+    @property
+    def type_name(self) -> str:
+        """The message type's stored name (see :func:`lagompy.serializable`)."""
+        info = type_info(self.message_type)
+        return info.name
+
+    @property
+    def version(self) -> int:
+        """The message type's current schema version."""
+        return type_info(self.message_type).version
+
+    def serializer(self) -> Serializer:
+        """A serializer for the source entity's events and the message type."""
+        from lagompy.journal._storage import serializer_for
+
+        serializer = serializer_for([self.source])
+        serializer.register(self.message_type)
+        return serializer
+
+    def message(self, envelope: EventEnvelope[Any], partition: int) -> Message[M] | None:
+        """The message made from one event of the partition, or None when filtered out."""
+        payload = self.to_message(envelope.event)
+        if payload is None:
+            return None
+        if not isinstance(payload, self.message_type):
+            raise TypeError(
+                f"topic {self.name!r}: to_message returned a {type(payload).__qualname__} "
+                f"for the event at offset {envelope.offset}, not a "
+                f"{self.message_type.__qualname__} (or None)"
+            )
+        return Message(
+            topic=self.name,
+            payload=payload,
+            key=self.key(envelope),
+            partition=partition,
+            offset=envelope.offset,
+            timestamp=envelope.timestamp,
+            type_name=self.type_name,
+            version=self.version,
+            entity_type=envelope.entity_type,
+            entity_id=envelope.entity_id,
+            seq_nr=envelope.seq_nr,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Topic({self.name!r}, {self.message_type.__qualname__}, partitions={self.partitions})"
+        )
+
+
+@dataclass(frozen=True)
+class Message(Generic[M]):
+    """One message of a topic, as a subscriber's ``handle`` gets it.
+
+    ``offset`` is the position: the journal offset of the event the message was made from.
+    It grows within a partition (not by one: filtered events and other tags' events sit in
+    between) and is what a subscriber's group stores with its writes."""
+
+    topic: str
+    payload: M
+    key: str
+    partition: int
+    offset: int
+    #: When the source event was written.
+    timestamp: datetime
+    #: The message type's stored name and the version the payload was written with.
+    type_name: str
+    version: int
+    #: The source event's entity and sequence number (the NATS transport's headers carry them).
+    entity_type: str = ""
+    entity_id: str = ""
+    seq_nr: int = 0
+
+    @property
+    def position(self) -> str:
+        """``topic:partition:offset``: unique per message, the broker's message id."""
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+def message_command_id(message: Message[Any], step: str = "") -> str:
+    """A command id made from a message's position, for a subscriber that asks entities: a
+    redelivered message asks with the same id, and the entity answers with its stored reply
+    instead of applying the command again. ``step`` tells apart several commands sent for one
+    message (``message_command_id(m, "reserve")``, ``message_command_id(m, "notify")``)."""
+    base = f"topic:{message.position}"
+    return base if not step else f"{base}:{step}"
+
+
+_StartKind = Literal["earliest", "latest", "offset", "time"]
+
+
+@dataclass(frozen=True)
+class StartFrom:
+    """Where a subscriber group starts when it has no stored position yet (later starts
+    resume after the stored position, whatever this says)::
+
+        StartFrom.earliest()                 # every message the journal still has (default)
+        StartFrom.latest()                   # only messages written from now on
+        StartFrom.after_offset(41_000)       # the messages after journal offset 41,000
+        StartFrom.at_time(datetime(2026, 12, 1, tzinfo=UTC))  # written at or after that time
+    """
+
+    kind: _StartKind = "earliest"
+    offset: int | None = None
+    time: datetime | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.kind == "offset":
+            if not isinstance(self.offset, int) or isinstance(self.offset, bool) or self.offset < 0:
+                raise ConfigurationError(
+                    f"StartFrom.after_offset needs an integer >= 0, got {self.offset!r}"
+                )
+        elif self.kind == "time":
+            if not isinstance(self.time, datetime) or self.time.tzinfo is None:
+                raise ConfigurationError(
+                    f"StartFrom.at_time needs a timezone-aware datetime, got {self.time!r}"
+                )
+        elif self.kind not in ("earliest", "latest"):
+            raise ConfigurationError(
+                f"StartFrom kind must be earliest, latest, offset or time, got {self.kind!r}"
+            )
+
+    @classmethod
+    def earliest(cls) -> StartFrom:
+        return cls("earliest")
+
+    @classmethod
+    def latest(cls) -> StartFrom:
+        return cls("latest")
+
+    @classmethod
+    def after_offset(cls, offset: int) -> StartFrom:
+        return cls("offset", offset=offset)
+
+    @classmethod
+    def at_time(cls, time: datetime) -> StartFrom:
+        return cls("time", time=time)
