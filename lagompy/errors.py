@@ -31,6 +31,9 @@ are translated into this tree with the original exception attached as ``__cause_
     │   │                            this worker's batch was rolled back
     │   └── ReadSideDecodeFailed ... an event of the worker's tag cannot be decoded (names
     │                                processor, tag, offset, entity and sequence number)
+    ├── TopicError ................. a topic cannot be served or read
+    │   └── TopicMessageInvalid .... a message from a topic's transport does not fit the
+    │                                topic (a missing field, a payload its type refuses)
     ├── SerializationError ......... a value cannot be encoded or a payload cannot be decoded
     │   ├── UnknownType ............ no registered class carries this stored type name
     │   ├── EncodeError ............ a value does not fit its declared type
@@ -242,6 +245,19 @@ class ReadSideDecodeFailed(_AtEvent, ReadSideError):
     to the processor's serializer, or the payload does not fit the class), after
     ``max_attempts`` tries. Names the processor, the tag, and the event's offset, entity and
     sequence number; the ``EventDecodeError`` is the cause."""
+
+
+# --------------------------------------------------------------------------- topics
+
+
+class TopicError(LagompyError):
+    """A topic cannot be served or read (see the subclasses)."""
+
+
+class TopicMessageInvalid(TopicError):
+    """A message that a subscriber's transport delivered does not fit the topic: a missing
+    field, a payload the message type refuses, another topic's message. The subscriber
+    retries (the producer may be mid-deploy), and shows ``stalled`` with this error."""
 
 
 # --------------------------------------------------------------------------- requests

@@ -220,7 +220,7 @@ class EventConsumer:
         name: str,
         tag: str,
         *,
-        journal: Journal,
+        journal: Journal | None,
         store: LeaseStore,
         strategy: CommitStrategy,
         settings: ConsumerSettings,
@@ -341,6 +341,8 @@ class EventConsumer:
     def _new_tailer(self) -> PageSource:
         if self._pages is not None:
             return self._pages()
+        if self.journal is None:
+            raise ValueError(f"{self.where()}: give the consumer a journal or a page source")
         return PageTailer(
             self.journal,
             tag=self.tag,

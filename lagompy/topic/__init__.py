@@ -11,26 +11,76 @@ whose SQL writes commit with the message's position in one transaction (exactly-
                                                                     + position, one transaction
 
 * ``_topic.py``: :class:`Topic`, :class:`Message`, :class:`StartFrom`,
-  :func:`message_command_id`.
-* ``_subscriber.py``: :class:`Subscriber`.
+  :func:`message_command_id`; ``_subscriber.py``: :class:`Subscriber`.
 * ``_transport.py``: the transport protocol (:class:`TopicTransport`, :class:`MessageFeed`,
   :class:`TopicProducer`, :class:`MessageBatch`) and the contract every transport keeps.
+* ``_embedded.py``: :class:`EmbeddedTransport`, subscribers in the journal's database read the
+  tag in place; ``_http.py``: :func:`topic_router` (the producer's route) and
+  :class:`HttpTransport` (a subscriber in another service pulls from it); ``_codec.py``:
+  messages as JSON.
+* ``_worker.py``: :class:`SubscriberWorker`, the consumer core fed by a transport, committing
+  like a read side; ``_runner.py``: :func:`start_subscribers` and :class:`Subscribers`;
+  ``_component.py``: :class:`TopicsComponent` and :class:`SubscribersComponent` for services.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lagompy.topic._codec import message_from_json, message_to_json
+from lagompy.topic._embedded import EmbeddedTransport, JournalFeed
+from lagompy.topic._runner import Subscribers, start_subscribers
 from lagompy.topic._subscriber import Subscriber, offset_key
 from lagompy.topic._topic import Message, StartFrom, Topic, entity_key, message_command_id
 from lagompy.topic._transport import MessageBatch, MessageFeed, TopicProducer, TopicTransport
+from lagompy.topic._worker import SubscriberWorker
+
+if TYPE_CHECKING:
+    from lagompy.topic._component import SubscribersComponent, TopicsComponent
+    from lagompy.topic._http import HttpFeed, HttpTransport, topic_router
+
+#: Names whose modules import FastAPI, imported on first use (as in ``lagompy.readside``).
+_ON_FIRST_USE = {
+    "HttpFeed": "lagompy.topic._http",
+    "HttpTransport": "lagompy.topic._http",
+    "topic_router": "lagompy.topic._http",
+    "SubscribersComponent": "lagompy.topic._component",
+    "TopicsComponent": "lagompy.topic._component",
+}
 
 __all__ = [
+    "EmbeddedTransport",
+    "HttpFeed",
+    "HttpTransport",
+    "JournalFeed",
     "Message",
     "MessageBatch",
     "MessageFeed",
     "StartFrom",
     "Subscriber",
+    "SubscriberWorker",
+    "Subscribers",
+    "SubscribersComponent",
     "Topic",
     "TopicProducer",
     "TopicTransport",
+    "TopicsComponent",
     "entity_key",
     "message_command_id",
+    "message_from_json",
+    "message_to_json",
     "offset_key",
+    "start_subscribers",
+    "topic_router",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+
+    def __getattr__(name: str) -> Any:
+        module = _ON_FIRST_USE.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value

@@ -58,7 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lagompy.topic._topic import Message, Topic
+from lagompy.topic._topic import Message, StartFrom, Topic
 
 __all__ = [
     "MessageBatch",
@@ -103,6 +103,14 @@ class MessageFeed(Protocol):
 
     async def start(self) -> None:
         """Connect, subscribe... (called once, before the first batch)."""
+        ...
+
+    async def start_offset(self, start: StartFrom) -> int:
+        """The position a group that has none yet starts from (messages *after* it are
+        delivered): ``earliest``: 0; ``latest``: the offset of the partition's last event
+        now (its head); ``offset``: that offset; ``time``: the offset of the partition's last
+        event written before ``start.time`` (0 if none). Called once per partition, when a
+        group starts for the first time, possibly before :meth:`start`."""
         ...
 
     async def next_batch(self, after: int, limit: int) -> MessageBatch:

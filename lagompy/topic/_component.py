@@ -1,0 +1,153 @@
+"""Topics as parts of a service: :class:`TopicsComponent` publishes (serves the topic route),
+:class:`SubscribersComponent` subscribes (runs subscriber groups)::
+
+    # the producing service
+    topics = TopicsComponent([user_registrations], journal_settings=journal)
+    Service(name="users", ..., components=[topics])        # GET /topics/...
+
+    # a subscribing service (its own database), pulling over HTTP from "users"
+    subscribers = SubscribersComponent(
+        [WelcomeMails], transport=HttpTransport("users"), journal_settings=own_database
+    )
+    Service(name="notifications", components=[subscribers])
+
+``/health/ready`` fails while a group's partition is ``failed`` (stopped by a message it could
+not get past) or ``stalled`` (its transport keeps failing: the producer is down, say), naming
+the group, partition and error; ``GET /topics/subscribers`` shows every group's status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+
+from lagompy.journal._journal import Journal
+from lagompy.journal._storage import Storage, open_storage, serializer_for
+from lagompy.readside._projections import STUCK_STATES
+from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
+from lagompy.readside._settings import ReadSideSettings
+from lagompy.settings import JournalSettings
+from lagompy.topic._http import _topics_by_name, topic_router
+from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
+from lagompy.topic._topic import Topic
+from lagompy.topic._transport import TopicTransport
+
+__all__ = ["SubscribersComponent", "TopicsComponent"]
+
+
+class TopicsComponent:
+    """A :class:`~lagompy.service.Component` that publishes ``topics`` from the service's
+    journal over HTTP (the embedded transport: see :func:`~lagompy.topic.topic_router`).
+    ``journal_settings``: the journal (default: from the environment, like ``Service``'s)."""
+
+    name = "topics"
+
+    def __init__(
+        self,
+        topics: Iterable[Topic[Any]],
+        *,
+        journal_settings: JournalSettings | None = None,
+        prefix: str = "/topics",
+    ) -> None:
+        self.topics = list(_topics_by_name(topics).values())
+        self.journal_settings = journal_settings
+        self._storage: Storage | None = None
+        self.router = APIRouter()
+        self.router.include_router(topic_router(self.topics, self._journal, prefix=prefix))
+
+    def _journal(self) -> Journal:
+        if self._storage is None:
+            raise HTTPException(status_code=503, detail="the topics are not served yet")
+        return self._storage.journal
+
+    @property
+    def journal(self) -> Journal:
+        """The journal the topics are read from, once started."""
+        if self._storage is None:
+            raise RuntimeError("the topics component is not started")
+        return self._storage.journal
+
+    async def start(self) -> None:
+        serializer = serializer_for(list({t.source for t in self.topics}))
+        for t in self.topics:
+            serializer.register(t.message_type)
+        self._storage = await open_storage(
+            settings=self.journal_settings or JournalSettings(), serializer=serializer
+        )
+
+    async def stop(self) -> None:
+        storage, self._storage = self._storage, None
+        if storage is not None:
+            await storage.close()
+
+
+class SubscribersComponent:
+    """A :class:`~lagompy.service.Component` that runs subscriber groups in the service's
+    process (see :func:`~lagompy.topic.start_subscribers`, whose arguments it takes)."""
+
+    name = "subscribers"
+
+    def __init__(
+        self,
+        subscribers: Iterable[SubscriberArg],
+        *,
+        transport: TopicTransport | None = None,
+        journal_settings: JournalSettings | None = None,
+        prefix: str = "/topics/subscribers",
+        settings: ReadSideSettings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.subscribers = list(subscribers)
+        self.transport = transport
+        self.journal_settings = journal_settings
+        self.settings = settings
+        self.overrides = overrides
+        self._running: Subscribers | None = None
+        self.router = APIRouter(include_in_schema=False)
+
+        @self.router.get(prefix)
+        async def status() -> list[dict[str, Any]]:
+            return [s.to_dict() for s in await self.running.status()]
+
+    @property
+    def running(self) -> Subscribers:
+        """The running subscribers (pause, resume, status...), once started."""
+        if self._running is None:
+            raise HTTPException(status_code=503, detail="the subscribers are not running")
+        return self._running
+
+    async def start(self) -> None:
+        self._running = await start_subscribers(
+            self.subscribers,
+            transport=self.transport,
+            journal_settings=self.journal_settings or JournalSettings(),
+            settings=self.settings,
+            **self.overrides,
+        )
+
+    async def stop(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            await running.close()
+        if self.transport is not None:
+            await self.transport.close()
+
+    async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
+        await self.running.wait_until_caught_up(timeout)
+
+    async def ready(self) -> bool | str:
+        """True while every group's partition can make progress; else which cannot, why."""
+        running = self._running
+        if running is None:
+            return "the subscribers are not running"
+        problems = [
+            f"subscriber {s.processor!r}, partition tag {s.tag!r}: {s.state} at offset "
+            f"{s.offset if s.failure is None else s.failure.offset}"
+            + ("" if s.failure is None else f": {s.failure.error[:300]}")
+            for s in await running.status()
+            if s.state in STUCK_STATES
+        ]
+        problems += running.problems()
+        return True if not problems else "; ".join(problems[:5])

@@ -1,0 +1,141 @@
+"""The embedded transport, same database: a subscriber reads the producing entity's tag in the
+journal directly. No producer, no broker: the journal is the log.
+
+:class:`JournalFeed` reads a partition's tag shard with the journal's own tail loop
+(:class:`~lagompy.journal.PageTailer`: PostgreSQL's NOTIFY or a short poll on SQLite, so a
+message reaches the subscriber milliseconds after its event committed) and maps each page's
+events to messages (:meth:`Topic.message <lagompy.topic.Topic.message>`); the batch's
+``last_offset`` is the page's, past the events ``to_message`` filtered out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from lagompy.journal._journal import Journal, TagPage
+from lagompy.journal._tailing import PageTailer, TailSettings
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.topic._topic import StartFrom, Topic
+from lagompy.topic._transport import MessageBatch
+
+__all__ = ["EmbeddedTransport", "JournalFeed", "partition_position", "read_partition"]
+
+
+async def partition_position(database: Database, tag: str, start: StartFrom) -> int:
+    """Where a new group starts on the journal tag ``tag`` (see
+    :meth:`MessageFeed.start_offset <lagompy.topic.MessageFeed.start_offset>`)."""
+    if start.kind == "earliest":
+        return 0
+    if start.kind == "offset":
+        assert start.offset is not None
+        return start.offset
+    tg, ev = schema.event_tags, schema.events
+    query = select(func.max(tg.c.global_offset)).where(tg.c.tag == tag)
+    if start.kind == "time":
+        assert start.time is not None
+        before_us = int(start.time.timestamp() * 1_000_000)
+        query = query.join(ev, ev.c.global_offset == tg.c.global_offset).where(
+            ev.c.written_at_us < before_us
+        )
+    async with database.read() as conn:
+        head = (await conn.execute(query)).scalar()
+    return int(head or 0)
+
+
+def batch_of(topic: Topic[Any], partition: int, page: TagPage) -> MessageBatch:
+    """A page of the partition's tag as a batch of messages (filtered events left out)."""
+    messages = []
+    for envelope in page.envelopes:
+        message = topic.message(envelope, partition)
+        if message is not None:
+            messages.append(message)
+    return MessageBatch(messages, page.last_offset, page.full)
+
+
+async def read_partition(
+    journal: Journal, topic: Topic[Any], partition: int, after: int, limit: int
+) -> MessageBatch:
+    """One batch of the partition after ``after``, read now (the HTTP route's read)."""
+    page = await journal.read_tag(topic.partition_tag(partition), after_offset=after, limit=limit)
+    if page.error is not None and not page.envelopes and page.last_offset <= after:
+        raise page.error
+    return batch_of(topic, partition, page)
+
+
+class JournalFeed:
+    """A :class:`~lagompy.topic.MessageFeed` of one partition, read from the journal."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        topic: Topic[Any],
+        partition: int,
+        *,
+        tail: TailSettings | None = None,
+    ) -> None:
+        self.journal = journal
+        self.topic = topic
+        self.partition = partition
+        self.tag = topic.partition_tag(partition)
+        self._tail = tail or TailSettings()
+        self._tailer: PageTailer | None = None
+
+    def _tailer_for(self, limit: int) -> PageTailer:
+        if self._tailer is None:
+            self._tailer = PageTailer(
+                self.journal, tag=self.tag, page_size=limit, settings=self._tail
+            )
+        return self._tailer
+
+    async def start(self) -> None:
+        """Subscribes to the journal's wake-ups (NOTIFY on PostgreSQL)."""
+
+    async def start_offset(self, start: StartFrom) -> int:
+        return await partition_position(self.journal.database, self.tag, start)
+
+    async def next_batch(self, after: int, limit: int) -> MessageBatch:
+        tailer = self._tailer_for(limit)
+        await tailer.start()
+        if limit == tailer.page_size:
+            page = await tailer.next_page(after)
+        else:  # another page size than the first call's: read it directly
+            page = await self.journal.read_tag(self.tag, after_offset=after, limit=limit)
+        if page.error is not None and not page.envelopes and page.last_offset <= after:
+            raise page.error  # the next event cannot be decoded: retried, then stalled
+        return batch_of(self.topic, self.partition, page)
+
+    async def wait(self, limit: float | None = None) -> None:
+        if self._tailer is not None:
+            await self._tailer.wait(limit)
+
+    def wake(self) -> None:
+        if self._tailer is not None:
+            self._tailer.wake()
+
+    async def close(self) -> None:
+        if self._tailer is not None:
+            await self._tailer.close()
+
+
+class EmbeddedTransport:
+    """Topics carried by the journal itself, for subscribers in the producing service's
+    database: no producer, and :class:`JournalFeed` feeds."""
+
+    kind = "embedded"
+
+    def __init__(self, journal: Journal, *, tail: TailSettings | None = None) -> None:
+        self.journal = journal
+        self.tail = tail
+
+    def producer(self, topic: Topic[Any], partition: int) -> None:
+        topic.partition_tag(partition)  # a partition out of range fails here
+        return None
+
+    def feed(self, topic: Topic[Any], partition: int, *, group: str) -> JournalFeed:
+        return JournalFeed(self.journal, topic, partition, tail=self.tail)
+
+    async def close(self) -> None:
+        """Nothing to close: the journal belongs to whoever opened it."""

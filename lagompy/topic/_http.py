@@ -1,0 +1,370 @@
+"""The embedded transport over HTTP: the producing service serves its topics' partitions, a
+subscriber in another service pulls them, keeping its position in its own database.
+
+Producer side, :func:`topic_router` (mounted by :class:`~lagompy.topic.TopicsComponent`)::
+
+    GET /topics                                       the topics: name, partitions, type, version
+    GET /topics/{name}/partitions/{p}?after=&limit=&wait=
+        {"topic": ..., "partition": p, "messages": [...], "last_offset": n, "full": bool}
+        messages after journal offset `after` (default 0), at most `limit` (1-1000, default
+        100); when there is none yet, waits up to `wait` seconds (0-30, default 0) for one
+        (long poll); `last_offset` is where the subscriber's position moves to, past the
+        events the topic filters out.
+    GET /topics/{name}/partitions/{p}/position?time=
+        {"offset": n}: the partition's head now, or (with `time`, ISO 8601 with a zone) the
+        offset of its last event written before that time.
+
+Each message is :func:`~lagompy.topic._codec.message_to_json`'s object. Bad input gets a problem
+document: 404 for an unknown topic or partition, 422 for a bad parameter.
+
+Subscriber side, :class:`HttpTransport`: its :class:`HttpFeed` reads a batch with ``wait=0``
+and, once caught up, long-polls inside :meth:`HttpFeed.wait` (bounded by the worker's next
+lease renewal and by ``long_poll``), so a message reaches the subscriber within a round trip of
+its commit. Requests go through a :class:`~lagompy.service.ServiceClient`, so its circuit
+breaker and locator apply; its failures reach the subscriber's status without URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from lagompy.errors import (
+    CircuitBreakerOpen,
+    ConfigurationError,
+    EventDecodeError,
+    ServiceCallError,
+    ServiceCallFailed,
+    ServiceCallTimeout,
+    TopicError,
+    TopicMessageInvalid,
+)
+from lagompy.journal._journal import Journal
+from lagompy.journal._tailing import PageTailer, TailSettings
+from lagompy.service._breaker import BreakerRegistry
+from lagompy.service._client import ServiceClient, ServiceLocator
+from lagompy.topic._codec import message_from_json, message_to_json
+from lagompy.topic._embedded import batch_of, partition_position
+from lagompy.topic._topic import StartFrom, Topic
+from lagompy.topic._transport import MessageBatch
+
+log = logging.getLogger("lagompy.topic")
+
+__all__ = ["HttpFeed", "HttpTransport", "topic_router"]
+
+#: Most messages per request, and most seconds of a long poll.
+MAX_LIMIT = 1000
+MAX_WAIT = 30.0
+
+
+def _topics_by_name(topics: Iterable[Topic[Any]]) -> dict[str, Topic[Any]]:
+    found: dict[str, Topic[Any]] = {}
+    for t in topics:
+        if not isinstance(t, Topic):
+            raise ConfigurationError(f"expected a lagompy.topic.Topic, got {t!r}")
+        if t.name in found:
+            raise ConfigurationError(f"two topics are named {t.name!r}")
+        found[t.name] = t
+    return found
+
+
+def topic_router(
+    topics: Iterable[Topic[Any]],
+    journal: Journal | Callable[[], Journal],
+    *,
+    prefix: str = "/topics",
+    tail: TailSettings | None = None,
+    tags: list[str] | None = None,
+) -> APIRouter:
+    """The routes of the module's docs for ``topics``, read from ``journal`` (or a callable
+    returning it, called per request: a journal opened in the service's lifespan)."""
+    by_name = _topics_by_name(topics)
+    router = APIRouter(prefix=prefix, tags=list(tags or ["topics"]))
+    tail = tail or TailSettings()
+
+    def current() -> Journal:
+        return journal if isinstance(journal, Journal) else journal()
+
+    def find(name: str, partition: int) -> tuple[Topic[Any], str]:
+        topic = by_name.get(name)
+        if topic is None:
+            raise HTTPException(status_code=404, detail=f"no topic named {name!r:.120}")
+        if not 0 <= partition < topic.partitions:
+            raise HTTPException(
+                status_code=404,
+                detail=f"topic {name!r} has partitions 0 to {topic.partitions - 1}, "
+                f"not {partition}",
+            )
+        return topic, topic.partition_tag(partition)
+
+    @router.get("", summary="The topics this service publishes")
+    async def list_topics() -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t.name,
+                "partitions": t.partitions,
+                "type": t.type_name,
+                "version": t.version,
+            }
+            for t in by_name.values()
+        ]
+
+    @router.get("/{name}/partitions/{partition}", summary="Messages of one partition")
+    async def read(
+        name: str,
+        partition: int,
+        after: Annotated[int, Query(ge=0, description="The position: messages after it.")] = 0,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Most messages.")] = 100,
+        wait: Annotated[
+            float, Query(ge=0, le=MAX_WAIT, description="Seconds to wait for a message.")
+        ] = 0.0,
+    ) -> dict[str, Any]:
+        topic, tag = find(name, partition)
+        j = current()
+        deadline = time.monotonic() + wait
+        async with PageTailer(j, tag=tag, page_size=limit, settings=tail) as pages:
+            while True:
+                page = await pages.next_page(after)
+                if page.error is not None and not page.envelopes and page.last_offset <= after:
+                    raise _undecodable(topic, partition, page.error)
+                batch = batch_of(topic, partition, page)
+                remaining = deadline - time.monotonic()
+                if batch.messages or batch.last_offset > after or remaining <= 0:
+                    break
+                await pages.wait(limit=remaining)
+        return {
+            "topic": topic.name,
+            "partition": partition,
+            "messages": [message_to_json(m) for m in batch.messages],
+            "last_offset": batch.last_offset,
+            "full": batch.full,
+        }
+
+    @router.get("/{name}/partitions/{partition}/position", summary="Where a position starts")
+    async def position(
+        name: str,
+        partition: int,
+        at: Annotated[
+            datetime | None,
+            Query(
+                alias="time",
+                description="ISO 8601 with a zone: the offset before the first event written "
+                "at or after it; without: the partition's head.",
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
+        _, tag = find(name, partition)
+        if at is not None and at.tzinfo is None:
+            raise HTTPException(
+                status_code=422, detail="time needs a zone (e.g. 2026-12-04T18:00:00Z)"
+            )
+        start = StartFrom.latest() if at is None else StartFrom.at_time(at)
+        offset = await partition_position(current().database, tag, start)
+        return {"topic": name, "partition": partition, "offset": offset}
+
+    return router
+
+
+def _undecodable(topic: Topic[Any], partition: int, error: EventDecodeError) -> HTTPException:
+    log.error(
+        "topic %r, partition %d: the event at offset %s cannot be decoded: %s",
+        topic.name,
+        partition,
+        error.offset,
+        error,
+    )
+    return HTTPException(
+        status_code=503,
+        detail=f"topic {topic.name!r} partition {partition} cannot be read past offset "
+        f"{error.offset} now (see the producing service's log)",
+    )
+
+
+def _public(error: ServiceCallError, service: str) -> str:
+    """A client error as the subscriber's status shows it: no URL, no upstream body."""
+    if isinstance(error, CircuitBreakerOpen):
+        return f"the circuit breaker of service {service!r} is open"
+    if isinstance(error, ServiceCallTimeout):
+        return f"service {service!r} did not answer in time"
+    if isinstance(error, ServiceCallFailed):
+        return f"service {service!r} answered {error.status}"
+    return f"service {service!r} cannot be reached"
+
+
+class HttpFeed:
+    """A :class:`~lagompy.topic.MessageFeed` pulled from the producing service's route."""
+
+    def __init__(
+        self,
+        client: ServiceClient,
+        topic: Topic[Any],
+        partition: int,
+        *,
+        prefix: str = "/topics",
+        long_poll: float = 2.0,
+    ) -> None:
+        topic.partition_tag(partition)  # out of range: ConfigurationError now
+        self.client = client
+        self.topic = topic
+        self.partition = partition
+        self.path = f"{prefix}/{topic.name}/partitions/{partition}"
+        self.long_poll = long_poll
+        self._caught_up = False
+        #: (after, batch) that a long poll in wait() brought back, for the next next_batch.
+        self._ahead: tuple[int, MessageBatch] | None = None
+        self._position = 0
+        self._limit = 100
+        self._woken = asyncio.Event()
+
+    async def start(self) -> None:
+        """Nothing to open: the client is the transport's."""
+
+    async def _get(self, path: str, params: dict[str, Any], timeout: float) -> Any:
+        try:
+            reply = await self.client.get(path, params=params, timeout=timeout)
+        except ServiceCallError as e:
+            raise TopicError(
+                f"topic {self.topic.name!r} partition {self.partition}: "
+                f"{_public(e, self.client.service)}"
+            ) from None
+        try:
+            return reply.json()
+        except ValueError:
+            raise TopicMessageInvalid(
+                f"topic {self.topic.name!r} partition {self.partition}: the answer of service "
+                f"{self.client.service!r} is not JSON"
+            ) from None
+
+    async def _fetch(self, after: int, limit: int, wait: float) -> MessageBatch:
+        params = {"after": after, "limit": limit, "wait": round(wait, 3)}
+        data = await self._get(self.path, params, timeout=wait + 10.0)
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            raise TopicMessageInvalid(
+                f"topic {self.topic.name!r} partition {self.partition}: unexpected answer from "
+                f"service {self.client.service!r}"
+            )
+        messages = [
+            message_from_json(self.topic, m, partition=self.partition) for m in data["messages"]
+        ]
+        last = data.get("last_offset")
+        if not isinstance(last, int) or isinstance(last, bool) or last < after:
+            raise TopicMessageInvalid(
+                f"topic {self.topic.name!r} partition {self.partition}: bad last_offset "
+                f"{last!r:.40} from service {self.client.service!r}"
+            )
+        offsets = [m.offset for m in messages]
+        if offsets != sorted(offsets) or (offsets and (offsets[0] <= after or offsets[-1] > last)):
+            raise TopicMessageInvalid(
+                f"topic {self.topic.name!r} partition {self.partition}: messages out of order "
+                f"from service {self.client.service!r}"
+            )
+        return MessageBatch(messages, last, bool(data.get("full")))
+
+    async def start_offset(self, start: StartFrom) -> int:
+        if start.kind == "earliest":
+            return 0
+        if start.kind == "offset":
+            assert start.offset is not None
+            return start.offset
+        params = {} if start.time is None else {"time": start.time.isoformat()}
+        data = await self._get(f"{self.path}/position", params, timeout=10.0)
+        offset = data.get("offset") if isinstance(data, dict) else None
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise TopicMessageInvalid(
+                f"topic {self.topic.name!r} partition {self.partition}: bad position from "
+                f"service {self.client.service!r}"
+            )
+        return offset
+
+    async def next_batch(self, after: int, limit: int) -> MessageBatch:
+        self._woken.clear()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == after:
+            batch = ahead[1]
+        else:
+            batch = await self._fetch(after, limit, 0.0)
+        self._caught_up = not batch.full
+        self._position = batch.last_offset
+        self._limit = limit
+        return batch
+
+    async def wait(self, limit: float | None = None) -> None:
+        """Long-poll for the next batch (kept for :meth:`next_batch`), at most ``limit`` and
+        ``long_poll`` seconds; :meth:`wake` ends it at once."""
+        if not self._caught_up or self._woken.is_set():
+            return
+        seconds = self.long_poll if limit is None else max(0.0, min(self.long_poll, limit))
+        if seconds <= 0:
+            return
+        after = self._position
+        poll = asyncio.ensure_future(self._fetch(after, self._limit, seconds))
+        woken = asyncio.ensure_future(self._woken.wait())
+        try:
+            await asyncio.wait([poll, woken], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not poll.done():
+                poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+        if poll.cancelled():
+            return
+        if poll.exception() is not None:
+            return  # next_batch asks again, and raises what is still wrong
+        self._ahead = (after, poll.result())
+        self._caught_up = False
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def close(self) -> None:
+        self._woken.set()
+
+
+class HttpTransport:
+    """Topics pulled over HTTP from the service that publishes them (``service``: its name for
+    the locator, or a base URL; or a :class:`~lagompy.service.ServiceClient`, then the caller
+    closes it). No producer: the producing service serves its journal through
+    :func:`topic_router`."""
+
+    kind = "http"
+
+    def __init__(
+        self,
+        service: str | ServiceClient,
+        *,
+        prefix: str = "/topics",
+        long_poll: float = 2.0,
+        locator: ServiceLocator | None = None,
+        breakers: BreakerRegistry | None = None,
+    ) -> None:
+        if not 0 < long_poll <= MAX_WAIT:
+            raise ConfigurationError(
+                f"long_poll must be above 0 and at most {MAX_WAIT} seconds, got {long_poll!r}"
+            )
+        self._owns_client = not isinstance(service, ServiceClient)
+        self.client = (
+            service
+            if isinstance(service, ServiceClient)
+            else ServiceClient(service, locator=locator, registry=breakers)
+        )
+        self.prefix = prefix
+        self.long_poll = long_poll
+
+    def producer(self, topic: Topic[Any], partition: int) -> None:
+        topic.partition_tag(partition)
+        return None
+
+    def feed(self, topic: Topic[Any], partition: int, *, group: str) -> HttpFeed:
+        return HttpFeed(self.client, topic, partition, prefix=self.prefix, long_poll=self.long_poll)
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self.client.close()

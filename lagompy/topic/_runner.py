@@ -1,0 +1,343 @@
+"""Subscribers running in this process: :func:`start_subscribers` and :class:`Subscribers`.
+
+One asyncio task per (group, partition), each a :class:`~lagompy.topic._worker.SubscriberWorker`
+fed by the transport (by default the embedded one: the journal of ``journal_settings``, read in
+place). The group's ``prepare`` runs first, under the group's own lease, retried until it
+succeeds. A group that has no stored position yet starts where its ``start_from`` says; from
+then on, from its stored position. Positions, leases, pause flags and failures live in the
+subscriber's database (the read side's offset table, ``ReadSideSettings.url``, by default the
+journal's database), so several processes may run the same subscribers: one holds each
+(group, partition) and the others stand by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import update
+
+from lagompy.closing import AsyncClosing, opener
+from lagompy.consumer import ConsumerStopped
+from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import now_us
+from lagompy.readside._projections import Projections, WorkerStatus
+from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
+from lagompy.readside._settings import (
+    ReadSideSettings,
+    _journal_settings,
+    _settings,
+    projection_settings,
+)
+from lagompy.readside._store import GLOBAL_TAG, OffsetStore
+from lagompy.readside._worker import describe_error, run_global_prepare
+from lagompy.settings import JournalSettings
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
+from lagompy.topic._embedded import EmbeddedTransport
+from lagompy.topic._subscriber import Subscriber
+from lagompy.topic._topic import StartFrom
+from lagompy.topic._transport import MessageFeed, TopicTransport
+from lagompy.topic._worker import SubscriberProcessor, SubscriberWorker, processor_for
+
+log = logging.getLogger("lagompy.topic")
+
+__all__ = ["SubscriberArg", "Subscribers", "start_subscribers"]
+
+SubscriberArg = type[Subscriber[Any]] | Subscriber[Any]
+
+
+def _instance(subscriber: SubscriberArg) -> Subscriber[Any]:
+    if isinstance(subscriber, type):
+        if not issubclass(subscriber, Subscriber):
+            raise ConfigurationError(f"{subscriber.__qualname__} is not a Subscriber subclass")
+        subscriber.validate()
+        return subscriber()
+    if not isinstance(subscriber, Subscriber):
+        raise ConfigurationError(f"expected a Subscriber (class or instance), got {subscriber!r}")
+    type(subscriber).validate()
+    return subscriber
+
+
+async def apply_start(
+    database: Database, key: str, tag: str, feed: MessageFeed, start: StartFrom
+) -> int | None:
+    """Store the start position of a (group, partition) that never ran (no lease was ever
+    taken and no operator set it: epoch 0); returns it, or None when the row had run."""
+    if start.kind == "earliest":
+        return None
+    offset = await feed.start_offset(start)
+    t = schema.readside_offsets
+    async with database.write() as conn:
+        done = await conn.execute(
+            update(t)
+            .where(t.c.processor == key, t.c.tag == tag, t.c.epoch == 0)
+            .values(last_offset=offset, updated_us=now_us())
+        )
+    return offset if done.rowcount else None
+
+
+class Subscribers(AsyncClosing):
+    """Subscriber workers running in this process. Build it with :func:`start_subscribers`;
+    close it (or use ``async with``) to stop the workers, which release their leases.
+
+    Operations by group (``pause``, ``resume``, ``skip``, ``set_offset``, ``status``) act on
+    the rows of ``topic:<topic>:<group>`` in the subscriber's database, whichever process
+    runs the workers."""
+
+    def __init__(
+        self,
+        subscribers: list[Subscriber[Any]],
+        *,
+        transport: TopicTransport,
+        database: Database,
+        settings: ReadSideSettings,
+        journal: Database | None = None,
+        owned: Sequence[Database] = (),
+        close_transport: bool = False,
+    ) -> None:
+        self.subscribers = subscribers
+        self.transport = transport
+        self.database = database
+        self.settings = settings
+        #: Operations on the groups' rows (the journal's database gives the lag, when the
+        #: subscribers share it).
+        self.projections = Projections(database, journal, settings=settings)
+        self.processors = [processor_for(s) for s in subscribers]
+        self.workers: list[SubscriberWorker] = []
+        self.prepare_stalls: dict[str, str] = {}
+        self._owned = list(owned)
+        self._close_transport = close_transport
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def _start(self) -> None:
+        keys = [p.name for p in self.processors]
+        if len(set(keys)) != len(keys):
+            raise ConfigurationError(f"two subscribers share a topic and group: {sorted(keys)}")
+        store = OffsetStore(self.database)
+        for processor in self.processors:
+            subscriber = processor.subscriber
+            topic = subscriber.topic
+            await store.ensure(processor.name, [GLOBAL_TAG, *processor.tags()])
+            workers = []
+            for partition in range(topic.partitions):
+                feed = self.transport.feed(topic, partition, group=subscriber.group)
+                tag = topic.partition_tag(partition)
+                started = await apply_start(
+                    self.database, processor.name, tag, feed, subscriber.start_from
+                )
+                if started is not None:
+                    log.info(
+                        "subscriber group %r of topic %r, partition %d: starts after offset %d "
+                        "(%s)",
+                        subscriber.group,
+                        topic.name,
+                        partition,
+                        started,
+                        subscriber.start_from.kind,
+                    )
+                workers.append(
+                    SubscriberWorker(
+                        processor,
+                        partition,
+                        feed,
+                        database=self.database,
+                        settings=self.settings,
+                    )
+                )
+            self.workers += workers
+            self._tasks.append(
+                asyncio.create_task(
+                    self._run_group(processor, workers), name=f"subscriber {processor.name}"
+                )
+            )
+
+    async def _run_group(
+        self, processor: SubscriberProcessor, workers: list[SubscriberWorker]
+    ) -> None:
+        def stalled(error: str | None) -> None:
+            if error is None:
+                self.prepare_stalls.pop(processor.name, None)
+            else:
+                self.prepare_stalls[processor.name] = error
+
+        try:
+            await run_global_prepare(
+                processor, self.database, self.settings, stop=self._stop, on_stall=stalled
+            )
+        except ConsumerStopped:
+            return
+        async with asyncio.TaskGroup() as group:
+            for w in workers:
+                group.create_task(w.run(), name=f"subscriber {w.name} {w.tag}")
+
+    def worker(self, group: str, partition: int, *, topic: str | None = None) -> SubscriberWorker:
+        """The worker of ``group`` on ``partition`` (``topic``: when groups of several topics
+        share a name)."""
+        for w in self.workers:
+            sub = w.processor.subscriber
+            if sub.group == group and w.partition == partition and topic in (None, sub.topic.name):
+                return w
+        raise ConfigurationError(f"no subscriber group {group!r} with partition {partition}")
+
+    def _key(self, group: str, topic: str | None) -> str:
+        found = [
+            p.name
+            for p in self.processors
+            if p.subscriber.group == group and topic in (None, p.subscriber.topic.name)
+        ]
+        if len(found) != 1:
+            raise ConfigurationError(
+                f"no subscriber group {group!r} here"
+                if not found
+                else f"group {group!r} reads several topics: name the topic"
+            )
+        return found[0]
+
+    async def status(self, group: str | None = None) -> list[WorkerStatus]:
+        """Every (group, partition) of these subscribers: position, lag (when the journal is
+        at hand), state, events/s, last failure. The rows are named ``topic:<topic>:<group>``
+        and the partition's tag."""
+        keys = {p.name for p in self.processors}
+        if group is not None:
+            keys = {self._key(group, None)}
+        return [s for s in await self.projections.status() if s.processor in keys]
+
+    async def pause(self, group: str, *, topic: str | None = None) -> int:
+        """Pause the group on every partition (persisted, seen within ``renew_interval``)."""
+        return await self.projections.pause(self._key(group, topic))
+
+    async def resume(self, group: str, *, topic: str | None = None) -> int:
+        """Undo :meth:`pause`; a group stopped by a failing message retries it."""
+        return await self.projections.resume(self._key(group, topic))
+
+    async def skip(self, group: str, *, topic: str | None = None) -> int:
+        """Move the group's failed partitions past the message they are stopped at."""
+        return await self.projections.skip(self._key(group, topic))
+
+    async def set_offset(
+        self, group: str, partition: int, offset: int, *, topic: str | None = None
+    ) -> None:
+        """Make the group resume after ``offset`` on ``partition`` (replay from there)."""
+        key = self._key(group, topic)
+        processor = next(p for p in self.processors if p.name == key)
+        tag = processor.subscriber.topic.partition_tag(partition)
+        await self.projections.set_offset(key, tag, offset, force=True)
+
+    def problems(self) -> list[str]:
+        """What keeps groups of this process from making progress that their rows cannot show:
+        a ``prepare`` that keeps failing, a task that died."""
+        found = [f"subscriber {name!r}: {error}" for name, error in self.prepare_stalls.items()]
+        for task in self._tasks:
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                found.append(f"{task.get_name()} ended: {describe_error(error)}")
+        return found
+
+    async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
+        """Wait until every (group, partition) of these subscribers has a stored position at
+        its partition's head as the transport sees it when called, whichever process holds
+        its lease (raises ``TimeoutError`` after ``timeout`` seconds)."""
+        latest = StartFrom.latest()
+        store = self.projections.store
+        async with asyncio.timeout(timeout):
+            targets = {(w.name, w.tag): await w.feed.start_offset(latest) for w in self.workers}
+            while True:
+                for task in self._tasks:
+                    error = task.exception() if task.done() and not task.cancelled() else None
+                    if error is not None:
+                        raise error
+                stored = {
+                    (row.processor, row.tag): row.offset
+                    for key in {name for name, _ in targets}
+                    for row in await store.rows(key)
+                }
+                if all(stored.get(k, 0) >= head for k, head in targets.items()):
+                    return
+                for w in self.workers:
+                    w.wake()
+                await asyncio.sleep(0.01)
+
+    async def close(self, *, stop: bool = True) -> None:
+        """Stop every worker (after its current transaction; each releases its lease) and
+        close the connections (and the transport, when :func:`start_subscribers` made it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for w in self.workers:
+            await w.stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=30)
+            for task in pending:
+                task.cancel()
+            for result in await asyncio.gather(*self._tasks, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("a subscriber task failed", exc_info=result)
+        if self._close_transport:
+            await self.transport.close()
+        for db in self._owned:
+            await db.dispose()
+
+
+@opener
+async def start_subscribers(
+    subscribers: Iterable[SubscriberArg],
+    *,
+    transport: TopicTransport | None = None,
+    journal_url: str | None = None,
+    journal_settings: JournalSettings | None = None,
+    settings: ReadSideSettings | None = None,
+    **overrides: Any,
+) -> Subscribers:
+    """Start the subscribers' workers in this process and return at once.
+
+    ``transport`` carries the messages; by default the embedded one: the subscribers read the
+    journal of ``journal_url`` / ``journal_settings`` (the producing service's database)
+    directly. The subscribers' writes and positions go to the database of
+    ``ReadSideSettings.url`` (keyword ``url=``), by default the journal's: with another
+    transport (:class:`~lagompy.topic.HttpTransport`...), the ``journal_url`` is the
+    subscribing service's own database. Keyword ``overrides`` set fields of
+    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...)."""
+    instances = [_instance(s) for s in subscribers]
+    if not instances:
+        raise ConfigurationError("start_subscribers() needs at least one subscriber")
+    settings = _settings(settings, overrides)
+    journal_settings = _journal_settings(journal_url, journal_settings)
+    owned: list[Database] = []
+    journal_db: Database | None = None
+    try:
+        if transport is None:
+            from lagompy.journal._storage import open_storage, serializer_for
+
+            serializer = serializer_for(list({s.topic.source for s in instances}))
+            storage = await open_storage(settings=journal_settings, serializer=serializer)
+            transport = EmbeddedTransport(storage.journal, tail=settings.tail)
+            journal_db = storage.database
+            owned.append(storage.database)
+        database = Database.create(projection_settings(journal_settings, settings))
+        owned.append(database)
+        await ensure_schema(database)
+    except BaseException:
+        for db in owned:
+            await db.dispose()
+        raise
+    running = Subscribers(
+        instances,
+        transport=transport,
+        database=database,
+        settings=settings,
+        journal=journal_db,
+        owned=owned,
+    )
+    try:
+        await running._start()
+    except BaseException:
+        await running.close()
+        raise
+    return running

@@ -1,0 +1,146 @@
+"""One :class:`SubscriberWorker` per (subscriber group, partition): the consumer core fed by a
+transport's :class:`~lagompy.topic.MessageFeed`, committing like a read side.
+
+The worker is an :class:`~lagompy.consumer.EventConsumer` (fenced lease, stored position, catch
+up then live, backoff, stalls, pause/resume, status) whose pages come from the feed
+(:class:`FeedPages` turns a :class:`~lagompy.topic.MessageBatch` into the page the core
+expects) and whose commit strategy is the read side's
+:class:`~lagompy.readside._worker.ProjectionCommit`: the subscriber's writes and the position
+in one transaction of the subscriber's database, fenced by the lease's epoch (exactly-once
+effect), a failing message retried ``max_attempts`` times then ``on_failure`` (stop or skip).
+The positions live in the read side's offset table, under ``topic:<topic>:<group>`` and the
+partition's tag, so pause, resume, skip and set-offset work as for read sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy.consumer import EventConsumer
+from lagompy.journal._journal import TagPage
+from lagompy.journal._model import EventEnvelope
+from lagompy.readside._processor import SqlReadSideProcessor
+from lagompy.readside._settings import ReadSideSettings
+from lagompy.readside._store import OffsetStore
+from lagompy.readside._worker import ProjectionCommit, default_owner, describe_error
+from lagompy.sql._database import Database
+from lagompy.topic._subscriber import Subscriber
+from lagompy.topic._transport import MessageFeed
+
+log = logging.getLogger("lagompy.topic")
+
+__all__ = ["FeedPages", "SubscriberProcessor", "SubscriberWorker", "processor_for"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class FeedPages:
+    """A :class:`~lagompy.topic.MessageFeed` as the consumer core's page source: each message
+    travels as the ``event`` of an envelope with its coordinates."""
+
+    def __init__(self, feed: MessageFeed, page_size: int) -> None:
+        self.feed = feed
+        self.page_size = page_size
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.feed.start()
+
+    async def next_page(self, after: int) -> TagPage:
+        await self.start()  # a catch-up reads without starting its source
+        batch = await self.feed.next_batch(after, self.page_size)
+        envelopes: list[EventEnvelope[Any]] = [
+            EventEnvelope(
+                entity_type=m.entity_type,
+                entity_id=m.entity_id,
+                seq_nr=m.seq_nr,
+                offset=m.offset,
+                timestamp=m.timestamp,
+                event=m,
+            )
+            for m in batch.messages
+            if m.offset > after
+        ]
+        last = max(batch.last_offset, envelopes[-1].offset if envelopes else after)
+        return TagPage(envelopes, last, len(envelopes), batch.full)
+
+    async def wait(self, limit: float | None = None) -> None:
+        await self.feed.wait(limit)
+
+    def wake(self) -> None:
+        self.feed.wake()
+
+    async def close(self) -> None:
+        await self.feed.close()
+
+
+class SubscriberProcessor(SqlReadSideProcessor):
+    """A subscriber as the read side's commit strategy sees it: ``prepare`` is its
+    ``global_prepare``, each envelope's event is a message for its ``handle``."""
+
+    subscriber: Subscriber[Any]
+
+    async def global_prepare(self, conn: AsyncConnection) -> None:
+        await self.subscriber.prepare(conn)
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        await self.subscriber.handle(conn, envelope.event)
+
+
+def processor_for(subscriber: Subscriber[Any]) -> SubscriberProcessor:
+    """The processor of one subscriber instance (named by its offset key, one tag per
+    partition)."""
+    cls = type(subscriber)
+    cls.validate()
+    processor_cls = type(
+        f"{cls.__name__}Processor",
+        (SubscriberProcessor,),
+        {"name": cls.offset_key(), "tag": cls.topic.tag, "__module__": __name__},
+    )
+    processor: SubscriberProcessor = processor_cls()
+    processor.subscriber = subscriber
+    return processor
+
+
+class SubscriberWorker(EventConsumer):
+    """Runs one subscriber group on one partition of its topic (see the module's docs).
+    :meth:`run` goes on until :meth:`stop`; :meth:`catch_up` handles what the feed has now."""
+
+    settings: ReadSideSettings
+    store: OffsetStore
+    strategy: ProjectionCommit
+
+    def __init__(
+        self,
+        processor: SubscriberProcessor,
+        partition: int,
+        feed: MessageFeed,
+        *,
+        database: Database,
+        settings: ReadSideSettings,
+        owner: str | None = None,
+    ) -> None:
+        topic = processor.subscriber.topic
+        store = OffsetStore(database)
+        super().__init__(
+            processor.name,
+            topic.partition_tag(partition),
+            journal=None,
+            store=store,
+            strategy=ProjectionCommit(processor, database, store, settings),
+            settings=settings,
+            owner=owner or default_owner(),
+            kind="subscriber",
+            describe_error=describe_error,
+            logger=log,
+            pages=lambda: FeedPages(feed, settings.max_batch),
+        )
+        self.processor = processor
+        self.partition = partition
+        self.feed = feed
