@@ -55,8 +55,9 @@ MAX_FAILURES = 3
 class Upstream:
     """The real notification service, behind a switch that makes it misbehave."""
 
-    def __init__(self) -> None:
-        self.real = create_notifications()
+    def __init__(self, database_url: str, locator: ServiceLocator) -> None:
+        # It subscribes to the user service's topic (the welcome notifications).
+        self.real = create_notifications(database_url=database_url, users="users", locator=locator)
         self.mode = "ok"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,12 +145,14 @@ def _until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
 
 
 def test_no_error_of_the_example_services_leaks_internals(
-    journal: JournalSettings, caplog: pytest.LogCaptureFixture
+    journal: JournalSettings, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.WARNING, logger="lagompy.service")
-    upstream = Upstream()
-    seen = Seen(_forbidden(journal))
     environ: dict[str, str] = {}
+    upstream = Upstream(
+        f"sqlite:///{tmp_path / 'notifications.db'}", ServiceLocator(environ=environ)
+    )
+    seen = Seen(_forbidden(journal))
     breakers = BreakerRegistry()
     breaker = breakers.add(
         CircuitBreaker(
@@ -170,6 +173,7 @@ def test_no_error_of_the_example_services_leaks_internals(
         notifications_url = stack.enter_context(serve_in_thread(upstream))
         environ["LAGOMPY_SERVICE_NOTIFICATIONS"] = notifications_url
         users_url = stack.enter_context(serve_in_thread(users_app))
+        environ["LAGOMPY_SERVICE_USERS"] = users_url
         notifications = stack.enter_context(httpx.Client(base_url=notifications_url, timeout=30))
         users = stack.enter_context(httpx.Client(base_url=users_url, timeout=30))
 
@@ -192,6 +196,10 @@ def test_no_error_of_the_example_services_leaks_internals(
         assert r.status_code == 201, r.text
         uid = r.json()["user_id"]
         _until(lambda: users.get(f"/users/{uid}").status_code == 200, "the user projected")
+        _until(
+            lambda: len(notifications.get("/notifications").json()["items"]) == 1,
+            "the welcome notification, from the user-events topic",
+        )
         taken = {"name": "A", "email": "a@example.org", "user_id": uid}
         control = {"name": "a\x00b", "email": "x@example.org"}
         keyed: dict[str, Any] = {

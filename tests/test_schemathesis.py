@@ -79,7 +79,9 @@ def base_url(
     """The base URLs of the user service (``users``) and of the notification service it calls
     (``notifications``)."""
     with contextlib.ExitStack() as stack:
-        notifications = stack.enter_context(serve_in_thread(create_notifications()))
+        db = tmp_path_factory.mktemp("notifications") / "notifications.db"
+        notifications_app = create_notifications(database_url=f"sqlite:///{db}")
+        notifications = stack.enter_context(serve_in_thread(notifications_app))
         locator = ServiceLocator({"notifications": notifications})
         if request.param == "sqlite":
             path: Path = tmp_path_factory.mktemp("schemathesis") / "journal.db"

@@ -5,7 +5,9 @@ process, until Ctrl-C (or SIGTERM) stops both.
 
 The user service's entities run on a local Ray and its journal is ``./lagompy.db`` unless the
 environment says otherwise (``LAGOMPY_JOURNAL_URL``, ``RAY_ADDRESS``, ``LAGOMPY_EXAMPLE_RAY``;
-see :mod:`examples.user_service.api`).
+see :mod:`examples.user_service.api`). The notification service keeps its notifications, and
+its position in the user service's ``user-events`` topic, in ``./notifications.db``
+(``LAGOMPY_EXAMPLE_NOTIFICATIONS_DB``); it pulls the topic from the user service over HTTP.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ The user service is ready at {url} (notifications at {notifications}). Try:
   curl -s -X POST {url}/users -H 'content-type: application/json' \\
        -H 'Idempotency-Key: ada-1' -d '{{"name": "Ada Lovelace", "email": "ada@example.org"}}'
   curl -s '{url}/users?name=Ada'
-  curl -s {notifications}/notifications
+  curl -s {notifications}/notifications          # the welcome, from the user-events topic
+  curl -s '{url}/topics/user-events/partitions/0?limit=10'
+  curl -s {notifications}/topics/subscribers
   curl -s {url}/_status/circuit-breakers
 
 Ctrl-C stops both services.
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     notifications = f"http://127.0.0.1:{args.notifications_port}"
     url = f"http://127.0.0.1:{args.port}"
-    env = {"LAGOMPY_SERVICE_NOTIFICATIONS": notifications, **os.environ}
+    env = {"LAGOMPY_SERVICE_NOTIFICATIONS": notifications, "LAGOMPY_SERVICE_USERS": url}
+    env |= os.environ
     cwd = os.getcwd()  # so that `lagompy run` imports `examples` from here
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
     processes = [

@@ -1,5 +1,6 @@
 """The user service over HTTP: commands go to the User entity, reads come from the ``users``
-projection, and a registration notifies the notification service through a circuit breaker.
+projection, and the ``user-events`` topic publishes registrations (``GET /topics/...``), which
+the notification service subscribes to.
 
 Run it with ``lagompy run examples.user_service.api:app`` (or both services at once with
 ``python -m examples.user_service``). Environment:
@@ -10,9 +11,9 @@ Run it with ``lagompy run examples.user_service.api:app`` (or both services at o
 * ``LAGOMPY_EXAMPLE_RAY`` (default ``1``): host the entities on Ray (a local Ray unless
   ``RAY_ADDRESS`` names a cluster); ``0`` hosts them in the service's process.
 * ``LAGOMPY_EXAMPLE_APP`` (default ``users``): the app's name (its Ray namespace).
-* ``LAGOMPY_SERVICE_NOTIFICATIONS``: the notification service's base URL(s);
-  ``LAGOMPY_BREAKER_NOTIFICATIONS_MAX_FAILURES``, ``..._RESET_TIMEOUT``, ``..._CALL_TIMEOUT``:
-  its breaker.
+* ``LAGOMPY_SERVICE_NOTIFICATIONS``: the notification service's base URL(s), for
+  ``GET /users/{id}/notifications``; ``LAGOMPY_BREAKER_NOTIFICATIONS_MAX_FAILURES``,
+  ``..._RESET_TIMEOUT``, ``..._CALL_TIMEOUT``: its breaker.
 
 Reads are eventually consistent: the projection follows the journal within milliseconds, so a
 ``GET /users/{id}`` right after the ``POST /users`` that registered the user may answer 404.
@@ -40,8 +41,8 @@ from examples.user_service.entity import (
 )
 from examples.user_service.projection import UsersProjection
 from examples.user_service.projection import users as users_table
+from examples.user_service.topics import user_events
 from lagompy import NotFound
-from lagompy.errors import ServiceCallError
 from lagompy.readside import ReadSideComponent
 from lagompy.service import (
     BreakerRegistry,
@@ -54,6 +55,7 @@ from lagompy.service import (
     refs,
 )
 from lagompy.settings import JournalSettings
+from lagompy.topic import TopicsComponent
 
 log = logging.getLogger("examples.user_service")
 
@@ -116,28 +118,6 @@ def new_user_id(idempotency_key: str | None) -> str:
 # --8<-- [end:models]
 
 
-# --8<-- [start:notify]
-async def notify_registered(notifier: ServiceClient, user: User) -> bool:
-    """Tell the notification service, best effort: the registration is committed already, and a
-    welcome message is not worth failing it. The notification's id makes a retry harmless."""
-    try:
-        await notifier.post(
-            "/notifications",
-            json={
-                "id": f"welcome:{user.user_id}",
-                "recipient": user.email,
-                "subject": f"Welcome, {user.name}",
-            },
-        )
-        return True
-    except ServiceCallError as e:  # breaker open, service down, timeout, 4xx/5xx answer
-        log.warning("user %s registered, not notified: %s", user.user_id, e)
-        return False
-
-
-# --8<-- [end:notify]
-
-
 def create_app(
     *,
     journal_settings: JournalSettings | None = None,
@@ -148,7 +128,8 @@ def create_app(
     breakers: BreakerRegistry | None = None,
 ) -> FastAPI:
     """The user service's FastAPI app; its lifespan starts the entities, the ``users``
-    projection's workers (in this process) and the notification service's client.
+    projection's workers (in this process), the ``user-events`` topic's route and the
+    notification service's client.
     Arguments left out come from the environment (see the module's docs)."""
     if ray is None:
         ray = os.environ.get("LAGOMPY_EXAMPLE_RAY", "1") != "0"
@@ -157,6 +138,7 @@ def create_app(
     journal = journal_settings or JournalSettings()
     # --8<-- [start:app]
     readside = ReadSideComponent([UsersProjection], journal_settings=journal)
+    topics = TopicsComponent([user_events], journal_settings=journal)
     service = Service(
         name=name,
         entities=[UserEntity],
@@ -164,7 +146,7 @@ def create_app(
         ray=ray,
         runtime_options=runtime_options,
         clients=["notifications"],
-        components=[readside],
+        components=[readside, topics],
         locator=locator,
         breakers=breakers,
     )
@@ -175,15 +157,14 @@ def create_app(
     async def register(
         body: Registration,
         users: Users,
-        notifier: Notifier,
         idempotency_key: IdempotencyKey,
         response: Response,
     ) -> UserOut:
         """Register a user; the answer is the entity's state. Safe to retry with the same
-        Idempotency-Key: one user, one event, the first reply."""
+        Idempotency-Key: one user, one event, the first reply. The registration reaches the
+        ``user-events`` topic with its event: nothing else to send."""
         user_id = body.user_id or new_user_id(idempotency_key)
         user = await users(user_id).ask(RegisterUser(body.name, body.email))
-        await notify_registered(notifier, user)
         response.headers["Location"] = f"/users/{user_id}"
         return UserOut.of(user)
 

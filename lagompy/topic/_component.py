@@ -54,8 +54,12 @@ class TopicsComponent:
         self.topics = list(_topics_by_name(topics).values())
         self.journal_settings = journal_settings
         self._storage: Storage | None = None
+        #: The topic routes, out of the OpenAPI schema like lagompy's other routes (they are
+        #: lagompy's protocol between services, documented in docs/reference/http.md).
         self.router = APIRouter()
-        self.router.include_router(topic_router(self.topics, self._journal, prefix=prefix))
+        self.router.include_router(
+            topic_router(self.topics, self._journal, prefix=prefix), include_in_schema=False
+        )
 
     def _journal(self) -> Journal:
         if self._storage is None:

@@ -48,7 +48,7 @@ from lagompy.errors import (
 )
 from lagompy.journal._journal import Journal
 from lagompy.journal._tailing import PageTailer, TailSettings
-from lagompy.service._breaker import BreakerRegistry
+from lagompy.service._breaker import BreakerRegistry, CircuitBreaker
 from lagompy.service._client import ServiceClient, ServiceLocator
 from lagompy.topic._codec import message_from_json, message_to_json
 from lagompy.topic._embedded import batch_of, partition_position
@@ -332,7 +332,14 @@ class HttpTransport:
     """Topics pulled over HTTP from the service that publishes them (``service``: its name for
     the locator, or a base URL; or a :class:`~lagompy.service.ServiceClient`, then the caller
     closes it). No producer: the producing service serves its journal through
-    :func:`topic_router`."""
+    :func:`topic_router`.
+
+    Every pull goes through the client's circuit breaker (``breaker``: as
+    :class:`~lagompy.service.ServiceClient` takes it; by default the service's own). While it
+    is open the subscribers retry with their backoff and show ``stalled``; they resume at most
+    the breaker's ``reset_timeout`` after the producer is back, so a dedicated breaker with a
+    short reset timeout suits a subscriber. ``long_poll``: most seconds a pull waits for
+    messages when caught up (keep it under the breaker's call timeout)."""
 
     kind = "http"
 
@@ -344,6 +351,7 @@ class HttpTransport:
         long_poll: float = 2.0,
         locator: ServiceLocator | None = None,
         breakers: BreakerRegistry | None = None,
+        breaker: CircuitBreaker | str | bool | None = None,
     ) -> None:
         if not 0 < long_poll <= MAX_WAIT:
             raise ConfigurationError(
@@ -353,7 +361,7 @@ class HttpTransport:
         self.client = (
             service
             if isinstance(service, ServiceClient)
-            else ServiceClient(service, locator=locator, registry=breakers)
+            else ServiceClient(service, locator=locator, registry=breakers, breaker=breaker)
         )
         self.prefix = prefix
         self.long_poll = long_poll

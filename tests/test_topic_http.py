@@ -1,0 +1,255 @@
+"""The topic route over real HTTP (bad input gets problem documents, the long poll answers as
+soon as a message commits), the JSON form of messages, and what a topic or subscriber
+declaration refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+
+from lagompy.entity import Effect, PersistentEntity, tag
+from lagompy.errors import ConfigurationError, TopicMessageInvalid
+from lagompy.journal._storage import open_storage, serializer_for
+from lagompy.service import Service
+from lagompy.settings import JournalSettings
+from lagompy.testkit.server import serve_in_thread
+from lagompy.testkit.topics import (
+    ContractAccount,
+    Deposit,
+    Deposited,
+    TopicEnv,
+    contract_topic,
+)
+from lagompy.topic import (
+    Message,
+    StartFrom,
+    Subscriber,
+    Topic,
+    TopicsComponent,
+    message_command_id,
+    message_from_json,
+    message_to_json,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> JournalSettings:
+    return JournalSettings(url=f"sqlite:///{tmp_path / 'topics.db'}")
+
+
+@pytest.fixture
+def producer(settings: JournalSettings) -> Iterator[str]:
+    topics = TopicsComponent([contract_topic], journal_settings=settings)
+    service = Service(name="producer", components=[topics])
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+    with serve_in_thread(app) as base_url:
+        yield base_url
+
+
+@pytest_asyncio.fixture
+async def env(settings: JournalSettings) -> AsyncIterator[TopicEnv]:
+    from lagompy.readside import ReadSideSettings
+
+    serializer = serializer_for([ContractAccount])
+    storage = await open_storage(settings=settings, serializer=serializer)
+    env = TopicEnv(storage, settings, ReadSideSettings())
+    try:
+        yield env
+    finally:
+        await env.close()
+
+
+PARTITION = "/topics/contract-deposits/partitions"
+
+
+@pytest.mark.asyncio
+async def test_bad_requests_get_problem_documents_naming_what_was_wrong(producer: str) -> None:
+    cases = {
+        "/topics/nope/partitions/0": (404, "no topic named 'nope'"),
+        f"{PARTITION}/2": (404, "partitions 0 to 1, not 2"),
+        f"{PARTITION}/-1": (404, "not -1"),
+        f"{PARTITION}/x": (422, "partition"),
+        f"{PARTITION}/0?after=-1": (422, "after"),
+        f"{PARTITION}/0?after=abc": (422, "after"),
+        f"{PARTITION}/0?limit=0": (422, "limit"),
+        f"{PARTITION}/0?limit=1001": (422, "limit"),
+        f"{PARTITION}/0?wait=31": (422, "wait"),
+        f"{PARTITION}/0/position?time=yesterday": (422, "time"),
+        f"{PARTITION}/0/position?time=2026-12-04T18:00:00": (422, "needs a zone"),
+        f"{PARTITION}/9/position": (404, "not 9"),
+    }
+    async with httpx.AsyncClient(base_url=producer) as client:
+        for path, (status, words) in cases.items():
+            reply = await client.get(path)
+            assert reply.status_code == status, path
+            assert reply.headers["content-type"] == "application/problem+json", path
+            text = reply.text
+            assert words in text, (path, text)
+            assert "sqlite" not in text and "Traceback" not in text, path
+
+
+@pytest.mark.asyncio
+async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
+    producer: str, env: TopicEnv
+) -> None:
+    written = await env.append(Deposited("ada", 5))
+    partition = contract_topic.partition_of("ada")
+    async with httpx.AsyncClient(base_url=producer, timeout=10) as client:
+        listed = (await client.get("/topics")).json()
+        assert listed == [
+            {"name": "contract-deposits", "partitions": 2, "type": "Deposit", "version": 1}
+        ]
+        page = (await client.get(f"{PARTITION}/{partition}")).json()
+        assert page["last_offset"] == written[0].offset and page["full"] is False
+        (message,) = page["messages"]
+        assert message["payload"] == {"account": "ada", "amount": 5}
+        assert (message["key"], message["offset"], message["type"], message["version"]) == (
+            "ada",
+            written[0].offset,
+            "Deposit",
+            1,
+        )
+        assert datetime.fromisoformat(message["timestamp"]) == written[0].timestamp
+
+        # Caught up: the long poll answers when a message commits, not at the end of `wait`.
+        after = page["last_offset"]
+        started = time.monotonic()
+        poll = asyncio.create_task(
+            client.get(f"{PARTITION}/{partition}", params={"after": after, "wait": 5})
+        )
+        await asyncio.sleep(0.3)
+        more = await env.append(Deposited("ada", 6))
+        reply = (await poll).json()
+        assert [m["offset"] for m in reply["messages"]] == [more[0].offset]
+        assert time.monotonic() - started < 2.5
+        # Nothing comes: it answers after `wait`, empty, at the same position.
+        started = time.monotonic()
+        empty = (
+            await client.get(
+                f"{PARTITION}/{partition}", params={"after": reply["last_offset"], "wait": 0.3}
+            )
+        ).json()
+        assert empty["messages"] == [] and empty["last_offset"] == reply["last_offset"]
+        assert 0.25 <= time.monotonic() - started < 2.0
+        head = (await client.get(f"{PARTITION}/{partition}/position")).json()
+        assert head["offset"] == more[0].offset
+
+
+def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
+    message = Message(
+        topic="contract-deposits",
+        payload=Deposit("ada", 5),
+        key="ada",
+        partition=1,
+        offset=42,
+        timestamp=datetime(2026, 12, 4, 18, 0, tzinfo=UTC),
+        type_name="Deposit",
+        version=1,
+        entity_type="topic-contract-account",
+        entity_id="ada",
+        seq_nr=3,
+    )
+    data = message_to_json(message)
+    assert message_from_json(contract_topic, data, partition=1) == message
+    bad: list[tuple[Any, str]] = [
+        ([], "must be a JSON object"),
+        ({**data, "payload": {"account": "ada"}}, "amount"),
+        ({**data, "payload": {"account": "ada", "amount": "lots"}}, "amount"),
+        ({**data, "topic": "other"}, "expected a message of topic 'contract-deposits'"),
+        ({**data, "version": 2}, "newer than this side's"),
+        ({**data, "type": "Withdrawal"}, "is not this topic's"),
+        ({**data, "offset": "42"}, "'offset' must be a int"),
+        ({**data, "timestamp": "soon"}, "bad timestamp"),
+    ]
+    for value, words in bad:
+        with pytest.raises(TopicMessageInvalid, match=words):
+            message_from_json(contract_topic, value, partition=1)
+    with pytest.raises(TopicMessageInvalid, match="partition 0"):
+        message_from_json(contract_topic, data, partition=0)
+
+
+def test_command_ids_come_from_the_message_position() -> None:
+    message = message_from_json(
+        contract_topic,
+        {
+            "topic": "contract-deposits",
+            "partition": 0,
+            "offset": 7,
+            "key": "k",
+            "timestamp": "2026-12-04T18:00:00+00:00",
+            "type": "Deposit",
+            "version": 1,
+            "entity_type": "e",
+            "entity_id": "k",
+            "seq_nr": 1,
+            "payload": {"account": "k", "amount": 1},
+        },
+        partition=0,
+    )
+    assert message_command_id(message) == "topic:contract-deposits:0:7"
+    assert message_command_id(message, "notify") == "topic:contract-deposits:0:7:notify"
+
+
+@dataclass
+class Mutable:
+    x: int
+
+
+class Untagged(PersistentEntity[Any, Deposited, Any]):
+    type_name = "untagged"
+    initial_state = Deposit("", 0)
+    tag = tag("plain")
+
+    def on_command(self, state: Any, command: Any) -> Effect[Any]:
+        return Effect.unhandled()
+
+    def on_event(self, state: Any, event: Deposited) -> Any:
+        return state
+
+
+def test_declarations_refuse_what_cannot_work() -> None:
+    def none(event: Any) -> None:
+        return None
+
+    refused: list[tuple[Any, str]] = [
+        (lambda: Topic("bad name", Deposit, source=ContractAccount, to_message=none), "letters"),
+        (lambda: Topic("t", Mutable, source=ContractAccount, to_message=none), "frozen"),
+        (lambda: Topic("t", int, source=ContractAccount, to_message=none), "dataclass"),
+        (lambda: Topic("t", Deposit, source=Untagged, to_message=none), "sharded_tag"),
+        (lambda: Topic("t", Deposit, source=Deposit, to_message=none), "PersistentEntity"),  # type: ignore[arg-type]
+        (lambda: StartFrom.after_offset(-1), ">= 0"),
+        (lambda: StartFrom.at_time(datetime(2026, 1, 1)), "timezone-aware"),
+        (lambda: contract_topic.partition_tag(2), "partitions 0 to 1"),
+    ]
+    for make, words in refused:
+        with pytest.raises(ConfigurationError, match=words):
+            make()
+
+    class NoHandle(Subscriber[Deposit]):
+        group = "g"
+        topic = contract_topic
+
+    class NoGroup(Subscriber[Deposit]):
+        topic = contract_topic
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None: ...
+
+    class NoTopic(Subscriber[Deposit]):
+        group = "g"
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None: ...
+
+    for cls, words in [(NoHandle, "handle"), (NoGroup, "group"), (NoTopic, "needs a topic")]:
+        with pytest.raises(ConfigurationError, match=words):
+            cls.validate()
