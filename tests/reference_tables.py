@@ -76,6 +76,7 @@ API_MODULES: list[tuple[str, str]] = [
     ("lagompy.runtime", "`lagompy.runtime`: entity refs, in-process and on Ray"),
     ("lagompy.readside", "`lagompy.readside`: read sides, in-process and on Ray"),
     ("lagompy.service", "`lagompy.service`: FastAPI glue, service clients, circuit breakers"),
+    ("lagompy.topic", "`lagompy.topic`: topics, subscribers and their transports"),
     ("lagompy.testkit", "`lagompy.testkit`: testing"),
 ]
 

@@ -20,12 +20,15 @@ if TYPE_CHECKING:
         contract_serializer,
     )
     from lagompy.testkit.readside import ReadSideContract, ReadSideTestDriver
+    from lagompy.testkit.topics import TopicContract
 
 _CONTRACT_NAMES = frozenset(
     {"JournalContract", "SnapshotStoreContract", "StorageOpener", "contract_serializer"}
 )
 #: The read-side driver and contract (lagompy.testkit.readside), imported on first use too.
 _READSIDE_NAMES = frozenset({"ReadSideContract", "ReadSideTestDriver"})
+#: The topic contract (lagompy.testkit.topics), imported on first use too.
+_TOPIC_NAMES = frozenset({"TopicContract"})
 
 __all__ = [
     "EntityTestDriver",
@@ -36,6 +39,7 @@ __all__ = [
     "ReadSideTestDriver",
     "SnapshotStoreContract",
     "StorageOpener",
+    "TopicContract",
     "contract_serializer",
 ]
 
@@ -49,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from lagompy.testkit import readside
 
         return getattr(readside, name)
+    if name in _TOPIC_NAMES:
+        from lagompy.testkit import topics
+
+        return getattr(topics, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
