@@ -39,6 +39,8 @@ from lagompy.topic import (
     message_command_id,
     message_from_json,
     message_to_json,
+    messages_from_json,
+    messages_to_json,
 )
 
 
@@ -177,6 +179,13 @@ def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
             message_from_json(contract_topic, value, partition=1)
     with pytest.raises(TopicMessageInvalid, match="partition 0"):
         message_from_json(contract_topic, data, partition=0)
+    # A batch is validated in one call, and names the message and field that do not fit.
+    batch = [data, {**data, "offset": 43}]
+    assert [m.offset for m in messages_from_json(contract_topic, batch, partition=1)] == [42, 43]
+    batch[1] = {**data, "payload": {"account": "ada"}}
+    with pytest.raises(TopicMessageInvalid, match=r"first: 1\.amount: Field required"):
+        messages_from_json(contract_topic, batch, partition=1)
+    assert messages_to_json([message], Deposit) == [data]
 
 
 def test_command_ids_come_from_the_message_position() -> None:

@@ -28,7 +28,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lagompy.topic._codec import message_from_json, message_to_json
+from lagompy.topic._codec import (
+    message_from_json,
+    message_to_json,
+    messages_from_json,
+    messages_to_json,
+)
 from lagompy.topic._embedded import EmbeddedTransport, JournalFeed
 from lagompy.topic._runner import Subscribers, start_subscribers
 from lagompy.topic._subscriber import Subscriber, offset_key
@@ -70,6 +75,8 @@ __all__ = [
     "message_command_id",
     "message_from_json",
     "message_to_json",
+    "messages_from_json",
+    "messages_to_json",
     "offset_key",
     "start_subscribers",
     "topic_router",

@@ -13,6 +13,7 @@ sets as arrays (pydantic's JSON mode, both ways).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,10 +22,13 @@ from pydantic import TypeAdapter, ValidationError
 from lagompy.errors import TopicMessageInvalid
 from lagompy.topic._topic import Message, Topic
 
-__all__ = ["message_from_json", "message_to_json"]
+_new = object.__new__
+
+__all__ = ["message_from_json", "message_to_json", "messages_from_json", "messages_to_json"]
 
 
 _ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+_LIST_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
 
 
 def _adapter(cls: type) -> TypeAdapter[Any]:
@@ -34,9 +38,15 @@ def _adapter(cls: type) -> TypeAdapter[Any]:
     return adapter
 
 
-def message_to_json(message: Message[Any]) -> dict[str, Any]:
-    """The JSON object of a message (see the module's docs)."""
-    payload = _adapter(type(message.payload)).dump_python(message.payload, mode="json")
+def _list_adapter(cls: type) -> TypeAdapter[Any]:
+    """One adapter for a batch's payloads: one call into pydantic per batch, not per message."""
+    adapter = _LIST_ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _LIST_ADAPTERS[cls] = TypeAdapter(list[cls])  # type: ignore[valid-type]
+    return adapter
+
+
+def _object(message: Message[Any], payload: Any) -> dict[str, Any]:
     return {
         "topic": message.topic,
         "partition": message.partition,
@@ -52,6 +62,19 @@ def message_to_json(message: Message[Any]) -> dict[str, Any]:
     }
 
 
+def message_to_json(message: Message[Any]) -> dict[str, Any]:
+    """The JSON object of a message (see the module's docs)."""
+    return _object(
+        message, _adapter(type(message.payload)).dump_python(message.payload, mode="json")
+    )
+
+
+def messages_to_json(messages: Sequence[Message[Any]], message_type: type) -> list[dict[str, Any]]:
+    """The JSON objects of a batch of messages whose payloads are ``message_type``s."""
+    payloads = _list_adapter(message_type).dump_python([m.payload for m in messages], mode="json")
+    return [_object(m, p) for m, p in zip(messages, payloads, strict=True)]
+
+
 def _field(data: dict[str, Any], name: str, kind: type) -> Any:
     value = data.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -59,10 +82,9 @@ def _field(data: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def message_from_json(topic: Topic[Any], data: object, *, partition: int) -> Message[Any]:
-    """A message of ``topic``'s partition from its JSON object; ``TopicMessageInvalid`` naming
-    what does not fit (a missing field, a payload the message type refuses, another topic's or
-    partition's message, a type name or a version this side does not know)."""
+def _check_header(topic: Topic[Any], data: object, partition: int) -> dict[str, Any]:
+    """``data`` if it is a message object of ``topic``'s ``partition`` of a type and version
+    this side reads (its payload is checked apart)."""
     if not isinstance(data, dict):
         raise TopicMessageInvalid(f"a message must be a JSON object, got {type(data).__name__}")
     name = _field(data, "topic", str)
@@ -83,29 +105,65 @@ def message_from_json(topic: Topic[Any], data: object, *, partition: int) -> Mes
             f"{topic.message_type.__qualname__} (version {topic.version}): upgrade the "
             "subscriber's message class"
         )
+    return data
+
+
+def _message(data: dict[str, Any], payload: Any, partition: int) -> Message[Any]:
     try:
         timestamp = datetime.fromisoformat(_field(data, "timestamp", str))
-        payload = _adapter(topic.message_type).validate_python(data.get("payload"))
-    except ValidationError as e:
-        raise TopicMessageInvalid(
-            f"the payload does not fit {topic.message_type.__qualname__}: "
-            f"{e.error_count()} error(s), first: {_first(e)}"
-        ) from None
     except ValueError as e:
         raise TopicMessageInvalid(f"bad timestamp: {e}") from None
-    return Message(
-        topic=name,
+    if timestamp.tzinfo is None:
+        raise TopicMessageInvalid("bad timestamp: it has no zone")
+    # Built in its __dict__, as Topic.message does (see there).
+    message: Message[Any] = _new(Message)
+    message.__dict__.update(
+        topic=data["topic"],
         payload=payload,
         key=_field(data, "key", str),
         partition=partition,
         offset=_field(data, "offset", int),
         timestamp=timestamp,
-        type_name=type_name,
-        version=version,
+        type_name=data["type"],
+        version=data["version"],
         entity_type=_field(data, "entity_type", str),
         entity_id=_field(data, "entity_id", str),
         seq_nr=_field(data, "seq_nr", int),
     )
+    return message
+
+
+def _payload_error(topic: Topic[Any], error: ValidationError) -> TopicMessageInvalid:
+    return TopicMessageInvalid(
+        f"the payload does not fit {topic.message_type.__qualname__}: "
+        f"{error.error_count()} error(s), first: {_first(error)}"
+    )
+
+
+def message_from_json(topic: Topic[Any], data: object, *, partition: int) -> Message[Any]:
+    """A message of ``topic``'s partition from its JSON object; ``TopicMessageInvalid`` naming
+    what does not fit (a missing field, a payload the message type refuses, another topic's or
+    partition's message, a type name or a version this side does not know)."""
+    checked = _check_header(topic, data, partition)
+    try:
+        payload = _adapter(topic.message_type).validate_python(checked.get("payload"))
+    except ValidationError as e:
+        raise _payload_error(topic, e) from None
+    return _message(checked, payload, partition)
+
+
+def messages_from_json(
+    topic: Topic[Any], items: Sequence[object], *, partition: int
+) -> list[Message[Any]]:
+    """:func:`message_from_json` of a batch, its payloads validated in one call."""
+    checked = [_check_header(topic, data, partition) for data in items]
+    try:
+        payloads = _list_adapter(topic.message_type).validate_python(
+            [d.get("payload") for d in checked]
+        )
+    except ValidationError as e:
+        raise _payload_error(topic, e) from None
+    return [_message(d, p, partition) for d, p in zip(checked, payloads, strict=True)]
 
 
 def _first(error: ValidationError) -> str:

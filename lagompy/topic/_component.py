@@ -25,6 +25,7 @@ from fastapi import APIRouter, HTTPException
 
 from lagompy.journal._journal import Journal
 from lagompy.journal._storage import Storage, open_storage, serializer_for
+from lagompy.journal._tailing import JournalNotifier, TailSettings
 from lagompy.readside._projections import STUCK_STATES
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
@@ -54,6 +55,7 @@ class TopicsComponent:
         self.topics = list(_topics_by_name(topics).values())
         self.journal_settings = journal_settings
         self._storage: Storage | None = None
+        self._notifier: JournalNotifier | None = None
         #: The topic routes, out of the OpenAPI schema like lagompy's other routes (they are
         #: lagompy's protocol between services, documented in docs/reference/http.md).
         self.router = APIRouter()
@@ -80,8 +82,16 @@ class TopicsComponent:
         self._storage = await open_storage(
             settings=self.journal_settings or JournalSettings(), serializer=serializer
         )
+        tail = TailSettings()
+        if self._storage.database.dialect == "postgresql" and tail.listen:
+            # Held for the component's life: the long polls share this process's LISTEN
+            # connection instead of opening and closing it request by request.
+            self._notifier = await JournalNotifier.acquire(self._storage.database, tail)
 
     async def stop(self) -> None:
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await notifier.release()
         storage, self._storage = self._storage, None
         if storage is not None:
             await storage.close()

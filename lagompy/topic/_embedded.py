@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from lagompy.journal._journal import Journal, TagPage
+from lagompy.journal._journal import Journal, TagPage, _collector_paused
 from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
@@ -46,12 +46,15 @@ async def partition_position(database: Database, tag: str, start: StartFrom) -> 
 
 
 def batch_of(topic: Topic[Any], partition: int, page: TagPage) -> MessageBatch:
-    """A page of the partition's tag as a batch of messages (filtered events left out)."""
+    """A page of the partition's tag as a batch of messages (filtered events left out), made
+    with the collector paused as the journal decodes its pages (see ``_collector_paused``)."""
     messages = []
-    for envelope in page.envelopes:
-        message = topic.message(envelope, partition)
-        if message is not None:
-            messages.append(message)
+    message_of = topic.message
+    with _collector_paused():
+        for envelope in page.envelopes:
+            message = message_of(envelope, partition)
+            if message is not None:
+                messages.append(message)
     return MessageBatch(messages, page.last_offset, page.full)
 
 

@@ -10,6 +10,7 @@ it). Per-entity order holds within a partition, since an entity's events all car
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,8 @@ M = TypeVar("M")
 
 #: A topic name: letters, digits, ``-``, ``_`` and ``.``, 1 to 100 characters (it appears in
 #: URLs, broker subjects and offset keys).
+_new = object.__new__
+
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -149,13 +152,12 @@ class Topic(Generic[M]):
         """The partition an entity's messages go to."""
         return self.tag.shard_of(entity_id)
 
-    @property
+    @functools.cached_property
     def type_name(self) -> str:
         """The message type's stored name (see :func:`lagompy.serializable`)."""
-        info = type_info(self.message_type)
-        return info.name
+        return type_info(self.message_type).name
 
-    @property
+    @functools.cached_property
     def version(self) -> int:
         """The message type's current schema version."""
         return type_info(self.message_type).version
@@ -179,7 +181,11 @@ class Topic(Generic[M]):
                 f"for the event at offset {envelope.offset}, not a "
                 f"{self.message_type.__qualname__} (or None)"
             )
-        return Message(
+        # Built in its __dict__: Message's generated __init__ (frozen: object.__setattr__ per
+        # field) was a quarter of a same-database catch-up's time (27,000 messages/s on SQLite
+        # where reading and decoding alone ran at 114,000).
+        message: Message[M] = _new(Message)
+        message.__dict__.update(
             topic=self.name,
             payload=payload,
             key=self.key(envelope),
@@ -192,6 +198,7 @@ class Topic(Generic[M]):
             entity_id=envelope.entity_id,
             seq_nr=envelope.seq_nr,
         )
+        return message
 
     def __repr__(self) -> str:
         return (

@@ -15,8 +15,7 @@ partition's tag, so pause, resume, skip and set-offset work as for read sides.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,18 +28,21 @@ from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import ProjectionCommit, default_owner, describe_error
 from lagompy.sql._database import Database
 from lagompy.topic._subscriber import Subscriber
+from lagompy.topic._topic import Message
 from lagompy.topic._transport import MessageFeed
 
 log = logging.getLogger("lagompy.topic")
 
 __all__ = ["FeedPages", "SubscriberProcessor", "SubscriberWorker", "processor_for"]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
 
 class FeedPages:
-    """A :class:`~lagompy.topic.MessageFeed` as the consumer core's page source: each message
-    travels as the ``event`` of an envelope with its coordinates."""
+    """A :class:`~lagompy.topic.MessageFeed` as the consumer core's page source. The page's
+    "envelopes" are the messages themselves: a :class:`~lagompy.topic.Message` has every
+    attribute the read side's commit strategy reads of an envelope (``offset``,
+    ``entity_type``, ``entity_id``, ``seq_nr``, ``timestamp``), and
+    :class:`SubscriberProcessor` hands it on as it is (wrapping each message in an envelope
+    cost a tenth of a catch-up's time)."""
 
     def __init__(self, feed: MessageFeed, page_size: int) -> None:
         self.feed = feed
@@ -55,19 +57,11 @@ class FeedPages:
     async def next_page(self, after: int) -> TagPage:
         await self.start()  # a catch-up reads without starting its source
         batch = await self.feed.next_batch(after, self.page_size)
-        envelopes: list[EventEnvelope[Any]] = [
-            EventEnvelope(
-                entity_type=m.entity_type,
-                entity_id=m.entity_id,
-                seq_nr=m.seq_nr,
-                offset=m.offset,
-                timestamp=m.timestamp,
-                event=m,
-            )
-            for m in batch.messages
-            if m.offset > after
-        ]
-        last = max(batch.last_offset, envelopes[-1].offset if envelopes else after)
+        messages = batch.messages
+        if messages and messages[0].offset <= after:  # redelivered: done already
+            messages = [m for m in messages if m.offset > after]
+        last = max(batch.last_offset, messages[-1].offset if messages else after)
+        envelopes = cast(list[EventEnvelope[Any]], messages)
         return TagPage(envelopes, last, len(envelopes), batch.full)
 
     async def wait(self, limit: float | None = None) -> None:
@@ -90,7 +84,8 @@ class SubscriberProcessor(SqlReadSideProcessor):
         await self.subscriber.prepare(conn)
 
     async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
-        await self.subscriber.handle(conn, envelope.event)
+        # The "envelope" is a Message (see FeedPages).
+        await self.subscriber.handle(conn, cast(Message[Any], envelope))
 
 
 def processor_for(subscriber: Subscriber[Any]) -> SubscriberProcessor:
