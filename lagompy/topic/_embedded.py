@@ -71,6 +71,9 @@ async def read_partition(
 class JournalFeed:
     """A :class:`~lagompy.topic.MessageFeed` of one partition, read from the journal."""
 
+    #: Reading acknowledges nothing: the consumer may read the next page while it commits.
+    read_ahead = True
+
     def __init__(
         self,
         journal: Journal,

@@ -205,6 +205,9 @@ def _public(error: ServiceCallError, service: str) -> str:
 class HttpFeed:
     """A :class:`~lagompy.topic.MessageFeed` pulled from the producing service's route."""
 
+    #: Reading acknowledges nothing: the consumer may read the next batch while it commits.
+    read_ahead = True
+
     def __init__(
         self,
         client: ServiceClient,

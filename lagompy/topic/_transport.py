@@ -95,8 +95,15 @@ class MessageFeed(Protocol):
         ...
         await feed.close()
 
-    A feed is used by one task at a time. It may long-poll in :meth:`next_batch` (the HTTP
-    feed does, bounded by its own setting) or in :meth:`wait` (the embedded feed waits for
+    A feed is used by one task at a time, but for one exception: a feed whose
+    :meth:`next_batch` has no side effect (it acknowledges nothing, as the embedded feeds)
+    sets ``read_ahead = True``, and the consumer then asks for the batch after a full one
+    while it commits that one (the next call's ``after`` is then the committed position only
+    once the commit succeeded; the read-ahead batch is dropped if not). A broker feed that
+    acknowledges in :meth:`next_batch` leaves it out (False).
+
+    A feed may long-poll in :meth:`next_batch` or in :meth:`wait` (the HTTP feed long-polls
+    in :meth:`wait`, bounded by its own setting; the embedded feed waits for
     the journal's NOTIFY there); either must return within a few seconds at most, since the
     consumer renews its lease between calls (its ``renew_interval``).
     """

@@ -14,6 +14,7 @@ partition's tag, so pause, resume, skip and set-offset work as for read sides.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, cast
 
@@ -29,7 +30,7 @@ from lagompy.readside._worker import ProjectionCommit, default_owner, describe_e
 from lagompy.sql._database import Database
 from lagompy.topic._subscriber import Subscriber
 from lagompy.topic._topic import Message
-from lagompy.topic._transport import MessageFeed
+from lagompy.topic._transport import MessageBatch, MessageFeed
 
 log = logging.getLogger("lagompy.topic")
 
@@ -48,6 +49,10 @@ class FeedPages:
         self.feed = feed
         self.page_size = page_size
         self._started = False
+        #: A feed that acknowledges nothing may be read ahead (see MessageFeed.read_ahead).
+        self._read_ahead = bool(getattr(feed, "read_ahead", False))
+        #: The batch after a full page, read while that page commits: (task, its after).
+        self._ahead: tuple[asyncio.Future[MessageBatch], int] | None = None
 
     async def start(self) -> None:
         if not self._started:
@@ -56,21 +61,43 @@ class FeedPages:
 
     async def next_page(self, after: int) -> TagPage:
         await self.start()  # a catch-up reads without starting its source
-        batch = await self.feed.next_batch(after, self.page_size)
+        batch = await self._batch(after)
         messages = batch.messages
         if messages and messages[0].offset <= after:  # redelivered: done already
             messages = [m for m in messages if m.offset > after]
         last = max(batch.last_offset, messages[-1].offset if messages else after)
         envelopes = cast(list[EventEnvelope[Any]], messages)
+        if self._read_ahead and batch.full and last > after:
+            ahead = asyncio.ensure_future(self.feed.next_batch(last, self.page_size))
+            self._ahead = (ahead, last)
         return TagPage(envelopes, last, len(envelopes), batch.full)
 
+    async def _batch(self, after: int) -> MessageBatch:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            task, at = ahead
+            if at == after:
+                return await task  # its error, if it failed, is the read's
+            await self._drop(task)  # the position moved otherwise (a failure, a set-offset)
+        return await self.feed.next_batch(after, self.page_size)
+
+    @staticmethod
+    async def _drop(task: asyncio.Future[MessageBatch]) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
     async def wait(self, limit: float | None = None) -> None:
+        if self._ahead is not None:
+            return  # the next batch is on its way already: no wait before it
         await self.feed.wait(limit)
 
     def wake(self) -> None:
         self.feed.wake()
 
     async def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await self._drop(ahead[0])
         await self.feed.close()
 
 
