@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from lagompy.entity import Effect, PersistentEntity, tag
 from lagompy.errors import ConfigurationError, TopicMessageInvalid
 from lagompy.journal._storage import open_storage, serializer_for
-from lagompy.service import Service
+from lagompy.service import BreakerRegistry, Service
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 from lagompy.testkit.topics import (
@@ -31,9 +31,11 @@ from lagompy.testkit.topics import (
     contract_topic,
 )
 from lagompy.topic import (
+    HttpTransport,
     Message,
     StartFrom,
     Subscriber,
+    SubscribersComponent,
     Topic,
     TopicsComponent,
     message_command_id,
@@ -41,6 +43,7 @@ from lagompy.topic import (
     message_to_json,
     messages_from_json,
     messages_to_json,
+    start_subscribers,
 )
 
 
@@ -262,3 +265,58 @@ def test_declarations_refuse_what_cannot_work() -> None:
     for cls, words in [(NoHandle, "handle"), (NoGroup, "group"), (NoTopic, "needs a topic")]:
         with pytest.raises(ConfigurationError, match=words):
             cls.validate()
+
+
+class Ledger(Subscriber[Deposit]):
+    group = "ledger"
+    topic = contract_topic
+
+    async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_subscriber_over_http_shows_its_lag_status_and_metrics(
+    producer: str, env: TopicEnv, tmp_path: Path
+) -> None:
+    await env.append(*(Deposited(f"m{i}", i) for i in range(6)))
+    own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
+    transport = HttpTransport(producer, breakers=BreakerRegistry())
+    async with start_subscribers([Ledger], transport=transport, journal_settings=own) as subs:
+        await subs.wait_until_caught_up(timeout=20)
+        heads = await env.heads()
+        status = sorted(await subs.status("ledger"), key=lambda s: s.tag)
+        assert [(s.offset, s.head_offset, s.lag_events) for s in status] == [
+            (h, h, 0) for h in heads
+        ]
+        await subs.pause("ledger")
+        await asyncio.sleep(0.3)  # the workers see the pause within renew_interval
+        more = await env.append(Deposited("m0", 9))
+        partition = contract_topic.partition_of("m0")
+        status = sorted(await subs.status("ledger"), key=lambda s: s.tag)
+        behind = status[partition]
+        assert behind.state == "paused"
+        assert behind.lag_events == 1 and behind.head_offset == more[0].offset
+        assert behind.lag_seconds is not None and behind.lag_seconds >= 0
+    await transport.close()
+
+    # In a service: the status route, readiness and metrics.
+    component = SubscribersComponent(
+        [Ledger],
+        transport=HttpTransport(producer, breakers=BreakerRegistry()),
+        journal_settings=own,
+    )
+    service = Service(name="ledger", components=[component])
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+    with serve_in_thread(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            rows = (await client.get("/topics/subscribers")).json()
+            assert {r["tag"]: r["state"] for r in rows}[
+                contract_topic.partition_tag(partition)
+            ] == "paused"
+            ready = (await client.get("/health/ready")).json()
+            assert ready["checks"]["subscribers"] == "ok", ready  # paused is not stuck
+            scraped = (await client.get("/metrics")).text
+            assert 'lagompy_topic_subscriber_lag_events{group="ledger",partition="' in scraped
+            assert 'state="paused",topic="contract-deposits"} 1.0' in scraped

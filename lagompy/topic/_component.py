@@ -19,7 +19,7 @@ the group, partition and error; ``GET /topics/subscribers`` shows every group's 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 
@@ -34,6 +34,9 @@ from lagompy.topic._http import _topics_by_name, topic_router
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._topic import Topic
 from lagompy.topic._transport import TopicTransport
+
+if TYPE_CHECKING:  # the service's type of a metric sample: topics do not import it
+    from lagompy.service._metrics import Sample
 
 __all__ = ["SubscribersComponent", "TopicsComponent"]
 
@@ -150,6 +153,41 @@ class SubscribersComponent:
 
     async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
         await self.running.wait_until_caught_up(timeout)
+
+    async def metric_samples(self) -> list[Sample]:
+        """Per (group, partition): position, lag in events and seconds (when known), and
+        state."""
+        if self._running is None:
+            return []
+        samples: list[Sample] = []
+        for s in await self._running.status():
+            _, topic, group = s.processor.split(":", 2)
+            labels = {"topic": topic, "group": group, "partition": s.tag}
+            for name, value, text in (
+                ("lagompy_topic_subscriber_offset", s.offset, "The group's stored position."),
+                (
+                    "lagompy_topic_subscriber_lag_events",
+                    s.lag_events,
+                    "Events of the partition after the group's position.",
+                ),
+                (
+                    "lagompy_topic_subscriber_lag_seconds",
+                    s.lag_seconds,
+                    "Age in seconds of the oldest event after the group's position.",
+                ),
+            ):
+                if value is not None:
+                    samples.append((name, text, "gauge", labels, float(value)))
+            samples.append(
+                (
+                    "lagompy_topic_subscriber_state",
+                    "1 for the current state of the group's partition (label state).",
+                    "gauge",
+                    {**labels, "state": s.state},
+                    1.0,
+                )
+            )
+        return samples
 
     async def ready(self) -> bool | str:
         """True while every group's partition can make progress; else which cannot, why."""

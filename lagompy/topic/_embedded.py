@@ -21,7 +21,13 @@ from lagompy.sql._database import Database
 from lagompy.topic._topic import StartFrom, Topic
 from lagompy.topic._transport import MessageBatch
 
-__all__ = ["EmbeddedTransport", "JournalFeed", "partition_position", "read_partition"]
+__all__ = [
+    "EmbeddedTransport",
+    "JournalFeed",
+    "partition_lag",
+    "partition_position",
+    "read_partition",
+]
 
 
 async def partition_position(database: Database, tag: str, start: StartFrom) -> int:
@@ -43,6 +49,14 @@ async def partition_position(database: Database, tag: str, start: StartFrom) -> 
     async with database.read() as conn:
         head = (await conn.execute(query)).scalar()
     return int(head or 0)
+
+
+async def partition_lag(database: Database, tag: str, after: int) -> tuple[int, int, float]:
+    """(head, events behind, age in seconds of the oldest of them) of position ``after`` on
+    the journal tag ``tag``: the read side's measure of lag."""
+    from lagompy.readside._projections import _journal_lag
+
+    return await _journal_lag(database, tag, after)
 
 
 def batch_of(topic: Topic[Any], partition: int, page: TagPage) -> MessageBatch:
@@ -101,6 +115,10 @@ class JournalFeed:
 
     async def start_offset(self, start: StartFrom) -> int:
         return await partition_position(self.journal.database, self.tag, start)
+
+    async def lag(self, after: int) -> tuple[int, int, float]:
+        """(head, events behind, age in seconds of the oldest of them) of ``after``."""
+        return await partition_lag(self.journal.database, self.tag, after)
 
     async def next_batch(self, after: int, limit: int) -> MessageBatch:
         tailer = self._tailer_for(limit)

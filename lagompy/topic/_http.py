@@ -10,9 +10,11 @@ Producer side, :func:`topic_router` (mounted by :class:`~lagompy.topic.TopicsCom
         100); when there is none yet, waits up to `wait` seconds (0-30, default 0) for one
         (long poll); `last_offset` is where the subscriber's position moves to, past the
         events the topic filters out.
-    GET /topics/{name}/partitions/{p}/position?time=
+    GET /topics/{name}/partitions/{p}/position?time=&after=
         {"offset": n}: the partition's head now, or (with `time`, ISO 8601 with a zone) the
-        offset of its last event written before that time.
+        offset of its last event written before that time; with `after` (a subscriber's
+        position) also "behind" (the partition's events after it) and "lag_seconds" (the age
+        of the oldest of them), for the subscriber's status.
 
 Each message is :func:`~lagompy.topic._codec.message_to_json`'s object. Bad input gets a problem
 document: 404 for an unknown topic or partition, 422 for a bad parameter.
@@ -52,7 +54,7 @@ from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.service._breaker import BreakerRegistry, CircuitBreaker
 from lagompy.service._client import ServiceClient, ServiceLocator
 from lagompy.topic._codec import messages_from_json, messages_to_json
-from lagompy.topic._embedded import batch_of, partition_position
+from lagompy.topic._embedded import batch_of, partition_lag, partition_position
 from lagompy.topic._topic import StartFrom, Topic
 from lagompy.topic._transport import MessageBatch
 
@@ -163,6 +165,9 @@ def topic_router(
                 "at or after it; without: the partition's head.",
             ),
         ] = None,
+        after: Annotated[
+            int | None, Query(ge=0, description="A position: how far behind the head it is.")
+        ] = None,
     ) -> dict[str, Any]:
         _, tag = find(name, partition)
         if at is not None and at.tzinfo is None:
@@ -170,8 +175,13 @@ def topic_router(
                 status_code=422, detail="time needs a zone (e.g. 2026-12-04T18:00:00Z)"
             )
         start = StartFrom.latest() if at is None else StartFrom.at_time(at)
-        offset = await partition_position(current().database, tag, start)
-        return {"topic": name, "partition": partition, "offset": offset}
+        database = current().database
+        offset = await partition_position(database, tag, start)
+        body: dict[str, Any] = {"topic": name, "partition": partition, "offset": offset}
+        if after is not None:
+            _, behind, seconds = await partition_lag(database, tag, after)
+            body |= {"behind": behind, "lag_seconds": seconds}
+        return body
 
     return router
 
@@ -287,6 +297,18 @@ class HttpFeed:
                 f"service {self.client.service!r}"
             )
         return offset
+
+    async def lag(self, after: int) -> tuple[int, int, float]:
+        """(head, events behind, age in seconds of the oldest of them) of ``after``, as the
+        producer's journal sees it (for the status)."""
+        data = await self._get(f"{self.path}/position", {"after": after}, timeout=10.0)
+        try:
+            return int(data["offset"]), int(data["behind"]), float(data["lag_seconds"])
+        except (KeyError, TypeError, ValueError):
+            raise TopicMessageInvalid(
+                f"topic {self.topic.name!r} partition {self.partition}: bad position from "
+                f"service {self.client.service!r}"
+            ) from None
 
     async def next_batch(self, after: int, limit: int) -> MessageBatch:
         self._woken.clear()

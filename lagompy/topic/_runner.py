@@ -13,6 +13,7 @@ journal's database), so several processes may run the same subscribers: one hold
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from sqlalchemy import update
 
 from lagompy.closing import AsyncClosing, opener
 from lagompy.consumer import ConsumerStopped
-from lagompy.errors import ConfigurationError
+from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import now_us
 from lagompy.readside._projections import Projections, WorkerStatus
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
@@ -206,7 +207,25 @@ class Subscribers(AsyncClosing):
         keys = {p.name for p in self.processors}
         if group is not None:
             keys = {self._key(group, None)}
-        return [s for s in await self.projections.status() if s.processor in keys]
+        found = [s for s in await self.projections.status() if s.processor in keys]
+        return [await self._with_lag(s) for s in found]
+
+    async def _with_lag(self, status: WorkerStatus) -> WorkerStatus:
+        """``status`` with its head and lag from the worker's feed, when the subscriber's
+        database cannot tell them (the messages come from another service)."""
+        if status.head_offset is not None:
+            return status
+        worker = next(
+            (w for w in self.workers if (w.name, w.tag) == (status.processor, status.tag)), None
+        )
+        lag = getattr(worker.feed, "lag", None) if worker is not None else None
+        if lag is None:
+            return status
+        try:
+            head, behind, seconds = await lag(status.offset)
+        except LagompyError:
+            return status  # the producer cannot say now: the status says what it knows
+        return dataclasses.replace(status, head_offset=head, lag_events=behind, lag_seconds=seconds)
 
     async def pause(self, group: str, *, topic: str | None = None) -> int:
         """Pause the group on every partition (persisted, seen within ``renew_interval``)."""

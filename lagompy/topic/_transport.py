@@ -136,6 +136,10 @@ class MessageFeed(Protocol):
         """End the current (or next) :meth:`wait` at once."""
         ...
 
+    # Optional, looked up by name: ``async def lag(after) -> (head, behind, seconds)``, the
+    # partition's head offset, how many of its events follow ``after`` and the age of the
+    # oldest of them: the subscribers' status shows it when a feed has it.
+
     async def close(self) -> None:
         """Release connections and subscriptions; a pending :meth:`wait` ends."""
         ...
