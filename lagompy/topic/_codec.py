@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -109,26 +109,22 @@ def _check_header(topic: Topic[Any], data: object, partition: int) -> dict[str, 
 
 
 def _message(data: dict[str, Any], payload: Any, partition: int) -> Message[Any]:
-    try:
-        timestamp = datetime.fromisoformat(_field(data, "timestamp", str))
-    except ValueError as e:
-        raise TopicMessageInvalid(f"bad timestamp: {e}") from None
-    if timestamp.tzinfo is None:
-        raise TopicMessageInvalid("bad timestamp: it has no zone")
+    for name, kind in _FIELDS:
+        _field(data, name, kind)
     # Built in its __dict__, as Topic.message does (see there).
     message: Message[Any] = _new(Message)
     message.__dict__.update(
         topic=data["topic"],
         payload=payload,
-        key=_field(data, "key", str),
+        key=data["key"],
         partition=partition,
-        offset=_field(data, "offset", int),
-        timestamp=timestamp,
+        offset=data["offset"],
+        timestamp=_timestamp(data["timestamp"]),
         type_name=data["type"],
         version=data["version"],
-        entity_type=_field(data, "entity_type", str),
-        entity_id=_field(data, "entity_id", str),
-        seq_nr=_field(data, "seq_nr", int),
+        entity_type=data["entity_type"],
+        entity_id=data["entity_id"],
+        seq_nr=data["seq_nr"],
     )
     return message
 
@@ -155,15 +151,81 @@ def message_from_json(topic: Topic[Any], data: object, *, partition: int) -> Mes
 def messages_from_json(
     topic: Topic[Any], items: Sequence[object], *, partition: int
 ) -> list[Message[Any]]:
-    """:func:`message_from_json` of a batch, its payloads validated in one call."""
-    checked = [_check_header(topic, data, partition) for data in items]
+    """:func:`message_from_json` of a batch, its payloads validated in one call.
+
+    The metadata of each message is checked in one expression, and only a message that fails
+    it goes through the checks that name what is wrong: per message, the named checks cost as
+    much as the rest of a pull (HTTP catch-up on SQLite, 2026-12-04)."""
+    expected = (topic.name, partition, topic.type_name)
+    newest = topic.version
+    out_of_line: list[dict[str, Any]] = []
+    for data in items:
+        if not (
+            type(data) is dict
+            and (data.get("topic"), data.get("partition"), data.get("type")) == expected
+            and type(data.get("version")) is int
+            and data["version"] <= newest
+            and type(data.get("offset")) is int
+            and type(data.get("seq_nr")) is int
+            and type(data.get("key")) is str
+            and type(data.get("entity_type")) is str
+            and type(data.get("entity_id")) is str
+            and type(data.get("timestamp")) is str
+        ):
+            out_of_line.append(_check_header(topic, data, partition))
+    for data in out_of_line:  # passed the named checks: a field the fast check refused
+        for name, kind in _FIELDS:
+            _field(data, name, kind)
+    checked = cast(Sequence[dict[str, Any]], items)
     try:
         payloads = _list_adapter(topic.message_type).validate_python(
-            [d.get("payload") for d in checked]
+            [d["payload"] if "payload" in d else None for d in checked]
         )
     except ValidationError as e:
         raise _payload_error(topic, e) from None
-    return [_message(d, p, partition) for d, p in zip(checked, payloads, strict=True)]
+    messages = []
+    times: tuple[str, datetime] | None = None
+    for data, payload in zip(checked, payloads, strict=True):
+        stamp = data["timestamp"]
+        if times is None or times[0] != stamp:  # one transaction's messages share it
+            times = (stamp, _timestamp(stamp))
+        message: Message[Any] = _new(Message)
+        message.__dict__.update(
+            topic=expected[0],
+            payload=payload,
+            key=data["key"],
+            partition=partition,
+            offset=data["offset"],
+            timestamp=times[1],
+            type_name=expected[2],
+            version=data["version"],
+            entity_type=data["entity_type"],
+            entity_id=data["entity_id"],
+            seq_nr=data["seq_nr"],
+        )
+        messages.append(message)
+    return messages
+
+
+#: The metadata fields besides topic, partition, type and version, and their JSON types.
+_FIELDS = (
+    ("offset", int),
+    ("seq_nr", int),
+    ("key", str),
+    ("entity_type", str),
+    ("entity_id", str),
+    ("timestamp", str),
+)
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        timestamp = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise TopicMessageInvalid(f"bad timestamp: {e}") from None
+    if timestamp.tzinfo is None:
+        raise TopicMessageInvalid("bad timestamp: it has no zone")
+    return timestamp
 
 
 def _first(error: ValidationError) -> str:
