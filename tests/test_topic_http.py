@@ -22,7 +22,7 @@ from lagompy.errors import ConfigurationError, TopicMessageInvalid
 from lagompy.journal._storage import open_storage, serializer_for
 from lagompy.service import BreakerRegistry, Service
 from lagompy.settings import JournalSettings
-from lagompy.testkit.server import serve_in_thread
+from lagompy.testkit.server import free_port, serve_in_thread
 from lagompy.testkit.topics import (
     ContractAccount,
     Deposit,
@@ -320,3 +320,22 @@ async def test_a_subscriber_over_http_shows_its_lag_status_and_metrics(
             scraped = (await client.get("/metrics")).text
             assert 'lagompy_topic_subscriber_lag_events{group="ledger",partition="' in scraped
             assert 'state="paused",topic="contract-deposits"} 1.0' in scraped
+
+
+@pytest.mark.asyncio
+async def test_a_new_group_whose_producer_is_down_starts_and_says_why(tmp_path: Path) -> None:
+    class Latest(Ledger):
+        group = "latest"
+        start_from = StartFrom.latest()
+
+    down = f"http://127.0.0.1:{free_port()}"
+    own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
+    transport = HttpTransport(down, breakers=BreakerRegistry())
+    async with start_subscribers([Latest], transport=transport, journal_settings=own) as subs:
+        async with asyncio.timeout(10):
+            while not subs.problems():
+                await asyncio.sleep(0.02)
+        (problem,) = subs.problems()
+        assert "finding where it starts failed" in problem and "cannot be reached" in problem
+        assert "127.0.0.1" not in problem  # no URL in what the status shows
+    await transport.close()

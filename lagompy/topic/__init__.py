@@ -20,6 +20,7 @@ whose SQL writes commit with the message's position in one transaction (exactly-
   messages as JSON.
 * ``_worker.py``: :class:`SubscriberWorker`, the consumer core fed by a transport, committing
   like a read side; ``_runner.py``: :func:`start_subscribers` and :class:`Subscribers`;
+  ``_producers.py``: :func:`start_producers`, for transports with producers;
   ``_component.py``: :class:`TopicsComponent` and :class:`SubscribersComponent` for services.
 """
 
@@ -35,6 +36,7 @@ from lagompy.topic._codec import (
     messages_to_json,
 )
 from lagompy.topic._embedded import EmbeddedTransport, JournalFeed
+from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._runner import Subscribers, start_subscribers
 from lagompy.topic._subscriber import Subscriber, offset_key
 from lagompy.topic._topic import Message, StartFrom, Topic, entity_key, message_command_id
@@ -62,6 +64,7 @@ __all__ = [
     "Message",
     "MessageBatch",
     "MessageFeed",
+    "Producers",
     "StartFrom",
     "Subscriber",
     "SubscriberWorker",
@@ -78,6 +81,7 @@ __all__ = [
     "messages_from_json",
     "messages_to_json",
     "offset_key",
+    "start_producers",
     "start_subscribers",
     "topic_router",
 ]

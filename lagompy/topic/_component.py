@@ -31,6 +31,7 @@ from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.topic._http import _topics_by_name, topic_router
+from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._topic import Topic
 from lagompy.topic._transport import TopicTransport
@@ -44,7 +45,11 @@ __all__ = ["SubscribersComponent", "TopicsComponent"]
 class TopicsComponent:
     """A :class:`~lagompy.service.Component` that publishes ``topics`` from the service's
     journal over HTTP (the embedded transport: see :func:`~lagompy.topic.topic_router`).
-    ``journal_settings``: the journal (default: from the environment, like ``Service``'s)."""
+    ``journal_settings``: the journal (default: from the environment, like ``Service``'s).
+
+    ``transport``: a transport with producers (a broker's) that publishes the topics too: its
+    producers run with the service (:func:`~lagompy.topic.start_producers`), and a topic it
+    cannot serve fails the start; the component closes it when the service stops."""
 
     name = "topics"
 
@@ -54,9 +59,12 @@ class TopicsComponent:
         *,
         journal_settings: JournalSettings | None = None,
         prefix: str = "/topics",
+        transport: TopicTransport | None = None,
     ) -> None:
         self.topics = list(_topics_by_name(topics).values())
         self.journal_settings = journal_settings
+        self.transport = transport
+        self.producers: Producers | None = None
         self._storage: Storage | None = None
         self._notifier: JournalNotifier | None = None
         #: The topic routes, out of the OpenAPI schema like lagompy's other routes (they are
@@ -90,8 +98,20 @@ class TopicsComponent:
             # Held for the component's life: the long polls share this process's LISTEN
             # connection instead of opening and closing it request by request.
             self._notifier = await JournalNotifier.acquire(self._storage.database, tail)
+        if self.transport is not None:
+            self.producers = await start_producers(self.topics, self.transport)
+
+    async def ready(self) -> bool | str:
+        """True unless a producer's task ended with an error."""
+        problems = [] if self.producers is None else self.producers.problems()
+        return True if not problems else "; ".join(problems[:5])
 
     async def stop(self) -> None:
+        producers, self.producers = self.producers, None
+        if producers is not None:
+            await producers.close()
+        if self.transport is not None:
+            await self.transport.close()
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             await notifier.release()

@@ -203,13 +203,17 @@ def _undecodable(topic: Topic[Any], partition: int, error: EventDecodeError) -> 
 
 def _public(error: ServiceCallError, service: str) -> str:
     """A client error as the subscriber's status shows it: no URL, no upstream body."""
+    if service.startswith(("http://", "https://")):
+        service = "the producing service"
+    else:
+        service = f"service {service!r}"
     if isinstance(error, CircuitBreakerOpen):
-        return f"the circuit breaker of service {service!r} is open"
+        return f"the circuit breaker of {service} is open"
     if isinstance(error, ServiceCallTimeout):
-        return f"service {service!r} did not answer in time"
+        return f"{service} did not answer in time"
     if isinstance(error, ServiceCallFailed):
-        return f"service {service!r} answered {error.status}"
-    return f"service {service!r} cannot be reached"
+        return f"{service} answered {error.status}"
+    return f"{service} cannot be reached"
 
 
 class HttpFeed:
@@ -243,6 +247,13 @@ class HttpFeed:
     async def start(self) -> None:
         """Nothing to open: the client is the transport's."""
 
+    def _who(self) -> str:
+        """The producing service as errors name it: by its name, never its URL."""
+        service = self.client.service
+        if service.startswith(("http://", "https://")):
+            return "the producing service"
+        return f"service {service!r}"
+
     async def _get(self, path: str, params: dict[str, Any], timeout: float) -> Any:
         try:
             reply = await self.client.get(path, params=params, timeout=timeout)
@@ -255,8 +266,8 @@ class HttpFeed:
             return reply.json()
         except ValueError:
             raise TopicMessageInvalid(
-                f"topic {self.topic.name!r} partition {self.partition}: the answer of service "
-                f"{self.client.service!r} is not JSON"
+                f"topic {self.topic.name!r} partition {self.partition}: the answer of "
+                f"{self._who()} is not JSON"
             ) from None
 
     async def _fetch(self, after: int, limit: int, wait: float) -> MessageBatch:
@@ -265,20 +276,20 @@ class HttpFeed:
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise TopicMessageInvalid(
                 f"topic {self.topic.name!r} partition {self.partition}: unexpected answer from "
-                f"service {self.client.service!r}"
+                f"{self._who()}"
             )
         messages = messages_from_json(self.topic, data["messages"], partition=self.partition)
         last = data.get("last_offset")
         if not isinstance(last, int) or isinstance(last, bool) or last < after:
             raise TopicMessageInvalid(
                 f"topic {self.topic.name!r} partition {self.partition}: bad last_offset "
-                f"{last!r:.40} from service {self.client.service!r}"
+                f"{last!r:.40} from {self._who()}"
             )
         offsets = [m.offset for m in messages]
         if offsets != sorted(offsets) or (offsets and (offsets[0] <= after or offsets[-1] > last)):
             raise TopicMessageInvalid(
                 f"topic {self.topic.name!r} partition {self.partition}: messages out of order "
-                f"from service {self.client.service!r}"
+                f"from {self._who()}"
             )
         return MessageBatch(messages, last, bool(data.get("full")))
 
@@ -294,7 +305,7 @@ class HttpFeed:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise TopicMessageInvalid(
                 f"topic {self.topic.name!r} partition {self.partition}: bad position from "
-                f"service {self.client.service!r}"
+                f"{self._who()}"
             )
         return offset
 
@@ -307,7 +318,7 @@ class HttpFeed:
         except (KeyError, TypeError, ValueError):
             raise TopicMessageInvalid(
                 f"topic {self.topic.name!r} partition {self.partition}: bad position from "
-                f"service {self.client.service!r}"
+                f"{self._who()}"
             ) from None
 
     async def next_batch(self, after: int, limit: int) -> MessageBatch:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import update
@@ -128,20 +128,6 @@ class Subscribers(AsyncClosing):
             workers = []
             for partition in range(topic.partitions):
                 feed = self.transport.feed(topic, partition, group=subscriber.group)
-                tag = topic.partition_tag(partition)
-                started = await apply_start(
-                    self.database, processor.name, tag, feed, subscriber.start_from
-                )
-                if started is not None:
-                    log.info(
-                        "subscriber group %r of topic %r, partition %d: starts after offset %d "
-                        "(%s)",
-                        subscriber.group,
-                        topic.name,
-                        partition,
-                        started,
-                        subscriber.start_from.kind,
-                    )
                 workers.append(
                     SubscriberWorker(
                         processor,
@@ -168,6 +154,7 @@ class Subscribers(AsyncClosing):
                 self.prepare_stalls[processor.name] = error
 
         try:
+            await self._start_positions(processor, workers, stalled)
             await run_global_prepare(
                 processor, self.database, self.settings, stop=self._stop, on_stall=stalled
             )
@@ -176,6 +163,45 @@ class Subscribers(AsyncClosing):
         async with asyncio.TaskGroup() as group:
             for w in workers:
                 group.create_task(w.run(), name=f"subscriber {w.name} {w.tag}")
+
+    async def _start_positions(
+        self,
+        processor: SubscriberProcessor,
+        workers: list[SubscriberWorker],
+        stalled: Callable[[str | None], None],
+    ) -> None:
+        """Store where a group that never ran starts, partition by partition; retried with
+        backoff while the transport cannot say (the producer is down, say), so that the
+        service starts anyway and the group shows the reason."""
+        subscriber = processor.subscriber
+        for worker in workers:
+            attempt = 0
+            while True:
+                try:
+                    started = await apply_start(
+                        self.database,
+                        processor.name,
+                        worker.tag,
+                        worker.feed,
+                        subscriber.start_from,
+                    )
+                    break
+                except Exception as e:
+                    attempt += 1
+                    error = f"finding where it starts failed: {describe_error(e)}"
+                    log.warning("subscriber %r: %s (attempt %d)", processor.name, error, attempt)
+                    stalled(error)
+                    await worker.sleep(worker.backoff(attempt))
+            stalled(None)
+            if started is not None:
+                log.info(
+                    "subscriber group %r of topic %r, partition %d: starts after offset %d (%s)",
+                    subscriber.group,
+                    subscriber.topic.name,
+                    worker.partition,
+                    started,
+                    subscriber.start_from.kind,
+                )
 
     def worker(self, group: str, partition: int, *, topic: str | None = None) -> SubscriberWorker:
         """The worker of ``group`` on ``partition`` (``topic``: when groups of several topics

@@ -172,6 +172,10 @@ class TopicTransport(Protocol):
 
     kind: str
 
+    # A transport gets what its producers need (the journal to read, the store of their
+    # leases and positions, the broker's address...) when it is built: the protocol's methods
+    # take only the topic and the partition.
+
     def producer(self, topic: Topic[Any], partition: int) -> TopicProducer | None:
         """The producer of ``partition`` (None: this transport needs none, the embedded ones).
         Raise ``ConfigurationError`` at once when the topic cannot be served."""

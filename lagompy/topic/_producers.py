@@ -1,0 +1,85 @@
+"""The producing side of topics, for transports that have one: :func:`start_producers` runs
+``transport.producer(topic, partition)`` for every partition of every topic, one asyncio task
+each, until closed. The embedded transports have no producer (their ``producer`` returns None):
+nothing runs, but a partition the transport cannot serve still fails here, at start, never
+later ("a topic with no usable transport fails at start")."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from lagompy.closing import AsyncClosing, opener
+from lagompy.errors import ConfigurationError
+from lagompy.topic._topic import Topic
+from lagompy.topic._transport import TopicProducer, TopicTransport
+
+log = logging.getLogger("lagompy.topic")
+
+__all__ = ["Producers", "start_producers"]
+
+
+class Producers(AsyncClosing):
+    """The producers of some topics running in this process (see :func:`start_producers`)."""
+
+    def __init__(self, transport: TopicTransport) -> None:
+        self.transport = transport
+        #: (topic name, partition) -> its producer, for the partitions that have one.
+        self.producers: dict[tuple[str, int], TopicProducer] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    def _start(self, topics: Iterable[Topic[Any]]) -> None:
+        made: list[tuple[Topic[Any], int, TopicProducer]] = []
+        for topic in topics:
+            if not isinstance(topic, Topic):
+                raise ConfigurationError(f"expected a lagompy.topic.Topic, got {topic!r}")
+            for partition in range(topic.partitions):
+                producer = self.transport.producer(topic, partition)  # may refuse: at start
+                if producer is not None:
+                    made.append((topic, partition, producer))
+        for topic, partition, producer in made:
+            self.producers[(topic.name, partition)] = producer
+            self._tasks.append(
+                asyncio.create_task(producer.run(), name=f"topic producer {topic.name} {partition}")
+            )
+
+    def problems(self) -> list[str]:
+        """Producers whose task ended with an error (they retry on their own otherwise)."""
+        found = []
+        for task in self._tasks:
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                found.append(f"{task.get_name()} ended: {type(error).__name__}: {error}")
+        return found
+
+    async def close(self) -> None:
+        """Stop every producer (after its current publication; each releases its lease)."""
+        if self._closed:
+            return
+        self._closed = True
+        for producer in self.producers.values():
+            await producer.stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=30)
+            for task in pending:
+                task.cancel()
+            for result in await asyncio.gather(*self._tasks, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("a topic producer failed", exc_info=result)
+
+
+@opener
+async def start_producers(topics: Iterable[Topic[Any]], transport: TopicTransport) -> Producers:
+    """Run the producers ``transport`` has for ``topics`` (one task per partition that has
+    one) and return at once; close the result to stop them. ``ConfigurationError`` at once for
+    a topic the transport cannot serve. The transport stays open: close it after."""
+    producers = Producers(transport)
+    try:
+        producers._start(topics)
+    except BaseException:
+        await producers.close()
+        raise
+    return producers
