@@ -13,6 +13,7 @@ journal's database), so several processes may run the same subscribers: one hold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -115,6 +116,8 @@ class Subscribers(AsyncClosing):
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        #: (offset key, tag) of the partitions whose start position is settled.
+        self._placed: set[tuple[str, str]] = set()
 
     async def _start(self) -> None:
         keys = [p.name for p in self.processors]
@@ -128,6 +131,11 @@ class Subscribers(AsyncClosing):
             workers = []
             for partition in range(topic.partitions):
                 feed = self.transport.feed(topic, partition, group=subscriber.group)
+                tag = topic.partition_tag(partition)
+                # Now, so that `latest` means "from the start of start_subscribers"; a
+                # transport that cannot say yet is asked again in the background.
+                with contextlib.suppress(Exception):
+                    await self._start_position(processor, partition, tag, feed)
                 workers.append(
                     SubscriberWorker(
                         processor,
@@ -170,21 +178,16 @@ class Subscribers(AsyncClosing):
         workers: list[SubscriberWorker],
         stalled: Callable[[str | None], None],
     ) -> None:
-        """Store where a group that never ran starts, partition by partition; retried with
-        backoff while the transport cannot say (the producer is down, say), so that the
-        service starts anyway and the group shows the reason."""
-        subscriber = processor.subscriber
+        """Store where a group that never ran starts, for the partitions whose start position
+        could not be found at start; retried with backoff while the transport cannot say (the
+        producer is down, say), so that the service starts anyway and the group says why."""
         for worker in workers:
+            if (worker.name, worker.tag) in self._placed:
+                continue
             attempt = 0
             while True:
                 try:
-                    started = await apply_start(
-                        self.database,
-                        processor.name,
-                        worker.tag,
-                        worker.feed,
-                        subscriber.start_from,
-                    )
+                    await self._start_position(processor, worker.partition, worker.tag, worker.feed)
                     break
                 except Exception as e:
                     attempt += 1
@@ -193,15 +196,22 @@ class Subscribers(AsyncClosing):
                     stalled(error)
                     await worker.sleep(worker.backoff(attempt))
             stalled(None)
-            if started is not None:
-                log.info(
-                    "subscriber group %r of topic %r, partition %d: starts after offset %d (%s)",
-                    subscriber.group,
-                    subscriber.topic.name,
-                    worker.partition,
-                    started,
-                    subscriber.start_from.kind,
-                )
+
+    async def _start_position(
+        self, processor: SubscriberProcessor, partition: int, tag: str, feed: MessageFeed
+    ) -> None:
+        subscriber = processor.subscriber
+        started = await apply_start(self.database, processor.name, tag, feed, subscriber.start_from)
+        self._placed.add((processor.name, tag))
+        if started is not None:
+            log.info(
+                "subscriber group %r of topic %r, partition %d: starts after offset %d (%s)",
+                subscriber.group,
+                subscriber.topic.name,
+                partition,
+                started,
+                subscriber.start_from.kind,
+            )
 
     def worker(self, group: str, partition: int, *, topic: str | None = None) -> SubscriberWorker:
         """The worker of ``group`` on ``partition`` (``topic``: when groups of several topics
