@@ -145,7 +145,9 @@ Progress = Callable[[int], None]
 
 class PageSource(Protocol):
     """Where a consumer's pages come from: a journal tag's :class:`~lagompy.journal.PageTailer`
-    by default; a topic subscriber's message feed (``lagompy.topic``) has the same shape."""
+    by default; a topic subscriber's message feed (``lagompy.topic``) has the same shape. An
+    optional ``reading`` attribute says what a failing read was doing, for the status
+    (default: ``"reading the journal"``)."""
 
     async def start(self) -> None: ...
 
@@ -503,7 +505,8 @@ class EventConsumer:
             except Exception as e:
                 attempt += 1
                 self.last_error = (
-                    f"reading the journal after offset {start} failed: {self.describe_error(e)}"
+                    f"{getattr(pages, 'reading', 'reading the journal')} after offset {start} "
+                    f"failed: {self.describe_error(e)}"
                 )
                 self.log.warning(
                     "%s: %s (attempt %d)",

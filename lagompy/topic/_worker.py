@@ -45,9 +45,11 @@ class FeedPages:
     :class:`SubscriberProcessor` hands it on as it is (wrapping each message in an envelope
     cost a tenth of a catch-up's time)."""
 
-    def __init__(self, feed: MessageFeed, page_size: int) -> None:
+    def __init__(self, feed: MessageFeed, page_size: int, reading: str) -> None:
         self.feed = feed
         self.page_size = page_size
+        #: What a failing read was doing, as the status says it (see ``PageSource``).
+        self.reading = reading
         self._started = False
         #: A feed that acknowledges nothing may be read ahead (see MessageFeed.read_ahead).
         self._read_ahead = bool(getattr(feed, "read_ahead", False))
@@ -161,7 +163,9 @@ class SubscriberWorker(EventConsumer):
             kind="subscriber",
             describe_error=describe_error,
             logger=log,
-            pages=lambda: FeedPages(feed, settings.max_batch),
+            pages=lambda: FeedPages(
+                feed, settings.max_batch, f"reading topic {topic.name!r} partition {partition}"
+            ),
         )
         self.processor = processor
         self.partition = partition
