@@ -101,11 +101,6 @@ class TopicsComponent:
         if self.transport is not None:
             self.producers = await start_producers(self.topics, self.transport)
 
-    async def ready(self) -> bool | str:
-        """True unless a producer's task ended with an error."""
-        problems = [] if self.producers is None else self.producers.problems()
-        return True if not problems else "; ".join(problems[:5])
-
     async def stop(self) -> None:
         producers, self.producers = self.producers, None
         if producers is not None:
