@@ -160,9 +160,10 @@ def producer_process(settings: JournalSettings) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def backend(name: str, tmp: Path) -> AsyncIterator[JournalSettings]:
+async def backend(name: str, tmp: Path, file: str = "topics.db") -> AsyncIterator[JournalSettings]:
+    """A fresh database of the backend: a SQLite file, or a PostgreSQL schema."""
     if name == "sqlite":
-        yield JournalSettings(url=f"sqlite:///{tmp / 'topics.db'}")
+        yield JournalSettings(url=f"sqlite:///{tmp / file}", auto_migrate=True)
         return
     schema = f"bench_topics_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(PG_URL)
@@ -227,7 +228,10 @@ async def lag(
 async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
-        async with backend(name, Path(tmp)) as settings:
+        async with (
+            backend(name, Path(tmp)) as settings,
+            backend(name, Path(tmp), "subscriber.db") as own,
+        ):
             async with await open_storage(settings=settings, serializer=serializer()) as storage:
                 writer = Writer(storage.journal)
                 for first in range(0, events, 1000):
@@ -236,14 +240,15 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                 baseline = await read_and_decode(storage.journal)
                 print(f"[{name}] read and decode: {baseline:,.0f} events/s", flush=True)
                 with producer_process(settings) as url:
-                    transports: dict[str, Any] = {
-                        "embedded (same database)": lambda: None,
-                        "HTTP (another process)": lambda: HttpTransport(url),
+                    # The HTTP subscriber keeps its positions in a database of its own.
+                    transports: dict[str, tuple[Any, JournalSettings]] = {
+                        "embedded (same database)": (lambda: None, settings),
+                        "HTTP (another process)": (lambda: HttpTransport(url), own),
                     }
                     written = events
-                    for label, make in transports.items():
+                    for label, (make, database) in transports.items():
                         transport = make()
-                        rate = await catch_up(settings, transport, events)
+                        rate = await catch_up(database, transport, events)
                         print(
                             f"[{name}] {label}: catch-up {rate:,.0f} messages/s, "
                             f"{rate / baseline:.2f} of read and decode",
@@ -252,7 +257,7 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                         if transport is not None:
                             await transport.close()
                         transport = make()
-                        r = await lag(settings, writer, transport, written, seconds, 2000)
+                        r = await lag(database, writer, transport, written, seconds, 2000)
                         written += int(r["rate"] * seconds) + 100
                         if transport is not None:
                             await transport.close()
@@ -299,7 +304,8 @@ async def main(quick: bool, write: bool) -> None:
 ({events:,} events for the catch-up; {seconds:g} s of load for the lag). The subscriber writes
 nothing but its positions (one transaction per page of up to
 {ReadSideSettings().max_batch:,} messages); the HTTP producer runs in a process of its own
-(`lagompy run`), the subscriber in the benchmark's. The lag of a message is the time its handler
+(`lagompy run`), the subscriber in the benchmark's, with its positions in a database of its own
+(another SQLite file, another PostgreSQL schema). The lag of a message is the time its handler
 ran minus its event's timestamp.
 
 {HEADER}
