@@ -213,6 +213,7 @@ async def test_idempotency_key_on_ray(
             "runtime": "ok",
             "journal": "ok",
             "readside": "ok",
+            "topics": "ok",  # the user-events topic's producers (none here: no broker)
         }
         scrape = httpx.get(f"{url}/metrics").text
         assert sample(scrape, "lagompy_host_commands_total", host="0") >= 6

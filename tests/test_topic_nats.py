@@ -22,7 +22,7 @@ from lagompy.testkit.nats import NatsServer, find_server, nats_server
 from lagompy.testkit.topics import (
     Deposit,
     Deposited,
-    TopicContract,
+    ProducerTopicContract,
     TopicEnv,
     contract_topic,
     recorder,
@@ -118,10 +118,8 @@ async def broker_server() -> AsyncIterator[NatsServer]:
         yield server
 
 
-class TestNatsTopics(TopicContract):
+class TestNatsTopics(ProducerTopicContract):
     """Producers publish the journal's tag to JetStream; subscribers pull from it."""
-
-    has_producer = True
 
     @pytest.fixture(autouse=True)
     def _server(self, broker_server: NatsServer) -> None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         contract_serializer,
     )
     from lagompy.testkit.readside import ReadSideContract, ReadSideTestDriver
-    from lagompy.testkit.topics import TopicContract
+    from lagompy.testkit.topics import ProducerTopicContract, TopicContract
 
 _CONTRACT_NAMES = frozenset(
     {"JournalContract", "SnapshotStoreContract", "StorageOpener", "contract_serializer"}
@@ -28,13 +28,14 @@ _CONTRACT_NAMES = frozenset(
 #: The read-side driver and contract (lagompy.testkit.readside), imported on first use too.
 _READSIDE_NAMES = frozenset({"ReadSideContract", "ReadSideTestDriver"})
 #: The topic contract (lagompy.testkit.topics), imported on first use too.
-_TOPIC_NAMES = frozenset({"TopicContract"})
+_TOPIC_NAMES = frozenset({"ProducerTopicContract", "TopicContract"})
 
 __all__ = [
     "EntityTestDriver",
     "Issue",
     "JournalContract",
     "Outcome",
+    "ProducerTopicContract",
     "ReadSideContract",
     "ReadSideTestDriver",
     "SnapshotStoreContract",

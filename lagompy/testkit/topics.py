@@ -6,20 +6,21 @@ SQLite and PostgreSQL) and override :meth:`TopicContract.transports`, an async c
 that yields a function making a new transport (each runner of subscribers gets its own, as
 separate processes would)::
 
-    class TestTopicsOverNats(TopicContract):
+    class TestTopicsOverMyBroker(ProducerTopicContract):   # TopicContract: no producers
         @contextlib.asynccontextmanager
         async def transports(self, env):
-            server = await start_my_nats(...)          # producers publish from env.journal
+            broker = await start_my_broker(...)        # producers publish from env.journal
             try:
-                yield lambda: NatsTransport(server.url, journal=env.journal, ...)
+                yield lambda: MyTransport(broker.url, ...)
             finally:
-                await server.stop()
+                await broker.stop()
 
-        async def kill_producer(self, env):             # where there is a producer
+        async def kill_producer(self, env):             # as a crash would, then start again
             ...
 
-Its cases: per-key order; every message delivered at least once and applied exactly once
-across a killed consumer (and a killed producer, where the transport has one); one consumer per
+(``tests/test_topic_nats.py`` does this for NATS JetStream.) Its cases: per-key order; every
+message delivered at least once and applied exactly once across a killed consumer (and a killed
+producer, with :class:`ProducerTopicContract`); one consumer per
 (group, partition); replay from an offset; new groups from the earliest, the latest, an offset
 and a time; filtered events advance the position. It needs pytest and pytest-asyncio.
 """
@@ -31,7 +32,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -62,6 +63,7 @@ __all__ = [
     "Deposit",
     "Deposited",
     "Noted",
+    "ProducerTopicContract",
     "TopicContract",
     "TopicEnv",
     "contract_topic",
@@ -288,9 +290,6 @@ class TopicContract:
     :meth:`transports` (default: the embedded transport, same database) and
     :meth:`kill_producer` for a transport with producers."""
 
-    #: True for a transport with a producer (the killed-producer case runs then).
-    has_producer: ClassVar[bool] = False
-
     @pytest.fixture
     def subscriber_settings(self) -> ReadSideSettings:
         """The subscribers' settings: fast leases and retries (``url``: their own database)."""
@@ -370,18 +369,6 @@ class TopicContract:
         assert offsets == [e.offset for e in written], "each message applied exactly once"
 
     @pytest.mark.asyncio
-    async def test_exactly_once_effect_across_a_killed_producer(self, env: TopicEnv) -> None:
-        if not self.has_producer:
-            pytest.skip("this transport has no producer")
-        written = await env.append(*(Deposited(f"p{i % 3}", i) for i in range(20)))
-        running = await env.start(recorder("producer-killed"))
-        await self.kill_producer(env)
-        written += await env.append(*(Deposited(f"p{i % 3}", i) for i in range(20, 30)))
-        await self._caught_up(env, running)
-        offsets = [r[1] for r in await env.seen("producer-killed")]
-        assert offsets == [e.offset for e in written]
-
-    @pytest.mark.asyncio
     async def test_one_consumer_per_group_and_partition(self, env: TopicEnv) -> None:
         group = "exclusive"
         one = await env.start(recorder(group, "one"))
@@ -445,3 +432,19 @@ class TopicContract:
         assert await offsets("latest") == [e.offset for e in after]
         assert await offsets("by-offset") == [e.offset for e in middle + after]
         assert await offsets("by-time") == [e.offset for e in middle + after]
+
+
+class ProducerTopicContract(TopicContract):
+    """:class:`TopicContract` for a transport with producers (a broker's), with the case of a
+    killed producer: override :meth:`kill_producer` (kill the producers as a crash would, and
+    start them again in a new "process")."""
+
+    @pytest.mark.asyncio
+    async def test_exactly_once_effect_across_a_killed_producer(self, env: TopicEnv) -> None:
+        written = await env.append(*(Deposited(f"p{i % 3}", i) for i in range(20)))
+        running = await env.start(recorder("producer-killed"))
+        await self.kill_producer(env)
+        written += await env.append(*(Deposited(f"p{i % 3}", i) for i in range(20, 30)))
+        await self._caught_up(env, running)
+        offsets = [r[1] for r in await env.seen("producer-killed")]
+        assert offsets == [e.offset for e in written]
