@@ -35,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTITIES = 40
 CONCURRENCY = 48
 RECOVERY_LIMIT = 30.0
+#: asks on the lost host's entities acknowledged before its node is removed, at least
+WARM_ASKS = 100
 
 
 async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -131,7 +133,14 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
 
     tasks = [asyncio.create_task(load(w)) for w in range(CONCURRENCY)]
     try:
-        await asyncio.sleep(args.warmup)
+        # Load until both hosts have acknowledged asks (the lost one's entities too), for at
+        # least --warmup seconds: polled, not a fixed wait that a loaded machine may not fill.
+        warm_until = time.monotonic() + args.warmup
+        while time.monotonic() < warm_until or (
+            sum(1 for e in acknowledged.values() if e in on_lost_host) < WARM_ASKS
+            and time.monotonic() < warm_until + 60
+        ):
+            await asyncio.sleep(0.05)
         before = len(acknowledged)
         removed_at = time.monotonic()
         cluster.remove_node(victim, allow_graceful=False)
@@ -225,8 +234,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="journal URL")
     parser.add_argument("--schema", default=None, help="PostgreSQL schema of the journal")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before")
-    parser.add_argument("--after", type=float, default=3.0, help="seconds of load after")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help=f"seconds of load before, at least (and until {WARM_ASKS} asks on host 0 succeeded)",
+    )
+    parser.add_argument(
+        "--after", type=float, default=1.0, help="seconds of load on the recovered host"
+    )
     parser.add_argument(
         "--health-check-period-ms",
         type=int,
