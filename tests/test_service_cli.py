@@ -376,7 +376,7 @@ def test_several_workers_share_one_ray_and_one_metrics_view(
             except httpx.TransportError:
                 pass
             assert server.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             pytest.fail("the server never became ready:\n" + (tmp_path / "server.log").read_text())
         users = 24
