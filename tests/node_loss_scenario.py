@@ -1,13 +1,16 @@
 """Node loss on a simulated multi-node Ray cluster, as a process of its own.
 
-Run by ``tests/test_node_loss.py`` (``python -m tests.node_loss_scenario --url ...``): a
-``ray.cluster_utils.Cluster`` has to own the Ray of its process, so it cannot share the test
-session's Ray. The head node has no CPUs and three worker nodes one CPU each; two shard hosts
-reserve one CPU each, so they run on two different worker nodes and the third is free.
+Run by ``tests/test_node_loss.py`` (``python -m tests.node_loss_scenario --journal LABEL URL
+[SCHEMA] ...``): a ``ray.cluster_utils.Cluster`` has to own the Ray of its process, so it cannot
+share the test session's Ray. Each ``--journal`` runs the scenario in turn on the same cluster
+(starting one costs seconds), a new worker node replacing the one the last scenario removed.
+The head node has no CPUs and three worker nodes one CPU each; two shard hosts reserve one CPU
+each, so they run on two different worker nodes and the third is free.
 
 Under load (asks with command ids, each carrying its id in the event), the worker node running
 host 0 is removed without a graceful shutdown. Ray restarts host 0 on the free node; the region
-resends the batches that were in flight. Checked, with the outcome printed as one JSON line:
+resends the batches that were in flight. Checked, with the outcome printed as one JSON line
+per journal:
 
 * asks for host 0's entities succeed again within 30 s of the removal;
 * every acknowledged command is in the journal exactly once, and no command twice (asks whose
@@ -15,7 +18,8 @@ resends the batches that were in flight. Checked, with the outcome printed as on
 * every entity's state equals a replay of its journal;
 * no lagompy actor of the app is left behind.
 
-Exit status 0 when all of that holds, 1 (with the reason on stderr) otherwise.
+Exit status 0 when all of that holds on every journal, 1 (with the reasons on stderr)
+otherwise.
 """
 
 from __future__ import annotations
@@ -35,9 +39,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTITIES = 40
 CONCURRENCY = 48
 RECOVERY_LIMIT = 30.0
+#: asks on the lost host's entities acknowledged before its node is removed, at least
+WARM_ASKS = 100
 
 
-async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+async def scenario(
+    cluster: Any,
+    workers: list[Any],
+    args: argparse.Namespace,
+    label: str,
+    url: str,
+    schema: str | None,
+) -> dict[str, Any]:
     import ray
 
     import lagompy
@@ -49,12 +62,12 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
 
     app = f"node-loss-{uuid.uuid4().hex[:8]}"
     journal: dict[str, Any] = {"auto_migrate": True}
-    if args.schema:
-        journal["postgres_schema"] = args.schema
+    if schema:
+        journal["postgres_schema"] = schema
     entities = await lagompy.start(
         app=app,
         entities=[CounterEntity],
-        journal_url=args.url,
+        journal_url=url,
         hosts=2,
         shards=16,
         host_num_cpus=1,
@@ -131,7 +144,14 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
 
     tasks = [asyncio.create_task(load(w)) for w in range(CONCURRENCY)]
     try:
-        await asyncio.sleep(args.warmup)
+        # Load until both hosts have acknowledged asks (the lost one's entities too), for at
+        # least --warmup seconds: polled, not a fixed wait that a loaded machine may not fill.
+        warm_until = time.monotonic() + args.warmup
+        while time.monotonic() < warm_until or (
+            sum(1 for e in acknowledged.values() if e in on_lost_host) < WARM_ASKS
+            and time.monotonic() < warm_until + 60
+        ):
+            await asyncio.sleep(0.05)
         before = len(acknowledged)
         removed_at = time.monotonic()
         cluster.remove_node(victim, allow_graceful=False)
@@ -157,7 +177,7 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
     region_stats = entities.stats()
     await entities.close()
 
-    storage = await open_storage(args.url, entities=[CounterEntity], **journal)
+    storage = await open_storage(url, entities=[CounterEntity], **journal)
     try:
         tokens: Counter[str] = Counter()
         replayed: dict[str, int] = {}
@@ -181,6 +201,7 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
     assert removed_at is not None
     recovery = None if back_at is None else round(back_at - removed_at, 2)
     summary = {
+        "journal": label,
         "acknowledged": len(acknowledged),
         "acknowledged_before_removal": before,
         "unknown_then_asked_again": len(unknown),
@@ -223,10 +244,25 @@ async def scenario(cluster: Any, workers: list[Any], args: argparse.Namespace) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True, help="journal URL")
-    parser.add_argument("--schema", default=None, help="PostgreSQL schema of the journal")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before")
-    parser.add_argument("--after", type=float, default=3.0, help="seconds of load after")
+    parser.add_argument(
+        "--journal",
+        action="append",
+        nargs="+",
+        required=True,
+        metavar="LABEL URL [SCHEMA]",
+        help="a journal to run the scenario on (its label, URL, PostgreSQL schema); repeated: "
+        "one scenario after the other on the same cluster, a new worker node added in place "
+        "of the one each removes",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help=f"seconds of load before, at least (and until {WARM_ASKS} asks on host 0 succeeded)",
+    )
+    parser.add_argument(
+        "--after", type=float, default=1.0, help="seconds of load on the recovered host"
+    )
     parser.add_argument(
         "--health-check-period-ms",
         type=int,
@@ -246,23 +282,31 @@ def main() -> int:
             "health_check_period_ms": args.health_check_period_ms,
             "health_check_failure_threshold": 3,
         }
+    failed = 0
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
+        for _ in range(3):
+            cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(
             address=cluster.address,
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
             log_to_driver=False,
         )
-        asyncio.run(scenario(cluster, workers, args))
-    except AssertionError as e:
-        print(f"node loss scenario failed: {e}", file=sys.stderr, flush=True)
-        return 1
+        for i, (label, url, *schema) in enumerate(args.journal):
+            if i:  # three worker nodes again: the last scenario removed one
+                cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+            workers = list(cluster.worker_nodes)
+            try:
+                asyncio.run(scenario(cluster, workers, args, label, url, (schema or [None])[0]))
+            except AssertionError as e:
+                print(f"node loss scenario failed on {label}: {e}", file=sys.stderr, flush=True)
+                failed += 1
     finally:
         ray.shutdown()
         cluster.shutdown()  # type: ignore[no-untyped-call]
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,7 @@ async def _same_tables(
     backend: str, events: list[list[Any]], max_batch: int, *, unbroken: bool = False
 ) -> None:
     """``unbroken``: no batch may fail or fall back (one transaction per page)."""
+    tmp = None
     if backend == "sqlite":
         tmp = tempfile.mkdtemp(prefix="lagompy-batching-")
         js = JournalSettings(url=f"sqlite:///{Path(tmp) / 'j.db'}")
@@ -205,6 +207,8 @@ async def _same_tables(
     finally:
         if schema is not None:
             await _drop_schema(schema)
+        if tmp is not None:  # one directory per example: not left in /tmp
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _reset_offsets(js: JournalSettings) -> None:

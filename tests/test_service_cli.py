@@ -217,7 +217,13 @@ def ray_head(token: str, log: Path) -> Iterator[str]:
     port = free_port()
     temp = tempfile.mkdtemp(prefix="lagompy-ray-", dir="/tmp")  # short: Ray's socket paths
     ray = str(Path(sys.executable).parent / "ray")
-    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # Ray 2.60's `ray start --block` answers SIGTERM by draining its node for up to
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default), and a head node never finishes
+    # draining: the stop below would wait those 30 s out. 0 turns the drain off (immediate
+    # teardown); it only changes how this test stops its head, not what the head does before.
+    env = clean_env(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"
+    )
     command = [
         ray, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=1",
         "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=100000000",
@@ -370,7 +376,7 @@ def test_several_workers_share_one_ray_and_one_metrics_view(
             except httpx.TransportError:
                 pass
             assert server.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             pytest.fail("the server never became ready:\n" + (tmp_path / "server.log").read_text())
         users = 24
