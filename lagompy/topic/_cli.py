@@ -80,11 +80,33 @@ def status(
         typer.echo(format_status(statuses))
 
 
+GroupOrProducers = Annotated[
+    str | None, typer.Argument(help="The group (none: the topic's producers).")
+]
+
+
+def _operate(
+    verb: str,
+    operation: str,
+    topic: str,
+    group: str | None,
+    tag: str | None,
+    urls: tuple[str | None, str | None, str | None, str | None],
+) -> None:
+    """Run ``Projections.<operation>`` on the rows of a group (or of a topic's producers);
+    ``urls``: the commands' --url, --schema, --journal-url and --journal-schema."""
+
+    async def action(p: Projections) -> int:
+        n: int = await getattr(p, operation)(_name(topic, group), tag)
+        return n
+
+    n = _run(*urls, action, with_journal=False)
+    typer.echo(f"{verb} {_what(topic, group)} ({n} partition{'s' if n != 1 else ''})")
+
+
 def pause(
     topic: TopicArg,
-    group: Annotated[
-        str | None, typer.Argument(help="The group (none: the topic's producers).")
-    ] = None,
+    group: GroupOrProducers = None,
     tag: TagOption = None,
     url: UrlOption = None,
     schema: SchemaOption = None,
@@ -92,19 +114,12 @@ def pause(
     journal_schema: JournalSchemaOption = None,
 ) -> None:
     """Pause a subscriber group, or a topic's producers (persisted across restarts)."""
-
-    async def action(p: Projections) -> int:
-        return await p.pause(_name(topic, group), tag)
-
-    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
-    typer.echo(f"paused {_what(topic, group)} ({n} partition{'s' if n != 1 else ''})")
+    _operate("paused", "pause", topic, group, tag, (url, schema, journal_url, journal_schema))
 
 
 def resume(
     topic: TopicArg,
-    group: Annotated[
-        str | None, typer.Argument(help="The group (none: the topic's producers).")
-    ] = None,
+    group: GroupOrProducers = None,
     tag: TagOption = None,
     url: UrlOption = None,
     schema: SchemaOption = None,
@@ -112,12 +127,7 @@ def resume(
     journal_schema: JournalSchemaOption = None,
 ) -> None:
     """Resume a paused group or producers; a partition stopped at a message retries it."""
-
-    async def action(p: Projections) -> int:
-        return await p.resume(_name(topic, group), tag)
-
-    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
-    typer.echo(f"resumed {_what(topic, group)} ({n} partition{'s' if n != 1 else ''})")
+    _operate("resumed", "resume", topic, group, tag, (url, schema, journal_url, journal_schema))
 
 
 def skip(
@@ -130,12 +140,8 @@ def skip(
     journal_schema: JournalSchemaOption = None,
 ) -> None:
     """Move a failed group's partition past the message it is stopped at."""
-
-    async def action(p: Projections) -> int:
-        return await p.skip(_name(topic, group), tag)
-
-    n = _run(url, schema, journal_url, journal_schema, action, with_journal=False)
-    typer.echo(f"skipped the failing message of {_what(topic, group)} ({n} partition(s))")
+    urls = (url, schema, journal_url, journal_schema)
+    _operate("skipped the failing message of", "skip", topic, group, tag, urls)
 
 
 def reset(

@@ -18,7 +18,7 @@ the group, partition and error; ``GET /topics/subscribers`` shows every group's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
@@ -26,7 +26,7 @@ from fastapi import APIRouter, HTTPException
 from lagompy.journal._journal import Journal
 from lagompy.journal._storage import Storage, open_storage, serializer_for
 from lagompy.journal._tailing import JournalNotifier, TailSettings
-from lagompy.readside._projections import STUCK_STATES
+from lagompy.readside._projections import STUCK_STATES, WorkerStatus
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
@@ -135,34 +135,12 @@ class TopicsComponent:
         journal in events and seconds, its state, and the messages this process published."""
         if self.producers is None:
             return []
-        samples: list[Sample] = []
-        for s in await self.producers.status():
-            topic = s.processor.split(":", 1)[1]
-            labels = {"topic": topic, "partition": s.tag}
-            for name, value, text in (
-                ("lagompy_topic_producer_offset", s.offset, "The producer's stored position."),
-                (
-                    "lagompy_topic_producer_lag_events",
-                    s.lag_events,
-                    "Events of the partition not published yet.",
-                ),
-                (
-                    "lagompy_topic_producer_lag_seconds",
-                    s.lag_seconds,
-                    "Age in seconds of the oldest event not published yet.",
-                ),
-            ):
-                if value is not None:
-                    samples.append((name, text, "gauge", labels, float(value)))
-            samples.append(
-                (
-                    "lagompy_topic_producer_state",
-                    "1 for the current state of the producer's partition (label state).",
-                    "gauge",
-                    {**labels, "state": s.state},
-                    1.0,
-                )
-            )
+        samples = status_samples(
+            "producer",
+            "the producer",
+            await self.producers.status(),
+            lambda s: {"topic": s.processor.split(":", 1)[1], "partition": s.tag},
+        )
         for (topic, partition), producer in self.producers.producers.items():
             published = getattr(producer, "published", None)
             if isinstance(published, int):
@@ -276,34 +254,12 @@ class SubscribersComponent:
         state."""
         if self._running is None:
             return []
-        samples: list[Sample] = []
-        for s in await self._running.status():
+
+        def labels(s: WorkerStatus) -> dict[str, str]:
             _, topic, group = s.processor.split(":", 2)
-            labels = {"topic": topic, "group": group, "partition": s.tag}
-            for name, value, text in (
-                ("lagompy_topic_subscriber_offset", s.offset, "The group's stored position."),
-                (
-                    "lagompy_topic_subscriber_lag_events",
-                    s.lag_events,
-                    "Events of the partition after the group's position.",
-                ),
-                (
-                    "lagompy_topic_subscriber_lag_seconds",
-                    s.lag_seconds,
-                    "Age in seconds of the oldest event after the group's position.",
-                ),
-            ):
-                if value is not None:
-                    samples.append((name, text, "gauge", labels, float(value)))
-            samples.append(
-                (
-                    "lagompy_topic_subscriber_state",
-                    "1 for the current state of the group's partition (label state).",
-                    "gauge",
-                    {**labels, "state": s.state},
-                    1.0,
-                )
-            )
+            return {"topic": topic, "group": group, "partition": s.tag}
+
+        samples = status_samples("subscriber", "the group", await self._running.status(), labels)
         return samples
 
     async def ready(self) -> bool | str:
@@ -320,3 +276,39 @@ class SubscribersComponent:
         ]
         problems += running.problems()
         return True if not problems else "; ".join(problems[:5])
+
+
+def status_samples(
+    kind: str,
+    whose: str,
+    statuses: list[WorkerStatus],
+    labels: Callable[[WorkerStatus], dict[str, str]],
+) -> list[Sample]:
+    """``lagompy_topic_<kind>_offset``, ``_lag_events``, ``_lag_seconds`` (when known) and
+    ``_state`` of each partition's status (``whose``: who holds the position, for the help)."""
+    samples: list[Sample] = []
+    for s in statuses:
+        labelled = labels(s)
+        for name, value, text in (
+            ("offset", s.offset, f"The stored position of {whose}."),
+            ("lag_events", s.lag_events, f"Events of the partition after {whose}'s position."),
+            (
+                "lag_seconds",
+                s.lag_seconds,
+                f"Age in seconds of the oldest event after {whose}'s position.",
+            ),
+        ):
+            if value is not None:
+                samples.append(
+                    (f"lagompy_topic_{kind}_{name}", text, "gauge", labelled, float(value))
+                )
+        samples.append(
+            (
+                f"lagompy_topic_{kind}_state",
+                f"1 for the current state of {whose}'s partition (label state).",
+                "gauge",
+                {**labelled, "state": s.state},
+                1.0,
+            )
+        )
+    return samples

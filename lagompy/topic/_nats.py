@@ -911,7 +911,6 @@ class NatsFeed:
         broker sees it: the head is the offset of the subject's last message; the count comes
         from a consumer made for the question at the first message above ``after`` (its
         pending count), then deleted."""
-        from nats.js import api
 
         try:
             last = await self.link.last_message(self.stream, self.subject)
@@ -925,17 +924,7 @@ class NatsFeed:
                 return head, 0, 0.0
             js = await self.link.js()
             name = f"{self._consumer_prefix}_lag_{uuid.uuid4().hex[:8]}"
-            info = await js.add_consumer(
-                self.stream,
-                api.ConsumerConfig(
-                    name=name,
-                    filter_subject=self.subject,
-                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=seq,
-                    ack_policy=api.AckPolicy.NONE,
-                    inactive_threshold=5.0,
-                ),
-            )
+            info = await js.add_consumer(self.stream, self._config(name, seq, reading=False))
             with contextlib.suppress(Exception):
                 await js.delete_consumer(self.stream, name)
         except (TopicError, ConfigurationError):
@@ -946,6 +935,26 @@ class NatsFeed:
         return head, int(info.num_pending or 0), max(0.0, round(age, 3))
 
     # ------------------------------------------------------------------ the consumer
+
+    def _config(self, name: str, seq: int, *, reading: bool) -> Any:
+        """A consumer of the partition's subject from stream sequence ``seq``: the feed's own
+        (``reading``: acknowledged as committed, removed a minute after its last pull), or one
+        made only to count what follows (no acks, removed after 5 s)."""
+        from nats.js import api
+
+        acks: dict[str, Any] = (
+            {"ack_policy": api.AckPolicy.ALL, "ack_wait": 300.0, "max_ack_pending": 100_000}
+            if reading
+            else {"ack_policy": api.AckPolicy.NONE}
+        )
+        return api.ConsumerConfig(
+            name=name,
+            filter_subject=self.subject,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=seq,
+            inactive_threshold=60.0 if reading else 5.0,
+            **acks,
+        )
 
     async def _drop_consumer(self) -> None:
         inbox, name, self._inbox, self._consumer = self._inbox, self._consumer, None, None
@@ -962,7 +971,6 @@ class NatsFeed:
     async def _position(self, after: int) -> None:
         """A fresh pull consumer from the first message above ``after``, and a fresh inbox
         (nothing a former request still sends can reach the new position)."""
-        from nats.js import api
 
         await self._drop_consumer()
         self._buffer.clear()
@@ -972,19 +980,7 @@ class NatsFeed:
         seq, _ = await self.link.seek(self.stream, self.subject, lambda m: _offset_of(m) > after)
         name = f"{self._consumer_prefix}_{uuid.uuid4().hex[:10]}"
         js = await self.link.js()
-        await js.add_consumer(
-            self.stream,
-            api.ConsumerConfig(
-                name=name,
-                filter_subject=self.subject,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=seq,
-                ack_policy=api.AckPolicy.ALL,
-                ack_wait=300.0,
-                max_ack_pending=100_000,
-                inactive_threshold=60.0,
-            ),
-        )
+        await js.add_consumer(self.stream, self._config(name, seq, reading=True))
         self._consumer = name
         nc = await self.link.client()
         self._inbox = await nc.subscribe(nc.new_inbox(), cb=self._received)
