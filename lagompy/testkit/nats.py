@@ -62,12 +62,16 @@ class NatsServer:
         async with asyncio.timeout(timeout):
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"nats-server exited with {self.process.returncode}")
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-                ):
-                    break
+                    raise RuntimeError(
+                        f"nats-server exited with {self.process.returncode} (port "
+                        f"{self.port} taken by another process?)"
+                    )
+                if _answers(self.port):
+                    # Something answers: ours, unless another server took the port between
+                    # free_port() and our bind (ours then exits at once: checked here).
+                    await asyncio.sleep(0.2)
+                    if self.process.poll() is None:
+                        break
                 await asyncio.sleep(0.05)
 
     async def kill(self) -> None:
@@ -90,6 +94,14 @@ class NatsServer:
             await asyncio.to_thread(process.wait)
 
 
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 @contextlib.asynccontextmanager
 async def nats_server() -> AsyncIterator[NatsServer]:
     """A started :class:`NatsServer` with a temporary store, stopped and removed at the end."""
@@ -97,8 +109,15 @@ async def nats_server() -> AsyncIterator[NatsServer]:
     if binary is None:
         raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
     with tempfile.TemporaryDirectory(prefix="lagompy-nats-") as store:
-        server = NatsServer(binary, Path(store))
-        await server.start()
+        for attempt in range(3):  # a free port another process took meanwhile: another one
+            server = NatsServer(binary, Path(store))
+            try:
+                await server.start()
+                break
+            except RuntimeError:
+                await server.kill()
+                if attempt == 2:
+                    raise
         try:
             yield server
         finally:
