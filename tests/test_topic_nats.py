@@ -171,85 +171,86 @@ async def _open_env(journal_settings: Any) -> TopicEnv:
     return TopicEnv(storage, journal_settings, settings)
 
 
-@pytest.mark.asyncio
-async def test_a_killed_broker_loses_nothing_and_applies_each_message_once(
-    journal_settings: Any, broker_server: NatsServer
-) -> None:
-    """SIGKILL the broker while producers publish and a group consumes; after its restart
-    every message is applied exactly once (what the broker lost is published again)."""
+@pytest.fixture
+async def brokered(journal_settings: Any, broker_server: NatsServer) -> AsyncIterator[_Broker]:
+    """A producer journal (the contract's topic), a subscriber database beside it, and the
+    producers publishing to the test's own broker; closed at the end."""
     env = await _open_env(journal_settings)
     broker = _Broker(broker_server, env)
     env.make_transport = broker.transport
     try:
         await broker.start_producers()
-        running = await env.start(recorder("survivors"))
-        written = await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200)))
-        async with asyncio.timeout(20):
-            while len(await env.seen("survivors")) < 50:
-                await asyncio.sleep(0.01)
-        await broker_server.kill()
-        written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200, 300)))
-        await asyncio.sleep(0.5)  # producers and feeds fail and back off meanwhile
-        await broker_server.start()
-        written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(300, 350)))
-        async with asyncio.timeout(30):
-            while len(await env.seen("survivors")) < len(written):
-                await asyncio.sleep(0.05)
-        await running.wait_until_caught_up(timeout=20)
-        offsets = [r[1] for r in await env.seen("survivors")]
-        assert offsets == [e.offset for e in written], "every message once, in order"
-        status = {s.tag: s for s in await broker.producers.status()} if broker.producers else {}
-        assert sorted(status) == list(contract_topic.tag.all_tags)
-        heads = await env.heads()
-        for p, tag in enumerate(contract_topic.tag.all_tags):
-            assert status[tag].offset == heads[p]
+        yield broker
     finally:
         await broker.close()
         await env.close()
+
+
+@pytest.mark.asyncio
+async def test_a_killed_broker_loses_nothing_and_applies_each_message_once(
+    brokered: _Broker, broker_server: NatsServer
+) -> None:
+    """SIGKILL the broker while producers publish and a group consumes; after its restart
+    every message is applied exactly once (what the broker lost is published again)."""
+    env, broker = brokered.env, brokered
+    running = await env.start(recorder("survivors"))
+    written = await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200)))
+    async with asyncio.timeout(20):
+        while len(await env.seen("survivors")) < 50:
+            await asyncio.sleep(0.01)
+    await broker_server.kill()
+    written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200, 300)))
+    await asyncio.sleep(0.5)  # producers and feeds fail and back off meanwhile
+    await broker_server.start()
+    written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(300, 350)))
+    async with asyncio.timeout(30):
+        while len(await env.seen("survivors")) < len(written):
+            await asyncio.sleep(0.05)
+    await running.wait_until_caught_up(timeout=20)
+    offsets = [r[1] for r in await env.seen("survivors")]
+    assert offsets == [e.offset for e in written], "every message once, in order"
+    status = {s.tag: s for s in await broker.producers.status()} if broker.producers else {}
+    assert sorted(status) == list(contract_topic.tag.all_tags)
+    heads = await env.heads()
+    for p, tag in enumerate(contract_topic.tag.all_tags):
+        assert status[tag].offset == heads[p]
 
 
 @pytest.mark.asyncio
 async def test_a_subscription_gone_behind_the_feed_is_found_and_restarted(
-    journal_settings: Any, broker_server: NatsServer
+    brokered: _Broker, broker_server: NatsServer
 ) -> None:
     """The broker forgets a feed's consumer (a restart without its state, an operator's
     delete): the feed notices within its stall check and reads on."""
-    env = await _open_env(journal_settings)
-    broker = _Broker(broker_server, env)
-    env.make_transport = broker.transport
-    try:
-        await broker.start_producers()
-        running = await env.start(recorder("watched"))
-        written = await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20)))
-        async with asyncio.timeout(20):
-            while len(await env.seen("watched")) < len(written):
-                await asyncio.sleep(0.02)
-        feeds = [w.feed for w in running.workers]
-        assert all(isinstance(f, NatsFeed) for f in feeds)
-        async with asyncio.timeout(20):
-            while any(isinstance(f, NatsFeed) and f._consumer is None for f in feeds):
-                await asyncio.sleep(0.02)
-        import nats
+    env = brokered.env
+    running = await env.start(recorder("watched"))
+    written = await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20)))
+    async with asyncio.timeout(20):
+        while len(await env.seen("watched")) < len(written):
+            await asyncio.sleep(0.02)
+    feeds = [w.feed for w in running.workers]
+    assert all(isinstance(f, NatsFeed) for f in feeds)
+    async with asyncio.timeout(20):
+        while any(isinstance(f, NatsFeed) and f._consumer is None for f in feeds):
+            await asyncio.sleep(0.02)
+    import nats
 
-        nc = await nats.connect(broker_server.url)
-        js = nc.jetstream()
-        for f in feeds:
-            assert isinstance(f, NatsFeed) and f._consumer is not None
-            await js.delete_consumer(f.stream, f._consumer)
-        await nc.close()
-        written += await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20, 40)))
-        async with asyncio.timeout(20):
-            while len(await env.seen("watched")) < len(written):
-                await asyncio.sleep(0.05)
-        assert [r[1] for r in await env.seen("watched")] == [e.offset for e in written]
-    finally:
-        await broker.close()
-        await env.close()
+    nc = await nats.connect(broker_server.url)
+    js = nc.jetstream()
+    for f in feeds:
+        assert isinstance(f, NatsFeed) and f._consumer is not None
+        await js.delete_consumer(f.stream, f._consumer)
+    await nc.close()
+    written += await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20, 40)))
+    async with asyncio.timeout(20):
+        while len(await env.seen("watched")) < len(written):
+            await asyncio.sleep(0.05)
+    assert [r[1] for r in await env.seen("watched")] == [e.offset for e in written]
 
 
 @pytest.mark.asyncio
 async def test_messages_carry_the_journal_coordinates_in_headers(
-    journal_settings: Any, broker_server: NatsServer
+    brokered: _Broker, broker_server: NatsServer
 ) -> None:
     """What another language's client reads: the JSON payload and lagompy's headers, with the
     message id that deduplicates re-publications."""
@@ -257,38 +258,32 @@ async def test_messages_carry_the_journal_coordinates_in_headers(
 
     import nats
 
-    env = await _open_env(journal_settings)
-    broker = _Broker(broker_server, env)
+    env, broker = brokered.env, brokered
+    (written,) = await env.append(Deposited("ada", 42))
+    partition = contract_topic.partition_of("ada")
+    subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
+    stream = f"{broker.prefix}_{contract_topic.name}"
+    nc = await nats.connect(broker_server.url)
     try:
-        await broker.start_producers()
-        (written,) = await env.append(Deposited("ada", 42))
-        partition = contract_topic.partition_of("ada")
-        subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
-        stream = f"{broker.prefix}_{contract_topic.name}"
-        nc = await nats.connect(broker_server.url)
-        try:
-            js = nc.jetstream()
-            async with asyncio.timeout(10):
-                while True:
-                    with contextlib.suppress(Exception):
-                        msg = await js.get_last_msg(stream, subject)
-                        break
-                    await asyncio.sleep(0.05)
-        finally:
-            await nc.close()
-        assert json.loads(msg.data or b"") == {"account": "ada", "amount": 42}
-        headers = msg.headers or {}
-        assert headers["Nats-Msg-Id"] == f"{contract_topic.name}:{partition}:{written.offset}"
-        assert headers["Lagompy-Offset"] == str(written.offset)
-        assert headers["Lagompy-Key"] == "ada"
-        assert headers["Lagompy-Entity-Id"] == "ada"
-        assert headers["Lagompy-Seq-Nr"] == "1"
-        assert headers["Lagompy-Type"] == contract_topic.type_name
-        assert headers["Lagompy-Version"] == str(contract_topic.version)
-        assert headers["Content-Type"] == "application/json"
+        js = nc.jetstream()
+        async with asyncio.timeout(10):
+            while True:
+                with contextlib.suppress(Exception):
+                    msg = await js.get_last_msg(stream, subject)
+                    break
+                await asyncio.sleep(0.05)
     finally:
-        await broker.close()
-        await env.close()
+        await nc.close()
+    assert json.loads(msg.data or b"") == {"account": "ada", "amount": 42}
+    headers = msg.headers or {}
+    assert headers["Nats-Msg-Id"] == f"{contract_topic.name}:{partition}:{written.offset}"
+    assert headers["Lagompy-Offset"] == str(written.offset)
+    assert headers["Lagompy-Key"] == "ada"
+    assert headers["Lagompy-Entity-Id"] == "ada"
+    assert headers["Lagompy-Seq-Nr"] == "1"
+    assert headers["Lagompy-Type"] == contract_topic.type_name
+    assert headers["Lagompy-Version"] == str(contract_topic.version)
+    assert headers["Content-Type"] == "application/json"
 
 
 @pytest.mark.asyncio
@@ -316,25 +311,19 @@ def test_bad_settings_name_the_setting() -> None:
 
 @pytest.mark.asyncio
 async def test_the_feed_tells_the_lag_of_a_position(
-    journal_settings: Any, broker_server: NatsServer
+    brokered: _Broker, broker_server: NatsServer
 ) -> None:
-    env = await _open_env(journal_settings)
-    broker = _Broker(broker_server, env)
-    try:
-        await broker.start_producers()
-        written = await env.append(*(Deposited("lagging", i) for i in range(12)))
-        await broker.published_to_heads()
-        partition = contract_topic.partition_of("lagging")
-        feed = broker.transport().feed(contract_topic, partition, group="lag")
-        head, behind, seconds = await feed.lag(written[3].offset)
-        assert head == written[-1].offset
-        assert behind == 8
-        assert 0 <= seconds < 30
-        assert (await feed.lag(written[-1].offset))[1:] == (0, 0.0)
-        await feed.link.close()
-    finally:
-        await broker.close()
-        await env.close()
+    env, broker = brokered.env, brokered
+    written = await env.append(*(Deposited("lagging", i) for i in range(12)))
+    await broker.published_to_heads()
+    partition = contract_topic.partition_of("lagging")
+    feed = broker.transport().feed(contract_topic, partition, group="lag")
+    head, behind, seconds = await feed.lag(written[3].offset)
+    assert head == written[-1].offset
+    assert behind == 8
+    assert 0 <= seconds < 30
+    assert (await feed.lag(written[-1].offset))[1:] == (0, 0.0)
+    await feed.link.close()
 
 
 @pytest.mark.asyncio
@@ -405,51 +394,44 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
 
 @pytest.mark.asyncio
 async def test_a_message_that_does_not_fit_stalls_the_group_naming_its_offset(
-    journal_settings: Any, broker_server: NatsServer
+    brokered: _Broker, broker_server: NatsServer
 ) -> None:
     """Something else published on the partition's subject (a payload the message type
     refuses): the group does not apply it, nor skip past it; its status names the offset."""
     import nats
 
-    env = await _open_env(journal_settings)
-    broker = _Broker(broker_server, env)
-    env.make_transport = broker.transport
+    env, broker = brokered.env, brokered
+    (first,) = await env.append(Deposited("odd", 1))
+    await broker.published_to_heads()
+    partition = contract_topic.partition_of("odd")
+    nc = await nats.connect(broker_server.url)
     try:
-        await broker.start_producers()
-        (first,) = await env.append(Deposited("odd", 1))
-        await broker.published_to_heads()
-        partition = contract_topic.partition_of("odd")
-        nc = await nats.connect(broker_server.url)
-        try:
-            headers = {
-                "Nats-Msg-Id": f"intruder:{first.offset + 1000}",
-                "Lagompy-Offset": str(first.offset + 1000),
-                "Lagompy-Key": "odd",
-                "Lagompy-Entity-Type": "x",
-                "Lagompy-Entity-Id": "odd",
-                "Lagompy-Seq-Nr": "9",
-                "Lagompy-Time": "2026-12-04T18:00:00+00:00",
-                "Lagompy-Type": contract_topic.type_name,
-                "Lagompy-Version": "1",
-            }
-            subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
-            await nc.jetstream().publish(subject, b'{"account": "odd"}', headers=headers)
-        finally:
-            await nc.close()
-        running = await env.start(recorder("strict"))
-        tag = contract_topic.partition_tag(partition)
-        async with asyncio.timeout(20):
-            while True:
-                (row,) = [s for s in await running.status("strict") if s.tag == tag]
-                if row.failure is not None and "does not fit" in row.failure.error:
-                    break
-                await asyncio.sleep(0.05)
-        assert f"offset {first.offset + 1000}" in row.failure.error
-        assert row.offset == first.offset  # the good message applied, the bad one not
-        assert [r[1] for r in await env.seen("strict")] == [first.offset]
+        headers = {
+            "Nats-Msg-Id": f"intruder:{first.offset + 1000}",
+            "Lagompy-Offset": str(first.offset + 1000),
+            "Lagompy-Key": "odd",
+            "Lagompy-Entity-Type": "x",
+            "Lagompy-Entity-Id": "odd",
+            "Lagompy-Seq-Nr": "9",
+            "Lagompy-Time": "2026-12-04T18:00:00+00:00",
+            "Lagompy-Type": contract_topic.type_name,
+            "Lagompy-Version": "1",
+        }
+        subject = f"{broker.prefix}.{contract_topic.name}.{partition}"
+        await nc.jetstream().publish(subject, b'{"account": "odd"}', headers=headers)
     finally:
-        await broker.close()
-        await env.close()
+        await nc.close()
+    running = await env.start(recorder("strict"))
+    tag = contract_topic.partition_tag(partition)
+    async with asyncio.timeout(20):
+        while True:
+            (row,) = [s for s in await running.status("strict") if s.tag == tag]
+            if row.failure is not None and "does not fit" in row.failure.error:
+                break
+            await asyncio.sleep(0.05)
+    assert f"offset {first.offset + 1000}" in row.failure.error
+    assert row.offset == first.offset  # the good message applied, the bad one not
+    assert [r[1] for r in await env.seen("strict")] == [first.offset]
 
 
 @pytest.mark.asyncio
