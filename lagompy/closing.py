@@ -17,8 +17,10 @@ used either way, like httpx's clients or asyncpg's ``create_pool``::
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Coroutine, Generator
+import logging
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar
 
@@ -98,3 +100,18 @@ def opener(open_: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Opening[R]
         return Opening(open_(*args, **kwargs))
 
     return wrapper
+
+
+async def finish_tasks(
+    tasks: Sequence[asyncio.Task[Any]], *, what: str, logger: logging.Logger, timeout: float = 30
+) -> None:
+    """Wait for ``tasks`` (told to stop already) to end, cancel those still running after
+    ``timeout`` seconds, and log each that ended with an error as ``what`` failing."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Exception):
+            logger.error("%s failed", what, exc_info=result)

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from lagompy.closing import AsyncClosing, opener
+from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import ConsumerStopped, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
@@ -516,14 +516,7 @@ class ReadSide(AsyncClosing):
         self._stop.set()
         for w in self.workers:
             await w.stop()
-        if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=30)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    log.error("a read-side task failed", exc_info=task.exception())
+        await finish_tasks(self._tasks, what="a read-side task", logger=log)
         for db in self._owned:
             await db.dispose()
 

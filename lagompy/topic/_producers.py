@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from lagompy.closing import AsyncClosing, opener
+from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import EventConsumer
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
@@ -105,13 +105,7 @@ class Producers(AsyncClosing):
         self._closed = True
         for producer in self.producers.values():
             await producer.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=30)
-            for task in pending:
-                task.cancel()
-            for result in await asyncio.gather(*self._tasks, return_exceptions=True):
-                if isinstance(result, Exception):
-                    log.error("a topic producer failed", exc_info=result)
+        await finish_tasks(self._tasks, what="a topic producer", logger=log)
 
 
 @opener

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from lagompy.closing import AsyncClosing, opener
+from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import ConsumerStopped
 from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import now_us
@@ -327,13 +327,7 @@ class Subscribers(AsyncClosing):
         self._stop.set()
         for w in self.workers:
             await w.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=30)
-            for task in pending:
-                task.cancel()
-            for result in await asyncio.gather(*self._tasks, return_exceptions=True):
-                if isinstance(result, Exception):
-                    log.error("a subscriber task failed", exc_info=result)
+        await finish_tasks(self._tasks, what="a subscriber task", logger=log)
         if self._close_transport:
             await self.transport.close()
         for db in self._owned:
