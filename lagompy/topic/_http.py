@@ -29,7 +29,6 @@ breaker and locator apply; its failures reach the subscriber's status without UR
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -56,7 +55,7 @@ from lagompy.service._client import ServiceClient, ServiceLocator
 from lagompy.topic._codec import messages_from_json, messages_to_json
 from lagompy.topic._embedded import batch_of, partition_lag, partition_position
 from lagompy.topic._topic import StartFrom, Topic
-from lagompy.topic._transport import MessageBatch
+from lagompy.topic._transport import MessageBatch, until_woken
 
 log = logging.getLogger("lagompy.topic")
 
@@ -342,16 +341,7 @@ class HttpFeed:
         if seconds <= 0:
             return
         after = self._position
-        poll = asyncio.ensure_future(self._fetch(after, self._limit, seconds))
-        woken = asyncio.ensure_future(self._woken.wait())
-        try:
-            await asyncio.wait([poll, woken], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            woken.cancel()
-            if not poll.done():
-                poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poll
+        poll = await until_woken(self._fetch(after, self._limit, seconds), self._woken)
         if poll.cancelled():
             return
         if poll.exception() is not None:

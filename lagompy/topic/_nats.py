@@ -72,7 +72,7 @@ from lagompy.readside._worker import default_owner
 from lagompy.settings import LagompySettings, make_settings
 from lagompy.topic._codec import _adapter, _list_adapter
 from lagompy.topic._topic import Message, StartFrom, Topic
-from lagompy.topic._transport import MessageBatch
+from lagompy.topic._transport import MessageBatch, until_woken
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -747,16 +747,7 @@ class _Watched:
     async def wait(self, limit: float | None = None) -> None:
         self._reconnected.clear()
         if self.strategy.generation == self.strategy.link.generation:
-            waiting = asyncio.ensure_future(self.tailer.wait(limit))
-            reconnected = asyncio.ensure_future(self._reconnected.wait())
-            try:
-                await asyncio.wait([waiting, reconnected], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                reconnected.cancel()
-                if not waiting.done():
-                    waiting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await waiting
+            await until_woken(self.tailer.wait(limit), self._reconnected)
         if self.strategy.generation not in (-1, self.strategy.link.generation):
             raise TopicError(
                 f"topic {self.strategy.topic.name!r}: the broker connection was re-established; "

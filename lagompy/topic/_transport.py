@@ -55,16 +55,22 @@ core drives a feed exactly as it drives a journal tag: see ``_feed.py``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from lagompy.topic._topic import Message, StartFrom, Topic
+
+T = TypeVar("T")
 
 __all__ = [
     "MessageBatch",
     "MessageFeed",
     "TopicProducer",
     "TopicTransport",
+    "until_woken",
 ]
 
 
@@ -190,3 +196,19 @@ class TopicTransport(Protocol):
     async def close(self) -> None:
         """Close what the transport opened (after every producer and feed it made is done)."""
         ...
+
+
+async def until_woken(work: Awaitable[T], woken: asyncio.Event) -> asyncio.Future[T]:
+    """Run ``work`` until it ends or ``woken`` is set, whichever comes first (``work`` is then
+    cancelled); returns its future, done or cancelled. An error of ``work`` is raised."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(woken.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return task
