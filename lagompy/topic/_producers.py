@@ -15,7 +15,6 @@ from typing import Any
 from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import EventConsumer
 from lagompy.errors import ConfigurationError
-from lagompy.journal._journal import Journal
 from lagompy.readside._projections import Projections, WorkerStatus
 from lagompy.topic._topic import Topic
 from lagompy.topic._transport import TopicProducer, TopicTransport
@@ -50,13 +49,6 @@ class Producers(AsyncClosing):
                 asyncio.create_task(producer.run(), name=f"topic producer {topic.name} {partition}")
             )
 
-    def producer(self, topic: str, partition: int) -> TopicProducer:
-        """The producer of ``topic``'s ``partition`` in this process."""
-        found = self.producers.get((topic, partition))
-        if found is None:
-            raise ConfigurationError(f"no producer of topic {topic!r} partition {partition}")
-        return found
-
     def projections(self) -> Projections | None:
         """The operations and status of the producers' rows (in the journal's database), when
         they run on the consumer core (a broker transport's); None otherwise."""
@@ -78,13 +70,13 @@ class Producers(AsyncClosing):
         """Every partition of the producers that run on the consumer core (the broker
         transports'), as their rows in the journal's offset table show them: position, lag
         behind the journal in events and seconds, state, owner, events/s, last failure."""
+        projections = self.projections()
+        if projections is None:
+            return []
         found: list[WorkerStatus] = []
-        names: dict[str, Journal] = {}
-        for producer in self.producers.values():
-            if isinstance(producer, EventConsumer) and producer.journal is not None:
-                names[producer.name] = producer.journal
-        for name, journal in names.items():
-            projections = Projections(journal.database, journal.database)
+        for name in sorted(
+            {p.name for p in self.producers.values() if isinstance(p, EventConsumer)}
+        ):
             with contextlib.suppress(ConfigurationError):  # no row yet: not started anywhere
                 found += await projections.status(name)
         return found
