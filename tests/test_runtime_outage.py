@@ -318,8 +318,13 @@ async def test_a_resend_the_journal_cannot_check_waits_for_it(
         ping = await _restarted(app, before["pid"])
         assert ping is not None and ping["journal"] == "unavailable", ping
         assert not ask.done(), ask
-        await asyncio.sleep(1.0)  # a few resends meet the host without its journal
+        # A few resends meet the host without its journal (waited for, not timed: under load
+        # one resend and its backoff took longer than the second a fixed sleep allowed).
+        deadline = time.monotonic() + 20
+        while entities.stats()["resends"] < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         assert entities.stats()["resends"] >= 2
+        assert not ask.done(), ask
         await _cut(outage_db, allow=True)
         assert await ask == 2  # the stored reply: applied once
         assert await ref.ask(Add(1, "after"), timeout=20) == 3
