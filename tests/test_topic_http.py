@@ -5,6 +5,7 @@ declaration refuses."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 from lagompy.entity import Effect, PersistentEntity, tag
 from lagompy.errors import ConfigurationError, TopicMessageInvalid
 from lagompy.journal._storage import open_storage, serializer_for
+from lagompy.serialization import serializable
 from lagompy.service import BreakerRegistry, Service
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import free_port, serve_in_thread
@@ -339,3 +341,135 @@ async def test_a_new_group_whose_producer_is_down_starts_and_says_why(tmp_path: 
         assert "finding where it starts failed" in problem and "cannot be reached" in problem
         assert "127.0.0.1" not in problem  # no URL in what the status shows
     await transport.close()
+
+
+# --------------------------------------------------------------------------- older versions
+
+
+@serializable(
+    name="Deposit",
+    version=3,
+    upcasters={1: lambda d: {**d, "currency": "EUR"}, 2: lambda d: {**d, "note": ""}},
+)
+@dataclass(frozen=True)
+class DepositV3:
+    """The contract topic's message two versions later, as an upgraded subscriber declares it."""
+
+    account: str
+    amount: int
+    currency: str
+    note: str
+
+
+def _deposit_v3(event: Deposited | Any) -> DepositV3 | None:
+    return (
+        DepositV3(event.account, event.amount, "EUR", "") if isinstance(event, Deposited) else None
+    )
+
+
+deposits_v3 = Topic("contract-deposits", DepositV3, source=ContractAccount, to_message=_deposit_v3)
+
+
+def test_older_versions_are_upcast_and_what_cannot_be_is_named() -> None:
+    data = {
+        "topic": "contract-deposits",
+        "partition": 0,
+        "offset": 7,
+        "key": "ada",
+        "timestamp": "2026-12-04T18:00:00+00:00",
+        "type": "Deposit",
+        "version": 1,
+        "entity_type": "topic-contract-account",
+        "entity_id": "ada",
+        "seq_nr": 1,
+        "payload": {"account": "ada", "amount": 5},
+    }
+    message = message_from_json(deposits_v3, data, partition=0)
+    assert message.payload == DepositV3("ada", 5, "EUR", "")
+    assert message.version == 1  # the version it was sent in
+    v2 = {
+        **data,
+        "offset": 8,
+        "version": 2,
+        "payload": {"account": "bo", "amount": 1, "currency": "USD"},
+    }
+    v3 = {
+        **data,
+        "offset": 9,
+        "version": 3,
+        "payload": {"account": "cy", "amount": 2, "currency": "CHF", "note": "n"},
+    }
+    batch = messages_from_json(deposits_v3, [data, v2, v3], partition=0)
+    assert [m.payload for m in batch] == [
+        DepositV3("ada", 5, "EUR", ""),
+        DepositV3("bo", 1, "USD", ""),
+        DepositV3("cy", 2, "CHF", "n"),
+    ]
+    # What cannot be upcast is named: no upcaster, an upcaster that fails, version 0.
+    gap = Topic("contract-deposits", DepositGap, source=ContractAccount, to_message=lambda e: None)
+    bad: list[tuple[Topic[Any], dict[str, Any], str]] = [
+        (gap, data, "has no upcaster from version 1 to 2"),
+        (deposits_v3, {**data, "payload": ["ada", 5]}, "must be a JSON object to be upcast"),
+        (deposits_v3, {**data, "version": 0}, "version 0 is not one this side reads"),
+        (failing, data, "upcaster from version 1 to 2 raised KeyError"),
+    ]
+    for topic, value, words in bad:
+        with pytest.raises(TopicMessageInvalid, match=words):
+            message_from_json(topic, value, partition=0)
+        with pytest.raises(TopicMessageInvalid, match=words):
+            messages_from_json(topic, [value], partition=0)
+
+
+@serializable(name="Deposit", version=2)
+@dataclass(frozen=True)
+class DepositGap:
+    account: str
+    amount: int
+    currency: str
+
+
+@serializable(name="Deposit", version=2, upcasters={1: lambda d: {**d, "currency": d["nope"]}})
+@dataclass(frozen=True)
+class DepositFailing:
+    account: str
+    amount: int
+    currency: str
+
+
+failing = Topic(
+    "contract-deposits", DepositFailing, source=ContractAccount, to_message=lambda e: None
+)
+
+
+class LedgerV3(Subscriber[DepositV3]):
+    group = "ledger-v3"
+    topic = deposits_v3
+
+    async def prepare(self, conn: Any) -> None:
+        await conn.exec_driver_sql(
+            "CREATE TABLE IF NOT EXISTS ledger_v3 (account TEXT, amount INT, currency TEXT)"
+        )
+
+    async def handle(self, conn: Any, message: Message[DepositV3]) -> None:
+        p = message.payload
+        await conn.exec_driver_sql(
+            "INSERT INTO ledger_v3 VALUES (?, ?, ?)", (p.account, p.amount, p.currency)
+        )
+
+
+@pytest.mark.asyncio
+async def test_a_subscriber_reads_an_older_producers_messages_over_http(
+    producer: str, env: TopicEnv, tmp_path: Path
+) -> None:
+    # The producer still publishes Deposit version 1; the subscriber was upgraded to version 3.
+    await env.append(Deposited("ada", 5), Deposited("bo", 7))
+    own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
+    transport = HttpTransport(producer, breakers=BreakerRegistry())
+    try:
+        async with start_subscribers([LedgerV3], transport=transport, journal_settings=own) as subs:
+            await subs.wait_until_caught_up(timeout=20)
+    finally:
+        await transport.close()
+    with sqlite3.connect(tmp_path / "subscriber.db") as con:
+        rows = sorted(con.execute("SELECT account, amount, currency FROM ledger_v3"))
+    assert rows == [("ada", 5, "EUR"), ("bo", 7, "EUR")]

@@ -10,7 +10,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -514,3 +514,54 @@ async def test_published_messages_fit_the_asyncapi_document(
             assert int((published.headers or {})["Lagompy-Offset"]) == written.offset
     finally:
         await env.close()
+
+
+def test_broker_messages_of_older_versions_are_upcast() -> None:
+    # A producer not yet upgraded publishes Deposit version 1; the subscriber reads version 3.
+    from datetime import UTC, datetime
+
+    from nats.aio.msg import Msg
+
+    from lagompy.errors import TopicMessageInvalid
+    from lagompy.testkit.topics import Deposit
+    from lagompy.topic import Message
+    from lagompy.topic._nats import _headers, decode, decode_batch
+    from tests.test_topic_http import DepositV3, deposits_v3, failing
+
+    old = Message(
+        topic="contract-deposits",
+        payload=Deposit("ada", 5),
+        key="ada",
+        partition=0,
+        offset=7,
+        timestamp=datetime(2026, 12, 4, 18, 0, tzinfo=UTC),
+        type_name="Deposit",
+        version=1,
+        entity_type="topic-contract-account",
+        entity_id="ada",
+        seq_nr=1,
+    )
+
+    def msg(payload: bytes, **headers: str) -> Msg:
+        return Msg(_client=cast(Any, None), data=payload, headers={**_headers(old), **headers})
+
+    v3 = {"account": "bo", "amount": 1, "currency": "USD", "note": "x"}
+    msgs = [
+        msg(json.dumps({"account": "ada", "amount": 5}).encode()),
+        msg(json.dumps(v3).encode(), **{"Lagompy-Version": "3", "Lagompy-Offset": "8"}),
+    ]
+    decoded = decode_batch(deposits_v3, 0, msgs, "partition 0")
+    assert [m.payload if m else None for m in decoded] == [
+        DepositV3("ada", 5, "EUR", ""),
+        DepositV3("bo", 1, "USD", "x"),
+    ]
+    assert decode(deposits_v3, 0, dict(msgs[0].headers or {}), msgs[0].data).payload == (
+        DepositV3("ada", 5, "EUR", "")
+    )
+    with pytest.raises(
+        TopicMessageInvalid, match=r"offset 7: .*upcaster from version 1 to 2 raised"
+    ):
+        decode_batch(failing, 0, msgs[:1], "partition 0")
+    not_json = msg(b"{")
+    with pytest.raises(TopicMessageInvalid, match="the payload is not JSON"):
+        decode_batch(deposits_v3, 0, [not_json], "partition 0")

@@ -9,6 +9,11 @@ publish). A message is an object with its metadata and its payload::
 The payload is the message dataclass as JSON: fields by name; datetimes, dates and times in ISO
 8601; UUIDs and decimals as strings; bytes as base64; nested dataclasses as objects; tuples and
 sets as arrays (pydantic's JSON mode, both ways).
+
+A message of an older version of the topic's type (a producer not yet upgraded) is brought to
+the current version by the message type's upcasters (:func:`lagompy.serializable`'s
+``upcasters``), applied to its JSON payload object one version at a time; a newer version is
+refused (upgrade the subscriber first). See :func:`upcast_payload`.
 """
 
 from __future__ import annotations
@@ -20,11 +25,18 @@ from typing import Any, cast
 from pydantic import TypeAdapter, ValidationError
 
 from lagompy.errors import TopicMessageInvalid
+from lagompy.serialization import type_info
 from lagompy.topic._topic import Message, Topic
 
 _new = object.__new__
 
-__all__ = ["message_from_json", "message_to_json", "messages_from_json", "messages_to_json"]
+__all__ = [
+    "message_from_json",
+    "message_to_json",
+    "messages_from_json",
+    "messages_to_json",
+    "upcast_payload",
+]
 
 
 _ADAPTERS: dict[type, TypeAdapter[Any]] = {}
@@ -108,6 +120,43 @@ def _check_header(topic: Topic[Any], data: object, partition: int) -> dict[str, 
     return data
 
 
+def upcast_payload(topic: Topic[Any], payload: object, version: int) -> object:
+    """The JSON payload of a message of ``version`` in the form of the topic's current version.
+
+    ``upcasters[k]`` of the message type (``@serializable(version=N, upcasters={k: f})``) gets
+    the version-``k`` payload as its JSON object (a ``dict``: fields by name, datetimes as ISO
+    strings...) and returns the version-``k+1`` object. ``TopicMessageInvalid`` names the missing
+    upcaster, or the one that failed."""
+    newest = type_info(topic.message_type)
+    if version == newest.version:
+        return payload
+    what = f"message type {topic.type_name!r} version {version}"
+    if version < 1 or version > newest.version:
+        raise TopicMessageInvalid(f"{what} is not one this side reads (1..{newest.version})")
+    if not isinstance(payload, dict):
+        raise TopicMessageInvalid(f"{what}: the payload must be a JSON object to be upcast")
+    for n in range(version, newest.version):
+        upcaster = newest.upcasters.get(n)
+        if upcaster is None:
+            raise TopicMessageInvalid(
+                f"cannot read {what}: {topic.message_type.__qualname__} has no upcaster from "
+                f"version {n} to {n + 1}"
+            )
+        try:
+            payload = upcaster(dict(payload))
+        except Exception as e:
+            raise TopicMessageInvalid(
+                f"{what}: the upcaster from version {n} to {n + 1} raised "
+                f"{type(e).__name__}: {e!s:.200}"
+            ) from None
+        if not isinstance(payload, dict):
+            raise TopicMessageInvalid(
+                f"{what}: the upcaster from version {n} to {n + 1} returned "
+                f"{type(payload).__name__}, not a dict"
+            )
+    return payload
+
+
 def _message(data: dict[str, Any], payload: Any, partition: int) -> Message[Any]:
     for name, kind in _FIELDS:
         _field(data, name, kind)
@@ -141,8 +190,9 @@ def message_from_json(topic: Topic[Any], data: object, *, partition: int) -> Mes
     what does not fit (a missing field, a payload the message type refuses, another topic's or
     partition's message, a type name or a version this side does not know)."""
     checked = _check_header(topic, data, partition)
+    raw = upcast_payload(topic, checked.get("payload"), checked["version"])
     try:
-        payload = _adapter(topic.message_type).validate_python(checked.get("payload"))
+        payload = _adapter(topic.message_type).validate_python(raw)
     except ValidationError as e:
         raise _payload_error(topic, e) from None
     return _message(checked, payload, partition)
@@ -179,7 +229,12 @@ def messages_from_json(
     checked = cast(Sequence[dict[str, Any]], items)
     try:
         payloads = _list_adapter(topic.message_type).validate_python(
-            [d["payload"] if "payload" in d else None for d in checked]
+            [
+                d.get("payload")
+                if d["version"] == newest
+                else upcast_payload(topic, d.get("payload"), d["version"])
+                for d in checked
+            ]
         )
     except ValidationError as e:
         raise _payload_error(topic, e) from None

@@ -70,7 +70,7 @@ from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import default_owner
 from lagompy.settings import LagompySettings, make_settings
-from lagompy.topic._codec import _adapter, _list_adapter
+from lagompy.topic._codec import _adapter, _list_adapter, upcast_payload
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
 
@@ -254,7 +254,12 @@ def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: byt
             "subscriber's message class"
         )
     try:
-        payload = _adapter(topic.message_type).validate_json(data)
+        if version == topic.version:
+            payload = _adapter(topic.message_type).validate_json(data)
+        else:
+            payload = _adapter(topic.message_type).validate_python(
+                upcast_payload(topic, _json_body(topic, data, version), version)
+            )
     except ValidationError as e:
         raise TopicMessageInvalid(
             f"the payload does not fit {topic.message_type.__qualname__}: "
@@ -273,6 +278,15 @@ def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: byt
         entity_id=unquote(headers.get(H_ENTITY_ID, "")),
         seq_nr=_int_header(headers, H_SEQ_NR),
     )
+
+
+def _json_body(topic: Topic[Any], data: bytes, version: int) -> object:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise TopicMessageInvalid(
+            f"message type {topic.type_name!r} version {version}: the payload is not JSON"
+        ) from None
 
 
 _new = object.__new__
@@ -301,7 +315,14 @@ def decode_batch(
             decode(topic, partition, dict(headers), msg.data)  # raises, naming the problem
             raise AssertionError("unreachable") from None
         checked.append((version, headers))
-        bodies.append(msg.data)
+        if version == newest:
+            bodies.append(msg.data)
+        else:  # an older version: upcast its JSON object, in the batch's one validation
+            try:
+                body = upcast_payload(topic, _json_body(topic, msg.data, version), version)
+            except TopicMessageInvalid as e:
+                raise TopicMessageInvalid(f"{where}, offset {_offset_of(msg)}: {e}") from None
+            bodies.append(json.dumps(body).encode())
     try:
         payloads = iter(
             _list_adapter(topic.message_type).validate_json(b"[" + b",".join(bodies) + b"]")
