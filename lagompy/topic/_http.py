@@ -412,6 +412,19 @@ class HttpTransport:
         topic.partition_tag(partition)
         return None
 
+    def actor_spec(self) -> dict[str, Any]:
+        """What a subscriber actor on Ray needs to make the same transport: the producing
+        service's name and its URLs as this process locates them (the actor gets no
+        environment of its own), the route's prefix and the long poll."""
+        service = self.client.service
+        return {
+            "kind": "http",
+            "service": service,
+            "urls": self.client.locator.urls(service),
+            "prefix": self.prefix,
+            "long_poll": self.long_poll,
+        }
+
     def feed(self, topic: Topic[Any], partition: int, *, group: str) -> HttpFeed:
         return HttpFeed(self.client, topic, partition, prefix=self.prefix, long_poll=self.long_poll)
 

@@ -1222,6 +1222,11 @@ class NatsTransport:
             self.link, topic, partition, journal=self.journal, settings=self.settings
         )
 
+    def actor_spec(self) -> dict[str, Any]:
+        """What a subscriber actor on Ray needs to make the same transport: the broker
+        settings (its URL in full)."""
+        return {"kind": "nats", "broker": self.broker.model_dump()}
+
     def feed(self, topic: Topic[Any], partition: int, *, group: str) -> NatsFeed:
         return NatsFeed(self.link, topic, partition, group=group)
 

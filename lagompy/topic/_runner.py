@@ -100,8 +100,11 @@ class Subscribers(AsyncClosing):
         journal: Database | None = None,
         owned: Sequence[Database] = (),
         close_transport: bool = False,
+        owner: str | None = None,
     ) -> None:
         self.subscribers = subscribers
+        #: The workers' lease owner (None: one of their own, unique to this process).
+        self.owner = owner
         self.transport = transport
         self.database = database
         self.settings = settings
@@ -143,6 +146,7 @@ class Subscribers(AsyncClosing):
                         feed,
                         database=self.database,
                         settings=self.settings,
+                        owner=self.owner,
                     )
                 )
             self.workers += workers
@@ -342,6 +346,7 @@ async def start_subscribers(
     journal_url: str | None = None,
     journal_settings: JournalSettings | None = None,
     settings: ReadSideSettings | None = None,
+    owner: str | None = None,
     **overrides: Any,
 ) -> Subscribers:
     """Start the subscribers' workers in this process and return at once.
@@ -352,7 +357,9 @@ async def start_subscribers(
     ``ReadSideSettings.url`` (keyword ``url=``), by default the journal's: with another
     transport (:class:`~lagompy.topic.HttpTransport`...), the ``journal_url`` is the
     subscribing service's own database. Keyword ``overrides`` set fields of
-    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...)."""
+    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...).
+    ``owner`` names the workers' leases (by default a name unique to this call): a process
+    that restarts under the same owner takes its leases back at once."""
     instances = [_instance(s) for s in subscribers]
     if not instances:
         raise ConfigurationError("start_subscribers() needs at least one subscriber")
@@ -383,6 +390,7 @@ async def start_subscribers(
         settings=settings,
         journal=journal_db,
         owned=owned,
+        owner=owner,
     )
     try:
         await running._start()
