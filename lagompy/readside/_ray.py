@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lagompy.closing import AsyncClosing, opener
+from lagompy.closing import opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus
@@ -45,6 +46,7 @@ from lagompy.readside._worker import ReadSideWorker, run_global_prepare
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
+    SupervisedActors,
     actor_journal,
     actor_runtime_env,
     attach,
@@ -165,8 +167,10 @@ class ReadSideWorkerActor:
         await self._storage.close()
 
 
-class RayReadSide(AsyncClosing):
+class RayReadSide(SupervisedActors):
     """The read-side workers of some processors on Ray, as seen from this process."""
+
+    kind = "read-side worker"
 
     def __init__(
         self,
@@ -178,51 +182,11 @@ class RayReadSide(AsyncClosing):
         owns_ray: bool,
         supervise_interval: float | None,
     ) -> None:
-        self.app = app
+        creators = {name: functools.partial(create, p, t) for p, t, name in specs}
+        super().__init__(app, creators, owns_ray=owns_ray, supervise_interval=supervise_interval)
         #: (processor name, tag, actor name) of every worker.
         self.specs = specs
-        self._create = create
         self.projections = projections
-        self._owns_ray = owns_ray
-        self._closed = False
-        self._supervisor: asyncio.Task[None] | None = None
-        if supervise_interval is not None:
-            self._supervisor = asyncio.create_task(self._supervise(supervise_interval))
-
-    @property
-    def namespace(self) -> str:
-        return namespace_of(self.app)
-
-    def handles(self) -> dict[str, Any]:
-        """The live actor handle of every worker (missing ones are left out)."""
-        import ray
-
-        out = {}
-        for _, _, name in self.specs:
-            with contextlib.suppress(ValueError):
-                out[name] = ray.get_actor(name, namespace=self.namespace)
-        return out
-
-    async def ensure(self) -> int:
-        """Create every worker actor that does not exist (killed for good); returns how many
-        were created."""
-        present = self.handles()
-        missing = [spec for spec in self.specs if spec[2] not in present]
-        for processor, tag, _ in missing:
-            log.warning(
-                "read-side worker %s/%s of app %r is gone: replacing it", processor, tag, self.app
-            )
-            handle = self._create(processor, tag)
-            await handle.ping.remote()
-        return len(missing)
-
-    async def _supervise(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.ensure()
-            except Exception:
-                log.exception("supervising the read-side workers of app %r failed", self.app)
 
     async def worker_stats(self) -> list[dict[str, Any]]:
         """What each worker actor reports from memory (state, offset, events handled...)."""
@@ -263,18 +227,12 @@ class RayReadSide(AsyncClosing):
     async def close(self, *, stop: bool = False) -> None:
         """Detach from the workers (they go on running); ``stop=True`` stops them first
         (each releases its lease)."""
-        if self._closed:
+        if not await self._detach():
             return
-        self._closed = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
         if stop:
             await stop_readside_on_ray(self.app, [p for p, _, _ in self.specs])
         await self.projections.close()
-        if self._owns_ray:
-            release()
+        self._release_ray()
 
 
 @opener

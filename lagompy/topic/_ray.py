@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from lagompy.closing import AsyncClosing, opener
+from lagompy.closing import opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._projections import Projections, WorkerStatus
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
@@ -49,6 +50,7 @@ from lagompy.readside._settings import (
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
+    SupervisedActors,
     actor_journal,
     actor_runtime_env,
     attach,
@@ -59,7 +61,7 @@ from lagompy.runtime._ray_cluster import (
 from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
-from lagompy.topic._runner import Subscribers, start_subscribers
+from lagompy.topic._runner import GroupOperations, Subscribers, start_subscribers
 from lagompy.topic._subscriber import Subscriber, offset_key
 from lagompy.topic._transport import TopicTransport
 
@@ -210,65 +212,33 @@ class SubscriberGroupActor:
         self.stop()
 
 
-class RaySubscribers(AsyncClosing):
+class RaySubscribers(GroupOperations, SupervisedActors):
     """Subscriber groups running on Ray, as seen from this process: their status, the
     operations on their positions (pause, resume, skip, set offset: rows in the subscribers'
     database, whichever actor holds them), and supervision of their actors."""
+
+    kind = "subscriber actor"
 
     def __init__(
         self,
         app: str,
         specs: list[tuple[str, str]],
-        create: Any,
+        create: Callable[[str], Any],
         projections: Projections,
         keys: dict[tuple[str, str], Subscriber[Any]],
         *,
         owns_ray: bool,
         supervise_interval: float | None,
     ) -> None:
-        self.app = app
+        creators = {name: functools.partial(create, name) for _, name in specs}
+        super().__init__(app, creators, owns_ray=owns_ray, supervise_interval=supervise_interval)
         #: (group key ``topic:<topic>:<group>``, actor name) of every actor.
         self.specs = specs
-        self._create = create
         self.projections = projections
-        self._groups = keys
-        self._owns_ray = owns_ray
-        self._closed = False
-        self._supervisor: asyncio.Task[None] | None = None
-        if supervise_interval is not None:
-            self._supervisor = asyncio.create_task(self._supervise(supervise_interval))
+        self._by_key = {key: sub for (key, _), sub in keys.items()}
 
-    @property
-    def namespace(self) -> str:
-        return namespace_of(self.app)
-
-    def handles(self) -> dict[str, Any]:
-        """The live actor handle of every group actor (missing ones are left out)."""
-        import ray
-
-        out = {}
-        for _, name in self.specs:
-            with contextlib.suppress(ValueError):
-                out[name] = ray.get_actor(name, namespace=self.namespace)
-        return out
-
-    async def ensure(self) -> int:
-        """Create every group actor that does not exist (killed for good); returns how many
-        were created."""
-        present = self.handles()
-        missing = [name for _, name in self.specs if name not in present]
-        for name in missing:
-            log.warning("subscriber actor %s of app %r is gone: replacing it", name, self.app)
-            await self._create(name).ping.remote()
-        return len(missing)
-
-    async def _supervise(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.ensure()
-            except Exception:
-                log.exception("supervising the subscriber actors of app %r failed", self.app)
+    def _groups(self) -> list[tuple[str, Subscriber[Any]]]:
+        return list(self._by_key.items())
 
     async def actor_stats(self) -> list[dict[str, Any]]:
         """What each actor reports: per partition its position, lag, state and counters."""
@@ -284,45 +254,12 @@ class RaySubscribers(AsyncClosing):
                 out += [{"actor": name, **row} for row in result]
         return out
 
-    def _key(self, group: str, topic: str | None) -> str:
-        found = sorted(
-            {
-                key
-                for (key, name), sub in self._groups.items()
-                if name == group and topic in (None, sub.topic.name)
-            }
-        )
-        if len(found) != 1:
-            raise ConfigurationError(
-                f"no subscriber group {group!r} here"
-                if not found
-                else f"group {group!r} reads several topics: name the topic"
-            )
-        return found[0]
-
     async def status(self, group: str | None = None) -> list[WorkerStatus]:
         """Every (group, partition): the stored position and state from the subscribers'
         database (the lag, when the messages come from another service, is in
         :meth:`actor_stats`)."""
-        keys = {k for k, _ in self._groups} if group is None else {self._key(group, None)}
+        keys = set(self._by_key) if group is None else {self._key(group, None)}
         return [s for s in await self.projections.status() if s.processor in keys]
-
-    async def pause(self, group: str, *, topic: str | None = None) -> int:
-        return await self.projections.pause(self._key(group, topic))
-
-    async def resume(self, group: str, *, topic: str | None = None) -> int:
-        return await self.projections.resume(self._key(group, topic))
-
-    async def skip(self, group: str, *, topic: str | None = None) -> int:
-        return await self.projections.skip(self._key(group, topic))
-
-    async def set_offset(
-        self, group: str, partition: int, offset: int, *, topic: str | None = None
-    ) -> None:
-        key = self._key(group, topic)
-        subscriber = next(s for (k, _), s in self._groups.items() if k == key)
-        tag = subscriber.topic.partition_tag(partition)
-        await self.projections.set_offset(key, tag, offset, force=True)
 
     def problems(self) -> list[str]:
         """Nothing beyond what the subscribers' database shows (a replaced actor is the
@@ -345,18 +282,12 @@ class RaySubscribers(AsyncClosing):
     async def close(self, *, stop: bool = False) -> None:
         """Detach from the actors (they go on running); ``stop=True`` stops them first (each
         releases its leases)."""
-        if self._closed:
+        if not await self._detach():
             return
-        self._closed = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
         if stop:
-            await stop_subscribers_on_ray(self.app, [name for _, name in self.specs])
+            await stop_subscribers_on_ray(self.app, self.actor_names)
         await self.projections.close()
-        if self._owns_ray:
-            release()
+        self._release_ray()
 
 
 def _subscriber_class(subscriber: Any) -> type[Subscriber[Any]]:

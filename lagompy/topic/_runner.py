@@ -82,7 +82,54 @@ async def apply_start(
     return offset if done.rowcount else None
 
 
-class Subscribers(AsyncClosing):
+class GroupOperations:
+    """Operations by group on the rows of the groups' positions (``topic:<topic>:<group>``
+    and each partition's tag) in the subscribers' database, whichever process or actor runs
+    the workers: :class:`Subscribers` and the Ray handle share them."""
+
+    projections: Projections
+
+    def _groups(self) -> list[tuple[str, Subscriber[Any]]]:
+        """(offset key, subscriber) of every group."""
+        raise NotImplementedError
+
+    def _key(self, group: str, topic: str | None) -> str:
+        found = [
+            key
+            for key, subscriber in self._groups()
+            if subscriber.group == group and topic in (None, subscriber.topic.name)
+        ]
+        if len(found) != 1:
+            raise ConfigurationError(
+                f"no subscriber group {group!r} here"
+                if not found
+                else f"group {group!r} reads several topics: name the topic"
+            )
+        return found[0]
+
+    async def pause(self, group: str, *, topic: str | None = None) -> int:
+        """Pause the group on every partition (persisted, seen within ``renew_interval``)."""
+        return await self.projections.pause(self._key(group, topic))
+
+    async def resume(self, group: str, *, topic: str | None = None) -> int:
+        """Undo :meth:`pause`; a group stopped by a failing message retries it."""
+        return await self.projections.resume(self._key(group, topic))
+
+    async def skip(self, group: str, *, topic: str | None = None) -> int:
+        """Move the group's failed partitions past the message they are stopped at."""
+        return await self.projections.skip(self._key(group, topic))
+
+    async def set_offset(
+        self, group: str, partition: int, offset: int, *, topic: str | None = None
+    ) -> None:
+        """Make the group resume after ``offset`` on ``partition`` (replay from there)."""
+        key = self._key(group, topic)
+        subscriber = next(sub for k, sub in self._groups() if k == key)
+        tag = subscriber.topic.partition_tag(partition)
+        await self.projections.set_offset(key, tag, offset, force=True)
+
+
+class Subscribers(GroupOperations, AsyncClosing):
     """Subscriber workers running in this process. Build it with :func:`start_subscribers`;
     close it (or use ``async with``) to stop the workers, which release their leases.
 
@@ -226,19 +273,8 @@ class Subscribers(AsyncClosing):
                 return w
         raise ConfigurationError(f"no subscriber group {group!r} with partition {partition}")
 
-    def _key(self, group: str, topic: str | None) -> str:
-        found = [
-            p.name
-            for p in self.processors
-            if p.subscriber.group == group and topic in (None, p.subscriber.topic.name)
-        ]
-        if len(found) != 1:
-            raise ConfigurationError(
-                f"no subscriber group {group!r} here"
-                if not found
-                else f"group {group!r} reads several topics: name the topic"
-            )
-        return found[0]
+    def _groups(self) -> list[tuple[str, Subscriber[Any]]]:
+        return [(p.name, p.subscriber) for p in self.processors]
 
     async def status(self, group: str | None = None) -> list[WorkerStatus]:
         """Every (group, partition) of these subscribers: position, lag (when the journal is
@@ -266,27 +302,6 @@ class Subscribers(AsyncClosing):
         except LagompyError:
             return status  # the producer cannot say now: the status says what it knows
         return dataclasses.replace(status, head_offset=head, lag_events=behind, lag_seconds=seconds)
-
-    async def pause(self, group: str, *, topic: str | None = None) -> int:
-        """Pause the group on every partition (persisted, seen within ``renew_interval``)."""
-        return await self.projections.pause(self._key(group, topic))
-
-    async def resume(self, group: str, *, topic: str | None = None) -> int:
-        """Undo :meth:`pause`; a group stopped by a failing message retries it."""
-        return await self.projections.resume(self._key(group, topic))
-
-    async def skip(self, group: str, *, topic: str | None = None) -> int:
-        """Move the group's failed partitions past the message they are stopped at."""
-        return await self.projections.skip(self._key(group, topic))
-
-    async def set_offset(
-        self, group: str, partition: int, offset: int, *, topic: str | None = None
-    ) -> None:
-        """Make the group resume after ``offset`` on ``partition`` (replay from there)."""
-        key = self._key(group, topic)
-        processor = next(p for p in self.processors if p.name == key)
-        tag = processor.subscriber.topic.partition_tag(partition)
-        await self.projections.set_offset(key, tag, offset, force=True)
 
     def problems(self) -> list[str]:
         """What keeps groups of this process from making progress that their rows cannot show:
