@@ -27,7 +27,6 @@ import contextlib
 import functools
 import logging
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,12 +45,14 @@ from lagompy.readside._worker import ReadSideWorker, run_global_prepare
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
+    ActorLoop,
     SupervisedActors,
     actor_journal,
     actor_runtime_env,
     attach,
     namespace_of,
     release,
+    start_named_actors,
     stop_actors,
 )
 from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
@@ -89,20 +90,14 @@ class ReadSideWorkerActor:
     ) -> None:
         cls = resolve_class(processor_path)
         self.processor: SqlReadSideProcessor = cls()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="lagompy-readside", daemon=True
-        )
-        self._thread.start()
+        self._actor_loop = ActorLoop("lagompy-readside")
         self.worker: ReadSideWorker = self._call(
             self._open(JournalSettings(**journal), ReadSideSettings(**readside), tag, owner)
         )
-        self._running: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
-            self.worker.run(), self._loop
-        )
+        self._running: concurrent.futures.Future[None] = self._actor_loop.submit(self.worker.run())
 
     def _call(self, coroutine: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self._actor_loop.call(coroutine, timeout)
 
     async def _open(
         self,
@@ -312,20 +307,14 @@ async def start_readside_on_ray(
             ).remote(by_name[processor], tag, journal, readside, f"ray:{app}/{name}")
 
         specs = [(c.name, t, actor_name(c.name, t)) for c in classes for t in c.tags()]
-        handles = [create(p, t) for p, t, _ in specs]
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(h.ping.remote() for h in handles)), start_timeout
-            )
-        except TimeoutError:
-            raise ConfigurationError(
-                f"the read-side workers of app {app!r} did not answer within {start_timeout} s"
-            ) from None
-        except ray.exceptions.RayActorError as e:
-            await stop_readside_on_ray(app, names)
-            raise ConfigurationError(
-                f"a read-side worker of app {app!r} could not start: {e}"
-            ) from e
+        creators = {name: functools.partial(create, p, t) for p, t, name in specs}
+        await start_named_actors(
+            app,
+            creators,
+            start_timeout,
+            "read-side worker",
+            lambda _: stop_readside_on_ray(app, names),
+        )
     except BaseException:
         await projections.close()
         if owns_ray:

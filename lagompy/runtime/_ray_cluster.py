@@ -37,6 +37,7 @@ to them stay with their owners (``_ray.py`` and ``_host.py`` for entities,
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -45,11 +46,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
@@ -58,6 +60,7 @@ from lagompy.settings import JournalSettings, RuntimeSettings
 
 __all__ = [
     "COORDINATOR",
+    "ActorLoop",
     "LocalRay",
     "SupervisedActors",
     "actor_journal",
@@ -75,11 +78,14 @@ __all__ = [
     "record_local_ray",
     "release",
     "start_head",
+    "start_named_actors",
     "stop_actors",
     "stop_head",
 ]
 
 log = logging.getLogger("lagompy.runtime")
+
+T = TypeVar("T")
 
 #: Environment variable naming the directory of local Ray records.
 LOCAL_RAY_DIR_ENV = "LAGOMPY_LOCAL_RAY_DIR"
@@ -531,3 +537,46 @@ class SupervisedActors(AsyncClosing):
     def _release_ray(self) -> None:
         if self._owns_ray:
             release()
+
+
+class ActorLoop:
+    """An event loop on a thread of its own, for a synchronous actor (Ray calls its methods
+    one at a time on its main thread) whose work is asyncio: a worker started in ``__init__``
+    runs there, so that a restart by Ray restarts it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` on the loop; its future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        """Run ``coroutine`` on the loop and wait for its result (``timeout`` seconds)."""
+        return self.submit(coroutine).result(timeout)
+
+
+async def start_named_actors(
+    app: str,
+    creators: Mapping[str, Callable[[], Any]],
+    timeout: float,
+    what: str,
+    stop: Callable[[list[str]], Awaitable[Any]],
+) -> None:
+    """Get or create each actor (``creators``: name -> ``.remote()`` maker) and wait until all
+    answer ``ping`` (within ``timeout`` seconds); else ``ConfigurationError`` naming ``what``
+    (``"read-side worker"``...), after ``stop`` of them all when one could not start."""
+    import ray
+
+    handles = [create() for create in creators.values()]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in handles)), timeout)
+    except TimeoutError:
+        raise ConfigurationError(
+            f"the {what}s of app {app!r} did not answer within {timeout} s"
+        ) from None
+    except ray.exceptions.RayActorError as e:
+        await stop(list(creators))
+        raise ConfigurationError(f"a {what} of app {app!r} could not start: {e}") from e

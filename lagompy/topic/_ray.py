@@ -33,7 +33,6 @@ import contextlib
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -50,12 +49,14 @@ from lagompy.readside._settings import (
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
+    ActorLoop,
     SupervisedActors,
     actor_journal,
     actor_runtime_env,
     attach,
     namespace_of,
     release,
+    start_named_actors,
     stop_actors,
 )
 from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
@@ -134,18 +135,14 @@ class SubscriberGroupActor:
         owner: str,
     ) -> None:
         cls = resolve_class(subscriber_path)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="lagompy-subscriber", daemon=True
-        )
-        self._thread.start()
+        self._actor_loop = ActorLoop("lagompy-subscriber")
         self.owner = owner
         self.running: Subscribers = self._call(
             self._open(cls, transport, JournalSettings(**journal), ReadSideSettings(**readside))
         )
 
     def _call(self, coroutine: Any, timeout: float | None = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self._actor_loop.call(coroutine, timeout)
 
     async def _open(
         self,
@@ -381,20 +378,13 @@ async def start_subscribers_on_ray(
                 runtime_env=runtime_env,
             ).remote(paths[by_name[name]], spec, journal, readside, f"ray:{app}/{name}")
 
-        handles = [create(name) for _, name in specs]
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(h.ping.remote() for h in handles)), start_timeout
-            )
-        except TimeoutError:
-            raise ConfigurationError(
-                f"the subscriber actors of app {app!r} did not answer within {start_timeout} s"
-            ) from None
-        except ray.exceptions.RayActorError as e:
-            await stop_subscribers_on_ray(app, [name for _, name in specs])
-            raise ConfigurationError(
-                f"a subscriber actor of app {app!r} could not start: {e}"
-            ) from e
+        await start_named_actors(
+            app,
+            {name: functools.partial(create, name) for _, name in specs},
+            start_timeout,
+            "subscriber actor",
+            lambda names: stop_subscribers_on_ray(app, names),
+        )
     except BaseException:
         await projections.close()
         if owns_ray:
