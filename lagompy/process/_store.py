@@ -1,0 +1,233 @@
+"""A process manager's states and timers in SQL: :class:`ProcessStore`.
+
+States (``lagompy_process_states``) and timers (``lagompy_process_timers``) are read outside
+the worker's transaction (under its lease nobody else writes its keys) and written inside it,
+with the position: :meth:`ProcessStore.write` checks the version each state was read at, so a
+key written meanwhile (by a worker of another partition) fails the transaction instead of
+losing an update."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy.errors import ProcessKeyConflict
+from lagompy.journal._journal import now_us
+from lagompy.process._manager import ScheduledTimer
+from lagompy.serialization import Serializer
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+
+__all__ = ["KeyEntry", "ProcessStore", "TimerRow"]
+
+_S = schema.process_states
+_T = schema.process_timers
+
+
+@dataclasses.dataclass
+class KeyEntry:
+    """One key's state while a batch handles it: as read (``version``: 0 when it has no row),
+    and what the handlers did to it."""
+
+    key: str
+    version: int
+    state: Any
+    #: The state as read (the row is written only when it changed).
+    stored: Any
+    ended: bool = False
+    scheduled: list[ScheduledTimer] = dataclasses.field(default_factory=list)
+    cancelled: list[str] = dataclasses.field(default_factory=list)
+
+    def apply(self, state: Any, scheduled: list[ScheduledTimer], cancelled: list[str]) -> None:
+        """What one handler returned and did (a handler after ``end`` starts a new life)."""
+        self.cancelled += cancelled
+        dropped = set(cancelled)
+        self.scheduled = [t for t in self.scheduled if t.timer_id not in dropped] + scheduled
+        self.state = state
+
+
+@dataclasses.dataclass(frozen=True)
+class TimerRow:
+    timer_id: str
+    key: str
+    due_us: int
+    message: Any
+
+
+class ProcessStore:
+    """The states and timers of one process manager (``manager``: its name)."""
+
+    def __init__(self, database: Database, manager: str, serializer: Serializer) -> None:
+        self.database = database
+        self.manager = manager
+        self.serializer = serializer
+
+    async def load(self, key: str, tag: str, initial: Any) -> KeyEntry:
+        """The state of ``key`` (``initial`` when it has none), checked to belong to ``tag``."""
+        async with self.database.read() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        _S.c.tag, _S.c.version, _S.c.state_type, _S.c.state_version, _S.c.payload
+                    ).where(_S.c.manager == self.manager, _S.c.key == key)
+                )
+            ).first()
+        if row is None:
+            return KeyEntry(key, 0, initial, initial)
+        if row.tag != tag:
+            raise ProcessKeyConflict(
+                f"process manager {self.manager!r}: key {key!r} belongs to partition tag "
+                f"{row.tag!r}, and an event of tag {tag!r} associates with it: a key's events "
+                "must come from one partition of the source (associate by the source entity's "
+                "id, or by a value all of one entity's events carry)"
+            )
+        state = self.serializer.decode(row.state_type, row.state_version, row.payload)
+        return KeyEntry(key, row.version, state, state)
+
+    async def write(self, conn: AsyncConnection, tag: str, entries: Iterable[KeyEntry]) -> None:
+        """Store what the handlers did to ``entries`` in ``conn``'s transaction."""
+        now = now_us()
+        for entry in entries:
+            owned = and_(_S.c.manager == self.manager, _S.c.key == entry.key)
+            timers_of_key = and_(_T.c.manager == self.manager, _T.c.key == entry.key)
+            if entry.ended:
+                if entry.version:
+                    done = await conn.execute(
+                        delete(_S).where(owned, _S.c.version == entry.version)
+                    )
+                    self._check(done.rowcount, entry)
+                await conn.execute(delete(_T).where(timers_of_key))
+            elif entry.state != entry.stored or (entry.version == 0 and entry.scheduled):
+                name, version, payload = self.serializer.encode(entry.state)
+                values = {
+                    "state_type": name,
+                    "state_version": version,
+                    "payload": payload,
+                    "updated_us": now,
+                }
+                if entry.version == 0:
+                    await conn.execute(
+                        insert(_S).values(
+                            manager=self.manager, key=entry.key, tag=tag, version=1, **values
+                        )
+                    )
+                else:
+                    done = await conn.execute(
+                        update(_S)
+                        .where(owned, _S.c.version == entry.version)
+                        .values(version=entry.version + 1, **values)
+                    )
+                    self._check(done.rowcount, entry)
+            if entry.cancelled and not entry.ended:
+                await conn.execute(
+                    delete(_T).where(timers_of_key, _T.c.timer_id.in_(entry.cancelled))
+                )
+            if entry.scheduled and not entry.ended:
+                ids = [t.timer_id for t in entry.scheduled]
+                # A replay (after set-offset) schedules the same ids again: the new ones win.
+                await conn.execute(
+                    delete(_T).where(_T.c.manager == self.manager, _T.c.timer_id.in_(ids))
+                )
+                rows = []
+                for t in entry.scheduled:
+                    name, version, payload = self.serializer.encode(t.message)
+                    rows.append(
+                        {
+                            "manager": self.manager,
+                            "timer_id": t.timer_id,
+                            "tag": tag,
+                            "key": entry.key,
+                            "due_us": t.due_us,
+                            "message_type": name,
+                            "message_version": version,
+                            "payload": payload,
+                        }
+                    )
+                await conn.execute(insert(_T), rows)
+
+    def _check(self, rowcount: int, entry: KeyEntry) -> None:
+        if rowcount != 1:
+            raise ProcessKeyConflict(
+                f"process manager {self.manager!r}: the state of key {entry.key!r} changed "
+                f"since it was read (version {entry.version}): another worker wrote it"
+            )
+
+    async def fired(self, conn: AsyncConnection, timer_id: str) -> None:
+        """Delete the timer being fired, in the transaction that stores its effect."""
+        done = await conn.execute(
+            delete(_T).where(_T.c.manager == self.manager, _T.c.timer_id == timer_id)
+        )
+        if done.rowcount != 1:
+            raise ProcessKeyConflict(
+                f"process manager {self.manager!r}: timer {timer_id!r} is gone (fired or "
+                "cancelled by another worker)"
+            )
+
+    async def due(self, tag: str, at_us: int, limit: int) -> list[TimerRow]:
+        """The timers of ``tag`` due at ``at_us``, the earliest first."""
+        async with self.database.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(_T)
+                    .where(_T.c.manager == self.manager, _T.c.tag == tag, _T.c.due_us <= at_us)
+                    .order_by(_T.c.due_us, _T.c.timer_id)
+                    .limit(limit)
+                )
+            ).all()
+        return [
+            TimerRow(
+                r.timer_id,
+                r.key,
+                r.due_us,
+                self.serializer.decode(r.message_type, r.message_version, r.payload),
+            )
+            for r in rows
+        ]
+
+    async def next_due(self, tag: str) -> int | None:
+        """When the next timer of ``tag`` is due (microseconds), or None."""
+        async with self.database.read() as conn:
+            value = (
+                await conn.execute(
+                    select(func.min(_T.c.due_us)).where(
+                        _T.c.manager == self.manager, _T.c.tag == tag
+                    )
+                )
+            ).scalar()
+        return None if value is None else int(value)
+
+    async def state(self, key: str) -> Any | None:
+        """The stored state of ``key`` (None: it has none: never handled, or ended)."""
+        async with self.database.read() as conn:
+            row = (
+                await conn.execute(
+                    select(_S.c.state_type, _S.c.state_version, _S.c.payload).where(
+                        _S.c.manager == self.manager, _S.c.key == key
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return self.serializer.decode(row.state_type, row.state_version, row.payload)
+
+    async def counts(self) -> dict[str, tuple[int, int]]:
+        """Per partition tag: (keys with a state, pending timers)."""
+        out: dict[str, tuple[int, int]] = {}
+        async with self.database.read() as conn:
+            for tag, n in await conn.execute(
+                select(_S.c.tag, func.count())
+                .where(_S.c.manager == self.manager)
+                .group_by(_S.c.tag)
+            ):
+                out[tag] = (int(n), 0)
+            for tag, n in await conn.execute(
+                select(_T.c.tag, func.count())
+                .where(_T.c.manager == self.manager)
+                .group_by(_T.c.tag)
+            ):
+                out[tag] = (out.get(tag, (0, 0))[0], int(n))
+        return out

@@ -1,0 +1,400 @@
+"""One :class:`ProcessWorker` per (process manager, partition of its source): the consumer
+core with the process manager's commit strategy, and the partition's durable timers.
+
+The worker is an :class:`~lagompy.consumer.EventConsumer` (fenced lease, stored position,
+catch up then live, backoff, stalls, pause/resume, status) whose strategy,
+:class:`ProcessCommit`, is the read side's :class:`~lagompy.readside._worker.ProjectionCommit`
+(retries, ``on_failure`` stop or skip, failure lines, one-by-one after a failing batch) with
+its transaction replaced::
+
+    for each event of the batch:        (outside any transaction)
+        key = associate(event)          None: ignored (the position still advances)
+        state = the key's state         (stored, or initial_state; cached within the batch)
+        state = await handle(ctx, state, event)     commands sent here, ids from the offset
+    one transaction: the new states, the timers scheduled or cancelled, the position,
+                     fenced by the lease's epoch
+
+A worker that dies between the sends and the commit re-runs the events: the same command ids,
+answered from the entities' stored replies (exactly-once effect). The worker's timer loop
+fires the partition's due timers while it holds the lease and runs: ``on_timer``, then the
+timer's deletion, the key's new state and the (unchanged) position in one transaction; a
+failing timer follows the same retry, stop or skip path as an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from lagompy.consumer._core import ConsumerStopped, EventConsumer
+from lagompy.errors import (
+    JournalUnavailable,
+    LagompyError,
+    LeaseLost,
+    ReadSideHandlerFailed,
+)
+from lagompy.journal._journal import EventEnvelope, Journal, now_us
+from lagompy.process._manager import (
+    ProcessContext,
+    ProcessManager,
+    RefSource,
+    check_key,
+    offset_key,
+    timer_base,
+    timer_base_of_timer,
+)
+from lagompy.process._store import KeyEntry, ProcessStore, TimerRow
+from lagompy.readside._processor import SqlReadSideProcessor
+from lagompy.readside._settings import ReadSideSettings
+from lagompy.readside._store import FAILED, Flags, Lease, OffsetStore
+from lagompy.readside._worker import (
+    ProjectionCommit,
+    _HookFailed,
+    _wanted_type_names,
+    default_owner,
+    describe_error,
+)
+from lagompy.sql._database import Database
+
+log = logging.getLogger("lagompy.process")
+
+__all__ = ["ManagerProcessor", "ProcessCommit", "ProcessWorker", "processor_for"]
+
+#: Timers fired per query of the due ones.
+TIMER_PAGE = 100
+#: The longest a timer loop sleeps before it looks for due timers again (a timer another
+#: process scheduled for this partition, or one a restart left behind).
+TIMER_POLL = 1.0
+
+
+class ManagerProcessor(SqlReadSideProcessor):
+    """A process manager as the read side's machinery sees it: its offsets named
+    ``process:<name>``, its source's tags and entities (its ``handle`` is never called: the
+    strategy runs the manager itself)."""
+
+    manager: ProcessManager[Any]
+
+    async def handle(self, conn: Any, envelope: EventEnvelope[Any]) -> None:
+        raise NotImplementedError  # ProcessCommit replaces the transaction
+
+
+def processor_for(manager: ProcessManager[Any]) -> ManagerProcessor:
+    cls = type(manager)
+    cls.validate()
+    processor_cls = type(
+        f"{cls.__name__}Processor",
+        (ManagerProcessor,),
+        {
+            "name": offset_key(cls.name),
+            "tag": cls.tag_of(),
+            "entities": (cls.source, *cls.entities),
+            "__module__": __name__,
+        },
+    )
+    processor: ManagerProcessor = processor_cls()
+    processor.manager = manager
+    return processor
+
+
+class ProcessCommit(ProjectionCommit):
+    """The process manager's :class:`~lagompy.consumer.CommitStrategy` (see the module docs).
+    Commits of events and firings of timers take turns (one lock), so that each writes the
+    position the other left."""
+
+    processor: ManagerProcessor
+
+    def __init__(
+        self,
+        processor: ManagerProcessor,
+        database: Database,
+        store: OffsetStore,
+        settings: ReadSideSettings,
+        *,
+        states: ProcessStore,
+        entities: RefSource,
+    ) -> None:
+        super().__init__(processor, database, store, settings)
+        self.manager = processor.manager
+        self.states = states
+        self.entities = entities
+        self.lock = asyncio.Lock()
+        #: Set when a commit stored a timer (the timer loop looks again at once).
+        self.timers_changed = asyncio.Event()
+
+    def _context(self, key: str, **kwargs: Any) -> ProcessContext:
+        return ProcessContext(
+            type(self.manager).name,
+            key,
+            entities=self.entities,
+            timer_messages=type(self.manager).timer_messages,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ events
+
+    async def commit_batch(
+        self,
+        consumer: EventConsumer,
+        lease: Lease,
+        envelopes: list[EventEnvelope[Any]],
+        *,
+        upto: int | None = None,
+    ) -> tuple[int, Flags]:
+        async with self.lock:
+            return await self._handle(consumer, lease, envelopes, upto)
+
+    async def _handle(
+        self,
+        consumer: EventConsumer,
+        lease: Lease,
+        envelopes: list[EventEnvelope[Any]],
+        upto: int | None,
+    ) -> tuple[int, Flags]:
+        manager = self.manager
+        name = type(manager).name
+        initial = type(manager).initial_state
+        entries: dict[str, KeyEntry] = {}
+        started = time.monotonic()
+        done = 0
+        scheduled = False
+        try:
+            for envelope in envelopes:
+                key = manager.associate(envelope.event, envelope.entity_id)
+                if key is not None:
+                    key = check_key(name, key)
+                    entry = entries.get(key)
+                    if entry is not None and entry.ended:
+                        break  # the key starts a new life: in the next transaction
+                    if entry is None:
+                        entry = await self.states.load(key, consumer.tag, initial)
+                        entries[key] = entry
+                    offset = envelope.offset
+                    ctx = self._context(
+                        key,
+                        origin=f"{name}:{offset}",
+                        timer_base=timer_base(offset),
+                        now_us=int(envelope.timestamp.timestamp() * 1_000_000),
+                        offset=offset,
+                        entity_id=envelope.entity_id,
+                    )
+                    state = await manager.handle(ctx, entry.state, envelope.event)
+                    entry.apply(state, ctx.scheduled, ctx.cancelled)
+                    entry.ended = ctx.ended
+                    scheduled = scheduled or bool(ctx.scheduled)
+                done += 1
+                if time.monotonic() - started >= self.settings.max_batch_seconds:
+                    break
+        except (LeaseLost, ConsumerStopped, JournalUnavailable):
+            raise
+        except Exception as e:
+            raise _HookFailed(e) from e
+        if done == 0:  # the first event's key ended in this batch: cannot happen, but be safe
+            raise _HookFailed(RuntimeError("no event handled"))
+        offset = envelopes[done - 1].offset if upto is None or done < len(envelopes) else upto
+        rate = consumer.rate.add(done)
+        clear = consumer.passes_failure(offset)
+        async with self.projection.write() as conn:
+            await self.states.write(conn, consumer.tag, entries.values())
+            flags = await self.store.commit(
+                conn, lease, offset, self.settings.lease_ttl, events_per_s=rate, clear_failure=clear
+            )
+        consumer.moved(offset, clear, flags)
+        consumer.events_handled += done
+        consumer.transactions += 1
+        if scheduled:
+            self.timers_changed.set()
+        return done, flags
+
+    async def _commit_offset(
+        self, consumer: EventConsumer, lease: Lease, offset: int, *, skipped: int = 0
+    ) -> Flags:
+        async with self.lock:
+            return await super()._commit_offset(consumer, lease, offset, skipped=skipped)
+
+    # ------------------------------------------------------------------ timers
+
+    async def fire(self, consumer: EventConsumer, lease: Lease, timer: TimerRow) -> Flags:
+        """Fire one due timer: ``on_timer``, then its deletion, the key's state and the
+        position (unchanged) in one transaction."""
+        manager = self.manager
+        name = type(manager).name
+        async with self.lock:
+            try:
+                entry = await self.states.load(timer.key, consumer.tag, type(manager).initial_state)
+                ctx = self._context(
+                    timer.key,
+                    origin=f"{name}:timer:{timer.timer_id}",
+                    timer_base=timer_base_of_timer(timer.timer_id),
+                    now_us=timer.due_us,
+                    offset=consumer.offset,
+                    timer_id=timer.timer_id,
+                )
+                state = await manager.on_timer(ctx, entry.state, timer.message)
+            except (LeaseLost, ConsumerStopped, JournalUnavailable):
+                raise
+            except Exception as e:
+                raise _HookFailed(e) from e
+            entry.apply(state, ctx.scheduled, ctx.cancelled)
+            entry.ended = ctx.ended
+            async with self.projection.write() as conn:
+                await self.states.fired(conn, timer.timer_id)
+                await self.states.write(conn, consumer.tag, [entry])
+                flags = await self.store.commit(
+                    conn, lease, consumer.offset, self.settings.lease_ttl
+                )
+            consumer.set_flags(flags)
+            consumer.transactions += 1
+            return flags
+
+    async def fire_one(self, consumer: EventConsumer, lease: Lease, timer: TimerRow) -> Flags:
+        """Fire ``timer``, retried with backoff ``max_attempts`` times; then ``on_failure``:
+        ``skip`` drops the timer, ``stop`` records the failure (the partition is ``failed``
+        until resumed, which retries the timer)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.fire(consumer, lease, timer)
+            except (LeaseLost, ConsumerStopped, JournalUnavailable):
+                raise
+            except Exception as e:
+                consumer.failures += 1
+                where = consumer.where()
+                failure = ReadSideHandlerFailed(
+                    f"{where}: on_timer failed for timer {timer.timer_id!r} of key "
+                    f"{timer.key!r}, attempt {attempt}/{self.settings.max_attempts}: "
+                    f"{describe_error(e)}",
+                    processor=consumer.name,
+                    tag=consumer.tag,
+                    offset=consumer.offset,
+                    attempts=attempt,
+                )
+                consumer.last_error = str(failure)
+                original = e.error if isinstance(e, _HookFailed) else e
+                log.error("%s", failure, exc_info=original if attempt == 1 else None)
+                if attempt < self.settings.max_attempts:
+                    await self._record(consumer, lease, failure, "retrying")
+                    await consumer.sleep(consumer.backoff(attempt))
+                    continue
+                if self.settings.on_failure == "skip":
+                    async with self.lock, self.projection.write() as conn:
+                        await self.states.fired(conn, timer.timer_id)
+                    return await self._record(
+                        consumer, lease, failure, "running", prefix="timer dropped: "
+                    )
+                flags = await self._record(consumer, lease, failure, FAILED)
+                consumer.state = FAILED
+                log.error(
+                    "%s: stopped at timer %r after %d attempts: fix the cause and `lagompy "
+                    "process-managers resume %s` retries it",
+                    where,
+                    timer.timer_id,
+                    attempt,
+                    type(self.manager).name,
+                )
+                return flags
+
+
+class ProcessWorker(EventConsumer):
+    """Runs one process manager on one partition of its source (see the module's docs).
+    :meth:`run` goes on until :meth:`stop` (with the timer loop beside the tail);
+    :meth:`catch_up` handles the events in the journal now, :meth:`fire_due_timers` the
+    timers due now."""
+
+    settings: ReadSideSettings
+    store: OffsetStore
+    strategy: ProcessCommit
+
+    def __init__(
+        self,
+        processor: ManagerProcessor,
+        tag: str,
+        *,
+        journal: Journal,
+        database: Database,
+        entities: RefSource,
+        settings: ReadSideSettings,
+        owner: str | None = None,
+    ) -> None:
+        store = OffsetStore(database)
+        name = type(processor.manager).name
+        self.states = ProcessStore(database, name, journal.serializer)
+        super().__init__(
+            processor.name,
+            tag,
+            journal=journal,
+            store=store,
+            strategy=ProcessCommit(
+                processor,
+                database,
+                store,
+                settings,
+                states=self.states,
+                entities=entities,
+            ),
+            settings=settings,
+            owner=owner or default_owner(),
+            event_types=_wanted_type_names(processor, journal.serializer),
+            kind="process manager",
+            describe_error=describe_error,
+            logger=log,
+        )
+        self.processor = processor
+        self.manager = processor.manager
+        #: Timers this worker fired.
+        self.timers_fired = 0
+
+    async def run(self) -> None:
+        timers = asyncio.create_task(self._timer_loop(), name=f"process timers {self.tag}")
+        try:
+            await super().run()
+        finally:
+            timers.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConsumerStopped):
+                await timers
+
+    async def fire_due_timers(self, *, lease: Lease | None = None) -> int:
+        """Fire the timers of this partition due now (under ``lease``, else the running
+        worker's); returns how many fired."""
+        lease = lease or self.lease
+        if lease is None:
+            raise LeaseLost(f"{self.where()}: holds no lease", processor=self.name, tag=self.tag)
+        fired = 0
+        while True:
+            due = await self.states.due(self.tag, now_us(), TIMER_PAGE)
+            for timer in due:
+                if self.flags.hold:
+                    return fired
+                await self.strategy.fire_one(self, lease, timer)
+                fired += 1
+                self.timers_fired += 1
+            if len(due) < TIMER_PAGE:
+                return fired
+
+    async def _timer_loop(self) -> None:
+        changed = self.strategy.timers_changed
+        while True:
+            wait = TIMER_POLL
+            lease = self.lease
+            changed.clear()
+            if lease is not None and self.state == "running" and not self.flags.hold:
+                try:
+                    await self.fire_due_timers(lease=lease)
+                    due = await self.states.next_due(self.tag)
+                    if due is not None:
+                        wait = min(wait, max(0.0, (due - now_us()) / 1e6))
+                except ConsumerStopped:
+                    return
+                except Exception as e:  # the lease moved on, the database is away...
+                    log.warning(
+                        "%s: timers: %s",
+                        self.where(),
+                        describe_error(e),
+                        exc_info=not isinstance(e, LagompyError),
+                    )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await changed.wait()
