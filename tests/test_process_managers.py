@@ -16,9 +16,12 @@ order (tests/process_entities.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,8 +41,10 @@ from process_entities import (
     PlaceOrder,
     Remind,
 )
+from typer.testing import CliRunner
 
 from lagompy import ConfigurationError, start
+from lagompy.cli import build_app
 from lagompy.errors import ReadSideHandlerFailed
 from lagompy.process import (
     ProcessContext,
@@ -279,6 +284,51 @@ async def test_catch_up_raises_when_a_handler_keeps_failing(
         worker = managers.worker("fulfil", OrderEntity.tag.for_entity("neg"))
         with pytest.raises(ReadSideHandlerFailed, match="negative amount -5"):
             await worker.catch_up()
+
+
+class BrokenReminders(Fulfil):
+    name = "broken-reminders"
+
+    async def on_timer(self, ctx: ProcessContext, state: Fulfilment, message: object) -> Fulfilment:
+        raise RuntimeError("the reminder service is down")
+
+
+async def test_a_failing_timer_stops_its_partition_until_skipped(
+    runtime: InProcessEntities, journal_settings: JournalSettings
+) -> None:
+    await place(runtime, "late", remind_after=0)
+    partition = OrderEntity.tag.for_entity("late")
+    async with start_process_managers(
+        [BrokenReminders],
+        entities=runtime,
+        journal_settings=journal_settings,
+        max_attempts=2,
+        **FAST,
+    ) as managers:
+
+        async def failed() -> bool:
+            return any(s.state == "failed" for s in await managers.status())
+
+        await eventually(failed)
+        status = next(s for s in await managers.status() if s.tag == partition)
+        failure = status.worker.failure
+        assert failure is not None
+        assert "on_timer failed for timer 'e1.0' of key 'late'" in failure.error
+        assert "the reminder service is down" in failure.error
+        assert (failure.entity_type, failure.entity_id) == ("timer", "e1.0")
+        assert status.pending_timers == 1
+        assert status.offset == 1  # the event committed; the timer is what stopped it
+
+        assert await managers.skip("broken-reminders") == 1
+
+        async def running() -> bool:
+            s = next(s for s in await managers.status() if s.tag == partition)
+            return s.state == "running" and s.pending_timers == 0
+
+        await eventually(running)
+        assert (await ledger(runtime)).of("remind") == []
+        state = await managers.state("broken-reminders", "late")
+        assert state is not None and not state.reminded
 
 
 # --------------------------------------------------------------------------- configuration
@@ -526,3 +576,54 @@ async def test_random_interleavings_fold_purely(
         expected = fold([(f"{k}-{run}", a) for k, a in ops])
         for key in {f"{k}-{run}" for k, _ in ops}:
             assert await managers.state(manager.name, key) == expected.get(key)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_shows_and_operates_process_managers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'orders.db'}"
+    settings = JournalSettings(url=url)
+
+    async def run_managers() -> None:
+        async with await start(
+            ray=False, app="pm-cli", entities=[OrderEntity, LedgerEntity], journal_settings=settings
+        ) as entities:
+            await place(entities, "a", "b", "c")
+            await place(entities, "bad", amount=-1)
+            async with start_process_managers(
+                [Fulfil], entities=entities, journal_settings=settings, run=False, max_attempts=1
+            ) as managers:
+                for worker in managers.workers:
+                    with contextlib.suppress(ReadSideHandlerFailed):
+                        await worker.catch_up()
+
+    asyncio.run(run_managers())
+    runner = CliRunner()
+    common = ["--url", url, "--journal-url", url]
+
+    def lagompy(*args: str) -> tuple[int, str]:
+        result = runner.invoke(build_app(), list(args))
+        return result.exit_code, result.output
+
+    code, out = lagompy("process-managers", "status", "--json", *common)
+    assert code == 0, out
+    rows = json.loads(out)
+    assert {r["manager"] for r in rows} == {"fulfil"}
+    assert sum(r["active_keys"] for r in rows) == 3
+    assert sum(r["pending_timers"] for r in rows) == 3
+    bad_tag = OrderEntity.tag.for_entity("bad")
+    failed = [r for r in rows if r["state"] == "failed"]
+    assert [r["tag"] for r in failed] == [bad_tag]
+    assert "negative amount -1" in failed[0]["failure"]["error"]
+
+    code, out = lagompy("process-managers", "status", *common)
+    assert code == 0 and "process:fulfil" in out and "active keys" in out, out
+    code, out = lagompy("process-managers", "pause", "fulfil", *common)
+    assert code == 0 and "paused process manager 'fulfil' (2 partitions)" in out, out
+    code, out = lagompy("process-managers", "resume", "fulfil", "--tag", bad_tag, *common)
+    assert code == 0 and "(1 partition)" in out, out
+    code, out = lagompy("process-managers", "skip", "fulfil", *common)
+    assert code != 0 and "nothing to skip" in out, out  # resumed: no longer failed
+    code, out = lagompy("process-managers", "status", "nope", *common)
+    assert code == 0 and "no 'nope' here" in out, out

@@ -14,7 +14,11 @@ per association key, durable timers, and exactly-once effect without two-phase c
 See docs/process-managers.md.
 """
 
-from lagompy.process._component import ProcessManagersComponent
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lagompy.process._manager import ProcessContext, ProcessManager, offset_key
 from lagompy.process._runner import (
     ManagerStatus,
@@ -22,6 +26,12 @@ from lagompy.process._runner import (
     start_process_managers,
 )
 from lagompy.process._worker import ProcessWorker
+
+if TYPE_CHECKING:
+    from lagompy.process._component import ProcessManagersComponent
+
+#: Names whose modules import FastAPI, imported on first use (as in ``lagompy.readside``).
+_ON_FIRST_USE = {"ProcessManagersComponent": "lagompy.process._component"}
 
 __all__ = [
     "ManagerStatus",
@@ -33,3 +43,13 @@ __all__ = [
     "offset_key",
     "start_process_managers",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+
+    def __getattr__(name: str) -> Any:
+        module = _ON_FIRST_USE.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value

@@ -21,7 +21,7 @@ from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
 from lagompy.process._manager import ProcessManager, RefSource, offset_key
-from lagompy.process._store import ProcessStore
+from lagompy.process._store import ProcessStore, drop_stopping_timers
 from lagompy.process._worker import ManagerProcessor, ProcessWorker, processor_for
 from lagompy.readside._processor import serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus, _journal_lag
@@ -188,8 +188,11 @@ class ProcessManagers(AsyncClosing):
         return await self.projections.resume(self._name(manager), tag)
 
     async def skip(self, manager: str, tag: str | None = None) -> int:
-        """Move the failed partitions past the event they are stopped at."""
-        return await self.projections.skip(self._name(manager), tag)
+        """Move the failed partitions past the event they are stopped at; a partition stopped
+        by a timer drops that timer (its position stays)."""
+        name = self._name(manager)
+        await drop_stopping_timers(self.projections.store, self.stores[manager], tag)
+        return await self.projections.skip(name, tag)
 
     async def set_offset(self, manager: str, tag: str, offset: int) -> None:
         """Make the manager resume after ``offset`` on partition ``tag`` (its states stay:

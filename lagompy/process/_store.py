@@ -17,12 +17,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import ProcessKeyConflict
 from lagompy.journal._journal import now_us
-from lagompy.process._manager import ScheduledTimer
+from lagompy.process._manager import ScheduledTimer, offset_key
+from lagompy.readside._store import FAILED, OffsetStore
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 
-__all__ = ["KeyEntry", "ProcessStore", "TimerRow"]
+__all__ = ["TIMER", "KeyEntry", "ProcessStore", "TimerRow", "drop_stopping_timers"]
+
+#: The entity type of a failure line about a timer (its entity id is the timer's id).
+TIMER = "timer"
 
 _S = schema.process_states
 _T = schema.process_timers
@@ -167,6 +171,13 @@ class ProcessStore:
                 "cancelled by another worker)"
             )
 
+    async def drop_timer(self, timer_id: str) -> None:
+        """Delete a timer (an operator skips it)."""
+        async with self.database.write() as conn:
+            await conn.execute(
+                delete(_T).where(_T.c.manager == self.manager, _T.c.timer_id == timer_id)
+            )
+
     async def due(self, tag: str, at_us: int, limit: int) -> list[TimerRow]:
         """The timers of ``tag`` due at ``at_us``, the earliest first."""
         async with self.database.read() as conn:
@@ -231,3 +242,12 @@ class ProcessStore:
             ):
                 out[tag] = (out.get(tag, (0, 0))[0], int(n))
         return out
+
+
+async def drop_stopping_timers(offsets: OffsetStore, states: ProcessStore, tag: str | None) -> None:
+    """Before a skip: drop the timers that stopped partitions of the manager (``tag``: of one
+    partition), whose positions a skip leaves where they are."""
+    for row in await offsets.rows(offset_key(states.manager)):
+        if row.state == FAILED and row.error_entity_type == TIMER and row.error_entity_id:
+            if tag is None or row.tag == tag:
+                await states.drop_timer(row.error_entity_id)

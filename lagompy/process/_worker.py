@@ -46,7 +46,7 @@ from lagompy.process._manager import (
     timer_base,
     timer_base_of_timer,
 )
-from lagompy.process._store import KeyEntry, ProcessStore, TimerRow
+from lagompy.process._store import TIMER, KeyEntry, ProcessStore, TimerRow
 from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import FAILED, Flags, Lease, OffsetStore
@@ -239,14 +239,18 @@ class ProcessCommit(ProjectionCommit):
                 raise _HookFailed(e) from e
             entry.apply(state, ctx.scheduled, ctx.cancelled)
             entry.ended = ctx.ended
+            offset = consumer.offset
+            clear = consumer.passes_failure(offset)  # a timer that stopped it, fired now
             async with self.projection.write() as conn:
                 await self.states.fired(conn, timer.timer_id)
                 await self.states.write(conn, consumer.tag, [entry])
                 flags = await self.store.commit(
-                    conn, lease, consumer.offset, self.settings.lease_ttl
+                    conn, lease, offset, self.settings.lease_ttl, clear_failure=clear
                 )
-            consumer.set_flags(flags)
+            consumer.moved(offset, clear, flags)
             consumer.transactions += 1
+            if ctx.scheduled:
+                self.timers_changed.set()
             return flags
 
     async def fire_one(self, consumer: EventConsumer, lease: Lease, timer: TimerRow) -> Flags:
@@ -270,6 +274,8 @@ class ProcessCommit(ProjectionCommit):
                     processor=consumer.name,
                     tag=consumer.tag,
                     offset=consumer.offset,
+                    entity_type=TIMER,
+                    entity_id=timer.timer_id,
                     attempts=attempt,
                 )
                 consumer.last_error = str(failure)
@@ -282,6 +288,9 @@ class ProcessCommit(ProjectionCommit):
                 if self.settings.on_failure == "skip":
                     async with self.lock, self.projection.write() as conn:
                         await self.states.fired(conn, timer.timer_id)
+                        await self.store.commit(
+                            conn, lease, consumer.offset, self.settings.lease_ttl, skipped=1
+                        )
                     return await self._record(
                         consumer, lease, failure, "running", prefix="timer dropped: "
                     )
@@ -289,11 +298,14 @@ class ProcessCommit(ProjectionCommit):
                 consumer.state = FAILED
                 log.error(
                     "%s: stopped at timer %r after %d attempts: fix the cause and `lagompy "
-                    "process-managers resume %s` retries it",
+                    "process-managers resume %s` retries it, or `lagompy process-managers "
+                    "skip %s --tag %s` drops it",
                     where,
                     timer.timer_id,
                     attempt,
                     type(self.manager).name,
+                    type(self.manager).name,
+                    consumer.tag,
                 )
                 return flags
 
