@@ -7,6 +7,7 @@ The ledger keeps every entry it was sent, so a command applied twice shows as tw
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 
 from lagompy import Command, Effect, InvalidCommand, PersistentEntity, sharded_tag
@@ -166,3 +167,14 @@ class Fulfil(ProcessManager[Fulfilment]):
                 await ctx.send(LedgerEntity, "main", Record("remind", ctx.key, a))
                 return replace(state, reminded=True, reminder=None)
         return state
+
+
+class FulfilThenHang(Fulfil):
+    """``Fulfil`` (the same name, hence the same command ids) that hangs after the sends for an
+    order whose id starts with ``hang``: the worker is killed there, before its commit."""
+
+    async def handle(self, ctx: ProcessContext, state: Fulfilment, event: object) -> Fulfilment:
+        new = await super().handle(ctx, state, event)
+        if ctx.key.startswith("hang"):
+            await asyncio.Event().wait()
+        return new

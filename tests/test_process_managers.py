@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -43,8 +45,9 @@ from process_entities import (
 )
 from typer.testing import CliRunner
 
-from lagompy import ConfigurationError, start
+from lagompy import ConfigurationError, open_storage, start
 from lagompy.cli import build_app
+from lagompy.console import ConsoleSettings
 from lagompy.errors import ReadSideHandlerFailed
 from lagompy.process import (
     ProcessContext,
@@ -57,6 +60,7 @@ from lagompy.runtime import InProcessEntities, shutdown_app
 from lagompy.service import Service
 from lagompy.settings import JournalSettings
 
+TESTS = Path(__file__).resolve().parent
 FAST: dict[str, Any] = {"retry_initial_delay": 0.01, "retry_max_delay": 0.05, "renew_interval": 0.2}
 
 
@@ -163,6 +167,91 @@ async def test_a_crash_between_the_sends_and_the_commit_is_absorbed(
         for order in orders:
             state = await managers.state("fulfil", order)
             assert state is not None and state.status == "charged"
+
+
+CHILD = """
+import asyncio, sys
+from lagompy import start
+from lagompy.process import start_process_managers
+from lagompy.settings import JournalSettings
+from process_entities import FulfilThenHang, LedgerEntity, OrderEntity
+
+async def main() -> None:
+    settings = JournalSettings.model_validate_json(sys.argv[1])
+    async with await start(
+        ray=False, app="pm", entities=[OrderEntity, LedgerEntity], journal_settings=settings
+    ) as entities:
+        async with start_process_managers(
+            [FulfilThenHang], entities=entities, journal_settings=settings,
+            lease_ttl=2.0, renew_interval=0.5,
+        ):
+            print("started", flush=True)
+            await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_worker_s_commands_are_applied_once(
+    journal_settings: JournalSettings,
+) -> None:
+    """A real crash: the worker's process is killed (SIGKILL) after its handlers sent their
+    commands and before its transaction committed; a new process takes the partition over
+    once the lease expires, re-runs the events, and the ledger applies each command once."""
+    orders = ["a1", "a2", "a3", "hang-1"]
+    async with await start(
+        ray=False, app="pm", entities=[OrderEntity, LedgerEntity], journal_settings=journal_settings
+    ) as entities:
+        await place(entities, *orders)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        journal_settings.model_dump_json(),
+        env={**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def hang_charged() -> bool:
+            return "hang-1" in await _charges(journal_settings)
+
+        await eventually(hang_charged, timeout=60)
+    finally:
+        child.kill()  # SIGKILL: no cleanup, the lease stays held until it expires
+        await child.wait()
+    before = await _charges(journal_settings)
+    async with await start(
+        ray=False, app="pm", entities=[OrderEntity, LedgerEntity], journal_settings=journal_settings
+    ) as entities:
+        async with start_process_managers(
+            [Fulfil], entities=entities, journal_settings=journal_settings, run=False
+        ) as managers:
+            tag = OrderEntity.tag.for_entity("hang-1")
+            (row,) = [s for s in await managers.status() if s.tag == tag]
+            assert row.offset < await _offset_of(journal_settings, "hang-1")  # never committed
+            for worker in managers.workers:
+                await worker.catch_up()  # waits for the dead worker's lease to expire
+            book = await ledger(entities)
+            assert sorted(book.of("charge")) == sorted(orders)  # each once
+            assert sorted(await _charges(journal_settings)) == sorted(orders)
+            assert "hang-1" in before
+            state = await managers.state("fulfil", "hang-1")
+            assert state is not None and state.status == "charged"
+
+
+async def _offset_of(settings: JournalSettings, order: str) -> int:
+    async with await open_storage(settings=settings, entities=[OrderEntity]) as storage:
+        (placed,) = await storage.journal.events("pm-order", order)
+    return placed.offset
+
+
+async def _charges(settings: JournalSettings) -> list[str]:
+    """The orders charged, as the ledger's events in the journal say."""
+    async with await open_storage(settings=settings, entities=[LedgerEntity]) as storage:
+        events = await storage.journal.events("pm-ledger", "main")
+    return [e.event.entry.order_id for e in events if e.event.entry.kind == "charge"]
 
 
 # --------------------------------------------------------------------------- timers
@@ -468,7 +557,7 @@ async def test_the_component_in_a_service_on_ray(
         components=[component],
     )
     app = FastAPI()
-    service.install(app)
+    service.install(app, console=ConsoleSettings())
     await service.start()
     try:
         await place(service.entities, "r1", "r2", remind_after=0.3)
@@ -491,6 +580,12 @@ async def test_the_component_in_a_service_on_ray(
             assert "lagompy_process_manager_offset" in metrics
             ready = (await http.get("/health/ready")).json()
             assert ready["checks"]["process-managers"] == "ok", ready
+            # The console lists their partitions with the read sides' (and operates them).
+            console = (await http.get("/console/api/readsides")).json()
+            assert {r["tag"] for r in console if r["processor"] == "process:fulfil"} == {
+                "pm-orders0",
+                "pm-orders1",
+            }
     finally:
         await service.stop()
         await shutdown_app(app_name)
