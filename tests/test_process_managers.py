@@ -291,6 +291,23 @@ async def test_a_timer_fires_once_after_a_restart(
         assert sum(w.timers_fired for w in managers.workers) == 0
 
 
+async def test_timers_fire_on_demand_in_tests(
+    runtime: InProcessEntities, journal_settings: JournalSettings
+) -> None:
+    await place(runtime, "now", remind_after=0)
+    async with start_process_managers(
+        [Fulfil], entities=runtime, journal_settings=journal_settings, run=False
+    ) as managers:
+        worker = managers.worker("fulfil", OrderEntity.tag.for_entity("now"))
+        await worker.catch_up()
+        assert (await ledger(runtime)).of("remind") == []
+        assert await worker.fire_due_timers() == 1
+        assert await worker.fire_due_timers() == 0
+        assert (await ledger(runtime)).of("remind") == ["now"]
+        state = await managers.state("fulfil", "now")
+        assert state is not None and state.reminded
+
+
 async def _pending(managers: ProcessManagers, n: int) -> bool:
     return sum(s.pending_timers for s in await managers.status()) == n
 
@@ -516,10 +533,22 @@ class UndeclaredTimer(ProcessManager[Fulfilment]):
         return state
 
 
+class ForgetsToReturn(ProcessManager[Fulfilment]):
+    name = "forgets-to-return"
+    source = OrderEntity
+    initial_state = Fulfilment()
+
+    async def handle(  # type: ignore[empty-body]
+        self, ctx: ProcessContext, state: Fulfilment, event: object
+    ) -> Fulfilment:
+        pass
+
+
 @pytest.mark.parametrize(
     ("manager", "message"),
     [
         (BadKey, "associate\\(\\) must return a str"),
+        (ForgetsToReturn, "handle\\(\\) returned None for key 'x'; it must return the new"),
         (UndeclaredTimer, "timer message Remind is not one of its timer_messages"),
     ],
 )

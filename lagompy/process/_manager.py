@@ -274,11 +274,12 @@ class ProcessManager(Generic[S]):
     @classmethod
     def state_annotation(cls) -> Any:
         """The state's type: ``S`` of ``ProcessManager[S]``, else the initial state's class."""
-        for base in getattr(cls, "__orig_bases__", ()):
-            if typing.get_origin(base) is ProcessManager:
-                (arg,) = typing.get_args(base)
-                if not isinstance(arg, TypeVar):
-                    return arg
+        for klass in cls.__mro__:
+            for base in klass.__dict__.get("__orig_bases__", ()):
+                if typing.get_origin(base) is ProcessManager:
+                    (arg,) = typing.get_args(base)
+                    if not isinstance(arg, TypeVar) and arg is not Any:
+                        return arg
         return type(cls.initial_state)
 
     @classmethod

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -97,6 +98,16 @@ def processor_for(manager: ProcessManager[Any]) -> ManagerProcessor:
     processor: ManagerProcessor = processor_cls()
     processor.manager = manager
     return processor
+
+
+def _check_state(manager: str, hook: str, state: object, ctx: ProcessContext) -> None:
+    """A handler returns the new state: a dataclass instance (anything after ``end()``)."""
+    if ctx.ended or (dataclasses.is_dataclass(state) and not isinstance(state, type)):
+        return
+    raise TypeError(
+        f"process manager {manager!r}: {hook}() returned {state!r:.80} for key {ctx.key!r}; "
+        "it must return the new state (a dataclass instance), or call ctx.end()"
+    )
 
 
 class ProcessCommit(ProjectionCommit):
@@ -181,6 +192,7 @@ class ProcessCommit(ProjectionCommit):
                         entity_id=envelope.entity_id,
                     )
                     state = await manager.handle(ctx, entry.state, envelope.event)
+                    _check_state(name, "handle", state, ctx)
                     entry.apply(state, ctx.scheduled, ctx.cancelled)
                     entry.ended = ctx.ended
                     scheduled = scheduled or bool(ctx.scheduled)
@@ -233,6 +245,7 @@ class ProcessCommit(ProjectionCommit):
                     timer_id=timer.timer_id,
                 )
                 state = await manager.on_timer(ctx, entry.state, timer.message)
+                _check_state(name, "on_timer", state, ctx)
             except (LeaseLost, ConsumerStopped, JournalUnavailable):
                 raise
             except Exception as e:
@@ -253,10 +266,12 @@ class ProcessCommit(ProjectionCommit):
                 self.timers_changed.set()
             return flags
 
-    async def fire_one(self, consumer: EventConsumer, lease: Lease, timer: TimerRow) -> Flags:
+    async def fire_one(
+        self, consumer: EventConsumer, lease: Lease, timer: TimerRow, *, raising: bool = False
+    ) -> Flags:
         """Fire ``timer``, retried with backoff ``max_attempts`` times; then ``on_failure``:
         ``skip`` drops the timer, ``stop`` records the failure (the partition is ``failed``
-        until resumed, which retries the timer)."""
+        until resumed, which retries the timer) and, when ``raising``, raises it."""
         attempt = 0
         while True:
             attempt += 1
@@ -307,6 +322,8 @@ class ProcessCommit(ProjectionCommit):
                     type(self.manager).name,
                     consumer.tag,
                 )
+                if raising:
+                    raise failure from e
                 return flags
 
 
@@ -368,19 +385,31 @@ class ProcessWorker(EventConsumer):
             with contextlib.suppress(asyncio.CancelledError, ConsumerStopped):
                 await timers
 
-    async def fire_due_timers(self, *, lease: Lease | None = None) -> int:
-        """Fire the timers of this partition due now (under ``lease``, else the running
-        worker's); returns how many fired."""
-        lease = lease or self.lease
-        if lease is None:
-            raise LeaseLost(f"{self.where()}: holds no lease", processor=self.name, tag=self.tag)
+    async def fire_due_timers(self, *, force: bool = False) -> int:
+        """Fire the timers of this partition due now and return how many fired: under the
+        running worker's lease, or else (a worker that is not running: tests, tools) under
+        the lease it takes for the call (``force``: from whoever holds it), as
+        :meth:`catch_up` does. A timer that keeps failing raises with ``on_failure="stop"``."""
+        lease = self.lease
+        if lease is not None:
+            return await self._fire_due(lease, raising=False)
+        lease = await self._hold(force=force)
+        self.lease = lease
+        try:
+            return await self._fire_due(lease, raising=True)
+        finally:
+            with contextlib.suppress(LagompyError):
+                await self.store.release(lease, state="idle")
+            self.lease = None
+
+    async def _fire_due(self, lease: Lease, *, raising: bool) -> int:
         fired = 0
         while True:
             due = await self.states.due(self.tag, now_us(), TIMER_PAGE)
             for timer in due:
-                if self.flags.hold:
+                if self.flags.hold and not raising:
                     return fired
-                await self.strategy.fire_one(self, lease, timer)
+                await self.strategy.fire_one(self, lease, timer, raising=raising)
                 fired += 1
                 self.timers_fired += 1
             if len(due) < TIMER_PAGE:
@@ -394,7 +423,7 @@ class ProcessWorker(EventConsumer):
             changed.clear()
             if lease is not None and self.state == "running" and not self.flags.hold:
                 try:
-                    await self.fire_due_timers(lease=lease)
+                    await self._fire_due(lease, raising=False)
                     due = await self.states.next_due(self.tag)
                     if due is not None:
                         wait = min(wait, max(0.0, (due - now_us()) / 1e6))
