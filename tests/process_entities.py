@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from lagompy import Command, Effect, InvalidCommand, PersistentEntity, sharded_tag
 from lagompy.process import ProcessContext, ProcessManager
+from lagompy.topic import Topic
 
 # --------------------------------------------------------------------------- orders
 
@@ -178,3 +179,35 @@ class FulfilThenHang(Fulfil):
         if ctx.key.startswith("hang"):
             await asyncio.Event().wait()
         return new
+
+
+# --------------------------------------------------------------------------- a topic source
+
+
+@dataclass(frozen=True)
+class PaymentDue:
+    """The public message of the orders' topic."""
+
+    amount: int
+
+
+def payment_due(event: OrderEvent) -> PaymentDue | None:
+    return PaymentDue(event.amount) if isinstance(event, OrderPlaced) else None
+
+
+payments_due = Topic(
+    name="pm-payments-due", message_type=PaymentDue, source=OrderEntity, to_message=payment_due
+)
+
+
+class ChargeFromTopic(ProcessManager[Fulfilment]):
+    """Charges each order from the topic's messages (keyed by order id)."""
+
+    name = "charge-from-topic"
+    source = payments_due
+    initial_state = Fulfilment()
+
+    async def handle(self, ctx: ProcessContext, state: Fulfilment, event: object) -> Fulfilment:
+        assert isinstance(event, PaymentDue)
+        await ctx.send(LedgerEntity, "main", Record("topic-charge", ctx.key, event.amount))
+        return replace(state, status="charged", charged=state.charged + event.amount)

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from process_entities import (
     CancelOrder,
+    ChargeFromTopic,
     Fulfil,
     Fulfilment,
     Ledger,
@@ -252,6 +253,33 @@ async def _charges(settings: JournalSettings) -> list[str]:
     async with await open_storage(settings=settings, entities=[LedgerEntity]) as storage:
         events = await storage.journal.events("pm-ledger", "main")
     return [e.event.entry.order_id for e in events if e.event.entry.kind == "charge"]
+
+
+async def test_a_topic_drives_a_process_manager(
+    runtime: InProcessEntities, journal_settings: JournalSettings
+) -> None:
+    await place(runtime, "p1", "p2", "p3", amount=7)
+    await runtime.ref_for(OrderEntity, "p2").ask(CancelOrder())  # filtered: no message
+    async with start_process_managers(
+        [ChargeFromTopic], entities=runtime, journal_settings=journal_settings
+    ) as managers:
+        await managers.wait_until_caught_up()
+
+        async def charged() -> bool:
+            return sorted((await ledger(runtime)).of("topic-charge")) == ["p1", "p2", "p3"]
+
+        await eventually(charged)
+        state = await managers.state("charge-from-topic", "p2")
+        assert state == Fulfilment(status="charged", charged=7)
+        statuses = await managers.status()
+        assert {s.tag for s in statuses} == {"pm-orders0", "pm-orders1"}
+        assert all(s.worker.lag_events == 0 for s in statuses)
+    async with start_process_managers(
+        [ChargeFromTopic], entities=runtime, journal_settings=journal_settings, run=False
+    ) as managers:
+        for worker in managers.workers:
+            await worker.catch_up()
+        assert len((await ledger(runtime)).of("topic-charge")) == 3  # handled once
 
 
 # --------------------------------------------------------------------------- timers

@@ -33,6 +33,7 @@ from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.topic._component import status_samples
+from lagompy.topic._transport import TopicTransport
 
 if TYPE_CHECKING:
     from lagompy.service._metrics import Sample
@@ -44,8 +45,9 @@ __all__ = ["ProcessManagersComponent"]
 class ProcessManagersComponent:
     """A :class:`~lagompy.service.Component` that runs process managers in the service's
     process: their commands go to the service's entities (or ``entities``, an entity runtime),
-    their events come from the service's journal (or ``journal_settings``). Keyword
-    ``overrides`` set fields of :class:`~lagompy.readside.ReadSideSettings`."""
+    their events come from the service's journal (or ``journal_settings``; ``transport``: what
+    carries the messages of topic sources, by default that journal). Keyword ``overrides`` set
+    fields of :class:`~lagompy.readside.ReadSideSettings`."""
 
     name = "process-managers"
 
@@ -55,6 +57,7 @@ class ProcessManagersComponent:
         *,
         entities: RefSource | None = None,
         journal_settings: JournalSettings | None = None,
+        transport: TopicTransport | None = None,
         prefix: str = "/process-managers",
         settings: ReadSideSettings | None = None,
         **overrides: Any,
@@ -64,6 +67,7 @@ class ProcessManagersComponent:
             raise ConfigurationError("ProcessManagersComponent needs at least one process manager")
         self.entities = entities
         self.journal_settings = journal_settings
+        self.transport = transport
         self.settings = settings
         self.overrides = overrides
         self._service: Service | None = None
@@ -104,6 +108,7 @@ class ProcessManagersComponent:
             entities=entities,
             journal_settings=journal,
             settings=self.settings,
+            transport=self.transport,
             **self.overrides,
         )
 

@@ -14,6 +14,7 @@ from lagompy.entity import Command, PersistentEntity, ShardedTag, Tag
 from lagompy.errors import ConfigurationError
 from lagompy.readside._store import GLOBAL_TAG
 from lagompy.runtime._refs import EntityRef
+from lagompy.topic._topic import Topic
 
 __all__ = [
     "ProcessContext",
@@ -235,8 +236,10 @@ class ProcessManager(Generic[S]):
     #: The manager's name: the key of its positions, states and timers (renaming it starts
     #: from scratch).
     name: ClassVar[str]
-    #: The entity whose events drive the manager: its tag (sharded: one worker per shard).
-    source: ClassVar[type[PersistentEntity[Any, Any, Any]]]
+    #: What drives the manager: an entity class (its tag's events; sharded: one worker per
+    #: shard), or a :class:`~lagompy.topic.Topic` (its messages' payloads, one worker per
+    #: partition, read through a topic transport like a subscriber's).
+    source: ClassVar[type[PersistentEntity[Any, Any, Any]] | Topic[Any]]
     #: The state of a key before its first event (a frozen dataclass).
     initial_state: ClassVar[Any]
     #: The classes of the messages :meth:`ProcessContext.after` may schedule.
@@ -246,7 +249,8 @@ class ProcessManager(Generic[S]):
 
     def associate(self, event: Any, entity_id: str) -> str | None:
         """The association key of ``event`` of source entity ``entity_id`` (default: the
-        entity id), or None for an event this manager ignores."""
+        entity id), or None for an event this manager ignores. With a topic source, ``event``
+        is the message's payload and ``entity_id`` its key."""
         return entity_id
 
     async def handle(self, ctx: ProcessContext, state: S, event: Any) -> S:
@@ -261,8 +265,24 @@ class ProcessManager(Generic[S]):
     # ------------------------------------------------------------------ configuration
 
     @classmethod
+    def topic(cls) -> Topic[Any] | None:
+        """The source when it is a topic."""
+        source = getattr(cls, "source", None)
+        return source if isinstance(source, Topic) else None
+
+    @classmethod
+    def source_entities(cls) -> tuple[type[PersistentEntity[Any, Any, Any]], ...]:
+        """The entity classes whose events the manager reads (for decoding)."""
+        topic = cls.topic()
+        source = topic.source if topic is not None else cls.source
+        assert isinstance(source, type)
+        return (source, *cls.entities)
+
+    @classmethod
     def tag_of(cls) -> Tag | ShardedTag:
         source = getattr(cls, "source", None)
+        if isinstance(source, Topic):
+            return source.tag
         tag = getattr(source, "tag", None)
         if not isinstance(tag, (Tag, ShardedTag)):
             raise ConfigurationError(
@@ -299,9 +319,13 @@ class ProcessManager(Generic[S]):
                 f"':'), got {name!r}"
             )
         source = getattr(cls, "source", None)
-        if not (isinstance(source, type) and issubclass(source, PersistentEntity)):
+        if not (
+            isinstance(source, Topic)
+            or (isinstance(source, type) and issubclass(source, PersistentEntity))
+        ):
             raise ConfigurationError(
-                f"{what}: source must be a PersistentEntity subclass, got {source!r}"
+                f"{what}: source must be a PersistentEntity subclass or a lagompy.topic.Topic, "
+                f"got {source!r}"
             )
         cls.tag_of()
         if not hasattr(cls, "initial_state"):

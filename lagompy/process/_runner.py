@@ -37,6 +37,8 @@ from lagompy.readside._worker import describe_error
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
+from lagompy.topic._embedded import EmbeddedTransport
+from lagompy.topic._transport import TopicTransport
 
 log = logging.getLogger("lagompy.process")
 
@@ -108,8 +110,13 @@ class ProcessManagers(AsyncClosing):
         entities: RefSource,
         settings: ReadSideSettings,
         owned: Sequence[Database] = (),
+        transport: TopicTransport | None = None,
+        close_transport: bool = False,
     ) -> None:
         self.processors = processors
+        #: Carries the messages of the managers whose source is a topic.
+        self.transport = transport
+        self._close_transport = close_transport
         self.managers = [p.manager for p in processors]
         self.journal = journal
         self.database = database
@@ -127,7 +134,13 @@ class ProcessManagers(AsyncClosing):
 
     def _workers(self) -> None:
         for processor in self.processors:
-            for tag in processor.tags():
+            manager = type(processor.manager)
+            topic = manager.topic()
+            for partition, tag in enumerate(processor.tags()):
+                feed = None
+                if topic is not None:
+                    assert self.transport is not None
+                    feed = self.transport.feed(topic, partition, group=f"process-{manager.name}")
                 self.workers.append(
                     ProcessWorker(
                         processor,
@@ -136,6 +149,7 @@ class ProcessManagers(AsyncClosing):
                         database=self.database,
                         entities=self.entities,
                         settings=self.settings,
+                        feed=feed,
                     )
                 )
 
@@ -234,6 +248,11 @@ class ProcessManagers(AsyncClosing):
         for w in self.workers:
             await w.stop()
         await finish_tasks(self._tasks, what="a process manager task", logger=log)
+        for w in self.workers:
+            if w.feed is not None:
+                await w.feed.close()
+        if self._close_transport and self.transport is not None:
+            await self.transport.close()
         for db in self._owned:
             await db.dispose()
 
@@ -246,6 +265,7 @@ async def start_process_managers(
     journal_url: str | None = None,
     journal_settings: JournalSettings | None = None,
     settings: ReadSideSettings | None = None,
+    transport: TopicTransport | None = None,
     run: bool = True,
     **overrides: Any,
 ) -> ProcessManagers:
@@ -254,8 +274,10 @@ async def start_process_managers(
 
     ``entities`` is where the commands go (``lagompy.start``'s runtime, or a service's
     ``entities``); ``journal_url`` / ``journal_settings`` the journal whose events drive the
-    managers. States, timers and positions go to the database of ``ReadSideSettings.url``
-    (keyword ``url=``), by default the journal's. Keyword ``overrides`` set fields of
+    managers. ``transport`` carries the messages of managers whose source is a topic (by
+    default the embedded one: the topic's partitions read in that journal). States, timers
+    and positions go to the database of ``ReadSideSettings.url`` (keyword ``url=``), by
+    default the journal's. Keyword ``overrides`` set fields of
     :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...)."""
     instances = [_instance(m) for m in managers]
     if not instances:
@@ -273,6 +295,9 @@ async def start_process_managers(
     processors = [processor_for(m) for m in instances]
     serializer = serializer_for_processors(processors)
     for m in instances:
+        topic = type(m).topic()
+        if topic is not None:
+            serializer.register(topic.message_type)
         serializer.register(type(m).state_annotation())
         for t in type(m).timer_messages:
             serializer.register(t)
@@ -289,6 +314,9 @@ async def start_process_managers(
         await database.dispose()
         await storage.close()
         raise
+    made = None
+    if transport is None and any(type(m).topic() is not None for m in instances):
+        made = transport = EmbeddedTransport(storage.journal, tail=settings.tail)
     running = ProcessManagers(
         processors,
         journal=storage.journal,
@@ -296,6 +324,8 @@ async def start_process_managers(
         entities=entities,
         settings=settings,
         owned=[database, storage.database],
+        transport=transport,
+        close_transport=made is not None,
     )
     running._workers()
     if run:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from lagompy.consumer._core import ConsumerStopped, EventConsumer
 from lagompy.errors import (
@@ -59,6 +60,9 @@ from lagompy.readside._worker import (
     describe_error,
 )
 from lagompy.sql._database import Database
+from lagompy.topic._topic import Message
+from lagompy.topic._transport import MessageFeed
+from lagompy.topic._worker import FeedPages
 
 log = logging.getLogger("lagompy.process")
 
@@ -91,7 +95,7 @@ def processor_for(manager: ProcessManager[Any]) -> ManagerProcessor:
         {
             "name": offset_key(cls.name),
             "tag": cls.tag_of(),
-            "entities": (cls.source, *cls.entities),
+            "entities": cls.source_entities(),
             "__module__": __name__,
         },
     )
@@ -132,6 +136,9 @@ class ProcessCommit(ProjectionCommit):
         self.states = states
         self.entities = entities
         self.lock = asyncio.Lock()
+        #: The source is a topic: the pages hold its messages (the event is the payload, the
+        #: entity id the message's key), not envelopes.
+        self.messages = type(self.manager).topic() is not None
         #: Set when a commit stored a timer (the timer loop looks again at once).
         self.timers_changed = asyncio.Event()
 
@@ -173,7 +180,12 @@ class ProcessCommit(ProjectionCommit):
         scheduled = False
         try:
             for envelope in envelopes:
-                key = manager.associate(envelope.event, envelope.entity_id)
+                if self.messages:  # a Message (see FeedPages)
+                    message = cast(Message[Any], envelope)
+                    event, entity_id = message.payload, message.key
+                else:
+                    event, entity_id = envelope.event, envelope.entity_id
+                key = manager.associate(event, entity_id)
                 if key is not None:
                     key = check_key(name, key)
                     entry = entries.get(key)
@@ -189,9 +201,9 @@ class ProcessCommit(ProjectionCommit):
                         timer_base=timer_base(offset),
                         now_us=int(envelope.timestamp.timestamp() * 1_000_000),
                         offset=offset,
-                        entity_id=envelope.entity_id,
+                        entity_id=entity_id,
                     )
-                    state = await manager.handle(ctx, entry.state, envelope.event)
+                    state = await manager.handle(ctx, entry.state, event)
                     _check_state(name, "handle", state, ctx)
                     entry.apply(state, ctx.scheduled, ctx.cancelled)
                     entry.ended = ctx.ended
@@ -347,14 +359,22 @@ class ProcessWorker(EventConsumer):
         entities: RefSource,
         settings: ReadSideSettings,
         owner: str | None = None,
+        feed: MessageFeed | None = None,
     ) -> None:
         store = OffsetStore(database)
         name = type(processor.manager).name
         self.states = ProcessStore(database, name, journal.serializer)
+        pages = None
+        if feed is not None:  # a topic source: its partition's messages, like a subscriber's
+            topic = type(processor.manager).topic()
+            assert topic is not None
+            reading = f"reading topic {topic.name!r} partition tag {tag!r}"
+            pages = functools.partial(FeedPages, feed, settings.max_batch, reading)
         super().__init__(
             processor.name,
             tag,
-            journal=journal,
+            pages=pages,
+            journal=journal if feed is None else None,
             store=store,
             strategy=ProcessCommit(
                 processor,
@@ -366,13 +386,16 @@ class ProcessWorker(EventConsumer):
             ),
             settings=settings,
             owner=owner or default_owner(),
-            event_types=_wanted_type_names(processor, journal.serializer),
+            event_types=None
+            if feed is not None
+            else _wanted_type_names(processor, journal.serializer),
             kind="process manager",
             describe_error=describe_error,
             logger=log,
         )
         self.processor = processor
         self.manager = processor.manager
+        self.feed = feed
         #: Timers this worker fired.
         self.timers_fired = 0
 
