@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import ProcessKeyConflict
 from lagompy.journal._journal import now_us
-from lagompy.process._manager import ScheduledTimer, offset_key
+from lagompy.process._manager import ProcessContext, ScheduledTimer, offset_key
 from lagompy.readside._store import FAILED, OffsetStore
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
@@ -42,15 +42,29 @@ class KeyEntry:
     state: Any
     #: The state as read (the row is written only when it changed).
     stored: Any
+    initial: Any
+    #: The stored row and timers go (a handler ended the key; a later event of the batch may
+    #: start it again from ``initial``).
+    reset: bool = False
+    #: The key is ended (no state to store).
     ended: bool = False
     scheduled: list[ScheduledTimer] = dataclasses.field(default_factory=list)
     cancelled: list[str] = dataclasses.field(default_factory=list)
 
-    def apply(self, state: Any, scheduled: list[ScheduledTimer], cancelled: list[str]) -> None:
-        """What one handler returned and did (a handler after ``end`` starts a new life)."""
-        self.cancelled += cancelled
-        dropped = set(cancelled)
-        self.scheduled = [t for t in self.scheduled if t.timer_id not in dropped] + scheduled
+    def current(self) -> Any:
+        """The state the next handler gets (``initial`` after an end)."""
+        return self.initial if self.ended else self.state
+
+    def apply(self, state: Any, ctx: ProcessContext) -> None:
+        """What one handler returned and did."""
+        if ctx.ended:
+            self.reset = self.ended = True
+            self.state, self.scheduled, self.cancelled = self.initial, [], []
+            return
+        self.ended = False
+        self.cancelled += ctx.cancelled
+        dropped = set(ctx.cancelled)
+        self.scheduled = [t for t in self.scheduled if t.timer_id not in dropped] + ctx.scheduled
         self.state = state
 
 
@@ -72,25 +86,36 @@ class ProcessStore:
 
     async def load(self, key: str, tag: str, initial: Any) -> KeyEntry:
         """The state of ``key`` (``initial`` when it has none), checked to belong to ``tag``."""
+        return (await self.load_many([key], tag, initial))[key]
+
+    async def load_many(self, keys: list[str], tag: str, initial: Any) -> dict[str, KeyEntry]:
+        """The states of ``keys`` (``initial`` for those with none), in one query, checked to
+        belong to ``tag``."""
         async with self.database.read() as conn:
-            row = (
+            rows = (
                 await conn.execute(
                     select(
-                        _S.c.tag, _S.c.version, _S.c.state_type, _S.c.state_version, _S.c.payload
-                    ).where(_S.c.manager == self.manager, _S.c.key == key)
+                        _S.c.key,
+                        _S.c.tag,
+                        _S.c.version,
+                        _S.c.state_type,
+                        _S.c.state_version,
+                        _S.c.payload,
+                    ).where(_S.c.manager == self.manager, _S.c.key.in_(keys))
                 )
-            ).first()
-        if row is None:
-            return KeyEntry(key, 0, initial, initial)
-        if row.tag != tag:
-            raise ProcessKeyConflict(
-                f"process manager {self.manager!r}: key {key!r} belongs to partition tag "
-                f"{row.tag!r}, and an event of tag {tag!r} associates with it: a key's events "
-                "must come from one partition of the source (associate by the source entity's "
-                "id, or by a value all of one entity's events carry)"
-            )
-        state = self.serializer.decode(row.state_type, row.state_version, row.payload)
-        return KeyEntry(key, row.version, state, state)
+            ).all()
+        found = {key: KeyEntry(key, 0, initial, initial, initial) for key in keys}
+        for row in rows:
+            if row.tag != tag:
+                raise ProcessKeyConflict(
+                    f"process manager {self.manager!r}: key {row.key!r} belongs to partition "
+                    f"tag {row.tag!r}, and an event of tag {tag!r} associates with it: a key's "
+                    "events must come from one partition of the source (associate by the "
+                    "source entity's id, or by a value all of one entity's events carry)"
+                )
+            state = self.serializer.decode(row.state_type, row.state_version, row.payload)
+            found[row.key] = KeyEntry(row.key, row.version, state, state, initial)
+        return found
 
     async def write(self, conn: AsyncConnection, tag: str, entries: Iterable[KeyEntry]) -> None:
         """Store what the handlers did to ``entries`` in ``conn``'s transaction."""
@@ -98,22 +123,24 @@ class ProcessStore:
         for entry in entries:
             owned = and_(_S.c.manager == self.manager, _S.c.key == entry.key)
             timers_of_key = and_(_T.c.manager == self.manager, _T.c.key == entry.key)
-            if entry.ended:
-                if entry.version:
-                    done = await conn.execute(
-                        delete(_S).where(owned, _S.c.version == entry.version)
-                    )
+            version, stored = entry.version, entry.stored
+            if entry.reset:  # ended (and maybe started again): the old row and timers go
+                if version:
+                    done = await conn.execute(delete(_S).where(owned, _S.c.version == version))
                     self._check(done.rowcount, entry)
                 await conn.execute(delete(_T).where(timers_of_key))
-            elif entry.state != entry.stored or (entry.version == 0 and entry.scheduled):
-                name, version, payload = self.serializer.encode(entry.state)
+                version, stored = 0, entry.initial
+                if entry.ended:
+                    continue
+            if entry.state != stored or (version == 0 and entry.scheduled):
+                name, state_version, payload = self.serializer.encode(entry.state)
                 values = {
                     "state_type": name,
-                    "state_version": version,
+                    "state_version": state_version,
                     "payload": payload,
                     "updated_us": now,
                 }
-                if entry.version == 0:
+                if version == 0:
                     await conn.execute(
                         insert(_S).values(
                             manager=self.manager, key=entry.key, tag=tag, version=1, **values
@@ -122,15 +149,15 @@ class ProcessStore:
                 else:
                     done = await conn.execute(
                         update(_S)
-                        .where(owned, _S.c.version == entry.version)
-                        .values(version=entry.version + 1, **values)
+                        .where(owned, _S.c.version == version)
+                        .values(version=version + 1, **values)
                     )
                     self._check(done.rowcount, entry)
-            if entry.cancelled and not entry.ended:
+            if entry.cancelled and not entry.reset:
                 await conn.execute(
                     delete(_T).where(timers_of_key, _T.c.timer_id.in_(entry.cancelled))
                 )
-            if entry.scheduled and not entry.ended:
+            if entry.scheduled:
                 ids = [t.timer_id for t in entry.scheduled]
                 # A replay (after set-offset) schedules the same ids again: the new ones win.
                 await conn.execute(
@@ -138,7 +165,7 @@ class ProcessStore:
                 )
                 rows = []
                 for t in entry.scheduled:
-                    name, version, payload = self.serializer.encode(t.message)
+                    name, message_version, payload = self.serializer.encode(t.message)
                     rows.append(
                         {
                             "manager": self.manager,
@@ -147,7 +174,7 @@ class ProcessStore:
                             "key": entry.key,
                             "due_us": t.due_us,
                             "message_type": name,
-                            "message_version": version,
+                            "message_version": message_version,
                             "payload": payload,
                         }
                     )

@@ -68,6 +68,9 @@ log = logging.getLogger("lagompy.process")
 
 __all__ = ["ManagerProcessor", "ProcessCommit", "ProcessWorker", "processor_for"]
 
+#: Events whose handlers run together (each key's in order, the keys concurrently) before
+#: the batch checks ``max_batch_seconds``.
+CHUNK = 256
 #: Timers fired per query of the due ones.
 TIMER_PAGE = 100
 #: The longest a timer loop sleeps before it looks for due timers again (a timer another
@@ -102,6 +105,13 @@ def processor_for(manager: ProcessManager[Any]) -> ManagerProcessor:
     processor: ManagerProcessor = processor_cls()
     processor.manager = manager
     return processor
+
+
+def _first(error: BaseException) -> BaseException:
+    """``error``, or the first error of a task group's (the handler that failed first)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _check_state(manager: str, hook: str, state: object, ctx: ProcessContext) -> None:
@@ -171,52 +181,23 @@ class ProcessCommit(ProjectionCommit):
         envelopes: list[EventEnvelope[Any]],
         upto: int | None,
     ) -> tuple[int, Flags]:
-        manager = self.manager
-        name = type(manager).name
-        initial = type(manager).initial_state
+        """Handle a prefix of ``envelopes`` (chunk by chunk, until ``max_batch_seconds``), then
+        store the keys' states, their timers and the position in one transaction."""
         entries: dict[str, KeyEntry] = {}
         started = time.monotonic()
         done = 0
-        scheduled = False
         try:
-            for envelope in envelopes:
-                if self.messages:  # a Message (see FeedPages)
-                    message = cast(Message[Any], envelope)
-                    event, entity_id = message.payload, message.key
-                else:
-                    event, entity_id = envelope.event, envelope.entity_id
-                key = manager.associate(event, entity_id)
-                if key is not None:
-                    key = check_key(name, key)
-                    entry = entries.get(key)
-                    if entry is not None and entry.ended:
-                        break  # the key starts a new life: in the next transaction
-                    if entry is None:
-                        entry = await self.states.load(key, consumer.tag, initial)
-                        entries[key] = entry
-                    offset = envelope.offset
-                    ctx = self._context(
-                        key,
-                        origin=f"{name}:{offset}",
-                        timer_base=timer_base(offset),
-                        now_us=int(envelope.timestamp.timestamp() * 1_000_000),
-                        offset=offset,
-                        entity_id=entity_id,
-                    )
-                    state = await manager.handle(ctx, entry.state, event)
-                    _check_state(name, "handle", state, ctx)
-                    entry.apply(state, ctx.scheduled, ctx.cancelled)
-                    entry.ended = ctx.ended
-                    scheduled = scheduled or bool(ctx.scheduled)
-                done += 1
+            while done < len(envelopes):
+                chunk = envelopes[done : done + CHUNK]
+                await self._handle_chunk(consumer.tag, chunk, entries)
+                done += len(chunk)
                 if time.monotonic() - started >= self.settings.max_batch_seconds:
                     break
-        except (LeaseLost, ConsumerStopped, JournalUnavailable):
-            raise
-        except Exception as e:
-            raise _HookFailed(e) from e
-        if done == 0:  # the first event's key ended in this batch: cannot happen, but be safe
-            raise _HookFailed(RuntimeError("no event handled"))
+        except Exception as e:  # a handler's error (the first of the keys' tasks)
+            error = _first(e)
+            if isinstance(error, (LeaseLost, ConsumerStopped, JournalUnavailable)):
+                raise error from None
+            raise _HookFailed(error) from error
         offset = envelopes[done - 1].offset if upto is None or done < len(envelopes) else upto
         rate = consumer.rate.add(done)
         clear = consumer.passes_failure(offset)
@@ -228,9 +209,53 @@ class ProcessCommit(ProjectionCommit):
         consumer.moved(offset, clear, flags)
         consumer.events_handled += done
         consumer.transactions += 1
-        if scheduled:
+        if any(e.scheduled for e in entries.values()):
             self.timers_changed.set()
         return done, flags
+
+    async def _handle_chunk(
+        self, tag: str, chunk: list[EventEnvelope[Any]], entries: dict[str, KeyEntry]
+    ) -> None:
+        """Run the handlers of ``chunk``: each key's events in offset order, the keys
+        concurrently (their commands reach the entities together, in the runtime's batches)."""
+        manager = self.manager
+        name = type(manager).name
+        chains: dict[str, list[tuple[EventEnvelope[Any], Any, str]]] = {}
+        for envelope in chunk:
+            if self.messages:  # a Message (see FeedPages)
+                message = cast(Message[Any], envelope)
+                event, entity_id = message.payload, message.key
+            else:
+                event, entity_id = envelope.event, envelope.entity_id
+            key = manager.associate(event, entity_id)
+            if key is not None:
+                chains.setdefault(check_key(name, key), []).append((envelope, event, entity_id))
+        missing = [k for k in chains if k not in entries]
+        if missing:
+            entries.update(await self.states.load_many(missing, tag, type(manager).initial_state))
+
+        async def chain(entry: KeyEntry, events: list[tuple[EventEnvelope[Any], Any, str]]) -> None:
+            for envelope, event, entity_id in events:
+                offset = envelope.offset
+                ctx = self._context(
+                    entry.key,
+                    origin=f"{name}:{offset}",
+                    timer_base=timer_base(offset),
+                    now_us=int(envelope.timestamp.timestamp() * 1_000_000),
+                    offset=offset,
+                    entity_id=entity_id,
+                )
+                state = await manager.handle(ctx, entry.current(), event)
+                _check_state(name, "handle", state, ctx)
+                entry.apply(state, ctx)
+
+        if len(chains) == 1:  # no task needed
+            ((key, events),) = chains.items()
+            await chain(entries[key], events)
+            return
+        async with asyncio.TaskGroup() as group:
+            for key, events in chains.items():
+                group.create_task(chain(entries[key], events))
 
     async def _commit_offset(
         self, consumer: EventConsumer, lease: Lease, offset: int, *, skipped: int = 0
@@ -256,14 +281,13 @@ class ProcessCommit(ProjectionCommit):
                     offset=consumer.offset,
                     timer_id=timer.timer_id,
                 )
-                state = await manager.on_timer(ctx, entry.state, timer.message)
+                state = await manager.on_timer(ctx, entry.current(), timer.message)
                 _check_state(name, "on_timer", state, ctx)
             except (LeaseLost, ConsumerStopped, JournalUnavailable):
                 raise
             except Exception as e:
                 raise _HookFailed(e) from e
-            entry.apply(state, ctx.scheduled, ctx.cancelled)
-            entry.ended = ctx.ended
+            entry.apply(state, ctx)
             offset = consumer.offset
             clear = consumer.passes_failure(offset)  # a timer that stopped it, fired now
             async with self.projection.write() as conn:
