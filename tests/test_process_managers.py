@@ -319,6 +319,30 @@ async def test_a_timer_fires_once_after_a_restart(
         assert sum(w.timers_fired for w in managers.workers) == 0
 
 
+async def test_an_event_that_cancels_a_due_timer_is_handled_before_it(
+    runtime: InProcessEntities, journal_settings: JournalSettings
+) -> None:
+    """After a restart, a timer that fell due while the managers were down does not fire
+    before the events written before its due time are handled: here, the order's cancel."""
+    await place(runtime, "cancelled-late", remind_after=0.3)
+    async with start_process_managers(
+        [Fulfil], entities=runtime, journal_settings=journal_settings, **FAST
+    ) as managers:
+        await managers.wait_until_caught_up()
+        assert await _pending(managers, 1)
+    await runtime.ref_for(OrderEntity, "cancelled-late").ask(CancelOrder())
+    await asyncio.sleep(0.5)  # the reminder is due; the cancel waits in the journal
+    async with start_process_managers(
+        [Fulfil], entities=runtime, journal_settings=journal_settings, **FAST
+    ) as managers:
+        await managers.wait_until_caught_up()
+        await eventually(lambda: _pending(managers, 0))
+        await asyncio.sleep(0.3)
+        book = await ledger(runtime)
+        assert book.of("refund") == ["cancelled-late"]
+        assert book.of("remind") == []  # cancelled by end(), never fired
+
+
 async def test_timers_fire_on_demand_in_tests(
     runtime: InProcessEntities, journal_settings: JournalSettings
 ) -> None:

@@ -29,16 +29,18 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
-from lagompy.consumer._core import ConsumerStopped, EventConsumer
+from lagompy.consumer._core import ConsumerStopped, EventConsumer, PageSource
 from lagompy.errors import (
     JournalUnavailable,
     LagompyError,
     LeaseLost,
     ReadSideHandlerFailed,
 )
-from lagompy.journal._journal import EventEnvelope, Journal, now_us
+from lagompy.journal._journal import EventEnvelope, Journal, TagPage, now_us
+from lagompy.journal._tailing import PageTailer
 from lagompy.process._manager import (
     ProcessContext,
     ProcessManager,
@@ -124,6 +126,39 @@ def _check_state(manager: str, hook: str, state: object, ctx: ProcessContext) ->
     )
 
 
+class _Watched:
+    """A page source that tells its worker whether the last page reached the head (a short
+    page), for the timers (see ``ProcessWorker.horizon_us``)."""
+
+    def __init__(self, source: PageSource, worker: ProcessWorker) -> None:
+        self.source = source
+        self.worker = worker
+        self.reading: str = getattr(source, "reading", "reading the journal")
+
+    async def start(self) -> None:
+        await self.source.start()
+
+    async def next_page(self, after: int) -> TagPage:
+        page = await self.source.next_page(after)
+        short = not page.full and page.error is None
+        worker = self.worker
+        # At the head once this page is committed (not before: a cancelling event in it must
+        # be handled before the timer it cancels may fire).
+        worker.head_at = page.last_offset if short else None
+        if short and not page.envelopes:
+            worker.strategy.timers_changed.set()
+        return page
+
+    async def wait(self, limit: float | None = None) -> None:
+        await self.source.wait(limit)
+
+    def wake(self) -> None:
+        self.source.wake()
+
+    async def close(self) -> None:
+        await self.source.close()
+
+
 class ProcessCommit(ProjectionCommit):
     """The process manager's :class:`~lagompy.consumer.CommitStrategy` (see the module docs).
     Commits of events and firings of timers take turns (one lock), so that each writes the
@@ -149,6 +184,8 @@ class ProcessCommit(ProjectionCommit):
         #: The source is a topic: the pages hold its messages (the event is the payload, the
         #: entity id the message's key), not envelopes.
         self.messages = type(self.manager).topic() is not None
+        #: The time of the last event committed (microseconds): see ``horizon_us``.
+        self.handled_until_us = 0
         #: Set when a commit stored a timer (the timer loop looks again at once).
         self.timers_changed = asyncio.Event()
 
@@ -209,8 +246,9 @@ class ProcessCommit(ProjectionCommit):
         consumer.moved(offset, clear, flags)
         consumer.events_handled += done
         consumer.transactions += 1
-        if any(e.scheduled for e in entries.values()):
-            self.timers_changed.set()
+        last = int(envelopes[done - 1].timestamp.timestamp() * 1_000_000)
+        self.handled_until_us = max(self.handled_until_us, last)
+        self.timers_changed.set()  # new timers, or further in time: the timer loop looks
         return done, flags
 
     async def _handle_chunk(
@@ -388,16 +426,28 @@ class ProcessWorker(EventConsumer):
         store = OffsetStore(database)
         name = type(processor.manager).name
         self.states = ProcessStore(database, name, journal.serializer)
-        pages = None
+        event_types = None
         if feed is not None:  # a topic source: its partition's messages, like a subscriber's
             topic = type(processor.manager).topic()
             assert topic is not None
             reading = f"reading topic {topic.name!r} partition tag {tag!r}"
-            pages = functools.partial(FeedPages, feed, settings.max_batch, reading)
+            source: Callable[[], PageSource] = functools.partial(
+                FeedPages, feed, settings.max_batch, reading
+            )
+        else:
+            event_types = _wanted_type_names(processor, journal.serializer)
+            source = functools.partial(
+                PageTailer,
+                journal,
+                tag=tag,
+                event_types=event_types,
+                page_size=settings.max_batch,
+                settings=settings.tail,
+            )
         super().__init__(
             processor.name,
             tag,
-            pages=pages,
+            pages=lambda: _Watched(source(), self),
             journal=journal if feed is None else None,
             store=store,
             strategy=ProcessCommit(
@@ -410,9 +460,7 @@ class ProcessWorker(EventConsumer):
             ),
             settings=settings,
             owner=owner or default_owner(),
-            event_types=None
-            if feed is not None
-            else _wanted_type_names(processor, journal.serializer),
+            event_types=event_types,
             kind="process manager",
             describe_error=describe_error,
             logger=log,
@@ -422,6 +470,9 @@ class ProcessWorker(EventConsumer):
         self.feed = feed
         #: Timers this worker fired.
         self.timers_fired = 0
+        #: The position at which the worker is at its partition's head (the end of the last
+        #: page it read, when that page was short), or None.
+        self.head_at: int | None = None
 
     async def run(self) -> None:
         timers = asyncio.create_task(self._timer_loop(), name=f"process timers {self.tag}")
@@ -449,10 +500,24 @@ class ProcessWorker(EventConsumer):
                 await self.store.release(lease, state="idle")
             self.lease = None
 
-    async def _fire_due(self, lease: Lease, *, raising: bool) -> int:
+    def horizon_us(self) -> int:
+        """Up to when timers may fire: now once the worker has caught up with its partition,
+        else the time of the last event it handled (an event that cancels a timer is handled
+        before that timer fires, after a restart or behind a backlog alike)."""
+        now = now_us()
+        return now if self.caught_up else min(now, self.strategy.handled_until_us)
+
+    @property
+    def caught_up(self) -> bool:
+        """The worker has committed up to its partition's head (as its last read saw it)."""
+        return self.head_at is not None and self.offset >= self.head_at
+
+    async def _fire_due(self, lease: Lease, *, raising: bool, until_us: int | None = None) -> int:
         fired = 0
         while True:
-            due = await self.states.due(self.tag, now_us(), TIMER_PAGE)
+            due = await self.states.due(
+                self.tag, now_us() if until_us is None else until_us, TIMER_PAGE
+            )
             for timer in due:
                 if self.flags.hold and not raising:
                     return fired
@@ -470,9 +535,9 @@ class ProcessWorker(EventConsumer):
             changed.clear()
             if lease is not None and self.state == "running" and not self.flags.hold:
                 try:
-                    await self._fire_due(lease, raising=False)
+                    await self._fire_due(lease, raising=False, until_us=self.horizon_us())
                     due = await self.states.next_due(self.tag)
-                    if due is not None:
+                    if due is not None and self.caught_up:
                         wait = min(wait, max(0.0, (due - now_us()) / 1e6))
                 except ConsumerStopped:
                     return
