@@ -29,8 +29,10 @@ are translated into this tree with the original exception attached as ``__cause_
     ├── ReadSideError .............. a read-side worker cannot go on
     │   ├── LeaseLost .............. another worker took the (processor, tag) lease:
     │   │                            this worker's batch was rolled back
-    │   └── ReadSideDecodeFailed ... an event of the worker's tag cannot be decoded (names
-    │                                processor, tag, offset, entity and sequence number)
+    │   ├── ReadSideDecodeFailed ... an event of the worker's tag cannot be decoded (names
+    │   │                            processor, tag, offset, entity and sequence number)
+    │   └── ProcessKeyConflict ..... a process manager's key was written by another
+    │                                partition's worker (or concurrently): rolled back
     ├── TopicError ................. a topic cannot be served or read
     │   └── TopicMessageInvalid .... a message from a topic's transport does not fit the
     │                                topic (a missing field, a payload its type refuses)
@@ -245,6 +247,13 @@ class ReadSideDecodeFailed(_AtEvent, ReadSideError):
     to the processor's serializer, or the payload does not fit the class), after
     ``max_attempts`` tries. Names the processor, the tag, and the event's offset, entity and
     sequence number; the ``EventDecodeError`` is the cause."""
+
+
+class ProcessKeyConflict(ReadSideError):
+    """A process manager's state for a key changed under the worker that was committing it:
+    the key belongs to another partition of the source (a key's events must come from one
+    partition), or another worker wrote it meanwhile. The worker's transaction rolled back;
+    the event is retried like a failing handler."""
 
 
 # --------------------------------------------------------------------------- topics

@@ -176,3 +176,38 @@ console_audit = Table(
     Column("detail", Text, nullable=True),
     sqlite_autoincrement=True,
 )
+
+process_states = Table(
+    "lagompy_process_states",
+    metadata,
+    Column("manager", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("state_type", String(255), nullable=False),
+    Column("state_version", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    PrimaryKeyConstraint("manager", "key", name="pk_lagompy_process_states"),
+)
+
+process_timers = Table(
+    "lagompy_process_timers",
+    metadata,
+    Column("manager", String(255), nullable=False),
+    Column("timer_id", String(255), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("due_us", BigInteger, nullable=False),
+    Column("message_type", String(255), nullable=False),
+    Column("message_version", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("manager", "timer_id", name="pk_lagompy_process_timers"),
+)
+Index(
+    "ix_lagompy_process_timers_due",
+    process_timers.c.manager,
+    process_timers.c.tag,
+    process_timers.c.due_us,
+)
+Index("ix_lagompy_process_timers_key", process_timers.c.manager, process_timers.c.key)
