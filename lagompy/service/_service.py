@@ -216,6 +216,9 @@ class Service:
                 made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
                 self.clients[made.service] = made
             for component in self.components:
+                bind = getattr(component, "bind", None)
+                if bind is not None:  # a component that works on the service's runtime
+                    bind(self)
                 await component.start()
                 self._started.append(component)
         except BaseException:
