@@ -26,7 +26,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from lagompy.entity import Command, PersistentEntity, reply_type_of
 from lagompy.errors import (
@@ -201,14 +201,34 @@ class WorkflowContext:
 
     # ------------------------------------------------------------------ external steps
 
+    @overload
     async def step(
         self,
-        fn: Callable[..., Awaitable[R]] | Callable[..., R],
+        fn: Callable[..., Awaitable[R]],
         *args: Any,
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
-    ) -> R:
+    ) -> R: ...
+
+    @overload
+    async def step(
+        self,
+        fn: Callable[..., R],
+        *args: Any,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> R: ...
+
+    async def step(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Run ``fn(*args)`` (a coroutine function or a plain one) at least once, retried by
         ``retry`` (default: the workflow's policy) with ``timeout`` seconds per try; its result
         is recorded once (serialized by ``fn``'s return annotation) and replayed after."""
@@ -216,8 +236,7 @@ class WorkflowContext:
         annotation = return_annotation(fn)
         recorded = self._replayed(step_name)
         if recorded is not None:
-            result: R = self._result(recorded, annotation)
-            return result
+            return self._result(recorded, annotation)
         p = self._position
         policy = retry or self._driver.definition.retry
         try:
@@ -228,8 +247,7 @@ class WorkflowContext:
         except Exception as e:
             record = StepRecord(p, step_name, False, error_type=type(e).__name__, error=str(e))
         stored = await self._record(record)
-        out: R = self._result(stored, annotation)
-        return out
+        return self._result(stored, annotation)
 
     # ------------------------------------------------------------------ time and signals
 

@@ -217,7 +217,9 @@ class RunDriver:
         try:
             self.definition = self.workflows.for_run(run.name, run.version)
         except UnknownWorkflow as e:
-            await self._finish("failed", None, f"UnknownWorkflow: {e}")
+            # A process deployed without this workflow (a rolling deploy): the run waits for
+            # an executor that knows it (the partition's next owner), it is not failed.
+            log.error("run %r cannot be driven by this executor: %s", self.run_id, e)
             return
         ctx = WorkflowContext(self, run)
         self.ctx = ctx
@@ -241,6 +243,8 @@ class RunDriver:
         await self._outcome(run, ctx, inner)
 
     async def _outcome(self, run: Run, ctx: WorkflowContext, inner: asyncio.Future[Any]) -> None:
+        if not inner.cancelled():
+            inner.exception()  # retrieved, whatever the outcome below
         fatal = ctx.fatal
         if isinstance(fatal, Superseded):
             log.info("run %r: %s; this executor stops driving it", self.run_id, fatal)
