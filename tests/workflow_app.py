@@ -134,3 +134,14 @@ async def double(ctx: WorkflowContext, n: int) -> int:
 
 def _double(n: int) -> int:
     return n * 2
+
+
+@workflows.workflow("gated-transfer", version=1)
+async def gated_transfer(ctx: WorkflowContext, t: Transfer) -> str:
+    """A transfer that waits for a "go" signal at each step boundary (the kill tests)."""
+    ctx.compensate_ask(AccountEntity, t.source, Deposit(t.amount))
+    await ctx.ask(AccountEntity, t.source, Withdraw(t.amount))
+    await ctx.receive("go")
+    await ctx.ask(AccountEntity, t.target, Deposit(t.amount))
+    await ctx.receive("go")
+    return "done"
