@@ -37,6 +37,7 @@ from lagompy.consumer._lease import Lease
 from lagompy.entity import PersistentEntity
 from lagompy.errors import (
     CommandRejected,
+    ConfigurationError,
     EventDecodeError,
     InvalidWorkflowInput,
     JournalError,
@@ -98,6 +99,18 @@ class WorkflowSettings:
     admission_interval: float = 0.5
     max_batch: int = 500
     retry_max_delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_interval < self.lease_ttl:
+            raise ConfigurationError(
+                f"WorkflowSettings: renew_interval ({self.renew_interval}) must be above 0 and "
+                f"below lease_ttl ({self.lease_ttl}), or leases expire between renewals"
+            )
+        for name in ("ask_timeout", "admission_interval", "retry_max_delay"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"WorkflowSettings: {name} must be above 0")
+        if self.max_batch < 1:
+            raise ConfigurationError("WorkflowSettings: max_batch must be at least 1")
 
     def consumer(self) -> ReadSideSettings:
         return ReadSideSettings(
