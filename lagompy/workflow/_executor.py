@@ -145,6 +145,7 @@ class RunDriver:
         self._inner: asyncio.Task[Any] | None = None
         self._pending_signals: list[SignalRecord] = []
         self._cancel: str | None = None
+        self._cancelled = asyncio.Event()
 
     # ------------------------------------------------------------------ events
 
@@ -156,6 +157,7 @@ class RunDriver:
 
     def cancel(self, reason: str) -> None:
         self._cancel = reason
+        self._cancelled.set()
         ctx = self.ctx
         if ctx is not None and ctx.cancel_reason is None:
             ctx.cancel_reason = reason
@@ -226,7 +228,9 @@ class RunDriver:
         run = await self.ask_run(GetRun())
         if not isinstance(run, Run) or run.finished:
             return
-        await self.executor.admission(self.run_id)
+        if not await self._admitted(run):
+            await self._finish("cancelled", None, f"cancelled: {self._cancel}")
+            return
         try:
             self.definition = self.workflows.for_run(run.name, run.version)
         except UnknownWorkflow as e:
@@ -254,6 +258,26 @@ class RunDriver:
             await asyncio.gather(inner, return_exceptions=True)
             raise
         await self._outcome(run, ctx, inner)
+
+    async def _admitted(self, run: Run) -> bool:
+        """Wait for admission; False when the run is cancelled first (a queued run that never
+        ran: nothing to compensate)."""
+        if run.steps:
+            await self.executor.admission(self.run_id)  # it ran before: the code decides
+            return True
+        if run.cancel_reason is not None:
+            self.cancel(run.cancel_reason)
+        if self._cancelled.is_set():
+            return False
+        admission = asyncio.ensure_future(self.executor.admission(self.run_id))
+        cancelled = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            await asyncio.wait({admission, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not admission.done():
+                admission.cancel()
+        return admission.done() and not admission.cancelled()
 
     async def _outcome(self, run: Run, ctx: WorkflowContext, inner: asyncio.Future[Any]) -> None:
         if not inner.cancelled():
