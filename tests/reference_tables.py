@@ -78,6 +78,7 @@ API_MODULES: list[tuple[str, str]] = [
     ("lagompy.service", "`lagompy.service`: FastAPI glue, service clients, circuit breakers"),
     ("lagompy.topic", "`lagompy.topic`: topics, subscribers and their transports"),
     ("lagompy.process", "`lagompy.process`: process managers, their state and timers"),
+    ("lagompy.workflow", "`lagompy.workflow`: durable workflows"),
     ("lagompy.testkit", "`lagompy.testkit`: testing"),
 ]
 

@@ -78,7 +78,7 @@ class ProcessManagersComponent:
         async def status() -> list[dict[str, Any]]:
             return [s.to_dict() for s in await self.running.status()]
 
-    def bind_service(self, service: Service) -> None:
+    def bind(self, service: Service) -> None:
         """The service this component is part of (its entities and journal are the
         defaults)."""
         self._service = service

@@ -96,7 +96,7 @@ class Component(Protocol):
     ``/health/ready``: True when ready, else False or the reason, which the check shows),
     ``router`` (an APIRouter mounted by ``install``),
     ``metric_samples() -> list[metrics.Sample]`` (awaitable; pulled at scrape time) and
-    ``bind_service(service)`` (called before ``start``: for a component that needs the
+    ``bind(service)`` (called before ``start``: for a component that needs the
     service's entities or settings)."""
 
     async def start(self) -> None: ...
@@ -218,8 +218,8 @@ class Service:
                 made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
                 self.clients[made.service] = made
             for component in self.components:
-                bind = getattr(component, "bind_service", None)
-                if callable(bind):  # a component that needs the service (its entities...)
+                bind = getattr(component, "bind", None)
+                if callable(bind):  # a component that needs the service (its runtime...)
                     bind(self)
                 await component.start()
                 self._started.append(component)
