@@ -33,8 +33,9 @@ SNIPPET_TIMEOUT = 120.0
 MKDOCS_TIMEOUT = 120.0
 #: Pages whose scripts run at once. A script spends most of its time in a fresh interpreter
 #: importing lagompy, or waiting for a local Ray or a server to start; two at a time on this
-#: 2-core machine ran every page in about half the time one at a time took (82 s). Each has its
-#: own process group and working directory, and its servers and brokers take free ports.
+#: 2-core machine ran every page in 80 s where one at a time took 123 s (both measured while
+#: other work loaded the machine). Each has its own process group and working directory, and
+#: its servers and brokers take free ports.
 PAGE_CONCURRENCY = 2
 
 _OPENING_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>.*?)[ \t]*$")
