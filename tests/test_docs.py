@@ -5,7 +5,8 @@
   without any ``LAGOMPY_*`` environment variable. So the blocks of a page share their names,
   and the files they create (SQLite databases, for example) land in a temporary directory. An
   async example calls ``asyncio.run(...)`` itself. To show code that must not run, fence it as
-  ```text or ```pycon instead.
+  ```text or ```pycon instead. The selected pages' scripts run ahead of their tests, two
+  at a time (see ``PAGE_CONCURRENCY``); each test waits for its page's outcome.
 * ``mkdocs build --strict`` succeeds, so broken links, anchors and navigation fail the suite.
 """
 
@@ -17,6 +18,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,12 @@ DOCS = REPO / "docs"
 PAGES = [*sorted(DOCS.rglob("*.md")), REPO / "README.md"]
 SNIPPET_TIMEOUT = 120.0
 MKDOCS_TIMEOUT = 120.0
+#: Pages whose scripts run at once. A script spends most of its time in a fresh interpreter
+#: importing lagompy, or waiting for a local Ray or a server to start; two at a time on this
+#: 2-core machine ran every page in 80 s where one at a time took 123 s (both measured while
+#: other work loaded the machine). Each has its own process group and working directory, and
+#: its servers and brokers take free ports.
+PAGE_CONCURRENCY = 2
 
 _OPENING_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>.*?)[ \t]*$")
 _FUTURE_IMPORT = re.compile(r"^from[ \t]+__future__[ \t]+import[ \t]")
@@ -162,34 +171,82 @@ def _run(
     return status, stdout, stderr
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(REPO).as_posix() for p in PAGES])
-def test_python_examples_run(page: Path, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class PageRun:
+    """A page's script, run: where it and its working directory are, and how it ended."""
+
+    blocks: list[Block]
+    origin: dict[int, tuple[Path, int]]
+    script: Path
+    workdir: Path
+    status: int | None  # None: timed out
+    stdout: str
+    stderr: str
+
+
+def _run_page(page: Path, directory: Path) -> PageRun | None:
+    """Run the python blocks of ``page`` as one script in ``directory``; None if it has none."""
     blocks = python_blocks(page)
     if not blocks:
-        return  # nothing to run on this page; test_docs_have_python_examples guards the total
+        return None
     script_text, origin = build_script(blocks)
-    script_dir = tmp_path / "script"
-    workdir = tmp_path / "cwd"
+    script_dir = directory / "script"
+    workdir = directory / "cwd"
     script_dir.mkdir()
     workdir.mkdir()
     script = script_dir / (page.stem + "_examples.py")
     script.write_text(script_text, encoding="utf-8")
-
     status, stdout, stderr = _run(
         [sys.executable, str(script)], cwd=workdir, logs=script_dir, timeout=SNIPPET_TIMEOUT
     )
-    if status == 0:
+    return PageRun(blocks, origin, script, workdir, status, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def page_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[Path, Future[PageRun | None]]]:
+    """The scripts of the pages whose tests were selected, started in the tests' order,
+    ``PAGE_CONCURRENCY`` at a time; by page."""
+    pages: list[Path] = []
+    for item in request.session.items:
+        if (
+            isinstance(item, pytest.Function)
+            and item.module is request.module
+            and item.originalname == "test_python_examples_run"
+        ):
+            page = item.callspec.params["page"]
+            assert isinstance(page, Path), page
+            pages.append(page)
+    pool = ThreadPoolExecutor(PAGE_CONCURRENCY, thread_name_prefix="docs-page")
+    try:
+        yield {
+            page: pool.submit(_run_page, page, tmp_path_factory.mktemp(f"docs-{page.stem}"))
+            for page in pages
+        }
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(REPO).as_posix() for p in PAGES])
+def test_python_examples_run(page: Path, page_runs: dict[Path, Future[PageRun | None]]) -> None:
+    run = page_runs[page].result()
+    if run is None:
+        return  # nothing to run on this page; test_docs_have_python_examples guards the total
+    if run.status == 0:
         return
-    where = ", ".join(block.where for block in blocks)
+    where = ", ".join(block.where for block in run.blocks)
     problem = (
-        f"timed out after {SNIPPET_TIMEOUT:.0f} s" if status is None else f"exited with {status}"
+        f"timed out after {SNIPPET_TIMEOUT:.0f} s"
+        if run.status is None
+        else f"exited with {run.status}"
     )
     pytest.fail(
         f"python examples of {_rel(page)} {problem}\n"
         f"blocks: {where}\n"
-        f"script: {script} (working directory {workdir})\n"
-        f"--- stderr\n{_point_at_pages(stderr, script, origin)}\n"
-        f"--- stdout\n{_point_at_pages(stdout, script, origin)}",
+        f"script: {run.script} (working directory {run.workdir})\n"
+        f"--- stderr\n{_point_at_pages(run.stderr, run.script, run.origin)}\n"
+        f"--- stdout\n{_point_at_pages(run.stdout, run.script, run.origin)}",
         pytrace=False,
     )
 

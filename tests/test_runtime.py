@@ -193,6 +193,44 @@ async def test_start_without_hosts_uses_the_default_rule(app: str, tmp_path: Pat
         await entities.close()
 
 
+async def test_a_start_that_loses_the_race_for_the_coordinator_stops_only_its_own_hosts(
+    app: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that found no coordinator starts its hosts beside the coordinator. If a
+    concurrent start with another topology recorded its own first (simulated: the lookup says
+    no app runs while one does), the refused start stops the hosts it made for its topology,
+    and only those: the running app's hosts serve on."""
+    import ray
+
+    from lagompy.runtime import _ray
+
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    running = await _start(app, js, hosts=1)
+    try:
+
+        async def nothing_runs(app: str, timeout: float) -> None:
+            return None
+
+        monkeypatch.setattr(_ray, "_running_topology", nothing_runs)
+        with pytest.raises(ConfigurationError, match="hosts: the app runs with 1, this process"):
+            await _start(app, js, hosts=2)
+        monkeypatch.undo()
+        deadline = time.monotonic() + 10
+        while True:
+            names = sorted(
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == running.namespace
+            )
+            if names == ["coordinator", "host-0"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert names == ["coordinator", "host-0"]
+        assert await running.ref_for(CounterEntity, "r").ask(Add(1), timeout=30) == 1
+    finally:
+        await running.close()
+
+
 async def test_topology_mismatch_names_what_differs(app: str, tmp_path: Path) -> None:
     js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
     entities = await _start(app, js, hosts=1)
