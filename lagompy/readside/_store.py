@@ -267,6 +267,13 @@ class OffsetStore:
             values["skipped"] = _T.c.skipped + skipped
         return await self._fenced(conn, lease, values)
 
+    async def fence(self, conn: AsyncConnection, lease: Lease, ttl: float) -> Flags:
+        """Inside a transaction: extend the lease, only where the epoch is still the lease's
+        (``LeaseLost`` otherwise: the transaction rolls back); returns the row's flags."""
+        now = now_us()
+        values: dict[str, Any] = {"lease_expires_us": now + int(ttl * 1_000_000), "updated_us": now}
+        return await self._fenced(conn, lease, values)
+
     async def renew(
         self, lease: Lease, ttl: float, *, state: str, events_per_s: float | None = None
     ) -> Flags:

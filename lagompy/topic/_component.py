@@ -302,6 +302,16 @@ def status_samples(
                 samples.append(
                     (f"lagompy_topic_{kind}_{name}", text, "gauge", labelled, float(value))
                 )
+        if kind == "subscriber":
+            samples.append(
+                (
+                    "lagompy_topic_subscriber_parked",
+                    f"Messages {whose} parked (on_failure park), not retried or discarded yet.",
+                    "gauge",
+                    labelled,
+                    float(s.parked),
+                )
+            )
         samples.append(
             (
                 f"lagompy_topic_{kind}_state",
