@@ -463,12 +463,17 @@ class ProjectionCommit:
                 "running",
                 prefix=f"parked after {failure.attempts} attempts: ",
             )
+            command = (
+                f"lagompy projections parked {consumer.name}"
+                if self.source.kind == "read-side"
+                else "lagompy topics parked " + " ".join(consumer.name.split(":", 2)[1:])
+            )
             log.error(
-                "%s: parked %s after %d attempts (`lagompy projections parked %s` lists it)",
+                "%s: parked %s after %d attempts (`%s` lists it)",
                 consumer.where(),
                 event,
                 failure.attempts,
-                consumer.name,
+                command,
             )
             return flags
         if self.settings.on_failure == "skip":
