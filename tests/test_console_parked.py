@@ -136,6 +136,20 @@ def test_read_only_console_lists_parked_events_and_refuses_to_act(
         statuses = http.get("/console/api/readsides").json()
         assert sum(s["parked"] for s in statuses) == 2
 
+        # The read side's own route lists them too (read only), with problems for bad input.
+        listed = http.get("/readside/parking-names/parked", params={"error": "RuntimeError"})
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["total"] == 2 and len(listed.json()["parked"]) == 2
+        one_page = http.get("/readside/parking-names/parked", params={"limit": 1}).json()
+        assert one_page["total"] == 2 and len(one_page["parked"]) == 1
+        for path, status, words in (
+            ("/readside/nope/parked", 404, "no read-side processor 'nope'"),
+            ("/readside/parking-names/parked?limit=0", 422, "limit"),
+            ("/readside/parking-names/parked?after=x", 422, "after"),
+        ):
+            problem = assert_problem(http.get(path), status, words)
+            assert not any(s in str(problem) for s in SECRETS)
+
 
 def test_retry_and_discard_parked_events_are_exactly_once_and_audited(
     journal_settings: JournalSettings,
