@@ -26,7 +26,14 @@ from lagompy.readside import (
     start_readside,
 )
 from lagompy.readside._store import OffsetStore
-from lagompy.testkit.readside import CONTRACT_TAG, Credited, readside_contract_serializer
+from lagompy.serialization import Serializer
+from lagompy.testkit.readside import (
+    CONTRACT_TAG,
+    Credited,
+    CreditsProjection,
+    Noise,
+    readside_contract_serializer,
+)
 
 FAST: dict[str, Any] = {
     "lease_ttl": 2.0,
@@ -60,8 +67,10 @@ class Accounts:
         self.seq: dict[str, int] = {}
 
     async def credit(self, account: str, *amounts: int) -> list[EventEnvelope[Any]]:
+        return await self.append(account, *(Credited(account, a) for a in amounts))
+
+    async def append(self, account: str, *events: Any) -> list[EventEnvelope[Any]]:
         seq = self.seq.get(account, 0)
-        events = [Credited(account, a) for a in amounts]
         write = AtomicWrite(
             "contract-account", account, seq, list(events), [(CONTRACT_TAG,)] * len(events)
         )
@@ -87,7 +96,7 @@ async def credits(readside: ReadSide) -> list[tuple[int, str]]:
         return [(int(o), str(a)) for o, a in rows.all()]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
@@ -309,3 +318,71 @@ async def test_on_failure_park_in_the_metrics(
         await rs.wait_until_caught_up()
         samples = {name: value for name, _, _, _, value in _lag_samples(await rs.status())}
         assert samples["lagompy_readside_parked"] == 1.0
+
+
+async def test_a_replay_and_a_rebuild_clear_the_parked_events_they_handle_again(
+    journal: Storage, journal_settings: JournalSettings
+) -> None:
+    accounts = Accounts(journal)
+    ok = await accounts.credit("ok", 1)
+    bad = await accounts.credit("bad", 2)
+    PoisonedCredits.poison = {"bad"}
+    async with await start(journal_settings) as rs:
+        await rs.wait_until_caught_up()
+        p = rs.projections
+        assert await p.count_parked() == 1
+        # Set back, still failing: parked again (one row); set back once fixed: handled, and
+        # no parked row is left for a retry to apply a second time.
+        await p.set_offset("poisoned-credits", CONTRACT_TAG, ok[0].offset, force=True)
+        await eventually(lambda: p.count_parked(), timeout=10)
+        assert await p.count_parked() == 1
+        PoisonedCredits.poison = set()
+        await p.set_offset("poisoned-credits", CONTRACT_TAG, ok[0].offset, force=True)
+
+        async def handled() -> bool:
+            return (bad[0].offset, "bad") in await credits(rs)
+
+        await eventually(handled)
+        assert await p.count_parked() == 0
+        # A rebuild replays everything: the parked rows of before are gone.
+        PoisonedCredits.poison = {"bad"}
+        await p.set_offset("poisoned-credits", CONTRACT_TAG, ok[0].offset, force=True)
+        await eventually(lambda: p.count_parked(), timeout=10)
+        PoisonedCredits.poison = set()
+        assert await p.rebuild(PoisonedCredits, journal=journal.journal) == 2
+        assert await p.count_parked() == 0
+        assert [a for _, a in await credits(rs)] == ["ok", "bad"]
+
+
+class EveryCredit(CreditsProjection):
+    """CreditsProjection that wants every event (so that an unknown one cannot be decoded)."""
+
+    name = "every-credit"
+    event_types = None
+
+
+async def test_an_undecodable_event_is_parked_and_its_retry_reads_the_journal_again(
+    journal: Storage, journal_settings: JournalSettings
+) -> None:
+    accounts = Accounts(journal)
+    noise = await accounts.append("n", Noise("unknown to the read side"))
+    later = await accounts.credit("a", 2)
+    async with await start_readside(
+        [EveryCredit],
+        journal_settings=journal_settings,
+        serializer=Serializer([Credited]),  # Noise is unknown here
+        **{**FAST, "on_failure": "park"},
+    ) as rs:
+        await rs.wait_until_caught_up()
+        assert [o for o, _ in await credits(rs)] == [later[0].offset]
+        (row,) = await rs.projections.parked()
+        assert (row.offset, row.entity_id, row.error_class) == (noise[0].offset, "n", "UnknownType")
+        assert row.event_type is not None and row.event_type.endswith("Noise")
+        assert "cannot decode" in row.error
+        # Retried: still undecodable, the row stays with the error.
+        await rs.projections.retry_parked(ParkedFilter())
+
+        async def retried() -> bool:
+            return (await rs.projections.parked())[0].retries == 1
+
+        await eventually(retried)
