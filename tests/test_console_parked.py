@@ -135,6 +135,8 @@ def test_read_only_console_lists_parked_events_and_refuses_to_act(
         # The read side's status counts them.
         statuses = http.get("/console/api/readsides").json()
         assert sum(s["parked"] for s in statuses) == 2
+        assert http.get("/console/api/overview").json()["readsides"]["parked"] == 2
+        assert "2 parked event(s)" in http.get("/console/").text
 
         # The read side's own route lists them too (read only), with problems for bad input.
         listed = http.get("/readside/parking-names/parked", params={"error": "RuntimeError"})

@@ -577,6 +577,7 @@ class Backend:
                 "tags": len(readsides),
                 "failed": sum(1 for s in readsides if s.state == "failed"),
                 "paused": sum(1 for s in readsides if s.state == "paused"),
+                "parked": sum(s.parked for s in readsides),
             },
             "recent_failures": [s.to_dict() for s in failures],
         }
