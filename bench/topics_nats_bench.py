@@ -40,7 +40,7 @@ from lagompy.journal import Journal
 from lagompy.testkit.nats import nats_server
 from lagompy.testkit.topics import contract_topic
 from lagompy.topic import start_subscribers
-from lagompy.topic._codec import _adapter
+from lagompy.topic._codec import encode_payload
 from lagompy.topic._nats import BrokerSettings, NatsTransport, _headers
 from lagompy.topic._producers import start_producers
 
@@ -68,8 +68,9 @@ async def raw_publish(url: str, journal: Journal, in_flight: int) -> tuple[float
             for envelope in page.envelopes:
                 m = contract_topic.message(envelope, p)
                 if m is not None:
-                    data = _adapter(type(m.payload)).dump_json(m.payload)
-                    messages.append((f"raw.{contract_topic.name}.{p}", data, _headers(m)))
+                    data = encode_payload(contract_topic, m.payload)
+                    headers = _headers(m, contract_topic.media_type)
+                    messages.append((f"raw.{contract_topic.name}.{p}", data, headers))
             after = page.last_offset
             if not page.full:
                 break

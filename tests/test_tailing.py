@@ -31,7 +31,7 @@ from lagompy import (
     open_storage,
 )
 from lagompy.journal import EventTailer, Journal, JournalNotifier, TailSettings, read_pages, tail
-from lagompy.journal._tailing import _listen_connect_args, _notifiers
+from lagompy.journal._tailing import SqliteWatcher, _listen_connect_args, _notifiers
 from lagompy.sql import Database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -352,8 +352,9 @@ async def test_close_from_another_task_ends_a_waiting_iteration(storage: Storage
 
 
 async def test_wake_makes_a_tailer_query_now(storage: Storage) -> None:
-    # No LISTEN, no polling to speak of: only wake() can end its wait.
-    tailer = tail(storage.journal, settings=TailSettings(listen=False, poll_interval=NEVER))
+    # No LISTEN, no watch, no polling to speak of: only wake() can end its wait.
+    off = TailSettings(listen=False, sqlite_watch_interval=0, poll_interval=NEVER)
+    tailer = tail(storage.journal, settings=off)
     c = Collector(tailer)
     try:
         await c.idle()
@@ -368,11 +369,11 @@ async def test_wake_makes_a_tailer_query_now(storage: Storage) -> None:
 async def test_a_tailer_sees_events_another_process_appends(
     journal_settings: JournalSettings, tmp_path: Path
 ) -> None:
-    """On SQLite by polling; on PostgreSQL woken by the other process's NOTIFY (no polling)."""
+    """Woken, not polling: on PostgreSQL by the other process's NOTIFY, on SQLite by the
+    process's watch of the -wal file."""
     postgres = journal_settings.url.startswith("postgresql")
     async with await open_storage(settings=journal_settings, entities=[UserEntity]) as s:
-        poll = NEVER if postgres else 0.05
-        tailer = tail(s.journal, tag="t1", poll_interval=poll, listen_poll_interval=poll)
+        tailer = tail(s.journal, tag="t1", poll_interval=NEVER, listen_poll_interval=NEVER)
         await tailer.start()
         c = Collector(tailer)
         try:
@@ -413,11 +414,47 @@ async def test_a_tailer_sees_events_another_process_appends(
             await c.until(5)
             assert [e.entity_id for e in c.seen] == [f"p{n}" for n in range(5)]
             assert c.offsets == await expected_offsets(s.journal, "t1")
-            if postgres:
-                assert tailer.poll_wakeups == 0 and tailer.notify_wakeups >= 1
-            else:
-                assert tailer.poll_wakeups >= 1 and tailer.notifier is None
+            assert tailer.poll_wakeups == 0 and tailer.notify_wakeups >= 1
+            assert isinstance(tailer.notifier, JournalNotifier if postgres else SqliteWatcher)
         finally:
+            await c.stop()
+
+
+async def test_the_sqlite_watch_wakes_tailers_within_milliseconds_and_can_be_off(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'watched.db'}"
+    async with await open_storage(url, entities=[UserEntity]) as storage:
+        first = tail(storage.journal, poll_interval=NEVER)
+        second = tail(storage.journal, poll_interval=NEVER)
+        async with first, second:
+            assert isinstance(first.notifier, SqliteWatcher)
+            assert first.notifier is second.notifier  # one watch per process and file
+            assert first.notifier.references == 2
+            c = Collector(first)
+            latencies = []
+            for n in range(5):
+                await c.idle()
+                started = time.monotonic()
+                await append_batch(storage.journal, [user_write(f"s{n}", 1, ())])
+                await c.until(n + 1, timeout=2.0)
+                latencies.append(c.arrived[-1] - started)
+            print("sqlite watch latencies (ms):", [round(x * 1000, 1) for x in latencies])
+            assert max(latencies) < 1.0, latencies
+            assert first.notify_wakeups >= 5 and first.poll_wakeups == 0
+            watcher = first.notifier
+            await c.stop()
+        assert watcher.references == 0 and not [k for k in _notifiers if "watched.db" in k[1]]
+        # Off: nothing watches, the tailer polls.
+        off = TailSettings(sqlite_watch_interval=0, poll_interval=0.05)
+        polling = tail(storage.journal, settings=off)
+        async with polling:
+            assert polling.notifier is None
+            c = Collector(polling)
+            await c.idle()
+            await append_batch(storage.journal, [user_write("q", 1, ())])
+            await c.until(1, timeout=2.0)
+            assert polling.notify_wakeups == 0  # found by its poll
             await c.stop()
 
 

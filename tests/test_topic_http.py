@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
@@ -128,6 +129,12 @@ async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
             1,
         )
         assert datetime.fromisoformat(message["timestamp"]) == written[0].timestamp
+        # A client that asks for MessagePack (lagompy's feeds do) gets the same body in it.
+        packed = await client.get(
+            f"{PARTITION}/{partition}", headers={"Accept": "application/msgpack"}
+        )
+        assert packed.headers["content-type"] == "application/msgpack"
+        assert msgpack.unpackb(packed.content) == page
 
         # Caught up: the long poll answers when a message commits, not at the end of `wait`.
         after = page["last_offset"]
@@ -264,6 +271,8 @@ def test_declarations_refuse_what_cannot_work() -> None:
 
         async def handle(self, conn: Any, message: Message[Deposit]) -> None: ...
 
+    with pytest.raises(ConfigurationError, match="encoding must be 'msgpack' or 'json'"):
+        Topic("t", Deposit, source=ContractAccount, to_message=_deposit_v3, encoding="xml")  # type: ignore[arg-type]
     for cls, words in [(NoHandle, "handle"), (NoGroup, "group"), (NoTopic, "needs a topic")]:
         with pytest.raises(ConfigurationError, match=words):
             cls.validate()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -252,10 +253,9 @@ async def test_a_subscription_gone_behind_the_feed_is_found_and_restarted(
 async def test_messages_carry_the_journal_coordinates_in_headers(
     brokered: _Broker, broker_server: NatsServer
 ) -> None:
-    """What another language's client reads: the JSON payload and lagompy's headers, with the
-    message id that deduplicates re-publications."""
-    import json
-
+    """What another language's client reads: the payload (MessagePack by default: a map of its
+    JSON form) and lagompy's headers, with the message id that deduplicates re-publications."""
+    import msgpack
     import nats
 
     env, broker = brokered.env, brokered
@@ -274,7 +274,7 @@ async def test_messages_carry_the_journal_coordinates_in_headers(
                 await asyncio.sleep(0.05)
     finally:
         await nc.close()
-    assert json.loads(msg.data or b"") == {"account": "ada", "amount": 42}
+    assert msgpack.unpackb(msg.data or b"") == {"account": "ada", "amount": 42}
     headers = msg.headers or {}
     assert headers["Nats-Msg-Id"] == f"{contract_topic.name}:{partition}:{written.offset}"
     assert headers["Lagompy-Offset"] == str(written.offset)
@@ -283,7 +283,7 @@ async def test_messages_carry_the_journal_coordinates_in_headers(
     assert headers["Lagompy-Seq-Nr"] == "1"
     assert headers["Lagompy-Type"] == contract_topic.type_name
     assert headers["Lagompy-Version"] == str(contract_topic.version)
-    assert headers["Content-Type"] == "application/json"
+    assert headers["Content-Type"] == "application/msgpack"
 
 
 @pytest.mark.asyncio
@@ -449,8 +449,11 @@ async def test_published_messages_fit_the_asyncapi_document(
     from lagompy.service import Service
     from lagompy.topic import TopicsComponent, envelope_schema
 
+    # The topic publishes JSON (by configuration: MessagePack is the default, with the same
+    # structure), so that the broker's bytes are validated as they are.
+    json_topic = dataclasses.replace(contract_topic, encoding="json")
     broker = BrokerSettings(url=broker_server.url, stream_prefix=f"s{uuid.uuid4().hex[:6]}")
-    topics = TopicsComponent([contract_topic], journal_settings=journal_settings, broker=broker)
+    topics = TopicsComponent([json_topic], journal_settings=journal_settings, broker=broker)
     service = Service(name="accounts", components=[topics])
     app = FastAPI(lifespan=service.lifespan)
     service.install(app)
@@ -470,6 +473,9 @@ async def test_published_messages_fit_the_asyncapi_document(
                 )
                 assert channel["parameters"]["partition"]["enum"] == ["0", "1"]
                 (key,) = channel["messages"]
+                assert document["components"]["messages"][key]["contentType"] == (
+                    "application/json"
+                )
                 payload_schema = document["components"]["schemas"][key]
                 schema = (await client.get(f"/topics/{contract_topic.name}/schema")).json()
                 assert schema["x-lagompy-type"] == contract_topic.type_name
@@ -505,6 +511,7 @@ async def test_published_messages_fit_the_asyncapi_document(
                         await asyncio.sleep(0.05)
             finally:
                 await nc.close()
+            assert (published.headers or {})["Content-Type"] == "application/json"
             body = json.loads(published.data or b"")
             jsonschema.validate(body, payload_schema)
             jsonschema.validate(body, schema)
@@ -543,7 +550,8 @@ def test_broker_messages_of_older_versions_are_upcast() -> None:
     )
 
     def msg(payload: bytes, **headers: str) -> Msg:
-        return Msg(_client=cast(Any, None), data=payload, headers={**_headers(old), **headers})
+        base = _headers(old, "application/json")
+        return Msg(_client=cast(Any, None), data=payload, headers={**base, **headers})
 
     v3 = {"account": "bo", "amount": 1, "currency": "USD", "note": "x"}
     msgs = [

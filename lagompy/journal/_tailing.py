@@ -17,13 +17,14 @@ How a tailer learns that there is something new::
 
     PostgreSQL                                       SQLite
     writer transaction: ... pg_notify(...) COMMIT    writer transaction: ... COMMIT
-            │ (delivered at commit)                          (nothing to deliver)
-            ▼
-    JournalNotifier: ONE raw asyncpg connection
-    per process and database, LISTEN lagompy_events
-            │ fan-out: wake every subscribed tailer
+            │ (delivered at commit)                          │ (the -wal file changes)
             ▼                                                ▼
-    PageTailer: re-query after its offset           PageTailer: re-query every poll_interval
+    JournalNotifier: ONE raw asyncpg connection     SqliteWatcher: ONE task per process and
+    per process and database, LISTEN lagompy_events file, a stat of the -wal file every 5 ms
+            │ fan-out: wake every subscribed tailer          │ the same fan-out
+            ▼                                                ▼
+    PageTailer: re-query after its offset           PageTailer: re-query after its offset
+                                                    (and every poll_interval: the safety net)
 
 A tailer queries, yields the page, and only when a page comes back short does it wait: for a
 wake-up from the notifier or for its poll interval, whichever comes first. On PostgreSQL the
@@ -42,6 +43,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
 import weakref
 from collections import deque
@@ -64,6 +66,7 @@ __all__ = [
     "EventTailer",
     "JournalNotifier",
     "PageTailer",
+    "SqliteWatcher",
     "Subscription",
     "TailSettings",
     "WakeReason",
@@ -97,9 +100,9 @@ class TailSettings(LagompySettings):
         default=0.05,
         gt=0,
         description=(
-            "Seconds between queries while nothing wakes the tailer: always on SQLite, and on "
-            "PostgreSQL while the LISTEN connection is down (or listen is off). The one default "
-            "of tailers and read-side workers."
+            "Seconds between queries while nothing wakes the tailer: on SQLite (the safety net "
+            "of the -wal file watch), and on PostgreSQL while the LISTEN connection is down (or "
+            "listen is off). The one default of tailers and read-side workers."
         ),
     )
     listen: bool = Field(
@@ -116,6 +119,15 @@ class TailSettings(LagompySettings):
         description=(
             "Seconds between safety-net queries on PostgreSQL while the LISTEN connection is "
             "healthy (a notification, not this poll, is what normally wakes a tailer)."
+        ),
+    )
+    sqlite_watch_interval: float = Field(
+        default=0.005,
+        ge=0,
+        description=(
+            "On SQLite, seconds between looks at the journal's write-ahead log (one stat of "
+            "its file): a change wakes this process's tailers at once, where they would wait "
+            "for their poll_interval. 0 turns it off (tailers only poll)."
         ),
     )
     listen_timeout: float = Field(
@@ -278,22 +290,31 @@ class JournalNotifier:
             raise ConfigurationError(
                 f"LISTEN/NOTIFY needs PostgreSQL; {database.describe()} is {database.dialect}"
             )
-        loop = asyncio.get_running_loop()
-        for stale in [k for k in _notifiers if k[0].is_closed()]:
-            del _notifiers[stale]
+        settings = settings or TailSettings()
         key = database.url.render_as_string(hide_password=False)
-        notifier = _notifiers.get((loop, key))
-        if notifier is None:
-            settings = settings or TailSettings()
-            notifier = cls(
+        return cls._shared(
+            key,
+            lambda: cls(
                 key=key,
                 description=database.describe(),
                 connect_args=_listen_connect_args(database, settings),
                 settings=settings,
-            )
+            ),
+        )
+
+    @classmethod
+    def _shared(cls, key: str, make: Callable[[], Self]) -> Self:
+        """This event loop's instance under ``key`` (made and started by ``make`` if needed),
+        with one more reference."""
+        loop = asyncio.get_running_loop()
+        for stale in [k for k in _notifiers if k[0].is_closed()]:
+            del _notifiers[stale]
+        notifier = _notifiers.get((loop, key))
+        if not isinstance(notifier, cls):
+            notifier = make()
             _notifiers[(loop, key)] = notifier
             notifier._task = loop.create_task(
-                notifier._run(), name=f"lagompy-listen {notifier.description}"
+                notifier._run(), name=f"lagompy-wake {notifier.description}"
             )
             notifier._task.add_done_callback(notifier._on_task_done)
         notifier._references += 1
@@ -558,6 +579,71 @@ def _page_reader(
     return read_all
 
 
+class SqliteWatcher(JournalNotifier):
+    """Wakes this process's tailers of a SQLite journal when its write-ahead log changes.
+
+    SQLite has no NOTIFY: a tailer would wait up to its ``poll_interval`` (50 ms) to see a
+    commit. Every ``sqlite_watch_interval`` seconds (5 ms; 4 times less often after a second
+    without a change) one background task of the process looks at the ``-wal`` file beside the
+    database (one ``stat``: its inode, size and modification time; no query, no lock); when
+    that changed, a writer in any process committed
+    (or a checkpoint reset the log) and every subscribed tailer is woken to query. A change the
+    look misses (two commits within the clock's tick after a reset of the log) is found by the
+    tailer's own poll, which stays as the safety net: :attr:`connected` is always False.
+    Get it with :meth:`acquire_file`; it shares :class:`JournalNotifier`'s reference counting,
+    subscriptions and shutdown."""
+
+    @classmethod
+    async def acquire_file(
+        cls, database: Database, settings: TailSettings | None = None
+    ) -> SqliteWatcher:
+        """The watcher of ``database``'s file for this process (created if needed)."""
+        name = database.url.database
+        if database.dialect != "sqlite" or not name or name == ":memory:":
+            raise ConfigurationError(f"{database.describe()} is not a SQLite database file")
+        settings = settings or TailSettings()
+        path = os.path.abspath(name)
+        key = f"sqlite-watch:{path}"
+        return cls._shared(
+            key,
+            lambda: cls(path, key=key, description=database.describe(), settings=settings),
+        )
+
+    def __init__(self, path: str, *, key: str, description: str, settings: TailSettings) -> None:
+        super().__init__(key=key, description=description, connect_args={}, settings=settings)
+        self._path = path
+
+    async def _run(self) -> None:
+        # The look costs ~2.5% of a core at 5 ms (measured on the 2-core machine, loaded):
+        # after a second without a change it comes 4 times less often, until the next one.
+        busy = self.settings.sqlite_watch_interval
+        wal = self._path + "-wal"
+        last = _file_state(wal)
+        changed = time.monotonic()
+        while True:
+            idle = time.monotonic() - changed > _WATCH_IDLE_AFTER
+            await asyncio.sleep(busy * _WATCH_IDLE_FACTOR if idle else busy)
+            state = _file_state(wal)
+            if state != last:
+                last = state
+                changed = time.monotonic()
+                self.notifications += 1
+                self._wake_all(WakeReason.NOTIFICATION)
+
+
+#: Seconds without a change after which a SQLite watch looks less often, and how much less.
+_WATCH_IDLE_AFTER = 1.0
+_WATCH_IDLE_FACTOR = 4
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 class PageTailer(AsyncClosing):
     """The tail loop, one page at a time: the one place that knows how to wait for new events.
 
@@ -629,7 +715,8 @@ class PageTailer(AsyncClosing):
 
     @property
     def notifier(self) -> JournalNotifier | None:
-        """The LISTEN connection this tailer is woken by (None on SQLite, or listen off)."""
+        """What wakes this tailer: the process's LISTEN connection on PostgreSQL, its
+        :class:`SqliteWatcher` on a SQLite file; None with ``listen`` (or the watch) off."""
         return self._notifier
 
     @property
@@ -648,9 +735,16 @@ class PageTailer(AsyncClosing):
             return
         self._started = True
         database = self.journal.database
-        if database.dialect != "postgresql" or not self.settings.listen:
+        notifier: JournalNotifier
+        if database.dialect == "sqlite":
+            name = database.url.database
+            if self.settings.sqlite_watch_interval <= 0 or not name or name == ":memory:":
+                return
+            notifier = await SqliteWatcher.acquire_file(database, self.settings)
+        elif self.settings.listen:
+            notifier = await JournalNotifier.acquire(database, self.settings)
+        else:
             return
-        notifier = await JournalNotifier.acquire(database, self.settings)
         if self._closed:  # closed by another task while acquiring
             await notifier.release()
             return

@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lagompy.closing import AsyncClosing, opener
+from lagompy.closing import opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus
@@ -45,11 +45,14 @@ from lagompy.readside._worker import ReadSideWorker, run_global_prepare
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
+    ActorLoop,
+    SupervisedActors,
     actor_journal,
     actor_runtime_env,
     attach,
     namespace_of,
     release,
+    start_named_actors,
     stop_actors,
 )
 from lagompy.settings import JournalSettings, RuntimeSettings, make_settings
@@ -87,20 +90,14 @@ class ReadSideWorkerActor:
     ) -> None:
         cls = resolve_class(processor_path)
         self.processor: SqlReadSideProcessor = cls()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="lagompy-readside", daemon=True
-        )
-        self._thread.start()
+        self._actor_loop = ActorLoop("lagompy-readside")
         self.worker: ReadSideWorker = self._call(
             self._open(JournalSettings(**journal), ReadSideSettings(**readside), tag, owner)
         )
-        self._running: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
-            self.worker.run(), self._loop
-        )
+        self._running: concurrent.futures.Future[None] = self._actor_loop.submit(self.worker.run())
 
     def _call(self, coroutine: Any, timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self._actor_loop.call(coroutine, timeout)
 
     async def _open(
         self,
@@ -165,8 +162,10 @@ class ReadSideWorkerActor:
         await self._storage.close()
 
 
-class RayReadSide(AsyncClosing):
+class RayReadSide(SupervisedActors):
     """The read-side workers of some processors on Ray, as seen from this process."""
+
+    kind = "read-side worker"
 
     def __init__(
         self,
@@ -178,51 +177,11 @@ class RayReadSide(AsyncClosing):
         owns_ray: bool,
         supervise_interval: float | None,
     ) -> None:
-        self.app = app
+        creators = {name: functools.partial(create, p, t) for p, t, name in specs}
+        super().__init__(app, creators, owns_ray=owns_ray, supervise_interval=supervise_interval)
         #: (processor name, tag, actor name) of every worker.
         self.specs = specs
-        self._create = create
         self.projections = projections
-        self._owns_ray = owns_ray
-        self._closed = False
-        self._supervisor: asyncio.Task[None] | None = None
-        if supervise_interval is not None:
-            self._supervisor = asyncio.create_task(self._supervise(supervise_interval))
-
-    @property
-    def namespace(self) -> str:
-        return namespace_of(self.app)
-
-    def handles(self) -> dict[str, Any]:
-        """The live actor handle of every worker (missing ones are left out)."""
-        import ray
-
-        out = {}
-        for _, _, name in self.specs:
-            with contextlib.suppress(ValueError):
-                out[name] = ray.get_actor(name, namespace=self.namespace)
-        return out
-
-    async def ensure(self) -> int:
-        """Create every worker actor that does not exist (killed for good); returns how many
-        were created."""
-        present = self.handles()
-        missing = [spec for spec in self.specs if spec[2] not in present]
-        for processor, tag, _ in missing:
-            log.warning(
-                "read-side worker %s/%s of app %r is gone: replacing it", processor, tag, self.app
-            )
-            handle = self._create(processor, tag)
-            await handle.ping.remote()
-        return len(missing)
-
-    async def _supervise(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.ensure()
-            except Exception:
-                log.exception("supervising the read-side workers of app %r failed", self.app)
 
     async def worker_stats(self) -> list[dict[str, Any]]:
         """What each worker actor reports from memory (state, offset, events handled...)."""
@@ -263,18 +222,12 @@ class RayReadSide(AsyncClosing):
     async def close(self, *, stop: bool = False) -> None:
         """Detach from the workers (they go on running); ``stop=True`` stops them first
         (each releases its lease)."""
-        if self._closed:
+        if not await self._detach():
             return
-        self._closed = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
         if stop:
             await stop_readside_on_ray(self.app, [p for p, _, _ in self.specs])
         await self.projections.close()
-        if self._owns_ray:
-            release()
+        self._release_ray()
 
 
 @opener
@@ -354,20 +307,14 @@ async def start_readside_on_ray(
             ).remote(by_name[processor], tag, journal, readside, f"ray:{app}/{name}")
 
         specs = [(c.name, t, actor_name(c.name, t)) for c in classes for t in c.tags()]
-        handles = [create(p, t) for p, t, _ in specs]
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(h.ping.remote() for h in handles)), start_timeout
-            )
-        except TimeoutError:
-            raise ConfigurationError(
-                f"the read-side workers of app {app!r} did not answer within {start_timeout} s"
-            ) from None
-        except ray.exceptions.RayActorError as e:
-            await stop_readside_on_ray(app, names)
-            raise ConfigurationError(
-                f"a read-side worker of app {app!r} could not start: {e}"
-            ) from e
+        creators = {name: functools.partial(create, p, t) for p, t, name in specs}
+        await start_named_actors(
+            app,
+            creators,
+            start_timeout,
+            "read-side worker",
+            lambda _: stop_readside_on_ray(app, names),
+        )
     except BaseException:
         await projections.close()
         if owns_ray:

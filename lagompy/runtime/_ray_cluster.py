@@ -37,6 +37,7 @@ to them stay with their owners (``_ray.py`` and ``_host.py`` for entities,
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -45,19 +46,23 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
 from lagompy.runtime._loading import import_roots
 from lagompy.settings import JournalSettings, RuntimeSettings
 
 __all__ = [
     "COORDINATOR",
+    "ActorLoop",
     "LocalRay",
+    "SupervisedActors",
     "actor_journal",
     "actor_names",
     "actor_runtime_env",
@@ -73,11 +78,14 @@ __all__ = [
     "record_local_ray",
     "release",
     "start_head",
+    "start_named_actors",
     "stop_actors",
     "stop_head",
 ]
 
 log = logging.getLogger("lagompy.runtime")
+
+T = TypeVar("T")
 
 #: Environment variable naming the directory of local Ray records.
 LOCAL_RAY_DIR_ENV = "LAGOMPY_LOCAL_RAY_DIR"
@@ -449,3 +457,126 @@ async def _name_freed(name: str, namespace: str, deadline: float) -> None:
         except ValueError:
             return
         await asyncio.sleep(0.05)
+
+
+class SupervisedActors(AsyncClosing):
+    """Named, detached actors of an app (read-side workers, subscriber groups...) as seen from
+    the process that started them: their handles, and a supervisor that creates again, every
+    ``supervise_interval`` seconds, those killed for good (Ray restarts the others itself).
+
+    ``creators`` maps each actor's name to a function that gets or creates it (``.remote()``
+    with ``get_if_exists``). Subclasses close with :meth:`_detach` after their own work."""
+
+    #: What the actors are, for the log (``"read-side worker"``...).
+    kind = "actor"
+
+    def __init__(
+        self,
+        app: str,
+        creators: Mapping[str, Callable[[], Any]],
+        *,
+        owns_ray: bool,
+        supervise_interval: float | None,
+    ) -> None:
+        self.app = app
+        self._creators = dict(creators)
+        self._owns_ray = owns_ray
+        self._closed = False
+        self._supervisor: asyncio.Task[None] | None = None
+        if supervise_interval is not None:
+            self._supervisor = asyncio.create_task(self._supervise(supervise_interval))
+
+    @property
+    def namespace(self) -> str:
+        return namespace_of(self.app)
+
+    @property
+    def actor_names(self) -> list[str]:
+        return list(self._creators)
+
+    def handles(self) -> dict[str, Any]:
+        """The live handle of every actor (missing ones are left out)."""
+        import ray
+
+        out = {}
+        for name in self._creators:
+            with contextlib.suppress(ValueError):
+                out[name] = ray.get_actor(name, namespace=self.namespace)
+        return out
+
+    async def ensure(self) -> int:
+        """Create every actor that does not exist (killed for good); returns how many were
+        created."""
+        present = self.handles()
+        missing = [name for name in self._creators if name not in present]
+        for name in missing:
+            log.warning("%s %s of app %r is gone: replacing it", self.kind, name, self.app)
+            await self._creators[name]().ping.remote()
+        return len(missing)
+
+    async def _supervise(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ensure()
+            except Exception:
+                log.exception("supervising the %ss of app %r failed", self.kind, self.app)
+
+    async def _detach(self) -> bool:
+        """Stop supervising and drop this process's use of Ray; False if it was done before
+        (the caller's close does nothing more then)."""
+        if self._closed:
+            return False
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        return True
+
+    def _release_ray(self) -> None:
+        if self._owns_ray:
+            release()
+
+
+class ActorLoop:
+    """An event loop on a thread of its own, for a synchronous actor (Ray calls its methods
+    one at a time on its main thread) whose work is asyncio: a worker started in ``__init__``
+    runs there, so that a restart by Ray restarts it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` on the loop; its future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 60.0) -> T:
+        """Run ``coroutine`` on the loop and wait for its result (``timeout`` seconds)."""
+        return self.submit(coroutine).result(timeout)
+
+
+async def start_named_actors(
+    app: str,
+    creators: Mapping[str, Callable[[], Any]],
+    timeout: float,
+    what: str,
+    stop: Callable[[list[str]], Awaitable[Any]],
+) -> None:
+    """Get or create each actor (``creators``: name -> ``.remote()`` maker) and wait until all
+    answer ``ping`` (within ``timeout`` seconds); else ``ConfigurationError`` naming ``what``
+    (``"read-side worker"``...), after ``stop`` of them all when one could not start."""
+    import ray
+
+    handles = [create() for create in creators.values()]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in handles)), timeout)
+    except TimeoutError:
+        raise ConfigurationError(
+            f"the {what}s of app {app!r} did not answer within {timeout} s"
+        ) from None
+    except ray.exceptions.RayActorError as e:
+        await stop(list(creators))
+        raise ConfigurationError(f"a {what} of app {app!r} could not start: {e}") from e

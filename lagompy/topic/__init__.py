@@ -21,7 +21,8 @@ whose SQL writes commit with the message's position in one transaction (exactly-
 * ``_worker.py``: :class:`SubscriberWorker`, the consumer core fed by a transport, committing
   like a read side; ``_runner.py``: :func:`start_subscribers` and :class:`Subscribers`;
   ``_producers.py``: :func:`start_producers`, for transports with producers;
-  ``_component.py``: :class:`TopicsComponent` and :class:`SubscribersComponent` for services.
+  ``_component.py``: :class:`TopicsComponent` and :class:`SubscribersComponent` for services;
+  ``_ray.py``: :func:`start_subscribers_on_ray`, subscriber groups in Ray actors.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from lagompy.topic._worker import SubscriberWorker
 if TYPE_CHECKING:
     from lagompy.topic._component import SubscribersComponent, TopicsComponent
     from lagompy.topic._http import HttpFeed, HttpTransport, topic_router
+    from lagompy.topic._ray import RaySubscribers, start_subscribers_on_ray, stop_subscribers_on_ray
     from lagompy.topic._schema import asyncapi_document, envelope_schema, message_schema
 
 #: Names whose modules import FastAPI, imported on first use (as in ``lagompy.readside``).
@@ -59,6 +61,9 @@ _ON_FIRST_USE = {
     "topic_router": "lagompy.topic._http",
     "SubscribersComponent": "lagompy.topic._component",
     "TopicsComponent": "lagompy.topic._component",
+    "RaySubscribers": "lagompy.topic._ray",
+    "start_subscribers_on_ray": "lagompy.topic._ray",
+    "stop_subscribers_on_ray": "lagompy.topic._ray",
 }
 
 __all__ = [
@@ -74,6 +79,7 @@ __all__ = [
     "NatsProducer",
     "NatsTransport",
     "Producers",
+    "RaySubscribers",
     "StartFrom",
     "Subscriber",
     "SubscriberWorker",
@@ -96,6 +102,8 @@ __all__ = [
     "producer_name",
     "start_producers",
     "start_subscribers",
+    "start_subscribers_on_ray",
+    "stop_subscribers_on_ray",
     "topic_router",
 ]
 

@@ -18,10 +18,12 @@ refused (upgrade the subscriber first). See :func:`upcast_payload`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
+import msgpack
 from pydantic import TypeAdapter, ValidationError
 
 from lagompy.errors import TopicMessageInvalid
@@ -31,6 +33,10 @@ from lagompy.topic._topic import Message, Topic
 _new = object.__new__
 
 __all__ = [
+    "JSON",
+    "MSGPACK",
+    "decode_body",
+    "encode_payload",
     "message_from_json",
     "message_to_json",
     "messages_from_json",
@@ -118,6 +124,40 @@ def _check_header(topic: Topic[Any], data: object, partition: int) -> dict[str, 
             "subscriber's message class"
         )
     return data
+
+
+#: The content types of payloads (see :attr:`Topic.encoding <lagompy.topic.Topic.encoding>`).
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+
+def encode_payload(topic: Topic[Any], payload: Any) -> bytes:
+    """A payload's bytes in ``topic``'s encoding: its JSON form as JSON, or as a MessagePack
+    map (the same structure, so one JSON Schema describes both)."""
+    adapter = _adapter(type(payload))
+    if topic.encoding == "json":
+        return adapter.dump_json(payload)
+    return cast(bytes, msgpack.packb(adapter.dump_python(payload, mode="json")))
+
+
+def decode_body(topic: Topic[Any], data: bytes, content_type: str | None, version: int) -> object:
+    """The JSON-form object of a payload's bytes, by their content type (none: JSON, as
+    messages were before MessagePack), brought to the current version (:func:`upcast_payload`);
+    ``TopicMessageInvalid`` naming what does not fit."""
+    what = f"message type {topic.type_name!r} version {version}"
+    if content_type in (None, JSON):
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise TopicMessageInvalid(f"{what}: the payload is not JSON") from None
+    elif content_type == MSGPACK:
+        try:
+            body = msgpack.unpackb(data)
+        except Exception:  # msgpack raises several unrelated types for bad input
+            raise TopicMessageInvalid(f"{what}: the payload is not MessagePack") from None
+    else:
+        raise TopicMessageInvalid(f"{what}: unknown content type {content_type!r:.60}")
+    return upcast_payload(topic, body, version)
 
 
 def upcast_payload(topic: Topic[Any], payload: object, version: int) -> object:

@@ -33,6 +33,7 @@ from lagompy.settings import JournalSettings
 from lagompy.topic._http import _topics_by_name, topic_router
 from lagompy.topic._nats import BrokerSettings, NatsTransport
 from lagompy.topic._producers import Producers, start_producers
+from lagompy.topic._ray import RaySubscribers
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._schema import schema_router
 from lagompy.topic._topic import Topic
@@ -188,7 +189,10 @@ class TopicsComponent:
 
 class SubscribersComponent:
     """A :class:`~lagompy.service.Component` that runs subscriber groups in the service's
-    process (see :func:`~lagompy.topic.start_subscribers`, whose arguments it takes)."""
+    process (see :func:`~lagompy.topic.start_subscribers`, whose arguments it takes), or on Ray
+    with ``ray=True`` (see :func:`~lagompy.topic.start_subscribers_on_ray`: ``app`` names the
+    Ray namespace, ``replicas`` the actors per group; ``stop_on_close=True`` stops the actors
+    when the service stops, by default they run on for the next start)."""
 
     name = "subscribers"
 
@@ -201,9 +205,17 @@ class SubscribersComponent:
         journal_settings: JournalSettings | None = None,
         prefix: str = "/topics/subscribers",
         settings: ReadSideSettings | None = None,
+        ray: bool = False,
+        app: str = "default",
+        replicas: int = 1,
+        stop_on_close: bool = False,
         **overrides: Any,
     ) -> None:
         self.subscribers = list(subscribers)
+        self.ray = ray
+        self.app = app
+        self.replicas = replicas
+        self.stop_on_close = stop_on_close
         if transport is None:
             # A broker URL (here, or LAGOMPY_BROKER_URL) selects NATS JetStream; else the
             # embedded transport on the journal's database.
@@ -216,7 +228,7 @@ class SubscribersComponent:
         self.journal_settings = journal_settings
         self.settings = settings
         self.overrides = overrides
-        self._running: Subscribers | None = None
+        self._running: Subscribers | RaySubscribers | None = None
         self.router = APIRouter(include_in_schema=False)
 
         @self.router.get(prefix)
@@ -224,24 +236,40 @@ class SubscribersComponent:
             return [s.to_dict() for s in await self.running.status()]
 
     @property
-    def running(self) -> Subscribers:
+    def running(self) -> Subscribers | RaySubscribers:
         """The running subscribers (pause, resume, status...), once started."""
         if self._running is None:
             raise HTTPException(status_code=503, detail="the subscribers are not running")
         return self._running
 
     async def start(self) -> None:
+        journal = self.journal_settings or JournalSettings()
+        if self.ray:
+            from lagompy.topic._ray import _subscriber_class, start_subscribers_on_ray
+
+            self._running = await start_subscribers_on_ray(
+                [_subscriber_class(s) for s in self.subscribers],
+                app=self.app,
+                transport=self.transport,
+                replicas=self.replicas,
+                journal_settings=journal,
+                settings=self.settings,
+                **self.overrides,
+            )
+            return
         self._running = await start_subscribers(
             self.subscribers,
             transport=self.transport,
-            journal_settings=self.journal_settings or JournalSettings(),
+            journal_settings=journal,
             settings=self.settings,
             **self.overrides,
         )
 
     async def stop(self) -> None:
         running, self._running = self._running, None
-        if running is not None:
+        if isinstance(running, RaySubscribers):
+            await running.close(stop=self.stop_on_close)
+        elif running is not None:
             await running.close()
         if self.transport is not None:
             await self.transport.close()

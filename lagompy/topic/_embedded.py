@@ -158,6 +158,10 @@ class EmbeddedTransport:
         topic.partition_tag(partition)  # a partition out of range fails here
         return None
 
+    def actor_spec(self) -> dict[str, Any]:
+        """A subscriber actor on Ray reads the journal of its own journal settings."""
+        return {"kind": "embedded"}
+
     def feed(self, topic: Topic[Any], partition: int, *, group: str) -> JournalFeed:
         return JournalFeed(self.journal, topic, partition, tail=self.tail)
 

@@ -17,7 +17,8 @@ its ``duplicate_window``). Under a fresh lease it resumes after the offset in th
 broker holds* on its subject, not after its own stored position: the journal is the source of
 truth, and a message a crashed broker lost (its file store does not fsync every write) is
 published again. Headers carry the offset, key, entity, sequence number, time, message type and
-version; the body is the payload as JSON (:mod:`lagompy.topic._codec`'s form).
+version; the body is the payload in the topic's encoding (a MessagePack map of its JSON form by
+default, or that JSON: :mod:`lagompy.topic._codec`), named by the ``Content-Type`` header.
 
 **Feed** (:class:`NatsFeed`, one per subscriber group and partition): the position is lagompy's,
 stored with the subscriber's writes. The feed positions a pull consumer of its own (ephemeral,
@@ -70,7 +71,7 @@ from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import default_owner
 from lagompy.settings import LagompySettings, make_settings
-from lagompy.topic._codec import _adapter, _list_adapter, upcast_payload
+from lagompy.topic._codec import JSON, _adapter, _list_adapter, decode_body, encode_payload
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
 
@@ -105,7 +106,6 @@ H_CONTENT_TYPE = "Content-Type"
 #: published" (a page that ends with events the topic filters out), so that subscribers'
 #: positions move past filtered events as they do on the embedded transports.
 H_MARKER = "Lagompy-Position-Only"
-JSON = "application/json"
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
@@ -189,7 +189,7 @@ def subject(prefix: str, topic: Topic[Any], partition: int) -> str:
     return f"{prefix}.{topic.name}.{partition}"
 
 
-def _headers(message: Message[Any]) -> dict[str, str]:
+def _headers(message: Message[Any], content_type: str) -> dict[str, str]:
     return {
         MSG_ID: message.position,
         H_OFFSET: str(message.offset),
@@ -200,7 +200,7 @@ def _headers(message: Message[Any]) -> dict[str, str]:
         H_TIME: message.timestamp.isoformat(),
         H_TYPE: message.type_name,
         H_VERSION: str(message.version),
-        H_CONTENT_TYPE: JSON,
+        H_CONTENT_TYPE: content_type,
     }
 
 
@@ -253,12 +253,13 @@ def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: byt
             f"{topic.message_type.__qualname__} (version {topic.version}): upgrade the "
             "subscriber's message class"
         )
+    content_type = headers.get(H_CONTENT_TYPE)
     try:
-        if version == topic.version:
+        if version == topic.version and content_type in (None, JSON):
             payload = _adapter(topic.message_type).validate_json(data)
         else:
             payload = _adapter(topic.message_type).validate_python(
-                upcast_payload(topic, _json_body(topic, data, version), version)
+                decode_body(topic, data, content_type, version)
             )
     except ValidationError as e:
         raise TopicMessageInvalid(
@@ -280,15 +281,6 @@ def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: byt
     )
 
 
-def _json_body(topic: Topic[Any], data: bytes, version: int) -> object:
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise TopicMessageInvalid(
-            f"message type {topic.type_name!r} version {version}: the payload is not JSON"
-        ) from None
-
-
 _new = object.__new__
 
 
@@ -300,8 +292,9 @@ def decode_batch(
     message that fails goes through :func:`decode`, which names what is wrong. (Per message,
     pydantic's call and the named checks cost as much as nats-py's own parsing.)"""
     type_name, newest = topic.type_name, topic.version
-    bodies: list[bytes] = []
     checked: list[tuple[int, dict[str, str]] | None] = []
+    loaded: list[Msg] = []
+    as_json = True  # every payload current-version JSON: validated from their bytes at once
     for msg in msgs:
         headers = msg.headers or {}
         if H_MARKER in headers:
@@ -315,18 +308,26 @@ def decode_batch(
             decode(topic, partition, dict(headers), msg.data)  # raises, naming the problem
             raise AssertionError("unreachable") from None
         checked.append((version, headers))
-        if version == newest:
-            bodies.append(msg.data)
-        else:  # an older version: upcast its JSON object, in the batch's one validation
-            try:
-                body = upcast_payload(topic, _json_body(topic, msg.data, version), version)
-            except TopicMessageInvalid as e:
-                raise TopicMessageInvalid(f"{where}, offset {_offset_of(msg)}: {e}") from None
-            bodies.append(json.dumps(body).encode())
+        loaded.append(msg)
+        if as_json and (version != newest or headers.get(H_CONTENT_TYPE, JSON) != JSON):
+            as_json = False
+    adapter = _list_adapter(topic.message_type)
     try:
-        payloads = iter(
-            _list_adapter(topic.message_type).validate_json(b"[" + b",".join(bodies) + b"]")
-        )
+        if as_json:
+            payloads = iter(adapter.validate_json(b"[" + b",".join(m.data for m in loaded) + b"]"))
+        else:  # MessagePack (the default), or older versions to upcast: JSON-form objects
+            objects = []
+            for msg in loaded:
+                headers = msg.headers or {}
+                try:
+                    objects.append(
+                        decode_body(
+                            topic, msg.data, headers.get(H_CONTENT_TYPE), int(headers[H_VERSION])
+                        )
+                    )
+                except TopicMessageInvalid as e:
+                    raise TopicMessageInvalid(f"{where}, offset {_offset_of(msg)}: {e}") from None
+            payloads = iter(adapter.validate_python(objects))
     except ValidationError:
         for msg, item in zip(msgs, checked, strict=True):
             if item is not None:
@@ -640,10 +641,9 @@ class _Publish:
                 reached = envelope.offset
                 if message is None:
                     continue
-                data = _adapter(type(message.payload)).dump_json(message.payload)
-                pending.append(
-                    await js.publish_async(self.subject, data, headers=_headers(message))
-                )
+                data = encode_payload(self.topic, message.payload)
+                headers = _headers(message, self.topic.media_type)
+                pending.append(await js.publish_async(self.subject, data, headers=headers))
                 published_to = envelope.offset
             if page.last_offset > published_to:
                 at = page.envelopes[-1].timestamp if page.envelopes else datetime.now(UTC)
@@ -1224,6 +1224,11 @@ class NatsTransport:
         return NatsProducer(
             self.link, topic, partition, journal=self.journal, settings=self.settings
         )
+
+    def actor_spec(self) -> dict[str, Any]:
+        """What a subscriber actor on Ray needs to make the same transport: the broker
+        settings (its URL in full)."""
+        return {"kind": "nats", "broker": self.broker.model_dump()}
 
     def feed(self, topic: Topic[Any], partition: int, *, group: str) -> NatsFeed:
         return NatsFeed(self.link, topic, partition, group=group)

@@ -83,7 +83,94 @@ async def apply_start(
     return offset if done.rowcount else None
 
 
-class Subscribers(AsyncClosing):
+class GroupOperations:
+    """Operations by group on the rows of the groups' positions (``topic:<topic>:<group>``
+    and each partition's tag) in the subscribers' database, whichever process or actor runs
+    the workers: :class:`Subscribers` and the Ray handle share them."""
+
+    projections: Projections
+
+    def _groups(self) -> list[tuple[str, Subscriber[Any]]]:
+        """(offset key, subscriber) of every group."""
+        raise NotImplementedError
+
+    def _key(self, group: str, topic: str | None) -> str:
+        found = [
+            key
+            for key, subscriber in self._groups()
+            if subscriber.group == group and topic in (None, subscriber.topic.name)
+        ]
+        if len(found) != 1:
+            raise ConfigurationError(
+                f"no subscriber group {group!r} here"
+                if not found
+                else f"group {group!r} reads several topics: name the topic"
+            )
+        return found[0]
+
+    async def pause(self, group: str, *, topic: str | None = None) -> int:
+        """Pause the group on every partition (persisted, seen within ``renew_interval``)."""
+        return await self.projections.pause(self._key(group, topic))
+
+    async def resume(self, group: str, *, topic: str | None = None) -> int:
+        """Undo :meth:`pause`; a group stopped by a failing message retries it."""
+        return await self.projections.resume(self._key(group, topic))
+
+    async def skip(self, group: str, *, topic: str | None = None) -> int:
+        """Move the group's failed partitions past the message they are stopped at."""
+        return await self.projections.skip(self._key(group, topic))
+
+    async def set_offset(
+        self, group: str, partition: int, offset: int, *, topic: str | None = None
+    ) -> None:
+        """Make the group resume after ``offset`` on ``partition`` (replay from there)."""
+        key = self._key(group, topic)
+        subscriber = next(sub for k, sub in self._groups() if k == key)
+        tag = subscriber.topic.partition_tag(partition)
+        await self.projections.set_offset(key, tag, offset, force=True)
+
+    def _parked_filter(
+        self, group: str | None, topic: str | None, which: ParkedFilter | None
+    ) -> ParkedFilter:
+        which = which or ParkedFilter()
+        if group is not None:
+            return dataclasses.replace(which, consumer=self._key(group, topic))
+        keys = {key for key, _ in self._groups()}
+        if which.consumer is not None and which.consumer not in keys:
+            raise ConfigurationError(f"no subscriber group {which.consumer!r} here")
+        return dataclasses.replace(which, kind="subscriber")
+
+    async def parked(
+        self,
+        group: str | None = None,
+        *,
+        topic: str | None = None,
+        which: ParkedFilter | None = None,
+        limit: int = 100,
+        after_id: int = 0,
+    ) -> list[ParkedEvent]:
+        """The messages the groups (or ``group``) parked (``on_failure="park"``), each with
+        its JSON form; ``which`` narrows it (partition tag, error class, entity, ids)."""
+        return await self.projections.parked(
+            self._parked_filter(group, topic, which), limit=limit, after_id=after_id
+        )
+
+    async def retry_parked(
+        self, group: str, *, topic: str | None = None, which: ParkedFilter | None = None
+    ) -> int:
+        """Ask for a retry of the group's parked messages (those ``which`` matches): the
+        worker of each partition runs ``handle`` on the stored message again and deletes the
+        row in one transaction; how many were asked for."""
+        return await self.projections.retry_parked(self._parked_filter(group, topic, which))
+
+    async def discard_parked(
+        self, group: str, *, topic: str | None = None, which: ParkedFilter | None = None
+    ) -> int:
+        """Delete the group's parked messages (those ``which`` matches); how many."""
+        return await self.projections.discard_parked(self._parked_filter(group, topic, which))
+
+
+class Subscribers(GroupOperations, AsyncClosing):
     """Subscriber workers running in this process. Build it with :func:`start_subscribers`;
     close it (or use ``async with``) to stop the workers, which release their leases.
 
@@ -101,8 +188,11 @@ class Subscribers(AsyncClosing):
         journal: Database | None = None,
         owned: Sequence[Database] = (),
         close_transport: bool = False,
+        owner: str | None = None,
     ) -> None:
         self.subscribers = subscribers
+        #: The workers' lease owner (None: one of their own, unique to this process).
+        self.owner = owner
         self.transport = transport
         self.database = database
         self.settings = settings
@@ -144,6 +234,7 @@ class Subscribers(AsyncClosing):
                         feed,
                         database=self.database,
                         settings=self.settings,
+                        owner=self.owner,
                     )
                 )
             self.workers += workers
@@ -223,19 +314,8 @@ class Subscribers(AsyncClosing):
                 return w
         raise ConfigurationError(f"no subscriber group {group!r} with partition {partition}")
 
-    def _key(self, group: str, topic: str | None) -> str:
-        found = [
-            p.name
-            for p in self.processors
-            if p.subscriber.group == group and topic in (None, p.subscriber.topic.name)
-        ]
-        if len(found) != 1:
-            raise ConfigurationError(
-                f"no subscriber group {group!r} here"
-                if not found
-                else f"group {group!r} reads several topics: name the topic"
-            )
-        return found[0]
+    def _groups(self) -> list[tuple[str, Subscriber[Any]]]:
+        return [(p.name, p.subscriber) for p in self.processors]
 
     async def status(self, group: str | None = None) -> list[WorkerStatus]:
         """Every (group, partition) of these subscribers: position, lag (when the journal is
@@ -263,67 +343,6 @@ class Subscribers(AsyncClosing):
         except LagompyError:
             return status  # the producer cannot say now: the status says what it knows
         return dataclasses.replace(status, head_offset=head, lag_events=behind, lag_seconds=seconds)
-
-    async def pause(self, group: str, *, topic: str | None = None) -> int:
-        """Pause the group on every partition (persisted, seen within ``renew_interval``)."""
-        return await self.projections.pause(self._key(group, topic))
-
-    async def resume(self, group: str, *, topic: str | None = None) -> int:
-        """Undo :meth:`pause`; a group stopped by a failing message retries it."""
-        return await self.projections.resume(self._key(group, topic))
-
-    async def skip(self, group: str, *, topic: str | None = None) -> int:
-        """Move the group's failed partitions past the message they are stopped at."""
-        return await self.projections.skip(self._key(group, topic))
-
-    async def set_offset(
-        self, group: str, partition: int, offset: int, *, topic: str | None = None
-    ) -> None:
-        """Make the group resume after ``offset`` on ``partition`` (replay from there)."""
-        key = self._key(group, topic)
-        processor = next(p for p in self.processors if p.name == key)
-        tag = processor.subscriber.topic.partition_tag(partition)
-        await self.projections.set_offset(key, tag, offset, force=True)
-
-    def _parked_filter(
-        self, group: str | None, topic: str | None, which: ParkedFilter | None
-    ) -> ParkedFilter:
-        which = which or ParkedFilter()
-        if group is not None:
-            return dataclasses.replace(which, consumer=self._key(group, topic))
-        keys = {p.name for p in self.processors}
-        if which.consumer is not None and which.consumer not in keys:
-            raise ConfigurationError(f"no subscriber group {which.consumer!r} here")
-        return dataclasses.replace(which, kind="subscriber")
-
-    async def parked(
-        self,
-        group: str | None = None,
-        *,
-        topic: str | None = None,
-        which: ParkedFilter | None = None,
-        limit: int = 100,
-        after_id: int = 0,
-    ) -> list[ParkedEvent]:
-        """The messages the groups (or ``group``) parked (``on_failure="park"``), each with
-        its JSON form; ``which`` narrows it (partition tag, error class, entity, ids)."""
-        return await self.projections.parked(
-            self._parked_filter(group, topic, which), limit=limit, after_id=after_id
-        )
-
-    async def retry_parked(
-        self, group: str, *, topic: str | None = None, which: ParkedFilter | None = None
-    ) -> int:
-        """Ask for a retry of the group's parked messages (those ``which`` matches): the
-        worker of each partition runs ``handle`` on the stored message again and deletes the
-        row in one transaction; how many were asked for."""
-        return await self.projections.retry_parked(self._parked_filter(group, topic, which))
-
-    async def discard_parked(
-        self, group: str, *, topic: str | None = None, which: ParkedFilter | None = None
-    ) -> int:
-        """Delete the group's parked messages (those ``which`` matches); how many."""
-        return await self.projections.discard_parked(self._parked_filter(group, topic, which))
 
     def problems(self) -> list[str]:
         """What keeps groups of this process from making progress that their rows cannot show:
@@ -383,6 +402,7 @@ async def start_subscribers(
     journal_url: str | None = None,
     journal_settings: JournalSettings | None = None,
     settings: ReadSideSettings | None = None,
+    owner: str | None = None,
     **overrides: Any,
 ) -> Subscribers:
     """Start the subscribers' workers in this process and return at once.
@@ -393,7 +413,9 @@ async def start_subscribers(
     ``ReadSideSettings.url`` (keyword ``url=``), by default the journal's: with another
     transport (:class:`~lagompy.topic.HttpTransport`...), the ``journal_url`` is the
     subscribing service's own database. Keyword ``overrides`` set fields of
-    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...)."""
+    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...).
+    ``owner`` names the workers' leases (by default a name unique to this call): a process
+    that restarts under the same owner takes its leases back at once."""
     instances = [_instance(s) for s in subscribers]
     if not instances:
         raise ConfigurationError("start_subscribers() needs at least one subscriber")
@@ -424,6 +446,7 @@ async def start_subscribers(
         settings=settings,
         journal=journal_db,
         owned=owned,
+        owner=owner,
     )
     try:
         await running._start()

@@ -5,8 +5,9 @@ language knows what it reads::
     GET /topics/asyncapi.json            the AsyncAPI 3.0 document (linked from the OpenAPI docs)
     GET /topics/{name}/schema            the JSON Schema (2020-12) of the topic's message payload
 
-A message travels as JSON in both transports: over HTTP as the object of
-:func:`~lagompy.topic.message_to_json` (metadata and ``payload``), over NATS JetStream as the
+A message has one structure on both transports, in JSON or in MessagePack (the topic's
+``encoding``; the message's content type says which): over HTTP the object of
+:func:`~lagompy.topic.message_to_json` (metadata and ``payload``), over NATS JetStream the
 payload alone with the metadata in headers. The document describes both: one channel per topic
 whose address is the NATS subject pattern (``<prefix>.<topic>.{partition}``), the headers, and the
 HTTP route in the channel's description.
@@ -131,7 +132,7 @@ def asyncapi_document(
         messages[key] = {
             "name": topic.type_name,
             "title": f"{topic.type_name} version {topic.version}",
-            "contentType": "application/json",
+            "contentType": topic.media_type,
             "headers": _NATS_HEADERS,
             "payload": {"$ref": f"#/components/schemas/{key}"},
             "correlationId": {"location": "$message.header#/Nats-Msg-Id"},
