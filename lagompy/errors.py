@@ -29,8 +29,10 @@ are translated into this tree with the original exception attached as ``__cause_
     ├── ReadSideError .............. a read-side worker cannot go on
     │   ├── LeaseLost .............. another worker took the (processor, tag) lease:
     │   │                            this worker's batch was rolled back
-    │   └── ReadSideDecodeFailed ... an event of the worker's tag cannot be decoded (names
-    │                                processor, tag, offset, entity and sequence number)
+    │   ├── ReadSideDecodeFailed ... an event of the worker's tag cannot be decoded (names
+    │   │                            processor, tag, offset, entity and sequence number)
+    │   └── ProcessKeyConflict ..... a process manager's key was written by another
+    │                                partition's worker (or concurrently): rolled back
     ├── TopicError ................. a topic cannot be served or read
     │   └── TopicMessageInvalid .... a message from a topic's transport does not fit the
     │                                topic (a missing field, a payload its type refuses)
@@ -59,11 +61,25 @@ are translated into this tree with the original exception attached as ``__cause_
     │   └── OutcomeUnknown ......... a shard host failed mid-command, retries ran out:
     │                                the command may or may not have been applied;
     │                                ask again with the same command id to find out
-    └── ServiceCallError ........... a call to another service (a ServiceClient) failed
-        ├── CircuitBreakerOpen ..... its circuit breaker is open: the call was not made
-        ├── ServiceCallTimeout ..... no response within the call timeout (counts as a failure)
-        ├── ServiceUnavailable ..... the service cannot be reached (no URL, connection failed)
-        └── ServiceCallFailed ...... the service answered 4xx or 5xx (carries status and body)
+    ├── ServiceCallError ........... a call to another service (a ServiceClient) failed
+    │   ├── CircuitBreakerOpen ..... its circuit breaker is open: the call was not made
+    │   ├── ServiceCallTimeout ..... no response within the call timeout (counts as a failure)
+    │   ├── ServiceUnavailable ..... the service cannot be reached (no URL, connection failed)
+    │   └── ServiceCallFailed ...... the service answered 4xx or 5xx (carries status and body)
+    └── WorkflowError .............. a durable workflow (lagompy.workflow) cannot go on
+        ├── UnknownWorkflow ........ no workflow is registered under this name (and version):
+        │                            nothing was started (404; also a ValueError)
+        ├── InvalidWorkflowInput ... the input (or a signal's payload) does not serialize:
+        │                            nothing was started (422; also a ValueError)
+        ├── DuplicateWorkflowId .... a run with this id exists with another workflow or
+        │                            input: the id is the idempotency key (409; a rejection)
+        ├── WorkflowNotFound ....... no run has this id (404; a rejection)
+        ├── WorkflowNonDeterminism . replay found another step at a recorded position than
+        │                            the code calls now: names both steps
+        ├── StepFailed ............. a step (an ask, an external call, a child workflow)
+        │                            failed for good: names the step, the error and its type
+        ├── WorkflowCancelled ...... the run was cancelled (raised in the workflow's code)
+        └── WorkflowFailed ......... waiting for a run's result: it failed or was cancelled
 
 Rejections (``CommandRejected`` and subclasses) are the entity's answer and travel back to the
 caller with their type and message. Everything else signals a failure of the system or a bug.
@@ -245,6 +261,13 @@ class ReadSideDecodeFailed(_AtEvent, ReadSideError):
     to the processor's serializer, or the payload does not fit the class), after
     ``max_attempts`` tries. Names the processor, the tag, and the event's offset, entity and
     sequence number; the ``EventDecodeError`` is the cause."""
+
+
+class ProcessKeyConflict(ReadSideError):
+    """A process manager's state for a key changed under the worker that was committing it:
+    the key belongs to another partition of the source (a key's events must come from one
+    partition), or another worker wrote it meanwhile. The worker's transaction rolled back;
+    the event is retried like a failing handler."""
 
 
 # --------------------------------------------------------------------------- topics
@@ -519,6 +542,91 @@ class ServiceCallFailed(ServiceCallError):
         self.body = body
         self.method = method
         self.url = url
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+class WorkflowError(LagompyError):
+    """A durable workflow (:mod:`lagompy.workflow`) cannot go on, or was asked for something
+    that does not exist."""
+
+
+class UnknownWorkflow(WorkflowError, ValueError):
+    """No workflow is registered under this name (and version): nothing was started."""
+
+    http_status: ClassVar[int] = 404
+
+
+class InvalidWorkflowInput(WorkflowError, ValueError):
+    """A workflow's input (or a signal's payload) does not fit lagompy's serialization (an
+    unregistered class, a value its annotation refuses): nothing was started or sent."""
+
+    http_status: ClassVar[int] = 422
+
+
+class DuplicateWorkflowId(CommandRejected, WorkflowError):
+    """A run with this id exists, started with another workflow or another input: a run id is
+    the idempotency key of a start (the same id with the same input returns the existing run)."""
+
+    http_status = 409
+
+
+class WorkflowNotFound(CommandRejected, WorkflowError):
+    """No workflow run has this id."""
+
+    http_status = 404
+
+
+class WorkflowNonDeterminism(WorkflowError):
+    """Replaying a run found, at a recorded position, another step than the one the workflow's
+    code calls now (the code changed in a way its recorded runs cannot follow: put the change
+    behind ``ctx.patched(...)``). ``recorded`` and ``called`` name both steps."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str = "",
+        position: int = -1,
+        recorded: str = "",
+        called: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.position = position
+        self.recorded = recorded
+        self.called = called
+
+
+class StepFailed(WorkflowError):
+    """A workflow step failed for good (its retries ran out, an entity rejected its command,
+    a child workflow failed): raised in the workflow's code, the same way when the run is
+    replayed. ``step`` names the step, ``error_type`` the class of the original error
+    (``"InvalidCommand"``...), ``error`` its message."""
+
+    def __init__(
+        self, message: str, *, step: str = "", error_type: str = "", error: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.error_type = error_type
+        self.error = error
+
+
+class WorkflowCancelled(WorkflowError):
+    """The run was cancelled: raised in the workflow's code at its next step (compensations
+    still run)."""
+
+
+class WorkflowFailed(WorkflowError):
+    """The run whose result was awaited failed or was cancelled; ``status`` says which and
+    the message carries the run's error."""
+
+    def __init__(self, message: str, *, run_id: str = "", status: str = "failed") -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
 
 
 def _rebuild_from_state(

@@ -241,17 +241,17 @@ async def test_0006_adds_the_console_audit_to_a_database_at_0005(database: Datab
         assert len(set(ids)) == 2
 
 
-async def test_0009_adds_the_parked_table_to_a_database_at_0006(database: Database) -> None:
+async def test_0009_adds_the_parked_table_to_a_database_at_0008(database: Database) -> None:
     # A database migrated by the previous release keeps its data and gains the parked table;
     # one event is parked once per (consumer, tag, offset).
-    assert (await upgrade(database, "0006")).after == "0006"
+    assert (await upgrade(database, "0008")).after == "0008"
     assert "lagompy_parked" not in await table_names(database)
     async with database.write() as conn:
         await conn.execute(
             schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
         )
     result = await upgrade(database)
-    assert (result.before, result.after) == ("0006", HEAD)
+    assert (result.before, result.after) == ("0008", HEAD)
     assert await differences(database) == []
     row = {"consumer_kind": "read-side", "consumer": "p", "tag": "t", "event_offset": 7,
            "entity_type": "user", "entity_id": "1", "seq_nr": 1, "event_type": "E",

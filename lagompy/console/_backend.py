@@ -273,6 +273,7 @@ class Backend:
     def projections(self) -> list[Projections]:
         """The :class:`~lagompy.readside.Projections` of the service's read-side components
         that are running."""
+        from lagompy.process import ProcessManagersComponent
         from lagompy.readside import ReadSideComponent
         from lagompy.topic import SubscribersComponent, TopicsComponent
 
@@ -288,6 +289,9 @@ class Backend:
                 producing = component.producers.projections()
                 if producing is not None:
                     found.append(producing)
+            elif isinstance(component, ProcessManagersComponent) and component._running is not None:
+                # Process managers' rows too (``process:<name>``), with their operations.
+                found.append(component._running.projections)
         return found
 
     def topics(self) -> list[dict[str, Any]]:

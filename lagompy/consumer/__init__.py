@@ -16,9 +16,10 @@ position as it promises::
   the store of its leases and positions.
 
 Users today: the read side (:class:`lagompy.readside.ReadSideWorker`, whose strategy commits the
-handlers' SQL writes with the offset in one transaction: exactly once). The same core is meant
-for a topic producer (publish, then record the position) and a process manager (its state and
-the commands it sends, in one transaction): each is one more strategy, never another tail loop.
+handlers' SQL writes with the offset in one transaction: exactly once), topic subscribers and
+producers (``lagompy.topic``) and process managers (``lagompy.process``: the commands sent with
+ids derived from the position, then the state and the position in one transaction): each is
+one more strategy, never another tail loop.
 """
 
 from lagompy.consumer._core import (

@@ -22,8 +22,9 @@ each only a strategy away:
 
 * a topic producer: publish the page's messages to a broker, then record the position (or find
   it in the broker's last message at ``prepare``): at least once, deduplicated by message id;
-* a process manager: its state and the commands it sends (ids derived from the event's
-  position, so that a re-run is absorbed by the entity's stored replies) in one transaction.
+* a process manager (``lagompy.process``): the commands it sends (ids derived from the
+  event's position, so that a re-run is absorbed by the entity's stored replies), then its
+  state and the position in one transaction.
 
 Leases, positions, pause and failure flags live in a :class:`LeaseStore` (the read side's
 ``OffsetStore`` today).

@@ -211,12 +211,18 @@ class ProjectionCommit:
         projection: Database,
         store: OffsetStore,
         settings: ReadSideSettings,
-        source: ParkedSource,
+        source: ParkedSource | None = None,
     ) -> None:
+        if source is None and settings.on_failure == "park":
+            raise ConfigurationError(
+                f"{processor.name!r}: on_failure='park' is for read-side processors and topic "
+                "subscribers (whose events a retry can run again); choose 'stop' or 'skip'"
+            )
         self.processor = processor
         self.projection = projection
         self.store = store
         self.settings = settings
+        #: What parked rows keep of an event and how a retry gets it (None: no parking).
         self.source = source
         self.parked = ParkedStore(projection)
         self._batch_mode = type(processor).batch_mode()
@@ -465,7 +471,7 @@ class ProjectionCommit:
             )
             command = (
                 f"lagompy projections parked {consumer.name}"
-                if self.source.kind == "read-side"
+                if self._source().kind == "read-side"
                 else "lagompy topics parked " + " ".join(consumer.name.split(":", 2)[1:])
             )
             log.error(
@@ -515,14 +521,14 @@ class ProjectionCommit:
         assert offset is not None
         event_type = None
         if envelope is not None:
-            event_type = self.source.event_type(envelope)
+            event_type = self._source().event_type(envelope)
         elif isinstance(cause, EventDecodeError):
             event_type = cause.type_name
         clear = consumer.passes_failure(offset)
         async with self.projection.write() as conn:
             await self.parked.park(
                 conn,
-                kind=self.source.kind,
+                kind=self._source().kind,
                 consumer=consumer.name,
                 tag=consumer.tag,
                 offset=offset,
@@ -533,7 +539,7 @@ class ProjectionCommit:
                 error_class=error_class_of(cause),
                 error=describe_error(cause) if envelope is not None else str(cause),
                 attempts=failure.attempts or 0,
-                message=None if envelope is None else self.source.message_of(envelope),
+                message=None if envelope is None else self._source().message_of(envelope),
             )
             flags = await self.store.commit(
                 conn, lease, offset, self.settings.lease_ttl, clear_failure=clear
@@ -541,10 +547,17 @@ class ProjectionCommit:
         consumer.moved(offset, clear, flags)
         return flags
 
+    def _source(self) -> ParkedSource:
+        if self.source is None:
+            raise ConfigurationError(f"{self.processor.name!r} does not park events")
+        return self.source
+
     # ------------------------------------------------------------------ parked retries
 
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
         """Run the retries operators asked for of this (consumer, tag)'s parked events."""
+        if self.source is None:
+            return
         for row in await self.parked.due(consumer.name, consumer.tag):
             await self.retry(consumer, lease, row)
 
@@ -553,7 +566,7 @@ class ProjectionCommit:
         (fenced) in one transaction: exactly once. A retry that fails keeps the row with the
         new error. True when it was applied."""
         try:
-            envelope = await self.source.envelope_of(row)
+            envelope = await self._source().envelope_of(row)
             async with self.projection.write() as conn:
                 if not await self.parked.take(conn, row):
                     return False  # discarded meanwhile

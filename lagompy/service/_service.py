@@ -94,8 +94,10 @@ class Component(Protocol):
 
     Optional extras are looked up by name: ``ready() -> bool | str`` (awaitable; part of
     ``/health/ready``: True when ready, else False or the reason, which the check shows),
-    ``router`` (an APIRouter mounted by ``install``) and
-    ``metric_samples() -> list[metrics.Sample]`` (awaitable; pulled at scrape time)."""
+    ``router`` (an APIRouter mounted by ``install``),
+    ``metric_samples() -> list[metrics.Sample]`` (awaitable; pulled at scrape time) and
+    ``bind(service)`` (called before ``start``: for a component that needs the
+    service's entities or settings)."""
 
     async def start(self) -> None: ...
 
@@ -216,6 +218,9 @@ class Service:
                 made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
                 self.clients[made.service] = made
             for component in self.components:
+                bind = getattr(component, "bind", None)
+                if callable(bind):  # a component that needs the service (its runtime...)
+                    bind(self)
                 await component.start()
                 self._started.append(component)
         except BaseException:

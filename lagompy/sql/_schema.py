@@ -38,6 +38,16 @@
     One row per action taken in the management console (``lagompy.console``): when (``at_us``),
     in which service, by whom (``actor``), what (``action`` and its ``target``), and how it
     ended (``result``: ``ok``, ``refused`` or ``failed``, with a ``detail``). ``id`` orders them.
+``lagompy_workflow_runs``
+    One row per durable workflow run (``lagompy.workflow``), written by the workflow executor's
+    consumer of the runs' tag with its position (exactly once): the run's workflow, version,
+    key, parent, status (``queued``, ``running``, ``completed``, ``failed``, ``cancelled``),
+    the tag (partition) whose executor drives it, the number of recorded steps, a durable
+    timer's wake time, whether a cancel was asked, timestamps and the error. Admission
+    (``queued`` -> ``running``) is the one write outside the consumer.
+``lagompy_workflow_types``
+    One row per workflow name: its concurrency limit (``max_running``, from the code) and the
+    operator's ``paused`` flag; admissions of the type lock it.
 ``lagompy_parked``
     In the *projection* (or subscriber's) database: one row per event (read side) or message
     (topic subscriber) that a consumer with ``on_failure="park"`` gave up on after
@@ -190,6 +200,77 @@ console_audit = Table(
     sqlite_autoincrement=True,
 )
 
+process_states = Table(
+    "lagompy_process_states",
+    metadata,
+    Column("manager", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("state_type", String(255), nullable=False),
+    Column("state_version", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    PrimaryKeyConstraint("manager", "key", name="pk_lagompy_process_states"),
+)
+
+process_timers = Table(
+    "lagompy_process_timers",
+    metadata,
+    Column("manager", String(255), nullable=False),
+    Column("timer_id", String(255), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("due_us", BigInteger, nullable=False),
+    Column("message_type", String(255), nullable=False),
+    Column("message_version", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("manager", "timer_id", name="pk_lagompy_process_timers"),
+)
+Index(
+    "ix_lagompy_process_timers_due",
+    process_timers.c.manager,
+    process_timers.c.tag,
+    process_timers.c.due_us,
+)
+Index("ix_lagompy_process_timers_key", process_timers.c.manager, process_timers.c.key)
+
+workflow_runs = Table(
+    "lagompy_workflow_runs",
+    metadata,
+    Column("run_id", String(255), nullable=False),
+    Column("workflow", String(255), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("run_key", String(255), nullable=True),
+    Column("parent", String(255), nullable=True),
+    Column("status", String(32), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("steps", Integer, nullable=False),
+    Column("wake_at_us", BigInteger, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    Column("finished_us", BigInteger, nullable=True),
+    Column("error", Text, nullable=True),
+    PrimaryKeyConstraint("run_id", name="pk_lagompy_workflow_runs"),
+)
+Index("ix_lagompy_workflow_runs_tag", workflow_runs.c.tag, workflow_runs.c.status)
+Index(
+    "ix_lagompy_workflow_runs_workflow",
+    workflow_runs.c.workflow,
+    workflow_runs.c.status,
+    workflow_runs.c.created_us,
+)
+
+workflow_types = Table(
+    "lagompy_workflow_types",
+    metadata,
+    Column("workflow", String(255), nullable=False),
+    Column("max_running", Integer, nullable=True),
+    Column("paused", Boolean, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    PrimaryKeyConstraint("workflow", name="pk_lagompy_workflow_types"),
+)
 parked = Table(
     "lagompy_parked",
     metadata,

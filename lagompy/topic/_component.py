@@ -311,8 +311,10 @@ def status_samples(
     whose: str,
     statuses: list[WorkerStatus],
     labels: Callable[[WorkerStatus], dict[str, str]],
+    *,
+    prefix: str = "lagompy_topic_",
 ) -> list[Sample]:
-    """``lagompy_topic_<kind>_offset``, ``_lag_events``, ``_lag_seconds`` (when known) and
+    """``<prefix><kind>_offset``, ``_lag_events``, ``_lag_seconds`` (when known) and
     ``_state`` of each partition's status (``whose``: who holds the position, for the help)."""
     samples: list[Sample] = []
     for s in statuses:
@@ -327,10 +329,8 @@ def status_samples(
             ),
         ):
             if value is not None:
-                samples.append(
-                    (f"lagompy_topic_{kind}_{name}", text, "gauge", labelled, float(value))
-                )
-        if kind == "subscriber":
+                samples.append((f"{prefix}{kind}_{name}", text, "gauge", labelled, float(value)))
+        if prefix == "lagompy_topic_" and kind == "subscriber":
             samples.append(
                 (
                     "lagompy_topic_subscriber_parked",
@@ -342,7 +342,7 @@ def status_samples(
             )
         samples.append(
             (
-                f"lagompy_topic_{kind}_state",
+                f"{prefix}{kind}_state",
                 f"1 for the current state of {whose}'s partition (label state).",
                 "gauge",
                 {**labelled, "state": s.state},

@@ -1,0 +1,81 @@
+"""Workflows as a part of a service: :class:`WorkflowsComponent` runs an executor with the
+service and offers the operations (:attr:`engine`)::
+
+    workflows_component = WorkflowsComponent(workflows)
+    service = Service(name="bank", entities=[AccountEntity, WorkflowRun],
+                      journal_settings=journal, components=[workflows_component])
+
+    # in a route:
+    run = await workflows_component.engine.start("transfer", request, id=transfer_id)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lagompy.errors import ConfigurationError
+from lagompy.settings import JournalSettings
+from lagompy.workflow._engine import WorkflowEngine, start_workflows
+from lagompy.workflow._executor import WorkflowSettings
+from lagompy.workflow._registry import Workflows
+
+if TYPE_CHECKING:
+    from lagompy.service._service import Service
+
+__all__ = ["WorkflowsComponent"]
+
+
+class WorkflowsComponent:
+    """Starts the workflow executor with the service (its runtime must host ``WorkflowRun``)
+    and stops it with the service; :attr:`engine` holds the operations once started.
+    ``journal_settings``: where the runs index lives (default: the service's journal)."""
+
+    name = "workflows"
+
+    def __init__(
+        self,
+        workflows: Workflows,
+        *,
+        journal_settings: JournalSettings | None = None,
+        settings: WorkflowSettings | None = None,
+        executor: bool = True,
+    ) -> None:
+        self.workflows = workflows
+        self.journal_settings = journal_settings
+        self.settings = settings
+        self.executor = executor
+        self._service: Service | None = None
+        self._engine: WorkflowEngine | None = None
+
+    def bind(self, service: Service) -> None:
+        """Called by the service before :meth:`start`: the runtime and journal to use."""
+        self._service = service
+
+    @property
+    def engine(self) -> WorkflowEngine:
+        if self._engine is None:
+            raise ConfigurationError("the workflows component is not started")
+        return self._engine
+
+    async def start(self) -> None:
+        service = self._service
+        if service is None:
+            raise ConfigurationError(
+                "WorkflowsComponent needs its service: pass it in Service(components=[...])"
+            )
+        journal = self.journal_settings or service.journal_settings
+        self._engine = await start_workflows(
+            self.workflows,
+            runtime=service.entities,
+            journal_settings=journal,
+            settings=self.settings,
+            executor=self.executor,
+        )
+
+    async def stop(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.close()
+
+    async def ready(self) -> bool | str:
+        return self._engine is not None or "not started"

@@ -1,0 +1,400 @@
+"""The workflow run entity: one persistent entity per run, whose events are its checkpoints.
+
+A run is an ordinary lagompy entity (``type_name`` ``"lagompy-workflow"``, sharded tag
+``"lagompy-workflows"``): it is hosted like any entity (on Ray, sharded), its events are in the
+journal (read sides and topics may follow them), and recovery is the entity's recovery. Its
+commands are the executor's (and the operations'); its events::
+
+    RunStarted        name, version, input (lagompy-serialized bytes), key, parent
+    StepCompleted     position, step name, output (bytes)
+    StepFailed        position, step name, error type and message
+    SignalReceived    index, signal name, payload (bytes)
+    CancelRequested   reason
+    Compensated       index of the compensation, its name, ok or the error
+    RunFinished       status (completed, failed, cancelled), output or error
+    RunReopened       an operator's resume / retry: steps from ``position`` on are dropped and
+                      a new ``generation`` starts (the asks of the retried steps get new ids)
+
+A position is recorded once: recording it again answers with the first record, so two
+executors that briefly overlap on a run (a lease changing hands) agree on every result.
+Values travel as bytes already encoded by the executor's serializer (which knows the
+workflows' types), so the shard hosts need no user type to store them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lagompy.entity import Command, Effect, PersistentEntity, sharded_tag
+from lagompy.errors import DuplicateWorkflowId, InvalidCommand, WorkflowNotFound
+
+__all__ = [
+    "ACTIVE",
+    "FINISHED",
+    "WORKFLOW_ENTITY",
+    "WORKFLOW_TAG",
+    "CancelRequested",
+    "Compensated",
+    "DeliverSignal",
+    "FinishRun",
+    "GetRun",
+    "NoRun",
+    "RecordCompensated",
+    "RecordStep",
+    "ReopenRun",
+    "RequestCancel",
+    "Run",
+    "RunFinished",
+    "RunReopened",
+    "RunStarted",
+    "SignalReceived",
+    "SignalRecord",
+    "StartRun",
+    "StepCompleted",
+    "StepFailed",
+    "StepRecord",
+    "WorkflowRun",
+]
+
+WORKFLOW_ENTITY = "lagompy-workflow"
+#: The runs' tag: partition i of the executor is shard i of this tag.
+WORKFLOW_TAG = sharded_tag("lagompy-workflows", shards=4)
+
+#: Statuses of a run that is not finished / that is.
+ACTIVE = "running"
+FINISHED = frozenset({"completed", "failed", "cancelled"})
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a position holds: the step's name, and its output or its error."""
+
+    position: int
+    name: str
+    ok: bool
+    output: bytes = b""
+    error_type: str = ""
+    error: str = ""
+    #: A durable timer's wake time (sleep, receive with a timeout), microseconds since 1970.
+    wake_at_us: int | None = None
+
+
+@dataclass(frozen=True)
+class SignalRecord:
+    index: int
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class NoRun:
+    """No run has this id (yet)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    version: int
+    input: bytes
+    key: str | None
+    parent: str | None
+    started_us: int
+    status: str = ACTIVE
+    steps: tuple[StepRecord, ...] = ()
+    signals: tuple[SignalRecord, ...] = ()
+    cancel_reason: str | None = None
+    #: Indexes (in registration order) of the compensations that ran.
+    compensated: tuple[int, ...] = ()
+    output: bytes | None = None
+    error: str | None = None
+    finished_us: int | None = None
+    #: 0, then one more per reopen: part of the command ids of the run's asks.
+    generation: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+RunState = NoRun | Run
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class StartRun(Command[Run]):
+    name: str
+    version: int
+    input: bytes
+    key: str | None = None
+    parent: str | None = None
+    at_us: int = 0
+
+
+@dataclass(frozen=True)
+class GetRun(Command[RunState]):
+    pass
+
+
+@dataclass(frozen=True)
+class RecordStep(Command[StepRecord]):
+    """Record ``record`` at its position, or answer with what the position holds already."""
+
+    record: StepRecord
+
+
+@dataclass(frozen=True)
+class DeliverSignal(Command[int]):
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class RequestCancel(Command[Run]):
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordCompensated(Command[None]):
+    index: int
+    name: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class FinishRun(Command[Run]):
+    status: str
+    output: bytes | None = None
+    error: str | None = None
+    at_us: int = 0
+
+
+@dataclass(frozen=True)
+class ReopenRun(Command[Run]):
+    """Reopen a finished run (``resume``: from where it failed; ``retry``: from ``position``,
+    dropping the steps recorded from there on)."""
+
+    position: int | None = None
+
+
+WorkflowCommand = (
+    StartRun
+    | GetRun
+    | RecordStep
+    | DeliverSignal
+    | RequestCancel
+    | RecordCompensated
+    | FinishRun
+    | ReopenRun
+)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    name: str
+    version: int
+    input: bytes
+    key: str | None
+    parent: str | None
+    started_us: int
+
+
+@dataclass(frozen=True)
+class StepCompleted:
+    position: int
+    name: str
+    output: bytes
+    wake_at_us: int | None = None
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    position: int
+    name: str
+    error_type: str
+    error: str
+
+
+@dataclass(frozen=True)
+class SignalReceived:
+    index: int
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Compensated:
+    index: int
+    name: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    status: str
+    output: bytes | None
+    error: str | None
+    finished_us: int
+
+
+@dataclass(frozen=True)
+class RunReopened:
+    position: int
+    generation: int
+
+
+WorkflowEvent = (
+    RunStarted
+    | StepCompleted
+    | StepFailed
+    | SignalReceived
+    | CancelRequested
+    | Compensated
+    | RunFinished
+    | RunReopened
+)
+
+
+def _record_event(record: StepRecord) -> StepCompleted | StepFailed:
+    if record.ok:
+        return StepCompleted(record.position, record.name, record.output, record.wake_at_us)
+    return StepFailed(record.position, record.name, record.error_type, record.error)
+
+
+class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
+    """One workflow run (add it to the app's entities to run workflows)."""
+
+    type_name = WORKFLOW_ENTITY
+    initial_state = NoRun()
+    tag = WORKFLOW_TAG
+    snapshot_every = 50
+
+    def on_command(self, state: RunState, command: WorkflowCommand) -> Effect[RunState]:
+        match state, command:
+            case _, GetRun():
+                return Effect.reply(state)
+            case NoRun(), StartRun(name=name, version=version, input=data, key=key, parent=p):
+                started = RunStarted(name, version, data, key, p, command.at_us)
+                return Effect.persist(started).then_reply(lambda s: s)
+            case Run(), StartRun():
+                if state.name != command.name or state.input != command.input:
+                    what = "workflow" if state.name != command.name else "input"
+                    raise DuplicateWorkflowId(
+                        f"workflow run {self.entity_id!r} exists already ({state.name!r} "
+                        f"version {state.version}, {state.status}) with another {what}: "
+                        "a run id names one run; start another id for another run"
+                    )
+                return Effect.reply(state)
+            case NoRun(), _:
+                raise WorkflowNotFound(f"no workflow run has id {self.entity_id!r}")
+            case Run(), RecordStep(record=record):
+                return self._record(state, record)
+            case Run(), DeliverSignal(name=name, payload=payload):
+                if state.finished:
+                    raise InvalidCommand(
+                        f"workflow run {self.entity_id!r} is {state.status}: it takes no signal"
+                    )
+                index = len(state.signals)
+                return Effect.persist(SignalReceived(index, name, payload)).then_reply(index)
+            case Run(), RequestCancel(reason=reason):
+                if state.finished or state.cancel_reason is not None:
+                    return Effect.reply(state)
+                return Effect.persist(CancelRequested(reason)).then_reply(lambda s: s)
+            case Run(), RecordCompensated(index=index, name=name, ok=ok, error=error):
+                if index in state.compensated or state.finished:
+                    return Effect.reply(None)
+                return Effect.persist(Compensated(index, name, ok, error))
+            case Run(), FinishRun(status=status, output=output, error=error):
+                if state.finished:
+                    return Effect.reply(state)
+                if status not in FINISHED:
+                    raise InvalidCommand(f"a run cannot finish as {status!r}")
+                finished = RunFinished(status, output, error, command.at_us)
+                return Effect.persist(finished).then_reply(lambda s: s)
+            case Run(), ReopenRun(position=position):
+                if not state.finished:
+                    raise InvalidCommand(
+                        f"workflow run {self.entity_id!r} is {state.status}: only a finished "
+                        "run can be resumed or retried"
+                    )
+                keep = self._reopen_position(state, position)
+                reopened = RunReopened(keep, state.generation + 1)
+                return Effect.persist(reopened).then_reply(lambda s: s)
+        return Effect.unhandled()
+
+    def _record(self, state: Run, record: StepRecord) -> Effect[RunState]:
+        steps = state.steps
+        if record.position < len(steps):
+            return Effect.reply(steps[record.position])
+        if record.position > len(steps) or state.finished:
+            raise InvalidCommand(
+                f"workflow run {self.entity_id!r} cannot record position {record.position}: "
+                f"it holds {len(steps)} steps and is {state.status}"
+            )
+        return Effect.persist(_record_event(record)).then_reply(record)
+
+    def _reopen_position(self, state: Run, position: int | None) -> int:
+        steps = state.steps
+        if position is None:
+            # Resume: drop a final failed step, so that it runs again.
+            failed = [s.position for s in steps if not s.ok]
+            return failed[-1] if failed else len(steps)
+        if not 0 <= position <= len(steps):
+            raise InvalidCommand(
+                f"workflow run {self.entity_id!r} has {len(steps)} recorded steps: cannot "
+                f"retry from position {position}"
+            )
+        return position
+
+    def on_event(self, state: RunState, event: WorkflowEvent) -> RunState:
+        match state, event:
+            case NoRun(), RunStarted(name=name, version=version, input=data, key=key, parent=p):
+                return Run(name, version, data, key, p, event.started_us)
+            case Run(), StepCompleted(position=pos, name=name, output=out, wake_at_us=wake):
+                return replace(
+                    state, steps=(*state.steps, StepRecord(pos, name, True, out, wake_at_us=wake))
+                )
+            case Run(), StepFailed(position=pos, name=name, error_type=etype, error=err):
+                failed = StepRecord(pos, name, False, error_type=etype, error=err)
+                return replace(state, steps=(*state.steps, failed))
+            case Run(), SignalReceived(index=index, name=name, payload=payload):
+                return replace(state, signals=(*state.signals, SignalRecord(index, name, payload)))
+            case Run(), CancelRequested(reason=reason):
+                return replace(state, cancel_reason=reason)
+            case Run(), Compensated(index=index):
+                return replace(state, compensated=(*state.compensated, index))
+            case Run(), RunFinished(status=status, output=output, error=error):
+                return replace(
+                    state,
+                    status=status,
+                    output=output,
+                    error=error,
+                    finished_us=event.finished_us,
+                )
+            case Run(), RunReopened(position=position, generation=generation):
+                return replace(
+                    state,
+                    status=ACTIVE,
+                    steps=state.steps[:position],
+                    output=None,
+                    error=None,
+                    finished_us=None,
+                    cancel_reason=None,
+                    compensated=(),
+                    generation=generation,
+                )
+        self.unhandled_event(state, event)

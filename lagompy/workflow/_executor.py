@@ -1,0 +1,582 @@
+"""The workflow executor: who drives which run, and how.
+
+One consumer per partition (shard ``i`` of the runs' tag ``lagompy-workflows``), built on the
+consumer core with the read side's commit strategy (:class:`~lagompy.readside.ReadSideWorker`
+running :class:`~lagompy.workflow._index.RunsIndex`): a fenced lease per partition (one
+executor drives a partition's runs at a time), the runs index written with the position in one
+transaction. On top of that strategy (:class:`_ExecutorCommit`):
+
+* taking a partition's lease (``prepare``) resumes the partition's unfinished runs (queued or
+  running in the index): a run whose host died is resumed by another executor within a lease
+  expiry (``lease_ttl``);
+* a committed ``RunStarted`` (or ``RunReopened``) starts driving its run, a ``SignalReceived``
+  wakes it, a ``CancelRequested`` cancels it;
+* losing the lease (the consumer stands by) stops driving the partition's runs, without
+  compensating: the next owner replays them.
+
+A :class:`RunDriver` drives one run: its recorded state (``GetRun``), admission (flow control:
+:func:`~lagompy.workflow._index.admit`, batched per tick), then the workflow's ``async def``
+with a :class:`~lagompy.workflow.WorkflowContext` that replays the recorded positions and
+records the new ones; then compensation (when it failed or was cancelled) and ``FinishRun``.
+Asks to entities retry runtime failures (a shard host that died: ``OutcomeUnknown``,
+``AskTimeout``...) with the same command id, so an entity step stays exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lagompy.closing import finish_tasks
+from lagompy.consumer._core import EventConsumer
+from lagompy.consumer._lease import Lease
+from lagompy.entity import PersistentEntity
+from lagompy.errors import (
+    CommandRejected,
+    ConfigurationError,
+    EventDecodeError,
+    InvalidWorkflowInput,
+    JournalError,
+    RuntimeFailure,
+    SerializationError,
+    UnknownWorkflow,
+    WorkflowCancelled,
+    WorkflowNonDeterminism,
+)
+from lagompy.journal._journal import EventEnvelope, Journal, TagPage
+from lagompy.readside._settings import ReadSideSettings
+from lagompy.readside._store import OffsetStore
+from lagompy.readside._worker import ProjectionCommit, ReadSideWorker
+from lagompy.runtime._protocol import EntityRuntime
+from lagompy.serialization import Serializer
+from lagompy.sql._database import Database
+from lagompy.workflow._context import WorkflowContext, now_us
+from lagompy.workflow._entity import (
+    WORKFLOW_TAG,
+    CancelRequested,
+    FinishRun,
+    GetRun,
+    RecordCompensated,
+    RecordStep,
+    Run,
+    RunFinished,
+    RunReopened,
+    RunStarted,
+    SignalReceived,
+    SignalRecord,
+    StartRun,
+    StepRecord,
+    WorkflowRun,
+)
+from lagompy.workflow._index import INDEX_NAME, RunsIndex, admit, declare_types, list_runs
+from lagompy.workflow._registry import WorkflowDef, Workflows
+
+log = logging.getLogger("lagompy.workflow")
+
+__all__ = ["RunDriver", "WorkflowExecutor", "WorkflowSettings"]
+
+#: Errors after which an ask is sent again with the same command id (exactly once).
+RETRIED = (RuntimeFailure, JournalError)
+
+
+@dataclass(frozen=True)
+class WorkflowSettings:
+    """How the executor holds partitions and reaches entities.
+
+    ``lease_ttl``: seconds after which another executor takes a silent executor's partitions
+    (and resumes their runs); ``renew_interval``: how often a lease is renewed (and lost ones
+    noticed); ``ask_timeout``: per try of an ask (then it is sent again, same command id);
+    ``admission_interval``: how often queued runs try again to be admitted;
+    ``max_batch``: events per transaction of the runs index."""
+
+    lease_ttl: float = 10.0
+    renew_interval: float = 2.0
+    ask_timeout: float = 30.0
+    admission_interval: float = 0.5
+    max_batch: int = 500
+    retry_max_delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_interval < self.lease_ttl:
+            raise ConfigurationError(
+                f"WorkflowSettings: renew_interval ({self.renew_interval}) must be above 0 and "
+                f"below lease_ttl ({self.lease_ttl}), or leases expire between renewals"
+            )
+        for name in ("ask_timeout", "admission_interval", "retry_max_delay"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"WorkflowSettings: {name} must be above 0")
+        if self.max_batch < 1:
+            raise ConfigurationError("WorkflowSettings: max_batch must be at least 1")
+
+    def consumer(self) -> ReadSideSettings:
+        return ReadSideSettings(
+            lease_ttl=self.lease_ttl,
+            renew_interval=self.renew_interval,
+            max_batch=self.max_batch,
+            retry_max_delay=self.retry_max_delay,
+            retry_initial_delay=0.05,
+        )
+
+
+class Superseded(Exception):
+    """The run moved on without this driver (another executor finished it, an operator
+    reopened it): the driver stops."""
+
+
+# --------------------------------------------------------------------------- one run
+
+
+class RunDriver:
+    """Drives one run (see the module)."""
+
+    def __init__(self, executor: WorkflowExecutor, run_id: str, tag: str) -> None:
+        self.executor = executor
+        self.run_id = run_id
+        self.tag = tag
+        self.serializer = executor.serializer
+        self.workflows = executor.workflows
+        self.definition: WorkflowDef = WorkflowDef("", 0, _never, Any, Any)
+        self.ctx: WorkflowContext | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._inner: asyncio.Task[Any] | None = None
+        self._pending_signals: list[SignalRecord] = []
+        self._cancel: str | None = None
+        self._cancelled = asyncio.Event()
+
+    # ------------------------------------------------------------------ events
+
+    def add_signal(self, signal: SignalRecord) -> None:
+        if self.ctx is not None:
+            self.ctx.add_signal(signal)
+        else:
+            self._pending_signals.append(signal)
+
+    def cancel(self, reason: str) -> None:
+        self._cancel = reason
+        self._cancelled.set()
+        ctx = self.ctx
+        if ctx is not None and ctx.cancel_reason is None:
+            ctx.cancel_reason = reason
+            if self._inner is not None and not self._inner.done():
+                self._inner.cancel()
+
+    # ------------------------------------------------------------------ entity calls
+
+    async def _retrying(self, what: str, call: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except RETRIED as e:
+                attempt += 1
+                delay = min(self.executor.settings.retry_max_delay, 0.05 * 2**attempt)
+                log.warning("run %r: %s failed (%s), again in %.2f s", self.run_id, what, e, delay)
+                await asyncio.sleep(delay)
+
+    async def ask_run(self, command: Any, run_id: str | None = None) -> Any:
+        ref = self.executor.runtime.ref_for(WorkflowRun, run_id or self.run_id)
+        timeout = self.executor.settings.ask_timeout
+        return await self._retrying(
+            type(command).__name__, lambda: ref.ask(command, timeout=timeout)
+        )
+
+    async def ask_entity(
+        self,
+        entity: type[PersistentEntity[Any, Any, Any]] | str,
+        entity_id: str,
+        command: Any,
+        command_id: str,
+    ) -> Any:
+        ref = self.executor.runtime.ref_for(entity, entity_id)
+        timeout = self.executor.settings.ask_timeout
+        return await self._retrying(
+            f"ask {ref.entity_type}/{entity_id}",
+            lambda: ref.ask(command, timeout=timeout, command_id=command_id),
+        )
+
+    async def record(self, record: StepRecord) -> StepRecord:
+        try:
+            stored: StepRecord = await self.ask_run(RecordStep(record))
+        except CommandRejected as e:
+            error = Superseded(str(e))
+            if self.ctx is not None:
+                self.ctx.fatal = error
+            raise error from e
+        return stored
+
+    async def run_child(self, child_id: str, workflow: str, value: Any, version: int | None) -> Run:
+        definition = self.workflows.get(workflow, version)
+        data = encode_input(self.serializer, definition, value)
+        await self.ask_run(
+            StartRun(workflow, definition.version, data, None, self.run_id, now_us()), child_id
+        )
+        delay = 0.02
+        while True:
+            run = await self.ask_run(GetRun(), child_id)
+            if isinstance(run, Run) and run.finished:
+                return run
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    # ------------------------------------------------------------------ the run
+
+    async def drive(self) -> None:
+        run = await self.ask_run(GetRun())
+        if not isinstance(run, Run) or run.finished:
+            return
+        if not await self._admitted(run):
+            await self._finish("cancelled", None, f"cancelled: {self._cancel}")
+            return
+        try:
+            self.definition = self.workflows.for_run(run.name, run.version)
+        except UnknownWorkflow as e:
+            # A process deployed without this workflow (a rolling deploy): the run waits for
+            # an executor that knows it (the partition's next owner), it is not failed.
+            log.error("run %r cannot be driven by this executor: %s", self.run_id, e)
+            return
+        ctx = WorkflowContext(self, run)
+        self.ctx = ctx
+        for signal in self._pending_signals:
+            ctx.add_signal(signal)
+        if self._cancel is not None and ctx.cancel_reason is None:
+            ctx.cancel_reason = self._cancel
+        try:
+            value = self.serializer.decode_value(run.input, self.definition.input_type)
+        except SerializationError as e:
+            await self._finish("failed", None, f"the input does not decode: {e}")
+            return
+        inner = asyncio.ensure_future(self.definition.fn(ctx, value))
+        self._inner = inner
+        try:
+            await asyncio.wait({inner})
+        except asyncio.CancelledError:
+            inner.cancel()
+            await asyncio.gather(inner, return_exceptions=True)
+            raise
+        await self._outcome(run, ctx, inner)
+
+    async def _admitted(self, run: Run) -> bool:
+        """Wait for admission; False when the run is cancelled first (a queued run that never
+        ran: nothing to compensate)."""
+        if run.steps:
+            await self.executor.admission(self.run_id)  # it ran before: the code decides
+            return True
+        if run.cancel_reason is not None:
+            self.cancel(run.cancel_reason)
+        if self._cancelled.is_set():
+            return False
+        admission = asyncio.ensure_future(self.executor.admission(self.run_id))
+        cancelled = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            await asyncio.wait({admission, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not admission.done():
+                admission.cancel()
+        return admission.done() and not admission.cancelled()
+
+    async def _outcome(self, run: Run, ctx: WorkflowContext, inner: asyncio.Future[Any]) -> None:
+        if not inner.cancelled():
+            inner.exception()  # retrieved, whatever the outcome below
+        fatal = ctx.fatal
+        if isinstance(fatal, Superseded):
+            log.info("run %r: %s; this executor stops driving it", self.run_id, fatal)
+            return
+        if isinstance(fatal, WorkflowNonDeterminism):
+            log.error("run %r: %s", self.run_id, fatal)
+            await self._finish("failed", None, f"WorkflowNonDeterminism: {fatal}")
+            return
+        error: BaseException | None
+        if inner.cancelled():
+            error = WorkflowCancelled(ctx.cancel_reason or "cancelled")
+        else:
+            error = inner.exception()
+        if error is None:
+            try:
+                output = self.serializer.encode_value(inner.result(), self.definition.output_type)
+            except SerializationError as e:
+                await self._compensate(run, ctx)
+                await self._finish("failed", None, f"the output does not encode: {e}")
+                return
+            await self._finish("completed", output, None)
+            return
+        if not isinstance(error, Exception):  # KeyboardInterrupt and the like
+            raise error
+        failures = await self._compensate(run, ctx)
+        cancelled = ctx.cancel_reason is not None and (
+            isinstance(error, (WorkflowCancelled, asyncio.CancelledError)) or inner.cancelled()
+        )
+        text = (
+            f"cancelled: {ctx.cancel_reason}" if cancelled else f"{type(error).__name__}: {error}"
+        )
+        if failures:
+            text += "; compensation failed: " + "; ".join(failures)
+        await self._finish("cancelled" if cancelled else "failed", None, text)
+
+    async def _compensate(self, run: Run, ctx: WorkflowContext) -> list[str]:
+        done = set(run.compensated)
+        failures: list[str] = []
+        for comp in reversed(ctx.compensations):
+            if comp.index in done:
+                continue
+            try:
+                await comp.run()
+                ok, error = True, ""
+            except Exception as e:
+                ok, error = False, f"{type(e).__name__}: {e}"
+                failures.append(f"{comp.name}: {error}")
+                log.error("run %r: compensation %r failed: %s", self.run_id, comp.name, error)
+            await self.ask_run(RecordCompensated(comp.index, comp.name, ok, error))
+        return failures
+
+    async def _finish(self, status: str, output: bytes | None, error: str | None) -> None:
+        await self.ask_run(FinishRun(status, output, error, now_us()))
+
+
+async def _never(*_: Any) -> Any:  # the placeholder definition's function
+    raise AssertionError("no workflow definition")
+
+
+def encode_input(serializer: Serializer, definition: WorkflowDef, value: Any) -> bytes:
+    try:
+        return serializer.encode_value(value, definition.input_type)
+    except SerializationError as e:
+        raise InvalidWorkflowInput(
+            f"the input of workflow {definition.name!r} does not serialize: {e}"
+        ) from e
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+class _ExecutorCommit:
+    """The read side's commit strategy (runs index + position, exactly once), telling the
+    executor what it committed and when it took the partition's lease."""
+
+    def __init__(self, inner: ProjectionCommit, executor: WorkflowExecutor, tag: str) -> None:
+        self.inner = inner
+        self.executor = executor
+        self.tag = tag
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def prepare(self, consumer: EventConsumer, lease: Lease, *, clear_stall: bool) -> None:
+        await self.inner.prepare(consumer, lease, clear_stall=clear_stall)
+        await self.executor.took(self.tag, lease)
+
+    async def commit(
+        self, consumer: EventConsumer, lease: Lease, page: TagPage, *, ignore_pause: bool
+    ) -> None:
+        await self.inner.commit(consumer, lease, page, ignore_pause=ignore_pause)
+        upto = consumer.offset
+        self.executor.committed(self.tag, [e for e in page.envelopes if e.offset <= upto])
+
+    async def undecodable(
+        self, consumer: EventConsumer, lease: Lease, error: EventDecodeError
+    ) -> None:
+        await self.inner.undecodable(consumer, lease, error)
+
+
+@dataclass
+class _Partition:
+    worker: ReadSideWorker
+    task: asyncio.Task[None]
+    #: The epoch of the lease the drivers run under (None: not held).
+    epoch: int | None = None
+
+
+#: Consumer states in which the partition's lease is not (or no longer) this executor's.
+NOT_HELD = frozenset({"standby", "stopped", "retrying", "stalled", "starting"})
+
+
+class WorkflowExecutor:
+    """Drives the runs of the partitions whose leases it holds (see the module)."""
+
+    def __init__(
+        self,
+        workflows: Workflows,
+        runtime: EntityRuntime,
+        database: Database,
+        journal: Journal,
+        *,
+        serializer: Serializer,
+        settings: WorkflowSettings,
+        owner: str,
+    ) -> None:
+        self.workflows = workflows
+        self.runtime = runtime
+        self.database = database
+        self.journal = journal
+        self.serializer = serializer
+        self.settings = settings
+        self.owner = owner
+        self.drivers: dict[str, RunDriver] = {}
+        self.partitions: dict[str, _Partition] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._admitting: dict[str, asyncio.Future[None]] = {}
+        self._admit_wake = asyncio.Event()
+        self._closing = False
+
+    async def start(self) -> None:
+        await declare_types(
+            self.database, {n: self.workflows.max_running(n) for n in self.workflows.names()}
+        )
+        consumer = self.settings.consumer()
+        await OffsetStore(self.database).ensure(INDEX_NAME, list(WORKFLOW_TAG.all_tags))
+        for tag in WORKFLOW_TAG.all_tags:
+            worker = ReadSideWorker(
+                RunsIndex(),
+                tag,
+                journal=self.journal,
+                projection=self.database,
+                settings=consumer,
+                owner=self.owner,
+            )
+            worker.strategy = _ExecutorCommit(worker.strategy, self, tag)  # type: ignore[assignment]
+            task = asyncio.create_task(worker.run(), name=f"workflow partition {tag}")
+            self.partitions[tag] = _Partition(worker, task)
+        self._tasks.append(asyncio.create_task(self._watch(), name="workflow leases"))
+        self._tasks.append(asyncio.create_task(self._admit_loop(), name="workflow admission"))
+
+    async def close(self, *, release: bool = True) -> None:
+        """Stop driving (no compensation: the runs stay where they are, for the next owner)
+        and release the partitions (``release=False``: keep the leases until they expire, as a
+        crashed process would)."""
+        self._closing = True
+        drivers = [d.task for d in self.drivers.values() if d.task is not None]
+        for task in drivers:
+            task.cancel()
+        await asyncio.gather(*drivers, return_exceptions=True)
+        self.drivers.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        parts = list(self.partitions.values())
+        if release:
+            for part in parts:
+                await part.worker.stop()
+            await finish_tasks([p.task for p in parts], what="workflow partition", logger=log)
+        else:
+            for part in parts:
+                part.task.cancel()
+            await asyncio.gather(*(p.task for p in parts), return_exceptions=True)
+        for future in self._admitting.values():
+            future.cancel()
+
+    # ------------------------------------------------------------------ partitions
+
+    async def took(self, tag: str, lease: Lease) -> None:
+        part = self.partitions[tag]
+        if part.epoch is not None and part.epoch != lease.epoch:
+            self._drop(tag)
+        part.epoch = lease.epoch
+        after: str | None = None
+        while True:
+            rows = await list_runs(
+                self.database, tag=tag, status=("queued", "running"), limit=1000, after=after
+            )
+            for row in rows:
+                self.launch(row.run_id, tag)
+            if len(rows) < 1000:
+                break
+            after = rows[-1].run_id
+        log.info("workflow partition %s: taken (epoch %d)", tag, lease.epoch)
+
+    def committed(self, tag: str, envelopes: Iterable[EventEnvelope[Any]]) -> None:
+        for envelope in envelopes:
+            run_id = envelope.entity_id
+            match envelope.event:
+                case RunStarted() | RunReopened():
+                    self.launch(run_id, tag)
+                case SignalReceived(index=index, name=name, payload=payload):
+                    driver = self.drivers.get(run_id)
+                    if driver is not None:
+                        driver.add_signal(SignalRecord(index, name, payload))
+                case CancelRequested(reason=reason):
+                    driver = self.drivers.get(run_id)
+                    if driver is not None:
+                        driver.cancel(reason)
+                case RunFinished():
+                    self._admit_wake.set()  # a slot may be free
+
+    def launch(self, run_id: str, tag: str) -> None:
+        if self._closing or self.partitions[tag].epoch is None:
+            return
+        existing = self.drivers.get(run_id)
+        if existing is not None and existing.task is not None and not existing.task.done():
+            return
+        driver = RunDriver(self, run_id, tag)
+        self.drivers[run_id] = driver
+        driver.task = asyncio.create_task(self._drive(driver), name=f"workflow run {run_id}")
+
+    async def _drive(self, driver: RunDriver) -> None:
+        try:
+            await driver.drive()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("workflow run %r: its driver failed", driver.run_id)
+        finally:
+            if self.drivers.get(driver.run_id) is driver:
+                del self.drivers[driver.run_id]
+            self._admitting.pop(driver.run_id, None)
+
+    def _drop(self, tag: str) -> None:
+        """Stop driving the runs of ``tag`` (its lease is gone): no compensation."""
+        part = self.partitions[tag]
+        part.epoch = None
+        dropped = [d for d in self.drivers.values() if d.tag == tag]
+        for driver in dropped:
+            if driver.task is not None:
+                driver.task.cancel()
+            del self.drivers[driver.run_id]
+        if dropped:
+            log.warning(
+                "workflow partition %s: lease lost, stopped driving %d runs", tag, len(dropped)
+            )
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.settings.renew_interval / 2))
+            for tag, part in self.partitions.items():
+                if part.epoch is None:
+                    continue
+                lease = part.worker.lease
+                if part.worker.state in NOT_HELD or lease is None or lease.epoch != part.epoch:
+                    self._drop(tag)
+
+    # ------------------------------------------------------------------ admission
+
+    async def admission(self, run_id: str) -> None:
+        """Return once the run is admitted (flow control in the index)."""
+        future = self._admitting.get(run_id)
+        if future is None or future.done():
+            future = asyncio.get_running_loop().create_future()
+            self._admitting[run_id] = future
+        self._admit_wake.set()
+        await asyncio.shield(future)
+
+    async def _admit_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.admission_interval):
+                    await self._admit_wake.wait()
+            self._admit_wake.clear()
+            await asyncio.sleep(0)  # the ids asked in this tick go in one transaction
+            waiting = [r for r, f in self._admitting.items() if not f.done()]
+            if not waiting:
+                continue
+            try:
+                admitted = await admit(self.database, waiting)
+            except Exception as e:
+                log.warning("workflow admission failed (%s); trying again", e)
+                continue
+            for run_id in admitted:
+                future = self._admitting.pop(run_id, None)
+                if future is not None and not future.done():
+                    future.set_result(None)

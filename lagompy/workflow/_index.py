@@ -1,0 +1,342 @@
+"""The runs index (``lagompy_workflow_runs``) and the types' flow control
+(``lagompy_workflow_types``), in the journal's database.
+
+:class:`RunsIndex` is the read-side processor of the runs' tag that the executor's consumers
+run: each run's events become its row, committed with the consumer's position in one
+transaction (exactly once). :func:`admit` moves queued runs to ``running`` within the limits
+(the one write outside the consumer): one transaction per batch, the type's row locked on
+PostgreSQL (``FOR UPDATE``; SQLite's ``BEGIN IMMEDIATE`` serializes writers anyway), so that
+the limits hold across executors:
+
+* ``max_running`` of the workflow (a queue: the oldest queued runs go first),
+* at most one running run per (workflow, key),
+* a ``paused`` workflow admits nothing (its running runs go on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy.journal._journal import EventEnvelope
+from lagompy.readside._processor import SqlReadSideProcessor
+from lagompy.sql._database import Database
+from lagompy.sql._schema import workflow_runs, workflow_types
+from lagompy.workflow._context import now_us
+from lagompy.workflow._entity import (
+    WORKFLOW_TAG,
+    CancelRequested,
+    RunFinished,
+    RunReopened,
+    RunStarted,
+    StepCompleted,
+    StepFailed,
+    WorkflowRun,
+)
+
+__all__ = ["INDEX_NAME", "RunRow", "RunsIndex", "TypeRow", "admit", "list_runs", "run_row"]
+
+#: The consumer name of the executor (its offsets row in ``lagompy_readside_offsets``).
+INDEX_NAME = "lagompy-workflows"
+
+QUEUED = "queued"
+RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run as the index shows it."""
+
+    run_id: str
+    workflow: str
+    version: int
+    key: str | None
+    parent: str | None
+    status: str
+    tag: str
+    steps: int
+    wake_at_us: int | None
+    cancel_requested: bool
+    created_us: int
+    updated_us: int
+    finished_us: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class TypeRow:
+    workflow: str
+    max_running: int | None
+    paused: bool
+
+
+def _row(r: Any) -> RunRow:
+    return RunRow(
+        r.run_id,
+        r.workflow,
+        r.version,
+        r.run_key,
+        r.parent,
+        r.status,
+        r.tag,
+        r.steps,
+        r.wake_at_us,
+        bool(r.cancel_requested),
+        r.created_us,
+        r.updated_us,
+        r.finished_us,
+        r.error,
+    )
+
+
+class RunsIndex(SqlReadSideProcessor):
+    """Keeps ``lagompy_workflow_runs`` (one row per run) from the runs' events."""
+
+    name = INDEX_NAME
+    tag = WORKFLOW_TAG
+    entities = (WorkflowRun,)
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        run_id = envelope.entity_id
+        at = int(envelope.timestamp.timestamp() * 1_000_000)
+        t = workflow_runs
+        match envelope.event:
+            case RunStarted(name=name, version=version, key=key, parent=parent):
+                await conn.execute(
+                    t.insert().values(
+                        run_id=run_id,
+                        workflow=name,
+                        version=version,
+                        run_key=key,
+                        parent=parent,
+                        status=QUEUED,
+                        tag=WORKFLOW_TAG.for_entity(run_id),
+                        steps=0,
+                        wake_at_us=None,
+                        cancel_requested=False,
+                        created_us=at,
+                        updated_us=at,
+                        finished_us=None,
+                        error=None,
+                    )
+                )
+            case StepCompleted(position=p, wake_at_us=wake):
+                await conn.execute(
+                    update(t)
+                    .where(t.c.run_id == run_id)
+                    .values(steps=p + 1, wake_at_us=wake, updated_us=at)
+                )
+            case StepFailed(position=p):
+                await conn.execute(
+                    update(t)
+                    .where(t.c.run_id == run_id)
+                    .values(steps=p + 1, wake_at_us=None, updated_us=at)
+                )
+            case CancelRequested():
+                await conn.execute(
+                    update(t)
+                    .where(t.c.run_id == run_id)
+                    .values(cancel_requested=True, updated_us=at)
+                )
+            case RunFinished(status=status, error=error):
+                await conn.execute(
+                    update(t)
+                    .where(t.c.run_id == run_id)
+                    .values(
+                        status=status,
+                        error=error,
+                        finished_us=at,
+                        updated_us=at,
+                        wake_at_us=None,
+                    )
+                )
+            case RunReopened(position=p):
+                await conn.execute(
+                    update(t)
+                    .where(t.c.run_id == run_id)
+                    .values(
+                        status=QUEUED,
+                        steps=p,
+                        error=None,
+                        finished_us=None,
+                        updated_us=at,
+                        cancel_requested=False,
+                        wake_at_us=None,
+                    )
+                )
+            case _:
+                pass  # signals and compensations change no column
+
+
+async def run_row(database: Database, run_id: str) -> RunRow | None:
+    async with database.read() as conn:
+        r = (
+            await conn.execute(select(workflow_runs).where(workflow_runs.c.run_id == run_id))
+        ).first()
+    return None if r is None else _row(r)
+
+
+async def list_runs(
+    database: Database,
+    *,
+    workflow: str | None = None,
+    status: str | Iterable[str] | None = None,
+    key: str | None = None,
+    tag: str | None = None,
+    parent: str | None = None,
+    limit: int = 100,
+    after: str | None = None,
+) -> list[RunRow]:
+    """Runs by id order (``after``: the last id of the previous page), filtered."""
+    t = workflow_runs
+    query = select(t).order_by(t.c.run_id).limit(limit)
+    if workflow is not None:
+        query = query.where(t.c.workflow == workflow)
+    if status is not None:
+        statuses = [status] if isinstance(status, str) else list(status)
+        query = query.where(t.c.status.in_(statuses))
+    if key is not None:
+        query = query.where(t.c.run_key == key)
+    if tag is not None:
+        query = query.where(t.c.tag == tag)
+    if parent is not None:
+        query = query.where(t.c.parent == parent)
+    if after is not None:
+        query = query.where(t.c.run_id > after)
+    async with database.read() as conn:
+        return [_row(r) for r in (await conn.execute(query)).all()]
+
+
+async def count_runs(database: Database, workflow: str | None = None) -> dict[str, int]:
+    """How many runs per status (of ``workflow``, or all)."""
+    t = workflow_runs
+    query = select(t.c.status, func.count()).group_by(t.c.status)
+    if workflow is not None:
+        query = query.where(t.c.workflow == workflow)
+    async with database.read() as conn:
+        return {status: int(n) for status, n in (await conn.execute(query)).all()}
+
+
+def _upsert(database: Database, values: dict[str, Any], keep: Sequence[str]) -> Any:
+    dialect = postgresql if database.dialect == "postgresql" else sqlite
+    stmt = dialect.insert(workflow_types).values(**values)
+    return stmt.on_conflict_do_update(
+        index_elements=[workflow_types.c.workflow],
+        set_={k: stmt.excluded[k] for k in values if k not in keep and k != "workflow"},
+    )
+
+
+async def declare_types(database: Database, limits: dict[str, int | None]) -> None:
+    """Store each workflow's ``max_running`` (from the code); ``paused`` stays as it is."""
+    if not limits:
+        return
+    at = now_us()
+    async with database.write() as conn:
+        for name, limit in limits.items():
+            values = {"workflow": name, "max_running": limit, "paused": False, "updated_us": at}
+            await conn.execute(_upsert(database, values, keep=("paused",)))
+
+
+async def set_paused(database: Database, workflow: str, paused: bool) -> None:
+    values = {"workflow": workflow, "max_running": None, "paused": paused, "updated_us": now_us()}
+    async with database.write() as conn:
+        await conn.execute(_upsert(database, values, keep=("max_running",)))
+
+
+async def types(database: Database) -> dict[str, TypeRow]:
+    async with database.read() as conn:
+        rows = (await conn.execute(select(workflow_types))).all()
+    return {r.workflow: TypeRow(r.workflow, r.max_running, bool(r.paused)) for r in rows}
+
+
+async def admit(database: Database, run_ids: Sequence[str]) -> set[str]:
+    """Move the queued runs among ``run_ids`` to ``running`` as far as their workflows'
+    limits allow, in one transaction; returns the ids now running (admitted now or before)."""
+    if not run_ids:
+        return set()
+    t = workflow_runs
+    admitted: set[str] = set()
+    async with database.write() as conn:
+        rows = [
+            _row(r)
+            for r in (await conn.execute(select(t).where(t.c.run_id.in_(list(run_ids))))).all()
+        ]
+        admitted.update(r.run_id for r in rows if r.status == RUNNING)
+        queued = [r for r in rows if r.status == QUEUED]
+        names = sorted({r.workflow for r in queued})
+        if not names:
+            return admitted
+        tq = select(workflow_types).where(workflow_types.c.workflow.in_(names))
+        if database.dialect == "postgresql":
+            tq = tq.with_for_update()
+        limits = {
+            r.workflow: TypeRow(r.workflow, r.max_running, bool(r.paused))
+            for r in (await conn.execute(tq)).all()
+        }
+        go: list[str] = []
+        for name in names:
+            kind = limits.get(name, TypeRow(name, None, False))
+            if kind.paused:
+                continue
+            mine = sorted((r for r in queued if r.workflow == name), key=lambda r: r.created_us)
+            keyed = [r for r in mine if r.key is not None]
+            busy_keys: set[str] = set()
+            if keyed:
+                keys = sorted({r.key for r in keyed if r.key is not None})
+                busy_keys = {
+                    k
+                    for (k,) in (
+                        await conn.execute(
+                            select(t.c.run_key).where(
+                                and_(
+                                    t.c.workflow == name,
+                                    t.c.status == RUNNING,
+                                    t.c.run_key.in_(keys),
+                                )
+                            )
+                        )
+                    ).all()
+                }
+            free: int | None = None
+            if kind.max_running is not None:
+                running = (
+                    await conn.execute(
+                        select(func.count()).where(
+                            and_(t.c.workflow == name, t.c.status == RUNNING)
+                        )
+                    )
+                ).scalar_one()
+                oldest = min(r.created_us for r in mine)
+                older = (
+                    await conn.execute(
+                        select(func.count()).where(
+                            and_(
+                                t.c.workflow == name, t.c.status == QUEUED, t.c.created_us < oldest
+                            )
+                        )
+                    )
+                ).scalar_one()
+                free = max(0, kind.max_running - int(running) - int(older))
+            for r in mine:
+                if free is not None and free <= 0:
+                    break
+                if r.key is not None:
+                    if r.key in busy_keys:
+                        continue
+                    busy_keys.add(r.key)
+                go.append(r.run_id)
+                if free is not None:
+                    free -= 1
+        if go:
+            await conn.execute(
+                update(t)
+                .where(and_(t.c.run_id.in_(go), t.c.status == QUEUED))
+                .values(status=RUNNING, updated_us=now_us())
+            )
+            admitted.update(go)
+    return admitted

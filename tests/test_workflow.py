@@ -1,0 +1,405 @@
+"""Durable workflows (lagompy.workflow) on both journal backends, entities in this process:
+transfers that complete or compensate, replay after an executor dies, deploys with patch
+markers, non-determinism, signals, cancellation, flow control, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+import lagompy
+from lagompy import InvalidEntityId, JournalSettings
+from lagompy.errors import (
+    DuplicateWorkflowId,
+    InvalidWorkflowInput,
+    UnknownWorkflow,
+    WorkflowFailed,
+    WorkflowNotFound,
+)
+from lagompy.runtime import InProcessEntities
+from lagompy.workflow import (
+    WorkflowContext,
+    WorkflowEngine,
+    WorkflowRun,
+    Workflows,
+    WorkflowSettings,
+    start_workflows,
+)
+from tests.workflow_app import AccountEntity, CloseAccount, Deposit, Transfer, Withdraw, workflows
+
+FAST = WorkflowSettings(lease_ttl=1.0, renew_interval=0.25, admission_interval=0.1)
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Env:
+    entities: InProcessEntities
+    journal: JournalSettings
+    engines: list[WorkflowEngine]
+
+    async def balance(self, account: str) -> int:
+        return await self.entities.ref_for(AccountEntity, account).ask(Deposit(0))
+
+    async def engine_for(self, registry: Workflows, owner: str) -> WorkflowEngine:
+        """An engine with its executor (one registry at a time: executors of one journal
+        share its runs, so each must know every workflow it may be handed)."""
+        engine = await start_workflows(
+            registry,
+            runtime=self.entities,
+            journal_settings=self.journal,
+            settings=FAST,
+            owner=owner,
+        )
+        self.engines.append(engine)
+        return engine
+
+    @property
+    def engine(self) -> WorkflowEngine:
+        return self.engines[0]
+
+
+@pytest.fixture
+async def env(journal_settings: JournalSettings) -> AsyncIterator[Env]:
+    async with lagompy.start(
+        entities=[AccountEntity, WorkflowRun], journal_settings=journal_settings, ray=False
+    ) as entities:
+        env = Env(entities, journal_settings, [])
+        try:
+            yield env
+        finally:
+            for engine in env.engines:
+                await engine.close()
+
+
+@pytest.fixture
+async def bank(env: Env) -> Env:
+    """The env with an engine of the shared test workflows (``env.engine``)."""
+    await env.engine_for(workflows, "bank")
+    return env
+
+
+async def test_a_transfer_completes_and_a_rejected_deposit_compensates_the_withdrawal(
+    bank: Env,
+) -> None:
+    await bank.entities.ref_for(AccountEntity, "a").ask(Deposit(100))
+    await bank.entities.ref_for(AccountEntity, "closed").ask(CloseAccount())
+    await bank.engine.start("transfer", Transfer("a", "b", 30), id="t-ok")
+    assert await bank.engine.result("t-ok", timeout=10) == "done"
+    await bank.engine.start("transfer", Transfer("a", "closed", 30), id="t-bad")
+    with pytest.raises(WorkflowFailed, match="account closed is closed") as failed:
+        await bank.engine.result("t-bad", timeout=10)
+    assert failed.value.status == "failed"
+    assert (await bank.balance("a"), await bank.balance("b")) == (70, 30)
+    status = await bank.engine.status("t-bad")
+    assert status.steps == ("ask wf-account Withdraw", "ask wf-account Deposit")
+    assert status.failed_steps == ("ask wf-account Deposit",) and status.compensated == (0,)
+    expected = {"t-ok": "completed", "t-bad": "failed"}
+    await until(lambda: _index_is(bank.engine, "transfer", expected))  # the index follows
+
+
+async def test_the_run_id_is_the_idempotency_key_and_bad_input_gets_a_clear_error(
+    bank: Env,
+) -> None:
+    await bank.entities.ref_for(AccountEntity, "a").ask(Deposit(10))
+    first = await bank.engine.start("transfer", Transfer("a", "b", 5), id="same")
+    again = await bank.engine.start("transfer", Transfer("a", "b", 5), id="same")
+    assert again.started_us == first.started_us
+    await bank.engine.result("same", timeout=10)
+    assert await bank.balance("a") == 5  # started (and run) once
+    with pytest.raises(DuplicateWorkflowId, match=r"'same' exists already .* another input"):
+        await bank.engine.start("transfer", Transfer("a", "b", 6), id="same")
+    with pytest.raises(DuplicateWorkflowId, match="another workflow"):
+        await bank.engine.start("sleeper", 0.0, id="same")
+    with pytest.raises(UnknownWorkflow, match=r"'nope'.*registered: 'approval'"):
+        await bank.engine.start("nope", 1)
+    with pytest.raises(UnknownWorkflow, match="no version 7"):
+        await bank.engine.start("transfer", Transfer("a", "b", 1), version=7)
+    with pytest.raises(InvalidWorkflowInput, match="input of workflow 'transfer'"):
+        await bank.engine.start("transfer", {"source": object()})
+    with pytest.raises(InvalidWorkflowInput, match="input of workflow 'sleeper'"):
+        await bank.engine.start("sleeper", "not a number")
+    with pytest.raises(InvalidEntityId):
+        await bank.engine.start("sleeper", 1.0, id="")
+    with pytest.raises(InvalidWorkflowInput, match="signal 'x' does not serialize"):
+        await bank.engine.send_signal("same", "x", object())
+    with pytest.raises(WorkflowNotFound, match="'ghost'"):
+        await bank.engine.status("ghost")
+    assert [r.run_id for r in await bank.engine.list()] == ["same"]  # nothing else written
+
+
+async def test_signals_child_runs_and_durable_sleep(bank: Env) -> None:
+    await bank.engine.start("approval", "ada", id="ap")
+    await bank.engine.start("parent", 3, id="p")
+    started = time.monotonic()
+    await bank.engine.start("sleeper", 0.3, id="s")
+    await until(lambda: _has_steps(bank.engine, "ap", 1))  # its receive timer is recorded
+    await bank.engine.send_signal("ap", "decision", "yes")
+    assert await bank.engine.result("ap", timeout=10) == "ada: yes"
+    assert await bank.engine.result("p", timeout=10) == 12
+    assert {r.run_id for r in await bank.engine.list(parent="p")} == {"p/0", "p/1"}
+    assert await bank.engine.result("s", timeout=10) == 1
+    assert time.monotonic() - started >= 0.3
+
+
+async def _index_is(engine: WorkflowEngine, workflow: str, expected: dict[str, str]) -> bool:
+    return await _statuses(engine, workflow) == expected
+
+
+async def _has_steps(engine: WorkflowEngine, run_id: str, n: int) -> bool:
+    return len((await engine.get(run_id)).steps) >= n
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+cancellable = Workflows()
+undone: list[str] = []
+
+
+@cancellable.workflow("hold", version=1)
+async def hold(ctx: WorkflowContext, account: str) -> str:
+    ctx.compensate_ask(AccountEntity, account, Deposit(1))
+    await ctx.ask(AccountEntity, account, Withdraw(1))
+    ctx.compensate(undone.append, account, name="note")
+    await ctx.receive("never")
+    return "unreachable"
+
+
+async def test_a_cancelled_run_runs_its_compensations_in_reverse_order(env: Env) -> None:
+    undone.clear()
+    await env.entities.ref_for(AccountEntity, "h").ask(Deposit(5))
+    engine = await env.engine_for(cancellable, "cancel-test")
+    try:
+        await engine.start("hold", "h", id="hold-1")
+        await until(lambda: _has_steps(engine, "hold-1", 1))
+        assert await env.balance("h") == 4
+        await engine.cancel("hold-1", "the customer changed their mind")
+        with pytest.raises(WorkflowFailed, match="changed their mind") as failed:
+            await engine.result("hold-1", timeout=10)
+        assert failed.value.status == "cancelled"
+        assert await env.balance("h") == 5 and undone == ["h"]
+        assert (await engine.status("hold-1")).compensated == (1, 0)  # reverse order
+    finally:
+        await engine.close()
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+crashy = Workflows()
+calls: list[str] = []
+
+
+async def external(name: str) -> str:
+    calls.append(name)
+    return name.upper()
+
+
+@crashy.workflow("two-steps", version=1)
+async def two_steps(ctx: WorkflowContext, name: str) -> str:
+    first = await ctx.step(external, name)
+    await ctx.sleep(0.5)
+    second = await ctx.step(external, name + "-2")
+    return f"{first}+{second}"
+
+
+async def test_an_executor_that_dies_mid_run_is_replaced_and_no_completed_step_runs_again(
+    env: Env,
+) -> None:
+    calls.clear()
+    a = await env.engine_for(crashy, "exec-a")
+    await a.start("two-steps", "x", id="crash-1")
+    await until(lambda: _has_steps(a, "crash-1", 2))  # the first step and the timer
+    await a.close(release=False)
+    env.engines.remove(a)  # as a crash: the leases stay until they expire
+    died = time.monotonic()
+    b = await env.engine_for(crashy, "exec-b")
+    try:
+        assert await b.result("crash-1", timeout=15) == "X+X-2"
+        took = time.monotonic() - died
+        print(f"resumed and finished {took:.2f} s after the executor died")
+        assert took < 5
+        assert calls == ["x", "x-2"]
+    finally:
+        await b.close()
+
+
+# --------------------------------------------------------------------------- deploys
+
+
+def deploy(version: str) -> Workflows:
+    """The same workflow as three deploys would have it: v1, v2 (a new step behind a patch
+    marker) and v3 (the same step added without one)."""
+    registry = Workflows()
+
+    @registry.workflow("order", version=1)
+    async def order(ctx: WorkflowContext, name: str) -> list[str]:
+        done: list[str] = [await ctx.step(external, f"{name}:a", name="a")]
+        if version == "v2" and await ctx.patched("add-x"):
+            done.append(await ctx.step(external, f"{name}:x", name="x"))
+        if version == "v3":
+            done.append(await ctx.step(external, f"{name}:x", name="x"))
+        done.append(await ctx.step(external, f"{name}:b", name="b"))
+        await ctx.receive("go")
+        done.append(await ctx.step(external, f"{name}:c", name="c"))
+        return done
+
+    return registry
+
+
+async def test_a_deploy_with_a_patched_change_finishes_old_runs_and_new_runs_take_it(
+    env: Env,
+) -> None:
+    calls.clear()
+    old = await env.engine_for(deploy("v1"), "deploy-v1")
+    await old.start("order", "old", id="old")
+    await until(lambda: _has_steps(old, "old", 2))  # a and b recorded, waiting for "go"
+    await old.close()
+    env.engines.remove(old)
+    new = await env.engine_for(deploy("v2"), "deploy-v2")
+    try:
+        await new.start("order", "new", id="new")
+        await until(lambda: _has_steps(new, "new", 3))
+        for run_id in ("old", "new"):
+            await new.send_signal(run_id, "go")
+        assert await new.result("old", timeout=10) == ["OLD:A", "OLD:B", "OLD:C"]
+        assert await new.result("new", timeout=10) == ["NEW:A", "NEW:X", "NEW:B", "NEW:C"]
+        assert calls.count("old:a") == 1 and "old:x" not in calls
+        status = await new.status("new")
+        assert status.steps[:2] == ("a", "patch add-x")
+    finally:
+        await new.close()
+
+
+async def test_a_non_deterministic_change_fails_the_run_naming_both_steps(env: Env) -> None:
+    old = await env.engine_for(deploy("v1"), "nd-v1")
+    await old.start("order", "nd", id="nd")
+    await until(lambda: _has_steps(old, "nd", 2))
+    await old.close()
+    env.engines.remove(old)
+    changed = await env.engine_for(deploy("v3"), "nd-v3")
+    try:
+        await changed.send_signal("nd", "go")
+        with pytest.raises(WorkflowFailed) as failed:
+            await changed.result("nd", timeout=10)
+        message = str(failed.value)
+        assert "WorkflowNonDeterminism" in message
+        assert "recorded step 'b' at position 1" in message and "now calls 'x'" in message
+    finally:
+        await changed.close()
+
+
+# --------------------------------------------------------------------------- flow control
+
+
+gated = Workflows()
+
+
+@gated.workflow("gate", version=1, max_running=2)
+async def gate(ctx: WorkflowContext, n: int) -> int:
+    await ctx.receive("open")
+    return n
+
+
+@gated.workflow("keyed", version=1)
+async def keyed(ctx: WorkflowContext, n: int) -> int:
+    await ctx.receive("open")
+    return n
+
+
+async def _statuses(engine: WorkflowEngine, workflow: str) -> dict[str, str]:
+    return {r.run_id: r.status for r in await engine.list(workflow=workflow)}
+
+
+async def test_flow_control_limits_keys_and_pause(env: Env) -> None:
+    engine = await env.engine_for(gated, "flow")
+    try:
+        for i in range(4):
+            await engine.start("gate", i, id=f"g{i}")
+        await until(lambda: _running(engine, "gate", 2))
+        await asyncio.sleep(0.3)
+        statuses = await _statuses(engine, "gate")
+        assert sorted(statuses.values()) == ["queued", "queued", "running", "running"]
+        running = [r for r, status in statuses.items() if status == "running"]
+        queued = [r for r, status in statuses.items() if status == "queued"]
+        assert (await engine.status(queued[0])).status == "queued"
+        for run_id in running:
+            await engine.send_signal(run_id, "open")
+        await until(lambda: _finished(engine, "gate", 2))
+        await until(lambda: _running(engine, "gate", 2))  # the queue moved on
+        after = await _statuses(engine, "gate")
+        assert [after[r] for r in queued] == ["running", "running"]
+
+        await engine.start("keyed", 1, id="k1", key="acct-1")
+        await engine.start("keyed", 2, id="k2", key="acct-1")
+        await engine.start("keyed", 3, id="k3", key="acct-2")
+        await until(lambda: _running(engine, "keyed", 2))
+        await until(lambda: _listed(engine, "keyed", 3))
+        await asyncio.sleep(0.3)
+        keyed_now = await _statuses(engine, "keyed")
+        same_key = sorted((keyed_now["k1"], keyed_now["k2"]))
+        assert same_key == ["queued", "running"], keyed_now  # one run per key at a time
+        first, second = ("k1", "k2") if keyed_now["k1"] == "running" else ("k2", "k1")
+        await engine.send_signal(first, "open")
+        await until(lambda: _status_is(engine, second, "running"))
+
+        await engine.pause("keyed")
+        await engine.start("keyed", 4, id="k4")
+        await asyncio.sleep(0.4)
+        assert (await engine.status("k4")).status == "queued"
+        assert await engine.paused() == {"gate": False, "keyed": True}
+        await engine.start("keyed", 5, id="k5")
+        await engine.cancel("k5", "not needed")  # queued: cancelled without running
+        with pytest.raises(WorkflowFailed, match="not needed") as cancelled:
+            await engine.result("k5", timeout=10)
+        assert cancelled.value.status == "cancelled"
+        assert (await engine.get("k5")).steps == ()
+        await engine.unpause("keyed")
+        await until(lambda: _status_is(engine, "k4", "running"))
+        with pytest.raises(UnknownWorkflow):
+            await engine.pause("nope")
+    finally:
+        await engine.close()
+
+
+async def _running(engine: WorkflowEngine, workflow: str, n: int) -> bool:
+    return list((await _statuses(engine, workflow)).values()).count("running") >= n
+
+
+async def _listed(engine: WorkflowEngine, workflow: str, n: int) -> bool:
+    return len(await _statuses(engine, workflow)) >= n
+
+
+async def _finished(engine: WorkflowEngine, workflow: str, n: int) -> bool:
+    return list((await _statuses(engine, workflow)).values()).count("completed") >= n
+
+
+async def _status_is(engine: WorkflowEngine, run_id: str, status: str) -> bool:
+    return (await engine.status(run_id)).status == status
+
+
+async def test_an_operator_resumes_a_failed_run_and_retries_from_a_step(bank: Env) -> None:
+    await bank.entities.ref_for(AccountEntity, "r").ask(Deposit(10))
+    await bank.entities.ref_for(AccountEntity, "shut").ask(CloseAccount())
+    await bank.engine.start("transfer", Transfer("r", "shut", 4), id="r1")
+    with pytest.raises(WorkflowFailed):
+        await bank.engine.result("r1", timeout=10)
+    assert await bank.balance("r") == 10  # compensated
+    with pytest.raises(lagompy.InvalidCommand, match="only a finished run"):
+        await bank.engine.start("approval", "x", id="busy")
+        await bank.engine.resume("busy")
+    await bank.engine.retry("r1", 0)  # from the start: a new generation, new command ids
+    with pytest.raises(WorkflowFailed):
+        await bank.engine.result("r1", timeout=10)
+    assert await bank.balance("r") == 10
+    await until(lambda: _index_is(bank.engine, "transfer", {"r1": "failed"}))
