@@ -1,7 +1,8 @@
 """Console benchmark: how long each page of the management console takes to render, against a
 projection database with 100 read-side processors x 16 tags (every one stopped at a failed
-event: the worst case of the Failed page, 1,600 failure lines), a journal of 10,000 events over
-those 16 tags and 10,000 audit rows. Floor: every page under 300 ms.
+event: the worst case of the Failed page, 1,600 failure lines), 10,000 parked events (the Failed
+page's second table), a journal of 10,000 events over those 16 tags and 10,000 audit rows.
+Floor: every page under 300 ms.
 
 The service is real (the console mounted by ``service.install``), the pages are fetched through
 the ASGI app in process (httpx's ASGI transport: no socket, so the figure is the console's own
@@ -42,10 +43,12 @@ from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-PROCESSORS, TAGS, EVENTS, AUDIT_ROWS = 100, 16, 10_000, 10_000
+PROCESSORS, TAGS, EVENTS, AUDIT_ROWS, PARKED = 100, 16, 10_000, 10_000, 10_000
 FLOOR_MS = 300.0
 PAGES = ["/console/", "/console/readsides", "/console/readsides?processor=processor-050",
-         "/console/failed", "/console/entities?type=user&id=u7", "/console/breakers",
+         "/console/failed", "/console/failed?error=KeyError",
+         "/console/failed?processor=processor-050&entity=user/u7",
+         "/console/entities?type=user&id=u7", "/console/breakers",
          "/console/audit"]  # fmt: skip
 ROUNDS = 7
 
@@ -93,7 +96,8 @@ class StaticReadSide(ReadSideComponent):
 
 
 async def fill(settings: JournalSettings) -> None:
-    """10,000 events over 16 tags, 1,600 failed read-side rows, 10,000 audit rows."""
+    """10,000 events over 16 tags, 1,600 failed read-side rows, 10,000 parked events,
+    10,000 audit rows."""
     async with open_storage(settings=settings, entities=[UserEntity]) as storage:
         writes = [
             AtomicWrite(
@@ -126,8 +130,19 @@ async def fill(settings: JournalSettings) -> None:
              "result": "ok", "detail": "paused 16 tag(s)"}
             for i in range(AUDIT_ROWS)
         ]  # fmt: skip
+        parked = [
+            {"consumer_kind": "read-side", "consumer": f"processor-{i % PROCESSORS:03d}",
+             "tag": f"bench-events{i % TAGS}", "event_offset": i + 1,
+             "entity_type": "user", "entity_id": f"u{i % 1000}", "seq_nr": 1,
+             "event_type": "UserRegistered",
+             "error_class": ("KeyError", "RuntimeError", "ValueError")[i % 3],
+             "error": "KeyError: 'name'", "attempts": 5, "parked_at_us": now - i,
+             "message": None, "retry_requested_us": None, "retries": 0}
+            for i in range(PARKED)
+        ]  # fmt: skip
         async with storage.database.write() as conn:
             await conn.execute(schema.readside_offsets.insert(), rows)
+            await conn.execute(schema.parked.insert(), parked)
             await conn.execute(schema.console_audit.insert(), audit)
 
 
@@ -161,6 +176,8 @@ async def measure(settings: JournalSettings) -> dict[str, list[float]]:
             print(f"health checks with {PROCESSORS * TAGS:,} tags: {checks}")
             failed = (await http.get("/console/api/failed")).json()
             assert len(failed) == PROCESSORS * TAGS, len(failed)
+            parked = (await http.get("/console/api/parked")).json()
+            assert parked["total"] == PARKED, parked["total"]
     finally:
         await service.stop()
     for page, size in sizes.items():
@@ -218,7 +235,9 @@ async def main(write: bool) -> None:
             f"{ROUNDS} times through the app in process (no socket), with {PROCESSORS} read-side "
             f"processors x {TAGS} tags, every one stopped at a failed event "
             f"({PROCESSORS * TAGS:,} failure lines: in this design a failure is kept per "
-            f"processor and tag), {EVENTS:,} journal events over the {TAGS} tags and "
+            f"processor and tag), {PARKED:,} parked events (the Failed page lists the first "
+            "200 matching its filter, with their count), "
+            f"{EVENTS:,} journal events over the {TAGS} tags and "
             f"{AUDIT_ROWS:,} audit rows; 20 circuit breakers. Floor: under {FLOOR_MS:.0f} ms "
             "per page (median). The Read sides page lists one line per processor beyond "
             "64 tags (the lag costs a query per tag); a processor's page shows its 16 tags "

@@ -5,7 +5,7 @@ journal on PostgreSQL. Opens every page (each
 loads nothing from anywhere else), checks that read-only mode renders no control, logs in,
 pauses and resumes a read side, rebuilds it and watches the progress reach 100%, watches the
 table refresh live, retries then skips a failed event through its confirmation, and finds each
-action on the Audit page.
+action on the Audit page; then retries a parked event from the Failed page (on SQLite).
 
 Skipped with a reason when Chromium or Playwright is missing here; under ``CI=true`` they must
 be there (``.ci/run`` installs Chromium). ``LAGOMPY_CONSOLE_SCREENSHOTS=<dir>`` also saves a
@@ -23,6 +23,7 @@ import httpx
 import pytest
 from conftest import POSTGRES_URL
 from test_console import TOKEN, console_app, tag_of
+from test_console_parked import ParkingNames, parking_app
 
 from lagompy.console import ConsoleSettings
 from lagompy.settings import JournalSettings
@@ -174,3 +175,44 @@ def test_the_console_in_chromium(
         for action in ("login", "pause", "resume", "rebuild", "rebuild-finished", "skip"):
             assert f"\t{action}\t" in audit, action
         shoot(page, "audit")
+
+
+def test_a_parked_event_retried_from_the_failed_page(browser_page: Any, tmp_path: Path) -> None:
+    page = browser_page
+    journal = JournalSettings(url=f"sqlite:///{tmp_path / 'parked.db'}")
+    ParkingNames.broken = True
+    try:
+        with serve_in_thread(parking_app(journal, ConsoleSettings(token=TOKEN))) as url:
+            assert httpx.post(f"{url}/register/u1/boom").status_code == 200
+            page.goto(f"{url}/console/login")
+            page.fill("input[name=token]", TOKEN)
+            page.click("#login button")
+            page.get_by_role("link", name="Failed", exact=True).click()
+            rows = "#parked-rows tr[data-parked-id]"
+            eventually(
+                lambda: page.reload() is not None and page.locator(rows).count() == 1, "parked"
+            )
+            assert "cannot project boom" in page.locator("#parked-rows").inner_text()
+            shoot(page, "parked")
+            # Still broken: the retry fails again and the row stays, with its retry counted.
+            page.click(f"{rows} button[data-action=retry-parked]")
+            assert page.locator(".flash").inner_text() == (
+                "retry-parked: asked for a retry of 1 parked event(s)"
+            )
+            eventually(
+                lambda: (
+                    page.reload() is not None and "1 retried" in page.locator(rows).inner_text()
+                ),
+                "retried and failed again",
+            )
+            # Fixed: the retry applies it and the row goes.
+            ParkingNames.broken = False
+            page.click(f"{rows} button[data-action=retry-parked]")
+            eventually(
+                lambda: page.reload() is not None and page.locator(rows).count() == 0, "retried"
+            )
+            assert httpx.get(f"{url}/names").json() == ["boom"]
+            page.get_by_role("link", name="Audit").click()
+            assert "\tretry-parked\t" in page.locator("#audit").inner_text()
+    finally:
+        ParkingNames.broken = True

@@ -177,6 +177,9 @@ class Collected:
     ) -> None:
         raise AssertionError(f"unexpected: {error}")
 
+    async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
+        pass
+
 
 async def test_the_core_runs_another_commit_strategy(journal_settings: JournalSettings) -> None:
     async with await open_storage(

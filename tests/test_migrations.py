@@ -241,6 +241,34 @@ async def test_0006_adds_the_console_audit_to_a_database_at_0005(database: Datab
         assert len(set(ids)) == 2
 
 
+async def test_0009_adds_the_parked_table_to_a_database_at_0008(database: Database) -> None:
+    # A database migrated by the previous release keeps its data and gains the parked table;
+    # one event is parked once per (consumer, tag, offset).
+    assert (await upgrade(database, "0008")).after == "0008"
+    assert "lagompy_parked" not in await table_names(database)
+    async with database.write() as conn:
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    result = await upgrade(database)
+    assert (result.before, result.after) == ("0008", HEAD)
+    assert await differences(database) == []
+    row = {"consumer_kind": "read-side", "consumer": "p", "tag": "t", "event_offset": 7,
+           "entity_type": "user", "entity_id": "1", "seq_nr": 1, "event_type": "E",
+           "error_class": "ValueError", "error": "ValueError: x", "attempts": 5,
+           "parked_at_us": 1, "message": None, "retry_requested_us": None,
+           "retries": 0}  # fmt: skip
+    async with database.write() as conn:
+        await conn.execute(schema.parked.insert(), [row, {**row, "event_offset": 8}])
+    with pytest.raises(Exception, match=r"(?i)unique"):
+        async with database.write() as conn:
+            await conn.execute(schema.parked.insert(), [row])
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        ids = (await conn.execute(schema.parked.select())).scalars().all()
+        assert len(set(ids)) == 2
+
+
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
     # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
     # version table; later revisions add tables that 0.1 never had.

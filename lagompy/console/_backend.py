@@ -27,7 +27,7 @@ from lagompy.console._settings import ConsoleSettings
 from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import check_entity_id
 from lagompy.journal._model import from_us
-from lagompy.readside import Projections
+from lagompy.readside import ParkedEvent, ParkedFilter, Projections
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
@@ -55,6 +55,9 @@ RECENT_COMMANDS = 20
 
 #: How many recent read-side failures the overview lists.
 RECENT_FAILURES = 10
+
+#: How many parked events the Failed page lists at once (the count says how many match).
+PARKED_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -403,6 +406,64 @@ class Backend:
             await self.skip(s.processor, s.tag)
         return f"skipped the failing event of {len(matching)} tag(s)"
 
+    # ------------------------------------------------------------------ parked events
+
+    def parked_sources(self) -> list[Projections]:
+        """One :class:`~lagompy.readside.Projections` per database that may hold parked
+        events (read sides and subscriber groups may share one: it is asked once)."""
+        found: dict[str, Projections] = {}
+        for projections in self.projections():
+            settings = projections.projection.settings
+            found.setdefault(f"{settings.url} {settings.postgres_schema}", projections)
+        return list(found.values())
+
+    async def parked(
+        self, which: ParkedFilter, *, limit: int = PARKED_PAGE, after_id: int = 0
+    ) -> tuple[list[ParkedEvent], int]:
+        """The parked events ``which`` matches (``limit`` after ``after_id``, by id within
+        each database) and how many match in all."""
+        rows: list[ParkedEvent] = []
+        total = 0
+        for projections in self.parked_sources():
+            rows += await projections.parked(which, limit=limit, after_id=after_id)
+            total += await projections.count_parked(which)
+        return rows[:limit], total
+
+    async def parked_facets(self) -> tuple[list[str], list[str]]:
+        """The consumers and error classes that have parked events (the filter's choices)."""
+        consumers: set[str] = set()
+        classes: set[str] = set()
+        for projections in self.parked_sources():
+            c, e = await projections.parked_store.facets()
+            consumers.update(c)
+            classes.update(e)
+        return sorted(consumers), sorted(classes)
+
+    async def _on_parked(self, operation: str, which: ParkedFilter) -> int:
+        sources = self.parked_sources()
+        if not sources:
+            raise ActionError(503, "this service runs no read side nor subscriber group")
+        count = 0
+        for projections in sources:
+            try:
+                count += await getattr(projections, operation)(which)
+            except ConfigurationError:
+                continue  # none of them in this database
+        if not count:
+            raise ActionError(409, f"no parked event matches ({which.describe()})")
+        return count
+
+    async def retry_parked(self, which: ParkedFilter) -> str:
+        """Ask for a retry of the parked events ``which`` matches: each one's worker runs its
+        handler again (out of order) and deletes it in the same transaction."""
+        count = await self._on_parked("retry_parked", which)
+        return f"asked for a retry of {count} parked event(s)"
+
+    async def discard_parked(self, which: ParkedFilter) -> str:
+        """Delete the parked events ``which`` matches."""
+        count = await self._on_parked("discard_parked", which)
+        return f"discarded {count} parked event(s)"
+
     async def rebuild(self, processor: str, actor: str) -> str:
         """Start rebuilding ``processor`` (``Projections.rebuild``) in the background; its
         progress is in :attr:`rebuilds`, its end in the audit log."""
@@ -520,6 +581,7 @@ class Backend:
                 "tags": len(readsides),
                 "failed": sum(1 for s in readsides if s.state == "failed"),
                 "paused": sum(1 for s in readsides if s.state == "paused"),
+                "parked": sum(s.parked for s in readsides),
             },
             "recent_failures": [s.to_dict() for s in failures],
         }

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from lagompy.console._auth import COOKIE, Auth, Caller
 from lagompy.console._backend import (
+    PARKED_PAGE,
     ActionError,
     Backend,
     FailedFilter,
@@ -26,6 +27,7 @@ from lagompy.console._backend import (
 )
 from lagompy.console._settings import ConsoleSettings
 from lagompy.errors import ConfigurationError
+from lagompy.readside import ParkedFilter
 
 __all__ = ["ACTIONS", "Console"]
 
@@ -40,6 +42,8 @@ ACTIONS: dict[str, bool] = {
     "set-offset": True,
     "skip-failed": True,
     "rebuild": True,
+    "retry-parked": False,
+    "discard-parked": True,
 }
 
 #: Up to this many (processor, tag), the Read sides page shows them all with their lag (one
@@ -159,6 +163,12 @@ class Console:
         """The target (for the audit log) and the operation of an action, from its
         parameters; 400 naming the parameter that is wrong."""
         b = self.backend
+        if action in _PARKED:
+            chosen = _parked_filter(params)
+            parked_target = f"parked events ({chosen.describe()})"
+            if action == "retry-parked":
+                return parked_target, lambda: b.retry_parked(chosen)
+            return parked_target, lambda: b.discard_parked(chosen)
         processor = _name(params, "processor", required=action not in _FILTERED)
         tag = _name(params, "tag", required=action == "set-offset")
         if action in _FILTERED:
@@ -326,6 +336,19 @@ class Console:
                 for s in await b.failed(which)
             ]
 
+        @router.get("/api/parked")
+        async def api_parked(
+            processor: str | None = Query(default=None, max_length=255),
+            error: str | None = Query(default=None, max_length=255),
+            entity: str | None = Query(default=None, max_length=255),
+            limit: int = Query(default=PARKED_PAGE, ge=1, le=1000),
+            after: int = Query(default=0, ge=0),
+        ) -> dict[str, Any]:
+            which = ParkedFilter(consumer=processor or None, error_class=error or None,
+                                 entity=entity or None)  # fmt: skip
+            rows, total = await b.parked(which, limit=limit, after_id=after)
+            return {"total": total, "parked": [r.to_dict() for r in rows]}
+
         @router.get("/api/entities/{entity_type}/{entity_id}")
         async def api_entity(
             entity_type: str, entity_id: str, from_seq_nr: int = Query(default=1, ge=1)
@@ -423,20 +446,43 @@ class Console:
             error: str | None = None,
             entity: str | None = None,
             fragment: str | None = None,
+            after: int = Query(default=0, ge=0),
         ) -> Response:
+            for key, value in (("processor", processor), ("error", error), ("entity", entity)):
+                if value is not None and (len(value) > 255 or any(ord(c) < 32 for c in value)):
+                    raise HTTPException(400, f"{key} must be at most 255 printable characters")
             which = FailedFilter(processor or None, error or None, entity or None)
             everything = await b.failed()
             rows = filter_failed(everything, which)
-            template = "_failed_rows.html" if fragment == "rows" else "failed.html"
+            parked_which = ParkedFilter(
+                consumer=processor or None, error_class=error or None, entity=entity or None
+            )
+            parked, parked_total = await b.parked(parked_which, after_id=after)
+            consumers, classes = await b.parked_facets()
+            template = {"rows": "_failed_rows.html", "parked": "_parked_rows.html"}.get(
+                fragment or "", "failed.html"
+            )
+            query = {k: v for k, v in (("processor", processor), ("error", error),
+                                       ("entity", entity)) if v}  # fmt: skip
+            more = None
+            if parked and parked_total > len(parked) and len(parked) == PARKED_PAGE:
+                more = f"{self._base(request)}/failed?" + urlencode(
+                    {**query, "after": parked[-1].id}
+                )
             return self._page(
                 request,
                 template,
                 rows=rows,
+                parked=parked,
+                parked_total=parked_total,
+                parked_more=more,
                 processor=processor or "",
                 error=error or "",
                 entity=entity or "",
-                processors=sorted({s.processor for s in everything}),
-                errors=sorted({error_class(s.failure.error) for s in everything if s.failure}),
+                processors=sorted({s.processor for s in everything} | set(consumers)),
+                errors=sorted(
+                    {error_class(s.failure.error) for s in everything if s.failure} | set(classes)
+                ),
             )
 
         @router.get("/entities", response_class=HTMLResponse)
@@ -501,6 +547,26 @@ class Console:
 
 #: The actions over a filter of failed tags.
 _FILTERED = ("retry-failed", "skip-failed")
+
+#: The actions on parked events: one (``id``) or all matching a filter.
+_PARKED = ("retry-parked", "discard-parked")
+
+
+def _parked_filter(params: dict[str, str]) -> ParkedFilter:
+    """The parked events an action names: ``id`` (one), else the filter (``processor``,
+    ``error``, ``entity``: all matching)."""
+    raw = params.get("id", "").strip()
+    ids = None
+    if raw:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
+            raise ActionError(400, f"id must be a whole number of 1 or more (got {raw[:30]!r})")
+        ids = (int(raw),)
+    return ParkedFilter(
+        consumer=_name(params, "processor", required=False),
+        error_class=_name(params, "error", required=False),
+        entity=_name(params, "entity", required=False),
+        ids=ids,
+    )
 
 
 def _name(params: dict[str, str], key: str, *, required: bool) -> str | None:

@@ -140,6 +140,12 @@ class CommitStrategy(Protocol):
         it again after this returns, until the strategy records it as failed or skipped."""
         ...
 
+    async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
+        """Called about every ``renew_interval`` while the consumer runs (not held): work
+        that waits for the lease holder (the read side: operators' retries of parked
+        events). Fenced like every write."""
+        ...
+
 
 Progress = Callable[[int], None]
 
@@ -552,6 +558,7 @@ class EventConsumer:
     async def _consume(self, lease: Lease, tailer: PageSource) -> None:
         s = self.settings
         next_renew = time.monotonic() + s.renew_interval
+        next_idle = time.monotonic()
         while True:
             if self._stop.is_set():
                 raise ConsumerStopped
@@ -563,6 +570,9 @@ class EventConsumer:
                 next_renew = time.monotonic() + s.renew_interval
                 continue
             self.state = "running"
+            if time.monotonic() >= next_idle:
+                await self.strategy.idle(self, lease)
+                next_idle = time.monotonic() + s.renew_interval
             page = await self._read(tailer, lease)
             try:
                 if page.envelopes or page.last_offset > self.offset:

@@ -25,7 +25,9 @@ The path of an event, module by module:
   the new offset in one transaction, fenced by the lease's epoch (at most one worker per
   (processor, tag), exactly-once effect across crashes); then it waits for new events
   (PostgreSQL's NOTIFY, or a short poll on SQLite) and reads on at once.
-* ``_store.py``: the offsets, leases, pause flags and failures in the projection database.
+* ``_store.py``: the offsets, leases, pause flags and failures in the projection database;
+  ``_parked.py``: the events parked by ``on_failure="park"`` (:class:`ParkedEvent`,
+  :class:`ParkedFilter`), retried or discarded by operators.
 * ``_projections.py``: the workers of this process (:func:`start_readside`), their status
   (:class:`WorkerStatus`) and the operators' actions (:class:`Projections`: pause, resume, skip,
   set an offset, rebuild); ``_settings.py``: :class:`ReadSideSettings`, which all of them read.
@@ -36,8 +38,9 @@ The path of an event, module by module:
   (:func:`readside_router`); ``_cli.py``: ``lagompy projections``.
 
 A handler that raises is retried with backoff; after ``max_attempts`` the worker either stops
-(``on_failure="stop"``: the row is paused with the failure, ``resume`` retries) or skips the event
-(``"skip"``: the offset moves past it without its writes). Every failure is logged with the
+(``on_failure="stop"``: the row is paused with the failure, ``resume`` retries), skips the event
+(``"skip"``: the offset moves past it without its writes) or parks it (``"park"``: the event goes
+to the parked table and the offset past it, in one transaction). Every failure is logged with the
 processor, tag, offset, entity and sequence number and shows in :meth:`Projections.status`.
 
 The read sides build on :mod:`lagompy.journal`; :mod:`lagompy.service` hosts them.
@@ -48,6 +51,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lagompy.readside._parked import ParkedEvent, ParkedFilter
 from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
 from lagompy.readside._projections import (
     Failure,
@@ -75,6 +79,8 @@ _ON_FIRST_USE = {
 
 __all__ = [
     "Failure",
+    "ParkedEvent",
+    "ParkedFilter",
     "Projections",
     "RayReadSide",
     "ReadSide",

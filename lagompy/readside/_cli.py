@@ -10,6 +10,9 @@ the journal's database) and, for lag and rebuilds, on the journal (``--journal-u
     lagompy projections skip PROCESSOR [--tag TAG]
     lagompy projections set-offset PROCESSOR TAG OFFSET [--force]
     lagompy projections rebuild package.module:ProcessorClass [--yes]
+    lagompy projections parked [PROCESSOR] [--tag T] [--error CLASS] [--entity TYPE[/ID]] [--json]
+    lagompy projections retry PROCESSOR [--id N ...] [--tag T] [--error CLASS] [--entity E]
+    lagompy projections discard PROCESSOR [--id N ...] [--tag T] [--error CLASS] [--entity E]
 
 A SQLite database named by ``--url`` or ``--journal-url`` (or their defaults) that does not
 exist is refused (one ``error:`` line), never created.
@@ -30,9 +33,10 @@ import typer
 from lagompy.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from lagompy.readside._parked import ParkedEvent, ParkedFilter
     from lagompy.readside._projections import Projections, WorkerStatus
 
-__all__ = ["format_status", "register_cli"]
+__all__ = ["format_parked", "format_status", "parked_filter", "register_cli"]
 
 T = TypeVar("T")
 
@@ -121,7 +125,18 @@ def format_status(statuses: list[WorkerStatus]) -> str:
     """The status as an aligned text table, one line per (processor, tag), failures below.
     STATE is ``failed`` (stopped by an event it could not get past), ``paused`` (by an
     operator; ``failed,paused`` when both), ``stalled``, ``stopped``, ``running``..."""
-    header = ("PROCESSOR", "TAG", "STATE", "OFFSET", "LAG", "LAG S", "EVENTS/S", "SKIPPED", "OWNER")
+    header = (
+        "PROCESSOR",
+        "TAG",
+        "STATE",
+        "OFFSET",
+        "LAG",
+        "LAG S",
+        "EVENTS/S",
+        "SKIPPED",
+        "PARKED",
+        "OWNER",
+    )
     rows = [
         (
             s.processor,
@@ -132,6 +147,7 @@ def format_status(statuses: list[WorkerStatus]) -> str:
             "-" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
             f"{s.events_per_s:.1f}",
             str(s.skipped),
+            str(s.parked),
             s.owner or "-",
         )
         for s in statuses
@@ -313,8 +329,167 @@ def rebuild(
     typer.echo(f"rebuilt {cls.name} from {n} events")
 
 
+# --------------------------------------------------------------------------- parked events
+
+ErrorOption = Annotated[
+    str | None,
+    typer.Option("--error", help="Only this error class (e.g. ValueError).", show_default=False),
+]
+EntityOption = Annotated[
+    str | None,
+    typer.Option("--entity", help="Only this entity type, or TYPE/ID.", show_default=False),
+]
+IdsOption = Annotated[
+    list[int] | None,
+    typer.Option("--id", help="Only this parked event (repeat for several).", show_default=False),
+]
+LimitOption = Annotated[
+    int, typer.Option("--limit", help="Show at most this many.", min=1, max=1000)
+]
+
+
+def parked_filter(
+    consumer: str | None,
+    tag: str | None,
+    error: str | None,
+    entity: str | None,
+    ids: list[int] | None = None,
+    *,
+    kind: str | None = None,
+) -> ParkedFilter:
+    from lagompy.readside._parked import ParkedFilter
+
+    return ParkedFilter(
+        consumer=consumer,
+        tag=tag,
+        error_class=error,
+        entity=entity,
+        ids=tuple(ids) if ids else None,
+        kind=kind,
+    )
+
+
+def format_parked(rows: list[ParkedEvent], total: int) -> str:
+    """Parked events as an aligned text table, the error of each below it."""
+    header = ("ID", "PROCESSOR", "TAG", "OFFSET", "ENTITY", "SEQ", "ERROR CLASS", "TRIES", "PARKED")
+    lines_ = [
+        (
+            str(r.id),
+            r.consumer,
+            r.tag,
+            str(r.offset),
+            f"{r.entity_type}/{r.entity_id}",
+            "-" if r.seq_nr is None else str(r.seq_nr),
+            r.error_class,
+            f"{r.attempts}+{r.retries}" + (" retry asked" if r.retry_requested else ""),
+            r.parked_at.isoformat(timespec="seconds"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(r[i]) for r in [header, *lines_]) for i in range(len(header))]
+    out = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *lines_]
+    ]
+    out += [f"{r.id}: {r.error}" for r in rows]
+    if total > len(rows):
+        out.append(f"({len(rows)} of {total} shown: narrow the filter, or raise --limit)")
+    return "\n".join(out)
+
+
+def parked(
+    processor: Annotated[
+        str | None, typer.Argument(help="Only this processor.", show_default=False)
+    ] = None,
+    tag: TagOption = None,
+    error: ErrorOption = None,
+    entity: EntityOption = None,
+    limit: LimitOption = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """List the events read sides parked (on_failure park): the oldest first."""
+    which = parked_filter(processor, tag, error, entity, kind="read-side")
+    show_parked(which, limit, as_json, (url, schema, journal_url, journal_schema))
+
+
+def show_parked(
+    which: ParkedFilter,
+    limit: int,
+    as_json: bool,
+    urls: tuple[str | None, str | None, str | None, str | None],
+) -> None:
+    async def action(p: Projections) -> tuple[list[ParkedEvent], int]:
+        return await p.parked(which, limit=limit), await p.count_parked(which)
+
+    rows, total = _run(*urls, action, with_journal=False)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+    elif not rows:
+        typer.echo("no parked events")
+    else:
+        typer.echo(format_parked(rows, total))
+
+
+def operate_parked(
+    operation: str,
+    which: ParkedFilter,
+    urls: tuple[str | None, str | None, str | None, str | None],
+) -> int:
+    """Run ``Projections.<operation>`` (``retry_parked`` or ``discard_parked``) on ``which``."""
+
+    async def action(p: Projections) -> int:
+        n: int = await getattr(p, operation)(which)
+        return n
+
+    return _run(*urls, action, with_journal=False)
+
+
+def retry(
+    processor: Annotated[str, typer.Argument(help="The processor's name.")],
+    ids: IdsOption = None,
+    tag: TagOption = None,
+    error: ErrorOption = None,
+    entity: EntityOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Retry a processor's parked events (all, or those --id / the filters name): its running
+    worker handles each again within renew_interval, out of order, and deletes it once
+    handled; one that fails again stays parked with the new error."""
+    which = parked_filter(processor, tag, error, entity, ids, kind="read-side")
+    n = operate_parked("retry_parked", which, (url, schema, journal_url, journal_schema))
+    typer.echo(f"asked for a retry of {n} parked event{'s' if n != 1 else ''} of {processor}")
+
+
+def discard(
+    processor: Annotated[str, typer.Argument(help="The processor's name.")],
+    ids: IdsOption = None,
+    tag: TagOption = None,
+    error: ErrorOption = None,
+    entity: EntityOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Delete a processor's parked events (all, or those --id / the filters name) for good."""
+    which = parked_filter(processor, tag, error, entity, ids, kind="read-side")
+    if not yes:
+        typer.confirm(f"Discard the parked events of {processor} ({which.describe()})?", abort=True)
+    n = operate_parked("discard_parked", which, (url, schema, journal_url, journal_schema))
+    typer.echo(f"discarded {n} parked event{'s' if n != 1 else ''} of {processor}")
+
+
 _HELP = (
-    "Inspect and operate read-side processors: status, pause, resume, rebuild, set-offset.\n\n"
+    "Inspect and operate read-side processors: status, pause, resume, rebuild, set-offset, "
+    "parked events (parked, retry, discard).\n\n"
     "Offsets, leases and pause flags live in the projection database (--url, default "
     "LAGOMPY_READSIDE_URL, else the journal's); the lag is measured against the journal "
     "(--journal-url, default LAGOMPY_JOURNAL_URL)."
@@ -332,4 +507,7 @@ def register_cli(app: typer.Typer) -> None:
     sub.command("skip")(skip)
     sub.command("rebuild")(rebuild)
     sub.command("set-offset")(set_offset)
+    sub.command("parked")(parked)
+    sub.command("retry")(retry)
+    sub.command("discard")(discard)
     app.add_typer(sub, name="projections")

@@ -61,6 +61,11 @@ LAG_METRICS: dict[str, tuple[str, str]] = {
         "offset",
         "The journal offset up to which the read-side processor has handled the tag.",
     ),
+    "lagompy_readside_parked": (
+        "parked",
+        "Events of the tag the read-side processor parked (on_failure park) and that are not "
+        "retried or discarded yet.",
+    ),
 }
 #: (name, help) of the flags and the state, per (processor, tag).
 PAUSED_METRIC = (

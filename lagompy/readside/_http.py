@@ -7,7 +7,10 @@
 
 Each entry is :meth:`WorkerStatus.to_dict <lagompy.readside.WorkerStatus.to_dict>`: processor,
 tag, state (``failed`` and ``paused`` apart), offset, head offset, lag in events and seconds,
-paused, owner, epoch, events/s, skipped events and the failure line.
+paused, owner, epoch, events/s, skipped events, parked events and the failure line.
+``GET {prefix}/{processor}/parked`` lists the processor's parked events (read only: retrying
+and discarding them are operators' actions, authorised and audited by the console's action
+route, or the ``lagompy projections retry|discard`` commands).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 
 from lagompy.errors import ConfigurationError
+from lagompy.readside._parked import MAX_LIST, ParkedFilter
 from lagompy.readside._projections import Projections
 
 __all__ = ["readside_router"]
@@ -29,8 +33,10 @@ def readside_router(
     prefix: str = "/readside",
     tags: list[str] | None = None,
 ) -> APIRouter:
-    """Routes ``GET {prefix}`` (every processor and tag) and ``GET {prefix}/{processor}`` (one
-    processor; 404 if unknown, naming the processor and nothing of the database).
+    """Routes ``GET {prefix}`` (every processor and tag), ``GET {prefix}/{processor}`` (one
+    processor; 404 if unknown, naming the processor and nothing of the database) and ``GET
+    {prefix}/{processor}/parked?tag=&error=&entity=&limit=100&after=0`` (its parked events,
+    oldest first, and how many match: ``{"total", "parked"}``).
     ``projections`` may be a callable, called per request (for a
     :class:`~lagompy.readside.Projections` opened in the service's lifespan)."""
     router = APIRouter(prefix=prefix, tags=list(tags or ["read side"]))
@@ -48,5 +54,28 @@ def readside_router(
             return [s.to_dict() for s in await current().status(processor)]
         except ConfigurationError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
+
+    @router.get("/{processor}/parked", summary="Parked events of one read-side processor")
+    async def parked(
+        processor: str,
+        tag: str | None = Query(default=None, max_length=255),
+        error: str | None = Query(default=None, max_length=255),
+        entity: str | None = Query(default=None, max_length=255),
+        limit: int = Query(default=100, ge=1, le=MAX_LIST),
+        after: int = Query(default=0, ge=0),
+    ) -> dict[str, Any]:
+        projections = current()
+        try:
+            await projections.status(processor)  # 404 for an unknown processor
+        except ConfigurationError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        which = ParkedFilter(
+            consumer=processor, tag=tag or None, error_class=error or None, entity=entity or None
+        )
+        rows = await projections.parked(which, limit=limit, after_id=after)
+        return {
+            "total": await projections.count_parked(which),
+            "parked": [r.to_dict() for r in rows],
+        }
 
     return router

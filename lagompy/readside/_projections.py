@@ -1,6 +1,6 @@
 """Read sides as a whole: their status (:class:`WorkerStatus`), the operations on them
-(:class:`Projections`: pause, resume, skip, set an offset, rebuild) and the workers of a process
-(:class:`ReadSide`, from :func:`start_readside`)."""
+(:class:`Projections`: pause, resume, skip, set an offset, rebuild, parked events) and the
+workers of a process (:class:`ReadSide`, from :func:`start_readside`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import ConsumerStopped, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
+from lagompy.readside._parked import ParkedEvent, ParkedFilter, ParkedStore
 from lagompy.readside._processor import (
     ProcessorArg,
     SqlReadSideProcessor,
@@ -108,6 +109,8 @@ class WorkerStatus:
     events_per_s: float
     skipped: int
     failure: Failure | None
+    #: Events parked (``on_failure="park"``) and not retried or discarded yet.
+    parked: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -175,6 +178,7 @@ class Projections(AsyncClosing):
         self.journal = journal
         self.settings = settings or _settings(None, {})
         self.store = OffsetStore(projection)
+        self.parked_store = ParkedStore(projection)
         self._owns = list(owns)
 
     async def close(self) -> None:
@@ -191,6 +195,7 @@ class Projections(AsyncClosing):
                 f"no read-side processor {processor!r}: it has no offsets in the projection "
                 "database (a processor's rows appear when it first starts)"
             )
+        parked = await self.parked_store.counts(processor)
         out = []
         for row in rows:
             head = lag = None
@@ -224,6 +229,7 @@ class Projections(AsyncClosing):
                     events_per_s=row.events_per_s if state == "running" else 0.0,
                     skipped=row.skipped,
                     failure=failure,
+                    parked=parked.get((row.processor, row.tag), 0),
                 )
             )
         return out
@@ -303,6 +309,44 @@ class Projections(AsyncClosing):
             offset,
             f"; the lease of {before.owner!r} (epoch {before.epoch}) ends" if before.leased else "",
         )
+
+    async def parked(
+        self, which: ParkedFilter | None = None, *, limit: int = 100, after_id: int = 0
+    ) -> list[ParkedEvent]:
+        """The parked events (and subscribers' messages) ``which`` matches, in parking order:
+        ``limit`` of them after id ``after_id`` (the last id of the previous page)."""
+        return await self.parked_store.find(which or ParkedFilter(), limit=limit, after_id=after_id)
+
+    async def count_parked(self, which: ParkedFilter | None = None) -> int:
+        """How many parked events ``which`` matches."""
+        return await self.parked_store.count(which or ParkedFilter())
+
+    async def retry_parked(self, which: ParkedFilter) -> int:
+        """Ask for a retry of the parked events ``which`` matches; returns how many. The
+        worker holding each one's (processor, tag) lease runs its handler again within
+        ``renew_interval`` (once it runs: not while paused or failed), deleting the row in
+        the same transaction (exactly once); a retry that fails again keeps the row with the
+        new error. A retried event runs out of order: after the later events of its entity.
+        ``ConfigurationError`` when none matches."""
+        count = await self.parked_store.request_retry(which)
+        if not count:
+            raise ConfigurationError(f"no parked event matches ({which.describe()})")
+        log.warning(
+            "%r asked for a retry of %d parked event(s) (%s)",
+            _operator(""),
+            count,
+            which.describe(),
+        )
+        return count
+
+    async def discard_parked(self, which: ParkedFilter) -> int:
+        """Delete the parked events ``which`` matches, for good; returns how many
+        (``ConfigurationError`` when none matches)."""
+        count = await self.parked_store.discard(which)
+        if not count:
+            raise ConfigurationError(f"no parked event matches ({which.describe()})")
+        log.warning("%r discarded %d parked event(s) (%s)", _operator(""), count, which.describe())
+        return count
 
     async def rebuild(
         self,

@@ -98,13 +98,15 @@ class ReadSideSettings(LagompySettings):
         default=0.1, ge=0, description="Seconds before the second try; doubled for each next one."
     )
     retry_max_delay: float = Field(default=5.0, ge=0, description="Cap of the delay between tries.")
-    on_failure: Literal["stop", "skip"] = Field(
+    on_failure: Literal["stop", "skip", "park"] = Field(
         default="stop",
         description=(
             "After max_attempts at one event (its handler keeps failing, or it cannot be "
             "decoded): 'stop' marks the worker failed, with the failure in its status, until "
             "an operator resumes (the event is retried) or skips it; 'skip' moves the offset "
-            "past the event without its writes (counted as skipped in the status)."
+            "past the event without its writes (counted as skipped in the status); 'park' "
+            "writes the event to the parked table (lagompy_parked) and moves the offset past "
+            "it in one transaction, for an operator to retry (out of order) or discard."
         ),
     )
     prepare_timeout: float = Field(

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, literal, or_, select, update
+from sqlalchemy import and_, case, delete, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -267,6 +267,13 @@ class OffsetStore:
             values["skipped"] = _T.c.skipped + skipped
         return await self._fenced(conn, lease, values)
 
+    async def fence(self, conn: AsyncConnection, lease: Lease, ttl: float) -> Flags:
+        """Inside a transaction: extend the lease, only where the epoch is still the lease's
+        (``LeaseLost`` otherwise: the transaction rolls back); returns the row's flags."""
+        now = now_us()
+        values: dict[str, Any] = {"lease_expires_us": now + int(ttl * 1_000_000), "updated_us": now}
+        return await self._fenced(conn, lease, values)
+
     async def renew(
         self, lease: Lease, ttl: float, *, state: str, events_per_s: float | None = None
     ) -> Flags:
@@ -370,8 +377,10 @@ class OffsetStore:
         """Store ``offset`` for (processor, tag) and end the current lease (epoch + 1, owner
         ``owner``, expired): the worker that held it cannot commit any more; the next holder
         resumes after ``offset``. A ``failed`` state is cleared (the worker retries from
-        there), the failure line too when ``offset`` is at or past it. Returns the row as it
-        was."""
+        there), the failure line too when ``offset`` is at or past it. Parked events after
+        ``offset`` are deleted in the same transaction: the worker handles them again (and
+        parks those that fail again), so a later retry cannot apply one twice. Returns the row
+        as it was."""
         check_offset(offset)
         _check_name("lease owner", owner)
         where = (_T.c.processor == processor, _T.c.tag == tag, _T.c.tag != GLOBAL_TAG)
@@ -392,6 +401,7 @@ class OffsetStore:
             if before.error_offset is not None and offset >= before.error_offset:
                 values.update(_NO_FAILURE)
             await conn.execute(update(_T).where(*where).values(**values))
+            await conn.execute(_parked_after(processor, tag, offset))
         return before
 
     async def skip(self, processor: str, tag: str | None, *, owner: str) -> list[OffsetRow]:
@@ -436,8 +446,10 @@ class OffsetStore:
         return failed
 
     async def reset_offsets(self, conn: AsyncConnection, leases: list[Lease]) -> None:
-        """Inside a transaction: set every lease's offset to 0 (fenced), clear the failures."""
+        """Inside a transaction: set every lease's offset to 0 (fenced), clear the failures
+        and the parked events (the replay handles them again)."""
         for lease in leases:
+            await conn.execute(_parked_after(lease.processor, lease.tag, 0))
             await self._fenced(
                 conn,
                 lease,
@@ -449,6 +461,12 @@ class OffsetStore:
                     "updated_us": now_us(),
                 },
             )
+
+
+def _parked_after(processor: str, tag: str, offset: int) -> Any:
+    """Deletes the parked events of (processor, tag) after ``offset``."""
+    p = schema.parked
+    return delete(p).where(p.c.consumer == processor, p.c.tag == tag, p.c.event_offset > offset)
 
 
 def _keep_failed(state: str) -> Any:

@@ -12,7 +12,9 @@ journal's NOTIFY through :class:`lagompy.journal.JournalNotifier`; SQLite: a sho
 
 A handler that raises is retried with backoff; after ``max_attempts`` the worker either stops
 (``on_failure="stop"``: the row is paused with the failure, ``resume`` retries) or skips the
-event (``"skip"``: the offset moves past it without its writes). Every failure is logged with
+event (``"skip"``: the offset moves past it without its writes) or parks it (``"park"``: the
+event goes to ``lagompy_parked`` and the offset past it, in one fenced transaction; see
+:mod:`lagompy.readside._parked`). Every failure is logged with
 the processor, tag, offset, entity and sequence number and shows in the status.
 :func:`run_global_prepare` runs a processor's ``global_prepare`` under its own lease."""
 
@@ -26,13 +28,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError
 
 from lagompy.consumer._core import ConsumerStopped as _Stopped
 from lagompy.consumer._core import EventConsumer, Progress
 from lagompy.errors import (
+    ConfigurationError,
     EventDecodeError,
     JournalError,
     JournalUnavailable,
@@ -44,6 +47,7 @@ from lagompy.errors import (
 )
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage
 from lagompy.readside._batching import Learnt, deferring
+from lagompy.readside._parked import ConsumerKind, ParkedEvent, ParkedStore
 from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
 from lagompy.readside._settings import ReadSideSettings, _settings
 from lagompy.readside._store import (
@@ -59,10 +63,13 @@ from lagompy.sql._database import Database
 log = logging.getLogger("lagompy.readside")
 
 __all__ = [
+    "JournalEvents",
+    "ParkedSource",
     "ProjectionCommit",
     "ReadSideWorker",
     "default_owner",
     "describe_error",
+    "error_class_of",
     "run_global_prepare",
 ]
 
@@ -100,6 +107,75 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def error_class_of(error: BaseException) -> str:
+    """The class of an error as :func:`describe_error` names it: the hook's own exception's
+    class, or ``database error <driver class>``."""
+    if isinstance(error, _HookFailed):
+        error = error.error
+    cause: BaseException = error
+    if isinstance(error, JournalError) and error.__cause__ is not None:
+        cause = error.__cause__
+    if isinstance(cause, DBAPIError) and cause.orig is not None:
+        orig: BaseException = cause.orig
+        driver = orig.__cause__ if orig.__cause__ is not None else orig
+        return f"database error {type(driver).__name__}"
+    if isinstance(error, EventDecodeError) and isinstance(error.__cause__, LagompyError):
+        return type(error.__cause__).__name__
+    return type(error).__name__
+
+
+class ParkedSource(Protocol):
+    """What a consumer's parked rows hold of an event, and how a retry gets the event back:
+    a read side re-reads it from the journal (:class:`JournalEvents`); a topic subscriber
+    keeps the message itself (``lagompy.topic``: HTTP and NATS messages are not in this
+    database's journal)."""
+
+    #: ``read-side`` or ``subscriber``.
+    kind: ConsumerKind
+
+    def event_type(self, envelope: EventEnvelope[Any]) -> str | None:
+        """The stored type name of the envelope's event (or message)."""
+        ...
+
+    def message_of(self, envelope: EventEnvelope[Any]) -> str | None:
+        """What to keep to retry the event later (None: nothing, it is re-read)."""
+        ...
+
+    async def envelope_of(self, row: ParkedEvent) -> EventEnvelope[Any]:
+        """The parked event again, for a retry (raises when it cannot be had)."""
+        ...
+
+
+class JournalEvents:
+    """A read side's :class:`ParkedSource`: a parked event is re-read from the journal by its
+    offset."""
+
+    kind: ConsumerKind = "read-side"
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def event_type(self, envelope: EventEnvelope[Any]) -> str | None:
+        try:
+            return self.journal.serializer.type_name_of(type(envelope.event))
+        except LagompyError:
+            return type(envelope.event).__qualname__
+
+    def message_of(self, envelope: EventEnvelope[Any]) -> str | None:
+        return None
+
+    async def envelope_of(self, row: ParkedEvent) -> EventEnvelope[Any]:
+        page = await self.journal.read_tag(row.tag, after_offset=row.offset - 1, limit=1)
+        if page.error is not None:
+            raise page.error
+        if not page.envelopes or page.envelopes[0].offset != row.offset:
+            raise ConfigurationError(
+                f"the event at offset {row.offset} of tag {row.tag!r} is no longer in the "
+                "journal (deleted): discard its parked row"
+            )
+        return page.envelopes[0]
+
+
 def _wanted_type_names(
     processor: ReadSideProcessor, serializer: Serializer
 ) -> frozenset[str] | None:
@@ -125,7 +201,9 @@ class ProjectionCommit:
     batch the rest of the page goes one event per transaction, so that the failing event is
     found and the ones before it commit. A failing event is retried ``max_attempts`` times,
     then ``on_failure`` applies: ``stop`` (the row is ``failed`` until resumed, skipped or
-    set) or ``skip`` (the offset moves past it, counted as skipped)."""
+    set), ``skip`` (the offset moves past it, counted as skipped) or ``park`` (the event goes
+    to the parked table and the offset past it, in one transaction). :meth:`idle` runs the
+    retries operators asked for of parked events."""
 
     def __init__(
         self,
@@ -133,11 +211,20 @@ class ProjectionCommit:
         projection: Database,
         store: OffsetStore,
         settings: ReadSideSettings,
+        source: ParkedSource | None = None,
     ) -> None:
+        if source is None and settings.on_failure == "park":
+            raise ConfigurationError(
+                f"{processor.name!r}: on_failure='park' is for read-side processors and topic "
+                "subscribers (whose events a retry can run again); choose 'stop' or 'skip'"
+            )
         self.processor = processor
         self.projection = projection
         self.store = store
         self.settings = settings
+        #: What parked rows keep of an event and how a retry gets it (None: no parking).
+        self.source = source
+        self.parked = ParkedStore(projection)
         self._batch_mode = type(processor).batch_mode()
         #: Handlers of several events get a deferring connection (until one defeats it).
         self._defer = True
@@ -234,7 +321,7 @@ class ProjectionCommit:
             await consumer.sleep(consumer.backoff(attempt))
             return
         self._undecodable_at = None
-        await self._give_up(consumer, lease, failure, error)
+        await self._give_up(consumer, lease, failure, error, None)
 
     # ------------------------------------------------------------------ transactions
 
@@ -354,7 +441,7 @@ class ProjectionCommit:
                     await self._record(consumer, lease, failure, "retrying")
                     await consumer.sleep(consumer.backoff(attempt))
                     continue
-                return await self._give_up(consumer, lease, failure, e)
+                return await self._give_up(consumer, lease, failure, e, envelope)
 
     # ------------------------------------------------------------------ failures
 
@@ -364,14 +451,37 @@ class ProjectionCommit:
         lease: Lease,
         failure: _EventFailure,
         cause: BaseException,
+        envelope: EventEnvelope[Any] | None,
     ) -> Flags:
-        """``max_attempts`` ran out for the event of ``failure``: skip it or stop (raises
-        ``failure``)."""
+        """``max_attempts`` ran out for the event of ``failure`` (``envelope``: None when it
+        cannot be decoded): skip it, park it or stop (raises ``failure``)."""
         assert failure.offset is not None
         event = (
             f"the event at offset {failure.offset} ({failure.entity_type}/{failure.entity_id} "
             f"sequence number {failure.seq_nr})"
         )
+        if self.settings.on_failure == "park":
+            await self.park(consumer, lease, failure, cause, envelope)
+            flags = await self._record(
+                consumer,
+                lease,
+                failure,
+                "running",
+                prefix=f"parked after {failure.attempts} attempts: ",
+            )
+            command = (
+                f"lagompy projections parked {consumer.name}"
+                if self._source().kind == "read-side"
+                else "lagompy topics parked " + " ".join(consumer.name.split(":", 2)[1:])
+            )
+            log.error(
+                "%s: parked %s after %d attempts (`%s` lists it)",
+                consumer.where(),
+                event,
+                failure.attempts,
+                command,
+            )
+            return flags
         if self.settings.on_failure == "skip":
             await self._commit_offset(consumer, lease, failure.offset, skipped=1)
             flags = await self._record(
@@ -396,6 +506,109 @@ class ProjectionCommit:
             consumer.tag,
         )
         raise failure from cause
+
+    async def park(
+        self,
+        consumer: EventConsumer,
+        lease: Lease,
+        failure: _EventFailure,
+        cause: BaseException,
+        envelope: EventEnvelope[Any] | None,
+    ) -> Flags:
+        """Write the event of ``failure`` to the parked table and move the offset past it, in
+        one transaction fenced by ``lease`` (a lease another took: ``LeaseLost``, neither)."""
+        offset = failure.offset
+        assert offset is not None
+        event_type = None
+        if envelope is not None:
+            event_type = self._source().event_type(envelope)
+        elif isinstance(cause, EventDecodeError):
+            event_type = cause.type_name
+        clear = consumer.passes_failure(offset)
+        async with self.projection.write() as conn:
+            await self.parked.park(
+                conn,
+                kind=self._source().kind,
+                consumer=consumer.name,
+                tag=consumer.tag,
+                offset=offset,
+                entity_type=failure.entity_type,
+                entity_id=failure.entity_id,
+                seq_nr=failure.seq_nr,
+                event_type=event_type,
+                error_class=error_class_of(cause),
+                error=describe_error(cause) if envelope is not None else str(cause),
+                attempts=failure.attempts or 0,
+                message=None if envelope is None else self._source().message_of(envelope),
+            )
+            flags = await self.store.commit(
+                conn, lease, offset, self.settings.lease_ttl, clear_failure=clear
+            )
+        consumer.moved(offset, clear, flags)
+        return flags
+
+    def _source(self) -> ParkedSource:
+        if self.source is None:
+            raise ConfigurationError(f"{self.processor.name!r} does not park events")
+        return self.source
+
+    # ------------------------------------------------------------------ parked retries
+
+    async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
+        """Run the retries operators asked for of this (consumer, tag)'s parked events."""
+        if self.source is None:
+            return
+        for row in await self.parked.due(consumer.name, consumer.tag):
+            await self.retry(consumer, lease, row)
+
+    async def retry(self, consumer: EventConsumer, lease: Lease, row: ParkedEvent) -> bool:
+        """Run the handler on ``row``'s event again, delete the row and extend the lease
+        (fenced) in one transaction: exactly once. A retry that fails keeps the row with the
+        new error. True when it was applied."""
+        try:
+            envelope = await self._source().envelope_of(row)
+            async with self.projection.write() as conn:
+                if not await self.parked.take(conn, row):
+                    return False  # discarded meanwhile
+                try:
+                    if self.processor.wants(envelope):
+                        if self._batch_mode:
+                            await self.processor.handle_batch(conn, [envelope])
+                        else:
+                            await self.processor.handle(conn, envelope)
+                except Exception as e:
+                    raise _HookFailed(e) from e
+                flags = await self.store.fence(conn, lease, self.settings.lease_ttl)
+        except (LeaseLost, _Stopped, JournalUnavailable):
+            raise
+        except Exception as e:
+            consumer.failures += 1
+            text = describe_error(e)
+            await self.parked.retry_failed(row, error_class=error_class_of(e), error=text)
+            log.error(
+                "%s: the retry of the parked event at offset %d (%s/%s sequence number %s) "
+                "failed: %s",
+                consumer.where(),
+                row.offset,
+                row.entity_type,
+                row.entity_id,
+                row.seq_nr,
+                text,
+            )
+            return False
+        consumer.set_flags(flags)
+        consumer.events_handled += 1
+        consumer.transactions += 1
+        log.warning(
+            "%s: retried the parked event at offset %d (%s/%s sequence number %s), out of "
+            "order: after the events the consumer handled since",
+            consumer.where(),
+            row.offset,
+            row.entity_type,
+            row.entity_id,
+            row.seq_nr,
+        )
+        return True
 
     def _failure(
         self,
@@ -480,7 +693,9 @@ class ReadSideWorker(EventConsumer):
             tag,
             journal=journal,
             store=store,
-            strategy=ProjectionCommit(processor, projection, store, settings),
+            strategy=ProjectionCommit(
+                processor, projection, store, settings, JournalEvents(journal)
+            ),
             settings=settings,
             owner=owner or default_owner(),
             event_types=_wanted_type_names(processor, journal.serializer),

@@ -48,6 +48,19 @@
 ``lagompy_workflow_types``
     One row per workflow name: its concurrency limit (``max_running``, from the code) and the
     operator's ``paused`` flag; admissions of the type lock it.
+``lagompy_parked``
+    In the *projection* (or subscriber's) database: one row per event (read side) or message
+    (topic subscriber) that a consumer with ``on_failure="park"`` gave up on after
+    ``max_attempts``, written in the same fenced transaction that moves the consumer's offset
+    past it. ``consumer_kind`` (``read-side`` or ``subscriber``), ``consumer`` (the processor's
+    name, or ``topic:<topic>:<group>``), ``tag`` (the tag or partition tag) and
+    ``event_offset`` name it (unique together); ``entity_type``, ``entity_id``, ``seq_nr`` and
+    ``event_type`` say what it was; ``error_class``, ``error`` (as failures show them: no SQL
+    text, no parameters) and ``attempts`` why. ``message`` is a subscriber's message as its
+    JSON form (HTTP and NATS messages are not in this database's journal; a read side re-reads
+    its event from the journal by offset). ``retry_requested_us`` is set by an operator's
+    retry: the consumer's worker runs the handler again and deletes the row in one
+    transaction; ``retries`` counts the retries that failed again.
 """
 
 from __future__ import annotations
@@ -258,3 +271,27 @@ workflow_types = Table(
     Column("updated_us", BigInteger, nullable=False),
     PrimaryKeyConstraint("workflow", name="pk_lagompy_workflow_types"),
 )
+parked = Table(
+    "lagompy_parked",
+    metadata,
+    Column("id", _OffsetType, primary_key=True, autoincrement=True),
+    Column("consumer_kind", String(32), nullable=False),
+    Column("consumer", String(255), nullable=False),
+    Column("tag", String(255), nullable=False),
+    Column("event_offset", BigInteger, nullable=False),
+    Column("entity_type", String(255), nullable=True),
+    Column("entity_id", String(255), nullable=True),
+    Column("seq_nr", BigInteger, nullable=True),
+    Column("event_type", String(255), nullable=True),
+    Column("error_class", String(255), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("parked_at_us", BigInteger, nullable=False),
+    Column("message", Text, nullable=True),
+    Column("retry_requested_us", BigInteger, nullable=True),
+    Column("retries", Integer, nullable=False),
+    UniqueConstraint("consumer", "tag", "event_offset", name="uq_lagompy_parked_position"),
+    sqlite_autoincrement=True,
+)
+Index("ix_lagompy_parked_error_class", parked.c.error_class)
+Index("ix_lagompy_parked_entity", parked.c.entity_type, parked.c.entity_id)

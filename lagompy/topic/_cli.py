@@ -10,6 +10,9 @@ producing service's journal database, ``topic-producer:<topic>``), so the option
     lagompy topics resume TOPIC [GROUP] [--tag TAG]
     lagompy topics skip TOPIC GROUP [--tag TAG]
     lagompy topics reset TOPIC GROUP (--to-offset N | --to-time ISO) [--tag TAG]
+    lagompy topics parked [TOPIC GROUP] [--tag TAG] [--error CLASS] [--entity TYPE[/ID]] [--json]
+    lagompy topics retry TOPIC GROUP [--id N ...] [--tag TAG] [--error CLASS] [--entity E]
+    lagompy topics discard TOPIC GROUP [--id N ...] [--tag TAG] [--error CLASS] [--entity E]
 
 ``reset --to-time`` finds each partition's offset in the producing service's journal
 (``--journal-url``): the group then handles the messages written at or after that time.
@@ -25,13 +28,20 @@ import typer
 
 from lagompy.errors import ConfigurationError
 from lagompy.readside._cli import (
+    EntityOption,
+    ErrorOption,
+    IdsOption,
     JournalSchemaOption,
     JournalUrlOption,
+    LimitOption,
     SchemaOption,
     TagOption,
     UrlOption,
     _run,
     format_status,
+    operate_parked,
+    parked_filter,
+    show_parked,
 )
 
 if TYPE_CHECKING:
@@ -204,9 +214,84 @@ def reset(
         typer.echo(f"{_what(topic, group)}, partition {t}: resumes after offset {offset}")
 
 
+def parked(
+    topic: Annotated[
+        str | None, typer.Argument(help="Only this topic.", show_default=False)
+    ] = None,
+    group: Annotated[
+        str | None, typer.Argument(help="Only this group.", show_default=False)
+    ] = None,
+    tag: TagOption = None,
+    error: ErrorOption = None,
+    entity: EntityOption = None,
+    limit: LimitOption = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """List the messages subscriber groups parked (on_failure park): the oldest first."""
+    if (topic is None) != (group is None):
+        raise ConfigurationError("name both the topic and the group, or neither (every group)")
+    which = parked_filter(
+        None if group is None or topic is None else _name(topic, group),
+        tag,
+        error,
+        entity,
+        kind="subscriber",
+    )
+    urls = (url, schema, journal_url, journal_schema)
+    show_parked(which, limit, as_json, urls)
+
+
+def retry(
+    topic: TopicArg,
+    group: Annotated[str, typer.Argument(help="The group.")],
+    ids: IdsOption = None,
+    tag: TagOption = None,
+    error: ErrorOption = None,
+    entity: EntityOption = None,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Retry a group's parked messages (all, or those --id / the filters name): the worker of
+    each partition handles the stored message again, out of order, and deletes it once
+    handled; one that fails again stays parked with the new error."""
+    which = parked_filter(_name(topic, group), tag, error, entity, ids, kind="subscriber")
+    n = operate_parked("retry_parked", which, (url, schema, journal_url, journal_schema))
+    typer.echo(
+        f"asked for a retry of {n} parked message{'s' if n != 1 else ''} of {_what(topic, group)}"
+    )
+
+
+def discard(
+    topic: TopicArg,
+    group: Annotated[str, typer.Argument(help="The group.")],
+    ids: IdsOption = None,
+    tag: TagOption = None,
+    error: ErrorOption = None,
+    entity: EntityOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    journal_url: JournalUrlOption = None,
+    journal_schema: JournalSchemaOption = None,
+) -> None:
+    """Delete a group's parked messages (all, or those --id / the filters name) for good."""
+    which = parked_filter(_name(topic, group), tag, error, entity, ids, kind="subscriber")
+    if not yes:
+        typer.confirm(f"Discard the parked messages of {_what(topic, group)}?", abort=True)
+    n = operate_parked("discard_parked", which, (url, schema, journal_url, journal_schema))
+    typer.echo(f"discarded {n} parked message{'s' if n != 1 else ''} of {_what(topic, group)}")
+
+
 _HELP = (
     "Inspect and operate topic subscriber groups and broker producers: status, pause, resume, "
-    "skip, reset.\n\nA group's rows live in its service's database (--url, default "
+    "skip, reset, parked messages (parked, retry, discard).\n\nA group's rows live in its "
+    "service's database (--url, default "
     "LAGOMPY_READSIDE_URL, else the journal's); a NATS producer's in the producing service's "
     "journal database; lags and --to-time use the producing journal (--journal-url)."
 )
@@ -222,4 +307,7 @@ def register_cli(app: typer.Typer) -> None:
     sub.command("resume")(resume)
     sub.command("skip")(skip)
     sub.command("reset")(reset)
+    sub.command("parked")(parked)
+    sub.command("retry")(retry)
+    sub.command("discard")(discard)
     app.add_typer(sub, name="topics")

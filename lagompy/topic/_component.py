@@ -330,6 +330,16 @@ def status_samples(
         ):
             if value is not None:
                 samples.append((f"{prefix}{kind}_{name}", text, "gauge", labelled, float(value)))
+        if prefix == "lagompy_topic_" and kind == "subscriber":
+            samples.append(
+                (
+                    "lagompy_topic_subscriber_parked",
+                    f"Messages {whose} parked (on_failure park), not retried or discarded yet.",
+                    "gauge",
+                    labelled,
+                    float(s.parked),
+                )
+            )
         samples.append(
             (
                 f"{prefix}{kind}_state",

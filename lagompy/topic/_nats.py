@@ -747,6 +747,9 @@ class _Publish:
             return
         await self._stop_at(consumer, lease, offset, error, error)
 
+    async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
+        """Nothing waits for the producer's lease holder."""
+
 
 class _Watched:
     """The producer's journal tailer, watching the broker's connection too: once it has been

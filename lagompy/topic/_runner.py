@@ -25,6 +25,7 @@ from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import ConsumerStopped
 from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import now_us
+from lagompy.readside._parked import ParkedEvent, ParkedFilter
 from lagompy.readside._projections import Projections, WorkerStatus
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import (
@@ -127,6 +128,46 @@ class GroupOperations:
         subscriber = next(sub for k, sub in self._groups() if k == key)
         tag = subscriber.topic.partition_tag(partition)
         await self.projections.set_offset(key, tag, offset, force=True)
+
+    def _parked_filter(
+        self, group: str | None, topic: str | None, which: ParkedFilter | None
+    ) -> ParkedFilter:
+        which = which or ParkedFilter()
+        if group is not None:
+            return dataclasses.replace(which, consumer=self._key(group, topic))
+        keys = {key for key, _ in self._groups()}
+        if which.consumer is not None and which.consumer not in keys:
+            raise ConfigurationError(f"no subscriber group {which.consumer!r} here")
+        return dataclasses.replace(which, kind="subscriber")
+
+    async def parked(
+        self,
+        group: str | None = None,
+        *,
+        topic: str | None = None,
+        which: ParkedFilter | None = None,
+        limit: int = 100,
+        after_id: int = 0,
+    ) -> list[ParkedEvent]:
+        """The messages the groups (or ``group``) parked (``on_failure="park"``), each with
+        its JSON form; ``which`` narrows it (partition tag, error class, entity, ids)."""
+        return await self.projections.parked(
+            self._parked_filter(group, topic, which), limit=limit, after_id=after_id
+        )
+
+    async def retry_parked(
+        self, group: str, *, topic: str | None = None, which: ParkedFilter | None = None
+    ) -> int:
+        """Ask for a retry of the group's parked messages (those ``which`` matches): the
+        worker of each partition runs ``handle`` on the stored message again and deletes the
+        row in one transaction; how many were asked for."""
+        return await self.projections.retry_parked(self._parked_filter(group, topic, which))
+
+    async def discard_parked(
+        self, group: str, *, topic: str | None = None, which: ParkedFilter | None = None
+    ) -> int:
+        """Delete the group's parked messages (those ``which`` matches); how many."""
+        return await self.projections.discard_parked(self._parked_filter(group, topic, which))
 
 
 class Subscribers(GroupOperations, AsyncClosing):

@@ -7,7 +7,9 @@ up then live, backoff, stalls, pause/resume, status) whose pages come from the f
 expects) and whose commit strategy is the read side's
 :class:`~lagompy.readside._worker.ProjectionCommit`: the subscriber's writes and the position
 in one transaction of the subscriber's database, fenced by the lease's epoch (exactly-once
-effect), a failing message retried ``max_attempts`` times then ``on_failure`` (stop or skip).
+effect), a failing message retried ``max_attempts`` times then ``on_failure`` (stop, skip or
+park: a parked message keeps its JSON form in ``lagompy_parked``, since HTTP and NATS messages
+are not in this database's journal, and an operator's retry decodes it from there).
 The positions live in the read side's offset table, under ``topic:<topic>:<group>`` and the
 partition's tag, so pause, resume, skip and set-offset work as for read sides.
 """
@@ -15,26 +17,62 @@ partition's tag, so pause, resume, skip and set-offset work as for read sides.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.consumer import EventConsumer
+from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import TagPage
 from lagompy.journal._model import EventEnvelope
+from lagompy.readside._parked import ConsumerKind, ParkedEvent
 from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import ProjectionCommit, default_owner, describe_error
 from lagompy.sql._database import Database
+from lagompy.topic._codec import message_from_json, message_to_json
 from lagompy.topic._subscriber import Subscriber
-from lagompy.topic._topic import Message
+from lagompy.topic._topic import Message, Topic
 from lagompy.topic._transport import MessageBatch, MessageFeed
 
 log = logging.getLogger("lagompy.topic")
 
-__all__ = ["FeedPages", "SubscriberProcessor", "SubscriberWorker", "processor_for"]
+__all__ = [
+    "FeedPages",
+    "ParkedMessages",
+    "SubscriberProcessor",
+    "SubscriberWorker",
+    "processor_for",
+]
+
+
+class ParkedMessages:
+    """A subscriber's :class:`~lagompy.readside._worker.ParkedSource`: a parked message keeps
+    its JSON form (the topic codec's), decoded again for a retry."""
+
+    kind: ConsumerKind = "subscriber"
+
+    def __init__(self, topic: Topic[Any], partition: int) -> None:
+        self.topic = topic
+        self.partition = partition
+
+    def event_type(self, envelope: EventEnvelope[Any]) -> str | None:
+        return cast(Message[Any], envelope).type_name
+
+    def message_of(self, envelope: EventEnvelope[Any]) -> str | None:
+        return json.dumps(message_to_json(cast(Message[Any], envelope)))
+
+    async def envelope_of(self, row: ParkedEvent) -> EventEnvelope[Any]:
+        if row.message is None:
+            raise ConfigurationError(
+                f"the message at offset {row.offset} could not be decoded when it was parked: "
+                "there is nothing to retry; discard it (or set the group's offset back)"
+            )
+        message = message_from_json(self.topic, json.loads(row.message), partition=self.partition)
+        return cast(EventEnvelope[Any], message)
 
 
 class FeedPages:
@@ -157,7 +195,9 @@ class SubscriberWorker(EventConsumer):
             topic.partition_tag(partition),
             journal=None,
             store=store,
-            strategy=ProjectionCommit(processor, database, store, settings),
+            strategy=ProjectionCommit(
+                processor, database, store, settings, ParkedMessages(topic, partition)
+            ),
             settings=settings,
             owner=owner or default_owner(),
             kind="subscriber",
