@@ -245,10 +245,10 @@ class SubscribersComponent:
     async def start(self) -> None:
         journal = self.journal_settings or JournalSettings()
         if self.ray:
-            from lagompy.topic._ray import _subscriber_class, start_subscribers_on_ray
+            from lagompy.topic._ray import start_subscribers_on_ray, subscriber_class
 
             self._running = await start_subscribers_on_ray(
-                [_subscriber_class(s) for s in self.subscribers],
+                [subscriber_class(s) for s in self.subscribers],
                 app=self.app,
                 transport=self.transport,
                 replicas=self.replicas,

@@ -287,7 +287,7 @@ class RaySubscribers(GroupOperations, SupervisedActors):
         self._release_ray()
 
 
-def _subscriber_class(subscriber: Any) -> type[Subscriber[Any]]:
+def subscriber_class(subscriber: Any) -> type[Subscriber[Any]]:
     if not (isinstance(subscriber, type) and issubclass(subscriber, Subscriber)):
         raise ConfigurationError(
             f"start_subscribers_on_ray() takes Subscriber classes (importable by Ray's "
@@ -321,7 +321,7 @@ async def start_subscribers_on_ray(
     database of ``ReadSideSettings.url``, by default the journal's, as with
     :func:`~lagompy.topic.start_subscribers`. Subscriber classes must be importable by module
     name in Ray's workers (not defined in ``__main__``)."""
-    classes = [_subscriber_class(s) for s in subscribers]
+    classes = [subscriber_class(s) for s in subscribers]
     if not classes:
         raise ConfigurationError("start_subscribers_on_ray() needs at least one subscriber class")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
