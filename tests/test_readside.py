@@ -238,7 +238,10 @@ async def test_a_failing_handler_can_skip_the_event(
     async with await start(journal_settings, PoisonedCredits, on_failure="skip") as rs:
         await rs.wait_until_caught_up()
         assert [o for o, _, _ in await credits(rs)] == [ok[0].offset]
-        (status,) = await rs.status()
+        # The skip commits the offset, then writes its failure line: wait for the line.
+        deadline = time.monotonic() + 10
+        while (status := (await rs.status())[0]).failure is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         assert status.state == "running" and status.skipped == 1
         assert status.failure is not None and status.failure.entity_id == "bad"
         assert status.failure.offset == bad[0].offset
