@@ -24,7 +24,7 @@ How a tailer learns that there is something new::
             │ fan-out: wake every subscribed tailer          │ the same fan-out
             ▼                                                ▼
     PageTailer: re-query after its offset           PageTailer: re-query after its offset
-                                                    (and every poll_interval: the safety net)
+    (and every listen_poll_interval: a safety net)  (the same safety net)
 
 A tailer queries, yields the page, and only when a page comes back short does it wait: for a
 wake-up from the notifier or for its poll interval, whichever comes first. On PostgreSQL the
@@ -100,9 +100,9 @@ class TailSettings(LagompySettings):
         default=0.05,
         gt=0,
         description=(
-            "Seconds between queries while nothing wakes the tailer: on SQLite (the safety net "
-            "of the -wal file watch), and on PostgreSQL while the LISTEN connection is down (or "
-            "listen is off). The one default of tailers and read-side workers."
+            "Seconds between queries while nothing wakes the tailer: on PostgreSQL while the "
+            "LISTEN connection is down (or listen is off), on SQLite with the -wal watch off. "
+            "The one default of tailers and read-side workers."
         ),
     )
     listen: bool = Field(
@@ -117,8 +117,8 @@ class TailSettings(LagompySettings):
         default=2.0,
         gt=0,
         description=(
-            "Seconds between safety-net queries on PostgreSQL while the LISTEN connection is "
-            "healthy (a notification, not this poll, is what normally wakes a tailer)."
+            "Seconds between safety-net queries while the LISTEN connection (PostgreSQL) or the "
+            "-wal watch (SQLite) is up (a notification, not this poll, normally wakes a tailer)."
         ),
     )
     sqlite_watch_interval: float = Field(
@@ -587,9 +587,10 @@ class SqliteWatcher(JournalNotifier):
     without a change) one background task of the process looks at the ``-wal`` file beside the
     database (one ``stat``: its inode, size and modification time; no query, no lock); when
     that changed, a writer in any process committed
-    (or a checkpoint reset the log) and every subscribed tailer is woken to query. A change the
-    look misses (two commits within the clock's tick after a reset of the log) is found by the
-    tailer's own poll, which stays as the safety net: :attr:`connected` is always False.
+    (or a checkpoint reset the log) and every subscribed tailer is woken to query, and once
+    more a clock tick later (a second commit within the tick after a reset of the log leaves
+    the file's state as it was). While it runs it is :attr:`connected`: the tailers' safety-net
+    query comes every ``listen_poll_interval`` (2 s), as with a healthy LISTEN connection.
     Get it with :meth:`acquire_file`; it shares :class:`JournalNotifier`'s reference counting,
     subscriptions and shutdown."""
 
@@ -620,20 +621,35 @@ class SqliteWatcher(JournalNotifier):
         wal = self._path + "-wal"
         last = _file_state(wal)
         changed = time.monotonic()
-        while True:
-            idle = time.monotonic() - changed > _WATCH_IDLE_AFTER
-            await asyncio.sleep(busy * _WATCH_IDLE_FACTOR if idle else busy)
-            state = _file_state(wal)
-            if state != last:
-                last = state
-                changed = time.monotonic()
+        # A commit in the same clock tick as the change just seen, after a checkpoint reset
+        # the log (same size), leaves the file's state as it was: every change is followed by
+        # one more wake-up a tick later (ticks are 10 ms at most), so no commit waits for the
+        # tailers' safety-net poll.
+        follow_up: float | None = None
+        self._up.set()
+        try:
+            while True:
+                idle = time.monotonic() - changed > _WATCH_IDLE_AFTER
+                await asyncio.sleep(busy * _WATCH_IDLE_FACTOR if idle else busy)
+                state = _file_state(wal)
+                now = time.monotonic()
+                if state != last:
+                    last, changed, follow_up = state, now, now + _WATCH_FOLLOW_UP
+                elif follow_up is not None and now >= follow_up:
+                    follow_up = None
+                else:
+                    continue
                 self.notifications += 1
                 self._wake_all(WakeReason.NOTIFICATION)
+        finally:
+            self._up.clear()
 
 
 #: Seconds without a change after which a SQLite watch looks less often, and how much less.
 _WATCH_IDLE_AFTER = 1.0
 _WATCH_IDLE_FACTOR = 4
+#: Seconds after a change when a SQLite watch wakes the tailers once more (see ``_run``).
+_WATCH_FOLLOW_UP = 0.02
 
 
 def _file_state(path: str) -> tuple[int, int, int] | None:
