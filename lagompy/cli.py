@@ -46,6 +46,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.sql._migrate",
     "lagompy.readside._cli",
     "lagompy.topic._cli",
+    "lagompy.workflow._cli",
     "lagompy.service._cli",
 )
 

@@ -25,6 +25,7 @@ from lagompy.console._backend import (
     summarize,
 )
 from lagompy.console._settings import ConsoleSettings
+from lagompy.console._workflows import workflow_routes
 from lagompy.errors import ConfigurationError
 
 __all__ = ["ACTIONS", "Console"]
@@ -495,6 +496,8 @@ class Console:
         @router.get("/static/{name}")
         async def static(name: str) -> Response:
             return await self._static_file(name)
+
+        router.include_router(workflow_routes(self))  # the Workflows page (_workflows.py)
 
         return router
 
