@@ -77,6 +77,7 @@ API_MODULES: list[tuple[str, str]] = [
     ("lagompy.readside", "`lagompy.readside`: read sides, in-process and on Ray"),
     ("lagompy.service", "`lagompy.service`: FastAPI glue, service clients, circuit breakers"),
     ("lagompy.topic", "`lagompy.topic`: topics, subscribers and their transports"),
+    ("lagompy.workflow", "`lagompy.workflow`: durable workflows"),
     ("lagompy.testkit", "`lagompy.testkit`: testing"),
 ]
 

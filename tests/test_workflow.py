@@ -358,6 +358,12 @@ async def test_flow_control_limits_keys_and_pause(env: Env) -> None:
         await asyncio.sleep(0.4)
         assert (await engine.status("k4")).status == "queued"
         assert await engine.paused() == {"gate": False, "keyed": True}
+        await engine.start("keyed", 5, id="k5")
+        await engine.cancel("k5", "not needed")  # queued: cancelled without running
+        with pytest.raises(WorkflowFailed, match="not needed") as cancelled:
+            await engine.result("k5", timeout=10)
+        assert cancelled.value.status == "cancelled"
+        assert (await engine.get("k5")).steps == ()
         await engine.unpause("keyed")
         await until(lambda: _status_is(engine, "k4", "running"))
         with pytest.raises(UnknownWorkflow):

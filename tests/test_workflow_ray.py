@@ -5,7 +5,6 @@ transfer completes or compensates exactly once, the balances summing to the star
 from __future__ import annotations
 
 import asyncio
-import resource
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -49,15 +48,23 @@ async def test_twenty_kills_at_step_boundaries_complete_or_compensate_each_trans
 ) -> None:
     ray = ray_session
     entities: ShardedEntities = await start(
-        app=app, entities=[AccountEntity, WorkflowRun], journal_settings=journal_settings,
-        hosts=1, shards=16, retries=8, retry_backoff=0.1,
+        app=app,
+        entities=[AccountEntity, WorkflowRun],
+        journal_settings=journal_settings,
+        hosts=1,
+        shards=16,
+        retries=8,
+        retry_backoff=0.1,
     )
     owners = iter(range(100))
 
     async def executor() -> WorkflowEngine:
         return await start_workflows(
-            workflows, runtime=entities, journal_settings=journal_settings,
-            settings=KILL_SETTINGS, owner=f"executor-{next(owners)}",
+            workflows,
+            runtime=entities,
+            journal_settings=journal_settings,
+            settings=KILL_SETTINGS,
+            owner=f"executor-{next(owners)}",
         )
 
     engine = await executor()
@@ -92,9 +99,7 @@ async def test_twenty_kills_at_step_boundaries_complete_or_compensate_each_trans
                     kind = "shard host" if host_kill else "executor"
                     print(f"kill {kills} ({kind}): went on after {resumed[-1]:.2f} s")
         assert kills == 20
-        outcomes = {
-            f"transfer-{i}": await _outcome(engine, f"transfer-{i}") for i in range(10)
-        }
+        outcomes = {f"transfer-{i}": await _outcome(engine, f"transfer-{i}") for i in range(10)}
         print(
             f"20 kills in {time.monotonic() - started:.1f} s; a run went on at most "
             f"{max(resumed):.2f} s after a kill"

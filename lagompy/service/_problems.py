@@ -24,6 +24,7 @@ from lagompy.errors import (
     ConcurrencyConflict,
     DuplicateCommandId,
     IdempotencyKeyReused,
+    InvalidWorkflowInput,
     JournalUnavailable,
     LagompyError,
     OutcomeUnknown,
@@ -34,6 +35,7 @@ from lagompy.errors import (
     ServiceCallTimeout,
     ServiceUnavailable,
     UndeliverableOutcome,
+    UnknownWorkflow,
     WriteRefused,
 )
 from lagompy.service._client import current_request_id
@@ -151,6 +153,8 @@ def problem_for(
         status = exc.http_status  # 422, or 409 while the first request is in flight
         extra["idempotency_key"] = exc.key
         extra["in_flight"] = exc.in_flight
+    elif isinstance(exc, (UnknownWorkflow, InvalidWorkflowInput)):
+        status = exc.http_status  # 404 / 422: the request named or sent what cannot run
     elif isinstance(exc, RefusedValue):
         status = 422  # the request's data (a NUL character): the message names the field
     elif isinstance(exc, WriteRefused):

@@ -38,6 +38,7 @@ from lagompy.consumer._lease import Lease
 from lagompy.entity import PersistentEntity
 from lagompy.errors import (
     CommandRejected,
+    ConfigurationError,
     EventDecodeError,
     InvalidWorkflowInput,
     JournalError,
@@ -101,6 +102,18 @@ class WorkflowSettings:
     max_batch: int = 500
     retry_max_delay: float = 2.0
 
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_interval < self.lease_ttl:
+            raise ConfigurationError(
+                f"WorkflowSettings: renew_interval ({self.renew_interval}) must be above 0 and "
+                f"below lease_ttl ({self.lease_ttl}), or leases expire between renewals"
+            )
+        for name in ("ask_timeout", "admission_interval", "retry_max_delay"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"WorkflowSettings: {name} must be above 0")
+        if self.max_batch < 1:
+            raise ConfigurationError("WorkflowSettings: max_batch must be at least 1")
+
     def consumer(self) -> ReadSideSettings:
         return ReadSideSettings(
             lease_ttl=self.lease_ttl,
@@ -134,6 +147,7 @@ class RunDriver:
         self._inner: asyncio.Task[Any] | None = None
         self._pending_signals: list[SignalRecord] = []
         self._cancel: str | None = None
+        self._cancelled = asyncio.Event()
         self._mark = time.monotonic()  # the run's last checkpoint here (step metrics)
 
     # ------------------------------------------------------------------ events
@@ -146,6 +160,7 @@ class RunDriver:
 
     def cancel(self, reason: str) -> None:
         self._cancel = reason
+        self._cancelled.set()
         ctx = self.ctx
         if ctx is not None and ctx.cancel_reason is None:
             ctx.cancel_reason = reason
@@ -218,7 +233,9 @@ class RunDriver:
         run = await self.ask_run(GetRun())
         if not isinstance(run, Run) or run.finished:
             return
-        await self.executor.admission(self.run_id)
+        if not await self._admitted(run):
+            await self._finish("cancelled", None, f"cancelled: {self._cancel}")
+            return
         self._mark = time.monotonic()
         try:
             self.definition = self.workflows.for_run(run.name, run.version)
@@ -247,6 +264,26 @@ class RunDriver:
             await asyncio.gather(inner, return_exceptions=True)
             raise
         await self._outcome(run, ctx, inner)
+
+    async def _admitted(self, run: Run) -> bool:
+        """Wait for admission; False when the run is cancelled first (a queued run that never
+        ran: nothing to compensate)."""
+        if run.steps:
+            await self.executor.admission(self.run_id)  # it ran before: the code decides
+            return True
+        if run.cancel_reason is not None:
+            self.cancel(run.cancel_reason)
+        if self._cancelled.is_set():
+            return False
+        admission = asyncio.ensure_future(self.executor.admission(self.run_id))
+        cancelled = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            await asyncio.wait({admission, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not admission.done():
+                admission.cancel()
+        return admission.done() and not admission.cancelled()
 
     async def _outcome(self, run: Run, ctx: WorkflowContext, inner: asyncio.Future[Any]) -> None:
         if not inner.cancelled():
@@ -306,7 +343,7 @@ class RunDriver:
         run = await self.ask_run(FinishRun(status, output, error, now_us()))
         if isinstance(run, Run) and run.finished_us is not None:
             seconds = (run.finished_us - run.started_us) / 1e6
-            self.executor.metrics.run_finished(self.definition.name, run.status, seconds)
+            self.executor.metrics.run_finished(run.name, run.status, seconds)
 
 
 async def _never(*_: Any) -> Any:  # the placeholder definition's function

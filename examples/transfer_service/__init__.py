@@ -1,0 +1,1 @@
+"""The transfer service: money transfers between accounts as a durable workflow."""
