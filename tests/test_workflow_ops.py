@@ -209,6 +209,18 @@ def test_runs_are_listed_inspected_and_operated_over_http_and_the_cli(
     events = [h["event"] for h in http.get("/workflows/t-bad").json()["history"]]
     assert events.count("RunFinished") == 2 and "RunReopened" in events
 
+    # a child run's id has a slash: its routes take it
+    assert (
+        http.post("/workflows", json={"workflow": "parent", "id": "par", "input": 3}).status_code
+        == 202
+    )
+    finished(http, "par", "completed")
+    children = http.get("/workflows", params={"parent": "par"}).json()["runs"]
+    assert len(children) == 2 and all("/" in c["run_id"] for c in children)
+    child = http.get(f"/workflows/{children[0]['run_id']}").json()
+    assert child["output"] == 6 and child["parent"] == "par"
+    assert http.get(f"/console/workflows/{children[0]['run_id']}").status_code == 200
+
     # types, pause and unpause
     kinds = {t["workflow"]: t for t in http.get("/workflows/types").json()}
     assert kinds["approval"]["counts"]["completed"] == 4

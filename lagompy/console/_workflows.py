@@ -314,7 +314,7 @@ def workflow_routes(console: Console) -> APIRouter:
         except ActionError as e:
             raise HTTPException(e.status, e.detail) from None
 
-    @router.get("/api/workflows/{run_id}")
+    @router.get("/api/workflows/{run_id:path}")
     async def api_workflow(run_id: str) -> dict[str, Any]:
         try:
             return await detail(run_id)
@@ -340,7 +340,7 @@ def workflow_routes(console: Console) -> APIRouter:
             masked=not console.settings.show_payloads, **found,
         )  # fmt: skip
 
-    @router.get("/workflows/{run_id}", response_class=HTMLResponse)
+    @router.get("/workflows/{run_id:path}", response_class=HTMLResponse)
     async def workflow_page(request: Request, run_id: str) -> Response:
         try:
             run = await detail(run_id)

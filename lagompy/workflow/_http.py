@@ -7,7 +7,7 @@ the same actions over a filter, and the types with their counts, pause and unpau
     GET  /workflows/types
     POST /workflows/types/{workflow}/pause  (and /unpause)
     POST /workflows/_bulk/{action}?<filter> {"reason"?, "position"?, "signal"?, "payload"?}
-    GET  /workflows/{run_id}?values=true
+    GET  /workflows/{run_id}?values=true        (a child's id, parent/position, has a slash)
     POST /workflows/{run_id}/cancel         {"reason"?}
     POST /workflows/{run_id}/resume
     POST /workflows/{run_id}/retry?position=N
@@ -252,13 +252,13 @@ def workflows_router(
         )
         return {**result.to_dict(), "filter": which.describe()}
 
-    @router.get("/{run_id}")
+    @router.get("/{run_id:path}")
     async def get_run(run_id: str, values: bool = True) -> dict[str, Any]:
         """The run in detail: status, input, output, error, steps with their times, signals,
         compensations and its history (``values=false``: without the values)."""
         return await operate(lambda: inspect_run(the_engine(), run_id, values=values))
 
-    @router.post("/{run_id}/cancel")
+    @router.post("/{run_id:path}/cancel")
     async def cancel(request: Request, run_id: str) -> dict[str, Any]:
         """Ask the run to stop: it finishes ``cancelled`` after its compensations."""
         args = await action_body(request)
@@ -266,20 +266,20 @@ def workflows_router(
         run = await operate(lambda: cancel_run(the_engine(), run_id, reason))
         return {"run_id": run_id, "status": run.status, "cancel_reason": run.cancel_reason}
 
-    @router.post("/{run_id}/resume")
+    @router.post("/{run_id:path}/resume")
     async def resume(run_id: str) -> dict[str, Any]:
         """Run a failed or cancelled run again from its failed step (409 if unfinished)."""
         run = await operate(lambda: the_engine().resume(run_id))
         return {"run_id": run_id, "status": run.status, "steps_kept": len(run.steps)}
 
-    @router.post("/{run_id}/retry")
+    @router.post("/{run_id:path}/retry")
     async def retry(run_id: str, position: int = Query(ge=0)) -> dict[str, Any]:
         """Run a finished run again from step ``position`` (the steps from there on are
         dropped; 409 if unfinished or the run has fewer steps)."""
         run = await operate(lambda: the_engine().retry(run_id, position))
         return {"run_id": run_id, "status": run.status, "steps_kept": len(run.steps)}
 
-    @router.post("/{run_id}/signal/{name}")
+    @router.post("/{run_id:path}/signal/{name}")
     async def signal(request: Request, run_id: str, name: str) -> JSONResponse:
         """Deliver signal ``name``; the body (any JSON, or none) is its payload (409 if the
         run is finished)."""
