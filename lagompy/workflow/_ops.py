@@ -95,9 +95,11 @@ _PREFIX_CHARS = re.compile(r"^[^\x00-\x1f%_\\]*$")
 
 @dataclass(frozen=True)
 class RunFilter:
-    """Which runs: of a workflow, in one of ``statuses``, started (``created``) at or after
-    ``since`` and before ``until`` (microseconds since 1970), whose id starts with
-    ``id_prefix``, of ``key``, children of ``parent``. None (or empty) matches any."""
+    """Which runs an operation lists or acts on.
+
+    Runs of ``workflow``, in one of ``statuses``, started at or after ``since_us`` and before
+    ``until_us`` (microseconds since 1970), whose id starts with ``id_prefix``, of ``key``,
+    children of ``parent``. None (or empty) matches any."""
 
     workflow: str | None = None
     statuses: tuple[str, ...] = ()
@@ -185,8 +187,9 @@ class RunFilter:
 async def find_runs(
     engine: WorkflowEngine, which: RunFilter, *, limit: int = 100, after: str | None = None
 ) -> list[RunRow]:
-    """The index's runs that ``which`` matches, by id (``after``: the previous page's last
-    id)."""
+    """The runs of the index that ``which`` matches, ordered by id.
+
+    ``after``: the previous page's last id."""
     t = workflow_runs
     conditions: list[Any] = []
     if which.workflow is not None:
@@ -423,9 +426,11 @@ async def bulk(
     which: RunFilter,
     **arguments: Any,
 ) -> BulkResult:
-    """Take ``action`` (see :func:`action_of`) on every run ``which`` matches (at most
-    :data:`MAX_BULK`: a filter matching more is refused before anything is done). A run that
-    refuses (a running run asked to resume...) is listed with its reason; the others go on."""
+    """Take ``action`` (cancel, resume, retry, signal) on every run that ``which`` matches.
+
+    At most :data:`MAX_BULK` runs: a filter matching more is refused before anything is done.
+    A run that refuses (a running run asked to resume...) is listed with its reason; the
+    others go on. The arguments are :func:`action_of`'s."""
     operate = action_of(engine, action, **arguments)
     ids: list[str] = []
     after: str | None = None
