@@ -287,6 +287,8 @@ def test_the_console_shows_runs_and_acts_on_them_with_the_token(served: httpx.Cl
     assert one.status_code == 200 and "approval" in one.text and "history" in one.text.lower()
     assert http.get("/console/workflows/nobody").status_code == 404
     assert http.get("/console/api/workflows").json()["runs"][0]["run_id"] == "c-0"
+    bad = http.get("/console/workflows", params={"status": "lost"})
+    assert bad.status_code == 400 and "status must be one of" in bad.text
 
     # read-only without the token; with it, audited; destructive ones need confirm
     refused = http.post("/console/workflows/actions/cancel", json={"run_id": "c-0"})
@@ -319,3 +321,18 @@ def test_the_console_shows_runs_and_acts_on_them_with_the_token(served: httpx.Cl
     assert ("workflow-pause", "workflow approval", "ok") in audit
     assert any(a == "workflow-bulk-resume" and "status=cancelled" in t for a, t, _ in audit)
     assert ("workflow-resume", "workflow run nobody", "refused") in audit
+
+
+def test_a_console_without_workflows_says_so(journal_settings: JournalSettings) -> None:
+    service = Service(name="plain", journal_settings=journal_settings, ray=False)
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app, console=ConsoleSettings(token=TOKEN))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        page = http.get("/console/workflows")
+        assert page.status_code == 503 and "no WorkflowsComponent" in page.text
+        assert http.get("/console/api/workflows").status_code == 503
+        refused = http.post(
+            "/console/workflows/actions/resume", json={"run_id": "x"}, headers=BEARER
+        )
+        assert refused.status_code == 503, refused.text
+        assert http.get("/workflows").status_code == 404  # no routes either

@@ -328,16 +328,15 @@ def workflow_routes(console: Console) -> APIRouter:
     @router.get("/workflows", response_class=HTMLResponse)
     async def workflows_page(request: Request) -> Response:
         try:
-            found = await listing(request)
-        except ActionError as e:
-            return console._page(
-                request, "error.html", e.status, action="show", target="workflows",
-                detail=e.detail,
-            )  # fmt: skip
+            found, message, status = await listing(request), None, 200
+        except ActionError as e:  # no workflows here (503), a bad filter (400)
+            empty = {k: request.query_params.get(k, "") for k in _FILTER_FIELDS}
+            found = {"filter": empty, "query": "", "types": [], "runs": [], "next": None}
+            message, status = e.detail, e.status
         here = request.url.path + (f"?{found['query']}" if found["query"] else "")
         return console._page(
-            request, "workflows.html", statuses=STATUSES, next_url=here,
-            masked=not console.settings.show_payloads, **found,
+            request, "workflows.html", status, statuses=STATUSES, next_url=here,
+            masked=not console.settings.show_payloads, message=message, **found,
         )  # fmt: skip
 
     @router.get("/workflows/{run_id:path}", response_class=HTMLResponse)
