@@ -310,11 +310,13 @@ def _every_error_class() -> list[type[LagompyError]]:
 
 
 #: Errors whose message is the answer's detail: the entity's own words, or lagompy's words
-#: about entity ids, command ids and queue lengths (no URL, host or path can get in).
+#: about entity ids, command ids, queue lengths, workflow names, run ids and a request's input
+#: (no URL, host or path can get in).
 PASSED_THROUGH = {
     "CommandRejected", "InvalidCommand", "NotFound", "UnhandledCommand",
     "ConcurrencyConflict", "DuplicateCommandId", "Overloaded", "AskTimeout", "OutcomeUnknown",
     "InvalidId", "InvalidEntityId", "InvalidCommandId", "RefusedValue", "IdempotencyKeyReused",
+    "UnknownWorkflow", "InvalidWorkflowInput", "DuplicateWorkflowId", "WorkflowNotFound",
 }  # fmt: skip
 
 BAIT_MESSAGE = (

@@ -90,7 +90,6 @@ def create_app(
             },
         )
 
-    # --8<-- [start:app]
     workflows = WorkflowsComponent(transfer_workflows(notify), settings=workflow_settings)
     service = Service(
         name=name or os.environ.get("LAGOMPY_EXAMPLE_APP", "transfers"),
@@ -102,7 +101,6 @@ def create_app(
         locator=locator,
         breakers=breakers,
     )
-    # --8<-- [end:app]
     app = FastAPI(title="transfers", lifespan=service.lifespan)
     service.install(app)
 
@@ -141,7 +139,6 @@ def create_app(
             receipt=receipt,
         )
 
-    # --8<-- [start:routes]
     @app.put("/transfers/{transfer_id}", status_code=202)
     async def start_transfer(transfer_id: TransferId, body: TransferIn) -> TransferOut:
         """Start a transfer; the id is its idempotency key."""
@@ -164,7 +161,6 @@ def create_app(
         await workflows.engine.cancel(transfer_id, "cancelled over HTTP")
         return await transfer_out(transfer_id)
 
-    # --8<-- [end:routes]
     return app
 
 

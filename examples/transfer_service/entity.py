@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 from lagompy import Command, Effect, InvalidCommand, PersistentEntity
 
 
-# --8<-- [start:entity]
 @dataclass(frozen=True)
 class Account:
     balance: int = 0
@@ -86,6 +85,3 @@ class AccountEntity(PersistentEntity[AccountCommand, AccountEvent, Account]):
             case AccountClosed():
                 return replace(state, closed=True)
         self.unhandled_event(state, event)
-
-
-# --8<-- [end:entity]

@@ -19,7 +19,6 @@ from lagompy.serialization import serializable
 from lagompy.workflow import RetryPolicy, WorkflowContext, Workflows
 
 
-# --8<-- [start:workflow]
 @serializable(name="transfers.Transfer")
 @dataclass(frozen=True)
 class Transfer:
@@ -66,6 +65,3 @@ def transfer_workflows(notify: Notify) -> Workflows:
         return Receipt(source.balance, target.balance, notified)
 
     return workflows
-
-
-# --8<-- [end:workflow]
