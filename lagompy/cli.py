@@ -47,6 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.readside._cli",
     "lagompy.topic._cli",
     "lagompy.process._cli",
+    "lagompy.workflow._cli",
     "lagompy.service._cli",
 )
 

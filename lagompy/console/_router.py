@@ -26,6 +26,7 @@ from lagompy.console._backend import (
     summarize,
 )
 from lagompy.console._settings import ConsoleSettings
+from lagompy.console._workflows import workflow_routes
 from lagompy.errors import ConfigurationError
 from lagompy.readside import ParkedFilter
 
@@ -541,6 +542,8 @@ class Console:
         @router.get("/static/{name}")
         async def static(name: str) -> Response:
             return await self._static_file(name)
+
+        router.include_router(workflow_routes(self))  # the Workflows page (_workflows.py)
 
         return router
 

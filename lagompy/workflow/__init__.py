@@ -27,6 +27,9 @@ Modules:
   (fenced leases), a :class:`RunDriver` per run.
 * ``_engine.py``: :class:`WorkflowEngine` (the Python operations) and :func:`start_workflows`.
 * ``_component.py``: :class:`WorkflowsComponent`, the same as a part of a service.
+* ``_ops.py``: operating runs: :class:`RunFilter`, :func:`find_runs`, :func:`inspect_run`,
+  :func:`bulk`; ``_http.py`` (the ``/workflows`` routes), ``_cli.py`` (``lagompy
+  workflows``) and ``_metrics.py`` (``/metrics``) are views of them.
 
 See ``docs/workflows.md``.
 """
@@ -37,13 +40,16 @@ from lagompy.workflow._engine import RunStatus, WorkflowEngine, start_workflows
 from lagompy.workflow._entity import WORKFLOW_ENTITY, WORKFLOW_TAG, Run, WorkflowRun
 from lagompy.workflow._executor import WorkflowExecutor, WorkflowSettings
 from lagompy.workflow._index import RunRow
+from lagompy.workflow._ops import BulkResult, RunFilter, bulk, find_runs, inspect_run
 from lagompy.workflow._registry import RetryPolicy, WorkflowDef, Workflows
 
 __all__ = [
     "WORKFLOW_ENTITY",
     "WORKFLOW_TAG",
+    "BulkResult",
     "RetryPolicy",
     "Run",
+    "RunFilter",
     "RunRow",
     "RunStatus",
     "WorkflowContext",
@@ -54,5 +60,8 @@ __all__ = [
     "WorkflowSettings",
     "Workflows",
     "WorkflowsComponent",
+    "bulk",
+    "find_runs",
+    "inspect_run",
     "start_workflows",
 ]

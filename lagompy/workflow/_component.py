@@ -11,15 +11,18 @@ service and offers the operations (:attr:`engine`)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from lagompy.errors import ConfigurationError
 from lagompy.settings import JournalSettings
 from lagompy.workflow._engine import WorkflowEngine, start_workflows
 from lagompy.workflow._executor import WorkflowSettings
+from lagompy.workflow._metrics import workflow_samples
 from lagompy.workflow._registry import Workflows
 
 if TYPE_CHECKING:
+    from lagompy.service._metrics import Sample
     from lagompy.service._service import Service
 
 __all__ = ["WorkflowsComponent"]
@@ -39,6 +42,9 @@ class WorkflowsComponent:
         journal_settings: JournalSettings | None = None,
         settings: WorkflowSettings | None = None,
         executor: bool = True,
+        routes: bool = True,
+        prefix: str = "/workflows",
+        route_dependencies: Sequence[Any] = (),
     ) -> None:
         self.workflows = workflows
         self.journal_settings = journal_settings
@@ -46,6 +52,14 @@ class WorkflowsComponent:
         self.executor = executor
         self._service: Service | None = None
         self._engine: WorkflowEngine | None = None
+        #: The operations over HTTP (``_http.py``; ``routes=False``: none), each route with
+        #: ``route_dependencies`` (FastAPI ``Depends(...)``: the app's authentication).
+        if routes:
+            from lagompy.workflow._http import workflows_router  # (FastAPI: not for the CLI)
+
+            self.router = workflows_router(
+                lambda: self.engine, prefix=prefix, dependencies=route_dependencies
+            )
 
     def bind(self, service: Service) -> None:
         """Called by the service before :meth:`start`: the runtime and journal to use."""
@@ -79,3 +93,8 @@ class WorkflowsComponent:
 
     async def ready(self) -> bool | str:
         return self._engine is not None or "not started"
+
+    async def metric_samples(self) -> list[Sample]:
+        """Per workflow: runs per status, started, paused; per step: recorded, failed,
+        seconds (``_metrics.py``)."""
+        return [] if self._engine is None else await workflow_samples(self._engine)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ from lagompy.workflow._entity import (
     WorkflowRun,
 )
 from lagompy.workflow._index import INDEX_NAME, RunsIndex, admit, declare_types, list_runs
+from lagompy.workflow._metrics import WorkflowMetrics
 from lagompy.workflow._registry import WorkflowDef, Workflows
 
 log = logging.getLogger("lagompy.workflow")
@@ -146,6 +148,7 @@ class RunDriver:
         self._pending_signals: list[SignalRecord] = []
         self._cancel: str | None = None
         self._cancelled = asyncio.Event()
+        self._mark = time.monotonic()  # the run's last checkpoint here (step metrics)
 
     # ------------------------------------------------------------------ events
 
@@ -206,6 +209,8 @@ class RunDriver:
             if self.ctx is not None:
                 self.ctx.fatal = error
             raise error from e
+        mark, self._mark = self._mark, time.monotonic()
+        self.executor.metrics.step(self.definition.name, record.name, record.ok, self._mark - mark)
         return stored
 
     async def run_child(self, child_id: str, workflow: str, value: Any, version: int | None) -> Run:
@@ -231,6 +236,7 @@ class RunDriver:
         if not await self._admitted(run):
             await self._finish("cancelled", None, f"cancelled: {self._cancel}")
             return
+        self._mark = time.monotonic()
         try:
             self.definition = self.workflows.for_run(run.name, run.version)
         except UnknownWorkflow as e:
@@ -334,7 +340,10 @@ class RunDriver:
         return failures
 
     async def _finish(self, status: str, output: bytes | None, error: str | None) -> None:
-        await self.ask_run(FinishRun(status, output, error, now_us()))
+        run = await self.ask_run(FinishRun(status, output, error, now_us()))
+        if isinstance(run, Run) and run.finished_us is not None:
+            seconds = (run.finished_us - run.started_us) / 1e6
+            self.executor.metrics.run_finished(run.name, run.status, seconds)
 
 
 async def _never(*_: Any) -> Any:  # the placeholder definition's function
@@ -421,6 +430,8 @@ class WorkflowExecutor:
         self._admitting: dict[str, asyncio.Future[None]] = {}
         self._admit_wake = asyncio.Event()
         self._closing = False
+        #: Counters of the runs this executor drove (the service's /metrics).
+        self.metrics = WorkflowMetrics()
 
     async def start(self) -> None:
         await declare_types(

@@ -1,0 +1,113 @@
+"""The console's Workflows page in a real browser (the distribution's Chromium, headless, driven
+by Playwright; skipped with a reason where they are missing, required under ``CI=true``), on
+both journal backends: read-only it shows the runs and no control; logged in with the token,
+an operator filters the runs, opens one, cancels it through the confirmation, sees it
+cancelled, pauses the type, and finds both actions on the Audit page."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from test_console_browser import browser_page, shoot  # noqa: F401 (the fixture)
+
+from lagompy.console import ConsoleSettings
+from lagompy.service import Service
+from lagompy.settings import JournalSettings
+from lagompy.testkit.server import serve_in_thread
+from lagompy.workflow import WorkflowRun, WorkflowsComponent, WorkflowSettings
+from tests.workflow_app import AccountEntity, workflows
+
+TOKEN = "workflow-browser-token-0123456789"
+FAST = WorkflowSettings(lease_ttl=1.0, renew_interval=0.25, admission_interval=0.1)
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def app_of(journal: JournalSettings, console: ConsoleSettings) -> FastAPI:
+    service = Service(
+        name="wf-browser",
+        entities=[AccountEntity, WorkflowRun],
+        journal_settings=journal,
+        ray=False,
+        components=[WorkflowsComponent(workflows, settings=FAST)],
+    )
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app, console=console)
+    return app
+
+
+def test_an_operator_cancels_a_run_from_the_workflows_page(
+    journal_settings: JournalSettings,
+    browser_page: Any,  # noqa: F811 (journal_settings first: its async set-up needs the loop)
+) -> None:
+    page = browser_page
+
+    def running(url: str) -> int:
+        found = httpx.get(f"{url}/workflows", params={"status": "running"}).json()
+        return len(found["runs"])
+
+    # Read-only (no token): the runs show, no control does.
+    with serve_in_thread(app_of(journal_settings, ConsoleSettings())) as url:
+        for i in range(3):
+            started = httpx.post(
+                f"{url}/workflows", json={"workflow": "approval", "id": f"b-{i}", "input": f"p{i}"}
+            )
+            assert started.status_code == 202, started.text
+        eventually(lambda: running(url) == 3, "three runs waiting")
+        page.goto(f"{url}/console/")
+        page.get_by_role("link", name="Workflows", exact=True).click()
+        assert page.locator("#mode").inner_text() == "read-only"
+        assert page.locator("#workflow-runs tr[data-run]").count() == 3
+        assert page.locator("button[data-action]").count() == 0
+        assert page.locator("form[method=post]").count() == 0
+
+    # The same journal, a console with the token: log in, filter, cancel, pause, audit.
+    with serve_in_thread(app_of(journal_settings, ConsoleSettings(token=TOKEN))) as url:
+        eventually(lambda: running(url) == 3, "the runs taken over")
+        act(page, url)
+
+
+def act(page: Any, url: str) -> None:
+    page.goto(f"{url}/console/login")
+    page.fill("input[name=token]", TOKEN)
+    page.click("#login button")
+    page.get_by_role("link", name="Workflows", exact=True).click()
+    page.select_option("#workflow-filter select[name=status]", "running")
+    page.fill("#workflow-filter input[name=id_prefix]", "b-1")
+    page.click("#workflow-filter button")
+    assert page.locator("#workflow-runs tr[data-run]").count() == 1
+    page.click("#workflow-runs a:text('b-1')")
+    assert page.locator("#run-status").inner_text() == "running"
+    page.fill("#run-actions input[name=reason]", "the customer called")
+    page.click("#run-actions button[data-action=workflow-cancel]")
+    assert "cannot be undone" in page.locator("#confirm-what").inner_text()
+    page.click("#confirm button")
+    assert page.locator(".flash").inner_text().startswith("workflow-cancel: cancel requested")
+    eventually(
+        lambda: (
+            page.reload() is not None and page.locator("#run-status").inner_text() == "cancelled"
+        ),
+        "b-1 cancelled",
+    )
+    assert "the customer called" in page.locator("#run-error").inner_text()
+    shoot(page, "workflow-run")
+
+    page.get_by_role("link", name="Workflows", exact=True).click()
+    page.click("#workflow-types tr[data-workflow=approval] button[data-action=workflow-pause]")
+    assert page.locator(".flash").inner_text().startswith("workflow-pause:")
+    assert "paused" in page.locator("#workflow-types tr[data-workflow=approval]").inner_text()
+    shoot(page, "workflows")
+
+    page.get_by_role("link", name="Audit").click()
+    audit = page.locator("#audit").inner_text()
+    assert "\tworkflow-cancel\tworkflow run b-1\tok" in audit, audit
+    assert "\tworkflow-pause\tworkflow approval\tok" in audit, audit
