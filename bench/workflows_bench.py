@@ -379,7 +379,7 @@ def cell(run: dict[str, Any], backend: str, part: str, key: str, fmt: str) -> fl
 
 def render(runs: list[dict[str, Any]], command: str) -> str:
     lines = [
-        f"Command: `{command}` (under `flock /work/wt/_bench.lock`). Local Ray, default "
+        f"Command: `{command}`. Local Ray, default "
         "settings (`lagompy.start`, `start_workflows`), SQLite file and PostgreSQL schema. "
         f"{len(runs)} runs; each cell is the median of the runs, then the worst in brackets.",
         "",
