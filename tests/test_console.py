@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from examples.user_service.entity import RegisterUser, UserEntity, UserRegistered
 from lagompy import ConfigurationError, EventEnvelope
 from lagompy.console import ACTIONS, ConsoleSettings
-from lagompy.console._backend import MASK, jsonable
+from lagompy.console._backend import MASK, RebuildProgress, jsonable
 from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideComponent, SqlReadSideProcessor
 from lagompy.readside._store import OffsetStore
@@ -486,3 +487,14 @@ def test_masking_keeps_the_shape_and_hides_every_value() -> None:
     value = UserRegistered("u1", "Ada", "ada@example.org")
     assert jsonable(value, masked=True) == {"user_id": MASK, "name": MASK, "email": MASK}
     assert jsonable({"a": [1, (2, b"xy")]}, masked=False) == {"a": [1, [2, "<2 bytes>"]]}
+
+
+def test_rebuild_progress_says_100_only_once_done() -> None:
+    """The replay's last event is not the rebuild's end (it still commits and hands the
+    processor back): 100% appears with ``done``, never beside ``running``."""
+    running = RebuildProgress("names", "2026-12-05T00:00:00+00:00", done=40, total=40)
+    assert (running.state, running.percent) == ("running", 99)
+    assert RebuildProgress("names", "t", done=1, total=4).percent == 25
+    assert RebuildProgress("names", "t").percent == 0
+    assert replace(running, state="done").percent == 100
+    assert replace(running, state="failed").percent == 99

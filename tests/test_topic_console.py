@@ -2,7 +2,8 @@
 JetStream (a nats-server of the test's own) and runs a subscriber group shows both on the
 Topics page and its JSON route (producer partitions and group partitions, with their lag);
 the read sides' operations act on them (pause and resume a group's partition, with the token);
-the Read sides page keeps to read sides."""
+the Read sides page keeps to read sides; in the distribution's Chromium the Topics page renders
+the topic and its partitions' lines."""
 
 from __future__ import annotations
 
@@ -34,6 +35,33 @@ def _wait(check: Callable[[], Any], what: str, timeout: float = 20) -> None:
     while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def _in_chromium(url: str, *, group_of: str) -> None:
+    """The Topics page in the distribution's Chromium: the published topic and a line per
+    partition of the producer and of the group render (and a screenshot is saved where
+    ``LAGOMPY_CONSOLE_SCREENSHOTS`` says). Skipped here, not under CI, without a browser."""
+    from test_console_browser import CHROMIUM, shoot
+
+    if not CHROMIUM.exists():
+        if UNDER_CI:
+            pytest.fail(f"browser checks must run under CI: {CHROMIUM} is missing")
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/console/")
+            page.get_by_role("link", name="Topics", exact=True).click()
+            assert page.locator(f"#topics tr[data-topic='{group_of}']").count() >= 1
+            rows = page.locator("#readside-rows tr[data-processor]")
+            names = {rows.nth(i).get_attribute("data-processor") for i in range(rows.count())}
+            assert names == {f"topic-producer:{group_of}", f"topic:{group_of}:console-group"}
+            shoot(page, "topics")
+        finally:
+            browser.close()
 
 
 @pytest.fixture
@@ -95,6 +123,7 @@ async def test_the_topics_page_shows_producers_and_groups_and_acts_on_them(
             assert published[0]["transport"] == "nats"
             assert published[0]["published"] == len(written)
 
+            await asyncio.to_thread(_in_chromium, url, group_of=contract_topic.name)
             page = http.get("/console/topics").text
             assert "console-group" in page and "topic-producer:" in page
             assert "/actions/pause" in page or "Log in to act" in page

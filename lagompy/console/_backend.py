@@ -74,9 +74,12 @@ class RebuildProgress:
 
     @property
     def percent(self) -> int:
+        """How far the replay got; 100 only once the rebuild is done: after its last event
+        the rebuild still commits and hands the processor back to its workers, and a page
+        that showed 100% beside ``running`` would say two things at once."""
         if self.state == "done":
             return 100
-        return 0 if self.total <= 0 else min(100, self.done * 100 // self.total)
+        return 0 if self.total <= 0 else min(99, self.done * 100 // self.total)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "percent": self.percent}
