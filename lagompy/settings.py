@@ -130,8 +130,9 @@ class JournalSettings(LagompySettings):
         default=10_000,
         ge=0,
         description=(
-            "PostgreSQL lock_timeout for lagompy's connections: how long a write transaction "
-            "waits for the journal's ordering lock before failing (0 waits forever)."
+            "PostgreSQL lock_timeout for lagompy's connections: how long a statement waits "
+            "for a lock before failing (0 waits forever); journal writers wait only behind a "
+            "writer of a version before migration 0010, or a lock someone else took."
         ),
     )
     echo: bool = Field(default=False, description="Log every SQL statement (SQLAlchemy echo).")

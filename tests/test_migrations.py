@@ -269,6 +269,37 @@ async def test_0009_adds_the_parked_table_to_a_database_at_0008(database: Databa
         assert len(set(ids)) == 2
 
 
+async def test_0010_lets_journal_writers_run_at_once_on_a_database_at_0009(
+    database: Database,
+) -> None:
+    # Events written before keep their offsets; on PostgreSQL the write function now places a
+    # marker (shared) where it took the exclusive lock, and readers ask lagompy_visible.
+    from lagompy.journal import Journal
+    from lagompy.serialization import Serializer
+
+    assert (await upgrade(database, "0009")).after == "0009"
+    async with database.write() as conn:
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    result = await upgrade(database)
+    assert (result.before, result.after) == ("0009", HEAD)
+    assert await differences(database) == []
+    journal = Journal(database, Serializer())
+    async with database.read() as conn:
+        bound = await journal.backend.visible(conn)
+        if database.dialect == "postgresql":
+            function = "SELECT prosrc FROM pg_proc WHERE proname = 'lagompy_write'"
+            source = (await conn.execute(text(function))).scalar_one()
+            assert "pg_advisory_xact_lock_shared" in source
+            assert "pg_advisory_xact_lock(" not in source
+            assert bound is not None and bound[0] == bound[1]  # nobody in flight
+        else:
+            assert bound is None
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+
+
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
     # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
     # version table; later revisions add tables that 0.1 never had.

@@ -5,8 +5,9 @@ On PostgreSQL, four writers, each on a storage of its own (as shard hosts are: t
 one process take turns on its write connection), append concurrently while a deferred
 constraint trigger sleeps a random few milliseconds inside every commit, so transactions that
 took their offsets first often become visible last. A tailer with a tiny page size must still
-see every event exactly once, in offset order. The twin runs the same load with the ordering
-fence switched off and must observe a skipped event, which shows the test can fail.
+see every event exactly once, in offset order (writers never wait for each other: each places a
+marker that reads stop below while it is in flight). The twin runs the same load with the
+ordering fence switched off and must observe a skipped event, which shows the test can fail.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ async def run_load(
     async def writer(w: int) -> None:
         rng = random.Random(w)
         for b in range(BATCHES_PER_WRITER):
-            size = rng.randint(1, 3)
+            # The last writer's first batches are large: the journal's COPY path.
+            large = w == WRITERS - 1 and b < 6
+            size = rng.randint(64, 66) if large else rng.randint(1, 3)
             writes = [
                 AtomicWrite(
                     "clock",
@@ -190,33 +193,93 @@ async def test_without_the_ordering_fence_the_same_tailer_skips_events(
     print(f"without the fence the tailer skipped {len(missing)} of {len(committed)} events")
 
 
-async def test_the_write_lock_fences_writers_but_not_vacuum(postgres_schema: str) -> None:
-    """The fence is a transaction-level advisory lock: a writer waits while another journal
-    writer holds it (and fails after lock_timeout), but not behind the SHARE UPDATE EXCLUSIVE
-    lock that VACUUM, ANALYZE and autovacuum take on the events table (a LOCK TABLE ...
-    EXCLUSIVE fence conflicted with it)."""
+#: What a writer of the version before migration 0010 took: the journal's lock, exclusive.
+_OLD_FENCE = (
+    "SELECT pg_advisory_xact_lock(1818717552, "
+    "('lagompy_events'::regclass::oid::bigint - 2147483648)::int)"
+)
+_NEXT_OFFSET = "SELECT nextval(pg_get_serial_sequence('lagompy_events', 'global_offset'))"
+#: A copy of entity a's first event as entity c's, at the offset $1, tagged "clock".
+_COPY_EVENT = """
+WITH ev AS (
+    INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type,
+                                event_version, payload, tags, metadata, written_at_us)
+    SELECT $1, entity_type, 'c', 1, event_type, event_version, payload, tags, metadata,
+           written_at_us
+    FROM lagompy_events WHERE entity_id = 'a' AND seq_nr = 1
+)
+INSERT INTO lagompy_event_tags (tag, global_offset) VALUES ('clock', $1)
+"""
+
+
+async def test_writers_never_wait_for_each_other_and_reads_stop_below_one_in_flight(
+    postgres_schema: str,
+) -> None:
+    """A writer in flight (its marker placed, an offset taken, not committed) does not hold
+    another writer back, but holds every read by offset below its offset until it commits
+    (then both events are read, in offset order) or rolls back (then the other one is). A
+    writer of the version before (the exclusive lock) and this version's writers take turns,
+    and reads stop at what was committed while it runs. VACUUM's lock holds none of them."""
     settings = JournalSettings(
         url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True, lock_timeout_ms=300
     )
     async with await open_storage(settings=settings, entities=[ClockEntity]) as s:
         journal = s.journal
-        await journal.append_one(AtomicWrite("clock", "a", 0, [Ticked(0, 0)]))
+
+        async def write(entity: str, expected: int = 0) -> int:
+            write = AtomicWrite("clock", entity, expected, [Ticked(0, 0)], [("clock",)])
+            written = await asyncio.wait_for(journal.append_one(write), 5)
+            return written[-1].offset
+
+        start = await write("a")
         other = await asyncpg.connect(
             POSTGRES_URL, server_settings={"search_path": postgres_schema}
         )
         try:
+            # In flight, then committed: the other writer went ahead; reads waited for it.
+            async with other.transaction():
+                await other.execute(_LOCK_EVENTS)
+                in_flight = await other.fetchval(_NEXT_OFFSET)
+                later = await write("b")
+                assert later > in_flight
+                page = await journal.read_tag("clock", after_offset=start)
+                assert (page.envelopes, page.held) == ([], True)
+                assert await journal.events_by_tag("clock", after_offset=start) == []
+                assert await journal.all_events(after_offset=start) == []
+                await other.execute(_COPY_EVENT, in_flight)
+            page = await journal.read_tag("clock", after_offset=start)
+            assert [(e.entity_id, e.offset) for e in page.envelopes] == [
+                ("c", in_flight),
+                ("b", later),
+            ]
+            assert not page.held
+
+            # In flight, then rolled back: the other writer's event is read once it ends.
+            rolled_back = other.transaction()
+            await rolled_back.start()
+            await other.execute(_LOCK_EVENTS)
+            await other.fetchval(_NEXT_OFFSET)
+            last = await write("d")
+            assert (await journal.read_tag("clock", after_offset=later)).envelopes == []
+            await rolled_back.rollback()
+            page = await journal.read_tag("clock", after_offset=later)
+            assert [(e.entity_id, e.offset) for e in page.envelopes] == [("d", last)]
+
+            # A writer of the version before: this version's writers wait for it (and fail
+            # after lock_timeout), reads stop at what is committed while it runs.
+            async with other.transaction():
+                await other.execute(_OLD_FENCE)
+                await other.fetchval(_NEXT_OFFSET)
+                with pytest.raises(JournalError, match="lock timeout"):
+                    await journal.append_one(AtomicWrite("clock", "e", 0, [Ticked(0, 0)]))
+                page = await journal.read_tag("clock", after_offset=start)
+                assert [e.entity_id for e in page.envelopes] == ["c", "b", "d"]
+                assert page.held
+
             # What VACUUM and ANALYZE hold for their whole run.
             async with other.transaction():
                 await other.execute("LOCK TABLE lagompy_events IN SHARE UPDATE EXCLUSIVE MODE")
-                await asyncio.wait_for(
-                    journal.append_one(AtomicWrite("clock", "a", 1, [Ticked(0, 1)])), 5
-                )
-            # Another journal writer's transaction, holding the write lock.
-            async with other.transaction():
-                await other.execute(_LOCK_EVENTS)
-                with pytest.raises(JournalError, match="lock timeout"):
-                    await journal.append_one(AtomicWrite("clock", "a", 2, [Ticked(0, 2)]))
-            await journal.append_one(AtomicWrite("clock", "a", 2, [Ticked(0, 2)]))
+                await write("a", 1)
         finally:
             await other.close()
-        assert [e.seq_nr for e in await journal.events("clock", "a")] == [1, 2, 3]
+        assert [e.seq_nr for e in await journal.events("clock", "a")] == [1, 2]

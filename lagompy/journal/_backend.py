@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lagompy.errors import ConcurrencyConflict, DuplicateCommandId
 from lagompy.journal._model import AtomicWrite, WriteResult
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 #: Column order of the event rows the append paths write (COPY and executemany).
 EVENT_COLUMNS = (
@@ -92,6 +95,14 @@ class JournalBackend(Protocol):
     async def save_snapshots(self, written_at: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Save snapshot rows (one per entity and sequence number, the columns of the
         snapshots table) in one transaction, replacing any at the same sequence number."""
+        ...
+
+    async def visible(self, conn: AsyncConnection) -> tuple[int, int] | None:
+        """Before a read by offset, on the read's connection: ``(visible, last)``, the offset
+        up to which the read may go without skipping an event that a writer still in flight
+        will commit, and the highest offset allocated so far (``visible < last`` while a
+        writer is in flight). The read must run as a later statement (a later snapshot).
+        None when writers commit in offset order anyway (SQLite's take turns)."""
         ...
 
 

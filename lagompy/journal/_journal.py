@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any, Protocol, cast
 
 import msgpack
-from sqlalchemy import case, func, insert, null, select, union_all
+from sqlalchemy import bindparam, case, func, insert, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import (
@@ -115,6 +115,9 @@ def backend_for(database: Database, *, ordering_fence: bool = True) -> JournalBa
 
 
 #: The columns ``Journal._envelope`` takes, in its parameter order.
+#: The bound of a read by offset where the backend sets none (the highest BIGINT).
+_NO_BOUND = 2**63 - 1
+
 _ENVELOPE_COLUMNS = (
     schema.events.c.entity_type,
     schema.events.c.entity_id,
@@ -620,7 +623,11 @@ class Journal:
         # to a full sort of the table after a bulk load, 10x slower).
         page = (
             select(tg.c.global_offset)
-            .where(tg.c.tag == tag, tg.c.global_offset > after_offset)
+            .where(
+                tg.c.tag == tag,
+                tg.c.global_offset > after_offset,
+                tg.c.global_offset <= bindparam("visible"),
+            )
             .order_by(tg.c.global_offset)
             .limit(limit)
             .subquery("page")
@@ -638,7 +645,8 @@ class Journal:
             .order_by(page.c.global_offset)
         )
         async with self.database.read() as conn:
-            rows = _tuples(await conn.execute(stmt))
+            visible, held = await self._visible(conn)
+            rows = _tuples(await conn.execute(stmt, {"visible": visible}))
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
@@ -648,27 +656,41 @@ class Journal:
                     try:
                         envelopes.append(envelope(*row))
                     except EventDecodeError as error:
-                        return TagPage(envelopes, last, covered, False, error)
+                        return TagPage(envelopes, last, covered, False, error, held)
                 last = row[3]
-        return TagPage(envelopes, last, len(rows), len(rows) == limit)
+        return TagPage(envelopes, last, len(rows), len(rows) == limit, held=held)
+
+    async def _visible(self, conn: AsyncConnection) -> tuple[int, bool]:
+        """Up to which offset a read by offset on ``conn`` may go, and whether a writer still
+        in flight holds it below the offsets allocated so far (see
+        :meth:`JournalBackend.visible`). Run before the read's own statement."""
+        bound = await self.backend.visible(conn)
+        if bound is None:
+            return _NO_BOUND, False
+        return bound[0], bound[0] < bound[1]
 
     async def all_events(
         self, *, after_offset: int = 0, limit: int = 1000
     ) -> list[EventEnvelope[Any]]:
         """Events of every entity with an offset above ``after_offset``, in offset order."""
+        return (await self.read_all(after_offset=after_offset, limit=limit)).envelopes
+
+    async def read_all(self, *, after_offset: int = 0, limit: int = 1000) -> TagPage:
+        """The next page of up to ``limit`` events of every entity after ``after_offset``, as a
+        :class:`TagPage` (``EventDecodeError`` if one cannot be decoded)."""
         e = schema.events
         stmt = (
             select(*_ENVELOPE_COLUMNS)
-            .where(e.c.global_offset > after_offset)
+            .where(e.c.global_offset > after_offset, e.c.global_offset <= bindparam("visible"))
             .order_by(e.c.global_offset)
             .limit(limit)
         )
-        return await self._read_envelopes(stmt)
-
-    async def _read_envelopes(self, stmt: Any) -> list[EventEnvelope[Any]]:
         async with self.database.read() as conn:
-            rows = (await conn.execute(stmt)).all()
-        return [self._envelope(*row) for row in rows]
+            visible, held = await self._visible(conn)
+            rows = _tuples(await conn.execute(stmt, {"visible": visible}))
+        envelopes = [self._envelope(*row) for row in rows]
+        last = envelopes[-1].offset if envelopes else after_offset
+        return TagPage(envelopes, last, len(envelopes), len(envelopes) >= limit, held=held)
 
     def _envelope(
         self,
@@ -806,6 +828,10 @@ class TagPage:
     #: The first event of the page that could not be decoded (it carries its ``offset``):
     #: the page ends before it.
     error: EventDecodeError | None = None
+    #: True when a writer still in flight held the read back (PostgreSQL): events above its
+    #: offsets may be committed already, and are read once it commits (its NOTIFY wakes the
+    #: tailers) or rolls back (tailers then look again shortly).
+    held: bool = False
 
 
 def _refusal(w: AtomicWrite, refused: BaseException) -> WriteRefused:

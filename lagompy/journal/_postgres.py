@@ -1,13 +1,15 @@
 """The journal on PostgreSQL.
 
-Offsets come from the events table's sequence; every write transaction first takes the journal's
-write lock (the ordering fence: writers allocate offsets and commit one after the other, so a
-reader tailing by offset never skips an event that commits late), and NOTIFYs the live tailers
-with the highest offset it allocated (delivered only if it commits). Lists travel as arrays
-(``unnest``), large batches as binary COPY. Writes and snapshot saves go through the kept write
-connection of :class:`~lagompy.sql.Database` (``raw_writer`` and ``kept_transaction``) on the
-driver (asyncpg) itself: SQLAlchemy's compiled statements cost the hot path more than the
-database did.
+Offsets come from the events table's sequence. Writers run concurrently: every write transaction
+first places its marker (a shared advisory lock naming the sequence's value before it allocates;
+see ``_LOCK_EVENTS`` and migration 0010), and a read by offset first asks ``lagompy_visible`` how
+far it may go: below the lowest marker of a writer still in flight, so that it never skips an
+event that commits late (the ordering fence, without making writers take turns). Every write
+NOTIFYs the live tailers with the highest offset it allocated (delivered only if it commits).
+Lists travel as arrays (``unnest``), large batches as binary COPY. Writes and snapshot saves go
+through the kept write connection of :class:`~lagompy.sql.Database` (``raw_writer`` and
+``kept_transaction``) on the driver (asyncpg) itself: SQLAlchemy's compiled statements cost the
+hot path more than the database did.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import JournalError
 from lagompy.journal._backend import (
@@ -37,13 +40,29 @@ from lagompy.sql._database import Database
 #: events table's oid (shifted into the int4 range), so journals in other schemas of the same
 #: database do not wait for each other.
 WRITE_LOCK_CLASS = int.from_bytes(b"lgmp", "big")
-#: Taken first in every write transaction (see :attr:`PostgresBackend.ordering_fence`): a
-#: transaction-level advisory lock rather than ``LOCK TABLE ... IN EXCLUSIVE MODE``: it fences
-#: the journal's writers the same way, but does not conflict with VACUUM, ANALYZE and
-#: autovacuum, which the table lock blocked writers behind (or made autovacuum give up).
+#: The int4 key that names this journal (its events table, so journals in other schemas of
+#: the same database never meet) in advisory locks.
+_JOURNAL_KEY = "('lagompy_events'::regclass::oid::bigint - 2147483648)::int"
+#: Taken first in every write transaction, before any offset is allocated (see
+#: :attr:`PostgresBackend.ordering_fence`; migration 0010 explains it): the journal's former
+#: exclusive write lock taken *shared* (writers of this version never wait for each other; a
+#: writer of an older version, which takes it exclusive, waits for them and they for it), and
+#: the writer's *marker*, a shared advisory lock keyed by the journal and the low 32 bits of
+#: the offsets' sequence's last value: every offset this transaction allocates is above it, and
+#: readers see the marker in ``pg_locks`` until the transaction ends (``lagompy_visible``).
+#: Advisory locks, not ``LOCK TABLE``: they do not conflict with VACUUM, ANALYZE and
+#: autovacuum.
 _LOCK_EVENTS = (
-    f"SELECT pg_advisory_xact_lock({WRITE_LOCK_CLASS}, "
-    "('lagompy_events'::regclass::oid::bigint - 2147483648)::int)"
+    f"SELECT pg_advisory_xact_lock_shared({WRITE_LOCK_CLASS}, {_JOURNAL_KEY}), "
+    f"pg_advisory_xact_lock_shared({_JOURNAL_KEY}, "
+    "((COALESCE(pg_sequence_last_value("
+    "pg_get_serial_sequence('lagompy_events', 'global_offset')::regclass), 0)"
+    " & 4294967295) - 2147483648)::int)"
+)
+#: Before a read by offset: up to where it may read (``lagompy_visible``, migration 0010).
+_PG_VISIBLE = (
+    "SELECT visible, last FROM lagompy_visible("
+    "pg_get_serial_sequence('lagompy_events', 'global_offset')::regclass)"
 )
 #: Sent with ``BEGIN`` in every write transaction, before the fence. The journal's
 #: statements take their row counts from arrays, so PostgreSQL re-planned them at every
@@ -193,13 +212,19 @@ class PostgresBackend(JournalBackend):
 
     def __init__(self, database: Database, *, ordering_fence: bool = True) -> None:
         self.database = database
-        #: Every write transaction first takes the journal's write lock (a transaction-level
-        #: advisory lock; readers are not blocked). Writers then allocate offsets and commit one
-        #: after the other, so offsets become visible in order and a reader tailing by offset
-        #: can never skip an event that commits late. Turning it off exists only to
-        #: demonstrate, in the tests, the skips it prevents.
+        #: Every write transaction first places its marker, and every read by offset stops
+        #: below the markers of writers still in flight, so a reader tailing by offset can never
+        #: skip an event that commits late, while writers never wait for each other. Turning it
+        #: off (no marker, reads unbounded) exists only to demonstrate, in the tests, the skips
+        #: it prevents.
         self.ordering_fence = ordering_fence
         self._pg_sequence: str | None = None
+
+    async def visible(self, conn: AsyncConnection) -> tuple[int, int] | None:
+        if not self.ordering_fence:
+            return None
+        visible, last = (await conn.execute(text(_PG_VISIBLE))).one()
+        return int(visible), int(last)
 
     async def append(self, batch: Batch, full_check: bool) -> dict[int, WriteResult]:
         # Small batches: one round trip (_PG_WRITE, a transaction of its own). Large batches,

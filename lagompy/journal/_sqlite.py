@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, text, tuple_
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.journal._backend import (
     EVENT_COLUMNS,
@@ -76,6 +77,11 @@ class SqliteBackend(JournalBackend):
         self.database = database
         #: Kept for the front's sake: SQLite's writers always take turns (``BEGIN IMMEDIATE``).
         self.ordering_fence = ordering_fence
+
+    async def visible(self, conn: AsyncConnection) -> None:
+        """Writers take turns (``BEGIN IMMEDIATE``): offsets commit in order, every committed
+        event may be read."""
+        return None
 
     async def append(self, batch: Batch, full_check: bool) -> dict[int, WriteResult]:
         # The transaction starts with BEGIN IMMEDIATE, so writers take turns and offsets

@@ -571,12 +571,7 @@ def _page_reader(
     if event_types is not None:
         raise ValueError("event_types needs a tag")
 
-    async def read_all(after: int, limit: int) -> TagPage:
-        events = await journal.all_events(after_offset=after, limit=limit)
-        last = events[-1].offset if events else after
-        return TagPage(events, last, len(events), len(events) >= limit)
-
-    return read_all
+    return lambda after, limit: journal.read_all(after_offset=after, limit=limit)
 
 
 class SqliteWatcher(JournalNotifier):
@@ -660,6 +655,12 @@ def _file_state(path: str) -> tuple[int, int, int] | None:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+#: After a page that a writer still in flight held back (``TagPage.held``), the longest wait
+#: before the next query, whatever the poll interval: the writer's commit wakes the tailers
+#: sooner (its NOTIFY), a rollback sends nothing.
+HELD_RECHECK_INTERVAL = 0.02
+
+
 class PageTailer(AsyncClosing):
     """The tail loop, one page at a time: the one place that knows how to wait for new events.
 
@@ -719,6 +720,7 @@ class PageTailer(AsyncClosing):
         self.reconnect_wakeups = 0
         self._read_page = _page_reader(journal, tag, event_types)
         self._must_wait = False  # the last page was short: wait before the next query
+        self._held = False  # ... and a writer in flight held it back
         self._woken = asyncio.Event()
         self._reason: WakeReason | None = None
         self._in_wait = False
@@ -821,6 +823,7 @@ class PageTailer(AsyncClosing):
         page = await self._read_page(after, self.page_size)
         self.pages_read += 1
         self._must_wait = not page.full
+        self._held = page.held
         return page
 
     async def wait(self, limit: float | None = None) -> None:
@@ -830,6 +833,10 @@ class PageTailer(AsyncClosing):
         if not self._must_wait or self._closed:
             return
         interval = self._current_poll_interval()
+        if self._held:
+            # A writer in flight held the read back: its commit NOTIFYs, but a rollback does
+            # not, and what others committed above it must not wait for the safety net.
+            interval = min(interval, HELD_RECHECK_INTERVAL)
         timeout = interval if limit is None else max(0.0, min(interval, limit))
         self._in_wait = True
         try:

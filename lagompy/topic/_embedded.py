@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from lagompy.journal._journal import Journal, TagPage, _collector_paused
+from lagompy.journal._journal import Journal, TagPage, _collector_paused, backend_for
 from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
@@ -47,8 +47,11 @@ async def partition_position(database: Database, tag: str, start: StartFrom) -> 
             ev.c.written_at_us < before_us
         )
     async with database.read() as conn:
-        head = (await conn.execute(query)).scalar()
-    return int(head or 0)
+        # Not past a writer still in flight: its events, committed after the group started,
+        # are the group's (PostgreSQL; see JournalBackend.visible). Asked before the query.
+        bound = await backend_for(database).visible(conn)
+        head = int((await conn.execute(query)).scalar() or 0)
+    return head if bound is None else min(head, bound[0])
 
 
 async def partition_lag(database: Database, tag: str, after: int) -> tuple[int, int, float]:
