@@ -205,6 +205,31 @@ class Console:
     async def act(self, request: Request, action: str) -> Response:
         if action not in ACTIONS:
             raise HTTPException(404, f"no console action {action[:50]!r}")
+        return await self.perform(
+            request,
+            action,
+            audited=action,
+            destructive=ACTIONS[action],
+            confirm_template="confirm.html",
+            prepare=lambda params, actor: self._prepare(action, params, actor),
+        )
+
+    async def perform(
+        self,
+        request: Request,
+        action: str,
+        *,
+        audited: str,
+        destructive: bool,
+        confirm_template: str,
+        prepare: Callable[[dict[str, str], str], tuple[str, Run]],
+    ) -> Response:
+        """Every action of the console, its own and its pages' (workflows): the caller
+        authorised (403 otherwise), the form's CSRF token checked, the parameters checked by
+        ``prepare(params, actor)`` (which answers the audit target and the operation), a
+        confirmation asked for when ``destructive``, then the operation run and audited as
+        ``audited``, under the audit lock. A browser gets a page or a redirect, an API
+        caller JSON or a problem document."""
         caller = self._caller(request)
         params = await _params(request)
         browser = caller.session is not None
@@ -213,15 +238,15 @@ class Console:
         ):
             raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
         try:
-            target, run = self._prepare(action, params, caller.actor)
+            target, run = prepare(params, caller.actor)
         except ActionError as e:
             raise HTTPException(e.status, e.detail) from None
-        if ACTIONS[action] and params.get("confirm", "").lower() not in _YES:
+        if destructive and params.get("confirm", "").lower() not in _YES:
             if browser:
                 fields = {k: v for k, v in params.items() if k not in ("csrf", "confirm")}
                 return self._page(
                     request,
-                    "confirm.html",
+                    confirm_template,
                     action=action,
                     target=target,
                     fields=fields,
@@ -245,27 +270,27 @@ class Console:
             except ConfigurationError as e:
                 status, result, detail = 409, "refused", str(e)
             except Exception as e:
-                log.exception("console action %s on %s failed", action, target)
+                log.exception("console action %s on %s failed", audited, target)
                 status, result = 500, "failed"
                 detail = f"{type(e).__name__} (see the service's log)"
             await audit.record(
-                actor=caller.actor, action=action, target=target, result=result, detail=detail
+                actor=caller.actor, action=audited, target=target, result=result, detail=detail
             )
-        log.info("console: %s did %s on %s: %s (%s)", caller.actor, action, target, result, detail)
+        log.info("console: %s did %s on %s: %s (%s)", caller.actor, audited, target, result, detail)
         if browser:
             if status != 200:
                 return self._page(
-                    request, "error.html", status, action=action, target=target, detail=detail
+                    request, "error.html", status, action=audited, target=target, detail=detail
                 )
             where = self._next(request, params.get("next"))
             sep = "&" if "?" in where else "?"
             return RedirectResponse(
-                f"{where}{sep}{urlencode({'done': f'{action}: {detail}'})}", status_code=303
+                f"{where}{sep}{urlencode({'done': f'{audited}: {detail}'})}", status_code=303
             )
         if status != 200:
             raise HTTPException(status, detail)
         return JSONResponse(
-            {"action": action, "target": target, "result": result, "detail": detail}
+            {"action": audited, "target": target, "result": result, "detail": detail}
         )
 
     # ------------------------------------------------------------------ login

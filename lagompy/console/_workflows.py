@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from lagompy.console._backend import ActionError
 from lagompy.errors import (
@@ -214,68 +214,18 @@ def _prepare(console: Console, action: str, params: dict[str, str]) -> tuple[str
 
 
 async def act(console: Console, request: Request, action: str) -> Response:
-    """A workflow action, exactly as :meth:`Console.act` takes the console's others."""
-    from lagompy.console._router import _params
-
+    """A workflow action, authorised, confirmed and audited as the console's others
+    (:meth:`Console.perform`), audited as ``workflow-<action>``."""
     if action not in WORKFLOW_ACTIONS:
         raise HTTPException(404, f"no workflow action {action[:50]!r}")
-    caller = console._caller(request)
-    params = await _params(request)
-    browser = caller.session is not None
-    if caller.session is not None and not console.auth.csrf_matches(
-        caller.session, params.get("csrf", "")
-    ):
-        raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page")
-    try:
-        target, run = _prepare(console, action, params)
-    except ActionError as e:
-        raise HTTPException(e.status, e.detail) from None
-    audited = f"workflow-{action}"
-    if WORKFLOW_ACTIONS[action] and params.get("confirm", "").lower() not in _YES:
-        if browser:
-            fields = {k: v for k, v in params.items() if k not in ("csrf", "confirm")}
-            return console._page(
-                request,
-                "workflow_confirm.html",
-                action=action,
-                target=target,
-                fields=fields,
-                cancel=console._next(request, params.get("next")),
-            )
-        raise HTTPException(
-            400, f"{action} cannot be undone: send confirm=true to do it ({target})"
-        )
-    try:
-        audit = await console.backend.audit_log()
-    except ActionError as e:
-        raise HTTPException(e.status, e.detail) from None
-    async with console.backend.audit_order:
-        status, result = 200, "ok"
-        try:
-            detail = await run()
-        except ActionError as e:
-            status, result, detail = e.status, "refused", e.detail
-        except Exception as e:
-            log.exception("console action %s on %s failed", audited, target)
-            status, result = 500, "failed"
-            detail = f"{type(e).__name__} (see the service's log)"
-        await audit.record(
-            actor=caller.actor, action=audited, target=target, result=result, detail=detail
-        )
-    log.info("console: %s did %s on %s: %s (%s)", caller.actor, audited, target, result, detail)
-    if browser:
-        if status != 200:
-            return console._page(
-                request, "error.html", status, action=audited, target=target, detail=detail
-            )
-        where = console._next(request, params.get("next"))
-        sep = "&" if "?" in where else "?"
-        return RedirectResponse(
-            f"{where}{sep}{urlencode({'done': f'{audited}: {detail}'})}", status_code=303
-        )
-    if status != 200:
-        raise HTTPException(status, detail)
-    return JSONResponse({"action": audited, "target": target, "result": result, "detail": detail})
+    return await console.perform(
+        request,
+        action,
+        audited=f"workflow-{action}",
+        destructive=WORKFLOW_ACTIONS[action],
+        confirm_template="workflow_confirm.html",
+        prepare=lambda params, _actor: _prepare(console, action, params),
+    )
 
 
 def workflow_routes(console: Console) -> APIRouter:
