@@ -289,7 +289,10 @@ async def test_0010_lets_journal_writers_run_at_once_on_a_database_at_0009(
     async with database.read() as conn:
         bound = await journal.backend.visible(conn)
         if database.dialect == "postgresql":
-            function = "SELECT prosrc FROM pg_proc WHERE proname = 'lagompy_write'"
+            function = (
+                "SELECT prosrc FROM pg_proc WHERE proname = 'lagompy_write' "
+                "AND pronamespace = current_schema()::regnamespace"
+            )
             source = (await conn.execute(text(function))).scalar_one()
             assert "pg_advisory_xact_lock_shared" in source
             assert "pg_advisory_xact_lock(" not in source
