@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from examples.user_service.entity import RegisterUser, UserEntity, UserRegistered
 from lagompy import ConfigurationError, EventEnvelope
 from lagompy.console import ACTIONS, ConsoleSettings
-from lagompy.console._backend import MASK, jsonable
+from lagompy.console._backend import MASK, RebuildProgress, jsonable
 from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideComponent, SqlReadSideProcessor
 from lagompy.readside._store import OffsetStore
@@ -486,3 +486,12 @@ def test_masking_keeps_the_shape_and_hides_every_value() -> None:
     value = UserRegistered("u1", "Ada", "ada@example.org")
     assert jsonable(value, masked=True) == {"user_id": MASK, "name": MASK, "email": MASK}
     assert jsonable({"a": [1, (2, b"xy")]}, masked=False) == {"a": [1, [2, "<2 bytes>"]]}
+
+
+def test_a_rebuild_shows_100_percent_only_once_it_is_done() -> None:
+    # Every event replayed is not the end yet (the rebuild still releases its leases and audits
+    # its end): the page showed 100% next to `running` once, under load.
+    running = RebuildProgress("p", "now", done=10, total=10)
+    assert (running.percent, RebuildProgress("p", "now", done=5, total=10).percent) == (99, 50)
+    assert RebuildProgress("p", "now", state="done", done=10, total=10).percent == 100
+    assert RebuildProgress("p", "now", state="failed", done=3, total=10).percent == 30
