@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from readside_processors import PoisonedCredits
-from sqlalchemy import text
+from sqlalchemy import event, text
 from typer.testing import CliRunner
 
 from lagompy import ConfigurationError, JournalSettings
@@ -25,6 +25,7 @@ from lagompy.readside import (
     open_projections,
     start_readside,
 )
+from lagompy.readside._parked import ParkedStore
 from lagompy.readside._store import OffsetStore
 from lagompy.serialization import Serializer
 from lagompy.testkit.readside import (
@@ -220,6 +221,89 @@ async def test_a_retry_applies_once_and_removes_the_row_a_failing_one_keeps_it(
         assert status.parked == 0 and status.state == "running"
         with pytest.raises(ConfigurationError, match="no parked event matches"):
             await projections.retry_parked(ParkedFilter())
+
+
+async def test_a_retry_comes_with_the_lease_renewal_not_a_query_of_its_own(
+    journal: Storage, journal_settings: JournalSettings
+) -> None:
+    # The worker learns of an operator's retry from the renewal of its lease (its RETURNING
+    # says whether one is pending): while none is asked, it sends no query of the parked table
+    # of its own; once asked, the retry runs within about a renewal interval.
+    accounts = Accounts(journal)
+    bad = await accounts.credit("bad", 2)
+    PoisonedCredits.poison = {"bad"}
+    renew = 0.2
+    async with await start(journal_settings, renew_interval=renew) as rs:
+        await rs.wait_until_caught_up()
+        (row,) = await rs.projections.parked()
+        PoisonedCredits.poison = set()
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(" ".join(statement.split()))
+
+        def parked_queries() -> list[str]:
+            return [
+                s
+                for s in statements
+                if "lagompy_parked" in s and not s.startswith("UPDATE lagompy_readside_offsets")
+            ]
+
+        engine = rs.projection.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            await asyncio.sleep(renew * 5)
+            assert parked_queries() == []
+            renewals = [s for s in statements if s.startswith("UPDATE lagompy_readside_offsets")]
+            assert len(renewals) >= 3 and all("lagompy_parked" in s for s in renewals)
+            asked = time.monotonic()
+            assert await rs.projections.retry_parked(ParkedFilter(ids=(row.id,))) == 1
+
+            async def applied() -> bool:
+                return await credits(rs) == [(bad[0].offset, "bad")]
+
+            await eventually(applied)
+            took = time.monotonic() - asked
+            assert took < renew * 2 + 1.0, f"the retry ran {took:.2f} s after it was asked"
+            await asyncio.sleep(renew * 2)  # done: no more queries of the parked table
+            statements.clear()
+            await asyncio.sleep(renew * 5)
+            assert parked_queries() == []
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        assert await rs.projections.count_parked() == 0
+
+
+async def test_the_lease_renewal_tells_each_tag_of_its_own_pending_retries(
+    journal: Storage,
+) -> None:
+    store, parked = OffsetStore(journal.database), ParkedStore(journal.database)
+    await store.ensure("p", ["t1", "t2"])
+    leases = {t: await store.acquire("p", t, "worker", 10) for t in ("t1", "t2")}
+    async with journal.database.write() as conn:
+        for tag in ("t1", "t2"):
+            await parked.park(
+                conn, kind="read-side", consumer="p", tag=tag, offset=1, entity_type="e",
+                entity_id="1", seq_nr=1, event_type="E", error_class="ValueError",
+                error="ValueError: x", attempts=2, message=None,
+            )  # fmt: skip
+
+    async def retry_flags() -> dict[str, bool]:
+        flags = {}
+        for tag, lease in leases.items():
+            assert lease is not None
+            flags[tag] = (await store.renew(lease, 10, state="running")).retry
+        return flags
+
+    assert await retry_flags() == {"t1": False, "t2": False}
+    assert await parked.request_retry(ParkedFilter(consumer="p", tag="t2")) == 1
+    assert await retry_flags() == {"t1": False, "t2": True}
+    again = await store.acquire("p", "t2", "worker", 10)  # a worker (re)starting learns it too
+    assert again is not None and again.flags.retry
+    (row,) = await parked.find(ParkedFilter(tag="t2"))
+    await parked.retry_failed(row, error_class="ValueError", error="ValueError: x")
+    leases["t2"] = again
+    assert await retry_flags() == {"t1": False, "t2": False}
 
 
 async def test_discard_and_filters(journal: Storage, journal_settings: JournalSettings) -> None:

@@ -43,10 +43,6 @@ async def _until_steps(engine: WorkflowEngine, run_id: str, n: int, within: floa
         await asyncio.sleep(0.02)
 
 
-# PostgreSQL only for now: on SQLite, under a loaded CI run, a new executor's first write waited
-# out the busy timeout ("database is locked") in about 1 run in 3 after a shard-host kill; the
-# holder of the lock is not found yet. The executor-crash test of test_workflow.py runs on both.
-@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_twenty_kills_at_step_boundaries_complete_or_compensate_each_transfer_once(
     app: str, journal_settings: JournalSettings, ray_session: Any
 ) -> None:

@@ -74,9 +74,8 @@ class RebuildProgress:
 
     @property
     def percent(self) -> int:
-        """How far the replay got; 100 only once the rebuild is done: after its last event
-        the rebuild still commits and hands the processor back to its workers, and a page
-        that showed 100% beside ``running`` would say two things at once."""
+        """100 once the rebuild is ``done``; at most 99 while it runs, even when every event
+        is replayed (it still releases its leases and records its end)."""
         if self.state == "done":
             return 100
         return 0 if self.total <= 0 else min(99, self.done * 100 // self.total)
@@ -519,13 +518,11 @@ class Backend:
         except Exception as e:
             log.exception("console: the rebuild of %r failed", name)
             detail = f"{type(e).__name__} (see the service's log)"
-            self.rebuilds[name] = replace(self.rebuilds[name], state="failed", detail=detail)
+            end: dict[str, Any] = {"state": "failed", "detail": detail}
             result = "failed"
         else:
             detail = f"replayed {count} events"
-            self.rebuilds[name] = replace(
-                self.rebuilds[name], state="done", done=count, detail=detail
-            )
+            end = {"state": "done", "done": count, "detail": detail}
             result = "ok"
         try:
             audit = await self.audit_log()
@@ -539,6 +536,10 @@ class Backend:
                 )
         except Exception:
             log.exception("console: could not audit the end of the rebuild of %r", name)
+        finally:
+            # The end shows once it is all over (its audit row written): a page that sees
+            # `done` finds the row in the audit log too.
+            self.rebuilds[name] = replace(self.rebuilds[name], **end)
 
     # ------------------------------------------------------------------ overview
 

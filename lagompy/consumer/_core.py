@@ -141,9 +141,11 @@ class CommitStrategy(Protocol):
         ...
 
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
-        """Called about every ``renew_interval`` while the consumer runs (not held): work
-        that waits for the lease holder (the read side: operators' retries of parked
-        events). Fenced like every write."""
+        """Called while the consumer runs (not held) and its row's flags ask for work that
+        waits for the lease holder (:attr:`Flags.retry`: the read side's operators' retries
+        of parked events); the flags come with the lease renewals and commits, so this runs
+        within about ``renew_interval`` of the request. Fenced like every write; once done
+        it resets ``retry`` in the consumer's flags (:meth:`EventConsumer.set_flags`)."""
         ...
 
 
@@ -558,7 +560,6 @@ class EventConsumer:
     async def _consume(self, lease: Lease, tailer: PageSource) -> None:
         s = self.settings
         next_renew = time.monotonic() + s.renew_interval
-        next_idle = time.monotonic()
         while True:
             if self._stop.is_set():
                 raise ConsumerStopped
@@ -570,9 +571,8 @@ class EventConsumer:
                 next_renew = time.monotonic() + s.renew_interval
                 continue
             self.state = "running"
-            if time.monotonic() >= next_idle:
+            if self._flags.retry:
                 await self.strategy.idle(self, lease)
-                next_idle = time.monotonic() + s.renew_interval
             page = await self._read(tailer, lease)
             try:
                 if page.envelopes or page.last_offset > self.offset:

@@ -61,6 +61,9 @@ class Flags(NamedTuple):
     paused: bool
     #: The worker is stopped by a failing event (until resume, skip or set-offset).
     failed: bool
+    #: An operator asked for work that waits for the lease holder (the read side: retries of
+    #: parked events): the strategy's ``idle`` runs it.
+    retry: bool = False
 
     @property
     def hold(self) -> bool:
@@ -86,10 +89,12 @@ class Lease:
     #: Who held the lease before (None: nobody), and whether that lease was still live.
     previous_owner: str | None = None
     previous_live: bool = False
+    #: An operator's retry waited for the lease holder when the lease was taken.
+    retry: bool = False
 
     @property
     def flags(self) -> Flags:
-        return Flags(self.paused, self.state == FAILED)
+        return Flags(self.paused, self.state == FAILED, self.retry)
 
 
 class LeaseStore(Protocol):

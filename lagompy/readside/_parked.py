@@ -12,7 +12,9 @@ the event is never lost nor parked by a worker whose lease another took::
     COMMIT
 
 An operator's *retry* only marks rows (``retry_requested_us``): the worker that holds the
-consumer's lease picks them up within ``renew_interval`` and, for each, runs the handler again,
+consumer's lease learns of it from its lease renewals and commits (their RETURNING says whether
+a retry waits: no query of this table of its own), picks them up within ``renew_interval``
+and, for each, runs the handler again,
 deletes the row and extends its lease (fenced) in one transaction: the effect happens exactly
 once, or the row stays with the new error. A retried event runs out of order: after the later
 events of its entity, which the consumer handled meanwhile. *Discard* deletes rows.

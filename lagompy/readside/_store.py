@@ -33,7 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, delete, literal, or_, select, update
+from sqlalchemy import (
+    and_,
+    case,
+    delete,
+    exists,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -207,7 +217,14 @@ class OffsetStore:
                 lease_expires_us=now + int(ttl * 1_000_000),
                 updated_us=now,
             )
-            .returning(_T.c.epoch, _T.c.last_offset, _T.c.paused, _T.c.state, _T.c.error_offset)
+            .returning(
+                _T.c.epoch,
+                _T.c.last_offset,
+                _T.c.paused,
+                _T.c.state,
+                _T.c.error_offset,
+                _retry_pending(),
+            )
         )
         async with self.database.write() as conn:
             before = (
@@ -221,7 +238,7 @@ class OffsetStore:
             got = (await conn.execute(stmt)).first()
             if got is None:
                 return None
-        epoch, offset, paused, state, error_offset = got
+        epoch, offset, paused, state, error_offset, retry = got
         return Lease(
             processor,
             tag,
@@ -233,6 +250,7 @@ class OffsetStore:
             error_offset=None if error_offset is None else int(error_offset),
             previous_owner=before[0],
             previous_live=before[0] is not None and int(before[1]) > now,
+            retry=bool(retry),
         )
 
     async def commit(
@@ -336,7 +354,12 @@ class OffsetStore:
             return bool((await conn.execute(stmt)).rowcount)
 
     async def _fenced(self, conn: AsyncConnection, lease: Lease, values: dict[str, Any]) -> Flags:
-        stmt = update(_T).where(*_fence(lease)).values(**values).returning(_T.c.paused, _T.c.state)
+        stmt = (
+            update(_T)
+            .where(*_fence(lease))
+            .values(**values)
+            .returning(_T.c.paused, _T.c.state, _retry_pending())
+        )
         got = (await conn.execute(stmt)).first()
         if got is None:
             now = (
@@ -354,7 +377,7 @@ class OffsetStore:
                 processor=lease.processor,
                 tag=lease.tag,
             )
-        return Flags(bool(got[0]), got[1] == FAILED)
+        return Flags(bool(got[0]), got[1] == FAILED, bool(got[2]))
 
     # ------------------------------------------------------------------ operations
 
@@ -467,6 +490,24 @@ def _parked_after(processor: str, tag: str, offset: int) -> Any:
     """Deletes the parked events of (processor, tag) after ``offset``."""
     p = schema.parked
     return delete(p).where(p.c.consumer == processor, p.c.tag == tag, p.c.event_offset > offset)
+
+
+def _retry_pending() -> Any:
+    """For the RETURNING of the row's fenced writes: whether an operator asked for a retry of
+    parked events of the row's (consumer, tag) that has not run yet. The renewals and commits
+    bring it along (an index probe of ``lagompy_parked`` in the same statement), so a worker
+    notices a retry without a query of its own each ``renew_interval``."""
+    p = schema.parked
+    # The row's columns spelt out with their table: SQLAlchemy writes SQLite's RETURNING
+    # unqualified, where ``tag`` would be the parked table's own.
+    processor: Any = literal_column(f"{_T.name}.processor")
+    tag: Any = literal_column(f"{_T.name}.tag")
+    return (
+        exists()
+        .where(p.c.consumer == processor, p.c.tag == tag)
+        .where(p.c.retry_requested_us.is_not(None))
+        .label("retry_pending")
+    )
 
 
 def _keep_failed(state: str) -> Any:

@@ -555,11 +555,20 @@ class ProjectionCommit:
     # ------------------------------------------------------------------ parked retries
 
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
-        """Run the retries operators asked for of this (consumer, tag)'s parked events."""
-        if self.source is None:
+        """Run the retries operators asked for of this (consumer, tag)'s parked events, when
+        the row's flags say there are some (``Flags.retry``, which the lease renewals and
+        commits return: no query of the parked table otherwise)."""
+        if self.source is None or not consumer.flags.retry:
             return
-        for row in await self.parked.due(consumer.name, consumer.tag):
-            await self.retry(consumer, lease, row)
+        limit = 100
+        while True:
+            rows = await self.parked.due(consumer.name, consumer.tag, limit)
+            for row in rows:
+                await self.retry(consumer, lease, row)
+            if len(rows) < limit:
+                break
+        # Done with what was asked until now; the next renewal or commit says if more was.
+        consumer.set_flags(consumer.flags._replace(retry=False))
 
     async def retry(self, consumer: EventConsumer, lease: Lease, row: ParkedEvent) -> bool:
         """Run the handler on ``row``'s event again, delete the row and extend the lease

@@ -102,7 +102,10 @@ class Database:
         url = normalize_url(settings.url)
         kwargs: dict[str, Any] = {"echo": settings.echo}
         if dialect_of(url) == "sqlite":
-            kwargs["connect_args"] = {"timeout": settings.sqlite_busy_timeout_ms / 1000}
+            kwargs["connect_args"] = {
+                "timeout": settings.sqlite_busy_timeout_ms / 1000,
+                "factory": RollbackOnClose,
+            }
             if url.database == ":memory:":
                 kwargs["poolclass"] = StaticPool
             else:
@@ -270,6 +273,28 @@ def _invalidate_if_broken(fairy: Any, error: BaseException) -> bool:
         return False
     fairy.invalidate(error if isinstance(error, Exception) else None)
     return True
+
+
+class RollbackOnClose(sqlite3.Connection):
+    """The SQLite driver connection: rolls its open transaction back before it closes.
+
+    SQLAlchemy closes the driver connection of a statement that a cancellation interrupted (it
+    cannot tell whether the connection is still usable), without a ROLLBACK. Since Python 3.11,
+    ``sqlite3``'s close no longer finalizes the statements of live cursors, so a statement whose
+    rows were never fetched (the one the cancellation interrupted) made the closed connection a
+    zombie that kept its transaction, and the database's write lock, until that cursor was
+    freed: as long as the cancelled task's traceback lived. Every other writer of the file, in
+    any process, then waited out its busy timeout and failed with "database is locked" (a
+    workflow executor replaced after a host kill, 1 run in 3 on a loaded machine; reproduced by
+    tests/test_sqlite_cancel.py). A ROLLBACK first ends the transaction whatever the cursors."""
+
+    def close(self) -> None:
+        try:
+            if self.in_transaction:
+                self.rollback()
+        except sqlite3.Error:
+            pass  # closed already, or the file is gone: close() says what it has to
+        super().close()
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: JournalSettings) -> None:
