@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
-from lagompy.consumer import ConsumerStopped, describe_taken
+from lagompy.consumer import ConsumerStopped, Membership, describe_taken, member_ttl
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
 from lagompy.readside._parked import ParkedEvent, ParkedFilter, ParkedStore
@@ -471,6 +471,10 @@ class ReadSide(AsyncClosing):
         self.settings = settings
         self.projections = Projections(projection, journal.database, settings=settings)
         self.workers: list[ReadSideWorker] = []
+        #: This process's name as a member of its processors (and its workers' lease owner).
+        self.member = default_owner()
+        #: One per processor when ``settings.rebalance``.
+        self.memberships: list[Membership] = []
         self.global_prepares: dict[str, int] = {}
         #: Processors whose global_prepare keeps failing (from max_attempts on): the error.
         self.prepare_stalls: dict[str, str] = {}
@@ -480,10 +484,29 @@ class ReadSide(AsyncClosing):
         self._closed = False
 
     def _start(self) -> None:
+        s = self.settings
         for p in self.processors:
+            membership = None
+            if s.rebalance:
+                membership = Membership(
+                    p.name,
+                    list(p.tags()),
+                    OffsetStore(self.projection),
+                    member=self.member,
+                    ttl=member_ttl(s.lease_ttl, s.renew_interval),
+                    interval=s.renew_interval,
+                    logger=log,
+                )
+                self.memberships.append(membership)
             workers = [
                 ReadSideWorker(
-                    p, t, journal=self.journal, projection=self.projection, settings=self.settings
+                    p,
+                    t,
+                    journal=self.journal,
+                    projection=self.projection,
+                    settings=s,
+                    owner=self.member,
+                    membership=membership,
                 )
                 for t in p.tags()
             ]
@@ -561,6 +584,8 @@ class ReadSide(AsyncClosing):
         for w in self.workers:
             await w.stop()
         await finish_tasks(self._tasks, what="a read-side task", logger=log)
+        for m in self.memberships:
+            await m.leave()
         for db in self._owned:
             await db.dispose()
 

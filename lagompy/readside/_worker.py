@@ -34,6 +34,7 @@ from sqlalchemy.exc import DBAPIError
 
 from lagompy.consumer._core import ConsumerStopped as _Stopped
 from lagompy.consumer._core import EventConsumer, Progress
+from lagompy.consumer._members import Membership
 from lagompy.errors import (
     ConfigurationError,
     EventDecodeError,
@@ -685,6 +686,7 @@ class ReadSideWorker(EventConsumer):
         projection: Database,
         settings: ReadSideSettings | None = None,
         owner: str | None = None,
+        membership: Membership | None = None,
     ) -> None:
         settings = settings or _settings(None, {})
         store = OffsetStore(projection)
@@ -702,6 +704,7 @@ class ReadSideWorker(EventConsumer):
             kind="read-side processor",
             describe_error=describe_error,
             logger=log,
+            membership=membership,
         )
         self.processor = processor
         self.projection = projection
