@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
-from lagompy.consumer import ConsumerStopped, Membership, describe_taken, member_ttl
+from lagompy.consumer import ConsumerStopped, Membership, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
 from lagompy.readside._parked import ParkedEvent, ParkedFilter, ParkedStore
@@ -48,6 +48,7 @@ from lagompy.readside._worker import (
     ReadSideWorker,
     default_owner,
     describe_error,
+    membership_for,
     run_global_prepare,
 )
 from lagompy.serialization import Serializer
@@ -486,17 +487,8 @@ class ReadSide(AsyncClosing):
     def _start(self) -> None:
         s = self.settings
         for p in self.processors:
-            membership = None
-            if s.rebalance:
-                membership = Membership(
-                    p.name,
-                    list(p.tags()),
-                    OffsetStore(self.projection),
-                    member=self.member,
-                    ttl=member_ttl(s.lease_ttl, s.renew_interval),
-                    interval=s.renew_interval,
-                    logger=log,
-                )
+            membership = membership_for(p.name, p.tags(), self.projection, s, self.member)
+            if membership is not None:
                 self.memberships.append(membership)
             workers = [
                 ReadSideWorker(

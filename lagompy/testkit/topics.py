@@ -381,8 +381,11 @@ class TopicContract:
         seen = await env.seen(group)
         assert [r[1] for r in seen] == [e.offset for e in written]
         for p in range(contract_topic.partitions):
-            runners = {r[5] for r in seen if r[2] == p}
-            assert len(runners) == 1, f"partition {p} was handled by {sorted(runners)}"
+            # One consumer at a time: the second one to start may take a partition over from
+            # the first (once: partitions spread as consumers join), never share it.
+            runners = [r[5] for r in seen if r[2] == p]
+            turns = [r for i, r in enumerate(runners) if i == 0 or runners[i - 1] != r]
+            assert len(turns) <= 2, f"partition {p} went back and forth: {turns}"
 
     @pytest.mark.asyncio
     async def test_replay_from_an_offset(self, env: TopicEnv) -> None:
