@@ -61,6 +61,7 @@ log = logging.getLogger("lagompy.readside")
 
 __all__ = [
     "STUCK_STATES",
+    "ConsumerMember",
     "Failure",
     "Projections",
     "ReadSide",
@@ -118,6 +119,31 @@ class WorkerStatus:
         if self.failure is not None and self.failure.at is not None:
             out["failure"]["at"] = self.failure.at.isoformat()
         return out
+
+
+@dataclass(frozen=True)
+class ConsumerMember:
+    """One running instance (a process) of a processor, as it registered itself: the tags
+    whose leases it holds now. With ``rebalance`` on (the default), the tags spread over the
+    live members: see ``docs/readside.md``."""
+
+    processor: str
+    member: str
+    joined: datetime
+    #: Its last heartbeat; it counts as live until ``expires`` unless it beats again.
+    heartbeat: datetime
+    expires: datetime
+    tags: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor": self.processor,
+            "member": self.member,
+            "joined": self.joined.isoformat(),
+            "heartbeat": self.heartbeat.isoformat(),
+            "expires": self.expires.isoformat(),
+            "tags": list(self.tags),
+        }
 
 
 def _state(row: OffsetRow) -> str:
@@ -234,6 +260,23 @@ class Projections(AsyncClosing):
                 )
             )
         return out
+
+    async def members(self, processor: str | None = None) -> list[ConsumerMember]:
+        """The live members (running instances) of every processor (or of ``processor``),
+        each with the tags it holds. Empty when none registered (``rebalance`` off, or
+        nothing runs)."""
+        rows = await self.store.members(processor)
+        return [
+            ConsumerMember(
+                processor=r.consumer,
+                member=r.member,
+                joined=from_us(r.joined_us),
+                heartbeat=from_us(r.heartbeat_us),
+                expires=from_us(r.expires_us),
+                tags=r.tags,
+            )
+            for r in rows
+        ]
 
     async def pause(self, processor: str, tag: str | None = None) -> int:
         """Pause every worker of ``processor`` (or one tag's): persisted, seen by the workers
