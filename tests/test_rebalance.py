@@ -247,6 +247,9 @@ async def test_a_joining_member_gets_half_and_every_event_is_handled_once(
             b.member: held(b),
         }
         await asyncio.sleep(0.3)  # events keep coming while both hold two tags
+        # Each process waits for every tag, the other's too (its own workers of those stand by).
+        await a.wait_until_caught_up(timeout=20)
+        await b.wait_until_caught_up(timeout=20)
         # The second leaves: the first gets its tags back (a clean leave: at once).
         await b.close()
         running.remove(b)

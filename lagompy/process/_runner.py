@@ -25,7 +25,7 @@ from lagompy.process._manager import ProcessManager, RefSource, offset_key
 from lagompy.process._store import ProcessStore, drop_stopping_timers
 from lagompy.process._worker import ManagerProcessor, ProcessWorker, processor_for
 from lagompy.readside._processor import serializer_for_processors
-from lagompy.readside._projections import Projections, WorkerStatus, _journal_lag
+from lagompy.readside._projections import Projections, WorkerStatus, _journal_lag, behind
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import (
     ReadSideSettings,
@@ -235,19 +235,21 @@ class ProcessManagers(AsyncClosing):
         return found
 
     async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
-        """Wait until every worker has handled every event its partition had when called
-        (raises ``TimeoutError`` after ``timeout`` seconds)."""
+        """Wait until every partition of these workers is handled up to where it was when
+        called, whichever process holds it (raises ``TimeoutError`` after ``timeout``
+        seconds)."""
         targets = []
         for w in self.workers:
             head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
             targets.append((w, head))
+        store = self.projections.store
         async with asyncio.timeout(timeout):
-            while any(w.offset < head for w, head in targets):
+            while late := await behind(store, targets):
                 for task in self._tasks:
                     error = task.exception() if task.done() and not task.cancelled() else None
                     if error is not None:
                         raise error
-                for w, _ in targets:
+                for w, _ in late:
                     w.wake()
                 await asyncio.sleep(0.01)
 

@@ -11,12 +11,12 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
-from lagompy.consumer import ConsumerStopped, Membership, describe_taken
+from lagompy.consumer import ConsumerStopped, EventConsumer, Membership, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
 from lagompy.readside._parked import ParkedEvent, ParkedFilter, ParkedStore
@@ -160,6 +160,28 @@ def _state(row: OffsetRow) -> str:
 
 #: The states in which a worker makes no progress by itself (readiness fails).
 STUCK_STATES = frozenset({FAILED, STALLED})
+
+
+_C = TypeVar("_C", bound=EventConsumer)
+
+
+async def behind(store: OffsetStore, targets: Sequence[tuple[_C, int]]) -> list[tuple[_C, int]]:
+    """The (worker, head) of ``targets`` whose tag is not at ``head`` yet: as the worker knows
+    while it holds the lease, else as stored (another process may hold the tag: its worker
+    here stands by)."""
+    late = [(w, head) for w, head in targets if w.offset < head]
+    if not any(w.lease is None for w, _ in late):
+        return late
+    stored = {
+        (row.processor, row.tag): row.offset
+        for name in {w.name for w, _ in late}
+        for row in await store.rows(name)
+    }
+    return [
+        (w, head)
+        for w, head in late
+        if w.lease is not None or stored.get((w.name, w.tag), 0) < head
+    ]
 
 
 async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, int, float]:
@@ -592,19 +614,20 @@ class ReadSide(AsyncClosing):
         return found
 
     async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
-        """Wait until every worker has handled every event its tag had when called (raises
-        ``TimeoutError`` after ``timeout`` seconds)."""
+        """Wait until every tag of these workers is handled up to where it was when called,
+        whichever process holds it (raises ``TimeoutError`` after ``timeout`` seconds)."""
         targets = []
         for w in self.workers:
             head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
             targets.append((w, head))
+        store = self.projections.store
         async with asyncio.timeout(timeout):
-            while any(w.offset < head for w, head in targets):
+            while late := await behind(store, targets):
                 for task in self._tasks:
                     error = task.exception() if task.done() and not task.cancelled() else None
                     if error is not None:
                         raise error
-                for w, _ in targets:
+                for w, _ in late:
                     w.wake()
                 await asyncio.sleep(0.01)
 
