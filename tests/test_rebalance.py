@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from readside_processors import SpreadCredits
 from sqlalchemy import text
 
 from lagompy import JournalSettings, sharded_tag
@@ -25,20 +29,13 @@ from lagompy.consumer import Membership, assign
 from lagompy.journal import AtomicWrite, Storage, open_storage
 from lagompy.readside import ReadSide, start_readside
 from lagompy.readside._store import OffsetStore
-from lagompy.testkit.readside import Credited, CreditsProjection, readside_contract_serializer
+from lagompy.testkit.readside import Credited, readside_contract_serializer
 
-TAG = sharded_tag("rebalance-credits", shards=4)
+TAG = sharded_tag("rebalance-credits", shards=4)  # SpreadCredits.tag
 TAGS = TAG.all_tags
 
 #: Short leases: a dead member's tags come back within seconds.
 SETTINGS: dict[str, Any] = {"lease_ttl": 2.0, "renew_interval": 0.2, "max_batch": 20}
-
-
-class SpreadCredits(CreditsProjection):
-    """The contract's credits projection (one row per handled event) on four tags."""
-
-    name = "rebalance-credits"
-    tag = TAG  # type: ignore[assignment]  # the contract processor declares a plain tag
 
 
 async def until(check: Callable[[], Any], timeout: float, what: str) -> float:
@@ -286,6 +283,54 @@ async def test_a_dead_members_tags_come_back_within_a_lease_timeout(
     finally:
         await writer.stop()
         await b.close()
+        await a.close()
+
+
+@pytest.mark.parametrize("end", ["terminated", "killed"])
+async def test_a_member_process_takes_half_and_gives_it_back(
+    end: str, journal_settings: JournalSettings, storage: Storage
+) -> None:
+    # The second member is a real process: its share while it runs, every tag back to the
+    # first when it stops (SIGTERM: it releases and leaves) or dies (SIGKILL: they expire).
+    writer = Writer(storage)
+    a = await member(journal_settings)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).parent / "rebalance_member.py"),
+        str(journal_settings.url),
+        journal_settings.postgres_schema or "",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        other = (await asyncio.wait_for(child.stdout.readline(), 60)).decode().strip()
+        assert other and other != a.member
+        writer.start()
+        store = OffsetStore(a.projection)
+
+        async def split() -> bool:
+            found = {m.member: len(m.tags) for m in await store.members(SpreadCredits.name)}
+            return found == {a.member: 2, other: 2}
+
+        took = await until(split, 30, "two tags each")
+        print(f"process joined: two tags each after {took:.2f} s")
+        await asyncio.sleep(0.5)
+        if end == "killed":
+            child.kill()
+        else:
+            child.terminate()
+        assert await child.wait() == (-signal.SIGKILL if end == "killed" else 0)
+        took = await until(lambda: held(a) == set(TAGS), 15, "every tag back")
+        print(f"process {end}: every tag back after {took:.2f} s")
+        assert took < (5.0 if end == "killed" else 2.0), took
+        await writer.stop()
+        await caught_up(a, writer)
+        assert await handled(a) == sorted(writer.offsets)  # each exactly once
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        await writer.stop()
         await a.close()
 
 

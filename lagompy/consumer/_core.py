@@ -28,6 +28,12 @@ each only a strategy away:
 
 Leases, positions, pause and failure flags live in a :class:`LeaseStore` (the read side's
 ``OffsetStore`` today).
+
+With a :class:`~lagompy.consumer.Membership` (one per running instance of the consumer, shared
+by its consumers of every partition), a consumer takes a free lease only for a partition whose
+*target* is its own member, and hands a partition whose target is another live member over
+between two pages: its last commit stored, it releases the lease and stands by (see
+``_members.py``). Without one, it takes any free lease, as before.
 """
 
 from __future__ import annotations
@@ -395,6 +401,7 @@ class EventConsumer:
                     await self._prepare(lease)
                     await self._consume(lease, tailer)
                 except _HandedOver as e:
+                    self.state = "standby"
                     await self._release(lease, "idle")
                     self.log.info(
                         "%s: lease released at offset %d for member %r, the partition's target",
@@ -402,7 +409,6 @@ class EventConsumer:
                         self.offset,
                         e.target,
                     )
-                    self.state = "standby"
                     lease = None
                 except LeaseLost as e:
                     self.log.warning("%s; waiting to get it back", e)
@@ -444,12 +450,14 @@ class EventConsumer:
     async def _release(self, lease: Lease | None, state: str) -> None:
         if lease is None:
             return
+        # No longer ours from here on (the consumer writes nothing more under it), even
+        # before the release commits: another may take it as soon as it does.
+        if self.lease is lease:
+            self.lease = None
         try:
             await self.store.release(lease, state=state)
         except LagompyError as e:
             self.log.warning("%s: could not release the lease: %s", self.where(), e)
-        if self.lease is lease:
-            self.lease = None
 
     async def catch_up(self, *, force: bool = False, progress: Progress | None = None) -> int:
         """Take the lease (``force``: from whoever holds it), prepare, handle every event in
@@ -498,7 +506,6 @@ class EventConsumer:
         waiting_since = time.monotonic()
         waiting_for: str | None = None
         while True:
-            lease = None
             covering = None
             if balanced and self.membership is not None:
                 target = await self.membership.target(self.tag)
