@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from lagompy import sharded_tag
 from lagompy.journal import EventEnvelope
 from lagompy.testkit.readside import CreditsProjection
 
@@ -57,3 +58,11 @@ class StallingCredits(CreditsProjection):
     async def prepare(self, conn: AsyncConnection, tag: str) -> None:
         if type(self).prepare_fails:
             raise RuntimeError("the projection's schema is being migrated")
+
+
+class SpreadCredits(CreditsProjection):
+    """The contract's credits projection (one row per handled event) on four tags, for the
+    tests of partitions spreading over processes (tests/test_rebalance.py)."""
+
+    name = "rebalance-credits"
+    tag = sharded_tag("rebalance-credits", shards=4)  # type: ignore[assignment]

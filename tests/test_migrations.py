@@ -303,6 +303,51 @@ async def test_0010_lets_journal_writers_run_at_once_on_a_database_at_0009(
         assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
 
 
+async def test_0011_adds_the_consumer_members_and_downgrades(database: Database) -> None:
+    # From the revision before it (with data) to the head, and back: the members table comes
+    # and goes, nothing else moves.
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from lagompy.sql._migrate import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config()).get_revision("0011")
+    assert script is not None and isinstance(script.down_revision, str)
+    before = script.down_revision
+    assert (await upgrade(database, before)).after == before
+    assert "lagompy_consumer_members" not in await table_names(database)
+    async with database.write() as conn:
+        await conn.execute(
+            schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
+        )
+    result = await upgrade(database)
+    assert (result.before, result.after) == (before, HEAD)
+    assert await differences(database) == []
+    row = {"consumer": "p", "member": "host:1:a", "joined_us": 1, "heartbeat_us": 2,
+           "expires_us": 3}  # fmt: skip
+    async with database.write() as conn:
+        await conn.execute(schema.consumer_members.insert(), [row, {**row, "member": "b"}])
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        async with database.write() as conn:
+            await conn.execute(schema.consumer_members.insert(), [row])
+
+    def downgrade(conn: Connection) -> None:
+        config = alembic_config(
+            connection=conn,
+            dialect=database.dialect,
+            postgres_schema=database.settings.postgres_schema,
+        )
+        command.downgrade(config, before)
+
+    async with database.write() as conn:
+        await conn.run_sync(downgrade)
+    assert await current_revision(database) == before
+    assert "lagompy_consumer_members" not in await table_names(database)
+    async with database.read() as conn:
+        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+    assert (await upgrade(database)).after == HEAD
+
+
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
     # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
     # version table; later revisions add tables that 0.1 never had.

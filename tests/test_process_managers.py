@@ -132,6 +132,41 @@ async def test_events_drive_commands_with_state_per_key(
         assert len((await ledger(runtime)).entries) == 5
 
 
+async def test_two_processes_share_the_partitions_and_charge_once(
+    runtime: InProcessEntities, journal_settings: JournalSettings
+) -> None:
+    # Each start_process_managers is a member of the manager: the second takes one of the two
+    # partitions over at a batch boundary, and gives it back when it stops.
+    def held(managers: ProcessManagers) -> int:
+        return sum(w.lease is not None for w in managers.workers)
+
+    async def settles(check: Any) -> None:
+        async def ready() -> bool:
+            return bool(check())
+
+        await eventually(ready)
+
+    await place(runtime, "o1", "o2", "o3", "o4")
+    async with start_process_managers(
+        [Fulfil], entities=runtime, journal_settings=journal_settings, **FAST
+    ) as one:
+        await settles(lambda: held(one) == 2)
+        async with start_process_managers(
+            [Fulfil], entities=runtime, journal_settings=journal_settings, **FAST
+        ) as two:
+            await settles(lambda: held(one) == 1 and held(two) == 1)
+            await place(runtime, *(f"p{i}" for i in range(8)))
+            await one.wait_until_caught_up()
+            await two.wait_until_caught_up()
+        await settles(lambda: held(one) == 2)
+        await place(runtime, "q1", "q2")
+        await one.wait_until_caught_up()
+        charged = (await ledger(runtime)).of("charge")
+        assert sorted(charged) == sorted(
+            ["o1", "o2", "o3", "o4", *(f"p{i}" for i in range(8)), "q1", "q2"]
+        )
+
+
 class Crash(BaseException):
     """The worker dies: raised where its transaction would commit."""
 

@@ -77,8 +77,15 @@ async def test_cli_status_pause_resume_set_offset(
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split()[:5] == ["PROCESSOR", "TAG", "STATE", "OFFSET", "LAG"]
-    assert [line.split()[:3] for line in lines[1:]] == [
+    assert [line.split()[:3] for line in lines[1:5]] == [
         ["users", f"user-events{i}", "running"] for i in range(4)
+    ]
+    # Below: the process running the processor (its one member) and the tags it holds.
+    member = users_readside.member
+    assert lines[5:] == [
+        "",
+        "MEMBERS",
+        f"users  {member}  holds " + ", ".join(f"user-events{i}" for i in range(4)),
     ]
 
     result = await run("pause", "users", "--tag", "user-events1")
@@ -193,6 +200,15 @@ async def test_status_route(users_readside: ReadSide, journal_settings: JournalS
             one = await client.get("/readside/users")
             assert one.status_code == 200 and len(one.json()) == 4
             missing = await client.get("/readside/nobody")
+            assert missing.status_code == 404
+            assert "no read-side processor 'nobody'" in missing.json()["detail"]
+            members = await client.get("/readside/users/members")
+            assert members.status_code == 200
+            (member,) = members.json()
+            assert member["member"] == users_readside.member
+            assert member["tags"] == [f"user-events{i}" for i in range(4)]
+            assert member["joined"] <= member["heartbeat"] < member["expires"]
+            missing = await client.get("/readside/nobody/members")
             assert missing.status_code == 404
             assert "no read-side processor 'nobody'" in missing.json()["detail"]
 

@@ -14,6 +14,9 @@ position as it promises::
 * ``_core.py``: :class:`EventConsumer`, :class:`CommitStrategy`, :class:`ConsumerSettings`.
 * ``_lease.py``: :class:`Lease`, :class:`Flags` and :class:`LeaseStore`, what the core needs of
   the store of its leases and positions.
+* ``_members.py``: :class:`Membership` (the running instances of a consumer, and which
+  partitions each should hold: a member joining gets its share, one leaving gives its
+  partitions back) and :class:`MemberStore`.
 
 Users today: the read side (:class:`lagompy.readside.ReadSideWorker`, whose strategy commits the
 handlers' SQL writes with the offset in one transaction: exactly once), topic subscribers and
@@ -32,6 +35,7 @@ from lagompy.consumer._core import (
     describe_taken,
 )
 from lagompy.consumer._lease import FAILED, STALLED, Flags, Lease, LeaseStore, describe_owner
+from lagompy.consumer._members import Membership, MemberStore, assign, member_ttl
 
 __all__ = [
     "FAILED",
@@ -43,8 +47,12 @@ __all__ = [
     "Flags",
     "Lease",
     "LeaseStore",
+    "MemberStore",
+    "Membership",
     "PageSource",
     "Progress",
+    "assign",
     "describe_owner",
     "describe_taken",
+    "member_ttl",
 ]

@@ -28,6 +28,12 @@ each only a strategy away:
 
 Leases, positions, pause and failure flags live in a :class:`LeaseStore` (the read side's
 ``OffsetStore`` today).
+
+With a :class:`~lagompy.consumer.Membership` (one per running instance of the consumer, shared
+by its consumers of every partition), a consumer takes a free lease only for a partition whose
+*target* is its own member, and hands a partition whose target is another live member over
+between two pages: its last commit stored, it releases the lease and stands by (see
+``_members.py``). Without one, it takes any free lease, as before.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from lagompy.consumer._lease import (
     LeaseStore,
     describe_owner,
 )
+from lagompy.consumer._members import Membership
 from lagompy.errors import (
     EventDecodeError,
     JournalUnavailable,
@@ -77,6 +84,15 @@ __all__ = [
 class ConsumerStopped(Exception):
     """Raised out of a consumer's waits once :meth:`EventConsumer.stop` was called: the
     consumer ends after its current transaction. Commit strategies let it through."""
+
+
+class _HandedOver(Exception):
+    """Internal: the consumer released its lease at a batch boundary, for ``target``, the
+    partition's target member (see :class:`~lagompy.consumer.Membership`)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
 
 
 class ConsumerSettings(Protocol):
@@ -241,6 +257,7 @@ class EventConsumer:
         describe_error: ErrorText = repr,
         logger: logging.Logger = log,
         pages: Callable[[], PageSource] | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.name = name
         self.tag = tag
@@ -276,6 +293,12 @@ class EventConsumer:
         self._error_offset: int | None = None
         #: The row holds a stall (cleared once the failing step succeeds).
         self._stalled = False
+        #: The instance's membership of the consumer (None: hold whatever lease is free).
+        self.membership = membership
+        #: The target member whose partition this consumer took, free too long, and until
+        #: when it keeps it before giving the target another chance.
+        self._covering: str | None = None
+        self._covering_until = 0.0
 
     # ------------------------------------------------------------------ control and status
 
@@ -375,13 +398,25 @@ class EventConsumer:
             while True:
                 lease = None
                 try:
-                    lease = await self._hold()
+                    lease = await self._hold(balanced=True)
                     self.lease = lease
                     await self._prepare(lease)
                     await self._consume(lease, tailer)
+                except _HandedOver as e:
+                    self.state = "standby"
+                    await self._release(lease, "idle")
+                    self.log.info(
+                        "%s: lease released at offset %d for member %r, the partition's target",
+                        self.where(),
+                        self.offset,
+                        e.target,
+                    )
+                    lease = None
                 except LeaseLost as e:
                     self.log.warning("%s; waiting to get it back", e)
                     self.state = "standby"
+                    if self.lease is lease:
+                        self.lease = None
                     lease = None
                 except ConsumerStopped:
                     raise
@@ -417,12 +452,14 @@ class EventConsumer:
     async def _release(self, lease: Lease | None, state: str) -> None:
         if lease is None:
             return
+        # No longer ours from here on (the consumer writes nothing more under it), even
+        # before the release commits: another may take it as soon as it does.
+        if self.lease is lease:
+            self.lease = None
         try:
             await self.store.release(lease, state=state)
         except LagompyError as e:
             self.log.warning("%s: could not release the lease: %s", self.where(), e)
-        if self.lease is lease:
-            self.lease = None
 
     async def catch_up(self, *, force: bool = False, progress: Progress | None = None) -> int:
         """Take the lease (``force``: from whoever holds it), prepare, handle every event in
@@ -465,12 +502,38 @@ class EventConsumer:
             await pages.close()
             await self._release(lease, "idle")
 
-    async def _hold(self, *, force: bool = False) -> Lease:
+    async def _hold(self, *, force: bool = False, balanced: bool = False) -> Lease:
+        """Take the lease (``balanced``: only when this member is the partition's target, or
+        when the partition stayed free for ``lease_ttl + renew_interval``)."""
+        waiting_since = time.monotonic()
+        waiting_for: str | None = None
         while True:
+            covering = None
+            if balanced and self.membership is not None:
+                target = await self.membership.target(self.tag)
+                s = self.settings
+                if target != waiting_for:
+                    # A new target gets its own lease_ttl + renew_interval to take it.
+                    waiting_since = time.monotonic()
+                    waiting_for = target
+                if target != self.membership.member:
+                    if time.monotonic() - waiting_since <= s.lease_ttl + s.renew_interval:
+                        self.state = "standby"
+                        await self.sleep(s.renew_interval)
+                        continue
+                    covering = target
             lease = await self.store.acquire(
                 self.name, self.tag, self.owner, self.settings.lease_ttl, force=force
             )
             if lease is not None:
+                self._covering = covering
+                self._covering_until = time.monotonic() + self.settings.lease_ttl
+                if covering is not None:
+                    self.log.warning(
+                        "%s: took the partition of member %r, which left it free",
+                        self.where(),
+                        covering,
+                    )
                 self.offset = lease.offset
                 self._flags = lease.flags
                 self._error_offset = lease.error_offset
@@ -557,12 +620,25 @@ class EventConsumer:
         except LagompyError as e:
             self.log.warning("%s: could not store the stall: %s", self.where(), e)
 
+    async def _hand_over(self) -> None:
+        """Between batches: raise :class:`_HandedOver` when another live member is the
+        partition's target (unless this consumer covers for that member)."""
+        if self.membership is None:
+            return
+        target = await self.membership.target(self.tag)
+        if target == self.membership.member:
+            return
+        if target == self._covering and time.monotonic() < self._covering_until:
+            return
+        raise _HandedOver(target)
+
     async def _consume(self, lease: Lease, tailer: PageSource) -> None:
         s = self.settings
         next_renew = time.monotonic() + s.renew_interval
         while True:
             if self._stop.is_set():
                 raise ConsumerStopped
+            await self._hand_over()
             if self._flags.hold:
                 self.state = FAILED if self._flags.failed else "paused"
                 await self.sleep(min(s.renew_interval, max(0.0, next_renew - time.monotonic())))

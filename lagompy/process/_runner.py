@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
+from lagompy.consumer import Membership
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
 from lagompy.process._manager import ProcessManager, RefSource, offset_key
 from lagompy.process._store import ProcessStore, drop_stopping_timers
 from lagompy.process._worker import ManagerProcessor, ProcessWorker, processor_for
 from lagompy.readside._processor import serializer_for_processors
-from lagompy.readside._projections import Projections, WorkerStatus, _journal_lag
+from lagompy.readside._projections import Projections, WorkerStatus, _journal_lag, behind
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import (
     ReadSideSettings,
@@ -33,7 +34,7 @@ from lagompy.readside._settings import (
     projection_settings,
 )
 from lagompy.readside._store import GLOBAL_TAG, OffsetStore
-from lagompy.readside._worker import describe_error
+from lagompy.readside._worker import default_owner, describe_error, membership_for
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
@@ -128,6 +129,10 @@ class ProcessManagers(AsyncClosing):
             for m in self.managers
         }
         self.workers: list[ProcessWorker] = []
+        #: This process's name as a member of its managers (the workers' lease owner).
+        self.member = default_owner()
+        #: One per manager when ``settings.rebalance``.
+        self.memberships: list[Membership] = []
         self._owned = list(owned)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -136,6 +141,11 @@ class ProcessManagers(AsyncClosing):
         for processor in self.processors:
             manager = type(processor.manager)
             topic = manager.topic()
+            membership = membership_for(
+                processor.name, processor.tags(), self.database, self.settings, self.member
+            )
+            if membership is not None:
+                self.memberships.append(membership)
             for partition, tag in enumerate(processor.tags()):
                 feed = None
                 if topic is not None:
@@ -150,6 +160,8 @@ class ProcessManagers(AsyncClosing):
                         entities=self.entities,
                         settings=self.settings,
                         feed=feed,
+                        owner=self.member,
+                        membership=membership,
                     )
                 )
 
@@ -223,19 +235,21 @@ class ProcessManagers(AsyncClosing):
         return found
 
     async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
-        """Wait until every worker has handled every event its partition had when called
-        (raises ``TimeoutError`` after ``timeout`` seconds)."""
+        """Wait until every partition of these workers is handled up to where it was when
+        called, whichever process holds it (raises ``TimeoutError`` after ``timeout``
+        seconds)."""
         targets = []
         for w in self.workers:
             head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
             targets.append((w, head))
+        store = self.projections.store
         async with asyncio.timeout(timeout):
-            while any(w.offset < head for w, head in targets):
+            while late := await behind(store, targets):
                 for task in self._tasks:
                     error = task.exception() if task.done() and not task.cancelled() else None
                     if error is not None:
                         raise error
-                for w, _ in targets:
+                for w, _ in late:
                     w.wake()
                 await asyncio.sleep(0.01)
 
@@ -248,6 +262,8 @@ class ProcessManagers(AsyncClosing):
         for w in self.workers:
             await w.stop()
         await finish_tasks(self._tasks, what="a process manager task", logger=log)
+        for m in self.memberships:
+            await m.leave()
         for w in self.workers:
             if w.feed is not None:
                 await w.feed.close()

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from lagompy.consumer._core import ConsumerStopped, EventConsumer, PageSource
+from lagompy.consumer._members import Membership
 from lagompy.errors import (
     JournalUnavailable,
     LagompyError,
@@ -422,6 +423,7 @@ class ProcessWorker(EventConsumer):
         settings: ReadSideSettings,
         owner: str | None = None,
         feed: MessageFeed | None = None,
+        membership: Membership | None = None,
     ) -> None:
         store = OffsetStore(database)
         name = type(processor.manager).name
@@ -464,6 +466,7 @@ class ProcessWorker(EventConsumer):
             kind="process manager",
             describe_error=describe_error,
             logger=log,
+            membership=membership,
         )
         self.processor = processor
         self.manager = processor.manager

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from lagompy.readside._parked import ParkedEvent, ParkedFilter
 from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
 from lagompy.readside._projections import (
+    ConsumerMember,
     Failure,
     Projections,
     ReadSide,
@@ -78,6 +79,7 @@ _ON_FIRST_USE = {
 }
 
 __all__ = [
+    "ConsumerMember",
     "Failure",
     "ParkedEvent",
     "ParkedFilter",

@@ -34,7 +34,7 @@ from lagompy.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from lagompy.readside._parked import ParkedEvent, ParkedFilter
-    from lagompy.readside._projections import Projections, WorkerStatus
+    from lagompy.readside._projections import ConsumerMember, Projections, WorkerStatus
 
 __all__ = ["format_parked", "format_status", "parked_filter", "register_cli"]
 
@@ -165,6 +165,16 @@ def format_status(statuses: list[WorkerStatus]) -> str:
     return "\n".join(lines)
 
 
+def format_members(members: list[ConsumerMember]) -> str:
+    """The live members of the processors (the processes running them), one line each, with
+    the tags each holds."""
+    lines = ["", "MEMBERS"]
+    for m in members:
+        tags = ", ".join(m.tags) or "(none yet)"
+        lines.append(f"{m.processor}  {m.member}  holds {tags}")
+    return "\n".join(lines)
+
+
 def status(
     processor: Annotated[
         str | None, typer.Argument(help="Only this processor.", show_default=False)
@@ -177,16 +187,18 @@ def status(
 ) -> None:
     """Show every processor and tag: state, offset, lag in events and seconds, events/s."""
 
-    async def action(p: Projections) -> list[WorkerStatus]:
-        return await p.status(processor)
+    async def action(p: Projections) -> tuple[list[WorkerStatus], list[ConsumerMember]]:
+        return await p.status(processor), await p.members(processor)
 
-    statuses = _run(url, schema, journal_url, journal_schema, action)
+    statuses, members = _run(url, schema, journal_url, journal_schema, action)
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
     elif not statuses:
         typer.echo("no read-side processors yet")
     else:
         typer.echo(format_status(statuses))
+        if members:
+            typer.echo(format_members(members))
 
 
 def pause(

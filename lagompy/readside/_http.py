@@ -8,6 +8,8 @@
 Each entry is :meth:`WorkerStatus.to_dict <lagompy.readside.WorkerStatus.to_dict>`: processor,
 tag, state (``failed`` and ``paused`` apart), offset, head offset, lag in events and seconds,
 paused, owner, epoch, events/s, skipped events, parked events and the failure line.
+``GET {prefix}/{processor}/members`` lists the processes running the processor and the tags
+each holds (:meth:`ConsumerMember.to_dict <lagompy.readside.ConsumerMember.to_dict>`).
 ``GET {prefix}/{processor}/parked`` lists the processor's parked events (read only: retrying
 and discarding them are operators' actions, authorised and audited by the console's action
 route, or the ``lagompy projections retry|discard`` commands).
@@ -34,8 +36,9 @@ def readside_router(
     tags: list[str] | None = None,
 ) -> APIRouter:
     """Routes ``GET {prefix}`` (every processor and tag), ``GET {prefix}/{processor}`` (one
-    processor; 404 if unknown, naming the processor and nothing of the database) and ``GET
-    {prefix}/{processor}/parked?tag=&error=&entity=&limit=100&after=0`` (its parked events,
+    processor; 404 if unknown, naming the processor and nothing of the database), ``GET
+    {prefix}/{processor}/members`` (the processes running it, and the tags each holds) and
+    ``GET {prefix}/{processor}/parked?tag=&error=&entity=&limit=100&after=0`` (its parked events,
     oldest first, and how many match: ``{"total", "parked"}``).
     ``projections`` may be a callable, called per request (for a
     :class:`~lagompy.readside.Projections` opened in the service's lifespan)."""
@@ -54,6 +57,18 @@ def readside_router(
             return [s.to_dict() for s in await current().status(processor)]
         except ConfigurationError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
+
+    @router.get(
+        "/{processor}/members",
+        summary="The processes running one read-side processor, and the tags each holds",
+    )
+    async def members(processor: str) -> list[dict[str, Any]]:
+        projections = current()
+        try:
+            await projections.status(processor)  # 404 for an unknown processor
+        except ConfigurationError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        return [m.to_dict() for m in await projections.members(processor)]
 
     @router.get("/{processor}/parked", summary="Parked events of one read-side processor")
     async def parked(

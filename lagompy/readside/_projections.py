@@ -11,12 +11,12 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
-from lagompy.consumer import ConsumerStopped, describe_taken
+from lagompy.consumer import ConsumerStopped, EventConsumer, Membership, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
 from lagompy.readside._parked import ParkedEvent, ParkedFilter, ParkedStore
@@ -48,6 +48,7 @@ from lagompy.readside._worker import (
     ReadSideWorker,
     default_owner,
     describe_error,
+    membership_for,
     run_global_prepare,
 )
 from lagompy.serialization import Serializer
@@ -60,6 +61,7 @@ log = logging.getLogger("lagompy.readside")
 
 __all__ = [
     "STUCK_STATES",
+    "ConsumerMember",
     "Failure",
     "Projections",
     "ReadSide",
@@ -119,6 +121,31 @@ class WorkerStatus:
         return out
 
 
+@dataclass(frozen=True)
+class ConsumerMember:
+    """One running instance (a process) of a processor, as it registered itself: the tags
+    whose leases it holds now. With ``rebalance`` on (the default), the tags spread over the
+    live members: see ``docs/readside.md``."""
+
+    processor: str
+    member: str
+    joined: datetime
+    #: Its last heartbeat; it counts as live until ``expires`` unless it beats again.
+    heartbeat: datetime
+    expires: datetime
+    tags: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor": self.processor,
+            "member": self.member,
+            "joined": self.joined.isoformat(),
+            "heartbeat": self.heartbeat.isoformat(),
+            "expires": self.expires.isoformat(),
+            "tags": list(self.tags),
+        }
+
+
 def _state(row: OffsetRow) -> str:
     if row.state == FAILED:
         return FAILED
@@ -133,6 +160,28 @@ def _state(row: OffsetRow) -> str:
 
 #: The states in which a worker makes no progress by itself (readiness fails).
 STUCK_STATES = frozenset({FAILED, STALLED})
+
+
+_C = TypeVar("_C", bound=EventConsumer)
+
+
+async def behind(store: OffsetStore, targets: Sequence[tuple[_C, int]]) -> list[tuple[_C, int]]:
+    """The (worker, head) of ``targets`` whose tag is not at ``head`` yet: as the worker knows
+    while it holds the lease, else as stored (another process may hold the tag: its worker
+    here stands by)."""
+    late = [(w, head) for w, head in targets if w.offset < head]
+    if not any(w.lease is None for w, _ in late):
+        return late
+    stored = {
+        (row.processor, row.tag): row.offset
+        for name in {w.name for w, _ in late}
+        for row in await store.rows(name)
+    }
+    return [
+        (w, head)
+        for w, head in late
+        if w.lease is not None or stored.get((w.name, w.tag), 0) < head
+    ]
 
 
 async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, int, float]:
@@ -233,6 +282,23 @@ class Projections(AsyncClosing):
                 )
             )
         return out
+
+    async def members(self, processor: str | None = None) -> list[ConsumerMember]:
+        """The live members (running instances) of every processor (or of ``processor``),
+        each with the tags it holds. Empty when none registered (``rebalance`` off, or
+        nothing runs)."""
+        rows = await self.store.members(processor)
+        return [
+            ConsumerMember(
+                processor=r.consumer,
+                member=r.member,
+                joined=from_us(r.joined_us),
+                heartbeat=from_us(r.heartbeat_us),
+                expires=from_us(r.expires_us),
+                tags=r.tags,
+            )
+            for r in rows
+        ]
 
     async def pause(self, processor: str, tag: str | None = None) -> int:
         """Pause every worker of ``processor`` (or one tag's): persisted, seen by the workers
@@ -471,6 +537,10 @@ class ReadSide(AsyncClosing):
         self.settings = settings
         self.projections = Projections(projection, journal.database, settings=settings)
         self.workers: list[ReadSideWorker] = []
+        #: This process's name as a member of its processors (and its workers' lease owner).
+        self.member = default_owner()
+        #: One per processor when ``settings.rebalance``.
+        self.memberships: list[Membership] = []
         self.global_prepares: dict[str, int] = {}
         #: Processors whose global_prepare keeps failing (from max_attempts on): the error.
         self.prepare_stalls: dict[str, str] = {}
@@ -480,10 +550,20 @@ class ReadSide(AsyncClosing):
         self._closed = False
 
     def _start(self) -> None:
+        s = self.settings
         for p in self.processors:
+            membership = membership_for(p.name, p.tags(), self.projection, s, self.member)
+            if membership is not None:
+                self.memberships.append(membership)
             workers = [
                 ReadSideWorker(
-                    p, t, journal=self.journal, projection=self.projection, settings=self.settings
+                    p,
+                    t,
+                    journal=self.journal,
+                    projection=self.projection,
+                    settings=s,
+                    owner=self.member,
+                    membership=membership,
                 )
                 for t in p.tags()
             ]
@@ -534,19 +614,20 @@ class ReadSide(AsyncClosing):
         return found
 
     async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
-        """Wait until every worker has handled every event its tag had when called (raises
-        ``TimeoutError`` after ``timeout`` seconds)."""
+        """Wait until every tag of these workers is handled up to where it was when called,
+        whichever process holds it (raises ``TimeoutError`` after ``timeout`` seconds)."""
         targets = []
         for w in self.workers:
             head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
             targets.append((w, head))
+        store = self.projections.store
         async with asyncio.timeout(timeout):
-            while any(w.offset < head for w, head in targets):
+            while late := await behind(store, targets):
                 for task in self._tasks:
                     error = task.exception() if task.done() and not task.cancelled() else None
                     if error is not None:
                         raise error
-                for w, _ in targets:
+                for w, _ in late:
                     w.wake()
                 await asyncio.sleep(0.01)
 
@@ -561,6 +642,8 @@ class ReadSide(AsyncClosing):
         for w in self.workers:
             await w.stop()
         await finish_tasks(self._tasks, what="a read-side task", logger=log)
+        for m in self.memberships:
+            await m.leave()
         for db in self._owned:
             await db.dispose()
 

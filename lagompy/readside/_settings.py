@@ -76,6 +76,17 @@ class ReadSideSettings(LagompySettings):
             "pause or a resume, and how often a waiting worker tries to get a lease."
         ),
     )
+    rebalance: bool = Field(
+        default=True,
+        description=(
+            "Spread the tags of a processor over the processes running it: each process is a "
+            "member (one heartbeat per renew_interval, expiring a little before lease_ttl), "
+            "every tag has a target member (the live members sorted, tags dealt round robin), "
+            "and a worker hands a tag whose target is another live member over at a batch "
+            "boundary. False: a worker holds every free lease it can get and the others "
+            "stand by until it stops."
+        ),
+    )
     tail: TailSettings = Field(
         default_factory=TailSettings,
         description=(

@@ -71,6 +71,7 @@ __all__ = [
     "STALLED",
     "Flags",
     "Lease",
+    "MemberRow",
     "OffsetRow",
     "OffsetStore",
     "check_offset",
@@ -82,6 +83,11 @@ __all__ = [
 GLOBAL_TAG = "*"
 
 _T = schema.readside_offsets
+_M = schema.consumer_members
+
+#: Rows of members that expired this long ago (they died without leaving) are deleted when
+#: another member of their consumer joins.
+_FORGET_MEMBERS_US = 24 * 3600 * 1_000_000
 
 #: The failure columns, cleared.
 _NO_FAILURE: dict[str, Any] = {
@@ -122,6 +128,19 @@ class OffsetRow:
     def leased(self) -> bool:
         """True while some worker holds an unexpired lease."""
         return self.owner is not None and self.lease_expires_us > now_us()
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """One live member (running instance) of a consumer, and the partitions (tags) whose
+    leases it holds now."""
+
+    consumer: str
+    member: str
+    joined_us: int
+    heartbeat_us: int
+    expires_us: int
+    tags: tuple[str, ...]
 
 
 def _fresh_row(processor: str, tag: str) -> dict[str, Any]:
@@ -192,6 +211,81 @@ class OffsetStore:
         async with self.database.read() as conn:
             found = (await conn.execute(stmt)).mappings().first()
         return None if found is None else _row(found)
+
+    # ------------------------------------------------------------------ members
+
+    async def heartbeat(self, consumer: str, member: str, ttl: float) -> list[str]:
+        """Register ``member`` of ``consumer`` as live for ``ttl`` seconds (joining if it is
+        new); returns the live members of ``consumer``, sorted. One transaction."""
+        _check_name("consumer name", consumer)
+        _check_name("member name", member)
+        now = now_us()
+        expires = now + int(ttl * 1_000_000)
+        insert = postgresql.insert if self.database.dialect == "postgresql" else sqlite.insert
+        upsert = insert(_M).values(
+            consumer=consumer, member=member, joined_us=now, heartbeat_us=now, expires_us=expires
+        )
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[_M.c.consumer, _M.c.member],
+            set_={"heartbeat_us": now, "expires_us": expires},
+        )
+        live = (
+            select(_M.c.member)
+            .where(_M.c.consumer == consumer, _M.c.expires_us > now)
+            .order_by(_M.c.member)
+        )
+        async with self.database.write() as conn:
+            joined = (
+                await conn.execute(
+                    select(_M.c.member).where(_M.c.consumer == consumer, _M.c.member == member)
+                )
+            ).first() is None
+            await conn.execute(upsert)
+            members = list((await conn.execute(live)).scalars())
+        if joined:
+            # Members that died without leaving, long ago: in a transaction of its own (never
+            # with a member's own row locked: two joiners would wait for each other).
+            forget = delete(_M).where(
+                _M.c.consumer == consumer, _M.c.expires_us < now - _FORGET_MEMBERS_US
+            )
+            async with self.database.write() as conn:
+                await conn.execute(forget)
+        return members
+
+    async def leave(self, consumer: str, member: str) -> None:
+        """Remove ``member`` of ``consumer``: the others no longer count it."""
+        stmt = delete(_M).where(_M.c.consumer == consumer, _M.c.member == member)
+        async with self.database.write() as conn:
+            await conn.execute(stmt)
+
+    async def members(self, consumer: str | None = None) -> list[MemberRow]:
+        """The live members (of ``consumer``), by consumer and member, each with the tags
+        whose unexpired leases it holds."""
+        now = now_us()
+        stmt = select(_M).where(_M.c.expires_us > now).order_by(_M.c.consumer, _M.c.member)
+        held = select(_T.c.processor, _T.c.tag, _T.c.owner).where(
+            _T.c.tag != GLOBAL_TAG, _T.c.owner.is_not(None), _T.c.lease_expires_us > now
+        )
+        if consumer is not None:
+            stmt = stmt.where(_M.c.consumer == consumer)
+            held = held.where(_T.c.processor == consumer)
+        async with self.database.read() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+            leases = (await conn.execute(held.order_by(_T.c.tag))).all()
+        tags: dict[tuple[str, str], list[str]] = {}
+        for processor, tag, owner in leases:
+            tags.setdefault((processor, owner), []).append(tag)
+        return [
+            MemberRow(
+                consumer=r["consumer"],
+                member=r["member"],
+                joined_us=int(r["joined_us"]),
+                heartbeat_us=int(r["heartbeat_us"]),
+                expires_us=int(r["expires_us"]),
+                tags=tuple(tags.get((r["consumer"], r["member"]), [])),
+            )
+            for r in rows
+        ]
 
     # ------------------------------------------------------------------ leases
 

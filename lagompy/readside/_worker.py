@@ -27,13 +27,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError
 
 from lagompy.consumer._core import ConsumerStopped as _Stopped
 from lagompy.consumer._core import EventConsumer, Progress
+from lagompy.consumer._members import Membership, member_ttl
 from lagompy.errors import (
     ConfigurationError,
     EventDecodeError,
@@ -70,8 +71,27 @@ __all__ = [
     "default_owner",
     "describe_error",
     "error_class_of",
+    "membership_for",
     "run_global_prepare",
 ]
+
+
+def membership_for(
+    name: str, tags: Sequence[str], database: Database, settings: ReadSideSettings, member: str
+) -> Membership | None:
+    """This process's membership (as ``member``) of consumer ``name`` on ``tags``, registered
+    beside its offsets in ``database``; None when ``settings.rebalance`` is off."""
+    if not settings.rebalance:
+        return None
+    return Membership(
+        name,
+        tags,
+        OffsetStore(database),
+        member=member,
+        ttl=member_ttl(settings.lease_ttl, settings.renew_interval),
+        interval=settings.renew_interval,
+        logger=log,
+    )
 
 
 def default_owner() -> str:
@@ -694,6 +714,7 @@ class ReadSideWorker(EventConsumer):
         projection: Database,
         settings: ReadSideSettings | None = None,
         owner: str | None = None,
+        membership: Membership | None = None,
     ) -> None:
         settings = settings or _settings(None, {})
         store = OffsetStore(projection)
@@ -711,6 +732,7 @@ class ReadSideWorker(EventConsumer):
             kind="read-side processor",
             describe_error=describe_error,
             logger=log,
+            membership=membership,
         )
         self.processor = processor
         self.projection = projection

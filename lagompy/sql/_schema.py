@@ -61,6 +61,13 @@
     its event from the journal by offset). ``retry_requested_us`` is set by an operator's
     retry: the consumer's worker runs the handler again and deletes the row in one
     transaction; ``retries`` counts the retries that failed again.
+``lagompy_consumer_members``
+    In the *projection* (or consumer's) database, beside the offsets: one row per running
+    instance (``member``) of a consumer (``consumer``: a read-side processor's name...), with
+    when it joined and until when it counts as live (``expires_us``, pushed forward by a
+    heartbeat every renew interval; a member that stops deletes its row). The live members,
+    sorted, spread the consumer's partitions between them (``lagompy.consumer``'s
+    ``Membership``).
 """
 
 from __future__ import annotations
@@ -295,3 +302,14 @@ parked = Table(
 )
 Index("ix_lagompy_parked_error_class", parked.c.error_class)
 Index("ix_lagompy_parked_entity", parked.c.entity_type, parked.c.entity_id)
+
+consumer_members = Table(
+    "lagompy_consumer_members",
+    metadata,
+    Column("consumer", String(255), nullable=False),
+    Column("member", String(255), nullable=False),
+    Column("joined_us", BigInteger, nullable=False),
+    Column("heartbeat_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    PrimaryKeyConstraint("consumer", "member", name="pk_lagompy_consumer_members"),
+)

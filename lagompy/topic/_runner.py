@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import update
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
-from lagompy.consumer import ConsumerStopped
+from lagompy.consumer import ConsumerStopped, Membership
 from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import now_us
 from lagompy.readside._parked import ParkedEvent, ParkedFilter
@@ -35,7 +35,12 @@ from lagompy.readside._settings import (
     projection_settings,
 )
 from lagompy.readside._store import GLOBAL_TAG, OffsetStore
-from lagompy.readside._worker import describe_error, run_global_prepare
+from lagompy.readside._worker import (
+    default_owner,
+    describe_error,
+    membership_for,
+    run_global_prepare,
+)
 from lagompy.settings import JournalSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
@@ -193,6 +198,10 @@ class Subscribers(GroupOperations, AsyncClosing):
         self.subscribers = subscribers
         #: The workers' lease owner (None: one of their own, unique to this process).
         self.owner = owner
+        #: This process's name as a member of its groups (the workers' lease owner).
+        self.member = owner or default_owner()
+        #: One per subscriber group when ``settings.rebalance``.
+        self.memberships: list[Membership] = []
         self.transport = transport
         self.database = database
         self.settings = settings
@@ -219,6 +228,11 @@ class Subscribers(GroupOperations, AsyncClosing):
             subscriber = processor.subscriber
             topic = subscriber.topic
             await store.ensure(processor.name, [GLOBAL_TAG, *processor.tags()])
+            membership = membership_for(
+                processor.name, processor.tags(), self.database, self.settings, self.member
+            )
+            if membership is not None:
+                self.memberships.append(membership)
             workers = []
             for partition in range(topic.partitions):
                 feed = self.transport.feed(topic, partition, group=subscriber.group)
@@ -234,7 +248,8 @@ class Subscribers(GroupOperations, AsyncClosing):
                         feed,
                         database=self.database,
                         settings=self.settings,
-                        owner=self.owner,
+                        owner=self.member,
+                        membership=membership,
                     )
                 )
             self.workers += workers
@@ -388,6 +403,8 @@ class Subscribers(GroupOperations, AsyncClosing):
         for w in self.workers:
             await w.stop()
         await finish_tasks(self._tasks, what="a subscriber task", logger=log)
+        for m in self.memberships:
+            await m.leave()
         if self._close_transport:
             await self.transport.close()
         for db in self._owned:

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy.consumer import EventConsumer
+from lagompy.consumer import EventConsumer, Membership
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import TagPage
 from lagompy.journal._model import EventEnvelope
@@ -187,6 +187,7 @@ class SubscriberWorker(EventConsumer):
         database: Database,
         settings: ReadSideSettings,
         owner: str | None = None,
+        membership: Membership | None = None,
     ) -> None:
         topic = processor.subscriber.topic
         store = OffsetStore(database)
@@ -206,6 +207,7 @@ class SubscriberWorker(EventConsumer):
             pages=lambda: FeedPages(
                 feed, settings.max_batch, f"reading topic {topic.name!r} partition {partition}"
             ),
+            membership=membership,
         )
         self.processor = processor
         self.partition = partition
