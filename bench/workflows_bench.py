@@ -325,8 +325,17 @@ def load() -> str:
     return f"{one:.1f} / {five:.1f}"
 
 
+def cpu_reference() -> float:
+    """Milliseconds for sum(range(10**6)), best of 5: how fast this machine's CPU is right now
+    (shared, it varies with the other work), to read a run's numbers against."""
+    import timeit
+
+    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
+
+
 async def one_run(quick: bool) -> dict[str, Any]:
-    results: dict[str, Any] = {"load_before": load()}
+    results: dict[str, Any] = {"load_before": load(), "cpu_ms": cpu_reference()}
+    print(f"  CPU reference, sum(range(10**6)): {results['cpu_ms']:.1f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         results["SQLite"] = await bench_backend(
             "SQLite", JournalSettings(url=f"sqlite:///{tmp}/bench.db"), quick
@@ -341,6 +350,7 @@ async def one_run(quick: bool) -> dict[str, Any]:
         await admin.execute(f"DROP SCHEMA {schema} CASCADE")
         await admin.close()
     results["load_after"] = load()
+    results["cpu_ms_after"] = cpu_reference()
     return results
 
 
@@ -386,6 +396,10 @@ def render(runs: list[dict[str, Any]], command: str) -> str:
         "Load average (1 / 5 min) before and after each run: "
         + "; ".join(f"{r['load_before']} -> {r['load_after']}" for r in runs)
         + " (2 cores, other work running).",
+        "",
+        "CPU reference (`sum(range(10**6))`, best of 5, ms) before and after each run: "
+        + "; ".join(f"{r['cpu_ms']:.1f} -> {r['cpu_ms_after']:.1f}" for r in runs)
+        + ".",
         "",
         "| measure | SQLite | PostgreSQL |",
         "| --- | --- | --- |",
