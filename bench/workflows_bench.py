@@ -420,9 +420,10 @@ def render(runs: list[dict[str, Any]], command: str) -> str:
         "",
         "How: throughput keeps 64 runs (or 64 asks, each with a command id like the asks of "
         "`ctx.ask`) in flight; a run counts when the last one has finished. A step's time is "
-        "`await ctx.ask(...)` in the workflow's code (the entity's ask and the step's record), "
-        "one run at a time, against a bare ask one at a time. The host kill kills every shard "
-        "host of the app (Ray restarts them) while 100 runs are between steps; the wait is "
+        "`await ctx.ask(...)` in the workflow's code (the entity's ask, and the step's record "
+        "when it waits for it: an applied ask's record goes with the run's next record or its "
+        "end), one run at a time, against a bare ask one at a time. The host kill kills every "
+        "shard host of the app (Ray restarts them) while 100 runs are between steps; the wait is "
         "from the kill to the next step each run records (seen in the runs index, polled "
         "every 10 ms). 'Completed steps run again' counts the external calls of positions "
         "recorded before the kill that ran after it; 'asks applied twice' compares each "
