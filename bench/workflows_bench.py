@@ -325,8 +325,17 @@ def load() -> str:
     return f"{one:.1f} / {five:.1f}"
 
 
+def cpu_reference() -> float:
+    """Milliseconds for sum(range(10**6)), best of 5: how fast this machine's CPU is right now
+    (shared, it varies with the other work), to read a run's numbers against."""
+    import timeit
+
+    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
+
+
 async def one_run(quick: bool) -> dict[str, Any]:
-    results: dict[str, Any] = {"load_before": load()}
+    results: dict[str, Any] = {"load_before": load(), "cpu_ms": cpu_reference()}
+    print(f"  CPU reference, sum(range(10**6)): {results['cpu_ms']:.1f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         results["SQLite"] = await bench_backend(
             "SQLite", JournalSettings(url=f"sqlite:///{tmp}/bench.db"), quick
@@ -341,6 +350,7 @@ async def one_run(quick: bool) -> dict[str, Any]:
         await admin.execute(f"DROP SCHEMA {schema} CASCADE")
         await admin.close()
     results["load_after"] = load()
+    results["cpu_ms_after"] = cpu_reference()
     return results
 
 
@@ -387,6 +397,10 @@ def render(runs: list[dict[str, Any]], command: str) -> str:
         + "; ".join(f"{r['load_before']} -> {r['load_after']}" for r in runs)
         + " (2 cores, other work running).",
         "",
+        "CPU reference (`sum(range(10**6))`, best of 5, ms) before and after each run: "
+        + "; ".join(f"{r['cpu_ms']:.1f} -> {r['cpu_ms_after']:.1f}" for r in runs)
+        + ".",
+        "",
         "| measure | SQLite | PostgreSQL |",
         "| --- | --- | --- |",
     ]
@@ -406,9 +420,10 @@ def render(runs: list[dict[str, Any]], command: str) -> str:
         "",
         "How: throughput keeps 64 runs (or 64 asks, each with a command id like the asks of "
         "`ctx.ask`) in flight; a run counts when the last one has finished. A step's time is "
-        "`await ctx.ask(...)` in the workflow's code (the entity's ask and the step's record), "
-        "one run at a time, against a bare ask one at a time. The host kill kills every shard "
-        "host of the app (Ray restarts them) while 100 runs are between steps; the wait is "
+        "`await ctx.ask(...)` in the workflow's code (the entity's ask, and the step's record "
+        "when it waits for it: an applied ask's record goes with the run's next record or its "
+        "end), one run at a time, against a bare ask one at a time. The host kill kills every "
+        "shard host of the app (Ray restarts them) while 100 runs are between steps; the wait is "
         "from the kill to the next step each run records (seen in the runs index, polled "
         "every 10 ms). 'Completed steps run again' counts the external calls of positions "
         "recorded before the kill that ran after it; 'asks applied twice' compares each "

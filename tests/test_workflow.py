@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 import lagompy
+from examples.user_service.entity import GetUser, RegisterUser, UserEntity
 from lagompy import InvalidEntityId, JournalSettings
 from lagompy.errors import (
     DuplicateWorkflowId,
@@ -191,6 +192,111 @@ async def test_a_cancelled_run_runs_its_compensations_in_reverse_order(env: Env)
         assert (await engine.status("hold-1")).compensated == (1, 0)  # reverse order
     finally:
         await engine.close()
+
+
+family = Workflows()
+
+
+@family.workflow("hold-child", version=1)
+async def hold_child(ctx: WorkflowContext, account: str) -> str:
+    ctx.compensate_ask(AccountEntity, account, Deposit(2))
+    await ctx.ask(AccountEntity, account, Withdraw(2))
+    await ctx.receive("never")
+    return "unreachable"
+
+
+@family.workflow("hold-parent", version=1)
+async def hold_parent(ctx: WorkflowContext, account: str) -> str:
+    ctx.compensate_ask(AccountEntity, account, Deposit(1))
+    await ctx.ask(AccountEntity, account, Withdraw(1))
+    result: str = await ctx.child("hold-child", account)
+    return result
+
+
+async def test_cancelling_a_parent_cancels_its_running_child_and_both_compensate(
+    env: Env,
+) -> None:
+    await env.entities.ref_for(AccountEntity, "fam").ask(Deposit(10))
+    engine = await env.engine_for(family, "family-test")
+    await engine.start("hold-parent", "fam", id="fam-1")
+    await until(lambda: _holds(env, engine, "fam-1/1", "fam", 7))
+    await engine.cancel("fam-1", "the order was withdrawn")
+    with pytest.raises(WorkflowFailed, match="withdrawn") as parent:
+        await engine.result("fam-1", timeout=10)
+    assert parent.value.status == "cancelled"
+    with pytest.raises(WorkflowFailed, match="its parent 'fam-1' was cancelled") as child:
+        await engine.result("fam-1/1", timeout=10)
+    assert child.value.status == "cancelled"
+    assert await env.balance("fam") == 10  # the child's compensation and the parent's
+    assert (await engine.status("fam-1/1")).compensated == (0,)
+    assert (await engine.status("fam-1")).compensated == (0,)
+
+
+deferring = Workflows()
+gates: dict[str, asyncio.Event] = {}
+seen: list[int] = []
+
+
+@deferring.workflow("withdraw-then-wait", version=1)
+async def withdraw_then_wait(ctx: WorkflowContext, account: str) -> int:
+    first: int = await ctx.ask(AccountEntity, account, Withdraw(1))
+    seen.append(first)
+    await gates[account].wait()  # a plain await, not a step: nothing sends the record
+    second: int = await ctx.ask(AccountEntity, account, Withdraw(1))
+    return first * 100 + second
+
+
+async def test_an_applied_ask_goes_on_before_its_record_and_a_crash_asks_it_again_by_its_id(
+    env: Env,
+) -> None:
+    seen.clear()
+    gates["d"] = asyncio.Event()
+    await env.entities.ref_for(AccountEntity, "d").ask(Deposit(10))
+    a = await env.engine_for(deferring, "defer-a")
+    await a.start("withdraw-then-wait", "d", id="defer-1")
+    await until(lambda: _true(len(seen) == 1))
+    assert (await a.get("defer-1")).steps == ()  # the run went on; its record waits
+    assert await env.balance("d") == 9
+    await a.close(release=False)  # as a crash, the record unsent
+    env.engines.remove(a)
+    b = await env.engine_for(deferring, "defer-b")
+    await until(lambda: _true(len(seen) == 2))
+    assert seen == [9, 9]  # replayed live with its command id: the stored reply
+    assert await env.balance("d") == 9  # not applied twice
+    gates["d"].set()
+    assert await b.result("defer-1", timeout=15) == 908
+    assert await env.balance("d") == 8
+    assert (await b.status("defer-1")).steps == ("ask wf-account Withdraw",) * 2
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _holds(env: Env, engine: WorkflowEngine, run_id: str, account: str, left: int) -> bool:
+    """The run exists and the account's balance is down to ``left``."""
+    try:
+        await engine.get(run_id)
+    except WorkflowNotFound:
+        return False
+    return await env.balance(account) == left
+
+
+async def test_an_ask_with_a_receipt_says_whether_its_reply_comes_back_by_its_id(
+    journal_settings: JournalSettings,
+) -> None:
+    async with lagompy.start(
+        entities=[UserEntity], journal_settings=journal_settings, ray=False
+    ) as entities:
+        ref = entities.ref_for(UserEntity, "receipt")
+        first = await ref.ask_with_receipt(RegisterUser("Ada", "ada@example.org"), command_id="r1")
+        assert first.committed and first.reply.name == "Ada"
+        again = await ref.ask_with_receipt(RegisterUser("Bob", "bob@example.org"), command_id="r1")
+        assert again == first  # the stored reply: not run again
+        read = await ref.ask_with_receipt(GetUser(), command_id="r2")
+        assert not read.committed and read.reply == first.reply  # read-only: it would run again
+        with pytest.raises(lagompy.CommandRejected):
+            await ref.ask_with_receipt(RegisterUser("Cy", "cy@example.org"), command_id="r3")
 
 
 # --------------------------------------------------------------------------- crashes

@@ -7,6 +7,7 @@ the console's Workflows page shows the runs and acts on them with the token, aud
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from typer.testing import CliRunner
 
 from lagompy.cli import build_app
@@ -336,3 +337,14 @@ def test_a_console_without_workflows_says_so(journal_settings: JournalSettings) 
         )
         assert refused.status_code == 503, refused.text
         assert http.get("/workflows").status_code == 404  # no routes either
+
+
+def test_routes_without_authentication_are_announced(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="lagompy.workflow")
+    WorkflowsComponent(workflows, routes=False)
+    WorkflowsComponent(workflows, route_dependencies=[Depends(lambda: None)])
+    assert not caplog.records
+    WorkflowsComponent(workflows, prefix="/ops/runs")
+    (warning,) = caplog.records
+    assert "/ops/runs take no authentication" in warning.getMessage()
+    assert "route_dependencies" in warning.getMessage()

@@ -288,6 +288,18 @@ class Request(NamedTuple):
     command: Any
     command_id: str | None = None
     check_duplicate: bool = False
+    #: Answer with a :class:`Receipt` (the reply and whether the command is applied) rather
+    #: than the bare reply: whether asking again with this command id returns this reply.
+    receipt: bool = False
+
+
+class Receipt(NamedTuple):
+    """The reply to a request that asked for a receipt. ``committed``: the command's events
+    are committed (now or before) and its reply stored under its command id, so asking again
+    with that id returns this very reply; False for a read-only command (it would run again)."""
+
+    reply: Any
+    committed: bool
 
 
 @dataclass(slots=True)
@@ -528,6 +540,7 @@ class EntityProcessor:
         repeats: dict[int, list[int]] = {}
         first_of: dict[tuple[str, str, str], int] = {}
         to_check: list[int] = []
+        receipts: list[int] = []
         for i, req in enumerate(requests):
             entity_type = req.entity_type
             accepted = command_types.get(entity_type)
@@ -566,6 +579,8 @@ class EntityProcessor:
                         results[i] = Result(error=e)
                         continue
                 id_key = (entity_type, req.entity_id, command_id)
+                if req.receipt:
+                    receipts.append(i)
                 first = first_of.setdefault(id_key, i)
                 if first != i:
                     repeats.setdefault(first, []).append(i)
@@ -600,7 +615,14 @@ class EntityProcessor:
             for i in later:
                 results[i] = Result(done.reply, done.error, done.events, done.stored)
             stats["duplicates"] += len(later)
-        return [r if r is not None else Result(error=RuntimeError("lost request")) for r in results]
+        final = [
+            r if r is not None else Result(error=RuntimeError("lost request")) for r in results
+        ]
+        for i in receipts:
+            r = final[i]
+            if r.error is None:
+                final[i] = Result(Receipt(r.reply, r.committed), None, r.events, r.stored)
+        return final
 
     async def _rerun_conflicts(
         self, requests: Sequence[Request], results: list[Result | None]

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from lagompy.entity import Command
 from lagompy.errors import AskTimeout
 from lagompy.journal._journal import check_command_id, check_entity_id
-from lagompy.runtime._processing import Request
+from lagompy.runtime._processing import Receipt, Request
 
 log = logging.getLogger("lagompy.refs")
 
@@ -131,12 +131,19 @@ class EntityRef(Generic[C]):
         self.entity_type = entity_type
         self.entity_id = check_entity_id(entity_id)
 
-    def _submit(self, command: Any, command_id: str | None) -> tuple[asyncio.Future[Any], str]:
+    def _submit(
+        self, command: Any, command_id: str | None, receipt: bool = False
+    ) -> tuple[asyncio.Future[Any], str]:
         # A generated id cannot have been seen before: only a caller's id is looked up.
         given = command_id is not None
         cid = check_command_id(command_id) if given else _command_ids.next()
         request = Request(
-            self.entity_type, self.entity_id, command, command_id=cid, check_duplicate=given
+            self.entity_type,
+            self.entity_id,
+            command,
+            command_id=cid,
+            check_duplicate=given,
+            receipt=receipt,
         )
         return self._submit_request(request), cid
 
@@ -173,6 +180,27 @@ class EntityRef(Generic[C]):
         try:
             reply: R = await future
             return reply
+        finally:
+            deadlines.remove(entry, future)
+
+    async def ask_with_receipt(
+        self, command: Command[R], *, command_id: str, timeout: float | None = None
+    ) -> Receipt:
+        """:meth:`ask` with ``command_id``, answered with a :class:`Receipt`: the reply, and
+        whether the command is applied (its reply stored under ``command_id``, so that asking
+        again returns this reply) rather than read-only. For engines built on entities (the
+        workflows' executor records an applied ask's reply without waiting for the record)."""
+        future, cid = self._submit(command, command_id, receipt=True)
+        receipt: Receipt = await self._wait(future, timeout, cid)
+        return receipt
+
+    async def _wait(self, future: asyncio.Future[Any], timeout: float | None, cid: str) -> Any:
+        if timeout is None:
+            return await future
+        deadlines = _deadlines_of(asyncio.get_running_loop())
+        entry = deadlines.add(future, timeout, self, cid)
+        try:
+            return await future
         finally:
             deadlines.remove(entry, future)
 

@@ -11,6 +11,7 @@ service and offers the operations (:attr:`engine`)::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from lagompy.service._service import Service
 
 __all__ = ["WorkflowsComponent"]
+
+log = logging.getLogger("lagompy.workflow")
 
 
 class WorkflowsComponent:
@@ -56,6 +59,15 @@ class WorkflowsComponent:
         #: ``route_dependencies`` (FastAPI ``Depends(...)``: the app's authentication).
         if routes:
             from lagompy.workflow._http import workflows_router  # (FastAPI: not for the CLI)
+
+            if not route_dependencies:
+                log.warning(
+                    "the workflow routes under %s take no authentication: whoever reaches "
+                    "this service can start, cancel, resume, retry and signal runs and pause "
+                    "workflows; pass route_dependencies=[Depends(<your check>)] (or "
+                    "routes=False) unless something in front of the service guards them",
+                    prefix,
+                )
 
             self.router = workflows_router(
                 lambda: self.engine, prefix=prefix, dependencies=route_dependencies

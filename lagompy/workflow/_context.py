@@ -191,10 +191,19 @@ class WorkflowContext:
             return result
         p = self._position
         try:
-            reply = await self._driver.ask_entity(entity, entity_id, command, self._command_id(p))
-            record = StepRecord(p, name, True, self._encode(reply, annotation))
+            receipt = await self._driver.ask_step(entity, entity_id, command, self._command_id(p))
+            record = StepRecord(p, name, True, self._encode(receipt.reply, annotation))
         except (CommandRejected, HandlerFailed, SerializationError) as e:
             record = StepRecord(p, name, False, error_type=type(e).__name__, error=str(e))
+        else:
+            if receipt.committed:
+                # Applied: its command id gives this reply back if the record is lost, so the
+                # run goes on while the record is written (the next record waits for it).
+                self._steps.append(record)
+                self._position = p + 1
+                self._driver.defer(record)
+                deferred: R = self._result(record, annotation)
+                return deferred
         stored = await self._record(record)
         value: R = self._result(stored, annotation)
         return value
@@ -239,6 +248,7 @@ class WorkflowContext:
             return self._result(recorded, annotation)
         p = self._position
         policy = retry or self._driver.definition.retry
+        self._driver.send_records()  # the asks before it, recorded while it runs
         try:
             value = await _attempts(fn, args, policy, timeout)
             record = StepRecord(p, step_name, True, self._encode(value, annotation))
@@ -298,6 +308,7 @@ class WorkflowContext:
                     )
                     break
                 self._signal_arrived.clear()
+                self._driver.send_records()  # the asks before it, recorded while it waits
                 wait = None if deadline is None else max(0.0, (deadline - now_us()) / 1e6)
                 try:
                     async with asyncio.timeout(wait):
@@ -349,6 +360,7 @@ class WorkflowContext:
         if recorded is None:
             p = self._position
             child_id = id or f"{self.run_id}/{p}"
+            self._driver.send_records()  # the asks before it, recorded while it runs
             try:
                 run = await self._driver.run_child(child_id, workflow, input, version)
                 if run.status == "completed":

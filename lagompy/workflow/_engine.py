@@ -147,6 +147,8 @@ class WorkflowEngine(AsyncClosing):
         data = encode_input(self.serializer, definition, input)
         command = StartRun(definition.name, definition.version, data, key, None, now_us())
         run: Run = await self._ask(run_id, command)
+        if self.executor is not None:
+            self.executor.started(run_id, run)
         return run
 
     async def get(self, run_id: str) -> Run:

@@ -41,6 +41,7 @@ __all__ = [
     "NoRun",
     "RecordCompensated",
     "RecordStep",
+    "RecordSteps",
     "ReopenRun",
     "RequestCancel",
     "Run",
@@ -148,6 +149,15 @@ class RecordStep(Command[StepRecord]):
 
 
 @dataclass(frozen=True)
+class RecordSteps(Command[tuple[StepRecord, ...]]):
+    """Record ``records`` (consecutive positions) in one transaction; the answer holds the
+    records of the positions recorded before (the first record of a position stays): empty
+    when every one is recorded as sent."""
+
+    records: tuple[StepRecord, ...]
+
+
+@dataclass(frozen=True)
 class DeliverSignal(Command[int]):
     name: str
     payload: bytes
@@ -168,10 +178,14 @@ class RecordCompensated(Command[None]):
 
 @dataclass(frozen=True)
 class FinishRun(Command[Run]):
+    """Finish the run, recording ``records`` first (the steps recorded in the background
+    that were not written yet), in one transaction."""
+
     status: str
     output: bytes | None = None
     error: str | None = None
     at_us: int = 0
+    records: tuple[StepRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,7 @@ WorkflowCommand = (
     StartRun
     | GetRun
     | RecordStep
+    | RecordSteps
     | DeliverSignal
     | RequestCancel
     | RecordCompensated
@@ -303,6 +318,8 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                 raise WorkflowNotFound(f"no workflow run has id {self.entity_id!r}")
             case Run(), RecordStep(record=record):
                 return self._record(state, record)
+            case Run(), RecordSteps(records=records):
+                return self._record_all(state, records)
             case Run(), DeliverSignal(name=name, payload=payload):
                 if state.finished:
                     raise InvalidCommand(
@@ -318,13 +335,21 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                 if index in state.compensated or state.finished:
                     return Effect.reply(None)
                 return Effect.persist(Compensated(index, name, ok, error))
-            case Run(), FinishRun(status=status, output=output, error=error):
+            case Run(), FinishRun(status=status, output=output, error=error, records=records):
                 if state.finished:
                     return Effect.reply(state)
                 if status not in FINISHED:
                     raise InvalidCommand(f"a run cannot finish as {status!r}")
+                events, held = self._new_records(state, records)
+                for record in held:
+                    if record.name != records[record.position - records[0].position].name:
+                        raise InvalidCommand(
+                            f"workflow run {self.entity_id!r}: position {record.position} "
+                            f"holds {record.name!r}, not the step this executor ran: it does "
+                            "not finish the run"
+                        )
                 finished = RunFinished(status, output, error, command.at_us)
-                return Effect.persist(finished).then_reply(lambda s: s)
+                return Effect.persist(*events, finished).then_reply(lambda s: s)
             case Run(), ReopenRun(position=position):
                 if not state.finished:
                     raise InvalidCommand(
@@ -346,6 +371,35 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                 f"it holds {len(steps)} steps and is {state.status}"
             )
         return Effect.persist(_record_event(record)).then_reply(record)
+
+    def _record_all(self, state: Run, records: tuple[StepRecord, ...]) -> Effect[RunState]:
+        if state.finished and records:
+            raise InvalidCommand(
+                f"workflow run {self.entity_id!r} is {state.status}: it records no more steps"
+            )
+        events, held = self._new_records(state, records)
+        return Effect.persist_all(events).then_reply(held)
+
+    def _new_records(
+        self, state: Run, records: tuple[StepRecord, ...]
+    ) -> tuple[list[StepCompleted | StepFailed], tuple[StepRecord, ...]]:
+        """The events of ``records`` not recorded yet, and what the positions recorded before
+        hold; consecutive positions from at most the next one, or InvalidCommand."""
+        steps = state.steps
+        events: list[StepCompleted | StepFailed] = []
+        held: list[StepRecord] = []
+        for record in records:
+            count = len(steps) + len(events)
+            if record.position < len(steps):
+                held.append(steps[record.position])
+            elif record.position == count:
+                events.append(_record_event(record))
+            else:
+                raise InvalidCommand(
+                    f"workflow run {self.entity_id!r} cannot record position "
+                    f"{record.position}: it holds {count} steps"
+                )
+        return events, tuple(held)
 
     def _reopen_position(self, state: Run, position: int | None) -> int:
         steps = state.steps

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ from lagompy.journal._journal import EventEnvelope, Journal, TagPage
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
 from lagompy.readside._worker import ProjectionCommit, ReadSideWorker
+from lagompy.runtime._processing import Receipt
 from lagompy.runtime._protocol import EntityRuntime
 from lagompy.serialization import Serializer
 from lagompy.sql._database import Database
@@ -62,7 +64,8 @@ from lagompy.workflow._entity import (
     FinishRun,
     GetRun,
     RecordCompensated,
-    RecordStep,
+    RecordSteps,
+    RequestCancel,
     Run,
     RunFinished,
     RunReopened,
@@ -73,7 +76,16 @@ from lagompy.workflow._entity import (
     StepRecord,
     WorkflowRun,
 )
-from lagompy.workflow._index import INDEX_NAME, RunsIndex, admit, declare_types, list_runs
+from lagompy.workflow._index import (
+    INDEX_NAME,
+    RunsIndex,
+    TypeRow,
+    admit,
+    declare_types,
+    list_runs,
+    types,
+    unlimited,
+)
 from lagompy.workflow._metrics import WorkflowMetrics
 from lagompy.workflow._registry import WorkflowDef, Workflows
 
@@ -135,10 +147,16 @@ class Superseded(Exception):
 class RunDriver:
     """Drives one run (see the module)."""
 
-    def __init__(self, executor: WorkflowExecutor, run_id: str, tag: str) -> None:
+    def __init__(
+        self, executor: WorkflowExecutor, run_id: str, tag: str, run: Run | None = None
+    ) -> None:
         self.executor = executor
         self.run_id = run_id
         self.tag = tag
+        #: The run's recorded state when the driver starts with it (a run started here).
+        self.initial = run
+        #: Set once the run is seen finished (by this driver's FinishRun or before).
+        self.done = False
         self.serializer = executor.serializer
         self.workflows = executor.workflows
         self.definition: WorkflowDef = WorkflowDef("", 0, _never, Any, Any)
@@ -149,6 +167,14 @@ class RunDriver:
         self._cancel: str | None = None
         self._cancelled = asyncio.Event()
         self._mark = time.monotonic()  # the run's last checkpoint here (step metrics)
+        #: Records not yet sent to the run's entity, in position order; the task sending them
+        #: (one RecordSteps at a time, so positions arrive in order); what each position got.
+        self._unsent: list[StepRecord] = []
+        self._recorder: asyncio.Task[None] | None = None
+        self._stored: dict[int, StepRecord] = {}
+        self._record_error: BaseException | None = None
+        #: Child runs this driver started (cancelled with the run).
+        self._children: set[str] = set()
 
     # ------------------------------------------------------------------ events
 
@@ -201,24 +227,122 @@ class RunDriver:
             lambda: ref.ask(command, timeout=timeout, command_id=command_id),
         )
 
-    async def record(self, record: StepRecord) -> StepRecord:
-        try:
-            stored: StepRecord = await self.ask_run(RecordStep(record))
-        except CommandRejected as e:
-            error = Superseded(str(e))
-            if self.ctx is not None:
-                self.ctx.fatal = error
-            raise error from e
+    async def ask_step(
+        self,
+        entity: type[PersistentEntity[Any, Any, Any]] | str,
+        entity_id: str,
+        command: Any,
+        command_id: str,
+    ) -> Receipt:
+        """An entity step's ask: its reply, and whether the command is applied (its reply
+        stored under ``command_id``)."""
+        ref = self.executor.runtime.ref_for(entity, entity_id)
+        timeout = self.executor.settings.ask_timeout
+        return await self._retrying(  # type: ignore[no-any-return]
+            f"ask {ref.entity_type}/{entity_id}",
+            lambda: ref.ask_with_receipt(command, timeout=timeout, command_id=command_id),
+        )
+
+    # ------------------------------------------------------------------ records
+
+    def defer(self, record: StepRecord) -> None:
+        """Record ``record`` in the background (the run goes on): for an entity step whose
+        command is applied, whose reply its command id gives back if the record is lost (a
+        replay asks again and gets the stored reply). Records go out in position order,
+        those that wait together in one transaction; every other record, the run's finish and
+        its compensation wait for them (:meth:`flush`)."""
+        self._unsent.append(record)
         mark, self._mark = self._mark, time.monotonic()
         self.executor.metrics.step(self.definition.name, record.name, record.ok, self._mark - mark)
-        return stored
+        if len(self._unsent) >= RECORD_BATCH:
+            self.send_records()
+
+    def send_records(self) -> None:
+        """Send the records not sent yet, without waiting for them (the run's code goes
+        into something else than an entity ask: an external call, a wait)."""
+        if self._unsent and (self._recorder is None or self._recorder.done()):
+            self._recorder = asyncio.create_task(
+                self._send_records(), name=f"workflow run {self.run_id} records"
+            )
+
+    async def _send_records(self) -> None:
+        while self._unsent and self._record_error is None:
+            batch = tuple(self._unsent)
+            self._unsent = []
+            try:
+                held: tuple[StepRecord, ...] = await self.ask_run(RecordSteps(batch))
+            except CommandRejected as e:
+                self._failed_record(Superseded(str(e)))
+                return
+            except Exception as e:
+                self._failed_record(e)
+                return
+            first = batch[0].position
+            for got in held:
+                sent = batch[got.position - first]
+                self._stored[sent.position] = got
+                if got.name != sent.name:
+                    self._failed_record(
+                        WorkflowNonDeterminism(
+                            f"workflow run {self.run_id!r}: position {sent.position} holds "
+                            f"{got.name!r}, recorded by another executor, where this one ran "
+                            f"{sent.name!r}",
+                            run_id=self.run_id,
+                            position=sent.position,
+                            recorded=got.name,
+                            called=sent.name,
+                        )
+                    )
+                    return
+
+    def _failed_record(self, error: BaseException) -> None:
+        self._record_error = error
+        self._unsent = []
+        if self.ctx is not None and self.ctx.fatal is None:
+            self.ctx.fatal = error
+
+    async def flush(self) -> None:
+        """Wait until every record so far is written; raise what stopped them."""
+        while True:
+            recorder = self._recorder
+            if recorder is not None and not recorder.done():
+                await asyncio.shield(recorder)
+            elif self._unsent and self._record_error is None:
+                self.send_records()
+            else:
+                break
+        if self._record_error is not None:
+            raise self._record_error
+
+    async def record(self, record: StepRecord) -> StepRecord:
+        """Record ``record`` and wait for it (with the deferred ones before it); the answer is
+        what its position holds."""
+        self.defer(record)
+        await self.flush()
+        return self._stored.pop(record.position, record)
+
+    async def _settle(self) -> None:
+        """Wait for the records on their way (not sending the others: the run's finish
+        carries them)."""
+        recorder = self._recorder
+        if recorder is not None and not recorder.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(recorder)
+
+    def stop_recording(self) -> None:
+        if self._recorder is not None and not self._recorder.done():
+            self._recorder.cancel()
 
     async def run_child(self, child_id: str, workflow: str, value: Any, version: int | None) -> Run:
         definition = self.workflows.get(workflow, version)
         data = encode_input(self.serializer, definition, value)
+        self._children.add(child_id)
         await self.ask_run(
             StartRun(workflow, definition.version, data, None, self.run_id, now_us()), child_id
         )
+        return await self._finished_child(child_id)
+
+    async def _finished_child(self, child_id: str) -> Run:
         delay = 0.02
         while True:
             run = await self.ask_run(GetRun(), child_id)
@@ -227,13 +351,40 @@ class RunDriver:
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
+    async def _cancel_children(self, reason: str) -> None:
+        """Cancel the run's unfinished child runs (the one its code waits for, and any the
+        index lists) and wait for them to finish (their compensations run first)."""
+        ids = set(self._children)
+        with contextlib.suppress(Exception):  # the index is a help here, not the truth
+            rows = await list_runs(
+                self.executor.database,
+                parent=self.run_id,
+                status=("queued", "running"),
+                limit=10_000,
+            )
+            ids.update(row.run_id for row in rows)
+        why = f"its parent {self.run_id!r} was cancelled: {reason}"
+        waiting: list[str] = []
+        for child_id in sorted(ids):
+            try:
+                run = await self.ask_run(RequestCancel(why), child_id)
+            except CommandRejected:
+                continue  # no such run (its start never happened)
+            if isinstance(run, Run) and not run.finished:
+                waiting.append(child_id)
+        for child_id in waiting:
+            await self._finished_child(child_id)
+
     # ------------------------------------------------------------------ the run
 
     async def drive(self) -> None:
-        run = await self.ask_run(GetRun())
+        started_here = self.initial is not None
+        run = self.initial if self.initial is not None else await self.ask_run(GetRun())
+        self.initial = None
         if not isinstance(run, Run) or run.finished:
+            self.done = isinstance(run, Run)
             return
-        if not await self._admitted(run):
+        if not await self._admitted(run, started_here):
             await self._finish("cancelled", None, f"cancelled: {self._cancel}")
             return
         self._mark = time.monotonic()
@@ -265,7 +416,7 @@ class RunDriver:
             raise
         await self._outcome(run, ctx, inner)
 
-    async def _admitted(self, run: Run) -> bool:
+    async def _admitted(self, run: Run, started_here: bool) -> bool:
         """Wait for admission; False when the run is cancelled first (a queued run that never
         ran: nothing to compensate)."""
         if run.steps:
@@ -275,6 +426,8 @@ class RunDriver:
             self.cancel(run.cancel_reason)
         if self._cancelled.is_set():
             return False
+        if started_here and run.key is None and await self.executor.unlimited(run.name):
+            return True  # its index row starts running (see _index.unlimited)
         admission = asyncio.ensure_future(self.executor.admission(self.run_id))
         cancelled = asyncio.ensure_future(self._cancelled.wait())
         try:
@@ -288,6 +441,7 @@ class RunDriver:
     async def _outcome(self, run: Run, ctx: WorkflowContext, inner: asyncio.Future[Any]) -> None:
         if not inner.cancelled():
             inner.exception()  # retrieved, whatever the outcome below
+        await self._settle()  # the records on their way (an error: ctx.fatal)
         fatal = ctx.fatal
         if isinstance(fatal, Superseded):
             log.info("run %r: %s; this executor stops driving it", self.run_id, fatal)
@@ -295,6 +449,10 @@ class RunDriver:
         if isinstance(fatal, WorkflowNonDeterminism):
             log.error("run %r: %s", self.run_id, fatal)
             await self._finish("failed", None, f"WorkflowNonDeterminism: {fatal}")
+            return
+        if fatal is not None and fatal is self._record_error:
+            # Its steps could not be recorded: the run stays as recorded, for the next owner.
+            log.error("run %r: recording its steps failed: %r", self.run_id, fatal)
             return
         error: BaseException | None
         if inner.cancelled():
@@ -305,6 +463,8 @@ class RunDriver:
             try:
                 output = self.serializer.encode_value(inner.result(), self.definition.output_type)
             except SerializationError as e:
+                with contextlib.suppress(Exception):
+                    await self.flush()
                 await self._compensate(run, ctx)
                 await self._finish("failed", None, f"the output does not encode: {e}")
                 return
@@ -312,10 +472,17 @@ class RunDriver:
             return
         if not isinstance(error, Exception):  # KeyboardInterrupt and the like
             raise error
-        failures = await self._compensate(run, ctx)
+        try:
+            await self.flush()  # the steps before the compensations
+        except Exception as e:
+            log.error("run %r: recording its steps failed: %r", self.run_id, e)
+            return
         cancelled = ctx.cancel_reason is not None and (
             isinstance(error, (WorkflowCancelled, asyncio.CancelledError)) or inner.cancelled()
         )
+        if cancelled:
+            await self._cancel_children(ctx.cancel_reason or "cancelled")
+        failures = await self._compensate(run, ctx)
         text = (
             f"cancelled: {ctx.cancel_reason}" if cancelled else f"{type(error).__name__}: {error}"
         )
@@ -340,7 +507,13 @@ class RunDriver:
         return failures
 
     async def _finish(self, status: str, output: bytes | None, error: str | None) -> None:
-        run = await self.ask_run(FinishRun(status, output, error, now_us()))
+        records, self._unsent = tuple(self._unsent), []  # recorded with the finish
+        try:
+            run = await self.ask_run(FinishRun(status, output, error, now_us(), records))
+        except CommandRejected as e:
+            log.info("run %r: %s; this executor stops driving it", self.run_id, e)
+            return
+        self.done = isinstance(run, Run) and run.finished
         if isinstance(run, Run) and run.finished_us is not None:
             seconds = (run.finished_us - run.started_us) / 1e6
             self.executor.metrics.run_finished(run.name, run.status, seconds)
@@ -399,6 +572,13 @@ class _Partition:
     epoch: int | None = None
 
 
+#: Records of applied entity asks a run keeps before it sends them without waiting for a
+#: step that must wait for its record (every other kind of step, and the run's end).
+RECORD_BATCH = 32
+
+#: How many finished runs an executor remembers (see ``WorkflowExecutor._finished``).
+FINISHED_KEPT = 10_000
+
 #: Consumer states in which the partition's lease is not (or no longer) this executor's.
 NOT_HELD = frozenset({"standby", "stopped", "retrying", "stalled", "starting"})
 
@@ -429,6 +609,10 @@ class WorkflowExecutor:
         self._tasks: list[asyncio.Task[None]] = []
         self._admitting: dict[str, asyncio.Future[None]] = {}
         self._admit_wake = asyncio.Event()
+        self._types_read: asyncio.Future[dict[str, TypeRow]] | None = None
+        #: Runs this executor drove to their end (most recent last): a late RunStarted from
+        #: the tail does not start them again.
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._closing = False
         #: Counters of the runs this executor drove (the service's /metrics).
         self.metrics = WorkflowMetrics()
@@ -502,7 +686,13 @@ class WorkflowExecutor:
         for envelope in envelopes:
             run_id = envelope.entity_id
             match envelope.event:
-                case RunStarted() | RunReopened():
+                case RunStarted():
+                    if run_id in self._admitting:
+                        self._admit_wake.set()  # its row is in the index now
+                    if run_id not in self._finished:
+                        self.launch(run_id, tag)
+                case RunReopened():
+                    self._finished.pop(run_id, None)
                     self.launch(run_id, tag)
                 case SignalReceived(index=index, name=name, payload=payload):
                     driver = self.drivers.get(run_id)
@@ -515,24 +705,36 @@ class WorkflowExecutor:
                 case RunFinished():
                     self._admit_wake.set()  # a slot may be free
 
-    def launch(self, run_id: str, tag: str) -> None:
+    def started(self, run_id: str, run: Run) -> None:
+        """A run started in this process (``WorkflowEngine.start``): driven at once from its
+        state when this executor holds its partition, rather than when the partition's tail
+        brings its ``RunStarted`` (which then finds it driven). The records are the same."""
+        if not run.finished:
+            self.launch(run_id, WORKFLOW_TAG.for_entity(run_id), run)
+
+    def launch(self, run_id: str, tag: str, run: Run | None = None) -> None:
         if self._closing or self.partitions[tag].epoch is None:
             return
         existing = self.drivers.get(run_id)
         if existing is not None and existing.task is not None and not existing.task.done():
             return
-        driver = RunDriver(self, run_id, tag)
+        driver = RunDriver(self, run_id, tag, run)
         self.drivers[run_id] = driver
         driver.task = asyncio.create_task(self._drive(driver), name=f"workflow run {run_id}")
 
     async def _drive(self, driver: RunDriver) -> None:
         try:
             await driver.drive()
+            if driver.done:
+                self._finished[driver.run_id] = None
+                if len(self._finished) > FINISHED_KEPT:
+                    self._finished.popitem(last=False)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("workflow run %r: its driver failed", driver.run_id)
         finally:
+            driver.stop_recording()
             if self.drivers.get(driver.run_id) is driver:
                 del self.drivers[driver.run_id]
             self._admitting.pop(driver.run_id, None)
@@ -562,6 +764,19 @@ class WorkflowExecutor:
                     self._drop(tag)
 
     # ------------------------------------------------------------------ admission
+
+    async def unlimited(self, workflow: str) -> bool:
+        """Whether a new run (with no key) of ``workflow`` runs at once: no limit, not paused
+        (the types' rows, read once for the callers of a tick)."""
+        reading = self._types_read
+        if reading is None or reading.done():
+            reading = self._types_read = asyncio.ensure_future(types(self.database))
+        try:
+            kind = (await asyncio.shield(reading)).get(workflow)
+        except Exception as e:
+            log.warning("workflow types could not be read (%s): admission decides", e)
+            return False
+        return kind is not None and unlimited(kind.max_running, kind.paused)
 
     async def admission(self, run_id: str) -> None:
         """Return once the run is admitted (flow control in the index)."""

@@ -11,6 +11,10 @@ the limits hold across executors:
 * ``max_running`` of the workflow (a queue: the oldest queued runs go first),
 * at most one running run per (workflow, key),
 * a ``paused`` workflow admits nothing (its running runs go on).
+
+A run with no key of a workflow with no limit that is not paused needs no admission: its row
+starts ``running`` and the executor of the process that started it drives it at once
+(:func:`unlimited`).
 """
 
 from __future__ import annotations
@@ -107,6 +111,17 @@ class RunsIndex(SqlReadSideProcessor):
         t = workflow_runs
         match envelope.event:
             case RunStarted(name=name, version=version, key=key, parent=parent):
+                status = QUEUED
+                if key is None:
+                    kind = (
+                        await conn.execute(
+                            select(workflow_types.c.max_running, workflow_types.c.paused).where(
+                                workflow_types.c.workflow == name
+                            )
+                        )
+                    ).first()
+                    if kind is not None and unlimited(kind.max_running, bool(kind.paused)):
+                        status = RUNNING  # nothing to wait for (see ``unlimited``)
                 await conn.execute(
                     t.insert().values(
                         run_id=run_id,
@@ -114,7 +129,7 @@ class RunsIndex(SqlReadSideProcessor):
                         version=version,
                         run_key=key,
                         parent=parent,
-                        status=QUEUED,
+                        status=status,
                         tag=WORKFLOW_TAG.for_entity(run_id),
                         steps=0,
                         wake_at_us=None,
@@ -171,6 +186,13 @@ class RunsIndex(SqlReadSideProcessor):
                 )
             case _:
                 pass  # signals and compensations change no column
+
+
+def unlimited(max_running: int | None, paused: bool) -> bool:
+    """Whether a new run with no key of a workflow with this limit and pause flag runs at
+    once: no limit and not paused. Such a run started in an executor's process runs without
+    an admission (its row starts ``running``): nothing could make it wait."""
+    return max_running is None and not paused
 
 
 async def run_row(database: Database, run_id: str) -> RunRow | None:
