@@ -168,7 +168,7 @@ def render(runs: list[tuple[float, dict[int, tuple[float, float]]]], command: st
             lines.append(f"| {i} | {cpu:.1f} | {w} | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} |")
     lines += [
         "",
-        "Floor (issue 21): >= 0.7 of raw at 1, 2, 4 and 8 writers, same run.",
+        "Floor: >= 0.7 of raw at 1, 2, 4 and 8 writers, same run.",
         "",
         "| writers | median ratio | worst ratio | runs meeting 0.7 |",
         "| ---: | ---: | ---: | ---: |",
