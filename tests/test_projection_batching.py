@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import (
+    Boolean,
     Column,
+    DateTime,
     Integer,
     MetaData,
     Table,
@@ -56,7 +59,15 @@ class Ops:
 
 
 metadata = MetaData()
-kv = Table("batching_kv", metadata, Column("k", Integer, primary_key=True), Column("v", Integer))
+kv = Table(
+    "batching_kv",
+    metadata,
+    Column("k", Integer, primary_key=True),
+    Column("v", Integer),
+    # Typed columns whose values go through bind processors (SQLite: 0/1 and text).
+    Column("on", Boolean),
+    Column("at", DateTime),
+)
 seen = Table(
     "batching_seen", metadata, Column("id", Integer, primary_key=True), Column("v", Integer)
 )
@@ -66,6 +77,9 @@ UPSERT = text(
 DOUBLE = text("UPDATE batching_kv SET v = v * 2 + :d WHERE k = :k")
 #: A Core statement built once, each event bringing its values (the docs' simple way).
 SET_V = update(kv).where(kv.c.k == bindparam("kk")).values(v=bindparam("vv"))
+#: Built once too, with a constant bound in the statement beside the event's values.
+STAMP = update(kv).where(kv.c.k == bindparam("kk")).values(on=True, at=bindparam("at"))
+EPOCH = datetime(2026, 1, 1)
 
 
 class Boom(Exception):
@@ -93,6 +107,8 @@ class OpsProjection(SqlReadSideProcessor):
                 await conn.execute(DOUBLE, {"k": k, "d": v})
             elif op == "set":
                 await conn.execute(SET_V, {"kk": k, "vv": v})
+            elif op == "stamp":
+                await conn.execute(STAMP, {"kk": k, "at": EPOCH + timedelta(seconds=v)})
             elif op == "del":
                 await conn.execute(delete(kv).where(kv.c.k == k))
             elif op == "read":  # what it reads is written on
@@ -125,7 +141,7 @@ class OpsProjection(SqlReadSideProcessor):
 
 keys = st.integers(0, 3)
 values = st.integers(-5, 5)
-write = st.tuples(st.sampled_from(["put", "add", "double", "set", "del"]), keys, values)
+write = st.tuples(st.sampled_from(["put", "add", "double", "set", "stamp", "del"]), keys, values)
 read = st.tuples(st.sampled_from(["read", "readrow"]), keys, st.just(0))
 failing = st.one_of(
     st.tuples(st.sampled_from(["ins", "tryins"]), keys, values),
@@ -285,14 +301,19 @@ class _Recording:
     async def execute(self, statement: Any, parameters: Any = None, **_: Any) -> None:
         self.sent.append((statement, parameters))
 
+    async def exec_driver_sql(self, sql: str, parameters: Any = None, **_: Any) -> None:
+        self.sent.append((sql, parameters))
+
 
 def test_runs_of_one_statement_object_need_no_work_per_write(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Consecutive writes of the same statement object with the same parameter names are one
-    executemany of the parameters as given; whether a statement object can be deferred is
-    checked once for all batches (remembered by identity); a change of parameter names starts
-    a new run; statements built per event with one cache key still join."""
+    executemany, sent to the driver as the statement's SQL and each write's values in their
+    places, planned once per statement and names; whether a statement object can be deferred
+    is checked once for all batches (remembered by identity); a change of parameter names
+    starts a new run (one the plan cannot cover, a required value missing, goes through
+    SQLAlchemy); statements built per event with one cache key still join."""
     from lagompy.readside import _batching
 
     checked: list[Any] = []
@@ -313,14 +334,24 @@ def test_runs_of_one_statement_object_need_no_work_per_write(
         await conn.finish()
         return recording.sent
 
+    planned: list[Any] = []
+    plan = _batching._plan
+
+    def counting_plans(statement: Any, names: Any, dialect: Any) -> Any:
+        planned.append((statement, names))
+        return plan(statement, names, dialect)
+
+    monkeypatch.setattr(_batching, "_plan", counting_plans)
     first = [(SET_V, {"kk": i, "vv": i}) for i in range(3)]
     sent = asyncio.run(batch([*first, (SET_V, {"kk": 9}), (SET_V, {"kk": 8})]))
     assert sent == [
-        (SET_V, [{"kk": 0, "vv": 0}, {"kk": 1, "vv": 1}, {"kk": 2, "vv": 2}]),
+        ("UPDATE batching_kv SET v=? WHERE batching_kv.k = ?", [(0, 0), (1, 1), (2, 2)]),
         (SET_V, [{"kk": 9}, {"kk": 8}]),
     ]
     assert checked == [SET_V]
+    assert planned == [(SET_V, ("kk", "vv")), (SET_V, ("kk",))]
     assert asyncio.run(batch(first)) == sent[:1] and checked == [SET_V]  # the next batch
+    assert len(planned) == 2
     built = [update(kv).where(kv.c.k == i).values(v=i) for i in range(3)]
     sent = asyncio.run(batch([(b, None) for b in built]))
     assert len(sent) == 1 and sent[0][0] is built[0] and len(sent[0][1]) == 3
