@@ -242,6 +242,8 @@ class DeferringConnection:
         self._immediate = False
         self._failed: BaseException | None = None
         self._defeated: DeferralDefeated | None = None
+        #: What every deferred write returns (nothing to read in it: one object serves all).
+        self._result = _DeferredResult(self)
 
     # ------------------------------------------------------------------ what handlers call
 
@@ -281,7 +283,7 @@ class DeferringConnection:
             )
         self._statements.append(statement)
         self._parameters.append(parameters)
-        return _DeferredResult(self)
+        return self._result
 
     async def scalar(self, *args: Any, **kwargs: Any) -> Any:
         await self.flush()
