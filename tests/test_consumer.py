@@ -180,6 +180,9 @@ class Collected:
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
         pass
 
+    async def hand_over(self, consumer: EventConsumer, lease: Lease) -> None:
+        pass
+
 
 async def test_the_core_runs_another_commit_strategy(journal_settings: JournalSettings) -> None:
     async with await open_storage(

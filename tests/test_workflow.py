@@ -5,6 +5,8 @@ markers, non-determinism, signals, cancellation, flow control, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -158,6 +160,54 @@ async def _index_is(engine: WorkflowEngine, workflow: str, expected: dict[str, s
 
 async def _has_steps(engine: WorkflowEngine, run_id: str, n: int) -> bool:
     return len((await engine.get(run_id)).steps) >= n
+
+
+# --------------------------------------------------------------------------- rebalance
+
+
+def _held(engine: WorkflowEngine) -> int:
+    """How many partitions the engine's executor holds now."""
+    assert engine.executor is not None
+    return sum(1 for p in engine.executor.partitions.values() if p.worker.lease is not None)
+
+
+async def test_a_joining_executor_takes_half_the_partitions_and_every_run_finishes_once(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Executors share the runs' partitions (WorkflowSettings.rebalance, on by default): one
+    that joins gets half, handed over between batches with the runs driven there stopped
+    first; the new owner replays them from their records, and every ask is applied once."""
+    a = await env.engine_for(workflows, "exec-a")
+    await until(lambda: _async(_held(a) == 4))
+    runs = [f"rb-{i}" for i in range(12)]
+    for run in runs:
+        await env.entities.ref_for(AccountEntity, f"{run}-from").ask(Deposit(100))
+        await a.start("gated-transfer", Transfer(f"{run}-from", f"{run}-to", 30), id=run)
+    for run in runs:  # every run has withdrawn and waits for "go"
+        await until(functools.partial(_has_steps, a, run, 1))
+    caplog.set_level(logging.INFO, logger="lagompy.workflow")
+    b = await env.engine_for(workflows, "exec-b")
+    await until(lambda: _async(_held(a) == 2 and _held(b) == 2))
+    # a stopped its drivers of the partitions it gave (before releasing their leases), and
+    # never found a lease gone under it
+    handed = [r.getMessage() for r in caplog.records if "handed over" in r.getMessage()]
+    assert len(handed) == 2, handed
+    assert not [r for r in caplog.records if "lease lost" in r.getMessage()]
+    for _ in range(2):
+        for run in runs:
+            await b.send_signal(run, "go")
+    for run in runs:
+        assert await b.result(run, timeout=15) == "done"
+        assert await env.balance(f"{run}-from") == 70  # withdrawn once
+        assert await env.balance(f"{run}-to") == 30  # deposited once
+    assert a.executor is not None and b.executor is not None
+    by_a = a.executor.metrics.finished.get(("gated-transfer", "completed"), 0)
+    by_b = b.executor.metrics.finished.get(("gated-transfer", "completed"), 0)
+    assert by_a + by_b == len(runs) and by_a > 0 and by_b > 0  # each finished once, both drove
+
+
+async def _async(value: bool) -> bool:
+    return value
 
 
 # --------------------------------------------------------------------------- cancel

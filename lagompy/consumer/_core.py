@@ -156,6 +156,13 @@ class CommitStrategy(Protocol):
         it again after this returns, until the strategy records it as failed or skipped."""
         ...
 
+    async def hand_over(self, consumer: EventConsumer, lease: Lease) -> None:
+        """Called between two batches, after the last commit, before the consumer releases
+        ``lease`` to the partition's target member: stop the work done under the lease
+        besides the consumer's own (the workflow executor: its run drivers), so that the next
+        holder starts alone. The read side and the topic producers have none."""
+        ...
+
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
         """Called while the consumer runs (not held) and its row's flags ask for work that
         waits for the lease holder (:attr:`Flags.retry`: the read side's operators' retries
@@ -404,6 +411,8 @@ class EventConsumer:
                     await self._consume(lease, tailer)
                 except _HandedOver as e:
                     self.state = "standby"
+                    if lease is not None:
+                        await self.strategy.hand_over(self, lease)
                     await self._release(lease, "idle")
                     self.log.info(
                         "%s: lease released at offset %d for member %r, the partition's target",

@@ -574,6 +574,9 @@ class ProjectionCommit:
 
     # ------------------------------------------------------------------ parked retries
 
+    async def hand_over(self, consumer: EventConsumer, lease: Lease) -> None:
+        """Nothing runs under the lease between two batches."""
+
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
         """Run the retries operators asked for of this (consumer, tag)'s parked events, when
         the row's flags say there are some (``Flags.retry``, which the lease renewals and

@@ -750,6 +750,9 @@ class _Publish:
     async def idle(self, consumer: EventConsumer, lease: Lease) -> None:
         """Nothing waits for the producer's lease holder."""
 
+    async def hand_over(self, consumer: EventConsumer, lease: Lease) -> None:
+        """Nothing runs under the lease between two batches."""
+
 
 class _Watched:
     """The producer's journal tailer, watching the broker's connection too: once it has been

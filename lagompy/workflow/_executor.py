@@ -36,6 +36,7 @@ from typing import Any
 from lagompy.closing import finish_tasks
 from lagompy.consumer._core import EventConsumer
 from lagompy.consumer._lease import Lease
+from lagompy.consumer._members import Membership
 from lagompy.entity import PersistentEntity
 from lagompy.errors import (
     CommandRejected,
@@ -52,7 +53,7 @@ from lagompy.errors import (
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
-from lagompy.readside._worker import ProjectionCommit, ReadSideWorker
+from lagompy.readside._worker import ProjectionCommit, ReadSideWorker, membership_for
 from lagompy.runtime._processing import Receipt
 from lagompy.runtime._protocol import EntityRuntime
 from lagompy.serialization import Serializer
@@ -105,7 +106,11 @@ class WorkflowSettings:
     (and resumes their runs); ``renew_interval``: how often a lease is renewed (and lost ones
     noticed); ``ask_timeout``: per try of an ask (then it is sent again, same command id);
     ``admission_interval``: how often queued runs try again to be admitted;
-    ``max_batch``: events per transaction of the runs index."""
+    ``max_batch``: events per transaction of the runs index; ``rebalance``: the executors of
+    one journal share its partitions, about evenly (the read side's membership, see
+    ``ReadSideSettings.rebalance``): an executor that joins gets its share, handed over
+    between two batches with the runs it drove stopped first; off, the first executor takes
+    every partition and the others stand by."""
 
     lease_ttl: float = 10.0
     renew_interval: float = 2.0
@@ -113,6 +118,7 @@ class WorkflowSettings:
     admission_interval: float = 0.5
     max_batch: int = 500
     retry_max_delay: float = 2.0
+    rebalance: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.renew_interval < self.lease_ttl:
@@ -133,6 +139,7 @@ class WorkflowSettings:
             max_batch=self.max_batch,
             retry_max_delay=self.retry_max_delay,
             retry_initial_delay=0.05,
+            rebalance=self.rebalance,
         )
 
 
@@ -563,6 +570,9 @@ class _ExecutorCommit:
     ) -> None:
         await self.inner.undecodable(consumer, lease, error)
 
+    async def hand_over(self, consumer: EventConsumer, lease: Lease) -> None:
+        await self.executor.handing_over(self.tag)
+
 
 @dataclass
 class _Partition:
@@ -616,14 +626,18 @@ class WorkflowExecutor:
         self._closing = False
         #: Counters of the runs this executor drove (the service's /metrics).
         self.metrics = WorkflowMetrics()
+        #: This executor as a member of the executors of its journal (None: rebalance off).
+        self.membership: Membership | None = None
 
     async def start(self) -> None:
         await declare_types(
             self.database, {n: self.workflows.max_running(n) for n in self.workflows.names()}
         )
         consumer = self.settings.consumer()
-        await OffsetStore(self.database).ensure(INDEX_NAME, list(WORKFLOW_TAG.all_tags))
-        for tag in WORKFLOW_TAG.all_tags:
+        tags = list(WORKFLOW_TAG.all_tags)
+        await OffsetStore(self.database).ensure(INDEX_NAME, tags)
+        self.membership = membership_for(INDEX_NAME, tags, self.database, consumer, self.owner)
+        for tag in tags:
             worker = ReadSideWorker(
                 RunsIndex(),
                 tag,
@@ -631,6 +645,7 @@ class WorkflowExecutor:
                 projection=self.database,
                 settings=consumer,
                 owner=self.owner,
+                membership=self.membership,
             )
             worker.strategy = _ExecutorCommit(worker.strategy, self, tag)  # type: ignore[assignment]
             task = asyncio.create_task(worker.run(), name=f"workflow partition {tag}")
@@ -660,6 +675,8 @@ class WorkflowExecutor:
             for part in parts:
                 part.task.cancel()
             await asyncio.gather(*(p.task for p in parts), return_exceptions=True)
+        if self.membership is not None and release:
+            await self.membership.leave()  # (not released: it expires, as a crashed one would)
         for future in self._admitting.values():
             future.cancel()
 
@@ -739,19 +756,30 @@ class WorkflowExecutor:
                 del self.drivers[driver.run_id]
             self._admitting.pop(driver.run_id, None)
 
-    def _drop(self, tag: str) -> None:
-        """Stop driving the runs of ``tag`` (its lease is gone): no compensation."""
+    def _drop(self, tag: str, why: str = "lease lost") -> list[asyncio.Task[Any]]:
+        """Stop driving the runs of ``tag`` (its lease is gone, or going): no compensation.
+        Returns the drivers' tasks, cancelled."""
         part = self.partitions[tag]
         part.epoch = None
         dropped = [d for d in self.drivers.values() if d.tag == tag]
+        tasks = []
         for driver in dropped:
             if driver.task is not None:
                 driver.task.cancel()
+                tasks.append(driver.task)
             del self.drivers[driver.run_id]
         if dropped:
-            log.warning(
-                "workflow partition %s: lease lost, stopped driving %d runs", tag, len(dropped)
+            level = logging.WARNING if why == "lease lost" else logging.INFO
+            log.log(
+                level, "workflow partition %s: %s, stopped driving %d runs", tag, why, len(dropped)
             )
+        return tasks
+
+    async def handing_over(self, tag: str) -> None:
+        """The partition goes to another executor (its target member): the runs driven here
+        stop before its lease is released, so the next owner replays them alone."""
+        tasks = self._drop(tag, "handed over")
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch(self) -> None:
         while True:
