@@ -458,12 +458,21 @@ PostgreSQL simple {median_of["pg_simple"]:,.0f}, set-based {median_of["pg_set-ba
 raw {median_of["pg_raw"]:,.0f} events/s; SQLite simple {median_of["sqlite_simple"]:,.0f}, raw
 {median_of["sqlite_raw"]:,.0f}. The CPU reference is `sum(range(10**6))`, best of 5, taken at
 the start of each run. The simple way's writes are kept and sent as one executemany per run of
-one statement (docs/readside.md); what remains per event is reading and decoding it, the
-handler and SQLAlchemy's work, and the collector's. A library that commits one transaction per
-event runs at ~1,400 events/s here; PostgreSQL on this machine commits about 2,900 one-row
-transactions/s.
+one statement (docs/readside.md), a statement built once going to the driver with a plan made
+once (its SQL, and each write's values in their places through the bind processors) rather
+than through SQLAlchemy's executemany, which built a dict of every parameter per row; what
+remains per event is reading and decoding it, the handler, and the collector's work. A
+library that commits one transaction per event runs at ~1,400 events/s here; PostgreSQL on
+this machine commits about 2,900 one-row transactions/s.
 
-Where the simple rebuild's time goes (py-spy on PostgreSQL, 2026-12-04, CPU reference ~15 ms):
+The driver plan (2026-12-05): py-spy on the PostgreSQL rebuild had SQLAlchemy's executemany
+processing (`_init_compiled`, `construct_params`) at 12% of all samples, a sixth of the
+process's busy time; with the plan, alternating the code before and after in one sitting (3
+rebuilds each, load average ~3 from other work): PostgreSQL 25,702-26,676 -> 30,308-30,779
+events/s, SQLite 31,739-35,068 -> 36,922-40,584.
+
+Where the simple rebuild's time went before the plan (py-spy on PostgreSQL, 2026-12-04, CPU
+reference ~15 ms):
 the Python process is busy ~80% of the wall time, PostgreSQL working on the other core. Of its
 samples: reading the pages ~45% (the query and its rows ~4-5 us per event, decoding ~6 us),
 sending the executemany runs ~15-20% (asyncpg's encoding and the loopback socket writes, which
