@@ -23,7 +23,7 @@ from lagompy.entity import Effect, PersistentEntity, tag
 from lagompy.errors import ConfigurationError, TopicMessageInvalid
 from lagompy.journal._storage import open_storage, serializer_for
 from lagompy.serialization import serializable
-from lagompy.service import BreakerRegistry, Service
+from lagompy.service import BreakerRegistry, Service, ServiceClient
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import free_port, serve_in_thread
 from lagompy.testkit.topics import (
@@ -48,6 +48,7 @@ from lagompy.topic import (
     messages_to_json,
     start_subscribers,
 )
+from lagompy.topic._codec import COLUMNS, messages_from_columns, messages_to_columns
 
 
 @pytest.fixture
@@ -135,6 +136,24 @@ async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
         )
         assert packed.headers["content-type"] == "application/msgpack"
         assert msgpack.unpackb(packed.content) == page
+        # lagompy's feeds ask for columns: the same messages, without an object per message.
+        columns = await client.get(
+            f"{PARTITION}/{partition}", headers={"Accept": f"{COLUMNS}, application/msgpack"}
+        )
+        assert columns.headers["content-type"] == COLUMNS
+        body = msgpack.unpackb(columns.content)
+        assert (body["last_offset"], body["full"], body["offset"]) == (
+            page["last_offset"],
+            False,
+            [written[0].offset],
+        )
+        assert messages_from_columns(contract_topic, body, partition=partition) == (
+            messages_from_json(contract_topic, page["messages"], partition=partition)
+        )
+        # Without an Accept (curl, another language), JSON stays the answer.
+        assert (await client.get(f"{PARTITION}/{partition}")).headers["content-type"] == (
+            "application/json"
+        )
 
         # Caught up: the long poll answers when a message commits, not at the end of `wait`.
         after = page["last_offset"]
@@ -158,6 +177,37 @@ async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
         assert 0.25 <= time.monotonic() - started < 2.0
         head = (await client.get(f"{PARTITION}/{partition}/position")).json()
         assert head["offset"] == more[0].offset
+
+
+class _Recording(httpx.AsyncBaseTransport):
+    """Real HTTP, with the content type of every answer kept."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.content_types: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.content_types.append(response.headers.get("content-type", ""))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_feed_pulls_batches_as_columns(producer: str, env: TopicEnv) -> None:
+    written = await env.append(*(Deposited("ada", n) for n in range(1, 4)))
+    partition = contract_topic.partition_of("ada")
+    recording = _Recording()
+    async with ServiceClient(producer, transport=recording, breaker=False) as client:
+        feed = HttpTransport(client).feed(contract_topic, partition, group="g")
+        batch = await feed.next_batch(0, 2)
+        assert [m.offset for m in batch.messages] == [w.offset for w in written[:2]]
+        assert batch.full and batch.last_offset == written[1].offset
+        rest = await feed.next_batch(batch.last_offset, 100)
+        assert [m.payload for m in rest.messages] == [Deposit("ada", 3)] and not rest.full
+    assert recording.content_types == [COLUMNS, COLUMNS]
 
 
 def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
@@ -198,6 +248,60 @@ def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
     with pytest.raises(TopicMessageInvalid, match=r"first: 1\.amount: Field required"):
         messages_from_json(contract_topic, batch, partition=1)
     assert messages_to_json([message], Deposit) == [data]
+
+
+def _columns(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """JSON message objects of one partition as messages_to_columns lays them out."""
+    first = items[0]
+    fields = ("offset", "key", "timestamp", "version", "entity_type", "entity_id", "seq_nr")
+    return {
+        "topic": first["topic"],
+        "partition": first["partition"],
+        "type": first["type"],
+        **{f: [d[f] for d in items] for f in (*fields, "payload")},
+    }
+
+
+def test_batches_round_trip_through_columns_and_bad_ones_are_named() -> None:
+    stamp = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)
+    messages = [
+        Message(
+            topic="contract-deposits",
+            payload=Deposit(f"acct-{i}", i),
+            key=f"acct-{i}",
+            partition=1,
+            offset=40 + i,
+            timestamp=stamp if i < 2 else datetime(2026, 12, 4, 18, 1, tzinfo=UTC),
+            type_name="Deposit",
+            version=1,
+            entity_type="topic-contract-account",
+            entity_id=f"acct-{i}",
+            seq_nr=i,
+        )
+        for i in range(3)
+    ]
+    columns = messages_to_columns(contract_topic, 1, messages)
+    assert columns == _columns(messages_to_json(messages, Deposit))
+    wire = msgpack.unpackb(msgpack.packb(columns))
+    assert messages_from_columns(contract_topic, wire, partition=1) == messages
+    empty = msgpack.unpackb(msgpack.packb(messages_to_columns(contract_topic, 1, [])))
+    assert messages_from_columns(contract_topic, empty, partition=1) == []
+    bad: list[tuple[Any, str]] = [
+        ([], "a batch must be a map"),
+        ({**wire, "topic": "other"}, "expected messages of topic 'contract-deposits'"),
+        ({**wire, "partition": 0}, "partition 0"),
+        ({**wire, "type": "Withdrawal"}, "is not this topic's"),
+        ({**wire, "payload": None}, "column 'payload' must be an array"),
+        ({**wire, "key": ["a"]}, "column 'key' must be an array of 3 items"),
+        ({**wire, "offset": [40, "41", 42]}, "column 'offset' must hold ints, got '41'"),
+        ({**wire, "seq_nr": [0, True, 2]}, "column 'seq_nr' must hold ints"),
+        ({**wire, "version": [1, 2, 1]}, "version 2 is newer than this side's"),
+        ({**wire, "timestamp": ["soon"] * 3}, "bad timestamp"),
+        ({**wire, "payload": [{"account": "a"}] * 3}, r"first: 0\.amount: Field required"),
+    ]
+    for value, words in bad:
+        with pytest.raises(TopicMessageInvalid, match=words):
+            messages_from_columns(contract_topic, value, partition=1)
 
 
 def test_command_ids_come_from_the_message_position() -> None:
@@ -427,6 +531,10 @@ def test_older_versions_are_upcast_and_what_cannot_be_is_named() -> None:
             message_from_json(topic, value, partition=0)
         with pytest.raises(TopicMessageInvalid, match=words):
             messages_from_json(topic, [value], partition=0)
+        with pytest.raises(TopicMessageInvalid, match=words):
+            messages_from_columns(topic, _columns([value]), partition=0)
+    upcast = messages_from_columns(deposits_v3, _columns([data, v2, v3]), partition=0)
+    assert upcast == batch
 
 
 @serializable(name="Deposit", version=2)

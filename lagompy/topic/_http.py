@@ -16,8 +16,12 @@ Producer side, :func:`topic_router` (mounted by :class:`~lagompy.topic.TopicsCom
         position) also "behind" (the partition's events after it) and "lag_seconds" (the age
         of the oldest of them), for the subscriber's status.
 
-Each message is :func:`~lagompy.topic._codec.message_to_json`'s object. Bad input gets a problem
-document: 404 for an unknown topic or partition, 422 for a bad parameter.
+Each message is :func:`~lagompy.topic._codec.message_to_json`'s object. A client whose ``Accept``
+names ``application/vnd.lagompy.columns+msgpack`` (lagompy's feeds) gets the batch as columns in
+MessagePack instead (:func:`~lagompy.topic._codec.messages_to_columns`), one naming only
+``application/msgpack`` the objects' body in MessagePack; both when the topic's encoding is
+msgpack (the default), JSON otherwise. Bad input gets a problem document: 404 for an unknown
+topic or partition, 422 for a bad parameter.
 
 Subscriber side, :class:`HttpTransport`: its :class:`HttpFeed` reads a batch with ``wait=0``
 and, once caught up, long-polls inside :meth:`HttpFeed.wait` (bounded by the worker's next
@@ -36,6 +40,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Annotated, Any
 
+import httpx
 import msgpack
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 
@@ -49,11 +54,19 @@ from lagompy.errors import (
     TopicError,
     TopicMessageInvalid,
 )
-from lagompy.journal._journal import Journal
+from lagompy.journal._journal import Journal, _collector_paused
 from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.service._breaker import BreakerRegistry, CircuitBreaker
 from lagompy.service._client import ServiceClient, ServiceLocator
-from lagompy.topic._codec import JSON, MSGPACK, messages_from_json, messages_to_json
+from lagompy.topic._codec import (
+    COLUMNS,
+    JSON,
+    MSGPACK,
+    messages_from_columns,
+    messages_from_json,
+    messages_to_columns,
+    messages_to_json,
+)
 from lagompy.topic._embedded import batch_of, partition_lag, partition_position
 from lagompy.topic._topic import StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
@@ -143,20 +156,7 @@ def topic_router(
                 if batch.messages or batch.last_offset > after or remaining <= 0:
                     break
                 await pages.wait(limit=remaining)
-        body = {
-            "topic": topic.name,
-            "partition": partition,
-            "messages": messages_to_json(batch.messages, topic.message_type),
-            "last_offset": batch.last_offset,
-            "full": batch.full,
-        }
-        # Serialized here: FastAPI's encoder walked every message again (and, through a
-        # response model, validated it), for a body that is JSON-ready already. A client that
-        # asks for MessagePack (lagompy's feeds do) gets the same body as MessagePack when the
-        # topic's encoding is msgpack (the default).
-        if topic.encoding == "msgpack" and accept is not None and MSGPACK in accept:
-            return Response(msgpack.packb(body), media_type=MSGPACK)
-        return Response(json.dumps(body, separators=(",", ":")), media_type=JSON)
+        return _encode(topic, partition, batch, _media_type(topic, accept))
 
     @router.get("/{name}/partitions/{partition}/position", summary="Where a position starts")
     async def position(
@@ -191,6 +191,39 @@ def topic_router(
     return router
 
 
+def _media_type(topic: Topic[Any], accept: str | None) -> str:
+    """What a batch is sent as: JSON, unless the topic's encoding is msgpack (the default) and
+    the client's ``Accept`` names a MessagePack form (columns first: lagompy's feeds ask for
+    both, columns first; an older feed only for the objects)."""
+    if accept is None or topic.encoding != "msgpack":
+        return JSON
+    if COLUMNS in accept:
+        return COLUMNS
+    return MSGPACK if MSGPACK in accept else JSON
+
+
+def _encode(topic: Topic[Any], partition: int, batch: MessageBatch, media_type: str) -> Response:
+    """A batch's body, serialized here: FastAPI's encoder walked every message again (and,
+    through a response model, validated it), for a body that is JSON-ready already. Made with
+    the collector paused, as the journal decodes its pages (synchronous: nothing else of this
+    event loop runs meanwhile)."""
+    with _collector_paused():
+        if media_type == COLUMNS:
+            columns = messages_to_columns(topic, partition, batch.messages)
+            columns |= {"last_offset": batch.last_offset, "full": batch.full}
+            return Response(msgpack.packb(columns), media_type=COLUMNS)
+        body = {
+            "topic": topic.name,
+            "partition": partition,
+            "messages": messages_to_json(batch.messages, topic.message_type),
+            "last_offset": batch.last_offset,
+            "full": batch.full,
+        }
+        if media_type == MSGPACK:
+            return Response(msgpack.packb(body), media_type=MSGPACK)
+        return Response(json.dumps(body, separators=(",", ":")), media_type=JSON)
+
+
 def _undecodable(topic: Topic[Any], partition: int, error: EventDecodeError) -> HTTPException:
     log.error(
         "topic %r, partition %d: the event at offset %s cannot be decoded: %s",
@@ -221,9 +254,10 @@ def _public(error: ServiceCallError, service: str) -> str:
     return f"{service} cannot be reached"
 
 
-#: What a feed asks the producing service for: MessagePack when the topic's encoding is
-#: msgpack (smaller, and faster to decode), else JSON.
-_ACCEPT_MESSAGES = {"Accept": f"{MSGPACK}, {JSON};q=0.9"}
+#: What a feed asks the producing service for: the batch as MessagePack columns when the
+#: topic's encoding is msgpack (the smallest, and the fastest to make and decode), else JSON;
+#: the object form in MessagePack from a producer that has no columns yet.
+_ACCEPT_MESSAGES = {"Accept": f"{COLUMNS}, {MSGPACK};q=0.9, {JSON};q=0.8"}
 
 
 class HttpFeed:
@@ -265,8 +299,11 @@ class HttpFeed:
         return f"service {service!r}"
 
     async def _get(self, path: str, params: dict[str, Any], timeout: float) -> Any:
+        return self._body(await self._call(path, params, timeout))
+
+    async def _call(self, path: str, params: dict[str, Any], timeout: float) -> httpx.Response:
         try:
-            reply = await self.client.get(
+            return await self.client.get(
                 path, params=params, timeout=timeout, headers=_ACCEPT_MESSAGES
             )
         except ServiceCallError as e:
@@ -274,7 +311,9 @@ class HttpFeed:
                 f"topic {self.topic.name!r} partition {self.partition}: "
                 f"{_public(e, self.client.service)}"
             ) from None
-        as_msgpack = reply.headers.get("content-type", "").startswith(MSGPACK)
+
+    def _body(self, reply: httpx.Response) -> Any:
+        as_msgpack = reply.headers.get("content-type", "").startswith((MSGPACK, COLUMNS))
         try:
             return msgpack.unpackb(reply.content) if as_msgpack else reply.json()
         except Exception:  # msgpack raises several unrelated types for bad input
@@ -285,13 +324,21 @@ class HttpFeed:
 
     async def _fetch(self, after: int, limit: int, wait: float) -> MessageBatch:
         params = {"after": after, "limit": limit, "wait": round(wait, 3)}
-        data = await self._get(self.path, params, timeout=wait + 10.0)
-        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-            raise TopicMessageInvalid(
-                f"topic {self.topic.name!r} partition {self.partition}: unexpected answer from "
-                f"{self._who()}"
-            )
-        messages = messages_from_json(self.topic, data["messages"], partition=self.partition)
+        reply = await self._call(self.path, params, timeout=wait + 10.0)
+        # Decoded with the collector paused, as the journal decodes its pages: the body's
+        # temporary objects are gone before it runs (synchronous: nothing else runs meanwhile).
+        with _collector_paused():
+            data = self._body(reply)
+            if not isinstance(data, dict):
+                raise self._unexpected()
+            if reply.headers.get("content-type", "").startswith(COLUMNS):
+                messages = messages_from_columns(self.topic, data, partition=self.partition)
+            elif isinstance(data.get("messages"), list):
+                messages = messages_from_json(
+                    self.topic, data["messages"], partition=self.partition
+                )
+            else:
+                raise self._unexpected()
         last = data.get("last_offset")
         if not isinstance(last, int) or isinstance(last, bool) or last < after:
             raise TopicMessageInvalid(
@@ -305,6 +352,12 @@ class HttpFeed:
                 f"from {self._who()}"
             )
         return MessageBatch(messages, last, bool(data.get("full")))
+
+    def _unexpected(self) -> TopicMessageInvalid:
+        return TopicMessageInvalid(
+            f"topic {self.topic.name!r} partition {self.partition}: unexpected answer from "
+            f"{self._who()}"
+        )
 
     async def start_offset(self, start: StartFrom) -> int:
         if start.kind == "earliest":
