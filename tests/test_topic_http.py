@@ -5,6 +5,7 @@ declaration refuses."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -208,6 +209,40 @@ async def test_the_feed_pulls_batches_as_columns(producer: str, env: TopicEnv) -
         rest = await feed.next_batch(batch.last_offset, 100)
         assert [m.payload for m in rest.messages] == [Deposit("ada", 3)] and not rest.full
     assert recording.content_types == [COLUMNS, COLUMNS]
+
+
+@pytest.mark.asyncio
+async def test_a_pull_is_read_encoded_and_decoded_with_the_collector_paused_but_not_its_wait(
+    producer: str, env: TopicEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lagompy.journal._tailing import PageTailer
+    from lagompy.topic._embedded import batch_of
+
+    seen: dict[str, list[bool]] = {"read": [], "map": [], "wait": [], "decode": []}
+
+    def watch(name: str, call: Any) -> Any:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            seen[name].append(gc.isenabled())
+            return call(*args, **kwargs)
+
+        return watched
+
+    http = "lagompy.topic._http."
+    monkeypatch.setattr(PageTailer, "next_page", watch("read", PageTailer.next_page))
+    monkeypatch.setattr(PageTailer, "wait", watch("wait", PageTailer.wait))
+    monkeypatch.setattr(http + "batch_of", watch("map", batch_of))
+    monkeypatch.setattr(http + "messages_from_columns", watch("decode", messages_from_columns))
+    await env.append(Deposited("ada", 1))
+    async with ServiceClient(producer, breaker=False) as client:
+        feed = HttpTransport(client, long_poll=0.2).feed(
+            contract_topic, contract_topic.partition_of("ada"), group="g"
+        )
+        batch = await feed.next_batch(0, 100)
+        await feed.wait()  # caught up: a long poll of 0.2 s, which finds nothing
+    assert len(batch.messages) == 1 and gc.isenabled()
+    # read and mapped twice (the pull, the long poll's first look and its last), decoded once
+    assert seen["read"] == seen["map"] == [False] * 3
+    assert seen["wait"] == [True] and seen["decode"] == [False, False]
 
 
 def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:

@@ -144,19 +144,19 @@ def topic_router(
         accept: Annotated[str | None, Header(include_in_schema=False)] = None,
     ) -> Response:
         topic, tag = find(name, partition)
-        j = current()
+        media_type = _media_type(topic, accept)
         deadline = time.monotonic() + wait
-        async with PageTailer(j, tag=tag, page_size=limit, settings=tail) as pages:
+        async with PageTailer(current(), tag=tag, page_size=limit, settings=tail) as pages:
             while True:
-                page = await pages.next_page(after)
-                if page.error is not None and not page.envelopes and page.last_offset <= after:
-                    raise _undecodable(topic, partition, page.error)
-                batch = batch_of(topic, partition, page)
-                remaining = deadline - time.monotonic()
-                if batch.messages or batch.last_offset > after or remaining <= 0:
-                    break
-                await pages.wait(limit=remaining)
-        return _encode(topic, partition, batch, _media_type(topic, accept))
+                # The collector waits while a page is read, mapped and encoded (a query's time,
+                # never a long poll's): the page's envelopes, messages and payloads are freed
+                # by their last reference when _answer returns, instead of being walked by the
+                # collections their making triggered (see _answer).
+                with _collector_paused():
+                    answer = await _answer(pages, topic, partition, after, media_type, deadline)
+                if answer is not None:
+                    return answer
+                await pages.wait(limit=deadline - time.monotonic())
 
     @router.get("/{name}/partitions/{partition}/position", summary="Where a position starts")
     async def position(
@@ -189,6 +189,30 @@ def topic_router(
         return body
 
     return router
+
+
+async def _answer(
+    pages: PageTailer,
+    topic: Topic[Any],
+    partition: int,
+    after: int,
+    media_type: str,
+    deadline: float,
+) -> Response | None:
+    """The response to a pull: the messages after ``after``, or where the partition moved past
+    it, or (at ``deadline``) that nothing came; None: nothing yet, wait.
+
+    Called with the collector paused: in the producing process, collections run while a page
+    was alive walked its thousands of young objects each time, and the full ones (a page's
+    objects had reached the oldest generation across the query's await) the whole heap: 40% of
+    the process's time in a catch-up over HTTP (SQLite, 100,000 events, 2026-12-05)."""
+    page = await pages.next_page(after)
+    if page.error is not None and not page.envelopes and page.last_offset <= after:
+        raise _undecodable(topic, partition, page.error)
+    batch = batch_of(topic, partition, page)
+    if batch.messages or batch.last_offset > after or time.monotonic() >= deadline:
+        return _encode(topic, partition, batch, media_type)
+    return None
 
 
 def _media_type(topic: Topic[Any], accept: str | None) -> str:
