@@ -245,6 +245,46 @@ async def test_a_pull_is_read_encoded_and_decoded_with_the_collector_paused_but_
     assert seen["wait"] == [True] and seen["decode"] == [False, False]
 
 
+@pytest.mark.asyncio
+async def test_the_page_after_a_full_one_is_read_ahead_and_served_only_if_full(
+    producer: str, env: TopicEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lagompy.journal import Journal
+
+    reads: list[int] = []
+    read_tag = Journal.read_tag
+
+    def counted(self: Journal, tag: str, **kwargs: Any) -> Any:
+        if tag.startswith("topic-contract-"):
+            reads.append(kwargs["after_offset"])
+        return read_tag(self, tag, **kwargs)
+
+    async def read_at(offset: int) -> None:
+        for _ in range(200):
+            if offset in reads:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no read after offset {offset}: {reads}")
+
+    monkeypatch.setattr(Journal, "read_tag", counted)
+    written = [e.offset for e in await env.append(*(Deposited("ada", n) for n in range(5)))]
+    path = f"{PARTITION}/{contract_topic.partition_of('ada')}"
+    async with httpx.AsyncClient(base_url=producer, timeout=10) as client:
+
+        async def pull(after: int) -> list[int]:
+            body = (await client.get(path, params={"after": after, "limit": 2})).json()
+            return [m["offset"] for m in body["messages"]]
+
+        assert await pull(0) == written[:2]
+        await read_at(written[1])  # the next page, read while the first travelled
+        assert await pull(written[1]) == written[2:4]
+        assert reads.count(written[1]) == 1  # that pull was answered from it
+        await read_at(written[3])  # read ahead again, but short: one event
+        more = await env.append(Deposited("ada", 5))
+        # A short page may have grown since it was read: the pull reads it again.
+        assert await pull(written[3]) == [written[4], more[0].offset]
+
+
 def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
     message = Message(
         topic="contract-deposits",

@@ -36,7 +36,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -54,7 +56,7 @@ from lagompy.errors import (
     TopicError,
     TopicMessageInvalid,
 )
-from lagompy.journal._journal import Journal, _collector_paused
+from lagompy.journal._journal import Journal, TagPage, _collector_paused
 from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.service._breaker import BreakerRegistry, CircuitBreaker
 from lagompy.service._client import ServiceClient, ServiceLocator
@@ -104,6 +106,7 @@ def topic_router(
     by_name = _topics_by_name(topics)
     router = APIRouter(prefix=prefix, tags=list(tags or ["topics"]))
     tail = tail or TailSettings()
+    ahead = _ReadAhead()
 
     def current() -> Journal:
         return journal if isinstance(journal, Journal) else journal()
@@ -145,18 +148,33 @@ def topic_router(
     ) -> Response:
         topic, tag = find(name, partition)
         media_type = _media_type(topic, accept)
-        deadline = time.monotonic() + wait
-        async with PageTailer(current(), tag=tag, page_size=limit, settings=tail) as pages:
-            while True:
-                # The collector waits while a page is read, mapped and encoded (a query's time,
-                # never a long poll's): the page's envelopes, messages and payloads are freed
-                # by their last reference when _answer returns, instead of being walked by the
-                # collections their making triggered (see _answer).
-                with _collector_paused():
-                    answer = await _answer(pages, topic, partition, after, media_type, deadline)
-                if answer is not None:
-                    return answer
-                await pages.wait(limit=deadline - time.monotonic())
+        j = current()
+        answer = await ahead.take((name, partition, after, limit, media_type))
+        if answer is None:
+            deadline = time.monotonic() + wait
+            async with PageTailer(j, tag=tag, page_size=limit, settings=tail) as pages:
+                while True:
+                    # The collector waits while a page is read, mapped and encoded (a query's
+                    # time, never a long poll's): the page's envelopes, messages and payloads
+                    # are freed by their last reference when _answer returns, instead of being
+                    # walked by the collections their making triggered (see _answer).
+                    with _collector_paused():
+                        answer = await _answer(
+                            pages.next_page, topic, partition, after, media_type, deadline
+                        )
+                    if answer is not None:
+                        break
+                    await pages.wait(limit=deadline - time.monotonic())
+        if answer.full:
+            # More follows at once: the page after this one is read while this one travels.
+            def read(start: int) -> Awaitable[TagPage]:
+                return j.read_tag(tag, after_offset=start, limit=limit)
+
+            ahead.start(
+                (name, partition, answer.last_offset, limit, media_type),
+                _answer(read, topic, partition, answer.last_offset, media_type, 0.0),
+            )
+        return answer.response
 
     @router.get("/{name}/partitions/{partition}/position", summary="Where a position starts")
     async def position(
@@ -191,28 +209,95 @@ def topic_router(
     return router
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A pull's response, and where its batch ended."""
+
+    response: Response
+    last_offset: int
+    full: bool
+
+
 async def _answer(
-    pages: PageTailer,
+    read: Callable[[int], Awaitable[TagPage]],
     topic: Topic[Any],
     partition: int,
     after: int,
     media_type: str,
     deadline: float,
-) -> Response | None:
-    """The response to a pull: the messages after ``after``, or where the partition moved past
+) -> _Answer | None:
+    """The answer to a pull: the messages after ``after``, or where the partition moved past
     it, or (at ``deadline``) that nothing came; None: nothing yet, wait.
 
     Called with the collector paused: in the producing process, collections run while a page
     was alive walked its thousands of young objects each time, and the full ones (a page's
     objects had reached the oldest generation across the query's await) the whole heap: 40% of
     the process's time in a catch-up over HTTP (SQLite, 100,000 events, 2026-12-05)."""
-    page = await pages.next_page(after)
+    page = await read(after)
     if page.error is not None and not page.envelopes and page.last_offset <= after:
         raise _undecodable(topic, partition, page.error)
     batch = batch_of(topic, partition, page)
     if batch.messages or batch.last_offset > after or time.monotonic() >= deadline:
-        return _encode(topic, partition, batch, media_type)
+        response = _encode(topic, partition, batch, media_type)
+        return _Answer(response, batch.last_offset, batch.full)
     return None
+
+
+class _ReadAhead:
+    """Answers made ahead: after a full page, the route reads, maps and encodes the page after
+    it while the first travels to the subscriber and is decoded and committed there, so that
+    the subscriber's next pull (it asks at once after a full page) finds it made. Only a full
+    answer is served from here: the journal's reads are prefixes of what will ever be there (a
+    page stops below a writer still in flight), so a full page after an offset never changes,
+    while a short one may have grown since. A pull that finds nothing here reads as before.
+
+    Measured (HTTP catch-up of 100,000 events, PostgreSQL, before it): a pull took 54 ms from
+    the subscriber's side, of which the producer's read 20 ms, while the subscriber's commit
+    took 22 ms; both processes were idle half the time."""
+
+    #: Most answers kept (a subscriber group that left leaves one behind), and for how long.
+    SIZE = 32
+    TTL = 10.0
+
+    def __init__(self) -> None:
+        self._answers: OrderedDict[tuple[Any, ...], tuple[float, asyncio.Task[Any]]]
+        self._answers = OrderedDict()
+
+    def start(self, key: tuple[Any, ...], work: Coroutine[Any, Any, _Answer | None]) -> None:
+        if key in self._answers:
+            work.close()
+            return
+        task = asyncio.ensure_future(self._paused(work))
+        task.add_done_callback(_retrieve)  # a failure is the real pull's to raise
+        self._answers[key] = (time.monotonic() + self.TTL, task)
+        while len(self._answers) > self.SIZE:
+            _, (_, old) = self._answers.popitem(last=False)
+            old.cancel()
+
+    @staticmethod
+    async def _paused(work: Coroutine[Any, Any, _Answer | None]) -> _Answer | None:
+        with _collector_paused():  # as for a pull (see _answer)
+            return await work
+
+    async def take(self, key: tuple[Any, ...]) -> _Answer | None:
+        """The full answer made ahead for ``key``, or None."""
+        found = self._answers.pop(key, None)
+        if found is None:
+            return None
+        expires, task = found
+        if time.monotonic() > expires:
+            task.cancel()
+            return None
+        try:
+            answer: _Answer | None = await asyncio.shield(task)
+        except Exception:
+            return None
+        return answer if answer is not None and answer.full else None
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _media_type(topic: Topic[Any], accept: str | None) -> str:
