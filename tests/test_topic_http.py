@@ -285,6 +285,50 @@ async def test_the_page_after_a_full_one_is_read_ahead_and_served_only_if_full(
         assert await pull(written[3]) == [written[4], more[0].offset]
 
 
+class _Held(Subscriber[Deposit]):
+    """Handles nothing until released."""
+
+    group = "held"
+    topic = contract_topic
+    release: asyncio.Event | None = None
+
+    async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+        assert self.release is not None
+        await self.release.wait()
+
+
+@pytest.mark.asyncio
+async def test_waiting_for_a_catch_up_reads_no_rows_while_a_worker_here_is_behind(
+    env: TopicEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lagompy.readside._store import OffsetStore
+
+    await env.append(*(Deposited(f"h{i}", i) for i in range(4)))
+    _Held.release = asyncio.Event()
+    reads = 0
+    rows = OffsetStore.rows
+
+    async def counted(self: OffsetStore, processor: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await rows(self, processor)
+
+    monkeypatch.setattr(OffsetStore, "rows", counted)
+    async with start_subscribers([_Held], journal_settings=env.subscriber_journal) as subs:
+        waiting = asyncio.create_task(subs.wait_until_caught_up(timeout=20))
+        for _ in range(200):  # until both workers hold their lease, in a handler
+            if all(w.state == "running" and w.lease is not None for w in subs.workers):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        before = reads
+        await asyncio.sleep(0.3)  # 30 rounds of the wait's loop
+        assert reads == before and not waiting.done()
+        _Held.release.set()
+        await waiting
+    assert [w.offset for w in subs.workers] == await env.heads()
+
+
 def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
     message = Message(
         topic="contract-deposits",
