@@ -18,7 +18,7 @@ import httpx
 import msgpack
 import pytest
 import pytest_asyncio
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from lagompy.entity import Effect, PersistentEntity, tag
 from lagompy.errors import ConfigurationError, TopicMessageInvalid
@@ -93,7 +93,7 @@ async def test_bad_requests_get_problem_documents_naming_what_was_wrong(producer
         f"{PARTITION}/0?after=-1": (422, "after"),
         f"{PARTITION}/0?after=abc": (422, "after"),
         f"{PARTITION}/0?limit=0": (422, "limit"),
-        f"{PARTITION}/0?limit=1001": (422, "limit"),
+        f"{PARTITION}/0?limit=10001": (422, "limit"),
         f"{PARTITION}/0?wait=31": (422, "wait"),
         f"{PARTITION}/0/position?time=yesterday": (422, "time"),
         f"{PARTITION}/0/position?time=2026-12-04T18:00:00": (422, "needs a zone"),
@@ -180,6 +180,66 @@ async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
         assert head["offset"] == more[0].offset
 
 
+@pytest.mark.asyncio
+async def test_a_feed_pulls_several_batches_at_once_and_hands_them_out_in_order(
+    producer: str, env: TopicEnv
+) -> None:
+    written = [e.offset for e in await env.append(*(Deposited("ada", n) for n in range(7)))]
+    partition = contract_topic.partition_of("ada")
+    recording = _Recording()
+    async with ServiceClient(producer, transport=recording, breaker=False) as client:
+        feed = HttpTransport(client, pull_limit=5).feed(contract_topic, partition, group="g")
+        first = await feed.next_batch(0, 2)
+        second = await feed.next_batch(first.last_offset, 2)
+        third = await feed.next_batch(second.last_offset, 2)
+        assert len(recording.content_types) == 1  # one pull of five so far
+        assert [m.offset for m in first.messages + second.messages + third.messages] == (
+            written[:5]
+        )
+        assert (first.full, second.full, first.last_offset) == (True, True, written[1])
+        assert third.full and third.last_offset == written[4]  # the pull was full
+        # The position moves back (a failed transaction): from there, pulled again.
+        again = await feed.next_batch(written[0], 2)
+        assert [m.offset for m in again.messages] == written[1:3]
+        assert len(recording.content_types) == 2
+        rest = await feed.next_batch(written[4], 10)  # what that pull (full) has left
+        assert [m.offset for m in rest.messages] == [written[5]] and rest.full
+        last = await feed.next_batch(written[5], 10)
+        assert [m.offset for m in last.messages] == [written[6]] and not last.full
+    with pytest.raises(ConfigurationError, match="pull_limit must be 1 to 10,000"):
+        HttpTransport(producer, pull_limit=0)
+
+
+@pytest.mark.asyncio
+async def test_a_feed_pulls_1000_at_most_from_a_producer_that_takes_no_more(
+    env: TopicEnv,
+) -> None:
+    """A producer of an older lagompy answers a limit above 1,000 with a 422."""
+    from lagompy.topic import topic_router
+
+    app = FastAPI()
+    app.include_router(topic_router([contract_topic], env.journal))
+    limits: list[int] = []
+
+    @app.middleware("http")
+    async def older(request: Any, call_next: Any) -> Any:
+        limit = int(request.query_params.get("limit", 100))
+        limits.append(limit)
+        if limit > 1000:
+            return Response(status_code=422, content=b'{"detail": "limit"}')
+        return await call_next(request)
+
+    written = await env.append(Deposited("ada", 1))
+    with serve_in_thread(app) as url:
+        transport = HttpTransport(url, breakers=BreakerRegistry())
+        feed = transport.feed(contract_topic, contract_topic.partition_of("ada"), group="g")
+        batch = await feed.next_batch(0, 100)
+        await feed.next_batch(batch.last_offset, 100)
+        await transport.close()
+    assert [m.offset for m in batch.messages] == [written[0].offset]
+    assert limits == [5000, 1000, 1000]
+
+
 class _Recording(httpx.AsyncBaseTransport):
     """Real HTTP, with the content type of every answer kept."""
 
@@ -208,7 +268,7 @@ async def test_the_feed_pulls_batches_as_columns(producer: str, env: TopicEnv) -
         assert batch.full and batch.last_offset == written[1].offset
         rest = await feed.next_batch(batch.last_offset, 100)
         assert [m.payload for m in rest.messages] == [Deposit("ada", 3)] and not rest.full
-    assert recording.content_types == [COLUMNS, COLUMNS]
+    assert recording.content_types == [COLUMNS]  # one pull brought all three
 
 
 @pytest.mark.asyncio

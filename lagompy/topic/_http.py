@@ -6,7 +6,7 @@ Producer side, :func:`topic_router` (mounted by :class:`~lagompy.topic.TopicsCom
     GET /topics                                       the topics: name, partitions, type, version
     GET /topics/{name}/partitions/{p}?after=&limit=&wait=
         {"topic": ..., "partition": p, "messages": [...], "last_offset": n, "full": bool}
-        messages after journal offset `after` (default 0), at most `limit` (1-1000, default
+        messages after journal offset `after` (default 0), at most `limit` (1-10000, default
         100); when there is none yet, waits up to `wait` seconds (0-30, default 0) for one
         (long poll); `last_offset` is where the subscriber's position moves to, past the
         events the topic filters out.
@@ -33,6 +33,7 @@ breaker and locator apply; its failures reach the subscriber's status without UR
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
@@ -70,7 +71,7 @@ from lagompy.topic._codec import (
     messages_to_json,
 )
 from lagompy.topic._embedded import batch_of, partition_lag, partition_position
-from lagompy.topic._topic import StartFrom, Topic
+from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
 
 log = logging.getLogger("lagompy.topic")
@@ -78,7 +79,9 @@ log = logging.getLogger("lagompy.topic")
 __all__ = ["HttpFeed", "HttpTransport", "topic_router"]
 
 #: Most messages per request, and most seconds of a long poll.
-MAX_LIMIT = 1000
+MAX_LIMIT = 10_000
+#: ... before 2026-12-05: what a feed falls back to with a producer that refuses more.
+_OLD_MAX_LIMIT = 1000
 MAX_WAIT = 30.0
 
 
@@ -348,6 +351,10 @@ def _undecodable(topic: Topic[Any], partition: int, error: EventDecodeError) -> 
     )
 
 
+def _offset(message: Message[Any]) -> int:
+    return message.offset
+
+
 def _public(error: ServiceCallError, service: str) -> str:
     """A client error as the subscriber's status shows it: no URL, no upstream body."""
     if service.startswith(("http://", "https://")):
@@ -383,6 +390,7 @@ class HttpFeed:
         *,
         prefix: str = "/topics",
         long_poll: float = 2.0,
+        pull_limit: int = 5000,
     ) -> None:
         topic.partition_tag(partition)  # out of range: ConfigurationError now
         self.client = client
@@ -390,9 +398,12 @@ class HttpFeed:
         self.partition = partition
         self.path = f"{prefix}/{topic.name}/partitions/{partition}"
         self.long_poll = long_poll
+        self.pull_limit = pull_limit
         self._caught_up = False
-        #: (after, batch) that a long poll in wait() brought back, for the next next_batch.
-        self._ahead: tuple[int, MessageBatch] | None = None
+        #: (after, batch): the last pull's messages after ``after`` that next_batch has not
+        #: handed out yet (a pull brings up to ``pull_limit``, a batch has up to its limit),
+        #: or what a long poll in wait() brought back.
+        self._pulled: tuple[int, MessageBatch] | None = None
         self._position = 0
         self._limit = 100
         self._woken = asyncio.Event()
@@ -412,9 +423,19 @@ class HttpFeed:
 
     async def _call(self, path: str, params: dict[str, Any], timeout: float) -> httpx.Response:
         try:
-            return await self.client.get(
-                path, params=params, timeout=timeout, headers=_ACCEPT_MESSAGES
-            )
+            try:
+                return await self.client.get(
+                    path, params=params, timeout=timeout, headers=_ACCEPT_MESSAGES
+                )
+            except ServiceCallFailed as e:
+                if e.status != 422 or params.get("limit", 0) <= _OLD_MAX_LIMIT:
+                    raise
+                # A producer of an older lagompy takes at most 1,000 per pull.
+                self.pull_limit = _OLD_MAX_LIMIT
+                params = {**params, "limit": _OLD_MAX_LIMIT}
+                return await self.client.get(
+                    path, params=params, timeout=timeout, headers=_ACCEPT_MESSAGES
+                )
         except ServiceCallError as e:
             raise TopicError(
                 f"topic {self.topic.name!r} partition {self.partition}: "
@@ -498,15 +519,36 @@ class HttpFeed:
 
     async def next_batch(self, after: int, limit: int) -> MessageBatch:
         self._woken.clear()
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == after:
-            batch = ahead[1]
-        else:
-            batch = await self._fetch(after, limit, 0.0)
+        batch = self._take(after, limit)
+        if batch is None:
+            pulled = await self._fetch(after, max(limit, self.pull_limit), 0.0)
+            self._pulled = (after, pulled)
+            batch = self._take(after, limit)
+            assert batch is not None
         self._caught_up = not batch.full
         self._position = batch.last_offset
         self._limit = limit
         return batch
+
+    def _take(self, after: int, limit: int) -> MessageBatch | None:
+        """Up to ``limit`` messages after ``after`` from the last pull, when it covers
+        ``after`` (None: pull). Pulls bigger than a batch (``pull_limit``): requests cost the
+        subscriber more than the messages' decoding (HTTP catch-up, 2026-12-05)."""
+        if self._pulled is None:
+            return None
+        start, pulled = self._pulled
+        if not (start <= after < pulled.last_offset or after == start):
+            self._pulled = None  # the position moved (a retry, a set-offset) or all handed out
+            return None
+        messages = pulled.messages
+        if after != start:
+            messages = messages[bisect.bisect_right(messages, after, key=_offset) :]
+        if len(messages) > limit:
+            end = messages[limit - 1].offset
+            self._pulled = (end, MessageBatch(messages[limit:], pulled.last_offset, pulled.full))
+            return MessageBatch(messages[:limit], end, True)
+        self._pulled = None
+        return MessageBatch(messages, pulled.last_offset, pulled.full)
 
     async def wait(self, limit: float | None = None) -> None:
         """Long-poll for the next batch (kept for :meth:`next_batch`), at most ``limit`` and
@@ -517,12 +559,13 @@ class HttpFeed:
         if seconds <= 0:
             return
         after = self._position
-        poll = await until_woken(self._fetch(after, self._limit, seconds), self._woken)
+        pull = self._fetch(after, max(self._limit, self.pull_limit), seconds)
+        poll = await until_woken(pull, self._woken)
         if poll.cancelled():
             return
         if poll.exception() is not None:
             return  # next_batch asks again, and raises what is still wrong
-        self._ahead = (after, poll.result())
+        self._pulled = (after, poll.result())
         self._caught_up = False
 
     def wake(self) -> None:
@@ -543,7 +586,11 @@ class HttpTransport:
     is open the subscribers retry with their backoff and show ``stalled``; they resume at most
     the breaker's ``reset_timeout`` after the producer is back, so a dedicated breaker with a
     short reset timeout suits a subscriber. ``long_poll``: most seconds a pull waits for
-    messages when caught up (keep it under the breaker's call timeout)."""
+    messages when caught up (keep it under the breaker's call timeout). ``pull_limit``: most
+    messages a pull brings (1 to 10,000; the subscriber still commits them in transactions of
+    its ``max_batch``): a request costs more than the decoding of a thousand messages, so a
+    catch-up pulls several batches at once (a producer of an older lagompy, whose limit is
+    1,000, gets 1,000)."""
 
     kind = "http"
 
@@ -553,6 +600,7 @@ class HttpTransport:
         *,
         prefix: str = "/topics",
         long_poll: float = 2.0,
+        pull_limit: int = 5000,
         locator: ServiceLocator | None = None,
         breakers: BreakerRegistry | None = None,
         breaker: CircuitBreaker | str | bool | None = None,
@@ -561,6 +609,10 @@ class HttpTransport:
             raise ConfigurationError(
                 f"long_poll must be above 0 and at most {MAX_WAIT} seconds, got {long_poll!r}"
             )
+        if isinstance(pull_limit, bool) or not isinstance(pull_limit, int):
+            raise ConfigurationError(f"pull_limit must be an int, got {pull_limit!r:.40}")
+        if not 1 <= pull_limit <= MAX_LIMIT:
+            raise ConfigurationError(f"pull_limit must be 1 to {MAX_LIMIT:,}, got {pull_limit}")
         self._owns_client = not isinstance(service, ServiceClient)
         self.client = (
             service
@@ -569,6 +621,7 @@ class HttpTransport:
         )
         self.prefix = prefix
         self.long_poll = long_poll
+        self.pull_limit = pull_limit
 
     def producer(self, topic: Topic[Any], partition: int) -> None:
         topic.partition_tag(partition)
@@ -577,7 +630,7 @@ class HttpTransport:
     def actor_spec(self) -> dict[str, Any]:
         """What a subscriber actor on Ray needs to make the same transport: the producing
         service's name and its URLs as this process locates them (the actor gets no
-        environment of its own), the route's prefix and the long poll."""
+        environment of its own), the route's prefix, the long poll and the pull limit."""
         service = self.client.service
         return {
             "kind": "http",
@@ -585,10 +638,18 @@ class HttpTransport:
             "urls": self.client.locator.urls(service),
             "prefix": self.prefix,
             "long_poll": self.long_poll,
+            "pull_limit": self.pull_limit,
         }
 
     def feed(self, topic: Topic[Any], partition: int, *, group: str) -> HttpFeed:
-        return HttpFeed(self.client, topic, partition, prefix=self.prefix, long_poll=self.long_poll)
+        return HttpFeed(
+            self.client,
+            topic,
+            partition,
+            prefix=self.prefix,
+            long_poll=self.long_poll,
+            pull_limit=self.pull_limit,
+        )
 
     async def close(self) -> None:
         if self._owns_client:
