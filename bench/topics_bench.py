@@ -110,6 +110,15 @@ class Writer:
             result.unwrap()
 
 
+def cpu_reference() -> float:
+    """Milliseconds of a fixed pure-Python loop: how fast this machine is right now."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i * i % 7
+    return (time.perf_counter() - started) * 1000
+
+
 async def read_and_decode(journal: Journal) -> float:
     started = time.perf_counter()
     total = 0
@@ -237,6 +246,8 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                 for first in range(0, events, 1000):
                     await writer.append(first, min(1000, events - first))
                 print(f"[{name}] {events:,} events written", flush=True)
+                cpu = cpu_reference()
+                print(f"[{name}] CPU reference {cpu:.0f} ms", flush=True)
                 baseline = await read_and_decode(storage.journal)
                 print(f"[{name}] read and decode: {baseline:,.0f} events/s", flush=True)
                 with producer_process(settings) as url:
@@ -273,6 +284,7 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                                 "transport": label,
                                 "baseline": baseline,
                                 "catch_up": rate,
+                                "cpu": cpu,
                                 **r,
                             }
                         )
@@ -281,8 +293,8 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
 
 HEADER = (
     "| backend | transport | catch-up (messages/s) | read and decode (events/s) "
-    "| ratio (floor 0.5) | load (events/s) | lag p50 / p99 (floor p99 100 ms) |\n"
-    "| --- | --- | --- | --- | --- | --- | --- |"
+    "| ratio (floor 0.5) | load (events/s) | lag p50 / p99 (floor p99 100 ms) | CPU ref |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -296,7 +308,7 @@ async def main(quick: bool, write: bool) -> None:
     table = "\n".join(
         f"| {r['backend']} | {r['transport']} | {r['catch_up']:,.0f} | {r['baseline']:,.0f} | "
         f"{r['catch_up'] / r['baseline']:.2f} | {r['rate']:,.0f} | {r['p50']:.1f} / "
-        f"{r['p99']:.1f} ms |"
+        f"{r['p99']:.1f} ms | {r['cpu']:.0f} ms |"
         for r in rows
     )
     flag = " --quick" if quick else ""
@@ -306,7 +318,8 @@ nothing but its positions (one transaction per page of up to
 {ReadSideSettings().max_batch:,} messages); the HTTP producer runs in a process of its own
 (`lagompy run`), the subscriber in the benchmark's, with its positions in a database of its own
 (another SQLite file, another PostgreSQL schema). The lag of a message is the time its handler
-ran minus its event's timestamp.
+ran minus its event's timestamp. CPU ref: milliseconds of a fixed pure-Python loop, taken
+before each backend's runs (how busy the machine was).
 
 {HEADER}
 {table}

@@ -5,6 +5,7 @@ declaration refuses."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,13 +18,13 @@ import httpx
 import msgpack
 import pytest
 import pytest_asyncio
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from lagompy.entity import Effect, PersistentEntity, tag
 from lagompy.errors import ConfigurationError, TopicMessageInvalid
 from lagompy.journal._storage import open_storage, serializer_for
 from lagompy.serialization import serializable
-from lagompy.service import BreakerRegistry, Service
+from lagompy.service import BreakerRegistry, Service, ServiceClient
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import free_port, serve_in_thread
 from lagompy.testkit.topics import (
@@ -48,6 +49,7 @@ from lagompy.topic import (
     messages_to_json,
     start_subscribers,
 )
+from lagompy.topic._codec import COLUMNS, messages_from_columns, messages_to_columns
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ async def test_bad_requests_get_problem_documents_naming_what_was_wrong(producer
         f"{PARTITION}/0?after=-1": (422, "after"),
         f"{PARTITION}/0?after=abc": (422, "after"),
         f"{PARTITION}/0?limit=0": (422, "limit"),
-        f"{PARTITION}/0?limit=1001": (422, "limit"),
+        f"{PARTITION}/0?limit=10001": (422, "limit"),
         f"{PARTITION}/0?wait=31": (422, "wait"),
         f"{PARTITION}/0/position?time=yesterday": (422, "time"),
         f"{PARTITION}/0/position?time=2026-12-04T18:00:00": (422, "needs a zone"),
@@ -135,6 +137,24 @@ async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
         )
         assert packed.headers["content-type"] == "application/msgpack"
         assert msgpack.unpackb(packed.content) == page
+        # lagompy's feeds ask for columns: the same messages, without an object per message.
+        columns = await client.get(
+            f"{PARTITION}/{partition}", headers={"Accept": f"{COLUMNS}, application/msgpack"}
+        )
+        assert columns.headers["content-type"] == COLUMNS
+        body = msgpack.unpackb(columns.content)
+        assert (body["last_offset"], body["full"], body["offset"]) == (
+            page["last_offset"],
+            False,
+            [written[0].offset],
+        )
+        assert messages_from_columns(contract_topic, body, partition=partition) == (
+            messages_from_json(contract_topic, page["messages"], partition=partition)
+        )
+        # Without an Accept (curl, another language), JSON stays the answer.
+        assert (await client.get(f"{PARTITION}/{partition}")).headers["content-type"] == (
+            "application/json"
+        )
 
         # Caught up: the long poll answers when a message commits, not at the end of `wait`.
         after = page["last_offset"]
@@ -158,6 +178,215 @@ async def test_the_route_serves_messages_with_their_metadata_and_long_polls(
         assert 0.25 <= time.monotonic() - started < 2.0
         head = (await client.get(f"{PARTITION}/{partition}/position")).json()
         assert head["offset"] == more[0].offset
+
+
+@pytest.mark.asyncio
+async def test_a_feed_pulls_several_batches_at_once_and_hands_them_out_in_order(
+    producer: str, env: TopicEnv
+) -> None:
+    written = [e.offset for e in await env.append(*(Deposited("ada", n) for n in range(7)))]
+    partition = contract_topic.partition_of("ada")
+    recording = _Recording()
+    async with ServiceClient(producer, transport=recording, breaker=False) as client:
+        feed = HttpTransport(client, pull_limit=5).feed(contract_topic, partition, group="g")
+        first = await feed.next_batch(0, 2)
+        second = await feed.next_batch(first.last_offset, 2)
+        third = await feed.next_batch(second.last_offset, 2)
+        assert len(recording.content_types) == 1  # one pull of five so far
+        assert [m.offset for m in first.messages + second.messages + third.messages] == (
+            written[:5]
+        )
+        assert (first.full, second.full, first.last_offset) == (True, True, written[1])
+        assert third.full and third.last_offset == written[4]  # the pull was full
+        # The position moves back (a failed transaction): from there, pulled again.
+        again = await feed.next_batch(written[0], 2)
+        assert [m.offset for m in again.messages] == written[1:3]
+        assert len(recording.content_types) == 2
+        rest = await feed.next_batch(written[4], 10)  # what that pull (full) has left
+        assert [m.offset for m in rest.messages] == [written[5]] and rest.full
+        last = await feed.next_batch(written[5], 10)
+        assert [m.offset for m in last.messages] == [written[6]] and not last.full
+    with pytest.raises(ConfigurationError, match="pull_limit must be 1 to 10,000"):
+        HttpTransport(producer, pull_limit=0)
+
+
+@pytest.mark.asyncio
+async def test_a_feed_pulls_1000_at_most_from_a_producer_that_takes_no_more(
+    env: TopicEnv,
+) -> None:
+    """A producer of an older lagompy answers a limit above 1,000 with a 422."""
+    from lagompy.topic import topic_router
+
+    app = FastAPI()
+    app.include_router(topic_router([contract_topic], env.journal))
+    limits: list[int] = []
+
+    @app.middleware("http")
+    async def older(request: Any, call_next: Any) -> Any:
+        limit = int(request.query_params.get("limit", 100))
+        limits.append(limit)
+        if limit > 1000:
+            return Response(status_code=422, content=b'{"detail": "limit"}')
+        return await call_next(request)
+
+    written = await env.append(Deposited("ada", 1))
+    with serve_in_thread(app) as url:
+        transport = HttpTransport(url, breakers=BreakerRegistry())
+        feed = transport.feed(contract_topic, contract_topic.partition_of("ada"), group="g")
+        batch = await feed.next_batch(0, 100)
+        await feed.next_batch(batch.last_offset, 100)
+        await transport.close()
+    assert [m.offset for m in batch.messages] == [written[0].offset]
+    assert limits == [5000, 1000, 1000]
+
+
+class _Recording(httpx.AsyncBaseTransport):
+    """Real HTTP, with the content type of every answer kept."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.content_types: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.content_types.append(response.headers.get("content-type", ""))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_feed_pulls_batches_as_columns(producer: str, env: TopicEnv) -> None:
+    written = await env.append(*(Deposited("ada", n) for n in range(1, 4)))
+    partition = contract_topic.partition_of("ada")
+    recording = _Recording()
+    async with ServiceClient(producer, transport=recording, breaker=False) as client:
+        feed = HttpTransport(client).feed(contract_topic, partition, group="g")
+        batch = await feed.next_batch(0, 2)
+        assert [m.offset for m in batch.messages] == [w.offset for w in written[:2]]
+        assert batch.full and batch.last_offset == written[1].offset
+        rest = await feed.next_batch(batch.last_offset, 100)
+        assert [m.payload for m in rest.messages] == [Deposit("ada", 3)] and not rest.full
+    assert recording.content_types == [COLUMNS]  # one pull brought all three
+
+
+@pytest.mark.asyncio
+async def test_a_pull_is_read_encoded_and_decoded_with_the_collector_paused_but_not_its_wait(
+    producer: str, env: TopicEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lagompy.journal._tailing import PageTailer
+    from lagompy.topic._embedded import batch_of
+
+    seen: dict[str, list[bool]] = {"read": [], "map": [], "wait": [], "decode": []}
+
+    def watch(name: str, call: Any) -> Any:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            seen[name].append(gc.isenabled())
+            return call(*args, **kwargs)
+
+        return watched
+
+    http = "lagompy.topic._http."
+    monkeypatch.setattr(PageTailer, "next_page", watch("read", PageTailer.next_page))
+    monkeypatch.setattr(PageTailer, "wait", watch("wait", PageTailer.wait))
+    monkeypatch.setattr(http + "batch_of", watch("map", batch_of))
+    monkeypatch.setattr(http + "messages_from_columns", watch("decode", messages_from_columns))
+    await env.append(Deposited("ada", 1))
+    async with ServiceClient(producer, breaker=False) as client:
+        feed = HttpTransport(client, long_poll=0.2).feed(
+            contract_topic, contract_topic.partition_of("ada"), group="g"
+        )
+        batch = await feed.next_batch(0, 100)
+        await feed.wait()  # caught up: a long poll of 0.2 s, which finds nothing
+    assert len(batch.messages) == 1 and gc.isenabled()
+    # read and mapped twice (the pull, the long poll's first look and its last), decoded once
+    assert seen["read"] == seen["map"] == [False] * 3
+    assert seen["wait"] == [True] and seen["decode"] == [False, False]
+
+
+@pytest.mark.asyncio
+async def test_the_page_after_a_full_one_is_read_ahead_and_served_only_if_full(
+    producer: str, env: TopicEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lagompy.journal import Journal
+
+    reads: list[int] = []
+    read_tag = Journal.read_tag
+
+    def counted(self: Journal, tag: str, **kwargs: Any) -> Any:
+        if tag.startswith("topic-contract-"):
+            reads.append(kwargs["after_offset"])
+        return read_tag(self, tag, **kwargs)
+
+    async def read_at(offset: int) -> None:
+        for _ in range(200):
+            if offset in reads:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no read after offset {offset}: {reads}")
+
+    monkeypatch.setattr(Journal, "read_tag", counted)
+    written = [e.offset for e in await env.append(*(Deposited("ada", n) for n in range(5)))]
+    path = f"{PARTITION}/{contract_topic.partition_of('ada')}"
+    async with httpx.AsyncClient(base_url=producer, timeout=10) as client:
+
+        async def pull(after: int) -> list[int]:
+            body = (await client.get(path, params={"after": after, "limit": 2})).json()
+            return [m["offset"] for m in body["messages"]]
+
+        assert await pull(0) == written[:2]
+        await read_at(written[1])  # the next page, read while the first travelled
+        assert await pull(written[1]) == written[2:4]
+        assert reads.count(written[1]) == 1  # that pull was answered from it
+        await read_at(written[3])  # read ahead again, but short: one event
+        more = await env.append(Deposited("ada", 5))
+        # A short page may have grown since it was read: the pull reads it again.
+        assert await pull(written[3]) == [written[4], more[0].offset]
+
+
+class _Held(Subscriber[Deposit]):
+    """Handles nothing until released."""
+
+    group = "held"
+    topic = contract_topic
+    release: asyncio.Event | None = None
+
+    async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+        assert self.release is not None
+        await self.release.wait()
+
+
+@pytest.mark.asyncio
+async def test_waiting_for_a_catch_up_reads_no_rows_while_a_worker_here_is_behind(
+    env: TopicEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lagompy.readside._store import OffsetStore
+
+    await env.append(*(Deposited(f"h{i}", i) for i in range(4)))
+    _Held.release = asyncio.Event()
+    reads = 0
+    rows = OffsetStore.rows
+
+    async def counted(self: OffsetStore, processor: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await rows(self, processor)
+
+    monkeypatch.setattr(OffsetStore, "rows", counted)
+    async with start_subscribers([_Held], journal_settings=env.subscriber_journal) as subs:
+        waiting = asyncio.create_task(subs.wait_until_caught_up(timeout=20))
+        for _ in range(200):  # until both workers hold their lease, in a handler
+            if all(w.state == "running" and w.lease is not None for w in subs.workers):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        before = reads
+        await asyncio.sleep(0.3)  # 30 rounds of the wait's loop
+        assert reads == before and not waiting.done()
+        _Held.release.set()
+        await waiting
+    assert [w.offset for w in subs.workers] == await env.heads()
 
 
 def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
@@ -198,6 +427,60 @@ def test_messages_round_trip_through_json_and_bad_ones_are_named() -> None:
     with pytest.raises(TopicMessageInvalid, match=r"first: 1\.amount: Field required"):
         messages_from_json(contract_topic, batch, partition=1)
     assert messages_to_json([message], Deposit) == [data]
+
+
+def _columns(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """JSON message objects of one partition as messages_to_columns lays them out."""
+    first = items[0]
+    fields = ("offset", "key", "timestamp", "version", "entity_type", "entity_id", "seq_nr")
+    return {
+        "topic": first["topic"],
+        "partition": first["partition"],
+        "type": first["type"],
+        **{f: [d[f] for d in items] for f in (*fields, "payload")},
+    }
+
+
+def test_batches_round_trip_through_columns_and_bad_ones_are_named() -> None:
+    stamp = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)
+    messages = [
+        Message(
+            topic="contract-deposits",
+            payload=Deposit(f"acct-{i}", i),
+            key=f"acct-{i}",
+            partition=1,
+            offset=40 + i,
+            timestamp=stamp if i < 2 else datetime(2026, 12, 4, 18, 1, tzinfo=UTC),
+            type_name="Deposit",
+            version=1,
+            entity_type="topic-contract-account",
+            entity_id=f"acct-{i}",
+            seq_nr=i,
+        )
+        for i in range(3)
+    ]
+    columns = messages_to_columns(contract_topic, 1, messages)
+    assert columns == _columns(messages_to_json(messages, Deposit))
+    wire = msgpack.unpackb(msgpack.packb(columns))
+    assert messages_from_columns(contract_topic, wire, partition=1) == messages
+    empty = msgpack.unpackb(msgpack.packb(messages_to_columns(contract_topic, 1, [])))
+    assert messages_from_columns(contract_topic, empty, partition=1) == []
+    bad: list[tuple[Any, str]] = [
+        ([], "a batch must be a map"),
+        ({**wire, "topic": "other"}, "expected messages of topic 'contract-deposits'"),
+        ({**wire, "partition": 0}, "partition 0"),
+        ({**wire, "type": "Withdrawal"}, "is not this topic's"),
+        ({**wire, "payload": None}, "column 'payload' must be an array"),
+        ({**wire, "key": ["a"]}, "column 'key' must be an array of 3 items"),
+        ({**wire, "offset": [40, "41", 42]}, "column 'offset' must hold ints, got '41'"),
+        ({**wire, "seq_nr": [0, True, 2]}, "column 'seq_nr' must hold ints"),
+        ({**wire, "version": [1, 2, 1]}, "version 2 is newer than this side's"),
+        ({**wire, "timestamp": ["soon"] * 3}, "bad timestamp"),
+        ({**wire, "payload": [{"account": "a"}] * 3}, r"first: 0\.amount: Field required"),
+    ]
+    for value, words in bad:
+        with pytest.raises(TopicMessageInvalid, match=words):
+            messages_from_columns(contract_topic, value, partition=1)
 
 
 def test_command_ids_come_from_the_message_position() -> None:
@@ -427,6 +710,10 @@ def test_older_versions_are_upcast_and_what_cannot_be_is_named() -> None:
             message_from_json(topic, value, partition=0)
         with pytest.raises(TopicMessageInvalid, match=words):
             messages_from_json(topic, [value], partition=0)
+        with pytest.raises(TopicMessageInvalid, match=words):
+            messages_from_columns(topic, _columns([value]), partition=0)
+    upcast = messages_from_columns(deposits_v3, _columns([data, v2, v3]), partition=0)
+    assert upcast == batch
 
 
 @serializable(name="Deposit", version=2)

@@ -112,6 +112,7 @@ def transport_from_spec(spec: dict[str, Any]) -> TopicTransport | None:
                 service,
                 prefix=spec["prefix"],
                 long_poll=spec["long_poll"],
+                pull_limit=spec.get("pull_limit", 5000),
                 locator=ServiceLocator({service: spec["urls"]}),
                 breakers=BreakerRegistry(),
             )

@@ -145,7 +145,9 @@ def asyncapi_document(
                 f"of the source entity's tag: an entity's messages are in order in one), keyed "
                 f"by entity id unless the topic says otherwise. Over HTTP: GET "
                 f"{http_prefix}/{topic.name}/partitions/{{partition}}?after=OFFSET (the "
-                f"message objects carry the payload and these headers' values)."
+                f"message objects carry the payload and these headers' values; lagompy's "
+                f"subscribers ask for the same values as MessagePack columns, Accept: "
+                f"application/vnd.lagompy.columns+msgpack)."
             ),
             "parameters": {
                 "partition": {
