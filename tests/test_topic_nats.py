@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 
+from lagompy.consumer import EventConsumer
 from lagompy.errors import ConfigurationError, InvalidSettings, TopicError
 from lagompy.readside import ReadSideSettings
 from lagompy.readside._settings import projection_settings
@@ -573,3 +574,58 @@ def test_broker_messages_of_older_versions_are_upcast() -> None:
     not_json = msg(b"{")
     with pytest.raises(TopicMessageInvalid, match="the payload is not JSON"):
         decode_batch(deposits_v3, 0, [not_json], "partition 0")
+
+
+def _held(producers: Producers) -> int:
+    """How many partitions these producers hold now."""
+    return sum(
+        1
+        for p in producers.producers.values()
+        if isinstance(p, EventConsumer) and p.lease is not None
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_second_producing_process_takes_half_the_partitions_and_each_message_goes_once(
+    brokered: _Broker, broker_server: NatsServer
+) -> None:
+    """The producers of a topic spread over the processes that run them (the read side's
+    membership, on by default): a second producing transport gets half the partitions, handed
+    over between publications; a group still sees every message once, in order; when it
+    leaves, the first takes them back."""
+    env, first = brokered.env, brokered
+    assert first.producers is not None
+    running = await env.start(recorder("spread"))
+    written = await env.append(*(Deposited(f"s{i % 9}", i) for i in range(60)))
+    async with asyncio.timeout(20):
+        while _held(first.producers) < contract_topic.partitions:
+            await asyncio.sleep(0.02)
+    second = NatsTransport(
+        url=broker_server.url,
+        stream_prefix=first.prefix,
+        journal=env.journal,
+        settings=_producer_settings(),
+    )
+    producers = await start_producers([contract_topic], second)
+    try:
+        half = contract_topic.partitions // 2
+        async with asyncio.timeout(20):
+            while not (_held(first.producers) == half and _held(producers) == half):
+                written += await env.append(Deposited(f"s{len(written) % 9}", len(written)))
+                await asyncio.sleep(0.05)
+        written += await env.append(*(Deposited(f"s{i % 9}", i) for i in range(100, 160)))
+        async with asyncio.timeout(30):
+            while len(await env.seen("spread")) < len(written):
+                await asyncio.sleep(0.05)
+    finally:
+        await producers.close()
+        await second.close()
+    async with asyncio.timeout(20):  # the second left: the first holds every partition again
+        while _held(first.producers) < contract_topic.partitions:
+            await asyncio.sleep(0.02)
+    written += await env.append(*(Deposited(f"s{i % 9}", i) for i in range(200, 220)))
+    async with asyncio.timeout(30):
+        while len(await env.seen("spread")) < len(written):
+            await asyncio.sleep(0.05)
+    await running.wait_until_caught_up(timeout=20)
+    assert [r[1] for r in await env.seen("spread")] == [e.offset for e in written]

@@ -54,7 +54,7 @@ from urllib.parse import quote, unquote
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from lagompy.consumer import EventConsumer, Lease
+from lagompy.consumer import EventConsumer, Lease, Membership
 from lagompy.errors import (
     ConfigurationError,
     EventDecodeError,
@@ -69,7 +69,7 @@ from lagompy.journal._journal import Journal, TagPage
 from lagompy.journal._tailing import PageTailer
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
-from lagompy.readside._worker import default_owner
+from lagompy.readside._worker import default_owner, membership_for
 from lagompy.settings import LagompySettings, make_settings
 from lagompy.topic._codec import JSON, _adapter, _list_adapter, decode_body, encode_payload
 from lagompy.topic._topic import Message, StartFrom, Topic
@@ -804,6 +804,7 @@ class NatsProducer(EventConsumer):
         journal: Journal,
         settings: ReadSideSettings,
         owner: str | None = None,
+        membership: Membership | None = None,
     ) -> None:
         store = OffsetStore(journal.database)
         self.offsets = store
@@ -817,6 +818,7 @@ class NatsProducer(EventConsumer):
             strategy=strategy,
             settings=settings,
             owner=owner or default_owner(),
+            membership=membership,
             kind="topic producer",
             describe_error=lambda e: f"{type(e).__name__}: {e}",
             logger=log,
@@ -1200,6 +1202,9 @@ class NatsTransport:
     ``journal``: the producing service's journal (producers read it and keep their positions in
     its database); a service that only subscribes gives none. ``settings``: the producers'
     consumer settings (page size, leases; default :class:`~lagompy.readside.ReadSideSettings`).
+    With ``settings.rebalance`` (the default) the producing processes of a topic share its
+    partitions about evenly, as read sides do: the transport is one member of each topic's
+    producers, and a partition is handed over between two publications.
     """
 
     kind = "nats"
@@ -1216,6 +1221,10 @@ class NatsTransport:
         self.link = _Link(self.broker)
         self.journal = journal
         self.settings = settings or ReadSideSettings()
+        #: This transport's name as a member of its topics' producers (their lease owner).
+        self.member = default_owner()
+        #: topic name -> this transport's membership of its producers (rebalance on).
+        self.memberships: dict[str, Membership | None] = {}
 
     def producer(self, topic: Topic[Any], partition: int) -> NatsProducer:
         topic.partition_tag(partition)
@@ -1224,8 +1233,19 @@ class NatsTransport:
                 f"topic {topic.name!r}: publishing to NATS needs the producing service's "
                 "journal (NatsTransport(..., journal=...))"
             )
+        if topic.name not in self.memberships:
+            tags = [topic.partition_tag(p) for p in range(topic.partitions)]
+            self.memberships[topic.name] = membership_for(
+                producer_name(topic), tags, self.journal.database, self.settings, self.member
+            )
         return NatsProducer(
-            self.link, topic, partition, journal=self.journal, settings=self.settings
+            self.link,
+            topic,
+            partition,
+            journal=self.journal,
+            settings=self.settings,
+            owner=self.member,
+            membership=self.memberships[topic.name],
         )
 
     def actor_spec(self) -> dict[str, Any]:
@@ -1237,4 +1257,8 @@ class NatsTransport:
         return NatsFeed(self.link, topic, partition, group=group)
 
     async def close(self) -> None:
+        """Close the broker connection; leave the topics' producers (after they stopped)."""
+        for membership in self.memberships.values():
+            if membership is not None:
+                await membership.leave()
         await self.link.close()
