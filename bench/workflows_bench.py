@@ -14,6 +14,7 @@
 
     .venv/bin/python bench/workflows_bench.py            # 3 runs, writes docs/benchmarks.md
     .venv/bin/python bench/workflows_bench.py --quick    # smaller, one run, prints only
+    .venv/bin/python bench/workflows_bench.py --throughput --runs 2  # that part alone, prints
 """
 
 from __future__ import annotations
@@ -302,7 +303,9 @@ async def flow_control(engine: Any, quick: bool) -> dict[str, Any]:
     return result
 
 
-async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str, Any]:
+async def bench_backend(
+    name: str, js: JournalSettings, quick: bool, only_throughput: bool = False
+) -> dict[str, Any]:
     print(f"{name}:")
     app = f"wfbench-{uuid.uuid4().hex[:6]}"
     entities: Any = await start(app=app, entities=[CounterEntity, WorkflowRun], journal_settings=js)
@@ -310,6 +313,8 @@ async def bench_backend(name: str, js: JournalSettings, quick: bool) -> dict[str
         async with await start_workflows(
             workflows, runtime=entities, journal_settings=js
         ) as engine:
+            if only_throughput:
+                return {"throughput": await throughput(entities, engine, quick)}
             return {
                 "throughput": await throughput(entities, engine, quick),
                 "kill": await host_kill(entities, engine, app, quick),
@@ -333,19 +338,19 @@ def cpu_reference() -> float:
     return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
-async def one_run(quick: bool) -> dict[str, Any]:
+async def one_run(quick: bool, only_throughput: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {"load_before": load(), "cpu_ms": cpu_reference()}
     print(f"  CPU reference, sum(range(10**6)): {results['cpu_ms']:.1f} ms")
     with tempfile.TemporaryDirectory() as tmp:
         results["SQLite"] = await bench_backend(
-            "SQLite", JournalSettings(url=f"sqlite:///{tmp}/bench.db"), quick
+            "SQLite", JournalSettings(url=f"sqlite:///{tmp}/bench.db"), quick, only_throughput
         )
     schema = f"wfbench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_URL)
     await admin.execute(f"CREATE SCHEMA {schema}")
     try:
         js = JournalSettings(url=PG_URL, postgres_schema=schema, auto_migrate=True)
-        results["PostgreSQL"] = await bench_backend("PostgreSQL", js, quick)
+        results["PostgreSQL"] = await bench_backend("PostgreSQL", js, quick, only_throughput)
     finally:
         await admin.execute(f"DROP SCHEMA {schema} CASCADE")
         await admin.close()
@@ -436,6 +441,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small, one run, prints only")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="the throughput part alone (no host kill, no flow control), prints only",
+    )
     args = parser.parse_args()
     runs = []
     command = ".venv/bin/python bench/workflows_bench.py" + (
@@ -443,8 +453,10 @@ async def main() -> None:
     )
     for i in range(1 if args.quick else args.runs):
         print(f"run {i + 1} (load {load()})")
-        runs.append(await one_run(args.quick))
-        if not args.quick:  # after each run: what is measured is kept if a later run fails
+        runs.append(await one_run(args.quick, args.throughput))
+        if args.throughput:
+            print(f"  CPU reference after: {runs[-1]['cpu_ms_after']:.1f} ms")
+        elif not args.quick:  # after each run: what is measured is kept if a later run fails
             title = "Durable workflows: throughput, a host kill, flow control"
             write_section("workflows", title, render(runs, command))
             print(f"wrote docs/benchmarks.md ({len(runs)} of {args.runs} runs)")

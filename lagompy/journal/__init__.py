@@ -17,7 +17,14 @@ It builds on :mod:`lagompy.sql` and knows nothing of Ray, shards or read sides: 
 (:mod:`lagompy.runtime`) writes through it, the read sides (:mod:`lagompy.readside`) read it.
 """
 
-from lagompy.journal._journal import AtomicWrite, EventEnvelope, Journal, TagPage, WriteResult
+from lagompy.journal._journal import (
+    AtomicWrite,
+    EventEnvelope,
+    Journal,
+    Replayed,
+    TagPage,
+    WriteResult,
+)
 from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
 from lagompy.journal._storage import Storage, open_storage, serializer_for
 from lagompy.journal._tailing import (
@@ -39,6 +46,7 @@ __all__ = [
     "Journal",
     "JournalNotifier",
     "PageTailer",
+    "Replayed",
     "Snapshot",
     "SnapshotStore",
     "SnapshotToSave",

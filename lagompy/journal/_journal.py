@@ -27,7 +27,18 @@ from functools import lru_cache
 from typing import Any, Protocol, cast
 
 import msgpack
-from sqlalchemy import bindparam, case, func, insert, null, select, union_all
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import (
@@ -68,6 +79,7 @@ __all__ = [
     "AtomicWrite",
     "EventEnvelope",
     "Journal",
+    "Replayed",
     "TagPage",
     "WriteResult",
     "backend_for",
@@ -589,6 +601,69 @@ class Journal:
                 return out
             start = page[-1].seq_nr + 1
 
+    async def replay_many(
+        self,
+        entity_type: str,
+        from_seq_nrs: Mapping[str, int],
+        *,
+        page_size: int = _REPLAY_PAGE,
+    ) -> dict[str, Replayed]:
+        """What :meth:`replay` and :meth:`deleted_to` read for one entity, for many entities of
+        one type at once (entity id -> the first sequence number wanted): one
+        :class:`Replayed` per id given.
+
+        One query learns every entity's highest sequence number and deletions; then the events
+        are read by as few queries as hold them, none of more than ``page_size`` events (an
+        entity with more is read in several). Entities with nothing to replay cost no events
+        query. An event that cannot be decoded ends its own entity's events (``error``), not
+        the others'. Inside a :meth:`Database.read <lagompy.sql.Database.read>` every query
+        joins that read transaction.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        starts = {str(i): max(int(s), 1) for i, s in from_seq_nrs.items()}
+        ids = list(starts)
+        out: dict[str, Replayed] = {}
+        async with self.database.read() as conn:
+            highest: dict[str, int] = {}
+            deleted: dict[str, int] = {}
+            for n in range(0, len(ids), _IDS_PER_QUERY):
+                chunk = ids[n : n + _IDS_PER_QUERY]
+                found = await _positions(conn, entity_type, chunk)
+                for entity_id, (high, gone) in found.items():
+                    highest[entity_id] = high
+                    deleted[entity_id] = gone
+            events: dict[str, list[EventEnvelope[Any]]] = {i: [] for i in ids}
+            errors: dict[str, EventDecodeError] = {}
+            for ranges in _plan(starts, highest, page_size):
+                rows = _tuples(await conn.execute(_ranges_query(entity_type, ranges)))
+                self._decode_into(entity_type, rows, events, errors)
+        for entity_id in ids:
+            out[entity_id] = Replayed(
+                events[entity_id], deleted.get(entity_id, 0), errors.get(entity_id)
+            )
+        return out
+
+    def _decode_into(
+        self,
+        entity_type: str,
+        rows: Sequence[Any],
+        events: dict[str, list[EventEnvelope[Any]]],
+        errors: dict[str, EventDecodeError],
+    ) -> None:
+        """Decode ``(entity_id, seq_nr, ...)`` rows onto each entity's list of events; an
+        entity's first undecodable event goes to ``errors`` and ends its events."""
+        envelope = self._envelope
+        with _collector_paused():
+            for row in rows:
+                entity_id = row[0]
+                if entity_id in errors:
+                    continue
+                try:
+                    events[entity_id].append(envelope(entity_type, *row))
+                except EventDecodeError as e:
+                    errors[entity_id] = e
+
     async def events_by_tag(
         self, tag: str, *, after_offset: int = 0, limit: int = 1000
     ) -> list[EventEnvelope[Any]]:
@@ -832,6 +907,100 @@ class TagPage:
     #: offsets may be committed already, and are read once it commits (its NOTIFY wakes the
     #: tailers) or rolls back (tailers then look again shortly).
     held: bool = False
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What :meth:`Journal.replay_many` read for one entity."""
+
+    #: The entity's events from the sequence number asked for, in order (up to ``error``).
+    events: list[EventEnvelope[Any]]
+    #: As :meth:`Journal.deleted_to`: the highest sequence number of its events ever deleted.
+    deleted_to: int
+    #: The first of its events that could not be decoded (``events`` end before it).
+    error: EventDecodeError | None = None
+
+
+#: Entity ids per query of :meth:`Journal.replay_many` (each costs one or two bound parameters).
+_IDS_PER_QUERY = 500
+
+
+async def _positions(
+    conn: AsyncConnection, entity_type: str, ids: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """Per entity of ``ids`` that has events or deletions: (its highest event's sequence
+    number, the highest it ever deleted), both 0 when there is none (one round trip)."""
+    e, d = schema.events, schema.deletions
+    stmt = union_all(
+        select(e.c.entity_id, func.max(e.c.seq_nr).label("n"), literal_column("0").label("deleted"))
+        .where(e.c.entity_type == entity_type, e.c.entity_id.in_(ids))
+        .group_by(e.c.entity_id),
+        select(
+            d.c.entity_id, literal_column("0").label("n"), d.c.deleted_to.label("deleted")
+        ).where(d.c.entity_type == entity_type, d.c.entity_id.in_(ids)),
+    )
+    out: dict[str, tuple[int, int]] = {}
+    for entity_id, n, gone in (await conn.execute(stmt)).all():
+        high, deleted = out.get(entity_id, (0, 0))
+        out[entity_id] = (max(high, int(n or 0)), max(deleted, int(gone or 0)))
+    return out
+
+
+#: ``(entity id, first seq nr, last seq nr or None for all the rest)``
+_Range = tuple[str, int, int | None]
+
+
+def _plan(
+    starts: Mapping[str, int], highest: Mapping[str, int], page_size: int
+) -> Iterator[list[_Range]]:
+    """The ranges of events to read, in queries of at most ``page_size`` events (as counted by
+    the highest sequence numbers: per entity the events above a deletion run without gaps).
+    An entity whose events fit whole in a query is read to its end (events a concurrent writer
+    commits meanwhile come along); a longer one is cut into ranges over several queries."""
+    query: list[_Range] = []
+    room = page_size
+    for entity_id, start in starts.items():
+        last = highest.get(entity_id, 0)
+        while start <= last:
+            count = last - start + 1
+            if count <= room:
+                query.append((entity_id, start, None))
+                room -= count
+                break
+            query.append((entity_id, start, start + room - 1))
+            start += room
+            yield query
+            query, room = [], page_size
+        if len(query) >= _IDS_PER_QUERY:
+            yield query
+            query, room = [], page_size
+    if query:
+        yield query
+
+
+def _ranges_query(entity_type: str, ranges: Sequence[_Range]) -> Any:
+    """The events of ``ranges`` (one entity type), by entity then sequence number. The open
+    ranges that start at the same number share one ``IN``."""
+    t = schema.events
+    open_from: dict[int, list[str]] = {}
+    conditions = []
+    for entity_id, first, last in ranges:
+        if last is None:
+            open_from.setdefault(first, []).append(entity_id)
+        else:
+            conditions.append(
+                and_(t.c.entity_id == entity_id, t.c.seq_nr >= first, t.c.seq_nr <= last)
+            )
+    for first, ids in open_from.items():
+        if len(ids) == 1:
+            conditions.append(and_(t.c.entity_id == ids[0], t.c.seq_nr >= first))
+        else:
+            conditions.append(and_(t.c.entity_id.in_(ids), t.c.seq_nr >= first))
+    return (
+        select(t.c.entity_id, *_ENVELOPE_COLUMNS[2:])
+        .where(t.c.entity_type == entity_type, or_(*conditions))
+        .order_by(t.c.entity_id, t.c.seq_nr)
+    )
 
 
 def _refusal(w: AtomicWrite, refused: BaseException) -> WriteRefused:

@@ -3,8 +3,9 @@
 This is the heart of a shard: the Ray shard host and the in-process runtime both drive an
 :class:`EntityProcessor`. A batch of commands for many entities is processed like this:
 
-1. activate: every entity named in the batch is recovered if it is not in memory (latest
-   snapshot plus the events after it);
+1. activate: the entities named in the batch that are not in memory are recovered (latest
+   snapshot plus the events after it), all together: a bounded number of queries per entity
+   class in one read transaction (:func:`recover_many`), not a few queries each;
 2. decide: per entity, in arrival order, each command goes through ``on_command`` and its
    events through ``on_event``, on a tentative state;
 3. commit: the events of all entities are appended in **one** journal transaction;
@@ -63,11 +64,12 @@ from lagompy.errors import (
 from lagompy.journal._journal import (
     MAX_ID_LENGTH,
     AtomicWrite,
+    EventEnvelope,
     Journal,
     check_command_id,
     check_entity_id,
 )
-from lagompy.journal._snapshots import SnapshotStore, SnapshotToSave
+from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
 from lagompy.runtime._loading import EntityClass
 
 log = logging.getLogger("lagompy.processing")
@@ -212,45 +214,119 @@ async def recover(
 async def _recover(
     entity_cls: EntityClass, entity_id: str, journal: Journal, snapshots: SnapshotStore
 ) -> LiveEntity:
-    entity = entity_cls(entity_id)
-    state = entity_cls.initial_state
-    seq_nr = 0
-    from_snapshot = False
+    loaded: Snapshot | SerializationError | None = None
     if entity_cls.snapshot_every:
         try:
-            snapshot = await snapshots.load(entity_cls.type_name, entity_id)
+            loaded = await snapshots.load(entity_cls.type_name, entity_id)
         except SerializationError as e:
+            loaded = e
+    rebuilt = _Rebuild(entity_cls, entity_id, loaded)
+    rebuilt.replay(
+        await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=rebuilt.seq_nr + 1)
+    )
+    if rebuilt.replayed:
+        return rebuilt.live()
+    # Nothing to replay: deleted events may still have advanced the sequence number. The
+    # journal's record of deletions says how far, whatever another writer (a zombie copy of
+    # this host) commits meanwhile; the entity's highest sequence number, read now, would count
+    # events committed after the replay as deleted ones. Such events are not in this state: the
+    # entity's next write expects ``seq_nr``, meets a ConcurrencyConflict, and the entity
+    # reloads.
+    return rebuilt.after_deletions(await journal.deleted_to(entity_cls.type_name, entity_id))
+
+
+async def recover_many(
+    entity_cls: EntityClass, entity_ids: Sequence[str], journal: Journal, snapshots: SnapshotStore
+) -> dict[str, LiveEntity | Exception]:
+    """:func:`recover` for many entities of one class at once, with a bounded number of
+    queries: one for their snapshots, one for their highest sequence numbers and deletions,
+    then as few as hold their events (:meth:`Journal.replay_many`), in one read transaction
+    (or the caller's). Each entity gets its live entity or the error its recovery raised, the
+    same as :func:`recover` would give it alone: one entity's unreadable snapshot, missing
+    events or failing event handler is its own."""
+    type_name = entity_cls.type_name
+    ids = list(dict.fromkeys(entity_ids))
+    out: dict[str, LiveEntity | Exception] = {}
+    async with journal.database.read():
+        loaded: Mapping[str, Snapshot | SerializationError] = (
+            await snapshots.load_many(type_name, ids) if entity_cls.snapshot_every else {}
+        )
+        rebuilds = {i: _Rebuild(entity_cls, i, loaded.get(i)) for i in ids}
+        replayed = await journal.replay_many(
+            type_name, {i: r.seq_nr + 1 for i, r in rebuilds.items()}
+        )
+    for entity_id, rebuilt in rebuilds.items():
+        read = replayed[entity_id]
+        try:
+            if read.error is not None:
+                raise read.error
+            rebuilt.replay(read.events)
+            out[entity_id] = (
+                rebuilt.live() if rebuilt.replayed else rebuilt.after_deletions(read.deleted_to)
+            )
+        except Exception as e:
+            out[entity_id] = e
+    return out
+
+
+class _Rebuild:
+    """One entity's recovery, from what was read of it: its snapshot (``loaded``: the
+    snapshot, the error its state raised when decoded, or None), its later events and, when
+    there were none, its deletions. The one fold behind :func:`recover` and
+    :func:`recover_many`."""
+
+    __slots__ = ("cls", "covered", "entity", "from_snapshot", "id", "replayed", "seq_nr", "state")
+
+    def __init__(
+        self, cls: EntityClass, entity_id: str, loaded: Snapshot | SerializationError | None
+    ) -> None:
+        self.cls = cls
+        self.id = entity_id
+        self.entity = cls(entity_id)
+        self.state: Any = cls.initial_state
+        self.seq_nr = 0
+        self.from_snapshot = False
+        self.replayed = False
+        if isinstance(loaded, SerializationError):
             log.warning(
                 "snapshot of %s/%s cannot be read (%s); replaying all events instead",
-                entity_cls.type_name,
+                cls.type_name,
                 entity_id,
-                e,
+                loaded,
             )
-            snapshot = None
-        if snapshot is not None:
-            state, seq_nr, from_snapshot = snapshot.state, snapshot.seq_nr, True
-    snapshot_seq = seq_nr
-    covered = snapshot_seq if from_snapshot else None
-    envelopes = await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=seq_nr + 1)
-    for envelope in envelopes:
-        if envelope.seq_nr != seq_nr + 1:
-            # A gap: events were deleted (before this replay, or between two of its pages).
-            raise _events_missing(entity_cls, entity_id, seq_nr, envelope.seq_nr - 1, covered)
-        state = apply_event(entity, state, envelope.event)
-        seq_nr = envelope.seq_nr
-    if not envelopes:
-        # Nothing to replay: deleted events may still have advanced the sequence number. The
-        # journal's record of deletions says how far, whatever another writer (a zombie copy
-        # of this host) commits meanwhile; the entity's highest sequence number, read now,
-        # would count events committed after the replay as deleted ones. Such events are not
-        # in this state: the entity's next write expects ``seq_nr``, meets a
-        # ConcurrencyConflict, and the entity reloads.
-        deleted = await journal.deleted_to(entity_cls.type_name, entity_id)
+        elif loaded is not None:
+            self.state, self.seq_nr, self.from_snapshot = loaded.state, loaded.seq_nr, True
+        #: the snapshot's sequence number when it was read, else None
+        self.covered: int | None = self.seq_nr if self.from_snapshot else None
+
+    def replay(self, envelopes: Sequence[EventEnvelope[Any]]) -> None:
+        """Fold the events that follow the snapshot (or the start); ``EventsMissing`` on a gap:
+        events were deleted (before this replay, or between two of its pages)."""
+        cls, entity = self.cls, self.entity
+        state, seq_nr = self.state, self.seq_nr
+        for envelope in envelopes:
+            if envelope.seq_nr != seq_nr + 1:
+                raise _events_missing(cls, self.id, seq_nr, envelope.seq_nr - 1, self.covered)
+            state = apply_event(entity, state, envelope.event)
+            seq_nr = envelope.seq_nr
+        self.state, self.seq_nr = state, seq_nr
+        self.replayed = bool(envelopes)
+
+    def after_deletions(self, deleted: int) -> LiveEntity:
+        """The entity when nothing followed its snapshot (or start), given the highest
+        sequence number ever deleted: an entity whose every event was deleted starts again
+        after them; one whose snapshot does not reach them cannot be recovered."""
+        snapshot_seq = self.seq_nr
         if deleted > snapshot_seq:
-            if from_snapshot:
-                raise _events_missing(entity_cls, entity_id, snapshot_seq, deleted, covered)
-            seq_nr = deleted  # every event was deleted: the entity starts again after them
-    return LiveEntity(entity, state, seq_nr, snapshot_seq, from_snapshot)
+            if self.from_snapshot:
+                raise _events_missing(self.cls, self.id, snapshot_seq, deleted, self.covered)
+            self.seq_nr = deleted
+        return self.live()
+
+    def live(self) -> LiveEntity:
+        return LiveEntity(
+            self.entity, self.state, self.seq_nr, self.covered or 0, self.from_snapshot
+        )
 
 
 def _events_missing(
@@ -414,6 +490,7 @@ class EntityProcessor:
         self.snapshots = snapshots
         #: live entities, least recently used first
         self.live: OrderedDict[tuple[str, str], LiveEntity] = OrderedDict()
+        #: recoveries from the journal at once (a batch's cold entities are one recovery)
         self._recoveries = asyncio.Semaphore(max_concurrent_recoveries)
         #: the entities of each batch in progress (never passivated): one entry per batch, so
         #: starting and ending a batch costs nothing per entity
@@ -745,20 +822,45 @@ class EntityProcessor:
         lives: dict[tuple[str, str], LiveEntity],
         results: list[Result | None],
     ) -> None:
-        """Recover the ``missing`` entities from the journal, concurrently (bounded by the
-        semaphore), into ``lives``; an entity that cannot be recovered answers its requests
-        with the error and is left out."""
-        activations = await asyncio.gather(
-            *(self.activate(t, i) for (t, i) in missing), return_exceptions=True
-        )
-        for key, activated in zip(missing, activations, strict=True):
-            if isinstance(activated, BaseException):
-                if not isinstance(activated, Exception):
-                    raise activated
+        """Recover the ``missing`` entities from the journal together, into ``lives``: per
+        entity class a bounded number of queries (:func:`recover_many`), all in one read
+        transaction, rather than a few queries and a transaction for each entity. An entity
+        that cannot be recovered answers its requests with the error and is left out."""
+        by_type: dict[str, list[str]] = {}
+        for entity_type, entity_id in missing:
+            by_type.setdefault(entity_type, []).append(entity_id)
+        recovered: dict[tuple[str, str], LiveEntity | Exception] = {}
+        async with self._recoveries:
+            try:
+                async with self.journal.database.read():
+                    for entity_type, ids in by_type.items():
+                        cls = self.entity_class(entity_type)
+                        outcomes = await recover_many(cls, ids, self.journal, self.snapshots)
+                        for entity_id, outcome in outcomes.items():
+                            recovered[(entity_type, entity_id)] = outcome
+            except Exception as e:
+                # The read itself failed (the database is out of reach...): every entity it
+                # had not recovered yet gets the error.
+                for key in missing:
+                    recovered.setdefault(key, e)
+        live_map = self.live
+        now = time.monotonic()
+        activations = 0
+        for key in missing:
+            outcome = recovered[key]
+            if isinstance(outcome, Exception):
                 for i in groups[key]:
-                    results[i] = Result(error=activated)
+                    results[i] = Result(error=outcome)
                 continue
-            lives[key] = activated
+            live = live_map.get(key)
+            if live is None:
+                live = live_map[key] = outcome
+                activations += 1
+            else:  # another batch recovered it meanwhile (and may have moved it on): that one
+                live_map.move_to_end(key)
+            live.last_used = now
+            lives[key] = live
+        self._stats["activations"] += activations
 
     def _decide(
         self,

@@ -561,6 +561,34 @@ class JournalContract(StorageContract):
         assert await j.replay(ENTITY_TYPE, "r", from_seq_nr=11) == []
         assert await j.replay(ENTITY_TYPE, "nobody") == []
 
+    async def test_replay_many_reads_what_replay_and_deleted_to_read(
+        self, storage: Storage
+    ) -> None:
+        j = storage.journal
+        await j.append(
+            [
+                _write("m1", 0, *_happened("m1", 1, 7)),
+                _write("m2", 0, *_happened("m2", 1, 3)),
+                _write("m3", 0, *_happened("m3", 1, 4)),
+                _write("m1", 0, Noted("other type"), entity_type=OTHER_ENTITY_TYPE),
+            ]
+        )
+        await j.delete_events(ENTITY_TYPE, "m3", 2)
+        starts = {"m1": 2, "m2": 4, "m3": 1, "nobody": 1}
+        for page_size in (1, 2, 3, 5, 1000):
+            read = await j.replay_many(ENTITY_TYPE, starts, page_size=page_size)
+            assert set(read) == set(starts), page_size
+            for entity_id, start in starts.items():
+                one = await j.replay(ENTITY_TYPE, entity_id, from_seq_nr=start)
+                assert read[entity_id].events == one, (page_size, entity_id)
+                assert read[entity_id].deleted_to == await j.deleted_to(ENTITY_TYPE, entity_id)
+                assert read[entity_id].error is None
+        assert _seqs((await j.replay_many(ENTITY_TYPE, {"m3": 1}))["m3"].events) == [3, 4]
+        assert (await j.replay_many(ENTITY_TYPE, {"m3": 1}))["m3"].deleted_to == 2
+        assert await j.replay_many(ENTITY_TYPE, {}) == {}
+        with pytest.raises(ValueError):
+            await j.replay_many(ENTITY_TYPE, starts, page_size=0)
+
     async def test_replay_refuses_a_page_size_below_one(self, storage: Storage) -> None:
         j = storage.journal
         await j.append_one(_write("p", 0, Happened("p", 1)))
@@ -987,6 +1015,12 @@ class JournalContract(StorageContract):
                 assert err.type_name == "lagompy.contract.Noted"
                 message = str(err)
                 assert f"{ENTITY_TYPE}/u" in message and "2" in message and "Noted" in message
+            # Reading many entities at once, the undecodable event is its entity's alone.
+            many = await reader.replay_many(ENTITY_TYPE, {"u": 1, "fine": 1})
+            assert _seqs(many["fine"].events) == [1] and many["fine"].error is None
+            assert _seqs(many["u"].events) == [1]
+            error = many["u"].error
+            assert error is not None and (error.entity_id, error.seq_nr) == ("u", 2)
         # A reader that knows nothing fails on the first event.
         async with self.opened(reopen, Serializer()) as other:
             with pytest.raises(EventDecodeError) as info:
@@ -1165,6 +1199,18 @@ class SnapshotStoreContract(StorageContract):
         again = await s.load(ENTITY_TYPE, "d")
         assert again is not None and again.seq_nr == 12
 
+    async def test_load_many_gives_each_entitys_latest_snapshot(self, storage: Storage) -> None:
+        s = storage.snapshots
+        for entity_id, seq_nrs in (("a", (3, 9, 6)), ("b", (2,)), ("c", ())):
+            for seq_nr in seq_nrs:
+                await s.save(ENTITY_TYPE, entity_id, seq_nr, Thing(f"{entity_id}{seq_nr}", seq_nr))
+        await s.save(OTHER_ENTITY_TYPE, "c", 4, Thing("other type"))
+        loaded = await s.load_many(ENTITY_TYPE, ["a", "b", "c", "nobody", "a"])
+        assert sorted(loaded) == ["a", "b"]
+        for entity_id, snapshot in loaded.items():
+            assert snapshot == await s.load(ENTITY_TYPE, entity_id)
+        assert await s.load_many(ENTITY_TYPE, []) == {}
+
     async def test_an_undecodable_snapshot_is_a_serialization_error(
         self, storage: Storage, reopen: StorageOpener
     ) -> None:
@@ -1173,6 +1219,9 @@ class SnapshotStoreContract(StorageContract):
         async with self.opened(reopen, Serializer()) as other:
             with pytest.raises(SerializationError, match=r"lagompy\.contract\.Thing"):
                 await other.snapshots.load(ENTITY_TYPE, "u")
+            # Loading many at once, the error is that entity's alone.
+            many = await other.snapshots.load_many(ENTITY_TYPE, ["u", "none"])
+            assert list(many) == ["u"] and isinstance(many["u"], SerializationError)
         async with self.opened(reopen, contract_serializer()) as other:
             loaded = await other.snapshots.load(ENTITY_TYPE, "u")
             assert loaded is not None and loaded.state == Thing("u")
