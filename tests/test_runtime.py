@@ -574,6 +574,61 @@ async def test_region_shares_a_tick_s_asks_evenly_among_free_calls() -> None:
 # --------------------------------------------------------------------------- hosts, no Ray
 
 
+async def test_a_host_replies_before_it_saves_the_snapshots_a_batch_made_due(
+    journal_settings: JournalSettings,
+) -> None:
+    # The 100th event of "s" makes a snapshot due (snapshot_every = 100). The host answers the
+    # batch first and its snapshot thread saves the snapshot after: here the save waits until
+    # the reply is in (at most 5 s; saved before the reply, it would wait out those 5 s inside
+    # the batch and come first). Closing the host saves what is still due.
+    import threading
+
+    from lagompy.runtime._host import ShardHost
+    from lagompy.runtime._sharding import topology_for
+
+    js = journal_settings
+    topology = topology_for("snapshots", [CounterEntity], js, shards=1, hosts=1)
+    paths = ["ray_entities:CounterEntity"]
+    host = await asyncio.to_thread(ShardHost, topology.to_dict(), 0, paths, js.model_dump())
+    order: list[str] = []
+    replied = threading.Event()
+    try:
+        assert host.processor is not None
+        snapshots = host.processor.snapshots
+        save_many = snapshots.save_many
+
+        async def after_the_reply(batch: Any) -> None:
+            for _ in range(500):
+                if replied.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            order.append("snapshot")
+            await save_many(batch)
+
+        snapshots.save_many = after_the_reply  # type: ignore[method-assign,assignment]
+        requests = [Request("counter", "s", Add(1), command_id=f"c{n}") for n in range(100)]
+        outcomes = await asyncio.to_thread(host._process, topology.key, requests)
+        order.append("reply")
+        replied.set()
+        assert outcomes[-1] == (100, None)
+        for _ in range(500):
+            if host.counters["snapshots_saved_after_reply"]:
+                break
+            await asyncio.sleep(0.01)
+        assert order == ["reply", "snapshot"]
+        assert host.counters["snapshots_saved_after_reply"] == 1
+        more = [Request("counter", "s", Add(1), command_id=f"d{n}") for n in range(100)]
+        assert (await asyncio.to_thread(host._process, topology.key, more))[-1] == (200, None)
+    finally:
+        await asyncio.to_thread(host.close)
+    storage = await open_storage(settings=js, entities=[CounterEntity])
+    try:
+        snapshot = await storage.snapshots.load("counter", "s")
+    finally:
+        await storage.close()
+    assert snapshot is not None and snapshot.seq_nr == 200
+
+
 def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> None:
     # Two copies of the same shard host (a restarted host and its not-yet-dead predecessor)
     # both hold entity "z". The journal accepts only the writer that knows the latest sequence

@@ -424,6 +424,10 @@ class _Decided(NamedTuple):
 
 _MISSING: Any = object()
 
+#: With ``defer_snapshots``, a batch that leaves this many snapshots due saves them itself
+#: (a host whose saver never gets a turn keeps a bounded backlog).
+MAX_DUE_SNAPSHOTS = 1_000
+
 
 def _unstorable(command: Any, key: tuple[str, str], cause: SerializationError) -> EncodeError:
     where = f"the reply of {type(command).__qualname__} to {key[0]}/{key[1]}"
@@ -455,6 +459,7 @@ class EntityProcessor:
         max_entities: int | None = None,
         idle_timeout: float | None = None,
         conflict_retries: int = 2,
+        defer_snapshots: bool = False,
     ) -> None:
         if max_entities is not None and max_entities < 1:
             raise ConfigurationError(
@@ -497,6 +502,11 @@ class EntityProcessor:
         self._in_use: list[Mapping[tuple[str, str], Any]] = []
         self._reply_types: dict[type, Any] = {}
         self._stats: Counter[str] = Counter()
+        #: Keep the snapshots a batch makes due for :meth:`save_due_snapshots` instead of
+        #: saving them before :meth:`process` returns (the shard host saves them after it
+        #: replied: see ``ShardHost``).
+        self.defer_snapshots = defer_snapshots
+        self.due_snapshots: list[SnapshotToSave] = []
 
     def entity_class(self, entity_type: str) -> EntityClass:
         try:
@@ -996,10 +1006,31 @@ class EntityProcessor:
         for fn, state, key in side_effects:
             await _run_side_effect(fn, state, key)
         if to_snapshot:
-            try:
-                await self.snapshots.save_many(to_snapshot)
-            except Exception:
-                log.warning("saving %d snapshots failed", len(to_snapshot), exc_info=True)
+            if not self.defer_snapshots:
+                await self._save_snapshots(to_snapshot)
+                return
+            self.due_snapshots.extend(to_snapshot)
+            if len(self.due_snapshots) >= MAX_DUE_SNAPSHOTS:
+                await self.save_due_snapshots()
+
+    async def save_due_snapshots(self) -> int:
+        """Save the snapshots that ``defer_snapshots`` kept due (they are no longer due after);
+        return how many."""
+        due, self.due_snapshots = self.due_snapshots, []
+        if len(due) > 1:
+            # The latest of each entity's (older ones would only be overwritten in effect).
+            due = list({(d.entity_type, d.entity_id): d for d in due}.values())
+        if due:
+            await self._save_snapshots(due)
+        return len(due)
+
+    async def _save_snapshots(self, snapshots: list[SnapshotToSave]) -> None:
+        # A failure is logged, never raised: snapshots only shorten recoveries, and the events
+        # they cover are committed already.
+        try:
+            await self.snapshots.save_many(snapshots)
+        except Exception:
+            log.warning("saving %d snapshots failed", len(snapshots), exc_info=True)
 
 
 async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str, str]) -> None:
