@@ -1,9 +1,11 @@
-"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone."""
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone; and
+the CPU reference every bench prints beside its numbers."""
 
 from __future__ import annotations
 
 import platform
 import re
+import timeit
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +18,13 @@ produced it (run from the repository root with the virtual environment's Python)
 measured in one run, contender beside baseline, because the machine is noisy. Rerun a benchmark
 to refresh its section.
 """
+
+
+def cpu_reference() -> float:
+    """Milliseconds for ``sum(range(10**6))``, best of 5: how fast this machine's CPU is right
+    now (a shared VM's varies with the other work and from day to day), printed beside every
+    bench's numbers so that runs can be read against each other."""
+    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
 def write_section(key: str, title: str, body: str) -> None:

@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-import timeit
 import uuid
 from pathlib import Path
 
@@ -33,16 +32,12 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment
+from bench._report import cpu_reference
 from lagompy import JournalSettings, open_storage
 from lagompy.runtime._processing import EntityProcessor, Request
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 WARM_UP = 3
-
-
-def cpu_reference() -> float:
-    """Milliseconds for sum(range(10**6)), best of 5 (the other benches print the same)."""
-    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
 async def timed(processor: EntityProcessor, requests: list[Request]) -> float:

@@ -33,7 +33,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 from bench.journal_bench import INSERT_EVENTS, PG_URL, CartEntity, RawRows, make_batch
 from lagompy import JournalSettings, open_storage
 from lagompy.journal import Storage
@@ -41,15 +41,6 @@ from lagompy.journal import Storage
 WRITERS = (1, 2, 4, 8)
 BATCH = 100
 ROUNDS = 3
-
-
-def cpu_reference() -> float:
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        sum(range(10**6))
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
 
 
 async def for_seconds(

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 from examples.user_service.entity import NameChanged, UserEntity, UserRegistered
 from examples.user_service.fast_projection import FastUsersProjection
 from examples.user_service.projection import UsersProjection
@@ -316,14 +316,6 @@ RUNS_HEADER = (
     "| set-based /s | SQLite simple /s | raw aiosqlite /s | simple / raw |\n"
     "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 )
-
-
-def cpu_reference() -> float:
-    """Milliseconds for sum(range(10**6)), best of 5: how fast this machine's CPU is right now
-    (a shared VM's varies), to compare runs."""
-    import timeit
-
-    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
 async def floors(

@@ -39,7 +39,7 @@ from bench._counter import (
     Read,
     UnsnapshottedCounterEntity,
 )
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage, start
 from lagompy.journal import SnapshotToSave
 from lagompy.runtime._processing import recover
@@ -332,14 +332,6 @@ async def ray_noop(calls: int) -> dict[str, float]:
         latencies.append(time.perf_counter() - t0)
     ray.kill(actor)
     return _pcts(latencies)
-
-
-def cpu_reference() -> float:
-    """Milliseconds for sum(range(10**6)), best of 5: how fast this machine's CPU is right now
-    (a shared VM's varies from day to day), to compare runs made on different days."""
-    import timeit
-
-    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
 async def one_run(quick: bool, host_counts: list[int]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 
 SLICES = 256
 BATCH = 100
@@ -184,15 +184,6 @@ async def measure(
     start = time.perf_counter()
     await asyncio.gather(*(loop(w) for w in team))
     return written / (time.perf_counter() - start)
-
-
-def cpu_reference() -> float:
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        sum(range(10**6))
-        best = min(best, time.perf_counter() - t)
-    return best * 1000
 
 
 async def one_run(run: int, seconds: float) -> tuple[float, dict[tuple[str, int], float]]:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage
 from lagompy.journal import Journal
 from lagompy.readside import ReadSideSettings
@@ -108,15 +108,6 @@ class Writer:
             self.seq[account] = seq + len(events)
         for result in await self.journal.append(writes):
             result.unwrap()
-
-
-def cpu_reference() -> float:
-    """Milliseconds of a fixed pure-Python loop: how fast this machine is right now."""
-    started = time.perf_counter()
-    total = 0
-    for i in range(1_000_000):
-        total += i * i % 7
-    return (time.perf_counter() - started) * 1000
 
 
 async def read_and_decode(journal: Journal) -> float:
@@ -318,7 +309,7 @@ nothing but its positions (one transaction per page of up to
 {ReadSideSettings().max_batch:,} messages); the HTTP producer runs in a process of its own
 (`lagompy run`), the subscriber in the benchmark's, with its positions in a database of its own
 (another SQLite file, another PostgreSQL schema). The lag of a message is the time its handler
-ran minus its event's timestamp. CPU ref: milliseconds of a fixed pure-Python loop, taken
+ran minus its event's timestamp. CPU ref: `sum(range(10**6))`, best of 5, in ms, taken
 before each backend's runs (how busy the machine was).
 
 {HEADER}

@@ -35,7 +35,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment, Read
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 from lagompy import JournalSettings, start
 from lagompy.runtime import namespace_of, shutdown_app
 from lagompy.sql._schema import workflow_runs
@@ -328,14 +328,6 @@ async def bench_backend(
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"{one:.1f} / {five:.1f}"
-
-
-def cpu_reference() -> float:
-    """Milliseconds for sum(range(10**6)), best of 5: how fast this machine's CPU is right now
-    (shared, it varies with the other work), to read a run's numbers against."""
-    import timeit
-
-    return min(timeit.repeat("sum(range(10**6))", number=1, repeat=5)) * 1000
 
 
 async def one_run(quick: bool, only_throughput: bool = False) -> dict[str, Any]:
