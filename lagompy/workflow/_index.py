@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, case, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -98,6 +98,59 @@ def _row(r: Any) -> RunRow:
     )
 
 
+def _set(*bound: str, **constants: Any) -> Any:
+    """``UPDATE lagompy_workflow_runs SET ... WHERE run_id = :rid``: each ``bound`` column to
+    the value ``:v_<column>``, each of ``constants`` to its value."""
+    t = workflow_runs
+    values = {name: bindparam(f"v_{name}", type_=t.c[name].type) for name in bound}
+    return (
+        update(t)
+        .where(t.c.run_id == bindparam("rid", type_=t.c.run_id.type))
+        .values(**values, **constants)
+    )
+
+
+def _insert(status: Any) -> Any:
+    t = workflow_runs
+    values: dict[str, Any] = {
+        c.name: bindparam(f"v_{c.name}", type_=c.type) for c in t.c if c.name != "status"
+    }
+    return t.insert().values(status=status, **values)
+
+
+_types = workflow_types
+#: A started run's row (statements built once: the read side sends a batch's rows of one
+#: statement as one executemany, see docs/readside.md): queued when it has a key, else
+#: running when its workflow has no limit and is not paused (see ``unlimited``), queued
+#: otherwise. The lookup is a subquery of the INSERT, not a SELECT of the handler (a read in
+#: the handler would send every write before it, one run at a time).
+_INSERT_KEYED = _insert(QUEUED)
+_INSERT = _insert(
+    case(
+        (
+            exists()
+            .where(_types.c.workflow == bindparam("v_workflow", type_=_types.c.workflow.type))
+            .where(_types.c.max_running.is_(None))
+            .where(_types.c.paused.is_(False)),
+            RUNNING,
+        ),
+        else_=QUEUED,
+    )
+)
+_STEPPED = _set("steps", "wake_at_us", "updated_us")
+_CANCEL_REQUESTED = _set("updated_us", cancel_requested=True)
+_FINISHED = _set("status", "error", "finished_us", "updated_us", wake_at_us=None)
+_REOPENED = _set(
+    "steps",
+    "updated_us",
+    status=QUEUED,
+    error=None,
+    finished_us=None,
+    cancel_requested=False,
+    wake_at_us=None,
+)
+
+
 class RunsIndex(SqlReadSideProcessor):
     """Keeps ``lagompy_workflow_runs`` (one row per run) from the runs' events."""
 
@@ -108,82 +161,51 @@ class RunsIndex(SqlReadSideProcessor):
     async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
         run_id = envelope.entity_id
         at = int(envelope.timestamp.timestamp() * 1_000_000)
-        t = workflow_runs
         match envelope.event:
             case RunStarted(name=name, version=version, key=key, parent=parent):
-                status = QUEUED
-                if key is None:
-                    kind = (
-                        await conn.execute(
-                            select(workflow_types.c.max_running, workflow_types.c.paused).where(
-                                workflow_types.c.workflow == name
-                            )
-                        )
-                    ).first()
-                    if kind is not None and unlimited(kind.max_running, bool(kind.paused)):
-                        status = RUNNING  # nothing to wait for (see ``unlimited``)
                 await conn.execute(
-                    t.insert().values(
-                        run_id=run_id,
-                        workflow=name,
-                        version=version,
-                        run_key=key,
-                        parent=parent,
-                        status=status,
-                        tag=WORKFLOW_TAG.for_entity(run_id),
-                        steps=0,
-                        wake_at_us=None,
-                        cancel_requested=False,
-                        created_us=at,
-                        updated_us=at,
-                        finished_us=None,
-                        error=None,
-                    )
+                    _INSERT if key is None else _INSERT_KEYED,
+                    {
+                        "v_run_id": run_id,
+                        "v_workflow": name,
+                        "v_version": version,
+                        "v_run_key": key,
+                        "v_parent": parent,
+                        "v_tag": WORKFLOW_TAG.for_entity(run_id),
+                        "v_steps": 0,
+                        "v_wake_at_us": None,
+                        "v_cancel_requested": False,
+                        "v_created_us": at,
+                        "v_updated_us": at,
+                        "v_finished_us": None,
+                        "v_error": None,
+                    },
                 )
             case StepCompleted(position=p, wake_at_us=wake):
                 await conn.execute(
-                    update(t)
-                    .where(t.c.run_id == run_id)
-                    .values(steps=p + 1, wake_at_us=wake, updated_us=at)
+                    _STEPPED,
+                    {"rid": run_id, "v_steps": p + 1, "v_wake_at_us": wake, "v_updated_us": at},
                 )
             case StepFailed(position=p):
                 await conn.execute(
-                    update(t)
-                    .where(t.c.run_id == run_id)
-                    .values(steps=p + 1, wake_at_us=None, updated_us=at)
+                    _STEPPED,
+                    {"rid": run_id, "v_steps": p + 1, "v_wake_at_us": None, "v_updated_us": at},
                 )
             case CancelRequested():
-                await conn.execute(
-                    update(t)
-                    .where(t.c.run_id == run_id)
-                    .values(cancel_requested=True, updated_us=at)
-                )
+                await conn.execute(_CANCEL_REQUESTED, {"rid": run_id, "v_updated_us": at})
             case RunFinished(status=status, error=error):
                 await conn.execute(
-                    update(t)
-                    .where(t.c.run_id == run_id)
-                    .values(
-                        status=status,
-                        error=error,
-                        finished_us=at,
-                        updated_us=at,
-                        wake_at_us=None,
-                    )
+                    _FINISHED,
+                    {
+                        "rid": run_id,
+                        "v_status": status,
+                        "v_error": error,
+                        "v_finished_us": at,
+                        "v_updated_us": at,
+                    },
                 )
             case RunReopened(position=p):
-                await conn.execute(
-                    update(t)
-                    .where(t.c.run_id == run_id)
-                    .values(
-                        status=QUEUED,
-                        steps=p,
-                        error=None,
-                        finished_us=None,
-                        updated_us=at,
-                        cancel_requested=False,
-                        wake_at_us=None,
-                    )
-                )
+                await conn.execute(_REOPENED, {"rid": run_id, "v_steps": p, "v_updated_us": at})
             case _:
                 pass  # signals and compensations change no column
 
