@@ -146,9 +146,16 @@ class WorkflowEngine(AsyncClosing):
             )
         data = encode_input(self.serializer, definition, input)
         command = StartRun(definition.name, definition.version, data, key, None, now_us())
-        run: Run = await self._ask(run_id, command)
-        if self.executor is not None:
-            self.executor.started(run_id, run)
+        executor = self.executor
+        ahead = executor.lookahead(definition.name) if executor and key is None else None
+        try:
+            run: Run = await self._ask(run_id, command)
+        except BaseException:
+            if ahead is not None:
+                ahead.cancel()
+            raise
+        if executor is not None:
+            executor.started(run_id, run, ahead)
         return run
 
     async def get(self, run_id: str) -> Run:

@@ -156,13 +156,20 @@ class RunDriver:
     """Drives one run (see the module)."""
 
     def __init__(
-        self, executor: WorkflowExecutor, run_id: str, tag: str, run: Run | None = None
+        self,
+        executor: WorkflowExecutor,
+        run_id: str,
+        tag: str,
+        run: Run | None = None,
+        unlimited: asyncio.Future[bool] | None = None,
     ) -> None:
         self.executor = executor
         self.run_id = run_id
         self.tag = tag
         #: The run's recorded state when the driver starts with it (a run started here).
         self.initial = run
+        #: Whether its workflow runs without admission, read while it was being started.
+        self._unlimited = unlimited
         #: Set once the run is seen finished (by this driver's FinishRun or before).
         self.done = False
         self.serializer = executor.serializer
@@ -434,8 +441,10 @@ class RunDriver:
             self.cancel(run.cancel_reason)
         if self._cancelled.is_set():
             return False
-        if started_here and run.key is None and await self.executor.unlimited(run.name):
-            return True  # its index row starts running (see _index.unlimited)
+        if started_here and run.key is None:
+            ahead, self._unlimited = self._unlimited, None
+            if await (ahead if ahead is not None else self.executor.unlimited(run.name)):
+                return True  # its index row starts running (see _index.unlimited)
         admission = asyncio.ensure_future(self.executor.admission(self.run_id))
         cancelled = asyncio.ensure_future(self._cancelled.wait())
         try:
@@ -723,20 +732,34 @@ class WorkflowExecutor:
                 case RunFinished():
                     self._admit_wake.set()  # a slot may be free
 
-    def started(self, run_id: str, run: Run) -> None:
+    def lookahead(self, workflow: str) -> asyncio.Future[bool]:
+        """:meth:`unlimited` for a run about to be started here, read while its start is
+        written (handed to :meth:`started`): its driver does not wait for a read of its own
+        after the start (a read that overlaps the start sees what one just after it would,
+        but for a change made in those milliseconds, as a read in flight always could)."""
+        return asyncio.ensure_future(self.unlimited(workflow))
+
+    def started(self, run_id: str, run: Run, unlimited: asyncio.Future[bool] | None = None) -> None:
         """A run started in this process (``WorkflowEngine.start``): driven at once from its
         state when this executor holds its partition, rather than when the partition's tail
-        brings its ``RunStarted`` (which then finds it driven). The records are the same."""
+        brings its ``RunStarted`` (which then finds it driven). The records are the same.
+        ``unlimited``: :meth:`lookahead` of its workflow."""
         if not run.finished:
-            self.launch(run_id, WORKFLOW_TAG.for_entity(run_id), run)
+            self.launch(run_id, WORKFLOW_TAG.for_entity(run_id), run, unlimited)
 
-    def launch(self, run_id: str, tag: str, run: Run | None = None) -> None:
+    def launch(
+        self,
+        run_id: str,
+        tag: str,
+        run: Run | None = None,
+        unlimited: asyncio.Future[bool] | None = None,
+    ) -> None:
         if self._closing or self.partitions[tag].epoch is None:
             return
         existing = self.drivers.get(run_id)
         if existing is not None and existing.task is not None and not existing.task.done():
             return
-        driver = RunDriver(self, run_id, tag, run)
+        driver = RunDriver(self, run_id, tag, run, unlimited)
         self.drivers[run_id] = driver
         driver.task = asyncio.create_task(self._drive(driver), name=f"workflow run {run_id}")
 
