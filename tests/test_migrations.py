@@ -674,3 +674,46 @@ def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -
     code, out, err = _finish(_cli("migrate", "current", "--url", "sqlite:///installed.db",
                                   env=env, cwd=work))  # fmt: skip
     assert (code, out) == (0, f"{HEAD} (head)\n"), err
+
+
+async def test_0012_names_the_tags_in_the_notification_and_downgrades(database: Database) -> None:
+    # PostgreSQL: the write function's notification gains the tags, and loses them on the way
+    # down; SQLite has no function, the revision changes nothing there.
+    from alembic import command
+
+    from lagompy.sql._migrate import alembic_config
+
+    function = (
+        "SELECT prosrc FROM pg_proc WHERE proname = 'lagompy_write' "
+        "AND pronamespace = current_schema()::regnamespace"
+    )
+
+    async def source() -> str | None:
+        if database.dialect != "postgresql":
+            return None
+        async with database.read() as conn:
+            return str((await conn.execute(text(function))).scalar_one())
+
+    assert (await upgrade(database, "0011")).after == "0011"
+    before = await source()
+    assert before is None or "string_agg" not in before
+    assert (await upgrade(database)).after == HEAD
+    after = await source()
+    assert after is None or (
+        "string_agg(x.tag" in after and "pg_advisory_xact_lock_shared" in after
+    )
+    assert await differences(database) == []
+
+    def downgrade(conn: Connection) -> None:
+        config = alembic_config(
+            connection=conn,
+            dialect=database.dialect,
+            postgres_schema=database.settings.postgres_schema,
+        )
+        command.downgrade(config, "0011")
+
+    async with database.write() as conn:
+        await conn.run_sync(downgrade)
+    assert await current_revision(database) == "0011"
+    assert await source() == before
+    assert (await upgrade(database)).after == HEAD

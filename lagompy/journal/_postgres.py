@@ -14,7 +14,7 @@ hot path more than the database did.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -73,8 +73,27 @@ _BEGIN_FENCED = f"BEGIN; {_GENERIC_PLANS}; {_LOCK_EVENTS}"
 _BEGIN = f"BEGIN; {_GENERIC_PLANS}"
 #: The sequence that allocates offsets.
 _PG_SEQUENCE = "SELECT pg_get_serial_sequence('lagompy_events', 'global_offset')"
-#: The channel live tailers LISTEN on; the payload is the highest offset just allocated.
+#: The channel live tailers LISTEN on; the payload is the highest offset just allocated, then
+#: the tags written, one per line (:func:`notify_tags`; lagompy_write: migration 0012).
 NOTIFY_CHANNEL = "lagompy_events"
+#: The most bytes the tags may take in a notification (PostgreSQL's payload limit is 8,000).
+NOTIFY_TAGS_BYTES = 7900
+
+
+def notify_tags(tags: Iterable[str]) -> str:
+    """The end of a notification's payload that names the tags a write carried (a tailer of
+    another tag need not read again; ``"\\n"``: none), or nothing (every tailer reads again)
+    when they would not fit or a tag holds a line break."""
+    distinct = set(tags)
+    if any("\n" in t for t in distinct):
+        return ""
+    text = "\n" + "\n".join(distinct)
+    return text if len(text.encode()) <= NOTIFY_TAGS_BYTES else ""
+
+
+def _batch_tags(batch: Batch) -> str:
+    return notify_tags(t for _, enc in batch for event_tags in enc.tags for t in event_tags)
+
 
 #: Every entity's highest sequence number, deletions included, in the order of the writes
 #: ($1, $2: their types and ids).
@@ -90,10 +109,11 @@ _PG_HIGHEST_ARRAY = """ARRAY(
 )"""
 
 
-def _pg_prepare(checks: str) -> str:
+def _pg_prepare(checks: str, tags: str) -> str:
     """The first statement of a large batch's transaction, one round trip: offsets for every
-    event ($3: the sequence, $4: how many), the notification (delivered only if we commit),
-    and the ``checks`` columns."""
+    event ($3: the sequence, $4: how many), the notification (delivered only if we commit;
+    ``tags``: the parameter that ends its payload, see :func:`notify_tags`), and the
+    ``checks`` columns."""
     return f"""
 WITH offs AS MATERIALIZED (
     SELECT nextval($3::regclass) AS o FROM generate_series(1, $4)
@@ -101,7 +121,7 @@ WITH offs AS MATERIALIZED (
     SELECT array_agg(o ORDER BY o) AS offsets, max(o) AS top FROM offs
 )
 SELECT agg.offsets AS offsets,
-       pg_notify('{NOTIFY_CHANNEL}', agg.top::text) AS notified,
+       pg_notify('{NOTIFY_CHANNEL}', agg.top::text || {tags}::text) AS notified,
        {checks}
 FROM agg
 """
@@ -116,7 +136,8 @@ _PG_PREPARE = _pg_prepare(
            FROM unnest($5::text[], $6::text[], $7::text[]) WITH ORDINALITY AS r(t, i, c, n)
            WHERE EXISTS (SELECT 1 FROM lagompy_command_replies x
                          WHERE x.entity_type = r.t AND x.entity_id = r.i AND x.command_id = r.c)
-       ) AS known"""
+       ) AS known""",
+    "$8",
 )
 #: Large batches, first attempt: instead of each entity's highest sequence number (a backward
 #: index scan per entity, ~3x the time of a point lookup on these machines) the 1-based
@@ -139,7 +160,8 @@ _PG_PREPARE_FAST = _pg_prepare(
                      WHERE d.entity_type = k.t AND d.entity_id = k.i
                      LIMIT 1) IS NOT NULL
            END
-       ) AS suspect"""
+       ) AS suspect""",
+    "$6",
 )
 #: The highest sequence number of each suspect write's entity, deletions included.
 _PG_HIGHEST = f"SELECT {_PG_HIGHEST_ARRAY}"
@@ -249,13 +271,19 @@ class PostgresBackend(JournalBackend):
                     await self._sequence(pg),
                     count,
                     *columns(reply_keys, 3),
+                    _batch_tags(batch),
                 )
                 known = {reply_keys[n - 1] for n in row["known"]}
                 highest = {k: n for k, n in zip(keys, row["highest"], strict=True) if n}
             else:
                 expected = [enc.write.expected_seq_nr for _, enc in batch]
                 row = await pg.fetchrow(
-                    _PG_PREPARE_FAST, *columns(keys, 2), await self._sequence(pg), count, expected
+                    _PG_PREPARE_FAST,
+                    *columns(keys, 2),
+                    await self._sequence(pg),
+                    count,
+                    expected,
+                    _batch_tags(batch),
                 )
                 highest = dict(zip(keys, expected, strict=True))
                 if row["suspect"]:

@@ -187,9 +187,13 @@ WakeCallback = Callable[[WakeReason], None]
 class Subscription:
     """A registration with a :class:`JournalNotifier`; :meth:`close` it when done."""
 
-    def __init__(self, notifier: JournalNotifier, callback: WakeCallback) -> None:
+    def __init__(
+        self, notifier: JournalNotifier, callback: WakeCallback, tag: str | None = None
+    ) -> None:
         self._notifier: JournalNotifier | None = notifier
         self.callback = callback
+        #: The tag its tailer reads (None: every event).
+        self.tag = tag
 
     @property
     def closed(self) -> bool:
@@ -270,7 +274,10 @@ class JournalNotifier:
         self.disconnects = 0
         #: Notifications received.
         self.notifications = 0
-        #: The payload of the latest notification (the highest offset a writer committed).
+        #: Wake-ups not sent: a notification naming tags that a subscriber does not read.
+        self.notifications_skipped = 0
+        #: The payload of the latest notification (the highest offset a writer committed,
+        #: then the tags it wrote, one per line).
         self.last_payload: str | None = None
         #: The server process id of the current LISTEN connection, None while down.
         self.backend_pid: int | None = None
@@ -390,18 +397,25 @@ class JournalNotifier:
             return False
         return True
 
-    def subscribe(self, callback: WakeCallback) -> Subscription:
-        """Call ``callback(reason)`` on every notification and connection change.
+    def subscribe(self, callback: WakeCallback, tag: str | None = None) -> Subscription:
+        """Call ``callback(reason)`` on every notification and connection change; with a
+        ``tag``, only on the notifications of writes that carried it (or that do not say
+        which tags they carried), and on every connection change.
 
         The callback runs in the event loop and must be quick and must not raise (set an
         ``asyncio.Event``, bump a counter).
         """
-        subscription = Subscription(self, callback)
+        subscription = Subscription(self, callback, tag)
         self._subscribers.add(subscription)
         return subscription
 
-    def _wake_all(self, reason: WakeReason) -> None:
+    def _wake_all(self, reason: WakeReason, tags: Collection[str] | None = None) -> None:
+        """Wake every subscriber; with ``tags``, only those that read one of them (or every
+        event)."""
         for subscription in list(self._subscribers):
+            if tags is not None and subscription.tag is not None and subscription.tag not in tags:
+                self.notifications_skipped += 1
+                continue
             try:
                 subscription.callback(reason)
             except Exception:
@@ -423,7 +437,10 @@ class JournalNotifier:
     def _on_notification(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         self.last_payload = payload
-        self._wake_all(WakeReason.NOTIFICATION)
+        # "<offset>\n<tag>\n<tag>...": the tags the write carried; "<offset>" alone (a write
+        # of an older version, or too many tags to name): every subscriber reads again.
+        _top, named, tags = payload.partition("\n")
+        self._wake_all(WakeReason.NOTIFICATION, set(tags.split("\n")) if named else None)
 
     def _on_terminated(self, connection: Any) -> None:
         if connection is self._connection:
@@ -776,7 +793,7 @@ class PageTailer(AsyncClosing):
             if live is not None:
                 live._on_wake(reason)
 
-        self._subscription = notifier.subscribe(wake)
+        self._subscription = notifier.subscribe(wake, self.tag)
 
     async def close(self) -> None:
         """Stop: a pending :meth:`wait` ends; the notifier subscription is released."""
