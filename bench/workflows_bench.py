@@ -434,7 +434,9 @@ def render(runs: list[dict[str, Any]], command: str) -> str:
     lines += [
         "",
         "How: throughput keeps 64 runs (or 64 asks, each with a command id like the asks of "
-        "`ctx.ask`) in flight; a run counts when the last one has finished. A step's time is "
+        "`ctx.ask`) in flight; a run counts when the last one has finished. Runs and bare "
+        "asks ask the same 3,000 counters, in memory in their hosts (recovered before either "
+        "is timed); each run's own entity is new, as a run's always is. A step's time is "
         "`await ctx.ask(...)` in the workflow's code (the entity's ask, and the step's record "
         "when it waits for it: an applied ask's record goes with the run's next record or its "
         "end), one run at a time, against a bare ask one at a time. The host kill kills every "

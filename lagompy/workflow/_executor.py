@@ -780,7 +780,9 @@ class WorkflowExecutor:
                 del self.drivers[driver.run_id]
             self._admitting.pop(driver.run_id, None)
 
-    def _drop(self, tag: str, why: str = "lease lost") -> list[asyncio.Task[Any]]:
+    def _drop(
+        self, tag: str, why: str = "lease lost", level: int = logging.WARNING
+    ) -> list[asyncio.Task[Any]]:
         """Stop driving the runs of ``tag`` (its lease is gone, or going): no compensation.
         Returns the drivers' tasks, cancelled."""
         part = self.partitions[tag]
@@ -793,7 +795,6 @@ class WorkflowExecutor:
                 tasks.append(driver.task)
             del self.drivers[driver.run_id]
         if dropped:
-            level = logging.WARNING if why == "lease lost" else logging.INFO
             log.log(
                 level, "workflow partition %s: %s, stopped driving %d runs", tag, why, len(dropped)
             )
@@ -802,7 +803,7 @@ class WorkflowExecutor:
     async def handing_over(self, tag: str) -> None:
         """The partition goes to another executor (its target member): the runs driven here
         stop before its lease is released, so the next owner replays them alone."""
-        tasks = self._drop(tag, "handed over")
+        tasks = self._drop(tag, "handed over", logging.INFO)
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch(self) -> None:
