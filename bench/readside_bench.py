@@ -82,6 +82,36 @@ class FastLagProbe(FastUsersProjection):
 LAG_PROBES = {"simple": SimpleLagProbe, "set-based": FastLagProbe}
 
 
+class TextUsersProjection(UsersProjection):
+    """The users projection written as docs/readside.md's first example writes its handler:
+    ``conn.execute(text(...), {...})`` with the SQL in the handler, a ``text()`` built for each
+    event."""
+
+    name = "users-text"
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        match envelope.event:
+            case UserRegistered(name=name, email=email):
+                await conn.execute(
+                    text(
+                        "INSERT INTO users (user_id, name, email, active, updated_offset) "
+                        "VALUES (:id, :name, :email, true, :offset) ON CONFLICT (user_id) DO "
+                        "UPDATE SET name = excluded.name, email = excluded.email, "
+                        "active = excluded.active, updated_offset = excluded.updated_offset"
+                    ),
+                    {"id": envelope.entity_id, "name": name, "email": email,
+                     "offset": envelope.offset},
+                )  # fmt: skip
+            case NameChanged(name=name):
+                await conn.execute(
+                    text(
+                        "UPDATE users SET name = :name, updated_offset = :offset "
+                        "WHERE user_id = :id"
+                    ),
+                    {"id": envelope.entity_id, "name": name, "offset": envelope.offset},
+                )  # fmt: skip
+
+
 async def notify_visible(conn: AsyncConnection, offset: int) -> None:
     await conn.execute(text("SELECT pg_notify(:c, :o)"), {"c": CHANNEL, "o": str(offset)})
 
@@ -313,8 +343,9 @@ def first_marker(way: str) -> int:
 
 RUNS_HEADER = (
     "| run | CPU reference ms | PostgreSQL simple /s | raw asyncpg /s | simple / raw "
-    "| set-based /s | SQLite simple /s | raw aiosqlite /s | simple / raw |\n"
-    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    "| set-based /s | text() /s (/ raw) | SQLite simple /s | raw aiosqlite /s | simple / raw "
+    "| text() /s (/ raw) |\n"
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 )
 
 
@@ -342,20 +373,30 @@ async def floors(
         for i, r in enumerate(results):
             r["cpu_ms"] = cpu_reference()
             r["pg_raw"] = await raw_executemany(schema, work, f"users_raw{i}")
-            for way, processor in (("simple", UsersProjection), ("set-based", FastUsersProjection)):
+            ways = (
+                ("simple", UsersProjection),
+                ("set-based", FastUsersProjection),
+                ("text", TextUsersProjection),
+            )
+            for way, processor in ways:
                 r[f"pg_{way}"], renamed = await rebuild(settings, processor)
                 assert renamed == events // 2, (way, renamed)
             r["sqlite_raw"] = await raw_executemany_sqlite(Path(tmp) / f"raw{i}.db", sqlite_work)
-            r["sqlite_simple"], renamed = await rebuild(sqlite_settings, UsersProjection)
-            assert renamed == events // 2, renamed
+            for way, processor in (("simple", UsersProjection), ("text", TextUsersProjection)):
+                r[f"sqlite_{way}"], renamed = await rebuild(sqlite_settings, processor)
+                assert renamed == events // 2, renamed
             r["pg_ratio"] = r["pg_simple"] / r["pg_raw"]
             r["sqlite_ratio"] = r["sqlite_simple"] / r["sqlite_raw"]
+            r["pg_text_ratio"] = r["pg_text"] / r["pg_raw"]
+            r["sqlite_text_ratio"] = r["sqlite_text"] / r["sqlite_raw"]
             print(
                 f"run {i + 1}/{runs}: CPU reference {r['cpu_ms']:.1f} ms | PostgreSQL: rebuild "
                 f"simple {r['pg_simple']:,.0f}/s, set-based {r['pg_set-based']:,.0f}/s, raw "
                 f"asyncpg executemany {r['pg_raw']:,.0f}/s, simple/raw {r['pg_ratio']:.2f} | "
+                f"text() {r['pg_text']:,.0f}/s ({r['pg_text_ratio']:.2f}) | "
                 f"SQLite: rebuild simple {r['sqlite_simple']:,.0f}/s, raw aiosqlite executemany "
-                f"{r['sqlite_raw']:,.0f}/s, simple/raw {r['sqlite_ratio']:.2f}",
+                f"{r['sqlite_raw']:,.0f}/s, simple/raw {r['sqlite_ratio']:.2f}, text() "
+                f"{r['sqlite_text']:,.0f}/s ({r['sqlite_text_ratio']:.2f})",
                 flush=True,
             )
     return read_rate, results
@@ -402,8 +443,10 @@ async def main(quick: bool, write: bool, runs: int) -> None:
     }
     run_rows = "\n".join(
         f"| {i + 1} | {r['cpu_ms']:.1f} | {r['pg_simple']:,.0f} | {r['pg_raw']:,.0f} "
-        f"| **{r['pg_ratio']:.2f}** | {r['pg_set-based']:,.0f} | {r['sqlite_simple']:,.0f} "
-        f"| {r['sqlite_raw']:,.0f} | **{r['sqlite_ratio']:.2f}** |"
+        f"| **{r['pg_ratio']:.2f}** | {r['pg_set-based']:,.0f} "
+        f"| {r['pg_text']:,.0f} ({r['pg_text_ratio']:.2f}) | {r['sqlite_simple']:,.0f} "
+        f"| {r['sqlite_raw']:,.0f} | **{r['sqlite_ratio']:.2f}** "
+        f"| {r['sqlite_text']:,.0f} ({r['sqlite_text_ratio']:.2f}) |"
         for i, r in enumerate(results)
     )
     lag_rows = "\n".join(
@@ -432,11 +475,13 @@ a transaction runs), written both ways the docs teach: **simple**, `handle` with
 Core statement per event (`examples/user_service/projection.py`, the
 [tutorial](tutorial.md)'s), and **set-based**, `handle_batch` with one executemany per run of
 one event type, driver SQL on PostgreSQL (`examples/user_service/fast_projection.py`, the
-[how-to](howto/fast-projections.md)'s). Baselines, in the same run: raw executemany of the same
-projection rows, precomputed as plain tuples, {BATCH} per transaction (asyncpg on PostgreSQL;
-aiosqlite on SQLite, WAL and synchronous=FULL as the journal); the decoded events they were
-computed from are not kept alive during the rebuilds (no projection process holds the journal
-decoded in memory; kept, they made every full pass of the rebuild's collector walk them).
+[how-to](howto/fast-projections.md)'s); and **text()**, the simple way with the SQL in the
+handler as `text(...)` built for each event, as [Read sides](readside.md)' first example
+writes it (`TextUsersProjection` in the bench). Baselines, in the same run: raw executemany
+of the same projection rows, precomputed as plain tuples, {BATCH} per transaction (asyncpg on
+PostgreSQL; aiosqlite on SQLite, WAL and synchronous=FULL as the journal); the decoded events
+they were computed from are not kept alive during the rebuilds (no projection process holds the
+journal decoded in memory; kept, they made every full pass of the rebuild's collector walk them).
 Reading and decoding the events alone (`read_pages`, pages of {BATCH}, PostgreSQL):
 {read_rate:,.0f} events/s.
 
