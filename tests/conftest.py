@@ -115,6 +115,18 @@ async def journal_settings(backend: str, tmp_path: Path) -> AsyncIterator[Journa
         await _drop_schema(name)
 
 
+@pytest.fixture(scope="session")
+def mypy_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache directory for the session's strict checks of users' code
+    (tests/test_settings_typing.py): pytest's cache when it is on (kept between runs), else a
+    temporary directory of the session (with ``-p no:cacheprovider``). Incremental mypy rechecks
+    what changed, so a warm cache changes the time of a check, never its errors."""
+    cached = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    if cached is not None:
+        return Path(cached.mkdir("mypy-strict"))
+    return tmp_path_factory.mktemp("mypy-strict")
+
+
 # --------------------------------------------------------------------------- Ray
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

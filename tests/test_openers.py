@@ -165,9 +165,7 @@ async def test_an_opening_runs_its_opener_once_and_enters_what_it_opened() -> No
     assert log == []
 
 
-def test_both_forms_type_check_in_strict_user_code(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
+def test_both_forms_type_check_in_strict_user_code(tmp_path: Path, mypy_cache: Path) -> None:
     source = """\
 from __future__ import annotations
 
@@ -199,4 +197,4 @@ async def main() -> None:
     bad: Storage = await start_in_process(entities=[])  # type: ignore[assignment]
     print(bad)
 """
-    assert strict_mypy_errors(source, tmp_path, request) == []
+    assert strict_mypy_errors(source, tmp_path, mypy_cache) == []
