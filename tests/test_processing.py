@@ -4,6 +4,7 @@ EntityProcessor and the in-process runtime, on both journal backends."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -20,10 +21,12 @@ from lagompy import (
     PersistentEntity,
     Storage,
     open_storage,
+    sharded_tag,
     start_in_process,
 )
 from lagompy.errors import AskTimeout, DuplicateCommandId, EncodeError, EventsMissing, Overloaded
 from lagompy.journal import AtomicWrite, EventEnvelope, Journal, Replayed, WriteResult
+from lagompy.journal._model import atomic_write, write_result
 from lagompy.runtime._processing import EntityProcessor, Request, recover
 
 # --------------------------------------------------------------------------- a counter entity
@@ -548,3 +551,71 @@ async def test_recovery_never_takes_a_concurrent_write_for_deleted_events(
         assert processor.stats()["conflicts"] == 1
         events = await ents.storage.journal.events(entity.type_name, "z")
         assert [e.seq_nr for e in events] == list(range(1, before + 4))
+
+
+# ------------------------------------------------------------------ tags, hot-path values
+
+
+class TaggedCounter(CounterEntity):
+    """The counter with a sharded tag: every event carries its entity's shard of the tag."""
+
+    type_name = "tagged-counter"
+    tag = sharded_tag("tagged-counter", shards=4)
+
+
+class EventTaggedCounter(CounterEntity):
+    """The counter with its own ``tags_for``: the tags depend on the event."""
+
+    type_name = "event-tagged-counter"
+
+    def tags_for(self, event: Changed) -> tuple[str, ...]:
+        return ("up",) if event.by > 0 else ("down", "changes")
+
+
+async def test_events_carry_their_entitys_tags_whichever_way_they_are_given(
+    journal_settings: JournalSettings,
+) -> None:
+    classes = [CounterEntity, TaggedCounter, EventTaggedCounter]
+    async with await open_storage(settings=journal_settings, entities=classes) as s:
+        processor = EntityProcessor(classes, s.journal, s.snapshots)
+        requests = [
+            Request(cls.type_name, "t", command)
+            for cls in classes
+            for command in (Increment(2), Decrement(), Increment(1))
+        ]
+        results = await processor.process(requests)
+        assert [r.reply for r in results] == [2, 1, 2] * 3
+        shard = TaggedCounter.tag.for_entity("t")
+        expected = {
+            CounterEntity: [(), (), ()],
+            TaggedCounter: [(shard,)] * 3,
+            EventTaggedCounter: [("up",), ("down", "changes"), ("up",)],
+        }
+        for cls, tags in expected.items():
+            events = await s.journal.events(cls.type_name, "t")
+            assert [e.tags for e in events] == tags, cls.type_name
+        by_tag = await s.journal.read_tag(shard, after_offset=0)
+        assert [e.entity_type for e in by_tag.envelopes] == ["tagged-counter"] * 3
+        down = await s.journal.read_tag("changes", after_offset=0)
+        assert [(e.entity_type, e.seq_nr) for e in down.envelopes] == [("event-tagged-counter", 2)]
+
+
+def test_journal_values_built_on_the_hot_path_equal_their_constructors() -> None:
+    events = [Changed(1), Changed(2)]
+    replies = [("cmd-1", 2, b"\x01")]
+    fast = atomic_write("counter", "c", 3, events, [("a",), ()], replies)
+    slow = AtomicWrite("counter", "c", 3, events, [("a",), ()], None, replies)
+    assert fast == slow and repr(fast) == repr(slow) and hash(fast.key) == hash(slow.key)
+    assert dataclasses.replace(fast, expected_seq_nr=4) == dataclasses.replace(
+        slow, expected_seq_nr=4
+    )
+    assert set(vars(fast)) == {f.name for f in dataclasses.fields(AtomicWrite)}
+    result = write_result(fast, (7, 8), 1_000_000)
+    assert result == WriteResult(slow, (7, 8), 1_000_000) and result.ok and result.error is None
+    assert set(vars(result)) == {f.name for f in dataclasses.fields(WriteResult)}
+    assert [(e.seq_nr, e.offset, e.tags) for e in result.unwrap()] == [
+        (4, 7, ("a",)),
+        (5, 8, ()),
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.entity_id = "d"  # type: ignore[misc]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lagompy.errors import ConcurrencyConflict, DuplicateCommandId
-from lagompy.journal._model import AtomicWrite, WriteResult
+from lagompy.journal._model import AtomicWrite, WriteResult, write_result
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -40,7 +40,7 @@ EVENT_COLUMNS = (
 REPLY_COLUMNS = ("entity_type", "entity_id", "command_id", "seq_nr", "payload")
 
 
-@dataclass
+@dataclass(slots=True)
 class EncodedWrite:
     """An :class:`AtomicWrite` encoded for the database: its event rows (in the order of
     :data:`EVENT_COLUMNS`, between ``global_offset`` and ``written_at_us``), each event's tags
@@ -128,7 +128,7 @@ def check_expected(
     accepted: Batch = []
     for i, enc in encoded:
         w = enc.write
-        actual = highest.get(w.key, 0)
+        actual = highest.get((w.entity_type, w.entity_id), 0)
         if actual != w.expected_seq_nr:
             results[i] = WriteResult(
                 w,
@@ -171,10 +171,10 @@ def record_offsets(
     pos = 0
     for i, enc in accepted:
         n = len(enc.rows)
-        mine = tuple(offsets[pos : pos + n])
+        mine = (offsets[pos],) if n == 1 else tuple(offsets[pos : pos + n])
         pos += n
         for event_tags, offset in zip(enc.tags, mine, strict=True):
             for t in event_tags:
                 tag_rows.append((t, offset))
-        results[i] = WriteResult(enc.write, offsets=mine, written_at_us=written_at)
+        results[i] = write_result(enc.write, mine, written_at)
     return tag_rows

@@ -420,9 +420,11 @@ class Journal:
             ) from e
         rows: list[tuple[Any, ...]] = []
         tags: list[tuple[str, ...]] = []
+        tagged = bool(w.tags)
+        first = w.expected_seq_nr + 1
         for n, evt in enumerate(w.events):
             type_name, version, payload = self.serializer.encode(evt)
-            these_tags = event_tags(w, n)
+            these_tags = event_tags(w, n) if tagged else ()
             tags.append(these_tags)
             try:
                 packed_tags = _packed_tags(these_tags) if these_tags else None
@@ -435,9 +437,9 @@ class Journal:
             # In the order of EVENT_COLUMNS (_backend.py), between global_offset and written_at_us.
             rows.append(
                 (
-                    w.entity_type,
-                    w.entity_id,
-                    w.expected_seq_nr + 1 + n,
+                    entity_type,
+                    entity_id,
+                    first + n,
                     type_name,
                     version,
                     payload,
@@ -446,7 +448,7 @@ class Journal:
                 )
             )
         replies = [
-            (w.entity_type, w.entity_id, command_id, seq_nr, payload)
+            (entity_type, entity_id, command_id, seq_nr, payload)
             for command_id, seq_nr, payload in w.replies
         ]
         return EncodedWrite(w, rows, tags, replies)

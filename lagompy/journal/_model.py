@@ -110,6 +110,47 @@ class WriteResult:
         return self.envelopes
 
 
+#: The two values below are made once or twice per command by a shard host. A frozen
+#: dataclass's ``__init__`` sets each field through ``object.__setattr__``: measured
+#: 2026-12-05 (CPU reference 21-28 ms, a loaded machine), an ``AtomicWrite`` of six keyword
+#: arguments took 5.2 us and a ``WriteResult`` 3.1 us, against 1.1 and 1.0 us when the fields
+#: go straight into the instance's ``__dict__``, as below. The result is the same value (same
+#: fields, ``==``, ``repr``, ``dataclasses.replace``): ``tests/test_journal_model.py`` checks it
+#: against the constructors.
+_new = object.__new__
+
+
+def atomic_write(
+    entity_type: str,
+    entity_id: str,
+    expected_seq_nr: int,
+    events: Sequence[Any],
+    tags: Sequence[Sequence[str]],
+    replies: Sequence[tuple[str, int, bytes]],
+) -> AtomicWrite:
+    """``AtomicWrite(entity_type, entity_id, expected_seq_nr, events, tags, None, replies)``,
+    built without the frozen ``__init__`` (the shard host's hot path; see above)."""
+    w: AtomicWrite = _new(AtomicWrite)
+    w.__dict__.update(
+        entity_type=entity_type,
+        entity_id=entity_id,
+        expected_seq_nr=expected_seq_nr,
+        events=events,
+        tags=tags,
+        metadata=None,
+        replies=replies,
+    )
+    return w
+
+
+def write_result(write: AtomicWrite, offsets: tuple[int, ...], written_at_us: int) -> WriteResult:
+    """``WriteResult(write, offsets, written_at_us)`` (a committed write), built without the
+    frozen ``__init__`` (the journal's hot path; see above)."""
+    r: WriteResult = _new(WriteResult)
+    r.__dict__.update(write=write, offsets=offsets, written_at_us=written_at_us, error=None)
+    return r
+
+
 def event_tags(w: AtomicWrite, n: int) -> tuple[str, ...]:
     """The tags of the write's n-th event, each once, in the order given."""
     if not w.tags:

@@ -69,6 +69,7 @@ from lagompy.journal._journal import (
     check_command_id,
     check_entity_id,
 )
+from lagompy.journal._model import atomic_write
 from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
 from lagompy.runtime._loading import EntityClass
 
@@ -501,6 +502,8 @@ class EntityProcessor:
         #: starting and ending a batch costs nothing per entity
         self._in_use: list[Mapping[tuple[str, str], Any]] = []
         self._reply_types: dict[type, Any] = {}
+        #: per entity class: whether it keeps the default ``tags_for`` (see ``_tags``)
+        self._default_tags: dict[type, bool] = {}
         self._stats: Counter[str] = Counter()
         #: Keep the snapshots a batch makes due for :meth:`save_due_snapshots` instead of
         #: saving them before :meth:`process` returns (the shard host saves them after it
@@ -586,6 +589,20 @@ class EntityProcessor:
     def evict(self, entity_type: str, entity_id: str) -> None:
         """Drop the entity from memory (it is recovered from the journal when next used)."""
         self.live.pop((entity_type, entity_id), None)
+
+    def _tags(
+        self, entity: PersistentEntity[Any, Any, Any], events: list[Any]
+    ) -> Sequence[tuple[str, ...]]:
+        """The tags of an entity's events: one tuple per event, or none at all when the entity
+        tags nothing (no ``tag`` and the default ``tags_for``, which tags by entity alone)."""
+        cls = type(entity)
+        default = self._default_tags.get(cls)
+        if default is None:
+            default = self._default_tags[cls] = cls.tags_for is PersistentEntity.tags_for
+        if not default:
+            return [entity.tags_for(evt) for evt in events]
+        tags = entity.tags_for(events[0])
+        return [tags] * len(events) if tags else ()
 
     def _reply_type(self, command: Any) -> Any:
         cls = type(command)
@@ -925,13 +942,8 @@ class EntityProcessor:
             if events:
                 batches[key] = _EntityBatch(live, pending)
                 writes.append(
-                    AtomicWrite(
-                        entity_type=key[0],
-                        entity_id=key[1],
-                        expected_seq_nr=live.seq_nr,
-                        events=events,
-                        tags=[entity.tags_for(evt) for evt in events],
-                        replies=replies,
+                    atomic_write(
+                        key[0], key[1], live.seq_nr, events, self._tags(entity, events), replies
                     )
                 )
                 write_keys.append(key)

@@ -137,14 +137,7 @@ class EntityRef(Generic[C]):
         # A generated id cannot have been seen before: only a caller's id is looked up.
         given = command_id is not None
         cid = check_command_id(command_id) if given else _command_ids.next()
-        request = Request(
-            self.entity_type,
-            self.entity_id,
-            command,
-            command_id=cid,
-            check_duplicate=given,
-            receipt=receipt,
-        )
+        request = Request(self.entity_type, self.entity_id, command, cid, given, receipt)
         return self._submit_request(request), cid
 
     async def ask(

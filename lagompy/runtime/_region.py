@@ -64,7 +64,7 @@ class HostLink(Protocol):
         ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Ask:
     request: Request
     future: asyncio.Future[Any]
@@ -170,8 +170,9 @@ class Region:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        host = host_of(request.entity_id, self.shards, len(self.links))
-        self._queues[host].append(_Ask(request, future, time.perf_counter()))
+        queues = self._queues
+        host = host_of(request.entity_id, self.shards, len(queues)) if len(queues) > 1 else 0
+        queues[host].append(_Ask(request, future, time.perf_counter()))
         self._outstanding += 1
         self.counters["asks"] += 1
         if not self._flush_scheduled:
