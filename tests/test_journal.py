@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from collections.abc import AsyncIterator
 
@@ -237,3 +238,42 @@ async def test_a_write_the_database_refuses_fails_alone_and_the_others_commit(
         [write("u0", events_per_write, reg("u0")), write("poison-a", 0, reg("p"))]
     )
     assert again[0].ok and isinstance(again[1].error, WriteRefused)
+
+
+# --------------------------------------------------------------------------- command replies
+
+
+async def test_replies_that_cannot_belong_to_their_write_are_refused_before_any_write(
+    storage: Storage,
+) -> None:
+    """One reply per write is the usual case, checked on a short path; every refusal of the
+    long one holds there too, and nothing of the batch is written."""
+    journal = storage.journal
+
+    def with_reply(uid: str, reply: object) -> AtomicWrite:
+        return AtomicWrite("user", uid, 0, [reg(uid)], replies=[reply])  # type: ignore[list-item]
+
+    refused = {
+        "a command id": ("", 1, b"\xc0"),
+        "NUL": ("c\x00", 1, b"\xc0"),
+        "seq_nr 2": ("c", 2, b"\xc0"),
+        "seq_nr 0": ("c", 0, b"\xc0"),
+        "seq_nr '1'": ("c", "1", b"\xc0"),
+        "must be encoded bytes": ("c", 1, "text"),
+    }
+    for why, reply in refused.items():
+        with pytest.raises(ValueError, match=re.escape(why)):
+            await journal.append([write("ok", 0, reg("ok")), with_reply("bad", reply)])
+    two = AtomicWrite("user", "two", 0, [reg("two")] * 2, replies=[("c", 1, b"1"), ("c", 2, b"2")])
+    with pytest.raises(ValueError, match="two replies for command id 'c'"):
+        await journal.append([two])
+    assert await journal.events("user", "ok") == []
+
+    class Id(str):
+        pass
+
+    # A str subclass is a command id; a reply of a later event of the write belongs to it.
+    (result,) = await journal.append([with_reply("sub", (Id("c-1"), 1, b"\xc0"))])
+    assert result.ok
+    stored = await journal.stored_replies([("user", "sub", "c-1")])
+    assert stored == {("user", "sub", "c-1"): b"\xc0"}

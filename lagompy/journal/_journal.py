@@ -243,9 +243,23 @@ def check_command_id(command_id: object) -> str:
 def _check_replies(w: AtomicWrite) -> None:
     """Refuse replies that cannot belong to the write (ValueError, before anything is written)."""
     first, last = w.expected_seq_nr + 1, w.expected_seq_nr + len(w.events)
+    replies = w.replies
+    if len(replies) == 1:
+        # The usual case (one command per entity and batch), in a few C calls.
+        command_id, seq_nr, payload = replies[0]
+        if (
+            command_id.__class__ is str
+            and 0 < len(command_id) <= MAX_ID_LENGTH
+            and "\x00" not in command_id
+            and command_id.isascii()
+            and seq_nr.__class__ is int
+            and first <= seq_nr <= last
+            and payload.__class__ is bytes
+        ):
+            return
     where = f"write for {w.entity_type}/{w.entity_id}"
     seen: set[str] = set()
-    for command_id, seq_nr, payload in w.replies:
+    for command_id, seq_nr, payload in replies:
         try:
             check_command_id(command_id)
         except ValueError as e:
