@@ -79,6 +79,22 @@ async def drive(
     return {"rate": total / elapsed, "elapsed": elapsed, "latencies": latencies}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(host_pids: list[int]) -> tuple[float, float]:
+    """CPU seconds so far of this (the driver) process and of the shard hosts together: what
+    a command costs each side, whatever else shares the machine's cores."""
+    return time.process_time(), sum(_cpu_seconds(pid) for pid in host_pids)
+
+
 def _busy(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
     """Seconds the hosts spent processing batches (the busiest host)."""
     busiest: float = max(
@@ -185,6 +201,7 @@ async def run_configs(
                 for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
                     entities = apps[label]
                     before = await entities.host_stats()
+                    cpu_before = _cpu([h["pid"] for h in before])
                     run = await drive(
                         entities,
                         Increment(),
@@ -193,7 +210,10 @@ async def run_configs(
                         seed=outstanding * 100 + r,
                         prefix=f"{label}-e",
                     )
+                    cpu_after = _cpu([h["pid"] for h in before])
                     after = await entities.host_stats()
+                    run["driver_cpu"] = cpu_after[0] - cpu_before[0]
+                    run["host_cpu"] = cpu_after[1] - cpu_before[1]
                     run["batches"] = sum(
                         a["batches"] - b["batches"] for a, b in zip(after, before, strict=True)
                     )
@@ -208,6 +228,9 @@ async def run_configs(
                     **_pcts([x for d in done for x in d["latencies"]]),
                     "batch": total / max(1, sum(d["batches"] for d in done)),
                     "busy": sum(d["busy"] for d in done) / elapsed,
+                    # CPU microseconds per command, summed over the rounds.
+                    "driver_us": sum(d["driver_cpu"] for d in done) / total * 1e6,
+                    "host_us": sum(d["host_cpu"] for d in done) / total * 1e6,
                     "asks": total,
                 }
                 out[label][outstanding] = level
@@ -215,7 +238,8 @@ async def run_configs(
                     f"{name}, hosts {label} ({counts[label]}), {outstanding:>5} outstanding: "
                     f"{level['rate']:,.0f} commands/s p50 {level['p50']:.2f} ms p99 "
                     f"{level['p99']:.2f} ms, mean batch {level['batch']:.0f}, host busy "
-                    f"{level['busy']:.0%}"
+                    f"{level['busy']:.0%}, CPU per command: driver {level['driver_us']:.1f} us, "
+                    f"host(s) {level['host_us']:.1f} us"
                 )
     finally:
         for entities in apps.values():
@@ -572,7 +596,9 @@ def render(runs: list[dict[str, Any]], summary: dict[str, Any], count: int, host
         "here), the load generator in the driver process, the database on the same 2-core",
         "machine. Each ask persists one event and stores its reply under its command id. *Host",
         "busy* is the share of the run the busiest shard host spent inside",
-        "`EntityProcessor.process`.",
+        "`EntityProcessor.process`; *CPU per command* is the CPU time (user + system) the driver",
+        "process (load generator, region client, Ray's calls) and the shard hosts together spent",
+        "per ask: less sensitive than the rates to other work on the machine's shared cores.",
         "",
         "### Floors, every run",
         "",
@@ -634,8 +660,8 @@ def render(runs: list[dict[str, Any]], summary: dict[str, Any], count: int, host
         f"### Every measurement of run {count}",
         "",
         "| backend | hosts | outstanding asks | asks | commands/s | p50 ms | p99 ms "
-        "| mean batch | host busy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mean batch | host busy | CPU us per command: driver / host(s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for backend, r in results.items():
         for label, levels in r["runs"].items():
@@ -644,7 +670,8 @@ def render(runs: list[dict[str, Any]], summary: dict[str, Any], count: int, host
                 lines.append(
                     f"| {backend} | {shown} | {outstanding:,} | {run['asks']:,.0f} "
                     f"| {run['rate']:,.0f} | {run['p50']:.2f} | {run['p99']:.2f} "
-                    f"| {run['batch']:.0f} | {run['busy']:.0%} |"
+                    f"| {run['batch']:.0f} | {run['busy']:.0%} "
+                    f"| {run['driver_us']:.1f} / {run['host_us']:.1f} |"
                 )
     lines += [
         "",
