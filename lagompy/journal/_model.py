@@ -115,7 +115,7 @@ class WriteResult:
 #: 2026-12-05 (CPU reference 21-28 ms, a loaded machine), an ``AtomicWrite`` of six keyword
 #: arguments took 5.2 us and a ``WriteResult`` 3.1 us, against 1.1 and 1.0 us when the fields
 #: go straight into the instance's ``__dict__``, as below. The result is the same value (same
-#: fields, ``==``, ``repr``, ``dataclasses.replace``): ``tests/test_journal_model.py`` checks it
+#: fields, ``==``, ``repr``, ``dataclasses.replace``): ``tests/test_processing.py`` checks it
 #: against the constructors.
 _new = object.__new__
 
