@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import POSTGRES_URL
+from sqlalchemy import text
 
 from examples.user_service.entity import NameChanged, UserEntity, UserRegistered
 from lagompy import (
@@ -30,7 +31,15 @@ from lagompy import (
     Storage,
     open_storage,
 )
-from lagompy.journal import EventTailer, Journal, JournalNotifier, TailSettings, read_pages, tail
+from lagompy.journal import (
+    EventTailer,
+    Journal,
+    JournalNotifier,
+    TailSettings,
+    WakeReason,
+    read_pages,
+    tail,
+)
 from lagompy.journal._tailing import SqliteWatcher, _listen_connect_args, _notifiers
 from lagompy.sql import Database
 
@@ -456,6 +465,71 @@ async def test_the_sqlite_watch_wakes_tailers_within_milliseconds_and_can_be_off
             await c.until(1, timeout=2.0)
             assert polling.notify_wakeups == 0  # found by its poll
             await c.stop()
+
+
+async def test_the_sqlite_watch_wakes_tailers_for_new_events_not_for_other_writes(
+    tmp_path: Path,
+) -> None:
+    """Lease renewals, membership heartbeats and projections write the same file as the
+    journal: the watch sees the file change, finds the journal's highest offset where it was,
+    and wakes nobody (each wake-up is a query per tailer); a new event still wakes them at
+    once."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    async with await open_storage(url, entities=[UserEntity]) as storage:
+        db = storage.journal.database
+        async with db.write() as conn:
+            await conn.execute(text("CREATE TABLE other_rows (n INTEGER)"))
+        first = tail(storage.journal, poll_interval=NEVER)
+        second = tail(storage.journal, poll_interval=NEVER)
+        async with first, second:
+            c, d = Collector(first), Collector(second)
+            await c.idle()
+            await d.idle()
+            watcher = first.notifier
+            assert isinstance(watcher, SqliteWatcher)
+            pages, woken = first.pages_read + second.pages_read, watcher.notifications
+            for n in range(10):
+                async with db.write() as conn:
+                    await conn.execute(text("INSERT INTO other_rows VALUES (:n)"), {"n": n})
+                await asyncio.sleep(0.03)  # a few looks of the watch apart
+            await asyncio.sleep(0.3)  # longer than it keeps looking after a change
+            assert watcher.other_writes >= 5  # it saw the file change...
+            assert watcher.notifications == woken  # ... and woke nobody
+            assert first.pages_read + second.pages_read == pages
+            assert first.notify_wakeups == second.notify_wakeups == 0
+            started = time.monotonic()
+            await append_batch(storage.journal, [user_write("e", 1, ())])
+            await c.until(1, timeout=2.0)
+            await d.until(1, timeout=2.0)
+            assert c.arrived[0] - started < 1.0 and d.arrived[0] - started < 1.0
+            assert first.notify_wakeups == second.notify_wakeups == 1
+            await c.stop()
+            await d.stop()
+
+
+async def test_the_sqlite_watch_wakes_on_any_write_where_it_cannot_read_a_journal(
+    tmp_path: Path,
+) -> None:
+    """A file with no journal in it (yet): the highest offset cannot be read, so every change
+    of the file wakes the subscribers, as a change of the journal would."""
+    db = Database.create(JournalSettings(url=f"sqlite:///{tmp_path / 'bare.db'}"))
+    try:
+        async with db.write() as conn:
+            await conn.execute(text("CREATE TABLE other_rows (n INTEGER)"))
+        watcher = await SqliteWatcher.acquire_file(db)
+        woken: list[WakeReason] = []
+        subscription = watcher.subscribe(woken.append)
+        try:
+            await asyncio.sleep(0.05)
+            async with db.write() as conn:
+                await conn.execute(text("INSERT INTO other_rows VALUES (1)"))
+            await eventually(lambda: bool(woken), 2.0, "the watch wakes its subscriber")
+            assert woken[0] is WakeReason.NOTIFICATION and watcher.other_writes == 0
+        finally:
+            subscription.close()
+            await watcher.release()
+    finally:
+        await db.dispose()
 
 
 # --------------------------------------------------------------------------- PostgreSQL LISTEN

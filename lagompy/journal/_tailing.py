@@ -20,8 +20,9 @@ How a tailer learns that there is something new::
             │ (delivered at commit)                          │ (the -wal file changes)
             ▼                                                ▼
     JournalNotifier: ONE raw asyncpg connection     SqliteWatcher: ONE task per process and
-    per process and database, LISTEN lagompy_events file, a stat of the -wal file every 5 ms
-            │ fan-out: wake every subscribed tailer          │ the same fan-out
+    per process and database, LISTEN lagompy_events file, a stat of the -wal file every 5 ms;
+                                                    on a change, the journal's highest offset
+            │ fan-out: wake every subscribed tailer          │ if it moved: the same fan-out
             ▼                                                ▼
     PageTailer: re-query after its offset           PageTailer: re-query after its offset
     (and every listen_poll_interval: a safety net)  (the same safety net)
@@ -44,6 +45,8 @@ import contextlib
 import enum
 import logging
 import os
+import pathlib
+import sqlite3
 import time
 import weakref
 from collections import deque
@@ -58,6 +61,7 @@ from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal, TagPage
 from lagompy.settings import LagompySettings
+from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 
 log = logging.getLogger("lagompy.tailing")
@@ -126,8 +130,9 @@ class TailSettings(LagompySettings):
         ge=0,
         description=(
             "On SQLite, seconds between looks at the journal's write-ahead log (one stat of "
-            "its file): a change wakes this process's tailers at once, where they would wait "
-            "for their poll_interval. 0 turns it off (tailers only poll)."
+            "its file): a change that brought new events (the journal's highest offset "
+            "moved) wakes this process's tailers at once, where they would wait for their "
+            "poll_interval. 0 turns it off (tailers only poll)."
         ),
     )
     listen_timeout: float = Field(
@@ -592,19 +597,27 @@ def _page_reader(
 
 
 class SqliteWatcher(JournalNotifier):
-    """Wakes this process's tailers of a SQLite journal when its write-ahead log changes.
+    """Wakes this process's tailers of a SQLite journal when events are committed to it.
 
     SQLite has no NOTIFY: a tailer would wait up to its ``poll_interval`` (50 ms) to see a
     commit. Every ``sqlite_watch_interval`` seconds (5 ms; 4 times less often after a second
-    without a change) one background task of the process looks at the ``-wal`` file beside the
-    database (one ``stat``: its inode, size and modification time; no query, no lock); when
-    that changed, a writer in any process committed
-    (or a checkpoint reset the log) and every subscribed tailer is woken to query, and once
-    more a clock tick later (a second commit within the tick after a reset of the log leaves
-    the file's state as it was). While it runs it is :attr:`connected`: the tailers' safety-net
+    without a new event) one background task of the process looks at the ``-wal`` file beside
+    the database (one ``stat``: its inode, size and modification time; no query, no lock). A
+    change means that a writer in some process wrote *something* to the file: events, or a
+    lease renewal, a membership heartbeat, a projection's rows... So the task then reads the
+    journal's highest offset (:class:`_JournalHead`: one indexed query on a connection of its
+    own, microseconds) and wakes every subscribed tailer only when that moved. It keeps reading
+    it at every look for ``_WATCH_SETTLE`` seconds after the change: a commit becomes visible
+    only after its last write to the log (and, with ``synchronous=FULL``, its fsync), and a
+    second commit within the same clock tick, after a checkpoint reset the log, leaves the
+    file's state as it was. While it runs it is :attr:`connected`: the tailers' safety-net
     query comes every ``listen_poll_interval`` (2 s), as with a healthy LISTEN connection.
     Get it with :meth:`acquire_file`; it shares :class:`JournalNotifier`'s reference counting,
-    subscriptions and shutdown."""
+    subscriptions and shutdown.
+
+    Attributes for metrics: :attr:`notifications` (wake-ups sent), :attr:`looks` (file
+    changes and settling looks that read the head), :attr:`other_writes` (file changes with no
+    new event: wake-ups spared)."""
 
     @classmethod
     async def acquire_file(
@@ -625,19 +638,21 @@ class SqliteWatcher(JournalNotifier):
     def __init__(self, path: str, *, key: str, description: str, settings: TailSettings) -> None:
         super().__init__(key=key, description=description, connect_args={}, settings=settings)
         self._path = path
+        #: Reads of the journal's highest offset.
+        self.looks = 0
+        #: Changes of the file after which the journal's highest offset had not moved.
+        self.other_writes = 0
 
     async def _run(self) -> None:
         # The look costs ~2.5% of a core at 5 ms (measured on the 2-core machine, loaded):
-        # after a second without a change it comes 4 times less often, until the next one.
+        # after a second without a new event it comes 4 times less often, until the next one.
         busy = self.settings.sqlite_watch_interval
         wal = self._path + "-wal"
+        head = _JournalHead(self._path)
         last = _file_state(wal)
+        top = head.read()
         changed = time.monotonic()
-        # A commit in the same clock tick as the change just seen, after a checkpoint reset
-        # the log (same size), leaves the file's state as it was: every change is followed by
-        # one more wake-up a tick later (ticks are 10 ms at most), so no commit waits for the
-        # tailers' safety-net poll.
-        follow_up: float | None = None
+        settle_until = float("-inf")  # read the head at every look until then
         self._up.set()
         try:
             while True:
@@ -645,23 +660,63 @@ class SqliteWatcher(JournalNotifier):
                 await asyncio.sleep(busy * _WATCH_IDLE_FACTOR if idle else busy)
                 state = _file_state(wal)
                 now = time.monotonic()
-                if state != last:
-                    last, changed, follow_up = state, now, now + _WATCH_FOLLOW_UP
-                elif follow_up is not None and now >= follow_up:
-                    follow_up = None
-                else:
+                written = state != last
+                if written:
+                    last, settle_until = state, now + _WATCH_SETTLE
+                elif now >= settle_until:
                     continue
+                self.looks += 1
+                current = head.read()
+                if current is not None and current == top:
+                    self.other_writes += written
+                    continue  # another table was written (a lease, a projection), or nothing
+                # Moved, or unknown (the query failed: wake, as a change of the file would)
+                top, changed = current, now
                 self.notifications += 1
                 self._wake_all(WakeReason.NOTIFICATION)
         finally:
+            head.close()
             self._up.clear()
 
 
-#: Seconds without a change after which a SQLite watch looks less often, and how much less.
+#: Seconds without a new event after which a SQLite watch looks less often, and how much less.
 _WATCH_IDLE_AFTER = 1.0
 _WATCH_IDLE_FACTOR = 4
-#: Seconds after a change when a SQLite watch wakes the tailers once more (see ``_run``).
-_WATCH_FOLLOW_UP = 0.02
+#: Seconds after a change of the file during which a SQLite watch reads the journal's highest
+#: offset at every look (see ``SqliteWatcher``): a commit is visible once its fsync is done.
+_WATCH_SETTLE = 0.2
+
+_HEAD_QUERY = f"SELECT max(global_offset) FROM {schema.events.name}"
+
+
+class _JournalHead:
+    """The highest offset of a SQLite journal, read on a connection of its own (opened on first
+    use, never creating the file): the table's primary key, so one seek to its last entry, a
+    read transaction of microseconds that waits for no lock. None when it cannot be read (no
+    journal in the file yet, a locked file): the watch then wakes the tailers anyway."""
+
+    def __init__(self, path: str) -> None:
+        self._uri = pathlib.Path(path).as_uri() + "?mode=rw"
+        self._connection: sqlite3.Connection | None = None
+
+    def read(self) -> int | None:
+        try:
+            if self._connection is None:
+                # timeout=0: a busy file answers at once (and the tailers are woken).
+                self._connection = sqlite3.connect(
+                    self._uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
+                )
+            # fetchall: the statement ends, no read transaction stays open.
+            rows = self._connection.execute(_HEAD_QUERY).fetchall()
+        except sqlite3.Error:
+            self.close()
+            return None
+        return int(rows[0][0] or 0)
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 def _file_state(path: str) -> tuple[int, int, int] | None:
