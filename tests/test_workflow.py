@@ -5,7 +5,6 @@ markers, non-determinism, signals, cancellation, flow control, and bad input."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
@@ -176,10 +175,9 @@ def _held(engine: WorkflowEngine) -> int:
 async def test_a_joining_executor_takes_half_the_partitions_and_every_run_finishes_once(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Executors share the runs' partitions (WorkflowSettings.rebalance): one that joins gets
-    half, handed over between batches with the runs driven there stopped first; the new owner
-    replays them from their records, and every ask is applied once."""
-    env.settings = dataclasses.replace(FAST, rebalance=True)
+    """Executors share the runs' partitions (WorkflowSettings.rebalance, on by default): one
+    that joins gets half, handed over between batches with the runs driven there stopped first;
+    the new owner replays them from their records, and every ask is applied once."""
     a = await env.engine_for(workflows, "exec-a")
     await until(lambda: _async(_held(a) == 4))
     runs = [f"rb-{i}" for i in range(12)]

@@ -106,12 +106,11 @@ class WorkflowSettings:
     (and resumes their runs); ``renew_interval``: how often a lease is renewed (and lost ones
     noticed); ``ask_timeout``: per try of an ask (then it is sent again, same command id);
     ``admission_interval``: how often queued runs try again to be admitted;
-    ``max_batch``: events per transaction of the runs index; ``rebalance`` (off by default):
+    ``max_batch``: events per transaction of the runs index; ``rebalance`` (on by default):
     the executors of one journal share its partitions, about evenly (the read side's
     membership, see ``ReadSideSettings.rebalance``): an executor that joins gets its share,
     handed over between two batches with the runs it drove stopped first; off, the first
-    executor takes every partition and the others stand by (see docs/workflows.md for why it
-    is not on by default yet)."""
+    executor takes every partition and the others stand by until it stops."""
 
     lease_ttl: float = 10.0
     renew_interval: float = 2.0
@@ -119,7 +118,7 @@ class WorkflowSettings:
     admission_interval: float = 0.5
     max_batch: int = 500
     retry_max_delay: float = 2.0
-    rebalance: bool = False
+    rebalance: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.renew_interval < self.lease_ttl:
