@@ -8,8 +8,10 @@ arrives within a second was delivered by a notification (or a reconnect), not by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import sqlite3
 import sys
 import time
 import uuid
@@ -40,7 +42,12 @@ from lagompy.journal import (
     read_pages,
     tail,
 )
-from lagompy.journal._tailing import SqliteWatcher, _listen_connect_args, _notifiers
+from lagompy.journal._tailing import (
+    SqliteWatcher,
+    _JournalHead,
+    _listen_connect_args,
+    _notifiers,
+)
 from lagompy.sql import Database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -530,6 +537,34 @@ async def test_the_sqlite_watch_wakes_on_any_write_where_it_cannot_read_a_journa
             await watcher.release()
     finally:
         await db.dispose()
+
+
+def test_the_sqlite_watch_reads_the_head_of_the_file_now_at_its_path(tmp_path: Path) -> None:
+    """The watch's connection follows the path: a file replaced there (a test's fresh
+    database) is read, not the deleted one the connection still held open."""
+    path = str(tmp_path / "replaced.db")
+
+    def make(rows: int) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE lagompy_events (global_offset INTEGER PRIMARY KEY)")
+        conn.executemany("INSERT INTO lagompy_events VALUES (?)", [(n + 1,) for n in range(rows)])
+        conn.commit()
+        conn.close()
+
+    head = _JournalHead(path)
+    try:
+        assert head.read() is None  # no file yet (and none created)
+        assert not os.path.exists(path)
+        make(3)
+        assert head.read() == 3
+        make(5)
+        assert head.read() == 5
+    finally:
+        head.close()
 
 
 # --------------------------------------------------------------------------- PostgreSQL LISTEN

@@ -691,24 +691,31 @@ _HEAD_QUERY = f"SELECT max(global_offset) FROM {schema.events.name}"
 
 class _JournalHead:
     """The highest offset of a SQLite journal, read on a connection of its own (opened on first
-    use, never creating the file): the table's primary key, so one seek to its last entry, a
-    read transaction of microseconds that waits for no lock. None when it cannot be read (no
-    journal in the file yet, a locked file): the watch then wakes the tailers anyway."""
+    use, never creating the file, opened again when another file takes the path): the table's
+    primary key, so one seek to its last entry, a read transaction of microseconds that waits
+    for no lock. None when it cannot be read (no file or no journal in it yet, a locked file):
+    the watch then wakes the tailers anyway."""
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._uri = pathlib.Path(path).as_uri() + "?mode=rw"
         self._connection: sqlite3.Connection | None = None
+        self._inode = 0
 
     def read(self) -> int | None:
         try:
+            inode = os.stat(self._path).st_ino
+            if inode != self._inode:  # a new file at the path (or the first read)
+                self.close()
             if self._connection is None:
                 # timeout=0: a busy file answers at once (and the tailers are woken).
                 self._connection = sqlite3.connect(
                     self._uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
                 )
+                self._inode = inode
             # fetchall: the statement ends, no read transaction stays open.
             rows = self._connection.execute(_HEAD_QUERY).fetchall()
-        except sqlite3.Error:
+        except (OSError, sqlite3.Error):
             self.close()
             return None
         return int(rows[0][0] or 0)
