@@ -13,11 +13,15 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from lagompy.settings import JournalSettings
+
+if TYPE_CHECKING:
+    from lagompy import Storage
 
 settings.register_profile(
     "ci",
@@ -113,6 +117,21 @@ async def journal_settings(backend: str, tmp_path: Path) -> AsyncIterator[Journa
         yield JournalSettings(url=POSTGRES_URL, postgres_schema=name, auto_migrate=True)
     finally:
         await _drop_schema(name)
+
+
+@pytest.fixture
+async def pg_storage(postgres_schema: str) -> AsyncIterator[Storage]:
+    """A ``Storage`` of the example's users in a fresh PostgreSQL schema (for what only
+    PostgreSQL has: LISTEN/NOTIFY)."""
+    from examples.user_service.entity import UserEntity
+    from lagompy import open_storage
+
+    settings = JournalSettings(url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True)
+    s = await open_storage(settings=settings, entities=[UserEntity])
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 @pytest.fixture(scope="session")

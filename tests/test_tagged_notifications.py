@@ -10,30 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import POSTGRES_URL
 
-from examples.user_service.entity import UserEntity, UserRegistered
-from lagompy import AtomicWrite, JournalSettings, Storage, open_storage
+from examples.user_service.entity import UserRegistered
+from lagompy import AtomicWrite, Storage
 from lagompy.journal import JournalNotifier, PageTailer, TailSettings
 from lagompy.journal._postgres import _PG_COPY_FROM, NOTIFY_TAGS_BYTES, notify_tags
 from lagompy.journal._tailing import WakeReason
 
 NEVER = 30.0
 SETTINGS = TailSettings(poll_interval=NEVER, listen_poll_interval=NEVER)
-
-
-@pytest.fixture
-async def pg_storage(postgres_schema: str) -> AsyncIterator[Storage]:
-    settings = JournalSettings(url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True)
-    s = await open_storage(settings=settings, entities=[UserEntity])
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def writes(prefix: str, n_events: int, tags: tuple[str, ...]) -> list[AtomicWrite]:

@@ -65,17 +65,6 @@ async def storage(journal_settings: JournalSettings) -> AsyncIterator[Storage]:
 
 
 @pytest.fixture
-async def pg_storage(postgres_schema: str) -> AsyncIterator[Storage]:
-    """A journal in a fresh PostgreSQL schema (for what only PostgreSQL has: LISTEN/NOTIFY)."""
-    settings = JournalSettings(url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True)
-    s = await open_storage(settings=settings, entities=[UserEntity])
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@pytest.fixture
 def listen_name() -> str:
     """An application_name of our own, so concurrent test runs on the server do not count."""
     return f"lagompy-listen-test-{uuid.uuid4().hex[:8]}"
