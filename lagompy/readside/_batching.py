@@ -124,10 +124,9 @@ class _Group:
     each write's values (bound in its statement, or given as parameters) into the parameters
     of one executemany."""
 
-    __slots__ = ("compiled", "dialect", "planned", "usable")
+    __slots__ = ("compiled", "planned", "usable")
 
     def __init__(self, statement: Any, cache_key: Any, names: tuple[str, ...], dialect: Dialect):
-        self.dialect = dialect
         #: The driver plan of the rows ``compiled.construct_params`` makes (made at first use).
         self.planned: tuple[tuple[str, ...], _Plan | None] | None = None
         self.compiled: Any = statement.compile(
@@ -170,10 +169,10 @@ def _plan(statement: Any, names: tuple[str, ...], dialect: Dialect) -> _Plan | N
         compiled: Any = statement.compile(dialect=dialect, column_keys=list(names))
     except Exception:
         return None  # SQLAlchemy raises its own error when the run is sent its way
-    return _compiled_plan(compiled, names, dialect)
+    return _compiled_plan(compiled, names)
 
 
-def _compiled_plan(compiled: Any, names: tuple[str, ...], dialect: Dialect) -> _Plan | None:
+def _compiled_plan(compiled: Any, names: tuple[str, ...]) -> _Plan | None:
     """:func:`_plan`, of a statement compiled for ``names``."""
     processors = getattr(compiled, "_bind_processors", None)
     if (
@@ -204,7 +203,7 @@ def _compiled_plan(compiled: Any, names: tuple[str, ...], dialect: Dialect) -> _
         else:
             value = bind.value
             steps.append((None, processor(value) if processor else value, None))
-    sequence = dialect.execute_sequence_format
+    sequence = compiled.dialect.execute_sequence_format
     keys = [key for key, _, _ in steps if key is not None]
     if not keys:
         return None
@@ -504,7 +503,7 @@ class DeferringConnection:
             compiled = group.compiled
             whole = compiled.positional and set(compiled.positiontup) <= set(names)
             # (A position without a parameter would take the first statement's constant.)
-            plan = _compiled_plan(compiled, names, group.dialect) if whole else None
+            plan = _compiled_plan(compiled, names) if whole else None
             group.planned = (names, plan)
         plan = group.planned[1]
         if plan is None:
