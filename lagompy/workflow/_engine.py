@@ -147,7 +147,7 @@ class WorkflowEngine(AsyncClosing):
         data = encode_input(self.serializer, definition, input)
         command = StartRun(definition.name, definition.version, data, key, None, now_us())
         executor = self.executor
-        ahead = executor.lookahead(definition.name) if executor and key is None else None
+        ahead = executor.lookahead(definition.name, run_id) if executor and key is None else None
         try:
             run: Run = await self._ask(run_id, command)
         except BaseException:

@@ -731,11 +731,14 @@ class WorkflowExecutor:
                 case RunFinished():
                     self._admit_wake.set()  # a slot may be free
 
-    def lookahead(self, workflow: str) -> asyncio.Future[bool]:
+    def lookahead(self, workflow: str, run_id: str) -> asyncio.Future[bool] | None:
         """:meth:`unlimited` for a run about to be started here, read while its start is
         written (handed to :meth:`started`): its driver does not wait for a read of its own
         after the start (a read that overlaps the start sees what one just after it would,
-        but for a change made in those milliseconds, as a read in flight always could)."""
+        but for a change made in those milliseconds, as a read in flight always could).
+        None when this executor would not drive the run (another holds its partition)."""
+        if self._closing or self.partitions[WORKFLOW_TAG.for_entity(run_id)].epoch is None:
+            return None
         return asyncio.ensure_future(self.unlimited(workflow))
 
     def started(self, run_id: str, run: Run, unlimited: asyncio.Future[bool] | None = None) -> None:
