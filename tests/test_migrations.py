@@ -16,6 +16,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
-from sqlalchemy import Column, Integer, MetaData, text
+from sqlalchemy import Column, Integer, MetaData, inspect, text
 from sqlalchemy.engine import Connection
 from typer.testing import CliRunner
 
-from lagompy import ConfigurationError, JournalError, JournalSettings, open_storage
+from lagompy import AtomicWrite, ConfigurationError, JournalError, JournalSettings, open_storage
 from lagompy.cli import build_app
 from lagompy.sql import (
     Database,
@@ -350,10 +351,13 @@ async def test_0011_adds_the_consumer_members_and_downgrades(database: Database)
 
 async def test_tables_made_before_migrations_are_adopted(database: Database) -> None:
     # lagompy 0.1 created its tables (those of revision 0001) with metadata.create_all and no
-    # version table; later revisions add tables that 0.1 never had.
-    first = [t for t in schema.metadata.sorted_tables if t.name in _FIRST_REVISION_TABLES]
+    # version table; later revisions add tables (and columns) that 0.1 never had.
+    await upgrade(database, "0001")
     async with database.write() as conn:
-        await conn.run_sync(lambda sync_conn: schema.metadata.create_all(sync_conn, tables=first))
+        await conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))
+        assert sorted(await conn.run_sync(lambda c: inspect(c).get_table_names())) == sorted(
+            _FIRST_REVISION_TABLES
+        )
         await conn.execute(
             schema.deletions.insert().values(entity_type="t", entity_id="1", deleted_to=3)
         )
@@ -717,3 +721,93 @@ async def test_0012_names_the_tags_in_the_notification_and_downgrades(database: 
     assert await current_revision(database) == "0011"
     assert await source() == before
     assert (await upgrade(database)).after == HEAD
+
+
+@dataclass(frozen=True)
+class Marked:
+    n: int
+
+
+async def test_0013_gives_every_event_its_slice_and_downgrades(database: Database) -> None:
+    # Events written at 0012 (no slice column) get their entity's slice, computed in SQL, the
+    # offsets and everything else untouched; on SQLite the table is rebuilt and the offsets'
+    # counter survives (an offset handed out and deleted before is never used again).
+    from alembic import command
+
+    from lagompy.journal import Journal, slice_of
+    from lagompy.serialization import Serializer
+    from lagompy.sql._migrate import alembic_config
+
+    assert (await upgrade(database, "0012")).after == "0012"
+    ids = ["a", "user-42", "ünïcode", "日本", "x" * 255, *(f"e{n}" for n in range(50))]
+    columns = (
+        "global_offset, entity_type, entity_id, seq_nr, event_type, event_version, payload, "
+        "tags, written_at_us, metadata"
+    )
+    insert = text(
+        f"INSERT INTO lagompy_events ({columns}) VALUES "
+        "(:o, 't', :i, :s, 'E', 1, :p, NULL, 5, NULL)"
+    )
+    rows: list[dict[str, Any]] = [
+        {"o": 10 * n + s, "i": i, "s": s, "p": f"{i}/{s}".encode()}
+        for n, i in enumerate(ids, 1)
+        for s in (1, 2)
+    ]
+    top = max(r["o"] for r in rows) + 7
+    async with database.write() as conn:
+        await conn.execute(insert, rows)
+        # The highest offset handed out was deleted since.
+        await conn.execute(insert, {"o": top, "i": "gone", "s": 1, "p": b""})
+        await conn.execute(text("DELETE FROM lagompy_events WHERE entity_id = 'gone'"))
+        if database.dialect == "postgresql":  # as the journal's nextval would have left it
+            await conn.execute(
+                text(
+                    "SELECT setval(pg_get_serial_sequence('lagompy_events', 'global_offset'), :o)"
+                ),
+                {"o": top},
+            )
+    assert (await upgrade(database)).after == HEAD
+    assert await differences(database) == []
+    async with database.read() as conn:
+        found = (
+            await conn.execute(
+                text(f"SELECT {columns}, slice FROM lagompy_events ORDER BY global_offset")
+            )
+        ).all()
+    assert [(r[0], r[2], r[3], bytes(r[6])) for r in found] == [
+        (r["o"], r["i"], r["s"], r["p"]) for r in rows
+    ]
+    assert all(r[10] == slice_of(r[2]) for r in found)
+    serializer = Serializer()
+    serializer.register(Marked)
+    journal = Journal(database, serializer)
+    written = await journal.append([AtomicWrite("t", "ünïcode", 2, [Marked(3)])])
+    assert written[0].ok, written[0].error
+    (envelope,) = written[0].envelopes
+    assert envelope.offset > top
+    async with database.read() as conn:
+        stored = await conn.execute(
+            text("SELECT slice FROM lagompy_events WHERE global_offset = :o"),
+            {"o": envelope.offset},
+        )
+        assert stored.scalar_one() == slice_of("ünïcode")
+
+    def downgrade(conn: Connection) -> None:
+        config = alembic_config(
+            connection=conn,
+            dialect=database.dialect,
+            postgres_schema=database.settings.postgres_schema,
+        )
+        command.downgrade(config, "0012")
+
+    async with database.write() as conn:
+        await conn.run_sync(downgrade)
+    assert await current_revision(database) == "0012"
+
+    def event_columns(conn: Connection) -> list[str]:
+        return [c["name"] for c in inspect(conn).get_columns("lagompy_events")]
+
+    async with database.read() as conn:
+        assert "slice" not in await conn.run_sync(event_columns)
+    assert (await upgrade(database)).after == HEAD
+    assert await differences(database) == []

@@ -6,6 +6,8 @@
   database (``_sqlite.py``, ``_postgres.py``), picked once when the journal is built. The values
   both sides share are in ``_model.py``.
 * :class:`SnapshotStore` (``_snapshots.py``): saved states of entities.
+* :func:`slice_of`, :class:`SliceRange` (``_slices.py``): the slice of every event, derived from
+  its entity, and ranges of slices to read by (:meth:`Journal.read_slices`).
 * :func:`open_storage` (``_storage.py``): the journal and the snapshot store of one database,
   sharing its connections, with lagompy's tables checked (or upgraded) on open.
 * :func:`read_pages`, :func:`tail`, :class:`EventTailer` (``_tailing.py``): every event after an
@@ -25,6 +27,7 @@ from lagompy.journal._journal import (
     TagPage,
     WriteResult,
 )
+from lagompy.journal._slices import SLICES, SliceRange, slice_of, slice_ranges
 from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
 from lagompy.journal._storage import Storage, open_storage, serializer_for
 from lagompy.journal._tailing import (
@@ -40,6 +43,7 @@ from lagompy.journal._tailing import (
 )
 
 __all__ = [
+    "SLICES",
     "AtomicWrite",
     "EventEnvelope",
     "EventTailer",
@@ -47,6 +51,7 @@ __all__ = [
     "JournalNotifier",
     "PageTailer",
     "Replayed",
+    "SliceRange",
     "Snapshot",
     "SnapshotStore",
     "SnapshotToSave",
@@ -60,5 +65,7 @@ __all__ = [
     "open_storage",
     "read_pages",
     "serializer_for",
+    "slice_of",
+    "slice_ranges",
     "tail",
 ]

@@ -33,6 +33,7 @@ EVENT_COLUMNS = (
     "payload",
     "tags",
     "metadata",
+    "slice",
     "written_at_us",
 )
 

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 from lagompy.errors import LagompyError
+from lagompy.journal._slices import slice_of
 
 E = TypeVar("E")
 
@@ -39,6 +40,11 @@ class EventEnvelope(Generic[E]):
     event: E
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def slice(self) -> int:
+        """The entity's slice (:func:`~lagompy.journal.slice_of`), stored with the event."""
+        return slice_of(self.entity_id)
 
 
 @dataclass(frozen=True)

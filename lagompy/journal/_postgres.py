@@ -169,26 +169,29 @@ _PG_HIGHEST = f"SELECT {_PG_HIGHEST_ARRAY}"
 #: From this many events in one append, PostgreSQL events are written with COPY.
 _PG_COPY_FROM = 64
 
-#: Small batches: every event, tag row ($11, $12) and command reply ($13..$17), as arrays, in
-#: one statement (empty arrays insert nothing).
+#: Small batches: every event ($1..$10, the columns of ``EVENT_COLUMNS`` up to the slice;
+#: $11: written at), tag row ($12, $13) and command reply ($14..$18), as arrays, in one
+#: statement (empty arrays insert nothing).
 _PG_INSERT = """
 WITH ev AS (
     INSERT INTO lagompy_events (global_offset, entity_type, entity_id, seq_nr, event_type,
-                                event_version, payload, tags, metadata, written_at_us)
-    SELECT u.o, u.t, u.i, u.s, u.et, u.ev, u.p, u.tg, u.md, $10
+                                event_version, payload, tags, metadata, slice, written_at_us)
+    SELECT u.o, u.t, u.i, u.s, u.et, u.ev, u.p, u.tg, u.md, u.sl, $11
     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::int[],
-                $7::bytea[], $8::bytea[], $9::bytea[]) AS u(o, t, i, s, et, ev, p, tg, md)
+                $7::bytea[], $8::bytea[], $9::bytea[], $10::int[])
+         AS u(o, t, i, s, et, ev, p, tg, md, sl)
 ), rp AS (
     INSERT INTO lagompy_command_replies (entity_type, entity_id, command_id, seq_nr, payload)
-    SELECT * FROM unnest($13::text[], $14::text[], $15::text[], $16::bigint[], $17::bytea[])
+    SELECT * FROM unnest($14::text[], $15::text[], $16::text[], $17::bigint[], $18::bytea[])
 )
 INSERT INTO lagompy_event_tags (tag, global_offset)
-SELECT * FROM unnest($11::text[], $12::bigint[])
+SELECT * FROM unnest($12::text[], $13::bigint[])
 """
 #: Small batches, first attempt: the whole write in one round trip, a call of the function that
-#: migration 0004 creates, outside a transaction (the statement is its own transaction). The
-#: function takes the fence ($1: whether to), then, per write ($2..$4: type, id, expected
-#: sequence number), reads the highest sequence number so far, deletions included, with a
+#: migration 0004 creates (and 0013 last replaced), outside a transaction (the statement is its
+#: own transaction). The function takes the fence ($1: whether to), then, per write ($2..$4:
+#: type, id, expected sequence number; $20: its slice), reads the highest sequence number so
+#: far, deletions included, with a
 #: snapshot taken after the fence; the events ($6..$12, ``w`` the 1-based write they belong to)
 #: of the writes that expect exactly that get offsets in their order ($5: the sequence) and are
 #: inserted with their tags ($14, $15: tag and 1-based event) and command replies ($16..$19);
@@ -196,7 +199,7 @@ SELECT * FROM unnest($11::text[], $12::bigint[])
 #: sequence number (the caller tells conflicts from it) and the offsets of the inserted events,
 #: in order.
 _PG_WRITE = (
-    "SELECT highest, offsets FROM lagompy_write(" + ", ".join(f"${n}" for n in range(1, 20)) + ")"
+    "SELECT highest, offsets FROM lagompy_write(" + ", ".join(f"${n}" for n in range(1, 21)) + ")"
 )
 #: After a COPY of the events and replies: the tags, as arrays.
 _PG_INSERT_TAGS = """
@@ -340,6 +343,7 @@ class PostgresBackend(JournalBackend):
         """A small batch in one statement that is its own transaction (``_PG_WRITE``);
         ``keys`` are the writes' (entity type, entity id), in order."""
         expected: list[int] = []
+        slices: list[int] = []
         events: list[list[Any]] = [[], [], [], [], [], [], []]
         w_col, s_col, et_col, ev_col, p_col, tg_col, md_col = events
         tags: tuple[list[str], list[int]] = ([], [])
@@ -347,6 +351,7 @@ class PostgresBackend(JournalBackend):
         m = 0
         for n, (_, enc) in enumerate(batch, 1):
             expected.append(enc.write.expected_seq_nr)
+            slices.append(enc.rows[0][8])
             for row, event_tags in zip(enc.rows, enc.tags, strict=True):
                 m += 1
                 w_col.append(n)
@@ -375,6 +380,7 @@ class PostgresBackend(JournalBackend):
             written_at,
             *tags,
             *replies,
+            slices,
         )
         highest = {k: h for k, h in zip(keys, row["highest"], strict=True) if h}
         results, accepted = check_expected(batch, highest)

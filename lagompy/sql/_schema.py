@@ -4,6 +4,8 @@
     One row per event. ``global_offset`` is assigned by the database and never reused, even after
     deletes (``AUTOINCREMENT`` on SQLite, an identity column on PostgreSQL). ``(entity_type,
     entity_id, seq_nr)`` is unique: a second writer can never merge into an entity's history.
+    ``slice`` is the entity's slice (``lagompy.journal``'s ``slice_of``: ``stable_hash(entity_id)
+    % 1024``), the same for all its events (migration 0013).
 ``lagompy_event_tags``
     One row per (tag, event): exact tag lookup in offset order for read sides.
 ``lagompy_deletions``
@@ -106,6 +108,7 @@ events = Table(
     Column("tags", LargeBinary, nullable=True),
     Column("written_at_us", BigInteger, nullable=False),
     Column("metadata", LargeBinary, nullable=True),
+    Column("slice", Integer, nullable=False),
     UniqueConstraint("entity_type", "entity_id", "seq_nr", name="uq_lagompy_events_entity_seq"),
     sqlite_autoincrement=True,
 )
