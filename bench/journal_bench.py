@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage
 from lagompy.entity import Command, Effect, PersistentEntity
+from lagompy.journal import slice_of
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TAG = "bench-events3"
@@ -102,6 +103,7 @@ class RawRows:
                     b"\x91\xadbench-events3",
                     None,
                     time.time_ns() // 1000,
+                    slice_of(f"{prefix}-{i}"),
                 )
             )
             tags.append((TAG, self.next_offset))
@@ -130,7 +132,7 @@ READ_BY_TAG = (
 
 INSERT_EVENTS = (
     "INSERT INTO {t} (global_offset, entity_type, entity_id, seq_nr, event_type, event_version, "
-    "payload, tags, metadata, written_at_us) VALUES ({p})"
+    "payload, tags, metadata, written_at_us, slice) VALUES ({p})"
 )
 
 
@@ -170,7 +172,7 @@ async def bench_postgres(rows_per_round: int, rounds: int) -> dict[str, object]:
         await raw.execute("CREATE TABLE raw_tags (LIKE lagompy_event_tags INCLUDING ALL)")
         raw_rows = RawRows(storage.serializer)
         ins_events = INSERT_EVENTS.format(
-            t="raw_events", p=", ".join(f"${i}" for i in range(1, 11))
+            t="raw_events", p=", ".join(f"${i}" for i in range(1, 12))
         )
         appends: dict[int, tuple[float, float]] = {}
         for batch in (1, 10, 100, 1000):
@@ -246,7 +248,7 @@ async def bench_sqlite(rows_per_round: int, rounds: int) -> dict[str, object]:
                     .replace(" pk_", " raw_pk_")
                 )
             raw_rows = RawRows(storage.serializer)
-            ins_events = INSERT_EVENTS.format(t="raw_events", p=", ".join("?" * 10))
+            ins_events = INSERT_EVENTS.format(t="raw_events", p=", ".join("?" * 11))
             appends: dict[int, tuple[float, float]] = {}
             for batch in (1, 10, 100, 1000):
                 txns = max(1, rows_per_round // batch)

@@ -83,7 +83,7 @@ async def one_run(run: int, seconds: float) -> tuple[float, dict[int, tuple[floa
         await conns[0].execute("CREATE TABLE raw_tags (LIKE lagompy_event_tags INCLUDING ALL)")
         raw_rows = RawRows(storages[0].serializer)
         ins_events = INSERT_EVENTS.format(
-            t="raw_events", p=", ".join(f"${i}" for i in range(1, 11))
+            t="raw_events", p=", ".join(f"${i}" for i in range(1, 12))
         )
         cpu = cpu_reference()
         rates: dict[int, tuple[float, float]] = {}

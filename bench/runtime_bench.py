@@ -41,7 +41,7 @@ from bench._counter import (
 )
 from bench._report import cpu_reference, write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage, start
-from lagompy.journal import SnapshotToSave
+from lagompy.journal import SnapshotToSave, slice_of
 from lagompy.runtime._processing import recover
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -297,8 +297,8 @@ async def postgres_baselines(schema: str, batch: int, rounds: int, single: int) 
         await conn.execute("CREATE TABLE raw_events (LIKE lagompy_events INCLUDING ALL)")
         insert = (
             "INSERT INTO raw_events (global_offset, entity_type, entity_id, seq_nr, event_type, "
-            "event_version, payload, tags, metadata, written_at_us) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            "event_version, payload, tags, metadata, written_at_us, slice) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         )
         offset = 0
 
@@ -319,6 +319,7 @@ async def postgres_baselines(schema: str, batch: int, rounds: int, single: int) 
                         None,
                         None,
                         time.time_ns() // 1000,
+                        slice_of(f"r{offset}"),
                     )
                 )
             return out

@@ -63,6 +63,7 @@ from lagompy.errors import (
     WriteRefused,
 )
 from lagompy.journal._journal import AtomicWrite, EventEnvelope, WriteResult
+from lagompy.journal._slices import SLICES, SliceRange, slice_of, slice_ranges
 from lagompy.journal._snapshots import Snapshot, SnapshotToSave
 from lagompy.journal._storage import Storage
 from lagompy.serialization import Serializer, serializable
@@ -803,6 +804,33 @@ class JournalContract(StorageContract):
                 e.entity_type, e.entity_id, from_seq_nr=e.seq_nr, to_seq_nr=e.seq_nr
             )
             assert same == e
+
+    async def test_read_slices_reads_each_range_in_offset_order(self, storage: Storage) -> None:
+        # 200 entities over a small batch and a large one: every range reads exactly the events
+        # of its entities' slices, in offset order, page by page; the ranges add up to all.
+        j = storage.journal
+        ids = [f"s{n}" for n in range(200)]
+        _ok(await j.append([_write(i, 0, Noted(i)) for i in ids[:5]]))
+        _ok(await j.append([_write(i, 0, *_happened(i, 1, 2)) for i in ids[5:]]))
+        everything = await j.all_events(limit=10_000)
+        assert {e.slice for e in everything} == {slice_of(i) for i in ids}
+        seen: list[int] = []
+        for r in slice_ranges(3):
+            expected = [e for e in everything if e.slice in r]
+            assert expected, "200 entities left a third of the slices empty"
+            got: list[EventEnvelope[Any]] = []
+            after = 0
+            while True:
+                page = await j.read_slices(r, after_offset=after, limit=50)
+                got.extend(page.envelopes)
+                if not page.full:
+                    break
+                after = page.last_offset
+            assert got == expected
+            seen.extend(_offsets(got))
+        assert sorted(seen) == _offsets(everything)
+        whole = await j.read_slices(SliceRange(0, SLICES - 1), limit=10_000)
+        assert whole.envelopes == everything
 
     # ------------------------------------------------------------ timestamps and metadata
 
