@@ -154,24 +154,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
     """One Ray for the whole test session: a fresh local one (``RAY_ADDRESS`` attaches to a
-    running cluster instead), shut down at the end. Ray workers start with the repository root
-    on their path, so they import ``examples`` and ``tests`` modules like the tests do."""
+    running cluster instead), shut down at the end. Ray workers start with this process's own
+    path entries on their path (the repository root, ``tests/``: lagompy's ``job_config``, as
+    ``lagompy.start`` does when it starts Ray), so they import ``examples`` and ``tests``
+    modules like the tests do, and actors need no ``runtime_env`` of their own (which would
+    cost each a new worker process)."""
     import ray
+
+    from lagompy.runtime._ray_cluster import job_config
 
     if ray.is_initialized():
         yield ray
         return
     address = os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
     if address:
-        ray.init(address=address, runtime_env=env, include_dashboard=False)
+        ray.init(address=address, job_config=job_config(), include_dashboard=False)
     else:
         ray.init(
             address="local",
             num_cpus=2,
             object_store_memory=150 * 1024 * 1024,
             include_dashboard=False,
-            runtime_env=env,
+            job_config=job_config(),
             log_to_driver=False,
         )
     try:

@@ -32,10 +32,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTITIES = 40
 CONCURRENCY = 48
 RECOVERY_LIMIT = 30.0
@@ -274,6 +272,8 @@ def main() -> int:
     import ray
     from ray.cluster_utils import Cluster
 
+    from lagompy.runtime._ray_cluster import job_config
+
     head: dict[str, Any] = {"num_cpus": 0, "include_dashboard": False}
     if args.health_check_period_ms:
         # How fast Ray declares a silent node dead, and so restarts its actors elsewhere:
@@ -288,11 +288,9 @@ def main() -> int:
         for _ in range(3):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        ray.init(
-            address=cluster.address,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
-            log_to_driver=False,
-        )
+        # The job's path (no runtime_env): actors restarted on another node after the loss
+        # take that node's ready workers instead of waiting for a new one.
+        ray.init(address=cluster.address, job_config=job_config(), log_to_driver=False)
         for i, (label, url, *schema) in enumerate(args.journal):
             if i:  # three worker nodes again: the last scenario removed one
                 cluster.add_node(num_cpus=1)

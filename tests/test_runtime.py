@@ -37,7 +37,7 @@ from lagompy.journal import open_storage
 from lagompy.runtime import shutdown_app
 from lagompy.runtime._defaults import default_hosts
 from lagompy.runtime._processing import Request
-from lagompy.runtime._ray_cluster import node_cpus
+from lagompy.runtime._ray_cluster import actor_runtime_env, node_cpus
 from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.settings import JournalSettings
 
@@ -164,6 +164,75 @@ async def test_second_process_reaches_the_same_entities(
         assert await entities.ref_for(CounterEntity, "shared").ask(GetValue()) == 8
     finally:
         await entities.close()
+
+
+async def test_a_module_beside_the_script_needs_no_runtime_env(
+    app: str, tmp_path: Path, ray_session: Any
+) -> None:
+    # An app beside its script, run from another directory, attached to the session's Ray: the
+    # script's directory is on its job's path, so its hosts take Ray's ready workers.
+    (tmp_path / "beside.py").write_text(
+        "from ray_entities import CounterEntity\n\n"
+        "class BesideCounter(CounterEntity):\n    type_name = 'beside'\n"
+    )
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(f"""
+            import asyncio
+            from lagompy import start
+            from lagompy.runtime._ray_cluster import actor_runtime_env
+            from ray_entities import Add
+            from beside import BesideCounter
+
+            async def main():
+                entities = await start(app={app!r}, entities=[BesideCounter], hosts=1,
+                                       journal_url={f"sqlite:///{tmp_path / 'j.db'}"!r})
+                print("runtime_env", actor_runtime_env([BesideCounter]))
+                print("value", await entities.ref_for(BesideCounter, "b").ask(Add(3)))
+                await entities.close()
+
+            asyncio.run(main())
+        """)
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(TESTS),
+    }
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(tmp_path / "app.py")],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime_env None" in proc.stdout
+    assert "value 3" in proc.stdout
+
+
+def test_actors_get_a_runtime_env_only_for_code_off_the_job_s_path(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tests' and examples' directories are on the session job's path; pytest's own
+    # classes are an installed package's: no runtime_env, so actors take Ray's ready workers.
+    assert actor_runtime_env([CounterEntity, UserEntity, pytest.MonkeyPatch]) is None
+    # A directory put on sys.path after Ray started is not on the job's path: it goes on the
+    # actors' PYTHONPATH, ahead of what was there.
+    (tmp_path / "late_module.py").write_text("class Late:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    from late_module import Late  # type: ignore[import-not-found]
+
+    env = actor_runtime_env([CounterEntity, Late])
+    assert env is not None
+    paths = env["env_vars"]["PYTHONPATH"].split(os.pathsep)
+    assert paths[0] == str(tmp_path.resolve())
+    assert paths[-1] == "/somewhere"
+    assert str(TESTS) not in paths
 
 
 # --------------------------------------------------------------------------- configuration

@@ -3,9 +3,12 @@
 Ray workers import entity classes, their commands and read-side processors by module name
 (``module:qualname``): :func:`check_importable` and :func:`check_entity_importable` refuse, with
 the reason, a class they could not import (defined in ``__main__`` or in a function);
-:func:`resolve_class` imports one; :func:`import_roots` gives the directories to put on the
-workers' ``PYTHONPATH`` on a local cluster; :func:`code_fingerprint` digests the entity code, so
-that processes attached to one app can tell that they run the same code.
+:func:`resolve_class` imports one; :func:`import_roots` gives the directories the classes are
+imported from, :func:`program_path` the directories this program imports from that a new process
+of the same Python would not have (both for the workers' path, see
+``lagompy.runtime._ray_cluster``), :func:`installed_root` tells a directory the interpreter has
+anyway; :func:`code_fingerprint` digests the entity code, so that processes attached to one app
+can tell that they run the same code.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import os
+import site
 import sys
+import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +111,48 @@ def import_roots(classes: Iterable[type]) -> list[str]:
         if root not in roots:
             roots.append(root)
     return roots
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _interpreter_dirs() -> tuple[list[str], set[str]]:
+    """This interpreter's prefixes (its standard library and site-packages lie under them), and
+    its site-packages directories (the user's too)."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    sites = set(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        sites.add(site.getusersitepackages())
+    paths = sysconfig.get_paths()
+    sites.update(paths[key] for key in ("purelib", "platlib") if key in paths)
+    return [_real(p) for p in prefixes], {_real(p) for p in sites}
+
+
+def installed_root(root: str) -> bool:
+    """Whether ``root`` (from :func:`import_roots`) is one of this interpreter's site-packages
+    directories: a class imported from there is an installed package's, which a worker process
+    of the same Python imports without help."""
+    return _real(root) in _interpreter_dirs()[1]
+
+
+def program_path() -> list[str]:
+    """The directories on this process's ``sys.path`` that a new process of the same Python
+    would not have by itself, in ``sys.path`` order: the script's directory, the current
+    directory, ``PYTHONPATH`` entries, directories the program (or its test runner) inserted.
+    Entries under the interpreter's prefixes (its standard library and site-packages) and
+    entries that are not directories are left out."""
+    prefixes, _ = _interpreter_dirs()
+    out: list[str] = []
+    for entry in sys.path:
+        path = os.path.abspath(entry or os.curdir)
+        real = _real(path)
+        if not os.path.isdir(path) or path in out:
+            continue
+        if any(real == p or real.startswith(p.rstrip(os.sep) + os.sep) for p in prefixes):
+            continue
+        out.append(path)
+    return out
 
 
 def code_fingerprint(entities: Sequence[EntityClass]) -> str:
