@@ -9,7 +9,11 @@ are ``num_cpus=0``, like lagompy's read-side workers and topic subscribers.
 * ``actor-env``: a per-actor ``runtime_env`` with ``env_vars: PYTHONPATH`` (what every lagompy
   actor had: each start needs a new worker process set up for that environment);
 * ``job-env``: the same ``runtime_env`` given once to ``ray.init``, actors with none;
-* ``job+actor-env``: both, the actor's equal to the job's (the test suite's Ray before).
+* ``job+actor-env``: both, the actor's equal to the job's (the test suite's Ray before);
+* ``lagompy``: ``lagompy.start`` of the example's users (2 hosts) then its read side on Ray
+  (4 workers), in a Ray that lagompy starts, twice (two apps: the first pays for Ray's start);
+  SQLite file journal, projection in the same file;
+* ``lagompy-actor-env``: the same with every actor given a runtime_env, as before.
 
 Prints only (the numbers, with the command and the CPU reference, are quoted by hand in
 docs/benchmarks.md).
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench._report import cpu_reference  # noqa: E402
 
-SCENARIOS = ("none", "actor-env", "job-env", "job+actor-env")
+SCENARIOS = ("none", "actor-env", "job-env", "job+actor-env", "lagompy", "lagompy-actor-env")
 
 
 class Probe:
@@ -99,6 +103,48 @@ def run_scenario(scenario: str, actors: int) -> dict[str, Any]:
     }
 
 
+def run_lagompy(scenario: str) -> dict[str, Any]:
+    """In this process: two apps started in a Ray that lagompy starts, the timings."""
+    import asyncio
+    import tempfile
+
+    import lagompy.readside._ray
+    import lagompy.runtime._ray
+    from examples.user_service.entity import UserEntity
+    from examples.user_service.projection import UsersProjection
+    from lagompy import start
+    from lagompy.readside import start_readside_on_ray
+    from lagompy.runtime import shutdown_app
+
+    if scenario == "lagompy-actor-env":
+        from lagompy.runtime._loading import import_roots
+
+        def every_actor(classes: Any) -> dict[str, Any]:
+            return {"env_vars": {"PYTHONPATH": ":".join(import_roots(classes))}}
+
+        lagompy.runtime._ray.actor_runtime_env = every_actor  # type: ignore[attr-defined]
+        lagompy.readside._ray.actor_runtime_env = every_actor  # type: ignore[attr-defined]
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {"scenario": scenario}
+        with tempfile.TemporaryDirectory() as tmp:
+            url = f"sqlite:///{tmp}/j.db"
+            for i in (1, 2):
+                app = f"probe-{i}"
+                t0 = time.perf_counter()
+                entities = await start(app=app, entities=[UserEntity], journal_url=url, hosts=2)
+                out[f"start_{i}_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                readside = await start_readside_on_ray([UsersProjection], app=app, journal_url=url)
+                out[f"readside_{i}_s"] = time.perf_counter() - t0
+                await readside.close()
+                await shutdown_app(app)
+                await entities.close()
+        return out
+
+    return asyncio.run(main())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", type=int, default=6)
@@ -107,7 +153,11 @@ def main() -> None:
     parser.add_argument("--child", choices=SCENARIOS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_scenario(args.child, args.actors)))
+        if args.child.startswith("lagompy"):
+            result = run_lagompy(args.child)
+        else:
+            result = run_scenario(args.child, args.actors)
+        print(json.dumps(result))
         return
     cpu = cpu_reference()
     print(f"CPU reference: {cpu:.1f} ms (sum(range(10**6))); {args.actors} actors a scenario")
@@ -122,6 +172,14 @@ def main() -> None:
                 cwd=REPO_ROOT,
             )
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            if scenario.startswith("lagompy"):
+                print(
+                    f"{scenario:<18} start {r['start_1_s']:5.2f} s + read side "
+                    f"{r['readside_1_s']:5.2f} s (Ray starting); again {r['start_2_s']:5.2f} s "
+                    f"+ {r['readside_2_s']:5.2f} s   (run {run + 1})",
+                    flush=True,
+                )
+                continue
             print(
                 f"{scenario:<14} {r['init_s']:5.2f} s {r['first_s']:5.2f} s "
                 f"{r['sequential_median_s']:8.2f} s {r['sequential_max_s']:6.2f} s "
