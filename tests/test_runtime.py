@@ -214,25 +214,34 @@ async def test_a_module_beside_the_script_needs_no_runtime_env(
     assert "value 3" in proc.stdout
 
 
-def test_actors_get_a_runtime_env_only_for_code_off_the_job_s_path(
-    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_actors_get_a_runtime_env_only_for_code_off_the_job_s_path(
+    app: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The tests' and examples' directories are on the session job's path; pytest's own
     # classes are an installed package's: no runtime_env, so actors take Ray's ready workers.
     assert actor_runtime_env([CounterEntity, UserEntity, pytest.MonkeyPatch]) is None
     # A directory put on sys.path after Ray started is not on the job's path: it goes on the
-    # actors' PYTHONPATH, ahead of what was there.
-    (tmp_path / "late_module.py").write_text("class Late:\n    pass\n")
+    # actors' PYTHONPATH, ahead of what was there, and their hosts import from it.
+    (tmp_path / "late_module.py").write_text(
+        "from ray_entities import CounterEntity\n\n"
+        "class LateCounter(CounterEntity):\n    type_name = 'late'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
-    from late_module import Late  # type: ignore[import-not-found]
+    from late_module import LateCounter  # type: ignore[import-not-found]
 
-    env = actor_runtime_env([CounterEntity, Late])
+    env = actor_runtime_env([CounterEntity, LateCounter])
     assert env is not None
     paths = env["env_vars"]["PYTHONPATH"].split(os.pathsep)
     assert paths[0] == str(tmp_path.resolve())
     assert paths[-1] == "/somewhere"
     assert str(TESTS) not in paths
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    entities = await start(app=app, entities=[LateCounter], journal_settings=js, hosts=1)
+    try:
+        assert await entities.ref_for(LateCounter, "l").ask(Add(2)) == 2
+    finally:
+        await entities.close()
 
 
 # --------------------------------------------------------------------------- configuration
