@@ -383,15 +383,17 @@ def _job_path() -> tuple[set[str], list[str]]:
     import ray
 
     dirs: set[str] = set()
-    try:
+    pythonpath: list[str] = []
+    # Unknown (a Ray without these, Ray Client): every class's directory goes in the actors'
+    # runtime_env, as it always did.
+    with contextlib.suppress(Exception):
         worker: Any = ray._private.worker.global_worker
         dirs.update(
             os.path.realpath(p) for p in worker.core_worker.get_job_config().py_driver_sys_path
         )
-    except Exception:
-        pass  # unknown: every class's directory goes in the actors' runtime_env
-    env_vars = ray.get_runtime_context().runtime_env.get("env_vars") or {}
-    pythonpath = [p for p in str(env_vars.get("PYTHONPATH", "")).split(os.pathsep) if p]
+    with contextlib.suppress(Exception):
+        env_vars = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+        pythonpath = [p for p in str(env_vars.get("PYTHONPATH", "")).split(os.pathsep) if p]
     dirs.update(os.path.realpath(p) for p in pythonpath)
     return dirs, pythonpath
 
@@ -404,9 +406,9 @@ def actor_runtime_env(classes: Iterable[type]) -> dict[str, Any] | None:
 
     None is the fast way: an actor with a ``runtime_env`` of its own (even one equal to the
     job's) waits for a new worker process set up for it, where one without takes a worker Ray
-    started ahead (``bench/actor_start_probe.py``: 0.54 s against 0.31 s an actor one after
-    another, 1.8 s against 1.0 s for six at once, on a quiet 2-core machine; more on a busy
-    one)."""
+    started ahead (``bench/actor_start_probe.py``, docs/benchmarks.md: 0.60 s against 0.35 s
+    an actor one after another, 2.0 s against 1.2 s for six at once, on a quiet 2-core
+    machine)."""
     covered, job_pythonpath = _job_path()
     missing = [
         root
