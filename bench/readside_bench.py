@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from lagompy.readside import ReadSideSettings, open_projections, start_readside
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CHANNEL = "lagompy_bench_visible"
+BACKENDS = ("postgres", "sqlite")
 #: Events per page and per transaction: the default of ReadSideSettings.max_batch.
 BATCH = ReadSideSettings().max_batch
 
@@ -64,7 +67,7 @@ class SimpleLagProbe(UsersProjection):
     ) -> None:
         for envelope in envelopes:
             await self.handle(conn, envelope)
-        await notify_visible(conn, envelopes[-1].offset)
+        await notify_visible(conn, envelopes)
 
 
 class FastLagProbe(FastUsersProjection):
@@ -76,7 +79,7 @@ class FastLagProbe(FastUsersProjection):
         self, conn: AsyncConnection, envelopes: Sequence[EventEnvelope[Any]]
     ) -> None:
         await super().handle_batch(conn, envelopes)
-        await notify_visible(conn, envelopes[-1].offset)
+        await notify_visible(conn, envelopes)
 
 
 LAG_PROBES = {"simple": SimpleLagProbe, "set-based": FastLagProbe}
@@ -112,8 +115,17 @@ class TextUsersProjection(UsersProjection):
                 )  # fmt: skip
 
 
-async def notify_visible(conn: AsyncConnection, offset: int) -> None:
-    await conn.execute(text("SELECT pg_notify(:c, :o)"), {"c": CHANNEL, "o": str(offset)})
+async def notify_visible(conn: AsyncConnection, envelopes: Sequence[EventEnvelope[Any]]) -> None:
+    """Say, inside the projection transaction, that the batch's events (one tag shard: a worker
+    projects one) become visible when it commits: a NOTIFY on PostgreSQL (delivered at commit),
+    a row of ``bench_visible`` on SQLite (read by the load generator's poller once committed)."""
+    tag, offset = envelopes[-1].tags[0], envelopes[-1].offset
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_notify(:c, :o)"), {"c": CHANNEL, "o": f"{tag} {offset}"})
+    else:
+        await conn.execute(
+            text("INSERT INTO bench_visible (tag, last) VALUES (:t, :o)"), {"t": tag, "o": offset}
+        )
 
 
 async def create_schema() -> str:
@@ -269,41 +281,96 @@ async def rebuild(settings: JournalSettings, processor: type[UsersProjection]) -
 # --------------------------------------------------------------------------- lag
 
 
-async def worker_main(schema: str, way: str) -> None:
-    settings = JournalSettings(url=PG_URL, postgres_schema=schema)
+def lag_settings(backend: str, where: str) -> JournalSettings:
+    """The journal (and projection database) of a lag run: a PostgreSQL schema or a SQLite file."""
+    if backend == "sqlite":
+        return JournalSettings(url=f"sqlite:///{where}", auto_migrate=True)
+    return JournalSettings(url=PG_URL, postgres_schema=where, auto_migrate=True)
+
+
+async def worker_main(backend: str, where: str, way: str) -> None:
     probe = LAG_PROBES[way]
-    async with await start_readside([probe], journal_settings=settings):
+    async with await start_readside([probe], journal_settings=lag_settings(backend, where)):
         await asyncio.Event().wait()
 
 
-async def lag(schema: str, way: str, seconds: float, rate: int) -> dict[str, float]:
-    settings = JournalSettings(url=PG_URL, postgres_schema=schema)
-    worker = subprocess.Popen(
-        [sys.executable, __file__, "--worker", schema, way],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
-    committed: dict[int, float] = {}
+class SqliteVisible:
+    """SQLite has no NOTIFY: a thread of the load generator reads the new rows of
+    ``bench_visible`` every millisecond (a WAL reader: it takes no lock a writer waits for) and
+    hands them, with the time it saw them, to the event loop."""
+
+    def __init__(self, path: str, seen: Callable[[float, str, int], None]) -> None:
+        self.path, self.seen = path, seen
+        self.loop = asyncio.get_running_loop()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        last = 0
+        try:
+            while not self.stop.wait(0.001):
+                rows = conn.execute(
+                    "SELECT rowid, tag, last FROM bench_visible WHERE rowid > ? ORDER BY rowid",
+                    (last,),
+                ).fetchall()
+                if rows:
+                    now = time.perf_counter()
+                    last = rows[-1][0]
+                    for _, tag, top in rows:
+                        self.loop.call_soon_threadsafe(self.seen, now, tag, top)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+async def lag(backend: str, where: str, way: str, seconds: float, rate: int) -> dict[str, float]:
+    """Commit-to-visible lag of ``way``'s probe under ``rate`` events/s for ``seconds``. An event
+    is visible when a projection transaction of its tag shard that reached its offset committed
+    (each worker projects one tag shard)."""
+    settings = lag_settings(backend, where)
+    committed: dict[str, dict[int, float]] = {t: {} for t in UserEntity.tag.all_tags}
+    visible: dict[str, int] = {t: 0 for t in UserEntity.tag.all_tags}
     lags: list[float] = []
-    visible = 0
-    listener = await asyncpg.connect(PG_URL)
 
-    def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
-        nonlocal visible
-        now = time.perf_counter()
-        top = int(payload)
-        for o in [o for o in committed if o <= top]:
-            lags.append(now - committed.pop(o))
-        visible = max(visible, top)
+    def seen(now: float, tag: str, top: int) -> None:
+        pending = committed[tag]
+        for o in [o for o in pending if o <= top]:
+            lags.append(now - pending.pop(o))
+        visible[tag] = max(visible[tag], top)
 
-    await listener.add_listener(CHANNEL, on_notify)
-    try:
-        async with await open_storage(settings=settings, entities=[UserEntity]) as storage:
+    async with await open_storage(settings=settings, entities=[UserEntity]) as storage:
+        listener: asyncpg.Connection | None = None
+        poller: SqliteVisible | None = None
+        if backend == "sqlite":
+            with sqlite3.connect(where) as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS bench_visible (tag TEXT, last INTEGER)")
+            poller = SqliteVisible(where, seen)
+        else:
+            listener = await asyncpg.connect(PG_URL)
+
+            def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+                tag, top = payload.split(" ")
+                seen(time.perf_counter(), tag, int(top))
+
+            await listener.add_listener(CHANNEL, on_notify)
+        worker = subprocess.Popen(
+            [sys.executable, __file__, "--worker", backend, where, way],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+        try:
             # The worker starts and catches up with the journal first (the rebuild's events):
             # the load starts once a marker written now is visible.
             (marker,) = await storage.journal.append(user_writes(first_marker(way), 1))
+            marker_tag = UserEntity.tag.for_entity(f"u{first_marker(way)}")
             deadline = time.perf_counter() + 120
-            while visible < marker.offsets[-1] and time.perf_counter() < deadline:
+            while visible[marker_tag] < marker.offsets[-1] and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
+            lags.clear()
             tick, per_tick = 0.01, max(1, int(rate * 0.01))
             first = 10_000_000 if way == "simple" else 20_000_000
             started = time.perf_counter()
@@ -311,21 +378,25 @@ async def lag(schema: str, way: str, seconds: float, rate: int) -> dict[str, flo
             while time.perf_counter() - started < seconds:
                 due = started + n * tick
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                (result, *rest) = await storage.journal.append(user_writes(first, per_tick))
+                results = await storage.journal.append(user_writes(first, per_tick))
                 now = time.perf_counter()
-                for r in (result, *rest):
+                for i, r in enumerate(results):
+                    pending = committed[UserEntity.tag.for_entity(f"u{first + i}")]
                     for o in r.offsets:
-                        committed[o] = now
+                        pending[o] = now
                 first += per_tick
                 n += 1
             sent_rate = n * per_tick / (time.perf_counter() - started)
             deadline = time.perf_counter() + 10
-            while committed and time.perf_counter() < deadline:
+            while any(committed.values()) and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
-    finally:
-        await listener.close()
-        worker.terminate()
-        worker.wait(10)
+        finally:
+            if listener is not None:
+                await listener.close()
+            if poller is not None:
+                poller.close()
+            worker.terminate()
+            worker.wait(10)
     lags.sort()
     return {
         "rate": sent_rate,
@@ -333,7 +404,7 @@ async def lag(schema: str, way: str, seconds: float, rate: int) -> dict[str, flo
         "p50": lags[len(lags) // 2] * 1000,
         "p99": lags[int(len(lags) * 0.99)] * 1000,
         "max": lags[-1] * 1000,
-        "lost": len(committed),
+        "lost": sum(len(p) for p in committed.values()),
     }
 
 
@@ -402,6 +473,87 @@ async def floors(
     return read_rate, results
 
 
+LAG_HEADER = (
+    "| run | CPU reference ms | backend | way | events/s | events | p50 ms | p99 ms | max ms "
+    "| never visible |\n"
+    "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+
+
+async def lag_runs(runs: int, seconds: float, backends: Sequence[str]) -> list[dict[str, Any]]:
+    """The lag part alone, ``runs`` times: per run the CPU reference, then for each backend a
+    fresh journal (a PostgreSQL schema, a SQLite file) and each way in turn."""
+    rows: list[dict[str, Any]] = []
+    for i in range(runs):
+        cpu = cpu_reference()
+        for backend in backends:
+            with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
+                where = str(Path(tmp) / "lag.db") if backend == "sqlite" else await create_schema()
+                try:
+                    for way in LAG_PROBES:
+                        r = await lag(backend, where, way, seconds, 2000)
+                        rows.append({"run": i + 1, "cpu": cpu, "backend": backend, "way": way, **r})
+                        print(
+                            f"run {i + 1}/{runs} (CPU reference {cpu:.1f} ms) {backend} {way}: "
+                            f"{r['rate']:,.0f} events/s, p50 {r['p50']:.1f} ms, p99 "
+                            f"{r['p99']:.1f} ms, max {r['max']:.1f} ms ({r['events']:,} events, "
+                            f"{r['lost']} never visible)",
+                            flush=True,
+                        )
+                finally:
+                    if backend != "sqlite":
+                        await drop_schema(where)
+    return rows
+
+
+async def lag_only(runs: int, seconds: float, backends: Sequence[str], write: bool) -> None:
+    rows = await lag_runs(runs, seconds, backends)
+    for backend in backends:
+        for way in LAG_PROBES:
+            p99 = [r["p99"] for r in rows if (r["backend"], r["way"]) == (backend, way)]
+            print(
+                f"{backend} {way}: p99 median {statistics.median(p99):.1f} ms, worst "
+                f"{max(p99):.1f} ms over {len(p99)} run(s); floor 100 ms"
+            )
+    if not write:
+        return
+    command = f"bench/readside_bench.py --lag-only --runs {runs}"
+    if seconds != 10.0:
+        command += f" --seconds {seconds:g}"
+    if list(backends) != list(BACKENDS):
+        command += " " + " ".join(f"--backend {b}" for b in backends)
+    table = "\n".join(
+        f"| {r['run']} | {r['cpu']:.1f} | {r['backend']} | {r['way']} | {r['rate']:,.0f} "
+        f"| {r['events']:,} | {r['p50']:.1f} | {r['p99']:.1f} | {r['max']:.1f} | {r['lost']} |"
+        for r in rows
+    )
+    verdicts = "; ".join(
+        f"{b} {w} median {statistics.median(p):.1f}, worst {max(p):.1f}"
+        for b in backends
+        for w in LAG_PROBES
+        for p in [[r["p99"] for r in rows if (r["backend"], r["way"]) == (b, w)]]
+    )
+    body = f"""Command: `.venv/bin/python {command}`
+
+The lag part of the section above alone, {runs} run(s), each on a fresh journal per backend (a
+PostgreSQL schema; a SQLite file holding the journal, the projection and the read side's
+offsets, as one service's database does): {seconds:g} s of 2,000 events/s appended (every
+10 ms one transaction of 20 new users), one read-side process (`start_readside`, default
+settings, 4 workers, one per tag shard) projecting them, each way in turn. An event is
+*visible* when a projection transaction of its tag shard that reached its offset has
+committed: on PostgreSQL when that transaction's NOTIFY reaches the load generator, on SQLite
+when a thread of the load generator that reads the probe's rows every millisecond (a WAL
+reader, which no writer waits for) sees its row. The CPU reference is `sum(range(10**6))`,
+best of 5, taken at the start of each run.
+
+{LAG_HEADER}
+{table}
+
+Floor: p99 <= 100 ms. p99 over the runs: {verdicts} ms.
+"""
+    write_section("readside-lag", "Read side: live lag, PostgreSQL and SQLite", body)
+
+
 def summary(results: list[dict[str, float]], key: str) -> tuple[float, float]:
     """(median, worst) of one ratio over the runs."""
     values = [r[key] for r in results]
@@ -424,7 +576,7 @@ async def main(quick: bool, write: bool, runs: int) -> None:
             f"SQLite {sqlite_median:.2f} ({sqlite_worst:.2f}); floor 0.5"
         )
         for way in LAG_PROBES:
-            lags[way] = r = await lag(schema, way, load_seconds, 2000)
+            lags[way] = r = await lag("postgres", schema, way, load_seconds, 2000)
             print(
                 f"lag ({way}) at {r['rate']:,.0f} events/s: p50 {r['p50']:.1f} ms  "
                 f"p99 {r['p99']:.1f} ms  max {r['max']:.1f} ms  ({r['events']} events, "
@@ -544,8 +696,8 @@ wait to fill a batch.{behind}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        asyncio.run(worker_main(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        asyncio.run(worker_main(sys.argv[2], sys.argv[3], sys.argv[4]))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10,000 events, 3 s of load")
@@ -559,7 +711,25 @@ if __name__ == "__main__":
         help="run the floors part (rebuilds beside their baselines) this many times; report "
         "the median and the worst ratio",
     )
+    parser.add_argument(
+        "--lag-only",
+        action="store_true",
+        help="run only the lag part, --runs times, on each --backend (writes its own section "
+        "with --write)",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="with --lag-only: the backends to measure (repeat; default both)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="with --lag-only: seconds of load per way"
+    )
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    asyncio.run(main(args.quick, args.write, args.runs))
+    if args.lag_only:
+        asyncio.run(lag_only(args.runs, args.seconds, args.backend or BACKENDS, args.write))
+    else:
+        asyncio.run(main(args.quick, args.write, args.runs))
