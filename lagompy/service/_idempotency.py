@@ -52,7 +52,12 @@ from starlette.requests import Request
 from lagompy.errors import ConfigurationError, IdempotencyKeyReused, JournalError
 from lagompy.journal._journal import MAX_COMMAND_ID_LENGTH
 from lagompy.settings import JournalSettings
-from lagompy.sql._database import Database, driver_transaction, translate_errors
+from lagompy.sql._database import (
+    Database,
+    driver_transaction,
+    sqlite_begin_immediate,
+    translate_errors,
+)
 
 __all__ = [
     "HELD_SCOPE_KEY",
@@ -598,7 +603,7 @@ class _SqliteKeys:
                 if statements == 1:
                     yield fairy.driver_connection
                     return
-                async with driver_transaction(fairy, "BEGIN IMMEDIATE") as db:
+                async with driver_transaction(fairy, sqlite_begin_immediate) as db:
                     yield db
 
     async def exchange(self, scope: str, round_: _Round) -> dict[str, int]:
