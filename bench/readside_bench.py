@@ -680,17 +680,18 @@ Lag from commit to visible under live load: {lags["simple"]["rate"]:,.0f} events
 to the journal for {load_seconds:.0f} s (every 10 ms one transaction of
 {max(1, int(2000 * 0.01))} new users, as a shard host's group commit writes them), one
 read-side process (`start_readside`, default settings, 4 workers) projecting them, each way in
-turn; *visible* is when the projection transaction's NOTIFY (sent inside it, delivered at its
-commit) reaches the load generator, *commit* when the journal append returned. (To send that
-NOTIFY, the simple way's probe is a `handle_batch` that calls `handle` for each event, as the
-default one does.)
+turn; *visible* is when the NOTIFY of a projection transaction of the event's tag shard that
+reached its offset (sent inside it, delivered at its commit) reaches the load generator,
+*commit* when the journal append returned. (To send that NOTIFY, the simple way's probe is a
+`handle_batch` that calls `handle` for each event, as the default one does.)
 
 | way | events/s | events | p50 ms | p99 ms | max ms | never visible |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: |
 {lag_rows}
 
 Floor: p99 <= 100 ms. Workers are woken by the journal's NOTIFY (no polling delay) and never
-wait to fill a batch.{behind}
+wait to fill a batch.{behind} The lag on both backends, over several runs: the next section
+(`--lag-only`).
 """
     write_section("readside", "Read side: rebuild throughput and live lag", body)
 
