@@ -319,12 +319,12 @@ async def sqlite_begin_immediate(driver: Any) -> None:
     then it fails as SQLite's own wait does ("database is locked").
 
     SQLite's busy handler sleeps between its tries in steps of 1, 2, 5, 10, 15, 20, 25, 25, 25,
-    50, 50 and then 100 ms: a waiter misses the brief moments when a busy writer's lock is free
-    (a journal writer that commits every 10 ms holds it most of the time) and got it up to
-    ~100 ms after it was freed; that was most of the same-database read-side lag's p99 on SQLite
+    50, 50 and then 100 ms: a waiter missed the brief moments when the lock was free between
+    busy writers' transactions and got it up to ~100 ms after it was freed; that was most of the
+    same-database read-side lag on SQLite, p99 236-793 ms at 2,000 events/s, 41-101 ms since
     (docs/benchmarks.md). Here the wait runs in the driver's thread (one hop, as the plain
-    statement took), with the busy timeout at 0 for the BEGIN only. Uncontended, it costs two
-    PRAGMAs more in that thread (a few microseconds against the ~25 us of the hop).
+    statement took), with the busy timeout at 0 for the BEGIN only. Uncontended, it costs three
+    PRAGMAs in that thread (~2 us each, against ~25 us for the hop).
 
     aiosqlite has no public way to run a function in its thread: this uses its ``_execute`` and
     ``_conn``, as SQLAlchemy's own aiosqlite adapter uses its ``_conn`` and ``_tx``."""
