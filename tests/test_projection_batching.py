@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -405,3 +406,68 @@ def test_text_for_each_event_and_once_leave_the_same_tables() -> None:
         for k, v in enumerate(range(-5, 6))
     ]
     asyncio.run(_same_tables("sqlite", events, 50, unbroken=True))
+
+
+#: The SQLite file a :class:`LockProbe`'s handlers look at.
+_probed: dict[str, Any] = {}
+
+
+class LockProbe(SqlReadSideProcessor):
+    """Each handler defers an insert and looks whether the file's write lock is free while it
+    runs: with the batch's transaction begun at its first statement, it is."""
+
+    name = "batching-lock-probe"
+    tag = "batching"
+    event_types = (Ops,)
+
+    async def global_prepare(self, conn: AsyncConnection) -> None:
+        await conn.run_sync(metadata.create_all)
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        await conn.execute(insert(seen).values(id=envelope.offset, v=0))
+        other = sqlite3.connect(_probed["path"], timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            _probed["free"].append(True)
+        except sqlite3.OperationalError:
+            _probed["free"].append(False)
+        finally:
+            other.close()
+
+
+def test_sqlite_handlers_run_before_the_batch_takes_the_write_lock(tmp_path: Path) -> None:
+    # Every other writer of the file (the journal's shard hosts, the other workers) waits for
+    # SQLite's one write lock: a batch holds it only from its first statement (its deferred
+    # writes, sent after its handlers ran) to its commit.
+    path = tmp_path / "j.db"
+    js = JournalSettings(url=f"sqlite:///{path}")
+    rs = ReadSideSettings(max_batch=20, tail=TailSettings(poll_interval=0.02))
+    _probed.update(path=str(path), free=[])
+
+    async def main() -> None:
+        serializer = Serializer([Ops])
+        async with await open_storage(settings=js, serializer=serializer) as storage:
+            await storage.journal.append(
+                [AtomicWrite("ops", f"e{i}", 0, [Ops("[]")], [("batching",)]) for i in range(20)]
+            )
+            projection = Database.create(projection_settings(js, rs))
+            try:
+                await ensure_schema(projection)
+                processor = LockProbe()
+                await run_global_prepare(processor, projection, rs)
+                worker = ReadSideWorker(
+                    processor,
+                    "batching",
+                    journal=storage.journal,
+                    projection=projection,
+                    settings=rs,
+                )
+                await worker.catch_up(force=True)
+                assert worker.offset == 20 and worker.transactions == 1
+                assert len((await _tables(projection))[1]) == 20
+            finally:
+                await projection.dispose()
+
+    asyncio.run(main())
+    assert _probed["free"] == [True] * 20

@@ -388,7 +388,9 @@ class ProjectionCommit:
     ) -> tuple[int, Flags]:
         s = self.settings
         processor = self.processor
-        async with self.projection.write() as conn:
+        # Begun at the first statement: with deferred writes, after the handlers ran (they
+        # hold no SQLite write lock while the other writers of the file wait for it).
+        async with self.projection.write(lazy_begin=defer) as conn:
             handler_conn, deferred = conn, None
             if defer:
                 handler_conn, deferred = deferring(conn, self._learnt, self._defeated)

@@ -137,14 +137,27 @@ class Database:
         return cls(engine, settings)
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
+    async def write(self, *, lazy_begin: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit.
+
+        With ``lazy_begin`` the transaction begins with the connection's first statement
+        rather than on entry, so that work done before it (a read side's handlers whose writes
+        are deferred to the end of their batch) does not hold SQLite's write lock, which every
+        other writer of the file waits for. Nothing changes on PostgreSQL but when ``BEGIN``
+        is sent."""
         with translate_errors("write transaction"):
             async with self.engine.connect() as conn:
                 if self._write_options:
                     conn = await conn.execution_options(**self._write_options)
-                async with conn.begin():
-                    yield conn
+                if not lazy_begin:
+                    async with conn.begin():
+                        yield conn
+                    return
+                # SQLAlchemy begins at the first statement (autobegin; the begin hook sends
+                # SQLite's BEGIN IMMEDIATE then). Closing the connection rolls back on error.
+                yield conn
+                if conn.in_transaction():
+                    await conn.commit()
 
     @contextlib.asynccontextmanager
     async def pooled_transaction(self, begin: Begin = "BEGIN") -> AsyncIterator[Any]:
