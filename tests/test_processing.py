@@ -333,17 +333,18 @@ async def test_an_entity_in_a_batch_in_progress_is_never_passivated(storage: Sto
     processor = EntityProcessor(
         [CounterEntity], storage.journal, storage.snapshots, idle_timeout=0.01
     )
+    # In memory (a new entity enters memory only once its first write committed).
+    (first,) = await processor.process([Request("counter", "busy", Increment())])
+    assert first.unwrap() == 1
     _slow_appends(storage, 0.3)
     batch = asyncio.create_task(processor.process([Request("counter", "busy", Increment())]))
-    deadline = time.monotonic() + 2
-    while ("counter", "busy") not in processor.live and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)  # until it is activated; then the batch waits on its write
+    await asyncio.sleep(0.1)  # the batch waits on its write
     assert not batch.done()
     assert processor.passivate_idle(time.monotonic() + 100) == 0
     assert ("counter", "busy") in processor.live
     (result,) = await batch
-    assert result.unwrap() == 1
-    assert processor.live[("counter", "busy")].seq_nr == 1
+    assert result.unwrap() == 2
+    assert processor.live[("counter", "busy")].seq_nr == 2
     assert processor.passivate_idle(time.monotonic() + 100) == 1
 
 
@@ -542,7 +543,9 @@ async def test_recovery_never_takes_a_concurrent_write_for_deleted_events(
             journal = RacingJournal(
                 ents.storage.journal, zombie.journal, (entity.type_name, "z"), events=2
             )
-            processor = EntityProcessor(classes, journal, ents.storage.snapshots)
+            # Recovered, not presumed new (a counter never written would be written at once:
+            # no recovery for the other writer to race).
+            processor = EntityProcessor(classes, journal, ents.storage.snapshots, presume_new=False)
             (result,) = await processor.process(
                 [Request(entity.type_name, "z", Increment(1), "after-the-race", True)]
             )

@@ -143,11 +143,14 @@ _PG_PREPARE = _pg_prepare(
 #: index scan per entity, ~3x the time of a point lookup on these machines) the 1-based
 #: ordinals of the *suspect* writes ($5: their expected sequence numbers): those whose expected
 #: event is not stored (a writer ahead of the journal, or a deletion that went that far) and
-#: those that expect a new entity that has a deletion. A write whose expected number is behind
-#: (a zombie's) is not suspect here: its first event collides with the stored one on the
-#: (entity, seq_nr) key, the batch rolls back and the next attempt runs the full check
-#: (``_PG_PREPARE``). Scalar subqueries with LIMIT keep the plan a point lookup per write
-#: whatever the statistics said when the generic plan was made.
+#: those that expect a new entity that has an event or a deletion. A write whose expected
+#: number is behind (a zombie's) is not suspect here: its first event collides with the stored
+#: one on the (entity, seq_nr) key, the batch rolls back and the next attempt runs the full
+#: check (``_PG_PREPARE``). A write that expects a new entity is checked here, though: the
+#: runtime presumes the entities it does not hold new (``EntityProcessor.presume_new``), so
+#: such a write to an existing entity is common, and must fail alone rather than roll the batch
+#: back. Scalar subqueries with LIMIT keep the plan a point lookup per write whatever the
+#: statistics said when the generic plan was made.
 _PG_PREPARE_FAST = _pg_prepare(
     """ARRAY(
            SELECT k.n
@@ -156,7 +159,10 @@ _PG_PREPARE_FAST = _pg_prepare(
                THEN (SELECT e.seq_nr FROM lagompy_events e
                      WHERE e.entity_type = k.t AND e.entity_id = k.i AND e.seq_nr = k.x
                      LIMIT 1) IS NULL
-               ELSE (SELECT d.deleted_to FROM lagompy_deletions d
+               ELSE (SELECT e.seq_nr FROM lagompy_events e
+                     WHERE e.entity_type = k.t AND e.entity_id = k.i
+                     LIMIT 1) IS NOT NULL
+                 OR (SELECT d.deleted_to FROM lagompy_deletions d
                      WHERE d.entity_type = k.t AND d.entity_id = k.i
                      LIMIT 1) IS NOT NULL
            END

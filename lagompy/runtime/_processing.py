@@ -3,9 +3,10 @@
 This is the heart of a shard: the Ray shard host and the in-process runtime both drive an
 :class:`EntityProcessor`. A batch of commands for many entities is processed like this:
 
-1. activate: the entities named in the batch that are not in memory are recovered (latest
-   snapshot plus the events after it), all together: a bounded number of queries per entity
-   class in one read transaction (:func:`recover_many`), not a few queries each;
+1. activate: the entities named in the batch that are not in memory are presumed new (see
+   below), or recovered (latest snapshot plus the events after it), all together: a bounded
+   number of queries per entity class in one read transaction (:func:`recover_many`), not a
+   few queries each;
 2. decide: per entity, in arrival order, each command goes through ``on_command`` and its
    events through ``on_event``, on a tentative state;
 3. commit: the events of all entities are appended in **one** journal transaction;
@@ -14,6 +15,19 @@ This is the heart of a shard: the Ray shard host and the in-process runtime both
    commands that depended on the write get the error.
 
 ``EntityProcessor._run`` is these four steps, one method each.
+
+Entities presumed new (``presume_new``, on by default): a command to an entity that is not in
+memory is most often a command to an entity that does not exist yet (every workflow run, every
+registration). Such an entity is not read first: its commands are decided on
+``initial_state`` at sequence number 0, and only the journal's answer makes the decision
+count. Its write expects sequence number 0, which the journal refuses
+(``ConcurrencyConflict``, for that write alone) when the entity has any event or deletion; then
+nothing of it was written, no reply of the decision is released, and the entity is recovered
+and its commands decided again, in order, in the same batch (the refusal is not an error for
+the caller and is no retry of ``conflict_retries``). When its commands persist nothing (read
+only, rejected, unhandled), no write can confirm that the entity is new, so it is recovered
+before its commands are decided again. Measured on a batch of 64 asks to new entities (no
+Ray): see docs/runtime.md, "Activation".
 
 Safe retries: a request may carry a ``command_id``. The encoded reply of a command that
 persisted events is written with those events (same transaction) under ``(entity, command id)``.
@@ -34,7 +48,7 @@ import inspect
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -421,6 +435,14 @@ class _Decided(NamedTuple):
     batches: dict[tuple[str, str], _EntityBatch]
     writes: list[AtomicWrite]
     write_keys: list[tuple[str, str]]
+    #: entities presumed new whose commands persist nothing: to recover and decide again
+    unconfirmed: list[tuple[str, str]]
+
+    def extend(self, other: _Decided) -> None:
+        """Add the writes of other entities, decided apart."""
+        self.batches.update(other.batches)
+        self.writes.extend(other.writes)
+        self.write_keys.extend(other.write_keys)
 
 
 _MISSING: Any = object()
@@ -461,6 +483,7 @@ class EntityProcessor:
         idle_timeout: float | None = None,
         conflict_retries: int = 2,
         defer_snapshots: bool = False,
+        presume_new: bool = True,
     ) -> None:
         if max_entities is not None and max_entities < 1:
             raise ConfigurationError(
@@ -479,6 +502,12 @@ class EntityProcessor:
         self.conflict_retries = conflict_retries
         #: seconds without a command after which :meth:`passivate_idle` drops an entity
         self.idle_timeout = idle_timeout
+        #: Decide the commands of an entity that is not in memory on its initial state, without
+        #: reading the journal, when they persist events: the write, which expects sequence
+        #: number 0, confirms the entity was new, or is refused and the entity is recovered
+        #: and its commands decided again (see the module's docstring). Off: every such entity
+        #: is recovered first.
+        self.presume_new = presume_new
         self.entity_classes: dict[str, EntityClass] = {}
         for cls in entities:
             cls.validate()
@@ -566,8 +595,11 @@ class EntityProcessor:
         (requests answered with a stored reply or with the result of the same command id
         earlier in the batch, without running), ``conflicts`` (writes refused because another
         writer appended first), ``conflict_retries`` (commands run again on the reloaded state
-        after such a refusal) and ``failed_writes`` (writes that failed for any reason,
-        conflicts included).
+        after such a refusal), ``failed_writes`` (writes that failed for any reason,
+        conflicts included), ``new_entities`` (activations without a read: entities presumed
+        new whose first write confirmed it) and ``new_refused`` (entities presumed new that
+        the journal said existed: recovered, and their commands decided again; neither
+        conflicts nor failed writes).
         """
         counters: dict[str, int | float] = {
             name: self._stats[name]
@@ -581,6 +613,8 @@ class EntityProcessor:
                 "conflicts",
                 "conflict_retries",
                 "failed_writes",
+                "new_entities",
+                "new_refused",
             )
         }
         counters["live_entities"] = len(self.live)
@@ -696,13 +730,10 @@ class EntityProcessor:
             else:
                 group.append(i)
 
-        if to_check:
-            await self._answer_stored(requests, to_check, groups, results)
-
         self._in_use.append(groups)
         try:
             conflicts = stats["conflicts"]
-            await self._run(requests, groups, results)
+            await self._run(requests, groups, results, to_check)
             # Only a batch whose writes met a conflict looks for commands to run again.
             for _ in range(self.conflict_retries):
                 if stats["conflicts"] == conflicts:
@@ -751,7 +782,8 @@ class EntityProcessor:
             await self._answer_stored(requests, to_check, groups, results)
         self._in_use.append(groups)
         try:
-            await self._run(requests, groups, results)
+            # They are known to exist: recover them rather than presume them new.
+            await self._run(requests, groups, results, presume=False)
         finally:
             self._in_use.remove(groups)
 
@@ -808,19 +840,66 @@ class EntityProcessor:
         requests: Sequence[Request],
         groups: dict[tuple[str, str], list[int]],
         results: list[Result | None],
+        to_check: Sequence[int] = (),
+        *,
+        presume: bool = True,
     ) -> None:
         """Run the commands of ``groups`` (entity -> indices of its requests, in arrival order)
-        in four steps: activate the entities (recovering those not in memory, awaited only
-        when there are some: a batch of live entities awaits nothing before its commit),
-        decide every command on a tentative state, commit all their events in one journal
-        transaction, then release the replies, the side effects and the snapshots. Fills
-        ``results``."""
+        in four steps: activate the entities (those not in memory presumed new, or recovered:
+        awaited only when there are some to recover, so that a batch of live entities awaits
+        nothing before its commit), decide every command on a tentative state, commit all
+        their events in one journal transaction, then release the replies, the side effects
+        and the snapshots. Fills ``results``. The requests ``to_check`` are first answered
+        with their stored replies, if they have one, and not run.
+
+        Entities presumed new (``presume`` and :attr:`presume_new`) skip that lookup too (a new
+        entity has no stored reply). Those whose commands persist nothing are looked up and
+        recovered, and their commands decided again, before the commit; those whose write the
+        journal refused (they existed) are looked up, recovered and run again after it."""
         lives, missing = self._activate(groups)
+        presumed: set[tuple[str, str]] | tuple[()] = ()
+        if missing and presume and self.presume_new:
+            presumed = self._presume_new(missing, lives)
+            missing = []
+        deferred: list[int] = []
+        if to_check:
+            check_now: list[int] = []
+            for i in to_check:
+                req = requests[i]
+                if presumed and (req.entity_type, req.entity_id) in presumed:
+                    deferred.append(i)
+                else:
+                    check_now.append(i)
+            if check_now:
+                await self._answer_stored(requests, check_now, groups, results)
+                missing = [key for key in missing if key in groups]
         if missing:
             await self._recover(missing, groups, lives, results)
-        decided = self._decide(requests, groups, lives, results)
-        failed = await self._commit(decided)
-        await self._release(decided, failed, results)
+        decided = self._decide(requests, groups, lives, results, presumed)
+        if decided.unconfirmed:
+            # No longer presumed: recovered, decided again, written as any other.
+            presumed = set(presumed).difference(decided.unconfirmed)
+            unconfirmed = {key: groups[key] for key in decided.unconfirmed}
+            if deferred:
+                await self._answer_stored(
+                    requests, _of(requests, deferred, unconfirmed), unconfirmed, results
+                )
+            if unconfirmed:
+                await self._recover(list(unconfirmed), unconfirmed, lives, results)
+                decided.extend(self._decide(requests, unconfirmed, lives, results))
+        failed = await self._commit(decided, presumed)
+        await self._release(decided, failed, results, presumed)
+        if presumed and failed:
+            refused = {
+                key: groups[key]
+                for key in presumed
+                if isinstance(failed.get(key), ConcurrencyConflict)
+            }
+            if refused:
+                self._stats["new_refused"] += len(refused)
+                await self._run(
+                    requests, refused, results, _of(requests, deferred, refused), presume=False
+                )
 
     def _activate(
         self, groups: dict[tuple[str, str], list[int]]
@@ -841,6 +920,18 @@ class EntityProcessor:
                 move_to_end(key)
                 lives[key] = live
         return lives, missing
+
+    def _presume_new(
+        self, missing: list[tuple[str, str]], lives: dict[tuple[str, str], LiveEntity]
+    ) -> set[tuple[str, str]]:
+        """The ``missing`` entities as new ones, into ``lives``: their initial state at
+        sequence number 0, not read from the journal and not put in memory (their write
+        confirms them, see :meth:`_release`)."""
+        classes = self.entity_classes
+        for key in missing:
+            cls = classes[key[0]]
+            lives[key] = LiveEntity(cls(key[1]), cls.initial_state, 0)
+        return set(missing)
 
     async def _recover(
         self,
@@ -895,13 +986,18 @@ class EntityProcessor:
         groups: dict[tuple[str, str], list[int]],
         lives: dict[tuple[str, str], LiveEntity],
         results: list[Result | None],
+        presumed: Collection[tuple[str, str]] = (),
     ) -> _Decided:
         """Per entity, in arrival order, each command on the state its previous commands left
         (nothing is durable yet): the writes to commit, with the replies to store for safe
-        retries. Rejections, and read-only entities' replies, are answered at once."""
+        retries. Rejections, and read-only entities' replies, are answered at once, except
+        those of entities ``presumed`` new: their rejections wait for their write like their
+        replies, and an entity whose commands persist nothing is left undecided (in
+        ``unconfirmed``: no write will confirm it is new)."""
         batches: dict[tuple[str, str], _EntityBatch] = {}
         writes: list[AtomicWrite] = []
         write_keys: list[tuple[str, str]] = []
+        unconfirmed: list[tuple[str, str]] = []
         serializer = self.journal.serializer
         reply_types = self._reply_types
         for key, indices in groups.items():
@@ -913,12 +1009,18 @@ class EntityProcessor:
             events: list[Any] = []
             replies: list[tuple[str, int, bytes]] = []
             pending: list[_Pending] = []
+            # Presumed new: every answer waits for the write that confirms the state it was
+            # decided on (``_Pending`` with the error; ``_release`` answers it).
+            held = bool(presumed) and key in presumed
             for i in indices:
                 request = requests[i]
                 command = request.command
                 decision = decide(entity, state, command)
                 if decision.error is not None:
-                    results[i] = Result(error=decision.error)
+                    if held:
+                        pending.append(_Pending(i, decision))
+                    else:
+                        results[i] = Result(error=decision.error)
                     continue
                 decided = decision.events
                 command_id = request.command_id
@@ -933,7 +1035,13 @@ class EntityProcessor:
                         try:
                             payload = serializer.encode_value(reply, reply_type)
                         except SerializationError as e:
-                            results[i] = Result(error=_unstorable(command, key, e))
+                            error = _unstorable(command, key, e)
+                            if held:
+                                pending.append(
+                                    _Pending(i, Decision(state_after=state, error=error))
+                                )
+                            else:
+                                results[i] = Result(error=error)
                             continue
                     replies.append((command_id, live.seq_nr + len(events) + len(decided), payload))
                 state = decision.state_after
@@ -947,16 +1055,22 @@ class EntityProcessor:
                     )
                 )
                 write_keys.append(key)
+            elif held:
+                unconfirmed.append(key)
             else:
                 # Read-only commands: nothing to wait for.
                 for p in pending:
                     results[p.index] = Result(reply=p.decision.reply)
-        return _Decided(batches, writes, write_keys)
+        return _Decided(batches, writes, write_keys, unconfirmed)
 
-    async def _commit(self, decided: _Decided) -> dict[tuple[str, str], BaseException]:
+    async def _commit(
+        self, decided: _Decided, presumed: Collection[tuple[str, str]] = ()
+    ) -> dict[tuple[str, str], BaseException]:
         """Append every write in one journal transaction; the entities whose write failed,
-        with the error that answers their commands."""
+        with the error that answers their commands. A conflict of an entity ``presumed`` new
+        only says that it existed: it is neither a conflict nor a failed write in the stats."""
         failed: dict[tuple[str, str], BaseException] = {}
+        refused = 0
         write_keys = decided.write_keys
         if decided.writes:
             try:
@@ -971,8 +1085,11 @@ class EntityProcessor:
                     if wr.error is not None:
                         failed[key] = wr.error
                         if isinstance(wr.error, ConcurrencyConflict):
-                            self._stats["conflicts"] += 1
-        self._stats["failed_writes"] += len(failed)
+                            if presumed and key in presumed:
+                                refused += 1
+                            else:
+                                self._stats["conflicts"] += 1
+        self._stats["failed_writes"] += len(failed) - refused
         return failed
 
     async def _release(
@@ -980,10 +1097,13 @@ class EntityProcessor:
         decided: _Decided,
         failed: dict[tuple[str, str], BaseException],
         results: list[Result | None],
+        presumed: Collection[tuple[str, str]] = (),
     ) -> None:
         """After the commit: the committed entities take their new state and their commands
         get their replies, then the side effects run and the due snapshots are saved. An
-        entity whose write failed is dropped from memory and its commands get the error."""
+        entity whose write failed is dropped from memory and its commands get the error.
+        An entity ``presumed`` new is put in memory once its write committed (it was not
+        before: a failed one has nothing to drop)."""
         to_snapshot: list[SnapshotToSave] = []
         side_effects: list[tuple[Callable[[Any], Any], Any, tuple[str, str]]] = []
         persisted = 0
@@ -991,7 +1111,8 @@ class EntityProcessor:
         for key in decided.write_keys:
             batch = batches[key]
             if failed and key in failed:
-                self.evict(*key)
+                if not (presumed and key in presumed):
+                    self.evict(*key)
                 error = failed[key]
                 for p in batch.pending:
                     results[p.index] = Result(error=error)
@@ -1001,6 +1122,9 @@ class EntityProcessor:
             last: Decision | None = None
             for p in batch.pending:
                 last = p.decision
+                if last.error is not None:  # held for an entity presumed new
+                    results[p.index] = Result(error=last.error)
+                    continue
                 seq_nr += len(last.events)
                 results[p.index] = Result(last.reply, None, last.events)
                 if last.side_effects:
@@ -1009,6 +1133,8 @@ class EntityProcessor:
             assert last is not None
             live.state = last.state_after
             live.seq_nr = seq_nr
+            if presumed and key in presumed:
+                self._adopt(key, live)
             persisted += seq_nr - previous_seq
             every = type(live.entity).snapshot_every
             if every and seq_nr // every > previous_seq // every:
@@ -1024,6 +1150,18 @@ class EntityProcessor:
             self.due_snapshots.extend(to_snapshot)
             if len(self.due_snapshots) >= MAX_DUE_SNAPSHOTS:
                 await self.save_due_snapshots()
+
+    def _adopt(self, key: tuple[str, str], live: LiveEntity) -> None:
+        """Put an entity confirmed new in memory, the most recently used, unless another batch
+        put a copy there meanwhile that is as far along (a copy behind this one is replaced:
+        its next write would be refused)."""
+        current = self.live.get(key)
+        if current is None or current.seq_nr < live.seq_nr:
+            self.live[key] = live
+        self.live.move_to_end(key)
+        self.live[key].last_used = time.monotonic()
+        self._stats["activations"] += 1
+        self._stats["new_entities"] += 1
 
     async def save_due_snapshots(self) -> int:
         """Save the snapshots that ``defer_snapshots`` kept due (they are no longer due after);
@@ -1052,6 +1190,13 @@ async def _run_side_effect(fn: Callable[[Any], Any], state: Any, key: tuple[str,
             await outcome
     except Exception:
         log.exception("then_run side effect of %s/%s failed", *key)
+
+
+def _of(
+    requests: Sequence[Request], indices: list[int], keys: Collection[tuple[str, str]]
+) -> list[int]:
+    """The ``indices`` whose request is for one of the entities ``keys``."""
+    return [i for i in indices if (requests[i].entity_type, requests[i].entity_id) in keys]
 
 
 def _entity_id_refusal(entity_id: Any) -> LagompyError | None:
