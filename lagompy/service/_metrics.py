@@ -126,7 +126,18 @@ HOST_FIGURES: dict[str, tuple[str, str, str]] = {
     "activations": (
         "lagompy_entity_activations",
         "counter",
-        "Entities recovered from the journal by each shard host.",
+        "Entities brought into memory by each shard host (recovered, or new: presumed new and "
+        "confirmed by their first write).",
+    ),
+    "new_entities": (
+        "lagompy_entity_new",
+        "counter",
+        "Entities activated without a read: presumed new, and confirmed by their first write.",
+    ),
+    "new_refused": (
+        "lagompy_entity_new_refused",
+        "counter",
+        "Entities presumed new whose first write found that they existed (then recovered).",
     ),
     "passivations": (
         "lagompy_entity_passivations",
