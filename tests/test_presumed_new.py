@@ -381,6 +381,26 @@ async def test_two_writers_presuming_one_new_entity(storage: Storage) -> None:
     assert p1.stats()["conflicts"] == p2.stats()["conflicts"] == 0
 
 
+async def test_entities_this_processor_dropped_are_recovered_not_presumed(
+    storage: Storage,
+) -> None:
+    """An entity the processor passivated is known to exist: its next command recovers it
+    first (no refused write), while a restarted processor presumes it new and is refused."""
+    p = processor(storage, max_entities=1)
+    await p.process([req("a", Open())])
+    await p.process([req("b", Open())])  # "a" passivated (beyond max_entities)
+    assert (T, "a") not in p.live
+    (r,) = await p.process([req("a", Deposit(2))])
+    assert r.reply == 2
+    assert p.stats()["new_refused"] == 0 and p.stats()["new_entities"] == 2
+    p.evict(T, "b")
+    (r,) = await p.process([req("b", Open())])
+    assert r.error is not None and p.stats()["new_refused"] == 0
+    restarted = processor(storage)
+    (r,) = await restarted.process([req("a", Open())])
+    assert r.error is not None and restarted.stats()["new_refused"] == 1
+
+
 # --------------------------------------------------------------------------- property
 
 

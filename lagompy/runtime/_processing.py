@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -447,6 +448,10 @@ class _Decided(NamedTuple):
 
 _MISSING: Any = object()
 
+#: Entities dropped from memory that a processor remembers as existing (see
+#: ``EntityProcessor._dropped``): about 200 bytes each.
+MAX_DROPPED_KNOWN = 100_000
+
 #: With ``defer_snapshots``, a batch that leaves this many snapshots due saves them itself
 #: (a host whose saver never gets a turn keeps a bounded backlog).
 MAX_DUE_SNAPSHOTS = 1_000
@@ -525,6 +530,10 @@ class EntityProcessor:
         self.snapshots = snapshots
         #: live entities, least recently used first
         self.live: OrderedDict[tuple[str, str], LiveEntity] = OrderedDict()
+        #: entities this processor dropped from memory, known to exist: their next command
+        #: recovers them rather than presume them new (which would cost a refused write); the
+        #: :data:`MAX_DROPPED_KNOWN` most recently dropped
+        self._dropped: dict[tuple[str, str], None] = {}
         #: recoveries from the journal at once (a batch's cold entities are one recovery)
         self._recoveries = asyncio.Semaphore(max_concurrent_recoveries)
         #: the entities of each batch in progress (never passivated): one entry per batch, so
@@ -562,8 +571,7 @@ class EntityProcessor:
                 break
             if not self._used(key):
                 idle.append(key)
-        for key in idle:
-            del self.live[key]
+        self._drop(idle)
         self._stats["passivations"] += len(idle)
         return len(idle)
 
@@ -577,8 +585,7 @@ class EntityProcessor:
                 break
             if not self._used(key):
                 victims.append(key)
-        for key in victims:
-            del self.live[key]
+        self._drop(victims)
         self._stats["passivations"] += len(victims)
         return len(victims)
 
@@ -622,7 +629,21 @@ class EntityProcessor:
 
     def evict(self, entity_type: str, entity_id: str) -> None:
         """Drop the entity from memory (it is recovered from the journal when next used)."""
-        self.live.pop((entity_type, entity_id), None)
+        key = (entity_type, entity_id)
+        if key in self.live:
+            self._drop([key])
+
+    def _drop(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Drop entities from memory, remembering that they exist (see ``_dropped``)."""
+        live, dropped = self.live, self._dropped
+        for key in keys:
+            del live[key]
+            dropped.pop(key, None)
+            dropped[key] = None
+        excess = len(dropped) - MAX_DROPPED_KNOWN
+        if excess > 0:
+            for key in list(itertools.islice(dropped, excess)):
+                del dropped[key]
 
     def _tags(
         self, entity: PersistentEntity[Any, Any, Any], events: list[Any]
@@ -859,8 +880,12 @@ class EntityProcessor:
         lives, missing = self._activate(groups)
         presumed: set[tuple[str, str]] | tuple[()] = ()
         if missing and presume and self.presume_new:
+            dropped = self._dropped
+            known = [key for key in missing if key in dropped] if dropped else []
+            if known:
+                missing = [key for key in missing if key not in dropped]
             presumed = self._presume_new(missing, lives)
-            missing = []
+            missing = known
         deferred: list[int] = []
         if to_check:
             check_now: list[int] = []
