@@ -59,7 +59,15 @@ class Nudge(Command[None]):
     """Unhandled on a closed account."""
 
 
-AccountCommand = Open | Deposit | Balance | Nudge
+@dataclass(frozen=True)
+class Label(Command[None]):
+    """Persists ``Labelled(value)`` on a closed account (an event the journal cannot encode
+    when ``value`` is no int), rejected on an open one."""
+
+    value: Any
+
+
+AccountCommand = Open | Deposit | Balance | Nudge | Label
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,12 @@ class Deposited:
     amount: int
 
 
-AccountEvent = Opened | Deposited
+@dataclass(frozen=True)
+class Labelled:
+    value: int
+
+
+AccountEvent = Opened | Deposited | Labelled
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,10 @@ class AccountEntity(PersistentEntity[AccountCommand, AccountEvent, AccountState]
                 return Effect.reply(_balance(state))
             case Account(), Nudge():
                 return Effect.persist(Deposited(0))
+            case Closed(), Label(value=value):
+                return Effect.persist(Labelled(value))
+            case Account(), Label():
+                raise CommandRejected(f"{self.entity_id} is open: no labels")
         return Effect.unhandled()
 
     def on_event(self, state: AccountState, event: AccountEvent) -> AccountState:
@@ -122,6 +139,8 @@ class AccountEntity(PersistentEntity[AccountCommand, AccountEvent, AccountState]
                 return Account()
             case Account(balance=b), Deposited(amount=a):
                 return Account(b + a)
+            case _, Labelled():
+                return state
         return state
 
 
@@ -379,6 +398,22 @@ async def test_two_writers_presuming_one_new_entity(storage: Storage) -> None:
     assert ("CommandRejected", "race2 is open already") in replies[0] + replies[1]
     assert await seq_nrs(storage, "race2") == [1, 2, 3]
     assert p1.stats()["conflicts"] == p2.stats()["conflicts"] == 0
+
+
+async def test_any_refusal_of_a_presumed_write_recovers_the_entity(storage: Storage) -> None:
+    """A presumed decision whose write the journal refuses for another reason than a conflict
+    (here: an event it cannot encode) is no answer for an existing entity either: it is
+    recovered and the command decided again (rejected); a new entity gets the refusal."""
+    await open_with(storage, "labelled")
+    p = processor(storage)
+    existing, new = await p.process(
+        [req("labelled", Label(object())), req("fresh-label", Label(object()))]
+    )
+    assert answers([existing]) == [("CommandRejected", "labelled is open: no labels")]
+    assert new.error is not None and "Labelled" in str(new.error)
+    assert p.stats()["new_refused"] == 2 and p.stats()["failed_writes"] == 1
+    assert await seq_nrs(storage, "labelled") == [1]
+    assert await seq_nrs(storage, "fresh-label") == []
 
 
 async def test_entities_this_processor_dropped_are_recovered_not_presumed(

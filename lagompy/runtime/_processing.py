@@ -24,7 +24,9 @@ count. Its write expects sequence number 0, which the journal refuses
 (``ConcurrencyConflict``, for that write alone) when the entity has any event or deletion; then
 nothing of it was written, no reply of the decision is released, and the entity is recovered
 and its commands decided again, in order, in the same batch (the refusal is not an error for
-the caller and is no retry of ``conflict_retries``). When its commands persist nothing (read
+the caller and is no retry of ``conflict_retries``). So is an entity whose write the journal
+refused for any other reason (events it cannot encode, data the database refuses): they were
+decided on a state the entity may not have. When its commands persist nothing (read
 only, rejected, unhandled), no write can confirm that the entity is new, so it is recovered
 before its commands are decided again. Measured on a batch of 64 asks to new entities (no
 Ray): see docs/runtime.md, "Activation".
@@ -912,19 +914,14 @@ class EntityProcessor:
             if unconfirmed:
                 await self._recover(list(unconfirmed), unconfirmed, lives, results)
                 decided.extend(self._decide(requests, unconfirmed, lives, results))
-        failed = await self._commit(decided, presumed)
+        failed, refused_keys = await self._commit(decided, presumed)
         await self._release(decided, failed, results, presumed)
-        if presumed and failed:
-            refused = {
-                key: groups[key]
-                for key in presumed
-                if isinstance(failed.get(key), ConcurrencyConflict)
-            }
-            if refused:
-                self._stats["new_refused"] += len(refused)
-                await self._run(
-                    requests, refused, results, _of(requests, deferred, refused), presume=False
-                )
+        if refused_keys:
+            refused = {key: groups[key] for key in refused_keys}
+            self._stats["new_refused"] += len(refused)
+            await self._run(
+                requests, refused, results, _of(requests, deferred, refused), presume=False
+            )
 
     def _activate(
         self, groups: dict[tuple[str, str], list[int]]
@@ -1090,12 +1087,16 @@ class EntityProcessor:
 
     async def _commit(
         self, decided: _Decided, presumed: Collection[tuple[str, str]] = ()
-    ) -> dict[tuple[str, str], BaseException]:
+    ) -> tuple[dict[tuple[str, str], BaseException], list[tuple[str, str]]]:
         """Append every write in one journal transaction; the entities whose write failed,
-        with the error that answers their commands. A conflict of an entity ``presumed`` new
-        only says that it existed: it is neither a conflict nor a failed write in the stats."""
+        with the error that answers their commands, and those of them ``presumed`` new whose
+        own write the journal refused (any error of its write's result: a conflict says the
+        entity exists, and any other refusal came from commands decided on a state it may not
+        have): they are to recover and run again, and count as neither conflicts nor failed
+        writes. When the append itself fails (its outcome unknown), every command that waited
+        on it gets the error, presumed new or not."""
         failed: dict[tuple[str, str], BaseException] = {}
-        refused = 0
+        refused: list[tuple[str, str]] = []
         write_keys = decided.write_keys
         if decided.writes:
             try:
@@ -1109,13 +1110,12 @@ class EntityProcessor:
                 for key, wr in zip(write_keys, write_results, strict=True):
                     if wr.error is not None:
                         failed[key] = wr.error
-                        if isinstance(wr.error, ConcurrencyConflict):
-                            if presumed and key in presumed:
-                                refused += 1
-                            else:
-                                self._stats["conflicts"] += 1
-        self._stats["failed_writes"] += len(failed) - refused
-        return failed
+                        if presumed and key in presumed:
+                            refused.append(key)
+                        elif isinstance(wr.error, ConcurrencyConflict):
+                            self._stats["conflicts"] += 1
+        self._stats["failed_writes"] += len(failed) - len(refused)
+        return failed, refused
 
     async def _release(
         self,
