@@ -401,6 +401,15 @@ class TwoHostsMachine(RuleBasedStateMachine):
         self.zombie.evict(*self.key)
 
     @rule()
+    def zombie_restarts(self) -> None:
+        """The second writer starts afresh: nothing in memory and nothing remembered, so its
+        next command presumes the entity new, and the journal says whether it is."""
+        storage = self.driver.storage
+        self.zombie = EntityProcessor(
+            [self.entity_cls], storage.journal, storage.snapshots, conflict_retries=0
+        )
+
+    @rule()
     def restart(self) -> None:
         """The regular host restarts: recover from the snapshot (if any) and later events."""
         if self.is_stale(self.driver.processor):
