@@ -416,6 +416,27 @@ async def test_any_refusal_of_a_presumed_write_recovers_the_entity(storage: Stor
     assert await seq_nrs(storage, "fresh-label") == []
 
 
+class PickyAccount(AccountEntity):
+    """An entity whose constructor refuses some ids."""
+
+    type_name = "presumed-picky"
+
+    def __init__(self, entity_id: str) -> None:
+        if entity_id.startswith("bad"):
+            raise ValueError(f"no account may be called {entity_id!r}")
+        super().__init__(entity_id)
+
+
+async def test_an_entity_that_cannot_be_made_fails_its_own_commands(storage: Storage) -> None:
+    """A handler object that cannot be made fails its entity's commands alone, presumed new
+    or not, as its recovery always did; the batch's other entities are written."""
+    P = PickyAccount.type_name
+    p = EntityProcessor([PickyAccount], storage.journal, storage.snapshots)
+    bad, good = await p.process([req("bad-1", Open(), P), req("good-1", Open(), P)])
+    assert isinstance(bad.error, ValueError) and "bad-1" in str(bad.error)
+    assert good.reply == 0 and p.stats()["new_entities"] == 1
+
+
 async def test_entities_this_processor_dropped_are_recovered_not_presumed(
     storage: Storage,
 ) -> None:

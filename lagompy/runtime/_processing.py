@@ -891,8 +891,8 @@ class EntityProcessor:
             known = [key for key in missing if key in dropped] if dropped else []
             if known:
                 missing = [key for key in missing if key not in dropped]
-            presumed = self._presume_new(missing, lives)
-            missing = known
+            presumed, unmade = self._presume_new(missing, lives)
+            missing = known + unmade if unmade else known
         deferred: list[int] = []
         if to_check:
             check_now: list[int] = []
@@ -950,15 +950,24 @@ class EntityProcessor:
 
     def _presume_new(
         self, missing: list[tuple[str, str]], lives: dict[tuple[str, str], LiveEntity]
-    ) -> set[tuple[str, str]]:
+    ) -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
         """The ``missing`` entities as new ones, into ``lives``: their initial state at
         sequence number 0, not read from the journal and not put in memory (their write
-        confirms them, see :meth:`_release`)."""
+        confirms them, see :meth:`_release`). Returns them, and those whose handler object
+        could not be made (left to recovery, which answers them with that error)."""
         classes = self.entity_classes
+        presumed: set[tuple[str, str]] = set()
+        failed: list[tuple[str, str]] = []
         for key in missing:
             cls = classes[key[0]]
-            lives[key] = LiveEntity(cls(key[1]), cls.initial_state, 0)
-        return set(missing)
+            try:
+                entity = cls(key[1])
+            except Exception:
+                failed.append(key)
+                continue
+            lives[key] = LiveEntity(entity, cls.initial_state, 0)
+            presumed.add(key)
+        return presumed, failed
 
     async def _recover(
         self,
