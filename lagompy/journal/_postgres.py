@@ -148,9 +148,12 @@ _PG_PREPARE = _pg_prepare(
 #: one on the (entity, seq_nr) key, the batch rolls back and the next attempt runs the full
 #: check (``_PG_PREPARE``). A write that expects a new entity is checked here, though: the
 #: runtime presumes the entities it does not hold new (``EntityProcessor.presume_new``), so
-#: such a write to an existing entity is common, and must fail alone rather than roll the batch
-#: back. Scalar subqueries with LIMIT keep the plan a point lookup per write whatever the
-#: statistics said when the generic plan was made.
+#: such a write to an existing entity is common (after a restart), and must fail alone rather
+#: than roll the batch back (measured 2026-12-06, 256 existing entities presumed new, medians:
+#: 73.5 ms a batch with the rollback, 62.5-64.3 with this check, 60.2-62.9 recovered first);
+#: the check costs batches of new entities ~0.08 of raw executemany's rate at 100 events
+#: (docs/benchmarks.md, "Entities presumed new"). Scalar subqueries with LIMIT keep the plan a
+#: point lookup per write whatever the statistics said when the generic plan was made.
 _PG_PREPARE_FAST = _pg_prepare(
     """ARRAY(
            SELECT k.n
