@@ -574,14 +574,19 @@ each way, before and after in turn, CPU reference 9.6-10.9 ms): `Database.write(
 through SQLAlchemy's statement path), the journal's pooled transaction 258-316 -> 263-366 us
 (medians 274 -> 283); bench/journal_bench.py's SQLite appends, lagompy / raw at 1, 10, 100
 and 1,000 events per transaction, two runs each: 0.39-0.46, 0.47-0.49, 0.50-0.52, 0.30-0.32
-before, 0.41-0.45, 0.44-0.49, 0.51-0.53, 0.28-0.35 after. In the table's runs 4 and 5 of
-2026-12-06, where SQLite's p99 passed 100 ms, PostgreSQL's rose too (75-140 ms, against
-38-50 in runs 1-3). What remains on SQLite is the one write lock: timed in the read-side
-process (one run, p99 46 / 49 ms), a worker's `BEGIN IMMEDIATE` waited 4 ms at the median
-(4 tries), 24 ms at p99 and 84 ms at most, and its transaction, the wait included, took
+before, 0.41-0.45, 0.44-0.49, 0.51-0.53, 0.28-0.35 after. (A first sitting of five runs on
+a machine busy with other work had SQLite's p99 at 110-144 ms in two runs, and PostgreSQL's
+at 75-140 ms in the same two.) What remains on SQLite is the one write lock: timed in the
+read-side process (one run, p99 46 / 49 ms), a worker's `BEGIN IMMEDIATE` waited 4 ms at the
+median (4 tries), 24 ms at p99 and 84 ms at most, and its transaction, the wait included, took
 8 / 30 ms (median / p99); the journal's appends waited 2.4 / 15.5 ms. The four workers and the
-journal's writer take turns at the lock, and a worker holds it while its handlers run and
-while its process's event loop serves the other three.
+journal's writer take turns at the lock. Since 2026-12-06 a batch whose writes are deferred
+begins its transaction at its first statement, after its handlers ran, so it holds the lock
+only while its writes, offset and commit go out (`Database.write(lazy_begin=True)`;
+tests/test_projection_batching.py proves the lock free while handlers run). On this quiet
+machine that did not move the p99 beyond the noise: three runs of each, in turn, simple /
+set-based, 49 / 45, 42 / 45, 41 / 47 ms before and 42 / 48, 42 / 48, 49 / 39 ms after (CPU
+reference 9.7-10.1 ms).
 """
     write_section("readside-lag", "Read side: live lag, PostgreSQL and SQLite", body)
 
