@@ -131,6 +131,24 @@ async def catalog(database: Database) -> list[tuple[Any, ...]]:
         return [row for row in found if VERSION_TABLE not in " ".join(row)]
 
 
+async def downgrade_to(database: Database, revision: str) -> None:
+    """Alembic's downgrade of lagompy's tables to ``revision`` (the command line has none)."""
+    from alembic import command
+
+    from lagompy.sql._migrate import alembic_config
+
+    def downgrade(conn: Connection) -> None:
+        config = alembic_config(
+            connection=conn,
+            dialect=database.dialect,
+            postgres_schema=database.settings.postgres_schema,
+        )
+        command.downgrade(config, revision)
+
+    async with database.write() as conn:
+        await conn.run_sync(downgrade)
+
+
 # --------------------------------------------------------------------------- the tables
 
 
@@ -307,7 +325,6 @@ async def test_0010_lets_journal_writers_run_at_once_on_a_database_at_0009(
 async def test_0011_adds_the_consumer_members_and_downgrades(database: Database) -> None:
     # From the revision before it (with data) to the head, and back: the members table comes
     # and goes, nothing else moves.
-    from alembic import command
     from alembic.script import ScriptDirectory
 
     from lagompy.sql._migrate import alembic_config
@@ -332,16 +349,7 @@ async def test_0011_adds_the_consumer_members_and_downgrades(database: Database)
         async with database.write() as conn:
             await conn.execute(schema.consumer_members.insert(), [row])
 
-    def downgrade(conn: Connection) -> None:
-        config = alembic_config(
-            connection=conn,
-            dialect=database.dialect,
-            postgres_schema=database.settings.postgres_schema,
-        )
-        command.downgrade(config, before)
-
-    async with database.write() as conn:
-        await conn.run_sync(downgrade)
+    await downgrade_to(database, before)
     assert await current_revision(database) == before
     assert "lagompy_consumer_members" not in await table_names(database)
     async with database.read() as conn:
@@ -683,9 +691,6 @@ def test_the_wheel_ships_the_migrations_and_they_run_installed(tmp_path: Path) -
 async def test_0012_names_the_tags_in_the_notification_and_downgrades(database: Database) -> None:
     # PostgreSQL: the write function's notification gains the tags, and loses them on the way
     # down; SQLite has no function, the revision changes nothing there.
-    from alembic import command
-
-    from lagompy.sql._migrate import alembic_config
 
     function = (
         "SELECT prosrc FROM pg_proc WHERE proname = 'lagompy_write' "
@@ -708,16 +713,7 @@ async def test_0012_names_the_tags_in_the_notification_and_downgrades(database: 
     )
     assert await differences(database) == []
 
-    def downgrade(conn: Connection) -> None:
-        config = alembic_config(
-            connection=conn,
-            dialect=database.dialect,
-            postgres_schema=database.settings.postgres_schema,
-        )
-        command.downgrade(config, "0011")
-
-    async with database.write() as conn:
-        await conn.run_sync(downgrade)
+    await downgrade_to(database, "0011")
     assert await current_revision(database) == "0011"
     assert await source() == before
     assert (await upgrade(database)).after == HEAD
@@ -732,11 +728,9 @@ async def test_0013_gives_every_event_its_slice_and_downgrades(database: Databas
     # Events written at 0012 (no slice column) get their entity's slice, computed in SQL, the
     # offsets and everything else untouched; on SQLite the table is rebuilt and the offsets'
     # counter survives (an offset handed out and deleted before is never used again).
-    from alembic import command
 
     from lagompy.journal import Journal, slice_of
     from lagompy.serialization import Serializer
-    from lagompy.sql._migrate import alembic_config
 
     assert (await upgrade(database, "0012")).after == "0012"
     ids = ["a", "user-42", "ünïcode", "日本", "x" * 255, *(f"e{n}" for n in range(50))]
@@ -792,16 +786,7 @@ async def test_0013_gives_every_event_its_slice_and_downgrades(database: Databas
         )
         assert stored.scalar_one() == slice_of("ünïcode")
 
-    def downgrade(conn: Connection) -> None:
-        config = alembic_config(
-            connection=conn,
-            dialect=database.dialect,
-            postgres_schema=database.settings.postgres_schema,
-        )
-        command.downgrade(config, "0012")
-
-    async with database.write() as conn:
-        await conn.run_sync(downgrade)
+    await downgrade_to(database, "0012")
     assert await current_revision(database) == "0012"
 
     def event_columns(conn: Connection) -> list[str]:

@@ -40,6 +40,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from lagompy.errors import (
     ConfigurationError,
@@ -775,19 +776,7 @@ class Journal:
     async def read_all(self, *, after_offset: int = 0, limit: int = 1000) -> TagPage:
         """The next page of up to ``limit`` events of every entity after ``after_offset``, as a
         :class:`TagPage` (``EventDecodeError`` if one cannot be decoded)."""
-        e = schema.events
-        stmt = (
-            select(*_ENVELOPE_COLUMNS)
-            .where(e.c.global_offset > after_offset, e.c.global_offset <= bindparam("visible"))
-            .order_by(e.c.global_offset)
-            .limit(limit)
-        )
-        async with self.database.read() as conn:
-            visible, held = await self._visible(conn)
-            rows = _tuples(await conn.execute(stmt, {"visible": visible}))
-        envelopes = [self._envelope(*row) for row in rows]
-        last = envelopes[-1].offset if envelopes else after_offset
-        return TagPage(envelopes, last, len(envelopes), len(envelopes) >= limit, held=held)
+        return await self._read_events((), after_offset, limit)
 
     async def read_slices(
         self, slices: SliceRange, *, after_offset: int = 0, limit: int = 1000
@@ -802,11 +791,28 @@ class Journal:
         part of the journal's entities reads about as fast as the whole journal does."""
         if not isinstance(slices, SliceRange):
             raise TypeError(f"read_slices takes a SliceRange, got {type(slices).__name__}")
+        within = (
+            (schema.events.c.slice.between(slices.first, slices.last),)
+            if len(slices) < SLICES
+            else ()
+        )
+        return await self._read_events(within, after_offset, limit)
+
+    async def _read_events(
+        self, where: tuple[ColumnElement[bool], ...], after_offset: int, limit: int
+    ) -> TagPage:
+        """The page of :meth:`read_all` (``where``: nothing more) and :meth:`read_slices`."""
         e = schema.events
-        where = [e.c.global_offset > after_offset, e.c.global_offset <= bindparam("visible")]
-        if len(slices) < SLICES:
-            where.append(e.c.slice.between(slices.first, slices.last))
-        stmt = select(*_ENVELOPE_COLUMNS).where(*where).order_by(e.c.global_offset).limit(limit)
+        stmt = (
+            select(*_ENVELOPE_COLUMNS)
+            .where(
+                e.c.global_offset > after_offset,
+                e.c.global_offset <= bindparam("visible"),
+                *where,
+            )
+            .order_by(e.c.global_offset)
+            .limit(limit)
+        )
         async with self.database.read() as conn:
             visible, held = await self._visible(conn)
             rows = _tuples(await conn.execute(stmt, {"visible": visible}))
