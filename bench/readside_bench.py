@@ -567,7 +567,8 @@ bench lock (CPU reference 9.5-17.2 ms), p99 simple / set-based: before 559 / 374
 727 / 613, 626 / 720 and 347 / 236 ms; after 41 / 49, 65 / 68, 101 / 78, 63 / 59 and
 54 / 54 ms. Such a `BEGIN IMMEDIATE` now tries again every millisecond until the busy timeout
 (`sqlite_begin_immediate`, lagompy/sql/_database.py), in the driver's thread, the busy
-timeout at 0 for the BEGIN alone. Uncontended it costs three PRAGMAs there (~2 us each):
+timeout at 0 for the BEGIN alone. Uncontended it cost three PRAGMAs there (~2 us each; two since
+the timeout is taken from the settings rather than read back):
 empty write transactions on one connection (the median of 7 rounds of 2,000; nine such runs
 each way, before and after in turn, CPU reference 9.6-10.9 ms): `Database.write()`
 456-574 -> 310-390 us (its BEGIN no longer goes

@@ -24,7 +24,6 @@ from sqlalchemy import text
 
 from lagompy.errors import JournalError
 from lagompy.sql import Database
-from lagompy.sql._database import sqlite_begin_immediate
 
 #: Seconds the other connection holds the lock: 17 ms after SQLite's busy handler's try at
 #: 228 ms, 83 ms before its next one.
@@ -41,7 +40,7 @@ def _write(db: Database) -> AbstractAsyncContextManager[Any]:
 
 
 def _pooled(db: Database) -> AbstractAsyncContextManager[Any]:
-    return db.pooled_transaction(sqlite_begin_immediate)
+    return db.pooled_transaction(db.begin_immediate)
 
 
 WAYS = pytest.mark.parametrize("begin", [_write, _pooled], ids=["write", "pooled_transaction"])

@@ -21,7 +21,6 @@ import pytest
 from sqlalchemy import event, text
 
 from lagompy.sql import Database
-from lagompy.sql._database import sqlite_begin_immediate
 
 
 @pytest.fixture
@@ -92,7 +91,7 @@ async def test_a_pooled_transaction_cancelled_during_a_statement_frees_the_lock(
     db, started = database
 
     async def write() -> None:
-        async with db.pooled_transaction(sqlite_begin_immediate) as driver:
+        async with db.pooled_transaction(db.begin_immediate) as driver:
             await driver.execute("INSERT INTO t VALUES (1)")
             await driver.execute("SELECT slow(0.3)")
 

@@ -28,7 +28,7 @@ from lagompy.journal._backend import (
 )
 from lagompy.journal._model import WriteResult, now_us
 from lagompy.sql import _schema as schema
-from lagompy.sql._database import Database, sqlite_begin_immediate
+from lagompy.sql._database import Database
 
 #: The highest offset ever used (AUTOINCREMENT keeps it in sqlite_sequence, even after deletes),
 #: then the highest sequence number of each entity of the batch, deletions included.
@@ -88,7 +88,7 @@ class SqliteBackend(JournalBackend):
         # are committed in order without a further fence. Offsets are assigned here, under the
         # write lock, so both tables are written with plain executemany.
         keys = [enc.write.key for _, enc in batch]
-        async with self.database.pooled_transaction(sqlite_begin_immediate) as db:
+        async with self.database.pooled_transaction(self.database.begin_immediate) as db:
             # One call: the highest offset so far (first row), then each entity's highest seq nr.
             found = await db.execute_fetchall(_SQLITE_CHECK, (json.dumps(keys),))
             last = found[0][2]

@@ -55,7 +55,6 @@ from lagompy.settings import JournalSettings
 from lagompy.sql._database import (
     Database,
     driver_transaction,
-    sqlite_begin_immediate,
     translate_errors,
 )
 
@@ -603,7 +602,7 @@ class _SqliteKeys:
                 if statements == 1:
                     yield fairy.driver_connection
                     return
-                async with driver_transaction(fairy, sqlite_begin_immediate) as db:
+                async with driver_transaction(fairy, self.database.begin_immediate) as db:
                     yield db
 
     async def exchange(self, scope: str, round_: _Round) -> dict[str, int]:

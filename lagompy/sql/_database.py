@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import sqlite3
 import time
@@ -95,6 +96,12 @@ class Database:
         #: What write() asks of its connection: SQLite's BEGIN IMMEDIATE (see _configure_sqlite)
         self._write_options: dict[str, Any] = (
             {_BEGIN_OPTION: "IMMEDIATE"} if self.dialect == "sqlite" else {}
+        )
+        #: SQLite: how a write transaction on a driver connection begins (``pooled_transaction``
+        #: and ``driver_transaction`` take it), waiting as long as this database's busy timeout,
+        #: the one every connection gets when it connects
+        self.begin_immediate: Callable[[Any], Awaitable[None]] = functools.partial(
+            sqlite_begin_immediate, timeout_ms=settings.sqlite_busy_timeout_ms
         )
         #: PostgreSQL: the connection kept_transaction keeps checked out between transactions
         #: (with its driver connection), and the lock that makes writers take turns on it
@@ -326,27 +333,27 @@ _SQLITE_BUSY = 5
 _BEGIN_RETRY_INTERVAL = 0.001
 
 
-async def sqlite_begin_immediate(driver: Any) -> None:
+async def sqlite_begin_immediate(driver: Any, *, timeout_ms: int) -> None:
     """``BEGIN IMMEDIATE`` on an aiosqlite connection, retried every millisecond while another
-    connection holds the database's write lock, for as long as the connection's busy timeout;
-    then it fails as SQLite's own wait does ("database is locked").
+    connection holds the database's write lock, for ``timeout_ms`` (the connection's busy
+    timeout: :attr:`Database.begin_immediate` passes its settings'); then it fails as SQLite's
+    own wait does ("database is locked").
 
     SQLite's busy handler sleeps between its tries in steps of 1, 2, 5, 10, 15, 20, 25, 25, 25,
     50, 50 and then 100 ms: a waiter missed the brief moments when the lock was free between
     busy writers' transactions and got it up to ~100 ms after it was freed; that was most of the
     same-database read-side lag on SQLite, p99 236-793 ms at 2,000 events/s, 41-101 ms since
     (docs/benchmarks.md). Here the wait runs in the driver's thread (one hop, as the plain
-    statement took), with the busy timeout at 0 for the BEGIN only. Uncontended, it costs three
+    statement took), with the busy timeout at 0 for the BEGIN only. Uncontended, it costs two
     PRAGMAs in that thread (~2 us each, against ~25 us for the hop).
 
     aiosqlite has no public way to run a function in its thread: this uses its ``_execute`` and
     ``_conn``, as SQLAlchemy's own aiosqlite adapter uses its ``_conn`` and ``_tx``."""
-    await driver._execute(_begin_immediate, driver._conn)
+    await driver._execute(_begin_immediate, driver._conn, int(timeout_ms))
 
 
-def _begin_immediate(conn: sqlite3.Connection) -> None:
+def _begin_immediate(conn: sqlite3.Connection, timeout_ms: int) -> None:
     """The wait of :func:`sqlite_begin_immediate`, in the driver's thread."""
-    timeout_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
     conn.execute("PRAGMA busy_timeout=0")
     try:
         deadline: float | None = None
@@ -392,7 +399,12 @@ def _configure_sqlite(engine: AsyncEngine, settings: JournalSettings) -> None:
             conn.exec_driver_sql(f"BEGIN {mode}")
             return
         try:
-            await_only(sqlite_begin_immediate(conn.connection.driver_connection))
+            await_only(
+                sqlite_begin_immediate(
+                    conn.connection.driver_connection,
+                    timeout_ms=settings.sqlite_busy_timeout_ms,
+                )
+            )
         except sqlite3.Error as e:
             # As the statement through SQLAlchemy would have raised it.
             raise exc.DBAPIError.instance("BEGIN IMMEDIATE", (), e, sqlite3.Error) from e
