@@ -258,6 +258,9 @@ def test_the_overview_shows_the_shard_hosts_on_ray(
             assert http.post(f"/register/{user}/Ada").status_code == 200
         hosts = http.get("/console/api/overview").json()["hosts"]
         assert sum(h["commands_per_s"] for h in hosts) > 0
+        # Seven users, each new: activated without a read, none of them refused.
+        assert sum(h["new_entities"] for h in hosts) == 7
+        assert sum(h["new_refused"] for h in hosts) == 0
         fragment = http.get("/console/?fragment=hosts").text
         assert fragment.count("<tr data-host=") == 2 and "<html" not in fragment
         # The entity's events are read from the journal the hosts write.

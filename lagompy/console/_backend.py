@@ -771,6 +771,8 @@ HOST_FIELDS = (
     "commands_per_s",
     "events_persisted",
     "activations",
+    "new_entities",
+    "new_refused",
     "passivations",
     "conflicts",
     "failed_writes",

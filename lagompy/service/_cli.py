@@ -369,7 +369,8 @@ def entities_stats(
         return
     columns = [
         "index", "pid", "commands", "events_persisted", "write_transactions", "batches",
-        "live_entities", "activations", "passivations", "duplicates", "conflicts", "busy_seconds",
+        "live_entities", "activations", "new_entities", "new_refused", "passivations", "duplicates",
+        "conflicts", "busy_seconds",
     ]  # fmt: skip
     rows = [[_cell(s.get(c)) for c in columns] for s in stats]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
