@@ -7,11 +7,14 @@ import asyncio
 import dataclasses
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lagompy import (
     Command,
@@ -281,6 +284,177 @@ async def test_a_known_id_without_the_duplicate_check_fails_that_entity_alone(
     # The entity is fine: the next command applies.
     (next_one,) = await processor.process([Request("counter", "k", Increment())])
     assert next_one.unwrap() == 2
+
+
+def _counting_lookups(storage: Storage) -> list[int]:
+    """Count the journal's stored-reply lookups (one list item per lookup: its key count)."""
+    calls: list[int] = []
+    original = storage.journal.stored_replies
+
+    async def counting(keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], bytes]:
+        calls.append(len(keys))
+        return await original(keys)
+
+    storage.journal.stored_replies = counting  # type: ignore[method-assign]
+    return calls
+
+
+def _checked(entity_id: str, command: Any, command_id: str) -> Request:
+    return Request("counter", entity_id, command, command_id=command_id, check_duplicate=True)
+
+
+async def test_new_command_ids_to_entities_in_memory_are_not_looked_up(storage: Storage) -> None:
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    lookups = _counting_lookups(storage)
+    await processor.process([_checked(f"w{i}", Increment(1), f"a{i}") for i in range(3)])
+    assert lookups == []  # new entities: nothing stored
+    again = await processor.process([_checked(f"w{i}", Increment(2), f"b{i}") for i in range(3)])
+    assert [r.unwrap() for r in again] == [3, 3, 3]
+    assert lookups == []  # in memory: their write confirmed the ids were new
+    # A read-only command and a rejection persist nothing: looked up after, in one query.
+    read, rejected = await processor.process(
+        [_checked("w0", GetCount(), "g"), _checked("fresh", Decrement(), "d")]
+    )
+    assert read.unwrap() == 3 and isinstance(rejected.error, InvalidCommand)
+
+
+@pytest.mark.parametrize("entities", [1, 80])  # one write, and a batch large enough for COPY
+async def test_a_retry_to_an_entity_in_memory_gets_its_stored_reply(
+    storage: Storage, entities: int
+) -> None:
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    ids = [f"m{i}" for i in range(entities)]
+    first = await processor.process([_checked(e, Increment(5), "pay") for e in ids])
+    assert [r.unwrap() for r in first] == [5] * entities
+    assert processor.stats()["live_entities"] == entities
+    # The retry persists events again when decided: the journal refuses its entity's write,
+    # and the entity's commands run again after a lookup; the other entities commit.
+    retry = await processor.process(
+        [_checked("m0", Increment(5), "pay"), _checked("m0", Increment(1), "next")]
+        + [_checked(e, Increment(1), "other") for e in ids[1:]]
+    )
+    assert (retry[0].reply, retry[0].stored, retry[0].events) == (5, True, ())
+    assert retry[1].unwrap() == 6 and retry[1].events == (Changed(1),)
+    assert [r.unwrap() for r in retry[2:]] == [6] * (entities - 1)
+    assert await _events(storage, "m0") == [Changed(5), Changed(1)]
+    stats = processor.stats()
+    assert stats["duplicates"] == 1 and stats["failed_writes"] == 0
+
+
+async def test_a_retry_now_rejected_gets_its_stored_reply(storage: Storage) -> None:
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    await processor.process([_checked("z", Increment(1), "up")])
+    (down,) = await processor.process([_checked("z", Decrement(), "down")])
+    assert down.unwrap() == 0
+    lookups = _counting_lookups(storage)
+    # Decided again, the retry is rejected (the counter is at 0) and persists nothing: the
+    # lookup after the commit answers it with its stored reply. The command after it was
+    # decided on the right state (the retry changed nothing).
+    retry, up = await processor.process(
+        [_checked("z", Decrement(), "down"), _checked("z", Increment(4), "up-again")]
+    )
+    assert (retry.reply, retry.error, retry.stored) == (0, None, True)
+    assert up.unwrap() == 4
+    assert lookups == [1]  # the rejected one only
+    assert await _events(storage, "z") == [Changed(1), Changed(-1), Changed(4)]
+
+
+async def test_commands_decided_after_a_retry_run_again_on_the_true_state(
+    storage: Storage,
+) -> None:
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    await processor.process([_checked("h", Increment(2), "two")])
+    await processor.process([_checked("h", Decrement(), "d")])  # at 1
+    # Decided at once, the retry of "d" takes the counter to 0 and "x" is rejected; the
+    # journal refuses the write (d is stored), and run again "d" gets its reply, "x" takes
+    # the counter from 1 to 0 and "y" is the one rejected.
+    d, x, y = await processor.process(
+        [
+            _checked("h", Decrement(), "d"),
+            _checked("h", Decrement(), "x"),
+            _checked("h", Decrement(), "y"),
+        ]
+    )
+    assert (d.reply, d.stored) == (1, True)
+    assert x.unwrap() == 0 and x.events == (Changed(-1),)
+    assert isinstance(y.error, InvalidCommand)
+    assert await _events(storage, "h") == [Changed(2), Changed(-1), Changed(-1)]
+
+
+_ID_COMMANDS = st.one_of(
+    st.builds(Increment, st.integers(1, 3)), st.just(Decrement()), st.just(GetCount())
+)
+#: one ask: (entity, command, command id from a small pool, so that ids repeat)
+_ASKS = st.tuples(st.sampled_from("ab"), _ID_COMMANDS, st.sampled_from([f"c{i}" for i in range(6)]))
+
+
+def _model_batch(
+    asks: Sequence[tuple[str, Any, str]],
+    counts: dict[str, int],
+    stored: dict[tuple[str, str], int],
+) -> list[Any]:
+    """What a batch of checked asks must answer, one command after the other: a stored id gets
+    its stored reply; an id seen earlier in the batch gets that one's answer; otherwise the
+    command runs (its reply stored when it persists an event)."""
+    answers: list[Any] = []
+    first: dict[tuple[str, str], Any] = {}
+    for entity, command, cid in asks:
+        key = (entity, cid)
+        if key in stored:
+            answers.append(stored[key])
+            continue
+        if key in first:
+            answers.append(first[key])
+            continue
+        value = counts.get(entity, 0)
+        answer: Any
+        if isinstance(command, GetCount):
+            answer = value
+        elif isinstance(command, Decrement) and value == 0:
+            answer = "rejected"
+        else:
+            value += command.by if isinstance(command, Increment) else -1
+            counts[entity] = value
+            answer = stored[key] = value
+        first[key] = answer
+        answers.append(answer)
+    return answers
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batches=st.lists(st.lists(_ASKS, min_size=1, max_size=6), min_size=1, max_size=5),
+    evictions=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+async def test_checked_command_ids_apply_once_whatever_the_batches(
+    storage: Storage, batches: list[list[tuple[str, Any, str]]], evictions: list[bool]
+) -> None:
+    """Random batches of asks with repeating command ids, the entities in memory or dropped
+    between batches: the answers are those of running the commands one by one with stored
+    replies, and the state in memory is the state recovered from the journal."""
+    run = uuid.uuid4().hex[:8]
+    processor = EntityProcessor([CounterEntity], storage.journal, storage.snapshots)
+    counts: dict[str, int] = {}
+    stored: dict[tuple[str, str], int] = {}
+    for batch, evict in zip(batches, evictions, strict=False):
+        if evict:
+            for entity in "ab":
+                processor.evict("counter", f"{run}-{entity}")
+        results = await processor.process(
+            [_checked(f"{run}-{e}", command, cid) for e, command, cid in batch]
+        )
+        seen = ["rejected" if isinstance(r.error, InvalidCommand) else r.unwrap() for r in results]
+        assert seen == _model_batch(batch, counts, stored)
+    for entity in "ab":
+        live = processor.live.get(("counter", f"{run}-{entity}"))
+        recovered = await recover(
+            CounterEntity, f"{run}-{entity}", storage.journal, storage.snapshots
+        )
+        assert recovered.state == Count(counts.get(entity, 0))
+        if live is not None:
+            assert (live.state, live.seq_nr) == (recovered.state, recovered.seq_nr)
 
 
 # --------------------------------------------------------------------------- passivation

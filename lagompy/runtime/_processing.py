@@ -40,7 +40,18 @@ Safe retries: a request may carry a ``command_id``. The encoded reply of a comma
 persisted events is written with those events (same transaction) under ``(entity, command id)``.
 A request with ``check_duplicate`` whose id is already stored is answered with the stored reply
 and not run again; the same id twice in one batch runs once and both get its result. Rejected
-and read-only commands store nothing, so they simply run again.
+and read-only commands store nothing, so they simply run again. The id is looked up before
+deciding only for an entity that is recovered in the batch. For an entity in memory (the usual
+case) the command is decided at once, and what follows confirms it was new: a command that
+persists events writes its reply under its id, which the journal refuses
+(``DuplicateCommandId``, that entity's write alone) when the id is stored already; the entity
+is then recovered and its commands run again after a lookup, which answers the duplicate with
+its stored reply. A command that persists nothing is looked up after the commit (one query for
+the batch), and answered with the stored reply if it has one: it changed no state, so the
+decisions after it stand. Until then, the entity's rejections wait for its write like its
+replies. Measured with ``bench/cold_batch_probe.py`` (batches of 64 asks with checked command
+ids to entities in memory, no Ray, 2026-12-06): SQLite 3.9 ms a batch before, PostgreSQL 3.5
+(the lookup was a read before every such batch).
 
 Passivation: live entities are kept in least-recently-used order. After each batch the least
 recently used beyond ``max_entities`` are dropped from memory, and :meth:`passivate_idle` drops
@@ -373,9 +384,9 @@ class Request(NamedTuple):
     """One command for one entity.
 
     ``command_id`` identifies the command for safe retries: when the command persists events,
-    its reply is stored with them under ``(entity, command_id)``. With ``check_duplicate`` the
-    processor first looks the id up and, when it is known, answers with the stored reply instead
-    of running the command again.
+    its reply is stored with them under ``(entity, command_id)``. With ``check_duplicate``, a
+    command whose id is known is answered with the stored reply instead of running again (looked
+    up first, or confirmed by the write: see the module's docstring, "Safe retries").
 
     A named tuple rather than a dataclass: one is made per ask, and batches of them cross
     processes as plain tuples (``tuple(request)`` / ``Request._make``), which pickle in about a
@@ -824,6 +835,22 @@ class EntityProcessor:
     ) -> None:
         """Answer the requests whose command id has a stored reply (one journal query), and
         take them out of ``groups``: they are not run again."""
+        answered = await self._stored_results(requests, to_check)
+        for i, result in answered.items():
+            results[i] = result
+            entity = (requests[i].entity_type, requests[i].entity_id)
+            remaining = [j for j in groups[entity] if j != i]
+            if remaining:
+                groups[entity] = remaining
+            else:
+                del groups[entity]
+
+    async def _stored_results(
+        self, requests: Sequence[Request], to_check: list[int]
+    ) -> dict[int, Result]:
+        """The results of the requests whose command id has a stored reply (one journal
+        query): the reply, or the error decoding it; every request's the query's error when
+        it failed (without the answer, running the command could apply it twice)."""
         keys = []
         for i in to_check:
             req = requests[i]
@@ -854,14 +881,7 @@ class EntityProcessor:
                 else:
                     answered[i] = Result(reply=reply, stored=True)
                     self._stats["duplicates"] += 1
-        for i, result in answered.items():
-            results[i] = result
-            entity = (requests[i].entity_type, requests[i].entity_id)
-            remaining = [j for j in groups[entity] if j != i]
-            if remaining:
-                groups[entity] = remaining
-            else:
-                del groups[entity]
+        return answered
 
     async def _run(
         self,
@@ -894,12 +914,20 @@ class EntityProcessor:
             presumed, unmade = self._presume_new(missing, lives)
             missing = known + unmade if unmade else known
         deferred: list[int] = []
+        # Requests to entities in memory whose command id is not looked up before deciding:
+        # the write confirms it is new (see the module's docstring, "Safe retries").
+        optimistic: list[int] = []
+        optimistic_keys: set[tuple[str, str]] = set()
         if to_check:
             check_now: list[int] = []
             for i in to_check:
                 req = requests[i]
-                if presumed and (req.entity_type, req.entity_id) in presumed:
+                key = (req.entity_type, req.entity_id)
+                if presumed and key in presumed:
                     deferred.append(i)
+                elif presume and key in lives:
+                    optimistic.append(i)
+                    optimistic_keys.add(key)
                 else:
                     check_now.append(i)
             if check_now:
@@ -907,7 +935,7 @@ class EntityProcessor:
                 missing = [key for key in missing if key in groups]
         if missing:
             await self._recover(missing, groups, lives, results)
-        decided = self._decide(requests, groups, lives, results, presumed)
+        decided = self._decide(requests, groups, lives, results, presumed, optimistic_keys)
         if decided.unconfirmed:
             # No longer presumed: recovered, decided again, written as any other.
             presumed = set(presumed).difference(decided.unconfirmed)
@@ -919,13 +947,33 @@ class EntityProcessor:
             if unconfirmed:
                 await self._recover(list(unconfirmed), unconfirmed, lives, results)
                 decided.extend(self._decide(requests, unconfirmed, lives, results))
-        failed, refused_keys = await self._commit(decided, presumed)
+        failed, refused_keys = await self._commit(decided, presumed, optimistic_keys)
         await self._release(decided, failed, results, presumed)
+        if optimistic:
+            # Those that persisted nothing were confirmed by no write: a retry of a command
+            # applied before (now rejected, or read only) gets the stored reply.
+            unconfirmed_ids = []
+            for i in optimistic:
+                req = requests[i]
+                result = results[i]
+                if (
+                    result is not None
+                    and not result.events
+                    and (req.entity_type, req.entity_id) not in failed
+                ):
+                    unconfirmed_ids.append(i)
+            if unconfirmed_ids:
+                for i, result in (await self._stored_results(requests, unconfirmed_ids)).items():
+                    results[i] = result
         if refused_keys:
             refused = {key: groups[key] for key in refused_keys}
-            self._stats["new_refused"] += len(refused)
+            self._stats["new_refused"] += sum(1 for key in refused if key in presumed)
             await self._run(
-                requests, refused, results, _of(requests, deferred, refused), presume=False
+                requests,
+                refused,
+                results,
+                _of(requests, deferred + optimistic, refused),
+                presume=False,
             )
 
     def _activate(
@@ -1023,13 +1071,17 @@ class EntityProcessor:
         lives: dict[tuple[str, str], LiveEntity],
         results: list[Result | None],
         presumed: Collection[tuple[str, str]] = (),
+        optimistic: Collection[tuple[str, str]] = (),
     ) -> _Decided:
         """Per entity, in arrival order, each command on the state its previous commands left
         (nothing is durable yet): the writes to commit, with the replies to store for safe
         retries. Rejections, and read-only entities' replies, are answered at once, except
         those of entities ``presumed`` new: their rejections wait for their write like their
         replies, and an entity whose commands persist nothing is left undecided (in
-        ``unconfirmed``: no write will confirm it is new)."""
+        ``unconfirmed``: no write will confirm it is new). The rejections of the entities
+        ``optimistic`` (whose command ids were not looked up) wait for their write too, when
+        they have one: a command applied before and decided again could have changed the
+        state they were decided on."""
         batches: dict[tuple[str, str], _EntityBatch] = {}
         writes: list[AtomicWrite] = []
         write_keys: list[tuple[str, str]] = []
@@ -1047,7 +1099,7 @@ class EntityProcessor:
             pending: list[_Pending] = []
             # Presumed new: every answer waits for the write that confirms the state it was
             # decided on (``_Pending`` with the error; ``_release`` answers it).
-            held = bool(presumed) and key in presumed
+            held = (bool(presumed) and key in presumed) or (bool(optimistic) and key in optimistic)
             for i in indices:
                 request = requests[i]
                 command = request.command
@@ -1091,24 +1143,35 @@ class EntityProcessor:
                     )
                 )
                 write_keys.append(key)
-            elif held:
+            elif presumed and key in presumed:
                 unconfirmed.append(key)
             else:
-                # Read-only commands: nothing to wait for.
+                # Read-only commands (and rejections held): nothing to wait for.
                 for p in pending:
-                    results[p.index] = Result(reply=p.decision.reply)
+                    decision = p.decision
+                    results[p.index] = (
+                        Result(reply=decision.reply)
+                        if decision.error is None
+                        else Result(error=decision.error)
+                    )
         return _Decided(batches, writes, write_keys, unconfirmed)
 
     async def _commit(
-        self, decided: _Decided, presumed: Collection[tuple[str, str]] = ()
+        self,
+        decided: _Decided,
+        presumed: Collection[tuple[str, str]] = (),
+        optimistic: Collection[tuple[str, str]] = (),
     ) -> tuple[dict[tuple[str, str], BaseException], list[tuple[str, str]]]:
         """Append every write in one journal transaction; the entities whose write failed,
         with the error that answers their commands, and those of them ``presumed`` new whose
         own write the journal refused (any error of its write's result: a conflict says the
         entity exists, and any other refusal came from commands decided on a state it may not
         have): they are to recover and run again, and count as neither conflicts nor failed
-        writes. When the append itself fails (its outcome unknown), every command that waited
-        on it gets the error, presumed new or not."""
+        writes. So are those ``optimistic`` (command ids not looked up) whose write was
+        refused for another reason than a conflict: a command id already stored
+        (``DuplicateCommandId``), or a failure that a command applied before and decided again
+        may have caused. When the append itself fails (its outcome unknown), every command
+        that waited on it gets the error, presumed new or not."""
         failed: dict[tuple[str, str], BaseException] = {}
         refused: list[tuple[str, str]] = []
         write_keys = decided.write_keys
@@ -1128,6 +1191,8 @@ class EntityProcessor:
                             refused.append(key)
                         elif isinstance(wr.error, ConcurrencyConflict):
                             self._stats["conflicts"] += 1
+                        elif optimistic and key in optimistic:
+                            refused.append(key)
         self._stats["failed_writes"] += len(failed) - len(refused)
         return failed, refused
 
