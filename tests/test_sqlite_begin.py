@@ -189,3 +189,31 @@ async def test_a_write_cancelled_while_it_waits_for_the_lock_leaves_it_free(
         other.close()
     async with database.write() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
+
+
+async def test_the_idempotency_key_stores_lone_statements_wait_the_same_way(
+    database: Database,
+) -> None:
+    """The key store's calls of one statement (a sweep, one claim) run in the database's
+    ``BEGIN IMMEDIATE`` too, not in autocommit mode, where SQLite's busy handler waits."""
+    from lagompy.service._idempotency import _SqliteKeys
+    from lagompy.sql._schema import idempotency_keys
+
+    async with database.write() as conn:
+        await conn.run_sync(lambda sync: idempotency_keys.create(sync))
+    keys = _SqliteKeys(database)
+
+    latencies = []
+    for _ in range(3):
+        # From the other's COMMIT to the end of the sweep that waited for the lock.
+        with _holder(database) as other:
+            waiter = asyncio.create_task(keys.sweep("scope", 0, 10))
+            await asyncio.sleep(HOLD)
+            assert not waiter.done(), "the sweep ran while the lock was held"
+            other.execute("COMMIT")
+            started = time.perf_counter()
+            await asyncio.wait_for(waiter, 10)
+        latencies.append(time.perf_counter() - started)
+        if latencies[-1] < BOUND:
+            break
+    assert min(latencies) < BOUND, [f"{s * 1000:.1f} ms" for s in latencies]

@@ -587,28 +587,29 @@ DELETE FROM {_TABLE} WHERE rowid IN (
 
 
 class _SqliteKeys:
-    """Each call one transaction (local: a statement per key). A lone statement runs in
-    autocommit mode, where a write statement takes the write lock when it starts; several
-    run in ``BEGIN IMMEDIATE`` ... ``COMMIT``."""
+    """Each call one transaction (local: a statement per key), every statement a write, in
+    ``BEGIN IMMEDIATE`` ... ``COMMIT`` even when it is alone: the database's
+    ``begin_immediate`` waits for the file's write lock by trying again every millisecond,
+    where a lone statement in autocommit mode would wait in SQLite's busy handler, whose
+    sleeps grow to 100 ms and miss the brief moments between another writer's commits (see
+    ``sqlite_begin_immediate``)."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
 
     @contextlib.asynccontextmanager
-    async def _connection(self, statements: int) -> AsyncIterator[Any]:
+    async def _connection(self) -> AsyncIterator[Any]:
         with translate_errors("idempotency key store"):
             async with self.database.engine.connect() as conn:
                 fairy = await conn.get_raw_connection()
-                if statements == 1:
-                    yield fairy.driver_connection
-                    return
                 async with driver_transaction(fairy, self.database.begin_immediate) as db:
                     yield db
 
     async def exchange(self, scope: str, round_: _Round) -> dict[str, int]:
         bound: dict[str, int] = {}
-        count = len(round_.answered) + len(round_.unbound) + len(round_.claims)
-        async with self._connection(count) as db:
+        if not (round_.answered or round_.unbound or round_.claims):
+            return bound
+        async with self._connection() as db:
             for key, created_us in round_.answered:
                 await db.execute_fetchall(_SQLITE_ANSWERED, (scope, key, created_us))
             for key, created_us in round_.unbound:
@@ -627,7 +628,7 @@ class _SqliteKeys:
         self, scope: str, keys: Sequence[tuple[str, str]], expired_before: int
     ) -> dict[str, Found]:
         found: dict[str, Found] = {}
-        async with self._connection(len(keys)) as db:
+        async with self._connection() as db:
             for key, fingerprint in keys:
                 rows = await db.execute_fetchall(_SQLITE_JOIN, (fingerprint, scope, key))
                 if rows and rows[0][3] >= expired_before:
@@ -636,7 +637,7 @@ class _SqliteKeys:
         return found
 
     async def sweep(self, scope: str, expired_before: int, limit: int) -> int:
-        async with self._connection(1) as db:
+        async with self._connection() as db:
             cursor = await db.execute(_SQLITE_SWEEP, (scope, expired_before, limit))
             deleted = int(cursor.rowcount)
             await cursor.close()
