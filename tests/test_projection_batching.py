@@ -471,3 +471,53 @@ def test_sqlite_handlers_run_before_the_batch_takes_the_write_lock(tmp_path: Pat
 
     asyncio.run(main())
     assert _probed["free"] == [True] * 20
+
+
+def test_sqlite_batch_writes_and_offset_go_to_the_driver_in_one_call(tmp_path: Path) -> None:
+    # The write lock is held from BEGIN IMMEDIATE to COMMIT: a batch's deferred writes, its
+    # offset and the COMMIT go to the driver's thread in one call, so that the lock is not held
+    # while the event loop gets round to each statement's result.
+    from lagompy.sql import _database
+
+    path = tmp_path / "j.db"
+    js = JournalSettings(url=f"sqlite:///{path}")
+    rs = ReadSideSettings(max_batch=20, tail=TailSettings(poll_interval=0.02))
+    calls: list[int] = []
+    one_call = _database._commit_in_one_call
+
+    def counting(conn: Any, timeout_ms: int, writes: Any, last: Any) -> Any:
+        calls.append(sum(len(rows) for _, rows in writes))
+        return one_call(conn, timeout_ms, writes, last)
+
+    async def main() -> None:
+        serializer = Serializer([Ops])
+        async with await open_storage(settings=js, serializer=serializer) as storage:
+            await storage.journal.append(
+                [
+                    AtomicWrite(
+                        "ops", f"e{i}", 0, [Ops(json.dumps([["put", i, i]]))], [("batching",)]
+                    )
+                    for i in range(20)
+                ]
+            )
+            projection = Database.create(projection_settings(js, rs))
+            try:
+                await ensure_schema(projection)
+                processor = OpsProjection()
+                await run_global_prepare(processor, projection, rs)
+                worker = ReadSideWorker(
+                    processor, "batching", journal=storage.journal, projection=projection,
+                    settings=rs,
+                )  # fmt: skip
+                await worker.catch_up(force=True)
+                assert worker.offset == 20 and worker.transactions == 1
+                assert len((await _tables(projection))[0]) == 20
+            finally:
+                await projection.dispose()
+
+    _database._commit_in_one_call = counting
+    try:
+        asyncio.run(main())
+    finally:
+        _database._commit_in_one_call = one_call
+    assert calls == [20]  # one call, every event's write in it

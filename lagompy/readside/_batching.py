@@ -9,7 +9,10 @@ with one dict of parameters or none) in a list, in order. They are sent when som
 the database (:meth:`DeferringConnection.flush`): before any other statement (a read sees the
 batch's earlier writes), and at the end of the batch, before the offset is stored in the same
 transaction. A flush sends each run of consecutive writes of the same statement (same SQL,
-same parameter names: SQLAlchemy's cache key) as one executemany, the runs in their order.
+same parameter names: SQLAlchemy's cache key) as one executemany, the runs in their order. On
+SQLite the worker takes the last flush's runs as driver statements instead
+(:meth:`DeferringConnection.driver_writes`) and sends them with the offset and the COMMIT in
+one call to the driver's thread.
 A run of one statement object (built once, its values in the parameters: the way the docs
 teach) goes to the driver's executemany through :class:`_Plan`, the statement compiled once and
 each event's values put in their places (with the column types' bind processors) by a plan
@@ -48,7 +51,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 
-__all__ = ["DeferralDefeated", "DeferringConnection", "Learnt", "deferrable", "deferring"]
+__all__ = [
+    "DeferralDefeated",
+    "DeferringConnection",
+    "Learnt",
+    "deferrable",
+    "deferring",
+    "driver_form",
+]
 
 #: Attributes of the connection a handler may read without the pending writes being sent.
 _HARMLESS = frozenset({"dialect", "engine", "sync_engine", "info"})
@@ -228,6 +238,47 @@ def _compiled_plan(compiled: Any, names: tuple[str, ...]) -> _Plan | None:
     return _Plan(compiled.string, build)
 
 
+def driver_form(
+    statement: Any, dialect: Dialect, compiled_cache: dict[Any, Any]
+) -> tuple[str, Any] | None:
+    """``statement`` (its values bound in it) as the driver's SQL and positional parameters,
+    compiled once per statement shape (``compiled_cache``: kept by the caller, by cache key)
+    and its values put in place through the bind processors, as SQLAlchemy's own execute
+    would; None for a statement that needs more than that (see :func:`_compiled_plan`)."""
+    key = statement._generate_cache_key()
+    if key is None:
+        return None
+    entry = compiled_cache.get(key.key)
+    if entry is None:
+        compiled: Any = statement.compile(dialect=dialect, cache_key=key)
+        processors = getattr(compiled, "_bind_processors", None)
+        usable = (
+            compiled.positional
+            and isinstance(processors, Mapping)
+            and not (
+                compiled.insert_prefetch
+                or compiled.update_prefetch
+                or compiled.post_compile_params
+                or compiled.literal_execute_params
+                or compiled.escaped_bind_names
+            )
+        )
+        entry = (compiled, processors) if usable else (None, None)
+        if len(compiled_cache) >= _MEMO:
+            compiled_cache.clear()
+        compiled_cache[key.key] = entry
+    compiled, processors = entry
+    if compiled is None or processors is None:
+        return None
+    values = compiled.construct_params(extracted_parameters=key.bindparams, escape_names=False)
+    row = []
+    for name in compiled.positiontup:
+        convert = processors.get(name)
+        value = values[name]
+        row.append(convert(value) if convert is not None else value)
+    return compiled.string, compiled.dialect.execute_sequence_format(row)
+
+
 class Learnt:
     """What deferring connections learn about statements, kept by a worker from batch to
     batch: compiled groups (by cache key), the driver plans of statement objects, and whether
@@ -391,18 +442,47 @@ class DeferringConnection:
             self._failed = e
             raise
 
+    def driver_writes(self) -> list[tuple[str, list[Any]]] | None:
+        """The pending writes as driver statements, each run one ``(sql, rows)`` for the
+        driver's executemany, in order, taken out of this connection: the caller sends them.
+        None, and nothing taken, when a run needs SQLAlchemy to execute it (no driver plan),
+        or the batch went unbatched, defeated or failed. For the read-side worker's commit in
+        one call on SQLite (``_worker.py``)."""
+        if self._failed is not None or self._defeated is not None or self._immediate:
+            return None
+        ops = self._ops(self._statements, self._parameters)
+        writes: list[tuple[str, list[Any]]] = []
+        for op in ops:
+            if op[0] is None:
+                return None
+            writes.append((op[0], op[1]))
+        self._statements, self._parameters = [], []
+        return writes
+
     async def _send(
         self, statements: list[Any], parameters: list[Mapping[str, Any] | None]
     ) -> None:
-        """Send each run of one statement as one executemany: consecutive writes of the very
-        same statement object with the same parameter names (the handler built it once) form
-        a run with no work per write; neighbouring runs whose statements have the same cache
-        key (built anew for each event) join into one, sent through their compiled group."""
         conn = self._conn
+        for sql, rows, statement, params in self._ops(statements, parameters):
+            if sql is not None:
+                await conn.exec_driver_sql(sql, rows)
+            elif params is _EACH:
+                for k in rows:
+                    await conn.execute(statements[k], parameters[k])
+            else:
+                await conn.execute(statement, params)
+
+    def _ops(self, statements: list[Any], parameters: list[Mapping[str, Any] | None]) -> list[_Op]:
+        """How the pending writes are sent: each run of one statement as one executemany.
+        Consecutive writes of the very same statement object with the same parameter names
+        (the handler built it once) form a run with no work per write; neighbouring runs whose
+        statements have the same cache key (built anew for each event) join into one, sent
+        through their compiled group."""
         n = len(statements)
+        if n == 0:
+            return []
         if n == 1:
-            await conn.execute(statements[0], parameters[0])
-            return
+            return [self._single(statements[0], parameters[0])]
         # Runs of the same object: (start, end, key); the key is None for a statement that
         # cannot be cached (never joined with another run).
         runs: list[tuple[int, int, Any]] = []
@@ -422,6 +502,7 @@ class DeferringConnection:
                     end += 1
             runs.append((start, end, self._key(first, _names(given))))
             start = end
+        ops: list[_Op] = []
         i = 0
         while i < len(runs):
             begin, stop, key = runs[i]
@@ -430,30 +511,36 @@ class DeferringConnection:
                 while j < len(runs) and runs[j][2] == key:
                     j += 1
             if j == i + 1:
-                await self._send_same(statements[begin], parameters[begin:stop])
+                ops.extend(self._same(statements[begin], parameters[begin:stop]))
             else:
-                await self._send_joined(runs[i:j], statements, parameters, key)
+                ops.append(self._joined(runs[i:j], statements, parameters, key))
             i = j
+        return ops
 
     def _key(self, statement: Any, names: tuple[str, ...]) -> _Key | None:
         """(statement's cache key, its group key); SQLAlchemy remembers an object's cache key."""
         cache_key = statement._generate_cache_key()
         return None if cache_key is None else (cache_key, (cache_key.key, names))
 
-    async def _send_same(self, statement: Any, parameters: list[Mapping[str, Any] | None]) -> None:
-        conn = self._conn
+    def _single(self, statement: Any, parameters: Mapping[str, Any] | None) -> _Op:
+        """One write alone: through its driver plan when it has one."""
+        if parameters:
+            plan = self._plan(statement, _names(parameters))
+            if plan is not None:
+                return (plan.sql, plan.rows([parameters]), None, None)
+        return (None, [], statement, parameters)
+
+    def _same(self, statement: Any, parameters: list[Mapping[str, Any] | None]) -> list[_Op]:
         if len(parameters) == 1:
-            await conn.execute(statement, parameters[0])
-        elif parameters[0]:  # then every one: a run shares its parameter names
+            return [self._single(statement, parameters[0])]
+        if parameters[0]:  # then every one: a run shares its parameter names
             rows = cast(list[Mapping[str, Any]], parameters)
             plan = self._plan(statement, _names(parameters[0]))
             if plan is None:
-                await conn.execute(statement, rows)
-            else:
-                await conn.exec_driver_sql(plan.sql, plan.rows(rows))
-        else:  # the same statement again and again, nothing to vary
-            for _ in parameters:
-                await conn.execute(statement)
+                return [(None, [], statement, rows)]
+            return [(plan.sql, plan.rows(rows), None, None)]
+        # the same statement again and again, nothing to vary
+        return [(None, [], statement, None) for _ in parameters]
 
     def _plan(self, statement: Any, names: tuple[str, ...]) -> _Plan | None:
         """The statement object's driver plan for these parameter names (see :class:`_Plan`),
@@ -468,26 +555,23 @@ class DeferringConnection:
         self._plans[memo] = (statement, plan)
         return plan
 
-    async def _send_joined(
+    def _joined(
         self,
         runs: list[tuple[int, int, Any]],
         statements: list[Any],
         parameters: list[Mapping[str, Any] | None],
         key: _Key,
-    ) -> None:
+    ) -> _Op:
         """Runs of different statement objects with one cache key: one executemany of the
         first one, each write's values (bound in its statement, or given) as its parameters."""
-        conn = self._conn
         cache_key, group_key = key
         group = self._groups.get(group_key)
         first = statements[runs[0][0]]
         if group is None:
-            group = self._groups[group_key] = _Group(first, cache_key, group_key[1], conn.dialect)
+            group = self._groups[group_key] = _Group(first, cache_key, group_key[1], self._dialect)
         if not group.usable:
-            for begin, stop, _ in runs:
-                for k in range(begin, stop):
-                    await conn.execute(statements[k], parameters[k])
-            return
+            each = [k for begin, stop, _ in runs for k in range(begin, stop)]
+            return (None, each, None, _EACH)
         construct = group.compiled.construct_params
         rows = []
         for begin, stop, run_key in runs:
@@ -507,9 +591,15 @@ class DeferringConnection:
             group.planned = (names, plan)
         plan = group.planned[1]
         if plan is None:
-            await conn.execute(first, rows)
-        else:
-            await conn.exec_driver_sql(plan.sql, plan.rows(rows))
+            return (None, [], first, rows)
+        return (plan.sql, plan.rows(rows), None, None)
+
+
+#: One step of a flush: (driver SQL, its rows, None, None) for the driver's executemany;
+#: (None, [], statement, parameters) for SQLAlchemy's execute; (None, indices, None, _EACH)
+#: for writes executed one by one, each with its own statement and parameters.
+_Op = tuple[str | None, list[Any], Any, Any]
+_EACH: Any = object()
 
 
 def _names(parameters: Mapping[str, Any] | None) -> tuple[str, ...]:

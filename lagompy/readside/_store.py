@@ -59,8 +59,9 @@ from lagompy.consumer._lease import (
 )
 from lagompy.errors import ConfigurationError, LeaseLost
 from lagompy.journal._journal import now_us
+from lagompy.readside._batching import driver_form
 from lagompy.sql import _schema as schema
-from lagompy.sql._database import Database
+from lagompy.sql._database import Database, sqlite_commit_in_one_call
 
 __all__ = [
     "FAILED",
@@ -182,6 +183,8 @@ class OffsetStore:
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        #: Compiled fenced writes, by statement shape (see :func:`driver_form`).
+        self._compiled: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ rows
 
@@ -364,20 +367,72 @@ class OffsetStore:
         (the caller's transaction then rolls back). ``clear_failure``: the worker moved past
         the failure line (it is cleared, and a ``failed`` state with it); otherwise a
         ``failed`` state stays."""
+        values = self._commit_values(
+            offset, ttl, state, events_per_s=events_per_s, skipped=skipped, clear=clear_failure
+        )
+        return await self._fenced(conn, lease, values)
+
+    async def commit_in_one_call(
+        self,
+        conn: AsyncConnection,
+        writes: list[tuple[str, list[Any]]],
+        lease: Lease,
+        offset: int,
+        ttl: float,
+        *,
+        events_per_s: float | None = None,
+        clear_failure: bool = False,
+    ) -> Flags | None:
+        """SQLite: the handlers' ``writes`` (driver SQL and rows, from
+        :meth:`DeferringConnection.driver_writes
+        <lagompy.readside._batching.DeferringConnection.driver_writes>`) and :meth:`commit`'s
+        fenced write, as one transaction in one call to the driver's thread
+        (:func:`~lagompy.sql._database.sqlite_commit_in_one_call`: the file's write lock is
+        held for the statements' time only). ``conn`` must not have begun a transaction.
+        ``SqliteWritesFailed`` when a write fails, ``LeaseLost`` when the epoch moved on (both
+        rolled back); None, with nothing done, when the fenced write has no driver form (then
+        the caller sends everything through ``conn``)."""
+        values = self._commit_values(
+            offset, ttl, "running", events_per_s=events_per_s, clear=clear_failure
+        )
+        last = driver_form(self._fenced_statement(lease, values), conn.dialect, self._compiled)
+        if last is None:
+            return None
+        fairy = await conn.get_raw_connection()
+        returned = await sqlite_commit_in_one_call(
+            fairy.driver_connection,
+            timeout_ms=self.database.settings.sqlite_busy_timeout_ms,
+            writes=writes,
+            last=last,
+        )
+        if not returned:
+            raise await self._lease_lost(conn, lease)
+        return _flags(returned[0])
+
+    def _commit_values(
+        self,
+        offset: int,
+        ttl: float,
+        state: str,
+        *,
+        events_per_s: float | None = None,
+        skipped: int = 0,
+        clear: bool = False,
+    ) -> dict[str, Any]:
         now = now_us()
         values: dict[str, Any] = {
             "last_offset": offset,
             "lease_expires_us": now + int(ttl * 1_000_000),
             "updated_us": now,
-            "state": state if clear_failure else _keep_failed(state),
+            "state": state if clear else _keep_failed(state),
         }
-        if clear_failure:
+        if clear:
             values.update(_NO_FAILURE)
         if events_per_s is not None:
             values["events_per_s"] = events_per_s
         if skipped:
             values["skipped"] = _T.c.skipped + skipped
-        return await self._fenced(conn, lease, values)
+        return values
 
     async def fence(self, conn: AsyncConnection, lease: Lease, ttl: float) -> Flags:
         """Inside a transaction: extend the lease, only where the epoch is still the lease's
@@ -448,30 +503,38 @@ class OffsetStore:
             return bool((await conn.execute(stmt)).rowcount)
 
     async def _fenced(self, conn: AsyncConnection, lease: Lease, values: dict[str, Any]) -> Flags:
-        stmt = (
+        got = (await conn.execute(self._fenced_statement(lease, values))).first()
+        if got is None:
+            raise await self._lease_lost(conn, lease)
+        return _flags(got)
+
+    @staticmethod
+    def _fenced_statement(lease: Lease, values: dict[str, Any]) -> Any:
+        return (
             update(_T)
             .where(*_fence(lease))
             .values(**values)
             .returning(_T.c.paused, _T.c.state, _retry_pending())
         )
-        got = (await conn.execute(stmt)).first()
-        if got is None:
-            now = (
-                await conn.execute(
-                    select(_T.c.owner, _T.c.epoch).where(
-                        _T.c.processor == lease.processor, _T.c.tag == lease.tag
-                    )
+
+    @staticmethod
+    async def _lease_lost(conn: AsyncConnection, lease: Lease) -> LeaseLost:
+        """The error of a fenced write that found another epoch (who holds the lease now)."""
+        now = (
+            await conn.execute(
+                select(_T.c.owner, _T.c.epoch).where(
+                    _T.c.processor == lease.processor, _T.c.tag == lease.tag
                 )
-            ).first()
-            taker = "" if now is None else f" by {describe_owner(now[0])}, epoch {now[1]}"
-            raise LeaseLost(
-                f"read-side processor {lease.processor!r}, tag {lease.tag!r}: the lease of "
-                f"{lease.owner!r} (epoch {lease.epoch}) was taken{taker}; its batch was "
-                "rolled back",
-                processor=lease.processor,
-                tag=lease.tag,
             )
-        return Flags(bool(got[0]), got[1] == FAILED, bool(got[2]))
+        ).first()
+        taker = "" if now is None else f" by {describe_owner(now[0])}, epoch {now[1]}"
+        return LeaseLost(
+            f"read-side processor {lease.processor!r}, tag {lease.tag!r}: the lease of "
+            f"{lease.owner!r} (epoch {lease.epoch}) was taken{taker}; its batch was "
+            "rolled back",
+            processor=lease.processor,
+            tag=lease.tag,
+        )
 
     # ------------------------------------------------------------------ operations
 
@@ -602,6 +665,11 @@ def _retry_pending() -> Any:
         .where(p.c.retry_requested_us.is_not(None))
         .label("retry_pending")
     )
+
+
+def _flags(row: Any) -> Flags:
+    """The flags of a fenced write's RETURNING row (paused, state, retry pending)."""
+    return Flags(bool(row[0]), row[1] == FAILED, bool(row[2]))
 
 
 def _keep_failed(state: str) -> Any:

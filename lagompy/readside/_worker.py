@@ -59,7 +59,7 @@ from lagompy.readside._store import (
     OffsetStore,
 )
 from lagompy.serialization import Serializer
-from lagompy.sql._database import Database
+from lagompy.sql._database import Database, SqliteWritesFailed
 
 log = logging.getLogger("lagompy.readside")
 
@@ -250,6 +250,10 @@ class ProjectionCommit:
         self._defer = True
         #: What the deferring connections learnt of the handlers' statements, batch to batch.
         self._learnt = Learnt()
+        #: SQLite: a deferred batch's writes and its offset go to the driver in one call, so
+        #: that the file's write lock is held for their own time (see
+        #: ``OffsetStore.commit_in_one_call``).
+        self._one_call = projection.dialect == "sqlite"
         #: (offset, attempts) of the undecodable event being retried.
         self._undecodable_at: tuple[int, int] | None = None
 
@@ -394,6 +398,8 @@ class ProjectionCommit:
             handler_conn, deferred = conn, None
             if defer:
                 handler_conn, deferred = deferring(conn, self._learnt, self._defeated)
+            #: SQLite: the writes as driver statements, sent with the offset in one call.
+            writes: list[tuple[str, list[Any]]] | None = None
             try:
                 if self._batch_mode:
                     done = len(envelopes)
@@ -410,15 +416,31 @@ class ProjectionCommit:
                         if time.monotonic() - started >= s.max_batch_seconds:
                             break
                 if deferred is not None:
-                    await deferred.finish()
+                    if self._one_call and not conn.in_transaction():
+                        writes = deferred.driver_writes()
+                    if writes is None:
+                        await deferred.finish()
             except Exception as e:
                 raise _HookFailed(e) from e
             offset = envelopes[done - 1].offset if upto is None or done < len(envelopes) else upto
             rate = consumer.rate.add(done)
             clear = consumer.passes_failure(offset)
-            flags = await self.store.commit(
-                conn, lease, offset, s.lease_ttl, events_per_s=rate, clear_failure=clear
-            )
+            flags = None
+            if writes is not None:
+                try:
+                    flags = await self.store.commit_in_one_call(
+                        conn, writes, lease, offset, s.lease_ttl, events_per_s=rate,
+                        clear_failure=clear,
+                    )  # fmt: skip
+                except SqliteWritesFailed as e:
+                    raise _HookFailed(e.error) from e.error
+                if flags is None:  # no driver form of the offset's write: the usual way
+                    for sql, rows in writes:
+                        await conn.exec_driver_sql(sql, rows)
+            if flags is None:
+                flags = await self.store.commit(
+                    conn, lease, offset, s.lease_ttl, events_per_s=rate, clear_failure=clear
+                )
         consumer.moved(offset, clear, flags)
         consumer.events_handled += done
         consumer.transactions += 1

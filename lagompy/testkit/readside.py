@@ -397,20 +397,41 @@ class ReadSideContract:
         class Crash(BaseException):
             """The process dies: nothing after this line of the worker runs."""
 
+        def due() -> bool:
+            # Die at the first commit that follows the new events' handlers.
+            return f"handle {second[0].offset}" in CreditsProjection.calls
+
         def die_before_commit(_conn: Any) -> None:
-            # Every transaction commits through here (leases too): die at the first commit
-            # that follows the new events' handlers.
-            if f"handle {second[0].offset}" in CreditsProjection.calls:
+            # Every transaction through SQLAlchemy commits through here (leases too).
+            if due():
                 raise Crash
+
+        # On SQLite a batch's deferred writes and its offset go to the driver's thread in one
+        # call (``sqlite_commit_in_one_call``): die there, after its writes, before its COMMIT.
+        from lagompy.sql import _database
+
+        one_call = _database._commit_in_one_call
+
+        def writes_then_die(conn: Any, timeout_ms: int, writes: Any, last: Any) -> Any:
+            if not due():
+                return one_call(conn, timeout_ms, writes, last)
+            _database._begin_immediate(conn, timeout_ms)
+            for sql, rows in writes:
+                conn.executemany(sql, rows)
+            conn.execute(last[0], last[1]).fetchall()
+            conn.execute("ROLLBACK")  # what the database does with a dead writer's transaction
+            raise Crash
 
         engine = env.projection.engine.sync_engine
         event.listen(engine, "commit", die_before_commit)
+        _database._commit_in_one_call = writes_then_die
         crashed = env.worker()
         try:
             with pytest.raises(Crash):
                 await crashed.catch_up()
         finally:
             event.remove(engine, "commit", die_before_commit)
+            _database._commit_in_one_call = one_call
         # The handlers ran, their writes and the offset were rolled back together.
         assert "handle " + str(second[0].offset) in CreditsProjection.calls
         assert await env.stored_offset() == first[-1].offset
