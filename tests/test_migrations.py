@@ -24,7 +24,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
-from sqlalchemy import Column, Integer, MetaData, inspect, text
+from sqlalchemy import Column, Integer, MetaData, inspect, select, text
 from sqlalchemy.engine import Connection
 from typer.testing import CliRunner
 
@@ -45,6 +45,10 @@ from lagompy.sql._migrate import _FIRST_REVISION_TABLES, ADVISORY_LOCK_KEY, VERS
 REPO = Path(__file__).resolve().parent.parent
 TABLES = sorted(schema.metadata.tables)
 HEAD = head_revision()
+#: The deletions' columns of revision 0001: the row the tests of other revisions keep.
+DELETED = select(
+    schema.deletions.c.entity_type, schema.deletions.c.entity_id, schema.deletions.c.deleted_to
+)
 
 
 @pytest.fixture
@@ -199,7 +203,7 @@ async def test_a_second_upgrade_changes_nothing_and_keeps_the_data(database: Dat
     again = await upgrade(database)
     assert (again.before, again.after, again.changed) == (HEAD, HEAD, False)
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
 
 
 async def test_a_failed_upgrade_leaves_nothing_behind(database: Database) -> None:
@@ -234,7 +238,7 @@ async def test_0005_adds_the_idempotency_keys_to_a_database_at_0004(database: Da
             )
         )  # fmt: skip
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
         assert len((await conn.execute(schema.idempotency_keys.select())).all()) == 1
 
 
@@ -255,7 +259,7 @@ async def test_0006_adds_the_console_audit_to_a_database_at_0005(database: Datab
     async with database.write() as conn:
         await conn.execute(schema.console_audit.insert(), [row, row])
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
         ids = (await conn.execute(schema.console_audit.select())).scalars().all()
         assert len(set(ids)) == 2
 
@@ -283,7 +287,7 @@ async def test_0009_adds_the_parked_table_to_a_database_at_0008(database: Databa
         async with database.write() as conn:
             await conn.execute(schema.parked.insert(), [row])
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
         ids = (await conn.execute(schema.parked.select())).scalars().all()
         assert len(set(ids)) == 2
 
@@ -319,7 +323,7 @@ async def test_0010_lets_journal_writers_run_at_once_on_a_database_at_0009(
         else:
             assert bound is None
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
 
 
 async def test_0011_adds_the_consumer_members_and_downgrades(database: Database) -> None:
@@ -353,7 +357,7 @@ async def test_0011_adds_the_consumer_members_and_downgrades(database: Database)
     assert await current_revision(database) == before
     assert "lagompy_consumer_members" not in await table_names(database)
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
     assert (await upgrade(database)).after == HEAD
 
 
@@ -373,7 +377,7 @@ async def test_tables_made_before_migrations_are_adopted(database: Database) -> 
     assert result.after == HEAD
     assert await differences(database) == []
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
 
 
 async def test_some_but_not_all_tables_is_a_configuration_error(database: Database) -> None:
@@ -796,3 +800,97 @@ async def test_0013_gives_every_event_its_slice_and_downgrades(database: Databas
         assert "slice" not in await conn.run_sync(event_columns)
     assert (await upgrade(database)).after == HEAD
     assert await differences(database) == []
+
+
+async def test_0014_records_where_forgotten_entities_restarted_and_downgrades(
+    database: Database,
+) -> None:
+    # Deletions written at 0013: an entity with no event left was forgotten (restarted_at =
+    # deleted_to); one with events left keeps 0, whether its events were deleted in part or it
+    # was forgotten and wrote again (the two cannot be told apart); the entity type counts.
+    from lagompy.journal import Journal, slice_of
+    from lagompy.serialization import Serializer
+
+    assert (await upgrade(database, "0013")).after == "0013"
+    insert_event = text(
+        "INSERT INTO lagompy_events (entity_type, entity_id, seq_nr, event_type, event_version, "
+        "payload, tags, written_at_us, metadata, slice) "
+        "VALUES (:t, :i, :s, 'E', 1, :p, NULL, 5, NULL, :sl)"
+    )
+    events = [("t", "half", 3), ("t", "half", 4), ("t", "back", 6), ("u", "gone", 8)]
+    deletions = [("t", "gone", 3), ("t", "half", 2), ("t", "back", 5), ("u", "gone", 7)]
+    async with database.write() as conn:
+        await conn.execute(
+            insert_event,
+            [{"t": t, "i": i, "s": s, "p": b"x", "sl": slice_of(i)} for t, i, s in events],
+        )
+        await conn.execute(
+            text("INSERT INTO lagompy_deletions VALUES (:t, :i, :d)"),
+            [{"t": t, "i": i, "d": d} for t, i, d in deletions],
+        )
+    assert (await upgrade(database)).after == HEAD
+    assert await differences(database) == []
+    d = schema.deletions
+    rows = select(d.c.entity_type, d.c.entity_id, d.c.deleted_to, d.c.restarted_at).order_by(
+        d.c.entity_type, d.c.entity_id
+    )
+    async with database.read() as conn:
+        assert (await conn.execute(rows)).all() == [
+            ("t", "back", 5, 0),
+            ("t", "gone", 3, 3),
+            ("t", "half", 2, 0),
+            ("u", "gone", 7, 0),
+        ]
+    # The journal reads and writes the column.
+    serializer = Serializer()
+    serializer.register(Marked)
+    journal = Journal(database, serializer)
+    assert await journal.deletions("t", "gone") == (3, 3)
+    assert await journal.delete_events("t", "half", 9) == 2
+    assert await journal.deletions("t", "half") == (4, 4)
+    # A writer of the previous version inserts no restarted_at: the default, 0.
+    async with database.write() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO lagompy_deletions (entity_type, entity_id, deleted_to) "
+                "VALUES ('v', 'old', 2)"
+            )
+        )
+    async with database.read() as conn:
+        assert (await conn.execute(rows.where(d.c.entity_type == "v"))).all() == [
+            ("v", "old", 2, 0)
+        ]
+
+    await downgrade_to(database, "0013")
+    assert await current_revision(database) == "0013"
+
+    def deletion_columns(conn: Connection) -> list[str]:
+        return [c["name"] for c in inspect(conn).get_columns("lagompy_deletions")]
+
+    async with database.read() as conn:
+        assert await conn.run_sync(deletion_columns) == ["entity_type", "entity_id", "deleted_to"]
+        assert (await conn.execute(DELETED.order_by(d.c.entity_type, d.c.entity_id))).all() == [
+            ("t", "back", 5),
+            ("t", "gone", 3),
+            ("t", "half", 4),
+            ("u", "gone", 7),
+            ("v", "old", 2),
+        ]
+    assert (await upgrade(database)).after == HEAD
+    assert await differences(database) == []
+    async with database.read() as conn:
+        assert (await conn.execute(rows)).all()[:3] == [
+            ("t", "back", 5, 0),
+            ("t", "gone", 3, 3),
+            ("t", "half", 4, 4),
+        ]
+
+
+def test_0014_is_in_the_offline_script_of_both_databases() -> None:
+    expected = {
+        "postgresql://postgres@127.0.0.1:1/none": "SET restarted_at = deleted_to WHERE NOT EXISTS",
+        "sqlite:///x.db": "THEN old.deleted_to ELSE 0 END",
+    }
+    for url, text_ in expected.items():
+        sql = upgrade_sql(JournalSettings(url=url), "0013:0014")
+        assert "restarted_at BIGINT DEFAULT 0 NOT NULL" in sql and text_ in sql, sql

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lagompy.sql import _schema as schema
 from lagompy.sql import upgrade
 from lagompy.sql._database import Database
-from tests.test_migrations import HEAD, database, differences, table_names
+from tests.test_migrations import DELETED, HEAD, database, differences, table_names
 
 __all__ = ["database"]  # the fixture, shared with tests/test_migrations.py
 
@@ -27,5 +27,5 @@ async def test_0008_adds_the_workflow_tables_to_a_database_at_0006(database: Dat
             )
         )
     async with database.read() as conn:
-        assert (await conn.execute(schema.deletions.select())).all() == [("t", "1", 3)]
+        assert (await conn.execute(DELETED)).all() == [("t", "1", 3)]
         assert len((await conn.execute(schema.workflow_types.select())).all()) == 1

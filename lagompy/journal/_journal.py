@@ -561,16 +561,27 @@ class Journal:
 
         What recovery decides a deletion from: unlike :meth:`highest_seq_nr`, a concurrent
         writer's new events never change it."""
+        return (await self.deletions(entity_type, entity_id))[0]
+
+    async def restarted_at(self, entity_type: str, entity_id: str) -> int:
+        """The highest sequence number at which a deletion left the entity no event at all (0:
+        none ever did): it was forgotten there. Recovery starts it again from its initial
+        state at this number (unless a snapshot reaches it) and replays the events after it;
+        events deleted above it are missing, as they would be above 0."""
+        return (await self.deletions(entity_type, entity_id))[1]
+
+    async def deletions(self, entity_type: str, entity_id: str) -> tuple[int, int]:
+        """:meth:`deleted_to` and :meth:`restarted_at` of the entity, in one query."""
         d = schema.deletions
         async with self.database.read() as conn:
-            deleted = (
+            row = (
                 await conn.execute(
-                    select(d.c.deleted_to).where(
+                    select(d.c.deleted_to, d.c.restarted_at).where(
                         d.c.entity_type == entity_type, d.c.entity_id == entity_id
                     )
                 )
-            ).scalar()
-        return int(deleted or 0)
+            ).first()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
     async def events(
         self,
@@ -631,7 +642,7 @@ class Journal:
         *,
         page_size: int = _REPLAY_PAGE,
     ) -> dict[str, Replayed]:
-        """What :meth:`replay` and :meth:`deleted_to` read for one entity, for many entities of
+        """What :meth:`replay` and :meth:`deletions` read for one entity, for many entities of
         one type at once (entity id -> the first sequence number wanted): one
         :class:`Replayed` per id given.
 
@@ -649,22 +660,21 @@ class Journal:
         out: dict[str, Replayed] = {}
         async with self.database.read() as conn:
             highest: dict[str, int] = {}
-            deleted: dict[str, int] = {}
+            deleted: dict[str, tuple[int, int]] = {}
             for n in range(0, len(ids), _IDS_PER_QUERY):
                 chunk = ids[n : n + _IDS_PER_QUERY]
                 found = await _positions(conn, entity_type, chunk)
-                for entity_id, (high, gone) in found.items():
+                for entity_id, (high, gone, restarted) in found.items():
                     highest[entity_id] = high
-                    deleted[entity_id] = gone
+                    deleted[entity_id] = (gone, restarted)
             events: dict[str, list[EventEnvelope[Any]]] = {i: [] for i in ids}
             errors: dict[str, EventDecodeError] = {}
             for ranges in _plan(starts, highest, page_size):
                 rows = _tuples(await conn.execute(_ranges_query(entity_type, ranges)))
                 self._decode_into(entity_type, rows, events, errors)
         for entity_id in ids:
-            out[entity_id] = Replayed(
-                events[entity_id], deleted.get(entity_id, 0), errors.get(entity_id)
-            )
+            gone, restarted = deleted.get(entity_id, (0, 0))
+            out[entity_id] = Replayed(events[entity_id], gone, errors.get(entity_id), restarted)
         return out
 
     def _decode_into(
@@ -899,7 +909,10 @@ class Journal:
         """Delete the entity's events up to ``to_seq_nr``; returns how many were deleted.
 
         The highest sequence number is remembered, so new events never reuse deleted numbers.
-        The stored replies of the commands whose events are deleted go with them.
+        The stored replies of the commands whose events are deleted go with them. A deletion
+        that leaves the entity no event at all forgets it: it is recovered from its initial
+        state at its highest sequence number, then the events it writes after
+        (:meth:`restarted_at`).
         """
         e, tg, d, r = schema.events, schema.event_tags, schema.deletions, schema.command_replies
         async with self.database.write() as conn:
@@ -920,23 +933,29 @@ class Journal:
                     r.c.seq_nr <= upto,
                 )
             )
-            previous = (
+            entity = (d.c.entity_type == entity_type, d.c.entity_id == entity_id)
+            # In the same transaction as the delete: whether any event is left (one written
+            # after ``upto`` meanwhile, or one this deletion did not reach).
+            left = (
                 await conn.execute(
-                    select(d.c.deleted_to).where(
-                        d.c.entity_type == entity_type, d.c.entity_id == entity_id
-                    )
+                    select(e.c.seq_nr)
+                    .where(e.c.entity_type == entity_type, e.c.entity_id == entity_id)
+                    .limit(1)
                 )
-            ).scalar()
+            ).first()
+            previous = (await conn.execute(select(d.c.deleted_to).where(*entity))).scalar()
+            deleted_to = max(int(previous or 0), upto)
+            values: dict[str, int] = {"deleted_to": deleted_to}
+            if left is None:
+                # No event left: the entity was forgotten, and starts again from its initial
+                # state above every number it ever used.
+                values["restarted_at"] = deleted_to
             if previous is None:
                 await conn.execute(
-                    insert(d).values(entity_type=entity_type, entity_id=entity_id, deleted_to=upto)
+                    insert(d).values(entity_type=entity_type, entity_id=entity_id, **values)
                 )
-            elif previous < upto:
-                await conn.execute(
-                    d.update()
-                    .where(d.c.entity_type == entity_type, d.c.entity_id == entity_id)
-                    .values(deleted_to=upto)
-                )
+            elif previous < upto or left is None:
+                await conn.execute(d.update().where(*entity).values(**values))
         return int(deleted or 0)
 
 
@@ -972,6 +991,8 @@ class Replayed:
     deleted_to: int
     #: The first of its events that could not be decoded (``events`` end before it).
     error: EventDecodeError | None = None
+    #: As :meth:`Journal.restarted_at`: where a deletion last left it no event (0: never).
+    restarted_at: int = 0
 
 
 #: Entity ids per query of :meth:`Journal.replay_many` (each costs one or two bound parameters).
@@ -980,22 +1001,35 @@ _IDS_PER_QUERY = 500
 
 async def _positions(
     conn: AsyncConnection, entity_type: str, ids: Sequence[str]
-) -> dict[str, tuple[int, int]]:
+) -> dict[str, tuple[int, int, int]]:
     """Per entity of ``ids`` that has events or deletions: (its highest event's sequence
-    number, the highest it ever deleted), both 0 when there is none (one round trip)."""
+    number, the highest it ever deleted, where it restarted), each 0 when there is none (one
+    round trip)."""
     e, d = schema.events, schema.deletions
     stmt = union_all(
-        select(e.c.entity_id, func.max(e.c.seq_nr).label("n"), literal_column("0").label("deleted"))
+        select(
+            e.c.entity_id,
+            func.max(e.c.seq_nr).label("n"),
+            literal_column("0").label("deleted"),
+            literal_column("0").label("restarted"),
+        )
         .where(e.c.entity_type == entity_type, e.c.entity_id.in_(ids))
         .group_by(e.c.entity_id),
         select(
-            d.c.entity_id, literal_column("0").label("n"), d.c.deleted_to.label("deleted")
+            d.c.entity_id,
+            literal_column("0").label("n"),
+            d.c.deleted_to.label("deleted"),
+            d.c.restarted_at.label("restarted"),
         ).where(d.c.entity_type == entity_type, d.c.entity_id.in_(ids)),
     )
-    out: dict[str, tuple[int, int]] = {}
-    for entity_id, n, gone in (await conn.execute(stmt)).all():
-        high, deleted = out.get(entity_id, (0, 0))
-        out[entity_id] = (max(high, int(n or 0)), max(deleted, int(gone or 0)))
+    out: dict[str, tuple[int, int, int]] = {}
+    for entity_id, n, gone, restarted in (await conn.execute(stmt)).all():
+        high, deleted, since = out.get(entity_id, (0, 0, 0))
+        out[entity_id] = (
+            max(high, int(n or 0)),
+            max(deleted, int(gone or 0)),
+            max(since, int(restarted or 0)),
+        )
     return out
 
 

@@ -9,8 +9,11 @@
 ``lagompy_event_tags``
     One row per (tag, event): exact tag lookup in offset order for read sides.
 ``lagompy_deletions``
-    Per entity, the highest sequence number ever deleted, so that deleting events never lowers
-    the entity's highest sequence number.
+    Per entity, the highest sequence number ever deleted (``deleted_to``), so that deleting
+    events never lowers the entity's highest sequence number; and the highest sequence number
+    at which a deletion left the entity with no events at all (``restarted_at``, 0: never,
+    migration 0014): it was forgotten there, and recovery starts it again from its initial
+    state at that number, under the events it wrote since.
 ``lagompy_snapshots``
     Saved states, one row per (entity, sequence number).
 ``lagompy_command_replies``
@@ -88,6 +91,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -128,6 +132,7 @@ deletions = Table(
     Column("entity_type", String(255), nullable=False),
     Column("entity_id", String(255), nullable=False),
     Column("deleted_to", BigInteger, nullable=False),
+    Column("restarted_at", BigInteger, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("entity_type", "entity_id", name="pk_lagompy_deletions"),
 )
 
