@@ -97,6 +97,9 @@ class History:
     failing: int = 0
     #: this event's type is unknown to the serializer; 0: none
     undecodable: int = 0
+    #: events written after the deletion (after all of them were deleted, the entity was
+    #: forgotten and starts again under these)
+    rewritten: int = 0
 
 
 async def write(storage: Storage, cls: type[ListEntity], entity_id: str, h: History) -> None:
@@ -129,6 +132,10 @@ async def write(storage: Storage, cls: type[ListEntity], entity_id: str, h: Hist
             )
     if h.deleted_to:
         await storage.journal.delete_events(t, entity_id, h.deleted_to)
+    if h.rewritten:
+        await storage.journal.append_one(
+            AtomicWrite(t, entity_id, h.events, [Appended(100 + n) for n in range(h.rewritten)])
+        )
 
 
 def outcome(result: LiveEntity | BaseException) -> tuple[Any, ...]:
@@ -177,6 +184,7 @@ def histories(draw: st.DrawFn) -> History:
         deleted_to=draw(st.sampled_from([0, 0, *range(1, events + 2)])) if events else 0,
         failing=draw(st.sampled_from([0, 0, 0, *range(1, events + 1)])) if events else 0,
         undecodable=draw(st.sampled_from([0, 0, 0, 0, *range(1, events + 1)])) if events else 0,
+        rewritten=draw(st.sampled_from([0, 0, 1, 3])) if events else 0,
     )
 
 
@@ -197,9 +205,10 @@ def test_batched_recovery_equals_recovering_each_alone(
     page_size: int,
 ) -> None:
     """Random histories (snapshots, an unreadable latest snapshot, deletions below, at and
-    beyond the snapshot, an event its handler fails on, an undecodable event) and ids never
-    written: per entity, the batch's recovery gives what recovering it alone gives, and the
-    journal's batched replay (in pages of any size) what replaying it alone gives."""
+    beyond the snapshot, of every event, events written after them, an event its handler fails
+    on, an undecodable event) and ids never written: per entity, the batch's recovery gives
+    what recovering it alone gives, and the journal's batched replay (in pages of any size)
+    what replaying it alone gives."""
 
     async def scenario() -> None:
         prefix = uuid.uuid4().hex[:8]
@@ -229,9 +238,10 @@ def test_batched_recovery_equals_recovering_each_alone(
                     else:
                         assert read[entity_id].error is None
                         assert read[entity_id].events == replayed
-                    assert read[entity_id].deleted_to == await storage.journal.deleted_to(
-                        cls.type_name, entity_id
-                    )
+                    assert (
+                        read[entity_id].deleted_to,
+                        read[entity_id].restarted_at,
+                    ) == await storage.journal.deletions(cls.type_name, entity_id)
 
     asyncio.run(scenario())
 

@@ -235,8 +235,10 @@ async def recover(
     A snapshot that cannot be read is skipped with a warning: the events are replayed from the
     start instead (they are the source of truth). When the events after the snapshot (or from
     the start) do not follow on from it because some were deleted, ``EventsMissing`` is raised:
-    the state would be wrong. An entity whose every event was deleted starts again from its
-    initial state (it was forgotten).
+    the state would be wrong. An entity whose every event was deleted (and no snapshot kept)
+    was forgotten: it starts again from its initial state at the highest sequence number it
+    had then (:meth:`Journal.restarted_at <lagompy.journal.Journal.restarted_at>`), and
+    replays the events it wrote since.
 
     The snapshot, the events and the deletions are read in one read transaction (the
     journal's reads join it: ``Database.read``).
@@ -255,18 +257,20 @@ async def _recover(
         except SerializationError as e:
             loaded = e
     rebuilt = _Rebuild(entity_cls, entity_id, loaded)
-    rebuilt.replay(
-        await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=rebuilt.seq_nr + 1)
-    )
-    if rebuilt.replayed:
+    events = await journal.replay(entity_cls.type_name, entity_id, from_seq_nr=rebuilt.seq_nr + 1)
+    if events and events[0].seq_nr == rebuilt.seq_nr + 1:
+        # The usual case: the events follow on from the snapshot (or the start), and the
+        # deletions need not be read.
+        rebuilt.replay(events)
         return rebuilt.live()
-    # Nothing to replay: deleted events may still have advanced the sequence number. The
-    # journal's record of deletions says how far, whatever another writer (a zombie copy of
-    # this host) commits meanwhile; the entity's highest sequence number, read now, would count
-    # events committed after the replay as deleted ones. Such events are not in this state: the
-    # entity's next write expects ``seq_nr``, meets a ConcurrencyConflict, and the entity
-    # reloads.
-    return rebuilt.after_deletions(await journal.deleted_to(entity_cls.type_name, entity_id))
+    # Nothing to replay, or a gap: what the journal recorded of deletions says whether the
+    # entity was forgotten (and started again) or lost events. Read after the events: a write
+    # that another writer (a zombie copy of this host) commits meanwhile never changes it, where
+    # the entity's highest sequence number, read now, would count such events as deleted ones.
+    # Such events are not in this state: the entity's next write expects ``seq_nr``, meets a
+    # ConcurrencyConflict, and the entity reloads.
+    deleted_to, restarted_at = await journal.deletions(entity_cls.type_name, entity_id)
+    return rebuilt.rebuild(events, deleted_to, restarted_at)
 
 
 async def recover_many(
@@ -294,10 +298,7 @@ async def recover_many(
         try:
             if read.error is not None:
                 raise read.error
-            rebuilt.replay(read.events)
-            out[entity_id] = (
-                rebuilt.live() if rebuilt.replayed else rebuilt.after_deletions(read.deleted_to)
-            )
+            out[entity_id] = rebuilt.rebuild(read.events, read.deleted_to, read.restarted_at)
         except Exception as e:
             out[entity_id] = e
     return out
@@ -305,9 +306,8 @@ async def recover_many(
 
 class _Rebuild:
     """One entity's recovery, from what was read of it: its snapshot (``loaded``: the
-    snapshot, the error its state raised when decoded, or None), its later events and, when
-    there were none, its deletions. The one fold behind :func:`recover` and
-    :func:`recover_many`."""
+    snapshot, the error its state raised when decoded, or None), its later events and its
+    deletions. The one fold behind :func:`recover` and :func:`recover_many`."""
 
     __slots__ = ("cls", "covered", "entity", "from_snapshot", "id", "replayed", "seq_nr", "state")
 
@@ -333,18 +333,46 @@ class _Rebuild:
         #: the snapshot's sequence number when it was read, else None
         self.covered: int | None = self.seq_nr if self.from_snapshot else None
 
+    def rebuild(
+        self, envelopes: Sequence[EventEnvelope[Any]], deleted_to: int, restarted_at: int
+    ) -> LiveEntity:
+        """The entity, from the events that follow its snapshot (or start) and what the
+        journal recorded of its deletions (:meth:`Journal.deletions
+        <lagompy.journal.Journal.deletions>`); ``EventsMissing`` if events it needs were
+        deleted."""
+        self.restart(restarted_at)
+        self.replay(envelopes)
+        return self.live() if self.replayed else self.after_deletions(deleted_to)
+
+    def restart(self, restarted_at: int) -> None:
+        """A deletion left the entity no event at ``restarted_at``: it was forgotten there.
+        Recovered from no snapshot, it starts again from its initial state at that number, and
+        the events after it follow on from there. A snapshot at or beyond it is used as ever;
+        one below it does not reach the deleted events (``EventsMissing``, as when events are
+        deleted beyond a snapshot without forgetting the entity: delete its snapshots too)."""
+        if restarted_at > self.seq_nr:
+            if self.from_snapshot:
+                raise _events_missing(self.cls, self.id, self.seq_nr, restarted_at, self.covered)
+            self.state, self.seq_nr = self.cls.initial_state, restarted_at
+
     def replay(self, envelopes: Sequence[EventEnvelope[Any]]) -> None:
-        """Fold the events that follow the snapshot (or the start); ``EventsMissing`` on a gap:
-        events were deleted (before this replay, or between two of its pages)."""
+        """Fold the events that follow the snapshot (or the start, or the restart);
+        ``EventsMissing`` on a gap: events were deleted (before this replay, or between two of
+        its pages)."""
         cls, entity = self.cls, self.entity
-        state, seq_nr = self.state, self.seq_nr
+        start = seq_nr = self.seq_nr
+        state = self.state
         for envelope in envelopes:
+            if envelope.seq_nr <= seq_nr:
+                # Below a restart: only read when the entity was forgotten between the read
+                # of its events and that of its deletions (single recovery reads them apart).
+                continue
             if envelope.seq_nr != seq_nr + 1:
                 raise _events_missing(cls, self.id, seq_nr, envelope.seq_nr - 1, self.covered)
             state = apply_event(entity, state, envelope.event)
             seq_nr = envelope.seq_nr
         self.state, self.seq_nr = state, seq_nr
-        self.replayed = bool(envelopes)
+        self.replayed = seq_nr > start
 
     def after_deletions(self, deleted: int) -> LiveEntity:
         """The entity when nothing followed its snapshot (or start), given the highest
