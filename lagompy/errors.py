@@ -440,7 +440,11 @@ class WriteRefused(JournalError):
 
 class EventsMissing(JournalError):
     """Recovering an entity needs events that were deleted, and no readable snapshot covers
-    them: replaying what is left would give a wrong state, so the entity refuses to start."""
+    them: replaying what is left would give a wrong state, so the entity refuses to start.
+
+    An entity whose every event was deleted (and no snapshot kept) misses none: it was
+    forgotten, and starts again from its initial state where the deletion left it (see
+    :meth:`Journal.restarted_at <lagompy.journal.Journal.restarted_at>`)."""
 
 
 # --------------------------------------------------------------------------- runtime
