@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event, insert
 
 from lagompy import (
     Command,
@@ -29,6 +30,7 @@ from lagompy import (
 )
 from lagompy.journal import AtomicWrite, SnapshotToSave
 from lagompy.runtime._processing import EntityProcessor, LiveEntity, Request, recover, recover_many
+from lagompy.sql import _schema as schema
 
 # --------------------------------------------------------------------------- the entity
 
@@ -330,3 +332,30 @@ def test_recovered_equals_live_across_deletions_and_writes(
                     assert (live.state, live.seq_nr) == fold
 
     asyncio.run(scenario())
+
+
+async def test_a_long_forgotten_history_costs_no_empty_pages(storage: Storage) -> None:
+    # Forgotten at 50,000 (its deletions row as delete_events leaves it), then 3 events: the
+    # batched replay reads them with one events query, not 5,000 pages of nothing.
+    async with storage.database.write() as conn:
+        await conn.execute(
+            insert(schema.deletions).values(
+                entity_type=T, entity_id="long", deleted_to=50_000, restarted_at=50_000
+            )
+        )
+    await append(storage, "long", 50_000, 1, 2, 3)
+    selects: list[str] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "(SELECT")):
+            selects.append(statement)
+
+    engine = storage.database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        read = await storage.journal.replay_many(T, {"long": 1}, page_size=10)
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert [e.seq_nr for e in read["long"].events] == [50_001, 50_002, 50_003]
+    assert len(selects) == 2  # the positions, the events
+    assert await both(storage, "long") == (Items((1, 2, 3)), 50_003)

@@ -667,6 +667,11 @@ class Journal:
                 for entity_id, (high, gone, restarted) in found.items():
                     highest[entity_id] = high
                     deleted[entity_id] = (gone, restarted)
+                    # No event at or below a restart is left (numbers are never reused): a
+                    # forgotten entity's new events are planned as what they are, not as the
+                    # whole range from the number asked for (pages of nothing).
+                    if starts[entity_id] <= restarted:
+                        starts[entity_id] = restarted + 1
             events: dict[str, list[EventEnvelope[Any]]] = {i: [] for i in ids}
             errors: dict[str, EventDecodeError] = {}
             for ranges in _plan(starts, highest, page_size):
