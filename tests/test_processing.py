@@ -29,7 +29,7 @@ from lagompy import (
 )
 from lagompy.errors import AskTimeout, DuplicateCommandId, EncodeError, EventsMissing, Overloaded
 from lagompy.journal import AtomicWrite, EventEnvelope, Journal, Replayed, WriteResult
-from lagompy.journal._model import atomic_write, write_result
+from lagompy.journal._model import atomic_write, from_us, write_result
 from lagompy.runtime._processing import EntityProcessor, Request, recover
 
 # --------------------------------------------------------------------------- a counter entity
@@ -796,3 +796,17 @@ def test_journal_values_built_on_the_hot_path_equal_their_constructors() -> None
     ]
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.entity_id = "d"  # type: ignore[misc]
+    # The envelopes of a committed write, built field by field: equal to the constructor's.
+    tagged = AtomicWrite("counter", "c", 3, events, [("a", "b", "a"), ()], {"k": [1]}, replies)
+    when = from_us(1_000_000)
+    made = write_result(tagged, (7, 8), 1_000_000).envelopes
+    built = tuple(
+        EventEnvelope("counter", "c", seq, offset, when, event, tags, {"k": [1]})
+        for seq, offset, event, tags in ((4, 7, events[0], ("a", "b")), (5, 8, events[1], ()))
+    )
+    assert made == built and repr(made) == repr(built)
+    assert [set(vars(e)) for e in made] == [{f.name for f in dataclasses.fields(EventEnvelope)}] * 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made[0].offset = 9  # type: ignore[misc]
+    with pytest.raises(ValueError, match="2 events but 1 offsets"):
+        _ = write_result(tagged, (7,), 1_000_000).envelopes
