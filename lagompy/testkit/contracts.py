@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -612,12 +613,27 @@ class JournalContract(StorageContract):
     async def test_entity_ids_are_opaque_strings(self, storage: Storage) -> None:
         j = storage.journal
         ids = ["a/b", "with space", "ünïcødé ✓", "1", "01", "%_", "x" * 200]
-        results = await j.append([_write(i, 0, Happened(i, 1)) for i in ids])
+        # What array literals, CSV or SQL quoting would read otherwise (ids, tags and command
+        # ids may travel in such a form).
+        ids += ['q"uote', "back\\slash", '\\"', "{b,r}", "NULL", " pad ", "a\nb", "'"]
+        results = await j.append(
+            [
+                dataclasses.replace(
+                    _write(i, 0, Happened(i, 1), tags=(f"tag {i}",)),
+                    replies=[(f"cmd {i}", 1, i.encode())],
+                )
+                for i in ids
+            ]
+        )
         _ok(results)
         for i in ids:
             (envelope,) = await j.events(ENTITY_TYPE, i)
             assert envelope.entity_id == i and envelope.event == Happened(i, 1)
+            assert envelope.tags == (f"tag {i}",)
             assert await j.highest_seq_nr(ENTITY_TYPE, i) == 1
+            assert _ids(await j.events_by_tag(f"tag {i}")) == [i]
+        stored = await j.stored_replies([(ENTITY_TYPE, i, f"cmd {i}") for i in ids])
+        assert stored == {(ENTITY_TYPE, i, f"cmd {i}"): i.encode() for i in ids}
 
     async def test_a_write_with_an_id_or_tag_that_breaks_the_rules_fails_alone(
         self, storage: Storage
