@@ -166,16 +166,20 @@ def record_offsets(
     offsets: Sequence[int],
     written_at: int,
     results: dict[int, WriteResult],
+    *,
+    with_tags: bool = True,
 ) -> list[tuple[str, int]]:
-    """Give each accepted write its slice of ``offsets``; return the (tag, offset) rows."""
+    """Give each accepted write its slice of ``offsets``; return the (tag, offset) rows (none
+    when not ``with_tags``: a write path that stored the tags already)."""
     tag_rows: list[tuple[str, int]] = []
     pos = 0
     for i, enc in accepted:
         n = len(enc.rows)
         mine = (offsets[pos],) if n == 1 else tuple(offsets[pos : pos + n])
         pos += n
-        for event_tags, offset in zip(enc.tags, mine, strict=True):
-            for t in event_tags:
-                tag_rows.append((t, offset))
+        if with_tags:
+            for event_tags, offset in zip(enc.tags, mine, strict=True):
+                for t in event_tags:
+                    tag_rows.append((t, offset))
         results[i] = write_result(enc.write, mine, written_at)
     return tag_rows

@@ -442,8 +442,9 @@ class Journal:
         tagged = bool(w.tags)
         first = w.expected_seq_nr + 1
         slice_ = slice_of(entity_id)
+        encode = self.serializer.encode
         for n, evt in enumerate(w.events):
-            type_name, version, payload = self.serializer.encode(evt)
+            type_name, version, payload = encode(evt)
             these_tags = event_tags(w, n) if tagged else ()
             tags.append(these_tags)
             try:
@@ -468,6 +469,8 @@ class Journal:
                     slice_,
                 )
             )
+        if not w.replies:  # most writes: no list to build
+            return EncodedWrite(w, rows, tags)
         replies = [
             (entity_type, entity_id, command_id, seq_nr, payload)
             for command_id, seq_nr, payload in w.replies

@@ -449,7 +449,7 @@ class PostgresBackend(JournalBackend):
             raise JournalError(
                 f"the journal inserted {len(offsets)} events where {wanted} were expected"
             )
-        record_offsets(accepted, offsets, written_at, results)
+        record_offsets(accepted, offsets, written_at, results, with_tags=False)
         return results
 
     def is_unique_violation(self, error: BaseException | None) -> bool:
