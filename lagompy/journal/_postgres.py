@@ -104,7 +104,7 @@ _PG_HIGHEST_ARRAY = """ARRAY(
                   ORDER BY e.seq_nr DESC LIMIT 1), 0),
         COALESCE((SELECT d.deleted_to FROM lagompy_deletions d
                   WHERE d.entity_type = k.t AND d.entity_id = k.i), 0))
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, n)
+    FROM unnest($1::text::text[], $2::text::text[]) WITH ORDINALITY AS k(t, i, n)
     ORDER BY k.n
 )"""
 
@@ -133,7 +133,8 @@ _PG_PREPARE = _pg_prepare(
     f"""{_PG_HIGHEST_ARRAY} AS highest,
        ARRAY(
            SELECT r.n
-           FROM unnest($5::text[], $6::text[], $7::text[]) WITH ORDINALITY AS r(t, i, c, n)
+           FROM unnest($5::text::text[], $6::text::text[], $7::text::text[])
+                WITH ORDINALITY AS r(t, i, c, n)
            WHERE EXISTS (SELECT 1 FROM lagompy_command_replies x
                          WHERE x.entity_type = r.t AND x.entity_id = r.i AND x.command_id = r.c)
        ) AS known""",
@@ -157,7 +158,8 @@ _PG_PREPARE = _pg_prepare(
 _PG_PREPARE_FAST = _pg_prepare(
     """ARRAY(
            SELECT k.n
-           FROM unnest($1::text[], $2::text[], $5::bigint[]) WITH ORDINALITY AS k(t, i, x, n)
+           FROM unnest($1::text::text[], $2::text::text[], $5::bigint[])
+                WITH ORDINALITY AS k(t, i, x, n)
            WHERE CASE WHEN k.x > 0
                THEN (SELECT e.seq_nr FROM lagompy_events e
                      WHERE e.entity_type = k.t AND e.entity_id = k.i AND e.seq_nr = k.x
@@ -242,6 +244,14 @@ def text_array(items: Sequence[str]) -> str:
     return '{"' + '","'.join(items) + '"}'
 
 
+def text_columns(rows: Sequence[tuple[str, ...]], width: int) -> list[str]:
+    """``rows`` as ``width`` columns, each in a text array's text form (:func:`text_array`):
+    the keys a large batch's checks take, and its tags. 1,000-event batches, one writer,
+    2026-12-06 (CPU reference 13.6-14.7 ms): 16.8-17.8 -> 13.8-15.6 us of the writer's CPU per
+    event, the server's unchanged."""
+    return [text_array([r[c] for r in rows]) for c in range(width)]
+
+
 def bytea_array(items: Sequence[bytes | None]) -> str:
     """``items`` as the text form of a PostgreSQL ``bytea[]`` (hex, ``NULL`` for None): see
     :func:`text_array`. Equal values (a batch's events mostly share their packed tags and
@@ -260,7 +270,7 @@ def bytea_array(items: Sequence[bytes | None]) -> str:
 #: After a COPY of the events and replies: the tags, as arrays.
 _PG_INSERT_TAGS = """
 INSERT INTO lagompy_event_tags (tag, global_offset)
-SELECT * FROM unnest($1::text[], $2::bigint[])
+SELECT * FROM unnest($1::text::text[], $2::bigint[])
 """
 
 #: The stored replies of the given (entity type, entity id, command id) triples, one query.
@@ -326,10 +336,10 @@ class PostgresBackend(JournalBackend):
             if full_check:
                 row = await pg.fetchrow(
                     _PG_PREPARE,
-                    *columns(keys, 2),
+                    *text_columns(keys, 2),
                     await self._sequence(pg),
                     count,
-                    *columns(reply_keys, 3),
+                    *text_columns(reply_keys, 3),
                     _batch_tags(batch),
                 )
                 known = {reply_keys[n - 1] for n in row["known"]}
@@ -338,7 +348,7 @@ class PostgresBackend(JournalBackend):
                 expected = [enc.write.expected_seq_nr for _, enc in batch]
                 row = await pg.fetchrow(
                     _PG_PREPARE_FAST,
-                    *columns(keys, 2),
+                    *text_columns(keys, 2),
                     await self._sequence(pg),
                     count,
                     expected,
@@ -347,7 +357,7 @@ class PostgresBackend(JournalBackend):
                 highest = dict(zip(keys, expected, strict=True))
                 if row["suspect"]:
                     suspect = [keys[n - 1] for n in row["suspect"]]
-                    found = await pg.fetchval(_PG_HIGHEST, *columns(suspect, 2))
+                    found = await pg.fetchval(_PG_HIGHEST, *text_columns(suspect, 2))
                     highest.update(zip(suspect, found, strict=True))
             offsets_all: list[int] = row["offsets"]
             results, accepted = check_expected(batch, highest, known)
@@ -384,7 +394,7 @@ class PostgresBackend(JournalBackend):
                         "lagompy_command_replies", records=reply_rows, columns=REPLY_COLUMNS
                     )
                 if tag_rows:
-                    await pg.execute(_PG_INSERT_TAGS, *tags_arrays)
+                    await pg.execute(_PG_INSERT_TAGS, text_array(tags_arrays[0]), tags_arrays[1])
         return results
 
     async def _sequence(self, pg: Any) -> str:

@@ -634,6 +634,18 @@ class JournalContract(StorageContract):
             assert _ids(await j.events_by_tag(f"tag {i}")) == [i]
         stored = await j.stored_replies([(ENTITY_TYPE, i, f"cmd {i}") for i in ids])
         assert stored == {(ENTITY_TYPE, i, f"cmd {i}"): i.encode() for i in ids}
+        # The same in a large batch (PostgreSQL's other path), with a write that expects more
+        # than its entity has: it fails alone, naming what the journal holds.
+        big = [_write(i, 1, *_happened(i, 2, 20), tags=(f"tag {i}", f"big {i}")) for i in ids] + [
+            _write(f"{ids[-1]} new", 5, Happened("x", 6))
+        ]
+        results = await j.append(big)
+        _ok(results[:-1])
+        conflict = results[-1].error
+        assert isinstance(conflict, ConcurrencyConflict) and conflict.actual_seq_nr == 0
+        for i in ids:
+            assert _seqs(await j.events(ENTITY_TYPE, i)) == list(range(1, 22))
+            assert len(await j.events_by_tag(f"big {i}")) == 20
 
     async def test_a_write_with_an_id_or_tag_that_breaks_the_rules_fails_alone(
         self, storage: Storage
