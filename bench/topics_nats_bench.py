@@ -16,6 +16,11 @@ baseline measured in the same run:
     .venv/bin/python bench/topics_nats_bench.py                 # prints
     .venv/bin/python bench/topics_nats_bench.py --runs 3 --write   # also writes docs/benchmarks.md
     .venv/bin/python bench/topics_nats_bench.py --quick         # 10,000 events, 3 s of load
+    .venv/bin/python bench/topics_nats_bench.py --catch-up 3    # only the catch-up, 3 times
+
+``--catch-up N`` publishes once (through the producers), then runs N catch-ups of new groups,
+each beside nats-py reading the same stream alone: for profiling the subscriber's path
+(``py-spy record -- .venv/bin/python bench/topics_nats_bench.py --catch-up 5``).
 """
 
 from __future__ import annotations
@@ -81,10 +86,12 @@ async def raw_publish(url: str, journal: Journal, in_flight: int) -> tuple[float
     return len(messages) / elapsed, read
 
 
-async def _raw_read(nc: Any, js: Any, stream: str, count: int) -> float:
+async def _raw_read(nc: Any, js: Any, stream: str, count: int, name: str = "raw") -> float:
+    """nats-py reading ``count`` messages of ``stream`` (all its subjects) with a consumer
+    ``name`` of its own and pull requests of 1,000, acking each 1,000th: msg/s."""
     from nats.js import api
 
-    await js.add_consumer(stream, api.ConsumerConfig(name="raw", ack_policy=api.AckPolicy.ALL))
+    await js.add_consumer(stream, api.ConsumerConfig(name=name, ack_policy=api.AckPolicy.ALL))
     inbox = nc.new_inbox()
     ask = json.dumps({"batch": 1000, "expires": int(10e9)}).encode()
     done = asyncio.Event()
@@ -97,16 +104,17 @@ async def _raw_read(nc: Any, js: Any, stream: str, count: int) -> float:
         got += 1
         if got % 1000 == 0:
             await msg.ack()
-            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.raw", ask, reply=inbox)
+            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", ask, reply=inbox)
         if got >= count:
             done.set()
 
     sub = await nc.subscribe(inbox, cb=received)
     started = time.perf_counter()
-    await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.raw", ask, reply=inbox)
+    await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", ask, reply=inbox)
     await asyncio.wait_for(done.wait(), 600)
     elapsed = time.perf_counter() - started
     await sub.unsubscribe()
+    await js.delete_consumer(stream, name)
     return count / elapsed
 
 
@@ -203,6 +211,40 @@ async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
                 }
 
 
+async def catch_up_only(name: str, events: int, times: int) -> None:
+    """Publish once, then ``times`` catch-ups of new groups, each after nats-py reading the
+    topic's stream alone (the same messages, position markers included)."""
+    import nats
+
+    from lagompy.topic._nats import stream_name
+
+    with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
+        async with backend(name, Path(tmp)) as settings, nats_server() as server:
+            async with await open_storage(settings=settings, serializer=serializer()) as storage:
+                writer = Writer(storage.journal)
+                for first in range(0, events, 1000):
+                    await writer.append(first, min(1000, events - first))
+                _, transport = await produce(server.url, storage.journal, events)
+                await transport._producers.close()  # type: ignore[attr-defined]
+                await transport.close()
+                stream = stream_name(BrokerSettings().stream_prefix, contract_topic)
+                nc = await nats.connect(server.url)
+                try:
+                    js = nc.jetstream()
+                    stored = (await js.stream_info(stream)).state.messages
+                    for i in range(times):
+                        cpu = cpu_reference()
+                        raw = await _raw_read(nc, js, stream, stored, f"raw{i}")
+                        caught = await catch_up(settings, server.url, events)
+                        print(
+                            f"[{name}] catch-up {caught:,.0f} msg/s, nats-py alone {raw:,.0f} "
+                            f"msg/s ({stored:,} stored): {caught / raw:.2f}; CPU ref {cpu:.0f} ms",
+                            flush=True,
+                        )
+                finally:
+                    await nc.close()
+
+
 NOTES = """\
 Notes. Producers meet their floor. A new group's catch-up does not: nats-py reading the same
 messages and doing nothing with them reaches only 0.35-0.54 of the journal's read-and-decode in
@@ -273,5 +315,10 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--catch-up", type=int, default=0, metavar="N")
+    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.quick, args.write))
+    if args.catch_up:
+        asyncio.run(catch_up_only(args.backend, 10_000 if args.quick else 100_000, args.catch_up))
+    else:
+        asyncio.run(main(args.runs, args.quick, args.write))
