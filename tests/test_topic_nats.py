@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lagompy.consumer import EventConsumer
 from lagompy.errors import ConfigurationError, InvalidSettings, TopicError
@@ -285,6 +287,71 @@ async def test_messages_carry_the_journal_coordinates_in_headers(
     assert headers["Lagompy-Type"] == contract_topic.type_name
     assert headers["Lagompy-Version"] == str(contract_topic.version)
     assert headers["Content-Type"] == "application/msgpack"
+
+
+#: Pieces of header lines: the forms nats-py's parser strips, skips or splits differently
+#: (whitespace of both kinds, lone CR and LF, colons, non-ASCII and undecodable bytes).
+_PIECES = [b"Name", b"v", b"-", b"1", b":", b": ", b" ", b"\t", b"\r", b"\n", b"\x0b", b"\x1c"]
+_PIECES += [b"\x00", b"\xc3\xa9", b"\xc2\xa0", b"\xff", b"Lagompy-Key: a%20b"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(_PIECES), max_size=8).map(b"".join), min_size=1, max_size=5)
+)
+def test_header_blocks_parse_as_nats_py_parses_them(lines: list[bytes]) -> None:
+    """lagompy's header parser gives what nats-py's gives, or leaves the block to it."""
+    from nats.aio.client import Client
+
+    from lagompy.topic._nats import parse_headers
+
+    block = b"NATS/1.0\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+    parsed = parse_headers(block)
+    if parsed is not None:
+        assert parsed == Client._parse_header_lines(block[10:])
+
+
+def test_the_headers_of_lagompys_messages_take_the_short_parse() -> None:
+    """lagompy's own headers (and the forms of the fuzz above that broke an earlier parser) go
+    through ``parse_headers``, in the client the transport opens, which nats-py calls for
+    every message it receives: a nats-py that stopped calling it fails here."""
+    import inspect
+    from datetime import UTC, datetime
+
+    from nats.aio.client import Client
+
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _client_class, _headers, parse_headers
+
+    message = Message(
+        topic="contract-deposits",
+        payload=Deposit("ada lovelace", 5),
+        key="ada lovelace",
+        partition=0,
+        offset=7,
+        timestamp=datetime(2026, 12, 4, 18, 0, tzinfo=UTC),
+        type_name="Deposit",
+        version=1,
+        entity_type="topic-contract-account",
+        entity_id="ada lovelace",
+        seq_nr=1,
+    )
+    headers = _headers(message, MSGPACK)
+    block = (
+        "NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    ).encode()
+    assert parse_headers(block) == headers == Client._parse_header_lines(block[10:])
+    for odd in [
+        b"NATS/1.0\r\nA: 1\nB: 2\r\n\r\n",  # a lone LF is inside the value for nats-py
+        b"NATS/1.0\r\nA:  b \r\n\r\n",  # stripped by nats-py
+        b"NATS/1.0\r\ngarbage A: b\r\n\r\n",  # a name with a space: skipped
+        b"NATS/1.0 404 No Messages\r\n\r\n",  # a status
+    ]:
+        assert parse_headers(odd) is None
+    assert issubclass(_client_class(), Client)
+    assert "_process_headers" in _client_class().__dict__
+    assert "self._process_headers(" in inspect.getsource(Client._process_msg)
 
 
 @pytest.mark.asyncio

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -372,6 +374,49 @@ def decode_batch(
 
 # --------------------------------------------------------------------------- the connection
 
+#: One header line the way every NATS client writes them (``Name: value``: a token, one space,
+#: a value with no whitespace at either end), from the line break before it to the one after.
+_HEADER_LINE = re.compile(r"\r\n([!-9;-~]+): ((?:\S(?:[^\r\n]*\S)?)?)(?=\r\n)")
+
+
+def parse_headers(block: bytes) -> dict[str, str] | None:
+    """The headers of a header block (``NATS/1.0``, ``Name: value`` lines, an empty line,
+    each line ended by CRLF) as nats-py's own parser gives them, in one pass over the block;
+    None for a block it cannot vouch for (a status line, a line of another form), which
+    nats-py's parser reads instead.
+
+    nats-py splits the block and decodes, strips and checks each line in Python: about 12 µs
+    per message with lagompy's ten headers, more than half of what nats-py spends on a message
+    in a NATS catch-up (2026-12-06); this takes ~4 µs. Every line between the first and the
+    empty one must be a match of :data:`_HEADER_LINE` (each match takes the line break before
+    its line: all but the last two are taken), on which both parsers agree: the same name, a
+    value their stripping leaves alone, the same UTF-8 decoding, the last of repeated names."""
+    if not block.startswith(b"NATS/1.0\r\n") or not block.endswith(b"\r\n\r\n"):
+        return None
+    text = block[8:].decode("utf-8", "replace")
+    pairs = _HEADER_LINE.findall(text)
+    if not pairs or len(pairs) != text.count("\r\n") - 2:
+        return None
+    return dict(pairs)
+
+
+@functools.cache
+def _client_class() -> type[NatsClient]:
+    """nats-py's client with :func:`parse_headers` in front of its own header parsing (which
+    it falls back to). A nats-py that no longer calls ``_process_headers`` only reads headers
+    its own way again."""
+    from nats.aio.client import Client
+
+    class HeadersClient(Client):
+        async def _process_headers(self, headers: Any) -> dict[str, str] | None:
+            if headers:
+                parsed = parse_headers(headers)
+                if parsed is not None:
+                    return parsed
+            return await super()._process_headers(headers)
+
+    return HeadersClient
+
 
 class _Link:
     """One NATS connection of a transport, opened on first use, reconnecting on its own."""
@@ -418,9 +463,7 @@ class _Link:
                     for event in list(self._listeners):
                         event.set()
 
-                from nats.aio.client import Client
-
-                nc = Client()
+                nc = _client_class()()
                 try:
                     # nats-py retries the first connection as often as a reconnection
                     # (forever here): bound it, so that a broker down at start is an error.
