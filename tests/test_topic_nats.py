@@ -643,6 +643,57 @@ def test_broker_messages_of_older_versions_are_upcast() -> None:
         decode_batch(deposits_v3, 0, [not_json], "partition 0")
 
 
+def test_a_batch_of_messagepack_messages_decodes_at_once_and_names_a_bad_one() -> None:
+    """MessagePack payloads of the current version are unpacked in one step; one that is not
+    MessagePack (or holds more than one value) is named by its offset, and position markers
+    stay in place."""
+    from datetime import UTC, datetime
+
+    import msgpack
+    from nats.aio.msg import Msg
+
+    from lagompy.errors import TopicMessageInvalid
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _headers, _marker_headers, decode_batch
+
+    at = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)
+
+    def msg(offset: int, payload: bytes) -> Msg:
+        message = Message(
+            topic=contract_topic.name,
+            payload=Deposit("ada", offset),
+            key="a b%",
+            partition=0,
+            offset=offset,
+            timestamp=at,
+            type_name=contract_topic.type_name,
+            version=contract_topic.version,
+            entity_type="topic-contract-account",
+            entity_id="ada",
+            seq_nr=offset,
+        )
+        return Msg(_client=cast(Any, None), data=payload, headers=_headers(message, MSGPACK))
+
+    good = [msg(n, msgpack.packb({"account": "ada", "amount": n})) for n in (3, 5)]
+    marker = Msg(
+        _client=cast(Any, None), data=b"", headers=_marker_headers(contract_topic, 0, 4, at)
+    )
+    decoded = decode_batch(contract_topic, 0, [good[0], marker, good[1]], "partition 0")
+    assert [(m.offset, m.key, m.seq_nr, m.payload) if m else None for m in decoded] == [
+        (3, "a b%", 3, Deposit("ada", 3)),
+        None,
+        (5, "a b%", 5, Deposit("ada", 5)),
+    ]
+    assert decoded[0] is not None and decoded[0].timestamp == at
+    twice = msgpack.packb({"account": "ada", "amount": 6}) * 2
+    for bad in (b"\xc1", twice):
+        with pytest.raises(TopicMessageInvalid, match=r"offset 6: .*not MessagePack"):
+            decode_batch(contract_topic, 0, [*good, msg(6, bad)], "partition 0")
+    with pytest.raises(TopicMessageInvalid, match="offset 7: the payload does not fit"):
+        decode_batch(contract_topic, 0, [*good, msg(7, msgpack.packb({"x": 1}))], "partition 0")
+
+
 def _held(producers: Producers) -> int:
     """How many partitions these producers hold now."""
     return sum(
