@@ -247,12 +247,14 @@ async def catch_up_only(name: str, events: int, times: int) -> None:
 
 NOTES = """\
 Notes. Producers meet their floor. A new group's catch-up does not: nats-py reading the same
-messages and doing nothing with them reaches only 0.35-0.54 of the journal's read-and-decode in
-the same run (its per-message parsing in Python), so the 0.5 floor is out of reach of any
-subscriber built on that client; lagompy's decoding, transactions and positions take it to about
-half of the client's own rate. The subscriber here keeps its positions in the journal's
-database: on SQLite the same file as the writer at 2,000 events/s, and its producers poll that
-file (no NOTIFY), which is most of SQLite's lag; on PostgreSQL the lag floor holds.
+messages and doing nothing with them reaches only about a third to a half of the journal's
+read-and-decode in the same run (its protocol parser, message objects, queue and callback, all
+in Python, per message), which bounds any subscriber built on that client. lagompy's feed reads
+a message's header block in one pass (nats-py's loop over its lines was more than half of the
+client's time per message) and decodes a batch at once, with the collector paused. The
+subscriber here keeps its positions in the journal's database: on SQLite the same file as the
+writer at 2,000 events/s, and its producers poll that file (no NOTIFY), which is most of
+SQLite's lag; on PostgreSQL the lag floor holds.
 """
 
 HEADER = (
