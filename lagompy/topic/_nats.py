@@ -310,7 +310,7 @@ def decode_batch(
 
     Payloads of the topic's current version are read in one step: JSON ones joined into one
     array, MessagePack ones each unpacked (without :func:`~lagompy.topic._codec.decode_body`'s
-    per-message steps, which were a fifth of a NATS catch-up, 2026-12-06); other versions go
+    per-message steps, a tenth of a NATS catch-up's samples, 2026-12-06); other versions go
     through ``decode_body`` and the upcasters. The messages are made as their headers are
     read, and get their payloads at the end."""
     type_name, newest = topic.type_name, topic.version
