@@ -932,7 +932,10 @@ class EntityProcessor:
         Entities presumed new (``presume`` and :attr:`presume_new`) skip that lookup too (a new
         entity has no stored reply). Those whose commands persist nothing are looked up and
         recovered, and their commands decided again, before the commit; those whose write the
-        journal refused (they existed) are looked up, recovered and run again after it."""
+        journal refused (they existed) are looked up, recovered and run again after it. So do
+        the requests ``to_check`` of entities in memory: their write confirms their ids (one
+        the journal refuses as stored already sends the entity to recovery, a lookup and a run
+        again, ``presume`` off), and those that persisted nothing are looked up after it."""
         lives, missing = self._activate(groups)
         presumed: set[tuple[str, str]] | tuple[()] = ()
         if missing and presume and self.presume_new:
