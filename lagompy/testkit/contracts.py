@@ -707,6 +707,27 @@ class JournalContract(StorageContract):
         assert _seqs(await j.events(ENTITY_TYPE, "d")) == [4, 5]
         assert await j.highest_seq_nr(ENTITY_TYPE, "d") == 5
 
+    async def test_a_deletion_that_leaves_no_event_records_where_the_entity_restarted(
+        self, storage: Storage
+    ) -> None:
+        j = storage.journal
+        await j.append_one(_write("f", 0, *_happened("f", 1, 4)))
+        # Some events left: a partial deletion, no restart.
+        assert await j.delete_events(ENTITY_TYPE, "f", 2) == 2
+        assert await j.deletions(ENTITY_TYPE, "f") == (2, 0)
+        # None left: forgotten at its highest number.
+        assert await j.delete_events(ENTITY_TYPE, "f", 100) == 2
+        assert await j.deletions(ENTITY_TYPE, "f") == (4, 4)
+        assert await j.restarted_at(ENTITY_TYPE, "f") == 4
+        # Written again, then trimmed in part: the restart stays where it was.
+        await j.append_one(_write("f", 4, *_happened("f", 5, 3)))
+        assert await j.delete_events(ENTITY_TYPE, "f", 5) == 1
+        assert await j.deletions(ENTITY_TYPE, "f") == (5, 4)
+        read = (await j.replay_many(ENTITY_TYPE, {"f": 1}))["f"]
+        assert (read.deleted_to, read.restarted_at) == (5, 4)
+        assert _seqs(read.events) == [6, 7]
+        assert await j.deletions(ENTITY_TYPE, "never") == (0, 0)
+
     async def test_deleting_touches_only_that_entity(self, storage: Storage) -> None:
         j = storage.journal
         _ok(
