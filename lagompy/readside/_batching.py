@@ -182,8 +182,10 @@ def _plan(statement: Any, names: tuple[str, ...], dialect: Dialect) -> _Plan | N
     return _compiled_plan(compiled, names)
 
 
-def _compiled_plan(compiled: Any, names: tuple[str, ...]) -> _Plan | None:
-    """:func:`_plan`, of a statement compiled for ``names``."""
+def _driver_processors(compiled: Any) -> Mapping[str, Any] | None:
+    """The bind processors of a compiled statement whose SQL and positional parameters can go
+    to the driver as they are (what :func:`_compiled_plan` and :func:`driver_form` send);
+    None when its execution needs more of SQLAlchemy."""
     processors = getattr(compiled, "_bind_processors", None)
     if (
         not compiled.positional
@@ -197,6 +199,14 @@ def _compiled_plan(compiled: Any, names: tuple[str, ...]) -> _Plan | None:
         or getattr(compiled, "schema_translate_map", None)
         or getattr(compiled, "_collected_params", None)  # values given by stmt.params(...)
     ):
+        return None
+    return processors
+
+
+def _compiled_plan(compiled: Any, names: tuple[str, ...]) -> _Plan | None:
+    """:func:`_plan`, of a statement compiled for ``names``."""
+    processors = _driver_processors(compiled)
+    if processors is None:
         return None
     given = frozenset(names)
     #: Per position: (parameter name, None) or (None, constant), and the bind processor.
@@ -251,19 +261,8 @@ def driver_form(
     entry = compiled_cache.get(key.key)
     if entry is None:
         compiled: Any = statement.compile(dialect=dialect, cache_key=key)
-        processors = getattr(compiled, "_bind_processors", None)
-        usable = (
-            compiled.positional
-            and isinstance(processors, Mapping)
-            and not (
-                compiled.insert_prefetch
-                or compiled.update_prefetch
-                or compiled.post_compile_params
-                or compiled.literal_execute_params
-                or compiled.escaped_bind_names
-            )
-        )
-        entry = (compiled, processors) if usable else (None, None)
+        processors = _driver_processors(compiled)
+        entry = (None, None) if processors is None else (compiled, processors)
         if len(compiled_cache) >= _MEMO:
             compiled_cache.clear()
         compiled_cache[key.key] = entry
