@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lagompy.errors import InvalidSettings
@@ -96,6 +96,51 @@ def make_settings(cls: type[S], settings: S | None = None, /, **overrides: Any) 
 
 DEFAULT_JOURNAL_URL = "sqlite+aiosqlite:///lagompy.db"
 
+#: The name of a database a journal places slices on: short, stable (it is part of the
+#: positions consumers keep), a letter then letters, digits or underscores.
+_DATABASE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+class PlacedDatabase(BaseModel):
+    """One more database of a journal: the slices it holds, and where it is. The home database
+    (``JournalSettings.url``) holds every slice placed on no other."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(description="Database URL, as JournalSettings.url.")
+    slices: str = Field(
+        description=(
+            "The slices it holds: ranges of slice numbers (0-1023), first-last, comma-separated "
+            "(e.g. 512-1023, or 0-99,512-611)."
+        )
+    )
+
+    @field_validator("slices")
+    @classmethod
+    def _ranges(cls, value: str) -> str:
+        parse_slice_ranges(value)
+        return value
+
+
+def parse_slice_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """``"0-99,512-1023"`` as ((0, 99), (512, 1023)); a ValueError names what is wrong."""
+    ranges = []
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        if len(bounds) == 1:
+            bounds = bounds * 2
+        if len(bounds) != 2 or not all(b.strip().isdigit() for b in bounds):
+            raise ValueError(
+                f"slices: {part.strip()!r} is not a slice range (first-last, e.g. 512-1023)"
+            )
+        first, last = int(bounds[0]), int(bounds[1])
+        if not first <= last <= 1023:
+            raise ValueError(
+                f"slices: {part.strip()!r} must run from a slice to a later one, within 0-1023"
+            )
+        ranges.append((first, last))
+    return tuple(ranges)
+
 
 class JournalSettings(LagompySettings):
     """Where and how the journal and snapshot store connect. Environment prefix
@@ -144,6 +189,49 @@ class JournalSettings(LagompySettings):
             "a journal whose tables are missing or outdated refuses to start."
         ),
     )
+    databases: dict[str, PlacedDatabase] = Field(
+        default_factory=dict,
+        description=(
+            "More databases for the journal, by name, each holding a set of slices (the home "
+            "database, url, holds the others). JSON in the environment, e.g. "
+            '{"b": {"url": "postgresql://host/b", "slices": "512-1023"}}. See docs/journal.md, '
+            '"Several databases".'
+        ),
+    )
+
+    @field_validator("databases")
+    @classmethod
+    def _placement(cls, value: dict[str, PlacedDatabase]) -> dict[str, PlacedDatabase]:
+        owner: dict[int, str] = {}
+        for name, placed in value.items():
+            if not _DATABASE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"database name {name!r}: a lowercase letter, then up to 31 lowercase "
+                    "letters, digits or underscores"
+                )
+            for first, last in parse_slice_ranges(placed.slices):
+                for s in range(first, last + 1):
+                    other = owner.setdefault(s, name)
+                    if other != name:
+                        raise ValueError(
+                            f"slice {s} is placed on two databases, {other!r} and {name!r}"
+                        )
+        return value
+
+    def placed_on(self, name: str) -> JournalSettings:
+        """The settings of database ``name`` of this journal (``""``: the home one): these,
+        with its url and no other databases."""
+        if name == "":
+            url = self.url
+        elif name in self.databases:
+            url = self.databases[name].url
+        else:
+            raise InvalidSettings(
+                f"the journal has no database named {name!r} (it has: "
+                f"{', '.join(['home', *self.databases])})",
+                fields=("databases",),
+            )
+        return type(self)(**{**self.model_dump(), "url": url, "databases": {}})
 
 
 class RuntimeSettings(LagompySettings):

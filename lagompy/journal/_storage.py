@@ -14,7 +14,9 @@ from typing import Any
 
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
+from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
+from lagompy.journal._placement import Placement
 from lagompy.journal._snapshots import SnapshotStore
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, make_settings
@@ -72,7 +74,14 @@ async def open_storage(
     """
     if url is not None:
         overrides["url"] = url
-    database = Database.create(make_settings(JournalSettings, settings, **overrides))
+    settings = make_settings(JournalSettings, settings, **overrides)
+    if settings.databases:
+        raise ConfigurationError(
+            "open_storage() opens one database, and this journal is placed on several (home, "
+            f"{', '.join(settings.databases)}): open them all with open_placed_storage(), or "
+            "one with settings.placed_on(name)"
+        )
+    database = Database.create(settings)
     serializer = serializer or serializer_for(entities)
     journal = Journal(database, serializer)
     try:
@@ -81,3 +90,46 @@ async def open_storage(
         await database.dispose()
         raise
     return Storage(database, serializer, journal, SnapshotStore(database, serializer))
+
+
+@dataclass
+class PlacedStorage(AsyncClosing):
+    """The storage of each database of a journal placed on several (``JournalSettings.databases``),
+    by database name (:data:`~lagompy.journal._placement.HOME` for the home one)."""
+
+    placement: Placement
+    parts: dict[str, Storage]
+
+    def of(self, entity_id: str) -> Storage:
+        """The storage of the database that holds ``entity_id``."""
+        return self.parts[self.placement.database_of(entity_id)]
+
+    async def close(self) -> None:
+        for storage in self.parts.values():
+            await storage.close()
+
+
+@opener
+async def open_placed_storage(
+    *,
+    entities: Iterable[type[PersistentEntity[Any, Any, Any]]] = (),
+    serializer: Serializer | None = None,
+    settings: JournalSettings | None = None,
+    **overrides: Any,
+) -> PlacedStorage:
+    """:func:`open_storage` for each database of the journal (one when ``databases`` is empty),
+    sharing one serializer; a database that fails to open closes the ones opened before it."""
+    settings = make_settings(JournalSettings, settings, **overrides)
+    placement = Placement.of(settings)
+    serializer = serializer or serializer_for(entities)
+    parts: dict[str, Storage] = {}
+    try:
+        for name in placement.names:
+            parts[name] = await open_storage(
+                settings=placement.settings_of(name), serializer=serializer
+            )
+    except BaseException:
+        for storage in parts.values():
+            await storage.close()
+        raise
+    return PlacedStorage(placement, parts)

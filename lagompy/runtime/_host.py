@@ -45,9 +45,10 @@ from lagompy.errors import (
     RuntimeFailure,
     UndeliverableOutcome,
 )
-from lagompy.journal._storage import Storage, open_storage
+from lagompy.journal._storage import PlacedStorage, Storage, open_placed_storage, open_storage
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import resolve_class
+from lagompy.runtime._placed import PlacedProcessor
 from lagompy.runtime._processing import EntityProcessor, Request, Result
 from lagompy.runtime._sharding import Topology, host_of
 from lagompy.settings import JournalSettings
@@ -120,8 +121,8 @@ class ShardHost:
         # Set together, under the lock, when the journal opens: the storage, its processor and
         # the event loop that the storage's connections live on (the loop here is a stand-in).
         self._loop = asyncio.new_event_loop()
-        self.storage: Storage | None = None
-        self.processor: EntityProcessor | None = None
+        self.storage: Storage | PlacedStorage | None = None
+        self.processor: EntityProcessor | PlacedProcessor | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._journal_state = JOURNAL_OPENING
@@ -323,7 +324,7 @@ class ShardHost:
                 try:
                     storage = loop.run_until_complete(
                         asyncio.wait_for(
-                            open_storage(entities=self._classes, settings=self._journal_settings),
+                            self._open_storage(),
                             OPEN_TIMEOUT,
                         )
                     )
@@ -340,6 +341,15 @@ class ShardHost:
             if not handed_over:
                 loop.close()
 
+    async def _open_storage(self) -> Storage | PlacedStorage:
+        """The journal's storage: one database's, or each database's when the journal is
+        placed on several (``JournalSettings.databases``)."""
+        if self._journal_settings.databases:
+            return await open_placed_storage(
+                entities=self._classes, settings=self._journal_settings
+            )
+        return await open_storage(entities=self._classes, settings=self._journal_settings)
+
     def _failed_to_open(self, error: BaseException, delay: float) -> None:
         first = self._open_error is None
         self._open_error = error
@@ -355,20 +365,25 @@ class ShardHost:
             error,
         )
 
-    def _adopt(self, loop: asyncio.AbstractEventLoop, storage: Storage) -> bool:
+    def _adopt(self, loop: asyncio.AbstractEventLoop, storage: Storage | PlacedStorage) -> bool:
         """Make the opened storage (and the loop its connections live on) the host's; False
         when the host was closed meanwhile (then the storage is released here)."""
         with self._lock:
             if self._closed.is_set():
                 loop.run_until_complete(storage.close())
                 return False
-            self.processor = EntityProcessor(
-                self._classes,
-                storage.journal,
-                storage.snapshots,
-                defer_snapshots=True,
-                **self._processor_options,
-            )
+            if isinstance(storage, PlacedStorage):
+                self.processor = PlacedProcessor(
+                    self._classes, storage, defer_snapshots=True, **self._processor_options
+                )
+            else:
+                self.processor = EntityProcessor(
+                    self._classes,
+                    storage.journal,
+                    storage.snapshots,
+                    defer_snapshots=True,
+                    **self._processor_options,
+                )
             self._loop.close()
             self._loop, self.storage = loop, storage
             self._journal_state = JOURNAL_OPEN

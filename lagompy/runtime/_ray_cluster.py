@@ -427,8 +427,13 @@ def actor_journal(settings: JournalSettings) -> dict[str, Any]:
     SQLite path made absolute here, the password kept)."""
     from lagompy.sql._database import normalize_url
 
+    def full(url: str) -> str:
+        return normalize_url(url).render_as_string(hide_password=False)
+
     journal = settings.model_dump()
-    journal["url"] = normalize_url(settings.url).render_as_string(hide_password=False)
+    journal["url"] = full(settings.url)
+    for placed in journal["databases"].values():
+        placed["url"] = full(placed["url"])
     return journal
 
 

@@ -73,10 +73,13 @@ class Topology:
 
 def describe_journal(settings: JournalSettings) -> str:
     """The journal's identity without its password: the URL (SQLite paths made absolute, the
-    async driver chosen) and the PostgreSQL schema."""
+    async driver chosen), the PostgreSQL schema, and each other database with its slices."""
     url = normalize_url(settings.url).render_as_string(hide_password=True)
     if settings.postgres_schema:
         url += f" (schema {settings.postgres_schema})"
+    for name, placed in sorted(settings.databases.items()):
+        other = normalize_url(placed.url).render_as_string(hide_password=True)
+        url += f"; {name}: {other} (slices {placed.slices})"
     return url
 
 
