@@ -108,6 +108,10 @@ class PlacedDatabase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str = Field(description="Database URL, as JournalSettings.url.")
+    postgres_schema: str | None = Field(
+        default=None,
+        description="PostgreSQL schema of lagompy's tables there (None: the home database's).",
+    )
     slices: str = Field(
         description=(
             "The slices it holds: ranges of slice numbers (0-1023), first-last, comma-separated "
@@ -203,7 +207,14 @@ class JournalSettings(LagompySettings):
     @classmethod
     def _placement(cls, value: dict[str, PlacedDatabase]) -> dict[str, PlacedDatabase]:
         owner: dict[int, str] = {}
+        places: dict[tuple[str, str | None], str] = {}
         for name, placed in value.items():
+            other = places.setdefault((placed.url, placed.postgres_schema), name)
+            if other != name:
+                raise ValueError(
+                    f"databases {other!r} and {name!r} have the same url and schema: "
+                    "each database of a journal holds its own tables"
+                )
             if not _DATABASE_NAME.fullmatch(name):
                 raise ValueError(
                     f"database name {name!r}: a lowercase letter, then up to 31 lowercase "
@@ -221,17 +232,22 @@ class JournalSettings(LagompySettings):
     def placed_on(self, name: str) -> JournalSettings:
         """The settings of database ``name`` of this journal (``""``: the home one): these,
         with its url and no other databases."""
+        schema = self.postgres_schema
         if name == "":
             url = self.url
         elif name in self.databases:
-            url = self.databases[name].url
+            placed = self.databases[name]
+            url = placed.url
+            schema = placed.postgres_schema or schema
         else:
             raise InvalidSettings(
                 f"the journal has no database named {name!r} (it has: "
                 f"{', '.join(['home', *self.databases])})",
                 fields=("databases",),
             )
-        return type(self)(**{**self.model_dump(), "url": url, "databases": {}})
+        return type(self)(
+            **{**self.model_dump(), "url": url, "postgres_schema": schema, "databases": {}}
+        )
 
 
 class RuntimeSettings(LagompySettings):
