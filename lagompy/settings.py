@@ -24,7 +24,8 @@ import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from lagompy.errors import InvalidSettings
 
@@ -42,12 +43,47 @@ class LagompySettings(BaseSettings):
             raise settings_error(type(self), e) from None
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # A keyword replaces its field whole: pydantic-settings would merge a dict-valued
+        # keyword (``databases={}``) with the same field's environment variable.
+        return (
+            init_settings,
+            _Unless(env_settings, init_settings),
+            _Unless(dotenv_settings, init_settings),
+            _Unless(file_secret_settings, init_settings),
+        )
+
+    @classmethod
     def env_name(cls, field: str) -> str:
         """The environment variable that sets ``field``."""
         return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
 
 
 S = TypeVar("S", bound=LagompySettings)
+
+
+class _Unless(PydanticBaseSettingsSource):
+    """A source's values but those of the fields the keywords (``init``) give."""
+
+    def __init__(
+        self, source: PydanticBaseSettingsSource, init: PydanticBaseSettingsSource
+    ) -> None:
+        super().__init__(source.settings_cls)
+        self._source, self._init = source, init
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)  # unused: __call__ is
+
+    def __call__(self) -> dict[str, Any]:
+        given = self._init()
+        return {k: v for k, v in self._source().items() if k not in given}
 
 
 #: The password of a URL (``scheme://user:password@host``), never shown in an error.

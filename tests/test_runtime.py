@@ -36,7 +36,7 @@ from lagompy.errors import AskTimeout, OutcomeUnknown, Overloaded
 from lagompy.journal import open_storage
 from lagompy.runtime import shutdown_app
 from lagompy.runtime._defaults import default_hosts
-from lagompy.runtime._processing import Request
+from lagompy.runtime._processing import EntityProcessor, Request
 from lagompy.runtime._ray_cluster import actor_runtime_env, node_cpus
 from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.settings import JournalSettings
@@ -679,7 +679,7 @@ async def test_a_host_replies_before_it_saves_the_snapshots_a_batch_made_due(
     order: list[str] = []
     replied = threading.Event()
     try:
-        assert host.processor is not None
+        assert isinstance(host.processor, EntityProcessor)
         snapshots = host.processor.snapshots
         save_many = snapshots.save_many
 
@@ -740,7 +740,7 @@ def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> No
         assert add(old, "a") == (1, None)
         assert add(new, "b") == (2, None)  # the new copy recovers seq 1 and appends seq 2
         assert add(old, "c") == (3, None)  # refused at seq 2, reloaded, appended at seq 3
-        assert old.processor is not None
+        assert isinstance(old.processor, EntityProcessor)
         assert old.processor.stats()["conflicts"] == 1
         old.processor.conflict_retries = 0
         assert add(new, "d") == (4, None)  # refused at seq 3, reloaded, appended at seq 4

@@ -47,7 +47,7 @@ from lagompy.errors import (
 )
 from lagompy.journal._storage import PlacedStorage, Storage, open_placed_storage, open_storage
 from lagompy.runtime._defaults import runtime_default
-from lagompy.runtime._loading import resolve_class
+from lagompy.runtime._loading import EntityClass, resolve_class
 from lagompy.runtime._placed import PlacedProcessor
 from lagompy.runtime._processing import EntityProcessor, Request, Result
 from lagompy.runtime._sharding import Topology, host_of
@@ -324,7 +324,7 @@ class ShardHost:
                 try:
                     storage = loop.run_until_complete(
                         asyncio.wait_for(
-                            self._open_storage(),
+                            _open_storage(self._classes, self._journal_settings),
                             OPEN_TIMEOUT,
                         )
                     )
@@ -340,15 +340,6 @@ class ShardHost:
             self._first_attempt.set()
             if not handed_over:
                 loop.close()
-
-    async def _open_storage(self) -> Storage | PlacedStorage:
-        """The journal's storage: one database's, or each database's when the journal is
-        placed on several (``JournalSettings.databases``)."""
-        if self._journal_settings.databases:
-            return await open_placed_storage(
-                entities=self._classes, settings=self._journal_settings
-            )
-        return await open_storage(entities=self._classes, settings=self._journal_settings)
 
     def _failed_to_open(self, error: BaseException, delay: float) -> None:
         first = self._open_error is None
@@ -422,6 +413,17 @@ class ShardHost:
                 self.passivate()
             except Exception:  # never let the sweeper die
                 log.exception("passivation sweep of shard host %d failed", self.index)
+
+
+async def _open_storage(
+    classes: list[EntityClass], settings: JournalSettings
+) -> Storage | PlacedStorage:
+    """The journal's storage: one database's, or each database's when the journal is placed
+    on several (``JournalSettings.databases``). A function, not a method: one coroutine method
+    would make Ray run the host as an async actor."""
+    if settings.databases:
+        return await open_placed_storage(entities=classes, settings=settings)
+    return await open_storage(entities=classes, settings=settings)
 
 
 def _root_kind(error: BaseException) -> str:
