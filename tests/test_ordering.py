@@ -301,3 +301,103 @@ async def test_writers_never_wait_for_each_other_and_reads_stop_below_one_in_fli
         finally:
             await other.close()
         assert [e.seq_nr for e in await journal.events("clock", "a")] == [1, 2]
+
+
+async def test_on_two_databases_a_tailer_of_each_sees_every_event_of_its_database_once(
+    postgres_schema: str,
+) -> None:
+    """A journal placed on two databases (schemas here), the slow commits on both: each
+    writer's batches span both (one transaction per database, at once, as a shard host's
+    batch does), and a tailer per database, reading by tag, sees its database's events once
+    each, in offset order; together they see every event, each on its entity's database."""
+    from conftest import _create_schema, _drop_schema
+
+    from lagompy.journal._placement import Placement
+    from lagompy.journal._storage import PlacedStorage, open_placed_storage
+    from lagompy.settings import PlacedDatabase
+
+    second = await _create_schema()
+    settings = JournalSettings(
+        url=POSTGRES_URL,
+        postgres_schema=postgres_schema,
+        auto_migrate=True,
+        databases={
+            "b": PlacedDatabase(url=POSTGRES_URL, postgres_schema=second, slices="512-1023")
+        },
+    )
+    placement = Placement.of(settings)
+    writers: list[PlacedStorage] = []
+    readers = await open_placed_storage(settings=settings, entities=[ClockEntity])
+    try:
+        for name in placement.names:
+            schema = placement.settings_of(name).postgres_schema
+            conn = await asyncpg.connect(POSTGRES_URL, server_settings={"search_path": schema})
+            try:
+                await conn.execute(SLOW_COMMITS)
+            finally:
+                await conn.close()
+        for _ in range(WRITERS):
+            writers.append(
+                await open_placed_storage(
+                    settings=settings.model_copy(update={"pool_size": 1}), entities=[ClockEntity]
+                )
+            )
+
+        async def append(w: int, writes: list[AtomicWrite]) -> None:
+            parts: dict[str, list[AtomicWrite]] = {}
+            for write in writes:
+                parts.setdefault(placement.database_of(write.entity_id), []).append(write)
+            outs = await asyncio.gather(
+                *(writers[w].parts[n].journal.append(ws) for n, ws in parts.items())
+            )
+            assert all(r.ok for out in outs for r in out)
+
+        done = asyncio.Event()
+        seen: dict[str, list[EventEnvelope[Any]]] = {n: [] for n in placement.names}
+
+        async def tailer(name: str) -> None:
+            journal, after = readers.parts[name].journal, 0
+            while True:
+                finished = done.is_set()
+                page = await journal.events_by_tag("clock", after_offset=after, limit=PAGE_SIZE)
+                seen[name].extend(page)
+                after = page[-1].offset if page else after
+                if not page:
+                    if finished:
+                        return
+                    await asyncio.sleep(0)
+
+        async def writer(w: int) -> None:
+            rng = random.Random(w)
+            for b in range(BATCHES_PER_WRITER):
+                writes = [
+                    AtomicWrite(
+                        "clock",
+                        f"w{w}-b{b}-e{i}",
+                        0,
+                        [Ticked(w, b)],
+                        [("clock-first", "clock") if i == 0 else ("clock",)],
+                    )
+                    for i in range(rng.randint(2, 6))
+                ]
+                await append(w, writes)
+
+        tails = [asyncio.create_task(tailer(n)) for n in placement.names]
+        await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+        done.set()
+        await asyncio.wait_for(asyncio.gather(*tails), timeout=60)
+        written = 0
+        for name in placement.names:
+            journal = readers.parts[name].journal
+            committed = await journal.events_by_tag("clock", after_offset=0, limit=100_000)
+            offsets = [e.offset for e in seen[name]]
+            assert offsets == [e.offset for e in committed], f"tailer of {name!r} skipped"
+            assert {placement.database_of(e.entity_id) for e in committed} == {name}
+            written += len(committed)
+        assert written == sum(len(v) for v in seen.values())
+        assert all(seen.values())
+    finally:
+        await readers.close()
+        for s in writers:
+            await s.close()
+        await _drop_schema(second)
