@@ -16,8 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+from fastapi import FastAPI
 from ray_entities import Add, CounterEntity, GetValue
 
 from lagompy import ConfigurationError, ShardedEntities, start, start_in_process
@@ -26,7 +28,9 @@ from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.journal._storage import open_placed_storage
 from lagompy.runtime import shutdown_app
 from lagompy.runtime._processing import recover
+from lagompy.service import BreakerRegistry, EntitiesDep, Service
 from lagompy.settings import JournalSettings, PlacedDatabase
+from lagompy.testkit.server import serve_in_thread
 
 Placed = Callable[[int], Awaitable[JournalSettings]]
 
@@ -314,3 +318,42 @@ async def test_shard_hosts_on_ray_write_each_entity_to_its_database(
             assert values == [2] * len(ids)
     finally:
         await shutdown_app(app)
+
+
+# ------------------------------------------------------------------------- a service
+
+
+def _counter_app(settings: JournalSettings) -> FastAPI:
+    service = Service(
+        name=f"placed-{uuid.uuid4().hex[:8]}",
+        entities=[CounterEntity],
+        journal_settings=settings,
+        ray=True,
+        runtime_options={"hosts": 1, "shards": 8},
+        breakers=BreakerRegistry(),
+    )
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+
+    @app.post("/counters/{counter_id}")
+    async def add(counter_id: str, entities: EntitiesDep) -> int:
+        reply: int = await entities.ref_for(CounterEntity, counter_id).ask(Add(1))
+        return reply
+
+    return app
+
+
+async def test_a_service_on_a_placed_journal_checks_each_database(
+    ray_session: Any, placed: Placed
+) -> None:
+    settings = await placed(2)
+    with serve_in_thread(_counter_app(settings)) as url, httpx.Client(base_url=url) as http:
+        for n in range(60):
+            assert http.post(f"/counters/s{n}").json() == 1
+        ready = http.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        checks = ready.json()["checks"]
+        assert (checks["journal"], checks["journal@d1"]) == ("ok", "ok")
+    by_database = await _events_by_database(settings)
+    assert sum(len(e) for e in by_database.values()) == 60
+    assert all(by_database.values())

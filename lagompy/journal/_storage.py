@@ -100,6 +100,11 @@ class PlacedStorage(AsyncClosing):
     placement: Placement
     parts: dict[str, Storage]
 
+    @property
+    def serializer(self) -> Serializer:
+        """The serializer every database's journal shares."""
+        return next(iter(self.parts.values())).serializer
+
     def of(self, entity_id: str) -> Storage:
         """The storage of the database that holds ``entity_id``."""
         return self.parts[self.placement.database_of(entity_id)]

@@ -9,6 +9,7 @@ routes ``/health/live``, ``/health/ready``, ``/metrics`` and ``/_status/circuit-
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import logging
 import os
@@ -151,7 +152,9 @@ class Service:
         self.components = list(components)
         self.settings = settings or ServiceSettings()
         self._started: list[Component] = []
-        self._probe: Any = None  # a small Database for the journal check of /health/ready
+        #: Small Databases for the journal checks of /health/ready: "journal" (and
+        #: "journal@name" for each other database of a journal placed on several).
+        self._probes: dict[str, Any] = {}
         #: the last failure of each readiness check (logged when it changes)
         self._ready_failures: dict[str, str] = {}
         self._keys: KeyStore | None = None  # where Idempotency-Keys are bound
@@ -209,10 +212,18 @@ class Service:
                 and self._runtime is not None
                 and self._runtime.local_journal is None
             ):
-                # The shard hosts write the journal: this process checks that it reaches it.
+                # The shard hosts write the journal: this process checks that it reaches it
+                # (each of its databases, when it is placed on several).
+                from lagompy.journal._placement import Placement, partition_key
                 from lagompy.sql._database import Database
 
-                self._probe = Database.create(self.journal_settings, pool_size=1, max_overflow=0)
+                placement = Placement.of(self.journal_settings)
+                self._probes = {
+                    partition_key("journal", name): Database.create(
+                        placement.settings_of(name), pool_size=1, max_overflow=0
+                    )
+                    for name in placement.names
+                }
             self._keys = self._key_store()
             for spec in self._client_specs:
                 made = spec if isinstance(spec, ServiceClient) else self._make_client(spec)
@@ -264,9 +275,9 @@ class Service:
         if self._keys is not None:
             await self._keys.close()
             self._keys = None
-        if self._probe is not None:
-            await self._probe.dispose()
-            self._probe = None
+        probes, self._probes = self._probes, {}
+        for probe in probes.values():
+            await probe.dispose()
         if self._runtime is not None and self._runtime is not self._given_runtime:
             await self._runtime.close(shutdown=self.stop_runtime)
             self._runtime = None
@@ -327,8 +338,8 @@ class Service:
                 checks["runtime"] = _fail("not started")
             else:
                 checks[runtime.check_name] = runtime.check
-        if self._probe is not None:
-            checks["journal"] = lambda: _select_one(self._probe)
+        for check_name, probe in self._probes.items():
+            checks[check_name] = functools.partial(_select_one, probe)
         for component in self.components:
             ready = getattr(component, "ready", None)
             if callable(ready):
