@@ -9,8 +9,8 @@ routes ``/health/live``, ``/health/ready``, ``/metrics`` and ``/_status/circuit-
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
