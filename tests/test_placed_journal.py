@@ -28,6 +28,7 @@ from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.journal._storage import open_placed_storage
 from lagompy.runtime import shutdown_app
 from lagompy.runtime._processing import recover
+from lagompy.console import ConsoleSettings
 from lagompy.service import BreakerRegistry, EntitiesDep, Service
 from lagompy.settings import JournalSettings, PlacedDatabase
 from lagompy.testkit.server import serve_in_thread
@@ -333,7 +334,7 @@ def _counter_app(settings: JournalSettings) -> FastAPI:
         breakers=BreakerRegistry(),
     )
     app = FastAPI(lifespan=service.lifespan)
-    service.install(app)
+    service.install(app, console=ConsoleSettings(show_payloads=True))
 
     @app.post("/counters/{counter_id}")
     async def add(counter_id: str, entities: EntitiesDep) -> int:
@@ -354,6 +355,13 @@ async def test_a_service_on_a_placed_journal_checks_each_database(
         assert ready.status_code == 200, ready.text
         checks = ready.json()["checks"]
         assert (checks["journal"], checks["journal@d1"]) == ("ok", "ok")
+        # The console finds each entity in its own database.
+        placement = Placement.of(settings)
+        for name in placement.names:
+            entity_id = next(f"s{n}" for n in range(60) if placement.database_of(f"s{n}") == name)
+            found = http.get(f"/console/api/entities/counter/{entity_id}").json()
+            assert [e["payload"]["amount"] for e in found["events"]] == [1], name
+            assert found["state"] == {"value": 1}, name
     by_database = await _events_by_database(settings)
     assert sum(len(e) for e in by_database.values()) == 60
     assert all(by_database.values())

@@ -27,6 +27,7 @@ from lagompy.console._settings import ConsoleSettings
 from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.journal._journal import check_entity_id
 from lagompy.journal._model import from_us
+from lagompy.journal._placement import HOME, Placement
 from lagompy.readside import ParkedEvent, ParkedFilter, Projections
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
@@ -197,7 +198,8 @@ class Backend:
     def __init__(self, service: Service, settings: ConsoleSettings) -> None:
         self.service = service
         self.settings = settings
-        self._database: Database | None = None
+        #: The journal's databases opened so far, by name (HOME: the home one).
+        self._databases: dict[str, Database] = {}
         self._serializer: Serializer | None = None
         self._audit: AuditLog | None = None
         self._lock = asyncio.Lock()
@@ -233,20 +235,29 @@ class Backend:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        database, self._database, self._audit = self._database, None, None
-        if database is not None:
+        databases, self._databases, self._audit = self._databases, {}, None
+        for database in databases.values():
             await database.dispose()
 
-    async def _journal(self) -> Database:
-        if self._database is None:
+    async def _journal(self, entity_id: str | None = None) -> Database:
+        """The journal's database (the home one, where the audit log is), or the one that
+        holds ``entity_id`` when the journal is placed on several."""
+        runtime = self.service._runtime
+        settings = (None if runtime is None else runtime.local_journal) or (
+            self.service.journal_settings
+        )
+        placement = Placement.of(settings)
+        name = HOME if entity_id is None else placement.database_of(entity_id)
+        database = self._databases.get(name)
+        if database is None:
             async with self._lock:
-                if self._database is None:
-                    runtime = self.service._runtime
-                    settings = None if runtime is None else runtime.local_journal
-                    self._database = Database.create(
-                        settings or self.service.journal_settings, pool_size=2, max_overflow=2
+                database = self._databases.get(name)
+                if database is None:
+                    database = Database.create(
+                        placement.settings_of(name), pool_size=2, max_overflow=2
                     )
-        return self._database
+                    self._databases[name] = database
+        return database
 
     async def audit_log(self) -> AuditLog:
         """The audit log, its table checked (or, where ``auto_migrate`` says so, created)."""
@@ -632,7 +643,7 @@ class Backend:
             raise ActionError(400, str(e)) from None
         if from_seq_nr < 1:
             raise ActionError(400, "from_seq_nr must be 1 or more")
-        database = await self._journal()
+        database = await self._journal(entity_id)
         t = schema.events
         size = self.settings.page_size
         stmt = (
@@ -728,7 +739,7 @@ class Backend:
         from lagompy.runtime._processing import recover
 
         (cls,) = [c for c in self.service.entity_classes if c.type_name == entity_type]
-        database = await self._journal()
+        database = await self._journal(entity_id)
         serializer = self.serializer()
         try:
             live = await recover(
