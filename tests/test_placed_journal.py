@@ -23,12 +23,12 @@ from fastapi import FastAPI
 from ray_entities import Add, CounterEntity, GetValue
 
 from lagompy import ConfigurationError, ShardedEntities, start, start_in_process
+from lagompy.console import ConsoleSettings
 from lagompy.journal import open_storage, slice_of, slice_ranges
 from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.journal._storage import open_placed_storage
 from lagompy.runtime import shutdown_app
 from lagompy.runtime._processing import recover
-from lagompy.console import ConsoleSettings
 from lagompy.service import BreakerRegistry, EntitiesDep, Service
 from lagompy.settings import JournalSettings, PlacedDatabase
 from lagompy.testkit.server import serve_in_thread
