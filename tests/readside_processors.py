@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from examples.user_service.entity import UserEntity
 from lagompy import sharded_tag
 from lagompy.journal import EventEnvelope
+from lagompy.readside import SqlReadSideProcessor
 from lagompy.testkit.readside import CreditsProjection
 
 
@@ -66,3 +69,40 @@ class SpreadCredits(CreditsProjection):
 
     name = "rebalance-credits"
     tag = sharded_tag("rebalance-credits", shards=4)  # type: ignore[assignment]
+
+
+class PlacedCredits(CreditsProjection):
+    """The contract's credits projection (one row per handled event) on two tags, for a
+    journal placed on several databases (tests/test_readside_placed.py); records the tags its
+    ``prepare`` saw (in this process)."""
+
+    name = "placed-credits"
+    tag = sharded_tag("placed-credits", shards=2)  # type: ignore[assignment]
+    prepared: ClassVar[list[str]] = []
+
+    async def prepare(self, conn: AsyncConnection, tag: str) -> None:
+        type(self).prepared.append(tag)
+
+
+class PlacedUserEvents(SqlReadSideProcessor):
+    """One row per event of the example's users (no unique key: an event handled twice shows
+    as two rows), for the runtime writing to a journal on several databases."""
+
+    name = "placed-user-events"
+    tag = UserEntity.tag
+    entities = (UserEntity,)
+
+    async def global_prepare(self, conn: AsyncConnection) -> None:
+        await conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS placed_user_events ("
+                "user_id VARCHAR(100) NOT NULL, seq_nr BIGINT NOT NULL, "
+                "event_offset BIGINT NOT NULL)"
+            )
+        )
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        await conn.execute(
+            text("INSERT INTO placed_user_events VALUES (:u, :s, :o)"),
+            {"u": envelope.entity_id, "s": envelope.seq_nr, "o": envelope.offset},
+        )

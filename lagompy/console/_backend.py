@@ -508,7 +508,7 @@ class Backend:
         return "rebuild started"
 
     async def _run_rebuild(self, cls: type[Any], projections: Projections, actor: str) -> None:
-        from lagompy.journal import open_storage
+        from lagompy.journal._storage import open_placed_storage
         from lagompy.readside._processor import serializer_for_processors
 
         name = cls.name
@@ -517,15 +517,14 @@ class Backend:
         def progress(done: int, total: int) -> None:
             self.rebuilds[name] = replace(self.rebuilds[name], done=done, total=total)
 
-        assert projections.journal is not None
+        settings = projections.journal_settings
+        assert settings is not None
         try:
-            async with await open_storage(
-                settings=projections.journal.settings,
-                serializer=serializer_for_processors([instance]),
+            # Every database of the journal (one, unless it is placed on several).
+            async with await open_placed_storage(
+                settings=settings, serializer=serializer_for_processors([instance])
             ) as storage:
-                count = await projections.rebuild(
-                    instance, journal=storage.journal, progress=progress
-                )
+                count = await projections.rebuild(instance, journal=storage, progress=progress)
         except Exception as e:
             log.exception("console: the rebuild of %r failed", name)
             detail = f"{type(e).__name__} (see the service's log)"

@@ -1,4 +1,8 @@
-"""The consumer core: one :class:`EventConsumer` per (consumer, tag), whatever it does with events.
+"""The consumer core: one :class:`EventConsumer` per (consumer, partition), whatever it does with
+events. A partition is a tag of the journal, keyed by the tag itself; on a journal placed on
+several databases a consumer of a tag has one partition per database, keyed
+``tag@database`` (``lagompy.journal._placement.partition_key``) and reading that database's
+journal: the key names the lease and the stored position, ``journal_tag`` is what it reads.
 
 Everything that follows the journal is the same machine, and this module is it::
 
@@ -265,9 +269,13 @@ class EventConsumer:
         logger: logging.Logger = log,
         pages: Callable[[], PageSource] | None = None,
         membership: Membership | None = None,
+        journal_tag: str | None = None,
     ) -> None:
         self.name = name
+        #: The partition's key: its lease, its stored position, its failures and parked rows.
         self.tag = tag
+        #: The journal tag the consumer reads (``tag`` unless the key names a database too).
+        self.journal_tag = tag if journal_tag is None else journal_tag
         self.journal = journal
         self.store = store
         self.strategy = strategy
@@ -340,6 +348,8 @@ class EventConsumer:
         return tailer if isinstance(tailer, PageTailer) else None
 
     def where(self) -> str:
+        if self.journal_tag != self.tag:
+            return f"{self.kind} {self.name!r}, partition {self.tag!r}"
         return f"{self.kind} {self.name!r}, tag {self.tag!r}"
 
     def passes_failure(self, offset: int) -> bool:
@@ -386,7 +396,7 @@ class EventConsumer:
             raise ValueError(f"{self.where()}: give the consumer a journal or a page source")
         return PageTailer(
             self.journal,
-            tag=self.tag,
+            tag=self.journal_tag,
             event_types=self.event_types,
             page_size=self.settings.max_batch,
             settings=self.settings.tail,
@@ -569,7 +579,7 @@ class EventConsumer:
             except Exception as e:
                 attempt += 1
                 self.failures += 1
-                self.last_error = f"prepare({self.tag!r}) failed: {self.describe_error(e)}"
+                self.last_error = f"prepare({self.journal_tag!r}) failed: {self.describe_error(e)}"
                 self.log.error("%s: %s (attempt %d)", self.where(), self.last_error, attempt)
                 if attempt >= self.settings.max_attempts:
                     await self._stall(lease, self.last_error, attempt)

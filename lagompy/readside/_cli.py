@@ -68,7 +68,12 @@ JournalSchemaOption = Annotated[
 ]
 TagOption = Annotated[
     str | None,
-    typer.Option("--tag", help="Only this tag (default: every tag).", show_default=False),
+    typer.Option(
+        "--tag",
+        help="Only this tag (default: every tag); on a journal placed on several databases, "
+        "one partition: TAG (the home database's) or TAG@DATABASE.",
+        show_default=False,
+    ),
 ]
 
 
@@ -255,7 +260,10 @@ def skip(
 
 def set_offset(
     processor: Annotated[str, typer.Argument(help="The processor's name.")],
-    tag: Annotated[str, typer.Argument(help="The tag.")],
+    tag: Annotated[
+        str,
+        typer.Argument(help="The tag (TAG@DATABASE: its partition on another database)."),
+    ],
     offset: Annotated[int, typer.Argument(help="Resume after this offset (0: from the start).")],
     force: Annotated[
         bool,
@@ -313,14 +321,14 @@ def rebuild(
         typer.confirm(f"Empty projection {cls.name!r} and replay every event?", abort=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from lagompy.journal._storage import open_storage
+    from lagompy.journal._storage import open_placed_storage
     from lagompy.readside._processor import serializer_for_processors
 
     instance = cls()
 
     async def action(p: Projections) -> int:
-        assert p.journal is not None
-        settings = p.journal.settings
+        settings = p.journal_settings
+        assert settings is not None
         serializer = serializer_for_processors([instance])
         with Progress(
             "[progress.description]{task.description}",
@@ -334,8 +342,10 @@ def rebuild(
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            async with await open_storage(settings=settings, serializer=serializer) as storage:
-                return await p.rebuild(instance, journal=storage.journal, progress=progress)
+            async with await open_placed_storage(
+                settings=settings, serializer=serializer
+            ) as storage:
+                return await p.rebuild(instance, journal=storage, progress=progress)
 
     n = _run(url, schema, journal_url, journal_schema, action)
     typer.echo(f"rebuilt {cls.name} from {n} events")

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -19,6 +19,8 @@ from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import ConsumerStopped, EventConsumer, Membership, describe_taken
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal, from_us, now_us
+from lagompy.journal._placement import HOME, Placement
+from lagompy.journal._storage import PlacedStorage, open_placed_storage
 from lagompy.readside._parked import ParkedEvent, ParkedFilter, ParkedStore
 from lagompy.readside._processor import (
     ProcessorArg,
@@ -45,10 +47,12 @@ from lagompy.readside._store import (
     unknown_offsets,
 )
 from lagompy.readside._worker import (
+    Partition,
     ReadSideWorker,
     default_owner,
     describe_error,
     membership_for,
+    partitions_of,
     run_global_prepare,
 )
 from lagompy.serialization import Serializer
@@ -113,6 +117,10 @@ class WorkerStatus:
     failure: Failure | None
     #: Events parked (``on_failure="park"``) and not retried or discarded yet.
     parked: int = 0
+    #: The journal's database the partition follows: ``""`` (the home one, the only one of a
+    #: journal on one database), else its name in ``JournalSettings.databases``; ``tag`` is
+    #: then the partition's key, ``<tag>@<database>``.
+    database: str = HOME
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -213,7 +221,12 @@ async def _journal_lag(journal: Database, tag: str, offset: int) -> tuple[int, i
 
 class Projections(AsyncClosing):
     """Manage read sides from Python (the CLI and the HTTP route use it too): status, pause,
-    resume, set an offset, rebuild. ``journal`` is needed for the lag and for rebuilds."""
+    resume, set an offset, rebuild. ``journal`` is needed for the lag and for rebuilds.
+
+    On a journal placed on several databases, ``journal`` is the home database and
+    ``placement`` with ``journals`` (the other databases, by name) say where each partition's
+    events are: a partition key ``tag@name`` is measured against database ``name``. Every
+    operation takes a partition key where it takes a tag."""
 
     def __init__(
         self,
@@ -222,9 +235,14 @@ class Projections(AsyncClosing):
         *,
         settings: ReadSideSettings | None = None,
         owns: Sequence[Database] = (),
+        placement: Placement | None = None,
+        journals: Mapping[str, Database] | None = None,
     ) -> None:
         self.projection = projection
         self.journal = journal
+        self.placement = placement
+        #: The journal's databases other than the home one, by name.
+        self.journals = dict(journals or {})
         self.settings = settings or _settings(None, {})
         self.store = OffsetStore(projection)
         self.parked_store = ParkedStore(projection)
@@ -235,9 +253,27 @@ class Projections(AsyncClosing):
             await db.dispose()
         self._owns = []
 
+    @property
+    def journal_settings(self) -> JournalSettings | None:
+        """The settings of the whole journal, every database of it (None: opened without
+        it): what a rebuild opens with ``open_placed_storage``."""
+        if self.placement is not None:
+            return self.placement.settings
+        return None if self.journal is None else self.journal.settings
+
+    def journal_of(self, key: str) -> tuple[Database | None, str, str]:
+        """(journal database, tag, database name) of partition ``key``: the home database and
+        the key itself unless the journal is placed on several and the key names another
+        (None when that database is not open here)."""
+        if self.placement is None:
+            return self.journal, key, HOME
+        tag, name = self.placement.split(key)
+        return (self.journal if name == HOME else self.journals.get(name)), tag, name
+
     async def status(self, processor: str | None = None) -> list[WorkerStatus]:
-        """Every (processor, tag) known in the projection database (or those of one
-        processor): offset, lag in events and seconds, state, events/s, last failure."""
+        """Every (processor, partition) known in the projection database (or those of one
+        processor): offset, lag in events and seconds (against the partition's own database
+        of the journal), state, events/s, last failure."""
         rows = await self.store.rows(processor)
         if processor is not None and not rows:
             raise ConfigurationError(
@@ -249,8 +285,9 @@ class Projections(AsyncClosing):
         for row in rows:
             head = lag = None
             lag_s: float | None = None
-            if self.journal is not None:
-                head, lag, lag_s = await _journal_lag(self.journal, row.tag, row.offset)
+            journal, tag, database = self.journal_of(row.tag)
+            if journal is not None:
+                head, lag, lag_s = await _journal_lag(journal, tag, row.offset)
             failure = None
             if row.error is not None:
                 failure = Failure(
@@ -279,6 +316,7 @@ class Projections(AsyncClosing):
                     skipped=row.skipped,
                     failure=failure,
                     parked=parked.get((row.processor, row.tag), 0),
+                    database=database,
                 )
             )
         return out
@@ -351,15 +389,20 @@ class Projections(AsyncClosing):
         if tag == GLOBAL_TAG or await self.store.row(processor, tag) is None:
             raise ConfigurationError(unknown_offsets(processor, tag))
         if not force:
-            if self.journal is None:
+            journal, journal_tag, database = self.journal_of(tag)
+            if journal is None:
                 raise ConfigurationError(
                     "set_offset checks the offset against the tag's head in the journal: open "
                     "Projections with the journal, or pass force=True"
                 )
-            head = (await _journal_lag(self.journal, tag, 0))[0]
+            head = (await _journal_lag(journal, journal_tag, 0))[0]
             if offset > head:
+                where = ""
+                if self.placement is not None and database != HOME:
+                    where = f" on {self.placement.describe(database)}"
                 raise ConfigurationError(
-                    f"offset {offset} is beyond the head of tag {tag!r} in the journal "
+                    f"offset {offset} is beyond the head of tag {journal_tag!r}{where} in the "
+                    "journal "
                     f"(offset {head}): the worker would pass over every event up to it as they "
                     "are written; set it anyway with force=True (`--force`), the status then "
                     "shows a negative lag"
@@ -418,7 +461,7 @@ class Projections(AsyncClosing):
         self,
         processor: ProcessorArg,
         *,
-        journal: Journal,
+        journal: Journal | PlacedStorage,
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Empty the projection (``reset``) and replay every event of the processor's tags.
@@ -427,19 +470,23 @@ class Projections(AsyncClosing):
         ``global_prepare`` and ``reset`` and zeroes the offsets in one transaction, replays
         the tags concurrently, then releases the leases: running workers take them back and
         go on live. ``progress(done, total)`` is called as events are handled. Returns the
-        number of events replayed."""
+        number of events replayed.
+
+        A journal placed on several databases (``journal``: from ``open_placed_storage``)
+        resets and replays every partition, one per (tag, database)."""
         p = _instance(processor)
         if not type(p).can_reset():
             raise ConfigurationError(
                 f"read-side processor {p.name!r} defines no reset(conn): a rebuild needs it to "
                 "empty the projection before replaying"
             )
-        tags = list(p.tags())
+        journals, parts = _partitions(p, journal)
+        keys = [part.key for part in parts]
         s = self.settings
         owner = f"rebuild:{default_owner()}"
-        await self.store.ensure(p.name, [GLOBAL_TAG, *tags])
+        await self.store.ensure(p.name, [GLOBAL_TAG, *keys])
         leases = []
-        for t in [GLOBAL_TAG, *tags]:
+        for t in [GLOBAL_TAG, *keys]:
             lease = await self.store.acquire(p.name, t, owner, s.lease_ttl, force=True)
             assert lease is not None  # forced
             level = logging.WARNING if lease.previous_live else logging.INFO
@@ -454,8 +501,8 @@ class Projections(AsyncClosing):
         finally:
             await self.store.release(leases[0], state="prepared")
         total = 0
-        for t in tags:
-            total += (await _journal_lag(journal.database, t, 0))[1]
+        for part in parts:
+            total += (await _journal_lag(journals[part.database].database, part.tag, 0))[1]
         done = 0
 
         def step(n: int) -> None:
@@ -468,9 +515,15 @@ class Projections(AsyncClosing):
             progress(0, total)
         workers = [
             ReadSideWorker(
-                p, t, journal=journal, projection=self.projection, settings=s, owner=owner
+                p,
+                part.key,
+                journal=journals[part.database],
+                projection=self.projection,
+                settings=s,
+                owner=owner,
+                journal_tag=part.tag,
             )
-            for t in tags
+            for part in parts
         ]
         await asyncio.gather(*(w.catch_up(force=True, progress=step) for w in workers))
         return done
@@ -486,22 +539,43 @@ async def open_projections(
     **overrides: Any,
 ) -> Projections:
     """:class:`Projections` on the projection database of these settings (and the journal's,
-    for lag and rebuilds, unless ``with_journal=False``); close it when done."""
+    for lag and rebuilds, unless ``with_journal=False``: each of its databases when it is
+    placed on several); close it when done."""
     settings = _settings(settings, overrides)
     journal_settings = _journal_settings(journal_url, journal_settings)
+    placement = Placement.of(journal_settings)
     projection = Database.create(projection_settings(journal_settings, settings))
     owned = [projection]
-    journal_db = None
+    journals: dict[str, Database] = {}
     try:
         await ensure_schema(projection)
         if with_journal:
-            journal_db = Database.create(journal_settings)
-            owned.append(journal_db)
+            for name in placement.names:
+                journals[name] = Database.create(placement.settings_of(name))
+                owned.append(journals[name])
     except BaseException:
         for db in owned:
             await db.dispose()
         raise
-    return Projections(projection, journal_db, settings=settings, owns=owned)
+    home = journals.pop(HOME, None)
+    return Projections(
+        projection,
+        home,
+        settings=settings,
+        owns=owned,
+        placement=placement if placement.several else None,
+        journals=journals,
+    )
+
+
+def _partitions(
+    processor: SqlReadSideProcessor, journal: Journal | PlacedStorage
+) -> tuple[dict[str, Journal], list[Partition]]:
+    """The journal of each database by name, and the processor's partitions on them."""
+    if isinstance(journal, Journal):
+        return {HOME: journal}, [Partition(t, t, HOME) for t in processor.tags()]
+    journals = {name: part.journal for name, part in journal.parts.items()}
+    return journals, partitions_of(processor, journal.placement)
 
 
 def _of_tag(tag: str | None) -> str:
@@ -517,7 +591,8 @@ def _operator(kind: str) -> str:
 
 
 class ReadSide(AsyncClosing):
-    """Read-side workers running in this process (one asyncio task per (processor, tag)).
+    """Read-side workers running in this process (one asyncio task per (processor, tag), or
+    per (processor, tag, database) of a journal placed on several: ``placed``).
 
     Build it with :func:`start_readside`; close it (or use ``async with``) to stop the workers,
     which release their leases."""
@@ -530,12 +605,26 @@ class ReadSide(AsyncClosing):
         projection: Database,
         settings: ReadSideSettings,
         owned: Sequence[Database] = (),
+        placed: PlacedStorage | None = None,
     ) -> None:
         self.processors = processors
+        #: The journal of the home database (the only one unless ``placed``).
         self.journal = journal
+        #: Every database's storage, when the journal is placed on several.
+        self.placed = placed if placed is not None and placed.placement.several else None
         self.projection = projection
         self.settings = settings
-        self.projections = Projections(projection, journal.database, settings=settings)
+        self.projections = Projections(
+            projection,
+            journal.database,
+            settings=settings,
+            placement=None if self.placed is None else self.placed.placement,
+            journals=(
+                {}
+                if self.placed is None
+                else {n: st.database for n, st in self.placed.parts.items() if n != HOME}
+            ),
+        )
         self.workers: list[ReadSideWorker] = []
         #: This process's name as a member of its processors (and its workers' lease owner).
         self.member = default_owner()
@@ -549,23 +638,34 @@ class ReadSide(AsyncClosing):
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
+    def partitions(self, processor: SqlReadSideProcessor) -> list[Partition]:
+        """The partitions of ``processor`` this read side runs: its tags on each database."""
+        journal = self.journal if self.placed is None else self.placed
+        return _partitions(processor, journal)[1]
+
+    def _journal(self, database: str) -> Journal:
+        return self.journal if self.placed is None else self.placed.parts[database].journal
+
     def _start(self) -> None:
         s = self.settings
         for p in self.processors:
-            membership = membership_for(p.name, p.tags(), self.projection, s, self.member)
+            parts = self.partitions(p)
+            keys = [part.key for part in parts]
+            membership = membership_for(p.name, keys, self.projection, s, self.member)
             if membership is not None:
                 self.memberships.append(membership)
             workers = [
                 ReadSideWorker(
                     p,
-                    t,
-                    journal=self.journal,
+                    part.key,
+                    journal=self._journal(part.database),
                     projection=self.projection,
                     settings=s,
                     owner=self.member,
                     membership=membership,
+                    journal_tag=part.tag,
                 )
-                for t in p.tags()
+                for part in parts
             ]
             self.workers += workers
             self._tasks.append(
@@ -583,7 +683,12 @@ class ReadSide(AsyncClosing):
 
         try:
             attempts = await run_global_prepare(
-                processor, self.projection, self.settings, stop=self._stop, on_stall=stalled
+                processor,
+                self.projection,
+                self.settings,
+                stop=self._stop,
+                on_stall=stalled,
+                keys=[w.tag for w in workers],
             )
         except ConsumerStopped:
             return
@@ -618,7 +723,7 @@ class ReadSide(AsyncClosing):
         whichever process holds it (raises ``TimeoutError`` after ``timeout`` seconds)."""
         targets = []
         for w in self.workers:
-            head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
+            head, _, _ = await _journal_lag(w.journal.database, w.journal_tag, 0)
             targets.append((w, head))
         store = self.projections.store
         async with asyncio.timeout(timeout):
@@ -659,7 +764,8 @@ async def start_readside(
     **overrides: Any,
 ) -> ReadSide:
     """Start the processors' workers in this process and return at once: each processor runs
-    ``global_prepare`` (retried until it succeeds), then one worker per tag. Keyword
+    ``global_prepare`` (retried until it succeeds), then one worker per tag (per tag and
+    database, on a journal placed on several: ``JournalSettings.databases``). Keyword
     ``overrides`` set fields of :class:`ReadSideSettings` (``url=`` for a separate projection
     database, ``max_batch=``, ``on_failure=``...)."""
     instances = [_instance(p) for p in processors]
@@ -671,25 +777,26 @@ async def start_readside(
     settings = _settings(settings, overrides)
     journal_settings = _journal_settings(journal_url, journal_settings)
     serializer = serializer or serializer_for_processors(instances)
-    from lagompy.journal._storage import open_storage
-
-    storage = await open_storage(settings=journal_settings, serializer=serializer)
+    storage = await open_placed_storage(settings=journal_settings, serializer=serializer)
+    home = storage.parts[HOME]
     projection = Database.create(projection_settings(journal_settings, settings))
     try:
         await ensure_schema(projection)
         store = OffsetStore(projection)
         for p in instances:
-            await store.ensure(p.name, [GLOBAL_TAG, *p.tags()])
+            _, parts = _partitions(p, storage)
+            await store.ensure(p.name, [GLOBAL_TAG, *(part.key for part in parts)])
     except BaseException:
         await projection.dispose()
         await storage.close()
         raise
     readside = ReadSide(
         instances,
-        journal=storage.journal,
+        journal=home.journal,
         projection=projection,
         settings=settings,
-        owned=[projection, storage.database],
+        owned=[projection, *(part.database for part in storage.parts.values())],
+        placed=storage,
     )
     readside._start()
     return readside

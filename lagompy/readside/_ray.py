@@ -10,9 +10,11 @@ it dies.
     await stop_readside_on_ray("users")       # stop them (they release their leases)
 
 The actors live in the app's Ray namespace (``lagompy-<app>``, beside its shard hosts) under
-the names ``readside:<processor>:<tag>``, with ``max_restarts=-1``: Ray restarts a worker whose
-process died, and the restarted worker (same name, hence same lease owner) takes its lease back
-at once and resumes after the stored offset. An actor killed for good is created again by
+the names ``readside:<processor>:<tag>`` (on a journal placed on several databases, one per
+partition: ``readside:<processor>:<tag>@<database>`` for each database but the home one, each
+actor opening its own database of the journal alone), with ``max_restarts=-1``: Ray restarts
+a worker whose process died, and the restarted worker (same name, hence same lease owner)
+takes its lease back at once and resumes after the stored offset. An actor killed for good is created again by
 :meth:`RayReadSide.ensure` (which the handle runs every ``supervise_interval`` seconds) or by
 the next :func:`start_readside_on_ray`. Two copies of a worker can briefly coexist after a node
 failure: the lease epoch keeps the stale one from committing. ``global_prepare`` runs in the
@@ -27,11 +29,12 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from lagompy.closing import opener
 from lagompy.errors import ConfigurationError
+from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.readside._processor import SqlReadSideProcessor, serializer_for_processors
 from lagompy.readside._projections import Projections, WorkerStatus
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
@@ -41,7 +44,12 @@ from lagompy.readside._settings import (
     _settings,
     projection_settings,
 )
-from lagompy.readside._worker import ReadSideWorker, run_global_prepare
+from lagompy.readside._worker import (
+    Partition,
+    ReadSideWorker,
+    partitions_of,
+    run_global_prepare,
+)
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import check_importable, resolve_class
 from lagompy.runtime._ray_cluster import (
@@ -87,12 +95,15 @@ class ReadSideWorkerActor:
         journal: dict[str, Any],
         readside: dict[str, Any],
         owner: str,
+        database: str = HOME,
     ) -> None:
         cls = resolve_class(processor_path)
         self.processor: SqlReadSideProcessor = cls()
         self._actor_loop = ActorLoop("lagompy-readside")
         self.worker: ReadSideWorker = self._call(
-            self._open(JournalSettings(**journal), ReadSideSettings(**readside), tag, owner)
+            self._open(
+                JournalSettings(**journal), ReadSideSettings(**readside), tag, owner, database
+            )
         )
         self._running: concurrent.futures.Future[None] = self._actor_loop.submit(self.worker.run())
 
@@ -105,20 +116,28 @@ class ReadSideWorkerActor:
         settings: ReadSideSettings,
         tag: str,
         owner: str,
+        database: str,
     ) -> ReadSideWorker:
+        """The worker of ``tag`` on ``database`` of the journal, which it opens alone; the
+        projection database is the one of the whole journal's settings (the home one's by
+        default)."""
         from lagompy.journal._storage import open_storage
 
         serializer = serializer_for_processors([self.processor])
-        self._storage = await open_storage(settings=journal, serializer=serializer)
+        placement = Placement.of(journal)
+        self._storage = await open_storage(
+            settings=placement.settings_of(database), serializer=serializer
+        )
         self._projection = Database.create(projection_settings(journal, settings))
         await ensure_schema(self._projection)
         return ReadSideWorker(
             self.processor,
-            tag,
+            partition_key(tag, database),
             journal=self._storage.journal,
             projection=self._projection,
             settings=settings,
             owner=owner,
+            journal_tag=tag,
         )
 
     def ping(self) -> dict[str, Any]:
@@ -133,6 +152,7 @@ class ReadSideWorkerActor:
         return {
             "processor": w.name,
             "tag": w.tag,
+            "journal_tag": w.journal_tag,
             "owner": w.owner,
             "pid": os.getpid(),
             "state": w.state,
@@ -171,15 +191,14 @@ class RayReadSide(SupervisedActors):
         self,
         app: str,
         specs: list[tuple[str, str, str]],
-        create: Any,
+        creators: dict[str, Callable[[], Any]],
         projections: Projections,
         *,
         owns_ray: bool,
         supervise_interval: float | None,
     ) -> None:
-        creators = {name: functools.partial(create, p, t) for p, t, name in specs}
         super().__init__(app, creators, owns_ray=owns_ray, supervise_interval=supervise_interval)
-        #: (processor name, tag, actor name) of every worker.
+        #: (processor name, partition key, actor name) of every worker.
         self.specs = specs
         self.projections = projections
 
@@ -203,8 +222,8 @@ class RayReadSide(SupervisedActors):
         return []
 
     async def wait_until_caught_up(self, timeout: float = CAUGHT_UP_TIMEOUT) -> None:
-        """Wait until every worker's stored offset reaches its tag's head at the time of the
-        call (``TimeoutError`` after ``timeout`` seconds)."""
+        """Wait until every worker's stored offset reaches its partition's head (its tag's in
+        its database) at the time of the call (``TimeoutError`` after ``timeout`` seconds)."""
         ours = {(p, t) for p, t, _ in self.specs}
         targets = {
             (s.processor, s.tag): s.head_offset or 0
@@ -244,7 +263,8 @@ async def start_readside_on_ray(
     **overrides: Any,
 ) -> RayReadSide:
     """Run ``global_prepare`` of each processor here, then get or create one worker actor per
-    (processor, tag) in the app's namespace, and wait until they answer. They get
+    (processor, tag) in the app's namespace (per (processor, tag, database) on a journal
+    placed on several: ``JournalSettings.databases``), and wait until they answer. They get
     ``start_timeout`` seconds (None: ``runtime_settings.start_timeout``). Processor classes
     must be importable by module name in Ray's workers (not defined in ``__main__``); each
     worker decodes events with the processor's ``entities`` and ``event_types``."""
@@ -266,15 +286,25 @@ async def start_readside_on_ray(
     journal_settings = _journal_settings(journal_url, journal_settings)
     instances = [cls() for cls in classes]
     serializer_for_processors(instances)  # fail here, not in the actors
+    placement = Placement.of(journal_settings)
+    parts = {p.name: partitions_of(p, placement) for p in instances}
     projection = Database.create(projection_settings(journal_settings, settings))
-    journal_db = Database.create(journal_settings)
+    journals = {name: Database.create(placement.settings_of(name)) for name in placement.names}
     projections = Projections(
-        projection, journal_db, settings=settings, owns=[projection, journal_db]
+        projection,
+        journals[HOME],
+        settings=settings,
+        owns=[projection, *journals.values()],
+        placement=placement if placement.several else None,
+        journals={name: db for name, db in journals.items() if name != HOME},
     )
     try:
         await ensure_schema(projection)
         for p in instances:
-            await run_global_prepare(p, projection, settings, timeout=settings.prepare_timeout)
+            keys = [part.key for part in parts[p.name]]
+            await run_global_prepare(
+                p, projection, settings, timeout=settings.prepare_timeout, keys=keys
+            )
     except BaseException:
         await projections.close()
         raise
@@ -293,8 +323,8 @@ async def start_readside_on_ray(
         by_name = {c.name: path for c, path in zip(classes, paths, strict=True)}
         actor_cls: Any = ray.remote(ReadSideWorkerActor)
 
-        def create(processor: str, tag: str) -> Any:
-            name = actor_name(processor, tag)
+        def create(processor: str, part: Partition) -> Any:
+            name = actor_name(processor, part.key)
             return actor_cls.options(
                 name=name,
                 namespace=namespace,
@@ -304,10 +334,17 @@ async def start_readside_on_ray(
                 max_task_retries=0,
                 num_cpus=0,
                 runtime_env=runtime_env,
-            ).remote(by_name[processor], tag, journal, readside, f"ray:{app}/{name}")
+            ).remote(
+                by_name[processor], part.tag, journal, readside, f"ray:{app}/{name}", part.database
+            )
 
-        specs = [(c.name, t, actor_name(c.name, t)) for c in classes for t in c.tags()]
-        creators = {name: functools.partial(create, p, t) for p, t, name in specs}
+        specs = []
+        creators: dict[str, Callable[[], Any]] = {}
+        for c in classes:
+            for part in parts[c.name]:
+                name = actor_name(c.name, part.key)
+                specs.append((c.name, part.key, name))
+                creators[name] = functools.partial(create, c.name, part)
         await start_named_actors(
             app,
             creators,
@@ -323,7 +360,7 @@ async def start_readside_on_ray(
     return RayReadSide(
         app,
         specs,
-        create,
+        creators,
         projections,
         owns_ray=owns_ray,
         supervise_interval=supervise_interval,

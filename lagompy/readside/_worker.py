@@ -28,6 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError
@@ -47,6 +48,7 @@ from lagompy.errors import (
     UnknownType,
 )
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage
+from lagompy.journal._placement import Placement
 from lagompy.readside._batching import Learnt, deferring
 from lagompy.readside._parked import ConsumerKind, ParkedEvent, ParkedStore
 from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
@@ -66,12 +68,14 @@ log = logging.getLogger("lagompy.readside")
 __all__ = [
     "JournalEvents",
     "ParkedSource",
+    "Partition",
     "ProjectionCommit",
     "ReadSideWorker",
     "default_owner",
     "describe_error",
     "error_class_of",
     "membership_for",
+    "partitions_of",
     "run_global_prepare",
 ]
 
@@ -92,6 +96,27 @@ def membership_for(
         interval=settings.renew_interval,
         logger=log,
     )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One partition of a processor: the journal ``tag`` it reads on ``database`` (of a
+    journal's :class:`~lagompy.journal._placement.Placement`), and its ``key`` (its offset
+    row, lease and worker): the tag itself on the home database, ``tag@database`` elsewhere."""
+
+    key: str
+    tag: str
+    database: str
+
+
+def partitions_of(processor: ReadSideProcessor, placement: Placement) -> list[Partition]:
+    """Every partition of ``processor`` on ``placement``'s databases: one per tag on a journal
+    of one database (keyed by the tag, as ever), one per (tag, database) on several."""
+    return [
+        Partition(key, tag, database)
+        for tag in processor.tags()
+        for key, database in placement.partitions(tag)
+    ]
 
 
 def default_owner() -> str:
@@ -172,8 +197,11 @@ class JournalEvents:
 
     kind: ConsumerKind = "read-side"
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, tag: str | None = None) -> None:
         self.journal = journal
+        #: The journal tag of the rows' events (None: a row's tag is it; a partition of a
+        #: journal on several databases keys its rows ``tag@database``).
+        self.tag = tag
 
     def event_type(self, envelope: EventEnvelope[Any]) -> str | None:
         try:
@@ -185,12 +213,13 @@ class JournalEvents:
         return None
 
     async def envelope_of(self, row: ParkedEvent) -> EventEnvelope[Any]:
-        page = await self.journal.read_tag(row.tag, after_offset=row.offset - 1, limit=1)
+        tag = row.tag if self.tag is None else self.tag
+        page = await self.journal.read_tag(tag, after_offset=row.offset - 1, limit=1)
         if page.error is not None:
             raise page.error
         if not page.envelopes or page.envelopes[0].offset != row.offset:
             raise ConfigurationError(
-                f"the event at offset {row.offset} of tag {row.tag!r} is no longer in the "
+                f"the event at offset {row.offset} of tag {tag!r} is no longer in the "
                 "journal (deleted): discard its parked row"
             )
         return page.envelopes[0]
@@ -262,7 +291,7 @@ class ProjectionCommit:
     async def prepare(self, consumer: EventConsumer, lease: Lease, *, clear_stall: bool) -> None:
         async with self.projection.write() as conn:
             try:
-                await self.processor.prepare(conn, consumer.tag)
+                await self.processor.prepare(conn, consumer.journal_tag)
             except Exception as e:
                 raise _HookFailed(e) from e
             consumer.set_flags(
@@ -716,6 +745,10 @@ class ReadSideWorker(EventConsumer):
     """Runs one processor on one tag: the consumer core (lease, prepare, catch up, tail,
     backoff, status) committing through :class:`ProjectionCommit`.
 
+    On a journal placed on several databases, one worker per (tag, database): ``tag`` is the
+    partition's key (``tag@database``, its offset row), ``journal_tag`` the tag it reads from
+    ``journal`` (that database's), which ``prepare`` and the handlers see.
+
     :meth:`run` goes on until :meth:`stop` (re-acquiring the lease if it is lost);
     :meth:`catch_up` handles what is in the journal now and returns (tests, rebuilds).
     Attributes for status: :attr:`state`, :attr:`offset`, :attr:`events_handled`,
@@ -731,6 +764,7 @@ class ReadSideWorker(EventConsumer):
     settings: ReadSideSettings
     store: OffsetStore
     strategy: ProjectionCommit
+    journal: Journal
 
     def __init__(
         self,
@@ -742,6 +776,7 @@ class ReadSideWorker(EventConsumer):
         settings: ReadSideSettings | None = None,
         owner: str | None = None,
         membership: Membership | None = None,
+        journal_tag: str | None = None,
     ) -> None:
         settings = settings or _settings(None, {})
         store = OffsetStore(projection)
@@ -751,7 +786,7 @@ class ReadSideWorker(EventConsumer):
             journal=journal,
             store=store,
             strategy=ProjectionCommit(
-                processor, projection, store, settings, JournalEvents(journal)
+                processor, projection, store, settings, JournalEvents(journal, journal_tag)
             ),
             settings=settings,
             owner=owner or default_owner(),
@@ -760,6 +795,7 @@ class ReadSideWorker(EventConsumer):
             describe_error=describe_error,
             logger=log,
             membership=membership,
+            journal_tag=journal_tag,
         )
         self.processor = processor
         self.projection = projection
@@ -789,15 +825,17 @@ async def run_global_prepare(
     timeout: float | None = None,
     stop: asyncio.Event | None = None,
     on_stall: Callable[[str | None], None] | None = None,
+    keys: Sequence[str] | None = None,
 ) -> int:
     """Run ``processor.global_prepare`` under the processor's own lease, retried with backoff
     until it succeeds (or ``timeout`` seconds pass: ``ReadSideHandlerFailed``); returns the
-    number of attempts. Also creates the processor's offset rows. ``on_stall(error)`` is
-    called after each failure from ``max_attempts`` on, and with None once it succeeds."""
+    number of attempts. Also creates the processor's offset rows (one per partition key of
+    ``keys``; default: its tags). ``on_stall(error)`` is called after each failure from
+    ``max_attempts`` on, and with None once it succeeds."""
     store = OffsetStore(projection)
     owner = owner or default_owner()
     name = processor.name
-    await store.ensure(name, [GLOBAL_TAG, *processor.tags()])
+    await store.ensure(name, [GLOBAL_TAG, *(processor.tags() if keys is None else keys)])
     deadline = None if timeout is None else time.monotonic() + timeout
     attempt = 0
     last: BaseException | None = None

@@ -1,0 +1,266 @@
+"""Read sides on a journal placed on several databases: one partition per (tag, database), keyed
+by the tag on the home database and ``tag@name`` on another, each with its own lease and offset
+and reading its own database's journal. Every event is handled exactly once; the status shows
+each partition with its lag against its database; a restart resumes each partition from its own
+offset; operations address partitions by key; a rebuild replays them all. On SQLite files and
+PostgreSQL schemas, in process and on Ray (events written by the runtime's shard hosts)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from lagompy import JournalSettings
+from lagompy.errors import ConfigurationError
+from lagompy.journal import TailSettings
+from lagompy.journal._journal import AtomicWrite
+from lagompy.journal._placement import Placement, partition_key
+from lagompy.journal._storage import PlacedStorage, open_placed_storage
+from lagompy.readside import open_projections, start_readside, start_readside_on_ray
+from lagompy.readside._ray import actor_name
+from lagompy.settings import PlacedDatabase
+from lagompy.sql._database import Database
+from lagompy.testkit.readside import Credited, readside_contract_serializer
+from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+from tests.readside_processors import PlacedCredits, PlacedUserEvents
+
+FAST: dict[str, Any] = {
+    "lease_ttl": 5.0,
+    "renew_interval": 0.1,
+    "tail": TailSettings(poll_interval=0.02),
+}
+
+Placed = Callable[[int], Any]
+
+
+def _slices(n: int) -> list[str]:
+    """The slice ranges of the n - 1 databases besides the home one (which keeps the first)."""
+    size = 1024 // n
+    return [f"{i * size}-{(i + 1) * size - 1 if i < n - 1 else 1023}" for i in range(1, n)]
+
+
+@pytest.fixture
+async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
+    """Makes the settings of a fresh journal on ``n`` databases (home, b, c...): SQLite files,
+    or PostgreSQL schemas of the test database."""
+    schemas: list[str] = []
+
+    async def make(n: int) -> JournalSettings:
+        names = [chr(ord("b") + i) for i in range(n - 1)]
+        if backend == "sqlite":
+            return JournalSettings(
+                url=f"sqlite:///{tmp_path / 'home.db'}",
+                databases={
+                    name: PlacedDatabase(url=f"sqlite:///{tmp_path / f'{name}.db'}", slices=s)
+                    for name, s in zip(names, _slices(n), strict=True)
+                },
+            )
+        require_postgres()
+        for _ in range(n):
+            schemas.append(await _create_schema())
+        home, *others = schemas[-n:]
+        return JournalSettings(
+            url=POSTGRES_URL,
+            postgres_schema=home,
+            auto_migrate=True,
+            databases={
+                name: PlacedDatabase(url=POSTGRES_URL, slices=s, postgres_schema=schema)
+                for name, s, schema in zip(names, _slices(n), others, strict=True)
+            },
+        )
+
+    yield make
+    for schema in schemas:
+        await _drop_schema(schema)
+
+
+async def credit(storage: PlacedStorage, accounts: range, seq: dict[str, int]) -> None:
+    """One Credited event per account, each appended to its own database's journal."""
+    tag = PlacedCredits.tag
+    for i in accounts:
+        account = f"acct-{i}"
+        n = seq.get(account, 0)
+        write = AtomicWrite(
+            "account", account, n, [Credited(account, i)], [(tag.for_entity(account),)]
+        )
+        (result,) = await storage.of(account).journal.append([write])
+        result.unwrap()
+        seq[account] = n + 1
+
+
+async def handled(projection: Database) -> list[tuple[str, int]]:
+    """(account, sequence number) of every row of the projection, sorted (duplicates kept)."""
+    async with projection.read() as conn:
+        rows = await conn.execute(text("SELECT account, seq_nr FROM contract_credits"))
+        return sorted((r[0], int(r[1])) for r in rows)
+
+
+def every_event(seq: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted((a, s) for a, n in seq.items() for s in range(1, n + 1))
+
+
+async def heads(storage: PlacedStorage) -> dict[str, int]:
+    """The head offset of each partition key of PlacedCredits, from its own database."""
+    out = {}
+    for tag in PlacedCredits.tags():
+        for key, name in storage.placement.partitions(tag):
+            page = await storage.parts[name].journal.read_tag(tag, after_offset=0, limit=10_000)
+            out[key] = page.envelopes[-1].offset if page.envelopes else 0
+    return out
+
+
+@pytest.mark.parametrize("databases", [1, 2, 4])
+async def test_one_partition_per_tag_and_database_every_event_once(
+    placed: Placed, databases: int
+) -> None:
+    settings = await placed(databases)
+    placement = Placement.of(settings)
+    keys = sorted(key for t in PlacedCredits.tags() for key, _ in placement.partitions(t))
+    if databases == 1:
+        assert keys == sorted(PlacedCredits.tags())  # the tags themselves, as ever
+    seq: dict[str, int] = {}
+    serializer = readside_contract_serializer()
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        await credit(storage, range(60), seq)
+        # Every database holds some of the events (else the test proves little).
+        assert {placement.database_of(a) for a in seq} == set(placement.names)
+
+        PlacedCredits.prepared.clear()
+        async with await start_readside(
+            [PlacedCredits], journal_settings=settings, **FAST
+        ) as readside:
+            assert sorted(w.tag for w in readside.workers) == keys
+            await readside.wait_until_caught_up(timeout=30)
+            assert await handled(readside.projection) == every_event(seq)
+            # prepare sees the plain tag, once per partition.
+            assert sorted(PlacedCredits.prepared) == sorted(
+                t for t in PlacedCredits.tags() for _ in placement.names
+            )
+            status = await readside.status("placed-credits")
+            assert [s.tag for s in status] == keys
+            expected = await heads(storage)
+            for s in status:
+                tag, name = placement.split(s.tag)
+                assert s.tag == partition_key(tag, name)
+                assert s.database == name
+                assert (s.offset, s.head_offset, s.lag_events) == (expected[s.tag], s.offset, 0)
+            stored = {s.tag: s.offset for s in status}
+
+        # Stopped: more events; each partition's lag counts its own database's events.
+        before = dict(seq)
+        await credit(storage, range(40, 100), seq)
+        async with await open_projections(journal_settings=settings) as projections:
+            status = await projections.status("placed-credits")
+            for s in status:
+                tag, name = placement.split(s.tag)
+                new = [
+                    a
+                    for a in seq
+                    if placement.database_of(a) == name
+                    and PlacedCredits.tag.for_entity(a) == tag
+                    and seq[a] > before.get(a, 0)
+                ]
+                assert (s.offset, s.lag_events, s.state) == (stored[s.tag], len(new), "stopped")
+
+        # A restart resumes each partition after its own offset: nothing twice, nothing lost.
+        async with await start_readside(
+            [PlacedCredits], journal_settings=settings, **FAST
+        ) as readside:
+            await readside.wait_until_caught_up(timeout=30)
+            assert await handled(readside.projection) == every_event(seq)
+            expected = await heads(storage)
+            assert {s.tag: s.offset for s in await readside.status()} == expected
+
+
+@pytest.mark.parametrize("databases", [2])
+async def test_operations_address_partitions_by_key(placed: Placed, databases: int) -> None:
+    settings = await placed(databases)
+    placement = Placement.of(settings)
+    tag = PlacedCredits.tags()[0]
+    other = partition_key(tag, "b")
+    seq: dict[str, int] = {}
+    serializer = readside_contract_serializer()
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        await credit(storage, range(60), seq)
+        async with await start_readside(
+            [PlacedCredits], journal_settings=settings, **FAST
+        ) as readside:
+            await readside.wait_until_caught_up(timeout=30)
+        expected = await heads(storage)
+
+        async with await open_projections(journal_settings=settings) as projections:
+            # Pause one partition: only its row.
+            assert await projections.pause("placed-credits", other) == 1
+            paused = {s.tag for s in await projections.status() if s.paused}
+            assert paused == {other}
+            assert await projections.resume("placed-credits", other) == 1
+
+            # set_offset checks against the head of the partition's own database.
+            head_b = expected[other]
+            with pytest.raises(ConfigurationError, match="database 'b'"):
+                await projections.set_offset("placed-credits", other, head_b + 1)
+            await projections.set_offset("placed-credits", other, 0)
+            on_b = [
+                a
+                for a in seq
+                if placement.database_of(a) == "b" and PlacedCredits.tag.for_entity(a) == tag
+            ]
+            rows = {s.tag: s for s in await projections.status()}
+            assert (rows[other].offset, rows[other].lag_events) == (0, len(on_b))
+            assert (rows[tag].offset, rows[tag].lag_events) == (expected[tag], 0)
+
+            # A rebuild resets and replays every partition, each from its own database.
+            count = await projections.rebuild(PlacedCredits, journal=storage)
+            assert count == sum(seq.values())
+            assert await handled(projections.projection) == every_event(seq)
+            assert {s.tag: s.offset for s in await projections.status()} == expected
+
+
+async def test_workers_on_ray_follow_each_database_of_the_runtime(
+    ray_session: Any, placed: Placed
+) -> None:
+    """The runtime's shard hosts write each user to its slice's database; one worker actor
+    per (tag, database) projects every event once."""
+    import lagompy
+    from examples.user_service.entity import RegisterUser, UserEntity
+
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    app = f"rsp-{uuid.uuid4().hex[:8]}"
+    keys = sorted(k for t in PlacedUserEvents.tags() for k, _ in placement.partitions(t))
+    readside = await start_readside_on_ray(
+        [PlacedUserEvents], app=app, journal_settings=settings, supervise_interval=0.2, **FAST
+    )
+    try:
+        assert sorted(k for _, k, _ in readside.specs) == keys
+        assert sorted(name for _, _, name in readside.specs) == sorted(
+            actor_name("placed-user-events", k) for k in keys
+        )
+        async with lagompy.start(
+            app=app, entities=[UserEntity], journal_settings=settings, hosts=1
+        ) as entities:
+            users = [f"u{i}" for i in range(40)]
+            for u in users:
+                await entities.ref_for(UserEntity, u).ask(RegisterUser(u.upper(), f"{u}@x.org"))
+        assert {placement.database_of(u) for u in users} == set(placement.names)
+        await readside.wait_until_caught_up(timeout=60)
+        async with readside.projections.projection.read() as conn:
+            rows = (
+                await conn.execute(text("SELECT user_id, seq_nr FROM placed_user_events"))
+            ).all()
+        assert sorted((r[0], int(r[1])) for r in rows) == sorted((u, 1) for u in users)
+        status = await readside.status("placed-user-events")
+        assert [s.tag for s in status] == keys
+        assert all(s.lag_events == 0 and s.head_offset == s.offset > 0 for s in status)
+        assert {s.database for s in status} == set(placement.names)
+        assert {s.owner for s in status} == {
+            f"ray:{app}/{actor_name('placed-user-events', k)}" for k in keys
+        }
+    finally:
+        await readside.close(stop=True)
+        await lagompy.shutdown_app(app)
