@@ -9,16 +9,16 @@ it dies.
     await readside.close()                    # detach; the workers go on running
     await stop_readside_on_ray("users")       # stop them (they release their leases)
 
-The actors live in the app's Ray namespace (``lagompy-<app>``, beside its shard hosts) under
-the names ``readside:<processor>:<tag>`` (on a journal placed on several databases, one per
-partition: ``readside:<processor>:<tag>@<database>`` for each database but the home one, each
-actor opening its own database of the journal alone), with ``max_restarts=-1``: Ray restarts
-a worker whose process died, and the restarted worker (same name, hence same lease owner)
-takes its lease back at once and resumes after the stored offset. An actor killed for good is created again by
-:meth:`RayReadSide.ensure` (which the handle runs every ``supervise_interval`` seconds) or by
-the next :func:`start_readside_on_ray`. Two copies of a worker can briefly coexist after a node
-failure: the lease epoch keeps the stale one from committing. ``global_prepare`` runs in the
-calling process, under the processor's lease, before any worker starts.
+The actors live in the app's Ray namespace (``lagompy-<app>``, beside its shard hosts) under the
+names ``readside:<processor>:<tag>`` (on a journal placed on several databases, one per partition:
+``readside:<processor>:<tag>@<database>`` for each database but the home one, each actor opening its
+own database of the journal alone), with ``max_restarts=-1``: Ray restarts a worker whose process
+died, and the restarted worker (same name, hence same lease owner) takes its lease back at once and
+resumes after the stored offset. An actor killed for good is created again by
+:meth:`RayReadSide.ensure` (which the handle runs every ``supervise_interval`` seconds) or by the
+next :func:`start_readside_on_ray`. Two copies of a worker can briefly coexist after a node failure:
+the lease epoch keeps the stale one from committing. ``global_prepare`` runs in the calling process,
+under the processor's lease, before any worker starts.
 """
 
 from __future__ import annotations
