@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from examples.user_service.entity import UserEntity
 from lagompy import sharded_tag
 from lagompy.journal import EventEnvelope
-from lagompy.readside import SqlReadSideProcessor
 from lagompy.testkit.readside import CreditsProjection
 
 
@@ -84,25 +81,13 @@ class PlacedCredits(CreditsProjection):
         type(self).prepared.append(tag)
 
 
-class PlacedUserEvents(SqlReadSideProcessor):
-    """One row per event of the example's users (no unique key: an event handled twice shows
-    as two rows), for the runtime writing to a journal on several databases."""
+class PoisonedPlacedCredits(PlacedCredits):
+    """PlacedCredits whose handler raises for the accounts in ``poison``."""
 
-    name = "placed-user-events"
-    tag = UserEntity.tag
-    entities = (UserEntity,)
-
-    async def global_prepare(self, conn: AsyncConnection) -> None:
-        await conn.execute(
-            text(
-                "CREATE TABLE IF NOT EXISTS placed_user_events ("
-                "user_id VARCHAR(100) NOT NULL, seq_nr BIGINT NOT NULL, "
-                "event_offset BIGINT NOT NULL)"
-            )
-        )
+    name = "poisoned-placed-credits"
+    poison: ClassVar[set[str]] = set()
 
     async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
-        await conn.execute(
-            text("INSERT INTO placed_user_events VALUES (:u, :s, :o)"),
-            {"u": envelope.entity_id, "s": envelope.seq_nr, "o": envelope.offset},
-        )
+        if envelope.entity_id in type(self).poison:
+            raise ValueError(f"account {envelope.entity_id} is poisoned")
+        await super().handle(conn, envelope)

@@ -7,6 +7,7 @@ PostgreSQL schemas, in process and on Ray (events written by the runtime's shard
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,13 +22,14 @@ from lagompy.journal import TailSettings
 from lagompy.journal._journal import AtomicWrite
 from lagompy.journal._placement import Placement, partition_key
 from lagompy.journal._storage import PlacedStorage, open_placed_storage
-from lagompy.readside import open_projections, start_readside, start_readside_on_ray
+from lagompy.readside import ParkedFilter, open_projections, start_readside, start_readside_on_ray
 from lagompy.readside._ray import actor_name
 from lagompy.settings import PlacedDatabase
 from lagompy.sql._database import Database
 from lagompy.testkit.readside import Credited, readside_contract_serializer
 from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
-from tests.readside_processors import PlacedCredits, PlacedUserEvents
+from tests.readside_processors import PlacedCredits, PoisonedPlacedCredits
+from tests.readside_user_events import PlacedUserEvents
 
 FAST: dict[str, Any] = {
     "lease_ttl": 5.0,
@@ -219,6 +221,41 @@ async def test_operations_address_partitions_by_key(placed: Placed, databases: i
             assert count == sum(seq.values())
             assert await handled(projections.projection) == every_event(seq)
             assert {s.tag: s.offset for s in await projections.status()} == expected
+
+
+async def test_a_parked_event_of_another_database_is_retried_from_it(placed: Placed) -> None:
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    seq: dict[str, int] = {}
+    accounts = range(20)
+    bad = next(f"acct-{i}" for i in accounts if placement.database_of(f"acct-{i}") == "b")
+    key = partition_key(PlacedCredits.tag.for_entity(bad), "b")
+    PoisonedPlacedCredits.poison = {bad}
+    serializer = readside_contract_serializer()
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        await credit(storage, accounts, seq)
+        async with await start_readside(
+            [PoisonedPlacedCredits],
+            journal_settings=settings,
+            on_failure="park",
+            max_attempts=1,
+            **FAST,
+        ) as readside:
+            await readside.wait_until_caught_up(timeout=30)
+            projections = readside.projections
+            (row,) = await projections.parked()
+            assert (row.tag, row.entity_id) == (key, bad)
+            assert {s.tag: s.parked for s in await readside.status()}[key] == 1
+            missing = [e for e in every_event(seq) if e[0] != bad]
+            assert await handled(readside.projection) == missing
+            # The cause is fixed: the worker of that partition re-reads the event from its
+            # own database (its offset there is not the home database's).
+            PoisonedPlacedCredits.poison = set()
+            assert await projections.retry_parked(ParkedFilter(tag=key)) == 1
+            async with asyncio.timeout(10):
+                while await projections.count_parked():
+                    await asyncio.sleep(0.05)
+            assert await handled(readside.projection) == every_event(seq)
 
 
 async def test_workers_on_ray_follow_each_database_of_the_runtime(
