@@ -539,8 +539,8 @@ async def open_projections(
     **overrides: Any,
 ) -> Projections:
     """:class:`Projections` on the projection database of these settings (and the journal's,
-    for lag and rebuilds, unless ``with_journal=False``: each of its databases when it is
-    placed on several); close it when done."""
+    each of its databases, for lag and rebuilds, unless ``with_journal=False``); close it when
+    done."""
     settings = _settings(settings, overrides)
     journal_settings = _journal_settings(journal_url, journal_settings)
     placement = Placement.of(journal_settings)
@@ -592,7 +592,7 @@ def _operator(kind: str) -> str:
 
 class ReadSide(AsyncClosing):
     """Read-side workers running in this process (one asyncio task per (processor, tag), or
-    per (processor, tag, database) of a journal placed on several: ``placed``).
+    per (processor, tag, database) when the journal is placed on several databases).
 
     Build it with :func:`start_readside`; close it (or use ``async with``) to stop the workers,
     which release their leases."""

@@ -264,7 +264,7 @@ async def start_readside_on_ray(
 ) -> RayReadSide:
     """Run ``global_prepare`` of each processor here, then get or create one worker actor per
     (processor, tag) in the app's namespace (per (processor, tag, database) on a journal
-    placed on several: ``JournalSettings.databases``), and wait until they answer. They get
+    placed on several databases), and wait until they answer. They get
     ``start_timeout`` seconds (None: ``runtime_settings.start_timeout``). Processor classes
     must be importable by module name in Ray's workers (not defined in ``__main__``); each
     worker decodes events with the processor's ``entities`` and ``event_types``."""
