@@ -8,6 +8,7 @@ PostgreSQL schemas, in process and on Ray (events written by the runtime's shard
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from typer.testing import CliRunner
 
 from lagompy import JournalSettings
+from lagompy.cli import build_app
 from lagompy.errors import ConfigurationError
 from lagompy.journal import TailSettings
 from lagompy.journal._journal import AtomicWrite
@@ -221,6 +224,88 @@ async def test_operations_address_partitions_by_key(placed: Placed, databases: i
             assert count == sum(seq.values())
             assert await handled(projections.projection) == every_event(seq)
             assert {s.tag: s.offset for s in await projections.status()} == expected
+
+
+async def test_partitions_spread_over_the_members(placed: Placed) -> None:
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    keys = sorted(k for t in PlacedCredits.tags() for k, _ in placement.partitions(t))
+    seq: dict[str, int] = {}
+    serializer = readside_contract_serializer()
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        await credit(storage, range(40), seq)
+        fast = {**FAST, "renew_interval": 0.2}
+        async with (
+            start_readside([PlacedCredits], journal_settings=settings, **fast) as one,
+            start_readside([PlacedCredits], journal_settings=settings, **fast) as two,
+        ):
+            async with asyncio.timeout(20):
+                while sorted(len(m.tags) for m in await one.projections.members()) != [2, 2]:
+                    await asyncio.sleep(0.05)
+            members = await one.projections.members("placed-credits")
+            assert {m.member for m in members} == {one.member, two.member}
+            assert sorted(t for m in members for t in m.tags) == keys
+            await credit(storage, range(20, 60), seq)
+            await one.wait_until_caught_up(timeout=30)
+            assert await handled(one.projection) == every_event(seq)
+
+
+def test_the_cli_takes_partition_keys(placed: Placed) -> None:
+    """``lagompy projections`` on a journal placed by the environment
+    (``LAGOMPY_JOURNAL_DATABASES``): status shows each partition, ``--tag`` and set-offset take
+    a partition key, rebuild replays every database."""
+    settings = asyncio.run(placed(2))
+    placement = Placement.of(settings)
+    tag = PlacedCredits.tags()[0]
+    key = partition_key(tag, "b")
+    seq: dict[str, int] = {}
+
+    async def populate() -> None:
+        serializer = readside_contract_serializer()
+        async with await open_placed_storage(settings=settings, serializer=serializer) as st:
+            await credit(st, range(30), seq)
+        async with await start_readside([PlacedCredits], journal_settings=settings, **FAST) as rs:
+            await rs.wait_until_caught_up(timeout=30)
+
+    asyncio.run(populate())
+    env = {
+        "LAGOMPY_JOURNAL_DATABASES": json.dumps(
+            {n: p.model_dump() for n, p in settings.databases.items()}
+        )
+    }
+    args = ["--journal-url", settings.url]
+    if settings.postgres_schema:
+        args += ["--journal-schema", settings.postgres_schema]
+    runner = CliRunner()
+
+    def run(*words: str) -> Any:
+        result = runner.invoke(build_app(), ["projections", *words, *args], env=env)
+        assert result.exit_code == 0, result.output
+        return result
+
+    rows = {r["tag"]: r for r in _statuses(run("status", "placed-credits", "--json").stdout)}
+    keys = sorted(k for t in PlacedCredits.tags() for k, _ in placement.partitions(t))
+    assert sorted(rows) == keys
+    assert {r["database"] for r in rows.values()} == {"", "b"}
+    assert all(r["lag_events"] == 0 for r in rows.values())
+    assert "1 tag" in run("pause", "placed-credits", "--tag", key).stdout
+    rows = {r["tag"]: r for r in _statuses(run("status", "placed-credits", "--json").stdout)}
+    assert [k for k, r in rows.items() if r["paused"]] == [key]
+    run("set-offset", "placed-credits", key, "0")
+    rows = {r["tag"]: r for r in _statuses(run("status", "placed-credits", "--json").stdout)}
+    assert rows[key]["offset"] == 0 and rows[key]["lag_events"] > 0
+    result = run("rebuild", "tests.readside_processors:PlacedCredits", "--yes")
+    assert f"from {sum(seq.values())} events" in result.stdout
+
+    async def projected() -> list[tuple[str, int]]:
+        async with await open_projections(journal_settings=settings) as projections:
+            return await handled(projections.projection)
+
+    assert asyncio.run(projected()) == every_event(seq)
+
+
+def _statuses(output: str) -> list[dict[str, Any]]:
+    return list(json.loads(output))
 
 
 async def test_a_parked_event_of_another_database_is_retried_from_it(placed: Placed) -> None:
