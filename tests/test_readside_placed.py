@@ -25,7 +25,13 @@ from lagompy.journal import TailSettings
 from lagompy.journal._journal import AtomicWrite
 from lagompy.journal._placement import Placement, partition_key
 from lagompy.journal._storage import PlacedStorage, open_placed_storage
-from lagompy.readside import ParkedFilter, open_projections, start_readside, start_readside_on_ray
+from lagompy.readside import (
+    ParkedFilter,
+    ReadSideComponent,
+    open_projections,
+    start_readside,
+    start_readside_on_ray,
+)
 from lagompy.readside._ray import actor_name
 from lagompy.settings import PlacedDatabase
 from lagompy.sql._database import Database
@@ -180,6 +186,63 @@ async def test_one_partition_per_tag_and_database_every_event_once(
             assert await handled(readside.projection) == every_event(seq)
             expected = await heads(storage)
             assert {s.tag: s.offset for s in await readside.status()} == expected
+
+
+async def test_a_journal_that_gets_a_second_database_keeps_its_home_positions(
+    placed: Placed,
+) -> None:
+    one = await placed(1)
+    serializer = readside_contract_serializer()
+    seq: dict[str, int] = {}
+    async with await open_placed_storage(settings=one, serializer=serializer) as storage:
+        await credit(storage, range(30), seq)
+    async with await start_readside([PlacedCredits], journal_settings=one, **FAST) as readside:
+        await readside.wait_until_caught_up(timeout=30)
+        before = {s.tag: s.offset for s in await readside.status()}
+    assert sorted(before) == sorted(PlacedCredits.tags())
+
+    grown = JournalSettings(**{**one.model_dump(), "databases": (await placed(2)).databases})
+    placement = Placement.of(grown)
+    async with await open_placed_storage(settings=grown, serializer=serializer) as storage:
+        await credit(storage, range(30, 60), seq)
+        async with await start_readside(
+            [PlacedCredits], journal_settings=grown, **FAST
+        ) as readside:
+            # The home partitions start where the tags were; the new ones from the start.
+            status = {s.tag: s for s in await readside.status()}
+            for tag in PlacedCredits.tags():
+                assert status[tag].offset >= before[tag]
+            await readside.wait_until_caught_up(timeout=30)
+            assert await handled(readside.projection) == every_event(seq)
+            status = {s.tag: s for s in await readside.status()}
+            assert sorted(status) == sorted(
+                k for t in PlacedCredits.tags() for k, _ in placement.partitions(t)
+            )
+            assert all(s.lag_events == 0 for s in status.values())
+
+
+async def test_a_service_component_reports_each_partition(placed: Placed) -> None:
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    keys = sorted(k for t in PlacedCredits.tags() for k, _ in placement.partitions(t))
+    seq: dict[str, int] = {}
+    serializer = readside_contract_serializer()
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        await credit(storage, range(30), seq)
+    component = ReadSideComponent([PlacedCredits], journal_settings=settings, **FAST)
+    await component.start()
+    try:
+        await component.wait_until_caught_up(timeout=30)
+        assert await component.ready() is True
+        samples = await component.metric_samples()
+        lag = {
+            labels["tag"]: value
+            for name, _, _, labels, value in samples
+            if name == "lagompy_readside_lag_events"
+        }
+        assert lag == dict.fromkeys(keys, 0.0)
+    finally:
+        await component.stop()
 
 
 @pytest.mark.parametrize("databases", [2])
