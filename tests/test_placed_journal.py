@@ -365,3 +365,14 @@ async def test_a_service_on_a_placed_journal_checks_each_database(
     by_database = await _events_by_database(settings)
     assert sum(len(e) for e in by_database.values()) == 60
     assert all(by_database.values())
+
+
+async def test_topics_refuse_a_placed_journal_naming_why(placed: Placed) -> None:
+    from examples.user_service.topics import user_events
+    from lagompy.topic import TopicsComponent
+
+    settings = await placed(2)
+    topics = TopicsComponent([user_events], journal_settings=settings)
+    with pytest.raises(ConfigurationError, match="placed on several") as raised:
+        await topics.start()
+    assert "cannot follow it yet" in str(raised.value)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, HTTPException
 
 from lagompy.journal._journal import Journal
+from lagompy.journal._placement import require_one_database
 from lagompy.journal._storage import Storage, open_storage, serializer_for
 from lagompy.journal._tailing import JournalNotifier, TailSettings
 from lagompy.readside._projections import STUCK_STATES, WorkerStatus
@@ -110,9 +111,9 @@ class TopicsComponent:
         serializer = serializer_for(list({t.source for t in self.topics}))
         for t in self.topics:
             serializer.register(t.message_type)
-        self._storage = await open_storage(
-            settings=self.journal_settings or JournalSettings(), serializer=serializer
-        )
+        settings = self.journal_settings or JournalSettings()
+        require_one_database(settings, "topics (their producers and HTTP routes)")
+        self._storage = await open_storage(settings=settings, serializer=serializer)
         tail = TailSettings()
         if self._storage.database.dialect == "postgresql" and tail.listen:
             # Held for the component's life: the long polls share this process's LISTEN

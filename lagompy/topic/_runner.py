@@ -451,9 +451,11 @@ async def start_subscribers(
     journal_db: Database | None = None
     try:
         if transport is None:
+            from lagompy.journal._placement import require_one_database
             from lagompy.journal._storage import open_storage, serializer_for
 
             serializer = serializer_for(list({s.topic.source for s in instances}))
+            require_one_database(journal_settings, "subscribers of the embedded transport")
             storage = await open_storage(settings=journal_settings, serializer=serializer)
             transport = EmbeddedTransport(storage.journal, tail=settings.tail)
             journal_db = storage.database
