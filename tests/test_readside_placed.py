@@ -23,7 +23,7 @@ from lagompy.cli import build_app
 from lagompy.errors import ConfigurationError
 from lagompy.journal import TailSettings
 from lagompy.journal._journal import AtomicWrite
-from lagompy.journal._placement import Placement, partition_key
+from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.journal._storage import PlacedStorage, open_placed_storage
 from lagompy.readside import (
     ParkedFilter,
@@ -282,7 +282,10 @@ async def test_operations_address_partitions_by_key(placed: Placed, databases: i
             assert (rows[other].offset, rows[other].lag_events) == (0, len(on_b))
             assert (rows[tag].offset, rows[tag].lag_events) == (expected[tag], 0)
 
-            # A rebuild resets and replays every partition, each from its own database.
+            # A rebuild resets and replays every partition, each from its own database; one
+            # database's journal alone is refused (the others' events would be left out).
+            with pytest.raises(ConfigurationError, match="placed on several databases"):
+                await projections.rebuild(PlacedCredits, journal=storage.parts[HOME].journal)
             count = await projections.rebuild(PlacedCredits, journal=storage)
             assert count == sum(seq.values())
             assert await handled(projections.projection) == every_event(seq)

@@ -480,6 +480,15 @@ class Projections(AsyncClosing):
                 f"read-side processor {p.name!r} defines no reset(conn): a rebuild needs it to "
                 "empty the projection before replaying"
             )
+        if self.placement is not None and isinstance(journal, Journal):
+            # Replaying one database after ``reset`` emptied the projection would leave out
+            # every other database's events.
+            raise ConfigurationError(
+                f"rebuilding {p.name!r}: the journal is placed on several databases (home, "
+                f"{', '.join(n for n in self.placement.names if n != HOME)}), and a rebuild "
+                "replays them all: pass the storage of every database "
+                "(open_placed_storage(...)) as journal="
+            )
         journals, parts = _partitions(p, journal)
         keys = [part.key for part in parts]
         s = self.settings
