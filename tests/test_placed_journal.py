@@ -135,6 +135,8 @@ def test_partition_keys_keep_the_home_database_tags() -> None:
     assert placement.split("t@b") == ("t", "b")
     assert placement.split("t") == ("t", HOME)
     assert placement.split("mail@example.org") == ("mail@example.org", HOME)
+    with pytest.raises(ConfigurationError, match="rename the tag or the database"):
+        list(placement.partitions("t@b"))
 
 
 async def test_open_storage_refuses_a_placed_journal(placed: Placed) -> None:

@@ -77,7 +77,14 @@ class Placement:
         return tuple(s for s, owner in enumerate(self.owners) if owner == name)
 
     def partitions(self, tag: str) -> Iterator[tuple[str, str]]:
-        """(partition key, database name) of each partition that follows ``tag``."""
+        """(partition key, database name) of each partition that follows ``tag``. A tag that
+        ends in ``@<name of a database>`` would read as another tag's partition key: refused."""
+        base, sep, suffix = tag.rpartition(PARTITION_SEPARATOR)
+        if sep and suffix in self.names and suffix != HOME:
+            raise ConfigurationError(
+                f"tag {tag!r} ends in {PARTITION_SEPARATOR}{suffix}, which names a partition of "
+                f"tag {base!r} on database {suffix!r}: rename the tag or the database"
+            )
         for name in self.names:
             yield partition_key(tag, name), name
 
