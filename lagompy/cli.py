@@ -44,6 +44,7 @@ __all__ = [
 COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
     "lagompy.sql._migrate",
+    "lagompy.journal._cli",
     "lagompy.readside._cli",
     "lagompy.topic._cli",
     "lagompy.process._cli",

@@ -281,9 +281,9 @@ class JournalSettings(LagompySettings):
                 f"{', '.join(['home', *self.databases])})",
                 fields=("databases",),
             )
-        return type(self)(
-            **{**self.model_dump(), "url": url, "postgres_schema": schema, "databases": {}}
-        )
+        # A copy, not a new instance: pydantic-settings would merge LAGOMPY_JOURNAL_DATABASES
+        # from the environment into the empty ``databases`` given (it deep-merges dicts).
+        return self.model_copy(update={"url": url, "postgres_schema": schema, "databases": {}})
 
 
 class RuntimeSettings(LagompySettings):
