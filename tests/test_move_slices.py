@@ -11,6 +11,7 @@ SQLite files and on real PostgreSQL databases of the local server.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -452,3 +453,76 @@ def test_a_placed_database_set_in_the_environment_opens_alone(
     for name in (HOME, "b"):
         assert settings.placed_on(name).databases == {}
     assert settings.placed_on("b").url == "sqlite:///b.db"
+
+
+# --------------------------------------------------------------------------- lagompy migrate
+
+
+def test_migrate_upgrades_every_database_home_first(
+    urls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from lagompy.sql import current_revision, head_revision
+
+    monkeypatch.setenv("LAGOMPY_JOURNAL_URL", urls[0])
+    monkeypatch.setenv("LAGOMPY_JOURNAL_AUTO_MIGRATE", "false")
+    placed = {"b": {"url": urls[1], "slices": "0-9"}, "c": {"url": urls[2], "slices": "10-19"}}
+    monkeypatch.setenv("LAGOMPY_JOURNAL_DATABASES", json.dumps(placed))
+    runner, app = CliRunner(), build_app()
+
+    only = runner.invoke(app, ["migrate", "--database", "c"])
+    assert only.exit_code == 0, only.output
+    assert only.stdout.startswith("upgraded lagompy's tables in ") and "from none" in only.stdout
+    current = runner.invoke(app, ["migrate", "current"])
+    head = head_revision()
+    assert current.stdout.splitlines() == [
+        f"home: none (head is {head}: run lagompy migrate)",
+        f"b: none (head is {head}: run lagompy migrate)",
+        f"c: {head} (head)",
+    ]
+    result = runner.invoke(app, ["migrate"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["home", "b", "c"]
+    assert "from none to" in lines[0] and "from none to" in lines[1]
+    assert "up to date" in lines[2]
+    current = runner.invoke(app, ["migrate", "current"])
+    assert current.stdout.splitlines() == [f"{n}: {head} (head)" for n in ("home", "b", "c")]
+
+    async def revisions() -> list[str | None]:
+        out = []
+        for url in urls[:3]:
+            database = Database.create(url=url)
+            try:
+                out.append(await current_revision(database))
+            finally:
+                await database.dispose()
+        return out
+
+    assert asyncio.run(revisions()) == [head] * 3
+
+    unknown = runner.invoke(app, ["migrate", "--database", "x"])
+    assert unknown.exit_code == 1
+    assert "no database named 'x' (it has: home, b, c)" in unknown.stderr
+
+
+def test_migrate_sql_prints_each_database_under_a_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Port 1: nothing listens there, so any connection attempt would fail.
+    home = "postgresql://postgres:pw@127.0.0.1:1/home"
+    monkeypatch.setenv("LAGOMPY_JOURNAL_URL", home)
+    placed = {"b": {"url": "postgresql://postgres@127.0.0.1:1/b", "slices": "512-1023"}}
+    monkeypatch.setenv("LAGOMPY_JOURNAL_DATABASES", json.dumps(placed))
+    result = CliRunner().invoke(build_app(), ["migrate", "--sql"])
+    assert result.exit_code == 0, result.output
+    sql = result.stdout
+    headers = [line for line in sql.splitlines() if line.startswith("-- lagompy migrate:")]
+    assert headers == [
+        "-- lagompy migrate: database home (postgresql://postgres@127.0.0.1:1/home)",
+        "-- lagompy migrate: database b (postgresql://postgres@127.0.0.1:1/b)",
+    ]
+    first, second = sql.split(headers[1])
+    for script in (first, second):
+        assert "CREATE TABLE lagompy_events" in script
+        assert script.rstrip().endswith("COMMIT;")
+    assert "pw" not in sql

@@ -27,6 +27,7 @@ from lagompy.journal._journal import (
     TagPage,
     WriteResult,
 )
+from lagompy.journal._moving import MoveReport, move_slices
 from lagompy.journal._slices import SLICES, SliceRange, slice_of, slice_ranges
 from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
 from lagompy.journal._storage import Storage, open_storage, serializer_for
@@ -49,6 +50,7 @@ __all__ = [
     "EventTailer",
     "Journal",
     "JournalNotifier",
+    "MoveReport",
     "PageTailer",
     "Replayed",
     "SliceRange",
@@ -62,6 +64,7 @@ __all__ = [
     "TailSettings",
     "WakeReason",
     "WriteResult",
+    "move_slices",
     "open_storage",
     "read_pages",
     "serializer_for",

@@ -22,6 +22,7 @@ from lagompy.sql._migrate import (
     head_revision,
     script_location,
     upgrade,
+    upgrade_every_database,
     upgrade_sql,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "script_location",
     "translate_errors",
     "upgrade",
+    "upgrade_every_database",
     "upgrade_sql",
 ]

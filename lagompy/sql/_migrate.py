@@ -55,6 +55,7 @@ __all__ = [
     "UpgradeResult",
     "alembic_config",
     "current_revision",
+    "each_database",
     "ensure_schema",
     "head_revision",
     "migrate_command",
@@ -62,6 +63,7 @@ __all__ = [
     "register_cli",
     "script_location",
     "upgrade",
+    "upgrade_every_database",
     "upgrade_sql",
 ]
 
@@ -244,6 +246,21 @@ async def upgrade(database: Database, revision: str = "head") -> UpgradeResult:
             )
 
 
+async def upgrade_every_database(
+    settings: JournalSettings, revision: str = "head"
+) -> list[tuple[str, UpgradeResult]]:
+    """:func:`upgrade` each database of the journal (``JournalSettings.databases``: every one,
+    the home one first, as ``lagompy migrate`` does); (name, result) of each."""
+    results = []
+    for name, one in each_database(settings):
+        database = Database.create(one)
+        try:
+            results.append((name, await upgrade(database, revision)))
+        finally:
+            await database.dispose()
+    return results
+
+
 async def _take_advisory_lock(conn: AsyncConnection) -> None:
     """Wait for the migration lock as long as another migrator holds it (its migration ends),
     then give the DDL back the connection's own ``lock_timeout``."""
@@ -382,9 +399,43 @@ SchemaOption = Annotated[
 ]
 
 
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database",
+        help=(
+            "Only this database of a journal placed on several ('home', or a name in "
+            "LAGOMPY_JOURNAL_DATABASES; default: every one, home first)."
+        ),
+        show_default=False,
+    ),
+]
+
+
 def _settings(url: str | None, schema: str | None) -> JournalSettings:
     given: dict[str, Any] = {"url": url, "postgres_schema": schema}
     return JournalSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def each_database(
+    settings: JournalSettings, only: str | None = None
+) -> list[tuple[str, JournalSettings]]:
+    """(name, settings of that one database) of every database of the journal, the home one
+    (``"home"``) first, then those of ``JournalSettings.databases``; ``only``: that one."""
+    names = ["home", *settings.databases]
+    if only is not None:
+        if only not in names:
+            raise ConfigurationError(
+                f"the journal has no database named {only!r} (it has: {', '.join(names)})"
+            )
+        names = [only]
+    return [(name, settings.placed_on("" if name == "home" else name)) for name in names]
+
+
+def _under(name: str, several: bool, line: str) -> str:
+    """``line`` as the command prints it for database ``name`` (its name first when the
+    journal has several)."""
+    return f"{name}: {line}" if several else line
 
 
 async def _with_database(
@@ -411,6 +462,7 @@ def _migrate(
     ctx: typer.Context,
     url: UrlOption = None,
     schema: SchemaOption = None,
+    database: DatabaseOption = None,
     revision: Annotated[
         str, typer.Option("--revision", "-r", help="Revision to upgrade to.")
     ] = "head",
@@ -420,44 +472,64 @@ def _migrate(
     ] = False,
 ) -> None:
     """Create or upgrade lagompy's tables (see _MIGRATE_HELP)."""
-    ctx.obj = {"url": url, "schema": schema}
+    ctx.obj = {"url": url, "schema": schema, "database": database}
     if ctx.invoked_subcommand is not None:
         return
-    settings = _settings(url, schema)
+    databases = each_database(_settings(url, schema), database)
+    several = len(databases) > 1
     if sql:
-        typer.echo(upgrade_sql(settings, revision), nl=False)
+        for name, settings in databases:
+            if several:
+                typer.echo(f"-- lagompy migrate: database {name} ({_place(settings)})")
+            typer.echo(upgrade_sql(settings, revision), nl=False)
         return
 
-    async def run(database: Database) -> str:
-        result = await upgrade(database, revision)
-        where = _place(settings, await _current_schema(database))
-        if not result.changed:
-            return f"lagompy's tables in {where} are up to date at revision {result.after}"
-        before = result.before or "none"
-        return f"upgraded lagompy's tables in {where} from {before} to {result.after}"
+    # Home first, one at a time: a failure stops there, naming the database, and running the
+    # command again finishes (an up-to-date database is left alone).
+    for name, settings in databases:
 
-    typer.echo(asyncio.run(_with_database(settings, run)))
+        async def run(db: Database, settings: JournalSettings = settings) -> str:
+            result = await upgrade(db, revision)
+            where = _place(settings, await _current_schema(db))
+            if not result.changed:
+                return f"lagompy's tables in {where} are up to date at revision {result.after}"
+            before = result.before or "none"
+            return f"upgraded lagompy's tables in {where} from {before} to {result.after}"
+
+        typer.echo(_under(name, several, asyncio.run(_with_database(settings, run))))
 
 
-def _show_current(ctx: typer.Context, url: UrlOption = None, schema: SchemaOption = None) -> None:
-    """Show the revision of lagompy's tables: '0001 (head)', or 'none' if never migrated."""
+def _show_current(
+    ctx: typer.Context,
+    url: UrlOption = None,
+    schema: SchemaOption = None,
+    database: DatabaseOption = None,
+) -> None:
+    """Show the revision of lagompy's tables: '0001 (head)', or 'none' if never migrated
+    (of each database of a journal placed on several)."""
     parent: dict[str, str | None] = (ctx.parent.obj if ctx.parent is not None else None) or {}
-    settings = _settings(url or parent.get("url"), schema or parent.get("schema"))
+    databases = each_database(
+        _settings(url or parent.get("url"), schema or parent.get("schema")),
+        database or parent.get("database"),
+    )
 
-    async def run(database: Database) -> str:
-        current = await current_revision(database)
+    async def run(db: Database) -> str:
+        current = await current_revision(db)
         head = head_revision()
         if current == head:
             return f"{current} (head)"
         return f"{current or 'none'} (head is {head}: run lagompy migrate)"
 
-    typer.echo(asyncio.run(_with_database(settings, run)))
+    for name, settings in databases:
+        typer.echo(_under(name, len(databases) > 1, asyncio.run(_with_database(settings, run))))
 
 
 _MIGRATE_HELP = (
     "Create or upgrade lagompy's tables to this version's newest revision.\n\n"
     "Run it once per deploy, before starting the processes; it is safe to run again and from "
-    "several places at once. SQLite journals migrate themselves when they open. "
+    "several places at once. A journal placed on several databases (LAGOMPY_JOURNAL_DATABASES) "
+    "has every one migrated, the home one first. SQLite journals migrate themselves when they "
+    "open. "
     "'lagompy migrate current' shows the revision a database is at."
 )
 
