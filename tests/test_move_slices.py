@@ -408,6 +408,8 @@ async def test_bad_input_gets_a_clear_error(urls: list[str]) -> None:
             await move_slices(two, **kwargs)
     with pytest.raises(ConfigurationError, match="batch"):
         await move_slices(two, "512-1023", target="b", batch=0)
+    with pytest.raises(ConfigurationError, match="batch must be from 1 to 10000"):
+        await move_slices(two, "512-1023", target="b", batch=10_001)
 
 
 # --------------------------------------------------------------------------- the command

@@ -30,7 +30,13 @@ from lagompy.journal._journal import (
 from lagompy.journal._moving import MoveReport, move_slices
 from lagompy.journal._slices import SLICES, SliceRange, slice_of, slice_ranges
 from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
-from lagompy.journal._storage import Storage, open_storage, serializer_for
+from lagompy.journal._storage import (
+    PlacedStorage,
+    Storage,
+    open_placed_storage,
+    open_storage,
+    serializer_for,
+)
 from lagompy.journal._tailing import (
     EventTailer,
     JournalNotifier,
@@ -52,6 +58,7 @@ __all__ = [
     "JournalNotifier",
     "MoveReport",
     "PageTailer",
+    "PlacedStorage",
     "Replayed",
     "SliceRange",
     "Snapshot",
@@ -65,6 +72,7 @@ __all__ = [
     "WakeReason",
     "WriteResult",
     "move_slices",
+    "open_placed_storage",
     "open_storage",
     "read_pages",
     "serializer_for",

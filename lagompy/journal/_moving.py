@@ -54,10 +54,13 @@ from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 
-__all__ = ["DEFAULT_BATCH", "MoveReport", "Progress", "move_slices", "parse_slices"]
+__all__ = ["DEFAULT_BATCH", "MAX_BATCH", "MoveReport", "Progress", "move_slices", "parse_slices"]
 
 #: Events per copy (and per deletion) transaction.
 DEFAULT_BATCH = 1000
+#: The most events per transaction: a batch's lookups take three parameters per event, and
+#: SQLite takes at most 32,766 in a statement.
+MAX_BATCH = 10_000
 #: Entities per transaction when copying or deleting snapshots, replies and deletions (and
 #: per lookup: ``(type, id) IN (...)`` keeps its parameters under SQLite's limit).
 _ENTITY_CHUNK = 400
@@ -620,8 +623,8 @@ async def move_slices(
     Stop every writer and every consumer of the journal first. Run again after an
     interruption: it finishes the move, never writes an event twice.
     """
-    if batch < 1:
-        raise ConfigurationError(f"batch must be at least 1, got {batch}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ConfigurationError(f"batch must be from 1 to {MAX_BATCH} events, got {batch}")
     numbers = parse_slices(slices)
     placement = Placement.of(settings)
     _check_placement(placement, numbers, source, target, given=source_settings is not None)
