@@ -528,3 +528,59 @@ def test_migrate_sql_prints_each_database_under_a_header(monkeypatch: pytest.Mon
         assert "CREATE TABLE lagompy_events" in script
         assert script.rstrip().endswith("COMMIT;")
     assert "pw" not in sql
+
+
+# --------------------------------------------------------------------------- wrong moves
+
+
+async def test_slices_not_on_the_source_are_refused(urls: list[str]) -> None:
+    await fill(journal(urls))
+    await move_slices(journal(urls, b="512-1023"), "512-1023", target="b")
+    wrong = journal(urls, b="768-1023", c="512-767")
+    with pytest.raises(
+        ConfigurationError,
+        match=r"not on the source home: slice \d+ is on database 'b' \(move it with --from b\)",
+    ):
+        await move_slices(wrong, "512-767", target="c")
+    report = await move_slices(wrong, "512-767", source="b", target="c")
+    assert report.events > 0
+    # Done already: the target holds them, the source nothing.
+    again = await move_slices(wrong, "512-767", source="b", target="c")
+    assert again.events == again.copied == again.deleted == 0
+
+
+async def test_a_writer_during_the_move_stops_it_before_anything_is_deleted(
+    urls: list[str],
+) -> None:
+    import asyncio
+
+    one = journal(urls)
+    await fill(one)
+    late = next(f"late{n}" for n in range(1000) if slice_of(f"late{n}") >= 512)
+    source_events = await events_by_key(urls[0])
+    written: list[asyncio.Task[Any]] = []
+    async with await open_storage(settings=one, entities=[ListEntity]) as writer:
+
+        def progress(step: str, done: int, total: int) -> None:
+            if not written:  # a writer that was not stopped writes during the copy
+                written.append(
+                    asyncio.get_running_loop().create_task(
+                        writer.journal.append_one(
+                            AtomicWrite(T, late, 0, [Added(1)], tags=[(tag_of(late),)])
+                        )
+                    )
+                )
+
+        two = journal(urls, b="512-1023")
+        with pytest.raises(JournalError, match="changed during the move: a writer is running"):
+            await move_slices(two, "512-1023", target="b", batch=5, progress=progress)
+        await written[0]
+    home = await events_by_key(urls[0])
+    assert home.keys() == source_events.keys() | {(T, late, 1)}  # nothing deleted
+    report = await move_slices(two, "512-1023", target="b", batch=5)
+    # The first run copied all it saw (the late event too, if it came before the copy got
+    # there): this one copies what is left, and nothing twice.
+    assert report.copied in (0, 1)
+    b = await events_by_key(urls[1])
+    assert (T, late, 1) in b
+    assert sorted(b.values()) == list(range(1, len(b) + 1))

@@ -165,7 +165,7 @@ class _Flavour(Protocol):
     """What differs per database when rows are copied into it."""
 
     def insert(self, table: Table) -> Any:
-        """An INSERT that supports ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
+        """An INSERT that supports ``on_conflict_do_nothing``."""
         ...
 
     async def begin_append(self, conn: AsyncConnection) -> None:
@@ -424,14 +424,18 @@ class _Move:
                         found.add((entity_type, entity_id))
         return sorted(found)
 
+    async def source_holds_any(self) -> bool:
+        """Whether the source holds any row of the moved slices."""
+        return bool((await self._event_stats(self.source))[0] or await self.moved_entities())
+
     @property
     def _slice_set(self) -> frozenset[int]:
         return frozenset(self.slices)
 
     async def copy_entity_rows(self, entities: Sequence[tuple[str, str]]) -> int:
         """Copy the snapshots, stored replies and deletions of ``entities``; a key already in
-        the target is kept (a deletion takes the source's values: the source is the truth
-        until the move deletes it)."""
+        the target is kept (copied by an interrupted run: writers are stopped, so the source's
+        row is still the same)."""
         copied = 0
         for chunk in _chunks(list(entities), _ENTITY_CHUNK):
             async with self.source.read() as conn:
@@ -442,21 +446,11 @@ class _Move:
                     for table, _ in _ENTITY_TABLES
                 }
             async with self.target.write() as conn:
-                for table, key in _ENTITY_TABLES:
+                for table, _ in _ENTITY_TABLES:
                     rows = found[table.name]
                     if not rows:
                         continue
-                    insert = self.flavour.insert(table)
-                    if table is schema.deletions:
-                        insert = insert.on_conflict_do_update(
-                            index_elements=list(key),
-                            set_={
-                                "deleted_to": insert.excluded.deleted_to,
-                                "restarted_at": insert.excluded.restarted_at,
-                            },
-                        )
-                    else:
-                        insert = insert.on_conflict_do_nothing()
+                    insert = self.flavour.insert(table).on_conflict_do_nothing()
                     await conn.execute(insert, rows)
                     copied += len(rows)
         return copied
@@ -642,10 +636,40 @@ async def move_slices(
             await ensure_schema(database)
         source_db, target_db, projection_db = databases
         move = _Move(source, target, numbers, source_db, target_db, projection_db, batch, progress)
+        if not await move.source_holds_any():
+            await _check_not_elsewhere(move, placement)
         return await _run(move)
     finally:
         for database in databases:
             await database.dispose()
+
+
+async def _check_not_elsewhere(move: _Move, placement: Placement) -> None:
+    """The source holds nothing of the slices: a move already done (the target holds them, or
+    no database does), or the wrong source, which is refused naming the database that holds
+    them."""
+    if (await move._event_stats(move.target))[0]:
+        return
+    for name in placement.names:
+        if name in (move.source_name, move.target_name):
+            continue
+        database = Database.create(placement.settings_of(name))
+        try:
+            await ensure_schema(database)
+            async with database.read() as conn:
+                found = (
+                    await conn.execute(
+                        select(_E.c.slice).where(_E.c.slice.in_(move.slices)).limit(1)
+                    )
+                ).scalar()
+        finally:
+            await database.dispose()
+        if found is not None:
+            raise ConfigurationError(
+                f"the slices are not on the source {_name(move.source_name)}: slice {found} "
+                f"is on {placement.describe(name)} (move it with --from "
+                f"{name or 'home'}); nothing was moved"
+            )
 
 
 async def _run(move: _Move) -> MoveReport:
