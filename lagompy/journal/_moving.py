@@ -349,8 +349,14 @@ class _Move:
     # ------------------------------------------------------------ 2. copy
 
     async def copy_events(self, total: int) -> int:
-        """Copy the moved events in the source's offset order; returns how many were new."""
+        """Copy the moved events in the source's offset order; returns how many were new.
+
+        A run copies a prefix of the source's order, so a run after an interruption finds the
+        events a former run copied at the start: it looks for them (a lookup that costs as much
+        as the copy) until a batch finds none there, and then no more. The target's unique key
+        on (entity, seq_nr) refuses a copy twice anyway."""
         after, done, copied = 0, 0, 0
+        resuming = (await self._event_stats(self.target))[0] > 0
         while True:
             async with self.source.read() as conn:
                 rows = (
@@ -374,26 +380,25 @@ class _Move:
             tags: dict[int, list[str]] = {}
             for offset, tag in tag_rows:
                 tags.setdefault(offset, []).append(tag)
-            copied += await self._append(rows, tags)
+            new = await self._append(rows, tags, resuming)
+            resuming = resuming and new < len(rows)
+            copied += new
             after = offsets[-1]
             done += len(rows)
             if self.progress is not None:
                 self.progress("copy", done, total)
 
-    async def _append(self, rows: Sequence[Any], tags: dict[int, list[str]]) -> int:
-        """One target transaction: the rows not there yet, with new offsets in their order."""
+    async def _append(self, rows: Sequence[Any], tags: dict[int, list[str]], resuming: bool) -> int:
+        """One target transaction: the rows not there yet (``resuming``: look), with new
+        offsets in their order."""
         keys = [(r.entity_type, r.entity_id, r.seq_nr) for r in rows]
         async with self.target.write() as conn:
             await self.flavour.begin_append(conn)
-            present = set(
-                (
-                    await conn.execute(
-                        select(_E.c.entity_type, _E.c.entity_id, _E.c.seq_nr).where(
-                            tuple_(_E.c.entity_type, _E.c.entity_id, _E.c.seq_nr).in_(keys)
-                        )
-                    )
-                ).all()
-            )
+            present: set[tuple[Any, ...]] = set()
+            if resuming:
+                key_columns = (_E.c.entity_type, _E.c.entity_id, _E.c.seq_nr)
+                query = select(*key_columns).where(tuple_(*key_columns).in_(keys))
+                present = {tuple(k) for k in (await conn.execute(query)).all()}
             new = [r for r, k in zip(rows, keys, strict=True) if k not in present]
             if not new:
                 return 0
@@ -540,14 +545,14 @@ class _Move:
 
     async def delete_source(self, total: int, entities: Sequence[tuple[str, str]]) -> int:
         """Delete the moved rows from the source, a batch per transaction."""
-        deleted = 0
+        deleted, after = 0, 0
         while True:
             async with self.source.write() as conn:
                 offsets = list(
                     (
                         await conn.execute(
                             select(_E.c.global_offset)
-                            .where(self._in_slices)
+                            .where(self._in_slices, _E.c.global_offset > after)
                             .order_by(_E.c.global_offset)
                             .limit(self.batch)
                         )
@@ -555,6 +560,7 @@ class _Move:
                 )
                 if not offsets:
                     break
+                after = offsets[-1]
                 await conn.execute(delete(_TAGS).where(_TAGS.c.global_offset.in_(offsets)))
                 await conn.execute(delete(_E).where(_E.c.global_offset.in_(offsets)))
             deleted += len(offsets)
