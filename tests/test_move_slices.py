@@ -584,3 +584,36 @@ async def test_a_writer_during_the_move_stops_it_before_anything_is_deleted(
     b = await events_by_key(urls[1])
     assert (T, late, 1) in b
     assert sorted(b.values()) == list(range(1, len(b) + 1))
+
+
+async def test_positions_in_several_projection_databases(urls: list[str]) -> None:
+    """Consumers keep positions in more than one database: each is checked and gets its
+    positions on the target."""
+    await fill(journal(urls))
+    source_heads = await heads(urls[0])
+    other = JournalSettings(url=urls[3], auto_migrate=True)
+    async with await open_storage(settings=other):  # lagompy's tables, for the positions
+        pass
+    for tag, head in source_heads.items():
+        await set_position(urls[0], "totals", tag, head)
+        await set_position(urls[3], "mailer", tag, head)
+    lagging = sorted(source_heads)[0]
+    await set_position(urls[3], "mailer", lagging, 0)
+    two = journal(urls, b="512-1023")
+    projections = [two.placed_on(HOME), other]
+    with pytest.raises(JournalError, match=f"behind .*mailer on {lagging} \\(at 0 of") as refused:
+        await move_slices(two, "512-1023", target="b", projections=projections)
+    assert "totals" not in str(refused.value)
+    await set_position(urls[3], "mailer", lagging, source_heads[lagging])
+    report = await move_slices(two, "512-1023", target="b", projections=projections)
+    target_heads = await heads(urls[1])
+    assert {(p, k, o) for p, k, o in report.positions} == {
+        (p, f"{t}@b", h) for p in ("totals", "mailer") for t, h in target_heads.items()
+    }
+    for url, processor in ((urls[0], "totals"), (urls[3], "mailer")):
+        stored = {
+            r.tag: r.last_offset
+            for r in await rows(url, schema.readside_offsets)
+            if r.processor == processor
+        }
+        assert {t: stored[f"{t}@b"] for t in target_heads} == target_heads

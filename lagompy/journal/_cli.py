@@ -72,20 +72,23 @@ def _move_slices(
         str | None,
         typer.Option("--from-schema", help="The source's PostgreSQL schema, with --from-url."),
     ] = None,
-    projection_url: Annotated[
-        str | None,
+    projection_urls: Annotated[
+        list[str] | None,
         typer.Option(
             "--projection-url",
             help=(
-                "The projection database that holds the consumers' positions (default: "
-                "LAGOMPY_READSIDE_URL, else the journal's url)."
+                "A database that holds consumers' positions (projections, topic producers, "
+                "process managers...); repeat it for each (default: LAGOMPY_READSIDE_URL, else "
+                "the journal's url)."
             ),
             show_default=False,
         ),
     ] = None,
     projection_schema: Annotated[
         str | None,
-        typer.Option("--projection-schema", help="The projection database's PostgreSQL schema."),
+        typer.Option(
+            "--projection-schema", help="The PostgreSQL schema of the --projection-url databases."
+        ),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="Events per transaction.", min=1)] = 1000,
 ) -> None:
@@ -101,8 +104,8 @@ def _move_slices(
         from_settings = _one(settings, source_url, source_schema)
     elif name in settings.databases or name == HOME:
         _require_existing(settings.placed_on(name).url, "the source")
-    projection = _projection(settings, projection_url, projection_schema)
-    if projection is not None:
+    projections = _projections(settings, projection_urls or [], projection_schema)
+    for projection in projections:
         _require_existing(projection.url, "the projection database")
     shown = _Progress()
     report = asyncio.run(
@@ -112,7 +115,7 @@ def _move_slices(
             source=name,
             source_settings=from_settings,
             target=HOME if to == "home" else to,
-            projection=projection,
+            projections=projections,
             batch=batch,
             progress=shown,
         )
@@ -143,19 +146,18 @@ def _one(settings: JournalSettings, url: str, schema: str | None) -> JournalSett
     return settings.model_copy(update={"url": url, "postgres_schema": schema, "databases": {}})
 
 
-def _projection(
-    settings: JournalSettings, url: str | None, schema: str | None
-) -> JournalSettings | None:
-    """The projection database's settings (None: the journal's home database)."""
-    if url is None:
+def _projections(
+    settings: JournalSettings, urls: list[str], schema: str | None
+) -> list[JournalSettings]:
+    """The projection databases' settings (none: the journal's home database)."""
+    if not urls:
         from lagompy.readside._settings import ReadSideSettings
 
         readside = ReadSideSettings()
-        url = readside.url
-        schema = schema or readside.postgres_schema
-    if url is None:
-        return None
-    return _one(settings, url, schema)
+        if readside.url is None:
+            return []
+        urls, schema = [readside.url], schema or readside.postgres_schema
+    return [_one(settings, url, schema) for url in urls]
 
 
 def _require_existing(url: str, what: str) -> None:

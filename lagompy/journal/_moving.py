@@ -231,7 +231,8 @@ class _Move:
     slices: tuple[int, ...]
     source: Database
     target: Database
-    projection: Database
+    #: The projection databases that hold consumers' positions.
+    projections: Sequence[Database]
     batch: int
     progress: Progress | None
     flavour: _Flavour = field(init=False)
@@ -290,10 +291,11 @@ class _Move:
                 heads.update((t, int(o)) for t, o in rows)
         return heads
 
-    async def _positions(self, keys: Sequence[str]) -> list[Any]:
-        """The consumers' rows of these partitions in the projection database."""
+    @staticmethod
+    async def _positions(projection: Database, keys: Sequence[str]) -> list[Any]:
+        """The consumers' rows of these partitions in a projection database."""
         found: list[Any] = []
-        async with self.projection.read() as conn:
+        async with projection.read() as conn:
             for chunk in _chunks(list(keys), _ENTITY_CHUNK):
                 query = select(
                     _OFFSETS.c.processor,
@@ -313,23 +315,49 @@ class _Move:
         before = await self._target_heads(list(heads), moved=False)
         source_keys = {partition_key(t, self.source_name): t for t in heads}
         target_keys = {partition_key(t, self.target_name): t for t in heads}
-        rows = await self._positions([*source_keys, *target_keys])
-        now = now_us()
-        running = sorted(
-            f"{r.processor} on {r.tag}"
-            for r in rows
-            if r.owner is not None and r.lease_expires_us > now
-        )
+        running: list[str] = []
+        behind: list[str] = []
+        for projection in self.projections:
+            rows = await self._positions(projection, [*source_keys, *target_keys])
+            running += self._running(rows)
+            behind += self._behind(rows, {**source_keys, **target_keys}, heads, before)
         if running:
             raise JournalError(
                 f"consumers are running on partitions the move touches: {', '.join(running)}; "
                 "stop every read side, topic producer, process manager and workflow executor "
                 "of the journal, then run the move again"
             )
+        if behind:
+            raise JournalError(
+                f"consumers are behind on partitions the move touches: {', '.join(behind)}; "
+                "let them catch up (start them with the writers stopped), stop them, and run "
+                "the move again"
+            )
+
+    @staticmethod
+    def _running(rows: Sequence[Any]) -> list[str]:
+        """The consumers (and partitions) among ``rows`` whose lease is held."""
+        now = now_us()
+        return sorted(
+            f"{r.processor} on {r.tag}"
+            for r in rows
+            if r.owner is not None and r.lease_expires_us > now
+        )
+
+    def _behind(
+        self,
+        rows: Sequence[Any],
+        tag_of_key: dict[str, str],
+        heads: dict[str, int],
+        before: dict[str, int],
+    ) -> list[str]:
+        """The consumers (partition, position, head) among ``rows`` of one projection
+        database that did not apply every event of the source's or the target's partition of
+        a tag they follow."""
         offsets = {(r.processor, r.tag): int(r.last_offset) for r in rows}
         # The tags each consumer follows: those it has a position for, on either side (one
         # with none has not started, and will start from the beginning on both).
-        follows = {(r.processor, {**source_keys, **target_keys}[r.tag]) for r in rows}
+        follows = {(r.processor, tag_of_key[r.tag]) for r in rows}
         behind = []
         for processor, tag in sorted(follows):
             for key, head in (
@@ -339,12 +367,7 @@ class _Move:
                 at = offsets.get((processor, key), 0)
                 if at < head:
                     behind.append(f"{processor} on {key} (at {at} of {head})")
-        if behind:
-            raise JournalError(
-                f"consumers are behind on partitions the move touches: {', '.join(behind)}; "
-                "let them catch up (start them with the writers stopped), stop them, and run "
-                "the move again"
-            )
+        return behind
 
     # ------------------------------------------------------------ 2. copy
 
@@ -510,11 +533,20 @@ class _Move:
         kept); the epoch moves on, so a worker that still believed it held the lease cannot
         commit there."""
         after = await self._target_heads(list(heads), moved=True)
+        written: list[tuple[str, str, int]] = []
+        for projection in self.projections:
+            written += await self._write_positions(projection, heads, after)
+        return tuple(written)
+
+    async def _write_positions(
+        self, projection: Database, heads: dict[str, int], after: dict[str, int]
+    ) -> list[tuple[str, str, int]]:
+        """:meth:`write_positions` in one projection database, one transaction."""
         source_keys = {partition_key(t, self.source_name): t for t in heads}
-        rows = await self._positions(list(source_keys))
+        rows = await self._positions(projection, list(source_keys))
         written: list[tuple[str, str, int]] = []
         now = now_us()
-        async with self.projection.write() as conn:
+        async with projection.write() as conn:
             for r in sorted(rows, key=lambda r: (r.processor, r.tag)):
                 tag = source_keys[r.tag]
                 key = partition_key(tag, self.target_name)
@@ -539,7 +571,7 @@ class _Move:
                         )
                     )
                 written.append((r.processor, key, offset))
-        return tuple(written)
+        return written
 
     # ------------------------------------------------------------ 5. delete
 
@@ -609,7 +641,7 @@ async def move_slices(
     target: str,
     source: str = HOME,
     source_settings: JournalSettings | None = None,
-    projection: JournalSettings | None = None,
+    projections: Sequence[JournalSettings] = (),
     batch: int = DEFAULT_BATCH,
     progress: Progress | None = None,
 ) -> MoveReport:
@@ -618,8 +650,9 @@ async def move_slices(
 
     ``settings`` are the journal's settings after the move: they must place the slices on
     ``target``. A source they no longer name (a database being emptied: its last slices move)
-    needs ``source_settings``, the settings of that one database. ``projection`` is the
-    projection database that holds the consumers' positions (default: the home database).
+    needs ``source_settings``, the settings of that one database. ``projections`` are the
+    databases that hold the consumers' positions (default: the home database): each has its
+    consumers checked and their positions written.
     Stop every writer and every consumer of the journal first. Run again after an
     interruption: it finishes the move, never writes an event twice.
     """
@@ -635,13 +668,13 @@ async def move_slices(
         for one in (
             source_settings or placement.settings_of(source),
             placement.settings_of(target),
-            projection or placement.settings_of(HOME),
+            *(projections or [placement.settings_of(HOME)]),
         ):
             database = Database.create(one)
             databases.append(database)
             await ensure_schema(database)
-        source_db, target_db, projection_db = databases
-        move = _Move(source, target, numbers, source_db, target_db, projection_db, batch, progress)
+        source_db, target_db, *projection_dbs = databases
+        move = _Move(source, target, numbers, source_db, target_db, projection_dbs, batch, progress)
         if not await move.source_holds_any():
             await _check_not_elsewhere(move, placement)
         return await _run(move)
