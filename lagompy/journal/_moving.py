@@ -90,7 +90,8 @@ class MoveReport:
     events: int
     #: Events copied by this run (``events`` less those a former run copied).
     copied: int
-    #: Snapshots, stored replies and deletions copied by this run.
+    #: Snapshots, stored replies and deletions of the moved entities this run wrote to the
+    #: target (those an interrupted run copied already are counted, and kept).
     other_rows: int
     #: Events deleted from the source.
     deleted: int
