@@ -7,7 +7,9 @@ entities for a few seconds; beside them, in the same run and in alternating roun
 on N connections inserts the same rows (events and tag rows, precomputed, offsets included) with
 one executemany per table per transaction into tables with the same indexes: the cheapest a
 plain driver can do. Every measurement starts on empty tables. PostgreSQL only (SQLite's
-writers take turns by design).
+writers take turns by design). The process collects garbage as a shard host does, the writers of
+a running system (``collect_like_a_host``, once the journals are open; ``--default-gc`` leaves
+Python's defaults).
 
     .venv/bin/python bench/journal_writers_bench.py --runs 3   # writes docs/benchmarks.md
 
@@ -37,10 +39,13 @@ from bench._report import cpu_reference, write_section
 from bench.journal_bench import INSERT_EVENTS, PG_URL, CartEntity, RawRows, make_batch
 from lagompy import JournalSettings, open_storage
 from lagompy.journal import Storage
+from lagompy.runtime._host import collect_like_a_host
 
 WRITERS = (1, 2, 4, 8)
 BATCH = 100
 ROUNDS = 3
+#: Collect garbage as a shard host does (see the module docstring); --default-gc: not.
+HOST_GC = True
 
 
 async def for_seconds(
@@ -86,6 +91,8 @@ async def one_run(run: int, seconds: float) -> tuple[float, dict[int, tuple[floa
             t="raw_events", p=", ".join(f"${i}" for i in range(1, 12))
         )
         cpu = cpu_reference()
+        if HOST_GC:
+            collect_like_a_host()
         rates: dict[int, tuple[float, float]] = {}
         for writers in WRITERS:
 
@@ -177,7 +184,12 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per round and contender")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--default-gc", action="store_true", help="Python's collector settings, not a host's"
+    )
     args = parser.parse_args()
+    global HOST_GC
+    HOST_GC = not args.default_gc
     runs = [await one_run(r, args.seconds) for r in range(args.runs)]
     body = render(runs, f".venv/bin/python bench/journal_writers_bench.py --runs {args.runs}")
     print(body)

@@ -63,6 +63,17 @@ log = logging.getLogger("lagompy.host")
 #: frozen out of the collector's way (``gc.freeze``).
 GC_THRESHOLD = 50_000
 
+
+def collect_like_a_host() -> None:
+    """The host process's garbage collection, set once its journal is open: what exists now
+    frozen out of the collector's way, and the first generation collected every
+    :data:`GC_THRESHOLD` allocations (a shard host is a process of its own: see above). The
+    journal's benches run their writers this way, as the hosts do."""
+    gc.freeze()
+    threshold = gc.get_threshold()
+    gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
+
+
 #: What a host returns per request: (reply, None) or (None, error).
 Outcome = tuple[Any, BaseException | None]
 
@@ -386,9 +397,7 @@ class ShardHost:
                 self.index,
                 self._open_attempts,
             )
-        gc.freeze()
-        threshold = gc.get_threshold()
-        gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
+        collect_like_a_host()
         return True
 
     def _save_snapshots(self) -> None:
