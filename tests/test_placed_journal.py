@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,7 +23,13 @@ from conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgre
 from fastapi import FastAPI
 from ray_entities import Add, CounterEntity, GetValue
 
-from lagompy import ConfigurationError, ShardedEntities, start, start_in_process
+from lagompy import (
+    ConfigurationError,
+    JournalUnavailable,
+    ShardedEntities,
+    start,
+    start_in_process,
+)
 from lagompy.console import ConsoleSettings
 from lagompy.journal import open_storage, slice_of, slice_ranges
 from lagompy.journal._placement import HOME, Placement, partition_key
@@ -378,3 +385,52 @@ async def test_topics_refuse_a_placed_journal_naming_why(placed: Placed) -> None
     with pytest.raises(ConfigurationError, match="placed on several") as raised:
         await topics.start()
     assert "cannot follow it yet" in str(raised.value)
+
+
+@pytest.mark.postgres
+async def test_a_host_waits_for_every_database_then_serves_them_all(
+    ray_session: Any, pg_databases: Callable[[int], Awaitable[list[str]]]
+) -> None:
+    """One database of the journal does not exist yet when the app starts: the host answers
+    every command JournalUnavailable ("not run", naming no database), and serves every entity
+    once the database is there."""
+    import asyncpg
+
+    (home,) = await pg_databases(1)
+    late = f"lagompy_t_{uuid.uuid4().hex[:10]}"
+    base = POSTGRES_URL.rsplit("/", 1)[0]
+    settings = _placed(JournalSettings(url=home, auto_migrate=True), [(f"{base}/{late}", None)])
+    ids = [f"w{i}" for i in range(40)]
+    try:
+        async with _on_ray(settings) as ents:
+            outcomes = await asyncio.gather(
+                *(ents.ref_for(CounterEntity, i).ask(Add(1)) for i in ids),
+                return_exceptions=True,
+            )
+            for failure in outcomes:
+                assert isinstance(failure, JournalUnavailable), failure
+                assert late not in str(failure)
+            conn = await asyncpg.connect(POSTGRES_URL)
+            try:
+                await conn.execute(f'CREATE DATABASE "{late}"')
+            finally:
+                await conn.close()
+            deadline = time.monotonic() + 30
+
+            async def until_run(entity_id: str) -> int:
+                while True:
+                    try:
+                        reply: int = await ents.ref_for(CounterEntity, entity_id).ask(Add(1))
+                        return reply
+                    except JournalUnavailable:  # not run: asked again
+                        assert time.monotonic() < deadline, "the host never opened the journal"
+                        await asyncio.sleep(0.2)
+
+            replies = await asyncio.gather(*(until_run(i) for i in ids))
+            assert replies == [1] * len(ids)  # the refused asks were not run
+    finally:
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{late}" WITH (FORCE)')
+        finally:
+            await conn.close()
