@@ -25,8 +25,9 @@ from lagompy.errors import (
     WorkflowFailed,
     WorkflowNotFound,
 )
-from lagompy.journal._journal import check_entity_id
-from lagompy.journal._storage import Storage, open_storage
+from lagompy.journal._journal import Journal, check_entity_id
+from lagompy.journal._placement import HOME
+from lagompy.journal._storage import PlacedStorage, Storage, open_placed_storage
 from lagompy.readside._worker import default_owner
 from lagompy.runtime._protocol import EntityRuntime
 from lagompy.settings import JournalSettings
@@ -74,7 +75,11 @@ class RunStatus:
 
 class WorkflowEngine(AsyncClosing):
     """Operations on the runs of ``workflows`` (see the module); with an executor (by default)
-    this process also drives runs (the partitions whose leases it gets)."""
+    this process also drives runs (the partitions whose leases it gets).
+
+    ``storage`` is the journal's home database (the runs index and the types are there);
+    ``placed``, every database of a journal placed on several (a run's events are on its
+    own: :meth:`journal_of`). The engine closes ``placed`` when given, else ``storage``."""
 
     def __init__(
         self,
@@ -82,10 +87,13 @@ class WorkflowEngine(AsyncClosing):
         runtime: EntityRuntime,
         storage: Storage,
         executor: WorkflowExecutor | None,
+        *,
+        placed: PlacedStorage | None = None,
     ) -> None:
         self.workflows = workflows
         self.runtime = runtime
         self.storage = storage
+        self.placed = placed
         self.database = storage.database
         self.executor = executor
         self.serializer = workflows.serializer
@@ -99,9 +107,16 @@ class WorkflowEngine(AsyncClosing):
             if self.executor is not None:
                 await self.executor.close(release=release)
         finally:
-            await self.storage.close()
+            await (self.placed if self.placed is not None else self.storage).close()
 
     # ------------------------------------------------------------------ helpers
+
+    def journal_of(self, run_id: str) -> Journal:
+        """The journal that holds ``run_id``'s events (its database's, on a journal placed on
+        several)."""
+        if self.placed is None:
+            return self.storage.journal
+        return self.placed.of(run_id).journal
 
     async def _ask(self, run_id: str, command: Any) -> Any:
         ref = self.runtime.ref_for(WorkflowRun, check_entity_id(run_id))
@@ -290,8 +305,13 @@ async def start_workflows(
     owner: str | None = None,
 ) -> WorkflowEngine:
     """Open the workflow operations on ``runtime`` (which must host :class:`WorkflowRun`) and
-    the journal of ``journal_settings``; with ``executor`` this process drives runs too."""
-    storage = await open_storage(settings=journal_settings, entities=[WorkflowRun])
+    the journal of ``journal_settings``; with ``executor`` this process drives runs too.
+
+    A journal placed on several databases (``JournalSettings.databases``) is opened whole: the
+    runs index stays in the home database, and the executor follows the runs' events on every
+    database (a partition per shard and database)."""
+    placed = await open_placed_storage(settings=journal_settings, entities=[WorkflowRun])
+    storage = placed.parts[HOME]
     engine_executor: WorkflowExecutor | None = None
     try:
         if executor:
@@ -303,11 +323,13 @@ async def start_workflows(
                 serializer=workflows.serializer,
                 settings=settings or WorkflowSettings(),
                 owner=owner or default_owner(),
+                placement=placed.placement,
+                journals={name: part.journal for name, part in placed.parts.items()},
             )
             await engine_executor.start()
     except BaseException:
         if engine_executor is not None:
             await engine_executor.close()
-        await storage.close()
+        await placed.close()
         raise
-    return WorkflowEngine(workflows, runtime, storage, engine_executor)
+    return WorkflowEngine(workflows, runtime, storage, engine_executor, placed=placed)

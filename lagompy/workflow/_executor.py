@@ -1,14 +1,18 @@
 """The workflow executor: who drives which run, and how.
 
-One consumer per partition (shard ``i`` of the runs' tag ``lagompy-workflows``), built on the
-consumer core with the read side's commit strategy (:class:`~lagompy.readside.ReadSideWorker`
-running :class:`~lagompy.workflow._index.RunsIndex`): a fenced lease per partition (one
-executor drives a partition's runs at a time), the runs index written with the position in one
-transaction. On top of that strategy (:class:`_ExecutorCommit`):
+One consumer per partition (shard ``i`` of the runs' tag ``lagompy-workflows``; on a journal
+placed on several databases, per shard and database, keyed like a read side's partitions:
+``lagompy-workflows-<i>`` on the home database, ``lagompy-workflows-<i>@<name>`` on another,
+each reading its own database's journal), built on the consumer core with the read side's
+commit strategy (:class:`~lagompy.readside.ReadSideWorker` running
+:class:`~lagompy.workflow._index.RunsIndex`): a fenced lease per partition (one executor drives
+a partition's runs at a time), the runs index (in the home database, fed by every partition)
+written with the position in one transaction. On top of that strategy (:class:`_ExecutorCommit`):
 
 * taking a partition's lease (``prepare``) resumes the partition's unfinished runs (queued or
-  running in the index): a run whose host died is resumed by another executor within a lease
-  expiry (``lease_ttl``);
+  running in the index, of its shard and, on several databases, whose ids fall on its database:
+  :meth:`~lagompy.journal._placement.Placement.database_of`): a run whose host died is resumed
+  by another executor within a lease expiry (``lease_ttl``);
 * a committed ``RunStarted`` (or ``RunReopened``) starts driving its run, a ``SignalReceived``
   wakes it, a ``CancelRequested`` cancels it;
 * losing the lease (the consumer stands by) stops driving the partition's runs, without
@@ -29,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +55,16 @@ from lagompy.errors import (
     WorkflowNonDeterminism,
 )
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage
+from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
-from lagompy.readside._worker import ProjectionCommit, ReadSideWorker, membership_for
+from lagompy.readside._worker import (
+    Partition,
+    ProjectionCommit,
+    ReadSideWorker,
+    membership_for,
+    partitions_of,
+)
 from lagompy.runtime._processing import Receipt
 from lagompy.runtime._protocol import EntityRuntime
 from lagompy.serialization import Serializer
@@ -587,6 +598,8 @@ class _ExecutorCommit:
 class _Partition:
     worker: ReadSideWorker
     task: asyncio.Task[None]
+    #: Which shard of the runs' tag, on which database of the journal.
+    where: Partition
     #: The epoch of the lease the drivers run under (None: not held).
     epoch: int | None = None
 
@@ -603,7 +616,14 @@ NOT_HELD = frozenset({"standby", "stopped", "retrying", "stalled", "starting"})
 
 
 class WorkflowExecutor:
-    """Drives the runs of the partitions whose leases it holds (see the module)."""
+    """Drives the runs of the partitions whose leases it holds (see the module).
+
+    ``database`` holds the runs index, the types and the partitions' positions and leases (the
+    home database of the journal); ``journal`` is the journal the runs' events are read from.
+    On a journal placed on several databases, ``placement`` says which database holds each run
+    and ``journals`` is each database's journal by name (the home one too): the executor then
+    has a partition per (shard, database), keyed by
+    :func:`~lagompy.journal._placement.partition_key`."""
 
     def __init__(
         self,
@@ -615,11 +635,24 @@ class WorkflowExecutor:
         serializer: Serializer,
         settings: WorkflowSettings,
         owner: str,
+        placement: Placement | None = None,
+        journals: Mapping[str, Journal] | None = None,
     ) -> None:
         self.workflows = workflows
         self.runtime = runtime
         self.database = database
         self.journal = journal
+        #: Which database of the journal holds each run (one: the home one).
+        self.placement = placement or Placement.of(journal.database.settings)
+        #: Each database's journal, by name.
+        self.journals: dict[str, Journal] = {HOME: journal, **(journals or {})}
+        missing = [n for n in self.placement.names if n not in self.journals]
+        if missing:
+            raise ConfigurationError(
+                "WorkflowExecutor: the journal is placed on several databases and no journal "
+                f"was given for {', '.join(map(repr, missing))}: pass journals= (by name), "
+                "as start_workflows does"
+            )
         self.serializer = serializer
         self.settings = settings
         self.owner = owner
@@ -643,22 +676,25 @@ class WorkflowExecutor:
             self.database, {n: self.workflows.max_running(n) for n in self.workflows.names()}
         )
         consumer = self.settings.consumer()
-        tags = list(WORKFLOW_TAG.all_tags)
-        await OffsetStore(self.database).ensure(INDEX_NAME, tags)
-        self.membership = membership_for(INDEX_NAME, tags, self.database, consumer, self.owner)
-        for tag in tags:
+        index = RunsIndex()
+        parts = partitions_of(index, self.placement)
+        keys = [part.key for part in parts]
+        await OffsetStore(self.database).ensure(INDEX_NAME, keys)
+        self.membership = membership_for(INDEX_NAME, keys, self.database, consumer, self.owner)
+        for part in parts:
             worker = ReadSideWorker(
-                RunsIndex(),
-                tag,
-                journal=self.journal,
+                index,
+                part.key,
+                journal=self.journals[part.database],
                 projection=self.database,
                 settings=consumer,
                 owner=self.owner,
                 membership=self.membership,
+                journal_tag=part.tag,
             )
-            worker.strategy = _ExecutorCommit(worker.strategy, self, tag)  # type: ignore[assignment]
-            task = asyncio.create_task(worker.run(), name=f"workflow partition {tag}")
-            self.partitions[tag] = _Partition(worker, task)
+            worker.strategy = _ExecutorCommit(worker.strategy, self, part.key)  # type: ignore[assignment]
+            task = asyncio.create_task(worker.run(), name=f"workflow partition {part.key}")
+            self.partitions[part.key] = _Partition(worker, task, part)
         self._tasks.append(asyncio.create_task(self._watch(), name="workflow leases"))
         self._tasks.append(asyncio.create_task(self._admit_loop(), name="workflow admission"))
 
@@ -691,18 +727,29 @@ class WorkflowExecutor:
 
     # ------------------------------------------------------------------ partitions
 
+    def partition_of(self, run_id: str) -> str:
+        """The key of the partition that drives ``run_id``: its shard of the runs' tag, on the
+        database that holds it."""
+        tag = WORKFLOW_TAG.for_entity(run_id)
+        return partition_key(tag, self.placement.database_of(run_id))
+
     async def took(self, tag: str, lease: Lease) -> None:
+        """Partition ``tag`` (its key) is this executor's: drive its unfinished runs. The index
+        keeps a run's shard, not its database: on several databases, the runs of the shard
+        whose ids fall on the partition's database are its runs."""
         part = self.partitions[tag]
         if part.epoch is not None and part.epoch != lease.epoch:
             self._drop(tag)
         part.epoch = lease.epoch
+        shard, database = part.where.tag, part.where.database
         after: str | None = None
         while True:
             rows = await list_runs(
-                self.database, tag=tag, status=("queued", "running"), limit=1000, after=after
+                self.database, tag=shard, status=("queued", "running"), limit=1000, after=after
             )
             for row in rows:
-                self.launch(row.run_id, tag)
+                if self.placement.database_of(row.run_id) == database:
+                    self.launch(row.run_id, tag)
             if len(rows) < 1000:
                 break
             after = rows[-1].run_id
@@ -737,7 +784,7 @@ class WorkflowExecutor:
         after the start (a read that overlaps the start sees what one just after it would,
         but for a change made in those milliseconds, as a read in flight always could).
         None when this executor would not drive the run (another holds its partition)."""
-        if self._closing or self.partitions[WORKFLOW_TAG.for_entity(run_id)].epoch is None:
+        if self._closing or self.partitions[self.partition_of(run_id)].epoch is None:
             return None
         return asyncio.ensure_future(self.unlimited(workflow))
 
@@ -747,7 +794,7 @@ class WorkflowExecutor:
         brings its ``RunStarted`` (which then finds it driven). The records are the same.
         ``unlimited``: :meth:`lookahead` of its workflow."""
         if not run.finished:
-            self.launch(run_id, WORKFLOW_TAG.for_entity(run_id), run, unlimited)
+            self.launch(run_id, self.partition_of(run_id), run, unlimited)
 
     def launch(
         self,

@@ -273,7 +273,7 @@ async def inspect_run(
         input_type, output_type = definition.input_type, definition.output_type
     except LagompyError:
         input_type = output_type = Any
-    envelopes = await engine.storage.journal.events(WORKFLOW_ENTITY, run_id)
+    envelopes = await engine.journal_of(run_id).events(WORKFLOW_ENTITY, run_id)
     history: list[dict[str, Any]] = []
     step_at: dict[int, tuple[str, float | None]] = {}
     signals: list[dict[str, Any]] = []
