@@ -218,6 +218,52 @@ async def test_transfers_finish_once_and_a_restart_resumes_the_runs_of_every_par
     assert {placement.database_of(run) for run in plain} == set(placement.names)
 
 
+async def test_two_executors_share_the_partitions_of_every_database(
+    ray_session: Any, placed: Placed
+) -> None:
+    """The partitions (shard, database) spread over the executors like a read side's: each
+    gets half, and each drives the runs of its own partitions to their end, once."""
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    keys = set(keys_of(placement))
+    async with entities_on_ray(settings) as entities:
+        engines = []
+        try:
+            for owner in ("a", "b"):
+                engines.append(
+                    await start_workflows(
+                        workflows,
+                        runtime=entities,
+                        journal_settings=settings,
+                        settings=FAST,
+                        owner=owner,
+                    )
+                )
+            a, b = engines
+            half = len(keys) // 2
+            await until(lambda: _is(len(held(a)) == len(held(b)) == half))
+            assert held(a) | held(b) == keys
+            runs = run_ids(placement, "r", 2)
+            for run in runs:
+                await entities.ref_for(AccountEntity, f"{run}-from").ask(Deposit(100))
+                await a.start("transfer", Transfer(f"{run}-from", f"{run}-to", 30), id=run)
+            for run in runs:
+                assert await b.result(run, timeout=20) == "done"
+                assert (
+                    await _balance(entities, f"{run}-from"),
+                    await _balance(entities, f"{run}-to"),
+                ) == (70, 30)
+            finished = [
+                e.executor.metrics.finished.get(("transfer", "completed"), 0)
+                for e in engines
+                if e.executor is not None
+            ]
+            assert sum(finished) == len(runs) and all(finished)  # once each, both drove
+        finally:
+            for engine in engines:
+                await engine.close()
+
+
 async def test_the_operations_find_a_run_on_a_database_other_than_the_home_one(
     ray_session: Any, placed: Placed
 ) -> None:
