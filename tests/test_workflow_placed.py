@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 import lagompy
 from lagompy import JournalSettings
+from lagompy.console import ConsoleSettings
 from lagompy.journal._placement import Placement, partition_key
 from lagompy.journal._storage import open_placed_storage
 from lagompy.runtime._protocol import EntityRuntime
@@ -322,7 +323,7 @@ def served(ray_session: Any, placed: Placed) -> Iterator[tuple[httpx.Client, Pla
         components=[WorkflowsComponent(workflows, settings=FAST, routes=True)],
     )
     app = FastAPI(lifespan=service.lifespan)
-    service.install(app)
+    service.install(app, console=ConsoleSettings(token="workflow-console-token-0123456789"))
     try:
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
             yield http, Placement.of(settings)
@@ -348,6 +349,9 @@ def test_a_service_runs_and_shows_workflows_on_every_database(
             assert time.monotonic() < deadline, shown
             time.sleep(0.05)
         assert shown["history"], shown
+        # the console's page of the run shows its history (read from the run's database)
+        page = http.get(f"/console/workflows/{run}")
+        assert page.status_code == 200 and "finished completed" in page.text, run
     deadline = time.monotonic() + 30
     while True:
         listed = http.get("/workflows", params={"id_prefix": "s-", "limit": 100}).json()["runs"]
