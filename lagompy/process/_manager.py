@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from lagompy.entity import Command, PersistentEntity, ShardedTag, Tag
 from lagompy.errors import ConfigurationError
+from lagompy.journal._placement import HOME, PARTITION_SEPARATOR
 from lagompy.readside._store import GLOBAL_TAG
 from lagompy.runtime._refs import EntityRef
 from lagompy.topic._topic import Topic
@@ -22,7 +23,9 @@ __all__ = [
     "RefSource",
     "ScheduledTimer",
     "check_key",
+    "event_origin",
     "offset_key",
+    "timer_base",
 ]
 
 S = TypeVar("S")
@@ -81,9 +84,10 @@ class ProcessContext:
     """What a process manager's handler acts through, for one key and one event (or timer).
 
     * :meth:`send` asks an entity, with a command id derived from the position being handled
-      (``<manager>:<offset>:<n>`` for the n-th command of an event, ``<manager>:timer:<timer
-      id>:<n>`` of a timer): a re-run after a crash asks with the same ids and the entity
-      answers from its stored replies instead of applying the command again.
+      (``<manager>:<offset>:<n>`` for the n-th command of an event, ``<manager>:<offset>@<db>:<n>``
+      for an event of database ``db`` of a journal placed on several, other than the home one;
+      ``<manager>:timer:<timer id>:<n>`` of a timer): a re-run after a crash asks with the same
+      ids and the entity answers from its stored replies instead of applying the command again.
     * :meth:`after` schedules a durable timer; :meth:`cancel` drops one; :meth:`end` finishes
       the key (its state is deleted and its pending timers cancelled, with the position).
 
@@ -179,9 +183,24 @@ class ProcessContext:
         self.scheduled = []
 
 
-def timer_base(offset: int) -> str:
-    """The base of the ids of the timers an event at ``offset`` schedules."""
-    return f"e{offset}"
+def _on(database: str) -> str:
+    """The suffix that names a journal's database other than the home one in the ids derived
+    from an offset (offsets of two databases collide): ``@<name>``, as in partition keys."""
+    return "" if database == HOME else f"{PARTITION_SEPARATOR}{database}"
+
+
+def event_origin(manager: str, offset: int, database: str = HOME) -> str:
+    """The origin of the command ids of an event at ``offset`` of ``database`` (of a journal
+    placed on several): ``<manager>:<offset>`` on the home database (the ids of a journal on
+    one database, kept so that a journal that gets a second database still absorbs re-runs),
+    ``<manager>:<offset>@<database>`` on another."""
+    return f"{manager}:{offset}{_on(database)}"
+
+
+def timer_base(offset: int, database: str = HOME) -> str:
+    """The base of the ids of the timers an event at ``offset`` (of ``database``) schedules:
+    timer ids are unique per manager, so one of another database names it."""
+    return f"e{offset}{_on(database)}"
 
 
 def timer_base_of_timer(timer_id: str) -> str:

@@ -7,6 +7,12 @@ are rows of the read sides' offset table named ``process:<name>`` (so ``lagompy 
 sees them too); states and timers live beside them, in the database of
 ``ReadSideSettings.url`` (by default the journal's). Several processes may run the same
 managers: one holds each partition and the others stand by.
+
+On a journal placed on several databases (``JournalSettings.databases``) a manager whose source
+is an entity has one partition per (tag, database), keyed like the read sides' (the tag on the
+home database, ``tag@database`` on another: :func:`~lagompy.journal._placement.partition_key`),
+each reading its own database's journal. A manager whose source is a topic is refused there
+(a topic reads one database).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import Membership
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
+from lagompy.journal._placement import HOME, Placement
+from lagompy.journal._storage import PlacedStorage, open_placed_storage
 from lagompy.process._manager import ProcessManager, RefSource, offset_key
 from lagompy.process._store import ProcessStore, drop_stopping_timers
 from lagompy.process._worker import ManagerProcessor, ProcessWorker, processor_for
@@ -34,7 +42,13 @@ from lagompy.readside._settings import (
     projection_settings,
 )
 from lagompy.readside._store import GLOBAL_TAG, OffsetStore
-from lagompy.readside._worker import default_owner, describe_error, membership_for
+from lagompy.readside._worker import (
+    Partition,
+    default_owner,
+    describe_error,
+    membership_for,
+    partitions_of,
+)
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
@@ -73,7 +87,14 @@ class ManagerStatus:
 
     @property
     def tag(self) -> str:
+        """The partition's key: its tag, or ``tag@database`` on another database than the
+        home one of a journal placed on several."""
         return self.worker.tag
+
+    @property
+    def database(self) -> str:
+        """The journal's database the partition follows (``""``: the home one)."""
+        return self.worker.database
 
     @property
     def state(self) -> str:
@@ -113,17 +134,31 @@ class ProcessManagers(AsyncClosing):
         owned: Sequence[Database] = (),
         transport: TopicTransport | None = None,
         close_transport: bool = False,
+        placed: PlacedStorage | None = None,
     ) -> None:
         self.processors = processors
         #: Carries the messages of the managers whose source is a topic.
         self.transport = transport
         self._close_transport = close_transport
         self.managers = [p.manager for p in processors]
+        #: The journal of the home database (the only one unless ``placed``).
         self.journal = journal
+        #: Every database's storage, when the journal is placed on several.
+        self.placed = placed if placed is not None and placed.placement.several else None
         self.database = database
         self.entities = entities
         self.settings = settings
-        self.projections = Projections(database, journal.database, settings=settings)
+        self.projections = Projections(
+            database,
+            journal.database,
+            settings=settings,
+            placement=None if self.placed is None else self.placed.placement,
+            journals=(
+                {}
+                if self.placed is None
+                else {n: st.database for n, st in self.placed.parts.items() if n != HOME}
+            ),
+        )
         self.stores = {
             type(m).name: ProcessStore(database, type(m).name, journal.serializer)
             for m in self.managers
@@ -137,16 +172,29 @@ class ProcessManagers(AsyncClosing):
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
+    def partitions(self, processor: ManagerProcessor) -> list[Partition]:
+        """The partitions of ``processor``: its source's tags, on each database of a journal
+        placed on several when the source is an entity (a topic's partitions are its own)."""
+        return _partitions(processor, self.placed)
+
+    def _journal(self, database: str) -> Journal:
+        return self.journal if self.placed is None else self.placed.parts[database].journal
+
     def _workers(self) -> None:
         for processor in self.processors:
             manager = type(processor.manager)
             topic = manager.topic()
+            parts = self.partitions(processor)
             membership = membership_for(
-                processor.name, processor.tags(), self.database, self.settings, self.member
+                processor.name,
+                [part.key for part in parts],
+                self.database,
+                self.settings,
+                self.member,
             )
             if membership is not None:
                 self.memberships.append(membership)
-            for partition, tag in enumerate(processor.tags()):
+            for partition, part in enumerate(parts):
                 feed = None
                 if topic is not None:
                     assert self.transport is not None
@@ -154,14 +202,16 @@ class ProcessManagers(AsyncClosing):
                 self.workers.append(
                     ProcessWorker(
                         processor,
-                        tag,
-                        journal=self.journal,
+                        part.key,
+                        journal=self._journal(part.database),
                         database=self.database,
                         entities=self.entities,
                         settings=self.settings,
                         feed=feed,
                         owner=self.member,
                         membership=membership,
+                        journal_tag=part.tag,
+                        placed_on=part.database,
                     )
                 )
 
@@ -177,7 +227,8 @@ class ProcessManagers(AsyncClosing):
         return offset_key(manager)
 
     def worker(self, manager: str, tag: str) -> ProcessWorker:
-        """The worker of ``manager`` on partition ``tag``."""
+        """The worker of ``manager`` on partition ``tag`` (a partition key: ``tag@database``
+        on another database than the home one of a journal placed on several)."""
         name = self._name(manager)
         for w in self.workers:
             if w.name == name and w.tag == tag:
@@ -240,7 +291,8 @@ class ProcessManagers(AsyncClosing):
         seconds)."""
         targets = []
         for w in self.workers:
-            head, _, _ = await _journal_lag(self.journal.database, w.tag, 0)
+            journal = self.journal if w.journal is None else w.journal
+            head, _, _ = await _journal_lag(journal.database, w.journal_tag, 0)
             targets.append((w, head))
         store = self.projections.store
         async with asyncio.timeout(timeout):
@@ -271,6 +323,32 @@ class ProcessManagers(AsyncClosing):
             await self.transport.close()
         for db in self._owned:
             await db.dispose()
+
+
+def _partitions(processor: ManagerProcessor, placed: PlacedStorage | None) -> list[Partition]:
+    """The partitions of ``processor``: its source's tags, on each database of a journal placed
+    on several when the source is an entity (a topic's partitions are its own)."""
+    if placed is None or type(processor.manager).topic() is not None:
+        return [Partition(t, t, HOME) for t in processor.tags()]
+    return partitions_of(processor, placed.placement)
+
+
+def _refuse_topics_on_several(managers: list[ProcessManager[Any]], placement: Placement) -> None:
+    """A topic reads one database of the journal (its partitions' tags there): on a journal
+    placed on several, a manager following it would miss every other database's events."""
+    if not placement.several:
+        return
+    for m in managers:
+        topic = type(m).topic()
+        if topic is not None:
+            others = ", ".join(repr(n) for n in placement.names if n != HOME)
+            raise ConfigurationError(
+                f"process manager {type(m).name!r} follows topic {topic.name!r}, and topics "
+                f"read one database of the journal while this journal is placed on several "
+                f"(the home one and {others}): the topic would miss the events of every other "
+                f"database. Make the manager follow the entity instead (source = "
+                f"{topic.source.__qualname__}): it then runs one worker per database"
+            )
 
 
 @opener
@@ -310,6 +388,7 @@ async def start_process_managers(
     journal_settings = _journal_settings(journal_url, journal_settings)
     processors = [processor_for(m) for m in instances]
     serializer = serializer_for_processors(processors)
+    _refuse_topics_on_several(instances, Placement.of(journal_settings))
     for m in instances:
         topic = type(m).topic()
         if topic is not None:
@@ -317,31 +396,31 @@ async def start_process_managers(
         serializer.register(type(m).state_annotation())
         for t in type(m).timer_messages:
             serializer.register(t)
-    from lagompy.journal._storage import open_storage
-
-    storage = await open_storage(settings=journal_settings, serializer=serializer)
+    storage = await open_placed_storage(settings=journal_settings, serializer=serializer)
+    home = storage.parts[HOME]
     database = Database.create(projection_settings(journal_settings, settings))
     try:
         await ensure_schema(database)
         store = OffsetStore(database)
         for p in processors:
-            await store.ensure(p.name, list(p.tags()))
+            await store.ensure(p.name, [part.key for part in _partitions(p, storage)])
     except BaseException:
         await database.dispose()
         await storage.close()
         raise
     made = None
     if transport is None and any(type(m).topic() is not None for m in instances):
-        made = transport = EmbeddedTransport(storage.journal, tail=settings.tail)
+        made = transport = EmbeddedTransport(home.journal, tail=settings.tail)
     running = ProcessManagers(
         processors,
-        journal=storage.journal,
+        journal=home.journal,
         database=database,
         entities=entities,
         settings=settings,
-        owned=[database, storage.database],
+        owned=[database, *(part.database for part in storage.parts.values())],
         transport=transport,
         close_transport=made is not None,
+        placed=storage,
     )
     running._workers()
     if run:

@@ -15,7 +15,13 @@ its transaction replaced::
                      fenced by the lease's epoch
 
 A worker that dies between the sends and the commit re-runs the events: the same command ids,
-answered from the entities' stored replies (exactly-once effect). The worker's timer loop
+answered from the entities' stored replies (exactly-once effect).
+
+On a journal placed on several databases, a manager whose source is an entity has one worker
+per (tag, database): its ``tag`` is the partition's key (``tag@database`` beyond the home
+database: its lease, position, states, timers and failures), ``journal_tag`` the tag it reads
+from that database's journal; the command and timer ids of an event of a database other than
+the home one name it (offsets of two databases collide). The worker's timer loop
 fires the partition's due timers while it holds the lease and runs: ``on_timer``, then the
 timer's deletion, the key's new state and the (unchanged) position in one transaction; a
 failing timer follows the same retry, stop or skip path as an event.
@@ -41,12 +47,14 @@ from lagompy.errors import (
     ReadSideHandlerFailed,
 )
 from lagompy.journal._journal import EventEnvelope, Journal, TagPage, now_us
+from lagompy.journal._placement import HOME
 from lagompy.journal._tailing import PageTailer
 from lagompy.process._manager import (
     ProcessContext,
     ProcessManager,
     RefSource,
     check_key,
+    event_origin,
     offset_key,
     timer_base,
     timer_base_of_timer,
@@ -176,8 +184,12 @@ class ProcessCommit(ProjectionCommit):
         *,
         states: ProcessStore,
         entities: RefSource,
+        placed_on: str = HOME,
     ) -> None:
         super().__init__(processor, database, store, settings)
+        #: The journal's database the events come from (:data:`HOME` unless the journal is
+        #: placed on several): named in the command and timer ids of its events.
+        self.placed_on = placed_on
         self.manager = processor.manager
         self.states = states
         self.entities = entities
@@ -278,8 +290,8 @@ class ProcessCommit(ProjectionCommit):
                 offset = envelope.offset
                 ctx = self._context(
                     entry.key,
-                    origin=f"{name}:{offset}",
-                    timer_base=timer_base(offset),
+                    origin=event_origin(name, offset, self.placed_on),
+                    timer_base=timer_base(offset, self.placed_on),
                     now_us=int(envelope.timestamp.timestamp() * 1_000_000),
                     offset=offset,
                     entity_id=entity_id,
@@ -403,7 +415,9 @@ class ProcessCommit(ProjectionCommit):
 
 
 class ProcessWorker(EventConsumer):
-    """Runs one process manager on one partition of its source (see the module's docs).
+    """Runs one process manager on one partition of its source (see the module's docs): on a
+    journal placed on several databases, ``tag`` is the partition's key, ``journal_tag`` the
+    tag it reads from ``journal`` (database ``placed_on``'s).
     :meth:`run` goes on until :meth:`stop` (with the timer loop beside the tail);
     :meth:`catch_up` handles the events in the journal now, :meth:`fire_due_timers` the
     timers due now."""
@@ -424,6 +438,8 @@ class ProcessWorker(EventConsumer):
         owner: str | None = None,
         feed: MessageFeed | None = None,
         membership: Membership | None = None,
+        journal_tag: str | None = None,
+        placed_on: str = HOME,
     ) -> None:
         store = OffsetStore(database)
         name = type(processor.manager).name
@@ -441,7 +457,7 @@ class ProcessWorker(EventConsumer):
             source = functools.partial(
                 PageTailer,
                 journal,
-                tag=tag,
+                tag=tag if journal_tag is None else journal_tag,
                 event_types=event_types,
                 page_size=settings.max_batch,
                 settings=settings.tail,
@@ -459,6 +475,7 @@ class ProcessWorker(EventConsumer):
                 settings,
                 states=self.states,
                 entities=entities,
+                placed_on=placed_on,
             ),
             settings=settings,
             owner=owner or default_owner(),
@@ -467,8 +484,11 @@ class ProcessWorker(EventConsumer):
             describe_error=describe_error,
             logger=log,
             membership=membership,
+            journal_tag=journal_tag,
         )
         self.processor = processor
+        #: The journal's database this worker follows (:data:`HOME` unless placed on several).
+        self.placed_on = placed_on
         self.manager = processor.manager
         self.feed = feed
         #: Timers this worker fired.
