@@ -22,7 +22,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from process_entities import (
     OrderEntity,
     OrderPlaced,
     Peek,
+    PlaceOrder,
 )
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -294,6 +296,64 @@ async def test_a_crash_between_the_sends_and_the_commit_is_absorbed_on_another_d
     assert sorted((await ledger(ledger_runtime)).of("charge")) == sorted(orders)
 
 
+async def test_running_runners_share_the_partitions_restart_and_fire_each_timer_once(
+    placed: Placed, ledger_runtime: InProcessEntities
+) -> None:
+    """Runners that run: their timer loops fire each partition's reminders once; a second
+    runner takes some of the partitions (keys of every database) over; a restart resumes each
+    partition from its own position."""
+    settings = await placed(2)
+    first = [f"r{i}" for i in range(20)]
+    second = [f"s{i}" for i in range(20)]
+
+    def reminded(orders: list[str]) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return sorted((await ledger(ledger_runtime)).of("remind")) == sorted(orders)
+
+        return check
+
+    def held(managers: ProcessManagers) -> set[str]:
+        return {w.tag for w in managers.workers if w.lease is not None}
+
+    async with await open_placed_storage(entities=[OrderEntity], settings=settings) as storage:
+        await place(storage, first, remind_after=0.3)
+        async with start_process_managers(
+            [Fulfil], entities=ledger_runtime, journal_settings=settings, **FAST
+        ) as one:
+            await one.wait_until_caught_up()
+            await eventually(reminded(first))
+            async with start_process_managers(
+                [Fulfil], entities=ledger_runtime, journal_settings=settings, **FAST
+            ) as two:
+
+                async def shared() -> bool:
+                    mine, theirs = held(one), held(two)
+                    return bool(mine and theirs) and mine | theirs == set(
+                        keys_of(storage.placement)
+                    )
+
+                await eventually(shared)
+                await place(storage, second, remind_after=0.3)
+                await one.wait_until_caught_up()
+                await two.wait_until_caught_up()
+                await eventually(reminded([*first, *second]))
+        # Stopped: more orders; a restart goes on from each partition's position.
+        third = [f"t{i}" for i in range(20)]
+        await place(storage, third, remind_after=0.3)
+        async with start_process_managers(
+            [Fulfil], entities=ledger_runtime, journal_settings=settings, **FAST
+        ) as again:
+            await again.wait_until_caught_up()
+            await eventually(reminded([*first, *second, *third]))
+            await asyncio.sleep(0.5)  # a timer loop's second look fires nothing
+            statuses = await again.status()
+            assert sum(s.pending_timers for s in statuses) == 0
+            assert all(s.worker.lag_events == 0 for s in statuses)
+    book = await ledger(ledger_runtime)
+    assert sorted(book.of("charge")) == sorted([*first, *second, *third])  # each once
+    assert sorted(book.of("remind")) == sorted([*first, *second, *third])
+
+
 CHILD = """
 import asyncio, sys
 from lagompy import start
@@ -365,6 +425,66 @@ async def test_a_killed_runner_s_commands_are_applied_once_on_every_database(
             assert sorted(book.of("charge")) == sorted(orders)  # each once
             state = await managers.state("fulfil", hang)
             assert state is not None and state.status == "charged"
+
+
+async def test_a_service_on_ray_runs_the_managers_on_every_database(
+    ray_session: Any, placed: Placed
+) -> None:
+    """The runtime's shard hosts write each order to its slice's database (and the ledger to
+    its own); the component's workers follow every database: each order charged and reminded
+    once, the route and the metrics list each partition."""
+    import httpx
+    from fastapi import FastAPI
+
+    from lagompy.process import ProcessManagersComponent
+    from lagompy.runtime import shutdown_app
+    from lagompy.service import Service
+
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    app_name = f"pmp-{uuid.uuid4().hex[:8]}"
+    component = ProcessManagersComponent([Fulfil], **FAST)
+    service = Service(
+        name=app_name,
+        entities=[OrderEntity, LedgerEntity],
+        journal_settings=settings,
+        ray=True,
+        runtime_options={"hosts": 1, "shards": 8},
+        components=[component],
+    )
+    app = FastAPI()
+    service.install(app)
+    await service.start()
+    try:
+        candidates = [f"order-{i}" for i in range(200)]
+        orders = [o for o in candidates if placement.database_of(o) == HOME][:8]
+        orders += [o for o in candidates if placement.database_of(o) == "b"][:8]
+        for order in orders:
+            await service.entities.ref_for(OrderEntity, order).ask(PlaceOrder(5, 0.3))
+        await component.wait_until_caught_up()
+
+        async def reminded() -> bool:
+            return sorted((await ledger(service.entities)).of("remind")) == sorted(orders)
+
+        await eventually(reminded, timeout=60)
+        book = await ledger(service.entities)
+        assert sorted(book.of("charge")) == sorted(orders)
+        assert len(book.entries) == 2 * len(orders)  # nothing twice
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as http:
+            rows = (await http.get("/process-managers")).json()
+            assert sorted(r["tag"] for r in rows) == keys_of(placement)
+            assert {r["database"] for r in rows} == {HOME, "b"}
+            assert all(r["lag_events"] == 0 for r in rows)
+            metrics = (await http.get("/metrics")).text
+            for key in keys_of(placement):
+                assert f'partition="{key}"' in metrics
+            ready = (await http.get("/health/ready")).json()
+            assert ready["checks"]["process-managers"] == "ok", ready
+    finally:
+        await service.stop()
+        await shutdown_app(app_name)
 
 
 # --------------------------------------------------------------------------- the home database
