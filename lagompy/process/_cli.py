@@ -8,6 +8,10 @@ projections``::
     lagompy process-managers pause MANAGER [--tag TAG]
     lagompy process-managers resume MANAGER [--tag TAG]
     lagompy process-managers skip MANAGER [--tag TAG]
+
+On a journal placed on several databases (``LAGOMPY_JOURNAL_DATABASES``) a manager has one
+partition per (tag, database): ``status`` lists each (with its ``database`` and its lag against
+it) and ``--tag`` takes a partition key, ``TAG`` (the home database's) or ``TAG@DATABASE``.
 """
 
 from __future__ import annotations
@@ -155,7 +159,8 @@ def skip(
 _HELP = (
     "Inspect and operate process managers: status, pause, resume, skip.\n\nTheir rows live in "
     "the database of their states (--url, default LAGOMPY_READSIDE_URL, else the journal's); "
-    "lags use the journal (--journal-url)."
+    "lags use the journal (--journal-url; each database's, for a journal placed on several "
+    "by LAGOMPY_JOURNAL_DATABASES)."
 )
 
 
