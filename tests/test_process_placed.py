@@ -9,7 +9,8 @@ drive a ledger): one worker per (manager, tag, database), keyed like the read si
   re-runs the events: the ledger applies each command once;
 * command ids on the home database are those of a journal on one database (a journal that
   gets a second database still absorbs re-runs of its old events); on another they name it;
-* a manager whose source is a topic is refused, with the reason.
+* a manager whose source is a topic on the embedded transport is refused, with the reason
+  (one on a transport given is not).
 
 The orders are written straight to their databases' journals (the in-process runtime opens one
 database); the ledger is an in-process runtime on a journal of its own, whose stored replies
@@ -42,7 +43,7 @@ from process_entities import (
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from lagompy import ConfigurationError, start
+from lagompy import ConfigurationError, open_storage, start
 from lagompy.cli import build_app
 from lagompy.journal._journal import AtomicWrite
 from lagompy.journal._placement import HOME, Placement, partition_key
@@ -52,6 +53,7 @@ from lagompy.runtime import InProcessEntities
 from lagompy.settings import JournalSettings, PlacedDatabase
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
+from lagompy.topic._embedded import EmbeddedTransport
 from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
 from tests.test_readside_placed import Placed, _slices
 
@@ -532,8 +534,8 @@ async def test_a_journal_that_gets_a_second_database_keeps_its_command_ids(
 # --------------------------------------------------------------------------- refusals, CLI
 
 
-async def test_a_topic_source_is_refused_on_several_databases(
-    placed: Placed, ledger_runtime: InProcessEntities
+async def test_a_topic_source_on_the_embedded_transport_is_refused_on_several_databases(
+    placed: Placed, ledger_runtime: InProcessEntities, tmp_path: Path
 ) -> None:
     settings = await placed(2)
     with pytest.raises(ConfigurationError) as caught:
@@ -542,8 +544,36 @@ async def test_a_topic_source_is_refused_on_several_databases(
         )
     message = str(caught.value)
     assert "'charge-from-topic'" in message and "'pm-payments-due'" in message
+    assert "embedded transport" in message
     assert "placed on several" in message and "'b'" in message
     assert "source = OrderEntity" in message
+
+    # A transport given carries another service's topic: followed, whatever this journal is.
+    elsewhere = JournalSettings(url=f"sqlite:///{tmp_path / 'orders-elsewhere.db'}")
+    async with await open_storage(settings=elsewhere, entities=[OrderEntity]) as orders:
+        for order in ("e1", "e2"):
+            write = AtomicWrite(
+                "pm-order",
+                order,
+                0,
+                [OrderPlaced(3, 3600.0)],
+                [(OrderEntity.tag.for_entity(order),)],
+            )
+            (result,) = await orders.journal.append([write])
+            result.unwrap()
+        transport = EmbeddedTransport(orders.journal)
+        try:
+            async with start_process_managers(
+                [ChargeFromTopic],
+                entities=ledger_runtime,
+                journal_settings=settings,
+                transport=transport,
+                run=False,
+            ) as managers:
+                await catch_up(managers)
+        finally:
+            await transport.close()
+    assert sorted((await ledger(ledger_runtime)).of("topic-charge")) == ["e1", "e2"]
 
 
 def test_the_cli_takes_partition_keys(placed: Placed, ledger_settings: JournalSettings) -> None:

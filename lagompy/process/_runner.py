@@ -11,8 +11,8 @@ managers: one holds each partition and the others stand by.
 On a journal placed on several databases (``JournalSettings.databases``) a manager whose source
 is an entity has one partition per (tag, database), keyed like the read sides' (the tag on the
 home database, ``tag@database`` on another: :func:`~lagompy.journal._placement.partition_key`),
-each reading its own database's journal. A manager whose source is a topic is refused there
-(a topic reads one database).
+each reading its own database's journal. A manager whose source is a topic on the embedded
+transport is refused there (it reads one database).
 """
 
 from __future__ import annotations
@@ -333,9 +333,13 @@ def _partitions(processor: ManagerProcessor, placed: PlacedStorage | None) -> li
     return partitions_of(processor, placed.placement)
 
 
-def _refuse_topics_on_several(managers: list[ProcessManager[Any]], placement: Placement) -> None:
-    """A topic reads one database of the journal (its partitions' tags there): on a journal
-    placed on several, a manager following it would miss every other database's events."""
+def _refuse_embedded_topics_on_several(
+    managers: list[ProcessManager[Any]], placement: Placement
+) -> None:
+    """The embedded transport reads a topic from one database of the journal (its partitions'
+    tags there): on a journal placed on several, a manager following it would miss every other
+    database's events. (A transport given, NATS say, carries messages another service's
+    producer publishes: nothing of this journal.)"""
     if not placement.several:
         return
     for m in managers:
@@ -343,10 +347,10 @@ def _refuse_topics_on_several(managers: list[ProcessManager[Any]], placement: Pl
         if topic is not None:
             others = ", ".join(repr(n) for n in placement.names if n != HOME)
             raise ConfigurationError(
-                f"process manager {type(m).name!r} follows topic {topic.name!r}, and topics "
-                f"read one database of the journal while this journal is placed on several "
-                f"(the home one and {others}): the topic would miss the events of every other "
-                f"database. Make the manager follow the entity instead (source = "
+                f"process manager {type(m).name!r} follows topic {topic.name!r} on the embedded "
+                f"transport, which reads one database of the journal, and this journal is placed "
+                f"on several (the home one and {others}): the topic would miss the events of "
+                f"every other database. Make the manager follow the entity instead (source = "
                 f"{topic.source.__qualname__}): it then runs one worker per database"
             )
 
@@ -388,7 +392,8 @@ async def start_process_managers(
     journal_settings = _journal_settings(journal_url, journal_settings)
     processors = [processor_for(m) for m in instances]
     serializer = serializer_for_processors(processors)
-    _refuse_topics_on_several(instances, Placement.of(journal_settings))
+    if transport is None:
+        _refuse_embedded_topics_on_several(instances, Placement.of(journal_settings))
     for m in instances:
         topic = type(m).topic()
         if topic is not None:
