@@ -531,6 +531,63 @@ async def test_a_journal_that_gets_a_second_database_keeps_its_command_ids(
     assert ids == sorted([*ids_one, *(charge_id(offset, name) for offset, name in after.values())])
 
 
+async def test_keys_whose_entities_moved_to_another_database_go_on_there(
+    placed: Placed, ledger_runtime: InProcessEntities
+) -> None:
+    """A journal that gets a second database and moves slices to it (``move_slices``): the
+    managers' positions move too (nothing handled twice), and the keys of the moved entities go
+    on in the partitions of the new database, their states and pending timers with them (not
+    a key conflict)."""
+    from lagompy.journal import move_slices
+
+    one = await placed(1)
+    grown = JournalSettings(**{**one.model_dump(), "databases": (await placed(2)).databases})
+    placement = Placement.of(grown)
+    candidates = [f"mv-{i}" for i in range(200)]
+    moving = [o for o in candidates if placement.database_of(o) == "b"][:6]
+    staying = [o for o in candidates if placement.database_of(o) == HOME][:4]
+    async with await open_placed_storage(entities=[OrderEntity], settings=one) as storage:
+        await place(storage, [*moving, *staying])
+    async with start_process_managers(
+        [Fulfil], entities=ledger_runtime, journal_settings=one, run=False
+    ) as managers:
+        await catch_up(managers)
+    await move_slices(grown, grown.databases["b"].slices, target="b")
+
+    cancelled, placed_again = moving[:3], moving[3:]
+    async with await open_placed_storage(entities=[OrderEntity], settings=grown) as storage:
+        for order in cancelled:
+            await cancel(storage, order)
+        for order in placed_again:  # a second OrderPlaced: charged again, a reminder due now
+            write = AtomicWrite(
+                "pm-order", order, 1, [OrderPlaced(10, 0.0)], [(OrderEntity.tag.for_entity(order),)]
+            )
+            (result,) = await storage.of(order).journal.append([write])
+            result.unwrap()
+    async with start_process_managers(
+        [Fulfil], entities=ledger_runtime, journal_settings=grown, run=False
+    ) as managers:
+        await catch_up(managers)  # (a key conflict would stop the partitions of b)
+        for order in placed_again:
+            state = await managers.state("fulfil", order)
+            assert state is not None and state.status == "charged"
+        for order in cancelled:
+            assert await managers.state("fulfil", order) is None
+        fired = {w.tag: await w.fire_due_timers() for w in managers.workers}
+        assert sum(n for k, n in fired.items() if placement.split(k)[1] == "b") == 3
+        assert sum(n for k, n in fired.items() if placement.split(k)[1] == HOME) == 0
+        counts: dict[str, list[int]] = {HOME: [0, 0], "b": [0, 0]}
+        for s in await managers.status():
+            counts[s.database][0] += s.active_keys
+            counts[s.database][1] += s.pending_timers
+        # The moved keys' states and their first reminders (due in an hour) are b's now.
+        assert counts == {HOME: [4, 4], "b": [3, 3]}
+    book = await ledger(ledger_runtime)
+    assert sorted(book.of("charge")) == sorted([*moving, *staying, *placed_again])
+    assert sorted(book.of("refund")) == sorted(cancelled)
+    assert sorted(book.of("remind")) == sorted(placed_again)
+
+
 # --------------------------------------------------------------------------- refusals, CLI
 
 

@@ -177,6 +177,12 @@ class ProcessManagers(AsyncClosing):
         placed on several when the source is an entity (a topic's partitions are its own)."""
         return _partitions(processor, self.placed)
 
+    def _siblings(self, part: Partition) -> frozenset[str]:
+        """The partitions of ``part``'s journal tag on the other databases (none on one)."""
+        if self.placed is None:
+            return frozenset()
+        return frozenset(k for k, _ in self.placed.placement.partitions(part.tag)) - {part.key}
+
     def _journal(self, database: str) -> Journal:
         return self.journal if self.placed is None else self.placed.parts[database].journal
 
@@ -212,6 +218,7 @@ class ProcessManagers(AsyncClosing):
                         membership=membership,
                         journal_tag=part.tag,
                         placed_on=part.database,
+                        siblings=frozenset() if topic is not None else self._siblings(part),
                     )
                 )
 

@@ -4,12 +4,18 @@ States (``lagompy_process_states``) and timers (``lagompy_process_timers``) are 
 the worker's transaction (under its lease nobody else writes its keys) and written inside it,
 with the position: :meth:`ProcessStore.write` checks the version each state was read at, so a
 key written meanwhile (by a worker of another partition) fails the transaction instead of
-losing an update."""
+losing an update.
+
+On a journal placed on several databases, an entity whose slice moved to another database
+(``lagompy journal move-slices``) goes on in the partition of the same tag on that database: a
+key stored by a *sibling* partition (the same tag, another database) is taken over, its row and
+timers moving to the new partition with its next commit; a key of another tag is still a
+conflict."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, select, update
@@ -50,6 +56,9 @@ class KeyEntry:
     ended: bool = False
     scheduled: list[ScheduledTimer] = dataclasses.field(default_factory=list)
     cancelled: list[str] = dataclasses.field(default_factory=list)
+    #: The partition that stored the key, when it is a sibling of the one handling it (the
+    #: key's entity moved to another database): the row and timers move with the commit.
+    moved_from: str | None = None
 
     def current(self) -> Any:
         """The state the next handler gets (``initial`` after an end)."""
@@ -84,13 +93,20 @@ class ProcessStore:
         self.manager = manager
         self.serializer = serializer
 
-    async def load(self, key: str, tag: str, initial: Any) -> KeyEntry:
-        """The state of ``key`` (``initial`` when it has none), checked to belong to ``tag``."""
-        return (await self.load_many([key], tag, initial))[key]
+    async def load(
+        self, key: str, tag: str, initial: Any, *, siblings: Collection[str] = ()
+    ) -> KeyEntry:
+        """The state of ``key`` (``initial`` when it has none), checked to belong to ``tag``
+        (or to one of its ``siblings``: see :meth:`load_many`)."""
+        return (await self.load_many([key], tag, initial, siblings=siblings))[key]
 
-    async def load_many(self, keys: list[str], tag: str, initial: Any) -> dict[str, KeyEntry]:
+    async def load_many(
+        self, keys: list[str], tag: str, initial: Any, *, siblings: Collection[str] = ()
+    ) -> dict[str, KeyEntry]:
         """The states of ``keys`` (``initial`` for those with none), in one query, checked to
-        belong to ``tag``."""
+        belong to partition ``tag``, or to one of its ``siblings`` (the partitions of the same
+        journal tag on the other databases of a placed journal: the key's entity moved; the
+        entry's ``moved_from`` says from where)."""
         async with self.database.read() as conn:
             rows = (
                 await conn.execute(
@@ -106,7 +122,7 @@ class ProcessStore:
             ).all()
         found = {key: KeyEntry(key, 0, initial, initial, initial) for key in keys}
         for row in rows:
-            if row.tag != tag:
+            if row.tag != tag and row.tag not in siblings:
                 raise ProcessKeyConflict(
                     f"process manager {self.manager!r}: key {row.key!r} belongs to partition "
                     f"tag {row.tag!r}, and an event of tag {tag!r} associates with it: a key's "
@@ -114,7 +130,10 @@ class ProcessStore:
                     "source entity's id, or by a value all of one entity's events carry)"
                 )
             state = self.serializer.decode(row.state_type, row.state_version, row.payload)
-            found[row.key] = KeyEntry(row.key, row.version, state, state, initial)
+            entry = KeyEntry(row.key, row.version, state, state, initial)
+            if row.tag != tag:
+                entry.moved_from = row.tag
+            found[row.key] = entry
         return found
 
     async def write(self, conn: AsyncConnection, tag: str, entries: Iterable[KeyEntry]) -> None:
@@ -124,6 +143,17 @@ class ProcessStore:
             owned = and_(_S.c.manager == self.manager, _S.c.key == entry.key)
             timers_of_key = and_(_T.c.manager == self.manager, _T.c.key == entry.key)
             version, stored = entry.version, entry.stored
+            if entry.moved_from is not None and version and not entry.reset:
+                # The key's entity moved to this partition's database: its row and its pending
+                # timers follow (fenced by the version, as any write of the row).
+                done = await conn.execute(
+                    update(_S)
+                    .where(owned, _S.c.version == version, _S.c.tag == entry.moved_from)
+                    .values(tag=tag, version=version + 1)
+                )
+                self._check(done.rowcount, entry)
+                await conn.execute(update(_T).where(timers_of_key).values(tag=tag))
+                version += 1
             if entry.reset:  # ended (and maybe started again): the old row and timers go
                 if version:
                     done = await conn.execute(delete(_S).where(owned, _S.c.version == version))

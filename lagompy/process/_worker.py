@@ -185,8 +185,12 @@ class ProcessCommit(ProjectionCommit):
         states: ProcessStore,
         entities: RefSource,
         placed_on: str = HOME,
+        siblings: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(processor, database, store, settings)
+        #: The partitions of the same journal tag on the journal's other databases: a key one
+        #: of them stored moved here with its entity (see :mod:`lagompy.process._store`).
+        self.siblings = siblings
         #: The journal's database the events come from (:data:`HOME` unless the journal is
         #: placed on several): named in the command and timer ids of its events.
         self.placed_on = placed_on
@@ -283,7 +287,11 @@ class ProcessCommit(ProjectionCommit):
                 chains.setdefault(check_key(name, key), []).append((envelope, event, entity_id))
         missing = [k for k in chains if k not in entries]
         if missing:
-            entries.update(await self.states.load_many(missing, tag, type(manager).initial_state))
+            entries.update(
+                await self.states.load_many(
+                    missing, tag, type(manager).initial_state, siblings=self.siblings
+                )
+            )
 
         async def chain(entry: KeyEntry, events: list[tuple[EventEnvelope[Any], Any, str]]) -> None:
             for envelope, event, entity_id in events:
@@ -323,7 +331,13 @@ class ProcessCommit(ProjectionCommit):
         name = type(manager).name
         async with self.lock:
             try:
-                entry = await self.states.load(timer.key, consumer.tag, type(manager).initial_state)
+                entry = await self.states.load(
+                    timer.key, consumer.tag, type(manager).initial_state, siblings=self.siblings
+                )
+                if entry.moved_from is not None:
+                    # The key moved to this partition's sibling with its entity after this
+                    # timer was listed here: that partition's worker fires it.
+                    return consumer.flags
                 ctx = self._context(
                     timer.key,
                     origin=f"{name}:timer:{timer.timer_id}",
@@ -440,6 +454,7 @@ class ProcessWorker(EventConsumer):
         membership: Membership | None = None,
         journal_tag: str | None = None,
         placed_on: str = HOME,
+        siblings: frozenset[str] = frozenset(),
     ) -> None:
         store = OffsetStore(database)
         name = type(processor.manager).name
@@ -476,6 +491,7 @@ class ProcessWorker(EventConsumer):
                 states=self.states,
                 entities=entities,
                 placed_on=placed_on,
+                siblings=siblings,
             ),
             settings=settings,
             owner=owner or default_owner(),
