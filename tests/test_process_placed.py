@@ -582,6 +582,20 @@ async def test_keys_whose_entities_moved_to_another_database_go_on_there(
             counts[s.database][1] += s.pending_timers
         # The moved keys' states and their first reminders (due in an hour) are b's now.
         assert counts == {HOME: [4, 4], "b": [3, 3]}
+
+        # A timer the old partition listed before its key moved is left to the new one.
+        order = placed_again[0]
+        tag = OrderEntity.tag.for_entity(order)
+        old, new = managers.worker("fulfil", tag), managers.worker("fulfil", f"{tag}@b")
+        (timer,) = [t for t in await new.states.due(new.tag, 2**62, 100) if t.key == order]
+        lease = await old._hold(force=True)
+        try:
+            await old.strategy.fire(old, lease, timer)
+        finally:
+            await old.store.release(lease, state="idle")
+        assert [t.timer_id for t in await new.states.due(new.tag, 2**62, 100)].count(
+            timer.timer_id
+        ) == 1
     book = await ledger(ledger_runtime)
     assert sorted(book.of("charge")) == sorted([*moving, *staying, *placed_again])
     assert sorted(book.of("refund")) == sorted(cancelled)
