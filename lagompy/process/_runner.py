@@ -383,7 +383,10 @@ async def start_process_managers(
     default the embedded one: the topic's partitions read in that journal). States, timers
     and positions go to the database of ``ReadSideSettings.url`` (keyword ``url=``), by
     default the journal's. Keyword ``overrides`` set fields of
-    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...)."""
+    :class:`~lagompy.readside.ReadSideSettings` (``max_batch=``, ``on_failure=``...).
+
+    A journal placed on several databases (``JournalSettings.databases``) has every database
+    opened, and a worker per (manager, tag, database) (see the module's docs)."""
     instances = [_instance(m) for m in managers]
     if not instances:
         raise ConfigurationError("start_process_managers() needs at least one process manager")
