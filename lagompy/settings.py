@@ -281,8 +281,7 @@ class JournalSettings(LagompySettings):
                 f"{', '.join(['home', *self.databases])})",
                 fields=("databases",),
             )
-        # A copy, not a new instance: pydantic-settings would merge LAGOMPY_JOURNAL_DATABASES
-        # from the environment into the empty ``databases`` given (it deep-merges dicts).
+        # A copy of values already checked (a new instance would read the environment again).
         return self.model_copy(update={"url": url, "postgres_schema": schema, "databases": {}})
 
 

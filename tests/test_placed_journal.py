@@ -127,6 +127,14 @@ def test_bad_placements_are_refused_naming_what_is_wrong(
     assert message in str(raised.value)
 
 
+def test_a_database_on_the_home_database_s_tables_is_refused() -> None:
+    given: dict[str, Any] = {"b": {"url": "postgresql://h/a", "slices": "1"}}
+    with pytest.raises(ConfigurationError, match="'b' of the journal has the home database's"):
+        Placement.of(JournalSettings(url="postgresql://h/a", databases=given))
+    other_schema: dict[str, Any] = {"b": {**given["b"], "postgres_schema": "b"}}
+    assert Placement.of(JournalSettings(url="postgresql://h/a", databases=other_schema)).several
+
+
 def test_passwords_of_placed_databases_never_show_in_errors() -> None:
     with pytest.raises(ConfigurationError) as raised:
         given: dict[str, Any] = {"b": {"url": "postgresql://u:s3cret@h/b", "slices": "x"}}

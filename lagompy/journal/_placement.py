@@ -51,6 +51,17 @@ class Placement:
 
     @classmethod
     def of(cls, settings: JournalSettings) -> Placement:
+        """The placement these settings describe. A database given the home database's url
+        and schema is refused here, where slices are placed (a connection to one database
+        made from settings that also name others is no placement)."""
+        for name, placed in settings.databases.items():
+            schema = placed.postgres_schema or settings.postgres_schema
+            if (placed.url, schema) == (settings.url, settings.postgres_schema):
+                raise ConfigurationError(
+                    f"database {name!r} of the journal has the home database's url and schema: "
+                    "each database of a journal holds its own tables (give it another url or "
+                    "postgres_schema)"
+                )
         owners = [HOME] * SLICES
         for name, placed in settings.databases.items():
             for first, last in parse_slice_ranges(placed.slices):
