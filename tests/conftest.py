@@ -11,14 +11,14 @@ import asyncio
 import concurrent.futures
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, PlacedDatabase
 
 if TYPE_CHECKING:
     from lagompy import Storage
@@ -117,6 +117,52 @@ async def journal_settings(backend: str, tmp_path: Path) -> AsyncIterator[Journa
         yield JournalSettings(url=POSTGRES_URL, postgres_schema=name, auto_migrate=True)
     finally:
         await _drop_schema(name)
+
+
+#: Makes the settings of a journal placed on ``n`` databases (see ``placed``).
+Placed = Callable[[int], Awaitable[JournalSettings]]
+
+
+def placed_slices(n: int) -> list[str]:
+    """The slice ranges of the n - 1 databases besides the home one (which keeps the first)."""
+    size = 1024 // n
+    return [f"{i * size}-{(i + 1) * size - 1 if i < n - 1 else 1023}" for i in range(1, n)]
+
+
+@pytest.fixture
+async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
+    """Makes the settings of a fresh journal placed on ``n`` databases (home, b, c...): SQLite
+    files (the home one the same file on every call), or PostgreSQL schemas of the test
+    database (new ones on every call), dropped after the test."""
+    schemas: list[str] = []
+
+    async def make(n: int) -> JournalSettings:
+        names = [chr(ord("b") + i) for i in range(n - 1)]
+        if backend == "sqlite":
+            return JournalSettings(
+                url=f"sqlite:///{tmp_path / 'home.db'}",
+                databases={
+                    name: PlacedDatabase(url=f"sqlite:///{tmp_path / f'{name}.db'}", slices=s)
+                    for name, s in zip(names, placed_slices(n), strict=True)
+                },
+            )
+        require_postgres()
+        for _ in range(n):
+            schemas.append(await _create_schema())
+        home, *others = schemas[-n:]
+        return JournalSettings(
+            url=POSTGRES_URL,
+            postgres_schema=home,
+            auto_migrate=True,
+            databases={
+                name: PlacedDatabase(url=POSTGRES_URL, slices=s, postgres_schema=schema)
+                for name, s, schema in zip(names, placed_slices(n), others, strict=True)
+            },
+        )
+
+    yield make
+    for schema in schemas:
+        await _drop_schema(schema)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+from conftest import POSTGRES_URL, Placed, require_postgres
 from fastapi import FastAPI
 from ray_entities import Add, CounterEntity, GetValue
 
@@ -40,8 +40,6 @@ from lagompy.service import BreakerRegistry, EntitiesDep, Service
 from lagompy.settings import JournalSettings, PlacedDatabase
 from lagompy.testkit.server import serve_in_thread
 
-Placed = Callable[[int], Awaitable[JournalSettings]]
-
 
 def _placed(home: JournalSettings, others: list[tuple[str, str | None]]) -> JournalSettings:
     """``home`` with one more database per (url, schema) of ``others``, the slices cut into
@@ -52,29 +50,6 @@ def _placed(home: JournalSettings, others: list[tuple[str, str | None]]) -> Jour
         for n, (url, schema) in enumerate(others, start=1)
     }
     return JournalSettings(**{**home.model_dump(), "databases": databases})
-
-
-@pytest.fixture
-async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
-    """Makes journal settings placed on ``n`` fresh databases: SQLite files, or PostgreSQL
-    schemas (dropped after the test)."""
-    schemas: list[str] = []
-
-    async def make(n: int) -> JournalSettings:
-        if backend == "sqlite":
-            files = [
-                f"sqlite:///{tmp_path / f'journal-{uuid.uuid4().hex[:6]}.db'}" for _ in range(n)
-            ]
-            return _placed(JournalSettings(url=files[0]), [(f, None) for f in files[1:]])
-        require_postgres()
-        names = [await _create_schema() for _ in range(n)]
-        schemas.extend(names)
-        home = JournalSettings(url=POSTGRES_URL, postgres_schema=names[0], auto_migrate=True)
-        return _placed(home, [(POSTGRES_URL, s) for s in names[1:]])
-
-    yield make
-    for name in schemas:
-        await _drop_schema(name)
 
 
 # ------------------------------------------------------------------------- settings
@@ -371,7 +346,7 @@ async def test_a_service_on_a_placed_journal_checks_each_database(
         ready = http.get("/health/ready")
         assert ready.status_code == 200, ready.text
         checks = ready.json()["checks"]
-        assert (checks["journal"], checks["journal@d1"]) == ("ok", "ok")
+        assert (checks["journal"], checks["journal@b"]) == ("ok", "ok")
         # The console finds each entity in its own database.
         placement = Placement.of(settings)
         for name in placement.names:

@@ -50,51 +50,16 @@ from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.journal._storage import PlacedStorage, open_placed_storage
 from lagompy.process import ProcessManagers, start_process_managers
 from lagompy.runtime import InProcessEntities
-from lagompy.settings import JournalSettings, PlacedDatabase
+from lagompy.settings import JournalSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.topic._embedded import EmbeddedTransport
-from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
-from tests.test_readside_placed import Placed, _slices
+from tests.conftest import (
+    Placed,
+)
 
 TESTS = Path(__file__).resolve().parent
 FAST: dict[str, Any] = {"retry_initial_delay": 0.01, "retry_max_delay": 0.05, "renew_interval": 0.2}
-
-
-@pytest.fixture
-async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
-    """Makes the settings of a journal on ``n`` databases (home, b, c...) as
-    tests/test_readside_placed.py does: SQLite files (the home one the same file on every
-    call), or PostgreSQL schemas of the test database."""
-    schemas: list[str] = []
-
-    async def make(n: int) -> JournalSettings:
-        names = [chr(ord("b") + i) for i in range(n - 1)]
-        if backend == "sqlite":
-            return JournalSettings(
-                url=f"sqlite:///{tmp_path / 'home.db'}",
-                databases={
-                    name: PlacedDatabase(url=f"sqlite:///{tmp_path / f'{name}.db'}", slices=s)
-                    for name, s in zip(names, _slices(n), strict=True)
-                },
-            )
-        require_postgres()
-        for _ in range(n):
-            schemas.append(await _create_schema())
-        home, *others = schemas[-n:]
-        return JournalSettings(
-            url=POSTGRES_URL,
-            postgres_schema=home,
-            auto_migrate=True,
-            databases={
-                name: PlacedDatabase(url=POSTGRES_URL, slices=s, postgres_schema=schema)
-                for name, s, schema in zip(names, _slices(n), others, strict=True)
-            },
-        )
-
-    yield make
-    for name in schemas:
-        await _drop_schema(name)
 
 
 @pytest.fixture

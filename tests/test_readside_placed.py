@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,10 +31,9 @@ from lagompy.readside import (
     start_readside_on_ray,
 )
 from lagompy.readside._ray import actor_name
-from lagompy.settings import PlacedDatabase
 from lagompy.sql._database import Database
 from lagompy.testkit.readside import Credited, readside_contract_serializer
-from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+from tests.conftest import Placed
 from tests.readside_processors import PlacedCredits, PoisonedPlacedCredits
 from tests.readside_user_events import PlacedUserEvents
 
@@ -45,49 +42,6 @@ FAST: dict[str, Any] = {
     "renew_interval": 0.1,
     "tail": TailSettings(poll_interval=0.02),
 }
-
-Placed = Callable[[int], Any]
-
-
-def _slices(n: int) -> list[str]:
-    """The slice ranges of the n - 1 databases besides the home one (which keeps the first)."""
-    size = 1024 // n
-    return [f"{i * size}-{(i + 1) * size - 1 if i < n - 1 else 1023}" for i in range(1, n)]
-
-
-@pytest.fixture
-async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
-    """Makes the settings of a fresh journal on ``n`` databases (home, b, c...): SQLite files,
-    or PostgreSQL schemas of the test database."""
-    schemas: list[str] = []
-
-    async def make(n: int) -> JournalSettings:
-        names = [chr(ord("b") + i) for i in range(n - 1)]
-        if backend == "sqlite":
-            return JournalSettings(
-                url=f"sqlite:///{tmp_path / 'home.db'}",
-                databases={
-                    name: PlacedDatabase(url=f"sqlite:///{tmp_path / f'{name}.db'}", slices=s)
-                    for name, s in zip(names, _slices(n), strict=True)
-                },
-            )
-        require_postgres()
-        for _ in range(n):
-            schemas.append(await _create_schema())
-        home, *others = schemas[-n:]
-        return JournalSettings(
-            url=POSTGRES_URL,
-            postgres_schema=home,
-            auto_migrate=True,
-            databases={
-                name: PlacedDatabase(url=POSTGRES_URL, slices=s, postgres_schema=schema)
-                for name, s, schema in zip(names, _slices(n), others, strict=True)
-            },
-        )
-
-    yield make
-    for schema in schemas:
-        await _drop_schema(schema)
 
 
 async def credit(storage: PlacedStorage, accounts: range, seq: dict[str, int]) -> None:

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +28,6 @@ from lagompy.journal._placement import Placement, partition_key
 from lagompy.journal._storage import open_placed_storage
 from lagompy.runtime._protocol import EntityRuntime
 from lagompy.service import Service
-from lagompy.settings import PlacedDatabase
 from lagompy.testkit.server import serve_in_thread
 from lagompy.workflow import (
     WORKFLOW_ENTITY,
@@ -44,53 +42,10 @@ from lagompy.workflow import (
     inspect_run,
     start_workflows,
 )
-from tests.conftest import POSTGRES_URL, _create_schema, _drop_schema, require_postgres
+from tests.conftest import Placed
 from tests.workflow_app import AccountEntity, CloseAccount, Deposit, Transfer, workflows
 
 FAST = WorkflowSettings(lease_ttl=1.0, renew_interval=0.25, admission_interval=0.1)
-
-Placed = Callable[[int], Awaitable[JournalSettings]]
-
-
-def _slices(n: int) -> list[str]:
-    """The slice ranges of the n - 1 databases besides the home one (which keeps the first)."""
-    size = 1024 // n
-    return [f"{i * size}-{(i + 1) * size - 1 if i < n - 1 else 1023}" for i in range(1, n)]
-
-
-@pytest.fixture
-async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
-    """Makes the settings of a fresh journal on ``n`` databases (home, b, c...): SQLite files,
-    or PostgreSQL schemas of the test database."""
-    schemas: list[str] = []
-
-    async def make(n: int) -> JournalSettings:
-        names = [chr(ord("b") + i) for i in range(n - 1)]
-        if backend == "sqlite":
-            return JournalSettings(
-                url=f"sqlite:///{tmp_path / 'home.db'}",
-                databases={
-                    name: PlacedDatabase(url=f"sqlite:///{tmp_path / f'{name}.db'}", slices=s)
-                    for name, s in zip(names, _slices(n), strict=True)
-                },
-            )
-        require_postgres()
-        for _ in range(n):
-            schemas.append(await _create_schema())
-        home, *others = schemas[-n:]
-        return JournalSettings(
-            url=POSTGRES_URL,
-            postgres_schema=home,
-            auto_migrate=True,
-            databases={
-                name: PlacedDatabase(url=POSTGRES_URL, slices=s, postgres_schema=schema)
-                for name, s, schema in zip(names, _slices(n), others, strict=True)
-            },
-        )
-
-    yield make
-    for schema in schemas:
-        await _drop_schema(schema)
 
 
 async def until(check: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
@@ -365,7 +320,8 @@ def test_a_service_runs_and_shows_workflows_on_every_database(
 
 
 async def _settings_of(placed: Placed, databases: int) -> JournalSettings:
-    return await placed(databases)
+    settings: JournalSettings = await placed(databases)
+    return settings
 
 
 async def _is(value: bool) -> bool:
