@@ -148,17 +148,7 @@ class ProcessManagers(AsyncClosing):
         self.database = database
         self.entities = entities
         self.settings = settings
-        self.projections = Projections(
-            database,
-            journal.database,
-            settings=settings,
-            placement=None if self.placed is None else self.placed.placement,
-            journals=(
-                {}
-                if self.placed is None
-                else {n: st.database for n, st in self.placed.parts.items() if n != HOME}
-            ),
-        )
+        self.projections = Projections.following(database, journal, self.placed, settings)
         self.stores = {
             type(m).name: ProcessStore(database, type(m).name, journal.serializer)
             for m in self.managers

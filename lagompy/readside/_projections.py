@@ -253,6 +253,27 @@ class Projections(AsyncClosing):
             await db.dispose()
         self._owns = []
 
+    @classmethod
+    def following(
+        cls,
+        projection: Database,
+        journal: Journal,
+        placed: PlacedStorage | None,
+        settings: ReadSideSettings,
+    ) -> Projections:
+        """The operations of consumers that follow ``journal`` (the home database's), and
+        every database of ``placed`` when the journal is placed on several."""
+        if placed is None or not placed.placement.several:
+            return cls(projection, journal.database, settings=settings)
+        others = {n: part.database for n, part in placed.parts.items() if n != HOME}
+        return cls(
+            projection,
+            journal.database,
+            settings=settings,
+            placement=placed.placement,
+            journals=others,
+        )
+
     @property
     def journal_settings(self) -> JournalSettings | None:
         """The settings of the whole journal, every database of it (None: opened without
@@ -623,17 +644,7 @@ class ReadSide(AsyncClosing):
         self.placed = placed if placed is not None and placed.placement.several else None
         self.projection = projection
         self.settings = settings
-        self.projections = Projections(
-            projection,
-            journal.database,
-            settings=settings,
-            placement=None if self.placed is None else self.placed.placement,
-            journals=(
-                {}
-                if self.placed is None
-                else {n: st.database for n, st in self.placed.parts.items() if n != HOME}
-            ),
-        )
+        self.projections = Projections.following(projection, journal, self.placed, settings)
         self.workers: list[ReadSideWorker] = []
         #: This process's name as a member of its processors (and its workers' lease owner).
         self.member = default_owner()
