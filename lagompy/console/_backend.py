@@ -200,6 +200,8 @@ class Backend:
         self.settings = settings
         #: The journal's databases opened so far, by name (HOME: the home one).
         self._databases: dict[str, Database] = {}
+        #: Which database holds each entity (read from the settings on first use).
+        self._placement: Placement | None = None
         self._serializer: Serializer | None = None
         self._audit: AuditLog | None = None
         self._lock = asyncio.Lock()
@@ -242,11 +244,13 @@ class Backend:
     async def _journal(self, entity_id: str | None = None) -> Database:
         """The journal's database (the home one, where the audit log is), or the one that
         holds ``entity_id`` when the journal is placed on several."""
-        runtime = self.service._runtime
-        settings = (None if runtime is None else runtime.local_journal) or (
-            self.service.journal_settings
-        )
-        placement = Placement.of(settings)
+        if self._placement is None:
+            runtime = self.service._runtime
+            settings = (None if runtime is None else runtime.local_journal) or (
+                self.service.journal_settings
+            )
+            self._placement = Placement.of(settings)
+        placement = self._placement
         name = HOME if entity_id is None else placement.database_of(entity_id)
         database = self._databases.get(name)
         if database is None:
