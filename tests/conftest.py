@@ -129,6 +129,22 @@ def placed_slices(n: int) -> list[str]:
     return [f"{i * size}-{(i + 1) * size - 1 if i < n - 1 else 1023}" for i in range(1, n)]
 
 
+def placed_cli(settings: JournalSettings) -> tuple[dict[str, str], list[str]]:
+    """(environment, options) that give ``lagompy`` commands this placed journal: its other
+    databases in LAGOMPY_JOURNAL_DATABASES, its home database as --journal-url (-schema)."""
+    import json
+
+    env = {
+        "LAGOMPY_JOURNAL_DATABASES": json.dumps(
+            {n: p.model_dump() for n, p in settings.databases.items()}
+        )
+    }
+    args = ["--journal-url", settings.url]
+    if settings.postgres_schema:
+        args += ["--journal-schema", settings.postgres_schema]
+    return env, args
+
+
 @pytest.fixture
 async def placed(backend: str, tmp_path: Path) -> AsyncIterator[Placed]:
     """Makes the settings of a fresh journal placed on ``n`` databases (home, b, c...): SQLite

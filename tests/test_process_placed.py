@@ -54,9 +54,7 @@ from lagompy.settings import JournalSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.topic._embedded import EmbeddedTransport
-from tests.conftest import (
-    Placed,
-)
+from tests.conftest import Placed, placed_cli
 
 TESTS = Path(__file__).resolve().parent
 FAST: dict[str, Any] = {"retry_initial_delay": 0.01, "retry_max_delay": 0.05, "renew_interval": 0.2}
@@ -629,14 +627,7 @@ def test_the_cli_takes_partition_keys(placed: Placed, ledger_settings: JournalSe
                 await catch_up(managers)
 
     asyncio.run(populate())
-    env = {
-        "LAGOMPY_JOURNAL_DATABASES": json.dumps(
-            {n: p.model_dump() for n, p in settings.databases.items()}
-        )
-    }
-    args = ["--journal-url", settings.url]
-    if settings.postgres_schema:
-        args += ["--journal-schema", settings.postgres_schema]
+    env, args = placed_cli(settings)
     runner = CliRunner()
 
     def run(*words: str) -> Any:

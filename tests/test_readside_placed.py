@@ -33,7 +33,7 @@ from lagompy.readside import (
 from lagompy.readside._ray import actor_name
 from lagompy.sql._database import Database
 from lagompy.testkit.readside import Credited, readside_contract_serializer
-from tests.conftest import Placed
+from tests.conftest import Placed, placed_cli
 from tests.readside_processors import PlacedCredits, PoisonedPlacedCredits
 from tests.readside_user_events import PlacedUserEvents
 
@@ -288,14 +288,7 @@ def test_the_cli_takes_partition_keys(placed: Placed) -> None:
             await rs.wait_until_caught_up(timeout=30)
 
     asyncio.run(populate())
-    env = {
-        "LAGOMPY_JOURNAL_DATABASES": json.dumps(
-            {n: p.model_dump() for n, p in settings.databases.items()}
-        )
-    }
-    args = ["--journal-url", settings.url]
-    if settings.postgres_schema:
-        args += ["--journal-schema", settings.postgres_schema]
+    env, args = placed_cli(settings)
     runner = CliRunner()
 
     def run(*words: str) -> Any:
