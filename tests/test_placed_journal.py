@@ -152,10 +152,38 @@ async def _on_ray(settings: JournalSettings, **kw: Any) -> AsyncIterator[Sharded
         await shutdown_app(app)
 
 
-async def test_the_in_process_runtime_refuses_a_placed_journal(placed: Placed) -> None:
-    settings = await placed(2)
-    with pytest.raises(ConfigurationError, match="placed on several"):
-        await start_in_process(entities=[CounterEntity], settings=settings)
+async def test_the_in_process_runtime_writes_each_entity_to_its_slices_database(
+    placed: Placed,
+) -> None:
+    """Entities hosted in this process on a journal placed on three databases: each one's
+    events, stored replies and recovery are in the database of its slice, and one batch that
+    spans the databases commits on each."""
+    settings = await placed(3)
+    placement = Placement.of(settings)
+    ids = [f"p{i}" for i in range(60)]
+    assert {placement.database_of(i) for i in ids} == set(placement.names)
+    async with start_in_process(entities=[CounterEntity], settings=settings) as ents:
+        assert ents.local_journal.databases == settings.databases
+        await ents.check()
+        replies = await asyncio.gather(
+            *(ents.ref_for(CounterEntity, i).ask(Add(n + 1)) for n, i in enumerate(ids))
+        )
+        assert replies == [n + 1 for n in range(60)]
+        ref = ents.ref_for(CounterEntity, "p7")
+        first = await ref.ask(Add(100), command_id="once")
+        again = await ref.ask(Add(100), command_id="once")
+        assert first == again == 108
+    by_database = await _events_by_database(settings)
+    for name, events in by_database.items():
+        assert events, f"no event written to database {name!r}"
+        assert all(placement.database_of(entity_id) == name for entity_id, _ in events)
+    assert sum(len(e) for e in by_database.values()) == 61
+    # A new runtime recovers every entity from its own database.
+    async with start_in_process(entities=[CounterEntity], settings=settings) as ents:
+        values = await asyncio.gather(
+            *(ents.ref_for(CounterEntity, i).ask(GetValue()) for i in ids)
+        )
+        assert values == [n + 1 + (100 if i == "p7" else 0) for n, i in enumerate(ids)]
 
 
 async def _events_by_database(settings: JournalSettings) -> dict[str, list[tuple[str, int]]]:

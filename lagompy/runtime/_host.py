@@ -45,10 +45,10 @@ from lagompy.errors import (
     RuntimeFailure,
     UndeliverableOutcome,
 )
-from lagompy.journal._storage import PlacedStorage, Storage, open_placed_storage, open_storage
+from lagompy.journal._storage import PlacedStorage, Storage
 from lagompy.runtime._defaults import runtime_default
-from lagompy.runtime._loading import EntityClass, resolve_class
-from lagompy.runtime._placed import PlacedProcessor
+from lagompy.runtime._loading import resolve_class
+from lagompy.runtime._placed import PlacedProcessor, open_entity_storage, processor_for
 from lagompy.runtime._processing import EntityProcessor, Request, Result
 from lagompy.runtime._sharding import Topology, host_of
 from lagompy.settings import JournalSettings
@@ -335,7 +335,7 @@ class ShardHost:
                 try:
                     storage = loop.run_until_complete(
                         asyncio.wait_for(
-                            _open_storage(self._classes, self._journal_settings),
+                            open_entity_storage(self._classes, self._journal_settings),
                             OPEN_TIMEOUT,
                         )
                     )
@@ -374,18 +374,9 @@ class ShardHost:
             if self._closed.is_set():
                 loop.run_until_complete(storage.close())
                 return False
-            if isinstance(storage, PlacedStorage):
-                self.processor = PlacedProcessor(
-                    self._classes, storage, defer_snapshots=True, **self._processor_options
-                )
-            else:
-                self.processor = EntityProcessor(
-                    self._classes,
-                    storage.journal,
-                    storage.snapshots,
-                    defer_snapshots=True,
-                    **self._processor_options,
-                )
+            self.processor = processor_for(
+                self._classes, storage, defer_snapshots=True, **self._processor_options
+            )
             self._loop.close()
             self._loop, self.storage = loop, storage
             self._journal_state = JOURNAL_OPEN
@@ -422,17 +413,6 @@ class ShardHost:
                 self.passivate()
             except Exception:  # never let the sweeper die
                 log.exception("passivation sweep of shard host %d failed", self.index)
-
-
-async def _open_storage(
-    classes: list[EntityClass], settings: JournalSettings
-) -> Storage | PlacedStorage:
-    """The journal's storage: one database's, or each database's when the journal is placed
-    on several (``JournalSettings.databases``). A function, not a method: one coroutine method
-    would make Ray run the host as an async actor."""
-    if settings.databases:
-        return await open_placed_storage(entities=classes, settings=settings)
-    return await open_storage(entities=classes, settings=settings)
 
 
 def _root_kind(error: BaseException) -> str:

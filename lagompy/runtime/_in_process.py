@@ -8,6 +8,10 @@ one journal transaction. One batch runs at a time, so each entity has a single w
 
     async with start_in_process(entities=[UserEntity], journal_url="sqlite:///u.db") as entities:
         user = await entities.ref_for(UserEntity, "42").ask(RegisterUser("Ada", "ada@example.org"))
+
+A journal placed on several databases (``JournalSettings.databases``) works as on the shard
+hosts: each entity is written to, and recovered from, the database of its slice, and a batch's
+parts for several databases commit side by side.
 """
 
 from __future__ import annotations
@@ -23,12 +27,18 @@ from sqlalchemy import text
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
-from lagompy.journal._storage import Storage, open_storage
+from lagompy.journal._storage import PlacedStorage, Storage
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import EntityClass
-from lagompy.runtime._processing import EntityProcessor, Request
+from lagompy.runtime._placed import (
+    databases_of,
+    journal_settings_of,
+    open_entity_storage,
+    processor_for,
+)
+from lagompy.runtime._processing import Request
 from lagompy.runtime._refs import EntityRef
-from lagompy.settings import JournalSettings
+from lagompy.settings import JournalSettings, make_settings
 
 log = logging.getLogger("lagompy.in_process")
 
@@ -40,7 +50,8 @@ MIN_PASSIVATE_INTERVAL = 0.05
 
 
 class InProcessEntities(AsyncClosing):
-    """Hosts entities in this process, on the given storage.
+    """Hosts entities in this process, on the given storage (one database's, or a
+    :class:`~lagompy.journal._storage.PlacedStorage` for a journal placed on several).
 
     Settings (keyword arguments; their defaults are those of
     :class:`~lagompy.settings.RuntimeSettings`):
@@ -68,7 +79,7 @@ class InProcessEntities(AsyncClosing):
 
     def __init__(
         self,
-        storage: Storage,
+        storage: Storage | PlacedStorage,
         entities: Iterable[EntityClass],
         *,
         max_batch: int = runtime_default("max_batch"),
@@ -83,10 +94,9 @@ class InProcessEntities(AsyncClosing):
         if max_pending < 1:
             raise ConfigurationError(f"max_pending must be at least 1, got {max_pending}")
         self.storage = storage
-        self.processor = EntityProcessor(
+        self.processor = processor_for(
             entities,
-            storage.journal,
-            storage.snapshots,
+            storage,
             max_entities=max_entities,
             idle_timeout=idle_timeout,
             conflict_retries=conflict_retries,
@@ -189,13 +199,14 @@ class InProcessEntities(AsyncClosing):
 
     @property
     def local_journal(self) -> JournalSettings:
-        """The settings of the journal these entities write."""
-        return self.storage.database.settings
+        """The settings of the journal these entities write (all its databases)."""
+        return journal_settings_of(self.storage)
 
     async def check(self) -> None:
-        """Return when the journal's database answers (raise its error if not)."""
-        async with self.storage.database.read() as conn:
-            await conn.execute(text("SELECT 1"))
+        """Return when each database of the journal answers (raise the first error if not)."""
+        for database in databases_of(self.storage).values():
+            async with database.read() as conn:
+                await conn.execute(text("SELECT 1"))
 
     async def close(self, *, shutdown: bool = False) -> None:
         """Finish the asks already made, stop the passivation sweep, then release the storage
@@ -224,10 +235,17 @@ async def start_in_process(
     max_pending: int = runtime_default("max_pending"),
     **journal_settings: Any,
 ) -> InProcessEntities:
-    """Open the journal (``journal_url``, else ``LAGOMPY_JOURNAL_URL``, else ``./lagompy.db``)
-    and host ``entities`` in this process (settings: see :class:`InProcessEntities`)."""
+    """Open the journal (``journal_url``, else ``LAGOMPY_JOURNAL_URL``, else ``./lagompy.db``;
+    every database of it when it is placed on several) and host ``entities`` in this process
+    (settings: see :class:`InProcessEntities`). ``journal_settings``: a ``settings``
+    (:class:`~lagompy.settings.JournalSettings`) and keyword fields of it, combined by
+    :func:`~lagompy.settings.make_settings`."""
     entity_list = list(entities)
-    storage = await open_storage(journal_url, entities=entity_list, **journal_settings)
+    base = journal_settings.pop("settings", None)
+    if journal_url is not None:
+        journal_settings["url"] = journal_url
+    settings = make_settings(JournalSettings, base, **journal_settings)
+    storage = await open_entity_storage(entity_list, settings)
     try:
         return InProcessEntities(
             storage,

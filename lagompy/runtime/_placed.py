@@ -8,6 +8,8 @@ runs their parts at once (one transaction per database, in parallel); each reque
 its database's: a database that fails fails only the requests of its entities.
 
 With one database (the default) the host uses the one processor directly: nothing here runs.
+:func:`open_entity_storage` and :func:`processor_for` make that choice for every runtime (the
+shard hosts on Ray and the entities in one process).
 """
 
 from __future__ import annotations
@@ -18,9 +20,50 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lagompy.journal._placement import HOME
-from lagompy.journal._storage import PlacedStorage
+from lagompy.journal._storage import (
+    PlacedStorage,
+    Storage,
+    open_placed_storage,
+    open_storage,
+)
 from lagompy.runtime._loading import EntityClass
 from lagompy.runtime._processing import EntityProcessor, Request, Result
+from lagompy.settings import JournalSettings
+from lagompy.sql._database import Database
+
+
+async def open_entity_storage(
+    classes: list[EntityClass], settings: JournalSettings
+) -> Storage | PlacedStorage:
+    """The journal's storage for hosting ``classes``: one database's, or each database's when
+    the journal is placed on several (``JournalSettings.databases``)."""
+    if settings.databases:
+        return await open_placed_storage(entities=classes, settings=settings)
+    return await open_storage(entities=classes, settings=settings)
+
+
+def processor_for(
+    classes: Iterable[EntityClass], storage: Storage | PlacedStorage, **options: Any
+) -> EntityProcessor | PlacedProcessor:
+    """The processor of ``classes`` over ``storage``: one database's :class:`EntityProcessor`,
+    or a :class:`PlacedProcessor` over each database of a placed journal."""
+    if isinstance(storage, PlacedStorage):
+        return PlacedProcessor(classes, storage, **options)
+    return EntityProcessor(classes, storage.journal, storage.snapshots, **options)
+
+
+def databases_of(storage: Storage | PlacedStorage) -> dict[str, Database]:
+    """Each database of ``storage`` by name (:data:`HOME` for the home one)."""
+    if isinstance(storage, PlacedStorage):
+        return {name: part.database for name, part in storage.parts.items()}
+    return {HOME: storage.database}
+
+
+def journal_settings_of(storage: Storage | PlacedStorage) -> JournalSettings:
+    """The settings of the whole journal ``storage`` opened (every database of a placed one)."""
+    if isinstance(storage, PlacedStorage):
+        return storage.placement.settings
+    return storage.database.settings
 
 
 class PlacedProcessor:
