@@ -184,6 +184,10 @@ async def test_the_in_process_runtime_writes_each_entity_to_its_slices_database(
             *(ents.ref_for(CounterEntity, i).ask(GetValue()) for i in ids)
         )
         assert values == [n + 1 + (100 if i == "p7" else 0) for n, i in enumerate(ids)]
+        elsewhere = next(i for i in ids if placement.database_of(i) != HOME)
+        ents.processor.evict(CounterEntity.type_name, elsewhere)
+        live = await ents.processor.activate(CounterEntity.type_name, elsewhere)
+        assert live.state.value == ids.index(elsewhere) + 1
 
 
 async def _events_by_database(settings: JournalSettings) -> dict[str, list[tuple[str, int]]]:

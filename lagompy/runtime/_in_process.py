@@ -27,6 +27,7 @@ from sqlalchemy import text
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
+from lagompy.journal._placement import HOME
 from lagompy.journal._storage import PlacedStorage, Storage
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import EntityClass
@@ -93,7 +94,12 @@ class InProcessEntities(AsyncClosing):
             raise ConfigurationError(f"max_batch must be at least 1, got {max_batch}")
         if max_pending < 1:
             raise ConfigurationError(f"max_pending must be at least 1, got {max_pending}")
-        self.storage = storage
+        #: Every database's storage (one :class:`Storage`, or a placed journal's).
+        self.placed_storage = storage
+        #: The journal's storage: the home database's when it is placed on several.
+        self.storage: Storage = (
+            storage.parts[HOME] if isinstance(storage, PlacedStorage) else storage
+        )
         self.processor = processor_for(
             entities,
             storage,
@@ -200,11 +206,11 @@ class InProcessEntities(AsyncClosing):
     @property
     def local_journal(self) -> JournalSettings:
         """The settings of the journal these entities write (all its databases)."""
-        return journal_settings_of(self.storage)
+        return journal_settings_of(self.placed_storage)
 
     async def check(self) -> None:
         """Return when each database of the journal answers (raise the first error if not)."""
-        for database in databases_of(self.storage).values():
+        for database in databases_of(self.placed_storage).values():
             async with database.read() as conn:
                 await conn.execute(text("SELECT 1"))
 
@@ -220,7 +226,7 @@ class InProcessEntities(AsyncClosing):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._passivator
         if self._owns_storage:
-            await self.storage.close()
+            await self.placed_storage.close()
 
 
 @opener

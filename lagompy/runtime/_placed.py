@@ -27,7 +27,7 @@ from lagompy.journal._storage import (
     open_storage,
 )
 from lagompy.runtime._loading import EntityClass
-from lagompy.runtime._processing import EntityProcessor, Request, Result
+from lagompy.runtime._processing import EntityProcessor, LiveEntity, Request, Result
 from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 
@@ -146,6 +146,18 @@ class PlacedProcessor:
             for i, result in zip(indices, out, strict=True):
                 results[i] = result
         return results
+
+    def part_of(self, entity_id: str) -> EntityProcessor:
+        """The processor of the database that holds ``entity_id``."""
+        return self.parts[self._database(entity_id)]
+
+    async def activate(self, entity_type: str, entity_id: str) -> LiveEntity:
+        """:meth:`EntityProcessor.activate` on the entity's database."""
+        return await self.part_of(entity_id).activate(entity_type, entity_id)
+
+    def evict(self, entity_type: str, entity_id: str) -> None:
+        """:meth:`EntityProcessor.evict` on the entity's database."""
+        self.part_of(entity_id).evict(entity_type, entity_id)
 
     def passivate_idle(self, now: float | None = None) -> int:
         return sum(p.passivate_idle(now) for p in self.parts.values())
