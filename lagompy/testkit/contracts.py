@@ -728,6 +728,25 @@ class JournalContract(StorageContract):
         assert _seqs(read.events) == [6, 7]
         assert await j.deletions(ENTITY_TYPE, "never") == (0, 0)
 
+    async def test_concurrent_deletions_of_one_entity_keep_the_highest(
+        self, storage: Storage
+    ) -> None:
+        """Deletions of one entity that run at once take turns: none fails, the entity's
+        deletion mark ends at the highest one, and its numbers are never used again."""
+        j = storage.journal
+        ids = [f"cd-{n}" for n in range(8)]
+        _ok(await j.append([_write(i, 0, *_happened(i, 1, 30)) for i in ids]))
+        tos = [5, 30, 10, 25, 15, 20]
+        deleted = await asyncio.gather(
+            *(j.delete_events(ENTITY_TYPE, i, to) for to in tos for i in ids)
+        )
+        by_entity = [sum(deleted[k * len(ids) + n] for k in range(len(tos))) for n in range(8)]
+        assert by_entity == [30] * len(ids)
+        for i in ids:
+            assert await j.deletions(ENTITY_TYPE, i) == (30, 30)
+            assert await j.highest_seq_nr(ENTITY_TYPE, i) == 30
+            assert _seqs(await j.append_one(_write(i, 30, Happened(i, 31)))) == [31]
+
     async def test_deleting_touches_only_that_entity(self, storage: Storage) -> None:
         j = storage.journal
         _ok(
