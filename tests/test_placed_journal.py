@@ -348,12 +348,12 @@ async def test_shard_hosts_on_ray_write_each_entity_to_its_database(
 # ------------------------------------------------------------------------- a service
 
 
-def _counter_app(settings: JournalSettings) -> FastAPI:
+def _counter_app(settings: JournalSettings, *, ray: bool = True) -> FastAPI:
     service = Service(
         name=f"placed-{uuid.uuid4().hex[:8]}",
         entities=[CounterEntity],
         journal_settings=settings,
-        ray=True,
+        ray=ray,
         runtime_options={"hosts": 1, "shards": 8},
         breakers=BreakerRegistry(),
     )
@@ -368,17 +368,22 @@ def _counter_app(settings: JournalSettings) -> FastAPI:
     return app
 
 
+@pytest.mark.parametrize("ray", [True, False], ids=["ray", "in-process"])
 async def test_a_service_on_a_placed_journal_checks_each_database(
-    ray_session: Any, placed: Placed
+    ray_session: Any, placed: Placed, ray: bool
 ) -> None:
     settings = await placed(2)
-    with serve_in_thread(_counter_app(settings)) as url, httpx.Client(base_url=url) as http:
+    app = _counter_app(settings, ray=ray)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
         for n in range(60):
             assert http.post(f"/counters/s{n}").json() == 1
         ready = http.get("/health/ready")
         assert ready.status_code == 200, ready.text
         checks = ready.json()["checks"]
-        assert (checks["journal"], checks["journal@b"]) == ("ok", "ok")
+        if ray:  # the shard hosts write: the service checks each database itself
+            assert (checks["journal"], checks["journal@b"]) == ("ok", "ok")
+        else:  # the entities' own check reaches every database
+            assert checks["journal"] == "ok"
         # The console finds each entity in its own database.
         placement = Placement.of(settings)
         for name in placement.names:
