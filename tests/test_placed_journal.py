@@ -165,14 +165,7 @@ async def test_the_in_process_runtime_writes_each_entity_to_its_slices_database(
     async with start_in_process(entities=[CounterEntity], settings=settings) as ents:
         assert ents.local_journal.databases == settings.databases
         await ents.check()
-        replies = await asyncio.gather(
-            *(ents.ref_for(CounterEntity, i).ask(Add(n + 1)) for n, i in enumerate(ids))
-        )
-        assert replies == [n + 1 for n in range(60)]
-        ref = ents.ref_for(CounterEntity, "p7")
-        first = await ref.ask(Add(100), command_id="once")
-        again = await ref.ask(Add(100), command_id="once")
-        assert first == again == 108
+        await _add_then_answer_once(ents, ids)
     by_database = await _events_by_database(settings)
     for name, events in by_database.items():
         assert events, f"no event written to database {name!r}"
@@ -188,6 +181,19 @@ async def test_the_in_process_runtime_writes_each_entity_to_its_slices_database(
         ents.processor.evict(CounterEntity.type_name, elsewhere)
         live = await ents.processor.activate(CounterEntity.type_name, elsewhere)
         assert live.state.value == ids.index(elsewhere) + 1
+
+
+async def _add_then_answer_once(ents: Any, ids: list[str]) -> None:
+    """Adds n + 1 to the n-th counter, then asks the eighth to add 100 twice under one command
+    id: the second ask is answered from the stored reply, in its entity's database."""
+    replies = await asyncio.gather(
+        *(ents.ref_for(CounterEntity, i).ask(Add(n + 1)) for n, i in enumerate(ids))
+    )
+    assert replies == [n + 1 for n in range(len(ids))]
+    ref = ents.ref_for(CounterEntity, ids[7])
+    first = await ref.ask(Add(100), command_id="once")
+    again = await ref.ask(Add(100), command_id="once")
+    assert first == again == 108
 
 
 async def _events_by_database(settings: JournalSettings) -> dict[str, list[tuple[str, int]]]:
@@ -210,15 +216,7 @@ async def test_each_entity_is_written_to_its_slices_database_and_recovers(
     placement = Placement.of(settings)
     ids = [f"c{i}" for i in range(60)]
     async with _on_ray(settings) as ents:
-        replies = await asyncio.gather(
-            *(ents.ref_for(CounterEntity, i).ask(Add(n + 1)) for n, i in enumerate(ids))
-        )
-        assert replies == [n + 1 for n in range(60)]
-        # A command id answered twice from the stored reply, in its entity's database.
-        ref = ents.ref_for(CounterEntity, "c7")
-        first = await ref.ask(Add(100), command_id="once")
-        again = await ref.ask(Add(100), command_id="once")
-        assert first == again == 108
+        await _add_then_answer_once(ents, ids)
     by_database = await _events_by_database(settings)
     assert {name for name, events in by_database.items() if events} == set(placement.names)
     for name, events in by_database.items():
