@@ -74,6 +74,43 @@ def collect_like_a_host() -> None:
     gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
 
 
+#: The niceness a shard host runs its batches at. Ray lowers the priority of its workers' task
+#: threads to niceness 15 (Ray's ``worker_niceness``, so that its own processes stay responsive
+#: under heavy tasks); a shard host, on the path of every ask, then gets about a twenty-eighth of
+#: the CPU share of a process at niceness 0 (the database, the callers, other work) when they
+#: compete for a core, and waits behind them at every wake-up. Measured with
+#: ``bench/runtime_tail_probe.py`` (docs/benchmarks.md, "Runtime: asks through shard hosts on
+#: Ray").
+HOST_NICENESS = 0
+
+
+def run_at_niceness(niceness: int | None) -> int | None:
+    """Lower the calling thread's niceness to ``niceness`` (on Linux a niceness is per thread;
+    a Ray actor runs its tasks on the thread its constructor ran on), if it is higher; None
+    leaves it. Returns the niceness the thread runs at (None where the platform has none).
+    Lowering a niceness needs the privilege to (root, ``CAP_SYS_NICE`` or ``RLIMIT_NICE``):
+    without it the host runs where Ray put it, and says so in its log once."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):  # no niceness on this platform
+        return None
+    if niceness is None or current <= niceness:
+        return current
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError as e:
+        log.warning(
+            "shard host runs at niceness %d: it may not lower it to %d (%s). Start Ray's "
+            "workers at niceness 0 (RAY_worker_niceness=0 in the environment of `ray start`) "
+            "or grant CAP_SYS_NICE, or asks wait behind other work on a busy node",
+            current,
+            niceness,
+            e,
+        )
+        return current
+    return niceness
+
+
 #: What a host returns per request: (reply, None) or (None, error).
 Outcome = tuple[Any, BaseException | None]
 
@@ -105,6 +142,10 @@ class WrongTopology(ConfigurationError):
 class ShardHost:
     """Hosts the entities of the shards ``s`` with ``s % hosts == index``."""
 
+    #: The niceness the host lowers its thread to when it starts (:data:`HOST_NICENESS`);
+    #: None leaves the one it was started at.
+    niceness: int | None = HOST_NICENESS
+
     def __init__(
         self,
         topology: dict[str, Any],
@@ -120,6 +161,8 @@ class ShardHost:
         open_backoff_max: float = OPEN_BACKOFF_MAX,
         first_open_wait: float = FIRST_OPEN_WAIT,
     ) -> None:
+        # First: the threads started below inherit the niceness.
+        self._niceness = run_at_niceness(self.niceness)
         self.topology = Topology.from_dict(topology)
         self.index = index
         self._classes = [resolve_class(path) for path in entity_paths]
@@ -170,14 +213,16 @@ class ShardHost:
     # ----------------------------------------------------------------- remote methods
 
     def ping(self) -> dict[str, Any]:
-        """Who this host is: its index, process id and topology key, and its journal's state
-        (``journal``: open, opening, unavailable or closed; ``journal_error``: why the last
-        attempt to open it failed; ``journal_misconfigured``: that error is a
-        ``ConfigurationError``, which waiting will not fix)."""
+        """Who this host is: its index, process id, topology key and the niceness it runs
+        its batches at (see :data:`HOST_NICENESS`), and its journal's state (``journal``:
+        open, opening, unavailable or closed; ``journal_error``: why the last attempt to open
+        it failed; ``journal_misconfigured``: that error is a ``ConfigurationError``, which
+        waiting will not fix)."""
         return {
             "index": self.index,
             "pid": os.getpid(),
             "topology_key": self.topology.key,
+            "niceness": self._niceness,
             **self._journal_status(),
         }
 
@@ -258,13 +303,14 @@ class ShardHost:
         return outcomes, results
 
     def stats(self) -> dict[str, Any]:
-        """The host's counters, its processor's (once the journal is open) and the journal's
-        state (see :meth:`ping`)."""
+        """The host's counters, its processor's (once the journal is open), its niceness and
+        the journal's state (see :meth:`ping`)."""
         with self._lock:
             processor = dict(self.processor.stats()) if self.processor is not None else {}
         return {
             "index": self.index,
             "pid": os.getpid(),
+            "niceness": self._niceness,
             **self.counters,
             **processor,
             **self._journal_status(),
