@@ -772,6 +772,38 @@ No throughput change was made: at 1,024 outstanding the host was 84-88% busy and
 (py-spy, 100,000 asks) spread over deciding (22% of the samples), the commit (25%, mostly
 waiting on PostgreSQL) and the event loop, no function of ours above ~3% on its own.
 
+**The tail of one ask, and the hosts' niceness (2026-12-06).** `bench/runtime_tail_probe.py`
+timestamps every stage of single asks (PostgreSQL, default configuration) and runs beside each
+ask, in a random order, a no-op Ray call, a one-row transaction and the two composed in one
+actor call without lagompy (an actor that runs the transaction on its event loop, as a host
+does), so that all meet the same load. Two findings. First, Ray runs an actor's task thread at
+niceness 15 (its `worker_niceness`): the shard hosts ran every batch behind any process at
+niceness 0 that wanted the same core. With `--compare` (beside the default app, one whose hosts
+stay at 15, the asks interleaved) and CPU-bound processes at niceness 0 running beside, the
+asks' p99 at 0 / at 15, ms: one busy process (CPU reference 13.6-24.0 ms) 10.2 / 20.5, 9.5 /
+12.1, 14.6 / 23.3; two (CPU reference 22.3 and 12.6 ms) 46.4 / 105.7, 13.5 / 61.8. The stage
+that grew was the append, where the host wakes when PostgreSQL answers (p99 7.6 against 16.1
+ms). With nothing busy beside (CPU reference 14.6-15.1 ms): 4.41 / 5.26, 4.63 / 4.96, 5.94 /
+5.66, the same within the noise; the p50 was the same in every round. The hosts now lower
+their niceness to 0 ([runtime](runtime.md#latency-of-one-ask)). Second, the rest of the tail is
+the composition's: in those calm rounds the composed call's p99 was 2.0-2.8 times the floor's
+base and the asks' 2.7-3.4 times (floor 3); each of the slowest 1% of asks was slow in the
+commit (7 of 15 in every round) or in Ray's transport (the others), never in lagompy's own steps
+(each at most 0.3 ms at p99) nor in a collection (none in the host, the driver's at most 0.35
+ms). lagompy adds 0.65-0.8 ms to the composed call at p50 (1.04-1.05 times the base): the region
+client 0.08, the host before the append 0.16 (unpickling, deciding, encoding), the append's one
+round trip ~0.2 above a raw one-row transaction run by an actor (`lagompy_write` takes the
+fence, inserts into three tables and notifies), the host after it 0.05, the rest in Ray's
+larger messages. `bench/runtime_bench.py --quick` on main and on this change, three runs each,
+alternating (CPU reference 12.3-13.0 ms, no process busy beside): p99 floor ratio 3.72, 3.56,
+3.73 before and 1.76, 5.62, 3.60 after, p50 1.39, 1.29, 1.32 and 1.15, 1.50, 1.40: no
+difference on a calm machine, as the probe found. At 1,024 outstanding asks two hosts gained
+on one after the change (two hosts / one: 1.02, 1.13, 1.14 after, 0.97, 1.03, 1.06 before; the
+default / best floor 0.97, 0.91, 0.87 after, 1.00, 0.99, 0.93 before): at niceness 0 the hosts
+get their share of the cores beside the driver and PostgreSQL, and two hosts overlap one's
+deciding with the other's commit. One host's rate was 25,234-25,876 commands/s after and
+24,220-25,280 before.
+
 The machine is a shared VM whose speed changes from minute to minute: compare runs by their
 ratios to the same run's baselines, and by the CPU reference."""
 
