@@ -87,11 +87,13 @@ def test_without_the_privilege_the_host_runs_where_it_was_and_says_why(
     def refuse(which: int, who: int, value: int) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(os, "setpriority", refuse)
+    def attempt() -> int | None:
+        monkeypatch.setattr(os, "setpriority", refuse)  # after the thread went to 15
+        return run_at_niceness(0)
+
     with caplog.at_level(logging.WARNING, logger="lagompy.host"):
-        assert run_at_niceness(0) == os.getpriority(os.PRIO_PROCESS, 0)
-    if os.getpriority(os.PRIO_PROCESS, 0) > 0:
-        assert "RAY_worker_niceness=0" in caplog.text
+        assert _in_thread_at(15, attempt) == (15, 15)
+    assert "niceness 15" in caplog.text and "RAY_worker_niceness=0" in caplog.text
 
 
 @needs_privilege
