@@ -802,7 +802,12 @@ on one after the change (two hosts / one: 1.02, 1.13, 1.14 after, 0.97, 1.03, 1.
 default / best floor 0.97, 0.91, 0.87 after, 1.00, 0.99, 0.93 before): at niceness 0 the hosts
 get their share of the cores beside the driver and PostgreSQL, and two hosts overlap one's
 deciding with the other's commit. One host's rate was 25,234-25,876 commands/s after and
-24,220-25,280 before.
+24,220-25,280 before. The five runs of the tables above are of this change (09:14-09:23 UTC,
+CPU reference 11.9-19.2 ms, where the sitting of 01:22 UTC before it had 8.5-9.8): the p99
+floor met in 1 of 5 (worst 5.05), the p50 floor in 3 of 5, and two hosts 13% ahead of one at
+1,024 outstanding asks on PostgreSQL in the medians (27,681 against 24,441 commands/s), so that
+the default / best floor there was met in 1 of 5; at 64 outstanding two hosts still lost by a
+third.
 
 The machine is a shared VM whose speed changes from minute to minute: compare runs by their
 ratios to the same run's baselines, and by the CPU reference."""
