@@ -390,11 +390,14 @@ class ProjectionCommit:
         offset in one transaction; ``upto``: the offset to store once all are handled (the
         end of their page). Returns how many were handled and the row's flags.
 
-        Several events: the handlers get a :class:`~lagompy.readside._batching.DeferringConnection`
-        (writes sent as executemany runs at the end, or before a read). A handler that defeats
+        Several events (or, on SQLite, any number: the writes then go with the offset and
+        the COMMIT in one call, so that the file's write lock is not held while the event loop
+        gets round to each statement): the handlers get a
+        :class:`~lagompy.readside._batching.DeferringConnection` (writes sent as executemany
+        runs at the end, or before a read). A handler that defeats
         it (reads a deferred write's result...) gets the batch again with the plain connection,
         and so do all its later batches."""
-        defer = self._defer and len(envelopes) > 1
+        defer = self._defer and (len(envelopes) > 1 or self._one_call)
         try:
             return await self._transaction(consumer, lease, envelopes, upto, defer=defer)
         except _HookFailed:
