@@ -44,7 +44,7 @@ from lagompy import AtomicWrite, EventEnvelope, JournalSettings, open_storage
 from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideSettings, SqlReadSideProcessor
 from lagompy.readside._settings import projection_settings
-from lagompy.readside._worker import ReadSideWorker, run_global_prepare
+from lagompy.readside._worker import ProjectionCommit, ReadSideWorker, run_global_prepare
 from lagompy.serialization import Serializer, serializable
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
@@ -171,8 +171,14 @@ async def _tables(projection: Database) -> tuple[list[Any], list[Any]]:
 
 
 async def _run(
-    journal_settings: JournalSettings, events: list[list[Any]], max_batch: int
+    journal_settings: JournalSettings,
+    events: list[list[Any]],
+    max_batch: int,
+    *,
+    plain: bool = False,
 ) -> tuple[list[Any], list[Any], int]:
+    """``plain``: every event with the plain connection (on SQLite a page of one event is
+    deferred too, for its commit in one call)."""
     rs = ReadSideSettings(
         max_batch=max_batch,
         max_attempts=1,
@@ -193,6 +199,9 @@ async def _run(
             worker = ReadSideWorker(
                 processor, "batching", journal=storage.journal, projection=projection, settings=rs
             )
+            if plain:
+                assert isinstance(worker.strategy, ProjectionCommit)
+                worker.strategy._one_call = False
             await worker.catch_up(force=True)
             assert worker.offset == len(events)
             return (*await _tables(projection), worker.transactions)
@@ -222,7 +231,7 @@ async def _same_tables(
             )
         # The same journal twice: once one event per transaction, once in batches (the
         # tables and the offsets emptied in between).
-        one_by_one = await _run(js, events, max_batch=1)
+        one_by_one = await _run(js, events, max_batch=1, plain=True)
         await _reset_offsets(js)
         batched = await _run(js, events, max_batch=max_batch)
         assert batched[:2] == one_by_one[:2]
@@ -295,6 +304,14 @@ def test_a_write_failing_at_a_later_read_fails_the_batch(backend: str) -> None:
         require_postgres()
     events = [[["put", 1, 1]], [["ins", 1, 5]], [["put", 2, 2]], [["tryread", 1, 0]]]
     asyncio.run(_same_tables(backend, events, 5))
+
+
+def test_sqlite_a_single_event_whose_handler_catches_its_write_error_commits_the_rest() -> None:
+    """A page of one event is deferred on SQLite (one call); when its flush fails, the event
+    runs again alone with the plain connection, where the handler catches its own insert's
+    error and its other write commits, as before."""
+    events = [[["put", 1, 1]], [["tryins", 1, 5], ["put", 2, 2]], [["put", 3, 3]]]
+    asyncio.run(_same_tables("sqlite", events, 1))
 
 
 class _Recording:

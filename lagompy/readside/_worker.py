@@ -390,9 +390,10 @@ class ProjectionCommit:
         offset in one transaction; ``upto``: the offset to store once all are handled (the
         end of their page). Returns how many were handled and the row's flags.
 
-        Several events (or, on SQLite, any number: the writes then go with the offset and
-        the COMMIT in one call, so that the file's write lock is not held while the event loop
-        gets round to each statement): the handlers get a
+        Several events (or, on SQLite, one event as well: the writes then go with the offset
+        and the COMMIT in one call, so that the file's write lock is not held while the event
+        loop gets round to each statement; an event retried alone after a failed batch always
+        gets the plain connection): the handlers get a
         :class:`~lagompy.readside._batching.DeferringConnection` (writes sent as executemany
         runs at the end, or before a read). A handler that defeats
         it (reads a deferred write's result...) gets the batch again with the plain connection,
@@ -503,7 +504,9 @@ class ProjectionCommit:
         while True:
             attempt += 1
             try:
-                return (await self.commit_batch(consumer, lease, [envelope]))[1]
+                # The plain connection: a handler's own write errors reach it (it may catch
+                # them), as they did before the batch failed.
+                return (await self._transaction(consumer, lease, [envelope], None, defer=False))[1]
             except (LeaseLost, _Stopped, JournalUnavailable):
                 raise
             except Exception as e:
