@@ -560,3 +560,32 @@ async def test_an_operator_resumes_a_failed_run_and_retries_from_a_step(bank: En
         await bank.engine.result("r1", timeout=10)
     assert await bank.balance("r") == 10
     await until(lambda: _index_is(bank.engine, "transfer", {"r1": "failed"}))
+
+
+async def _synchronous(database: object) -> int:
+    from sqlalchemy import text
+
+    from lagompy.sql._database import Database
+
+    assert isinstance(database, Database)
+    async with database.read() as conn:
+        return int((await conn.execute(text("PRAGMA synchronous"))).scalar_one())
+
+
+async def test_on_a_sqlite_file_the_runs_index_commits_without_an_fsync(bank: Env) -> None:
+    """SQLite's one write lock is held through a commit's fsync: the runs index (rebuilt from
+    the journal if a machine crash loses its last transactions, with their positions) writes
+    on connections that commit without one, the journal's stay synced."""
+    engine = bank.engine
+    executor = engine.executor
+    assert executor is not None
+    projection = next(iter(executor.partitions.values())).worker.projection
+    if bank.journal.url.startswith("sqlite"):
+        assert projection is not engine.database
+        assert await _synchronous(projection) == 1  # NORMAL
+        assert await _synchronous(engine.database) == 2  # FULL, the journal's default
+    else:
+        assert projection is engine.database
+    await engine.start("transfer", Transfer("a", "b", 0), id="t-sync")
+    assert await engine.result("t-sync", timeout=10) == "done"
+    await until(lambda: _index_is(engine, "transfer", {"t-sync": "completed"}))
