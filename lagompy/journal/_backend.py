@@ -106,6 +106,16 @@ class JournalBackend(Protocol):
         None when writers commit in offset order anyway (SQLite's take turns)."""
         ...
 
+    async def read_page(
+        self, statement: Any, parameters: Mapping[str, Any]
+    ) -> Sequence[Sequence[Any]] | None:
+        """The rows of a read by offset (``statement``, a SELECT built once and used again,
+        with ``parameters``, ``visible`` at no bound), as plain tuples of the stored values,
+        when this backend has no visibility bound to apply (:meth:`visible` says None) and
+        reads faster than SQLAlchemy would; None (here, for every backend that does not say
+        otherwise): the front reads it with SQLAlchemy, after :meth:`visible`."""
+        return None
+
 
 def refused_encoding(cause: BaseException) -> bool:
     """A value the driver could not encode for any database (text that is not UTF-8, an

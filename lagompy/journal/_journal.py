@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeGuard, cast
 
 import msgpack
 from sqlalchemy import (
+    Integer,
     and_,
     bindparam,
     case,
@@ -355,6 +356,8 @@ class Journal:
         self._last_tags: tuple[bytes | None, tuple[str, ...]] = (None, ())
         #: What this database's flavour does (``_sqlite.py``, ``_postgres.py``), chosen here once.
         self.backend: JournalBackend = backend_for(database, ordering_fence=ordering_fence)
+        #: The query of read_tag, per set of wanted event types (see _tag_page_statement)
+        self._tag_page: dict[frozenset[str] | None, Any] = {}
 
     @property
     def ordering_fence(self) -> bool:
@@ -733,36 +736,17 @@ class Journal:
         before it and its ``error`` says which one it is."""
         if limit <= 0:
             return TagPage([], after_offset, 0, False)
-        e, tg = schema.events, schema.event_tags
-        # The page of offsets first, from the (tag, offset) key, then the events: the plan stays
-        # an index range scan whatever the table statistics say (a join ordered by offset fell
-        # to a full sort of the table after a bulk load, 10x slower).
-        page = (
-            select(tg.c.global_offset)
-            .where(
-                tg.c.tag == tag,
-                tg.c.global_offset > after_offset,
-                tg.c.global_offset <= bindparam("visible"),
-            )
-            .order_by(tg.c.global_offset)
-            .limit(limit)
-            .subquery("page")
-        )
-        columns: list[Any] = list(_ENVELOPE_COLUMNS)
         wanted = None if event_types is None else frozenset(event_types)
-        if wanted is not None:
-            payload = e.c.payload
-            columns[6] = case((e.c.event_type.in_(sorted(wanted)), payload), else_=null()).label(
-                "payload"
-            )
-        stmt = (
-            select(*columns)
-            .select_from(page.join(e, e.c.global_offset == page.c.global_offset))
-            .order_by(page.c.global_offset)
-        )
-        async with self.database.read() as conn:
-            visible, held = await self._visible(conn)
-            rows = _tuples(await conn.execute(stmt, {"visible": visible}))
+        stmt = self._tag_page.get(wanted)
+        if stmt is None:
+            stmt = self._tag_page[wanted] = _tag_page_statement(wanted)
+        parameters = {"tag": tag, "after": after_offset, "limit": limit, "visible": _NO_BOUND}
+        held = False
+        rows = await self.backend.read_page(stmt, parameters)
+        if rows is None:
+            async with self.database.read() as conn:
+                parameters["visible"], held = await self._visible(conn)
+                rows = _tuples(await conn.execute(stmt, parameters))
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
@@ -965,6 +949,40 @@ class Journal:
             elif previous < upto or left is None:
                 await conn.execute(d.update().where(*entity).values(**values))
         return int(deleted or 0)
+
+
+def _tag_page_statement(wanted: frozenset[str] | None) -> Any:
+    """The query of :meth:`Journal.read_tag` (parameters ``tag``, ``after``, ``limit`` and
+    ``visible``), built once per set of wanted event types: a SQLite backend sends it to the
+    driver as it was compiled the first time (see :meth:`JournalBackend.read_page`).
+
+    The page of offsets first, from the (tag, offset) key, then the events: the plan stays an
+    index range scan whatever the table statistics say (a join ordered by offset fell to a
+    full sort of the table after a bulk load, 10x slower)."""
+    e, tg = schema.events, schema.event_tags
+    page = (
+        select(tg.c.global_offset)
+        .where(
+            tg.c.tag == bindparam("tag", None),
+            tg.c.global_offset > bindparam("after", None),
+            tg.c.global_offset <= bindparam("visible", None),
+        )
+        .order_by(tg.c.global_offset)
+        .limit(bindparam("limit", None, type_=Integer))
+        .subquery("page")
+    )
+    columns: list[Any] = list(_ENVELOPE_COLUMNS)
+    if wanted is not None:
+        # Only the wanted events' payloads are fetched (the others stay in the database).
+        payload = e.c.payload
+        columns[6] = case((e.c.event_type.in_(sorted(wanted)), payload), else_=null()).label(
+            "payload"
+        )
+    return (
+        select(*columns)
+        .select_from(page.join(e, e.c.global_offset == page.c.global_offset))
+        .order_by(page.c.global_offset)
+    )
 
 
 @dataclass(frozen=True)
