@@ -586,3 +586,33 @@ def test_sqlite_a_single_event_also_goes_to_the_driver_in_one_call(tmp_path: Pat
     finally:
         _database._commit_in_one_call = one_call
     assert calls == [1, 1]  # each page of one event in one call
+
+
+@pytest.mark.parametrize("clear", [False, True])
+@pytest.mark.parametrize("rate", [None, 12.5])
+def test_the_one_call_commit_sends_the_fenced_write_commit_builds(
+    clear: bool, rate: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The offset's write of the one-call commit (SQLite) is planned once per shape; it must be
+    # the statement, and the values, that commit() builds for each transaction.
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    from lagompy.consumer._lease import Lease
+    from lagompy.readside import _store
+
+    monkeypatch.setattr(_store, "now_us", lambda: 1_000_000)
+    store = _store.OffsetStore.__new__(_store.OffsetStore)
+    store._commit_plans = {}
+    lease = Lease("proj", "tag-1", "me", 3, 0, False)
+    dialect = sqlite_dialect.dialect()
+    values = store._commit_values(42, 2.5, "running", events_per_s=rate, clear=clear)
+    compiled: Any = store._fenced_statement(lease, values).compile(dialect=dialect)
+    params = compiled.construct_params()
+    expected = (compiled.string, tuple(params[name] for name in compiled.positiontup))
+    plan = store._commit_plan(dialect, clear, rate is not None)
+    assert plan is not None
+    given = {
+        "f_processor": "proj", "f_tag": "tag-1", "f_epoch": 3, "v_offset": 42,
+        "v_expires": 1_000_000 + 2_500_000, "v_now": 1_000_000, "v_rate": rate,
+    }  # fmt: skip
+    assert (plan.sql, plan.rows([given])[0]) == expected

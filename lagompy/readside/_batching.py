@@ -57,7 +57,6 @@ __all__ = [
     "Learnt",
     "deferrable",
     "deferring",
-    "driver_form",
 ]
 
 #: Attributes of the connection a handler may read without the pending writes being sent.
@@ -184,7 +183,7 @@ def _plan(statement: Any, names: tuple[str, ...], dialect: Dialect) -> _Plan | N
 
 def _driver_processors(compiled: Any) -> Mapping[str, Any] | None:
     """The bind processors of a compiled statement whose SQL and positional parameters can go
-    to the driver as they are (what :func:`_compiled_plan` and :func:`driver_form` send);
+    to the driver as they are (what :func:`_compiled_plan` sends);
     None when its execution needs more of SQLAlchemy."""
     processors = getattr(compiled, "_bind_processors", None)
     if (
@@ -234,48 +233,33 @@ def _compiled_plan(compiled: Any, names: tuple[str, ...]) -> _Plan | None:
             return _Plan(compiled.string, lambda ps: [(get(p),) for p in ps])
         return _Plan(compiled.string, lambda ps: [get(p) for p in ps])
 
-    def build(ps: Sequence[Mapping[str, Any]]) -> list[Any]:
-        return [
-            sequence(
-                [
-                    (convert(p[key]) if convert else p[key]) if key is not None else constant
-                    for key, constant, convert in steps
-                ]
-            )
-            for p in ps
-        ]
-
-    return _Plan(compiled.string, build)
+    return _Plan(compiled.string, _row_builder(steps, sequence))
 
 
-def driver_form(
-    statement: Any, dialect: Dialect, compiled_cache: dict[Any, Any]
-) -> tuple[str, Any] | None:
-    """``statement`` (its values bound in it) as the driver's SQL and positional parameters,
-    compiled once per statement shape (``compiled_cache``: kept by the caller, by cache key)
-    and its values put in place through the bind processors, as SQLAlchemy's own execute
-    would; None for a statement that needs more than that (see :func:`_compiled_plan`)."""
-    key = statement._generate_cache_key()
-    if key is None:
-        return None
-    entry = compiled_cache.get(key.key)
-    if entry is None:
-        compiled: Any = statement.compile(dialect=dialect, cache_key=key)
-        processors = _driver_processors(compiled)
-        entry = (None, None) if processors is None else (compiled, processors)
-        if len(compiled_cache) >= _MEMO:
-            compiled_cache.clear()
-        compiled_cache[key.key] = entry
-    compiled, processors = entry
-    if compiled is None or processors is None:
-        return None
-    values = compiled.construct_params(extracted_parameters=key.bindparams, escape_names=False)
-    row = []
-    for name in compiled.positiontup:
-        convert = processors.get(name)
-        value = values[name]
-        row.append(convert(value) if convert is not None else value)
-    return compiled.string, compiled.dialect.execute_sequence_format(row)
+def _row_builder(
+    steps: Sequence[tuple[str | None, Any, Callable[[Any], Any] | None]], sequence: Any
+) -> Callable[[Sequence[Mapping[str, Any]]], list[Any]]:
+    """The rows of a :class:`_Plan` with a constant or a bind processor in some position:
+    one expression per position, generated once (``(p['user_id'], ..., f3(p['active']),
+    ...)``). A comprehension that looked each position's step up for every row cost 0.7 us
+    per row of five values, the generated one 0.2 (2026-12-06, CPU reference 13 ms)."""
+    ns: dict[str, Any] = {"_sequence": sequence}
+    items = []
+    for i, (key, constant, convert) in enumerate(steps):
+        if key is None:
+            ns[f"c{i}"] = constant
+            items.append(f"c{i}")
+        elif convert is None:
+            items.append(f"p[{key!r}]")
+        else:
+            ns[f"f{i}"] = convert
+            items.append(f"f{i}(p[{key!r}])")
+    row = "(" + ", ".join(items) + ",)"
+    if sequence is not tuple:
+        row = f"_sequence([{', '.join(items)}])"
+    source = f"def build(ps):\n    return [{row} for p in ps]\n"
+    exec(compile(source, "<lagompy read-side write plan>", "exec"), ns)
+    return cast(Callable[[Sequence[Mapping[str, Any]]], list[Any]], ns["build"])
 
 
 class Learnt:

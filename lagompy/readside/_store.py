@@ -35,6 +35,7 @@ from typing import Any
 
 from sqlalchemy import (
     and_,
+    bindparam,
     case,
     delete,
     exists,
@@ -59,7 +60,7 @@ from lagompy.consumer._lease import (
 )
 from lagompy.errors import ConfigurationError, LeaseLost
 from lagompy.journal._journal import now_us
-from lagompy.readside._batching import driver_form
+from lagompy.readside._batching import _Plan, _plan
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database, sqlite_commit_in_one_call
 
@@ -183,8 +184,8 @@ class OffsetStore:
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        #: Compiled fenced writes, by statement shape (see :func:`driver_form`).
-        self._compiled: dict[Any, Any] = {}
+        #: commit_in_one_call's fenced writes, planned once per shape (see _commit_plan)
+        self._commit_plans: dict[tuple[bool, bool], _Plan | None] = {}
 
     # ------------------------------------------------------------------ rows
 
@@ -392,12 +393,20 @@ class OffsetStore:
         ``SqliteWritesFailed`` when a write fails, ``LeaseLost`` when the epoch moved on (both
         rolled back); None, with nothing done, when the fenced write has no driver form (then
         the caller sends everything through ``conn``)."""
-        values = self._commit_values(
-            offset, ttl, "running", events_per_s=events_per_s, clear=clear_failure
-        )
-        last = driver_form(self._fenced_statement(lease, values), conn.dialect, self._compiled)
-        if last is None:
+        plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
+        if plan is None:
             return None
+        now = now_us()
+        parameters = {
+            "f_processor": lease.processor,
+            "f_tag": lease.tag,
+            "f_epoch": lease.epoch,
+            "v_offset": offset,
+            "v_expires": now + int(ttl * 1_000_000),
+            "v_now": now,
+            "v_rate": events_per_s,
+        }
+        last = (plan.sql, plan.rows([parameters])[0])
         fairy = await conn.get_raw_connection()
         returned = await sqlite_commit_in_one_call(
             fairy.driver_connection,
@@ -501,6 +510,39 @@ class OffsetStore:
         )
         async with self.database.write() as conn:
             return bool((await conn.execute(stmt)).rowcount)
+
+    def _commit_plan(self, dialect: Any, clear: bool, with_rate: bool) -> _Plan | None:
+        """The driver plan of :meth:`commit_in_one_call`'s fenced write (what
+        :meth:`_commit_values` and :meth:`_fenced_statement` build for a ``running`` commit,
+        its values as parameters), made once per shape. Built and compiled for every
+        transaction, the statement cost 0.3-0.45 ms, ~0.4 us per event of a page of 1,000
+        (2026-12-06, CPU reference 13 ms)."""
+        key = (clear, with_rate)
+        if key in self._commit_plans:
+            return self._commit_plans[key]
+        values: dict[str, Any] = {
+            "last_offset": bindparam("v_offset"),
+            "lease_expires_us": bindparam("v_expires"),
+            "updated_us": bindparam("v_now"),
+            "state": literal("running") if clear else _keep_failed("running"),
+        }
+        if clear:
+            values.update(_NO_FAILURE)
+        if with_rate:
+            values["events_per_s"] = bindparam("v_rate")
+        fenced = (
+            update(_T)
+            .where(
+                _T.c.processor == bindparam("f_processor"),
+                _T.c.tag == bindparam("f_tag"),
+                _T.c.epoch == bindparam("f_epoch"),
+            )
+            .values(**values)
+            .returning(_T.c.paused, _T.c.state, _retry_pending())
+        )
+        names = ("f_epoch", "f_processor", "f_tag", "v_expires", "v_now", "v_offset", "v_rate")
+        plan = self._commit_plans[key] = _plan(fenced, names, dialect)
+        return plan
 
     async def _fenced(self, conn: AsyncConnection, lease: Lease, values: dict[str, Any]) -> Flags:
         got = (await conn.execute(self._fenced_statement(lease, values))).first()
