@@ -422,11 +422,11 @@ RUNS_HEADER = (
 
 async def floors(
     settings: JournalSettings, schema: str, events: int, runs: int
-) -> tuple[float, list[dict[str, float]]]:
+) -> tuple[tuple[float, float], list[dict[str, float]]]:
     """The floors part, ``runs`` times over the same journals (PostgreSQL: ``settings``; SQLite:
     a file filled the same way): per run the CPU reference, raw executemany of the projection's
-    rows (a new table or file) and the rebuilds. Returns the read+decode rate (PostgreSQL) and
-    one dict per run."""
+    rows (a new table or file) and the rebuilds. Returns the read+decode rates (PostgreSQL,
+    SQLite) and one dict per run."""
     results: list[dict[str, float]] = [{} for _ in range(runs)]
     await fill(settings, events)
     read_rate, pages = await read_and_decode(settings)
@@ -438,7 +438,7 @@ async def floors(
     with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
         sqlite_settings = JournalSettings(url=f"sqlite:///{Path(tmp) / 'journal.db'}")
         await fill(sqlite_settings, events)
-        _, sqlite_pages = await read_and_decode(sqlite_settings)
+        sqlite_read_rate, sqlite_pages = await read_and_decode(sqlite_settings)
         sqlite_work = raw_rows(sqlite_pages)
         del sqlite_pages
         for i, r in enumerate(results):
@@ -470,7 +470,7 @@ async def floors(
                 f"{r['sqlite_text']:,.0f}/s ({r['sqlite_text_ratio']:.2f})",
                 flush=True,
             )
-    return read_rate, results
+    return (read_rate, sqlite_read_rate), results
 
 
 LAG_HEADER = (
@@ -605,11 +605,12 @@ async def main(quick: bool, write: bool, runs: int) -> None:
     settings = JournalSettings(url=PG_URL, postgres_schema=schema, auto_migrate=True)
     lags: dict[str, dict[str, float]] = {}
     try:
-        read_rate, results = await floors(settings, schema, events, runs)
+        (read_rate, sqlite_read_rate), results = await floors(settings, schema, events, runs)
         pg_median, pg_worst = summary(results, "pg_ratio")
         sqlite_median, sqlite_worst = summary(results, "sqlite_ratio")
         print(
-            f"read+decode alone {read_rate:,.0f}/s. Simple rebuild / raw executemany over "
+            f"read+decode alone {read_rate:,.0f}/s (SQLite {sqlite_read_rate:,.0f}/s). "
+            "Simple rebuild / raw executemany over "
             f"{runs} run(s), median (worst): PostgreSQL {pg_median:.2f} ({pg_worst:.2f}), "
             f"SQLite {sqlite_median:.2f} ({sqlite_worst:.2f}); floor 0.5"
         )
@@ -672,8 +673,8 @@ of the same projection rows, precomputed as plain tuples, {BATCH} per transactio
 PostgreSQL; aiosqlite on SQLite, WAL and synchronous=FULL as the journal); the decoded events
 they were computed from are not kept alive during the rebuilds (no projection process holds the
 journal decoded in memory; kept, they made every full pass of the rebuild's collector walk them).
-Reading and decoding the events alone (`read_pages`, pages of {BATCH}, PostgreSQL):
-{read_rate:,.0f} events/s.
+Reading and decoding the events alone (`read_pages`, pages of {BATCH}, every page kept):
+PostgreSQL {read_rate:,.0f} events/s, SQLite {sqlite_read_rate:,.0f}.
 
 {RUNS_HEADER}
 {run_rows}
@@ -713,6 +714,38 @@ projection transaction (the handlers and the executemany runs); four rebuilds ea
 interleaved, PostgreSQL, 2026-12-04: 43,059-49,610 events/s with it running, 41,055-48,622
 paused, no gain beyond the noise (the pauses only move the work into one larger collection
 per transaction).
+
+SQLite, 2026-12-06 (CPU reference 13-15 ms). The parts of the simple rebuild, each alone and
+one after the other, per event, pages of {BATCH}: the page's rows 2.2 us (one call to the
+driver's thread since then; 3.1 us through SQLAlchemy's BEGIN, execute, fetch and COMMIT and
+its result processing), decoding them into envelopes 2.5 us (msgpack 0.6-0.75, the event's
+class 0.5, the envelope the rest), the handler 0.9 us on a connection that does nothing and
+2.4 us on the deferring one, the writes as driver statements 1.0-1.2 us (a third of it the rows
+of the upsert, its Boolean through a bind processor: 0.7 us per row until the rows were built
+by generated code, 0.25 since), and the executemany of those writes, a transaction per page,
+2.9 us in sqlite3 alone. The offset's fenced write cost 0.3-0.45 ms per transaction to build
+and compile; it is planned once since. In the rebuild itself (four workers, one per tag
+shard, all on the file's one write lock) the event loop's thread used 0.80-0.87 s of CPU per
+100,000 events and the driver's threads ~0.5 s, while the write lock was held 0.79-1.02 s in
+all by threads that used 0.20-0.26 s of CPU meanwhile: sqlite3 lets go of the GIL for each
+row's step and needs it back to bind the next row, which the event loop's Python work (the
+other workers' decoding and handlers) holds. Running the four tag shards one after the other
+instead of at once (two rounds, alternated) cut the lock's time to 0.43-0.49 s but not the
+rebuild's, which stays bound by one core's Python work. The code before and after these
+changes, alternated in one sitting: on a journal file rebuilt from many times, 60,301-66,615
+-> 73,587-87,858 events/s (raw aiosqlite 371,000-416,000 rows/s, simple / raw 0.15-0.17 ->
+0.19-0.22); on a journal filled just before, as here, 50,361-63,522 -> 48,399-64,772 (raw
+367,000-397,000, 0.13-0.16 -> 0.13-0.18), no gain beyond the noise, though reading and decoding
+alone went 146,963-150,457 -> 170,787-172,836 events/s. What bounds the floor: raw
+executemany costs 2.4-2.7 us per event here, so 0.5 x raw leaves 4.8-5.4 us per event for the
+whole rebuild, and reading and decoding alone take 4.7 us of one core (2.2 + 2.5) before any
+handler, write or commit; the writes alone take 2.9. Without running decoding and handlers in
+parallel with the driver's work, which the GIL and sqlite3's per-row GIL hand-over prevent in
+one process, the simple way on SQLite stays near 0.2 x raw. PostgreSQL's floor, met on
+2026-12-05 with raw asyncpg at 67,000-74,000 rows/s, reads not met in this sitting, whose raw
+asyncpg reached 100,000-118,000: the code before these changes, run just before under the same
+command, had 0.48 and 0.48 (simple 55,793-57,181 events/s, raw 117,414-118,472; CPU reference
+14.6-15.3 ms).
 
 Lag from commit to visible under live load: {lags["simple"]["rate"]:,.0f} events/s appended
 to the journal for {load_seconds:.0f} s (every 10 ms one transaction of
