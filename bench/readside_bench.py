@@ -741,13 +741,18 @@ executemany costs 2.4-2.7 us per event here, so 0.5 x raw leaves 4.8-5.4 us per 
 whole rebuild, and reading and decoding alone take 4.7 us of one core (2.2 + 2.5) before any
 handler, write or commit; the writes alone take 2.9. Without running decoding and handlers in
 parallel with the driver's work, which the GIL and sqlite3's per-row GIL hand-over prevent in
-one process, the simple way on SQLite stays near 0.2 x raw. A lead, not taken yet: the same
-upserts, 100,000 in transactions of 1,000, sqlite3 alone, as executemany and as statements of
-100 rows each (`INSERT ... VALUES (...), (...) ... ON CONFLICT ...`, one step, so one GIL
-hand-over, per statement): 512,000-551,000 -> 785,000-787,000 rows/s with nothing else
+one process, the simple way on SQLite stays near 0.2 x raw. Upserts
+of the users rows, 100,000 in transactions of 1,000, sqlite3 alone, as executemany and as
+statements of 100 rows each (`INSERT ... VALUES (...), (...) ... ON CONFLICT ...`, one step,
+so one GIL hand-over, per statement): 512,000-551,000 -> 785,000-787,000 rows/s with nothing else
 running, and 6,900-78,700 -> 120,000-128,000 rows/s beside a thread busy with Python
-(2026-12-06, two rounds). Runs of one INSERT whose values are all parameters of the row could
-go that way (UPDATEs cannot, as they are). PostgreSQL's floor, met on
+(2026-12-06, two rounds). Tried in the rebuild (a run of one INSERT whose every parameter is
+in its VALUES group sent as such statements in the one-call commit; UPDATEs cannot go that
+way): the CPU of the lock's holder went 0.21-0.22 -> 0.17-0.22 s per 100,000 events but the
+rebuild stayed where it was, 54,738-76,738 events/s against 54,209-78,137 without, alternated
+in one sitting (CPU reference 12.0-15.2 ms); not kept. The event loop's own Python work,
+~8 us per event (0.78-0.92 s of its thread's CPU per 100,000), is what bounds it.
+PostgreSQL's floor, met on
 2026-12-05 with raw asyncpg at 67,000-74,000 rows/s, reads not met in this sitting, whose raw
 asyncpg reached 100,000-118,000: the code before these changes, run just before under the same
 command, had 0.48 and 0.48 (simple 55,793-57,181 events/s, raw 117,414-118,472; CPU reference
