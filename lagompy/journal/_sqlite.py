@@ -28,7 +28,7 @@ from lagompy.journal._backend import (
 )
 from lagompy.journal._model import WriteResult, now_us
 from lagompy.sql import _schema as schema
-from lagompy.sql._database import Database, translate_errors
+from lagompy.sql._database import Database, in_sqlite_thread, translate_errors
 
 #: The highest offset ever used (AUTOINCREMENT keeps it in sqlite_sequence, even after deletes),
 #: then the highest sequence number of each entity of the batch, deletions included.
@@ -123,9 +123,7 @@ class SqliteBackend(JournalBackend):
             async with self.database.engine.connect() as conn:
                 fairy = await conn.get_raw_connection()
                 driver: Any = fairy.driver_connection
-                rows: list[tuple[Any, ...]] = await driver._execute(
-                    _fetch_all, driver._conn, state.statement, args
-                )
+                rows = await in_sqlite_thread(driver, _fetch_all, state.statement, args)
         return rows
 
     async def append(self, batch: Batch, full_check: bool) -> dict[int, WriteResult]:

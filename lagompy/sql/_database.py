@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import asyncpg
 from sqlalchemy import event, exc
@@ -45,6 +45,8 @@ _BEGIN_OPTION = "lagompy_sqlite_begin"
 #: How a transaction on a driver connection begins: SQL (which may carry further statements,
 #: sent in the same round trip: asyncpg), or a coroutine function of the driver connection
 #: (SQLite's :func:`sqlite_begin_immediate`).
+T = TypeVar("T")
+
 Begin = str | Callable[[Any], Awaitable[None]]
 
 
@@ -333,6 +335,17 @@ _SQLITE_BUSY = 5
 _BEGIN_RETRY_INTERVAL = 0.001
 
 
+async def in_sqlite_thread(driver: Any, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(conn, *args)`` in the thread of the aiosqlite connection ``driver``, ``conn`` being
+    its sqlite3 connection: one hop to that thread for work that would otherwise take one per
+    statement.
+
+    aiosqlite has no public way to run a function in its thread: this uses its ``_execute`` and
+    ``_conn``, as SQLAlchemy's own aiosqlite adapter uses its ``_conn`` and ``_tx``; every use
+    in lagompy goes through here."""
+    return cast("T", await driver._execute(fn, driver._conn, *args))
+
+
 async def sqlite_begin_immediate(driver: Any, *, timeout_ms: int) -> None:
     """``BEGIN IMMEDIATE`` on an aiosqlite connection, retried every millisecond while another
     connection holds the database's write lock, for ``timeout_ms`` (the connection's busy
@@ -344,12 +357,10 @@ async def sqlite_begin_immediate(driver: Any, *, timeout_ms: int) -> None:
     busy writers' transactions and got it up to ~100 ms after it was freed; that was most of the
     same-database read-side lag on SQLite, p99 236-793 ms at 2,000 events/s, 41-101 ms since
     (docs/benchmarks.md). Here the wait runs in the driver's thread (one hop, as the plain
-    statement took), with the busy timeout at 0 for the BEGIN only. Uncontended, it costs two
-    PRAGMAs in that thread (~2 us each, against ~25 us for the hop).
-
-    aiosqlite has no public way to run a function in its thread: this uses its ``_execute`` and
-    ``_conn``, as SQLAlchemy's own aiosqlite adapter uses its ``_conn`` and ``_tx``."""
-    await driver._execute(_begin_immediate, driver._conn, int(timeout_ms))
+    statement took: :func:`in_sqlite_thread`), with the busy timeout at 0 for the BEGIN only.
+    Uncontended, it costs two PRAGMAs in that thread (~2 us each, against ~25 us for the
+    hop)."""
+    await in_sqlite_thread(driver, _begin_immediate, int(timeout_ms))
 
 
 def _begin_immediate(conn: sqlite3.Connection, timeout_ms: int) -> None:
@@ -405,10 +416,7 @@ async def sqlite_commit_in_one_call(
     4.8-5.8 ms p50 (8.5-15.9 ms at worst) while the workflow runs index was written beside
     running workflows (measured 2026-12-06 with a trace of every statement's time); in one call
     it holds it for the statements' own time."""
-    return cast(
-        "list[Any] | None",
-        await driver._execute(_commit_in_one_call, driver._conn, int(timeout_ms), writes, last),
-    )
+    return await in_sqlite_thread(driver, _commit_in_one_call, int(timeout_ms), writes, last)
 
 
 def _commit_in_one_call(
