@@ -18,7 +18,8 @@ from ray_entities import Add, CounterEntity
 
 from lagompy import start
 from lagompy.runtime import shutdown_app
-from lagompy.runtime._host import HOST_NICENESS, ShardHost, run_at_niceness
+from lagompy.runtime._host import HOST_NICENESS, ShardHost
+from lagompy.runtime._ray_cluster import ActorLoop, run_at_niceness
 from lagompy.runtime._sharding import topology_for
 from lagompy.settings import JournalSettings
 
@@ -76,6 +77,23 @@ def test_a_thread_at_rays_worker_niceness_is_lowered_to_zero() -> None:
     assert _in_thread_at(15, lambda: run_at_niceness(0)) == (0, 0)
 
 
+@needs_privilege
+def test_an_actor_loop_started_at_niceness_15_runs_its_work_at_0() -> None:
+    """The loop of a read-side worker or subscriber group actor (Ray made its thread at 15)."""
+
+    async def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    def start_and_ask() -> int:
+        actor_loop = ActorLoop("nice-loop")
+        try:
+            return actor_loop.call(niceness())
+        finally:
+            actor_loop.loop.call_soon_threadsafe(actor_loop.loop.stop)
+
+    assert _in_thread_at(15, start_and_ask) == (0, 15)
+
+
 def test_none_or_a_niceness_already_as_low_is_left_alone() -> None:
     assert _in_thread_at(15, lambda: run_at_niceness(None)) == (15, 15)
     assert _in_thread_at(5, lambda: run_at_niceness(10)) == (5, 5)
@@ -91,7 +109,7 @@ def test_without_the_privilege_the_host_runs_where_it_was_and_says_why(
         monkeypatch.setattr(os, "setpriority", refuse)  # after the thread went to 15
         return run_at_niceness(0)
 
-    with caplog.at_level(logging.WARNING, logger="lagompy.host"):
+    with caplog.at_level(logging.WARNING, logger="lagompy.runtime"):
         assert _in_thread_at(15, attempt) == (15, 15)
     assert "niceness 15" in caplog.text and "RAY_worker_niceness=0" in caplog.text
 

@@ -50,6 +50,7 @@ from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import resolve_class
 from lagompy.runtime._placed import PlacedProcessor, open_entity_storage, processor_for
 from lagompy.runtime._processing import EntityProcessor, Request, Result
+from lagompy.runtime._ray_cluster import ACTOR_NICENESS, run_at_niceness
 from lagompy.runtime._sharding import Topology, host_of
 from lagompy.settings import JournalSettings
 
@@ -74,41 +75,10 @@ def collect_like_a_host() -> None:
     gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
 
 
-#: The niceness a shard host runs its batches at. Ray lowers the priority of its workers' task
-#: threads to niceness 15 (Ray's ``worker_niceness``, so that its own processes stay responsive
-#: under heavy tasks); a shard host, on the path of every ask, then gets about a twenty-eighth of
-#: the CPU share of a process at niceness 0 (the database, the callers, other work) when they
-#: compete for a core, and waits behind them at every wake-up. Measured with
-#: ``bench/runtime_tail_probe.py`` (docs/benchmarks.md, "Runtime: asks through shard hosts on
-#: Ray").
-HOST_NICENESS = 0
-
-
-def run_at_niceness(niceness: int | None) -> int | None:
-    """Lower the calling thread's niceness to ``niceness`` (on Linux a niceness is per thread;
-    a Ray actor runs its tasks on the thread its constructor ran on), if it is higher; None
-    leaves it. Returns the niceness the thread runs at (None where the platform has none).
-    Lowering a niceness needs the privilege to (root, ``CAP_SYS_NICE`` or ``RLIMIT_NICE``):
-    without it the host runs where Ray put it, and says so in its log once."""
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, 0)
-    except (AttributeError, OSError):  # no niceness on this platform
-        return None
-    if niceness is None or current <= niceness:
-        return current
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except OSError as e:
-        log.warning(
-            "shard host runs at niceness %d: it may not lower it to %d (%s). Start Ray's "
-            "workers at niceness 0 (RAY_worker_niceness=0 in the environment of `ray start`) "
-            "or grant CAP_SYS_NICE, or asks wait behind other work on a busy node",
-            current,
-            niceness,
-            e,
-        )
-        return current
-    return niceness
+#: The niceness a shard host runs its batches at (see :data:`ACTOR_NICENESS`: the host is on
+#: the path of every ask). Measured with ``bench/runtime_tail_probe.py`` (docs/benchmarks.md,
+#: "Runtime: asks through shard hosts on Ray").
+HOST_NICENESS = ACTOR_NICENESS
 
 
 #: What a host returns per request: (reply, None) or (None, error).

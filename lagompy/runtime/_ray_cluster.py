@@ -599,15 +599,59 @@ class SupervisedActors(AsyncClosing):
             release()
 
 
+#: The niceness lagompy's actors (shard hosts, read-side workers, subscriber groups) run their
+#: work at. Ray lowers the priority of its workers' task threads to niceness 15 (Ray's
+#: ``worker_niceness``, so that its own processes stay responsive under heavy tasks); an actor
+#: on the path of every ask or event then gets about a twenty-eighth of the CPU share of a
+#: process at niceness 0 (the database, the callers, other work) when they compete for a core,
+#: and waits behind them at every wake-up: single asks' p99 46 against 106 ms with two busy
+#: processes beside them (docs/runtime.md, "Latency of one ask").
+ACTOR_NICENESS = 0
+
+
+def run_at_niceness(niceness: int | None) -> int | None:
+    """Lower the calling thread's niceness to ``niceness`` (on Linux a niceness is per thread,
+    and threads inherit their creator's; a Ray actor runs its tasks on the thread its
+    constructor ran on), if it is higher; None leaves it. Returns the niceness the thread runs
+    at (None where the platform has none). Lowering a niceness needs the privilege to (root,
+    ``CAP_SYS_NICE`` or ``RLIMIT_NICE``): without it the actor runs where Ray put it, and says
+    so in its log."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):  # no niceness on this platform
+        return None
+    if niceness is None or current <= niceness:
+        return current
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError as e:
+        log.warning(
+            "this actor runs at niceness %d: it may not lower it to %d (%s). Start Ray's "
+            "workers at niceness 0 (RAY_worker_niceness=0 in the environment of `ray start`) "
+            "or grant CAP_SYS_NICE, or its work waits behind other work on a busy node",
+            current,
+            niceness,
+            e,
+        )
+        return current
+    return niceness
+
+
 class ActorLoop:
     """An event loop on a thread of its own, for a synchronous actor (Ray calls its methods
     one at a time on its main thread) whose work is asyncio: a worker started in ``__init__``
-    runs there, so that a restart by Ray restarts it."""
+    runs there, so that a restart by Ray restarts it. The loop's thread runs at
+    :data:`ACTOR_NICENESS`."""
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        #: The niceness the loop runs at (None where the platform has none).
+        self.niceness = run_at_niceness(ACTOR_NICENESS)
+        self.loop.run_forever()
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run ``coroutine`` on the loop; its future."""
