@@ -490,61 +490,15 @@ def test_sqlite_handlers_run_before_the_batch_takes_the_write_lock(tmp_path: Pat
     assert _probed["free"] == [True] * 20
 
 
-def test_sqlite_batch_writes_and_offset_go_to_the_driver_in_one_call(tmp_path: Path) -> None:
-    # The write lock is held from BEGIN IMMEDIATE to COMMIT: a batch's deferred writes, its
+@pytest.mark.parametrize("pages", [[20], [1, 1]], ids=["a-batch", "single-events"])
+def test_sqlite_writes_offset_and_commit_go_to_the_driver_in_one_call(
+    tmp_path: Path, pages: list[int]
+) -> None:
+    # The write lock is held from BEGIN IMMEDIATE to COMMIT: a page's deferred writes, its
     # offset and the COMMIT go to the driver's thread in one call, so that the lock is not held
-    # while the event loop gets round to each statement's result.
-    from lagompy.sql import _database
-
-    path = tmp_path / "j.db"
-    js = JournalSettings(url=f"sqlite:///{path}")
-    rs = ReadSideSettings(max_batch=20, tail=TailSettings(poll_interval=0.02))
-    calls: list[int] = []
-    one_call = _database._commit_in_one_call
-
-    def counting(conn: Any, timeout_ms: int, writes: Any, last: Any) -> Any:
-        calls.append(sum(len(rows) for _, rows in writes))
-        return one_call(conn, timeout_ms, writes, last)
-
-    async def main() -> None:
-        serializer = Serializer([Ops])
-        async with await open_storage(settings=js, serializer=serializer) as storage:
-            await storage.journal.append(
-                [
-                    AtomicWrite(
-                        "ops", f"e{i}", 0, [Ops(json.dumps([["put", i, i]]))], [("batching",)]
-                    )
-                    for i in range(20)
-                ]
-            )
-            projection = Database.create(projection_settings(js, rs))
-            try:
-                await ensure_schema(projection)
-                processor = OpsProjection()
-                await run_global_prepare(processor, projection, rs)
-                worker = ReadSideWorker(
-                    processor, "batching", journal=storage.journal, projection=projection,
-                    settings=rs,
-                )  # fmt: skip
-                await worker.catch_up(force=True)
-                assert worker.offset == 20 and worker.transactions == 1
-                assert len((await _tables(projection))[0]) == 20
-            finally:
-                await projection.dispose()
-
-    _database._commit_in_one_call = counting
-    try:
-        asyncio.run(main())
-    finally:
-        _database._commit_in_one_call = one_call
-    assert calls == [20]  # one call, every event's write in it
-
-
-def test_sqlite_a_single_event_also_goes_to_the_driver_in_one_call(tmp_path: Path) -> None:
-    # A page of one event (a quiet tag: the workflow runs index while runs go one at a time)
-    # held the write lock from BEGIN IMMEDIATE through the handler's statement, the offset and
-    # the COMMIT, each waiting for the event loop's turn (5.6 ms p50 beside running workflows,
-    # where one call held it 1.0 ms): it goes in one call as a batch does.
+    # while the event loop gets round to each statement's result. A page of one event too (a
+    # quiet tag: the workflow runs index while runs go one at a time held the lock 5.6 ms p50
+    # beside running workflows, statement by statement, where one call held it 1.0 ms).
     from lagompy.sql import _database
 
     path = tmp_path / "j.db"
@@ -569,14 +523,21 @@ def test_sqlite_a_single_event_also_goes_to_the_driver_in_one_call(tmp_path: Pat
                     processor, "batching", journal=storage.journal, projection=projection,
                     settings=rs,
                 )  # fmt: skip
-                for i in range(2):
+                written = 0
+                for size in pages:
                     await storage.journal.append(
-                        [AtomicWrite("ops", f"e{i}", 0, [Ops(json.dumps([["put", i, i]]))],
-                                     [("batching",)])]
+                        [
+                            AtomicWrite(
+                                "ops", f"e{i}", 0, [Ops(json.dumps([["put", i, i]]))],
+                                [("batching",)],
+                            )
+                            for i in range(written, written + size)
+                        ]
                     )  # fmt: skip
+                    written += size
                     await worker.catch_up(force=True)
-                assert worker.offset == 2 and worker.transactions == 2
-                assert len((await _tables(projection))[0]) == 2
+                assert worker.offset == written and worker.transactions == len(pages)
+                assert len((await _tables(projection))[0]) == written
             finally:
                 await projection.dispose()
 
@@ -585,7 +546,7 @@ def test_sqlite_a_single_event_also_goes_to_the_driver_in_one_call(tmp_path: Pat
         asyncio.run(main())
     finally:
         _database._commit_in_one_call = one_call
-    assert calls == [1, 1]  # each page of one event in one call
+    assert calls == pages  # one call per page, every event's write in it
 
 
 @pytest.mark.parametrize("clear", [False, True])
