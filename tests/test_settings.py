@@ -123,6 +123,17 @@ async def test_projections_take_journal_url_over_journal_settings(tmp_path: Path
         assert (projections.settings.max_batch, projections.settings.max_attempts) == (7, 2)
 
 
+@pytest.mark.parametrize("own_file", [False, True])
+def test_projections_write_as_durably_as_their_journal(tmp_path: Path, own_file: bool) -> None:
+    """A journal given ``sqlite_synchronous`` by keyword: its projections' connections (in its
+    file, or in one of their own) commit the same way, not at the default FULL."""
+    from lagompy.readside import projection_settings
+
+    journal = JournalSettings(url=_url(tmp_path, "a.db"), sqlite_synchronous="NORMAL")
+    settings = ReadSideSettings(url=_url(tmp_path, "p.db") if own_file else None)
+    assert projection_settings(journal, settings).sqlite_synchronous == "NORMAL"
+
+
 def test_service_takes_journal_url_over_journal_settings(tmp_path: Path) -> None:
     """``Service(journal_url=..., journal_settings=...)`` used to be refused."""
     service = Service(

@@ -142,7 +142,8 @@ def _settings(settings: ReadSideSettings | None, overrides: dict[str, Any]) -> R
 
 def projection_settings(journal: JournalSettings, settings: ReadSideSettings) -> JournalSettings:
     """Connection settings of the projection database: ``settings.url`` (and its schema), or
-    the journal's database when it is None."""
+    the journal's database when it is None; its SQLite busy timeout and durability
+    (``sqlite_synchronous``) and PostgreSQL lock timeout are the journal's."""
     same = settings.url is None
     values: dict[str, Any] = {
         "url": journal.url if same else settings.url,
@@ -155,6 +156,7 @@ def projection_settings(journal: JournalSettings, settings: ReadSideSettings) ->
             journal.auto_migrate if settings.auto_migrate is None else settings.auto_migrate
         ),
         "sqlite_busy_timeout_ms": journal.sqlite_busy_timeout_ms,
+        "sqlite_synchronous": journal.sqlite_synchronous,
         "lock_timeout_ms": journal.lock_timeout_ms,
     }
     return make_settings(JournalSettings, **values)
