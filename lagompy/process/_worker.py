@@ -228,6 +228,12 @@ class ProcessCommit(ProjectionCommit):
         async with self.lock:
             return await self._handle(consumer, lease, envelopes, upto)
 
+    async def commit_alone(
+        self, consumer: EventConsumer, lease: Lease, envelope: EventEnvelope[Any]
+    ) -> Flags:
+        """An event retried alone: the manager's own transaction, as for a batch."""
+        return (await self.commit_batch(consumer, lease, [envelope]))[1]
+
     async def _handle(
         self,
         consumer: EventConsumer,

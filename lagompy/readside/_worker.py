@@ -496,6 +496,15 @@ class ProjectionCommit:
         consumer.moved(offset, clear, flags)
         return flags
 
+    async def commit_alone(
+        self, consumer: EventConsumer, lease: Lease, envelope: EventEnvelope[Any]
+    ) -> Flags:
+        """One event in a transaction of its own, as it is retried after its batch failed:
+        with the plain connection, so that a handler's own write errors reach it (it may catch
+        them), as they would have without batching. A strategy that replaces the transaction
+        (the process managers') replaces this too."""
+        return (await self._transaction(consumer, lease, [envelope], None, defer=False))[1]
+
     async def _commit_one(
         self, consumer: EventConsumer, lease: Lease, envelope: EventEnvelope[Any]
     ) -> Flags:
@@ -504,9 +513,7 @@ class ProjectionCommit:
         while True:
             attempt += 1
             try:
-                # The plain connection: a handler's own write errors reach it (it may catch
-                # them), as they did before the batch failed.
-                return (await self._transaction(consumer, lease, [envelope], None, defer=False))[1]
+                return await self.commit_alone(consumer, lease, envelope)
             except (LeaseLost, _Stopped, JournalUnavailable):
                 raise
             except Exception as e:
