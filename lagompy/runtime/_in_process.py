@@ -27,12 +27,12 @@ from sqlalchemy import text
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
-from lagompy.journal._placement import HOME
 from lagompy.journal._storage import PlacedStorage, Storage
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import EntityClass
 from lagompy.runtime._placed import (
     databases_of,
+    home_storage_of,
     journal_settings_of,
     open_entity_storage,
     processor_for,
@@ -97,9 +97,7 @@ class InProcessEntities(AsyncClosing):
         #: Every database's storage (one :class:`Storage`, or a placed journal's).
         self.placed_storage = storage
         #: The journal's storage: the home database's when it is placed on several.
-        self.storage: Storage = (
-            storage.parts[HOME] if isinstance(storage, PlacedStorage) else storage
-        )
+        self.storage: Storage = home_storage_of(storage)
         self.processor = processor_for(
             entities,
             storage,

@@ -59,6 +59,13 @@ def databases_of(storage: Storage | PlacedStorage) -> dict[str, Database]:
     return {HOME: storage.database}
 
 
+def home_storage_of(storage: Storage | PlacedStorage) -> Storage:
+    """The storage of the home database of ``storage`` (itself, for one database's)."""
+    if isinstance(storage, PlacedStorage):
+        return storage.parts[HOME]
+    return storage
+
+
 def journal_settings_of(storage: Storage | PlacedStorage) -> JournalSettings:
     """The settings of the whole journal ``storage`` opened (every database of a placed one)."""
     if isinstance(storage, PlacedStorage):
