@@ -16,7 +16,7 @@ from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
-from lagompy.journal._placement import Placement
+from lagompy.journal._placement import HOME, Placement
 from lagompy.journal._snapshots import SnapshotStore
 from lagompy.serialization import Serializer
 from lagompy.settings import JournalSettings, make_settings
@@ -47,6 +47,16 @@ class Storage(AsyncClosing):
     serializer: Serializer
     journal: Journal
     snapshots: SnapshotStore
+
+    @property
+    def parts(self) -> dict[str, Storage]:
+        """This storage by database name, as :attr:`PlacedStorage.parts` (the home one only)."""
+        return {HOME: self}
+
+    @property
+    def settings(self) -> JournalSettings:
+        """The settings of the journal this storage opened."""
+        return self.database.settings
 
     async def close(self) -> None:
         await self.database.dispose()
@@ -104,6 +114,11 @@ class PlacedStorage(AsyncClosing):
     def serializer(self) -> Serializer:
         """The serializer every database's journal shares."""
         return next(iter(self.parts.values())).serializer
+
+    @property
+    def settings(self) -> JournalSettings:
+        """The settings of the whole journal (every database's)."""
+        return self.placement.settings
 
     def of(self, entity_id: str) -> Storage:
         """The storage of the database that holds ``entity_id``."""

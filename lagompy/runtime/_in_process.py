@@ -27,13 +27,11 @@ from sqlalchemy import text
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, Overloaded
+from lagompy.journal._placement import HOME
 from lagompy.journal._storage import PlacedStorage, Storage
 from lagompy.runtime._defaults import runtime_default
 from lagompy.runtime._loading import EntityClass
 from lagompy.runtime._placed import (
-    databases_of,
-    home_storage_of,
-    journal_settings_of,
     open_entity_storage,
     processor_for,
 )
@@ -97,7 +95,7 @@ class InProcessEntities(AsyncClosing):
         #: Every database's storage (one :class:`Storage`, or a placed journal's).
         self.placed_storage = storage
         #: The journal's storage: the home database's when it is placed on several.
-        self.storage: Storage = home_storage_of(storage)
+        self.storage: Storage = storage.parts[HOME]
         self.processor = processor_for(
             entities,
             storage,
@@ -204,12 +202,12 @@ class InProcessEntities(AsyncClosing):
     @property
     def local_journal(self) -> JournalSettings:
         """The settings of the journal these entities write (all its databases)."""
-        return journal_settings_of(self.placed_storage)
+        return self.placed_storage.settings
 
     async def check(self) -> None:
         """Return when each database of the journal answers (raise the first error if not)."""
-        for database in databases_of(self.placed_storage).values():
-            async with database.read() as conn:
+        for part in self.placed_storage.parts.values():
+            async with part.database.read() as conn:
                 await conn.execute(text("SELECT 1"))
 
     async def close(self, *, shutdown: bool = False) -> None:

@@ -29,7 +29,6 @@ from lagompy.journal._storage import (
 from lagompy.runtime._loading import EntityClass
 from lagompy.runtime._processing import EntityProcessor, LiveEntity, Request, Result
 from lagompy.settings import JournalSettings
-from lagompy.sql._database import Database
 
 
 async def open_entity_storage(
@@ -50,27 +49,6 @@ def processor_for(
     if isinstance(storage, PlacedStorage):
         return PlacedProcessor(classes, storage, **options)
     return EntityProcessor(classes, storage.journal, storage.snapshots, **options)
-
-
-def databases_of(storage: Storage | PlacedStorage) -> dict[str, Database]:
-    """Each database of ``storage`` by name (:data:`HOME` for the home one)."""
-    if isinstance(storage, PlacedStorage):
-        return {name: part.database for name, part in storage.parts.items()}
-    return {HOME: storage.database}
-
-
-def home_storage_of(storage: Storage | PlacedStorage) -> Storage:
-    """The storage of the home database of ``storage`` (itself, for one database's)."""
-    if isinstance(storage, PlacedStorage):
-        return storage.parts[HOME]
-    return storage
-
-
-def journal_settings_of(storage: Storage | PlacedStorage) -> JournalSettings:
-    """The settings of the whole journal ``storage`` opened (every database of a placed one)."""
-    if isinstance(storage, PlacedStorage):
-        return storage.placement.settings
-    return storage.database.settings
 
 
 class PlacedProcessor:
