@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._counter import CounterEntity, Increment, Read
 from bench._report import cpu_reference
 from lagompy import JournalSettings, open_storage
+from lagompy._collector import GC_THRESHOLD
 from lagompy.journal import Journal
-from lagompy.runtime._host import GC_THRESHOLD
 from lagompy.runtime._processing import EntityProcessor, Request
 
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

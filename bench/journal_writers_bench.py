@@ -8,7 +8,7 @@ on N connections inserts the same rows (events and tag rows, precomputed, offset
 one executemany per table per transaction into tables with the same indexes: the cheapest a
 plain driver can do. Every measurement starts on empty tables. PostgreSQL only (SQLite's
 writers take turns by design). The process collects garbage as a shard host does, the writers of
-a running system (``collect_like_a_host``, once the journals are open; ``--default-gc`` leaves
+a running system (``tune_collector``, once the journals are open; ``--default-gc`` leaves
 Python's defaults).
 
     .venv/bin/python bench/journal_writers_bench.py --runs 3   # writes docs/benchmarks.md
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import cpu_reference, write_section
 from bench.journal_bench import INSERT_EVENTS, PG_URL, CartEntity, RawRows, make_batch
 from lagompy import JournalSettings, open_storage
+from lagompy._collector import tune_collector
 from lagompy.journal import Storage
-from lagompy.runtime._host import collect_like_a_host
 
 WRITERS = (1, 2, 4, 8)
 BATCH = 100
@@ -92,7 +92,7 @@ async def one_run(run: int, seconds: float) -> tuple[float, dict[int, tuple[floa
         )
         cpu = cpu_reference()
         if HOST_GC:
-            collect_like_a_host()
+            tune_collector()
         rates: dict[int, tuple[float, float]] = {}
         for writers in WRITERS:
 

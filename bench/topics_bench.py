@@ -8,11 +8,16 @@ in another process), on PostgreSQL and SQLite:
   lag of a message is the time its handler ran minus its event's timestamp (the write
   transaction's clock, taken just before its commit).
 
-Default settings (``ReadSideSettings()``: 1,000 messages per page and transaction).
+Default settings (``ReadSideSettings()``: 1,000 messages per page and transaction). The
+subscriber runs in the benchmark's process as a service's subscribers run in the process that
+``lagompy run`` serves: with the collector tuned once the service has started
+(``tune_collector``, lagompy/_collector.py; ``--default-gc`` leaves Python's, here and in the
+producing service's process).
 
     .venv/bin/python bench/topics_bench.py                 # prints
     .venv/bin/python bench/topics_bench.py --write         # also writes docs/benchmarks.md
     .venv/bin/python bench/topics_bench.py --quick         # 10,000 events, 3 s of load
+    .venv/bin/python bench/topics_bench.py --runs 3        # three runs, one table
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bench._report import cpu_reference, write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage
+from lagompy._collector import tune_collector
 from lagompy.journal import Journal
 from lagompy.readside import ReadSideSettings
 from lagompy.serialization import Serializer
@@ -56,6 +62,9 @@ from lagompy.topic import (
 PG_URL = os.environ.get("LAGOMPY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REPO = Path(__file__).resolve().parent.parent
 ACCOUNTS = 1000
+#: The subscriber's and the producing service's collector as `lagompy run` tunes it (see the
+#: module's docstring); --default-gc: Python's.
+TUNED = True
 
 
 class Probe(Subscriber[Deposit]):
@@ -139,6 +148,7 @@ def producer_process(settings: JournalSettings) -> Iterator[str]:
     if settings.postgres_schema:
         env["LAGOMPY_JOURNAL_POSTGRES_SCHEMA"] = settings.postgres_schema
     env["PYTHONPATH"] = str(REPO)
+    env["LAGOMPY_RUN_COLLECTOR"] = "tuned" if TUNED else "default"
     command = [sys.executable, "-m", "lagompy", "run", "bench._topics_app:app"]
     popen = subprocess.Popen(
         [*command, "--port", str(port), "--log-level", "warning"], env=env, cwd=REPO
@@ -237,6 +247,8 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                 for first in range(0, events, 1000):
                     await writer.append(first, min(1000, events - first))
                 print(f"[{name}] {events:,} events written", flush=True)
+                if TUNED:  # as `lagompy run` tunes a service's process once it has started
+                    tune_collector()
                 cpu = cpu_reference()
                 print(f"[{name}] CPU reference {cpu:.0f} ms", flush=True)
                 baseline = await read_and_decode(storage.journal)
@@ -282,35 +294,46 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
     return rows
 
 
+COLLECTORS = {
+    True: "Both processes' collector is tuned as `lagompy run` tunes a service's once it has "
+    "started (lagompy/_collector.py); reading and decoding, the baseline, runs in the same "
+    "process.",
+    False: "Python's default collector in both processes (`--default-gc`).",
+}
+
 HEADER = (
-    "| backend | transport | catch-up (messages/s) | read and decode (events/s) "
+    "| run | backend | transport | catch-up (messages/s) | read and decode (events/s) "
     "| ratio (floor 0.5) | load (events/s) | lag p50 / p99 (floor p99 100 ms) | CPU ref |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| ---: | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
-async def main(quick: bool, write: bool) -> None:
+async def main(quick: bool, write: bool, runs: int) -> None:
     events, seconds = (10_000, 3.0) if quick else (100_000, 10.0)
     rows = []
-    for name in ("postgres", "sqlite"):
-        rows += await run_backend(name, events, seconds)
+    for run in range(1, runs + 1):
+        for name in ("postgres", "sqlite"):
+            rows += [r | {"run": run} for r in await run_backend(name, events, seconds)]
     if not write:
         return
     table = "\n".join(
-        f"| {r['backend']} | {r['transport']} | {r['catch_up']:,.0f} | {r['baseline']:,.0f} | "
+        f"| {r['run']} | {r['backend']} | {r['transport']} | {r['catch_up']:,.0f} | "
+        f"{r['baseline']:,.0f} | "
         f"{r['catch_up'] / r['baseline']:.2f} | {r['rate']:,.0f} | {r['p50']:.1f} / "
         f"{r['p99']:.1f} ms | {r['cpu']:.0f} ms |"
         for r in rows
     )
-    flag = " --quick" if quick else ""
+    flag = (" --quick" if quick else "") + (f" --runs {runs}" if runs > 1 else "")
+    flag += "" if TUNED else " --default-gc"
     body = f"""Command: `.venv/bin/python bench/topics_bench.py{flag} --write`
 ({events:,} events for the catch-up; {seconds:g} s of load for the lag). The subscriber writes
 nothing but its positions (one transaction per page of up to
 {ReadSideSettings().max_batch:,} messages); the HTTP producer runs in a process of its own
 (`lagompy run`), the subscriber in the benchmark's, with its positions in a database of its own
-(another SQLite file, another PostgreSQL schema). The lag of a message is the time its handler
-ran minus its event's timestamp. CPU ref: `sum(range(10**6))`, best of 5, in ms, taken
-before each backend's runs (how busy the machine was).
+(another SQLite file, another PostgreSQL schema). {COLLECTORS[TUNED]}
+The lag of a message is the time its handler ran minus its event's timestamp. CPU ref:
+`sum(range(10**6))`, best of 5, in ms, taken before each backend's runs (how busy the machine
+was).
 
 {HEADER}
 {table}
@@ -322,5 +345,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--default-gc", action="store_true", help="Python's default collector")
     args = parser.parse_args()
-    asyncio.run(main(args.quick, args.write))
+    TUNED = not args.default_gc
+    asyncio.run(main(args.quick, args.write, args.runs))

@@ -41,6 +41,14 @@ UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _pg_status: tuple[bool, str] | None = None
 
 
+def tuned(collector: dict[str, int]) -> bool:
+    """Whether a process's ``collector_state()`` (an actor's ``ping()["collector"]``) is
+    tuned as lagompy's own processes tune it (lagompy/_collector.py)."""
+    from lagompy._collector import GC_THRESHOLD
+
+    return collector["threshold"] == GC_THRESHOLD and collector["frozen"] > 0
+
+
 def _postgres_reachable() -> tuple[bool, str]:
     global _pg_status
     if _pg_status is None:

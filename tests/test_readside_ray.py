@@ -19,6 +19,7 @@ from lagompy.journal import TailSettings
 from lagompy.readside import start_readside_on_ray, stop_readside_on_ray
 from lagompy.readside._ray import actor_name
 from lagompy.runtime import namespace_of
+from tests.conftest import tuned
 
 FAST: dict[str, Any] = {
     "lease_ttl": 5.0,
@@ -69,7 +70,9 @@ async def test_workers_on_ray_survive_crashes_and_leave_nothing_behind(
 
             # A worker process dies: Ray restarts it, it takes its lease back and resumes.
             victim = ray.get_actor(actor_name("users", tags[0]), namespace=namespace_of(app))
-            pid_before = (await victim.ping.remote())["pid"]
+            ping = await victim.ping.remote()
+            pid_before = ping["pid"]
+            assert tuned(ping["collector"]), ping  # a process of its own: lagompy/_collector.py
             ray.kill(victim, no_restart=False)
             await register(20, 40)
             for i in range(0, 40, 3):
@@ -80,7 +83,8 @@ async def test_workers_on_ray_survive_crashes_and_leave_nothing_behind(
             await asyncio.sleep(0.5)
             await readside.wait_until_caught_up(timeout=90)
             again = ray.get_actor(actor_name("users", tags[0]), namespace=namespace_of(app))
-            assert (await again.ping.remote())["pid"] != pid_before
+            ping = await again.ping.remote()
+            assert ping["pid"] != pid_before and tuned(ping["collector"]), ping
 
         async with readside.projections.projection.read() as conn:
             rows = (await conn.execute(text("SELECT user_id, name FROM users"))).all()

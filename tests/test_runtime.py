@@ -40,6 +40,7 @@ from lagompy.runtime._processing import EntityProcessor, Request
 from lagompy.runtime._ray_cluster import actor_runtime_env, node_cpus
 from lagompy.runtime._region import HostUnreachable, Outcome, Region
 from lagompy.settings import JournalSettings
+from tests.conftest import tuned
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -405,7 +406,9 @@ async def test_host_killed_mid_load_never_applies_a_command_twice(
     try:
         await entities.ref_for(CounterEntity, "warm").ask(Add(1), timeout=30)
         host = ray.get_actor("host-0", namespace=entities.namespace)
-        pid_before = (await host.ping.remote())["pid"]
+        ping = await host.ping.remote()
+        pid_before = ping["pid"]
+        assert tuned(ping["collector"]), ping  # a process of its own: lagompy/_collector.py
 
         async def one(i: int) -> tuple[str, Any]:
             ref = entities.ref_for(CounterEntity, f"k{i % 40}")

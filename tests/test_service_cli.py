@@ -422,3 +422,51 @@ def test_several_workers_share_one_ray_and_one_metrics_view(
         import asyncio
 
         asyncio.run(shutdown_app(app_name))
+
+
+GC_APP = """
+import gc
+
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/gc")
+def collector() -> dict[str, int]:
+    return {"threshold": gc.get_threshold()[0], "frozen": gc.get_freeze_count()}
+
+
+@app.get("/health/ready")
+def ready() -> dict[str, str]:
+    return {"status": "ready"}
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "env_value", "expect_tuned"),
+    [([], None, True), (["--collector", "default"], None, False), ([], "default", False)],
+)
+def test_run_tunes_the_collector_of_the_serving_process(
+    tmp_path: Path, args: list[str], env_value: str | None, expect_tuned: bool
+) -> None:
+    """Once the app has started, ``run`` freezes its start-up objects and raises the young
+    generation's threshold, as shard hosts do (lagompy/_collector.py); ``--collector default``
+    or ``LAGOMPY_RUN_COLLECTOR=default`` leaves Python's collector as it was."""
+    from lagompy._collector import GC_THRESHOLD
+
+    (tmp_path / "gc_app_module.py").write_text(GC_APP)
+    env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    if env_value is not None:
+        env["LAGOMPY_RUN_COLLECTOR"] = env_value
+    server = Server(["gc_app_module:app", *args], env, tmp_path / "server.log")
+    try:
+        server.wait_ready(timeout=60)
+        state = httpx.get(f"{server.url}/gc", timeout=5).json()
+        if expect_tuned:
+            assert state["threshold"] == GC_THRESHOLD and state["frozen"] > 1000, state
+        else:
+            assert state["threshold"] < GC_THRESHOLD and state["frozen"] == 0, state
+        assert server.terminate() == 0, server.output()
+    finally:
+        server.kill()

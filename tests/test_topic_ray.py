@@ -34,6 +34,7 @@ from lagompy.topic import (
     stop_subscribers_on_ray,
 )
 from lagompy.topic._ray import actor_name
+from tests.conftest import tuned
 from tests.topic_ray_subscribers import RayHttpLedger, RayLedger
 
 FAST: dict[str, Any] = {
@@ -75,7 +76,9 @@ async def test_a_group_on_ray_survives_crashes_and_leaves_nothing_behind(
         written = await env.append(*(Deposited(f"a{i}", i) for i in range(20)))
         await subs.wait_until_caught_up(timeout=60)
         handle = ray.get_actor(name, namespace=namespace_of(app))
-        pid_before = (await handle.ping.remote())["pid"]
+        ping = await handle.ping.remote()
+        pid_before = ping["pid"]
+        assert tuned(ping["collector"]), ping  # a process of its own: lagompy/_collector.py
 
         # The actor's process dies: Ray restarts it, it takes its leases back and resumes.
         ray.kill(handle, no_restart=False)
@@ -93,7 +96,8 @@ async def test_a_group_on_ray_survives_crashes_and_leaves_nothing_behind(
         assert set(counts.values()) == {1}  # nothing doubled
         assert os.getpid() not in {p for _, p in rows}  # handled in the actors
         again = ray.get_actor(name, namespace=namespace_of(app))
-        assert (await again.ping.remote())["pid"] != pid_before
+        ping = await again.ping.remote()
+        assert ping["pid"] != pid_before and tuned(ping["collector"]), ping
         status = sorted(await subs.status(RayLedger.group), key=lambda s: s.tag)
         assert [s.offset for s in status] == await env.heads()
         assert {s.owner for s in status} == {f"ray:{app}/{name}"}

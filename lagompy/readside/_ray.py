@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from lagompy._collector import collector_state, tune_collector
 from lagompy.closing import opener
 from lagompy.errors import ConfigurationError
 from lagompy.journal._placement import HOME, Placement, partition_key
@@ -106,6 +107,7 @@ class ReadSideWorkerActor:
             )
         )
         self._running: concurrent.futures.Future[None] = self._actor_loop.submit(self.worker.run())
+        tune_collector()  # a process of its own, opened: see lagompy/_collector.py
 
     def _call(self, coroutine: Any, timeout: float = 60.0) -> Any:
         return self._actor_loop.call(coroutine, timeout)
@@ -141,7 +143,7 @@ class ReadSideWorkerActor:
         )
 
     def ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "owner": self.worker.owner}
+        return {"pid": os.getpid(), "owner": self.worker.owner, "collector": collector_state()}
 
     def status(self) -> dict[str, Any]:
         w = self.worker

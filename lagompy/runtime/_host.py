@@ -28,7 +28,6 @@ was run. ``ping()`` and ``stats()`` answer throughout and show the journal's sta
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import logging
 import os
@@ -38,6 +37,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lagompy._collector import collector_state, tune_collector
 from lagompy.errors import (
     ConfigurationError,
     JournalUnavailable,
@@ -55,25 +55,6 @@ from lagompy.runtime._sharding import Topology, host_of
 from lagompy.settings import JournalSettings
 
 log = logging.getLogger("lagompy.host")
-
-#: The host process's first-generation garbage collection threshold. Every command allocates a
-#: few container objects (effect, decision, result, event); with Python's default (700) the
-#: collector ran every couple of dozen commands and, measured on a batch of 500 commands on 500
-#: live entities, took 15-25% of the processing time. The host is a process of its own (a Ray
-#: actor), so it collects less often instead; objects that exist once the journal is open are
-#: frozen out of the collector's way (``gc.freeze``).
-GC_THRESHOLD = 50_000
-
-
-def collect_like_a_host() -> None:
-    """The host process's garbage collection, set once its journal is open: what exists now
-    frozen out of the collector's way, and the first generation collected every
-    :data:`GC_THRESHOLD` allocations (a shard host is a process of its own: see above). The
-    journal's benches run their writers this way, as the hosts do."""
-    gc.freeze()
-    threshold = gc.get_threshold()
-    gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
-
 
 #: The niceness a shard host runs its batches at (see :data:`ACTOR_NICENESS`: the host is on
 #: the path of every ask). Measured with ``bench/runtime_tail_probe.py`` (docs/benchmarks.md,
@@ -184,7 +165,8 @@ class ShardHost:
 
     def ping(self) -> dict[str, Any]:
         """Who this host is: its index, process id, topology key and the niceness it runs
-        its batches at (see :data:`HOST_NICENESS`), and its journal's state (``journal``:
+        its batches at (see :data:`HOST_NICENESS`), its garbage collector (``collector``: see
+        lagompy/_collector.py), and its journal's state (``journal``:
         open, opening, unavailable or closed; ``journal_error``: why the last attempt to open
         it failed; ``journal_misconfigured``: that error is a ``ConfigurationError``, which
         waiting will not fix)."""
@@ -193,6 +175,7 @@ class ShardHost:
             "pid": os.getpid(),
             "topology_key": self.topology.key,
             "niceness": self._niceness,
+            "collector": collector_state(),
             **self._journal_status(),
         }
 
@@ -404,7 +387,7 @@ class ShardHost:
                 self.index,
                 self._open_attempts,
             )
-        collect_like_a_host()
+        tune_collector()  # a process of its own: see lagompy/_collector.py
         return True
 
     def _save_snapshots(self) -> None:

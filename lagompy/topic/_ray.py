@@ -36,6 +36,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from lagompy._collector import collector_state, tune_collector
 from lagompy.closing import opener
 from lagompy.errors import ConfigurationError
 from lagompy.readside._projections import Projections, WorkerStatus
@@ -141,6 +142,7 @@ class SubscriberGroupActor:
         self.running: Subscribers = self._call(
             self._open(cls, transport, JournalSettings(**journal), ReadSideSettings(**readside))
         )
+        tune_collector()  # a process of its own, started: see lagompy/_collector.py
 
     def _call(self, coroutine: Any, timeout: float | None = 60.0) -> Any:
         return self._actor_loop.call(coroutine, timeout)
@@ -162,7 +164,7 @@ class SubscriberGroupActor:
         )
 
     def ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "owner": self.owner}
+        return {"pid": os.getpid(), "owner": self.owner, "collector": collector_state()}
 
     def status(self) -> list[dict[str, Any]]:
         """The group's partitions as this actor sees them: stored position, lag (from the
