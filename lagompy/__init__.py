@@ -10,6 +10,7 @@ migrations), :mod:`lagompy.journal` (events, snapshots, tailing), :mod:`lagompy.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from lagompy._collector import tune_collector
 from lagompy.entity import (
     Command,
     Effect,
@@ -158,4 +159,5 @@ __all__ = [
     "start_readside",
     "tag",
     "tail",
+    "tune_collector",
 ]
