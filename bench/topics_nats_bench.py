@@ -18,6 +18,11 @@ baseline measured in the same run:
     .venv/bin/python bench/topics_nats_bench.py --quick         # 10,000 events, 3 s of load
     .venv/bin/python bench/topics_nats_bench.py --catch-up 3    # only the catch-up, 3 times
 
+The producers and the subscriber run in the benchmark's process as they run in a service's
+process under ``lagompy run``: with the collector tuned once it has started
+(``lagompy.tune_collector``; ``--default-gc`` leaves Python's). Reading and decoding, the
+baseline, runs in the same process.
+
 ``--catch-up N`` publishes once (through the producers), then runs N catch-ups of new groups,
 each beside nats-py reading the same stream alone: for profiling the subscriber's path
 (``py-spy record -- .venv/bin/python bench/topics_nats_bench.py --catch-up 5``).
@@ -38,9 +43,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import topics_bench
 from bench._report import cpu_reference, write_section
 from bench.topics_bench import Writer, backend, lag, probe, read_and_decode, serializer
 from lagompy import JournalSettings, open_storage
+from lagompy._collector import tune_collector
 from lagompy.journal import Journal
 from lagompy.testkit.nats import nats_server
 from lagompy.testkit.topics import contract_topic
@@ -169,6 +176,8 @@ async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
                 writer = Writer(storage.journal)
                 for first in range(0, events, 1000):
                     await writer.append(first, min(1000, events - first))
+                if topics_bench.TUNED:  # as `lagompy run` tunes a service's process
+                    tune_collector()
                 cpu = cpu_reference()
                 decode = await read_and_decode(storage.journal)
                 raw, raw_read = await raw_publish(
@@ -224,6 +233,8 @@ async def catch_up_only(name: str, events: int, times: int) -> None:
                 writer = Writer(storage.journal)
                 for first in range(0, events, 1000):
                     await writer.append(first, min(1000, events - first))
+                if topics_bench.TUNED:  # as `lagompy run` tunes a service's process
+                    tune_collector()
                 _, transport = await produce(server.url, storage.journal, events)
                 await transport._producers.close()  # type: ignore[attr-defined]
                 await transport.close()
@@ -296,12 +307,14 @@ async def main(runs: int, quick: bool, write: bool) -> None:
             f"worst {max(r['p99'] for r in mine):.1f} ms"
         )
     flag = (" --quick" if quick else "") + (f" --runs {runs}" if runs != 1 else "")
+    flag += "" if topics_bench.TUNED else " --default-gc"
     body = f"""Command: `.venv/bin/python bench/topics_nats_bench.py{flag} --write`
 ({events:,} events; {seconds:g} s of load at 2,000 events/s for the lag). A nats-server of the
 bench's own (file store, loopback); default settings everywhere. Floors: producers >= 0.5 of
 raw `publish_async` (same payloads, headers and in-flight bound, same run); catch-up of a new
 group >= 0.5 of reading and decoding the same events from the journal (same run); lag p99
 <= 100 ms. CPU ref: `sum(range(10**6))`, best of 5, in ms, as in the other sections.
+{topics_bench.COLLECTORS[topics_bench.TUNED].replace("Both processes'", "The process's")}
 
 {HEADER}
 {table}
@@ -319,7 +332,9 @@ if __name__ == "__main__":
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--catch-up", type=int, default=0, metavar="N")
     parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--default-gc", action="store_true", help="Python's default collector")
     args = parser.parse_args()
+    topics_bench.TUNED = not args.default_gc
     if args.catch_up:
         asyncio.run(catch_up_only(args.backend, 10_000 if args.quick else 100_000, args.catch_up))
     else:
