@@ -741,12 +741,13 @@ class Journal:
         if stmt is None:
             stmt = self._tag_page[wanted] = _tag_page_statement(wanted)
         parameters = {"tag": tag, "after": after_offset, "limit": limit, "visible": _NO_BOUND}
-        held = False
-        rows = await self.backend.read_page(stmt, parameters)
-        if rows is None:
+        read = await self.backend.read_page(stmt, parameters)
+        if read is None:
             async with self.database.read() as conn:
                 parameters["visible"], held = await self._visible(conn)
                 rows = _tuples(await conn.execute(stmt, parameters))
+        else:
+            rows, held = read
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope

@@ -27,6 +27,7 @@ from lagompy.journal._backend import (
     EVENT_COLUMNS,
     REPLY_COLUMNS,
     Batch,
+    DriverStatements,
     JournalBackend,
     check_expected,
     columns,
@@ -34,7 +35,7 @@ from lagompy.journal._backend import (
     refused_encoding,
 )
 from lagompy.journal._model import WriteResult, now_us
-from lagompy.sql._database import Database
+from lagompy.sql._database import Database, _invalidate_if_broken, translate_errors
 
 #: First key of the journal's write lock: b"lgmp" as a big-endian int4. The second key is the
 #: events table's oid (shifted into the int4 range), so journals in other schemas of the same
@@ -62,6 +63,8 @@ _LOCK_EVENTS = (
 #: Before a read by offset: up to where it may read (``lagompy_visible``, migration 0010), given
 #: the offsets' sequence (looked up once per backend, not at every read).
 _PG_VISIBLE = "SELECT visible, last FROM lagompy_visible(CAST(:seq AS regclass))"
+#: The same, sent to the driver by :meth:`PostgresBackend.read_page` ($1: the sequence).
+_PG_VISIBLE_DRIVER = "SELECT visible, last FROM lagompy_visible(CAST($1::text AS regclass))"
 #: Sent with ``BEGIN`` in every write transaction, before the fence. The journal's
 #: statements take their row counts from arrays, so PostgreSQL re-planned them at every
 #: execution (a custom plan for each set of parameters): measured ~0.4 ms of planning per
@@ -308,6 +311,8 @@ class PostgresBackend(JournalBackend):
         #: it prevents.
         self.ordering_fence = ordering_fence
         self._pg_sequence: str | None = None
+        #: read_page's statements, compiled once
+        self._statements = DriverStatements(database.engine.dialect)
 
     async def visible(self, conn: AsyncConnection) -> tuple[int, int] | None:
         if not self.ordering_fence:
@@ -316,6 +321,39 @@ class PostgresBackend(JournalBackend):
             self._pg_sequence = (await conn.execute(text(_PG_SEQUENCE))).scalar_one()
         visible, last = (await conn.execute(text(_PG_VISIBLE), {"seq": self._pg_sequence})).one()
         return int(visible), int(last)
+
+    async def read_page(
+        self, statement: Any, parameters: Mapping[str, Any]
+    ) -> tuple[Sequence[Sequence[Any]], bool] | None:
+        """The page on a pooled connection's driver (asyncpg), outside a transaction: the
+        fence's bound (``lagompy_visible``), then the page's statement as it was compiled the
+        first time, bounded by it: two statements, so the page's snapshot is taken after the
+        bound was read, as in the read transaction of :meth:`visible`; each is prepared once
+        per connection (asyncpg's statement cache) and used again for every page. Through
+        SQLAlchemy the same page took a BEGIN, the bound, the statement and a COMMIT (four
+        round trips) and its rows went through the adapter's cursor and the result's
+        processing."""
+        compiled = self._statements.compiled(statement)
+        if compiled is None:
+            return None
+        held = False
+        with translate_errors("read"):
+            async with self.database.engine.connect() as conn:
+                fairy = await conn.get_raw_connection()
+                pg: Any = fairy.driver_connection
+                try:
+                    if self.ordering_fence:
+                        visible, last = await pg.fetchrow(
+                            _PG_VISIBLE_DRIVER, await self._sequence(pg)
+                        )
+                        held = visible < last
+                        parameters = {**parameters, "visible": visible}
+                    sql, args = self._statements.positional(compiled, parameters)
+                    rows = await pg.fetch(sql, *args)
+                except BaseException as e:
+                    _invalidate_if_broken(fairy, e)
+                    raise
+        return rows, held
 
     async def append(self, batch: Batch, full_check: bool) -> dict[int, WriteResult]:
         # Small batches: one round trip (_PG_WRITE, a transaction of its own). Large batches,

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from lagompy.journal._backend import (
     EVENT_COLUMNS,
     Batch,
+    DriverStatements,
     JournalBackend,
     check_expected,
     record_offsets,
@@ -66,9 +67,6 @@ JOIN lagompy_command_replies r
  AND r.command_id = json_extract(k.value, '$[2]')
 """
 
-#: Statements read_page remembers compiled before it starts again.
-_COMPILED_MEMO = 64
-
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
     """In the driver's thread: ``sql``'s rows, all fetched (nothing left stepping)."""
@@ -86,8 +84,8 @@ class SqliteBackend(JournalBackend):
         self.database = database
         #: Kept for the front's sake: SQLite's writers always take turns (``BEGIN IMMEDIATE``).
         self.ordering_fence = ordering_fence
-        #: read_page's statements, compiled once (by identity, the statement held with it)
-        self._compiled: dict[int, tuple[Any, Any]] = {}
+        #: read_page's statements, compiled once
+        self._statements = DriverStatements(database.engine.dialect)
 
     async def visible(self, conn: AsyncConnection) -> None:
         """Writers take turns (``BEGIN IMMEDIATE``): offsets commit in order, every committed
@@ -96,35 +94,25 @@ class SqliteBackend(JournalBackend):
 
     async def read_page(
         self, statement: Any, parameters: Mapping[str, Any]
-    ) -> Sequence[Sequence[Any]] | None:
+    ) -> tuple[Sequence[Sequence[Any]], bool] | None:
         """The page's rows in one call to the driver's thread: the statement as it was
         compiled the first time (its SQL and positional parameters, as SQLAlchemy would send
         them), executed and fetched there, in SQLite's autocommit (one statement: one read
-        snapshot). Through SQLAlchemy the same page took a BEGIN, the statement, a fetch and
-        a COMMIT, each a hop to the driver's thread, and its rows went through the adapter's
-        cursor and the result's processing: 7.8 us per event against 3.2 us for the query in
-        sqlite3 alone (pages of 1,000, 2026-12-06, CPU reference 15 ms)."""
-        compiled = self._compiled.get(id(statement))
-        if compiled is None or compiled[0] is not statement:
-            if len(self._compiled) >= _COMPILED_MEMO:
-                self._compiled.clear()
-            made = statement.compile(dialect=self.database.engine.dialect)
-            plain = made.positional and not made.literal_execute_params
-            compiled = self._compiled[id(statement)] = (statement, made if plain else None)
-        if compiled[1] is None:
+        snapshot; never held back, see :meth:`visible`). Through SQLAlchemy the same page took
+        a BEGIN, the statement, a fetch and a COMMIT, each a hop to the driver's thread, and
+        its rows went through the adapter's cursor and the result's processing: 7.8 us per
+        event against 3.2 us for the query in sqlite3 alone (pages of 1,000, 2026-12-06, CPU
+        reference 15 ms)."""
+        compiled = self._statements.compiled(statement)
+        if compiled is None:
             return None
-        state = compiled[1].construct_expanded_state(parameters, escape_names=False)
-        values, processors = state.parameters, state.processors
-        args = [
-            processors[name](values[name]) if name in processors else values[name]
-            for name in state.positiontup or ()
-        ]
+        sent = self._statements.positional(compiled, parameters)
         with translate_errors("read"):
             async with self.database.engine.connect() as conn:
                 fairy = await conn.get_raw_connection()
                 driver: Any = fairy.driver_connection
-                rows = await in_sqlite_thread(driver, _fetch_all, state.statement, args)
-        return rows
+                rows = await in_sqlite_thread(driver, _fetch_all, *sent)
+        return rows, False
 
     async def append(self, batch: Batch, full_check: bool) -> dict[int, WriteResult]:
         # The transaction starts with BEGIN IMMEDIATE, so writers take turns and offsets
