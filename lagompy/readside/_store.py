@@ -367,11 +367,25 @@ class OffsetStore:
         the epoch is still the lease's; returns the row's flags. Raises ``LeaseLost`` otherwise
         (the caller's transaction then rolls back). ``clear_failure``: the worker moved past
         the failure line (it is cleared, and a ``failed`` state with it); otherwise a
-        ``failed`` state stays."""
-        values = self._commit_values(
-            offset, ttl, state, events_per_s=events_per_s, skipped=skipped, clear=clear_failure
-        )
-        return await self._fenced(conn, lease, values)
+        ``failed`` state stays.
+
+        The usual commit (``running``, nothing skipped) goes to the driver as its statement
+        was planned the first time (:meth:`_commit_plan`): built and compiled for every
+        transaction it cost 0.3-0.45 ms, 3% of a PostgreSQL rebuild's Python samples
+        (py-spy, 2026-12-06)."""
+        plan = None
+        if state == "running" and not skipped:
+            plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
+        if plan is None:
+            values = self._commit_values(
+                offset, ttl, state, events_per_s=events_per_s, skipped=skipped, clear=clear_failure
+            )
+            return await self._fenced(conn, lease, values)
+        parameters = _commit_parameters(lease, offset, ttl, events_per_s)
+        got = (await conn.exec_driver_sql(plan.sql, plan.rows([parameters])[0])).first()
+        if got is None:
+            raise await self._lease_lost(conn, lease)
+        return _flags(got)
 
     async def commit_in_one_call(
         self,
@@ -396,16 +410,7 @@ class OffsetStore:
         plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
         if plan is None:
             return None
-        now = now_us()
-        parameters = {
-            "f_processor": lease.processor,
-            "f_tag": lease.tag,
-            "f_epoch": lease.epoch,
-            "v_offset": offset,
-            "v_expires": now + int(ttl * 1_000_000),
-            "v_now": now,
-            "v_rate": events_per_s,
-        }
+        parameters = _commit_parameters(lease, offset, ttl, events_per_s)
         last = (plan.sql, plan.rows([parameters])[0])
         fairy = await conn.get_raw_connection()
         returned = await sqlite_commit_in_one_call(
@@ -758,3 +763,19 @@ def _row(r: Any) -> OffsetRow:
         error_attempts=r["error_attempts"],
         error_at_us=r["error_at_us"],
     )
+
+
+def _commit_parameters(
+    lease: Lease, offset: int, ttl: float, events_per_s: float | None
+) -> dict[str, Any]:
+    """The parameters of :meth:`OffsetStore._commit_plan`'s statement."""
+    now = now_us()
+    return {
+        "f_processor": lease.processor,
+        "f_tag": lease.tag,
+        "f_epoch": lease.epoch,
+        "v_offset": offset,
+        "v_expires": now + int(ttl * 1_000_000),
+        "v_now": now,
+        "v_rate": events_per_s,
+    }
