@@ -7,9 +7,13 @@ alone and raw asyncpg executemany of the same projection rows; then, for each wa
 commit to visible in the projection under 2,000 events/s of live load (p50/p99).
 
 Default settings throughout (``ReadSideSettings()``: the page and transaction size is its
-``max_batch``). The floors part (rebuild, simple way, against raw executemany of the same rows, on
-PostgreSQL and on SQLite) runs ``--runs`` times over the same journals, each run with its own
-baselines and the CPU reference; the median and the worst ratio are reported.
+``max_batch``). The read sides run in the benchmark's process (and the lag part's worker in a
+process of its own) as they run in a service's process under ``lagompy run``: with the collector
+tuned once it has started (``lagompy.tune_collector``; ``--default-gc`` leaves Python's); the
+baselines run in the same process. The floors part (rebuild, simple way, against raw
+executemany of the same rows, on PostgreSQL and on SQLite) runs ``--runs`` times over the same
+journals, each run with its own baselines and the CPU reference; the median and the worst ratio
+are reported.
 
     .venv/bin/python bench/readside_bench.py --runs 5         # writes docs/benchmarks.md
     .venv/bin/python bench/readside_bench.py --quick          # 10,000 events, prints only
@@ -45,6 +49,7 @@ from examples.user_service.entity import NameChanged, UserEntity, UserRegistered
 from examples.user_service.fast_projection import FastUsersProjection
 from examples.user_service.projection import UsersProjection
 from lagompy import AtomicWrite, EventEnvelope, JournalSettings, open_storage
+from lagompy._collector import tune_collector
 from lagompy.journal import read_pages
 from lagompy.readside import ReadSideSettings, open_projections, start_readside
 
@@ -291,6 +296,8 @@ def lag_settings(backend: str, where: str) -> JournalSettings:
 async def worker_main(backend: str, where: str, way: str) -> None:
     probe = LAG_PROBES[way]
     async with await start_readside([probe], journal_settings=lag_settings(backend, where)):
+        if os.environ.get(DEFAULT_GC_ENV) != "1":
+            tune_collector()  # started, as `lagompy run` tunes a service's process
         await asyncio.Event().wait()
 
 
@@ -420,6 +427,12 @@ RUNS_HEADER = (
 )
 
 
+#: The read sides' collector as `lagompy run` tunes a service's process (see the module's
+#: docstring); --default-gc: Python's, here and in the lag part's workers (this variable).
+TUNED = True
+DEFAULT_GC_ENV = "LAGOMPY_BENCH_DEFAULT_GC"
+
+
 async def floors(
     settings: JournalSettings, schema: str, events: int, runs: int
 ) -> tuple[tuple[float, float], list[dict[str, float]]]:
@@ -441,6 +454,8 @@ async def floors(
         sqlite_read_rate, sqlite_pages = await read_and_decode(sqlite_settings)
         sqlite_work = raw_rows(sqlite_pages)
         del sqlite_pages
+        if TUNED:  # the process has started, as `lagompy run` tunes a service's process
+            tune_collector()
         for i, r in enumerate(results):
             r["cpu_ms"] = cpu_reference()
             r["pg_raw"] = await raw_executemany(schema, work, f"users_raw{i}")
@@ -628,6 +643,8 @@ async def main(quick: bool, write: bool, runs: int) -> None:
     command = "bench/readside_bench.py" + (" --quick --write" if quick else "")
     if runs != 1:
         command += f" --runs {runs}"
+    if not TUNED:
+        command += " --default-gc"
     median_of = {
         key: statistics.median(r[key] for r in results)
         for key in ("pg_simple", "pg_set-based", "pg_raw", "sqlite_simple", "sqlite_raw")
@@ -835,7 +852,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="with --lag-only: seconds of load per way"
     )
+    parser.add_argument("--default-gc", action="store_true", help="Python's default collector")
     args = parser.parse_args()
+    if args.default_gc:
+        TUNED = False
+        os.environ[DEFAULT_GC_ENV] = "1"  # the lag part's worker processes too
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if args.lag_only:
