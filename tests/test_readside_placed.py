@@ -34,8 +34,8 @@ from lagompy.readside._ray import actor_name
 from lagompy.sql._database import Database
 from lagompy.testkit.readside import Credited, readside_contract_serializer
 from tests.conftest import Placed, placed_cli
+from tests.readside_order_events import PlacedOrderEvents
 from tests.readside_processors import PlacedCredits, PoisonedPlacedCredits
-from tests.readside_user_events import PlacedUserEvents
 
 FAST: dict[str, Any] = {
     "lease_ttl": 5.0,
@@ -359,42 +359,46 @@ async def test_a_parked_event_of_another_database_is_retried_from_it(placed: Pla
 async def test_workers_on_ray_follow_each_database_of_the_runtime(
     ray_session: Any, placed: Placed
 ) -> None:
-    """The runtime's shard hosts write each user to its slice's database; one worker actor
+    """The runtime's shard hosts write each order to its slice's database; one worker actor
     per (tag, database) projects every event once."""
     import lagompy
-    from examples.user_service.entity import RegisterUser, UserEntity
+    from tests.process_entities import OrderEntity, PlaceOrder
 
     settings = await placed(2)
     placement = Placement.of(settings)
     app = f"rsp-{uuid.uuid4().hex[:8]}"
-    keys = sorted(k for t in PlacedUserEvents.tags() for k, _ in placement.partitions(t))
+    keys = sorted(k for t in PlacedOrderEvents.tags() for k, _ in placement.partitions(t))
+    assert len(keys) == 4  # two tag shards on each of the two databases
     readside = await start_readside_on_ray(
-        [PlacedUserEvents], app=app, journal_settings=settings, supervise_interval=0.2, **FAST
+        [PlacedOrderEvents], app=app, journal_settings=settings, supervise_interval=0.2, **FAST
     )
     try:
         assert sorted(k for _, k, _ in readside.specs) == keys
         assert sorted(name for _, _, name in readside.specs) == sorted(
-            actor_name("placed-user-events", k) for k in keys
+            actor_name("placed-order-events", k) for k in keys
         )
         async with lagompy.start(
-            app=app, entities=[UserEntity], journal_settings=settings, hosts=1
+            app=app, entities=[OrderEntity], journal_settings=settings, hosts=1
         ) as entities:
-            users = [f"u{i}" for i in range(40)]
-            for u in users:
-                await entities.ref_for(UserEntity, u).ask(RegisterUser(u.upper(), f"{u}@x.org"))
-        assert {placement.database_of(u) for u in users} == set(placement.names)
+            orders = [f"o{i}" for i in range(40)]
+            for o in orders:
+                await entities.ref_for(OrderEntity, o).ask(PlaceOrder(1))
+        # Every partition had events: each worker projected some.
+        assert {(OrderEntity.tag.for_entity(o), placement.database_of(o)) for o in orders} == {
+            (t, name) for t in PlacedOrderEvents.tags() for _, name in placement.partitions(t)
+        }
         await readside.wait_until_caught_up(timeout=60)
         async with readside.projections.projection.read() as conn:
             rows = (
-                await conn.execute(text("SELECT user_id, seq_nr FROM placed_user_events"))
+                await conn.execute(text("SELECT order_id, seq_nr FROM placed_order_events"))
             ).all()
-        assert sorted((r[0], int(r[1])) for r in rows) == sorted((u, 1) for u in users)
-        status = await readside.status("placed-user-events")
+        assert sorted((r[0], int(r[1])) for r in rows) == sorted((o, 1) for o in orders)
+        status = await readside.status("placed-order-events")
         assert [s.tag for s in status] == keys
         assert all(s.lag_events == 0 and s.head_offset == s.offset > 0 for s in status)
         assert {s.database for s in status} == set(placement.names)
         assert {s.owner for s in status} == {
-            f"ray:{app}/{actor_name('placed-user-events', k)}" for k in keys
+            f"ray:{app}/{actor_name('placed-order-events', k)}" for k in keys
         }
     finally:
         await readside.close(stop=True)
