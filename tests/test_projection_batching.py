@@ -11,6 +11,8 @@ connection), once in batches (the deferring connection). Failing events are skip
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -40,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy import AtomicWrite, EventEnvelope, JournalSettings, open_storage
+from lagompy import AtomicWrite, EventEnvelope, JournalSettings, Storage, open_storage
 from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideSettings, SqlReadSideProcessor
 from lagompy.readside._settings import projection_settings
@@ -170,16 +172,8 @@ async def _tables(projection: Database) -> tuple[list[Any], list[Any]]:
     return [tuple(r) for r in rows], [tuple(r) for r in logged]
 
 
-async def _run(
-    journal_settings: JournalSettings,
-    events: list[list[Any]],
-    max_batch: int,
-    *,
-    plain: bool = False,
-) -> tuple[list[Any], list[Any], int]:
-    """``plain``: every event with the plain connection (on SQLite a page of one event is
-    deferred too, for its commit in one call)."""
-    rs = ReadSideSettings(
+def _settings(max_batch: int) -> ReadSideSettings:
+    return ReadSideSettings(
         max_batch=max_batch,
         max_attempts=1,
         on_failure="skip",
@@ -187,26 +181,58 @@ async def _run(
         retry_max_delay=0.001,
         tail=TailSettings(poll_interval=0.02),
     )
-    serializer = Serializer([Ops])
-    async with await open_storage(settings=journal_settings, serializer=serializer) as storage:
-        projection = Database.create(projection_settings(journal_settings, rs))
-        try:
-            await ensure_schema(projection)
-            processor = OpsProjection()
-            await run_global_prepare(processor, projection, rs)
-            async with projection.write() as conn:
-                await processor.reset(conn)
-            worker = ReadSideWorker(
-                processor, "batching", journal=storage.journal, projection=projection, settings=rs
-            )
-            if plain:
-                assert isinstance(worker.strategy, ProjectionCommit)
-                worker.strategy._one_call = False
-            await worker.catch_up(force=True)
-            assert worker.offset == len(events)
-            return (*await _tables(projection), worker.transactions)
-        finally:
-            await projection.dispose()
+
+
+async def _run(
+    storage: Storage,
+    projection: Database,
+    events: list[list[Any]],
+    max_batch: int,
+    *,
+    plain: bool = False,
+) -> tuple[list[Any], list[Any], int]:
+    """``plain``: every event with the plain connection (on SQLite a page of one event is
+    deferred too, for its commit in one call). The projection's tables and offsets start
+    empty."""
+    rs = _settings(max_batch)
+    processor = OpsProjection()
+    async with projection.write() as conn:
+        await conn.execute(text("DELETE FROM lagompy_readside_offsets"))
+    await run_global_prepare(processor, projection, rs)
+    async with projection.write() as conn:
+        await processor.reset(conn)
+    worker = ReadSideWorker(
+        processor, "batching", journal=storage.journal, projection=projection, settings=rs
+    )
+    if plain:
+        assert isinstance(worker.strategy, ProjectionCommit)
+        worker.strategy._one_call = False
+    await worker.catch_up(force=True)
+    assert worker.offset == len(events)
+    return (*await _tables(projection), worker.transactions)
+
+
+#: A SQLite journal migrated once for the session, copied for each example (an empty,
+#: migrated journal: what a new file gives after its first open, without the migrations).
+_sqlite_template: Path | None = None
+
+
+async def _fresh_sqlite_journal(directory: Path) -> JournalSettings:
+    global _sqlite_template
+    if _sqlite_template is None:
+        template_dir = tempfile.mkdtemp(prefix="lagompy-batching-template-")
+        atexit.register(shutil.rmtree, template_dir, True)
+        template = Path(template_dir) / "j.db"
+        settings = JournalSettings(url=f"sqlite:///{template}")
+        async with await open_storage(settings=settings, serializer=Serializer([Ops])):
+            pass
+        # Out of WAL mode: the whole journal in the one file that is copied (each open of a
+        # copy turns WAL on again).
+        with contextlib.closing(sqlite3.connect(template)) as conn:
+            assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+        _sqlite_template = template
+    shutil.copyfile(_sqlite_template, directory / "j.db")
+    return JournalSettings(url=f"sqlite:///{directory / 'j.db'}")
 
 
 async def _same_tables(
@@ -216,7 +242,7 @@ async def _same_tables(
     tmp = None
     if backend == "sqlite":
         tmp = tempfile.mkdtemp(prefix="lagompy-batching-")
-        js = JournalSettings(url=f"sqlite:///{Path(tmp) / 'j.db'}")
+        js = await _fresh_sqlite_journal(Path(tmp))
         schema = None
     else:
         schema = await _create_schema()
@@ -229,11 +255,15 @@ async def _same_tables(
                     for i, ops in enumerate(events)
                 ]
             )
-        # The same journal twice: once one event per transaction, once in batches (the
-        # tables and the offsets emptied in between).
-        one_by_one = await _run(js, events, max_batch=1, plain=True)
-        await _reset_offsets(js)
-        batched = await _run(js, events, max_batch=max_batch)
+            projection = Database.create(projection_settings(js, _settings(1)))
+            try:
+                await ensure_schema(projection)
+                # The same journal twice: once one event per transaction, once in batches
+                # (the tables and the offsets emptied in between).
+                one_by_one = await _run(storage, projection, events, max_batch=1, plain=True)
+                batched = await _run(storage, projection, events, max_batch=max_batch)
+            finally:
+                await projection.dispose()
         assert batched[:2] == one_by_one[:2]
         if unbroken:
             assert batched[2] == -(-len(events) // max_batch)
@@ -242,15 +272,6 @@ async def _same_tables(
             await _drop_schema(schema)
         if tmp is not None:  # one directory per example: not left in /tmp
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-async def _reset_offsets(js: JournalSettings) -> None:
-    database = Database.create(projection_settings(js, ReadSideSettings()))
-    try:
-        async with database.write() as conn:
-            await conn.execute(text("DELETE FROM lagompy_readside_offsets"))
-    finally:
-        await database.dispose()
 
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
