@@ -15,7 +15,11 @@ unhandled commands, unhandled events, and (after ``restart``) a recovered state 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from lagompy.entity import PersistentEntity, reply_type_of
 from lagompy.errors import SerializationError, UnhandledCommand, UnhandledEvent
 from lagompy.journal._storage import Storage, open_storage
 from lagompy.runtime._processing import EntityProcessor, Request
+from lagompy.settings import JournalSettings, make_settings
 
 C = TypeVar("C")
 E = TypeVar("E")
@@ -85,6 +90,13 @@ class EntityTestDriver(Generic[C, E, S], AsyncClosing):
             if url is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="lagompy-driver-")
                 url = f"sqlite:///{Path(self._tmpdir) / 'journal.db'}"
+                # The journal open_storage makes of these arguments below.
+                overrides = dict(self._journal_settings)
+                overrides.pop("serializer", None)
+                base = overrides.pop("settings", None)
+                settings = make_settings(JournalSettings, base, **overrides, url=url)
+                if settings.auto_migrate is not False and not settings.databases:
+                    await _copy_migrated_journal(settings, Path(self._tmpdir) / "journal.db")
             self._storage = await open_storage(
                 url, entities=[self.entity_cls], **self._journal_settings
             )
@@ -203,3 +215,25 @@ class EntityTestDriver(Generic[C, E, S], AsyncClosing):
                     value,
                 )
             )
+
+
+#: Empty SQLite journals at this version's newest revision, migrated once per process and
+#: settings: a driver without a journal URL starts from a copy of one. Migrating a new file
+#: took ~90 ms of each driver's start (run and closed), copying one ~30 ms (2-core machine).
+_migrated: dict[str, Path] = {}
+
+
+async def _copy_migrated_journal(settings: JournalSettings, target: Path) -> None:
+    key = json.dumps(settings.model_dump(mode="json", exclude={"url"}), sort_keys=True)
+    template = _migrated.get(key)
+    if template is None or not template.exists():
+        directory = tempfile.mkdtemp(prefix="lagompy-driver-template-")
+        atexit.register(shutil.rmtree, directory, True)
+        template = Path(directory) / "journal.db"
+        storage = await open_storage(f"sqlite:///{template}", settings=settings)
+        await storage.close()
+        # Out of WAL mode: the file is then all of the journal (a copy's open turns WAL on).
+        with contextlib.closing(sqlite3.connect(template)) as conn:
+            conn.execute("PRAGMA journal_mode=DELETE")
+        _migrated[key] = template
+    shutil.copyfile(template, target)
