@@ -796,10 +796,10 @@ planned once (built and compiled for every transaction before). Alternated with 
 before in one sitting (one rebuild each, twice, each beside its own raw baseline): before
 28,212 and 27,869 events/s (raw 59,455 and 39,963; ratios 0.47, 0.70), after 25,275 and
 31,862 (raw 42,859 and 52,506; 0.59, 0.61), CPU reference 16.8-30.2 ms: within this machine's
-noise, as the raw baseline's swing shows. The runs in the table above met the floor (0.59-0.67)
-on this loaded machine, whose raw asyncpg reached 48,000-59,000 rows/s, half of a quiet
-sitting's 100,000-118,000: the ratio rises as the server slows the baseline, so these runs do
-not show the floor held on a quiet machine, where it read 0.44-0.53 before.
+noise, as the raw baseline's swing shows. The runs of 2026-12-06 met the floor (0.59-0.67, on
+that day's loaded and slow machine, whose raw asyncpg reached 48,000-64,000 rows/s, half of a
+quiet sitting's 100,000-118,000): the ratio rises as the server slows the baseline, so those runs
+do not show the floor held on a quiet machine, where it read 0.44-0.53 before.
 
 Lag from commit to visible under live load: {lags["simple"]["rate"]:,.0f} events/s appended
 to the journal for {load_seconds:.0f} s (every 10 ms one transaction of
