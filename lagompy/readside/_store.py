@@ -383,9 +383,7 @@ class OffsetStore:
             return await self._fenced(conn, lease, values)
         parameters = _commit_parameters(lease, offset, ttl, events_per_s)
         got = (await conn.exec_driver_sql(plan.sql, plan.rows([parameters])[0])).first()
-        if got is None:
-            raise await self._lease_lost(conn, lease)
-        return _flags(got)
+        return await self._flags_or_lost(conn, lease, got)
 
     async def commit_in_one_call(
         self,
@@ -551,6 +549,11 @@ class OffsetStore:
 
     async def _fenced(self, conn: AsyncConnection, lease: Lease, values: dict[str, Any]) -> Flags:
         got = (await conn.execute(self._fenced_statement(lease, values))).first()
+        return await self._flags_or_lost(conn, lease, got)
+
+    async def _flags_or_lost(self, conn: AsyncConnection, lease: Lease, got: Any) -> Flags:
+        """The flags a fenced write returned, or ``LeaseLost`` when it found another epoch
+        (``got`` is None: no row)."""
         if got is None:
             raise await self._lease_lost(conn, lease)
         return _flags(got)
