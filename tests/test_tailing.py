@@ -503,6 +503,41 @@ async def test_the_sqlite_watch_wakes_tailers_for_new_events_not_for_other_write
             await d.stop()
 
 
+async def test_the_sqlite_watch_wakes_only_the_tailers_of_the_tags_written(
+    tmp_path: Path,
+) -> None:
+    """As a PostgreSQL notification names its tags: a new event wakes the tailers of its tags
+    and those of every event, never a tailer of another tag (which would query for nothing);
+    each still sees all of its own events."""
+    url = f"sqlite:///{tmp_path / 'tags.db'}"
+    async with await open_storage(url, entities=[UserEntity]) as storage:
+        a = tail(storage.journal, tag="a", poll_interval=NEVER)
+        b = tail(storage.journal, tag="b", poll_interval=NEVER)
+        every = tail(storage.journal, poll_interval=NEVER)
+        async with a, b, every:
+            ca, cb, ce = Collector(a), Collector(b), Collector(every)
+            for c in (ca, cb, ce):
+                await c.idle()
+            watcher = a.notifier
+            assert isinstance(watcher, SqliteWatcher)
+            for n in range(5):
+                await append_batch(storage.journal, [user_write(f"a{n}", 1, ("a",))])
+                await ca.until(n + 1, timeout=2.0)
+                await ce.until(n + 1, timeout=2.0)
+            await append_batch(storage.journal, [user_write("none", 1, ())])  # no tag
+            await ce.until(6, timeout=2.0)
+            await asyncio.sleep(0.1)
+            assert b.notify_wakeups == 0 and cb.seen == []  # never woken for a's events
+            assert a.notify_wakeups >= 5 and every.notify_wakeups >= 6
+            assert watcher.notifications_skipped >= 6
+            await append_batch(storage.journal, [user_write("ab", 1, ("a", "b"))])
+            await cb.until(1, timeout=2.0)
+            await ca.until(6, timeout=2.0)
+            assert b.notify_wakeups == 1 and b.poll_wakeups == 0
+            for c in (ca, cb, ce):
+                await c.stop()
+
+
 async def test_the_sqlite_watch_wakes_on_any_write_where_it_cannot_read_a_journal(
     tmp_path: Path,
 ) -> None:

@@ -606,7 +606,9 @@ class SqliteWatcher(JournalNotifier):
     change means that a writer in some process wrote *something* to the file: events, or a
     lease renewal, a membership heartbeat, a projection's rows... So the task then reads the
     journal's highest offset (:class:`_JournalHead`: one indexed query on a connection of its
-    own, microseconds) and wakes every subscribed tailer only when that moved. It keeps reading
+    own, microseconds) and, only when that moved, reads the tags of the new events (one more
+    index range) and wakes the tailers of those tags and those of every event, as a
+    PostgreSQL notification naming its tags does. It keeps reading
     it at every look for ``_WATCH_SETTLE`` seconds after the change: a commit becomes visible
     only after its last write to the log (and, with ``synchronous=FULL``, its fsync), and a
     second commit within the same clock tick, after a checkpoint reset the log, leaves the
@@ -670,10 +672,16 @@ class SqliteWatcher(JournalNotifier):
                 if current is not None and current == top:
                     self.other_writes += written
                     continue  # another table was written (a lease, a projection), or nothing
-                # Moved, or unknown (the query failed: wake, as a change of the file would)
+                # Moved: wake the tailers of the tags written since (and those of every
+                # event); unknown (a query failed), or too far to name: wake them all.
+                tags = (
+                    head.tags_between(top, current)
+                    if top is not None and current is not None
+                    else None
+                )
                 top, changed = current, now
                 self.notifications += 1
-                self._wake_all(WakeReason.NOTIFICATION)
+                self._wake_all(WakeReason.NOTIFICATION, tags)
         finally:
             head.close()
             self._up.clear()
@@ -687,6 +695,13 @@ _WATCH_IDLE_FACTOR = 4
 _WATCH_SETTLE = 0.2
 
 _HEAD_QUERY = f"SELECT max(global_offset) FROM {schema.events.name}"
+_TAGS_QUERY = (
+    f"SELECT DISTINCT tag FROM {schema.event_tags.name} WHERE global_offset > ? "
+    "AND global_offset <= ?"
+)
+#: The most events between two looks whose tags a SQLite watch names; past it (a bulk load),
+#: it wakes every tailer rather than read the tags of that many events.
+_TAGS_NAMED_MAX = 10_000
 
 
 class _JournalHead:
@@ -719,6 +734,21 @@ class _JournalHead:
             self.close()
             return None
         return int(rows[0][0] or 0)
+
+    def tags_between(self, low: int, high: int) -> set[str] | None:
+        """The tags of the events after offset ``low`` up to ``high`` (an index range of
+        ``lagompy_event_tags``), after :meth:`read` found ``high``: a SQLite journal commits
+        its offsets in order, so nothing at or below ``high`` can still come. None when it
+        cannot tell (more than ``_TAGS_NAMED_MAX`` events, the head went back, a failed
+        query): the watch then wakes every tailer."""
+        if not 0 < high - low <= _TAGS_NAMED_MAX or self._connection is None:
+            return None
+        try:
+            rows = self._connection.execute(_TAGS_QUERY, (low, high)).fetchall()
+        except sqlite3.Error:
+            self.close()
+            return None
+        return {row[0] for row in rows}
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
