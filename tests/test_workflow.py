@@ -23,15 +23,22 @@ from lagompy.errors import (
     WorkflowFailed,
     WorkflowNotFound,
 )
+from lagompy.journal import AtomicWrite, open_storage
 from lagompy.runtime import InProcessEntities
+from lagompy.serialization import Serializer, serializable
 from lagompy.workflow import (
+    WORKFLOW_ENTITY,
+    WORKFLOW_TAG,
     WorkflowContext,
     WorkflowEngine,
     WorkflowRun,
     Workflows,
     WorkflowSettings,
+    inspect_run,
     start_workflows,
 )
+from lagompy.workflow._entity import RunStarted, StepCompleted
+from lagompy.workflow._index import run_row
 from tests.workflow_app import AccountEntity, CloseAccount, Deposit, Transfer, Withdraw, workflows
 
 FAST = WorkflowSettings(lease_ttl=1.0, renew_interval=0.25, admission_interval=0.1)
@@ -318,6 +325,71 @@ async def test_an_applied_ask_goes_on_before_its_record_and_a_crash_asks_it_agai
     assert await b.result("defer-1", timeout=15) == 908
     assert await env.balance("d") == 8
     assert (await b.status("defer-1")).steps == ("ask wf-account Withdraw",) * 2
+
+
+async def test_a_runs_last_asks_are_recorded_with_its_finish_in_one_event(bank: Env) -> None:
+    await bank.entities.ref_for(AccountEntity, "f").ask(Deposit(100))
+    await bank.engine.start("transfer", Transfer("f", "g", 30), id="folded")
+    assert await bank.engine.result("folded", timeout=10) == "done"
+    events = await bank.engine.journal_of("folded").events(WORKFLOW_ENTITY, "folded")
+    assert [type(e.event).__name__ for e in events] == ["RunStarted", "RunFinished"]
+    finished = events[-1].event
+    assert [(r.position, r.name) for r in finished.steps] == [
+        (0, "ask wf-account Withdraw"),
+        (1, "ask wf-account Deposit"),
+    ]
+    run = await bank.engine.get("folded")
+    assert run.status == "completed" and run.steps == finished.steps
+    await until(lambda: _index_row_is(bank.engine, "folded", "completed", 2))
+    detail = await inspect_run(bank.engine, "folded")
+    assert [(s["position"], s["output"]) for s in detail["steps"]] == [(0, 70), (1, 30)]
+    assert all(s["at"] == events[-1].timestamp.isoformat() for s in detail["steps"])
+    assert detail["history"][-1]["what"] == "finished completed, with steps 0-1"
+
+
+async def _index_row_is(engine: WorkflowEngine, run_id: str, status: str, steps: int) -> bool:
+    row = await run_row(engine.database, run_id)
+    return row is not None and (row.status, row.steps) == (status, steps)
+
+
+@serializable(name="RunFinished")  # as it was stored before its steps went into it
+@dataclass(frozen=True)
+class RunFinishedV1:
+    status: str
+    output: bytes | None
+    error: str | None
+    finished_us: int
+
+
+async def test_a_run_stored_with_a_step_per_event_replays_and_retries(bank: Env) -> None:
+    """Runs written before a finish carried its last steps (StepCompleted events, then
+    RunFinished version 1) read as they did: state, index, inspection, and a retry."""
+    await bank.entities.ref_for(AccountEntity, "o").ask(Deposit(100))
+    encode = bank.engine.serializer.encode_value
+    run_id = "old-run"
+    old = [
+        RunStarted("transfer", 1, encode(Transfer("o", "p", 10), Transfer), None, None, 1),
+        StepCompleted(0, "ask wf-account Withdraw", encode(90, int)),
+        StepCompleted(1, "ask wf-account Deposit", encode(10, int)),
+        RunFinishedV1("completed", encode("done", str), None, 2),
+    ]
+    serializer = Serializer([RunStarted, StepCompleted, RunFinishedV1])
+    async with await open_storage(settings=bank.journal, serializer=serializer) as storage:
+        tags = [(WORKFLOW_TAG.for_entity(run_id),)] * len(old)
+        write = AtomicWrite(WORKFLOW_ENTITY, run_id, 0, old, tags=tags)
+        await storage.journal.append_one(write)
+    run = await bank.engine.get(run_id)
+    assert run.status == "completed" and [s.name for s in run.steps] == [
+        "ask wf-account Withdraw",
+        "ask wf-account Deposit",
+    ]
+    await until(lambda: _index_row_is(bank.engine, run_id, "completed", 2))
+    detail = await inspect_run(bank.engine, run_id)
+    assert [s["output"] for s in detail["steps"]] == [90, 10]
+    await bank.engine.retry(run_id, 1)  # the deposit again (a new command id), not the withdraw
+    assert await bank.engine.result(run_id, timeout=10) == "done"
+    assert (await bank.balance("o"), await bank.balance("p")) == (100, 10)
+    await until(lambda: _index_row_is(bank.engine, run_id, "completed", 2))
 
 
 async def _true(value: bool) -> bool:

@@ -11,7 +11,9 @@ commands are the executor's (and the operations'); its events::
     SignalReceived    index, signal name, payload (bytes)
     CancelRequested   reason
     Compensated       index of the compensation, its name, ok or the error
-    RunFinished       status (completed, failed, cancelled), output or error
+    RunFinished       status (completed, failed, cancelled), output or error, and the steps
+                      recorded with the finish (those the executor had not sent yet: the
+                      records of a run's last applied asks), in position order
     RunReopened       an operator's resume / retry: steps from ``position`` on are dropped and
                       a new ``generation`` starts (the asks of the retried steps get new ids)
 
@@ -24,9 +26,11 @@ workflows' types), so the shard hosts need no user type to store them.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lagompy.entity import Command, Effect, PersistentEntity, sharded_tag
 from lagompy.errors import DuplicateWorkflowId, InvalidCommand, WorkflowNotFound
+from lagompy.serialization import serializable
 
 __all__ = [
     "ACTIVE",
@@ -258,12 +262,21 @@ class Compensated:
     error: str = ""
 
 
+def _no_steps(payload: dict[str, Any]) -> dict[str, Any]:
+    return {**payload, "steps": []}
+
+
+@serializable(version=2, upcasters={1: _no_steps})
 @dataclass(frozen=True)
 class RunFinished:
+    """The run's end; ``steps``: the records written with it (version 1 had none: its steps
+    were StepCompleted / StepFailed events before it), recorded before the finish."""
+
     status: str
     output: bytes | None
     error: str | None
     finished_us: int
+    steps: tuple[StepRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -340,7 +353,7 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                     return Effect.reply(state)
                 if status not in FINISHED:
                     raise InvalidCommand(f"a run cannot finish as {status!r}")
-                events, held = self._new_records(state, records)
+                new, held = self._new_records(state, records)
                 for record in held:
                     if record.name != records[record.position - records[0].position].name:
                         raise InvalidCommand(
@@ -348,8 +361,9 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                             f"holds {record.name!r}, not the step this executor ran: it does "
                             "not finish the run"
                         )
-                finished = RunFinished(status, output, error, command.at_us)
-                return Effect.persist(*events, finished).then_reply(lambda s: s)
+                # One event: the records go with the finish (a 3-ask run writes 2 events).
+                finished = RunFinished(status, output, error, command.at_us, new)
+                return Effect.persist(finished).then_reply(lambda s: s)
             case Run(), ReopenRun(position=position):
                 if not state.finished:
                     raise InvalidCommand(
@@ -377,29 +391,29 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
             raise InvalidCommand(
                 f"workflow run {self.entity_id!r} is {state.status}: it records no more steps"
             )
-        events, held = self._new_records(state, records)
-        return Effect.persist_all(events).then_reply(held)
+        new, held = self._new_records(state, records)
+        return Effect.persist_all([_record_event(r) for r in new]).then_reply(held)
 
     def _new_records(
         self, state: Run, records: tuple[StepRecord, ...]
-    ) -> tuple[list[StepCompleted | StepFailed], tuple[StepRecord, ...]]:
-        """The events of ``records`` not recorded yet, and what the positions recorded before
-        hold; consecutive positions from at most the next one, or InvalidCommand."""
+    ) -> tuple[tuple[StepRecord, ...], tuple[StepRecord, ...]]:
+        """The ``records`` not recorded yet, and what the positions recorded before hold;
+        consecutive positions from at most the next one, or InvalidCommand."""
         steps = state.steps
-        events: list[StepCompleted | StepFailed] = []
+        new: list[StepRecord] = []
         held: list[StepRecord] = []
         for record in records:
-            count = len(steps) + len(events)
+            count = len(steps) + len(new)
             if record.position < len(steps):
                 held.append(steps[record.position])
             elif record.position == count:
-                events.append(_record_event(record))
+                new.append(record)
             else:
                 raise InvalidCommand(
                     f"workflow run {self.entity_id!r} cannot record position "
                     f"{record.position}: it holds {count} steps"
                 )
-        return events, tuple(held)
+        return tuple(new), tuple(held)
 
     def _reopen_position(self, state: Run, position: int | None) -> int:
         steps = state.steps
@@ -431,9 +445,10 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                 return replace(state, cancel_reason=reason)
             case Run(), Compensated(index=index):
                 return replace(state, compensated=(*state.compensated, index))
-            case Run(), RunFinished(status=status, output=output, error=error):
+            case Run(), RunFinished(status=status, output=output, error=error, steps=steps):
                 return replace(
                     state,
+                    steps=(*state.steps, *steps) if steps else state.steps,
                     status=status,
                     output=output,
                     error=error,

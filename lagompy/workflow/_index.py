@@ -139,7 +139,18 @@ _INSERT = _insert(
 )
 _STEPPED = _set("steps", "wake_at_us", "updated_us")
 _CANCEL_REQUESTED = _set("updated_us", cancel_requested=True)
-_FINISHED = _set("status", "error", "finished_us", "updated_us", wake_at_us=None)
+#: A run's end; ``steps`` is the count of its steps when it carries the last ones (NULL: as
+#: it is), so that every finish is one statement (one executemany per run of finishes).
+_FINISHED = _set(
+    "status",
+    "error",
+    "finished_us",
+    "updated_us",
+    wake_at_us=None,
+    steps=func.coalesce(
+        bindparam("v_steps", type_=workflow_runs.c.steps.type), workflow_runs.c.steps
+    ),
+)
 _REOPENED = _set(
     "steps",
     "updated_us",
@@ -193,11 +204,12 @@ class RunsIndex(SqlReadSideProcessor):
                 )
             case CancelRequested():
                 await conn.execute(_CANCEL_REQUESTED, {"rid": run_id, "v_updated_us": at})
-            case RunFinished(status=status, error=error):
+            case RunFinished(status=status, error=error, steps=steps):
                 await conn.execute(
                     _FINISHED,
                     {
                         "rid": run_id,
+                        "v_steps": steps[-1].position + 1 if steps else None,
                         "v_status": status,
                         "v_error": error,
                         "v_finished_us": at,

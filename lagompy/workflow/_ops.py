@@ -35,6 +35,7 @@ from lagompy.workflow._entity import (
     SignalReceived,
     StepCompleted,
     StepFailed,
+    StepRecord,
 )
 from lagompy.workflow._index import RunRow, _row, types
 
@@ -257,6 +258,12 @@ def _value(engine: WorkflowEngine, data: bytes | None, annotation: Any) -> Any:
         return f"<{len(data)} bytes that do not decode here>"
 
 
+def _positions(records: tuple[StepRecord, ...]) -> str:
+    """The positions of ``records`` (consecutive): ``2`` or ``2-4``."""
+    first, last = records[0].position, records[-1].position
+    return str(first) if first == last else f"{first}-{last}"
+
+
 async def inspect_run(
     engine: WorkflowEngine, run_id: str, *, values: bool = True
 ) -> dict[str, Any]:
@@ -305,8 +312,12 @@ async def inspect_run(
                      "at": at.isoformat()}
                 )  # fmt: skip
                 what = f"compensation {index} {name!r} " + ("ran" if ok else f"failed: {error}")
-            case RunFinished(status=finished, error=error):
+            case RunFinished(status=finished, error=error, steps=recorded):
+                for i, record in enumerate(recorded):  # the last steps, written with it
+                    step_at[record.position] = (at.isoformat(), since if i == 0 else 0.0)
                 what = f"finished {finished}" + (f": {error}" if error else "")
+                if recorded:
+                    what += f", with steps {_positions(recorded)}"
             case RunReopened(position=p, generation=generation):
                 compensations = []  # a reopened run's compensations are the new attempt's
                 what = f"reopened from position {p} (generation {generation})"
