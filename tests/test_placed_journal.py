@@ -394,17 +394,6 @@ async def test_a_service_on_a_placed_journal_checks_each_database(
     assert all(by_database.values())
 
 
-async def test_topics_refuse_a_placed_journal_naming_why(placed: Placed) -> None:
-    from examples.user_service.topics import user_events
-    from lagompy.topic import TopicsComponent
-
-    settings = await placed(2)
-    topics = TopicsComponent([user_events], journal_settings=settings)
-    with pytest.raises(ConfigurationError, match="placed on several") as raised:
-        await topics.start()
-    assert "cannot follow it yet" in str(raised.value)
-
-
 @pytest.mark.postgres
 async def test_a_host_waits_for_every_database_then_serves_them_all(
     ray_session: Any, pg_databases: Callable[[int], Awaitable[list[str]]]

@@ -109,14 +109,3 @@ class Placement:
     def describe(self, name: str) -> str:
         """``"home"`` or ``"database 'b'"``, for messages."""
         return "the home database" if name == HOME else f"database {name!r}"
-
-
-def require_one_database(settings: JournalSettings, what: str) -> None:
-    """Refuse a journal placed on several databases for ``what`` (e.g. "topic producers"),
-    which follows one database's offsets, naming the databases and what does follow them."""
-    if settings.databases:
-        raise ConfigurationError(
-            f"{what} follow one database's offsets, and this journal is placed on several "
-            f"(home, {', '.join(settings.databases)}): they cannot follow it yet. Read sides, "
-            "process managers and workflows can (see docs/journal.md, 'Several databases')"
-        )

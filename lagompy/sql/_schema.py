@@ -73,6 +73,19 @@
     heartbeat every renew interval; a member that stops deletes its row). The live members,
     sorted, spread the consumer's partitions between them (``lagompy.consumer``'s
     ``Membership``).
+``lagompy_topic_messages``
+    On a journal placed on several databases, the relay log of the topics the service
+    publishes (in the home database; migration 0015): one row per message, keyed by
+    ``(topic, partition, message_offset)``, the offset gap-free from 1 per partition (a topic
+    partition keeps one sequence of positions whichever database its events come from). The
+    row holds what a :class:`~lagompy.topic.Message` carries: ``message_key``, the source
+    event's ``entity_type``, ``entity_id``, ``seq_nr`` and ``written_at_us``, and the payload
+    encoded by lagompy's serializer (``type_name``, ``version``, ``payload``); plus where it
+    came from (``source_database``, ``source_offset``), for operators.
+``lagompy_topic_heads``
+    Per (topic, partition) of the relay log, the last offset allocated (``last_offset``): a
+    relay's transaction moves it with ``UPDATE ... RETURNING``, so the row lock makes the next
+    allocator wait for the previous commit, and offsets commit in order, without gaps.
 """
 
 from __future__ import annotations
@@ -320,4 +333,32 @@ consumer_members = Table(
     Column("heartbeat_us", BigInteger, nullable=False),
     Column("expires_us", BigInteger, nullable=False),
     PrimaryKeyConstraint("consumer", "member", name="pk_lagompy_consumer_members"),
+)
+
+topic_messages = Table(
+    "lagompy_topic_messages",
+    metadata,
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("message_offset", BigInteger, nullable=False),
+    Column("message_key", String(255), nullable=False),
+    Column("entity_type", String(255), nullable=False),
+    Column("entity_id", String(255), nullable=False),
+    Column("seq_nr", BigInteger, nullable=False),
+    Column("written_at_us", BigInteger, nullable=False),
+    Column("type_name", String(255), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("source_database", String(255), nullable=False),
+    Column("source_offset", BigInteger, nullable=False),
+    PrimaryKeyConstraint("topic", "partition", "message_offset", name="pk_lagompy_topic_messages"),
+)
+
+topic_heads = Table(
+    "lagompy_topic_heads",
+    metadata,
+    Column("topic", String(255), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    PrimaryKeyConstraint("topic", "partition", name="pk_lagompy_topic_heads"),
 )

@@ -23,18 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, HTTPException
 
+from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
-from lagompy.journal._placement import require_one_database
+from lagompy.journal._placement import HOME, Placement
 from lagompy.journal._storage import Storage, open_storage, serializer_for
 from lagompy.journal._tailing import JournalNotifier, TailSettings
-from lagompy.readside._projections import STUCK_STATES, WorkerStatus
+from lagompy.readside._projections import STUCK_STATES, ReadSide, WorkerStatus, start_readside
 from lagompy.readside._runner import CAUGHT_UP_TIMEOUT
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.settings import JournalSettings
 from lagompy.topic._http import _topics_by_name, topic_router
+from lagompy.topic._log import PartitionLog, partition_log
 from lagompy.topic._nats import BrokerSettings, NatsTransport
 from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._ray import RaySubscribers
+from lagompy.topic._relay import relay_for
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._schema import schema_router
 from lagompy.topic._topic import Topic
@@ -80,6 +83,10 @@ class TopicsComponent:
         self._broker_transport: TopicTransport | None = None
         self.producers: Producers | None = None
         self._storage: Storage | None = None
+        self._log: PartitionLog | None = None
+        #: On a journal placed on several databases, the topics' relays (read-side workers
+        #: that write each partition's messages into the relay log: see ``_relay.py``).
+        self.relays: ReadSide | None = None
         self._notifier: JournalNotifier | None = None
         #: The topic routes, out of the OpenAPI schema like lagompy's other routes (they are
         #: lagompy's protocol between services, documented in docs/reference/http.md).
@@ -87,6 +94,12 @@ class TopicsComponent:
         self.router.include_router(
             topic_router(self.topics, self._journal, prefix=prefix), include_in_schema=False
         )
+
+        @self.router.get(f"{prefix}/relays", include_in_schema=False)
+        async def relays() -> list[dict[str, Any]]:
+            """The relays' partitions (a journal placed on several databases), else none."""
+            return [s.to_dict() for s in await self.relay_status()]
+
         # The AsyncAPI document (in the OpenAPI docs) and each topic's JSON Schema.
         subjects = (broker or BrokerSettings()).stream_prefix
         if isinstance(transport, NatsTransport):
@@ -95,10 +108,10 @@ class TopicsComponent:
             schema_router(self.topics, prefix=prefix, subject_prefix=subjects)
         )
 
-    def _journal(self) -> Journal:
-        if self._storage is None:
+    def _journal(self) -> PartitionLog:
+        if self._log is None:
             raise HTTPException(status_code=503, detail="the topics are not served yet")
-        return self._storage.journal
+        return self._log
 
     @property
     def journal(self) -> Journal:
@@ -112,9 +125,35 @@ class TopicsComponent:
         for t in self.topics:
             serializer.register(t.message_type)
         settings = self.journal_settings or JournalSettings()
-        require_one_database(settings, "topics (their producers and HTTP routes)")
-        self._storage = await open_storage(settings=settings, serializer=serializer)
+        placement = Placement.of(settings)
+        if placement.several and (
+            self.transport is not None or (self.broker or BrokerSettings()).url is not None
+        ):
+            raise ConfigurationError(
+                "a broker's topic producers follow one database's offsets, and this journal is "
+                f"placed on several (home, {', '.join(settings.databases)}): they cannot "
+                "publish it yet; its topics are served over HTTP (their relay log: see "
+                "docs/topics.md, 'Topics on a journal placed on several databases')"
+            )
         tail = TailSettings()
+        # On a journal placed on several databases the routes (and producers) read the relay
+        # log of the home database, which the relays write (see _relay.py).
+        home = placement.settings_of(HOME) if placement.several else settings
+        self._storage = await open_storage(settings=home, serializer=serializer)
+        self._log = partition_log(self._storage.journal, placed=placement.several, tail=tail)
+        if placement.several:
+            try:
+                self.relays = await start_readside(
+                    [relay_for(t, placement) for t in self.topics],
+                    journal_settings=settings,
+                    settings=self.producer_settings,
+                    # The relay's positions go with its messages, in the home database.
+                    url=None,
+                    postgres_schema=None,
+                )
+            except BaseException:
+                await self.stop()
+                raise
         if self._storage.database.dialect == "postgresql" and tail.listen:
             # Held for the component's life: the long polls share this process's LISTEN
             # connection instead of opening and closing it request by request.
@@ -132,12 +171,25 @@ class TopicsComponent:
         if transport is not None:
             self.producers = await start_producers(self.topics, transport)
 
+    async def relay_status(self) -> list[WorkerStatus]:
+        """On a journal placed on several databases, every relay's partition (a row per topic,
+        tag shard and database, named ``topic-relay:<topic>``): position in its database's
+        journal, lag, state, owner, last failure. Empty on a journal of one database."""
+        return [] if self.relays is None else await self.relays.status()
+
     async def metric_samples(self) -> list[Sample]:
         """Per producer partition (a broker transport's): its position, its lag behind the
-        journal in events and seconds, its state, and the messages this process published."""
-        if self.producers is None:
-            return []
+        journal in events and seconds, its state, and the messages this process published;
+        per relay partition (a placed journal's) its position, lag and state."""
         samples = status_samples(
+            "relay",
+            "the relay",
+            await self.relay_status(),
+            lambda s: {"topic": s.processor.split(":", 1)[1], "partition": s.tag},
+        )
+        if self.producers is None:
+            return samples
+        samples += status_samples(
             "producer",
             "the producer",
             await self.producers.status(),
@@ -160,9 +212,16 @@ class TopicsComponent:
     async def ready(self) -> bool | str:
         """True unless a producer's task ended with an error, or a producer cannot publish
         (``stalled``: the broker is down, say) or is stopped by an event (``failed``)."""
+        problems = [] if self.relays is None else self.relays.problems()
+        problems += [
+            f"topic relay {s.processor!r}, partition {s.tag!r}: {s.state} at offset {s.offset}"
+            + ("" if s.failure is None else f": {s.failure.error[:300]}")
+            for s in await self.relay_status()
+            if s.state in STUCK_STATES
+        ]
         if self.producers is None:
-            return True
-        problems = self.producers.problems()
+            return True if not problems else "; ".join(problems[:5])
+        problems += self.producers.problems()
         problems += [
             f"topic producer {s.processor!r}, partition tag {s.tag!r}: {s.state} at offset "
             f"{s.offset}" + ("" if s.failure is None else f": {s.failure.error[:300]}")
@@ -172,6 +231,9 @@ class TopicsComponent:
         return True if not problems else "; ".join(problems[:5])
 
     async def stop(self) -> None:
+        relays, self.relays = self.relays, None
+        if relays is not None:
+            await relays.close()
         producers, self.producers = self.producers, None
         if producers is not None:
             await producers.close()
@@ -184,6 +246,7 @@ class TopicsComponent:
         if notifier is not None:
             await notifier.release()
         storage, self._storage = self._storage, None
+        self._log = None
         if storage is not None:
             await storage.close()
 

@@ -10,7 +10,7 @@ events to messages (:meth:`Topic.message <lagompy.topic.Topic.message>`); the ba
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
@@ -19,11 +19,15 @@ from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.topic._topic import StartFrom, Topic
-from lagompy.topic._transport import MessageBatch
+from lagompy.topic._transport import MessageBatch, MessageFeed
+
+if TYPE_CHECKING:
+    from lagompy.topic._log import PartitionLog
 
 __all__ = [
     "EmbeddedTransport",
     "JournalFeed",
+    "JournalLog",
     "partition_lag",
     "partition_position",
     "read_partition",
@@ -147,15 +151,49 @@ class JournalFeed:
             await self._tailer.close()
 
 
-class EmbeddedTransport:
-    """Topics carried by the journal itself, for subscribers in the producing service's
-    database: no producer, and :class:`JournalFeed` feeds."""
-
-    kind = "embedded"
+class JournalLog:
+    """The messages of topics' partitions read from the journal's tags (a journal on one
+    database): a :class:`~lagompy.topic._log.PartitionLog` whose positions are journal
+    offsets."""
 
     def __init__(self, journal: Journal, *, tail: TailSettings | None = None) -> None:
         self.journal = journal
+        self.database = journal.database
         self.tail = tail
+
+    def feed(
+        self, topic: Topic[Any], partition: int, *, tail: TailSettings | None = None
+    ) -> JournalFeed:
+        return JournalFeed(self.journal, topic, partition, tail=tail or self.tail)
+
+    async def read(self, topic: Topic[Any], partition: int, after: int, limit: int) -> MessageBatch:
+        return await read_partition(self.journal, topic, partition, after, limit)
+
+    async def position(self, topic: Topic[Any], partition: int, start: StartFrom) -> int:
+        return await partition_position(self.database, topic.partition_tag(partition), start)
+
+    async def lag(self, topic: Topic[Any], partition: int, after: int) -> tuple[int, int, float]:
+        return await partition_lag(self.database, topic.partition_tag(partition), after)
+
+
+class EmbeddedTransport:
+    """Topics carried by the producing service's database, for subscribers in it: no
+    producer, and feeds of its :class:`~lagompy.topic._log.PartitionLog`: the journal's tags
+    (:class:`JournalFeed`), or on a journal placed on several databases the relay log (give
+    ``log``, see ``_relay.py``)."""
+
+    kind = "embedded"
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        tail: TailSettings | None = None,
+        log: PartitionLog | None = None,
+    ) -> None:
+        self.journal = journal
+        self.tail = tail
+        self.log: PartitionLog = log if log is not None else JournalLog(journal, tail=tail)
 
     def producer(self, topic: Topic[Any], partition: int) -> None:
         topic.partition_tag(partition)  # a partition out of range fails here
@@ -165,8 +203,8 @@ class EmbeddedTransport:
         """A subscriber actor on Ray reads the journal of its own journal settings."""
         return {"kind": "embedded"}
 
-    def feed(self, topic: Topic[Any], partition: int, *, group: str) -> JournalFeed:
-        return JournalFeed(self.journal, topic, partition, tail=self.tail)
+    def feed(self, topic: Topic[Any], partition: int, *, group: str) -> MessageFeed:
+        return self.log.feed(topic, partition, tail=self.tail)
 
     async def close(self) -> None:
         """Nothing to close: the journal belongs to whoever opened it."""

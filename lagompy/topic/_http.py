@@ -57,8 +57,8 @@ from lagompy.errors import (
     TopicError,
     TopicMessageInvalid,
 )
-from lagompy.journal._journal import Journal, TagPage, _collector_paused
-from lagompy.journal._tailing import PageTailer, TailSettings
+from lagompy.journal._journal import Journal, _collector_paused
+from lagompy.journal._tailing import TailSettings
 from lagompy.service._breaker import BreakerRegistry, CircuitBreaker
 from lagompy.service._client import ServiceClient, ServiceLocator
 from lagompy.topic._codec import (
@@ -70,7 +70,8 @@ from lagompy.topic._codec import (
     messages_to_columns,
     messages_to_json,
 )
-from lagompy.topic._embedded import batch_of, partition_lag, partition_position
+from lagompy.topic._embedded import JournalLog
+from lagompy.topic._log import PartitionLog
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
 
@@ -98,21 +99,24 @@ def _topics_by_name(topics: Iterable[Topic[Any]]) -> dict[str, Topic[Any]]:
 
 def topic_router(
     topics: Iterable[Topic[Any]],
-    journal: Journal | Callable[[], Journal],
+    journal: Journal | PartitionLog | Callable[[], Journal | PartitionLog],
     *,
     prefix: str = "/topics",
     tail: TailSettings | None = None,
     tags: list[str] | None = None,
 ) -> APIRouter:
     """The routes of the module's docs for ``topics``, read from ``journal`` (or a callable
-    returning it, called per request: a journal opened in the service's lifespan)."""
+    returning it, called per request: a journal opened in the service's lifespan). A journal
+    is read by its tags; on a journal placed on several databases, the producing service
+    gives the relay log instead (a ``PartitionLog``: see ``_relay.py``)."""
     by_name = _topics_by_name(topics)
     router = APIRouter(prefix=prefix, tags=list(tags or ["topics"]))
     tail = tail or TailSettings()
     ahead = _ReadAhead()
 
-    def current() -> Journal:
-        return journal if isinstance(journal, Journal) else journal()
+    def current() -> PartitionLog:
+        found = journal() if callable(journal) and not isinstance(journal, Journal) else journal
+        return JournalLog(found) if isinstance(found, Journal) else found
 
     def find(name: str, partition: int) -> tuple[Topic[Any], str]:
         topic = by_name.get(name)
@@ -149,13 +153,19 @@ def topic_router(
         ] = 0.0,
         accept: Annotated[str | None, Header(include_in_schema=False)] = None,
     ) -> Response:
-        topic, tag = find(name, partition)
+        topic, _ = find(name, partition)
         media_type = _media_type(topic, accept)
-        j = current()
+        source = current()
         answer = await ahead.take((name, partition, after, limit, media_type))
         if answer is None:
             deadline = time.monotonic() + wait
-            async with PageTailer(j, tag=tag, page_size=limit, settings=tail) as pages:
+            feed = source.feed(topic, partition, tail=tail)
+            try:
+                await feed.start()
+
+                def next_batch(start: int) -> Awaitable[MessageBatch]:
+                    return feed.next_batch(start, limit)
+
                 while True:
                     # The collector waits while a page is read, mapped and encoded (a query's
                     # time, never a long poll's): the page's envelopes, messages and payloads
@@ -163,15 +173,17 @@ def topic_router(
                     # walked by the collections their making triggered (see _answer).
                     with _collector_paused():
                         answer = await _answer(
-                            pages.next_page, topic, partition, after, media_type, deadline
+                            next_batch, topic, partition, after, media_type, deadline
                         )
                     if answer is not None:
                         break
-                    await pages.wait(limit=deadline - time.monotonic())
+                    await feed.wait(limit=deadline - time.monotonic())
+            finally:
+                await feed.close()
         if answer.full:
             # More follows at once: the page after this one is read while this one travels.
-            def read(start: int) -> Awaitable[TagPage]:
-                return j.read_tag(tag, after_offset=start, limit=limit)
+            def read(start: int) -> Awaitable[MessageBatch]:
+                return source.read(topic, partition, start, limit)
 
             ahead.start(
                 (name, partition, answer.last_offset, limit, media_type),
@@ -195,17 +207,17 @@ def topic_router(
             int | None, Query(ge=0, description="A position: how far behind the head it is.")
         ] = None,
     ) -> dict[str, Any]:
-        _, tag = find(name, partition)
+        topic, _ = find(name, partition)
         if at is not None and at.tzinfo is None:
             raise HTTPException(
                 status_code=422, detail="time needs a zone (e.g. 2026-12-04T18:00:00Z)"
             )
         start = StartFrom.latest() if at is None else StartFrom.at_time(at)
-        database = current().database
-        offset = await partition_position(database, tag, start)
+        source = current()
+        offset = await source.position(topic, partition, start)
         body: dict[str, Any] = {"topic": name, "partition": partition, "offset": offset}
         if after is not None:
-            _, behind, seconds = await partition_lag(database, tag, after)
+            _, behind, seconds = await source.lag(topic, partition, after)
             body |= {"behind": behind, "lag_seconds": seconds}
         return body
 
@@ -222,7 +234,7 @@ class _Answer:
 
 
 async def _answer(
-    read: Callable[[int], Awaitable[TagPage]],
+    read: Callable[[int], Awaitable[MessageBatch]],
     topic: Topic[Any],
     partition: int,
     after: int,
@@ -236,10 +248,10 @@ async def _answer(
     was alive walked its thousands of young objects each time, and the full ones (a page's
     objects had reached the oldest generation across the query's await) the whole heap: 40% of
     the process's time in a catch-up over HTTP (SQLite, 100,000 events, 2026-12-05)."""
-    page = await read(after)
-    if page.error is not None and not page.envelopes and page.last_offset <= after:
-        raise _undecodable(topic, partition, page.error)
-    batch = batch_of(topic, partition, page)
+    try:
+        batch = await read(after)
+    except EventDecodeError as error:
+        raise _undecodable(topic, partition, error) from None
     if batch.messages or batch.last_offset > after or time.monotonic() >= deadline:
         response = _encode(topic, partition, batch, media_type)
         return _Answer(response, batch.last_offset, batch.full)

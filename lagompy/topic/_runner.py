@@ -451,15 +451,22 @@ async def start_subscribers(
     journal_db: Database | None = None
     try:
         if transport is None:
-            from lagompy.journal._placement import require_one_database
+            from lagompy.journal._placement import HOME, Placement
             from lagompy.journal._storage import open_storage, serializer_for
+            from lagompy.topic._log import partition_log
 
             serializer = serializer_for(list({s.topic.source for s in instances}))
-            require_one_database(journal_settings, "subscribers of the embedded transport")
-            storage = await open_storage(settings=journal_settings, serializer=serializer)
-            transport = EmbeddedTransport(storage.journal, tail=settings.tail)
-            journal_db = storage.database
+            # On a journal placed on several databases, the relay log of the home database
+            # (written by the producing service's relays: see _relay.py).
+            placement = Placement.of(journal_settings)
+            home = placement.settings_of(HOME) if placement.several else journal_settings
+            storage = await open_storage(settings=home, serializer=serializer)
             owned.append(storage.database)
+            log = partition_log(storage.journal, placed=placement.several, tail=settings.tail)
+            transport = EmbeddedTransport(storage.journal, tail=settings.tail, log=log)
+            # The journal's tags give the lag of a journal on one database; the relay
+            # log's feeds give their own.
+            journal_db = None if placement.several else storage.database
         database = Database.create(projection_settings(journal_settings, settings))
         owned.append(database)
         await ensure_schema(database)

@@ -1,0 +1,349 @@
+"""Topics on a journal placed on several databases: the relay log.
+
+A topic partition keeps one gap-free sequence of positions for its subscribers (the HTTP feed's
+``after``, the broker's message id ``topic:partition:offset``, the groups' stored positions).
+A journal placed on several databases has one offset sequence per database, and moving slices
+gives the moved events new offsets: no journal offset can be a partition's position there. So
+the producing service *relays* each partition into one log, in the home database::
+
+    database home ── tag shard i ──▶ relay (topic, shard i, home) ──┐
+    database b    ── tag shard i ──▶ relay (topic, shard i, b)    ──┼─▶ lagompy_topic_messages
+                                                                    │   (topic, partition i,
+                                                                    │    offsets 1, 2, 3...)
+                                                                    └─ lagompy_topic_heads
+
+* :class:`TopicRelay` is a read-side processor (one per topic, named ``topic-relay:<topic>``):
+  the read side's workers run it per (tag shard, database) under their fenced leases, with
+  their status, pause/resume and ``journal move-slices``' repositioning. Its handler maps each
+  event with the topic's ``to_message`` (None: nothing is written, the position still moves)
+  and inserts the messages into the home database's ``lagompy_topic_messages`` in the
+  transaction that stores the relay's position: each message is relayed exactly once.
+* Offsets are allocated by ``UPDATE lagompy_topic_heads ... RETURNING`` in that transaction:
+  the row lock makes the next relay of the partition (another database's) wait for the commit,
+  so offsets commit in order, without gaps, and a reader by offset never skips one.
+* :class:`RelayLog` reads it (a :class:`~lagompy.topic._log.PartitionLog`, as
+  :class:`~lagompy.topic._embedded.JournalLog` reads the tags of a journal on one database):
+  the HTTP routes, embedded subscribers and the NATS producer read messages from whichever
+  log their journal has, unchanged.
+
+Per-key order holds: an entity's events are in one database at a time, and moving its slice
+waits until every consumer of the source database, the relays included, has caught up.
+The cost: one more write per message (and the relay's position), on placed journals only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, func, insert, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from lagompy.errors import EventDecodeError
+from lagompy.journal._journal import EventEnvelope, _collector_paused
+from lagompy.journal._model import from_us, now_us
+from lagompy.journal._placement import Placement
+from lagompy.journal._tailing import TailSettings
+from lagompy.readside._processor import SqlReadSideProcessor
+from lagompy.serialization import Serializer
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.topic._topic import Message, StartFrom, Topic
+from lagompy.topic._transport import MessageBatch
+
+__all__ = ["RELAY_PREFIX", "RelayFeed", "RelayLog", "TopicRelay", "relay_for"]
+
+#: The read-side name of a topic's relay: ``topic-relay:<topic>``.
+RELAY_PREFIX = "topic-relay:"
+
+_messages = schema.topic_messages
+_heads = schema.topic_heads
+_new = object.__new__
+
+
+class TopicRelay(SqlReadSideProcessor):
+    """The relay of one topic (build it with :func:`relay_for`): a read-side processor of the
+    topic's source tag whose handler writes the topic's messages into the relay log."""
+
+    topic: Topic[Any]
+
+    def __init__(self, topic: Topic[Any], placement: Placement | None = None) -> None:
+        self.topic = topic
+        self._serializer = topic.serializer()
+        self._placement = placement
+
+    async def global_prepare(self, conn: AsyncConnection) -> None:
+        """The head row of every partition (0: nothing allocated yet). Two relays starting at
+        once may both insert one: the loser's transaction fails and is retried."""
+        topic = self.topic
+        have = {
+            row[0]
+            for row in await conn.execute(
+                select(_heads.c.partition).where(_heads.c.topic == topic.name)
+            )
+        }
+        missing = [p for p in range(topic.partitions) if p not in have]
+        if missing:
+            await conn.execute(
+                insert(_heads),
+                [{"topic": topic.name, "partition": p, "last_offset": 0} for p in missing],
+            )
+
+    async def handle(self, conn: AsyncConnection, envelope: EventEnvelope[Any]) -> None:
+        await self.handle_batch(conn, [envelope])
+
+    async def handle_batch(
+        self, conn: AsyncConnection, envelopes: Sequence[EventEnvelope[Any]]
+    ) -> None:
+        """Map the events, allocate the messages' offsets per partition (in partition order:
+        two relays never wait for each other's rows crosswise) and insert them."""
+        topic = self.topic
+        encode = self._serializer.encode
+        database_of = self._placement.database_of if self._placement is not None else None
+        rows: dict[int, list[dict[str, Any]]] = {}
+        with _collector_paused():
+            for envelope in envelopes:
+                partition = topic.partition_of(envelope.entity_id)
+                message = topic.message(envelope, partition)
+                if message is None:
+                    continue
+                type_name, version, payload = encode(message.payload)
+                rows.setdefault(partition, []).append(
+                    {
+                        "topic": topic.name,
+                        "partition": partition,
+                        "message_key": message.key,
+                        "entity_type": envelope.entity_type,
+                        "entity_id": envelope.entity_id,
+                        "seq_nr": envelope.seq_nr,
+                        "written_at_us": round(envelope.timestamp.timestamp() * 1_000_000),
+                        "type_name": type_name,
+                        "version": version,
+                        "payload": payload,
+                        "source_database": (
+                            "" if database_of is None else database_of(envelope.entity_id)
+                        ),
+                        "source_offset": envelope.offset,
+                    }
+                )
+        for partition in sorted(rows):
+            batch = rows[partition]
+            allocated = await conn.execute(
+                update(_heads)
+                .where(and_(_heads.c.topic == topic.name, _heads.c.partition == partition))
+                .values(last_offset=_heads.c.last_offset + len(batch))
+                .returning(_heads.c.last_offset)
+            )
+            last = allocated.scalar_one_or_none()
+            if last is None:  # the head row went missing (a hand-made database): make it
+                await conn.execute(
+                    insert(_heads).values(
+                        topic=topic.name, partition=partition, last_offset=len(batch)
+                    )
+                )
+                last = len(batch)
+            first = int(last) - len(batch) + 1
+            for i, row in enumerate(batch):
+                row["message_offset"] = first + i
+            await conn.execute(insert(_messages), batch)
+
+
+def relay_for(topic: Topic[Any], placement: Placement | None = None) -> TopicRelay:
+    """The relay of ``topic``: a :class:`TopicRelay` named ``topic-relay:<topic>`` that reads
+    the topic's source tag (one worker per tag shard and database)."""
+    cls: type[TopicRelay] = type(
+        f"TopicRelay[{topic.name}]",
+        (TopicRelay,),
+        {
+            "name": f"{RELAY_PREFIX}{topic.name}",
+            "tag": topic.tag,
+            "entities": (topic.source,),
+            "__module__": __name__,
+        },
+    )
+    cls.validate()
+    relay: TopicRelay = cls(topic, placement)
+    return relay
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class RelayLog:
+    """The messages of topics' partitions in the relay log of ``database`` (the home database
+    of a placed journal): a :class:`~lagompy.topic._log.PartitionLog`."""
+
+    def __init__(self, database: Database, *, tail: TailSettings | None = None) -> None:
+        self.database = database
+        self.tail = tail
+        self._serializers: dict[str, Serializer] = {}
+
+    def _serializer(self, topic: Topic[Any]) -> Serializer:
+        serializer = self._serializers.get(topic.name)
+        if serializer is None:
+            serializer = self._serializers[topic.name] = topic.serializer()
+        return serializer
+
+    def feed(
+        self, topic: Topic[Any], partition: int, *, tail: TailSettings | None = None
+    ) -> RelayFeed:
+        return RelayFeed(self, topic, partition, tail=tail or self.tail)
+
+    async def read(self, topic: Topic[Any], partition: int, after: int, limit: int) -> MessageBatch:
+        """Up to ``limit`` messages of the partition after ``after``, read now. Offsets commit
+        in order (see the module), so what is read is a prefix: nothing below a message read
+        can appear later. ``EventDecodeError`` for a payload that cannot be decoded."""
+        topic.partition_tag(partition)
+        m = _messages.c
+        query = (
+            select(
+                m.message_offset,
+                m.message_key,
+                m.entity_type,
+                m.entity_id,
+                m.seq_nr,
+                m.written_at_us,
+                m.type_name,
+                m.version,
+                m.payload,
+            )
+            .where(and_(m.topic == topic.name, m.partition == partition, m.message_offset > after))
+            .order_by(m.message_offset)
+            .limit(limit)
+        )
+        async with self.database.read() as conn:
+            rows = (await conn.execute(query)).all()
+        decode = self._serializer(topic).decode
+        messages: list[Message[Any]] = []
+        with _collector_paused():
+            for offset, key, etype, eid, seq_nr, us, type_name, version, payload in rows:
+                try:
+                    value = decode(type_name, version, payload)
+                except Exception as exc:
+                    if messages:
+                        break  # the batch ends before it; the next read raises
+                    raise EventDecodeError(
+                        entity_type=etype,
+                        entity_id=eid,
+                        seq_nr=seq_nr,
+                        type_name=type_name,
+                        reason=f"topic {topic.name!r} partition {partition}'s message at "
+                        f"offset {offset} (version {version}): {exc}",
+                        offset=offset,
+                    ) from exc
+                message: Message[Any] = _new(Message)
+                message.__dict__.update(
+                    topic=topic.name,
+                    payload=value,
+                    key=key,
+                    partition=partition,
+                    offset=offset,
+                    timestamp=from_us(us),
+                    type_name=topic.type_name,
+                    version=topic.version,
+                    entity_type=etype,
+                    entity_id=eid,
+                    seq_nr=seq_nr,
+                )
+                messages.append(message)
+        last = messages[-1].offset if messages else after
+        return MessageBatch(messages, last, len(rows) >= limit and len(messages) == len(rows))
+
+    async def position(self, topic: Topic[Any], partition: int, start: StartFrom) -> int:
+        """Where a new group starts (see :meth:`MessageFeed.start_offset
+        <lagompy.topic.MessageFeed.start_offset>`), in the partition's relay offsets."""
+        if start.kind == "earliest":
+            return 0
+        if start.kind == "offset":
+            assert start.offset is not None
+            return start.offset
+        m = _messages.c
+        query = select(func.max(m.message_offset)).where(
+            and_(m.topic == topic.name, m.partition == partition)
+        )
+        if start.kind == "time":
+            assert start.time is not None
+            query = query.where(m.written_at_us < int(start.time.timestamp() * 1_000_000))
+        async with self.database.read() as conn:
+            return int((await conn.execute(query)).scalar() or 0)
+
+    async def lag(self, topic: Topic[Any], partition: int, after: int) -> tuple[int, int, float]:
+        """(head, messages after ``after``, age in seconds of the oldest of them): offsets are
+        gap-free, so the messages behind are the head minus the position."""
+        m = _messages.c
+        where = and_(m.topic == topic.name, m.partition == partition)
+        async with self.database.read() as conn:
+            head = int(
+                (await conn.execute(select(func.max(m.message_offset)).where(where))).scalar() or 0
+            )
+            oldest = None
+            if head > after:
+                oldest = (
+                    await conn.execute(
+                        select(m.written_at_us).where(
+                            and_(where, m.message_offset == literal(after + 1))
+                        )
+                    )
+                ).scalar()
+        seconds = 0.0 if oldest is None else max(0.0, (now_us() - int(oldest)) / 1_000_000)
+        return head, max(0, head - after), seconds
+
+
+class RelayFeed:
+    """A :class:`~lagompy.topic.MessageFeed` of one partition, read from the relay log. It
+    waits for new messages by polling every ``TailSettings.poll_interval`` (50 ms by default)
+    after a short batch: the relay's commits notify nothing."""
+
+    #: Reading acknowledges nothing: the consumer may read the next page while it commits.
+    read_ahead = True
+
+    def __init__(
+        self,
+        log: RelayLog,
+        topic: Topic[Any],
+        partition: int,
+        *,
+        tail: TailSettings | None = None,
+    ) -> None:
+        topic.partition_tag(partition)
+        self.log = log
+        self.topic = topic
+        self.partition = partition
+        self._interval = (tail or TailSettings()).poll_interval
+        self._woken = asyncio.Event()
+        self._must_wait = False
+        self._closed = False
+
+    async def start(self) -> None:
+        """Nothing to subscribe to: the feed polls."""
+
+    async def start_offset(self, start: StartFrom) -> int:
+        return await self.log.position(self.topic, self.partition, start)
+
+    async def lag(self, after: int) -> tuple[int, int, float]:
+        return await self.log.lag(self.topic, self.partition, after)
+
+    async def next_batch(self, after: int, limit: int) -> MessageBatch:
+        self._woken.clear()
+        batch = await self.log.read(self.topic, self.partition, after, limit)
+        self._must_wait = not batch.full
+        return batch
+
+    async def wait(self, limit: float | None = None) -> None:
+        if not self._must_wait or self._closed:
+            return
+        timeout = self._interval if limit is None else max(0.0, min(self._interval, limit))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._woken.wait()
+        except TimeoutError:
+            pass
+        self._must_wait = False
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._woken.set()

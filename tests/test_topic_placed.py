@@ -1,0 +1,400 @@
+"""Topics on a journal placed on several databases: the producing service relays each partition
+into one log in the home database (``lagompy_topic_messages``), with offsets 1..N per partition
+whichever database the events come from. Every message is delivered once, in per-key order,
+over HTTP and to embedded subscribers; filtered events give no message; a relay killed mid-way
+loses and duplicates nothing; two databases' relays interleave into one partition without
+gaps; the status shows the relays. On SQLite files and PostgreSQL schemas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from lagompy import JournalSettings
+from lagompy.errors import ConfigurationError, JournalError
+from lagompy.journal import TailSettings
+from lagompy.journal._journal import AtomicWrite
+from lagompy.journal._moving import move_slices
+from lagompy.journal._placement import HOME, Placement
+from lagompy.journal._slices import slice_of
+from lagompy.journal._storage import PlacedStorage, open_placed_storage, serializer_for
+from lagompy.readside import open_projections, start_readside
+from lagompy.service import BreakerRegistry, Service
+from lagompy.sql import _schema as schema
+from lagompy.sql._database import Database
+from lagompy.sql._migrate import ensure_schema
+from lagompy.testkit.server import serve_in_thread
+from lagompy.testkit.topics import ContractAccount, Deposit, Deposited, Noted, contract_topic
+from lagompy.topic import (
+    BrokerSettings,
+    HttpTransport,
+    Message,
+    Subscriber,
+    TopicsComponent,
+    start_subscribers,
+)
+from lagompy.topic._relay import relay_for
+from tests.conftest import Placed
+
+FAST: dict[str, Any] = {
+    "lease_ttl": 2.0,
+    "renew_interval": 0.1,
+    "tail": TailSettings(poll_interval=0.02),
+}
+
+
+def fast_settings() -> Any:
+    from lagompy.readside import ReadSideSettings
+
+    return ReadSideSettings(**FAST)
+
+
+class Writer:
+    """Appends the contract account's events, each to its own database's journal; remembers
+    what each account wrote, in order."""
+
+    def __init__(self, storage: PlacedStorage) -> None:
+        self.storage = storage
+        self.seq: dict[str, int] = {}
+        #: Per account, the amounts of its Deposited events in order (Noted ones give none).
+        self.deposits: dict[str, list[int]] = {}
+        self.noted = 0
+
+    async def write(self, accounts: Sequence[str], rounds: int) -> None:
+        for r in range(rounds):
+            for account in accounts:
+                n = self.seq.get(account, 0)
+                events: list[Any] = [Deposited(account, n + 1)]
+                if (n + r) % 3 == 0:
+                    events.append(Noted(f"{account} {n}"))  # filtered out by the topic
+                write = AtomicWrite(
+                    ContractAccount.type_name,
+                    account,
+                    n,
+                    events,
+                    [(ContractAccount.tag.for_entity(account),)] * len(events),
+                )
+                (result,) = await self.storage.of(account).journal.append([write])
+                result.unwrap()
+                self.seq[account] = n + len(events)
+                self.deposits.setdefault(account, []).append(n + 1)
+                self.noted += len(events) - 1
+
+
+def accounts_on(placement: Placement, n: int) -> dict[str, list[str]]:
+    """``n`` accounts per (database, partition): the test proves little unless every database
+    feeds every partition."""
+    found: dict[tuple[str, int], list[str]] = {}
+    i = 0
+    while any(
+        len(found.get((d, p), [])) < n
+        for d in placement.names
+        for p in range(contract_topic.partitions)
+    ):
+        account = f"acct-{i}"
+        key = (placement.database_of(account), contract_topic.partition_of(account))
+        if len(found.setdefault(key, [])) < n:
+            found[key].append(account)
+        i += 1
+    by_database: dict[str, list[str]] = {}
+    for (database, _), names in found.items():
+        by_database.setdefault(database, []).extend(names)
+    return by_database
+
+
+async def relay_rows(settings: JournalSettings) -> list[Any]:
+    """Every row of the home database's relay log, by (partition, offset)."""
+    database = Database.create(Placement.of(settings).settings_of(HOME))
+    m = schema.topic_messages.c
+    try:
+        async with database.read() as conn:
+            query = select(
+                m.partition, m.message_offset, m.entity_id, m.source_database, m.payload
+            ).order_by(m.partition, m.message_offset)
+            return list((await conn.execute(query)).all())
+    finally:
+        await database.dispose()
+
+
+async def relayed(settings: JournalSettings, writer: Writer, timeout: float = 30) -> None:
+    """Wait until the relay log holds a message per deposit written."""
+    expected = sum(len(d) for d in writer.deposits.values())
+    async with asyncio.timeout(timeout):
+        while len(await relay_rows(settings)) < expected:
+            await asyncio.sleep(0.05)
+
+
+def check_log(rows: list[Any], writer: Writer) -> None:
+    """Offsets 1..N per partition, every deposit once, per account in its order; both
+    databases' relays wrote into every partition."""
+    for p in range(contract_topic.partitions):
+        offsets = [r.message_offset for r in rows if r.partition == p]
+        assert offsets == list(range(1, len(offsets) + 1)), f"partition {p}: {offsets}"
+        assert len({r.source_database for r in rows if r.partition == p}) == 2
+    assert len(rows) == sum(len(d) for d in writer.deposits.values())
+
+
+def check_messages(messages: list[tuple[int, int, str, int]], writer: Writer) -> None:
+    """(partition, offset, key, amount) delivered: each once, gap-free offsets per partition,
+    per key the deposits in the order written, none for a filtered event."""
+    for p in range(contract_topic.partitions):
+        offsets = [o for part, o, _, _ in messages if part == p]
+        assert offsets == list(range(1, len(offsets) + 1)), f"partition {p}"
+    by_key: dict[str, list[int]] = {}
+    for _, _, key, amount in messages:
+        by_key.setdefault(key, []).append(amount)
+    assert by_key == writer.deposits
+
+
+async def test_an_embedded_subscriber_and_one_over_http_get_every_message_once_in_order(
+    placed: Placed,
+) -> None:
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    serializer = serializer_for([ContractAccount])
+    accounts = accounts_on(placement, 3)
+    got: list[tuple[int, int, str, int]] = []
+
+    class Embedded(Subscriber[Deposit]):
+        group = "embedded"
+        topic = contract_topic
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+            got.append((message.partition, message.offset, message.key, message.payload.amount))
+
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        writer = Writer(storage)
+        await writer.write([a for names in accounts.values() for a in names], 2)
+        assert writer.noted > 0
+
+        topics = TopicsComponent(
+            [contract_topic], journal_settings=settings, producer_settings=fast_settings()
+        )
+        service = Service(name="producer", components=[topics])
+        app = FastAPI(lifespan=service.lifespan)
+        service.install(app)
+        with serve_in_thread(app) as url:
+            # Both databases' writers go on while the relays run.
+            await asyncio.gather(
+                *(writer.write(names, 4) for names in accounts.values()),
+            )
+            await relayed(settings, writer)
+            check_log(await relay_rows(settings), writer)
+
+            # Status: one relay partition per (tag shard, database), in the home database's
+            # offsets (as read sides') and at the producer's /topics/relays.
+            keys = sorted(
+                key for t in contract_topic.tag.all_tags for key, _ in placement.partitions(t)
+            )
+            async with await open_projections(journal_settings=settings) as projections:
+                status = await projections.status("topic-relay:contract-deposits")
+                assert sorted(s.tag for s in status) == keys
+                assert all(s.lag_events == 0 and s.state == "running" for s in status)
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                rows = (await client.get("/topics/relays")).json()
+                assert sorted(r["tag"] for r in rows) == keys
+                assert {r["processor"] for r in rows} == {"topic-relay:contract-deposits"}
+
+            # An embedded subscriber (the producer's database) reads the relay log.
+            async with await start_subscribers(
+                [Embedded], journal_settings=settings, **FAST
+            ) as subs:
+                await subs.wait_until_caught_up(timeout=30)
+                check_messages(got, writer)
+                sub_status = await subs.status("embedded")
+                assert all(s.lag_events == 0 and s.head_offset == s.offset for s in sub_status)
+
+            # A subscriber of another service, over HTTP, with its own database.
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                body = (await client.get("/topics/contract-deposits/partitions/0?limit=5")).json()
+                assert [m["offset"] for m in body["messages"]] == [1, 2, 3, 4, 5]
+                assert body["last_offset"] == 5 and body["full"] is True
+                head = (await client.get("/topics/contract-deposits/partitions/0/position")).json()
+                assert head["offset"] == len([g for g in got if g[0] == 0])
+                ready = (await client.get("/health/ready")).json()
+                assert ready["checks"]["topics"] == "ok", ready
+                metrics = (await client.get("/metrics")).text
+                assert 'lagompy_topic_relay_lag_events{partition="topic-contract-0@b"' in metrics
+
+            over_http: list[tuple[int, int, str, int]] = []
+
+            class Remote(Subscriber[Deposit]):
+                group = "remote"
+                topic = contract_topic
+
+                async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+                    over_http.append(
+                        (message.partition, message.offset, message.key, message.payload.amount)
+                    )
+
+            own = settings.placed_on("b")  # any database of its own
+            transport = HttpTransport(url, breakers=BreakerRegistry())
+            async with await start_subscribers(
+                [Remote], transport=transport, journal_settings=own, **FAST
+            ) as remote:
+                await remote.wait_until_caught_up(timeout=30)
+                check_messages(over_http, writer)
+                # A new message reaches it live.
+                first = accounts[HOME][0]
+                await writer.write([first], 1)
+                await relayed(settings, writer)
+                await remote.wait_until_caught_up(timeout=30)
+                check_messages(over_http, writer)
+            await transport.close()
+
+
+async def test_a_relay_killed_mid_way_loses_and_duplicates_nothing(placed: Placed) -> None:
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    serializer = serializer_for([ContractAccount])
+    accounts = accounts_on(placement, 4)
+    relay = relay_for(contract_topic, placement)
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        writer = Writer(storage)
+
+        async def write() -> None:
+            await asyncio.gather(*(writer.write(names, 15) for names in accounts.values()))
+
+        writing = asyncio.create_task(write())
+        for _ in range(3):
+            relays = await start_readside([relay], journal_settings=settings, max_batch=7, **FAST)
+            await asyncio.sleep(0.4)
+            # Killed as a crash does: tasks cancelled mid-transaction, leases left to expire.
+            for task in relays._tasks:
+                task.cancel()
+            await asyncio.gather(*relays._tasks, return_exceptions=True)
+            relays._tasks = []
+            relays.workers = []
+            await relays.close()
+        await writing
+        async with await start_readside([relay], journal_settings=settings, **FAST) as relays:
+            await relays.wait_until_caught_up(timeout=30)
+        rows = await relay_rows(settings)
+        check_log(rows, writer)
+        per_key: dict[str, list[int]] = {}
+        for r in rows:
+            per_key.setdefault(r.entity_id, []).append(r.message_offset)
+        assert all(offsets == sorted(offsets) for offsets in per_key.values())
+
+
+async def test_two_relays_of_one_partition_commit_in_order_while_their_transactions_overlap(
+    placed: Placed,
+) -> None:
+    """Each relay allocates offsets under the head row's lock: the second waits for the first
+    to commit, so a reader never sees a later offset before an earlier one."""
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    accounts = accounts_on(placement, 1)
+    relay = relay_for(contract_topic, placement)
+    home = Database.create(placement.settings_of(HOME))
+    try:
+        await ensure_schema(home)
+        async with home.write() as conn:
+            await relay.global_prepare(conn)
+        from lagompy.journal._model import EventEnvelope, from_us, now_us
+
+        def envelope(account: str, offset: int) -> EventEnvelope[Any]:
+            return EventEnvelope(
+                offset=offset,
+                entity_type=ContractAccount.type_name,
+                entity_id=account,
+                seq_nr=1,
+                event=Deposited(account, offset),
+                timestamp=from_us(now_us()),
+            )
+
+        partition = 0
+        a = next(x for x in accounts[HOME] if contract_topic.partition_of(x) == partition)
+        b = next(x for x in accounts["b"] if contract_topic.partition_of(x) == partition)
+        first_in = asyncio.Event()
+        release = asyncio.Event()
+
+        async def first() -> None:
+            async with home.write() as conn:
+                await relay.handle_batch(conn, [envelope(a, 1), envelope(a, 2)])
+                first_in.set()
+                await release.wait()
+
+        async def second() -> None:
+            await first_in.wait()
+            async with home.write() as conn:
+                await relay.handle_batch(conn, [envelope(b, 1)])
+
+        one = asyncio.create_task(first())
+        two = asyncio.create_task(second())
+        await first_in.wait()
+        await asyncio.sleep(0.3)
+        assert not two.done()  # waits for the first's commit
+        assert await relay_rows(settings) == []  # nothing visible yet
+        release.set()
+        await asyncio.gather(one, two)
+        rows = await relay_rows(settings)
+        assert [(r.message_offset, r.entity_id) for r in rows] == [(1, a), (2, a), (3, b)]
+    finally:
+        await home.dispose()
+
+
+async def test_a_broker_producer_is_still_refused_on_a_placed_journal(placed: Placed) -> None:
+    settings = await placed(2)
+    topics = TopicsComponent(
+        [contract_topic],
+        journal_settings=settings,
+        broker=BrokerSettings(url="nats://127.0.0.1:4222"),
+    )
+    with pytest.raises(ConfigurationError, match="placed on several"):
+        await topics.start()
+    await topics.stop()
+
+
+async def test_moving_slices_with_the_relays_caught_up_relays_nothing_twice(
+    placed: Placed,
+) -> None:
+    """A move waits for the relays to catch up (they are consumers of the source database) and
+    sets their positions on the target at its head: the moved events are not relayed again,
+    and the moved entities' next events follow in their partitions."""
+    settings = await placed(2)  # home: slices 0-511, b: 512-1023
+    after = settings.model_copy(
+        update={
+            "databases": {"b": settings.databases["b"].model_copy(update={"slices": "256-1023"})}
+        }
+    )
+    serializer = serializer_for([ContractAccount])
+    relay = relay_for(contract_topic, Placement.of(settings))
+    moved = [a for a in (f"acct-{i}" for i in range(400)) if 256 <= slice_of(a) <= 511][:6]
+    stay = [a for a in (f"acct-{i}" for i in range(400)) if slice_of(a) > 511][:6]
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        writer = Writer(storage)
+        await writer.write(moved + stay, 3)
+        relays = await start_readside([relay], journal_settings=settings, **FAST)
+        try:
+            # Behind: the move is refused, naming the relay.
+            with pytest.raises(JournalError, match="topic-relay:contract-deposits"):
+                await move_slices(after, "256-511", target="b")
+            await relays.wait_until_caught_up(timeout=30)
+        finally:
+            await relays.close()
+    await move_slices(after, "256-511", target="b")
+
+    relay = relay_for(contract_topic, Placement.of(after))
+    async with await open_placed_storage(settings=after, serializer=serializer) as storage:
+        continued = Writer(storage)
+        continued.seq, continued.deposits = writer.seq, writer.deposits
+        await continued.write(moved + stay, 2)
+        async with await start_readside([relay], journal_settings=after, **FAST) as relays:
+            await relays.wait_until_caught_up(timeout=30)
+    rows = await relay_rows(after)
+    decode = contract_topic.serializer().decode
+    for p in range(contract_topic.partitions):
+        offsets = [r.message_offset for r in rows if r.partition == p]
+        assert offsets == list(range(1, len(offsets) + 1))
+    per_key: dict[str, list[int]] = {}
+    for r in rows:
+        message = decode(contract_topic.type_name, contract_topic.version, r.payload)
+        per_key.setdefault(r.entity_id, []).append(message.amount)
+    assert per_key == writer.deposits
