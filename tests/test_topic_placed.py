@@ -8,7 +8,9 @@ gaps; the status shows the relays. On SQLite files and PostgreSQL schemas."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,13 +31,16 @@ from lagompy.service import BreakerRegistry, Service
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
+from lagompy.testkit.nats import find_server, nats_server
 from lagompy.testkit.server import serve_in_thread
 from lagompy.testkit.topics import ContractAccount, Deposit, Deposited, Noted, contract_topic
 from lagompy.topic import (
     BrokerSettings,
     HttpTransport,
     Message,
+    NatsTransport,
     Subscriber,
+    SubscribersComponent,
     TopicsComponent,
     start_subscribers,
 )
@@ -340,12 +345,73 @@ async def test_two_relays_of_one_partition_commit_in_order_while_their_transacti
         await home.dispose()
 
 
-async def test_a_broker_producer_is_still_refused_on_a_placed_journal(placed: Placed) -> None:
+async def test_nats_producers_publish_the_relay_log_and_a_subscriber_gets_it_once(
+    placed: Placed, tmp_path: Path
+) -> None:
+    """With a broker, the producers of a placed journal publish the relay log (message ids
+    ``topic:partition:offset`` of its offsets); a subscriber pulls every message once, in
+    per-key order; the producers' status shows their lag in the log."""
+    if find_server() is None:
+        pytest.skip("nats-server is not installed")
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    accounts = accounts_on(placement, 3)
+    fast = fast_settings().model_copy(update={"max_batch": 7})
+    got: list[tuple[int, int, str, int]] = []
+
+    class Brokered(Subscriber[Deposit]):
+        group = "brokered"
+        topic = contract_topic
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+            got.append((message.partition, message.offset, message.key, message.payload.amount))
+
+    async with nats_server() as server:
+        broker = BrokerSettings(url=server.url, stream_prefix=f"p{uuid.uuid4().hex[:6]}")
+        topics = TopicsComponent(
+            [contract_topic], journal_settings=settings, broker=broker, producer_settings=fast
+        )
+        own = JournalSettings(url=f"sqlite:///{tmp_path / 'subscriber.db'}")
+        subscribers = SubscribersComponent(
+            [Brokered], broker=broker, journal_settings=own, settings=fast
+        )
+        serializer = serializer_for([ContractAccount])
+        await topics.start()
+        await subscribers.start()
+        try:
+            async with await open_placed_storage(
+                settings=settings, serializer=serializer
+            ) as storage:
+                writer = Writer(storage)
+                await asyncio.gather(*(writer.write(names, 4) for names in accounts.values()))
+            await relayed(settings, writer)
+            expected = sum(len(d) for d in writer.deposits.values())
+            async with asyncio.timeout(30):
+                while len(got) < expected:
+                    await asyncio.sleep(0.05)
+                assert topics.producers is not None
+                while any(s.lag_events != 0 for s in await topics.producers.status()):
+                    await asyncio.sleep(0.05)
+            check_messages(got, writer)
+            status = await topics.producers.status()
+            heads = {p: len([g for g in got if g[0] == p]) for p in range(2)}
+            assert sorted((s.tag, s.offset, s.head_offset) for s in status) == [
+                (contract_topic.partition_tag(p), heads[p], heads[p]) for p in range(2)
+            ]
+            assert await topics.ready() is True
+        finally:
+            await subscribers.stop()
+            await topics.stop()
+
+
+async def test_a_transport_made_beforehand_is_refused_on_a_placed_journal(
+    placed: Placed,
+) -> None:
     settings = await placed(2)
     topics = TopicsComponent(
         [contract_topic],
         journal_settings=settings,
-        broker=BrokerSettings(url="nats://127.0.0.1:4222"),
+        transport=NatsTransport(BrokerSettings(url="nats://127.0.0.1:4222")),
     )
     with pytest.raises(ConfigurationError, match="placed on several"):
         await topics.start()

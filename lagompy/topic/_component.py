@@ -126,14 +126,13 @@ class TopicsComponent:
             serializer.register(t.message_type)
         settings = self.journal_settings or JournalSettings()
         placement = Placement.of(settings)
-        if placement.several and (
-            self.transport is not None or (self.broker or BrokerSettings()).url is not None
-        ):
+        if placement.several and self.transport is not None:
             raise ConfigurationError(
-                "a broker's topic producers follow one database's offsets, and this journal is "
-                f"placed on several (home, {', '.join(settings.databases)}): they cannot "
-                "publish it yet; its topics are served over HTTP (their relay log: see "
-                "docs/topics.md, 'Topics on a journal placed on several databases')"
+                "a transport made beforehand reads one database's journal, and this journal is "
+                f"placed on several (home, {', '.join(settings.databases)}): give the broker "
+                "instead (TopicsComponent(..., broker=BrokerSettings(url=...))), whose "
+                "producers then publish the relay log (see docs/topics.md, 'Topics on a "
+                "journal placed on several databases')"
             )
         tail = TailSettings()
         # On a journal placed on several databases the routes (and producers) read the relay
@@ -165,7 +164,11 @@ class TopicsComponent:
                 from lagompy.topic._nats import NatsTransport
 
                 transport = NatsTransport(
-                    broker, journal=self._storage.journal, settings=self.producer_settings
+                    broker,
+                    journal=self._storage.journal,
+                    settings=self.producer_settings,
+                    # On a placed journal the producers publish the relay log.
+                    messages=self._log if placement.several else None,
                 )
                 self._broker_transport = transport
         if transport is not None:

@@ -50,7 +50,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, unquote
 
 import msgpack
@@ -58,6 +58,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from lagompy.consumer import EventConsumer, Lease, Membership
+from lagompy.consumer._core import PageSource
 from lagompy.errors import (
     ConfigurationError,
     EventDecodeError,
@@ -68,7 +69,7 @@ from lagompy.errors import (
     TopicError,
     TopicMessageInvalid,
 )
-from lagompy.journal._journal import Journal, TagPage, _collector_paused
+from lagompy.journal._journal import EventEnvelope, Journal, TagPage, _collector_paused
 from lagompy.journal._tailing import PageTailer
 from lagompy.readside._settings import ReadSideSettings
 from lagompy.readside._store import OffsetStore
@@ -82,8 +83,10 @@ from lagompy.topic._codec import (
     decode_body,
     encode_payload,
 )
+from lagompy.topic._log import PartitionLog
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
+from lagompy.topic._worker import FeedPages
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -642,9 +645,14 @@ class _Publish:
         partition: int,
         store: OffsetStore,
         settings: ReadSideSettings,
+        *,
+        message_of: Callable[[EventEnvelope[Any], int], Message[Any] | None] | None = None,
     ) -> None:
         self.link = link
         self.topic = topic
+        #: The message of a page's envelope: the topic's mapping of an event, or the message
+        #: itself (a log's pages carry messages).
+        self.message_of = message_of or topic.message
         self.partition = partition
         self.store = store
         self.settings = settings
@@ -702,7 +710,7 @@ class _Publish:
         try:
             for envelope in page.envelopes:
                 try:
-                    message = self.topic.message(envelope, self.partition)
+                    message = self.message_of(envelope, self.partition)
                 except Exception as e:
                     if envelope.offset <= self._stored:
                         continue  # skipped before
@@ -827,12 +835,17 @@ class _Publish:
         """Nothing runs under the lease between two batches."""
 
 
+def _as_message(envelope: EventEnvelope[Any], partition: int) -> Message[Any] | None:
+    """A log's page entry as it is: a message (see ``FeedPages``)."""
+    return cast(Message[Any], envelope)
+
+
 class _Watched:
     """The producer's journal tailer, watching the broker's connection too: once it has been
     re-established, the producer starts over from the broker's last message (a restarted
     broker may have lost messages it had acknowledged) instead of waiting for new events."""
 
-    def __init__(self, tailer: PageTailer, strategy: _Publish) -> None:
+    def __init__(self, tailer: PageSource, strategy: _Publish) -> None:
         self.tailer = tailer
         self.strategy = strategy
         self._reconnected = asyncio.Event()
@@ -878,11 +891,28 @@ class NatsProducer(EventConsumer):
         settings: ReadSideSettings,
         owner: str | None = None,
         membership: Membership | None = None,
+        messages: PartitionLog | None = None,
     ) -> None:
         store = OffsetStore(journal.database)
         self.offsets = store
-        strategy = _Publish(link, topic, partition, store, settings)
         tag = topic.partition_tag(partition)
+        pages: Callable[[], PageSource]
+        if messages is None:
+            strategy = _Publish(link, topic, partition, store, settings)
+
+            def pages() -> PageSource:
+                tailer = PageTailer(
+                    journal, tag=tag, page_size=settings.max_batch, settings=settings.tail
+                )
+                return _Watched(tailer, strategy)
+        else:
+            # The log's pages carry messages already (FeedPages): published as they are.
+            strategy = _Publish(link, topic, partition, store, settings, message_of=_as_message)
+
+            def pages() -> PageSource:
+                feed = messages.feed(topic, partition, tail=settings.tail)
+                return _Watched(FeedPages(feed, settings.max_batch, "reading the log"), strategy)
+
         super().__init__(
             producer_name(topic),
             topic.partition_tag(partition),
@@ -895,13 +925,12 @@ class NatsProducer(EventConsumer):
             kind="topic producer",
             describe_error=lambda e: f"{type(e).__name__}: {e}",
             logger=log,
-            pages=lambda: _Watched(
-                PageTailer(journal, tag=tag, page_size=settings.max_batch, settings=settings.tail),
-                strategy,
-            ),
+            pages=pages,
         )
         self.topic = topic
         self.partition = partition
+        #: The log it publishes when not the journal's tag (a placed journal's relay log).
+        self.messages = messages
 
     @property
     def published(self) -> int:
@@ -1276,7 +1305,10 @@ class NatsTransport:
         transport = NatsTransport(BrokerSettings(url="nats://127.0.0.1:4222"), journal=journal)
 
     ``journal``: the producing service's journal (producers read it and keep their positions in
-    its database); a service that only subscribes gives none. ``settings``: the producers'
+    its database); a service that only subscribes gives none. ``messages``: where the producers
+    read the messages, when not the journal's tags: on a journal placed on several databases,
+    the relay log of its home database (``journal``), which
+    :class:`~lagompy.topic.TopicsComponent` gives (see ``_relay.py``). ``settings``: the producers'
     consumer settings (page size, leases; default :class:`~lagompy.readside.ReadSideSettings`).
     With ``settings.rebalance`` (the default) the producing processes of a topic share its
     partitions about evenly, as read sides do: the transport is one member of each topic's
@@ -1291,11 +1323,13 @@ class NatsTransport:
         *,
         journal: Journal | None = None,
         settings: ReadSideSettings | None = None,
+        messages: PartitionLog | None = None,
         **overrides: Any,
     ) -> None:
         self.broker = make_settings(BrokerSettings, broker, **overrides)
         self.link = _Link(self.broker)
         self.journal = journal
+        self.messages = messages
         self.settings = settings or ReadSideSettings()
         #: This transport's name as a member of its topics' producers (their lease owner).
         self.member = default_owner()
@@ -1322,6 +1356,7 @@ class NatsTransport:
             settings=self.settings,
             owner=self.member,
             membership=self.memberships[topic.name],
+            messages=self.messages,
         )
 
     def actor_spec(self) -> dict[str, Any]:

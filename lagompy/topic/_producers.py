@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import EventConsumer
-from lagompy.errors import ConfigurationError
+from lagompy.errors import ConfigurationError, LagompyError
 from lagompy.readside._projections import Projections, WorkerStatus
+from lagompy.topic._log import PartitionLog
 from lagompy.topic._topic import Topic
 from lagompy.topic._transport import TopicProducer, TopicTransport
 
@@ -31,6 +33,8 @@ class Producers(AsyncClosing):
         self.transport = transport
         #: (topic name, partition) -> its producer, for the partitions that have one.
         self.producers: dict[tuple[str, int], TopicProducer] = {}
+        #: The topics served, by name.
+        self.topics: dict[str, Topic[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -44,6 +48,7 @@ class Producers(AsyncClosing):
                 if producer is not None:
                     made.append((topic, partition, producer))
         for topic, partition, producer in made:
+            self.topics[topic.name] = topic
             self.producers[(topic.name, partition)] = producer
             self._tasks.append(
                 asyncio.create_task(producer.run(), name=f"topic producer {topic.name} {partition}")
@@ -55,7 +60,10 @@ class Producers(AsyncClosing):
         for producer in self.producers.values():
             if isinstance(producer, EventConsumer) and producer.journal is not None:
                 database = producer.journal.database
-                return Projections(database, database)
+                # A producer of a log (a placed journal's relay log) has positions in it,
+                # not in the journal's tags: its log gives its lag (see status).
+                tags = None if _log_of(producer) is not None else database
+                return Projections(database, tags)
         return None
 
     def published(self, topic: str) -> int:
@@ -79,7 +87,20 @@ class Producers(AsyncClosing):
         ):
             with contextlib.suppress(ConfigurationError):  # no row yet: not started anywhere
                 found += await projections.status(name)
-        return found
+        return [await self._with_lag(s) for s in found]
+
+    async def _with_lag(self, status: WorkerStatus) -> WorkerStatus:
+        """``status`` with its head and lag from its producer's log, when it reads one."""
+        for (name, partition), producer in self.producers.items():
+            log = _log_of(producer)
+            if log is None or producer_key(producer) != (status.processor, status.tag):
+                continue
+            with contextlib.suppress(LagompyError):  # the status says what it knows
+                head, behind, seconds = await log.lag(self.topics[name], partition, status.offset)
+                return dataclasses.replace(
+                    status, head_offset=head, lag_events=behind, lag_seconds=seconds
+                )
+        return status
 
     def problems(self) -> list[str]:
         """Producers whose task ended with an error (they retry on their own otherwise)."""
@@ -98,6 +119,17 @@ class Producers(AsyncClosing):
         for producer in self.producers.values():
             await producer.stop()
         await finish_tasks(self._tasks, what="a topic producer", logger=log)
+
+
+def _log_of(producer: TopicProducer) -> PartitionLog | None:
+    """The log a producer reads when not the journal's tags (a placed journal's relay log)."""
+    log: PartitionLog | None = getattr(producer, "messages", None)
+    return log
+
+
+def producer_key(producer: TopicProducer) -> tuple[str, str]:
+    """(row name, partition tag) of a producer on the consumer core."""
+    return (getattr(producer, "name", ""), getattr(producer, "tag", ""))
 
 
 @opener
