@@ -8,6 +8,7 @@ gaps; the status shows the relays. On SQLite files and PostgreSQL schemas."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from lagompy import JournalSettings
 from lagompy.errors import ConfigurationError, JournalError
 from lagompy.journal import TailSettings
 from lagompy.journal._journal import AtomicWrite
+from lagompy.journal._model import EventEnvelope, from_us, now_us
 from lagompy.journal._moving import move_slices
 from lagompy.journal._placement import HOME, Placement
 from lagompy.journal._slices import slice_of
@@ -44,7 +46,7 @@ from lagompy.topic import (
     TopicsComponent,
     start_subscribers,
 )
-from lagompy.topic._relay import relay_for
+from lagompy.topic._relay import RelayFeed, RelayLog, relay_for
 from tests.conftest import Placed
 
 FAST: dict[str, Any] = {
@@ -302,7 +304,6 @@ async def test_two_relays_of_one_partition_commit_in_order_while_their_transacti
         await ensure_schema(home)
         async with home.write() as conn:
             await relay.global_prepare(conn)
-        from lagompy.journal._model import EventEnvelope, from_us, now_us
 
         def envelope(account: str, offset: int) -> EventEnvelope[Any]:
             return EventEnvelope(
@@ -464,3 +465,54 @@ async def test_moving_slices_with_the_relays_caught_up_relays_nothing_twice(
         message = decode(contract_topic.type_name, contract_topic.version, r.payload)
         per_key.setdefault(r.entity_id, []).append(message.amount)
     assert per_key == writer.deposits
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_relay_commit_wakes_the_feeds_of_its_partition_on_postgresql(
+    placed: Placed,
+) -> None:
+    """A feed caught up waits for the relay's NOTIFY (delivered at its commit), not for its
+    poll: here the poll is 10 s away, and the message arrives well before. (SQLite has no
+    NOTIFY: its feeds poll.)"""
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    relay = relay_for(contract_topic, placement)
+    home = Database.create(placement.settings_of(HOME))
+    slow = TailSettings(poll_interval=10.0, listen_poll_interval=10.0)
+    feed = RelayLog(home).feed(contract_topic, 0, tail=slow)
+    try:
+        await ensure_schema(home)
+        async with home.write() as conn:
+            await relay.global_prepare(conn)
+        await feed.start()
+        account = next(
+            a for a in accounts_on(placement, 1)["b"] if contract_topic.partition_of(a) == 0
+        )
+        assert isinstance(feed, RelayFeed) and feed._notifier is not None
+        assert await feed._notifier.wait_connected(5)  # (its coming up woke the feed)
+        assert (await feed.next_batch(0, 10)).messages == []
+        waiting = asyncio.create_task(feed.wait())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        started = time.monotonic()
+        async with home.write() as conn:
+            await relay.handle_batch(
+                conn,
+                [
+                    EventEnvelope(
+                        ContractAccount.type_name,
+                        account,
+                        1,
+                        7,
+                        from_us(now_us()),
+                        Deposited(account, 1),
+                    )
+                ],
+            )
+        await asyncio.wait_for(waiting, 5)
+        assert time.monotonic() - started < 2
+        batch = await feed.next_batch(0, 10)
+        assert [(m.offset, m.key, m.payload.amount) for m in batch.messages] == [(1, account, 1)]
+    finally:
+        await feed.close()
+        await home.dispose()

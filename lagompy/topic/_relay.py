@@ -37,14 +37,14 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, func, insert, literal, select, update
+from sqlalchemy import and_, func, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from lagompy.errors import EventDecodeError
-from lagompy.journal._journal import EventEnvelope, _collector_paused
+from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, _collector_paused
 from lagompy.journal._model import from_us, now_us
 from lagompy.journal._placement import Placement
-from lagompy.journal._tailing import TailSettings
+from lagompy.journal._tailing import JournalNotifier, Subscription, TailSettings
 from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
@@ -147,6 +147,25 @@ class TopicRelay(SqlReadSideProcessor):
             for i, row in enumerate(batch):
                 row["message_offset"] = first + i
             await conn.execute(insert(_messages), batch)
+            await _wake_readers(conn, wake_tag(topic, partition))
+
+
+def wake_tag(topic: Topic[Any], partition: int) -> str:
+    """What a relay's commit names in its notification, and what readers of the partition's
+    relay log listen for (not a journal tag: no event carries it)."""
+    return f"{RELAY_PREFIX}{topic.name}:{partition}"
+
+
+async def _wake_readers(conn: AsyncConnection, tag: str) -> None:
+    """On PostgreSQL, NOTIFY the journal's channel naming ``tag``, delivered when the relay's
+    transaction commits: the readers of the partition (their feeds subscribe to the process's
+    LISTEN connection, as tag tailers do) read at once instead of at their next poll. SQLite
+    has no NOTIFY: its readers poll (``TailSettings.poll_interval``)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {"channel": NOTIFY_CHANNEL, "payload": f"0\n{tag}"},
+        )
 
 
 def relay_for(topic: Topic[Any], placement: Placement | None = None) -> TopicRelay:
@@ -291,9 +310,11 @@ class RelayLog:
 
 
 class RelayFeed:
-    """A :class:`~lagompy.topic.MessageFeed` of one partition, read from the relay log. It
-    waits for new messages by polling every ``TailSettings.poll_interval`` (50 ms by default)
-    after a short batch: the relay's commits notify nothing."""
+    """A :class:`~lagompy.topic.MessageFeed` of one partition, read from the relay log. After
+    a short batch it waits for a relay's commit: on PostgreSQL its NOTIFY wakes the feed
+    through the process's LISTEN connection (:class:`~lagompy.journal.JournalNotifier`, the
+    tag tailers' own), with a safety-net poll every ``listen_poll_interval``; on SQLite (or
+    with ``listen`` off, or while the connection is down) it polls every ``poll_interval``."""
 
     #: Reading acknowledges nothing: the consumer may read the next page while it commits.
     read_ahead = True
@@ -310,13 +331,31 @@ class RelayFeed:
         self.log = log
         self.topic = topic
         self.partition = partition
-        self._interval = (tail or TailSettings()).poll_interval
+        self.settings = tail or TailSettings()
         self._woken = asyncio.Event()
         self._must_wait = False
         self._closed = False
+        self._started = False
+        self._notifier: JournalNotifier | None = None
+        self._subscription: Subscription | None = None
 
     async def start(self) -> None:
-        """Nothing to subscribe to: the feed polls."""
+        """Subscribe to the relays' notifications (PostgreSQL with ``listen`` on)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        database = self.log.database
+        if database.dialect != "postgresql" or not self.settings.listen:
+            return
+        notifier = await JournalNotifier.acquire(database, self.settings)
+        if self._closed:
+            await notifier.release()
+            return
+        self._notifier = notifier
+        woken = self._woken
+        self._subscription = notifier.subscribe(
+            lambda _reason: woken.set(), wake_tag(self.topic, self.partition)
+        )
 
     async def start_offset(self, start: StartFrom) -> int:
         return await self.log.position(self.topic, self.partition, start)
@@ -333,7 +372,13 @@ class RelayFeed:
     async def wait(self, limit: float | None = None) -> None:
         if not self._must_wait or self._closed:
             return
-        timeout = self._interval if limit is None else max(0.0, min(self._interval, limit))
+        notifier = self._notifier
+        interval = (
+            self.settings.listen_poll_interval
+            if notifier is not None and notifier.connected
+            else self.settings.poll_interval
+        )
+        timeout = interval if limit is None else max(0.0, min(interval, limit))
         try:
             async with asyncio.timeout(timeout):
                 await self._woken.wait()
@@ -345,5 +390,13 @@ class RelayFeed:
         self._woken.set()
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         self._woken.set()
+        notifier, self._notifier = self._notifier, None
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        if notifier is not None:
+            await notifier.release()
