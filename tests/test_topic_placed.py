@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from lagompy import JournalSettings
 from lagompy.errors import ConfigurationError, JournalError
@@ -516,3 +516,48 @@ async def test_a_relay_commit_wakes_the_feeds_of_its_partition_on_postgresql(
     finally:
         await feed.close()
         await home.dispose()
+
+
+async def test_a_group_on_ray_reads_the_relay_log_of_a_placed_journal(
+    ray_session: Any, placed: Placed
+) -> None:
+    """A subscriber group as a Ray actor, on the embedded transport: the actor opens the home
+    database of the placed journal and reads the relay log, every message once, in order."""
+    from lagompy.topic import start_subscribers_on_ray
+    from tests.topic_ray_subscribers import RayLedger
+
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    accounts = accounts_on(placement, 2)
+    app = f"tp-{uuid.uuid4().hex[:8]}"
+    relay = relay_for(contract_topic, placement)
+    serializer = serializer_for([ContractAccount])
+    async with await open_placed_storage(settings=settings, serializer=serializer) as storage:
+        writer = Writer(storage)
+        await asyncio.gather(*(writer.write(names, 3) for names in accounts.values()))
+    async with await start_readside([relay], journal_settings=settings, **FAST) as relays:
+        await relays.wait_until_caught_up(timeout=30)
+    subs = await start_subscribers_on_ray(
+        [RayLedger], app=app, journal_settings=settings, supervise_interval=0.2, **FAST
+    )
+    try:
+        await subs.wait_until_caught_up(timeout=60)
+        home = Database.create(placement.settings_of(HOME))
+        try:
+            async with home.read() as conn:
+                rows = (
+                    await conn.execute(
+                        text(f"SELECT part, msg_offset, account, amount FROM {RayLedger.table}")
+                    )
+                ).all()
+        finally:
+            await home.dispose()
+        check_messages(
+            [
+                (int(p), int(o), str(a), int(n))
+                for p, o, a, n in sorted(rows, key=lambda r: (r[0], r[1]))
+            ],
+            writer,
+        )
+    finally:
+        await subs.close(stop=True)
