@@ -23,6 +23,9 @@ whose SQL writes commit with the message's position in one transaction (exactly-
   ``_producers.py``: :func:`start_producers`, for transports with producers;
   ``_component.py``: :class:`TopicsComponent` and :class:`SubscribersComponent` for services;
   ``_ray.py``: :func:`start_subscribers_on_ray`, subscriber groups in Ray actors.
+* ``_log.py``: where the producing service reads a partition's messages (the journal's tags,
+  or on a journal placed on several databases the relay log); ``_relay.py``: the relays that
+  write a placed journal's messages into that log, with offsets 1..N per partition.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ The contract each implementation must keep (``lagompy.testkit.topics`` checks it
 1. **Positions are journal offsets.** A message's ``offset`` is the journal offset of its
    source event; a subscriber's position is the offset of the last message (or filtered
    event) whose effect is committed. Every transport reports the same offsets for the same
-   events, so a group can move from one transport to another.
+   events, so a group can move from one transport to another. On a journal placed on several
+   databases the position is the message's offset in its partition's relay log instead (one
+   gap-free sequence per partition: see ``_relay.py``), the same for every transport again.
 2. **Order.** A feed delivers a partition's messages in increasing offset order, each once
    per call: never a gap (a message the journal has, below the batch's ``last_offset``, that
    the batch lacks), never out of order. Redelivery of messages at or below a position is
