@@ -30,6 +30,7 @@ from lagompy.journal._slices import slice_of
 from lagompy.journal._storage import PlacedStorage, open_placed_storage, serializer_for
 from lagompy.readside import open_projections, start_readside
 from lagompy.service import BreakerRegistry, Service
+from lagompy.settings import PlacedDatabase
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
@@ -561,3 +562,74 @@ async def test_a_group_on_ray_reads_the_relay_log_of_a_placed_journal(
         )
     finally:
         await subs.close(stop=True)
+
+
+def test_the_example_services_as_processes_on_a_placed_journal_welcome_every_user_once(
+    tmp_path: Path,
+) -> None:
+    """The example's user service (``lagompy run``, entities in its process) on a journal
+    placed on two SQLite files publishes its topic over HTTP from the relay log; the
+    notification service, another process with its own database, pulls it: each user
+    registered gets one welcome, from either database."""
+    import json
+
+    import httpx
+
+    from lagompy.testkit.server import free_port
+    from tests.test_e2e_services import (
+        NOTIFICATIONS_APP,
+        USERS_APP,
+        Process,
+        _clean_environment,
+        eventually,
+        register,
+    )
+
+    users_port, notifications_port = free_port(), free_port()
+    env = _clean_environment()
+    databases = {"b": {"url": f"sqlite:///{tmp_path / 'b.db'}", "slices": "512-1023"}}
+    users_env = env | {
+        "LAGOMPY_JOURNAL_URL": f"sqlite:///{tmp_path / 'home.db'}",
+        "LAGOMPY_JOURNAL_DATABASES": json.dumps(databases),
+        "LAGOMPY_EXAMPLE_RAY": "0",
+        "LAGOMPY_SERVICE_NOTIFICATIONS": f"http://127.0.0.1:{notifications_port}",
+    }
+    notifications_env = env | {
+        "LAGOMPY_SERVICE_USERS": f"http://127.0.0.1:{users_port}",
+        "LAGOMPY_EXAMPLE_NOTIFICATIONS_DB": f"sqlite:///{tmp_path / 'notifications.db'}",
+    }
+    users = Process(USERS_APP, users_port, users_env, tmp_path / "users.log")
+    notifications = Process(
+        NOTIFICATIONS_APP, notifications_port, notifications_env, tmp_path / "n.log"
+    )
+    try:
+        notifications.start()
+        users.start()
+        users.wait_ready()
+        notifications.wait_ready()
+        with httpx.Client(base_url=users.url, timeout=30) as http:
+            emails = [register(http, f"placed{i}") for i in range(24)]
+            ids = [u["user_id"] for u in http.get("/users", params={"limit": 100}).json()["items"]]
+        placement = Placement.of(
+            JournalSettings(
+                url="sqlite:///x.db",
+                databases={n: PlacedDatabase(**d) for n, d in databases.items()},
+            )
+        )
+        assert {placement.database_of(i) for i in ids} == {HOME, "b"}
+
+        def welcomed() -> bool | None:
+            counts = []
+            for email in emails:
+                r = httpx.get(f"{notifications.url}/notifications", params={"recipient": email})
+                counts.append(len(r.json()["items"]))
+            assert max(counts) <= 1, "a user was welcomed twice"
+            return True if min(counts) == 1 else None
+
+        eventually(welcomed, "a welcome for every user", timeout=60)
+        relays = httpx.get(f"{users.url}/topics/relays", timeout=10).json()
+        assert any(r["tag"].endswith("@b") for r in relays), relays
+    finally:
+        status = users.stop()
+        notifications.stop()
+    assert status == 0, users.output()  # the relays stopped with the service
