@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -633,3 +634,66 @@ def test_the_example_services_as_processes_on_a_placed_journal_welcome_every_use
         status = users.stop()
         notifications.stop()
     assert status == 0, users.output()  # the relays stopped with the service
+
+
+def test_a_groups_reset_to_a_time_finds_the_relay_logs_offset(tmp_path: Path) -> None:
+    """``lagompy topics reset --to-time`` on a group of a placed journal's topic: the position
+    is the relay log's offset of the last message written before the time, not a database's
+    journal offset."""
+    from typer.testing import CliRunner
+
+    from lagompy.cli import build_app
+    from lagompy.readside import ReadSideSettings
+
+    home_url = f"sqlite:///{tmp_path / 'home.db'}"
+    settings = JournalSettings(
+        url=home_url,
+        databases={"b": PlacedDatabase(url=f"sqlite:///{tmp_path / 'b.db'}", slices="512-1023")},
+    )
+    placement = Placement.of(settings)
+    by_db = accounts_on(placement, 1)
+    partition = 0
+    pair = [
+        next(a for a in by_db[d] if contract_topic.partition_of(a) == partition)
+        for d in (HOME, "b")
+    ]
+    relay = relay_for(contract_topic, placement)
+
+    class Group(Subscriber[Deposit]):
+        group = "cli-group"
+        topic = contract_topic
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+            pass
+
+    async def run() -> datetime:
+        serializer = serializer_for([ContractAccount])
+        async with await open_placed_storage(settings=settings, serializer=serializer) as s:
+            writer = Writer(s)
+            await writer.write(pair, 3)
+            await writer.write(pair[1:], 2)  # offsets 1..8 of the partition, 6 in home's
+            async with await start_readside([relay], journal_settings=settings, **FAST) as r:
+                await r.wait_until_caught_up(timeout=30)
+            await asyncio.sleep(0.05)
+            middle = datetime.now(UTC)
+            await asyncio.sleep(0.05)
+            await writer.write(pair, 2)  # 9..12
+            async with await start_readside([relay], journal_settings=settings, **FAST) as r:
+                await r.wait_until_caught_up(timeout=30)
+        fast = ReadSideSettings(**FAST)
+        async with await start_subscribers([Group], journal_settings=settings, settings=fast) as g:
+            await g.wait_until_caught_up(timeout=30)
+            assert [s.offset for s in await g.status("cli-group")][partition] == 12
+        return middle
+
+    middle = asyncio.run(run())
+    tag = contract_topic.partition_tag(partition)
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "topics", "reset", contract_topic.name, "cli-group", "--to-time", middle.isoformat(),
+            "--tag", tag, "--url", home_url, "--journal-url", home_url,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"partition {tag}: resumes after offset 8" in result.output

@@ -15,7 +15,9 @@ producing service's journal database, ``topic-producer:<topic>``), so the option
     lagompy topics discard TOPIC GROUP [--id N ...] [--tag TAG] [--error CLASS] [--entity E]
 
 ``reset --to-time`` finds each partition's offset in the producing service's journal
-(``--journal-url``): the group then handles the messages written at or after that time.
+(``--journal-url``): the group then handles the messages written at or after that time. When
+that journal is placed on several databases, the offset is the partition's in its relay log
+(the home database's ``lagompy_topic_messages``, see ``_relay.py``).
 """
 
 from __future__ import annotations
@@ -192,14 +194,26 @@ def reset(
 
     async def action(p: Projections) -> list[tuple[str, int]]:
         from lagompy.topic._embedded import partition_position
+        from lagompy.topic._relay import relay_position, relayed_partitions
         from lagompy.topic._topic import StartFrom
 
-        tags = [s.tag for s in await p.status(name) if tag is None or s.tag == tag]
+        every = [s.tag for s in await p.status(name)]
+        tags = [t for t in every if tag is None or t == tag]
         if not tags:
             raise ConfigurationError(f"{_what(topic, group)} has no partition {tag!r}")
+        # A producing journal placed on several databases relays the topic: its positions
+        # are the relay log's (the partitions numbered by their tags' shard numbers).
+        relayed = 0
+        if when is not None:
+            assert p.journal is not None
+            relayed = await relayed_partitions(p.journal, topic)
         done = []
         for t in tags:
-            if when is not None:
+            if when is not None and relayed:
+                assert p.journal is not None
+                partition = _partition_of(t, every, relayed)
+                offset = await relay_position(p.journal, topic, partition, when)
+            elif when is not None:
                 assert p.journal is not None
                 offset = await partition_position(p.journal, t, StartFrom.at_time(when))
             else:
@@ -212,6 +226,20 @@ def reset(
     done = _run(url, schema, journal_url, journal_schema, action, with_journal=when is not None)
     for t, offset in done:
         typer.echo(f"{_what(topic, group)}, partition {t}: resumes after offset {offset}")
+
+
+def _partition_of(tag: str, tags: list[str], partitions: int) -> int:
+    """The partition number of ``tag`` among a group's ``tags``: a sharded tag's shards are
+    its name followed by 0, 1, 2... (``orders0``, ``orders1``)."""
+    for i in range(partitions):
+        suffix = str(i)
+        name = tag[: -len(suffix)]
+        if tag.endswith(suffix) and {f"{name}{j}" for j in range(partitions)} == set(tags):
+            return i
+    raise ConfigurationError(
+        f"partition {tag!r} is not one of the {partitions} partitions the producing service "
+        f"relays (its group has {', '.join(sorted(tags))})"
+    )
 
 
 def parked(

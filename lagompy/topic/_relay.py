@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, insert, literal, select, text, update
@@ -277,15 +278,8 @@ class RelayLog:
         if start.kind == "offset":
             assert start.offset is not None
             return start.offset
-        m = _messages.c
-        query = select(func.max(m.message_offset)).where(
-            and_(m.topic == topic.name, m.partition == partition)
-        )
-        if start.kind == "time":
-            assert start.time is not None
-            query = query.where(m.written_at_us < int(start.time.timestamp() * 1_000_000))
-        async with self.database.read() as conn:
-            return int((await conn.execute(query)).scalar() or 0)
+        before = None if start.time is None else start.time
+        return await relay_position(self.database, topic.name, partition, before)
 
     async def lag(self, topic: Topic[Any], partition: int, after: int) -> tuple[int, int, float]:
         """(head, messages after ``after``, age in seconds of the oldest of them): offsets are
@@ -307,6 +301,30 @@ class RelayLog:
                 ).scalar()
         seconds = 0.0 if oldest is None else max(0.0, (now_us() - int(oldest)) / 1_000_000)
         return head, max(0, head - after), seconds
+
+
+async def relay_position(
+    database: Database, topic: str, partition: int, before: datetime | None = None
+) -> int:
+    """The offset of the partition's last message in the relay log of ``database`` (0 if
+    none), or of its last one whose event was written before ``before``."""
+    m = _messages.c
+    query = select(func.max(m.message_offset)).where(
+        and_(m.topic == topic, m.partition == partition)
+    )
+    if before is not None:
+        query = query.where(m.written_at_us < int(before.timestamp() * 1_000_000))
+    async with database.read() as conn:
+        return int((await conn.execute(query)).scalar() or 0)
+
+
+async def relayed_partitions(database: Database, topic: str) -> int:
+    """How many partitions of ``topic`` the relay log of ``database`` has (0: its journal
+    relays nothing of it, a journal on one database say)."""
+    h = _heads.c
+    query = select(func.count()).select_from(_heads).where(h.topic == topic)
+    async with database.read() as conn:
+        return int((await conn.execute(query)).scalar() or 0)
 
 
 class RelayFeed:
