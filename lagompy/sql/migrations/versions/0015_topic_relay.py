@@ -40,7 +40,7 @@ def upgrade() -> None:
         sa.Column("topic", NAME, nullable=False),
         sa.Column("partition", sa.Integer(), nullable=False),
         sa.Column("message_offset", sa.BigInteger(), nullable=False),
-        sa.Column("message_key", NAME, nullable=False),
+        sa.Column("message_key", sa.Text(), nullable=False),
         sa.Column("entity_type", NAME, nullable=False),
         sa.Column("entity_id", NAME, nullable=False),
         sa.Column("seq_nr", sa.BigInteger(), nullable=False),
