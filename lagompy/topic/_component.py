@@ -53,6 +53,8 @@ class TopicsComponent:
     """A :class:`~lagompy.service.Component` that publishes ``topics`` from the service's
     journal over HTTP (the embedded transport: see :func:`~lagompy.topic.topic_router`).
     ``journal_settings``: the journal (default: from the environment, like ``Service``'s).
+    On a journal placed on several databases it also runs the topics' relays (:attr:`relays`,
+    see ``_relay.py``), and the routes and producers read their relay log.
 
     ``transport``: a transport with producers (a broker's) that publishes the topics too: its
     producers run with the service (:func:`~lagompy.topic.start_producers`), and a topic it
@@ -213,8 +215,9 @@ class TopicsComponent:
         return samples
 
     async def ready(self) -> bool | str:
-        """True unless a producer's task ended with an error, or a producer cannot publish
-        (``stalled``: the broker is down, say) or is stopped by an event (``failed``)."""
+        """True unless a producer's or a relay's task ended with an error, or a producer
+        cannot publish (``stalled``: the broker is down, say) or a producer or a relay (a
+        placed journal's) is stopped by an event (``failed``) or cannot go on (``stalled``)."""
         problems = [] if self.relays is None else self.relays.problems()
         problems += [
             f"topic relay {s.processor!r}, partition {s.tag!r}: {s.state} at offset {s.offset}"
