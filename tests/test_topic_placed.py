@@ -421,6 +421,59 @@ async def test_a_transport_made_beforehand_is_refused_on_a_placed_journal(
     await topics.stop()
 
 
+async def test_a_topic_published_before_the_journal_was_placed_is_refused_until_reset(
+    placed: Placed,
+) -> None:
+    """A group that followed the topic on the journal's one database holds journal offsets:
+    on the placed journal they would mean relay-log offsets. The relays refuse to start
+    (naming the group) until it is set back to 0; then they start and the group gets every
+    message."""
+    settings = await placed(2)
+    one = settings.model_copy(update={"databases": {}})  # the home database alone, before
+    got: list[int] = []
+
+    class Early(Subscriber[Deposit]):
+        group = "early"
+        topic = contract_topic
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+            got.append(message.offset)
+
+    home_accounts = [a for a in (f"acct-{i}" for i in range(100)) if slice_of(a) < 512][:4]
+    serializer = serializer_for([ContractAccount])
+    async with await open_placed_storage(settings=one, serializer=serializer) as storage:
+        writer = Writer(storage)
+        await writer.write(home_accounts, 2)
+    async with await start_subscribers([Early], journal_settings=one, **FAST) as subs:
+        await subs.wait_until_caught_up(timeout=30)
+    assert len(got) == 8 and max(got) > 8 - 1  # journal offsets (Noted events among them)
+
+    topics = TopicsComponent(
+        [contract_topic], journal_settings=settings, producer_settings=fast_settings()
+    )
+    with pytest.raises(ConfigurationError, match=r"topic:contract-deposits:early on .* at \d+"):
+        await topics.start()
+    await topics.stop()
+    assert await relay_rows(settings) == []  # nothing relayed
+
+    async with await open_projections(journal_settings=settings) as projections:
+        for s in await projections.status("topic:contract-deposits:early"):
+            await projections.set_offset(s.processor, s.tag, 0, force=True)
+    got.clear()
+    await topics.start()
+    try:
+        async with await start_subscribers([Early], journal_settings=settings, **FAST) as subs:
+            await relayed(settings, writer)
+            await subs.wait_until_caught_up(timeout=30)
+        assert sorted(got) == sorted(r.message_offset for r in await relay_rows(settings))
+        assert len(got) == 8
+    finally:
+        await topics.stop()
+    # Started once, the relay log's positions are its own: a restart is not refused.
+    await topics.start()
+    await topics.stop()
+
+
 async def test_moving_slices_with_the_relays_caught_up_relays_nothing_twice(
     placed: Placed,
 ) -> None:
@@ -448,7 +501,20 @@ async def test_moving_slices_with_the_relays_caught_up_relays_nothing_twice(
             await relays.wait_until_caught_up(timeout=30)
         finally:
             await relays.close()
-    await move_slices(after, "256-511", target="b")
+
+    class Group(Subscriber[Deposit]):
+        group = "before-the-move"
+        topic = contract_topic
+
+        async def handle(self, conn: Any, message: Message[Deposit]) -> None:
+            pass
+
+    # A group of the topic keeps relay-log positions under the partitions' tags: the move
+    # neither takes them for journal offsets (behind the tag's head) nor writes them any.
+    async with await start_subscribers([Group], journal_settings=settings, **FAST) as subs:
+        await subs.wait_until_caught_up(timeout=30)
+    report = await move_slices(after, "256-511", target="b")
+    assert not [p for p in report.positions if p[0].startswith("topic:")]
 
     relay = relay_for(contract_topic, Placement.of(after))
     async with await open_placed_storage(settings=after, serializer=serializer) as storage:

@@ -68,6 +68,9 @@ _ENTITY_CHUNK = 400
 _E = schema.events
 _TAGS = schema.event_tags
 _OFFSETS = schema.readside_offsets
+#: The offset rows of a topic's groups and producers (``topic:<topic>:<group>``,
+#: ``topic-producer:<topic>``): positions in the topic, not in a database's journal.
+_TOPIC_POSITIONS = ("topic:", "topic-producer:")
 #: The per-entity tables besides the events, with their key columns.
 _ENTITY_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (
     (schema.snapshots, ("entity_type", "entity_id", "seq_nr")),
@@ -294,7 +297,10 @@ class _Move:
 
     @staticmethod
     async def _positions(projection: Database, keys: Sequence[str]) -> list[Any]:
-        """The consumers' rows of these partitions in a projection database."""
+        """The consumers' rows of these partitions in a projection database. A topic's groups
+        and producers are left out: their partitions are named by tags, but their positions
+        are the topic's (on a placed journal, the relay log's, which a move leaves alone;
+        the relays themselves are read sides of the journal, and are in)."""
         found: list[Any] = []
         async with projection.read() as conn:
             for chunk in _chunks(list(keys), _ENTITY_CHUNK):
@@ -304,7 +310,11 @@ class _Move:
                     _OFFSETS.c.last_offset,
                     _OFFSETS.c.owner,
                     _OFFSETS.c.lease_expires_us,
-                ).where(_OFFSETS.c.tag.in_(chunk))
+                ).where(
+                    _OFFSETS.c.tag.in_(chunk),
+                    ~_OFFSETS.c.processor.startswith(_TOPIC_POSITIONS[0], autoescape=True),
+                    ~_OFFSETS.c.processor.startswith(_TOPIC_POSITIONS[1], autoescape=True),
+                )
                 found += (await conn.execute(query)).all()
         return found
 

@@ -37,7 +37,7 @@ from lagompy.topic._log import PartitionLog, partition_log
 from lagompy.topic._nats import BrokerSettings, NatsTransport
 from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._ray import RaySubscribers
-from lagompy.topic._relay import relay_for
+from lagompy.topic._relay import refuse_journal_positions, relay_for
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._schema import schema_router
 from lagompy.topic._topic import Topic
@@ -144,6 +144,7 @@ class TopicsComponent:
         self._log = partition_log(self._storage.journal, placed=placement.several, tail=tail)
         if placement.several:
             try:
+                await refuse_journal_positions(self._storage.database, self.topics)
                 self.relays = await start_readside(
                     [relay_for(t, placement) for t in self.topics],
                     journal_settings=settings,

@@ -41,7 +41,7 @@ from typing import Any
 from sqlalchemy import and_, func, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy.errors import EventDecodeError
+from lagompy.errors import ConfigurationError, EventDecodeError
 from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, _collector_paused
 from lagompy.journal._model import from_us, now_us
 from lagompy.journal._placement import Placement
@@ -53,7 +53,14 @@ from lagompy.sql._database import Database
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch
 
-__all__ = ["RELAY_PREFIX", "RelayFeed", "RelayLog", "TopicRelay", "relay_for"]
+__all__ = [
+    "RELAY_PREFIX",
+    "RelayFeed",
+    "RelayLog",
+    "TopicRelay",
+    "refuse_journal_positions",
+    "relay_for",
+]
 
 #: The read-side name of a topic's relay: ``topic-relay:<topic>``.
 RELAY_PREFIX = "topic-relay:"
@@ -185,6 +192,47 @@ def relay_for(topic: Topic[Any], placement: Placement | None = None) -> TopicRel
     cls.validate()
     relay: TopicRelay = cls(topic, placement)
     return relay
+
+
+async def refuse_journal_positions(database: Database, topics: Sequence[Topic[Any]]) -> None:
+    """Refuse to start the relays of topics that were published from this database while
+    the journal was on it alone: their producer's and groups' positions there are journal
+    offsets, which on a placed journal mean the relay log's offsets instead, so they would
+    skip messages or take others for ones they have. Raises ``ConfigurationError`` naming
+    them and the way through (docs/topics.md, "Placing a journal that publishes topics")
+    when a topic's relay log has not started (no head row) and a producer or group of it
+    in ``database`` holds a position past 0."""
+    o = schema.readside_offsets.c
+    found: list[str] = []
+    async with database.read() as conn:
+        for topic in topics:
+            relayed = await conn.execute(
+                select(func.count()).select_from(_heads).where(_heads.c.topic == topic.name)
+            )
+            if relayed.scalar():
+                continue  # its relay log exists: positions are the log's already
+            rows = await conn.execute(
+                select(o.processor, o.tag, o.last_offset)
+                .where(
+                    (o.processor == f"topic-producer:{topic.name}")
+                    | o.processor.startswith(f"topic:{topic.name}:", autoescape=True),
+                    o.last_offset > 0,
+                )
+                .order_by(o.processor, o.tag)
+            )
+            found += [f"{p} on {t} at {n}" for p, t, n in rows]
+    if found:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise ConfigurationError(
+            "topics were published from this journal while it was on one database: "
+            f"{shown} hold journal offsets, and on a journal placed on several a partition's "
+            "positions are the relay log's, numbered anew. Set them to 0 (groups: lagompy "
+            "topics reset TOPIC GROUP --to-offset 0; a broker's producer: delete the topic's "
+            "stream, then lagompy projections set-offset topic-producer:TOPIC TAG 0 --force), "
+            "start the relays with the writers stopped, then reset the groups --to-time the "
+            "moment the writers stopped (see docs/topics.md, 'Placing a journal that "
+            "publishes topics')"
+        )
 
 
 # --------------------------------------------------------------------------- reading
