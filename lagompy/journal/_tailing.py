@@ -770,6 +770,15 @@ def _file_state(path: str) -> tuple[int, int, int] | None:
 HELD_RECHECK_INTERVAL = 0.02
 
 
+async def unsubscribe(subscription: Subscription | None, notifier: JournalNotifier | None) -> None:
+    """Close a reader's subscription to wake-ups and give its notifier back (the last
+    reference closes the LISTEN connection or the SQLite watch)."""
+    if subscription is not None:
+        subscription.close()
+    if notifier is not None:
+        await notifier.release()
+
+
 class PageTailer(AsyncClosing):
     """The tail loop, one page at a time: the one place that knows how to wait for new events.
 
@@ -893,12 +902,9 @@ class PageTailer(AsyncClosing):
             return
         self._closed = True
         self._woken.set()
+        subscription, self._subscription = self._subscription, None
         notifier, self._notifier = self._notifier, None
-        if self._subscription is not None:
-            self._subscription.close()
-            self._subscription = None
-        if notifier is not None:
-            await notifier.release()
+        await unsubscribe(subscription, notifier)
 
     def __del__(self) -> None:
         # An unclosed tailer (an `async for` left with `break`) still gives its reference back.

@@ -45,7 +45,7 @@ from lagompy.errors import ConfigurationError, EventDecodeError
 from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, _collector_paused
 from lagompy.journal._model import from_us, now_us
 from lagompy.journal._placement import Placement
-from lagompy.journal._tailing import JournalNotifier, Subscription, TailSettings
+from lagompy.journal._tailing import JournalNotifier, Subscription, TailSettings, unsubscribe
 from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
@@ -460,9 +460,6 @@ class RelayFeed:
             return
         self._closed = True
         self._woken.set()
+        subscription, self._subscription = self._subscription, None
         notifier, self._notifier = self._notifier, None
-        if self._subscription is not None:
-            self._subscription.close()
-            self._subscription = None
-        if notifier is not None:
-            await notifier.release()
+        await unsubscribe(subscription, notifier)
