@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
+from sqlalchemy import select
 
 import lagompy
 from examples.user_service.entity import GetUser, RegisterUser, UserEntity
@@ -26,6 +27,7 @@ from lagompy.errors import (
 from lagompy.journal import AtomicWrite, open_storage
 from lagompy.runtime import InProcessEntities
 from lagompy.serialization import Serializer, serializable
+from lagompy.sql._schema import command_replies
 from lagompy.workflow import (
     WORKFLOW_ENTITY,
     WORKFLOW_TAG,
@@ -345,6 +347,26 @@ async def test_a_runs_last_asks_are_recorded_with_its_finish_in_one_event(bank: 
     assert [(s["position"], s["output"]) for s in detail["steps"]] == [(0, 70), (1, 30)]
     assert all(s["at"] == events[-1].timestamp.isoformat() for s in detail["steps"])
     assert detail["history"][-1]["what"] == "finished completed, with steps 0-1"
+
+
+async def test_a_runs_start_and_finish_store_no_run_as_their_replies(bank: Env) -> None:
+    # Every persisting command's reply is stored with its events: the start and the finish
+    # that write answer None (the caller knows the state they make), not the whole run.
+    await bank.entities.ref_for(AccountEntity, "s").ask(Deposit(100))
+    run = await bank.engine.start("transfer", Transfer("s", "t", 30), id="small")
+    assert run == await bank.engine.get("small")  # as recorded, though not sent back
+    assert await bank.engine.result("small", timeout=10) == "done"
+    replies = command_replies
+    async with bank.engine.database.read() as conn:
+        stored = (
+            await conn.execute(
+                select(replies.c.seq_nr, replies.c.payload)
+                .where(replies.c.entity_type == WORKFLOW_ENTITY)
+                .where(replies.c.entity_id == "small")
+                .order_by(replies.c.seq_nr)
+            )
+        ).all()
+    assert [(r.seq_nr, bytes(r.payload)) for r in stored] == [(1, b"\xc0"), (2, b"\xc0")]
 
 
 async def _index_row_is(engine: WorkflowEngine, run_id: str, status: str, steps: int) -> bool:

@@ -40,6 +40,7 @@ from lagompy.workflow._entity import (
     Run,
     StartRun,
     WorkflowRun,
+    started_run,
 )
 from lagompy.workflow._executor import WorkflowExecutor, WorkflowSettings, encode_input
 from lagompy.workflow._index import RunRow, count_runs, list_runs, run_row, set_paused, types
@@ -164,11 +165,12 @@ class WorkflowEngine(AsyncClosing):
         executor = self.executor
         ahead = executor.lookahead(definition.name, run_id) if executor and key is None else None
         try:
-            run: Run = await self._ask(run_id, command)
+            reply: Run | None = await self._ask(run_id, command)
         except BaseException:
             if ahead is not None:
                 ahead.cancel()
             raise
+        run = started_run(command) if reply is None else reply
         if executor is not None:
             executor.started(run_id, run, ahead)
         return run

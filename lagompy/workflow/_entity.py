@@ -59,6 +59,7 @@ __all__ = [
     "StepFailed",
     "StepRecord",
     "WorkflowRun",
+    "started_run",
 ]
 
 WORKFLOW_ENTITY = "lagompy-workflow"
@@ -131,7 +132,11 @@ RunState = NoRun | Run
 
 
 @dataclass(frozen=True)
-class StartRun(Command[Run]):
+class StartRun(Command[Run | None]):
+    """Start the run. The answer is ``None`` when this command started it (its state is then
+    the command's: :func:`started_run`), else the run as it is: a persisting command's reply
+    is stored with its events, so the reply of the start that writes is kept small."""
+
     name: str
     version: int
     input: bytes
@@ -181,9 +186,11 @@ class RecordCompensated(Command[None]):
 
 
 @dataclass(frozen=True)
-class FinishRun(Command[Run]):
+class FinishRun(Command[Run | None]):
     """Finish the run, recording ``records`` first (the steps recorded in the background
-    that were not written yet), in one transaction."""
+    that were not written yet), in one transaction. The answer is ``None`` when this command
+    finished the run (as it says), else the run as it is (finished before): the stored reply
+    of the finish that writes stays small."""
 
     status: str
     output: bytes | None = None
@@ -297,6 +304,12 @@ WorkflowEvent = (
 )
 
 
+def started_run(command: StartRun) -> Run:
+    """The state of the run that ``command`` started (what it answers ``None`` for)."""
+    c = command
+    return Run(c.name, c.version, c.input, c.key, c.parent, c.at_us)
+
+
 def _record_event(record: StepRecord) -> StepCompleted | StepFailed:
     if record.ok:
         return StepCompleted(record.position, record.name, record.output, record.wake_at_us)
@@ -316,8 +329,7 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
             case _, GetRun():
                 return Effect.reply(state)
             case NoRun(), StartRun(name=name, version=version, input=data, key=key, parent=p):
-                started = RunStarted(name, version, data, key, p, command.at_us)
-                return Effect.persist(started).then_reply(lambda s: s)
+                return Effect.persist(RunStarted(name, version, data, key, p, command.at_us))
             case Run(), StartRun():
                 if state.name != command.name or state.input != command.input:
                     what = "workflow" if state.name != command.name else "input"
@@ -362,8 +374,7 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                             "not finish the run"
                         )
                 # One event: the records go with the finish (a 3-ask run writes 2 events).
-                finished = RunFinished(status, output, error, command.at_us, new)
-                return Effect.persist(finished).then_reply(lambda s: s)
+                return Effect.persist(RunFinished(status, output, error, command.at_us, new))
             case Run(), ReopenRun(position=position):
                 if not state.finished:
                     raise InvalidCommand(

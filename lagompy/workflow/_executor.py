@@ -410,7 +410,7 @@ class RunDriver:
             self.done = isinstance(run, Run)
             return
         if not await self._admitted(run, started_here):
-            await self._finish("cancelled", None, f"cancelled: {self._cancel}")
+            await self._finish(run, "cancelled", None, f"cancelled: {self._cancel}")
             return
         self._mark = time.monotonic()
         try:
@@ -429,7 +429,7 @@ class RunDriver:
         try:
             value = self.serializer.decode_value(run.input, self.definition.input_type)
         except SerializationError as e:
-            await self._finish("failed", None, f"the input does not decode: {e}")
+            await self._finish(run, "failed", None, f"the input does not decode: {e}")
             return
         inner = asyncio.ensure_future(self.definition.fn(ctx, value))
         self._inner = inner
@@ -475,7 +475,7 @@ class RunDriver:
             return
         if isinstance(fatal, WorkflowNonDeterminism):
             log.error("run %r: %s", self.run_id, fatal)
-            await self._finish("failed", None, f"WorkflowNonDeterminism: {fatal}")
+            await self._finish(run, "failed", None, f"WorkflowNonDeterminism: {fatal}")
             return
         if fatal is not None and fatal is self._record_error:
             # Its steps could not be recorded: the run stays as recorded, for the next owner.
@@ -493,9 +493,9 @@ class RunDriver:
                 with contextlib.suppress(Exception):
                     await self.flush()
                 await self._compensate(run, ctx)
-                await self._finish("failed", None, f"the output does not encode: {e}")
+                await self._finish(run, "failed", None, f"the output does not encode: {e}")
                 return
-            await self._finish("completed", output, None)
+            await self._finish(run, "completed", output, None)
             return
         if not isinstance(error, Exception):  # KeyboardInterrupt and the like
             raise error
@@ -515,7 +515,7 @@ class RunDriver:
         )
         if failures:
             text += "; compensation failed: " + "; ".join(failures)
-        await self._finish("cancelled" if cancelled else "failed", None, text)
+        await self._finish(run, "cancelled" if cancelled else "failed", None, text)
 
     async def _compensate(self, run: Run, ctx: WorkflowContext) -> list[str]:
         done = set(run.compensated)
@@ -533,17 +533,20 @@ class RunDriver:
             await self.ask_run(RecordCompensated(comp.index, comp.name, ok, error))
         return failures
 
-    async def _finish(self, status: str, output: bytes | None, error: str | None) -> None:
+    async def _finish(self, run: Run, status: str, output: bytes | None, error: str | None) -> None:
         records, self._unsent = tuple(self._unsent), []  # recorded with the finish
+        command = FinishRun(status, output, error, now_us(), records)
         try:
-            run = await self.ask_run(FinishRun(status, output, error, now_us(), records))
+            reply: Run | None = await self.ask_run(command)
         except CommandRejected as e:
             log.info("run %r: %s; this executor stops driving it", self.run_id, e)
             return
-        self.done = isinstance(run, Run) and run.finished
-        if isinstance(run, Run) and run.finished_us is not None:
-            seconds = (run.finished_us - run.started_us) / 1e6
-            self.executor.metrics.run_finished(run.name, run.status, seconds)
+        if reply is not None:  # finished before (by another executor)
+            self.done = reply.finished
+            return
+        self.done = True  # finished by this command, as it says
+        seconds = (command.at_us - run.started_us) / 1e6
+        self.executor.metrics.run_finished(run.name, status, seconds)
 
 
 async def _never(*_: Any) -> Any:  # the placeholder definition's function
