@@ -163,13 +163,8 @@ class WorkflowEngine(AsyncClosing):
         data = encode_input(self.serializer, definition, input)
         command = StartRun(definition.name, definition.version, data, key, None, now_us())
         executor = self.executor
-        ahead = executor.lookahead(definition.name, run_id) if executor and key is None else None
-        try:
-            reply: Run | None = await self._ask(run_id, command)
-        except BaseException:
-            if ahead is not None:
-                ahead.cancel()
-            raise
+        ahead = executor.lookahead(run_id) if executor and key is None else None
+        reply: Run | None = await self._ask(run_id, command)
         run = started_run(command) if reply is None else reply
         if executor is not None:
             executor.started(run_id, run, ahead)

@@ -171,15 +171,16 @@ class RunDriver:
         run_id: str,
         tag: str,
         run: Run | None = None,
-        unlimited: asyncio.Future[bool] | None = None,
+        types_read: asyncio.Future[dict[str, TypeRow]] | None = None,
     ) -> None:
         self.executor = executor
         self.run_id = run_id
         self.tag = tag
         #: The run's recorded state when the driver starts with it (a run started here).
         self.initial = run
-        #: Whether its workflow runs without admission, read while it was being started.
-        self._unlimited = unlimited
+        #: The workflows' types (does its workflow run without admission?), read while it
+        #: was being started.
+        self._types_read = types_read
         #: Set once the run is seen finished (by this driver's FinishRun or before).
         self.done = False
         self.serializer = executor.serializer
@@ -452,8 +453,8 @@ class RunDriver:
         if self._cancelled.is_set():
             return False
         if started_here and run.key is None:
-            ahead, self._unlimited = self._unlimited, None
-            if await (ahead if ahead is not None else self.executor.unlimited(run.name)):
+            ahead, self._types_read = self._types_read, None
+            if await self.executor.unlimited(run.name, ahead):
                 return True  # its index row starts running (see _index.unlimited)
         admission = asyncio.ensure_future(self.executor.admission(self.run_id))
         cancelled = asyncio.ensure_future(self._cancelled.wait())
@@ -547,6 +548,11 @@ class RunDriver:
         self.done = True  # finished by this command, as it says
         seconds = (command.at_us - run.started_us) / 1e6
         self.executor.metrics.run_finished(run.name, status, seconds)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _never(*_: Any) -> Any:  # the placeholder definition's function
@@ -760,6 +766,8 @@ class WorkflowExecutor:
             await self.membership.leave()  # (not released: it expires, as a crashed one would)
         for future in self._admitting.values():
             future.cancel()
+        if self._types_read is not None:
+            self._types_read.cancel()
         if self._index_database is not None:
             await self._index_database.dispose()
             self._index_database = None
@@ -817,37 +825,43 @@ class WorkflowExecutor:
                 case RunFinished():
                     self._admit_wake.set()  # a slot may be free
 
-    def lookahead(self, workflow: str, run_id: str) -> asyncio.Future[bool] | None:
-        """:meth:`unlimited` for a run about to be started here, read while its start is
-        written (handed to :meth:`started`): its driver does not wait for a read of its own
-        after the start (a read that overlaps the start sees what one just after it would,
-        but for a change made in those milliseconds, as a read in flight always could).
-        None when this executor would not drive the run (another holds its partition)."""
+    def lookahead(self, run_id: str) -> asyncio.Future[dict[str, TypeRow]] | None:
+        """The read of the workflows' types (:meth:`unlimited`) for a run about to be started
+        here, in flight while its start is written (handed to :meth:`started`): its driver
+        does not wait for a read of its own after the start (a read that overlaps the start
+        sees what one just after it would, but for a change made in those milliseconds, as a
+        read in flight always could). One read shared by the runs of a tick, not a task per
+        run. None when this executor would not drive the run (another holds its partition)."""
         if self._closing or self.partitions[self.partition_of(run_id)].epoch is None:
             return None
-        return asyncio.ensure_future(self.unlimited(workflow))
+        return self._read_types()
 
-    def started(self, run_id: str, run: Run, unlimited: asyncio.Future[bool] | None = None) -> None:
+    def started(
+        self,
+        run_id: str,
+        run: Run,
+        types_read: asyncio.Future[dict[str, TypeRow]] | None = None,
+    ) -> None:
         """A run started in this process (``WorkflowEngine.start``): driven at once from its
         state when this executor holds its partition, rather than when the partition's tail
         brings its ``RunStarted`` (which then finds it driven). The records are the same.
-        ``unlimited``: :meth:`lookahead` of its workflow."""
+        ``types_read``: :meth:`lookahead` of the run."""
         if not run.finished:
-            self.launch(run_id, self.partition_of(run_id), run, unlimited)
+            self.launch(run_id, self.partition_of(run_id), run, types_read)
 
     def launch(
         self,
         run_id: str,
         tag: str,
         run: Run | None = None,
-        unlimited: asyncio.Future[bool] | None = None,
+        types_read: asyncio.Future[dict[str, TypeRow]] | None = None,
     ) -> None:
         if self._closing or self.partitions[tag].epoch is None:
             return
         existing = self.drivers.get(run_id)
         if existing is not None and existing.task is not None and not existing.task.done():
             return
-        driver = RunDriver(self, run_id, tag, run, unlimited)
+        driver = RunDriver(self, run_id, tag, run, types_read)
         self.drivers[run_id] = driver
         driver.task = asyncio.create_task(self._drive(driver), name=f"workflow run {run_id}")
 
@@ -906,12 +920,23 @@ class WorkflowExecutor:
 
     # ------------------------------------------------------------------ admission
 
-    async def unlimited(self, workflow: str) -> bool:
-        """Whether a new run (with no key) of ``workflow`` runs at once: no limit, not paused
-        (the types' rows, read once for the callers of a tick)."""
+    def _read_types(self) -> asyncio.Future[dict[str, TypeRow]]:
+        """The types' rows: the read in flight, or a new one (its callers await it shielded:
+        one caller cancelled does not cancel the others' read)."""
         reading = self._types_read
         if reading is None or reading.done():
             reading = self._types_read = asyncio.ensure_future(types(self.database))
+            reading.add_done_callback(_retrieved)  # its error is each caller's (logged there)
+        return reading
+
+    async def unlimited(
+        self, workflow: str, reading: asyncio.Future[dict[str, TypeRow]] | None = None
+    ) -> bool:
+        """Whether a new run (with no key) of ``workflow`` runs at once: no limit, not paused
+        (the types' rows, read once for the callers of a tick; ``reading``: a read started
+        before, by :meth:`lookahead`)."""
+        if reading is None:
+            reading = self._read_types()
         try:
             kind = (await asyncio.shield(reading)).get(workflow)
         except Exception as e:
