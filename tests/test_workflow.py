@@ -39,7 +39,7 @@ from lagompy.workflow import (
     inspect_run,
     start_workflows,
 )
-from lagompy.workflow._entity import RunStarted, StepCompleted
+from lagompy.workflow._entity import GetRun, Run, RunStarted, StepCompleted
 from lagompy.workflow._index import run_row
 from tests.workflow_app import AccountEntity, CloseAccount, Deposit, Transfer, Withdraw, workflows
 
@@ -483,6 +483,33 @@ async def test_an_executor_that_dies_mid_run_is_replaced_and_no_completed_step_r
         assert calls == ["x", "x-2"]
     finally:
         await b.close()
+
+
+stubborn = Workflows()
+
+
+@stubborn.workflow("stubborn", version=1)
+async def swallows_cancels(ctx: WorkflowContext, name: str) -> str:
+    await ctx.step(external, name)
+    try:
+        await ctx.receive("never")
+    except asyncio.CancelledError:
+        pass  # carries on, as code should not
+    await ctx.step(external, name + "-after")
+    return "went on"
+
+
+async def test_code_that_swallows_the_cancel_of_an_executor_stopping_goes_no_further(
+    env: Env,
+) -> None:
+    calls.clear()
+    engine = await env.engine_for(stubborn, "exec-stubborn")
+    await engine.start("stubborn", "s", id="stubborn-1")
+    await until(lambda: _has_steps(engine, "stubborn-1", 1))
+    await engine.close()  # it stops driving its runs: the next owner replays them
+    assert calls == ["s"]  # no step after the swallowed cancel
+    run = await env.entities.ref_for(WorkflowRun, "stubborn-1").ask(GetRun())
+    assert isinstance(run, Run) and run.status == "running" and len(run.steps) == 1
 
 
 # --------------------------------------------------------------------------- deploys

@@ -188,7 +188,11 @@ class RunDriver:
         self.definition: WorkflowDef = WorkflowDef("", 0, _never, Any, Any)
         self.ctx: WorkflowContext | None = None
         self.task: asyncio.Task[None] | None = None
-        self._inner: asyncio.Task[Any] | None = None
+        #: The workflow's code runs in the driver's task (no task of its own): while it does,
+        #: a cancel of the run cancels the task; ``_stopped``: the executor stops driving the
+        #: run (lease lost, closing), which no code that swallows the cancel survives.
+        self._in_code = False
+        self._stopped = False
         self._pending_signals: list[SignalRecord] = []
         self._cancel: str | None = None
         self._cancelled = asyncio.Event()
@@ -216,8 +220,18 @@ class RunDriver:
         ctx = self.ctx
         if ctx is not None and ctx.cancel_reason is None:
             ctx.cancel_reason = reason
-            if self._inner is not None and not self._inner.done():
-                self._inner.cancel()
+            if self._in_code and self.task is not None:
+                self.task.cancel()
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Stop driving the run (no compensation, no finish): its task, cancelled. Code that
+        swallows the cancel goes no further: its next step raises."""
+        self._stopped = True
+        if self.ctx is not None and self.ctx.fatal is None:
+            self.ctx.fatal = Superseded(f"this executor stopped driving run {self.run_id!r}")
+        if self.task is not None:
+            self.task.cancel()
+        return self.task
 
     # ------------------------------------------------------------------ entity calls
 
@@ -432,15 +446,31 @@ class RunDriver:
         except SerializationError as e:
             await self._finish(run, "failed", None, f"the input does not decode: {e}")
             return
-        inner = asyncio.ensure_future(self.definition.fn(ctx, value))
-        self._inner = inner
+        outcome = await self._run_code(ctx, value)
+        await self._outcome(run, ctx, outcome)
+
+    async def _run_code(self, ctx: WorkflowContext, value: Any) -> _Outcome:
+        """Run the workflow's code in this task (one task per run): its result, its error, or
+        that it was cancelled (by a cancel of the run, or by its own CancelledError). Raises
+        CancelledError when the executor stopped driving the run meanwhile, whatever the
+        code did with the cancel."""
+        task = self.task
+        self._in_code = True
         try:
-            await asyncio.wait({inner})
+            result = await self.definition.fn(ctx, value)
+            outcome = _Outcome(result=result)
         except asyncio.CancelledError:
-            inner.cancel()
-            await asyncio.gather(inner, return_exceptions=True)
-            raise
-        await self._outcome(run, ctx, inner)
+            outcome = _Outcome(cancelled=True)
+        except BaseException as e:
+            outcome = _Outcome(error=e)
+        finally:
+            self._in_code = False
+        if self._stopped:
+            raise asyncio.CancelledError
+        if task is not None:
+            while task.cancelling():  # a cancel of the run, handled here
+                task.uncancel()
+        return outcome
 
     async def _admitted(self, run: Run, started_here: bool) -> bool:
         """Wait for admission; False when the run is cancelled first (a queued run that never
@@ -466,9 +496,7 @@ class RunDriver:
                 admission.cancel()
         return admission.done() and not admission.cancelled()
 
-    async def _outcome(self, run: Run, ctx: WorkflowContext, inner: asyncio.Future[Any]) -> None:
-        if not inner.cancelled():
-            inner.exception()  # retrieved, whatever the outcome below
+    async def _outcome(self, run: Run, ctx: WorkflowContext, outcome: _Outcome) -> None:
         await self._settle()  # the records on their way (an error: ctx.fatal)
         fatal = ctx.fatal
         if isinstance(fatal, Superseded):
@@ -483,13 +511,13 @@ class RunDriver:
             log.error("run %r: recording its steps failed: %r", self.run_id, fatal)
             return
         error: BaseException | None
-        if inner.cancelled():
+        if outcome.cancelled:
             error = WorkflowCancelled(ctx.cancel_reason or "cancelled")
         else:
-            error = inner.exception()
+            error = outcome.error
         if error is None:
             try:
-                output = self.serializer.encode_value(inner.result(), self.definition.output_type)
+                output = self.serializer.encode_value(outcome.result, self.definition.output_type)
             except SerializationError as e:
                 with contextlib.suppress(Exception):
                     await self.flush()
@@ -506,7 +534,7 @@ class RunDriver:
             log.error("run %r: recording its steps failed: %r", self.run_id, e)
             return
         cancelled = ctx.cancel_reason is not None and (
-            isinstance(error, (WorkflowCancelled, asyncio.CancelledError)) or inner.cancelled()
+            isinstance(error, (WorkflowCancelled, asyncio.CancelledError)) or outcome.cancelled
         )
         if cancelled:
             await self._cancel_children(ctx.cancel_reason or "cancelled")
@@ -548,6 +576,15 @@ class RunDriver:
         self.done = True  # finished by this command, as it says
         seconds = (command.at_us - run.started_us) / 1e6
         self.executor.metrics.run_finished(run.name, status, seconds)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How the workflow's code ended: its ``result``, its ``error``, or ``cancelled``."""
+
+    result: Any = None
+    error: BaseException | None = None
+    cancelled: bool = False
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -745,10 +782,8 @@ class WorkflowExecutor:
         and release the partitions (``release=False``: keep the leases until they expire, as a
         crashed process would)."""
         self._closing = True
-        drivers = [d.task for d in self.drivers.values() if d.task is not None]
-        for task in drivers:
-            task.cancel()
-        await asyncio.gather(*drivers, return_exceptions=True)
+        stopped = [d.stop() for d in self.drivers.values()]
+        await asyncio.gather(*(t for t in stopped if t is not None), return_exceptions=True)
         self.drivers.clear()
         for task in self._tasks:
             task.cancel()
@@ -892,9 +927,9 @@ class WorkflowExecutor:
         dropped = [d for d in self.drivers.values() if d.tag == tag]
         tasks = []
         for driver in dropped:
-            if driver.task is not None:
-                driver.task.cancel()
-                tasks.append(driver.task)
+            task = driver.stop()
+            if task is not None:
+                tasks.append(task)
             del self.drivers[driver.run_id]
         if dropped:
             log.log(
