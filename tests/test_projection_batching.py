@@ -42,7 +42,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from lagompy import AtomicWrite, EventEnvelope, JournalSettings, Storage, open_storage
+from lagompy import (
+    AtomicWrite,
+    EventEnvelope,
+    JournalSettings,
+    Storage,
+    open_storage,
+    sharded_tag,
+)
 from lagompy.journal import TailSettings
 from lagompy.readside import ReadSideSettings, SqlReadSideProcessor
 from lagompy.readside._settings import projection_settings
@@ -568,6 +575,77 @@ def test_sqlite_writes_offset_and_commit_go_to_the_driver_in_one_call(
     finally:
         _database._commit_in_one_call = one_call
     assert calls == pages  # one call per page, every event's write in it
+
+
+def test_sqlite_one_call_commits_of_one_process_take_turns(tmp_path: Path) -> None:
+    # Workers of one process on one file (a rebuild's: one per tag shard) send their one-call
+    # commits to the driver's threads one at a time (Database.write_turn): waiting in the
+    # event loop, not polling BEGIN IMMEDIATE in their threads beside the one that writes.
+    import threading
+
+    from lagompy.sql import _database
+
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    rs = ReadSideSettings(max_batch=50)
+    tags = list(sharded_tag("turns", shards=4).all_tags)
+    guard = threading.Lock()
+    inside = [0]
+    most = [0]
+    one_call = _database._commit_in_one_call
+
+    def counting(conn: Any, timeout_ms: int, writes: Any, last: Any) -> Any:
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            return one_call(conn, timeout_ms, writes, last)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    class Sharded(OpsProjection):
+        name = "batching-turns"
+
+        @classmethod
+        def tags(cls) -> tuple[str, ...]:
+            return tuple(tags)
+
+    async def main() -> None:
+        serializer = Serializer([Ops])
+        async with await open_storage(settings=js, serializer=serializer) as storage:
+            for t, tag in enumerate(tags):
+                await storage.journal.append(
+                    [
+                        AtomicWrite(
+                            "ops", f"e{t}-{i}", 0, [Ops(json.dumps([["put", t * 1000 + i, i]]))],
+                            [(tag,)],
+                        )
+                        for i in range(500)
+                    ]
+                )  # fmt: skip
+            projection = Database.create(projection_settings(js, rs))
+            try:
+                await ensure_schema(projection)
+                processor = Sharded()  # one worker per tag of `tags`
+                await run_global_prepare(processor, projection, rs)
+                workers = [
+                    ReadSideWorker(
+                        processor, t, journal=storage.journal, projection=projection, settings=rs
+                    )
+                    for t in tags
+                ]
+                await asyncio.gather(*(w.catch_up(force=True) for w in workers))
+                assert [w.transactions for w in workers] == [10] * 4
+                assert len((await _tables(projection))[0]) == 2000
+            finally:
+                await projection.dispose()
+
+    _database._commit_in_one_call = counting
+    try:
+        asyncio.run(main())
+    finally:
+        _database._commit_in_one_call = one_call
+    assert most[0] == 1
 
 
 @pytest.mark.parametrize("clear", [False, True])

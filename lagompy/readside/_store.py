@@ -401,22 +401,24 @@ class OffsetStore:
         <lagompy.readside._batching.DeferringConnection.driver_writes>`) and :meth:`commit`'s
         fenced write, as one transaction in one call to the driver's thread
         (:func:`~lagompy.sql._database.sqlite_commit_in_one_call`: the file's write lock is
-        held for the statements' time only). ``conn`` must not have begun a transaction.
-        ``SqliteWritesFailed`` when a write fails, ``LeaseLost`` when the epoch moved on (both
-        rolled back); None, with nothing done, when the fenced write has no driver form (then
-        the caller sends everything through ``conn``)."""
+        held for the statements' time only), in the process's turn for it
+        (:meth:`~lagompy.sql._database.Database.write_turn`). ``conn`` must not have begun a
+        transaction. ``SqliteWritesFailed`` when a write fails, ``LeaseLost`` when the epoch
+        moved on (both rolled back); None, with nothing done, when the fenced write has no
+        driver form (then the caller sends everything through ``conn``)."""
         plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
         if plan is None:
             return None
         parameters = _commit_parameters(lease, offset, ttl, events_per_s)
         last = (plan.sql, plan.rows([parameters])[0])
         fairy = await conn.get_raw_connection()
-        returned = await sqlite_commit_in_one_call(
-            fairy.driver_connection,
-            timeout_ms=self.database.settings.sqlite_busy_timeout_ms,
-            writes=writes,
-            last=last,
-        )
+        async with self.database.write_turn():
+            returned = await sqlite_commit_in_one_call(
+                fairy.driver_connection,
+                timeout_ms=self.database.settings.sqlite_busy_timeout_ms,
+                writes=writes,
+                last=last,
+            )
         if not returned:
             raise await self._lease_lost(conn, lease)
         return _flags(returned[0])
