@@ -37,7 +37,7 @@ from lagompy.topic._log import PartitionLog, partition_log
 from lagompy.topic._nats import BrokerSettings, NatsTransport
 from lagompy.topic._producers import Producers, start_producers
 from lagompy.topic._ray import RaySubscribers
-from lagompy.topic._relay import refuse_journal_positions, relay_for
+from lagompy.topic._relay import RELAY_PREFIX, refuse_journal_positions, relay_for
 from lagompy.topic._runner import SubscriberArg, Subscribers, start_subscribers
 from lagompy.topic._schema import schema_router
 from lagompy.topic._topic import Topic
@@ -181,7 +181,10 @@ class TopicsComponent:
         """On a journal placed on several databases, every relay's partition (a row per topic,
         tag shard and database, named ``topic-relay:<topic>``): position in its database's
         journal, lag, state, owner, last failure. Empty on a journal of one database."""
-        return [] if self.relays is None else await self.relays.status()
+        if self.relays is None:
+            return []
+        # The projection database holds every consumer's rows: the relays' only.
+        return [s for s in await self.relays.status() if s.processor.startswith(RELAY_PREFIX)]
 
     async def metric_samples(self) -> list[Sample]:
         """Per producer partition (a broker transport's): its position, its lag behind the
