@@ -9,8 +9,9 @@ drive a ledger): one worker per (manager, tag, database), keyed like the read si
   re-runs the events: the ledger applies each command once;
 * command ids on the home database are those of a journal on one database (a journal that
   gets a second database still absorbs re-runs of its old events); on another they name it;
-* a manager whose source is a topic on the embedded transport is refused, with the reason
-  (one on a transport given is not).
+* a manager whose source is a topic on the embedded transport follows the topic's relay log
+  (written by the producing service's relays in the home database); one on a transport given
+  follows what that transport carries.
 
 The orders are written straight to their databases' journals (the in-process runtime opens one
 database); the ledger is an in-process runtime on a journal of its own, whose stored replies
@@ -39,11 +40,12 @@ from process_entities import (
     OrderPlaced,
     Peek,
     PlaceOrder,
+    payments_due,
 )
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from lagompy import ConfigurationError, open_storage, start
+from lagompy import open_storage, start
 from lagompy.cli import build_app
 from lagompy.journal._journal import AtomicWrite
 from lagompy.journal._placement import HOME, Placement, partition_key
@@ -53,6 +55,7 @@ from lagompy.runtime import InProcessEntities
 from lagompy.settings import JournalSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
+from lagompy.topic import TopicsComponent
 from lagompy.topic._embedded import EmbeddedTransport
 from tests.conftest import Placed, placed_cli
 
@@ -568,20 +571,56 @@ async def test_keys_whose_entities_moved_to_another_database_go_on_there(
 # --------------------------------------------------------------------------- refusals, CLI
 
 
-async def test_a_topic_source_on_the_embedded_transport_is_refused_on_several_databases(
+async def test_a_topic_source_on_the_embedded_transport_follows_the_relay_log_on_several_databases(
+    placed: Placed,
+    ledger_runtime: InProcessEntities,
+    ledger_settings: JournalSettings,
+    tmp_path: Path,
+) -> None:
+    """The producing service's relays write the topic's partitions into the home database's
+    relay log; the manager follows its partitions there: every order of both databases is
+    charged once, and its positions and lag are the log's."""
+    settings = await placed(2)
+    placement = Placement.of(settings)
+    orders = [f"o{i}" for i in range(40)]
+    async with await open_placed_storage(entities=[OrderEntity], settings=settings) as storage:
+        await place(storage, orders)
+        where = await offsets(storage, orders)
+    assert {name for _, name in where.values()} == set(placement.names)
+    topics = TopicsComponent([payments_due], journal_settings=settings)
+    await topics.start()
+    try:
+        assert topics.relays is not None
+        await topics.relays.wait_until_caught_up(timeout=30)
+        async with start_process_managers(
+            [ChargeFromTopic], entities=ledger_runtime, journal_settings=settings, run=False
+        ) as managers:
+            partitions = [payments_due.partition_tag(p) for p in range(payments_due.partitions)]
+            assert sorted(w.tag for w in managers.workers) == sorted(partitions)
+            await catch_up(managers)
+            # Offsets repeat across the log's partitions: the command ids name the partition.
+            assert sorted((await ledger(ledger_runtime)).of("topic-charge")) == sorted(orders)
+            ids = [i for i in await stored_ids(ledger_settings) if "charge-from-topic" in i]
+            assert len(ids) == len(orders) and any(i.endswith("#1:0") for i in ids)
+            statuses = await managers.status("charge-from-topic")
+            assert sorted(s.tag for s in statuses) == sorted(partitions)
+            # Relay-log offsets 1..N per partition: the positions add up to the messages.
+            assert sum(s.offset for s in statuses) == len(orders)
+            assert all(s.worker.head_offset == s.offset for s in statuses)
+            assert all(s.worker.lag_events == 0 for s in statuses)
+            await managers.wait_until_caught_up(timeout=10)
+            # The relays' status (and metrics) are the relays' rows, not the manager's beside.
+            relays = await topics.relay_status()
+            assert relays and {s.processor for s in relays} == {"topic-relay:pm-payments-due"}
+            assert "charge-from-topic" not in "".join(str(x) for x in await topics.metric_samples())
+    finally:
+        await topics.stop()
+
+
+async def test_a_topic_source_on_a_transport_given_is_followed_on_several_databases(
     placed: Placed, ledger_runtime: InProcessEntities, tmp_path: Path
 ) -> None:
     settings = await placed(2)
-    with pytest.raises(ConfigurationError) as caught:
-        await start_process_managers(
-            [ChargeFromTopic], entities=ledger_runtime, journal_settings=settings
-        )
-    message = str(caught.value)
-    assert "'charge-from-topic'" in message and "'pm-payments-due'" in message
-    assert "embedded transport" in message
-    assert "placed on several" in message and "'b'" in message
-    assert "source = OrderEntity" in message
-
     # A transport given carries another service's topic: followed, whatever this journal is.
     elsewhere = JournalSettings(url=f"sqlite:///{tmp_path / 'orders-elsewhere.db'}")
     async with await open_storage(settings=elsewhere, entities=[OrderEntity]) as orders:

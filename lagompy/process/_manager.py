@@ -189,18 +189,30 @@ def _on(database: str) -> str:
     return "" if database == HOME else f"{PARTITION_SEPARATOR}{database}"
 
 
-def event_origin(manager: str, offset: int, database: str = HOME) -> str:
+def _in(partition: int | None) -> str:
+    """The suffix that names a topic's partition in the ids derived from a message's offset:
+    a topic published from a journal placed on several databases numbers each partition's
+    messages 1, 2, 3... (its relay log), so offsets of two partitions collide. Partition 0
+    keeps the ids of a topic of one database's journal, whose offsets are unique."""
+    return f"#{partition}" if partition else ""
+
+
+def event_origin(
+    manager: str, offset: int, database: str = HOME, partition: int | None = None
+) -> str:
     """The origin of the command ids of an event at ``offset`` of ``database`` (of a journal
     placed on several): ``<manager>:<offset>`` on the home database (the ids of a journal on
     one database, kept so that a journal that gets a second database still absorbs re-runs),
-    ``<manager>:<offset>@<database>`` on another."""
-    return f"{manager}:{offset}{_on(database)}"
+    ``<manager>:<offset>@<database>`` on another; of a topic's message, its ``partition``
+    after ``#`` (``<manager>:<offset>#<partition>``, from partition 1 on)."""
+    return f"{manager}:{offset}{_on(database)}{_in(partition)}"
 
 
-def timer_base(offset: int, database: str = HOME) -> str:
-    """The base of the ids of the timers an event at ``offset`` (of ``database``) schedules:
-    timer ids are unique per manager, so one of another database names it."""
-    return f"e{offset}{_on(database)}"
+def timer_base(offset: int, database: str = HOME, partition: int | None = None) -> str:
+    """The base of the ids of the timers an event at ``offset`` (of ``database``, or of a
+    topic's ``partition``) schedules: timer ids are unique per manager, so one of another
+    database or partition names it."""
+    return f"e{offset}{_on(database)}{_in(partition)}"
 
 
 def timer_base_of_timer(timer_id: str) -> str:

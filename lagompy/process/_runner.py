@@ -12,12 +12,14 @@ On a journal placed on several databases (``JournalSettings.databases``) a manag
 is an entity has one partition per (tag, database), keyed like the read sides' (the tag on the
 home database, ``tag@database`` on another: :func:`~lagompy.journal._placement.partition_key`),
 each reading its own database's journal. A manager whose source is a topic on the embedded
-transport is refused there (it reads one database).
+transport reads the topic's relay log there (the producing service's relays write it in the
+home database: see ``lagompy/topic/_relay.py``), its partitions the topic's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from lagompy.closing import AsyncClosing, finish_tasks, opener
 from lagompy.consumer import Membership
 from lagompy.errors import ConfigurationError
 from lagompy.journal._journal import Journal
-from lagompy.journal._placement import HOME, Placement
+from lagompy.journal._placement import HOME
 from lagompy.journal._storage import PlacedStorage, open_placed_storage
 from lagompy.process._manager import ProcessManager, RefSource, offset_key
 from lagompy.process._store import ProcessStore, drop_stopping_timers
@@ -53,6 +55,7 @@ from lagompy.settings import JournalSettings
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 from lagompy.topic._embedded import EmbeddedTransport
+from lagompy.topic._log import partition_log
 from lagompy.topic._transport import TopicTransport
 
 log = logging.getLogger("lagompy.process")
@@ -244,8 +247,30 @@ class ProcessManagers(AsyncClosing):
                 if row.tag == GLOBAL_TAG:
                     continue
                 keys, timers = counts.get(row.tag, (0, 0))
-                out.append(ManagerStatus(name, row, keys, timers))
+                out.append(ManagerStatus(name, await self._with_feed_lag(row), keys, timers))
         return out
+
+    async def _with_feed_lag(self, row: WorkerStatus) -> WorkerStatus:
+        """``row`` with its head and lag from its worker's feed when the manager follows a
+        topic's relay log (a journal placed on several databases): the journal's tags do not
+        count its positions there."""
+        worker = next(
+            (w for w in self.workers if (w.name, w.tag) == (row.processor, row.tag)), None
+        )
+        lag = getattr(worker.feed, "lag", None) if worker is not None and self.placed else None
+        if lag is None:
+            return row
+        head, behind, seconds = await lag(row.offset)
+        return dataclasses.replace(row, head_offset=head, lag_events=behind, lag_seconds=seconds)
+
+    async def _feed_head(self, worker: ProcessWorker) -> int | None:
+        """The head of a topic-sourced worker's partition as its feed sees it, on a journal
+        placed on several databases (the relay log's, not a journal's tag); None elsewhere."""
+        lag = getattr(worker.feed, "lag", None) if self.placed is not None else None
+        if lag is None:
+            return None
+        head, _, _ = await lag(0)
+        return int(head)
 
     async def state(self, manager: str, key: str) -> Any | None:
         """The stored state of ``key`` (None: no state: never handled, or ended)."""
@@ -288,8 +313,10 @@ class ProcessManagers(AsyncClosing):
         seconds)."""
         targets = []
         for w in self.workers:
-            journal = self.journal if w.journal is None else w.journal
-            head, _, _ = await _journal_lag(journal.database, w.journal_tag, 0)
+            head = await self._feed_head(w)
+            if head is None:
+                journal = self.journal if w.journal is None else w.journal
+                head, _, _ = await _journal_lag(journal.database, w.journal_tag, 0)
             targets.append((w, head))
         store = self.projections.store
         async with asyncio.timeout(timeout):
@@ -328,28 +355,6 @@ def _partitions(processor: ManagerProcessor, placed: PlacedStorage | None) -> li
     if placed is None or type(processor.manager).topic() is not None:
         return [Partition(t, t, HOME) for t in processor.tags()]
     return partitions_of(processor, placed.placement)
-
-
-def _refuse_embedded_topics_on_several(
-    managers: list[ProcessManager[Any]], placement: Placement
-) -> None:
-    """The embedded transport reads a topic from one database of the journal (its partitions'
-    tags there): on a journal placed on several, a manager following it would miss every other
-    database's events. (A transport given, NATS say, carries messages another service's
-    producer publishes: nothing of this journal.)"""
-    if not placement.several:
-        return
-    for m in managers:
-        topic = type(m).topic()
-        if topic is not None:
-            others = ", ".join(repr(n) for n in placement.names if n != HOME)
-            raise ConfigurationError(
-                f"process manager {type(m).name!r} follows topic {topic.name!r} on the embedded "
-                f"transport, which reads one database of the journal, and this journal is placed "
-                f"on several (the home one and {others}): the topic would miss the events of "
-                f"every other database. Make the manager follow the entity instead (source = "
-                f"{topic.source.__qualname__}): it then runs one worker per database"
-            )
 
 
 @opener
@@ -392,8 +397,6 @@ async def start_process_managers(
     journal_settings = _journal_settings(journal_url, journal_settings)
     processors = [processor_for(m) for m in instances]
     serializer = serializer_for_processors(processors)
-    if transport is None:
-        _refuse_embedded_topics_on_several(instances, Placement.of(journal_settings))
     for m in instances:
         topic = type(m).topic()
         if topic is not None:
@@ -415,7 +418,9 @@ async def start_process_managers(
         raise
     made = None
     if transport is None and any(type(m).topic() is not None for m in instances):
-        made = transport = EmbeddedTransport(home.journal, tail=settings.tail)
+        # On a journal placed on several databases, the relay log of the home database.
+        log = partition_log(home.journal, placed=storage.placement.several, tail=settings.tail)
+        made = transport = EmbeddedTransport(home.journal, tail=settings.tail, log=log)
     running = ProcessManagers(
         processors,
         journal=home.journal,

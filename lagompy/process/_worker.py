@@ -302,10 +302,12 @@ class ProcessCommit(ProjectionCommit):
         async def chain(entry: KeyEntry, events: list[tuple[EventEnvelope[Any], Any, str]]) -> None:
             for envelope, event, entity_id in events:
                 offset = envelope.offset
+                # A message's offset is unique in its partition only (see event_origin).
+                partition = cast(Message[Any], envelope).partition if self.messages else None
                 ctx = self._context(
                     entry.key,
-                    origin=event_origin(name, offset, self.placed_on),
-                    timer_base=timer_base(offset, self.placed_on),
+                    origin=event_origin(name, offset, self.placed_on, partition),
+                    timer_base=timer_base(offset, self.placed_on, partition),
                     now_us=int(envelope.timestamp.timestamp() * 1_000_000),
                     offset=offset,
                     entity_id=entity_id,
