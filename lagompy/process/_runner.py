@@ -19,7 +19,6 @@ home database: see ``lagompy/topic/_relay.py``), its partitions the topic's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 from lagompy.topic._embedded import EmbeddedTransport
 from lagompy.topic._log import partition_log
+from lagompy.topic._runner import with_feed_lag
 from lagompy.topic._transport import TopicTransport
 
 log = logging.getLogger("lagompy.process")
@@ -257,11 +257,9 @@ class ProcessManagers(AsyncClosing):
         worker = next(
             (w for w in self.workers if (w.name, w.tag) == (row.processor, row.tag)), None
         )
-        lag = getattr(worker.feed, "lag", None) if worker is not None and self.placed else None
-        if lag is None:
+        if worker is None or self.placed is None:
             return row
-        head, behind, seconds = await lag(row.offset)
-        return dataclasses.replace(row, head_offset=head, lag_events=behind, lag_seconds=seconds)
+        return await with_feed_lag(row, worker.feed)
 
     async def _feed_head(self, worker: ProcessWorker) -> int | None:
         """The head of a topic-sourced worker's partition as its feed sees it, on a journal

@@ -350,14 +350,7 @@ class Subscribers(GroupOperations, AsyncClosing):
         worker = next(
             (w for w in self.workers if (w.name, w.tag) == (status.processor, status.tag)), None
         )
-        lag = getattr(worker.feed, "lag", None) if worker is not None else None
-        if lag is None:
-            return status
-        try:
-            head, behind, seconds = await lag(status.offset)
-        except LagompyError:
-            return status  # the producer cannot say now: the status says what it knows
-        return dataclasses.replace(status, head_offset=head, lag_events=behind, lag_seconds=seconds)
+        return status if worker is None else await with_feed_lag(status, worker.feed)
 
     def problems(self) -> list[str]:
         """What keeps groups of this process from making progress that their rows cannot show:
@@ -418,6 +411,20 @@ class Subscribers(GroupOperations, AsyncClosing):
             await self.transport.close()
         for db in self._owned:
             await db.dispose()
+
+
+async def with_feed_lag(status: WorkerStatus, feed: MessageFeed | None) -> WorkerStatus:
+    """``status`` with its head and lag as ``feed`` sees them (a partition's messages counted
+    by the topic's positions: another service's, or a placed journal's relay log), or as it
+    is when the feed cannot say (none, no ``lag``, or the producer unreachable now)."""
+    lag = getattr(feed, "lag", None)
+    if lag is None:
+        return status
+    try:
+        head, behind, seconds = await lag(status.offset)
+    except LagompyError:
+        return status  # the producer cannot say now: the status says what it knows
+    return dataclasses.replace(status, head_offset=head, lag_events=behind, lag_seconds=seconds)
 
 
 @opener
