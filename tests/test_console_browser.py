@@ -78,6 +78,29 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 15) -> Non
         time.sleep(0.1)
 
 
+#: What Chromium answers a reload that meets a navigation still under way (a form's POST and
+#: its redirect, the previous reload): the page is there a moment later.
+_NAVIGATING = ("Not attached to an active page", "interrupted by another navigation", "ERR_ABORTED")
+
+
+def reload_until(page: Any, check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    """Reload ``page`` until ``check()`` holds; a reload that races a navigation is retried."""
+    from playwright.sync_api import Error
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            page.wait_for_load_state()
+            page.reload()
+            if check():
+                return
+        except Error as e:
+            if not any(m in str(e) for m in _NAVIGATING) or time.monotonic() >= deadline:
+                raise
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_the_console_in_chromium(
     postgres_schema: str, ray_session: object, browser_page: Any, tmp_path: Path
 ) -> None:
@@ -142,23 +165,17 @@ def test_the_console_in_chromium(
 
         page.get_by_role("link", name="Failed", exact=True).click()
         assert "cannot project boom" in page.locator("#failed-rows").inner_text()
-        page.click("#failed-rows button[data-action=resume]")  # retry: it fails again
-        eventually(
-            lambda: (
-                page.reload() is not None and page.locator("#failed-rows tr[data-tag]").count() == 1
-            ),
-            "failed again",
-        )
+        # Retry: it fails again. The form's answer is a new page: wait for it before reloading.
+        with page.expect_navigation():
+            page.click("#failed-rows button[data-action=resume]")
+        reload_until(page, lambda: page.locator("#failed-rows tr[data-tag]").count() == 1, "again")
         shoot(page, "failed")
         page.click("#failed-rows button[data-action=skip]")
         assert "cannot be undone" in page.locator("#confirm-what").inner_text()
         page.click("#confirm button")
         assert page.locator(".flash").inner_text().startswith("skip: skipped the failing event")
-        eventually(
-            lambda: (
-                page.reload() is not None and page.locator("#failed-rows tr[data-tag]").count() == 0
-            ),
-            "skipped",
+        reload_until(
+            page, lambda: page.locator("#failed-rows tr[data-tag]").count() == 0, "skipped"
         )
 
         page.get_by_role("link", name="Overview").click()
@@ -189,9 +206,7 @@ def test_a_parked_event_retried_from_the_failed_page(browser_page: Any, tmp_path
             page.click("#login button")
             page.get_by_role("link", name="Failed", exact=True).click()
             rows = "#parked-rows tr[data-parked-id]"
-            eventually(
-                lambda: page.reload() is not None and page.locator(rows).count() == 1, "parked"
-            )
+            reload_until(page, lambda: page.locator(rows).count() == 1, "parked")
             assert "cannot project boom" in page.locator("#parked-rows").inner_text()
             shoot(page, "parked")
             # Still broken: the retry fails again and the row stays, with its retry counted.
@@ -199,21 +214,16 @@ def test_a_parked_event_retried_from_the_failed_page(browser_page: Any, tmp_path
             assert page.locator(".flash").inner_text() == (
                 "retry-parked: asked for a retry of 1 parked event(s)"
             )
-            eventually(
-                lambda: (
-                    page.reload() is not None and "1 retried" in page.locator(rows).inner_text()
-                ),
-                "retried and failed again",
+            reload_until(
+                page,
+                lambda: "1 retried" in page.locator(rows).inner_text(),
+                "retried, failed again",
             )
             # Fixed: the retry applies it and the row goes.
             ParkingNames.broken = False
-            # The form's answer is a new page: reloading before it arrived detached the page
-            # ("Not attached to an active page", once in three loaded runs).
             with page.expect_navigation():
                 page.click(f"{rows} button[data-action=retry-parked]")
-            eventually(
-                lambda: page.reload() is not None and page.locator(rows).count() == 0, "retried"
-            )
+            reload_until(page, lambda: page.locator(rows).count() == 0, "retried")
             assert httpx.get(f"{url}/names").json() == ["boom"]
             page.get_by_role("link", name="Audit").click()
             assert "\tretry-parked\t" in page.locator("#audit").inner_text()

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from test_console_browser import browser_page, shoot  # noqa: F401 (the fixture)
+from test_console_browser import browser_page, reload_until, shoot  # noqa: F401 (the fixture)
 
 from lagompy.console import ConsoleSettings
 from lagompy.service import Service
@@ -92,12 +92,7 @@ def act(page: Any, url: str) -> None:
     assert "cannot be undone" in page.locator("#confirm-what").inner_text()
     page.click("#confirm button")
     assert page.locator(".flash").inner_text().startswith("workflow-cancel: cancel requested")
-    eventually(
-        lambda: (
-            page.reload() is not None and page.locator("#run-status").inner_text() == "cancelled"
-        ),
-        "b-1 cancelled",
-    )
+    reload_until(page, lambda: page.locator("#run-status").inner_text() == "cancelled", "cancelled")
     assert "the customer called" in page.locator("#run-error").inner_text()
     shoot(page, "workflow-run")
 

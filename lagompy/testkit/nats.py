@@ -95,9 +95,12 @@ class NatsServer:
 
 
 def _answers(port: int) -> bool:
+    """Whether a NATS server greets on ``port``: its ``INFO`` line, not only an accepted
+    connection (a connect to a free port of the ephemeral range can connect to itself, and
+    another program may listen there: both once passed for a server not yet up)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            return s.recv(5) == b"INFO "
     except OSError:
         return False
 
