@@ -495,9 +495,19 @@ async def _start_on_ray(
 
     handles = early if early is not None else [create_host(i) for i in range(hosts)]
     try:
-        pings = await asyncio.wait_for(
-            asyncio.gather(*(h.ping.remote() for h in handles)), settings.start_timeout
-        )
+        for attempt in range(_RESTARTS_AFTER_A_STOP + 1):
+            try:
+                pings = await _ping_all(handles, settings.start_timeout)
+                break
+            except ray.exceptions.RayActorError as e:
+                if attempt == _RESTARTS_AFTER_A_STOP or not _killed_by_a_stop(e):
+                    raise
+            # Another process stopped the app's hosts while this one started them: its own
+            # start found that they could not run (``run --workers N``: each worker starts the
+            # app, and the first to see a journal without its tables stops the hosts). Start
+            # them again, once their names are free, to meet the cause here too.
+            await asyncio.sleep(0.2 * (attempt + 1))
+            handles = [create_host(i) for i in range(hosts)]
     except TimeoutError:
         raise ConfigurationError(
             f"the shard hosts of app {app!r} did not answer within {settings.start_timeout} s"
@@ -536,6 +546,23 @@ async def _start_on_ray(
     return ShardedEntities(
         app, topology, entity_list, handles, settings, owns_ray=owns_ray, create_host=create_host
     )
+
+
+#: How many times start() makes the hosts again when another process stopped them meanwhile.
+_RESTARTS_AFTER_A_STOP = 3
+
+
+async def _ping_all(handles: list[Any], timeout: float) -> list[dict[str, Any]]:
+    pings: list[dict[str, Any]] = await asyncio.wait_for(
+        asyncio.gather(*(h.ping.remote() for h in handles)), timeout
+    )
+    return pings
+
+
+def _killed_by_a_stop(error: Exception) -> bool:
+    """Whether an actor died of ``ray.kill`` (a stop: ``shutdown_app``, ``replace_hosts``), not
+    of a failure of its own. Ray says so only in its message."""
+    return "killed by `ray.kill`" in str(error)
 
 
 async def _stop_hosts_of(topology: Topology, handles: list[Any], timeout: float) -> None:
