@@ -335,7 +335,9 @@ def _serve_many(
         watched.set()
         watcher.join()
         log.removeFilter(quiet)
-    reasons = sorted(p.read_text() for p in failures.iterdir())
+    # The first failure written: a later one may be its consequence (hosts it stopped).
+    written = sorted(failures.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    reasons = [p.read_text() for p in written]
     if reasons:
         raise ConfigurationError(f"{target} did not start: {reasons[0]}")
     if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
