@@ -769,6 +769,30 @@ way): the CPU of the lock's holder went 0.21-0.22 -> 0.17-0.22 s per 100,000 eve
 rebuild stayed where it was, 54,738-76,738 events/s against 54,209-78,137 without, alternated
 in one sitting (CPU reference 12.0-15.2 ms); not kept. The event loop's own Python work,
 ~8 us per event (0.78-0.92 s of its thread's CPU per 100,000), is what bounds it.
+
+SQLite, later on 2026-12-06 (CPU reference 9.4-13.0 ms; load average 3-8 from other work on
+the machine). Where a rebuild of 100,000 events goes now, from each thread's CPU (/proc) and a
+timer around the one-call commit: the event loop's thread 0.47-0.51 s of CPU, the driver's
+threads 0.27-0.36 s, taking turns at the GIL over 0.89-0.96 s of wall time; the file's write
+lock was held 0.65-0.83 s of it over the 100 transactions, for the executemany runs 0.21-0.53 s
+(0.16-0.21 s of CPU), the COMMITs 0.16-0.31 s (synchronous=FULL), the offset's write ~0.12 s,
+and the BEGINs waited 0.05-0.22 s in all; the tuned collector took 0-8 ms. The floor at this
+sitting's raw aiosqlite (360,000-490,000 rows/s) leaves 0.4-0.55 s for the whole rebuild:
+less than the event loop's thread alone uses. Tried and not kept: `sys.setswitchinterval` at
+0.2 ms instead of 5 (six rebuilds each, alternated: 70,717-95,742 events/s at 5 ms,
+78,520-102,900 at 0.2 ms, within the noise); a fast path at the top of the deferring
+connection's `execute` (0.27-0.32 us per call with it, 0.28-0.31 without, against 0.09 for a
+coroutine that only appends: the checks are not where its cost is); msgpack's `Unpacker` over
+a page's payloads joined (0.25 us per event against 0.34 for `unpackb` on each: 0.1 us of ~9).
+A second process (`bench/readside_split_probe.py`: the four tag shards' catch-up split over
+two processes started beforehand, on the one file, beside raw aiosqlite in the same round):
+one process 89,521-100,492 events/s (0.21-0.25 x raw), two 114,092-144,999 (0.24-0.34), each
+using 0.41-0.48 s of CPU; the control, each process on its own copy of the journal (no write
+lock shared), 114,264-183,534 (0.24-0.43); in an earlier, quieter sitting the same split run by
+hand reached 189,140-195,608 (0.40) against one's 107,101-116,935 (0.22-0.24). The
+simple way on SQLite meets the floor only with its Python on more than one core, that is in
+more than one process, and even then not on this machine's two shared cores.
+
 PostgreSQL's floor, met on
 2026-12-05 with raw asyncpg at 67,000-74,000 rows/s, reads not met in this sitting, whose raw
 asyncpg reached 100,000-118,000: the code before these changes, run just before under the same
