@@ -303,12 +303,13 @@ def test_header_blocks_parse_as_nats_py_parses_them(lines: list[bytes]) -> None:
     """lagompy's header parser gives what nats-py's gives, or leaves the block to it."""
     from nats.aio.client import Client
 
-    from lagompy.topic._nats import parse_headers
+    from lagompy.topic._nats import parse_headers, read_headers
 
     block = b"NATS/1.0\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
     parsed = parse_headers(block)
     if parsed is not None:
         assert parsed == Client._parse_header_lines(block[10:])
+    assert read_headers(block) == parsed
 
 
 def test_the_headers_of_lagompys_messages_take_the_short_parse() -> None:
@@ -322,7 +323,7 @@ def test_the_headers_of_lagompys_messages_take_the_short_parse() -> None:
 
     from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _client_class, _headers, parse_headers
+    from lagompy.topic._nats import _OWN_BLOCK, _client_class, _headers, parse_headers, read_headers
 
     message = Message(
         topic="contract-deposits",
@@ -352,6 +353,32 @@ def test_the_headers_of_lagompys_messages_take_the_short_parse() -> None:
     assert issubclass(_client_class(), Client)
     assert "_process_headers" in _client_class().__dict__
     assert "self._process_headers(" in inspect.getsource(Client._process_msg)
+    # lagompy's own block takes the one-match way, with every value kept as it is.
+    assert _OWN_BLOCK.fullmatch(block.decode()) is not None
+    assert read_headers(block) == headers
+    assert read_headers(block.replace(b"Lagompy-Key: ", b"Lagompy-Key:  ")) is None
+    odd_value = block.replace(b"Lagompy-Time: ", b"Lagompy-Time: x ")
+    assert read_headers(odd_value) == {**headers, "Lagompy-Time": "x " + headers["Lagompy-Time"]}
+    assert read_headers(odd_value) == Client._parse_header_lines(odd_value[10:])
+
+
+def test_a_feeds_inbox_messages_go_to_its_sink() -> None:
+    """The connection hands a feed's inbox messages to the feed's sink from ``_process_msg``,
+    which nats-py's parser calls for every message (a nats-py that stopped calling it would
+    deliver them to the subscription instead, where the feed would never see them)."""
+    import inspect
+
+    from nats.aio.client import Client
+    from nats.protocol.parser import Parser
+
+    from lagompy.topic._nats import _client_class
+
+    assert "_process_msg" in _client_class().__dict__
+    assert "self.nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(
+        Parser.parse
+    )
+    assert cast(Any, _client_class()()).sinks == {}
+    assert not hasattr(Client(), "sinks")
 
 
 @pytest.mark.asyncio
