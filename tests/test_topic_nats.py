@@ -774,3 +774,60 @@ async def test_a_second_producing_process_takes_half_the_partitions_and_each_mes
             await asyncio.sleep(0.05)
     await running.wait_until_caught_up(timeout=20)
     assert [r[1] for r in await env.seen("spread")] == [e.offset for e in written]
+
+
+def test_a_run_of_sink_messages_is_taken_as_nats_py_would_read_it() -> None:
+    """The parser's fast run hands a sink's messages over with the headers, body and reply
+    nats-py would give them, and stops where nats-py must read on: at a status, a message of
+    another subscription, a header block of another form; and before a message not all read."""
+    from datetime import UTC, datetime
+
+    from nats.aio.client import Client
+
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _headers, _Received, _sink_run
+
+    def hmsg(sid: int, headers: bytes, body: bytes, reply: str = "") -> bytes:
+        line = f"HMSG _INBOX.x {sid} {reply + ' ' if reply else ''}{len(headers)} "
+        return f"{line}{len(headers) + len(body)}\r\n".encode() + headers + body + b"\r\n"
+
+    def block(offset: int, key: str = "ada") -> bytes:
+        message = Message(
+            topic="contract-deposits",
+            payload=None,
+            key=key,
+            partition=0,
+            offset=offset,
+            timestamp=datetime(2026, 12, 6, tzinfo=UTC),
+            type_name="Deposit",
+            version=1,
+            entity_type="account",
+            entity_id=key,
+            seq_nr=offset,
+        )
+        lines = "".join(f"{k}: {v}\r\n" for k, v in _headers(message, MSGPACK).items())
+        return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+    got: list[_Received] = []
+    sinks = {7: got.append}
+    odd = b"NATS/1.0\r\nLagompy-Offset: 3\r\nX:  spaced \r\n\r\n"  # not lagompy's block
+    buf = bytearray(
+        hmsg(7, block(1), b"\x81\xa1a\x01", "$JS.ACK.s.c.1.1.1.0.0")
+        + hmsg(7, block(2, "caf\u00e9 b"), b"\xff\r\n\x00", "$JS.ACK.s.c.1.2.2.0.0")
+        + hmsg(7, odd, b"{}", "r3")
+        + hmsg(7, b"NATS/1.0 408 Request Timeout\r\n\r\n", b"")
+    )
+    taken, whole = _sink_run(buf, sinks)
+    assert whole and [m.data for m in got] == [b"\x81\xa1a\x01", b"\xff\r\n\x00"]
+    assert [m.reply for m in got] == ["$JS.ACK.s.c.1.1.1.0.0", "$JS.ACK.s.c.1.2.2.0.0"]
+    for m, raw in zip(got, [block(1), block(2, "caf\u00e9 b")], strict=True):
+        assert m.headers == Client._parse_header_lines(raw[10:])
+    assert bytes(buf[taken:]).startswith(b"HMSG _INBOX.x 7 r3 ")  # left to nats-py's parser
+    got.clear()
+    rest = hmsg(7, block(4), b"abc", "r4")
+    buf = bytearray(hmsg(7, block(3), b"", "r3") + rest[:-3])
+    taken, whole = _sink_run(buf, sinks)
+    assert not whole and [m.reply for m in got] == ["r3"] and bytes(buf[taken:]) == rest[:-3]
+    buf = bytearray(hmsg(8, block(5), b"x", "r5"))
+    assert _sink_run(buf, sinks) == (0, True)  # another subscription's
