@@ -1112,10 +1112,12 @@ class NatsFeed:
     """A :class:`~lagompy.topic.MessageFeed` of one partition, pulled from JetStream (see the
     module's docs).
 
-    It reads with one standing pull request at a time (``batch`` messages, expiring after a
-    few long polls) on an inbox subscription of its own: the broker sends each message as soon
-    as it is stored, so a live message costs no round trip, and a request for the next batch
-    goes out as soon as one is used up. (nats-py's ``fetch`` waits for a whole batch or its
+    It reads with a standing pull request (``batch`` messages, expiring after a few long
+    polls) on an inbox subscription of its own: the broker sends each message as soon as it is
+    stored, so a live message costs no round trip, and a request for the next batch goes out
+    once half of one has arrived. The connection hands the inbox's messages to the feed as its
+    parser reads them (:func:`_sink_run`), without nats-py's message objects, queue and
+    callback. (nats-py's ``fetch`` waits for a whole batch or its
     timeout, which put a floor of that timeout under every message's lag.)"""
 
     #: Messages asked for per pull request.
@@ -1293,13 +1295,13 @@ class NatsFeed:
         self._arrived.set()
 
     async def _request(self) -> None:
-        """Keep one pull request outstanding (a reconnection loses the one there was)."""
+        """Keep a pull request outstanding (a reconnection loses the ones there were), and
+        ask for the next batch once half of the current one has arrived: the broker sends it
+        while the subscriber handles what came (asked only when all had arrived, the broker
+        waited for each request, 2026-12-06)."""
         now = time.monotonic()
-        if (
-            self._outstanding > 0
-            and now < self._request_until
-            and self._generation == self.link.generation
-        ):
+        live = now < self._request_until and self._generation == self.link.generation
+        if live and self._outstanding > self.PULL // 2:
             return
         self._generation = self.link.generation
         expires = max(1.0, self.link.settings.long_poll * 5)
@@ -1309,7 +1311,7 @@ class NatsFeed:
             json.dumps({"batch": self.PULL, "expires": int(expires * 1e9)}).encode(),
             reply=self._reply_to,
         )
-        self._outstanding = self.PULL
+        self._outstanding = (self._outstanding if live else 0) + self.PULL
         self._request_until = now + expires + 1.0
 
     async def _take(self) -> None:
