@@ -24,7 +24,8 @@ process under ``lagompy run``: with the collector tuned once it has started
 baseline, runs in the same process.
 
 ``--catch-up N`` publishes once (through the producers), then runs N catch-ups of new groups,
-each beside nats-py reading the same stream alone: for profiling the subscriber's path
+each beside reading and decoding the journal (the floor's baseline) and nats-py reading the
+same stream alone: for profiling the subscriber's path
 (``py-spy record -- .venv/bin/python bench/topics_nats_bench.py --catch-up 5``).
 """
 
@@ -221,8 +222,9 @@ async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
 
 
 async def catch_up_only(name: str, events: int, times: int) -> None:
-    """Publish once, then ``times`` catch-ups of new groups, each after nats-py reading the
-    topic's stream alone (the same messages, position markers included)."""
+    """Publish once, then ``times`` catch-ups of new groups, each after reading and decoding
+    the journal and nats-py reading the topic's stream alone (the same messages, position
+    markers included)."""
     import nats
 
     from lagompy.topic._nats import stream_name
@@ -245,11 +247,14 @@ async def catch_up_only(name: str, events: int, times: int) -> None:
                     stored = (await js.stream_info(stream)).state.messages
                     for i in range(times):
                         cpu = cpu_reference()
+                        decode = await read_and_decode(storage.journal)
                         raw = await _raw_read(nc, js, stream, stored, f"raw{i}")
                         caught = await catch_up(settings, server.url, events)
                         print(
-                            f"[{name}] catch-up {caught:,.0f} msg/s, nats-py alone {raw:,.0f} "
-                            f"msg/s ({stored:,} stored): {caught / raw:.2f}; CPU ref {cpu:.0f} ms",
+                            f"[{name}] catch-up {caught:,.0f} msg/s, read and decode "
+                            f"{decode:,.0f} events/s: {caught / decode:.2f} (the floor's ratio); "
+                            f"nats-py alone {raw:,.0f} msg/s ({stored:,} stored): "
+                            f"{caught / raw:.2f}; CPU ref {cpu:.0f} ms",
                             flush=True,
                         )
                 finally:

@@ -43,6 +43,7 @@ import contextlib
 import functools
 import json
 import logging
+import operator
 import re
 import time
 import uuid
@@ -472,16 +473,17 @@ def read_headers(block: bytes | bytearray) -> dict[str, str] | None:
     return parse_headers(block)
 
 
-class _Received:
-    """A message of a feed's inbox as the connection hands it over: its headers, body and
-    reply subject (where its acknowledgement goes), without nats-py's message object."""
+class _Received(tuple[dict[str, str] | None, bytes, str]):
+    """A message of a feed's inbox as the connection hands it over: ``(headers, data,
+    reply)``, its headers, body and reply subject (where its acknowledgement goes), without
+    nats-py's message object. (A tuple: a class of three slots took 1 µs to make, a fifth of
+    the parser's fast run per message, 2026-12-06.)"""
 
-    __slots__ = ("data", "headers", "reply")
+    __slots__ = ()
 
-    def __init__(self, headers: dict[str, str] | None, data: bytes, reply: str) -> None:
-        self.headers = headers
-        self.data = data
-        self.reply = reply
+    headers = property(operator.itemgetter(0))
+    data = property(operator.itemgetter(1))
+    reply = property(operator.itemgetter(2))
 
 
 #: What a feed gives the connection for its inbox: called with each message, in order.
@@ -496,6 +498,9 @@ Sink = Callable[[_Received], None]
 _HMSG_LINE = re.compile(
     "HMSG ([^\\s]+) (\\d+) (?:([^\\s]+) )?(\\d+) (\\d+)\r\n(" + _OWN_BLOCK.pattern + ")?"
 )
+
+#: The groups of :data:`_HMSG_LINE` that hold the values of lagompy's header block.
+_OWN_GROUPS = tuple(range(7, 7 + len(_OWN_NAMES)))
 
 
 def _sink_run(buf: bytearray, sinks: dict[int, Sink]) -> tuple[int, bool]:
@@ -529,12 +534,12 @@ def _sink_run(buf: bytearray, sinks: dict[int, Sink]) -> tuple[int, bool]:
         if stop + 2 > end:
             return pos, False
         if line[6] is not None and line.end() == body:
-            headers: dict[str, str] | None = dict(zip(names, line.groups()[6:]))  # noqa: B905
+            headers: dict[str, str] | None = dict(zip(names, line.group(*_OWN_GROUPS)))  # noqa: B905
         else:
             headers = read_headers(buf[start:body])
             if headers is None:
                 break
-        sink(_Received(headers, bytes(buf[body:stop]), line[3] or ""))
+        sink(_Received((headers, bytes(buf[body:stop]), line[3] or "")))
         pos = stop + 2
     return pos, True
 
@@ -590,7 +595,7 @@ def _client_class() -> type[NatsClient]:
             parsed = read_headers(headers) if headers else None
             if parsed is None and headers:
                 parsed = await super()._process_headers(headers)
-            sink(_Received(parsed, data, reply.decode()))
+            sink(_Received((parsed, data, reply.decode())))
             return None
 
     return HeadersClient
