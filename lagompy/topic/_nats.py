@@ -27,10 +27,12 @@ first stream message whose offset is above that position (a binary search over t
 sequence with ``next_by_subj`` lookups), and again whenever the position moves somewhere the
 consumer is not (an operator's set-offset, a rollback) or the consumer failed (a broker
 restart). Messages at or below the position are dropped. It acknowledges (``AckPolicy.ALL``) the
-last message the subscriber committed. A subscription that stops delivering while its subject has
-newer messages (pull subscriptions can after a reconnect) is found by a check every
-``stall_check`` seconds of silence, reported (the subscriber's status shows the error) and
-re-positioned.
+last message the subscriber committed. Its inbox's messages go from the connection's parser
+straight to it (:func:`_sink_run`: one match per message for the control line and lagompy's
+header block), not through nats-py's message objects, queue and callback. A subscription that
+stops delivering while its subject has newer messages (pull subscriptions can after a
+reconnect) is found by a check every ``stall_check`` seconds of silence, reported (the
+subscriber's status shows the error) and re-positioned.
 
 Measured here (nats-server 2.9.10, loopback): raw ``publish_async`` of 100-byte payloads
 ~15,000/s with 2,000 in flight; pull ``fetch`` of 500 with one ack per batch ~18,000/s.
