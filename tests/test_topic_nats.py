@@ -351,7 +351,7 @@ def test_the_headers_of_lagompys_messages_take_the_short_parse() -> None:
     ]:
         assert parse_headers(odd) is None
     assert issubclass(_client_class(), Client)
-    assert "_process_headers" in _client_class().__dict__
+    assert _client_class()._process_headers is not Client._process_headers
     assert "self._process_headers(" in inspect.getsource(Client._process_msg)
     # lagompy's own block takes the one-match way, with every value kept as it is.
     assert _OWN_BLOCK.fullmatch(block.decode()) is not None
@@ -379,6 +379,40 @@ def test_a_feeds_inbox_messages_go_to_its_sink() -> None:
     )
     assert cast(Any, _client_class()()).sinks == {}
     assert not hasattr(Client(), "sinks")
+
+
+def test_the_installed_nats_py_takes_the_short_way() -> None:
+    from nats.aio.client import Client
+    from nats.protocol import parser
+
+    from lagompy.topic._nats import _sinks_fit
+
+    assert _sinks_fit(Client, parser)
+
+
+@pytest.mark.asyncio
+async def test_a_nats_py_without_the_hooks_still_delivers_through_callbacks(
+    brokered: _Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the private parts the sinks plug into differ (another nats-py), the client is
+    nats-py's with lagompy's header parsing only, and a feed's messages come from its
+    subscription's callback: same messages, same order."""
+    from lagompy.topic import _nats
+
+    monkeypatch.setattr(_nats, "_sinks_fit", lambda client, protocol: False)
+    _nats._client_class.cache_clear()
+    try:
+        assert not hasattr(_nats._client_class()(), "sinks")
+        env = brokered.env
+        written = await env.append(*(Deposited(f"cb{i % 3}", i) for i in range(30)))
+        running = await env.start(recorder("by-callback"))
+        async with asyncio.timeout(20):
+            while len(await env.seen("by-callback")) < len(written):
+                await asyncio.sleep(0.02)
+        assert [r[1] for r in await env.seen("by-callback")] == [e.offset for e in written]
+        await running.wait_until_caught_up(timeout=20)
+    finally:
+        _nats._client_class.cache_clear()
 
 
 @pytest.mark.asyncio

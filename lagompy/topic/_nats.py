@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import operator
@@ -554,9 +555,22 @@ def _client_class() -> type[NatsClient]:
     the subscription's queue and have the subscription's task call its callback (about a
     fifth of a NATS catch-up's time, 2026-12-06). A nats-py that no longer calls
     ``_process_headers`` only reads headers its own way again; one that no longer calls
-    ``_process_msg`` delivers to the subscriptions' callbacks (the tests check both)."""
+    ``_process_msg`` with these arguments, or whose parser is made otherwise, gets no sinks:
+    :meth:`_Link.subscribe` then hands the messages over from a subscription callback (the
+    tests check that the nats-py installed takes the short way)."""
     from nats.aio.client import Client
     from nats.protocol import parser as protocol
+
+    class HeadersOnly(Client):
+        async def _process_headers(self, headers: Any) -> dict[str, str] | None:
+            if headers:
+                parsed = read_headers(headers)
+                if parsed is not None:
+                    return parsed
+            return await super()._process_headers(headers)
+
+    if not _sinks_fit(Client, protocol):
+        return HeadersOnly
 
     class SinkParser(protocol.Parser):
         """nats-py's parser, taking the run of messages for sinks at the start of what it
@@ -574,19 +588,12 @@ def _client_class() -> type[NatsClient]:
                     return  # a sink's message not all read: taken at the next read
             await super().parse(data)
 
-    class HeadersClient(Client):
+    class HeadersClient(HeadersOnly):
         def __init__(self) -> None:
             super().__init__()
             #: sid -> the sink of the subscription (see :meth:`_Link.subscribe`).
             self.sinks: dict[int, Sink] = {}
             self._ps = SinkParser(self)
-
-        async def _process_headers(self, headers: Any) -> dict[str, str] | None:
-            if headers:
-                parsed = read_headers(headers)
-                if parsed is not None:
-                    return parsed
-            return await super()._process_headers(headers)
 
         async def _process_msg(
             self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
@@ -601,6 +608,26 @@ def _client_class() -> type[NatsClient]:
             return None
 
     return HeadersClient
+
+
+def _sinks_fit(client: type[NatsClient], protocol: Any) -> bool:
+    """Whether this nats-py has what sinks plug into: a parser made with its client, keeping
+    ``buf`` and ``state`` (``AWAITING_CONTROL_LINE`` between messages), and a
+    ``_process_msg(sid, subject, reply, data, headers)`` hook (the slow way's path to sinks).
+    Private parts of nats-py (2.16 here): another version may differ, and then goes its own
+    way."""
+    try:
+        hook = list(inspect.signature(client._process_msg).parameters)
+        probe = protocol.Parser(None)
+        waiting = protocol.AWAITING_CONTROL_LINE
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return (
+        hook[1:] == ["sid", "subject", "reply", "data", "headers"]
+        and isinstance(probe.buf, bytearray)
+        and probe.state == waiting
+        and inspect.iscoroutinefunction(protocol.Parser.parse)
+    )
 
 
 class _Link:
@@ -695,8 +722,16 @@ class _Link:
         """A subscription of a fresh inbox whose messages go to ``sink`` (see
         :func:`_client_class`), and the inbox."""
         nc = cast(Any, await self.client())
+        sinks: dict[int, Sink] | None = getattr(nc, "sinks", None)
+        if sinks is None:  # a nats-py without the hooks (see _sinks_fit): its callback
+
+            async def deliver(msg: Any) -> None:
+                sink(_Received((msg.headers, msg.data, msg.reply)))
+
+            sub = await nc.subscribe(nc.new_inbox(), cb=deliver)
+            return sub, sub.subject
         sub = await nc.subscribe(nc.new_inbox())
-        nc.sinks[sub._id] = sink
+        sinks[sub._id] = sink
         return sub, sub.subject
 
     async def unsubscribe(self, sub: Any) -> None:
