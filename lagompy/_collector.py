@@ -19,16 +19,22 @@ the freeze are collected as before.
 
 Who calls it: every shard host once its journal is open; read-side workers and subscriber groups
 on Ray when their actor starts; a :class:`~lagompy.service.Service` once it has started, unless
-``ServiceSettings(collector="default")`` (``LAGOMPY_HTTP_COLLECTOR=default``). A program of your
-own that runs consumers (``start_readside``, ``start_subscribers``...) may call it after its
-start-up the same way.
+``ServiceSettings(collector="default")`` (``LAGOMPY_HTTP_COLLECTOR=default``); and the process
+that calls ``start()`` on Ray, once its shard hosts answer, unless
+``RuntimeSettings(collector="default")`` (``LAGOMPY_RUNTIME_COLLECTOR=default``), through
+:func:`tune_collector_once`. That process's region client resolves a future and wakes a task
+per ask: with Python's defaults, at 1,024 outstanding asks on PostgreSQL, the collector took
+25-36% of its CPU (Ray's modules make its heap large), tuned none (2026-12-06: docs/runtime.md,
+"How batching works").
+A program of your own that runs consumers (``start_readside``, ``start_subscribers``...) may
+call it after its start-up the same way.
 """
 
 from __future__ import annotations
 
 import gc
 
-__all__ = ["GC_THRESHOLD", "collector_state", "tune_collector"]
+__all__ = ["GC_THRESHOLD", "collector_state", "tune_collector", "tune_collector_once"]
 
 #: The young generation's collection threshold of a tuned process (Python's default: 700).
 GC_THRESHOLD = 50_000
@@ -41,6 +47,18 @@ def tune_collector() -> None:
     gc.freeze()
     threshold = gc.get_threshold()
     gc.set_threshold(max(threshold[0], GC_THRESHOLD), *threshold[1:])
+
+
+def tune_collector_once() -> bool:
+    """:func:`tune_collector`, unless this process's collector is off or already collects its
+    young generation at :data:`GC_THRESHOLD` or less often (tuned before, here or by the
+    application: then it is left as it is, nothing more is frozen). Returns whether it tuned.
+    For library code that runs in the application's process, where calling it at every start
+    would freeze, each time, whatever cyclic garbage had not been collected yet."""
+    if not gc.isenabled() or gc.get_threshold()[0] >= GC_THRESHOLD:
+        return False
+    tune_collector()
+    return True
 
 
 def collector_state() -> dict[str, int]:

@@ -76,6 +76,55 @@ async def _journal_tokens(js: JournalSettings) -> list[str]:
         await storage.close()
 
 
+# --------------------------------------------------------------------------- the collector
+
+
+@pytest.mark.parametrize("collector", ["tuned", "default"])
+async def test_start_tunes_the_callers_collector_unless_told_not_to(
+    app: str, journal_settings: JournalSettings, monkeypatch: pytest.MonkeyPatch, collector: str
+) -> None:
+    """The process that calls start() on Ray runs the region client, on the path of every
+    ask: its collector is tuned once the hosts answer (lagompy/_collector.py), unless
+    ``collector="default"``."""
+    import lagompy.runtime._ray as ray_runtime
+
+    calls: list[int] = []
+
+    def tune() -> bool:
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(ray_runtime, "tune_collector_once", tune)
+    entities = await _start(app, journal_settings, collector=collector)
+    try:
+        assert calls == ([1] if collector == "tuned" else [])
+    finally:
+        await entities.close()
+
+
+def test_tune_collector_once_leaves_a_tuned_or_disabled_collector_alone() -> None:
+    import gc
+
+    from lagompy._collector import GC_THRESHOLD, tune_collector_once
+
+    threshold, enabled = gc.get_threshold(), gc.isenabled()
+    try:
+        gc.set_threshold(700, *threshold[1:])
+        assert tune_collector_once()
+        assert gc.get_threshold()[0] == GC_THRESHOLD
+        frozen = gc.get_freeze_count()
+        assert not tune_collector_once()  # tuned already: nothing more frozen
+        assert gc.get_freeze_count() == frozen
+        gc.set_threshold(700, *threshold[1:])
+        gc.disable()
+        assert not tune_collector_once()
+        assert gc.get_threshold()[0] == 700
+    finally:
+        gc.set_threshold(*threshold)
+        if enabled:
+            gc.enable()
+
+
 # --------------------------------------------------------------------------- round trips
 
 

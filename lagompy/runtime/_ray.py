@@ -24,6 +24,7 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
+from lagompy._collector import tune_collector_once
 from lagompy.closing import AsyncClosing, Opening, opener
 from lagompy.entity import PersistentEntity
 from lagompy.errors import (
@@ -543,9 +544,13 @@ async def _start_on_ray(
                 app,
                 ping.get("journal_error") or ping.get("journal"),
             )
-    return ShardedEntities(
+    entities = ShardedEntities(
         app, topology, entity_list, handles, settings, owns_ray=owns_ray, create_host=create_host
     )
+    if settings.collector == "tuned":
+        # This process's region client is on the path of every ask: see lagompy/_collector.py.
+        tune_collector_once()
+    return entities
 
 
 #: How many times start() makes the hosts again when another process stopped them meanwhile.
