@@ -20,12 +20,12 @@ the freeze are collected as before.
 Who calls it: every shard host once its journal is open; read-side workers and subscriber groups
 on Ray when their actor starts; a :class:`~lagompy.service.Service` once it has started, unless
 ``ServiceSettings(collector="default")`` (``LAGOMPY_HTTP_COLLECTOR=default``); and the process
-that calls ``start()`` on Ray, once its shard hosts answer, unless
-``RuntimeSettings(collector="default")`` (``LAGOMPY_RUNTIME_COLLECTOR=default``), through
-:func:`tune_collector_once`. That process's region client resolves a future and wakes a task
-per ask: with Python's defaults, at 1,024 outstanding asks on PostgreSQL, the collector took
-25-36% of its CPU (Ray's modules make its heap large), tuned none (2026-12-06: docs/runtime.md,
-"How batching works").
+that calls ``start()``, once the app has started, unless ``RuntimeSettings(collector="default")``
+(``LAGOMPY_RUNTIME_COLLECTOR=default``), through :func:`tune_collector_once`. That process runs
+the region client (on Ray: a future and a task's wake-up per ask, beside Ray's large heap) or
+the entities themselves (``ray=False``): with Python's defaults, at 1,024 outstanding asks on
+PostgreSQL, the collector took 25-36% of its CPU on Ray and about half of it in process, tuned
+none (2026-12-06: docs/runtime.md, "How batching works").
 A program of your own that runs consumers (``start_readside``, ``start_subscribers``...) may
 call it after its start-up the same way.
 """

@@ -345,12 +345,12 @@ class RuntimeSettings(LagompySettings):
     collector: Literal["tuned", "default"] = Field(
         default="tuned",
         description=(
-            "The garbage collector of the process that calls start() on Ray, once the shard "
-            "hosts answer: 'tuned' freezes the objects that exist then and collects the young "
+            "The garbage collector of the process that calls start(), once the app has "
+            "started: 'tuned' freezes the objects that exist then and collects the young "
             "generation every 50,000 allocations, as shard hosts do (unless the collector is "
-            "off or already tuned); 'default' leaves Python's. Its region client allocates a "
-            "few objects per ask, and Python's defaults spent about a third of its CPU "
-            "collecting at 1,024 outstanding asks."
+            "off or already tuned); 'default' leaves Python's. That process runs the region "
+            "client (on Ray) or the entities (ray=False); with Python's defaults it spent a "
+            "quarter to a half of its CPU collecting at 1,024 outstanding asks."
         ),
     )
     retries: int = Field(

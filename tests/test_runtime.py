@@ -79,13 +79,18 @@ async def _journal_tokens(js: JournalSettings) -> list[str]:
 # --------------------------------------------------------------------------- the collector
 
 
+@pytest.mark.parametrize("ray", [True, False])
 @pytest.mark.parametrize("collector", ["tuned", "default"])
 async def test_start_tunes_the_callers_collector_unless_told_not_to(
-    app: str, journal_settings: JournalSettings, monkeypatch: pytest.MonkeyPatch, collector: str
+    app: str,
+    journal_settings: JournalSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    collector: str,
+    ray: bool,
 ) -> None:
-    """The process that calls start() on Ray runs the region client, on the path of every
-    ask: its collector is tuned once the hosts answer (lagompy/_collector.py), unless
-    ``collector="default"``."""
+    """The process that calls start() runs the region client (on Ray) or the entities (in
+    process), on the path of every ask: its collector is tuned once the app has started
+    (lagompy/_collector.py), unless ``collector="default"``."""
     import lagompy.runtime._ray as ray_runtime
 
     calls: list[int] = []
@@ -95,9 +100,19 @@ async def test_start_tunes_the_callers_collector_unless_told_not_to(
         return True
 
     monkeypatch.setattr(ray_runtime, "tune_collector_once", tune)
-    entities = await _start(app, journal_settings, collector=collector)
+    entities: ShardedEntities | InProcessEntities
+    if ray:
+        entities = await _start(app, journal_settings, collector=collector)
+    else:
+        entities = await start(
+            entities=[CounterEntity],
+            journal_settings=journal_settings,
+            ray=False,
+            collector=collector,
+        )
     try:
         assert calls == ([1] if collector == "tuned" else [])
+        assert await entities.ref_for(CounterEntity, "c1").ask(GetValue()) == 0
     finally:
         await entities.close()
 

@@ -398,7 +398,9 @@ async def start(
     ``overrides`` set fields of :class:`~lagompy.settings.RuntimeSettings` (``hosts=2``) or of
     :class:`~lagompy.settings.JournalSettings` (``pool_size=2``); they, and ``journal_url``,
     replace those fields of ``settings`` and ``journal_settings`` when these are given too
-    (:func:`~lagompy.settings.make_settings`).
+    (:func:`~lagompy.settings.make_settings`). Once started, this process's garbage collector
+    is tuned as shard hosts tune theirs, unless ``collector="default"`` (see
+    :class:`~lagompy.settings.RuntimeSettings`).
 
     Raises ``ConfigurationError`` when an entity class cannot be imported by Ray's workers,
     when the app already runs with another topology (the message names what differs; pass
@@ -415,8 +417,9 @@ async def start(
     settings = make_settings(RuntimeSettings, settings, **runtime_overrides)
     for cls in entity_list:
         cls.validate()
+    started: ShardedEntities | InProcessEntities
     if not ray:
-        return await start_in_process(
+        started = await start_in_process(
             entities=entity_list,
             max_batch=settings.max_batch,
             max_entities=settings.max_entities,
@@ -425,16 +428,22 @@ async def start(
             max_pending=settings.max_pending,
             settings=journal_settings,
         )
-    paths = [check_entity_importable(cls) for cls in entity_list]
-    owns_ray = attach(settings)
-    try:
-        return await _start_on_ray(
-            app, entity_list, paths, journal_settings, settings, replace_hosts, owns_ray
-        )
-    except BaseException:
-        if owns_ray:
-            release()
-        raise
+    else:
+        paths = [check_entity_importable(cls) for cls in entity_list]
+        owns_ray = attach(settings)
+        try:
+            started = await _start_on_ray(
+                app, entity_list, paths, journal_settings, settings, replace_hosts, owns_ray
+            )
+        except BaseException:
+            if owns_ray:
+                release()
+            raise
+    if settings.collector == "tuned":
+        # This process runs the region client (on Ray) or the entities themselves (in
+        # process): it is on the path of every ask. See lagompy/_collector.py.
+        tune_collector_once()
+    return started
 
 
 async def _start_on_ray(
@@ -544,13 +553,9 @@ async def _start_on_ray(
                 app,
                 ping.get("journal_error") or ping.get("journal"),
             )
-    entities = ShardedEntities(
+    return ShardedEntities(
         app, topology, entity_list, handles, settings, owns_ray=owns_ray, create_host=create_host
     )
-    if settings.collector == "tuned":
-        # This process's region client is on the path of every ask: see lagompy/_collector.py.
-        tune_collector_once()
-    return entities
 
 
 #: How many times start() makes the hosts again when another process stopped them meanwhile.
