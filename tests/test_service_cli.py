@@ -443,20 +443,46 @@ def ready() -> dict[str, str]:
 """
 
 
+#: GC_APP whose lifespan starts entities in process: start() tunes its process's collector
+#: too (RuntimeSettings.collector), which ``run --collector default`` must turn off as well.
+GC_APP_WITH_ENTITIES = GC_APP.replace(
+    "app = FastAPI()", "app = FastAPI(lifespan=lifespan)"
+).replace(
+    "from fastapi import FastAPI",
+    """import contextlib
+import os
+
+from fastapi import FastAPI
+
+import lagompy
+from examples.user_service.entity import UserEntity
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    url = os.environ["GC_APP_JOURNAL"]
+    async with lagompy.start(entities=[UserEntity], ray=False, journal_url=url):
+        yield
+""",
+)
+
+
+@pytest.mark.parametrize("source", [GC_APP, GC_APP_WITH_ENTITIES], ids=["bare", "entities"])
 @pytest.mark.parametrize(
     ("args", "env_value", "expect_tuned"),
     [([], None, True), (["--collector", "default"], None, False), ([], "default", False)],
 )
 def test_run_tunes_the_collector_of_the_serving_process(
-    tmp_path: Path, args: list[str], env_value: str | None, expect_tuned: bool
+    tmp_path: Path, args: list[str], env_value: str | None, expect_tuned: bool, source: str
 ) -> None:
     """Once the app has started, ``run`` freezes its start-up objects and raises the young
     generation's threshold, as shard hosts do (lagompy/_collector.py); ``--collector default``
     or ``LAGOMPY_RUN_COLLECTOR=default`` leaves Python's collector as it was."""
     from lagompy._collector import GC_THRESHOLD
 
-    (tmp_path / "gc_app_module.py").write_text(GC_APP)
+    (tmp_path / "gc_app_module.py").write_text(source)
     env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    env["GC_APP_JOURNAL"] = f"sqlite:///{tmp_path / 'journal.db'}"
     if env_value is not None:
         env["LAGOMPY_RUN_COLLECTOR"] = env_value
     server = Server(["gc_app_module:app", *args], env, tmp_path / "server.log")

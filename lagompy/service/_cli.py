@@ -240,7 +240,8 @@ def run(
             envvar=COLLECTOR_ENV,
             help="The garbage collector of the serving processes once the app has started: "
             "'tuned' freezes the start-up objects and collects the young generation every "
-            "50,000 allocations, as shard hosts do; 'default' leaves Python's.",
+            "50,000 allocations, as shard hosts do; 'default' leaves Python's (and sets "
+            "LAGOMPY_RUNTIME_COLLECTOR=default for the app's start() when it is not set).",
         ),
     ] = Collector.tuned,
 ) -> None:
@@ -252,6 +253,9 @@ def run(
             f"{target} hosts its entities in-process (ray=False): {workers} workers would "
             "be that many writers per entity. Use ray=True or --workers 1"
         )
+    if collector is Collector.default:
+        # The app's start() (its lifespan's) tunes its process too, unless told otherwise.
+        os.environ.setdefault("LAGOMPY_RUNTIME_COLLECTOR", Collector.default.value)
     listener = _bind(host, port)
     owned_dirs: list[str] = []
     owns_ray = False
