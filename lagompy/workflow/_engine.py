@@ -131,6 +131,14 @@ class WorkflowEngine(AsyncClosing):
                     raise
                 await asyncio.sleep(0.05 * 2**attempt)
 
+    def _driving(self, run_id: str) -> asyncio.Task[None] | None:
+        """The task of this process's driver of ``run_id`` while it runs (None: not driven
+        here). It ends when the run finishes (or when this executor stops driving it): a wait
+        for the run's end asks for its state then, rather than polling it while it runs."""
+        driver = self.executor.drivers.get(run_id) if self.executor is not None else None
+        task = driver.task if driver is not None else None
+        return None if task is None or task.done() else task
+
     async def _run(self, run_id: str) -> Run:
         state = await self._ask(run_id, GetRun())
         if not isinstance(state, Run):
@@ -206,10 +214,14 @@ class WorkflowEngine(AsyncClosing):
         async with asyncio.timeout(timeout):
             delay = 0.02
             while True:
+                driving = self._driving(run_id)
+                if driving is not None:  # its state is read once its driver here has ended
+                    await asyncio.wait({driving}, timeout=delay)
                 run = await self._run(run_id)
                 if run.finished:
                     break
-                await asyncio.sleep(delay)
+                if driving is None:
+                    await asyncio.sleep(delay)
                 delay = min(0.5, delay * 2)
         if run.status != "completed":
             raise WorkflowFailed(
