@@ -35,7 +35,9 @@ reconnect) is found by a check every ``stall_check`` seconds of silence, reporte
 subscriber's status shows the error) and re-positioned.
 
 Measured here (nats-server 2.9.10, loopback): raw ``publish_async`` of 100-byte payloads
-~15,000/s with 2,000 in flight; pull ``fetch`` of 500 with one ack per batch ~18,000/s.
+~15,000/s with 2,000 in flight; pull ``fetch`` of 500 with one ack per batch ~18,000/s; a new
+group's catch-up of 100,000 messages through a feed 55,000-115,000/s, 0.94-1.44 of nats-py
+reading the same messages and doing nothing with them (2026-12-06, docs/benchmarks.md).
 """
 
 from __future__ import annotations
