@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +26,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from lagompy.testkit.server import free_port
+
+log = logging.getLogger("lagompy.testkit")
 
 __all__ = ["NatsServer", "find_server", "nats_server"]
 
@@ -50,15 +53,39 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def log(self) -> Path:
+        """Where the server's output goes (in its store)."""
+        return self.store / "nats-server.log"
+
+    def ended_by_itself(self) -> str | None:
+        """Why the server is gone though nobody stopped it (its exit status and the end of
+        its log), or None while it runs or once it was stopped."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        try:
+            tail = self.log.read_text(errors="replace").splitlines()[-20:]
+        except OSError:
+            tail = []
+        return f"nats-server on port {self.port} exited with {self.process.returncode}; " + (
+            "its log ends: " + " | ".join(tail) if tail else "no log"
+        )
+
     async def start(self, timeout: float = 10.0) -> None:
         """Start it (again: same port, same store) and wait until it accepts connections."""
         if self.process is not None and self.process.poll() is None:
             return
-        self.process = subprocess.Popen(
-            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # Its own session: a signal sent to the process group of the tests (a child that
+        # signals its group on exit) does not reach it. Its log goes to a file in the store,
+        # which ``nats_server`` shows when the server ended on its own.
+        args = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)]
+        with open(self.log, "ab") as log_file:
+            self.process = subprocess.Popen(
+                args,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         async with asyncio.timeout(timeout):
             while True:
                 if self.process.poll() is not None:
@@ -124,4 +151,7 @@ async def nats_server() -> AsyncIterator[NatsServer]:
         try:
             yield server
         finally:
+            gone = server.ended_by_itself()
             await server.stop()
+            if gone is not None:
+                log.warning("%s", gone)
