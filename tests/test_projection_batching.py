@@ -520,7 +520,7 @@ def test_sqlite_handlers_run_before_the_batch_takes_the_write_lock(tmp_path: Pat
 
 @pytest.mark.parametrize("pages", [[20], [1, 1]], ids=["a-batch", "single-events"])
 def test_sqlite_writes_offset_and_commit_go_to_the_driver_in_one_call(
-    tmp_path: Path, pages: list[int]
+    tmp_path: Path, pages: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The write lock is held from BEGIN IMMEDIATE to COMMIT: a page's deferred writes, its
     # offset and the COMMIT go to the driver's thread in one call, so that the lock is not held
@@ -569,15 +569,14 @@ def test_sqlite_writes_offset_and_commit_go_to_the_driver_in_one_call(
             finally:
                 await projection.dispose()
 
-    _database._commit_in_one_call = counting
-    try:
-        asyncio.run(main())
-    finally:
-        _database._commit_in_one_call = one_call
+    monkeypatch.setattr(_database, "_commit_in_one_call", counting)
+    asyncio.run(main())
     assert calls == pages  # one call per page, every event's write in it
 
 
-def test_sqlite_one_call_commits_of_one_process_take_turns(tmp_path: Path) -> None:
+def test_sqlite_one_call_commits_of_one_process_take_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Workers of one process on one file (a rebuild's: one per tag shard) send their one-call
     # commits to the driver's threads one at a time (Database.write_turn): waiting in the
     # event loop, not polling BEGIN IMMEDIATE in their threads beside the one that writes.
@@ -640,11 +639,8 @@ def test_sqlite_one_call_commits_of_one_process_take_turns(tmp_path: Path) -> No
             finally:
                 await projection.dispose()
 
-    _database._commit_in_one_call = counting
-    try:
-        asyncio.run(main())
-    finally:
-        _database._commit_in_one_call = one_call
+    monkeypatch.setattr(_database, "_commit_in_one_call", counting)
+    asyncio.run(main())
     assert most[0] == 1
 
 
