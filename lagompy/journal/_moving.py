@@ -312,8 +312,10 @@ class _Move:
                     _OFFSETS.c.lease_expires_us,
                 ).where(
                     _OFFSETS.c.tag.in_(chunk),
-                    ~_OFFSETS.c.processor.startswith(_TOPIC_POSITIONS[0], autoescape=True),
-                    ~_OFFSETS.c.processor.startswith(_TOPIC_POSITIONS[1], autoescape=True),
+                    *(
+                        ~_OFFSETS.c.processor.startswith(p, autoescape=True)
+                        for p in _TOPIC_POSITIONS
+                    ),
                 )
                 found += (await conn.execute(query)).all()
         return found
