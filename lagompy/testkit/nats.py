@@ -155,3 +155,7 @@ async def nats_server() -> AsyncIterator[NatsServer]:
             await server.stop()
             if gone is not None:
                 log.warning("%s", gone)
+        if gone is not None:
+            # A server nobody stopped is gone: say why (its exit status and the end of its
+            # log) as an error of the test's teardown, where a test that timed out cannot.
+            raise RuntimeError(gone)
