@@ -868,3 +868,56 @@ def test_a_run_of_sink_messages_is_taken_as_nats_py_would_read_it() -> None:
     assert not whole and [m.reply for m in got] == ["r3"] and bytes(buf[taken:]) == rest[:-3]
     buf = bytearray(hmsg(8, block(5), b"x", "r5"))
     assert _sink_run(buf, sinks) == (0, True)  # another subscription's
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.text(max_size=12),
+    seq_nr=st.integers(min_value=0, max_value=2**40),
+    offset=st.integers(min_value=1, max_value=2**40),
+    micros=st.integers(min_value=0, max_value=999_999),
+)
+def test_lagompys_own_header_values_decode_as_its_headers_do(
+    key: str, seq_nr: int, offset: int, micros: int
+) -> None:
+    """A message whose header block is lagompy's own reaches ``decode_batch`` as the block's
+    values (no dict): it decodes to the message its headers, read by nats-py, decode to."""
+    from datetime import UTC, datetime
+
+    import msgpack
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _headers, _Received, _sink_run, decode_batch
+
+    message = Message(
+        topic=contract_topic.name,
+        payload=Deposit(key, seq_nr),
+        key=key,
+        partition=1,
+        offset=offset,
+        timestamp=datetime(2026, 12, 6, 20, 0, 0, micros, tzinfo=UTC),
+        type_name=contract_topic.type_name,
+        version=contract_topic.version,
+        entity_type="topic-contract-account",
+        entity_id=key,
+        seq_nr=seq_nr,
+    )
+    headers = _headers(message, MSGPACK)
+    block = (
+        "NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    ).encode()
+    body = msgpack.packb({"account": key, "amount": seq_nr})
+    line = f"HMSG _INBOX.x 7 r1 {len(block)} {len(block) + len(body)}\r\n".encode()
+    got: list[_Received] = []
+    assert _sink_run(bytearray(line + block + body + b"\r\n"), {7: got.append}) == (
+        len(line + block + body) + 2,
+        True,
+    )
+    assert got[0][3] is not None  # the values of the block, not a dict
+    assert got[0].headers == Client._parse_header_lines(block[10:])
+    as_nats_py = Msg(_client=cast(Any, None), data=body, headers=got[0].headers)
+    own = decode_batch(contract_topic, 1, got, "partition 1")
+    assert own == decode_batch(contract_topic, 1, [as_nats_py], "partition 1") == [message]
