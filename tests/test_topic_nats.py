@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import uuid
+import zoneinfo
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -35,6 +37,10 @@ from lagompy.topic import Subscriber, Subscribers, TopicTransport
 from lagompy.topic._nats import BrokerSettings, NatsFeed, NatsTransport
 from lagompy.topic._producers import Producers, start_producers
 from tests.conftest import UNDER_CI
+
+UTC_ZONE = datetime.UTC
+PLUS_ONE = datetime.timezone(datetime.timedelta(hours=1))
+PARIS = zoneinfo.ZoneInfo("Europe/Paris")
 
 
 def _require_nats() -> None:
@@ -921,3 +927,47 @@ def test_lagompys_own_header_values_decode_as_its_headers_do(
     as_nats_py = Msg(_client=cast(Any, None), data=body, headers=got[0].headers)
     own = decode_batch(contract_topic, 1, got, "partition 1")
     assert own == decode_batch(contract_topic, 1, [as_nats_py], "partition 1") == [message]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.text(max_size=10), min_size=3, max_size=3),
+    times=st.lists(
+        st.datetimes(timezones=st.sampled_from([None, UTC_ZONE, PLUS_ONE, PARIS])), min_size=1
+    ),
+)
+def test_a_pages_headers_are_each_messages_own(values: list[str], times: list[Any]) -> None:
+    """Headers made for a page (times written out once, values quoted only when ``quote``
+    changes them) are the ones each message gets alone: the quoted key and entity, and the
+    time's own ``isoformat`` (equal times of other zones or folds included)."""
+    from urllib.parse import quote
+
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _headers
+
+    key, etype, eid = values
+    stamps: dict[Any, str] = {}
+    for i, at in enumerate([*times, *(t.replace(fold=1 - t.fold) for t in times)]):
+        message = Message(
+            topic="t",
+            payload=None,
+            key=key,
+            partition=0,
+            offset=i,
+            timestamp=at,
+            type_name="T",
+            version=1,
+            entity_type=etype,
+            entity_id=eid,
+            seq_nr=i,
+        )
+        headers = _headers(message, MSGPACK, stamps)
+        assert headers == _headers(message, MSGPACK)
+        assert headers["Lagompy-Time"] == at.isoformat()
+        assert headers["Nats-Msg-Id"] == message.position
+        assert [headers["Lagompy-Key"], headers["Lagompy-Entity-Type"]] == [
+            quote(key, safe=""),
+            quote(etype, safe=""),
+        ]
+        assert headers["Lagompy-Entity-Id"] == quote(eid, safe="")

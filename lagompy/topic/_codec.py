@@ -38,6 +38,7 @@ __all__ = [
     "MSGPACK",
     "decode_body",
     "encode_payload",
+    "encode_payloads",
     "message_from_json",
     "message_to_json",
     "messages_from_columns",
@@ -143,6 +144,17 @@ def encode_payload(topic: Topic[Any], payload: Any) -> bytes:
     if topic.encoding == "json":
         return adapter.dump_json(payload)
     return cast(bytes, msgpack.packb(adapter.dump_python(payload, mode="json")))
+
+
+def encode_payloads(topic: Topic[Any], payloads: list[Any]) -> list[bytes]:
+    """:func:`encode_payload` of each payload, those of a MessagePack topic that are all of
+    its message type turned into their JSON form in one call into pydantic (one call per
+    payload was half of the encoding's cost in a producer, 2026-12-06)."""
+    cls = topic.message_type
+    if topic.encoding == "json" or not all(type(p) is cls for p in payloads):
+        return [encode_payload(topic, p) for p in payloads]
+    packb = msgpack.packb
+    return [packb(o) for o in _list_adapter(cls).dump_python(payloads, mode="json")]
 
 
 def decode_body(topic: Topic[Any], data: bytes, content_type: str | None, version: int) -> object:
