@@ -971,3 +971,45 @@ def test_a_pages_headers_are_each_messages_own(values: list[str], times: list[An
             quote(etype, safe=""),
         ]
         assert headers["Lagompy-Entity-Id"] == quote(eid, safe="")
+
+
+@pytest.mark.asyncio
+async def test_a_message_without_an_offset_does_not_lose_the_ones_around_it() -> None:
+    """The feed takes what arrived in one go; a message whose offset cannot be read fails
+    that take, and the messages before and after it are taken the next time."""
+    from datetime import UTC, datetime
+
+    import msgpack
+
+    from lagompy.errors import TopicMessageInvalid
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _headers, _Received
+
+    def received(offset: int) -> _Received:
+        message = Message(
+            topic=contract_topic.name,
+            payload=None,
+            key="ada",
+            partition=0,
+            offset=offset,
+            timestamp=datetime(2026, 12, 6, tzinfo=UTC),
+            type_name=contract_topic.type_name,
+            version=contract_topic.version,
+            entity_type="topic-contract-account",
+            entity_id="ada",
+            seq_nr=offset,
+        )
+        body = msgpack.packb({"account": "ada", "amount": offset})
+        return _Received((_headers(message, MSGPACK), body, f"r{offset}", None))
+
+    link = cast(Any, type("Link", (), {"generation": 0, "listen": lambda self, e: None})())
+    link.settings = BrokerSettings(url="nats://127.0.0.1:1")
+    feed = NatsFeed(link, contract_topic, 0, group="g")
+    no_offset = _Received(({"Lagompy-Key": "ada"}, b"\x80", "r?", None))
+    feed._incoming.extend([received(3), no_offset, received(5)])
+    with pytest.raises(TopicMessageInvalid, match="Lagompy-Offset"):
+        await feed._take()
+    assert [m.reply for m in feed._incoming] == ["r3", "r5"]
+    await feed._take()
+    assert [(offset, m.payload.amount) for offset, m, _ in feed._buffer if m] == [(3, 3), (5, 5)]

@@ -1438,29 +1438,36 @@ class NatsFeed:
         skipped."""
         if self._bad is not None:
             return
-        incoming = self._incoming
-        fresh: list[tuple[int, _Received]] = []
-        pos = self._pos
-        while incoming:
-            msg = incoming.popleft()
-            own = msg[3]
-            offset = _offset_of(msg) if own is None else int(own[1])
-            if offset <= pos:
-                if offset <= self._base:
-                    await self.link.ack(msg)  # committed already: a redelivery
-                continue
-            fresh.append((offset, msg))
-            pos = offset
+        pos, base = self._pos, self._base
+        offsets: list[int] = []
+        fresh: list[_Received] = []
+        arrived = list(self._incoming)
+        self._incoming.clear()  # (what arrives while a redelivery is acked waits there)
+        msg = None
+        try:
+            for msg in arrived:
+                own = msg[3]
+                offset = _offset_of(msg) if own is None else int(own[1])
+                if offset <= pos:
+                    if offset <= base:
+                        await self.link.ack(msg)  # committed already: a redelivery
+                    continue
+                offsets.append(offset)
+                fresh.append(msg)
+                pos = offset
+        except BaseException:
+            # Taken again next time: the ones before the failing message, and those after.
+            after = next(i for i, m in enumerate(arrived) if m is msg) + 1
+            self._incoming.extendleft(reversed(fresh + arrived[after:]))
+            raise
         if not fresh:
             return
         try:
             with _collector_paused():
-                messages = decode_batch(
-                    self.topic, self.partition, [m for _, m in fresh], self.where()
-                )
+                messages = decode_batch(self.topic, self.partition, fresh, self.where())
         except (TopicMessageInvalid, ValidationError):
             messages = []
-            for offset, msg in fresh:
+            for offset, msg in zip(offsets, fresh, strict=True):
                 try:
                     one = decode_batch(self.topic, self.partition, [msg], self.where())
                 except (TopicMessageInvalid, ValidationError) as e:
@@ -1472,10 +1479,10 @@ class NatsFeed:
                     self._incoming.clear()
                     break
                 messages += one
-            fresh = fresh[: len(messages)]
-        for (offset, msg), message in zip(fresh, messages, strict=True):
-            self._buffer.append((offset, message, msg))
-            self._pos = offset
+            offsets, fresh = offsets[: len(messages)], fresh[: len(messages)]
+        if offsets:
+            self._buffer.extend(zip(offsets, messages, fresh, strict=True))
+            self._pos = offsets[-1]
         self._silent_since = time.monotonic()
 
     # ------------------------------------------------------------------ the feed
