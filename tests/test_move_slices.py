@@ -27,7 +27,7 @@ from lagompy import Command, Effect, JournalSettings, PersistentEntity, open_sto
 from lagompy.cli import build_app
 from lagompy.errors import ConfigurationError, JournalError
 from lagompy.journal import AtomicWrite, SnapshotToSave
-from lagompy.journal._moving import move_slices
+from lagompy.journal._moving import _TOPIC_POSITIONS, move_slices
 from lagompy.journal._placement import HOME, Placement, partition_key
 from lagompy.journal._slices import slice_of
 from lagompy.journal._storage import open_placed_storage
@@ -35,6 +35,7 @@ from lagompy.runtime._processing import recover
 from lagompy.settings import PlacedDatabase
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
+from lagompy.topic._subscriber import GROUP_PREFIX, PRODUCER_PREFIX, offset_key, producer_key
 from tests.conftest import POSTGRES_URL, require_postgres
 
 # --------------------------------------------------------------------------- the entity
@@ -617,3 +618,11 @@ async def test_positions_in_several_projection_databases(urls: list[str]) -> Non
             if r.processor == processor
         }
         assert {t: stored[f"{t}@b"] for t in target_heads} == target_heads
+
+
+def test_moving_knows_the_topic_rows_as_the_topics_name_them() -> None:
+    """The journal layer spells the topics' offset-row prefixes itself (it cannot import the
+    topic layer): they stay the ones the topics' naming makes."""
+    assert _TOPIC_POSITIONS == (GROUP_PREFIX, PRODUCER_PREFIX)
+    assert offset_key("orders", "billing").startswith(_TOPIC_POSITIONS[0])
+    assert producer_key("orders").startswith(_TOPIC_POSITIONS[1])

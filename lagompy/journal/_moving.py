@@ -69,7 +69,9 @@ _E = schema.events
 _TAGS = schema.event_tags
 _OFFSETS = schema.readside_offsets
 #: The offset rows of a topic's groups and producers (``topic:<topic>:<group>``,
-#: ``topic-producer:<topic>``): positions in the topic, not in a database's journal.
+#: ``topic-producer:<topic>``): positions in the topic, not in a database's journal. (The
+#: topic layer's ``GROUP_PREFIX`` and ``PRODUCER_PREFIX``, which the journal cannot import:
+#: a test keeps them equal.)
 _TOPIC_POSITIONS = ("topic:", "topic-producer:")
 #: The per-entity tables besides the events, with their key columns.
 _ENTITY_TABLES: tuple[tuple[Table, tuple[str, ...]], ...] = (

@@ -45,6 +45,7 @@ from lagompy.readside._cli import (
     parked_filter,
     show_parked,
 )
+from lagompy.topic._subscriber import GROUP_PREFIX, PRODUCER_PREFIX, offset_key, producer_key
 
 if TYPE_CHECKING:
     from lagompy.readside._projections import Projections, WorkerStatus
@@ -55,7 +56,7 @@ TopicArg = Annotated[str, typer.Argument(help="The topic's name.")]
 
 
 def _name(topic: str, group: str | None) -> str:
-    return f"topic:{topic}:{group}" if group is not None else f"topic-producer:{topic}"
+    return offset_key(topic, group) if group is not None else producer_key(topic)
 
 
 def _what(topic: str, group: str | None) -> str:
@@ -78,7 +79,7 @@ def status(
         found = [
             s
             for s in await p.status()
-            if s.processor.startswith(("topic:", "topic-producer:"))
+            if s.processor.startswith((GROUP_PREFIX, PRODUCER_PREFIX))
             and (topic is None or s.processor.split(":")[1] == topic)
         ]
         return found

@@ -90,6 +90,7 @@ from lagompy.topic._codec import (
     encode_payloads,
 )
 from lagompy.topic._log import PartitionLog
+from lagompy.topic._subscriber import producer_key
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, until_woken
 from lagompy.topic._worker import FeedPages
@@ -187,7 +188,7 @@ class BrokerSettings(LagompySettings):
 
 def producer_name(topic: Topic[Any]) -> str:
     """The name of a topic's producers in the offset store (one row per partition)."""
-    return f"topic-producer:{topic.name}"
+    return producer_key(topic.name)
 
 
 def _broker_error(doing: str, error: BaseException) -> TopicError:

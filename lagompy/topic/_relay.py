@@ -50,7 +50,7 @@ from lagompy.readside._processor import SqlReadSideProcessor
 from lagompy.serialization import Serializer
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
-from lagompy.topic._subscriber import offset_key
+from lagompy.topic._subscriber import offset_key, producer_key
 from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch
 
@@ -215,7 +215,7 @@ async def refuse_journal_positions(database: Database, topics: Sequence[Topic[An
             rows = await conn.execute(
                 select(o.processor, o.tag, o.last_offset)
                 .where(
-                    (o.processor == f"topic-producer:{topic.name}")
+                    (o.processor == producer_key(topic.name))
                     | o.processor.startswith(offset_key(topic.name, ""), autoescape=True),
                     o.last_offset > 0,
                 )

@@ -9,15 +9,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from lagompy.errors import ConfigurationError
 from lagompy.topic._topic import Message, StartFrom, Topic, _check_name
 
-__all__ = ["Subscriber", "offset_key"]
+__all__ = ["GROUP_PREFIX", "PRODUCER_PREFIX", "Subscriber", "offset_key", "producer_key"]
 
 M = TypeVar("M")
+
+
+#: The offset store's rows of topics begin with these: a group's, and a topic's producers'.
+GROUP_PREFIX = "topic:"
+PRODUCER_PREFIX = "topic-producer:"
 
 
 def offset_key(topic: str, group: str) -> str:
     """The key of a group's positions in the offset store (one row per partition, beside the
     read sides' rows): ``topic:<topic>:<group>``."""
-    return f"topic:{topic}:{group}"
+    return f"{GROUP_PREFIX}{topic}:{group}"
+
+
+def producer_key(topic: str) -> str:
+    """The key of a topic's producers' positions in the offset store (one row per partition,
+    for the transports that keep them there): ``topic-producer:<topic>``."""
+    return f"{PRODUCER_PREFIX}{topic}"
 
 
 class Subscriber(Generic[M]):
