@@ -32,6 +32,7 @@ from lagompy.readside import ParkedEvent, ParkedFilter, Projections
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
+from lagompy.topic._subscriber import GROUP_PREFIX, PRODUCER_PREFIX
 
 if TYPE_CHECKING:
     from lagompy.readside import WorkerStatus
@@ -172,7 +173,7 @@ def filter_failed(statuses: list[WorkerStatus], which: FailedFilter) -> list[Wor
 def is_topic(processor: str) -> bool:
     """True for the rows of topic subscriber groups and broker producers (the Topics page's),
     which share the read sides' offset table."""
-    return processor.startswith(("topic:", "topic-producer:"))
+    return processor.startswith((GROUP_PREFIX, PRODUCER_PREFIX))
 
 
 def summarize(statuses: list[WorkerStatus]) -> list[dict[str, Any]]:
