@@ -114,12 +114,19 @@ async def backend(js: JournalSettings, rounds: int, asks: int, runs: int) -> Non
                 c2 = cpu()
                 n_pages = pages["pages"] - read["pages"]
                 n_events = pages["events"] - read["events"]
-                per_ask, per_run = spent(c0, c1, max(1, asks)), spent(c1, c2, runs)
+                per_run = spent(c1, c2, runs)
+                if asks:
+                    per_ask = spent(c0, c1, asks)
+                    asked = (
+                        f"{a['rate']:,.0f} asks/s, {w['rate']:,.0f} runs/s "
+                        f"(ratio {w['rate'] / a['rate']:.3f}); CPU ms per ask "
+                        + " ".join(f"{k} {v:.3f}" for k, v in per_ask.items())
+                        + "; "
+                    )
+                else:  # --asks 0: no asks, nothing to say of them
+                    asked = f"{w['rate']:,.0f} runs/s; "
                 print(
-                    f"  round {r + 1}: {a['rate']:,.0f} asks/s, {w['rate']:,.0f} runs/s "
-                    f"(ratio {w['rate'] / a['rate']:.3f}); CPU ms per ask "
-                    + " ".join(f"{k} {v:.3f}" for k, v in per_ask.items())
-                    + "; per run "
+                    f"  round {r + 1}: {asked}CPU ms per run "
                     + " ".join(f"{k} {v:.3f}" for k, v in per_run.items())
                     + f"; tail: {n_pages / runs:.2f} pages, {n_events / runs:.2f} events per run",
                     flush=True,
