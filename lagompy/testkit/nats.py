@@ -134,7 +134,9 @@ def _answers(port: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def nats_server() -> AsyncIterator[NatsServer]:
-    """A started :class:`NatsServer` with a temporary store, stopped and removed at the end."""
+    """A started :class:`NatsServer` with a temporary store, stopped and removed at the end.
+    A server that ended by itself meanwhile (nobody stopped or killed it: a crash) makes the
+    end raise ``RuntimeError`` with its exit status and the end of its log."""
     binary = find_server()
     if binary is None:
         raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
