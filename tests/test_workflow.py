@@ -8,8 +8,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -24,7 +25,7 @@ from lagompy.errors import (
     WorkflowFailed,
     WorkflowNotFound,
 )
-from lagompy.journal import AtomicWrite, open_storage
+from lagompy.journal import AtomicWrite, EventEnvelope, open_storage
 from lagompy.runtime import InProcessEntities
 from lagompy.serialization import Serializer, serializable
 from lagompy.sql._schema import command_replies
@@ -39,7 +40,8 @@ from lagompy.workflow import (
     inspect_run,
     start_workflows,
 )
-from lagompy.workflow._entity import GetRun, Run, RunStarted, StepCompleted
+from lagompy.workflow._entity import GetRun, Run, RunReopened, RunStarted, StepCompleted
+from lagompy.workflow._executor import RunDriver
 from lagompy.workflow._index import run_row
 from tests.workflow_app import AccountEntity, CloseAccount, Deposit, Transfer, Withdraw, workflows
 
@@ -681,6 +683,48 @@ async def test_an_operator_resumes_a_failed_run_and_retries_from_a_step(bank: En
         await bank.engine.result("r1", timeout=10)
     assert await bank.balance("r") == 10
     await until(lambda: _index_is(bank.engine, "transfer", {"r1": "failed"}))
+
+
+async def test_a_run_reopened_while_its_last_driver_ends_is_driven_again(
+    bank: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tail can read a run's RunReopened while the driver of its previous end is still
+    ending (its task not done: the finish's reply on its way). The run is driven again once
+    that task has ended, not left reopened with no driver."""
+    await bank.entities.ref_for(AccountEntity, "q").ask(Deposit(10))
+    await bank.entities.ref_for(AccountEntity, "gone").ask(CloseAccount())
+    engine = bank.engine
+    await engine.start("transfer", Transfer("q", "gone", 4), id="q1")
+    with pytest.raises(WorkflowFailed):
+        await engine.result("q1", timeout=10)
+    executor = engine.executor
+    assert executor is not None
+    # A driver still ending when the tail reads the reopen: its task runs until set.
+    ending = asyncio.Event()
+
+    async def end() -> None:
+        await ending.wait()
+
+    still_ending = RunDriver(executor, "q1", executor.partition_of("q1"))
+    still_ending.task = asyncio.create_task(end())
+    executor.drivers["q1"] = still_ending
+    read = asyncio.Event()
+    committed = executor.committed
+
+    def watched(tag: str, envelopes: Iterable[EventEnvelope[Any]]) -> None:
+        envelopes = list(envelopes)
+        committed(tag, envelopes)
+        if any(isinstance(e.event, RunReopened) and e.entity_id == "q1" for e in envelopes):
+            read.set()
+
+    monkeypatch.setattr(executor, "committed", watched)
+    await engine.retry("q1", 0)
+    await asyncio.wait_for(read.wait(), 10)  # the tail read the reopen, the driver still ending
+    ending.set()
+    with pytest.raises(WorkflowFailed):  # driven again: it fails again, compensated again
+        await engine.result("q1", timeout=10)
+    assert (await engine.status("q1")).status == "failed"
+    assert await bank.balance("q") == 10
 
 
 async def _synchronous(database: object) -> int:

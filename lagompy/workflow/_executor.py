@@ -848,7 +848,7 @@ class WorkflowExecutor:
                         self.launch(run_id, tag)
                 case RunReopened():
                     self._finished.pop(run_id, None)
-                    self.launch(run_id, tag)
+                    self.relaunch(run_id, tag)
                 case SignalReceived(index=index, name=name, payload=payload):
                     driver = self.drivers.get(run_id)
                     if driver is not None:
@@ -899,6 +899,20 @@ class WorkflowExecutor:
         driver = RunDriver(self, run_id, tag, run, types_read)
         self.drivers[run_id] = driver
         driver.task = asyncio.create_task(self._drive(driver), name=f"workflow run {run_id}")
+
+    def relaunch(self, run_id: str, tag: str) -> None:
+        """Drive a reopened run: now, or once the driver of its previous end has ended. The
+        tail can read the reopen while that driver's task is still ending (its finish's reply
+        on its way), and :meth:`launch` leaves a run alone while a driver of it runs."""
+        ending = self.drivers.get(run_id)
+        if ending is not None and ending.task is not None and not ending.task.done():
+            ending.task.add_done_callback(lambda _: self._reopened(run_id, tag))
+            return
+        self.launch(run_id, tag)
+
+    def _reopened(self, run_id: str, tag: str) -> None:
+        self._finished.pop(run_id, None)  # its ending driver marked it finished
+        self.launch(run_id, tag)
 
     async def _drive(self, driver: RunDriver) -> None:
         try:
