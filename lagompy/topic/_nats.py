@@ -338,6 +338,38 @@ _new = object.__new__
 _unpackb = msgpack.unpackb
 
 
+def _made(
+    name: str,
+    partition: int,
+    type_name: str,
+    version: int,
+    offset: str,
+    when: datetime | None,
+    key: str,
+    etype: str,
+    eid: str,
+    seq_nr: str,
+) -> Message[Any]:
+    """A message of its header values (percent-encoded ones decoded), made without
+    ``Message.__init__``: its payload is set once the batch's are decoded. ``ValueError``
+    when a number does not read."""
+    message: Message[Any] = _new(Message)
+    message.__dict__.update(
+        topic=name,
+        payload=None,
+        key=unquote(key) if "%" in key else key,
+        partition=partition,
+        offset=int(offset),
+        timestamp=when,
+        type_name=type_name,
+        version=version,
+        entity_type=unquote(etype) if "%" in etype else etype,
+        entity_id=unquote(eid) if "%" in eid else eid,
+        seq_nr=int(seq_nr),
+    )
+    return message
+
+
 def decode_batch(
     topic: Topic[Any], partition: int, msgs: Sequence[_BrokerMessage], where: str
 ) -> list[Message[Any] | None]:
@@ -362,76 +394,37 @@ def decode_batch(
     contents: set[str | None] = set()
     upcast = False
     stamp, when = None, None
+    content: str | None
     for msg in msgs:
         own = msg[3] if type(msg) is _Received else None
-        if own is not None and own[8] == current and own[7] == type_name:
-            # lagompy's own block (see _sink_run), its values in the order of _OWN_NAMES.
-            _, offset, key, etype, eid, seq_nr, at, _, _, content = own
-            if at != stamp:
-                stamp = at
-                try:
-                    when = datetime.fromisoformat(at)
-                except ValueError:
-                    raise TopicMessageInvalid(
-                        f"{where}: a message's headers are incomplete (time {at!r:.40})"
-                    ) from None
-            message: Message[Any] = _new(Message)
-            try:
-                message.__dict__.update(
-                    topic=name,
-                    payload=None,
-                    key=unquote(key) if "%" in key else key,
-                    partition=partition,
-                    offset=int(offset),
-                    timestamp=when,
-                    type_name=type_name,
-                    version=newest,
-                    entity_type=unquote(etype) if "%" in etype else etype,
-                    entity_id=unquote(eid) if "%" in eid else eid,
-                    seq_nr=int(seq_nr),
-                )
-            except ValueError as e:
-                raise TopicMessageInvalid(
-                    f"{where}: a message's headers are incomplete ({e!r:.80})"
-                ) from None
-            append(message)
-            made.append(message)
-            loaded.append(msg)
-            contents.add(content)
-            continue
-        headers = msg.headers or {}
-        if H_MARKER in headers:
-            append(None)
-            continue
-        if headers.get(H_VERSION) == current and headers.get(H_TYPE) == type_name:
-            version = newest
-        else:
-            try:
-                version = int(headers[H_VERSION])
-                if headers[H_TYPE] != type_name or version > newest:
-                    raise ValueError
-            except (KeyError, ValueError):
-                decode(topic, partition, dict(headers), msg.data)  # raises, naming the problem
-                raise AssertionError("unreachable") from None
-            upcast = upcast or version != newest
         try:
-            if headers[H_TIME] != stamp:  # a transaction's messages share it
-                stamp = headers[H_TIME]
-                when = datetime.fromisoformat(stamp)
-            key, etype, eid = headers[H_KEY], headers[H_ENTITY_TYPE], headers[H_ENTITY_ID]
-            message = _new(Message)
-            message.__dict__.update(
-                topic=name,
-                payload=None,
-                key=unquote(key) if "%" in key else key,
-                partition=partition,
-                offset=int(headers[H_OFFSET]),
-                timestamp=when,
-                type_name=type_name,
-                version=version,
-                entity_type=unquote(etype) if "%" in etype else etype,
-                entity_id=unquote(eid) if "%" in eid else eid,
-                seq_nr=int(headers[H_SEQ_NR]),
+            if own is not None and own[8] == current and own[7] == type_name:
+                # lagompy's own block (see _sink_run), its values in the order of _OWN_NAMES.
+                _, offset, key, etype, eid, seq_nr, at, _, _, content = own
+                version = newest
+            else:
+                headers = msg.headers or {}
+                if H_MARKER in headers:
+                    append(None)
+                    continue
+                if headers.get(H_VERSION) == current and headers.get(H_TYPE) == type_name:
+                    version = newest
+                else:
+                    try:
+                        version = int(headers[H_VERSION])
+                        if headers[H_TYPE] != type_name or version > newest:
+                            raise ValueError
+                    except (KeyError, ValueError):
+                        decode(topic, partition, dict(headers), msg.data)  # raises, naming it
+                        raise AssertionError("unreachable") from None
+                    upcast = upcast or version != newest
+                offset, key, at = headers[H_OFFSET], headers[H_KEY], headers[H_TIME]
+                etype, eid = headers[H_ENTITY_TYPE], headers[H_ENTITY_ID]
+                seq_nr, content = headers[H_SEQ_NR], headers.get(H_CONTENT_TYPE)
+            if at != stamp:  # a transaction's messages share it
+                stamp, when = at, datetime.fromisoformat(at)
+            message = _made(
+                name, partition, type_name, version, offset, when, key, etype, eid, seq_nr
             )
         except (KeyError, ValueError) as e:
             raise TopicMessageInvalid(
@@ -440,7 +433,7 @@ def decode_batch(
         append(message)
         made.append(message)
         loaded.append(msg)
-        contents.add(headers.get(H_CONTENT_TYPE))
+        contents.add(content)
     if not made:
         return out
     adapter = _list_adapter(topic.message_type)
