@@ -134,7 +134,7 @@ class WorkflowEngine(AsyncClosing):
     def _driving(self, run_id: str) -> asyncio.Task[None] | None:
         """The task of this process's driver of ``run_id`` while it runs (None: not driven
         here). It ends when the run finishes (or when this executor stops driving it): a wait
-        for the run's end asks for its state then, rather than polling it while it runs."""
+        for the run's end wakes then, rather than at its next backoff step."""
         driver = self.executor.drivers.get(run_id) if self.executor is not None else None
         task = driver.task if driver is not None else None
         return None if task is None or task.done() else task
@@ -215,7 +215,7 @@ class WorkflowEngine(AsyncClosing):
             delay = 0.02
             while True:
                 driving = self._driving(run_id)
-                if driving is not None:  # its state is read once its driver here has ended
+                if driving is not None:  # woken by its driver's end here, or the backoff step
                     await asyncio.wait({driving}, timeout=delay)
                 run = await self._run(run_id)
                 if run.finished:
