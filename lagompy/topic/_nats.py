@@ -98,7 +98,7 @@ from lagompy.topic._worker import FeedPages
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
-    from nats.js.api import RawStreamMsg
+    from nats.js.api import RawStreamMsg, StreamInfo
 
 log = logging.getLogger("lagompy.topic")
 
@@ -269,6 +269,13 @@ class _BrokerMessage(Protocol):
 
     @property
     def data(self) -> bytes: ...
+
+
+def _wholly_created(info: StreamInfo) -> bool:
+    """Whether a stream-info or stream-create answer shows the stream with its store (see
+    :meth:`_Link._settled`): nats-server sends Go's zero time (year 1) as the creation time of
+    a stream it is still creating. A server that sends no creation time is taken at its word."""
+    return info.created is None or info.created.year > 1
 
 
 def _seq(msg: RawStreamMsg) -> int:
@@ -704,6 +711,8 @@ class _Link:
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
         self._streams: set[str] = set()
+        #: Streams this link saw wholly created (see :meth:`_settled`).
+        self._settled_streams: set[str] = set()
         self._closing = False
         #: Counts the reconnections: a broker that restarted may have lost what it
         #: acknowledged last, and the consumers it had (its pull requests certainly).
@@ -731,6 +740,8 @@ class _Link:
                 async def reconnected() -> None:
                     log.info("NATS connection back")
                     self.generation += 1
+                    # A restarted broker may have lost a stream another process creates anew.
+                    self._settled_streams.clear()
                     for event in list(self._listeners):
                         event.set()
 
@@ -815,7 +826,7 @@ class _Link:
         js = await self.js()
         subjects = [f"{self.settings.stream_prefix}.{topic.name}.*"]
         try:
-            await js.add_stream(
+            info = await js.add_stream(
                 name=name,
                 subjects=subjects,
                 storage=api.StorageType.FILE,
@@ -831,16 +842,59 @@ class _Link:
                 ) from None
         except Exception as e:
             raise _broker_error(f"topic {topic.name!r}: creating its stream", e) from None
+        if _wholly_created(info):
+            self._settled_streams.add(name)
         self._streams.add(name)
         return name
 
     def forget(self, name: str) -> None:
         """The stream may have gone (a broker that lost its store): create it again."""
         self._streams.discard(name)
+        self._settled_streams.discard(name)
+
+    async def _settled(self, stream: str) -> bool:
+        """Whether ``stream`` exists, once it is wholly created: the guard that every
+        message-get of this link passes first (false: there is no stream, hence no message).
+
+        nats-server 2.9.10 crashes (a nil pointer in ``jsMsgGetRequest``, jetstream_api.go
+        line 3028) on a message-get that reaches a stream another client is still creating:
+        ``addStreamWithAssignment`` lists the stream before ``setupStore`` gives it its store,
+        and the handler reads the store without a check. A second creator of the same stream
+        gets its answer in that window too, so two producers starting at once on a new topic
+        crashed it (``bench/nats_stream_race_probe.py``: 4 clients, stream after stream, dead
+        after 16-519 streams). ``setupStore`` sets the stream's creation time and its store
+        under one hold of the stream's lock, and the stream-info and stream-create answers read
+        that time under the lock: a creation time that is not zero (Go's zero time, year 1)
+        proves the store is there. So a stream this link has not seen so is asked for its info
+        until it is; a stream-create answer that says so spares the question (the usual case:
+        the stream existed, or this link created it). Once per stream and connection, never
+        per message."""
+        if stream in self._settled_streams:
+            return True
+        from nats.js.errors import NotFoundError
+
+        js = await self.js()
+        give_up = time.monotonic() + self.settings.ack_timeout
+        while True:
+            try:
+                info = await js.stream_info(stream)
+            except NotFoundError:
+                return False
+            if _wholly_created(info):
+                self._settled_streams.add(stream)
+                return True
+            if time.monotonic() > give_up:
+                raise TopicError(
+                    f"the broker's stream {stream!r} is still being created after "
+                    f"{self.settings.ack_timeout:g} s"
+                )
+            await asyncio.sleep(0.005)
 
     async def last_message(self, stream: str, subj: str) -> RawStreamMsg | None:
         from nats.js.errors import NotFoundError
 
+        if not await self._settled(stream):
+            return None
         js = await self.js()
         try:
             return await js.get_last_msg(stream, subj)
@@ -851,6 +905,8 @@ class _Link:
         """The first message of ``subj`` at or after stream sequence ``seq``."""
         from nats.js.errors import NotFoundError
 
+        if not await self._settled(stream):
+            return None
         js = await self.js()
         try:
             return await js.get_msg(stream, seq=max(1, seq), subject=subj, next=True)
@@ -887,6 +943,7 @@ class _Link:
 
     async def close(self) -> None:
         self._closing = True
+        self._settled_streams.clear()
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             with contextlib.suppress(Exception):
