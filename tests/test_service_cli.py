@@ -8,6 +8,7 @@ why, when the token is missing or wrong)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -54,6 +55,21 @@ def lagompy(
     )
 
 
+def lagompy_together(
+    *commands: list[str], env: dict[str, str] | list[dict[str, str]], timeout: float = 120
+) -> list[subprocess.CompletedProcess[str]]:
+    """``lagompy`` commands that do not depend on each other, run at once (each is a Python
+    start and lagompy's imports, ~2 s, mostly CPU: two cores do two at a time); their results
+    in the order given. ``env``: one for all, or one per command."""
+    envs = env if isinstance(env, list) else [env] * len(commands)
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        running = [
+            pool.submit(lagompy, *args, env=e, timeout=timeout)
+            for args, e in zip(commands, envs, strict=True)
+        ]
+        return [r.result() for r in running]
+
+
 class Server:
     """``lagompy run`` in a session of its own, output to a file; stopped by PID."""
 
@@ -98,14 +114,15 @@ class Server:
 def test_run_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "broken_app_module.py").write_text("raise ValueError('no such setting: X')\n")
     env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
-    for args, message in [
+    cases = [
         (["run", "nocolon"], "error: 'nocolon' is not MODULE:APP"),
         (["run", "no_such_module_xyz:app"], "error: cannot import module 'no_such_module_xyz'"),
         (["run", "examples.user_service.api:nothing"], "has no attribute 'nothing'"),
         (["run", "broken_app_module:app"],
          "error: importing module 'broken_app_module' failed: ValueError: no such setting: X"),
-    ]:  # fmt: skip
-        done = lagompy(*args, env=env, timeout=60)
+    ]  # fmt: skip
+    runs = lagompy_together(*(args for args, _ in cases), env=env, timeout=60)
+    for (_, message), done in zip(cases, runs, strict=True):
         assert done.returncode == 1, done
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
@@ -121,14 +138,17 @@ def test_a_port_in_use_fails_before_anything_starts(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for workers in ("1", "2"):
-            started = time.monotonic()
-            done = lagompy("run", USERS_APP, "--port", str(port), "--workers", workers, env=env)
+        started = time.monotonic()
+        runs = lagompy_together(
+            *(["run", USERS_APP, "--port", str(port), "--workers", n] for n in ("1", "2")),
+            env=env,
+        )
+        for done in runs:
             assert done.returncode == 1, done
             assert done.stderr == (
                 f"error: cannot listen on 127.0.0.1:{port}: address already in use\n"
             ), done.stderr
-            assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 30
     assert not rays.exists()  # no Ray was started
     assert not (tmp_path / "journal.db").exists()  # nor the journal opened
 
@@ -193,11 +213,14 @@ def test_entities_stats_finds_the_local_ray_a_service_started(tmp_path: Path) ->
         assert record["pid"] == server.popen.pid
         r = httpx.post(f"{server.url}/users", json={"name": "Ada", "email": "a@example.org"})
         assert r.status_code == 201, r.text
-        stats = lagompy("entities", "stats", "--app", app_name, "--json", env=env)
+        stats, missing = lagompy_together(
+            ["entities", "stats", "--app", app_name, "--json"],
+            ["entities", "stats", "--app", "no-such-app"],
+            env=env,
+        )
         assert stats.returncode == 0, stats.stderr
         (host,) = json.loads(stats.stdout)
         assert host["commands"] == 1 and host["events_persisted"] == 1
-        missing = lagompy("entities", "stats", "--app", "no-such-app", env=env)
         assert missing.returncode == 1, missing
         assert "no app 'no-such-app' runs on the local Rays of this machine" in missing.stderr
         assert app_name in missing.stderr  # the apps that do run there
@@ -255,21 +278,6 @@ def test_attach_to_a_ray_head_started_as_the_howto_says(tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     app_name = f"howto-{uuid.uuid4().hex[:8]}"
     with ray_head(token, tmp_path / "head.log") as address:
-        # Without the token, or with another one: one line, within seconds, saying why.
-        for auth, expected in [
-            ({}, "the cluster requires token authentication and this process sends no token: "
-                 "set RAY_AUTH_MODE=token"),
-            ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-" + token},
-             "the cluster rejected this process's token"),
-        ]:  # fmt: skip
-            started = time.monotonic()
-            env = clean_env(RAY_ADDRESS=address, HOME=str(tmp_path), **auth)  # no ~/.ray token
-            done = lagompy("entities", "stats", "--app", app_name, env=env, timeout=60)
-            assert done.returncode == 1, done
-            assert done.stderr.startswith(f"error: cannot attach to the Ray cluster at {address}")
-            assert expected in done.stderr, done.stderr
-            assert done.stderr.count("\n") == 1, done.stderr
-            assert time.monotonic() - started < 30
         # As the how-to says: the cluster's token, and RAY_AUTH_MODE=token.
         env = clean_env(
             RAY_ADDRESS=address,
@@ -283,6 +291,29 @@ def test_attach_to_a_ray_head_started_as_the_howto_says(tmp_path: Path) -> None:
         )
         server = Server([USERS_APP], env, tmp_path / "server.log")
         try:
+            # While the server starts (they do not depend on it): without the token, or with
+            # another one, one line, within seconds, saying why.
+            wrong = [
+                ({}, "the cluster requires token authentication and this process sends no "
+                     "token: set RAY_AUTH_MODE=token"),
+                ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-" + token},
+                 "the cluster rejected this process's token"),
+            ]  # fmt: skip
+            started = time.monotonic()
+            runs = lagompy_together(
+                *(["entities", "stats", "--app", app_name] for _ in wrong),
+                # HOME: no ~/.ray token
+                env=[clean_env(RAY_ADDRESS=address, HOME=str(tmp_path), **a) for a, _ in wrong],
+                timeout=60,
+            )
+            for (_, expected), done in zip(wrong, runs, strict=True):
+                assert done.returncode == 1, done
+                assert done.stderr.startswith(
+                    f"error: cannot attach to the Ray cluster at {address}"
+                ), done.stderr
+                assert expected in done.stderr, done.stderr
+                assert done.stderr.count("\n") == 1, done.stderr
+            assert time.monotonic() - started < 30
             server.wait_ready()
             r = httpx.post(f"{server.url}/users", json={"name": "Ada", "email": "a@example.org"})
             assert r.status_code == 201, r.text
@@ -390,23 +421,17 @@ def test_several_workers_share_one_ray_and_one_metrics_view(
             assert sample(scrape, "lagompy_asks_total", entity_type="user", outcome="ok") == users
             assert sample(scrape, "lagompy_host_commands_total") == users
             assert sample(scrape, "lagompy_journal_events_written_total") == users
-        stats = subprocess.run(
-            [*LAGOMPY, "entities", "stats", "--app", app_name, "--json"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        stats, table, missing = lagompy_together(
+            ["entities", "stats", "--app", app_name, "--json"],
+            ["entities", "stats", "--app", app_name],
+            ["entities", "stats", "--app", "no-such-app"],
+            env=env,
+        )
         assert stats.returncode == 0, stats.stderr
         hosts = json.loads(stats.stdout)
         assert len(hosts) == 1 and hosts[0]["commands"] == users
         assert hosts[0]["events_persisted"] == users
-        table = subprocess.run(
-            [*LAGOMPY, "entities", "stats", "--app", app_name],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
         assert table.returncode == 0 and "live_entities" in table.stdout.splitlines()[0]
-        missing = subprocess.run(
-            [*LAGOMPY, "entities", "stats", "--app", "no-such-app"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
         assert missing.returncode == 1 and "no app 'no-such-app'" in missing.stderr
         os.killpg(server.pid, signal.SIGTERM)
         assert server.wait(60) == 0, (tmp_path / "server.log").read_text()
