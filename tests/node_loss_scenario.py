@@ -285,8 +285,8 @@ def main() -> int:
     failed = 0
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=1)
+        for _ in range(3):  # started side by side, then waited for together
+            cluster.add_node(num_cpus=1, wait=False)
         cluster.wait_for_nodes()
         # The job's path (no runtime_env): actors restarted on another node after the loss
         # take that node's ready workers instead of waiting for a new one.
