@@ -492,25 +492,46 @@ async def lifespan(app):
 )
 
 
-@pytest.mark.parametrize("source", [GC_APP, GC_APP_WITH_ENTITIES], ids=["bare", "entities"])
-@pytest.mark.parametrize(
-    ("args", "env_value", "expect_tuned"),
-    [([], None, True), (["--collector", "default"], None, False), ([], "default", False)],
-)
+GC_SOURCES = {"bare": GC_APP, "entities": GC_APP_WITH_ENTITIES}
+#: (options of ``run``, LAGOMPY_RUN_COLLECTOR, whether the collector is tuned)
+GC_CASES = [([], None, True), (["--collector", "default"], None, False), ([], "default", False)]
+
+
+@pytest.fixture(scope="module")
+def gc_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, int], Server]]:
+    """The servers of every case of ``test_run_tunes_the_collector_of_the_serving_process``,
+    started at once (each is a Python start, lagompy's imports and an app's start-up, ~2 s of
+    mostly CPU: two cores start two at a time), each from a directory of its own; each test
+    waits for its own and stops it; whatever is left is killed at the end."""
+    servers: dict[tuple[str, int], Server] = {}
+    try:
+        for name, source in GC_SOURCES.items():
+            for case, (args, env_value, _) in enumerate(GC_CASES):
+                tmp = tmp_path_factory.mktemp(f"gc-{name}-{case}")
+                (tmp / "gc_app_module.py").write_text(source)
+                env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp}")
+                env["GC_APP_JOURNAL"] = f"sqlite:///{tmp / 'journal.db'}"
+                if env_value is not None:
+                    env["LAGOMPY_RUN_COLLECTOR"] = env_value
+                servers[name, case] = Server(["gc_app_module:app", *args], env, tmp / "server.log")
+        yield servers
+    finally:
+        for server in servers.values():
+            server.kill()
+
+
+@pytest.mark.parametrize("source", list(GC_SOURCES))
+@pytest.mark.parametrize("case", range(len(GC_CASES)))
 def test_run_tunes_the_collector_of_the_serving_process(
-    tmp_path: Path, args: list[str], env_value: str | None, expect_tuned: bool, source: str
+    gc_servers: dict[tuple[str, int], Server], case: int, source: str
 ) -> None:
     """Once the app has started, ``run`` freezes its start-up objects and raises the young
     generation's threshold, as shard hosts do (lagompy/_collector.py); ``--collector default``
     or ``LAGOMPY_RUN_COLLECTOR=default`` leaves Python's collector as it was."""
     from lagompy._collector import GC_THRESHOLD
 
-    (tmp_path / "gc_app_module.py").write_text(source)
-    env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
-    env["GC_APP_JOURNAL"] = f"sqlite:///{tmp_path / 'journal.db'}"
-    if env_value is not None:
-        env["LAGOMPY_RUN_COLLECTOR"] = env_value
-    server = Server(["gc_app_module:app", *args], env, tmp_path / "server.log")
+    expect_tuned = GC_CASES[case][2]
+    server = gc_servers[source, case]
     try:
         server.wait_ready(timeout=60)
         state = httpx.get(f"{server.url}/gc", timeout=5).json()
