@@ -18,6 +18,12 @@ producing service's process).
     .venv/bin/python bench/topics_bench.py --write         # also writes docs/benchmarks.md
     .venv/bin/python bench/topics_bench.py --quick         # 10,000 events, 3 s of load
     .venv/bin/python bench/topics_bench.py --runs 3        # three runs, one table
+    .venv/bin/python bench/topics_bench.py --catch-up 3 --backend sqlite --transport embedded
+
+``--catch-up N`` writes the events once, then runs N catch-ups of new groups over one transport,
+each after reading and decoding the journal (the floor's baseline) and the CPU reference: the
+form to profile (``py-spy record -- .venv/bin/python bench/topics_bench.py --catch-up 5``) and
+to alternate before/after runs with.
 """
 
 from __future__ import annotations
@@ -294,6 +300,39 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
     return rows
 
 
+async def catch_up_only(name: str, transport_name: str, events: int, times: int) -> None:
+    """Write once, then ``times`` catch-ups of new groups over one transport, each beside
+    reading and decoding the same events (the floor's ratio) and the CPU reference."""
+    with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
+        async with (
+            backend(name, Path(tmp)) as settings,
+            backend(name, Path(tmp), "subscriber.db") as own,
+        ):
+            async with await open_storage(settings=settings, serializer=serializer()) as storage:
+                writer = Writer(storage.journal)
+                for first in range(0, events, 1000):
+                    await writer.append(first, min(1000, events - first))
+                if TUNED:  # as `lagompy run` tunes a service's process once it has started
+                    tune_collector()
+                with contextlib.ExitStack() as stack:
+                    url = ""
+                    if transport_name == "http":
+                        url = stack.enter_context(producer_process(settings))
+                    for _ in range(times):
+                        cpu = cpu_reference()
+                        decode = await read_and_decode(storage.journal)
+                        transport = HttpTransport(url) if url else None
+                        caught = await catch_up(own if url else settings, transport, events)
+                        if transport is not None:
+                            await transport.close()
+                        print(
+                            f"[{name}] {transport_name} catch-up {caught:,.0f} messages/s, read "
+                            f"and decode {decode:,.0f} events/s: {caught / decode:.2f}; "
+                            f"CPU ref {cpu:.0f} ms",
+                            flush=True,
+                        )
+
+
 COLLECTORS = {
     True: "Both processes' collector is tuned as `lagompy run` tunes a service's once it has "
     "started (lagompy/_collector.py); reading and decoding, the baseline, runs in the same "
@@ -347,6 +386,13 @@ if __name__ == "__main__":
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--default-gc", action="store_true", help="Python's default collector")
+    parser.add_argument("--catch-up", type=int, default=0, metavar="N")
+    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--transport", choices=("embedded", "http"), default="embedded")
     args = parser.parse_args()
     TUNED = not args.default_gc
-    asyncio.run(main(args.quick, args.write, args.runs))
+    if args.catch_up:
+        events = 10_000 if args.quick else 100_000
+        asyncio.run(catch_up_only(args.backend, args.transport, events, args.catch_up))
+    else:
+        asyncio.run(main(args.quick, args.write, args.runs))
