@@ -5,6 +5,7 @@ declaration refuses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import sqlite3
 import time
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Response
 
 from lagompy.entity import Effect, PersistentEntity, tag
 from lagompy.errors import ConfigurationError, TopicMessageInvalid
+from lagompy.journal._model import EventEnvelope
 from lagompy.journal._storage import open_storage, serializer_for
 from lagompy.serialization import serializable
 from lagompy.service import BreakerRegistry, Service, ServiceClient
@@ -42,6 +44,7 @@ from lagompy.topic import (
     SubscribersComponent,
     Topic,
     TopicsComponent,
+    entity_key,
     message_command_id,
     message_from_json,
     message_to_json,
@@ -504,6 +507,48 @@ def test_command_ids_come_from_the_message_position() -> None:
     )
     assert message_command_id(message) == "topic:contract-deposits:0:7"
     assert message_command_id(message, "notify") == "topic:contract-deposits:0:7:notify"
+
+
+@dataclass(frozen=True)
+class BigDeposit(Deposit):
+    """A subclass of the message type: a message too."""
+
+
+def test_a_page_of_events_maps_to_the_messages_of_each_event_filtered_ones_left_out() -> None:
+    def mapping(event: Any) -> Any:
+        if event.amount % 3 == 0:
+            return None  # filtered out
+        if event.amount == 4:
+            return BigDeposit(event.account, event.amount)
+        return Deposit(event.account, event.amount)
+
+    at = datetime(2026, 12, 7, tzinfo=UTC)
+    envelopes = [
+        EventEnvelope("account", f"a{i}", i + 1, 10 + i, at, Deposited(f"a{i}", i), ("t",), {})
+        for i in range(7)
+    ]
+    for key in (entity_key, lambda e: f"{e.entity_id}/{e.seq_nr}"):
+        topic = Topic("mapped", Deposit, source=ContractAccount, to_message=mapping, key=key)
+        one_by_one = [m for e in envelopes if (m := topic.message(e, 1)) is not None]
+        page = topic.messages(envelopes, 1)
+        assert page == one_by_one
+        assert [m.offset for m in page] == [11, 12, 14, 15]
+        assert [m.key for m in page] == [key(e) for e in envelopes if e.offset in (11, 12, 14, 15)]
+        assert type(page[2].payload) is BigDeposit
+        first = page[0]
+        assert (first.topic, first.partition, first.timestamp, first.type_name) == (
+            "mapped", 1, at, "Deposit",
+        )  # fmt: skip
+        assert (first.entity_type, first.entity_id, first.seq_nr) == ("account", "a1", 2)
+        assert dataclasses.replace(first, offset=99).offset == 99
+
+    def not_a_deposit(event: Any) -> Any:
+        return Mutable(1)
+
+    wrong = Topic("wrong", Deposit, source=ContractAccount, to_message=not_a_deposit)
+    for make in (lambda: wrong.messages(envelopes, 0), lambda: wrong.message(envelopes[0], 0)):
+        with pytest.raises(TypeError, match="returned a Mutable for the event at offset 10"):
+            make()
 
 
 @dataclass

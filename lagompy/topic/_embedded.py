@@ -69,13 +69,8 @@ async def partition_lag(database: Database, tag: str, after: int) -> tuple[int, 
 def batch_of(topic: Topic[Any], partition: int, page: TagPage) -> MessageBatch:
     """A page of the partition's tag as a batch of messages (filtered events left out), made
     with the collector paused as the journal decodes its pages (see ``_collector_paused``)."""
-    messages = []
-    message_of = topic.message
     with _collector_paused():
-        for envelope in page.envelopes:
-            message = message_of(envelope, partition)
-            if message is not None:
-                messages.append(message)
+        messages = topic.messages(page.envelopes, partition)
     return MessageBatch(messages, page.last_offset, page.full)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -34,6 +34,7 @@ M = TypeVar("M")
 #: A topic name: letters, digits, ``-``, ``_`` and ``.``, 1 to 100 characters (it appears in
 #: URLs, broker subjects and offset keys).
 _new = object.__new__
+_set = object.__setattr__
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -191,34 +192,84 @@ class Topic(Generic[M]):
         return serializer
 
     def message(self, envelope: EventEnvelope[Any], partition: int) -> Message[M] | None:
-        """The message made from one event of the partition, or None when filtered out."""
+        """The message made from one event of the partition, or None when filtered out (a
+        page of them: :meth:`messages`)."""
         payload = self.to_message(envelope.event)
         if payload is None:
             return None
         if not isinstance(payload, self.message_type):
-            raise TypeError(
-                f"topic {self.name!r}: to_message returned a {type(payload).__qualname__} "
-                f"for the event at offset {envelope.offset}, not a "
-                f"{self.message_type.__qualname__} (or None)"
-            )
-        # Built in its __dict__: Message's generated __init__ (frozen: object.__setattr__ per
-        # field) was a quarter of a same-database catch-up's time (27,000 messages/s on SQLite
-        # where reading and decoding alone ran at 114,000).
+            raise self._not_a_message(payload, envelope)
         message: Message[M] = _new(Message)
-        message.__dict__.update(
-            topic=self.name,
-            payload=payload,
-            key=self.key(envelope),
-            partition=partition,
-            offset=envelope.offset,
-            timestamp=envelope.timestamp,
-            type_name=self.type_name,
-            version=self.version,
-            entity_type=envelope.entity_type,
-            entity_id=envelope.entity_id,
-            seq_nr=envelope.seq_nr,
+        _set(
+            message,
+            "__dict__",
+            {
+                "topic": self.name,
+                "payload": payload,
+                "key": self.key(envelope),
+                "partition": partition,
+                "offset": envelope.offset,
+                "timestamp": envelope.timestamp,
+                "type_name": self.type_name,
+                "version": self.version,
+                "entity_type": envelope.entity_type,
+                "entity_id": envelope.entity_id,
+                "seq_nr": envelope.seq_nr,
+            },
         )
         return message
+
+    def _not_a_message(self, payload: object, envelope: EventEnvelope[Any]) -> TypeError:
+        return TypeError(
+            f"topic {self.name!r}: to_message returned a {type(payload).__qualname__} "
+            f"for the event at offset {envelope.offset}, not a "
+            f"{self.message_type.__qualname__} (or None)"
+        )
+
+    def messages(self, envelopes: Iterable[EventEnvelope[Any]], partition: int) -> list[Message[M]]:
+        """The messages made from events of the partition, in order, the filtered ones left
+        out: :meth:`message` of each, with the topic's fields looked up once per page.
+
+        Each message is built in its ``__dict__``, set whole from one dict display:
+        Message's generated ``__init__`` (frozen: ``object.__setattr__`` per field) was a
+        quarter of a same-database catch-up's time (27,000 messages/s on SQLite where reading
+        and decoding alone ran at 114,000); filling an empty ``__dict__`` by ``update`` cost
+        0.98 us per message beside the mapping's own 0.56 us, the display 0.70 us
+        (2026-12-07, CPU reference 17 ms)."""
+        to_message = self.to_message
+        message_type = self.message_type
+        # The default key is the entity id: read as a field, not through a call.
+        key = None if self.key is entity_key else self.key
+        name, type_name, version = self.name, self.type_name, self.version
+        made: list[Message[M]] = []
+        append = made.append
+        for envelope in envelopes:
+            payload = to_message(envelope.event)
+            if payload is None:
+                continue
+            if type(payload) is not message_type and not isinstance(payload, message_type):
+                raise self._not_a_message(payload, envelope)
+            entity_id = envelope.entity_id
+            message: Message[M] = _new(Message)
+            _set(
+                message,
+                "__dict__",
+                {
+                    "topic": name,
+                    "payload": payload,
+                    "key": entity_id if key is None else key(envelope),
+                    "partition": partition,
+                    "offset": envelope.offset,
+                    "timestamp": envelope.timestamp,
+                    "type_name": type_name,
+                    "version": version,
+                    "entity_type": envelope.entity_type,
+                    "entity_id": entity_id,
+                    "seq_nr": envelope.seq_nr,
+                },
+            )
+            append(message)
+        return made
 
     def __repr__(self) -> str:
         return (
