@@ -62,7 +62,7 @@ from lagompy.errors import ConfigurationError, LeaseLost
 from lagompy.journal._journal import now_us
 from lagompy.readside._batching import _Plan, _plan
 from lagompy.sql import _schema as schema
-from lagompy.sql._database import Database, sqlite_commit_in_one_call
+from lagompy.sql._database import Database, _invalidate_if_broken, sqlite_commit_in_one_call
 
 __all__ = [
     "FAILED",
@@ -422,6 +422,37 @@ class OffsetStore:
         if not returned:
             raise await self._lease_lost(conn, lease)
         return _flags(returned[0])
+
+    async def commit_alone(
+        self,
+        conn: AsyncConnection,
+        lease: Lease,
+        offset: int,
+        ttl: float,
+        *,
+        events_per_s: float | None = None,
+        clear_failure: bool = False,
+    ) -> Flags | None:
+        """PostgreSQL, when the handlers of a batch wrote nothing: :meth:`commit`'s fenced
+        write as a transaction of its own, one statement on ``conn``'s driver connection
+        outside a transaction (one round trip, where ``BEGIN``, the statement and ``COMMIT``
+        took three). ``conn`` must not have begun a transaction. ``LeaseLost`` when the epoch
+        moved on (nothing written); None, with nothing done, when the fenced write has no
+        driver form (then the caller commits the usual way)."""
+        plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
+        if plan is None:
+            return None
+        parameters = _commit_parameters(lease, offset, ttl, events_per_s)
+        fairy = await conn.get_raw_connection()
+        pg: Any = fairy.driver_connection
+        try:
+            returned = await pg.fetchrow(plan.sql, *plan.rows([parameters])[0])
+        except BaseException as e:
+            _invalidate_if_broken(fairy, e)
+            raise
+        if returned is None:
+            raise await self._lease_lost(conn, lease)
+        return _flags(returned)
 
     def _commit_values(
         self,

@@ -470,6 +470,17 @@ class ProjectionCommit:
                 if flags is None:  # no driver form of the offset's write: the usual way
                     for sql, rows in writes:
                         await conn.exec_driver_sql(sql, rows)
+            if (
+                flags is None
+                and deferred is not None
+                and not self._one_call
+                and not conn.in_transaction()
+            ):
+                # PostgreSQL: the handlers sent nothing (a subscriber or a processor that
+                # writes nothing for these events): the position alone, in one round trip.
+                flags = await self.store.commit_alone(
+                    conn, lease, offset, s.lease_ttl, events_per_s=rate, clear_failure=clear
+                )
             if flags is None:
                 flags = await self.store.commit(
                     conn, lease, offset, s.lease_ttl, events_per_s=rate, clear_failure=clear
