@@ -72,15 +72,18 @@ async def test_a_batch_whose_handlers_wrote_nothing_stores_its_position_in_one_s
     BEGIN and COMMIT around it), still fenced: a stale lease's is refused, writing nothing."""
     settings = JournalSettings(url=POSTGRES_URL, postgres_schema=postgres_schema, auto_migrate=True)
     tag = UserEntity.tag
-    # (connection, query) as each asyncpg connection of the projection database sent them.
-    sent: list[tuple[int, str]] = []
+    # (connection, query, its first argument) as each asyncpg connection of the projection
+    # database sent them.
+    sent: list[tuple[int, str, Any]] = []
     logged: set[int] = set()
 
     def log_queries(dbapi_conn: Any, record: Any, proxy: Any) -> None:
         driver = record.driver_connection
         if id(driver) not in logged:
             logged.add(id(driver))
-            driver.add_query_logger(lambda q: sent.append((id(driver), q.query)))
+            driver.add_query_logger(
+                lambda q: sent.append((id(driver), q.query, q.args[0] if q.args else None))
+            )
 
     async with await open_storage(settings=settings, entities=[UserEntity]) as storage:
         for i in range(40):
@@ -101,10 +104,12 @@ async def test_a_batch_whose_handlers_wrote_nothing_stores_its_position_in_one_s
     assert sum(r.offset for r in rows) > 0 and after == rows
     before: dict[int, str] = {}
     positions = []
-    for driver, query in sent:
-        if query.startswith("UPDATE lagompy_readside_offsets SET last_offset="):
+    for driver, query, first in sent:
+        # A page's position (the rebuild's reset stores 0 through SQLAlchemy).
+        if query.startswith("UPDATE lagompy_readside_offsets SET last_offset=") and first:
             positions.append(before.get(driver, ""))
         before[driver] = query
-    # Every page of 7 (or fewer, at a tag's end) stored its position alone, outside BEGIN.
-    assert len(positions) >= 80 // 7
-    assert not [q for q in positions if q.startswith("BEGIN")], positions
+    # The pages of 7 (or fewer, at a tag's end) stored their positions alone, outside BEGIN
+    # (a batch of one event, its handler on the plain connection, commits the usual way).
+    alone = [q for q in positions if not q.startswith("BEGIN")]
+    assert len(alone) >= 80 // 7, positions
