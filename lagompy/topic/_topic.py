@@ -39,6 +39,39 @@ _set = object.__setattr__
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
+def _made(
+    topic: str,
+    payload: Any,
+    key: str,
+    partition: int,
+    envelope: EventEnvelope[Any],
+    type_name: str,
+    version: int,
+) -> Message[Any]:
+    """A message built in its ``__dict__``, set whole from one dict display (see
+    :meth:`Topic.messages`): the one construction of :meth:`Topic.message` and
+    :meth:`Topic.messages`."""
+    message: Message[Any] = _new(Message)
+    _set(
+        message,
+        "__dict__",
+        {
+            "topic": topic,
+            "payload": payload,
+            "key": key,
+            "partition": partition,
+            "offset": envelope.offset,
+            "timestamp": envelope.timestamp,
+            "type_name": type_name,
+            "version": version,
+            "entity_type": envelope.entity_type,
+            "entity_id": envelope.entity_id,
+            "seq_nr": envelope.seq_nr,
+        },
+    )
+    return message
+
+
 def entity_key(envelope: EventEnvelope[Any]) -> str:
     """The default message key: the id of the entity whose event made the message."""
     return envelope.entity_id
@@ -199,25 +232,15 @@ class Topic(Generic[M]):
             return None
         if not isinstance(payload, self.message_type):
             raise self._not_a_message(payload, envelope)
-        message: Message[M] = _new(Message)
-        _set(
-            message,
-            "__dict__",
-            {
-                "topic": self.name,
-                "payload": payload,
-                "key": self.key(envelope),
-                "partition": partition,
-                "offset": envelope.offset,
-                "timestamp": envelope.timestamp,
-                "type_name": self.type_name,
-                "version": self.version,
-                "entity_type": envelope.entity_type,
-                "entity_id": envelope.entity_id,
-                "seq_nr": envelope.seq_nr,
-            },
+        return _made(
+            self.name,
+            payload,
+            self.key(envelope),
+            partition,
+            envelope,
+            self.type_name,
+            self.version,
         )
-        return message
 
     def _not_a_message(self, payload: object, envelope: EventEnvelope[Any]) -> TypeError:
         return TypeError(
@@ -249,26 +272,17 @@ class Topic(Generic[M]):
                 continue
             if type(payload) is not message_type and not isinstance(payload, message_type):
                 raise self._not_a_message(payload, envelope)
-            entity_id = envelope.entity_id
-            message: Message[M] = _new(Message)
-            _set(
-                message,
-                "__dict__",
-                {
-                    "topic": name,
-                    "payload": payload,
-                    "key": entity_id if key is None else key(envelope),
-                    "partition": partition,
-                    "offset": envelope.offset,
-                    "timestamp": envelope.timestamp,
-                    "type_name": type_name,
-                    "version": version,
-                    "entity_type": envelope.entity_type,
-                    "entity_id": entity_id,
-                    "seq_nr": envelope.seq_nr,
-                },
+            append(
+                _made(
+                    name,
+                    payload,
+                    envelope.entity_id if key is None else key(envelope),
+                    partition,
+                    envelope,
+                    type_name,
+                    version,
+                )
             )
-            append(message)
         return made
 
     def __repr__(self) -> str:
