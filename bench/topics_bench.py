@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bench._report import cpu_reference, write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage
 from lagompy._collector import tune_collector
-from lagompy.journal import Journal
+from lagompy.journal import Journal, Storage
 from lagompy.readside import ReadSideSettings
 from lagompy.serialization import Serializer
 from lagompy.testkit.topics import ContractAccount, Deposit, Deposited, contract_topic
@@ -241,8 +241,13 @@ async def lag(
     }
 
 
-async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+@contextlib.asynccontextmanager
+async def journal_with_events(
+    name: str, events: int
+) -> AsyncIterator[tuple[JournalSettings, JournalSettings, Storage, Writer]]:
+    """A backend's journal with ``events`` written (the settings of the journal and of the
+    subscriber's own database, the open storage, its writer), the collector then tuned as
+    `lagompy run` tunes a service's process once it has started (unless --default-gc)."""
     with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
         async with (
             backend(name, Path(tmp)) as settings,
@@ -253,84 +258,80 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                 for first in range(0, events, 1000):
                     await writer.append(first, min(1000, events - first))
                 print(f"[{name}] {events:,} events written", flush=True)
-                if TUNED:  # as `lagompy run` tunes a service's process once it has started
+                if TUNED:
                     tune_collector()
-                cpu = cpu_reference()
-                print(f"[{name}] CPU reference {cpu:.0f} ms", flush=True)
-                baseline = await read_and_decode(storage.journal)
-                print(f"[{name}] read and decode: {baseline:,.0f} events/s", flush=True)
-                with producer_process(settings) as url:
-                    # The HTTP subscriber keeps its positions in a database of its own.
-                    transports: dict[str, tuple[Any, JournalSettings]] = {
-                        "embedded (same database)": (lambda: None, settings),
-                        "HTTP (another process)": (lambda: HttpTransport(url), own),
+                yield settings, own, storage, writer
+
+
+async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    async with journal_with_events(name, events) as (settings, own, storage, writer):
+        cpu = cpu_reference()
+        print(f"[{name}] CPU reference {cpu:.0f} ms", flush=True)
+        baseline = await read_and_decode(storage.journal)
+        print(f"[{name}] read and decode: {baseline:,.0f} events/s", flush=True)
+        with producer_process(settings) as url:
+            # The HTTP subscriber keeps its positions in a database of its own.
+            transports: dict[str, tuple[Any, JournalSettings]] = {
+                "embedded (same database)": (lambda: None, settings),
+                "HTTP (another process)": (lambda: HttpTransport(url), own),
+            }
+            written = events
+            for label, (make, database) in transports.items():
+                transport = make()
+                rate = await catch_up(database, transport, events)
+                print(
+                    f"[{name}] {label}: catch-up {rate:,.0f} messages/s, "
+                    f"{rate / baseline:.2f} of read and decode",
+                    flush=True,
+                )
+                if transport is not None:
+                    await transport.close()
+                transport = make()
+                r = await lag(database, writer, transport, written, seconds, 2000)
+                written += int(r["rate"] * seconds) + 100
+                if transport is not None:
+                    await transport.close()
+                print(
+                    f"[{name}] {label}: lag at {r['rate']:,.0f} events/s: "
+                    f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms "
+                    f"({r['events']:,} messages)",
+                    flush=True,
+                )
+                rows.append(
+                    {
+                        "backend": name,
+                        "transport": label,
+                        "baseline": baseline,
+                        "catch_up": rate,
+                        "cpu": cpu,
+                        **r,
                     }
-                    written = events
-                    for label, (make, database) in transports.items():
-                        transport = make()
-                        rate = await catch_up(database, transport, events)
-                        print(
-                            f"[{name}] {label}: catch-up {rate:,.0f} messages/s, "
-                            f"{rate / baseline:.2f} of read and decode",
-                            flush=True,
-                        )
-                        if transport is not None:
-                            await transport.close()
-                        transport = make()
-                        r = await lag(database, writer, transport, written, seconds, 2000)
-                        written += int(r["rate"] * seconds) + 100
-                        if transport is not None:
-                            await transport.close()
-                        print(
-                            f"[{name}] {label}: lag at {r['rate']:,.0f} events/s: "
-                            f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms "
-                            f"({r['events']:,} messages)",
-                            flush=True,
-                        )
-                        rows.append(
-                            {
-                                "backend": name,
-                                "transport": label,
-                                "baseline": baseline,
-                                "catch_up": rate,
-                                "cpu": cpu,
-                                **r,
-                            }
-                        )
+                )
     return rows
 
 
 async def catch_up_only(name: str, transport_name: str, events: int, times: int) -> None:
     """Write once, then ``times`` catch-ups of new groups over one transport, each beside
     reading and decoding the same events (the floor's ratio) and the CPU reference."""
-    with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
-        async with (
-            backend(name, Path(tmp)) as settings,
-            backend(name, Path(tmp), "subscriber.db") as own,
-        ):
-            async with await open_storage(settings=settings, serializer=serializer()) as storage:
-                writer = Writer(storage.journal)
-                for first in range(0, events, 1000):
-                    await writer.append(first, min(1000, events - first))
-                if TUNED:  # as `lagompy run` tunes a service's process once it has started
-                    tune_collector()
-                with contextlib.ExitStack() as stack:
-                    url = ""
-                    if transport_name == "http":
-                        url = stack.enter_context(producer_process(settings))
-                    for _ in range(times):
-                        cpu = cpu_reference()
-                        decode = await read_and_decode(storage.journal)
-                        transport = HttpTransport(url) if url else None
-                        caught = await catch_up(own if url else settings, transport, events)
-                        if transport is not None:
-                            await transport.close()
-                        print(
-                            f"[{name}] {transport_name} catch-up {caught:,.0f} messages/s, read "
-                            f"and decode {decode:,.0f} events/s: {caught / decode:.2f}; "
-                            f"CPU ref {cpu:.0f} ms",
-                            flush=True,
-                        )
+    async with journal_with_events(name, events) as (settings, own, storage, _):
+        with contextlib.ExitStack() as stack:
+            url = ""
+            if transport_name == "http":
+                url = stack.enter_context(producer_process(settings))
+            for _ in range(times):
+                cpu = cpu_reference()
+                decode = await read_and_decode(storage.journal)
+                transport = HttpTransport(url) if url else None
+                caught = await catch_up(own if url else settings, transport, events)
+                if transport is not None:
+                    await transport.close()
+                print(
+                    f"[{name}] {transport_name} catch-up {caught:,.0f} messages/s, read "
+                    f"and decode {decode:,.0f} events/s: {caught / decode:.2f}; "
+                    f"CPU ref {cpu:.0f} ms",
+                    flush=True,
+                )
 
 
 COLLECTORS = {
