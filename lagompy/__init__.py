@@ -8,9 +8,12 @@ migrations), :mod:`lagompy.journal` (events, snapshots, tailing), :mod:`lagompy.
 :mod:`lagompy.service` (FastAPI glue, clients, circuit breakers) and :mod:`lagompy.testkit`.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from lagompy._collector import tune_collector
+from lagompy._lazy import on_first_use
 from lagompy.entity import (
     Command,
     Effect,
@@ -53,43 +56,86 @@ from lagompy.errors import (
     UnhandledEvent,
     WriteRefused,
 )
-from lagompy.journal import (
-    AtomicWrite,
-    EventEnvelope,
-    EventTailer,
-    Journal,
-    Snapshot,
-    SnapshotStore,
-    Storage,
-    TailSettings,
-    open_storage,
-    read_pages,
-    tail,
-)
-from lagompy.readside import (
-    ReadSideProcessor,
-    ReadSideSettings,
-    SqlReadSideProcessor,
-    open_projections,
-    start_readside,
-)
-from lagompy.runtime import (
-    EntityRef,
-    EntityRuntime,
-    InProcessEntities,
-    ShardedEntities,
-    ShardedEntityRef,
-    shutdown_app,
-    start,
-    start_in_process,
-)
-from lagompy.serialization import Serializer, serializable
-from lagompy.settings import JournalSettings, RuntimeSettings
 
-try:
-    __version__ = version("lagompy")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from lagompy.journal import (
+        AtomicWrite,
+        EventEnvelope,
+        EventTailer,
+        Journal,
+        Snapshot,
+        SnapshotStore,
+        Storage,
+        TailSettings,
+        open_storage,
+        read_pages,
+        tail,
+    )
+    from lagompy.readside import (
+        ReadSideProcessor,
+        ReadSideSettings,
+        SqlReadSideProcessor,
+        open_projections,
+        start_readside,
+    )
+    from lagompy.runtime import (
+        EntityRef,
+        EntityRuntime,
+        InProcessEntities,
+        ShardedEntities,
+        ShardedEntityRef,
+        shutdown_app,
+        start,
+        start_in_process,
+    )
+    from lagompy.serialization import Serializer, serializable
+    from lagompy.settings import JournalSettings, RuntimeSettings
+
+    __version__: str
+
+#: The names that need SQLAlchemy, pydantic, asyncpg or Ray, by the module that defines them,
+#: imported on first use (:mod:`lagompy._lazy`): ``import lagompy`` loads only the entity API,
+#: the errors and the standard library.
+_HOMES = {
+    "lagompy.journal": (
+        "AtomicWrite",
+        "EventEnvelope",
+        "EventTailer",
+        "Journal",
+        "Snapshot",
+        "SnapshotStore",
+        "Storage",
+        "TailSettings",
+        "open_storage",
+        "read_pages",
+        "tail",
+    ),
+    "lagompy.readside": (
+        "ReadSideProcessor",
+        "ReadSideSettings",
+        "SqlReadSideProcessor",
+        "open_projections",
+        "start_readside",
+    ),
+    "lagompy.runtime": (
+        "EntityRef",
+        "EntityRuntime",
+        "InProcessEntities",
+        "ShardedEntities",
+        "ShardedEntityRef",
+        "shutdown_app",
+        "start",
+        "start_in_process",
+    ),
+    "lagompy.serialization": (
+        "Serializer",
+        "serializable",
+    ),
+    "lagompy.settings": (
+        "JournalSettings",
+        "RuntimeSettings",
+    ),
+}
 
 __all__ = [
     "AskTimeout",
@@ -161,3 +207,22 @@ __all__ = [
     "tail",
     "tune_collector",
 ]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lagompy")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0"
+
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    _getattr, __dir__ = on_first_use(__name__, _HOMES, globals())
+
+    def __getattr__(name: str) -> Any:
+        if name == "__version__":
+            value = globals()["__version__"] = _version()  # read once, from the metadata
+            return value
+        return _getattr(name)

@@ -43,7 +43,7 @@ __all__ = [
 #: Modules whose ``register_cli(app)`` contributes commands to ``lagompy``, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "lagompy.cli",
-    "lagompy.sql._migrate",
+    "lagompy.sql._cli",
     "lagompy.journal._cli",
     "lagompy.readside._cli",
     "lagompy.topic._cli",

@@ -26,8 +26,30 @@ script, shipped in the wheel: no build step, nothing from a CDN).
 
 from __future__ import annotations
 
-from lagompy.console._audit import AuditEntry, AuditLog
-from lagompy.console._router import ACTIONS, Console
-from lagompy.console._settings import ConsoleSettings
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
+
+if TYPE_CHECKING:
+    from lagompy.console._audit import AuditEntry, AuditLog
+    from lagompy.console._router import ACTIONS, Console
+    from lagompy.console._settings import ConsoleSettings
+
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.console._audit": (
+        "AuditEntry",
+        "AuditLog",
+    ),
+    "lagompy.console._router": (
+        "ACTIONS",
+        "Console",
+    ),
+    "lagompy.console._settings": ("ConsoleSettings",),
+}
 
 __all__ = ["ACTIONS", "AuditEntry", "AuditLog", "Console", "ConsoleSettings"]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

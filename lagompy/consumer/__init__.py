@@ -25,17 +25,52 @@ ids derived from the position, then the state and the position in one transactio
 one more strategy, never another tail loop.
 """
 
-from lagompy.consumer._core import (
-    CommitStrategy,
-    ConsumerSettings,
-    ConsumerStopped,
-    EventConsumer,
-    PageSource,
-    Progress,
-    describe_taken,
-)
-from lagompy.consumer._lease import FAILED, STALLED, Flags, Lease, LeaseStore, describe_owner
-from lagompy.consumer._members import Membership, MemberStore, assign, member_ttl
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
+
+if TYPE_CHECKING:
+    from lagompy.consumer._core import (
+        CommitStrategy,
+        ConsumerSettings,
+        ConsumerStopped,
+        EventConsumer,
+        PageSource,
+        Progress,
+        describe_taken,
+    )
+    from lagompy.consumer._lease import FAILED, STALLED, Flags, Lease, LeaseStore, describe_owner
+    from lagompy.consumer._members import Membership, MemberStore, assign, member_ttl
+
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.consumer._core": (
+        "CommitStrategy",
+        "ConsumerSettings",
+        "ConsumerStopped",
+        "EventConsumer",
+        "PageSource",
+        "Progress",
+        "describe_taken",
+    ),
+    "lagompy.consumer._lease": (
+        "FAILED",
+        "STALLED",
+        "Flags",
+        "Lease",
+        "LeaseStore",
+        "describe_owner",
+    ),
+    "lagompy.consumer._members": (
+        "Membership",
+        "MemberStore",
+        "assign",
+        "member_ttl",
+    ),
+}
 
 __all__ = [
     "FAILED",
@@ -56,3 +91,6 @@ __all__ = [
     "describe_taken",
     "member_ttl",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

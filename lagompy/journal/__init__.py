@@ -19,35 +19,88 @@ It builds on :mod:`lagompy.sql` and knows nothing of Ray, shards or read sides: 
 (:mod:`lagompy.runtime`) writes through it, the read sides (:mod:`lagompy.readside`) read it.
 """
 
-from lagompy.journal._journal import (
-    AtomicWrite,
-    EventEnvelope,
-    Journal,
-    Replayed,
-    TagPage,
-    WriteResult,
-)
-from lagompy.journal._moving import MoveReport, move_slices
-from lagompy.journal._slices import SLICES, SliceRange, slice_of, slice_ranges
-from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
-from lagompy.journal._storage import (
-    PlacedStorage,
-    Storage,
-    open_placed_storage,
-    open_storage,
-    serializer_for,
-)
-from lagompy.journal._tailing import (
-    EventTailer,
-    JournalNotifier,
-    PageTailer,
-    SqliteWatcher,
-    Subscription,
-    TailSettings,
-    WakeReason,
-    read_pages,
-    tail,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
+
+if TYPE_CHECKING:
+    from lagompy.journal._journal import (
+        AtomicWrite,
+        EventEnvelope,
+        Journal,
+        Replayed,
+        TagPage,
+        WriteResult,
+    )
+    from lagompy.journal._moving import MoveReport, move_slices
+    from lagompy.journal._slices import SLICES, SliceRange, slice_of, slice_ranges
+    from lagompy.journal._snapshots import Snapshot, SnapshotStore, SnapshotToSave
+    from lagompy.journal._storage import (
+        PlacedStorage,
+        Storage,
+        open_placed_storage,
+        open_storage,
+        serializer_for,
+    )
+    from lagompy.journal._tailing import (
+        EventTailer,
+        JournalNotifier,
+        PageTailer,
+        SqliteWatcher,
+        Subscription,
+        TailSettings,
+        WakeReason,
+        read_pages,
+        tail,
+    )
+
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.journal._journal": (
+        "AtomicWrite",
+        "EventEnvelope",
+        "Journal",
+        "Replayed",
+        "TagPage",
+        "WriteResult",
+    ),
+    "lagompy.journal._moving": (
+        "MoveReport",
+        "move_slices",
+    ),
+    "lagompy.journal._slices": (
+        "SLICES",
+        "SliceRange",
+        "slice_of",
+        "slice_ranges",
+    ),
+    "lagompy.journal._snapshots": (
+        "Snapshot",
+        "SnapshotStore",
+        "SnapshotToSave",
+    ),
+    "lagompy.journal._storage": (
+        "PlacedStorage",
+        "Storage",
+        "open_placed_storage",
+        "open_storage",
+        "serializer_for",
+    ),
+    "lagompy.journal._tailing": (
+        "EventTailer",
+        "JournalNotifier",
+        "PageTailer",
+        "SqliteWatcher",
+        "Subscription",
+        "TailSettings",
+        "WakeReason",
+        "read_pages",
+        "tail",
+    ),
+}
 
 __all__ = [
     "SLICES",
@@ -80,3 +133,6 @@ __all__ = [
     "slice_ranges",
     "tail",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

@@ -16,22 +16,32 @@ See docs/process-managers.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lagompy.process._manager import ProcessContext, ProcessManager, offset_key
-from lagompy.process._runner import (
-    ManagerStatus,
-    ProcessManagers,
-    start_process_managers,
-)
-from lagompy.process._worker import ProcessWorker
+from lagompy._lazy import on_first_use
 
 if TYPE_CHECKING:
     from lagompy.process._component import ProcessManagersComponent
+    from lagompy.process._manager import ProcessContext, ProcessManager, offset_key
+    from lagompy.process._runner import ManagerStatus, ProcessManagers, start_process_managers
+    from lagompy.process._worker import ProcessWorker
 
-#: Names whose modules import FastAPI, imported on first use (as in ``lagompy.readside``).
-_ON_FIRST_USE = {"ProcessManagersComponent": "lagompy.process._component"}
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.process._manager": (
+        "ProcessContext",
+        "ProcessManager",
+        "offset_key",
+    ),
+    "lagompy.process._runner": (
+        "ManagerStatus",
+        "ProcessManagers",
+        "start_process_managers",
+    ),
+    "lagompy.process._worker": ("ProcessWorker",),
+    "lagompy.process._component": ("ProcessManagersComponent",),
+}
 
 __all__ = [
     "ManagerStatus",
@@ -45,11 +55,4 @@ __all__ = [
 ]
 
 if not TYPE_CHECKING:  # mypy sees the names above and flags any other
-
-    def __getattr__(name: str) -> Any:
-        module = _ON_FIRST_USE.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value
-        return value
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

@@ -48,34 +48,62 @@ The read sides build on :mod:`lagompy.journal`; :mod:`lagompy.service` hosts the
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lagompy.readside._parked import ParkedEvent, ParkedFilter
-from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
-from lagompy.readside._projections import (
-    ConsumerMember,
-    Failure,
-    Projections,
-    ReadSide,
-    WorkerStatus,
-    open_projections,
-    start_readside,
-)
-from lagompy.readside._ray import RayReadSide, start_readside_on_ray, stop_readside_on_ray
-from lagompy.readside._runner import ReadSideRunner
-from lagompy.readside._settings import ReadSideSettings, projection_settings
-from lagompy.readside._worker import ReadSideWorker
+from lagompy._lazy import on_first_use
 
 if TYPE_CHECKING:
     from lagompy.readside._component import ReadSideComponent
     from lagompy.readside._http import readside_router
+    from lagompy.readside._parked import ParkedEvent, ParkedFilter
+    from lagompy.readside._processor import ReadSideProcessor, SqlReadSideProcessor
+    from lagompy.readside._projections import (
+        ConsumerMember,
+        Failure,
+        Projections,
+        ReadSide,
+        WorkerStatus,
+        open_projections,
+        start_readside,
+    )
+    from lagompy.readside._ray import RayReadSide, start_readside_on_ray, stop_readside_on_ray
+    from lagompy.readside._runner import ReadSideRunner
+    from lagompy.readside._settings import ReadSideSettings, projection_settings
+    from lagompy.readside._worker import ReadSideWorker
 
-#: Names whose modules import FastAPI, imported on first use: ``import lagompy`` (hence every
-#: shard host, read-side actor and ``lagompy`` command) does not load FastAPI.
-_ON_FIRST_USE = {
-    "ReadSideComponent": "lagompy.readside._component",
-    "readside_router": "lagompy.readside._http",
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.readside._parked": (
+        "ParkedEvent",
+        "ParkedFilter",
+    ),
+    "lagompy.readside._processor": (
+        "ReadSideProcessor",
+        "SqlReadSideProcessor",
+    ),
+    "lagompy.readside._projections": (
+        "ConsumerMember",
+        "Failure",
+        "Projections",
+        "ReadSide",
+        "WorkerStatus",
+        "open_projections",
+        "start_readside",
+    ),
+    "lagompy.readside._ray": (
+        "RayReadSide",
+        "start_readside_on_ray",
+        "stop_readside_on_ray",
+    ),
+    "lagompy.readside._runner": ("ReadSideRunner",),
+    "lagompy.readside._settings": (
+        "ReadSideSettings",
+        "projection_settings",
+    ),
+    "lagompy.readside._worker": ("ReadSideWorker",),
+    "lagompy.readside._component": ("ReadSideComponent",),
+    "lagompy.readside._http": ("readside_router",),
 }
 
 __all__ = [
@@ -102,11 +130,4 @@ __all__ = [
 ]
 
 if not TYPE_CHECKING:  # mypy sees the names above and flags any other
-
-    def __getattr__(name: str) -> Any:
-        module = _ON_FIRST_USE.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value  # found directly from now on
-        return value
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

@@ -23,16 +23,36 @@ service needs of them; their defaults are the fields of :class:`~lagompy.setting
 services use it.
 """
 
-from lagompy.runtime._in_process import InProcessEntities, start_in_process
-from lagompy.runtime._protocol import EntityRuntime
-from lagompy.runtime._ray import (
-    ShardedEntities,
-    ShardedEntityRef,
-    shutdown_app,
-    start,
-)
-from lagompy.runtime._ray_cluster import namespace_of
-from lagompy.runtime._refs import EntityRef
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
+
+if TYPE_CHECKING:
+    from lagompy.runtime._in_process import InProcessEntities, start_in_process
+    from lagompy.runtime._protocol import EntityRuntime
+    from lagompy.runtime._ray import ShardedEntities, ShardedEntityRef, shutdown_app, start
+    from lagompy.runtime._ray_cluster import namespace_of
+    from lagompy.runtime._refs import EntityRef
+
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.runtime._in_process": (
+        "InProcessEntities",
+        "start_in_process",
+    ),
+    "lagompy.runtime._protocol": ("EntityRuntime",),
+    "lagompy.runtime._ray": (
+        "ShardedEntities",
+        "ShardedEntityRef",
+        "shutdown_app",
+        "start",
+    ),
+    "lagompy.runtime._ray_cluster": ("namespace_of",),
+    "lagompy.runtime._refs": ("EntityRef",),
+}
 
 __all__ = [
     "EntityRef",
@@ -45,3 +65,6 @@ __all__ = [
     "start",
     "start_in_process",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

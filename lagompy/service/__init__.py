@@ -58,8 +58,9 @@ the ``lagompy`` command do not load FastAPI, httpx or prometheus_client.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
 
 if TYPE_CHECKING:
     from lagompy.service._breaker import (
@@ -91,7 +92,8 @@ if TYPE_CHECKING:
     from lagompy.service._problems import PROBLEM_CONTENT_TYPE, problem_for
     from lagompy.service._service import Component, Service, ServiceSettings
 
-#: The public names, by the module that defines them.
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
 _HOMES = {
     "lagompy.service._breaker": (
         "BreakerRegistry",
@@ -119,10 +121,16 @@ _HOMES = {
         "get_service",
         "refs",
     ),
-    "lagompy.service._problems": ("PROBLEM_CONTENT_TYPE", "problem_for"),
-    "lagompy.service._service": ("Component", "Service", "ServiceSettings"),
+    "lagompy.service._problems": (
+        "PROBLEM_CONTENT_TYPE",
+        "problem_for",
+    ),
+    "lagompy.service._service": (
+        "Component",
+        "Service",
+        "ServiceSettings",
+    ),
 }
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -153,11 +161,4 @@ __all__ = [
 ]
 
 if not TYPE_CHECKING:  # mypy sees the names above and flags any other
-
-    def __getattr__(name: str) -> Any:
-        module = _HOME_OF.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value  # found directly from now on
-        return value
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

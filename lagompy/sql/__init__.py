@@ -13,18 +13,48 @@ Nothing here knows about events or entities: the journal (:mod:`lagompy.journal`
 sides (:mod:`lagompy.readside`) build on it.
 """
 
-from lagompy.sql._database import Database, Dialect, dialect_of, normalize_url, translate_errors
-from lagompy.sql._migrate import (
-    UpgradeResult,
-    alembic_config,
-    current_revision,
-    ensure_schema,
-    head_revision,
-    script_location,
-    upgrade,
-    upgrade_every_database,
-    upgrade_sql,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
+
+if TYPE_CHECKING:
+    from lagompy.sql._database import Database, Dialect, dialect_of, normalize_url, translate_errors
+    from lagompy.sql._migrate import (
+        UpgradeResult,
+        alembic_config,
+        current_revision,
+        ensure_schema,
+        head_revision,
+        script_location,
+        upgrade,
+        upgrade_every_database,
+        upgrade_sql,
+    )
+
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.sql._database": (
+        "Database",
+        "Dialect",
+        "dialect_of",
+        "normalize_url",
+        "translate_errors",
+    ),
+    "lagompy.sql._migrate": (
+        "UpgradeResult",
+        "alembic_config",
+        "current_revision",
+        "ensure_schema",
+        "head_revision",
+        "script_location",
+        "upgrade",
+        "upgrade_every_database",
+        "upgrade_sql",
+    ),
+}
 
 __all__ = [
     "Database",
@@ -42,3 +72,6 @@ __all__ = [
     "upgrade_every_database",
     "upgrade_sql",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

@@ -31,12 +31,11 @@ import io
 import logging
 import shlex
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import typer
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL
 
@@ -60,7 +59,6 @@ __all__ = [
     "head_revision",
     "migrate_command",
     "offline_prelude",
-    "register_cli",
     "script_location",
     "upgrade",
     "upgrade_every_database",
@@ -379,44 +377,6 @@ def upgrade_sql(settings: JournalSettings, revision: str = "head") -> str:
     return buffer.getvalue()
 
 
-# --------------------------------------------------------------------------- lagompy migrate
-
-UrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--url",
-        help="Database URL (default: LAGOMPY_JOURNAL_URL, else sqlite:///lagompy.db).",
-        show_default=False,
-    ),
-]
-SchemaOption = Annotated[
-    str | None,
-    typer.Option(
-        "--schema",
-        help="PostgreSQL schema of lagompy's tables (default: LAGOMPY_JOURNAL_POSTGRES_SCHEMA).",
-        show_default=False,
-    ),
-]
-
-
-DatabaseOption = Annotated[
-    str | None,
-    typer.Option(
-        "--database",
-        help=(
-            "Only this database of a journal placed on several ('home', or a name in "
-            "LAGOMPY_JOURNAL_DATABASES; default: every one, home first)."
-        ),
-        show_default=False,
-    ),
-]
-
-
-def _settings(url: str | None, schema: str | None) -> JournalSettings:
-    given: dict[str, Any] = {"url": url, "postgres_schema": schema}
-    return JournalSettings(**{k: v for k, v in given.items() if v is not None})
-
-
 def each_database(
     settings: JournalSettings, only: str | None = None
 ) -> list[tuple[str, JournalSettings]]:
@@ -430,116 +390,3 @@ def each_database(
             )
         names = [only]
     return [(name, settings.placed_on("" if name == "home" else name)) for name in names]
-
-
-def _under(name: str, several: bool, line: str) -> str:
-    """``line`` as the command prints it for database ``name`` (its name first when the
-    journal has several)."""
-    return f"{name}: {line}" if several else line
-
-
-async def _with_database(
-    settings: JournalSettings, action: Callable[[Database], Awaitable[T]]
-) -> T:
-    database = Database.create(settings)
-    try:
-        return await action(database)
-    finally:
-        await database.dispose()
-
-
-async def _current_schema(database: Database) -> str | None:
-    """The PostgreSQL schema lagompy's tables are in (the first of the search path when no
-    schema is configured); None on SQLite."""
-    if database.dialect != "postgresql":
-        return None
-    async with database.read() as conn:
-        schema = await conn.scalar(text("SELECT current_schema()"))
-    return None if schema is None else str(schema)
-
-
-def _migrate(
-    ctx: typer.Context,
-    url: UrlOption = None,
-    schema: SchemaOption = None,
-    database: DatabaseOption = None,
-    revision: Annotated[
-        str, typer.Option("--revision", "-r", help="Revision to upgrade to.")
-    ] = "head",
-    sql: Annotated[
-        bool,
-        typer.Option("--sql", help="Print the SQL instead of running it (nothing is connected)."),
-    ] = False,
-) -> None:
-    """Create or upgrade lagompy's tables (see _MIGRATE_HELP)."""
-    ctx.obj = {"url": url, "schema": schema, "database": database}
-    if ctx.invoked_subcommand is not None:
-        return
-    databases = each_database(_settings(url, schema), database)
-    several = len(databases) > 1
-    if sql:
-        for name, settings in databases:
-            if several:
-                typer.echo(f"-- lagompy migrate: database {name} ({_place(settings)})")
-            typer.echo(upgrade_sql(settings, revision), nl=False)
-        return
-
-    # Home first, one at a time: a failure stops there, naming the database, and running the
-    # command again finishes (an up-to-date database is left alone).
-    for name, settings in databases:
-
-        async def run(db: Database, settings: JournalSettings = settings) -> str:
-            result = await upgrade(db, revision)
-            where = _place(settings, await _current_schema(db))
-            if not result.changed:
-                return f"lagompy's tables in {where} are up to date at revision {result.after}"
-            before = result.before or "none"
-            return f"upgraded lagompy's tables in {where} from {before} to {result.after}"
-
-        typer.echo(_under(name, several, asyncio.run(_with_database(settings, run))))
-
-
-def _show_current(
-    ctx: typer.Context,
-    url: UrlOption = None,
-    schema: SchemaOption = None,
-    database: DatabaseOption = None,
-) -> None:
-    """Show the revision of lagompy's tables: '0001 (head)', or 'none' if never migrated
-    (of each database of a journal placed on several)."""
-    parent: dict[str, str | None] = (ctx.parent.obj if ctx.parent is not None else None) or {}
-    databases = each_database(
-        _settings(url or parent.get("url"), schema or parent.get("schema")),
-        database or parent.get("database"),
-    )
-
-    async def run(db: Database) -> str:
-        current = await current_revision(db)
-        head = head_revision()
-        if current == head:
-            return f"{current} (head)"
-        return f"{current or 'none'} (head is {head}: run lagompy migrate)"
-
-    for name, settings in databases:
-        typer.echo(_under(name, len(databases) > 1, asyncio.run(_with_database(settings, run))))
-
-
-_MIGRATE_HELP = (
-    "Create or upgrade lagompy's tables to this version's newest revision.\n\n"
-    "Run it once per deploy, before starting the processes; it is safe to run again and from "
-    "several places at once. A journal placed on several databases (LAGOMPY_JOURNAL_DATABASES) "
-    "has every one migrated, the home one first. SQLite journals migrate themselves when they "
-    "open. "
-    "'lagompy migrate current' shows the revision a database is at."
-)
-
-
-def register_cli(app: typer.Typer) -> None:
-    """Add ``lagompy migrate`` (and ``lagompy migrate current``) to ``app``."""
-    migrate_app = typer.Typer(
-        help=_MIGRATE_HELP,
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )
-    migrate_app.callback(invoke_without_command=True)(_migrate)
-    migrate_app.command("current")(_show_current)
-    app.add_typer(migrate_app, name="migrate")

@@ -30,43 +30,101 @@ whose SQL writes commit with the message's position in one transaction (exactly-
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lagompy.topic._codec import (
-    message_from_json,
-    message_to_json,
-    messages_from_json,
-    messages_to_json,
-)
-from lagompy.topic._embedded import EmbeddedTransport, JournalFeed
-from lagompy.topic._nats import BrokerSettings, NatsFeed, NatsProducer, NatsTransport, producer_name
-from lagompy.topic._producers import Producers, start_producers
-from lagompy.topic._runner import Subscribers, start_subscribers
-from lagompy.topic._subscriber import Subscriber, offset_key
-from lagompy.topic._topic import Message, StartFrom, Topic, entity_key, message_command_id
-from lagompy.topic._transport import MessageBatch, MessageFeed, TopicProducer, TopicTransport
-from lagompy.topic._worker import SubscriberWorker
+from lagompy._lazy import on_first_use
 
 if TYPE_CHECKING:
+    from lagompy.topic._codec import (
+        message_from_json,
+        message_to_json,
+        messages_from_json,
+        messages_to_json,
+    )
     from lagompy.topic._component import SubscribersComponent, TopicsComponent
+    from lagompy.topic._embedded import EmbeddedTransport, JournalFeed
     from lagompy.topic._http import HttpFeed, HttpTransport, topic_router
+    from lagompy.topic._nats import (
+        BrokerSettings,
+        NatsFeed,
+        NatsProducer,
+        NatsTransport,
+        producer_name,
+    )
+    from lagompy.topic._producers import Producers, start_producers
     from lagompy.topic._ray import RaySubscribers, start_subscribers_on_ray, stop_subscribers_on_ray
+    from lagompy.topic._runner import Subscribers, start_subscribers
     from lagompy.topic._schema import asyncapi_document, envelope_schema, message_schema
+    from lagompy.topic._subscriber import Subscriber, offset_key
+    from lagompy.topic._topic import Message, StartFrom, Topic, entity_key, message_command_id
+    from lagompy.topic._transport import MessageBatch, MessageFeed, TopicProducer, TopicTransport
+    from lagompy.topic._worker import SubscriberWorker
 
-#: Names whose modules import FastAPI, imported on first use (as in ``lagompy.readside``).
-_ON_FIRST_USE = {
-    "asyncapi_document": "lagompy.topic._schema",
-    "envelope_schema": "lagompy.topic._schema",
-    "message_schema": "lagompy.topic._schema",
-    "HttpFeed": "lagompy.topic._http",
-    "HttpTransport": "lagompy.topic._http",
-    "topic_router": "lagompy.topic._http",
-    "SubscribersComponent": "lagompy.topic._component",
-    "TopicsComponent": "lagompy.topic._component",
-    "RaySubscribers": "lagompy.topic._ray",
-    "start_subscribers_on_ray": "lagompy.topic._ray",
-    "stop_subscribers_on_ray": "lagompy.topic._ray",
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.topic._codec": (
+        "message_from_json",
+        "message_to_json",
+        "messages_from_json",
+        "messages_to_json",
+    ),
+    "lagompy.topic._embedded": (
+        "EmbeddedTransport",
+        "JournalFeed",
+    ),
+    "lagompy.topic._nats": (
+        "BrokerSettings",
+        "NatsFeed",
+        "NatsProducer",
+        "NatsTransport",
+        "producer_name",
+    ),
+    "lagompy.topic._producers": (
+        "Producers",
+        "start_producers",
+    ),
+    "lagompy.topic._runner": (
+        "Subscribers",
+        "start_subscribers",
+    ),
+    "lagompy.topic._subscriber": (
+        "Subscriber",
+        "offset_key",
+    ),
+    "lagompy.topic._topic": (
+        "Message",
+        "StartFrom",
+        "Topic",
+        "entity_key",
+        "message_command_id",
+    ),
+    "lagompy.topic._transport": (
+        "MessageBatch",
+        "MessageFeed",
+        "TopicProducer",
+        "TopicTransport",
+    ),
+    "lagompy.topic._worker": ("SubscriberWorker",),
+    "lagompy.topic._component": (
+        "SubscribersComponent",
+        "TopicsComponent",
+    ),
+    "lagompy.topic._http": (
+        "HttpFeed",
+        "HttpTransport",
+        "topic_router",
+    ),
+    "lagompy.topic._ray": (
+        "RaySubscribers",
+        "start_subscribers_on_ray",
+        "stop_subscribers_on_ray",
+    ),
+    "lagompy.topic._schema": (
+        "asyncapi_document",
+        "envelope_schema",
+        "message_schema",
+    ),
 }
 
 __all__ = [
@@ -111,11 +169,4 @@ __all__ = [
 ]
 
 if not TYPE_CHECKING:  # mypy sees the names above and flags any other
-
-    def __getattr__(name: str) -> Any:
-        module = _ON_FIRST_USE.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value
-        return value
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())

@@ -45,7 +45,6 @@ from lagompy.readside._cli import (
     parked_filter,
     show_parked,
 )
-from lagompy.topic._subscriber import GROUP_PREFIX, PRODUCER_PREFIX, offset_key, producer_key
 
 if TYPE_CHECKING:
     from lagompy.readside._projections import Projections, WorkerStatus
@@ -56,6 +55,10 @@ TopicArg = Annotated[str, typer.Argument(help="The topic's name.")]
 
 
 def _name(topic: str, group: str | None) -> str:
+    # Imported here: lagompy.topic._subscriber loads SQLAlchemy and pydantic, which
+    # `lagompy --help` does not need.
+    from lagompy.topic._subscriber import offset_key, producer_key
+
     return offset_key(topic, group) if group is not None else producer_key(topic)
 
 
@@ -74,6 +77,8 @@ def status(
     journal_schema: JournalSchemaOption = None,
 ) -> None:
     """Show groups' and producers' partitions: state, position, lag, owner, failure."""
+
+    from lagompy.topic._subscriber import GROUP_PREFIX, PRODUCER_PREFIX
 
     async def action(p: Projections) -> list[WorkerStatus]:
         found = [

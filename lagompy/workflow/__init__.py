@@ -34,14 +34,56 @@ Modules:
 See ``docs/workflows.md``.
 """
 
-from lagompy.workflow._component import WorkflowsComponent
-from lagompy.workflow._context import WorkflowContext
-from lagompy.workflow._engine import RunStatus, WorkflowEngine, start_workflows
-from lagompy.workflow._entity import WORKFLOW_ENTITY, WORKFLOW_TAG, Run, WorkflowRun
-from lagompy.workflow._executor import WorkflowExecutor, WorkflowSettings
-from lagompy.workflow._index import RunRow
-from lagompy.workflow._ops import BulkResult, RunFilter, bulk, find_runs, inspect_run
-from lagompy.workflow._registry import RetryPolicy, WorkflowDef, Workflows
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lagompy._lazy import on_first_use
+
+if TYPE_CHECKING:
+    from lagompy.workflow._component import WorkflowsComponent
+    from lagompy.workflow._context import WorkflowContext
+    from lagompy.workflow._engine import RunStatus, WorkflowEngine, start_workflows
+    from lagompy.workflow._entity import WORKFLOW_ENTITY, WORKFLOW_TAG, Run, WorkflowRun
+    from lagompy.workflow._executor import WorkflowExecutor, WorkflowSettings
+    from lagompy.workflow._index import RunRow
+    from lagompy.workflow._ops import BulkResult, RunFilter, bulk, find_runs, inspect_run
+    from lagompy.workflow._registry import RetryPolicy, WorkflowDef, Workflows
+
+#: The public names, by the module that defines them; each is imported on first use
+#: (:mod:`lagompy._lazy`).
+_HOMES = {
+    "lagompy.workflow._component": ("WorkflowsComponent",),
+    "lagompy.workflow._context": ("WorkflowContext",),
+    "lagompy.workflow._engine": (
+        "RunStatus",
+        "WorkflowEngine",
+        "start_workflows",
+    ),
+    "lagompy.workflow._entity": (
+        "WORKFLOW_ENTITY",
+        "WORKFLOW_TAG",
+        "Run",
+        "WorkflowRun",
+    ),
+    "lagompy.workflow._executor": (
+        "WorkflowExecutor",
+        "WorkflowSettings",
+    ),
+    "lagompy.workflow._index": ("RunRow",),
+    "lagompy.workflow._ops": (
+        "BulkResult",
+        "RunFilter",
+        "bulk",
+        "find_runs",
+        "inspect_run",
+    ),
+    "lagompy.workflow._registry": (
+        "RetryPolicy",
+        "WorkflowDef",
+        "Workflows",
+    ),
+}
 
 __all__ = [
     "WORKFLOW_ENTITY",
@@ -65,3 +107,6 @@ __all__ = [
     "inspect_run",
     "start_workflows",
 ]
+
+if not TYPE_CHECKING:  # mypy sees the names above and flags any other
+    __getattr__, __dir__ = on_first_use(__name__, _HOMES, globals())
