@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import platform
 from collections.abc import Iterable, Sequence
-from importlib import metadata
 from typing import Annotated, Any
 
 import typer
@@ -147,6 +146,8 @@ def package_version(distribution: str = "lagompy") -> str:
 
     Returns ``"not installed"`` when the distribution is not installed.
     """
+    from importlib import metadata  # ~40 ms: not for `lagompy --help`
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

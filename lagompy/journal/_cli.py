@@ -12,7 +12,6 @@ command line.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -107,6 +106,8 @@ def _move_slices(
     projections = _projections(settings, projection_urls or [], projection_schema)
     for projection in projections:
         _require_existing(projection.url, "the projection database")
+    import asyncio
+
     shown = _Progress()
     report = asyncio.run(
         move_slices(

@@ -20,7 +20,6 @@ exist is refused (one ``error:`` line), never created.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -100,6 +99,8 @@ def _run(
         _require_existing(settings.url, "projection", "--url or LAGOMPY_READSIDE_URL")
     if with_journal or settings.url is None:  # (the journal's is the projection database)
         _require_existing(journal_settings.url, "journal", "--journal-url or LAGOMPY_JOURNAL_URL")
+
+    import asyncio
 
     async def main() -> T:
         async with await open_projections(

@@ -6,8 +6,8 @@ migrations.
   :mod:`lagompy.errors`.
 * ``_schema.py``: lagompy's tables as SQLAlchemy Core metadata.
 * :func:`upgrade`, :func:`current_revision`, :func:`ensure_schema` (``_migrate.py``): the tables
-  under Alembic, whose scripts ship in ``migrations/`` beside this file; also the
-  ``lagompy migrate`` command.
+  under Alembic, whose scripts ship in ``migrations/`` beside this file; ``_cli.py``: the
+  ``lagompy migrate`` command, which imports them only when it runs.
 
 Nothing here knows about events or entities: the journal (:mod:`lagompy.journal`) and the read
 sides (:mod:`lagompy.readside`) build on it.

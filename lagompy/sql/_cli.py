@@ -6,7 +6,6 @@ does not import SQLAlchemy, Alembic or pydantic: the commands import them when t
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -117,6 +116,8 @@ def _migrate(
             typer.echo(upgrade_sql(settings, revision), nl=False)
         return
 
+    import asyncio
+
     # Home first, one at a time: a failure stops there, naming the database, and running the
     # command again finishes (an up-to-date database is left alone).
     for name, settings in databases:
@@ -154,6 +155,8 @@ def _show_current(
         if current == head:
             return f"{current} (head)"
         return f"{current or 'none'} (head is {head}: run lagompy migrate)"
+
+    import asyncio
 
     for name, settings in databases:
         typer.echo(_under(name, len(databases) > 1, asyncio.run(_with_database(settings, run))))
