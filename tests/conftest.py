@@ -98,6 +98,36 @@ async def _drop_schema(name: str) -> None:
         await conn.close()
 
 
+async def _empty_schema(name: str) -> None:
+    """Empties every table of a schema but lagompy's migration version table, restarting
+    their sequences: the rows and offsets of a freshly migrated schema, without the ~0.5 s of
+    creating and migrating one (for tests that run many examples on one schema)."""
+    import asyncpg
+
+    from lagompy.sql._migrate import VERSION_TABLE
+
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 AND tablename <> $2",
+            name,
+            VERSION_TABLE,
+        )
+        sequences = await conn.fetch(
+            "SELECT sequencename FROM pg_sequences WHERE schemaname = $1", name
+        )
+        # DELETE and RESTART in one transaction: on tables this small, 10x faster than one
+        # TRUNCATE (which makes new files for every table); no migration adds a foreign key.
+        await conn.execute(
+            "BEGIN;"
+            + "".join(f'DELETE FROM "{name}"."{t["tablename"]}";' for t in tables)
+            + "".join(f'ALTER SEQUENCE "{name}"."{q["sequencename"]}" RESTART;' for q in sequences)
+            + "COMMIT;"
+        )
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
 async def postgres_schema() -> AsyncIterator[str]:
     """A fresh PostgreSQL schema, dropped after the test."""
