@@ -42,6 +42,9 @@ from lagompy.sql import (
 from lagompy.sql import _schema as schema
 from lagompy.sql._migrate import _FIRST_REVISION_TABLES, ADVISORY_LOCK_KEY, VERSION_TABLE
 
+#: journal_settings' PostgreSQL schemas are new, not migrated (what these tests migrate).
+pytestmark = pytest.mark.unmigrated
+
 REPO = Path(__file__).resolve().parent.parent
 TABLES = sorted(schema.metadata.tables)
 HEAD = head_revision()
