@@ -204,14 +204,48 @@ async def _create_migrated_schema() -> str:
     return name
 
 
+_sqlite_template: Path | None = None
+
+
+async def _copy_migrated_sqlite(path: Path) -> None:
+    """Writes at ``path`` a SQLite journal lagompy has migrated, copied from one migrated once
+    per session (a new file's first open runs every migration: 0.1-0.4 s)."""
+    global _sqlite_template
+    if _sqlite_template is None:
+        import atexit
+        import contextlib
+        import shutil
+        import sqlite3
+        import tempfile
+
+        from lagompy import Serializer, open_storage
+
+        directory = tempfile.mkdtemp(prefix="lagompy-test-template-")
+        atexit.register(shutil.rmtree, directory, True)
+        template = Path(directory) / "journal.db"
+        js = JournalSettings(url=f"sqlite:///{template}")
+        async with await open_storage(settings=js, serializer=Serializer([])):
+            pass
+        # Out of WAL mode: the whole journal in the one file that is copied (the first open
+        # of a copy switches it to WAL, as it does a new file).
+        with contextlib.closing(sqlite3.connect(template)) as conn:
+            assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+        _sqlite_template = template
+    import shutil
+
+    shutil.copyfile(_sqlite_template, path)
+
+
 @pytest.fixture
 async def journal_settings(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[JournalSettings]:
-    """Settings for a fresh, empty journal: a SQLite file, or a new PostgreSQL schema, already
-    migrated (a copy of a schema migrated once) unless the test is marked ``unmigrated`` (then
-    the journal migrates it when it opens, like SQLite does by default)."""
+    """Settings for a fresh, empty journal: a new SQLite file or PostgreSQL schema, already
+    migrated (a copy of one migrated once) unless the test is marked ``unmigrated`` (then the
+    journal migrates it when it opens: a new file by default, a schema with auto_migrate)."""
     if backend == "sqlite":
+        if not request.node.get_closest_marker("unmigrated"):
+            await _copy_migrated_sqlite(tmp_path / "journal.db")
         yield JournalSettings(url=f"sqlite:///{tmp_path / 'journal.db'}")
         return
     require_postgres()
