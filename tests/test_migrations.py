@@ -56,8 +56,11 @@ DELETED = select(
 
 @pytest.fixture
 async def database(journal_settings: JournalSettings) -> AsyncIterator[Database]:
-    """A fresh, empty database (SQLite file or PostgreSQL schema), not migrated yet."""
+    """A fresh, empty database (SQLite file or PostgreSQL schema), not migrated yet (in a
+    module marked ``unmigrated``, as this one is: otherwise ``journal_settings`` hands out a
+    migrated one, and the assertion below says so)."""
     db = Database.create(journal_settings)
+    assert await current_revision(db) is None, "mark the module `unmigrated`"
     yield db
     await db.dispose()
 

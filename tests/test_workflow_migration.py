@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lagompy.sql import _schema as schema
 from lagompy.sql import upgrade
 from lagompy.sql._database import Database
 from tests.test_migrations import DELETED, HEAD, database, differences, table_names
 
 __all__ = ["database"]  # the fixture, shared with tests/test_migrations.py
+
+#: The fixture's database starts unmigrated, as in tests/test_migrations.py.
+pytestmark = pytest.mark.unmigrated
 
 
 async def test_0008_adds_the_workflow_tables_to_a_database_at_0006(database: Database) -> None:
