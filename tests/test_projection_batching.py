@@ -11,8 +11,6 @@ connection), once in batches (the deferring connection). Failing events are skip
 from __future__ import annotations
 
 import asyncio
-import atexit
-import contextlib
 import json
 import shutil
 import sqlite3
@@ -60,6 +58,7 @@ from lagompy.sql._database import Database
 from lagompy.sql._migrate import ensure_schema
 from tests.conftest import (
     POSTGRES_URL,
+    _copy_migrated_sqlite,
     _create_schema,
     _drop_schema,
     _empty_schema,
@@ -226,26 +225,9 @@ async def _run(
     return (*await _tables(projection), worker.transactions)
 
 
-#: A SQLite journal migrated once for the session, copied for each example (an empty,
-#: migrated journal: what a new file gives after its first open, without the migrations).
-_sqlite_template: Path | None = None
-
-
 async def _fresh_sqlite_journal(directory: Path) -> JournalSettings:
-    global _sqlite_template
-    if _sqlite_template is None:
-        template_dir = tempfile.mkdtemp(prefix="lagompy-batching-template-")
-        atexit.register(shutil.rmtree, template_dir, True)
-        template = Path(template_dir) / "j.db"
-        settings = JournalSettings(url=f"sqlite:///{template}")
-        async with await open_storage(settings=settings, serializer=Serializer([Ops])):
-            pass
-        # Out of WAL mode: the whole journal in the one file that is copied (each open of a
-        # copy turns WAL on again).
-        with contextlib.closing(sqlite3.connect(template)) as conn:
-            assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
-        _sqlite_template = template
-    shutil.copyfile(_sqlite_template, directory / "j.db")
+    """An empty, migrated SQLite journal for one example: a copy of the session's template."""
+    await _copy_migrated_sqlite(directory / "j.db")
     return JournalSettings(url=f"sqlite:///{directory / 'j.db'}")
 
 
