@@ -373,16 +373,15 @@ class OffsetStore:
         was planned the first time (:meth:`_commit_plan`): built and compiled for every
         transaction it cost 0.3-0.45 ms, 3% of a PostgreSQL rebuild's Python samples
         (py-spy, 2026-12-06)."""
-        plan = None
+        planned = None
         if state == "running" and not skipped:
-            plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
-        if plan is None:
+            planned = self._planned(conn, lease, offset, ttl, events_per_s, clear_failure)
+        if planned is None:
             values = self._commit_values(
                 offset, ttl, state, events_per_s=events_per_s, skipped=skipped, clear=clear_failure
             )
             return await self._fenced(conn, lease, values)
-        parameters = _commit_parameters(lease, offset, ttl, events_per_s)
-        got = (await conn.exec_driver_sql(plan.sql, plan.rows([parameters])[0])).first()
+        got = (await conn.exec_driver_sql(*planned)).first()
         return await self._flags_or_lost(conn, lease, got)
 
     async def commit_in_one_call(
@@ -406,11 +405,9 @@ class OffsetStore:
         transaction. ``SqliteWritesFailed`` when a write fails, ``LeaseLost`` when the epoch
         moved on (both rolled back); None, with nothing done, when the fenced write has no
         driver form (then the caller sends everything through ``conn``)."""
-        plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
-        if plan is None:
+        last = self._planned(conn, lease, offset, ttl, events_per_s, clear_failure)
+        if last is None:
             return None
-        parameters = _commit_parameters(lease, offset, ttl, events_per_s)
-        last = (plan.sql, plan.rows([parameters])[0])
         fairy = await conn.get_raw_connection()
         async with self.database.write_turn():
             returned = await sqlite_commit_in_one_call(
@@ -439,20 +436,36 @@ class OffsetStore:
         took three). ``conn`` must not have begun a transaction. ``LeaseLost`` when the epoch
         moved on (nothing written); None, with nothing done, when the fenced write has no
         driver form (then the caller commits the usual way)."""
-        plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
-        if plan is None:
+        planned = self._planned(conn, lease, offset, ttl, events_per_s, clear_failure)
+        if planned is None:
             return None
-        parameters = _commit_parameters(lease, offset, ttl, events_per_s)
         fairy = await conn.get_raw_connection()
         pg: Any = fairy.driver_connection
         try:
-            returned = await pg.fetchrow(plan.sql, *plan.rows([parameters])[0])
+            returned = await pg.fetchrow(planned[0], *planned[1])
         except BaseException as e:
             _invalidate_if_broken(fairy, e)
             raise
         if returned is None:
             raise await self._lease_lost(conn, lease)
         return _flags(returned)
+
+    def _planned(
+        self,
+        conn: AsyncConnection,
+        lease: Lease,
+        offset: int,
+        ttl: float,
+        events_per_s: float | None,
+        clear_failure: bool,
+    ) -> tuple[str, Any] | None:
+        """The usual fenced commit as driver SQL and its parameters (:meth:`_commit_plan`),
+        for :meth:`commit`, :meth:`commit_in_one_call` and :meth:`commit_alone`; None when
+        it has no driver form."""
+        plan = self._commit_plan(conn.dialect, clear_failure, events_per_s is not None)
+        if plan is None:
+            return None
+        return plan.sql, plan.rows([_commit_parameters(lease, offset, ttl, events_per_s)])[0]
 
     def _commit_values(
         self,
