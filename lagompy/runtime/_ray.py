@@ -510,12 +510,13 @@ async def _start_on_ray(
                 pings = await _ping_all(handles, settings.start_timeout)
                 break
             except ray.exceptions.RayActorError as e:
-                if attempt == _RESTARTS_AFTER_A_STOP or not _killed_by_a_stop(e):
+                if attempt == _RESTARTS_AFTER_A_STOP or not _maybe_stopped(e):
                     raise
             # Another process stopped the app's hosts while this one started them: its own
             # start found that they could not run (``run --workers N``: each worker starts the
             # app, and the first to see a journal without its tables stops the hosts). Start
-            # them again, once their names are free, to meet the cause here too.
+            # them again, once their names are free, to meet the cause here too (a host that
+            # cannot start for a reason of its own fails the same way each time).
             await asyncio.sleep(0.2 * (attempt + 1))
             handles = [create_host(i) for i in range(hosts)]
     except TimeoutError:
@@ -569,10 +570,14 @@ async def _ping_all(handles: list[Any], timeout: float) -> list[dict[str, Any]]:
     return pings
 
 
-def _killed_by_a_stop(error: Exception) -> bool:
-    """Whether an actor died of ``ray.kill`` (a stop: ``shutdown_app``, ``replace_hosts``), not
-    of a failure of its own. Ray says so only in its message."""
-    return "killed by `ray.kill`" in str(error)
+def _maybe_stopped(error: Exception) -> bool:
+    """Whether an actor may have died of ``ray.kill`` (a stop: ``shutdown_app``,
+    ``replace_hosts``) rather than of an error raised while it was made. Ray names a kill
+    only in its message, and only once its control store has recorded the death: a call
+    that fails before that reads "died unexpectedly", without the cause (seen with
+    ``run --workers 2`` on a loaded machine). An error of the actor's ``__init__`` is known
+    at once (``actor_init_failed``): starting it again would fail the same way."""
+    return "killed by `ray.kill`" in str(error) or not getattr(error, "actor_init_failed", False)
 
 
 async def _stop_hosts_of(topology: Topology, handles: list[Any], timeout: float) -> None:
