@@ -630,7 +630,13 @@ async def test_a_subscriber_over_http_shows_its_lag_status_and_metrics(
             (h, h, 0) for h in heads
         ]
         await subs.pause("ledger")
-        await asyncio.sleep(0.3)  # the workers see the pause within renew_interval
+        # Each worker sees the pause at its next renewal (a read in flight may still commit
+        # what it brings): once it holds it stores the state "paused" in its row (the status
+        # says "paused" from the flag at once) and reads nothing more.
+        store, processor = subs.projections.store, status[0].processor
+        async with asyncio.timeout(10):
+            while any(r.state != "paused" for r in await store.rows(processor)):
+                await asyncio.sleep(0.05)
         more = await env.append(Deposited("m0", 9))
         partition = contract_topic.partition_of("m0")
         status = sorted(await subs.status("ledger"), key=lambda s: s.tag)
