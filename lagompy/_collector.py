@@ -18,16 +18,28 @@ collected, just less often (a few MB of cyclic garbage at most wait for it); obj
 the freeze are collected as before.
 
 Who calls it: every shard host once its journal is open; read-side workers and subscriber groups
-on Ray when their actor starts; a :class:`~lagompy.service.Service` once it has started, unless
-``ServiceSettings(collector="default")`` (``LAGOMPY_HTTP_COLLECTOR=default``); and the process
-that calls ``start()``, once the app has started, unless ``RuntimeSettings(collector="default")``
-(``LAGOMPY_RUNTIME_COLLECTOR=default``), through :func:`tune_collector_once`. That process runs
-the region client (on Ray: a future and a task's wake-up per ask, beside Ray's large heap) or
-the entities themselves (``ray=False``): with Python's defaults, at 1,024 outstanding asks on
-PostgreSQL, the collector took 25-36% of its CPU on Ray and about half of it in process, tuned
-none (2026-12-06: docs/runtime.md, "How batching works").
-A program of your own that runs consumers (``start_readside``, ``start_subscribers``...) may
-call it after its start-up the same way.
+on Ray when their actor starts; ``lagompy run`` once the app has started, unless ``--collector
+default`` (``LAGOMPY_RUN_COLLECTOR=default``); and, through :func:`tune_collector_once`, the
+process that calls ``start()``, once the app has started, unless
+``RuntimeSettings(collector="default")`` (``LAGOMPY_RUNTIME_COLLECTOR=default``), and any
+process that opens the journal (``open_storage``, ``open_placed_storage``: a program of your
+own, or a consumer such as ``start_readside`` that opens it there), once it is open, unless
+``JournalSettings(collector="default")`` (``LAGOMPY_JOURNAL_COLLECTOR=default``).
+
+``start()`` runs the region client (on Ray: a future and a task's wake-up per ask, beside Ray's
+large heap) or the entities themselves (``ray=False``): with Python's defaults, at 1,024
+outstanding asks on PostgreSQL, the collector took 25-36% of its CPU on Ray and about half of
+it in process, tuned none (2026-12-06: docs/runtime.md, "How batching works"). A program that
+appends to the journal from 4 or 8 concurrent writers with Python's defaults reached 0.63-0.64
+of raw executemany on PostgreSQL, in full collections of its start-up objects (docs/journal.md,
+"The process's collector").
+
+An owner that opts its process out passes the choice down to what it opens there: ``start()``
+with ``collector="default"`` opens its journal (``ray=False``) with ``collector="default"``;
+a :class:`~lagompy.service.Service` with ``ServiceSettings(collector="default")``
+(``LAGOMPY_HTTP_COLLECTOR=default``) starts its entities and gives its components journal
+settings with ``collector="default"``; ``lagompy run --collector default`` sets those three
+environment variables (those not set) before it loads the app.
 """
 
 from __future__ import annotations

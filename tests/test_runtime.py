@@ -7,6 +7,7 @@ stops the app's detached actors when it ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,133 @@ async def test_start_tunes_the_callers_collector_unless_told_not_to(
         assert await entities.ref_for(CounterEntity, "c1").ask(GetValue()) == 0
     finally:
         await entities.close()
+
+
+#: What a program of one's own does before printing its collector's state (each case in a
+#: fresh process), its environment, and whether its collector is then tuned. Opening the
+#: journal tunes it (JournalSettings.collector), unless the journal's settings, or the owner
+#: of the process that opens it (start(), a Service), say "default".
+OPENERS: dict[str, tuple[str, dict[str, str], bool]] = {
+    "open_storage": ("async with open_storage(URL): pass", {}, True),
+    "open_storage, collector='default'": (
+        "async with open_storage(URL, collector='default'): pass",
+        {},
+        False,
+    ),
+    "open_storage, LAGOMPY_JOURNAL_COLLECTOR=default": (
+        "async with open_storage(URL): pass",
+        {"LAGOMPY_JOURNAL_COLLECTOR": "default"},
+        False,
+    ),
+    "open_placed_storage": ("async with open_placed_storage(url=URL): pass", {}, True),
+    "start(ray=False)": (
+        "async with lagompy.start(entities=[UserEntity], ray=False, journal_url=URL): pass",
+        {},
+        True,
+    ),
+    "start(ray=False, collector='default')": (
+        "async with lagompy.start(entities=[UserEntity], ray=False, journal_url=URL, "
+        "collector='default'): pass",
+        {},
+        False,
+    ),
+    "Service(collector='default')": (
+        "await serve(ServiceSettings(collector='default'))",
+        {},
+        False,
+    ),
+    "Service, LAGOMPY_HTTP_COLLECTOR=default": (
+        "await serve(None)",
+        {"LAGOMPY_HTTP_COLLECTOR": "default"},
+        False,
+    ),
+}
+
+OPENER_SCRIPT = """
+import asyncio, gc, json, sys
+
+import lagompy
+from examples.user_service.entity import UserEntity
+from lagompy.service import Service, ServiceSettings
+from lagompy.journal import open_placed_storage, open_storage
+
+URL = sys.argv[1]
+
+
+class OpensTheJournal:
+    # A component that opens the service's journal in its process, as read sides do.
+    def bind(self, service):
+        self.settings = service.journal_settings
+
+    async def start(self):
+        self.storage = await open_storage(settings=self.settings)
+
+    async def stop(self):
+        await self.storage.close()
+
+
+async def serve(settings):
+    service = Service(
+        entities=[UserEntity],
+        journal_url=URL,
+        ray=False,
+        components=[OpensTheJournal()],
+        settings=settings,
+    )
+    await service.start()
+    await service.stop()
+
+
+async def main():
+    {code}
+    print(json.dumps({{"threshold": gc.get_threshold()[0], "frozen": gc.get_freeze_count()}}))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def opener_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The collector's state after each case of :data:`OPENERS` (or the error of a case that
+    failed), each in a fresh process (started all at once: each is mostly a Python start and
+    lagompy's imports)."""
+    procs = {}
+    drop = ("LAGOMPY_", "RAY_ADDRESS")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
+    for case, (code, env, _) in OPENERS.items():
+        directory = tmp_path_factory.mktemp("opener")
+        procs[case] = subprocess.Popen(
+            [sys.executable, "-c", OPENER_SCRIPT.format(code=code), "sqlite:///journal.db"],
+            cwd=directory,
+            env=base | env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    states = {}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        states[case] = json.loads(out.splitlines()[-1]) if proc.returncode == 0 else {"err": err}
+    return states
+
+
+@pytest.mark.parametrize("case", list(OPENERS))
+def test_opening_the_journal_tunes_its_process_collector_unless_told_not_to(
+    opener_states: dict[str, dict[str, Any]], case: str
+) -> None:
+    """A program of one's own that opens the journal gets the collector shard hosts have
+    (lagompy/_collector.py): a journal appending with Python's defaults spent its time in
+    full collections of the process's start-up objects. ``collector="default"`` (the
+    journal's settings, or the owner of the process that opens it: start(), a Service)
+    leaves Python's."""
+    state = opener_states[case]
+    assert "err" not in state, state["err"]
+    if OPENERS[case][2]:
+        assert tuned(state), state
+    else:
+        assert state == {"threshold": 700, "frozen": 0}, state
 
 
 def test_tune_collector_once_leaves_a_tuned_or_disabled_collector_alone() -> None:

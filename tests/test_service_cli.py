@@ -492,7 +492,15 @@ async def lifespan(app):
 )
 
 
-GC_SOURCES = {"bare": GC_APP, "entities": GC_APP_WITH_ENTITIES}
+#: GC_APP whose lifespan opens the journal itself: opening it tunes the process's collector
+#: (JournalSettings.collector), which ``run --collector default`` must turn off as well.
+GC_APP_WITH_JOURNAL = GC_APP_WITH_ENTITIES.replace(
+    "lagompy.start(entities=[UserEntity], ray=False, journal_url=url)",
+    "lagompy.open_storage(url, entities=[UserEntity])",
+)
+
+
+GC_SOURCES = {"bare": GC_APP, "entities": GC_APP_WITH_ENTITIES, "journal": GC_APP_WITH_JOURNAL}
 #: (options of ``run``, LAGOMPY_RUN_COLLECTOR, whether the collector is tuned)
 GC_CASES = [([], None, True), (["--collector", "default"], None, False), ([], "default", False)]
 

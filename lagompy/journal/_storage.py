@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from lagompy._collector import tune_collector_once
 from lagompy.closing import AsyncClosing, opener
 from lagompy.entity import PersistentEntity, reply_type_of, union_members
 from lagompy.errors import ConfigurationError
@@ -81,6 +82,10 @@ async def open_storage(
     With ``auto_migrate`` (by default on SQLite) missing or outdated tables are created or
     upgraded here; otherwise (by default on PostgreSQL) they raise ``ConfigurationError`` naming
     the ``lagompy migrate`` command to run. See :mod:`lagompy.sql`.
+
+    Once the storage is open, this process's garbage collector is tuned as shard hosts tune
+    theirs (:func:`~lagompy.tune_collector`, once per process), unless ``collector="default"``
+    (``LAGOMPY_JOURNAL_COLLECTOR=default``; see :class:`~lagompy.settings.JournalSettings`).
     """
     if url is not None:
         overrides["url"] = url
@@ -99,6 +104,11 @@ async def open_storage(
     except BaseException:
         await database.dispose()
         raise
+    if settings.collector == "tuned":
+        # The process that writes or reads the journal: a batch's events, results and
+        # envelopes are short-lived containers its collector would walk with its whole
+        # start-up heap (see lagompy/_collector.py). Once per process.
+        tune_collector_once()
     return Storage(database, serializer, journal, SnapshotStore(database, serializer))
 
 

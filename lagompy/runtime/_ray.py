@@ -427,6 +427,8 @@ async def start(
             conflict_retries=settings.conflict_retries,
             max_pending=settings.max_pending,
             settings=journal_settings,
+            # The journal opens in this process, whose collector is this start()'s to tune.
+            collector=settings.collector,
         )
     else:
         paths = [check_entity_importable(cls) for cls in entity_list]

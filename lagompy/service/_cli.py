@@ -49,6 +49,12 @@ FAILURES_ENV = "LAGOMPY_RUN_FAILURES"
 #: ``run --collector``'s environment variable (the workers of ``--workers N`` read it too).
 COLLECTOR_ENV = "LAGOMPY_RUN_COLLECTOR"
 TUNED = "tuned"
+#: The settings ``run --collector default`` sets to ``default`` when they are not set.
+_COLLECTOR_SETTINGS = (
+    "LAGOMPY_HTTP_COLLECTOR",
+    "LAGOMPY_RUNTIME_COLLECTOR",
+    "LAGOMPY_JOURNAL_COLLECTOR",
+)
 
 
 class Collector(StrEnum):
@@ -241,11 +247,18 @@ def run(
             help="The garbage collector of the serving processes once the app has started: "
             "'tuned' freezes the start-up objects and collects the young generation every "
             "50,000 allocations, as shard hosts do; 'default' leaves Python's (and sets "
-            "LAGOMPY_RUNTIME_COLLECTOR=default for the app's start() when it is not set).",
+            "LAGOMPY_HTTP_COLLECTOR, LAGOMPY_RUNTIME_COLLECTOR and LAGOMPY_JOURNAL_COLLECTOR "
+            "to default when they are not set).",
         ),
     ] = Collector.tuned,
 ) -> None:
     """Serve a FastAPI app (MODULE:APP) with uvicorn."""
+    if collector is Collector.default:
+        # What the app starts or opens in this process tunes it too unless told otherwise
+        # (a Service, start(), the journal's opening): told before the app is loaded, for
+        # the settings it makes at import.
+        for variable in _COLLECTOR_SETTINGS:
+            os.environ.setdefault(variable, Collector.default.value)
     app = _load_app(target)
     service = _service_of(app)
     if workers > 1 and service is not None and service.entity_classes and not service.ray:
@@ -253,9 +266,6 @@ def run(
             f"{target} hosts its entities in-process (ray=False): {workers} workers would "
             "be that many writers per entity. Use ray=True or --workers 1"
         )
-    if collector is Collector.default:
-        # The app's start() (its lifespan's) tunes its process too, unless told otherwise.
-        os.environ.setdefault("LAGOMPY_RUNTIME_COLLECTOR", Collector.default.value)
     listener = _bind(host, port)
     owned_dirs: list[str] = []
     owns_ray = False

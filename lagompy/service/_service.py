@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,6 +73,17 @@ class ServiceSettings(LagompySettings):
     )
     metrics: bool = Field(default=True, description="Serve /metrics.")
     status_routes: bool = Field(default=True, description="Serve /_status/circuit-breakers.")
+    collector: Literal["tuned", "default"] = Field(
+        default="tuned",
+        description=(
+            "The garbage collector of the service's process: 'default' keeps Python's (the "
+            "service starts its entities with RuntimeSettings.collector='default' and its "
+            "journal settings, which its components open, have collector='default'); 'tuned' "
+            "lets start() and the journal's opening tune it as they do by default (see "
+            "lagompy/_collector.py). `lagompy run --collector default` sets "
+            "LAGOMPY_HTTP_COLLECTOR=default."
+        ),
+    )
     idempotency_key_lifetime: float = Field(
         default=86_400.0,
         gt=0,
@@ -137,8 +148,13 @@ class Service:
         self.stop_runtime = stop_runtime
         self.entity_classes = list(entities)
         self.ray = ray
+        self.settings = settings or ServiceSettings()
         self.runtime_options = dict(runtime_options or {})
         journal: dict[str, Any] = {} if journal_url is None else {"url": journal_url}
+        if self.settings.collector == "default":
+            # Python's collector for this process: what the service starts or opens in it
+            # (its entities with ray=False, its components' journal) must not tune it.
+            self.runtime_options["collector"] = journal["collector"] = "default"
         self._journal_given = journal_settings is not None or journal_url is not None
         #: Where the journal is: ``journal_settings`` with ``journal_url`` as its url, when
         #: given (default: JournalSettings from the environment).
@@ -150,7 +166,6 @@ class Service:
         self._client_specs = list(clients)
         self.clients: dict[str, ServiceClient] = {}
         self.components = list(components)
-        self.settings = settings or ServiceSettings()
         self._started: list[Component] = []
         #: Small Databases for the journal checks of /health/ready: "journal" (and
         #: "journal@name" for each other database of a journal placed on several).
