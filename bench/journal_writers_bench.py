@@ -7,9 +7,10 @@ entities for a few seconds; beside them, in the same run and in alternating roun
 on N connections inserts the same rows (events and tag rows, precomputed, offsets included) with
 one executemany per table per transaction into tables with the same indexes: the cheapest a
 plain driver can do. Every measurement starts on empty tables. PostgreSQL only (SQLite's
-writers take turns by design). The process collects garbage as a shard host does, the writers of
-a running system (``tune_collector``, once the journals are open; ``--default-gc`` leaves
-Python's defaults).
+writers take turns by design). The process's collector is what opening the journal gives a
+program of one's own by default: tuned as a shard host's, by the first ``open_storage``
+(``JournalSettings.collector``, lagompy/_collector.py); ``--default-gc`` opens the journals with
+``collector="default"`` and keeps Python's.
 
     .venv/bin/python bench/journal_writers_bench.py --runs 3   # writes docs/benchmarks.md
 
@@ -30,6 +31,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 
@@ -38,14 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import cpu_reference, write_section
 from bench.journal_bench import INSERT_EVENTS, PG_URL, CartEntity, RawRows, make_batch
 from lagompy import JournalSettings, open_storage
-from lagompy._collector import tune_collector
 from lagompy.journal import Storage
 
 WRITERS = (1, 2, 4, 8)
 BATCH = 100
 ROUNDS = 3
-#: Collect garbage as a shard host does (see the module docstring); --default-gc: not.
-HOST_GC = True
+#: The journals' JournalSettings.collector (see the module docstring); --default-gc: "default".
+COLLECTOR: Literal["tuned", "default"] = "tuned"
 
 
 async def for_seconds(
@@ -72,7 +73,9 @@ async def one_run(run: int, seconds: float) -> tuple[float, dict[int, tuple[floa
     schema = f"bench_w{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_URL)
     await admin.execute(f"CREATE SCHEMA {schema}")
-    settings = JournalSettings(url=PG_URL, postgres_schema=schema, auto_migrate=True)
+    settings = JournalSettings(
+        url=PG_URL, postgres_schema=schema, auto_migrate=True, collector=COLLECTOR
+    )
     storages: list[Storage] = []
     conns: list[asyncpg.Connection] = []
     try:
@@ -91,8 +94,6 @@ async def one_run(run: int, seconds: float) -> tuple[float, dict[int, tuple[floa
             t="raw_events", p=", ".join(f"${i}" for i in range(1, 12))
         )
         cpu = cpu_reference()
-        if HOST_GC:
-            tune_collector()
         rates: dict[int, tuple[float, float]] = {}
         for writers in WRITERS:
 
@@ -185,11 +186,13 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per round and contender")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
-        "--default-gc", action="store_true", help="Python's collector settings, not a host's"
+        "--default-gc",
+        action="store_true",
+        help="open the journals with collector='default': Python's collector settings",
     )
     args = parser.parse_args()
-    global HOST_GC
-    HOST_GC = not args.default_gc
+    global COLLECTOR
+    COLLECTOR = "default" if args.default_gc else "tuned"
     runs = [await one_run(r, args.seconds) for r in range(args.runs)]
     body = render(runs, f".venv/bin/python bench/journal_writers_bench.py --runs {args.runs}")
     print(body)
