@@ -568,9 +568,6 @@ _HMSG_LINE = re.compile(
     "HMSG ([^\\s]+) (\\d+) (?:([^\\s]+) )?(\\d+) (\\d+)\r\n(" + _OWN_BLOCK.pattern + ")?"
 )
 
-#: The groups of :data:`_HMSG_LINE` that hold the values of lagompy's header block.
-_OWN_GROUPS = tuple(range(7, 7 + len(_OWN_NAMES)))
-
 
 def _sink_run(buf: bytearray, sinks: dict[int, Sink]) -> tuple[int, bool]:
     """Hand the messages at the start of ``buf`` that go to sinks to them, with their headers
@@ -585,30 +582,39 @@ def _sink_run(buf: bytearray, sinks: dict[int, Sink]) -> tuple[int, bool]:
     Returns the bytes taken, and False when it stopped at a sink's message not all read yet
     (left for the next read, which starts with it, rather than to nats-py's parser, which
     would take the rest of that read its own way)."""
-    text = buf.decode("latin-1")
+    data = bytes(buf)  # (bodies sliced from bytes: one copy each, not two)
+    text = data.decode("latin-1")
     pos = 0
-    end = len(buf)
+    end = len(data)
     match = _HMSG_LINE.match
-    groups = _OWN_GROUPS
     while True:
         line = match(text, pos)
         if line is None:
             break
-        sink = sinks.get(int(line[2]))
+        # (its groups at once: a call of the match's methods per value, and of ``group``
+        # with the block's ten, were about a tenth of this function's time, 2026-12-07)
+        groups = line.groups()
+        sink = sinks.get(int(groups[1]))
         if sink is None:
             break
-        start = line.end(5) + 2
-        body = start + int(line[4])
-        stop = start + int(line[5])
-        if stop + 2 > end:
-            return pos, False
-        if line[6] is not None and line.end() == body:
-            sink(_Received((None, bytes(buf[body:stop]), line[3] or "", line.group(*groups))))
+        head = int(groups[3])
+        block = groups[5]
+        if block is not None and len(block) == head:  # lagompy's block, then the body
+            body = line.end()
+            stop = body - head + int(groups[4])
+            if stop + 2 > end:
+                return pos, False
+            sink(_Received((None, data[body:stop], groups[2] or "", groups[6:])))
         else:
-            headers = read_headers(buf[start:body])
+            start = line.end(5) + 2
+            body = start + head
+            stop = start + int(groups[4])
+            if stop + 2 > end:
+                return pos, False
+            headers = read_headers(data[start:body])
             if headers is None:
                 break
-            sink(_Received((headers, bytes(buf[body:stop]), line[3] or "", None)))
+            sink(_Received((headers, data[body:stop], groups[2] or "", None)))
         pos = stop + 2
     return pos, True
 
