@@ -359,8 +359,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
-    """One Ray for the whole test session: a fresh local one (``RAY_ADDRESS`` attaches to a
-    running cluster instead), shut down at the end. Ray workers start with this process's own
+    """One Ray for the whole test session (each xdist worker's session: pyproject's addopts run
+    two): a fresh local one (``RAY_ADDRESS`` attaches to a running cluster instead), shut down at
+    the end. Ray workers start with this process's own
     path entries on their path (the repository root, ``tests/``: lagompy's ``job_config``, as
     ``lagompy.start`` does when it starts Ray), so they import ``examples`` and ``tests``
     modules like the tests do, and actors need no ``runtime_env`` of their own (which would
