@@ -45,8 +45,19 @@ environment variables (those not set) before it loads the app.
 from __future__ import annotations
 
 import gc
+from typing import Literal
 
-__all__ = ["GC_THRESHOLD", "collector_state", "tune_collector", "tune_collector_once"]
+__all__ = [
+    "GC_THRESHOLD",
+    "CollectorPolicy",
+    "collector_state",
+    "tune_collector",
+    "tune_collector_once",
+]
+
+#: The ``collector`` setting of the runtime, the journal and a service: ``"tuned"`` (the
+#: default: :func:`tune_collector_once` once started or open) or ``"default"`` (Python's).
+CollectorPolicy = Literal["tuned", "default"]
 
 #: The young generation's collection threshold of a tuned process (Python's default: 700).
 GC_THRESHOLD = 50_000

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from lagompy._collector import CollectorPolicy
 from lagompy.errors import InvalidSettings
 
 
@@ -229,7 +230,7 @@ class JournalSettings(LagompySettings):
             "a journal whose tables are missing or outdated refuses to start."
         ),
     )
-    collector: Literal["tuned", "default"] = Field(
+    collector: CollectorPolicy = Field(
         default="tuned",
         description=(
             "The garbage collector of the process that opens the journal (open_storage, "
@@ -355,7 +356,7 @@ class RuntimeSettings(LagompySettings):
             "tell() raise Overloaded at once."
         ),
     )
-    collector: Literal["tuned", "default"] = Field(
+    collector: CollectorPolicy = Field(
         default="tuned",
         description=(
             "The garbage collector of the process that calls start(), once the app has "

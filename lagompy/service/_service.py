@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lagompy._collector import CollectorPolicy
 from lagompy.entity import PersistentEntity
 from lagompy.errors import ConfigurationError, JournalUnavailable, LagompyError, RuntimeFailure
 from lagompy.runtime import EntityRuntime, start
@@ -73,7 +74,7 @@ class ServiceSettings(LagompySettings):
     )
     metrics: bool = Field(default=True, description="Serve /metrics.")
     status_routes: bool = Field(default=True, description="Serve /_status/circuit-breakers.")
-    collector: Literal["tuned", "default"] = Field(
+    collector: CollectorPolicy = Field(
         default="tuned",
         description=(
             "The garbage collector of the service's process: 'default' keeps Python's (the "
