@@ -854,7 +854,7 @@ def test_a_run_of_sink_messages_is_taken_as_nats_py_would_read_it() -> None:
         return f"NATS/1.0\r\n{lines}\r\n".encode()
 
     got: list[_Received] = []
-    sinks = {7: got.append}
+    sinks = {7: got.extend}
     odd = b"NATS/1.0\r\nLagompy-Offset: 3\r\nX:  spaced \r\n\r\n"  # not lagompy's block
     buf = bytearray(
         hmsg(7, block(1), b"\x81\xa1a\x01", "$JS.ACK.s.c.1.1.1.0.0")
@@ -919,7 +919,7 @@ def test_lagompys_own_header_values_decode_as_its_headers_do(
     body = msgpack.packb({"account": key, "amount": seq_nr})
     line = f"HMSG _INBOX.x 7 r1 {len(block)} {len(block) + len(body)}\r\n".encode()
     got: list[_Received] = []
-    assert _sink_run(bytearray(line + block + body + b"\r\n"), {7: got.append}) == (
+    assert _sink_run(bytearray(line + block + body + b"\r\n"), {7: got.extend}) == (
         len(line + block + body) + 2,
         True,
     )
@@ -1013,7 +1013,8 @@ async def test_a_message_without_an_offset_does_not_lose_the_ones_around_it() ->
         await feed._take()
     assert [m.reply for m in feed._incoming] == ["r3", "r5"]
     await feed._take()
-    assert [(offset, m.payload.amount) for offset, m, _ in feed._buffer if m] == [(3, 3), (5, 5)]
+    fetched = zip(feed._offsets[feed._head :], feed._messages[feed._head :], strict=True)
+    assert [(offset, m.payload.amount) for offset, m in fetched if m] == [(3, 3), (5, 5)]
 
 
 #: Links (producing processes) and new topics per round, and the rounds' time bound, of the test
@@ -1057,3 +1058,83 @@ async def test_links_starting_at_once_on_new_streams_leave_the_broker_alive(
     finally:
         for link in links:
             await link.close()
+
+
+@pytest.mark.asyncio
+async def test_a_feed_hands_out_runs_past_markers_and_redeliveries_in_order() -> None:
+    """The feed's fetched messages, handed out in batches of at most ``limit`` messages: a
+    position marker is handed out (it moves the batch's last offset) but is not a message, a
+    committed position drops what is at or below it and acknowledges the last of it, and a
+    redelivery at or below the committed position is acknowledged and skipped; messages with
+    lagompy's own header block and with a header dict go the same way."""
+    from datetime import UTC, datetime
+
+    import msgpack
+
+    from lagompy.topic import Message
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats import _OWN_NAMES, _headers, _marker_headers, _Received
+
+    at = datetime(2026, 12, 7, tzinfo=UTC)
+
+    def received(offset: int, *, own: bool = True) -> _Received:
+        message = Message(
+            topic=contract_topic.name,
+            payload=None,
+            key="ada",
+            partition=0,
+            offset=offset,
+            timestamp=at,
+            type_name=contract_topic.type_name,
+            version=contract_topic.version,
+            entity_type="topic-contract-account",
+            entity_id="ada",
+            seq_nr=offset,
+        )
+        body = msgpack.packb({"account": "ada", "amount": offset})
+        headers = _headers(message, MSGPACK)
+        if own:
+            return _Received((None, body, f"r{offset}", tuple(headers[n] for n in _OWN_NAMES)))
+        return _Received((headers, body, f"r{offset}", None))
+
+    def marker(offset: int) -> _Received:
+        return _Received((_marker_headers(contract_topic, 0, offset, at), b"", f"r{offset}", None))
+
+    acked: list[str] = []
+
+    class Client:
+        async def publish(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class Link:
+        generation = 0
+        settings = BrokerSettings(url="nats://127.0.0.1:1")
+
+        def listen(self, event: Any) -> None:
+            pass
+
+        async def ack(self, msg: _Received) -> None:
+            acked.append(msg.reply)
+
+        async def client(self) -> Client:
+            return Client()
+
+    feed = NatsFeed(cast(Any, Link()), contract_topic, 0, group="g")
+    feed._positioned = True
+
+    async def batch(after: int, limit: int) -> tuple[list[int], int, bool]:
+        got = await feed.next_batch(after, limit)
+        return [m.offset for m in got.messages], got.last_offset, got.full
+
+    feed._incoming.extend([received(1), received(2), marker(3), received(4), received(5)])
+    # the marker after the second message goes with them: nothing to hand out sits between
+    assert await batch(0, 2) == ([1, 2], 3, True)
+    assert await batch(3, 2) == ([4, 5], 5, True)
+    assert acked == ["r3"]  # committed up to the marker: its broker message acknowledges all
+    assert await batch(3, 1) == ([4], 4, True)  # the same position again: the same messages
+    feed._incoming.extend([received(4), received(5), received(6), received(7, own=False)])
+    assert await batch(4, 10) == ([5, 6, 7], 7, False)
+    assert acked == ["r3", "r4", "r4"]  # the committed 4, then its redelivery
+    assert await batch(7, 10) == ([], 7, False)
+    assert acked == ["r3", "r4", "r4", "r7"]
+    assert feed._fetched() == 0

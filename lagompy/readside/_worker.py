@@ -109,6 +109,12 @@ class Partition:
     database: str
 
 
+def _takes_every_event(processor: ReadSideProcessor) -> bool:
+    """Whether ``processor`` wants every event: no ``event_types`` and ``wants`` as the base
+    class has it."""
+    return processor.event_types is None and type(processor).wants is ReadSideProcessor.wants
+
+
 def partitions_of(processor: ReadSideProcessor, placement: Placement) -> list[Partition]:
     """Every partition of ``processor`` on ``placement``'s databases: one per tag on a journal
     of one database (keyed by the tag, as ever), one per (tag, database) on several."""
@@ -440,13 +446,19 @@ class ProjectionCommit:
                     if wanted:
                         await processor.handle_batch(handler_conn, wanted)
                 else:
-                    started = time.monotonic()
+                    clock, limit = time.monotonic, s.max_batch_seconds
+                    started = clock()
                     done = 0
+                    # (the handler and the filter looked up once, and no filter called when
+                    # it takes every event: per event, this loop is all the framework's work
+                    # around a handler)
+                    handle = processor.handle
+                    wants = None if _takes_every_event(processor) else processor.wants
                     for envelope in envelopes:
-                        if processor.wants(envelope):
-                            await processor.handle(handler_conn, envelope)
+                        if wants is None or wants(envelope):
+                            await handle(handler_conn, envelope)
                         done += 1
-                        if time.monotonic() - started >= s.max_batch_seconds:
+                        if clock() - started >= limit:
                             break
                 if deferred is not None:
                     if self._one_call and not conn.in_transaction():
