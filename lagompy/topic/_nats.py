@@ -571,8 +571,14 @@ Sink = Callable[[list[_Received]], None]
 #: write when it follows (:data:`_OWN_BLOCK`, groups 6 on): matched in the read bytes decoded
 #: as Latin-1 (a character per byte, so positions are the bytes'; the block's values are
 #: ASCII, decoded alike). Any other form is left to :func:`read_headers` or nats-py's parser.
+#: The subject and the reply are "anything but a space" and the numbers ``[0-9]``: the
+#: engine runs a class of one excluded character in a loop of its own, where ``[^\s]`` and
+#: ``\d`` test each character's category (the match took ~1.0 µs per message instead of
+#: ~1.5, a fifth of a catch-up's parsing, 2026-12-07). nats-server separates the fields by
+#: one space and puts no white space in subjects; the control line still has to end in the
+#: two numbers and CRLF.
 _HMSG_LINE = re.compile(
-    "HMSG [^\\s]+ (\\d+) (?:([^\\s]+) )?(\\d+) (\\d+)\r\n()(?:" + _OWN_BLOCK.pattern + ")?"
+    "HMSG [^ ]+ ([0-9]+) (?:([^ ]+) )?([0-9]+) ([0-9]+)\r\n()(?:" + _OWN_BLOCK.pattern + ")?"
 )
 
 
