@@ -29,7 +29,8 @@ consumer is not (an operator's set-offset, a rollback) or the consumer failed (a
 restart). Messages at or below the position are dropped. It acknowledges (``AckPolicy.ALL``) the
 last message the subscriber committed. Its inbox's messages go from the connection's parser
 straight to it (:func:`_sink_run`: one match per message for the control line and lagompy's
-header block), not through nats-py's message objects, queue and callback. A subscription that
+header block, a run of messages per call), not through nats-py's message objects, queue and
+callback; the feed keeps what it fetched in lists that it hands out and drops by slices. A subscription that
 stops delivering while its subject has newer messages (pull subscriptions can after a
 reconnect) is found by a check every ``stall_check`` seconds of silence, reported (the
 subscriber's status shows the error) and re-positioned.
