@@ -34,10 +34,31 @@ from lagompy.testkit.topics import (
     contract_topic,
     recorder,
 )
-from lagompy.topic import Subscriber, Subscribers, Topic, TopicTransport
+from lagompy.topic import Message, Subscriber, Subscribers, Topic, TopicTransport
 from lagompy.topic._nats import BrokerSettings, NatsFeed, NatsTransport, _Link, subject
 from lagompy.topic._producers import Producers, start_producers
 from tests.conftest import UNDER_CI
+
+
+def deposit_message(
+    offset: int, at: datetime.datetime, *, key: str = "ada", payload: Any = None
+) -> Message[Any]:
+    """A message of the contract topic's partition 0, of account ``ada``'s event ``offset``:
+    what the tests of the feed's parts make their broker messages from."""
+    return Message(
+        topic=contract_topic.name,
+        payload=payload,
+        key=key,
+        partition=0,
+        offset=offset,
+        timestamp=at,
+        type_name=contract_topic.type_name,
+        version=contract_topic.version,
+        entity_type="topic-contract-account",
+        entity_id="ada",
+        seq_nr=offset,
+    )
+
 
 UTC_ZONE = datetime.UTC
 PLUS_ONE = datetime.timezone(datetime.timedelta(hours=1))
@@ -724,26 +745,13 @@ def test_a_batch_of_messagepack_messages_decodes_at_once_and_names_a_bad_one() -
     from nats.aio.msg import Msg
 
     from lagompy.errors import TopicMessageInvalid
-    from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
     from lagompy.topic._nats import _headers, _marker_headers, decode_batch
 
     at = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)
 
     def msg(offset: int, payload: bytes) -> Msg:
-        message = Message(
-            topic=contract_topic.name,
-            payload=Deposit("ada", offset),
-            key="a b%",
-            partition=0,
-            offset=offset,
-            timestamp=at,
-            type_name=contract_topic.type_name,
-            version=contract_topic.version,
-            entity_type="topic-contract-account",
-            entity_id="ada",
-            seq_nr=offset,
-        )
+        message = deposit_message(offset, at, key="a b%", payload=Deposit("ada", offset))
         return Msg(_client=cast(Any, None), data=payload, headers=_headers(message, MSGPACK))
 
     good = [msg(n, msgpack.packb({"account": "ada", "amount": n})) for n in (3, 5)]
@@ -983,24 +991,11 @@ async def test_a_message_without_an_offset_does_not_lose_the_ones_around_it() ->
     import msgpack
 
     from lagompy.errors import TopicMessageInvalid
-    from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
     from lagompy.topic._nats import _headers, _Received
 
     def received(offset: int) -> _Received:
-        message = Message(
-            topic=contract_topic.name,
-            payload=None,
-            key="ada",
-            partition=0,
-            offset=offset,
-            timestamp=datetime(2026, 12, 6, tzinfo=UTC),
-            type_name=contract_topic.type_name,
-            version=contract_topic.version,
-            entity_type="topic-contract-account",
-            entity_id="ada",
-            seq_nr=offset,
-        )
+        message = deposit_message(offset, datetime(2026, 12, 6, tzinfo=UTC))
         body = msgpack.packb({"account": "ada", "amount": offset})
         return _Received((_headers(message, MSGPACK), body, f"r{offset}", None))
 
@@ -1071,26 +1066,13 @@ async def test_a_feed_hands_out_runs_past_markers_and_redeliveries_in_order() ->
 
     import msgpack
 
-    from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
     from lagompy.topic._nats import _OWN_NAMES, _headers, _marker_headers, _Received
 
     at = datetime(2026, 12, 7, tzinfo=UTC)
 
     def received(offset: int, *, own: bool = True) -> _Received:
-        message = Message(
-            topic=contract_topic.name,
-            payload=None,
-            key="ada",
-            partition=0,
-            offset=offset,
-            timestamp=at,
-            type_name=contract_topic.type_name,
-            version=contract_topic.version,
-            entity_type="topic-contract-account",
-            entity_id="ada",
-            seq_nr=offset,
-        )
+        message = deposit_message(offset, at)
         body = msgpack.packb({"account": "ada", "amount": offset})
         headers = _headers(message, MSGPACK)
         if own:
