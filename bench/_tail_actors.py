@@ -56,10 +56,16 @@ class TracingHost(ShardHost):
             self._gcs.append((self._gc_start, time.perf_counter(), info["generation"]))
 
     def process(self, topology_key: str, batch: Any) -> Any:
+        return self._traced(super().process, topology_key, batch)
+
+    def process_packed(self, packed: bytes) -> Any:
+        return self._traced(super().process_packed, packed)
+
+    def _traced(self, method: Any, *args: Any) -> Any:
         enter = time.perf_counter()
         cpu = time.thread_time()
         appends = len(_APPENDS)
-        out = super().process(topology_key, batch)
+        out = method(*args)
         self._trace.append(
             {
                 "enter": enter,

@@ -72,25 +72,37 @@ HOSTS = {
 
 
 def _patch() -> None:
-    """Timestamp the region's Ray calls."""
+    """Timestamp the region's Ray calls (``_RayHostLink._submit`` and ``_outcomes``, as they
+    run, with the marks between)."""
     import ray.exceptions
 
     from lagompy.runtime._region import HostUnreachable
 
-    async def send(self: Any, batch: Any) -> Any:
+    def submit(self: Any, method: Any, *args: Any) -> Any:
         marks = [time.perf_counter()]
         _CALLS.setdefault(id(self), []).append(marks)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        ref = method.remote(*args)
+        marks.append(time.perf_counter())
+
+        def completed(result: Any, ref: Any = ref) -> None:
+            marks.append(time.perf_counter())
+            loop.call_soon_threadsafe(ray_runtime._settle, future, result)
+
+        ref._on_completed(completed)
+        return future
+
+    async def outcomes(self: Any, answer: Any) -> Any:
         try:
-            ref = self.handle.process.remote(self.topology_key, batch)
-            marks.append(time.perf_counter())
-            ref._on_completed(lambda _: marks.append(time.perf_counter()))
-            answer = await ref
-            marks.append(time.perf_counter())
+            result = await answer
+            _CALLS[id(self)][-1].append(time.perf_counter())
         except ray.exceptions.RayActorError as e:
             raise HostUnreachable(str(e)) from e
-        return pickle.loads(answer) if isinstance(answer, bytes) else answer
+        return pickle.loads(result) if isinstance(result, bytes) else result
 
-    ray_runtime._RayHostLink._send = send  # type: ignore[method-assign]
+    ray_runtime._RayHostLink._submit = submit  # type: ignore[method-assign]
+    ray_runtime._RayHostLink._outcomes = outcomes  # type: ignore[method-assign]
 
 
 def pct(xs: list[float], q: float) -> float:

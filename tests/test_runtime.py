@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -850,6 +850,36 @@ async def test_region_shares_a_tick_s_asks_evenly_among_free_calls() -> None:
     assert [len(c) for c in link.calls] == [300, 300, 300, 100]  # max_batch still caps
     await region.close()
     await three.close()
+
+
+@dataclass
+class BeginningLink(FlakyLink):
+    """A link whose calls begin when the region flushes (``begin``): records each batch as
+    it is handed over, before any task of the region runs."""
+
+    begun: list[list[int]] = field(default_factory=list)
+
+    def begin(self, requests: list[Request]) -> Any:
+        self.begun.append([r.command.amount for r in requests])
+        if self.failures:
+            self.failures -= 1
+            raise HostUnreachable("host died")  # raised when the batch's task awaits it
+        return self.call(requests)
+
+
+async def test_region_begins_a_link_s_calls_in_its_flush_in_the_batches_order() -> None:
+    link = BeginningLink(failures=0, calls=[])
+    region = Region([link], shards=1, max_batch=2, max_in_flight=3)
+    futures = [region.submit(Request("counter", "x", Add(i), command_id=f"c{i}")) for i in range(5)]
+    await asyncio.sleep(0)  # the flush: every batch begun in it, in order, none awaited yet
+    assert link.begun == [[0, 1], [2, 3], [4]] and link.calls == []
+    assert await asyncio.gather(*futures) == [0, 1, 2, 3, 4]
+    # A begin that raises fails its batch as the call would: resent by call(), answered.
+    flaky = BeginningLink(failures=1, calls=[])
+    region = Region([flaky], shards=1, retries=2, retry_backoff=0)
+    assert await region.submit(Request("counter", "y", Add(7), command_id="y1")) == 7
+    assert region.stats()["resends"] == 1 and region.outstanding == 0
+    await region.close()
 
 
 # --------------------------------------------------------------------------- hosts, no Ray

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import pickle
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, TypeVar, cast, overload
 
 from lagompy._collector import tune_collector_once
 from lagompy.closing import AsyncClosing, Opening, opener
@@ -95,28 +96,62 @@ class _RayHostLink:
         self._create = create
 
     async def call(self, requests: list[Request]) -> list[Outcome]:
-        try:
-            # Plain tuples: the host rebuilds the named tuples (Request._make).
-            batch = pickle.dumps([tuple(r) for r in requests], protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # e.g. a command holding a lambda, or a lock
-            return await self._call_apart(requests)
-        return await self._send(batch)
+        return await self.begin(requests)
 
-    async def _send(self, batch: list[Request] | bytes) -> list[Outcome]:
+    def begin(self, requests: list[Request]) -> Awaitable[list[Outcome]]:
+        """:meth:`call`, begun before this returns: the batch is pickled and handed to Ray
+        now, the awaitable gives its outcomes. The region begins its calls from its flush, so
+        that a batch leaves in the tick that flushes it rather than in the next one, where a
+        task's first step would run (see ``Region._dispatch``)."""
+        try:
+            packed = self._pack(requests)
+        except Exception:  # e.g. a command holding a lambda, or a lock
+            return self._begin_apart(requests)
+        return self._outcomes(self._submit(self.handle.process_packed, packed))
+
+    def _pack(self, requests: list[Request]) -> bytes:
+        """The argument of ``ShardHost.process_packed``: the topology key and the requests as
+        plain tuples (the host rebuilds the named tuples, ``Request._make``), pickled with the
+        standard C pickler."""
+        rows = [tuple(r) for r in requests]
+        return pickle.dumps((self.topology_key, rows), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _submit(self, method: Any, *args: Any) -> Awaitable[Any]:
+        """Make the host's call now; a future of its answer, set on this event loop.
+
+        Ray's own ``await ref`` goes through a ``concurrent.futures.Future`` (a condition
+        variable, locked to set) that ``asyncio.wrap_future`` chains to an asyncio future;
+        this sets one asyncio future from Ray's completion callback, as that chain's last
+        step does, with Ray's own rule for errors (``_set_future_helper``). The callback
+        holds the object ref until it runs, as Ray's future does."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        try:
+            ref = method.remote(*args)
+            on_completed = getattr(ref, "_on_completed", None)
+            if on_completed is None:  # a Ray without it: its own await
+                return cast(Awaitable[Any], ref)
+            on_completed(functools.partial(_answered, loop, future, ref))
+        except Exception as e:
+            future.set_exception(e)
+        return future
+
+    async def _outcomes(self, answer: Awaitable[Any]) -> list[Outcome]:
         import ray.exceptions
 
         try:
-            answer = await self.handle.process.remote(self.topology_key, batch)
+            result = await answer
         except ray.exceptions.RayActorError as e:  # ActorDiedError, ActorUnavailableError
             raise HostUnreachable(f"{type(e).__name__}: {str(e)[:300]}") from e
-        outcomes: list[Outcome] = pickle.loads(answer) if isinstance(answer, bytes) else answer
+        outcomes: list[Outcome] = pickle.loads(result) if isinstance(result, bytes) else result
         return outcomes
 
-    async def _call_apart(self, requests: list[Request]) -> list[Outcome]:
+    def _begin_apart(self, requests: list[Request]) -> Awaitable[list[Outcome]]:
         """Some command of the batch does not pickle with the standard pickler: pickle each
         request apart. A request that Ray's cloudpickle cannot pickle either is not sent (so
-        not run) and alone gets a ``SerializationError`` naming its command; the others go,
-        as objects for Ray's cloudpickle when one of them needs it."""
+        not run) and alone gets a ``SerializationError`` naming its command; the others go
+        now (before this returns, like any batch: an entity's later batch, sent meanwhile,
+        must not overtake them), as objects for Ray's cloudpickle when one of them needs it."""
         cloudpickle: Any = importlib.import_module("ray.cloudpickle")
         outcomes: list[Outcome] = [(None, None)] * len(requests)
         sent: list[int] = []
@@ -133,13 +168,21 @@ class _RayHostLink:
                 plain = False
             sent.append(n)
         if not sent:
-            return outcomes
+            return _ready(outcomes)
         chosen = [requests[n] for n in sent]
-        answered = await self._send(
-            pickle.dumps([tuple(r) for r in chosen], protocol=pickle.HIGHEST_PROTOCOL)
+        answer = (
+            self._submit(self.handle.process_packed, self._pack(chosen))
             if plain
-            else chosen
+            else self._submit(self.handle.process, self.topology_key, chosen)
         )
+        return self._merge_apart(answer, outcomes, sent)
+
+    async def _merge_apart(
+        self, answer: Awaitable[Any], outcomes: list[Outcome], sent: list[int]
+    ) -> list[Outcome]:
+        """The outcomes of a batch sent apart: those of the requests ``sent``, in their places
+        among the refusals."""
+        answered = await self._outcomes(answer)
         if len(answered) != len(sent):
             return answered  # the region reports the mismatch
         for n, outcome in zip(sent, answered, strict=True):
@@ -197,6 +240,29 @@ class _RayHostLink:
                     ) from e
                 await self.ensure()
         raise AssertionError("unreachable")
+
+
+async def _ready(outcomes: list[Outcome]) -> list[Outcome]:
+    return outcomes
+
+
+def _answered(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], ref: Any, result: Any
+) -> None:
+    """Ray's completion callback (on one of Ray's threads): hand ``result`` to ``future``'s
+    event loop, unless that loop is closed (the process is shutting down)."""
+    del ref  # held until now: see _RayHostLink._submit
+    if loop.is_closed():
+        return
+    with contextlib.suppress(RuntimeError):  # closed meanwhile
+        loop.call_soon_threadsafe(_settle, future, result)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    from ray._raylet import _set_future_helper
+
+    if not future.done():  # not cancelled meanwhile
+        _set_future_helper(result, py_future=future)
 
 
 def _unpicklable_command(request: Request, error: Exception) -> SerializationError:

@@ -30,9 +30,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from lagompy.errors import JournalUnavailable, OutcomeUnknown, Overloaded, RuntimeFailure
 from lagompy.runtime._defaults import runtime_default
@@ -51,7 +51,14 @@ class HostUnreachable(Exception):
 
 
 class HostLink(Protocol):
-    """How the region reaches one shard host."""
+    """How the region reaches one shard host.
+
+    A link may also have ``begin(requests)``: :meth:`call` begun before it returns (the
+    batch handed over at once), returning the awaitable of its outcomes. The region then
+    begins each batch's call from its flush, in the order the batches were cut, and awaits
+    it in the batch's task; without it, the task calls :meth:`call` when it first runs, one
+    turn of the event loop later.
+    """
 
     async def call(self, requests: list[Request]) -> list[Outcome]:
         """Process a batch on the host; raise :class:`HostUnreachable` when the outcome is
@@ -205,20 +212,44 @@ class Region:
             self._in_flight[host] += 1
             self._settled[host].clear()
             self._sent += 1
-            self._start(self._send(host, self._sent, live))
+            self._start(self._send(host, self._sent, live, self._begin(host, live)))
+
+    def _begin(self, host: int, batch: list[_Ask]) -> Awaitable[list[Outcome]] | None:
+        """The host's call begun now, when its link can (a ``begin`` method, see
+        :class:`HostLink`): the batch leaves in this tick of the event loop, not in the next,
+        where the task that waits for it first runs. None: ``_send`` calls the link."""
+        begin = getattr(self.links[host], "begin", None)
+        if begin is None:
+            return None
+        try:
+            return cast(Awaitable[list[Outcome]], begin([ask.request for ask in batch]))
+        except Exception as e:  # raised by the awaitable instead, in _send
+            failed: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            return failed
 
     def _start(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, host: int, order: int, batch: list[_Ask]) -> None:
+    async def _send(
+        self,
+        host: int,
+        order: int,
+        batch: list[_Ask],
+        begun: Awaitable[list[Outcome]] | None = None,
+    ) -> None:
         handed_over = False
         try:
             self._batch_sizes.append(len(batch))
             self.counters["batches"] += 1
             try:
-                outcomes = await self.links[host].call([ask.request for ask in batch])
+                outcomes = await (
+                    begun
+                    if begun is not None
+                    else self.links[host].call([a.request for a in batch])
+                )
             except HostUnreachable as e:
                 if self.retries == 0:
                     self._outcome_unknown(batch)
