@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -974,6 +975,13 @@ def test_zombie_host_is_refused_by_the_journal_and_reloads(tmp_path: Path) -> No
         assert add(old, "f") == (5, None)  # it reloaded from the journal: no forked history
         wrong = old.process("another-topology", [Request("counter", "z", GetValue())])
         assert isinstance(wrong, list) and isinstance(wrong[0][1], ConfigurationError)
+        # The region's one-argument form: the key travels inside the pickled batch.
+        read = [tuple(Request("counter", "z", GetValue()))]
+        packed = old.process_packed(pickle.dumps((topology.key, read)))
+        assert isinstance(packed, bytes) and pickle.loads(packed) == [(5, None)]
+        packed = old.process_packed(pickle.dumps(("another-topology", read)))
+        assert isinstance(packed, bytes)
+        assert isinstance(pickle.loads(packed)[0][1], ConfigurationError)
     finally:
         old.close()
         new.close()
