@@ -859,7 +859,13 @@ process; nothing cheaper keeps a synchronous actor), and the write function's ow
 variants in one session (1,500 calls each, interleaved): the notification ~0.03 ms, the fence
 ~0.015, the whole function as long as a raw BEGIN, INSERT, COMMIT (0.655 against 0.674 ms) and
 ~0.3 ms above one autocommitted one-row INSERT: no change there is worth a migration for this
-floor.
+floor. `bench/runtime_bench.py --quick`, three alternated pairs right after (06:55-06:59, CPU
+reference 12.3-19.4 ms, the machine loaded: its baselines are measured apart from the asks, and
+the asks' p50 moved from 2.8 to 4.3 ms between runs of either): p50 ratio 2.44, 1.69, 2.03
+before and 2.11, 1.74, 2.44 after, no signal. Left for later: one one-ask batch cost a host's
+thread 0.30 ms of CPU when 2,000 ran inside one Ray call and 0.42-0.70 ms when each was a Ray
+call of its own (an actor running the same EntityProcessor on PostgreSQL, two rounds), not
+explained yet (cold caches after Ray's handling of a call is a guess, not measured).
 
 The machine is a shared VM whose speed changes from minute to minute: compare runs by their
 ratios to the same run's baselines, and by the CPU reference."""
