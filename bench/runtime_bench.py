@@ -830,7 +830,7 @@ The ratio to raw executemany did not move out of its noise (0.14-0.35 before, 0.
 the raw baseline moved more from run to run than the runtime gained, and the host's cycle
 (deciding, then the commit) still bounds one host. The latency floors did not move either.
 
-**Less work around a single ask (2026-12-07, 06:27-06:53 UTC).** Measured apart, each beside its
+**Less work around a single ask (2026-12-07, 06:27-07:02 UTC).** Measured apart, each beside its
 own baseline: a no-op actor call with a `str` and a `bytes` argument (what the region sent the
 host: the topology key and the pickled batch) took 1.139 ms at p50 against 1.058 with one
 `bytes` argument and 0.988 with none, returning None (2,000 calls each, interleaved, one Ray):
@@ -845,27 +845,28 @@ the region now begins a call in its flush, the Ray link waits on one future, the
 topology key inside the pickled batch (`ShardHost.process_packed`, one argument) and a small
 write's integer arrays travel as text (the probe now times `_RayHostLink._submit`).
 `bench/runtime_tail_probe.py --asks 2000 --rounds 1` on main and on this change, alternating,
-four pairs (CPU reference 11.9-21.8 ms, other helpers' work beside): p50 against the floor's
-base 1.60, 1.58, 1.56, 1.60 before and 1.47, 1.52, 1.51, 1.45 after; the composed call's
-1.09-1.11 and 1.06-1.10 in the same runs; what lagompy added above the composed call 1.27, 1.21,
-0.98, 1.21 ms before and 0.78, 1.07, 0.90, 0.75 after, in the dispatch (0.23-0.28 -> 0.15-0.23
-ms), the driver's wake-up (0.16-0.23 -> 0.13-0.17) and Ray's transport to the host. The p99 did
-not move out of its noise (3.24, 2.72, 4.17, 3.40 before, 3.53, 3.48, 3.60, 2.94 after). A
-script of the same asks beside a no-op call and a one-row transaction, five more pairs: p50
-ratio 1.59, 1.39, 1.57, 1.59, 1.46 before and 1.45, 1.41, 1.52, 1.48, 1.48 after, p99 3.25-5.25
-and 2.93-4.93 (CPU reference 12.1-21.1 ms). Measured and left as they are: the host's event loop
-run per batch (`run_until_complete`, ~20 us a batch against one loop running throughout, in
-process; nothing cheaper keeps a synchronous actor), and the write function's own cost, by its
-variants in one session (1,500 calls each, interleaved): the notification ~0.03 ms, the fence
-~0.015, the whole function as long as a raw BEGIN, INSERT, COMMIT (0.655 against 0.674 ms) and
-~0.3 ms above one autocommitted one-row INSERT: no change there is worth a migration for this
-floor. `bench/runtime_bench.py --quick`, three alternated pairs right after (06:55-06:59, CPU
-reference 12.3-19.4 ms, the machine loaded: its baselines are measured apart from the asks, and
-the asks' p50 moved from 2.8 to 4.3 ms between runs of either): p50 ratio 2.44, 1.69, 2.03
-before and 2.11, 1.74, 2.44 after, no signal. Left for later: one one-ask batch cost a host's
-thread 0.30 ms of CPU when 2,000 ran inside one Ray call and 0.42-0.70 ms when each was a Ray
-call of its own (an actor running the same EntityProcessor on PostgreSQL, two rounds), not
-explained yet (cold caches after Ray's handling of a call is a guess, not measured).
+six pairs (CPU reference 11.9-21.8 ms, other helpers' work beside): p50 against the floor's base
+1.60, 1.58, 1.56, 1.60, 1.61, 1.60 before and 1.47, 1.52, 1.51, 1.45, 1.52, 1.52 after; the
+composed call's 1.09-1.12 and 1.06-1.10 in the same runs; what lagompy added above the composed
+call 1.27, 1.21, 0.98, 1.21, 1.46, 1.23 ms before and 0.78, 1.07, 0.90, 0.75, 1.16, 1.02 after,
+in the dispatch (0.23-0.34 -> 0.15-0.26 ms), the driver's wake-up (0.16-0.28 -> 0.13-0.21) and
+Ray's transport to the host. The p99 did not move out of its noise (3.24, 2.72, 4.17, 3.40,
+3.07, 3.17 before, 3.53, 3.48, 3.60, 2.94, 2.91, 2.76 after). A script of the same asks beside a
+no-op call and a one-row transaction, five more pairs: p50 ratio 1.59, 1.39, 1.57, 1.59, 1.46
+before and 1.45, 1.41, 1.52, 1.48, 1.48 after, p99 3.25-5.25 and 2.93-4.93 (CPU reference
+12.1-21.1 ms). Measured and left as they are: the host's event loop run per batch
+(`run_until_complete`, ~20 us a batch against one loop running throughout, in process; nothing
+cheaper keeps a synchronous actor), and the write function's own cost, by its variants in one
+session (1,500 calls each, interleaved): the notification ~0.03 ms, the fence ~0.015, the whole
+function as long as a raw BEGIN, INSERT, COMMIT (0.655 against 0.674 ms) and ~0.3 ms above one
+autocommitted one-row INSERT: no change there is worth a migration for this floor.
+`bench/runtime_bench.py --quick`, three alternated pairs (06:55-06:59, CPU reference 12.3-19.4
+ms, the machine loaded: its baselines are measured apart from the asks, and the asks' p50 moved
+from 2.8 to 4.3 ms between runs of either): p50 ratio 2.44, 1.69, 2.03 before and 2.11, 1.74,
+2.44 after, no signal. Left for later: one one-ask batch cost a host's thread 0.30 ms of CPU
+when 2,000 ran inside one Ray call and 0.42-0.70 ms when each was a Ray call of its own (an
+actor running the same EntityProcessor on PostgreSQL, two rounds), not explained yet (cold
+caches after Ray's handling of a call is a guess, not measured).
 
 The machine is a shared VM whose speed changes from minute to minute: compare runs by their
 ratios to the same run's baselines, and by the CPU reference."""
