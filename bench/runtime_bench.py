@@ -863,10 +863,10 @@ autocommitted one-row INSERT: no change there is worth a migration for this floo
 `bench/runtime_bench.py --quick`, three alternated pairs (06:55-06:59, CPU reference 12.3-19.4
 ms, the machine loaded: its baselines are measured apart from the asks, and the asks' p50 moved
 from 2.8 to 4.3 ms between runs of either): p50 ratio 2.44, 1.69, 2.03 before and 2.11, 1.74,
-2.44 after, no signal. Left for later: one one-ask batch cost a host's thread 0.30 ms of CPU
-when 2,000 ran inside one Ray call and 0.42-0.70 ms when each was a Ray call of its own (an
-actor running the same EntityProcessor on PostgreSQL, two rounds), not explained yet (cold
-caches after Ray's handling of a call is a guess, not measured).
+2.44 after, no signal. Left for later: one one-ask batch cost a host's thread 0.30-0.35 ms of
+CPU at p50 when 2,000 ran inside one Ray call and 0.42-0.70 ms when each was a Ray call of its
+own (an actor running the same EntityProcessor on PostgreSQL, three rounds), not explained yet
+(cold caches after Ray's handling of a call is a guess, not measured).
 
 The machine is a shared VM whose speed changes from minute to minute: compare runs by their
 ratios to the same run's baselines, and by the CPU reference."""
