@@ -129,9 +129,10 @@ class _RayHostLink:
         try:
             ref = method.remote(*args)
             on_completed = getattr(ref, "_on_completed", None)
-            if on_completed is None:  # a Ray without it: its own await
+            settle = _ray_settle()
+            if on_completed is None or settle is None:  # a Ray without them: its own await
                 return cast(Awaitable[Any], ref)
-            on_completed(functools.partial(_answered, loop, future, ref))
+            on_completed(functools.partial(_answered, loop, future, ref, settle))
         except Exception as e:
             future.set_exception(e)
         return future
@@ -246,8 +247,25 @@ async def _ready(outcomes: list[Outcome]) -> list[Outcome]:
     return outcomes
 
 
+@functools.cache
+def _ray_settle() -> Callable[..., None] | None:
+    """Ray's rule for setting a future from a completed call's result (its value, or the
+    error it stands for), as Ray's own ``await ref`` applies it; None when this Ray has no
+    such function (private to Ray: :meth:`_RayHostLink._submit` then awaits the ref itself,
+    never a future that nothing would set)."""
+    try:
+        from ray._raylet import _set_future_helper
+    except ImportError:
+        return None
+    return cast(Callable[..., None], _set_future_helper)
+
+
 def _answered(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], ref: Any, result: Any
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    ref: Any,
+    settle: Callable[..., None],
+    result: Any,
 ) -> None:
     """Ray's completion callback (on one of Ray's threads): hand ``result`` to ``future``'s
     event loop, unless that loop is closed (the process is shutting down)."""
@@ -255,14 +273,16 @@ def _answered(
     if loop.is_closed():
         return
     with contextlib.suppress(RuntimeError):  # closed meanwhile
-        loop.call_soon_threadsafe(_settle, future, result)
+        loop.call_soon_threadsafe(_settle, settle, future, result)
 
 
-def _settle(future: asyncio.Future[Any], result: Any) -> None:
-    from ray._raylet import _set_future_helper
-
+def _settle(settle: Callable[..., None], future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():  # not cancelled meanwhile
-        _set_future_helper(result, py_future=future)
+        try:
+            settle(result, py_future=future)
+        except Exception as e:  # a Ray whose rule takes other arguments: the caller hears
+            if not future.done():
+                future.set_exception(e)
 
 
 def _unpicklable_command(request: Request, error: Exception) -> SerializationError:

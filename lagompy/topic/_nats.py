@@ -30,9 +30,9 @@ restart). Messages at or below the position are dropped. It acknowledges (``AckP
 last message the subscriber committed. Its inbox's messages go from the connection's parser
 straight to it (:func:`_sink_run`: one match per message for the control line and lagompy's
 header block, a run of messages per call), not through nats-py's message objects, queue and
-callback; the feed keeps what it fetched in lists that it hands out and drops by slices. A subscription that
-stops delivering while its subject has newer messages (pull subscriptions can after a
-reconnect) is found by a check every ``stall_check`` seconds of silence, reported (the
+callback; the feed keeps what it fetched in lists that it hands out and drops by slices. A
+subscription that stops delivering while its subject has newer messages (pull subscriptions can
+after a reconnect) is found by a check every ``stall_check`` seconds of silence, reported (the
 subscriber's status shows the error) and re-positioned.
 
 Measured here (nats-server 2.9.10, loopback): raw ``publish_async`` of 100-byte payloads
