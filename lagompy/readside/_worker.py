@@ -440,9 +440,12 @@ class ProjectionCommit:
             #: SQLite: the writes as driver statements, sent with the offset in one call.
             writes: list[tuple[str, list[Any]]] | None = None
             try:
+                every = _takes_every_event(processor)
                 if self._batch_mode:
                     done = len(envelopes)
-                    wanted = [e for e in envelopes if processor.wants(e)]
+                    wanted = (
+                        list(envelopes) if every else [e for e in envelopes if processor.wants(e)]
+                    )
                     if wanted:
                         await processor.handle_batch(handler_conn, wanted)
                 else:
@@ -453,7 +456,7 @@ class ProjectionCommit:
                     # it takes every event: per event, this loop is all the framework's work
                     # around a handler)
                     handle = processor.handle
-                    wants = None if _takes_every_event(processor) else processor.wants
+                    wants = None if every else processor.wants
                     for envelope in envelopes:
                         if wants is None or wants(envelope):
                             await handle(handler_conn, envelope)

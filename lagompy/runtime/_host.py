@@ -179,19 +179,18 @@ class ShardHost:
             **self._journal_status(),
         }
 
-    def process(self, topology_key: str, batch: list[Request] | bytes) -> list[Outcome] | bytes:
+    def process(self, topology_key: str, batch: list[Request]) -> list[Outcome] | bytes:
         """Process one batch; one (reply, error) per request, in order, released only after
         the batch's events committed.
 
-        The region sends the requests as plain tuples pickled with the standard C pickler (much
-        faster than the per-object dispatch of Ray's cloudpickle for hundreds of small
-        objects); the outcomes come back pickled the same way. Batches that do not pickle that
-        way travel as objects. An outcome that does not pickle at all (a reply or a rejection
-        holding a lock, say) is replaced with an ``UndeliverableOutcome`` for its ask alone:
-        the others of the batch, committed ones included, get theirs.
+        The region sends its batches through :meth:`process_packed`: the requests as plain
+        tuples pickled with the standard C pickler (much faster than the per-object dispatch
+        of Ray's cloudpickle for hundreds of small objects). Batches that do not pickle that
+        way come here, as objects, and their outcomes go back as objects. An outcome that does
+        not pickle at all (a reply or a rejection holding a lock, say) is replaced with an
+        ``UndeliverableOutcome`` for its ask alone: the others of the batch, committed ones
+        included, get theirs.
         """
-        if isinstance(batch, bytes):
-            return self._answer(topology_key, list(map(Request._make, pickle.loads(batch))), True)
         return self._answer(topology_key, batch, False)
 
     def process_packed(self, packed: bytes) -> list[Outcome] | bytes:

@@ -1576,15 +1576,15 @@ class NatsFeed:
         self._incoming.clear()  # (what arrives while a redelivery is acked waits there)
         if not arrived:
             return
-        offsets = _own_offsets(arrived)
-        if offsets is not None and offsets[0] > pos and sorted(set(offsets)) == offsets:
-            # The usual run: lagompy's own messages, each above the last (no redelivery).
-            fresh = arrived
+        own = _own_offsets(arrived)
+        # The usual run: lagompy's own messages (never position markers), each above the last.
+        own_run = own is not None and own[0] > pos and sorted(set(own)) == own
+        if own is not None and own_run:
+            offsets, fresh = own, arrived
         else:
             offsets, fresh = await self._fresh(arrived)
         if not fresh:
             return
-        markers = 0
         try:
             with _collector_paused():
                 messages = decode_batch(self.topic, self.partition, fresh, self.where())
@@ -1603,8 +1603,7 @@ class NatsFeed:
                     break
                 messages += one
             offsets, fresh = offsets[: len(messages)], fresh[: len(messages)]
-        if fresh is not arrived or arrived[0][3] is None:  # markers only come this way
-            markers = sum(1 for m in messages if m is None)
+        markers = 0 if own_run else sum(1 for m in messages if m is None)
         if offsets:
             self._offsets += offsets
             self._messages += messages
