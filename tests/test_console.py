@@ -431,6 +431,8 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         assert_problem(http.get(entity + "user/nobody"), 404, "no events")
         assert_problem(http.get(entity + "user/" + "x" * 300), 400)
         assert_problem(http.get(entity + "user/u1", params={"from_seq_nr": 0}), 422)
+        assert_problem(http.get(entity + "user/u1", params={"from_seq_nr": 2**63}), 422)
+        assert_problem(http.get("/console/api/parked", params={"after": 2**63}), 422)
         assert http.get("/console/entities?type=robot&id=1").status_code == 404
 
         # Log out: the session ends.

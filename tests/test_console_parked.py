@@ -148,6 +148,7 @@ def test_read_only_console_lists_parked_events_and_refuses_to_act(
             ("/readside/nope/parked", 404, "no read-side processor 'nope'"),
             ("/readside/parking-names/parked?limit=0", 422, "limit"),
             ("/readside/parking-names/parked?after=x", 422, "after"),
+            (f"/readside/parking-names/parked?after={2**63}", 422, "after"),
         ):
             problem = assert_problem(http.get(path), status, words)
             assert not any(s in str(problem) for s in SECRETS)

@@ -121,7 +121,15 @@ async def test_cli_status_pause_resume_set_offset(
         app,
         ["projections", "set-offset", *args, "--", "users", "user-events0", "-5"],
     )
-    assert result.exit_code == 1 and "an offset must be an integer >= 0" in result.stderr
+    assert result.exit_code == 1 and "an offset must be an integer from 0" in result.stderr
+    result = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["projections", "set-offset", *args, "users", "user-events0", str(2**64), "--force"],
+    )
+    assert result.exit_code == 1, result.output
+    assert f"an offset must be an integer from 0 to {2**63 - 1}" in result.stderr
+    assert "Traceback" not in result.output and "OverflowError" not in result.output
 
 
 async def test_cli_rebuild_with_a_progress_bar(

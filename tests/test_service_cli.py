@@ -550,3 +550,15 @@ def test_run_tunes_the_collector_of_the_serving_process(
         assert server.terminate() == 0, server.output()
     finally:
         server.kill()
+
+
+def test_a_port_or_a_worker_count_out_of_range_is_a_usage_error() -> None:
+    """Refused by the option itself (a port above 65535 reached the socket as OverflowError)."""
+    from typer.testing import CliRunner
+
+    for args in (["--port", "70000"], ["--port", "-1"], ["--workers", "100000"]):
+        result = CliRunner().invoke(build_app(), ["run", "examples.user_service.api:app", *args])
+        assert result.exit_code == 2, (args, result.output)
+        text = result.output + (result.stderr or "")
+        assert f"Invalid value for '{args[0]}'" in text, text
+        assert "OverflowError" not in text and "Traceback" not in text

@@ -95,6 +95,8 @@ async def test_bad_requests_get_problem_documents_naming_what_was_wrong(producer
         f"{PARTITION}/x": (422, "partition"),
         f"{PARTITION}/0?after=-1": (422, "after"),
         f"{PARTITION}/0?after=abc": (422, "after"),
+        f"{PARTITION}/0?after={2**63}": (422, "after"),  # beyond SQL's BIGINT
+        f"{PARTITION}/0/position?after={2**63}": (422, "after"),
         f"{PARTITION}/0?limit=0": (422, "limit"),
         f"{PARTITION}/0?limit=10001": (422, "limit"),
         f"{PARTITION}/0?wait=31": (422, "wait"),

@@ -271,6 +271,11 @@ def test_runs_are_listed_inspected_and_operated_over_http_and_the_cli(
     gone = runner.invoke(build_app(), ["workflows", "show", "nobody", "--url",
                          str(http.base_url)])  # fmt: skip
     assert gone.exit_code == 1 and "error: 404" in gone.output and "nobody" in gone.output
+    # A URL or prefix with no workflow routes there: said so, not a bare "404: Not Found".
+    elsewhere = runner.invoke(build_app(), ["workflows", "list", "--url", str(http.base_url),
+                              "--prefix", "/nothing-here"])  # fmt: skip
+    assert elsewhere.exit_code == 1, elsewhere.output
+    assert "has no workflow routes under /nothing-here (404)" in elsewhere.output
     assert "paused" in cli(http, "pause", "transfer")
     assert "again" in cli(http, "unpause", "transfer")
 

@@ -28,6 +28,7 @@ from lagompy.console._backend import (
 from lagompy.console._settings import ConsoleSettings
 from lagompy.console._workflows import workflow_routes
 from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import MAX_POSITION
 from lagompy.readside import ParkedFilter
 
 __all__ = ["ACTIONS", "Console"]
@@ -368,7 +369,7 @@ class Console:
             error: str | None = Query(default=None, max_length=255),
             entity: str | None = Query(default=None, max_length=255),
             limit: int = Query(default=PARKED_PAGE, ge=1, le=1000),
-            after: int = Query(default=0, ge=0),
+            after: int = Query(default=0, ge=0, le=MAX_POSITION),
         ) -> dict[str, Any]:
             which = ParkedFilter(consumer=processor or None, error_class=error or None,
                                  entity=entity or None)  # fmt: skip
@@ -377,7 +378,9 @@ class Console:
 
         @router.get("/api/entities/{entity_type}/{entity_id}")
         async def api_entity(
-            entity_type: str, entity_id: str, from_seq_nr: int = Query(default=1, ge=1)
+            entity_type: str,
+            entity_id: str,
+            from_seq_nr: int = Query(default=1, ge=1, le=MAX_POSITION),
         ) -> dict[str, Any]:
             try:
                 return await b.entity(entity_type, entity_id, from_seq_nr)
@@ -472,7 +475,7 @@ class Console:
             error: str | None = None,
             entity: str | None = None,
             fragment: str | None = None,
-            after: int = Query(default=0, ge=0),
+            after: int = Query(default=0, ge=0, le=MAX_POSITION),
         ) -> Response:
             for key, value in (("processor", processor), ("error", error), ("entity", entity)):
                 if value is not None and (len(value) > 255 or any(ord(c) < 32 for c in value)):
@@ -516,7 +519,7 @@ class Console:
             request: Request,
             type: str | None = None,
             id: str | None = None,
-            from_seq_nr: int = Query(default=1, ge=1),
+            from_seq_nr: int = Query(default=1, ge=1, le=MAX_POSITION),
         ) -> Response:
             found, message, status = None, None, 200
             if type and id:

@@ -129,10 +129,13 @@ def backend_for(database: Database, *, ordering_fence: bool = True) -> JournalBa
     return make(database, ordering_fence=ordering_fence)
 
 
-#: The columns ``Journal._envelope`` takes, in its parameter order.
-#: The bound of a read by offset where the backend sets none (the highest BIGINT).
-_NO_BOUND = 2**63 - 1
+#: The highest offset or sequence number a journal can hold (SQL's BIGINT): routes and commands
+#: that take a position refuse a larger one up front (the drivers raise OverflowError on it).
+MAX_POSITION = 2**63 - 1
+#: The bound of a read by offset where the backend sets none.
+_NO_BOUND = MAX_POSITION
 
+#: The columns ``Journal._envelope`` takes, in its parameter order.
 _ENVELOPE_COLUMNS = (
     schema.events.c.entity_type,
     schema.events.c.entity_id,

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query
 
 from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import MAX_POSITION
 from lagompy.readside._parked import MAX_LIST, ParkedFilter
 from lagompy.readside._projections import Projections
 
@@ -77,7 +78,7 @@ def readside_router(
         error: str | None = Query(default=None, max_length=255),
         entity: str | None = Query(default=None, max_length=255),
         limit: int = Query(default=100, ge=1, le=MAX_LIST),
-        after: int = Query(default=0, ge=0),
+        after: int = Query(default=0, ge=0, le=MAX_POSITION),
     ) -> dict[str, Any]:
         projections = current()
         try:

@@ -59,7 +59,7 @@ from lagompy.consumer._lease import (
     describe_owner,
 )
 from lagompy.errors import ConfigurationError, LeaseLost
-from lagompy.journal._journal import now_us
+from lagompy.journal._journal import MAX_POSITION, now_us
 from lagompy.readside._batching import _Plan, _plan
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database, _invalidate_if_broken, sqlite_commit_in_one_call
@@ -162,9 +162,13 @@ def _fresh_row(processor: str, tag: str) -> dict[str, Any]:
 
 
 def check_offset(offset: object) -> int:
-    """``offset`` if it is a usable offset (an int >= 0), else a ``ConfigurationError``."""
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ConfigurationError(f"an offset must be an integer >= 0, got {offset!r}")
+    """``offset`` if it is a usable offset (an int from 0 to the highest position a journal
+    holds), else a ``ConfigurationError``."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_POSITION:
+        raise ConfigurationError(
+            f"an offset must be an integer from 0 to {MAX_POSITION} (the highest position a "
+            f"journal holds), got {offset!r}"
+        )
     return offset
 
 

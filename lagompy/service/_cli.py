@@ -46,6 +46,9 @@ WORKERS_ENV = "LAGOMPY_WORKERS"  # the same name as lagompy.service._service.WOR
 #: directory where a worker that fails to start writes why, and the URL served.
 TARGET_ENV = "LAGOMPY_RUN_TARGET"
 FAILURES_ENV = "LAGOMPY_RUN_FAILURES"
+#: The most worker processes ``run --workers`` starts: a bound against a typing slip (each
+#: worker is a process with its own connections).
+MAX_WORKERS = 256
 #: ``run --collector``'s environment variable (the workers of ``--workers N`` read it too).
 COLLECTOR_ENV = "LAGOMPY_RUN_COLLECTOR"
 TUNED = "tuned"
@@ -228,9 +231,14 @@ def _worker_app() -> Any:
 def run(
     target: Annotated[str, typer.Argument(metavar="MODULE:APP", help="The ASGI app to serve.")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")
+    ] = 8000,
     workers: Annotated[
-        int, typer.Option(min=1, help="Worker processes; above 1 they share one Ray cluster.")
+        int,
+        typer.Option(
+            min=1, max=MAX_WORKERS, help="Worker processes; above 1 they share one Ray cluster."
+        ),
     ] = 1,
     ray_address: Annotated[
         str | None,

@@ -57,7 +57,7 @@ from lagompy.errors import (
     TopicError,
     TopicMessageInvalid,
 )
-from lagompy.journal._journal import Journal, _collector_paused
+from lagompy.journal._journal import MAX_POSITION, Journal, _collector_paused
 from lagompy.journal._tailing import TailSettings
 from lagompy.service._breaker import BreakerRegistry, CircuitBreaker
 from lagompy.service._client import ServiceClient, ServiceLocator
@@ -146,7 +146,9 @@ def topic_router(
     async def read(
         name: str,
         partition: int,
-        after: Annotated[int, Query(ge=0, description="The position: messages after it.")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_POSITION, description="The position: messages after it.")
+        ] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Most messages.")] = 100,
         wait: Annotated[
             float, Query(ge=0, le=MAX_WAIT, description="Seconds to wait for a message.")
@@ -204,7 +206,8 @@ def topic_router(
             ),
         ] = None,
         after: Annotated[
-            int | None, Query(ge=0, description="A position: how far behind the head it is.")
+            int | None,
+            Query(ge=0, le=MAX_POSITION, description="A position: how far behind the head it is."),
         ] = None,
     ) -> dict[str, Any]:
         topic, _ = find(name, partition)

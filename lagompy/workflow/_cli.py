@@ -111,9 +111,23 @@ class _Client:
                 f"cannot reach the service at {self.base} ({type(e).__name__}): check --url "
                 "or LAGOMPY_WORKFLOWS_URL"
             ) from None
+        if response.status_code == 404 and not _has_detail(response):
+            # No route there (a run or workflow not found comes with a detail saying so).
+            raise ConfigurationError(
+                f"the service at {self.base} has no workflow routes under {self.prefix} (404): "
+                "check --url (or LAGOMPY_WORKFLOWS_URL) and --prefix"
+            )
         if response.status_code >= 400:
             raise WorkflowError(f"{response.status_code}: {_detail(response)}")
         return response.json()
+
+
+def _has_detail(response: Any) -> bool:
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and bool(body.get("detail"))
 
 
 def _detail(response: Any) -> str:
