@@ -61,6 +61,19 @@ def reply_type_of(command_cls: type) -> Any:
 
 # --------------------------------------------------------------------------- tags
 
+#: The most shards a sharded tag may have.
+MAX_SHARDS = 1024
+#: The longest tag the journal stores (its tag columns are 255 characters).
+MAX_TAG_LENGTH = 255
+
+
+def _check_tag_length(name: str, longest: str) -> None:
+    if len(longest) > MAX_TAG_LENGTH:
+        raise ConfigurationError(
+            f"tag {name[:40]!r}... is too long: its events would carry {len(longest)} "
+            f"characters where the journal stores at most {MAX_TAG_LENGTH}"
+        )
+
 
 @dataclass(frozen=True)
 class Tag:
@@ -69,8 +82,9 @@ class Tag:
     name: str
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigurationError("a tag needs a non-empty name")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigurationError(f"a tag needs a non-empty name, got {self.name!r}")
+        _check_tag_length(self.name, self.name)
 
     def for_entity(self, entity_id: str) -> str:
         return self.name
@@ -91,10 +105,15 @@ class ShardedTag:
     shards: int
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigurationError("a sharded tag needs a non-empty name")
-        if self.shards < 1:
-            raise ConfigurationError(f"sharded tag {self.name!r} needs shards >= 1")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigurationError(f"a sharded tag needs a non-empty name, got {self.name!r}")
+        shards = self.shards
+        if not isinstance(shards, int) or isinstance(shards, bool) or not 0 < shards <= MAX_SHARDS:
+            raise ConfigurationError(
+                f"sharded tag {self.name!r} needs shards from 1 to {MAX_SHARDS} (each shard is a "
+                f"partition: a worker and a stored position per read side), got {shards!r}"
+            )
+        _check_tag_length(self.name, f"{self.name}{shards - 1}")
 
     def shard_of(self, entity_id: str) -> int:
         return stable_hash(entity_id) % self.shards

@@ -66,10 +66,19 @@ def test_sharded_tag_names_and_shards() -> None:
     assert t.all_tags == ("user-events0", "user-events1", "user-events2", "user-events3")
     assert t.for_entity("42") == f"user-events{841265288 % 4}"
     assert tag("all").for_entity("x") == "all"
-    with pytest.raises(ConfigurationError, match="shards >= 1"):
-        sharded_tag("x", 0)
+    for shards in (0, -1, 1025, 10**9, "4", True, 2.0):
+        with pytest.raises(ConfigurationError, match=f"shards from 1 to 1024.*got {shards!r}"):
+            sharded_tag("x", shards)  # type: ignore[arg-type]
+    assert len(sharded_tag("x", 1024).all_tags) == 1024
     with pytest.raises(ConfigurationError, match="non-empty"):
         tag("")
+    # The journal's tag columns hold 255 characters: a longer tag is refused where it is
+    # declared, not when the first event is written.
+    assert tag("t" * 255).name == "t" * 255 and sharded_tag("s" * 253, 100).shards == 100
+    with pytest.raises(ConfigurationError, match="256 characters where the journal stores"):
+        tag("t" * 256)
+    with pytest.raises(ConfigurationError, match="256 characters where the journal stores"):
+        sharded_tag("s" * 253, 101)  # its last shard, s...s100, is 256 characters
 
 
 def test_command_carries_its_reply_type() -> None:

@@ -580,7 +580,8 @@ def test_declarations_refuse_what_cannot_work() -> None:
         (lambda: Topic("t", int, source=ContractAccount, to_message=none), "dataclass"),
         (lambda: Topic("t", Deposit, source=Untagged, to_message=none), "sharded_tag"),
         (lambda: Topic("t", Deposit, source=Deposit, to_message=none), "PersistentEntity"),  # type: ignore[arg-type]
-        (lambda: StartFrom.after_offset(-1), ">= 0"),
+        (lambda: StartFrom.after_offset(-1), "from 0 to"),
+        (lambda: StartFrom.after_offset(2**63), f"from 0 to {2**63 - 1}, got {2**63}"),
         (lambda: StartFrom.at_time(datetime(2026, 1, 1)), "timezone-aware"),
         (lambda: contract_topic.partition_tag(2), "partitions 0 to 1"),
     ]

@@ -18,6 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lagompy.entity import PersistentEntity, ShardedTag
 from lagompy.errors import ConfigurationError
+from lagompy.journal._journal import MAX_POSITION
 from lagompy.journal._model import EventEnvelope
 from lagompy.serialization import Serializer, type_info
 
@@ -349,9 +350,15 @@ class StartFrom:
 
     def __post_init__(self) -> None:
         if self.kind == "offset":
-            if not isinstance(self.offset, int) or isinstance(self.offset, bool) or self.offset < 0:
+            offset = self.offset
+            if (
+                not isinstance(offset, int)
+                or isinstance(offset, bool)
+                or not 0 <= offset <= MAX_POSITION
+            ):
                 raise ConfigurationError(
-                    f"StartFrom.after_offset needs an integer >= 0, got {self.offset!r}"
+                    f"StartFrom.after_offset needs an integer from 0 to {MAX_POSITION}, got "
+                    f"{offset!r}"
                 )
         elif self.kind == "time":
             if not isinstance(self.time, datetime) or self.time.tzinfo is None:
