@@ -339,8 +339,9 @@ class EncodeError(SerializationError):
 
 class RefusedValue(EncodeError):
     """A value fits its type but is one the journal refuses to store: a string holding a NUL
-    character (PostgreSQL text columns refuse it, so a read side copying it would stop). Bad
-    input, not a bug: a service answers 422. Names the field."""
+    character (PostgreSQL text columns refuse it, so a read side copying it would stop), or an
+    integer outside the 64 bits msgpack stores (-2**63 to 2**64 - 1). Bad input, not a bug: a
+    service answers 422. Names the field."""
 
 
 class DecodeError(SerializationError):

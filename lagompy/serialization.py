@@ -580,6 +580,48 @@ NUL_REFUSED: Final = (
 )
 
 
+#: The integers msgpack stores: 64 bits, signed or unsigned.
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**64 - 1
+
+
+def _int_out_of_range(prefix: str, value: object) -> RefusedValue:
+    """The packer's OverflowError as bad input: the integer is out of msgpack's range (looked
+    for in ``value`` only now, on the error's path: the encoders let every int through)."""
+    dataclass_value = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    found = _out_of_range(value, type(value).__name__ if dataclass_value else "value", 0)
+    where = f"the integer {found[0]} = {_short(found[1])}" if found else "an integer"
+    return RefusedValue(
+        f"{prefix}: {where} is outside the range the journal stores ({INT_MIN} to {INT_MAX})"
+    )
+
+
+def _out_of_range(value: object, path: str, depth: int) -> tuple[str, int] | None:
+    """The path and value of the first integer in ``value`` outside ``INT_MIN..INT_MAX``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if INT_MIN <= value <= INT_MAX else (path, value)
+    if depth > 50:
+        return None
+    items: Iterable[tuple[str, object]] = ()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, (set, frozenset)):
+        items = ((f"{path} (an element)", v) for v in value)
+    elif isinstance(value, Mapping):
+        items = (
+            pair
+            for k, v in value.items()
+            for pair in ((f"{path} (a key)", k), (f"{path}[{_short(k)}]", v))
+        )
+    for where, item in items:
+        found = _out_of_range(item, where, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _encode_error(prefix: str, m: _Mismatch) -> EncodeError:
     message = m.render(prefix)
     return RefusedValue(message) if m.refused else EncodeError(message)
@@ -1246,6 +1288,8 @@ class Serializer:
             return cc.name, cc.version, _pack(cc.body_enc(value))
         except _Mismatch as m:
             raise _encode_error(cc.name, m) from m.__cause__
+        except OverflowError as exc:
+            raise _int_out_of_range(cc.name, value) from exc
         except Exception as exc:
             raise EncodeError(f"{cc.name}: cannot encode: {exc}") from exc
 
@@ -1274,6 +1318,8 @@ class Serializer:
             return _pack(codec.enc(value))
         except _Mismatch as m:
             raise _encode_error(codec.label, m) from m.__cause__
+        except OverflowError as exc:
+            raise _int_out_of_range(codec.label, value) from exc
         except Exception as exc:
             raise EncodeError(f"{codec.label}: cannot encode: {exc}") from exc
 

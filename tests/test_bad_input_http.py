@@ -83,6 +83,69 @@ async def test_a_nul_character_in_a_request_is_a_422_naming_the_field(
     assert [e.event for e in events] == [NoteAdded("Ada Lovelace")]
 
 
+@dataclass(frozen=True)
+class Tally:
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class AddToTally(Command[Tally]):
+    amount: int
+
+
+@dataclass(frozen=True)
+class TallyAdded:
+    amount: int
+
+
+class TallyEntity(PersistentEntity[AddToTally, TallyAdded, Tally]):
+    """Adds any integer: only msgpack's 64 bits bound it."""
+
+    type_name = "tally"
+    initial_state = Tally()
+
+    def on_command(self, state: Tally, command: AddToTally) -> Effect[Tally]:
+        return Effect.persist(TallyAdded(command.amount)).then_reply(lambda s: s)
+
+    def on_event(self, state: Tally, event: TallyAdded) -> Tally:
+        return Tally(state.total + event.amount)
+
+
+TallyRefs = Annotated[Refs[AddToTally], Depends(refs(TallyEntity))]
+
+
+async def test_an_integer_beyond_64_bits_is_a_422_naming_the_field(
+    journal_settings: JournalSettings,
+) -> None:
+    """An int query parameter lets any integer through (as the README's deposit does): one the
+    journal cannot store is bad input, refused with a 422 that names the field, and nothing
+    of it is stored; a total that would outgrow 64 bits is refused the same way."""
+    service = Service(entities=[TallyEntity], journal_settings=journal_settings, ray=False)
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+
+    @app.post("/tallies/{tally_id}")
+    async def add(tally_id: str, amount: int, tallies: TallyRefs) -> int:
+        return (await tallies(tally_id).ask(AddToTally(amount))).total
+
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        for amount in (2**64, -(2**63) - 1, 10**30):
+            refused = http.post("/tallies/t1", params={"amount": amount})
+            assert refused.status_code == 422, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            problem = refused.json()
+            assert problem["type"] == "urn:lagompy:problem:refused-value"
+            assert "not applied" in problem["detail"], problem
+            assert "outside the range the journal stores" in problem["detail"], problem
+        top = 2**64 - 1
+        assert http.post("/tallies/t1", params={"amount": top}).json() == top
+        over = http.post("/tallies/t1", params={"amount": 1})  # the total would be 2**64
+        assert over.status_code == 422 and "Tally.total" in over.json()["detail"], over.text
+    async with await open_storage(settings=journal_settings, entities=[TallyEntity]) as storage:
+        events = await storage.journal.events("tally", "t1")
+    assert [e.event for e in events] == [TallyAdded(top)]
+
+
 def test_a_refused_write_is_a_422_naming_the_entity_only() -> None:
     error = WriteRefused(
         'write for account/a1 refused: new row violates check constraint "positive"',

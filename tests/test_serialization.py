@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import functools
 import pickle
+import re
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -27,6 +28,7 @@ from lagompy.errors import (
     ConfigurationError,
     DecodeError,
     EncodeError,
+    RefusedValue,
     SerializationError,
     UnknownType,
 )
@@ -1181,3 +1183,36 @@ def test_only_dataclasses_whose_init_just_stores_its_arguments_are_filled_direct
         DecodeError, match=r"Abstract\(\.\.\.\) raised TypeError: Can't instantiate"
     ):
         ser.decode(ser.type_name_of(Abstract), 1, msgpack.packb({"a": 2}))
+
+
+# --------------------------------------------------------------------------- 64-bit integers
+
+
+@dataclass(frozen=True)
+class Sixty4:
+    n: int
+    ns: tuple[int, ...] = ()
+    by_name: dict[str, int] = field(default_factory=dict)
+
+
+def test_integers_beyond_64_bits_are_refused_naming_where_they_are() -> None:
+    """msgpack stores -2**63 to 2**64 - 1: at both ends a value round-trips, one step beyond it
+    is a RefusedValue (bad input: a service answers 422) naming the field, not the packer's
+    bare OverflowError."""
+    s = Serializer([Sixty4])
+    for edge in (-(2**63), 2**64 - 1):
+        value = Sixty4(edge, (edge,), {"k": edge})
+        assert s.decode(*s.encode(value)) == value
+        assert s.decode_value(s.encode_value(edge, int), int) == edge
+    cases = [
+        (Sixty4(2**64), "Sixty4.n = 18446744073709551616"),
+        (Sixty4(1, (0, -(2**63) - 1)), "Sixty4.ns[1] = -9223372036854775809"),
+        (Sixty4(1, (), {"k": 10**30}), "Sixty4.by_name['k'] = 1000000000000000000000000000000"),
+    ]
+    for value, where in cases:
+        with pytest.raises(RefusedValue, match=re.escape(f"the integer {where} is outside")):
+            s.encode(value)
+    with pytest.raises(RefusedValue, match="the integer value = 18446744073709551616"):
+        s.encode_value(2**64, int)
+    with pytest.raises(RefusedValue, match=r"the integer value\[0\] = "):
+        s.encode_value([2**70], list[int])

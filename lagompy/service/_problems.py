@@ -156,7 +156,9 @@ def problem_for(
     elif isinstance(exc, (UnknownWorkflow, InvalidWorkflowInput)):
         status = exc.http_status  # 404 / 422: the request named or sent what cannot run
     elif isinstance(exc, RefusedValue):
-        status = 422  # the request's data (a NUL character): the message names the field
+        # The request's data (a NUL character, an integer beyond 64 bits): the message names
+        # the field.
+        status = 422
     elif isinstance(exc, WriteRefused):
         status = 422
         detail = (
