@@ -428,6 +428,8 @@ def test_actions_need_the_token_csrf_and_confirmation_and_are_audited(
         assert "Ada@example.org" not in http.get("/console/entities?type=user&id=u1").text
         entity = "/console/api/entities/"
         assert_problem(http.get(entity + "robot/1"), 404, "no entity type 'robot'", "user")
+        # No workflows here: not found (a 503 said "try again later" to what never comes).
+        assert_problem(http.get("/console/api/workflows"), 404, "runs no workflows")
         assert_problem(http.get(entity + "user/nobody"), 404, "no events")
         assert_problem(http.get(entity + "user/" + "x" * 300), 400)
         assert_problem(http.get(entity + "user/u1", params={"from_seq_nr": 0}), 422)

@@ -72,7 +72,7 @@ def _engine(console: Console) -> WorkflowEngine:
                 return component.engine
             except ConfigurationError:
                 raise ActionError(503, "the workflows are not started") from None
-    raise ActionError(503, "this service runs no workflows (no WorkflowsComponent)")
+    raise ActionError(404, "this service runs no workflows (no WorkflowsComponent)")
 
 
 def _refusal(e: LagompyError) -> ActionError:
