@@ -281,6 +281,43 @@ async def test_a_subscription_gone_behind_the_feed_is_found_and_restarted(
 
 
 @pytest.mark.asyncio
+async def test_a_deleted_stream_is_made_again_and_loses_nothing(
+    brokered: _Broker, broker_server: NatsServer
+) -> None:
+    """An operator deletes the topic's stream while producers publish and a group consumes:
+    the producers make it again and publish the journal again (their position is the last
+    message of the partition's subject, now none), the feeds find their consumer gone and
+    read on, and the group applies each message once, skipping what it had."""
+    import nats
+
+    from lagompy.topic._nats import stream_name
+
+    env = brokered.env
+    running = await env.start(recorder("kept"))
+    written = await env.append(*(Deposited(f"d{i % 5}", i) for i in range(30)))
+    async with asyncio.timeout(20):
+        while len(await env.seen("kept")) < len(written):
+            await asyncio.sleep(0.02)
+    nc = await nats.connect(broker_server.url)
+    try:
+        js = nc.jetstream()
+        stream = stream_name(brokered.prefix, contract_topic)
+        assert await js.delete_stream(stream)
+        written += await env.append(*(Deposited(f"d{i % 5}", i) for i in range(30, 60)))
+        async with asyncio.timeout(30):
+            while len(await env.seen("kept")) < len(written):
+                await asyncio.sleep(0.05)
+            await brokered.published_to_heads()
+            # The stream holds the whole journal again, the 30 events before the delete too.
+            while (await js.stream_info(stream)).state.messages < len(written):
+                await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    await running.wait_until_caught_up(timeout=20)
+    assert [r[1] for r in await env.seen("kept")] == [e.offset for e in written]
+
+
+@pytest.mark.asyncio
 async def test_messages_carry_the_journal_coordinates_in_headers(
     brokered: _Broker, broker_server: NatsServer
 ) -> None:
