@@ -21,6 +21,7 @@ from lagompy.testkit.server import serve_in_thread
 @dataclass(frozen=True)
 class Notes:
     texts: tuple[str, ...] = ()
+    total: int = 0
 
 
 @dataclass(frozen=True)
@@ -29,28 +30,49 @@ class AddNote(Command[Notes]):
 
 
 @dataclass(frozen=True)
+class AddToTotal(Command[Notes]):
+    amount: int
+
+
+@dataclass(frozen=True)
 class NoteAdded:
     text: str
 
 
-class NotesEntity(PersistentEntity[AddNote, NoteAdded, Notes]):
-    """Takes any text: only the journal's own rule (no NUL) can refuse it."""
+@dataclass(frozen=True)
+class TotalAdded:
+    amount: int
+
+
+class NotesEntity(PersistentEntity[AddNote | AddToTotal, NoteAdded | TotalAdded, Notes]):
+    """Takes any text and any integer: only the journal's own rules (no NUL, 64 bits) can
+    refuse them."""
 
     type_name = "notes"
     initial_state = Notes()
 
-    def on_command(self, state: Notes, command: AddNote) -> Effect[Notes]:
-        return Effect.persist(NoteAdded(command.text)).then_reply(lambda s: s)
+    def on_command(self, state: Notes, command: AddNote | AddToTotal) -> Effect[Notes]:
+        match command:
+            case AddNote(text=text):
+                return Effect.persist(NoteAdded(text)).then_reply(lambda s: s)
+            case AddToTotal(amount=amount):
+                return Effect.persist(TotalAdded(amount)).then_reply(lambda s: s)
+        return Effect.unhandled()
 
-    def on_event(self, state: Notes, event: NoteAdded) -> Notes:
-        return replace(state, texts=(*state.texts, event.text))
+    def on_event(self, state: Notes, event: NoteAdded | TotalAdded) -> Notes:
+        match event:
+            case NoteAdded(text=text):
+                return replace(state, texts=(*state.texts, text))
+            case TotalAdded(amount=amount):
+                return replace(state, total=state.total + amount)
+        return state
 
 
 class Note(BaseModel):
     text: str
 
 
-NotesRefs = Annotated[Refs[AddNote], Depends(refs(NotesEntity))]
+NotesRefs = Annotated[Refs[AddNote | AddToTotal], Depends(refs(NotesEntity))]
 
 
 def notes_app(journal_settings: JournalSettings) -> FastAPI:
@@ -61,6 +83,10 @@ def notes_app(journal_settings: JournalSettings) -> FastAPI:
     @app.post("/notes/{notes_id}")
     async def add(notes_id: str, note: Note, notes: NotesRefs) -> list[str]:
         return list((await notes(notes_id).ask(AddNote(note.text))).texts)
+
+    @app.post("/notes/{notes_id}/total")
+    async def add_to_total(notes_id: str, amount: int, notes: NotesRefs) -> int:
+        return (await notes(notes_id).ask(AddToTotal(amount))).total
 
     return app
 
@@ -83,54 +109,15 @@ async def test_a_nul_character_in_a_request_is_a_422_naming_the_field(
     assert [e.event for e in events] == [NoteAdded("Ada Lovelace")]
 
 
-@dataclass(frozen=True)
-class Tally:
-    total: int = 0
-
-
-@dataclass(frozen=True)
-class AddToTally(Command[Tally]):
-    amount: int
-
-
-@dataclass(frozen=True)
-class TallyAdded:
-    amount: int
-
-
-class TallyEntity(PersistentEntity[AddToTally, TallyAdded, Tally]):
-    """Adds any integer: only msgpack's 64 bits bound it."""
-
-    type_name = "tally"
-    initial_state = Tally()
-
-    def on_command(self, state: Tally, command: AddToTally) -> Effect[Tally]:
-        return Effect.persist(TallyAdded(command.amount)).then_reply(lambda s: s)
-
-    def on_event(self, state: Tally, event: TallyAdded) -> Tally:
-        return Tally(state.total + event.amount)
-
-
-TallyRefs = Annotated[Refs[AddToTally], Depends(refs(TallyEntity))]
-
-
 async def test_an_integer_beyond_64_bits_is_a_422_naming_the_field(
     journal_settings: JournalSettings,
 ) -> None:
     """An int query parameter lets any integer through (as the README's deposit does): one the
     journal cannot store is bad input, refused with a 422 that names the field, and nothing
     of it is stored; a total that would outgrow 64 bits is refused the same way."""
-    service = Service(entities=[TallyEntity], journal_settings=journal_settings, ray=False)
-    app = FastAPI(lifespan=service.lifespan)
-    service.install(app)
-
-    @app.post("/tallies/{tally_id}")
-    async def add(tally_id: str, amount: int, tallies: TallyRefs) -> int:
-        return (await tallies(tally_id).ask(AddToTally(amount))).total
-
-    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+    with serve_in_thread(notes_app(journal_settings)) as url, httpx.Client(base_url=url) as http:
         for amount in (2**64, -(2**63) - 1, 10**30):
-            refused = http.post("/tallies/t1", params={"amount": amount})
+            refused = http.post("/notes/t1/total", params={"amount": amount})
             assert refused.status_code == 422, refused.text
             assert refused.headers["content-type"] == "application/problem+json"
             problem = refused.json()
@@ -138,12 +125,12 @@ async def test_an_integer_beyond_64_bits_is_a_422_naming_the_field(
             assert "not applied" in problem["detail"], problem
             assert "outside the range the journal stores" in problem["detail"], problem
         top = 2**64 - 1
-        assert http.post("/tallies/t1", params={"amount": top}).json() == top
-        over = http.post("/tallies/t1", params={"amount": 1})  # the total would be 2**64
-        assert over.status_code == 422 and "Tally.total" in over.json()["detail"], over.text
-    async with await open_storage(settings=journal_settings, entities=[TallyEntity]) as storage:
-        events = await storage.journal.events("tally", "t1")
-    assert [e.event for e in events] == [TallyAdded(top)]
+        assert http.post("/notes/t1/total", params={"amount": top}).json() == top
+        over = http.post("/notes/t1/total", params={"amount": 1})  # the total would be 2**64
+        assert over.status_code == 422 and "Notes.total" in over.json()["detail"], over.text
+    async with await open_storage(settings=journal_settings, entities=[NotesEntity]) as storage:
+        events = await storage.journal.events("notes", "t1")
+    assert [e.event for e in events] == [TotalAdded(top)]
 
 
 def test_a_refused_write_is_a_422_naming_the_entity_only() -> None:

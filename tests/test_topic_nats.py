@@ -143,6 +143,13 @@ class _Broker:
             await self.producing.close()
 
 
+async def _seen_at_least(env: TopicEnv, group: str, count: int, *, timeout: float) -> None:
+    """Wait until ``group`` has applied ``count`` messages (``TimeoutError`` after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        while len(await env.seen(group)) < count:
+            await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 async def broker_server() -> AsyncIterator[NatsServer]:
     _require_nats()
@@ -227,17 +234,13 @@ async def test_a_killed_broker_loses_nothing_and_applies_each_message_once(
     env, broker = brokered.env, brokered
     running = await env.start(recorder("survivors"))
     written = await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200)))
-    async with asyncio.timeout(20):
-        while len(await env.seen("survivors")) < 50:
-            await asyncio.sleep(0.01)
+    await _seen_at_least(env, "survivors", 50, timeout=20)
     await broker_server.kill()
     written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(200, 300)))
     await asyncio.sleep(0.5)  # producers and feeds fail and back off meanwhile
     await broker_server.start()
     written += await env.append(*(Deposited(f"b{i % 7}", i) for i in range(300, 350)))
-    async with asyncio.timeout(30):
-        while len(await env.seen("survivors")) < len(written):
-            await asyncio.sleep(0.05)
+    await _seen_at_least(env, "survivors", len(written), timeout=30)
     await running.wait_until_caught_up(timeout=20)
     offsets = [r[1] for r in await env.seen("survivors")]
     assert offsets == [e.offset for e in written], "every message once, in order"
@@ -257,9 +260,7 @@ async def test_a_subscription_gone_behind_the_feed_is_found_and_restarted(
     env = brokered.env
     running = await env.start(recorder("watched"))
     written = await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20)))
-    async with asyncio.timeout(20):
-        while len(await env.seen("watched")) < len(written):
-            await asyncio.sleep(0.02)
+    await _seen_at_least(env, "watched", len(written), timeout=20)
     feeds = [w.feed for w in running.workers]
     assert all(isinstance(f, NatsFeed) for f in feeds)
     async with asyncio.timeout(20):
@@ -274,9 +275,7 @@ async def test_a_subscription_gone_behind_the_feed_is_found_and_restarted(
         await js.delete_consumer(f.stream, f._consumer)
     await nc.close()
     written += await env.append(*(Deposited(f"w{i % 4}", i) for i in range(20, 40)))
-    async with asyncio.timeout(20):
-        while len(await env.seen("watched")) < len(written):
-            await asyncio.sleep(0.05)
+    await _seen_at_least(env, "watched", len(written), timeout=20)
     assert [r[1] for r in await env.seen("watched")] == [e.offset for e in written]
 
 
@@ -295,20 +294,17 @@ async def test_a_deleted_stream_is_made_again_and_loses_nothing(
     env = brokered.env
     running = await env.start(recorder("kept"))
     written = await env.append(*(Deposited(f"d{i % 5}", i) for i in range(30)))
-    async with asyncio.timeout(20):
-        while len(await env.seen("kept")) < len(written):
-            await asyncio.sleep(0.02)
+    await _seen_at_least(env, "kept", len(written), timeout=20)
     nc = await nats.connect(broker_server.url)
     try:
         js = nc.jetstream()
         stream = stream_name(brokered.prefix, contract_topic)
         assert await js.delete_stream(stream)
         written += await env.append(*(Deposited(f"d{i % 5}", i) for i in range(30, 60)))
+        await _seen_at_least(env, "kept", len(written), timeout=30)
+        await brokered.published_to_heads()
+        # The stream holds the whole journal again, the 30 events before the delete too.
         async with asyncio.timeout(30):
-            while len(await env.seen("kept")) < len(written):
-                await asyncio.sleep(0.05)
-            await brokered.published_to_heads()
-            # The stream holds the whole journal again, the 30 events before the delete too.
             while (await js.stream_info(stream)).state.messages < len(written):
                 await asyncio.sleep(0.05)
     finally:
@@ -469,9 +465,7 @@ async def test_a_nats_py_without_the_hooks_still_delivers_through_callbacks(
         env = brokered.env
         written = await env.append(*(Deposited(f"cb{i % 3}", i) for i in range(30)))
         running = await env.start(recorder("by-callback"))
-        async with asyncio.timeout(20):
-            while len(await env.seen("by-callback")) < len(written):
-                await asyncio.sleep(0.02)
+        await _seen_at_least(env, "by-callback", len(written), timeout=20)
         assert [r[1] for r in await env.seen("by-callback")] == [e.offset for e in written]
         await running.wait_until_caught_up(timeout=20)
     finally:
@@ -546,9 +540,7 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
     try:
         assert isinstance(subscribers.transport, NatsTransport)
         written = await env.append(*(Deposited(f"c{i % 3}", i) for i in range(9)))
-        async with asyncio.timeout(20):
-            while len(await env.seen("components")) < len(written):
-                await asyncio.sleep(0.02)
+        await _seen_at_least(env, "components", len(written), timeout=20)
         assert [r[1] for r in await env.seen("components")] == [e.offset for e in written]
         assert await topics.ready() is True
         assert await subscribers.ready() is True
@@ -572,9 +564,8 @@ async def test_a_broker_url_selects_nats_for_the_services_components(
         assert "stalled" in said and "127.0.0.1" not in said, said
         # Back: nothing was lost, each message applied once, ready again.
         await broker_server.start()
+        await _seen_at_least(env, "components", len(written), timeout=30)
         async with asyncio.timeout(30):
-            while len(await env.seen("components")) < len(written):
-                await asyncio.sleep(0.05)
             while (await topics.ready()) is not True or (await subscribers.ready()) is not True:
                 await asyncio.sleep(0.1)
         assert [r[1] for r in await env.seen("components")] == [e.offset for e in written]
@@ -848,9 +839,7 @@ async def test_a_second_producing_process_takes_half_the_partitions_and_each_mes
                 written += await env.append(Deposited(f"s{len(written) % 9}", len(written)))
                 await asyncio.sleep(0.05)
         written += await env.append(*(Deposited(f"s{i % 9}", i) for i in range(100, 160)))
-        async with asyncio.timeout(30):
-            while len(await env.seen("spread")) < len(written):
-                await asyncio.sleep(0.05)
+        await _seen_at_least(env, "spread", len(written), timeout=30)
     finally:
         await producers.close()
         await second.close()
@@ -858,9 +847,7 @@ async def test_a_second_producing_process_takes_half_the_partitions_and_each_mes
         while _held(first.producers) < contract_topic.partitions:
             await asyncio.sleep(0.02)
     written += await env.append(*(Deposited(f"s{i % 9}", i) for i in range(200, 220)))
-    async with asyncio.timeout(30):
-        while len(await env.seen("spread")) < len(written):
-            await asyncio.sleep(0.05)
+    await _seen_at_least(env, "spread", len(written), timeout=30)
     await running.wait_until_caught_up(timeout=20)
     assert [r[1] for r in await env.seen("spread")] == [e.offset for e in written]
 
