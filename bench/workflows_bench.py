@@ -50,8 +50,10 @@ LIMIT = 50
 workflows = Workflows()
 #: Times of each live ``ctx.ask`` in the 3-step workflow (seconds), when recording.
 step_times: list[float] = []
-#: run id -> its future, resolved when the workflow's code returns.
+#: run id -> its future, resolved when the workflow's code returns (``--results-at-end``).
 returned: dict[str, asyncio.Future[None]] = {}
+#: ``results_at_end``: see :func:`runs_of`.
+options = {"results_at_end": False}
 #: (run id, position) -> times the external-call step ran (monotonic).
 calls: dict[tuple[str, int], list[float]] = {}
 #: Runs of the limited workflow in its code now, and the most seen.
@@ -137,7 +139,11 @@ async def runs_of(
     engine: Any, total: int, outstanding: int, prefix: str, pool: str
 ) -> dict[str, Any]:
     """``total`` runs (ids ``prefix-n``) of three-asks on the accounts of ``pool`` in turn,
-    ``outstanding`` in flight: runs/s (to the last one finished)."""
+    ``outstanding`` in flight, each started then awaited (``engine.result``) as a caller that
+    wants its output does: runs/s (to the last one finished). ``--results-at-end``: each
+    worker waits for its run's code to return instead, and every result is asked at the end,
+    in one batch per shard host (the bench's way before 2026-12-07, when a result cost a
+    round trip, and a run driven in this process is now answered with none)."""
     counter = iter(range(total))
     ids: list[str] = []
 
@@ -145,6 +151,10 @@ async def runs_of(
         loop = asyncio.get_running_loop()
         for n in counter:
             run_id = f"{prefix}-{n}"
+            if not options["results_at_end"]:
+                await engine.start("three-asks", f"{pool}{n % ACCOUNTS}", id=run_id)
+                await engine.result(run_id, timeout=120)
+                continue
             ids.append(run_id)
             future = returned[run_id] = loop.create_future()
             await engine.start("three-asks", f"{pool}{n % ACCOUNTS}", id=run_id)
@@ -153,8 +163,6 @@ async def runs_of(
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(outstanding)))
-    # The last ones' FinishRun: every run's result asked at once (one batch per shard host);
-    # one after the other they took as long as the runs themselves (a round trip each).
     await asyncio.gather(*(engine.result(run_id, timeout=120) for run_id in ids))
     return {"rate": total / (time.perf_counter() - started)}
 
@@ -444,7 +452,8 @@ def render(runs: list[dict[str, Any]], command: str) -> str:
     lines += [
         "",
         "How: throughput keeps 64 runs (or 64 asks, each with a command id like the asks of "
-        "`ctx.ask`) in flight; a run counts when the last one has finished. Runs and bare "
+        "`ctx.ask`) in flight; a run is started then awaited (`engine.result`), and counts "
+        "when it has finished. Runs and bare "
         "asks ask the same 3,000 counters, in memory in their hosts (recovered before either "
         "is timed); each run's own entity is new, as a run's always is. A step's time is "
         "`await ctx.ask(...)` in the workflow's code (the entity's ask, and the step's record "
@@ -469,10 +478,18 @@ async def main() -> None:
         action="store_true",
         help="the throughput part alone (no host kill, no flow control), prints only",
     )
+    parser.add_argument(
+        "--results-at-end",
+        action="store_true",
+        help="runs counted when their code returns, their results asked at the end (see runs_of)",
+    )
     args = parser.parse_args()
+    options["results_at_end"] = args.results_at_end
     runs = []
-    command = ".venv/bin/python bench/workflows_bench.py" + (
-        f" --runs {args.runs}" if args.runs != 3 else ""
+    command = (
+        ".venv/bin/python bench/workflows_bench.py"
+        + (f" --runs {args.runs}" if args.runs != 3 else "")
+        + (" --results-at-end" if args.results_at_end else "")
     )
     for i in range(1 if args.quick else args.runs):
         print(f"run {i + 1} (load {load()})")

@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity
 from bench._report import cpu_reference
-from bench.workflows_bench import CONCURRENCY, PG_URL, bare_asks, counters, runs_of, workflows
+from bench.workflows_bench import (
+    CONCURRENCY,
+    PG_URL,
+    bare_asks,
+    counters,
+    options,
+    runs_of,
+    workflows,
+)
 from lagompy import JournalSettings, start
 from lagompy.journal._tailing import PageTailer
 from lagompy.runtime import shutdown_app
@@ -110,8 +118,13 @@ async def backend(js: JournalSettings, rounds: int, asks: int, runs: int) -> Non
                     a = await bare_asks(entities, asks, CONCURRENCY, f"a{tag}-{r}", ids)
                 c1 = cpu()
                 read = dict(pages)
+                sent = entities.stats()
                 w = await runs_of(engine, runs, CONCURRENCY, f"r{tag}-{r}", pool)
                 c2 = cpu()
+                region = entities.stats()
+                requests = (region["asks"] - sent["asks"]) / runs
+                batches = region["batches"] - sent["batches"]
+                per_call = (region["asks"] - sent["asks"]) / max(1, batches)
                 n_pages = pages["pages"] - read["pages"]
                 n_events = pages["events"] - read["events"]
                 per_run = spent(c1, c2, runs)
@@ -128,7 +141,8 @@ async def backend(js: JournalSettings, rounds: int, asks: int, runs: int) -> Non
                 print(
                     f"  round {r + 1}: {asked}CPU ms per run "
                     + " ".join(f"{k} {v:.3f}" for k, v in per_run.items())
-                    + f"; tail: {n_pages / runs:.2f} pages, {n_events / runs:.2f} events per run",
+                    + f"; tail: {n_pages / runs:.2f} pages, {n_events / runs:.2f} events per run"
+                    + f"; {requests:.2f} requests per run, {per_call:.1f} per Ray call",
                     flush=True,
                 )
     finally:
@@ -142,7 +156,13 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--asks", type=int, default=8_000)
     parser.add_argument("--runs", type=int, default=3_000)
+    parser.add_argument(
+        "--results-at-end",
+        action="store_true",
+        help="runs counted when their code returns, results asked at the end (workflows_bench)",
+    )
     args = parser.parse_args()
+    options["results_at_end"] = args.results_at_end
     print(f"CPU reference {cpu_reference():.1f} ms")
     if not args.postgres:
         with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,16 @@ from lagompy.workflow import (
     inspect_run,
     start_workflows,
 )
-from lagompy.workflow._entity import GetRun, Run, RunReopened, RunStarted, StepCompleted
+from lagompy.workflow import _executor as workflow_executor
+from lagompy.workflow._entity import (
+    FinishRun,
+    GetRun,
+    ReopenRun,
+    Run,
+    RunReopened,
+    RunStarted,
+    StepCompleted,
+)
 from lagompy.workflow._executor import RunDriver
 from lagompy.workflow._index import run_row
 from tests.workflow_app import AccountEntity, CloseAccount, Deposit, Transfer, Withdraw, workflows
@@ -472,6 +481,8 @@ async def test_an_executor_that_dies_mid_run_is_replaced_and_no_completed_step_r
     calls.clear()
     a = await env.engine_for(crashy, "exec-a")
     await a.start("two-steps", "x", id="crash-1")
+    # Waiting on a's driver, which stops without finishing the run: the run's end is read.
+    waiting = asyncio.create_task(a.result("crash-1", timeout=15))
     await until(lambda: _has_steps(a, "crash-1", 2))  # the first step and the timer
     await a.close(release=False)
     env.engines.remove(a)  # as a crash: the leases stay until they expire
@@ -480,6 +491,7 @@ async def test_an_executor_that_dies_mid_run_is_replaced_and_no_completed_step_r
     try:
         assert await b.result("crash-1", timeout=15) == "X+X-2"
         took = time.monotonic() - died
+        assert await waiting == "X+X-2"
         print(f"resumed and finished {took:.2f} s after the executor died")
         assert took < 5
         assert calls == ["x", "x-2"]
@@ -754,3 +766,161 @@ async def test_on_a_sqlite_file_the_runs_index_commits_without_an_fsync(bank: En
     await engine.start("transfer", Transfer("a", "b", 0), id="t-sync")
     assert await engine.result("t-sync", timeout=10) == "done"
     await until(lambda: _index_is(engine, "transfer", {"t-sync": "completed"}))
+
+
+# --------------------------------------------------------------------------- result()
+
+
+@pytest.fixture
+def run_commands(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(run id, command name) of every command the runs' entities decide, in order; and no
+    read of a run's state while ``result`` waits for its driver here (a slow test machine
+    does not add any)."""
+    decided: list[tuple[str, str]] = []
+    on_command = WorkflowRun.on_command
+
+    def counted(self: WorkflowRun, state: Any, command: Any) -> Any:
+        decided.append((self.entity_id, type(command).__name__))
+        return on_command(self, state, command)
+
+    monkeypatch.setattr(WorkflowRun, "on_command", counted)
+    monkeypatch.setattr(workflow_executor, "WATCH_READS", 60.0)
+    return decided
+
+
+def _commands_of(decided: list[tuple[str, str]], run_id: str) -> list[str]:
+    return [name for of, name in decided if of == run_id]
+
+
+async def _driving_all(engine: WorkflowEngine) -> None:
+    """Until the engine's executor holds every partition (it drives the runs it starts)."""
+    executor = engine.executor
+    assert executor is not None
+    await until(lambda: _true(all(p.epoch is not None for p in executor.partitions.values())))
+
+
+async def _failure(engine: WorkflowEngine, run_id: str) -> tuple[str, str, str]:
+    with pytest.raises(WorkflowFailed) as failed:
+        await engine.result(run_id, timeout=10)
+    return str(failed.value), failed.value.run_id, failed.value.status
+
+
+async def test_the_result_of_a_run_driven_here_is_its_finish_with_no_read_of_the_run(
+    bank: Env, run_commands: list[tuple[str, str]]
+) -> None:
+    """A result() that begins while this process's driver has not sent its FinishRun is
+    answered by that finish (it committed during the wait); one that begins after the driver
+    ended reads the run (GetRun), and both answer the same."""
+    await bank.entities.ref_for(AccountEntity, "u").ask(Deposit(100))
+    await bank.entities.ref_for(AccountEntity, "shut-u").ask(CloseAccount())
+    engine = bank.engine
+    await _driving_all(engine)
+    await engine.start("transfer", Transfer("u", "v", 30), id="here-ok")
+    assert await engine.result("here-ok", timeout=10) == "done"
+    assert _commands_of(run_commands, "here-ok") == ["StartRun", "FinishRun"]
+    await engine.start("transfer", Transfer("u", "shut-u", 30), id="here-bad")
+    failed = await _failure(engine, "here-bad")
+    assert failed == (
+        "workflow run 'here-bad' failed: StepFailed: deposit rejected: account shut-u is closed",
+        "here-bad",
+        "failed",
+    )
+    assert "GetRun" not in _commands_of(run_commands, "here-bad")
+    # Begun after the drivers ended: the runs' state is read, and says the same.
+    assert await engine.result("here-ok", timeout=10) == "done"
+    assert await _failure(engine, "here-bad") == failed
+    assert _commands_of(run_commands, "here-ok") == ["StartRun", "FinishRun", "GetRun"]
+    assert _commands_of(run_commands, "here-bad")[-1] == "GetRun"
+    assert (await bank.balance("u"), await bank.balance("v")) == (70, 30)
+
+
+async def test_the_result_of_a_run_cancelled_while_driven_here_is_its_cancelled_finish(
+    env: Env, run_commands: list[tuple[str, str]]
+) -> None:
+    await env.entities.ref_for(AccountEntity, "hc").ask(Deposit(5))
+    engine = await env.engine_for(cancellable, "cancel-result")
+    await _driving_all(engine)
+    await engine.start("hold", "hc", id="hold-r")
+    await until(lambda: _has_steps(engine, "hold-r", 1))
+    read = len(run_commands)
+    waiting = asyncio.create_task(_failure(engine, "hold-r"))
+    await asyncio.sleep(0.05)  # the wait has begun
+    await engine.cancel("hold-r", "not wanted")
+    message, run_id, status = await waiting
+    assert (run_id, status) == ("hold-r", "cancelled")
+    assert message == "workflow run 'hold-r' cancelled: cancelled: not wanted"
+    assert "GetRun" not in [name for _, name in run_commands[read:]]
+    assert await _failure(engine, "hold-r") == (message, run_id, status)  # read: the same
+    assert await env.balance("hc") == 5
+
+
+async def test_a_result_never_answers_a_finish_made_here_once_the_run_may_be_reopened(
+    bank: Env, run_commands: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process reopens a run this one finished, and this executor has not read the
+    reopen yet: a result() begun now waits for the run's new end, not its previous one."""
+    await bank.entities.ref_for(AccountEntity, "w").ask(Deposit(100))
+    engine = bank.engine
+    executor = engine.executor
+    assert executor is not None
+    await _driving_all(engine)
+    await engine.start("transfer", Transfer("w", "x", 10), id="again")
+    assert await engine.result("again", timeout=10) == "done"
+    committed = executor.committed
+    held: list[EventEnvelope[Any]] = []
+
+    def not_yet(tag: str, envelopes: Iterable[EventEnvelope[Any]]) -> None:
+        envelopes = list(envelopes)
+        held.extend(e for e in envelopes if isinstance(e.event, RunReopened))
+        committed(tag, [e for e in envelopes if not isinstance(e.event, RunReopened)])
+
+    monkeypatch.setattr(executor, "committed", not_yet)
+    # As another process's engine would: the run's entity reopened, from the deposit on.
+    reopened = await bank.entities.ref_for(WorkflowRun, "again").ask(ReopenRun(1))
+    assert reopened.status == "running" and reopened.generation == 1
+    with pytest.raises(TimeoutError):  # not driven here yet, and not "done" from before
+        await engine.result("again", timeout=0.5)
+    await until(lambda: _true(len(held) == 1))
+    committed(executor.partition_of("again"), held)  # the reopen read: driven again
+    assert await engine.result("again", timeout=10) == "done"
+    assert (await bank.balance("w"), await bank.balance("x")) == (90, 20)  # deposited twice
+    assert _commands_of(run_commands, "again").count("FinishRun") == 2
+
+
+async def test_a_result_whose_driver_found_the_run_finished_before_reads_the_run(
+    bank: Env, run_commands: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's FinishRun finds the run finished (by another executor, its lease gone):
+    the result is the run's recorded end, read, not what this driver would have written."""
+    await bank.entities.ref_for(AccountEntity, "y").ask(Deposit(100))
+    finish = RunDriver._finish
+
+    async def beaten(
+        driver: RunDriver, run: Run, status: str, output: bytes | None, error: str | None
+    ) -> None:
+        other = FinishRun("failed", None, "finished by another executor", 1, ())
+        await driver.ask_run(other)  # as another executor would, first
+        await finish(driver, run, status, output, error)
+
+    monkeypatch.setattr(RunDriver, "_finish", beaten)
+    await _driving_all(bank.engine)
+    await bank.engine.start("transfer", Transfer("y", "z", 10), id="beaten")
+    message, _, status = await _failure(bank.engine, "beaten")
+    assert status == "failed"
+    assert message == "workflow run 'beaten' failed: finished by another executor"
+    assert _commands_of(run_commands, "beaten") == ["StartRun", "FinishRun", "FinishRun", "GetRun"]
+
+
+async def test_a_child_run_driven_here_starts_at_once_and_its_end_is_not_read(
+    bank: Env, run_commands: list[tuple[str, str]]
+) -> None:
+    """A child run started by a run driven here is driven here at once (as a run the engine
+    starts; the partitions' tail finds it driven), and its parent waits for its driver's
+    finish: no read of a run's state anywhere."""
+    await _driving_all(bank.engine)
+    await bank.engine.start("parent", 3, id="pc")
+    assert await bank.engine.result("pc", timeout=10) == 12
+    assert [c for c in run_commands if c[1] == "GetRun"] == []
+    for child in ("pc/0", "pc/1"):
+        assert _commands_of(run_commands, child) == ["StartRun", "RecordSteps", "FinishRun"]
+    assert (await bank.engine.status("pc")).steps == ("child double", "child double")

@@ -42,7 +42,7 @@ from lagompy.workflow._entity import (
     WorkflowRun,
     started_run,
 )
-from lagompy.workflow._executor import WorkflowExecutor, WorkflowSettings, encode_input
+from lagompy.workflow._executor import WorkflowExecutor, WorkflowSettings, encode_input, end_of
 from lagompy.workflow._index import RunRow, count_runs, list_runs, run_row, set_paused, types
 from lagompy.workflow._registry import Workflows
 
@@ -131,14 +131,6 @@ class WorkflowEngine(AsyncClosing):
                     raise
                 await asyncio.sleep(0.05 * 2**attempt)
 
-    def _driving(self, run_id: str) -> asyncio.Task[None] | None:
-        """The task of this process's driver of ``run_id`` while it runs (None: not driven
-        here). It ends when the run finishes (or when this executor stops driving it): a wait
-        for the run's end wakes then, rather than at its next backoff step."""
-        driver = self.executor.drivers.get(run_id) if self.executor is not None else None
-        task = driver.task if driver is not None else None
-        return None if task is None or task.done() else task
-
     async def _run(self, run_id: str) -> Run:
         state = await self._ask(run_id, GetRun())
         if not isinstance(state, Run):
@@ -210,27 +202,25 @@ class WorkflowEngine(AsyncClosing):
 
     async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """Wait for the run to finish; its output (decoded), or ``WorkflowFailed`` carrying
-        its status and error."""
+        its status and error.
+
+        A run this process drives and has not sent its ``FinishRun`` yet when the wait begins
+        (or at one of its steps) is answered by its driver, with no request: the end its
+        ``FinishRun`` committed (the reply said this command finished the run) happened
+        during this wait, and is what the run's state held then. Any other case reads the
+        run's state (``GetRun``): a run driven elsewhere, or not yet, or whose driver here had
+        already sent its finish (another process may have reopened the run since: only a
+        read can tell), stopped without finishing it, or found it finished before."""
         async with asyncio.timeout(timeout):
-            delay = 0.02
-            while True:
-                driving = self._driving(run_id)
-                if driving is not None:  # woken by its driver's end here, or the backoff step
-                    await asyncio.wait({driving}, timeout=delay)
-                run = await self._run(run_id)
-                if run.finished:
-                    break
-                if driving is None:
-                    await asyncio.sleep(delay)
-                delay = min(0.5, delay * 2)
-        if run.status != "completed":
+            end = await end_of(self.executor, run_id, lambda: self._run(run_id), longest=0.5)
+        if end.status != "completed":
             raise WorkflowFailed(
-                f"workflow run {run_id!r} {run.status}: {run.error}",
+                f"workflow run {run_id!r} {end.status}: {end.error}",
                 run_id=run_id,
-                status=run.status,
+                status=end.status,
             )
-        definition = self.workflows.for_run(run.name, run.version)
-        return self.serializer.decode_value(run.output or b"", definition.output_type)
+        definition = self.workflows.for_run(end.name, end.version)
+        return self.serializer.decode_value(end.output or b"", definition.output_type)
 
     async def list(
         self,

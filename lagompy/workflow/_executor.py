@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,7 @@ from lagompy.workflow._entity import (
     StartRun,
     StepRecord,
     WorkflowRun,
+    started_run,
 )
 from lagompy.workflow._index import (
     INDEX_NAME,
@@ -103,7 +104,7 @@ from lagompy.workflow._registry import WorkflowDef, Workflows
 
 log = logging.getLogger("lagompy.workflow")
 
-__all__ = ["RunDriver", "WorkflowExecutor", "WorkflowSettings"]
+__all__ = ["RunDriver", "RunEnd", "WorkflowExecutor", "WorkflowSettings"]
 
 #: Errors after which an ask is sent again with the same command id (exactly once).
 RETRIED = (RuntimeFailure, JournalError)
@@ -183,6 +184,11 @@ class RunDriver:
         self._types_read = types_read
         #: Set once the run is seen finished (by this driver's FinishRun or before).
         self.done = False
+        #: Set just before the driver sends its FinishRun; then ``ended``: the end it
+        #: committed, when the reply said that this command finished the run (the answer of
+        #: a ``WorkflowEngine.result`` that began before the send: see there).
+        self.finishing = False
+        self.ended: RunEnd | None = None
         self.serializer = executor.serializer
         self.workflows = executor.workflows
         self.definition: WorkflowDef = WorkflowDef("", 0, _never, Any, Any)
@@ -373,23 +379,24 @@ class RunDriver:
         if self._recorder is not None and not self._recorder.done():
             self._recorder.cancel()
 
-    async def run_child(self, child_id: str, workflow: str, value: Any, version: int | None) -> Run:
+    async def run_child(
+        self, child_id: str, workflow: str, value: Any, version: int | None
+    ) -> Run | RunEnd:
+        """Start the child run (driven here at once when its partition is this executor's, as
+        a run ``WorkflowEngine.start`` started) and wait for its end."""
         definition = self.workflows.get(workflow, version)
         data = encode_input(self.serializer, definition, value)
         self._children.add(child_id)
-        await self.ask_run(
-            StartRun(workflow, definition.version, data, None, self.run_id, now_us()), child_id
-        )
+        command = StartRun(workflow, definition.version, data, None, self.run_id, now_us())
+        if await self.ask_run(command, child_id) is None:  # started by this command
+            self.executor.started(child_id, started_run(command))
         return await self._finished_child(child_id)
 
-    async def _finished_child(self, child_id: str) -> Run:
-        delay = 0.02
-        while True:
-            run = await self.ask_run(GetRun(), child_id)
-            if isinstance(run, Run) and run.finished:
-                return run
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
+    async def _finished_child(self, child_id: str) -> Run | RunEnd:
+        async def read() -> Any:
+            return await self.ask_run(GetRun(), child_id)
+
+        return await end_of(self.executor, child_id, read, longest=1.0)
 
     async def _cancel_children(self, reason: str) -> None:
         """Cancel the run's unfinished child runs (the one its code waits for, and any the
@@ -565,6 +572,7 @@ class RunDriver:
     async def _finish(self, run: Run, status: str, output: bytes | None, error: str | None) -> None:
         records, self._unsent = tuple(self._unsent), []  # recorded with the finish
         command = FinishRun(status, output, error, now_us(), records)
+        self.finishing = True
         try:
             reply: Run | None = await self.ask_run(command)
         except CommandRejected as e:
@@ -574,8 +582,21 @@ class RunDriver:
             self.done = reply.finished
             return
         self.done = True  # finished by this command, as it says
+        self.ended = RunEnd(run.name, run.version, status, output, error)
         seconds = (command.at_us - run.started_us) / 1e6
         self.executor.metrics.run_finished(run.name, status, seconds)
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """The end a driver's ``FinishRun`` committed (the reply said this command finished the
+    run): what the run's state then holds, for ``WorkflowEngine.result``."""
+
+    name: str
+    version: int
+    status: str
+    output: bytes | None
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -585,6 +606,60 @@ class _Outcome:
     result: Any = None
     error: BaseException | None = None
     cancelled: bool = False
+
+
+def watchable(executor: WorkflowExecutor | None, run_id: str) -> RunDriver | None:
+    """``executor``'s driver of ``run_id`` while it runs and has not sent its finish."""
+    driver = executor.drivers.get(run_id) if executor is not None else None
+    if driver is None or driver.finishing or driver.task is None or driver.task.done():
+        return None
+    return driver
+
+
+async def end_of(
+    executor: WorkflowExecutor | None,
+    run_id: str,
+    read: Callable[[], Awaitable[Any]],
+    *,
+    longest: float,
+) -> Run | RunEnd:
+    """Wait for the end of run ``run_id``: the end that ``executor``'s driver of it commits,
+    when that driver had not sent its ``FinishRun`` when the wait began or at one of its
+    steps (the run finished during the wait, as this command said: no request); else the
+    run's state, ``read()`` at each step of a backoff (from 20 ms up to ``longest`` seconds)
+    or when the executor's driver of it ends (see ``WorkflowEngine.result``).
+
+    Not the end of a driver that had sent its finish already: the run may have been
+    reopened since by another process, which only a read can tell. While a watched driver
+    runs, the run's state is still read every :data:`WATCH_READS` seconds (a run finished
+    elsewhere, by an executor that took its partition, is seen then)."""
+    watched = watchable(executor, run_id)
+    delay = 0.02
+    while True:
+        if watched is not None and watched.task is not None:
+            task = watched.task
+            await asyncio.wait({task}, timeout=WATCH_READS)
+            if watched.ended is not None:
+                return watched.ended
+            if not task.done():  # a long run: its state now and then
+                state = await read()
+                if isinstance(state, Run) and state.finished:
+                    return state
+                continue
+            watched = None  # it ended without finishing the run: its state says
+        driver = executor.drivers.get(run_id) if executor is not None else None
+        driving = driver.task if driver is not None else None
+        if driving is not None and driving.done():
+            driving = None
+        if driving is not None:  # woken by its driver's end here, or the backoff step
+            await asyncio.wait({driving}, timeout=delay)
+        state = await read()
+        if isinstance(state, Run) and state.finished:
+            return state
+        watched = watchable(executor, run_id)
+        if driving is None and watched is None:
+            await asyncio.sleep(delay)
+        delay = min(longest, delay * 2)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -680,6 +755,11 @@ class _Partition:
 #: Records of applied entity asks a run keeps before it sends them without waiting for a
 #: step that must wait for its record (every other kind of step, and the run's end).
 RECORD_BATCH = 32
+
+#: Seconds between two reads of a run's state while a wait for its end watches its driver in
+#: this process (:func:`end_of`; the driver's end wakes the wait): as the backoff's longest
+#: step of ``WorkflowEngine.result``.
+WATCH_READS = 0.5
 
 #: How many finished runs an executor remembers (see ``WorkflowExecutor._finished``).
 FINISHED_KEPT = 10_000
