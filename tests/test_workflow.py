@@ -924,3 +924,27 @@ async def test_a_child_run_driven_here_starts_at_once_and_its_end_is_not_read(
     for child in ("pc/0", "pc/1"):
         assert _commands_of(run_commands, child) == ["StartRun", "RecordSteps", "FinishRun"]
     assert (await bank.engine.status("pc")).steps == ("child double", "child double")
+
+
+async def test_a_result_begun_once_the_finish_is_sent_reads_the_run(
+    bank: Env, run_commands: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wait that begins once the driver has set out to send its FinishRun (its driver
+    still running) does not take that finish: the run is read once the driver has ended."""
+    await bank.entities.ref_for(AccountEntity, "k").ask(Deposit(100))
+    engine = bank.engine
+    late: list[asyncio.Task[Any]] = []
+    ask_run = RunDriver.ask_run
+
+    async def finishing(driver: RunDriver, command: Any, run_id: str | None = None) -> Any:
+        if isinstance(command, FinishRun) and driver.run_id == "late":
+            late.append(asyncio.create_task(engine.result("late", timeout=10)))
+            await asyncio.sleep(0.01)  # the wait has begun, before the send itself
+        return await ask_run(driver, command, run_id)
+
+    monkeypatch.setattr(RunDriver, "ask_run", finishing)
+    await _driving_all(engine)
+    await engine.start("transfer", Transfer("k", "l", 10), id="late")
+    assert await engine.result("late", timeout=10) == "done"  # begun before: no read
+    assert len(late) == 1 and await late[0] == "done"
+    assert _commands_of(run_commands, "late") == ["StartRun", "FinishRun", "GetRun"]
