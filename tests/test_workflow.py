@@ -44,11 +44,13 @@ from lagompy.workflow import _executor as workflow_executor
 from lagompy.workflow._entity import (
     FinishRun,
     GetRun,
+    RecordSteps,
     ReopenRun,
     Run,
     RunReopened,
     RunStarted,
     StepCompleted,
+    StepRecord,
 )
 from lagompy.workflow._executor import RunDriver
 from lagompy.workflow._index import run_row
@@ -948,3 +950,34 @@ async def test_a_result_begun_once_the_finish_is_sent_reads_the_run(
     assert await engine.result("late", timeout=10) == "done"  # begun before: no read
     assert len(late) == 1 and await late[0] == "done"
     assert _commands_of(run_commands, "late") == ["StartRun", "FinishRun", "GetRun"]
+
+
+async def test_a_result_whose_drivers_finish_was_rejected_does_not_take_it(
+    bank: Env, run_commands: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's FinishRun is rejected (its first position holds another executor's
+    step): the run is not finished by it, and a result() that waited for that driver does
+    not answer "done" (the run stays running, or a later driver from the partition's tail
+    replays it and fails it: non-deterministic)."""
+    await bank.entities.ref_for(AccountEntity, "m").ask(Deposit(100))
+    finish = RunDriver._finish
+
+    async def overtaken(
+        driver: RunDriver, run: Run, status: str, output: bytes | None, error: str | None
+    ) -> None:
+        other = RecordSteps((StepRecord(0, "another step", True),))
+        await driver.ask_run(other)  # as another executor would, first
+        await finish(driver, run, status, output, error)
+
+    monkeypatch.setattr(RunDriver, "_finish", overtaken)
+    await _driving_all(bank.engine)
+    await bank.engine.start("transfer", Transfer("m", "n", 10), id="overtaken")
+    with pytest.raises((TimeoutError, WorkflowFailed)) as raised:
+        await bank.engine.result("overtaken", timeout=1.0)
+    run = await bank.engine.get("overtaken")
+    assert run.steps[0].name == "another step"
+    if isinstance(raised.value, WorkflowFailed):
+        assert run.status == "failed" and "WorkflowNonDeterminism" in str(raised.value)
+    else:
+        assert run.status == "running"
+    assert _commands_of(run_commands, "overtaken")[:3] == ["StartRun", "RecordSteps", "FinishRun"]
