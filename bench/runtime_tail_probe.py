@@ -16,8 +16,10 @@ that runs the one-row transaction on its event loop, as a shard host runs its jo
 lagompy). Interleaved, the asks and the baselines meet the same load of the shared machine,
 which a run where each is measured apart does not give. Prints p50 / p99 of each stage, the
 stages' median and worst over the slowest 1% of asks, which stage was furthest above its median
-in each of them, and the asks' p50 and p99 against the floor's base (no-op p50 + one-row tx
-p50) and against the composed baseline. Prints only.
+in each of them, the asks' and the composed call's sides at p50 and p99 (from the caller until
+the actor's method begins, inside it, back until the caller resumes; and the asks' journal
+append against the composed call's transaction), and the asks' p50 and p99 against the floor's
+base (no-op p50 + one-row tx p50) and against the composed baseline. Prints only.
 
     .venv/bin/python bench/runtime_tail_probe.py --asks 2000 --rounds 3
 """
@@ -64,6 +66,8 @@ STAGES = (
 #: Per host link (its id), per Ray call of the region, on the driver: start of the link's
 #: send, ``.remote()`` returned, Ray's callback had the reply, the awaiting task resumed.
 _CALLS: dict[int, list[list[float]]] = {}
+#: The composed baseline's actor, and when each of its calls began and ended in the driver.
+_COMPOSED: dict[str, Any] = {"actor": None, "calls": []}
 #: The apps compared with --compare: label -> the class their hosts run.
 HOSTS = {
     "default (hosts at niceness 0)": TracingHost,
@@ -130,7 +134,11 @@ async def baselines(schema: str) -> dict[str, Callable[[], Awaitable[Any]]]:
         await noop.ping.remote(b"")
 
     async def composed() -> None:
+        t0 = time.perf_counter()
         await actor.tx.remote(b"")
+        _COMPOSED["calls"].append((t0, time.perf_counter()))
+
+    _COMPOSED["actor"] = actor
 
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "no-op Ray call": ping,
@@ -163,6 +171,8 @@ async def one_round(
     for entities in apps.values():
         await entities._links[0].handle.traces.remote()
     _CALLS.clear()
+    await _COMPOSED["actor"].traces.remote()
+    _COMPOSED["calls"].clear()
     gc.callbacks.append(on_gc)
     try:
         for _ in range(asks):
@@ -187,11 +197,13 @@ async def one_round(
             "p99": pct(beside["composed"], 0.99) / base,
         }
     }
+    composed_trace = await _COMPOSED["actor"].traces.remote()
     for label, entities in apps.items():
         link = entities._links[0]
         host = await link.handle.traces.remote()
         print(f"  {label}:")
         out[label] = _stages(asked[label], _CALLS[id(link)], host, gcs, base)
+        _against_composed(asked[label], host["trace"], _COMPOSED["calls"], composed_trace)
     print(
         f"  against no-op p50 + one-row tx p50 ({base:.2f} ms): "
         + "; ".join(f"{k} p50 {v['p50']:.2f}x, p99 {v['p99']:.2f}x" for k, v in out.items())
@@ -266,6 +278,39 @@ def _stages(
         f"ask: {during}"
     )
     return {"p50": pct(total, 0.5) / base, "p99": pct(total, 0.99) / base}
+
+
+def _against_composed(
+    asked: list[tuple[float, float]],
+    trace: list[dict[str, Any]],
+    calls: list[tuple[float, float]],
+    composed: list[tuple[float, float]],
+) -> None:
+    """Where the asks' time above the composed call's goes, p50 and p99 by side: from the caller
+    until the actor's method begins, inside it (and the asks' journal append alone against
+    the composed call's one-row transaction), from its end until the caller resumes."""
+    ask_sides = {
+        "to the actor": [h["enter"] - t0 for (t0, _), h in zip(asked, trace, strict=True)],
+        "inside it": [h["leave"] - h["enter"] for h in trace],
+        "back": [t1 - h["leave"] for (_, t1), h in zip(asked, trace, strict=True)],
+    }
+    composed_sides = {
+        "to the actor": [e - t0 for (t0, _), (e, _) in zip(calls, composed, strict=True)],
+        "inside it": [x - e for e, x in composed],
+        "back": [t1 - x for (_, t1), (_, x) in zip(calls, composed, strict=True)],
+    }
+    appends = [h["appends"][-1][1] - h["appends"][0][0] for h in trace if h["appends"]]
+    for q in (0.5, 0.99):
+        parts = [
+            f"{side} {pct(ask_sides[side], q):.2f} vs {pct(xs, q):.2f} "
+            f"({pct(ask_sides[side], q) - pct(xs, q):+.2f})"
+            for side, xs in composed_sides.items()
+        ]
+        print(
+            f"    p{round(q * 100)} ms, ask vs composed call: " + "; ".join(parts) + "; the "
+            f"append alone {pct(appends, q):.2f} vs the composed call's transaction "
+            f"{pct(composed_sides['inside it'], q):.2f}"
+        )
 
 
 async def main() -> None:
