@@ -865,8 +865,8 @@ ms, the machine loaded: its baselines are measured apart from the asks, and the 
 from 2.8 to 4.3 ms between runs of either): p50 ratio 2.44, 1.69, 2.03 before and 2.11, 1.74,
 2.44 after, no signal. Left for later: one one-ask batch cost a host's thread 0.30-0.35 ms of
 CPU at p50 when 2,000 ran inside one Ray call and 0.42-0.70 ms when each was a Ray call of its
-own (an actor running the same EntityProcessor on PostgreSQL, three rounds), not explained yet
-(cold caches after Ray's handling of a call is a guess, not measured).
+own (an actor running the same EntityProcessor on PostgreSQL, three rounds): explained since,
+below this section ("One ask against the composed call, side by side").
 
 The machine is a shared VM whose speed changes from minute to minute: compare runs by their
 ratios to the same run's baselines, and by the CPU reference."""
