@@ -79,6 +79,7 @@ API_MODULES: list[tuple[str, str]] = [
     ("lagompy.topic", "`lagompy.topic`: topics, subscribers and their transports"),
     ("lagompy.process", "`lagompy.process`: process managers, their state and timers"),
     ("lagompy.workflow", "`lagompy.workflow`: durable workflows"),
+    ("lagompy.console", "`lagompy.console`: the management console"),
     ("lagompy.testkit", "`lagompy.testkit`: testing"),
 ]
 
