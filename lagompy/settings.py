@@ -35,7 +35,11 @@ class LagompySettings(BaseSettings):
     """The base of lagompy's settings classes: pydantic-settings, with a bad value (a keyword
     or an environment variable) raised as :class:`~lagompy.errors.ConfigurationError` naming
     the setting, its environment variable and what was wrong, instead of pydantic's
-    ``ValidationError``."""
+    ``ValidationError``. A number must be finite: ``inf`` passed every bound and failed later,
+    far from the setting (a lease of ``inf`` seconds as microseconds, say)."""
+
+    # Merged into every subclass's own model_config.
+    model_config = SettingsConfigDict(allow_inf_nan=False)
 
     def __init__(self, **values: Any) -> None:
         try:

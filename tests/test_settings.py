@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import pytest
 from pydantic_settings import BaseSettings
@@ -210,6 +210,27 @@ def test_every_settings_class_raises_configuration_errors(
     monkeypatch.setenv(f"{prefix}{name.upper()}", "not a number")
     with pytest.raises(ConfigurationError, match=rf"{name}\b.*{prefix}{name.upper()}"):
         cls()
+
+
+@pytest.mark.parametrize("cls", settings_classes(), ids=lambda cls: cls.__name__)
+def test_no_settings_class_takes_an_infinite_or_nan_number(
+    cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inf`` passed every ``gt``/``le`` bound of a float setting and failed far from it (a
+    lease of ``inf`` seconds turned into microseconds raised OverflowError in a worker)."""
+    floats = [
+        n for n, f in cls.model_fields.items() if float in (f.annotation, *get_args(f.annotation))
+    ]
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    for name in floats:
+        for value in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigurationError, match=rf"{name}\b.*finite number"):
+                bad: dict[str, Any] = {name: float(value)}
+                cls(**bad)
+            monkeypatch.setenv(f"{prefix}{name.upper()}", value)
+            with pytest.raises(ConfigurationError, match=rf"{prefix}{name.upper()}.*finite"):
+                cls()
+            monkeypatch.delenv(f"{prefix}{name.upper()}")
 
 
 def test_a_breaker_names_its_own_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
