@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import pickle
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from lagompy import InvalidEntityId, JournalSettings
 from lagompy.errors import (
     DuplicateWorkflowId,
     InvalidWorkflowInput,
+    OutcomeUnknown,
     UnknownWorkflow,
     WorkflowFailed,
     WorkflowNotFound,
@@ -44,11 +46,14 @@ from lagompy.workflow import _executor as workflow_executor
 from lagompy.workflow._entity import (
     FinishRun,
     GetRun,
+    RecordCompensated,
+    RecordStep,
     RecordSteps,
     ReopenRun,
     Run,
     RunReopened,
     RunStarted,
+    StartRun,
     StepCompleted,
     StepRecord,
 )
@@ -739,6 +744,145 @@ async def test_a_run_reopened_while_its_last_driver_ends_is_driven_again(
         await engine.result("q1", timeout=10)
     assert (await engine.status("q1")).status == "failed"
     assert await bank.balance("q") == 10
+
+
+def _lose_a_reply(
+    monkeypatch: pytest.MonkeyPatch,
+    entities: InProcessEntities,
+    run_id: str,
+    kind: type[Any],
+    meanwhile: Callable[[Any], Awaitable[None]],
+) -> list[Any]:
+    """The first ``kind`` command sent to run ``run_id`` is applied, then ``meanwhile(ref)``
+    runs (what other processes do while its reply is lost), and its sender gets
+    ``OutcomeUnknown`` (a shard host that died with the reply): the driver asks again, as it
+    does after a runtime failure. Returns the command whose reply was lost, once sent."""
+    ref_for = entities.ref_for
+    lost: list[Any] = []
+
+    class LosingRef:
+        def __init__(self, ref: Any) -> None:
+            self.ref = ref
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.ref, name)
+
+        async def ask(self, command: Any, **options: Any) -> Any:
+            reply = await self.ref.ask(command, **options)
+            if isinstance(command, kind) and not lost:
+                lost.append(command)
+                await meanwhile(self.ref)
+                raise OutcomeUnknown("lost-reply", "the shard host died with the reply")
+            return reply
+
+    def losing(entity: Any, entity_id: str) -> Any:
+        ref = ref_for(entity, entity_id)
+        if ref.entity_type == WORKFLOW_ENTITY and entity_id == run_id:
+            return LosingRef(ref)
+        return ref
+
+    monkeypatch.setattr(entities, "ref_for", losing)
+    return lost
+
+
+async def test_a_finish_sent_again_after_its_run_was_reopened_does_not_end_the_new_generation(
+    bank: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's FinishRun commits but its reply is lost (OutcomeUnknown); before the
+    driver sends it again, an operator retries the run from the deposit (generation 1). The
+    finish sent again is generation 0's: it does not end the reopened run, which is driven
+    again and deposits again."""
+    await bank.entities.ref_for(AccountEntity, "rf").ask(Deposit(100))
+
+    async def retried_from_the_deposit(ref: Any) -> None:
+        assert (await ref.ask(ReopenRun(1))).generation == 1
+
+    lost = _lose_a_reply(
+        monkeypatch, bank.entities, "refinish", FinishRun, retried_from_the_deposit
+    )
+    await bank.engine.start("transfer", Transfer("rf", "rg", 10), id="refinish")
+    assert await bank.engine.result("refinish", timeout=10) == "done"
+    assert len(lost) == 1
+    await until(lambda: _holds(bank, bank.engine, "refinish", "rg", 20))  # deposited again
+    await until(lambda: _status_is(bank.engine, "refinish", "completed"))
+    run = await bank.engine.get("refinish")
+    assert run.generation == 1
+    decode = bank.engine.serializer.decode_value
+    assert [decode(s.output, int) for s in run.steps] == [90, 20]  # generation 1's deposit
+    events = await bank.engine.journal_of("refinish").events(WORKFLOW_ENTITY, "refinish")
+    names = [type(e.event).__name__ for e in events]
+    assert names == ["RunStarted", "RunFinished", "RunReopened", "RunFinished"]
+    assert await bank.balance("rf") == 90
+
+
+async def test_records_sent_again_after_their_run_was_reopened_are_not_the_new_generations(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver's RecordSteps commits but its reply is lost; meanwhile another executor
+    finished the run (this one's lease had lapsed) and an operator retried it from position
+    0. The records sent again are generation 0's: they are refused (the driver stops), and
+    the reopened run runs its first step again rather than finding it recorded."""
+    calls.clear()
+
+    async def finished_elsewhere_and_retried(ref: Any) -> None:
+        other = FinishRun("failed", None, "finished by another executor", 1, ())
+        assert await ref.ask(other) is None
+        assert (await ref.ask(ReopenRun(0))).steps == ()
+
+    lost = _lose_a_reply(
+        monkeypatch, env.entities, "rerecord", RecordSteps, finished_elsewhere_and_retried
+    )
+    engine = await env.engine_for(crashy, "rerecord")
+    await engine.start("two-steps", "r", id="rerecord")
+    await until(lambda: _status_is(engine, "rerecord", "completed"))
+    assert len(lost) == 1
+    assert calls == ["r", "r", "r-2"]  # the first step again, in generation 1
+    run = await engine.get("rerecord")
+    assert run.generation == 1 and len(run.steps) == 3
+    assert await engine.result("rerecord", timeout=10) == "R+R-2"
+
+
+async def test_a_run_takes_no_record_compensation_or_finish_of_an_earlier_generation(
+    env: Env,
+) -> None:
+    """Commands that carry their generation apply to that generation only; those without one
+    (from an executor of an earlier version, during a deploy) apply as they did."""
+    ref = env.entities.ref_for(WorkflowRun, "gens")
+    step = StepRecord(0, "a", True, b"1")
+    assert await ref.ask(StartRun("w", 1, b"in", at_us=1)) is None
+    assert await ref.ask(RecordSteps((step,), generation=0)) == ()
+    assert await ref.ask(FinishRun("failed", None, "boom", 2, (), generation=0)) is None
+    assert (await ref.ask(ReopenRun(0))).generation == 1
+    with pytest.raises(lagompy.InvalidCommand, match="generation 1"):
+        await ref.ask(RecordSteps((step,), generation=0))
+    with pytest.raises(lagompy.InvalidCommand, match="generation 1"):
+        await ref.ask(RecordStep(step, generation=0))
+    await ref.ask(RecordCompensated(0, "undo", True, generation=0))
+    stale = await ref.ask(FinishRun("completed", b"old", None, 3, (step,), generation=0))
+    assert isinstance(stale, Run) and stale.status == "running" and stale.generation == 1
+    run = await ref.ask(GetRun())
+    assert isinstance(run, Run)
+    assert (run.status, run.steps, run.compensated, run.output) == ("running", (), (), None)
+    # Generation 1's own commands apply.
+    assert await ref.ask(RecordSteps((step,), generation=1)) == ()
+    await ref.ask(RecordCompensated(0, "undo", True, generation=1))
+    run = await ref.ask(GetRun())
+    assert isinstance(run, Run) and (run.steps, run.compensated) == ((step,), (0,))
+    assert await ref.ask(FinishRun("failed", None, "again", 4, (), generation=1)) is None
+    assert (await ref.ask(ReopenRun(1))).generation == 2
+    # Without a generation: as before (the run's current one). A command pickled by an
+    # executor of an earlier version (Ray sends commands pickled) reads as one without.
+    earlier = FinishRun("completed", b"out", None, 5, ())
+    del earlier.__dict__["generation"]  # as that version's instances were
+    sent = pickle.loads(pickle.dumps(earlier))
+    assert sent.generation is None
+    assert await ref.ask(sent) is None
+    run = await ref.ask(GetRun())
+    assert isinstance(run, Run) and (run.status, run.generation, run.output) == (
+        "completed",
+        2,
+        b"out",
+    )
 
 
 async def _synchronous(database: object) -> int:

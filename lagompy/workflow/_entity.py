@@ -19,6 +19,14 @@ commands are the executor's (and the operations'); its events::
 
 A position is recorded once: recording it again answers with the first record, so two
 executors that briefly overlap on a run (a lease changing hands) agree on every result.
+
+The executor's commands (``RecordStep``, ``RecordSteps``, ``RecordCompensated``,
+``FinishRun``) carry the generation of the run they were decided for, and apply to that
+generation only: one sent again after a runtime failure (its first try may have committed,
+its reply lost), or sent late by an executor whose lease lapsed, finds the run reopened
+since and changes nothing (records are refused, a compensation or a finish answers as for
+a finished run). Without a generation (``None``: an executor of an earlier version, during
+a deploy) a command applies to the run's current generation, as it did.
 Values travel as bytes already encoded by the executor's serializer (which knows the
 workflows' types), so the shard hosts need no user type to store them.
 """
@@ -155,6 +163,8 @@ class RecordStep(Command[StepRecord]):
     """Record ``record`` at its position, or answer with what the position holds already."""
 
     record: StepRecord
+    #: The run's generation the record is of (None: whichever is current; see the module).
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,7 @@ class RecordSteps(Command[tuple[StepRecord, ...]]):
     when every one is recorded as sent."""
 
     records: tuple[StepRecord, ...]
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,7 @@ class RecordCompensated(Command[None]):
     name: str
     ok: bool
     error: str = ""
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -190,13 +202,15 @@ class FinishRun(Command[Run | None]):
     """Finish the run, recording ``records`` first (the steps recorded in the background
     that were not written yet), in one transaction. The answer is ``None`` when this command
     finished the run (as it says), else the run as it is (finished before): the stored reply
-    of the finish that writes stays small."""
+    of the finish that writes stays small. A finish of an earlier generation than the run's
+    (reopened since) answers the run as it is, as for a run finished before."""
 
     status: str
     output: bytes | None = None
     error: str | None = None
     at_us: int = 0
     records: tuple[StepRecord, ...] = ()
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,6 +324,11 @@ def started_run(command: StartRun) -> Run:
     return Run(c.name, c.version, c.input, c.key, c.parent, c.at_us)
 
 
+def _stale(state: Run, command: RecordCompensated | FinishRun) -> bool:
+    """Whether ``command`` was decided for an earlier generation of the run (see the module)."""
+    return command.generation is not None and command.generation != state.generation
+
+
 def _record_event(record: StepRecord) -> StepCompleted | StepFailed:
     if record.ok:
         return StepCompleted(record.position, record.name, record.output, record.wake_at_us)
@@ -341,9 +360,11 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                 return Effect.reply(state)
             case NoRun(), _:
                 raise WorkflowNotFound(f"no workflow run has id {self.entity_id!r}")
-            case Run(), RecordStep(record=record):
+            case Run(), RecordStep(record=record, generation=generation):
+                self._check_generation(state, generation)
                 return self._record(state, record)
-            case Run(), RecordSteps(records=records):
+            case Run(), RecordSteps(records=records, generation=generation):
+                self._check_generation(state, generation)
                 return self._record_all(state, records)
             case Run(), DeliverSignal(name=name, payload=payload):
                 if state.finished:
@@ -357,11 +378,11 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                     return Effect.reply(state)
                 return Effect.persist(CancelRequested(reason)).then_reply(lambda s: s)
             case Run(), RecordCompensated(index=index, name=name, ok=ok, error=error):
-                if index in state.compensated or state.finished:
+                if index in state.compensated or state.finished or _stale(state, command):
                     return Effect.reply(None)
                 return Effect.persist(Compensated(index, name, ok, error))
             case Run(), FinishRun(status=status, output=output, error=error, records=records):
-                if state.finished:
+                if state.finished or _stale(state, command):
                     return Effect.reply(state)
                 if status not in FINISHED:
                     raise InvalidCommand(f"a run cannot finish as {status!r}")
@@ -385,6 +406,13 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                 reopened = RunReopened(keep, state.generation + 1)
                 return Effect.persist(reopened).then_reply(lambda s: s)
         return Effect.unhandled()
+
+    def _check_generation(self, state: Run, generation: int | None) -> None:
+        if generation is not None and generation != state.generation:
+            raise InvalidCommand(
+                f"workflow run {self.entity_id!r} was reopened (generation "
+                f"{state.generation}): it records no step of generation {generation}"
+            )
 
     def _record(self, state: Run, record: StepRecord) -> Effect[RunState]:
         steps = state.steps

@@ -23,7 +23,10 @@ A :class:`RunDriver` drives one run: its recorded state (``GetRun``), admission 
 with a :class:`~lagompy.workflow.WorkflowContext` that replays the recorded positions and
 records the new ones; then compensation (when it failed or was cancelled) and ``FinishRun``.
 Asks to entities retry runtime failures (a shard host that died: ``OutcomeUnknown``,
-``AskTimeout``...) with the same command id, so an entity step stays exactly once.
+``AskTimeout``...) with the same command id, so an entity step stays exactly once. The run's
+own records, compensations and finish are retried too: they carry the run's generation, so
+one whose first try committed unseen never applies to the run reopened meanwhile (see
+:mod:`~lagompy.workflow._entity`).
 """
 
 from __future__ import annotations
@@ -192,6 +195,8 @@ class RunDriver:
         self.serializer = executor.serializer
         self.workflows = executor.workflows
         self.definition: WorkflowDef = WorkflowDef("", 0, _never, Any, Any)
+        #: The generation of the run this driver drives (its commands apply to it only).
+        self.generation = 0
         self.ctx: WorkflowContext | None = None
         self.task: asyncio.Task[None] | None = None
         #: The workflow's code runs in the driver's task (no task of its own): while it does,
@@ -316,7 +321,9 @@ class RunDriver:
             batch = tuple(self._unsent)
             self._unsent = []
             try:
-                held: tuple[StepRecord, ...] = await self.ask_run(RecordSteps(batch))
+                held: tuple[StepRecord, ...] = await self.ask_run(
+                    RecordSteps(batch, self.generation)
+                )
             except CommandRejected as e:
                 self._failed_record(Superseded(str(e)))
                 return
@@ -431,6 +438,7 @@ class RunDriver:
         if not isinstance(run, Run) or run.finished:
             self.done = isinstance(run, Run)
             return
+        self.generation = run.generation
         if not await self._admitted(run, started_here):
             await self._finish(run, "cancelled", None, f"cancelled: {self._cancel}")
             return
@@ -566,19 +574,19 @@ class RunDriver:
                 ok, error = False, f"{type(e).__name__}: {e}"
                 failures.append(f"{comp.name}: {error}")
                 log.error("run %r: compensation %r failed: %s", self.run_id, comp.name, error)
-            await self.ask_run(RecordCompensated(comp.index, comp.name, ok, error))
+            await self.ask_run(RecordCompensated(comp.index, comp.name, ok, error, run.generation))
         return failures
 
     async def _finish(self, run: Run, status: str, output: bytes | None, error: str | None) -> None:
         records, self._unsent = tuple(self._unsent), []  # recorded with the finish
-        command = FinishRun(status, output, error, now_us(), records)
+        command = FinishRun(status, output, error, now_us(), records, run.generation)
         self.finishing = True
         try:
             reply: Run | None = await self.ask_run(command)
         except CommandRejected as e:
             log.info("run %r: %s; this executor stops driving it", self.run_id, e)
             return
-        if reply is not None:  # finished before (by another executor)
+        if reply is not None:  # finished before (by another executor), or reopened since
             self.done = reply.finished
             return
         self.done = True  # finished by this command, as it says
