@@ -44,6 +44,7 @@ from lagompy.workflow import (
 )
 from lagompy.workflow import _executor as workflow_executor
 from lagompy.workflow._entity import (
+    DeliverSignal,
     FinishRun,
     GetRun,
     RecordCompensated,
@@ -840,6 +841,41 @@ async def test_records_sent_again_after_their_run_was_reopened_are_not_the_new_g
     run = await engine.get("rerecord")
     assert run.generation == 1 and len(run.steps) == 3
     assert await engine.result("rerecord", timeout=10) == "R+R-2"
+
+
+async def test_a_signal_or_reopen_sent_again_after_a_lost_reply_applies_once(
+    bank: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine asks again after a runtime failure: a signal or a retry whose first try
+    committed with its reply lost gets that try's stored reply (one command id for the
+    tries), not a second signal, nor a refusal (or a second reopen) of the reopened run."""
+
+    async def nothing(_: Any) -> None:
+        pass
+
+    engine = bank.engine
+    await engine.start("approval", "ann", id="once-signal")
+    await until(lambda: _has_steps(engine, "once-signal", 1))  # its receive timer recorded
+    lost = _lose_a_reply(monkeypatch, bank.entities, "once-signal", DeliverSignal, nothing)
+    assert await engine.send_signal("once-signal", "decision", "yes") == 0
+    assert len(lost) == 1
+    assert await engine.result("once-signal", timeout=10) == "ann: yes"
+    assert len((await engine.get("once-signal")).signals) == 1
+    monkeypatch.undo()
+
+    await bank.entities.ref_for(AccountEntity, "oa").ask(Deposit(10))
+    await bank.entities.ref_for(AccountEntity, "ob").ask(CloseAccount())
+    await engine.start("transfer", Transfer("oa", "ob", 4), id="once-retry")
+    with pytest.raises(WorkflowFailed):
+        await engine.result("once-retry", timeout=10)
+    lost = _lose_a_reply(monkeypatch, bank.entities, "once-retry", ReopenRun, nothing)
+    reopened = await engine.retry("once-retry", 0)
+    assert len(lost) == 1 and reopened.generation == 1
+    with pytest.raises(WorkflowFailed):
+        await engine.result("once-retry", timeout=10)
+    await until(lambda: _status_is(engine, "once-retry", "failed"))
+    assert (await engine.get("once-retry")).generation == 1
+    assert await bank.balance("oa") == 10
 
 
 async def test_a_run_takes_no_record_compensation_or_finish_of_an_earlier_generation(

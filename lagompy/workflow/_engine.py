@@ -119,12 +119,18 @@ class WorkflowEngine(AsyncClosing):
             return self.storage.journal
         return self.placed.of(run_id).journal
 
-    async def _ask(self, run_id: str, command: Any) -> Any:
+    async def _ask(self, run_id: str, command: Any, *, once: bool = False) -> Any:
+        """Ask the run, again after a runtime failure (a shard host that died: the try may
+        have committed, its reply lost). ``once``: an operation that changes the run (a
+        signal, a cancel, a reopen), whose tries carry one command id: a try sent again gets
+        the stored reply of one that committed, rather than delivering a signal twice or
+        reopening a run twice (or being refused as reopened already)."""
         ref = self.runtime.ref_for(WorkflowRun, check_entity_id(run_id))
+        command_id = uuid.uuid4().hex if once else None
         attempt = 0
         while True:
             try:
-                return await ref.ask(command)
+                return await ref.ask(command, command_id=command_id)
             except (RuntimeFailure, JournalError):
                 attempt += 1
                 if attempt >= 5:
@@ -257,13 +263,13 @@ class WorkflowEngine(AsyncClosing):
             raise InvalidWorkflowInput(
                 f"the payload of signal {name!r} does not serialize: {e}"
             ) from e
-        index: int = await self._ask(run_id, DeliverSignal(name, data))
+        index: int = await self._ask(run_id, DeliverSignal(name, data), once=True)
         return index
 
     async def cancel(self, run_id: str, reason: str = "cancelled by an operator") -> Run:
         """Ask the run to stop: its code gets ``WorkflowCancelled`` (or a cancellation) at its
         next step, its compensations run, it finishes ``cancelled``."""
-        run: Run = await self._ask(run_id, RequestCancel(reason))
+        run: Run = await self._ask(run_id, RequestCancel(reason), once=True)
         if isinstance(run, Run):
             return run
         raise WorkflowNotFound(f"no workflow run has id {run_id!r}")
@@ -271,13 +277,13 @@ class WorkflowEngine(AsyncClosing):
     async def resume(self, run_id: str) -> Run:
         """Run a failed (or cancelled) run again from its failed step (the recorded steps
         before it are kept)."""
-        run: Run = await self._ask(run_id, ReopenRun(None))
+        run: Run = await self._ask(run_id, ReopenRun(None), once=True)
         return run
 
     async def retry(self, run_id: str, position: int) -> Run:
         """Run a finished run again from ``position``: the steps recorded from there on are
         dropped (their asks get new command ids)."""
-        run: Run = await self._ask(run_id, ReopenRun(position))
+        run: Run = await self._ask(run_id, ReopenRun(position), once=True)
         return run
 
     async def pause(self, workflow: str) -> None:

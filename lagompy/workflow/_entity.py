@@ -125,7 +125,8 @@ class Run:
     output: bytes | None = None
     error: str | None = None
     finished_us: int | None = None
-    #: 0, then one more per reopen: part of the command ids of the run's asks.
+    #: 0, then one more per reopen: part of the command ids of the run's asks, and carried
+    #: by the executor's records, compensations and finish (see the module).
     generation: int = 0
 
     @property
