@@ -1161,3 +1161,21 @@ async def test_a_result_whose_drivers_finish_was_rejected_does_not_take_it(
     else:
         assert run.status == "running"
     assert _commands_of(run_commands, "overtaken")[:3] == ["StartRun", "RecordSteps", "FinishRun"]
+
+
+def test_workflow_settings_refuse_what_would_fail_later() -> None:
+    """Checked when built, naming the setting: inf and nan passed the bounds and failed far
+    from them (a lease of inf seconds in a worker)."""
+    from lagompy.errors import ConfigurationError
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"lease_ttl": float("inf")}, "lease_ttl must be a finite number"),
+        ({"retry_max_delay": float("nan")}, "retry_max_delay must be a finite number"),
+        ({"ask_timeout": float("inf")}, "ask_timeout must be a finite number"),
+        ({"renew_interval": 20.0}, "below lease_ttl"),
+        ({"admission_interval": 0}, "admission_interval must be above 0"),
+        ({"max_batch": 0}, "max_batch must be at least 1"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ConfigurationError, match=words):
+            WorkflowSettings(**kwargs)

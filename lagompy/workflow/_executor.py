@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -136,6 +137,18 @@ class WorkflowSettings:
     rebalance: bool = True
 
     def __post_init__(self) -> None:
+        for name in (
+            "lease_ttl",
+            "renew_interval",
+            "ask_timeout",
+            "admission_interval",
+            "retry_max_delay",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigurationError(
+                    f"WorkflowSettings: {name} must be a finite number of seconds, got {value!r}"
+                )
         if not 0 < self.renew_interval < self.lease_ttl:
             raise ConfigurationError(
                 f"WorkflowSettings: renew_interval ({self.renew_interval}) must be above 0 and "
