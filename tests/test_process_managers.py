@@ -589,6 +589,13 @@ async def test_bad_arguments_are_refused(
             entities=object(),  # type: ignore[arg-type]
             journal_settings=journal_settings,
         )
+    # Read sides and subscribers park a failing event; a process manager does not (its retry
+    # could not run the event again): refused naming the manager, as docs/process-managers.md
+    # says.
+    with pytest.raises(ConfigurationError, match="'process:fulfil': on_failure='park'"):
+        await start_process_managers(
+            [Fulfil], entities=runtime, journal_settings=journal_settings, on_failure="park"
+        )
     with pytest.raises(ConfigurationError, match="not a ProcessManager subclass"):
         await start_process_managers(
             [OrderEntity],  # type: ignore[list-item]

@@ -430,7 +430,11 @@ async def start_process_managers(
         close_transport=made is not None,
         placed=storage,
     )
-    running._workers()
-    if run:
-        running._start()
+    try:
+        running._workers()  # a bad setting (on_failure="park"...) is refused here
+        if run:
+            running._start()
+    except BaseException:
+        await running.close()  # the databases opened above, and any worker made
+        raise
     return running
