@@ -1,5 +1,6 @@
-"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone; and
-the CPU reference every bench prints beside its numbers."""
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone; the
+CPU reference every bench prints beside its numbers; and the local Ray the runtime's benches
+start."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def write_section(key: str, title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def init_local_ray() -> None:
+    """A Ray of this process's own (``address="local"``, never a stale cluster), with a small
+    object store and no dashboard, as the runtime's benches and probes run on."""
+    import ray
+
+    ray.init(
+        address="local",
+        object_store_memory=256 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )

@@ -39,7 +39,7 @@ from bench._counter import (
     Read,
     UnsnapshottedCounterEntity,
 )
-from bench._report import cpu_reference, write_section
+from bench._report import cpu_reference, init_local_ray, write_section
 from lagompy import AtomicWrite, JournalSettings, open_storage, start
 from lagompy._collector import tune_collector_once
 from lagompy.journal import SnapshotToSave, slice_of
@@ -428,12 +428,7 @@ async def main() -> None:
     import ray
 
     started = time.perf_counter()
-    ray.init(
-        address="local",
-        object_store_memory=256 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    init_local_ray()
     # The collector as start() leaves this process (RuntimeSettings.collector, from the
     # environment too), before the first baseline: else run 1's no-op call was timed with
     # Python's default collector and everything after it with the tuned one.

@@ -31,7 +31,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment, Read
-from bench._report import cpu_reference
+from bench._report import cpu_reference, init_local_ray
 from bench._tail_actors import CallProbeHost
 from bench.runtime_bench import PG_URL
 from lagompy import JournalSettings, start
@@ -106,12 +106,7 @@ async def main() -> None:
     args = parser.parse_args()
     import ray
 
-    ray.init(
-        address="local",
-        object_store_memory=256 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    init_local_ray()
     schema = f"callprobe_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_URL)
     await admin.execute(f"CREATE SCHEMA {schema}")
