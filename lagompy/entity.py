@@ -63,15 +63,17 @@ def reply_type_of(command_cls: type) -> Any:
 
 #: The most shards a sharded tag may have.
 MAX_SHARDS = 1024
-#: The longest tag the journal stores (its tag columns are 255 characters).
-MAX_TAG_LENGTH = 255
+#: The longest entity id, command id or tag the journal's tables hold (characters): the
+#: journal's id rule (``lagompy.journal.MAX_ID_LENGTH``), checked here for tags when they are
+#: declared.
+MAX_ID_LENGTH = 255
 
 
 def _check_tag_length(name: str, longest: str) -> None:
-    if len(longest) > MAX_TAG_LENGTH:
+    if len(longest) > MAX_ID_LENGTH:
         raise ConfigurationError(
             f"tag {name[:40]!r}... is too long: its events would carry {len(longest)} "
-            f"characters where the journal stores at most {MAX_TAG_LENGTH}"
+            f"characters where the journal stores at most {MAX_ID_LENGTH}"
         )
 
 

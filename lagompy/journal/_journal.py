@@ -43,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
+from lagompy.entity import MAX_ID_LENGTH
 from lagompy.errors import (
     ConfigurationError,
     DecodeError,
@@ -135,6 +136,13 @@ MAX_POSITION = 2**63 - 1
 #: The bound of a read by offset where the backend sets none.
 _NO_BOUND = MAX_POSITION
 
+
+def is_position(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is a usable offset: an int (not a bool) from 0 to
+    :data:`MAX_POSITION`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_POSITION
+
+
 #: The columns ``Journal._envelope`` takes, in its parameter order.
 _ENVELOPE_COLUMNS = (
     schema.events.c.entity_type,
@@ -166,8 +174,6 @@ def _packed_tags(tags: tuple[str, ...]) -> bytes:
     return packed
 
 
-#: The longest entity id, command id or tag the journal's tables hold (characters).
-MAX_ID_LENGTH = 255
 #: The longest command id the replies table holds.
 MAX_COMMAND_ID_LENGTH = MAX_ID_LENGTH
 

@@ -59,7 +59,7 @@ from lagompy.consumer._lease import (
     describe_owner,
 )
 from lagompy.errors import ConfigurationError, LeaseLost
-from lagompy.journal._journal import MAX_POSITION, now_us
+from lagompy.journal._journal import MAX_POSITION, is_position, now_us
 from lagompy.readside._batching import _Plan, _plan
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database, _invalidate_if_broken, sqlite_commit_in_one_call
@@ -164,7 +164,7 @@ def _fresh_row(processor: str, tag: str) -> dict[str, Any]:
 def check_offset(offset: object) -> int:
     """``offset`` if it is a usable offset (an int from 0 to the highest position a journal
     holds), else a ``ConfigurationError``."""
-    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_POSITION:
+    if not is_position(offset):
         raise ConfigurationError(
             f"an offset must be an integer from 0 to {MAX_POSITION} (the highest position a "
             f"journal holds), got {offset!r}"

@@ -18,7 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lagompy.entity import PersistentEntity, ShardedTag
 from lagompy.errors import ConfigurationError
-from lagompy.journal._journal import MAX_POSITION
+from lagompy.journal._journal import MAX_POSITION, is_position
 from lagompy.journal._model import EventEnvelope
 from lagompy.serialization import Serializer, type_info
 
@@ -350,15 +350,10 @@ class StartFrom:
 
     def __post_init__(self) -> None:
         if self.kind == "offset":
-            offset = self.offset
-            if (
-                not isinstance(offset, int)
-                or isinstance(offset, bool)
-                or not 0 <= offset <= MAX_POSITION
-            ):
+            if not is_position(self.offset):
                 raise ConfigurationError(
                     f"StartFrom.after_offset needs an integer from 0 to {MAX_POSITION}, got "
-                    f"{offset!r}"
+                    f"{self.offset!r}"
                 )
         elif self.kind == "time":
             if not isinstance(self.time, datetime) or self.time.tzinfo is None:
