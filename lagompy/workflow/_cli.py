@@ -111,29 +111,24 @@ class _Client:
                 f"cannot reach the service at {self.base} ({type(e).__name__}): check --url "
                 "or LAGOMPY_WORKFLOWS_URL"
             ) from None
-        if response.status_code == 404 and not _has_detail(response):
+        if response.status_code < 400:
+            return response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code == 404 and not (isinstance(body, dict) and body.get("detail")):
             # No route there (a run or workflow not found comes with a detail saying so).
             raise ConfigurationError(
                 f"the service at {self.base} has no workflow routes under {self.prefix} (404): "
                 "check --url (or LAGOMPY_WORKFLOWS_URL) and --prefix"
             )
-        if response.status_code >= 400:
-            raise WorkflowError(f"{response.status_code}: {_detail(response)}")
-        return response.json()
+        raise WorkflowError(f"{response.status_code}: {_detail(response, body)}")
 
 
-def _has_detail(response: Any) -> bool:
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    return isinstance(body, dict) and bool(body.get("detail"))
-
-
-def _detail(response: Any) -> str:
-    try:
-        body = response.json()
-    except ValueError:
+def _detail(response: Any, body: Any) -> str:
+    """The error of a reply whose JSON body is ``body`` (None: not JSON)."""
+    if body is None:
         return str(response.text[:300] or response.reason_phrase)
     if isinstance(body, dict):
         detail = body.get("detail") or body.get("title")

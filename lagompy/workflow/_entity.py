@@ -325,9 +325,10 @@ def started_run(command: StartRun) -> Run:
     return Run(c.name, c.version, c.input, c.key, c.parent, c.at_us)
 
 
-def _stale(state: Run, command: RecordCompensated | FinishRun) -> bool:
-    """Whether ``command`` was decided for an earlier generation of the run (see the module)."""
-    return command.generation is not None and command.generation != state.generation
+def _stale(state: Run, generation: int | None) -> bool:
+    """Whether a command of ``generation`` was decided for an earlier generation of the run
+    (see the module)."""
+    return generation is not None and generation != state.generation
 
 
 def _record_event(record: StepRecord) -> StepCompleted | StepFailed:
@@ -379,11 +380,15 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
                     return Effect.reply(state)
                 return Effect.persist(CancelRequested(reason)).then_reply(lambda s: s)
             case Run(), RecordCompensated(index=index, name=name, ok=ok, error=error):
-                if index in state.compensated or state.finished or _stale(state, command):
+                if (
+                    index in state.compensated
+                    or state.finished
+                    or _stale(state, command.generation)
+                ):
                     return Effect.reply(None)
                 return Effect.persist(Compensated(index, name, ok, error))
             case Run(), FinishRun(status=status, output=output, error=error, records=records):
-                if state.finished or _stale(state, command):
+                if state.finished or _stale(state, command.generation):
                     return Effect.reply(state)
                 if status not in FINISHED:
                     raise InvalidCommand(f"a run cannot finish as {status!r}")
@@ -409,7 +414,7 @@ class WorkflowRun(PersistentEntity[WorkflowCommand, WorkflowEvent, RunState]):
         return Effect.unhandled()
 
     def _check_generation(self, state: Run, generation: int | None) -> None:
-        if generation is not None and generation != state.generation:
+        if _stale(state, generation):
             raise InvalidCommand(
                 f"workflow run {self.entity_id!r} was reopened (generation "
                 f"{state.generation}): it records no step of generation {generation}"

@@ -629,12 +629,18 @@ class _Outcome:
     cancelled: bool = False
 
 
-def watchable(executor: WorkflowExecutor | None, run_id: str) -> RunDriver | None:
-    """``executor``'s driver of ``run_id`` while it runs and has not sent its finish."""
+def _running(executor: WorkflowExecutor | None, run_id: str) -> RunDriver | None:
+    """``executor``'s driver of ``run_id`` while its task runs."""
     driver = executor.drivers.get(run_id) if executor is not None else None
-    if driver is None or driver.finishing or driver.task is None or driver.task.done():
+    if driver is None or driver.task is None or driver.task.done():
         return None
     return driver
+
+
+def watchable(executor: WorkflowExecutor | None, run_id: str) -> RunDriver | None:
+    """``executor``'s driver of ``run_id`` while it runs and has not sent its finish."""
+    driver = _running(executor, run_id)
+    return None if driver is None or driver.finishing else driver
 
 
 async def end_of(
@@ -668,10 +674,8 @@ async def end_of(
                     return state
                 continue
             watched = None  # it ended without finishing the run: its state says
-        driver = executor.drivers.get(run_id) if executor is not None else None
-        driving = driver.task if driver is not None else None
-        if driving is not None and driving.done():
-            driving = None
+        running = _running(executor, run_id)
+        driving = running.task if running is not None else None
         if driving is not None:  # woken by its driver's end here, or the backoff step
             await asyncio.wait({driving}, timeout=delay)
         state = await read()
