@@ -95,6 +95,11 @@ class _Unless(PydanticBaseSettingsSource):
 _PASSWORD = re.compile(r"(//[^/:@\s]*:)[^@\s/]*@")
 
 
+def without_password(text: str) -> str:
+    """``text`` with the password of every URL in it shown as ``***``."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
 def settings_error(cls: type[LagompySettings], error: ValidationError) -> InvalidSettings:
     """``error`` as an ``InvalidSettings`` (a ``ConfigurationError``) that names each bad
     setting of ``cls``, its environment variable, what was wrong and the value given."""
@@ -111,7 +116,7 @@ def settings_error(cls: type[LagompySettings], error: ValidationError) -> Invali
             fields.extend(f"{name}.{field}" for field in inner.fields)
             continue
         env = f" ({cls.env_name(name)})" if name in cls.model_fields else ""
-        given = _PASSWORD.sub(r"\1***@", repr(err.get("input")))
+        given = without_password(repr(err.get("input")))
         problems.append(f"{name}{env}: {err['msg']} (got {given})")
         fields.append(name)
     return InvalidSettings(

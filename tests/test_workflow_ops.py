@@ -353,3 +353,13 @@ def test_routes_without_authentication_are_announced(caplog: pytest.LogCaptureFi
     (warning,) = caplog.records
     assert "/ops/runs take no authentication" in warning.getMessage()
     assert "route_dependencies" in warning.getMessage()
+
+
+def test_the_cli_never_shows_a_password_of_its_url() -> None:
+    """An operator's --url may carry credentials: the errors show it with the password as ***."""
+    result = runner.invoke(
+        build_app(), ["workflows", "list", "--url", "http://ops:s3cret@127.0.0.1:1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "cannot reach the service at http://ops:***@127.0.0.1:1" in result.output
+    assert "s3cret" not in result.output

@@ -26,6 +26,7 @@ from typing import Annotated, Any
 import typer
 
 from lagompy.errors import ConfigurationError, WorkflowError
+from lagompy.settings import without_password
 
 __all__ = ["register_cli"]
 
@@ -93,6 +94,8 @@ class _Client:
         token = token or os.environ.get("LAGOMPY_WORKFLOWS_TOKEN")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.prefix = "/" + prefix.strip("/")
+        #: The URL as errors show it (a password in it as ***).
+        self.shown = without_password(self.base)
 
     def call(
         self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None
@@ -108,7 +111,7 @@ class _Client:
             )
         except httpx.HTTPError as e:
             raise ConfigurationError(
-                f"cannot reach the service at {self.base} ({type(e).__name__}): check --url "
+                f"cannot reach the service at {self.shown} ({type(e).__name__}): check --url "
                 "or LAGOMPY_WORKFLOWS_URL"
             ) from None
         if response.status_code < 400:
@@ -120,7 +123,7 @@ class _Client:
         if response.status_code == 404 and not (isinstance(body, dict) and body.get("detail")):
             # No route there (a run or workflow not found comes with a detail saying so).
             raise ConfigurationError(
-                f"the service at {self.base} has no workflow routes under {self.prefix} (404): "
+                f"the service at {self.shown} has no workflow routes under {self.prefix} (404): "
                 "check --url (or LAGOMPY_WORKFLOWS_URL) and --prefix"
             )
         raise WorkflowError(f"{response.status_code}: {_detail(response, body)}")
