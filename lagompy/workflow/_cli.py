@@ -26,7 +26,6 @@ from typing import Annotated, Any
 import typer
 
 from lagompy.errors import ConfigurationError, WorkflowError
-from lagompy.settings import without_password
 
 __all__ = ["register_cli"]
 
@@ -94,6 +93,9 @@ class _Client:
         token = token or os.environ.get("LAGOMPY_WORKFLOWS_TOKEN")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.prefix = "/" + prefix.strip("/")
+        # Here, not at the module's top: `lagompy --help` imports no pydantic (tests/test_imports).
+        from lagompy.settings import without_password
+
         #: The URL as errors show it (a password in it as ***).
         self.shown = without_password(self.base)
 
