@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Annotated
 
 import httpx
+import pytest
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from lagompy import Command, Effect, PersistentEntity
-from lagompy.errors import RefusedValue, UndeliverableOutcome, WriteRefused
+from lagompy.errors import InvalidSettings, RefusedValue, UndeliverableOutcome, WriteRefused
 from lagompy.journal import open_storage
-from lagompy.service import Refs, Service, problem_for, refs
+from lagompy.service import Refs, Service, ServiceSettings, problem_for, refs
 from lagompy.settings import JournalSettings
 from lagompy.testkit.server import serve_in_thread
 
@@ -159,3 +162,79 @@ def test_refused_value_is_an_encode_error() -> None:
     from lagompy.errors import EncodeError
 
     assert issubclass(RefusedValue, EncodeError)
+
+
+def limited_notes_app(journal_settings: JournalSettings, limit: int | None) -> FastAPI:
+    settings = ServiceSettings() if limit is None else ServiceSettings(max_body_size=limit)
+    service = Service(
+        entities=[NotesEntity], journal_settings=journal_settings, settings=settings, ray=False
+    )
+    app = FastAPI(lifespan=service.lifespan)
+    service.install(app)
+
+    @app.post("/notes/{notes_id}")
+    async def add(notes_id: str, note: Note, notes: NotesRefs) -> list[str]:
+        return list((await notes(notes_id).ask(AddNote(note.text))).texts)
+
+    return app
+
+
+def _assert_too_large(response: httpx.Response, limit: int) -> None:
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 413
+    assert problem["detail"] == f"the request body is larger than the limit of {limit:,} bytes"
+    assert problem["request_id"] == response.headers["x-request-id"]
+
+
+async def test_a_body_above_the_limit_is_a_413_and_nothing_is_applied(
+    journal_settings: JournalSettings,
+) -> None:
+    """A body over ``max_body_size`` is refused with a 413 problem document whether its size
+    is declared (Content-Length, refused before it is read) or not (chunked, refused as it
+    streams past the limit), with or without an Idempotency-Key (whose fingerprint reads the
+    body); a body within the limit goes through, and only it is stored."""
+    limit = 200
+    big = {"text": "x" * 300}
+
+    def chunks() -> Iterator[bytes]:
+        body = json.dumps(big).encode()
+        for start in range(0, len(body), 50):
+            yield body[start : start + 50]
+
+    app = limited_notes_app(journal_settings, limit)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        _assert_too_large(http.post("/notes/b1", json=big), limit)
+        chunked = http.post(
+            "/notes/b1", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in chunked.request.headers
+        _assert_too_large(chunked, limit)
+        keyed = http.post(
+            "/notes/b1",
+            content=chunks(),
+            headers={"content-type": "application/json", "Idempotency-Key": "big-1"},
+        )
+        _assert_too_large(keyed, limit)
+        fine = http.post("/notes/b1", json={"text": "small"}, headers={"Idempotency-Key": "big-1"})
+        assert fine.status_code == 200 and fine.json() == ["small"], fine.text
+    async with await open_storage(settings=journal_settings, entities=[NotesEntity]) as storage:
+        events = await storage.journal.events("notes", "b1")
+    assert [e.event for e in events] == [NoteAdded("small")]
+
+
+def test_the_default_body_limit_is_one_mebibyte(journal_settings: JournalSettings) -> None:
+    limit = 1_048_576
+    assert ServiceSettings().max_body_size == limit
+    app = limited_notes_app(journal_settings, None)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        _assert_too_large(http.post("/notes/d1", json={"text": "x" * limit}), limit)
+        text = "y" * (limit - 100)
+        assert http.post("/notes/d1", json={"text": text}).json() == [text]
+
+
+def test_the_body_limit_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAGOMPY_HTTP_MAX_BODY_SIZE", "0")
+    with pytest.raises(InvalidSettings, match=r"max_body_size \(LAGOMPY_HTTP_MAX_BODY_SIZE\)"):
+        ServiceSettings()

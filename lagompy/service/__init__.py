@@ -29,6 +29,7 @@ request's ``request_id``::
 
     CommandRejected (InvalidCommand, NotFound, yours) -> its http_status (400, 404, ...)
     request validation                                -> 422, with the errors
+    a body above ServiceSettings.max_body_size        -> 413
     Idempotency-Key reused with another request       -> 422 (409 while the first is in flight)
     ConcurrencyConflict, DuplicateCommandId           -> 409
     Overloaded, JournalUnavailable                    -> 503 with Retry-After

@@ -1,5 +1,6 @@
 """The ASGI middleware ``service.install`` adds: :class:`RequestIdMiddleware` (the request id,
-the request count, a last-resort 500) and :class:`KeyRelease` (releases a request's
+the request count, a last-resort 500), :class:`BodyLimit` (413 for a body above
+``ServiceSettings.max_body_size``) and :class:`KeyRelease` (releases a request's
 ``Idempotency-Key``)."""
 
 from __future__ import annotations
@@ -7,8 +8,10 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lagompy.service import _metrics as metrics
@@ -17,6 +20,7 @@ from lagompy.service._idempotency import _HEADER_BYTES, HELD_SCOPE_KEY, Held
 from lagompy.service._problems import PROBLEM_CONTENT_TYPE, _problem
 
 __all__ = [
+    "BodyLimit",
     "KeyRelease",
     "RequestIdMiddleware",
 ]
@@ -105,3 +109,73 @@ class KeyRelease:
             await self.app(scope, receive, send_released)
         finally:
             await held.release()
+
+
+class BodyTooLarge(HTTPException):
+    """A request body above the service's limit (413). Raised from the body's stream, inside
+    the route that reads it, so the service's HTTP exception handler answers it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit:,} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: answers 413 (a problem document) for a request whose body is larger
+    than ``limit`` bytes. A ``Content-Length`` above it is refused before anything reads the
+    body; a body sent without one (chunked) is counted as it streams in, and the read that
+    goes past the limit raises :class:`BodyTooLarge`, so the body is never buffered whole.
+    Without it, a route that reads a JSON body buffers whatever it is sent."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    break  # the server refuses these; in process, count the stream instead
+                if declared > limit:
+                    await self._refuse(scope, receive, send)
+                    return
+                break
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except BodyTooLarge:
+            # Read outside a route (by middleware of the app's own, say): answer it here.
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = BodyTooLarge(self.limit)
+        body = _problem(413, HTTPStatus(413).phrase, error.detail, instance=scope["path"])
+        request_id = current_request_id.get()
+        if request_id:
+            body["request_id"] = request_id
+        response = JSONResponse(body, status_code=413, media_type=PROBLEM_CONTENT_TYPE)
+        await response(scope, receive, send)

@@ -31,7 +31,7 @@ from lagompy.service import _metrics as metrics
 from lagompy.service._breaker import BreakerRegistry, default_registry
 from lagompy.service._client import ServiceClient, ServiceLocator
 from lagompy.service._idempotency import KeyStore
-from lagompy.service._middleware import KeyRelease, RequestIdMiddleware
+from lagompy.service._middleware import BodyLimit, KeyRelease, RequestIdMiddleware
 from lagompy.service._problems import (
     _http_exception_handler,
     _lagompy_error_handler,
@@ -71,6 +71,14 @@ class ServiceSettings(LagompySettings):
     )
     ready_timeout: float = Field(
         default=2.0, gt=0, description="Seconds each /health/ready check may take."
+    )
+    max_body_size: int = Field(
+        default=1_048_576,
+        ge=1,
+        description=(
+            "Largest request body, in bytes, a route may read (1 MiB); a larger one is "
+            "answered 413 before it is buffered."
+        ),
     )
     metrics: bool = Field(default=True, description="Serve /metrics.")
     status_routes: bool = Field(default=True, description="Serve /_status/circuit-breakers.")
@@ -311,6 +319,8 @@ class Service:
         app.add_exception_handler(LagompyError, _lagompy_error_handler)
         app.add_exception_handler(RequestValidationError, _validation_handler)
         app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+        # The last added is the outermost: the request id is set before a 413.
+        app.add_middleware(BodyLimit, limit=self.settings.max_body_size)
         app.add_middleware(RequestIdMiddleware)
         app.add_middleware(KeyRelease)
         app.include_router(self.router())
