@@ -21,9 +21,11 @@ producing service's process).
     .venv/bin/python bench/topics_bench.py --catch-up 3 --backend sqlite --transport embedded
 
 ``--catch-up N`` writes the events once, then runs N catch-ups of new groups over one transport,
-each after reading and decoding the journal (the floor's baseline) and the CPU reference: the
-form to profile (``py-spy record -- .venv/bin/python bench/topics_bench.py --catch-up 5``) and
-to alternate before/after runs with.
+each between two readings of the floor's baseline (reading and decoding the same events, right
+before and right after it: the ratio is over the mean of their times), with the CPU time per
+message of both and the CPU reference: the form to profile
+(``py-spy record -- .venv/bin/python bench/topics_bench.py --catch-up 5``) and to alternate
+before/after runs with.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import httpx
@@ -125,18 +127,90 @@ class Writer:
             result.unwrap()
 
 
-async def read_and_decode(journal: Journal) -> float:
-    started = time.perf_counter()
-    total = 0
+class Timed(NamedTuple):
+    """One measured run: wall seconds and CPU seconds (user + system, every thread of the
+    benchmark's process, and of the producing service's for a catch-up over HTTP)."""
+
+    wall: float
+    cpu: float
+
+
+def process_cpu(pid: int | None = None) -> float:
+    """CPU seconds so far of this process (every thread), or of process ``pid``."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def read_and_decode(journal: Journal) -> Timed:
+    """Every event of the topic's tags read and decoded, page by page, one tag after the
+    other (the floor's baseline)."""
+    started, cpu = time.perf_counter(), time.process_time()
     for tag in contract_topic.tag.all_tags:
         after = 0
         while True:
             page = await journal.read_tag(tag, after_offset=after, limit=1000)
-            total += len(page.envelopes)
             after = page.last_offset
             if not page.full:
                 break
-    return total / (time.perf_counter() - started)
+    return Timed(time.perf_counter() - started, time.process_time() - cpu)
+
+
+class Bracketed(NamedTuple):
+    """A catch-up between two readings of the baseline (see :func:`bracketed`)."""
+
+    catch_up: Timed
+    before: Timed
+    after: Timed
+    events: int
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.catch_up.wall
+
+    @property
+    def baseline(self) -> float:
+        """Events read and decoded per second: over the mean of the two readings' times."""
+        return self.events / ((self.before.wall + self.after.wall) / 2)
+
+    @property
+    def ratio(self) -> float:
+        return self.rate / self.baseline
+
+    @property
+    def cpu_us(self) -> tuple[float, float]:
+        """CPU microseconds per message of the catch-up, and per event of the baseline (the
+        mean of its two readings)."""
+        decode = (self.before.cpu + self.after.cpu) / 2
+        return self.catch_up.cpu / self.events * 1e6, decode / self.events * 1e6
+
+
+async def bracketed(
+    journal: Journal,
+    settings: JournalSettings,
+    transport: TopicTransport | None,
+    events: int,
+    producer: int | None = None,
+) -> Bracketed:
+    """A catch-up of a new group, with reading and decoding the same events right before and
+    right after it, in the same process (``producer``: the producing service's pid, whose CPU
+    time counts with the catch-up's)."""
+    before = await read_and_decode(journal)
+    cpu = process_cpu() + (process_cpu(producer) if producer else 0.0)
+    wall = await catch_up(settings, transport, events)
+    cpu = process_cpu() + (process_cpu(producer) if producer else 0.0) - cpu
+    after = await read_and_decode(journal)
+    return Bracketed(Timed(wall, cpu), before, after, events)
+
+
+def describe(b: Bracketed) -> str:
+    catch_up_us, decode_us = b.cpu_us
+    return (
+        f"catch-up {b.rate:,.0f} messages/s; read and decode before {b.events / b.before.wall:,.0f}"
+        f", after {b.events / b.after.wall:,.0f} events/s: {b.ratio:.2f}; CPU {catch_up_us:.1f} "
+        f"us per message against {decode_us:.1f} ({decode_us / catch_up_us:.2f})"
+    )
 
 
 def _free_port() -> int:
@@ -146,8 +220,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def producer_process(settings: JournalSettings) -> Iterator[str]:
-    """The producing service in a process of its own; yields its URL."""
+def producer_process(settings: JournalSettings) -> Iterator[tuple[str, int]]:
+    """The producing service in a process of its own; yields its URL and pid."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAGOMPY_")}
     env["LAGOMPY_JOURNAL_URL"] = settings.url
@@ -169,7 +243,7 @@ def producer_process(settings: JournalSettings) -> Iterator[str]:
             if time.monotonic() > deadline or popen.poll() is not None:
                 raise RuntimeError("the producing service did not start")
             time.sleep(0.1)
-        yield url
+        yield url, popen.pid
     finally:
         popen.terminate()
         popen.wait(30)
@@ -196,13 +270,14 @@ async def backend(name: str, tmp: Path, file: str = "topics.db") -> AsyncIterato
 async def catch_up(
     settings: JournalSettings, transport: TopicTransport | None, events: int
 ) -> float:
+    """Seconds from starting a new group's subscriber until it is caught up and closed."""
     group = f"catch-up-{uuid.uuid4().hex[:6]}"
     started = time.perf_counter()
     async with start_subscribers(
         [probe(group)], transport=transport, journal_settings=settings
     ) as subscribers:
         await subscribers.wait_until_caught_up(timeout=600)
-    return events / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 async def lag(
@@ -268,23 +343,17 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
     async with journal_with_events(name, events) as (settings, own, storage, writer):
         cpu = cpu_reference()
         print(f"[{name}] CPU reference {cpu:.0f} ms", flush=True)
-        baseline = await read_and_decode(storage.journal)
-        print(f"[{name}] read and decode: {baseline:,.0f} events/s", flush=True)
-        with producer_process(settings) as url:
+        with producer_process(settings) as (url, pid):
             # The HTTP subscriber keeps its positions in a database of its own.
-            transports: dict[str, tuple[Any, JournalSettings]] = {
-                "embedded (same database)": (lambda: None, settings),
-                "HTTP (another process)": (lambda: HttpTransport(url), own),
+            transports: dict[str, tuple[Any, JournalSettings, int | None]] = {
+                "embedded (same database)": (lambda: None, settings, None),
+                "HTTP (another process)": (lambda: HttpTransport(url), own, pid),
             }
             written = events
-            for label, (make, database) in transports.items():
+            for label, (make, database, producer) in transports.items():
                 transport = make()
-                rate = await catch_up(database, transport, events)
-                print(
-                    f"[{name}] {label}: catch-up {rate:,.0f} messages/s, "
-                    f"{rate / baseline:.2f} of read and decode",
-                    flush=True,
-                )
+                b = await bracketed(storage.journal, database, transport, events, producer)
+                print(f"[{name}] {label}: {describe(b)}", flush=True)
                 if transport is not None:
                     await transport.close()
                 transport = make()
@@ -298,41 +367,44 @@ async def run_backend(name: str, events: int, seconds: float) -> list[dict[str, 
                     f"({r['events']:,} messages)",
                     flush=True,
                 )
-                rows.append(
-                    {
-                        "backend": name,
-                        "transport": label,
-                        "baseline": baseline,
-                        "catch_up": rate,
-                        "cpu": cpu,
-                        **r,
-                    }
-                )
+                rows.append({"backend": name, "transport": label, "bracket": b, "cpu": cpu, **r})
     return rows
 
 
 async def catch_up_only(name: str, transport_name: str, events: int, times: int) -> None:
-    """Write once, then ``times`` catch-ups of new groups over one transport, each beside
-    reading and decoding the same events (the floor's ratio) and the CPU reference."""
+    """Write once, then ``times`` catch-ups of new groups over one transport, each between
+    two readings of the baseline (see :func:`bracketed`), with the CPU reference."""
     async with journal_with_events(name, events) as (settings, own, storage, _):
         with contextlib.ExitStack() as stack:
-            url = ""
+            url, pid = "", None
             if transport_name == "http":
-                url = stack.enter_context(producer_process(settings))
+                url, pid = stack.enter_context(producer_process(settings))
             for _ in range(times):
                 cpu = cpu_reference()
-                decode = await read_and_decode(storage.journal)
                 transport = HttpTransport(url) if url else None
-                caught = await catch_up(own if url else settings, transport, events)
+                b = await bracketed(
+                    storage.journal, own if url else settings, transport, events, pid
+                )
                 if transport is not None:
                     await transport.close()
                 print(
-                    f"[{name}] {transport_name} catch-up {caught:,.0f} messages/s, read "
-                    f"and decode {decode:,.0f} events/s: {caught / decode:.2f}; "
-                    f"CPU ref {cpu:.0f} ms",
+                    f"[{name}] {transport_name} {describe(b)}; CPU ref {cpu:.0f} ms, "
+                    f"load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
 
+
+#: How the floor's ratio is measured (the table's text says it).
+METHOD = (
+    "Each catch-up (from starting the group's subscriber until it is caught up and closed) runs "
+    "between two readings of its baseline, reading and decoding the same events from the "
+    "journal, right before and right after it in the same process: the ratio is the catch-up's "
+    "rate over the events divided by the mean of the two readings' times. The machine is shared "
+    "and its load moves within seconds (the baseline read once per backend swung 2x between "
+    "runs at the same CPU reference while its CPU time did not), so the CPU time per message "
+    "is given too (user + system of every thread of the benchmark's process, plus the "
+    "producing service's over HTTP), against the baseline's."
+)
 
 COLLECTORS = {
     True: "Both processes' collector is tuned as `lagompy run` tunes a service's once it has "
@@ -342,10 +414,22 @@ COLLECTORS = {
 }
 
 HEADER = (
-    "| run | backend | transport | catch-up (messages/s) | read and decode (events/s) "
-    "| ratio (floor 0.5) | load (events/s) | lag p50 / p99 (floor p99 100 ms) | CPU ref |\n"
-    "| ---: | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| run | backend | transport | catch-up (messages/s) | read and decode before / after "
+    "(events/s) | ratio (floor 0.5) | CPU us per message: catch-up / read and decode "
+    "| load (events/s) | lag p50 / p99 (floor p99 100 ms) | CPU ref |\n"
+    "| ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
+
+
+def table_row(r: dict[str, Any]) -> str:
+    b: Bracketed = r["bracket"]
+    catch_up_us, decode_us = b.cpu_us
+    return (
+        f"| {r['run']} | {r['backend']} | {r['transport']} | {b.rate:,.0f} | "
+        f"{b.events / b.before.wall:,.0f} / {b.events / b.after.wall:,.0f} | {b.ratio:.2f} | "
+        f"{catch_up_us:.1f} / {decode_us:.1f} | {r['rate']:,.0f} | {r['p50']:.1f} / "
+        f"{r['p99']:.1f} ms | {r['cpu']:.0f} ms |"
+    )
 
 
 async def main(quick: bool, write: bool, runs: int) -> None:
@@ -356,13 +440,7 @@ async def main(quick: bool, write: bool, runs: int) -> None:
             rows += [r | {"run": run} for r in await run_backend(name, events, seconds)]
     if not write:
         return
-    table = "\n".join(
-        f"| {r['run']} | {r['backend']} | {r['transport']} | {r['catch_up']:,.0f} | "
-        f"{r['baseline']:,.0f} | "
-        f"{r['catch_up'] / r['baseline']:.2f} | {r['rate']:,.0f} | {r['p50']:.1f} / "
-        f"{r['p99']:.1f} ms | {r['cpu']:.0f} ms |"
-        for r in rows
-    )
+    table = "\n".join(table_row(r) for r in rows)
     flag = (" --quick" if quick else "") + (f" --runs {runs}" if runs > 1 else "")
     flag += "" if TUNED else " --default-gc"
     body = f"""Command: `.venv/bin/python bench/topics_bench.py{flag} --write`
@@ -371,6 +449,7 @@ nothing but its positions (one transaction per page of up to
 {ReadSideSettings().max_batch:,} messages); the HTTP producer runs in a process of its own
 (`lagompy run`), the subscriber in the benchmark's, with its positions in a database of its own
 (another SQLite file, another PostgreSQL schema). {COLLECTORS[TUNED]}
+{METHOD}
 The lag of a message is the time its handler ran minus its event's timestamp. CPU ref:
 `sum(range(10**6))`, best of 5, in ms, taken before each backend's runs (how busy the machine
 was).

@@ -24,8 +24,9 @@ process under ``lagompy run``: with the collector tuned once it has started
 baseline, runs in the same process.
 
 ``--catch-up N`` publishes once (through the producers), then runs N catch-ups of new groups,
-each beside reading and decoding the journal (the floor's baseline) and nats-py reading the
-same stream alone: for profiling the subscriber's path
+each between two readings of the floor's baseline (reading and decoding the journal, right
+before and right after it: the ratio is over the mean of their times) and after nats-py reading
+the same stream alone: for profiling the subscriber's path
 (``py-spy record -- .venv/bin/python bench/topics_nats_bench.py --catch-up 5``).
 """
 
@@ -170,6 +171,19 @@ async def catch_up(settings: JournalSettings, url: str, events: int) -> float:
     return events / (time.perf_counter() - started)
 
 
+async def bracketed(
+    journal: Journal, settings: JournalSettings, url: str, events: int
+) -> tuple[float, float]:
+    """(read and decode, catch-up) in events and messages/s: a catch-up between two readings of
+    its baseline, right before and right after it in the same process, the baseline's rate
+    over the mean of their times (as in topics_bench.py: the machine's load moves within
+    seconds)."""
+    before = await read_and_decode(journal)
+    caught = await catch_up(settings, url, events)
+    after = await read_and_decode(journal)
+    return events / ((before.wall + after.wall) / 2), caught
+
+
 async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lagompy-bench-") as tmp:
         async with backend(name, Path(tmp)) as settings, nats_server() as server:
@@ -180,7 +194,6 @@ async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
                 if topics_bench.TUNED:  # as `lagompy run` tunes a service's process
                     tune_collector()
                 cpu = cpu_reference()
-                decode = await read_and_decode(storage.journal)
                 raw, raw_read = await raw_publish(
                     server.url, storage.journal, BrokerSettings().max_in_flight
                 )
@@ -190,7 +203,7 @@ async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
                     f"msg/s: {produced / raw:.2f}",
                     flush=True,
                 )
-                caught = await catch_up(settings, server.url, events)
+                decode, caught = await bracketed(storage.journal, settings, server.url, events)
                 print(
                     f"[{name}] catch-up {caught:,.0f} msg/s, read and decode {decode:,.0f} "
                     f"events/s: {caught / decode:.2f} (nats-py reading alone: {raw_read:,.0f} "
@@ -247,9 +260,10 @@ async def catch_up_only(name: str, events: int, times: int) -> None:
                     stored = (await js.stream_info(stream)).state.messages
                     for i in range(times):
                         cpu = cpu_reference()
-                        decode = await read_and_decode(storage.journal)
                         raw = await _raw_read(nc, js, stream, stored, f"raw{i}")
-                        caught = await catch_up(settings, server.url, events)
+                        decode, caught = await bracketed(
+                            storage.journal, settings, server.url, events
+                        )
                         print(
                             f"[{name}] catch-up {caught:,.0f} msg/s, read and decode "
                             f"{decode:,.0f} events/s: {caught / decode:.2f} (the floor's ratio); "
