@@ -709,6 +709,7 @@ class ReadSide(AsyncClosing):
                 stop=self._stop,
                 on_stall=stalled,
                 keys=[w.tag for w in workers],
+                rows_ensured=True,  # by start_readside
             )
         except ConsumerStopped:
             return

@@ -865,16 +865,23 @@ async def run_global_prepare(
     stop: asyncio.Event | None = None,
     on_stall: Callable[[str | None], None] | None = None,
     keys: Sequence[str] | None = None,
+    rows_ensured: bool = False,
 ) -> int:
     """Run ``processor.global_prepare`` under the processor's own lease, retried with backoff
     until it succeeds (or ``timeout`` seconds pass: ``ReadSideHandlerFailed``); returns the
     number of attempts. Also creates the processor's offset rows (one per partition key of
-    ``keys``; default: its tags). ``on_stall(error)`` is called after each failure from
-    ``max_attempts`` on, and with None once it succeeds."""
+    ``keys``; default: its tags), unless ``rows_ensured`` says the caller just did.
+    ``on_stall(error)`` is called after each failure from ``max_attempts`` on, and with None
+    once it succeeds.
+
+    The hook's writes, the ``prepared`` state and the lease's release commit in one
+    transaction: every transaction before a new consumer's first page is one more wait for the
+    file's write lock and one more flush on SQLite (see docs/benchmarks.md, topics)."""
     store = OffsetStore(projection)
     owner = owner or default_owner()
     name = processor.name
-    await store.ensure(name, [GLOBAL_TAG, *(processor.tags() if keys is None else keys)])
+    if not rows_ensured:
+        await store.ensure(name, [GLOBAL_TAG, *(processor.tags() if keys is None else keys)])
     deadline = None if timeout is None else time.monotonic() + timeout
     attempt = 0
     last: BaseException | None = None
@@ -903,6 +910,7 @@ async def run_global_prepare(
         if lease is None:
             await pause(settings.renew_interval)
             continue
+        released = False
         try:
             attempt += 1
             async with projection.write() as conn:
@@ -910,7 +918,10 @@ async def run_global_prepare(
                     await processor.global_prepare(conn)
                 except Exception as e:
                     raise _HookFailed(e) from e
-                await store.commit(conn, lease, 0, settings.lease_ttl, state="prepared")
+                await store.commit(
+                    conn, lease, 0, settings.lease_ttl, state="prepared", release=True
+                )
+            released = True
             if on_stall is not None:
                 on_stall(None)
             return attempt
@@ -928,5 +939,6 @@ async def run_global_prepare(
                 min(settings.retry_max_delay, settings.retry_initial_delay * 2 ** (attempt - 1))
             )
         finally:
-            with contextlib.suppress(LagompyError):
-                await store.release(lease, state="prepared")
+            if not released:
+                with contextlib.suppress(LagompyError):
+                    await store.release(lease, state="prepared")

@@ -271,7 +271,12 @@ class Subscribers(GroupOperations, AsyncClosing):
         try:
             await self._start_positions(processor, workers, stalled)
             await run_global_prepare(
-                processor, self.database, self.settings, stop=self._stop, on_stall=stalled
+                processor,
+                self.database,
+                self.settings,
+                stop=self._stop,
+                on_stall=stalled,
+                rows_ensured=True,  # by _start
             )
         except ConsumerStopped:
             return
