@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, TypeGuard, cast
@@ -344,6 +344,28 @@ def _collector_paused() -> Iterator[None]:
 
 
 _new = object.__new__
+
+#: What :meth:`Journal.read_tag_made` makes of each event: ``make(entity_type, entity_id,
+#: seq_nr, offset, timestamp, event)``, or None to leave it out.
+MakeFromEvent = Callable[[str, str, int, int, Any, Any], Any]
+
+
+def _undecodable(
+    entity_type: str, entity_id: str, seq_nr: int, type_name: str, offset: int, error: Exception
+) -> EventDecodeError:
+    """The error of an event that cannot be decoded (its cause: ``error``)."""
+    found = EventDecodeError(
+        entity_type=entity_type,
+        entity_id=entity_id,
+        seq_nr=seq_nr,
+        type_name=type_name,
+        reason=str(error),
+        offset=offset,
+    )
+    found.__cause__ = error
+    return found
+
+
 #: EventEnvelope is built field by field in its __dict__ (see ``Journal._envelope``).
 _FAST_ENVELOPE = _plain_init(EventEnvelope) and tuple(
     f.name for f in dataclasses.fields(EventEnvelope)
@@ -746,17 +768,7 @@ class Journal:
         if limit <= 0:
             return TagPage([], after_offset, 0, False)
         wanted = None if event_types is None else frozenset(event_types)
-        stmt = self._tag_page.get(wanted)
-        if stmt is None:
-            stmt = self._tag_page[wanted] = _tag_page_statement(wanted)
-        parameters = {"tag": tag, "after": after_offset, "limit": limit, "visible": _NO_BOUND}
-        read = await self.backend.read_page(stmt, parameters)
-        if read is None:
-            async with self.database.read() as conn:
-                parameters["visible"], held = await self._visible(conn)
-                rows = _tuples(await conn.execute(stmt, parameters))
-        else:
-            rows, held = read
+        rows, held = await self._tag_rows(tag, after_offset, limit, wanted)
         envelopes: list[EventEnvelope[Any]] = []
         last = after_offset
         envelope = self._envelope
@@ -769,6 +781,59 @@ class Journal:
                         return TagPage(envelopes, last, covered, False, error, held)
                 last = row[3]
         return TagPage(envelopes, last, len(rows), len(rows) == limit, held=held)
+
+    async def read_tag_made(
+        self, tag: str, make: MakeFromEvent, *, after_offset: int = 0, limit: int = 1000
+    ) -> TagPage:
+        """:meth:`read_tag` for a reader that wants its own objects rather than envelopes:
+        each event, decoded, becomes ``make(entity_type, entity_id, seq_nr, offset,
+        timestamp, event)`` (None: left out; the page still moves past it) and the page's
+        ``envelopes`` are what ``make`` returned; the events' tags and metadata are not
+        decoded. An event that cannot be decoded ends the page as in :meth:`read_tag`; an error
+        of ``make`` propagates.
+
+        The topics' messages are made so (``lagompy.topic``): through an envelope each, a page
+        of 1,000 took 2.55 us per message, made here 2.06 (2026-12-07, CPU reference 14 ms)."""
+        if limit <= 0:
+            return TagPage([], after_offset, 0, False)
+        rows, held = await self._tag_rows(tag, after_offset, limit, None)
+        made: list[Any] = []
+        append = made.append
+        decode = self.serializer.decode
+        last = after_offset
+        stamp = self._last_timestamp
+        with _collector_paused():
+            for covered, row in enumerate(rows):
+                entity_type, entity_id, seq_nr, offset, event_type, version, payload = row[:7]
+                try:
+                    event = decode(event_type, version, payload)
+                except (UnknownType, DecodeError) as e:
+                    error = _undecodable(entity_type, entity_id, seq_nr, event_type, offset, e)
+                    return TagPage(made, last, covered, False, error, held)
+                written_at_us = row[8]
+                if stamp[0] != written_at_us:
+                    stamp = self._last_timestamp = (written_at_us, from_us(written_at_us))
+                item = make(entity_type, entity_id, seq_nr, offset, stamp[1], event)
+                if item is not None:
+                    append(item)
+                last = offset
+        return TagPage(made, last, len(rows), len(rows) == limit, held=held)
+
+    async def _tag_rows(
+        self, tag: str, after_offset: int, limit: int, wanted: frozenset[str] | None
+    ) -> tuple[Sequence[Sequence[Any]], bool]:
+        """The rows of a page of ``tag`` (see :meth:`read_tag`), and whether a writer still in
+        flight held the read back."""
+        stmt = self._tag_page.get(wanted)
+        if stmt is None:
+            stmt = self._tag_page[wanted] = _tag_page_statement(wanted)
+        parameters = {"tag": tag, "after": after_offset, "limit": limit, "visible": _NO_BOUND}
+        read = await self.backend.read_page(stmt, parameters)
+        if read is not None:
+            return read
+        async with self.database.read() as conn:
+            parameters["visible"], held = await self._visible(conn)
+            return _tuples(await conn.execute(stmt, parameters)), held
 
     async def _visible(self, conn: AsyncConnection) -> tuple[int, bool]:
         """Up to which offset a read by offset on ``conn`` may go, and whether a writer still
@@ -848,14 +913,7 @@ class Journal:
         try:
             event = self.serializer.decode(event_type, version, payload)
         except (UnknownType, DecodeError) as e:
-            raise EventDecodeError(
-                entity_type=entity_type,
-                entity_id=entity_id,
-                seq_nr=seq_nr,
-                type_name=event_type,
-                reason=str(e),
-                offset=offset,
-            ) from e
+            raise _undecodable(entity_type, entity_id, seq_nr, event_type, offset, e) from e
         # Events written in one transaction share their timestamp: one datetime for a run of
         # them (0.37 us each otherwise).
         last = self._last_timestamp

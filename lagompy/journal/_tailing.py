@@ -59,7 +59,13 @@ from pydantic_settings import SettingsConfigDict
 
 from lagompy.closing import AsyncClosing
 from lagompy.errors import ConfigurationError
-from lagompy.journal._journal import NOTIFY_CHANNEL, EventEnvelope, Journal, TagPage
+from lagompy.journal._journal import (
+    NOTIFY_CHANNEL,
+    EventEnvelope,
+    Journal,
+    MakeFromEvent,
+    TagPage,
+)
 from lagompy.settings import LagompySettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
@@ -583,9 +589,18 @@ _ReadPage = Callable[[int, int], Awaitable[TagPage]]
 
 
 def _page_reader(
-    journal: Journal, tag: str | None, event_types: Collection[str] | None
+    journal: Journal,
+    tag: str | None,
+    event_types: Collection[str] | None,
+    make: MakeFromEvent | None = None,
 ) -> _ReadPage:
     """Read a page after an offset as a :class:`TagPage`: ``read(after_offset, limit)``."""
+    if make is not None:
+        if tag is None or event_types is not None:
+            raise ValueError("make needs a tag, and reads every event of it")
+        return lambda after, limit: journal.read_tag_made(
+            tag, make, after_offset=after, limit=limit
+        )
     if tag is not None:
         return lambda after, limit: journal.read_tag(
             tag, after_offset=after, limit=limit, event_types=event_types
@@ -799,7 +814,9 @@ class PageTailer(AsyncClosing):
     (:mod:`lagompy.consumer`) drives it for read-side workers, between lease renewals. Pages
     are :class:`~lagompy.journal.TagPage`: with a ``tag``, :meth:`Journal.read_tag
     <lagompy.journal.Journal.read_tag>` (only the ``event_types`` wanted are decoded, the page
-    still moves past the others); without, every event.
+    still moves past the others); without, every event. With ``make`` (and a tag), the
+    pages hold what it makes of each event (:meth:`Journal.read_tag_made
+    <lagompy.journal.Journal.read_tag_made>`) instead of envelopes.
 
     Attributes for metrics: :attr:`pages_read`, :attr:`notify_wakeups`, :attr:`poll_wakeups`,
     :attr:`reconnect_wakeups`, :attr:`waiting`.
@@ -815,6 +832,7 @@ class PageTailer(AsyncClosing):
         poll_interval: float | None = None,
         listen_poll_interval: float | None = None,
         settings: TailSettings | None = None,
+        make: MakeFromEvent | None = None,
     ) -> None:
         settings = settings or TailSettings()
         self.journal = journal
@@ -836,7 +854,7 @@ class PageTailer(AsyncClosing):
         self.poll_wakeups = 0
         #: Wait ends caused by the LISTEN connection going down or coming back.
         self.reconnect_wakeups = 0
-        self._read_page = _page_reader(journal, tag, event_types)
+        self._read_page = _page_reader(journal, tag, event_types, make)
         self._must_wait = False  # the last page was short: wait before the next query
         self._held = False  # ... and a writer in flight held it back
         self._woken = asyncio.Event()

@@ -4,13 +4,15 @@ journal directly. No producer, no broker: the journal is the log.
 :class:`JournalFeed` reads a partition's tag shard with the journal's own tail loop
 (:class:`~lagompy.journal.PageTailer`: PostgreSQL's NOTIFY or a short poll on SQLite, so a
 message reaches the subscriber milliseconds after its event committed) and maps each page's
-events to messages (:meth:`Topic.message <lagompy.topic.Topic.message>`); the batch's
-``last_offset`` is the page's, past the events ``to_message`` filtered out.
+events to messages (:meth:`Topic.message <lagompy.topic.Topic.message>`), made straight from the
+decoded rows when the topic's key is the default (:meth:`Topic.message_maker
+<lagompy.topic.Topic.message_maker>`); the batch's ``last_offset`` is the page's, past the events
+``to_message`` filtered out.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import func, select
 
@@ -18,7 +20,7 @@ from lagompy.journal._journal import Journal, TagPage, _collector_paused, backen
 from lagompy.journal._tailing import PageTailer, TailSettings
 from lagompy.sql import _schema as schema
 from lagompy.sql._database import Database
-from lagompy.topic._topic import StartFrom, Topic
+from lagompy.topic._topic import Message, StartFrom, Topic
 from lagompy.topic._transport import MessageBatch, MessageFeed
 
 if TYPE_CHECKING:
@@ -66,9 +68,16 @@ async def partition_lag(database: Database, tag: str, after: int) -> tuple[int, 
     return await _journal_lag(database, tag, after)
 
 
-def batch_of(topic: Topic[Any], partition: int, page: TagPage) -> MessageBatch:
-    """A page of the partition's tag as a batch of messages (filtered events left out), made
-    with the collector paused as the journal decodes its pages (see ``_collector_paused``)."""
+def batch_of(
+    topic: Topic[Any], partition: int, page: TagPage, *, made: bool = False
+) -> MessageBatch:
+    """A page of the partition's tag as a batch of messages (filtered events left out):
+    ``made``, a page of messages already (:meth:`Journal.read_tag_made
+    <lagompy.journal.Journal.read_tag_made>` with the topic's :meth:`Topic.message_maker`);
+    else made of its envelopes with the collector paused as the journal decodes its pages (see
+    ``_collector_paused``)."""
+    if made:
+        return MessageBatch(cast(list[Message[Any]], page.envelopes), page.last_offset, page.full)
     with _collector_paused():
         messages = topic.messages(page.envelopes, partition)
     return MessageBatch(messages, page.last_offset, page.full)
@@ -78,10 +87,15 @@ async def read_partition(
     journal: Journal, topic: Topic[Any], partition: int, after: int, limit: int
 ) -> MessageBatch:
     """One batch of the partition after ``after``, read now (the HTTP route's read)."""
-    page = await journal.read_tag(topic.partition_tag(partition), after_offset=after, limit=limit)
+    tag = topic.partition_tag(partition)
+    make = topic.message_maker(partition)
+    if make is None:
+        page = await journal.read_tag(tag, after_offset=after, limit=limit)
+    else:
+        page = await journal.read_tag_made(tag, make, after_offset=after, limit=limit)
     if page.error is not None and not page.envelopes and page.last_offset <= after:
         raise page.error
-    return batch_of(topic, partition, page)
+    return batch_of(topic, partition, page, made=make is not None)
 
 
 class JournalFeed:
@@ -104,11 +118,13 @@ class JournalFeed:
         self.tag = topic.partition_tag(partition)
         self._tail = tail or TailSettings()
         self._tailer: PageTailer | None = None
+        #: The tailer's pages are messages, made from the rows (None: envelopes).
+        self._make = topic.message_maker(partition)
 
     def _tailer_for(self, limit: int) -> PageTailer:
         if self._tailer is None:
             self._tailer = PageTailer(
-                self.journal, tag=self.tag, page_size=limit, settings=self._tail
+                self.journal, tag=self.tag, page_size=limit, settings=self._tail, make=self._make
             )
         return self._tailer
 
@@ -125,13 +141,12 @@ class JournalFeed:
     async def next_batch(self, after: int, limit: int) -> MessageBatch:
         tailer = self._tailer_for(limit)
         await tailer.start()
-        if limit == tailer.page_size:
-            page = await tailer.next_page(after)
-        else:  # another page size than the first call's: read it directly
-            page = await self.journal.read_tag(self.tag, after_offset=after, limit=limit)
+        if limit != tailer.page_size:  # another page size than the first call's: read it now
+            return await read_partition(self.journal, self.topic, self.partition, after, limit)
+        page = await tailer.next_page(after)
         if page.error is not None and not page.envelopes and page.last_offset <= after:
             raise page.error  # the next event cannot be decoded: retried, then stalled
-        return batch_of(self.topic, self.partition, page)
+        return batch_of(self.topic, self.partition, page, made=self._make is not None)
 
     async def wait(self, limit: float | None = None) -> None:
         if self._tailer is not None:

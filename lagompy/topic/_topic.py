@@ -18,7 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lagompy.entity import PersistentEntity, ShardedTag
 from lagompy.errors import ConfigurationError
-from lagompy.journal._journal import MAX_POSITION, is_position
+from lagompy.journal._journal import MAX_POSITION, MakeFromEvent, is_position
 from lagompy.journal._model import EventEnvelope
 from lagompy.serialization import Serializer, type_info
 
@@ -232,7 +232,7 @@ class Topic(Generic[M]):
         if payload is None:
             return None
         if not isinstance(payload, self.message_type):
-            raise self._not_a_message(payload, envelope)
+            raise self._not_a_message(payload, envelope.offset)
         return _made(
             self.name,
             payload,
@@ -243,10 +243,10 @@ class Topic(Generic[M]):
             self.version,
         )
 
-    def _not_a_message(self, payload: object, envelope: EventEnvelope[Any]) -> TypeError:
+    def _not_a_message(self, payload: object, offset: int) -> TypeError:
         return TypeError(
             f"topic {self.name!r}: to_message returned a {type(payload).__qualname__} "
-            f"for the event at offset {envelope.offset}, not a "
+            f"for the event at offset {offset}, not a "
             f"{self.message_type.__qualname__} (or None)"
         )
 
@@ -272,7 +272,7 @@ class Topic(Generic[M]):
             if payload is None:
                 continue
             if type(payload) is not message_type and not isinstance(payload, message_type):
-                raise self._not_a_message(payload, envelope)
+                raise self._not_a_message(payload, envelope.offset)
             append(
                 _made(
                     name,
@@ -285,6 +285,48 @@ class Topic(Generic[M]):
                 )
             )
         return made
+
+    def message_maker(self, partition: int) -> MakeFromEvent | None:
+        """What makes the partition's messages straight from its decoded events, without an
+        envelope each (:meth:`Journal.read_tag_made
+        <lagompy.journal.Journal.read_tag_made>`): :meth:`message`'s result for the event, or
+        None. None when the topic's ``key`` is not the default (a key function takes the
+        envelope): read envelopes then, and :meth:`messages`."""
+        if self.key is not entity_key:
+            return None
+        to_message = self.to_message
+        message_type = self.message_type
+        name, type_name, version = self.name, self.type_name, self.version
+
+        def make(
+            entity_type: str, entity_id: str, seq_nr: int, offset: int, timestamp: Any, event: Any
+        ) -> Message[M] | None:
+            payload = to_message(event)
+            if payload is None:
+                return None
+            if type(payload) is not message_type and not isinstance(payload, message_type):
+                raise self._not_a_message(payload, offset)
+            message: Message[M] = _new(Message)
+            _set(
+                message,
+                "__dict__",
+                {
+                    "topic": name,
+                    "payload": payload,
+                    "key": entity_id,
+                    "partition": partition,
+                    "offset": offset,
+                    "timestamp": timestamp,
+                    "type_name": type_name,
+                    "version": version,
+                    "entity_type": entity_type,
+                    "entity_id": entity_id,
+                    "seq_nr": seq_nr,
+                },
+            )
+            return message
+
+        return make
 
     def __repr__(self) -> str:
         return (
