@@ -12,7 +12,9 @@ import asyncio
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
+from conftest import POSTGRES_URL
 
 from examples.user_service.entity import UserRegistered
 from lagompy import AtomicWrite, Storage
@@ -80,11 +82,14 @@ class Watched:
         await self.tailer.close()
 
 
-@pytest.mark.parametrize("size", [1, _PG_COPY_FROM], ids=["write-function", "large-batch"])
+@pytest.mark.parametrize(
+    "size", [1, 2, _PG_COPY_FROM], ids=["one-write", "write-function", "large-batch"]
+)
 async def test_only_the_tailers_of_the_written_tags_are_woken(
     pg_storage: Storage, size: int
 ) -> None:
-    # Both write paths: the write function (small batches) and the large batches' statement.
+    # Every write path: one write of one event (its own statement), the write function (small
+    # batches) and the large batches' statement.
     ta, tb = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
     a, b, every = Watched(pg_storage, ta), Watched(pg_storage, tb), Watched(pg_storage, None)
     for w in (a, b, every):
@@ -114,6 +119,30 @@ async def test_only_the_tailers_of_the_written_tags_are_woken(
     finally:
         for w in (a, b, every):
             await w.stop()
+
+
+@pytest.mark.parametrize("size", [1, 2], ids=["one-write", "write-function"])
+async def test_a_refused_write_notifies_nobody(pg_storage: Storage, size: int) -> None:
+    # Writes whose expected sequence number is stale insert nothing and send no notification;
+    # the accepted write after them sends one, that names its tag.
+    refused, accepted = f"r-{uuid.uuid4().hex[:8]}", f"a-{uuid.uuid4().hex[:8]}"
+    first = writes("n", size, (refused,))
+    assert all(r.ok for r in await pg_storage.journal.append(first))
+    payloads: list[str] = []
+    listener = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await listener.add_listener("lagompy_events", lambda *a: payloads.append(a[3]))
+        stale = writes("n", size, (refused,))  # expect 0 again: every one conflicts
+        results = await pg_storage.journal.append(stale)
+        assert [r.ok for r in results] == [False] * size
+        [ok] = await pg_storage.journal.append(writes("m", 1, (accepted,)))
+        async with asyncio.timeout(5):
+            while not any(accepted in p.split("\n") for p in payloads):
+                await asyncio.sleep(0.01)
+        assert f"{ok.offsets[-1]}\n{accepted}" in payloads
+        assert not any(refused in p.split("\n") for p in payloads)
+    finally:
+        await listener.close()
 
 
 async def test_a_write_with_too_many_tags_to_name_wakes_every_tailer(pg_storage: Storage) -> None:
