@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Annotated
@@ -238,3 +241,51 @@ def test_the_body_limit_must_be_positive(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("LAGOMPY_HTTP_MAX_BODY_SIZE", "0")
     with pytest.raises(InvalidSettings, match=r"max_body_size \(LAGOMPY_HTTP_MAX_BODY_SIZE\)"):
         ServiceSettings()
+
+
+def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(
+    journal_settings: JournalSettings,
+) -> None:
+    """A client that writes a large body before it reads (no ``Expect: 100-continue``, as
+    urllib and most scripts do) gets the 413, not a reset connection: the refused body is read
+    and dropped (never kept) before the answer, up to a bound."""
+    limit = 1_000
+    body = json.dumps({"text": "z" * (8 * 1024 * 1024)}).encode()
+    app = limited_notes_app(journal_settings, limit)
+    with serve_in_thread(app) as url:
+        for chunked in (False, True):
+            request = urllib.request.Request(
+                f"{url}/notes/u1",
+                data=iter([body]) if chunked else body,
+                method="POST",
+                headers={"content-type": "application/json"}
+                | ({"transfer-encoding": "chunked"} if chunked else {}),
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 413, chunked
+            problem = json.loads(refused.value.read())
+            assert problem["detail"] == (
+                f"the request body is larger than the limit of {limit:,} bytes"
+            )
+
+
+def test_a_client_that_waits_for_100_continue_is_answered_before_it_sends(
+    journal_settings: JournalSettings,
+) -> None:
+    """``Expect: 100-continue`` with a declared length above the limit: the 413 comes at once,
+    with no ``100 Continue`` before it, so the client never sends the body."""
+    app = limited_notes_app(journal_settings, 1_000)
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /notes/e1 HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]

@@ -5,6 +5,8 @@ the request count, a last-resort 500), :class:`BodyLimit` (413 for a body above
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -111,6 +113,29 @@ class KeyRelease:
             await held.release()
 
 
+#: How much of a refused body is read and dropped before the 413 goes out, and for how long. A
+#: client that writes its whole body before it reads (no ``Expect: 100-continue``: urllib, most
+#: scripts) reads the answer only if the server read what it sent: answered unread, it found the
+#: connection reset (ConnectionResetError, no 413). Past these bounds the answer goes out anyway
+#: and such a client may see the reset.
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 10.0
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a refused request body, within the bounds above."""
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while dropped < DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+
 class BodyTooLarge(HTTPException):
     """A request body above the service's limit (413). Raised from the body's stream, inside
     the route that reads it, so the service's HTTP exception handler answers it."""
@@ -124,7 +149,10 @@ class BodyLimit:
     than ``limit`` bytes. A ``Content-Length`` above it is refused before anything reads the
     body; a body sent without one (chunked) is counted as it streams in, and the read that
     goes past the limit raises :class:`BodyTooLarge`, so the body is never buffered whole.
-    Without it, a route that reads a JSON body buffers whatever it is sent."""
+    Without it, a route that reads a JSON body buffers whatever it is sent. What the client
+    sends of a refused body is read and dropped before the answer (within ``DRAIN_BYTES`` and
+    ``DRAIN_SECONDS``), so that a client that writes before it reads gets the 413; a client that
+    asked ``Expect: 100-continue`` is answered at once, before it sends the body."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -135,16 +163,19 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit
+        declared = None
+        waits = False  # the client waits for a 100 Continue before it sends the body
         for key, value in scope["headers"]:
             if key == b"content-length":
-                try:
+                with contextlib.suppress(ValueError):  # refused by the server; count instead
                     declared = int(value)
-                except ValueError:
-                    break  # the server refuses these; in process, count the stream instead
-                if declared > limit:
-                    await self._refuse(scope, receive, send)
-                    return
-                break
+            elif key == b"expect":
+                waits = value.lower() == b"100-continue"
+        if declared is not None and declared > limit:
+            if not waits:
+                await _drain(receive)
+            await self._refuse(scope, receive, send)
+            return
         received = 0
         started = False
 
@@ -154,6 +185,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body", False):
+                        await _drain(receive)
                     raise BodyTooLarge(limit)
             return message
 
