@@ -178,13 +178,18 @@ async def test_signals_child_runs_and_durable_sleep(bank: Env) -> None:
     await bank.engine.send_signal("ap", "decision", "yes")
     assert await bank.engine.result("ap", timeout=10) == "ada: yes"
     assert await bank.engine.result("p", timeout=10) == 12
-    assert {r.run_id for r in await bank.engine.list(parent="p")} == {"p/0", "p/1"}
+    # The runs index follows the journal: the children show there soon after, not at once.
+    await until(lambda: _children_are(bank.engine, "p", {"p/0", "p/1"}))
     assert await bank.engine.result("s", timeout=10) == 1
     assert time.monotonic() - started >= 0.3
 
 
 async def _index_is(engine: WorkflowEngine, workflow: str, expected: dict[str, str]) -> bool:
     return await _statuses(engine, workflow) == expected
+
+
+async def _children_are(engine: WorkflowEngine, parent: str, expected: set[str]) -> bool:
+    return {r.run_id for r in await engine.list(parent=parent)} == expected
 
 
 async def _has_steps(engine: WorkflowEngine, run_id: str, n: int) -> bool:
