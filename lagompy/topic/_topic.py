@@ -45,13 +45,17 @@ def _made(
     payload: Any,
     key: str,
     partition: int,
-    envelope: EventEnvelope[Any],
+    entity_type: str,
+    entity_id: str,
+    seq_nr: int,
+    offset: int,
+    timestamp: Any,
     type_name: str,
     version: int,
 ) -> Message[Any]:
     """A message built in its ``__dict__``, set whole from one dict display (see
-    :meth:`Topic.messages`): the one construction of :meth:`Topic.message` and
-    :meth:`Topic.messages`."""
+    :meth:`Topic.messages`): the one construction of :meth:`Topic.message`,
+    :meth:`Topic.messages` and :meth:`Topic.message_maker`'s messages."""
     message: Message[Any] = _new(Message)
     _set(
         message,
@@ -61,13 +65,13 @@ def _made(
             "payload": payload,
             "key": key,
             "partition": partition,
-            "offset": envelope.offset,
-            "timestamp": envelope.timestamp,
+            "offset": offset,
+            "timestamp": timestamp,
             "type_name": type_name,
             "version": version,
-            "entity_type": envelope.entity_type,
-            "entity_id": envelope.entity_id,
-            "seq_nr": envelope.seq_nr,
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "seq_nr": seq_nr,
         },
     )
     return message
@@ -233,12 +237,17 @@ class Topic(Generic[M]):
             return None
         if not isinstance(payload, self.message_type):
             raise self._not_a_message(payload, envelope.offset)
+        e = envelope
         return _made(
             self.name,
             payload,
-            self.key(envelope),
+            self.key(e),
             partition,
-            envelope,
+            e.entity_type,
+            e.entity_id,
+            e.seq_nr,
+            e.offset,
+            e.timestamp,
             self.type_name,
             self.version,
         )
@@ -273,13 +282,18 @@ class Topic(Generic[M]):
                 continue
             if type(payload) is not message_type and not isinstance(payload, message_type):
                 raise self._not_a_message(payload, envelope.offset)
+            entity_id = envelope.entity_id
             append(
                 _made(
                     name,
                     payload,
-                    envelope.entity_id if key is None else key(envelope),
+                    entity_id if key is None else key(envelope),
                     partition,
-                    envelope,
+                    envelope.entity_type,
+                    entity_id,
+                    envelope.seq_nr,
+                    envelope.offset,
+                    envelope.timestamp,
                     type_name,
                     version,
                 )
@@ -306,25 +320,19 @@ class Topic(Generic[M]):
                 return None
             if type(payload) is not message_type and not isinstance(payload, message_type):
                 raise self._not_a_message(payload, offset)
-            message: Message[M] = _new(Message)
-            _set(
-                message,
-                "__dict__",
-                {
-                    "topic": name,
-                    "payload": payload,
-                    "key": entity_id,
-                    "partition": partition,
-                    "offset": offset,
-                    "timestamp": timestamp,
-                    "type_name": type_name,
-                    "version": version,
-                    "entity_type": entity_type,
-                    "entity_id": entity_id,
-                    "seq_nr": seq_nr,
-                },
+            return _made(
+                name,
+                payload,
+                entity_id,
+                partition,
+                entity_type,
+                entity_id,
+                seq_nr,
+                offset,
+                timestamp,
+                type_name,
+                version,
             )
-            return message
 
         return make
 
