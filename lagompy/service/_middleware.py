@@ -14,12 +14,13 @@ from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lagompy.service import _metrics as metrics
 from lagompy.service._client import REQUEST_ID_HEADER, current_request_id
 from lagompy.service._idempotency import _HEADER_BYTES, HELD_SCOPE_KEY, Held
-from lagompy.service._problems import PROBLEM_CONTENT_TYPE, _problem
+from lagompy.service._problems import PROBLEM_CONTENT_TYPE, _problem, _problem_response
 
 __all__ = [
     "BodyLimit",
@@ -206,9 +207,5 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = BodyTooLarge(self.limit)
-        body = _problem(413, HTTPStatus(413).phrase, error.detail, instance=scope["path"])
-        request_id = current_request_id.get()
-        if request_id:
-            body["request_id"] = request_id
-        response = JSONResponse(body, status_code=413, media_type=PROBLEM_CONTENT_TYPE)
-        await response(scope, receive, send)
+        body = _problem(413, HTTPStatus(413).phrase, error.detail)
+        await _problem_response(Request(scope), 413, body)(scope, receive, send)
