@@ -801,7 +801,7 @@ class Journal:
         append = made.append
         decode = self.serializer.decode
         last = after_offset
-        stamp = self._last_timestamp
+        timestamp = self._timestamp
         with _collector_paused():
             for covered, row in enumerate(rows):
                 entity_type, entity_id, seq_nr, offset, event_type, version, payload = row[:7]
@@ -810,10 +810,7 @@ class Journal:
                 except (UnknownType, DecodeError) as e:
                     error = _undecodable(entity_type, entity_id, seq_nr, event_type, offset, e)
                     return TagPage(made, last, covered, False, error, held)
-                written_at_us = row[8]
-                if stamp[0] != written_at_us:
-                    stamp = self._last_timestamp = (written_at_us, from_us(written_at_us))
-                item = make(entity_type, entity_id, seq_nr, offset, stamp[1], event)
+                item = make(entity_type, entity_id, seq_nr, offset, timestamp(row[8]), event)
                 if item is not None:
                     append(item)
                 last = offset
@@ -897,6 +894,16 @@ class Journal:
         last = envelopes[-1].offset if envelopes else after_offset
         return TagPage(envelopes, last, len(envelopes), len(envelopes) >= limit, held=held)
 
+    def _timestamp(self, written_at_us: int) -> Any:
+        """The datetime of ``written_at_us``. Events written in one transaction share their
+        timestamp: one datetime for a run of them (0.37 us each otherwise)."""
+        last = self._last_timestamp
+        if last[0] == written_at_us:
+            return last[1]
+        timestamp = from_us(written_at_us)
+        self._last_timestamp = (written_at_us, timestamp)
+        return timestamp
+
     def _envelope(
         self,
         entity_type: str,
@@ -914,14 +921,7 @@ class Journal:
             event = self.serializer.decode(event_type, version, payload)
         except (UnknownType, DecodeError) as e:
             raise _undecodable(entity_type, entity_id, seq_nr, event_type, offset, e) from e
-        # Events written in one transaction share their timestamp: one datetime for a run of
-        # them (0.37 us each otherwise).
-        last = self._last_timestamp
-        if last[0] == written_at_us:
-            timestamp = last[1]
-        else:
-            timestamp = from_us(written_at_us)
-            self._last_timestamp = (written_at_us, timestamp)
+        timestamp = self._timestamp(written_at_us)
         # Events of one tag mostly carry the same tags: one tuple for a run of them.
         last_tags = self._last_tags
         if tags == last_tags[0]:
