@@ -1,9 +1,10 @@
 """Write one benchmark's section of docs/benchmarks.md, leaving the other sections alone; the
-CPU reference every bench prints beside its numbers; and the local Ray the runtime's benches
-start."""
+CPU reference every bench prints beside its numbers; the local Ray the runtime's benches
+start; and the options the runtime's probes share."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 import timeit
@@ -57,3 +58,12 @@ def init_local_ray() -> None:
         include_dashboard=False,
         log_to_driver=False,
     )
+
+
+def probe_parser(doc: str | None, *, asks_help: str, rounds: int) -> argparse.ArgumentParser:
+    """The options of a runtime probe (``--asks`` per round, ``--rounds``), described by the
+    first paragraph of its module's ``doc``; the probe adds its own."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--asks", type=int, default=2000, help=asks_help)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser

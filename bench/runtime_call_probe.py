@@ -17,7 +17,6 @@ threads). Prints only.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import pickle
 import random
@@ -31,7 +30,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment, Read
-from bench._report import cpu_reference, init_local_ray
+from bench._report import cpu_reference, init_local_ray, probe_parser
 from bench._tail_actors import CallProbeHost
 from bench.runtime_bench import PG_URL
 from lagompy import JournalSettings, start
@@ -100,10 +99,7 @@ async def one_round(entities: Any, asks: int, rng: random.Random) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--asks", type=int, default=2000, help="asks per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    args = probe_parser(__doc__, asks_help="asks per round", rounds=2).parse_args()
     import ray
 
     init_local_ray()

@@ -26,7 +26,6 @@ base (no-op p50 + one-row tx p50) and against the composed baseline. Prints only
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import pickle
@@ -44,7 +43,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment, NoopActor, Read
-from bench._report import cpu_reference, init_local_ray
+from bench._report import cpu_reference, init_local_ray, probe_parser
 from bench._tail_actors import TracingHost, TracingHostAtRayNiceness, TxActor
 from bench.runtime_bench import PG_URL
 from lagompy import JournalSettings, start
@@ -314,9 +313,7 @@ def _against_composed(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--asks", type=int, default=2000, help="asks per round and app")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = probe_parser(__doc__, asks_help="asks per round and app", rounds=3)
     parser.add_argument(
         "--compare",
         action="store_true",
