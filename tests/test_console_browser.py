@@ -14,6 +14,7 @@ screenshot of each page there (how ``docs/img/console/`` is made)."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,16 +53,24 @@ def _browser_or_skip() -> None:
 @pytest.fixture
 def browser_page() -> Iterator[Any]:
     _browser_or_skip()
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(15_000)
+            expect.set_options(timeout=15_000)
             yield page
         finally:
             browser.close()
+
+
+def follow(page: Any, click: Callable[[], None]) -> None:
+    """Run ``click`` (a link or a form's button) and wait for the page it leads to: an assertion
+    right after a click must not read the page being left."""
+    with page.expect_navigation():
+        click()
 
 
 def shoot(page: Any, name: str) -> None:
@@ -106,6 +115,8 @@ def test_the_console_in_chromium(
 ) -> None:
     # postgres_schema before browser_page: Playwright's sync API holds the thread's event loop
     # from its setup to its teardown, and the schema's async set-up needs it free.
+    from playwright.sync_api import expect
+
     page = browser_page
     journal = JournalSettings(url=f"sqlite:///{tmp_path / 'read-only.db'}")
 
@@ -116,9 +127,8 @@ def test_the_console_in_chromium(
         assert httpx.post(f"{url}/register/u1/Ada").status_code == 200
         page.goto(f"{url}/console/")
         for link in NAV:
-            page.get_by_role("link", name=link, exact=True).click()
-            page.wait_for_load_state()
-            assert page.locator("#mode").inner_text() == "read-only", link
+            follow(page, page.get_by_role("link", name=link, exact=True).click)
+            expect(page.locator("#mode")).to_have_text("read-only")
             assert page.locator("button[data-action]").count() == 0, link
             assert page.locator("form[method=post]").count() == 0, link
         assert origins == {url}
@@ -130,32 +140,32 @@ def test_the_console_in_chromium(
         assert httpx.post(f"{url}/register/u1/Ada").status_code == 200
         page.goto(f"{url}/console/readsides")
         assert page.locator("button[data-action]").count() == 0
-        page.get_by_role("link", name="Log in to act").click()
+        follow(page, page.get_by_role("link", name="Log in to act").click)
         page.fill("input[name=token]", "not the token, clearly wrong")
-        page.click("#login button")
-        assert page.locator("#login-error").inner_text() == "wrong token"
+        follow(page, lambda: page.click("#login button"))
+        expect(page.locator("#login-error")).to_have_text("wrong token")
         page.fill("input[name=token]", TOKEN)
-        page.click("#login button")
+        follow(page, lambda: page.click("#login button"))
+        expect(page.get_by_role("button", name="Log out")).to_be_visible()
         shoot(page, "overview")
-        assert page.get_by_role("button", name="Log out").is_visible()
 
         tag = tag_of("u1")
         row = f"#readside-rows tr[data-tag='{tag}']"
         page.goto(f"{url}/console/readsides")
         eventually(lambda: page.locator(f"{row} td").nth(3).inner_text() == "1", "handled")
         page.click(f"{row} button[data-action=pause]")
-        assert page.locator(".flash").inner_text().startswith("pause: paused 1 tag")
-        assert page.locator(row).get_attribute("data-state") == "paused"
+        expect(page.locator(".flash")).to_have_text(re.compile(r"^pause: paused 1 tag"))
+        expect(page.locator(row)).to_have_attribute("data-state", "paused")
         page.click(f"{row} button[data-action=resume]")
         eventually(lambda: page.locator(row).get_attribute("data-state") != "paused", "resumed")
 
         # A rebuild, confirmed, watched until its progress reaches 100% (the live refresh).
         page.click("#rebuild button[data-action=rebuild]")
-        assert "cannot be undone" in page.locator("#confirm-what").inner_text()
+        expect(page.locator("#confirm-what")).to_contain_text("cannot be undone")
         page.click("#confirm button")
         progress = "#rebuild-rows tr[data-rebuild='console-names']"
         eventually(lambda: page.locator(progress).get_attribute("data-percent") == "100", "100%")
-        assert page.locator(progress).get_attribute("data-state") == "done"
+        expect(page.locator(progress)).to_have_attribute("data-state", "done")
 
         # A failing event shows up on the open page by itself (the live refresh).
         assert httpx.post(f"{url}/register/u2/boom").status_code == 200
@@ -163,31 +173,31 @@ def test_the_console_in_chromium(
         eventually(lambda: page.locator(boom).get_attribute("data-state") == "failed", "live")
         shoot(page, "readsides")
 
-        page.get_by_role("link", name="Failed", exact=True).click()
-        assert "cannot project boom" in page.locator("#failed-rows").inner_text()
+        follow(page, page.get_by_role("link", name="Failed", exact=True).click)
+        expect(page.locator("#failed-rows")).to_contain_text("cannot project boom")
         # Retry: it fails again. The form's answer is a new page: wait for it before reloading.
         with page.expect_navigation():
             page.click("#failed-rows button[data-action=resume]")
         reload_until(page, lambda: page.locator("#failed-rows tr[data-tag]").count() == 1, "again")
         shoot(page, "failed")
         page.click("#failed-rows button[data-action=skip]")
-        assert "cannot be undone" in page.locator("#confirm-what").inner_text()
+        expect(page.locator("#confirm-what")).to_contain_text("cannot be undone")
         page.click("#confirm button")
-        assert page.locator(".flash").inner_text().startswith("skip: skipped the failing event")
+        expect(page.locator(".flash")).to_have_text(re.compile(r"^skip: skipped the failing event"))
         reload_until(
             page, lambda: page.locator("#failed-rows tr[data-tag]").count() == 0, "skipped"
         )
 
-        page.get_by_role("link", name="Overview").click()
-        assert page.locator("#hosts tbody tr").count() == 2  # the two shard hosts
+        follow(page, page.get_by_role("link", name="Overview").click)
+        expect(page.locator("#hosts tbody tr")).to_have_count(2)  # the two shard hosts
         page.goto(f"{url}/console/entities?type=user&id=u1")
-        assert page.locator("#events tbody tr").count() == 1
-        assert "UserRegistered" in page.locator("#events").inner_text()
+        expect(page.locator("#events tbody tr")).to_have_count(1)
+        expect(page.locator("#events")).to_contain_text("UserRegistered")
         shoot(page, "entities")
-        page.get_by_role("link", name="Circuit breakers").click()
-        assert "inventory" in page.locator("#breakers").inner_text()
+        follow(page, page.get_by_role("link", name="Circuit breakers").click)
+        expect(page.locator("#breakers")).to_contain_text("inventory")
         shoot(page, "breakers")
-        page.get_by_role("link", name="Audit").click()
+        follow(page, page.get_by_role("link", name="Audit").click)
         audit = page.locator("#audit").inner_text()
         for action in ("login", "pause", "resume", "rebuild", "rebuild-finished", "skip"):
             assert f"\t{action}\t" in audit, action
@@ -195,6 +205,8 @@ def test_the_console_in_chromium(
 
 
 def test_a_parked_event_retried_from_the_failed_page(browser_page: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
     page = browser_page
     journal = JournalSettings(url=f"sqlite:///{tmp_path / 'parked.db'}")
     ParkingNames.broken = True
@@ -203,15 +215,15 @@ def test_a_parked_event_retried_from_the_failed_page(browser_page: Any, tmp_path
             assert httpx.post(f"{url}/register/u1/boom").status_code == 200
             page.goto(f"{url}/console/login")
             page.fill("input[name=token]", TOKEN)
-            page.click("#login button")
-            page.get_by_role("link", name="Failed", exact=True).click()
+            follow(page, lambda: page.click("#login button"))
+            follow(page, page.get_by_role("link", name="Failed", exact=True).click)
             rows = "#parked-rows tr[data-parked-id]"
             reload_until(page, lambda: page.locator(rows).count() == 1, "parked")
-            assert "cannot project boom" in page.locator("#parked-rows").inner_text()
+            expect(page.locator("#parked-rows")).to_contain_text("cannot project boom")
             shoot(page, "parked")
             # Still broken: the retry fails again and the row stays, with its retry counted.
             page.click(f"{rows} button[data-action=retry-parked]")
-            assert page.locator(".flash").inner_text() == (
+            expect(page.locator(".flash")).to_have_text(
                 "retry-parked: asked for a retry of 1 parked event(s)"
             )
             reload_until(
@@ -225,7 +237,7 @@ def test_a_parked_event_retried_from_the_failed_page(browser_page: Any, tmp_path
                 page.click(f"{rows} button[data-action=retry-parked]")
             reload_until(page, lambda: page.locator(rows).count() == 0, "retried")
             assert httpx.get(f"{url}/names").json() == ["boom"]
-            page.get_by_role("link", name="Audit").click()
-            assert "\tretry-parked\t" in page.locator("#audit").inner_text()
+            follow(page, page.get_by_role("link", name="Audit").click)
+            expect(page.locator("#audit")).to_contain_text("\tretry-parked\t")
     finally:
         ParkingNames.broken = True

@@ -47,16 +47,23 @@ def _in_chromium(url: str, *, group_of: str) -> None:
         if UNDER_CI:
             pytest.fail(f"browser checks must run under CI: {CHROMIUM} is missing")
         return
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{url}/console/")
-            page.get_by_role("link", name="Topics", exact=True).click()
-            assert page.locator(f"#topics tr[data-topic='{group_of}']").count() >= 1
+            # The click starts a navigation: wait for the Topics page, not the one it leaves.
+            with page.expect_navigation():
+                page.get_by_role("link", name="Topics", exact=True).click()
+            expect(page.locator(f"#topics tr[data-topic='{group_of}']").first).to_be_visible(
+                timeout=15_000
+            )
             rows = page.locator("#readside-rows tr[data-processor]")
+            for name in (f"topic-producer:{group_of}", f"topic:{group_of}:console-group"):
+                line = page.locator(f"#readside-rows tr[data-processor='{name}']").first
+                expect(line).to_be_visible(timeout=15_000)
             names = {rows.nth(i).get_attribute("data-processor") for i in range(rows.count())}
             assert names == {f"topic-producer:{group_of}", f"topic:{group_of}:console-group"}
             shoot(page, "topics")
