@@ -1,5 +1,5 @@
-"""Run the example: the notification service and the user service, each a ``lagompy run``
-process, until Ctrl-C (or SIGTERM) stops both.
+"""Run the example: the user service, then (once it is ready) the notification service that
+pulls its topic, each a ``lagompy run`` process, until Ctrl-C (or SIGTERM) stops both.
 
     .venv/bin/python -m examples.user_service [--port 8000] [--notifications-port 8001]
 
@@ -67,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     env |= os.environ
     cwd = os.getcwd()  # so that `lagompy run` imports `examples` from here
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
-    processes = [
-        _serve("examples.notification_service.api:app", args.notifications_port, env),
-        _serve("examples.user_service.api:app", args.port, env),
-    ]
+    # The user service first: the notification service pulls its topic from it at start, and
+    # started together it would retry (and log each retry) until the user service answered.
+    processes = [_serve("examples.user_service.api:app", args.port, env)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        if _wait_ready(url, processes, timeout=120):
+        ready = _wait_ready(url, processes, timeout=120)
+        if ready:
+            processes.append(
+                _serve("examples.notification_service.api:app", args.notifications_port, env)
+            )
+            ready = _wait_ready(notifications, processes, timeout=60)
+        if ready:
             print(USAGE.format(url=url, notifications=notifications), flush=True)
         else:
             print("a service did not start: see its output above", file=sys.stderr, flush=True)
