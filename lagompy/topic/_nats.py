@@ -94,6 +94,7 @@ from lagompy.topic._codec import (
 from lagompy.topic._log import PartitionLog
 from lagompy.topic._subscriber import producer_key
 from lagompy.topic._topic import Message, StartFrom, Topic
+from lagompy.topic._topic import _made as _topic_made
 from lagompy.topic._transport import MessageBatch, until_woken
 from lagompy.topic._worker import FeedPages
 
@@ -343,7 +344,6 @@ def decode(topic: Topic[Any], partition: int, headers: dict[str, str], data: byt
     )
 
 
-_new = object.__new__
 _unpackb = msgpack.unpackb
 
 
@@ -359,24 +359,22 @@ def _made(
     eid: str,
     seq_nr: str,
 ) -> Message[Any]:
-    """A message of its header values (percent-encoded ones decoded), made without
-    ``Message.__init__``: its payload is set once the batch's are decoded. ``ValueError``
-    when a number does not read."""
-    message: Message[Any] = _new(Message)
-    message.__dict__.update(
-        topic=name,
-        payload=None,
-        key=unquote(key) if "%" in key else key,
-        partition=partition,
-        offset=int(offset),
-        timestamp=when,
-        type_name=type_name,
-        version=version,
-        entity_type=unquote(etype) if "%" in etype else etype,
-        entity_id=unquote(eid) if "%" in eid else eid,
-        seq_nr=int(seq_nr),
+    """A message of its header values (percent-encoded ones decoded), made by the topic
+    module's one construction; its payload is set once the batch's are decoded.
+    ``ValueError`` when a number does not read."""
+    return _topic_made(
+        name,
+        None,
+        unquote(key) if "%" in key else key,
+        partition,
+        unquote(etype) if "%" in etype else etype,
+        unquote(eid) if "%" in eid else eid,
+        int(seq_nr),
+        int(offset),
+        when,
+        type_name,
+        version,
     )
-    return message
 
 
 def decode_batch(
