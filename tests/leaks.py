@@ -60,6 +60,9 @@ def request_text(path_and_query: str, body: bytes | str | None, headers: Iterabl
     # The server may drop control characters from a path (a percent-encoded newline, say):
     # what it echoes is then the path without them.
     parts = [path, "".join(c for c in path if c.isprintable() or c == " ")]
+    # An error may quote an id of the path as Python's repr does ('\t:\x82' for a tab, a
+    # colon and a control character): what it echoes is then the escaped form.
+    parts.append(repr(path))
     if body:
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         parts.append(text)
