@@ -5,11 +5,15 @@ start; and the options the runtime's probes share."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import re
 import timeit
+import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -67,3 +71,27 @@ def probe_parser(doc: str | None, *, asks_help: str, rounds: int) -> argparse.Ar
     parser.add_argument("--asks", type=int, default=2000, help=asks_help)
     parser.add_argument("--rounds", type=int, default=rounds)
     return parser
+
+
+@contextlib.asynccontextmanager
+async def probe_session(pg_url: str, prefix: str) -> AsyncIterator[tuple[str, list[Any]]]:
+    """A runtime probe's surroundings: a local Ray (:func:`init_local_ray`) and a new
+    PostgreSQL schema named ``<prefix>_<hex>``. Yields the schema and a list: the apps
+    (``start()``'s entities) the probe appends to it are closed with their actors at the end,
+    then the schema is dropped and Ray shut down."""
+    import asyncpg
+    import ray
+
+    init_local_ray()
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_url)
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    apps: list[Any] = []
+    try:
+        yield schema, apps
+    finally:
+        for entities in apps:
+            await entities.close(shutdown=True)
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        await admin.close()
+        ray.shutdown()

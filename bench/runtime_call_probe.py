@@ -25,12 +25,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment, Read
-from bench._report import cpu_reference, init_local_ray, probe_parser
+from bench._report import cpu_reference, probe_parser, probe_session
 from bench._tail_actors import CallProbeHost
 from bench.runtime_bench import PG_URL
 from lagompy import JournalSettings, start
@@ -100,19 +98,13 @@ async def one_round(entities: Any, asks: int, rng: random.Random) -> None:
 
 async def main() -> None:
     args = probe_parser(__doc__, asks_help="asks per round", rounds=2).parse_args()
-    import ray
-
-    init_local_ray()
-    schema = f"callprobe_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f"CREATE SCHEMA {schema}")
-    entities: Any = None
-    try:
+    async with probe_session(PG_URL, "callprobe") as (schema, apps):
         ray_runtime.ShardHost = CallProbeHost  # type: ignore[attr-defined]
         js = JournalSettings(url=PG_URL, postgres_schema=schema, auto_migrate=True)
         entities = await start(
             app=f"call-{uuid.uuid4().hex[:6]}", entities=[CounterEntity], journal_settings=js
         )
+        apps.append(entities)
         await asyncio.gather(
             *(entities.ref_for(CounterEntity, f"e{i}").ask(Read()) for i in range(ENTITIES))
         )
@@ -123,12 +115,6 @@ async def main() -> None:
             print(f"--- round {r + 1}: CPU reference {cpu_reference():.1f} ms")
             await one_round(entities, args.asks, rng)
         print(f"CPU reference after: {cpu_reference():.1f} ms")
-    finally:
-        if entities is not None:
-            await entities.close(shutdown=True)
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        await admin.close()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

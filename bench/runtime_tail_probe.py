@@ -43,7 +43,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._counter import CounterEntity, Increment, NoopActor, Read
-from bench._report import cpu_reference, init_local_ray, probe_parser
+from bench._report import cpu_reference, probe_parser, probe_session
 from bench._tail_actors import TracingHost, TracingHostAtRayNiceness, TxActor
 from bench.runtime_bench import PG_URL
 from lagompy import JournalSettings, start
@@ -320,21 +320,16 @@ async def main() -> None:
         help="beside the default, an app whose hosts stay at Ray's niceness (the code before)",
     )
     args = parser.parse_args()
-    import ray
-
     _patch()
-    init_local_ray()
-    schema = f"tail_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f"CREATE SCHEMA {schema}")
-    apps: dict[str, Any] = {}
-    try:
+    async with probe_session(PG_URL, "tail") as (schema, started):
         js = JournalSettings(url=PG_URL, postgres_schema=schema, auto_migrate=True)
+        apps: dict[str, Any] = {}
         for n, (label, host_class) in enumerate(list(HOSTS.items())[: 2 if args.compare else 1]):
             ray_runtime.ShardHost = host_class  # type: ignore[attr-defined]
             apps[label] = entities = await start(
                 app=f"tail-{uuid.uuid4().hex[:6]}", entities=[CounterEntity], journal_settings=js
             )
+            started.append(entities)
             (ping,) = [await link.handle.ping.remote() for link in entities._links]
             print(f"{label}: host pid {ping['pid']}, niceness {ping.get('niceness')}")
             await asyncio.gather(
@@ -354,12 +349,6 @@ async def main() -> None:
         for label in rounds[0]:
             for k in ("p50", "p99"):
                 print(f"  {label} {k}: " + ", ".join(f"{r[label][k]:.2f}x" for r in rounds))
-    finally:
-        for entities in apps.values():
-            await entities.close(shutdown=True)
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        await admin.close()
-        ray.shutdown()
 
 
 if __name__ == "__main__":
