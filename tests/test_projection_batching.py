@@ -132,6 +132,10 @@ class OpsProjection(SqlReadSideProcessor):
                 await conn.execute(update(kv).where(kv.c.k == k).values(on=v % 2 == 0, at=at))
             elif op == "del":
                 await conn.execute(delete(kv).where(kv.c.k == k))
+            elif op == "many":  # an executemany, as handle_batch's set-based writes send
+                await conn.execute(SET_V, [{"kk": k, "vv": v}, {"kk": (k + 1) % 4, "vv": -v}])
+            elif op == "tmany":  # the same with text(), the upsert of two keys
+                await conn.execute(UPSERT, [{"k": k, "v": v}, {"k": (k + 2) % 4, "v": v + 1}])
             elif op == "read":  # what it reads is written on
                 found = await conn.scalar(select(kv.c.v).where(kv.c.k == k))
                 await conn.execute(insert(seen).values(id=base + i, v=found))
@@ -163,7 +167,11 @@ class OpsProjection(SqlReadSideProcessor):
 keys = st.integers(0, 3)
 values = st.integers(-5, 5)
 write = st.tuples(
-    st.sampled_from(["put", "tput", "add", "double", "set", "stamp", "mark", "del"]), keys, values
+    st.sampled_from(
+        ["put", "tput", "add", "double", "set", "stamp", "mark", "del", "many", "tmany"]
+    ),
+    keys,
+    values,
 )
 read = st.tuples(st.sampled_from(["read", "readrow"]), keys, st.just(0))
 failing = st.one_of(
@@ -365,6 +373,40 @@ class _Recording:
 
     async def exec_driver_sql(self, sql: str, parameters: Any = None, **_: Any) -> None:
         self.sent.append((sql, parameters))
+
+
+def test_an_executemany_is_deferred_as_writes_of_its_statement() -> None:
+    """A list of parameter dicts with the same keys (handle_batch's set-based write) is kept
+    like that many writes of the statement, in order: it joins the writes of the same
+    statement around it into one run, and nothing goes out before the end of the batch. A
+    list whose dicts differ in their keys is not deferred: what is pending goes first, then
+    the list as SQLAlchemy's executemany."""
+    from lagompy.readside import _batching
+
+    async def batch(writes: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        recording = _Recording()
+        conn = _batching.DeferringConnection(recording, _batching.Learnt(), lambda _: None)  # type: ignore[arg-type]
+        for statement, parameters in writes:
+            await conn.execute(statement, parameters)
+            if isinstance(parameters, list) and _batching._uniform(parameters):
+                assert recording.sent == []  # kept, not sent
+        await conn.finish()
+        return recording.sent
+
+    sql = "UPDATE batching_kv SET v=? WHERE batching_kv.k = ?"
+    rows = [{"kk": 1, "vv": 10}, {"kk": 2, "vv": 20}]
+    sent = asyncio.run(
+        batch([(SET_V, {"kk": 0, "vv": 0}), (SET_V, rows), (UPSERT, [{"k": 5, "v": 5}])])
+    )
+    assert sent == [
+        (sql, [(0, 0), (10, 1), (20, 2)]),
+        ("INSERT INTO batching_kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = "
+         "excluded.v", [(5, 5)]),
+    ]  # fmt: skip
+    uneven = [{"kk": 1, "vv": 10}, {"kk": 2}]
+    sent = asyncio.run(batch([(SET_V, {"kk": 0, "vv": 0}), (SET_V, uneven)]))
+    assert sent == [(sql, [(0, 0)]), (SET_V, uneven)]
+    assert asyncio.run(batch([(SET_V, [])])) == [(SET_V, [])]
 
 
 def test_runs_of_one_statement_object_need_no_work_per_write(

@@ -5,7 +5,8 @@ A handler written the simple way runs one SQLAlchemy statement per event; sent o
 costs a round trip to the database. :class:`DeferringConnection` wraps the batch's
 ``AsyncConnection`` and keeps every write whose result the handler cannot read (a Core
 ``insert``/``update``/``delete`` without ``returning``, or a ``text`` INSERT/UPDATE/DELETE,
-with one dict of parameters or none) in a list, in order. They are sent when something needs
+with one dict of parameters or none, or a list of dicts with the same keys: an executemany, kept
+as that many writes) in a list, in order. They are sent when something needs
 the database (:meth:`DeferringConnection.flush`): before any other statement (a read sees the
 batch's earlier writes), and at the end of the batch, before the offset is stored in the same
 transaction. A flush sends each run of consecutive writes of the same statement (same SQL,
@@ -24,8 +25,8 @@ through SQLAlchemy's ``conn.execute(stmt, [params, ...])`` as before.
 
 What cannot be deferred safely falls back to today's execution, never to a different one:
 
-* any other statement, or an ``execute`` with options or a list of parameters, flushes what
-  is pending, then runs at once; so do ``scalar``, ``scalars``, ``stream``,
+* any other statement, or an ``execute`` with options or with a list of parameters whose
+  dicts differ in their keys, flushes what is pending, then runs at once; so do ``scalar``, ``scalars``, ``stream``,
   ``exec_driver_sql``, ``run_sync`` and every other coroutine of the connection (after those,
   the rest of the batch runs unbatched: they may touch the connection in ways a list cannot
   follow);
@@ -331,23 +332,25 @@ class DeferringConnection:
             if len(self._deferrable) >= _MEMO:
                 self._deferrable.clear()
             self._deferrable[id(statement)] = (statement, can_defer)
-        if (
-            not can_defer
-            or self._immediate
-            or execution_options is not None
-            or not (
+        if can_defer and not self._immediate and execution_options is None:
+            if (
                 parameters is None
                 or parameters.__class__ is dict
                 or isinstance(parameters, Mapping)
-            )
-        ):
-            await self.flush()
-            return await self._conn.execute(
-                statement, parameters, execution_options=execution_options
-            )
-        self._statements.append(statement)
-        self._parameters.append(parameters)
-        return self._result
+            ):
+                self._statements.append(statement)
+                self._parameters.append(parameters)
+                return self._result
+            if _uniform(parameters):
+                # An executemany (``handle_batch``'s set-based writes): its rows are kept as
+                # writes of the one statement, in order, and go back out as one run.
+                self._statements.extend([statement] * len(parameters))
+                self._parameters.extend(parameters)
+                return self._result
+        await self.flush()
+        return await self._conn.execute(
+            statement, parameters, execution_options=execution_options
+        )
 
     def _same_text(self, statement: TextClause) -> TextClause:
         """The first plain ``text()`` of this connection's worker with the SQL of
@@ -583,6 +586,17 @@ class DeferringConnection:
 #: for writes executed one by one, each with its own statement and parameters.
 _Op = tuple[str | None, list[Any], Any, Any]
 _EACH: Any = object()
+
+
+def _uniform(parameters: Any) -> bool:
+    """True for the parameters of an executemany that deferring keeps as it is: a non-empty
+    list (or tuple) of mappings that all have the first one's keys."""
+    if parameters.__class__ is not list and parameters.__class__ is not tuple:
+        return False
+    if not parameters or not isinstance(parameters[0], Mapping):
+        return False
+    keys = parameters[0].keys()
+    return all(isinstance(p, Mapping) and p.keys() == keys for p in parameters)
 
 
 def _names(parameters: Mapping[str, Any] | None) -> tuple[str, ...]:
