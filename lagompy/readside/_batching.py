@@ -26,10 +26,10 @@ through SQLAlchemy's ``conn.execute(stmt, [params, ...])`` as before.
 What cannot be deferred safely falls back to today's execution, never to a different one:
 
 * any other statement, or an ``execute`` with options or with a list of parameters whose
-  dicts differ in their keys, flushes what is pending, then runs at once; so do ``scalar``, ``scalars``, ``stream``,
-  ``exec_driver_sql``, ``run_sync`` and every other coroutine of the connection (after those,
-  the rest of the batch runs unbatched: they may touch the connection in ways a list cannot
-  follow);
+  dicts differ in their keys, flushes what is pending, then runs at once; so do ``scalar``,
+  ``scalars``, ``stream``, ``exec_driver_sql``, ``run_sync`` and every other coroutine of the
+  connection (after those, the rest of the batch runs unbatched: they may touch the
+  connection in ways a list cannot follow);
 * using the result of a deferred write (``rowcount``, ``inserted_primary_key``, iterating it)
   or anything else synchronous on the connection (``begin_nested()``, ``sync_connection``...)
   raises :class:`DeferralDefeated`: the batch rolls back and the worker runs it again with the
@@ -348,9 +348,7 @@ class DeferringConnection:
                 self._parameters.extend(parameters)
                 return self._result
         await self.flush()
-        return await self._conn.execute(
-            statement, parameters, execution_options=execution_options
-        )
+        return await self._conn.execute(statement, parameters, execution_options=execution_options)
 
     def _same_text(self, statement: TextClause) -> TextClause:
         """The first plain ``text()`` of this connection's worker with the SQL of
