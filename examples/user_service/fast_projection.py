@@ -1,19 +1,17 @@
 """The ``users`` projection written set-based, for fast rebuilds (docs/howto/fast-projections.md).
-
 The same table, the same rows and the same processor name as ``projection.py``: it can replace
-it without a rebuild. ``handle_batch`` gets the events of one read-side transaction; it groups
-them into runs of one event type, in offset order, and writes each run with one executemany (an
-upserting INSERT for registrations, an UPDATE for a change). On PostgreSQL the statements are
-driver SQL, handed to asyncpg's executemany as they are.
+it without a rebuild. ``handle_batch`` gets the events of one read-side transaction and writes
+them with two executemany calls whatever their order: the batch's registrations (an upserting
+INSERT), then every change in offset order (one UPDATE that sets what the event changed). On
+PostgreSQL the statements are driver SQL, handed to asyncpg's executemany as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import groupby
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import Boolean, String, bindparam, func, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from examples.user_service.entity import (
@@ -28,33 +26,38 @@ from lagompy import EventEnvelope
 
 
 # --8<-- [start:set-based]
-def set_column(column: str) -> Any:
-    """UPDATE users SET <column> = :value, updated_offset = :offset WHERE user_id = :user"""
-    return (
-        update(users)
-        .where(users.c.user_id == bindparam("user"))
-        .values({column: bindparam("value"), "updated_offset": bindparam("offset")})
+def keep_or(column: str, kind: Any) -> Any:
+    """``COALESCE(:column, column)``: the event's value, or the row's own when it has none."""
+    return func.coalesce(bindparam(column, type_=kind), users.c[column])
+
+
+#: Every kind of change as one statement: a run of changes of any kinds is one executemany.
+CHANGE = (
+    update(users)
+    .where(users.c.user_id == bindparam("user"))
+    .values(
+        name=keep_or("name", String),
+        email=keep_or("email", String),
+        active=keep_or("active", Boolean),
+        updated_offset=bindparam("offset"),
     )
+)
 
 
-SET = {
-    NameChanged: set_column("name"),
-    EmailChanged: set_column("email"),
-    UserDeactivated: set_column("active"),
-}
-
-
-def changed(envelope: EventEnvelope[Any]) -> dict[str, Any]:
-    """The parameters of ``SET[type(event)]`` for an update event."""
-    value: str | bool
+def change(envelope: EventEnvelope[Any]) -> dict[str, Any]:
+    """The parameters of ``CHANGE`` for a change event (None: the column stays as it is)."""
+    row: dict[str, Any] = {"user": envelope.entity_id, "offset": envelope.offset}
+    row |= {"name": None, "email": None, "active": None}
     match envelope.event:
-        case NameChanged(name=value) | EmailChanged(email=value):
-            pass
+        case NameChanged(name=name):
+            row["name"] = name
+        case EmailChanged(email=email):
+            row["email"] = email
         case UserDeactivated():
-            value = False
+            row["active"] = False
         case event:
-            raise TypeError(f"not an update event: {event!r}")
-    return {"user": envelope.entity_id, "value": value, "offset": envelope.offset}
+            raise TypeError(f"not a change event: {event!r}")
+    return row
 
 
 class FastUsersProjection(UsersProjection):
@@ -66,26 +69,30 @@ class FastUsersProjection(UsersProjection):
         if conn.dialect.name == "postgresql":
             await handle_batch_postgres(conn, envelopes)
             return
-        # Runs of one event type, in offset order: a change never overtakes a registration.
-        for kind, run in groupby(envelopes, key=lambda e: type(e.event)):
-            if kind is UserRegistered:
-                rows = [
-                    {
-                        "user_id": e.entity_id,
-                        "name": event.name,
-                        "email": event.email,
-                        "active": True,
-                        "updated_offset": e.offset,
-                    }
-                    for e in run
-                    if isinstance(event := e.event, UserRegistered)  # all are; mypy needs to see it
-                ]
-                await conn.execute(insert_or_replace(conn.dialect.name), rows)
-            elif kind in SET:
-                await conn.execute(SET[kind], [changed(e) for e in run])
+        # The registrations first: a registration is its user's first event, so nothing of
+        # the batch about that user comes before it, and other users' rows are other rows.
+        # Then every change in offset order, one statement for all: a user's changes keep
+        # their order (the last one sets updated_offset), however the kinds alternate.
+        registered = [
+            {
+                "user_id": e.entity_id,
+                "name": event.name,
+                "email": event.email,
+                "active": True,
+                "updated_offset": e.offset,
+            }
+            for e in envelopes
+            if isinstance(event := e.event, UserRegistered)
+        ]
+        changes = [change(e) for e in envelopes if not isinstance(e.event, UserRegistered)]
+        if registered:
+            await conn.execute(insert_or_replace(conn.dialect.name), registered)
+        if changes:
+            await conn.execute(CHANGE, changes)
 
 
 # --8<-- [end:set-based]
+
 
 # --8<-- [start:driver-sql]
 #: The same statements as driver SQL, in asyncpg's own placeholders ($1, $2...).
@@ -94,11 +101,10 @@ PG_REGISTER = (
     "VALUES ($1, $2, $3, true, $4) ON CONFLICT (user_id) DO UPDATE SET name = EXCLUDED.name, "
     "email = EXCLUDED.email, active = true, updated_offset = EXCLUDED.updated_offset"
 )
-PG_SET = {
-    NameChanged: "UPDATE users SET name = $2, updated_offset = $3 WHERE user_id = $1",
-    EmailChanged: "UPDATE users SET email = $2, updated_offset = $3 WHERE user_id = $1",
-    UserDeactivated: "UPDATE users SET active = $2, updated_offset = $3 WHERE user_id = $1",
-}
+PG_CHANGE = (
+    "UPDATE users SET name = COALESCE($2, name), email = COALESCE($3, email), "
+    "active = COALESCE($4, active), updated_offset = $5 WHERE user_id = $1"
+)
 
 
 async def handle_batch_postgres(
@@ -106,17 +112,19 @@ async def handle_batch_postgres(
 ) -> None:
     """``exec_driver_sql`` with a list of tuples is asyncpg's executemany, inside lagompy's
     transaction, without SQLAlchemy's processing of each row's parameters."""
-    for kind, run in groupby(envelopes, key=lambda e: type(e.event)):
-        if kind is UserRegistered:
-            rows = [
-                (e.entity_id, event.name, event.email, e.offset)
-                for e in run
-                if isinstance(event := e.event, UserRegistered)
-            ]
-            await conn.exec_driver_sql(PG_REGISTER, rows)
-        elif kind in PG_SET:
-            updates = [tuple(changed(e).values()) for e in run]
-            await conn.exec_driver_sql(PG_SET[kind], updates)
+    registered = [
+        (e.entity_id, event.name, event.email, e.offset)
+        for e in envelopes
+        if isinstance(event := e.event, UserRegistered)
+    ]
+    changes = [
+        (row["user"], row["name"], row["email"], row["active"], row["offset"])
+        for row in (change(e) for e in envelopes if not isinstance(e.event, UserRegistered))
+    ]
+    if registered:
+        await conn.exec_driver_sql(PG_REGISTER, registered)
+    if changes:
+        await conn.exec_driver_sql(PG_CHANGE, changes)
 
 
 # --8<-- [end:driver-sql]
