@@ -113,5 +113,7 @@ async def test_a_batch_whose_handlers_wrote_nothing_stores_its_position_in_one_s
     # (a batch of one event, its handler on the plain connection, commits the usual way: a
     # tag's last page can be one, and the runs of pages vary with the workers' timing).
     alone = [q for q in positions if not q.startswith("BEGIN")]
-    assert len(positions) >= 80 // 7, positions
+    # Every tag's pages stored positions (how many pages a tag's 20-odd events make varies with
+    # the timing too: 10 of them once, on a starved machine).
+    assert len(positions) >= len(tag.all_tags), positions
     assert len(alone) >= 2 * len(positions) // 3, positions
