@@ -813,13 +813,14 @@ same runs, events/s and (over the run's raw executemany above):
 | ---: | ---: | ---: | ---: | ---: |
 {mixed_rows}
 
-Runs of one statement are consecutive writes: with the event types alternating, the simple
-way's batch is hundreds of short runs, in their order. On SQLite they go out in one call with
-the offset; on PostgreSQL each is an executemany, a round trip of its own (asyncpg sends one
-statement per round trip), and the order is kept because the effect of writes may depend on
-it. The set-based way writes a batch's registrations, then every change through one
-statement (see [Fast projections](howto/fast-projections.md)): two executemany calls whatever
-the order.
+With the event types alternating, the simple way's handlers make hundreds of short runs of
+one statement per batch; a flush sends writes to different rows in fewer runs (a write never
+passes an earlier one to the same row: see
+[Read sides](readside.md#how-the-writes-of-handle-are-batched)), so the batch goes out as two
+executemany calls, as the set-based way's does (registrations,
+then every change through one statement: [Fast projections](howto/fast-projections.md)).
+Sent in the order they were made, each run was a round trip on PostgreSQL: 11,100-12,700
+events/s in the five runs written 2026-12-07 15:09.
 
 Floor: simple rebuild >= 0.5 x raw executemany of the same rows, same run. PostgreSQL: median
 {pg_median:.2f}, worst {pg_worst:.2f} ({verdict[pg_worst >= 0.5]}); SQLite: median

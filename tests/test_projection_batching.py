@@ -28,6 +28,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    ForeignKey,
     Integer,
     MetaData,
     Table,
@@ -38,6 +39,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -723,3 +725,117 @@ def test_the_one_call_commit_sends_the_fenced_write_commit_builds(
         "v_expires": 1_000_000 + 2_500_000, "v_now": 1_000_000, "v_rate": rate,
     }  # fmt: skip
     assert (plan.sql, plan.rows([given])[0]) == expected
+
+
+# --------------------------------------------------------------------------- regrouping
+
+regroup_meta = MetaData()
+#: A table whose rows stand alone (a primary key, nothing else that ties rows together).
+pairs = Table(
+    "regroup_pairs",
+    regroup_meta,
+    Column("k", Integer, primary_key=True),
+    Column("v", Integer),
+)
+#: Tables whose metadata ties rows together: a unique column, a foreign key (both ends).
+uniques = Table(
+    "regroup_uniques",
+    regroup_meta,
+    Column("k", Integer, primary_key=True),
+    Column("v", Integer, unique=True),
+)
+fk_meta = MetaData()
+parents = Table("regroup_parents", fk_meta, Column("k", Integer, primary_key=True))
+children = Table(
+    "regroup_children",
+    fk_meta,
+    Column("k", Integer, primary_key=True),
+    Column("parent", Integer, ForeignKey("regroup_parents.k")),
+)
+PUT = sqlite_insert(pairs).on_conflict_do_update(
+    index_elements=[pairs.c.k], set_={"v": sqlite_insert(pairs).excluded.v}
+)
+BUMP = update(pairs).where(pairs.c.k == bindparam("kk")).values(v=pairs.c.v + bindparam("d"))
+
+
+def _sent(writes: list[tuple[Any, Any]], *, regroup: bool = True) -> list[tuple[Any, Any]]:
+    from lagompy.readside import _batching
+
+    async def batch() -> list[tuple[Any, Any]]:
+        recording = _Recording()
+        learnt = _batching.Learnt(regroup=regroup)
+        conn = _batching.DeferringConnection(recording, learnt, lambda _: None)  # type: ignore[arg-type]
+        for statement, parameters in writes:
+            await conn.execute(statement, parameters)
+        await conn.finish()
+        return recording.sent
+
+    return asyncio.run(batch())
+
+
+def test_writes_to_different_rows_go_in_fewer_runs_and_one_row_s_keep_their_order() -> None:
+    """Alternating upserts and updates of other rows are two runs; an update of a row upserted
+    in the batch stays after that upsert; a write without a known row (a text()) is a barrier
+    nothing crosses; keep_write_order (regroup=False) sends them as they came."""
+    put_sql = (
+        "INSERT INTO regroup_pairs (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = "
+        "excluded.v"
+    )
+    bump_sql = "UPDATE regroup_pairs SET v=(regroup_pairs.v + ?) WHERE regroup_pairs.k = ?"
+    writes: list[tuple[Any, Any]] = [
+        (PUT, {"k": 1, "v": 10}),
+        (BUMP, {"kk": 7, "d": 1}),
+        (PUT, {"k": 2, "v": 20}),
+        (BUMP, {"kk": 8, "d": 1}),
+        (PUT, {"k": 3, "v": 30}),
+    ]
+    assert _sent(writes) == [
+        (put_sql, [(1, 10), (2, 20), (3, 30)]),
+        (bump_sql, [(1, 7), (1, 8)]),
+    ]
+    assert len(_sent(writes, regroup=False)) == 5
+    # The update of row 2 stays after its upsert; the upsert of row 3 (another row) joins
+    # the first run, row 2's second upsert comes after its update.
+    writes = [
+        (PUT, {"k": 2, "v": 20}),
+        (BUMP, {"kk": 2, "d": 1}),
+        (PUT, {"k": 3, "v": 30}),
+        (PUT, {"k": 2, "v": 5}),
+    ]
+    assert _sent(writes) == [
+        (put_sql, [(2, 20), (3, 30)]),
+        (bump_sql, [(1, 2)]),
+        (put_sql, [(2, 5)]),
+    ]
+    # A barrier: nothing moves across it.
+    barrier = text("UPDATE regroup_pairs SET v = 0")
+    writes = [(PUT, {"k": 1, "v": 1}), (barrier, None), (PUT, {"k": 2, "v": 2})]
+    assert _sent(writes) == [(put_sql, [(1, 1)]), (barrier, None), (put_sql, [(2, 2)])]
+    # A key of another type than its column's could be the same row: a barrier too.
+    writes = [(PUT, {"k": 1, "v": 1}), (BUMP, {"kk": "1", "d": 1}), (PUT, {"k": 2, "v": 2})]
+    assert [sql for sql, _ in _sent(writes)] == [put_sql, bump_sql, put_sql]
+
+
+def test_only_writes_whose_effect_is_their_own_row_have_a_footprint() -> None:
+    from lagompy.readside._footprint import footprint_of
+
+    assert footprint_of(PUT) is not None and footprint_of(BUMP) is not None
+    assert footprint_of(delete(pairs).where(pairs.c.k == 3)) is not None
+    assert footprint_of(insert(pairs).values(k=bindparam("k"), v=1)) is not None
+    others = [
+        text("UPDATE regroup_pairs SET v = 1 WHERE k = :k"),  # what it touches is unknown
+        update(pairs).values(v=1),  # every row
+        update(pairs).where(pairs.c.v == bindparam("v")).values(v=1),  # not by its key
+        update(pairs).where((pairs.c.k == 1) | (pairs.c.k == 2)).values(v=1),  # two rows
+        update(pairs).where(pairs.c.k == 1).values(k=2),  # moves the row to another key
+        update(pairs)  # reads another row
+        .where(pairs.c.k == 1)
+        .values(v=select(pairs.c.v).where(pairs.c.k == 2).scalar_subquery()),
+        sqlite_insert(pairs).on_conflict_do_nothing(),  # any constraint: other rows decide
+        insert(pairs).returning(pairs.c.k),  # its result is read
+        insert(uniques).values(k=1, v=1),  # a unique column ties rows together
+        update(pairs).where(pairs.c.k == 1).values(v=2).with_hint("x"),
+        insert(children).values(k=1, parent=1),  # a foreign key
+        delete(parents).where(parents.c.k == 1),  # ...and the table it points to
+    ]
+    assert [footprint_of(s) for s in others] == [None] * len(others)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from itertools import pairwise
 from operator import itemgetter
 from typing import Any, cast
 
@@ -51,6 +52,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
+
+from lagompy.readside._footprint import Footprint, footprint_of, regroup
 
 __all__ = [
     "DeferralDefeated",
@@ -271,9 +274,12 @@ class Learnt:
     learnt of an object stays true). Those memos start again past ``_MEMO`` entries (handlers
     that build a statement per event)."""
 
-    __slots__ = ("deferrable", "groups", "plans", "texts")
+    __slots__ = ("deferrable", "footprints", "groups", "plans", "regroup", "texts")
 
-    def __init__(self) -> None:
+    def __init__(self, *, regroup: bool = True) -> None:
+        #: Writes to different rows may be sent in fewer runs (see _footprint.regroup).
+        self.regroup = regroup
+        self.footprints: dict[int, tuple[Any, Footprint | None]] = {}
         self.groups: dict[Any, _Group] = {}
         self.deferrable: dict[int, tuple[Any, bool]] = {}
         self.plans: dict[tuple[int, tuple[str, ...]], tuple[Any, _Plan | None]] = {}
@@ -301,6 +307,8 @@ class DeferringConnection:
         self._deferrable = learnt.deferrable
         self._plans = learnt.plans
         self._texts = learnt.texts
+        self._footprints = learnt.footprints
+        self._regroup = learnt.regroup
         self._dialect = conn.dialect
         self._immediate = False
         self._failed: BaseException | None = None
@@ -467,6 +475,10 @@ class DeferringConnection:
             return []
         if n == 1:
             return [self._single(statements[0], parameters[0])]
+        if self._regroup and _runs(statements) > 1 + n // 64:
+            # Many short runs (events whose types alternate): fewer, where that changes nothing
+            # (a run costs a round trip on PostgreSQL, about what regrouping ~60 writes does).
+            statements, parameters = regroup(statements, parameters, self._footprint, _kind)
         # Runs of the same object: (start, end, key); the key is None for a statement that
         # cannot be cached (never joined with another run).
         runs: list[tuple[int, int, Any]] = []
@@ -500,6 +512,17 @@ class DeferringConnection:
                 ops.append(self._joined(runs[i:j], statements, parameters, key))
             i = j
         return ops
+
+    def _footprint(self, statement: Any) -> Footprint | None:
+        """The statement object's :class:`Footprint` (None: a barrier), found once."""
+        seen = self._footprints.get(id(statement))
+        if seen is not None and seen[0] is statement:
+            return seen[1]
+        mark = footprint_of(statement)
+        if len(self._footprints) >= _MEMO:
+            self._footprints.clear()
+        self._footprints[id(statement)] = (statement, mark)
+        return mark
 
     def _key(self, statement: Any, names: tuple[str, ...]) -> _Key | None:
         """(statement's cache key, its group key); SQLAlchemy remembers an object's cache key."""
@@ -584,6 +607,16 @@ class DeferringConnection:
 #: for writes executed one by one, each with its own statement and parameters.
 _Op = tuple[str | None, list[Any], Any, Any]
 _EACH: Any = object()
+
+
+def _runs(statements: list[Any]) -> int:
+    """How many runs of one statement object the writes are, in their order."""
+    return 1 + sum(1 for a, b in pairwise(statements) if a is not b)
+
+
+def _kind(statement: Any, parameters: Mapping[str, Any] | None) -> Any:
+    """Writes of one kind go in one run: the same statement object, the same parameter names."""
+    return (id(statement), frozenset(parameters) if parameters else None)
 
 
 def _uniform(parameters: Any) -> bool:

@@ -77,7 +77,14 @@ class SqlReadSideProcessor(ReadSideProcessor):
     lagompy commits (with the offset, for handlers) or rolls back: never commit it yourself.
     Override ``handle`` (one event) or ``handle_batch`` (the events of one transaction, for
     set-based writes such as executemany).
+
+    ``keep_write_order``: when False (the default), the writes a batch's handlers make to
+    different rows may go out in fewer runs than the order they were made in (writes to one
+    row keep their order; see docs/readside.md, "How the writes of handle are batched"); True
+    sends every write in the order it was made.
     """
+
+    keep_write_order: ClassVar[bool] = False
 
     async def global_prepare(self, conn: AsyncConnection) -> None:
         """Once per start, before any handler, under the processor's lease; retried with

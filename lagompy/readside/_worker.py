@@ -284,7 +284,7 @@ class ProjectionCommit:
         #: Handlers of several events get a deferring connection (until one defeats it).
         self._defer = True
         #: What the deferring connections learnt of the handlers' statements, batch to batch.
-        self._learnt = Learnt()
+        self._learnt = Learnt(regroup=not getattr(processor, "keep_write_order", False))
         #: SQLite: a deferred batch's writes and its offset go to the driver in one call, so
         #: that the file's write lock is held for their own time (see
         #: ``OffsetStore.commit_in_one_call``).
