@@ -32,9 +32,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._counter import CounterEntity, Increment, Read
+from bench._counter import CounterEntity, Increment
 from bench._report import cpu_reference, init_local_ray
-from bench.runtime_bench import ENTITIES, PG_URL, drive
+from bench.runtime_bench import PG_URL, drive, in_turns, warm_up
 from lagompy import JournalSettings, start
 from lagompy._collector import tune_collector_once
 from lagompy.settings import RuntimeSettings, make_settings
@@ -127,14 +127,8 @@ async def run_backend(
             )
         labels = list(apps)
         prefix = {label: f"c{n}-e" for n, label in enumerate(labels)}
-        for label, entities in apps.items():  # activate every entity, then warm up
-            await asyncio.gather(
-                *(
-                    entities.ref_for(CounterEntity, f"{prefix[label]}{i}").ask(Read(), timeout=120)
-                    for i in range(ENTITIES)
-                )
-            )
-            await drive(entities, Increment(), 2_000, 64, seed=0, prefix=prefix[label])
+        for label, entities in apps.items():
+            await warm_up(entities, prefix[label])
         for outstanding in args.levels:
             asks = max(outstanding, args.asks * outstanding // 1024)
             rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
@@ -143,7 +137,7 @@ async def run_backend(
                     f"{name}, {outstanding} outstanding, round {r + 1}: CPU reference "
                     f"{cpu_reference():.1f} ms, load {os.getloadavg()[0]:.2f}"
                 )
-                for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                for label in in_turns(labels, r):
                     m = await measure(
                         apps[label], outstanding, asks, outstanding * 100 + r, prefix[label]
                     )

@@ -159,6 +159,25 @@ async def recovery_times(js: JournalSettings, rounds: int) -> dict[str, float]:
         await storage.close()
 
 
+async def warm_up(entities: Any, prefix: str) -> None:
+    """Activate every entity (recovery reads), then 2,000 asks at 64 outstanding: the rounds
+    after it measure commands to entities in memory."""
+    await asyncio.gather(
+        *(
+            entities.ref_for(CounterEntity, f"{prefix}{i}").ask(Read(), timeout=120)
+            for i in range(ENTITIES)
+        )
+    )
+    await drive(entities, Increment(), 2_000, 64, seed=0, prefix=prefix)
+
+
+def in_turns(labels: list[str], r: int) -> list[str]:
+    """The configurations' order in round ``r``: rotated by one each round, so that a change
+    of the shared machine's speed during the run falls on all of them alike."""
+    k = r % len(labels)
+    return labels[k:] + labels[:k]
+
+
 #: Rounds per level: the host counts take turns, a round each, so that a change in the shared
 #: machine's speed during the run falls on all of them alike.
 ROUNDS = 5
@@ -186,21 +205,14 @@ async def run_configs(
             )
             counts[label] = len(await apps[label].host_stats())
         for label, entities in apps.items():
-            # Warm-up: activate every entity (recovery reads), so the runs measure commands.
-            await asyncio.gather(
-                *(
-                    entities.ref_for(CounterEntity, f"{label}-e{i}").ask(Read(), timeout=120)
-                    for i in range(ENTITIES)
-                )
-            )
-            await drive(entities, Increment(), 2_000, 64, seed=0, prefix=f"{label}-e")
+            await warm_up(entities, f"{label}-e")
         labels = list(configs)
         for outstanding, (full, small) in LEVELS.items():
             asks = small if quick else full
             per_round = max(outstanding, asks // ROUNDS)
             rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
             for r in range(ROUNDS):
-                for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                for label in in_turns(labels, r):
                     entities = apps[label]
                     before = await entities.host_stats()
                     cpu_before = _cpu([h["pid"] for h in before])

@@ -47,13 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import topics_bench
 from bench._report import cpu_reference, write_section
-from bench.topics_bench import Writer, backend, lag, probe, read_and_decode, serializer
+from bench.topics_bench import Writer, backend, lag, serializer
 from lagompy import JournalSettings, open_storage
 from lagompy._collector import tune_collector
 from lagompy.journal import Journal
 from lagompy.testkit.nats import nats_server
 from lagompy.testkit.topics import contract_topic
-from lagompy.topic import start_subscribers
 from lagompy.topic._codec import encode_payload
 from lagompy.topic._nats import BrokerSettings, NatsTransport, _headers
 from lagompy.topic._producers import start_producers
@@ -157,31 +156,17 @@ async def _heads(journal: Journal) -> dict[str, int]:
     }
 
 
-async def catch_up(settings: JournalSettings, url: str, events: int) -> float:
-    group = f"catch-up-{uuid.uuid4().hex[:6]}"
-    transport = NatsTransport(BrokerSettings(url=url))
-    started = time.perf_counter()
-    try:
-        async with start_subscribers(
-            [probe(group)], transport=transport, journal_settings=settings
-        ) as subscribers:
-            await subscribers.wait_until_caught_up(timeout=600)
-    finally:
-        await transport.close()
-    return events / (time.perf_counter() - started)
-
-
 async def bracketed(
     journal: Journal, settings: JournalSettings, url: str, events: int
 ) -> tuple[float, float]:
-    """(read and decode, catch-up) in events and messages/s: a catch-up between two readings of
-    its baseline, right before and right after it in the same process, the baseline's rate
-    over the mean of their times (as in topics_bench.py: the machine's load moves within
-    seconds)."""
-    before = await read_and_decode(journal)
-    caught = await catch_up(settings, url, events)
-    after = await read_and_decode(journal)
-    return events / ((before.wall + after.wall) / 2), caught
+    """(read and decode, catch-up) in events and messages/s: topics_bench's catch-up between
+    two readings of its baseline, over a NATS transport of its own."""
+    transport = NatsTransport(BrokerSettings(url=url))
+    try:
+        b = await topics_bench.bracketed(journal, settings, transport, events)
+    finally:
+        await transport.close()
+    return b.baseline, b.rate
 
 
 async def run_backend(name: str, events: int, seconds: float) -> dict[str, Any]:
