@@ -46,7 +46,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,6 +54,8 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 
 from lagompy.readside._footprint import Footprint, footprint_of, regroup
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DeferralDefeated",
@@ -515,14 +517,9 @@ class DeferringConnection:
 
     def _footprint(self, statement: Any) -> Footprint | None:
         """The statement object's :class:`Footprint` (None: a barrier), found once."""
-        seen = self._footprints.get(id(statement))
-        if seen is not None and seen[0] is statement:
-            return seen[1]
-        mark = footprint_of(statement)
-        if len(self._footprints) >= _MEMO:
-            self._footprints.clear()
-        self._footprints[id(statement)] = (statement, mark)
-        return mark
+        return _remembered(
+            self._footprints, id(statement), statement, lambda: footprint_of(statement)
+        )
 
     def _key(self, statement: Any, names: tuple[str, ...]) -> _Key | None:
         """(statement's cache key, its group key); SQLAlchemy remembers an object's cache key."""
@@ -552,15 +549,10 @@ class DeferringConnection:
     def _plan(self, statement: Any, names: tuple[str, ...]) -> _Plan | None:
         """The statement object's driver plan for these parameter names (see :class:`_Plan`),
         made once and remembered by identity."""
-        memo = (id(statement), names)
-        seen = self._plans.get(memo)
-        if seen is not None and seen[0] is statement:
-            return seen[1]
-        plan = _plan(statement, names, self._dialect)
-        if len(self._plans) >= _MEMO:
-            self._plans.clear()
-        self._plans[memo] = (statement, plan)
-        return plan
+        return _remembered(
+            self._plans, (id(statement), names), statement,
+            lambda: _plan(statement, names, self._dialect),
+        )  # fmt: skip
 
     def _joined(
         self,
@@ -607,6 +599,23 @@ class DeferringConnection:
 #: for writes executed one by one, each with its own statement and parameters.
 _Op = tuple[str | None, list[Any], Any, Any]
 _EACH: Any = object()
+
+
+def _remembered(
+    memo: dict[Any, tuple[Any, _T]], key: Any, statement: Any, find: Callable[[], _T]
+) -> _T:
+    """What ``find`` says of a statement object, remembered under ``key`` (made of its id) with
+    the object itself, so that a reused id is not taken for it (see :class:`Learnt`); the memo
+    starts again past ``_MEMO`` entries. (``execute`` keeps its own inline copy for the
+    deferrable check: it runs for every write.)"""
+    seen = memo.get(key)
+    if seen is not None and seen[0] is statement:
+        return seen[1]
+    found = find()
+    if len(memo) >= _MEMO:
+        memo.clear()
+    memo[key] = (statement, found)
+    return found
 
 
 def _runs(statements: list[Any]) -> int:

@@ -19,6 +19,7 @@ has none and is a **barrier**: nothing moves across it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,9 +37,9 @@ from sqlalchemy.sql.selectable import SelectBase
 
 __all__ = ["Footprint", "footprint_of", "regroup"]
 
-#: Per primary-key column: (parameter name, None) to read the value from the write's
-#: parameters (falling back to the bound value), or (None, value) for a constant.
-_Getter = tuple[str | None, Any, Any]
+#: Per primary-key column: the parameter to read its value from, and the value bound in the
+#: statement to fall back on (``_MISSING``: none).
+_Getter = tuple[str, Any]
 
 
 class Footprint:
@@ -56,10 +57,8 @@ class Footprint:
 
     def row(self, parameters: Mapping[str, Any] | None) -> tuple[Table, tuple[Any, ...]]:
         values = []
-        for (name, bound, constant), kind in zip(self.getters, self.kinds, strict=True):
-            if name is None:
-                value = constant
-            elif parameters is not None and name in parameters:
+        for (name, bound), kind in zip(self.getters, self.kinds, strict=True):
+            if parameters is not None and name in parameters:
                 value = parameters[name]
             elif bound is not _MISSING:
                 value = bound
@@ -90,6 +89,24 @@ _KEY_TYPES: dict[type, type] = {
     types.BIGINT: int,
     types.SMALLINT: int,
 }
+
+
+#: What :func:`_row_kinds` found of each table (its metadata, read once).
+_KINDS: weakref.WeakKeyDictionary[Table, tuple[type, ...] | None] = weakref.WeakKeyDictionary()
+
+
+def _row_kinds(table: Table) -> tuple[type, ...] | None:
+    """The Python types of the table's key columns when its rows stand alone (:func:`_alone`)
+    and its keys compare as Python's values do (:func:`_key_kinds`); None otherwise. Read once
+    per table: handlers that build a statement per event ask for every write."""
+    try:
+        return _KINDS[table]
+    except KeyError:
+        pass
+    kinds = _key_kinds(table) if _alone(table) else None
+    found = None if kinds is None else tuple(kinds)
+    _KINDS[table] = found
+    return found
 
 
 def _key_kinds(table: Table) -> list[type] | None:
@@ -142,7 +159,7 @@ def _bound(value: Any) -> _Getter | None:
     if not isinstance(value, BindParameter) or value.callable is not None or value.expanding:
         return None
     bound = _MISSING if value.value is None and value.required else value.value
-    return (value.key, bound, None)
+    return (value.key, bound)
 
 
 def _where_getters(where: Any, table: Table) -> list[_Getter] | None:
@@ -197,7 +214,7 @@ def _insert_getters(statement: Insert, table: Table) -> list[_Getter] | None:
     for column in table.primary_key.columns:
         value = by_key.get(column.key, _MISSING)
         if value is _MISSING:
-            getters.append((column.key, _MISSING, None))  # from the parameters
+            getters.append((column.key, _MISSING))  # from the parameters
             continue
         getter = _bound(value)
         if getter is None:
@@ -211,7 +228,10 @@ def footprint_of(statement: Any) -> Footprint | None:
     if not isinstance(statement, (Insert, Update, Delete)):
         return None
     table = statement.table
-    if not isinstance(table, Table) or not _alone(table):
+    if not isinstance(table, Table):
+        return None
+    kinds = _row_kinds(table)
+    if kinds is None:
         return None
     if statement._returning or getattr(statement, "_return_defaults", False):
         return None
@@ -231,8 +251,7 @@ def footprint_of(statement: Any) -> Footprint | None:
         keys = {c.key for c in table.primary_key.columns}
         if any(getattr(column, "key", column) in keys for column in values):
             return None  # it moves the row to another key: two rows
-    kinds = _key_kinds(table)
-    if getters is None or kinds is None:
+    if getters is None:
         return None
     if not all(_local(v, table) for v in values.values()):
         return None
@@ -259,8 +278,7 @@ def regroup(
         row = None
         if mark is not None:
             try:
-                row = mark.row(given)
-                hash(row)
+                row = mark.row(given)  # (its values are str or int: hashable)
             except (KeyError, TypeError):
                 row = None
         if row is None:
