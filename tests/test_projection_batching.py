@@ -839,3 +839,23 @@ def test_only_writes_whose_effect_is_their_own_row_have_a_footprint() -> None:
         delete(parents).where(parents.c.k == 1),  # ...and the table it points to
     ]
     assert [footprint_of(s) for s in others] == [None] * len(others)
+
+
+def test_keep_write_order_on_a_processor_class_turns_regrouping_off(tmp_path: Path) -> None:
+    """A processor's ``keep_write_order`` reaches the connections its worker's handlers get."""
+    from lagompy.readside._store import OffsetStore
+
+    class Ordered(OpsProjection):
+        keep_write_order = True
+
+    js = JournalSettings(url=f"sqlite:///{tmp_path / 'j.db'}")
+    projection = Database.create(projection_settings(js, _settings(1)))
+    try:
+        store = OffsetStore(projection)
+        learnt = {
+            p.__name__: ProjectionCommit(p(), projection, store, _settings(1))._learnt
+            for p in (OpsProjection, Ordered)
+        }
+    finally:
+        asyncio.run(projection.dispose())
+    assert learnt["OpsProjection"].regroup and not learnt["Ordered"].regroup
