@@ -562,3 +562,67 @@ def test_a_port_or_a_worker_count_out_of_range_is_a_usage_error() -> None:
         text = result.output + (result.stderr or "")
         assert f"Invalid value for '{args[0]}'" in text, text
         assert "OverflowError" not in text and "Traceback" not in text
+
+
+def test_a_worker_s_failure_is_dated_when_its_service_failed_to_start(tmp_path: Path) -> None:
+    """The failure file of a worker is dated with the service's ``failed_at`` (taken before
+    its clean-up, which may stop shard hosts other workers use), so that ``run --workers N``
+    reports the first failure, not one that clean-up caused elsewhere. Without a service, the
+    file keeps the time it was written."""
+    from fastapi import FastAPI
+
+    from lagompy.service import Service
+    from lagompy.service._cli import _StartupGuard
+    from lagompy.settings import JournalSettings
+
+    async def fail_starting(app: FastAPI) -> Any:
+        service = Service(name="fails", journal_settings=JournalSettings(url="sqlite://"))
+        app.state.lagompy = service
+        service.failed_at = 1_000.0  # as Service.start sets it when it fails
+        raise RuntimeError("the journal's tables are missing")
+        yield  # pragma: no cover
+
+    async def run(app: Any, failure: Path) -> list[dict[str, Any]]:
+        guard = _StartupGuard(app, url="http://127.0.0.1:1", failure_file=failure)
+        sent: list[dict[str, Any]] = []
+        messages = iter([{"type": "lifespan.startup"}])
+
+        async def receive() -> dict[str, Any]:
+            return next(messages, {"type": "lifespan.shutdown"})
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await guard({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+        return sent
+
+    failure = tmp_path / "1.txt"
+    sent = asyncio.run(run(FastAPI(lifespan=fail_starting), failure))
+    assert sent[-1]["type"] == "lifespan.startup.failed"
+    assert "the journal's tables are missing" in failure.read_text()
+    assert failure.stat().st_mtime == 1_000.0
+
+    async def plain_failure(app: FastAPI) -> Any:
+        raise RuntimeError("no service here")
+        yield  # pragma: no cover
+
+    other = tmp_path / "2.txt"
+    asyncio.run(run(FastAPI(lifespan=plain_failure), other))
+    assert other.stat().st_mtime > 1_000_000.0
+
+
+def test_a_service_whose_start_fails_says_when(monkeypatch: pytest.MonkeyPatch) -> None:
+    from examples.user_service.entity import UserEntity
+    from lagompy.errors import ConfigurationError
+    from lagompy.service import Service
+    from lagompy.settings import JournalSettings
+
+    monkeypatch.setenv("LAGOMPY_WORKERS", "2")  # in-process entities refuse several workers
+    service = Service(
+        name="fails", entities=[UserEntity], journal_settings=JournalSettings(url="sqlite://"),
+        ray=False,
+    )  # fmt: skip
+    before = time.time()
+    with pytest.raises(ConfigurationError):
+        asyncio.run(service.start())
+    assert service.failed_at is not None and before <= service.failed_at <= time.time()

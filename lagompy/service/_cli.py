@@ -171,6 +171,12 @@ class _StartupGuard:
             if self.failure_file is not None:
                 with contextlib.suppress(OSError):
                     self.failure_file.write_text(self.failure)
+                    # Dated when the service's start failed, before its clean-up (which may
+                    # fail other workers: see _serve_many, which reports the earliest).
+                    service = getattr(getattr(self.app, "state", None), "lagompy", None)
+                    failed_at = getattr(service, "failed_at", None)
+                    if isinstance(failed_at, float):
+                        os.utime(self.failure_file, (failed_at, failed_at))
             await send({"type": "lifespan.startup.failed", "message": ""})
 
     def _started(self) -> None:
@@ -357,7 +363,8 @@ def _serve_many(
         watched.set()
         watcher.join()
         log.removeFilter(quiet)
-    # The first failure written: a later one may be its consequence (hosts it stopped).
+    # The first failure (a file is dated when its worker's start failed, or else when it was
+    # written): a later one may be its consequence (hosts it stopped).
     written = sorted(failures.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
     reasons = [p.read_text() for p in written]
     if reasons:

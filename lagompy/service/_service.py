@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -183,6 +184,10 @@ class Service:
         self._ready_failures: dict[str, str] = {}
         self._keys: KeyStore | None = None  # where Idempotency-Keys are bound
         self.started = False
+        #: When ``start`` failed (``time.time()``), taken before it stopped what it had
+        #: started: ``lagompy run --workers N`` reports the earliest workers' failure, not
+        #: one that another worker's clean-up caused (its shard hosts stopped).
+        self.failed_at: float | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -259,6 +264,7 @@ class Service:
                 await component.start()
                 self._started.append(component)
         except BaseException:
+            self.failed_at = time.time()
             await self.stop()
             raise
         self.started = True
