@@ -4,7 +4,9 @@
     async with open_storage(url) as storage: ...     # closed when the block ends
     storage = await open_storage(url)                # closed by the caller
 
-and both forms type-check in a user's ``mypy --strict`` code.
+and both forms type-check in a user's ``mypy --strict`` code
+(``tests/test_settings_typing.py``, beside the other strict checks of users' code, which share
+one mypy cache per test process).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from lagompy import InProcessEntities, Storage, open_storage, start, start_in_pr
 from lagompy.closing import AsyncClosing, Opening, opener
 from lagompy.readside import Projections, ReadSide, open_projections, start_readside
 from lagompy.testkit.readside import CreditsProjection
-from tests.test_settings_typing import strict_mypy_errors
 
 Open = Callable[[str], Any]
 
@@ -163,38 +164,3 @@ async def test_an_opening_runs_its_opener_once_and_enters_what_it_opened() -> No
         async with fail_to_open():
             pass  # pragma: no cover
     assert log == []
-
-
-def test_both_forms_type_check_in_strict_user_code(tmp_path: Path, mypy_cache: Path) -> None:
-    source = """\
-from __future__ import annotations
-
-import lagompy
-from lagompy import InProcessEntities, Storage, open_storage, start, start_in_process
-from lagompy.readside import Projections, ReadSide, open_projections, start_readside
-from lagompy.runtime import ShardedEntities
-
-
-async def main() -> None:
-    async with open_storage("sqlite:///x.db") as storage:
-        s1: Storage = storage
-    s2: Storage = await open_storage("sqlite:///x.db")
-    async with start_in_process(entities=[]) as in_process:
-        e1: InProcessEntities = in_process
-    e2: InProcessEntities = await start_in_process(entities=[])
-    async with lagompy.start(entities=[], ray=False) as local:
-        e3: InProcessEntities = local
-    async with start(entities=[]) as sharded:
-        e4: ShardedEntities = sharded
-    e5: ShardedEntities = await start(entities=[], hosts=1)
-    async with start_readside([]) as readside:
-        r1: ReadSide = readside
-    r2: ReadSide = await start_readside([])
-    async with open_projections() as projections:
-        p1: Projections = projections
-    p2: Projections = await open_projections()
-    print(s1, s2, e1, e2, e3, e4, e5, r1, r2, p1, p2)
-    bad: Storage = await start_in_process(entities=[])  # type: ignore[assignment]
-    print(bad)
-"""
-    assert strict_mypy_errors(source, tmp_path, mypy_cache) == []

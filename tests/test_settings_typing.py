@@ -1,4 +1,6 @@
-"""Settings classes type-check in users' ``mypy --strict`` code.
+"""Settings classes, and the openers in both their forms (``tests/test_openers.py``), type-check
+in users' ``mypy --strict`` code. The checks live in one file so that they run in one test
+process and share its mypy cache: lagompy is analysed once (~12 s cold), not once per check.
 
 Pydantic's classes look like dataclasses to mypy (``dataclass_transform``): a field whose default
 is given positionally (``Field(5, ...)``) counts as *required*, so ``JournalSettings(url=...)``
@@ -94,3 +96,40 @@ def test_settings_classes_type_check_in_strict_user_code(tmp_path: Path, mypy_ca
     source = user_module()
     errors = strict_mypy_errors(source, tmp_path, mypy_cache)
     assert errors == [], source + "\n" + "\n".join(errors)
+
+
+def test_both_forms_of_the_openers_type_check_in_strict_user_code(
+    tmp_path: Path, mypy_cache: Path
+) -> None:
+    source = """\
+from __future__ import annotations
+
+import lagompy
+from lagompy import InProcessEntities, Storage, open_storage, start, start_in_process
+from lagompy.readside import Projections, ReadSide, open_projections, start_readside
+from lagompy.runtime import ShardedEntities
+
+
+async def main() -> None:
+    async with open_storage("sqlite:///x.db") as storage:
+        s1: Storage = storage
+    s2: Storage = await open_storage("sqlite:///x.db")
+    async with start_in_process(entities=[]) as in_process:
+        e1: InProcessEntities = in_process
+    e2: InProcessEntities = await start_in_process(entities=[])
+    async with lagompy.start(entities=[], ray=False) as local:
+        e3: InProcessEntities = local
+    async with start(entities=[]) as sharded:
+        e4: ShardedEntities = sharded
+    e5: ShardedEntities = await start(entities=[], hosts=1)
+    async with start_readside([]) as readside:
+        r1: ReadSide = readside
+    r2: ReadSide = await start_readside([])
+    async with open_projections() as projections:
+        p1: Projections = projections
+    p2: Projections = await open_projections()
+    print(s1, s2, e1, e2, e3, e4, e5, r1, r2, p1, p2)
+    bad: Storage = await start_in_process(entities=[])  # type: ignore[assignment]
+    print(bad)
+"""
+    assert strict_mypy_errors(source, tmp_path, mypy_cache) == []
