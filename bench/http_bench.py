@@ -28,7 +28,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import write_section
+from bench._report import cpu_reference, write_section
 from lagompy.testkit.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,11 +206,13 @@ def main() -> None:
                 assert r.status_code == 200, r.text
         run_load(url, "ask", 2.0)  # warm-up
         run_load(url, "bare", 2.0)
+        cpu = [cpu_reference()]
         for _ in range(rounds):
             for route in ("bare", "ask"):
                 result = run_load(url, route, seconds)
                 print(route, {k: round(v, 2) for k, v in result.items()})
                 results[route].append(result)
+        cpu.append(cpu_reference())
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
@@ -221,10 +223,10 @@ def main() -> None:
     fast = asyncio.run(breaker_fast_fail())
     summary = {route: median(rs) for route, rs in results.items()}
     ratio = summary["ask"]["rps"] / summary["bare"]["rps"]
-    print(summary, f"ratio {ratio:.2f}", fast)
+    print(summary, f"ratio {ratio:.2f}", fast, f"CPU reference {cpu[0]:.1f} -> {cpu[1]:.1f} ms")
     if not args.quick:
         write_section("http", "HTTP: a POST that asks an entity, beside a bare route", render(
-            summary, ratio, fast, rounds, seconds
+            summary, ratio, fast, rounds, seconds, results, cpu
         ))  # fmt: skip
     if ratio < FLOOR:
         raise SystemExit(
@@ -242,6 +244,8 @@ def render(
     fast: dict[str, float],
     rounds: int,
     seconds: float,
+    results: dict[str, list[dict[str, float]]],
+    cpu: list[float],
 ) -> str:
     verdict = "met" if ratio >= FLOOR else "NOT met"
     rows = []
@@ -252,12 +256,17 @@ def render(
             f"{r['p99']:.1f} | {r['errors']:.0f} |"
         )
     table = "\n".join(rows)
+    each = "; ".join(
+        f"{route} " + ", ".join(f"{r['rps']:,.0f}" for r in results[route]) for route in results
+    )
     return f"""Command: `{COMMAND}`
 
 One uvicorn process (1 worker, default settings) serves both routes; the load comes from a
 separate process on loopback ({CONCURRENCY} requests in flight over keep-alive connections,
 HTTP/1.1 written on plain asyncio streams: an httpx client topped out at ~120 requests/s here,
-below either route). {rounds} alternating rounds of {seconds:.0f} s per route, medians reported.
+below either route). {rounds} alternating rounds of {seconds:.0f} s per route, medians reported
+(requests/s of each round: {each}). CPU reference (`sum(range(10**6))`, best of 5) before and
+after the rounds: {cpu[0]:.1f} and {cpu[1]:.1f} ms.
 The ask route changes the name of one of {USERS:,} registered users (one event, entities on
 one Ray shard host, journal on PostgreSQL); the bare route runs one asyncpg INSERT from a pool of 5.
 
