@@ -195,32 +195,22 @@ def user_writes(first: int, count: int) -> list[AtomicWrite]:
     ]
 
 
+def _rename(i: int) -> AtomicWrite:
+    tag = UserEntity.tag
+    uid = f"u{i}"
+    return AtomicWrite("user", uid, 1, [NameChanged(uid, f"Renamed {i}")], [(tag.for_entity(uid),)])
+
+
 async def fill(settings: JournalSettings, events: int) -> None:
     """events/2 registrations, then a rename of each user: one transaction per 1,000."""
     users = events // 2
-    tag = UserEntity.tag
     async with await open_storage(settings=settings, entities=[UserEntity]) as storage:
         for first in range(0, users, 1000):
             await storage.journal.append(user_writes(first, min(1000, users - first)))
         for first in range(0, users, 1000):
             await storage.journal.append(
-                [
-                    AtomicWrite(
-                        "user",
-                        f"u{i}",
-                        1,
-                        [NameChanged(f"u{i}", f"Renamed {i}")],
-                        [(tag.for_entity(f"u{i}"),)],
-                    )
-                    for i in range(first, min(users, first + 1000))
-                ]
+                [_rename(i) for i in range(first, min(users, first + 1000))]
             )
-
-
-def _rename(i: int) -> AtomicWrite:
-    tag = UserEntity.tag
-    uid = f"u{i}"
-    return AtomicWrite("user", uid, 1, [NameChanged(uid, f"Renamed {i}")], [(tag.for_entity(uid),)])
 
 
 async def fill_mixed(settings: JournalSettings, events: int) -> None:
