@@ -14,7 +14,7 @@ import time
 import uuid
 import zoneinfo
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pytest
 from hypothesis import given, settings
@@ -962,6 +962,143 @@ def test_lagompys_own_header_values_decode_as_its_headers_do(
     assert own == decode_batch(contract_topic, 1, [as_nats_py], "partition 1") == [message]
 
 
+def _wire_block(message: Message[Any], content_type: str) -> bytes:
+    """The header block lagompy's producers write for ``message``."""
+    from lagompy.topic._nats import _headers
+
+    lines = "".join(f"{k}: {v}\r\n" for k, v in _headers(message, content_type).items())
+    return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+
+def _hmsg(sid: int, headers: bytes, body: bytes, reply: str = "") -> bytes:
+    """A message as nats-server writes it to a subscriber."""
+    line = f"HMSG _INBOX.x {sid} {reply + ' ' if reply else ''}{len(headers)} "
+    return f"{line}{len(headers) + len(body)}\r\n".encode() + headers + body + b"\r\n"
+
+
+#: Bodies a read may hold: a payload, nothing, line breaks, and a whole message of lagompy's.
+_OWN_AT_1 = deposit_message(1, datetime.datetime(2026, 12, 7, tzinfo=UTC_ZONE))
+_WIRE_BODIES = st.one_of(
+    st.binary(max_size=30),
+    st.just(b"\r\n"),
+    st.just(_hmsg(7, _wire_block(_OWN_AT_1, "application/msgpack"), b"\x80", "r1")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    msgs=st.lists(
+        st.tuples(
+            st.sampled_from(["own", "own", "own", "other", "status"]),
+            st.sampled_from([7, 7, 7, 8, 9]),  # 9: a subscription of nats-py's own
+            _WIRE_BODIES,
+            st.text(max_size=6),
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    cut=st.integers(min_value=0, max_value=10_000),
+    near=st.one_of(st.none(), st.tuples(st.integers(0, 9), st.integers(-3, 0))),
+)
+def test_a_read_split_at_lagompys_messages_hands_out_what_a_match_per_message_does(
+    msgs: list[tuple[str, int, bytes, str]], cut: int, near: tuple[int, int] | None
+) -> None:
+    """``_sink_run`` reads a run of lagompy's own messages in one split of the read; whatever
+    the read holds (other subscriptions' messages, other header blocks, statuses, bodies that
+    look like messages, a cut anywhere), each sink gets the messages, and the parser the
+    position, that reading message by message (``_sink_loop``) gives."""
+    from lagompy.topic._nats import _Received, _sink_loop, _sink_run
+
+    at = datetime.datetime(2026, 12, 7, 10, 0, tzinfo=UTC_ZONE)
+    wire = b""
+    ends = []
+    for i, (form, sid, body, key) in enumerate(msgs):
+        if form == "own":
+            block = _wire_block(deposit_message(i + 1, at, key=key), "application/msgpack")
+            wire += _hmsg(sid, block, body, f"$JS.ACK.s.c.1.{i}.{i}.0.0")
+        elif form == "other":
+            wire += _hmsg(sid, b"NATS/1.0\r\nLagompy-Offset: 3\r\nX: y\r\n\r\n", body, f"r{i}")
+        else:
+            wire += _hmsg(sid, b"NATS/1.0 408 Request Timeout\r\n\r\n", b"")
+        ends.append(len(wire))
+    if near is not None:  # a read that ends at, or a few bytes before, a message's end
+        cut = max(0, ends[near[0] % len(ends)] + near[1])
+    data = wire[: cut % (len(wire) + 1)]
+
+    def sinks(into: dict[int, list[tuple[Any, ...]]]) -> dict[int, Any]:
+        def sink(sid: int) -> Any:
+            return lambda got: into.setdefault(sid, []).extend(tuple(m) for m in got)
+
+        return {7: sink(7), 8: sink(8)}
+
+    split: dict[int, list[tuple[Any, ...]]] = {}
+    matched: dict[int, list[tuple[Any, ...]]] = {}
+    assert _sink_run(bytearray(data), sinks(split)) == _sink_loop(data, 0, sinks(matched))
+    assert split == matched
+    assert all(type(_Received(m)) is _Received for got in split.values() for m in got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.text(max_size=8),
+            st.integers(min_value=0, max_value=2**40),
+            st.sampled_from([0, 1, 2]),
+            st.sampled_from([UTC_ZONE, PLUS_ONE, PARIS]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    encoding=st.sampled_from(cast(list[Literal["msgpack", "json"]], ["msgpack", "json"])),
+    change=st.sampled_from([None, "version", "type", "payload", "time", "seq"]),
+)
+def test_a_run_decoded_by_columns_equals_it_decoded_message_by_message(
+    rows: list[tuple[str, int, int, Any]],
+    encoding: Literal["msgpack", "json"],
+    change: str | None,
+) -> None:
+    """``decode_run`` gives the messages ``decode_batch`` gives for the same run; a run it
+    cannot vouch for (another version or type, a payload or a value that does not read) it
+    leaves to ``decode_batch`` (None), which decodes or names what is wrong."""
+    from lagompy.errors import TopicMessageInvalid
+    from lagompy.topic._codec import encode_payload
+    from lagompy.topic._nats import _OWN_NAMES, _headers, _Received, _Run, decode_batch, decode_run
+    from lagompy.topic._topic import ENCODINGS
+
+    topic = dataclasses.replace(contract_topic, encoding=encoding)
+    content = ENCODINGS[encoding]
+    msgs = []
+    for i, (key, amount, second, zone) in enumerate(rows):
+        at = datetime.datetime(2026, 12, 7, 10, 0, second, tzinfo=zone)
+        message = dataclasses.replace(
+            deposit_message(i + 1, at, key=key, payload=Deposit(key, amount)), entity_id=key
+        )
+        headers = _headers(message, content)
+        body = encode_payload(topic, message.payload)
+        if change and i == len(rows) - 1:
+            if change == "payload":
+                body = body[:-1]
+            else:
+                name = {"version": "Lagompy-Version", "type": "Lagompy-Type"}.get(change)
+                name = name or {"time": "Lagompy-Time", "seq": "Lagompy-Seq-Nr"}[change]
+                headers[name] = {"version": "0", "type": "Other"}.get(change, "x")
+        own = tuple(headers[n] for n in _OWN_NAMES)
+        msgs.append(_Received((None, body, f"r{i}", own)))
+    run = _Run.of(msgs)
+    offsets = run.offsets()
+    assert offsets == list(range(1, len(rows) + 1))
+    by_columns = decode_run(topic, 0, run, offsets)
+    try:
+        one_by_one = decode_batch(topic, 0, list(run), "partition 0")
+    except TopicMessageInvalid:
+        assert by_columns is None
+        return
+    if change in (None, "version"):
+        assert by_columns is not None or change == "version"
+    assert by_columns is None or by_columns == one_by_one
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     values=st.lists(st.text(max_size=10), min_size=3, max_size=3),
@@ -1030,7 +1167,7 @@ async def test_a_message_without_an_offset_does_not_lose_the_ones_around_it() ->
     feed._incoming.extend([received(3), no_offset, received(5)])
     with pytest.raises(TopicMessageInvalid, match="Lagompy-Offset"):
         await feed._take()
-    assert [m.reply for m in feed._incoming] == ["r3", "r5"]
+    assert [cast(_Received, m).reply for m in feed._incoming] == ["r3", "r5"]
     await feed._take()
     fetched = zip(feed._offsets[feed._head :], feed._messages[feed._head :], strict=True)
     assert [(offset, m.payload.amount) for offset, m in fetched if m] == [(3, 3), (5, 5)]
@@ -1119,8 +1256,8 @@ async def test_a_feed_hands_out_runs_past_markers_and_redeliveries_in_order() ->
         def listen(self, event: Any) -> None:
             pass
 
-        async def ack(self, msg: _Received) -> None:
-            acked.append(msg.reply)
+        async def ack(self, reply: str) -> None:
+            acked.append(reply)
 
         async def client(self) -> Client:
             return Client()
