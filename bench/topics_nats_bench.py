@@ -264,12 +264,12 @@ NOTES = """\
 Notes. Every figure moves with the machine's load: the CPU reference and the raw baselines of
 the same row say how loaded it was. Producers: a page's payloads are encoded in one call and
 each time written out once per page. A new group's catch-up goes around nats-py's own
-per-message path: the feed's inbox messages go from the connection's parser straight to the
-feed, a run of them per read of the socket with one match each for the control line and
-lagompy's header block, whose values reach the decoding as they are (no nats-py message objects,
-subscription queue, callback or header dict), the next pull request goes out once half of the
-current one has arrived (the broker sends while the subscriber commits), and a batch is decoded
-at once with the collector paused. So the whole catch-up, commits included, reads faster than
+per-message path: the connection's parser splits a read of lagompy's own messages at them in
+one call of the regex engine (every body checked against its control line's lengths) and hands
+them to the feed in columns, which it decodes a column at a time (no nats-py message objects,
+subscription queue, callback or header dict; reads of any other form go message by message),
+the next pull request goes out once half of the current one has arrived (the broker sends while
+the subscriber commits), and a batch is decoded at once with the collector paused. So the whole catch-up, commits included, reads faster than
 nats-py reading the same messages and doing nothing with them (the column beside it), and its
 ratio to the journal's read-and-decode moves with that baseline, which varies most between runs.
 The subscriber here keeps its positions in the journal's database: on SQLite the same file as
