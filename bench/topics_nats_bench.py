@@ -54,7 +54,8 @@ from lagompy.journal import Journal
 from lagompy.testkit.nats import nats_server
 from lagompy.testkit.topics import contract_topic
 from lagompy.topic._codec import encode_payload
-from lagompy.topic._nats import BrokerSettings, NatsTransport, _headers
+from lagompy.topic._nats import BrokerSettings, NatsTransport
+from lagompy.topic._nats_wire import _headers
 from lagompy.topic._producers import start_producers
 
 
@@ -269,9 +270,10 @@ one call of the regex engine (every body checked against its control line's leng
 them to the feed in columns, which it decodes a column at a time (no nats-py message objects,
 subscription queue, callback or header dict; reads of any other form go message by message),
 the next pull request goes out once half of the current one has arrived (the broker sends while
-the subscriber commits), and a batch is decoded at once with the collector paused. So the whole catch-up, commits included, reads faster than
-nats-py reading the same messages and doing nothing with them (the column beside it), and its
-ratio to the journal's read-and-decode moves with that baseline, which varies most between runs.
+the subscriber commits), and a batch is decoded at once with the collector paused. So the whole
+catch-up, commits included, reads faster than nats-py reading the same messages and doing
+nothing with them (the column beside it), and its ratio to the journal's read-and-decode moves
+with that baseline, which varies most between runs.
 The subscriber here keeps its positions in the journal's database: on SQLite the same file as
 the writer at 2,000 events/s, and its producers poll that file (no NOTIFY), which is most of
 SQLite's lag; on PostgreSQL the lag floor holds.

@@ -362,7 +362,7 @@ def test_header_blocks_parse_as_nats_py_parses_them(lines: list[bytes]) -> None:
     """lagompy's header parser gives what nats-py's gives, or leaves the block to it."""
     from nats.aio.client import Client
 
-    from lagompy.topic._nats import parse_headers, read_headers
+    from lagompy.topic._nats_wire import parse_headers, read_headers
 
     block = b"NATS/1.0\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
     parsed = parse_headers(block)
@@ -382,7 +382,13 @@ def test_the_headers_of_lagompys_messages_take_the_short_parse() -> None:
 
     from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _OWN_BLOCK, _client_class, _headers, parse_headers, read_headers
+    from lagompy.topic._nats_wire import (
+        _OWN_BLOCK,
+        _client_class,
+        _headers,
+        parse_headers,
+        read_headers,
+    )
 
     message = Message(
         topic="contract-deposits",
@@ -430,7 +436,7 @@ def test_a_feeds_inbox_messages_go_to_its_sink() -> None:
     from nats.aio.client import Client
     from nats.protocol.parser import Parser
 
-    from lagompy.topic._nats import _client_class
+    from lagompy.topic._nats_wire import _client_class
 
     assert "_process_msg" in _client_class().__dict__
     assert "self.nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(
@@ -444,7 +450,7 @@ def test_the_installed_nats_py_takes_the_short_way() -> None:
     from nats.aio.client import Client
     from nats.protocol import parser
 
-    from lagompy.topic._nats import _sinks_fit
+    from lagompy.topic._nats_wire import _sinks_fit
 
     assert _sinks_fit(Client, parser)
 
@@ -456,12 +462,12 @@ async def test_a_nats_py_without_the_hooks_still_delivers_through_callbacks(
     """Where the private parts the sinks plug into differ (another nats-py), the client is
     nats-py's with lagompy's header parsing only, and a feed's messages come from its
     subscription's callback: same messages, same order."""
-    from lagompy.topic import _nats
+    from lagompy.topic import _nats_wire
 
-    monkeypatch.setattr(_nats, "_sinks_fit", lambda client, protocol: False)
-    _nats._client_class.cache_clear()
+    monkeypatch.setattr(_nats_wire, "_sinks_fit", lambda client, protocol: False)
+    _nats_wire._client_class.cache_clear()
     try:
-        assert not hasattr(_nats._client_class()(), "sinks")
+        assert not hasattr(_nats_wire._client_class()(), "sinks")
         env = brokered.env
         written = await env.append(*(Deposited(f"cb{i % 3}", i) for i in range(30)))
         running = await env.start(recorder("by-callback"))
@@ -469,7 +475,7 @@ async def test_a_nats_py_without_the_hooks_still_delivers_through_callbacks(
         assert [r[1] for r in await env.seen("by-callback")] == [e.offset for e in written]
         await running.wait_until_caught_up(timeout=20)
     finally:
-        _nats._client_class.cache_clear()
+        _nats_wire._client_class.cache_clear()
 
 
 @pytest.mark.asyncio
@@ -720,7 +726,7 @@ def test_broker_messages_of_older_versions_are_upcast() -> None:
     from lagompy.errors import TopicMessageInvalid
     from lagompy.testkit.topics import Deposit
     from lagompy.topic import Message
-    from lagompy.topic._nats import _headers, decode, decode_batch
+    from lagompy.topic._nats_wire import _headers, decode, decode_batch
     from tests.test_topic_http import DepositV3, deposits_v3, failing
 
     old = Message(
@@ -774,7 +780,7 @@ def test_a_batch_of_messagepack_messages_decodes_at_once_and_names_a_bad_one() -
 
     from lagompy.errors import TopicMessageInvalid
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _headers, _marker_headers, decode_batch
+    from lagompy.topic._nats_wire import _headers, _marker_headers, decode_batch
 
     at = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)
 
@@ -862,7 +868,7 @@ def test_a_run_of_sink_messages_is_taken_as_nats_py_would_read_it() -> None:
 
     from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _headers, _Received, _sink_run
+    from lagompy.topic._nats_wire import _headers, _Received, _sink_run
 
     def hmsg(sid: int, headers: bytes, body: bytes, reply: str = "") -> bytes:
         line = f"HMSG _INBOX.x {sid} {reply + ' ' if reply else ''}{len(headers)} "
@@ -929,7 +935,7 @@ def test_lagompys_own_header_values_decode_as_its_headers_do(
 
     from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _headers, _Received, _sink_run, decode_batch
+    from lagompy.topic._nats_wire import _headers, _Received, _sink_run, decode_batch
 
     message = Message(
         topic=contract_topic.name,
@@ -964,7 +970,7 @@ def test_lagompys_own_header_values_decode_as_its_headers_do(
 
 def _wire_block(message: Message[Any], content_type: str) -> bytes:
     """The header block lagompy's producers write for ``message``."""
-    from lagompy.topic._nats import _headers
+    from lagompy.topic._nats_wire import _headers
 
     lines = "".join(f"{k}: {v}\r\n" for k, v in _headers(message, content_type).items())
     return f"NATS/1.0\r\n{lines}\r\n".encode()
@@ -1007,7 +1013,7 @@ def test_a_read_split_at_lagompys_messages_hands_out_what_a_match_per_message_do
     the read holds (other subscriptions' messages, other header blocks, statuses, bodies that
     look like messages, a cut anywhere), each sink gets the messages, and the parser the
     position, that reading message by message (``_sink_loop``) gives."""
-    from lagompy.topic._nats import _Received, _sink_loop, _sink_run
+    from lagompy.topic._nats_wire import _Received, _sink_loop, _sink_run
 
     at = datetime.datetime(2026, 12, 7, 10, 0, tzinfo=UTC_ZONE)
     wire = b""
@@ -1063,7 +1069,14 @@ def test_a_run_decoded_by_columns_equals_it_decoded_message_by_message(
     leaves to ``decode_batch`` (None), which decodes or names what is wrong."""
     from lagompy.errors import TopicMessageInvalid
     from lagompy.topic._codec import encode_payload
-    from lagompy.topic._nats import _OWN_NAMES, _headers, _Received, _Run, decode_batch, decode_run
+    from lagompy.topic._nats_wire import (
+        _OWN_NAMES,
+        _headers,
+        _Received,
+        _Run,
+        decode_batch,
+        decode_run,
+    )
     from lagompy.topic._topic import ENCODINGS
 
     topic = dataclasses.replace(contract_topic, encoding=encoding)
@@ -1114,7 +1127,7 @@ def test_a_pages_headers_are_each_messages_own(values: list[str], times: list[An
 
     from lagompy.topic import Message
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _headers
+    from lagompy.topic._nats_wire import _headers
 
     key, etype, eid = values
     stamps: dict[Any, str] = {}
@@ -1153,7 +1166,7 @@ async def test_a_message_without_an_offset_does_not_lose_the_ones_around_it() ->
 
     from lagompy.errors import TopicMessageInvalid
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _headers, _Received
+    from lagompy.topic._nats_wire import _headers, _Received
 
     def received(offset: int) -> _Received:
         message = deposit_message(offset, datetime(2026, 12, 6, tzinfo=UTC))
@@ -1228,7 +1241,7 @@ async def test_a_feed_hands_out_runs_past_markers_and_redeliveries_in_order() ->
     import msgpack
 
     from lagompy.topic._codec import MSGPACK
-    from lagompy.topic._nats import _OWN_NAMES, _headers, _marker_headers, _Received
+    from lagompy.topic._nats_wire import _OWN_NAMES, _headers, _marker_headers, _Received
 
     at = datetime(2026, 12, 7, tzinfo=UTC)
 

@@ -80,7 +80,7 @@ def envelope_schema(topic: Topic[Any]) -> dict[str, Any]:
     }
 
 
-#: The headers of a message on NATS JetStream (see lagompy.topic._nats).
+#: The headers of a message on NATS JetStream (see lagompy.topic._nats_wire).
 _NATS_HEADERS: dict[str, Any] = {
     "type": "object",
     "required": [
