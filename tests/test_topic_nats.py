@@ -479,6 +479,134 @@ async def test_a_nats_py_without_the_hooks_still_delivers_through_callbacks(
 
 
 @pytest.mark.asyncio
+async def test_producers_publish_through_publish_async_where_nats_py_lacks_the_parts(
+    journal_settings: Any, broker_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where nats-py lacks the private parts lagompy's publications write through (see
+    ``_nats_publish.fits``), producers publish with its ``publish_async``: the same messages
+    reach a group, in order."""
+    from lagompy.topic import _nats
+
+    monkeypatch.setattr(_nats, "fits", lambda nc: False)
+    env = await _open_env(journal_settings)
+    broker = _Broker(broker_server, env)
+    env.make_transport = broker.transport
+    try:
+        await broker.start_producers()
+        written = await env.append(*(Deposited(f"pa{i % 3}", i) for i in range(30)))
+        running = await env.start(recorder("by-publish-async"))
+        await _seen_at_least(env, "by-publish-async", len(written), timeout=20)
+        assert [r[1] for r in await env.seen("by-publish-async")] == [e.offset for e in written]
+        await running.wait_until_caught_up(timeout=20)
+        assert broker.producing is not None
+        assert broker.producing.link.publications is None
+    finally:
+        await broker.close()
+        await env.close()
+
+
+@pytest.mark.asyncio
+async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
+    broker_server: NatsServer,
+) -> None:
+    """A link's own publications: each message stored as nats-py would publish it (its
+    headers and body), at most ``max_in_flight`` unanswered at a time, a duplicate answered
+    and dropped by the stream, a subject no stream takes refused, a message over the broker's
+    limit refused before anything goes out, a broker that does not answer timed out; the
+    credits come back every time."""
+    import os
+    import signal
+
+    import msgpack
+
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats_wire import _header_block, _headers
+
+    link = _Link(BrokerSettings(url=broker_server.url, max_in_flight=3, stream_prefix="pub"))
+    try:
+        stream = await link.ensure_stream(contract_topic)
+        publications = link.publications
+        assert publications is not None
+        subj = subject("pub", contract_topic, 0)
+        at = datetime.datetime(2026, 12, 7, 20, 0, tzinfo=UTC_ZONE)
+        messages = [deposit_message(i, at, key=f"k {i}") for i in range(1, 11)]
+        blocks = [_header_block(m, MSGPACK) for m in messages]
+        bodies = [msgpack.packb({"account": m.key, "amount": m.offset}) for m in messages]
+        unanswered: list[int] = []
+        send = publications.nc._send_command
+
+        async def counted(command: bytes, priority: bool = False) -> None:
+            unanswered.append(len(publications._waiting))
+            await send(command, priority)
+
+        publications.nc._send_command = counted
+        assert await publications.publish(subj, blocks, bodies, 5.0) == [stream] * 10
+        assert max(unanswered) <= 3 and publications._free == 3 and not publications._waiting
+        js = await link.js()
+        for seq, message in [(1, messages[0]), (10, messages[9])]:
+            stored = await js.get_msg(stream, seq)
+            assert stored.headers == _headers(message, MSGPACK)
+            assert stored.data == bodies[seq - 1]
+        assert await publications.publish(subj, blocks[:2], bodies[:2], 5.0) == [stream] * 2
+        assert (await js.stream_info(stream)).state.messages == 10  # the duplicates dropped
+        with pytest.raises(TopicError, match="status 503"):
+            await publications.publish("nowhere.0", blocks[:1], bodies[:1], 5.0)
+        too_large = [b"x" * publications.nc.max_payload]
+        with pytest.raises(TopicError, match="over the broker's limit"):
+            await publications.publish(subj, blocks[:1], too_large, 5.0)
+        assert publications._free == 3 and not publications._waiting
+        assert broker_server.process is not None
+        os.kill(broker_server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TopicError, match="did not acknowledge 2 of 2 messages"):
+                await publications.publish(subj, blocks[:2], bodies[:2], 0.5)
+        finally:
+            os.kill(broker_server.process.pid, signal.SIGCONT)
+        assert publications._free == 3 and not publications._waiting
+        assert await publications.publish(subj, blocks[2:4], bodies[2:4], 5.0) == [stream] * 2
+    finally:
+        await link.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.text(max_size=8),
+    type_name=st.sampled_from(["Deposit", " Deposit", "two\r\nlines", "tab\tin"]),
+    content=st.sampled_from(["application/msgpack", "application/json", "odd "]),
+    zone=st.sampled_from([UTC_ZONE, PLUS_ONE, PARIS, None]),
+)
+def test_header_blocks_are_the_ones_nats_py_writes(
+    key: str, type_name: str, content: str, zone: Any
+) -> None:
+    """``_header_block`` (one template) and ``header_block`` (any headers) write the block
+    nats-py's ``publish`` writes for the same headers, odd type names and content types
+    included."""
+    from nats.aio.client import Client
+
+    from lagompy.topic._nats_wire import _header_block, _headers, _marker_headers, header_block
+
+    written: list[bytes] = []
+
+    async def capture(command: bytes, priority: bool = False) -> None:
+        written.append(command)
+
+    async def nats_py_block(headers: dict[str, str]) -> bytes:
+        client = cast(Any, Client())
+        client._send_command = capture
+        await client._send_publish("s", "r", b"", 0, headers)
+        line, _, rest = written.pop().partition(b"\r\n")
+        return rest[: int(line.split()[3])]
+
+    at = datetime.datetime(2026, 12, 7, 20, 0, 1, tzinfo=zone)
+    message = dataclasses.replace(deposit_message(7, at, key=key), type_name=type_name)
+    headers = _headers(message, content)
+    expected = asyncio.run(nats_py_block(headers))
+    assert _header_block(message, content) == header_block(headers) == expected
+    marker = _marker_headers(contract_topic, 0, 7, at)
+    assert header_block(marker) == asyncio.run(nats_py_block(marker))
+
+
+@pytest.mark.asyncio
 async def test_an_unreachable_broker_is_an_error_without_its_address() -> None:
     transport = NatsTransport(url="nats://127.0.0.1:1", connect_timeout=0.2)
     feed = transport.feed(contract_topic, 0, group="nobody")

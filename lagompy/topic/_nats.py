@@ -10,8 +10,10 @@ language) read.
 
 **Producer** (:class:`NatsProducer`, one per partition, run by :func:`start_producers`): an
 :class:`~lagompy.consumer.EventConsumer` over the partition's journal tag whose commit strategy
-publishes each page's messages with ``publish_async`` (at most ``max_in_flight`` unacknowledged,
-bounded by nats-py's semaphore), waits for every acknowledgement, then stores the position. The
+publishes each page's messages, written by lagompy as one run of commands with their answers
+awaited on one inbox (:mod:`lagompy.topic._nats_publish`; nats-py's ``publish_async`` where its
+private parts differ), at most ``max_in_flight`` unacknowledged per connection, waits for every
+acknowledgement, then stores the position. The
 message id ``topic:partition:offset`` makes a re-publication a duplicate the stream drops (within
 its ``duplicate_window``). Under a fresh lease it resumes after the offset in the *last message the
 broker holds* on its subject, not after its own stored position: the journal is the source of
@@ -81,9 +83,11 @@ from lagompy.readside._worker import default_owner, membership_for
 from lagompy.settings import LagompySettings, make_settings
 from lagompy.topic._codec import encode_payloads
 from lagompy.topic._log import PartitionLog
+from lagompy.topic._nats_publish import Publications, fits
 from lagompy.topic._nats_wire import (
     Sink,
     _client_class,
+    _header_block,
     _headers,
     _marker_headers,
     _offset_of,
@@ -93,6 +97,7 @@ from lagompy.topic._nats_wire import (
     _time_of,
     decode_batch,
     decode_run,
+    header_block,
 )
 from lagompy.topic._subscriber import producer_key
 from lagompy.topic._topic import Message, StartFrom, Topic
@@ -230,6 +235,9 @@ class _Link:
         #: acknowledged last, and the consumers it had (its pull requests certainly).
         self.generation = 0
         self._listeners: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
+        #: The connection's publications, written by lagompy (None: a nats-py without the
+        #: parts they need, whose ``publish_async`` producers use instead).
+        self.publications: Publications | None = None
 
     async def js(self) -> JetStreamContext:
         if self._js is not None:
@@ -281,7 +289,17 @@ class _Link:
                     raise TopicError(
                         f"the NATS broker cannot be reached ({type(e).__name__})"
                     ) from None
+                publications = None
+                if fits(nc):
+                    publications = Publications(nc, self.settings.max_in_flight)
+                    try:
+                        await publications.start()
+                    except Exception as e:
+                        with contextlib.suppress(Exception):
+                            await nc.close()
+                        raise _broker_error("subscribing to the broker's answers", e) from None
                 self._nc = nc
+                self.publications = publications
                 self._closing = False
                 self._js = nc.jetstream(
                     timeout=self.settings.ack_timeout,
@@ -464,6 +482,9 @@ class _Link:
         self._closing = True
         self._settled_streams.clear()
         nc, self._nc, self._js = self._nc, None, None
+        publications, self.publications = self.publications, None
+        if publications is not None:
+            publications.close()
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.drain()
@@ -562,25 +583,18 @@ class _Publish:
                 messages.append(message)
         try:
             payloads = encode_payloads(self.topic, [m.payload for m in messages])
-            media_type = self.topic.media_type
-            stamps: dict[Any, str] = {}
-            publish = js.publish_async
-            for message, data in zip(messages, payloads, strict=True):
-                headers = _headers(message, media_type, stamps)
-                pending.append(await publish(self.subject, data, headers=headers))
+            marker = None
+            published_to = messages[-1].offset if messages else consumer.offset
+            if failed is None and page.last_offset > published_to:
+                at = page.envelopes[-1].timestamp if page.envelopes else datetime.now(UTC)
+                marker = _marker_headers(self.topic, self.partition, page.last_offset, at)
+            await self._publish(js, messages, payloads, marker, pending)
             if failed is not None:
-                await self._settle(pending)
                 if reached > consumer.offset:
                     await self._store(consumer, lease, reached)
                 envelope, error = failed
                 await self._stop_at(consumer, lease, envelope.offset, envelope, error)
                 raise AssertionError("unreachable")
-            published_to = messages[-1].offset if messages else consumer.offset
-            if page.last_offset > published_to:
-                at = page.envelopes[-1].timestamp if page.envelopes else datetime.now(UTC)
-                headers = _marker_headers(self.topic, self.partition, page.last_offset, at)
-                pending.append(await publish(self.subject, b"", headers=headers))
-            await self._settle(pending)
         except (TopicError, LeaseLost, JournalUnavailable, ReadSideHandlerFailed):
             raise
         except Exception as e:
@@ -589,6 +603,53 @@ class _Publish:
             for f in pending:
                 f.cancel()
         await self._store(consumer, lease, page.last_offset)
+
+    async def _publish(
+        self,
+        js: JetStreamContext,
+        messages: list[Message[Any]],
+        payloads: list[bytes],
+        marker: dict[str, str] | None,
+        pending: list[asyncio.Future[Any]],
+    ) -> None:
+        """Publish the messages (and the position ``marker``, when there is one) and wait
+        until the broker acknowledged every one: through the link's own publications (see
+        :mod:`lagompy.topic._nats_publish`), or nats-py's ``publish_async`` (``pending``: its
+        futures, the caller's to cancel) where they cannot run."""
+        media_type = self.topic.media_type
+        stamps: dict[Any, str] = {}
+        publications = self.link.publications
+        if publications is not None:
+            blocks = [_header_block(m, media_type, stamps) for m in messages]
+            bodies = list(payloads)
+            if marker is not None:
+                blocks.append(header_block(marker))
+                bodies.append(b"")
+            if blocks:
+                timeout = self.link.settings.ack_timeout
+                try:
+                    streams = await publications.publish(self.subject, blocks, bodies, timeout)
+                except TopicError as e:
+                    raise TopicError(f"topic {self.topic.name!r}: {e}") from None
+                self._stored_by(streams)
+            return
+        publish = js.publish_async
+        for message, data in zip(messages, payloads, strict=True):
+            headers = _headers(message, media_type, stamps)
+            pending.append(await publish(self.subject, data, headers=headers))
+        if marker is not None:
+            pending.append(await publish(self.subject, b"", headers=marker))
+        await self._settle(pending)
+
+    def _stored_by(self, streams: list[str]) -> None:
+        """Count acknowledged messages, each stored by the topic's stream."""
+        for stream in set(streams):
+            if stream != self.stream:
+                raise TopicError(
+                    f"topic {self.topic.name!r}: subject {self.subject!r} is stored by stream "
+                    f"{stream!r}, not {self.stream!r}"
+                )
+        self.published += len(streams)
 
     async def _settle(self, pending: list[asyncio.Future[Any]]) -> None:
         if not pending:
@@ -600,18 +661,13 @@ class _Publish:
         except TimeoutError:
             raise TopicError(
                 f"topic {self.topic.name!r}: the broker did not acknowledge "
-                f"{sum(not f.done() for f in pending)} of {len(pending)} messages within "
+                f"{sum(f.cancelled() or not f.done() for f in pending)} of {len(pending)} "
+                f"messages within "
                 f"{self.link.settings.ack_timeout} s"
             ) from None
         except Exception as e:
             raise _broker_error(f"topic {self.topic.name!r}: publishing", e) from None
-        for ack in acks:
-            if ack.stream != self.stream:
-                raise TopicError(
-                    f"topic {self.topic.name!r}: subject {self.subject!r} is stored by stream "
-                    f"{ack.stream!r}, not {self.stream!r}"
-                )
-        self.published += len(acks)
+        self._stored_by([ack.stream for ack in acks])
         pending.clear()
 
     async def _store(self, consumer: EventConsumer, lease: Lease, offset: int) -> None:

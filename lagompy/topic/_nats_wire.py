@@ -57,13 +57,13 @@ H_MARKER = "Lagompy-Position-Only"
 _UNQUOTED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
-def _headers(
+def _header_values(
     message: Message[Any], content_type: str, stamps: dict[Any, str] | None = None
-) -> dict[str, str]:
-    """A message's headers. ``stamps``: times already written out (a transaction's events
-    share theirs), the caller's to empty. (``quote`` of values it leaves alone and
-    ``isoformat`` of the same time again were two fifths of these headers' cost, about a
-    tenth of a producer's time on SQLite, 2026-12-06.)"""
+) -> tuple[str, ...]:
+    """The values of a message's headers, in the order of :data:`_OWN_NAMES`. ``stamps``:
+    times already written out (a transaction's events share theirs), the caller's to empty.
+    (``quote`` of values it leaves alone and ``isoformat`` of the same time again were two
+    fifths of these headers' cost, about a tenth of a producer's time on SQLite, 2026-12-06.)"""
     at = message.timestamp
     if stamps is None:
         stamp = at.isoformat()
@@ -74,18 +74,60 @@ def _headers(
         got = stamps.get(seen)
         stamp = got if got is not None else stamps.setdefault(seen, at.isoformat())
     key, etype, eid = message.key, message.entity_type, message.entity_id
-    return {
-        MSG_ID: f"{message.topic}:{message.partition}:{message.offset}",
-        H_OFFSET: str(message.offset),
-        H_KEY: key if _UNQUOTED(key) else quote(key, safe=""),
-        H_ENTITY_TYPE: etype if _UNQUOTED(etype) else quote(etype, safe=""),
-        H_ENTITY_ID: eid if _UNQUOTED(eid) else quote(eid, safe=""),
-        H_SEQ_NR: str(message.seq_nr),
-        H_TIME: stamp,
-        H_TYPE: message.type_name,
-        H_VERSION: str(message.version),
-        H_CONTENT_TYPE: content_type,
-    }
+    return (
+        f"{message.topic}:{message.partition}:{message.offset}",
+        str(message.offset),
+        key if _UNQUOTED(key) else quote(key, safe=""),
+        etype if _UNQUOTED(etype) else quote(etype, safe=""),
+        eid if _UNQUOTED(eid) else quote(eid, safe=""),
+        str(message.seq_nr),
+        stamp,
+        message.type_name,
+        str(message.version),
+        content_type,
+    )
+
+
+def _headers(
+    message: Message[Any], content_type: str, stamps: dict[Any, str] | None = None
+) -> dict[str, str]:
+    """A message's headers (see :func:`_header_values`)."""
+    return dict(zip(_OWN_NAMES, _header_values(message, content_type, stamps), strict=True))
+
+
+#: What nats-py makes of a header value's line breaks.
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+    """The header block nats-py writes for ``headers`` (``NATS/1.0``, a ``Name: value`` line
+    per header, an empty line): each name stripped (empty ones left out), each value
+    stripped, its line breaks made spaces."""
+    lines = [
+        f"{name.strip()}: {value.strip().translate(_NEWLINES)}\r\n"
+        for name, value in headers.items()
+        if name.strip()
+    ]
+    return ("NATS/1.0\r\n" + "".join(lines) + "\r\n").encode()
+
+
+@functools.cache
+def _plain(value: str) -> bool:
+    """Whether nats-py writes ``value`` as it is (nothing to strip, no line break)."""
+    return value == value.strip().translate(_NEWLINES)
+
+
+def _header_block(
+    message: Message[Any], content_type: str, stamps: dict[Any, str] | None = None
+) -> bytes:
+    """:func:`header_block` of :func:`_headers`, filled into one template when nats-py would
+    write every value as it is (always, but for a message type's name or a content type
+    with white space at an end or a line break: those go the long way). Its values are
+    quoted, numbers or an ISO time otherwise."""
+    values = _header_values(message, content_type, stamps)
+    if _plain(values[7]) and _plain(content_type):
+        return (_OWN_TEMPLATE % values).encode()
+    return header_block(dict(zip(_OWN_NAMES, values, strict=True)))
 
 
 def _int_header(headers: dict[str, str], name: str) -> int:
@@ -408,6 +450,8 @@ _OWN_NAMES = (
     H_VERSION,
     H_CONTENT_TYPE,
 )
+#: The header block of lagompy's headers (:func:`_header_block`), its values to fill in.
+_OWN_TEMPLATE = "NATS/1.0\r\n" + "".join(f"{name}: %s\r\n" for name in _OWN_NAMES) + "\r\n"
 _OWN_BLOCK = re.compile(
     "NATS/1\\.0\r\n" + "".join(f"{name}: ([!-~]*)\r\n" for name in _OWN_NAMES) + "\r\n"
 )
