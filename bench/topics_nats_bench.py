@@ -272,8 +272,10 @@ async def catch_up_only(name: str, events: int, times: int) -> None:
 
 NOTES = """\
 Notes. Every figure moves with the machine's load: the CPU reference and the raw baselines of
-the same row say how loaded it was. Producers: a page's payloads are encoded in one call and
-each time written out once per page. A new group's catch-up goes around nats-py's own
+the same row say how loaded it was. Producers: a page's payloads are encoded in one call, each
+time written out once per page, and its messages written as one run of commands whose answers
+come to one inbox (not through nats-py's `publish_async`, the baseline: so they publish faster
+than it, at the same in-flight bound). A new group's catch-up goes around nats-py's own
 per-message path: the connection's parser splits a read of lagompy's own messages at them in
 one call of the regex engine (every body checked against its control line's lengths) and hands
 them to the feed in columns, which it decodes a column at a time (no nats-py message objects,

@@ -38,11 +38,11 @@ subscription that stops delivering while its subject has newer messages (pull su
 after a reconnect) is found by a check every ``stall_check`` seconds of silence, reported (the
 subscriber's status shows the error) and re-positioned.
 
-Measured here (nats-server 2.9.10, loopback): raw ``publish_async`` of 100-byte payloads
-~15,000/s with 2,000 in flight; pull ``fetch`` of 500 with one ack per batch ~18,000/s; a new
-group's catch-up of 100,000 messages through a feed 113,000-132,000/s, 2.2-2.5 times nats-py
-reading the same messages and doing nothing with them, 0.53-0.58 of reading and decoding the
-same events from the journal (2026-12-07, docs/benchmarks.md).
+Measured here (nats-server 2.9.10, loopback, 2026-12-07, docs/benchmarks.md): producers
+publishing the journal 34,000-42,000 messages/s, 1.3-1.6 times nats-py's ``publish_async`` of
+the same messages at the same in-flight bound; a new group's catch-up of 100,000 messages
+through a feed 105,000-132,000/s, about twice nats-py reading the same messages and doing
+nothing with them, 0.53-0.60 of reading and decoding the same events from the journal.
 """
 
 from __future__ import annotations
