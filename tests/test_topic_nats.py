@@ -568,6 +568,68 @@ async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
         await link.close()
 
 
+@pytest.mark.asyncio
+async def test_publications_of_several_partitions_share_the_credits_and_keep_their_order(
+    broker_server: NatsServer,
+) -> None:
+    """Four partitions publishing at once through one connection whose ``max_in_flight`` (5)
+    is far below their pages: each page is answered whole, never more than 5 messages wait
+    for an answer, and each subject holds its messages in the order published."""
+    import msgpack
+
+    from lagompy.topic._codec import MSGPACK
+    from lagompy.topic._nats_wire import _header_block
+
+    link = _Link(BrokerSettings(url=broker_server.url, max_in_flight=5, stream_prefix="share"))
+    try:
+        stream = await link.ensure_stream(contract_topic)
+        publications = link.publications
+        assert publications is not None
+        most: list[int] = []
+        send = publications.nc._send_command
+
+        async def counted(command: bytes, priority: bool = False) -> None:
+            most.append(len(publications._waiting))
+            await send(command, priority)
+
+        publications.nc._send_command = counted
+        at = datetime.datetime(2026, 12, 7, 20, 30, tzinfo=UTC_ZONE)
+
+        async def page(partition: int) -> list[str]:
+            messages = [
+                dataclasses.replace(deposit_message(i, at), partition=partition)
+                for i in range(1, 201)
+            ]
+            return await publications.publish(
+                subject("share", contract_topic, partition),
+                [_header_block(m, MSGPACK) for m in messages],
+                [msgpack.packb(m.offset) for m in messages],
+                10.0,
+            )
+
+        answers = await asyncio.gather(*(page(p) for p in range(4)))
+        assert answers == [[stream] * 200] * 4
+        assert max(most) <= 5 and publications._free == 5 and not publications._waiting
+        js = await link.js()
+        for partition in range(4):
+            offsets = []
+            seq = 0
+            while True:
+                found = await link.next_message(
+                    stream, subject("share", contract_topic, partition), seq + 1
+                )
+                if found is None:
+                    break
+                seq = found.seq or 0
+                offsets.append(msgpack.unpackb(found.data))
+                if len(offsets) == 200:
+                    break
+            assert offsets == list(range(1, 201))
+        assert (await js.stream_info(stream)).state.messages == 800
+    finally:
+        await link.close()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     key=st.text(max_size=8),
