@@ -505,6 +505,20 @@ async def test_producers_publish_through_publish_async_where_nats_py_lacks_the_p
         await env.close()
 
 
+def _unanswered_at_each_write(publications: Any) -> list[int]:
+    """How many messages of ``publications`` wait for an answer at each write to the
+    connection (its messages just written included), appended as they are written."""
+    counts: list[int] = []
+    send = publications.nc._send_command
+
+    async def counted(command: bytes, priority: bool = False) -> None:
+        counts.append(len(publications._waiting))
+        await send(command, priority)
+
+    publications.nc._send_command = counted
+    return counts
+
+
 @pytest.mark.asyncio
 async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
     broker_server: NatsServer,
@@ -532,14 +546,7 @@ async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
         messages = [deposit_message(i, at, key=f"k {i}") for i in range(1, 11)]
         blocks = [_header_block(m, MSGPACK) for m in messages]
         bodies = [msgpack.packb({"account": m.key, "amount": m.offset}) for m in messages]
-        unanswered: list[int] = []
-        send = publications.nc._send_command
-
-        async def counted(command: bytes, priority: bool = False) -> None:
-            unanswered.append(len(publications._waiting))
-            await send(command, priority)
-
-        publications.nc._send_command = counted
+        unanswered = _unanswered_at_each_write(publications)
         assert await publications.publish(subj, blocks, bodies, 5.0) == [stream] * 10
         assert max(unanswered) <= 3 and publications._free == 3 and not publications._waiting
         js = await link.js()
@@ -585,14 +592,7 @@ async def test_publications_of_several_partitions_share_the_credits_and_keep_the
         stream = await link.ensure_stream(contract_topic)
         publications = link.publications
         assert publications is not None
-        most: list[int] = []
-        send = publications.nc._send_command
-
-        async def counted(command: bytes, priority: bool = False) -> None:
-            most.append(len(publications._waiting))
-            await send(command, priority)
-
-        publications.nc._send_command = counted
+        most = _unanswered_at_each_write(publications)
         at = datetime.datetime(2026, 12, 7, 20, 30, tzinfo=UTC_ZONE)
 
         async def page(partition: int) -> list[str]:

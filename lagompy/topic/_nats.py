@@ -662,8 +662,7 @@ class _Publish:
             raise TopicError(
                 f"topic {self.topic.name!r}: the broker did not acknowledge "
                 f"{sum(f.cancelled() or not f.done() for f in pending)} of {len(pending)} "
-                f"messages within "
-                f"{self.link.settings.ack_timeout} s"
+                f"messages within {self.link.settings.ack_timeout} s"
             ) from None
         except Exception as e:
             raise _broker_error(f"topic {self.topic.name!r}: publishing", e) from None
@@ -1061,7 +1060,7 @@ class NatsFeed:
             return
         msg = msgs[0]
         headers = msg[0]
-        if headers is None:  # messages (every one in a run of several)
+        if headers is None:  # messages without a header block (lagompy's come as a _Run)
             self._incoming.extend(msgs)
             self._outstanding = max(0, self._outstanding - len(msgs))
             self._arrived.set()
