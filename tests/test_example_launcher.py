@@ -1,7 +1,8 @@
 """The README's run command, ``python -m examples.user_service``: both services start in order
 (the user service, then the notification service that pulls its topic), the usage is printed
 once both are ready, with no retry warnings on the way; a registered user gets the welcome
-notification; Ctrl-C (SIGINT to the launcher) stops both, exit status 0, no process left.
+notification; Ctrl-C (SIGINT to the launcher) stops both, the notification service first (no
+retry warning on the way out either), exit status 0, no process left.
 
 The entities run in the service's process here (``LAGOMPY_EXAMPLE_RAY=0``): the test session
 has its own Ray, and the e2e tests cover the services with their entities on Ray."""
@@ -117,6 +118,9 @@ def test_the_readme_run_command_starts_both_services_and_ctrl_c_stops_them(
 
         os.kill(launcher.pid, signal.SIGINT)
         assert launcher.wait(timeout=40) == 0, log.read_text(errors="replace")
+        # The notification service stops first: its subscriber never finds the user service gone.
+        stopping = log.read_text(errors="replace")[len(started) :]
+        assert "cannot be reached" not in stopping, stopping
         gone = [marker, f"--port {notifications_port}"]
         _wait_for(
             lambda: not any(_processes_with(m) for m in gone), "both services gone", timeout=10

@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for p in processes:
+        # The notification service first: stopped together, its topic subscriber could find the
+        # user service gone and log a retry while it stops.
+        for p in reversed(processes):
             if p.poll() is None:
                 p.terminate()
-        for p in processes:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
