@@ -14,6 +14,7 @@ import time
 import uuid
 import zoneinfo
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import pytest
@@ -155,6 +156,29 @@ async def broker_server() -> AsyncIterator[NatsServer]:
     _require_nats()
     async with nats_server() as server:
         yield server
+
+
+@pytest.mark.asyncio
+async def test_a_test_server_never_takes_another_server_on_its_port_for_itself(
+    broker_server: NatsServer, tmp_path: Path
+) -> None:
+    """A free port is free only until bound: when another server holds it, a starting test
+    server that answers late (here its binary waits 1 s, as on a loaded machine) is not taken
+    for up because the other one greets; its start fails (port taken) and ``nats_server``
+    would try another port. It once happened: a test SIGSTOPped its own server and the other
+    one went on answering."""
+    binary = find_server()
+    assert binary is not None
+    slow = tmp_path / "slow-nats-server"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec {binary} "$@"\n')
+    slow.chmod(0o755)
+    (tmp_path / "store").mkdir()
+    late = NatsServer(str(slow), tmp_path / "store", port=broker_server.port)
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            await late.start(timeout=20)
+    finally:
+        await late.kill()
 
 
 class TestNatsTopics(ProducerTopicContract):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -47,6 +49,9 @@ class NatsServer:
         self.binary = binary
         self.store = store
         self.port = port or free_port()
+        #: Its ``server_name``, which its greeting carries: how :meth:`start` tells it from
+        #: another server that took the port first (a free port is free only until bound).
+        self.name = f"lagompy-test-{uuid.uuid4().hex[:12]}"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,6 +84,7 @@ class NatsServer:
         # signals its group on exit) does not reach it. Its log goes to a file in the store,
         # which ``nats_server`` shows when the server ended on its own.
         args = [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)]
+        args += ["--server_name", self.name]
         with open(self.log, "ab") as log_file:
             self.process = subprocess.Popen(
                 args,
@@ -93,12 +99,10 @@ class NatsServer:
                         f"nats-server exited with {self.process.returncode} (port "
                         f"{self.port} taken by another process?)"
                     )
-                if _answers(self.port):
-                    # Something answers: ours, unless another server took the port between
-                    # free_port() and our bind (ours then exits at once: checked here).
-                    await asyncio.sleep(0.2)
-                    if self.process.poll() is None:
-                        break
+                if _answers(self.port, self.name):
+                    break
+                # Nothing answers yet, or another server that took the port between
+                # free_port() and our bind (ours then exits: the poll above says so).
                 await asyncio.sleep(0.05)
 
     async def kill(self) -> None:
@@ -121,15 +125,30 @@ class NatsServer:
             await asyncio.to_thread(process.wait)
 
 
-def _answers(port: int) -> bool:
-    """Whether a NATS server greets on ``port``: its ``INFO`` line, not only an accepted
-    connection (a connect to a free port of the ephemeral range can connect to itself, and
-    another program may listen there: both once passed for a server not yet up)."""
+def _answers(port: int, name: str) -> bool:
+    """Whether the NATS server named ``name`` greets on ``port``: its ``INFO`` line with that
+    ``server_name``, not only an accepted connection (a connect to a free port of the
+    ephemeral range can connect to itself, another program may listen there, and another
+    test's server may have taken the port first: each once passed for a server not yet up;
+    the last one had a test stop one server and talk to another)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            return s.recv(5) == b"INFO "
+            greeting = b""
+            while b"\r\n" not in greeting and len(greeting) < 8192:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                greeting += chunk
     except OSError:
         return False
+    line = greeting.split(b"\r\n", 1)[0]
+    if not line.startswith(b"INFO "):
+        return False
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return False
+    return isinstance(info, dict) and info.get("server_name") == name
 
 
 @contextlib.asynccontextmanager
