@@ -529,6 +529,50 @@ async def test_producers_publish_through_publish_async_where_nats_py_lacks_the_p
         await env.close()
 
 
+@pytest.mark.asyncio
+async def test_publish_async_fails_a_page_of_a_stalled_broker_within_ack_timeout(
+    broker_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where producers publish with nats-py's ``publish_async``, a page larger than
+    ``max_in_flight`` sent to a broker that stopped answering fails within ``ack_timeout``
+    (the wait for a free slot included), naming the topic and what was not acknowledged."""
+    import os
+    import signal
+
+    from lagompy.topic import _nats
+    from lagompy.topic._codec import encode_payloads
+
+    monkeypatch.setattr(_nats, "fits", lambda nc: False)
+    settings = BrokerSettings(
+        url=broker_server.url, max_in_flight=3, ack_timeout=0.5, stream_prefix="stall"
+    )
+    link = _Link(settings)
+    try:
+        await link.ensure_stream(contract_topic)
+        js = await link.js()
+        assert link.publications is None
+        publish = _nats._Publish(link, contract_topic, 0, cast(Any, None), ReadSideSettings())
+        at = datetime.datetime(2026, 12, 7, 22, 0, tzinfo=UTC_ZONE)
+        messages = [deposit_message(i, at) for i in range(1, 6)]
+        payloads = encode_payloads(contract_topic, [m.payload for m in messages])
+        pending: list[asyncio.Future[Any]] = []
+        await publish._publish(js, messages[:1], payloads[:1], None, pending)
+        assert publish.published == 1
+        assert broker_server.process is not None
+        os.kill(broker_server.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TopicError, match="did not acknowledge 3 of 3 messages within"):
+                await asyncio.wait_for(publish._publish(js, messages, payloads, None, pending), 10)
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(broker_server.process.pid, signal.SIGCONT)
+            for future in pending:
+                future.cancel()
+    finally:
+        await link.close()
+
+
 def _unanswered_at_each_write(publications: Any) -> list[int]:
     """How many messages of ``publications`` wait for an answer at each write to the
     connection (its messages just written included), appended as they are written."""
@@ -591,6 +635,14 @@ async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
         try:
             with pytest.raises(TopicError, match="did not acknowledge 2 of 2 messages"):
                 await publications.publish(subj, blocks[:2], bodies[:2], 0.5)
+            assert publications._free == 3 and not publications._waiting
+            # A page larger than the credits: the first 3 go out, and the wait for an answer
+            # to free a credit for the 4th is bounded by the same timeout (never as long as
+            # the broker is stalled).
+            started = time.monotonic()
+            with pytest.raises(TopicError, match="did not acknowledge 3 of 3 messages"):
+                await asyncio.wait_for(publications.publish(subj, blocks, bodies, 0.5), 10)
+            assert time.monotonic() - started < 5
         finally:
             os.kill(broker_server.process.pid, signal.SIGCONT)
         assert publications._free == 3 and not publications._waiting

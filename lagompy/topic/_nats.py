@@ -145,7 +145,10 @@ class BrokerSettings(LagompySettings):
         default=1000, ge=1, le=100_000, description="Unacknowledged publications per process."
     )
     ack_timeout: float = Field(
-        default=10.0, gt=0, description="Seconds a producer waits for the broker's acks."
+        default=10.0,
+        gt=0,
+        description="Seconds a producer waits for the broker's acks (and for one to free a "
+        "slot of max_in_flight); a page not acknowledged within them is published again.",
     )
     duplicate_window: float = Field(
         default=120.0, gt=0, description="Seconds the stream remembers message ids (dedup)."
@@ -633,12 +636,24 @@ class _Publish:
                     raise TopicError(f"topic {self.topic.name!r}: {e}") from None
                 self._stored_by(streams)
             return
+        from nats.js.errors import TooManyStalledMsgsError
+
         publish = js.publish_async
-        for message, data in zip(messages, payloads, strict=True):
-            headers = _headers(message, media_type, stamps)
-            pending.append(await publish(self.subject, data, headers=headers))
-        if marker is not None:
-            pending.append(await publish(self.subject, b"", headers=marker))
+        # A stalled broker holds every pending slot: without ``wait_stall`` the page would
+        # wait for a free one for as long as the stall lasts.
+        stall = self.link.settings.ack_timeout
+        try:
+            for message, data in zip(messages, payloads, strict=True):
+                headers = _headers(message, media_type, stamps)
+                pending.append(await publish(self.subject, data, headers=headers, wait_stall=stall))
+            if marker is not None:
+                pending.append(await publish(self.subject, b"", headers=marker, wait_stall=stall))
+        except TooManyStalledMsgsError:
+            raise TopicError(
+                f"topic {self.topic.name!r}: the broker did not acknowledge "
+                f"{sum(not f.done() for f in pending)} of {len(pending)} messages within "
+                f"{stall} s"
+            ) from None
         await self._settle(pending)
 
     def _stored_by(self, streams: list[str]) -> None:

@@ -16,7 +16,8 @@ The same guarantees: at most ``max_in_flight`` messages of a link unacknowledged
 taken before a run is written, given back as each answer arrives or its wait ends), an
 answer that is an error (or the broker's "no responders") fails the page, a page not
 answered within ``ack_timeout`` fails it (its messages are published again, and the stream's
-duplicate window drops those it had). This uses nats-py's private parts (``_send_command``,
+duplicate window drops those it had), and so does a wait of ``ack_timeout`` for a credit that
+no answer gives back. This uses nats-py's private parts (``_send_command``,
 ``_flush_pending``): :func:`fits` tells whether the installed nats-py has them; the link
 uses ``publish_async`` otherwise.
 """
@@ -94,12 +95,19 @@ class Publications:
         self._free += count
         self._freed.set()
 
-    async def _take(self, wanted: int) -> int:
+    async def _take(self, wanted: int, timeout: float) -> int:
         """Credits for up to ``wanted`` messages (at least one), waiting for answers to give
-        some back when none is left."""
-        while self._free <= 0:
-            self._freed.clear()
-            await self._freed.wait()
+        some back when none is left; 0 when none came back within ``timeout`` seconds (a
+        broker that stopped answering holds every credit: the page fails as one whose answers
+        did not come, rather than waiting for as long as the broker is stalled)."""
+        if self._free <= 0:
+            try:
+                async with asyncio.timeout(timeout):
+                    while self._free <= 0:
+                        self._freed.clear()
+                        await self._freed.wait()
+            except TimeoutError:
+                return 0
         granted = min(wanted, self._free)
         self._free -= granted
         return granted
@@ -109,7 +117,8 @@ class Publications:
     ) -> list[str]:
         """Publish each body with its header block to ``subject``, in order; once every one
         is answered, the streams that stored them. :class:`TopicError` when one is refused,
-        too large for the broker, or not answered within ``timeout`` seconds."""
+        too large for the broker, or not answered within ``timeout`` seconds (waiting for
+        credits included: no answer to free one within ``timeout`` fails the page too)."""
         limit = self.nc.max_payload
         for block, body in zip(blocks, bodies, strict=True):
             if len(block) + len(body) > limit:
@@ -124,7 +133,9 @@ class Publications:
         try:
             at, count = 0, len(bodies)
             while at < count:
-                granted = await self._take(count - at)
+                granted = await self._take(count - at, timeout)
+                if not granted:
+                    raise self._unacknowledged(tokens, timeout)
                 commands = []
                 for block, body in zip(
                     blocks[at : at + granted], bodies[at : at + granted], strict=True
@@ -147,11 +158,7 @@ class Publications:
                 async with asyncio.timeout(timeout):
                     return list(await asyncio.gather(*futures))
             except TimeoutError:
-                unanswered = sum(token in self._waiting for token in tokens)
-                raise TopicError(
-                    f"the broker did not acknowledge {unanswered} of {len(futures)} messages "
-                    f"within {timeout} s"
-                ) from None
+                raise self._unacknowledged(tokens, timeout) from None
         finally:
             for token in tokens:
                 if self._waiting.pop(token, None) is not None:
@@ -161,6 +168,13 @@ class Publications:
                     future.cancel()
                 elif not future.cancelled():
                     future.exception()  # (retrieved: the first one raised already)
+
+    def _unacknowledged(self, tokens: list[str], timeout: float) -> TopicError:
+        unanswered = sum(token in self._waiting for token in tokens)
+        return TopicError(
+            f"the broker did not acknowledge {unanswered} of {len(tokens)} messages "
+            f"within {timeout} s"
+        )
 
     def close(self) -> None:
         """Fail what still waits for an answer (the connection is closing)."""
