@@ -6,13 +6,19 @@ cancelled, pauses the type, and finds both actions on the Audit page."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from test_console_browser import browser_page, reload_until, shoot  # noqa: F401 (the fixture)
+from test_console_browser import (  # noqa: F401 (browser_page: the fixture)
+    browser_page,
+    follow,
+    reload_until,
+    shoot,
+)
 
 from lagompy.console import ConsoleSettings
 from lagompy.service import Service
@@ -49,6 +55,8 @@ def test_an_operator_cancels_a_run_from_the_workflows_page(
     journal_settings: JournalSettings,
     browser_page: Any,  # noqa: F811 (journal_settings first: its async set-up needs the loop)
 ) -> None:
+    from playwright.sync_api import expect
+
     page = browser_page
 
     def running(url: str) -> int:
@@ -64,11 +72,11 @@ def test_an_operator_cancels_a_run_from_the_workflows_page(
             assert started.status_code == 202, started.text
         eventually(lambda: running(url) == 3, "three runs waiting")
         page.goto(f"{url}/console/")
-        page.get_by_role("link", name="Workflows", exact=True).click()
-        assert page.locator("#mode").inner_text() == "read-only"
-        assert page.locator("#workflow-runs tr[data-run]").count() == 3
-        assert page.locator("button[data-action]").count() == 0
-        assert page.locator("form[method=post]").count() == 0
+        follow(page, page.get_by_role("link", name="Workflows", exact=True).click)
+        expect(page.locator("#mode")).to_have_text("read-only")
+        expect(page.locator("#workflow-runs tr[data-run]")).to_have_count(3)
+        expect(page.locator("button[data-action]")).to_have_count(0)
+        expect(page.locator("form[method=post]")).to_have_count(0)
 
     # The same journal, a console with the token: log in, filter, cancel, pause, audit.
     with serve_in_thread(app_of(journal_settings, ConsoleSettings(token=TOKEN))) as url:
@@ -77,32 +85,41 @@ def test_an_operator_cancels_a_run_from_the_workflows_page(
 
 
 def act(page: Any, url: str) -> None:
+    """Each click that leads to another page is followed (an assertion right after it must
+    not read the page being left), and each assertion waits for what it expects."""
+    from playwright.sync_api import expect
+
     page.goto(f"{url}/console/login")
     page.fill("input[name=token]", TOKEN)
-    page.click("#login button")
-    page.get_by_role("link", name="Workflows", exact=True).click()
+    follow(page, lambda: page.click("#login button"))
+    follow(page, page.get_by_role("link", name="Workflows", exact=True).click)
     page.select_option("#workflow-filter select[name=status]", "running")
     page.fill("#workflow-filter input[name=id_prefix]", "b-1")
-    page.click("#workflow-filter button")
-    assert page.locator("#workflow-runs tr[data-run]").count() == 1
-    page.click("#workflow-runs a:text('b-1')")
-    assert page.locator("#run-status").inner_text() == "running"
+    follow(page, lambda: page.click("#workflow-filter button"))
+    expect(page.locator("#workflow-runs tr[data-run]")).to_have_count(1)
+    follow(page, lambda: page.click("#workflow-runs a:text('b-1')"))
+    expect(page.locator("#run-status")).to_have_text("running")
     page.fill("#run-actions input[name=reason]", "the customer called")
     page.click("#run-actions button[data-action=workflow-cancel]")
-    assert "cannot be undone" in page.locator("#confirm-what").inner_text()
+    expect(page.locator("#confirm-what")).to_contain_text("cannot be undone")
     page.click("#confirm button")
-    assert page.locator(".flash").inner_text().startswith("workflow-cancel: cancel requested")
+    expect(page.locator(".flash")).to_have_text(re.compile(r"^workflow-cancel: cancel requested"))
     reload_until(page, lambda: page.locator("#run-status").inner_text() == "cancelled", "cancelled")
     assert "the customer called" in page.locator("#run-error").inner_text()
     shoot(page, "workflow-run")
 
-    page.get_by_role("link", name="Workflows", exact=True).click()
-    page.click("#workflow-types tr[data-workflow=approval] button[data-action=workflow-pause]")
-    assert page.locator(".flash").inner_text().startswith("workflow-pause:")
-    assert "paused" in page.locator("#workflow-types tr[data-workflow=approval]").inner_text()
+    follow(page, page.get_by_role("link", name="Workflows", exact=True).click)
+    follow(
+        page,
+        lambda: page.click(
+            "#workflow-types tr[data-workflow=approval] button[data-action=workflow-pause]"
+        ),
+    )
+    expect(page.locator(".flash")).to_have_text(re.compile(r"^workflow-pause:"))
+    expect(page.locator("#workflow-types tr[data-workflow=approval]")).to_contain_text("paused")
     shoot(page, "workflows")
 
-    page.get_by_role("link", name="Audit").click()
+    follow(page, page.get_by_role("link", name="Audit").click)
     audit = page.locator("#audit").inner_text()
     assert "\tworkflow-cancel\tworkflow run b-1\tok" in audit, audit
     assert "\tworkflow-pause\tworkflow approval\tok" in audit, audit
