@@ -83,7 +83,7 @@ from lagompy.readside._worker import default_owner, membership_for
 from lagompy.settings import LagompySettings, make_settings
 from lagompy.topic._codec import encode_payloads
 from lagompy.topic._log import PartitionLog
-from lagompy.topic._nats_publish import Publications, fits
+from lagompy.topic._nats_publish import Publications, fits, unacknowledged
 from lagompy.topic._nats_wire import (
     Sink,
     _client_class,
@@ -185,6 +185,12 @@ class BrokerSettings(LagompySettings):
 def producer_name(topic: Topic[Any]) -> str:
     """The name of a topic's producers in the offset store (one row per partition)."""
     return producer_key(topic.name)
+
+
+def _fresh_in_order(offsets: list[int], pos: int) -> bool:
+    """Whether the (non-empty) ``offsets`` of an arrival are all above the feed's position
+    ``pos``, each above the one before: the usual arrival, with no redelivery or repeat."""
+    return offsets[0] > pos and sorted(set(offsets)) == offsets
 
 
 def _broker_error(doing: str, error: BaseException) -> TopicError:
@@ -649,12 +655,15 @@ class _Publish:
             if marker is not None:
                 pending.append(await publish(self.subject, b"", headers=marker, wait_stall=stall))
         except TooManyStalledMsgsError:
-            raise TopicError(
-                f"topic {self.topic.name!r}: the broker did not acknowledge "
-                f"{sum(not f.done() for f in pending)} of {len(pending)} messages within "
-                f"{stall} s"
-            ) from None
+            raise self._unacknowledged(pending) from None
         await self._settle(pending)
+
+    def _unacknowledged(self, pending: list[asyncio.Future[Any]]) -> TopicError:
+        """What ``publish_async``'s futures not acknowledged within ``ack_timeout`` fail the
+        page with (cancelled ones included: the wait for them ended)."""
+        unanswered = sum(f.cancelled() or not f.done() for f in pending)
+        error = unacknowledged(unanswered, len(pending), self.link.settings.ack_timeout)
+        return TopicError(f"topic {self.topic.name!r}: {error}")
 
     def _stored_by(self, streams: list[str]) -> None:
         """Count acknowledged messages, each stored by the topic's stream."""
@@ -674,11 +683,7 @@ class _Publish:
                 asyncio.gather(*pending), timeout=self.link.settings.ack_timeout
             )
         except TimeoutError:
-            raise TopicError(
-                f"topic {self.topic.name!r}: the broker did not acknowledge "
-                f"{sum(f.cancelled() or not f.done() for f in pending)} of {len(pending)} "
-                f"messages within {self.link.settings.ack_timeout} s"
-            ) from None
+            raise self._unacknowledged(pending) from None
         except Exception as e:
             raise _broker_error(f"topic {self.topic.name!r}: publishing", e) from None
         self._stored_by([ack.stream for ack in acks])
@@ -1140,7 +1145,7 @@ class NatsFeed:
                 arrived.append(item)
         own = _own_offsets(arrived)
         # The usual run: lagompy's own messages (never position markers), each above the last.
-        own_run = own is not None and own[0] > pos and sorted(set(own)) == own
+        own_run = own is not None and _fresh_in_order(own, pos)
         if own is not None and own_run:
             offsets, fresh = own, arrived
         else:
@@ -1180,7 +1185,7 @@ class NatsFeed:
         other (a redelivery, an offset or a value that does not read: :meth:`_take` then
         goes message by message)."""
         offsets = run.offsets()
-        if offsets is None or offsets[0] <= self._pos or sorted(set(offsets)) != offsets:
+        if offsets is None or not _fresh_in_order(offsets, self._pos):
             return False
         with _collector_paused():
             messages = decode_run(self.topic, self.partition, run, offsets)

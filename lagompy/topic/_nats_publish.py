@@ -33,7 +33,7 @@ from lagompy.errors import TopicError
 
 log = logging.getLogger("lagompy.topic")
 
-__all__ = ["Publications", "fits"]
+__all__ = ["Publications", "fits", "unacknowledged"]
 
 
 def fits(nc: Any) -> bool:
@@ -41,6 +41,14 @@ def fits(nc: Any) -> bool:
     return all(
         callable(getattr(nc, name, None)) for name in ("_send_command", "_flush_pending")
     ) and isinstance(getattr(nc, "max_payload", None), int)
+
+
+def unacknowledged(unanswered: int, sent: int, timeout: float) -> TopicError:
+    """The error of a page whose messages were not all acknowledged within ``timeout``
+    seconds (here, and through nats-py's ``publish_async``)."""
+    return TopicError(
+        f"the broker did not acknowledge {unanswered} of {sent} messages within {timeout} s"
+    )
 
 
 class Publications:
@@ -170,11 +178,7 @@ class Publications:
                     future.exception()  # (retrieved: the first one raised already)
 
     def _unacknowledged(self, tokens: list[str], timeout: float) -> TopicError:
-        unanswered = sum(token in self._waiting for token in tokens)
-        return TopicError(
-            f"the broker did not acknowledge {unanswered} of {len(tokens)} messages "
-            f"within {timeout} s"
-        )
+        return unacknowledged(sum(token in self._waiting for token in tokens), len(tokens), timeout)
 
     def close(self) -> None:
         """Fail what still waits for an answer (the connection is closing)."""
