@@ -536,8 +536,6 @@ async def test_publish_async_fails_a_page_of_a_stalled_broker_within_ack_timeout
     """Where producers publish with nats-py's ``publish_async``, a page larger than
     ``max_in_flight`` sent to a broker that stopped answering fails within ``ack_timeout``
     (the wait for a free slot included), naming the topic and what was not acknowledged."""
-    import os
-    import signal
 
     from lagompy.topic import _nats
     from lagompy.topic._codec import encode_payloads
@@ -558,15 +556,15 @@ async def test_publish_async_fails_a_page_of_a_stalled_broker_within_ack_timeout
         pending: list[asyncio.Future[Any]] = []
         await publish._publish(js, messages[:1], payloads[:1], None, pending)
         assert publish.published == 1
-        assert broker_server.process is not None
-        os.kill(broker_server.process.pid, signal.SIGSTOP)
         try:
-            started = time.monotonic()
-            with pytest.raises(TopicError, match="did not acknowledge 3 of 3 messages within"):
-                await asyncio.wait_for(publish._publish(js, messages, payloads, None, pending), 10)
-            assert time.monotonic() - started < 5
+            with broker_server.paused():
+                started = time.monotonic()
+                with pytest.raises(TopicError, match="did not acknowledge 3 of 3 messages within"):
+                    await asyncio.wait_for(
+                        publish._publish(js, messages, payloads, None, pending), 10
+                    )
+                assert time.monotonic() - started < 5
         finally:
-            os.kill(broker_server.process.pid, signal.SIGCONT)
             for future in pending:
                 future.cancel()
     finally:
@@ -596,8 +594,6 @@ async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
     and dropped by the stream, a subject no stream takes refused, a message over the broker's
     limit refused before anything goes out, a broker that does not answer timed out; the
     credits come back every time."""
-    import os
-    import signal
 
     import msgpack
 
@@ -630,9 +626,7 @@ async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
         with pytest.raises(TopicError, match="over the broker's limit"):
             await publications.publish(subj, blocks[:1], too_large, 5.0)
         assert publications._free == 3 and not publications._waiting
-        assert broker_server.process is not None
-        os.kill(broker_server.process.pid, signal.SIGSTOP)
-        try:
+        with broker_server.paused():
             with pytest.raises(TopicError, match="did not acknowledge 2 of 2 messages"):
                 await publications.publish(subj, blocks[:2], bodies[:2], 0.5)
             assert publications._free == 3 and not publications._waiting
@@ -643,8 +637,6 @@ async def test_publications_are_acknowledged_bounded_refused_and_timed_out(
             with pytest.raises(TopicError, match="did not acknowledge 3 of 3 messages"):
                 await asyncio.wait_for(publications.publish(subj, blocks, bodies, 0.5), 10)
             assert time.monotonic() - started < 5
-        finally:
-            os.kill(broker_server.process.pid, signal.SIGCONT)
         assert publications._free == 3 and not publications._waiting
         assert await publications.publish(subj, blocks[2:4], bodies[2:4], 5.0) == [stream] * 2
     finally:

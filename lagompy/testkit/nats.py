@@ -6,6 +6,8 @@ that a fault test may kill and restart (never the shared server a machine runs):
         ...
         await server.kill()                       # SIGKILL: what a crash does
         await server.start()                      # the same port and store
+        with server.paused():                     # SIGSTOP: a broker that stops answering
+            ...
 
 The binary is ``nats-server`` on ``PATH`` (or ``/usr/sbin/nats-server``); :func:`find_server`
 returns None when there is none, so tests can skip (or fail under CI) with the reason.
@@ -24,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from lagompy.testkit.server import free_port
@@ -104,6 +106,20 @@ class NatsServer:
                 # Nothing answers yet, or another server that took the port between
                 # free_port() and our bind (ours then exits: the poll above says so).
                 await asyncio.sleep(0.05)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) inside the block, resumed (SIGCONT) at its end: a
+        broker that stops answering without closing its connections (a stall, a half-open
+        network), which only timeouts notice."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            raise RuntimeError("the server is not running")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            process.send_signal(signal.SIGCONT)
 
     async def kill(self) -> None:
         """SIGKILL it (nothing flushed, like a crash) and wait for it to be gone."""
