@@ -646,14 +646,23 @@ class _Publish:
 
         publish = js.publish_async
         # A stalled broker holds every pending slot: without ``wait_stall`` the page would
-        # wait for a free one for as long as the stall lasts.
-        stall = self.link.settings.ack_timeout
+        # wait for a free one for as long as the stall lasts. Given only when no slot is free
+        # (nats-py then waits for one): with a timeout, its ``wait_for`` makes a task and a
+        # timer for every message, slot free or not.
+        slots = getattr(js, "_publish_async_pending_semaphore", None)
+        timeout = self.link.settings.ack_timeout
+
+        def stall() -> float | None:
+            return timeout if slots is None or slots.locked() else None
+
         try:
             for message, data in zip(messages, payloads, strict=True):
                 headers = _headers(message, media_type, stamps)
-                pending.append(await publish(self.subject, data, headers=headers, wait_stall=stall))
+                pending.append(
+                    await publish(self.subject, data, headers=headers, wait_stall=stall())
+                )
             if marker is not None:
-                pending.append(await publish(self.subject, b"", headers=marker, wait_stall=stall))
+                pending.append(await publish(self.subject, b"", headers=marker, wait_stall=stall()))
         except TooManyStalledMsgsError:
             raise self._unacknowledged(pending) from None
         await self._settle(pending)
